@@ -1,0 +1,27 @@
+# Both targets set themselves up from a fresh clone: a .venv with the project installed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench setup clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(PY) -m p2pbackup.cli.demo
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: setup
+	command -v restic >/dev/null || (apt-get update -qq && apt-get install -y -qq restic)
+	$(PY) bench/bench_restic.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

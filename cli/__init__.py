@@ -1,0 +1,1 @@
+"""The `p2pbackup` command line (typer)."""

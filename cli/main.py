@@ -1,0 +1,266 @@
+"""`p2pbackup`: the command-line front end. Errors become one line and a distinct exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Coroutine, Optional
+
+import typer
+
+from p2pbackup.errors import EXIT_PARTIAL, ConfigError, IntegrityError, P2PError
+
+from . import output
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Peer-to-peer, end-to-end encrypted backup of your own devices.")
+index_app = typer.Typer(no_args_is_help=True, help="Maintain the pack index (a cache).")
+app.add_typer(index_app, name="index")
+
+_state = {"debug": False}
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(coro)
+
+
+def _home() -> Path | None:
+    return None  # the config loader reads P2PBACKUP_HOME
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    _state["debug"] = debug or _state["debug"]
+
+
+# ---- init ----------------------------------------------------------------------------------
+
+@app.command()
+def init(source: list[str] = typer.Option([], "--source", "-s",
+                                          help="A directory to back up (repeatable).")) -> None:
+    """Make this device's keys and account; print the recovery code once."""
+    from p2pbackup.config import default_home
+    from p2pbackup.device import init_device
+
+    home = default_home()
+    config, code = _run(init_device(home, source))
+    print(f"Created p2pbackup home {config.home}")
+    for s in config.sources:
+        print(f"  source {s.name}: {s.path}")
+    print()
+    print("Recovery code (shown only this once; write it down and keep it safe):")
+    print()
+    print(f"    {code}")
+    print()
+    print("Anyone with this code can read your backups; without it, a lost device's data "
+          "can only come back from another paired device.")
+
+
+# ---- snapshot ------------------------------------------------------------------------------
+
+def _snapshot_json(stored: Any) -> dict:
+    snap = stored.snapshot
+    return {
+        "id": stored.id,
+        "short_id": stored.short_id,
+        "time": output.iso_time(snap.time_ns),
+        "paths": [s.path for s in snap.sources],
+        "device": snap.device,
+        "hostname": snap.hostname,
+        "size": snap.size,
+        "sources": [{"name": s.name, "path": s.path, "files": s.files, "dirs": s.dirs,
+                     "size": s.size} for s in snap.sources],
+        "parent": snap.parent,
+        "log_seq": snap.log_seq,
+        "warnings": snap.warnings,
+    }
+
+
+@app.command()
+def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default: the sources)."),
+             as_json: bool = typer.Option(False, "--json", help="Print the snapshot as JSON.")
+             ) -> None:
+    """Take one snapshot now (of the configured sources by default)."""
+    from p2pbackup.backup.snapshot import SnapshotProgress, take_snapshot
+    from p2pbackup.config import sources_for_paths
+    from p2pbackup.device import open_device
+
+    async def go() -> Any:
+        async with open_device(_home(), write=True) as dev:
+            sources = sources_for_paths(paths) if paths else dev.config.sources
+            if not sources:
+                raise ConfigError(f"nothing to back up: {dev.config.home / 'config.toml'} lists "
+                                  "no sources; pass directories or run init with --source")
+            progress = SnapshotProgress()
+            async with output.progress_bar("snapshot", progress):
+                return await take_snapshot(dev.repo, tuple(sources), temp_dir=dev.temp_dir,
+                                           progress=progress, warn=output.warn,
+                                           hostname=dev.config.device_name)
+
+    summary = _run(go())
+    if as_json:
+        print(json.dumps(_snapshot_json(summary.stored), indent=2))
+    else:
+        s = summary
+        print(f"snapshot {s.stored.short_id} saved")
+        print(f"  files: {s.files_new} new, {s.files_changed} changed, {s.files_unchanged} "
+              f"unchanged; {s.dirs} directories")
+        print(f"  read {output.human_bytes(s.bytes_read)}, added "
+              f"{output.human_bytes(s.bytes_added)} ({s.blobs_added} blobs, {s.packs_written} "
+              f"packs) in {s.seconds:.1f} s")
+    if summary.warnings:
+        print(f"  {len(summary.warnings)} warnings:", file=sys.stderr)
+        for w in summary.warnings:
+            print(f"    {w}", file=sys.stderr)
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def snapshots(as_json: bool = typer.Option(False, "--json", help="Print a JSON array."),
+              store: Optional[str] = typer.Option(None, "--from", help="Another store.")) -> None:
+    """List snapshots (id, time, device, sources, size)."""
+    from p2pbackup.device import open_device
+
+    async def go() -> Any:
+        async with open_device(_home(), store=store) as dev:
+            return await dev.repo.list_snapshots()
+
+    snaps, bad = _run(go())
+    for b in bad:
+        output.warn(f"snapshot {b.id[:8]} skipped: {b.reason}")
+    if as_json:
+        print(json.dumps([_snapshot_json(s) for s in snaps], indent=2))
+        return
+    if not snaps:
+        print("no snapshots yet")
+        return
+    print(f"{'ID':<10}{'Time':<27}{'Host':<16}{'Size':>11}  Paths")
+    for s in snaps:
+        snap = s.snapshot
+        paths = ", ".join(r.path for r in snap.sources)
+        print(f"{s.short_id:<10}{output.iso_time(snap.time_ns):<27}{snap.hostname[:15]:<16}"
+              f"{output.human_bytes(snap.size):>11}  {paths}")
+    print(f"{len(snaps)} snapshots")
+
+
+# ---- restore -------------------------------------------------------------------------------
+
+@app.command()
+def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
+            to: Path = typer.Option(..., "--to", help="Directory to restore into."),
+            path: Optional[str] = typer.Option(None, "--path", help="Only this part "
+                                               "(source name/sub/path)."),
+            overwrite: bool = typer.Option(False, "--overwrite",
+                                           help="Replace existing files that differ."),
+            store: Optional[str] = typer.Option(None, "--from", help="Restore from this store."),
+            ) -> None:
+    """Restore a snapshot into DIR/<source name>/..."""
+    from p2pbackup.backup.restore import RestoreProgress
+    from p2pbackup.backup.restore import restore as do_restore
+    from p2pbackup.device import open_device
+
+    async def go() -> Any:
+        async with open_device(_home(), store=store) as dev:
+            stored = await dev.repo.find_snapshot(snapshot_ref)
+            progress = RestoreProgress()
+            async with output.progress_bar("restore", progress):
+                summary = await do_restore(dev.repo, stored, str(to), sub=path,
+                                           overwrite=overwrite, progress=progress,
+                                           warn=output.warn)
+            return stored, summary
+
+    stored, s = _run(go())
+    print(f"restored snapshot {stored.short_id} to {to}: {s.files_restored} files "
+          f"({output.human_bytes(s.bytes)}), {s.dirs} directories, {s.links} hard links; "
+          f"{s.files_skipped} files already complete; {s.seconds:.1f} s")
+    if s.warnings:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+# ---- verify --------------------------------------------------------------------------------
+
+@app.command()
+def verify(read_data: bool = typer.Option(False, "--read-data",
+                                          help="Also decrypt and check every chunk."),
+           store: Optional[str] = typer.Option(None, "--from", help="Verify this store."),
+           as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")
+           ) -> None:
+    """Check structure and signatures (and with --read-data, every chunk)."""
+    from p2pbackup.backup.verify import VerifyProgress
+    from p2pbackup.backup.verify import verify as do_verify
+    from p2pbackup.device import open_device
+
+    async def go() -> Any:
+        async with open_device(_home(), store=store) as dev:
+            progress = VerifyProgress()
+            async with output.progress_bar("verify", progress, files_attr=None):
+                return await do_verify(dev.repo, read_data=read_data, progress=progress)
+
+    report = _run(go())
+    if as_json:
+        print(json.dumps({"ok": report.ok, "snapshots": report.snapshots, "trees": report.trees,
+                          "packs": report.packs, "blobs_read": report.blobs_read,
+                          "damage": [{"object": d.what, "reason": d.reason,
+                                      "affects": d.affects} for d in report.damage]}, indent=2))
+    else:
+        for d in report.damage:
+            print(f"damaged: {d.line()}")
+        checked = (f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
+                   + (f", {report.blobs_read} blobs read" if read_data else ""))
+        print(f"{'no problems found' if report.ok else f'{len(report.damage)} problems'} "
+              f"({checked})")
+    if not report.ok:
+        raise typer.Exit(IntegrityError.exit_code)
+
+
+@index_app.command("rebuild")
+def index_rebuild() -> None:
+    """Recreate the pack index from the packs' trailers."""
+    from p2pbackup.device import open_device
+
+    async def go() -> Any:
+        async with open_device(_home(), write=True) as dev:
+            added, _ = await dev.repo.rebuild_index()
+            return added, len(dev.repo.index.blobs), dev.repo.damaged_packs
+
+    packs, blobs, damaged = _run(go())
+    for name, why in damaged.items():
+        output.warn(why)
+    print(f"index rebuilt: {packs} packs, {blobs} blobs")
+
+
+# ---- entry point ---------------------------------------------------------------------------
+
+def run() -> None:
+    """Console-script entry point: one line and a distinct exit code for every error."""
+    if "--debug" in sys.argv[1:]:
+        _state["debug"] = True
+    try:
+        code = app(standalone_mode=False)
+    except P2PError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        output.err(f"error: {exc}")
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        output.err("interrupted; nothing already stored was lost")
+        sys.exit(130)
+    except Exception as exc:
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # usage errors from typer
+            exc.show()
+            sys.exit(exc.exit_code)
+        # a bug: still one line unless --debug
+        if _state["debug"]:
+            traceback.print_exc()
+        output.err(f"internal error: {type(exc).__name__}: {exc} (run with --debug for details)")
+        sys.exit(70)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""The device daemon `p2pbackupd` (config, scheduler, watcher, replicator, control API)."""

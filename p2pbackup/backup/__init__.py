@@ -1,0 +1,1 @@
+"""Scan and capture (files, live SQLite), build snapshots; restore; verify."""

@@ -1,0 +1,486 @@
+"""Taking a snapshot: walk the sources, chunk and store what changed, build trees bottom-up.
+
+A file whose size, mtime, ctime and inode match its entry in the previous snapshot is not
+read; its entry is reused. Other files are read in worker threads (small ones in batches) and
+cut into content-defined chunks. Directories become trees; an unchanged directory encodes to
+the same bytes, so it keeps its tree id and nothing new is stored.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import errno
+import os
+import socket
+import stat as statmod
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..chunking.chunker import Chunker
+from ..config import Source
+from ..crypto.keys import ScopeKeys
+from ..errors import DiskFull, P2PError, StorageError
+from ..format.header import Kind
+from ..format.records import DIR, FILE, SYMLINK, Snapshot, SourceRoot, Tree, TreeEntry
+from ..repo.repository import Repository, StoredSnapshot
+from . import sqlite_capture
+from .sink import BlobSink
+
+SMALL_FILE = 256 * 1024
+BATCH_FILES = 64
+BATCH_BYTES = 4 * 1024 * 1024
+READ_WINDOW = 8 * 1024 * 1024
+MAX_REREADS = 2
+
+
+@dataclass(slots=True)
+class SnapshotProgress:
+    """Counters the CLI polls to draw progress; updated without locks (approximate)."""
+
+    files: int = 0
+    bytes: int = 0
+    expected_bytes: int = 0  # the previous snapshot's size, for an ETA; 0 if unknown
+    current: str = ""
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class SnapshotSummary:
+    """What one snapshot run did."""
+
+    stored: StoredSnapshot
+    files_new: int = 0
+    files_changed: int = 0
+    files_unchanged: int = 0
+    dirs: int = 0
+    bytes_read: int = 0
+    bytes_added: int = 0
+    blobs_added: int = 0
+    packs_written: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _FileJob:
+    path: bytes
+    st: os.stat_result
+    prev: TreeEntry | None
+    name: bytes
+
+
+@dataclass(slots=True)
+class _Counts:
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    dirs: int = 0
+    files: int = 0
+    size: int = 0
+
+
+def _show(path: bytes) -> str:
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _unchanged(prev: TreeEntry | None, st: os.stat_result) -> bool:
+    return (prev is not None and prev.type == FILE and prev.size == st.st_size
+            and prev.mtime_ns == st.st_mtime_ns and prev.ctime_ns == st.st_ctime_ns
+            and prev.inode == st.st_ino)
+
+
+class SnapshotBuilder:
+    """Builds the trees of a set of sources into a repository (blocking; run it in a thread)."""
+
+    def __init__(self, repo: Repository, sources: tuple[Source, ...], *,
+                 parents: dict[str, bytes], temp_dir: str, workers: int | None = None,
+                 progress: SnapshotProgress | None = None,
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.repo = repo
+        self.sources = sources
+        self.parents = parents
+        self.temp_dir = temp_dir
+        self.workers = workers or max(2, os.cpu_count() or 2)
+        self.progress = progress or SnapshotProgress()
+        self.warnings: list[str] = []
+        self._warn_cb = warn
+        self._warn_lock = threading.Lock()
+        self.sink = BlobSink(repo)
+        self._local = threading.local()
+        self._seed = repo.keys.chunker_seed
+        self._avg = repo.config.chunk_avg
+        self._slots = threading.BoundedSemaphore(self.workers * 4)
+        self._hardlinks: dict[tuple[int, int], cf.Future] = {}
+        self._counts = _Counts()
+        self.totals = BuildCounts()
+        self._pool: cf.ThreadPoolExecutor | None = None
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def warn(self, message: str) -> None:
+        with self._warn_lock:
+            self.warnings.append(message)
+        if self._warn_cb:
+            self._warn_cb(message)
+
+    def _chunker(self) -> Chunker:
+        c = getattr(self._local, "chunker", None)
+        if c is None:
+            c = self._local.chunker = Chunker(self._avg, self._seed)
+        return c
+
+    # ---- files -------------------------------------------------------------------------
+
+    def _store_buffer(self, keys: ScopeKeys, buf: bytes | memoryview, final: bool,
+                      chunks: list[bytes]) -> int:
+        """Chunk `buf` and store the chunks; return how many bytes were consumed."""
+        view = memoryview(buf)
+        consumed = 0
+        cuts = list(self._chunker().cut(view))
+        if not final and cuts:
+            cuts = cuts[:-1]  # the last cut may move once more data follows
+        for off, length in cuts:
+            chunks.append(self.sink.add(keys, Kind.CHUNK, view[off:off + length]))
+            consumed = off + length
+        return consumed
+
+    def _read_fd(self, fd: int, keys: ScopeKeys, size_hint: int) -> tuple[list[bytes], int]:
+        chunks: list[bytes] = []
+        if size_hint < SMALL_FILE:
+            data = os.read(fd, max(size_hint, 0) + 1)
+            if len(data) > size_hint:  # the file grew: read the rest as a stream
+                carry = data
+            else:
+                if data:
+                    self._store_buffer(keys, data, True, chunks)
+                return chunks, len(data)
+        else:
+            carry = b""
+        total = len(carry)
+        while True:
+            block = os.read(fd, READ_WINDOW)
+            total += len(block)
+            final = not block
+            buf = carry + block if carry else block
+            if not buf:
+                break
+            used = self._store_buffer(keys, buf, final, chunks)
+            carry = buf[used:]
+            if final:
+                break
+            self.progress.bytes += len(block)
+        return chunks, total
+
+    def _read_file(self, job: _FileJob, keys: ScopeKeys) -> TreeEntry | None:
+        """Read and store one file; None (with a warning) if it cannot be read."""
+        path, st = job.path, job.st
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
+        except PermissionError:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError as exc:
+                self.warn(f"cannot read {_show(path)}: {exc.strerror}")
+                return None
+        except OSError as exc:
+            self.warn(f"cannot read {_show(path)}: {exc.strerror}")
+            return None
+        try:
+            head = os.pread(fd, 16, 0)
+            if sqlite_capture.looks_like_sqlite(head) and st.st_size >= 512:
+                entry = self._capture_sqlite(job, keys)
+                if entry is not None:
+                    return entry
+            for attempt in range(MAX_REREADS + 1):
+                before = os.fstat(fd)
+                if attempt:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                chunks, size = self._read_fd(fd, keys, before.st_size)
+                after = os.fstat(fd)
+                if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns) \
+                        and size == after.st_size:
+                    break
+            else:
+                self.warn(f"{_show(path)} kept changing while it was read; stored as last read")
+            st = before
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(self.temp_dir) from None
+            self.warn(f"cannot read {_show(path)}: {exc.strerror}")
+            return None
+        finally:
+            os.close(fd)
+        self.progress.files += 1
+        if size < SMALL_FILE:
+            self.progress.bytes += size
+        return TreeEntry(FILE, job.name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                         st.st_ctime_ns, st.st_ino, size, tuple(chunks), nlink=st.st_nlink)
+
+    def _capture_sqlite(self, job: _FileJob, keys: ScopeKeys) -> TreeEntry | None:
+        wal_mtime = sqlite_capture.wal_mtime_ns(job.path)
+        fd, tmp = tempfile.mkstemp(prefix="sqlite-", dir=self.temp_dir)
+        os.close(fd)
+        try:
+            try:
+                sqlite_capture.capture(job.path, tmp)
+            except Exception as exc:  # sqlite3.Error and OSError alike: fall back to bytes
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    raise DiskFull(self.temp_dir) from None
+                if "disk is full" in str(exc):
+                    raise DiskFull(self.temp_dir) from None
+                self.warn(f"{_show(job.path)} looks like SQLite but could not be copied through "
+                          f"SQLite ({exc}); stored its bytes as they were read")
+                return None
+            with open(tmp, "rb") as f:
+                chunks, size = self._read_fd(f.fileno(), keys, os.fstat(f.fileno()).st_size)
+        finally:
+            os.unlink(tmp)
+        st = job.st
+        self.progress.files += 1
+        return TreeEntry(FILE, job.name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                         st.st_ctime_ns, st.st_ino, size, tuple(chunks), nlink=st.st_nlink,
+                         sqlite=True, wal_mtime_ns=wal_mtime)
+
+    def _run_batch(self, jobs: list[_FileJob], keys: ScopeKeys) -> list[TreeEntry | None]:
+        try:
+            return [self._read_file(job, keys) for job in jobs]
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _is_sqlite(path: bytes) -> bool:
+        try:
+            with open(path, "rb") as f:
+                return sqlite_capture.looks_like_sqlite(f.read(16))
+        except OSError:
+            return False
+
+    def _submit(self, jobs: list[_FileJob], keys: ScopeKeys) -> cf.Future:
+        self._slots.acquire()
+        assert self._pool is not None
+        return self._pool.submit(self._run_batch, jobs, keys)
+
+    # ---- directories -------------------------------------------------------------------
+
+    def _load_prev(self, tree_id: bytes | None) -> dict[bytes, TreeEntry]:
+        if tree_id is None:
+            return {}
+        try:
+            return {e.name: e for e in self.repo.load_tree_blocking(tree_id).entries}
+        except P2PError:
+            return {}  # a damaged parent only costs re-reading files
+
+    def _walk(self, path: bytes, prev_id: bytes | None, keys: ScopeKeys) -> bytes | None:
+        """Store the tree of directory `path`; None (with a warning) if it cannot be listed."""
+        self.progress.current = _show(path)
+        try:
+            with os.scandir(path) as it:
+                dirents = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            self.warn(f"cannot list {_show(path)}: {exc.strerror}; skipped")
+            return None
+        prev = self._load_prev(prev_id)
+        names = {e.name for e in dirents}
+        side_skip = self._sqlite_side_files(path, names)
+        entries: dict[bytes, TreeEntry] = {}
+        pending: list[tuple[list[_FileJob], cf.Future]] = []
+        linked: list[tuple[_FileJob, cf.Future]] = []
+        batch: list[_FileJob] = []
+        batch_bytes = 0
+        counts = self._counts
+        for de in dirents:
+            name = de.name
+            full = de.path
+            try:
+                st = de.stat(follow_symlinks=False)
+            except OSError as exc:
+                self.warn(f"cannot stat {_show(full)}: {exc.strerror}; skipped")
+                continue
+            mode = st.st_mode
+            if statmod.S_ISDIR(mode):
+                p = prev.get(name)
+                sub = self._walk(full, p.subtree if p is not None and p.type == DIR else None, keys)
+                if sub is not None:
+                    counts.dirs += 1
+                    entries[name] = TreeEntry(DIR, name, mode, st.st_uid, st.st_gid,
+                                              st.st_mtime_ns, subtree=sub)
+            elif statmod.S_ISREG(mode):
+                if name in side_skip:
+                    continue
+                counts.files += 1
+                p = prev.get(name)
+                if _unchanged(p, st) and (not p.sqlite or
+                                          p.wal_mtime_ns == sqlite_capture.wal_mtime_ns(full)) \
+                        and all(c in self.sink.known for c in p.chunks):
+                    entries[name] = p
+                    counts.unchanged += 1
+                    counts.size += p.size
+                    self.progress.files += 1
+                    self.progress.bytes += p.size
+                    continue
+                if p is not None and p.type == FILE:
+                    counts.changed += 1
+                else:
+                    counts.new += 1
+                job = _FileJob(full, st, p, name)
+                if st.st_nlink > 1:
+                    # Hard links: the first path is read alone, later ones reuse its chunks.
+                    key = (st.st_dev, st.st_ino)
+                    first = self._hardlinks.get(key)
+                    if first is not None:
+                        linked.append((job, first))
+                    else:
+                        fut = self._hardlinks[key] = self._submit([job], keys)
+                        pending.append(([job], fut))
+                    continue
+                if st.st_size >= SMALL_FILE:
+                    fut = self._submit([job], keys)
+                    pending.append(([job], fut))
+                else:
+                    batch.append(job)
+                    batch_bytes += st.st_size
+                    if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                        fut = self._submit(batch, keys)
+                        pending.append((batch, fut))
+                        batch, batch_bytes = [], 0
+            elif statmod.S_ISLNK(mode):
+                try:
+                    target = os.readlink(full)
+                except OSError as exc:
+                    self.warn(f"cannot read link {_show(full)}: {exc.strerror}; skipped")
+                    continue
+                entries[name] = TreeEntry(SYMLINK, name, mode, st.st_uid, st.st_gid,
+                                          st.st_mtime_ns, target=target)
+            else:
+                kind = ("socket" if statmod.S_ISSOCK(mode) else "FIFO" if statmod.S_ISFIFO(mode)
+                        else "device file")
+                self.warn(f"{_show(full)} is a {kind}; skipped")
+        if batch:
+            pending.append((batch, self._submit(batch, keys)))
+        for jobs, fut in pending:
+            for job, entry in zip(jobs, fut.result()):
+                if entry is not None:
+                    entries[job.name] = entry
+                    counts.size += entry.size
+        for job, first in linked:
+            entry = first.result()[0]
+            if entry is not None:
+                st = job.st
+                entries[job.name] = TreeEntry(
+                    FILE, job.name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                    st.st_ctime_ns, st.st_ino, entry.size, entry.chunks, nlink=st.st_nlink,
+                    sqlite=entry.sqlite, wal_mtime_ns=entry.wal_mtime_ns)
+                counts.size += entry.size
+        tree = Tree(tuple(entries[n] for n in sorted(entries)))
+        return self.sink.add(keys, Kind.TREE, tree.encode())
+
+    def _sqlite_side_files(self, path: bytes, names: set[bytes]) -> set[bytes]:
+        """-wal/-shm/-journal files of SQLite databases in this directory: never stored.
+
+        The database is captured consistently through SQLite; a stale -wal restored next to
+        it would be replayed into it.
+        """
+        skip: set[bytes] = set()
+        for name in names:
+            for suffix in sqlite_capture.SIDE_FILES:
+                s = suffix.encode()
+                if name.endswith(s) and name[:-len(s)] in names \
+                        and self._is_sqlite(os.path.join(path, name[:-len(s)])):
+                    skip.add(name)
+        return skip
+
+    # ---- the run -----------------------------------------------------------------------
+
+    def run(self) -> tuple[list[SourceRoot], "BuildCounts"]:
+        """Walk every source; return their roots. Blocking."""
+        roots: list[SourceRoot] = []
+        self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="chunker")
+        try:
+            for src in self.sources:
+                keys = self.repo.keys.scope(src.name, 0)
+                self._counts = _Counts()
+                top = os.fsencode(src.path)
+                if not os.path.isdir(top):
+                    self.warn(f"source {src.name} ({src.path}) is missing or not a directory; "
+                              "skipped")
+                    continue
+                tree = self._walk(top, self.parents.get(src.name), keys)
+                if tree is None:
+                    continue
+                c = self._counts
+                roots.append(SourceRoot(src.name, src.path, tree, keys.epoch, c.files, c.dirs,
+                                        c.size))
+                self.totals.add(c)
+            self.sink.flush()
+        except BaseException:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.sink.close()
+            raise
+        self._pool.shutdown(wait=True)
+        return roots, self.totals
+
+
+@dataclass(slots=True)
+class BuildCounts:
+    """File counts over all sources of a run."""
+
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    dirs: int = 0
+
+    def add(self, c: _Counts) -> None:
+        self.new += c.new
+        self.changed += c.changed
+        self.unchanged += c.unchanged
+        self.dirs += c.dirs
+
+
+async def take_snapshot(repo: Repository, sources: tuple[Source, ...], *, temp_dir: str,
+                        hostname: str | None = None, progress: SnapshotProgress | None = None,
+                        warn: Callable[[str], None] | None = None,
+                        workers: int | None = None) -> SnapshotSummary:
+    """Take one snapshot of `sources` and store it; the caller holds the writer lock."""
+    import asyncio
+
+    if repo.identity is None:
+        raise P2PError("this device has no identity to sign snapshots with")
+    started = time.monotonic()
+    device = repo.identity.device_id
+    snaps, _ = await repo.list_snapshots()
+    parents: dict[str, bytes] = {}
+    parent_id = None
+    expected = 0
+    for s in reversed(snaps):
+        if s.snapshot.device != device:
+            continue
+        for root in s.snapshot.sources:
+            match = next((src for src in sources if src.name == root.name and
+                          src.path == root.path), None)
+            if match is not None and root.name not in parents:
+                parents[root.name] = root.tree
+                expected += root.size
+                parent_id = parent_id or s.id
+    progress = progress or SnapshotProgress()
+    progress.expected_bytes = expected
+    os.makedirs(temp_dir, exist_ok=True)
+    builder = SnapshotBuilder(repo, sources, parents=parents, temp_dir=temp_dir,
+                              workers=workers, progress=progress, warn=warn)
+    try:
+        roots, counts = await asyncio.to_thread(builder.run)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(temp_dir) from None
+        raise StorageError(f"snapshot failed: {exc}") from None
+    if not roots:
+        raise P2PError("nothing was backed up: every source is missing or unreadable")
+    snap = Snapshot(time.time_ns(), device, hostname or socket.gethostname(), tuple(roots),
+                    parent=parent_id, warnings=len(builder.warnings))
+    stored = await repo.save_snapshot(snap)
+    sink = builder.sink.stats
+    return SnapshotSummary(stored, counts.new, counts.changed, counts.unchanged, counts.dirs,
+                           progress.bytes, sink.bytes_added, sink.blobs_added, sink.packs_written,
+                           time.monotonic() - started, builder.warnings)

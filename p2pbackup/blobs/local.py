@@ -1,0 +1,160 @@
+"""A BlobStore in a local directory (a USB disk, a NAS mount, this device's own store).
+
+Writes go to a temporary file that is fsynced, renamed into place and whose directory is then
+fsynced, so a crash leaves either the old state or the whole new blob. Packs are spread over
+256 sub-directories by the first two hex digits of their name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import AsyncIterator
+
+from ..errors import DiskFull, NotFound, StorageError
+from .base import BlobStore
+
+_SHARDED = ("packs/",)
+_TMP_SUFFIX = ".tmp"
+
+
+def _check_name(name: str) -> None:
+    parts = name.split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"invalid blob name {name!r}")
+
+
+class LocalDirStore(BlobStore):
+    """Blobs as files under one directory."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.location = self.root
+
+    def path_of(self, name: str) -> str:
+        _check_name(name)
+        for prefix in _SHARDED:
+            if name.startswith(prefix):
+                rest = name[len(prefix):]
+                return os.path.join(self.root, prefix, rest[:2], rest)
+        return os.path.join(self.root, *name.split("/"))
+
+    def _error(self, exc: OSError, name: str) -> Exception:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return DiskFull(self.root)
+        return StorageError(f"cannot access {name!r} in {self.root}: {exc.strerror or exc}")
+
+    def put_sync(self, name: str, data: bytes) -> None:
+        """The blocking body of `put`, also used from worker threads."""
+        path = self.path_of(name)
+        directory = os.path.dirname(path)
+        tmp = f"{path}.{os.getpid()}.{id(data):x}{_TMP_SUFFIX}"
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise self._error(exc, name) from None
+
+    async def put(self, name: str, data: bytes) -> None:
+        await asyncio.to_thread(self.put_sync, name, data)
+
+    def get_sync(self, name: str) -> bytes:
+        try:
+            with open(self.path_of(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFound(f"{name} is missing from the store at {self.root}") from None
+        except OSError as exc:
+            raise self._error(exc, name) from None
+
+    async def get(self, name: str) -> bytes:
+        return await asyncio.to_thread(self.get_sync, name)
+
+    def get_range_sync(self, name: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self.path_of(name), os.O_RDONLY)
+        except FileNotFoundError:
+            raise NotFound(f"{name} is missing from the store at {self.root}") from None
+        except OSError as exc:
+            raise self._error(exc, name) from None
+        try:
+            if offset < 0:
+                offset = max(0, os.fstat(fd).st_size + offset)
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise self._error(exc, name) from None
+        finally:
+            os.close(fd)
+
+    async def get_range(self, name: str, offset: int, length: int) -> bytes:
+        return await asyncio.to_thread(self.get_range_sync, name, offset, length)
+
+    async def has(self, name: str) -> bool:
+        return os.path.exists(self.path_of(name))
+
+    async def size(self, name: str) -> int:
+        try:
+            return os.stat(self.path_of(name)).st_size
+        except FileNotFoundError:
+            raise NotFound(f"{name} is missing from the store at {self.root}") from None
+
+    def list_sync(self, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        top = prefix.split("/", 1)[0] if "/" in prefix else ""
+        start = os.path.join(self.root, top) if top else self.root
+        for dirpath, dirnames, filenames in os.walk(start):
+            rel = os.path.relpath(dirpath, self.root)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            for fn in filenames:
+                if fn.endswith(_TMP_SUFFIX) or fn == "lock":
+                    continue
+                name = rel + fn
+                for sharded in _SHARDED:  # packs/ab/abcd... is named packs/abcd...
+                    if name.startswith(sharded) and name.count("/") == 2:
+                        name = sharded + fn
+                if name.startswith(prefix):
+                    out.append(name)
+        return out
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        for name in await asyncio.to_thread(self.list_sync, prefix):
+            yield name
+
+    async def delete(self, name: str) -> None:
+        try:
+            os.unlink(self.path_of(name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error(exc, name) from None
+
+    def remove_temp_files(self) -> int:
+        """Delete temporary files left by a writer that was killed; call under the writer lock."""
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for fn in files:
+                if fn.endswith(_TMP_SUFFIX):
+                    try:
+                        os.unlink(os.path.join(dirpath, fn))
+                        removed += 1
+                    except OSError:
+                        pass
+        return removed

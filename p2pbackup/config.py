@@ -1,0 +1,162 @@
+"""P2PBACKUP_HOME and config.toml: read once, passed down as frozen dataclasses.
+
+This is the only module that reads environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from .crypto.identity import DeviceIdentity
+from .crypto.keys import ACCOUNT_KEY_SIZE, AccountKeys
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+
+
+def default_home() -> Path:
+    """P2PBACKUP_HOME, or the platform's per-user data directory."""
+    env = os.environ.get("P2PBACKUP_HOME")
+    if env:
+        return Path(env).expanduser().absolute()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("p2pbackup"))
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A directory this device backs up; `name` also names its key scope."""
+
+    name: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The parsed config.toml."""
+
+    home: Path
+    device_name: str
+    store: Path
+    sources: tuple[Source, ...]
+
+    @property
+    def account_key_file(self) -> Path:
+        return self.home / "keys" / "account.key"
+
+    @property
+    def device_key_file(self) -> Path:
+        return self.home / "keys" / "device.key"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+def _source_names(paths: list[str]) -> list[Source]:
+    out: list[Source] = []
+    used: set[str] = set()
+    for p in paths:
+        path = os.path.abspath(os.path.expanduser(p))
+        base = os.path.basename(path.rstrip("/")) or "root"
+        name, n = base, 2
+        while name in used:
+            name, n = f"{base}-{n}", n + 1
+        used.add(name)
+        out.append(Source(name, path))
+    return out
+
+
+def sources_for_paths(paths: list[str]) -> tuple[Source, ...]:
+    """Name ad-hoc paths like configured sources: by their base name, made unique."""
+    return tuple(_source_names(paths))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def init_home(home: Path, source_paths: list[str]) -> tuple[Config, bytes]:
+    """Create a home with fresh keys; return its config and the account key (shown once)."""
+    if (home / "config.toml").exists() or (home / "keys" / "account.key").exists():
+        raise ConfigError(f"{home} is already set up; use another P2PBACKUP_HOME or remove it first")
+    for p in source_paths:
+        if not os.path.isdir(p):
+            raise ConfigError(f"source {p!r} is not a directory")
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    (home / "keys").mkdir(mode=0o700, exist_ok=True)
+    account_key = os.urandom(ACCOUNT_KEY_SIZE)
+    _write_private(home / "keys" / "account.key", account_key)
+    _write_private(home / "keys" / "device.key", DeviceIdentity.generate().seed)
+    sources = _source_names(source_paths)
+    doc = {
+        "version": CONFIG_VERSION,
+        "device_name": socket.gethostname(),
+        "store": "store",
+        "sources": [{"name": s.name, "path": s.path} for s in sources],
+    }
+    tmp = home / "config.toml.tmp"
+    tmp.write_bytes(tomli_w.dumps(doc).encode())
+    os.replace(tmp, home / "config.toml")
+    return load_config(home), account_key
+
+
+def load_config(home: Path | None = None) -> Config:
+    """Read `home`/config.toml; every problem is a ConfigError naming the key and the file."""
+    home = home or default_home()
+    path = home / "config.toml"
+    if not path.exists():
+        raise ConfigError(f"no p2pbackup home at {home} (no config.toml): run `p2pbackup init` "
+                          "or set P2PBACKUP_HOME")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    version = doc.get("version", CONFIG_VERSION)
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ConfigError(f"{path}: key 'version' = {version!r}; this p2pbackup reads version "
+                          f"{CONFIG_VERSION}: upgrade p2pbackup")
+    name = doc.get("device_name", socket.gethostname())
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}: key 'device_name' must be a string")
+    store = doc.get("store", "store")
+    if not isinstance(store, str) or not store:
+        raise ConfigError(f"{path}: key 'store' must be a directory path")
+    sources = []
+    raw = doc.get("sources", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: key 'sources' must be an array of tables")
+    for i, s in enumerate(raw):
+        if not isinstance(s, dict) or not isinstance(s.get("path"), str) \
+                or not isinstance(s.get("name"), str):
+            raise ConfigError(f"{path}: key 'sources[{i}]' needs a string 'name' and 'path'")
+        sources.append(Source(s["name"], s["path"]))
+    return Config(home, name, (home / store).absolute(), tuple(sources))
+
+
+def load_keys(config: Config) -> tuple[AccountKeys, DeviceIdentity]:
+    """Read the account key and the device identity from the home's key files."""
+    try:
+        account = config.account_key_file.read_bytes()
+        device = config.device_key_file.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"key file {exc.filename} is missing; this home cannot be used "
+                          "(recover it with the recovery code)") from None
+    except PermissionError as exc:
+        raise ConfigError(f"cannot read key file {exc.filename}: permission denied") from None
+    if len(account) != ACCOUNT_KEY_SIZE or len(device) != 32:
+        raise ConfigError(f"key files in {config.home / 'keys'} are damaged (wrong length)")
+    return AccountKeys(account), DeviceIdentity(device)

@@ -1,0 +1,68 @@
+"""This device: its home (config, keys) and its repository, opened for reading or writing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .blobs import open_store
+from .blobs.local import LocalDirStore
+from .config import Config, init_home, load_config, load_keys
+from .crypto import recovery
+from .crypto.identity import DeviceIdentity
+from .crypto.keys import AccountKeys
+from .repo.lock import WriterLock
+from .repo.repository import Repository
+
+
+@dataclass(slots=True)
+class Device:
+    """An opened home: config, keys and a repository."""
+
+    config: Config
+    keys: AccountKeys
+    identity: DeviceIdentity
+    repo: Repository
+
+    @property
+    def temp_dir(self) -> str:
+        return str(self.config.cache_dir / "tmp")
+
+
+async def init_device(home: Path, sources: list[str]) -> tuple[Config, str]:
+    """Create a home and its local store; return the config and the recovery code."""
+    config, account_key = init_home(home, sources)
+    keys, identity = load_keys(config)
+    store = LocalDirStore(config.store)
+    repo = await Repository.create(store, keys, identity, str(config.cache_dir),
+                                   config.device_name)
+    await repo.close()
+    return config, recovery.encode(account_key)
+
+
+@contextlib.asynccontextmanager
+async def open_device(home: Path | None = None, *, write: bool = False,
+                      store: str | None = None) -> AsyncIterator[Device]:
+    """Open this device's repository (or the one at `store`); `write` takes the writer lock."""
+    config = load_config(home)
+    keys, identity = load_keys(config)
+    blob_store = open_store(store) if store else LocalDirStore(config.store)
+    lock = None
+    if write:
+        root = blob_store.root if isinstance(blob_store, LocalDirStore) else str(config.cache_dir)
+        lock = WriterLock(os.path.join(root, "lock"), root)
+        lock.acquire()
+    try:
+        if write and isinstance(blob_store, LocalDirStore):
+            blob_store.remove_temp_files()
+        repo = await Repository.open(blob_store, keys, identity, str(config.cache_dir))
+        try:
+            yield Device(config, keys, identity, repo)
+        finally:
+            await repo.close()
+    finally:
+        if lock is not None:
+            lock.release()

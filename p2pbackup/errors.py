@@ -1,0 +1,112 @@
+"""The few exception types p2pbackup raises; each message is something a person can act on.
+
+Like borg, each class's docstring is its message template and each class has its own exit
+code; the CLI catches `P2PError` in one place and prints one line.
+"""
+
+from __future__ import annotations
+
+
+class P2PError(Exception):
+    """{}"""
+
+    exit_code = 1
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.args_for_message = args
+
+    def __str__(self) -> str:
+        template = (type(self).__doc__ or "{}").strip().splitlines()[0]
+        try:
+            return template.format(*self.args_for_message)
+        except (IndexError, KeyError):
+            return " ".join(str(a) for a in self.args_for_message) or template
+
+
+class ConfigError(P2PError):
+    """{}"""
+
+    exit_code = 10
+
+
+class StorageError(P2PError):
+    """{}"""
+
+    exit_code = 11
+
+
+class DiskFull(StorageError):
+    """No space left on the device holding {}: free some space and run the command again (nothing already stored was lost)."""
+
+    exit_code = 12
+
+
+class IntegrityError(P2PError):
+    """{}"""
+
+    exit_code = 13
+
+
+class UnsupportedFormat(P2PError):
+    """{} was written by a newer p2pbackup (format v{}); upgrade to read it."""
+
+    exit_code = 14
+
+
+class WrongKey(P2PError):
+    """{}"""
+
+    exit_code = 15
+
+
+class RepositoryLocked(P2PError):
+    """Another p2pbackup (pid {}) is writing to {}; wait for it to finish."""
+
+    exit_code = 16
+
+
+class NotFound(P2PError):
+    """{}"""
+
+    exit_code = 17
+
+
+class RestoreConflict(P2PError):
+    """{}"""
+
+    exit_code = 18
+
+
+class LocalProtocolError(P2PError):
+    """{}"""
+
+    exit_code = 20
+
+
+class RemoteProtocolError(P2PError):
+    """{}"""
+
+    exit_code = 21
+
+
+class PeerUnreachable(P2PError):
+    """{}"""
+
+    exit_code = 22
+
+
+class PeerNotPaired(P2PError):
+    """{}"""
+
+    exit_code = 23
+
+
+class PairingFailed(P2PError):
+    """{}"""
+
+    exit_code = 24
+
+
+# Exit code of a snapshot that completed but could not read some files (restic uses 3 too).
+EXIT_PARTIAL = 3

@@ -1,0 +1,88 @@
+"""Pack files: many sealed blobs in one file, with an encrypted list of them at the end.
+
+    pack header (12 bytes, kind PACK) | blob object ... | trailer object | trailer length u32 BE
+
+A pack's name is the BLAKE3 hash of its bytes, so anyone (a storage partner without keys
+included) can check a pack's integrity; the trailer lets the index be rebuilt from packs alone.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import blake3
+
+from ..errors import IntegrityError
+from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
+from .objects import open_object, seal_object
+from .records import BlobRef, PackTrailer
+
+PACK_HEADER = ObjectHeader(FORMAT_VERSION, Kind.PACK, 0, 0).encode()
+_LEN = struct.Struct(">I")
+TAIL_GUESS = 64 * 1024
+
+
+def pack_name(data: bytes | memoryview) -> str:
+    """The content address of a pack."""
+    return blake3.blake3(data).hexdigest()
+
+
+class PackBuilder:
+    """Accumulates sealed blobs of one scope; not thread-safe (callers hold a lock)."""
+
+    def __init__(self, scope: str, epoch: int) -> None:
+        self.scope = scope
+        self.epoch = epoch
+        self._parts: list[bytes] = [PACK_HEADER]
+        self._refs: list[BlobRef] = []
+        self.size = len(PACK_HEADER)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def add(self, kind: int, blob_id: bytes, sealed: bytes, raw_length: int) -> None:
+        self._refs.append(BlobRef(kind, blob_id, self.size, len(sealed), raw_length))
+        self._parts.append(sealed)
+        self.size += len(sealed)
+
+    def finish(self, meta_key: bytes) -> tuple[str, bytes, PackTrailer]:
+        """Return (name, bytes, trailer) of the finished pack."""
+        trailer = PackTrailer(self.scope, self.epoch, tuple(self._refs))
+        sealed = seal_object(Kind.PACK_TRAILER, trailer.encode(), meta_key)
+        self._parts.append(sealed)
+        self._parts.append(_LEN.pack(len(sealed)))
+        data = b"".join(self._parts)
+        self._parts = []
+        return pack_name(data), data, trailer
+
+
+def trailer_length(tail: bytes | memoryview, what: str) -> int:
+    """How many bytes from the end of the pack the trailer object and length field take."""
+    if len(tail) < _LEN.size:
+        raise IntegrityError(f"{what} is truncated: too short to hold a trailer")
+    (n,) = _LEN.unpack_from(tail, len(tail) - _LEN.size)
+    return n + _LEN.size
+
+
+def parse_trailer(tail: bytes | memoryview, pack_size: int, meta_key: bytes,
+                  what: str) -> PackTrailer:
+    """Decode a pack's trailer from the last bytes of the pack (at least trailer_length)."""
+    need = trailer_length(tail, what)
+    if need > len(tail) or need > pack_size - HEADER_SIZE:
+        raise IntegrityError(f"{what} is truncated or damaged: its trailer length is impossible")
+    start = len(tail) - need
+    _, body = open_object(memoryview(tail)[start:len(tail) - _LEN.size], meta_key,
+                          expect=Kind.PACK_TRAILER, what=f"{what} trailer")
+    trailer = PackTrailer.decode(body, f"{what} trailer")
+    limit = pack_size - need
+    for ref in trailer.blobs:
+        if ref.offset < HEADER_SIZE or ref.offset + ref.length > limit:
+            raise IntegrityError(f"{what} trailer points outside the pack")
+    return trailer
+
+
+def check_pack_header(head: bytes | memoryview, what: str) -> None:
+    """Check the first bytes of a pack (magic, version, kind)."""
+    header = ObjectHeader.decode(head, what)
+    if header.kind != Kind.PACK:
+        raise IntegrityError(f"{what} is not a pack")

@@ -1,0 +1,279 @@
+"""Typed records and their msgpack encoding.
+
+Each record is a msgpack map with short string keys and a "v" version. Readers ignore keys they
+do not know and skip tree entries of types they do not know (downgrade-safe); writers never
+reuse a key for another meaning. Encoding is deterministic, so an unchanged directory encodes to
+the same bytes and keeps its tree id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from ..errors import IntegrityError, UnsupportedFormat
+
+RECORD_VERSION = 1
+
+FILE, DIR, SYMLINK = "f", "d", "l"
+ENTRY_TYPES = frozenset({FILE, DIR, SYMLINK})
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(data: bytes, what: str) -> dict:
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+        raise IntegrityError(f"{what} does not decode: {exc}") from None
+    if not isinstance(obj, dict):
+        raise IntegrityError(f"{what} does not decode: not a map")
+    version = obj.get("v", 0)
+    if not isinstance(version, int) or version < 1:
+        raise IntegrityError(f"{what} has no valid record version")
+    if version > RECORD_VERSION:
+        raise UnsupportedFormat(what.capitalize(), version)
+    return obj
+
+
+def _need(obj: dict, key: str, typ: type | tuple[type, ...], what: str) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, typ):
+        raise IntegrityError(f"{what} is malformed: field {key!r} is missing or has the wrong type")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TreeEntry:
+    """One directory entry. `name` and `target` are raw file-system bytes."""
+
+    type: str
+    name: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int = 0
+    inode: int = 0
+    size: int = 0
+    chunks: tuple[bytes, ...] = ()
+    subtree: bytes | None = None
+    target: bytes | None = None
+    nlink: int = 1
+    sqlite: bool = False
+    wal_mtime_ns: int = 0
+
+    def to_map(self) -> dict:
+        m: dict[str, Any] = {"t": self.type, "n": self.name, "m": self.mode, "u": self.uid,
+                             "g": self.gid, "mt": self.mtime_ns}
+        if self.type == FILE:
+            m.update(ct=self.ctime_ns, i=self.inode, s=self.size, c=list(self.chunks))
+            if self.nlink > 1:
+                m["nl"] = self.nlink
+            if self.sqlite:
+                m["sq"] = True
+                m["wm"] = self.wal_mtime_ns
+        elif self.type == DIR:
+            m["sub"] = self.subtree
+        elif self.type == SYMLINK:
+            m["lt"] = self.target
+        return m
+
+    @classmethod
+    def from_map(cls, m: dict, what: str) -> "TreeEntry":
+        t = m.get("t")
+        name = _need(m, "n", bytes, what)
+        common = dict(type=t, name=name, mode=_need(m, "m", int, what), uid=m.get("u", 0),
+                      gid=m.get("g", 0), mtime_ns=_need(m, "mt", int, what))
+        if t == FILE:
+            chunks = _need(m, "c", list, what)
+            if not all(isinstance(c, bytes) and len(c) == 32 for c in chunks):
+                raise IntegrityError(f"{what} is malformed: bad chunk id in {name!r}")
+            return cls(**common, ctime_ns=m.get("ct", 0), inode=m.get("i", 0),
+                       size=_need(m, "s", int, what), chunks=tuple(chunks), nlink=m.get("nl", 1),
+                       sqlite=bool(m.get("sq", False)), wal_mtime_ns=m.get("wm", 0))
+        if t == DIR:
+            sub = _need(m, "sub", bytes, what)
+            return cls(**common, subtree=sub)
+        return cls(**common, target=_need(m, "lt", bytes, what))
+
+
+@dataclass(frozen=True, slots=True)
+class Tree:
+    """One directory's entries, sorted by name."""
+
+    entries: tuple[TreeEntry, ...]
+    skipped: int = 0  # entries of unknown types met while decoding
+
+    def encode(self) -> bytes:
+        return _pack({"v": RECORD_VERSION, "e": [e.to_map() for e in self.entries]})
+
+    @classmethod
+    def decode(cls, data: bytes, what: str = "tree") -> "Tree":
+        obj = _unpack(data, what)
+        raw = _need(obj, "e", list, what)
+        entries, skipped = [], 0
+        for m in raw:
+            if not isinstance(m, dict):
+                raise IntegrityError(f"{what} is malformed: an entry is not a map")
+            if m.get("t") not in ENTRY_TYPES:
+                skipped += 1  # written by a newer version: skip, do not fail
+                continue
+            entries.append(TreeEntry.from_map(m, what))
+        return cls(tuple(entries), skipped)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRoot:
+    """One backed-up source inside a snapshot."""
+
+    name: str
+    path: str
+    tree: bytes
+    epoch: int = 0
+    files: int = 0
+    dirs: int = 0
+    size: int = 0
+
+    def to_map(self) -> dict:
+        return {"name": self.name, "path": self.path, "tree": self.tree, "epoch": self.epoch,
+                "files": self.files, "dirs": self.dirs, "size": self.size}
+
+    @classmethod
+    def from_map(cls, m: dict, what: str) -> "SourceRoot":
+        return cls(_need(m, "name", str, what), _need(m, "path", str, what),
+                   _need(m, "tree", bytes, what), m.get("epoch", 0), m.get("files", 0),
+                   m.get("dirs", 0), m.get("size", 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A roll-up of the device's sources at one moment, signed by the device that took it."""
+
+    time_ns: int
+    device: str
+    hostname: str
+    sources: tuple[SourceRoot, ...]
+    log_seq: int = 0
+    parent: str | None = None
+    warnings: int = 0
+
+    def encode(self) -> bytes:
+        return _pack({"v": RECORD_VERSION, "time": self.time_ns, "device": self.device,
+                      "host": self.hostname, "sources": [s.to_map() for s in self.sources],
+                      "seq": self.log_seq, "parent": self.parent, "warnings": self.warnings})
+
+    @classmethod
+    def decode(cls, data: bytes, what: str = "snapshot") -> "Snapshot":
+        obj = _unpack(data, what)
+        sources = tuple(SourceRoot.from_map(m, what) for m in _need(obj, "sources", list, what)
+                        if isinstance(m, dict))
+        return cls(_need(obj, "time", int, what), _need(obj, "device", str, what),
+                   obj.get("host", ""), sources, obj.get("seq", 0), obj.get("parent"),
+                   obj.get("warnings", 0))
+
+    @property
+    def size(self) -> int:
+        return sum(s.size for s in self.sources)
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A record's encoding and its device signature."""
+
+    body: bytes
+    device: str
+    signature: bytes
+
+    def encode(self) -> bytes:
+        return _pack({"v": RECORD_VERSION, "body": self.body, "dev": self.device,
+                      "sig": self.signature})
+
+    @classmethod
+    def decode(cls, data: bytes, what: str) -> "Signed":
+        obj = _unpack(data, what)
+        return cls(_need(obj, "body", bytes, what), _need(obj, "dev", str, what),
+                   _need(obj, "sig", bytes, what))
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRef:
+    """Where a blob sits inside its pack."""
+
+    kind: int
+    id: bytes
+    offset: int
+    length: int
+    raw_length: int
+
+
+@dataclass(frozen=True, slots=True)
+class PackTrailer:
+    """The list of blobs at the end of a pack, so the index can be rebuilt from packs alone."""
+
+    scope: str
+    epoch: int
+    blobs: tuple[BlobRef, ...]
+
+    def encode(self) -> bytes:
+        return _pack({"v": RECORD_VERSION, "scope": self.scope, "epoch": self.epoch,
+                      "b": [[b.kind, b.id, b.offset, b.length, b.raw_length] for b in self.blobs]})
+
+    @classmethod
+    def decode(cls, data: bytes, what: str = "pack trailer") -> "PackTrailer":
+        obj = _unpack(data, what)
+        blobs = []
+        for row in _need(obj, "b", list, what):
+            if (not isinstance(row, list) or len(row) < 5 or not isinstance(row[1], bytes)
+                    or not all(isinstance(x, int) for x in (row[0], row[2], row[3], row[4]))):
+                raise IntegrityError(f"{what} is malformed: bad blob row")
+            blobs.append(BlobRef(row[0], row[1], row[2], row[3], row[4]))
+        return cls(_need(obj, "scope", str, what), obj.get("epoch", 0), tuple(blobs))
+
+
+@dataclass(frozen=True, slots=True)
+class RepoConfig:
+    """The store's identity and the parameters every writer must share."""
+
+    repo_id: str
+    chunk_avg: int
+    pack_size: int
+    created_ns: int
+    account_fingerprint: str
+    extra: dict = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return _pack({"v": RECORD_VERSION, "id": self.repo_id, "chunk_avg": self.chunk_avg,
+                      "pack_size": self.pack_size, "created": self.created_ns,
+                      "account": self.account_fingerprint})
+
+    @classmethod
+    def decode(cls, data: bytes, what: str = "repository config") -> "RepoConfig":
+        obj = _unpack(data, what)
+        return cls(_need(obj, "id", str, what), _need(obj, "chunk_avg", int, what),
+                   _need(obj, "pack_size", int, what), obj.get("created", 0),
+                   obj.get("account", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    """A device's public identity as stored in the repository."""
+
+    device_id: str
+    public_key: bytes
+    name: str
+    created_ns: int
+
+    def encode(self) -> bytes:
+        return _pack({"v": RECORD_VERSION, "id": self.device_id, "pk": self.public_key,
+                      "name": self.name, "created": self.created_ns})
+
+    @classmethod
+    def decode(cls, data: bytes, what: str = "device record") -> "DeviceRecord":
+        obj = _unpack(data, what)
+        return cls(_need(obj, "id", str, what), _need(obj, "pk", bytes, what),
+                   obj.get("name", ""), obj.get("created", 0))

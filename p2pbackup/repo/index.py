@@ -1,0 +1,120 @@
+"""The pack index: which pack holds each blob. A cache in SQLite, rebuilt from packs at will."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass
+
+import aiosqlite
+
+from ..errors import DiskFull, StorageError
+
+INDEX_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packs (name TEXT PRIMARY KEY, scope TEXT NOT NULL,
+    epoch INTEGER NOT NULL, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (id BLOB PRIMARY KEY, kind INTEGER NOT NULL,
+    pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    raw_length INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobLocation:
+    """Where one blob is stored."""
+
+    pack: str
+    offset: int
+    length: int
+    raw_length: int
+    kind: int
+
+
+class IndexCorrupt(Exception):
+    """The index file cannot be used; it will be rebuilt."""
+
+
+def _sql_error(exc: sqlite3.Error, path: str) -> Exception:
+    if "disk is full" in str(exc) or "database or disk is full" in str(exc):
+        return DiskFull(os.path.dirname(path))
+    return StorageError(f"the index {path} cannot be written: {exc}")
+
+
+class PackIndex:
+    """The SQLite index, opened with aiosqlite, plus an in-memory map for hot lookups."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self.blobs: dict[bytes, BlobLocation] = {}
+        self.packs: dict[str, tuple[str, int, int]] = {}
+
+    async def open(self) -> None:
+        """Open (creating if needed) and load; raise IndexCorrupt when the file is unusable."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self.path)
+            await self._db.execute("PRAGMA journal_mode=WAL")
+            await self._db.execute("PRAGMA synchronous=NORMAL")
+            row = await (await self._db.execute("PRAGMA quick_check")).fetchone()
+            if not row or row[0] != "ok":
+                raise IndexCorrupt(str(row))
+            await self._db.executescript(_SCHEMA)
+            cur = await self._db.execute("SELECT value FROM meta WHERE key='version'")
+            row = await cur.fetchone()
+            if row is None:
+                await self._db.execute("INSERT INTO meta VALUES ('version', ?)", (str(INDEX_VERSION),))
+                await self._db.commit()
+            elif row[0] != str(INDEX_VERSION):
+                raise IndexCorrupt(f"index version {row[0]}")
+            for name, scope, epoch, size in await self._db.execute_fetchall(
+                    "SELECT name, scope, epoch, size FROM packs"):
+                self.packs[name] = (scope, epoch, size)
+            for bid, kind, pack, off, length, raw in await self._db.execute_fetchall(
+                    "SELECT id, kind, pack, offset, length, raw_length FROM blobs"):
+                self.blobs[bid] = BlobLocation(pack, off, length, raw, kind)
+        except sqlite3.DatabaseError as exc:
+            await self.close()
+            raise IndexCorrupt(str(exc)) from None
+
+    async def close(self) -> None:
+        if self._db is not None:
+            try:
+                await self._db.close()
+            except sqlite3.Error:
+                pass
+            self._db = None
+
+    async def add_pack(self, name: str, scope: str, epoch: int, size: int,
+                       blobs: list[tuple[bytes, int, int, int, int]]) -> None:
+        """Record a stored pack and its blobs (id, kind, offset, length, raw_length)."""
+        assert self._db is not None
+        try:
+            await self._db.execute("INSERT OR REPLACE INTO packs VALUES (?,?,?,?)",
+                                   (name, scope, epoch, size))
+            await self._db.executemany(
+                "INSERT OR REPLACE INTO blobs VALUES (?,?,?,?,?,?)",
+                [(bid, kind, name, off, length, raw) for bid, kind, off, length, raw in blobs])
+            await self._db.commit()
+        except sqlite3.Error as exc:
+            raise _sql_error(exc, self.path) from None
+        self.packs[name] = (scope, epoch, size)
+        for bid, kind, off, length, raw in blobs:
+            self.blobs[bid] = BlobLocation(name, off, length, raw, kind)
+
+    async def remove_pack(self, name: str) -> None:
+        """Forget a pack (it is gone from the store)."""
+        assert self._db is not None
+        try:
+            await self._db.execute("DELETE FROM blobs WHERE pack=?", (name,))
+            await self._db.execute("DELETE FROM packs WHERE name=?", (name,))
+            await self._db.commit()
+        except sqlite3.Error as exc:
+            raise _sql_error(exc, self.path) from None
+        self.packs.pop(name, None)
+        for bid in [b for b, loc in self.blobs.items() if loc.pack == name]:
+            del self.blobs[bid]

@@ -1,0 +1,332 @@
+"""A repository: a BlobStore holding packs, snapshots and device records, plus its index."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ..blobs.base import BlobStore
+from ..chunking.chunker import DEFAULT_AVG
+from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
+from ..crypto.keys import AccountKeys, ScopeKeys
+from ..errors import IntegrityError, NotFound, P2PError, StorageError, UnsupportedFormat, WrongKey
+from ..format.header import HEADER_SIZE, Kind
+from ..format.objects import open_object, seal_object
+from ..format.pack import TAIL_GUESS, check_pack_header, parse_trailer, trailer_length
+from ..format.records import DeviceRecord, PackTrailer, RepoConfig, Signed, Snapshot, Tree
+from .index import BlobLocation, IndexCorrupt, PackIndex
+
+log = logging.getLogger("p2pbackup.repo")
+T = TypeVar("T")
+
+PACK_SIZE = 16 * 1024 * 1024
+CONFIG_NAME = "config"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSnapshot:
+    """A snapshot as listed: its id (the hash of its stored object) and its record."""
+
+    id: str
+    snapshot: Snapshot
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+
+@dataclass(slots=True)
+class UnreadableSnapshot:
+    """A snapshot object that could not be read, with the reason in one line."""
+
+    id: str
+    reason: str
+
+
+class Repository:
+    """Packs, index, snapshots and devices on one store, for one account."""
+
+    def __init__(self, store: BlobStore, keys: AccountKeys, config: RepoConfig,
+                 index: PackIndex, identity: DeviceIdentity | None) -> None:
+        self.store = store
+        self.keys = keys
+        self.config = config
+        self.index = index
+        self.identity = identity
+        self.loop = asyncio.get_running_loop()
+        self._devices: dict[str, bytes] = {}
+        self.missing_packs: list[str] = []
+        self.damaged_packs: dict[str, str] = {}
+
+    # ---- creating and opening -------------------------------------------------------------
+
+    @classmethod
+    async def create(cls, store: BlobStore, keys: AccountKeys, identity: DeviceIdentity,
+                     cache_dir: str, device_name: str) -> "Repository":
+        """Write a new repository config and this device's record into an empty store."""
+        if await store.has(CONFIG_NAME):
+            raise StorageError(f"the store at {store.location} already holds a repository")
+        cfg = RepoConfig(uuid.uuid4().hex, DEFAULT_AVG, PACK_SIZE, time.time_ns(),
+                         keys.fingerprint())
+        await store.put(CONFIG_NAME, seal_object(Kind.REPO_CONFIG, cfg.encode(), keys.meta_key))
+        repo = await cls.open(store, keys, identity, cache_dir)
+        await repo.register_device(identity, device_name)
+        return repo
+
+    @classmethod
+    async def open(cls, store: BlobStore, keys: AccountKeys, identity: DeviceIdentity | None,
+                   cache_dir: str) -> "Repository":
+        """Open an existing repository; the index is rebuilt if missing or damaged."""
+        try:
+            raw = await store.get(CONFIG_NAME)
+        except NotFound:
+            raise StorageError(f"there is no p2pbackup repository at {store.location}") from None
+        try:
+            _, body = open_object(raw, keys.meta_key, expect=Kind.REPO_CONFIG,
+                                  what="the repository config")
+        except UnsupportedFormat:
+            raise
+        except IntegrityError:
+            raise WrongKey(f"the account key does not open the repository at {store.location}: "
+                           "it belongs to another account, or this home's key is wrong") from None
+        config = RepoConfig.decode(body)
+        index_path = os.path.join(cache_dir, config.repo_id, "index.sqlite")
+        index = await _open_index(index_path)
+        repo = cls(store, keys, config, index, identity)
+        await repo.sync_index()
+        return repo
+
+    async def close(self) -> None:
+        await self.index.close()
+
+    # ---- the index ------------------------------------------------------------------------
+
+    async def sync_index(self, progress: Callable[[str], None] | None = None) -> tuple[int, int]:
+        """Add packs the index lacks, drop packs the store lacks; return (added, dropped)."""
+        stored = {name.split("/", 1)[1] async for name in self.store.list("packs/")}
+        added = dropped = 0
+        for name in sorted(set(self.index.packs) - stored):
+            log.warning("pack %s is missing from the store; dropped from the index", name[:12])
+            self.missing_packs.append(name)
+            await self.index.remove_pack(name)
+            dropped += 1
+        for name in sorted(stored - set(self.index.packs)):
+            try:
+                trailer, size = await self.read_trailer(name)
+            except IntegrityError as exc:
+                self.damaged_packs[name] = str(exc)
+                log.warning("%s", exc)
+                continue
+            await self.index.add_pack(name, trailer.scope, trailer.epoch, size,
+                                      [(b.id, b.kind, b.offset, b.length, b.raw_length)
+                                       for b in trailer.blobs])
+            added += 1
+            if progress:
+                progress(name)
+        return added, dropped
+
+    async def rebuild_index(self) -> tuple[int, int]:
+        """Throw the index away and recreate it from the packs' trailers."""
+        path = self.index.path
+        await self.index.close()
+        _remove_index_files(path)
+        self.index = await _open_index(path)
+        return await self.sync_index()
+
+    async def read_trailer(self, name: str) -> tuple[PackTrailer, int]:
+        """Read and decode the trailer of pack `name`; return it and the pack size."""
+        what = f"pack {name[:12]}"
+        blob = f"packs/{name}"
+        size = await self.store.size(blob)
+        if size < HEADER_SIZE + 4:
+            raise IntegrityError(f"{what} is truncated ({size} bytes)")
+        check_pack_header(await self.store.get_range(blob, 0, HEADER_SIZE), what)
+        tail = await self.store.get_range(blob, -min(size, TAIL_GUESS), TAIL_GUESS)
+        need = trailer_length(tail, what)
+        if need > len(tail) and need <= size:
+            tail = await self.store.get_range(blob, -need, need)
+        return parse_trailer(tail, size, self.keys.meta_key, what), size
+
+    # ---- blobs ----------------------------------------------------------------------------
+
+    def run_blocking(self, coro: Awaitable[T]) -> T:
+        """Run a coroutine on the repository's loop from a worker thread and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()  # type: ignore[arg-type]
+
+    def read_range_blocking(self, name: str, offset: int, length: int) -> bytes:
+        """Read part of a stored blob from a worker thread (directly for a local store)."""
+        sync = getattr(self.store, "get_range_sync", None)
+        if sync is not None:
+            return sync(name, offset, length)
+        return self.run_blocking(self.store.get_range(name, offset, length))
+
+    def read_blocking(self, name: str) -> bytes:
+        """Read a whole stored blob from a worker thread."""
+        sync = getattr(self.store, "get_sync", None)
+        if sync is not None:
+            return sync(name)
+        return self.run_blocking(self.store.get(name))
+
+    def put_blocking(self, name: str, data: bytes) -> None:
+        """Store a blob from a worker thread."""
+        sync = getattr(self.store, "put_sync", None)
+        if sync is not None:
+            sync(name, data)
+        else:
+            self.run_blocking(self.store.put(name, data))
+
+    def scope_keys_of(self, loc: BlobLocation) -> ScopeKeys:
+        scope, epoch, _ = self.index.packs[loc.pack]
+        return self.keys.scope(scope, epoch)
+
+    def locate(self, blob_id: bytes) -> BlobLocation:
+        loc = self.index.blobs.get(blob_id)
+        if loc is None:
+            raise IntegrityError(f"blob {blob_id.hex()[:12]} is missing: no pack holds it")
+        return loc
+
+    def decode_blob(self, blob_id: bytes, loc: BlobLocation, sealed: bytes | memoryview) -> bytes:
+        """Decrypt a sealed blob and check that its content matches its id."""
+        what = f"blob {blob_id.hex()[:12]} in pack {loc.pack[:12]}"
+        keys = self.scope_keys_of(loc)
+        _, plain = open_object(sealed, keys.data_key, expect=loc.kind, what=what)
+        if keys.blob_id(plain) != blob_id:
+            raise IntegrityError(f"{what} has content that does not match its id")
+        return plain
+
+    def read_blob_blocking(self, blob_id: bytes) -> bytes:
+        """Read, decrypt and authenticate one blob (from a worker thread)."""
+        loc = self.locate(blob_id)
+        try:
+            sealed = self.read_range_blocking(f"packs/{loc.pack}", loc.offset, loc.length)
+        except NotFound:
+            raise IntegrityError(f"pack {loc.pack[:12]} is missing from the store") from None
+        return self.decode_blob(blob_id, loc, sealed)
+
+    def load_tree_blocking(self, tree_id: bytes) -> Tree:
+        return Tree.decode(self.read_blob_blocking(tree_id), f"tree {tree_id.hex()[:12]}")
+
+    async def load_tree(self, tree_id: bytes) -> Tree:
+        return await asyncio.to_thread(self.load_tree_blocking, tree_id)
+
+    # ---- devices --------------------------------------------------------------------------
+
+    async def register_device(self, identity: DeviceIdentity, name: str) -> None:
+        """Store this device's public record, self-signed."""
+        rec = DeviceRecord(identity.device_id, identity.public_key, name, time.time_ns())
+        body = rec.encode()
+        signed = Signed(body, identity.device_id, identity.sign(body)).encode()
+        await self.store.put(f"devices/{identity.device_id}",
+                             seal_object(Kind.DEVICE, signed, self.keys.meta_key))
+        self._devices[identity.device_id] = identity.public_key
+
+    async def device_key(self, device_id: str) -> bytes:
+        """The public key of a device of this account, checked against its id."""
+        if device_id in self._devices:
+            return self._devices[device_id]
+        what = f"device record {device_id[:12]}"
+        try:
+            raw = await self.store.get(f"devices/{device_id}")
+        except NotFound:
+            raise IntegrityError(f"device {device_id[:12]} is unknown to this repository") from None
+        _, body = open_object(raw, self.keys.meta_key, expect=Kind.DEVICE, what=what)
+        signed = Signed.decode(body, what)
+        rec = DeviceRecord.decode(signed.body, what)
+        if rec.device_id != device_id or device_id_for(rec.public_key) != device_id \
+                or not verify_signature(rec.public_key, signed.body, signed.signature):
+            raise IntegrityError(f"{what} is forged or damaged")
+        self._devices[device_id] = rec.public_key
+        return rec.public_key
+
+    # ---- snapshots ------------------------------------------------------------------------
+
+    async def save_snapshot(self, snapshot: Snapshot) -> StoredSnapshot:
+        """Sign, seal and store a snapshot; return it with its id."""
+        if self.identity is None:
+            raise P2PError("this device has no identity to sign snapshots with")
+        import blake3
+
+        body = snapshot.encode()
+        signed = Signed(body, self.identity.device_id, self.identity.sign(body)).encode()
+        sealed = seal_object(Kind.SNAPSHOT, signed, self.keys.meta_key)
+        sid = blake3.blake3(sealed).hexdigest()
+        await self.store.put(f"snapshots/{sid}", sealed)
+        return StoredSnapshot(sid, snapshot)
+
+    async def load_snapshot(self, sid: str) -> StoredSnapshot:
+        """Read, authenticate and check the signature of one snapshot."""
+        import blake3
+
+        what = f"snapshot {sid[:8]}"
+        try:
+            raw = await self.store.get(f"snapshots/{sid}")
+        except NotFound:
+            raise NotFound(f"no snapshot {sid[:8]} in {self.store.location}") from None
+        if blake3.blake3(raw).hexdigest() != sid:
+            raise IntegrityError(f"{what} was altered: its content does not match its name")
+        _, body = open_object(raw, self.keys.meta_key, expect=Kind.SNAPSHOT, what=what)
+        signed = Signed.decode(body, what)
+        key = await self.device_key(signed.device)
+        if not verify_signature(key, signed.body, signed.signature):
+            raise IntegrityError(f"{what} has a bad signature")
+        snap = Snapshot.decode(signed.body, what)
+        if snap.device != signed.device:
+            raise IntegrityError(f"{what} names device {snap.device[:12]} but was signed by "
+                                 f"{signed.device[:12]}")
+        return StoredSnapshot(sid, snap)
+
+    async def list_snapshots(self) -> tuple[list[StoredSnapshot], list[UnreadableSnapshot]]:
+        """All snapshots, oldest first, and those that could not be read (with why)."""
+        good: list[StoredSnapshot] = []
+        bad: list[UnreadableSnapshot] = []
+        async for name in self.store.list("snapshots/"):
+            sid = name.split("/", 1)[1]
+            try:
+                good.append(await self.load_snapshot(sid))
+            except P2PError as exc:
+                bad.append(UnreadableSnapshot(sid, str(exc)))
+        good.sort(key=lambda s: (s.snapshot.time_ns, s.id))
+        return good, bad
+
+    async def find_snapshot(self, ref: str) -> StoredSnapshot:
+        """A snapshot named by `latest`, a full id, or a unique id prefix."""
+        if ref == "latest":
+            snaps, _ = await self.list_snapshots()
+            if not snaps:
+                raise NotFound(f"there are no snapshots in {self.store.location} yet")
+            return snaps[-1]
+        names = [n.split("/", 1)[1] async for n in self.store.list("snapshots/")]
+        matches = [n for n in names if n.startswith(ref.lower())]
+        if not ref or not matches:
+            raise NotFound(f"no snapshot matches {ref!r}; `p2pbackup snapshots` lists them")
+        if len(matches) > 1:
+            raise NotFound(f"{ref!r} matches {len(matches)} snapshots; give more of the id")
+        return await self.load_snapshot(matches[0])
+
+
+def _remove_index_files(path: str) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+
+
+async def _open_index(path: str) -> PackIndex:
+    index = PackIndex(path)
+    try:
+        await index.open()
+    except IndexCorrupt as exc:
+        log.warning("the index %s is damaged (%s); rebuilding it from the packs", path, exc)
+        _remove_index_files(path)
+        shutil.rmtree(os.path.join(os.path.dirname(path), "tmp"), ignore_errors=True)
+        index = PackIndex(path)
+        await index.open()
+    return index
