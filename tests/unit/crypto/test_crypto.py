@@ -1,0 +1,76 @@
+import os
+
+import pytest
+from hypothesis import given, strategies as st
+
+from p2pbackup.crypto import recovery
+from p2pbackup.crypto.aead import AuthenticationFailed, decrypt, encrypt
+from p2pbackup.crypto.identity import DeviceIdentity, device_id_for, verify_signature
+from p2pbackup.crypto.kdf import hkdf_sha256
+from p2pbackup.crypto.keys import AccountKeys
+
+
+def test_hkdf_matches_rfc5869_case_1():
+    ikm = bytes.fromhex("0b" * 22)
+    salt = bytes.fromhex("000102030405060708090a0b0c")
+    info = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9")
+    okm = hkdf_sha256(ikm, salt=salt, info=info, length=42)
+    assert okm.hex() == ("3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
+                         "34007208d5b887185865")
+
+
+def test_scope_keys_differ_per_source_and_epoch():
+    keys = AccountKeys(os.urandom(32))
+    a, b, a1 = keys.scope("docs"), keys.scope("photos"), keys.scope("docs", 1)
+    assert len({a.data_key, b.data_key, a1.data_key, keys.meta_key}) == 4
+    assert a.blob_id(b"x") != b.blob_id(b"x")
+    assert keys.scope("docs") is a  # cached
+
+
+def test_aead_rejects_changed_header_or_byte():
+    key = os.urandom(32)
+    sealed = encrypt(key, b"secret", b"hdr")
+    assert decrypt(key, sealed, b"hdr") == b"secret"
+    with pytest.raises(AuthenticationFailed):
+        decrypt(key, sealed, b"HDR")
+    bad = bytearray(sealed)
+    bad[-1] ^= 1
+    with pytest.raises(AuthenticationFailed):
+        decrypt(key, bytes(bad), b"hdr")
+    with pytest.raises(AuthenticationFailed):
+        decrypt(key, sealed[:10], b"hdr")
+
+
+def test_device_identity_signs_and_id_is_derived():
+    ident = DeviceIdentity.generate()
+    sig = ident.sign(b"msg")
+    assert verify_signature(ident.public_key, b"msg", sig)
+    assert not verify_signature(ident.public_key, b"other", sig)
+    assert ident.device_id == device_id_for(ident.public_key) and len(ident.device_id) == 32
+
+
+@given(st.binary(min_size=32, max_size=32))
+def test_recovery_code_round_trips(key):
+    code = recovery.encode(key)
+    assert recovery.decode(code) == key
+    assert recovery.decode(code.lower().replace("-", " ")) == key
+
+
+def test_recovery_code_catches_typos():
+    key = os.urandom(32)
+    code = recovery.encode(key)
+    chars = list(code)
+    pos = 7
+    chars[pos] = "7" if chars[pos] != "7" else "8"
+    with pytest.raises(recovery.RecoveryCodeError, match="typo"):
+        recovery.decode("".join(chars))
+    with pytest.raises(recovery.RecoveryCodeError, match="characters"):
+        recovery.decode(code[:-3])
+    with pytest.raises(recovery.RecoveryCodeError, match="cannot appear"):
+        recovery.decode("U" + code[1:])
+
+
+def test_recovery_code_reads_confusable_letters():
+    key = bytes(32)
+    code = recovery.encode(key)
+    assert recovery.decode(code.replace("0", "O")) == key

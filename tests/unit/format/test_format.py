@@ -1,0 +1,121 @@
+import os
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from p2pbackup.errors import IntegrityError, UnsupportedFormat
+from p2pbackup.format import HEADER_SIZE, Kind, ObjectHeader, open_object, seal_object
+from p2pbackup.format.pack import PackBuilder, parse_trailer, trailer_length
+from p2pbackup.format.records import (DIR, FILE, SYMLINK, PackTrailer, Snapshot, SourceRoot,
+                                      Tree, TreeEntry)
+
+KEY = bytes(range(32))
+
+
+def test_seal_open_round_trip_and_compression():
+    text = b"compressible " * 1000
+    sealed = seal_object(Kind.CHUNK, text, KEY)
+    assert sealed[:4] == b"P2PB" and len(sealed) < len(text)
+    header, body = open_object(sealed, KEY, expect=Kind.CHUNK)
+    assert body == text and header.kind == Kind.CHUNK
+    noise = os.urandom(5000)
+    sealed = seal_object(Kind.CHUNK, noise, KEY)
+    assert open_object(sealed, KEY)[1] == noise
+    assert ObjectHeader.decode(sealed).flags == 0  # incompressible: stored raw
+
+
+def test_header_is_authenticated():
+    sealed = bytearray(seal_object(Kind.TREE, b"x" * 100, KEY))
+    sealed[5] = Kind.CHUNK  # claim another kind
+    with pytest.raises(IntegrityError, match="authentication"):
+        open_object(bytes(sealed), KEY)
+
+
+def test_wrong_kind_and_wrong_key():
+    sealed = seal_object(Kind.TREE, b"abc", KEY)
+    with pytest.raises(IntegrityError, match="expected a chunk"):
+        open_object(sealed, KEY, expect=Kind.CHUNK)
+    with pytest.raises(IntegrityError, match="authentication"):
+        open_object(sealed, bytes(32))
+
+
+def test_newer_version_is_named_not_crashed():
+    sealed = bytearray(seal_object(Kind.SNAPSHOT, b"abc", KEY))
+    sealed[4] = 2
+    with pytest.raises(UnsupportedFormat, match=r"newer p2pbackup \(format v2\); upgrade"):
+        open_object(bytes(sealed), KEY, what="snapshot 1234")
+
+
+@settings(max_examples=100)
+@given(st.binary(max_size=2000), st.integers(min_value=0))
+def test_truncated_objects_raise_integrity_error_only(payload, cut):
+    sealed = seal_object(Kind.CHUNK, payload, KEY)
+    cut = cut % len(sealed)
+    with pytest.raises(IntegrityError):
+        open_object(sealed[:cut], KEY)
+
+
+@settings(max_examples=100)
+@given(st.binary(max_size=200))
+def test_garbage_raises_integrity_error_only(data):
+    with pytest.raises((IntegrityError, UnsupportedFormat)):
+        open_object(data, KEY)
+
+
+names = st.binary(min_size=1, max_size=40).filter(lambda b: b"/" not in b)
+entries = st.one_of(
+    st.builds(TreeEntry, st.just(FILE), names, st.integers(0, 0o177777), st.integers(0, 2**32),
+              st.integers(0, 2**32), st.integers(0, 2**63), st.integers(0, 2**63),
+              st.integers(0, 2**63), st.integers(0, 2**40),
+              st.lists(st.binary(min_size=32, max_size=32), max_size=4).map(tuple)),
+    st.builds(TreeEntry, st.just(DIR), names, st.integers(0, 0o177777), st.integers(0, 2**32),
+              st.integers(0, 2**32), st.integers(0, 2**63),
+              subtree=st.binary(min_size=32, max_size=32)),
+    st.builds(TreeEntry, st.just(SYMLINK), names, st.integers(0, 0o177777),
+              st.integers(0, 2**32), st.integers(0, 2**32), st.integers(0, 2**63),
+              target=st.binary(min_size=1, max_size=100)),
+)
+
+
+@given(st.lists(entries, max_size=10))
+def test_tree_round_trip_is_exact_and_deterministic(es):
+    tree = Tree(tuple(es))
+    data = tree.encode()
+    assert Tree.decode(data) == tree
+    assert Tree(tuple(es)).encode() == data
+
+
+def test_tree_readers_skip_unknown_entry_kinds_and_fields():
+    import msgpack
+
+    data = msgpack.packb({"v": 1, "future": "ignored", "e": [
+        {"t": "f", "n": b"a", "m": 0o100644, "u": 0, "g": 0, "mt": 1, "s": 0, "c": [],
+         "new-field": [1, 2]},
+        {"t": "x-device-node", "n": b"b", "m": 0, "mt": 1},
+    ]}, use_bin_type=True)
+    tree = Tree.decode(data)
+    assert [e.name for e in tree.entries] == [b"a"] and tree.skipped == 1
+
+
+def test_snapshot_round_trip():
+    snap = Snapshot(123, "d" * 32, "host", (SourceRoot("docs", "/d", b"t" * 32, 0, 3, 1, 99),),
+                    log_seq=4, parent="p", warnings=1)
+    assert Snapshot.decode(snap.encode()) == snap
+
+
+def test_pack_round_trip_and_truncation():
+    b = PackBuilder("docs", 0)
+    blobs = [os.urandom(1000) for _ in range(5)]
+    for i, blob in enumerate(blobs):
+        b.add(Kind.CHUNK, bytes([i]) * 32, seal_object(Kind.CHUNK, blob, KEY), len(blob))
+    name, data, trailer = b.finish(KEY)
+    got = parse_trailer(data, len(data), KEY, "pack")
+    assert got == trailer and len(got.blobs) == 5
+    for ref, blob in zip(got.blobs, blobs):
+        assert open_object(data[ref.offset:ref.offset + ref.length], KEY)[1] == blob
+    for cut in (1, 10, 100, len(data) // 2):
+        with pytest.raises(IntegrityError):
+            parse_trailer(data[:-cut], len(data) - cut, KEY, "pack")
+    assert trailer_length(data, "pack") < len(data)
+    assert struct.unpack(">I", data[-4:])[0] + 4 + HEADER_SIZE < len(data)

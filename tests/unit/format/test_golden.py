@@ -1,0 +1,69 @@
+"""Objects written by format version 1 must decode in every later version."""
+
+from pathlib import Path
+
+import pytest
+
+from p2pbackup.crypto.identity import DeviceIdentity, verify_signature
+from p2pbackup.crypto.keys import AccountKeys
+from p2pbackup.errors import UnsupportedFormat
+from p2pbackup.format import Kind, open_object
+from p2pbackup.format.pack import parse_trailer
+from p2pbackup.format.records import FILE, SYMLINK, RepoConfig, Signed, Snapshot, Tree
+
+V1 = Path(__file__).resolve().parents[2] / "data" / "v1"
+KEYS = AccountKeys(bytes(range(32)))
+SCOPE = KEYS.scope("docs", 0)
+DEVICE = DeviceIdentity(bytes(range(32, 64)))
+CHUNK = b"hello golden world\n" * 10
+
+
+def test_v1_chunk():
+    _, body = open_object((V1 / "chunk.obj").read_bytes(), SCOPE.data_key, expect=Kind.CHUNK)
+    assert body == CHUNK
+
+
+def test_v1_tree():
+    _, body = open_object((V1 / "tree.obj").read_bytes(), SCOPE.data_key, expect=Kind.TREE)
+    tree = Tree.decode(body)
+    assert [(e.type, e.name) for e in tree.entries] == [(FILE, b"hello.txt"), (SYMLINK, b"link")]
+    assert tree.entries[0].chunks == (SCOPE.blob_id(CHUNK),)
+    assert tree.entries[0].mtime_ns == 1_700_000_000_000_000_001
+    assert tree.entries[1].target == b"hello.txt"
+
+
+def test_v1_pack():
+    data = (V1 / "pack.bin").read_bytes()
+    trailer = parse_trailer(data, len(data), KEYS.meta_key, "golden pack")
+    assert trailer.scope == "docs" and [b.kind for b in trailer.blobs] == [1, 2, 2]
+    first = trailer.blobs[0]
+    _, body = open_object(data[first.offset:first.offset + first.length], SCOPE.data_key)
+    assert body == CHUNK and SCOPE.blob_id(body) == first.id
+
+
+def test_v1_snapshot_and_signature():
+    _, body = open_object((V1 / "snapshot.obj").read_bytes(), KEYS.meta_key,
+                          expect=Kind.SNAPSHOT)
+    signed = Signed.decode(body, "snapshot")
+    assert verify_signature(DEVICE.public_key, signed.body, signed.signature)
+    snap = Snapshot.decode(signed.body)
+    assert snap.device == DEVICE.device_id and snap.log_seq == 7
+    assert snap.sources[0].path == "/home/user/docs"
+
+
+def test_v1_repo_config():
+    _, body = open_object((V1 / "config.obj").read_bytes(), KEYS.meta_key)
+    cfg = RepoConfig.decode(body)
+    assert cfg.repo_id == "golden-repo" and cfg.chunk_avg == 65536
+
+
+def test_v1_tree_from_a_future_writer_skips_what_it_does_not_know():
+    _, body = open_object((V1 / "future-tree.obj").read_bytes(), SCOPE.data_key)
+    tree = Tree.decode(body)
+    assert [e.name for e in tree.entries] == [b"a.txt"] and tree.skipped == 1
+
+
+def test_newer_format_version_is_refused_with_upgrade_hint():
+    with pytest.raises(UnsupportedFormat) as exc:
+        open_object((V1 / "newer-version.obj").read_bytes(), KEYS.meta_key, what="snapshot x")
+    assert str(exc.value) == "Snapshot x was written by a newer p2pbackup (format v2); upgrade to read it."
