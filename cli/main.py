@@ -216,6 +216,27 @@ def verify(read_data: bool = typer.Option(False, "--read-data",
         raise typer.Exit(IntegrityError.exit_code)
 
 
+@app.command()
+def repair() -> None:
+    """Set damaged packs aside, keeping every blob that still authenticates."""
+    from p2pbackup.backup.repair import repair_packs
+    from p2pbackup.device import open_device
+
+    async def go() -> Any:
+        async with open_device(_home(), write=True) as dev:
+            return await repair_packs(dev.repo)
+
+    report = _run(go())
+    for r in report.repaired:
+        print(f"pack {r.pack[:12]}: {r.reason}; kept {r.salvaged} blobs, lost {r.lost}; "
+              f"moved to quarantine/")
+    if report.repaired:
+        print("run `p2pbackup snapshot` to store lost data again from the source files, "
+              "then `p2pbackup verify`")
+    else:
+        print(f"no damaged packs ({report.checked} checked)")
+
+
 @index_app.command("rebuild")
 def index_rebuild() -> None:
     """Recreate the pack index from the packs' trailers."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..errors import DiskFull, NotFound, P2PError, RestoreConflict, StorageError
 from ..format.records import DIR, FILE, SYMLINK, SourceRoot, Tree, TreeEntry
+from .names import show_path as _show
 from ..repo.repository import Repository, StoredSnapshot
 
 TMP_MARK = b".p2pb-restore-"
@@ -49,9 +50,6 @@ class RestoreSummary:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
 
-
-def _show(path: bytes) -> str:
-    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _tmp_name(path: bytes) -> bytes:

@@ -25,6 +25,7 @@ from ..crypto.keys import ScopeKeys
 from ..errors import DiskFull, P2PError, StorageError
 from ..format.header import Kind
 from ..format.records import DIR, FILE, SYMLINK, Snapshot, SourceRoot, Tree, TreeEntry
+from .names import show_path as _show
 from ..repo.repository import Repository, StoredSnapshot
 from . import sqlite_capture
 from .sink import BlobSink
@@ -81,9 +82,6 @@ class _Counts:
     files: int = 0
     size: int = 0
 
-
-def _show(path: bytes) -> str:
-    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _unchanged(prev: TreeEntry | None, st: os.stat_result) -> bool:

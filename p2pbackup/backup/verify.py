@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import os
-from collections.abc import Callable
+import re
 from dataclasses import dataclass, field
 
 from ..errors import P2PError
 from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.records import DIR, FILE
 from ..repo.repository import Repository, StoredSnapshot
+from .names import show_path
 
 
 @dataclass(slots=True)
@@ -60,7 +61,8 @@ class VerifyProgress:
     bytes: int = 0
 
 
-def _check_pack_blocking(repo: Repository, name: str) -> tuple[list[tuple[bytes, str]], str | None, int, int]:
+def _check_pack_blocking(repo: Repository, name: str
+                         ) -> tuple[list[tuple[bytes, str]], str | None, int, int]:
     """Read a whole pack; return (bad blobs with reasons, pack-level problem, blobs, bytes)."""
     try:
         data = repo.read_blocking(f"packs/{name}")
@@ -72,29 +74,62 @@ def _check_pack_blocking(repo: Repository, name: str) -> tuple[list[tuple[bytes,
         problem = "its content does not match its name (altered or damaged)"
     try:
         check_pack_header(data, what)
-        trailer = parse_trailer(data, len(data), repo.keys.meta_key, what)
-        listed = {b.id: b for b in trailer.blobs}
+        listed = {b.id: b for b in parse_trailer(data, len(data), repo.keys.meta_key, what).blobs}
     except P2PError as exc:
         problem = str(exc)
         listed = {}
     bad: list[tuple[bytes, str]] = []
     view = memoryview(data)
     count = 0
-    expected = [(bid, loc) for bid, loc in repo.index.blobs.items() if loc.pack == name]
-    for bid, loc in expected:
+    for bid, loc in [(b, loc) for b, loc in repo.index.blobs.items() if loc.pack == name]:
         ref = listed.get(bid)
         if listed and (ref is None or (ref.offset, ref.length) != (loc.offset, loc.length)):
             bad.append((bid, "the pack trailer does not list it where the index says"))
-            continue
-        if loc.offset + loc.length > len(data):
+        elif loc.offset + loc.length > len(data):
             bad.append((bid, "the pack is truncated"))
-            continue
-        try:
-            repo.decode_blob(bid, loc, view[loc.offset:loc.offset + loc.length])
-            count += 1
-        except P2PError as exc:
-            bad.append((bid, str(exc).split(": ", 1)[-1]))
+        else:
+            try:
+                repo.decode_blob(bid, loc, view[loc.offset:loc.offset + loc.length])
+                count += 1
+            except P2PError as exc:
+                bad.append((bid, re.sub(r"^blob \w+ in pack \w+ ", "", str(exc))))
     return bad, problem, count, len(data)
+
+
+class _Findings:
+    """Damage found so far, grouped by pack so one broken pack is one line, not hundreds."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.packs: dict[str, Damage] = {}
+        self.blobs: dict[bytes, Damage] = {}
+        self.bad: dict[bytes, str] = {}  # blob id -> why it cannot be read
+        self.other: list[Damage] = []
+
+    def pack(self, name: str, reason: str) -> None:
+        if name not in self.packs:
+            self.packs[name] = Damage(f"pack {name[:12]}", reason)
+        for bid, loc in self.repo.index.blobs.items():
+            if loc.pack == name:
+                self.bad.setdefault(bid, reason)
+
+    def blob(self, bid: bytes, reason: str) -> None:
+        self.bad[bid] = reason
+
+    def affects(self, bid: bytes, snap: StoredSnapshot, path: str) -> None:
+        loc = self.repo.index.blobs.get(bid)
+        d = self.packs.get(loc.pack) if loc else None
+        if d is None:
+            d = self.blobs.get(bid)
+            if d is None:
+                where = f" in pack {loc.pack[:12]}" if loc else ""
+                d = self.blobs[bid] = Damage(f"blob {bid.hex()[:12]}{where}", self.bad[bid])
+        entry = f"snapshot {snap.short_id}: {path}"
+        if entry not in d.affects:
+            d.affects.append(entry)
+
+    def all(self) -> list[Damage]:
+        return [*self.other, *self.packs.values(), *self.blobs.values()]
 
 
 async def verify(repo: Repository, *, read_data: bool = False,
@@ -103,25 +138,21 @@ async def verify(repo: Repository, *, read_data: bool = False,
     """Check every snapshot, tree and (with read_data) every blob of the repository."""
     report = VerifyReport()
     progress = progress or VerifyProgress()
-    bad_blobs: dict[bytes, str] = {}
-
+    found = _Findings(repo)
     for name in repo.missing_packs:
-        report.damage.append(Damage(f"pack {name[:12]}", "missing from the store"))
+        found.packs[name] = Damage(f"pack {name[:12]}", "missing from the store")
     for name, why in repo.damaged_packs.items():
-        report.damage.append(Damage(f"pack {name[:12]}", why))
+        found.packs[name] = Damage(f"pack {name[:12]}", why)
 
-    # Pack sizes against the index: catches truncation without reading the data.
+    # Pack sizes against the index: catches truncation and loss without reading the data.
     for name, (_scope, _epoch, size) in list(repo.index.packs.items()):
         try:
             actual = await repo.store.size(f"packs/{name}")
         except P2PError:
             actual = -1
         if actual != size:
-            why = "missing from the store" if actual < 0 else f"is {actual} bytes, expected {size}"
-            report.damage.append(Damage(f"pack {name[:12]}", why))
-            for bid, loc in repo.index.blobs.items():
-                if loc.pack == name:
-                    bad_blobs[bid] = f"its pack {name[:12]} is damaged"
+            found.pack(name, "missing from the store" if actual < 0
+                       else f"is {actual} bytes, expected {size}")
     report.packs = len(repo.index.packs)
 
     if read_data:
@@ -129,69 +160,63 @@ async def verify(repo: Repository, *, read_data: bool = False,
         progress.total_packs = len(names)
         loop = asyncio.get_running_loop()
         with cf.ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2)) as pool:
-            futs = {name: loop.run_in_executor(pool, _check_pack_blocking, repo, name)
-                    for name in names}
+            futs = {n: loop.run_in_executor(pool, _check_pack_blocking, repo, n) for n in names}
             for name, fut in futs.items():
                 bad, problem, count, nbytes = await fut
                 progress.packs += 1
                 progress.bytes += nbytes
                 report.blobs_read += count
                 report.bytes_read += nbytes
-                if problem and not any(d.what == f"pack {name[:12]}" for d in report.damage):
-                    report.damage.append(Damage(f"pack {name[:12]}", problem))
+                if bad:
+                    kinds = sorted({why for _, why in bad})
+                    detail = f"{len(bad)} of {len(bad) + count} blobs unreadable ({'; '.join(kinds)})"
+                    problem = f"{problem}; {detail}" if problem else detail
+                if problem:
+                    found.packs.setdefault(name, Damage(f"pack {name[:12]}", problem))
                 for bid, why in bad:
-                    bad_blobs[bid] = why
+                    found.blob(bid, why)
 
     snaps, unreadable = await repo.list_snapshots()
     report.snapshots = len(snaps)
     for u in unreadable:
-        report.damage.append(Damage(f"snapshot {u.id[:8]}", u.reason))
-
-    blob_damage: dict[bytes, Damage] = {}
-    for bid, why in bad_blobs.items():
-        blob_damage[bid] = Damage(f"blob {bid.hex()[:12]}", why)
-    checked_trees: set[bytes] = set()
-    await asyncio.to_thread(_walk_snapshots, repo, snaps, bad_blobs, blob_damage, checked_trees)
-    report.trees = len(checked_trees)
-    report.damage.extend(blob_damage.values())
+        found.other.append(Damage(f"snapshot {u.id[:8]}", u.reason))
+    report.trees = await asyncio.to_thread(_walk_snapshots, repo, snaps, found)
+    report.damage = found.all()
     return report
 
 
-def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], bad_blobs: dict[bytes, str],
-                    blob_damage: dict[bytes, Damage], checked: set[bytes]) -> None:
+def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: _Findings) -> int:
     """Walk every snapshot's trees, noting missing or damaged blobs and who uses them."""
     clean: set[bytes] = set()  # trees with nothing damaged below: walked once, not per snapshot
-
-    def note(bid: bytes, why: str, snap: StoredSnapshot, path: str) -> None:
-        d = blob_damage.get(bid)
-        if d is None:
-            d = blob_damage[bid] = Damage(f"blob {bid.hex()[:12]}", why)
-        d.affects.append(f"snapshot {snap.short_id}: {path}")
+    loaded = 0
 
     def walk(snap: StoredSnapshot, tree_id: bytes, path: str) -> bool:
+        nonlocal loaded
         if tree_id in clean:
             return True
-        if tree_id in bad_blobs:
-            note(tree_id, bad_blobs[tree_id], snap, path + "/")
+        if tree_id not in found.bad and tree_id not in repo.index.blobs:
+            found.blob(tree_id, "missing: no pack holds it")
+        if tree_id in found.bad:
+            found.affects(tree_id, snap, path + "/")
             return False
         try:
             tree = repo.load_tree_blocking(tree_id)
         except P2PError as exc:
-            bad_blobs[tree_id] = str(exc)
-            note(tree_id, str(exc), snap, path + "/")
+            found.blob(tree_id, str(exc))
+            found.affects(tree_id, snap, path + "/")
             return False
-        checked.add(tree_id)
+        loaded += 1
         ok = True
         for e in tree.entries:
-            child = f"{path}/{os.fsdecode(e.name)}"
+            child = f"{path}/{show_path(e.name)}"
             if e.type == DIR:
                 ok = walk(snap, e.subtree, child) and ok
             elif e.type == FILE:
                 for cid in e.chunks:
-                    if cid not in bad_blobs and cid not in repo.index.blobs:
-                        bad_blobs[cid] = "missing: no pack holds it"
-                    if cid in bad_blobs:
-                        note(cid, bad_blobs[cid], snap, child)
+                    if cid not in found.bad and cid not in repo.index.blobs:
+                        found.blob(cid, "missing: no pack holds it")
+                    if cid in found.bad:
+                        found.affects(cid, snap, child)
                         ok = False
                         break
         if ok:
@@ -201,3 +226,4 @@ def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], bad_blobs: di
     for snap in snaps:
         for root in snap.snapshot.sources:
             walk(snap, root.tree, root.name)
+    return loaded

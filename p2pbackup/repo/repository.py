@@ -17,7 +17,7 @@ from ..chunking.chunker import DEFAULT_AVG
 from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from ..crypto.keys import AccountKeys, ScopeKeys
 from ..errors import IntegrityError, NotFound, P2PError, StorageError, UnsupportedFormat, WrongKey
-from ..format.header import HEADER_SIZE, Kind
+from ..format.header import HEADER_SIZE, Kind, ObjectHeader
 from ..format.objects import open_object, seal_object
 from ..format.pack import TAIL_GUESS, check_pack_header, parse_trailer, trailer_length
 from ..format.records import DeviceRecord, PackTrailer, RepoConfig, Signed, Snapshot, Tree
@@ -269,6 +269,7 @@ class Repository:
             raw = await self.store.get(f"snapshots/{sid}")
         except NotFound:
             raise NotFound(f"no snapshot {sid[:8]} in {self.store.location}") from None
+        ObjectHeader.decode(raw, what)  # a newer format is named as such, not as damage
         if blake3.blake3(raw).hexdigest() != sid:
             raise IntegrityError(f"{what} was altered: its content does not match its name")
         _, body = open_object(raw, self.keys.meta_key, expect=Kind.SNAPSHOT, what=what)

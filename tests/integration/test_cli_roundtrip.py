@@ -1,0 +1,195 @@
+"""init, snapshot, snapshots, restore and verify through the real CLI, on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, inode_groups, tree_state
+
+
+def test_init_makes_private_keys_and_a_checked_recovery_code(cli: Cli, sample_tree: Path):
+    out = cli("init", "--source", str(sample_tree)).stdout
+    code = next(line.strip() for line in out.splitlines() if line.count("-") == 10)
+    from p2pbackup.crypto import recovery
+
+    assert recovery.decode(code) == (cli.home / "keys" / "account.key").read_bytes()
+    for f in ("account.key", "device.key"):
+        assert stat.S_IMODE(os.stat(cli.home / "keys" / f).st_mode) == 0o600
+    assert (cli.home / "config.toml").exists()
+    again = cli("init", check=False)
+    assert again.returncode == 10
+    assert again.stderr.strip().count("\n") == 0 and "already set up" in again.stderr
+
+
+def test_snapshot_then_restore_is_exact(cli: Cli, sample_tree: Path, tmp_path: Path):
+    cli("init", "--source", str(sample_tree))
+    snap = json.loads(cli("snapshot", "--json").stdout)
+    assert snap["paths"] == [str(sample_tree)] and len(snap["id"]) == 64
+    cli("restore", "latest", "--to", str(tmp_path / "out"))
+    restored = tmp_path / "out" / "src"
+    assert tree_state(restored) == tree_state(sample_tree)
+    assert inode_groups(restored) == inode_groups(sample_tree) != []
+    assert "no problems found" in cli("verify", "--read-data").stdout
+
+
+def test_snapshots_json_and_id_prefix(cli: Cli, sample_tree: Path, tmp_path: Path):
+    cli("init", "--source", str(sample_tree))
+    first = json.loads(cli("snapshot", "--json").stdout)
+    (sample_tree / "docs" / "new.txt").write_text("new\n")
+    second = json.loads(cli("snapshot", "--json").stdout)
+    listed = json.loads(cli("snapshots", "--json").stdout)
+    assert [s["id"] for s in listed] == [first["id"], second["id"]]
+    for s in listed:
+        assert {"id", "time", "paths", "device", "size"} <= set(s)
+        assert s["time"][:2] == "20" and "T" in s["time"]
+    assert listed[1]["size"] == listed[0]["size"] + 4
+    cli("restore", first["id"][:6], "--to", str(tmp_path / "old"))
+    assert not (tmp_path / "old" / "src" / "docs" / "new.txt").exists()
+    assert (tmp_path / "old" / "src" / "docs" / "a.txt").exists()
+    human = cli("snapshots").stdout
+    assert first["short_id"] in human and second["short_id"] in human
+
+
+def test_unchanged_files_are_not_read_again(cli: Cli, sample_tree: Path):
+    cli("init", "--source", str(sample_tree))
+    cli("snapshot")
+    out = cli("snapshot").stdout
+    assert " 0 new, 0 changed, " in out and "added 0 B (0 blobs, 0 packs)" in out
+    with open(sample_tree / "big.bin", "r+b") as f:
+        f.seek(1_000_000)
+        f.write(b"CHANGED")
+    out = cli("snapshot").stdout
+    assert "0 new, 1 changed," in out
+    blobs = int(out.split("(")[1].split(" blobs")[0])
+    assert 1 <= blobs <= 4  # the changed chunk and the trees above it, not the whole file
+
+
+def test_unchanged_subtrees_keep_their_tree_ids(cli: Cli, sample_tree: Path):
+    import asyncio
+
+    from p2pbackup.device import open_device
+
+    cli("init", "--source", str(sample_tree))
+    cli("snapshot")
+    (sample_tree / "new-top-level.txt").write_text("x")
+    cli("snapshot")
+
+    async def roots():
+        async with open_device(cli.home) as dev:
+            snaps, _ = await dev.repo.list_snapshots()
+            trees = [await dev.repo.load_tree(s.snapshot.sources[0].tree) for s in snaps]
+            return [{e.name: e.subtree for e in t.entries if e.type == "d"} for t in trees]
+
+    a, b = asyncio.run(roots())
+    assert a == b  # docs/ and empty-dir/ unchanged: same tree ids
+
+
+def test_restore_refuses_to_overwrite_and_resumes(cli: Cli, sample_tree: Path, tmp_path: Path):
+    cli("init", "--source", str(sample_tree))
+    cli("snapshot")
+    target = tmp_path / "out"
+    cli("restore", "latest", "--to", str(target))
+    again = cli("restore", "latest", "--to", str(target)).stdout
+    assert "0 files (" in again and "already complete" in again
+    (target / "src" / "docs" / "a.txt").write_text("local edit")
+    refused = cli("restore", "latest", "--to", str(target), check=False)
+    assert refused.returncode == 18 and "--overwrite" in refused.stderr
+    assert (target / "src" / "docs" / "a.txt").read_text() == "local edit"
+    cli("restore", "latest", "--to", str(target), "--overwrite")
+    assert tree_state(target / "src") == tree_state(sample_tree)
+
+
+def test_restore_one_path(cli: Cli, sample_tree: Path, tmp_path: Path):
+    cli("init", "--source", str(sample_tree))
+    cli("snapshot")
+    cli("restore", "latest", "--to", str(tmp_path / "o1"), "--path", "docs/deep")
+    got = sorted(p.relative_to(tmp_path / "o1") for p in (tmp_path / "o1").rglob("*"))
+    assert [str(p) for p in got] == ["src", "src/docs", "src/docs/deep", "src/docs/deep/er",
+                                     "src/docs/deep/er/b.json"]
+    cli("restore", "latest", "--to", str(tmp_path / "o2"), "--path", "src/big.bin")
+    assert (tmp_path / "o2" / "src" / "big.bin").read_bytes() == (sample_tree / "big.bin").read_bytes()
+    missing = cli("restore", "latest", "--to", str(tmp_path / "o3"), "--path", "nope", check=False)
+    assert missing.returncode == 17 and "not in this snapshot" in missing.stderr
+
+
+def test_special_files_are_skipped_with_a_warning(cli: Cli, sample_tree: Path, tmp_path: Path):
+    import socket
+
+    os.mkfifo(sample_tree / "a-fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(sample_tree / "a-socket"))
+    try:
+        cli("init", "--source", str(sample_tree))
+        proc = cli("snapshot", check=False)
+    finally:
+        sock.close()
+    assert proc.returncode == 3, proc.stderr
+    assert "a-fifo is a FIFO; skipped" in proc.stderr and "a-socket is a socket" in proc.stderr
+    cli("restore", "latest", "--to", str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "src" / "a-fifo").exists()
+    assert (tmp_path / "out" / "src" / "big.bin").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown files and switch users")
+def test_owners_are_restored_when_root(cli: Cli, sample_tree: Path, tmp_path: Path):
+    os.chown(sample_tree / "docs" / "a.txt", 1234, 5678)
+    os.lchown(sample_tree / "dangling", 4321, 8765)
+    cli("init", "--source", str(sample_tree))
+    cli("snapshot")
+    cli("restore", "latest", "--to", str(tmp_path / "out"))
+    st = os.stat(tmp_path / "out" / "src" / "docs" / "a.txt")
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    st = os.lstat(tmp_path / "out" / "src" / "dangling")
+    assert (st.st_uid, st.st_gid) == (4321, 8765)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary directory other users can enter (pytest's own is private to root)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="p2pb-test-"))
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_unreadable_file_is_a_warning_and_the_snapshot_completes(shared_tmp: Path):
+    """Run as an unprivileged user so that mode 000 really blocks reading."""
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import make_sample_tree
+
+    tmp_path = shared_tmp
+    sample_tree = make_sample_tree(tmp_path / "src")
+    secret = sample_tree / "docs" / "secret.txt"
+    secret.write_text("no")
+    os.chmod(secret, 0)
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        for p in [tmp_path, *tmp_path.rglob("*")]:
+            if p != secret:
+                os.lchown(p, nobody.pw_uid, nobody.pw_gid)
+        assert shutil.which("setpriv")
+        prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                  "--clear-groups"]
+    env = dict(os.environ, P2PBACKUP_HOME=str(tmp_path / "home"), HOME=str(tmp_path))
+    base = [*prefix, sys.executable, "-m", "p2pbackup.cli.main"]
+    run = lambda *a: subprocess.run([*base, *a], env=env, capture_output=True, text=True,  # noqa: E731
+                                    cwd=str(tmp_path))
+    assert run("init", "--source", str(sample_tree)).returncode == 0
+    proc = run("snapshot")
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot read" in proc.stderr and "secret.txt" in proc.stderr
+    listed = run("snapshots", "--json")
+    assert len(__import__("json").loads(listed.stdout)) == 1

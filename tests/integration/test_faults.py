@@ -1,0 +1,245 @@
+"""Bad input and faults: each gives one clear line, and afterwards the repository verifies and
+the next snapshot and restore succeed; no snapshot refers to missing data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, tree_state
+
+
+def one_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) >= 1
+    assert "Traceback" not in stderr
+    return lines[-1]
+
+
+def packs(cli: Cli) -> list[Path]:
+    return sorted((cli.home / "store" / "packs").rglob("*"), key=lambda p: p.stat().st_size
+                  if p.is_file() else -1)
+
+
+def largest_pack(cli: Cli) -> Path:
+    return [p for p in packs(cli) if p.is_file()][-1]
+
+
+def heal_and_check(cli: Cli, src: Path, out: Path) -> None:
+    """The next snapshot stores lost data again; then everything verifies and restores."""
+    cli("snapshot")
+    assert "no problems found" in cli("verify", "--read-data").stdout
+    for snap in json.loads(cli("snapshots", "--json").stdout):
+        cli("restore", snap["id"], "--to", str(out / snap["short_id"]))
+    cli("restore", "latest", "--to", str(out / "latest"))
+    assert tree_state(out / "latest" / "src") == tree_state(src)
+
+
+@pytest.fixture
+def backed_up(cli: Cli, sample_tree: Path) -> tuple[Cli, Path, dict]:
+    cli("init", "--source", str(sample_tree))
+    snap = json.loads(cli("snapshot", "--json").stdout)
+    return cli, sample_tree, snap
+
+
+def test_tampered_byte_is_named_with_what_it_affects(backed_up, tmp_path: Path):
+    cli, src, snap = backed_up
+    pack = largest_pack(cli)
+    data = bytearray(pack.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    pack.write_bytes(bytes(data))
+
+    proc = cli("verify", "--read-data", check=False)
+    assert proc.returncode == 13
+    assert f"pack {pack.name[:12]}" in proc.stdout and "does not match its name" in proc.stdout
+    assert "failed authentication" in proc.stdout
+    assert f"snapshot {snap['short_id']}: src/" in proc.stdout  # names the affected file
+
+    restored = cli("restore", "latest", "--to", str(tmp_path / "bad"), check=False)
+    assert restored.returncode == 13
+    assert "failed authentication" in one_line(restored.stderr)
+
+    fixed = cli("repair").stdout
+    assert "moved to quarantine/" in fixed and "lost 1" in fixed
+    assert (cli.home / "store" / "quarantine" / pack.name).exists()
+    heal_and_check(cli, src, tmp_path / "ok")
+
+
+def test_truncated_pack(backed_up, tmp_path: Path):
+    cli, src, snap = backed_up
+    pack = largest_pack(cli)
+    with open(pack, "r+b") as f:
+        f.truncate(pack.stat().st_size // 2)
+    proc = cli("verify", check=False)
+    assert proc.returncode == 13 and f"pack {pack.name[:12]}" in proc.stdout
+    assert "expected" in proc.stdout and snap["short_id"] in proc.stdout
+    assert "kept" in cli("repair").stdout
+    heal_and_check(cli, src, tmp_path / "ok")
+
+
+def test_deleted_pack(backed_up, tmp_path: Path):
+    cli, src, snap = backed_up
+    pack = largest_pack(cli)
+    pack.unlink()
+    proc = cli("verify", check=False)
+    assert proc.returncode == 13
+    assert f"pack {pack.name[:12]}: missing from the store" in proc.stdout
+    assert f"snapshot {snap['short_id']}: src/" in proc.stdout
+    # The snapshot after the loss must not reuse entries whose chunks are gone.
+    heal_and_check(cli, src, tmp_path / "ok")
+
+
+def test_missing_and_corrupt_index_is_rebuilt(backed_up, tmp_path: Path):
+    cli, src, _ = backed_up
+    index = next((cli.home / "cache").rglob("index.sqlite"))
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(index) + suffix).unlink(missing_ok=True)
+    cli("restore", "latest", "--to", str(tmp_path / "a"))
+    assert tree_state(tmp_path / "a" / "src") == tree_state(src)
+    for suffix in ("-wal", "-shm"):
+        Path(str(index) + suffix).unlink(missing_ok=True)
+    index.write_bytes(b"this is not a database" * 100)
+    proc = cli("verify")
+    assert "rebuilding it from the packs" in proc.stderr
+    out = cli("index", "rebuild").stdout
+    assert "index rebuilt: 2 packs" in out
+    assert "no problems found" in cli("verify", "--read-data").stdout
+
+
+def test_no_home_and_wrong_key(cli: Cli, sample_tree: Path, tmp_path: Path):
+    proc = cli("snapshots", check=False)
+    assert proc.returncode == 10 and "p2pbackup init" in one_line(proc.stderr)
+    cli("init", "--source", str(sample_tree))
+    cli("snapshot")
+    key = cli.home / "keys" / "account.key"
+    os.chmod(key, 0o600)
+    key.write_bytes(os.urandom(32))
+    for cmd in (["snapshots"], ["snapshot"], ["verify"], ["restore", "latest", "--to", str(tmp_path)]):
+        proc = cli(*cmd, check=False)
+        assert proc.returncode == 15, cmd
+        assert "account key does not open the repository" in one_line(proc.stderr)
+
+
+def test_restore_from_another_accounts_store_is_refused(cli: Cli, sample_tree: Path, tmp_path: Path):
+    other = Cli(tmp_path / "other-home")
+    other("init", "--source", str(sample_tree))
+    cli("init", "--source", str(sample_tree))
+    cli("snapshot")
+    proc = other("snapshots", "--from", str(cli.home / "store"), check=False)
+    assert proc.returncode == 15
+
+
+def test_unknown_format_version(backed_up, tmp_path: Path):
+    cli, src, snap = backed_up
+    snapdir = cli.home / "store" / "snapshots"
+    good = (snapdir / snap["id"]).read_bytes()
+    newer = bytearray(good)
+    newer[4] = 9
+    import blake3
+
+    newer_id = blake3.blake3(bytes(newer)).hexdigest()
+    (snapdir / newer_id).write_bytes(bytes(newer))
+    proc = cli("snapshots", "--json")
+    assert [s["id"] for s in json.loads(proc.stdout)] == [snap["id"]]
+    assert "written by a newer p2pbackup (format v9); upgrade to read it" in proc.stderr
+    proc = cli("restore", newer_id[:10], "--to", str(tmp_path / "x"), check=False)
+    assert proc.returncode == 14
+    assert "newer p2pbackup (format v9)" in one_line(proc.stderr)
+    (snapdir / newer_id).unlink()
+    config = cli.home / "store" / "config"
+    raw = bytearray(config.read_bytes())
+    raw[4] = 3
+    config.write_bytes(bytes(raw))
+    proc = cli("snapshots", check=False)
+    assert proc.returncode == 14 and "(format v3)" in one_line(proc.stderr)
+
+
+def test_second_writer_is_refused_and_stale_lock_taken_over(backed_up):
+    import fcntl
+
+    cli, src, _ = backed_up
+    lockfile = cli.home / "store" / "lock"
+    fd = os.open(lockfile, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.pwrite(fd, b"4242\n", 0)
+    try:
+        proc = cli("snapshot", check=False)
+        assert proc.returncode == 16
+        assert "Another p2pbackup (pid 4242) is writing" in one_line(proc.stderr)
+        cli("snapshots")  # readers are not blocked
+    finally:
+        os.close(fd)
+    lockfile.write_text("999999\n")  # left by a dead process: no flock held
+    cli("snapshot")
+
+
+def _write_random_files(root: Path, count: int, size: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        (root / f"f{i:04d}.bin").write_bytes(os.urandom(size))
+
+
+def test_kill_9_during_snapshot(cli: Cli, tmp_path: Path):
+    src = tmp_path / "src"
+    _write_random_files(src, 60, 4 * 1024 * 1024)
+    cli("init", "--source", str(src))
+    proc = cli.popen("snapshot")
+    deadline = time.monotonic() + 60
+    while not any(p.is_file() for p in (cli.home / "store" / "packs").rglob("*")):
+        assert proc.poll() is None, "snapshot finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(cli("snapshots", "--json").stdout) == []
+    assert "no problems found" in cli("verify", "--read-data").stdout
+    heal_and_check(cli, src, tmp_path / "out")
+
+
+def test_kill_9_during_restore(cli: Cli, tmp_path: Path):
+    src = tmp_path / "src"
+    _write_random_files(src, 80, 2 * 1024 * 1024)
+    cli("init", "--source", str(src))
+    cli("snapshot")
+    target = tmp_path / "out"
+    proc = cli.popen("restore", "latest", "--to", str(target))
+    deadline = time.monotonic() + 60
+    while len(list((target / "src").glob("f*.bin"))) < 5:
+        assert proc.poll() is None, "restore finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for f in (target / "src").glob("f*.bin"):  # a file at its final name is always whole
+        assert f.read_bytes() == (src / f.name).read_bytes()
+    out = cli("restore", "latest", "--to", str(target)).stdout
+    assert "already complete" in out and " 0 files already" not in out
+    assert tree_state(target / "src") == tree_state(src)
+    assert not list((target / "src").glob(".p2pb-restore-*"))
+    assert "no problems found" in cli("verify").stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_disk_full_during_snapshot(tmp_path: Path, sample_tree: Path):
+    fs = tmp_path / "small"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(fs)], check=True)
+    try:
+        cli = Cli(fs / "home")
+        cli("init", "--source", str(sample_tree))
+        proc = cli("snapshot", check=False)
+        assert proc.returncode == 12, proc.stderr
+        line = one_line(proc.stderr)
+        assert "No space left" in line and "nothing already stored was lost" in line
+        assert json.loads(cli("snapshots", "--json").stdout) == []
+        assert "no problems found" in cli("verify", "--read-data").stdout
+        subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
+        heal_and_check(cli, sample_tree, tmp_path / "out")
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=False)
