@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "bench" / "work"
 MKDATA = REPO.parent / "shared" / "bench" / "mkdata.py"
 P2PBACKUP = REPO / ".venv" / "bin" / "p2pbackup"
+LIBRARY_PATHS = ("p2pbackup", "cli", "daemon", "pyproject.toml")  # what the results depend on
 IMAGE_SIZE = "8G"
 RESTIC_PASSWORD = "p2pbackup-bench"
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -240,9 +241,8 @@ def scratch_fs(keep: bool) -> Iterator[Path]:
 
 
 def remove_fs(image: Path, mnt: Path) -> None:
-    if os.path.ismount(mnt):
-        if subprocess.run(["umount", mnt]).returncode != 0:
-            subprocess.run(["umount", "-l", mnt])
+    if os.path.ismount(mnt) and subprocess.run(["umount", mnt]).returncode != 0:
+        subprocess.run(["umount", "-l", mnt])  # still busy: detach now, free it when idle
     image.unlink(missing_ok=True)
     if mnt.is_dir() and not any(mnt.iterdir()):
         mnt.rmdir()
@@ -282,7 +282,7 @@ def sqlite_problem(source: Path, restored: Path) -> str | None:
     """Compare two SQLite databases by integrity_check and iterdump(); None if equal."""
     conns = [sqlite3.connect(p.as_uri() + "?mode=ro", uri=True) for p in (source, restored)]
     try:
-        for conn, which in zip(conns, ("source", "restored")):
+        for conn, which in zip(conns, ("source", "restored"), strict=True):
             result = conn.execute("PRAGMA integrity_check").fetchone()[0]
             if result != "ok":
                 return f"{which} database fails integrity_check: {result}"
@@ -364,7 +364,7 @@ def benchmark(runner: Runner, mnt: Path, scale: float) -> Results:
     generate = mkdata(runner, lay, scale, mutate=False)
     data_files, data_bytes = count_files(lay.data), du_bytes(lay.data)
     init_repos(lay)
-    backup = (["backup", lay.data], ["snapshot"])
+    backup: tuple[list[str | Path], list[str | Path]] = (["backup", lay.data], ["snapshot"])
     steps = [both(runner, lay, INITIAL, *backup)]
     initial = lay.sizes()
     steps.append(both(runner, lay, NO_CHANGE, *backup))
@@ -474,8 +474,9 @@ def machine() -> str:
 def git_revision() -> str:
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: no index refresh
     head = check_call(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], env).strip()
-    dirty = check_call(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"], env)
-    return head + (" plus uncommitted changes" if dirty.strip() else "")
+    dirty = check_call(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no",
+                        "--", *LIBRARY_PATHS], env)
+    return head + (" plus uncommitted library changes" if dirty.strip() else "")
 
 
 def invocation() -> str:
@@ -521,7 +522,8 @@ def report(res: Results, started: datetime.datetime) -> str:
         "",
         "- Everything (data, both repositories, restic's cache, restore targets) is on a fresh "
         f"{IMAGE_SIZE} ext4 file system on a loop device (bench/work/fs.img).",
-        "- Each step runs restic first, then p2pbackup, always in that order.",
+        "- Each step runs restic first, then p2pbackup, always in that order; one run of each "
+        "(no repetitions, so small differences are within noise).",
         "- Caches are warm: `sync` runs before each timed command (so one tool's dirty pages "
         "are not written back on the other's clock), but the page cache is never dropped; the "
         "data set was just written and fits in RAM.",

@@ -42,7 +42,8 @@ class SnapshotProgress:
     """Counters the CLI polls to draw progress; updated without locks (approximate)."""
 
     files: int = 0
-    bytes: int = 0
+    bytes: int = 0  # bytes of files done, read or reused
+    read: int = 0  # bytes actually read from files
     expected_bytes: int = 0  # the previous snapshot's size, for an ETA; 0 if unknown
     current: str = ""
     started: float = field(default_factory=time.monotonic)
@@ -212,6 +213,7 @@ class SnapshotBuilder:
         finally:
             os.close(fd)
         self.progress.files += 1
+        self.progress.read += size
         if size < SMALL_FILE:
             self.progress.bytes += size
         return TreeEntry(FILE, job.name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
@@ -238,6 +240,7 @@ class SnapshotBuilder:
             os.unlink(tmp)
         st = job.st
         self.progress.files += 1
+        self.progress.read += size
         return TreeEntry(FILE, job.name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
                          st.st_ctime_ns, st.st_ino, size, tuple(chunks), nlink=st.st_nlink,
                          sqlite=True, wal_mtime_ns=wal_mtime)
@@ -480,5 +483,5 @@ async def take_snapshot(repo: Repository, sources: tuple[Source, ...], *, temp_d
     stored = await repo.save_snapshot(snap)
     sink = builder.sink.stats
     return SnapshotSummary(stored, counts.new, counts.changed, counts.unchanged, counts.dirs,
-                           progress.bytes, sink.bytes_added, sink.blobs_added, sink.packs_written,
+                           progress.read, sink.bytes_added, sink.blobs_added, sink.packs_written,
                            time.monotonic() - started, builder.warnings)
