@@ -16,7 +16,7 @@ class BlobStore(abc.ABC):
     location: str
 
     @abc.abstractmethod
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         """Store `data` under `name`, atomically: readers see all of it or none."""
 
     @abc.abstractmethod

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from ..errors import DiskFull, NotFound, StorageError
@@ -17,6 +20,7 @@ from .base import BlobStore
 
 _SHARDED = ("packs/",)
 _TMP_SUFFIX = ".tmp"
+_OPEN_FILES = 16
 
 
 def _check_name(name: str) -> None:
@@ -31,6 +35,7 @@ class LocalDirStore(BlobStore):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
         self.location = self.root
+        self._local = threading.local()
 
     def path_of(self, name: str) -> str:
         _check_name(name)
@@ -45,7 +50,7 @@ class LocalDirStore(BlobStore):
             return DiskFull(self.root)
         return StorageError(f"cannot access {name!r} in {self.root}: {exc.strerror or exc}")
 
-    def put_sync(self, name: str, data: bytes) -> None:
+    def put_sync(self, name: str, data: bytes | bytearray) -> None:
         """The blocking body of `put`, also used from worker threads."""
         path = self.path_of(name)
         directory = os.path.dirname(path)
@@ -73,7 +78,7 @@ class LocalDirStore(BlobStore):
                 pass
             raise self._error(exc, name) from None
 
-    async def put(self, name: str, data: bytes) -> None:
+    async def put(self, name: str, data: bytes | bytearray) -> None:
         await asyncio.to_thread(self.put_sync, name, data)
 
     def get_sync(self, name: str) -> bytes:
@@ -88,21 +93,37 @@ class LocalDirStore(BlobStore):
     async def get(self, name: str) -> bytes:
         return await asyncio.to_thread(self.get_sync, name)
 
+    def _open_cached(self, name: str) -> int:
+        # Restores read many small ranges of the same packs: keep a few files open per thread
+        # (per thread, so no other thread can close an fd while it is being read).
+        cache: OrderedDict[str, io.FileIO] | None = getattr(self._local, "files", None)
+        if cache is None:
+            cache = self._local.files = OrderedDict()
+        f = cache.get(name)
+        if f is not None:
+            cache.move_to_end(name)
+            return f.fileno()
+        f = io.FileIO(self.path_of(name), "r")
+        cache[name] = f
+        if len(cache) > _OPEN_FILES:
+            cache.popitem(last=False)[1].close()
+        return f.fileno()
+
+    def _forget_cached(self, name: str) -> None:
+        cache = getattr(self._local, "files", None)
+        if cache and name in cache:
+            cache.pop(name).close()
+
     def get_range_sync(self, name: str, offset: int, length: int) -> bytes:
         try:
-            fd = os.open(self.path_of(name), os.O_RDONLY)
+            fd = self._open_cached(name)
+            if offset < 0:
+                offset = max(0, os.fstat(fd).st_size + offset)
+            return os.pread(fd, length, offset)
         except FileNotFoundError:
             raise NotFound(f"{name} is missing from the store at {self.root}") from None
         except OSError as exc:
             raise self._error(exc, name) from None
-        try:
-            if offset < 0:
-                offset = max(0, os.fstat(fd).st_size + offset)
-            return os.pread(fd, length, offset)
-        except OSError as exc:
-            raise self._error(exc, name) from None
-        finally:
-            os.close(fd)
 
     async def get_range(self, name: str, offset: int, length: int) -> bytes:
         return await asyncio.to_thread(self.get_range_sync, name, offset, length)
@@ -139,6 +160,7 @@ class LocalDirStore(BlobStore):
             yield name
 
     async def delete(self, name: str) -> None:
+        self._forget_cached(name)
         try:
             os.unlink(self.path_of(name))
         except FileNotFoundError:

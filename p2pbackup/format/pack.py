@@ -33,26 +33,29 @@ class PackBuilder:
     def __init__(self, scope: str, epoch: int) -> None:
         self.scope = scope
         self.epoch = epoch
-        self._parts: list[bytes] = [PACK_HEADER]
+        # One growing buffer, handed over as is: joining parts would briefly double a pack.
+        self._buf = bytearray(PACK_HEADER)
         self._refs: list[BlobRef] = []
-        self.size = len(PACK_HEADER)
 
     def __len__(self) -> int:
         return len(self._refs)
 
-    def add(self, kind: int, blob_id: bytes, sealed: bytes, raw_length: int) -> None:
-        self._refs.append(BlobRef(kind, blob_id, self.size, len(sealed), raw_length))
-        self._parts.append(sealed)
-        self.size += len(sealed)
+    @property
+    def size(self) -> int:
+        return len(self._buf)
 
-    def finish(self, meta_key: bytes) -> tuple[str, bytes, PackTrailer]:
-        """Return (name, bytes, trailer) of the finished pack."""
+    def add(self, kind: int, blob_id: bytes, sealed: bytes | memoryview, raw_length: int) -> None:
+        self._refs.append(BlobRef(kind, blob_id, len(self._buf), len(sealed), raw_length))
+        self._buf += sealed
+
+    def finish(self, meta_key: bytes) -> tuple[str, bytearray, PackTrailer]:
+        """Return (name, bytes, trailer) of the finished pack; the builder is spent."""
         trailer = PackTrailer(self.scope, self.epoch, tuple(self._refs))
         sealed = seal_object(Kind.PACK_TRAILER, trailer.encode(), meta_key)
-        self._parts.append(sealed)
-        self._parts.append(_LEN.pack(len(sealed)))
-        data = b"".join(self._parts)
-        self._parts = []
+        data = self._buf
+        data += sealed
+        data += _LEN.pack(len(sealed))
+        self._buf = bytearray()
         return pack_name(data), data, trailer
 
 
