@@ -15,9 +15,11 @@ from ..crypto.keys import ScopeKeys
 from ..format.header import Kind
 from ..format.objects import seal_object
 from ..format.pack import PackBuilder
+from ..format.records import PackTrailer
 from ..repo.repository import Repository
 
 _STOP = object()
+UPLOADERS = 2
 
 
 @dataclass(slots=True)
@@ -42,9 +44,13 @@ class BlobSink:
         self._builders: dict[tuple[str, int, bool], PackBuilder] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
-        self._uploader = threading.Thread(target=self._upload_loop, name="pack-uploader",
-                                          daemon=True)
-        self._uploader.start()
+        self._written: list[tuple[str, int, PackTrailer]] = []
+        self._free: list[bytearray] = []
+        # Two uploaders, so one pack's fsync overlaps the next pack's write.
+        self._uploaders = [threading.Thread(target=self._upload_loop, name=f"pack-uploader-{i}",
+                                            daemon=True) for i in range(UPLOADERS)]
+        for t in self._uploaders:
+            t.start()
 
     def add(self, keys: ScopeKeys, kind: int, plaintext: bytes | memoryview) -> bytes:
         """Store a blob unless it is already stored; return its id."""
@@ -60,7 +66,12 @@ class BlobSink:
         with self._lock:
             builder = self._builders.get(slot)
             if builder is None:
-                builder = self._builders[slot] = PackBuilder(keys.scope, keys.epoch)
+                if kind == Kind.TREE:
+                    builder = PackBuilder(keys.scope, keys.epoch, 1 << 20)
+                else:
+                    builder = PackBuilder(keys.scope, keys.epoch, self.pack_size,
+                                          self._free.pop() if self._free else None)
+                self._builders[slot] = builder
             builder.add(kind, blob_id, sealed, len(plaintext))
             self.stats.blobs_added += 1
             self.stats.bytes_added += len(sealed)
@@ -74,7 +85,7 @@ class BlobSink:
     def _ship(self, builder: PackBuilder) -> None:
         self._raise_if_failed()
         name, data, trailer = builder.finish(self.repo.keys.meta_key)
-        self._queue.put((name, data, trailer))
+        self._queue.put((name, data, trailer, builder.buffer))
         self._raise_if_failed()
 
     def _raise_if_failed(self) -> None:
@@ -88,18 +99,25 @@ class BlobSink:
                 return
             if self._error is not None:
                 continue  # drain so producers never block on a dead uploader
-            name, data, trailer = item
+            name, data, trailer, buffer = item
             try:
-                self.repo.put_blocking(f"packs/{name}", data)
-                self.repo.run_blocking(self.repo.index.add_pack(
-                    name, trailer.scope, trailer.epoch, len(data),
-                    [(b.id, b.kind, b.offset, b.length, b.raw_length) for b in trailer.blobs]))
-                self.stats.packs_written += 1
+                self.repo.put_blocking(f"packs/{name}", data, durable=False)
+                size = len(data)
+                data.release()
+                with self._lock:
+                    self._written.append((name, size, trailer))
+                    self.stats.packs_written += 1
+                    if len(buffer) >= self.pack_size and len(self._free) < 2:
+                        self._free.append(buffer)  # reused: fresh 16 MiB buffers cost page faults
             except BaseException as exc:  # re-raised in the producing threads
                 self._error = exc
 
     def flush(self) -> None:
-        """Write every partly filled pack (data before trees) and wait until all are stored."""
+        """Write every partly filled pack, make all packs durable, then record them in the index.
+
+        Packs are fsynced together here rather than one by one: the index (and so the next
+        snapshot's deduplication) only ever names packs that are safely on disk.
+        """
         with self._lock:
             slots = sorted(self._builders, key=lambda s: s[2])
             builders = [self._builders.pop(s) for s in slots]
@@ -108,9 +126,18 @@ class BlobSink:
                 self._ship(b)
         self.close()
         self._raise_if_failed()
+        if self._written:
+            self.repo.sync_store_blocking()
+        for name, size, trailer in self._written:
+            self.repo.run_blocking(self.repo.index.add_pack(
+                name, trailer.scope, trailer.epoch, size,
+                [(b.id, b.kind, b.offset, b.length, b.raw_length) for b in trailer.blobs]))
+        self._written.clear()
 
     def close(self) -> None:
-        """Stop the uploader (after what is queued); safe to call twice."""
-        if self._uploader.is_alive():
-            self._queue.put(_STOP)
-            self._uploader.join()
+        """Stop the uploaders (after what is queued); safe to call twice."""
+        for t in self._uploaders:
+            if t.is_alive():
+                self._queue.put(_STOP)
+        for t in self._uploaders:
+            t.join()

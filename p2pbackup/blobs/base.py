@@ -9,6 +9,8 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 
+Buffer = bytes | bytearray | memoryview
+
 
 class BlobStore(abc.ABC):
     """Save, load, stat, list and remove named blobs; `put` is atomic and durable."""
@@ -16,7 +18,7 @@ class BlobStore(abc.ABC):
     location: str
 
     @abc.abstractmethod
-    async def put(self, name: str, data: bytes | bytearray) -> None:
+    async def put(self, name: str, data: Buffer) -> None:
         """Store `data` under `name`, atomically: readers see all of it or none."""
 
     @abc.abstractmethod
@@ -42,6 +44,9 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     async def delete(self, name: str) -> None:
         """Remove `name`; removing a missing blob is not an error."""
+
+    async def sync(self) -> None:
+        """Make everything put so far durable; the default has nothing to do."""
 
     async def close(self) -> None:
         """Release connections; the default has none."""

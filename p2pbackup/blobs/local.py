@@ -8,6 +8,8 @@ fsynced, so a crash leaves either the old state or the whole new blob. Packs are
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import errno
 import io
 import os
@@ -16,11 +18,31 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from ..errors import DiskFull, NotFound, StorageError
-from .base import BlobStore
+from .base import BlobStore, Buffer
 
 _SHARDED = ("packs/",)
 _TMP_SUFFIX = ".tmp"
 _OPEN_FILES = 16
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if os.name == "posix" else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing a file out now, without waiting (Linux only)."""
+    fn = getattr(_libc, "sync_file_range", None)
+    if fn is not None:
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+
+
+def _fsync_dir(directory: str) -> None:
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _check_name(name: str) -> None:
@@ -50,8 +72,12 @@ class LocalDirStore(BlobStore):
             return DiskFull(self.root)
         return StorageError(f"cannot access {name!r} in {self.root}: {exc.strerror or exc}")
 
-    def put_sync(self, name: str, data: bytes | bytearray) -> None:
-        """The blocking body of `put`, also used from worker threads."""
+    def put_sync(self, name: str, data: Buffer, *, durable: bool = True) -> None:
+        """The blocking body of `put`, also used from worker threads.
+
+        With durable=False the blob is still atomic (rename of a complete file) but its fsync
+        is left to `sync_sync`; writeback starts at once, so that later sync is short.
+        """
         path = self.path_of(name)
         directory = os.path.dirname(path)
         tmp = f"{path}.{os.getpid()}.{id(data):x}{_TMP_SUFFIX}"
@@ -62,15 +88,15 @@ class LocalDirStore(BlobStore):
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
+                else:
+                    _start_writeback(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            if durable:
+                _fsync_dir(directory)
         except OSError as exc:
             try:
                 os.unlink(tmp)
@@ -78,8 +104,27 @@ class LocalDirStore(BlobStore):
                 pass
             raise self._error(exc, name) from None
 
-    async def put(self, name: str, data: bytes | bytearray) -> None:
+    async def put(self, name: str, data: Buffer) -> None:
         await asyncio.to_thread(self.put_sync, name, data)
+
+    def sync_sync(self) -> None:
+        """syncfs() the file system holding the store: every earlier put becomes durable."""
+        try:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise self._error(exc, "(sync)") from None
+        try:
+            if _libc is not None and hasattr(_libc, "syncfs"):
+                if _libc.syncfs(fd) != 0:
+                    err = ctypes.get_errno()
+                    raise self._error(OSError(err, os.strerror(err)), "(sync)")
+            else:
+                os.sync()
+        finally:
+            os.close(fd)
+
+    async def sync(self) -> None:
+        await asyncio.to_thread(self.sync_sync)
 
     def get_sync(self, name: str) -> bytes:
         try:

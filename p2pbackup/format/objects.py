@@ -11,7 +11,7 @@ from ..errors import IntegrityError
 from .header import FLAG_ZSTD, FORMAT_VERSION, HEADER_SIZE, ObjectHeader, kind_name
 
 OVERHEAD = HEADER_SIZE + NONCE_SIZE + TAG_SIZE
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 1
 _local = threading.local()
 
 

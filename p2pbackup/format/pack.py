@@ -19,7 +19,6 @@ from .records import BlobRef, PackTrailer
 
 PACK_HEADER = ObjectHeader(FORMAT_VERSION, Kind.PACK, 0, 0).encode()
 _LEN = struct.Struct(">I")
-TAIL_GUESS = 64 * 1024
 
 
 def pack_name(data: bytes | memoryview) -> str:
@@ -30,31 +29,42 @@ def pack_name(data: bytes | memoryview) -> str:
 class PackBuilder:
     """Accumulates sealed blobs of one scope; not thread-safe (callers hold a lock)."""
 
-    def __init__(self, scope: str, epoch: int) -> None:
+    def __init__(self, scope: str, epoch: int, capacity: int = 1 << 20,
+                 buffer: bytearray | None = None) -> None:
         self.scope = scope
         self.epoch = epoch
-        # One growing buffer, handed over as is: joining parts would briefly double a pack.
-        self._buf = bytearray(PACK_HEADER)
+        # One buffer allocated up front (or recycled) and handed over as a view: appending to
+        # a growing bytearray re-copies it, and joining parts would briefly double a pack.
+        self._buf = buffer if buffer is not None else bytearray(capacity + (capacity >> 4))
+        self._buf[:len(PACK_HEADER)] = PACK_HEADER
+        self.size = len(PACK_HEADER)
         self._refs: list[BlobRef] = []
 
     def __len__(self) -> int:
         return len(self._refs)
 
-    @property
-    def size(self) -> int:
-        return len(self._buf)
+    def _append(self, data: bytes | memoryview) -> None:
+        end = self.size + len(data)
+        if end > len(self._buf):
+            self._buf.extend(bytes(end - len(self._buf) + (len(self._buf) >> 2)))
+        self._buf[self.size:end] = data
+        self.size = end
 
     def add(self, kind: int, blob_id: bytes, sealed: bytes | memoryview, raw_length: int) -> None:
-        self._refs.append(BlobRef(kind, blob_id, len(self._buf), len(sealed), raw_length))
-        self._buf += sealed
+        self._refs.append(BlobRef(kind, blob_id, self.size, len(sealed), raw_length))
+        self._append(sealed)
 
-    def finish(self, meta_key: bytes) -> tuple[str, bytearray, PackTrailer]:
-        """Return (name, bytes, trailer) of the finished pack; the builder is spent."""
+    def finish(self, meta_key: bytes) -> tuple[str, memoryview, PackTrailer]:
+        """Return (name, bytes, trailer) of the finished pack; the builder is spent.
+
+        The bytes are a view of `buffer`, which may be recycled once the view is released.
+        """
         trailer = PackTrailer(self.scope, self.epoch, tuple(self._refs))
         sealed = seal_object(Kind.PACK_TRAILER, trailer.encode(), meta_key)
-        data = self._buf
-        data += sealed
-        data += _LEN.pack(len(sealed))
+        self._append(sealed)
+        self._append(_LEN.pack(len(sealed)))
+        self.buffer = self._buf
+        data = memoryview(self._buf)[:self.size]
         self._buf = bytearray()
         return pack_name(data), data, trailer
 

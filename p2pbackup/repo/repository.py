@@ -12,14 +12,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ..blobs.base import BlobStore
+from ..blobs.base import BlobStore, Buffer
 from ..chunking.chunker import DEFAULT_AVG
 from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from ..crypto.keys import AccountKeys, ScopeKeys
 from ..errors import IntegrityError, NotFound, P2PError, StorageError, UnsupportedFormat, WrongKey
 from ..format.header import HEADER_SIZE, Kind, ObjectHeader
 from ..format.objects import open_object, seal_object
-from ..format.pack import TAIL_GUESS, check_pack_header, parse_trailer, trailer_length
+from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.records import DeviceRecord, PackTrailer, RepoConfig, Signed, Snapshot, Tree
 from .index import BlobLocation, IndexCorrupt, PackIndex
 
@@ -119,7 +119,7 @@ class Repository:
             dropped += 1
         for name in sorted(stored - set(self.index.packs)):
             try:
-                trailer, size = await self.read_trailer(name)
+                trailer, size = await asyncio.to_thread(self._check_unindexed_pack, name)
             except IntegrityError as exc:
                 self.damaged_packs[name] = str(exc)
                 log.warning("%s", exc)
@@ -140,19 +140,19 @@ class Repository:
         self.index = await _open_index(path)
         return await self.sync_index()
 
-    async def read_trailer(self, name: str) -> tuple[PackTrailer, int]:
-        """Read and decode the trailer of pack `name`; return it and the pack size."""
+    def _check_unindexed_pack(self, name: str) -> tuple[PackTrailer, int]:
+        """Read a pack the index does not know and check all of it against its name.
+
+        Such a pack was written by a run that did not finish (or by another writer); packs are
+        made durable in batches, so after a power cut it could be torn: trust only its hash.
+        """
         what = f"pack {name[:12]}"
-        blob = f"packs/{name}"
-        size = await self.store.size(blob)
-        if size < HEADER_SIZE + 4:
-            raise IntegrityError(f"{what} is truncated ({size} bytes)")
-        check_pack_header(await self.store.get_range(blob, 0, HEADER_SIZE), what)
-        tail = await self.store.get_range(blob, -min(size, TAIL_GUESS), TAIL_GUESS)
-        need = trailer_length(tail, what)
-        if need > len(tail) and need <= size:
-            tail = await self.store.get_range(blob, -need, need)
-        return parse_trailer(tail, size, self.keys.meta_key, what), size
+        data = self.read_blocking(f"packs/{name}")
+        if pack_name(data) != name:
+            raise IntegrityError(f"{what} is damaged or incomplete: its content does not match "
+                                 "its name")
+        check_pack_header(data, what)
+        return parse_trailer(data, len(data), self.keys.meta_key, what), len(data)
 
     # ---- blobs ----------------------------------------------------------------------------
 
@@ -174,13 +174,21 @@ class Repository:
             return sync(name)
         return self.run_blocking(self.store.get(name))
 
-    def put_blocking(self, name: str, data: bytes) -> None:
-        """Store a blob from a worker thread."""
+    def put_blocking(self, name: str, data: Buffer, *, durable: bool = True) -> None:
+        """Store a blob from a worker thread; durable=False defers durability to sync_store."""
         sync = getattr(self.store, "put_sync", None)
         if sync is not None:
-            sync(name, data)
+            sync(name, data, durable=durable)
         else:
             self.run_blocking(self.store.put(name, data))
+
+    def sync_store_blocking(self) -> None:
+        """Make every blob written so far durable (after puts with durable=False)."""
+        sync = getattr(self.store, "sync_sync", None)
+        if sync is not None:
+            sync()
+        else:
+            self.run_blocking(self.store.sync())
 
     def scope_keys_of(self, loc: BlobLocation) -> ScopeKeys:
         scope, epoch, _ = self.index.packs[loc.pack]
