@@ -255,27 +255,8 @@ def index_rebuild() -> None:
 
 # ---- entry point ---------------------------------------------------------------------------
 
-def _tune_malloc() -> None:
-    """Return big buffers to the OS at once.
-
-    glibc raises its mmap threshold after large frees and keeps one arena per thread, so the
-    8-16 MiB buffers of the worker threads would otherwise stay in RSS (measured: 300 MiB
-    instead of 150 MiB for a 1 GB snapshot).
-    """
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD: fixed, so never raised
-        libc.mallopt(-8, 4)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-
-
 def run() -> None:
     """Console-script entry point: one line and a distinct exit code for every error."""
-    _tune_malloc()
     if "--debug" in sys.argv[1:]:
         _state["debug"] = True
     try:
