@@ -205,6 +205,8 @@ class SnapshotBuilder:
         path, st = job.path, job.st
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
+        except FileNotFoundError:
+            return None  # deleted since the listing: not part of this snapshot
         except PermissionError:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -324,8 +326,12 @@ class SnapshotBuilder:
         for de in dirents:
             name = de.name
             full = de.path
+            if name in side_skip:
+                continue
             try:
                 st = de.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted since the listing: not part of this snapshot
             except OSError as exc:
                 self.warn(f"cannot stat {_show(full)}: {exc.strerror}; skipped")
                 continue
@@ -337,8 +343,6 @@ class SnapshotBuilder:
                 if child is not None:
                     node.subdirs.append((name, st, child))
             elif statmod.S_ISREG(mode):
-                if name in side_skip:
-                    continue
                 counts.files += 1
                 p = prev.get(name)
                 if _unchanged(p, st) and (not p.sqlite or
