@@ -59,8 +59,7 @@ class BlobSink:
             if blob_id in self.known:
                 return blob_id
             self.known.add(blob_id)  # reserve: another thread with the same blob skips it
-        sealed = seal_object(kind, plaintext if isinstance(plaintext, bytes) else bytes(plaintext),
-                             keys.data_key, compress=True)
+        sealed = seal_object(kind, plaintext, keys.data_key, compress=True)
         full = None
         slot = (keys.scope, keys.epoch, kind == Kind.TREE)
         with self._lock:

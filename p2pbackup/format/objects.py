@@ -6,7 +6,7 @@ import threading
 
 import zstandard
 
-from ..crypto.aead import TAG_SIZE, NONCE_SIZE, AuthenticationFailed, decrypt, encrypt
+from ..crypto.aead import NONCE_SIZE, TAG_SIZE, AuthenticationFailed, decrypt, encrypt_into
 from ..errors import IntegrityError
 from .header import FLAG_ZSTD, FORMAT_VERSION, HEADER_SIZE, ObjectHeader, kind_name
 
@@ -30,8 +30,8 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return d
 
 
-def seal_object(kind: int, plaintext: bytes | memoryview, key: bytes, *, compress: bool = True,
-                nonce: bytes | None = None) -> bytes:
+def seal_object(kind: int, plaintext: bytes | bytearray | memoryview, key: bytes, *,
+                compress: bool = True, nonce: bytes | None = None) -> bytearray:
     """Return a sealed object; compression is kept only when it saves at least 3%."""
     body = plaintext
     flags = 0
@@ -39,12 +39,16 @@ def seal_object(kind: int, plaintext: bytes | memoryview, key: bytes, *, compres
         packed = _compressor().compress(plaintext)
         if len(packed) < len(plaintext) * 0.97:
             body, flags = packed, FLAG_ZSTD
-    header = ObjectHeader(FORMAT_VERSION, kind, flags, len(body) + NONCE_SIZE + TAG_SIZE).encode()
-    return header + encrypt(key, bytes(body), header, nonce)
+    length = len(body) + NONCE_SIZE + TAG_SIZE
+    header = ObjectHeader(FORMAT_VERSION, kind, flags, length).encode()
+    out = bytearray(HEADER_SIZE + length)
+    out[:HEADER_SIZE] = header
+    encrypt_into(memoryview(out)[HEADER_SIZE:], key, body, header, nonce)
+    return out
 
 
-def open_object(data: bytes | memoryview, key: bytes, *, expect: int | None = None,
-                what: str = "object") -> tuple[ObjectHeader, bytes]:
+def open_object(data: bytes | bytearray | memoryview, key: bytes, *, expect: int | None = None,
+                what: str = "object") -> tuple[ObjectHeader, bytes | bytearray]:
     """Check, decrypt and decompress one object; raise IntegrityError naming `what`."""
     header = ObjectHeader.decode(data, what)
     if expect is not None and header.kind != expect:

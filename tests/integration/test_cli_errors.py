@@ -1,0 +1,38 @@
+"""Errors are one line with a distinct exit code; --debug adds the traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import Cli
+
+
+def test_config_error_names_the_key_and_file(cli: Cli, sample_tree: Path):
+    cli("init", "--source", str(sample_tree))
+    cfg = cli.home / "config.toml"
+    cfg.write_text(cfg.read_text().replace('store = "store"', "store = 5"))
+    proc = cli("snapshot", check=False)
+    assert proc.returncode == 10
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "key 'store'" in lines[0] and str(cfg) in lines[0]
+    cfg.write_text("this is = = not toml")
+    proc = cli("snapshots", check=False)
+    assert proc.returncode == 10 and "not valid TOML" in proc.stderr
+
+
+def test_debug_shows_the_traceback(cli: Cli):
+    plain = cli("snapshots", check=False)
+    debug = cli("--debug", "snapshots", check=False)
+    assert plain.returncode == debug.returncode == 10
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
+
+
+def test_init_rejects_a_missing_source(cli: Cli, tmp_path: Path):
+    proc = cli("init", "--source", str(tmp_path / "nope"), check=False)
+    assert proc.returncode == 10 and "is not a directory" in proc.stderr
+    assert not (cli.home / "keys").exists()
+
+
+def test_usage_error_is_not_a_traceback(cli: Cli):
+    proc = cli("restore", "latest", check=False)  # --to is required
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--to" in proc.stderr
