@@ -20,6 +20,7 @@ from ..repo.repository import Repository
 
 _STOP = object()
 UPLOADERS = 2
+INDEX_BATCH = 8  # packs made durable and indexed together while the scan goes on
 
 
 @dataclass(slots=True)
@@ -108,14 +109,20 @@ class BlobSink:
                     self.stats.packs_written += 1
                     if len(buffer) >= self.pack_size and len(self._free) < 2:
                         self._free.append(buffer)  # reused: fresh 16 MiB buffers cost page faults
+                    batch = self._written if len(self._written) >= INDEX_BATCH else []
+                    if batch:
+                        self._written = []
+                if batch:
+                    self._commit(batch)
             except BaseException as exc:  # re-raised in the producing threads
                 self._error = exc
 
     def flush(self) -> None:
         """Write every partly filled pack, make all packs durable, then record them in the index.
 
-        Packs are fsynced together here rather than one by one: the index (and so the next
-        snapshot's deduplication) only ever names packs that are safely on disk.
+        Packs are fsynced in batches (every INDEX_BATCH packs, by an uploader, and here for the
+        rest) rather than one by one: the index (and so the next snapshot's deduplication)
+        only ever names packs that are safely on disk.
         """
         with self._lock:
             slots = sorted(self._builders, key=lambda s: s[2])
@@ -126,12 +133,16 @@ class BlobSink:
         self.close()
         self._raise_if_failed()
         if self._written:
-            self.repo.sync_store_blocking()
-        for name, size, trailer in self._written:
-            self.repo.run_blocking(self.repo.index.add_pack(
-                name, trailer.scope, trailer.epoch, size,
-                [(b.id, b.kind, b.offset, b.length, b.raw_length) for b in trailer.blobs]))
-        self._written.clear()
+            self._commit(self._written)
+            self._written = []
+
+    def _commit(self, written: list[tuple[str, int, PackTrailer]]) -> None:
+        """Make packs durable, then record them in the index."""
+        self.repo.sync_store_blocking()
+        self.repo.run_blocking(self.repo.index.add_packs([
+            (name, t.scope, t.epoch, size,
+             [(b.id, b.kind, b.offset, b.length, b.raw_length) for b in t.blobs])
+            for name, size, t in written]))
 
     def close(self) -> None:
         """Stop the uploaders (after what is queued); safe to call twice."""

@@ -76,6 +76,14 @@ class _FileJob:
     name: bytes
 
 
+class _IsSQLite(Exception):
+    """Raised by _read_fd when a file turns out to be an SQLite database."""
+
+
+def _is_sqlite_head(data: bytes | memoryview) -> bool:
+    return len(data) >= 512 and sqlite_capture.looks_like_sqlite(bytes(data[:16]))
+
+
 @dataclass(slots=True)
 class _DirNode:
     """A scanned directory whose tree is built once its files are stored."""
@@ -172,10 +180,15 @@ class SnapshotBuilder:
             buf = self._local.window = bytearray(READ_WINDOW + 4 * self._avg + 1)
         return buf
 
-    def _read_fd(self, fd: int, keys: ScopeKeys, size_hint: int) -> tuple[list[bytes], int]:
+    def _read_fd(self, fd: int, keys: ScopeKeys, size_hint: int,
+                 sqlite_check: bool = False) -> tuple[list[bytes], int]:
+        """Chunk and store a file's content; with sqlite_check, raise _IsSQLite before storing
+        anything if it starts with the SQLite header (checked on data read anyway)."""
         chunks: list[bytes] = []
         if size_hint < SMALL_FILE:
             data = os.read(fd, max(size_hint, 0) + 1)
+            if sqlite_check and _is_sqlite_head(data):
+                raise _IsSQLite
             if len(data) <= size_hint:
                 if data:
                     self._store_buffer(keys, data, True, chunks)
@@ -186,6 +199,8 @@ class SnapshotBuilder:
         have = total = 0
         while True:
             n = os.readv(fd, [view[have:]])
+            if sqlite_check and total == 0 and _is_sqlite_head(view[:n]):
+                raise _IsSQLite
             total += n
             end = have + n
             if end == 0:
@@ -217,19 +232,24 @@ class SnapshotBuilder:
             self.warn(f"cannot read {_show(path)}: {exc.strerror}")
             return None
         try:
-            head = os.pread(fd, 16, 0)
-            if sqlite_capture.looks_like_sqlite(head) and st.st_size >= 512:
-                entry = self._capture_sqlite(job, keys)
-                if entry is not None:
-                    return entry
+            sqlite_check = True
+            before = st  # from the directory scan: saves an fstat per file
             for attempt in range(MAX_REREADS + 1):
-                before = os.fstat(fd)
                 if attempt:
+                    before = os.fstat(fd)
                     os.lseek(fd, 0, os.SEEK_SET)
-                chunks, size = self._read_fd(fd, keys, before.st_size)
+                try:
+                    chunks, size = self._read_fd(fd, keys, before.st_size, sqlite_check)
+                except _IsSQLite:
+                    entry = self._capture_sqlite(job, keys)
+                    if entry is not None:
+                        return entry
+                    sqlite_check = False  # capture failed (warned): store the bytes
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    chunks, size = self._read_fd(fd, keys, before.st_size)
                 after = os.fstat(fd)
-                if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns) \
-                        and size == after.st_size:
+                if (after.st_size, after.st_mtime_ns, after.st_ino) == \
+                        (before.st_size, before.st_mtime_ns, before.st_ino) and size == after.st_size:
                     break
             else:
                 self.warn(f"{_show(path)} kept changing while it was read; stored as last read")
