@@ -162,9 +162,13 @@ class SnapshotBuilder:
     def _store_buffer(self, keys: ScopeKeys, buf: bytes | memoryview, final: bool,
                       chunks: list[bytes]) -> int:
         """Chunk `buf` and store the chunks; return how many bytes were consumed."""
+        chunker = self._chunker()
+        if final and len(buf) <= chunker.min_size:  # most small files: one chunk, no cutting
+            chunks.append(self.sink.add(keys, Kind.CHUNK, buf))
+            return len(buf)
         view = memoryview(buf)
         consumed = 0
-        cuts = list(self._chunker().cut(view))
+        cuts = list(chunker.cut(view))
         if not final and cuts:
             cuts = cuts[:-1]  # the last cut may move once more data follows
         for off, length in cuts:

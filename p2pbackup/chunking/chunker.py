@@ -26,7 +26,11 @@ class Chunker:
     def max_size(self) -> int:
         return self._cdc.max_size
 
+    @property
+    def min_size(self) -> int:
+        """Inputs of at most this many bytes are always a single chunk."""
+        return self._cdc.min_size
+
     def cut(self, buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, int]]:
         """Yield (offset, length) of each chunk of `buf`, the last one possibly short."""
-        for c in self._cdc.cut_buf(buf):
-            yield c.offset, c.length
+        return ((c.offset, c.length) for c in self._cdc.cut_buf(buf))

@@ -37,3 +37,10 @@ def test_secret_seed_moves_boundaries():
 def test_any_input_is_cut_exactly(data):
     cuts = list(Chunker(4096, seed=3).cut(data))
     assert b"".join(data[o:o + n] for o, n in cuts) == data
+
+
+def test_inputs_up_to_min_size_are_one_chunk():
+    """The snapshot engine relies on this to skip cutting small files."""
+    c = Chunker(64 * 1024, seed=9)
+    for n in (1, 100, c.min_size):
+        assert list(c.cut(os.urandom(n))) == [(0, n)]
