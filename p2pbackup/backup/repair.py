@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..errors import P2PError
 from ..format.pack import PackBuilder
 from ..repo.repository import Repository
-from .verify import _check_pack_blocking
+from .verify import check_pack_blocking, blobs_by_pack
 
 
 @dataclass(slots=True)
@@ -41,8 +41,10 @@ async def repair_packs(repo: Repository) -> RepairReport:
     for name, why in list(repo.damaged_packs.items()):  # trailer unreadable: nothing to salvage
         await _quarantine(repo, name)
         report.repaired.append(PackRepair(name, why))
+    grouped = blobs_by_pack(repo)
     for name in sorted(repo.index.packs):
-        bad, problem, _count, _n = await asyncio.to_thread(_check_pack_blocking, repo, name)
+        bad, problem, _count, _n = await asyncio.to_thread(check_pack_blocking, repo, name,
+                                                           grouped.get(name, []))
         report.checked += 1
         if not bad and not problem:
             continue
@@ -54,9 +56,7 @@ async def repair_packs(repo: Repository) -> RepairReport:
             data = await repo.store.get(f"packs/{name}")
         except P2PError:
             data = b""
-        for bid, loc in list(repo.index.blobs.items()):
-            if loc.pack != name:
-                continue
+        for bid, loc in grouped.get(name, []):
             if bid in bad_ids or loc.offset + loc.length > len(data):
                 fix.lost += 1
                 continue

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from ..errors import P2PError
 from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.records import DIR, FILE
+from ..repo.index import BlobLocation
 from ..repo.repository import Repository, StoredSnapshot
 from .names import show_path
 
@@ -61,9 +62,20 @@ class VerifyProgress:
     bytes: int = 0
 
 
-def _check_pack_blocking(repo: Repository, name: str
-                         ) -> tuple[list[tuple[bytes, str]], str | None, int, int]:
-    """Read a whole pack; return (bad blobs with reasons, pack-level problem, blobs, bytes)."""
+def blobs_by_pack(repo: Repository) -> dict[str, list[tuple[bytes, BlobLocation]]]:
+    """The index's blobs grouped by the pack that holds them."""
+    out: dict[str, list[tuple[bytes, BlobLocation]]] = {}
+    for bid, loc in repo.index.blobs.items():
+        out.setdefault(loc.pack, []).append((bid, loc))
+    return out
+
+
+def check_pack_blocking(repo: Repository, name: str, blobs: list[tuple[bytes, BlobLocation]]
+                        ) -> tuple[list[tuple[bytes, str]], str | None, int, int]:
+    """Read a whole pack and check it and the index's `blobs` in it.
+
+    Returns (bad blobs with reasons, pack-level problem, blobs read, bytes read).
+    """
     try:
         data = repo.read_blocking(f"packs/{name}")
     except P2PError as exc:
@@ -81,7 +93,7 @@ def _check_pack_blocking(repo: Repository, name: str
     bad: list[tuple[bytes, str]] = []
     view = memoryview(data)
     count = 0
-    for bid, loc in [(b, loc) for b, loc in repo.index.blobs.items() if loc.pack == name]:
+    for bid, loc in blobs:
         ref = listed.get(bid)
         if listed and (ref is None or (ref.offset, ref.length) != (loc.offset, loc.length)):
             bad.append((bid, "the pack trailer does not list it where the index says"))
@@ -159,8 +171,10 @@ async def verify(repo: Repository, *, read_data: bool = False,
         names = sorted(repo.index.packs)
         progress.total_packs = len(names)
         loop = asyncio.get_running_loop()
+        grouped = blobs_by_pack(repo)
         with cf.ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2)) as pool:
-            futs = {n: loop.run_in_executor(pool, _check_pack_blocking, repo, n) for n in names}
+            futs = {n: loop.run_in_executor(pool, check_pack_blocking, repo, n,
+                                            grouped.get(n, [])) for n in names}
             for name, fut in futs.items():
                 bad, problem, count, nbytes = await fut
                 progress.packs += 1
