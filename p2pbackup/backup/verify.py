@@ -60,6 +60,7 @@ class VerifyProgress:
     packs: int = 0
     total_packs: int = 0
     bytes: int = 0
+    expected_bytes: int = 0
 
 
 def blobs_by_pack(repo: Repository) -> dict[str, list[tuple[bytes, BlobLocation]]]:
@@ -170,6 +171,7 @@ async def verify(repo: Repository, *, read_data: bool = False,
     if read_data:
         names = sorted(repo.index.packs)
         progress.total_packs = len(names)
+        progress.expected_bytes = sum(size for _s, _e, size in repo.index.packs.values())
         loop = asyncio.get_running_loop()
         grouped = blobs_by_pack(repo)
         with cf.ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2)) as pool:
