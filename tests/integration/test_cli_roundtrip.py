@@ -183,6 +183,11 @@ def test_unreadable_file_is_a_warning_and_the_snapshot_completes(shared_tmp: Pat
         assert shutil.which("setpriv")
         prefix = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
                   "--clear-groups"]
+        probe = subprocess.run([*prefix, sys.executable, "-c", "import p2pbackup.cli.main"],
+                               capture_output=True, text=True, cwd=str(tmp_path))
+        if probe.returncode != 0:
+            pytest.skip("user nobody cannot run this checkout's interpreter (a private "
+                        f"directory above it?): {probe.stderr.strip()[-200:]}")
     env = dict(os.environ, P2PBACKUP_HOME=str(tmp_path / "home"), HOME=str(tmp_path))
     base = [*prefix, sys.executable, "-m", "p2pbackup.cli.main"]
     run = lambda *a: subprocess.run([*base, *a], env=env, capture_output=True, text=True,  # noqa: E731
