@@ -6,14 +6,18 @@ loop-mounted ext4 file system under bench/work/, which is unmounted and deleted 
 end (unless --keep), also on failure or Ctrl-C.  Needs root.
 
 Steps, each timed (wall clock) with the peak RSS of the process (`ru_maxrss` from
-`os.wait4`), restic first, then p2pbackup, after a `sync` (page cache stays warm):
+`os.wait4`) after a `sync` (page cache stays warm).  Each comparison step is repeated
+--repeat times, alternating which tool goes first (restic in repetitions 1, 3, ...,
+p2pbackup in 2, 4, ...); the report gives the median times and their ratio:
 
   1. generate the data set (mkdata.py, seed 42)
   2. initial backup              restic backup            vs p2pbackup snapshot
+     (every repetition starts from freshly initialised, empty repositories)
   3. no-change backup            (same commands again)
-  4. mutate (mkdata.py --mutate --seed 1), then backup again; repository growth by du -sb
-  5. full restore of latest      restic restore           vs p2pbackup restore; the
-     p2pbackup restore is compared with the source tree
+  4. mutate (mkdata.py --mutate --seed 1), then backup again; every repetition starts from
+     the same repositories (copied aside before the first); growth by du -sb, first one
+  5. full restore of latest      restic restore           vs p2pbackup restore, into
+     empty targets; the last p2pbackup restore is compared with the source tree
   6. full check                  restic check --read-data vs p2pbackup verify --read-data
 
 The results go to stdout and to a Markdown file (bench/RESULTS.md by default).
@@ -31,10 +35,11 @@ import shutil
 import signal
 import sqlite3
 import stat
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import zip_longest
@@ -46,7 +51,7 @@ WORK = REPO / "bench" / "work"
 MKDATA = REPO.parent / "shared" / "bench" / "mkdata.py"
 P2PBACKUP = REPO / ".venv" / "bin" / "p2pbackup"
 LIBRARY_PATHS = ("p2pbackup", "cli", "daemon", "pyproject.toml")  # what the results depend on
-IMAGE_SIZE = "8G"
+IMAGE_SIZE = "16G"  # sparse; data, repositories, their copies and restores fit
 RESTIC_PASSWORD = "p2pbackup-bench"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 RSS_TARGET_MIB = 250
@@ -82,12 +87,45 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Step:
-    """One benchmark step run with both tools."""
+class Trial:
+    """One repetition of a step: a run of each tool."""
 
-    name: str
     restic: Run
     ours: Run
+
+    @property
+    def ratio(self) -> float | None:
+        if not (self.restic.ok and self.ours.ok):
+            return None
+        return ratio(self.ours.seconds, self.restic.seconds)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One benchmark step, repeated with both tools."""
+
+    name: str
+    trials: tuple[Trial, ...]
+
+    @property
+    def restic(self) -> tuple[Run, ...]:
+        return tuple(trial.restic for trial in self.trials)
+
+    @property
+    def ours(self) -> tuple[Run, ...]:
+        return tuple(trial.ours for trial in self.trials)
+
+    @property
+    def runs(self) -> tuple[Run, ...]:
+        return self.restic + self.ours
+
+
+class Spec(NamedTuple):
+    """What a step runs: restic's arguments (after `restic -r REPO`) and p2pbackup's."""
+
+    name: str
+    restic_args: list[str | Path]
+    ours_args: list[str | Path]
 
 
 class Sizes(NamedTuple):
@@ -128,12 +166,25 @@ class Layout:
         return self.mnt / "restore-p2pbackup"
 
     @property
+    def restic_cache(self) -> Path:
+        return self.mnt / "restic-cache"
+
+    @property
+    def stash(self) -> Path:
+        """Where the repositories are copied aside for the repeated after-mutate backup."""
+        return self.mnt / "stash"
+
+    @property
     def tmp(self) -> Path:
         return self.mnt / "tmp"
 
+    def state_dirs(self) -> tuple[Path, ...]:
+        """Everything the tools keep between commands: repositories and caches."""
+        return (self.restic_repo, self.restic_cache, self.p2p_home)
+
     def restic_env(self) -> dict[str, str]:
         return {**os.environ, "RESTIC_PASSWORD": RESTIC_PASSWORD, "TMPDIR": str(self.tmp),
-                "RESTIC_CACHE_DIR": str(self.mnt / "restic-cache")}
+                "RESTIC_CACHE_DIR": str(self.restic_cache)}
 
     def ours_env(self) -> dict[str, str]:
         return {**os.environ, "P2PBACKUP_HOME": str(self.p2p_home), "TMPDIR": str(self.tmp)}
@@ -147,6 +198,7 @@ class Results:
     """Everything the report needs."""
 
     scale: float
+    repeat: int
     data_files: int
     data_bytes: int
     generate: Run
@@ -206,7 +258,7 @@ def require(run: Run) -> Run:
 def check_call(argv: list[str | Path], env: Mapping[str, str] | None = None) -> str:
     """Run an untimed helper command; return its stdout or raise BenchError."""
     args = [str(a) for a in argv]
-    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    proc = subprocess.run(args, check=False, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise BenchError(f"{shlex.join(args)} failed (exit {proc.returncode}):\n{proc.stderr}")
     return proc.stdout
@@ -241,8 +293,9 @@ def scratch_fs(keep: bool) -> Iterator[Path]:
 
 
 def remove_fs(image: Path, mnt: Path) -> None:
-    if os.path.ismount(mnt) and subprocess.run(["umount", mnt]).returncode != 0:
-        subprocess.run(["umount", "-l", mnt])  # still busy: detach now, free it when idle
+    if os.path.ismount(mnt) and subprocess.run(["umount", mnt], check=False).returncode != 0:
+        # still busy: detach now, free it when idle
+        subprocess.run(["umount", "-l", mnt], check=False)
     image.unlink(missing_ok=True)
     if mnt.is_dir() and not any(mnt.iterdir()):
         mnt.rmdir()
@@ -329,15 +382,67 @@ def compare_trees(source: Path, restored: Path) -> list[str]:
 
 # ---- the benchmark -------------------------------------------------------------------------
 
-def both(runner: Runner, lay: Layout, name: str, restic_args: list[str | Path],
-         ours_args: list[str | Path]) -> Step:
-    """Run one step with restic, then with p2pbackup."""
-    print(f"{name}:", flush=True)
-    label = name.replace(" ", "-").replace("--", "")
-    restic = runner.timed(f"restic-{label}", ["restic", "-r", lay.restic_repo, *restic_args],
-                          lay.restic_env())
-    ours = runner.timed(f"p2pbackup-{label}", [P2PBACKUP, *ours_args], lay.ours_env())
-    return Step(name, restic, ours)
+def restic_first(rep: int) -> bool:
+    """Repetitions 1, 3, ... (rep 0, 2, ...) run restic first, the others p2pbackup."""
+    return rep % 2 == 0
+
+
+def trial(runner: Runner, lay: Layout, spec: Spec, rep: int) -> Trial:
+    """Run repetition `rep` of a step with both tools, in this repetition's order."""
+    label = spec.name.replace(" ", "-").replace("--", "") + f"-{rep + 1}"
+
+    def restic() -> Run:
+        return runner.timed(f"restic-{label}", ["restic", "-r", lay.restic_repo,
+                                                *spec.restic_args], lay.restic_env())
+
+    def ours() -> Run:
+        return runner.timed(f"p2pbackup-{label}", [P2PBACKUP, *spec.ours_args],
+                            lay.ours_env())
+
+    if restic_first(rep):
+        restic_run = restic()
+        ours_run = ours()
+    else:
+        ours_run = ours()
+        restic_run = restic()
+    return Trial(restic_run, ours_run)
+
+
+def finish(spec: Spec, trials: list[Trial]) -> Step:
+    step = Step(spec.name, tuple(trials))
+    print(f"  median: restic {fmt_median(step.restic)} s, p2pbackup {fmt_median(step.ours)} s,"
+          f" ratio {fmt_ratio(ratio_of_medians(step))} ({fmt_ratios(step)})", flush=True)
+    return step
+
+
+def repeated(runner: Runner, lay: Layout, spec: Spec, repeat: int,
+             prepare: Callable[[], None] | None = None) -> Step:
+    """Run a step `repeat` times, each after the untimed `prepare`."""
+    print(f"{spec.name}:", flush=True)
+    trials: list[Trial] = []
+    for rep in range(repeat):
+        if prepare is not None:
+            prepare()
+        trials.append(trial(runner, lay, spec, rep))
+    return finish(spec, trials)
+
+
+def after_mutate(runner: Runner, lay: Layout, spec: Spec, repeat: int) -> tuple[Step, Sizes]:
+    """Back up the mutated data `repeat` times, each time onto the same repositories.
+
+    They are copied aside before the first repetition and put back before each further
+    one.  Returns the step and the repositories' growth in the first repetition.
+    """
+    print(f"{spec.name}:", flush=True)
+    before = lay.sizes()
+    stash_state(lay)
+    trials = [trial(runner, lay, spec, 0)]
+    after = lay.sizes()
+    for rep in range(1, repeat):
+        restore_state(lay)
+        trials.append(trial(runner, lay, spec, rep))
+    shutil.rmtree(lay.stash)
+    return finish(spec, trials), Sizes(after.restic - before.restic, after.ours - before.ours)
 
 
 def mkdata(runner: Runner, lay: Layout, scale: float, mutate: bool) -> Run:
@@ -348,39 +453,70 @@ def mkdata(runner: Runner, lay: Layout, scale: float, mutate: bool) -> Run:
                                         *extra], os.environ))
 
 
-def init_repos(lay: Layout) -> None:
-    """Untimed: an empty restic repository and a p2pbackup home backing up the data."""
+# The untimed preparations below write or delete a lot; Runner.timed syncs before it starts
+# the clock, so that writeback is not charged to the next timed command.
+
+def remove_tree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def fresh_repos(lay: Layout) -> None:
+    """Empty repositories: a new restic repository (and cache) and a new p2pbackup home."""
+    for path in lay.state_dirs():
+        remove_tree(path)
     check_call(["restic", "init", "-r", lay.restic_repo], lay.restic_env())
     check_call([P2PBACKUP, "init", "--source", lay.data], lay.ours_env())
+
+
+def stash_state(lay: Layout) -> None:
+    """Copy the repositories and caches aside (`cp -a`)."""
+    lay.stash.mkdir()
+    for path in lay.state_dirs():
+        if path.exists():
+            check_call(["cp", "-a", path, lay.stash / path.name])
+
+
+def restore_state(lay: Layout) -> None:
+    """Replace the repositories and caches with the copies from `stash_state`."""
+    for path in lay.state_dirs():
+        remove_tree(path)
+        saved = lay.stash / path.name
+        if saved.exists():
+            check_call(["cp", "-a", saved, path])
+
+
+def clear_restores(lay: Layout) -> None:
+    remove_tree(lay.restore_restic)
+    remove_tree(lay.restore_ours)
 
 
 def count_files(root: Path) -> int:
     return sum(len(files) for _, _, files in os.walk(root))
 
 
-def benchmark(runner: Runner, mnt: Path, scale: float) -> Results:
+def benchmark(runner: Runner, mnt: Path, scale: float, repeat: int) -> Results:
     lay = Layout(mnt)
     lay.tmp.mkdir()
     generate = mkdata(runner, lay, scale, mutate=False)
     data_files, data_bytes = count_files(lay.data), du_bytes(lay.data)
-    init_repos(lay)
     backup: tuple[list[str | Path], list[str | Path]] = (["backup", lay.data], ["snapshot"])
-    steps = [both(runner, lay, INITIAL, *backup)]
+    steps = [repeated(runner, lay, Spec(INITIAL, *backup), repeat, lambda: fresh_repos(lay))]
     initial = lay.sizes()
-    steps.append(both(runner, lay, NO_CHANGE, *backup))
+    steps.append(repeated(runner, lay, Spec(NO_CHANGE, *backup), repeat))
     mutate = mkdata(runner, lay, scale, mutate=True)
-    before = lay.sizes()
-    steps.append(both(runner, lay, AFTER_MUTATE, *backup))
-    after = lay.sizes()
-    steps.append(both(runner, lay, RESTORE, ["restore", "latest", "--target", lay.restore_restic],
-                      ["restore", "latest", "--to", lay.restore_ours]))
+    mutated, growth = after_mutate(runner, lay, Spec(AFTER_MUTATE, *backup), repeat)
+    steps.append(mutated)
+    restore = Spec(RESTORE, ["restore", "latest", "--target", lay.restore_restic],
+                   ["restore", "latest", "--to", lay.restore_ours])
+    steps.append(repeated(runner, lay, restore, repeat, lambda: clear_restores(lay)))
     restored = lay.restore_ours / lay.data.name
-    print("checking the p2pbackup restore against the source ...", flush=True)
+    print("checking the last p2pbackup restore against the source ...", flush=True)
     mismatches = compare_trees(lay.data, restored) if restored.is_dir() else None
-    steps.append(both(runner, lay, VERIFY, ["check", "--read-data"], ["verify", "--read-data"]))
-    growth = Sizes(after.restic - before.restic, after.ours - before.ours)
-    return Results(scale, data_files, data_bytes, generate, mutate, steps, initial, growth,
-                   mismatches)
+    verify = Spec(VERIFY, ["check", "--read-data"], ["verify", "--read-data"])
+    steps.append(repeated(runner, lay, verify, repeat))
+    return Results(scale, repeat, data_files, data_bytes, generate, mutate, steps, initial,
+                   growth, mismatches)
 
 
 # ---- the report ----------------------------------------------------------------------------
@@ -397,8 +533,26 @@ def fmt_ratio(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
-def fmt_seconds(run: Run) -> str:
-    return f"{run.seconds:.2f}" if run.ok else f"FAILED (exit {run.exit_code})"
+def median_seconds(runs: Sequence[Run]) -> float | None:
+    """Median wall time of the runs; None if any of them failed."""
+    return statistics.median(run.seconds for run in runs) if all(r.ok for r in runs) else None
+
+
+def ratio_of_medians(step: Step) -> float | None:
+    restic, ours = median_seconds(step.restic), median_seconds(step.ours)
+    return ratio(ours, restic) if ours is not None and restic is not None else None
+
+
+def fmt_median(runs: Sequence[Run]) -> str:
+    seconds = median_seconds(runs)
+    if seconds is not None:
+        return f"{seconds:.2f}"
+    failed = [run for run in runs if not run.ok]
+    return f"FAILED {len(failed)} of {len(runs)} (exit {failed[0].exit_code})"
+
+
+def fmt_ratios(step: Step) -> str:
+    return " / ".join(fmt_ratio(trial.ratio) for trial in step.trials)
 
 
 def fmt_bytes(n: int) -> str:
@@ -407,33 +561,41 @@ def fmt_bytes(n: int) -> str:
 
 def time_row(step: Step) -> str:
     target = TIME_TARGETS[step.name]
-    r = ratio(step.ours.seconds, step.restic.seconds) if step.ours.ok and step.restic.ok else None
-    met = verdict(r, target) if step.ours.ok else "**no** (failed)"
-    return (f"| {step.name} | {fmt_seconds(step.restic)} | {fmt_seconds(step.ours)} | "
-            f"{fmt_ratio(r)} | ≤ {target} | {met} |")
+    r = ratio_of_medians(step)
+    met = verdict(r, target) if all(run.ok for run in step.ours) else "**no** (failed)"
+    return (f"| {step.name} | {fmt_median(step.restic)} | {fmt_median(step.ours)} | "
+            f"{fmt_ratio(r)} | {fmt_ratios(step)} | ≤ {target} | {met} |")
+
+
+def size_row(name: str, sizes: Sizes, target: float | None) -> str:
+    r = ratio(sizes.ours, sizes.restic)
+    goal = "—" if target is None else f"≤ {target}"
+    met = "—" if target is None else verdict(r, target)
+    return (f"| {name} | {fmt_bytes(sizes.restic)} | {fmt_bytes(sizes.ours)} | {fmt_ratio(r)} "
+            f"| — | {goal} | {met} |")
 
 
 def results_table(res: Results) -> list[str]:
-    grow = ratio(res.growth.ours, res.growth.restic)
     return [
-        "| step | restic s | p2pbackup s | ratio (ours/restic) | target | met? |",
-        "|---|---|---|---|---|---|",
+        ("| step | restic s (median) | p2pbackup s (median) | ratio of medians (ours/restic) "
+         "| ratio per repetition | target | met? |"),
+        "|---|---|---|---|---|---|---|",
         *(time_row(step) for step in res.steps),
-        f"| repo growth after mutate (bytes) | {fmt_bytes(res.growth.restic)} | "
-        f"{fmt_bytes(res.growth.ours)} | {fmt_ratio(grow)} | ≤ {GROWTH_TARGET} | "
-        f"{verdict(grow, GROWTH_TARGET)} |",
-        f"| initial repo size (bytes) | {fmt_bytes(res.initial.restic)} | "
-        f"{fmt_bytes(res.initial.ours)} | {fmt_ratio(ratio(res.initial.ours, res.initial.restic))}"
-        " | — | — |",
+        size_row("repo growth after mutate (bytes)", res.growth, GROWTH_TARGET),
+        size_row("initial repo size (bytes)", res.initial, None),
     ]
 
 
+def peak_rss_mib(runs: Sequence[Run]) -> float:
+    return max(run.maxrss_kib for run in runs) / 1024
+
+
 def rss_table(res: Results) -> list[str]:
-    rows = ["| step | restic peak RSS MiB | p2pbackup peak RSS MiB | target | met? |",
+    rows = ["| step | restic peak RSS MiB (max) | p2pbackup peak RSS MiB (max) | target | met? |",
             "|---|---|---|---|---|"]
     for step in res.steps:
-        ours = step.ours.maxrss_kib / 1024
-        rows.append(f"| {step.name} | {step.restic.maxrss_kib / 1024:.0f} | {ours:.0f} | "
+        ours = peak_rss_mib(step.ours)
+        rows.append(f"| {step.name} | {peak_rss_mib(step.restic):.0f} | {ours:.0f} | "
                     f"≤ {RSS_TARGET_MIB} | {verdict(ours, RSS_TARGET_MIB)} |")
     return rows
 
@@ -443,8 +605,9 @@ def restore_check(res: Results) -> list[str]:
             "file contents (size + SHA-256); SQLite files by `PRAGMA integrity_check` and "
             "identical `iterdump()`.")
     if res.mismatches is None:
-        return [f"p2pbackup's restore produced no tree to check. {what}"]
-    lines = [f"**{len(res.mismatches)} mismatches** in p2pbackup's restore. {what}"]
+        return [f"p2pbackup's last restore produced no tree to check. {what}"]
+    lines = [(f"**{len(res.mismatches)} mismatches** in p2pbackup's restore (the last "
+              f"repetition's). {what}")]
     lines += [f"- `{m}`" for m in res.mismatches[:20]]
     if len(res.mismatches) > 20:
         lines.append(f"- ... and {len(res.mismatches) - 20} more")
@@ -452,7 +615,7 @@ def restore_check(res: Results) -> list[str]:
 
 
 def failures(res: Results) -> list[str]:
-    failed = [run for step in res.steps for run in (step.restic, step.ours) if not run.ok]
+    failed = [run for step in res.steps for run in step.runs if not run.ok]
     if not failed:
         return ["None: every command exited 0."]
     lines: list[str] = []
@@ -488,6 +651,42 @@ def invocation() -> str:
     return f"make bench  # runs: {direct}" if "MAKELEVEL" in os.environ else direct
 
 
+def method(repeat: int) -> list[str]:
+    return [
+        (f"- Everything (data, both repositories, restic's cache, restore targets) is on a "
+         f"fresh {IMAGE_SIZE} ext4 file system on a loop device (bench/work/fs.img)."),
+        (f"- Each step is measured {repeat} times within this run (`--repeat`), alternating "
+         "which tool goes first (restic in repetitions 1, 3, ..., p2pbackup in 2, 4, ...). "
+         "Times are medians per tool; the targets are judged on the ratio of the medians, and "
+         "the ratio of each repetition is listed to show the spread. Peak RSS is the maximum "
+         "over the repetitions."),
+        ("- Initial backup: every repetition starts from empty repositories (restic's "
+         "repository and cache and `$P2PBACKUP_HOME` deleted, `restic init` and "
+         "`p2pbackup init` run again, untimed). The last repetition's repositories are used "
+         "for the following steps and for the initial repository size."),
+        ("- No-change backup and full check: simply repeated (each no-change repetition adds "
+         "one more snapshot)."),
+        ("- Backup after mutate: the data is mutated once. Before the first repetition "
+         "restic's repository and cache and `$P2PBACKUP_HOME` are copied aside (`cp -a`, "
+         "untimed); each further repetition first replaces them with these copies, so every "
+         "repetition backs up the same change onto the same repositories. Growth is the size "
+         "after the first repetition minus the size before it."),
+        ("- Restore: every repetition restores into new, empty targets (the previous "
+         "repetition's are deleted, untimed). The restore check is done on the last "
+         "repetition's p2pbackup restore."),
+        ("- Caches are warm: `sync` runs before each timed command (so dirty pages of the "
+         "other tool or of the untimed preparations are not written back on the clock), but "
+         "the page cache is never dropped; the data set was just written and fits in RAM."),
+        ("- Wall-clock time of the whole process; peak RSS is `ru_maxrss` from `os.wait4` "
+         "(the largest single process, not a sum)."),
+        ("- `restic init` and `p2pbackup init` are not timed. restic uses its defaults "
+         "(repository format and compression as `restic init` chooses them)."),
+        ("- Repository sizes are `du -sb` of restic's repository directory and of "
+         "`$P2PBACKUP_HOME/store` (p2pbackup's index cache is not counted; restic's cache "
+         "is outside its repository too)."),
+    ]
+
+
 def report(res: Results, started: datetime.datetime) -> str:
     restic_version = check_call(["restic", "version"]).strip()
     lines = [
@@ -497,9 +696,11 @@ def report(res: Results, started: datetime.datetime) -> str:
         f"- machine: {machine()}",
         f"- restic: {restic_version}",
         f"- p2pbackup: git {git_revision()}",
-        f"- scale: {res.scale} — data set: {res.data_files:,} files, "
-        f"{fmt_bytes(res.data_bytes)} (generated in {res.generate.seconds:.1f} s; "
-        f"mutated in {res.mutate.seconds:.1f} s)",
+        (f"- scale: {res.scale} — data set: {res.data_files:,} files, "
+         f"{fmt_bytes(res.data_bytes)} (generated in {res.generate.seconds:.1f} s; "
+         f"mutated in {res.mutate.seconds:.1f} s)"),
+        (f"- repetitions: {res.repeat} per step, alternating which tool goes first "
+         "(see Method)"),
         f"- command (from the repository root): `{invocation()}`",
         "",
         "## Time and size",
@@ -520,21 +721,7 @@ def report(res: Results, started: datetime.datetime) -> str:
         "",
         "## Method",
         "",
-        "- Everything (data, both repositories, restic's cache, restore targets) is on a fresh "
-        f"{IMAGE_SIZE} ext4 file system on a loop device (bench/work/fs.img).",
-        "- Each step runs restic first, then p2pbackup, always in that order; one run of each "
-        "(no repetitions, so small differences are within noise).",
-        "- Caches are warm: `sync` runs before each timed command (so one tool's dirty pages "
-        "are not written back on the other's clock), but the page cache is never dropped; the "
-        "data set was just written and fits in RAM.",
-        "- Wall-clock time of the whole process; peak RSS is `ru_maxrss` from `os.wait4` (the "
-        "largest single process, not a sum).",
-        "- `restic init` and `p2pbackup init` are not timed. restic uses its defaults "
-        "(repository format and compression as `restic init` chooses them).",
-        "- Repository sizes are `du -sb` of restic's repository directory and of "
-        "`$P2PBACKUP_HOME/store` (p2pbackup's index cache is not counted; restic's cache "
-        "is outside its repository too).",
-        "- Growth is the size after the after-mutate backup minus the size before it.",
+        *method(res.repeat),
         "",
     ]
     return "\n".join(lines)
@@ -555,11 +742,21 @@ def ensure_tools() -> None:
         check_call(["apt-get", "install", "-y", "-qq", "restic"])
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=float, default=1.0,
                     help="data set size for mkdata.py (1.0 is about 1 GB, 20k files)")
+    ap.add_argument("--repeat", type=positive_int, default=4,
+                    help="repetitions of each step, alternating which tool goes first "
+                         "(default: 4, so each tool goes first equally often)")
     ap.add_argument("--keep", action="store_true",
                     help="leave the scratch file system mounted at bench/work/mnt")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS.md",
@@ -576,7 +773,7 @@ def main() -> int:
         logs = WORK / "logs" / f"{started:%Y%m%d-%H%M%S}"
         with scratch_fs(args.keep) as mnt:
             logs.mkdir(parents=True)
-            results = benchmark(Runner(logs), mnt, args.scale)
+            results = benchmark(Runner(logs), mnt, args.scale, args.repeat)
     except BenchError as exc:
         print(f"benchmark aborted: {exc}", file=sys.stderr)
         return 1
@@ -587,7 +784,7 @@ def main() -> int:
     print("\n" + text)
     args.out.write_text(text)
     print(f"written to {args.out}; command logs in {logs}")
-    ok = all(run.ok for step in results.steps for run in (step.restic, step.ours))
+    ok = all(run.ok for step in results.steps for run in step.runs)
     return 0 if ok and results.mismatches == [] else 1
 
 
