@@ -33,8 +33,9 @@ class Kind(enum.IntEnum):
     SNAPSHOT = 5
     REPO_CONFIG = 6
     DEVICE = 7
-    SEGMENT = 8  # reserved for log segments
-    HEAD = 9  # reserved for heads
+    SEGMENT = 8
+    HEAD = 9
+    SEGMENT_PART = 10
 
 
 @dataclass(frozen=True, slots=True)

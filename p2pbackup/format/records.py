@@ -28,7 +28,8 @@ def _pack(obj: Any) -> bytes:
 def _unpack(data: bytes, what: str) -> dict:
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError,
+            TypeError) as exc:
         raise IntegrityError(f"{what} does not decode: {exc}") from None
     if not isinstance(obj, dict):
         raise IntegrityError(f"{what} does not decode: not a map")

@@ -1,4 +1,4 @@
-"""Writes the version 1 golden files. Run once, when format v1 was made; never rewrite them.
+"""Writes the version 1 golden files that do not exist yet; it never rewrites one.
 
 Later versions of p2pbackup must still read every file here (tests/unit/format/test_golden.py).
 """
@@ -13,11 +13,12 @@ from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.crypto.keys import AccountKeys
 from p2pbackup.format.header import Kind
 from p2pbackup.format.objects import seal_object
+from p2pbackup.format.log import GENESIS, Segment, SegmentPart
 from p2pbackup.format.pack import PackBuilder
 from p2pbackup.format.records import (FILE, DIR, SYMLINK, RepoConfig, Signed, Snapshot,
                                       SourceRoot, Tree, TreeEntry)
 
-HERE = Path(__file__).parent
+HERE_DIR = Path(__file__).parent
 ACCOUNT_KEY = bytes(range(32))
 DEVICE_SEED = bytes(range(32, 64))
 
@@ -26,7 +27,28 @@ def nonce(i: int) -> bytes:
     return bytes([i]) * 24
 
 
+class _Golden:
+    """Writes a file only if it is not there yet: golden files are never regenerated."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __truediv__(self, name: str) -> "_GoldenFile":
+        return _GoldenFile(self.root / name)
+
+
+class _GoldenFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write_bytes(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.path.exists():
+            self.path.write_bytes(bytes(data))
+            print(f"wrote {self.path.name}")
+
+
 def main() -> None:
+    HERE = _Golden(HERE_DIR)  # noqa: N806
     keys = AccountKeys(ACCOUNT_KEY)
     scope = keys.scope("docs", 0)
     dev = DeviceIdentity(DEVICE_SEED)
@@ -77,6 +99,22 @@ def main() -> None:
     newer = bytearray(seal_object(Kind.SNAPSHOT, b"\x00", keys.meta_key, nonce=nonce(6)))
     newer[4] = 2  # format version 2: not readable by v1
     (HERE / "newer-version.obj").write_bytes(bytes(newer))
+
+    # A v1 segment whose change list holds an operation a future version might add.
+    changes = msgpack.packb({"v": 1, "c": [
+        {"op": "put", "p": b"sub/hello.txt", "t": 1_700_000_100_000_000_000,
+         "e": tree.entries[0].to_map()},
+        {"op": "del", "p": b"old-dir", "t": 1_700_000_100_000_000_001},
+        {"op": "set-xattr", "p": b"sub/hello.txt", "t": 1_700_000_100_000_000_002,
+         "name": "user.tag", "value": b"x"},
+    ]}, use_bin_type=True)
+    part = seal_object(Kind.SEGMENT_PART, changes, scope.data_key, nonce=nonce(7))
+    seg = Segment(dev.device_id, 1, GENESIS, 1_700_000_100_000_000_000,
+                  (SegmentPart("docs", 0, bytes(part)),))
+    body = seg.encode()
+    signed = Signed(body, dev.device_id, dev.sign(body)).encode()
+    (HERE / "segment.obj").write_bytes(seal_object(Kind.SEGMENT, signed, keys.meta_key,
+                                                   nonce=nonce(8)))
 
 
 if __name__ == "__main__":

@@ -67,3 +67,18 @@ def test_newer_format_version_is_refused_with_upgrade_hint():
     with pytest.raises(UnsupportedFormat) as exc:
         open_object((V1 / "newer-version.obj").read_bytes(), KEYS.meta_key, what="snapshot x")
     assert str(exc.value) == "Snapshot x was written by a newer p2pbackup (format v2); upgrade to read it."
+
+
+def test_v1_segment_with_a_future_operation():
+    from p2pbackup.format.log import GENESIS, PUT, ChangeList, Segment
+
+    _, body = open_object((V1 / "segment.obj").read_bytes(), KEYS.meta_key, expect=Kind.SEGMENT)
+    signed = Signed.decode(body, "segment")
+    assert verify_signature(DEVICE.public_key, signed.body, signed.signature)
+    seg = Segment.decode(signed.body)
+    assert (seg.seq, seg.prev, seg.device) == (1, GENESIS, DEVICE.device_id)
+    _, plain = open_object(seg.parts[0].sealed, SCOPE.data_key, expect=Kind.SEGMENT_PART)
+    changes = ChangeList.decode(plain)
+    assert [(c.op, c.path) for c in changes.changes] == [(PUT, b"sub/hello.txt"),
+                                                        ("del", b"old-dir")]
+    assert changes.skipped == 1 and changes.changes[0].entry.chunks == (SCOPE.blob_id(CHUNK),)
