@@ -17,7 +17,7 @@ from ..chunking.chunker import DEFAULT_AVG
 from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from ..crypto.keys import AccountKeys, ScopeKeys
 from ..errors import IntegrityError, NotFound, P2PError, StorageError, UnsupportedFormat, WrongKey
-from ..format.header import HEADER_SIZE, Kind, ObjectHeader
+from ..format.header import Kind, ObjectHeader
 from ..format.objects import open_object, seal_object
 from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.records import DeviceRecord, PackTrailer, RepoConfig, Signed, Snapshot, Tree

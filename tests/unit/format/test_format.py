@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from p2pbackup.errors import IntegrityError, UnsupportedFormat
 from p2pbackup.format import HEADER_SIZE, Kind, ObjectHeader, open_object, seal_object
 from p2pbackup.format.pack import PackBuilder, parse_trailer, trailer_length
-from p2pbackup.format.records import (DIR, FILE, SYMLINK, PackTrailer, Snapshot, SourceRoot,
+from p2pbackup.format.records import (DIR, FILE, SYMLINK, Snapshot, SourceRoot,
                                       Tree, TreeEntry)
 
 KEY = bytes(range(32))
