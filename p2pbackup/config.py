@@ -39,6 +39,15 @@ class Source:
 
 
 @dataclass(frozen=True, slots=True)
+class DaemonSettings:
+    """The `[daemon]` table: how often the log is sealed and the tree rescanned."""
+
+    seal_interval: float = 60.0  # seconds
+    seal_bytes: int = 64 * 1024 * 1024
+    rescan_interval: float = 3600.0  # seconds; the safety net under inotify
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The parsed config.toml."""
 
@@ -46,6 +55,7 @@ class Config:
     device_name: str
     store: Path
     sources: tuple[Source, ...]
+    daemon: DaemonSettings = DaemonSettings()
 
     @property
     def account_key_file(self) -> Path:
@@ -77,6 +87,21 @@ def _source_names(paths: list[str]) -> list[Source]:
 def sources_for_paths(paths: list[str]) -> tuple[Source, ...]:
     """Name ad-hoc paths like configured sources: by their base name, made unique."""
     return tuple(_source_names(paths))
+
+
+@dataclass(frozen=True, slots=True)
+class SystemdSettings:
+    """What systemd passes a Type=notify service: where to notify, how often to ping."""
+
+    notify_socket: str | None
+    watchdog_seconds: float | None
+
+
+def systemd_settings() -> SystemdSettings:
+    """Read NOTIFY_SOCKET and WATCHDOG_USEC (set by systemd, or by tests)."""
+    sock = os.environ.get("NOTIFY_SOCKET") or None
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    return SystemdSettings(sock, int(usec) / 1e6 if usec.isdigit() and int(usec) > 0 else None)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -144,7 +169,25 @@ def load_config(home: Path | None = None) -> Config:
                 or not isinstance(s.get("name"), str):
             raise ConfigError(f"{path}: key 'sources[{i}]' needs a string 'name' and 'path'")
         sources.append(Source(s["name"], s["path"]))
-    return Config(home, name, (home / store).absolute(), tuple(sources))
+    return Config(home, name, (home / store).absolute(), tuple(sources),
+                  _daemon_settings(doc.get("daemon", {}), path))
+
+
+def _daemon_settings(table: object, path: Path) -> DaemonSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: key 'daemon' must be a table")
+    d = DaemonSettings()
+    limits = {"seal_interval": (1, 86400), "seal_bytes": (1024, 1 << 34),
+              "rescan_interval": (10, 7 * 86400)}
+    values = {}
+    for key, (lo, hi) in limits.items():
+        value = table.get(key, getattr(d, key))
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+            raise ConfigError(f"{path}: key 'daemon.{key}' = {value!r} must be a number from "
+                              f"{lo} to {hi}")
+        values[key] = value
+    return DaemonSettings(float(values["seal_interval"]), int(values["seal_bytes"]),
+                          float(values["rescan_interval"]))
 
 
 def load_keys(config: Config) -> tuple[AccountKeys, DeviceIdentity]:

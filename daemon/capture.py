@@ -1,0 +1,157 @@
+"""Turning file-system events into log changes, and sealing them into segments.
+
+Each event path is looked at once more when it is handled (the event only says "look here"):
+gone means `del`; a file is read (its chunks stored) and becomes a `put` with its new entry; a
+directory that appears is walked, since inotify reports only the directory itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import stat as statmod
+import time
+from dataclasses import dataclass, field
+
+from p2pbackup.backup.files import FileReader
+from p2pbackup.backup.names import show_path
+from p2pbackup.backup.sink import BlobSink
+from p2pbackup.config import Source
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.format.log import DEL, PUT, Change, ChangeList, Head, Segment, SegmentPart
+from p2pbackup.format.records import DIR, SYMLINK, TreeEntry
+from p2pbackup.repo.logstore import LogStore
+from p2pbackup.repo.repository import Repository
+
+log = logging.getLogger("p2pbackupd")
+
+
+@dataclass(slots=True)
+class _Counters:
+    files: int = 0
+    bytes: int = 0
+    read: int = 0
+
+
+@dataclass(slots=True)
+class SealState:
+    """Where the device's chain stands."""
+
+    seq: int
+    prev: bytes
+    head: Head | None = None
+    sealed_at: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+class SegmentSealer:
+    """Collects changes per source and seals them into signed, chained segments."""
+
+    def __init__(self, repo: Repository, identity: DeviceIdentity, sources: tuple[Source, ...],
+                 temp_dir: str, state: SealState) -> None:
+        self.repo = repo
+        self.identity = identity
+        self.sources = sources
+        self.temp_dir = temp_dir
+        self.state = state
+        self.logstore = LogStore(repo)
+        self.pending: dict[str, list[Change]] = {}
+        self.pending_bytes = 0
+        self.counters = _Counters()
+        self._new_period()
+
+    def _new_period(self) -> None:
+        self.sink = BlobSink(self.repo)
+        self.reader = FileReader(self.sink, self.repo.config.chunk_avg,
+                                 self.repo.keys.chunker_seed, self.temp_dir, self.counters,
+                                 self._warn)
+
+    def _warn(self, message: str) -> None:
+        log.warning("%s", message)
+        self.state.warnings.append(message)
+        del self.state.warnings[:-20]
+
+    def source_of(self, path: bytes) -> tuple[Source, bytes] | None:
+        for src in self.sources:
+            root = os.fsencode(src.path)
+            if path == root:
+                return src, b""
+            if path.startswith(root + b"/"):
+                return src, path[len(root) + 1:]
+        return None
+
+    async def capture(self, path: bytes) -> None:
+        """Record what is now at `path` (or that nothing is)."""
+        found = self.source_of(path)
+        if found is None or not found[1]:
+            return
+        src, rel = found
+        keys = self.repo.keys.scope(src.name, 0)
+        now = time.time_ns()
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self._add(src, Change(DEL, rel, now))
+            return
+        except OSError as exc:
+            self._warn(f"cannot look at {show_path(path)}: {exc.strerror}")
+            return
+        name = os.path.basename(rel)
+        if statmod.S_ISREG(st.st_mode):
+            entry = await asyncio.to_thread(self.reader.read_file, path, name, st, keys)
+            if entry is not None:
+                self.pending_bytes += entry.size
+                self._add(src, Change(PUT, rel, now, entry))
+        elif statmod.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                return
+            self._add(src, Change(PUT, rel, now, TreeEntry(SYMLINK, name, st.st_mode, st.st_uid,
+                                                          st.st_gid, st.st_mtime_ns,
+                                                          target=target)))
+        elif statmod.S_ISDIR(st.st_mode):
+            self._add(src, Change(PUT, rel, now, TreeEntry(DIR, name, st.st_mode, st.st_uid,
+                                                          st.st_gid, st.st_mtime_ns, subtree=b"")))
+            await self._capture_tree(path)
+
+    async def _capture_tree(self, path: bytes) -> None:
+        try:
+            with os.scandir(path) as it:
+                names = sorted(e.path for e in it)
+        except OSError:
+            return
+        for child in names:
+            await self.capture(child)
+
+    def _add(self, src: Source, change: Change) -> None:
+        self.pending.setdefault(src.name, []).append(change)
+
+    @property
+    def change_count(self) -> int:
+        return sum(len(v) for v in self.pending.values())
+
+    async def seal(self) -> Head | None:
+        """Seal what is pending into the next segment; None if nothing is pending."""
+        if not self.pending:
+            return None
+        sink = self.sink
+        self._new_period()
+        await asyncio.to_thread(sink.flush)  # chunks are durable before a segment names them
+        parts = tuple(SegmentPart(scope, 0, self.logstore.seal_changes(scope, 0,
+                                                                        ChangeList(tuple(ch))))
+                      for scope, ch in sorted(self.pending.items()))
+        count = self.change_count
+        seg = Segment(self.identity.device_id, self.state.seq + 1, self.state.prev,
+                      time.time_ns(), parts)
+        head = await self.logstore.append(self.identity, seg)
+        self.state.seq, self.state.prev, self.state.head = head.seq, head.segment, head
+        self.state.sealed_at = time.time()
+        self.pending.clear()
+        self.pending_bytes = 0
+        log.info("sealed segment %d: %d changes", head.seq, count)
+        return head
+
+    def close(self) -> None:
+        self.sink.close()

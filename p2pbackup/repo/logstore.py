@@ -1,0 +1,164 @@
+"""Segments and heads in a store: writing them, and reading a device's chain back, checked.
+
+Segments are stored as `segments/<device>/<seq, 12 digits>` and sealed with the metadata key
+(their change lists inside are sealed per source); heads as `heads/<device>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ..crypto.identity import DeviceIdentity, verify_signature
+from ..crypto.keys import AccountKeys
+from ..errors import IntegrityError, NotFound, P2PError
+from ..format.header import Kind
+from ..format.log import (GENESIS, ChangeList, Head, Segment, check_chain, check_head_update,
+                          segment_hash)
+from ..format.objects import open_object, seal_object
+from ..format.records import Signed
+from .repository import Repository
+
+log = logging.getLogger("p2pbackup.log")
+
+
+def segment_name(device: str, seq: int) -> str:
+    return f"segments/{device}/{seq:012d}"
+
+
+class LogStore:
+    """A device's log in a repository."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.keys: AccountKeys = repo.keys
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def seal_changes(self, scope: str, epoch: int, changes: ChangeList) -> bytes:
+        """Seal one source's change list with that source's key."""
+        keys = self.keys.scope(scope, epoch)
+        return bytes(seal_object(Kind.SEGMENT_PART, changes.encode(), keys.data_key))
+
+    async def append(self, identity: DeviceIdentity, segment: Segment,
+                     snapshot: str | None = None) -> Head:
+        """Store a segment (durably) and then move the head to it."""
+        body = segment.encode()
+        signed = Signed(body, identity.device_id, identity.sign(body)).encode()
+        sealed = seal_object(Kind.SEGMENT, signed, self.keys.meta_key)
+        await self.repo.store.put(segment_name(identity.device_id, segment.seq), sealed)
+        current = await self.read_head(identity.device_id)
+        head = Head(identity.device_id, segment.seq, segment_hash(sealed),
+                    snapshot if snapshot is not None else (current.snapshot if current else None),
+                    time.time_ns())
+        await self.write_head(identity, head)
+        return head
+
+    async def write_head(self, identity: DeviceIdentity, head: Head) -> None:
+        """Replace the device's head, refusing one that goes backwards or forks."""
+        current = await self.read_head(head.device)
+        why = check_head_update(current, head)
+        if why:
+            raise IntegrityError(why)
+        body = head.encode()
+        signed = Signed(body, identity.device_id, identity.sign(body)).encode()
+        await self.repo.store.put(f"heads/{head.device}",
+                                  seal_object(Kind.HEAD, signed, self.keys.meta_key))
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    async def _open_signed(self, raw: bytes, kind: int, device: str, what: str) -> bytes:
+        _, body = open_object(raw, self.keys.meta_key, expect=kind, what=what)
+        signed = Signed.decode(bytes(body), what)
+        if signed.device != device:
+            raise IntegrityError(f"{what} was signed by {signed.device[:12]}, not {device[:12]}")
+        key = await self.repo.device_key(device)
+        if not verify_signature(key, signed.body, signed.signature):
+            raise IntegrityError(f"{what} has a bad signature")
+        return signed.body
+
+    async def read_head(self, device: str) -> Head | None:
+        """The device's signed head, or None if it has none yet."""
+        what = f"head of device {device[:12]}"
+        try:
+            raw = await self.repo.store.get(f"heads/{device}")
+        except NotFound:
+            return None
+        return Head.decode(await self._open_signed(raw, Kind.HEAD, device, what), what)
+
+    async def segment_seqs(self, device: str) -> list[int]:
+        out = []
+        async for name in self.repo.store.list(f"segments/{device}/"):
+            tail = name.rsplit("/", 1)[1]
+            if tail.isdigit():
+                out.append(int(tail))
+        return sorted(out)
+
+    async def load_segment(self, device: str, seq: int) -> tuple[bytes, Segment]:
+        """Read, authenticate and check the signature of one segment; return (hash, segment)."""
+        what = f"segment {seq} of device {device[:12]}"
+        raw = await self.repo.store.get(segment_name(device, seq))
+        seg = Segment.decode(await self._open_signed(raw, Kind.SEGMENT, device, what), what)
+        if seg.seq != seq or seg.device != device:
+            raise IntegrityError(f"{what} is stored under the wrong name")
+        return segment_hash(raw), seg
+
+    async def load_chain(self, device: str) -> tuple[list[tuple[bytes, Segment]], list[str]]:
+        """Every segment of a device in seq order, and the problems with the chain and head."""
+        links: list[tuple[bytes, Segment]] = []
+        problems: list[str] = []
+        for seq in await self.segment_seqs(device):
+            try:
+                links.append(await self.load_segment(device, seq))
+            except P2PError as exc:
+                problems.append(str(exc))
+        problems += check_chain(links, device)
+        head = await self.read_head(device)
+        if links and head is not None:
+            last_hash, last = links[-1]
+            if head.seq > last.seq:
+                problems.append(f"the head names segment {head.seq} but the newest is {last.seq}")
+            elif head.seq == last.seq and head.segment != last_hash:
+                problems.append(f"the head's hash for segment {head.seq} does not match it")
+        return links, problems
+
+    def open_changes(self, segment: Segment) -> list[tuple[str, ChangeList]]:
+        """The change lists of a segment, per source, for the sources this device can read."""
+        out = []
+        for part in segment.parts:
+            keys = self.keys.scope(part.scope, part.epoch)
+            what = f"changes of {part.scope} in segment {segment.seq}"
+            _, plain = open_object(part.sealed, keys.data_key, expect=Kind.SEGMENT_PART,
+                                   what=what)
+            out.append((part.scope, ChangeList.decode(plain, what)))
+        return out
+
+    async def recover_tail(self, device: str) -> tuple[int, bytes]:
+        """Where the chain continues: (seq, hash) of the newest good segment.
+
+        A newest segment that does not read back (a torn or damaged write) is set aside to
+        `quarantine/` with a log line, and the chain continues from the one before it.
+        """
+        head = await self.read_head(device)
+        seqs = await self.segment_seqs(device)
+        while seqs:
+            seq = seqs[-1]
+            try:
+                h, _ = await self.load_segment(device, seq)
+                if head is not None and head.seq > seq:
+                    break  # the head is ahead of the last readable segment: follow the head
+                return seq, h
+            except P2PError as exc:
+                log.warning("segment %d is torn or damaged (%s); discarded, the chain continues "
+                            "from segment %d", seq, exc, seq - 1)
+                name = segment_name(device, seq)
+                try:
+                    data = await self.repo.store.get(name)
+                    await self.repo.store.put(f"quarantine/{name}", data)
+                except P2PError:
+                    pass
+                await self.repo.store.delete(name)
+                seqs.pop()
+        if head is not None and head.seq > 0:
+            return head.seq, head.segment  # heads never go backwards, so the chain goes on
+        return 0, GENESIS

@@ -1,0 +1,224 @@
+"""The device daemon as a real process: inotify, sealed signed segments, kill -9, systemd."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pbackup.device import open_device
+from p2pbackup.format.log import DEL, PUT
+from p2pbackup.repo.logstore import LogStore
+from tests.conftest import Cli
+
+
+class Daemon:
+    """p2pbackupd in a subprocess, with a datagram socket standing in for systemd."""
+
+    def __init__(self, cli: Cli, tmp: Path, watchdog_usec: int | None = None) -> None:
+        self.cli = cli
+        self.sock_path = str(tmp / f"notify-{random.getrandbits(32):x}")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.sock_path)
+        self.sock.settimeout(0.2)
+        env = cli.env()
+        env["NOTIFY_SOCKET"] = self.sock_path
+        if watchdog_usec:
+            env["WATCHDOG_USEC"] = str(watchdog_usec)
+        self.log = open(tmp / "daemon.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "p2pbackup.daemon.main"], env=env,
+                                     stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        self.messages: list[str] = []
+
+    def wait_for(self, text: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}"
+            try:
+                msg = self.sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            self.messages.append(msg)
+            if text in msg:
+                return msg
+        raise AssertionError(f"no {text!r} from the daemon within {timeout} s: {self.messages}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=30)
+        self.sock.close()
+        os.unlink(self.sock_path)
+        self.log.close()
+        return code
+
+
+@pytest.fixture
+def home(cli: Cli, tmp_path: Path) -> tuple[Cli, Path]:
+    src = tmp_path / "src"
+    src.mkdir()
+    cli("init", "--source", str(src))
+    with open(cli.home / "config.toml", "a") as f:
+        f.write("\n[daemon]\nseal_interval = 1\n")
+    return cli, src
+
+
+def chain(cli: Cli):
+    async def go():
+        async with open_device(cli.home) as dev:
+            ls = LogStore(dev.repo)
+            links, problems = await ls.load_chain(dev.identity.device_id)
+            head = await ls.read_head(dev.identity.device_id)
+            changes = [(seg.seq, ls.open_changes(seg)) for _, seg in links]
+            return links, problems, head, changes
+    return asyncio.run(go())
+
+
+def wait_for_seq(cli: Cli, seq: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        head = chain(cli)[2]
+        if head is not None and head.seq >= seq:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"segment {seq} was not sealed within {timeout} s")
+
+
+def test_changes_become_sealed_signed_segments(home, tmp_path: Path):
+    cli, src = home
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        (src / "a.txt").write_text("version 1\n")
+        (src / "dir").mkdir()
+        (src / "dir" / "b.bin").write_bytes(os.urandom(300_000))
+        wait_for_seq(cli, 1)
+        (src / "a.txt").unlink()
+        wait_for_seq(cli, 2)
+        assert "sealed segment" in d.wait_for("STATUS=sealed segment")
+    finally:
+        assert d.stop() == 0
+    links, problems, head, changes = chain(cli)
+    assert problems == [] and head.seq == len(links) >= 2
+    ops = [(c.op, c.path) for _, parts in changes for _, cl in parts for c in cl.changes]
+    assert (PUT, b"a.txt") in ops and (PUT, b"dir/b.bin") in ops and (DEL, b"a.txt") in ops
+    put_b = next(c for _, parts in changes for _, cl in parts for c in cl.changes
+                 if c.path == b"dir/b.bin" and c.op == PUT)
+    assert put_b.entry.size == 300_000 and len(put_b.entry.chunks) >= 2
+    assert "no problems found" in cli("verify", "--read-data").stdout
+
+
+def test_watchdog_pings(home, tmp_path: Path):
+    cli, _ = home
+    d = Daemon(cli, tmp_path, watchdog_usec=400_000)
+    try:
+        d.wait_for("READY=1")
+        d.wait_for("WATCHDOG=1")
+        d.wait_for("WATCHDOG=1")
+    finally:
+        assert d.stop() == 0
+
+
+def test_kill_9_at_random_moments_keeps_the_chain(home, tmp_path: Path):
+    cli, src = home
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            (src / f"f{i % 50}.txt").write_bytes(os.urandom(random.randint(100, 200_000)))
+            if i % 7 == 0:
+                try:
+                    (src / f"f{(i * 3) % 50}.txt").unlink()
+                except FileNotFoundError:
+                    pass
+            i += 1
+            time.sleep(0.005)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    rng = random.Random(1234)
+    sealed_before: list[int] = []
+    try:
+        for _ in range(20):
+            d = Daemon(cli, tmp_path)
+            d.wait_for("READY=1")
+            time.sleep(rng.uniform(0.2, 1.6))
+            d.stop(signal.SIGKILL)
+            head = chain(cli)[2]
+            sealed_before.append(head.seq if head else 0)
+        d = Daemon(cli, tmp_path)
+        d.wait_for("READY=1")
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        t.join()
+    assert d.stop() == 0
+    links, problems, head, _ = chain(cli)
+    assert problems == []
+    assert [seg.seq for _, seg in links] == list(range(1, head.seq + 1))
+    assert head.seq >= max(sealed_before) and head.seq > 5  # nothing sealed was lost
+    assert "no problems found" in cli("verify", "--read-data").stdout
+
+
+def test_torn_segment_is_discarded_and_the_chain_goes_on(home, tmp_path: Path):
+    cli, src = home
+    d = Daemon(cli, tmp_path)
+    d.wait_for("READY=1")
+    (src / "a.txt").write_text("one")
+    wait_for_seq(cli, 1)
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    links, _, head, _ = chain(cli)
+    seg_dir = cli.home / "store" / "segments" / links[0][1].device
+    good = (seg_dir / "000000000001").read_bytes()
+    (seg_dir / "000000000002").write_bytes(good[: len(good) // 2])  # a half-written segment
+    d = Daemon(cli, tmp_path)
+    d.wait_for("READY=1")
+    (src / "b.txt").write_text("two")
+    wait_for_seq(cli, 2)
+    assert d.stop() == 0
+    log_text = (tmp_path / "daemon.log").read_text()
+    assert "segment 2 is torn or damaged" in log_text and "discarded" in log_text
+    links, problems, head, changes = chain(cli)
+    assert problems == [] and head.seq == 2
+    assert any(c.path == b"b.txt" for _, parts in changes for _, cl in parts for c in cl.changes)
+
+
+def test_config_error_is_one_line_naming_key_and_file(home, tmp_path: Path):
+    cli, _ = home
+    cfg = cli.home / "config.toml"
+    cfg.write_text(cfg.read_text().replace("seal_interval = 1", "seal_interval = 0"))
+    proc = subprocess.run([sys.executable, "-m", "p2pbackup.daemon.main"], env=cli.env(),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 10
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "daemon.seal_interval" in lines[0] and str(cfg) in lines[0]
+
+
+def test_a_source_that_disappears_does_not_stop_the_daemon(cli: Cli, tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    cli("init", "--source", str(a), "--source", str(b))
+    with open(cli.home / "config.toml", "a") as f:
+        f.write("\n[daemon]\nseal_interval = 1\n")
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        (a / "x").write_text("x")
+        wait_for_seq(cli, 1)
+        subprocess.run(["rm", "-rf", str(b)], check=True)
+        time.sleep(0.5)
+        (a / "y").write_text("y")
+        wait_for_seq(cli, 2)
+    finally:
+        assert d.stop() == 0
+    assert chain(cli)[1] == []
