@@ -79,14 +79,51 @@ def _snapshot_json(stored: Any) -> dict:
     }
 
 
+def _via_daemon(cmd: str) -> dict | None:
+    """Ask the running daemon; None when no daemon runs for this home."""
+    from p2pbackup import control
+    from p2pbackup.config import load_config
+    from p2pbackup.errors import DaemonNotRunning
+
+    sock = load_config(_home()).control_socket
+    if not sock.exists():
+        return None
+    try:
+        return _run(control.request(sock, cmd))
+    except DaemonNotRunning:
+        return None
+
+
 @app.command()
 def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default: the sources)."),
-             as_json: bool = typer.Option(False, "--json", help="Print the snapshot as JSON.")
+             as_json: bool = typer.Option(False, "--json", help="Print the snapshot as JSON."),
+             offline: bool = typer.Option(False, "--offline",
+                                          help="Do not go through a running p2pbackupd."),
              ) -> None:
     """Take one snapshot now (of the configured sources by default)."""
     from p2pbackup.backup.snapshot import SnapshotProgress, take_snapshot
     from p2pbackup.config import sources_for_paths
     from p2pbackup.device import open_device
+
+    if not paths and not offline:
+        done = _via_daemon("snapshot")  # the daemon holds the writer lock: never two writers
+        if done is not None:
+            if as_json:
+                async def load() -> Any:
+                    async with open_device(_home()) as dev:
+                        return await dev.repo.load_snapshot(done["id"])
+                print(json.dumps(_snapshot_json(_run(load())), indent=2))
+            else:
+                print(f"snapshot {done['short_id']} saved by p2pbackupd (covers log segment "
+                      f"{done['log_seq']})")
+                print(f"  files: {done['files_new']} new, {done['files_changed']} changed, "
+                      f"{done['files_unchanged']} unchanged; added "
+                      f"{output.human_bytes(done['bytes_added'])} in {done['seconds']:.1f} s")
+            for w in done.get("warnings", []):
+                output.warn(w)
+            if done.get("warnings"):
+                raise typer.Exit(EXIT_PARTIAL)
+            return
 
     async def go() -> Any:
         async with open_device(_home(), write=True) as dev:
@@ -235,6 +272,35 @@ def repair() -> None:
               "then `p2pbackup verify`")
     else:
         print(f"no damaged packs ({report.checked} checked)")
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json", help="Print the status as JSON.")
+           ) -> None:
+    """What the daemon is doing: sources, last sealed segment, next snapshot, errors."""
+    import time as _time
+
+    from p2pbackup import control
+    from p2pbackup.config import load_config
+
+    st = _run(control.request(load_config(_home()).control_socket, "status", timeout=30))
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    logi = st["log"]
+    print(f"p2pbackupd running (pid {st['pid']}, up {st['uptime_seconds']:.0f} s), "
+          f"device {st['device'][:12]}")
+    for s in st["sources"]:
+        print(f"  source {s['name']}: {s['path']}{'' if s['present'] else '  (MISSING)'}")
+    sealed = (f"sealed {(_time.time() - logi['last_sealed']):.0f} s ago"
+              if logi["last_sealed"] else "none sealed since start")
+    print(f"  log: segment {logi['seq']} ({sealed}); {logi['pending_changes']} changes pending, "
+          f"next seal in {logi['next_seal_in']:.0f} s")
+    last = st.get("last_snapshot")
+    print(f"  last snapshot: {last['id'][:8] + ' at ' + output.iso_time(int(last['time'] * 1e9)) if last and last['id'] else 'none'}; "
+          f"next in {st['next_snapshot_in']:.0f} s")
+    for e in st.get("errors", []):
+        print(f"  error: {e}")
 
 
 @index_app.command("rebuild")

@@ -13,14 +13,19 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.config import Config, load_config, systemd_settings
-from p2pbackup.device import open_device
+from p2pbackup.device import Device, open_device
 from p2pbackup.errors import P2PError
+from p2pbackup.format.log import Head
 from p2pbackup.repo.logstore import LogStore
 
 from .capture import SealState, SegmentSealer
+from .control import ControlServer
 from .notify import Notifier
 
 log = logging.getLogger("p2pbackupd")
@@ -53,25 +58,102 @@ async def _watch(config: Config, sealer: SegmentSealer, stop: asyncio.Event,
                 log.error("%s", exc)
 
 
-async def _seal_loop(config: Config, sealer: SegmentSealer, notifier: Notifier,
-                     stop: asyncio.Event) -> None:
-    interval = config.daemon.seal_interval
-    loop = asyncio.get_running_loop()
-    next_seal = loop.time() + interval
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=min(0.2, interval))
-        except asyncio.TimeoutError:
-            pass
-        if loop.time() >= next_seal or sealer.pending_bytes >= config.daemon.seal_bytes:
-            next_seal = loop.time() + interval
+class DeviceDaemon:
+    """The daemon's state and the operations the loops and the control socket share."""
+
+    def __init__(self, config: Config, dev: Device, sealer: SegmentSealer,
+                 notifier: Notifier) -> None:
+        self.config = config
+        self.dev = dev
+        self.sealer = sealer
+        self.notifier = notifier
+        self.writing = asyncio.Lock()  # sealing and snapshots take turns
+        self.started = time.time()
+        self.next_seal = time.time() + config.daemon.seal_interval
+        self.last_snapshot: tuple[str, int] | None = None  # (id, time_ns)
+
+    async def seal(self) -> None:
+        async with self.writing:
+            self.next_seal = time.time() + self.config.daemon.seal_interval
             try:
-                head = await sealer.seal()
+                head = await self.sealer.seal()
             except P2PError as exc:
                 log.error("sealing failed: %s (the changes stay pending)", exc)
-                continue
-            if head is not None:
-                notifier.status(f"sealed segment {head.seq}")
+                return
+        if head is not None:
+            self.notifier.status(f"sealed segment {head.seq}")
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Seal what is pending, then take a roll-up snapshot that covers it."""
+        await self.seal()
+        async with self.writing:
+            state = self.sealer.state
+            summary = await take_snapshot(self.dev.repo, self.config.sources,
+                                          temp_dir=self.dev.temp_dir,
+                                          hostname=self.config.device_name,
+                                          warn=lambda m: log.warning("%s", m),
+                                          log_seq=state.seq)
+            stored = summary.stored
+            if state.seq:
+                head = Head(self.dev.identity.device_id, state.seq, state.prev, stored.id,
+                            time.time_ns())
+                await LogStore(self.dev.repo).write_head(self.dev.identity, head)
+                state.head = head
+        self.last_snapshot = (stored.id, stored.snapshot.time_ns)
+        log.info("snapshot %s covers log segment %d", stored.short_id, state.seq)
+        self.notifier.status(f"snapshot {stored.short_id}")
+        return {"id": stored.id, "short_id": stored.short_id, "log_seq": state.seq,
+                "files_new": summary.files_new, "files_changed": summary.files_changed,
+                "files_unchanged": summary.files_unchanged, "bytes_added": summary.bytes_added,
+                "seconds": summary.seconds, "warnings": summary.warnings}
+
+    async def status(self) -> dict[str, Any]:
+        state = self.sealer.state
+        interval = self.config.daemon.snapshot_interval
+        last = self.last_snapshot
+        return {
+            "device": self.dev.identity.device_id,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "sources": [{"name": s.name, "path": s.path, "present": os.path.isdir(s.path)}
+                        for s in self.config.sources],
+            "log": {"seq": state.seq, "last_sealed": state.sealed_at or None,
+                    "pending_changes": self.sealer.change_count,
+                    "next_seal_in": max(0.0, round(self.next_seal - time.time(), 1))},
+            "last_snapshot": {"id": last[0], "time": last[1] / 1e9} if last else None,
+            "next_snapshot_in": round(max(0.0, (last[1] / 1e9 + interval) - time.time()), 1)
+            if last else 0.0,
+            "errors": list(state.warnings[-10:]),
+        }
+
+
+async def _seal_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
+    settings = d.config.daemon
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=min(0.2, settings.seal_interval))
+        except asyncio.TimeoutError:
+            pass
+        if time.time() >= d.next_seal or d.sealer.pending_bytes >= settings.seal_bytes:
+            await d.seal()
+
+
+async def _snapshot_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
+    interval = d.config.daemon.snapshot_interval
+    while not stop.is_set():
+        last = d.last_snapshot[1] / 1e9 if d.last_snapshot else 0.0
+        wait = max(0.0, last + interval - time.time())
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=max(wait, 1.0) if last else 0.5)
+            return
+        except asyncio.TimeoutError:
+            pass
+        if not d.last_snapshot or time.time() >= last + interval:
+            try:
+                await d.snapshot()
+            except P2PError as exc:
+                log.error("scheduled snapshot failed: %s", exc)
+                d.last_snapshot = ("", time.time_ns())  # retry after one interval, not in a loop
 
 
 async def _watchdog(notifier: Notifier, seconds: float, stop: asyncio.Event) -> None:
@@ -98,23 +180,33 @@ async def serve(home: Path | None) -> int:
         state = SealState(seq, prev, await logstore.read_head(dev.identity.device_id))
         os.makedirs(dev.temp_dir, exist_ok=True)
         sealer = SegmentSealer(dev.repo, dev.identity, config.sources, dev.temp_dir, state)
+        d = DeviceDaemon(config, dev, sealer, notifier)
+        snaps, _ = await dev.repo.list_snapshots()
+        mine = [s for s in snaps if s.snapshot.device == dev.identity.device_id]
+        if mine:
+            d.last_snapshot = (mine[-1].id, mine[-1].snapshot.time_ns)
+        server = ControlServer(config.control_socket, {"status": d.status,
+                                                       "snapshot": d.snapshot})
+        await server.start()
         watching = asyncio.Event()
         tasks = [asyncio.create_task(_watch(config, sealer, stop, watching)),
-                 asyncio.create_task(_seal_loop(config, sealer, notifier, stop))]
+                 asyncio.create_task(_seal_loop(d, stop))]
         if systemd.watchdog_seconds:
             tasks.append(asyncio.create_task(_watchdog(notifier, systemd.watchdog_seconds, stop)))
         await asyncio.wait([asyncio.create_task(watching.wait()), tasks[0]],
                            return_when=asyncio.FIRST_COMPLETED)
         log.info("watching %d sources; log at segment %d", len(config.sources), seq)
+        tasks.append(asyncio.create_task(_snapshot_loop(d, stop)))
         notifier.ready(f"watching {len(config.sources)} sources; log at segment {seq}")
         try:
             await stop.wait()
         finally:
             notifier.stopping()
+            await server.close()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await sealer.seal()
+            await d.seal()
             sealer.close()
     log.info("stopped")
     return 0

@@ -45,6 +45,7 @@ class DaemonSettings:
     seal_interval: float = 60.0  # seconds
     seal_bytes: int = 64 * 1024 * 1024
     rescan_interval: float = 3600.0  # seconds; the safety net under inotify
+    snapshot_interval: float = 86400.0  # seconds between roll-up snapshots
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,10 @@ class Config:
     @property
     def cache_dir(self) -> Path:
         return self.home / "cache"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.home / "daemon.sock"
 
 
 def _source_names(paths: list[str]) -> list[Source]:
@@ -178,7 +183,7 @@ def _daemon_settings(table: object, path: Path) -> DaemonSettings:
         raise ConfigError(f"{path}: key 'daemon' must be a table")
     d = DaemonSettings()
     limits = {"seal_interval": (1, 86400), "seal_bytes": (1024, 1 << 34),
-              "rescan_interval": (10, 7 * 86400)}
+              "rescan_interval": (10, 7 * 86400), "snapshot_interval": (10, 366 * 86400)}
     values = {}
     for key, (lo, hi) in limits.items():
         value = table.get(key, getattr(d, key))
@@ -187,7 +192,7 @@ def _daemon_settings(table: object, path: Path) -> DaemonSettings:
                               f"{lo} to {hi}")
         values[key] = value
     return DaemonSettings(float(values["seal_interval"]), int(values["seal_bytes"]),
-                          float(values["rescan_interval"]))
+                          float(values["rescan_interval"]), float(values["snapshot_interval"]))
 
 
 def load_keys(config: Config) -> tuple[AccountKeys, DeviceIdentity]:

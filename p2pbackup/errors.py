@@ -78,6 +78,12 @@ class RestoreConflict(P2PError):
     exit_code = 18
 
 
+class DaemonNotRunning(P2PError):
+    """p2pbackupd is not running for {} (start it, e.g. `systemctl --user start p2pbackupd`)."""
+
+    exit_code = 19
+
+
 class LocalProtocolError(P2PError):
     """{}"""
 

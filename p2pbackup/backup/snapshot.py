@@ -358,8 +358,11 @@ class BuildCounts:
 async def take_snapshot(repo: Repository, sources: tuple[Source, ...], *, temp_dir: str,
                         hostname: str | None = None, progress: SnapshotProgress | None = None,
                         warn: Callable[[str], None] | None = None,
-                        workers: int | None = None) -> SnapshotSummary:
-    """Take one snapshot of `sources` and store it; the caller holds the writer lock."""
+                        workers: int | None = None, log_seq: int = 0) -> SnapshotSummary:
+    """Take one snapshot of `sources` and store it; the caller holds the writer lock.
+
+    `log_seq` is the newest sealed log segment the snapshot covers (the daemon seals first).
+    """
     import asyncio
 
     if repo.identity is None:
@@ -394,7 +397,7 @@ async def take_snapshot(repo: Repository, sources: tuple[Source, ...], *, temp_d
     if not roots:
         raise P2PError("nothing was backed up: every source is missing or unreadable")
     snap = Snapshot(time.time_ns(), device, hostname or socket.gethostname(), tuple(roots),
-                    parent=parent_id, warnings=len(builder.warnings))
+                    log_seq=log_seq, parent=parent_id, warnings=len(builder.warnings))
     stored = await repo.save_snapshot(snap)
     sink = builder.sink.stats
     return SnapshotSummary(stored, counts.new, counts.changed, counts.unchanged, counts.dirs,

@@ -222,3 +222,34 @@ def test_a_source_that_disappears_does_not_stop_the_daemon(cli: Cli, tmp_path: P
     finally:
         assert d.stop() == 0
     assert chain(cli)[1] == []
+
+
+def test_status_and_snapshot_go_through_the_daemon(home, tmp_path: Path):
+    import json
+    import stat
+
+    cli, src = home
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        sock = cli.home / "daemon.sock"
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        (src / "a.txt").write_text("a")
+        snap = json.loads(cli("snapshot", "--json").stdout)  # not refused: the daemon takes it
+        assert snap["log_seq"] >= 1
+        st = json.loads(cli("status", "--json").stdout)
+        assert st["log"]["seq"] >= snap["log_seq"] and st["last_snapshot"]["id"] == snap["id"]
+        assert st["sources"][0]["present"] is True
+        assert "p2pbackupd running" in cli("status").stdout
+        # A malformed control message gets an error reply; the daemon keeps running.
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            s.sendall(b"this is not json\n")
+            reply = json.loads(s.makefile().readline())
+        assert reply["ok"] is False and "not JSON" in reply["error"]
+        assert json.loads(cli("status", "--json").stdout)["pid"] == d.proc.pid
+    finally:
+        assert d.stop() == 0
+    assert not (cli.home / "daemon.sock").exists()
+    proc = cli("status", check=False)
+    assert proc.returncode == 19 and "not running" in proc.stderr
