@@ -193,23 +193,46 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
             overwrite: bool = typer.Option(False, "--overwrite",
                                            help="Replace existing files that differ."),
             store: Optional[str] = typer.Option(None, "--from", help="Restore from this store."),
+            at: Optional[str] = typer.Option(None, "--at", help="The moment to restore: ISO 8601, "
+                                             "'2 hours ago', 'yesterday 14:00'."),
             ) -> None:
-    """Restore a snapshot into DIR/<source name>/..."""
+    """Restore a snapshot (or the device as it was --at a moment) into DIR/<source name>/..."""
+    import datetime as dt
+
+    from p2pbackup.backup.pointintime import plan_at
     from p2pbackup.backup.restore import RestoreProgress
     from p2pbackup.backup.restore import restore as do_restore
     from p2pbackup.device import open_device
+    from p2pbackup.timeparse import TimeFormatError, parse_time
+
+    at_ns = None
+    if at is not None:
+        try:
+            moment = parse_time(at, dt.datetime.now().astimezone())
+        except TimeFormatError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--at") from None
+        at_ns = int(moment.timestamp() * 1e9)
 
     async def go() -> Any:
         async with open_device(_home(), store=store) as dev:
-            stored = await dev.repo.find_snapshot(snapshot_ref)
+            overlays, replayed = None, None
+            if at_ns is None:
+                stored = await dev.repo.find_snapshot(snapshot_ref)
+            else:
+                stored, overlays, replayed = await plan_at(dev.repo, snapshot_ref, at_ns)
             progress = RestoreProgress()
             async with output.progress_bar("restore", progress):
                 summary = await do_restore(dev.repo, stored, str(to), sub=path,
                                            overwrite=overwrite, progress=progress,
-                                           warn=output.warn)
-            return stored, summary
+                                           warn=output.warn, overlays=overlays)
+            return stored, summary, overlays, replayed
 
-    stored, s = _run(go())
+    stored, s, overlays, replayed = _run(go())
+    if overlays is not None:
+        n = sum(o.changes for o in overlays.values())
+        print(f"state at {output.iso_time(at_ns)}: snapshot {stored.short_id} "
+              f"(log segment {stored.snapshot.log_seq}) + {n} logged changes up to segment "
+              f"{replayed}")
     print(f"restored snapshot {stored.short_id} to {to}: {s.files_restored} files "
           f"({output.human_bytes(s.bytes)}), {s.dirs} directories, {s.links} hard links; "
           f"{s.files_skipped} files already complete; {s.seconds:.1f} s")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ..errors import DiskFull, IntegrityError, NotFound, P2PError, RestoreConflict, StorageError
 from ..format.records import DIR, FILE, SYMLINK, SourceRoot, Tree, TreeEntry
 from .names import show_path as _show
+from .pointintime import Overlay
 from ..repo.repository import Repository, StoredSnapshot
 
 TMP_MARK = b".p2pb-restore-"
@@ -91,8 +92,10 @@ class Restorer:
     def __init__(self, repo: Repository, selections: list[_Selection], target: bytes, *,
                  overwrite: bool, workers: int | None = None,
                  progress: RestoreProgress | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None,
+                 overlays: dict[str, Overlay] | None = None) -> None:
         self.repo = repo
+        self.overlays = overlays or {}
         self.selections = selections
         self.target = target
         self.overwrite = overwrite
@@ -117,10 +120,20 @@ class Restorer:
 
     # ---- selecting -----------------------------------------------------------------------
 
+    def _tree(self, scope: str, dest: bytes, tree_id: bytes | None) -> Tree:
+        """The directory tree to restore at `dest`: the snapshot's, with the replayed log on top."""
+        base = self.repo.load_tree_blocking(tree_id) if tree_id else None  # b"": made by the log
+        overlay = self.overlays.get(scope)
+        if overlay is None:
+            return base or Tree(())
+        rel = os.path.relpath(dest, os.path.join(self.target, os.fsencode(scope)))
+        return overlay.tree(b"" if rel == b"." else rel, base)
+
     def _descend(self, sel: _Selection) -> tuple[TreeEntry | None, Tree | None, bytes]:
         """Resolve a selection to (entry or None for the whole root, tree if a dir, dest)."""
-        tree = self.repo.load_tree_blocking(sel.root.tree)
         dest = os.path.join(self.target, os.fsencode(sel.root.name))
+        scope = sel.root.name
+        tree: Tree | None = self._tree(scope, dest, sel.root.tree)
         entry: TreeEntry | None = None
         for i, part in enumerate(sel.parts):
             if tree is None:
@@ -130,12 +143,12 @@ class Restorer:
                 shown = "/".join([sel.root.name] + [_show(p) for p in sel.parts[:i + 1]])
                 raise NotFound(f"{shown} is not in this snapshot")
             dest = os.path.join(dest, part)
-            tree = self.repo.load_tree_blocking(entry.subtree) if entry.type == DIR else None
+            tree = self._tree(scope, dest, entry.subtree) if entry.type == DIR else None
         return entry, tree, dest
 
     # ---- conflicts -----------------------------------------------------------------------
 
-    def _conflicts_in(self, entry: TreeEntry | None, tree: Tree | None, dest: bytes,
+    def _conflicts_in(self, scope: str, entry: TreeEntry | None, tree: Tree | None, dest: bytes,
                       out: list[str]) -> None:
         try:
             st = os.lstat(dest)
@@ -148,8 +161,9 @@ class Restorer:
                 return
             assert tree is not None
             for e in tree.entries:
-                sub = self.repo.load_tree_blocking(e.subtree) if e.type == DIR else None
-                self._conflicts_in(e, sub, os.path.join(dest, e.name), out)
+                path = os.path.join(dest, e.name)
+                sub = self._tree(scope, path, e.subtree) if e.type == DIR else None
+                self._conflicts_in(scope, e, sub, path, out)
         elif entry.type == FILE and _complete(entry, st):
             return
         elif entry.type == SYMLINK and statmod.S_ISLNK(st.st_mode) \
@@ -269,7 +283,7 @@ class Restorer:
             if e.type == DIR:
                 made = self._prepare_dir(path) if not fresh else _mkdir_new(path)
                 self.summary.dirs += 1
-                self._restore_dir(self.repo.load_tree_blocking(e.subtree), path, scope, made,
+                self._restore_dir(self._tree(scope, path, e.subtree), path, scope, made,
                                   pending, dir_meta)
                 dir_meta.append((path, e))
             elif e.type == SYMLINK:
@@ -353,7 +367,7 @@ class Restorer:
         conflicts: list[str] = []
         if not self.overwrite:
             for sel, entry, tree, dest in resolved:
-                self._conflicts_in(entry, tree, dest, conflicts)
+                self._conflicts_in(sel.root.name, entry, tree, dest, conflicts)
         if conflicts:
             more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
             raise RestoreConflict(f"{conflicts[0]} already exists and differs from the "
@@ -413,13 +427,18 @@ async def restore(repo: Repository, stored: StoredSnapshot, target: str, *,
                   sub: str | None = None, overwrite: bool = False,
                   progress: RestoreProgress | None = None,
                   warn: Callable[[str], None] | None = None,
-                  workers: int | None = None) -> RestoreSummary:
-    """Restore `stored` (or the part named by `sub`) into `target`/<source name>/..."""
+                  workers: int | None = None,
+                  overlays: dict[str, Overlay] | None = None) -> RestoreSummary:
+    """Restore `stored` (or the part named by `sub`) into `target`/<source name>/...
+
+    `overlays` (from pointintime.plan_at) lays replayed log changes over the snapshot.
+    """
     import asyncio
 
     selections = select(stored, sub)
     progress = progress or RestoreProgress()
     progress.expected_bytes = sum(s.root.size for s in selections)
     restorer = Restorer(repo, selections, os.fsencode(os.path.abspath(target)),
-                        overwrite=overwrite, workers=workers, progress=progress, warn=warn)
+                        overwrite=overwrite, workers=workers, progress=progress, warn=warn,
+                        overlays=overlays)
     return await asyncio.to_thread(restorer.run)

@@ -253,3 +253,59 @@ def test_status_and_snapshot_go_through_the_daemon(home, tmp_path: Path):
     assert not (cli.home / "daemon.sock").exists()
     proc = cli("status", check=False)
     assert proc.returncode == 19 and "not running" in proc.stderr
+
+
+def _state(root: Path) -> dict[str, bytes | None]:
+    out: dict[str, bytes | None] = {}
+    for p in sorted(root.rglob("*")):
+        out[str(p.relative_to(root))] = None if p.is_dir() else p.read_bytes()
+    return out
+
+
+def test_point_in_time_restore(home, tmp_path: Path):
+    import datetime as dt
+    import json
+
+    cli, src = home
+    d = Daemon(cli, tmp_path)
+    moments: list[tuple[str, dict]] = []
+
+    def checkpoint() -> None:
+        seq = chain(cli)[2].seq if chain(cli)[2] else 0
+        wait_for_seq(cli, seq + 1)
+        time.sleep(0.05)
+        moments.append((dt.datetime.now().astimezone().isoformat(), _state(src)))
+        time.sleep(0.05)
+
+    try:
+        d.wait_for("READY=1")
+        deadline = time.monotonic() + 20  # the first roll-up snapshot is taken at start
+        while not json.loads(cli("snapshots", "--json").stdout):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        (src / "a.txt").write_text("version 1\n")
+        (src / "b.txt").write_text("bee\n")
+        checkpoint()
+        (src / "a.txt").write_text("version 2, longer\n")
+        (src / "b.txt").rename(src / "c.txt")
+        (src / "d").mkdir()
+        (src / "d" / "e.txt").write_text("inside d\n")
+        checkpoint()
+        (src / "a.txt").write_text("version 3\n")
+        (src / "c.txt").unlink()
+        subprocess.run(["rm", "-rf", str(src / "d")], check=True)
+        (src / "f.bin").write_bytes(os.urandom(200_000))
+        checkpoint()
+    finally:
+        assert d.stop() == 0
+    for i, (moment, expected) in enumerate(moments):
+        out = tmp_path / f"at-{i}"
+        proc = cli("restore", "latest", "--at", moment, "--to", str(out))
+        assert "logged changes" in proc.stdout
+        assert _state(out / "src") == expected, f"state at checkpoint {i + 1}"
+    proc = cli("restore", "latest", "--at", "2001-01-01T00:00:00", "--to",
+               str(tmp_path / "never"), check=False)
+    assert proc.returncode == 17 and "no snapshot at or before" in proc.stderr
+    bad = cli("restore", "latest", "--at", "the day after tomorrow", "--to", str(tmp_path / "x"),
+              check=False)
+    assert bad.returncode == 2 and "ISO 8601" in bad.stderr
