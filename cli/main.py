@@ -79,7 +79,7 @@ def _snapshot_json(stored: Any) -> dict:
     }
 
 
-def _via_daemon(cmd: str) -> dict | None:
+def _via_daemon(cmd: str, args: dict | None = None) -> dict | None:
     """Ask the running daemon; None when no daemon runs for this home."""
     from p2pbackup import control
     from p2pbackup.config import load_config
@@ -89,7 +89,7 @@ def _via_daemon(cmd: str) -> dict | None:
     if not sock.exists():
         return None
     try:
-        return _run(control.request(sock, cmd))
+        return _run(control.request(sock, cmd, args))
     except DaemonNotRunning:
         return None
 
@@ -295,6 +295,56 @@ def repair() -> None:
               "then `p2pbackup verify`")
     else:
         print(f"no damaged packs ({report.checked} checked)")
+
+
+def _maintain(args: dict, as_json: bool) -> None:
+    """Run forget/prune in the daemon when it runs (it holds the writer lock), else here."""
+    from p2pbackup.backup.maintenance import forget_and_prune, policy_of
+    from p2pbackup.device import open_device
+
+    result = _via_daemon("forget", args)
+    if result is None:
+        async def go() -> Any:
+            async with open_device(_home(), write=True) as dev:
+                return await forget_and_prune(dev.repo, dev.identity, policy_of(args),
+                                              dry_run=args["dry_run"], prune_after=args["prune"])
+        result = _run(go())
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    would = "would " if result["dry_run"] else ""
+    if args.get("policy") is not None:
+        print(f"keep {len(result['kept'])} snapshots; {would}forget {len(result['forgotten'])}")
+        for sid in result["forgotten"]:
+            print(f"  {would}forget {sid[:8]}")
+    p = result.get("prune")
+    if p:
+        print(f"prune: {would}delete {p['packs_deleted']} packs, repack {p['packs_repacked']} "
+              f"into {p['packs_written']}, drop {p['blobs_dropped']} blobs, fold "
+              f"{p['segments_folded']} log segments; {would}free "
+              f"{output.human_bytes(p['bytes_freed'])}")
+
+
+@app.command()
+def forget(keep_last: int = typer.Option(0, "--keep-last", min=0),
+           keep_hourly: int = typer.Option(0, "--keep-hourly", min=0),
+           keep_daily: int = typer.Option(0, "--keep-daily", min=0),
+           keep_weekly: int = typer.Option(0, "--keep-weekly", min=0),
+           keep_monthly: int = typer.Option(0, "--keep-monthly", min=0),
+           prune_too: bool = typer.Option(False, "--prune", help="Prune right after."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would go."),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """Forget the snapshots a retention policy does not keep (per device)."""
+    policy = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
+              "weekly": keep_weekly, "monthly": keep_monthly}
+    _maintain({"policy": policy, "prune": prune_too, "dry_run": dry_run}, as_json)
+
+
+@app.command()
+def prune(dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would go."),
+          as_json: bool = typer.Option(False, "--json")) -> None:
+    """Delete data no snapshot or kept log segment needs; repack mostly-unused packs."""
+    _maintain({"policy": None, "prune": True, "dry_run": dry_run}, as_json)
 
 
 @app.command()

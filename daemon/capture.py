@@ -153,5 +153,9 @@ class SegmentSealer:
         log.info("sealed segment %d: %d changes", head.seq, count)
         return head
 
+    def forget_known(self) -> None:
+        """After a prune: only the index says what is stored (deleted blobs are not)."""
+        self.sink.known = set(self.repo.index.blobs)
+
     def close(self) -> None:
         self.sink.close()

@@ -14,7 +14,7 @@ from p2pbackup.errors import LocalProtocolError, P2PError
 
 log = logging.getLogger("p2pbackupd")
 
-Handler = Callable[[], Awaitable[dict[str, Any]]]
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class ControlServer:
@@ -53,7 +53,10 @@ class ControlServer:
                 handler = self.handlers.get(str(req.get("cmd")))
                 if handler is None:
                     raise LocalProtocolError(f"unknown command {req.get('cmd')!r}")
-                reply = {"ok": True, "result": await handler()}
+                args = req.get("args") or {}
+                if not isinstance(args, dict):
+                    raise LocalProtocolError("control request arguments must be an object")
+                reply = {"ok": True, "result": await handler(args)}
             except P2PError as exc:
                 reply = {"ok": False, "error": str(exc), "exit": exc.exit_code}
             except (asyncio.TimeoutError, ValueError) as exc:

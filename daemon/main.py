@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.config import Config, load_config, systemd_settings
 from p2pbackup.device import Device, open_device
@@ -83,7 +84,7 @@ class DeviceDaemon:
         if head is not None:
             self.notifier.status(f"sealed segment {head.seq}")
 
-    async def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Seal what is pending, then take a roll-up snapshot that covers it."""
         await self.seal()
         async with self.writing:
@@ -107,7 +108,21 @@ class DeviceDaemon:
                 "files_unchanged": summary.files_unchanged, "bytes_added": summary.bytes_added,
                 "seconds": summary.seconds, "warnings": summary.warnings}
 
-    async def status(self) -> dict[str, Any]:
+    async def forget(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Apply a retention policy (and prune, if asked) between two seals."""
+        await self.seal()
+        async with self.writing:
+            result = await forget_and_prune(self.dev.repo, self.dev.identity, policy_of(args),
+                                            dry_run=bool(args.get("dry_run")),
+                                            prune_after=bool(args.get("prune")),
+                                            protect=lambda: set(self.sealer.sink.stored_packs))
+            self.sealer.forget_known()  # pruned blobs must be stored again if they come back
+        return result
+
+    async def prune(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.forget({**args, "prune": True, "policy": None})
+
+    async def status(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
         state = self.sealer.state
         interval = self.config.daemon.snapshot_interval
         last = self.last_snapshot
@@ -186,7 +201,8 @@ async def serve(home: Path | None) -> int:
         if mine:
             d.last_snapshot = (mine[-1].id, mine[-1].snapshot.time_ns)
         server = ControlServer(config.control_socket, {"status": d.status,
-                                                       "snapshot": d.snapshot})
+                                                       "snapshot": d.snapshot,
+                                                       "forget": d.forget, "prune": d.prune})
         await server.start()
         watching = asyncio.Event()
         tasks = [asyncio.create_task(_watch(config, sealer, stop, watching)),

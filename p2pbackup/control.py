@@ -44,14 +44,15 @@ def decode(line: bytes) -> dict[str, Any]:
     return obj
 
 
-async def request(socket_path: Path, cmd: str, timeout: float = 3600) -> dict[str, Any]:
+async def request(socket_path: Path, cmd: str, args: dict[str, Any] | None = None,
+                  timeout: float = 3600) -> dict[str, Any]:
     """Send one command to the daemon and return its result."""
     try:
         reader, writer = await asyncio.open_unix_connection(str(socket_path), limit=MAX_MESSAGE)
     except (FileNotFoundError, ConnectionRefusedError):
         raise DaemonNotRunning(socket_path.parent) from None
     try:
-        writer.write(encode({"cmd": cmd}))
+        writer.write(encode({"cmd": cmd, "args": args or {}}))
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
     finally:

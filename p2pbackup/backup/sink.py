@@ -47,6 +47,7 @@ class BlobSink:
         self._error: BaseException | None = None
         self._written: list[tuple[str, int, PackTrailer]] = []
         self._free: list[bytearray] = []
+        self.stored_packs: set[str] = set()
         # Two uploaders, so one pack's fsync overlaps the next pack's write.
         self._uploaders = [threading.Thread(target=self._upload_loop, name=f"pack-uploader-{i}",
                                             daemon=True) for i in range(UPLOADERS)]
@@ -101,6 +102,8 @@ class BlobSink:
                 continue  # drain so producers never block on a dead uploader
             name, data, trailer, buffer = item
             try:
+                with self._lock:
+                    self.stored_packs.add(name)  # before it exists: prune must not take it
                 self.repo.put_blocking(f"packs/{name}", data, durable=False)
                 size = len(data)
                 data.release()

@@ -144,10 +144,16 @@ def segment_hash(sealed: bytes | bytearray | memoryview) -> bytes:
     return blake3.blake3(sealed).digest()
 
 
-def check_chain(links: list[tuple[bytes, Segment]], device: str) -> list[str]:
-    """Problems in a device's chain, given (hash, segment) ordered by seq; [] if it is whole."""
+def check_chain(links: list[tuple[bytes, Segment]], device: str,
+                start: tuple[int, bytes] | None = None) -> list[str]:
+    """Problems in a device's chain, given (hash, segment) ordered by seq; [] if it is whole.
+
+    `start` is (seq, hash) of the last segment folded away by prune, if any.
+    """
     problems: list[str] = []
     expected_prev, expected_seq = GENESIS, 1
+    if start is not None:
+        expected_seq, expected_prev = start[0] + 1, start[1]
     for h, seg in links:
         if seg.device != device:
             problems.append(f"segment {seg.seq} names device {seg.device[:12]}, not {device[:12]}")

@@ -65,6 +65,22 @@ class LogStore:
         await self.repo.store.put(f"heads/{head.device}",
                                   seal_object(Kind.HEAD, signed, self.keys.meta_key))
 
+    async def write_anchor(self, identity: DeviceIdentity, anchor: Head) -> None:
+        """Record where a folded (pruned) chain now starts: segment `seq` had hash `segment`."""
+        body = anchor.encode()
+        signed = Signed(body, identity.device_id, identity.sign(body)).encode()
+        await self.repo.store.put(f"segments/{anchor.device}/anchor",
+                                  seal_object(Kind.HEAD, signed, self.keys.meta_key))
+
+    async def read_anchor(self, device: str) -> Head | None:
+        """The fold point of a device's chain, if prune folded part of it."""
+        what = f"log anchor of device {device[:12]}"
+        try:
+            raw = await self.repo.store.get(f"segments/{device}/anchor")
+        except NotFound:
+            return None
+        return Head.decode(await self._open_signed(raw, Kind.HEAD, device, what), what)
+
     # ---- reading ---------------------------------------------------------------------------
 
     async def _open_signed(self, raw: bytes, kind: int, device: str, what: str) -> bytes:
@@ -107,12 +123,16 @@ class LogStore:
         """Every segment of a device in seq order, and the problems with the chain and head."""
         links: list[tuple[bytes, Segment]] = []
         problems: list[str] = []
+        anchor = await self.read_anchor(device)
         for seq in await self.segment_seqs(device):
+            if anchor is not None and seq <= anchor.seq:
+                continue  # folded by prune; being deleted
             try:
                 links.append(await self.load_segment(device, seq))
             except P2PError as exc:
                 problems.append(str(exc))
-        problems += check_chain(links, device)
+        problems += check_chain(links, device,
+                                start=(anchor.seq, anchor.segment) if anchor else None)
         head = await self.read_head(device)
         if links and head is not None:
             last_hash, last = links[-1]

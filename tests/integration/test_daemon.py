@@ -309,3 +309,29 @@ def test_point_in_time_restore(home, tmp_path: Path):
     bad = cli("restore", "latest", "--at", "the day after tomorrow", "--to", str(tmp_path / "x"),
               check=False)
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr
+
+
+def test_prune_through_the_daemon_folds_the_log(home, tmp_path: Path):
+    import json
+
+    cli, src = home
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        for i in range(3):
+            (src / f"f{i}.txt").write_text(f"file {i}\n" * 1000)
+            wait_for_seq(cli, i + 1)
+        snap = json.loads(cli("snapshot", "--json").stdout)
+        (src / "after.txt").write_text("after the snapshot")
+        wait_for_seq(cli, snap["log_seq"] + 1)
+        out = json.loads(cli("forget", "--keep-last", "1", "--prune", "--json").stdout)
+        assert out["kept"] == [snap["id"]] and out["prune"]["segments_folded"] >= 3
+        (src / "later.txt").write_text("the chain goes on after the fold")
+        wait_for_seq(cli, snap["log_seq"] + 2)
+    finally:
+        assert d.stop() == 0
+    links, problems, head, _ = chain(cli)
+    assert problems == [] and links[0][1].seq == snap["log_seq"] + 1
+    assert "no problems found" in cli("verify", "--read-data").stdout
+    cli("restore", "latest", "--at", "now", "--to", str(tmp_path / "now"))
+    assert (tmp_path / "now" / "src" / "later.txt").read_text().startswith("the chain")

@@ -1,0 +1,172 @@
+"""Prune: delete what no snapshot or kept log segment needs, repack packs that are mostly waste.
+
+Crash-safe by order: new packs are written and made durable, and the index points at them,
+before any old pack is deleted; a fold marker is written before folded segments are deleted.
+A kill -9 at any point leaves a repository that verifies (at worst with some unused data,
+which the next prune removes). Prune refuses to run when any snapshot cannot be read, because
+it could not know what that snapshot needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..crypto.identity import DeviceIdentity
+from ..errors import IntegrityError, P2PError
+from ..format.header import Kind
+from ..format.log import PUT, Head
+from ..format.pack import PackBuilder
+from ..format.records import DIR, FILE
+from ..repo.logstore import LogStore, segment_name
+from ..repo.repository import Repository, StoredSnapshot
+from .verify import blobs_by_pack
+
+
+@dataclass(slots=True)
+class PruneReport:
+    """What prune did (or, with dry_run, would do)."""
+
+    snapshots: int = 0
+    blobs_used: int = 0
+    blobs_dropped: int = 0
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    packs_written: int = 0
+    bytes_freed: int = 0
+    segments_folded: int = 0
+
+
+def _used_by_snapshots(repo: Repository, snaps: list[StoredSnapshot]) -> set[bytes]:
+    used: set[bytes] = set()
+    seen_trees: set[bytes] = set()
+
+    def walk(tree_id: bytes) -> None:
+        if tree_id in seen_trees:
+            return
+        seen_trees.add(tree_id)
+        used.add(tree_id)
+        for e in repo.load_tree_blocking(tree_id).entries:
+            if e.type == DIR and e.subtree:
+                walk(e.subtree)
+            elif e.type == FILE:
+                used.update(e.chunks)
+
+    for s in snaps:
+        for root in s.snapshot.sources:
+            walk(root.tree)
+    return used
+
+
+async def prune(repo: Repository, identity: DeviceIdentity | None, *,
+                repack_below: float = 0.5, dry_run: bool = False,
+                protect: Callable[[], set[str]] | None = None) -> PruneReport:
+    """Remove unused data; the caller holds the writer lock.
+
+    `protect` names packs written for data not yet in any snapshot or segment (the daemon's
+    open segment); it is read at the same moment as the index, so none can slip between.
+    """
+    report = PruneReport()
+    snaps, unreadable = await repo.list_snapshots()
+    if unreadable:
+        raise IntegrityError(f"prune stopped: snapshot {unreadable[0].id[:8]} cannot be read "
+                             f"({unreadable[0].reason}); run `p2pbackup verify` first")
+    report.snapshots = len(snaps)
+    try:
+        used = await asyncio.to_thread(_used_by_snapshots, repo, snaps)
+    except P2PError as exc:
+        raise IntegrityError(f"prune stopped: {exc}; run `p2pbackup verify` first") from None
+
+    logstore = LogStore(repo)
+    fold_at: dict[str, int] = {}
+    for s in snaps:
+        fold_at[s.snapshot.device] = max(fold_at.get(s.snapshot.device, 0), s.snapshot.log_seq)
+    devices = {n.split("/")[1] async for n in repo.store.list("segments/")}
+    for device in sorted(devices):
+        anchor = await logstore.read_anchor(device)
+        fold = fold_at.get(device, 0) if identity and device == identity.device_id else 0
+        for seq in await logstore.segment_seqs(device):
+            if anchor and seq <= anchor.seq:
+                continue
+            if seq <= fold:
+                report.segments_folded += 1
+                continue
+            _, seg = await logstore.load_segment(device, seq)
+            for _scope, cl in logstore.open_changes(seg):
+                for c in cl.changes:
+                    if c.op == PUT and c.entry is not None and c.entry.type == FILE:
+                        used.update(c.entry.chunks)
+
+    grouped = blobs_by_pack(repo)
+    for name in protect() if protect else ():
+        grouped.pop(name, None)
+    report.blobs_used = sum(1 for b in repo.index.blobs if b in used)
+    report.blobs_dropped = len(repo.index.blobs) - report.blobs_used
+    delete: list[str] = []
+    repack: list[str] = []
+    for name, blobs in grouped.items():
+        n_used = sum(1 for bid, _ in blobs if bid in used)
+        if n_used == 0:
+            delete.append(name)
+        elif n_used < len(blobs) * repack_below:
+            repack.append(name)
+    report.packs_deleted, report.packs_repacked = len(delete), len(repack)
+    report.bytes_freed = sum(repo.index.packs[n][2] for n in delete)
+    if dry_run:
+        return report
+
+    # 1. fold this device's log up to its newest snapshot: anchor first, then delete.
+    if identity and report.segments_folded:
+        fold = fold_at[identity.device_id]
+        h, _ = await logstore.load_segment(identity.device_id, fold)
+        await logstore.write_anchor(identity, Head(identity.device_id, fold, h, None,
+                                                   time.time_ns()))
+        for seq in await logstore.segment_seqs(identity.device_id):
+            if seq <= fold:
+                await repo.store.delete(segment_name(identity.device_id, seq))
+
+    # 2. copy the used blobs of mostly-unused packs into new packs, durable and indexed.
+    written = await _repack(repo, repack, grouped, used)
+    report.packs_written = len(written)
+    new_bytes = sum(size for _, size in written)
+    report.bytes_freed += sum(repo.index.packs[n][2] for n in repack) - new_bytes
+
+    # 3. only now delete the old packs.
+    for name in delete + repack:
+        await repo.store.delete(f"packs/{name}")
+        await repo.index.remove_pack(name)
+    return report
+
+
+async def _repack(repo: Repository, names: list[str], grouped: dict, used: set[bytes]
+                  ) -> list[tuple[str, int]]:
+    builders: dict[tuple[str, int, bool], PackBuilder] = {}
+    written: list[tuple[str, int]] = []
+    pack_size = repo.config.pack_size
+
+    async def ship(builder: PackBuilder) -> None:
+        name, data, trailer = builder.finish(repo.keys.meta_key)
+        await repo.store.put(f"packs/{name}", data)  # durable before any old pack goes
+        await repo.index.add_packs([(name, trailer.scope, trailer.epoch, len(data),
+                                     [(b.id, b.kind, b.offset, b.length, b.raw_length)
+                                      for b in trailer.blobs])])
+        written.append((name, len(data)))
+
+    for name in names:
+        scope, epoch, _ = repo.index.packs[name]
+        data = await repo.store.get(f"packs/{name}")
+        for bid, loc in grouped[name]:
+            if bid not in used:
+                continue
+            slot = (scope, epoch, loc.kind == Kind.TREE)
+            builder = builders.get(slot)
+            if builder is None:
+                builder = builders[slot] = PackBuilder(scope, epoch, pack_size)
+            builder.add(loc.kind, bid, data[loc.offset:loc.offset + loc.length], loc.raw_length)
+            if builder.size >= pack_size:
+                await ship(builders.pop(slot))
+    for builder in builders.values():
+        await ship(builder)
+    return written
