@@ -28,6 +28,7 @@ from p2pbackup.repo.logstore import LogStore
 from .capture import SealState, SegmentSealer
 from .control import ControlServer
 from .notify import Notifier
+from .rescan import rescan
 
 log = logging.getLogger("p2pbackupd")
 
@@ -153,6 +154,19 @@ async def _seal_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
             await d.seal()
 
 
+async def _rescan_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
+    """At start (to catch up on what happened while the daemon was down) and periodically."""
+    while not stop.is_set():
+        try:
+            await rescan(d.dev.repo, d.sealer)
+        except P2PError as exc:
+            log.error("rescan failed: %s", exc)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=d.config.daemon.rescan_interval)
+        except asyncio.TimeoutError:
+            pass
+
+
 async def _snapshot_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
     interval = d.config.daemon.snapshot_interval
     while not stop.is_set():
@@ -213,6 +227,7 @@ async def serve(home: Path | None) -> int:
                            return_when=asyncio.FIRST_COMPLETED)
         log.info("watching %d sources; log at segment %d", len(config.sources), seq)
         tasks.append(asyncio.create_task(_snapshot_loop(d, stop)))
+        tasks.append(asyncio.create_task(_rescan_loop(d, stop)))
         notifier.ready(f"watching {len(config.sources)} sources; log at segment {seq}")
         try:
             await stop.wait()

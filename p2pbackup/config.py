@@ -183,7 +183,7 @@ def _daemon_settings(table: object, path: Path) -> DaemonSettings:
         raise ConfigError(f"{path}: key 'daemon' must be a table")
     d = DaemonSettings()
     limits = {"seal_interval": (1, 86400), "seal_bytes": (1024, 1 << 34),
-              "rescan_interval": (10, 7 * 86400), "snapshot_interval": (10, 366 * 86400)}
+              "rescan_interval": (1, 7 * 86400), "snapshot_interval": (10, 366 * 86400)}
     values = {}
     for key, (lo, hi) in limits.items():
         value = table.get(key, getattr(d, key))

@@ -335,3 +335,39 @@ def test_prune_through_the_daemon_folds_the_log(home, tmp_path: Path):
     assert "no problems found" in cli("verify", "--read-data").stdout
     cli("restore", "latest", "--at", "now", "--to", str(tmp_path / "now"))
     assert (tmp_path / "now" / "src" / "later.txt").read_text().startswith("the chain")
+
+
+def test_changes_made_while_the_daemon_was_down_are_caught_up(home, tmp_path: Path):
+    import json
+
+    cli, src = home
+    (src / "keep.txt").write_text("unchanged")
+    (src / "edit.txt").write_text("before")
+    (src / "gone.txt").write_text("to be deleted")
+    d = Daemon(cli, tmp_path)
+    d.wait_for("READY=1")
+    deadline = time.monotonic() + 20
+    while not json.loads(cli("snapshots", "--json").stdout):  # the start-up roll-up snapshot
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    d.stop(signal.SIGKILL)
+    seq = (chain(cli)[2].seq if chain(cli)[2] else 0)
+    time.sleep(0.05)
+    (src / "edit.txt").write_text("after, while nobody watched")
+    (src / "gone.txt").unlink()
+    (src / "new").mkdir()
+    (src / "new" / "born.txt").write_text("new while down")
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        wait_for_seq(cli, seq + 1)
+    finally:
+        assert d.stop() == 0
+    changes = {(c.op, c.path) for _, parts in chain(cli)[3] for _, cl in parts for c in cl.changes}
+    assert {(PUT, b"edit.txt"), (DEL, b"gone.txt"), (PUT, b"new"),
+            (PUT, b"new/born.txt")} <= changes
+    assert (PUT, b"keep.txt") not in changes  # unchanged files are not captured again
+    cli("restore", "latest", "--at", "now", "--to", str(tmp_path / "now"))
+    got = tmp_path / "now" / "src"
+    assert (got / "edit.txt").read_text() == "after, while nobody watched"
+    assert not (got / "gone.txt").exists() and (got / "new" / "born.txt").exists()
