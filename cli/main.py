@@ -261,7 +261,8 @@ def verify(read_data: bool = typer.Option(False, "--read-data",
 
     report = _run(go())
     if as_json:
-        print(json.dumps({"ok": report.ok, "snapshots": report.snapshots, "trees": report.trees,
+        print(json.dumps({"ok": report.ok, "snapshots": report.snapshots,
+                          "segments": report.segments, "trees": report.trees,
                           "packs": report.packs, "blobs_read": report.blobs_read,
                           "damage": [{"object": d.what, "reason": d.reason,
                                       "affects": d.affects} for d in report.damage]}, indent=2))
@@ -269,6 +270,7 @@ def verify(read_data: bool = typer.Option(False, "--read-data",
         for d in report.damage:
             print(f"damaged: {d.line()}")
         checked = (f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
+                   + (f", {report.segments} log segments" if report.segments else "")
                    + (f", {report.blobs_read} blobs read" if read_data else ""))
         print(f"{'no problems found' if report.ok else f'{len(report.damage)} problems'} "
               f"({checked})")

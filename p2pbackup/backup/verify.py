@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 from ..errors import P2PError
 from ..format.pack import check_pack_header, pack_name, parse_trailer
+from ..format.log import PUT
 from ..format.records import DIR, FILE
 from ..repo.index import BlobLocation
+from ..repo.logstore import LogStore
 from ..repo.repository import Repository, StoredSnapshot
 from .names import show_path
 
@@ -42,6 +44,7 @@ class VerifyReport:
     """The outcome of a verify run."""
 
     snapshots: int = 0
+    segments: int = 0
     trees: int = 0
     packs: int = 0
     blobs_read: int = 0
@@ -130,6 +133,10 @@ class _Findings:
         self.bad[bid] = reason
 
     def affects(self, bid: bytes, snap: StoredSnapshot, path: str) -> None:
+        self.note(bid, f"snapshot {snap.short_id}: {path}")
+
+    def note(self, bid: bytes, entry: str) -> None:
+        """Record that `entry` (a snapshot's or a log segment's file) needs blob `bid`."""
         loc = self.repo.index.blobs.get(bid)
         d = self.packs.get(loc.pack) if loc else None
         if d is None:
@@ -137,7 +144,6 @@ class _Findings:
             if d is None:
                 where = f" in pack {loc.pack[:12]}" if loc else ""
                 d = self.blobs[bid] = Damage(f"blob {bid.hex()[:12]}{where}", self.bad[bid])
-        entry = f"snapshot {snap.short_id}: {path}"
         if entry not in d.affects:
             d.affects.append(entry)
 
@@ -197,8 +203,41 @@ async def verify(repo: Repository, *, read_data: bool = False,
     for u in unreadable:
         found.other.append(Damage(f"snapshot {u.id[:8]}", u.reason))
     report.trees = await asyncio.to_thread(_walk_snapshots, repo, snaps, found)
+    report.segments = await _check_logs(repo, found)
     report.damage = found.all()
     return report
+
+
+async def _check_logs(repo: Repository, found: _Findings) -> int:
+    """Every device's log: the chain links, the signatures, and the chunks its changes name."""
+    logstore = LogStore(repo)
+    devices = sorted({n.split("/")[1] async for n in repo.store.list("segments/")})
+    count = 0
+    for device in devices:
+        what = f"log of device {device[:12]}"
+        try:
+            links, problems = await logstore.load_chain(device)
+        except P2PError as exc:
+            links, problems = [], [str(exc)]
+        found.other.extend(Damage(what, p) for p in problems)
+        for _, seg in links:
+            count += 1
+            try:
+                parts = logstore.open_changes(seg)
+            except P2PError as exc:
+                found.other.append(Damage(f"segment {seg.seq} of device {device[:12]}", str(exc)))
+                continue
+            for scope, cl in parts:
+                for c in cl.changes:
+                    if c.op != PUT or c.entry is None or c.entry.type != FILE:
+                        continue
+                    for cid in c.entry.chunks:
+                        if cid not in found.bad and cid not in repo.index.blobs:
+                            found.blob(cid, "missing: no pack holds it")
+                        if cid in found.bad:
+                            found.note(cid, f"log segment {seg.seq}: {scope}/{show_path(c.path)}")
+                            break
+    return count
 
 
 def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: _Findings) -> int:

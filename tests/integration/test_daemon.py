@@ -371,3 +371,21 @@ def test_changes_made_while_the_daemon_was_down_are_caught_up(home, tmp_path: Pa
     got = tmp_path / "now" / "src"
     assert (got / "edit.txt").read_text() == "after, while nobody watched"
     assert not (got / "gone.txt").exists() and (got / "new" / "born.txt").exists()
+
+
+def test_verify_checks_the_log_chain(home, tmp_path: Path):
+    cli, src = home
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        for i in range(3):
+            (src / f"f{i}").write_text(str(i))
+            wait_for_seq(cli, i + 1)
+    finally:
+        assert d.stop() == 0
+    assert "log segments" in cli("verify").stdout
+    links = chain(cli)[0]
+    seg_dir = cli.home / "store" / "segments" / links[0][1].device
+    (seg_dir / "000000000002").unlink()  # a hole in the chain
+    proc = cli("verify", check=False)
+    assert proc.returncode == 13 and "segment 2 is missing" in proc.stdout
