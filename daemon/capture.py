@@ -58,6 +58,7 @@ class SegmentSealer:
         self.logstore = LogStore(repo)
         self.pending: dict[str, list[Change]] = {}
         self.pending_bytes = 0
+        self.missing: set[str] = set()
         self.counters = _Counters()
         self._new_period()
 
@@ -84,9 +85,17 @@ class SegmentSealer:
     async def capture(self, path: bytes) -> None:
         """Record what is now at `path` (or that nothing is)."""
         found = self.source_of(path)
-        if found is None or not found[1]:
+        if found is None:
             return
         src, rel = found
+        if not rel:  # the source directory itself
+            if not os.path.isdir(path) and src.name not in self.missing:
+                self.missing.add(src.name)
+                self._warn(f"source {src.name} ({src.path}) disappeared; its last state stays "
+                           "in the log, the other sources are still watched")
+            elif os.path.isdir(path):
+                self.missing.discard(src.name)
+            return
         keys = self.repo.keys.scope(src.name, 0)
         now = time.time_ns()
         try:

@@ -219,9 +219,17 @@ def test_a_source_that_disappears_does_not_stop_the_daemon(cli: Cli, tmp_path: P
         time.sleep(0.5)
         (a / "y").write_text("y")
         wait_for_seq(cli, 2)
+        import json
+
+        st = json.loads(cli("status", "--json").stdout)
+        assert [s["present"] for s in st["sources"]] == [True, False]
+        assert any("disappeared" in e for e in st["errors"])
     finally:
         assert d.stop() == 0
     assert chain(cli)[1] == []
+    log_lines = [ln for ln in (tmp_path / "daemon.log").read_text().splitlines()
+                 if "disappeared" in ln]
+    assert len(log_lines) == 1
 
 
 def test_status_and_snapshot_go_through_the_daemon(home, tmp_path: Path):
