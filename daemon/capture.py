@@ -82,8 +82,13 @@ class SegmentSealer:
                 return src, path[len(root) + 1:]
         return None
 
-    async def capture(self, path: bytes) -> None:
-        """Record what is now at `path` (or that nothing is)."""
+    async def capture(self, path: bytes, new: bool = True) -> None:
+        """Record what is now at `path` (or that nothing is).
+
+        `new`: the path appeared (created or moved in), so a directory there is walked; a
+        directory that was only modified (an entry added or removed inside) is not, since its
+        entries report their own events.
+        """
         found = self.source_of(path)
         if found is None:
             return
@@ -123,7 +128,8 @@ class SegmentSealer:
         elif statmod.S_ISDIR(st.st_mode):
             self._add(src, Change(PUT, rel, now, TreeEntry(DIR, name, st.st_mode, st.st_uid,
                                                           st.st_gid, st.st_mtime_ns, subtree=b"")))
-            await self._capture_tree(path)
+            if new:
+                await self._capture_tree(path)
 
     async def _capture_tree(self, path: bytes) -> None:
         try:

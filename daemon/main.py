@@ -53,9 +53,13 @@ async def _watch(config: Config, sealer: SegmentSealer, stop: asyncio.Event,
                                            ignore_permission_denied=True, watch_filter=None,
                                            rust_timeout=500, yield_on_timeout=True):
         watching.set()
-        for path in sorted({os.fsencode(p) for _, p in changes}):
+        by_path: dict[bytes, bool] = {}
+        for change, p in changes:
+            key = os.fsencode(p)
+            by_path[key] = by_path.get(key, False) or change != watchfiles.Change.modified
+        for path, new in sorted(by_path.items()):
             try:
-                await sealer.capture(path)
+                await sealer.capture(path, new)
             except P2PError as exc:
                 log.error("%s", exc)
 
