@@ -8,6 +8,7 @@ directory that appears is walked, since inotify reports only the directory itsel
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import stat as statmod
@@ -60,6 +61,9 @@ class SegmentSealer:
         self.pending_bytes = 0
         self.missing: set[str] = set()
         self.counters = _Counters()
+        # One reading thread: captures run one at a time anyway, and each reading thread
+        # keeps its own 8 MiB read window (the default executor could hold six).
+        self._reads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="capture")
         self._new_period()
 
     def _new_period(self) -> None:
@@ -113,7 +117,8 @@ class SegmentSealer:
             return
         name = os.path.basename(rel)
         if statmod.S_ISREG(st.st_mode):
-            entry = await asyncio.to_thread(self.reader.read_file, path, name, st, keys)
+            entry = await asyncio.get_running_loop().run_in_executor(
+                self._reads, self.reader.read_file, path, name, st, keys)
             if entry is not None:
                 self.pending_bytes += entry.size
                 self._add(src, Change(PUT, rel, now, entry))
@@ -174,3 +179,4 @@ class SegmentSealer:
 
     def close(self) -> None:
         self.sink.close()
+        self._reads.shutdown(wait=True)
