@@ -64,6 +64,7 @@ class SegmentSealer:
         # One reading thread: captures run one at a time anyway, and each reading thread
         # keeps its own 8 MiB read window (the default executor could hold six).
         self._reads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="capture")
+        self._turn = asyncio.Lock()
         self._new_period()
 
     def _new_period(self) -> None:
@@ -117,11 +118,14 @@ class SegmentSealer:
             return
         name = os.path.basename(rel)
         if statmod.S_ISREG(st.st_mode):
-            entry = await asyncio.get_running_loop().run_in_executor(
-                self._reads, self.reader.read_file, path, name, st, keys)
-            if entry is not None:
-                self.pending_bytes += entry.size
-                self._add(src, Change(PUT, rel, now, entry))
+            # The read spans awaits: hold the turn so a seal cannot swap the sink (and close
+            # the one these chunks go to) or take `pending` in the middle of it.
+            async with self._turn:
+                entry = await asyncio.get_running_loop().run_in_executor(
+                    self._reads, self.reader.read_file, path, name, st, keys)
+                if entry is not None:
+                    self.pending_bytes += entry.size
+                    self._add(src, Change(PUT, rel, now, entry))
         elif statmod.S_ISLNK(st.st_mode):
             try:
                 target = os.readlink(path)
@@ -153,24 +157,35 @@ class SegmentSealer:
         return sum(len(v) for v in self.pending.values())
 
     async def seal(self) -> Head | None:
-        """Seal what is pending into the next segment; None if nothing is pending."""
-        if not self.pending:
-            return None
-        sink = self.sink
-        self._new_period()
-        await asyncio.to_thread(sink.flush)  # chunks are durable before a segment names them
-        parts = tuple(SegmentPart(scope, 0, self.logstore.seal_changes(scope, 0,
-                                                                        ChangeList(tuple(ch))))
-                      for scope, ch in sorted(self.pending.items()))
-        count = self.change_count
-        seg = Segment(self.identity.device_id, self.state.seq + 1, self.state.prev,
-                      time.time_ns(), parts)
-        head = await self.logstore.append(self.identity, seg)
+        """Seal what is pending into the next segment; None if nothing is pending.
+
+        What is pending and the sink its chunks went to are taken in one step; changes
+        captured meanwhile belong to the next segment.
+        """
+        async with self._turn:
+            if not self.pending:
+                return None
+            pending, self.pending, self.pending_bytes = self.pending, {}, 0
+            sink = self.sink
+            self._new_period()
+        try:
+            await asyncio.to_thread(sink.flush)  # chunks durable before a segment names them
+            parts = tuple(SegmentPart(scope, 0, self.logstore.seal_changes(
+                scope, 0, ChangeList(tuple(ch)))) for scope, ch in sorted(pending.items()))
+            seg = Segment(self.identity.device_id, self.state.seq + 1, self.state.prev,
+                          time.time_ns(), parts)
+            head = await self.logstore.append(self.identity, seg)
+        except BaseException:
+            # Their chunks may not be stored: capture those paths again from the disk.
+            for scope, changes in pending.items():
+                root = next(os.fsencode(s.path) for s in self.sources if s.name == scope)
+                for c in changes:
+                    await self.capture(os.path.join(root, c.path), new=False)
+            raise
         self.state.seq, self.state.prev, self.state.head = head.seq, head.segment, head
         self.state.sealed_at = time.time()
-        self.pending.clear()
-        self.pending_bytes = 0
-        log.info("sealed segment %d: %d changes", head.seq, count)
+        log.info("sealed segment %d: %d changes", head.seq,
+                 sum(len(v) for v in pending.values()))
         return head
 
     def forget_known(self) -> None:
