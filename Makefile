@@ -22,6 +22,7 @@ test: setup
 bench: setup
 	command -v restic >/dev/null || (apt-get update -qq && apt-get install -y -qq restic)
 	$(PY) bench/bench_restic.py
+	$(PY) bench/bench_daemon.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
