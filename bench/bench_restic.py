@@ -20,7 +20,8 @@ p2pbackup in 2, 4, ...); the report gives the median times and their ratio:
      empty targets; the last p2pbackup restore is compared with the source tree
   6. full check                  restic check --read-data vs p2pbackup verify --read-data
 
-The results go to stdout and to a Markdown file (bench/RESULTS.md by default).
+The results go to stdout and to a Markdown file (bench/RESULTS.md by default), which is
+rewritten except for a "## Daemon" section at its end (bench_daemon.py's), kept as is.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import datetime
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -57,6 +59,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 RSS_TARGET_MIB = 250
 GROWTH_TARGET = 1.0
 MiB = 1 << 20
+DAEMON_HEADING = "## Daemon"  # bench_daemon.py's part of RESULTS.md, kept by this script
 
 INITIAL, NO_CHANGE, AFTER_MUTATE = "initial backup", "no-change backup", "backup after mutate"
 RESTORE, VERIFY = "restore latest", "verify --read-data"
@@ -687,6 +690,22 @@ def method(repeat: int) -> list[str]:
     ]
 
 
+def split_daemon_section(text: str) -> tuple[str, str]:
+    """Split a results file into what precedes bench_daemon.py's section and that section.
+
+    The "## Daemon" section runs from its heading to the end of the file; each script
+    rewrites only its own part, so both results survive the other script's run.
+    """
+    m = re.search(rf"^{re.escape(DAEMON_HEADING)}[ \t]*$", text, flags=re.MULTILINE)
+    return (text, "") if m is None else (text[:m.start()], text[m.start():])
+
+
+def kept_daemon_section(out: Path) -> str:
+    """The "## Daemon" section already in `out` (with a blank line before it), or ""."""
+    section = split_daemon_section(out.read_text())[1] if out.exists() else ""
+    return "\n" + section if section else ""
+
+
 def report(res: Results, started: datetime.datetime) -> str:
     restic_version = check_call(["restic", "version"]).strip()
     lines = [
@@ -782,7 +801,7 @@ def main() -> int:
         return 130
     text = report(results, started)
     print("\n" + text)
-    args.out.write_text(text)
+    args.out.write_text(text + kept_daemon_section(args.out))
     print(f"written to {args.out}; command logs in {logs}")
     ok = all(run.ok for step in results.steps for run in step.runs)
     return 0 if ok and results.mismatches == [] else 1

@@ -59,6 +59,7 @@ class SegmentSealer:
         self.logstore = LogStore(repo)
         self.pending: dict[str, list[Change]] = {}
         self.pending_bytes = 0
+        self._roots = [(src, os.fsencode(os.path.realpath(src.path))) for src in sources]
         self.missing: set[str] = set()
         self.counters = _Counters()
         # One reading thread: captures run one at a time anyway, and each reading thread
@@ -79,12 +80,19 @@ class SegmentSealer:
         del self.state.warnings[:-20]
 
     def source_of(self, path: bytes) -> tuple[Source, bytes] | None:
-        for src in self.sources:
-            root = os.fsencode(src.path)
-            if path == root:
+        """The source and relative path of `path`, seen through symlinked directories.
+
+        inotify (via watchfiles) follows directory symlinks and may name a change by a path
+        through the link; the log records the real path (a link leading out of every source
+        is not followed at all), as snapshots do.
+        """
+        parent, name = os.path.split(path)
+        real = os.path.join(os.path.realpath(parent), name) if name else os.path.realpath(path)
+        for src, root in self._roots:
+            if real == root:
                 return src, b""
-            if path.startswith(root + b"/"):
-                return src, path[len(root) + 1:]
+            if real.startswith(root + b"/"):
+                return src, real[len(root) + 1:]
         return None
 
     async def capture(self, path: bytes, new: bool = True) -> None:
@@ -98,6 +106,7 @@ class SegmentSealer:
         if found is None:
             return
         src, rel = found
+        path = os.path.join(os.fsencode(src.path), rel) if rel else path
         if not rel:  # the source directory itself
             if not os.path.isdir(path) and src.name not in self.missing:
                 self.missing.add(src.name)
@@ -187,6 +196,10 @@ class SegmentSealer:
         log.info("sealed segment %d: %d changes", head.seq,
                  sum(len(v) for v in pending.values()))
         return head
+
+    def learn_stored(self) -> None:
+        """After a snapshot stored blobs through another sink: do not store them again."""
+        self.sink.known.update(self.repo.index.blobs)
 
     def forget_known(self) -> None:
         """After a prune: only the index says what is stored (deleted blobs are not)."""

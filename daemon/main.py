@@ -48,7 +48,7 @@ async def _watch(config: Config, sealer: SegmentSealer, stop: asyncio.Event,
         return
     # No filter: a backup wants editor swap files and .git too. The periodic empty yield
     # (rust_timeout) tells us the inotify watches are in place, so READY=1 is not a lie.
-    async for changes in watchfiles.awatch(*paths, stop_event=stop, debounce=50, step=20,
+    async for changes in watchfiles.awatch(*paths, stop_event=stop, debounce=50, step=50,
                                            recursive=True, force_polling=False,
                                            ignore_permission_denied=True, watch_filter=None,
                                            rust_timeout=500, yield_on_timeout=True):
@@ -100,6 +100,7 @@ class DeviceDaemon:
                                           warn=lambda m: log.warning("%s", m),
                                           log_seq=state.seq)
             stored = summary.stored
+            self.sealer.learn_stored()
             if state.seq:
                 head = Head(self.dev.identity.device_id, state.seq, state.prev, stored.id,
                             time.time_ns())
@@ -233,8 +234,18 @@ async def serve(home: Path | None) -> int:
         tasks.append(asyncio.create_task(_snapshot_loop(d, stop)))
         tasks.append(asyncio.create_task(_rescan_loop(d, stop)))
         notifier.ready(f"watching {len(config.sources)} sources; log at segment {seq}")
+        failed: BaseException | None = None
         try:
-            await stop.wait()
+            # A loop that ends on its own is a bug: say so and exit non-zero, so systemd
+            # restarts the daemon instead of it running on half-blind.
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            if not stop.is_set():
+                t = next(t for t in done if t is not stopper)
+                failed = t.exception() or RuntimeError(f"{t.get_coro().__name__} ended")
+                log.error("internal error, stopping: %s: %s", type(failed).__name__, failed)
+                stop.set()
+            stopper.cancel()
         finally:
             notifier.stopping()
             await server.close()
@@ -244,7 +255,7 @@ async def serve(home: Path | None) -> int:
             await d.seal()
             sealer.close()
     log.info("stopped")
-    return 0
+    return 1 if failed else 0
 
 
 def run() -> None:

@@ -423,3 +423,25 @@ def test_no_change_is_lost_when_seals_overlap_captures(home, tmp_path: Path):
         assert d.stop() == 0
     cli("restore", "latest", "--at", "now", "--to", str(tmp_path / "now"))
     assert _state(tmp_path / "now" / "src") == _state(src)
+
+
+def test_changes_through_a_symlinked_directory_are_logged_under_the_real_path(home, tmp_path):
+    cli, src = home
+    (src / "real" / "deep").mkdir(parents=True)
+    os.symlink("real", src / "link")
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        (src / "real" / "deep" / "a.txt").write_text("through the real path")
+        wait_for_seq(cli, 1)
+        (src / "real" / "deep" / "a.txt").write_text("changed again")
+        seq = chain(cli)[2].seq
+        wait_for_seq(cli, seq + 1)
+    finally:
+        assert d.stop() == 0
+    paths = {c.path for _, parts in chain(cli)[3] for _, cl in parts for c in cl.changes}
+    assert b"real/deep/a.txt" in paths and not any(p.startswith(b"link/") for p in paths)
+    cli("restore", "latest", "--at", "now", "--to", str(tmp_path / "now"))
+    got = tmp_path / "now" / "src"
+    assert (got / "real" / "deep" / "a.txt").read_text() == "changed again"
+    assert os.readlink(got / "link") == "real"
