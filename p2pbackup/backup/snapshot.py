@@ -68,7 +68,6 @@ class SnapshotSummary:
 class _FileJob:
     path: bytes
     st: os.stat_result
-    prev: TreeEntry | None
     name: bytes
 
 
@@ -222,7 +221,7 @@ class SnapshotBuilder:
                     counts.changed += 1
                 else:
                     counts.new += 1
-                job = _FileJob(full, st, p, name)
+                job = _FileJob(full, st, name)
                 if st.st_nlink > 1:
                     # Hard links: the first path is read alone, later ones reuse its chunks.
                     key = (st.st_dev, st.st_ino)

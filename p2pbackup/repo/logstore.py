@@ -40,37 +40,38 @@ class LogStore:
         keys = self.keys.scope(scope, epoch)
         return bytes(seal_object(Kind.SEGMENT_PART, changes.encode(), keys.data_key))
 
+    def _seal_signed(self, identity: DeviceIdentity, kind: int, body: bytes) -> bytearray:
+        """Sign a record's encoding with the device key and seal it with the metadata key."""
+        signed = Signed(body, identity.device_id, identity.sign(body)).encode()
+        return seal_object(kind, signed, self.keys.meta_key)
+
     async def append(self, identity: DeviceIdentity, segment: Segment,
                      snapshot: str | None = None) -> Head:
         """Store a segment (durably) and then move the head to it."""
-        body = segment.encode()
-        signed = Signed(body, identity.device_id, identity.sign(body)).encode()
-        sealed = seal_object(Kind.SEGMENT, signed, self.keys.meta_key)
+        sealed = self._seal_signed(identity, Kind.SEGMENT, segment.encode())
         await self.repo.store.put(segment_name(identity.device_id, segment.seq), sealed)
         current = await self.read_head(identity.device_id)
         head = Head(identity.device_id, segment.seq, segment_hash(sealed),
                     snapshot if snapshot is not None else (current.snapshot if current else None),
                     time.time_ns())
-        await self.write_head(identity, head)
+        await self._put_head(identity, head, current)
         return head
 
     async def write_head(self, identity: DeviceIdentity, head: Head) -> None:
         """Replace the device's head, refusing one that goes backwards or forks."""
-        current = await self.read_head(head.device)
+        await self._put_head(identity, head, await self.read_head(head.device))
+
+    async def _put_head(self, identity: DeviceIdentity, head: Head, current: Head | None) -> None:
         why = check_head_update(current, head)
         if why:
             raise IntegrityError(why)
-        body = head.encode()
-        signed = Signed(body, identity.device_id, identity.sign(body)).encode()
         await self.repo.store.put(f"heads/{head.device}",
-                                  seal_object(Kind.HEAD, signed, self.keys.meta_key))
+                                  self._seal_signed(identity, Kind.HEAD, head.encode()))
 
     async def write_anchor(self, identity: DeviceIdentity, anchor: Head) -> None:
         """Record where a folded (pruned) chain now starts: segment `seq` had hash `segment`."""
-        body = anchor.encode()
-        signed = Signed(body, identity.device_id, identity.sign(body)).encode()
         await self.repo.store.put(f"segments/{anchor.device}/anchor",
-                                  seal_object(Kind.HEAD, signed, self.keys.meta_key))
+                                  self._seal_signed(identity, Kind.HEAD, anchor.encode()))
 
     async def read_anchor(self, device: str) -> Head | None:
         """The fold point of a device's chain, if prune folded part of it."""
