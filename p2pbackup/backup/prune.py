@@ -133,10 +133,11 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
     new_bytes = sum(size for _, size in written)
     report.bytes_freed += sum(repo.index.packs[n][2] for n in repack) - new_bytes
 
-    # 3. only now delete the old packs.
+    # 3. only now delete the old packs, index first: a kill between the two leaves a pack the
+    # index lacks (re-indexed on open as unused data), never an index naming a missing pack.
+    await repo.index.remove_packs(delete + repack)
     for name in delete + repack:
         await repo.store.delete(f"packs/{name}")
-        await repo.index.remove_pack(name)
     return report
 
 

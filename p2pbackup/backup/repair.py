@@ -81,7 +81,7 @@ async def _quarantine(repo: Repository, name: str, data: bytes | None = None) ->
             data = b""
     if data:
         await repo.store.put(f"quarantine/{name}", data)
-    await repo.store.delete(f"packs/{name}")
     if name in repo.index.packs:
         await repo.index.remove_pack(name)
+    await repo.store.delete(f"packs/{name}")
     repo.damaged_packs.pop(name, None)

@@ -118,14 +118,20 @@ class PackIndex:
                 self.blobs[bid] = BlobLocation(n, off, length, raw, kind)
 
     async def remove_pack(self, name: str) -> None:
-        """Forget a pack (it is gone from the store)."""
+        """Forget a pack (it is gone from the store, or about to be)."""
+        await self.remove_packs([name])
+
+    async def remove_packs(self, names: list[str]) -> None:
+        """Forget several packs in one transaction."""
         assert self._db is not None
         try:
-            await self._db.execute("DELETE FROM blobs WHERE pack=?", (name,))
-            await self._db.execute("DELETE FROM packs WHERE name=?", (name,))
+            await self._db.executemany("DELETE FROM blobs WHERE pack=?", [(n,) for n in names])
+            await self._db.executemany("DELETE FROM packs WHERE name=?", [(n,) for n in names])
             await self._db.commit()
         except sqlite3.Error as exc:
             raise _sql_error(exc, self.path) from None
-        self.packs.pop(name, None)
-        for bid in [b for b, loc in self.blobs.items() if loc.pack == name]:
+        gone = set(names)
+        for n in names:
+            self.packs.pop(n, None)
+        for bid in [b for b, loc in self.blobs.items() if loc.pack in gone]:
             del self.blobs[bid]
