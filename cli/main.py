@@ -14,21 +14,20 @@ import typer
 from p2pbackup.errors import EXIT_PARTIAL, ConfigError, IntegrityError, P2PError
 
 from . import output
+from .account_cmds import devices_app, pair, recover
+from .common import home, run_async, via_daemon
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Peer-to-peer, end-to-end encrypted backup of your own devices.")
 index_app = typer.Typer(no_args_is_help=True, help="Maintain the pack index (a cache).")
 app.add_typer(index_app, name="index")
+app.add_typer(devices_app, name="devices")
 
 _state = {"debug": False}
 
 
-def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(coro)
-
-
-def _home() -> Path | None:
-    return None  # the config loader reads P2PBACKUP_HOME
+_run = run_async
+_home = home
 
 
 @app.callback()
@@ -79,19 +78,7 @@ def _snapshot_json(stored: Any) -> dict:
     }
 
 
-def _via_daemon(cmd: str, args: dict | None = None) -> dict | None:
-    """Ask the running daemon; None when no daemon runs for this home."""
-    from p2pbackup import control
-    from p2pbackup.config import load_config
-    from p2pbackup.errors import DaemonNotRunning
-
-    sock = load_config(_home()).control_socket
-    if not sock.exists():
-        return None
-    try:
-        return _run(control.request(sock, cmd, args))
-    except DaemonNotRunning:
-        return None
+_via_daemon = via_daemon
 
 
 @app.command()
@@ -392,6 +379,10 @@ def index_rebuild() -> None:
     for name, why in damaged.items():
         output.warn(why)
     print(f"index rebuilt: {packs} packs, {blobs} blobs")
+
+
+app.command()(pair)
+app.command()(recover)
 
 
 # ---- entry point ---------------------------------------------------------------------------

@@ -115,7 +115,7 @@ class SegmentSealer:
             elif os.path.isdir(path):
                 self.missing.discard(src.name)
             return
-        keys = self.repo.keys.scope(src.name, 0)
+        keys = self.repo.keys.scope(src.name, self.repo.keys.epoch)
         now = time.time_ns()
         try:
             st = os.lstat(path)
@@ -179,8 +179,9 @@ class SegmentSealer:
             self._new_period()
         try:
             await asyncio.to_thread(sink.flush)  # chunks durable before a segment names them
-            parts = tuple(SegmentPart(scope, 0, self.logstore.seal_changes(
-                scope, 0, ChangeList(tuple(ch)))) for scope, ch in sorted(pending.items()))
+            epoch = self.repo.keys.epoch
+            parts = tuple(SegmentPart(scope, epoch, self.logstore.seal_changes(
+                scope, epoch, ChangeList(tuple(ch)))) for scope, ch in sorted(pending.items()))
             seg = Segment(self.identity.device_id, self.state.seq + 1, self.state.prev,
                           time.time_ns(), parts)
             head = await self.logstore.append(self.identity, seg)

@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgpack
 import tomli_w
 
 from .crypto.identity import DeviceIdentity
@@ -118,8 +119,14 @@ def _write_private(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def init_home(home: Path, source_paths: list[str]) -> tuple[Config, bytes]:
-    """Create a home with fresh keys; return its config and the account key (shown once)."""
+def init_home(home: Path, source_paths: list[str], *, keys: AccountKeys | None = None,
+              identity: DeviceIdentity | None = None, keyless: bool = False,
+              device_name: str | None = None) -> tuple[Config, bytes | None]:
+    """Create a home; return its config and the account key to show once (None if given).
+
+    `keys` are received by pairing or recovery; `keyless` makes a home that holds no account
+    key (a storage partner for other accounts).
+    """
     if (home / "config.toml").exists() or (home / "keys" / "account.key").exists():
         raise ConfigError(f"{home} is already set up; use another P2PBACKUP_HOME or remove it first")
     for p in source_paths:
@@ -128,20 +135,41 @@ def init_home(home: Path, source_paths: list[str]) -> tuple[Config, bytes]:
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
     (home / "keys").mkdir(mode=0o700, exist_ok=True)
-    account_key = os.urandom(ACCOUNT_KEY_SIZE)
-    _write_private(home / "keys" / "account.key", account_key)
-    _write_private(home / "keys" / "device.key", DeviceIdentity.generate().seed)
+    account_key = None
+    if keyless:
+        _write_private(home / "keys" / "partner-only", b"")
+    elif keys is None:
+        account_key = os.urandom(ACCOUNT_KEY_SIZE)
+        _write_private(home / "keys" / "account.key", account_key)
+    _write_private(home / "keys" / "device.key", (identity or DeviceIdentity.generate()).seed)
     sources = _source_names(source_paths)
     doc = {
         "version": CONFIG_VERSION,
-        "device_name": socket.gethostname(),
+        "device_name": device_name or socket.gethostname(),
         "store": "store",
         "sources": [{"name": s.name, "path": s.path} for s in sources],
     }
     tmp = home / "config.toml.tmp"
     tmp.write_bytes(tomli_w.dumps(doc).encode())
     os.replace(tmp, home / "config.toml")
-    return load_config(home), account_key
+    config = load_config(home)
+    if keys is not None:
+        save_keys(config, keys)
+    return config, account_key
+
+
+def save_keys(config: Config, keys: AccountKeys) -> None:
+    """Write the keys this device holds (every epoch, or its granted sources), mode 0600."""
+    path = config.home / "keys" / "keyring"
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    _write_private(tmp, msgpack.packb(keys.export(keys.sources_granted()), use_bin_type=True))
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_config(home: Path | None = None) -> Config:
@@ -195,16 +223,41 @@ def _daemon_settings(table: object, path: Path) -> DaemonSettings:
                           float(values["rescan_interval"]), float(values["snapshot_interval"]))
 
 
-def load_keys(config: Config) -> tuple[AccountKeys, DeviceIdentity]:
-    """Read the account key and the device identity from the home's key files."""
+def load_identity(config: Config) -> DeviceIdentity:
+    """This device's signing key."""
     try:
-        account = config.account_key_file.read_bytes()
         device = config.device_key_file.read_bytes()
     except FileNotFoundError as exc:
         raise ConfigError(f"key file {exc.filename} is missing; this home cannot be used "
                           "(recover it with the recovery code)") from None
     except PermissionError as exc:
         raise ConfigError(f"cannot read key file {exc.filename}: permission denied") from None
-    if len(account) != ACCOUNT_KEY_SIZE or len(device) != 32:
+    if len(device) != 32:
         raise ConfigError(f"key files in {config.home / 'keys'} are damaged (wrong length)")
-    return AccountKeys(account), DeviceIdentity(device)
+    return DeviceIdentity(device)
+
+
+def load_keys(config: Config) -> tuple[AccountKeys, DeviceIdentity]:
+    """Read the account keys and the device identity from the home's key files."""
+    identity = load_identity(config)
+    keyring = config.home / "keys" / "keyring"
+    try:
+        if keyring.exists():
+            try:
+                return AccountKeys.from_export(msgpack.unpackb(keyring.read_bytes(),
+                                                               strict_map_key=False)), identity
+            except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+                raise ConfigError(f"key file {keyring} is damaged") from None
+        if (config.home / "keys" / "partner-only").exists():
+            raise ConfigError(f"{config.home} holds no account keys: it is only a storage "
+                              "partner for other accounts (run `p2pbackup init` in another "
+                              "P2PBACKUP_HOME to back up this device)")
+        account = config.account_key_file.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"key file {exc.filename} is missing; this home cannot be used "
+                          "(recover it with the recovery code)") from None
+    except PermissionError as exc:
+        raise ConfigError(f"cannot read key file {exc.filename}: permission denied") from None
+    if len(account) != ACCOUNT_KEY_SIZE:
+        raise ConfigError(f"key files in {config.home / 'keys'} are damaged (wrong length)")
+    return AccountKeys(account), identity

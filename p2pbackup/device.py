@@ -39,7 +39,13 @@ async def init_device(home: Path, sources: list[str]) -> tuple[Config, str]:
     store = LocalDirStore(config.store)
     repo = await Repository.create(store, keys, identity, str(config.cache_dir),
                                    config.device_name)
-    await repo.close()
+    try:
+        from .account import membership_of  # account builds on this module
+
+        await membership_of(Device(config, keys, identity, repo))
+    finally:
+        await repo.close()
+    assert account_key is not None
     return config, recovery.encode(account_key)
 
 
@@ -60,7 +66,12 @@ async def open_device(home: Path | None = None, *, write: bool = False,
             blob_store.remove_temp_files()
         repo = await Repository.open(blob_store, keys, identity, str(config.cache_dir))
         try:
-            yield Device(config, keys, identity, repo)
+            dev = Device(config, keys, identity, repo)
+            if write and store is None:
+                from .account import take_grants  # account builds on this module
+
+                await take_grants(dev)  # a newer key epoch granted to us, after a removal
+            yield dev
         finally:
             await repo.close()
     finally:

@@ -312,7 +312,7 @@ class SnapshotBuilder:
         self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="chunker")
         try:
             for src in self.sources:
-                keys = self.repo.keys.scope(src.name, 0)
+                keys = self.repo.keys.scope(src.name, self.repo.keys.epoch)
                 self._counts = _Counts()
                 top = os.fsencode(src.path)
                 if not os.path.isdir(top):

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import blake3
-from nacl.exceptions import BadSignatureError
+from nacl.bindings import (crypto_sign_ed25519_pk_to_curve25519,
+                           crypto_sign_ed25519_sk_to_curve25519)
+from nacl.exceptions import BadSignatureError, CryptoError
+from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
 
@@ -35,6 +38,20 @@ class DeviceIdentity:
     def sign(self, message: bytes) -> bytes:
         """Return the 64-byte detached signature of `message`."""
         return SigningKey(self.seed).sign(message).signature
+
+    def open_sealed(self, sealed: bytes) -> bytes | None:
+        """Open what `seal_to(this device's public key, ...)` sealed; None if it was not for us."""
+        sk = SigningKey(self.seed)
+        secret = crypto_sign_ed25519_sk_to_curve25519(bytes(sk) + bytes(sk.verify_key))
+        try:
+            return SealedBox(PrivateKey(secret)).decrypt(sealed)
+        except CryptoError:
+            return None
+
+
+def seal_to(public_key: bytes, data: bytes) -> bytes:
+    """Encrypt `data` so only the device with Ed25519 key `public_key` can read it."""
+    return SealedBox(PublicKey(crypto_sign_ed25519_pk_to_curve25519(public_key))).encrypt(data)
 
 
 def verify_signature(public_key: bytes, message: bytes, signature: bytes) -> bool:

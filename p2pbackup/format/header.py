@@ -36,6 +36,8 @@ class Kind(enum.IntEnum):
     SEGMENT = 8
     HEAD = 9
     SEGMENT_PART = 10
+    MEMBERSHIP = 11
+    KEYRING = 12
 
 
 @dataclass(frozen=True, slots=True)

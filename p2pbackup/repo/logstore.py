@@ -31,7 +31,10 @@ class LogStore:
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
-        self.keys: AccountKeys = repo.keys
+
+    @property
+    def keys(self) -> AccountKeys:
+        return self.repo.keys  # read each time: a re-key (device removal) replaces them
 
     # ---- writing ---------------------------------------------------------------------------
 
@@ -43,7 +46,7 @@ class LogStore:
     def _seal_signed(self, identity: DeviceIdentity, kind: int, body: bytes) -> bytearray:
         """Sign a record's encoding with the device key and seal it with the metadata key."""
         signed = Signed(body, identity.device_id, identity.sign(body)).encode()
-        return seal_object(kind, signed, self.keys.meta_key)
+        return self.repo.seal_record(kind, signed)
 
     async def append(self, identity: DeviceIdentity, segment: Segment,
                      snapshot: str | None = None) -> Head:
@@ -85,8 +88,7 @@ class LogStore:
     # ---- reading ---------------------------------------------------------------------------
 
     async def _open_signed(self, raw: bytes, kind: int, device: str, what: str) -> bytes:
-        _, body = open_object(raw, self.keys.meta_key, expect=kind, what=what)
-        signed = Signed.decode(bytes(body), what)
+        signed = Signed.decode(self.repo.open_record(raw, kind, what), what)
         if signed.device != device:
             raise IntegrityError(f"{what} was signed by {signed.device[:12]}, not {device[:12]}")
         key = await self.repo.device_key(device)

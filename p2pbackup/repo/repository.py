@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import shutil
@@ -81,6 +82,21 @@ class Repository:
         return repo
 
     @classmethod
+    async def create_replica(cls, store: BlobStore, keys: AccountKeys, identity: DeviceIdentity,
+                             cache_dir: str, device_name: str, config_raw: bytes) -> "Repository":
+        """Start a store that holds the same repository as another device's (same config)."""
+        if await store.has(CONFIG_NAME):
+            raise StorageError(f"the store at {store.location} already holds a repository")
+        await store.put(CONFIG_NAME, config_raw)
+        repo = await cls.open(store, keys, identity, cache_dir)
+        await repo.register_device(identity, device_name)
+        return repo
+
+    async def config_object(self) -> bytes:
+        """The sealed repository config, as stored (to start a replica elsewhere)."""
+        return await self.store.get(CONFIG_NAME)
+
+    @classmethod
     async def open(cls, store: BlobStore, keys: AccountKeys, identity: DeviceIdentity | None,
                    cache_dir: str) -> "Repository":
         """Open an existing repository; the index is rebuilt if missing or damaged."""
@@ -97,7 +113,9 @@ class Repository:
             raise WrongKey(f"the account key does not open the repository at {store.location}: "
                            "it belongs to another account, or this home's key is wrong") from None
         config = RepoConfig.decode(body)
-        index_path = os.path.join(cache_dir, config.repo_id, "index.sqlite")
+        # Replicas of one repository share its id, so the cache is per store as well.
+        where = hashlib.blake2b(store.location.encode(), digest_size=6).hexdigest()
+        index_path = os.path.join(cache_dir, config.repo_id, f"index-{where}.sqlite")
         index = await _open_index(index_path)
         repo = cls(store, keys, config, index, identity)
         await repo.sync_index()
@@ -224,6 +242,28 @@ class Repository:
     async def load_tree(self, tree_id: bytes) -> Tree:
         return await asyncio.to_thread(self.load_tree_blocking, tree_id)
 
+    # ---- records sealed per key epoch ------------------------------------------------------
+
+    def seal_record(self, kind: int, body: bytes) -> bytearray:
+        """Seal a record with the newest epoch's record key (a removed device cannot open it)."""
+        return seal_object(kind, body, self.keys.record_key)
+
+    def open_record(self, raw: bytes | bytearray | memoryview, kind: int, what: str) -> bytes:
+        """Open a record sealed in any epoch this device holds a key for."""
+        keys = self.keys.record_keys_newest_first()
+        for key in keys[:-1]:
+            try:
+                return bytes(open_object(raw, key, expect=kind, what=what)[1])
+            except IntegrityError:
+                continue
+        try:
+            return bytes(open_object(raw, keys[-1], expect=kind, what=what)[1])
+        except IntegrityError as exc:
+            if len(keys) > 1 or "failed authentication" not in str(exc):
+                raise
+            raise IntegrityError(f"{exc} (or sealed with a key this device does not hold: was "
+                                 "it removed from the account?)") from None
+
     # ---- devices --------------------------------------------------------------------------
 
     async def register_device(self, identity: DeviceIdentity, name: str) -> None:
@@ -263,7 +303,7 @@ class Repository:
 
         body = snapshot.encode()
         signed = Signed(body, self.identity.device_id, self.identity.sign(body)).encode()
-        sealed = seal_object(Kind.SNAPSHOT, signed, self.keys.meta_key)
+        sealed = self.seal_record(Kind.SNAPSHOT, signed)
         sid = blake3.blake3(sealed).hexdigest()
         await self.store.put(f"snapshots/{sid}", sealed)
         return StoredSnapshot(sid, snapshot)
@@ -280,7 +320,7 @@ class Repository:
         ObjectHeader.decode(raw, what)  # a newer format is named as such, not as damage
         if blake3.blake3(raw).hexdigest() != sid:
             raise IntegrityError(f"{what} was altered: its content does not match its name")
-        _, body = open_object(raw, self.keys.meta_key, expect=Kind.SNAPSHOT, what=what)
+        body = self.open_record(raw, Kind.SNAPSHOT, what)
         signed = Signed.decode(body, what)
         key = await self.device_key(signed.device)
         if not verify_signature(key, signed.body, signed.signature):

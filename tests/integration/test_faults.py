@@ -97,7 +97,7 @@ def test_deleted_pack(backed_up, tmp_path: Path):
 
 def test_missing_and_corrupt_index_is_rebuilt(backed_up, tmp_path: Path):
     cli, src, _ = backed_up
-    index = next((cli.home / "cache").rglob("index.sqlite"))
+    index = next((cli.home / "cache").rglob("index*.sqlite"))
     for suffix in ("", "-wal", "-shm"):
         Path(str(index) + suffix).unlink(missing_ok=True)
     cli("restore", "latest", "--to", str(tmp_path / "a"))

@@ -7,7 +7,7 @@ from p2pbackup.crypto import recovery
 from p2pbackup.crypto.aead import AuthenticationFailed, decrypt, encrypt
 from p2pbackup.crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from p2pbackup.crypto.kdf import hkdf_sha256
-from p2pbackup.crypto.keys import AccountKeys
+from p2pbackup.crypto.keys import AccountKeys, MissingKey
 
 
 def test_hkdf_matches_rfc5869_case_1():
@@ -20,11 +20,35 @@ def test_hkdf_matches_rfc5869_case_1():
 
 
 def test_scope_keys_differ_per_source_and_epoch():
-    keys = AccountKeys(os.urandom(32))
+    keys = AccountKeys(os.urandom(32)).with_epoch(1, os.urandom(32))
     a, b, a1 = keys.scope("docs"), keys.scope("photos"), keys.scope("docs", 1)
     assert len({a.data_key, b.data_key, a1.data_key, keys.meta_key}) == 4
     assert a.blob_id(b"x") != b.blob_id(b"x")
     assert keys.scope("docs") is a  # cached
+    assert keys.epoch == 1 and keys.record_key != keys.meta_key
+
+
+def test_a_new_epoch_needs_its_own_root_not_the_account_key():
+    old = AccountKeys(os.urandom(32))
+    with pytest.raises(MissingKey, match="epoch 1"):
+        old.scope("docs", 1)  # a removed device cannot derive what comes after it
+    new = old.with_epoch(1, os.urandom(32))
+    assert new.scope("docs", 0) == old.scope("docs", 0)
+
+
+def test_key_export_full_and_scoped():
+    keys = AccountKeys(os.urandom(32)).with_epoch(1, os.urandom(32))
+    full = AccountKeys.from_export(keys.export())
+    assert full.full and full.roots == keys.roots and full.fingerprint() == keys.fingerprint()
+    part = AccountKeys.from_export(keys.export(["photos"]))
+    assert not part.full and part.sources_granted() == ["photos"]
+    assert part.scope("photos", 1) == keys.scope("photos", 1)
+    assert part.meta_key == keys.meta_key and part.record_key == keys.record_key
+    assert part.chunker_seed == keys.chunker_seed and part.fingerprint() == keys.fingerprint()
+    with pytest.raises(MissingKey, match="'docs'"):
+        part.scope("docs", 0)
+    with pytest.raises(MissingKey):
+        part.export()
 
 
 def test_aead_rejects_changed_header_or_byte():

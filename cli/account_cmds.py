@@ -1,0 +1,260 @@
+"""`devices`, `devices remove`, `recover` and `pair`: the account's devices from the CLI."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from . import output
+from .common import home, run_async, via_daemon
+
+devices_app = typer.Typer(help="List this account's devices, or remove one.",
+                          invoke_without_command=True)
+
+
+def _member_json(m: Any, me: str) -> dict:
+    return {"id": m.device_id, "name": m.name, "role": m.role,
+            "sources": list(m.scopes) if m.scopes is not None else None,
+            "quota": m.quota, "added": output.iso_time(m.added_ns) if m.added_ns else None,
+            "this_device": m.device_id == me}
+
+
+def _membership_json(current: Any, me: str) -> dict:
+    return {"version": current.seq, "key_epoch": current.epoch,
+            "devices": [_member_json(m, me) for m in current.members],
+            "removed": list(current.removed)}
+
+
+@devices_app.callback()
+def devices(ctx: typer.Context,
+            as_json: bool = typer.Option(False, "--json", help="Print the devices as JSON.")
+            ) -> None:
+    """List the account's devices (role, sources, quota)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from p2pbackup import account
+    from p2pbackup.device import open_device
+
+    async def go() -> dict:
+        async with open_device(home()) as dev:
+            got = await account.store_membership.load(dev.repo)
+            if got is None:  # a home from before membership records: this device alone
+                from p2pbackup.format.membership import OWNER, Member, Membership
+                me = Member(dev.identity.device_id, dev.identity.public_key,
+                            dev.config.device_name, OWNER)
+                return _membership_json(Membership(0, b"", dev.keys.epoch, (me,)),
+                                        dev.identity.device_id)
+            return _membership_json(got[0], dev.identity.device_id)
+
+    doc = run_async(go())
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    print(f"account devices (membership version {doc['version']}, key epoch {doc['key_epoch']})")
+    for d in doc["devices"]:
+        extra = ""
+        if d["sources"] is not None:
+            extra += f"  sources: {', '.join(d['sources'])}"
+        if d["quota"] is not None:
+            extra += f"  quota: {output.human_bytes(d['quota'])}"
+        mark = "  (this device)" if d["this_device"] else ""
+        print(f"  {d['id'][:12]}  {d['role']:<7} {d['name']}{extra}{mark}")
+    if doc["removed"]:
+        print(f"  removed: {', '.join(r[:12] for r in doc['removed'])}")
+
+
+@devices_app.command("remove")
+def devices_remove(device: str = typer.Argument(..., help="Device id (prefix) or name."),
+                   as_json: bool = typer.Option(False, "--json")) -> None:
+    """Remove a device: it is refused from now on and new data uses new keys."""
+    from p2pbackup import account
+    from p2pbackup.device import open_device
+
+    result = via_daemon("devices_remove", {"device": device})
+    if result is None:
+        async def go() -> dict:
+            async with open_device(home(), write=True) as dev:
+                r = await account.remove_device(dev, device)
+                return removal_json(r)
+
+        result = run_async(go())
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"removed device {result['removed']['id'][:12]} ({result['removed']['name']}); "
+          f"key epoch is now {result['key_epoch']}")
+    print("Data written from now on uses new keys the removed device never had. Your old "
+          "recovery code still opens everything written before; this new one opens all of it:")
+    print()
+    print(f"    {result['recovery_code']}")
+    print()
+
+
+def removal_json(r: Any) -> dict:
+    return {"removed": {"id": r.removed.device_id, "name": r.removed.name},
+            "key_epoch": r.membership.epoch, "version": r.membership.seq,
+            "recovery_code": r.recovery_code}
+
+
+def recover(store: str = typer.Option(..., "--from", help="A store holding the account."),
+            code_file: Path = typer.Option(None, "--recovery-code-file",
+                                           help="Read the recovery code from this file."),
+            name: str = typer.Option(None, "--name", help="This device's name.")) -> None:
+    """Set up this (new) device from the recovery code and a store holding the account."""
+    from p2pbackup import account
+    from p2pbackup.config import default_home
+
+    if code_file is not None:
+        try:
+            code = code_file.read_text().strip()
+        except OSError as exc:
+            from p2pbackup.errors import ConfigError
+            raise ConfigError(f"cannot read {code_file}: {exc.strerror}") from None
+    elif sys.stdin.isatty():
+        code = typer.prompt("Recovery code", hide_input=True)
+    else:
+        code = sys.stdin.readline().strip()
+    r = run_async(account.recover(default_home(), store, code, name or socket.gethostname()))
+    print(f"Recovered the account into {r.config.home} (key epoch {r.epoch}).")
+    if r.epoch < r.newest_epoch:
+        output.warn(f"this recovery code is from key epoch {r.epoch}; data written since epoch "
+                    f"{r.epoch + 1} needs the newer code printed when a device was removed")
+    if r.joined:
+        print(f"This device ({r.config.device_name}) is now listed in the account.")
+    print(f"Restore with: p2pbackup restore latest --from {store} --to DIR")
+
+
+# ---- pair ------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """`50G`, `500M`, `1.5T`, `1024` -> bytes (binary units)."""
+    from p2pbackup.errors import ConfigError
+
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1] if t and t[-1] in _UNITS else ""
+    try:
+        value = float(t[:-1] if unit else t)
+    except ValueError:
+        raise ConfigError(f"--quota {text!r}: give a size such as 50G or 500M") from None
+    if value <= 0:
+        raise ConfigError(f"--quota {text!r} must be more than zero")
+    return int(value * _UNITS[unit])
+
+
+def _rendezvous(peer: str | None, mdns: bool = True) -> Any:
+    from p2pbackup.pairing_link import MdnsRendezvous, StaticRendezvous
+
+    if not mdns and not peer:
+        return StaticRendezvous("", 0)  # the host just listens; the joiner gives --peer
+    if peer:
+        host_, _, port = peer.rpartition(":")
+        if not host_ or not port.isdigit():
+            from p2pbackup.errors import ConfigError
+            raise ConfigError(f"--peer {peer!r}: give HOST:PORT")
+        return StaticRendezvous(host_, int(port))
+    return MdnsRendezvous()
+
+
+def _print_code(code: str, lifetime: float, qr: bool) -> None:
+    print(f"Pairing code: {code}   (valid for {int(lifetime // 60)} minutes, one attempt)")
+    if qr:
+        import io
+
+        import qrcode
+
+        q = qrcode.QRCode(border=1)
+        q.add_data(f"p2pbackup:pair:{code}")
+        buf = io.StringIO()
+        q.print_ascii(out=buf, invert=True)
+        print(buf.getvalue(), end="")
+    print(f"On the new device run:  p2pbackup pair {code}")
+    print("Waiting for it...", flush=True)
+
+
+def _show_verifier(verifier: str) -> None:
+    print(f"Verification: {verifier}  (the other device shows the same; if not, stop now)",
+          flush=True)
+
+
+def pair(code: str = typer.Argument(None, help="The code shown by the other device (to join)."),
+         partner: bool = typer.Option(False, "--partner",
+                                      help="Invite a friend's device to store ciphertext only."),
+         sources: str = typer.Option(None, "--sources",
+                                     help="Grant only these sources (comma-separated)."),
+         quota: str = typer.Option(None, "--quota", help="A partner's quota, e.g. 50G."),
+         expires: float = typer.Option(600, "--expires", min=5, max=86400,
+                                       help="Seconds the code stays valid."),
+         name: str = typer.Option(None, "--name", help="This device's name (when joining)."),
+         peer: str = typer.Option(None, "--peer", help="HOST:PORT of the other device "
+                                  "(skips mDNS discovery)."),
+         port: int = typer.Option(0, "--port", min=0, max=65535,
+                                  help="Listen on this port (default: any)."),
+         qr: bool = typer.Option(True, "--qr/--no-qr", help="Show the code as a QR code."),
+         mdns: bool = typer.Option(True, "--mdns/--no-mdns",
+                                   help="Announce the code on the LAN (multicast DNS)."),
+         ) -> None:
+    """Show a code to add a device (or join with one): SPAKE2 over the LAN."""
+    from p2pbackup import account
+    from p2pbackup.config import default_home
+    from p2pbackup.crypto.pairing import make_code
+    from p2pbackup.errors import ConfigError, PairingFailed
+
+    if code is not None:
+        if partner or sources or quota:
+            raise ConfigError("--partner, --sources and --quota belong on the device that "
+                              "shows the code")
+        joined = run_async(account.join_account(
+            default_home(), code, name or socket.gethostname(), rendezvous=_rendezvous(peer),
+            on_verifier=_show_verifier))
+        if joined.role == "partner":
+            quota_text = output.human_bytes(joined.quota) if joined.quota else "no quota set"
+            print(f"Paired as a storage partner of account {joined.account} "
+                  f"({quota_text}); this device holds none of its keys.")
+        else:
+            what = (f"sources {', '.join(joined.sources)}" if joined.sources is not None
+                    else "every source")
+            print(f"Paired with {joined.host_name or 'the other device'}: this device joined "
+                  f"account {joined.account} as {joined.role} ({what}).")
+        return
+    if partner and sources:
+        raise ConfigError("a partner gets no keys, so --sources does not apply to --partner")
+    if quota and not partner:
+        raise ConfigError("--quota applies to a storage partner (--partner)")
+    role = "partner" if partner else ("member" if sources else "owner")
+    granted = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None
+    invite = {"role": role, "sources": list(granted) if granted else None,
+              "quota": parse_size(quota) if quota else None, "expires": expires}
+    started = via_daemon("pair_start", {**invite, "port": port, "mdns": mdns}, timeout=30)
+    if started is not None:
+        _print_code(started["code"], expires, qr)
+        result = via_daemon("pair_wait", {"code": started["code"]}, timeout=expires + 120)
+        assert result is not None
+        if result.get("verifier"):
+            _show_verifier(result["verifier"])
+        if not result["ok"]:
+            raise PairingFailed(result["message"])
+        print(f"Paired: {result['message']}")
+        return
+
+    from p2pbackup.device import open_device
+
+    async def host() -> Any:
+        async with open_device(default_home(), write=True) as dev:
+            inv = account.invitation(dev, role, granted, invite["quota"])
+            new_code = make_code()
+            h = account.pairing_host(dev, inv, new_code, rendezvous=_rendezvous(None, mdns),
+                                     lifetime=expires, port=port, on_verifier=_show_verifier)
+            return await h.run(started=lambda _p: _print_code(new_code, expires, qr))
+
+    outcome = run_async(host())
+    if not outcome.ok:
+        raise PairingFailed(outcome.message)
+    print(f"Paired: {outcome.message}")

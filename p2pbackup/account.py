@@ -1,0 +1,425 @@
+"""The account's devices: membership, what pairing hands over, revocation, recovery.
+
+Glue between a home (config and keys), its repository and the membership chain; the pairing
+wire protocol itself is the sans-I/O machine in crypto/pairing.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+from .blobs import open_store
+from .blobs.local import LocalDirStore
+from .config import Config, init_home, save_keys
+from .crypto import recovery
+from .crypto.identity import DeviceIdentity, device_id_for, seal_to
+from .crypto.keys import AccountKeys
+from .device import Device
+from .errors import ConfigError, IntegrityError, NotFound, P2PError, PairingFailed, WrongKey
+from .pairing_link import PairingHost, Rendezvous, join
+from .format.membership import (MEMBER, OWNER, PARTNER, Member, Membership, record_hash,
+                                sign_membership)
+from .repo import membership as store_membership
+from .repo.repository import Repository
+
+log = logging.getLogger("p2pbackup.account")
+PAYLOAD_VERSION = 1
+
+
+def recovery_signer(keys: AccountKeys) -> DeviceIdentity:
+    """The signer only the holder of the newest recovery code (or an owner) can derive."""
+    return DeviceIdentity(keys.recovery_seed())
+
+
+async def membership_of(dev: Device) -> tuple[Membership, list[bytes]]:
+    """The account's membership as this device's store holds it; started on first use."""
+    got = await store_membership.load(dev.repo)
+    if got is not None:
+        return got
+    if not dev.keys.full:
+        raise IntegrityError("this device's store has no membership record")
+    now = time.time_ns()
+    me = Member(dev.identity.device_id, dev.identity.public_key, dev.config.device_name, OWNER,
+                added_ns=now)
+    first = Membership(1, b"", dev.keys.epoch, (me,),
+                       recovery_key=recovery_signer(dev.keys).public_key, time_ns=now)
+    signed = sign_membership(first, dev.identity.device_id, dev.identity.sign)
+    await store_membership.append(dev.repo, signed)
+    return first, [signed]
+
+
+def find_device(m: Membership, which: str) -> Member:
+    """A member named by id prefix or by name; NotFound or ConfigError if none or ambiguous."""
+    hits = [x for x in m.members if x.device_id.startswith(which.lower()) or x.name == which]
+    if not hits:
+        if any(r.startswith(which.lower()) for r in m.removed):
+            raise NotFound(f"device {which} was already removed from the account")
+        raise NotFound(f"no device {which!r} in this account (see `p2pbackup devices`)")
+    if len(hits) > 1:
+        raise ConfigError(f"{which!r} names {len(hits)} devices; give more of the id")
+    return hits[0]
+
+
+# ---- pairing payloads ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Invitation:
+    """What the device running `pair` offers: a member (all or some sources) or a partner."""
+
+    role: str
+    sources: tuple[str, ...] | None = None
+    quota: int | None = None
+
+
+def joiner_payload(identity: DeviceIdentity, name: str, has_account: bool) -> bytes:
+    """What the joining device says about itself inside the PAKE channel."""
+    return msgpack.packb({"v": PAYLOAD_VERSION, "id": identity.device_id,
+                          "pk": identity.public_key, "name": name,
+                          "has_account": has_account}, use_bin_type=True)
+
+
+def _decode(payload: bytes, what: str, fields: dict[str, type]) -> dict:
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise PairingFailed(f"pairing failed: the other device sent a malformed {what}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("v"), int):
+        raise PairingFailed(f"pairing failed: the other device sent a malformed {what}")
+    for key, typ in fields.items():
+        if not isinstance(obj.get(key), typ):
+            raise PairingFailed(f"pairing failed: the other device sent a malformed {what} "
+                                f"(field {key!r})")
+    return obj
+
+
+def invitation(dev: Device, role: str, sources: tuple[str, ...] | None,
+               quota: int | None) -> Invitation:
+    """Check what `pair` was asked to offer against this device's keys and sources."""
+    if role not in (OWNER, MEMBER, PARTNER):
+        raise ConfigError(f"unknown pairing role {role!r}")
+    if role != PARTNER and not dev.keys.full and role == OWNER:
+        raise WrongKey("this device holds only some sources; it can grant only those "
+                       "(`pair --sources ...`)")
+    if sources:
+        known = {s.name for s in dev.config.sources}
+        if dev.keys.sources_granted() is not None:
+            known = set(dev.keys.sources_granted() or [])
+        unknown = [s for s in sources if s not in known]
+        if unknown:
+            raise ConfigError(f"no source named {unknown[0]!r} on this device (sources: "
+                              f"{', '.join(sorted(known)) or 'none'})")
+    return Invitation(role, sources, quota)
+
+
+@dataclass(slots=True)
+class PendingJoin:
+    """A join the host has accepted but not yet committed (until the joiner confirms)."""
+
+    member: Member
+    signed: bytes
+    welcome: bytes
+
+
+async def prepare_welcome(dev: Device, invite: Invitation, payload: bytes) -> PendingJoin:
+    """Check the joiner's request and build the welcome; nothing is stored yet."""
+    req = _decode(payload, "join request", {"id": str, "pk": bytes, "name": str})
+    if device_id_for(req["pk"]) != req["id"]:
+        raise PairingFailed("pairing failed: the joining device's id does not match its key")
+    if invite.role != PARTNER and req.get("has_account"):
+        raise PairingFailed("pairing failed: the joining device already belongs to an account; "
+                            "pair it with a fresh P2PBACKUP_HOME, or use `pair --partner`")
+    current, chain = await membership_of(dev)
+    if req["id"] in current.removed:
+        raise PairingFailed(f"pairing failed: device {req['id'][:12]} was removed from this "
+                            "account and cannot join again")
+    now = time.time_ns()
+    member = Member(req["id"], req["pk"], req["name"][:100], invite.role,
+                    invite.sources if invite.role == MEMBER else None,
+                    invite.quota if invite.role == PARTNER else None, now)
+    nxt = current.with_member(member, now)
+    nxt = Membership(nxt.seq, record_hash(chain[-1]), nxt.epoch, nxt.members, nxt.removed,
+                     nxt.recovery_key, {}, now)
+    signed = sign_membership(nxt, dev.identity.device_id, dev.identity.sign)
+    doc: dict = {"v": PAYLOAD_VERSION, "role": invite.role, "account": dev.keys.fingerprint(),
+                 "host": {"id": dev.identity.device_id, "pk": dev.identity.public_key,
+                          "name": dev.config.device_name}}
+    if invite.role == PARTNER:
+        # A partner learns only which keys may talk to it, and its quota.
+        doc["owners"] = [[m.device_id, m.public_key] for m in nxt.members
+                         if m.role != PARTNER]
+        doc["quota"] = invite.quota
+    else:
+        doc["config"] = await dev.repo.config_object()
+        doc["chain"] = chain + [signed]
+        doc["keys"] = dev.keys.export(list(invite.sources) if invite.sources else None)
+    return PendingJoin(member, signed, msgpack.packb(doc, use_bin_type=True))
+
+
+async def commit_join(dev: Device, pending: PendingJoin) -> Membership:
+    """Store the new membership version once the joiner confirmed it has everything."""
+    current, chain = await membership_of(dev)
+    nxt = Membership.decode(_signed_body(pending.signed))
+    if nxt.seq != current.seq + 1 or nxt.prev != record_hash(chain[-1]):
+        raise PairingFailed("pairing failed: the device list changed during pairing; pair again")
+    await store_membership.append(dev.repo, pending.signed)
+    return nxt
+
+
+def _signed_body(signed: bytes) -> bytes:
+    from .format.records import Signed
+
+    return Signed.decode(signed, "membership record").body
+
+
+@dataclass(slots=True)
+class Joined:
+    """What the joining device ended up with."""
+
+    role: str
+    account: str
+    host_name: str
+    sources: list[str] | None = None
+    quota: int | None = None
+
+
+async def apply_welcome(home: Path, identity: DeviceIdentity, name: str,
+                        welcome: bytes) -> Joined:
+    """Set this home up from the host's welcome (keys, membership, repository replica)."""
+    doc = _decode(welcome, "welcome", {"role": str, "account": str, "host": dict})
+    role, account = doc["role"], doc["account"]
+    host_name = str(doc["host"].get("name", ""))
+    if role == PARTNER:
+        if not (home / "config.toml").exists():
+            init_home(home, [], identity=identity, keyless=True, device_name=name)
+        partners = home / "partners"
+        partners.mkdir(mode=0o700, exist_ok=True)
+        grant = {"v": 1, "account": account, "quota": doc.get("quota"),
+                 "owners": doc.get("owners", []), "since": time.time_ns()}
+        tmp = partners / f"{account}.tmp"
+        tmp.write_bytes(msgpack.packb(grant, use_bin_type=True))
+        os.replace(tmp, partners / f"{account}.grant")
+        return Joined(PARTNER, account, host_name, quota=doc.get("quota"))
+    if role not in (OWNER, MEMBER):
+        raise PairingFailed(f"pairing failed: the other device offers a role ({role!r}) this "
+                            "version does not know; upgrade p2pbackup")
+    for key, typ in {"config": bytes, "chain": list, "keys": dict}.items():
+        if not isinstance(doc.get(key), typ):
+            raise PairingFailed(f"pairing failed: the welcome lacks {key!r}")
+    try:
+        keys = AccountKeys.from_export(doc["keys"])
+    except ValueError:
+        raise PairingFailed("pairing failed: the keys in the welcome are malformed") from None
+    if keys.fingerprint() != account:
+        raise PairingFailed("pairing failed: the keys received do not belong to the account")
+    config, _ = init_home(home, [], keys=keys, identity=identity, device_name=name)
+    repo = await Repository.create_replica(LocalDirStore(config.store), keys, identity,
+                                           str(config.cache_dir), name, doc["config"])
+    try:
+        newest = await store_membership.store_chain(repo, [bytes(x) for x in doc["chain"]])
+        if not newest.admits(identity.device_id):
+            raise PairingFailed("pairing failed: the membership received does not list this "
+                                "device")
+    finally:
+        await repo.close()
+    return Joined(role, account, host_name, keys.sources_granted())
+
+
+# ---- revocation ------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Removal:
+    """The outcome of removing a device."""
+
+    removed: Member
+    membership: Membership
+    recovery_code: str
+
+
+async def remove_device(dev: Device, which: str) -> Removal:
+    """Remove a device: sign a new membership version and start a new key epoch."""
+    if not dev.keys.full:
+        raise WrongKey("only a device holding every source's keys can remove devices")
+    current, chain = await membership_of(dev)
+    target = find_device(current, which)
+    if target.device_id == dev.identity.device_id:
+        raise ConfigError("a device cannot remove itself; run `p2pbackup devices remove` on "
+                          "another device of the account")
+    if not current.may_change(dev.identity.device_id, None):
+        raise WrongKey("this device may not change the account's devices (it is not an owner)")
+    epoch = max(current.epoch, dev.keys.epoch) + 1
+    keys = dev.keys.with_epoch(epoch, os.urandom(32))
+    remaining = tuple(m for m in current.members if m.device_id != target.device_id)
+    grants = {}
+    for m in remaining:
+        if m.role == PARTNER:
+            continue  # partners hold ciphertext only
+        material = keys.export(list(m.scopes) if m.role == MEMBER and m.scopes else None,
+                               epochs=[epoch])
+        grants[m.device_id] = seal_to(m.public_key, msgpack.packb(material, use_bin_type=True))
+    now = time.time_ns()
+    nxt = Membership(current.seq + 1, record_hash(chain[-1]), epoch, remaining,
+                     current.removed + (target.device_id,),
+                     recovery_signer(keys).public_key, grants, now)
+    signed = sign_membership(nxt, dev.identity.device_id, dev.identity.sign)
+    # Order matters: the new root is on this device's disk and in the store's keyring before
+    # any record names the epoch, so a crash never leaves data nobody can read.
+    save_keys(dev.config, keys)
+    dev.repo.keys = keys
+    await store_membership.write_keyring(dev.repo, keys)
+    await store_membership.append(dev.repo, signed)
+    dev.keys = keys
+    return Removal(target, nxt, recovery.encode(keys.roots[epoch]))
+
+
+async def take_grants(dev: Device) -> bool:
+    """Pick up a newer key epoch granted to this device in the membership; True if any."""
+    got = await store_membership.load(dev.repo)
+    if got is None:
+        return False
+    current, _ = got
+    me = dev.identity.device_id
+    if me in current.removed:
+        raise WrongKey("this device was removed from the account: it can no longer write to it")
+    if current.epoch <= dev.keys.epoch or me not in current.grants:
+        return False
+    plain = dev.identity.open_sealed(current.grants[me])
+    if plain is None:
+        raise IntegrityError("the key grant for this device does not open")
+    try:
+        got_keys = AccountKeys.from_export(msgpack.unpackb(plain, strict_map_key=False))
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError):
+        raise IntegrityError("the key grant for this device is malformed") from None
+    if dev.keys.full and got_keys.full:
+        keys = dev.keys
+        for e, root in got_keys.roots.items():
+            keys = keys.with_epoch(e, root)
+    else:
+        doc = dev.keys.export(dev.keys.sources_granted())
+        new = got_keys.export(got_keys.sources_granted())
+        doc["epochs"].update(new["epochs"])
+        keys = AccountKeys.from_export(doc)
+    save_keys(dev.config, keys)
+    dev.keys = dev.repo.keys = keys
+    return True
+
+
+# ---- recovery --------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Recovered:
+    """What `recover` restored."""
+
+    config: Config
+    membership: Membership
+    epoch: int
+    newest_epoch: int
+    joined: bool
+
+
+async def recover(home: Path, store_location: str, code: str, name: str) -> Recovered:
+    """Make a new home for this device from a recovery code and a store holding the account."""
+    if (home / "config.toml").exists():
+        raise ConfigError(f"{home} is already set up; recover into a new P2PBACKUP_HOME")
+    root = recovery.decode(code)
+    source = open_store(store_location)
+    keys = await store_membership.keys_from_root(source, root)
+    identity = DeviceIdentity.generate()
+    cache = home / "cache-recover"
+    try:
+        repo = await Repository.open(source, keys, None, str(cache))
+    except WrongKey:
+        raise WrongKey(f"the recovery code does not open the repository at {store_location}: "
+                       "it belongs to another account") from None
+    try:
+        got = await store_membership.load(repo)
+        if got is None:
+            raise NotFound(f"the store at {store_location} holds no membership record")
+        current, chain = got
+        config_raw = await repo.config_object()
+        signer = recovery_signer(keys)
+        joined = current.recovery_key == signer.public_key
+        signed = None
+        if joined:
+            now = time.time_ns()
+            me = Member(identity.device_id, identity.public_key, name, OWNER, added_ns=now)
+            nxt = current.with_member(me, now)
+            nxt = Membership(nxt.seq, record_hash(chain[-1]), nxt.epoch, nxt.members,
+                             nxt.removed, nxt.recovery_key, {}, now)
+            signed = sign_membership(nxt, signer.device_id, signer.sign)
+            try:
+                await store_membership.append(repo, signed)
+                current, chain = nxt, chain + [signed]
+            except P2PError as exc:
+                log.warning("could not add this device to the membership in %s: %s",
+                            store_location, exc)
+                chain = chain + [signed]
+                current = nxt
+    finally:
+        await repo.close()
+    config, _ = init_home(home, [], keys=keys, identity=identity, device_name=name)
+    local = await Repository.create_replica(LocalDirStore(config.store), keys, identity,
+                                            str(config.cache_dir), name, config_raw)
+    try:
+        await store_membership.store_chain(local, chain)
+        await store_membership.write_keyring(local, keys)
+    finally:
+        await local.close()
+    _rmtree(cache)
+    return Recovered(config, current, keys.epoch, current.epoch, joined)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- pairing, both ends ----------------------------------------------------------------------
+
+def pairing_host(dev: Device, invite: Invitation, code: str, *, rendezvous: Rendezvous,
+                 lifetime: float, lock: asyncio.Lock | None = None, port: int = 0,
+                 on_verifier: Callable[[str], None] | None = None) -> PairingHost:
+    """A host for one code: the membership changes only once the joiner confirmed."""
+    pending: list[PendingJoin] = []
+    guard = lock or asyncio.Lock()
+
+    async def on_request(payload: bytes, verifier: str) -> bytes:
+        async with guard:
+            p = await prepare_welcome(dev, invite, payload)
+        pending.append(p)
+        return p.welcome
+
+    async def on_complete() -> str:
+        async with guard:
+            await commit_join(dev, pending[-1])
+        m = pending[-1].member
+        return f"{m.name or 'a device'} ({m.device_id[:12]}) joined as {m.role}"
+
+    return PairingHost(code, on_request, on_complete, rendezvous=rendezvous, lifetime=lifetime,
+                       port=port, on_verifier=on_verifier)
+
+
+async def join_account(home: Path, code: str, name: str, *, rendezvous: Rendezvous,
+                       find_timeout: float = 10.0,
+                       on_verifier: Callable[[str], None] | None = None) -> Joined:
+    """Pair this home with the device offering `code` (as a member, or as a partner)."""
+    from .config import load_config, load_identity
+
+    has_home = (home / "config.toml").exists()
+    identity = load_identity(load_config(home)) if has_home else DeviceIdentity.generate()
+    result: list[Joined] = []
+
+    async def on_welcome(payload: bytes, verifier: str) -> None:
+        result.append(await apply_welcome(home, identity, name, payload))
+
+    await join(code, joiner_payload(identity, name, has_home), on_welcome,
+               rendezvous=rendezvous, find_timeout=find_timeout, on_verifier=on_verifier)
+    return result[0]
