@@ -3,15 +3,27 @@
 libsodium is called through PyNaCl's cffi binding with buffers, so plaintext and ciphertext
 are not copied on the way in and out: PyNaCl's public functions take only `bytes` and copy
 both, which cost about a tenth of a snapshot's CPU time on 1 GB.
+
+Encryption with the thread's own nonces goes through OpenSSL instead (pyca/cryptography's
+ChaCha20Poly1305), about 3x faster than PyNaCl's libsodium build (it uses AVX-512/AVX2 code):
+XChaCha20-Poly1305 is ChaCha20-Poly1305 (IETF) under the subkey HChaCha20(key, nonce[:16])
+with the nonce 0^4 || nonce[16:24], and a thread's nonces share their first 16 bytes, so the
+subkey is derived once per thread and key. The output is byte for byte libsodium's.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 
 from nacl import bindings
 from nacl._sodium import ffi, lib
+
+try:
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305 as _IetfAead
+except ImportError:  # pragma: no cover - cryptography is a dependency
+    _IetfAead = None
 
 NONCE_SIZE = bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 TAG_SIZE = bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES
@@ -25,6 +37,41 @@ class AuthenticationFailed(Exception):
 
 
 _local = threading.local()
+_HAS_INTO = _IetfAead is not None and hasattr(_IetfAead, "encrypt_into")
+
+
+_SIGMA = (0x61707865, 0x3320646E, 0x79622D32, 0x6B206574)
+_M32 = 0xFFFFFFFF
+
+
+def hchacha20(key: bytes, nonce16: bytes) -> bytes:
+    """HChaCha20 (the XChaCha20 subkey); pure Python, ~0.1 ms, so only derived once per prefix."""
+    s = [*_SIGMA, *struct.unpack("<8I", key), *struct.unpack("<4I", nonce16)]
+
+    def qr(a: int, b: int, c: int, d: int) -> None:
+        s[a] = (s[a] + s[b]) & _M32
+        x = s[d] ^ s[a]
+        s[d] = ((x << 16) | (x >> 16)) & _M32
+        s[c] = (s[c] + s[d]) & _M32
+        x = s[b] ^ s[c]
+        s[b] = ((x << 12) | (x >> 20)) & _M32
+        s[a] = (s[a] + s[b]) & _M32
+        x = s[d] ^ s[a]
+        s[d] = ((x << 8) | (x >> 24)) & _M32
+        s[c] = (s[c] + s[d]) & _M32
+        x = s[b] ^ s[c]
+        s[b] = ((x << 7) | (x >> 25)) & _M32
+
+    for _ in range(10):
+        qr(0, 4, 8, 12)
+        qr(1, 5, 9, 13)
+        qr(2, 6, 10, 14)
+        qr(3, 7, 11, 15)
+        qr(0, 5, 10, 15)
+        qr(1, 6, 11, 12)
+        qr(2, 7, 8, 13)
+        qr(3, 4, 9, 14)
+    return struct.pack("<8I", *s[0:4], *s[12:16])
 
 
 def _next_nonce() -> bytes:
@@ -33,8 +80,20 @@ def _next_nonce() -> bytes:
     state = getattr(_local, "nonce", None)
     if state is None or state[1] >= 1 << 63:
         state = _local.nonce = [os.urandom(16), 0]
+        _local.ciphers = {}  # subkeys depend on the prefix
     state[1] += 1
     return state[0] + state[1].to_bytes(8, "big")
+
+
+def _ietf_cipher(key: bytes, prefix: bytes):
+    """The ChaCha20-Poly1305 context of (key, this thread's nonce prefix), cached per thread."""
+    ciphers = _local.ciphers
+    c = ciphers.get(key)
+    if c is None:
+        if len(ciphers) >= 64:
+            ciphers.clear()
+        c = ciphers[key] = _IetfAead(hchacha20(key, prefix))
+    return c
 
 
 def encrypt_into(out: memoryview, key: bytes, plaintext: Buffer, aad: bytes,
@@ -46,6 +105,14 @@ def encrypt_into(out: memoryview, key: bytes, plaintext: Buffer, aad: bytes,
         raise ValueError("output buffer has the wrong size")
     if nonce is None:
         nonce = _next_nonce()
+        if _IetfAead is not None:
+            out[:NONCE_SIZE] = nonce
+            cipher = _ietf_cipher(key, nonce[:16])
+            if _HAS_INTO:
+                cipher.encrypt_into(b"\0\0\0\0" + nonce[16:], plaintext, aad, out[NONCE_SIZE:])
+            else:
+                out[NONCE_SIZE:] = cipher.encrypt(b"\0\0\0\0" + nonce[16:], bytes(plaintext), aad)
+            return
     out[:NONCE_SIZE] = nonce
     clen = ffi.new("unsigned long long *")
     res = lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
