@@ -79,8 +79,7 @@ def devices_remove(device: str = typer.Argument(..., help="Device id (prefix) or
     if result is None:
         async def go() -> dict:
             async with open_device(home(), write=True) as dev:
-                r = await account.remove_device(dev, device)
-                return removal_json(r)
+                return (await account.remove_device(dev, device)).to_json()
 
         result = run_async(go())
     if as_json:
@@ -93,12 +92,6 @@ def devices_remove(device: str = typer.Argument(..., help="Device id (prefix) or
     print()
     print(f"    {result['recovery_code']}")
     print()
-
-
-def removal_json(r: Any) -> dict:
-    return {"removed": {"id": r.removed.device_id, "name": r.removed.name},
-            "key_epoch": r.membership.epoch, "version": r.membership.seq,
-            "recovery_code": r.recovery_code}
 
 
 def recover(store: str = typer.Option(..., "--from", help="A store holding the account."),

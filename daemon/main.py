@@ -25,6 +25,7 @@ from p2pbackup.errors import P2PError
 from p2pbackup.format.log import Head
 from p2pbackup.repo.logstore import LogStore
 
+from .account_ops import AccountOps
 from .capture import SealState, SegmentSealer
 from .control import ControlServer
 from .notify import Notifier
@@ -221,7 +222,8 @@ async def serve(home: Path | None) -> int:
             d.last_snapshot = (mine[-1].id, mine[-1].snapshot.time_ns)
         server = ControlServer(config.control_socket, {"status": d.status,
                                                        "snapshot": d.snapshot,
-                                                       "forget": d.forget, "prune": d.prune})
+                                                       "forget": d.forget, "prune": d.prune,
+                                                       **AccountOps(d).handlers()})
         await server.start()
         watching = asyncio.Event()
         tasks = [asyncio.create_task(_watch(config, sealer, stop, watching)),

@@ -242,6 +242,11 @@ class Removal:
     membership: Membership
     recovery_code: str
 
+    def to_json(self) -> dict:
+        return {"removed": {"id": self.removed.device_id, "name": self.removed.name},
+                "key_epoch": self.membership.epoch, "version": self.membership.seq,
+                "recovery_code": self.recovery_code}
+
 
 async def remove_device(dev: Device, which: str) -> Removal:
     """Remove a device: sign a new membership version and start a new key epoch."""

@@ -185,7 +185,6 @@ class PairingHost:
                     return
                 elif isinstance(ev, Failed):
                     await _pump_write(writer, m)
-                    log.warning("pairing attempt from %s: %s", who, ev.reason)
                     self._finish(HostOutcome(False, ev.reason, m.verifier, who))
                     return
             await _pump_write(writer, m)

@@ -1,0 +1,108 @@
+"""Control commands that change the account: pairing hosted by the daemon, device removal.
+
+The daemon holds the writer lock, so `p2pbackup pair` and `devices remove` come here when it
+runs. A pairing attempt is one task; whatever the peer sends, it ends with one log line and
+the daemon goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from p2pbackup import account
+from p2pbackup.crypto.pairing import make_code
+from p2pbackup.errors import ConfigError, LocalProtocolError, PairingFailed
+from p2pbackup.pairing_link import HostOutcome, MdnsRendezvous, StaticRendezvous
+
+if TYPE_CHECKING:
+    from .main import DeviceDaemon
+
+log = logging.getLogger("p2pbackupd")
+
+
+class AccountOps:
+    """Pairing and removal for a running daemon."""
+
+    def __init__(self, d: "DeviceDaemon") -> None:
+        self.d = d
+        self.pairings: dict[str, asyncio.Task[HostOutcome]] = {}
+
+    def handlers(self) -> dict[str, Any]:
+        return {"pair_start": self.pair_start, "pair_wait": self.pair_wait,
+                "devices_remove": self.devices_remove}
+
+    async def pair_start(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Start hosting a new code; returns it at once (pair_wait reports the end)."""
+        if any(not t.done() for t in self.pairings.values()):
+            raise PairingFailed("a pairing is already waiting on this device; finish or let it "
+                                "expire first")
+        role = str(args.get("role", "owner"))
+        sources = tuple(args["sources"]) if args.get("sources") else None
+        quota = args.get("quota")
+        try:
+            lifetime = float(args.get("expires", 600))
+            port = int(args.get("port", 0))
+        except (TypeError, ValueError):
+            raise LocalProtocolError("pair_start: expires and port must be numbers") from None
+        if quota is not None and not isinstance(quota, int):
+            raise ConfigError("pair_start: quota must be a number of bytes")
+        invite = account.invitation(self.d.dev, role, sources, quota)
+        code = make_code()
+        rendezvous = MdnsRendezvous() if args.get("mdns", True) else StaticRendezvous("", 0)
+        host = account.pairing_host(self.d.dev, invite, code, rendezvous=rendezvous,
+                                    lifetime=lifetime, lock=self.d.writing, port=port,
+                                    on_verifier=lambda v: log.info("pairing verification: %s",
+                                                                   v))
+        started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_started(p: int) -> None:
+            if not started.done():
+                started.set_result(p)
+
+        task = asyncio.create_task(host.run(started=on_started))
+        task.add_done_callback(lambda t: self._ended(code, t))
+        self.pairings = {code: task}
+        done, _ = await asyncio.wait({task, started}, timeout=20,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if started not in done:
+            if task.done() and task.exception() is not None:
+                raise PairingFailed(f"pairing could not start: {task.exception()}")
+            raise PairingFailed("pairing could not start (announcing the code took too long)")
+        log.info("pairing code offered on port %d (%s, %d s)", started.result(), role,
+                 int(lifetime))
+        return {"code": code, "port": started.result(), "expires_in": lifetime}
+
+    def _ended(self, code: str, task: asyncio.Task[HostOutcome]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("pairing ended with an error: %s", exc)
+            return
+        out = task.result()
+        if out.ok:
+            log.info("pairing: %s", out.message)
+        else:
+            log.warning("%s", out.message)
+
+    async def pair_wait(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Wait for the pairing of `code` to end and say how."""
+        task = self.pairings.get(str(args.get("code")))
+        if task is None:
+            raise PairingFailed("no pairing with that code is running on this device")
+        try:
+            out = await asyncio.shield(task)
+        except Exception as exc:  # the task logged it already
+            return {"ok": False, "message": f"pairing failed: {exc}", "verifier": None}
+        return asdict(out)
+
+    async def devices_remove(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Seal what is pending under the old keys, then re-key without the device."""
+        await self.d.seal()
+        async with self.d.writing:
+            r = await account.remove_device(self.d.dev, str(args.get("device", "")))
+        log.info("device %s removed; key epoch %d", r.removed.device_id[:12], r.membership.epoch)
+        return r.to_json()

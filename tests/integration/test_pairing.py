@@ -1,0 +1,282 @@
+"""Pairing, partners, removal and recovery with real processes and homes, on loopback.
+
+The host listens on 127.0.0.1 (`--no-mdns`) and the joiner is given `--peer`; the same
+exchange over real multicast DNS between network namespaces is in test_pairing_lan.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, make_sample_tree, tree_state
+from tests.integration.test_daemon import Daemon
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Host:
+    """`p2pbackup pair` running in the background; reads the code it prints."""
+
+    def __init__(self, cli: Cli, *args: str) -> None:
+        self.port = free_port()
+        self.proc = cli.popen("pair", "--no-mdns", "--no-qr", "--port", str(self.port), *args)
+        self.code = ""
+        self.lines: list[str] = []
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            m = re.match(r"Pairing code: (\S+)", line)
+            if m:
+                self.code = m.group(1)
+            if line.startswith("Waiting"):
+                break
+        assert self.code, f"no code printed: {self.lines} {self.proc.stderr.read() if self.proc.stderr else ''}"
+
+    @property
+    def peer(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, "".join(self.lines) + out, err
+
+
+def wrong_words(code: str) -> str:
+    nameplate, first, second = code.split("-")
+    from p2pbackup.crypto.wordlist import EVEN_WORDS, ODD_WORDS
+
+    other_first = next(w for w in ODD_WORDS + EVEN_WORDS if w != first and
+                       (w in ODD_WORDS) == (first in ODD_WORDS))
+    return f"{nameplate}-{other_first}-{second}"
+
+
+def devices(cli: Cli) -> dict:
+    return json.loads(cli("devices", "--json").stdout)
+
+
+@pytest.fixture
+def owner(tmp_path: Path) -> tuple[Cli, Path]:
+    cli = Cli(tmp_path / "home-a")
+    src = tmp_path / "src"
+    make_sample_tree(src, big=300_000)
+    cli("init", "--source", str(src))
+    cli("snapshot")
+    return cli, src
+
+
+def test_pair_gives_the_new_device_the_account(owner, tmp_path: Path):
+    a, src = owner
+    b = Cli(tmp_path / "home-b")
+    host = Host(a)
+    joined = b("pair", host.code, "--peer", host.peer, "--name", "laptop")
+    code, out, err = host.finish()
+    assert code == 0, err
+    assert "joined as owner" in out
+    shown_a = re.search(r"Verification: (\d{3} \d{3})", out).group(1)
+    shown_b = re.search(r"Verification: (\d{3} \d{3})", joined.stdout).group(1)
+    assert shown_a == shown_b  # both people see the same short string
+    listed = devices(a)
+    assert listed["version"] == 2
+    assert {d["name"]: d["role"] for d in listed["devices"]}["laptop"] == "owner"
+    assert devices(b)["devices"] == [{**d, "this_device": d["name"] == "laptop"}
+                                     for d in listed["devices"]]
+    assert (b.home / "keys" / "keyring").stat().st_mode & 0o777 == 0o600
+    b("restore", "latest", "--from", str(a.home / "store"), "--to", str(tmp_path / "out"))
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+
+
+def test_wrong_code_fails_closed_and_burns_the_code(owner, tmp_path: Path):
+    a, _ = owner
+    b = Cli(tmp_path / "home-b")
+    host = Host(a)
+    wrong = b("pair", wrong_words(host.code), "--peer", host.peer, check=False)
+    assert wrong.returncode == 24
+    assert "code was wrong" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+    code, _, err = host.finish()
+    assert code == 24 and "wrong code" in err and "used up" in err
+    assert not (b.home / "config.toml").exists()      # nothing written on the joiner
+    assert devices(a)["version"] == 1                  # nor in the membership
+    again = b("pair", host.code, "--peer", host.peer, check=False)  # the right code, too late
+    assert again.returncode == 24 and not (b.home / "config.toml").exists()
+
+
+def test_a_code_expires(owner, tmp_path: Path):
+    a, _ = owner
+    started = time.monotonic()
+    host = Host(a, "--expires", "5")
+    code, _, err = host.finish(timeout=30)
+    assert code == 24 and "expired" in err
+    assert 4 < time.monotonic() - started < 25
+    assert devices(a)["version"] == 1
+
+
+def test_a_racing_guess_fails_and_a_new_code_works(owner, tmp_path: Path):
+    a, _ = owner
+    intruder, b = Cli(tmp_path / "home-x"), Cli(tmp_path / "home-b")
+    host = Host(a)
+    guess = intruder("pair", wrong_words(host.code), "--peer", host.peer, check=False)
+    assert guess.returncode == 24
+    assert host.finish()[0] == 24
+    late = b("pair", host.code, "--peer", host.peer, check=False)
+    assert late.returncode == 24
+    host2 = Host(a)
+    b("pair", host2.code, "--peer", host2.peer, "--name", "laptop")
+    assert host2.finish()[0] == 0
+    names = {d["name"] for d in devices(a)["devices"]}
+    assert "laptop" in names and len(names) == 2
+    assert not (intruder.home / "config.toml").exists()
+
+
+def test_malformed_pairing_message_ends_the_attempt_and_the_daemon_keeps_running(
+        owner, tmp_path: Path):
+    a, _ = owner
+    daemon = Daemon(a, tmp_path)
+    try:
+        daemon.wait_for("READY=1")
+        host = Host(a)  # goes through the daemon, which holds the writer lock
+        with socket.create_connection(("127.0.0.1", host.port)) as s:
+            s.sendall(b"\x00\x00\x00\x07garbage")
+            s.settimeout(10)
+            reply = s.recv(4096)
+        assert b"malformed" in reply  # the peer is told why, in an error frame
+        code, _, err = host.finish()
+        assert code == 24 and "malformed" in err and len(err.strip().splitlines()) == 1
+        assert daemon.proc.poll() is None
+        assert a("status").returncode == 0
+        assert devices(a)["version"] == 1
+        # And the daemon can host a proper pairing right after.
+        b = Cli(tmp_path / "home-b")
+        host2 = Host(a)
+        b("pair", host2.code, "--peer", host2.peer, "--name", "laptop")
+        assert host2.finish()[0] == 0
+        assert devices(a)["version"] == 2
+    finally:
+        assert daemon.stop() == 0
+    log = (tmp_path / "daemon.log").read_text()
+    assert sum("malformed" in line for line in log.splitlines()) == 1
+
+
+def test_partner_gets_no_key_only_a_quota(owner, tmp_path: Path):
+    a, _ = owner
+    friend = Cli(tmp_path / "home-friend")
+    host = Host(a, "--partner", "--quota", "50G")
+    out = friend("pair", host.code, "--peer", host.peer, "--name", "friends-nas")
+    assert host.finish()[0] == 0
+    assert "storage partner" in out.stdout and "50.0 GiB" in out.stdout
+    assert not (friend.home / "keys" / "account.key").exists()
+    assert not (friend.home / "keys" / "keyring").exists()
+    grants = list((friend.home / "partners").iterdir())
+    assert len(grants) == 1
+    assert b"account.key" not in grants[0].read_bytes()
+    refused = friend("snapshots", check=False)
+    assert refused.returncode == 10 and "storage partner" in refused.stderr
+    partner = next(d for d in devices(a)["devices"] if d["name"] == "friends-nas")
+    assert partner["role"] == "partner" and partner["quota"] == 50 << 30
+
+
+def test_scoped_member_reads_only_its_sources(tmp_path: Path):
+    a, b = Cli(tmp_path / "home-a"), Cli(tmp_path / "home-b")
+    docs, photos = tmp_path / "docs", tmp_path / "photos"
+    make_sample_tree(docs, big=200_000)
+    make_sample_tree(photos, big=200_000)
+    a("init", "--source", str(docs), "--source", str(photos))
+    a("snapshot")
+    host = Host(a, "--sources", "docs")
+    b("pair", host.code, "--peer", host.peer, "--name", "tablet")
+    assert host.finish()[0] == 0
+    member = next(d for d in devices(a)["devices"] if d["name"] == "tablet")
+    assert member["role"] == "member" and member["sources"] == ["docs"]
+    store = str(a.home / "store")
+    b("restore", "latest", "--from", store, "--path", "docs", "--to", str(tmp_path / "o1"))
+    assert tree_state(tmp_path / "o1" / "docs") == tree_state(docs)
+    denied = b("restore", "latest", "--from", store, "--path", "photos",
+               "--to", str(tmp_path / "o2"), check=False)
+    assert denied.returncode == 15 and "no key for source 'photos'" in denied.stderr
+    bad = a("pair", "--sources", "music", "--no-mdns", check=False)
+    assert bad.returncode == 10 and "no source named 'music'" in bad.stderr
+
+
+def test_removed_device_cannot_read_new_data_nor_come_back(owner, tmp_path: Path):
+    a, src = owner
+    b = Cli(tmp_path / "home-b")
+    host = Host(a)
+    b("pair", host.code, "--peer", host.peer, "--name", "stolen-laptop")
+    assert host.finish()[0] == 0
+    old = json.loads(a("snapshots", "--json").stdout)[-1]["id"]
+
+    removed = a("devices", "remove", "stolen-laptop")
+    new_code = re.search(r"^\s+([0-9A-Z]{5}(?:-[0-9A-Z]{1,5}){10})\s*$", removed.stdout,
+                         re.M).group(1)
+    listed = devices(a)
+    assert listed["key_epoch"] == 1 and len(listed["removed"]) == 1
+    (src / "after-removal.txt").write_text("the thief must not read this\n")
+    new = json.loads(a("snapshot", "--json").stdout)["id"]
+    store = str(a.home / "store")
+
+    # The removed device still reads what it could read before, and nothing written after.
+    b("restore", old, "--from", store, "--to", str(tmp_path / "old"))
+    denied = b("restore", new, "--from", store, "--to", str(tmp_path / "new"), check=False)
+    assert denied.returncode == 13
+    assert "key this device does not hold" in denied.stderr
+    seen = json.loads(b("snapshots", "--from", store, "--json").stdout)
+    assert [s["id"] for s in seen] == [old]
+    # It cannot join again either, not even as a storage partner.
+    host2 = Host(a, "--partner")
+    again = b("pair", host2.code, "--peer", host2.peer, check=False)
+    assert again.returncode == 24 and "removed" in again.stderr
+    assert host2.finish()[0] == 24
+
+    # The owner's repository is intact, and the new recovery code opens all of it.
+    assert "no problems found" in a("verify", "--read-data").stdout
+    (tmp_path / "code").write_text(new_code)
+    c = Cli(tmp_path / "home-c")
+    c("recover", "--from", store, "--recovery-code-file", str(tmp_path / "code"))
+    c("restore", new, "--from", store, "--to", str(tmp_path / "c-out"))
+    assert tree_state(tmp_path / "c-out" / "src") == tree_state(src)
+
+
+def test_recover_from_a_directory_store(owner, tmp_path: Path):
+    a, src = owner
+    code = re.search(r"^\s+([0-9A-Z]{5}(?:-[0-9A-Z]{1,5}){10})\s*$",
+                     Cli(tmp_path / "other")("init").stdout, re.M).group(1)
+    store = str(a.home / "store")
+    # The code of another account opens nothing, and nothing is left behind.
+    (tmp_path / "other-code").write_text(code)
+    new = Cli(tmp_path / "home-new")
+    wrong = new("recover", "--from", store, "--recovery-code-file",
+                str(tmp_path / "other-code"), check=False)
+    assert wrong.returncode == 15 and "another account" in wrong.stderr
+    assert not (new.home / "config.toml").exists()
+    typo = subprocess.run(new.argv("recover", "--from", store), env=new.env(), input="ABCDE-1\n",
+                          capture_output=True, text=True, timeout=60)
+    assert typo.returncode != 0 and "recovery code" in typo.stderr
+    # The right code, read from stdin.
+    a_code = (a.home / "keys" / "account.key").read_bytes()
+    from p2pbackup.crypto import recovery
+
+    ok = subprocess.run(new.argv("recover", "--from", store, "--name", "replacement"),
+                        env=new.env(), input=recovery.encode(a_code) + "\n",
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "now listed" in ok.stdout
+    new("restore", "latest", "--from", store, "--to", str(tmp_path / "out"))
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+    names = {d["name"] for d in devices(new)["devices"]}
+    assert "replacement" in names
+    # The source store learned of the new device too (signed by the recovery signer).
+    assert "replacement" in {d["name"] for d in devices(a)["devices"]}
