@@ -1,0 +1,116 @@
+"""The membership chain: who may change it, and every way a forged or replayed version fails."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import msgpack
+import pytest
+
+from p2pbackup.crypto.identity import DeviceIdentity, device_id_for, verify_signature
+from p2pbackup.errors import IntegrityError
+from p2pbackup.format.membership import (MEMBER, OWNER, PARTNER, Member, Membership,
+                                         check_chain, record_hash, sign_membership)
+from p2pbackup.format.records import Signed
+
+A, B, C = DeviceIdentity.generate(), DeviceIdentity.generate(), DeviceIdentity.generate()
+RECOVERY = DeviceIdentity.generate()
+
+
+def member(d: DeviceIdentity, role: str = OWNER, **kw) -> Member:
+    return Member(d.device_id, d.public_key, f"dev-{d.device_id[:4]}", role, **kw)
+
+
+def check(chain: list[bytes]) -> Membership:
+    return check_chain(chain, verify_signature, device_id_for)
+
+
+def genesis() -> tuple[Membership, bytes]:
+    m = Membership(1, b"", 0, (member(A),), recovery_key=RECOVERY.public_key)
+    return m, sign_membership(m, A.device_id, A.sign)
+
+
+def follow(prev: Membership, prev_signed: bytes, signer: DeviceIdentity, **changes
+           ) -> tuple[Membership, bytes]:
+    m = replace(prev, seq=prev.seq + 1, prev=record_hash(prev_signed), **changes)
+    return m, sign_membership(m, signer.device_id, signer.sign)
+
+
+def test_a_valid_chain_of_joins_and_a_removal():
+    g, s1 = genesis()
+    m2, s2 = follow(g, s1, A, members=g.members + (member(B),))
+    m3, s3 = follow(m2, s2, B, members=m2.members + (member(C, MEMBER, scopes=("docs",)),))
+    m4, s4 = follow(m3, s3, A, members=(member(A), member(B)), removed=(C.device_id,), epoch=1)
+    newest = check([s1, s2, s3, s4])
+    assert newest == m4 and newest.admits(B.device_id) and not newest.admits(C.device_id)
+
+
+def test_the_recovery_signer_may_add_a_device():
+    g, s1 = genesis()
+    _, s2 = follow(g, s1, RECOVERY, members=g.members + (member(B),))
+    assert check([s1, s2]).admits(B.device_id)
+
+
+@pytest.mark.parametrize("case", ["rollback", "gap", "fork", "stranger", "member-signs",
+                                  "partner-signs", "bad-signature", "readmit", "epoch-back",
+                                  "wrong-key", "removed-listed"])
+def test_forged_versions_are_refused(case: str):
+    g, s1 = genesis()
+    m2, s2 = follow(g, s1, A, members=g.members + (member(B, MEMBER), member(C, PARTNER)),
+                    epoch=1, removed=("f" * 32,))
+    chain = [s1, s2]
+    if case == "rollback":
+        chain = [s1, s2, s1]
+    elif case == "gap":
+        m = replace(m2, seq=4, prev=record_hash(s2))
+        chain.append(sign_membership(m, A.device_id, A.sign))
+    elif case == "fork":
+        m = replace(m2, seq=3, prev=record_hash(s1))
+        chain.append(sign_membership(m, A.device_id, A.sign))
+    elif case == "stranger":
+        stranger = DeviceIdentity.generate()
+        chain.append(follow(m2, s2, stranger)[1])
+    elif case == "member-signs":
+        chain.append(follow(m2, s2, B)[1])
+    elif case == "partner-signs":
+        chain.append(follow(m2, s2, C)[1])
+    elif case == "bad-signature":
+        signed = Signed.decode(follow(m2, s2, A)[1], "x")
+        chain.append(Signed(signed.body, signed.device, bytes(64)).encode())
+    elif case == "readmit":
+        chain.append(follow(m2, s2, A, removed=())[1])
+    elif case == "epoch-back":
+        chain.append(follow(m2, s2, A, epoch=0)[1])
+    elif case == "wrong-key":
+        bad = Member(B.device_id, C.public_key, "b", OWNER)
+        chain.append(follow(m2, s2, A, members=(member(A), bad))[1])
+    elif case == "removed-listed":
+        chain.append(follow(m2, s2, A, removed=("f" * 32, B.device_id))[1])
+    with pytest.raises(IntegrityError):
+        check(chain)
+
+
+def test_the_first_version_must_be_signed_by_its_owner():
+    m = Membership(1, b"", 0, (member(A),))
+    with pytest.raises(IntegrityError):
+        check([sign_membership(m, B.device_id, B.sign)])
+    with pytest.raises(IntegrityError):
+        check([])
+
+
+def test_unknown_fields_and_roles_from_a_newer_version_are_skipped():
+    g, _ = genesis()
+    obj = msgpack.unpackb(g.encode(), raw=False)
+    obj["future_field"] = [1, 2, 3]
+    obj["members"].append({"id": "x" * 32, "pk": b"k" * 32, "role": "auditor"})
+    body = msgpack.packb(obj, use_bin_type=True)
+    signed = Signed(body, A.device_id, A.sign(body)).encode()
+    newest = check([signed])
+    assert [m.device_id for m in newest.members] == [A.device_id]
+
+
+def test_re_adding_a_removed_device_is_refused_when_building():
+    g, s1 = genesis()
+    m2, _ = follow(g, s1, A, removed=(B.device_id,))
+    with pytest.raises(IntegrityError, match="cannot join again"):
+        m2.with_member(member(B), 0)
