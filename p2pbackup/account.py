@@ -299,18 +299,18 @@ async def take_grants(dev: Device) -> bool:
     if plain is None:
         raise IntegrityError("the key grant for this device does not open")
     try:
-        got_keys = AccountKeys.from_export(msgpack.unpackb(plain, strict_map_key=False))
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError):
+        doc = msgpack.unpackb(plain, strict_map_key=False)
+        if dev.keys.full:
+            keys = dev.keys
+            for e, root in doc["roots"].items():
+                keys = keys.with_epoch(int(e), bytes(root))
+        else:
+            mine = dev.keys.export(dev.keys.sources_granted())
+            mine["epochs"].update({int(e): g for e, g in doc["epochs"].items()})
+            keys = AccountKeys.from_export(mine)
+    except (ValueError, KeyError, TypeError, AttributeError, msgpack.ExtraData,
+            msgpack.FormatError):
         raise IntegrityError("the key grant for this device is malformed") from None
-    if dev.keys.full and got_keys.full:
-        keys = dev.keys
-        for e, root in got_keys.roots.items():
-            keys = keys.with_epoch(e, root)
-    else:
-        doc = dev.keys.export(dev.keys.sources_granted())
-        new = got_keys.export(got_keys.sources_granted())
-        doc["epochs"].update(new["epochs"])
-        keys = AccountKeys.from_export(doc)
     save_keys(dev.config, keys)
     dev.keys = dev.repo.keys = keys
     return True

@@ -280,3 +280,27 @@ def test_recover_from_a_directory_store(owner, tmp_path: Path):
     assert "replacement" in names
     # The source store learned of the new device too (signed by the recovery signer).
     assert "replacement" in {d["name"] for d in devices(a)["devices"]}
+
+
+def test_remaining_devices_pick_up_the_new_keys_after_a_removal(owner, tmp_path: Path):
+    a, src = owner
+    b, c = Cli(tmp_path / "home-b"), Cli(tmp_path / "home-c")
+    for joiner, name in ((b, "desktop"), (c, "old-phone")):
+        host = Host(a)
+        joiner("pair", host.code, "--peer", host.peer, "--name", name)
+        assert host.finish()[0] == 0
+    a("devices", "remove", "old-phone")
+    (src / "new.txt").write_text("written in epoch 1\n")
+    new = json.loads(a("snapshot", "--json").stdout)["id"]
+    # Replication (the P2P issue) carries the membership to the other devices; here a copy.
+    for f in (a.home / "store" / "membership").iterdir():
+        (b.home / "store" / "membership" / f.name).write_bytes(f.read_bytes())
+        (c.home / "store" / "membership" / f.name).write_bytes(f.read_bytes())
+    mine = tmp_path / "b-files"
+    mine.mkdir()
+    b("snapshot", str(mine))  # any writing command picks up the grant sealed to this device
+    assert devices(b)["key_epoch"] == 1
+    b("restore", new, "--from", str(a.home / "store"), "--to", str(tmp_path / "b-out"))
+    assert (tmp_path / "b-out" / "src" / "new.txt").read_text() == "written in epoch 1\n"
+    refused = c("snapshot", str(mine), check=False)
+    assert refused.returncode == 15 and "removed from the account" in refused.stderr
