@@ -117,5 +117,30 @@ def main() -> None:
                                                    nonce=nonce(8)))
 
 
+    # A v1 membership chain: the first device, then a second one (a member with one source)
+    # and a partner, signed by the first; plus a member entry of a role a future version adds.
+    from p2pbackup.format.membership import (MEMBER, OWNER, PARTNER, Member, Membership,
+                                             record_hash, sign_membership)
+
+    second, friend = DeviceIdentity(bytes(range(64, 96))), DeviceIdentity(bytes(range(96, 128)))
+    recovery_pk = DeviceIdentity(keys.recovery_seed(0)).public_key
+    first = Membership(1, b"", 0, (Member(dev.device_id, dev.public_key, "desk", OWNER,
+                                          added_ns=1_700_000_000_000_000_000),),
+                       recovery_key=recovery_pk, time_ns=1_700_000_000_000_000_000)
+    s1 = sign_membership(first, dev.device_id, dev.sign)
+    nxt = msgpack.unpackb(Membership(
+        2, record_hash(s1), 0, first.members + (
+            Member(second.device_id, second.public_key, "tablet", MEMBER, ("docs",), None, 5),
+            Member(friend.device_id, friend.public_key, "nas", PARTNER, None, 50 << 30, 6)),
+        recovery_key=recovery_pk, time_ns=1_700_000_000_000_000_001).encode(), raw=False)
+    nxt["members"].append({"id": "0" * 32, "pk": b"\0" * 32, "role": "auditor"})
+    nxt["future"] = "ignored"
+    body2 = msgpack.packb(nxt, use_bin_type=True)
+    s2 = Signed(body2, dev.device_id, dev.sign(body2)).encode()
+    for i, signed_m in enumerate((s1, s2), 1):
+        (HERE / f"membership-{i}.obj").write_bytes(
+            seal_object(Kind.MEMBERSHIP, signed_m, keys.meta_key, nonce=nonce(8 + i)))
+
+
 if __name__ == "__main__":
     main()

@@ -82,3 +82,16 @@ def test_v1_segment_with_a_future_operation():
     assert [(c.op, c.path) for c in changes.changes] == [(PUT, b"sub/hello.txt"),
                                                         ("del", b"old-dir")]
     assert changes.skipped == 1 and changes.changes[0].entry.chunks == (SCOPE.blob_id(CHUNK),)
+
+
+def test_v1_membership_chain():
+    from p2pbackup.crypto.identity import device_id_for
+    from p2pbackup.format.membership import MEMBER, PARTNER, check_chain
+
+    chain = [bytes(open_object((V1 / f"membership-{i}.obj").read_bytes(), KEYS.meta_key,
+                               expect=Kind.MEMBERSHIP)[1]) for i in (1, 2)]
+    newest = check_chain(chain, verify_signature, device_id_for)
+    assert newest.seq == 2 and [m.name for m in newest.members] == ["desk", "tablet", "nas"]
+    assert newest.members[1].role == MEMBER and newest.members[1].scopes == ("docs",)
+    assert newest.members[2].role == PARTNER and newest.members[2].quota == 50 << 30
+    assert newest.recovery_key == DeviceIdentity(KEYS.recovery_seed(0)).public_key
