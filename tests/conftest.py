@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.netns import netlab  # noqa: F401  (the fixture, for every test)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
