@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench setup sysdeps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m p2pbackup.cli.demo
 
-test: setup
+# Network-namespace tests (pairing over mDNS, transports) need iproute2; as root we install it.
+sysdeps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v ip >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq iproute2; fi
+
+test: setup sysdeps
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
