@@ -35,16 +35,21 @@ from .link import CLOSED, CONNECTED, CONNECTING, FAILED, StateCallback
 
 log = logging.getLogger("p2pbackup.transport")
 
-# Message size the sync protocol should use on the data channel: measured with
-# bench/bench_transport.py (see bench/RESULTS.md); larger messages gain nothing because
-# aiortc cuts every message into ~1.2 KB SCTP chunks in Python anyway.
+# Message size the sync protocol should use on the data channel. Measured with
+# bench/bench_transport.py (two processes, loopback, aiortc 1.16): 16, 64, 128 and 256 KiB all
+# give 25-30 MB/s at about one core per side, because aiortc cuts every message into ~1.2 KB
+# SCTP chunks in Python whatever its size; 64 KiB is the size every WebRTC stack accepts
+# (RFC 8841's default) and keeps head-of-line delay for control messages small.
 MESSAGE_SIZE = 64 * 1024
 # aiortc advertises 256 KiB; RFC 8841 says assume 64 KiB when the peer advertises nothing.
 LOCAL_MAX_MESSAGE_SIZE = 262144
 DEFAULT_REMOTE_MAX_MESSAGE_SIZE = 65536
 
-HIGH_WATER = 1024 * 1024  # send() waits while more than this is queued in the channel
-LOW_WATER = 256 * 1024  # ... until bufferedamountlow says it fell to this
+# send() waits while more than HIGH_WATER bytes are queued in the channel, until the
+# bufferedamountlow event says the queue fell to LOW_WATER. 128 KiB to 4 MiB measured the same
+# throughput; a small queue keeps memory and the wait of a control message behind bulk data low.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
 CLOSE_TIMEOUT = 5.0  # how long close() waits for the peer to take what was sent
 CHANNEL_ID = 0  # both sides create the channel themselves (negotiated): no DCEP round trip
 
@@ -102,6 +107,11 @@ def _install_host_address_hook() -> None:
 
 
 _install_host_address_hook()
+
+# Left alone on purpose: aioice's 256 KiB SO_RCVBUF (aioice.turn.UDP_SOCKET_BUFFER_SIZE). At
+# full speed on loopback the receiver drops some datagrams and SCTP recovers them; a 4 MiB
+# buffer removed the drops but measured slower (~18 vs ~27 MB/s), since a larger window costs
+# aiortc's pure-Python SACK processing more CPU than the retransmissions do.
 
 
 def _rtc_configuration(ice: IceConfig) -> RTCConfiguration:
@@ -404,11 +414,12 @@ class PeerLink:
         if ch is not None and ch.readyState == "open":
             # A stream reset goes out after every queued message (aiortc follows W3C
             # WebRTC 6.2.4); the channel closes once the peer has answered it.
-            ch.close()
             closed = asyncio.Event()
             ch.on("close", closed.set)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(closed.wait(), CLOSE_TIMEOUT)
+            ch.close()
+            if ch.readyState != "closed":
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(closed.wait(), CLOSE_TIMEOUT)
         self._finish(CLOSED, "the data channel is closed")
         with contextlib.suppress(Exception):
             await self._pc.close()
