@@ -1,7 +1,8 @@
 """`make demo`: the main job on a generated tree, through the real CLI, printing each step.
 
 init -> snapshot -> change a day's worth of files -> snapshot -> list -> restore both ->
-compare with the originals -> verify --read-data.
+compare with the originals -> verify --read-data -> pair a second device with a code (on
+loopback) and restore on it -> recover a third device from the recovery code.
 """
 
 from __future__ import annotations
@@ -78,6 +79,35 @@ def compare(label: str, expected: dict, restored: Path) -> None:
           "originals (contents, modes, mtimes; SQLite by content)")
 
 
+def pair_device(home: Path, new_home: Path) -> None:
+    """`pair` on the first device, `pair CODE` on the new one, as two processes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["pair", "--no-mdns", "--no-qr", "--port", str(port)]
+    print(f"$ p2pbackup {' '.join(args)}    (in the background)")
+    host = subprocess.Popen([sys.executable, "-m", "p2pbackup.cli.main", *args],
+                            env=dict(os.environ, P2PBACKUP_HOME=str(home)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert host.stdout is not None
+    code = ""
+    while not code:
+        line = host.stdout.readline()
+        if not line:
+            sys.exit(f"demo failed: pair printed no code: {host.stderr.read() if host.stderr else ''}")
+        print(f"    {line.rstrip()}")
+        if line.startswith("Pairing code:"):
+            code = line.split()[2]
+    p2p(new_home, "pair", code, "--peer", f"127.0.0.1:{port}", "--name", "laptop")
+    out, err = host.communicate(timeout=60)
+    for line in (out + err).splitlines():
+        print(f"    {line}")
+    if host.returncode != 0:
+        sys.exit("demo failed: pairing did not complete")
+
+
 def main() -> None:
     keep = "--keep" in sys.argv
     work = Path(tempfile.mkdtemp(prefix="p2pbackup-demo-"))
@@ -121,6 +151,25 @@ def main() -> None:
 
         step("Verify every object (decrypt and check every chunk)")
         p2p(home, "verify", "--read-data")
+
+        step("Pair a second device with a short code (SPAKE2, over loopback)")
+        laptop = work / "home-laptop"
+        pair_device(home, laptop)
+        p2p(laptop, "devices")
+        p2p(laptop, "restore", "latest", "--from", str(home / "store"),
+            "--to", str(work / "restore-laptop"))
+        compare("restored on the paired device", day1, work / "restore-laptop" / "data")
+
+        step("Recover a lost device on a new one from the recovery code alone")
+        (work / "code.txt").write_text(code)
+        spare = work / "home-spare"
+        p2p(spare, "recover", "--from", str(home / "store"), "--recovery-code-file",
+            str(work / "code.txt"), "--name", "spare")
+        p2p(spare, "restore", "latest", "--from", str(home / "store"),
+            "--to", str(work / "restore-spare"))
+        compare("restored on the recovered device", day1, work / "restore-spare" / "data")
+        p2p(home, "devices")
+
         store = sum(f.stat().st_size for f in (home / "store").rglob("*") if f.is_file())
         print(f"\nDone: 2 snapshots of {size / 1e6:.1f} MB stored in {store / 1e6:.1f} MB "
               "(deduplicated, compressed, encrypted).")
