@@ -223,41 +223,36 @@ def _daemon_settings(table: object, path: Path) -> DaemonSettings:
                           float(values["rescan_interval"]), float(values["snapshot_interval"]))
 
 
+def _read_key_file(path: Path, size: int | None = None) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"key file {path} is missing; this home cannot be used "
+                          "(recover it with the recovery code)") from None
+    except PermissionError:
+        raise ConfigError(f"cannot read key file {path}: permission denied") from None
+    if size is not None and len(data) != size:
+        raise ConfigError(f"key files in {path.parent} are damaged (wrong length)")
+    return data
+
+
 def load_identity(config: Config) -> DeviceIdentity:
     """This device's signing key."""
-    try:
-        device = config.device_key_file.read_bytes()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"key file {exc.filename} is missing; this home cannot be used "
-                          "(recover it with the recovery code)") from None
-    except PermissionError as exc:
-        raise ConfigError(f"cannot read key file {exc.filename}: permission denied") from None
-    if len(device) != 32:
-        raise ConfigError(f"key files in {config.home / 'keys'} are damaged (wrong length)")
-    return DeviceIdentity(device)
+    return DeviceIdentity(_read_key_file(config.device_key_file, 32))
 
 
 def load_keys(config: Config) -> tuple[AccountKeys, DeviceIdentity]:
     """Read the account keys and the device identity from the home's key files."""
     identity = load_identity(config)
     keyring = config.home / "keys" / "keyring"
-    try:
-        if keyring.exists():
-            try:
-                return AccountKeys.from_export(msgpack.unpackb(keyring.read_bytes(),
-                                                               strict_map_key=False)), identity
-            except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-                raise ConfigError(f"key file {keyring} is damaged") from None
-        if (config.home / "keys" / "partner-only").exists():
-            raise ConfigError(f"{config.home} holds no account keys: it is only a storage "
-                              "partner for other accounts (run `p2pbackup init` in another "
-                              "P2PBACKUP_HOME to back up this device)")
-        account = config.account_key_file.read_bytes()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"key file {exc.filename} is missing; this home cannot be used "
-                          "(recover it with the recovery code)") from None
-    except PermissionError as exc:
-        raise ConfigError(f"cannot read key file {exc.filename}: permission denied") from None
-    if len(account) != ACCOUNT_KEY_SIZE:
-        raise ConfigError(f"key files in {config.home / 'keys'} are damaged (wrong length)")
-    return AccountKeys(account), identity
+    if keyring.exists():
+        try:
+            return AccountKeys.from_export(msgpack.unpackb(_read_key_file(keyring),
+                                                           strict_map_key=False)), identity
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            raise ConfigError(f"key file {keyring} is damaged") from None
+    if (config.home / "keys" / "partner-only").exists():
+        raise ConfigError(f"{config.home} holds no account keys: it is only a storage "
+                          "partner for other accounts (run `p2pbackup init` in another "
+                          "P2PBACKUP_HOME to back up this device)")
+    return AccountKeys(_read_key_file(config.account_key_file, ACCOUNT_KEY_SIZE)), identity
