@@ -1,0 +1,143 @@
+"""Objects from a peer: a faithful copy is accepted whole; forged, altered or replayed ones
+never reach the store."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import blake3
+import pytest
+
+from p2pbackup.backup.restore import restore
+from p2pbackup.backup.snapshot import take_snapshot
+from p2pbackup.backup.verify import verify
+from p2pbackup.blobs.local import LocalDirStore
+from p2pbackup.config import Source
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.crypto.keys import AccountKeys
+from p2pbackup.errors import IntegrityError
+from p2pbackup.format.header import Kind
+from p2pbackup.format.log import GENESIS, Head, Segment
+from p2pbackup.format.objects import seal_object
+from p2pbackup.format.pack import PackBuilder
+from p2pbackup.format.records import Signed
+from p2pbackup.repo import replica
+from p2pbackup.repo.logstore import LogStore
+from p2pbackup.repo.repository import Repository
+
+KEYS = AccountKeys(os.urandom(32))
+A, B = DeviceIdentity.generate(), DeviceIdentity.generate()
+
+
+@pytest.fixture
+async def pair(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(5):
+        (src / f"f{i}").write_bytes(os.urandom(200_000))
+    a = await Repository.create(LocalDirStore(tmp_path / "a"), KEYS, A, str(tmp_path / "ca"), "a")
+    await take_snapshot(a, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
+    logs = LogStore(a)
+    h1 = await logs.append(A, Segment(A.device_id, 1, GENESIS, time.time_ns(), ()))
+    await logs.append(A, Segment(A.device_id, 2, h1.segment, time.time_ns(), ()))
+    b = await Repository.create_replica(LocalDirStore(tmp_path / "b"), KEYS, B,
+                                        str(tmp_path / "cb"), "b", await a.config_object())
+    yield a, b, src
+    await a.close()
+    await b.close()
+
+
+async def copy_all(a: Repository, b: Repository) -> int:
+    names = sorted([n async for n in a.store.list("")], key=replica.transfer_order)
+    stored = 0
+    for name in names:
+        stored += await replica.accept(b, name, bytes(await a.store.get(name)))
+    return stored
+
+
+async def test_a_faithful_copy_is_accepted_and_verifies(pair, tmp_path: Path):
+    a, b, src = pair
+    assert await copy_all(a, b) > 5
+    assert await copy_all(a, b) == 0  # a second pass stores nothing
+    assert (await verify(b, read_data=True)).ok
+    (latest,), _ = await b.list_snapshots()
+    await restore(b, latest, str(tmp_path / "out"))
+    assert (tmp_path / "out" / "src" / "f3").read_bytes() == (src / "f3").read_bytes()
+
+
+async def test_a_pack_whose_blob_lies_about_its_id_is_refused(pair):
+    a, b, _ = pair
+    keys = KEYS.scope("src", 0)
+    builder = PackBuilder("src", 0)
+    plain = b"planted content" * 100
+    builder.add(Kind.CHUNK, keys.blob_id(b"what the id claims"), seal_object(Kind.CHUNK, plain,
+                                                                             keys.data_key),
+                len(plain))
+    name, data, _ = builder.finish(KEYS.meta_key)
+    with pytest.raises(IntegrityError, match="does not match its id"):
+        await replica.accept(b, f"packs/{name}", bytes(data))
+    assert not await b.store.has(f"packs/{name}")
+
+
+async def test_altered_or_misnamed_objects_are_refused(pair):
+    a, b, _ = pair
+    pack = [n async for n in a.store.list("packs/")][0]
+    data = bytearray(await a.store.get(pack))
+    data[100] ^= 1
+    with pytest.raises(IntegrityError, match="does not match its name"):
+        await replica.accept(b, pack, bytes(data))
+    renamed = f"packs/{blake3.blake3(data).hexdigest()}"
+    with pytest.raises(IntegrityError):
+        await replica.accept(b, renamed, bytes(data))  # named right, but a blob fails
+    assert not await b.store.has(renamed)
+    snap = [n async for n in a.store.list("snapshots/")][0]
+    raw = bytearray(await a.store.get(snap))
+    raw[-1] ^= 1
+    with pytest.raises(IntegrityError):
+        await replica.accept(b, f"snapshots/{blake3.blake3(raw).hexdigest()}", bytes(raw))
+    for bad_name in ("../../etc/passwd", "packs/../config", "snapshots/xyz", "heads/"):
+        with pytest.raises(IntegrityError, match="not an object name"):
+            await replica.accept(b, bad_name, b"x")
+
+
+async def test_a_snapshot_signed_by_a_stranger_is_refused(pair):
+    a, b, _ = pair
+    await copy_all(a, b)
+    stranger = DeviceIdentity.generate()
+    (s,), _ = await a.list_snapshots()
+    body = s.snapshot.encode()
+    sealed = b.seal_record(Kind.SNAPSHOT, Signed(body, stranger.device_id,
+                                                 stranger.sign(body)).encode())
+    with pytest.raises(IntegrityError, match="unknown"):
+        await replica.accept(b, f"snapshots/{blake3.blake3(sealed).hexdigest()}", bytes(sealed))
+
+
+async def test_a_head_that_goes_back_and_a_forked_segment_are_refused(pair):
+    a, b, _ = pair
+    old_head = bytes(await a.store.get(f"heads/{A.device_id}"))
+    logs = LogStore(a)
+    h2, _ = await logs.load_segment(A.device_id, 2)
+    await logs.append(A, Segment(A.device_id, 3, h2, time.time_ns(), ()))
+    await copy_all(a, b)
+    with pytest.raises(IntegrityError, match="backwards"):
+        await replica.accept(b, f"heads/{A.device_id}", old_head)
+    fork = logs._seal_signed(A, Kind.SEGMENT,
+                             Segment(A.device_id, 4, bytes(32), time.time_ns(), ()).encode())
+    with pytest.raises(IntegrityError, match="fork"):
+        await replica.accept(b, f"segments/{A.device_id}/{4:012d}", bytes(fork))
+    forged_head = logs._seal_signed(B, Kind.HEAD, Head(A.device_id, 9, bytes(32), None,
+                                                       time.time_ns()).encode())
+    with pytest.raises(IntegrityError):
+        await replica.accept(b, f"heads/{A.device_id}", bytes(forged_head))
+
+
+async def test_objects_never_change(pair):
+    a, b, _ = pair
+    await copy_all(a, b)
+    name = f"segments/{A.device_id}/{1:012d}"
+    other = LogStore(a)._seal_signed(A, Kind.SEGMENT, Segment(A.device_id, 1, GENESIS, 5,
+                                                                   ()).encode())
+    with pytest.raises(IntegrityError, match="never change"):
+        await replica.accept(b, name, bytes(other))
