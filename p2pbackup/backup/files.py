@@ -36,6 +36,10 @@ class ReadCounters(Protocol):
     read: int
 
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0)
+_SLOW = object()
+
+
 class _IsSQLite(Exception):
     """Raised by _read_fd when a file turns out to be an SQLite database."""
 
@@ -71,14 +75,16 @@ class FileReader:
             chunks.append(self.sink.add(keys, Kind.CHUNK, buf))
             return len(buf)
         view = memoryview(buf)
-        consumed = 0
         cuts = list(chunker.cut(view))
         if not final and cuts:
             cuts = cuts[:-1]  # the last cut may move once more data follows
-        for off, length in cuts:
-            chunks.append(self.sink.add(keys, Kind.CHUNK, view[off:off + length]))
-            consumed = off + length
-        return consumed
+        if not cuts:
+            return 0
+        chunks.extend(self.sink.add_many(keys, Kind.CHUNK,
+                                         [view[off:off + length] for off, length in cuts],
+                                         probe=True))
+        off, length = cuts[-1]
+        return off + length
 
     def _window(self) -> bytearray:
         # One read buffer per worker thread, reused: fresh 8 MiB buffers cost page faults
@@ -123,11 +129,71 @@ class FileReader:
         view.release()
         return chunks, total
 
+    def _read_small(self, path: bytes, st: os.stat_result) -> bytes | None | object:
+        """A small file's bytes, None if it is gone, or _SLOW: read it with read_file (it is
+        unreadable, SQLite, or changed while read; read_file warns, retries or captures)."""
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            return None  # deleted since the listing: not part of this snapshot
+        except OSError:
+            return _SLOW
+        try:
+            size = st.st_size
+            data = os.read(fd, size + 1)
+            if len(data) != size or _is_sqlite_head(data):
+                return _SLOW
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns, after.st_ino) != \
+                    (size, st.st_mtime_ns, st.st_ino):
+                return _SLOW
+            return data
+        except OSError:
+            return _SLOW
+        finally:
+            os.close(fd)
+
+    def read_small_files(self, files: list[tuple[bytes, bytes, os.stat_result]],
+                         keys: ScopeKeys) -> list[TreeEntry | None]:
+        """Read and store files smaller than SMALL_FILE (path, name, scan stat) together: all
+        their chunks go to the sink in one call. Entries in order; None where read_file would
+        give None."""
+        entries: list[TreeEntry | None] = [None] * len(files)
+        pieces: list[bytes | memoryview] = []
+        spans: list[tuple[int, int, int]] = []  # (index in files, first piece, piece count)
+        min_size = self._chunker().min_size
+        progress = self.progress
+        for k, (path, name, st) in enumerate(files):
+            data = self._read_small(path, st)
+            if data is None:
+                continue
+            if data is _SLOW:
+                entries[k] = self.read_file(path, name, st, keys)
+                continue
+            first = len(pieces)
+            if len(data) <= min_size:
+                if data:
+                    pieces.append(data)
+            else:
+                view = memoryview(data)
+                pieces.extend(view[off:off + length] for off, length in self._chunker().cut(view))
+            spans.append((k, first, len(pieces) - first))
+            progress.files += 1
+            progress.read += len(data)
+            progress.bytes += len(data)
+        ids = self.sink.add_many(keys, Kind.CHUNK, pieces) if pieces else []
+        for k, first, count in spans:
+            _, name, st = files[k]
+            entries[k] = TreeEntry(FILE, name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                                   st.st_ctime_ns, st.st_ino, st.st_size,
+                                   tuple(ids[first:first + count]), nlink=st.st_nlink)
+        return entries
+
     def read_file(self, path: bytes, name: bytes, st: os.stat_result,
                   keys: ScopeKeys) -> TreeEntry | None:
         """Read and store one file; None (with a warning) if it cannot be read."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
+            fd = os.open(path, _OPEN_FLAGS)
         except FileNotFoundError:
             return None  # deleted since the listing: not part of this snapshot
         except PermissionError:

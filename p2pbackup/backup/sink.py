@@ -1,8 +1,10 @@
 """BlobSink: turns plaintext blobs into sealed blobs in packs, deduplicated, from many threads.
 
-Sealing (hash, zstd, XChaCha) runs in the calling worker thread; these C extensions release
-the GIL. Finished packs go to one uploader thread through a queue of two, so at most a few
-packs are held in memory whatever the amount of data.
+Sealing (hash, zstd, XChaCha) runs in the calling worker thread, for many blobs per call
+(`add_many`): hashes first, one lock round to drop known blobs and reserve the new ones'
+places in the pack, one zstd call for all of them, then each is encrypted straight into
+its place in the pack buffer (no sealed copy). Finished packs go to the uploader threads
+through a queue of two, so at most a few packs are held in memory whatever the amount of data.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from ..crypto.keys import ScopeKeys
 from ..format.header import Kind
-from ..format.objects import seal_object
+from ..format.objects import OVERHEAD, compress_many, seal_into
 from ..format.pack import PackBuilder
 from ..format.records import PackTrailer
 from ..repo.repository import Repository
@@ -42,6 +44,7 @@ class BlobSink:
         self.known: set[bytes] = set(repo.index.blobs)
         self.stats = SinkStats()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # a builder's writers reached 0
         self._builders: dict[tuple[str, int, bool], PackBuilder] = {}
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
@@ -56,32 +59,87 @@ class BlobSink:
 
     def add(self, keys: ScopeKeys, kind: int, plaintext: bytes | memoryview) -> bytes:
         """Store a blob unless it is already stored; return its id."""
-        blob_id = keys.blob_id(plaintext)
+        return self.add_many(keys, kind, [plaintext])[0]
+
+    def _new_builder(self, slot: tuple[str, int, bool]) -> PackBuilder:
+        if slot[2]:
+            builder = PackBuilder(slot[0], slot[1], 1 << 20)
+        else:
+            builder = PackBuilder(slot[0], slot[1], self.pack_size,
+                                  self._free.pop() if self._free else None)
+        self._builders[slot] = builder
+        return builder
+
+    def add_many(self, keys: ScopeKeys, kind: int, blobs: list[bytes | bytearray | memoryview],
+                 probe: bool = False) -> list[bytes]:
+        """Store each blob unless it is already stored; return their ids, in order.
+
+        The blobs (views of a read buffer, typically) are only read during the call. `probe`:
+        they are consecutive chunks of one file, see compress_many.
+        """
+        blob_id = keys.blob_id
+        ids = [blob_id(b) for b in blobs]
+        new: list[int] = []
+        known = self.known
         with self._lock:
-            if blob_id in self.known:
-                return blob_id
-            self.known.add(blob_id)  # reserve: another thread with the same blob skips it
-        sealed = seal_object(kind, plaintext, keys.data_key, compress=True)
-        full = None
+            for i, bid in enumerate(ids):
+                if bid not in known:
+                    known.add(bid)  # reserve: another thread with the same blob skips it
+                    new.append(i)
+        if not new:
+            return ids
+        plains = [blobs[i] for i in new]
+        bodies, flags = compress_many(plains, probe=probe)
         slot = (keys.scope, keys.epoch, kind == Kind.TREE)
+        places: list[tuple[PackBuilder, int, int]] = []
+        touched: list[PackBuilder] = []
         with self._lock:
+            self._raise_if_failed()
             builder = self._builders.get(slot)
-            if builder is None:
-                if kind == Kind.TREE:
-                    builder = PackBuilder(keys.scope, keys.epoch, 1 << 20)
-                else:
-                    builder = PackBuilder(keys.scope, keys.epoch, self.pack_size,
-                                          self._free.pop() if self._free else None)
-                self._builders[slot] = builder
-            builder.add(kind, blob_id, sealed, len(plaintext))
-            self.stats.blobs_added += 1
-            self.stats.bytes_added += len(sealed)
-            self.stats.raw_added += len(plaintext)
-            if builder.size >= self.pack_size:
-                full = self._builders.pop(slot)
-        if full is not None:
-            self._ship(full)
-        return blob_id
+            stats = self.stats
+            for j, i in enumerate(new):
+                size = OVERHEAD + len(bodies[j])
+                raw = len(plains[j])
+                if builder is None:
+                    builder = self._new_builder(slot)
+                offset = builder.reserve(kind, ids[i], size, raw)
+                if offset is None:  # full while others write into it: close it, take a new one
+                    builder.closed = True
+                    del self._builders[slot]
+                    builder = self._new_builder(slot)
+                    offset = builder.reserve(kind, ids[i], size, raw)
+                    assert offset is not None
+                if not touched or touched[-1] is not builder:
+                    builder.writers += 1
+                    touched.append(builder)
+                places.append((builder, offset, size))
+                stats.blobs_added += 1
+                stats.bytes_added += size
+                stats.raw_added += raw
+                if builder.size >= self.pack_size:
+                    builder.closed = True
+                    del self._builders[slot]
+                    builder = None
+        try:
+            key = keys.data_key
+            for (builder, offset, size), body, flag in zip(places, bodies, flags):
+                with memoryview(builder.buffer_now) as whole, whole[offset:offset + size] as out:
+                    seal_into(out, kind, body, flag, key)
+        except BaseException as exc:
+            self._error = exc  # half-written blobs: no pack of this run may be shipped
+            raise
+        finally:
+            done: list[PackBuilder] = []
+            with self._lock:
+                for b in touched:
+                    b.writers -= 1
+                    if b.writers == 0:
+                        if b.closed:
+                            done.append(b)
+                        self._idle.notify_all()
+        for b in done:
+            self._ship(b)
+        return ids
 
     def _ship(self, builder: PackBuilder) -> None:
         self._raise_if_failed()
@@ -130,6 +188,8 @@ class BlobSink:
         with self._lock:
             slots = sorted(self._builders, key=lambda s: s[2])
             builders = [self._builders.pop(s) for s in slots]
+            while any(b.writers for b in builders):  # (taken out of _builders: not closed,
+                self._idle.wait()                    # so their last writer leaves them to us)
         for b in builders:
             if len(b):
                 self._ship(b)

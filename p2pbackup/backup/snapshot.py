@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
+import gc
 import os
 import socket
 import stat as statmod
@@ -33,6 +34,7 @@ from .sink import BlobSink
 BATCH_FILES = 64
 BATCH_BYTES = 4 * 1024 * 1024
 MAX_OPEN_DIRS = 256  # scanned directories waiting for their files: bounds memory
+GC_THRESHOLD = 50_000  # allocations between young-generation collections during a run
 
 
 @dataclass(slots=True)
@@ -139,6 +141,8 @@ class SnapshotBuilder:
 
     def _run_batch(self, jobs: list[_FileJob], keys: ScopeKeys) -> list[TreeEntry | None]:
         try:
+            if len(jobs) > 1:  # small files (see _walk): their chunks are stored together
+                return self.reader.read_small_files([(j.path, j.name, j.st) for j in jobs], keys)
             return [self.reader.read_file(job.path, job.name, job.st, keys) for job in jobs]
         finally:
             self._slots.release()
@@ -310,6 +314,10 @@ class SnapshotBuilder:
         """Walk every source; return their roots. Blocking."""
         roots: list[SourceRoot] = []
         self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="chunker")
+        # Tens of thousands of entries, ids and views are made here and few of them form cycles:
+        # the default threshold (700) ran the cyclic GC thousands of times over the live ones.
+        gc_threshold = gc.get_threshold()
+        gc.set_threshold(max(gc_threshold[0], GC_THRESHOLD), *gc_threshold[1:])
         try:
             for src in self.sources:
                 keys = self.repo.keys.scope(src.name, self.repo.keys.epoch)
@@ -334,6 +342,8 @@ class SnapshotBuilder:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self.sink.close()
             raise
+        finally:
+            gc.set_threshold(*gc_threshold)
         self._pool.shutdown(wait=True)
         return roots, self.totals
 

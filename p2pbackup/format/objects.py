@@ -39,12 +39,63 @@ def seal_object(kind: int, plaintext: bytes | bytearray | memoryview, key: bytes
         packed = _compressor().compress(plaintext)
         if len(packed) < len(plaintext) * 0.97:
             body, flags = packed, FLAG_ZSTD
+    out = bytearray(OVERHEAD + len(body))
+    seal_into(memoryview(out), kind, body, flags, key, nonce)
+    return out
+
+
+Body = bytes | bytearray | memoryview
+
+
+PROBES = 3
+
+
+def _saves(packed: Body, plain: Body) -> bool:
+    return len(packed) < len(plain) * 0.97
+
+
+def compress_many(plains: list[Body], compress: bool = True,
+                  probe: bool = False) -> tuple[list[Body], list[int]]:
+    """The bodies and flags of objects for `plains`, as seal_object would choose them.
+
+    Many inputs are compressed in one call (zstandard's multi_compress_to_buffer, one release
+    of the GIL instead of one per blob); a body is kept compressed only when that saves at
+    least 3%, else it is the plaintext itself. With `probe` (consecutive pieces of one file),
+    the first, middle and last are tried first, and if none of them compresses nor do the
+    others (media, archives: zstd would only be spent to keep the raw bytes anyway). The
+    bodies may be views of one result buffer: use them before the next call.
+    """
+    bodies: list[Body] = list(plains)
+    flags = [0] * len(plains)
+    if not compress:
+        return bodies, flags
+    todo = [i for i, p in enumerate(plains) if len(p) > 64]
+    if not todo:
+        return bodies, flags
+    c = _compressor()
+    if probe and len(todo) > 2 * PROBES:
+        picks = [todo[0], todo[len(todo) // 2], todo[-1]]
+        probed = c.multi_compress_to_buffer([plains[i] for i in picks], threads=1)
+        if not any(_saves(probed[j], plains[i]) for j, i in enumerate(picks)):
+            return bodies, flags
+    if len(todo) == 1:
+        packed_all = [c.compress(plains[todo[0]])]
+    else:
+        packed_all = c.multi_compress_to_buffer([plains[i] for i in todo], threads=1)
+    for j, i in enumerate(todo):
+        packed = packed_all[j]
+        if _saves(packed, plains[i]):
+            bodies[i], flags[i] = packed, FLAG_ZSTD
+    return bodies, flags
+
+
+def seal_into(out: memoryview, kind: int, body: Body, flags: int, key: bytes,
+              nonce: bytes | None = None) -> None:
+    """Write the object header | XChaCha20-Poly1305(body) into `out` (len(body) + OVERHEAD)."""
     length = len(body) + NONCE_SIZE + TAG_SIZE
     header = ObjectHeader(FORMAT_VERSION, kind, flags, length).encode()
-    out = bytearray(HEADER_SIZE + length)
     out[:HEADER_SIZE] = header
-    encrypt_into(memoryview(out)[HEADER_SIZE:], key, body, header, nonce)
-    return out
+    encrypt_into(out[HEADER_SIZE:], key, body, header, nonce)
 
 
 def open_object(data: bytes | bytearray | memoryview, key: bytes, *, expect: int | None = None,

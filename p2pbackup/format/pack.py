@@ -39,20 +39,51 @@ class PackBuilder:
         self._buf[:len(PACK_HEADER)] = PACK_HEADER
         self.size = len(PACK_HEADER)
         self._refs: list[BlobRef] = []
+        # Callers that seal blobs straight into the buffer (see `reserve`) count themselves
+        # here while they write; the buffer never grows or moves while this is non-zero.
+        self.writers = 0
+        self.closed = False  # no more reservations: ship it once the writers are done
 
     def __len__(self) -> int:
         return len(self._refs)
 
+    def _grow(self, end: int) -> None:
+        more = end - len(self._buf) + (len(self._buf) >> 2)
+        try:
+            self._buf.extend(bytes(more))
+        except BufferError:  # a view of it is still alive somewhere: move to a new buffer
+            buf = bytearray(len(self._buf) + more)
+            buf[:self.size] = memoryview(self._buf)[:self.size]
+            self._buf = buf
+
     def _append(self, data: bytes | memoryview) -> None:
         end = self.size + len(data)
         if end > len(self._buf):
-            self._buf.extend(bytes(end - len(self._buf) + (len(self._buf) >> 2)))
+            self._grow(end)
         self._buf[self.size:end] = data
         self.size = end
 
     def add(self, kind: int, blob_id: bytes, sealed: bytes | memoryview, raw_length: int) -> None:
         self._refs.append(BlobRef(kind, blob_id, self.size, len(sealed), raw_length))
         self._append(sealed)
+
+    def reserve(self, kind: int, blob_id: bytes, length: int, raw_length: int) -> int | None:
+        """Room for a sealed blob of `length` bytes, written later at the returned offset (into
+        `buffer`); None if it does not fit and the buffer cannot grow now (writers)."""
+        end = self.size + length
+        if end > len(self._buf):
+            if self.writers:
+                return None
+            self._grow(end)
+        offset = self.size
+        self._refs.append(BlobRef(kind, blob_id, offset, length, raw_length))
+        self.size = end
+        return offset
+
+    @property
+    def buffer_now(self) -> bytearray:
+        """The buffer reserved blobs are written into (stable while `writers` is non-zero)."""
+        return self._buf
 
     def finish(self, meta_key: bytes) -> tuple[str, memoryview, PackTrailer]:
         """Return (name, bytes, trailer) of the finished pack; the builder is spent.
