@@ -1,0 +1,182 @@
+"""Opening an authenticated peer session: signed offer/answer over a signaling path, then an
+aiortc data channel whose DTLS fingerprints those signatures cover.
+
+The LAN signaling path is a tiny TCP endpoint on the daemon (its port is in the mDNS TXT
+record): one length-prefixed signed offer in, one signed answer out. Signaling is untrusted;
+everything rests on the device signatures checked against the membership record, so a removed
+or unknown device never gets a channel. The broker's WebSocket relay will be another
+`Signaling`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .crypto.identity import DeviceIdentity, verify_signature
+from .errors import P2PError, PeerNotPaired, PeerUnreachable, RemoteProtocolError
+from .format.membership import Membership
+from .format.signaling import (ANSWER, OFFER, ReplayGuard, SessionDescription,
+                               check_description, sign_description)
+from .transport.datachannel import IceConfig, PeerLink
+
+log = logging.getLogger("p2pbackup.session")
+_LEN = struct.Struct(">I")
+MAX_SIGNAL = 64 * 1024       # an SDP is a few KiB
+CONNECT_TIMEOUT = 30.0
+
+
+class Signaling(Protocol):
+    """Carries one signed offer to a peer and its signed answer back."""
+
+    async def exchange(self, offer: bytes) -> bytes: ...
+
+
+async def _read_frame(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    head = await asyncio.wait_for(reader.readexactly(4), timeout)
+    (n,) = _LEN.unpack(head)
+    if n > MAX_SIGNAL:
+        raise RemoteProtocolError(f"a signaling message of {n} bytes is too large")
+    return await asyncio.wait_for(reader.readexactly(n), timeout)
+
+
+@dataclass(slots=True)
+class LanSignaling:
+    """Signaling straight to a peer's endpoint on the LAN (address from mDNS)."""
+
+    host: str
+    port: int
+    timeout: float = 15.0
+
+    async def exchange(self, offer: bytes) -> bytes:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.host, self.port), self.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise PeerUnreachable(f"cannot reach the peer's signaling endpoint at "
+                                  f"{self.host}:{self.port}: {exc}") from None
+        try:
+            writer.write(_LEN.pack(len(offer)) + offer)
+            await writer.drain()
+            reply = await _read_frame(reader, self.timeout * 2)
+        except asyncio.IncompleteReadError:
+            raise PeerNotPaired(f"the peer at {self.host}:{self.port} refused the session") \
+                from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise PeerUnreachable(f"signaling with {self.host}:{self.port} failed: {exc}") \
+                from None
+        finally:
+            writer.close()
+        if reply[:1] == b"!":  # a refusal, in words
+            raise PeerNotPaired(reply[1:200].decode("utf-8", "replace"))
+        return reply
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+async def connect(me: DeviceIdentity, peer: str, membership: Membership,
+                  signaling: Signaling, *, ice: IceConfig | None = None,
+                  guard: ReplayGuard | None = None) -> PeerLink:
+    """Open a data channel to device `peer`; both ends are checked against `membership`."""
+    if not membership.admits(peer):
+        raise PeerNotPaired(f"device {peer[:12]} is not a member of this account")
+    link = PeerLink(ice)
+    try:
+        sdp = await link.create_offer()
+        nonce = os.urandom(16)
+        offer = sign_description(SessionDescription(OFFER, me.device_id, peer, sdp, _now(),
+                                                    nonce), me.sign)
+        raw = await signaling.exchange(offer)
+        answer = check_description(raw, me=me.device_id, membership=membership, now_ns=_now(),
+                                   guard=guard or ReplayGuard(), verify=verify_signature,
+                                   expect=ANSWER, reply_to=nonce)
+        if answer.sender != peer:
+            raise PeerNotPaired(f"device {answer.sender[:12]} answered for {peer[:12]}")
+        await link.accept_answer(answer.sdp)
+        await link.wait_connected(CONNECT_TIMEOUT)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await link.close()
+        raise
+    return link
+
+
+class SignalingServer:
+    """The daemon's LAN signaling endpoint: answers offers from members, refuses the rest."""
+
+    def __init__(self, me: DeviceIdentity, membership: Callable[[], Membership],
+                 on_link: Callable[[str, PeerLink], Awaitable[None]], *,
+                 ice: IceConfig | None = None,
+                 on_refused: Callable[[str], None] | None = None) -> None:
+        self.me, self.membership, self.on_link = me, membership, on_link
+        self.ice = ice
+        self.on_refused = on_refused or (lambda why: log.warning("%s", why))
+        self.guard = ReplayGuard()
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str = "0.0.0.0", port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        for t in list(self._tasks):
+            t.cancel()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        where = f"{peer[0]}:{peer[1]}" if peer else "?"
+        link: PeerLink | None = None
+        try:
+            raw = await _read_frame(reader, 15)
+            offer = check_description(raw, me=self.me.device_id, membership=self.membership(),
+                                      now_ns=_now(), guard=self.guard, verify=verify_signature,
+                                      expect=OFFER)
+            link = PeerLink(self.ice)
+            sdp = await link.accept_offer(offer.sdp)
+            answer = sign_description(SessionDescription(ANSWER, self.me.device_id,
+                                                         offer.sender, sdp, _now(),
+                                                         os.urandom(16), offer.nonce),
+                                      self.me.sign)
+            writer.write(_LEN.pack(len(answer)) + answer)
+            await writer.drain()
+        except P2PError as exc:
+            self.on_refused(f"session from {where} refused: {exc}")
+            with contextlib.suppress(Exception):
+                msg = b"!" + str(exc).encode()[:190]
+                writer.write(_LEN.pack(len(msg)) + msg)
+                await writer.drain()
+            if link is not None:
+                await link.close()
+            return
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, OSError):
+            if link is not None:
+                await link.close()
+            return
+        finally:
+            writer.close()
+        task = asyncio.create_task(self._handover(offer.sender, link))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handover(self, sender: str, link: PeerLink) -> None:
+        try:
+            await link.wait_connected(CONNECT_TIMEOUT)
+        except P2PError as exc:
+            self.on_refused(f"session with {sender[:12]} did not connect: {exc}")
+            await link.close()
+            return
+        await self.on_link(sender, link)
