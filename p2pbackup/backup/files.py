@@ -24,7 +24,7 @@ from .names import show_path as _show
 from .sink import BlobSink
 
 SMALL_FILE = 256 * 1024
-READ_WINDOW = 8 * 1024 * 1024
+READ_WINDOW = 4 * 1024 * 1024
 MAX_REREADS = 2
 
 
