@@ -9,7 +9,6 @@ ChaCha20Poly1305), about 3x faster than PyNaCl's libsodium build (it uses AVX-51
 XChaCha20-Poly1305 is ChaCha20-Poly1305 (IETF) under the subkey HChaCha20(key, nonce[:16])
 with the nonce 0^4 || nonce[16:24], and a thread's nonces share their first 16 bytes, so the
 subkey is derived once per thread and key. The output is byte for byte libsodium's.
-Decryption does the same for nonce prefixes seen more than once (see `decrypt`).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from nacl import bindings
 from nacl._sodium import ffi, lib
 
 try:
-    from cryptography.exceptions import InvalidTag as _InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305 as _IetfAead
 except ImportError:  # pragma: no cover - cryptography is a dependency
     _IetfAead = None
@@ -131,45 +129,12 @@ def encrypt(key: bytes, plaintext: Buffer, aad: bytes, nonce: bytes | None = Non
     return out
 
 
-# Decryption: the subkeys of (key, nonce prefix) pairs seen at least twice. A repository's
-# blobs share few prefixes (one per writing thread and run), so nearly every blob is opened
-# through OpenSSL; a prefix seen once (older writers used a random nonce per object) goes
-# through libsodium, so such objects never pay the Python HChaCha20.
-_OPEN_CIPHERS: dict[tuple[bytes, bytes], object] = {}
-_SEEN_ONCE: set[tuple[bytes, bytes]] = set()
-_CACHE_MAX = 4096
-
-
-def _open_cipher(key: bytes, prefix: bytes):
-    slot = (key, prefix)
-    c = _OPEN_CIPHERS.get(slot)
-    if c is None:
-        if slot not in _SEEN_ONCE:
-            if len(_SEEN_ONCE) >= _CACHE_MAX:
-                _SEEN_ONCE.clear()
-            _SEEN_ONCE.add(slot)
-            return None
-        if len(_OPEN_CIPHERS) >= _CACHE_MAX:
-            _OPEN_CIPHERS.clear()
-        c = _OPEN_CIPHERS[slot] = _IetfAead(hchacha20(key, prefix))
-    return c
-
-
 def decrypt(key: bytes, data: Buffer, aad: bytes) -> bytearray:
     """Open nonce || ciphertext || tag, raising AuthenticationFailed on any mismatch."""
     if len(data) < NONCE_SIZE + TAG_SIZE or len(key) != KEY_SIZE:
         raise AuthenticationFailed("too short")
     view = memoryview(data)
     out = bytearray(len(data) - NONCE_SIZE - TAG_SIZE)
-    if _HAS_INTO:
-        cipher = _open_cipher(bytes(key), bytes(view[:16]))
-        if cipher is not None:
-            try:
-                cipher.decrypt_into(b"\0\0\0\0" + bytes(view[16:NONCE_SIZE]), view[NONCE_SIZE:],
-                                    aad, out)
-            except _InvalidTag:
-                raise AuthenticationFailed("authentication failed") from None
-            return out
     mlen = ffi.new("unsigned long long *")
     res = lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
         ffi.from_buffer(out), mlen, ffi.NULL, ffi.from_buffer(view[NONCE_SIZE:]),
