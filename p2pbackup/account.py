@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgpack
 
@@ -24,11 +25,13 @@ from .crypto.identity import DeviceIdentity, device_id_for, seal_to
 from .crypto.keys import AccountKeys
 from .device import Device
 from .errors import ConfigError, IntegrityError, NotFound, P2PError, PairingFailed, WrongKey
-from .pairing_link import PairingHost, Rendezvous, join
 from .format.membership import (MEMBER, OWNER, PARTNER, Member, Membership, record_hash,
                                 sign_membership)
 from .repo import membership as store_membership
 from .repo.repository import Repository
+
+if TYPE_CHECKING:  # the pairing stack (spake2) loads only when pairing
+    from .pairing_link import PairingHost, Rendezvous
 
 log = logging.getLogger("p2pbackup.account")
 PAYLOAD_VERSION = 1
@@ -389,10 +392,12 @@ def _rmtree(path: Path) -> None:
 
 # ---- pairing, both ends ----------------------------------------------------------------------
 
-def pairing_host(dev: Device, invite: Invitation, code: str, *, rendezvous: Rendezvous,
+def pairing_host(dev: Device, invite: Invitation, code: str, *, rendezvous: "Rendezvous",
                  lifetime: float, lock: asyncio.Lock | None = None, port: int = 0,
-                 on_verifier: Callable[[str], None] | None = None) -> PairingHost:
+                 on_verifier: Callable[[str], None] | None = None) -> "PairingHost":
     """A host for one code: the membership changes only once the joiner confirmed."""
+    from .pairing_link import PairingHost
+
     pending: list[PendingJoin] = []
     guard = lock or asyncio.Lock()
 
@@ -412,11 +417,12 @@ def pairing_host(dev: Device, invite: Invitation, code: str, *, rendezvous: Rend
                        port=port, on_verifier=on_verifier)
 
 
-async def join_account(home: Path, code: str, name: str, *, rendezvous: Rendezvous,
+async def join_account(home: Path, code: str, name: str, *, rendezvous: "Rendezvous",
                        find_timeout: float = 10.0,
                        on_verifier: Callable[[str], None] | None = None) -> Joined:
     """Pair this home with the device offering `code` (as a member, or as a partner)."""
     from .config import load_config, load_identity
+    from .pairing_link import join
 
     has_home = (home / "config.toml").exists()
     identity = load_identity(load_config(home)) if has_home else DeviceIdentity.generate()
