@@ -1,23 +1,28 @@
-"""Rotating discovery tags: members of one account recognise each other's mDNS adverts,
-nobody else can link two adverts to one account or device over time.
+"""Rotating discovery tags: members of one account recognise each other's mDNS adverts (and
+which device each is), while nobody else can link two adverts to one account or device.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Iterable
 
 TAG_PERIOD = 300  # seconds a tag stays valid
 
 
-def discovery_tag(tag_key: bytes, now: float, period: int = TAG_PERIOD) -> str:
-    """The tag for the time window holding `now` (16 hex characters)."""
+def discovery_tag(tag_key: bytes, device_id: str, now: float, period: int = TAG_PERIOD) -> str:
+    """The tag device `device_id` advertises in the time window holding `now` (16 hex chars)."""
     window = int(now // period)
-    return hmac.new(tag_key, b"p2pbackup discovery " + str(window).encode(),
-                    hashlib.sha256).hexdigest()[:16]
+    msg = b"p2pbackup discovery\x00" + device_id.encode() + b"\x00" + str(window).encode()
+    return hmac.new(tag_key, msg, hashlib.sha256).hexdigest()[:16]
 
 
-def recognises(tag_key: bytes, tag: str, now: float, period: int = TAG_PERIOD) -> bool:
-    """True if `tag` is this account's for the current window or a neighbouring one (clock skew)."""
-    return any(hmac.compare_digest(tag, discovery_tag(tag_key, now + d * period, period))
-               for d in (-1, 0, 1))
+def which_device(tag_key: bytes, tag: str, devices: Iterable[str], now: float,
+                 period: int = TAG_PERIOD) -> str | None:
+    """The device among `devices` whose tag `tag` is (this window or a neighbouring one)."""
+    for device in devices:
+        for d in (-1, 0, 1):
+            if hmac.compare_digest(tag, discovery_tag(tag_key, device, now + d * period, period)):
+                return device
+    return None

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from p2pbackup.crypto.identity import DeviceIdentity, verify_signature
-from p2pbackup.crypto.tags import discovery_tag, recognises
+from p2pbackup.crypto.tags import discovery_tag, which_device
 from p2pbackup.errors import PeerNotPaired, RemoteProtocolError
 from p2pbackup.format.membership import OWNER, PARTNER, Member, Membership
 from p2pbackup.format.signaling import (ANSWER, OFFER, ReplayGuard, SessionDescription,
@@ -89,10 +89,12 @@ def test_replay_guard_is_bounded():
     assert len(g._seen) == 10
 
 
-def test_discovery_tags_rotate_and_are_recognised_only_with_the_key():
+def test_discovery_tags_rotate_and_name_the_device_only_to_members():
     key, other = os.urandom(32), os.urandom(32)
-    t0 = discovery_tag(key, 1_000_000.0)
-    assert discovery_tag(key, 1_000_000.0 + 300) != t0
-    assert recognises(key, t0, 1_000_000.0 + 200)      # neighbouring window: clock skew
-    assert not recognises(key, t0, 1_000_000.0 + 1000)
-    assert not recognises(other, t0, 1_000_000.0)
+    t0 = discovery_tag(key, A.device_id, 1_000_000.0)
+    assert discovery_tag(key, A.device_id, 1_000_000.0 + 300) != t0
+    assert discovery_tag(key, B.device_id, 1_000_000.0) != t0
+    devices = [B.device_id, A.device_id]
+    assert which_device(key, t0, devices, 1_000_000.0 + 200) == A.device_id  # clock skew
+    assert which_device(key, t0, devices, 1_000_000.0 + 1000) is None       # too old
+    assert which_device(other, t0, devices, 1_000_000.0) is None            # another account
