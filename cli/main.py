@@ -361,6 +361,19 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
     last = st.get("last_snapshot")
     print(f"  last snapshot: {last['id'][:8] + ' at ' + output.iso_time(int(last['time'] * 1e9)) if last and last['id'] else 'none'}; "
           f"next in {st['next_snapshot_in']:.0f} s")
+    if not st.get("lan", {}).get("enabled", True):
+        print("  peers: LAN discovery is off ([peers] lan = false)")
+    for p in st.get("peers", []):
+        where = (f"connected over the {p['path']}" if p["connected"]
+                 else "on the LAN, not connected" if p["on_lan"] else "not seen")
+        extra = ""
+        if p.get("bytes_behind") is not None:
+            extra += f"; {output.human_bytes(p['bytes_behind'])} behind"
+        if p.get("last_sync"):
+            extra += f"; last sync {(_time.time() - p['last_sync']):.0f} s ago"
+        if p.get("error") and not p["connected"]:
+            extra += f"; {p['error']}"
+        print(f"  peer {p['name'] or '?'} ({p['device'][:12]}): {where}{extra}")
     for e in st.get("errors", []):
         print(f"  error: {e}")
 

@@ -85,6 +85,8 @@ class AccountOps:
         out = task.result()
         if out.ok:
             log.info("pairing: %s", out.message)
+            if self.d.peers is not None:
+                asyncio.get_running_loop().create_task(self.d.peers.refresh())
         else:
             log.warning("%s", out.message)
 
@@ -105,4 +107,6 @@ class AccountOps:
         async with self.d.writing:
             r = await account.remove_device(self.d.dev, str(args.get("device", "")))
         log.info("device %s removed; key epoch %d", r.removed.device_id[:12], r.membership.epoch)
+        if self.d.peers is not None:
+            await self.d.peers.refresh()
         return r.to_json()

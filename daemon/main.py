@@ -29,6 +29,7 @@ from .account_ops import AccountOps
 from .capture import SealState, SegmentSealer
 from .control import ControlServer
 from .notify import Notifier
+from .peers import PeerManager
 from .rescan import rescan
 
 log = logging.getLogger("p2pbackupd")
@@ -78,6 +79,7 @@ class DeviceDaemon:
         self.started = time.time()
         self.next_seal = time.time() + config.daemon.seal_interval
         self.last_snapshot: tuple[str, int] | None = None  # (id, time_ns)
+        self.peers: PeerManager | None = None
 
     async def seal(self) -> None:
         async with self.writing:
@@ -146,6 +148,9 @@ class DeviceDaemon:
             "next_snapshot_in": round(max(0.0, (last[1] / 1e9 + interval) - time.time()), 1)
             if last else 0.0,
             "errors": list(state.warnings[-10:]),
+            "peers": self.peers.status() if self.peers else [],
+            "lan": {"enabled": self.config.peers.lan, "signaling_port": self.peers.port
+                    if self.peers else 0},
         }
 
 
@@ -225,6 +230,8 @@ async def serve(home: Path | None) -> int:
                                                        "forget": d.forget, "prune": d.prune,
                                                        **AccountOps(d).handlers()})
         await server.start()
+        d.peers = PeerManager(config, dev)
+        await d.peers.start()
         watching = asyncio.Event()
         tasks = [asyncio.create_task(_watch(config, sealer, stop, watching)),
                  asyncio.create_task(_seal_loop(d, stop))]
@@ -251,6 +258,7 @@ async def serve(home: Path | None) -> int:
         finally:
             notifier.stopping()
             await server.close()
+            await d.peers.close()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

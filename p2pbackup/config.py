@@ -50,6 +50,16 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerSettings:
+    """The `[peers]` table: finding and reaching the account's other devices."""
+
+    lan: bool = True            # advertise and browse with mDNS, answer on the LAN
+    port: int = 0               # signaling endpoint; 0 = any free port (mDNS carries it)
+    direct_lane: bool = True    # bulk over TLS when the peer is on the LAN
+    interfaces: tuple[str, ...] = ()   # mDNS interfaces (names); empty = all
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The parsed config.toml."""
 
@@ -58,6 +68,7 @@ class Config:
     store: Path
     sources: tuple[Source, ...]
     daemon: DaemonSettings = DaemonSettings()
+    peers: PeerSettings = PeerSettings()
 
     @property
     def account_key_file(self) -> Path:
@@ -203,7 +214,29 @@ def load_config(home: Path | None = None) -> Config:
             raise ConfigError(f"{path}: key 'sources[{i}]' needs a string 'name' and 'path'")
         sources.append(Source(s["name"], s["path"]))
     return Config(home, name, (home / store).absolute(), tuple(sources),
-                  _daemon_settings(doc.get("daemon", {}), path))
+                  _daemon_settings(doc.get("daemon", {}), path),
+                  _peer_settings(doc.get("peers", {}), path))
+
+
+def _peer_settings(table: object, path: Path) -> PeerSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: key 'peers' must be a table")
+    d = PeerSettings()
+    lan, lane = table.get("lan", d.lan), table.get("direct_lane", d.direct_lane)
+    for key, value in (("lan", lan), ("direct_lane", lane)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: key 'peers.{key}' = {value!r} must be true or false")
+    port = table.get("port", d.port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"{path}: key 'peers.port' = {port!r} must be a port number (0: any)")
+    ifaces = table.get("interfaces", [])
+    if not isinstance(ifaces, list) or not all(isinstance(i, str) for i in ifaces):
+        raise ConfigError(f"{path}: key 'peers.interfaces' must be a list of interface names")
+    # P2PBACKUP_LAN=off keeps a daemon off the network (the test suite sets it outside the
+    # network namespaces it makes, so no multicast ever leaves the machine).
+    if os.environ.get("P2PBACKUP_LAN", "").lower() in ("off", "0", "no", "false"):
+        lan = False
+    return PeerSettings(lan, port, lane, tuple(ifaces))
 
 
 def _daemon_settings(table: object, path: Path) -> DaemonSettings:

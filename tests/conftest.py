@@ -13,6 +13,9 @@ import pytest
 from tests.netns import netlab  # noqa: F401  (the fixture, for every test)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Daemons started by tests stay off the machine's real network; tests that make their own
+# namespaces turn it back on for the processes they start there (P2PBACKUP_LAN=on).
+os.environ["P2PBACKUP_LAN"] = "off"
 
 
 @dataclass

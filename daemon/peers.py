@@ -1,0 +1,231 @@
+"""Finding the account's other devices on the LAN and keeping a session open to each.
+
+Advertise `_p2pbackup._tcp` with a per-device rotating tag and the signaling port; browse for
+adverts whose tag names another member; the device with the smaller id dials (so two devices
+never race to open two sessions), the other answers. What runs over an open session is the
+sync protocol's business (`on_session`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from p2pbackup import session
+from p2pbackup.config import Config
+from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, which_device
+from p2pbackup.device import Device
+from p2pbackup.errors import P2PError
+from p2pbackup.format.membership import Membership
+from p2pbackup.repo import membership as store_membership
+from p2pbackup.transport.datachannel import IceConfig, PeerLink
+
+log = logging.getLogger("p2pbackupd")
+SERVICE = "_p2pbackup._tcp.local."
+RETRY_SECONDS = 5.0
+
+SessionHandler = Callable[[str, PeerLink, "PeerState"], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class PeerState:
+    """What `status` shows for one peer device."""
+
+    device: str
+    name: str = ""
+    on_lan: bool = False
+    addresses: list[str] = field(default_factory=list)
+    port: int = 0
+    connected: bool = False
+    path: str | None = None          # "data channel" or "direct lane"
+    since: float | None = None
+    last_seen: float | None = None
+    last_sync: float | None = None
+    bytes_behind: int | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"device": self.device, "name": self.name, "on_lan": self.on_lan,
+                "addresses": self.addresses, "connected": self.connected, "path": self.path,
+                "since": self.since, "last_seen": self.last_seen, "last_sync": self.last_sync,
+                "bytes_behind": self.bytes_behind, "error": self.error}
+
+
+async def _hold(device: str, link: PeerLink, state: PeerState) -> None:
+    """Without a sync protocol: keep the channel open until either side closes it."""
+    while await link.recv() is not None:
+        pass
+
+
+class PeerManager:
+    """Discovery, signaling and the sessions to the other devices of the account."""
+
+    def __init__(self, config: Config, dev: Device, *,
+                 on_session: SessionHandler | None = None) -> None:
+        self.config, self.dev = config, dev
+        self.on_session = on_session or _hold
+        self.peers: dict[str, PeerState] = {}
+        self.membership: Membership | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._dialing: set[str] = set()
+        self._stack = contextlib.AsyncExitStack()
+        interfaces = list(config.peers.interfaces) or None
+        self._interfaces = interfaces
+        self._ice = IceConfig(host_addresses=("127.0.0.1",)) if interfaces == ["lo"] \
+            else IceConfig()
+        self._signaling: session.SignalingServer | None = None
+
+    @property
+    def me(self) -> str:
+        return self.dev.identity.device_id
+
+    async def refresh(self) -> None:
+        """Re-read the membership (after pairing or a removal); drop removed devices' sessions."""
+        got = await store_membership.load(self.dev.repo)
+        self.membership = got[0] if got else None
+        for device, st in list(self.peers.items()):
+            if self.membership is None or not self.membership.admits(device):
+                st.error = "removed from the account"
+        if self.membership:
+            for m in self.membership.members:
+                if m.device_id != self.me and m.device_id in self.peers:
+                    self.peers[m.device_id].name = m.name
+
+    def _members(self) -> list[str]:
+        if self.membership is None:
+            return []
+        return [m.device_id for m in self.membership.members
+                if m.device_id != self.me and m.role != "partner"]
+
+    def _tag(self) -> str:
+        return discovery_tag(self.dev.keys.meta_id_key, self.me, time.time())
+
+    async def start(self) -> None:
+        """Start answering and, on the LAN, advertising and browsing."""
+        from p2pbackup.discovery import mdns
+
+        await self.refresh()
+        if not self.config.peers.lan:
+            return
+        self._signaling = session.SignalingServer(
+            self.dev.identity, lambda: self._current(), self._incoming, ice=self._ice,
+            on_refused=lambda why: log.warning("%s", why))
+        self.port = await self._signaling.start("0.0.0.0", self.config.peers.port)
+        try:
+            self._ad = await self._stack.enter_async_context(mdns.advertise(
+                SERVICE, self.port, {"v": "1", "port": str(self.port), "tag": self._tag()},
+                interfaces=self._interfaces))
+            self._browser = await self._stack.enter_async_context(mdns.Browser(
+                SERVICE, interfaces=self._interfaces))
+        except (OSError, ValueError) as exc:
+            log.warning("LAN discovery is off: %s", exc)
+            return
+        self._tasks = [asyncio.create_task(self._browse()),
+                       asyncio.create_task(self._rotate())]
+        log.info("peers: signaling on port %d, advertising on the LAN", self.port)
+
+    def _current(self) -> Membership:
+        assert self.membership is not None
+        return self.membership
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        if self._signaling is not None:
+            await self._signaling.close()
+        with contextlib.suppress(Exception):
+            await self._stack.aclose()
+
+    async def _rotate(self) -> None:
+        """Re-announce with the next tag every window, and when our addresses change."""
+        from p2pbackup.discovery import mdns
+
+        addresses = mdns.ipv4_addresses(self._interfaces)
+        window = int(time.time() // TAG_PERIOD)
+        while True:
+            await asyncio.sleep(2.0)
+            now_addresses = mdns.ipv4_addresses(self._interfaces)
+            if int(time.time() // TAG_PERIOD) != window or now_addresses != addresses:
+                window, addresses = int(time.time() // TAG_PERIOD), now_addresses
+                with contextlib.suppress(Exception):
+                    self._ad.addresses = now_addresses
+                    await self._ad.update_txt({"v": "1", "port": str(self.port),
+                                               "tag": self._tag()})
+
+    async def _browse(self) -> None:
+        from p2pbackup.discovery.mdns import Removed
+
+        async for ev in self._browser:
+            found = ev.found
+            device = which_device(self.dev.keys.meta_id_key, found.txt.get("tag", ""),
+                                  self._members(), time.time())
+            if device is None:
+                continue  # another account's device, or our own advert
+            st = self.peers.setdefault(device, PeerState(device))
+            if isinstance(ev, Removed):
+                st.on_lan = False
+                continue
+            st.on_lan, st.addresses, st.last_seen = True, list(found.addresses), time.time()
+            try:
+                st.port = int(found.txt.get("port", found.port))
+            except ValueError:
+                st.port = found.port
+            if not st.connected and self.me < device and device not in self._dialing:
+                self._tasks.append(asyncio.create_task(self._dial(device)))
+
+    async def _dial(self, device: str) -> None:
+        self._dialing.add(device)
+        try:
+            while True:
+                st = self.peers[device]
+                if st.connected or not st.on_lan:
+                    return
+                for addr in st.addresses:
+                    try:
+                        link = await session.connect(
+                            self.dev.identity, device, self._current(),
+                            session.LanSignaling(addr, st.port), ice=self._ice)
+                    except P2PError as exc:
+                        st.error = str(exc)
+                        log.warning("peer %s at %s: %s", device[:12], addr, exc)
+                        continue
+                    await self._run(device, link)
+                    break
+                await asyncio.sleep(RETRY_SECONDS)
+        finally:
+            self._dialing.discard(device)
+
+    async def _incoming(self, device: str, link: PeerLink) -> None:
+        await self._run(device, link)
+
+    async def _run(self, device: str, link: PeerLink) -> None:
+        st = self.peers.setdefault(device, PeerState(device))
+        if self.membership is not None:
+            m = self.membership.member(device)
+            st.name = m.name if m else st.name
+        st.connected, st.path, st.since, st.error = True, "data channel", time.time(), None
+        log.info("peer %s (%s) connected over the data channel", device[:12], st.name)
+        try:
+            await self.on_session(device, link, st)
+        except P2PError as exc:
+            st.error = str(exc)
+            log.warning("session with %s ended: %s", device[:12], exc)
+        except Exception:
+            log.exception("session with %s failed", device[:12])
+        finally:
+            st.connected, st.path = False, None
+            with contextlib.suppress(Exception):
+                await link.close()
+            log.info("peer %s disconnected", device[:12])
+
+    def status(self) -> list[dict[str, Any]]:
+        return [st.to_json() for st in self.peers.values()]

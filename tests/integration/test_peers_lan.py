@@ -1,0 +1,67 @@
+"""Daemons find each other on a LAN (real mDNS between namespaces) and open signed sessions;
+a daemon of another account on the same LAN is ignored."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import Cli
+from tests.integration.test_pairing import Host
+
+
+def start_daemon(host, cli: Cli, tmp_path: Path, name: str) -> subprocess.Popen:
+    log = open(tmp_path / f"{name}.log", "ab")
+    return host.popen([sys.executable, "-m", "p2pbackup.daemon.main"],
+                      env={"P2PBACKUP_HOME": str(cli.home), "P2PBACKUP_LAN": "on"},
+                      stdout=log, stderr=log)
+
+
+def peers(cli: Cli) -> list[dict]:
+    proc = cli("status", "--json", check=False)
+    return json.loads(proc.stdout)["peers"] if proc.returncode == 0 else []
+
+
+def wait_connected(cli: Cli, device: str, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if any(p["device"] == device and p["connected"] for p in peers(cli)):
+            return time.monotonic() - start
+        time.sleep(0.2)
+    raise AssertionError(f"{device[:12]} not connected after {timeout} s: {peers(cli)}")
+
+
+def test_paired_daemons_find_each_other_and_strangers_are_ignored(netlab, tmp_path: Path):
+    lan = netlab.lan("lan")
+    hosts = {x: netlab.host(x, lan, f"10.10.0.{i}/24") for i, x in enumerate("abd", 1)}
+    a, b, d = (Cli(tmp_path / f"home-{x}") for x in "abd")
+    for cli in (a, b, d):
+        src = tmp_path / f"src-{cli.home.name}"
+        src.mkdir()
+    a("init", "--source", str(tmp_path / "src-home-a"))
+    d("init", "--source", str(tmp_path / "src-home-d"))   # another account
+    host = Host(a)
+    b("pair", host.code, "--peer", host.peer, "--name", "laptop")
+    assert host.finish()[0] == 0
+    ids = {d_["name"]: d_["id"] for d_ in json.loads(a("devices", "--json").stdout)["devices"]}
+
+    procs = [start_daemon(hosts[x], cli, tmp_path, x) for x, cli in (("a", a), ("b", b),
+                                                                      ("d", d))]
+    try:
+        took = wait_connected(a, ids["laptop"], 30)
+        wait_connected(b, next(i for n, i in ids.items() if n != "laptop"), 10)
+        assert [p for p in peers(a) if p["connected"]][0]["path"] == "data channel"
+        time.sleep(2)
+        assert peers(d) == []                                   # nothing of another account
+        assert {p["device"] for p in peers(a)} == {ids["laptop"]}
+        text = a("status").stdout
+        assert "peer laptop" in text and "connected over the data channel" in text
+        print(f"discovered and connected in {took:.1f} s")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            assert p.wait(timeout=30) == 0
