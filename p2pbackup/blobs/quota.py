@@ -1,0 +1,81 @@
+"""A store that holds another account's ciphertext for a storage partner, within a quota.
+
+The partner holds no key: it can check nothing but names and sizes, so the quota is the one
+thing it enforces. Replacing a blob counts only the difference; deleting frees space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ..errors import StorageError
+from .base import BlobStore, Buffer
+
+
+class QuotaExceeded(StorageError):
+    """{}"""
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    return f"{n} B"
+
+
+class QuotaStore(BlobStore):
+    """Wraps a store and refuses a put that would take it over `quota` bytes."""
+
+    def __init__(self, inner: BlobStore, quota: int | None, *, owner: str = "this account"
+                 ) -> None:
+        self.inner, self.quota, self.owner = inner, quota, owner
+        self.location = inner.location
+        self._used: int | None = None
+
+    async def used(self) -> int:
+        """Bytes stored now (counted once, then kept up to date)."""
+        if self._used is None:
+            total = 0
+            async for name in self.inner.list(""):
+                total += await self.inner.size(name)
+            self._used = total
+        return self._used
+
+    async def put(self, name: str, data: Buffer) -> None:
+        used = await self.used()
+        old = await self.inner.size(name) if await self.inner.has(name) else 0
+        new_used = used - old + len(data)
+        if self.quota is not None and new_used > self.quota and len(data) > old:
+            raise QuotaExceeded(f"quota exceeded: storing {name.split('/')[0]} for {self.owner} "
+                                f"would use {_human(new_used)} of the {_human(self.quota)} "
+                                "granted; the owner can pair again with a larger --quota")
+        await self.inner.put(name, data)
+        self._used = new_used
+
+    async def get(self, name: str) -> bytes:
+        return await self.inner.get(name)
+
+    async def get_range(self, name: str, offset: int, length: int) -> bytes:
+        return await self.inner.get_range(name, offset, length)
+
+    async def has(self, name: str) -> bool:
+        return await self.inner.has(name)
+
+    async def size(self, name: str) -> int:
+        return await self.inner.size(name)
+
+    def list(self, prefix: str = "") -> AsyncIterator[str]:
+        return self.inner.list(prefix)
+
+    async def delete(self, name: str) -> None:
+        size = await self.inner.size(name) if await self.inner.has(name) else 0
+        await self.inner.delete(name)
+        if self._used is not None:
+            self._used -= size
+
+    async def sync(self) -> None:
+        await self.inner.sync()
+
+    async def close(self) -> None:
+        await self.inner.close()
