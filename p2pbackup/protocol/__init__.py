@@ -1,0 +1,1 @@
+"""The peer sync protocol, sans-I/O (no asyncio, no sockets)."""

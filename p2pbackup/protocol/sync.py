@@ -1,0 +1,337 @@
+"""The peer sync protocol as a sans-I/O state machine: bytes in, events and bytes out.
+
+Both ends run the same machine. Frames are a 4-byte big-endian length and a msgpack map with
+"v" (version) and "t" (type); on a data channel each frame is one message.
+
+    hello    {versions, device}           first frame both ways
+    inv      {names, last}                what this side holds (in batches)
+    want     {names}                      what it asks for, after comparing inventories
+    announce {names}                      newly stored objects: the peer wants them at once
+    obj      {name, off, total, data, last}   one part of an object (<= PART bytes)
+    ack      {name} / nack {name, reason}     the receiver stored it / refused it
+    error    {reason}                     the session ends
+
+Flow control: at most `window` bytes of parts are unacknowledged; the application is asked for
+the next object (`ObjectWanted`) only when there is room, so nothing queues without bound.
+A frame that does not parse ends the session with one `Closed` event; input never raises.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+MAX_FRAME = 4 * 1024 * 1024
+PART = 1024 * 1024
+INV_BATCH = 2000
+_LEN = struct.Struct(">I")
+_UNPACK = dict(raw=False, strict_map_key=False, max_str_len=1 << 16, max_bin_len=MAX_FRAME,
+               max_array_len=INV_BATCH * 2, max_map_len=64)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHello:
+    device: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryDone:
+    """The peer's whole inventory arrived and our wants went out."""
+
+    wanted: int
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectWanted:
+    """Send `name` now with `send_object` (or `missing`)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectReceived:
+    """A whole object arrived: check and store it, then `ack` or `reject`."""
+
+    name: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectAcked:
+    name: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRejected:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    reason: str
+    by_peer: bool = False
+
+
+Event = PeerHello | InventoryDone | ObjectWanted | ObjectReceived | ObjectAcked | \
+    ObjectRejected | Closed
+
+
+class _Bad(Exception):
+    pass
+
+
+def _need(msg: dict, key: str, kind: type | tuple[type, ...]) -> Any:
+    value = msg.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        raise _Bad(f"field {key!r} is missing or of the wrong type in a {msg.get('t')!r} frame")
+    return value
+
+
+def _names(msg: dict, key: str, valid: Callable[[str], bool]) -> list[str]:
+    names = _need(msg, key, list)
+    for n in names:
+        if not isinstance(n, str) or not valid(n):
+            raise _Bad(f"a {msg.get('t')!r} frame names {str(n)[:60]!r}, not an object name")
+    return names
+
+
+@dataclass(slots=True)
+class _Incoming:
+    total: int
+    parts: list[bytes] = field(default_factory=list)
+    received: int = 0
+
+
+class SyncSession:
+    """One peer session; `have` is the local inventory, `wants(name)` says what to fetch."""
+
+    def __init__(self, device: str, have: set[str], *, valid_name: Callable[[str], bool],
+                 wants: Callable[[str], bool] | None = None, window: int = 16 * 1024 * 1024
+                 ) -> None:
+        self.device, self.have = device, have
+        self.valid_name = valid_name
+        self.wants = wants or (lambda name: True)
+        self.window = window
+        self.peer: str | None = None
+        self.closed = False
+        self.in_flight = 0          # bytes of our parts not yet acknowledged
+        self.bytes_sent = self.bytes_received = 0
+        self.objects_sent = self.objects_received = 0
+        self._out = bytearray()
+        self._in = bytearray()
+        self._peer_has: set[str] = set()
+        self._inv_done = False
+        self._asked: set[str] = set()       # we asked for these and have not got them yet
+        self._to_send: deque[str] = deque() # the peer asked for these
+        self._queued: set[str] = set()
+        self._offering: str | None = None   # ObjectWanted emitted, waiting for send_object
+        self._unacked: dict[str, int] = {}
+        self._incoming: dict[str, _Incoming] = {}
+        self._frame({"t": "hello", "versions": [VERSION], "device": device})
+        names = sorted(have)
+        for i in range(0, max(len(names), 1), INV_BATCH):
+            self._frame({"t": "inv", "names": names[i:i + INV_BATCH],
+                         "last": i + INV_BATCH >= len(names)})
+
+    # ---- output -----------------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        out, self._out = bytes(self._out), bytearray()
+        return out
+
+    def _frame(self, msg: dict) -> None:
+        body = msgpack.packb({"v": VERSION, **msg}, use_bin_type=True)
+        self._out += _LEN.pack(len(body)) + body
+
+    # ---- application calls ------------------------------------------------------------------
+
+    def send_object(self, name: str, data: bytes) -> None:
+        """Send the object last asked for by `ObjectWanted` (in parts)."""
+        if self.closed:
+            return
+        self._offering = None
+        total = len(data)
+        off = 0
+        while True:
+            part = data[off:off + PART]
+            last = off + len(part) >= total
+            self._frame({"t": "obj", "name": name, "off": off, "total": total, "data": part,
+                         "last": last})
+            off += len(part)
+            if last:
+                break
+        self._unacked[name] = total
+        self.in_flight += total
+        self.bytes_sent += total
+
+    def missing(self, name: str) -> None:
+        """We were asked for `name` but do not have it (any more)."""
+        self._offering = None
+        self._frame({"t": "nack", "name": name, "reason": "not here"})
+
+    def ack(self, name: str) -> None:
+        """The object arrived whole and is stored."""
+        self.have.add(name)
+        self._frame({"t": "ack", "name": name})
+
+    def reject(self, name: str, reason: str) -> None:
+        """The object failed our checks; the peer is told why (it is not stored)."""
+        self._frame({"t": "nack", "name": name, "reason": reason[:200]})
+
+    def announce(self, names: list[str]) -> None:
+        """New objects here: the peer wants those it lacks at once (push, not polling)."""
+        for n in names:
+            self.have.add(n)
+        if names and not self.closed:
+            self._frame({"t": "announce", "names": names})
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self._frame({"t": "error", "reason": reason[:200]})
+            self.closed = True
+
+    def next_wanted(self) -> list[Event]:
+        """Ask the application for the next object to send when the window has room."""
+        if self.closed or self._offering is not None or not self._to_send:
+            return []
+        if self.in_flight >= self.window:
+            return []
+        name = self._to_send.popleft()
+        self._queued.discard(name)
+        self._offering = name
+        return [ObjectWanted(name)]
+
+    @property
+    def pending(self) -> int:
+        """Objects we asked the peer for and have not received yet."""
+        return len(self._asked)
+
+    # ---- input ------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; returns what happened."""
+        if self.closed:
+            return []
+        self._in += data
+        events: list[Event] = []
+        try:
+            while len(self._in) >= 4:
+                (n,) = _LEN.unpack_from(self._in, 0)
+                if n > MAX_FRAME:
+                    raise _Bad(f"a frame of {n} bytes is larger than {MAX_FRAME}")
+                if len(self._in) < 4 + n:
+                    break
+                body = bytes(self._in[4:4 + n])
+                del self._in[:4 + n]
+                try:
+                    msg = msgpack.unpackb(body, **_UNPACK)
+                except Exception:
+                    raise _Bad("a frame is not valid msgpack") from None
+                if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
+                    raise _Bad("a frame is not a typed map")
+                events += self._handle(msg)
+                if self.closed:
+                    return events
+        except _Bad as exc:
+            reason = f"the peer sent a malformed frame: {exc}"
+            self.close(reason)
+            events.append(Closed(reason))
+            return events
+        return events + self.next_wanted()
+
+    def _handle(self, msg: dict) -> list[Event]:
+        t = msg["t"]
+        if self.peer is None and t not in ("hello", "error"):
+            raise _Bad(f"a {t!r} frame came before hello")
+        if t == "hello":
+            if self.peer is not None:
+                raise _Bad("a second hello")
+            versions = _need(msg, "versions", list)
+            if VERSION not in versions:
+                self.close("no common protocol version")
+                return [Closed(f"the peer speaks protocol versions {versions[:5]}, we speak "
+                               f"{VERSION}; upgrade p2pbackup")]
+            self.peer = _need(msg, "device", str)
+            return [PeerHello(self.peer, VERSION)]
+        if t == "inv":
+            self._peer_has.update(_names(msg, "names", self.valid_name))
+            if _need(msg, "last", bool) and not self._inv_done:
+                self._inv_done = True
+                wanted = self._want(sorted(self._peer_has - self.have))
+                return [InventoryDone(wanted)]
+            return []
+        if t == "announce":
+            names = _names(msg, "names", self.valid_name)
+            self._peer_has.update(names)
+            # Announced names are wanted even if held: heads are the one mutable kind.
+            self._want([n for n in names if n not in self.have or n.startswith("heads/")],
+                       again=True)
+            return []
+        if t == "want":
+            for n in _names(msg, "names", self.valid_name):
+                if n not in self._queued:
+                    self._queued.add(n)
+                    self._to_send.append(n)
+            return []
+        if t == "obj":
+            return self._part(msg)
+        if t == "ack":
+            name = _need(msg, "name", str)
+            size = self._unacked.pop(name, None)
+            if size is None:
+                raise _Bad(f"an ack for {name[:60]!r}, which was not sent")
+            self.in_flight -= size
+            self.objects_sent += 1
+            return [ObjectAcked(name, size)]
+        if t == "nack":
+            name = _need(msg, "name", str)
+            reason = str(msg.get("reason", ""))[:200]
+            size = self._unacked.pop(name, None)
+            if size is not None:
+                self.in_flight -= size
+                return [ObjectRejected(name, reason)]
+            self._asked.discard(name)   # we asked, the peer does not have it
+            return []
+        if t == "error":
+            self.closed = True
+            return [Closed(f"the peer ended the session: {str(msg.get('reason', ''))[:200]}",
+                           by_peer=True)]
+        return []  # a message type from a newer version: ignored
+
+    def _want(self, names: list[str], again: bool = False) -> int:
+        wanted = [n for n in names if self.wants(n) and (again or n not in self._asked)]
+        for i in range(0, len(wanted), INV_BATCH):
+            self._frame({"t": "want", "names": wanted[i:i + INV_BATCH]})
+        self._asked.update(wanted)
+        return len(wanted)
+
+    def _part(self, msg: dict) -> list[Event]:
+        name = _need(msg, "name", str)
+        if not self.valid_name(name) or name not in self._asked:
+            raise _Bad(f"an object {name[:60]!r} that was never asked for")
+        off, total = _need(msg, "off", int), _need(msg, "total", int)
+        data, last = _need(msg, "data", bytes), _need(msg, "last", bool)
+        inc = self._incoming.get(name)
+        if off == 0:
+            inc = self._incoming[name] = _Incoming(total)
+        if inc is None or off != inc.received or total != inc.total or total < 0 \
+                or inc.received + len(data) > total or last != (off + len(data) == total):
+            raise _Bad(f"the parts of {name[:60]!r} do not fit together")
+        inc.parts.append(data)
+        inc.received += len(data)
+        if not last:
+            return []
+        del self._incoming[name]
+        self._asked.discard(name)
+        self.bytes_received += total
+        self.objects_received += 1
+        return [ObjectReceived(name, b"".join(inc.parts))]

@@ -1,0 +1,183 @@
+"""The sync protocol driven with bytes only: two machines wired by a pump."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import msgpack
+from hypothesis import given, settings, strategies as st
+
+from p2pbackup.protocol.sync import (MAX_FRAME, Closed, InventoryDone,
+                                     ObjectReceived, ObjectRejected, ObjectWanted, PeerHello,
+                                     SyncSession)
+
+
+def valid(name: str) -> bool:
+    return name.startswith(("packs/", "heads/", "snapshots/")) and ".." not in name
+
+
+class Side:
+    def __init__(self, device: str, objects: dict[str, bytes], *, window: int = 1 << 24,
+                 refuse: set[str] | None = None, wants=None) -> None:
+        self.objects = dict(objects)
+        self.s = SyncSession(device, set(objects), valid_name=valid, window=window, wants=wants)
+        self.events: list = []
+        self.refuse = refuse or set()
+        self.max_in_flight = 0
+
+    def handle(self, events: list) -> None:
+        for ev in events:
+            self.events.append(ev)
+            if isinstance(ev, ObjectWanted):
+                if ev.name in self.objects:
+                    self.s.send_object(ev.name, self.objects[ev.name])
+                else:
+                    self.s.missing(ev.name)
+                self.max_in_flight = max(self.max_in_flight, self.s.in_flight)
+            elif isinstance(ev, ObjectReceived):
+                if ev.name in self.refuse:
+                    self.s.reject(ev.name, "content does not match its id")
+                else:
+                    self.objects[ev.name] = ev.data
+                    self.s.ack(ev.name)
+
+
+def pump(a: Side, b: Side, *, chunk: int | None = None, rounds: int = 10_000) -> None:
+    for _ in range(rounds):
+        moved = False
+        for src, dst in ((a, b), (b, a)):
+            data = src.s.data_to_send()
+            if data:
+                moved = True
+                pieces = [data] if chunk is None else [data[i:i + chunk]
+                                                       for i in range(0, len(data), chunk)]
+                for p in pieces:
+                    dst.handle(dst.s.receive_data(p))
+            src.handle(src.s.next_wanted())
+        if not moved:
+            return
+
+
+def objs(prefix: str, n: int, size: int = 1000) -> dict[str, bytes]:
+    return {f"packs/{prefix}{i:04d}": os.urandom(size) for i in range(n)}
+
+
+def test_both_sides_end_with_the_union():
+    a, b = Side("A", objs("a", 20)), Side("B", objs("b", 30))
+    pump(a, b)
+    assert a.objects == b.objects and len(a.objects) == 50
+    assert any(isinstance(e, PeerHello) and e.device == "B" for e in a.events)
+    assert [e.wanted for e in a.events if isinstance(e, InventoryDone)] == [30]
+    assert a.s.objects_sent == 20 and b.s.objects_sent == 30 and a.s.in_flight == 0
+
+
+def test_byte_at_a_time_and_big_objects_in_parts():
+    big = {"snapshots/big": os.urandom(5 * 1024 * 1024 + 7)}
+    a, b = Side("A", big), Side("B", {})
+    pump(a, b, chunk=65536)
+    assert b.objects == big
+    tiny_a, tiny_b = Side("A", objs("x", 3, 50)), Side("B", {})
+    pump(tiny_a, tiny_b, chunk=1)
+    assert tiny_b.objects == tiny_a.objects
+
+
+def test_window_bounds_what_is_in_flight():
+    a, b = Side("A", objs("a", 200, 100_000), window=1_000_000), Side("B", {})
+    pump(a, b)
+    assert len(b.objects) == 200
+    assert a.max_in_flight <= 1_000_000 + 100_000
+
+
+def test_announce_is_pulled_at_once_and_heads_again():
+    a, b = Side("A", {"heads/d": b"v1"}), Side("B", {})
+    pump(a, b)
+    assert b.objects == {"heads/d": b"v1"}
+    a.objects.update({"heads/d": b"v2", "packs/new": b"n"})
+    a.s.announce(["packs/new", "heads/d"])
+    pump(a, b)
+    assert b.objects == {"heads/d": b"v2", "packs/new": b"n"}
+
+
+def test_a_rejected_object_is_not_stored_and_the_sender_hears_why():
+    a, b = Side("A", objs("a", 3)), Side("B", {}, refuse={"packs/a0001"})
+    pump(a, b)
+    assert "packs/a0001" not in b.objects and len(b.objects) == 2
+    rej = [e for e in a.events if isinstance(e, ObjectRejected)]
+    assert [(e.name, e.reason) for e in rej] == [("packs/a0001", "content does not match its id")]
+
+
+def test_resume_after_a_cut_sends_only_what_was_not_acknowledged():
+    source = objs("a", 40, 50_000)
+    a, b = Side("A", source, window=200_000), Side("B", {})
+    pump(a, b, rounds=6)   # cut part-way
+    got = dict(b.objects)
+    assert 0 < len(got) < 40
+    a2, b2 = Side("A", source), Side("B", got)
+    pump(a2, b2)
+    assert b2.objects == source
+    assert a2.s.objects_sent == 40 - len(got)
+
+
+def test_wants_filter_limits_what_is_fetched():
+    a = Side("A", {**objs("a", 5), "snapshots/s": b"s"})
+    b = Side("B", {}, wants=lambda n: n.startswith("snapshots/"))
+    pump(a, b)
+    assert list(b.objects) == ["snapshots/s"]
+
+
+def frame(msg: dict) -> bytes:
+    body = msgpack.packb({"v": 1, **msg}, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+def hostile(data: bytes) -> list:
+    s = SyncSession("B", set(), valid_name=valid)
+    return s.receive_data(frame({"t": "hello", "versions": [1], "device": "X"}) + data)
+
+
+def test_hostile_frames_close_the_session_with_one_line():
+    cases = {
+        "garbage": struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1",
+        "oversized": struct.pack(">I", MAX_FRAME + 1),
+        "unsafe name": frame({"t": "inv", "names": ["../../etc/passwd"], "last": True}),
+        "never asked": frame({"t": "obj", "name": "packs/x", "off": 0, "total": 1,
+                              "data": b"x", "last": True}),
+        "wrong type": frame({"t": "want", "names": "packs/x"}),
+        "not a map": struct.pack(">I", 1) + b"\x01",
+        "stray ack": frame({"t": "ack", "name": "packs/x"}),
+    }
+    for why, data in cases.items():
+        events = hostile(data)
+        closed = [e for e in events if isinstance(e, Closed)]
+        assert len(closed) == 1 and "malformed" in closed[0].reason, why
+    s = SyncSession("B", set(), valid_name=valid)
+    assert s.receive_data(frame({"t": "inv", "names": [], "last": True}))[0].reason.endswith(
+        "before hello")
+
+
+def test_parts_that_do_not_fit_are_refused():
+    s = SyncSession("B", set(), valid_name=valid)
+    s.receive_data(frame({"t": "hello", "versions": [1], "device": "X"}) +
+                   frame({"t": "inv", "names": ["packs/x"], "last": True}))
+    ev = s.receive_data(frame({"t": "obj", "name": "packs/x", "off": 0, "total": 10,
+                               "data": b"12345", "last": True}))
+    assert isinstance(ev[-1], Closed) and "do not fit" in ev[-1].reason
+
+
+def test_unknown_types_are_ignored_and_versions_negotiated():
+    a, b = Side("A", objs("a", 2)), Side("B", {})
+    b.s.receive_data(frame({"t": "hello", "versions": [1, 2], "device": "A"}) +
+                     frame({"t": "future-thing", "x": 1}))
+    assert not b.s.closed
+    s = SyncSession("B", set(), valid_name=valid)
+    ev = s.receive_data(frame({"t": "hello", "versions": [7], "device": "Z"}))
+    assert isinstance(ev[0], Closed) and "upgrade" in ev[0].reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_never_raise(data: bytes):
+    s = SyncSession("B", {"packs/a"}, valid_name=valid)
+    s.receive_data(data)
+    hostile(data)
