@@ -30,6 +30,7 @@ from .capture import SealState, SegmentSealer
 from .control import ControlServer
 from .notify import Notifier
 from .peers import PeerManager
+from .replicate import Replicator
 from .rescan import rescan
 
 log = logging.getLogger("p2pbackupd")
@@ -37,8 +38,6 @@ log = logging.getLogger("p2pbackupd")
 
 async def _watch(config: Config, sealer: SegmentSealer, stop: asyncio.Event,
                  watching: asyncio.Event) -> None:
-    import watchfiles
-
     paths = [s.path for s in config.sources if os.path.isdir(s.path)]
     for s in config.sources:
         if s.path not in paths:
@@ -48,6 +47,31 @@ async def _watch(config: Config, sealer: SegmentSealer, stop: asyncio.Event,
         watching.set()
         await stop.wait()
         return
+    try:
+        await _watch_inotify(paths, sealer, stop, watching)
+    except Exception as exc:  # the Rust watcher gives up on some trees (undecodable names)
+        watching.set()
+        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:  # anyio wraps it
+            exc = exc.exceptions[0]
+        every = max(5.0, config.daemon.seal_interval)
+        msg = (f"watching the sources stopped ({type(exc).__name__}: {str(exc)[:200]}); "
+               f"changes are picked up by a rescan every {every:.0f} s instead")
+        log.warning("%s", msg)
+        sealer.state.warnings.append(msg)
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=every)
+            except asyncio.TimeoutError:
+                try:
+                    await rescan(sealer.repo, sealer)
+                except P2PError as err:
+                    log.error("rescan failed: %s", err)
+
+
+async def _watch_inotify(paths: list[str], sealer: SegmentSealer, stop: asyncio.Event,
+                         watching: asyncio.Event) -> None:
+    import watchfiles
+
     # No filter: a backup wants editor swap files and .git too. The periodic empty yield
     # (rust_timeout) tells us the inotify watches are in place, so READY=1 is not a lie.
     async for changes in watchfiles.awatch(*paths, stop_event=stop, debounce=50, step=50,
@@ -80,6 +104,7 @@ class DeviceDaemon:
         self.next_seal = time.time() + config.daemon.seal_interval
         self.last_snapshot: tuple[str, int] | None = None  # (id, time_ns)
         self.peers: PeerManager | None = None
+        self.replicator: Replicator | None = None
 
     async def seal(self) -> None:
         async with self.writing:
@@ -91,6 +116,15 @@ class DeviceDaemon:
                 return
         if head is not None:
             self.notifier.status(f"sealed segment {head.seq}")
+            await self.announce()
+
+    async def announce(self) -> None:
+        """Push what was just stored to every connected peer."""
+        if self.replicator is not None:
+            try:
+                await self.replicator.announce_new()
+            except P2PError as exc:
+                log.warning("announcing to peers failed: %s", exc)
 
     async def snapshot(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Seal what is pending, then take a roll-up snapshot that covers it."""
@@ -112,6 +146,7 @@ class DeviceDaemon:
         self.last_snapshot = (stored.id, stored.snapshot.time_ns)
         log.info("snapshot %s covers log segment %d", stored.short_id, state.seq)
         self.notifier.status(f"snapshot {stored.short_id}")
+        await self.announce()
         return {"id": stored.id, "short_id": stored.short_id, "log_seq": state.seq,
                 "files_new": summary.files_new, "files_changed": summary.files_changed,
                 "files_unchanged": summary.files_unchanged, "bytes_added": summary.bytes_added,
@@ -230,7 +265,8 @@ async def serve(home: Path | None) -> int:
                                                        "forget": d.forget, "prune": d.prune,
                                                        **AccountOps(d).handlers()})
         await server.start()
-        d.peers = PeerManager(config, dev)
+        d.replicator = Replicator(dev.repo, dev.identity.device_id)
+        d.peers = PeerManager(config, dev, on_session=d.replicator.run)
         await d.peers.start()
         watching = asyncio.Event()
         tasks = [asyncio.create_task(_watch(config, sealer, stop, watching)),
@@ -252,7 +288,8 @@ async def serve(home: Path | None) -> int:
             if not stop.is_set():
                 t = next(t for t in done if t is not stopper)
                 failed = t.exception() or RuntimeError(f"{t.get_coro().__name__} ended")
-                log.error("internal error, stopping: %s: %s", type(failed).__name__, failed)
+                log.error("internal error, stopping: %s: %s", type(failed).__name__, failed,
+                          exc_info=failed)
                 stop.set()
             stopper.cancel()
         finally:

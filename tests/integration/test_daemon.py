@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -445,3 +446,46 @@ def test_changes_through_a_symlinked_directory_are_logged_under_the_real_path(ho
     got = tmp_path / "now" / "src"
     assert (got / "real" / "deep" / "a.txt").read_text() == "changed again"
     assert os.readlink(got / "link") == "real"
+
+
+def test_a_name_the_watcher_cannot_decode_does_not_stop_the_daemon(home, tmp_path: Path):
+    cli, src = home
+    (src / "a.txt").write_text("a\n")
+    daemon = Daemon(cli, tmp_path)
+    try:
+        daemon.wait_for("READY=1")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not json.loads(
+                cli("status", "--json").stdout)["last_snapshot"]:
+            time.sleep(0.3)  # the start-up snapshot first, so later changes go to the log
+        # inotify reports this name; the Rust watcher cannot decode it and gives up.
+        with open(os.path.join(os.fsencode(src), b"bad-\xff-name.txt"), "wb") as f:
+            f.write(b"x")
+        (src / "after.txt").write_text("written after the watcher stopped\n")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            st = cli("status", "--json").stdout
+            if "rescan every" in st:
+                break
+            time.sleep(0.3)
+        assert "rescan every" in st and daemon.proc.poll() is None
+        (src / "later.txt").write_text("picked up by the rescan\n")
+        deadline = time.monotonic() + 30
+        found = False
+        while time.monotonic() < deadline and not found:
+            found = any(c.path == b"later.txt" or c.path.endswith(b"/later.txt")
+                        for c in _changes(cli))
+            time.sleep(0.5)
+        assert found
+    finally:
+        assert daemon.stop() == 0
+
+
+def _changes(cli: Cli) -> list:
+    async def go():
+        async with open_device(cli.home) as dev:
+            logs = LogStore(dev.repo)
+            links, _ = await logs.load_chain(dev.identity.device_id)
+            return [c for _, seg in links for _, cl in logs.open_changes(seg) for c in cl.changes]
+
+    return asyncio.run(go())
