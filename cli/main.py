@@ -367,8 +367,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         where = (f"connected over the {p['path']}" if p["connected"]
                  else "on the LAN, not connected" if p["on_lan"] else "not seen")
         extra = ""
-        if p.get("bytes_behind") is not None:
-            extra += f"; {output.human_bytes(p['bytes_behind'])} behind"
+        if p.get("objects_behind"):
+            extra += f"; {p['objects_behind']} objects behind"
         if p.get("last_sync"):
             extra += f"; last sync {(_time.time() - p['last_sync']):.0f} s ago"
         if p.get("error") and not p["connected"]:

@@ -65,3 +65,53 @@ def test_paired_daemons_find_each_other_and_strangers_are_ignored(netlab, tmp_pa
             p.terminate()
         for p in procs:
             assert p.wait(timeout=30) == 0
+
+
+def test_paired_daemons_replicate_and_the_other_device_restores(netlab, tmp_path: Path):
+    from tests.conftest import make_sample_tree, tree_state
+
+    lan = netlab.lan("lan")
+    ha, hb = netlab.host("a", lan, "10.10.0.1/24"), netlab.host("b", lan, "10.10.0.2/24")
+    a, b = Cli(tmp_path / "home-a"), Cli(tmp_path / "home-b")
+    src = tmp_path / "src"
+    make_sample_tree(src, big=2_000_000)
+    a("init", "--source", str(src))
+    with open(a.home / "config.toml", "a") as f:
+        f.write("\n[daemon]\nseal_interval = 1\n")
+    host = Host(a)
+    b("pair", host.code, "--peer", host.peer, "--name", "laptop")
+    assert host.finish()[0] == 0
+    a_id = json.loads(a("devices", "--json").stdout)["devices"][0]["id"]
+
+    procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
+    try:
+        wait_connected(b, a_id, 30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            snaps = json.loads(b("snapshots", "--json").stdout)
+            if any(s["device"] == a_id for s in snaps):
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError("the other device's snapshot never arrived")
+        # A change on a is sealed, announced and pulled by b within seconds (push).
+        (src / "new.txt").write_text("made after the first sync\n")
+        seg_dir = b.home / "store" / "segments" / a_id
+        start = time.monotonic()
+        while time.monotonic() - start < 20 and not (seg_dir.exists() and any(seg_dir.iterdir())):
+            time.sleep(0.1)
+        assert seg_dir.exists() and any(seg_dir.iterdir()), "no segment reached b"
+        print(f"segment reached the peer {time.monotonic() - start:.1f} s after the write")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            assert p.wait(timeout=30) == 0
+    # b restores a's data from its own store, and its store verifies.
+    b("restore", "latest", "--to", str(tmp_path / "out"))
+    expected = tree_state(src)
+    expected.pop(b"new.txt", None)
+    got = tree_state(tmp_path / "out" / "src")
+    got.pop(b"new.txt", None)
+    assert got == expected
+    assert "no problems found" in b("verify", "--read-data").stdout

@@ -1,0 +1,63 @@
+"""Replication between two real repositories over the in-memory link: the initial sync, then
+a push of what is stored later (hostile objects: tests/unit/repo/test_replica.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from p2pbackup.backup.snapshot import take_snapshot
+from p2pbackup.blobs.local import LocalDirStore
+from p2pbackup.config import Source
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.crypto.keys import AccountKeys
+from p2pbackup.daemon.peers import PeerState
+from p2pbackup.daemon.replicate import Replicator
+from p2pbackup.repo.repository import Repository
+from p2pbackup.transport.memory import memory_pair
+
+
+async def until(cond, timeout: float = 10) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not await cond():
+        assert loop.time() < end, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_initial_sync_then_push(tmp_path: Path):
+    keys, a_id, b_id = AccountKeys(os.urandom(32)), DeviceIdentity.generate(), \
+        DeviceIdentity.generate()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "one").write_bytes(os.urandom(300_000))
+    ra = await Repository.create(LocalDirStore(tmp_path / "a"), keys, a_id, str(tmp_path / "ca"),
+                                 "a")
+    await take_snapshot(ra, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
+    rb = await Repository.create_replica(LocalDirStore(tmp_path / "b"), keys, b_id,
+                                         str(tmp_path / "cb"), "b", await ra.config_object())
+    la, lb = memory_pair()
+    pa, pb = Replicator(ra, a_id.device_id), Replicator(rb, b_id.device_id)
+    sb = PeerState(a_id.device_id)
+    tasks = [asyncio.create_task(pa.run(b_id.device_id, la, PeerState(b_id.device_id))),
+             asyncio.create_task(pb.run(a_id.device_id, lb, sb))]
+    try:
+        async def b_has_snapshot() -> bool:
+            return len((await rb.list_snapshots())[0]) == 1
+        await until(b_has_snapshot)
+        assert {n async for n in ra.store.list("")} <= {n async for n in rb.store.list("")}
+        (src / "two").write_bytes(os.urandom(100_000))
+        await take_snapshot(ra, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
+        await pa.announce_new()
+
+        async def b_has_both() -> bool:
+            return len((await rb.list_snapshots())[0]) == 2
+        await until(b_has_both)
+        assert sb.last_sync is not None and sb.objects_behind == 0
+    finally:
+        await la.close()
+        await lb.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await ra.close()
+        await rb.close()
