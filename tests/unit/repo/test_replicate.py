@@ -61,3 +61,39 @@ async def test_initial_sync_then_push(tmp_path: Path):
         await asyncio.gather(*tasks, return_exceptions=True)
         await ra.close()
         await rb.close()
+
+
+async def test_a_hostile_peer_ends_its_session_and_plants_nothing(tmp_path: Path):
+    import struct
+
+    import msgpack
+
+    keys, b_id = AccountKeys(os.urandom(32)), DeviceIdentity.generate()
+    rb = await Repository.create(LocalDirStore(tmp_path / "b"), keys, b_id, str(tmp_path / "cb"),
+                                 "b")
+    before = {n async for n in rb.store.list("")}
+
+    def frame(msg: dict) -> bytes:
+        body = msgpack.packb({"v": 1, **msg}, use_bin_type=True)
+        return struct.pack(">I", len(body)) + body
+
+    attacks = [
+        os.urandom(5000),                                         # random bytes
+        frame({"t": "hello", "versions": [1], "device": "x"})[:-3],   # truncated, then EOF
+        frame({"t": "hello", "versions": [1], "device": "x"}) +
+        frame({"t": "inv", "names": ["packs/" + "a" * 64], "last": True}) +
+        frame({"t": "obj", "name": "packs/" + "a" * 64, "off": 0, "total": 5,
+               "data": b"evil!", "last": True}),                  # valid frames, wrong content
+    ]
+    try:
+        for data in attacks:
+            la, lb = memory_pair()
+            state = PeerState("x")
+            task = asyncio.create_task(Replicator(rb, b_id.device_id).run("x", lb, state))
+            await la.send(data)
+            await asyncio.sleep(0.2)
+            await la.close()
+            await asyncio.wait_for(task, 5)   # ends quietly, no exception
+        assert {n async for n in rb.store.list("")} == before
+    finally:
+        await rb.close()
