@@ -9,7 +9,13 @@ Both ends run the same machine. Frames are a 4-byte big-endian length and a msgp
     announce {names}                      newly stored objects: the peer wants them at once
     obj      {name, off, total, data, last}   one part of an object (<= PART bytes)
     ack      {name} / nack {name, reason}     the receiver stored it / refused it
+    lane     {fp, port}                   this side's direct-lane certificate and port
     error    {reason}                     the session ends
+
+Two lanes: everything starts on the control lane (the data channel). Once the adapter has a
+direct lane up (`bulk_lane_up`), object parts go there; if it drops (`bulk_lane_down`), every
+object not yet acknowledged is sent again on the control lane and the receiver ignores parts
+of objects it already stored.
 
 Flow control: at most `window` bytes of parts are unacknowledged; the application is asked for
 the next object (`ObjectWanted`) only when there is room, so nothing queues without bound.
@@ -76,13 +82,21 @@ class ObjectRejected:
 
 
 @dataclass(frozen=True, slots=True)
+class LaneOffered:
+    """The peer's direct-lane certificate fingerprint and listening port."""
+
+    fingerprint: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     reason: str
     by_peer: bool = False
 
 
 Event = PeerHello | InventoryDone | ObjectWanted | ObjectReceived | ObjectAcked | \
-    ObjectRejected | Closed
+    ObjectRejected | LaneOffered | Closed
 
 
 class _Bad(Exception):
@@ -127,7 +141,10 @@ class SyncSession:
         self.bytes_sent = self.bytes_received = 0
         self.objects_sent = self.objects_received = 0
         self._out = bytearray()
+        self._out_bulk = bytearray()
         self._in = bytearray()
+        self._in_bulk = bytearray()
+        self.bulk_up = False
         self._peer_has: set[str] = set()
         self._inv_done = False
         self._asked: set[str] = set()       # we asked for these and have not got them yet
@@ -144,13 +161,38 @@ class SyncSession:
 
     # ---- output -----------------------------------------------------------------------------
 
-    def data_to_send(self) -> bytes:
-        out, self._out = bytes(self._out), bytearray()
+    def data_to_send(self, lane: str = "control") -> bytes:
+        """Bytes to write on `lane` ("control" or "bulk")."""
+        if lane == "bulk":
+            out, self._out_bulk = bytes(self._out_bulk), bytearray()
+        else:
+            out, self._out = bytes(self._out), bytearray()
         return out
 
-    def _frame(self, msg: dict) -> None:
+    def _frame(self, msg: dict, bulk: bool = False) -> None:
         body = msgpack.packb({"v": VERSION, **msg}, use_bin_type=True)
-        self._out += _LEN.pack(len(body)) + body
+        (self._out_bulk if bulk and self.bulk_up else self._out).extend(
+            _LEN.pack(len(body)) + body)
+
+    def offer_lane(self, fingerprint: str, port: int) -> None:
+        """Tell the peer our direct-lane certificate and port (inside this signed session)."""
+        self._frame({"t": "lane", "fp": fingerprint, "port": port})
+
+    def bulk_lane_up(self) -> None:
+        self.bulk_up = True
+
+    def bulk_lane_down(self) -> None:
+        """The direct lane failed: resend every unacknowledged object on the control lane."""
+        self.bulk_up = False
+        self._out_bulk = bytearray()
+        self._in_bulk = bytearray()
+        for name, size in reversed(list(self._unacked.items())):
+            self.in_flight -= size
+            self.bytes_sent -= size
+            if name not in self._queued:
+                self._queued.add(name)
+                self._to_send.appendleft(name)
+        self._unacked.clear()
 
     # ---- application calls ------------------------------------------------------------------
 
@@ -165,7 +207,7 @@ class SyncSession:
             part = data[off:off + PART]
             last = off + len(part) >= total
             self._frame({"t": "obj", "name": name, "off": off, "total": total, "data": part,
-                         "last": last})
+                         "last": last}, bulk=True)
             off += len(part)
             if last:
                 break
@@ -217,21 +259,22 @@ class SyncSession:
 
     # ---- input ------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Feed bytes from the peer; returns what happened."""
+    def receive_data(self, data: bytes, lane: str = "control") -> list[Event]:
+        """Feed bytes from the peer (on `lane`); returns what happened."""
         if self.closed:
             return []
-        self._in += data
+        buf = self._in_bulk if lane == "bulk" else self._in
+        buf += data
         events: list[Event] = []
         try:
-            while len(self._in) >= 4:
-                (n,) = _LEN.unpack_from(self._in, 0)
+            while len(buf) >= 4:
+                (n,) = _LEN.unpack_from(buf, 0)
                 if n > MAX_FRAME:
                     raise _Bad(f"a frame of {n} bytes is larger than {MAX_FRAME}")
-                if len(self._in) < 4 + n:
+                if len(buf) < 4 + n:
                     break
-                body = bytes(self._in[4:4 + n])
-                del self._in[:4 + n]
+                body = bytes(buf[4:4 + n])
+                del buf[:4 + n]
                 try:
                     msg = msgpack.unpackb(body, **_UNPACK)
                 except Exception:
@@ -301,6 +344,11 @@ class SyncSession:
                 return [ObjectRejected(name, reason)]
             self._asked.discard(name)   # we asked, the peer does not have it
             return []
+        if t == "lane":
+            port = _need(msg, "port", int)
+            if not 0 < port < 65536:
+                raise _Bad("a lane offer with no valid port")
+            return [LaneOffered(_need(msg, "fp", str)[:200], port)]
         if t == "error":
             self.closed = True
             return [Closed(f"the peer ended the session: {str(msg.get('reason', ''))[:200]}",
@@ -316,6 +364,8 @@ class SyncSession:
 
     def _part(self, msg: dict) -> list[Event]:
         name = _need(msg, "name", str)
+        if name in self.have and name not in self._asked and name not in self._incoming:
+            return []  # sent again after the direct lane dropped; we stored it already
         if not self.valid_name(name) or name not in self._asked:
             raise _Bad(f"an object {name[:60]!r} that was never asked for")
         off, total = _need(msg, "off", int), _need(msg, "total", int)

@@ -181,3 +181,41 @@ def test_random_bytes_never_raise(data: bytes):
     s = SyncSession("B", {"packs/a"}, valid_name=valid)
     s.receive_data(data)
     hostile(data)
+
+
+def pump_lanes(a: Side, b: Side, *, drop_bulk_after: int | None = None) -> None:
+    """Control and bulk bytes travel separately; the bulk lane may 'drop' after N rounds."""
+    rounds = 0
+    while True:
+        moved = False
+        for src, dst in ((a, b), (b, a)):
+            for lane in ("control", "bulk"):
+                data = src.s.data_to_send(lane)
+                if data and lane == "bulk" and not src.s.bulk_up:
+                    data = b""
+                if data:
+                    moved = True
+                    dst.handle(dst.s.receive_data(data, lane))
+            src.handle(src.s.next_wanted())
+        rounds += 1
+        if drop_bulk_after is not None and rounds == drop_bulk_after:
+            for side in (a, b):
+                side.s.data_to_send("bulk")   # in flight on the lane: lost
+                side.s.bulk_lane_down()
+                side.handle(side.s.next_wanted())
+            moved = True
+        if not moved:
+            return
+
+
+def test_objects_go_over_the_bulk_lane_and_fall_back_when_it_drops():
+    source = objs("a", 30, 40_000)
+    a, b = Side("A", source, window=200_000), Side("B", {})
+    a.s.bulk_lane_up()
+    b.s.bulk_lane_up()
+    a.s.offer_lane("AB:CD", 4433)
+    pump_lanes(a, b, drop_bulk_after=4)
+    assert b.objects == source
+    from p2pbackup.protocol.sync import LaneOffered
+    assert [e for e in b.events if isinstance(e, LaneOffered)] == [LaneOffered("AB:CD", 4433)]
+    assert a.s.in_flight == 0 and not a.s.bulk_up
