@@ -265,7 +265,9 @@ async def serve(home: Path | None) -> int:
                                                        "forget": d.forget, "prune": d.prune,
                                                        **AccountOps(d).handlers()})
         await server.start()
-        d.replicator = Replicator(dev.repo, dev.identity.device_id)
+        d.replicator = Replicator(dev.repo, dev.identity.device_id,
+                                  direct_lane=config.peers.lan and config.peers.direct_lane)
+        await d.replicator.start_lane()
         d.peers = PeerManager(config, dev, on_session=d.replicator.run)
         await d.peers.start()
         watching = asyncio.Event()
@@ -296,6 +298,7 @@ async def serve(home: Path | None) -> int:
             notifier.stopping()
             await server.close()
             await d.peers.close()
+            await d.replicator.close()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

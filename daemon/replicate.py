@@ -7,15 +7,18 @@ second instead of polling.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from p2pbackup.errors import NotFound, P2PError
-from p2pbackup.protocol.sync import (Closed, Event, ObjectAcked, ObjectReceived,
+from p2pbackup.protocol.sync import (Closed, Event, LaneOffered, ObjectAcked, ObjectReceived,
                                      ObjectRejected, ObjectWanted, SyncSession)
 from p2pbackup.repo import replica
 from p2pbackup.transport.datachannel import MESSAGE_SIZE, PeerLink
+from p2pbackup.transport.tls_lane import (LaneIdentity, LaneLink, LaneServer, _normalize,
+                                          connect_lane)
 
 if TYPE_CHECKING:
     from .peers import PeerState
@@ -28,31 +31,105 @@ async def local_names(repo) -> set[str]:
     return {n async for n in repo.store.list("") if replica.is_object_name(n)}
 
 
+LANE_PIECE = 1024 * 1024
+
+
 class Replicator:
     """Runs sessions and fans announcements out to every open one."""
 
-    def __init__(self, repo, me: str) -> None:
+    def __init__(self, repo, me: str, *, direct_lane: bool = False) -> None:
         self.repo, self.me = repo, me
         self.sessions: dict[str, tuple[SyncSession, PeerLink]] = {}
+        self.lanes: dict[str, LaneLink] = {}
+        self.direct_lane = direct_lane
+        self.lane_identity: LaneIdentity | None = None
+        self.lane_server: LaneServer | None = None
+        self.lane_port = 0
+        self._lane_peers: dict[str, str] = {}   # expected fingerprint -> device
+        self._states: dict[str, "PeerState"] = {}
+
+    async def start_lane(self, host: str = "0.0.0.0") -> None:
+        """Listen for direct lanes (TLS 1.3, certificates pinned inside the sessions)."""
+        if not self.direct_lane:
+            return
+        self.lane_identity = LaneIdentity.generate()
+        self.lane_server = LaneServer(self.lane_identity, self._lane_accepted,
+                                      on_refused=lambda e: log.warning("direct lane: %s", e))
+        self.lane_port = (await self.lane_server.start(host, 0))[1]
+
+    async def close(self) -> None:
+        if self.lane_server is not None:
+            await self.lane_server.close()
+
+    async def _lane_accepted(self, lane: LaneLink) -> None:
+        device = self._lane_peers.get(_normalize(lane.peer_fingerprint))
+        if device is None or device not in self.sessions:
+            return
+        await self._use_lane(device, lane)
+
+    async def _dial_lane(self, device: str, fp: str, port: int) -> None:
+        st = self._states.get(device)
+        assert self.lane_identity is not None
+        for addr in (st.addresses if st else []):
+            try:
+                lane = await connect_lane(addr, port, fp, self.lane_identity)
+            except P2PError as exc:
+                log.warning("direct lane to %s at %s failed: %s; staying on the data channel",
+                            device[:12], addr, exc)
+                continue
+            try:
+                await self._use_lane(device, lane)
+            finally:
+                await lane.close()
+            return
+
+    async def _use_lane(self, device: str, lane: LaneLink) -> None:
+        got = self.sessions.get(device)
+        st = self._states.get(device)
+        if got is None or st is None:
+            return
+        s, link = got
+        self.lanes[device] = lane
+        s.bulk_lane_up()
+        st.path = "direct lane"
+        log.info("peer %s: bulk moved to the direct lane", device[:12])
+        try:
+            await self._handle(s, link, st, s.next_wanted())
+            while (msg := await lane.recv()) is not None:
+                await self._handle(s, link, st, s.receive_data(msg, "bulk"))
+                if s.closed:
+                    return
+        except P2PError as exc:
+            log.warning("direct lane with %s dropped: %s", device[:12], exc)
+        finally:
+            self.lanes.pop(device, None)
+            if not s.closed and device in self.sessions:
+                s.bulk_lane_down()
+                st.path = "data channel"
+                log.info("peer %s: back on the data channel", device[:12])
+                await self._handle(s, link, st, s.next_wanted())
 
     async def announce_new(self) -> None:
         """Tell every open session what this store holds that it has not been told of."""
         if not self.sessions:
             return
         names = await local_names(self.repo)
-        for s, link in list(self.sessions.values()):
+        for device, (s, link) in list(self.sessions.items()):
             new = sorted(names - s.have, key=replica.transfer_order)
             head = f"heads/{self.me}"
             if head in names and head not in new:
                 new.append(head)  # heads change in place
             if new:
                 s.announce(new)
-                await _flush(s, link)
+                await _flush(s, link, self.lanes.get(device))
 
     async def run(self, device: str, link: PeerLink, st: "PeerState") -> None:
         """One session, until either side closes it."""
         s = SyncSession(self.me, await local_names(self.repo), valid_name=replica.is_object_name)
         self.sessions[device] = (s, link)
+        self._states[device] = st
+        if self.lane_server is not None:
+            s.offer_lane(self.lane_server.fingerprint, self.lane_port)
         try:
             await _flush(s, link)
             while True:
@@ -64,6 +141,10 @@ class Replicator:
                     return
         finally:
             self.sessions.pop(device, None)
+            self._states.pop(device, None)
+            lane = self.lanes.pop(device, None)
+            if lane is not None:
+                await lane.close()
 
     async def _handle(self, s: SyncSession, link: PeerLink, st: "PeerState",
                       events: list[Event]) -> None:
@@ -89,16 +170,27 @@ class Replicator:
                 elif isinstance(ev, ObjectRejected):
                     log.warning("peer %s refused %s: %s", st.device[:12], ev.name[:40],
                                 ev.reason)
+                elif isinstance(ev, LaneOffered):
+                    if self.lane_server is not None:
+                        self._lane_peers[_normalize(ev.fingerprint)] = st.device
+                        self.lane_server.expect(ev.fingerprint)
+                        if self.me < st.device:  # one side dials, as for sessions
+                            asyncio.get_running_loop().create_task(
+                                self._dial_lane(st.device, ev.fingerprint, ev.port))
                 elif isinstance(ev, Closed):
                     log.warning("session with %s: %s", st.device[:12], ev.reason)
             st.objects_behind = s.pending
-            await _flush(s, link)  # also when no event came: a want or an ack may be queued
+            await _flush(s, link, self.lanes.get(st.device))  # also when no event came
             events = s.next_wanted()
             if not events:
                 return
 
 
-async def _flush(s: SyncSession, link: PeerLink) -> None:
+async def _flush(s: SyncSession, link: PeerLink, lane: LaneLink | None = None) -> None:
     data = s.data_to_send()
     for i in range(0, len(data), MESSAGE_SIZE):
         await link.send(data[i:i + MESSAGE_SIZE])
+    bulk = s.data_to_send("bulk")
+    if bulk and lane is not None:
+        for i in range(0, len(bulk), LANE_PIECE):
+            await lane.send(bulk[i:i + LANE_PIECE])

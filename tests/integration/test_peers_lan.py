@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Cli
 from tests.integration.test_pairing import Host
 
@@ -53,12 +55,13 @@ def test_paired_daemons_find_each_other_and_strangers_are_ignored(netlab, tmp_pa
     try:
         took = wait_connected(a, ids["laptop"], 30)
         wait_connected(b, next(i for n, i in ids.items() if n != "laptop"), 10)
-        assert [p for p in peers(a) if p["connected"]][0]["path"] == "data channel"
         time.sleep(2)
+        # Same LAN: bulk moved to the direct lane (TLS, certificates pinned in the session).
+        assert [p for p in peers(a) if p["connected"]][0]["path"] == "direct lane"
         assert peers(d) == []                                   # nothing of another account
         assert {p["device"] for p in peers(a)} == {ids["laptop"]}
         text = a("status").stdout
-        assert "peer laptop" in text and "connected over the data channel" in text
+        assert "peer laptop" in text and "connected over the direct lane" in text
         print(f"discovered and connected in {took:.1f} s")
     finally:
         for p in procs:
@@ -67,7 +70,9 @@ def test_paired_daemons_find_each_other_and_strangers_are_ignored(netlab, tmp_pa
             assert p.wait(timeout=30) == 0
 
 
-def test_paired_daemons_replicate_and_the_other_device_restores(netlab, tmp_path: Path):
+@pytest.mark.parametrize("direct_lane", [True, False], ids=["direct-lane", "webrtc-only"])
+def test_paired_daemons_replicate_and_the_other_device_restores(netlab, tmp_path: Path,
+                                                                direct_lane: bool):
     from tests.conftest import make_sample_tree, tree_state
 
     lan = netlab.lan("lan")
@@ -78,6 +83,8 @@ def test_paired_daemons_replicate_and_the_other_device_restores(netlab, tmp_path
     a("init", "--source", str(src))
     with open(a.home / "config.toml", "a") as f:
         f.write("\n[daemon]\nseal_interval = 1\n")
+        if not direct_lane:
+            f.write("\n[peers]\ndirect_lane = false\n")
     host = Host(a)
     b("pair", host.code, "--peer", host.peer, "--name", "laptop")
     assert host.finish()[0] == 0
@@ -102,6 +109,8 @@ def test_paired_daemons_replicate_and_the_other_device_restores(netlab, tmp_path
             time.sleep(0.1)
         assert seg_dir.exists() and any(seg_dir.iterdir()), "no segment reached b"
         print(f"segment reached the peer {time.monotonic() - start:.1f} s after the write")
+        path = next(p["path"] for p in peers(b) if p["device"] == a_id)
+        assert path == ("direct lane" if direct_lane else "data channel")
     finally:
         for p in procs:
             p.terminate()
