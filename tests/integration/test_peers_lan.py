@@ -4,6 +4,7 @@ a daemon of another account on the same LAN is ignored."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -124,3 +125,61 @@ def test_paired_daemons_replicate_and_the_other_device_restores(netlab, tmp_path
     got.pop(b"new.txt", None)
     assert got == expected
     assert "no problems found" in b("verify", "--read-data").stdout
+
+
+@pytest.mark.parametrize("direct_lane", [True, False], ids=["direct-lane", "webrtc-only"])
+def test_replication_survives_the_link_dropping_mid_transfer(netlab, tmp_path: Path,
+                                                             direct_lane: bool):
+    from tests.conftest import tree_state
+
+    lan = netlab.lan("lan")
+    ha, hb = netlab.host("a", lan, "10.10.0.1/24"), netlab.host("b", lan, "10.10.0.2/24")
+    a, b = Cli(tmp_path / "home-a"), Cli(tmp_path / "home-b")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"f{i}.bin").write_bytes(os.urandom(4_000_000))
+    a("init", "--source", str(src))
+    a("snapshot")
+    host = Host(a)
+    b("pair", host.code, "--peer", host.peer, "--name", "laptop")
+    assert host.finish()[0] == 0
+    if not direct_lane:
+        for cli in (a, b):
+            with open(cli.home / "config.toml", "a") as f:
+                f.write("\n[peers]\ndirect_lane = false\n")
+    a_id = json.loads(a("devices", "--json").stdout)["devices"][0]["id"]
+    packs_b = b.home / "store" / "packs"
+
+    def pack_count() -> int:
+        return sum(1 for p in packs_b.rglob("*") if p.is_file()) if packs_b.exists() else 0
+
+    netlab.shape(hb, "64mbit")  # ~8 MB/s: the 48 MB take seconds, so the drop lands mid-way
+    procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
+    try:
+        wait_connected(b, a_id, 30)
+        deadline = time.monotonic() + 60
+        while pack_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pack_count() < 3, "the transfer finished before the link could drop"
+        netlab.link(hb, False)       # the cable is pulled mid-transfer...
+        time.sleep(3)
+        netlab.link(hb, True)        # ...and plugged back in
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            snaps = json.loads(b("snapshots", "--json").stdout)
+            if snaps and {p.name for p in (a.home / "store" / "packs").rglob("*") if p.is_file()} \
+                    <= {p.name for p in packs_b.rglob("*") if p.is_file()}:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"replication did not finish: {peers(b)}")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            assert p.wait(timeout=30) == 0
+    assert "no problems found" in b("verify", "--read-data").stdout
+    assert "no problems found" in a("verify", "--read-data").stdout
+    b("restore", "latest", "--to", str(tmp_path / "out"))
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
