@@ -2,7 +2,9 @@
 
 init -> snapshot -> change a day's worth of files -> snapshot -> list -> restore both ->
 compare with the originals -> verify --read-data -> pair a second device with a code (on
-loopback) and restore on it -> recover a third device from the recovery code.
+loopback) and restore on it -> run both daemons, which find each other by mDNS on loopback and
+replicate over a signed WebRTC session and the direct TLS lane -> restore on the second
+device from its own replica -> recover a third device from the recovery code.
 """
 
 from __future__ import annotations
@@ -108,6 +110,45 @@ def pair_device(home: Path, new_home: Path) -> None:
         sys.exit("demo failed: pairing did not complete")
 
 
+def replicate_with_daemons(home: Path, laptop: Path, work: Path, expected: dict) -> None:
+    """Both daemons on loopback; the laptop ends with the first device's snapshots."""
+    for h in (home, laptop):
+        with open(h / "config.toml", "a") as f:
+            f.write('\n[peers]\ninterfaces = ["lo"]\n')
+    env = dict(os.environ, P2PBACKUP_LAN="on")
+    procs = []
+    for h in (home, laptop):
+        log = open(work / f"{h.name}-daemon.log", "wb")
+        procs.append(subprocess.Popen([sys.executable, "-m", "p2pbackup.daemon.main"],
+                                      env=dict(env, P2PBACKUP_HOME=str(h)), stdout=log,
+                                      stderr=log, stdin=subprocess.DEVNULL))
+    print("$ p2pbackupd    (one per device, in the background)")
+    try:
+        t0 = time.monotonic()
+        want = {p.name for p in (home / "store" / "snapshots").iterdir()}
+        while time.monotonic() - t0 < 120:
+            have = {p.name for p in (laptop / "store" / "snapshots").iterdir()} \
+                if (laptop / "store" / "snapshots").exists() else set()
+            if want <= have:
+                break
+            time.sleep(0.2)
+        else:
+            sys.exit("demo failed: the laptop did not receive the snapshots within 120 s")
+        print(f"    the laptop holds all {len(want)} snapshots of the first device after "
+              f"{time.monotonic() - t0:.1f} s")
+        p2p(laptop, "status")
+        p2p(laptop, "snapshots")
+        p2p(laptop, "restore", "latest", "--to", str(work / "restore-replica"))
+        compare("restored on the laptop from its own replica", expected,
+                work / "restore-replica" / "data")
+        p2p(laptop, "verify", "--read-data")
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
 def main() -> None:
     keep = "--keep" in sys.argv
     work = Path(tempfile.mkdtemp(prefix="p2pbackup-demo-"))
@@ -159,6 +200,10 @@ def main() -> None:
         p2p(laptop, "restore", "latest", "--from", str(home / "store"),
             "--to", str(work / "restore-laptop"))
         compare("restored on the paired device", day1, work / "restore-laptop" / "data")
+
+        step("Start both daemons: they find each other (mDNS on loopback), open a signed "
+             "WebRTC session, move bulk to the direct TLS lane and replicate")
+        replicate_with_daemons(home, laptop, work, day1)
 
         step("Recover a lost device on a new one from the recovery code alone")
         (work / "code.txt").write_text(code)

@@ -215,6 +215,10 @@ async def _rescan_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
 
 async def _snapshot_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
     interval = d.config.daemon.snapshot_interval
+    if not d.config.sources:  # e.g. a device that only keeps copies of the others' data
+        log.info("no sources configured: no scheduled snapshots")
+        await stop.wait()
+        return
     while not stop.is_set():
         last = d.last_snapshot[1] / 1e9 if d.last_snapshot else 0.0
         wait = max(0.0, last + interval - time.time())
@@ -267,8 +271,8 @@ async def serve(home: Path | None) -> int:
         await server.start()
         d.replicator = Replicator(dev.repo, dev.identity.device_id,
                                   direct_lane=config.peers.lan and config.peers.direct_lane)
-        await d.replicator.start_lane()
         d.peers = PeerManager(config, dev, on_session=d.replicator.run)
+        await d.replicator.start_lane(d.peers.bind_address)
         await d.peers.start()
         watching = asyncio.Event()
         tasks = [asyncio.create_task(_watch(config, sealer, stop, watching)),
@@ -317,6 +321,7 @@ def run() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.debug else logging.INFO,
                         format="p2pbackupd: %(levelname)s: %(message)s")
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # one line per batch otherwise
+    logging.getLogger("aioice").setLevel(logging.WARNING)      # one line per ICE check
     sys.setswitchinterval(0.0002)
     try:
         code = asyncio.run(serve(args.home))

@@ -82,6 +82,11 @@ class PeerManager:
         self._signaling: session.SignalingServer | None = None
 
     @property
+    def bind_address(self) -> str:
+        """Loopback only when the config limits peers to `lo` (a demo on one machine)."""
+        return "127.0.0.1" if self._interfaces == ["lo"] else "0.0.0.0"
+
+    @property
     def me(self) -> str:
         return self.dev.identity.device_id
 
@@ -116,7 +121,7 @@ class PeerManager:
         self._signaling = session.SignalingServer(
             self.dev.identity, lambda: self._current(), self._incoming, ice=self._ice,
             on_refused=lambda why: log.warning("%s", why))
-        self.port = await self._signaling.start("0.0.0.0", self.config.peers.port)
+        self.port = await self._signaling.start(self.bind_address, self.config.peers.port)
         try:
             self._ad = await self._stack.enter_async_context(mdns.advertise(
                 SERVICE, self.port, {"v": "1", "port": str(self.port), "tag": self._tag()},
