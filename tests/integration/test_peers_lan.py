@@ -37,6 +37,35 @@ def wait_connected(cli: Cli, device: str, timeout: float) -> float:
     raise AssertionError(f"{device[:12]} not connected after {timeout} s: {peers(cli)}")
 
 
+def two_paired_devices(netlab, tmp_path: Path, fill, *, direct_lane: bool = True,
+                       seal_interval: int | None = None):
+    """Hosts a and b on one bridge; home a (sources filled by `fill`) paired with home b."""
+    lan = netlab.lan("lan")
+    ha, hb = netlab.host("a", lan, "10.10.0.1/24"), netlab.host("b", lan, "10.10.0.2/24")
+    a, b = Cli(tmp_path / "home-a"), Cli(tmp_path / "home-b")
+    src = tmp_path / "src"
+    fill(src)
+    a("init", "--source", str(src))
+    host = Host(a)
+    b("pair", host.code, "--peer", host.peer, "--name", "laptop")
+    assert host.finish()[0] == 0
+    for cli in (a, b):
+        with open(cli.home / "config.toml", "a") as f:
+            if not direct_lane:
+                f.write("\n[peers]\ndirect_lane = false\n")
+            if seal_interval and cli is a:
+                f.write(f"\n[daemon]\nseal_interval = {seal_interval}\n")
+    a_id = json.loads(a("devices", "--json").stdout)["devices"][0]["id"]
+    return ha, hb, a, b, src, a_id
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        assert p.wait(timeout=30) == 0
+
+
 def test_paired_daemons_find_each_other_and_strangers_are_ignored(netlab, tmp_path: Path):
     lan = netlab.lan("lan")
     hosts = {x: netlab.host(x, lan, f"10.10.0.{i}/24") for i, x in enumerate("abd", 1)}
@@ -65,10 +94,7 @@ def test_paired_daemons_find_each_other_and_strangers_are_ignored(netlab, tmp_pa
         assert "peer laptop" in text and "connected over the direct lane" in text
         print(f"discovered and connected in {took:.1f} s")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            assert p.wait(timeout=30) == 0
+        stop_all(procs)
 
 
 @pytest.mark.parametrize("direct_lane", [True, False], ids=["direct-lane", "webrtc-only"])
@@ -76,25 +102,20 @@ def test_paired_daemons_replicate_and_the_other_device_restores(netlab, tmp_path
                                                                 direct_lane: bool):
     from tests.conftest import make_sample_tree, tree_state
 
-    lan = netlab.lan("lan")
-    ha, hb = netlab.host("a", lan, "10.10.0.1/24"), netlab.host("b", lan, "10.10.0.2/24")
-    a, b = Cli(tmp_path / "home-a"), Cli(tmp_path / "home-b")
-    src = tmp_path / "src"
-    make_sample_tree(src, big=2_000_000)
-    a("init", "--source", str(src))
-    with open(a.home / "config.toml", "a") as f:
-        f.write("\n[daemon]\nseal_interval = 1\n")
-        if not direct_lane:
-            f.write("\n[peers]\ndirect_lane = false\n")
-    host = Host(a)
-    b("pair", host.code, "--peer", host.peer, "--name", "laptop")
-    assert host.finish()[0] == 0
-    a_id = json.loads(a("devices", "--json").stdout)["devices"][0]["id"]
+    def fill(src: Path) -> None:
+        make_sample_tree(src, big=2_000_000)
+        for name in os.listdir(os.fsencode(src)):  # inotify, not the rescan fallback, here
+            try:
+                name.decode()
+            except UnicodeDecodeError:
+                os.unlink(os.path.join(os.fsencode(src), name))
 
+    ha, hb, a, b, src, a_id = two_paired_devices(netlab, tmp_path, fill,
+                                                 direct_lane=direct_lane, seal_interval=1)
     procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
     try:
         wait_connected(b, a_id, 30)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             snaps = json.loads(b("snapshots", "--json").stdout)
             if any(s["device"] == a_id for s in snaps):
@@ -106,17 +127,14 @@ def test_paired_daemons_replicate_and_the_other_device_restores(netlab, tmp_path
         (src / "new.txt").write_text("made after the first sync\n")
         seg_dir = b.home / "store" / "segments" / a_id
         start = time.monotonic()
-        while time.monotonic() - start < 20 and not (seg_dir.exists() and any(seg_dir.iterdir())):
+        while time.monotonic() - start < 60 and not (seg_dir.exists() and any(seg_dir.iterdir())):
             time.sleep(0.1)
         assert seg_dir.exists() and any(seg_dir.iterdir()), "no segment reached b"
         print(f"segment reached the peer {time.monotonic() - start:.1f} s after the write")
         path = next(p["path"] for p in peers(b) if p["device"] == a_id)
         assert path == ("direct lane" if direct_lane else "data channel")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            assert p.wait(timeout=30) == 0
+        stop_all(procs)
     # b restores a's data from its own store, and its store verifies.
     b("restore", "latest", "--to", str(tmp_path / "out"))
     expected = tree_state(src)
@@ -132,23 +150,14 @@ def test_replication_survives_the_link_dropping_mid_transfer(netlab, tmp_path: P
                                                              direct_lane: bool):
     from tests.conftest import tree_state
 
-    lan = netlab.lan("lan")
-    ha, hb = netlab.host("a", lan, "10.10.0.1/24"), netlab.host("b", lan, "10.10.0.2/24")
-    a, b = Cli(tmp_path / "home-a"), Cli(tmp_path / "home-b")
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(12):
-        (src / f"f{i}.bin").write_bytes(os.urandom(4_000_000))
-    a("init", "--source", str(src))
+    def fill(src: Path) -> None:
+        src.mkdir()
+        for i in range(12):
+            (src / f"f{i}.bin").write_bytes(os.urandom(4_000_000))
+
+    ha, hb, a, b, src, a_id = two_paired_devices(netlab, tmp_path, fill,
+                                                 direct_lane=direct_lane)
     a("snapshot")
-    host = Host(a)
-    b("pair", host.code, "--peer", host.peer, "--name", "laptop")
-    assert host.finish()[0] == 0
-    if not direct_lane:
-        for cli in (a, b):
-            with open(cli.home / "config.toml", "a") as f:
-                f.write("\n[peers]\ndirect_lane = false\n")
-    a_id = json.loads(a("devices", "--json").stdout)["devices"][0]["id"]
     packs_b = b.home / "store" / "packs"
 
     def pack_count() -> int:
@@ -175,10 +184,7 @@ def test_replication_survives_the_link_dropping_mid_transfer(netlab, tmp_path: P
         else:
             raise AssertionError(f"replication did not finish: {peers(b)}")
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            assert p.wait(timeout=30) == 0
+        stop_all(procs)
     assert "no problems found" in b("verify", "--read-data").stdout
     assert "no problems found" in a("verify", "--read-data").stdout
     b("restore", "latest", "--to", str(tmp_path / "out"))
