@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Coroutine, Optional
+from typing import Any, Optional
 
 import typer
 

@@ -23,7 +23,7 @@ import contextvars
 import logging
 import re
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aioice.ice
 from aiortc import (RTCConfiguration, RTCIceServer, RTCPeerConnection,

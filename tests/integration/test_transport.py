@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import NetLab, netlab  # noqa: F401  (the fixture)
+from tests.netns import NetLab
 
 REPO = Path(__file__).resolve().parents[2]
 DC_BYTES = 20 * 1024 * 1024

@@ -166,7 +166,7 @@ def test_parts_that_do_not_fit_are_refused():
 
 
 def test_unknown_types_are_ignored_and_versions_negotiated():
-    a, b = Side("A", objs("a", 2)), Side("B", {})
+    b = Side("B", {})
     b.s.receive_data(frame({"t": "hello", "versions": [1, 2], "device": "A"}) +
                      frame({"t": "future-thing", "x": 1}))
     assert not b.s.closed
