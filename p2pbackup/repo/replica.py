@@ -22,7 +22,7 @@ from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.records import DeviceRecord, Signed
 from ..crypto.identity import device_id_for, verify_signature
 from . import membership as store_membership
-from .repository import CONFIG_NAME, Repository
+from .repository import Repository
 
 _HEX = r"[0-9a-f]"
 _NAMES = [
@@ -168,5 +168,3 @@ def is_object_name(name: str) -> bool:
     except IntegrityError:
         return False
 
-
-__all__ = ["accept", "kind_of", "transfer_order", "is_object_name", "CONFIG_NAME"]
