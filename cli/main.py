@@ -367,7 +367,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
                  else "on the LAN, not connected" if p["on_lan"] else "not seen")
         extra = ""
         if p.get("objects_behind"):
-            extra += f"; {p['objects_behind']} objects behind"
+            extra += (f"; {p['objects_behind']} objects "
+                      f"({output.human_bytes(p.get('bytes_behind') or 0)}) behind")
         if p.get("last_sync"):
             extra += f"; last sync {(_time.time() - p['last_sync']):.0f} s ago"
         if p.get("error") and not p["connected"]:

@@ -47,13 +47,15 @@ class PeerState:
     last_seen: float | None = None
     last_sync: float | None = None
     objects_behind: int | None = None
+    bytes_behind: int | None = None
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "name": self.name, "on_lan": self.on_lan,
                 "addresses": self.addresses, "connected": self.connected, "path": self.path,
                 "since": self.since, "last_seen": self.last_seen, "last_sync": self.last_sync,
-                "objects_behind": self.objects_behind, "error": self.error}
+                "objects_behind": self.objects_behind,
+                "bytes_behind": self.bytes_behind, "error": self.error}
 
 
 async def _hold(device: str, link: PeerLink, state: PeerState) -> None:

@@ -125,7 +125,9 @@ class Replicator:
 
     async def run(self, device: str, link: PeerLink, st: "PeerState") -> None:
         """One session, until either side closes it."""
-        s = SyncSession(self.me, await local_names(self.repo), valid_name=replica.is_object_name)
+        names = await local_names(self.repo)
+        sizes = {n: await self.repo.store.size(n) for n in names}
+        s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes)
         self.sessions[device] = (s, link)
         self._states[device] = st
         if self.lane_server is not None:
@@ -179,7 +181,7 @@ class Replicator:
                                 self._dial_lane(st.device, ev.fingerprint, ev.port))
                 elif isinstance(ev, Closed):
                     log.warning("session with %s: %s", st.device[:12], ev.reason)
-            st.objects_behind = s.pending
+            st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
             await _flush(s, link, self.lanes.get(st.device))  # also when no event came
             events = s.next_wanted()
             if not events:

@@ -4,7 +4,7 @@ Both ends run the same machine. Frames are a 4-byte big-endian length and a msgp
 "v" (version) and "t" (type); on a data channel each frame is one message.
 
     hello    {versions, device}           first frame both ways
-    inv      {names, last}                what this side holds (in batches)
+    inv      {names, sizes?, last}        what this side holds (in batches), sizes if known
     want     {names}                      what it asks for, after comparing inventories
     announce {names}                      newly stored objects: the peer wants them at once
     obj      {name, off, total, data, last}   one part of an object (<= PART bytes)
@@ -129,8 +129,8 @@ class SyncSession:
     """One peer session; `have` is the local inventory, `wants(name)` says what to fetch."""
 
     def __init__(self, device: str, have: set[str], *, valid_name: Callable[[str], bool],
-                 wants: Callable[[str], bool] | None = None, window: int = 16 * 1024 * 1024
-                 ) -> None:
+                 wants: Callable[[str], bool] | None = None, window: int = 16 * 1024 * 1024,
+                 sizes: dict[str, int] | None = None) -> None:
         self.device, self.have = device, have
         self.valid_name = valid_name
         self.wants = wants or (lambda name: True)
@@ -146,6 +146,7 @@ class SyncSession:
         self._in_bulk = bytearray()
         self.bulk_up = False
         self._peer_has: set[str] = set()
+        self._peer_sizes: dict[str, int] = {}
         self._inv_done = False
         self._asked: set[str] = set()       # we asked for these and have not got them yet
         self._to_send: deque[str] = deque() # the peer asked for these
@@ -156,8 +157,12 @@ class SyncSession:
         self._frame({"t": "hello", "versions": [VERSION], "device": device})
         names = sorted(have)
         for i in range(0, max(len(names), 1), INV_BATCH):
-            self._frame({"t": "inv", "names": names[i:i + INV_BATCH],
-                         "last": i + INV_BATCH >= len(names)})
+            batch = names[i:i + INV_BATCH]
+            msg: dict[str, Any] = {"t": "inv", "names": batch,
+                                   "last": i + INV_BATCH >= len(names)}
+            if sizes is not None:
+                msg["sizes"] = [sizes.get(n, 0) for n in batch]
+            self._frame(msg)
 
     # ---- output -----------------------------------------------------------------------------
 
@@ -257,6 +262,12 @@ class SyncSession:
         """Objects we asked the peer for and have not received yet."""
         return len(self._asked)
 
+    @property
+    def bytes_behind(self) -> int:
+        """Bytes of what we asked for and have not received (as the peer's inventory said)."""
+        partial = sum(inc.received for inc in self._incoming.values())
+        return max(0, sum(self._peer_sizes.get(n, 0) for n in self._asked) - partial)
+
     # ---- input ------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes, lane: str = "control") -> list[Event]:
@@ -306,7 +317,12 @@ class SyncSession:
             self.peer = _need(msg, "device", str)
             return [PeerHello(self.peer, VERSION)]
         if t == "inv":
-            self._peer_has.update(_names(msg, "names", self.valid_name))
+            names = _names(msg, "names", self.valid_name)
+            self._peer_has.update(names)
+            sizes = msg.get("sizes")
+            if isinstance(sizes, list) and len(sizes) == len(names):
+                self._peer_sizes.update((n, z) for n, z in zip(names, sizes)
+                                        if isinstance(z, int) and z >= 0)
             if _need(msg, "last", bool) and not self._inv_done:
                 self._inv_done = True
                 wanted = self._want(sorted(self._peer_has - self.have))

@@ -82,6 +82,18 @@ def test_byte_at_a_time_and_big_objects_in_parts():
     assert tiny_b.objects == tiny_a.objects
 
 
+def test_bytes_behind_counts_down_from_the_inventory_sizes():
+    source = objs("a", 10, 30_000)
+    a = Side("A", source)
+    a.s = SyncSession("A", set(source), valid_name=valid,
+                      sizes={n: len(d) for n, d in source.items()})
+    b = Side("B", {})
+    pump(a, b, rounds=1)
+    assert b.s.bytes_behind == 300_000
+    pump(a, b)
+    assert b.s.bytes_behind == 0 and len(b.objects) == 10
+
+
 def test_window_bounds_what_is_in_flight():
     a, b = Side("A", objs("a", 200, 100_000), window=1_000_000), Side("B", {})
     pump(a, b)

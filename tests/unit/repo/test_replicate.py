@@ -54,7 +54,7 @@ async def test_initial_sync_then_push(tmp_path: Path):
         async def b_has_both() -> bool:
             return len((await rb.list_snapshots())[0]) == 2
         await until(b_has_both)
-        assert sb.last_sync is not None and sb.objects_behind == 0
+        assert sb.last_sync is not None and sb.objects_behind == 0 and sb.bytes_behind == 0
     finally:
         await la.close()
         await lb.close()
