@@ -271,7 +271,8 @@ async def serve(home: Path | None) -> int:
         await server.start()
         d.replicator = Replicator(dev.repo, dev.identity.device_id,
                                   direct_lane=config.peers.lan and config.peers.direct_lane)
-        d.peers = PeerManager(config, dev, on_session=d.replicator.run)
+        d.peers = PeerManager(config, dev, on_session=d.replicator.run,
+                              on_fetch=d.replicator.serve)
         await d.replicator.start_lane(d.peers.bind_address)
         await d.peers.start()
         watching = asyncio.Event()

@@ -3,7 +3,8 @@
 Advertise `_p2pbackup._tcp` with a per-device rotating tag and the signaling port; browse for
 adverts whose tag names another member; the device with the smaller id dials (so two devices
 never race to open two sessions), the other answers. What runs over an open session is the
-sync protocol's business (`on_session`).
+sync protocol's business (`on_session`). A session whose first frame is a fetch hello is a
+member's CLI reading this store (`restore --from peer:...`): it goes to `on_fetch` instead.
 """
 
 from __future__ import annotations
@@ -23,13 +24,18 @@ from p2pbackup.device import Device
 from p2pbackup.errors import P2PError
 from p2pbackup.format.membership import Membership
 from p2pbackup.repo import membership as store_membership
-from p2pbackup.transport.datachannel import IceConfig, PeerLink
+from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
+from p2pbackup.protocol import fetch
+from p2pbackup.protocol.framing import peek_type
+from p2pbackup.transport.datachannel import PeerLink
 
 log = logging.getLogger("p2pbackupd")
-SERVICE = "_p2pbackup._tcp.local."
+SERVICE = PEER_SERVICE
 RETRY_SECONDS = 5.0
+FIRST_FRAME_TIMEOUT = 30.0
 
-SessionHandler = Callable[[str, PeerLink, "PeerState"], Awaitable[None]]
+SessionHandler = Callable[[str, PeerLink, "PeerState", "bytes | None"], Awaitable[None]]
+FetchHandler = Callable[[str, PeerLink, bytes], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -58,7 +64,7 @@ class PeerState:
                 "bytes_behind": self.bytes_behind, "error": self.error}
 
 
-async def _hold(device: str, link: PeerLink, state: PeerState) -> None:
+async def _hold(device: str, link: PeerLink, state: PeerState, first: bytes | None) -> None:
     """Without a sync protocol: keep the channel open until either side closes it."""
     while await link.recv() is not None:
         pass
@@ -68,9 +74,11 @@ class PeerManager:
     """Discovery, signaling and the sessions to the other devices of the account."""
 
     def __init__(self, config: Config, dev: Device, *,
-                 on_session: SessionHandler | None = None) -> None:
+                 on_session: SessionHandler | None = None,
+                 on_fetch: FetchHandler | None = None) -> None:
         self.config, self.dev = config, dev
         self.on_session = on_session or _hold
+        self.on_fetch = on_fetch
         self.peers: dict[str, PeerState] = {}
         self.membership: Membership | None = None
         self.port = 0
@@ -79,8 +87,7 @@ class PeerManager:
         self._stack = contextlib.AsyncExitStack()
         interfaces = list(config.peers.interfaces) or None
         self._interfaces = interfaces
-        self._ice = IceConfig(host_addresses=("127.0.0.1",)) if interfaces == ["lo"] \
-            else IceConfig()
+        self._ice = ice_for(config.peers)
         self._signaling: session.SignalingServer | None = None
 
     @property
@@ -212,9 +219,34 @@ class PeerManager:
             self._dialing.discard(device)
 
     async def _incoming(self, device: str, link: PeerLink) -> None:
-        await self._run(device, link)
+        # The dialer speaks first in both protocols: its first frame says which this is.
+        try:
+            first = await asyncio.wait_for(link.recv(), FIRST_FRAME_TIMEOUT)
+        except (P2PError, asyncio.TimeoutError):
+            first = None
+        if first is None:
+            await link.close()
+            return
+        if peek_type(first) != fetch.HELLO:
+            await self._run(device, link, first)
+            return
+        m = self.membership.member(device) if self.membership else None
+        if self.on_fetch is None or m is None or m.role == "partner":
+            log.warning("device %s asked to read this store; refused (%s)", device[:12],
+                        "a storage partner reads nothing" if m else "not a member")
+            await link.close()
+            return
+        log.info("device %s (%s) is reading this store", device[:12], m.name)
+        try:
+            await self.on_fetch(device, link, first)
+        except Exception:
+            log.exception("serving device %s failed", device[:12])
+        finally:
+            with contextlib.suppress(Exception):
+                await link.close()
+            log.info("device %s finished reading", device[:12])
 
-    async def _run(self, device: str, link: PeerLink) -> None:
+    async def _run(self, device: str, link: PeerLink, first: bytes | None = None) -> None:
         st = self.peers.setdefault(device, PeerState(device))
         if self.membership is not None:
             m = self.membership.member(device)
@@ -222,7 +254,7 @@ class PeerManager:
         st.connected, st.path, st.since, st.error = True, "data channel", time.time(), None
         log.info("peer %s (%s) connected over the data channel", device[:12], st.name)
         try:
-            await self.on_session(device, link, st)
+            await self.on_session(device, link, st, first)
         except P2PError as exc:
             st.error = str(exc)
             log.warning("session with %s ended: %s", device[:12], exc)

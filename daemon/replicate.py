@@ -12,6 +12,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from p2pbackup.blobs import peer as peer_store
 from p2pbackup.errors import NotFound, P2PError
 from p2pbackup.protocol.sync import (Closed, Event, LaneOffered, ObjectAcked, ObjectReceived,
                                      ObjectRejected, ObjectWanted, SyncSession)
@@ -123,8 +124,9 @@ class Replicator:
                 s.announce(new)
                 await _flush(s, link, self.lanes.get(device))
 
-    async def run(self, device: str, link: PeerLink, st: "PeerState") -> None:
-        """One session, until either side closes it."""
+    async def run(self, device: str, link: PeerLink, st: "PeerState",
+                  first: bytes | None = None) -> None:
+        """One session, until either side closes it (`first`: a message already read)."""
         names = await local_names(self.repo)
         sizes = {n: await self.repo.store.size(n) for n in names}
         s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes)
@@ -134,7 +136,9 @@ class Replicator:
             s.offer_lane(self.lane_server.fingerprint, self.lane_port)
         try:
             await _flush(s, link)
-            while True:
+            if first is not None:
+                await self._handle(s, link, st, s.receive_data(first))
+            while not s.closed:
                 msg = await link.recv()
                 if msg is None:
                     return
@@ -147,6 +151,17 @@ class Replicator:
             lane = self.lanes.pop(device, None)
             if lane is not None:
                 await lane.close()
+
+    async def serve(self, device: str, link: PeerLink, first: bytes) -> None:
+        """A member reads this store (restore or recover from a peer): objects only; what it
+        writes goes through the same checks as replication; nothing is deleted."""
+        async def put(name: str, data: bytes) -> None:
+            if await replica.accept(self.repo, name, data):
+                await self.announce_new()
+
+        why = await peer_store.serve(link, self.repo.store, self.me, first=first, put=put,
+                                     read=replica.is_object_name)
+        log.info("device %s stopped reading: %s", device[:12], why)
 
     async def _handle(self, s: SyncSession, link: PeerLink, st: "PeerState",
                       events: list[Event]) -> None:

@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .blobs import open_store
+from .blobs.base import BlobStore
 from .blobs.local import LocalDirStore
 from .config import Config, init_home, load_config, load_keys
 from .crypto import recovery
 from .crypto.identity import DeviceIdentity
 from .crypto.keys import AccountKeys
+from .errors import ConfigError
+from .peer_fetch import is_peer_location
 from .repo.lock import WriterLock
 from .repo.repository import Repository
 
@@ -55,7 +58,12 @@ async def open_device(home: Path | None = None, *, write: bool = False,
     """Open this device's repository (or the one at `store`); `write` takes the writer lock."""
     config = load_config(home)
     keys, identity = load_keys(config)
-    blob_store = open_store(store) if store else LocalDirStore(config.store)
+    if is_peer_location(store):
+        if write:
+            raise ConfigError(f"{store}: a peer's store is read here, never written")
+        blob_store: BlobStore = await open_peer_store(config, keys, identity, str(store))
+    else:
+        blob_store = open_store(store) if store else LocalDirStore(config.store)
     lock = None
     if write:
         root = blob_store.root if isinstance(blob_store, LocalDirStore) else str(config.cache_dir)
@@ -75,5 +83,25 @@ async def open_device(home: Path | None = None, *, write: bool = False,
         finally:
             await repo.close()
     finally:
+        await blob_store.close()
         if lock is not None:
             lock.release()
+
+
+async def open_peer_store(config: Config, keys: AccountKeys, identity: DeviceIdentity,
+                          location: str) -> BlobStore:
+    """The store of the member device `location` names (`peer:NAME[@HOST:PORT]`)."""
+    from .account import find_device  # account builds on this module
+    from .peer_fetch import PeerLocation, open_peer
+    from .repo import membership as store_membership
+
+    where = PeerLocation.parse(location)
+    got = await store_membership.load_from(LocalDirStore(config.store), keys.meta_key)
+    if got is None:
+        raise ConfigError("this device has no membership record, so it has no peers")
+    member = find_device(got[0], where.which)
+    if member.device_id == identity.device_id:
+        raise ConfigError(f"{location} names this device itself; drop --from to use its store")
+    label = f"peer {member.name or member.device_id[:12]}"
+    return await open_peer(where, member.device_id, identity=identity, membership=got[0],
+                           tag_key=keys.meta_id_key, peers=config.peers, label=label)

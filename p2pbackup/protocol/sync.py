@@ -24,21 +24,16 @@ A frame that does not parse ends the session with one `Closed` event; input neve
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+from .framing import FrameError, FrameReader, encode
 
 VERSION = 1
-MAX_FRAME = 4 * 1024 * 1024
 PART = 1024 * 1024
 INV_BATCH = 2000
-_LEN = struct.Struct(">I")
-_UNPACK = dict(raw=False, strict_map_key=False, max_str_len=1 << 16, max_bin_len=MAX_FRAME,
-               max_array_len=INV_BATCH * 2, max_map_len=64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +94,7 @@ Event = PeerHello | InventoryDone | ObjectWanted | ObjectReceived | ObjectAcked 
     ObjectRejected | LaneOffered | Closed
 
 
-class _Bad(Exception):
-    pass
+_Bad = FrameError
 
 
 def _need(msg: dict, key: str, kind: type | tuple[type, ...]) -> Any:
@@ -142,8 +136,8 @@ class SyncSession:
         self.objects_sent = self.objects_received = 0
         self._out = bytearray()
         self._out_bulk = bytearray()
-        self._in = bytearray()
-        self._in_bulk = bytearray()
+        self._in = FrameReader(max_array=INV_BATCH * 2)
+        self._in_bulk = FrameReader(max_array=INV_BATCH * 2)
         self.bulk_up = False
         self._peer_has: set[str] = set()
         self._peer_sizes: dict[str, int] = {}
@@ -175,9 +169,7 @@ class SyncSession:
         return out
 
     def _frame(self, msg: dict, bulk: bool = False) -> None:
-        body = msgpack.packb({"v": VERSION, **msg}, use_bin_type=True)
-        (self._out_bulk if bulk and self.bulk_up else self._out).extend(
-            _LEN.pack(len(body)) + body)
+        (self._out_bulk if bulk and self.bulk_up else self._out).extend(encode(VERSION, msg))
 
     def offer_lane(self, fingerprint: str, port: int) -> None:
         """Tell the peer our direct-lane certificate and port (inside this signed session)."""
@@ -190,7 +182,7 @@ class SyncSession:
         """The direct lane failed: resend every unacknowledged object on the control lane."""
         self.bulk_up = False
         self._out_bulk = bytearray()
-        self._in_bulk = bytearray()
+        self._in_bulk = FrameReader(max_array=INV_BATCH * 2)
         for name, size in reversed(list(self._unacked.items())):
             self.in_flight -= size
             self.bytes_sent -= size
@@ -274,24 +266,11 @@ class SyncSession:
         """Feed bytes from the peer (on `lane`); returns what happened."""
         if self.closed:
             return []
-        buf = self._in_bulk if lane == "bulk" else self._in
-        buf += data
+        reader = self._in_bulk if lane == "bulk" else self._in
+        reader.feed(data)
         events: list[Event] = []
         try:
-            while len(buf) >= 4:
-                (n,) = _LEN.unpack_from(buf, 0)
-                if n > MAX_FRAME:
-                    raise _Bad(f"a frame of {n} bytes is larger than {MAX_FRAME}")
-                if len(buf) < 4 + n:
-                    break
-                body = bytes(buf[4:4 + n])
-                del buf[:4 + n]
-                try:
-                    msg = msgpack.unpackb(body, **_UNPACK)
-                except Exception:
-                    raise _Bad("a frame is not valid msgpack") from None
-                if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
-                    raise _Bad("a frame is not a typed map")
+            while (msg := reader.next()) is not None:
                 events += self._handle(msg)
                 if self.closed:
                     return events

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import msgpack
 
+from ..blobs.base import BlobStore
 from ..crypto.identity import device_id_for, verify_signature
 from ..crypto.keys import AccountKeys
 from ..errors import IntegrityError, NotFound
@@ -25,20 +26,30 @@ def _name(seq: int) -> str:
     return f"{PREFIX}{seq:012d}"
 
 
-async def load_chain(repo: Repository) -> list[bytes]:
-    """Every signed membership version in the store, oldest first (not yet checked)."""
-    names = sorted([n async for n in repo.store.list(PREFIX)])
+async def chain_in(store: BlobStore, meta_key: bytes) -> list[bytes]:
+    """Every signed membership version in `store`, oldest first (not yet checked)."""
+    names = sorted([n async for n in store.list(PREFIX)])
     out = []
     for name in names:
-        raw = await repo.store.get(name)
-        _, body = open_object(raw, repo.keys.meta_key, expect=Kind.MEMBERSHIP, what=name)
+        raw = await store.get(name)
+        _, body = open_object(raw, meta_key, expect=Kind.MEMBERSHIP, what=name)
         out.append(bytes(body))
     return out
 
 
+async def load_chain(repo: Repository) -> list[bytes]:
+    """Every signed membership version in the repository, oldest first (not yet checked)."""
+    return await chain_in(repo.store, repo.keys.meta_key)
+
+
 async def load(repo: Repository) -> tuple[Membership, list[bytes]] | None:
     """The newest membership version, checked from the first one, and the chain; None if none."""
-    chain = await load_chain(repo)
+    return await load_from(repo.store, repo.keys.meta_key)
+
+
+async def load_from(store: BlobStore, meta_key: bytes) -> tuple[Membership, list[bytes]] | None:
+    """`load` for a store without an opened repository."""
+    chain = await chain_in(store, meta_key)
     if not chain:
         return None
     return check_chain(chain, verify_signature, device_id_for), chain

@@ -8,7 +8,8 @@ import struct
 import msgpack
 from hypothesis import given, settings, strategies as st
 
-from p2pbackup.protocol.sync import (MAX_FRAME, Closed, InventoryDone,
+from p2pbackup.protocol.framing import MAX_FRAME
+from p2pbackup.protocol.sync import (Closed, InventoryDone,
                                      ObjectReceived, ObjectRejected, ObjectWanted, PeerHello,
                                      SyncSession)
 

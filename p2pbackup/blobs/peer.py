@@ -1,0 +1,212 @@
+"""A peer's store as a BlobStore, over a peer link (the fetch protocol), and the serving side.
+
+`PeerStore` is what `restore --from peer:DEVICE` and `recover --from peer:DEVICE` read
+through; `serve` answers such a client from a daemon's store. The link is anything with
+`send(bytes)`, `recv() -> bytes | None` and `close()`: an aiortc data channel in the product.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+from ..errors import NotFound, P2PError, PeerUnreachable, RemoteProtocolError, StorageError
+from ..protocol import fetch
+from .base import BlobStore, Buffer
+
+log = logging.getLogger("p2pbackup.peer")
+MESSAGE = 64 * 1024      # the data channel's message size (datachannel.MESSAGE_SIZE)
+HELLO_TIMEOUT = 15.0
+
+
+class Link(Protocol):
+    async def send(self, message: bytes) -> None: ...
+    async def recv(self) -> bytes | None: ...
+    async def close(self) -> None: ...
+
+
+class PeerRefused(StorageError):
+    """{}"""
+
+
+async def _flush(end: fetch.FetchClient | fetch.FetchServer, link: Link) -> None:
+    data = end.data_to_send()
+    for i in range(0, len(data), MESSAGE):
+        await link.send(data[i:i + MESSAGE])
+
+
+class PeerStore(BlobStore):
+    """Reads (and, where the peer allows, writes) another device's store over `link`."""
+
+    def __init__(self, link: Link, me: str, *, location: str) -> None:
+        self.link, self.location = link, location
+        self._client = fetch.FetchClient(me)
+        self._waiting: dict[int, asyncio.Future[fetch.Reply]] = {}
+        self._hello: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._send = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self._error: str | None = None
+
+    @property
+    def peer(self) -> str | None:
+        return self._client.peer
+
+    async def start(self, timeout: float = HELLO_TIMEOUT) -> "PeerStore":
+        """Say hello and wait for the peer's; PeerUnreachable if it does not answer."""
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        async with self._send:
+            await _flush(self._client, self.link)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._hello), timeout)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise PeerUnreachable(f"{self.location} did not answer within {timeout:g} s") \
+                from None
+        return self
+
+    async def _read(self) -> None:
+        reason = "the peer closed the connection"
+        try:
+            while (msg := await self.link.recv()) is not None:
+                for ev in self._client.receive_data(msg):
+                    if isinstance(ev, fetch.Hello) and not self._hello.done():
+                        self._hello.set_result(ev.device)
+                    elif isinstance(ev, fetch.Reply):
+                        fut = self._waiting.pop(ev.id, None)
+                        if fut is not None and not fut.done():
+                            fut.set_result(ev)
+                    elif isinstance(ev, fetch.Closed):
+                        reason = ev.reason
+                        log.warning("%s: %s", self.location, ev.reason)
+                if self._client.closed:
+                    with contextlib.suppress(P2PError):
+                        await _flush(self._client, self.link)
+                    break
+        except P2PError as exc:
+            reason = str(exc)
+        finally:
+            self._error = reason
+            for fut in [self._hello, *self._waiting.values()]:
+                if not fut.done():
+                    fut.set_exception(PeerUnreachable(f"{self.location}: {reason}"))
+            self._waiting.clear()
+
+    async def _call(self, send: Callable[[], int]) -> Any:
+        if self._error is not None:
+            raise PeerUnreachable(f"{self.location}: {self._error}")
+        async with self._send:
+            rid = send()
+            fut = self._waiting[rid] = asyncio.get_running_loop().create_future()
+            await _flush(self._client, self.link)
+        reply = await fut
+        if reply.code == fetch.NOT_FOUND:
+            raise NotFound(f"{self.location} has no {reply.reason or 'such object'}")
+        if reply.code == fetch.REFUSED:
+            raise PeerRefused(f"{self.location} refused: {reply.reason}")
+        if reply.code is not None:
+            raise StorageError(f"{self.location} failed: {reply.reason}")
+        return reply.value
+
+    async def put(self, name: str, data: Buffer) -> None:
+        await self._call(lambda: self._client.put(name, bytes(data)))
+
+    async def get(self, name: str) -> bytes:
+        return await self._call(lambda: self._client.request("get", name))
+
+    async def get_range(self, name: str, offset: int, length: int) -> bytes:
+        return await self._call(lambda: self._client.request("range", name, offset=offset,
+                                                             length=length))
+
+    async def has(self, name: str) -> bool:
+        return await self._call(lambda: self._client.request("has", name))
+
+    async def size(self, name: str) -> int:
+        return await self._call(lambda: self._client.request("size", name))
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:  # type: ignore[override]
+        for name in await self._call(lambda: self._client.request("list", prefix=prefix)):
+            yield name
+
+    async def delete(self, name: str) -> None:
+        await self._call(lambda: self._client.request("delete", name))
+
+    async def close(self) -> None:
+        if self._error is None:
+            self._client.close("done")
+            with contextlib.suppress(P2PError):
+                async with self._send:
+                    await _flush(self._client, self.link)
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+        with contextlib.suppress(Exception):
+            await self.link.close()
+
+
+PutCheck = Callable[[str, bytes], Awaitable[None]]
+
+
+async def serve(link: Link, store: BlobStore, me: str, *, first: bytes | None = None,
+                put: PutCheck | None = None, delete: Callable[[str], Awaitable[None]] |
+                None = None, read: Callable[[str], bool] | None = None) -> str:
+    """Answer one fetch client from `store` until it leaves; returns why the session ended.
+
+    `put` stores an object after whatever checks the caller makes (default: store.put);
+    `delete` None refuses deletes; `read` says which names the client may see (default: all).
+    A failing request is answered with its reason; the session goes on.
+    """
+    server = fetch.FetchServer(me)
+    may_read = read or (lambda name: True)
+    do_put = put or store.put
+
+    async def answer(req: fetch.Request) -> None:
+        if req.op != "list" and not may_read(req.name):
+            server.fail(req.id, fetch.NOT_FOUND, req.name)
+            return
+        try:
+            if req.op == "get":
+                server.reply(req.id, await store.get(req.name))
+            elif req.op == "range":
+                server.reply(req.id, await store.get_range(req.name, req.offset, req.length))
+            elif req.op == "size":
+                server.reply(req.id, await store.size(req.name))
+            elif req.op == "has":
+                server.reply(req.id, await store.has(req.name))
+            elif req.op == "list":
+                server.reply(req.id, sorted([n async for n in store.list(req.prefix)
+                                             if fetch.store_name(n) and may_read(n)]))
+            elif req.op == "put":
+                await do_put(req.name, req.data)
+                server.reply(req.id, None)
+            elif req.op == "delete":
+                if delete is None:
+                    server.fail(req.id, fetch.REFUSED, "objects on a peer are append-only; "
+                                "only a signed prune removes them")
+                else:
+                    await delete(req.name)
+                    server.reply(req.id, None)
+        except NotFound:
+            server.fail(req.id, fetch.NOT_FOUND, req.name)
+        except P2PError as exc:
+            server.fail(req.id, fetch.REFUSED, str(exc))
+
+    messages: list[bytes] = [first] if first else []
+    try:
+        while True:
+            msg = messages.pop() if messages else await link.recv()
+            if msg is None:
+                return "the client left"
+            for ev in server.receive_data(msg):
+                if isinstance(ev, fetch.Request):
+                    await answer(ev)
+                elif isinstance(ev, fetch.Closed):
+                    await _flush(server, link)
+                    return ev.reason
+                await _flush(server, link)
+            await _flush(server, link)
+    except (P2PError, RemoteProtocolError) as exc:
+        return str(exc)

@@ -1,0 +1,106 @@
+"""The peer store (fetch protocol) over a real aiortc data channel on 127.0.0.1.
+
+The conformance suite runs against a peer that lets the client write and delete (a store it
+serves as is); the daemon's own policy (append-only, every object checked) has its own tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from p2pbackup.blobs.local import LocalDirStore
+from p2pbackup.blobs.peer import PeerRefused, PeerStore, serve
+from p2pbackup.errors import IntegrityError, NotFound, PeerUnreachable
+from p2pbackup.transport.datachannel import IceConfig, PeerLink
+
+from .conformance import BlobStoreConformance
+
+pytestmark = pytest.mark.timeout(60)
+LOOPBACK = IceConfig(host_addresses=("127.0.0.1",))
+
+
+async def link_pair() -> tuple[PeerLink, PeerLink]:
+    a, b = PeerLink(LOOPBACK), PeerLink(LOOPBACK)
+    answer = await b.accept_offer(await a.create_offer())
+    await a.accept_answer(answer)
+    await asyncio.gather(a.wait_connected(20), b.wait_connected(20))
+    return a, b
+
+
+async def served(tmp_path: Path, *, allow_delete: bool = False, **policy
+                 ) -> AsyncIterator[tuple[PeerStore, LocalDirStore]]:
+    backing = LocalDirStore(tmp_path / "served")
+    if allow_delete:
+        policy["delete"] = backing.delete
+    client_link, server_link = await link_pair()
+    server = asyncio.create_task(serve(server_link, backing, "server-device", **policy))
+    store = await PeerStore(client_link, "client-device", location="peer:server").start()
+    try:
+        yield store, backing
+    finally:
+        await store.close()
+        await asyncio.wait_for(server, 10)
+        await server_link.close()
+
+
+class TestPeerStore(BlobStoreConformance):
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[PeerStore]:
+        async for store, _ in served(tmp_path, allow_delete=True):  # the suite deletes
+            yield store
+
+
+async def test_a_large_object_crosses_in_parts_and_requests_interleave(tmp_path: Path):
+    async for store, backing in served(tmp_path):
+        big = os.urandom(5 * 1024 * 1024 + 17)
+        await backing.put("packs/" + "a" * 64, big)
+        got, size, has = await asyncio.gather(store.get("packs/" + "a" * 64),
+                                              store.size("packs/" + "a" * 64),
+                                              store.has("packs/" + "b" * 64))
+        assert got == big and size == len(big) and has is False
+        assert await store.get_range("packs/" + "a" * 64, -100, 100) == big[-100:]
+
+
+async def test_the_peer_refuses_deletes_and_checked_puts_by_default(tmp_path: Path):
+    async def checked(name: str, data: bytes) -> None:
+        raise IntegrityError(f"{name} from a peer is forged or damaged")
+
+    async for store, backing in served(tmp_path, put=checked):
+        await backing.put("snapshots/" + "c" * 64, b"kept")
+        with pytest.raises(PeerRefused, match="append-only"):
+            await store.delete("snapshots/" + "c" * 64)
+        with pytest.raises(PeerRefused, match="forged or damaged"):
+            await store.put("snapshots/" + "d" * 64, b"planted")
+        # The session goes on after refusals, and nothing was lost or planted.
+        assert await store.get("snapshots/" + "c" * 64) == b"kept"
+        assert not await backing.has("snapshots/" + "d" * 64)
+        with pytest.raises(NotFound):
+            await store.get("snapshots/" + "d" * 64)
+
+
+async def test_names_the_peer_hides_are_not_found(tmp_path: Path):
+    async for store, backing in served(tmp_path, read=lambda n: not n.startswith("keys/")):
+        await backing.put("keys/secret", b"s")
+        await backing.put("config", b"c")
+        assert [n async for n in store.list("")] == ["config"]
+        with pytest.raises(NotFound):
+            await store.get("keys/secret")
+
+
+async def test_a_peer_that_goes_away_fails_requests_with_a_clear_error(tmp_path: Path):
+    backing = LocalDirStore(tmp_path / "served")
+    client_link, server_link = await link_pair()
+    server = asyncio.create_task(serve(server_link, backing, "server-device"))
+    store = await PeerStore(client_link, "client-device", location="peer:server").start()
+    await server_link.close()
+    await asyncio.wait_for(server, 10)
+    with pytest.raises(PeerUnreachable, match="peer:server"):
+        for _ in range(50):  # the close reaches the client within a moment
+            await store.has("config")
+            await asyncio.sleep(0.1)
+    await store.close()
