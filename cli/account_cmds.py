@@ -94,7 +94,8 @@ def devices_remove(device: str = typer.Argument(..., help="Device id (prefix) or
     print()
 
 
-def recover(store: str = typer.Option(..., "--from", help="A store holding the account."),
+def recover(store: str = typer.Option(..., "--from", help="A store holding the account, or "
+                                      "peer:DEVICE[@HOST:PORT]: a device of it on the LAN."),
             code_file: Path = typer.Option(None, "--recovery-code-file",
                                            help="Read the recovery code from this file."),
             name: str = typer.Option(None, "--name", help="This device's name.")) -> None:
@@ -112,7 +113,8 @@ def recover(store: str = typer.Option(..., "--from", help="A store holding the a
         code = typer.prompt("Recovery code", hide_input=True)
     else:
         code = sys.stdin.readline().strip()
-    r = run_async(account.recover(default_home(), store, code, name or socket.gethostname()))
+    r = run_async(account.recover(default_home(), store, code, name or socket.gethostname(),
+                                  on_step=lambda step: print(f"{step}...")))
     print(f"Recovered the account into {r.config.home} (key epoch {r.epoch}).")
     if r.epoch < r.newest_epoch:
         output.warn(f"this recovery code is from key epoch {r.epoch}; data written since epoch "

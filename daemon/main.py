@@ -273,6 +273,7 @@ async def serve(home: Path | None) -> int:
                                   direct_lane=config.peers.lan and config.peers.direct_lane)
         d.peers = PeerManager(config, dev, on_session=d.replicator.run,
                               on_fetch=d.replicator.serve)
+        d.replicator.on_membership = d.peers.refresh
         await d.replicator.start_lane(d.peers.bind_address)
         await d.peers.start()
         watching = asyncio.Event()

@@ -19,6 +19,7 @@ from typing import Any
 
 from p2pbackup import session
 from p2pbackup.config import Config
+from p2pbackup.crypto.identity import device_id_for
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, which_device
 from p2pbackup.device import Device
 from p2pbackup.errors import P2PError
@@ -231,12 +232,17 @@ class PeerManager:
             await self._run(device, link, first)
             return
         m = self.membership.member(device) if self.membership else None
-        if self.on_fetch is None or m is None or m.role == "partner":
+        recovering = m is None and self.membership is not None and \
+            self.membership.recovery_key != b"" and \
+            device == device_id_for(self.membership.recovery_key)
+        if self.on_fetch is None or (m is None and not recovering) or \
+                (m is not None and m.role == "partner"):
             log.warning("device %s asked to read this store; refused (%s)", device[:12],
                         "a storage partner reads nothing" if m else "not a member")
             await link.close()
             return
-        log.info("device %s (%s) is reading this store", device[:12], m.name)
+        log.info("%s is reading this store", f"device {device[:12]} ({m.name})" if m else
+                 "a new device holding the recovery code")
         try:
             await self.on_fetch(device, link, first)
         except Exception:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from p2pbackup.blobs import peer as peer_store
@@ -48,6 +49,12 @@ class Replicator:
         self.lane_port = 0
         self._lane_peers: dict[str, str] = {}   # expected fingerprint -> device
         self._states: dict[str, "PeerState"] = {}
+        self.on_membership: Callable[[], Awaitable[None]] | None = None
+
+    async def _accepted(self, name: str) -> None:
+        """A new object from a peer is stored: a new membership changes who may connect."""
+        if name.startswith("membership/") and self.on_membership is not None:
+            await self.on_membership()
 
     async def start_lane(self, host: str = "0.0.0.0") -> None:
         """Listen for direct lanes (TLS 1.3, certificates pinned inside the sessions)."""
@@ -157,6 +164,7 @@ class Replicator:
         writes goes through the same checks as replication; nothing is deleted."""
         async def put(name: str, data: bytes) -> None:
             if await replica.accept(self.repo, name, data):
+                await self._accepted(name)
                 await self.announce_new()
 
         why = await peer_store.serve(link, self.repo.store, self.me, first=first, put=put,
@@ -181,6 +189,7 @@ class Replicator:
                         s.reject(ev.name, str(exc))
                     else:
                         s.ack(ev.name)
+                        await self._accepted(ev.name)
                         st.last_sync = time.time()
                 elif isinstance(ev, ObjectAcked):
                     st.last_sync = time.time()

@@ -18,20 +18,25 @@ from typing import TYPE_CHECKING
 import msgpack
 
 from .blobs import open_store
+from .blobs.base import BlobStore
 from .blobs.local import LocalDirStore
-from .config import Config, init_home, save_keys
+from .config import Config, PeerSettings, init_home, save_keys
 from .crypto import recovery
 from .crypto.identity import DeviceIdentity, device_id_for, seal_to
 from .crypto.keys import AccountKeys
 from .device import Device
-from .errors import ConfigError, IntegrityError, NotFound, P2PError, PairingFailed, WrongKey
+from .errors import (ConfigError, IntegrityError, NotFound, P2PError, PairingFailed,
+                     PeerUnreachable, WrongKey)
 from .format.membership import (MEMBER, OWNER, PARTNER, Member, Membership, record_hash,
                                 sign_membership)
+from .peer_fetch import is_peer_location
 from .repo import membership as store_membership
 from .repo.repository import Repository
 
-if TYPE_CHECKING:  # the pairing stack (spake2) loads only when pairing
+if TYPE_CHECKING:  # the pairing stack (spake2) and WebRTC load only when used
     from .pairing_link import PairingHost, Rendezvous
+    from .peer_fetch import PeerLocation
+    from .session import Unverified
 
 log = logging.getLogger("p2pbackup.account")
 PAYLOAD_VERSION = 1
@@ -332,12 +337,46 @@ class Recovered:
     joined: bool
 
 
-async def recover(home: Path, store_location: str, code: str, name: str) -> Recovered:
-    """Make a new home for this device from a recovery code and a store holding the account."""
+async def recover(home: Path, store_location: str, code: str, name: str, *,
+                  peers: PeerSettings | None = None,
+                  on_step: Callable[[str], None] | None = None) -> Recovered:
+    """Make a new home for this device from a recovery code and a store holding the account
+    (a directory, or `peer:DEVICE[@HOST:PORT]`: a device of the account on the LAN)."""
     if (home / "config.toml").exists():
         raise ConfigError(f"{home} is already set up; recover into a new P2PBACKUP_HOME")
     root = recovery.decode(code)
-    source = open_store(store_location)
+    if not is_peer_location(store_location):
+        return await _recover_from(home, open_store(store_location), store_location, root, name)
+    from .peer_fetch import PeerLocation, recovery_candidates
+
+    where = PeerLocation.parse(store_location)
+    signer = DeviceIdentity(AccountKeys(root).recovery_seed())
+    errors: list[str] = []
+    for candidate in await recovery_candidates(where, peers or PeerSettings.from_env(),
+                                               on_step):
+        try:
+            source = await candidate.open(signer)
+        except P2PError as exc:
+            errors.append(str(exc))
+            continue
+        try:
+            return await _recover_from(home, source, store_location, root, name,
+                                       peer=(where, candidate.unverified, signer))
+        except _NotThisPeer as exc:
+            errors.append(str(exc))
+        finally:
+            await source.close()
+    raise PeerUnreachable(f"no device of this account answered for {store_location}: " +
+                          ("; ".join(errors) or "nothing p2pbackup is on the LAN"))
+
+
+class _NotThisPeer(P2PError):
+    """{}"""
+
+
+async def _recover_from(home: Path, source: BlobStore, store_location: str, root: bytes,
+                        name: str, peer: "tuple[PeerLocation, Unverified, DeviceIdentity] | None"
+                        = None) -> Recovered:
     keys = await store_membership.keys_from_root(source, root)
     identity = DeviceIdentity.generate()
     cache = home / "cache-recover"
@@ -351,6 +390,11 @@ async def recover(home: Path, store_location: str, code: str, name: str) -> Reco
         if got is None:
             raise NotFound(f"the store at {store_location} holds no membership record")
         current, chain = got
+        if peer is not None:  # the peer is a device of this account, and the one named
+            where, unverified, signer = peer
+            unverified.check(signer.device_id, current)
+            if find_device(current, where.which).device_id != unverified.sender:
+                raise _NotThisPeer(f"the device that answered is not {where.which!r}")
         config_raw = await repo.config_object()
         signer = recovery_signer(keys)
         joined = current.recovery_key == signer.public_key

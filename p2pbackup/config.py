@@ -58,6 +58,11 @@ class PeerSettings:
     direct_lane: bool = True    # bulk over TLS when the peer is on the LAN
     interfaces: tuple[str, ...] = ()   # mDNS interfaces (names); empty = all
 
+    @classmethod
+    def from_env(cls) -> "PeerSettings":
+        """The defaults, as P2PBACKUP_LAN leaves them (for a device with no config yet)."""
+        return cls(lan=not _lan_off())
+
 
 @dataclass(frozen=True, slots=True)
 class Config:
@@ -234,9 +239,13 @@ def _peer_settings(table: object, path: Path) -> PeerSettings:
         raise ConfigError(f"{path}: key 'peers.interfaces' must be a list of interface names")
     # P2PBACKUP_LAN=off keeps a daemon off the network (the test suite sets it outside the
     # network namespaces it makes, so no multicast ever leaves the machine).
-    if os.environ.get("P2PBACKUP_LAN", "").lower() in ("off", "0", "no", "false"):
+    if _lan_off():
         lan = False
     return PeerSettings(lan, port, lane, tuple(ifaces))
+
+
+def _lan_off() -> bool:
+    return os.environ.get("P2PBACKUP_LAN", "").lower() in ("off", "0", "no", "false")
 
 
 def _daemon_settings(table: object, path: Path) -> DaemonSettings:

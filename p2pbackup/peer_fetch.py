@@ -7,6 +7,7 @@ daemons use, and the first frame makes it a fetch session (protocol/fetch.py).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .errors import ConfigError, PeerUnreachable
 from .format.membership import Membership
 
 if TYPE_CHECKING:
+    from .session import Unverified
     from .transport.datachannel import IceConfig
 
 PEER_SERVICE = "_p2pbackup._tcp.local."
@@ -54,12 +56,20 @@ def is_peer_location(location: str | None) -> bool:
     return bool(location) and location.startswith("peer:")  # type: ignore[union-attr]
 
 
-def ice_for(peers: PeerSettings) -> IceConfig:
-    """Loopback-only ICE when the config keeps peers on `lo` (a demo on one machine)."""
+def ice_for(peers: PeerSettings, host: str | None = None) -> IceConfig:
+    """Loopback-only ICE when the config keeps peers on `lo` (a demo on one machine) or the
+    peer's address is a loopback one."""
+    import ipaddress
+
     from .transport.datachannel import IceConfig  # aiortc: only when a peer is reached
 
-    return IceConfig(host_addresses=("127.0.0.1",)) if list(peers.interfaces) == ["lo"] \
-        else IceConfig()
+    try:
+        loopback_host = host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback_host = host == "localhost"
+    if list(peers.interfaces) == ["lo"] or loopback_host:
+        return IceConfig(host_addresses=("127.0.0.1",))
+    return IceConfig()
 
 
 async def find_on_lan(device: str, tag_key: bytes, peers: PeerSettings,
@@ -105,10 +115,69 @@ async def open_peer(location: PeerLocation, device: str, *, identity: DeviceIden
     for host, port in addresses:
         try:
             link = await session.connect(identity, device, membership,
-                                         session.LanSignaling(host, port), ice=ice_for(peers))
+                                         session.LanSignaling(host, port),
+                                         ice=ice_for(peers, host))
         except PeerUnreachable as exc:
             errors.append(str(exc))
             continue
         step(f"connected to {label} at {host}")
         return await PeerStore(link, identity.device_id, location=label).start()
     raise PeerUnreachable(f"cannot reach {label}: {'; '.join(errors)}")
+
+
+@dataclass(slots=True)
+class RecoveryCandidate:
+    """A daemon that may belong to the account being recovered (checked once connected)."""
+
+    host: str
+    port: int
+    peers: PeerSettings
+    unverified: "Unverified | None" = None
+
+    async def open(self, signer: DeviceIdentity) -> PeerStore:
+        """A session as the recovery signer; the caller checks who answered (`unverified`)."""
+        from . import session
+
+        self.unverified = await session.connect_recovering(
+            signer, session.LanSignaling(self.host, self.port), ice=ice_for(self.peers, self.host))
+        return await PeerStore(self.unverified.link, signer.device_id,
+                               location=f"the peer at {self.host}").start()
+
+
+async def recovery_candidates(location: PeerLocation, peers: PeerSettings,
+                              on_step: Callable[[str], None] | None = None,
+                              seconds: float = 3.0) -> list[RecoveryCandidate]:
+    """Where to try recovering from: the address given, or every p2pbackup daemon on the LAN.
+
+    A new device knows no device ids yet, so it cannot read the rotating tags (unless the
+    account never changed key epochs); each candidate checks the recovery code's signature
+    against its own membership and refuses strangers.
+    """
+    if location.host is not None and location.port is not None:
+        return [RecoveryCandidate(location.host, location.port, peers)]
+    if not peers.lan:
+        raise ConfigError("finding peers on the LAN is off (P2PBACKUP_LAN=off); give the "
+                          f"peer's address as peer:{location.which}@HOST:PORT")
+    from .discovery import mdns
+
+    (on_step or (lambda s: None))("looking for the account's devices on the LAN")
+    found: dict[str, mdns.Found] = {}
+    async with mdns.Browser(PEER_SERVICE, interfaces=list(peers.interfaces) or None) as b:
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    ev = await b.get()
+                    if isinstance(ev, mdns.Removed):
+                        found.pop(ev.found.name, None)
+                    else:
+                        found[ev.found.name] = ev.found
+        except TimeoutError:
+            pass
+    out = []
+    for f in found.values():
+        try:
+            port = int(f.txt.get("port", f.port))
+        except ValueError:
+            port = f.port
+        out += [RecoveryCandidate(a, port, peers) for a in f.addresses]
+    return out

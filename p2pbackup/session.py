@@ -20,9 +20,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .crypto.identity import DeviceIdentity, verify_signature
+from .crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from .errors import P2PError, PeerNotPaired, PeerUnreachable, RemoteProtocolError
 from .format.membership import Membership
+from .format.records import Signed
 from .format.signaling import (ANSWER, OFFER, ReplayGuard, SessionDescription,
                                check_description, sign_description)
 from .transport.datachannel import IceConfig, PeerLink
@@ -110,6 +111,52 @@ async def connect(me: DeviceIdentity, peer: str, membership: Membership,
     return link
 
 
+@dataclass(slots=True)
+class Unverified:
+    """A channel opened before we know the account's members: `check` it once we do."""
+
+    link: PeerLink
+    answer: bytes
+    nonce: bytes
+    sender: str
+
+    def check(self, me: str, membership: Membership) -> None:
+        """PeerNotPaired unless the answer was signed by a member of `membership`."""
+        check_description(self.answer, me=me, membership=membership, now_ns=_now(),
+                          guard=ReplayGuard(), verify=verify_signature, expect=ANSWER,
+                          reply_to=self.nonce)
+
+
+async def connect_recovering(signer: DeviceIdentity, signaling: Signaling, *,
+                             ice: IceConfig | None = None) -> Unverified:
+    """Open a data channel as the recovery signer to whichever device answers there.
+
+    The peer checks our offer against its membership (signed by the recovery code's key);
+    we hold no membership yet, so the answer's signature is checked later (`Unverified`).
+    """
+    link = PeerLink(ice)
+    try:
+        sdp = await link.create_offer()
+        nonce = os.urandom(16)
+        offer = sign_description(SessionDescription(OFFER, signer.device_id, "", sdp, _now(),
+                                                    nonce), signer.sign)
+        raw = await signaling.exchange(offer)
+        try:
+            signed = Signed.decode(raw, "session answer")
+            answer = SessionDescription.decode(signed.body)
+        except Exception as exc:  # untrusted bytes
+            raise RemoteProtocolError(f"a malformed session answer arrived ({exc})") from None
+        if answer.kind != ANSWER or answer.reply_to != nonce or signed.device != answer.sender:
+            raise RemoteProtocolError("the answer does not answer our offer")
+        await link.accept_answer(answer.sdp)
+        await link.wait_connected(CONNECT_TIMEOUT)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await link.close()
+        raise
+    return Unverified(link, raw, nonce, answer.sender)
+
+
 class SignalingServer:
     """The daemon's LAN signaling endpoint: answers offers from members, refuses the rest."""
 
@@ -142,9 +189,11 @@ class SignalingServer:
         link: PeerLink | None = None
         try:
             raw = await _read_frame(reader, 15)
-            offer = check_description(raw, me=self.me.device_id, membership=self.membership(),
+            m = self.membership()
+            offer = check_description(raw, me=self.me.device_id, membership=m,
                                       now_ns=_now(), guard=self.guard, verify=verify_signature,
-                                      expect=OFFER)
+                                      expect=OFFER, recovery_id=device_id_for(m.recovery_key)
+                                      if m.recovery_key else None)
             link = PeerLink(self.ice)
             sdp = await link.accept_offer(offer.sdp)
             answer = sign_description(SessionDescription(ANSWER, self.me.device_id,

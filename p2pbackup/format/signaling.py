@@ -71,8 +71,13 @@ class ReplayGuard:
 def check_description(raw: bytes, *, me: str, membership: Membership, now_ns: int,
                       guard: ReplayGuard, verify: Callable[[bytes, bytes, bytes], bool],
                       expect: str, reply_to: bytes = b"",
-                      allow_partners: bool = True) -> SessionDescription:
-    """Check a received offer or answer; raise PeerNotPaired or RemoteProtocolError."""
+                      allow_partners: bool = True,
+                      recovery_id: str | None = None) -> SessionDescription:
+    """Check a received offer or answer; raise PeerNotPaired or RemoteProtocolError.
+
+    `recovery_id` (the device id of the membership's recovery signer) admits an offer signed
+    with the recovery code's key, sent to any device: a new device recovering from a peer.
+    """
     try:
         signed = Signed.decode(raw, "session description")
         desc = SessionDescription.decode(signed.body)
@@ -87,14 +92,16 @@ def check_description(raw: bytes, *, me: str, membership: Membership, now_ns: in
     if desc.sender in membership.removed:
         raise PeerNotPaired(f"refused device {who}: it was removed from the account")
     member = membership.member(desc.sender)
-    if member is None:
+    recovering = recovery_id is not None and desc.sender == recovery_id and expect == OFFER
+    if member is None and not recovering:
         raise PeerNotPaired(f"refused device {who}: it is not paired with this account")
-    if member.role == PARTNER and not allow_partners:
+    if member is not None and member.role == PARTNER and not allow_partners:
         raise PeerNotPaired(f"refused device {who}: a storage partner cannot open this session")
-    if not verify(member.public_key, signed.body, signed.signature):
+    key = member.public_key if member is not None else membership.recovery_key
+    if not verify(key, signed.body, signed.signature):
         raise PeerNotPaired(f"refused a session {expect} claiming to be device {who}: bad "
                             "signature")
-    if desc.recipient != me:
+    if desc.recipient != me and not (recovering and desc.recipient == ""):
         raise PeerNotPaired(f"refused a session {expect} from {who} meant for another device")
     if abs(now_ns - desc.time_ns) > MAX_SKEW_NS:
         raise PeerNotPaired(f"refused a stale session {expect} from {who} (time off by "

@@ -307,7 +307,7 @@ class FetchClient(_End):
 
     def _pending(self, msg: dict, *ops: str) -> int:
         rid = _need(msg, "id", int)
-        if self._ops.get(rid) not in ops:
+        if rid not in self._ops or ops and self._ops[rid] not in ops:
             raise FrameError(f"a {msg['t']!r} answer to request {rid}, which did not ask for it")
         return rid
 
@@ -350,7 +350,7 @@ class FetchClient(_End):
             del self._names[rid], self._ops[rid]
             return [Reply(rid, got)]
         if t == "fail":
-            rid = self._pending(msg, *OPS)
+            rid = self._pending(msg)  # any request may fail
             self._ops.pop(rid)
             self._data.pop(rid, None)
             self._names.pop(rid, None)

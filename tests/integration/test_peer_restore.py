@@ -75,3 +75,46 @@ def test_restoring_from_a_peer_that_is_not_there_says_so(netlab, tmp_path: Path)
                   "peer:nosuchdevice", check=False)
     assert "no device 'nosuchdevice' in this account" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_new_device_recovers_from_a_peer_with_the_recovery_code(netlab, tmp_path: Path):
+    from p2pbackup.crypto import recovery
+
+    lan = netlab.lan("lan")
+    ha, hc, hd = (netlab.host(x, lan, f"10.10.0.{i}/24") for i, x in enumerate("acd", 1))
+    a, c, d = Cli(tmp_path / "home-a"), Cli(tmp_path / "home-c"), Cli(tmp_path / "home-d")
+    src = tmp_path / "src"
+    make_sample_tree(src, big=1_000_000)
+    a("init", "--source", str(src))
+    (tmp_path / "src-d").mkdir()
+    d("init", "--source", str(tmp_path / "src-d"))        # another account on the same LAN
+    a_id = json.loads(a("devices", "--json").stdout)["devices"][0]["id"]
+    code = recovery.encode((a.home / "keys" / "account.key").read_bytes())
+    (tmp_path / "code").write_text(code)
+    (tmp_path / "d-code").write_text(recovery.encode((d.home / "keys" / "account.key")
+                                                     .read_bytes()))
+    procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hd, d, tmp_path, "d")]
+    try:
+        wait_status(a), wait_status(d)
+        a("snapshot")
+        # The code of d's account: only d's daemon lets it in (a refuses it), and that
+        # account has no device a. One line, and nothing is left behind.
+        wrong = run_in(hc, c, "recover", "--from", f"peer:{a_id[:10]}",
+                       "--recovery-code-file", str(tmp_path / "d-code"), check=False)
+        assert wrong.returncode == 17, wrong.stderr
+        assert f"no device '{a_id[:10]}' in this account" in wrong.stderr
+        assert not (c.home / "config.toml").exists()
+        # The right code: found on the LAN, a checks the code's signature and lets it read.
+        out = run_in(hc, c, "recover", "--from", f"peer:{a_id[:10]}", "--name", "phone",
+                     "--recovery-code-file", str(tmp_path / "code"))
+        assert "is now listed in the account" in out.stdout, out.stdout
+        # a took the new device into its membership (checked, signed by the code's key) ...
+        names = [x["name"] for x in json.loads(a("devices", "--json").stdout)["devices"]]
+        assert "phone" in names
+        # ... so the new device reads as a member now, and restores everything.
+        run_in(hc, c, "restore", "latest", "--to", str(tmp_path / "out"), "--from",
+               f"peer:{a_id[:10]}")
+        assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+        assert "no problems found" in a("verify").stdout
+    finally:
+        stop_all(procs)

@@ -98,3 +98,33 @@ def test_discovery_tags_rotate_and_name_the_device_only_to_members():
     assert which_device(key, t0, devices, 1_000_000.0 + 200) == A.device_id  # clock skew
     assert which_device(key, t0, devices, 1_000_000.0 + 1000) is None       # too old
     assert which_device(other, t0, devices, 1_000_000.0) is None            # another account
+
+
+def test_the_recovery_signer_may_offer_to_any_device_and_nobody_else_may():
+    from dataclasses import replace
+
+    from p2pbackup.crypto.identity import device_id_for
+
+    signer = DeviceIdentity.generate()
+    m = replace(M, recovery_key=signer.public_key)
+    rid = device_id_for(signer.public_key)
+
+    def check_m(raw: bytes, **kw) -> SessionDescription:
+        return check_description(raw, me=B.device_id, membership=m, now_ns=NOW,
+                                 guard=ReplayGuard(), verify=verify_signature,
+                                 expect=kw.pop("expect", OFFER), recovery_id=rid, **kw)
+
+    def to_anyone(sender: DeviceIdentity, kind: str = OFFER) -> bytes:
+        return sign_description(SessionDescription(kind, sender.device_id, "", "v=0", NOW,
+                                                   os.urandom(16)), sender.sign)
+
+    assert check_m(to_anyone(signer)).sender == rid          # a device holding the code
+    with pytest.raises(PeerNotPaired, match="meant for another"):
+        check_m(to_anyone(A))                                 # members name the recipient
+    with pytest.raises(PeerNotPaired, match="not paired"):
+        check_m(to_anyone(signer, ANSWER), expect=ANSWER)     # it only ever offers
+    with pytest.raises(PeerNotPaired, match="not paired"):   # without the rule: a stranger
+        check(to_anyone(signer))
+    forged = SessionDescription(OFFER, rid, "", "v=0", NOW, os.urandom(16))
+    with pytest.raises(PeerNotPaired, match="bad signature"):
+        check_m(sign_description(forged, STRANGER.sign))
