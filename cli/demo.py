@@ -110,8 +110,10 @@ def pair_device(home: Path, new_home: Path) -> None:
         sys.exit("demo failed: pairing did not complete")
 
 
-def replicate_with_daemons(home: Path, laptop: Path, work: Path, expected: dict) -> None:
-    """Both daemons on loopback; the laptop ends with the first device's snapshots."""
+def replicate_with_daemons(home: Path, laptop: Path, work: Path, expected: dict
+                           ) -> list[subprocess.Popen]:
+    """Both daemons on loopback; the laptop ends with the first device's snapshots.
+    Returns the daemons, still running (home's first)."""
     for h in (home, laptop):
         with open(h / "config.toml", "a") as f:
             f.write('\n[peers]\ninterfaces = ["lo"]\n')
@@ -142,11 +144,28 @@ def replicate_with_daemons(home: Path, laptop: Path, work: Path, expected: dict)
         compare("restored on the laptop from its own replica", expected,
                 work / "restore-replica" / "data")
         p2p(laptop, "verify", "--read-data")
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=30)
+    except BaseException:
+        stop(procs)
+        raise
+    return procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def signaling_port(home: Path) -> int:
+    for _ in range(100):
+        proc = subprocess.run([sys.executable, "-m", "p2pbackup.cli.main", "status", "--json"],
+                              env=dict(os.environ, P2PBACKUP_HOME=str(home)),
+                              capture_output=True, text=True)
+        if proc.returncode == 0:
+            return json.loads(proc.stdout)["lan"]["signaling_port"]
+        time.sleep(0.2)
+    sys.exit("demo failed: the laptop's daemon does not answer status")
 
 
 def main() -> None:
@@ -203,17 +222,22 @@ def main() -> None:
 
         step("Start both daemons: they find each other (mDNS on loopback), open a signed "
              "WebRTC session, move bulk to the direct TLS lane and replicate")
-        replicate_with_daemons(home, laptop, work, day1)
-
-        step("Recover a lost device on a new one from the recovery code alone")
-        (work / "code.txt").write_text(code)
-        spare = work / "home-spare"
-        p2p(spare, "recover", "--from", str(home / "store"), "--recovery-code-file",
-            str(work / "code.txt"), "--name", "spare")
-        p2p(spare, "restore", "latest", "--from", str(home / "store"),
-            "--to", str(work / "restore-spare"))
-        compare("restored on the recovered device", day1, work / "restore-spare" / "data")
-        p2p(home, "devices")
+        daemons = replicate_with_daemons(home, laptop, work, day1)
+        try:
+            step("The first device is lost (its daemon stops). A new device recovers from the "
+                 "laptop, a peer, with the recovery code alone, over WebRTC")
+            stop(daemons[:1])
+            peer = f"peer:laptop@127.0.0.1:{signaling_port(laptop)}"
+            (work / "code.txt").write_text(code)
+            spare = work / "home-spare"
+            p2p(spare, "recover", "--from", peer, "--recovery-code-file",
+                str(work / "code.txt"), "--name", "spare")
+            p2p(spare, "restore", "latest", "--from", peer, "--to", str(work / "restore-spare"))
+            compare("restored on the recovered device from the laptop", day1,
+                    work / "restore-spare" / "data")
+            p2p(laptop, "devices")
+        finally:
+            stop(daemons[1:])
 
         store = sum(f.stat().st_size for f in (home / "store").rglob("*") if f.is_file())
         print(f"\nDone: 2 snapshots of {size / 1e6:.1f} MB stored in {store / 1e6:.1f} MB "
