@@ -348,9 +348,17 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
     if as_json:
         print(json.dumps(st, indent=2))
         return
-    logi = st["log"]
+    logi = st.get("log")
     print(f"p2pbackupd running (pid {st['pid']}, up {st['uptime_seconds']:.0f} s), "
           f"device {st['device'][:12]}")
+    for g in st.get("partner_for", []):
+        quota = output.human_bytes(g["quota"]) if g.get("quota") is not None else "no quota"
+        used = output.human_bytes(g["used"]) if g.get("used") is not None else "?"
+        print(f"  storage partner for account {g['account']}: {used} of {quota}; "
+              f"{len(g['owners_connected'])} owner devices connected"
+              + (f"; {g['error']}" if g.get("error") else ""))
+    if logi is None:
+        return  # a storage partner only: no sources, no log
     for s in st["sources"]:
         print(f"  source {s['name']}: {s['path']}{'' if s['present'] else '  (MISSING)'}")
     sealed = (f"sealed {(_time.time() - logi['last_sealed']):.0f} s ago"
@@ -371,7 +379,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
                       f"({output.human_bytes(p.get('bytes_behind') or 0)}) behind")
         if p.get("last_sync"):
             extra += f"; last sync {(_time.time() - p['last_sync']):.0f} s ago"
-        if p.get("error") and not p["connected"]:
+        if p.get("error"):
             extra += f"; {p['error']}"
         print(f"  peer {p['name'] or '?'} ({p['device'][:12]}): {where}{extra}")
     for e in st.get("errors", []):

@@ -19,7 +19,7 @@ from typing import Any
 
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
-from p2pbackup.config import Config, load_config, systemd_settings
+from p2pbackup.config import Config, load_config, load_identity, systemd_settings
 from p2pbackup.device import Device, open_device
 from p2pbackup.errors import P2PError
 from p2pbackup.format.log import Head
@@ -30,6 +30,7 @@ from .capture import SealState, SegmentSealer
 from .control import ControlServer
 from .notify import Notifier
 from .peers import PeerManager
+from .partner import PartnerService, load_grants
 from .replicate import Replicator
 from .rescan import rescan
 
@@ -105,6 +106,7 @@ class DeviceDaemon:
         self.last_snapshot: tuple[str, int] | None = None  # (id, time_ns)
         self.peers: PeerManager | None = None
         self.replicator: Replicator | None = None
+        self.partner: PartnerService | None = None
 
     async def seal(self) -> None:
         async with self.writing:
@@ -186,6 +188,7 @@ class DeviceDaemon:
             "peers": self.peers.status() if self.peers else [],
             "lan": {"enabled": self.config.peers.lan, "signaling_port": self.peers.port
                     if self.peers else 0},
+            "partner_for": self.partner.status() if self.partner else [],
         }
 
 
@@ -253,6 +256,8 @@ async def serve(home: Path | None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if (config.home / "keys" / "partner-only").exists():
+        return await _serve_partner_only(config, notifier, stop)
     async with open_device(config.home, write=True) as dev:
         logstore = LogStore(dev.repo)
         seq, prev = await logstore.recover_tail(dev.identity.device_id)
@@ -276,6 +281,8 @@ async def serve(home: Path | None) -> int:
         d.replicator.on_membership = d.peers.refresh
         await d.replicator.start_lane(d.peers.bind_address)
         await d.peers.start()
+        d.partner = PartnerService(config, dev.identity, load_grants(config.home))
+        await d.partner.start()
         watching = asyncio.Event()
         tasks = [asyncio.create_task(_watch(config, sealer, stop, watching)),
                  asyncio.create_task(_seal_loop(d, stop))]
@@ -304,6 +311,7 @@ async def serve(home: Path | None) -> int:
             notifier.stopping()
             await server.close()
             await d.peers.close()
+            await d.partner.close()
             await d.replicator.close()
             for t in tasks:
                 t.cancel()
@@ -312,6 +320,32 @@ async def serve(home: Path | None) -> int:
             sealer.close()
     log.info("stopped")
     return 1 if failed else 0
+
+
+async def _serve_partner_only(config: Config, notifier: Notifier, stop: asyncio.Event) -> int:
+    """A home with no account of its own: only store other accounts' ciphertext."""
+    identity = load_identity(config)
+    partner = PartnerService(config, identity, load_grants(config.home))
+    started = time.time()
+
+    async def status(args: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"device": identity.device_id, "pid": os.getpid(),
+                "uptime_seconds": round(time.time() - started, 1), "sources": [], "log": None,
+                "peers": [], "partner_for": partner.status(),
+                "lan": {"enabled": config.peers.lan, "signaling_port": partner.port}}
+
+    server = ControlServer(config.control_socket, {"status": status})
+    await server.start()
+    await partner.start()
+    notifier.ready(f"storage partner for {len(partner.grants)} accounts")
+    try:
+        await stop.wait()
+    finally:
+        notifier.stopping()
+        await partner.close()
+        await server.close()
+    log.info("stopped")
+    return 0
 
 
 def run() -> None:

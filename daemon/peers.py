@@ -20,7 +20,7 @@ from typing import Any
 from p2pbackup import session
 from p2pbackup.config import Config
 from p2pbackup.crypto.identity import device_id_for
-from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, which_device
+from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, partner_tag_key, which_device
 from p2pbackup.device import Device
 from p2pbackup.errors import P2PError
 from p2pbackup.format.membership import Membership
@@ -118,6 +118,22 @@ class PeerManager:
         return [m.device_id for m in self.membership.members
                 if m.device_id != self.me and m.role != "partner"]
 
+    def _partners(self) -> list[str]:
+        if self.membership is None:
+            return []
+        return [m.device_id for m in self.membership.members if m.role == "partner"]
+
+    def _recognise(self, tags: str) -> str | None:
+        """The member or storage partner an advert's tag field names, if any."""
+        now = time.time()
+        partner_key = partner_tag_key(self.dev.keys.meta_id_key)
+        for tag in tags.split(",")[:64]:
+            device = which_device(self.dev.keys.meta_id_key, tag, self._members(), now) or \
+                which_device(partner_key, tag, self._partners(), now)
+            if device is not None:
+                return device
+        return None
+
     def _tag(self) -> str:
         return discovery_tag(self.dev.keys.meta_id_key, self.me, time.time())
 
@@ -181,8 +197,7 @@ class PeerManager:
 
         async for ev in self._browser:
             found = ev.found
-            device = which_device(self.dev.keys.meta_id_key, found.txt.get("tag", ""),
-                                  self._members(), time.time())
+            device = self._recognise(found.txt.get("tag", ""))
             if device is None:
                 continue  # another account's device, or our own advert
             st = self.peers.setdefault(device, PeerState(device))
@@ -194,7 +209,9 @@ class PeerManager:
                 st.port = int(found.txt.get("port", found.port))
             except ValueError:
                 st.port = found.port
-            if not st.connected and self.me < device and device not in self._dialing:
+            # A partner never dials: it has nothing of its own to send.
+            dials = self.me < device or device in self._partners()
+            if not st.connected and dials and device not in self._dialing:
                 self._tasks.append(asyncio.create_task(self._dial(device)))
 
     async def _dial(self, device: str) -> None:

@@ -129,7 +129,7 @@ class Replicator:
                 new.append(head)  # heads change in place
             if new:
                 s.announce(new)
-                await _flush(s, link, self.lanes.get(device))
+                await flush(s, link, self.lanes.get(device))
 
     async def run(self, device: str, link: PeerLink, st: "PeerState",
                   first: bytes | None = None) -> None:
@@ -142,7 +142,7 @@ class Replicator:
         if self.lane_server is not None:
             s.offer_lane(self.lane_server.fingerprint, self.lane_port)
         try:
-            await _flush(s, link)
+            await flush(s, link)
             if first is not None:
                 await self._handle(s, link, st, s.receive_data(first))
             while not s.closed:
@@ -194,8 +194,10 @@ class Replicator:
                 elif isinstance(ev, ObjectAcked):
                     st.last_sync = time.time()
                 elif isinstance(ev, ObjectRejected):
-                    log.warning("peer %s refused %s: %s", st.device[:12], ev.name[:40],
-                                ev.reason)
+                    if ev.reason != st.error:  # say it once, not once per object
+                        log.warning("peer %s refused %s: %s", st.device[:12], ev.name[:40],
+                                    ev.reason)
+                    st.error = ev.reason
                 elif isinstance(ev, LaneOffered):
                     if self.lane_server is not None:
                         self._lane_peers[_normalize(ev.fingerprint)] = st.device
@@ -206,13 +208,14 @@ class Replicator:
                 elif isinstance(ev, Closed):
                     log.warning("session with %s: %s", st.device[:12], ev.reason)
             st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
-            await _flush(s, link, self.lanes.get(st.device))  # also when no event came
+            await flush(s, link, self.lanes.get(st.device))  # also when no event came
             events = s.next_wanted()
             if not events:
                 return
 
 
-async def _flush(s: SyncSession, link: PeerLink, lane: LaneLink | None = None) -> None:
+async def flush(s: SyncSession, link: PeerLink, lane: LaneLink | None = None) -> None:
+    """Send what the session has queued: control frames on the link, parts on the lane."""
     data = s.data_to_send()
     for i in range(0, len(data), MESSAGE_SIZE):
         await link.send(data[i:i + MESSAGE_SIZE])

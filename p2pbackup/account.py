@@ -24,6 +24,7 @@ from .config import Config, PeerSettings, init_home, save_keys
 from .crypto import recovery
 from .crypto.identity import DeviceIdentity, device_id_for, seal_to
 from .crypto.keys import AccountKeys
+from .crypto.tags import partner_tag_key
 from .device import Device
 from .errors import (ConfigError, IntegrityError, NotFound, P2PError, PairingFailed,
                      PeerUnreachable, WrongKey)
@@ -164,6 +165,7 @@ async def prepare_welcome(dev: Device, invite: Invitation, payload: bytes) -> Pe
         doc["owners"] = [[m.device_id, m.public_key] for m in nxt.members
                          if m.role != PARTNER]
         doc["quota"] = invite.quota
+        doc["tag_key"] = partner_tag_key(dev.keys.meta_id_key)
     else:
         doc["config"] = await dev.repo.config_object()
         doc["chain"] = chain + [signed]
@@ -210,7 +212,8 @@ async def apply_welcome(home: Path, identity: DeviceIdentity, name: str,
         partners = home / "partners"
         partners.mkdir(mode=0o700, exist_ok=True)
         grant = {"v": 1, "account": account, "quota": doc.get("quota"),
-                 "owners": doc.get("owners", []), "since": time.time_ns()}
+                 "owners": doc.get("owners", []), "since": time.time_ns(),
+                 "tag_key": doc.get("tag_key", b""), "host": doc["host"].get("id", "")}
         tmp = partners / f"{account}.tmp"
         tmp.write_bytes(msgpack.packb(grant, use_bin_type=True))
         os.replace(tmp, partners / f"{account}.grant")

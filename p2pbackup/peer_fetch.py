@@ -78,7 +78,8 @@ async def find_on_lan(device: str, tag_key: bytes, peers: PeerSettings,
     from .discovery import mdns
 
     def ours(txt: dict[str, str]) -> bool:
-        return which_device(tag_key, txt.get("tag", ""), [device], time.time()) is not None
+        return any(which_device(tag_key, tag, [device], time.time()) is not None
+                   for tag in txt.get("tag", "").split(",")[:64])
 
     found = await mdns.find(PEER_SERVICE, ours, timeout=timeout,
                             interfaces=list(peers.interfaces) or None)

@@ -42,6 +42,11 @@ class QuotaStore(BlobStore):
             self._used = total
         return self._used
 
+    @property
+    def used_so_far(self) -> int | None:
+        """Bytes stored, if counted already (for status, which must not walk the store)."""
+        return self._used
+
     async def put(self, name: str, data: Buffer) -> None:
         used = await self.used()
         old = await self.inner.size(name) if await self.inner.has(name) else 0

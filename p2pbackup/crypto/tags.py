@@ -11,6 +11,12 @@ from collections.abc import Iterable
 TAG_PERIOD = 300  # seconds a tag stays valid
 
 
+def partner_tag_key(meta_id_key: bytes) -> bytes:
+    """The key a storage partner's adverts are tagged with: given to the partner at pairing,
+    it lets the account's devices recognise the partner and teaches the partner nothing else."""
+    return hmac.new(meta_id_key, b"p2pbackup partner tags", hashlib.sha256).digest()
+
+
 def discovery_tag(tag_key: bytes, device_id: str, now: float, period: int = TAG_PERIOD) -> str:
     """The tag device `device_id` advertises in the time window holding `now` (16 hex chars)."""
     window = int(now // period)
