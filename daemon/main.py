@@ -23,6 +23,7 @@ from p2pbackup.config import Config, load_config, load_identity, systemd_setting
 from p2pbackup.device import Device, open_device
 from p2pbackup.errors import P2PError
 from p2pbackup.format.log import Head
+from p2pbackup.repo import removals
 from p2pbackup.repo.logstore import LogStore
 
 from .account_ops import AccountOps
@@ -163,6 +164,9 @@ class DeviceDaemon:
                                             prune_after=bool(args.get("prune")),
                                             protect=lambda: set(self.sealer.sink.stored_packs))
             self.sealer.forget_known()  # pruned blobs must be stored again if they come back
+        if self.replicator is not None and result.get("removal"):
+            await self.replicator.refresh_removals()
+            await self.announce()
         return result
 
     async def prune(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -238,6 +242,27 @@ async def _snapshot_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
                 d.last_snapshot = ("", time.time_ns())  # retry after one interval, not in a loop
 
 
+async def _removal_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
+    """Delete the snapshots an owner removed, once the grace period has passed."""
+    grace = d.config.peers.removal_grace
+    while not stop.is_set():
+        try:
+            assert d.replicator is not None
+            records = await d.replicator.refresh_removals()
+            async with d.writing:
+                gone = await removals.apply_due(d.dev.repo.store, records, grace,
+                                                kinds=("snapshots/",))
+            if gone:
+                log.info("deleted %d snapshots that an owner device forgot (grace %s s over); "
+                         "`prune` frees their data", len(gone), f"{grace:g}")
+        except P2PError as exc:
+            log.error("applying removals failed: %s", exc)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=min(60.0, max(1.0, grace / 2)))
+        except asyncio.TimeoutError:
+            pass
+
+
 async def _watchdog(notifier: Notifier, seconds: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         notifier.watchdog()
@@ -293,6 +318,7 @@ async def serve(home: Path | None) -> int:
         log.info("watching %d sources; log at segment %d", len(config.sources), seq)
         tasks.append(asyncio.create_task(_snapshot_loop(d, stop)))
         tasks.append(asyncio.create_task(_rescan_loop(d, stop)))
+        tasks.append(asyncio.create_task(_removal_loop(d, stop)))
         notifier.ready(f"watching {len(config.sources)} sources; log at segment {seq}")
         failed: BaseException | None = None
         try:

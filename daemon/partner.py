@@ -28,16 +28,18 @@ from p2pbackup.blobs.base import BlobStore
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.blobs.quota import QuotaStore
 from p2pbackup.config import Config
-from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.crypto.identity import DeviceIdentity, verify_signature
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag
 from p2pbackup.errors import IntegrityError, NotFound, P2PError
 from p2pbackup.format.membership import OWNER, PARTNER, Member, Membership
 from p2pbackup.format.pack import pack_name
+from p2pbackup.format.removal import PREFIX as REMOVALS
+from p2pbackup.format.removal import REMOVABLE, Removal, read_removal
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.protocol import fetch
 from p2pbackup.protocol.framing import peek_type
 from p2pbackup.protocol.sync import (Closed, Event, ObjectReceived, ObjectWanted, SyncSession)
-from p2pbackup.repo import replica
+from p2pbackup.repo import removals, replica
 from p2pbackup.transport.datachannel import PeerLink
 
 from .replicate import flush
@@ -58,6 +60,12 @@ class Grant:
     connected: set[str] = field(default_factory=set)
     last_error: str | None = None
     last_sync: float | None = None
+    tombstones: set[str] = field(default_factory=set)
+
+    async def refresh_removals(self) -> list[Removal]:
+        records = await removals.held(self.store, self.owners.get)
+        self.tombstones = removals.tombstones(records)
+        return records
 
 
 def load_grants(home: Path) -> list[Grant]:
@@ -84,12 +92,15 @@ def load_grants(home: Path) -> list[Grant]:
     return out
 
 
-async def partner_accept(store: BlobStore, name: str, data: bytes) -> bool:
+async def partner_accept(store: BlobStore, name: str, data: bytes,
+                         owners: dict[str, bytes]) -> bool:
     """Store an object for an account without its keys; False if it was here already."""
     kind, m = replica.kind_of(name)
     if kind == "pack" and pack_name(data) != m.group(1) or \
-            kind == "snapshot" and blake3.blake3(data).hexdigest() != m.group(1):
+            kind in ("snapshot", "removal") and blake3.blake3(data).hexdigest() != m.group(1):
         raise IntegrityError(f"{name[:60]}: its content does not match its name")
+    if kind == "removal":  # signed in the clear: the one record a partner can check
+        read_removal(data, owners.get, verify_signature, name)
     if kind != "head" and await store.has(name):
         if kind in ("pack", "snapshot") or await store.get(name) == data:
             return False
@@ -143,6 +154,7 @@ class PartnerService:
             log.warning("partner: LAN discovery is off: %s", exc)
             return
         self._tasks.append(asyncio.create_task(self._rotate()))
+        self._tasks.append(asyncio.create_task(self._apply_removals()))
         log.info("storage partner for %d accounts, signaling on port %d", len(self.grants),
                  self.port)
 
@@ -155,6 +167,23 @@ class PartnerService:
                 with contextlib.suppress(Exception):
                     await self._ad.update_txt({"v": "1", "port": str(self.port),
                                                "tag": self._tags()})
+
+    async def _apply_removals(self) -> None:
+        """Delete what the owners removed, once the grace period has passed (all of it: a
+        partner cannot tell which data is still used, the owners decided)."""
+        grace = self.config.peers.removal_grace
+        while True:
+            for g in self.grants:
+                try:
+                    gone = await removals.apply_due(g.store, await g.refresh_removals(), grace,
+                                                    kinds=REMOVABLE)
+                except P2PError as exc:
+                    log.error("account %s: applying removals failed: %s", g.account, exc)
+                    continue
+                if gone:
+                    log.info("account %s: deleted %d objects its owners removed", g.account,
+                             len(gone))
+            await asyncio.sleep(min(60.0, max(1.0, grace / 2)))
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -201,7 +230,9 @@ class PartnerService:
         names = {n async for n in grant.store.list("") if replica.is_object_name(n)}
         sizes = {n: await grant.store.size(n) for n in names}
         await grant.store.used()
-        s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes)
+        await grant.refresh_removals()
+        s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes,
+                        wants=lambda name: name not in grant.tombstones)
         log.info("owner %s of account %s connected", device[:12], grant.account)
         msg: bytes | None = first
         while msg is not None and not s.closed:
@@ -215,7 +246,7 @@ class PartnerService:
                             s.missing(ev.name)
                     elif isinstance(ev, ObjectReceived):
                         try:
-                            await partner_accept(grant.store, ev.name, ev.data)
+                            await partner_accept(grant.store, ev.name, ev.data, grant.owners)
                         except P2PError as exc:
                             if str(exc) != grant.last_error:
                                 log.warning("account %s: refused %s: %s", grant.account,
@@ -225,6 +256,8 @@ class PartnerService:
                         else:
                             s.ack(ev.name)
                             grant.last_sync = time.time()
+                            if ev.name.startswith(REMOVALS):
+                                await grant.refresh_removals()
                     elif isinstance(ev, Closed):
                         log.warning("session with %s: %s", device[:12], ev.reason)
                 await flush(s, link)

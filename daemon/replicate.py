@@ -17,7 +17,9 @@ from p2pbackup.blobs import peer as peer_store
 from p2pbackup.errors import NotFound, P2PError
 from p2pbackup.protocol.sync import (Closed, Event, LaneOffered, ObjectAcked, ObjectReceived,
                                      ObjectRejected, ObjectWanted, SyncSession)
-from p2pbackup.repo import replica
+from p2pbackup.format.removal import PREFIX, Removal
+from p2pbackup.repo import membership as store_membership
+from p2pbackup.repo import removals, replica
 from p2pbackup.transport.datachannel import MESSAGE_SIZE, PeerLink
 from p2pbackup.transport.tls_lane import (LaneIdentity, LaneLink, LaneServer, _normalize,
                                           connect_lane)
@@ -50,11 +52,22 @@ class Replicator:
         self._lane_peers: dict[str, str] = {}   # expected fingerprint -> device
         self._states: dict[str, "PeerState"] = {}
         self.on_membership: Callable[[], Awaitable[None]] | None = None
+        self.tombstones: set[str] = set()   # removed by an owner: never fetched again
+
+    async def refresh_removals(self) -> list[Removal]:
+        """Re-read the removal records held here; returns them (checked)."""
+        got = await store_membership.load(self.repo)
+        records = await removals.held(self.repo.store, removals.owner_keys(got[0] if got
+                                                                           else None))
+        self.tombstones = removals.tombstones(records)
+        return records
 
     async def _accepted(self, name: str) -> None:
         """A new object from a peer is stored: a new membership changes who may connect."""
         if name.startswith("membership/") and self.on_membership is not None:
             await self.on_membership()
+        if name.startswith(PREFIX):
+            await self.refresh_removals()
 
     async def start_lane(self, host: str = "0.0.0.0") -> None:
         """Listen for direct lanes (TLS 1.3, certificates pinned inside the sessions)."""
@@ -136,7 +149,8 @@ class Replicator:
         """One session, until either side closes it (`first`: a message already read)."""
         names = await local_names(self.repo)
         sizes = {n: await self.repo.store.size(n) for n in names}
-        s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes)
+        s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes,
+                        wants=lambda name: name not in self.tombstones)
         self.sessions[device] = (s, link)
         self._states[device] = st
         if self.lane_server is not None:

@@ -57,6 +57,7 @@ class PeerSettings:
     port: int = 0               # signaling endpoint; 0 = any free port (mDNS carries it)
     direct_lane: bool = True    # bulk over TLS when the peer is on the LAN
     interfaces: tuple[str, ...] = ()   # mDNS interfaces (names); empty = all
+    removal_grace: float = 7 * 86400   # seconds before a peer deletes what an owner removed
 
     @classmethod
     def from_env(cls) -> "PeerSettings":
@@ -239,9 +240,13 @@ def _peer_settings(table: object, path: Path) -> PeerSettings:
         raise ConfigError(f"{path}: key 'peers.interfaces' must be a list of interface names")
     # P2PBACKUP_LAN=off keeps a daemon off the network (the test suite sets it outside the
     # network namespaces it makes, so no multicast ever leaves the machine).
+    grace = table.get("removal_grace", d.removal_grace)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
+        raise ConfigError(f"{path}: key 'peers.removal_grace' = {grace!r} must be a number of "
+                          "seconds (0 or more)")
     if _lan_off():
         lan = False
-    return PeerSettings(lan, port, lane, tuple(ifaces))
+    return PeerSettings(lan, port, lane, tuple(ifaces), float(grace))
 
 
 def _lan_off() -> bool:

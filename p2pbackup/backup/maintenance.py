@@ -8,6 +8,7 @@ from typing import Any
 
 from ..crypto.identity import DeviceIdentity
 from ..errors import ConfigError
+from ..repo import removals
 from ..repo.repository import Repository
 from .prune import prune
 from .retention import Policy, apply_policy
@@ -43,6 +44,13 @@ async def forget_and_prune(repo: Repository, identity: DeviceIdentity | None,
         if not dry_run:
             for s in forget:
                 await repo.store.delete(f"snapshots/{s.id}")
+    removed = [f"snapshots/{i}" for i in result["forgotten"]] if not dry_run else []
     if prune_after:
-        result["prune"] = asdict(await prune(repo, identity, dry_run=dry_run, protect=protect))
+        report = await prune(repo, identity, dry_run=dry_run, protect=protect)
+        removed += report.removed
+        result["prune"] = {k: v for k, v in asdict(report).items() if k != "removed"}
+    if identity is not None and removed:
+        # Peers keep everything until an owner's signed word says otherwise (and a grace
+        # period passed); without this record they would also hand it all back to us.
+        result["removal"] = await removals.record(repo.store, identity, removed)
     return result

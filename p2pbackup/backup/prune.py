@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..crypto.identity import DeviceIdentity
 from ..errors import IntegrityError, P2PError
@@ -37,6 +37,7 @@ class PruneReport:
     packs_written: int = 0
     bytes_freed: int = 0
     segments_folded: int = 0
+    removed: list[str] = field(default_factory=list)   # store names deleted
 
 
 def _used_by_snapshots(repo: Repository, snaps: list[StoredSnapshot]) -> set[bytes]:
@@ -126,6 +127,7 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
         for seq in await logstore.segment_seqs(identity.device_id):
             if seq <= fold:
                 await repo.store.delete(segment_name(identity.device_id, seq))
+                report.removed.append(segment_name(identity.device_id, seq))
 
     # 2. copy the used blobs of mostly-unused packs into new packs, durable and indexed.
     written = await _repack(repo, repack, grouped, used)
@@ -138,6 +140,7 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
     await repo.index.remove_packs(delete + repack)
     for name in delete + repack:
         await repo.store.delete(f"packs/{name}")
+    report.removed += [f"packs/{name}" for name in delete + repack]
     return report
 
 

@@ -38,6 +38,7 @@ class Kind(enum.IntEnum):
     SEGMENT_PART = 10
     MEMBERSHIP = 11
     KEYRING = 12
+    REMOVAL = 13
 
 
 @dataclass(frozen=True, slots=True)

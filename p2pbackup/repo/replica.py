@@ -21,7 +21,9 @@ from ..format.objects import open_object
 from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.records import DeviceRecord, Signed
 from ..crypto.identity import device_id_for, verify_signature
+from ..format.removal import read_removal
 from . import membership as store_membership
+from .removals import owner_keys
 from .repository import Repository
 
 _HEX = r"[0-9a-f]"
@@ -35,6 +37,7 @@ _NAMES = [
     ("anchor", re.compile(rf"segments/({_HEX}{{32}})/anchor")),
     ("snapshot", re.compile(rf"snapshots/({_HEX}{{64}})")),
     ("head", re.compile(rf"heads/({_HEX}{{32}})")),
+    ("removal", re.compile(rf"removals/({_HEX}{{64}})")),
 ]
 # Objects a peer sends first: later ones are checked against them.
 ORDER = {kind: i for i, (kind, _) in enumerate(_NAMES)}
@@ -109,6 +112,11 @@ async def accept(repo: Repository, name: str, data: bytes) -> bool:
             before = None
         if before is not None and seg.prev != segment_hash(before):
             raise IntegrityError(f"{what} does not follow segment {seq - 1} (a fork)")
+    elif kind == "removal":
+        if blake3.blake3(data).hexdigest() != m.group(1):
+            raise IntegrityError(f"{what}: its content does not match its name")
+        got = await store_membership.load(repo)
+        read_removal(data, owner_keys(got[0] if got else None), verify_signature, what)
     elif kind == "anchor":
         Head.decode(await _signed_by(repo, data, Kind.HEAD, m.group(1), what), what)
     elif kind == "head":

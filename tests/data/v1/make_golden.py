@@ -141,6 +141,13 @@ def main() -> None:
         (HERE / f"membership-{i}.obj").write_bytes(
             seal_object(Kind.MEMBERSHIP, signed_m, keys.meta_key, nonce=nonce(8 + i)))
 
+    # A v1 removal record (signed, not encrypted): two data names and one it must ignore.
+    from p2pbackup.format.removal import Removal, removal_object
+
+    (HERE / "removal.obj").write_bytes(removal_object(
+        Removal(dev.device_id, 1_700_000_000_000_000_000,
+                ("config", "packs/" + "ab" * 32, "snapshots/" + "cd" * 32)), dev.sign))
+
 
 if __name__ == "__main__":
     main()

@@ -95,3 +95,13 @@ def test_v1_membership_chain():
     assert newest.members[1].role == MEMBER and newest.members[1].scopes == ("docs",)
     assert newest.members[2].role == PARTNER and newest.members[2].quota == 50 << 30
     assert newest.recovery_key == DeviceIdentity(KEYS.recovery_seed(0)).public_key
+
+
+def test_v1_removal_record():
+    from p2pbackup.format.removal import read_removal
+
+    dev = DeviceIdentity(bytes(range(32, 64)))
+    r = read_removal((V1 / "removal.obj").read_bytes(), {dev.device_id: dev.public_key}.get,
+                     verify_signature)
+    assert r.time_ns == 1_700_000_000_000_000_000
+    assert r.names == ("packs/" + "ab" * 32, "snapshots/" + "cd" * 32)

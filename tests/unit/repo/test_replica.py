@@ -141,3 +141,37 @@ async def test_objects_never_change(pair):
                                                                    ()).encode())
     with pytest.raises(IntegrityError, match="never change"):
         await replica.accept(b, name, bytes(other))
+
+
+async def test_removal_records_only_from_an_owner_and_whole(pair):
+    from p2pbackup.format.membership import MEMBER, OWNER, Member, Membership, sign_membership
+    from p2pbackup.format.removal import Removal, removal_name, removal_object
+    from p2pbackup.repo import membership as store_membership
+
+    a, b, _ = pair
+    now = time.time_ns()
+    m = Membership(1, b"", 0, (Member(A.device_id, A.public_key, "a", OWNER, added_ns=now),
+                               Member(B.device_id, B.public_key, "b", MEMBER, added_ns=now)),
+                   time_ns=now)
+    await store_membership.append(b, sign_membership(m, A.device_id, A.sign))
+
+    def record(by: DeviceIdentity, names=("snapshots/" + "0" * 64,)) -> bytes:
+        return removal_object(Removal(by.device_id, now, tuple(names)), by.sign)
+
+    good = record(A)
+    assert await replica.accept(b, removal_name(good), good)
+    for bad, why in [(record(B), "not an owner"),                      # a member, not an owner
+                     (record(DeviceIdentity.generate()), "not an owner"),
+                     (good[:-1] + bytes([good[-1] ^ 1]), "bad signature|malformed"),
+                     (good[:40], "not a whole removal record")]:
+        with pytest.raises(IntegrityError, match=why):
+            await replica.accept(b, removal_name(bad), bad)
+    with pytest.raises(IntegrityError, match="does not match its name"):
+        await replica.accept(b, removal_name(record(A, ["packs/" + "2" * 64])), good)
+    # Names outside the data (config, keys, membership) are dropped from a record on reading.
+    from p2pbackup.crypto.identity import verify_signature
+    from p2pbackup.format.removal import read_removal
+
+    odd = record(A, ["config", "membership/000000000001", "packs/" + "1" * 64])
+    assert read_removal(odd, {A.device_id: A.public_key}.get, verify_signature).names == \
+        ("packs/" + "1" * 64,)

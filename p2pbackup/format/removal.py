@@ -1,0 +1,73 @@
+"""Removal records: an owner device's signed word that objects were forgotten or pruned.
+
+Peers never delete on request; they delete what a removal record lists once it is older than
+their grace period, and they stop fetching what it lists from other peers. The record is
+signed but not encrypted, so a storage partner (which holds no key but knows the owners'
+public keys) can check it: it names objects the partner holds anyway and nothing else.
+
+    header(kind REMOVAL, flags 0) | Signed{body: msgpack {v, device, time, names}}
+
+Stored as `removals/<BLAKE3 of the object>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import blake3
+import msgpack
+
+from ..errors import IntegrityError
+from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
+from .records import Signed
+
+VERSION = 1
+PREFIX = "removals/"
+REMOVABLE = ("packs/", "snapshots/", "segments/")
+MAX_NAMES = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    device: str
+    time_ns: int
+    names: tuple[str, ...]
+
+
+def removal_object(r: Removal, sign: Callable[[bytes], bytes]) -> bytes:
+    """The signed object for `r`."""
+    body = msgpack.packb({"v": VERSION, "device": r.device, "time": r.time_ns,
+                          "names": list(r.names)}, use_bin_type=True)
+    signed = Signed(body, r.device, sign(body)).encode()
+    return ObjectHeader(FORMAT_VERSION, Kind.REMOVAL, 0, len(signed)).encode() + signed
+
+
+def removal_name(data: bytes) -> str:
+    return PREFIX + blake3.blake3(data).hexdigest()
+
+
+def read_removal(data: bytes, key_of: Callable[[str], bytes | None],
+                 verify: Callable[[bytes, bytes, bytes], bool], what: str = "removal record"
+                 ) -> Removal:
+    """Check and decode a removal record; `key_of(device)` is an owner's key or None."""
+    header = ObjectHeader.decode(data, what)
+    if header.kind != Kind.REMOVAL or header.length != len(data) - HEADER_SIZE:
+        raise IntegrityError(f"{what} is not a whole removal record")
+    signed = Signed.decode(bytes(data[HEADER_SIZE:]), what)
+    key = key_of(signed.device)
+    if key is None:
+        raise IntegrityError(f"{what} is signed by {signed.device[:12]}, which is not an owner "
+                             "device of the account")
+    if not verify(key, signed.body, signed.signature):
+        raise IntegrityError(f"{what} has a bad signature")
+    try:
+        doc = msgpack.unpackb(signed.body, raw=False, max_array_len=MAX_NAMES)
+        names = tuple(str(n) for n in doc["names"])
+        r = Removal(str(doc["device"]), int(doc["time"]), names)
+    except Exception as exc:  # signed, yet malformed: a bug or a newer writer
+        raise IntegrityError(f"{what} is malformed ({exc})") from None
+    if r.device != signed.device or doc.get("v") != VERSION:
+        raise IntegrityError(f"{what} is of another version or device than its signature")
+    # Only data can be removed: never the config, membership, keys, devices or heads.
+    return Removal(r.device, r.time_ns, tuple(n for n in names if n.startswith(REMOVABLE)))
