@@ -118,3 +118,38 @@ def test_a_new_device_recovers_from_a_peer_with_the_recovery_code(netlab, tmp_pa
         assert "no problems found" in a("verify").stdout
     finally:
         stop_all(procs)
+
+
+def test_a_hostile_member_cannot_crash_the_daemon_or_plant_data(netlab, tmp_path: Path):
+    import sys
+
+    ha, hb, a, b, src, a_id = two_paired_devices(netlab, tmp_path,
+                                                 lambda src: make_sample_tree(src))
+    procs = [start_daemon(ha, a, tmp_path, "a")]
+    try:
+        port = wait_status(a)["lan"]["signaling_port"]
+        a("snapshot")
+        before = sorted(p.name for p in (a.home / "store").rglob("*") if p.is_file())
+        proc = hb.run([sys.executable, "-m", "tests.integration.hostile_agent", str(b.home),
+                       "10.10.0.1", str(port), a_id], env=dict(b.env(), P2PBACKUP_LAN="on"),
+                      capture_output=True, text=True, timeout=120, cwd=str(Path.cwd()))
+        assert proc.returncode == 0, proc.stderr
+        results = {r["attack"]: bytes.fromhex(r["replies"]) for r in
+                   map(json.loads, proc.stdout.splitlines())}
+        assert set(results) == {"random bytes", "wrong content", "fetch abuse"}
+        # Each session ends with the reason in words; nothing forged is taken.
+        assert b"the peer sent a malformed frame" in results["random bytes"]
+        assert b"its content does not match its name" in results["wrong content"]
+        assert b"its content does not match its name" in results["fetch abuse"]
+        assert b"not a store name" in results["fetch abuse"]
+        # The daemon still runs, stored nothing, and still serves an honest reader.
+        assert procs[0].poll() is None and wait_status(a)["device"]
+        assert sorted(p.name for p in (a.home / "store").rglob("*") if p.is_file()) == before
+        out = run_in(hb, b, "restore", "latest", "--to", str(tmp_path / "out"), "--from",
+                     f"peer:{a_id[:10]}")
+        assert "restored snapshot" in out.stdout
+        log = (tmp_path / "a.log").read_text()
+        assert "Traceback" not in log
+    finally:
+        stop_all(procs)
+    assert "no problems found" in a("verify", "--read-data").stdout
