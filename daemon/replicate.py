@@ -36,6 +36,8 @@ async def local_names(repo) -> set[str]:
 
 
 LANE_PIECE = 1024 * 1024
+PACK_INTAKE = 2              # packs checked and written at once: one per core
+WINDOW = 48 * 1024 * 1024    # unacknowledged bytes in flight: room for PACK_INTAKE+1 packs
 
 
 class Replicator:
@@ -53,6 +55,10 @@ class Replicator:
         self._states: dict[str, "PeerState"] = {}
         self.on_membership: Callable[[], Awaitable[None]] | None = None
         self.tombstones: set[str] = set()   # removed by an owner: never fetched again
+        self._intake = asyncio.Semaphore(PACK_INTAKE)
+        self._packs_in: dict[str, set[asyncio.Task[None]]] = {}   # per peer, being taken in
+        self._unsynced = False      # packs written without fsync since the last store sync
+        self._send_locks: dict[str, asyncio.Lock] = {}
 
     async def refresh_removals(self) -> list[Removal]:
         """Re-read the removal records held here; returns them (checked)."""
@@ -142,7 +148,7 @@ class Replicator:
                 new.append(head)  # heads change in place
             if new:
                 s.announce(new)
-                await flush(s, link, self.lanes.get(device))
+                await self._flush(s, link, device)
 
     async def run(self, device: str, link: PeerLink, st: "PeerState",
                   first: bytes | None = None) -> None:
@@ -150,13 +156,15 @@ class Replicator:
         names = await local_names(self.repo)
         sizes = {n: await self.repo.store.size(n) for n in names}
         s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes,
-                        wants=lambda name: name not in self.tombstones)
+                        wants=lambda name: name not in self.tombstones, window=WINDOW)
+        self._send_locks[device] = asyncio.Lock()
+        self._packs_in[device] = set()
         self.sessions[device] = (s, link)
         self._states[device] = st
         if self.lane_server is not None:
             s.offer_lane(self.lane_server.fingerprint, self.lane_port)
         try:
-            await flush(s, link)
+            await self._flush(s, link, device)
             if first is not None:
                 await self._handle(s, link, st, s.receive_data(first))
             while not s.closed:
@@ -167,6 +175,8 @@ class Replicator:
                 if s.closed:
                     return
         finally:
+            await self._settle(device)
+            self._packs_in.pop(device, None)
             self.sessions.pop(device, None)
             self._states.pop(device, None)
             lane = self.lanes.pop(device, None)
@@ -194,7 +204,16 @@ class Replicator:
                         s.send_object(ev.name, bytes(await self.repo.store.get(ev.name)))
                     except NotFound:
                         s.missing(ev.name)
+                elif isinstance(ev, ObjectReceived) and ev.name.startswith("packs/"):
+                    # Checking a pack (decrypt every blob) and writing it take a core each
+                    # while the next arrives: take up to PACK_INTAKE at once.
+                    tasks = self._packs_in.setdefault(st.device, set())
+                    task = asyncio.get_running_loop().create_task(
+                        self._take_pack(s, link, st, ev.name, ev.data))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
                 elif isinstance(ev, ObjectReceived):
+                    await self._settle(st.device)  # what follows packs may rest on them
                     try:
                         await replica.accept(self.repo, ev.name, ev.data)
                     except P2PError as exc:
@@ -222,10 +241,49 @@ class Replicator:
                 elif isinstance(ev, Closed):
                     log.warning("session with %s: %s", st.device[:12], ev.reason)
             st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
-            await flush(s, link, self.lanes.get(st.device))  # also when no event came
+            await self._flush(s, link, st.device)  # also when no event came
             events = s.next_wanted()
             if not events:
                 return
+
+
+    async def _flush(self, s: SyncSession, link: PeerLink, device: str) -> None:
+        # Concurrent flushes (session loop, lane loop, pack intake) would interleave the
+        # pieces of their frames.
+        async with self._send_locks.setdefault(device, asyncio.Lock()):
+            await flush(s, link, self.lanes.get(device))
+
+    async def _take_pack(self, s: SyncSession, link: PeerLink, st: "PeerState", name: str,
+                         data: bytes) -> None:
+        async with self._intake:
+            try:
+                await replica.accept(self.repo, name, data, durable=False)
+                self._unsynced = True
+            except P2PError as exc:
+                log.warning("refused %s from peer %s: %s", name[:40], st.device[:12], exc)
+                s.reject(name, str(exc))
+            else:
+                s.ack(name)
+                st.last_sync = time.time()
+        st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
+        if s.pending == 0 and len(self._packs_in.get(st.device, ())) <= 1:
+            await self._sync_store()   # caught up: make it durable now
+        try:
+            await self._flush(s, link, st.device)
+        except P2PError:
+            pass  # the session is ending; its loop says why
+
+    async def _settle(self, device: str) -> None:
+        """Wait for the packs being taken in from `device`, then make them durable."""
+        tasks = list(self._packs_in.get(device, ()))
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await self._sync_store()
+
+    async def _sync_store(self) -> None:
+        if self._unsynced:
+            self._unsynced = False
+            await self.repo.store.sync()
 
 
 async def flush(s: SyncSession, link: PeerLink, lane: LaneLink | None = None) -> None:

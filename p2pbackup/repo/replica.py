@@ -13,13 +13,14 @@ import re
 
 import blake3
 
+from ..blobs.local import LocalDirStore
 from ..crypto.keys import MissingKey
 from ..errors import IntegrityError, NotFound, P2PError
 from ..format.header import Kind
 from ..format.log import Head, Segment, check_head_update, segment_hash
 from ..format.objects import open_object
 from ..format.pack import check_pack_header, pack_name, parse_trailer
-from ..format.records import DeviceRecord, Signed
+from ..format.records import DeviceRecord, PackTrailer, Signed
 from ..crypto.identity import device_id_for, verify_signature
 from ..format.removal import read_removal
 from . import membership as store_membership
@@ -60,8 +61,11 @@ def transfer_order(name: str) -> tuple[int, str]:
         return len(ORDER), name
 
 
-async def accept(repo: Repository, name: str, data: bytes) -> bool:
-    """Check an object from a peer and store it; False if we already had it, else True."""
+async def accept(repo: Repository, name: str, data: bytes, *, durable: bool = True) -> bool:
+    """Check an object from a peer and store it; False if we already had it, else True.
+
+    `durable=False` lets a pack's fsync wait for the caller's next `store.sync()` (a crash
+    before it loses only packs the peer will offer again; the index drops what is missing)."""
     kind, m = kind_of(name)
     what = f"{name[:60]} from a peer"
     if kind != "head" and await repo.store.has(name):
@@ -87,10 +91,18 @@ async def accept(repo: Repository, name: str, data: bytes) -> bool:
     elif kind == "keyring":
         pass  # sealed to an epoch we may not hold yet; opaque but harmless
     elif kind == "pack":
-        if pack_name(data) != m.group(1):
-            raise IntegrityError(f"{what}: its content does not match its name")
-        trailer = await asyncio.to_thread(_check_pack, repo, data, what)
-        await repo.store.put(name, data)
+        def check_and_write() -> tuple[PackTrailer, bool]:
+            if pack_name(data) != m.group(1):
+                raise IntegrityError(f"{what}: its content does not match its name")
+            trailer = _check_pack(repo, data, what)
+            if durable or not isinstance(repo.store, LocalDirStore):
+                return trailer, False
+            repo.store.put_sync(name, data, durable=False)  # the caller syncs in batches
+            return trailer, True
+
+        trailer, written = await asyncio.to_thread(check_and_write)
+        if not written:
+            await repo.store.put(name, data)
         await repo.index.add_pack(m.group(1), trailer.scope, trailer.epoch, len(data),
                                   [(b.id, b.kind, b.offset, b.length, b.raw_length)
                                    for b in trailer.blobs])
