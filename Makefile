@@ -28,6 +28,7 @@ bench: setup
 	command -v restic >/dev/null || (apt-get update -qq && apt-get install -y -qq restic)
 	$(PY) bench/bench_restic.py
 	$(PY) bench/bench_daemon.py
+	$(PY) bench/bench_replication.py --write-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info
