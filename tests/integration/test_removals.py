@@ -18,7 +18,7 @@ from tests.integration.test_peer_restore import wait_status
 from tests.integration.test_peers_lan import start_daemon, stop_all
 
 pytestmark = pytest.mark.timeout(180)
-GRACE = 4
+GRACE = 15
 
 
 def names(store: Path, prefix: str) -> set[str]:
