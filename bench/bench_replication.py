@@ -711,6 +711,9 @@ def main() -> int:
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--keep", action="store_true", help="keep bench/work/replication")
     ap.add_argument("--skip-transport", action="store_true")
+    ap.add_argument("--skip-dc", action="store_true",
+                    help="leave out (d) (WebRTC only, the slow part), e.g. to compare (c) "
+                         "before/after a change in a few minutes")
     ap.add_argument("--transport-seconds", type=float, default=3.0)
     ap.add_argument("--transport-repeat", type=int, default=2)
     ap.add_argument("--lane-repeat", type=int, default=3,
@@ -756,7 +759,7 @@ def main() -> int:
             lan = lab.lan("lan")
             hosts = (lab.host("a", lan, "10.10.0.1/24"), lab.host("b", lan, "10.10.0.2/24"))
             # (tag, direct lane?, incremental step?, perf?)
-            plan = [("dc", False, False, False)]
+            plan = [] if args.skip_dc else [("dc", False, False, False)]
             plan += [(f"lane{i + 1}", True, i == args.lane_repeat - 1, False)
                      for i in range(args.lane_repeat)]
             if args.perf:

@@ -287,11 +287,23 @@ class Replicator:
 
 
 async def flush(s: SyncSession, link: PeerLink, lane: LaneLink | None = None) -> None:
-    """Send what the session has queued: control frames on the link, parts on the lane."""
+    """Send what the session has queued: control frames on the link, parts on the lane.
+
+    On the lane each message holds whole frames (about LANE_PIECE bytes of them), written
+    from the session's buffers without copying: the receiver parses them where they lie."""
     data = s.data_to_send()
     for i in range(0, len(data), MESSAGE_SIZE):
         await link.send(data[i:i + MESSAGE_SIZE])
-    bulk = s.data_to_send("bulk")
-    if bulk and lane is not None:
-        for i in range(0, len(bulk), LANE_PIECE):
-            await lane.send(bulk[i:i + LANE_PIECE])
+    frames = s.frames_to_send("bulk")
+    if not frames or lane is None:
+        return
+    batch: list = []
+    size = 0
+    for frame in frames:
+        batch += frame
+        size += sum(len(b) for b in frame)
+        if size >= LANE_PIECE:
+            await lane.send_buffers(batch)
+            batch, size = [], 0
+    if batch:
+        await lane.send_buffers(batch)

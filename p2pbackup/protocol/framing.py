@@ -2,6 +2,12 @@
 
 Every map carries "v" (the protocol version) and "t" (its type). On a data channel a frame may
 span several messages, so readers buffer bytes and hand out whole frames.
+
+Bulk data is copied as little as possible: `encode_with_bin` gives a frame as a list of
+buffers whose payload is the caller's buffer itself (a memoryview, not a copy), and a
+`FrameReader(bin_views=True)` parses large frames where they lie (in the bytes fed to it when a
+frame arrived whole, else in one copy of it) and hands their bin fields out as memoryviews.
+Both produce and accept exactly the msgpack maps `encode` and `msgpack.unpackb` do.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ import msgpack
 
 MAX_FRAME = 4 * 1024 * 1024
 _LEN = struct.Struct(">I")
+_U16, _U32, _U64 = struct.Struct(">H"), struct.Struct(">I"), struct.Struct(">Q")
+IN_PLACE = 16 * 1024    # frames this large are parsed in place by a bin_views reader
+
+Buffer = bytes | bytearray | memoryview
 
 
 class FrameError(Exception):
@@ -25,20 +35,155 @@ def encode(version: int, msg: dict[str, Any]) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-class FrameReader:
-    """Buffers bytes from a peer and yields whole frames as typed maps."""
+def _bin_header(n: int) -> bytes:
+    if n < 0x100:
+        return bytes((0xc4, n))
+    if n < 0x10000:
+        return b"\xc5" + _U16.pack(n)
+    return b"\xc6" + _U32.pack(n)
 
-    def __init__(self, *, max_array: int = 4096, max_frame: int = MAX_FRAME) -> None:
+
+def encode_with_bin(version: int, msg: dict[str, Any], key: str,
+                    payload: Buffer) -> list[Buffer]:
+    """The frame of `{**msg, key: payload}` (payload a msgpack bin, last in the map) as buffers
+    to write one after the other: the payload is not copied."""
+    n = len(msg) + 2
+    head = bytes((0x80 | n,)) if n < 16 else b"\xde" + _U16.pack(n)
+    head += msgpack.packb("v") + msgpack.packb(version)
+    for k, value in msg.items():
+        head += msgpack.packb(k, use_bin_type=True) + msgpack.packb(value, use_bin_type=True)
+    head += msgpack.packb(key) + _bin_header(len(payload))
+    return [_LEN.pack(len(head) + len(payload)) + head, payload]
+
+
+class _NotSimple(Exception):
+    """The map holds something the in-place parser leaves to msgpack."""
+
+
+def _parse_in_place(b: memoryview, max_str: int, max_map: int) -> dict[str, Any]:
+    """A msgpack map of str keys to ints >= 0, strs, bins (as views of `b`), bools and nil.
+
+    Anything else, or bytes after the map, raises _NotSimple: msgpack decides then (and
+    rejects it or not exactly as for any other frame)."""
+    end = len(b)
+
+    def value(pos: int) -> tuple[Any, int]:
+        c = b[pos]
+        pos += 1
+        if c < 0x80:
+            return c, pos
+        if 0xa0 <= c <= 0xbf:
+            n = c & 0x1f
+        elif c in (0xd9, 0xc4):
+            n = b[pos]
+            pos += 1
+        elif c in (0xda, 0xc5):
+            (n,) = _U16.unpack_from(b, pos)
+            pos += 2
+        elif c in (0xdb, 0xc6):
+            (n,) = _U32.unpack_from(b, pos)
+            pos += 4
+        elif c == 0xc2:
+            return False, pos
+        elif c == 0xc3:
+            return True, pos
+        elif c == 0xc0:
+            return None, pos
+        elif c == 0xcc:
+            return b[pos], pos + 1
+        elif c == 0xcd:
+            return _U16.unpack_from(b, pos)[0], pos + 2
+        elif c == 0xce:
+            return _U32.unpack_from(b, pos)[0], pos + 4
+        elif c == 0xcf:
+            return _U64.unpack_from(b, pos)[0], pos + 8
+        else:
+            raise _NotSimple
+        if pos + n > end:
+            raise _NotSimple
+        if c in (0xc4, 0xc5, 0xc6):
+            return b[pos:pos + n], pos + n
+        if n > max_str:
+            raise _NotSimple
+        try:
+            return str(b[pos:pos + n], "utf-8"), pos + n
+        except UnicodeDecodeError:
+            raise _NotSimple from None
+
+    try:
+        c = b[0]
+        if 0x80 <= c <= 0x8f:
+            count, pos = c & 0x0f, 1
+        elif c == 0xde:
+            count, pos = _U16.unpack_from(b, 1)[0], 3
+        else:
+            raise _NotSimple
+        if count > max_map:
+            raise _NotSimple
+        out: dict[str, Any] = {}
+        for _ in range(count):
+            k, pos = value(pos)
+            if not isinstance(k, str):
+                raise _NotSimple
+            out[k], pos = value(pos)
+    except (IndexError, struct.error):
+        raise _NotSimple from None
+    if pos != end:
+        raise _NotSimple
+    return out
+
+
+class FrameReader:
+    """Buffers bytes from a peer and yields whole frames as typed maps.
+
+    With `bin_views`, bin fields of large frames come out as memoryviews of the bytes fed in
+    (or of a copy of them): the caller must not change what it fed afterwards.
+    """
+
+    def __init__(self, *, max_array: int = 4096, max_frame: int = MAX_FRAME,
+                 bin_views: bool = False) -> None:
         self.max_frame = max_frame
+        self.bin_views = bin_views
         self._opts = dict(raw=False, strict_map_key=False, max_str_len=1 << 16,
                           max_bin_len=max_frame, max_array_len=max_array, max_map_len=64)
         self._buf = bytearray()
+        self._view: memoryview | None = None   # fed bytes not yet consumed nor copied
+        self._pos = 0
 
-    def feed(self, data: bytes) -> None:
-        self._buf += data
+    def feed(self, data: Buffer) -> None:
+        if not len(data):
+            return
+        if self._view is not None:
+            self._stash()
+        if self._buf:
+            self._buf += data
+            return
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        self._view, self._pos = view, 0
+
+    def _stash(self) -> None:
+        """Keep the rest of the fed bytes (an incomplete frame) in our own buffer."""
+        assert self._view is not None
+        self._buf += self._view[self._pos:]
+        self._view = None
 
     def next(self) -> dict[str, Any] | None:
         """The next whole frame, or None until more bytes arrive; FrameError if malformed."""
+        if self._view is not None:
+            view, pos = self._view, self._pos
+            if len(view) - pos >= 4:
+                (n,) = _LEN.unpack_from(view, pos)
+                if n > self.max_frame:
+                    raise FrameError(f"a frame of {n} bytes is larger than {self.max_frame}")
+                if len(view) - pos >= 4 + n:
+                    self._pos = pos + 4 + n
+                    if self._pos == len(view):
+                        self._view = None
+                    return self._decode(view[pos + 4:pos + 4 + n])
+            self._stash()
+            return None
         if len(self._buf) < 4:
             return None
         (n,) = _LEN.unpack_from(self._buf, 0)
@@ -46,12 +191,22 @@ class FrameReader:
             raise FrameError(f"a frame of {n} bytes is larger than {self.max_frame}")
         if len(self._buf) < 4 + n:
             return None
-        body = bytes(self._buf[4:4 + n])
+        body = self._buf[4:4 + n]   # one copy, which views may keep
         del self._buf[:4 + n]
-        try:
-            msg = msgpack.unpackb(body, **self._opts)
-        except Exception:
-            raise FrameError("a frame is not valid msgpack") from None
+        return self._decode(memoryview(body))
+
+    def _decode(self, body: memoryview) -> dict[str, Any]:
+        msg: Any = None
+        if self.bin_views and len(body) >= IN_PLACE:
+            try:
+                msg = _parse_in_place(body, self._opts["max_str_len"], self._opts["max_map_len"])
+            except _NotSimple:
+                msg = None
+        if msg is None:
+            try:
+                msg = msgpack.unpackb(body, **self._opts)
+            except Exception:
+                raise FrameError("a frame is not valid msgpack") from None
         if not isinstance(msg, dict) or not isinstance(msg.get("t"), str):
             raise FrameError("a frame is not a typed map")
         return msg

@@ -29,11 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .framing import FrameError, FrameReader, encode
+from .framing import Buffer, FrameError, FrameReader, encode, encode_with_bin
 
 VERSION = 1
 PART = 1024 * 1024
 INV_BATCH = 2000
+MAX_OBJECT = 512 * 1024 * 1024   # as fetch.MAX_OBJECT: a larger "total" is a malformed frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +116,7 @@ def _names(msg: dict, key: str, valid: Callable[[str], bool]) -> list[str]:
 @dataclass(slots=True)
 class _Incoming:
     total: int
-    parts: list[bytes] = field(default_factory=list)
+    parts: list[Buffer] = field(default_factory=list)   # views of the frames they came in
     received: int = 0
 
 
@@ -134,10 +135,10 @@ class SyncSession:
         self.in_flight = 0          # bytes of our parts not yet acknowledged
         self.bytes_sent = self.bytes_received = 0
         self.objects_sent = self.objects_received = 0
-        self._out = bytearray()
-        self._out_bulk = bytearray()
-        self._in = FrameReader(max_array=INV_BATCH * 2)
-        self._in_bulk = FrameReader(max_array=INV_BATCH * 2)
+        self._out: list[list[Buffer]] = []        # frames, each as buffers to write in turn
+        self._out_bulk: list[list[Buffer]] = []
+        self._in = FrameReader(max_array=INV_BATCH * 2, bin_views=True)
+        self._in_bulk = FrameReader(max_array=INV_BATCH * 2, bin_views=True)
         self.bulk_up = False
         self._peer_has: set[str] = set()
         self._peer_sizes: dict[str, int] = {}
@@ -162,14 +163,19 @@ class SyncSession:
 
     def data_to_send(self, lane: str = "control") -> bytes:
         """Bytes to write on `lane` ("control" or "bulk")."""
+        return b"".join(b for frame in self.frames_to_send(lane) for b in frame)
+
+    def frames_to_send(self, lane: str = "control") -> list[list[Buffer]]:
+        """The frames to write on `lane`, each as a list of buffers to write one after the
+        other (object parts are views of the object given to `send_object`, not copies)."""
         if lane == "bulk":
-            out, self._out_bulk = bytes(self._out_bulk), bytearray()
+            out, self._out_bulk = self._out_bulk, []
         else:
-            out, self._out = bytes(self._out), bytearray()
+            out, self._out = self._out, []
         return out
 
     def _frame(self, msg: dict, bulk: bool = False) -> None:
-        (self._out_bulk if bulk and self.bulk_up else self._out).extend(encode(VERSION, msg))
+        (self._out_bulk if bulk and self.bulk_up else self._out).append([encode(VERSION, msg)])
 
     def offer_lane(self, fingerprint: str, port: int) -> None:
         """Tell the peer our direct-lane certificate and port (inside this signed session)."""
@@ -181,8 +187,8 @@ class SyncSession:
     def bulk_lane_down(self) -> None:
         """The direct lane failed: resend every unacknowledged object on the control lane."""
         self.bulk_up = False
-        self._out_bulk = bytearray()
-        self._in_bulk = FrameReader(max_array=INV_BATCH * 2)
+        self._out_bulk = []
+        self._in_bulk = FrameReader(max_array=INV_BATCH * 2, bin_views=True)
         for name, size in reversed(list(self._unacked.items())):
             self.in_flight -= size
             self.bytes_sent -= size
@@ -193,18 +199,22 @@ class SyncSession:
 
     # ---- application calls ------------------------------------------------------------------
 
-    def send_object(self, name: str, data: bytes) -> None:
-        """Send the object last asked for by `ObjectWanted` (in parts)."""
+    def send_object(self, name: str, data: Buffer) -> None:
+        """Send the object last asked for by `ObjectWanted` (in parts).
+
+        The parts are views of `data` until they are written: do not change it meanwhile."""
         if self.closed:
             return
         self._offering = None
-        total = len(data)
+        view = memoryview(data).cast("B")
+        total = len(view)
+        out = self._out_bulk if self.bulk_up else self._out
         off = 0
         while True:
-            part = data[off:off + PART]
+            part = view[off:off + PART]
             last = off + len(part) >= total
-            self._frame({"t": "obj", "name": name, "off": off, "total": total, "data": part,
-                         "last": last}, bulk=True)
+            out.append(encode_with_bin(VERSION, {"t": "obj", "name": name, "off": off,
+                                                 "total": total, "last": last}, "data", part))
             off += len(part)
             if last:
                 break
@@ -262,8 +272,11 @@ class SyncSession:
 
     # ---- input ------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes, lane: str = "control") -> list[Event]:
-        """Feed bytes from the peer (on `lane`); returns what happened."""
+    def receive_data(self, data: Buffer, lane: str = "control") -> list[Event]:
+        """Feed bytes from the peer (on `lane`); returns what happened.
+
+        Parts of objects are kept as views of `data` until the object is whole: do not change
+        `data` afterwards."""
         if self.closed:
             return []
         reader = self._in_bulk if lane == "bulk" else self._in
@@ -364,11 +377,13 @@ class SyncSession:
         if not self.valid_name(name) or name not in self._asked:
             raise _Bad(f"an object {name[:60]!r} that was never asked for")
         off, total = _need(msg, "off", int), _need(msg, "total", int)
-        data, last = _need(msg, "data", bytes), _need(msg, "last", bool)
+        data, last = _need(msg, "data", (bytes, memoryview)), _need(msg, "last", bool)
+        if not 0 <= total <= MAX_OBJECT:
+            raise _Bad(f"an object {name[:60]!r} of {total} bytes (the limit is {MAX_OBJECT})")
         inc = self._incoming.get(name)
         if off == 0:
             inc = self._incoming[name] = _Incoming(total)
-        if inc is None or off != inc.received or total != inc.total or total < 0 \
+        if inc is None or off != inc.received or total != inc.total \
                 or inc.received + len(data) > total or last != (off + len(data) == total):
             raise _Bad(f"the parts of {name[:60]!r} do not fit together")
         inc.parts.append(data)
@@ -379,4 +394,5 @@ class SyncSession:
         self._asked.discard(name)
         self.bytes_received += total
         self.objects_received += 1
+        # One copy, from the frames the parts came in (b"".join of one bytes is no copy).
         return [ObjectReceived(name, b"".join(inc.parts))]

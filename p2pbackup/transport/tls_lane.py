@@ -23,6 +23,7 @@ Wire: client hello `P2PL | 1 | len:u16 | cert DER`, server reply `P2PL | 1 | sta
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import hashlib
@@ -57,6 +58,8 @@ MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # a larger length prefix is a protocol erro
 HANDSHAKE_TIMEOUT = 10.0
 STREAM_LIMIT = 1024 * 1024  # StreamReader buffer before it pauses the socket
 WRITE_HIGH_WATER = 1024 * 1024  # send() waits (drain) above this much unsent data
+
+Buffer = bytes | bytearray | memoryview
 
 
 def cert_fingerprint(der: bytes) -> str:
@@ -140,11 +143,145 @@ def _server_context(identity: LaneIdentity, client_der: bytes) -> ssl.SSLContext
     return ctx
 
 
+class _Inbox(asyncio.BufferedProtocol):
+    """The lane's protocol once TLS is up: TLS decrypts each message straight into a buffer of
+    its own (`get_buffer`), so a message costs no copy between the socket and `recv`."""
+
+    def __init__(self, link: LaneLink, transport: asyncio.Transport, stream_protocol) -> None:
+        self._link = link
+        self._transport = transport
+        self._stream_protocol = stream_protocol   # asyncio's, which still owns wait_closed
+        self._header = bytearray(_LEN.size)
+        self._message: bytearray | None = None    # the message being read, once its size is
+        self._got = 0
+        self.messages: collections.deque[bytearray] = collections.deque()
+        self.queued = 0                 # bytes in `messages`
+        self.error: Exception | None = None     # the peer broke the framing: recv raises it
+        self.eof = False
+        self.lost: Exception | None = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._readable: asyncio.Future | None = None
+        self._writable: asyncio.Future | None = None
+
+    @property
+    def partial(self) -> bool:
+        return self._message is not None or self._got > 0
+
+    # -- reading
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.error is not None:   # the framing is broken: drop what still comes
+            return memoryview(bytearray(64 * 1024))
+        if self._message is None:
+            return memoryview(self._header)[self._got:]
+        return memoryview(self._message)[self._got:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.error is not None:
+            return
+        self._got += nbytes
+        if self._message is None:
+            if self._got < _LEN.size:
+                return
+            (size,) = _LEN.unpack(self._header)
+            self._got = 0
+            if size > self._link.max_message_size:
+                self._fail(RemoteProtocolError(
+                    f"the peer announced a {size}-byte message on the direct lane (limit "
+                    f"{self._link.max_message_size})"))
+                return
+            self._message = bytearray(size)
+            if size:
+                return
+        elif self._got < len(self._message):
+            return
+        message, self._message, self._got = self._message, None, 0
+        self.messages.append(message)
+        self.queued += len(message)
+        if self.queued > 2 * STREAM_LIMIT and not self._reading_paused:
+            self._reading_paused = True
+            self._transport.pause_reading()
+        self._wake_reader()
+
+    def feed(self, data: bytes) -> None:
+        """Bytes the handshake's stream reader had already buffered."""
+        view = memoryview(data)
+        while len(view) and self.error is None:
+            buf = self.get_buffer(-1)
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+
+    def taken(self, message: bytearray) -> None:
+        self.queued -= len(message)
+        if self._reading_paused and self.queued <= STREAM_LIMIT and self.error is None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def _fail(self, error: Exception) -> None:
+        self.error = error
+        self._transport.close()
+        self._wake_reader()
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self._wake_reader()
+        return None
+
+    def connection_made(self, transport) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.lost = exc
+        self._wake_reader()
+        self._wake_writer()
+        self._link._closed()
+        with contextlib.suppress(Exception):
+            self._stream_protocol.connection_lost(exc)   # resolves StreamWriter.wait_closed
+
+    def _wake_reader(self) -> None:
+        if self._readable is not None and not self._readable.done():
+            self._readable.set_result(None)
+
+    async def readable(self) -> None:
+        self._readable = asyncio.get_running_loop().create_future()
+        await self._readable
+
+    # -- writing
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    async def drain(self) -> None:
+        while self._writing_paused and self.lost is None and not self.eof:
+            self._writable = asyncio.get_running_loop().create_future()
+            await self._writable
+        if self._transport.is_closing():
+            raise ConnectionResetError("the connection is closed")
+
+
+SMALL_WRITE = 16 * 1024   # smaller buffers are joined before TLS (each write is a record)
+
+
 class LaneLink:
     """An established lane: length-prefixed binary messages over the TLS stream.
 
-    Same interface as the data channel's `PeerLink` (send / recv / close / state);
-    `reader` and `writer` are the raw asyncio streams for a caller that frames itself.
+    Same interface as the data channel's `PeerLink` (send / recv / close / state), plus
+    `send_buffers` (one message from several buffers, none copied). `reader` and `writer` are
+    the asyncio streams of the handshake: `writer.write` still writes raw bytes (tests use it
+    to break the framing); reading goes through `recv` only, which returns each message as a
+    bytearray of its own.
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -158,46 +295,75 @@ class LaneLink:
         self._state = CONNECTED
         self._closing: asyncio.Task | None = None
         self.peername = writer.get_extra_info("peername")
-        writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        transport = writer.transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # Take the transport over from the stream reader, with whatever it already buffered.
+        early = bytes(reader._buffer)
+        reader._buffer.clear()
+        self._inbox = _Inbox(self, transport, transport.get_protocol())
+        transport.set_protocol(self._inbox)
+        self._inbox.feed(early)
+        if reader.at_eof() or reader.exception() is not None:
+            self._inbox.eof = True
+        if getattr(reader, "_paused", False):
+            reader._paused = False
+            transport.resume_reading()
 
     @property
     def state(self) -> str:
         return self._state
 
-    async def send(self, message: bytes) -> None:
-        if len(message) > self.max_message_size:
-            raise LocalProtocolError(f"message of {len(message)} bytes exceeds the lane's "
+    async def send(self, message: Buffer) -> None:
+        await self.send_buffers([message])
+
+    async def send_buffers(self, buffers: list[Buffer]) -> None:
+        """One message made of `buffers` in order; large ones go to TLS as they are."""
+        size = sum(len(b) for b in buffers)
+        if size > self.max_message_size:
+            raise LocalProtocolError(f"message of {size} bytes exceeds the lane's "
                                      f"limit of {self.max_message_size}")
         if self._state != CONNECTED or self.writer.is_closing():
             raise PeerUnreachable("the direct lane is closed")
+        out: list[Buffer] = []
+        small = bytearray(_LEN.pack(size))
+        for b in buffers:
+            if len(b) < SMALL_WRITE:
+                small += b
+                continue
+            if small:
+                out.append(bytes(small))
+                small = bytearray()
+            out.append(b)
+        if small:
+            out.append(bytes(small))
         try:
-            self.writer.write(_LEN.pack(len(message)))
-            self.writer.write(message)
-            await self.writer.drain()
+            self.writer.transport.writelines(out)
+            await self._inbox.drain()
         except (OSError, ssl.SSLError, RuntimeError) as exc:
             self._closed()
             raise PeerUnreachable(f"the direct lane broke: {exc}") from exc
 
-    async def recv(self) -> bytes | None:
-        if self._state != CONNECTED:
-            return None
-        try:
-            header = await self.reader.readexactly(_LEN.size)
-            (size,) = _LEN.unpack(header)
-            if size > self.max_message_size:
+    async def recv(self) -> bytearray | None:
+        inbox = self._inbox
+        while True:
+            if self._closing is not None:
+                return None
+            if inbox.messages:
+                message = inbox.messages.popleft()
+                inbox.taken(message)
+                return message
+            if inbox.error is not None:
                 await self.close()
-                raise RemoteProtocolError(f"the peer announced a {size}-byte message on the "
-                                          f"direct lane (limit {self.max_message_size})")
-            return await self.reader.readexactly(size)
-        except asyncio.IncompleteReadError as exc:
-            self._closed()
-            if exc.partial:
-                raise RemoteProtocolError("the direct lane closed in the middle of a message") \
-                    from exc
-            return None
-        except (OSError, ssl.SSLError) as exc:
-            self._closed()
-            raise PeerUnreachable(f"the direct lane broke: {exc}") from exc
+                raise inbox.error
+            if inbox.eof or self._state != CONNECTED:
+                self._closed()
+                if inbox.partial:
+                    raise RemoteProtocolError("the direct lane closed in the middle of a "
+                                              "message")
+                if isinstance(inbox.lost, (OSError, ssl.SSLError)):
+                    raise PeerUnreachable(f"the direct lane broke: {inbox.lost}")
+                return None
+            await inbox.readable()
 
     async def close(self) -> None:
         if self._closing is None:
