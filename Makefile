@@ -11,7 +11,10 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[test]'
 	touch $@
 
+# Byte-compile our own modules (an editable install is not compiled, and with
+# PYTHONDONTWRITEBYTECODE set every CLI run would compile them again: ~0.3 s per command).
 setup: $(VENV)/.installed
+	@$(PY) -m compileall -q p2pbackup daemon cli >/dev/null
 
 demo: setup
 	$(PY) -m p2pbackup.cli.demo

@@ -9,13 +9,14 @@ through a queue of two, so at most a few packs are held in memory whatever the a
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 from dataclasses import dataclass
 
 from ..crypto.keys import ScopeKeys
 from ..format.header import Kind
-from ..format.objects import OVERHEAD, compress_many, seal_into
+from ..format.objects import OVERHEAD, compress_many, seal_many_into
 from ..format.pack import PackBuilder
 from ..format.records import PackTrailer
 from ..repo.repository import Repository
@@ -49,7 +50,7 @@ class BlobSink:
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._written: list[tuple[str, int, PackTrailer]] = []
-        self._free: list[bytearray] = []
+        self._free: list[bytearray | mmap.mmap] = []
         self.stored_packs: set[str] = set()
         # Two uploaders, so one pack's fsync overlaps the next pack's write.
         self._uploaders = [threading.Thread(target=self._upload_loop, name=f"pack-uploader-{i}",
@@ -122,9 +123,16 @@ class BlobSink:
                     builder = None
         try:
             key = keys.data_key
-            for (builder, offset, size), body, flag in zip(places, bodies, flags):
-                with memoryview(builder.buffer_now) as whole, whole[offset:offset + size] as out:
-                    seal_into(out, kind, body, flag, key)
+            items: list[tuple[int, object, int]] = []
+            current = places[0][0]
+            for (builder, offset, _size), body, flag in zip(places, bodies, flags):
+                if builder is not current:  # one call per pack buffer
+                    with memoryview(current.buffer_now) as whole:
+                        seal_many_into(whole, kind, items, key)
+                    current, items = builder, []
+                items.append((offset, body, flag))
+            with memoryview(current.buffer_now) as whole:
+                seal_many_into(whole, kind, items, key)
         except BaseException as exc:
             self._error = exc  # half-written blobs: no pack of this run may be shipped
             raise

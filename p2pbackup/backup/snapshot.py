@@ -35,6 +35,7 @@ BATCH_FILES = 64
 BATCH_BYTES = 4 * 1024 * 1024
 MAX_OPEN_DIRS = 256  # scanned directories waiting for their files: bounds memory
 GC_THRESHOLD = 50_000  # allocations between young-generation collections during a run
+_SIDE_SUFFIXES = tuple(s.encode() for s in sqlite_capture.SIDE_FILES)
 
 
 @dataclass(slots=True)
@@ -301,8 +302,9 @@ class SnapshotBuilder:
         """
         skip: set[bytes] = set()
         for name in names:
-            for suffix in sqlite_capture.SIDE_FILES:
-                s = suffix.encode()
+            if not name.endswith(_SIDE_SUFFIXES):  # most names: one test
+                continue
+            for s in _SIDE_SUFFIXES:
                 if name.endswith(s) and name[:-len(s)] in names \
                         and self._is_sqlite(os.path.join(path, name[:-len(s)])):
                     skip.add(name)

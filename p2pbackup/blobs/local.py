@@ -3,17 +3,27 @@
 Writes go to a temporary file that is fsynced, renamed into place and whose directory is then
 fsynced, so a crash leaves either the old state or the whole new blob. Packs are spread over
 256 sub-directories by the first two hex digits of their name.
+
+Large page-aligned buffers (packs: PackBuilder allocates them with mmap) are written with
+O_DIRECT where the file system allows it: a pack is not read again soon, and copying it into
+the page cache and writing that back cost more CPU than sealing it (measured: ~0.5 s per GB,
+plus the loop device's writeback in the benchmark). Durability is unchanged: O_DIRECT only
+skips the cache, the fsync (or the batch's syncfs) still makes the file and its metadata safe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import io
 import os
 import threading
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -25,7 +35,58 @@ _TMP_SUFFIX = ".tmp"
 _OPEN_FILES = 16
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if os.name == "posix" else None
+_O_DIRECT = getattr(os, "O_DIRECT", 0) if fcntl is not None else 0
+_DIRECT_ALIGN = 4096  # buffer address, file offset and length of O_DIRECT writes
+_DIRECT_MIN = 1 << 20  # smaller blobs: the page cache copy costs next to nothing
+
+
+def _direct_ok(view: memoryview) -> bool:
+    """Whether `view` is large, writable and page-aligned (ctypes needs a writable buffer to
+    tell its address; packs are, and read-only bytes just go through the page cache)."""
+    if not _O_DIRECT or len(view) < _DIRECT_MIN or view.readonly or not view.c_contiguous:
+        return False
+    try:
+        first = ctypes.c_char.from_buffer(view)
+    except (TypeError, ValueError):
+        return False
+    address = ctypes.addressof(first)
+    del first  # releases its hold on the buffer
+    return address % _DIRECT_ALIGN == 0
+
+
+def _write_all(fd: int, view: memoryview, direct: bool) -> None:
+    """Write all of `view` at the file's offset; with `direct` (fd opened with O_DIRECT) the
+    aligned head goes without the page cache and the tail through it."""
+    pos, end = 0, len(view)
+    if direct:
+        head = end - end % _DIRECT_ALIGN
+        try:
+            while pos < head:
+                n = os.write(fd, view[pos:head])
+                pos += n
+                if n % _DIRECT_ALIGN:
+                    break  # a short write left the offset unaligned: the rest is buffered
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            # the file system took the open but not the write: the rest goes buffered
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+    while pos < end:
+        pos += os.write(fd, view[pos:])
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    if os.name != "posix":
+        return None
+    try:  # the C library is already loaded: no search (find_library runs ldconfig)
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+_libc = _load_libc()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -83,11 +144,19 @@ class LocalDirStore(BlobStore):
         tmp = f"{path}.{os.getpid()}.{id(data):x}{_TMP_SUFFIX}"
         try:
             os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            view = memoryview(data)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+            direct = _direct_ok(view)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
+                fd = os.open(tmp, flags | _O_DIRECT if direct else flags, 0o600)
+            except OSError as exc:
+                if not direct or exc.errno != errno.EINVAL:
+                    raise
+                direct = False  # no O_DIRECT on this file system (tmpfs, some FUSE)
+                fd = os.open(tmp, flags, 0o600)
+            try:
+                _write_all(fd, view, direct)
+                view.release()
                 if durable:
                     os.fsync(fd)
                 else:

@@ -122,6 +122,40 @@ def encrypt_into(out: memoryview, key: bytes, plaintext: Buffer, aad: bytes,
         raise RuntimeError("encryption failed")
 
 
+def encrypt_many_into(out: memoryview, key: bytes,
+                      items: list[tuple[int, Buffer, bytes]]) -> None:
+    """encrypt_into (fresh nonces) for many plaintexts: for each (offset, plaintext, aad), write
+    nonce || ciphertext || tag at out[offset:offset + len(plaintext) + 40].
+
+    The same bytes as one encrypt_into per item, without its per-call lookups: the batch path
+    of a snapshot seals tens of thousands of small blobs while holding the GIL for this part.
+    """
+    if len(key) != KEY_SIZE:
+        raise ValueError("bad key size")
+    if not _HAS_INTO:
+        for offset, plaintext, aad in items:
+            end = offset + NONCE_SIZE + len(plaintext) + TAG_SIZE
+            encrypt_into(out[offset:end], key, plaintext, aad)
+        return
+    state = getattr(_local, "nonce", None)
+    if state is None or state[1] + len(items) >= 1 << 63:
+        state = _local.nonce = [os.urandom(16), 0]
+        _local.ciphers = {}  # subkeys depend on the prefix
+    counter = state[1]
+    state[1] += len(items)  # reserved before any is used: a nonce is never handed out twice
+    prefix = state[0]
+    seal = _ietf_cipher(key, prefix).encrypt_into
+    for offset, plaintext, aad in items:
+        counter += 1
+        tail = counter.to_bytes(8, "big")
+        start = offset + NONCE_SIZE
+        end = start + len(plaintext) + TAG_SIZE
+        if end > len(out):
+            raise ValueError("output buffer too short")
+        out[offset:start] = prefix + tail
+        seal(b"\0\0\0\0" + tail, plaintext, aad, out[start:end])
+
+
 def encrypt(key: bytes, plaintext: Buffer, aad: bytes, nonce: bytes | None = None) -> bytearray:
     """Return nonce || ciphertext || tag; `nonce` is only fixed by golden-file tests."""
     out = bytearray(NONCE_SIZE + len(plaintext) + TAG_SIZE)

@@ -6,9 +6,11 @@ import threading
 
 import zstandard
 
-from ..crypto.aead import NONCE_SIZE, TAG_SIZE, AuthenticationFailed, decrypt, encrypt_into
+from ..crypto.aead import (NONCE_SIZE, TAG_SIZE, AuthenticationFailed, decrypt, encrypt_into,
+                           encrypt_many_into)
 from ..errors import IntegrityError
-from .header import FLAG_ZSTD, FORMAT_VERSION, HEADER_SIZE, ObjectHeader, kind_name
+from .header import _STRUCT as _HEADER, FLAG_ZSTD, FORMAT_VERSION, HEADER_SIZE, MAGIC, \
+    ObjectHeader, kind_name
 
 OVERHEAD = HEADER_SIZE + NONCE_SIZE + TAG_SIZE
 ZSTD_LEVEL = 1
@@ -96,6 +98,20 @@ def seal_into(out: memoryview, kind: int, body: Body, flags: int, key: bytes,
     header = ObjectHeader(FORMAT_VERSION, kind, flags, length).encode()
     out[:HEADER_SIZE] = header
     encrypt_into(out[HEADER_SIZE:], key, body, header, nonce)
+
+
+def seal_many_into(out: memoryview, kind: int, items: list[tuple[int, Body, int]],
+                   key: bytes) -> None:
+    """seal_into for many objects of one kind in one buffer: for each (offset, body, flags),
+    the object (len(body) + OVERHEAD bytes) is written at out[offset:]."""
+    pack_header = _HEADER.pack
+    extra = NONCE_SIZE + TAG_SIZE
+    plan: list[tuple[int, Body, bytes]] = []
+    for offset, body, flags in items:
+        header = pack_header(MAGIC, FORMAT_VERSION, kind, flags, 0, len(body) + extra)
+        out[offset:offset + HEADER_SIZE] = header
+        plan.append((offset + HEADER_SIZE, body, header))
+    encrypt_many_into(out, key, plan)
 
 
 def open_object(data: bytes | bytearray | memoryview, key: bytes, *, expect: int | None = None,

@@ -8,6 +8,7 @@ included) can check a pack's integrity; the trailer lets the index be rebuilt fr
 
 from __future__ import annotations
 
+import mmap
 import struct
 
 import blake3
@@ -21,6 +22,27 @@ PACK_HEADER = ObjectHeader(FORMAT_VERSION, Kind.PACK, 0, 0).encode()
 _LEN = struct.Struct(">I")
 
 
+_HUGE = 4 << 20
+
+
+def _new_buffer(size: int) -> mmap.mmap | bytearray:
+    """A zeroed buffer of `size` bytes: an anonymous mapping where possible, which is
+    page-aligned (so a store can write the pack with O_DIRECT, without copying it into the
+    page cache) and whose pages are only touched when written (bytearray(n) zeroes them all)."""
+    try:
+        # Private: a shared anonymous mapping is a tmpfs object of fixed size, and growing it
+        # with resize (mremap) would leave the new pages unbacked (SIGBUS).
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, ValueError, AttributeError):  # pragma: no cover - platforms without anonymous mappings
+        return bytearray(size)
+    if size >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:  # 2 MiB pages where the kernel has them: 8 page faults per pack instead of 4,000
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return buf
+
+
 def pack_name(data: bytes | memoryview) -> str:
     """The content address of a pack."""
     return blake3.blake3(data).hexdigest()
@@ -30,12 +52,12 @@ class PackBuilder:
     """Accumulates sealed blobs of one scope; not thread-safe (callers hold a lock)."""
 
     def __init__(self, scope: str, epoch: int, capacity: int = 1 << 20,
-                 buffer: bytearray | None = None) -> None:
+                 buffer: bytearray | mmap.mmap | None = None) -> None:
         self.scope = scope
         self.epoch = epoch
         # One buffer allocated up front (or recycled) and handed over as a view: appending to
         # a growing bytearray re-copies it, and joining parts would briefly double a pack.
-        self._buf = buffer if buffer is not None else bytearray(capacity + (capacity >> 4))
+        self._buf = buffer if buffer is not None else _new_buffer(capacity + (capacity >> 4))
         self._buf[:len(PACK_HEADER)] = PACK_HEADER
         self.size = len(PACK_HEADER)
         self._refs: list[BlobRef] = []
@@ -50,9 +72,13 @@ class PackBuilder:
     def _grow(self, end: int) -> None:
         more = end - len(self._buf) + (len(self._buf) >> 2)
         try:
-            self._buf.extend(bytes(more))
-        except BufferError:  # a view of it is still alive somewhere: move to a new buffer
-            buf = bytearray(len(self._buf) + more)
+            if isinstance(self._buf, mmap.mmap):
+                self._buf.resize(len(self._buf) + more)
+            else:
+                self._buf.extend(bytes(more))
+        except (BufferError, OSError, SystemError):
+            # a view of it is still alive somewhere (or no mremap): move to a new buffer
+            buf = _new_buffer(len(self._buf) + more)
             buf[:self.size] = memoryview(self._buf)[:self.size]
             self._buf = buf
 
@@ -81,7 +107,7 @@ class PackBuilder:
         return offset
 
     @property
-    def buffer_now(self) -> bytearray:
+    def buffer_now(self) -> bytearray | mmap.mmap:
         """The buffer reserved blobs are written into (stable while `writers` is non-zero)."""
         return self._buf
 
