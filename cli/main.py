@@ -295,7 +295,8 @@ def _maintain(args: dict, as_json: bool) -> None:
         async def go() -> Any:
             async with open_device(_home(), write=True) as dev:
                 return await forget_and_prune(dev.repo, dev.identity, policy_of(args),
-                                              dry_run=args["dry_run"], prune_after=args["prune"])
+                                              dry_run=args["dry_run"], prune_after=args["prune"],
+                                              grace=dev.config.peers.removal_grace)
         result = _run(go())
     if as_json:
         print(json.dumps(result, indent=2))
@@ -311,6 +312,9 @@ def _maintain(args: dict, as_json: bool) -> None:
               f"into {p['packs_written']}, drop {p['blobs_dropped']} blobs, fold "
               f"{p['segments_folded']} log segments; {would}free "
               f"{output.human_bytes(p['bytes_freed'])}")
+        if p.get("packs_held"):
+            print(f"kept {p['packs_held']} unused packs that arrived from peers within the "
+                  "removal grace period (a snapshot using them may still be on its way)")
 
 
 @app.command()

@@ -162,7 +162,8 @@ class DeviceDaemon:
             result = await forget_and_prune(self.dev.repo, self.dev.identity, policy_of(args),
                                             dry_run=bool(args.get("dry_run")),
                                             prune_after=bool(args.get("prune")),
-                                            protect=lambda: set(self.sealer.sink.stored_packs))
+                                            protect=lambda: set(self.sealer.sink.stored_packs),
+                                            grace=self.config.peers.removal_grace)
             self.sealer.forget_known()  # pruned blobs must be stored again if they come back
         if self.replicator is not None and result.get("removal"):
             await self.replicator.refresh_removals()

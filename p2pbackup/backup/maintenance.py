@@ -13,6 +13,12 @@ from ..repo.repository import Repository
 from .prune import prune
 from .retention import Policy, apply_policy
 
+async def _holds_others(repo: Repository, identity: DeviceIdentity | None) -> bool:
+    """Whether devices other than this one write to this repository (replicas arrive)."""
+    me = identity.device_id if identity else None
+    return any([n async for n in repo.store.list("devices/") if n.split("/", 1)[1] != me])
+
+
 _RULES = ("last", "hourly", "daily", "weekly", "monthly")
 
 
@@ -30,8 +36,13 @@ def policy_of(args: dict[str, Any]) -> Policy | None:
 async def forget_and_prune(repo: Repository, identity: DeviceIdentity | None,
                            policy: Policy | None, *, dry_run: bool = False,
                            prune_after: bool = False,
-                           protect: Callable[[], set[str]] | None = None) -> dict[str, Any]:
-    """Forget the snapshots `policy` does not keep, then prune if asked."""
+                           protect: Callable[[], set[str]] | None = None,
+                           grace: float = 0.0) -> dict[str, Any]:
+    """Forget the snapshots `policy` does not keep, then prune if asked.
+
+    `grace` is this device's removal grace period: when the repository also holds other
+    devices' data, prune keeps packs that arrived within it (see `prune`'s `hold_new`).
+    """
     result: dict[str, Any] = {"kept": [], "forgotten": [], "prune": None, "dry_run": dry_run}
     if policy is not None:
         if policy.empty:
@@ -46,7 +57,8 @@ async def forget_and_prune(repo: Repository, identity: DeviceIdentity | None,
                 await repo.store.delete(f"snapshots/{s.id}")
     removed = [f"snapshots/{i}" for i in result["forgotten"]] if not dry_run else []
     if prune_after:
-        report = await prune(repo, identity, dry_run=dry_run, protect=protect)
+        hold = grace if await _holds_others(repo, identity) else 0.0
+        report = await prune(repo, identity, dry_run=dry_run, protect=protect, hold_new=hold)
         removed += report.removed
         result["prune"] = {k: v for k, v in asdict(report).items() if k != "removed"}
     if identity is not None and removed:

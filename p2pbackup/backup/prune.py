@@ -35,6 +35,7 @@ class PruneReport:
     packs_deleted: int = 0
     packs_repacked: int = 0
     packs_written: int = 0
+    packs_held: int = 0     # unused, but arrived too recently to be sure (see `hold_new`)
     bytes_freed: int = 0
     segments_folded: int = 0
     removed: list[str] = field(default_factory=list)   # store names deleted
@@ -63,11 +64,16 @@ def _used_by_snapshots(repo: Repository, snaps: list[StoredSnapshot]) -> set[byt
 
 async def prune(repo: Repository, identity: DeviceIdentity | None, *,
                 repack_below: float = 0.5, dry_run: bool = False,
-                protect: Callable[[], set[str]] | None = None) -> PruneReport:
+                protect: Callable[[], set[str]] | None = None,
+                hold_new: float = 0.0) -> PruneReport:
     """Remove unused data; the caller holds the writer lock.
 
     `protect` names packs written for data not yet in any snapshot or segment (the daemon's
     open segment); it is read at the same moment as the index, so none can slip between.
+    `hold_new` (seconds): packs indexed here more recently are neither deleted nor repacked.
+    A peer sends a snapshot's packs before the snapshot, so a pack that just arrived may be
+    used by a snapshot or segment still on its way; deleting it would break that snapshot here
+    and, through our removal record, on storage partners.
     """
     report = PruneReport()
     snaps, unreadable = await repo.list_snapshots()
@@ -103,6 +109,12 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
     grouped = blobs_by_pack(repo)
     for name in protect() if protect else ():
         grouped.pop(name, None)
+    if hold_new > 0:
+        recent = time.time() - hold_new
+        for name in [n for n, seen in repo.index.seen.items() if seen > recent]:
+            if name in grouped and not all(bid in used for bid, _ in grouped[name]):
+                report.packs_held += 1
+            grouped.pop(name, None)
     report.blobs_used = sum(1 for b in repo.index.blobs if b in used)
     report.blobs_dropped = len(repo.index.blobs) - report.blobs_used
     delete: list[str] = []

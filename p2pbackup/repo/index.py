@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from typing import NamedTuple
 
 import aiosqlite
 
 from ..errors import DiskFull, StorageError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2   # 2: packs.seen
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS packs (name TEXT PRIMARY KEY, scope TEXT NOT NULL,
-    epoch INTEGER NOT NULL, size INTEGER NOT NULL);
+    epoch INTEGER NOT NULL, size INTEGER NOT NULL, seen INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS blobs (id BLOB PRIMARY KEY, kind INTEGER NOT NULL,
     pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
     raw_length INTEGER NOT NULL) WITHOUT ROWID;
@@ -52,6 +53,9 @@ class PackIndex:
         self._db: aiosqlite.Connection | None = None
         self.blobs: dict[bytes, BlobLocation] = {}
         self.packs: dict[str, tuple[str, int, int]] = {}
+        # When each pack was first indexed here (unix seconds): a pack that arrived from a peer
+        # a moment ago may be used by a snapshot still on its way (prune leaves it alone).
+        self.seen: dict[str, int] = {}
 
     async def open(self) -> None:
         """Open (creating if needed) and load; raise IndexCorrupt when the file is unusable."""
@@ -74,9 +78,10 @@ class PackIndex:
                 await self._db.commit()
             elif row[0] != str(INDEX_VERSION):
                 raise IndexCorrupt(f"index version {row[0]}")
-            for name, scope, epoch, size in await self._db.execute_fetchall(
-                    "SELECT name, scope, epoch, size FROM packs"):
+            for name, scope, epoch, size, seen in await self._db.execute_fetchall(
+                    "SELECT name, scope, epoch, size, seen FROM packs"):
                 self.packs[name] = (scope, epoch, size)
+                self.seen[name] = seen
             make = BlobLocation._make
             self.blobs.update((row[0], make(row[1:])) for row in await self._db.execute_fetchall(
                 "SELECT id, pack, offset, length, raw_length, kind FROM blobs"))
@@ -102,9 +107,12 @@ class PackIndex:
         """Record several packs in one transaction (blob ids are random, so one commit per
         pack would rewrite most of the B-tree each time)."""
         assert self._db is not None
+        now = int(time.time())
         try:
-            await self._db.executemany("INSERT OR REPLACE INTO packs VALUES (?,?,?,?)",
-                                       [(n, scope, epoch, size) for n, scope, epoch, size, _ in packs])
+            await self._db.executemany(
+                "INSERT INTO packs VALUES (?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                "scope=excluded.scope, epoch=excluded.epoch, size=excluded.size",
+                [(n, scope, epoch, size, now) for n, scope, epoch, size, _ in packs])
             await self._db.executemany(
                 "INSERT OR REPLACE INTO blobs VALUES (?,?,?,?,?,?)",
                 [(bid, kind, n, off, length, raw) for n, _s, _e, _z, blobs in packs
@@ -114,6 +122,7 @@ class PackIndex:
             raise _sql_error(exc, self.path) from None
         for n, scope, epoch, size, blobs in packs:
             self.packs[n] = (scope, epoch, size)
+            self.seen.setdefault(n, now)
             for bid, kind, off, length, raw in blobs:
                 self.blobs[bid] = BlobLocation(n, off, length, raw, kind)
 
@@ -133,5 +142,6 @@ class PackIndex:
         gone = set(names)
         for n in names:
             self.packs.pop(n, None)
+            self.seen.pop(n, None)
         for bid in [b for b, loc in self.blobs.items() if loc.pack in gone]:
             del self.blobs[bid]

@@ -128,3 +128,43 @@ async def test_prune_killed_while_deleting_packs_leaves_a_repository_that_verifi
             assert (tmp_path / "out" / "src" / name).read_bytes() == (src / name).read_bytes()
     finally:
         await repo.close()
+
+
+async def test_prune_keeps_packs_that_just_arrived_for_a_snapshot_on_its_way(tmp_path: Path):
+    """A peer sends a snapshot's packs before the snapshot: a prune in between must not
+    delete them (nor list them in its removal record) while they are new here."""
+    keys = AccountKeys(os.urandom(32))
+    me, peer = DeviceIdentity.generate(), DeviceIdentity.generate()
+    store, cache = LocalDirStore(tmp_path / "store"), str(tmp_path / "cache")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(2_000_000))
+    repo = await Repository.create(store, keys, me, cache, "test")
+    try:
+        await take_snapshot(repo, (Source("mine", str(src)),), temp_dir=str(tmp_path / "tmp"))
+        # The peer's snapshot, written into this store as replication would; then its
+        # snapshot object is held back (still on its way), leaving its packs unused here.
+        peer_repo = await Repository.open(store, keys, peer, cache + "-peer")
+        await peer_repo.register_device(peer, "peer")
+        theirs = await take_snapshot(peer_repo, (Source("theirs", str(src)),),
+                                     temp_dir=str(tmp_path / "tmp"))
+        await peer_repo.close()
+        sid = theirs.stored.id
+        held_back = await store.get(f"snapshots/{sid}")
+        await store.delete(f"snapshots/{sid}")
+        await repo.sync_index()
+
+        result = await forget_and_prune(repo, me, None, prune_after=True, grace=3600)
+        assert result["prune"]["packs_held"] >= 1
+        assert result["prune"]["packs_deleted"] == result["prune"]["packs_repacked"] == 0
+        assert "removal" not in result
+        await store.put(f"snapshots/{sid}", held_back)   # it arrives
+        report = await verify(repo, read_data=True)
+        assert report.ok and report.snapshots == 2, [str(d) for d in report.damage]
+
+        # Once the packs are older than the grace period, unused ones go as before.
+        await store.delete(f"snapshots/{sid}")
+        result = await forget_and_prune(repo, me, None, prune_after=True, grace=0.0)
+        assert result["prune"]["packs_held"] == 0 and result["prune"]["packs_deleted"] >= 1
+    finally:
+        await repo.close()
