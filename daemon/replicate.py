@@ -251,7 +251,10 @@ class Replicator:
         # Concurrent flushes (session loop, lane loop, pack intake) would interleave the
         # pieces of their frames.
         async with self._send_locks.setdefault(device, asyncio.Lock()):
-            await flush(s, link, self.lanes.get(device))
+            # The lane is looked up once the control frames are out: the direct lane may have
+            # come up meanwhile and the session queued parts for it (a lane read before the
+            # control send was None, and those parts were dropped: the peer waited forever).
+            await flush(s, link, lambda: self.lanes.get(device))
 
     async def _take_pack(self, s: SyncSession, link: PeerLink, st: "PeerState", name: str,
                          data: bytes) -> None:
@@ -286,16 +289,27 @@ class Replicator:
             await self.repo.store.sync()
 
 
-async def flush(s: SyncSession, link: PeerLink, lane: LaneLink | None = None) -> None:
-    """Send what the session has queued: control frames on the link, parts on the lane.
+async def flush(s: SyncSession, link: PeerLink,
+                lane: LaneLink | Callable[[], LaneLink | None] | None = None) -> None:
+    """Send what the session has queued: control frames on the link, parts on the lane
+    (`lane` may be a function giving the current lane, asked after the control frames).
 
     On the lane each message holds whole frames (about LANE_PIECE bytes of them), written
     from the session's buffers without copying: the receiver parses them where they lie."""
     data = s.data_to_send()
     for i in range(0, len(data), MESSAGE_SIZE):
         await link.send(data[i:i + MESSAGE_SIZE])
+    if callable(lane):
+        lane = lane()
+    if lane is None:
+        if s.bulk_up:
+            # Parts queued for a lane that is gone: send every unacknowledged object again
+            # on the control lane rather than lose them.
+            s.bulk_lane_down()
+            await flush(s, link)
+        return
     frames = s.frames_to_send("bulk")
-    if not frames or lane is None:
+    if not frames:
         return
     batch: list = []
     size = 0
