@@ -70,7 +70,8 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
 
     `protect` names packs written for data not yet in any snapshot or segment (the daemon's
     open segment); it is read at the same moment as the index, so none can slip between.
-    `hold_new` (seconds): packs indexed here more recently are neither deleted nor repacked.
+    `hold_new` (seconds): packs that arrived from elsewhere more recently (not written here;
+    see PackIndex.arrived) are neither deleted nor repacked.
     A peer sends a snapshot's packs before the snapshot, so a pack that just arrived may be
     used by a snapshot or segment still on its way; deleting it would break that snapshot here
     and, through our removal record, on storage partners.
@@ -111,7 +112,7 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
         grouped.pop(name, None)
     if hold_new > 0:
         recent = time.time() - hold_new
-        for name in [n for n, seen in repo.index.seen.items() if seen > recent]:
+        for name in [n for n, t in repo.index.arrived.items() if t > recent]:
             if name in grouped and not all(bid in used for bid, _ in grouped[name]):
                 report.packs_held += 1
             grouped.pop(name, None)

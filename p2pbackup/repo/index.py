@@ -11,12 +11,12 @@ import aiosqlite
 
 from ..errors import DiskFull, StorageError
 
-INDEX_VERSION = 2   # 2: packs.seen
+INDEX_VERSION = 2   # 2: packs.arrived
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS packs (name TEXT PRIMARY KEY, scope TEXT NOT NULL,
-    epoch INTEGER NOT NULL, size INTEGER NOT NULL, seen INTEGER NOT NULL DEFAULT 0);
+    epoch INTEGER NOT NULL, size INTEGER NOT NULL, arrived INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS blobs (id BLOB PRIMARY KEY, kind INTEGER NOT NULL,
     pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
     raw_length INTEGER NOT NULL) WITHOUT ROWID;
@@ -53,9 +53,9 @@ class PackIndex:
         self._db: aiosqlite.Connection | None = None
         self.blobs: dict[bytes, BlobLocation] = {}
         self.packs: dict[str, tuple[str, int, int]] = {}
-        # When each pack was first indexed here (unix seconds): a pack that arrived from a peer
-        # a moment ago may be used by a snapshot still on its way (prune leaves it alone).
-        self.seen: dict[str, int] = {}
+        # When packs not written here arrived (unix seconds; 0 for packs this device wrote): a
+        # pack from a peer may be used by a snapshot still on its way (prune leaves it alone).
+        self.arrived: dict[str, int] = {}
 
     async def open(self) -> None:
         """Open (creating if needed) and load; raise IndexCorrupt when the file is unusable."""
@@ -78,10 +78,11 @@ class PackIndex:
                 await self._db.commit()
             elif row[0] != str(INDEX_VERSION):
                 raise IndexCorrupt(f"index version {row[0]}")
-            for name, scope, epoch, size, seen in await self._db.execute_fetchall(
-                    "SELECT name, scope, epoch, size, seen FROM packs"):
+            for name, scope, epoch, size, arrived in await self._db.execute_fetchall(
+                    "SELECT name, scope, epoch, size, arrived FROM packs"):
                 self.packs[name] = (scope, epoch, size)
-                self.seen[name] = seen
+                if arrived:
+                    self.arrived[name] = arrived
             make = BlobLocation._make
             self.blobs.update((row[0], make(row[1:])) for row in await self._db.execute_fetchall(
                 "SELECT id, pack, offset, length, raw_length, kind FROM blobs"))
@@ -98,16 +99,19 @@ class PackIndex:
             self._db = None
 
     async def add_pack(self, name: str, scope: str, epoch: int, size: int,
-                       blobs: list[tuple[bytes, int, int, int, int]]) -> None:
-        """Record a stored pack and its blobs (id, kind, offset, length, raw_length)."""
-        await self.add_packs([(name, scope, epoch, size, blobs)])
+                       blobs: list[tuple[bytes, int, int, int, int]], *,
+                       arrived: bool = False) -> None:
+        """Record a stored pack and its blobs (id, kind, offset, length, raw_length);
+        `arrived`: it was not written here (a peer sent it, or nobody knows who wrote it)."""
+        await self.add_packs([(name, scope, epoch, size, blobs)], arrived=arrived)
 
     async def add_packs(self, packs: list[tuple[str, str, int, int,
-                                                list[tuple[bytes, int, int, int, int]]]]) -> None:
+                                                list[tuple[bytes, int, int, int, int]]]],
+                        *, arrived: bool = False) -> None:
         """Record several packs in one transaction (blob ids are random, so one commit per
         pack would rewrite most of the B-tree each time)."""
         assert self._db is not None
-        now = int(time.time())
+        now = int(time.time()) if arrived else 0
         try:
             await self._db.executemany(
                 "INSERT INTO packs VALUES (?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
@@ -121,8 +125,9 @@ class PackIndex:
         except sqlite3.Error as exc:
             raise _sql_error(exc, self.path) from None
         for n, scope, epoch, size, blobs in packs:
+            if now and n not in self.packs:   # as the SQL: an already known pack keeps its time
+                self.arrived[n] = now
             self.packs[n] = (scope, epoch, size)
-            self.seen.setdefault(n, now)
             for bid, kind, off, length, raw in blobs:
                 self.blobs[bid] = BlobLocation(n, off, length, raw, kind)
 
@@ -142,6 +147,6 @@ class PackIndex:
         gone = set(names)
         for n in names:
             self.packs.pop(n, None)
-            self.seen.pop(n, None)
+            self.arrived.pop(n, None)
         for bid in [b for b, loc in self.blobs.items() if loc.pack in gone]:
             del self.blobs[bid]

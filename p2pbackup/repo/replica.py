@@ -105,7 +105,7 @@ async def accept(repo: Repository, name: str, data: bytes, *, durable: bool = Tr
             await repo.store.put(name, data)
         await repo.index.add_pack(m.group(1), trailer.scope, trailer.epoch, len(data),
                                   [(b.id, b.kind, b.offset, b.length, b.raw_length)
-                                   for b in trailer.blobs])
+                                   for b in trailer.blobs], arrived=True)
         return True
     elif kind == "snapshot":
         if blake3.blake3(data).hexdigest() != m.group(1):

@@ -142,9 +142,11 @@ class Repository:
                 self.damaged_packs[name] = str(exc)
                 log.warning("%s", exc)
                 continue
+            # Who wrote it is unknown here (a peer's daemon, our own killed run): treated as
+            # arrived, so a prune in a shared repository waits before deleting it.
             await self.index.add_pack(name, trailer.scope, trailer.epoch, size,
                                       [(b.id, b.kind, b.offset, b.length, b.raw_length)
-                                       for b in trailer.blobs])
+                                       for b in trailer.blobs], arrived=True)
             added += 1
             if progress:
                 progress(name)
