@@ -19,10 +19,11 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m p2pbackup.cli.demo
 
-# Network-namespace tests (pairing over mDNS, transports) need iproute2; as root we install it.
+# Network-namespace tests (pairing over mDNS, transports) need iproute2, the packet-loss test
+# iptables; as root we install them.
 sysdeps:
-	@if [ "$$(id -u)" = 0 ] && ! command -v ip >/dev/null; then \
-		apt-get update -qq && apt-get install -y -qq iproute2; fi
+	@if [ "$$(id -u)" = 0 ] && ! (command -v ip && command -v iptables) >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq iproute2 iptables; fi
 
 test: setup sysdeps
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -197,6 +197,17 @@ class NetLab:
         """
         self._qdisc(host, ["netem", *spec.split()] if spec else None, direction, ifname)
 
+    def loss(self, host: Host, percent: float, *, ifname: str = "eth0") -> None:
+        """Drop `percent` % of the packets the host sends and receives on its cable, at random
+        (iptables' statistic match: this kernel has no sch_netem); 0 removes it."""
+        for chain, flag in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            rule = [chain, flag, ifname, "-m", "statistic", "--mode", "random",
+                    "--probability", f"{percent / 100:.4f}", "-j", "DROP"]
+            base = ["ip", "netns", "exec", host.ns, "iptables", "-w"]
+            _run(base + ["-F", chain])
+            if percent > 0:
+                _run(base + ["-A", *rule])
+
     def shape(self, host: Host, rate: str | None, *, direction: str = "both",
               ifname: str = "eth0") -> None:
         """Limit the host's cable to `rate` (e.g. "10mbit") with tbf; None removes it."""
