@@ -38,6 +38,7 @@ async def local_names(repo) -> set[str]:
 LANE_PIECE = 1024 * 1024
 PACK_INTAKE = 2              # packs checked and written at once: one per core
 WINDOW = 48 * 1024 * 1024    # unacknowledged bytes in flight: room for PACK_INTAKE+1 packs
+STALL = 30.0                 # seconds without a byte from a peer we wait on: ask again
 
 
 class Replicator:
@@ -163,6 +164,7 @@ class Replicator:
         self._states[device] = st
         if self.lane_server is not None:
             s.offer_lane(self.lane_server.fingerprint, self.lane_port)
+        watch = asyncio.get_running_loop().create_task(self._watch(s, link, device))
         try:
             await self._flush(s, link, device)
             if first is not None:
@@ -175,6 +177,7 @@ class Replicator:
                 if s.closed:
                     return
         finally:
+            watch.cancel()
             await self._settle(device)
             self._packs_in.pop(device, None)
             self.sessions.pop(device, None)
@@ -182,6 +185,25 @@ class Replicator:
             lane = self.lanes.pop(device, None)
             if lane is not None:
                 await lane.close()
+
+    async def _watch(self, s: SyncSession, link: PeerLink, device: str) -> None:
+        """Ask again for what we wait on when nothing at all arrived for STALL seconds: an
+        object lost on the way (a bug, a peer's) must not stall replication until restart."""
+        seen, since = s.bytes_in, time.monotonic()
+        while not s.closed:
+            await asyncio.sleep(STALL / 4)
+            if s.bytes_in != seen or not s.pending:
+                seen, since = s.bytes_in, time.monotonic()
+                continue
+            if time.monotonic() - since >= STALL:
+                n = s.rewant()
+                log.warning("peer %s: nothing arrived for %.0f s while %d objects are awaited; "
+                            "asked for them again", device[:12], STALL, n)
+                try:
+                    await self._flush(s, link, device)
+                except P2PError:
+                    return   # the session is ending; its loop says why
+                since = time.monotonic()
 
     async def serve(self, device: str, link: PeerLink, first: bytes) -> None:
         """A member reads this store (restore or recover from a peer): objects only; what it

@@ -134,6 +134,7 @@ class SyncSession:
         self.closed = False
         self.in_flight = 0          # bytes of our parts not yet acknowledged
         self.bytes_sent = self.bytes_received = 0
+        self.bytes_in = 0           # everything fed to receive_data: the adapter's sign of life
         self.objects_sent = self.objects_received = 0
         self._out: list[list[Buffer]] = []        # frames, each as buffers to write in turn
         self._out_bulk: list[list[Buffer]] = []
@@ -149,6 +150,8 @@ class SyncSession:
         self._offering: str | None = None   # ObjectWanted emitted, waiting for send_object
         self._unacked: dict[str, int] = {}
         self._incoming: dict[str, _Incoming] = {}
+        self._rewanted: set[str] = set()    # asked for twice: a second copy may come
+        self._sent_again: set[str] = set()  # the peer asked twice: an ack may come for either
         self._frame({"t": "hello", "versions": [VERSION], "device": device})
         names = sorted(have)
         for i in range(0, max(len(names), 1), INV_BATCH):
@@ -259,6 +262,20 @@ class SyncSession:
         self._offering = name
         return [ObjectWanted(name)]
 
+    def rewant(self) -> int:
+        """Ask again for everything asked for and not received (the adapter calls this when
+        nothing arrived for a long time: an object lost on the way must not stall the session
+        forever). Partial objects restart from their first part. Returns how many."""
+        if self.closed or not self._asked:
+            return 0
+        for name in self._asked:
+            self._incoming.pop(name, None)
+        self._rewanted |= self._asked
+        names = sorted(self._asked)
+        for i in range(0, len(names), INV_BATCH):
+            self._frame({"t": "want", "names": names[i:i + INV_BATCH]})
+        return len(names)
+
     @property
     def pending(self) -> int:
         """Objects we asked the peer for and have not received yet."""
@@ -279,6 +296,7 @@ class SyncSession:
         `data` afterwards."""
         if self.closed:
             return []
+        self.bytes_in += len(data)
         reader = self._in_bulk if lane == "bulk" else self._in
         reader.feed(data)
         events: list[Event] = []
@@ -329,6 +347,11 @@ class SyncSession:
             return []
         if t == "want":
             for n in _names(msg, "names", self.valid_name):
+                size = self._unacked.pop(n, None)
+                if size is not None:    # asked again (see `rewant`): that copy is lost or late
+                    self.in_flight -= size
+                    self.bytes_sent -= size
+                    self._sent_again.add(n)
                 if n not in self._queued:
                     self._queued.add(n)
                     self._to_send.append(n)
@@ -338,6 +361,12 @@ class SyncSession:
         if t == "ack":
             name = _need(msg, "name", str)
             size = self._unacked.pop(name, None)
+            if size is None and name in self._sent_again:
+                # The copy the peer asked for again arrived after all: no need to resend.
+                if name in self._queued:
+                    self._queued.discard(name)
+                    self._to_send.remove(name)
+                return []
             if size is None:
                 raise _Bad(f"an ack for {name[:60]!r}, which was not sent")
             self.in_flight -= size
@@ -374,6 +403,9 @@ class SyncSession:
         name = _need(msg, "name", str)
         if name in self.have and name not in self._asked and name not in self._incoming:
             return []  # sent again after the direct lane dropped; we stored it already
+        again = name in self._rewanted
+        if again and name not in self._asked:
+            return []  # the other copy of an object asked for twice arrived first
         if not self.valid_name(name) or name not in self._asked:
             raise _Bad(f"an object {name[:60]!r} that was never asked for")
         off, total = _need(msg, "off", int), _need(msg, "total", int)
@@ -385,6 +417,9 @@ class SyncSession:
             inc = self._incoming[name] = _Incoming(total)
         if inc is None or off != inc.received or total != inc.total \
                 or inc.received + len(data) > total or last != (off + len(data) == total):
+            if again:   # the rest of a copy we gave up on, or two copies interleaved
+                self._incoming.pop(name, None)
+                return []
             raise _Bad(f"the parts of {name[:60]!r} do not fit together")
         inc.parts.append(data)
         inc.received += len(data)

@@ -232,3 +232,33 @@ def test_objects_go_over_the_bulk_lane_and_fall_back_when_it_drops():
     from p2pbackup.protocol.sync import LaneOffered
     assert [e for e in b.events if isinstance(e, LaneOffered)] == [LaneOffered("AB:CD", 4433)]
     assert a.s.in_flight == 0 and not a.s.bulk_up
+
+
+def test_objects_lost_on_the_way_are_asked_for_again_and_arrive():
+    """Bytes of some objects vanish without either lane dropping (the bug this guards against:
+    parts queued for a lane and then discarded); the receiver's `rewant` recovers them, and a
+    slow copy arriving after the second request is harmless."""
+    source = objs("a", 6, 300_000)
+    a, b = Side("A", source, window=1 << 20), Side("B", {})
+    pump(a, b, rounds=3)                 # hello, inventories, wants; the first objects go out
+    a.s.data_to_send()                   # ...and are lost
+    pump(a, b)
+    assert b.s.pending > 0 and len(b.objects) < len(source)   # stalled: nothing more comes
+    assert b.s.rewant() == b.s.pending
+    pump(a, b)
+    assert b.objects == source and b.s.pending == 0
+    assert a.s.in_flight == 0            # the lost copies no longer hold the window
+
+    # The first copy was only slow: it and the second copy both arrive, in either order.
+    for first_copy_late in (False, True):
+        a, b = Side("A", objs("c", 2, 2_500_000)), Side("B", {})
+        pump(a, b, rounds=3)
+        slow = a.s.data_to_send()
+        b.s.rewant()
+        if first_copy_late:
+            pump(a, b)
+            b.handle(b.s.receive_data(slow))
+        else:
+            b.handle(b.s.receive_data(slow))
+            pump(a, b)
+        assert not b.s.closed and b.objects == a.objects and b.s.pending == 0

@@ -12,10 +12,10 @@ from hypothesis import given, settings, strategies as st
 
 from p2pbackup.protocol.framing import (IN_PLACE, FrameError, FrameReader, encode,
                                         encode_with_bin)
-from p2pbackup.protocol.sync import MAX_OBJECT, PART, Closed, ObjectReceived, SyncSession
+from p2pbackup.protocol.sync import MAX_OBJECT, PART, Closed, SyncSession
 from p2pbackup.transport.tls_lane import LaneIdentity, LaneServer, connect_lane
 
-from .test_sync import Side, frame, pump, pump_lanes, valid
+from .test_sync import Side, frame, pump, valid
 
 
 def test_encode_with_bin_is_the_msgpack_frame_and_does_not_copy_the_payload():
