@@ -796,10 +796,14 @@ def report(res: Results, started: datetime.datetime, idle_seconds: float) -> str
 
 
 def write_section(out: Path, section: str) -> None:
-    """Replace the "## Daemon" section of `out` (to the end of the file), or append it."""
-    before = split_daemon_section(out.read_text())[0] if out.exists() else ""
+    """Replace the "## Daemon" section of `out` (up to the next "## " heading, which is another
+    script's section, e.g. bench_replication.py's), or append it."""
+    before, ours = split_daemon_section(out.read_text()) if out.exists() else ("", "")
+    nxt = re.search(r"^## ", ours[3:], flags=re.MULTILINE) if ours else None
+    after = ours[3 + nxt.start():] if nxt else ""
     before = before.rstrip("\n")
-    out.write_text(f"{before}\n\n{section}" if before else section)
+    text = f"{before}\n\n{section}" if before else section
+    out.write_text(text.rstrip("\n") + "\n\n" + after if after else text)
 
 
 def ran_cleanly(res: Results) -> bool:
