@@ -130,9 +130,16 @@ class DeviceDaemon:
                 log.warning("announcing to peers failed: %s", exc)
 
     async def snapshot(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Seal what is pending, then take a roll-up snapshot that covers it."""
+        """Seal what is pending, then take a roll-up snapshot that covers it.
+
+        A scheduled one (`{"scheduled": True}`) is skipped when another snapshot was taken while
+        it waited (e.g. the user's, at start-up): two in a row would be one too many."""
+        before = self.last_snapshot
         await self.seal()
         async with self.writing:
+            if args and args.get("scheduled") and self.last_snapshot is not before \
+                    and self.last_snapshot is not None and self.last_snapshot[0]:
+                return {"id": self.last_snapshot[0], "skipped": True}
             state = self.sealer.state
             summary = await take_snapshot(self.dev.repo, self.config.sources,
                                           temp_dir=self.dev.temp_dir,
@@ -146,7 +153,7 @@ class DeviceDaemon:
                             time.time_ns())
                 await LogStore(self.dev.repo).write_head(self.dev.identity, head)
                 state.head = head
-        self.last_snapshot = (stored.id, stored.snapshot.time_ns)
+            self.last_snapshot = (stored.id, stored.snapshot.time_ns)
         log.info("snapshot %s covers log segment %d", stored.short_id, state.seq)
         self.notifier.status(f"snapshot {stored.short_id}")
         await self.announce()
@@ -235,9 +242,11 @@ async def _snapshot_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
             return
         except asyncio.TimeoutError:
             pass
+        # Read again: a snapshot may have been taken on request while we waited.
+        last = d.last_snapshot[1] / 1e9 if d.last_snapshot else 0.0
         if not d.last_snapshot or time.time() >= last + interval:
             try:
-                await d.snapshot()
+                await d.snapshot({"scheduled": True})
             except P2PError as exc:
                 log.error("scheduled snapshot failed: %s", exc)
                 d.last_snapshot = ("", time.time_ns())  # retry after one interval, not in a loop
