@@ -225,7 +225,8 @@ def main() -> None:
         daemons = replicate_with_daemons(home, laptop, work, day1)
         try:
             step("The first device is lost (its daemon stops). A new device recovers from the "
-                 "laptop, a peer, with the recovery code alone, over WebRTC")
+                 "laptop, a peer, with the recovery code alone (signed WebRTC session, "
+                 "bulk over the direct lane)")
             stop(daemons[:1])
             peer = f"peer:laptop@127.0.0.1:{signaling_port(laptop)}"
             (work / "code.txt").write_text(code)

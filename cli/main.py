@@ -201,6 +201,7 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
 
     async def go() -> Any:
         async with open_device(_home(), store=store) as dev:
+            output.peer_path(dev.repo.store)
             overlays, replayed = None, None
             if at_ns is None:
                 stored = await dev.repo.find_snapshot(snapshot_ref)
@@ -241,6 +242,7 @@ def verify(read_data: bool = typer.Option(False, "--read-data",
 
     async def go() -> Any:
         async with open_device(_home(), store=store) as dev:
+            output.peer_path(dev.repo.store)
             progress = VerifyProgress()
             async with output.progress_bar("verify", progress, files_attr=None):
                 return await do_verify(dev.repo, read_data=read_data, progress=progress)

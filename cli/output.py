@@ -26,6 +26,18 @@ def err(message: str) -> None:
     print(f"p2pbackup: {message}", file=sys.stderr, flush=True)
 
 
+def note(message: str) -> None:
+    """A line about what is going on (stderr, so --json output stays clean)."""
+    print(message, file=sys.stderr)
+
+
+def peer_path(store: object) -> None:
+    """Say which path reads from a peer take (direct lane or data channel)."""
+    path = getattr(store, "path", None)
+    if path is not None and hasattr(store, "use_lane"):
+        note(f"reading from {getattr(store, 'location', 'the peer')} over the {path}")
+
+
 def warn(message: str) -> None:
     print(f"p2pbackup: warning: {message}", file=sys.stderr, flush=True)
 

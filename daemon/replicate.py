@@ -53,6 +53,7 @@ class Replicator:
         self.lane_server: LaneServer | None = None
         self.lane_port = 0
         self._lane_peers: dict[str, str] = {}   # expected fingerprint -> device
+        self._fetch_lanes: dict[str, str] = {}  # fingerprint -> device reading this store
         self._states: dict[str, "PeerState"] = {}
         self.on_membership: Callable[[], Awaitable[None]] | None = None
         self.tombstones: set[str] = set()   # removed by an owner: never fetched again
@@ -90,6 +91,12 @@ class Replicator:
             await self.lane_server.close()
 
     async def _lane_accepted(self, lane: LaneLink) -> None:
+        reader = self._fetch_lanes.pop(_normalize(lane.peer_fingerprint), None)
+        if reader is not None:   # a member reading this store asked for it (see `serve`)
+            if self.lane_server is not None:
+                self.lane_server.forget(lane.peer_fingerprint)   # one lane per request
+            await self.serve(reader, lane, on_lane=True)
+            return
         device = self._lane_peers.get(_normalize(lane.peer_fingerprint))
         if device is None or device not in self.sessions:
             return
@@ -205,17 +212,29 @@ class Replicator:
                     return   # the session is ending; its loop says why
                 since = time.monotonic()
 
-    async def serve(self, device: str, link: PeerLink, first: bytes) -> None:
+    async def serve(self, device: str, link: PeerLink | LaneLink, first: bytes | None = None,
+                    *, on_lane: bool = False) -> None:
         """A member reads this store (restore or recover from a peer): objects only; what it
-        writes goes through the same checks as replication; nothing is deleted."""
+        writes goes through the same checks as replication; nothing is deleted. It may ask
+        for a direct lane, on which it opens a second such session (`on_lane`)."""
         async def put(name: str, data: bytes) -> None:
             if await replica.accept(self.repo, name, data):
                 await self._accepted(name)
                 await self.announce_new()
 
+        async def lane(client_fp: str) -> tuple[str, int]:
+            assert self.lane_server is not None
+            self._fetch_lanes[_normalize(client_fp)] = device
+            self.lane_server.expect(client_fp)
+            return self.lane_server.fingerprint, self.lane_port
+
+        offer = lane if self.lane_server is not None and not on_lane else None
         why = await peer_store.serve(link, self.repo.store, self.me, first=first, put=put,
-                                     read=replica.is_object_name)
-        log.info("device %s stopped reading: %s", device[:12], why)
+                                     read=replica.is_object_name, lane=offer,
+                                     message_size=LANE_PIECE if on_lane else
+                                     peer_store.MESSAGE)
+        log.info("device %s stopped reading%s: %s", device[:12],
+                 " over the direct lane" if on_lane else "", why)
 
     async def _handle(self, s: SyncSession, link: PeerLink, st: "PeerState",
                       events: list[Event]) -> None:

@@ -122,8 +122,25 @@ async def open_peer(location: PeerLocation, device: str, *, identity: DeviceIden
             errors.append(str(exc))
             continue
         step(f"connected to {label} at {host}")
-        return await PeerStore(link, identity.device_id, location=label).start()
+        store = await PeerStore(link, identity.device_id, location=label).start()
+        if peers.direct_lane:
+            await direct_lane(store, host)
+        step(f"reading from {label} over the {store.path}")
+        return store
     raise PeerUnreachable(f"cannot reach {label}: {'; '.join(errors)}")
+
+
+async def direct_lane(store: PeerStore, host: str) -> bool:
+    """Move `store`'s reads onto a direct TLS lane to `host` (a LAN address), if the peer
+    offers one; the certificate is made for this session and pinned inside it."""
+    from .transport.tls_lane import LaneIdentity, connect_lane
+
+    identity = LaneIdentity.generate(days=1)
+
+    async def dial(h: str, port: int, fingerprint: str):
+        return await connect_lane(h, port, fingerprint, identity)
+
+    return await store.use_lane(host, identity.fingerprint, dial)
 
 
 @dataclass(slots=True)
@@ -141,8 +158,11 @@ class RecoveryCandidate:
 
         self.unverified = await session.connect_recovering(
             signer, session.LanSignaling(self.host, self.port), ice=ice_for(self.peers, self.host))
-        return await PeerStore(self.unverified.link, signer.device_id,
-                               location=f"the peer at {self.host}").start()
+        store = await PeerStore(self.unverified.link, signer.device_id,
+                                location=f"the peer at {self.host}").start()
+        if self.peers.direct_lane:
+            await direct_lane(store, self.host)
+        return store
 
 
 async def recovery_candidates(location: PeerLocation, peers: PeerSettings,

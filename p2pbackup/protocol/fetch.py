@@ -6,15 +6,21 @@ fetch session from a sync session by the first frame's type ("fetch").
 
     client -> server
     fetch    {versions, device}                         first frame
-    req      {id, op, name?, off?, len?, prefix?}       op: get range size has list delete
+    req      {id, op, name?, off?, len?, prefix?, fp?}  op: get range size has list delete lane
     put      {id, name, off, total, data, last}          one part of an object to store
     server -> client
     fetch    {versions, device}                         the answer to the first frame
-    res      {id, value}                                an int, bool or nil result
+    res      {id, value}                                an int, bool or nil result; for
+                                                        lane {fp, port}: the server's lane
     data     {id, off, total, data, last}               one part of a get/range result
     names    {id, names, last}                          a batch of a list result
     fail     {id, code, reason}                         code: notfound, refused, error
     error    {reason}                                   the session ends (either way)
+
+"lane" (the client sends its lane certificate's fingerprint, inside this signed session) asks
+for a direct TLS lane: the server answers with its own fingerprint and port and then accepts
+that certificate; the client opens a new fetch session over the lane for bulk reads. Servers
+without lanes refuse it like any unknown operation.
 
 Requests are answered in order. A frame that does not parse ends the session with one
 `Closed` event; input never raises. Ops and frame types from newer versions are refused or
@@ -34,7 +40,7 @@ HELLO = "fetch"
 PART = 1024 * 1024
 LIST_BATCH = 2000
 MAX_OBJECT = 512 * 1024 * 1024   # nothing we store comes near; bounds a hostile peer's reply
-OPS = ("get", "range", "size", "has", "list", "put", "delete")
+OPS = ("get", "range", "size", "has", "list", "put", "delete", "lane")
 NOT_FOUND, REFUSED, ERROR = "notfound", "refused", "error"
 
 
@@ -196,6 +202,8 @@ class FetchServer(_End):
             if op not in OPS or op == "put":
                 self.fail(rid, REFUSED, f"this peer does not know the operation {op[:20]!r}")
                 return []
+            if op == "lane":
+                return [Request(rid, op, _need(msg, "fp", str)[:200])]
             if op == "list":
                 prefix = _need(msg, "prefix", str)
                 if len(prefix) > 1024:
@@ -270,7 +278,7 @@ class FetchClient(_End):
     def request(self, op: str, name: str = "", *, offset: int = 0, length: int = 0,
                 prefix: str = "") -> int:
         """Ask for `op` on `name` (or `prefix` for list); returns the request id."""
-        if op not in OPS or op == "put":
+        if op not in OPS or op in ("put", "lane"):
             raise ValueError(f"unknown fetch operation {op!r}")
         rid = self._id(op)
         msg: dict[str, Any] = {"t": "req", "id": rid, "op": op}
@@ -281,6 +289,13 @@ class FetchClient(_End):
         if op == "range":
             msg.update(off=offset, len=length)
         self._frame(msg)
+        return rid
+
+    def request_lane(self, fingerprint: str) -> int:
+        """Ask for a direct lane, offering our lane certificate's fingerprint; the reply's value
+        is (server fingerprint, port)."""
+        rid = self._id("lane")
+        self._frame({"t": "req", "id": rid, "op": "lane", "fp": fingerprint})
         return rid
 
     def put(self, name: str, data: bytes) -> int:
@@ -313,9 +328,16 @@ class FetchClient(_End):
 
     def _handle(self, t: str, msg: dict) -> list[Event]:
         if t == "res":
-            rid = self._pending(msg, "size", "has", "delete", "put")
+            rid = self._pending(msg, "size", "has", "delete", "put", "lane")
             value = msg.get("value")
             op = self._ops.pop(rid)
+            if op == "lane":
+                fp = value.get("fp") if isinstance(value, dict) else None
+                port = value.get("port") if isinstance(value, dict) else None
+                if not isinstance(fp, str) or not isinstance(port, int) \
+                        or isinstance(port, bool) or not 0 < port < 65536:
+                    raise FrameError("a lane answer without a fingerprint and port")
+                return [Reply(rid, (fp[:200], port))]
             if op == "size" and (not isinstance(value, int) or isinstance(value, bool)
                                  or value < 0):
                 raise FrameError("a size that is not a count of bytes")

@@ -104,3 +104,49 @@ async def test_a_peer_that_goes_away_fails_requests_with_a_clear_error(tmp_path:
             await store.has("config")
             await asyncio.sleep(0.1)
     await store.close()
+
+
+async def test_reads_move_to_a_direct_lane_and_fall_back_when_it_breaks(tmp_path: Path):
+    """A real TLS lane on 127.0.0.1, pinned inside the fetch session: reads go over it; when
+    it breaks they continue over the data channel; a peer without lanes just says no."""
+    from p2pbackup.peer_fetch import direct_lane
+    from p2pbackup.transport.tls_lane import LaneIdentity, LaneServer
+
+    backing = LocalDirStore(tmp_path / "served")
+    big = os.urandom(3 * 1024 * 1024)
+    await backing.put("packs/" + "e" * 64, big)
+    lanes: list = []
+
+    async def on_lane(link) -> None:   # the server's second fetch session, over the lane
+        lanes.append(link)
+        await serve(link, backing, "server-device")
+
+    server_id = LaneIdentity.generate(days=1)
+    lane_server = LaneServer(server_id, on_lane)
+    port = (await lane_server.start("127.0.0.1", 0))[1]
+
+    async def offer(client_fp: str) -> tuple[str, int]:
+        lane_server.expect(client_fp)
+        return lane_server.fingerprint, port
+
+    client_link, server_link = await link_pair()
+    server = asyncio.create_task(serve(server_link, backing, "server-device", lane=offer))
+    store = await PeerStore(client_link, "client-device", location="peer:server").start()
+    try:
+        assert store.path == "data channel"
+        assert await direct_lane(store, "127.0.0.1")
+        assert store.path == "direct lane" and len(lanes) == 1
+        assert await store.get("packs/" + "e" * 64) == big
+        assert [n async for n in store.list("packs/")] == ["packs/" + "e" * 64]
+        await lanes[0].close()          # the lane breaks: the next read goes the other way
+        assert await store.get_range("packs/" + "e" * 64, 5, 10) == big[5:15]
+        assert store.path == "data channel"
+    finally:
+        await store.close()
+        await asyncio.wait_for(server, 10)
+        await server_link.close()
+        await lane_server.close()
+
+    async for store, _ in served(tmp_path):   # serve() without `lane`: refused, no harm
+        assert not await direct_lane(store, "127.0.0.1")
+        assert store.path == "data channel" and await store.has("packs/" + "e" * 64) is True

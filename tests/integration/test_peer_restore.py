@@ -31,7 +31,10 @@ def wait_status(cli: Cli, timeout: float = 30) -> dict:
     while time.monotonic() < deadline:
         proc = cli("status", "--json", check=False)
         if proc.returncode == 0:
-            return json.loads(proc.stdout)
+            status = json.loads(proc.stdout)
+            lan = status.get("lan")
+            if not lan or lan.get("signaling_port"):   # the LAN endpoint may still be starting
+                return status
         time.sleep(0.2)
     raise AssertionError("the daemon never answered status")
 
@@ -51,12 +54,15 @@ def test_a_paired_device_restores_from_a_peer_found_on_the_lan(netlab, tmp_path:
         out = run_in(hb, b, "restore", "latest", "--to", str(tmp_path / "out"), "--from",
                      f"peer:{a_id[:10]}")
         assert "restored snapshot" in out.stdout
+        # Both on one LAN: the session asked for a direct lane, and the reads took it.
+        assert "over the direct lane" in out.stderr, out.stderr
         assert tree_state(tmp_path / "out" / "src") == tree_state(src)
         # Or at the address its status shows, without mDNS; the peer's copy verifies.
         port = status["lan"]["signaling_port"]
         checked = run_in(hb, b, "verify", "--read-data", "--from",
                          f"peer:{a_id[:10]}@10.10.0.1:{port}")
         assert "no problems found" in checked.stdout
+        assert "over the direct lane" in checked.stderr, checked.stderr
         # Reading is all: b's own store did not change, a's daemon is still fine.
         assert json.loads(b("snapshots", "--json").stdout) == []
         assert wait_status(a)["peers"] is not None
