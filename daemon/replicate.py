@@ -222,9 +222,12 @@ class Replicator:
                 await self._accepted(name)
                 await self.announce_new()
 
+        offered: list[str] = []
+
         async def lane(client_fp: str) -> tuple[str, int]:
             assert self.lane_server is not None
-            self._fetch_lanes[_normalize(client_fp)] = device
+            offered.append(_normalize(client_fp))
+            self._fetch_lanes[offered[-1]] = device
             self.lane_server.expect(client_fp)
             return self.lane_server.fingerprint, self.lane_port
 
@@ -235,6 +238,9 @@ class Replicator:
                                      peer_store.MESSAGE)
         log.info("device %s stopped reading%s: %s", device[:12],
                  " over the direct lane" if on_lane else "", why)
+        for fp in offered:   # lanes asked for and never opened are not waited for any more
+            if self._fetch_lanes.pop(fp, None) is not None and self.lane_server is not None:
+                self.lane_server.forget(fp)
 
     async def _handle(self, s: SyncSession, link: PeerLink, st: "PeerState",
                       events: list[Event]) -> None:
