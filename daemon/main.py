@@ -137,8 +137,9 @@ class DeviceDaemon:
         before = self.last_snapshot
         await self.seal()
         async with self.writing:
+            # (not after a failed one, which left no id)
             if args and args.get("scheduled") and self.last_snapshot is not before \
-                    and self.last_snapshot is not None and self.last_snapshot[0]:
+                    and self.last_snapshot[0]:
                 return {"id": self.last_snapshot[0], "skipped": True}
             state = self.sealer.state
             summary = await take_snapshot(self.dev.repo, self.config.sources,

@@ -349,11 +349,8 @@ async def flush(s: SyncSession, link: PeerLink,
     if callable(lane):
         lane = lane()
     if lane is None:
-        if s.bulk_up:
-            # Parts queued for a lane that is gone: send every unacknowledged object again
-            # on the control lane rather than lose them.
-            s.bulk_lane_down()
-            await flush(s, link)
+        # Parts are queued for the lane only while it is up (`bulk_lane_up`/`_down` follow
+        # `Replicator.lanes`), so there are none to send.
         return
     frames = s.frames_to_send("bulk")
     if not frames:

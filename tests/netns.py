@@ -208,6 +208,12 @@ class NetLab:
             if percent > 0:
                 _run(base + ["-A", *rule])
 
+    def dropped(self, host: Host) -> int:
+        """Packets the `loss` rules of `host` dropped so far."""
+        out = _run(["ip", "netns", "exec", host.ns, "iptables", "-w", "-L", "-v", "-n", "-x"])
+        return sum(int(line.split()[0]) for line in out.stdout.splitlines()
+                   if "statistic" in line and line.split()[0].isdigit())
+
     def shape(self, host: Host, rate: str | None, *, direction: str = "both",
               ifname: str = "eth0") -> None:
         """Limit the host's cable to `rate` (e.g. "10mbit") with tbf; None removes it."""

@@ -103,7 +103,7 @@ class PeerStore(BlobStore):
         """Run `op` on the lane while it works, else over the data channel."""
         if self._lane is not None:
             try:
-                return await getattr(self._lane, op)(*args)
+                return await getattr(self._lane, "_dc_" + op)(*args)   # its own link
             except PeerUnreachable as exc:
                 await self._lane_failed(exc)
         return await getattr(self, "_dc_" + op)(*args)
@@ -206,9 +206,6 @@ class PeerStore(BlobStore):
 
     async def _dc_names(self, prefix: str) -> list[str]:
         return await self._call(lambda: self._client.request("list", prefix=prefix))
-
-    async def names(self, prefix: str) -> list[str]:
-        return await self._either("names", prefix)
 
     async def _dc_delete(self, name: str) -> None:
         await self._call(lambda: self._client.request("delete", name))

@@ -59,6 +59,34 @@ def two_paired_devices(netlab, tmp_path: Path, fill, *, direct_lane: bool = True
     return ha, hb, a, b, src, a_id
 
 
+def paired_with_random_files(netlab, tmp_path: Path, n: int, size: int, direct_lane: bool):
+    """two_paired_devices whose source holds `n` random files of `size` bytes, snapshotted."""
+    def fill(src: Path) -> None:
+        src.mkdir()
+        for i in range(n):
+            (src / f"f{i}.bin").write_bytes(os.urandom(size))
+
+    ha, hb, a, b, src, a_id = two_paired_devices(netlab, tmp_path, fill,
+                                                 direct_lane=direct_lane)
+    a("snapshot")
+    return ha, hb, a, b, src, a_id
+
+
+def pack_names(cli: Cli) -> set[str]:
+    packs = cli.home / "store" / "packs"
+    return {p.name for p in packs.rglob("*") if p.is_file()} if packs.exists() else set()
+
+
+def wait_replicated(a: Cli, b: Cli, timeout: float) -> None:
+    """Until b holds every pack of a and a snapshot."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pack_names(a) <= pack_names(b) and json.loads(b("snapshots", "--json").stdout):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"replication did not finish: {peers(b)}")
+
+
 def stop_all(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.terminate()
@@ -150,18 +178,11 @@ def test_replication_survives_the_link_dropping_mid_transfer(netlab, tmp_path: P
                                                              direct_lane: bool):
     from tests.conftest import tree_state
 
-    def fill(src: Path) -> None:
-        src.mkdir()
-        for i in range(12):
-            (src / f"f{i}.bin").write_bytes(os.urandom(4_000_000))
-
-    ha, hb, a, b, src, a_id = two_paired_devices(netlab, tmp_path, fill,
-                                                 direct_lane=direct_lane)
-    a("snapshot")
-    packs_b = b.home / "store" / "packs"
+    ha, hb, a, b, src, a_id = paired_with_random_files(netlab, tmp_path, 12, 4_000_000,
+                                                       direct_lane)
 
     def pack_count() -> int:
-        return sum(1 for p in packs_b.rglob("*") if p.is_file()) if packs_b.exists() else 0
+        return len(pack_names(b))
 
     netlab.shape(hb, "64mbit")  # ~8 MB/s: the 48 MB take seconds, so the drop lands mid-way
     procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
@@ -174,15 +195,7 @@ def test_replication_survives_the_link_dropping_mid_transfer(netlab, tmp_path: P
         netlab.link(hb, False)       # the cable is pulled mid-transfer...
         time.sleep(3)
         netlab.link(hb, True)        # ...and plugged back in
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            snaps = json.loads(b("snapshots", "--json").stdout)
-            if snaps and {p.name for p in (a.home / "store" / "packs").rglob("*") if p.is_file()} \
-                    <= {p.name for p in packs_b.rglob("*") if p.is_file()}:
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"replication did not finish: {peers(b)}")
+        wait_replicated(a, b, 120)
     finally:
         stop_all(procs)
     assert "no problems found" in b("verify", "--read-data").stdout
@@ -197,29 +210,16 @@ def test_replication_completes_over_a_lossy_link(netlab, tmp_path: Path, direct_
     no sch_netem, so no added delay): discovery, signaling and transfer still complete."""
     from tests.conftest import tree_state
 
-    def fill(src: Path) -> None:
-        src.mkdir()
-        for i in range(5):
-            (src / f"f{i}.bin").write_bytes(os.urandom(2_000_000))
-
-    ha, hb, a, b, src, a_id = two_paired_devices(netlab, tmp_path, fill,
-                                                 direct_lane=direct_lane)
-    a("snapshot")
+    ha, hb, a, b, src, a_id = paired_with_random_files(netlab, tmp_path, 5, 2_000_000,
+                                                       direct_lane)
     netlab.loss(hb, 5)
     procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
     try:
         wait_connected(b, a_id, 60)
-        want = {p.name for p in (a.home / "store" / "packs").rglob("*") if p.is_file()}
-        deadline = time.monotonic() + 150
-        while time.monotonic() < deadline:
-            have = {p.name for p in (b.home / "store" / "packs").rglob("*") if p.is_file()}
-            if want <= have and json.loads(b("snapshots", "--json").stdout):
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"replication did not finish: {peers(b)}")
+        wait_replicated(a, b, 150)
         path = next(p["path"] for p in peers(b) if p["device"] == a_id)
         assert path == ("direct lane" if direct_lane else "data channel")
+        assert netlab.dropped(hb) > 0, "the loss rules dropped nothing"
     finally:
         stop_all(procs)
     assert "no problems found" in b("verify", "--read-data").stdout
