@@ -202,9 +202,29 @@ def test_kill_9_during_snapshot(cli: Cli, tmp_path: Path):
     heal_and_check(cli, src, tmp_path / "out")
 
 
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.add(int(entry))
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_kill_9_during_restore(cli: Cli, tmp_path: Path):
     src = tmp_path / "src"
-    _write_random_files(src, 80, 2 * 1024 * 1024)
+    _write_random_files(src, 80, 2 * 1024 * 1024)  # big enough to be written by worker processes
     cli("init", "--source", str(src))
     cli("snapshot")
     target = tmp_path / "out"
@@ -214,8 +234,14 @@ def test_kill_9_during_restore(cli: Cli, tmp_path: Path):
         assert proc.poll() is None, "restore finished before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.005)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2, "the restore was expected to write from worker processes"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 10  # the workers die with the restore, not later
+    while any(_running(w) for w in workers):
+        assert time.monotonic() < deadline, "a restore worker outlived the killed restore"
+        time.sleep(0.05)
     for f in (target / "src").glob("f*.bin"):  # a file at its final name is always whole
         assert f.read_bytes() == (src / f.name).read_bytes()
     out = cli("restore", "latest", "--to", str(target)).stdout
