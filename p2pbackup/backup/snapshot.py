@@ -84,6 +84,7 @@ class _DirNode:
     linked: list[tuple[_FileJob, cf.Future]] = field(default_factory=list)
     subdirs: list[tuple[bytes, os.stat_result, "_DirNode"]] = field(default_factory=list)
     tree_id: bytes | None = None
+    prev: tuple[bytes, Tree] | None = None  # the parent snapshot's tree of this directory
 
     def ready(self) -> bool:
         return all(f.done() for _, f in self.pending) and all(f.done() for _, f in self.linked)
@@ -163,13 +164,13 @@ class SnapshotBuilder:
 
     # ---- directories -------------------------------------------------------------------
 
-    def _load_prev(self, tree_id: bytes | None) -> dict[bytes, TreeEntry]:
+    def _load_prev(self, tree_id: bytes | None) -> Tree | None:
         if tree_id is None:
-            return {}
+            return None
         try:
-            return {e.name: e for e in self.repo.load_tree_blocking(tree_id).entries}
+            return self.repo.load_tree_blocking(tree_id)
         except P2PError:
-            return {}  # a damaged parent only costs re-reading files
+            return None  # a damaged parent only costs re-reading files
 
     def _walk(self, path: bytes, prev_id: bytes | None, keys: ScopeKeys) -> _DirNode | None:
         """Scan directory `path` and below, submitting file reads; None if it cannot be listed.
@@ -184,10 +185,14 @@ class SnapshotBuilder:
         except OSError as exc:
             self.warn(f"cannot list {_show(path)}: {exc.strerror}; skipped")
             return None
-        prev = self._load_prev(prev_id)
+        prev_tree = self._load_prev(prev_id)
+        prev = {e.name: e for e in prev_tree.entries} if prev_tree is not None else {}
         names = {e.name for e in dirents}
         side_skip = self._sqlite_side_files(path, names)
         node = _DirNode(keys)
+        if prev_tree is not None and not prev_tree.skipped:
+            assert prev_id is not None
+            node.prev = (prev_id, prev_tree)
         batch: list[_FileJob] = []
         batch_bytes = 0
         counts = self._counts
@@ -290,8 +295,15 @@ class SnapshotBuilder:
                     st.st_ctime_ns, st.st_ino, entry.size, entry.chunks, nlink=st.st_nlink,
                     sqlite=entry.sqlite, wal_mtime_ns=entry.wal_mtime_ns)
                 counts.size += entry.size
-        tree = Tree(tuple(entries[n] for n in sorted(entries)))
-        node.tree_id = self.sink.add(node.keys, Kind.TREE, tree.encode())
+        ordered = tuple(entries[n] for n in sorted(entries))
+        if node.prev is not None and node.prev[1].entries == ordered \
+                and node.prev[0] in self.sink.known:
+            # Unchanged directory: same entries encode to the same tree (mostly the very
+            # objects read from it, so the comparison is cheap), no need to encode and hash.
+            node.tree_id = node.prev[0]
+        else:
+            node.tree_id = self.sink.add(node.keys, Kind.TREE, Tree(ordered).encode())
+        node.prev = None
         node.entries, node.pending, node.linked, node.subdirs = {}, [], [], []
 
     def _sqlite_side_files(self, path: bytes, names: set[bytes]) -> set[bytes]:
