@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blobs import open_store
+from .blobs import is_peer_location, open_store
 from .blobs.base import BlobStore
 from .blobs.local import LocalDirStore
 from .config import Config, init_home, load_config, load_keys
@@ -16,7 +16,6 @@ from .crypto import recovery
 from .crypto.identity import DeviceIdentity
 from .crypto.keys import AccountKeys
 from .errors import ConfigError
-from .peer_fetch import is_peer_location
 from .repo.lock import WriterLock
 from .repo.repository import Repository
 

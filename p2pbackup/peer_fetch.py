@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .blobs import is_peer_location  # noqa: F401  (callers import it from here too)
 from .blobs.peer import PeerStore
 from .config import PeerSettings
 from .crypto.identity import DeviceIdentity
@@ -50,10 +51,6 @@ class PeerLocation:
             raise ConfigError(f"{location!r}: the address after @ must be HOST:PORT (the "
                               "peer's signaling port, shown by its `p2pbackup status`)")
         return cls(which, host.strip("[]"), int(port))
-
-
-def is_peer_location(location: str | None) -> bool:
-    return bool(location) and location.startswith("peer:")  # type: ignore[union-attr]
 
 
 def ice_for(peers: PeerSettings, host: str | None = None) -> IceConfig:

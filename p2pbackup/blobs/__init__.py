@@ -3,7 +3,12 @@
 from .base import BlobStore
 from .local import LocalDirStore
 
-__all__ = ["BlobStore", "LocalDirStore", "open_store"]
+__all__ = ["BlobStore", "LocalDirStore", "is_peer_location", "open_store"]
+
+
+def is_peer_location(location: str | None) -> bool:
+    """True for `--from peer:...` (a member device's store, read over the network)."""
+    return bool(location) and location.startswith("peer:")  # type: ignore[union-attr]
 
 
 def open_store(location: str) -> BlobStore:
