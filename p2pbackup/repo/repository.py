@@ -363,7 +363,7 @@ class Repository:
 
 
 def _remove_index_files(path: str) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal"):
+    for suffix in ("", "-wal", "-shm", "-journal", ".blobs"):
         try:
             os.unlink(path + suffix)
         except FileNotFoundError:
