@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from p2pbackup.blobs import peer as peer_store
+from p2pbackup.blobs.local import join_for_direct_write
 from p2pbackup.errors import NotFound, P2PError
 from p2pbackup.protocol.sync import (Closed, Event, LaneOffered, ObjectAcked, ObjectReceived,
                                      ObjectRejected, ObjectWanted, SyncSession)
@@ -40,6 +41,14 @@ PACK_INTAKE = 2              # packs checked and written at once: one per core
 WINDOW = 48 * 1024 * 1024    # unacknowledged bytes in flight: room for PACK_INTAKE+1 packs
 STALL = 30.0                 # seconds without a byte from a peer we wait on: ask again
 
+
+
+def _join_object(name: str, parts: list, total: int) -> bytes | memoryview:
+    # A pack is written once and not read soon: an aligned buffer lets the store skip the
+    # page cache. Small records stay bytes (they are parsed, compared and hashed).
+    if name.startswith("packs/"):
+        return join_for_direct_write(parts, total)
+    return b"".join(parts)
 
 class Replicator:
     """Runs sessions and fans announcements out to every open one."""
@@ -164,7 +173,8 @@ class Replicator:
         names = await local_names(self.repo)
         sizes = {n: await self.repo.store.size(n) for n in names}
         s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes,
-                        wants=lambda name: name not in self.tombstones, window=WINDOW)
+                        wants=lambda name: name not in self.tombstones, window=WINDOW,
+                        join=_join_object)
         self._send_locks[device] = asyncio.Lock()
         self._packs_in[device] = set()
         self.sessions[device] = (s, link)

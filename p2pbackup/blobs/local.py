@@ -17,6 +17,7 @@ import asyncio
 import ctypes
 import errno
 import io
+import mmap
 import os
 import threading
 
@@ -52,6 +53,33 @@ def _direct_ok(view: memoryview) -> bool:
     address = ctypes.addressof(first)
     del first  # releases its hold on the buffer
     return address % _DIRECT_ALIGN == 0
+
+
+def join_for_direct_write(parts: list[Buffer], total: int) -> bytes | memoryview:
+    """`parts` joined into one buffer `put_sync` can write with O_DIRECT (a page-aligned
+    anonymous mapping) when it is large enough to gain from it; else plain bytes.
+
+    Used for packs from peers: their page-cache copy was 29% of a receiving daemon's CPU."""
+    if not _O_DIRECT or total < _DIRECT_MIN:
+        return b"".join(parts)
+    try:
+        buf = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, ValueError):  # pragma: no cover - no anonymous mappings
+        return b"".join(parts)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)  # 8 page faults per 16 MiB instead of 4,000
+        except OSError:
+            pass
+    view = memoryview(buf)
+    at = 0
+    for part in parts:
+        n = len(part)
+        view[at:at + n] = part
+        at += n
+    if at != total:
+        raise ValueError(f"parts hold {at} bytes, not {total}")
+    return view
 
 
 def _write_all(fd: int, view: memoryview, direct: bool) -> None:

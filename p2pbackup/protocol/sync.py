@@ -62,7 +62,7 @@ class ObjectReceived:
     """A whole object arrived: check and store it, then `ack` or `reject`."""
 
     name: str
-    data: bytes
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +125,12 @@ class SyncSession:
 
     def __init__(self, device: str, have: set[str], *, valid_name: Callable[[str], bool],
                  wants: Callable[[str], bool] | None = None, window: int = 16 * 1024 * 1024,
-                 sizes: dict[str, int] | None = None) -> None:
+                 sizes: dict[str, int] | None = None,
+                 join: Callable[[str, list, int], bytes | memoryview] | None = None) -> None:
         self.device, self.have = device, have
+        # Puts an object's parts together (name, parts, total): the adapter may want its own
+        # kind of buffer (an aligned one a store can write without the page cache).
+        self._join = join or (lambda name, parts, total: b"".join(parts))
         self.valid_name = valid_name
         self.wants = wants or (lambda name: True)
         self.window = window
@@ -430,4 +434,4 @@ class SyncSession:
         self.bytes_received += total
         self.objects_received += 1
         # One copy, from the frames the parts came in (b"".join of one bytes is no copy).
-        return [ObjectReceived(name, b"".join(inc.parts))]
+        return [ObjectReceived(name, self._join(name, inc.parts, total))]

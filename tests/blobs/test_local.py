@@ -30,3 +30,27 @@ async def test_names_cannot_escape_the_root(tmp_path: Path) -> None:
     for bad in ("../x", "/etc/passwd", "a//b", ""):
         with pytest.raises(StorageError):
             await store.put(bad, b"x")
+
+
+def test_received_parts_are_joined_into_a_buffer_written_without_the_page_cache(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+
+    from p2pbackup.blobs import local
+
+    parts = [os.urandom(n) for n in (1 << 20, 3, 700_000, 1 << 20)]
+    joined = local.join_for_direct_write(parts, sum(map(len, parts)))
+    assert isinstance(joined, memoryview) and not joined.readonly
+    assert ctypes.addressof(ctypes.c_char.from_buffer(joined)) % 4096 == 0
+    assert joined == b"".join(parts)
+    small = local.join_for_direct_write([b"ab", b"cd"], 4)
+    assert small == b"abcd" and isinstance(small, bytes)
+    with pytest.raises(ValueError):
+        local.join_for_direct_write(parts, sum(map(len, parts)) + 1)
+    opened: list[int] = []
+    real_open = os.open
+    monkeypatch.setattr(local.os, "open", lambda p, f, *a: (opened.append(f), real_open(p, f, *a))[1])
+    store = LocalDirStore(tmp_path / "store")
+    store.put_sync("packs/" + "ab" * 32, joined, durable=False)
+    assert any(f & local._O_DIRECT for f in opened)  # put_sync asked for O_DIRECT
+    assert store.get_sync("packs/" + "ab" * 32) == b"".join(parts)
