@@ -21,9 +21,11 @@ from nacl import bindings
 from nacl._sodium import ffi, lib
 
 try:
+    from cryptography.exceptions import InvalidTag as _InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305 as _IetfAead
 except ImportError:  # pragma: no cover - cryptography is a dependency
     _IetfAead = None
+    _InvalidTag = Exception
 
 NONCE_SIZE = bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 TAG_SIZE = bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES
@@ -163,16 +165,41 @@ def encrypt(key: bytes, plaintext: Buffer, aad: bytes, nonce: bytes | None = Non
     return out
 
 
-def decrypt(key: bytes, data: Buffer, aad: bytes) -> bytearray:
-    """Open nonce || ciphertext || tag, raising AuthenticationFailed on any mismatch."""
+def _opening_cipher(key: bytes, prefix: bytes):
+    """The ChaCha20-Poly1305 context for opening what a writer sealed under `prefix` (its
+    thread's nonce prefix: a pack holds a few of them), cached per thread."""
+    ciphers = getattr(_local, "openers", None)
+    if ciphers is None:
+        ciphers = _local.openers = {}
+    c = ciphers.get((key, prefix))
+    if c is None:
+        if len(ciphers) >= 256:
+            ciphers.clear()
+        c = ciphers[(key, prefix)] = _IetfAead(hchacha20(key, prefix))
+    return c
+
+
+def decrypt(key: bytes, data: Buffer, aad: bytes) -> bytes | bytearray:
+    """Open nonce || ciphertext || tag, raising AuthenticationFailed on any mismatch.
+
+    Through OpenSSL like sealing (3x libsodium's speed here, and the result is not zeroed
+    first): opening is most of the CPU of a restore, a verify and a peer's pack intake.
+    """
     if len(data) < NONCE_SIZE + TAG_SIZE or len(key) != KEY_SIZE:
         raise AuthenticationFailed("too short")
     view = memoryview(data)
+    nonce = bytes(view[:NONCE_SIZE])
+    if _IetfAead is not None:
+        try:
+            return _opening_cipher(key, nonce[:16]).decrypt(
+                b"\0\0\0\0" + nonce[16:], view[NONCE_SIZE:], aad)
+        except _InvalidTag:
+            raise AuthenticationFailed("authentication failed") from None
     out = bytearray(len(data) - NONCE_SIZE - TAG_SIZE)
     mlen = ffi.new("unsigned long long *")
     res = lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
         ffi.from_buffer(out), mlen, ffi.NULL, ffi.from_buffer(view[NONCE_SIZE:]),
-        len(view) - NONCE_SIZE, aad, len(aad), bytes(view[:NONCE_SIZE]), key)
+        len(view) - NONCE_SIZE, aad, len(aad), nonce, key)
     if res != 0:
         raise AuthenticationFailed("authentication failed")
     return out

@@ -48,3 +48,21 @@ def test_nonces_never_repeat_across_threads_and_keys():
     for t in threads:
         t.join()
     assert len(set(seen)) == len(seen) == 1200
+
+
+@pytest.mark.parametrize("size", [0, 1, 17, 65537])
+def test_decrypt_opens_what_libsodium_sealed_and_refuses_any_change(size):
+    key, ad = os.urandom(32), os.urandom(12)
+    for _ in range(3):  # random nonces: every one has another prefix (another cached cipher)
+        plain, nonce = os.urandom(size), os.urandom(aead.NONCE_SIZE)
+        sealed = nonce + bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(plain, ad, nonce, key)
+        assert aead.decrypt(key, memoryview(sealed), ad) == plain
+        for at in (0, 23, 24, len(sealed) - 1):  # nonce, ciphertext or tag
+            bad = bytearray(sealed)
+            bad[at] ^= 0x01
+            with pytest.raises(aead.AuthenticationFailed):
+                aead.decrypt(key, bad, ad)
+        with pytest.raises(aead.AuthenticationFailed):
+            aead.decrypt(key, sealed, ad + b"x")
+        with pytest.raises(aead.AuthenticationFailed):
+            aead.decrypt(os.urandom(32), sealed, ad)
