@@ -311,7 +311,8 @@ async def serve(home: Path | None) -> int:
                                                        **AccountOps(d).handlers()})
         await server.start()
         d.replicator = Replicator(dev.repo, dev.identity.device_id,
-                                  direct_lane=config.peers.lan and config.peers.direct_lane)
+                                  direct_lane=config.peers.lan and config.peers.direct_lane,
+                                  stall=config.peers.stall_timeout)
         d.peers = PeerManager(config, dev, on_session=d.replicator.run,
                               on_fetch=d.replicator.serve)
         d.replicator.on_membership = d.peers.refresh

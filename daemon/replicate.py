@@ -39,7 +39,7 @@ async def local_names(repo) -> set[str]:
 LANE_PIECE = 1024 * 1024
 PACK_INTAKE = 2              # packs checked and written at once: one per core
 WINDOW = 48 * 1024 * 1024    # unacknowledged bytes in flight: room for PACK_INTAKE+1 packs
-STALL = 30.0                 # seconds without a byte from a peer we wait on: ask again
+STALL = 30.0                 # default seconds without a byte from a peer we wait on: ask again
 
 
 
@@ -53,8 +53,10 @@ def _join_object(name: str, parts: list, total: int) -> bytes | memoryview:
 class Replicator:
     """Runs sessions and fans announcements out to every open one."""
 
-    def __init__(self, repo, me: str, *, direct_lane: bool = False) -> None:
+    def __init__(self, repo, me: str, *, direct_lane: bool = False,
+                 stall: float = STALL) -> None:
         self.repo, self.me = repo, me
+        self.stall = stall
         self.sessions: dict[str, tuple[SyncSession, PeerLink]] = {}
         self.lanes: dict[str, LaneLink] = {}
         self.direct_lane = direct_lane
@@ -204,18 +206,18 @@ class Replicator:
                 await lane.close()
 
     async def _watch(self, s: SyncSession, link: PeerLink, device: str) -> None:
-        """Ask again for what we wait on when nothing at all arrived for STALL seconds: an
+        """Ask again for what we wait on when nothing at all arrived for `stall` seconds: an
         object lost on the way (a bug, a peer's) must not stall replication until restart."""
         seen, since = s.bytes_in, time.monotonic()
         while not s.closed:
-            await asyncio.sleep(STALL / 4)
+            await asyncio.sleep(self.stall / 4)
             if s.bytes_in != seen or not s.pending:
                 seen, since = s.bytes_in, time.monotonic()
                 continue
-            if time.monotonic() - since >= STALL:
+            if time.monotonic() - since >= self.stall:
                 n = s.rewant()
                 log.warning("peer %s: nothing arrived for %.0f s while %d objects are awaited; "
-                            "asked for them again", device[:12], STALL, n)
+                            "asked for them again", device[:12], self.stall, n)
                 try:
                     await self._flush(s, link, device)
                 except P2PError:

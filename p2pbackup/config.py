@@ -58,6 +58,7 @@ class PeerSettings:
     direct_lane: bool = True    # bulk over TLS when the peer is on the LAN
     interfaces: tuple[str, ...] = ()   # mDNS interfaces (names); empty = all
     removal_grace: float = 7 * 86400   # seconds before a peer deletes what an owner removed
+    stall_timeout: float = 30.0        # seconds with no byte from a peer we wait on: ask again
 
     @classmethod
     def from_env(cls) -> "PeerSettings":
@@ -244,9 +245,13 @@ def _peer_settings(table: object, path: Path) -> PeerSettings:
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or grace < 0:
         raise ConfigError(f"{path}: key 'peers.removal_grace' = {grace!r} must be a number of "
                           "seconds (0 or more)")
+    stall = table.get("stall_timeout", d.stall_timeout)
+    if isinstance(stall, bool) or not isinstance(stall, (int, float)) or not 0 < stall <= 86400:
+        raise ConfigError(f"{path}: key 'peers.stall_timeout' = {stall!r} must be a number of "
+                          "seconds (more than 0, at most 86400)")
     if _lan_off():
         lan = False
-    return PeerSettings(lan, port, lane, tuple(ifaces), float(grace))
+    return PeerSettings(lan, port, lane, tuple(ifaces), float(grace), float(stall))
 
 
 def _lan_off() -> bool:

@@ -36,3 +36,17 @@ def test_init_rejects_a_missing_source(cli: Cli, tmp_path: Path):
 def test_usage_error_is_not_a_traceback(cli: Cli):
     proc = cli("restore", "latest", check=False)  # --to is required
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--to" in proc.stderr
+
+
+def test_a_bad_peer_setting_is_one_line_naming_it(cli: Cli, sample_tree: Path):
+    cli("init", "--source", str(sample_tree))
+    cfg = cli.home / "config.toml"
+    original = cfg.read_text()
+    for value in ("0", "-1", '"soon"', "true"):
+        cfg.write_text(original + f"\n[peers]\nstall_timeout = {value}\n")
+        proc = cli("snapshots", check=False)
+        assert proc.returncode == 10, value
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "key 'peers.stall_timeout'" in lines[0]
+    cfg.write_text(original + "\n[peers]\nstall_timeout = 2.5\n")
+    assert cli("snapshots").returncode == 0

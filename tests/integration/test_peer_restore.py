@@ -159,3 +159,38 @@ def test_a_hostile_member_cannot_crash_the_daemon_or_plant_data(netlab, tmp_path
     finally:
         stop_all(procs)
     assert "no problems found" in a("verify", "--read-data").stdout
+
+
+def test_an_object_lost_on_the_way_is_asked_for_again(netlab, tmp_path: Path):
+    """A pack whose copy never arrives: the daemon waits `stall_timeout`, asks again, and
+    ends up with every object of the peer's snapshot (it verifies and restores)."""
+    import sys
+
+    ha, hb, a, b, src, a_id = two_paired_devices(
+        netlab, tmp_path, lambda src: make_sample_tree(src, big=3_000_000))
+    a("snapshot")  # a holds the data; its objects reach b only through the agent below
+    with open(b.home / "config.toml", "a") as f:
+        f.write("\n[peers]\nstall_timeout = 2\n")
+    b_id = next(d["id"] for d in json.loads(b("devices", "--json").stdout)["devices"]
+                if d["this_device"])
+    procs = [start_daemon(hb, b, tmp_path, "b")]
+    try:
+        port = wait_status(b)["lan"]["signaling_port"]
+        proc = ha.run([sys.executable, "-m", "tests.integration.withholding_agent", str(a.home),
+                       "10.10.0.2", str(port), b_id], env=dict(a.env(), P2PBACKUP_LAN="on"),
+                      capture_output=True, text=True, timeout=120, cwd=str(Path.cwd()))
+        assert proc.returncode == 0, proc.stderr
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        withheld, again, acked = lines[0]["withheld"], lines[1], lines[2]
+        assert again["sent_again"] == withheld and 1.5 < again["after"] < 30
+        assert acked == {"acked": withheld, "asks": 1}
+        assert "asked for them again" in (tmp_path / "b.log").read_text()
+        assert procs[0].poll() is None
+    finally:
+        stop_all(procs)
+    assert (b.home / "store" / withheld.replace("packs/", f"packs/{withheld[6:8]}/")).exists()
+    assert "no problems found" in b("verify", "--read-data").stdout
+    snap = json.loads(b("snapshots", "--json").stdout)[0]
+    assert snap["device"] == a_id
+    b("restore", snap["id"], "--to", str(tmp_path / "out"))
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
