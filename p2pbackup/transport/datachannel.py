@@ -25,10 +25,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 
-import aioice.ice
-from aiortc import (RTCConfiguration, RTCIceServer, RTCPeerConnection,
-                    RTCSessionDescription)
-from aiortc.rtcicetransport import RTCIceTransportPolicy
+from types import ModuleType
 
 from ..errors import LocalProtocolError, PeerUnreachable, RemoteProtocolError
 from .link import CLOSED, CONNECTED, CONNECTING, FAILED, StateCallback
@@ -91,8 +88,8 @@ _host_addresses: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.Co
     "p2pbackup_ice_host_addresses", default=None)
 
 
-def _install_host_address_hook() -> None:
-    original = aioice.ice.get_host_addresses
+def _install_host_address_hook(ice: ModuleType) -> None:
+    original = ice.get_host_addresses
     if getattr(original, "_p2pbackup_hook", False):
         return
 
@@ -103,10 +100,23 @@ def _install_host_address_hook() -> None:
         return [a for a in wanted if (use_ipv6 if ":" in a else use_ipv4)]
 
     get_host_addresses._p2pbackup_hook = True  # type: ignore[attr-defined]
-    aioice.ice.get_host_addresses = get_host_addresses
+    ice.get_host_addresses = get_host_addresses
 
 
-_install_host_address_hook()
+_rtc: ModuleType | None = None
+
+
+def _aiortc() -> ModuleType:
+    """aiortc, imported (and aioice hooked) at the first connection: its import takes ~0.27 s
+    that a starting daemon should not spend before it is on the LAN (mDNS, signaling)."""
+    global _rtc
+    if _rtc is None:
+        import aioice.ice
+        import aiortc
+
+        _install_host_address_hook(aioice.ice)
+        _rtc = aiortc
+    return _rtc
 
 # Left alone on purpose: aioice's 256 KiB SO_RCVBUF (aioice.turn.UDP_SOCKET_BUFFER_SIZE). At
 # full speed on loopback the receiver drops some datagrams and SCTP recovers them; a 4 MiB
@@ -114,13 +124,16 @@ _install_host_address_hook()
 # aiortc's pure-Python SACK processing more CPU than the retransmissions do.
 
 
-def _rtc_configuration(ice: IceConfig) -> RTCConfiguration:
-    servers = [RTCIceServer(urls=list(s.urls) if isinstance(s.urls, tuple) else s.urls,
-                            username=s.username, credential=s.credential)
+def _rtc_configuration(ice: IceConfig):
+    rtc = _aiortc()
+    from aiortc.rtcicetransport import RTCIceTransportPolicy
+
+    servers = [rtc.RTCIceServer(urls=list(s.urls) if isinstance(s.urls, tuple) else s.urls,
+                                username=s.username, credential=s.credential)
                for s in ice.servers]
     policy = RTCIceTransportPolicy.RELAY if ice.relay_only else RTCIceTransportPolicy.ALL
     # An empty list, not None: None makes aiortc use stun.l.google.com.
-    return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+    return rtc.RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
 
 # --------------------------------------------------------------------------- SDP helpers
@@ -197,7 +210,7 @@ class PeerLink:
         self._label = label
         self._high_water = high_water
         self._low_water = low_water
-        self._pc = RTCPeerConnection(_rtc_configuration(self._ice))
+        self._pc = _aiortc().RTCPeerConnection(_rtc_configuration(self._ice))
         self._pc.on("connectionstatechange", self._pc_state_changed)
         self._channel = None
         self._state = CONNECTING
@@ -336,7 +349,8 @@ class PeerLink:
             raise RemoteProtocolError(f"the peer's {kind} has no data channel section")
         sdp_fingerprint(sdp)  # exactly one sha-256 fingerprint, or refuse
         try:
-            await self._pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+            await self._pc.setRemoteDescription(_aiortc().RTCSessionDescription(sdp=sdp,
+                                                                                 type=kind))
         except Exception as exc:  # aiortc raises ValueError/InvalidStateError on bad SDP
             raise RemoteProtocolError(f"the peer's {kind} was refused: {exc}") from exc
         self.max_message_size = min(LOCAL_MAX_MESSAGE_SIZE, _sdp_max_message_size(sdp))

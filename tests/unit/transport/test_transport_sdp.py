@@ -55,6 +55,7 @@ def test_not_fooled_by_fingerprint_text_inside_other_lines():
 
 
 def test_host_address_hook_is_scoped_to_the_context():
+    datachannel._aiortc()  # installs it (aiortc is imported at the first connection)
     token = datachannel._host_addresses.set(("127.0.0.1", "::1", "10.0.0.1"))
     try:
         assert aioice.ice.get_host_addresses(True, False) == ["127.0.0.1", "10.0.0.1"]
@@ -98,3 +99,12 @@ async def test_garbage_offer_is_a_remote_protocol_error(bad):
             await link.accept_offer(bad)
     finally:
         await link.close()
+
+
+def test_aiortc_is_imported_at_the_first_connection_not_before():
+    import subprocess
+    import sys
+
+    code = ("import sys, p2pbackup.transport.datachannel as d, p2pbackup.session; "
+            "assert 'aiortc' not in sys.modules; d._aiortc(); assert 'aiortc' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
