@@ -318,6 +318,11 @@ async def serve(home: Path | None) -> int:
         d.replicator.on_membership = d.peers.refresh
         await d.replicator.start_lane(d.peers.bind_address)
         await d.peers.start()
+        # On the LAN now: aiortc is imported in a thread while mDNS finds the peers, so it is
+        # neither before discovery nor in the way of the first connection.
+        from p2pbackup.transport import datachannel
+
+        asyncio.get_running_loop().run_in_executor(None, datachannel.preload)
         d.partner = PartnerService(config, dev.identity, load_grants(config.home))
         await d.partner.start()
         watching = asyncio.Event()

@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import logging
 import re
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -104,6 +105,7 @@ def _install_host_address_hook(ice: ModuleType) -> None:
 
 
 _rtc: ModuleType | None = None
+_rtc_lock = threading.Lock()
 
 
 def _aiortc() -> ModuleType:
@@ -111,12 +113,20 @@ def _aiortc() -> ModuleType:
     that a starting daemon should not spend before it is on the LAN (mDNS, signaling)."""
     global _rtc
     if _rtc is None:
-        import aioice.ice
-        import aiortc
+        with _rtc_lock:
+            if _rtc is None:
+                import aioice.ice
+                import aiortc
 
-        _install_host_address_hook(aioice.ice)
-        _rtc = aiortc
+                _install_host_address_hook(aioice.ice)
+                _rtc = aiortc
     return _rtc
+
+
+def preload() -> None:
+    """Import aiortc now (a daemon calls this in a thread once it is on the LAN, so the first
+    connection does not wait for the import)."""
+    _aiortc()
 
 # Left alone on purpose: aioice's 256 KiB SO_RCVBUF (aioice.turn.UDP_SOCKET_BUFFER_SIZE). At
 # full speed on loopback the receiver drops some datagrams and SCTP recovers them; a 4 MiB
