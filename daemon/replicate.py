@@ -39,7 +39,6 @@ async def local_names(repo) -> set[str]:
 LANE_PIECE = 1024 * 1024
 PACK_INTAKE = 2              # packs checked and written at once: one per core
 WINDOW = 48 * 1024 * 1024    # unacknowledged bytes in flight: room for PACK_INTAKE+1 packs
-PREFETCH = 2                 # objects read ahead of the one being sent
 STALL = 30.0                 # default seconds without a byte from a peer we wait on: ask again
 
 
@@ -73,7 +72,6 @@ class Replicator:
         self._packs_in: dict[str, set[asyncio.Task[None]]] = {}   # per peer, being taken in
         self._unsynced = False      # packs written without fsync since the last store sync
         self._send_locks: dict[str, asyncio.Lock] = {}
-        self._prefetched: dict[str, set[str]] = {}   # per peer: names already read ahead
 
     async def refresh_removals(self) -> list[Removal]:
         """Re-read the removal records held here; returns them (checked)."""
@@ -261,7 +259,6 @@ class Replicator:
         while True:
             for ev in events:
                 if isinstance(ev, ObjectWanted):
-                    self._prefetch(st.device, s)
                     try:
                         s.send_object(ev.name, bytes(await self.repo.store.get(ev.name)))
                     except NotFound:
@@ -308,22 +305,6 @@ class Replicator:
             if not events:
                 return
 
-
-    def _prefetch(self, device: str, s: SyncSession) -> None:
-        """Start reading the next objects the peer asked for while this one is sent
-        (measured: the first transfer from a store whose packs are not cached ran at 138
-        MB/s, later ones at 158)."""
-        prefetch = getattr(self.repo.store, "prefetch_sync", None)
-        if prefetch is None:
-            return
-        done = self._prefetched.setdefault(device, set())
-        names = [n for n in s.upcoming(PREFETCH) if n not in done]
-        if not names:
-            return
-        if len(done) > 4 * PREFETCH:
-            done.clear()
-        done.update(names)
-        asyncio.get_running_loop().run_in_executor(None, prefetch, names)
 
     async def _flush(self, s: SyncSession, link: PeerLink, device: str) -> None:
         # Concurrent flushes (session loop, lane loop, pack intake) would interleave the

@@ -201,25 +201,6 @@ class LocalDirStore(BlobStore):
                 pass
             raise self._error(exc, name) from None
 
-    def prefetch_sync(self, names: list[str]) -> None:
-        """Ask the kernel to start reading these blobs into the page cache (for objects about
-        to be sent: a pack written with O_DIRECT is not cached, and a read that waits for
-        the disk stalls the transfer). Missing names are ignored."""
-        advise = getattr(os, "posix_fadvise", None)
-        if advise is None:
-            return
-        for name in names:
-            try:
-                fd = os.open(self.path_of(name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                advise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
     async def put(self, name: str, data: Buffer) -> None:
         await asyncio.to_thread(self.put_sync, name, data)
 

@@ -266,11 +266,6 @@ class SyncSession:
         self._offering = name
         return [ObjectWanted(name)]
 
-    def upcoming(self, n: int) -> list[str]:
-        """The next `n` objects the peer asked for, in the order they will be offered (the
-        adapter may start reading them early)."""
-        return [self._to_send[i] for i in range(min(n, len(self._to_send)))]
-
     def rewant(self) -> int:
         """Ask again for everything asked for and not received (the adapter calls this when
         nothing arrived for a long time: an object lost on the way must not stall the session

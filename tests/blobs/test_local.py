@@ -54,10 +54,3 @@ def test_received_parts_are_joined_into_a_buffer_written_without_the_page_cache(
     store.put_sync("packs/" + "ab" * 32, joined, durable=False)
     assert any(f & local._O_DIRECT for f in opened)  # put_sync asked for O_DIRECT
     assert store.get_sync("packs/" + "ab" * 32) == b"".join(parts)
-
-
-def test_prefetch_ignores_names_that_do_not_exist(tmp_path: Path) -> None:
-    store = LocalDirStore(tmp_path / "store")
-    store.put_sync("packs/" + "cd" * 32, os.urandom(3 << 20))
-    store.prefetch_sync(["packs/" + "cd" * 32, "packs/" + "ef" * 32, "snapshots/none"])
-    assert len(store.get_sync("packs/" + "cd" * 32)) == 3 << 20

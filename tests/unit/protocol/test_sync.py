@@ -262,23 +262,3 @@ def test_objects_lost_on_the_way_are_asked_for_again_and_arrive():
             b.handle(b.s.receive_data(slow))
             pump(a, b)
         assert not b.s.closed and b.objects == a.objects and b.s.pending == 0
-
-
-def test_upcoming_names_what_will_be_offered_next_in_that_order():
-    a, b = Side("A", objs("a", 30, 100_000), window=300_000), Side("B", {})
-    offered: list[str] = []
-    predicted: list[list[str]] = []
-    real_handle = a.handle
-
-    def handle(events: list) -> None:
-        for ev in events:
-            if isinstance(ev, ObjectWanted):
-                offered.append(ev.name)
-                predicted.append(a.s.upcoming(2))
-        real_handle(events)
-
-    a.handle = handle  # type: ignore[method-assign]
-    pump(a, b)
-    assert len(b.objects) == 30 and len(offered) == 30
-    for i, names in enumerate(predicted):
-        assert names == offered[i + 1:i + 3]  # what was read ahead is what went next
