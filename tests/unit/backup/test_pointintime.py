@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import pytest
 
 from p2pbackup.backup.pointintime import plan_at
 from p2pbackup.backup.snapshot import take_snapshot
-from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import Source
-from p2pbackup.crypto.identity import DeviceIdentity
-from p2pbackup.crypto.keys import AccountKeys
 from p2pbackup.format.log import DEL, GENESIS, PUT, Change, ChangeList, Segment, SegmentPart
 from p2pbackup.format.records import FILE, TreeEntry
 from p2pbackup.repo.logstore import LogStore
 from p2pbackup.repo.repository import Repository
 
 S = 1_000_000_000
-
-
-@pytest.fixture
-async def repo(tmp_path: Path):
-    ident = DeviceIdentity.generate()
-    r = await Repository.create(LocalDirStore(tmp_path / "store"), AccountKeys(os.urandom(32)),
-                                ident, str(tmp_path / "cache"), "test")
-    yield r
-    await r.close()
 
 
 def entry(name: bytes, size: int) -> TreeEntry:

@@ -11,21 +11,10 @@ import pytest
 from p2pbackup.backup import restore as restore_mod
 from p2pbackup.backup.restore import restore
 from p2pbackup.backup.snapshot import take_snapshot
-from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import Source
-from p2pbackup.crypto.identity import DeviceIdentity
-from p2pbackup.crypto.keys import AccountKeys
 from p2pbackup.errors import IntegrityError
 from p2pbackup.repo.repository import Repository
 from tests.conftest import inode_groups, make_sample_tree, tree_state
-
-
-@pytest.fixture
-async def repo(tmp_path: Path):
-    r = await Repository.create(LocalDirStore(tmp_path / "store"), AccountKeys(os.urandom(32)),
-                                DeviceIdentity.generate(), str(tmp_path / "cache"), "test")
-    yield r
-    await r.close()
 
 
 def _many_files(root: Path) -> Path:

@@ -6,25 +6,12 @@ import asyncio
 import os
 import random
 import threading
-from pathlib import Path
 
-import pytest
 
 from p2pbackup.backup.sink import BlobSink
-from p2pbackup.blobs.local import LocalDirStore
-from p2pbackup.crypto.identity import DeviceIdentity
-from p2pbackup.crypto.keys import AccountKeys
 from p2pbackup.format.header import FLAG_ZSTD, Kind
 from p2pbackup.format.objects import compress_many
 from p2pbackup.repo.repository import Repository
-
-
-@pytest.fixture
-async def repo(tmp_path: Path):
-    r = await Repository.create(LocalDirStore(tmp_path / "store"), AccountKeys(os.urandom(32)),
-                                DeviceIdentity.generate(), str(tmp_path / "cache"), "test")
-    yield r
-    await r.close()
 
 
 def _blobs(seed: int) -> list[bytes]:

@@ -20,14 +20,6 @@ from p2pbackup.crypto.keys import AccountKeys
 from p2pbackup.repo.repository import Repository
 
 
-@pytest.fixture
-async def repo(tmp_path: Path):
-    r = await Repository.create(LocalDirStore(tmp_path / "store"), AccountKeys(os.urandom(32)),
-                                DeviceIdentity.generate(), str(tmp_path / "cache"), "test")
-    yield r
-    await r.close()
-
-
 async def test_file_changing_while_read_is_flagged(repo: Repository, tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()
