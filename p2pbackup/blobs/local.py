@@ -17,7 +17,6 @@ import asyncio
 import ctypes
 import errno
 import io
-import mmap
 import os
 import threading
 
@@ -28,6 +27,7 @@ except ImportError:  # pragma: no cover - not POSIX
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
+from ..buffers import aligned_buffer
 from ..errors import DiskFull, NotFound, StorageError
 from .base import BlobStore, Buffer
 
@@ -62,16 +62,7 @@ def join_for_direct_write(parts: list[Buffer], total: int) -> bytes | memoryview
     Used for packs from peers: their page-cache copy was 29% of a receiving daemon's CPU."""
     if not _O_DIRECT or total < _DIRECT_MIN:
         return b"".join(parts)
-    try:
-        buf = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except (OSError, ValueError):  # pragma: no cover - no anonymous mappings
-        return b"".join(parts)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)  # 8 page faults per 16 MiB instead of 4,000
-        except OSError:
-            pass
-    view = memoryview(buf)
+    view = memoryview(aligned_buffer(total))
     at = 0
     for part in parts:
         n = len(part)

@@ -13,6 +13,7 @@ import struct
 
 import blake3
 
+from ..buffers import aligned_buffer
 from ..errors import IntegrityError
 from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
 from .objects import open_object, seal_object
@@ -20,27 +21,6 @@ from .records import BlobRef, PackTrailer
 
 PACK_HEADER = ObjectHeader(FORMAT_VERSION, Kind.PACK, 0, 0).encode()
 _LEN = struct.Struct(">I")
-
-
-_HUGE = 4 << 20
-
-
-def _new_buffer(size: int) -> mmap.mmap | bytearray:
-    """A zeroed buffer of `size` bytes: an anonymous mapping where possible, which is
-    page-aligned (so a store can write the pack with O_DIRECT, without copying it into the
-    page cache) and whose pages are only touched when written (bytearray(n) zeroes them all)."""
-    try:
-        # Private: a shared anonymous mapping is a tmpfs object of fixed size, and growing it
-        # with resize (mremap) would leave the new pages unbacked (SIGBUS).
-        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except (OSError, ValueError, AttributeError):  # pragma: no cover - platforms without anonymous mappings
-        return bytearray(size)
-    if size >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:  # 2 MiB pages where the kernel has them: 8 page faults per pack instead of 4,000
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    return buf
 
 
 def pack_name(data: bytes | memoryview) -> str:
@@ -57,7 +37,7 @@ class PackBuilder:
         self.epoch = epoch
         # One buffer allocated up front (or recycled) and handed over as a view: appending to
         # a growing bytearray re-copies it, and joining parts would briefly double a pack.
-        self._buf = buffer if buffer is not None else _new_buffer(capacity + (capacity >> 4))
+        self._buf = buffer if buffer is not None else aligned_buffer(capacity + (capacity >> 4))
         self._buf[:len(PACK_HEADER)] = PACK_HEADER
         self.size = len(PACK_HEADER)
         self._refs: list[BlobRef] = []
@@ -78,7 +58,7 @@ class PackBuilder:
                 self._buf.extend(bytes(more))
         except (BufferError, OSError, SystemError):
             # a view of it is still alive somewhere (or no mremap): move to a new buffer
-            buf = _new_buffer(len(self._buf) + more)
+            buf = aligned_buffer(len(self._buf) + more)
             buf[:self.size] = memoryview(self._buf)[:self.size]
             self._buf = buf
 
