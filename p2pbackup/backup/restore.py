@@ -268,42 +268,31 @@ class Restorer:
                 yield repo.decode_blob(cid, loc, view[rel:rel + loc.length])
             i = j
 
-    def _file_job(self, jobs: list[tuple[TreeEntry, bytes, bool]]) -> None:
-        try:
-            for entry, dest, fresh in jobs:
-                self.progress.current = _show(dest)
-                n = self._write_file(entry, dest, fresh)
-                self._count(1, n)
-        finally:
-            self._slots.release()
-
     def _write_files(self, jobs: list[tuple[TreeEntry, bytes, bool]]) -> tuple[int, int]:
-        """Write a batch of files (in a forked worker); (files, bytes) written."""
+        """Write a batch of files (in a worker thread or forked process); (files, bytes)."""
         total = 0
         for entry, dest, fresh in jobs:
             total += self._write_file(entry, dest, fresh)
         return len(jobs), total
 
-    def _count(self, files: int, n: int) -> None:
-        with self._lock:
-            self.summary.files_restored += files
-            self.summary.bytes += n
-        self.progress.files += files
-        self.progress.bytes += n
-
-    def _worker_done(self, fut: cf.Future) -> None:
+    def _batch_done(self, fut: cf.Future) -> None:
         self._slots.release()
         if not fut.cancelled() and fut.exception() is None:
-            self._count(*fut.result())
+            files, n = fut.result()
+            with self._lock:
+                self.summary.files_restored += files
+                self.summary.bytes += n
+            self.progress.files += files
+            self.progress.bytes += n
 
     def _submit(self, jobs: list[tuple[TreeEntry, bytes, bool]]) -> cf.Future:
         self._slots.acquire()
         assert self._pool is not None
-        if isinstance(self._pool, cf.ThreadPoolExecutor):
-            return self._pool.submit(self._file_job, jobs)
         self.progress.current = _show(jobs[0][1])
-        fut = self._pool.submit(_worker_job, jobs)
-        fut.add_done_callback(self._worker_done)
+        # A forked worker finds the restorer it inherited (a bound method would be pickled).
+        work = self._write_files if isinstance(self._pool, cf.ThreadPoolExecutor) else _worker_job
+        fut = self._pool.submit(work, jobs)
+        fut.add_done_callback(self._batch_done)
         return fut
 
     def _want_processes(self) -> bool:

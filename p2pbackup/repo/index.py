@@ -44,7 +44,6 @@ class BlobLocation(NamedTuple):
 _DUMP_MAGIC = b"P2PBIDX\x01"
 _DUMP_HEAD = struct.Struct("<8sQII")    # magic, generation, packs, blobs
 _DUMP_BLOB = struct.Struct("<32sIIIIB")  # id, pack number, offset, length, raw length, kind
-_U32 = 1 << 32
 
 
 def encode_blob_map(generation: int, blobs: dict[bytes, BlobLocation]) -> bytes | None:
