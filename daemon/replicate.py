@@ -42,13 +42,13 @@ WINDOW = 48 * 1024 * 1024    # unacknowledged bytes in flight: room for PACK_INT
 STALL = 30.0                 # default seconds without a byte from a peer we wait on: ask again
 
 
-
 def _join_object(name: str, parts: list, total: int) -> bytes | memoryview:
     # A pack is written once and not read soon: an aligned buffer lets the store skip the
     # page cache. Small records stay bytes (they are parsed, compared and hashed).
     if name.startswith("packs/"):
         return join_for_direct_write(parts, total)
     return b"".join(parts)
+
 
 class Replicator:
     """Runs sessions and fans announcements out to every open one."""

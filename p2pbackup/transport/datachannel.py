@@ -25,7 +25,6 @@ import re
 import threading
 from collections import deque
 from dataclasses import dataclass
-
 from types import ModuleType
 
 from ..errors import LocalProtocolError, PeerUnreachable, RemoteProtocolError
