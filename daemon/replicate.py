@@ -40,6 +40,7 @@ LANE_PIECE = 1024 * 1024
 PACK_INTAKE = 2              # packs checked and written at once: one per core
 WINDOW = 48 * 1024 * 1024    # unacknowledged bytes in flight: room for PACK_INTAKE+1 packs
 STALL = 30.0                 # default seconds without a byte from a peer we wait on: ask again
+LANE_WAIT = 2.0              # seconds objects wait for a direct lane both sides offered
 
 
 def _join_object(name: str, parts: list, total: int) -> bytes | memoryview:
@@ -72,6 +73,7 @@ class Replicator:
         self._packs_in: dict[str, set[asyncio.Task[None]]] = {}   # per peer, being taken in
         self._unsynced = False      # packs written without fsync since the last store sync
         self._send_locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()
 
     async def refresh_removals(self) -> list[Removal]:
         """Re-read the removal records held here; returns them (checked)."""
@@ -128,6 +130,28 @@ class Replicator:
             finally:
                 await lane.close()
             return
+        await self._no_lane(device)
+
+    async def _lane_deadline(self, device: str, s: SyncSession) -> None:
+        await asyncio.sleep(LANE_WAIT)
+        await self._no_lane(device, f"no direct lane within {LANE_WAIT:g} s", s)
+
+    async def _no_lane(self, device: str, why: str = "", session: SyncSession | None = None
+                       ) -> None:
+        """The direct lane did not come up: what waited for it goes over the data channel."""
+        got = self.sessions.get(device)
+        st = self._states.get(device)
+        if got is None or st is None or got[0].bulk_up or got[0].closed \
+                or session is not None and got[0] is not session:
+            return
+        s, link = got
+        if why:
+            log.info("peer %s: %s; sending over the data channel", device[:12], why)
+        s.bulk_lane_down()
+        try:
+            await self._handle(s, link, st, s.next_wanted())
+        except P2PError:
+            pass   # the session is ending; its loop says why
 
     async def _use_lane(self, device: str, lane: LaneLink) -> None:
         got = self.sessions.get(device)
@@ -294,9 +318,12 @@ class Replicator:
                     if self.lane_server is not None:
                         self._lane_peers[_normalize(ev.fingerprint)] = st.device
                         self.lane_server.expect(ev.fingerprint)
+                        # Both sides offered: objects wait (briefly) for the lane rather
+                        # than start on the data channel and be stranded there.
+                        s.await_bulk_lane()
+                        self._spawn(self._lane_deadline(st.device, s))
                         if self.me < st.device:  # one side dials, as for sessions
-                            asyncio.get_running_loop().create_task(
-                                self._dial_lane(st.device, ev.fingerprint, ev.port))
+                            self._spawn(self._dial_lane(st.device, ev.fingerprint, ev.port))
                 elif isinstance(ev, Closed):
                     log.warning("session with %s: %s", st.device[:12], ev.reason)
             st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
@@ -305,6 +332,11 @@ class Replicator:
             if not events:
                 return
 
+    def _spawn(self, coro) -> None:
+        # The loop keeps only weak references to tasks: hold them until they end.
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _flush(self, s: SyncSession, link: PeerLink, device: str) -> None:
         # Concurrent flushes (session loop, lane loop, pack intake) would interleave the

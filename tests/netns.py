@@ -208,6 +208,12 @@ class NetLab:
             if percent > 0:
                 _run(base + ["-A", *rule])
 
+    def refuse_tcp(self, host: Host, *, except_port: int, ifname: str = "eth0") -> None:
+        """Silently drop every TCP connection attempt reaching `host` on its cable, except to
+        `except_port` (a firewall that lets signaling through and nothing else)."""
+        _run(["ip", "netns", "exec", host.ns, "iptables", "-w", "-A", "INPUT", "-i", ifname,
+              "-p", "tcp", "--syn", "!", "--dport", str(except_port), "-j", "DROP"])
+
     def dropped(self, host: Host) -> int:
         """Packets the `loss` rules of `host` dropped so far."""
         out = _run(["ip", "netns", "exec", host.ns, "iptables", "-w", "-L", "-v", "-n", "-x"])

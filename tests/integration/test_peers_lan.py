@@ -225,3 +225,30 @@ def test_replication_completes_over_a_lossy_link(netlab, tmp_path: Path, direct_
     assert "no problems found" in b("verify", "--read-data").stdout
     b("restore", "latest", "--to", str(tmp_path / "out"))
     assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+
+
+def test_a_direct_lane_that_cannot_connect_leaves_the_transfer_on_the_data_channel(
+        netlab, tmp_path: Path):
+    """Both sides offer a lane, but a firewall drops every TCP connection except signaling:
+    objects wait for the lane only briefly, then all go over the data channel."""
+    from tests.conftest import tree_state
+
+    ha, hb, a, b, src, a_id = paired_with_random_files(netlab, tmp_path, 3, 500_000, True)
+    for cli in (a, b):
+        with open(cli.home / "config.toml", "a") as f:
+            f.write("\n[peers]\nport = 47000\n")
+    for host in (ha, hb):
+        netlab.refuse_tcp(host, except_port=47000)
+    procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
+    try:
+        wait_connected(b, a_id, 30)
+        wait_replicated(a, b, 60)
+        path = next(p["path"] for p in peers(b) if p["device"] == a_id)
+        assert path == "data channel"
+    finally:
+        stop_all(procs)
+    logs = (tmp_path / "a.log").read_text() + (tmp_path / "b.log").read_text()
+    assert "no direct lane within" in logs     # the wait ended; nothing was stranded
+    assert "bulk moved to the direct lane" not in logs
+    b("restore", "latest", "--to", str(tmp_path / "out"))
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)

@@ -234,6 +234,35 @@ def test_objects_go_over_the_bulk_lane_and_fall_back_when_it_drops():
     assert a.s.in_flight == 0 and not a.s.bulk_up
 
 
+def test_objects_wait_for_a_lane_being_set_up_then_take_it():
+    """Nothing goes out on the control lane while a direct lane is awaited: an object handed
+    to the data channel would have to finish there, at its few MB/s."""
+    source = objs("a", 5, 40_000)
+    a, b = Side("A", source), Side("B", {})
+    a.s.await_bulk_lane()
+    pump_lanes(a, b)
+    assert b.objects == {} and a.s.bytes_sent == 0
+    assert not any(isinstance(e, ObjectWanted) for e in a.events)
+    a.s.bulk_lane_up()
+    b.s.bulk_lane_up()
+    a.handle(a.s.next_wanted())
+    assert a.s.data_to_send("control") == b""   # the objects went to the bulk lane
+    pump_lanes(a, b)
+    assert b.objects == source
+
+
+def test_a_lane_that_never_comes_releases_the_objects_to_the_control_lane():
+    source = objs("a", 5, 40_000)
+    a, b = Side("A", source), Side("B", {})
+    a.s.await_bulk_lane()
+    pump_lanes(a, b)
+    assert b.objects == {}
+    a.s.bulk_lane_down()     # the adapter's deadline, or the dial failed
+    a.handle(a.s.next_wanted())
+    pump_lanes(a, b)
+    assert b.objects == source
+
+
 def test_objects_lost_on_the_way_are_asked_for_again_and_arrive():
     """Bytes of some objects vanish without either lane dropping (the bug this guards against:
     parts queued for a lane and then discarded); the receiver's `rewant` recovers them, and a
