@@ -138,15 +138,26 @@ def missing(store: Path, paths) -> list[str]:
 
 
 def proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """CPU seconds of `pid` and of its worker processes (live ones, and those it reaped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    own = sum(int(f) for f in fields[11:15]) / CLK_TCK   # utime stime cutime cstime
+    return own + sum(proc_cpu(c) for c in children(pid))
 
 
 def proc_kib(pid: int, key: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
+    """A /proc status field (kB) of `pid` plus its worker processes' (their peak RSS counts
+    towards the daemon's)."""
+    own = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                own = int(line.split()[1])
+    except FileNotFoundError:
+        return 0
+    return own + sum(proc_kib(c, key) for c in children(pid))
 
 
 def set_config(home: Path, **tables: dict[str, Any]) -> None:

@@ -14,13 +14,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from p2pbackup.blobs import peer as peer_store
-from p2pbackup.blobs.local import join_for_direct_write
+from p2pbackup.blobs.local import LocalDirStore, join_for_direct_write
 from p2pbackup.errors import NotFound, P2PError
 from p2pbackup.protocol.sync import (Closed, Event, LaneOffered, ObjectAcked, ObjectReceived,
                                      ObjectRejected, ObjectWanted, SyncSession)
 from p2pbackup.format.removal import PREFIX, Removal
 from p2pbackup.repo import membership as store_membership
-from p2pbackup.repo import removals, replica
+from p2pbackup.repo import intake, removals, replica
+from p2pbackup.repo.intake import PackIntake
 from p2pbackup.transport.datachannel import MESSAGE_SIZE, PeerLink
 from p2pbackup.transport.tls_lane import (LaneIdentity, LaneLink, LaneServer, _normalize,
                                           connect_lane)
@@ -41,14 +42,6 @@ PACK_INTAKE = 2              # packs checked and written at once: one per core
 WINDOW = 48 * 1024 * 1024    # unacknowledged bytes in flight: room for PACK_INTAKE+1 packs
 STALL = 30.0                 # default seconds without a byte from a peer we wait on: ask again
 LANE_WAIT = 2.0              # seconds objects wait for a direct lane both sides offered
-
-
-def _join_object(name: str, parts: list, total: int) -> bytes | memoryview:
-    # A pack is written once and not read soon: an aligned buffer lets the store skip the
-    # page cache. Small records stay bytes (they are parsed, compared and hashed).
-    if name.startswith("packs/"):
-        return join_for_direct_write(parts, total)
-    return b"".join(parts)
 
 
 class Replicator:
@@ -74,6 +67,19 @@ class Replicator:
         self._unsynced = False      # packs written without fsync since the last store sync
         self._send_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # Packs are checked and written by worker processes, out of this one's GIL.
+        self.pack_workers = PackIntake(repo.store.root) \
+            if isinstance(repo.store, LocalDirStore) and intake.available() else None
+
+    def _join_object(self, name: str, parts: list, total: int) -> bytes | memoryview:
+        # A pack goes to a worker in shared memory, or is written once and not read soon (an
+        # aligned buffer lets the store skip the page cache). Small records stay bytes (they
+        # are parsed, compared and hashed here).
+        if not name.startswith("packs/"):
+            return b"".join(parts)
+        if self.pack_workers is not None:
+            return self.pack_workers.join(parts, total)
+        return join_for_direct_write(parts, total)
 
     async def refresh_removals(self) -> list[Removal]:
         """Re-read the removal records held here; returns them (checked)."""
@@ -102,6 +108,8 @@ class Replicator:
     async def close(self) -> None:
         if self.lane_server is not None:
             await self.lane_server.close()
+        if self.pack_workers is not None:
+            await self.pack_workers.close()
 
     async def _lane_accepted(self, lane: LaneLink) -> None:
         reader = self._fetch_lanes.pop(_normalize(lane.peer_fingerprint), None)
@@ -200,7 +208,7 @@ class Replicator:
         sizes = {n: await self.repo.store.size(n) for n in names}
         s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes,
                         wants=lambda name: name not in self.tombstones, window=WINDOW,
-                        join=_join_object)
+                        join=self._join_object)
         self._send_locks[device] = asyncio.Lock()
         self._packs_in[device] = set()
         self.sessions[device] = (s, link)
@@ -351,7 +359,8 @@ class Replicator:
                          data: bytes) -> None:
         async with self._intake:
             try:
-                await replica.accept(self.repo, name, data, durable=False)
+                await replica.accept(self.repo, name, data, durable=False,
+                                     intake=self.pack_workers)
                 self._unsynced = True
             except P2PError as exc:
                 log.warning("refused %s from peer %s: %s", name[:40], st.device[:12], exc)
@@ -359,6 +368,9 @@ class Replicator:
             else:
                 s.ack(name)
                 st.last_sync = time.time()
+            finally:
+                if self.pack_workers is not None:
+                    self.pack_workers.release(data)
         st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
         if s.pending == 0 and len(self._packs_in.get(st.device, ())) <= 1:
             await self._sync_store()   # caught up: make it durable now

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterable
 
 _HUGE = 4 << 20
 
@@ -23,3 +24,14 @@ def aligned_buffer(size: int) -> mmap.mmap | bytearray:
         except OSError:
             pass
     return buf
+
+
+def fill(view: memoryview, parts: Iterable[bytes | bytearray | memoryview]) -> None:
+    """Copy `parts`, one after the other, into `view`, which they must fill exactly."""
+    at = 0
+    for part in parts:
+        n = len(part)
+        view[at:at + n] = part
+        at += n
+    if at != len(view):
+        raise ValueError(f"parts hold {at} bytes, not {len(view)}")

@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - not POSIX
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-from ..buffers import aligned_buffer
+from ..buffers import aligned_buffer, fill
 from ..errors import DiskFull, NotFound, StorageError
 from .base import BlobStore, Buffer
 
@@ -63,13 +63,7 @@ def join_for_direct_write(parts: list[Buffer], total: int) -> bytes | memoryview
     if not _O_DIRECT or total < _DIRECT_MIN:
         return b"".join(parts)
     view = memoryview(aligned_buffer(total))
-    at = 0
-    for part in parts:
-        n = len(part)
-        view[at:at + n] = part
-        at += n
-    if at != total:
-        raise ValueError(f"parts hold {at} bytes, not {total}")
+    fill(view, parts)
     return view
 
 

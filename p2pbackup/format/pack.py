@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import mmap
 import struct
+from collections.abc import Iterable
 
 import blake3
 
 from ..buffers import aligned_buffer
-from ..errors import IntegrityError
+from ..errors import IntegrityError, P2PError
 from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
 from .objects import open_object, seal_object
 from .records import BlobRef, PackTrailer
@@ -136,3 +137,23 @@ def check_pack_header(head: bytes | memoryview, what: str) -> None:
     header = ObjectHeader.decode(head, what)
     if header.kind != Kind.PACK:
         raise IntegrityError(f"{what} is not a pack")
+
+
+def check_pack_blobs(data: bytes | memoryview, blobs: Iterable[tuple[int, bytes, int, int]],
+                     data_key: bytes, id_key: bytes, what: str) -> None:
+    """Every blob (kind, id, offset, length) of a pack decrypts and hashes to its id; raises
+    IntegrityError naming the first that does not."""
+    view = memoryview(data)
+    size = len(view)
+    for kind, blob_id, offset, length in blobs:
+        label = f"blob {blob_id.hex()[:12]} in {what}"
+        if offset < 0 or length < 0 or offset + length > size:
+            raise IntegrityError(f"{what}: blob {blob_id.hex()[:12]} lies outside the pack")
+        try:
+            plain = open_object(view[offset:offset + length], data_key, expect=kind,
+                                what=label)[1]
+        except P2PError as exc:
+            raise IntegrityError(str(exc)) from None
+        if blake3.blake3(plain, key=id_key).digest() != blob_id:
+            raise IntegrityError(f"{what}: blob {blob_id.hex()[:12]} has content that does not "
+                                 "match its id")

@@ -15,15 +15,16 @@ import blake3
 
 from ..blobs.local import LocalDirStore
 from ..crypto.keys import MissingKey
-from ..errors import IntegrityError, NotFound, P2PError
+from ..errors import IntegrityError, NotFound
 from ..format.header import Kind
 from ..format.log import Head, Segment, check_head_update, segment_hash
 from ..format.objects import open_object
-from ..format.pack import check_pack_header, pack_name, parse_trailer
+from ..format.pack import check_pack_blobs, check_pack_header, pack_name, parse_trailer
 from ..format.records import DeviceRecord, PackTrailer, Signed
 from ..crypto.identity import device_id_for, verify_signature
 from ..format.removal import read_removal
 from . import membership as store_membership
+from .intake import PackIntake
 from .removals import owner_keys
 from .repository import Repository
 
@@ -61,11 +62,13 @@ def transfer_order(name: str) -> tuple[int, str]:
         return len(ORDER), name
 
 
-async def accept(repo: Repository, name: str, data: bytes, *, durable: bool = True) -> bool:
+async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
+                 durable: bool = True, intake: PackIntake | None = None) -> bool:
     """Check an object from a peer and store it; False if we already had it, else True.
 
     `durable=False` lets a pack's fsync wait for the caller's next `store.sync()` (a crash
-    before it loses only packs the peer will offer again; the index drops what is missing)."""
+    before it loses only packs the peer will offer again; the index drops what is missing).
+    A pack `intake` joined is checked and written by its worker processes."""
     kind, m = kind_of(name)
     what = f"{name[:60]} from a peer"
     if kind != "head" and await repo.store.has(name):
@@ -90,6 +93,21 @@ async def accept(repo: Repository, name: str, data: bytes, *, durable: bool = Tr
             raise IntegrityError(f"{what} is forged or damaged")
     elif kind == "keyring":
         pass  # sealed to an epoch we may not hold yet; opaque but harmless
+    elif kind == "pack" and intake is not None and intake.owns(data) and not durable \
+            and isinstance(repo.store, LocalDirStore):
+        try:
+            trailer, keys = _pack_trailer(repo, data, what)
+        except IntegrityError:
+            if pack_name(data) != m.group(1):   # the worker checks it; say it first, as above
+                raise IntegrityError(f"{what}: its content does not match its name") from None
+            raise
+        await intake.take(name, data, m.group(1),
+                          [(b.kind, b.id, b.offset, b.length) for b in trailer.blobs],
+                          (keys.data_key, keys.id_key) if keys else None, what)
+        await repo.index.add_pack(m.group(1), trailer.scope, trailer.epoch, len(data),
+                                  [(b.id, b.kind, b.offset, b.length, b.raw_length)
+                                   for b in trailer.blobs], arrived=True)
+        return True
     elif kind == "pack":
         def check_and_write() -> tuple[PackTrailer, bool]:
             if pack_name(data) != m.group(1):
@@ -157,26 +175,23 @@ async def _signed_by(repo: Repository, data: bytes, kind: int, device: str | Non
     return signed.body
 
 
-def _check_pack(repo: Repository, data: bytes, what: str):
-    """Every blob of the pack decrypts and hashes to its id (when we hold its source's key)."""
+def _pack_trailer(repo: Repository, data: bytes | memoryview, what: str):
+    """The pack's checked header and decrypted trailer, and the keys of its source (None for
+    a source this device was not granted: its blobs are kept as ciphertext, like a partner)."""
     check_pack_header(data, what)
     trailer = parse_trailer(data, len(data), repo.keys.meta_key, what)
     try:
-        keys = repo.keys.scope(trailer.scope, trailer.epoch)
+        return trailer, repo.keys.scope(trailer.scope, trailer.epoch)
     except MissingKey:
-        return trailer  # a source this device was not granted: kept as ciphertext, like a partner
-    view = memoryview(data)
-    for b in trailer.blobs:
-        if b.offset + b.length > len(data):
-            raise IntegrityError(f"{what}: blob {b.id.hex()[:12]} lies outside the pack")
-        try:
-            _, plain = open_object(view[b.offset:b.offset + b.length], keys.data_key,
-                                   expect=b.kind, what=f"blob {b.id.hex()[:12]} in {what}")
-        except P2PError as exc:
-            raise IntegrityError(str(exc)) from None
-        if keys.blob_id(plain) != b.id:
-            raise IntegrityError(f"{what}: blob {b.id.hex()[:12]} has content that does not "
-                                 "match its id")
+        return trailer, None
+
+
+def _check_pack(repo: Repository, data: bytes, what: str):
+    """Every blob of the pack decrypts and hashes to its id (when we hold its source's key)."""
+    trailer, keys = _pack_trailer(repo, data, what)
+    if keys is not None:
+        check_pack_blobs(data, ((b.kind, b.id, b.offset, b.length) for b in trailer.blobs),
+                         keys.data_key, keys.id_key, what)
     return trailer
 
 
