@@ -83,10 +83,14 @@ class _Worker:
 class PackIntake:
     """Worker processes that check packs and write them into the store at `root`."""
 
-    def __init__(self, root: str, *, workers: int = 2, keep: int = 4) -> None:
+    def __init__(self, root: str, *, workers: int = 2, keep: int = 3,
+                 idle: float = 30.0) -> None:
         self.root = root
         self.workers = workers
         self.keep = keep                 # free buffers kept for the next packs
+        self.idle = idle                 # seconds without packs before workers and buffers go
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         self._free: list[_Shared] = []
         self._in_use: dict[int, _Shared] = {}   # id of the view `join` gave -> its buffer
         self._workers: list[_Worker] = []
@@ -159,6 +163,31 @@ class PackIntake:
             await done
         finally:
             self.release(data)
+            self._rearm()
+
+    def _rearm(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if not self._closed:
+            self._idle_timer = asyncio.get_running_loop().call_later(self.idle, self._retire)
+
+    def _retire(self) -> None:
+        """No pack for `idle` seconds: an idle daemon keeps neither workers nor buffers (the
+        next pack starts them again, in a fraction of a second)."""
+        self._idle_timer = None
+        if self._in_use or any(w.pending for w in self._workers):
+            self._rearm()
+            return
+        for buf in self._free:
+            buf.drop()
+        self._free = []
+        for w in self._workers:
+            if w.proc.stdin is not None:
+                w.proc.stdin.close()      # it ends after its stdin does
+            if w.reader is not None:
+                self._retiring.add(w.reader)
+                w.reader.add_done_callback(self._retiring.discard)
+        self._workers = []
 
     async def _worker(self) -> _Worker:
         async with self._starting:   # two packs at once must not start four workers
@@ -215,6 +244,9 @@ class PackIntake:
     async def close(self) -> None:
         """Stop the workers (after what they are doing) and free the buffers."""
         self._closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
         for w in self._workers:
             if w.proc.stdin is not None:
                 w.proc.stdin.close()

@@ -168,3 +168,22 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_an_idle_intake_lets_its_workers_and_buffers_go(pair, tmp_path: Path):
+    a, b, _ = pair
+    workers = PackIntake(b.store.root, idle=0.3)
+    try:
+        pack = [n async for n in a.store.list("packs/")][0]
+        data = bytes(await a.store.get(pack))
+        await accept(b, pack, data, workers)
+        procs = [w.proc for w in workers._workers]
+        assert len(procs) == 2 and workers._free
+        await asyncio.sleep(1.0)
+        assert workers._workers == [] and workers._free == []
+        assert all(p.returncode == 0 for p in procs)     # they ended, and were reaped
+        await b.store.delete(pack)
+        await accept(b, pack, data, workers)             # the next pack starts them again
+        assert await b.store.get(pack) == data and len(workers._workers) == 2
+    finally:
+        await workers.close()
