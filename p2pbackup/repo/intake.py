@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mmap
 import os
 import signal
@@ -29,6 +30,8 @@ from ..buffers import fill
 from ..errors import DiskFull, IntegrityError, P2PError, StorageError
 
 VERSION = 1
+FAILURES = 3
+log = logging.getLogger("p2pbackup")
 _MiB = 1 << 20
 _ERRORS: dict[str, type[P2PError]] = {"IntegrityError": IntegrityError,
                                       "StorageError": StorageError, "DiskFull": DiskFull}
@@ -78,6 +81,7 @@ class _Worker:
     proc: asyncio.subprocess.Process
     pending: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     reader: asyncio.Task[None] | None = None
+    why: str = "ended"       # how it ended, once it has
 
 
 class PackIntake:
@@ -97,6 +101,7 @@ class PackIntake:
         self._serial = 0
         self._closed = False
         self._starting = asyncio.Lock()
+        self._failures = 0               # workers that died with work, in a row
 
     # ---- shared buffers -------------------------------------------------------------------
 
@@ -148,18 +153,25 @@ class PackIntake:
         try:
             worker = await self._worker()
             self._serial += 1
-            req = {"v": VERSION, "id": self._serial, "root": self.root, "name": name,
+            rid = self._serial
+            req = {"v": VERSION, "id": rid, "root": self.root, "name": name,
                    "path": f"/proc/{os.getpid()}/fd/{buf.fd}", "size": size,
                    "hash": expect, "blobs": blobs, "keys": list(keys) if keys else None,
                    "what": what}
             done = asyncio.get_running_loop().create_future()
-            worker.pending[self._serial] = done
+            worker.pending[rid] = done
             assert worker.proc.stdin is not None
             worker.proc.stdin.write(msgpack.packb(req, use_bin_type=True))
             try:
                 await worker.proc.stdin.drain()
             except (ConnectionError, BrokenPipeError):
                 pass   # the reader fails `done` with the worker's exit
+            assert worker.reader is not None
+            await asyncio.wait([done, worker.reader], return_when=asyncio.FIRST_COMPLETED)
+            if not done.done():   # the worker had ended before this request was queued
+                worker.pending.pop(rid, None)
+                self._failed(worker.why)
+                raise StorageError(self._lost(worker.why))
             await done
         finally:
             self.release(data)
@@ -229,17 +241,36 @@ class PackIntake:
                         done.set_exception(kind(str(reply["error"])[:500]))
                     else:
                         done.set_result(None)
+                    self._failures = 0
             why = f"ended (exit status {await worker.proc.wait()})"
         except (ValueError, msgpack.ExtraData) as exc:   # its replies are garbage
             worker.proc.kill()
             why = f"answered nonsense ({exc})"
         finally:
+            if worker.pending:
+                self._failed(why)
+            worker.why = why
             for done in worker.pending.values():
                 if not done.done():
-                    done.set_exception(StorageError(
-                        f"the process checking packs from peers {why}; the pack was not "
-                        "stored and will be asked for again"))
+                    done.set_exception(StorageError(self._lost(why)))
             worker.pending.clear()
+
+    @staticmethod
+    def _lost(why: str) -> str:
+        return (f"the process checking packs from peers {why}; the pack was not stored (it is "
+                "asked for again at the next session)")
+
+    def _failed(self, why: str) -> None:
+        self._failures += 1
+        if self._failures == FAILURES:
+            log.warning("the processes checking packs from peers keep failing (the last %s); "
+                        "packs are checked in the daemon's own process from now on", why)
+
+    @property
+    def usable(self) -> bool:
+        """False once workers failed FAILURES times in a row (then packs are checked in this
+        process, as without workers)."""
+        return self._failures < FAILURES
 
     async def close(self) -> None:
         """Stop the workers (after what they are doing) and free the buffers."""

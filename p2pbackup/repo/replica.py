@@ -93,8 +93,8 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
             raise IntegrityError(f"{what} is forged or damaged")
     elif kind == "keyring":
         pass  # sealed to an epoch we may not hold yet; opaque but harmless
-    elif kind == "pack" and intake is not None and intake.owns(data) and not durable \
-            and isinstance(repo.store, LocalDirStore):
+    elif kind == "pack" and intake is not None and intake.usable and intake.owns(data) \
+            and not durable and isinstance(repo.store, LocalDirStore):
         try:
             trailer, keys = _pack_trailer(repo, data, what)
         except IntegrityError:

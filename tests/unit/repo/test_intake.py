@@ -187,3 +187,29 @@ async def test_an_idle_intake_lets_its_workers_and_buffers_go(pair, tmp_path: Pa
         assert await b.store.get(pack) == data and len(workers._workers) == 2
     finally:
         await workers.close()
+
+
+async def test_workers_that_cannot_run_give_way_to_checks_in_the_daemon(pair, monkeypatch,
+                                                                        caplog):
+    """A worker that dies at once (here: no Python to run it) fails its pack in one line;
+    after three in a row, packs are checked in the daemon's own process and still stored."""
+    a, b, _ = pair
+    monkeypatch.setattr(intake_mod.sys, "executable", "/bin/false")
+    workers = PackIntake(b.store.root)
+    try:
+        pack = [n async for n in a.store.list("packs/")][0]
+        data = bytes(await a.store.get(pack))
+        for _ in range(intake_mod.FAILURES):
+            with pytest.raises(StorageError, match="checking packs from peers ended"):
+                await accept(b, pack, data, workers)
+        assert not workers.usable
+        assert "checked in the daemon's own process from now on" in caplog.text
+        assert await accept(b, pack, data, workers)
+        assert await b.store.get(pack) == data
+        altered = bytearray(data)
+        altered[-100] ^= 1
+        with pytest.raises(IntegrityError):       # and still checked
+            await accept(b, f"packs/{blake3.blake3(altered).hexdigest()}", bytes(altered),
+                         workers)
+    finally:
+        await workers.close()
