@@ -151,28 +151,33 @@ class PackIntake:
         assert self.owns(data) and isinstance(buf, _Shared)
         size = len(data)
         try:
-            worker = await self._worker()
-            self._serial += 1
-            rid = self._serial
-            req = {"v": VERSION, "id": rid, "root": self.root, "name": name,
-                   "path": f"/proc/{os.getpid()}/fd/{buf.fd}", "size": size,
-                   "hash": expect, "blobs": blobs, "keys": list(keys) if keys else None,
-                   "what": what}
-            done = asyncio.get_running_loop().create_future()
-            worker.pending[rid] = done
-            assert worker.proc.stdin is not None
-            worker.proc.stdin.write(msgpack.packb(req, use_bin_type=True))
-            try:
-                await worker.proc.stdin.drain()
-            except (ConnectionError, BrokenPipeError):
-                pass   # the reader fails `done` with the worker's exit
-            assert worker.reader is not None
-            await asyncio.wait([done, worker.reader], return_when=asyncio.FIRST_COMPLETED)
-            if not done.done():   # the worker had ended before this request was queued
+            for _ in range(FAILURES):
+                worker = await self._worker()
+                self._serial += 1
+                rid = self._serial
+                req = {"v": VERSION, "id": rid, "root": self.root, "name": name,
+                       "path": f"/proc/{os.getpid()}/fd/{buf.fd}", "size": size,
+                       "hash": expect, "blobs": blobs, "keys": list(keys) if keys else None,
+                       "what": what}
+                done = asyncio.get_running_loop().create_future()
+                worker.pending[rid] = done
+                assert worker.proc.stdin is not None and worker.reader is not None
+                worker.proc.stdin.write(msgpack.packb(req, use_bin_type=True))
+                try:
+                    await worker.proc.stdin.drain()
+                except (ConnectionError, BrokenPipeError):
+                    pass   # the reader fails `done` with the worker's exit
+                await asyncio.wait([done, worker.reader], return_when=asyncio.FIRST_COMPLETED)
+                if done.done():
+                    await done   # raises what the worker found, or that it died on this pack
+                    return
+                # The worker had ended (not yet reaped) before the request reached it: the
+                # pack is not to blame; another worker takes it.
                 worker.pending.pop(rid, None)
                 self._failed(worker.why)
-                raise StorageError(self._lost(worker.why))
-            await done
+                if not self.usable:
+                    break
+            raise StorageError(self._lost(worker.why))
         finally:
             self.release(data)
             self._rearm()
@@ -205,7 +210,8 @@ class PackIntake:
         async with self._starting:   # two packs at once must not start four workers
             if self._closed:
                 raise StorageError("the daemon is stopping: the pack was not stored")
-            self._workers = [w for w in self._workers if w.proc.returncode is None]
+            self._workers = [w for w in self._workers if w.proc.returncode is None
+                             and (w.reader is None or not w.reader.done())]
             while len(self._workers) < self.workers:
                 self._workers.append(await self._start())
         return min(self._workers, key=lambda w: len(w.pending))

@@ -179,7 +179,10 @@ async def test_an_idle_intake_lets_its_workers_and_buffers_go(pair, tmp_path: Pa
         await accept(b, pack, data, workers)
         procs = [w.proc for w in workers._workers]
         assert len(procs) == 2 and workers._free
-        await asyncio.sleep(1.0)
+        for _ in range(500):       # 0.3 s, then the workers' exit is reaped
+            if not workers._workers and all(p.returncode is not None for p in procs):
+                break
+            await asyncio.sleep(0.02)
         assert workers._workers == [] and workers._free == []
         assert all(p.returncode == 0 for p in procs)     # they ended, and were reaped
         await b.store.delete(pack)
@@ -199,9 +202,12 @@ async def test_workers_that_cannot_run_give_way_to_checks_in_the_daemon(pair, mo
     try:
         pack = [n async for n in a.store.list("packs/")][0]
         data = bytes(await a.store.get(pack))
-        for _ in range(intake_mod.FAILURES):
-            with pytest.raises(StorageError, match="checking packs from peers ended"):
+        for _ in range(intake_mod.FAILURES):   # a take retries a worker found dead, so
+            if not workers.usable:               # three failures may come in fewer packs
+                break
+            with pytest.raises(StorageError, match="checking packs from peers ended") as err:
                 await accept(b, pack, data, workers)
+            assert "\n" not in str(err.value)
         assert not workers.usable
         assert "checked in the daemon's own process from now on" in caplog.text
         assert await accept(b, pack, data, workers)
