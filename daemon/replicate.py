@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from p2pbackup.blobs import peer as peer_store
 from p2pbackup.blobs.local import LocalDirStore, join_for_direct_write
-from p2pbackup.errors import NotFound, P2PError
+from p2pbackup.errors import IntegrityError, NotFound, P2PError
 from p2pbackup.protocol.sync import (Closed, Event, LaneOffered, ObjectAcked, ObjectReceived,
                                      ObjectRejected, ObjectWanted, SyncSession)
 from p2pbackup.format.removal import PREFIX, Removal
@@ -44,15 +44,19 @@ WINDOW = 80 * 1024 * 1024    # unacknowledged bytes in flight: packs arriving, q
 # median 149; 3 / 80 MiB 172-187, median 182; 4 / 128 MiB no better, and more memory.)
 STALL = 30.0                 # default seconds without a byte from a peer we wait on: ask again
 LANE_WAIT = 2.0              # seconds objects wait for a direct lane both sides offered
+RETRY = 5.0                  # seconds before a pack we could not store is asked for again
+RETRY_MAX = 600.0            # (the delay grows fourfold each time, up to this)
 
 
 class Replicator:
     """Runs sessions and fans announcements out to every open one."""
 
     def __init__(self, repo, me: str, *, direct_lane: bool = False,
-                 stall: float = STALL) -> None:
+                 stall: float = STALL, retry: float = RETRY) -> None:
         self.repo, self.me = repo, me
         self.stall = stall
+        self.retry = retry
+        self._retries: dict[str, float] = {}   # pack -> delay before asking for it again
         self.sessions: dict[str, tuple[SyncSession, PeerLink]] = {}
         self.lanes: dict[str, LaneLink] = {}
         self.direct_lane = direct_lane
@@ -364,10 +368,20 @@ class Replicator:
                 await replica.accept(self.repo, name, data, durable=False,
                                      intake=self.pack_workers)
                 self._unsynced = True
-            except P2PError as exc:
+            except IntegrityError as exc:
                 log.warning("refused %s from peer %s: %s", name[:40], st.device[:12], exc)
                 s.reject(name, str(exc))
+            except P2PError as exc:
+                # Our failure, not the pack's (a pack worker died, the disk is full): refused
+                # for now, asked for again later, and later still if it fails again.
+                delay = self._retries.get(name, self.retry)
+                self._retries[name] = min(delay * 4, RETRY_MAX)
+                log.warning("could not store %s from peer %s: %s; asking for it again in "
+                            "%.0f s", name[:40], st.device[:12], exc, delay)
+                s.reject(name, str(exc))
+                self._spawn(self._ask_again(s, link, st, name, delay))
             else:
+                self._retries.pop(name, None)
                 s.ack(name)
                 st.last_sync = time.time()
             finally:
@@ -380,6 +394,18 @@ class Replicator:
             await self._flush(s, link, st.device)
         except P2PError:
             pass  # the session is ending; its loop says why
+
+    async def _ask_again(self, s: SyncSession, link: PeerLink, st: "PeerState", name: str,
+                         delay: float) -> None:
+        await asyncio.sleep(delay)
+        got = self.sessions.get(st.device)
+        if got is None or got[0] is not s or s.closed:
+            return   # the next session's inventories ask for it
+        s.ask_again([name])
+        try:
+            await self._handle(s, link, st, [])
+        except P2PError:
+            pass   # the session is ending; its loop says why
 
     async def _settle(self, device: str) -> None:
         """Wait for the packs being taken in from `device`, then make them durable."""

@@ -292,6 +292,12 @@ class SyncSession:
             self._frame({"t": "want", "names": names[i:i + INV_BATCH]})
         return len(names)
 
+    def ask_again(self, names: list[str]) -> None:
+        """Ask the peer again for objects we received but could not store (a local failure,
+        not the object's: it was refused with `reject` meanwhile)."""
+        if not self.closed:
+            self._want([n for n in names if n not in self.have], again=True)
+
     @property
     def pending(self) -> int:
         """Objects we asked the peer for and have not received yet."""

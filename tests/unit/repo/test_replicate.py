@@ -63,6 +63,52 @@ async def test_initial_sync_then_push(tmp_path: Path):
         await rb.close()
 
 
+async def test_a_pack_we_could_not_store_is_asked_for_again(tmp_path: Path, monkeypatch,
+                                                             caplog):
+    """A local failure (a pack worker died, the disk was full) refuses the pack for now; the
+    same session asks for it again after a delay and stores it."""
+    from p2pbackup.errors import StorageError
+    from p2pbackup.repo import replica
+
+    keys, a_id, b_id = AccountKeys(os.urandom(32)), DeviceIdentity.generate(), \
+        DeviceIdentity.generate()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "one").write_bytes(os.urandom(300_000))
+    ra = await Repository.create(LocalDirStore(tmp_path / "a"), keys, a_id, str(tmp_path / "ca"),
+                                 "a")
+    await take_snapshot(ra, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
+    rb = await Repository.create_replica(LocalDirStore(tmp_path / "b"), keys, b_id,
+                                         str(tmp_path / "cb"), "b", await ra.config_object())
+    real, failed = replica.accept, []
+
+    async def flaky(repo, name, data, **kw):
+        if repo is rb and name.startswith("packs/") and not failed:
+            failed.append(name)
+            raise StorageError("the process checking packs from peers ended (exit status -9)")
+        return await real(repo, name, data, **kw)
+
+    monkeypatch.setattr(replica, "accept", flaky)
+    la, lb = memory_pair()
+    pa, pb = Replicator(ra, a_id.device_id), Replicator(rb, b_id.device_id, retry=0.3)
+    tasks = [asyncio.create_task(pa.run(b_id.device_id, la, PeerState(b_id.device_id))),
+             asyncio.create_task(pb.run(a_id.device_id, lb, PeerState(a_id.device_id)))]
+    try:
+        async def b_has_all() -> bool:
+            return {n async for n in ra.store.list("")} <= {n async for n in rb.store.list("")}
+        await until(b_has_all)
+        assert failed and await rb.store.has(failed[0])
+        assert "asking for it again in 0 s" in caplog.text
+        assert len((await rb.list_snapshots())[0]) == 1
+    finally:
+        await la.close()
+        await lb.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pb.close()
+        await ra.close()
+        await rb.close()
+
+
 async def test_a_hostile_peer_ends_its_session_and_plants_nothing(tmp_path: Path):
     import struct
 
