@@ -37,6 +37,10 @@ _ERRORS: dict[str, type[P2PError]] = {"IntegrityError": IntegrityError,
                                       "StorageError": StorageError, "DiskFull": DiskFull}
 
 
+class _WorkerDied(StorageError):
+    """A worker ended with this request unanswered."""
+
+
 class _Shared(mmap.mmap):
     """A memfd mapped shared: workers open it as /proc/<pid>/fd/<fd>."""
 
@@ -169,12 +173,16 @@ class PackIntake:
                     pass   # the reader fails `done` with the worker's exit
                 await asyncio.wait([done, worker.reader], return_when=asyncio.FIRST_COMPLETED)
                 if done.done():
-                    await done   # raises what the worker found, or that it died on this pack
-                    return
-                # The worker had ended (not yet reaped) before the request reached it: the
-                # pack is not to blame; another worker takes it.
-                worker.pending.pop(rid, None)
-                self._failed(worker.why)
+                    try:
+                        await done   # raises what the worker found in the pack
+                        return
+                    except _WorkerDied:
+                        pass     # it died while it held the pack, or before it read it
+                else:    # it had ended (not yet reaped) before the request was queued
+                    worker.pending.pop(rid, None)
+                    self._failed(worker.why)
+                # The pack is not to blame for a worker's death (as far as we know): another
+                # worker takes it, until workers failed FAILURES times in a row.
                 if not self.usable:
                     break
             raise StorageError(self._lost(worker.why))
@@ -258,13 +266,12 @@ class PackIntake:
             worker.why = why
             for done in worker.pending.values():
                 if not done.done():
-                    done.set_exception(StorageError(self._lost(why)))
+                    done.set_exception(_WorkerDied(self._lost(why)))
             worker.pending.clear()
 
     @staticmethod
     def _lost(why: str) -> str:
-        return (f"the process checking packs from peers {why}; the pack was not stored (it is "
-                "asked for again at the next session)")
+        return f"the process checking packs from peers {why}; the pack was not stored"
 
     def _failed(self, why: str) -> None:
         self._failures += 1
