@@ -217,8 +217,15 @@ class BlobSink:
 
     def close(self) -> None:
         """Stop the uploaders (after what is queued); safe to call twice."""
-        for t in self._uploaders:
-            if t.is_alive():
-                self._queue.put(_STOP)
-        for t in self._uploaders:
-            t.join()
+        # One stop per live uploader, then again for any still alive: a daemon was seen (once,
+        # in CI) joining an uploader idle on an empty queue, its stop gone, and so never
+        # stopping. Extra stops queue behind every pack already shipped and are never read.
+        while any(t.is_alive() for t in self._uploaders):
+            for t in self._uploaders:
+                if t.is_alive():
+                    try:
+                        self._queue.put(_STOP, timeout=0.5)
+                    except queue.Full:
+                        pass   # uploaders are busy with packs: they will get to it
+            for t in self._uploaders:
+                t.join(timeout=0.5)
