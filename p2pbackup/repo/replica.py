@@ -93,34 +93,12 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
             raise IntegrityError(f"{what} is forged or damaged")
     elif kind == "keyring":
         pass  # sealed to an epoch we may not hold yet; opaque but harmless
-    elif kind == "pack" and intake is not None and intake.usable and intake.owns(data) \
-            and not durable and isinstance(repo.store, LocalDirStore):
-        try:
-            trailer, keys = _pack_trailer(repo, data, what)
-        except IntegrityError:
-            if pack_name(data) != m.group(1):   # the worker checks it; say it first, as above
-                raise IntegrityError(f"{what}: its content does not match its name") from None
-            raise
-        await intake.take(name, data, m.group(1),
-                          [(b.kind, b.id, b.offset, b.length) for b in trailer.blobs],
-                          (keys.data_key, keys.id_key) if keys else None, what)
-        await repo.index.add_pack(m.group(1), trailer.scope, trailer.epoch, len(data),
-                                  [(b.id, b.kind, b.offset, b.length, b.raw_length)
-                                   for b in trailer.blobs], arrived=True)
-        return True
     elif kind == "pack":
-        def check_and_write() -> tuple[PackTrailer, bool]:
-            if pack_name(data) != m.group(1):
-                raise IntegrityError(f"{what}: its content does not match its name")
-            trailer = _check_pack(repo, data, what)
-            if durable or not isinstance(repo.store, LocalDirStore):
-                return trailer, False
-            repo.store.put_sync(name, data, durable=False)  # the caller syncs in batches
-            return trailer, True
-
-        trailer, written = await asyncio.to_thread(check_and_write)
-        if not written:
-            await repo.store.put(name, data)
+        if intake is not None and intake.usable and intake.owns(data) and not durable \
+                and isinstance(repo.store, LocalDirStore):
+            trailer = await _take_in_worker(repo, intake, name, m.group(1), data, what)
+        else:
+            trailer = await _check_and_put(repo, name, m.group(1), data, durable, what)
         await repo.index.add_pack(m.group(1), trailer.scope, trailer.epoch, len(data),
                                   [(b.id, b.kind, b.offset, b.length, b.raw_length)
                                    for b in trailer.blobs], arrived=True)
@@ -162,6 +140,39 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
             return False
     await repo.store.put(name, data)
     return True
+
+
+async def _take_in_worker(repo: Repository, intake: PackIntake, name: str, digest: str,
+                          data: memoryview, what: str) -> PackTrailer:
+    """The pack checked and written by a pack worker (the trailer is read here)."""
+    try:
+        trailer, keys = _pack_trailer(repo, data, what)
+    except IntegrityError:
+        if pack_name(data) != digest:   # the worker checks it; say it first, as below
+            raise IntegrityError(f"{what}: its content does not match its name") from None
+        raise
+    await intake.take(name, data, digest,
+                      [(b.kind, b.id, b.offset, b.length) for b in trailer.blobs],
+                      (keys.data_key, keys.id_key) if keys else None, what)
+    return trailer
+
+
+async def _check_and_put(repo: Repository, name: str, digest: str, data: bytes | memoryview,
+                         durable: bool, what: str) -> PackTrailer:
+    """The pack checked on a thread, then stored (not fsynced when not `durable`)."""
+    def check_and_write() -> tuple[PackTrailer, bool]:
+        if pack_name(data) != digest:
+            raise IntegrityError(f"{what}: its content does not match its name")
+        trailer = _check_pack(repo, data, what)
+        if durable or not isinstance(repo.store, LocalDirStore):
+            return trailer, False
+        repo.store.put_sync(name, data, durable=False)  # the caller syncs in batches
+        return trailer, True
+
+    trailer, written = await asyncio.to_thread(check_and_write)
+    if not written:
+        await repo.store.put(name, data)
+    return trailer
 
 
 async def _signed_by(repo: Repository, data: bytes, kind: int, device: str | None,

@@ -26,7 +26,8 @@ async def until(cond, timeout: float = 10) -> None:
         await asyncio.sleep(0.05)
 
 
-async def test_initial_sync_then_push(tmp_path: Path):
+async def two_repositories(tmp_path: Path):
+    """A repository with one snapshot of `src`, and an empty replica of it."""
     keys, a_id, b_id = AccountKeys(os.urandom(32)), DeviceIdentity.generate(), \
         DeviceIdentity.generate()
     src = tmp_path / "src"
@@ -37,6 +38,11 @@ async def test_initial_sync_then_push(tmp_path: Path):
     await take_snapshot(ra, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
     rb = await Repository.create_replica(LocalDirStore(tmp_path / "b"), keys, b_id,
                                          str(tmp_path / "cb"), "b", await ra.config_object())
+    return src, a_id, b_id, ra, rb
+
+
+async def test_initial_sync_then_push(tmp_path: Path):
+    src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
     la, lb = memory_pair()
     pa, pb = Replicator(ra, a_id.device_id), Replicator(rb, b_id.device_id)
     sb = PeerState(a_id.device_id)
@@ -70,16 +76,7 @@ async def test_a_pack_we_could_not_store_is_asked_for_again(tmp_path: Path, monk
     from p2pbackup.errors import StorageError
     from p2pbackup.repo import replica
 
-    keys, a_id, b_id = AccountKeys(os.urandom(32)), DeviceIdentity.generate(), \
-        DeviceIdentity.generate()
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "one").write_bytes(os.urandom(300_000))
-    ra = await Repository.create(LocalDirStore(tmp_path / "a"), keys, a_id, str(tmp_path / "ca"),
-                                 "a")
-    await take_snapshot(ra, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
-    rb = await Repository.create_replica(LocalDirStore(tmp_path / "b"), keys, b_id,
-                                         str(tmp_path / "cb"), "b", await ra.config_object())
+    src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
     real, failed = replica.accept, []
 
     async def flaky(repo, name, data, **kw):
