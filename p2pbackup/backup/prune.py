@@ -108,6 +108,9 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
                         used.update(c.entry.chunks)
 
     grouped = blobs_by_pack(repo)
+    for name in repo.index.packs:
+        # A pack the index reads nothing from holds only copies of blobs in other packs.
+        grouped.setdefault(name, [])
     for name in protect() if protect else ():
         grouped.pop(name, None)
     if hold_new > 0:

@@ -13,7 +13,7 @@ import blake3
 
 from ..errors import DiskFull, StorageError
 
-INDEX_VERSION = 3   # 2: packs.arrived; 3: meta.generation (the blob map side file)
+INDEX_VERSION = 4   # 2: packs.arrived; 3: meta.generation (the blob map side file); 4: spare
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -23,7 +23,15 @@ CREATE TABLE IF NOT EXISTS blobs (id BLOB PRIMARY KEY, kind INTEGER NOT NULL,
     pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
     raw_length INTEGER NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
+CREATE TABLE IF NOT EXISTS spare (id BLOB NOT NULL, kind INTEGER NOT NULL,
+    pack TEXT NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    raw_length INTEGER NOT NULL, PRIMARY KEY (id, pack)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS spare_by_pack ON spare(pack);
 """
+# `blobs` holds one location per blob, the one reads use. A blob stored in two packs (a
+# repacked pack and its original, both received from a peer during a prune's grace period)
+# keeps its other locations in `spare`, so that dropping the pack `blobs` points to moves the
+# blob to a surviving copy instead of losing it from the index.
 
 
 class BlobLocation(NamedTuple):
@@ -93,6 +101,10 @@ class IndexCorrupt(Exception):
     """The index file cannot be used; it will be rebuilt."""
 
 
+class IndexOutdated(IndexCorrupt):
+    """The index was made by another version of p2pbackup; it will be rebuilt."""
+
+
 def _sql_error(exc: sqlite3.Error, path: str) -> Exception:
     if "disk is full" in str(exc) or "database or disk is full" in str(exc):
         return DiskFull(os.path.dirname(path))
@@ -112,6 +124,7 @@ class PackIndex:
         # When packs not written here arrived (unix seconds; 0 for packs this device wrote): a
         # pack from a peer may be used by a snapshot still on its way (prune leaves it alone).
         self.arrived: dict[str, int] = {}
+        self._spares = 0            # rows in the spare table: almost always none
 
     async def open(self) -> None:
         """Open (creating if needed) and load; raise IndexCorrupt when the file is unusable."""
@@ -133,12 +146,13 @@ class PackIndex:
                 await self._db.execute("INSERT INTO meta VALUES ('version', ?)", (str(INDEX_VERSION),))
                 await self._db.commit()
             elif row[0] != str(INDEX_VERSION):
-                raise IndexCorrupt(f"index version {row[0]}")
+                raise IndexOutdated(f"index version {row[0]}, this version uses {INDEX_VERSION}")
             for name, scope, epoch, size, arrived in await self._db.execute_fetchall(
                     "SELECT name, scope, epoch, size, arrived FROM packs"):
                 self.packs[name] = (scope, epoch, size)
                 if arrived:
                     self.arrived[name] = arrived
+            self._spares = await self._count_spares()
             self._generation = await self._read_generation()
             if self._generation == 0:
                 # A new database starts at a random generation, so that a side file left by
@@ -157,6 +171,9 @@ class PackIndex:
                                       "SELECT id, pack, offset, length, raw_length, kind "
                                       "FROM blobs"))
                 self._map_stale = True
+        except IndexCorrupt:
+            await self.close()
+            raise
         except sqlite3.DatabaseError as exc:
             await self.close()
             raise IndexCorrupt(str(exc)) from None
@@ -234,6 +251,17 @@ class PackIndex:
         pack would rewrite most of the B-tree each time)."""
         assert self._db is not None
         now = int(time.time()) if arrived else 0
+        # The first location of a blob stays the one reads use (nothing rewrites its row);
+        # a copy in another pack is a spare.
+        fresh: dict[bytes, BlobLocation] = {}
+        spares: list[tuple[bytes, int, str, int, int, int]] = []
+        for n, _s, _e, _z, blobs in packs:
+            for bid, kind, off, length, raw in blobs:
+                held = fresh.get(bid) or self.blobs.get(bid)
+                if held is None or held.pack == n:
+                    fresh[bid] = BlobLocation(n, off, length, raw, kind)
+                else:
+                    spares.append((bid, kind, n, off, length, raw))
         try:
             await self._db.executemany(
                 "INSERT INTO packs VALUES (?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
@@ -241,36 +269,64 @@ class PackIndex:
                 [(n, scope, epoch, size, now) for n, scope, epoch, size, _ in packs])
             await self._db.executemany(
                 "INSERT OR REPLACE INTO blobs VALUES (?,?,?,?,?,?)",
-                [(bid, kind, n, off, length, raw) for n, _s, _e, _z, blobs in packs
-                 for bid, kind, off, length, raw in blobs])
+                [(bid, loc.kind, loc.pack, loc.offset, loc.length, loc.raw_length)
+                 for bid, loc in fresh.items()])
+            if spares:
+                await self._db.executemany("INSERT OR REPLACE INTO spare VALUES (?,?,?,?,?,?)",
+                                           spares)
+                self._spares = await self._count_spares()
             await self._next_generation()
             await self._db.commit()
         except sqlite3.Error as exc:
             raise _sql_error(exc, self.path) from None
-        for n, scope, epoch, size, blobs in packs:
+        for n, scope, epoch, size, _ in packs:
             if now and n not in self.packs:   # as the SQL: an already known pack keeps its time
                 self.arrived[n] = now
             self.packs[n] = (scope, epoch, size)
-            for bid, kind, off, length, raw in blobs:
-                self.blobs[bid] = BlobLocation(n, off, length, raw, kind)
+        self.blobs.update(fresh)
 
     async def remove_pack(self, name: str) -> None:
         """Forget a pack (it is gone from the store, or about to be)."""
         await self.remove_packs([name])
 
     async def remove_packs(self, names: list[str]) -> None:
-        """Forget several packs in one transaction."""
+        """Forget several packs in one transaction; a blob they held that another pack also
+        holds stays in the index at its other location."""
         assert self._db is not None
+        gone = set(names)
+        lost = [b for b, loc in self.blobs.items() if loc.pack in gone]
+        moved: dict[bytes, BlobLocation] = {}
         try:
             await self._db.executemany("DELETE FROM blobs WHERE pack=?", [(n,) for n in names])
             await self._db.executemany("DELETE FROM packs WHERE name=?", [(n,) for n in names])
+            if self._spares:
+                await self._db.executemany("DELETE FROM spare WHERE pack=?",
+                                           [(n,) for n in names])
+                for i in range(0, len(lost), 500):
+                    part = lost[i:i + 500]
+                    for bid, pack, off, length, raw, kind in await self._db.execute_fetchall(
+                            "SELECT id, pack, offset, length, raw_length, kind FROM spare "
+                            f"WHERE id IN ({','.join('?' * len(part))})", part):
+                        moved.setdefault(bid, BlobLocation(pack, off, length, raw, kind))
+                await self._db.executemany(
+                    "INSERT INTO blobs VALUES (?,?,?,?,?,?)",
+                    [(bid, loc.kind, loc.pack, loc.offset, loc.length, loc.raw_length)
+                     for bid, loc in moved.items()])
+                await self._db.executemany("DELETE FROM spare WHERE id=? AND pack=?",
+                                           [(bid, loc.pack) for bid, loc in moved.items()])
+                self._spares = await self._count_spares()
             await self._next_generation()
             await self._db.commit()
         except sqlite3.Error as exc:
             raise _sql_error(exc, self.path) from None
-        gone = set(names)
         for n in names:
             self.packs.pop(n, None)
             self.arrived.pop(n, None)
-        for bid in [b for b, loc in self.blobs.items() if loc.pack in gone]:
+        for bid in lost:
             del self.blobs[bid]
+        self.blobs.update(moved)
+
+    async def _count_spares(self) -> int:
+        assert self._db is not None
+        rows = await self._db.execute_fetchall("SELECT count(*) FROM spare")
+        return int(list(rows)[0][0])

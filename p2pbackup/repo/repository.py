@@ -22,7 +22,7 @@ from ..format.header import Kind, ObjectHeader
 from ..format.objects import open_object, seal_object
 from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.records import DeviceRecord, PackTrailer, RepoConfig, Signed, Snapshot, Tree
-from .index import BlobLocation, IndexCorrupt, PackIndex
+from .index import BlobLocation, IndexCorrupt, IndexOutdated, PackIndex
 
 log = logging.getLogger("p2pbackup.repo")
 T = TypeVar("T")
@@ -374,10 +374,19 @@ async def _open_index(path: str) -> PackIndex:
     index = PackIndex(path)
     try:
         await index.open()
+    except IndexOutdated as exc:
+        log.info("the index %s was made by another version (%s); rebuilding it from the "
+                 "packs", path, exc)
+        index = await _fresh_index(path)
     except IndexCorrupt as exc:
         log.warning("the index %s is damaged (%s); rebuilding it from the packs", path, exc)
-        _remove_index_files(path)
-        shutil.rmtree(os.path.join(os.path.dirname(path), "tmp"), ignore_errors=True)
-        index = PackIndex(path)
-        await index.open()
+        index = await _fresh_index(path)
+    return index
+
+
+async def _fresh_index(path: str) -> PackIndex:
+    _remove_index_files(path)
+    shutil.rmtree(os.path.join(os.path.dirname(path), "tmp"), ignore_errors=True)
+    index = PackIndex(path)
+    await index.open()
     return index

@@ -1,0 +1,130 @@
+"""The pack index keeps a blob found in several packs when one of them goes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from p2pbackup.backup.maintenance import forget_and_prune
+from p2pbackup.backup.restore import restore
+from p2pbackup.backup.verify import blobs_by_pack, verify
+from p2pbackup.format.header import Kind
+from p2pbackup.format.pack import PackBuilder
+from p2pbackup.repo.index import INDEX_VERSION, BlobLocation, PackIndex
+from p2pbackup.repo.repository import Repository
+
+from .conftest import A
+
+Pack = tuple[str, str, int, int, list[tuple[bytes, int, int, int, int]]]
+
+
+def _pack(ids: list[bytes]) -> Pack:
+    return os.urandom(32).hex(), "src", 0, len(ids) * 100, \
+        [(bid, 1, i * 100, 90, 200) for i, bid in enumerate(ids)]
+
+
+async def _open(path: Path) -> PackIndex:
+    index = PackIndex(str(path))
+    await index.open()
+    return index
+
+
+async def test_a_blob_in_two_packs_survives_dropping_either(tmp_path: Path):
+    shared, only_old, only_new = os.urandom(32), os.urandom(32), os.urandom(32)
+    # The repacked pack arrives first, then the original it replaced: the order a new
+    # device can see during a prune's grace period.
+    new, old = _pack([only_new, shared]), _pack([shared, only_old])
+    for first, second, dropped in ((new, old, old), (new, old, new), (old, new, old)):
+        path = tmp_path / os.urandom(4).hex() / "index.sqlite"
+        index = await _open(path)
+        await index.add_packs([first])
+        await index.add_pack(*second[:4], second[4])
+        assert index.blobs[shared].pack == first[0]   # the first location stays in use
+        await index.remove_pack(dropped[0])
+        kept = second if dropped is first else first
+        assert index.blobs[shared].pack == kept[0], "the blob moved to the surviving copy"
+        assert index.blobs[shared].offset == next(o for b, _k, o, _l, _r in kept[4] if b == shared)
+        assert all(loc.pack != dropped[0] for loc in index.blobs.values())
+        await index.close()
+        # The same after reopening: the database and its side file agree.
+        again = await _open(path)
+        assert again.blobs == index.blobs
+        await again.remove_pack(kept[0])
+        assert shared not in again.blobs and not again.blobs   # no copy left: gone
+        await again.close()
+
+
+async def test_spares_in_one_batch_and_a_pack_added_twice(tmp_path: Path):
+    shared = os.urandom(32)
+    a, b, c = _pack([shared]), _pack([shared]), _pack([shared, os.urandom(32)])
+    index = await _open(tmp_path / "index.sqlite")
+    await index.add_packs([a, b, c])
+    await index.add_packs([b])          # sync_index or a re-sent pack: no second spare
+    assert index.blobs[shared].pack == a[0]
+    await index.remove_packs([a[0], c[0]])
+    assert index.blobs[shared] == BlobLocation(b[0], 0, 90, 200, 1)
+    await index.remove_pack(b[0])
+    assert not index.blobs and not index.packs
+    await index.close()
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    assert db.execute("SELECT count(*) FROM spare").fetchone() == (0,)
+    db.close()
+
+
+async def test_an_index_of_an_older_version_is_rebuilt_from_the_packs(pair, caplog):
+    a, _b, _src = pair
+    path, held = a.index.path, dict(a.index.blobs)
+    await a.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value=? WHERE key='version'", (str(INDEX_VERSION - 1),))
+    db.commit()
+    db.close()
+    with caplog.at_level("INFO"):
+        again = await Repository.open(a.store, a.keys, a.identity,
+                                      os.path.dirname(os.path.dirname(path)))
+    assert "made by another version" in caplog.text and "damaged" not in caplog.text
+    assert again.index.blobs == held
+    await again.close()
+
+
+
+async def _store_a_copy(repo: Repository, name: str) -> str:
+    """Write a second pack holding the same blobs as pack `name` (as repair or repack do)."""
+    data = await repo.store.get(f"packs/{name}")
+    scope, epoch, _ = repo.index.packs[name]
+    copy = PackBuilder(scope, epoch, repo.config.pack_size)
+    for bid, loc in blobs_by_pack(repo)[name]:
+        copy.add(loc.kind, bid, data[loc.offset:loc.offset + loc.length], loc.raw_length)
+    copy_name, copy_data, trailer = copy.finish(repo.keys.meta_key)
+    assert copy_name != name
+    await repo.store.put(f"packs/{copy_name}", copy_data)
+    await repo.index.add_pack(copy_name, scope, epoch, len(copy_data),
+                              [(b.id, b.kind, b.offset, b.length, b.raw_length)
+                               for b in trailer.blobs])
+    return copy_name
+
+
+async def test_a_pack_holding_only_copies_is_pruned_and_takes_over_when_the_original_goes(
+        pair, tmp_path: Path):
+    a, _b, src = pair
+    name = next(loc.pack for loc in a.index.blobs.values() if loc.kind == Kind.CHUNK)
+    copy = await _store_a_copy(a, name)
+    assert copy not in blobs_by_pack(a)   # every blob is read from the original
+
+    # Nothing reads from the copy: prune frees it rather than keeping it forever.
+    result = await forget_and_prune(a, A, None, prune_after=True)
+    assert result["prune"]["packs_deleted"] == 1 and result["prune"]["packs_repacked"] == 0
+    assert not await a.store.has(f"packs/{copy}") and await a.store.has(f"packs/{name}")
+    assert (await verify(a, read_data=True)).ok
+
+    # The original goes (a repair, a peer's prune): the copy takes over, nothing is lost.
+    copy = await _store_a_copy(a, name)
+    await a.index.remove_pack(name)
+    await a.store.delete(f"packs/{name}")
+    assert copy in blobs_by_pack(a)
+    assert (await verify(a, read_data=True)).ok
+    (latest,), _ = await a.list_snapshots()
+    await restore(a, latest, str(tmp_path / "out"))
+    for f in src.iterdir():
+        assert (tmp_path / "out" / "src" / f.name).read_bytes() == f.read_bytes()
