@@ -56,6 +56,9 @@ PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
 POLL = 0.05
+# smaps_rollup walks a process's page tables: sampled at every poll it cost the bench itself
+# ~0.2 of a core during the transfer, taken from the daemons it measures (2 cores in all).
+PSS_EVERY = 0.5
 
 # Targets (from the issue)
 LANE_MBPS_TARGET = 150.0      # (c) MB/s
@@ -371,6 +374,7 @@ def replicate(lab_hosts, homes: dict[str, Path], b_template: Path, a_id: str, b_
         cpu0: dict[str, float] | None = None
         t_conn = None
         t_done = None
+        pss_at = 0.0
         deadline = time.monotonic() + 3600
         while time.monotonic() < deadline:
             now = time.monotonic()
@@ -387,8 +391,10 @@ def replicate(lab_hosts, homes: dict[str, Path], b_template: Path, a_id: str, b_
             if t_conn is None and (res.connected_s is not None or res.b_connected_s is not None):
                 t_conn = now
                 cpu0 = {"a": proc_cpu(pa), "b": proc_cpu(pb)}
-            for k, pid in (("a", pa), ("b", pb)):
-                res.pss_mib[k] = max(res.pss_mib.get(k, 0.0), tree_pss_kib(pid) / 1024)
+            if now - pss_at >= PSS_EVERY:
+                pss_at = now
+                for k, pid in (("a", pa), ("b", pb)):
+                    res.pss_mib[k] = max(res.pss_mib.get(k, 0.0), tree_pss_kib(pid) / 1024)
             left = missing(b_store, left)
             if res.first_byte_s is None and len(left) < len(want):
                 res.first_byte_s = time.monotonic() - t0
@@ -638,7 +644,7 @@ def table(tr: dict | None, lanes: list[Replication], dc: Replication | None) -> 
             rows.append(f"| {label} peak memory of the {who}'s daemon"
                         f"{' (max over runs)' if len(rs) > 1 else ''}: its own peak RSS "
                         f"(VmHWM) / daemon and pack workers together, peak PSS sampled every "
-                        f"50 ms (shared pages counted once) | {hwm:.0f} / {pss:.0f} MiB "
+                        f"{PSS_EVERY:g} s (shared pages counted once) | {hwm:.0f} / {pss:.0f} MiB "
                         f"(VmHWM summed over the processes, shared pages counted in each: "
                         f"{hsum:.0f} MiB) | ≤ {RSS_TARGET_MIB} MiB | "
                         f"{met(max(hwm, pss) <= RSS_TARGET_MIB)} |")
@@ -707,8 +713,9 @@ def method_notes(args, load: tuple) -> list[str]:
         "wall time, counting the daemon's pack-checking worker processes (live ones and "
         "reaped ones); peak RSS = VmHWM (/proc/PID/status) right after the transfer; the "
         "daemon with its workers is also measured as PSS (/proc/PID/smaps_rollup), sampled "
-        "at every 50 ms poll, because a VmHWM sum counts the shared pack buffers and "
-        "libraries once per process.",
+        f"every {PSS_EVERY:g} s (reading smaps_rollup at every 50 ms poll cost the bench ~0.2 "
+        "of a core, taken from the daemons), because a VmHWM sum counts the shared pack "
+        "buffers and libraries once per process.",
         "- (a) and (b) come from `bench/bench_transport.py --json --seconds "
         f"{args.transport_seconds:g} --repeat {args.transport_repeat} --dc-sizes {MESSAGE_SIZE}` "
         "run in the same invocation before the daemons start and again after they stop; the "
