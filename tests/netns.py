@@ -7,6 +7,7 @@ parallel runs never touch each other, and `NetLab.close()` removes all of it.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import secrets
 import shutil
@@ -15,13 +16,15 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 SKIP_REASON = "network namespaces need root and iproute2 (ip)"
 
-# Raw-socket ICMP echo (the image has no ping binary); exit 0 when dst answers in time.
+# Raw-socket ICMP echo (the image has no ping binary); exit 0 when dst answers in time, after
+# printing the round trip in ms.
 _PING = r"""
 import os, socket, struct, sys, time
 dst, timeout = sys.argv[1], float(sys.argv[2])
@@ -33,9 +36,11 @@ ident = os.getpid() & 0xFFFF
 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 deadline = time.monotonic() + timeout
 seq = 0
+sent = {}
 while time.monotonic() < deadline:
     seq += 1
     hdr = struct.pack("!BBHHH", 8, 0, 0, ident, seq) + b"netlab"
+    sent[seq] = time.monotonic()
     try:
         sock.sendto(hdr[:2] + struct.pack("!H", csum(hdr)) + hdr[4:], (dst, 0))
     except OSError:
@@ -48,8 +53,9 @@ while time.monotonic() < deadline:
         except OSError:
             break
         ihl = (data[0] & 0x0F) * 4
-        kind, _code, _sum, rid, _seq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
+        kind, _code, _sum, rid, rseq = struct.unpack("!BBHHH", data[ihl:ihl + 8])
         if kind == 0 and rid == ident and addr[0] == dst:
+            print(f"{(time.monotonic() - sent[rseq]) * 1000:.2f}")
             sys.exit(0)
 sys.exit(1)
 """
@@ -111,9 +117,13 @@ class Host:
 
     def ping(self, ip: str, timeout: float = 1.0) -> bool:
         """True when `ip` answers an ICMP echo from this host within `timeout` seconds."""
+        return self.rtt_ms(ip, timeout) is not None
+
+    def rtt_ms(self, ip: str, timeout: float = 1.0) -> float | None:
+        """The round trip of an ICMP echo to `ip` in ms; None if none came back in time."""
         proc = self.run([sys.executable, "-I", "-S", "-c", _PING, ip, str(timeout)],
-                        capture_output=True, timeout=timeout + 30)
-        return proc.returncode == 0
+                        capture_output=True, text=True, timeout=timeout + 30)
+        return float(proc.stdout) if proc.returncode == 0 else None
 
 
 class NetLab:
@@ -188,14 +198,28 @@ class NetLab:
         _run(["ip", "-n", self.switch, "link", "set", host.ports[ifname],
               "up" if up else "down"])
 
-    def netem(self, host: Host, spec: str | None, *, direction: str = "both",
-              ifname: str = "eth0") -> None:
-        """Apply `tc netem` (e.g. "loss 5% delay 20ms") to the host's cable; None removes it.
-
-        direction: "out" (host's eth0 egress), "in" (switch port egress) or "both".
-        Skips the test when the kernel has no sch_netem (this CI kernel has none).
-        """
-        self._qdisc(host, ["netem", *spec.split()] if spec else None, direction, ifname)
+    def delay(self, host: Host, ms: float, *, ifname: str = "eth0") -> None:
+        """Delay every frame on the host's cable by `ms` each way (a user-space delay line in
+        the switch, tests/delayline.py: this kernel has no sch_netem). Lasts until close."""
+        port = host.ports[ifname]
+        bridge = json.loads(_run(["ip", "-n", self.switch, "-j", "link", "show", port]
+                                 ).stdout)[0]["master"]
+        self._nports += 1
+        line, to_bridge = f"{self.prefix}-v{self._nports}", f"{self.prefix}-w{self._nports}"
+        sw = ["ip", "-n", self.switch, "link"]
+        _run(sw + ["add", line, "type", "veth", "peer", "name", to_bridge])
+        _run(sw + ["set", port, "nomaster"])
+        _run(sw + ["set", to_bridge, "master", bridge, "up"])
+        _run(sw + ["set", line, "up"])
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.switch, sys.executable, "-I",
+             str(Path(__file__).with_name("delayline.py")), port, line, str(ms)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+            start_new_session=True)
+        self._procs.append(proc)
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "delayline ready":
+            raise RuntimeError(f"the delay line on {port} did not start")
 
     def loss(self, host: Host, percent: float, *, ifname: str = "eth0") -> None:
         """Drop `percent` % of the packets the host sends and receives on its cable, at random

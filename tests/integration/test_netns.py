@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 
@@ -32,6 +33,43 @@ def test_link_down_stops_traffic_and_up_restores_it(netlab: NetLab):
     netlab.link(b, up=True)
     assert a.ping(b.ip, timeout=3)
 
+
+
+_SINK = r"""
+import hashlib, socket, sys
+s = socket.socket(); s.bind(("0.0.0.0", 5001)); s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept(); h = hashlib.sha256()
+while d := c.recv(1 << 20):
+    h.update(d)
+print(h.hexdigest(), flush=True)
+"""
+_SOURCE = r"""
+import socket, sys
+c = socket.create_connection((sys.argv[1], 5001))
+c.sendall(bytes(range(256)) * (80 * 1024))   # 20 MiB: TCP sends large GSO frames
+c.close()
+"""
+
+
+def test_a_delayed_cable_delays_both_ways_and_carries_tcp_intact(netlab: NetLab):
+    lan = netlab.lan("home")
+    a = netlab.host("a", lan, "10.10.0.1/24")
+    b = netlab.host("b", lan, "10.10.0.2/24")
+    before = a.rtt_ms(b.ip)
+    assert before is not None and before < 20
+    netlab.delay(b, 25)
+    after = a.rtt_ms(b.ip, timeout=3)
+    assert after is not None and after >= 50    # 25 ms each way
+    sink = b.popen([sys.executable, "-c", _SINK], stdout=subprocess.PIPE, text=True)
+    assert sink.stdout.readline().strip() == "listening"
+    a.run([sys.executable, "-c", _SOURCE, b.ip], check=True)
+    assert sink.stdout.readline().strip() == \
+        hashlib.sha256(bytes(range(256)) * (80 * 1024)).hexdigest()
+    netlab.link(b, up=False)                    # the cable still unplugs behind the line
+    assert not a.ping(b.ip, timeout=0.5)
+    netlab.link(b, up=True)
+    assert a.ping(b.ip, timeout=3)
 
 def test_popen_runs_inside_the_namespace(netlab: NetLab):
     a = netlab.host("a", netlab.lan("home"), "10.10.0.7/24")

@@ -205,13 +205,18 @@ def test_replication_survives_the_link_dropping_mid_transfer(netlab, tmp_path: P
 
 
 @pytest.mark.parametrize("direct_lane", [True, False], ids=["direct-lane", "webrtc-only"])
-def test_replication_completes_over_a_lossy_link(netlab, tmp_path: Path, direct_lane: bool):
-    """5% of the packets either way are dropped for the whole run (iptables; this kernel has
-    no sch_netem, so no added delay): discovery, signaling and transfer still complete."""
+def test_replication_completes_over_a_lossy_slow_link(netlab, tmp_path: Path,
+                                                     direct_lane: bool):
+    """5% of the packets either way are dropped and every frame waits 20 ms each way, for the
+    whole run (iptables and a user-space delay line: this kernel has no sch_netem):
+    discovery, signaling and transfer still complete."""
     from tests.conftest import tree_state
 
     ha, hb, a, b, src, a_id = paired_with_random_files(netlab, tmp_path, 5, 2_000_000,
                                                        direct_lane)
+    netlab.delay(hb, 20)
+    rtt = ha.rtt_ms(hb.ip)
+    assert rtt is not None and rtt >= 40, f"round trip {rtt} ms: the delay line is not in place"
     netlab.loss(hb, 5)
     procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
     try:
