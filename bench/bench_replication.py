@@ -426,6 +426,14 @@ def replicate(lab_hosts, homes: dict[str, Path], b_template: Path, a_id: str, b_
         for k in ("a", "b"):
             res.cpu_s[k] = cpu1[k] - cpu0[k]
             res.cpu[k] = res.cpu_s[k] / res.transfer_s
+        # A pack stored but refused afterwards (not indexed) still lands in the store and
+        # would count as arrived, faster for the work skipped: such a run measures nothing.
+        for name in ("a", "b"):
+            bad = [ln for ln in (logs / f"daemon-{name}-{tag}.log").read_text(
+                errors="replace").splitlines() if ": WARNING: " in ln or ": ERROR: " in ln]
+            if bad:
+                raise BenchError(f"[{mode}] the {name} daemon reported {len(bad)} problems "
+                                 f"during the transfer, first: {bad[0]}")
         st_b = control(b_home, "status")
         eb = peer_entry(st_b, a_id)
         res.path_seen = (eb or {}).get("path") or res.path_seen
