@@ -149,11 +149,13 @@ class PeerManager:
             on_refused=lambda why: log.warning("%s", why))
         self.port = await self._signaling.start(self.bind_address, self.config.peers.port)
         try:
+            # Browse first: the advertisement returns only after its announcements (~0.5 s),
+            # and peers already on the LAN need not wait for those to be found.
+            self._browser = await self._stack.enter_async_context(mdns.Browser(
+                SERVICE, interfaces=self._interfaces))
             self._ad = await self._stack.enter_async_context(mdns.advertise(
                 SERVICE, self.port, {"v": "1", "port": str(self.port), "tag": self._tag()},
                 interfaces=self._interfaces))
-            self._browser = await self._stack.enter_async_context(mdns.Browser(
-                SERVICE, interfaces=self._interfaces))
         except (OSError, ValueError) as exc:
             log.warning("LAN discovery is off: %s", exc)
             return
