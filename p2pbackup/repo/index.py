@@ -128,7 +128,6 @@ class PackIndex:
         # When packs not written here arrived (unix seconds; 0 for packs this device wrote): a
         # pack from a peer may be used by a snapshot still on its way (prune leaves it alone).
         self.arrived: dict[str, int] = {}
-        self._spares = 0            # rows in the spare table: almost always none
 
     async def open(self) -> None:
         """Open (creating if needed) and load; raise IndexCorrupt when the file is unusable."""
@@ -156,7 +155,6 @@ class PackIndex:
                 self.packs[name] = (scope, epoch, size)
                 if arrived:
                     self.arrived[name] = arrived
-            self._spares = await self._count_spares()
             self._generation = await self._read_generation()
             if self._generation == 0:
                 # A new database starts at a random generation, so that a side file left by
@@ -282,7 +280,6 @@ class PackIndex:
                     "INSERT OR REPLACE INTO spare VALUES (?,?,?,?,?,?)",
                     [(bid, kind, num[n], off, length, raw)
                      for bid, kind, n, off, length, raw in spares])
-                self._spares = await self._count_spares()
             await self._next_generation()
             await self._db.commit()
         except sqlite3.Error as exc:
@@ -302,20 +299,24 @@ class PackIndex:
         holds stays in the index at its other location."""
         assert self._db is not None
         gone = set(names)
-        lost = [b for b, loc in self.blobs.items() if loc.pack in gone]
         moved: dict[bytes, tuple[int, BlobLocation]] = {}
         try:
-            gone_nums = [(n,) for n in (await self._pack_numbers(names)).values()]
-            await self._db.executemany("DELETE FROM blobs WHERE pack=?", gone_nums)
-            if self._spares:
-                await self._db.executemany("DELETE FROM spare WHERE pack=?", gone_nums)
-                for i in range(0, len(lost), 500):
-                    part = lost[i:i + 500]
+            gone_nums = list((await self._pack_numbers(names)).values())
+            # From the database, not this process's map: another process may have added some.
+            lost = [row[0] for part in _parts(gone_nums) for row in
+                    await self._db.execute_fetchall(
+                        f"SELECT id FROM blobs WHERE pack IN ({_marks(part)})", part)]
+            await self._db.executemany("DELETE FROM blobs WHERE pack=?",
+                                       [(n,) for n in gone_nums])
+            if await self._db.execute_fetchall("SELECT 1 FROM spare LIMIT 1"):
+                await self._db.executemany("DELETE FROM spare WHERE pack=?",
+                                           [(n,) for n in gone_nums])
+                for part in _parts(lost):
                     for bid, num, name, off, length, raw, kind in \
                             await self._db.execute_fetchall(
                                 "SELECT s.id, s.pack, p.name, s.offset, s.length, s.raw_length, "
                                 "s.kind FROM spare s JOIN packs p ON p.num = s.pack "
-                                f"WHERE s.id IN ({','.join('?' * len(part))})", part):
+                                f"WHERE s.id IN ({_marks(part)})", part):
                         moved.setdefault(bid, (num, BlobLocation(name, off, length, raw, kind)))
                 await self._db.executemany(
                     "INSERT INTO blobs VALUES (?,?,?,?,?,?)",
@@ -323,8 +324,7 @@ class PackIndex:
                      for bid, (num, loc) in moved.items()])
                 await self._db.executemany("DELETE FROM spare WHERE id=? AND pack=?",
                                            [(bid, num) for bid, (num, _) in moved.items()])
-                self._spares = await self._count_spares()
-            await self._db.executemany("DELETE FROM packs WHERE num=?", gone_nums)
+            await self._db.executemany("DELETE FROM packs WHERE num=?", [(n,) for n in gone_nums])
             await self._next_generation()
             await self._db.commit()
         except sqlite3.Error as exc:
@@ -332,7 +332,7 @@ class PackIndex:
         for n in names:
             self.packs.pop(n, None)
             self.arrived.pop(n, None)
-        for bid in lost:
+        for bid in [b for b, loc in self.blobs.items() if loc.pack in gone]:
             del self.blobs[bid]
         self.blobs.update((bid, loc) for bid, (_, loc) in moved.items())
 
@@ -340,14 +340,16 @@ class PackIndex:
         """packs.num of each of `names` the database holds."""
         assert self._db is not None
         out: dict[str, int] = {}
-        for i in range(0, len(names), 500):
-            part = names[i:i + 500]
+        for part in _parts(names):
             out.update(await self._db.execute_fetchall(   # type: ignore[arg-type]
-                f"SELECT name, num FROM packs WHERE name IN ({','.join('?' * len(part))})",
-                part))
+                f"SELECT name, num FROM packs WHERE name IN ({_marks(part)})", part))
         return out
 
-    async def _count_spares(self) -> int:
-        assert self._db is not None
-        rows = await self._db.execute_fetchall("SELECT count(*) FROM spare")
-        return int(list(rows)[0][0])
+
+def _parts(items: list, size: int = 500) -> list[list]:
+    """`items` in slices small enough for one SQL IN (...) list."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _marks(part: list) -> str:
+    return ",".join("?" * len(part))

@@ -128,3 +128,21 @@ async def test_a_pack_holding_only_copies_is_pruned_and_takes_over_when_the_orig
     await restore(a, latest, str(tmp_path / "out"))
     for f in src.iterdir():
         assert (tmp_path / "out" / "src" / f.name).read_bytes() == f.read_bytes()
+
+
+async def test_a_process_that_loaded_earlier_still_moves_blobs_to_their_copies(tmp_path: Path):
+    """The daemon and a command share the index: one that opened before the other added packs
+    still finds their blobs and spares in the database when it drops a pack."""
+    path = tmp_path / "index.sqlite"
+    early = await _open(path)
+    shared = os.urandom(32)
+    first, copy = _pack([shared, os.urandom(32)]), _pack([shared])
+    writer = await _open(path)
+    await writer.add_packs([first])
+    await writer.add_packs([copy])
+    await writer.close()
+    await early.remove_pack(first[0])     # it never saw either pack
+    await early.close()
+    after = await _open(path)
+    assert after.blobs == {shared: BlobLocation(copy[0], 0, 90, 200, 1)}
+    await after.close()
