@@ -4,6 +4,7 @@ a push of what is stored later (hostile objects: tests/unit/repo/test_replica.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -41,14 +42,29 @@ async def two_repositories(tmp_path: Path):
     return src, a_id, b_id, ra, rb
 
 
-async def test_initial_sync_then_push(tmp_path: Path):
-    src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
+@contextlib.asynccontextmanager
+async def running(ra, rb, a_id, b_id, **b_options):
+    """A Replicator on each repository, in session over the in-memory link; yields b's view of
+    a (PeerState). Everything is closed at the end."""
     la, lb = memory_pair()
-    pa, pb = Replicator(ra, a_id.device_id), Replicator(rb, b_id.device_id)
+    pa, pb = Replicator(ra, a_id.device_id), Replicator(rb, b_id.device_id, **b_options)
     sb = PeerState(a_id.device_id)
     tasks = [asyncio.create_task(pa.run(b_id.device_id, la, PeerState(b_id.device_id))),
              asyncio.create_task(pb.run(a_id.device_id, lb, sb))]
     try:
+        yield pa, sb
+    finally:
+        await la.close()
+        await lb.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pb.close()
+        await ra.close()
+        await rb.close()
+
+
+async def test_initial_sync_then_push(tmp_path: Path):
+    src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
+    async with running(ra, rb, a_id, b_id) as (pa, sb):
         async def b_has_snapshot() -> bool:
             return len((await rb.list_snapshots())[0]) == 1
         await until(b_has_snapshot)
@@ -61,12 +77,6 @@ async def test_initial_sync_then_push(tmp_path: Path):
             return len((await rb.list_snapshots())[0]) == 2
         await until(b_has_both)
         assert sb.last_sync is not None and sb.objects_behind == 0 and sb.bytes_behind == 0
-    finally:
-        await la.close()
-        await lb.close()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await ra.close()
-        await rb.close()
 
 
 async def test_a_pack_we_could_not_store_is_asked_for_again(tmp_path: Path, monkeypatch,
@@ -86,24 +96,13 @@ async def test_a_pack_we_could_not_store_is_asked_for_again(tmp_path: Path, monk
         return await real(repo, name, data, **kw)
 
     monkeypatch.setattr(replica, "accept", flaky)
-    la, lb = memory_pair()
-    pa, pb = Replicator(ra, a_id.device_id), Replicator(rb, b_id.device_id, retry=0.3)
-    tasks = [asyncio.create_task(pa.run(b_id.device_id, la, PeerState(b_id.device_id))),
-             asyncio.create_task(pb.run(a_id.device_id, lb, PeerState(a_id.device_id)))]
-    try:
+    async with running(ra, rb, a_id, b_id, retry=0.3):
         async def b_has_all() -> bool:
             return {n async for n in ra.store.list("")} <= {n async for n in rb.store.list("")}
         await until(b_has_all)
         assert failed and await rb.store.has(failed[0])
         assert "asking for it again in 0 s" in caplog.text
         assert len((await rb.list_snapshots())[0]) == 1
-    finally:
-        await la.close()
-        await lb.close()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await pb.close()
-        await ra.close()
-        await rb.close()
 
 
 async def test_a_hostile_peer_ends_its_session_and_plants_nothing(tmp_path: Path):
