@@ -36,7 +36,12 @@ class ScopeKeys:
 
     def blob_id(self, plaintext: bytes | memoryview) -> bytes:
         """Keyed BLAKE3 of a blob's plaintext: reveals nothing to someone without the key."""
-        return blake3.blake3(plaintext, key=self.id_key).digest()
+        return blob_id(self.id_key, plaintext)
+
+
+def blob_id(id_key: bytes, plaintext: bytes | memoryview) -> bytes:
+    """A blob's id: BLAKE3 of its plaintext keyed with its source's id key."""
+    return blake3.blake3(plaintext, key=id_key).digest()
 
 
 class MissingKey(WrongKey):

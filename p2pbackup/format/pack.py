@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import blake3
 
 from ..buffers import aligned_buffer
+from ..crypto.keys import blob_id as keyed_blob_id
 from ..errors import IntegrityError, P2PError
 from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
 from .objects import open_object, seal_object
@@ -154,6 +155,6 @@ def check_pack_blobs(data: bytes | memoryview, blobs: Iterable[tuple[int, bytes,
                                 what=label)[1]
         except P2PError as exc:
             raise IntegrityError(str(exc)) from None
-        if blake3.blake3(plain, key=id_key).digest() != blob_id:
+        if keyed_blob_id(id_key, plain) != blob_id:
             raise IntegrityError(f"{what}: blob {blob_id.hex()[:12]} has content that does not "
                                  "match its id")
