@@ -184,7 +184,9 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
                                       help="Invite a friend's device to store ciphertext only."),
          sources: str = typer.Option(None, "--sources",
                                      help="Grant only these sources (comma-separated)."),
-         quota: str = typer.Option(None, "--quota", help="A partner's quota, e.g. 50G."),
+         quota: str = typer.Option(None, "--quota",
+                                   help="A partner's quota, e.g. 50G or 500M, in binary units: "
+                                        "G = GiB = 1024³ bytes (50GB is read as 50 GiB too)."),
          expires: float = typer.Option(600, "--expires", min=5, max=86400,
                                        help="Seconds the code stays valid."),
          name: str = typer.Option(None, "--name", help="This device's name (when joining)."),

@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from p2pbackup.sizes import format_size
+
 ROOT = Path(__file__).resolve().parent.parent
 MKDATA = ROOT.parent / "shared" / "bench" / "mkdata.py"
 
@@ -180,7 +182,7 @@ def main() -> None:
         day0 = manifest(data)
         size = sum(v[3] for v in day0.values() if v[0] == "file")
         print(f"    {sum(1 for v in day0.values() if v[0] == 'file')} files, "
-              f"{size / 1e6:.1f} MB")
+              f"{format_size(size)}")
 
         step("Set up this device: keys, config and an encrypted local store")
         out = p2p(home, "init", "--source", str(data), show=False)
@@ -190,7 +192,7 @@ def main() -> None:
         step("First snapshot")
         first = json.loads(p2p(home, "snapshot", "--json", show=False))
         print(f"    snapshot {first['short_id']}: {first['sources'][0]['files']} files, "
-              f"{first['size'] / 1e6:.1f} MB")
+              f"{format_size(first['size'])}")
 
         step("A day of changes (edits, appends, a database update, adds, deletes, renames)")
         subprocess.run([sys.executable, str(MKDATA), str(data), "--mutate", "--seed", "1",
@@ -241,7 +243,7 @@ def main() -> None:
             stop(daemons[1:])
 
         store = sum(f.stat().st_size for f in (home / "store").rglob("*") if f.is_file())
-        print(f"\nDone: 2 snapshots of {size / 1e6:.1f} MB stored in {store / 1e6:.1f} MB "
+        print(f"\nDone: 2 snapshots of {format_size(size)} stored in {format_size(store)} "
               "(deduplicated, compressed, encrypted).")
     finally:
         if keep:

@@ -7,14 +7,13 @@ import contextlib
 import datetime as dt
 import sys
 from collections.abc import AsyncIterator
+from typing import Any
 
+from p2pbackup.sizes import format_rate, format_size
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+# Every size and speed this CLI prints goes through these (binary units, as restic).
+human_bytes = format_size
+rate = format_rate
 
 
 def iso_time(ns: int) -> str:
@@ -45,18 +44,15 @@ def warn(message: str) -> None:
 @contextlib.asynccontextmanager
 async def progress_bar(label: str, counters: object,
                        files_attr: str | None = "files") -> AsyncIterator[None]:
-    """Show files, bytes, MB/s and ETA on stderr while the body runs, if stderr is a TTY."""
+    """Show files, bytes, MiB/s and ETA on stderr while the body runs, if stderr is a TTY."""
     if not sys.stderr.isatty():
         yield
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+    from rich.progress import Progress
 
     console = Console(stderr=True)
-    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                    DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[files]}"), console=console, transient=True)
+    prog = Progress(*progress_columns(), console=console, transient=True)
     expected = getattr(counters, "expected_bytes", 0) or None
     task = prog.add_task(label, total=expected, files="")
 
@@ -83,6 +79,21 @@ async def progress_bar(label: str, counters: object,
             refresh()
 
 
-def rate(nbytes: int, seconds: float) -> str:
-    return f"{nbytes / max(seconds, 1e-6) / 1e6:.0f} MB/s"
+def progress_columns() -> list[Any]:
+    """The progress bar's columns: label, bar, bytes done/expected, speed, ETA, files."""
+    from rich.progress import (BarColumn, DownloadColumn, ProgressColumn, TextColumn,
+                               TimeRemainingColumn)
+    from rich.text import Text
+
+    class BinarySpeed(ProgressColumn):
+        """rich's TransferSpeedColumn prints decimal MB/s only."""
+
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("?" if speed is None else format_rate(speed, 1.0),
+                        style="progress.data.speed")
+
+    return [TextColumn("[bold]{task.description}"), BarColumn(),
+            DownloadColumn(binary_units=True), BinarySpeed(), TimeRemainingColumn(),
+            TextColumn("{task.fields[files]}")]
 

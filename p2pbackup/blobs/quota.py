@@ -9,19 +9,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from ..errors import StorageError
+from ..sizes import format_size
 from .base import BlobStore, Buffer
 
 
 class QuotaExceeded(StorageError):
     """{}"""
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n} B"
 
 
 class QuotaStore(BlobStore):
@@ -53,8 +46,9 @@ class QuotaStore(BlobStore):
         new_used = used - old + len(data)
         if self.quota is not None and new_used > self.quota and len(data) > old:
             raise QuotaExceeded(f"quota exceeded: storing {name.split('/')[0]} for {self.owner} "
-                                f"would use {_human(new_used)} of the {_human(self.quota)} "
-                                "granted; the owner can pair again with a larger --quota")
+                                f"would use {format_size(new_used)} of the "
+                                f"{format_size(self.quota)} granted; the owner can pair again "
+                                "with a larger --quota")
         await self.inner.put(name, data)
         self._used = new_used
 
