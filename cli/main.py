@@ -203,10 +203,13 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
         async with open_device(_home(), store=store) as dev:
             output.peer_path(dev.repo.store)
             overlays, replayed = None, None
+            # `latest` names what holds what is asked for; it says which snapshot that is.
+            asked = {"sources": dev.config.sources, "path": path, "note": output.note}
             if at_ns is None:
-                stored = await dev.repo.find_snapshot(snapshot_ref)
+                stored = await dev.repo.find_snapshot(snapshot_ref, **asked)
             else:
-                stored, overlays, replayed = await plan_at(dev.repo, snapshot_ref, at_ns)
+                stored, overlays, replayed = await plan_at(dev.repo, snapshot_ref, at_ns,
+                                                           **asked)
             progress = RestoreProgress()
             async with output.progress_bar("restore", progress):
                 summary = await do_restore(dev.repo, stored, str(to), sub=path,
@@ -301,36 +304,88 @@ def _maintain(args: dict, as_json: bool) -> None:
                                               grace=dev.config.peers.removal_grace)
         result = _run(go())
     if as_json:
+        for g in result.get("groups", []):
+            for snap in g["keep"] + g["forget"]:
+                snap["time"] = output.iso_time(snap["time_ns"])
         print(json.dumps(result, indent=2))
         return
     would = "would " if result["dry_run"] else ""
     if args.get("policy") is not None:
-        print(f"keep {len(result['kept'])} snapshots; {would}forget {len(result['forgotten'])}")
-        for sid in result["forgotten"]:
-            print(f"  {would}forget {sid[:8]}")
+        _print_forget(result, would)
     p = result.get("prune")
     if p:
-        print(f"prune: {would}delete {p['packs_deleted']} packs, repack {p['packs_repacked']} "
-              f"into {p['packs_written']}, drop {p['blobs_dropped']} blobs, fold "
-              f"{p['segments_folded']} log segments; {would}free "
-              f"{output.human_bytes(p['bytes_freed'])}")
-        if p.get("packs_held"):
-            print(f"kept {p['packs_held']} unused packs that arrived from peers within the "
-                  "removal grace period (a snapshot using them may still be on its way)")
+        _print_prune(p, would)
+
+
+def _print_forget(result: dict, would: str) -> None:
+    """Per group, each snapshot (oldest first) and whether it stays (and by which rules)."""
+    from p2pbackup.repo.snapshots import GroupKey
+
+    for g in result["groups"]:
+        key = GroupKey(g["device"], tuple(g["paths"]) if g["paths"] is not None else None)
+        print(f"{key.describe(g.get('hostname') or '')}: keep {len(g['keep'])}, {would}forget "
+              f"{len(g['forget'])}")
+        rows = sorted([(k["time_ns"], "keep", k["id"], ", ".join(k["reasons"])) for k in g["keep"]]
+                      + [(f["time_ns"], f"{would}forget", f["id"], "") for f in g["forget"]])
+        for time_ns, action, sid, why in rows:
+            print(f"  {action:<13}{sid[:8]}  {output.iso_time(time_ns)}  {why}".rstrip())
+    print(f"keep {len(result['kept'])} snapshots; {would}forget {len(result['forgotten'])}")
+
+
+def _print_prune(p: dict, would: str) -> None:
+    unused = (f"{p['blobs_unused_kept']} unused blobs "
+              f"({output.human_bytes(p['bytes_unused_kept'])}) stay in packs mostly in use"
+              if p.get("blobs_unused_kept") else "")
+    if not (p["packs_deleted"] or p["packs_repacked"] or p["segments_folded"]):
+        print("prune: nothing to do" + (f"; {unused}" if unused else ""))
+    else:
+        into = "" if would else f" into {p['packs_written']}"
+        print(f"prune: {would}delete {p['packs_deleted']} packs, repack {p['packs_repacked']}"
+              f"{into}, drop {p['blobs_dropped']} blobs, fold {p['segments_folded']} log "
+              f"segments; {would}free {output.human_bytes(p['bytes_freed'])}")
+        if unused:
+            print(f"  {unused}")
+    if p.get("packs_held"):
+        print(f"kept {p['packs_held']} unused packs that arrived from peers within the "
+              "removal grace period (a snapshot using them may still be on its way)")
+
+
+_PER_GROUP = "In each group of snapshots (see --group-by),"
+
+
+def _keep_newest_of(periods: str) -> str:
+    return f"{_PER_GROUP} keep the newest snapshot of each of the N latest {periods} that have one."
 
 
 @app.command()
-def forget(keep_last: int = typer.Option(0, "--keep-last", min=0),
-           keep_hourly: int = typer.Option(0, "--keep-hourly", min=0),
-           keep_daily: int = typer.Option(0, "--keep-daily", min=0),
-           keep_weekly: int = typer.Option(0, "--keep-weekly", min=0),
-           keep_monthly: int = typer.Option(0, "--keep-monthly", min=0),
+def forget(keep_last: int = typer.Option(0, "--keep-last", min=0, metavar="N",
+                                         help=f"{_PER_GROUP} keep the N newest snapshots."),
+           keep_hourly: int = typer.Option(0, "--keep-hourly", min=0, metavar="N",
+                                           help=_keep_newest_of("hours")),
+           keep_daily: int = typer.Option(0, "--keep-daily", min=0, metavar="N",
+                                          help=_keep_newest_of("days")),
+           keep_weekly: int = typer.Option(0, "--keep-weekly", min=0, metavar="N",
+                                           help=_keep_newest_of("weeks (Monday to Sunday)")),
+           keep_monthly: int = typer.Option(0, "--keep-monthly", min=0, metavar="N",
+                                            help=_keep_newest_of("months")),
+           group_by: str = typer.Option(
+               "device,paths", "--group-by", metavar="FIELDS",
+               help="What makes a group: device,paths (each device's snapshots of one set of "
+                    "source paths, so an ad-hoc `snapshot DIR` is a group of its own), device "
+                    "(all of a device's snapshots), paths (every device's of the same paths) "
+                    "or none (all snapshots as one group)."),
            prune_too: bool = typer.Option(False, "--prune", help="Prune right after."),
-           dry_run: bool = typer.Option(False, "--dry-run", help="Only say what would go."),
-           as_json: bool = typer.Option(False, "--json")) -> None:
-    """Forget the snapshots a retention policy does not keep (per device)."""
+           dry_run: bool = typer.Option(False, "--dry-run",
+                                        help="Only say, per group, what would stay and go."),
+           as_json: bool = typer.Option(False, "--json", help="Print the groups as JSON.")
+           ) -> None:
+    """Forget the snapshots a retention policy does not keep (a snapshot kept by any rule
+    stays); rules apply per group of snapshots. --prune then frees their data."""
+    from p2pbackup.repo.snapshots import parse_group_by
+
+    parse_group_by(group_by)  # a mistake is refused here, before the daemon is asked
     policy = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily,
-              "weekly": keep_weekly, "monthly": keep_monthly}
+              "weekly": keep_weekly, "monthly": keep_monthly, "group_by": group_by}
     _maintain({"policy": policy, "prune": prune_too, "dry_run": dry_run}, as_json)
 
 

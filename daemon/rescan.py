@@ -69,9 +69,10 @@ async def rescan(repo: Repository, sealer: SegmentSealer) -> int:
     import asyncio
 
     try:
-        base, overlays, _ = await plan_at(repo, "latest", time.time_ns())
+        base, overlays, _ = await plan_at(repo, "latest", time.time_ns(),
+                                          sources=sealer.sources)
     except NotFound:
-        return 0  # no snapshot yet: the first roll-up snapshot covers everything
+        return 0  # no snapshot of the sources yet: the first roll-up snapshot covers them
     if base.snapshot.device != sealer.identity.device_id:
         return 0
     count = 0

@@ -8,13 +8,14 @@ state the device really was in. The replayed changes form an overlay on the snap
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from ..errors import NotFound
 from ..format.log import DEL, PUT, Change
 from ..format.records import DIR, Tree, TreeEntry
 from ..repo.logstore import LogStore
-from ..repo.repository import Repository, StoredSnapshot
+from ..repo.repository import Repository
+from ..repo.snapshots import SourceLike, StoredSnapshot
 
 
 @dataclass(slots=True)
@@ -63,20 +64,19 @@ class Overlay:
         return Tree(tuple(entries[n] for n in sorted(entries)))
 
 
-async def plan_at(repo: Repository, ref: str, at_ns: int
+async def plan_at(repo: Repository, ref: str, at_ns: int, *,
+                  sources: Sequence[SourceLike] = (), path: str | None = None,
+                  note: Callable[[str], None] | None = None
                   ) -> tuple[StoredSnapshot, dict[str, Overlay], int]:
     """Pick the base snapshot for time `at_ns` and replay its device's log up to that time.
 
+    `latest` names what it names for restore without a time (Repository.find_snapshot: the
+    newest snapshot of this device's `sources`, or of the source `path` starts with), as if
+    only the snapshots taken by `at_ns` existed.
     Returns the snapshot, an overlay per source name, and the last log seq replayed.
     """
-    snaps, _ = await repo.list_snapshots()
-    if ref == "latest":
-        older = [s for s in snaps if s.snapshot.time_ns <= at_ns]
-        if not older:
-            raise NotFound("there is no snapshot at or before that time")
-        base = older[-1]
-    else:
-        base = await repo.find_snapshot(ref)
+    base = await repo.find_snapshot(ref, sources=sources, path=path,
+                                    before_ns=at_ns if ref == "latest" else None, note=note)
     logstore = LogStore(repo)
     device = base.snapshot.device
     overlays: dict[str, Overlay] = {r.name: Overlay() for r in base.snapshot.sources}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from dataclasses import dataclass, field
 
 from ..crypto.identity import DeviceIdentity
@@ -31,7 +31,9 @@ class PruneReport:
 
     snapshots: int = 0
     blobs_used: int = 0
-    blobs_dropped: int = 0
+    blobs_dropped: int = 0      # unused blobs in the packs deleted or repacked: they go
+    blobs_unused_kept: int = 0  # unused blobs left in packs mostly in use (see repack_below)
+    bytes_unused_kept: int = 0
     packs_deleted: int = 0
     packs_repacked: int = 0
     packs_written: int = 0
@@ -65,8 +67,13 @@ def _used_by_snapshots(repo: Repository, snaps: list[StoredSnapshot]) -> set[byt
 async def prune(repo: Repository, identity: DeviceIdentity | None, *,
                 repack_below: float = 0.5, dry_run: bool = False,
                 protect: Callable[[], set[str]] | None = None,
-                hold_new: float = 0.0) -> PruneReport:
+                hold_new: float = 0.0, forgotten: Set[str] = frozenset()) -> PruneReport:
     """Remove unused data; the caller holds the writer lock.
+
+    A pack is deleted when no blob in it is used, repacked when fewer than `repack_below` of
+    its blobs are; the unused blobs of other packs stay (counted, not dropped) until more of
+    their pack is unused. `forgotten` names snapshots to count as gone (a dry run of forget
+    and prune, which deleted none).
 
     `protect` names packs written for data not yet in any snapshot or segment (the daemon's
     open segment); it is read at the same moment as the index, so none can slip between.
@@ -78,6 +85,7 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
     """
     report = PruneReport()
     snaps, unreadable = await repo.list_snapshots()
+    snaps = [s for s in snaps if s.id not in forgotten]
     if unreadable:
         raise IntegrityError(f"prune stopped: snapshot {unreadable[0].id[:8]} cannot be read "
                              f"({unreadable[0].reason}); run `p2pbackup verify` first")
@@ -120,18 +128,24 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
                 report.packs_held += 1
             grouped.pop(name, None)
     report.blobs_used = sum(1 for b in repo.index.blobs if b in used)
-    report.blobs_dropped = len(repo.index.blobs) - report.blobs_used
     delete: list[str] = []
     repack: list[str] = []
     for name, blobs in grouped.items():
-        n_used = sum(1 for bid, _ in blobs if bid in used)
-        if n_used == 0:
+        unused = [loc for bid, loc in blobs if bid not in used]
+        if len(unused) == len(blobs):
             delete.append(name)
-        elif n_used < len(blobs) * repack_below:
+        elif len(blobs) - len(unused) < len(blobs) * repack_below:
             repack.append(name)
+        else:
+            report.blobs_unused_kept += len(unused)
+            report.bytes_unused_kept += sum(loc.length for loc in unused)
+            continue
+        report.blobs_dropped += len(unused)
     report.packs_deleted, report.packs_repacked = len(delete), len(repack)
     report.bytes_freed = sum(repo.index.packs[n][2] for n in delete)
-    if dry_run:
+    if dry_run:  # what repacking frees, but for the new packs' headers and trailers
+        report.bytes_freed += sum(loc.length for n in repack for bid, loc in grouped[n]
+                                  if bid not in used)
         return report
 
     # 1. fold this device's log up to its newest snapshot: anchor first, then delete.

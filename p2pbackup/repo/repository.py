@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -23,24 +23,13 @@ from ..format.objects import open_object, seal_object
 from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.records import DeviceRecord, PackTrailer, RepoConfig, Signed, Snapshot, Tree
 from .index import BlobLocation, IndexCorrupt, IndexOutdated, PackIndex
+from .snapshots import SourceLike, StoredSnapshot, choose_latest, source_asked
 
 log = logging.getLogger("p2pbackup.repo")
 T = TypeVar("T")
 
 PACK_SIZE = 16 * 1024 * 1024
 CONFIG_NAME = "config"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredSnapshot:
-    """A snapshot as listed: its id (the hash of its stored object) and its record."""
-
-    id: str
-    snapshot: Snapshot
-
-    @property
-    def short_id(self) -> str:
-        return self.id[:8]
 
 
 @dataclass(slots=True)
@@ -346,13 +335,30 @@ class Repository:
         good.sort(key=lambda s: (s.snapshot.time_ns, s.id))
         return good, bad
 
-    async def find_snapshot(self, ref: str) -> StoredSnapshot:
-        """A snapshot named by `latest`, a full id, or a unique id prefix."""
+    async def find_snapshot(self, ref: str, *, sources: Sequence[SourceLike] = (),
+                            path: str | None = None, before_ns: int | None = None,
+                            note: Callable[[str], None] | None = None) -> StoredSnapshot:
+        """A snapshot named by `latest`, a full id, or a unique id prefix.
+
+        `latest` is the newest snapshot that holds what is asked for (see
+        snapshots.choose_latest): this device's configured `sources`, or the source that
+        `path` (restore's --path) starts with; with `before_ns`, as if only the snapshots taken
+        at or before then existed. `note` is told which snapshot that is, and why.
+        """
         if ref == "latest":
             snaps, _ = await self.list_snapshots()
             if not snaps:
                 raise NotFound(f"there are no snapshots in {self.store.location} yet")
-            return snaps[-1]
+            source = source_asked(snaps, path)
+            if before_ns is not None:
+                snaps = [s for s in snaps if s.snapshot.time_ns <= before_ns]
+                if not snaps:
+                    raise NotFound("there is no snapshot at or before that time")
+            chosen = choose_latest(snaps, device=self.identity.device_id if self.identity
+                                   else None, sources=sources, source=source)
+            if note is not None:
+                note(f"latest: snapshot {chosen.stored.short_id}, {chosen.why}")
+            return chosen.stored
         names = [n.split("/", 1)[1] async for n in self.store.list("snapshots/")]
         matches = [n for n in names if n.startswith(ref.lower())]
         if not ref or not matches:

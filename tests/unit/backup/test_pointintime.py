@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -52,3 +53,35 @@ async def test_clock_going_backwards_keeps_log_order(repo: Repository, tmp_path:
     assert await names_at(t0 + 25 * S) == [b"b"]  # a, b, then the back-dated delete; stops at c
     assert await names_at(t0 + 30 * S) == [b"b", b"c"]
     assert await names_at(t0 + 7 * S) == []  # stops at once: a (+10) came first
+
+
+async def test_rescan_compares_with_this_devices_snapshot_not_a_peers_newer_one(
+        repo: Repository, tmp_path: Path):
+    from p2pbackup.blobs.local import LocalDirStore
+    from p2pbackup.crypto.identity import DeviceIdentity
+    from p2pbackup.daemon.capture import SealState, SegmentSealer
+    from p2pbackup.daemon.rescan import rescan
+
+    src, theirs = tmp_path / "src", tmp_path / "theirs"
+    src.mkdir()
+    theirs.mkdir()
+    (src / "a.txt").write_text("a\n")
+    sources = (Source("src", str(src)),)
+    mine = await take_snapshot(repo, sources, temp_dir=str(tmp_path / "t"))
+    # Another device of the account replicated a newer snapshot of its own into this store.
+    peer = await Repository.open(LocalDirStore(tmp_path / "store"), repo.keys,
+                                 DeviceIdentity.generate(), str(tmp_path / "cache-peer"))
+    try:
+        await peer.register_device(peer.identity, "peer")
+        await take_snapshot(peer, (Source("theirs", str(theirs)),), temp_dir=str(tmp_path / "t"))
+    finally:
+        await peer.close()
+    base, _, _ = await plan_at(repo, "latest", time.time_ns(), sources=sources)
+    assert base.id == mine.stored.id
+
+    (src / "b.txt").write_text("made while the daemon was down\n")
+    sealer = SegmentSealer(repo, repo.identity, sources, str(tmp_path / "t"), SealState(0, GENESIS))
+    try:
+        assert await rescan(repo, sealer) == 1
+    finally:
+        sealer.close()
