@@ -11,7 +11,10 @@ mailbox) only moves bytes, so every transition is tested by feeding bytes. The p
     either           error   {reason, msg}
 
 Each frame is a 4-byte big-endian length and a msgpack map with "v" (version) and "t" (type).
-A host machine serves one attempt: any failure, a wrong code above all, burns the code.
+A host machine serves one connection. Only its own key confirmation failing (Failed.wrong_code:
+the join box does not open, so a guess was made) or its expiry speaks about the code; the
+transport gives each connection a fresh machine and decides what uses the code up (see
+pairing_link). What a peer *says* (an error frame) never carries a verdict about the host's code.
 """
 
 from __future__ import annotations
@@ -39,9 +42,14 @@ from p2pbackup.errors import LocalProtocolError, PairingFailed
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 16 * 1024 * 1024
-# What accept() and JoinerPairing take: device records and keys are a few KiB at most, and a
-# bound well under MAX_FRAME keeps every frame we send within what the peer reads.
+# What accept() takes: device records and keys are a few KiB at most, and a bound well under
+# MAX_FRAME keeps every frame we send within what the peer reads.
 MAX_PAYLOAD = 1024 * 1024
+# What JoinerPairing takes: a device id, key and name (~150 bytes). Everything a host reads
+# comes before or right after the joiner proved the code, so the host's frames are bounded by
+# it: a stranger cannot make a host buffer more than this per connection.
+MAX_JOIN_PAYLOAD = 64 * 1024
+_HOST_MAX_FRAME = MAX_JOIN_PAYLOAD + 1024  # the join box's nonce, tag and msgpack map
 # The lifetime callers give a code (expires_at = now + CODE_LIFETIME).
 CODE_LIFETIME = 600.0
 EXAMPLE_CODE = "7-guitarist-revenge"
@@ -233,6 +241,7 @@ class _PairingMachine:
     """What host and joiner share: framing, the PAKE keys, boxes and failure handling."""
 
     _expected: dict[State, str]
+    _max_frame = MAX_FRAME
 
     def __init__(self, code: PairingCode, spake: SPAKE2_A | SPAKE2_B, state: State) -> None:
         self.code = code
@@ -303,10 +312,10 @@ class _PairingMachine:
         if len(self._inbuf) < 4:
             return None
         length = int.from_bytes(self._inbuf[:4], "big")
-        if length > MAX_FRAME:
+        if length > self._max_frame:
             # Fail on the header alone: never wait to buffer 4 GiB a broken peer announced.
             raise _Stop(Failed(f"pairing failed: the other device sent a {length}-byte message "
-                               f"(at most {MAX_FRAME} are allowed)"),
+                               f"(at most {self._max_frame} are allowed)"),
                         ("too-large", f"message of {length} bytes is too large"))
         if len(self._inbuf) < 4 + length:
             return None
@@ -334,7 +343,7 @@ class _PairingMachine:
         if t == "error":
             reason = _field(message, "reason", str)
             msg = message.get("msg")
-            raise _Stop(_peer_failure(reason, msg if isinstance(msg, str) else ""), None)
+            raise _Stop(self._peer_failure(reason, msg if isinstance(msg, str) else ""), None)
         expected = self._expected.get(self.state)
         if t != expected:
             shown = _one_line(t, 40)
@@ -350,6 +359,9 @@ class _PairingMachine:
 
     def _handle(self, t: str, message: dict[Any, Any]) -> list[Event]:
         raise NotImplementedError
+
+    def _peer_failure(self, reason: str, msg: str) -> Failed:
+        return _peer_failure(reason, msg)
 
     def _finish_pake(self, message: dict[Any, Any], msg_a: bytes | None = None) -> PakeDone:
         their = _field(message, "pake", bytes)
@@ -406,6 +418,7 @@ class HostPairing(_PairingMachine):
     """The device already set up (`p2pbackup pair`); one attempt per instance."""
 
     _expected = {State.WAIT_HELLO: "hello", State.WAIT_JOIN: "join", State.WAIT_DONE: "done"}
+    _max_frame = _HOST_MAX_FRAME
 
     def __init__(self, code: str | PairingCode, *, expires_at: float,
                  now: Callable[[], float] = time.monotonic) -> None:
@@ -452,6 +465,12 @@ class HostPairing(_PairingMachine):
         self._stop_locally(code, Failed(f"pairing failed: declined on this device ({shown})"),
                            shown)
 
+    def _peer_failure(self, reason: str, msg: str) -> Failed:
+        # A joiner has no verdict about this host's code to give: anyone on the LAN can send
+        # "wrong-code" or "expired", and that must not end the code for everyone.
+        return Failed(f"pairing failed: the other device stopped: "
+                      f"{_one_line(msg) or _one_line(reason, 40)}")
+
     def _check_expired(self) -> None:
         if self._now() >= self.expires_at:
             raise _Stop(Failed("pairing failed: the pairing code expired; run `p2pbackup pair` "
@@ -496,8 +515,8 @@ class JoinerPairing(_PairingMachine):
     _expected = {State.WAIT_PAKE: "pake", State.WAIT_WELCOME: "welcome"}
 
     def __init__(self, code: str | PairingCode, joiner_payload: bytes) -> None:
-        if len(joiner_payload) > MAX_PAYLOAD:
-            raise ValueError(f"the joiner payload is larger than {MAX_PAYLOAD} bytes")
+        if len(joiner_payload) > MAX_JOIN_PAYLOAD:
+            raise ValueError(f"the joiner payload is larger than {MAX_JOIN_PAYLOAD} bytes")
         code = parse_code(code)
         super().__init__(code, SPAKE2_A(code.text.encode(), idA=JOINER_ID, idB=HOST_ID),
                          State.WAIT_PAKE)

@@ -7,10 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from p2pbackup.crypto.pairing import (
-    MAX_FRAME, Completed, Failed, HostPairing, JoinerPairing, JoinRequest, PairingCode, PakeDone,
+    MAX_FRAME, MAX_JOIN_PAYLOAD, Completed, Failed, HostPairing, JoinerPairing, JoinRequest, PairingCode, PakeDone,
     State, Welcome, make_code, parse_code, rendezvous_tag)
 from p2pbackup.crypto.wordlist import EVEN_WORDS, ODD_WORDS
 from p2pbackup.errors import LocalProtocolError, PairingFailed
+from tests.pairing_frames import frame, frames
 
 CODE = "7-guitarist-revenge"
 OTHER_CODE = f"7-{ODD_WORDS[1]}-{EVEN_WORDS[2]}"
@@ -27,20 +28,6 @@ class Clock:
 def new_host(code: str = CODE, clock: Clock | None = None) -> HostPairing:
     clock = clock or Clock()
     return HostPairing(code, expires_at=clock.t + 600, now=clock)
-
-
-def frame(message: dict) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
-    return len(body).to_bytes(4, "big") + body
-
-
-def frames(data: bytes) -> list[dict]:
-    out = []
-    while data:
-        n = int.from_bytes(data[:4], "big")
-        out.append(msgpack.unpackb(data[4:4 + n]))
-        data = data[4 + n:]
-    return out
 
 
 def only_failure(events: list) -> Failed:
@@ -335,14 +322,57 @@ def test_own_hello_reflected_back_to_the_joiner():
 
 
 def test_oversized_length_header_fails_without_the_body():
-    host = new_host()
-    failure = only_failure(host.receive_data((MAX_FRAME + 1).to_bytes(4, "big")))
+    joiner = JoinerPairing(CODE, b"j")
+    joiner.data_to_send()
+    failure = only_failure(joiner.receive_data((MAX_FRAME + 1).to_bytes(4, "big")))
     assert f"{MAX_FRAME + 1}-byte message" in failure.reason
-    assert sent_error(host)["reason"] == "too-large"
+    assert sent_error(joiner)["reason"] == "too-large"
     # A frame of exactly the maximum is legal and just waits for its body.
+    joiner = JoinerPairing(CODE, b"j")
+    assert joiner.receive_data(MAX_FRAME.to_bytes(4, "big") + b"\x81") == []
+    assert joiner.state is State.WAIT_PAKE
+
+
+def test_host_reads_no_frame_larger_than_a_join():
+    # Everything a host reads is small; a stranger must not make it buffer megabytes.
     host = new_host()
-    assert host.receive_data(MAX_FRAME.to_bytes(4, "big") + b"\x81") == []
-    assert host.state is State.WAIT_HELLO
+    failure = only_failure(host.receive_data((MAX_JOIN_PAYLOAD + 1025).to_bytes(4, "big")))
+    assert "-byte message" in failure.reason and sent_error(host)["reason"] == "too-large"
+    big = JoinerPairing(CODE, b"J" * MAX_JOIN_PAYLOAD)  # the largest join still fits
+    host = new_host()
+    host.receive_data(big.data_to_send())
+    big.receive_data(host.data_to_send())
+    assert isinstance(host.receive_data(big.data_to_send())[0], JoinRequest)
+    with pytest.raises(ValueError):
+        JoinerPairing(CODE, b"J" * (MAX_JOIN_PAYLOAD + 1))
+
+
+@pytest.mark.parametrize("reason", ["wrong-code", "expired"])
+def test_a_peer_cannot_tell_the_host_its_code_is_wrong_or_expired(reason):
+    # Only the host's own key confirmation or clock may say so: the transport burns the code on
+    # these flags, and anyone on the LAN can send an error frame.
+    host = new_host()
+    failure = only_failure(host.receive_data(frame({"v": 1, "t": "error", "reason": reason})))
+    assert not failure.wrong_code and not failure.expired
+    # The joiner does take the host's word for it.
+    joiner = JoinerPairing(CODE, b"j")
+    joiner.data_to_send()
+    failure = only_failure(joiner.receive_data(frame({"v": 1, "t": "error", "reason": reason})))
+    assert failure.wrong_code or failure.expired
+
+
+def test_a_man_in_the_middle_without_the_code_shows_different_numbers():
+    # Mallory runs one session with each side, guessing the code (wrongly) in both: the two
+    # people then see different numbers, since each comes from its own SPAKE2 key.
+    host, joiner = new_host(CODE), JoinerPairing(CODE, b"j")
+    mallory_host, mallory_joiner = new_host(OTHER_CODE), JoinerPairing(OTHER_CODE, b"m")
+    mallory_host.receive_data(joiner.data_to_send())
+    joiner.receive_data(mallory_host.data_to_send())
+    host.receive_data(mallory_joiner.data_to_send())
+    mallory_joiner.receive_data(host.data_to_send())
+    assert joiner.verifier and host.verifier and joiner.verifier != host.verifier
+    # And whatever Mallory forwards, the host's key confirmation fails: a wrong code.
+    assert only_failure(host.receive_data(mallory_joiner.data_to_send())).wrong_code
 
 
 def test_newer_protocol_version():
