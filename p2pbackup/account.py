@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -150,7 +150,9 @@ async def prepare_welcome(dev: Device, invite: Invitation, payload: bytes) -> Pe
         raise PairingFailed(f"pairing failed: device {req['id'][:12]} was removed from this "
                             "account and cannot join again")
     now = time.time_ns()
-    member = Member(req["id"], req["pk"], req["name"][:100], invite.role,
+    # The joiner chose its name, and people see it in terminals: no control characters.
+    name = "".join(ch for ch in req["name"] if ch.isprintable())[:100]
+    member = Member(req["id"], req["pk"], name, invite.role,
                     invite.sources if invite.role == MEMBER else None,
                     invite.quota if invite.role == PARTNER else None, now)
     nxt = current.with_member(member, now)
@@ -440,9 +442,12 @@ def _rmtree(path: Path) -> None:
 # ---- pairing, both ends ----------------------------------------------------------------------
 
 def pairing_host(dev: Device, invite: Invitation, code: str, *, rendezvous: "Rendezvous",
-                 lifetime: float, lock: asyncio.Lock | None = None, port: int = 0,
-                 on_verifier: Callable[[str], None] | None = None) -> "PairingHost":
-    """A host for one code: the membership changes only once the joiner confirmed."""
+                 lifetime: float, confirm: Callable[[str, Member], Awaitable[bool]],
+                 lock: asyncio.Lock | None = None, port: int = 0) -> "PairingHost":
+    """A host for one code. Once a device proved the code, its request is checked and the
+    welcome built (nothing stored, nothing sent); `confirm(verifier, member)` asks this
+    device's user to compare the number; only on yes does the welcome (the keys) leave, and the
+    membership changes only once the joiner confirmed it stored everything."""
     from .pairing_link import PairingHost
 
     pending: list[PendingJoin] = []
@@ -454,14 +459,17 @@ def pairing_host(dev: Device, invite: Invitation, code: str, *, rendezvous: "Ren
         pending.append(p)
         return p.welcome
 
+    async def ask(verifier: str) -> bool:
+        return await confirm(verifier, pending[-1].member)
+
     async def on_complete() -> str:
         async with guard:
             await commit_join(dev, pending[-1])
         m = pending[-1].member
         return f"{m.name or 'a device'} ({m.device_id[:12]}) joined as {m.role}"
 
-    return PairingHost(code, on_request, on_complete, rendezvous=rendezvous, lifetime=lifetime,
-                       port=port, on_verifier=on_verifier)
+    return PairingHost(code, on_request, on_complete, confirm=ask, rendezvous=rendezvous,
+                       lifetime=lifetime, port=port)
 
 
 async def join_account(home: Path, code: str, name: str, *, rendezvous: "Rendezvous",

@@ -1,9 +1,12 @@
 """Pairing over the network: a rendezvous finds the host, TCP carries the sans-I/O machines.
 
-The host listens on an ephemeral TCP port and advertises it through a `Rendezvous` under a tag
-derived from the code's nameplate (never from its words). The first connection that sends a
-byte is the one attempt the code allows; later ones are turned away. The broker's pairing
-mailbox (internet) will be another `Rendezvous`.
+The host listens on a TCP port on every interface and advertises it through a `Rendezvous`
+under a tag derived from the code's nameplate (never from its words). Anyone on the LAN can
+connect, so a connection counts only once it runs SPAKE2: junk, silence and hang-ups are dropped
+with one log line and the host keeps waiting; a wrong guess uses the code up; a joiner that
+proved the code is the one attempt, and gets the welcome (the keys) only after the host's user
+confirmed the verification number. The broker's pairing mailbox (internet) will be another
+`Rendezvous`.
 """
 
 from __future__ import annotations
@@ -14,16 +17,28 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from .crypto.pairing import (CODE_LIFETIME, Completed, Failed, HostPairing, JoinerPairing,
-                             JoinRequest, PakeDone, PairingCode, Welcome, parse_code,
-                             rendezvous_tag)
+from .crypto.pairing import (CODE_LIFETIME, Completed, Event, Failed, HostPairing,
+                             JoinerPairing, JoinRequest, PakeDone, PairingCode, State, Welcome,
+                             parse_code, rendezvous_tag)
 from .errors import P2PError, PairingFailed
 
 log = logging.getLogger("p2pbackup.pairing")
 SERVICE = "_p2pbackup-pair._tcp.local."
 READ_TIMEOUT = 60.0  # a peer that goes quiet mid-exchange ends the attempt
+# From connecting to a join box that opens: two round trips and two SPAKE2 computations
+# (~10 ms here), no person involved. Long enough for a loaded machine on a slow LAN, short
+# enough that a connection which proves nothing does not hold a slot for long.
+HANDSHAKE_TIMEOUT = 10.0
+# Connections open at once; a new one pushes out the oldest that has proved nothing, so a
+# stranger holding idle connections does not lock the rightful joiner out.
+MAX_CONNECTIONS = 16
+# How long the host's user has to compare the verification number; the joiner waits this long
+# (and READ_TIMEOUT more) for the welcome.
+CONFIRM_TIMEOUT = 120.0
+
+T = TypeVar("T")
 
 
 class Rendezvous(Protocol):
@@ -86,31 +101,108 @@ async def _pump_write(writer: asyncio.StreamWriter, machine: HostPairing | Joine
     data = machine.data_to_send()
     if data:
         writer.write(data)
-        await writer.drain()
+        with contextlib.suppress(ConnectionError, OSError):  # the next read notices
+            await writer.drain()
+
+
+class _Dropped(Exception):
+    """This connection ends: `reason` (about "the other device") for the log or the outcome,
+    `tell` for the peer when its session has not already told it why."""
+
+    def __init__(self, reason: str, tell: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.tell = reason, tell
+
+
+def _about_peer(failed: Failed) -> str:
+    return failed.reason.removeprefix("pairing failed: ")
+
+
+class _Connection:
+    """One TCP connection to the host and the HostPairing that runs its session."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 machine: HostPairing) -> None:
+        self.reader, self.writer, self.machine = reader, writer, machine
+        peer = writer.get_extra_info("peername")
+        self.who = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.proved = False  # its join box opened: it holds the code
+        self.stopped = False  # closed by this host, which has said why already
+        self._read: asyncio.Task[bytes] | None = None
+
+    def pending_read(self) -> asyncio.Task[bytes]:
+        """The read under way (one at a time, so no byte is lost when another wait wins)."""
+        if self._read is None:
+            self._read = asyncio.ensure_future(self.reader.read(65536))
+        return self._read
+
+    async def read(self, timeout: float | None) -> bytes:
+        """The peer's next bytes; _Dropped if it hangs up or says nothing for `timeout` s."""
+        read = self.pending_read()
+        done, _ = await asyncio.wait({read}, timeout=timeout)
+        if not done:
+            raise _Dropped("the other device stopped answering", "no answer")
+        self._read = None
+        try:
+            data = read.result()
+        except (ConnectionError, OSError):
+            data = b""
+        if not data:
+            raise _Dropped("the other device hung up")
+        return data
+
+    def stop(self, tell: str) -> None:
+        """Close now; a session still open first tells the peer `tell` (an error frame).
+
+        Whatever waits on this connection then reads its end and finishes by itself."""
+        self.stopped = True
+        if not self.machine.finished:
+            self.machine.reject(tell)
+        with contextlib.suppress(Exception):
+            data = self.machine.data_to_send()
+            if data:
+                self.writer.write(data)
+            self.writer.close()
 
 
 class PairingHost:
-    """Serves one pairing code: listen, advertise, run the one attempt the code allows."""
+    """Serves one pairing code: listen, advertise, wait for the device that holds the code.
+
+    Each connection gets its own SPAKE2 session (a fresh HostPairing). One that sends junk (a
+    malformed or truncated frame, another protocol version), hangs up or proves nothing within
+    `handshake_timeout` seconds is dropped with one log line, and the host keeps waiting. The
+    code is used up only by a well-formed exchange whose key confirmation fails (a wrong guess;
+    from then on no join box is opened, so a code allows one guess whatever runs in parallel)
+    or by a joiner that proved it: that attempt is the only one. The host checks its request
+    (`on_request` returns the welcome), asks its user to compare the verification number
+    (`confirm`), and sends the welcome only on yes; the joiner giving up meanwhile ends it.
+    """
 
     def __init__(self, code: str | PairingCode,
                  on_request: Callable[[bytes, str], Awaitable[bytes]],
                  on_complete: Callable[[], Awaitable[str]], *,
+                 confirm: Callable[[str], Awaitable[bool]],
                  rendezvous: Rendezvous, lifetime: float = CODE_LIFETIME,
                  bind: str = "0.0.0.0", port: int = 0,
-                 on_verifier: Callable[[str], None] | None = None) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 confirm_timeout: float = CONFIRM_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS,
+                 now: Callable[[], float] = time.monotonic) -> None:
         self.code = parse_code(code)
-        self.machine = HostPairing(self.code, expires_at=time.monotonic() + lifetime)
-        self.on_request, self.on_complete = on_request, on_complete
-        self.on_verifier = on_verifier
+        self.on_request, self.on_complete, self.confirm = on_request, on_complete, confirm
         self.rendezvous, self.bind, self.port = rendezvous, bind, port
-        self.lifetime = lifetime
+        self.handshake_timeout, self.confirm_timeout = handshake_timeout, confirm_timeout
+        self.max_connections = max_connections
+        self._now = now
+        self.expires_at = now() + lifetime
         self.outcome: asyncio.Future[HostOutcome] | None = None
-        self._busy = False
+        self._connections: list[_Connection] = []  # oldest first
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._claimed = False  # a joiner proved the code: the one attempt is under way
 
     async def run(self, started: Callable[[int], None] | None = None) -> HostOutcome:
         """Serve until the attempt ends or the code expires; never raises for peer trouble."""
-        loop = asyncio.get_running_loop()
-        self.outcome = loop.create_future()
+        self.outcome = asyncio.get_running_loop().create_future()
         server = await asyncio.start_server(self._serve, self.bind, self.port)
         port = server.sockets[0].getsockname()[1]
         try:
@@ -118,90 +210,171 @@ class PairingHost:
                 if started:
                     started(port)
                 try:
-                    return await asyncio.wait_for(asyncio.shield(self.outcome), self.lifetime)
+                    return await asyncio.wait_for(asyncio.shield(self.outcome),
+                                                  max(0.0, self.expires_at - self._now()))
                 except asyncio.TimeoutError:
-                    events = self.machine.check_expiry()
-                    reason = events[0].reason if events else "the pairing code expired"
-                    if not self.outcome.done():
-                        self.outcome.set_result(HostOutcome(False, reason))
+                    self._expire()
                     return self.outcome.result()
         finally:
             server.close()
+            self._finish(HostOutcome(False, "pairing failed: stopped on this device"))
+            for conn in list(self._connections):
+                conn.stop("this pairing code is no longer offered")
+            if self._handlers:  # they see their connection closed and end
+                await asyncio.wait(self._handlers, timeout=5)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
 
+    @property
+    def _over(self) -> bool:
+        return self.outcome is None or self.outcome.done()
+
     def _finish(self, outcome: HostOutcome) -> None:
-        assert self.outcome is not None
-        if not self.outcome.done():
+        if self.outcome is not None and not self.outcome.done():
             self.outcome.set_result(outcome)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        who = f"{peer[0]}:{peer[1]}" if peer else "?"
-        try:
-            first = await asyncio.wait_for(reader.read(65536), READ_TIMEOUT)
-        except (asyncio.TimeoutError, ConnectionError, OSError):
-            first = b""
-        if not first:
-            writer.close()  # connected and left without a word: not an attempt
-            return
-        if self._busy or self.machine.finished:
-            writer.close()  # the code allows one attempt; it is taken
-            return
-        self._busy = True
-        try:
-            await self._attempt(reader, writer, first, who)
-        except Exception as exc:  # a bug must end this attempt, not the daemon
-            log.exception("pairing with %s failed unexpectedly", who)
-            self._finish(HostOutcome(False, f"pairing failed: {exc}", peer=who))
-        finally:
-            with contextlib.suppress(Exception):
-                writer.close()
+    def _expire(self) -> None:
+        reason = ("pairing failed: the pairing code expired; run `p2pbackup pair` again for a "
+                  "new code")
+        for conn in list(self._connections):
+            conn.machine.check_expiry()  # queues "expired" for a joiner still in its session
+            conn.stop("the pairing code expired")
+        self._finish(HostOutcome(False, reason))
 
-    async def _attempt(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       data: bytes, who: str) -> None:
-        m = self.machine
+    def _admit(self, conn: _Connection) -> bool:
+        """Make room for `conn` by dropping the oldest connection that proved nothing."""
+        if len(self._connections) >= self.max_connections:
+            oldest = next((c for c in self._connections if not c.proved), None)
+            if oldest is None:
+                return False
+            self._connections.remove(oldest)
+            log.warning("pairing: dropped the connection from %s: it proved nothing and %d "
+                        "connections are open at once", oldest.who, self.max_connections)
+            oldest.stop("too many connections to the pairing host")
+        self._connections.append(conn)
+        return True
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        machine = HostPairing(self.code, expires_at=self.expires_at, now=self._now)
+        conn = _Connection(reader, writer, machine)
+        if self._over or not self._admit(conn):
+            conn.stop("this pairing code is no longer offered")
+            return
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        tell = "pairing ended on the other device"
+        try:
+            try:
+                async with asyncio.timeout(self.handshake_timeout):
+                    request = await self._handshake(conn)
+            except TimeoutError:
+                raise _Dropped(f"the other device did not prove the code within "
+                               f"{self.handshake_timeout:g} s", "too slow; try again") from None
+            if request is not None:
+                await self._attempt(conn, request)
+        except _Dropped as dropped:
+            tell = dropped.tell or tell
+            if conn.proved:
+                self._finish(HostOutcome(False, f"pairing failed: {dropped.reason}; this code is "
+                                         "used up, run `p2pbackup pair` again",
+                                         machine.verifier, conn.who))
+            elif not conn.stopped:
+                log.warning("pairing: ignored a connection from %s: %s; still waiting for the "
+                            "device with the code", conn.who, dropped.reason)
+        except Exception as exc:  # a bug must end this attempt, not the daemon
+            log.exception("pairing with %s failed unexpectedly", conn.who)
+            if conn.proved:
+                self._finish(HostOutcome(False, f"pairing failed: {exc}", peer=conn.who))
+        finally:
+            if conn in self._connections:
+                self._connections.remove(conn)
+            conn.stop(tell)
+            self._handlers.discard(task)  # type: ignore[arg-type]
+
+    async def _handshake(self, conn: _Connection) -> JoinRequest | None:
+        """Run SPAKE2 until the join box opens (the request), or the code is used up (None)."""
+        m = conn.machine
         while True:
+            data = await conn.read(None)
+            # Before the machine sees these bytes: once a guess failed or another device proved
+            # the code, no further join box is opened.
+            if self._over:
+                raise _Dropped("the code was already used up", "the pairing code is used up")
+            if self._claimed:
+                raise _Dropped("another device was pairing",
+                               "another device is pairing with this code")
             for ev in m.receive_data(data):
-                if isinstance(ev, PakeDone):
-                    if self.on_verifier:
-                        self.on_verifier(ev.verifier)
-                elif isinstance(ev, JoinRequest):
-                    try:
-                        welcome = await self.on_request(ev.payload, ev.verifier)
-                    except P2PError as exc:
-                        m.reject(str(exc))
-                        await _pump_write(writer, m)
-                        self._finish(HostOutcome(False, str(exc), ev.verifier, who))
-                        return
-                    m.accept(welcome)
-                elif isinstance(ev, Completed):
+                if isinstance(ev, Failed):
+                    if ev.wrong_code or ev.expired:  # a guess was made, or time is up
+                        await self._end(conn, HostOutcome(False, ev.reason, None, conn.who))
+                        return None
+                    await _pump_write(conn.writer, m)  # its error frame tells the peer why
+                    raise _Dropped(_about_peer(ev))
+                if isinstance(ev, JoinRequest):
+                    # No await since the box opened, so no other session can claim it too.
+                    self._claimed = conn.proved = True
+                    return ev
+            await _pump_write(conn.writer, m)
+
+    async def _attempt(self, conn: _Connection, request: JoinRequest) -> None:
+        """The device that proved the code: check it, ask our user, then send the welcome."""
+        m = conn.machine
+        try:
+            welcome = await self._while_listening(conn, self.on_request(request.payload,
+                                                                        request.verifier))
+        except P2PError as exc:  # e.g. a removed device, or one that has an account already
+            m.reject(str(exc))
+            await self._end(conn, HostOutcome(False, str(exc), request.verifier, conn.who))
+            return
+        why = "the verification number was not confirmed"
+        try:
+            yes = await self._while_listening(conn, asyncio.wait_for(
+                self.confirm(request.verifier), self.confirm_timeout))
+        except asyncio.TimeoutError:
+            yes, why = False, (f"nobody confirmed the verification number within "
+                               f"{self.confirm_timeout:g} s")
+        try:
+            if not yes:
+                m.reject(why)
+                raise PairingFailed(m.failure.reason if m.failure else why)
+            m.accept(welcome)  # the keys leave only now
+        except PairingFailed as exc:  # declined, or the code expired while our user looked
+            await self._end(conn, HostOutcome(False, str(exc), request.verifier, conn.who))
+            return
+        await _pump_write(conn.writer, m)
+        while True:
+            for ev in m.receive_data(await conn.read(READ_TIMEOUT)):
+                if isinstance(ev, Completed):
                     try:
                         message = await self.on_complete()
                     except P2PError as exc:
-                        self._finish(HostOutcome(False, str(exc), m.verifier, who))
+                        self._finish(HostOutcome(False, str(exc), m.verifier, conn.who))
                         return
-                    self._finish(HostOutcome(True, message, m.verifier, who))
+                    self._finish(HostOutcome(True, message, m.verifier, conn.who))
                     return
-                elif isinstance(ev, Failed):
-                    await _pump_write(writer, m)
-                    self._finish(HostOutcome(False, ev.reason, m.verifier, who))
+                if isinstance(ev, Failed):
+                    await self._end(conn, HostOutcome(False, ev.reason, m.verifier, conn.who))
                     return
-            await _pump_write(writer, m)
-            try:
-                data = await asyncio.wait_for(reader.read(65536), READ_TIMEOUT)
-            except asyncio.TimeoutError:
-                data = None
-            except (ConnectionError, OSError):
-                data = b""
-            if not data:
-                m.reject("the other device stopped answering" if data is None
-                         else "the other device hung up")
-                reason = ("pairing failed: the other device stopped answering" if data is None
-                          else "pairing failed: the other device hung up before pairing "
-                               "finished; this code is used up, run `p2pbackup pair` again")
-                self._finish(HostOutcome(False, reason, m.verifier, who))
-                return
+
+    async def _end(self, conn: _Connection, outcome: HostOutcome) -> None:
+        self._finish(outcome)  # before any await: from now on no join box is opened
+        await _pump_write(conn.writer, conn.machine)  # the error frame says why
+
+    async def _while_listening(self, conn: _Connection, step: Awaitable[T]) -> T:
+        """Await `step` (our checks, our user) while noticing the joiner give up meanwhile."""
+        task = asyncio.ensure_future(step)
+        try:
+            while True:
+                read = conn.pending_read()
+                await asyncio.wait({task, read}, return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    return task.result()
+                for ev in conn.machine.receive_data(await conn.read(0)):
+                    if isinstance(ev, Failed):  # the joiner cancelled, or sent nonsense
+                        raise _Dropped(_about_peer(ev))
+        finally:
+            task.cancel()
 
 
 async def join(code: str | PairingCode, payload: bytes,
@@ -229,8 +402,10 @@ async def join(code: str | PairingCode, payload: bytes,
     try:
         await _pump_write(writer, m)
         while True:
+            # Once our join is sent, the host's user compares the numbers before answering.
+            timeout = READ_TIMEOUT if m.state is State.WAIT_PAKE else CONFIRM_TIMEOUT + READ_TIMEOUT
             try:
-                data = await asyncio.wait_for(reader.read(65536), READ_TIMEOUT)
+                data = await asyncio.wait_for(reader.read(65536), timeout)
             except asyncio.TimeoutError:
                 raise PairingFailed("pairing failed: the other device stopped answering") from None
             except (ConnectionError, OSError) as exc:
@@ -255,6 +430,13 @@ async def join(code: str | PairingCode, payload: bytes,
                     await _pump_write(writer, m)
                     raise PairingFailed(ev.reason)
             await _pump_write(writer, m)
+    except asyncio.CancelledError:
+        # Our user stopped (Ctrl-C), maybe because the numbers differ: tell the host, whose
+        # user may still be looking at the question.
+        m.cancel("interrupted by its user")
+        with contextlib.suppress(Exception):
+            writer.write(m.data_to_send())
+        raise
     finally:
         writer.close()
         with contextlib.suppress(Exception):
