@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
@@ -175,8 +176,83 @@ def _print_code(code: str, lifetime: float, qr: bool) -> None:
 
 
 def _show_verifier(verifier: str) -> None:
-    print(f"Verification: {verifier}  (the other device shows the same; if not, stop now)",
-          flush=True)
+    print(f"Verification: {verifier}  (the other device shows this number too and asks its "
+          "user to confirm it; if the numbers differ, press Ctrl-C)", flush=True)
+
+
+_QUESTION = "Does the other device show the same number?"
+
+
+def _show_request(name: str, device_id: str, role: str, verifier: str) -> None:
+    print(f"{name!r} ({device_id[:12]}) asks to join as {role}.")  # quoted: the joiner chose it
+    print(f"Verification: {verifier}", flush=True)
+
+
+async def _ask(question: str) -> bool:
+    """Ask on the terminal without stopping the event loop: the pairing goes on meanwhile, and
+    the question is withdrawn (cancelled) if the other device gives up."""
+    import asyncio
+    import os
+
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    line: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        data = os.read(fd, 1024)  # a terminal hands over whole lines
+        if not line.done():
+            line.set_result(data)
+
+    print(f"{question} [y/N] ", end="", flush=True)
+    loop.add_reader(fd, readable)
+    try:
+        answer = await line
+    except asyncio.CancelledError:
+        print(flush=True)  # the line the error message then starts on
+        raise
+    finally:
+        loop.remove_reader(fd)
+    return answer.strip().lower() in (b"y", b"yes")
+
+
+async def _answer(verifier: str, name: str, device_id: str, role: str, yes: bool) -> bool:
+    _show_request(name, device_id, role, verifier)
+    if yes:
+        print(f"{_QUESTION} Yes (--yes).", flush=True)
+        return True
+    return await _ask(_QUESTION)
+
+
+async def _follow_daemon_pairing(code: str, yes: bool, timeout: float) -> dict:
+    """Wait for the pairing the daemon hosts, answering its question here."""
+    import asyncio
+
+    from p2pbackup import control
+    from p2pbackup.config import load_config
+
+    sock = load_config(home()).control_socket
+    args = {"code": code}
+    got = await control.request(sock, "pair_wait", {**args, "questions": True}, timeout=timeout)
+    if got.get("state") != "question":
+        return got
+    answering = asyncio.ensure_future(_answer(got["verifier"], str(got.get("name", "")),
+                                              str(got.get("id", "")), str(got.get("role", "")),
+                                              yes))
+    ending = asyncio.ensure_future(control.request(sock, "pair_wait", args, timeout=timeout))
+    try:
+        await asyncio.wait({answering, ending}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # Ctrl-C at the question: that is a no, not a wait
+        answering.cancel()
+        with contextlib.suppress(control.RemoteError):
+            await control.request(sock, "pair_answer", {**args, "accept": False}, timeout=30)
+        raise
+    if not answering.done():  # the other device gave up while we asked
+        answering.cancel()
+        return await ending
+    with contextlib.suppress(control.RemoteError):  # the pairing ended meanwhile: see below
+        await control.request(sock, "pair_answer", {**args, "accept": answering.result()},
+                              timeout=30)
+    return await ending
 
 
 def pair(code: str = typer.Argument(None, help="The code shown by the other device (to join)."),
@@ -197,17 +273,21 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
          qr: bool = typer.Option(True, "--qr/--no-qr", help="Show the code as a QR code."),
          mdns: bool = typer.Option(True, "--mdns/--no-mdns",
                                    help="Announce the code on the LAN (multicast DNS)."),
+         yes: bool = typer.Option(False, "--yes", "-y",
+                                  help="Send the keys without asking whether the other device "
+                                  "shows the same verification number (for scripts)."),
          ) -> None:
     """Show a code to add a device (or join with one): SPAKE2 over the LAN."""
     from p2pbackup import account
     from p2pbackup.config import default_home
     from p2pbackup.crypto.pairing import make_code
     from p2pbackup.errors import ConfigError, PairingFailed
+    from p2pbackup.pairing_link import CONFIRM_TIMEOUT
 
     if code is not None:
-        if partner or sources or quota:
-            raise ConfigError("--partner, --sources and --quota belong on the device that "
-                              "shows the code")
+        if partner or sources or quota or yes:
+            raise ConfigError("--partner, --sources, --quota and --yes belong on the device "
+                              "that shows the code")
         joined = run_async(account.join_account(
             default_home(), code, name or socket.gethostname(), rendezvous=_rendezvous(peer),
             on_verifier=_show_verifier))
@@ -225,6 +305,9 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
         raise ConfigError("a partner gets no keys, so --sources does not apply to --partner")
     if quota and not partner:
         raise ConfigError("--quota applies to a storage partner (--partner)")
+    if not yes and not sys.stdin.isatty():
+        raise ConfigError("pair asks on the terminal whether the other device shows the same "
+                          "verification number; without a terminal, pass --yes to skip that")
     role = "partner" if partner else ("member" if sources else "owner")
     granted = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None
     invite = {"role": role, "sources": list(granted) if granted else None,
@@ -232,10 +315,8 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
     started = via_daemon("pair_start", {**invite, "port": port, "mdns": mdns}, timeout=30)
     if started is not None:
         _print_code(started["code"], expires, qr)
-        result = via_daemon("pair_wait", {"code": started["code"]}, timeout=expires + 120)
-        assert result is not None
-        if result.get("verifier"):
-            _show_verifier(result["verifier"])
+        result = run_async(_follow_daemon_pairing(started["code"], yes,
+                                                  expires + CONFIRM_TIMEOUT + 120))
         if not result["ok"]:
             raise PairingFailed(result["message"])
         print(f"Paired: {result['message']}")
@@ -243,12 +324,15 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
 
     from p2pbackup.device import open_device
 
+    async def confirm(verifier: str, member: Any) -> bool:
+        return await _answer(verifier, member.name, member.device_id, member.role, yes)
+
     async def host() -> Any:
         async with open_device(default_home(), write=True) as dev:
             inv = account.invitation(dev, role, granted, invite["quota"])
             new_code = make_code()
             h = account.pairing_host(dev, inv, new_code, rendezvous=_rendezvous(None, mdns),
-                                     lifetime=expires, port=port, on_verifier=_show_verifier)
+                                     lifetime=expires, port=port, confirm=confirm)
             return await h.run(started=lambda _p: _print_code(new_code, expires, qr))
 
     outcome = run_async(host())

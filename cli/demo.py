@@ -90,7 +90,7 @@ def pair_device(home: Path, new_home: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = ["pair", "--no-mdns", "--no-qr", "--port", str(port)]
+    args = ["pair", "--no-mdns", "--no-qr", "--yes", "--port", str(port)]
     print(f"$ p2pbackup {' '.join(args)}    (in the background)")
     host = subprocess.Popen([sys.executable, "-m", "p2pbackup.cli.main", *args],
                             env=dict(os.environ, P2PBACKUP_HOME=str(home)),

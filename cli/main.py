@@ -479,6 +479,8 @@ def run() -> None:
         _state["debug"] = True
     try:
         code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C in a command into Exit(130), returned here
+            raise KeyboardInterrupt
     except P2PError as exc:
         if _state["debug"]:
             traceback.print_exc()

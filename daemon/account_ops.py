@@ -1,20 +1,23 @@
 """Control commands that change the account: pairing hosted by the daemon, device removal.
 
 The daemon holds the writer lock, so `p2pbackup pair` and `devices remove` come here when it
-runs. A pairing attempt is one task; whatever the peer sends, it ends with one log line and
-the daemon goes on.
+runs. A pairing is one task; whatever a peer sends, it ends with one log line and the daemon
+goes on. The question whether both devices show the same verification number goes to the
+`pair` command over the control socket (pair_wait returns it, pair_answer answers it); the
+keys leave only on its yes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from p2pbackup import account
 from p2pbackup.crypto.pairing import make_code
 from p2pbackup.errors import ConfigError, LocalProtocolError, PairingFailed
+from p2pbackup.format.membership import Member
 from p2pbackup.pairing_link import HostOutcome, MdnsRendezvous, StaticRendezvous
 
 if TYPE_CHECKING:
@@ -23,20 +26,45 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pbackupd")
 
 
+@dataclass(slots=True)
+class _HostedPairing:
+    """A pairing the daemon hosts for `p2pbackup pair`, which answers its question."""
+
+    task: asyncio.Task[HostOutcome] | None = None
+    question: dict[str, Any] | None = None  # for pair_wait, while `answer` is open
+    answer: asyncio.Future[bool] | None = None
+    asked: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def confirm(self, verifier: str, member: Member) -> bool:
+        """Ask the CLI's user (pair_wait shows it, pair_answer answers); the link times out."""
+        self.answer = asyncio.get_running_loop().create_future()
+        self.question = {"state": "question", "verifier": verifier, "name": member.name,
+                         "id": member.device_id, "role": member.role}
+        log.info("pairing: %s (%s) proved the code and asks to join as %s; verification %s, "
+                 "waiting for the answer", member.name, member.device_id[:12], member.role,
+                 verifier)
+        self.asked.set()
+        try:
+            return await self.answer
+        finally:
+            self.question = self.answer = None
+            self.asked.clear()
+
+
 class AccountOps:
     """Pairing and removal for a running daemon."""
 
     def __init__(self, d: "DeviceDaemon") -> None:
         self.d = d
-        self.pairings: dict[str, asyncio.Task[HostOutcome]] = {}
+        self.pairings: dict[str, _HostedPairing] = {}
 
     def handlers(self) -> dict[str, Any]:
         return {"pair_start": self.pair_start, "pair_wait": self.pair_wait,
-                "devices_remove": self.devices_remove}
+                "pair_answer": self.pair_answer, "devices_remove": self.devices_remove}
 
     async def pair_start(self, args: dict[str, Any]) -> dict[str, Any]:
         """Start hosting a new code; returns it at once (pair_wait reports the end)."""
-        if any(not t.done() for t in self.pairings.values()):
+        if any(h.task is not None and not h.task.done() for h in self.pairings.values()):
             raise PairingFailed("a pairing is already waiting on this device; finish or let it "
                                 "expire first")
         role = str(args.get("role", "owner"))
@@ -52,19 +80,19 @@ class AccountOps:
         invite = account.invitation(self.d.dev, role, sources, quota)
         code = make_code()
         rendezvous = MdnsRendezvous() if args.get("mdns", True) else StaticRendezvous("", 0)
+        hosted = _HostedPairing()
         host = account.pairing_host(self.d.dev, invite, code, rendezvous=rendezvous,
                                     lifetime=lifetime, lock=self.d.writing, port=port,
-                                    on_verifier=lambda v: log.info("pairing verification: %s",
-                                                                   v))
+                                    confirm=hosted.confirm)
         started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         def on_started(p: int) -> None:
             if not started.done():
                 started.set_result(p)
 
-        task = asyncio.create_task(host.run(started=on_started))
+        task = hosted.task = asyncio.create_task(host.run(started=on_started))
         task.add_done_callback(lambda t: self._ended(code, t))
-        self.pairings = {code: task}
+        self.pairings = {code: hosted}
         done, _ = await asyncio.wait({task, started}, timeout=20,
                                      return_when=asyncio.FIRST_COMPLETED)
         if started not in done:
@@ -90,16 +118,42 @@ class AccountOps:
         else:
             log.warning("%s", out.message)
 
-    async def pair_wait(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Wait for the pairing of `code` to end and say how."""
-        task = self.pairings.get(str(args.get("code")))
-        if task is None:
+    def _hosted(self, args: dict[str, Any]) -> _HostedPairing:
+        hosted = self.pairings.get(str(args.get("code")))
+        if hosted is None or hosted.task is None:
             raise PairingFailed("no pairing with that code is running on this device")
+        return hosted
+
+    async def pair_wait(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Wait for the pairing of `code` to end and say how; with `questions`, return early
+        with the question when a device proved the code (answer it with pair_answer)."""
+        hosted = self._hosted(args)
+        assert hosted.task is not None
+        waits: set[asyncio.Future[Any]] = {hosted.task}
+        asked = asyncio.ensure_future(hosted.asked.wait())
+        if args.get("questions"):
+            waits.add(asked)
         try:
-            out = await asyncio.shield(task)
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            asked.cancel()
+        if not hosted.task.done() and hosted.question is not None:
+            return hosted.question
+        try:
+            out = hosted.task.result()
         except Exception as exc:  # the task logged it already
-            return {"ok": False, "message": f"pairing failed: {exc}", "verifier": None}
-        return asdict(out)
+            return {"state": "ended", "ok": False, "message": f"pairing failed: {exc}",
+                    "verifier": None}
+        return {"state": "ended", **asdict(out)}
+
+    async def pair_answer(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The user's answer to the question: does the other device show the same number?"""
+        hosted = self._hosted(args)
+        if hosted.answer is None or hosted.answer.done():
+            raise PairingFailed("no question is waiting for an answer on this device (the "
+                                "pairing has ended)")
+        hosted.answer.set_result(args.get("accept") is True)
+        return {}
 
     async def devices_remove(self, args: dict[str, Any]) -> dict[str, Any]:
         """Seal what is pending under the old keys, then re-key without the device."""

@@ -7,7 +7,10 @@ exchange over real multicast DNS between network namespaces is in test_pairing_l
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -26,33 +29,63 @@ def free_port() -> int:
 
 
 class Host:
-    """`p2pbackup pair` running in the background; reads the code it prints."""
+    """`p2pbackup pair` running in the background; reads the code it prints.
 
-    def __init__(self, cli: Cli, *args: str) -> None:
+    With `tty=True` its stdin is a terminal (a pty) on which `answer()` types the reply to the
+    verification question; otherwise it runs with `--yes`, as a script would.
+    """
+
+    def __init__(self, cli: Cli, *args: str, tty: bool = False) -> None:
         self.port = free_port()
-        self.proc = cli.popen("pair", "--no-mdns", "--no-qr", "--port", str(self.port), *args)
+        argv = cli.argv("pair", "--no-mdns", "--no-qr", "--port", str(self.port), *args)
+        self.terminal = None
+        if tty:
+            self.terminal, stdin = pty.openpty()
+        else:
+            argv.append("--yes")
+            stdin = subprocess.DEVNULL
+        self.proc = subprocess.Popen(argv, env=cli.env(), stdin=stdin, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        if tty:
+            os.close(stdin)
         self.code = ""
         self.lines: list[str] = []
+        self.read_until("Waiting")
+        assert self.code, f"no code printed: {self.lines} {self.proc.stderr.read() if self.proc.stderr else ''}"
+
+    def read_until(self, prefix: str) -> str:
+        """Read stdout lines until one starts with `prefix`; return it ("" at the end)."""
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
+        while True:
+            line = self.proc.stdout.readline()  # the test's own timeout bounds this
             if not line:
-                break
+                return ""
             self.lines.append(line)
             m = re.match(r"Pairing code: (\S+)", line)
             if m:
                 self.code = m.group(1)
-            if line.startswith("Waiting"):
-                break
-        assert self.code, f"no code printed: {self.lines} {self.proc.stderr.read() if self.proc.stderr else ''}"
+            if line.startswith(prefix):
+                return line
+
+    def answer(self, reply: str) -> str:
+        """Wait for the verification number, type `reply` at the question; return the number."""
+        line = self.read_until("Verification:")
+        assert line, f"no verification number shown: {self.lines}"
+        assert self.terminal is not None
+        os.write(self.terminal, reply.encode() + b"\n")
+        return re.search(r"\d{3} \d{3}", line).group(0)
 
     @property
     def peer(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def finish(self, timeout: float = 60) -> tuple[int, str, str]:
-        out, err = self.proc.communicate(timeout=timeout)
+        # Not communicate(): it reads the pipe itself and would miss what readline() buffered.
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        out, err = self.proc.stdout.read(), self.proc.stderr.read()
+        self.proc.wait(timeout=timeout)
+        if self.terminal is not None:
+            os.close(self.terminal)
         return self.proc.returncode, "".join(self.lines) + out, err
 
 
@@ -82,13 +115,15 @@ def owner(tmp_path: Path) -> tuple[Cli, Path]:
 def test_pair_gives_the_new_device_the_account(owner, tmp_path: Path):
     a, src = owner
     b = Cli(tmp_path / "home-b")
-    host = Host(a)
-    joined = b("pair", host.code, "--peer", host.peer, "--name", "laptop")
+    host = Host(a, tty=True)
+    joining = b.popen("pair", host.code, "--peer", host.peer, "--name", "laptop")
+    shown_a = host.answer("y")  # the person at the host compares the numbers and says yes
+    joined_out, joined_err = joining.communicate(timeout=60)
+    assert joining.returncode == 0, joined_err
     code, out, err = host.finish()
     assert code == 0, err
-    assert "joined as owner" in out
-    shown_a = re.search(r"Verification: (\d{3} \d{3})", out).group(1)
-    shown_b = re.search(r"Verification: (\d{3} \d{3})", joined.stdout).group(1)
+    assert "'laptop'" in out and "asks to join as owner" in out and "joined as owner" in out
+    shown_b = re.search(r"Verification: (\d{3} \d{3})", joined_out).group(1)
     assert shown_a == shown_b  # both people see the same short string
     listed = devices(a)
     assert listed["version"] == 2
@@ -113,6 +148,48 @@ def test_wrong_code_fails_closed_and_burns_the_code(owner, tmp_path: Path):
     assert devices(a)["version"] == 1                  # nor in the membership
     again = b("pair", host.code, "--peer", host.peer, check=False)  # the right code, too late
     assert again.returncode == 24 and not (b.home / "config.toml").exists()
+
+
+def test_host_declines_the_number_and_the_joiner_gets_no_key(owner, tmp_path: Path):
+    a, _ = owner
+    b = Cli(tmp_path / "home-b")
+    host = Host(a, tty=True)
+    joining = b.popen("pair", host.code, "--peer", host.peer, "--name", "laptop")
+    shown_a = host.answer("n")
+    out, err = joining.communicate(timeout=60)
+    assert f"Verification: {shown_a}" in out  # the joiner showed the same number
+    assert joining.returncode == 24
+    assert err.strip().splitlines() == ["p2pbackup: error: pairing failed: the other device "
+                                        "declined: the verification number was not confirmed"]
+    code, _, host_err = host.finish()
+    assert code == 24 and "not confirmed" in host_err
+    assert not (b.home / "config.toml").exists() and not (b.home / "keys").exists()
+    assert devices(a)["version"] == 1
+
+
+def test_joiner_interrupted_while_the_host_asks(owner, tmp_path: Path):
+    a, _ = owner
+    b = Cli(tmp_path / "home-b")
+    host = Host(a, tty=True)
+    joining = b.popen("pair", host.code, "--peer", host.peer, "--name", "laptop")
+    assert joining.stdout is not None
+    assert joining.stdout.readline().startswith("Verification:")
+    assert host.read_until("Verification:")  # the question is open on the host
+    joining.send_signal(signal.SIGINT)  # the joiner's user presses Ctrl-C
+    _, err = joining.communicate(timeout=60)
+    assert joining.returncode == 130 and len(err.strip().splitlines()) == 1, err
+    code, _, host_err = host.finish()  # the host stops asking by itself
+    assert code == 24 and "stopped" in host_err, host_err
+    assert not (b.home / "config.toml").exists()
+    assert devices(a)["version"] == 1
+
+
+def test_pair_without_a_terminal_needs_yes(owner):
+    a, _ = owner
+    refused = a("pair", "--no-mdns", "--no-qr", "--expires", "5", check=False)
+    assert refused.returncode == 10, refused
+    assert "--yes" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert "Pairing code" not in refused.stdout
 
 
 def test_a_code_expires(owner, tmp_path: Path):
@@ -142,29 +219,48 @@ def test_a_racing_guess_fails_and_a_new_code_works(owner, tmp_path: Path):
     assert not (intruder.home / "config.toml").exists()
 
 
-def test_malformed_pairing_message_ends_the_attempt_and_the_daemon_keeps_running(
+def test_junk_does_not_end_pairing_through_the_daemon_and_its_question_reaches_the_cli(
         owner, tmp_path: Path):
     a, _ = owner
     daemon = Daemon(a, tmp_path)
     try:
         daemon.wait_for("READY=1")
-        host = Host(a)  # goes through the daemon, which holds the writer lock
+        host = Host(a, tty=True)  # goes through the daemon, which holds the writer lock
         with socket.create_connection(("127.0.0.1", host.port)) as s:
             s.sendall(b"\x00\x00\x00\x07garbage")
             s.settimeout(10)
             reply = s.recv(4096)
-        assert b"malformed" in reply  # the peer is told why, in an error frame
-        code, _, err = host.finish()
-        assert code == 24 and "malformed" in err and len(err.strip().splitlines()) == 1
-        assert daemon.proc.poll() is None
+        assert b"malformed" in reply  # the stranger is told why, in an error frame
+        assert daemon.proc.poll() is None and host.proc.poll() is None  # still waiting
         assert a("status").returncode == 0
-        assert devices(a)["version"] == 1
-        # And the daemon can host a proper pairing right after.
+        # The device with the code pairs; the daemon's question is answered at the CLI.
         b = Cli(tmp_path / "home-b")
-        host2 = Host(a)
-        b("pair", host2.code, "--peer", host2.peer, "--name", "laptop")
-        assert host2.finish()[0] == 0
+        joining = b.popen("pair", host.code, "--peer", host.peer, "--name", "laptop")
+        shown = host.answer("y")
+        joined_out, joined_err = joining.communicate(timeout=60)
+        assert joining.returncode == 0, joined_err
+        assert f"Verification: {shown}" in joined_out
+        code, out, err = host.finish()
+        assert code == 0 and "joined as owner" in out, err
         assert devices(a)["version"] == 2
+        # And a declined one through the daemon sends no key.
+        c = Cli(tmp_path / "home-c")
+        host2 = Host(a, tty=True)
+        refused = c.popen("pair", host2.code, "--peer", host2.peer, "--name", "tablet")
+        host2.answer("n")
+        _, refused_err = refused.communicate(timeout=60)
+        assert refused.returncode == 24 and "declined" in refused_err
+        assert host2.finish()[0] == 24
+        assert not (c.home / "keys").exists() and devices(a)["version"] == 2
+        # Ctrl-C at the question is a no at once (not after the daemon's 2-minute wait).
+        host3 = Host(a, tty=True)
+        waiting = c.popen("pair", host3.code, "--peer", host3.peer, "--name", "tablet")
+        assert host3.read_until("Verification:")
+        host3.proc.send_signal(signal.SIGINT)
+        _, waiting_err = waiting.communicate(timeout=60)
+        assert waiting.returncode == 24 and "declined" in waiting_err, waiting_err
+        assert host3.finish()[0] == 130
+        assert not (c.home / "keys").exists() and devices(a)["version"] == 2
     finally:
         assert daemon.stop() == 0
     log = (tmp_path / "daemon.log").read_text()
@@ -207,7 +303,7 @@ def test_scoped_member_reads_only_its_sources(tmp_path: Path):
     denied = b("restore", "latest", "--from", store, "--path", "photos",
                "--to", str(tmp_path / "o2"), check=False)
     assert denied.returncode == 15 and "no key for source 'photos'" in denied.stderr
-    bad = a("pair", "--sources", "music", "--no-mdns", check=False)
+    bad = a("pair", "--sources", "music", "--no-mdns", "--yes", check=False)
     assert bad.returncode == 10 and "no source named 'music'" in bad.stderr
 
 

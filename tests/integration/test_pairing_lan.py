@@ -30,7 +30,7 @@ def test_pairing_finds_the_other_device_by_mdns_and_not_across_lans(netlab, tmp_
     owner("init", "--source", str(src))
     owner("snapshot")
 
-    host = a.popen(_argv("pair", "--no-qr"), env={"P2PBACKUP_HOME": str(owner.home)},
+    host = a.popen(_argv("pair", "--no-qr", "--yes"), env={"P2PBACKUP_HOME": str(owner.home)},
                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     code = ""
     deadline = time.monotonic() + 30
