@@ -17,6 +17,7 @@ import tomli_w
 from .crypto.identity import DeviceIdentity
 from .crypto.keys import ACCOUNT_KEY_SIZE, AccountKeys
 from .errors import ConfigError
+from .format.records import is_plain_name
 
 CONFIG_VERSION = 1
 
@@ -219,6 +220,14 @@ def load_config(home: Path | None = None) -> Config:
         if not isinstance(s, dict) or not isinstance(s.get("path"), str) \
                 or not isinstance(s.get("name"), str):
             raise ConfigError(f"{path}: key 'sources[{i}]' needs a string 'name' and 'path'")
+        # Restore writes a source to <target>/<name>, and snapshots carry the name as it is.
+        if not is_plain_name(os.fsencode(s["name"])):
+            raise ConfigError(f"{path}: key 'sources[{i}]' name {s['name']!r} must be one plain "
+                              "folder name (not empty, '.' or '..'; no '/')")
+        same = next((j for j, o in enumerate(sources) if o.name == s["name"]), None)
+        if same is not None:
+            raise ConfigError(f"{path}: key 'sources[{i}]' name {s['name']!r} is already the "
+                              f"name of sources[{same}]; source names must differ")
         sources.append(Source(s["name"], s["path"]))
     return Config(home, name, (home / store).absolute(), tuple(sources),
                   _daemon_settings(doc.get("daemon", {}), path),

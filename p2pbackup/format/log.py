@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import blake3
 
 from ..errors import IntegrityError
-from .records import ENTRY_TYPES, RECORD_VERSION, TreeEntry, _need, _pack, _unpack
+from .records import (ENTRY_TYPES, RECORD_VERSION, TreeEntry, _need, _pack, _unpack,
+                      check_names, is_plain_name)
 
 PUT, DEL = "put", "del"
 GENESIS = bytes(32)  # the `prev` of a device's first segment
@@ -59,7 +60,8 @@ class ChangeList:
                 skipped += 1  # an operation from a newer version: skip it
                 continue
             path = _need(m, "p", bytes, what)
-            if not path or path.startswith(b"/") or b".." in path.split(b"/"):
+            # Replay joins the path below the restore target: every component must be plain.
+            if not all(map(is_plain_name, path.split(b"/"))):
                 raise IntegrityError(f"{what} is malformed: bad path {path!r}")
             entry = None
             if m["op"] == PUT:
@@ -68,6 +70,7 @@ class ChangeList:
                     skipped += 1
                     continue
                 entry = TreeEntry.from_map(e, what)
+                check_names([entry.name], what)
             out.append(Change(m["op"], path, m.get("t", 0), entry))
         return cls(tuple(out), skipped)
 

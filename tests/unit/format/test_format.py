@@ -63,7 +63,8 @@ def test_garbage_raises_integrity_error_only(data):
         open_object(data, KEY)
 
 
-names = st.binary(min_size=1, max_size=40).filter(lambda b: b"/" not in b)
+names = st.binary(min_size=1, max_size=40).filter(
+    lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
 entries = st.one_of(
     st.builds(TreeEntry, st.just(FILE), names, st.integers(0, 0o177777), st.integers(0, 2**32),
               st.integers(0, 2**32), st.integers(0, 2**63), st.integers(0, 2**63),
@@ -78,7 +79,7 @@ entries = st.one_of(
 )
 
 
-@given(st.lists(entries, max_size=10))
+@given(st.lists(entries, max_size=10, unique_by=lambda e: e.name))
 def test_tree_round_trip_is_exact_and_deterministic(es):
     tree = Tree(tuple(es))
     data = tree.encode()
@@ -102,6 +103,52 @@ def test_snapshot_round_trip():
     snap = Snapshot(123, "d" * 32, "host", (SourceRoot("docs", "/d", b"t" * 32, 0, 3, 1, 99),),
                     log_seq=4, parent="p", warnings=1)
     assert Snapshot.decode(snap.encode()) == snap
+    assert snap.sources[0].dir_entry() is None  # no metadata of the source folder itself
+
+
+def test_source_root_carries_the_source_folders_own_metadata():
+    root = SourceRoot("docs", "/d", b"t" * 32, 0, 3, 1, 99, mode=0o40751, uid=12, gid=34,
+                      mtime_ns=1_600_000_000_000_000_007)
+    snap = Snapshot(123, "d" * 32, "host", (root,))
+    assert Snapshot.decode(snap.encode()) == snap
+    assert root.dir_entry() == TreeEntry(DIR, b"docs", 0o40751, 12, 34,
+                                         1_600_000_000_000_000_007, subtree=b"t" * 32)
+
+
+# Not one plain path component: each would let a tree write outside its directory.
+HOSTILE_NAMES = [b"", b".", b"..", b"../../escape", b"/abs", b"a/b", b"x\0y", b"..\0"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+@pytest.mark.parametrize("kind", [FILE, DIR, SYMLINK])
+def test_tree_entries_whose_name_is_not_one_plain_component_are_refused(name, kind):
+    entry = TreeEntry(kind, name, 0o644, 0, 0, 1, subtree=b"s" * 32 if kind == DIR else None,
+                      target=b"x" if kind == SYMLINK else None)
+    data = Tree((TreeEntry(FILE, b"fine", 0o644, 0, 0, 1), entry)).encode()
+    with pytest.raises(IntegrityError, match="not a plain name"):
+        Tree.decode(data)
+
+
+def test_a_tree_with_two_entries_of_one_name_is_refused():
+    data = Tree((TreeEntry(DIR, b"x", 0o40755, 0, 0, 1, subtree=b"s" * 32),
+                 TreeEntry(SYMLINK, b"x", 0o120777, 0, 0, 1, target=b"/elsewhere"))).encode()
+    with pytest.raises(IntegrityError, match="twice"):
+        Tree.decode(data)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../up", "/abs", "a/b", "x\0y"])
+def test_source_roots_whose_name_is_not_one_plain_component_are_refused(name):
+    snap = Snapshot(1, "d" * 32, "h", (SourceRoot("ok", "/ok", b"t" * 32),
+                                       SourceRoot(name, "/x", b"t" * 32)))
+    with pytest.raises(IntegrityError, match="not a plain name"):
+        Snapshot.decode(snap.encode())
+
+
+def test_a_snapshot_with_two_sources_of_one_name_is_refused():
+    snap = Snapshot(1, "d" * 32, "h", (SourceRoot("docs", "/a", b"t" * 32),
+                                       SourceRoot("docs", "/b", b"u" * 32)))
+    with pytest.raises(IntegrityError, match="twice"):
+        Snapshot.decode(snap.encode())
 
 
 def test_pack_round_trip_and_truncation():

@@ -49,6 +49,8 @@ def test_v1_snapshot_and_signature():
     snap = Snapshot.decode(signed.body)
     assert snap.device == DEVICE.device_id and snap.log_seq == 7
     assert snap.sources[0].path == "/home/user/docs"
+    # Written before sources carried their folder's own metadata: restore keeps its old way.
+    assert snap.sources[0].mode is None and snap.sources[0].dir_entry() is None
 
 
 def test_v1_repo_config():

@@ -27,10 +27,19 @@ def test_unknown_operations_are_skipped():
     assert [c.path for c in cl.changes] == [b"x"] and cl.skipped == 2
 
 
-@pytest.mark.parametrize("path", [b"", b"/abs", b"a/../b", b".."])
+@pytest.mark.parametrize("path", [b"", b"/abs", b"a/../b", b"..", b"../../escape", b".",
+                                  b"a/./b", b"a//b", b"a/", b"x\0y", b"a/x\0y/b"])
 def test_paths_cannot_escape_the_source(path):
     data = msgpack.packb({"v": 1, "c": [{"op": "del", "p": path, "t": 1}]}, use_bin_type=True)
     with pytest.raises(IntegrityError):
+        ChangeList.decode(data)
+
+
+def test_entry_names_inside_changes_are_checked_too():
+    bad = {"t": "f", "n": b"../x", "m": 0o644, "mt": 1, "s": 0, "c": []}
+    data = msgpack.packb({"v": 1, "c": [{"op": "put", "p": b"x", "t": 1, "e": bad}]},
+                         use_bin_type=True)
+    with pytest.raises(IntegrityError, match="not a plain name"):
         ChangeList.decode(data)
 
 

@@ -1,0 +1,37 @@
+"""config.toml: source names must be usable as one folder name under `restore --to`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomli_w
+
+from p2pbackup.config import load_config
+from p2pbackup.errors import ConfigError
+
+
+def _home(tmp_path: Path, sources: list[dict]) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(tomli_w.dumps({"version": 1, "sources": sources}))
+    return home
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs", "", ".", "..", "a/b", "x\0y"])
+def test_source_names_that_are_not_one_plain_folder_name_are_refused(tmp_path: Path, name: str):
+    home = _home(tmp_path, [{"name": "docs", "path": "/d"}, {"name": name, "path": "/x"}])
+    with pytest.raises(ConfigError, match=r"sources\[1\].*one plain folder name"):
+        load_config(home)
+
+
+def test_two_sources_of_one_name_are_refused(tmp_path: Path):
+    home = _home(tmp_path, [{"name": "docs", "path": "/a"}, {"name": "docs", "path": "/b"}])
+    with pytest.raises(ConfigError, match=r"sources\[1\].*'docs'.*sources\[0\]"):
+        load_config(home)
+
+
+def test_plain_names_are_kept(tmp_path: Path):
+    home = _home(tmp_path, [{"name": "docs", "path": "/a"}, {"name": "..hidden", "path": "/b"},
+                            {"name": "naïve – x", "path": "/c"}])
+    assert [s.name for s in load_config(home).sources] == ["docs", "..hidden", "naïve – x"]
