@@ -181,6 +181,9 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
             store: Optional[str] = typer.Option(None, "--from", help="Restore from this store."),
             at: Optional[str] = typer.Option(None, "--at", help="The moment to restore: ISO 8601, "
                                              "'2 hours ago', 'yesterday 14:00'."),
+            keep_damaged: bool = typer.Option(False, "--keep-damaged",
+                                              help="Restore files whose data is partly damaged, "
+                                              "with the damaged byte ranges zeroed (named)."),
             ) -> None:
     """Restore a snapshot (or the device as it was --at a moment) into DIR/<source name>/..."""
     import datetime as dt
@@ -214,7 +217,8 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
             async with output.progress_bar("restore", progress):
                 summary = await do_restore(dev.repo, stored, str(to), sub=path,
                                            overwrite=overwrite, progress=progress,
-                                           warn=output.warn, overlays=overlays)
+                                           warn=output.warn, overlays=overlays,
+                                           keep_damaged=keep_damaged)
             return stored, summary, overlays, replayed
 
     stored, s, overlays, replayed = _run(go())
@@ -223,9 +227,17 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
         print(f"state at {output.iso_time(at_ns)}: snapshot {stored.short_id} "
               f"(log segment {stored.snapshot.log_seq}) + {n} logged changes up to segment "
               f"{replayed}")
+    damage = (f"; {len(s.failed)} not restored" if s.failed else "") + \
+        (f"; {len(s.damaged)} restored with damaged bytes zeroed" if s.damaged else "")
     print(f"restored snapshot {stored.short_id} to {to}: {s.files_restored} files "
           f"({output.human_bytes(s.bytes)}), {s.dirs} directories, {s.links} hard links; "
-          f"{s.files_skipped} files already complete; {s.seconds:.1f} s")
+          f"{s.files_skipped} files already complete{damage}; {s.seconds:.1f} s")
+    if s.failed or s.damaged:  # each was named on stderr as it was found
+        n = len(s.failed) + len(s.damaged)
+        output.err(f"error: {n} {'entry' if n == 1 else 'entries'} could not be restored "
+                   "whole: their data in the store is damaged or missing (listed above; "
+                   "`p2pbackup verify --read-data` says more)")
+        raise typer.Exit(IntegrityError.exit_code)
     if s.warnings:
         raise typer.Exit(EXIT_PARTIAL)
 

@@ -4,12 +4,24 @@ Files are written under a temporary name in their final directory and renamed on
 (contents, mode, owner and mtime set), so a file at its final name is always whole. A re-run
 after an interruption therefore skips files whose size and mtime already match. Every chunk is
 decrypted, authenticated and checked against its id before it is written.
+
+Nothing below the target is reached by a path: each directory is opened from its parent's
+handle without following symlinks, and each entry is made relative to its directory's handle
+(mkdirat, openat with O_EXCL|O_NOFOLLOW, renameat, linkat, symlinkat, and metadata set on the
+opened directory). A symlink in the target, there before the restore or planted during it, is
+therefore replaced (--overwrite) or refused, never written through. The target itself and the
+directories above it are the user's choice and may be symlinks.
+
+Damage is per entry: a file whose data cannot be read or authenticated, or a folder whose
+listing cannot, is named and left out, and everything else is restored. With `keep_damaged`
+such a file is kept with its unreadable byte ranges zeroed, and the ranges are named.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
+import hashlib
 import os
 import signal
 import stat as statmod
@@ -19,12 +31,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import DiskFull, IntegrityError, NotFound, P2PError, RestoreConflict, StorageError
-from ..format.records import DIR, FILE, SYMLINK, SourceRoot, Tree, TreeEntry
+from ..format.records import DIR, FILE, SYMLINK, SourceRoot, Tree, TreeEntry, check_names
 from .names import show_path as _show
 from .pointintime import Overlay
 from ..repo.repository import Repository, StoredSnapshot
 
 TMP_MARK = b".p2pb-restore-"
+NAME_MAX = 255
 READ_BATCH = 4 * 1024 * 1024  # neighbouring chunks read with one pread
 WRITE_BATCH = 1024 * 1024  # decoded chunks written with one writev
 BATCH_FILES = 64
@@ -35,6 +48,13 @@ BATCH_BYTES = 4 * 1024 * 1024
 # with 2 threads, 6.4 with 1); processes share no GIL.
 PROCESS_MIN_BYTES = 32 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_EXCL: a temporary name found in place (left by a killed restore, or planted as a link to
+# a file elsewhere) is removed and made anew, never opened and written through.
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_ZEROS = memoryview(bytes(WRITE_BATCH))
+
+Parts = tuple[bytes, ...]  # a path below the target: the source's name, then entry names
 
 
 @dataclass(slots=True)
@@ -59,15 +79,23 @@ class RestoreSummary:
     bytes: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # One line per file or folder not restored because its data is damaged or missing...
+    failed: list[str] = field(default_factory=list)
+    # ... and per file restored (keep_damaged) with the byte ranges it could not read zeroed.
+    damaged: list[str] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _BatchResult:
+    """What writing one batch of files did (returned from a worker thread or process)."""
 
-def _mkdir_new(path: bytes) -> bool:
-    os.mkdir(path, 0o700)  # inside a directory this restore made: nothing can be there
-    return True
+    files: int = 0
+    bytes: int = 0
+    failed: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
 
 
-def _write_all(fd: int, parts: list[bytes | bytearray]) -> int:
+def _write_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> int:
     total = sum(len(p) for p in parts)
     done = os.writev(fd, parts)
     if done < total:  # short write: finish the rest the slow way
@@ -77,14 +105,81 @@ def _write_all(fd: int, parts: list[bytes | bytearray]) -> int:
     return total
 
 
-def _tmp_name(path: bytes) -> bytes:
-    d, n = os.path.split(path)
-    return os.path.join(d, TMP_MARK + n)
+def _tmp_name(name: bytes) -> bytes:
+    tmp = TMP_MARK + name
+    if len(tmp) <= NAME_MAX:
+        return tmp
+    # A name near the limit: a stand-in of fixed length (unique as the names of a folder are).
+    return TMP_MARK + hashlib.blake2b(name, digest_size=16).hexdigest().encode()
+
+
+def _new_file(dir_fd: int, name: bytes, perm: int) -> int:
+    try:
+        return os.open(name, _NEW_FILE, perm, dir_fd=dir_fd)
+    except FileExistsError:
+        os.unlink(name, dir_fd=dir_fd)
+        return os.open(name, _NEW_FILE, perm, dir_fd=dir_fd)
+
+
+def _unlink_quietly(dir_fd: int, name: bytes) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
 
 
 def _complete(entry: TreeEntry, st: os.stat_result) -> bool:
     return statmod.S_ISREG(st.st_mode) and st.st_size == entry.size \
         and st.st_mtime_ns == entry.mtime_ns
+
+
+def _zeros(n: int) -> Iterator[memoryview]:
+    while n > 0:
+        piece = _ZEROS[:n]
+        n -= len(piece)
+        yield piece
+
+
+def _note_damage(damage: list[list], start: int, length: int, why: str) -> None:
+    if damage and damage[-1][1] == start:
+        damage[-1][1] += length  # neighbouring ranges are named as one
+    else:
+        damage.append([start, start + length, why])
+
+
+class _DirChain:
+    """Open handles on the directories from the restore target down to one directory.
+
+    Each is opened from its parent's handle without following a symlink. Consecutive calls
+    share their common prefix, so visiting directories in tree order opens each one once.
+    """
+
+    def __init__(self, restorer: Restorer) -> None:
+        self.restorer = restorer
+        self.parts: Parts = ()
+        self.fds: list[int] = []
+
+    def open(self, parts: Parts) -> int:
+        keep = 0
+        while keep < min(len(parts), len(self.parts)) and parts[keep] == self.parts[keep]:
+            keep += 1
+        for fd in self.fds[keep:]:
+            os.close(fd)
+        del self.fds[keep:]
+        self.parts = parts[:keep]
+        for i in range(keep, len(parts)):
+            self.fds.append(self.restorer._open_dir(self.fd, parts[:i + 1]))
+            self.parts = parts[:i + 1]
+        return self.fd
+
+    @property
+    def fd(self) -> int:
+        return self.fds[-1] if self.fds else self.restorer._root_fd
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds, self.parts = [], ()
 
 
 _forked: Restorer | None = None  # the restorer whose files a forked worker writes
@@ -101,15 +196,26 @@ def _worker_start(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
-def _worker_job(jobs: list[tuple[TreeEntry, bytes, bool]]) -> tuple[int, int]:
+def _worker_job(dir_parts: Parts, jobs: list[tuple[TreeEntry, bool]]) -> _BatchResult:
     assert _forked is not None
-    return _forked._write_files(jobs)
+    return _forked._write_files(dir_parts, jobs)
 
 
 @dataclass(frozen=True, slots=True)
 class _Selection:
     root: SourceRoot
     parts: tuple[bytes, ...]  # path components below the source root; () = everything
+
+
+@dataclass(frozen=True, slots=True)
+class _Resolved:
+    """A selection found in the snapshot."""
+
+    scope: str
+    entry: TreeEntry | None  # None: a source's folder whose metadata the snapshot lacks
+    tree: Tree | None  # its listing, if a folder
+    parts: Parts
+    above: tuple[tuple[Parts, TreeEntry], ...]  # the folders above it, deepest first
 
 
 class Restorer:
@@ -120,12 +226,13 @@ class Restorer:
                  progress: RestoreProgress | None = None,
                  warn: Callable[[str], None] | None = None,
                  overlays: dict[str, Overlay] | None = None,
-                 processes: bool | None = None) -> None:
+                 processes: bool | None = None, keep_damaged: bool = False) -> None:
         self.repo = repo
         self.overlays = overlays or {}
         self.selections = selections
         self.target = target
         self.overwrite = overwrite
+        self.keep_damaged = keep_damaged
         self.workers = workers or max(2, os.cpu_count() or 2)
         self.progress = progress or RestoreProgress()
         self.summary = RestoreSummary()
@@ -136,9 +243,12 @@ class Restorer:
         self._umask = os.umask(0o022)
         os.umask(self._umask)
         self._slots = threading.BoundedSemaphore(self.workers * 4)
-        self._links: dict[tuple[str, int], tuple[bytes, cf.Future]] = {}
+        self._links: dict[tuple[str, int], tuple[Parts, cf.Future]] = {}
         self._pool: cf.Executor | None = None
         self._processes = processes
+        self._root_fd = -1
+        self._local = threading.local()  # each writer's _DirChain
+        self._chains: list[_DirChain] = []  # every one made in this process, closed at the end
 
     def warn(self, message: str) -> None:
         with self._lock:
@@ -146,87 +256,169 @@ class Restorer:
         if self._warn_cb:
             self._warn_cb(message)
 
+    def _report(self, failed: list[str], damaged: list[str]) -> None:
+        with self._lock:
+            self.summary.failed.extend(failed)
+            self.summary.damaged.extend(damaged)
+        if self._warn_cb:
+            for line in failed + damaged:
+                self._warn_cb(line)
+
+    def _shown(self, parts: Parts) -> str:
+        return _show(os.path.join(self.target, *parts))
+
+    # ---- directory handles ---------------------------------------------------------------
+
+    def _open_target(self) -> int:
+        """A handle on --to, made if missing (it and its parents may be symlinks)."""
+        try:
+            os.makedirs(self.target, exist_ok=True)
+            return os.open(self.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileExistsError, NotADirectoryError):
+            blocker = self.target
+            while not os.path.lexists(blocker) and os.path.dirname(blocker) != blocker:
+                blocker = os.path.dirname(blocker)
+            raise RestoreConflict(f"cannot restore into {_show(self.target)}: "
+                                  f"{_show(blocker)} is not a directory") from None
+        except OSError as exc:
+            raise StorageError(f"cannot restore into {_show(self.target)}: "
+                               f"{exc.strerror}") from None
+
+    def _open_dir(self, parent_fd: int, parts: Parts) -> int:
+        """A handle on the directory `parts` in `parent_fd`; never through a symlink."""
+        try:
+            return os.open(parts[-1], _OPEN_DIR, dir_fd=parent_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+        raise RestoreConflict(f"{self._shown(parts)} is no longer a directory (a symlink or "
+                              "file was put there during the restore); not followed")
+
+    def _chain(self) -> _DirChain:
+        chain = getattr(self._local, "chain", None)
+        if chain is None:
+            chain = self._local.chain = _DirChain(self)
+            self._chains.append(chain)
+        return chain
+
     # ---- selecting -----------------------------------------------------------------------
 
-    def _tree(self, scope: str, dest: bytes, tree_id: bytes | None) -> Tree:
-        """The directory tree to restore at `dest`: the snapshot's, with the replayed log on top."""
+    def _tree(self, scope: str, parts: Parts, tree_id: bytes | None) -> Tree:
+        """The directory tree to restore at `parts`: the snapshot's, with the replayed log on top."""
         base = self.repo.load_tree_blocking(tree_id) if tree_id else None  # b"": made by the log
         overlay = self.overlays.get(scope)
         if overlay is None:
             return base or Tree(())
-        rel = os.path.relpath(dest, os.path.join(self.target, os.fsencode(scope)))
-        return overlay.tree(b"" if rel == b"." else rel, base)
+        tree = overlay.tree(b"/".join(parts[1:]), base)
+        # Stored trees are checked as they are decoded; this one was put together here.
+        check_names([e.name for e in tree.entries], f"the log's view of {self._shown(parts)}")
+        return tree
 
-    def _descend(self, sel: _Selection) -> tuple[TreeEntry | None, Tree | None, bytes]:
-        """Resolve a selection to (entry or None for the whole root, tree if a dir, dest)."""
-        dest = os.path.join(self.target, os.fsencode(sel.root.name))
+    def _descend(self, sel: _Selection) -> _Resolved | None:
+        """Find a selection in the snapshot; None if a listing on the way is damaged (named)."""
         scope = sel.root.name
-        tree: Tree | None = self._tree(scope, dest, sel.root.tree)
-        entry: TreeEntry | None = None
-        for i, part in enumerate(sel.parts):
-            if tree is None:
-                raise NotFound("path not in snapshot")
-            entry = next((e for e in tree.entries if e.name == part), None)
-            if entry is None:
-                shown = "/".join([sel.root.name] + [_show(p) for p in sel.parts[:i + 1]])
-                raise NotFound(f"{shown} is not in this snapshot")
-            dest = os.path.join(dest, part)
-            tree = self._tree(scope, dest, entry.subtree) if entry.type == DIR else None
-        return entry, tree, dest
+        parts: Parts = (os.fsencode(scope),)
+        entry = sel.root.dir_entry()
+        above: list[tuple[Parts, TreeEntry]] = []
+        try:
+            tree: Tree | None = self._tree(scope, parts, sel.root.tree)
+            for i, part in enumerate(sel.parts):
+                if tree is None:
+                    raise NotFound(f"{'/'.join([scope] + [_show(p) for p in sel.parts[:i]])} "
+                                   "is not a folder in this snapshot")
+                if entry is not None:
+                    above.append((parts, entry))
+                entry = next((e for e in tree.entries if e.name == part), None)
+                if entry is None:
+                    shown = "/".join([scope] + [_show(p) for p in sel.parts[:i + 1]])
+                    raise NotFound(f"{shown} is not in this snapshot")
+                parts += (part,)
+                tree = self._tree(scope, parts, entry.subtree) if entry.type == DIR else None
+        except IntegrityError as exc:
+            self._report([f"{self._shown(parts)}/: not restored: {exc}"], [])
+            return None
+        return _Resolved(scope, entry, tree, parts, tuple(reversed(above)))
 
     # ---- conflicts -----------------------------------------------------------------------
 
-    def _conflicts_in(self, scope: str, entry: TreeEntry | None, tree: Tree | None, dest: bytes,
-                      out: list[str]) -> None:
+    def _conflicts(self, res: _Resolved, out: list[str]) -> None:
+        fd = os.dup(self._root_fd)
         try:
-            st = os.lstat(dest)
+            for i in range(1, len(res.parts)):  # the folders above the selection
+                try:
+                    st = os.stat(res.parts[i - 1], dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return  # nothing below can exist either
+                if not statmod.S_ISDIR(st.st_mode):
+                    out.append(self._shown(res.parts[:i]))
+                    return
+                child = self._open_dir(fd, res.parts[:i])
+                os.close(fd)
+                fd = child
+            self._conflicts_in(res.scope, res.entry, res.tree, fd, res.parts, out)
+        finally:
+            os.close(fd)
+
+    def _conflicts_in(self, scope: str, entry: TreeEntry | None, tree: Tree | None,
+                      dir_fd: int, parts: Parts, out: list[str]) -> None:
+        name = parts[-1]
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return  # nothing below can exist either
-        is_dir = entry is None or entry.type == DIR
-        if is_dir:
+        if entry is None or entry.type == DIR:
             if not statmod.S_ISDIR(st.st_mode):
-                out.append(_show(dest))
+                out.append(self._shown(parts))
                 return
             assert tree is not None
-            for e in tree.entries:
-                path = os.path.join(dest, e.name)
-                sub = self._tree(scope, path, e.subtree) if e.type == DIR else None
-                self._conflicts_in(scope, e, sub, path, out)
+            fd = self._open_dir(dir_fd, parts)
+            try:
+                for e in tree.entries:
+                    sub = None
+                    if e.type == DIR:
+                        try:
+                            sub = self._tree(scope, parts + (e.name,), e.subtree)
+                        except IntegrityError:
+                            continue  # damaged: the restore itself names it
+                    self._conflicts_in(scope, e, sub, fd, parts + (e.name,), out)
+            finally:
+                os.close(fd)
         elif entry.type == FILE and _complete(entry, st):
             return
         elif entry.type == SYMLINK and statmod.S_ISLNK(st.st_mode) \
-                and os.readlink(dest) == entry.target:
+                and os.readlink(name, dir_fd=dir_fd) == entry.target:
             return
         else:
-            out.append(_show(dest))
+            out.append(self._shown(parts))
 
-    # ---- writing -------------------------------------------------------------------------
+    # ---- writing files (in worker threads or forked processes) ---------------------------
 
-    def _write_file(self, entry: TreeEntry, dest: bytes, fresh: bool) -> int:
+    def _write_file(self, dir_fd: int, entry: TreeEntry, fresh: bool
+                    ) -> tuple[int, list[list] | None]:
         """Write one file under a temporary name, set its metadata, rename it into place.
 
-        `fresh`: its directory was made by this restore, so nothing else can be in the way and
-        the owner is already ours. Syscalls are kept few: reads of neighbouring chunks and
-        writes of decoded ones are coalesced.
+        Returns the bytes written and, if it was kept damaged, its zeroed ranges. `fresh`: its
+        directory was made by this restore, so nothing else can be in the way and the owner
+        is already ours. Syscalls are kept few: reads of neighbouring chunks and writes of
+        decoded ones are coalesced.
         """
-        tmp = _tmp_name(dest)
+        tmp = _tmp_name(entry.name)
         mode = statmod.S_IMODE(entry.mode)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode & 0o777)
-        written = 0
+        fd = _new_file(dir_fd, tmp, mode & 0o777)
+        damage = None
         try:
-            pending: list[bytes | bytearray] = []
-            pending_bytes = 0
-            for data in self._chunks(entry.chunks):
-                pending.append(data)
-                pending_bytes += len(data)
-                if pending_bytes >= WRITE_BATCH:
-                    written += _write_all(fd, pending)
-                    pending, pending_bytes = [], 0
-            if pending:
-                written += _write_all(fd, pending)
+            try:
+                written = self._write_stream(fd, self._chunks(entry.chunks))
+            except IntegrityError:
+                if not self.keep_damaged:
+                    raise
+                os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, 0)
+                damage = []
+                written = self._write_stream(fd, self._salvaged(entry, damage))
             if written != entry.size:
-                raise P2PError(f"{_show(dest)}: the snapshot's chunks hold {written} bytes, "
-                               f"its entry says {entry.size}")
+                raise IntegrityError(f"the snapshot's chunks hold {written} bytes, its entry "
+                                     f"says {entry.size}")
             if self._as_root and not (fresh and (entry.uid, entry.gid) == self._ids):
                 os.fchown(fd, entry.uid, entry.gid)
             if not fresh or mode != (mode & 0o777 & ~self._umask):
@@ -235,12 +427,27 @@ class Restorer:
         except BaseException:
             os.close(fd)
             try:
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=dir_fd)
             except OSError:
                 pass
             raise
         os.close(fd)
-        os.rename(tmp, dest)
+        os.rename(tmp, entry.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return written, damage
+
+    @staticmethod
+    def _write_stream(fd: int, chunks: Iterator[bytes | bytearray | memoryview]) -> int:
+        written = 0
+        pending: list[bytes | bytearray | memoryview] = []
+        pending_bytes = 0
+        for data in chunks:
+            pending.append(data)
+            pending_bytes += len(data)
+            if pending_bytes >= WRITE_BATCH:
+                written += _write_all(fd, pending)
+                pending, pending_bytes = [], 0
+        if pending:
+            written += _write_all(fd, pending)
         return written
 
     def _chunks(self, ids: tuple[bytes, ...]) -> Iterator[bytes | bytearray]:
@@ -268,30 +475,84 @@ class Restorer:
                 yield repo.decode_blob(cid, loc, view[rel:rel + loc.length])
             i = j
 
-    def _write_files(self, jobs: list[tuple[TreeEntry, bytes, bool]]) -> tuple[int, int]:
-        """Write a batch of files (in a worker thread or forked process); (files, bytes)."""
-        total = 0
-        for entry, dest, fresh in jobs:
-            total += self._write_file(entry, dest, fresh)
-        return len(jobs), total
+    def _salvaged(self, entry: TreeEntry, damage: list[list]
+                  ) -> Iterator[bytes | bytearray | memoryview]:
+        """The file's chunks one by one, zeros in place of each that cannot be read.
+
+        Each zeroed range is noted in `damage` as [start, end, why]. A chunk no pack holds has
+        no known length: one run of such chunks fills what the others leave of the file's
+        size; more runs than one cannot be placed (IntegrityError).
+        """
+        repo = self.repo
+        locs = []
+        missing = ""
+        for cid in entry.chunks:
+            try:
+                locs.append(repo.locate(cid))
+            except IntegrityError as exc:
+                locs.append(None)
+                missing = missing or str(exc)
+        runs = sum(1 for i, loc in enumerate(locs)
+                   if loc is None and (i == 0 or locs[i - 1] is not None))
+        unplaced = entry.size - sum(loc.raw_length for loc in locs if loc is not None)
+        if runs > 1 or unplaced < 0:
+            raise IntegrityError(f"{missing}; and its other missing chunks cannot be placed")
+        offset = 0
+        for i, (cid, loc) in enumerate(zip(entry.chunks, locs)):
+            if loc is None:
+                if i and locs[i - 1] is None:
+                    continue  # the run was zeroed at its first chunk
+                length, why = unplaced, missing
+            else:
+                try:
+                    data = repo.read_blob_blocking(cid)
+                except IntegrityError as exc:
+                    length, why = loc.raw_length, str(exc)
+                else:
+                    offset += len(data)
+                    yield data
+                    continue
+            _note_damage(damage, offset, length, why)
+            offset += length
+            yield from _zeros(length)
+
+    def _write_files(self, dir_parts: Parts, jobs: list[tuple[TreeEntry, bool]]) -> _BatchResult:
+        """Write a batch of files of one directory (in a worker thread or forked process)."""
+        dir_fd = self._chain().open(dir_parts)
+        result = _BatchResult()
+        for entry, fresh in jobs:
+            try:
+                n, damage = self._write_file(dir_fd, entry, fresh)
+            except IntegrityError as exc:
+                result.failed.append(f"{self._shown(dir_parts + (entry.name,))}: not "
+                                     f"restored: {exc}")
+                continue
+            result.files += 1
+            result.bytes += n
+            if damage:
+                ranges = ", ".join(f"{start}-{end - 1}" for start, end, _ in damage)
+                result.damaged.append(f"{self._shown(dir_parts + (entry.name,))}: restored "
+                                      f"with bytes {ranges} zeroed: {damage[0][2]}")
+        return result
 
     def _batch_done(self, fut: cf.Future) -> None:
         self._slots.release()
         if not fut.cancelled() and fut.exception() is None:
-            files, n = fut.result()
+            result: _BatchResult = fut.result()
             with self._lock:
-                self.summary.files_restored += files
-                self.summary.bytes += n
-            self.progress.files += files
-            self.progress.bytes += n
+                self.summary.files_restored += result.files
+                self.summary.bytes += result.bytes
+            self.progress.files += result.files + len(result.failed)
+            self.progress.bytes += result.bytes
+            self._report(result.failed, result.damaged)
 
-    def _submit(self, jobs: list[tuple[TreeEntry, bytes, bool]]) -> cf.Future:
+    def _submit(self, dir_parts: Parts, jobs: list[tuple[TreeEntry, bool]]) -> cf.Future:
         self._slots.acquire()
         assert self._pool is not None
-        self.progress.current = _show(jobs[0][1])
+        self.progress.current = self._shown(dir_parts + (jobs[0][0].name,))
         # A forked worker finds the restorer it inherited (a bound method would be pickled).
         work = self._write_files if isinstance(self._pool, cf.ThreadPoolExecutor) else _worker_job
-        fut = self._pool.submit(work, jobs)
+        fut = self._pool.submit(work, dir_parts, jobs)
         fut.add_done_callback(self._batch_done)
         return fut
 
@@ -315,60 +576,100 @@ class Restorer:
         return cf.ProcessPoolExecutor(self.workers, multiprocessing.get_context("fork"),
                                       initializer=_worker_start, initargs=(os.getpid(),))
 
-    def _prepare_dir(self, dest: bytes) -> bool:
-        """Make sure `dest` is a writable directory; True if this restore created it."""
-        try:
-            os.mkdir(dest, 0o700)
-            return True
-        except FileExistsError:
-            st = os.lstat(dest)
-            if not statmod.S_ISDIR(st.st_mode):
-                if not self.overwrite:
-                    raise RestoreConflict(f"{_show(dest)} exists and is not a directory")
-                os.unlink(dest)
-                os.mkdir(dest, 0o700)
-            else:
-                os.chmod(dest, statmod.S_IMODE(st.st_mode) | 0o700)
-            return False
+    # ---- making entries (in the walking thread) ------------------------------------------
 
-    def _restore_dir(self, tree: Tree, dest: bytes, scope: str, fresh: bool,
-                     pending: list[cf.Future], dir_meta: list[tuple[bytes, TreeEntry]]) -> None:
-        batch: list[tuple[TreeEntry, bytes, bool]] = []
+    def _prepare_dir(self, parent_fd: int, parts: Parts) -> tuple[int, bool]:
+        """A handle on the writable directory `parts` in `parent_fd`; True if made here."""
+        name = parts[-1]
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+            return self._open_dir(parent_fd, parts), True
+        except FileExistsError:
+            pass
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        if not statmod.S_ISDIR(st.st_mode):
+            if not self.overwrite:
+                raise RestoreConflict(f"{self._shown(parts)} exists and is not a directory; "
+                                      "pass --overwrite to replace it")
+            os.unlink(name, dir_fd=parent_fd)  # a symlink is replaced, never followed
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+            return self._open_dir(parent_fd, parts), True
+        fd = self._open_dir(parent_fd, parts)
+        st = os.fstat(fd)
+        if st.st_mode & 0o700 != 0o700:
+            os.fchmod(fd, statmod.S_IMODE(st.st_mode) | 0o700)
+        return fd, False
+
+    def _open_above(self, parts: Parts) -> int:
+        """A handle on the folder `parts` (made, as the folders above it, if missing)."""
+        fd = os.dup(self._root_fd)
+        for i in range(1, len(parts) + 1):
+            try:
+                child, _ = self._prepare_dir(fd, parts[:i])
+            finally:
+                os.close(fd)
+            fd = child
+        return fd
+
+    def _restore_folder(self, scope: str, entry: TreeEntry | None, tree: Tree | None,
+                        parent_fd: int, parts: Parts, pending: list[cf.Future],
+                        dir_meta: list[tuple[Parts, TreeEntry]]) -> None:
+        if tree is None:
+            assert entry is not None
+            try:
+                tree = self._tree(scope, parts, entry.subtree)
+            except IntegrityError as exc:
+                self._report([f"{self._shown(parts)}/: not restored: {exc}"], [])
+                return
+        fd, made = self._prepare_dir(parent_fd, parts)
+        try:
+            self._restore_dir(scope, tree, fd, parts, made, pending, dir_meta)
+        finally:
+            os.close(fd)
+        if entry is not None:
+            dir_meta.append((parts, entry))
+
+    def _restore_entry(self, scope: str, e: TreeEntry, dir_fd: int, parts: Parts, fresh: bool,
+                       pending: list[cf.Future], dir_meta: list[tuple[Parts, TreeEntry]]
+                       ) -> None:
+        """Make entry `e` as parts[-1] in the directory `dir_fd` (files go to the writers)."""
+        if e.type == DIR:
+            self.summary.dirs += 1
+            self._restore_folder(scope, e, None, dir_fd, parts, pending, dir_meta)
+        elif e.type == SYMLINK:
+            self._restore_symlink(dir_fd, e, parts, fresh)
+
+    def _restore_dir(self, scope: str, tree: Tree, fd: int, parts: Parts, fresh: bool,
+                     pending: list[cf.Future], dir_meta: list[tuple[Parts, TreeEntry]]) -> None:
+        batch: list[tuple[TreeEntry, bool]] = []
         batch_bytes = 0
         for e in tree.entries:
-            path = os.path.join(dest, e.name)
-            if e.type == DIR:
-                made = self._prepare_dir(path) if not fresh else _mkdir_new(path)
-                self.summary.dirs += 1
-                self._restore_dir(self._tree(scope, path, e.subtree), path, scope, made,
-                                  pending, dir_meta)
-                dir_meta.append((path, e))
-            elif e.type == SYMLINK:
-                self._restore_symlink(e, path, fresh)
-            elif e.type == FILE:
-                if not fresh and self._skip_existing(e, path):
+            if e.type != FILE:
+                self._restore_entry(scope, e, fd, parts + (e.name,), fresh, pending, dir_meta)
+                continue
+            if not fresh and self._skip_existing(fd, e, parts + (e.name,)):
+                continue
+            if e.nlink > 1:
+                key = (scope, e.inode)
+                first = self._links.get(key)
+                if first is not None:
+                    self._link(first, e, fd, parts + (e.name,))
                     continue
-                if e.nlink > 1:
-                    key = (scope, e.inode)
-                    first = self._links.get(key)
-                    if first is not None:
-                        self._link(first, e, path)
-                        continue
-                    fut = self._submit([(e, path, fresh)])
-                    self._links[key] = (path, fut)
-                    pending.append(fut)
-                    continue
-                batch.append((e, path, fresh))
-                batch_bytes += e.size
-                if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
-                    pending.append(self._submit(batch))
-                    batch, batch_bytes = [], 0
+                fut = self._submit(parts, [(e, fresh)])
+                self._links[key] = (parts + (e.name,), fut)
+                pending.append(fut)
+                continue
+            batch.append((e, fresh))
+            batch_bytes += e.size
+            if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                pending.append(self._submit(parts, batch))
+                batch, batch_bytes = [], 0
         if batch:
-            pending.append(self._submit(batch))
+            pending.append(self._submit(parts, batch))
 
-    def _skip_existing(self, e: TreeEntry, path: bytes) -> bool:
+    def _skip_existing(self, dir_fd: int, e: TreeEntry, parts: Parts) -> bool:
         try:
-            st = os.lstat(path)
+            st = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
         if _complete(e, st):
@@ -378,80 +679,102 @@ class Restorer:
             self.progress.bytes += e.size
             return True
         if statmod.S_ISDIR(st.st_mode):
-            raise RestoreConflict(f"{_show(path)} is a directory; the snapshot has a file there")
-        return False  # --overwrite: the rename replaces it
+            raise RestoreConflict(f"{self._shown(parts)} is a directory; the snapshot has a "
+                                  "file there")
+        return False  # --overwrite: the rename replaces it (a symlink too, never followed)
 
-    def _link(self, first: tuple[bytes, cf.Future], e: TreeEntry, path: bytes) -> None:
+    def _link(self, first: tuple[Parts, cf.Future], e: TreeEntry, dir_fd: int,
+              parts: Parts) -> None:
         src, fut = first
-        fut.result()
-        tmp = _tmp_name(path)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        os.link(src, tmp)
-        os.rename(tmp, path)
+        if fut.result().failed:
+            self._report([f"{self._shown(parts)}: not restored: it is a hard link of "
+                          f"{self._shown(src)}, which could not be restored"], [])
+            return
+        src_fd = self._chain().open(src[:-1])
+        tmp = _tmp_name(e.name)
+        _unlink_quietly(dir_fd, tmp)
+        os.link(src[-1], tmp, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        os.rename(tmp, e.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         self.summary.links += 1
 
-    def _restore_symlink(self, e: TreeEntry, path: bytes, fresh: bool = False) -> None:
+    def _restore_symlink(self, dir_fd: int, e: TreeEntry, parts: Parts,
+                         fresh: bool = False) -> None:
         assert e.target is not None
         if not fresh:
             try:
-                if os.readlink(path) == e.target:
+                if os.readlink(e.name, dir_fd=dir_fd) == e.target:
                     return
             except OSError:
                 pass
-        tmp = _tmp_name(path)
+        tmp = _tmp_name(e.name)
+        _unlink_quietly(dir_fd, tmp)
+        os.symlink(e.target, tmp, dir_fd=dir_fd)
+        if self._as_root:
+            os.chown(tmp, e.uid, e.gid, dir_fd=dir_fd, follow_symlinks=False)
+        os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        os.symlink(e.target, tmp)
-        if self._as_root:
-            os.lchown(tmp, e.uid, e.gid)
-        os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
-        os.rename(tmp, path)
+            os.rename(tmp, e.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except IsADirectoryError:
+            _unlink_quietly(dir_fd, tmp)
+            raise RestoreConflict(f"{self._shown(parts)} is a directory; the snapshot has a "
+                                  "symlink there") from None
 
-    def _apply_dir_meta(self, path: bytes, e: TreeEntry) -> None:
+    def _apply_dir_meta(self, parts: Parts, e: TreeEntry) -> None:
+        fd = self._chain().open(parts)
         if self._as_root:
-            os.lchown(path, e.uid, e.gid)
-        os.chmod(path, statmod.S_IMODE(e.mode))
-        os.utime(path, ns=(e.mtime_ns, e.mtime_ns))
+            os.fchown(fd, e.uid, e.gid)
+        os.fchmod(fd, statmod.S_IMODE(e.mode))
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
-    def _run_jobs(self, resolved: list[tuple[_Selection, TreeEntry | None, Tree | None, bytes]]
-                  ) -> None:
+    def _run_jobs(self, resolved: list[_Resolved]) -> None:
         pending: list[cf.Future] = []
-        dir_meta: list[tuple[bytes, TreeEntry]] = []
-        os.makedirs(self.target, exist_ok=True)
-        for sel, entry, tree, dest in resolved:
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            if entry is None or entry.type == DIR:
-                made = self._prepare_dir(dest)
-                assert tree is not None
-                self._restore_dir(tree, dest, sel.root.name, made, pending, dir_meta)
-                if entry is not None:
-                    dir_meta.append((dest, entry))
-            elif entry.type == SYMLINK:
-                self._restore_symlink(entry, dest)
-            elif not self._skip_existing(entry, dest):
-                pending.append(self._submit([(entry, dest, False)]))
+        dir_meta: list[tuple[Parts, TreeEntry]] = []
+        for res in resolved:
+            fd = self._open_above(res.parts[:-1])
+            try:
+                entry = res.entry
+                if entry is None or entry.type == DIR:
+                    self._restore_folder(res.scope, entry, res.tree, fd, res.parts, pending,
+                                         dir_meta)
+                elif entry.type != FILE:
+                    self._restore_entry(res.scope, entry, fd, res.parts, False, pending,
+                                        dir_meta)
+                elif not self._skip_existing(fd, entry, res.parts):
+                    pending.append(self._submit(res.parts[:-1], [(entry, False)]))
+            finally:
+                os.close(fd)
+            dir_meta.extend(res.above)  # deepest first: children before parents
         for fut in pending:
             fut.result()
-        for path, e in dir_meta:  # children before parents: dir_meta is post-order
-            self._apply_dir_meta(path, e)
+        for parts, e in dir_meta:  # children before parents: dir_meta is post-order
+            self._apply_dir_meta(parts, e)
 
     def run(self) -> RestoreSummary:
         started = time.monotonic()
-        resolved = [(sel, *self._descend(sel)) for sel in self.selections]
-        conflicts: list[str] = []
-        if not self.overwrite:
-            for sel, entry, tree, dest in resolved:
-                self._conflicts_in(sel.root.name, entry, tree, dest, conflicts)
+        self._root_fd = self._open_target()
+        try:
+            self._run()
+        finally:
+            for chain in self._chains:
+                chain.close()
+            os.close(self._root_fd)
+        self.summary.seconds = time.monotonic() - started
+        return self.summary
+
+    def _run(self) -> None:
+        global _forked
+        try:
+            resolved = [r for r in map(self._descend, self.selections) if r is not None]
+            conflicts: list[str] = []
+            if not self.overwrite:
+                for res in resolved:
+                    self._conflicts(res, conflicts)
+        except OSError as exc:
+            raise StorageError(f"restore failed: {exc}") from None
         if conflicts:
             more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
             raise RestoreConflict(f"{conflicts[0]} already exists and differs from the "
                                   f"snapshot{more}; pass --overwrite to replace")
-        global _forked
         self._pool = self._start_pool()
         try:
             self._run_jobs(resolved)
@@ -471,8 +794,6 @@ class Restorer:
             if _forked is self:
                 _forked = None
         self._pool.shutdown(wait=True)
-        self.summary.seconds = time.monotonic() - started
-        return self.summary
 
 
 def select(stored: StoredSnapshot, sub: str | None) -> list[_Selection]:
@@ -498,12 +819,15 @@ async def restore(repo: Repository, stored: StoredSnapshot, target: str, *,
                   warn: Callable[[str], None] | None = None,
                   workers: int | None = None,
                   overlays: dict[str, Overlay] | None = None,
-                  processes: bool | None = None) -> RestoreSummary:
+                  processes: bool | None = None,
+                  keep_damaged: bool = False) -> RestoreSummary:
     """Restore `stored` (or the part named by `sub`) into `target`/<source name>/...
 
     `overlays` (from pointintime.plan_at) lays replayed log changes over the snapshot.
     `processes` forces files to be written from forked worker processes (True) or threads
-    (False); by default big restores from a local store use processes.
+    (False); by default big restores from a local store use processes. Files or folders that
+    cannot be restored for damage are named through `warn` and listed in the summary's
+    `failed`; `keep_damaged` keeps such files with their unreadable ranges zeroed (`damaged`).
     """
     import asyncio
 
@@ -512,5 +836,5 @@ async def restore(repo: Repository, stored: StoredSnapshot, target: str, *,
     progress.expected_bytes = sum(s.root.size for s in selections)
     restorer = Restorer(repo, selections, os.fsencode(os.path.abspath(target)),
                         overwrite=overwrite, workers=workers, progress=progress, warn=warn,
-                        overlays=overlays, processes=processes)
+                        overlays=overlays, processes=processes, keep_damaged=keep_damaged)
     return await asyncio.to_thread(restorer.run)

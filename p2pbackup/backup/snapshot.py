@@ -337,7 +337,11 @@ class SnapshotBuilder:
                 keys = self.repo.keys.scope(src.name, self.repo.keys.epoch)
                 self._counts = _Counts()
                 top = os.fsencode(src.path)
-                if not os.path.isdir(top):
+                try:
+                    top_st = os.stat(top)  # the folder's own metadata, as of its listing
+                except OSError:
+                    top_st = None
+                if top_st is None or not statmod.S_ISDIR(top_st.st_mode):
                     self.warn(f"source {src.name} ({src.path}) is missing or not a directory; "
                               "skipped")
                     continue
@@ -349,7 +353,8 @@ class SnapshotBuilder:
                 assert tree is not None
                 c = self._counts
                 roots.append(SourceRoot(src.name, src.path, tree, keys.epoch, c.files, c.dirs,
-                                        c.size))
+                                        c.size, top_st.st_mode, top_st.st_uid, top_st.st_gid,
+                                        top_st.st_mtime_ns))
                 self.totals.add(c)
             self.sink.flush()
         except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.conftest import Cli
@@ -50,3 +51,27 @@ def test_a_bad_peer_setting_is_one_line_naming_it(cli: Cli, sample_tree: Path):
         assert len(lines) == 1 and "key 'peers.stall_timeout'" in lines[0]
     cfg.write_text(original + "\n[peers]\nstall_timeout = 2.5\n")
     assert cli("snapshots").returncode == 0
+
+
+def test_restore_to_a_file_is_one_line_with_its_exit_code(cli: Cli, sample_tree: Path,
+                                                          tmp_path: Path):
+    cli("init", "--source", str(sample_tree))
+    snap = json.loads(cli("snapshot", "--json").stdout)
+    f = tmp_path / "a-file"
+    f.write_text("mine\n")
+    for to in (f, f / "below"):
+        proc = cli("restore", snap["id"], "--to", str(to), check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 18 and len(lines) == 1, proc.stderr
+        assert f"{f} is not a directory" in lines[0]
+    assert f.read_text() == "mine\n"
+
+
+def test_a_source_name_that_is_not_one_plain_folder_name_is_refused(cli: Cli, sample_tree: Path):
+    cli("init", "--source", str(sample_tree))
+    cfg = cli.home / "config.toml"
+    cfg.write_text(cfg.read_text().replace('name = "src"', 'name = "../src"'))
+    proc = cli("snapshot", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 10 and len(lines) == 1
+    assert "sources[0]" in lines[0] and "'../src'" in lines[0] and str(cfg) in lines[0]

@@ -148,6 +148,27 @@ def test_owners_are_restored_when_root(cli: Cli, sample_tree: Path, tmp_path: Pa
     assert (st.st_uid, st.st_gid) == (4321, 8765)
 
 
+def test_the_top_folder_of_a_source_keeps_its_mode_owner_and_mtime(cli: Cli, sample_tree: Path,
+                                                                   tmp_path: Path):
+    os.chmod(sample_tree, 0o751)
+    if os.geteuid() == 0:
+        os.chown(sample_tree, 1234, 5678)
+    os.utime(sample_tree, ns=(1_400_000_000_000_000_003, 1_400_000_000_000_000_003))
+    cli("init", "--source", str(sample_tree))
+    cli("snapshot")
+    cli("restore", "latest", "--to", str(tmp_path / "out"))
+    cli("restore", "latest", "--to", str(tmp_path / "part"), "--path", "docs/deep")
+
+    def meta(p: Path) -> tuple:
+        st = os.lstat(p)
+        return st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
+
+    assert meta(tmp_path / "out" / "src") == meta(sample_tree)
+    # --path: the folders above the part restored come back as they were too
+    assert meta(tmp_path / "part" / "src") == meta(sample_tree)
+    assert meta(tmp_path / "part" / "src" / "docs") == meta(sample_tree / "docs")
+
+
 @pytest.fixture
 def shared_tmp():
     """A temporary directory other users can enter (pytest's own is private to root)."""

@@ -63,12 +63,59 @@ def test_tampered_byte_is_named_with_what_it_affects(backed_up, tmp_path: Path):
 
     restored = cli("restore", "latest", "--to", str(tmp_path / "bad"), check=False)
     assert restored.returncode == 13
-    assert "failed authentication" in one_line(restored.stderr)
+    assert "failed authentication" in restored.stderr and "1 not restored" in restored.stdout
+    assert "could not be restored" in one_line(restored.stderr)
 
     fixed = cli("repair").stdout
     assert "moved to quarantine/" in fixed and "lost 1" in fixed
     assert (cli.home / "store" / "quarantine" / pack.name).exists()
     heal_and_check(cli, src, tmp_path / "ok")
+
+
+def _damage_a_chunk_of(cli: Cli, name: bytes) -> tuple[int, int]:
+    """Flip a byte in the middle chunk of src/`name`; return the chunk's byte range in it."""
+    import asyncio
+
+    from p2pbackup.device import open_device
+
+    async def locate() -> tuple[str, int, int, int]:
+        async with open_device(cli.home) as dev:
+            snap = await dev.repo.find_snapshot("latest")
+            tree = await dev.repo.load_tree(snap.snapshot.sources[0].tree)
+            entry = next(e for e in tree.entries if e.name == name)
+            i = len(entry.chunks) // 2
+            start = sum(dev.repo.locate(c).raw_length for c in entry.chunks[:i])
+            loc = dev.repo.locate(entry.chunks[i])
+            return loc.pack, loc.offset + loc.length // 2, start, start + loc.raw_length
+
+    pack, offset, start, end = asyncio.run(locate())
+    with open(cli.home / "store" / "packs" / pack[:2] / pack, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+    return start, end
+
+
+def test_a_damaged_file_is_named_and_every_other_file_is_restored(backed_up, tmp_path: Path):
+    cli, src, snap = backed_up
+    start, end = _damage_a_chunk_of(cli, b"big.bin")
+    out = tmp_path / "out"
+    proc = cli("restore", "latest", "--to", str(out), check=False)
+    assert proc.returncode == 13
+    assert f"{out / 'src' / 'big.bin'}: not restored: blob " in proc.stderr
+    assert "failed authentication" in proc.stderr and "1 not restored" in proc.stdout
+    want = {k: v for k, v in tree_state(src).items() if k != b"big.bin"}
+    assert tree_state(out / "src") == want  # nothing half-written, no temporary file left
+
+    proc = cli("restore", "latest", "--to", str(tmp_path / "kept"), "--keep-damaged",
+               check=False)
+    assert proc.returncode == 13
+    assert f"{tmp_path / 'kept' / 'src' / 'big.bin'}: restored with bytes {start}-{end - 1} " \
+           "zeroed: blob " in proc.stderr
+    data = (src / "big.bin").read_bytes()
+    got = (tmp_path / "kept" / "src" / "big.bin").read_bytes()
+    assert got == data[:start] + bytes(end - start) + data[end:]
 
 
 def test_truncated_pack(backed_up, tmp_path: Path):
