@@ -15,6 +15,7 @@ import pytest
 from p2pbackup.backup.pointintime import Overlay, plan_at
 from p2pbackup.backup.restore import restore
 from p2pbackup.backup.snapshot import take_snapshot
+from p2pbackup.backup.verify import verify
 from p2pbackup.config import Source
 from p2pbackup.device import open_device
 from p2pbackup.errors import IntegrityError
@@ -124,6 +125,9 @@ async def test_a_log_segment_with_paths_that_are_not_plain_is_refused(repo: Repo
         _, overlays, _ = await plan_at(repo, "latest", time.time_ns() + 10**9)
         await restore(repo, snap.stored, str(out), overlays=overlays)
     assert outside_state(box, out) == before and os.listdir(out) == []
+    report = await verify(repo)
+    assert [d.what for d in report.damage] == [f"segment 1 of device {ident.device_id[:12]}"]
+    assert "bad path" in report.damage[0].reason
 
 
 def test_restore_and_verify_of_hostile_snapshots_through_the_cli(cli: Cli, tmp_path: Path):

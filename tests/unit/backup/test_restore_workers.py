@@ -157,3 +157,24 @@ async def test_a_damaged_folder_listing_fails_that_folder_only(repo: Repository,
     # everything else, the hard link to docs/a.txt outside docs/ included, is restored
     want = {k: v for k, v in tree_state(src).items() if not k.startswith(b"docs")}
     assert tree_state(out / "src") == want
+
+
+async def test_a_hard_link_of_a_damaged_file_is_named_too(repo: Repository, tmp_path: Path):
+    src = make_sample_tree(tmp_path / "src", big=64 * 1024)
+    summary = await take_snapshot(repo, (Source("src", str(src)),),
+                                  temp_dir=str(tmp_path / "tmp"))
+    root = await repo.load_tree(summary.stored.snapshot.sources[0].tree)
+    docs = await repo.load_tree(next(e for e in root.entries if e.name == b"docs").subtree)
+    (a_txt,) = [e for e in docs.entries if e.name == b"a.txt"]
+    _flip_a_byte(repo, a_txt.chunks[0])
+    out = tmp_path / "out"
+    result = await restore(repo, summary.stored, str(out))
+    assert sorted(result.failed) == [
+        f"{out / 'src' / 'docs' / 'a.txt'}: not restored: blob {a_txt.chunks[0].hex()[:12]} "
+        f"in pack {repo.locate(a_txt.chunks[0]).pack[:12]} failed authentication: it was "
+        "altered or damaged",
+        f"{out / 'src' / 'hardlink-a.txt'}: not restored: it is a hard link of "
+        f"{out / 'src' / 'docs' / 'a.txt'}, which could not be restored"]
+    want = {k: v for k, v in tree_state(src).items()
+            if k not in (b"docs/a.txt", b"hardlink-a.txt")}
+    assert tree_state(out / "src") == want
