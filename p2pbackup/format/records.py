@@ -210,7 +210,8 @@ class SourceRoot:
     @classmethod
     def from_map(cls, m: dict, what: str) -> "SourceRoot":
         meta = [m.get(k) for k in ("mode", "uid", "gid", "mtime")]
-        if not all(type(v) is int for v in meta):
+        if not all(type(v) is int for v in meta) or not all(0 <= v < 1 << 32 for v in meta[:3]) \
+                or not -1 << 63 <= meta[3] < 1 << 63:
             meta = [None] * 4  # absent (an older writer) or unusable: the folder as made
         return cls(_need(m, "name", str, what), _need(m, "path", str, what),
                    _need(m, "tree", bytes, what), m.get("epoch", 0), m.get("files", 0),

@@ -113,6 +113,10 @@ def test_source_root_carries_the_source_folders_own_metadata():
     assert Snapshot.decode(snap.encode()) == snap
     assert root.dir_entry() == TreeEntry(DIR, b"docs", 0o40751, 12, 34,
                                          1_600_000_000_000_000_007, subtree=b"t" * 32)
+    # Metadata no folder can have (fchown/utime would fail on it) is treated as absent.
+    for bad in ({"uid": -5}, {"mode": "0755"}, {"mtime": 1 << 70}):
+        m = {**root.to_map(), **bad}
+        assert SourceRoot.from_map(m, "snapshot").dir_entry() is None
 
 
 # Not one plain path component: each would let a tree write outside its directory.
