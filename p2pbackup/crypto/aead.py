@@ -39,6 +39,16 @@ class AuthenticationFailed(Exception):
 
 
 _local = threading.local()
+
+
+def _forget_nonce_state() -> None:
+    # A forked child starts with a copy of its parent's nonce prefix and counter: the next
+    # nonces of both would be the same. The child forgets them and draws a prefix of its own.
+    global _local
+    _local = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_nonce_state)
 _HAS_INTO = _IetfAead is not None and hasattr(_IetfAead, "encrypt_into")
 
 
