@@ -22,7 +22,7 @@ from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.config import Config, load_config, load_identity, systemd_settings
 from p2pbackup.device import Device, open_device
 from p2pbackup.errors import P2PError
-from p2pbackup.format.log import Head
+from p2pbackup.format.log import Head, head_time_after
 from p2pbackup.repo import removals
 from p2pbackup.repo.logstore import LogStore
 
@@ -151,7 +151,7 @@ class DeviceDaemon:
             self.sealer.learn_stored()
             if state.seq:
                 head = Head(self.dev.identity.device_id, state.seq, state.prev, stored.id,
-                            time.time_ns())
+                            head_time_after(state.head, time.time_ns()))
                 await LogStore(self.dev.repo).write_head(self.dev.identity, head)
                 state.head = head
             self.last_snapshot = (stored.id, stored.snapshot.time_ns)

@@ -118,7 +118,8 @@ class Segment:
 
 @dataclass(frozen=True, slots=True)
 class Head:
-    """A device's newest segment and snapshot; signed, and never allowed to go backwards."""
+    """A device's newest segment and snapshot; signed, and strictly ordered (see
+    `check_head_update`): a head that is not newer than the one held is refused."""
 
     device: str
     seq: int
@@ -170,7 +171,12 @@ def check_chain(links: list[tuple[bytes, Segment]], device: str,
 
 
 def check_head_update(current: Head | None, new: Head) -> str | None:
-    """Why `new` may not replace `current` (a rollback or a fork), or None if it may."""
+    """Why `new` may not replace `current` (a rollback, a fork or a replay), or None if it may.
+
+    A device's heads are strictly ordered: `new` is newer when its seq is higher, or when it
+    names the same segment and was written later (a snapshot moves the head without a new
+    segment). Anything else, the same head included, is not newer: a replay of an older head
+    (with an older snapshot, say) is refused."""
     if current is None:
         return None
     if new.device != current.device:
@@ -179,4 +185,13 @@ def check_head_update(current: Head | None, new: Head) -> str | None:
         return f"head goes backwards (seq {new.seq} < {current.seq}): refused"
     if new.seq == current.seq and new.segment != current.segment:
         return f"head forks at seq {new.seq}: two different segments claim it"
+    if new.seq == current.seq and new.time_ns <= current.time_ns:
+        return (f"head is not newer than the one held (seq {new.seq}, written at "
+                f"{new.time_ns} <= {current.time_ns}): a replay, refused")
     return None
+
+
+def head_time_after(current: Head | None, now_ns: int) -> int:
+    """The time for a head that moves `current` without a new segment: now, or just after
+    `current` if the clock went back (so the device's own next head is always newer)."""
+    return now_ns if current is None else max(now_ns, current.time_ns + 1)

@@ -133,11 +133,11 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
         from .logstore import LogStore
 
         current = await LogStore(repo).read_head(device) if await repo.store.has(name) else None
+        if current is not None and current == new:
+            return False   # the head held here, offered again: nothing to do
         why = check_head_update(current, new)
         if why:
             raise IntegrityError(f"{what}: {why}")
-        if current is not None and current == new:
-            return False
     await repo.store.put(name, data)
     return True
 

@@ -6,7 +6,8 @@ from hypothesis import given, strategies as st
 
 from p2pbackup.errors import IntegrityError
 from p2pbackup.format.log import (DEL, GENESIS, PUT, Change, ChangeList, Head, Segment,
-                                  SegmentPart, check_chain, check_head_update, segment_hash)
+                                  SegmentPart, check_chain, check_head_update, head_time_after,
+                                  segment_hash)
 from p2pbackup.format.records import FILE, TreeEntry
 
 ENTRY = TreeEntry(FILE, b"a.txt", 0o100644, 0, 0, 5, 6, 7, 3, (b"c" * 32,))
@@ -68,6 +69,11 @@ def test_head_never_goes_backwards_or_forks():
     assert check_head_update(h5, Head("d" * 32, 6, b"b" * 32, "s", 0)) is None
     assert "backwards" in check_head_update(h5, Head("d" * 32, 4, b"b" * 32, None, 9))
     assert "forks" in check_head_update(h5, Head("d" * 32, 5, b"b" * 32, None, 9))
+    assert "not newer" in check_head_update(h5, Head("d" * 32, 5, b"a" * 32, "s", 1))
+    assert check_head_update(h5, Head("d" * 32, 5, b"a" * 32, "s", 2)) is None
+    # A snapshot's head is written after the current one even when the clock went back.
+    assert head_time_after(h5, 0) == 2 and head_time_after(h5, 7) == 7
+    assert head_time_after(None, 7) == 7
     assert Head.decode(h5.encode()) == h5
 
 
