@@ -10,7 +10,7 @@ from ..crypto.aead import (NONCE_SIZE, TAG_SIZE, AuthenticationFailed, decrypt, 
                            encrypt_many_into)
 from ..errors import IntegrityError
 from .header import _STRUCT as _HEADER, FLAG_ZSTD, FORMAT_VERSION, HEADER_SIZE, MAGIC, \
-    ObjectHeader, kind_name
+    Kind, ObjectHeader, kind_name
 
 OVERHEAD = HEADER_SIZE + NONCE_SIZE + TAG_SIZE
 ZSTD_LEVEL = 1
@@ -114,12 +114,42 @@ def seal_many_into(out: memoryview, kind: int, items: list[tuple[int, Body, int]
     encrypt_many_into(out, key, plan)
 
 
+MiB = 1024 * 1024
+# The most an opened (decompressed) object of each kind may hold: a few KB of zstd can expand
+# to GiB. A blob is held to the raw length its pack trailer (or the index) records, and to
+# its kind's cap, since a trailer is written by whoever holds the keys; records carry no
+# length of their own, so their kind's cap is all there is. Far above anything we write.
+MAX_PLAIN = 1024 * MiB
+MAX_PLAIN_OF = {
+    Kind.CHUNK: 16 * MiB,            # FastCDC cuts at 4x the average: 256 KiB by default
+    Kind.TREE: MAX_PLAIN,            # one directory: a 1 TB file alone lists 16M chunk ids
+    Kind.PACK_TRAILER: 64 * MiB,     # ~60 bytes a blob; a 16 MiB pack holds < 330k blobs
+    Kind.SNAPSHOT: 16 * MiB,
+    Kind.REPO_CONFIG: 1 * MiB,
+    Kind.DEVICE: 1 * MiB,
+    Kind.SEGMENT: 256 * MiB,         # ~200 bytes a change, however many files changed
+    Kind.HEAD: 64 * 1024,
+    Kind.SEGMENT_PART: 256 * MiB,
+    Kind.MEMBERSHIP: 16 * MiB,
+    Kind.KEYRING: 16 * MiB,
+}
+
+
 def open_object(data: bytes | bytearray | memoryview, key: bytes, *, expect: int | None = None,
-                what: str = "object") -> tuple[ObjectHeader, bytes | bytearray]:
-    """Check, decrypt and decompress one object; raise IntegrityError naming `what`."""
+                what: str = "object", raw_length: int | None = None
+                ) -> tuple[ObjectHeader, bytes | bytearray]:
+    """Check, decrypt and decompress one object; raise IntegrityError naming `what`.
+
+    `raw_length` (a blob's, from its pack trailer or the index) is the exact size the content
+    must have; whatever the kind, it may not exceed the kind's cap (`MAX_PLAIN_OF`). Neither
+    is ever exceeded while decompressing, not even for a moment."""
     header = ObjectHeader.decode(data, what)
     if expect is not None and header.kind != expect:
         raise IntegrityError(f"{what} is a {kind_name(header.kind)}, expected a {kind_name(expect)}")
+    cap = MAX_PLAIN_OF.get(header.kind, MAX_PLAIN)
+    if raw_length is not None and not 0 <= raw_length <= cap:
+        raise IntegrityError(f"{what} records a raw length of {raw_length} bytes, more than a "
+                             f"{kind_name(header.kind)} may hold ({cap})")
     end = HEADER_SIZE + header.length
     if len(data) < end:
         raise IntegrityError(f"{what} is truncated: {len(data)} of {end} bytes")
@@ -128,8 +158,26 @@ def open_object(data: bytes | bytearray | memoryview, key: bytes, *, expect: int
     except AuthenticationFailed:
         raise IntegrityError(f"{what} failed authentication: it was altered or damaged") from None
     if header.flags & FLAG_ZSTD:
-        try:
-            body = _decompressor().decompress(body)
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"{what} does not decompress: {exc}") from None
+        limit = (cap, f"the {cap} bytes a {kind_name(header.kind)} may hold") \
+            if raw_length is None else (raw_length, f"the raw length of {raw_length} recorded")
+        body = _decompress(body, *limit, what)
+    if raw_length is not None and len(body) != raw_length:
+        raise IntegrityError(f"{what} holds {len(body)} bytes, not the raw length of "
+                             f"{raw_length} recorded for it")
     return header, body
+
+
+def _decompress(body: bytes | bytearray, limit: int, limit_is: str, what: str) -> bytes:
+    """zstd `body`, refused before anything is allocated if it would exceed `limit` bytes."""
+    try:
+        # zstandard allocates the size the frame header declares, whatever max_output_size
+        # says: that size is checked first. We always write it (one-shot compression does).
+        declared = zstandard.frame_content_size(body)
+        if declared < 0:
+            raise IntegrityError(f"{what} does not record its size in its zstd frame")
+        if declared > limit:
+            raise IntegrityError(f"{what} would decompress to {declared} bytes, more than "
+                                 f"{limit_is}")
+        return _decompressor().decompress(body, max_output_size=limit, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{what} does not decompress: {exc}") from None

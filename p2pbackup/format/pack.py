@@ -140,19 +140,20 @@ def check_pack_header(head: bytes | memoryview, what: str) -> None:
         raise IntegrityError(f"{what} is not a pack")
 
 
-def check_pack_blobs(data: bytes | memoryview, blobs: Iterable[tuple[int, bytes, int, int]],
-                     data_key: bytes, id_key: bytes, what: str) -> None:
-    """Every blob (kind, id, offset, length) of a pack decrypts and hashes to its id; raises
-    IntegrityError naming the first that does not."""
+def check_pack_blobs(data: bytes | memoryview,
+                     blobs: Iterable[tuple[int, bytes, int, int, int]], data_key: bytes,
+                     id_key: bytes, what: str) -> None:
+    """Every blob (kind, id, offset, length, raw length) of a pack decrypts to its raw length
+    and hashes to its id; raises IntegrityError naming the first that does not."""
     view = memoryview(data)
     size = len(view)
-    for kind, blob_id, offset, length in blobs:
+    for kind, blob_id, offset, length, raw_length in blobs:
         label = f"blob {blob_id.hex()[:12]} in {what}"
         if offset < 0 or length < 0 or offset + length > size:
             raise IntegrityError(f"{what}: blob {blob_id.hex()[:12]} lies outside the pack")
         try:
             plain = open_object(view[offset:offset + length], data_key, expect=kind,
-                                what=label)[1]
+                                what=label, raw_length=raw_length)[1]
         except P2PError as exc:
             raise IntegrityError(str(exc)) from None
         if keyed_blob_id(id_key, plain) != blob_id:

@@ -145,12 +145,13 @@ class PackIntake:
     # ---- workers --------------------------------------------------------------------------
 
     async def take(self, name: str, data: memoryview, expect: str,
-                   blobs: list[tuple[int, bytes, int, int]], keys: tuple[bytes, bytes] | None,
-                   what: str) -> None:
+                   blobs: list[tuple[int, bytes, int, int, int]],
+                   keys: tuple[bytes, bytes] | None, what: str) -> None:
         """Check the pack in `data` (from `join`) and store it as `name`, not yet fsynced: its
-        BLAKE3 must be `expect` and each blob (kind, id, offset, length) decrypt and hash to
-        its id under `keys` (data key, id key; None: ciphertext kept unchecked). Raises
-        IntegrityError or StorageError; the buffer is freed either way."""
+        BLAKE3 must be `expect` and each blob (kind, id, offset, length, raw length) decrypt to
+        its raw length and hash to its id under `keys` (data key, id key; None: ciphertext
+        kept unchecked). Raises IntegrityError or StorageError; the buffer is freed either
+        way."""
         buf = data.obj
         assert self.owns(data) and isinstance(buf, _Shared)
         size = len(data)

@@ -152,7 +152,8 @@ async def _take_in_worker(repo: Repository, intake: PackIntake, name: str, diges
             raise IntegrityError(f"{what}: its content does not match its name") from None
         raise
     await intake.take(name, data, digest,
-                      [(b.kind, b.id, b.offset, b.length) for b in trailer.blobs],
+                      [(b.kind, b.id, b.offset, b.length, b.raw_length)
+                       for b in trailer.blobs],
                       (keys.data_key, keys.id_key) if keys else None, what)
     return trailer
 
@@ -201,7 +202,8 @@ def _check_pack(repo: Repository, data: bytes, what: str):
     """Every blob of the pack decrypts and hashes to its id (when we hold its source's key)."""
     trailer, keys = _pack_trailer(repo, data, what)
     if keys is not None:
-        check_pack_blobs(data, ((b.kind, b.id, b.offset, b.length) for b in trailer.blobs),
+        check_pack_blobs(data, ((b.kind, b.id, b.offset, b.length, b.raw_length)
+                                for b in trailer.blobs),
                          keys.data_key, keys.id_key, what)
     return trailer
 

@@ -213,7 +213,8 @@ class Repository:
         """Decrypt a sealed blob and check that its content matches its id."""
         what = f"blob {blob_id.hex()[:12]} in pack {loc.pack[:12]}"
         keys = self.scope_keys_of(loc)
-        _, plain = open_object(sealed, keys.data_key, expect=loc.kind, what=what)
+        _, plain = open_object(sealed, keys.data_key, expect=loc.kind, what=what,
+                               raw_length=loc.raw_length)
         if keys.blob_id(plain) != blob_id:
             raise IntegrityError(f"{what} has content that does not match its id")
         return plain

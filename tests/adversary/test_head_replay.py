@@ -4,33 +4,27 @@ that is not newer than the one held is refused, whatever else it shares with it.
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import pytest
 
-from p2pbackup.blobs.local import LocalDirStore
-from p2pbackup.crypto.identity import DeviceIdentity
-from p2pbackup.crypto.keys import AccountKeys
 from p2pbackup.errors import IntegrityError
 from p2pbackup.format.header import Kind
 from p2pbackup.format.log import GENESIS, Head, Segment
 from p2pbackup.repo import replica
 from p2pbackup.repo.logstore import LogStore
-from p2pbackup.repo.repository import Repository
 
-KEYS = AccountKeys(os.urandom(32))
-A, B = DeviceIdentity.generate(), DeviceIdentity.generate()
+from .conftest import A
+
 HEAD = f"heads/{A.device_id}"
 
 
 @pytest.fixture
-async def history(tmp_path: Path):
+async def history(repos):
     """Repository a, where device A wrote every kind of head move (segments, then snapshots on
     the same segment, then a segment again), every stored head as it was; and b, a replica of
     a holding A's newest head."""
-    a = await Repository.create(LocalDirStore(tmp_path / "a"), KEYS, A, str(tmp_path / "ca"), "a")
+    a, b = repos
     logs = LogStore(a)
     heads: list[bytes] = []
 
@@ -46,14 +40,8 @@ async def history(tmp_path: Path):
         await keep()
     await logs.append(A, Segment(A.device_id, 3, h.segment, time.time_ns(), ()))
     await keep()
-    b = await Repository.create_replica(LocalDirStore(tmp_path / "b"), KEYS, B,
-                                        str(tmp_path / "cb"), "b", await a.config_object())
-    async for name in a.store.list("devices/"):
-        await replica.accept(b, name, bytes(await a.store.get(name)))
     assert await replica.accept(b, HEAD, heads[-1])
-    yield a, b, heads
-    await a.close()
-    await b.close()
+    return a, b, heads
 
 
 async def test_replaying_any_older_head_is_refused(history):

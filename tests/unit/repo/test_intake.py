@@ -80,6 +80,15 @@ async def test_a_worker_refuses_a_lying_blob_and_an_altered_pack(pair, intake):
     with pytest.raises(IntegrityError, match="does not match its id"):
         await accept(b, f"packs/{name}", bytes(data), intake)
     assert not await b.store.has(f"packs/{name}")
+    # A blob that expands beyond the raw length its trailer records (a decompression bomb).
+    builder = PackBuilder("src", 0)
+    bomb = b"\0" * (8 * 1024 * 1024)
+    builder.add(Kind.CHUNK, keys.blob_id(bomb), seal_object(Kind.CHUNK, bomb, keys.data_key),
+                1000)
+    name, data, _ = builder.finish(KEYS.meta_key)
+    with pytest.raises(IntegrityError, match="more than the raw length of 1000"):
+        await accept(b, f"packs/{name}", bytes(data), intake)
+    assert not await b.store.has(f"packs/{name}")
 
     pack = [n async for n in a.store.list("packs/")][0]
     altered = bytearray(await a.store.get(pack))
@@ -100,7 +109,7 @@ async def test_a_pack_held_by_a_killed_worker_goes_to_a_new_one(pair, intake):
     data = bytes(await a.store.get(pack))
     view = intake.join([data], len(data))
     trailer, keys = replica._pack_trailer(b, view, "pack")
-    blobs = [(x.kind, x.id, x.offset, x.length) for x in trailer.blobs]
+    blobs = [(x.kind, x.id, x.offset, x.length, x.raw_length) for x in trailer.blobs]
     await intake._worker()
     first = [w.proc for w in intake._workers]
     for p in first:
