@@ -249,6 +249,14 @@ class Replicator:
         seen, since = s.bytes_in, time.monotonic()
         while not s.closed:
             await asyncio.sleep(self.stall / 4)
+            if stalled := s.expire():
+                log.warning("peer %s: %d objects sent in parts got no next part for %.0f s; "
+                            "asked for them again", device[:12], stalled,
+                            s.limits.partial_timeout)
+                try:
+                    await self._flush(s, link, device)
+                except P2PError:
+                    return   # the session is ending; its loop says why
             if s.bytes_in != seen or not s.pending:
                 seen, since = s.bytes_in, time.monotonic()
                 continue
@@ -401,9 +409,8 @@ class Replicator:
         got = self.sessions.get(st.device)
         if got is None or got[0] is not s or s.closed:
             return   # the next session's inventories ask for it
-        s.ask_again([name])
         try:
-            await self._handle(s, link, st, [])
+            await self._handle(s, link, st, s.ask_again([name]))
         except P2PError:
             pass   # the session is ending; its loop says why
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from ..errors import NotFound, P2PError, PeerUnreachable, RemoteProtocolError, StorageError
 from ..protocol import fetch
+from ..protocol.framing import Limits
 from .base import BlobStore, Buffer
 
 log = logging.getLogger("p2pbackup.peer")
@@ -46,6 +47,17 @@ async def _flush(end: fetch.FetchClient | fetch.FetchServer, link: Link,
     data = end.data_to_send()
     for i in range(0, len(data), size):
         await link.send(data[i:i + size])
+
+
+async def _next(end: fetch.FetchClient | fetch.FetchServer, link: Link) -> bytes | None:
+    """The next message; b"" when an object arriving in parts waited `partial_timeout` for
+    it (feeding that to `end` ends the session if it still waits)."""
+    if not end.partial_objects:
+        return await link.recv()
+    try:
+        return await asyncio.wait_for(link.recv(), end.limits.partial_timeout)
+    except asyncio.TimeoutError:
+        return b""
 
 
 class PeerStore(BlobStore):
@@ -124,7 +136,7 @@ class PeerStore(BlobStore):
     async def _read(self) -> None:
         reason = "the peer closed the connection"
         try:
-            while (msg := await self.link.recv()) is not None:
+            while (msg := await _next(self._client, self.link)) is not None:
                 for ev in self._client.receive_data(msg):
                     if isinstance(ev, fetch.Hello) and not self._hello.done():
                         self._hello.set_result(ev.device)
@@ -234,16 +246,16 @@ async def serve(link: Link, store: BlobStore, me: str, *, first: bytes | None = 
                 put: PutCheck | None = None, delete: Callable[[str], Awaitable[None]] |
                 None = None, read: Callable[[str], bool] | None = None,
                 lane: Callable[[str], Awaitable[tuple[str, int]]] | None = None,
-                message_size: int = MESSAGE) -> str:
+                message_size: int = MESSAGE, limits: Limits = Limits()) -> str:
     """Answer one fetch client from `store` until it leaves; returns why the session ended.
 
     `put` stores an object after whatever checks the caller makes (default: store.put);
     `delete` None refuses deletes; `read` says which names the client may see (default: all);
     `lane(client fingerprint)` makes ready for a direct lane and returns (our fingerprint,
     port), None refuses lanes. A failing request is answered with its reason; the session
-    goes on.
+    goes on, within `limits`.
     """
-    server = fetch.FetchServer(me)
+    server = fetch.FetchServer(me, limits=limits)
     may_read = read or (lambda name: True)
     do_put = put or store.put
 
@@ -292,7 +304,7 @@ async def serve(link: Link, store: BlobStore, me: str, *, first: bytes | None = 
     messages: list[bytes] = [first] if first else []
     try:
         while True:
-            msg = messages.pop() if messages else await link.recv()
+            msg = messages.pop() if messages else await _next(server, link)
             if msg is None:
                 return "the client left"
             for ev in server.receive_data(msg):

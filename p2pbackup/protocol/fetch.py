@@ -24,16 +24,20 @@ without lanes refuse it like any unknown operation.
 
 Requests are answered in order. A frame that does not parse ends the session with one
 `Closed` event; input never raises. Ops and frame types from newer versions are refused or
-skipped, never fatal.
+skipped, never fatal. Whatever the other end sends, a session holds at most `limits`
+(framing.Limits): objects arriving in parts (puts on the server, answers on the client: count
+and bytes, and an object whose next part does not come in time ends the session, see
+`expire`) and the names of a list answer; crossing a bound ends the session.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .framing import FrameError, FrameReader, encode
+from .framing import FrameError, FrameReader, LimitExceeded, Limits, Partials, encode
 
 VERSION = 1
 HELLO = "fetch"
@@ -104,30 +108,55 @@ def store_name(name: str) -> bool:
         all(p not in ("", ".", "..") for p in parts)
 
 
-@dataclass(slots=True)
-class _Parts:
-    total: int
-    chunks: list[bytes] = field(default_factory=list)
-    received: int = 0
-
-    def add(self, what: str, off: int, total: int, data: bytes, last: bool) -> bytes | None:
-        if off != self.received or total != self.total or off + len(data) > total \
-                or last != (off + len(data) == total):
-            raise FrameError(f"the parts of {what} do not fit together")
-        self.chunks.append(data)
-        self.received += len(data)
-        return b"".join(self.chunks) if last else None
-
-
 class _End:
-    """What both ends share: framing, the hello, the end of the session."""
+    """What both ends share: framing, the hello, objects in parts, the end of the session."""
 
-    def __init__(self, device: str, valid_name: Callable[[str], bool]) -> None:
+    def __init__(self, device: str, valid_name: Callable[[str], bool], limits: Limits,
+                 now: Callable[[], float]) -> None:
         self.device, self.valid_name = device, valid_name
+        self.limits = limits
         self.peer: str | None = None
         self.closed = False
         self._out = bytearray()
         self._in = FrameReader(max_array=LIST_BATCH + 16)
+        self._partial = Partials(limits, now)   # objects arriving, by request id
+
+    @property
+    def partial_objects(self) -> int:
+        return len(self._partial)
+
+    @property
+    def partial_bytes(self) -> int:
+        return self._partial.bytes
+
+    def _part(self, rid: int, what: str, msg: dict, max_total: int, name: str = ""
+              ) -> bytes | None:
+        """Keep one part of the object of request `rid`; the object once whole."""
+        off, total = _need(msg, "off", int), _need(msg, "total", int)
+        data, last = _need(msg, "data", bytes), _need(msg, "last", bool)
+        if off == 0:
+            if not 0 <= total <= max_total:
+                raise FrameError(f"{what} is {total} bytes, larger than {max_total}")
+            self._partial.start(rid, total, name=name)
+        parts = self._partial.get(rid)
+        if parts is None:
+            raise FrameError(f"a part of {what} whose first part never came")
+        if not parts.fits(off, total, len(data), last):
+            raise FrameError(f"the parts of {what} do not fit together")
+        self._partial.add(rid, data)
+        return b"".join(self._partial.finish(rid).parts) if last else None
+
+    def expire(self) -> "Closed | None":
+        """End the session if an object arriving in parts waited `limits.partial_timeout`
+        seconds for its next part (the adapter calls this when nothing arrives; input calls
+        it too); the Closed event, once."""
+        if self.closed or not self._partial.expired():
+            return None
+        self._partial.clear()
+        reason = (f"an object sent in parts stalled: its next part did not come within "
+                  f"{self.limits.partial_timeout:g} s")
+        self.close(reason)
+        return Closed(reason)
 
     def _frame(self, msg: dict) -> None:
         self._out += encode(VERSION, msg)
@@ -171,10 +200,13 @@ class _End:
                     raise FrameError(f"a {t!r} frame came before hello")
                 events += self._handle(t, msg)
         except FrameError as exc:
-            reason = f"the peer sent a malformed frame: {exc}"
+            reason = str(exc) if isinstance(exc, LimitExceeded) else \
+                f"the peer sent a malformed frame: {exc}"
             self.close(reason)
             events.append(Closed(reason))
-        return events
+            return events
+        stalled = self.expire()
+        return events + ([stalled] if stalled else [])
 
     def _hello(self) -> list[Event]:
         return [Hello(self.peer or "", VERSION)]
@@ -187,10 +219,10 @@ class FetchServer(_End):
     """The store's side: turns frames into `Request`s and answers into frames."""
 
     def __init__(self, device: str, *, valid_name: Callable[[str], bool] = store_name,
-                 max_put: int = 64 * 1024 * 1024) -> None:
-        super().__init__(device, valid_name)
+                 max_put: int = 64 * 1024 * 1024, limits: Limits = Limits(),
+                 now: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(device, valid_name, limits, now)
         self.max_put = max_put
-        self._puts: dict[int, tuple[str, _Parts]] = {}
 
     def _hello(self) -> list[Event]:
         self._frame({"t": HELLO, "versions": [VERSION], "device": self.device})
@@ -218,21 +250,12 @@ class FetchServer(_End):
             return [Request(rid, op, name, off, length)]
         if t == "put":
             rid = _need(msg, "id", int)
-            off, total = _need(msg, "off", int), _need(msg, "total", int)
-            data, last = _need(msg, "data", bytes), _need(msg, "last", bool)
-            if off == 0:
-                name = _name(msg, "name", self.valid_name)
-                if total > self.max_put:
-                    raise FrameError(f"an object of {total} bytes is larger than "
-                                     f"{self.max_put}")
-                self._puts[rid] = (name, _Parts(total))
-            if rid not in self._puts:
-                raise FrameError("a part of an object whose first part never came")
-            name, parts = self._puts[rid]
-            whole = parts.add(repr(name[:60]), off, total, data, last)
+            first = _need(msg, "off", int) == 0
+            name = _name(msg, "name", self.valid_name) if first else \
+                (self._partial.get(rid).name if rid in self._partial else "")
+            whole = self._part(rid, f"the object {name[:60]!r}", msg, self.max_put, name)
             if whole is None:
                 return []
-            del self._puts[rid]
             return [Request(rid, "put", name, data=whole)]
         return []  # a frame type of a newer version
 
@@ -267,12 +290,13 @@ class FetchServer(_End):
 class FetchClient(_End):
     """The reader's side: requests out, `Reply` events in (one per request)."""
 
-    def __init__(self, device: str, *, valid_name: Callable[[str], bool] = store_name) -> None:
-        super().__init__(device, valid_name)
+    def __init__(self, device: str, *, valid_name: Callable[[str], bool] = store_name,
+                 limits: Limits = Limits(), now: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(device, valid_name, limits, now)
         self._next = 1
         self._ops: dict[int, str] = {}
-        self._data: dict[int, _Parts] = {}
         self._names: dict[int, list[str]] = {}
+        self._name_bytes = 0                     # of the names in `_names`
         self._frame({"t": HELLO, "versions": [VERSION], "device": device})
 
     def request(self, op: str, name: str = "", *, offset: int = 0, length: int = 0,
@@ -315,6 +339,11 @@ class FetchClient(_End):
     def waiting(self) -> int:
         return len(self._ops)
 
+    @property
+    def names_held(self) -> int:
+        """Names of list answers not yet complete."""
+        return sum(map(len, self._names.values()))
+
     def _id(self, op: str) -> int:
         rid, self._next = self._next, self._next + 1
         self._ops[rid] = op
@@ -346,37 +375,37 @@ class FetchClient(_End):
             return [Reply(rid, value if op in ("size", "has") else None)]
         if t == "data":
             rid = self._pending(msg, "get", "range")
-            off, total = _need(msg, "off", int), _need(msg, "total", int)
-            data, last = _need(msg, "data", bytes), _need(msg, "last", bool)
-            if off == 0:
-                if not 0 <= total <= MAX_OBJECT:
-                    raise FrameError(f"an object of {total} bytes")
-                self._data[rid] = _Parts(total)
-            parts = self._data.get(rid)
-            if parts is None:
-                raise FrameError("a part of an answer whose first part never came")
-            whole = parts.add(f"the answer to request {rid}", off, total, data, last)
+            whole = self._part(rid, f"the answer to request {rid}", msg, MAX_OBJECT)
             if whole is None:
                 return []
-            del self._data[rid], self._ops[rid]
+            del self._ops[rid]
             return [Reply(rid, whole)]
         if t == "names":
             rid = self._pending(msg, "list")
             names = _need(msg, "names", list)
             if not all(isinstance(n, str) and self.valid_name(n) for n in names):
                 raise FrameError("a list answer with something that is not a store name")
+            size = sum(map(len, names))
+            self.limits.check_names(self.names_held + len(names), self._name_bytes + size)
             got = self._names.setdefault(rid, [])
             got += names
+            self._name_bytes += size
             if not _need(msg, "last", bool):
                 return []
-            del self._names[rid], self._ops[rid]
+            self._drop_names(rid)
+            del self._ops[rid]
             return [Reply(rid, got)]
         if t == "fail":
             rid = self._pending(msg)  # any request may fail
             self._ops.pop(rid)
-            self._data.pop(rid, None)
-            self._names.pop(rid, None)
+            self._partial.pop(rid)
+            self._drop_names(rid)
             code = str(msg.get("code", ERROR))[:20]
             return [Reply(rid, None, code if code in (NOT_FOUND, REFUSED) else ERROR,
                           str(msg.get("reason", ""))[:300])]
         return []  # a frame type of a newer version
+
+    def _drop_names(self, rid: int) -> list[str]:
+        got = self._names.pop(rid, [])
+        self._name_bytes -= sum(map(len, got))
+        return got

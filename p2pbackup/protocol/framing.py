@@ -13,6 +13,8 @@ Both produce and accept exactly the msgpack maps `encode` and `msgpack.unpackb` 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -27,6 +29,125 @@ Buffer = bytes | bytearray | memoryview
 
 class FrameError(Exception):
     """The peer's bytes are not a frame (the session should end)."""
+
+
+class LimitExceeded(FrameError):
+    """The peer made the session hold more than a bound allows (the session should end)."""
+
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a peer may make one session hold, whatever it sends; a session that would hold
+    more ends (LimitExceeded). An honest peer stays far below every bound."""
+
+    # Names the peer holds and we lack (its inventory, its announcements) and names we asked
+    # for: a 16 TB store is a million 16 MiB packs. Names we hold too cost nothing.
+    names: int = 1_000_000
+    name_bytes: int = 128 * MiB
+    # Objects arriving in parts at once: an honest peer sends one at a time on each lane.
+    partial_objects: int = 4
+    # ... and what they hold together (one object alone may be as large as any object).
+    partial_bytes: int = 64 * MiB
+    # Seconds an object arriving in parts may wait for its next part.
+    partial_timeout: float = 120.0
+
+    def check_names(self, count: int, size: int) -> None:
+        if count > self.names:
+            raise LimitExceeded(f"the peer exceeded a session limit: {count} names to keep "
+                                f"(the limit is {self.names})")
+        if size > self.name_bytes:
+            raise LimitExceeded(f"the peer exceeded a session limit: {size} bytes of names to "
+                                f"keep (the limit is {self.name_bytes})")
+
+
+@dataclass(slots=True)
+class Partial:
+    """An object arriving in parts: views of the frames they came in, until it is whole."""
+
+    total: int
+    since: float                                    # when its last part came
+    name: str = ""
+    lane: str = ""
+    parts: list[Buffer] = field(default_factory=list)
+    received: int = 0
+
+    def fits(self, off: int, total: int, size: int, last: bool) -> bool:
+        """Whether a part (offset, total, length, last) continues this object."""
+        return off == self.received and total == self.total and \
+            off + size <= total and last == (off + size == total)
+
+
+class Partials:
+    """The objects a session receives in parts, keyed by name or request id, within `limits`
+    (count and bytes; `expired` says which waited too long for their next part)."""
+
+    def __init__(self, limits: Limits, now: Callable[[], float]) -> None:
+        self.limits, self.now = limits, now
+        self._by_key: dict[Any, Partial] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._by_key
+
+    def get(self, key: Any) -> Partial | None:
+        return self._by_key.get(key)
+
+    def values(self) -> list[Partial]:
+        return list(self._by_key.values())
+
+    def pop(self, key: Any) -> Partial | None:
+        got = self._by_key.pop(key, None)
+        if got is not None:
+            self.bytes -= got.received
+        return got
+
+    def clear(self) -> None:
+        self._by_key.clear()
+        self.bytes = 0
+
+    def start(self, key: Any, total: int, *, name: str = "", lane: str = "") -> Partial:
+        """A new object (its first part came); it replaces an unfinished one of that key."""
+        self.pop(key)
+        if len(self._by_key) >= self.limits.partial_objects:
+            raise LimitExceeded(f"the peer exceeded a session limit: more than "
+                                f"{self.limits.partial_objects} objects sent in parts at once")
+        got = self._by_key[key] = Partial(total, self.now(), name, lane)
+        return got
+
+    def add(self, key: Any, data: Buffer) -> Partial:
+        """Keep the next part of `key` (it `fits`)."""
+        got = self._by_key[key]
+        if self.bytes + len(data) > self.limits.partial_bytes and len(self._by_key) > 1:
+            raise LimitExceeded(f"the peer exceeded a session limit: {self.bytes + len(data)} "
+                                f"bytes in objects sent in parts at once (the limit is "
+                                f"{self.limits.partial_bytes})")
+        got.parts.append(data)
+        got.received += len(data)
+        got.since = self.now()
+        self.bytes += len(data)
+        return got
+
+    def finish(self, key: Any) -> Partial:
+        """The whole object: no longer counted."""
+        got = self.pop(key)
+        assert got is not None
+        return got
+
+    def expired(self) -> list[Any]:
+        """Keys of objects whose last part came `partial_timeout` seconds ago or more."""
+        if not self._by_key:
+            return []
+        deadline = self.now() - self.limits.partial_timeout
+        return [k for k, p in self._by_key.items() if p.since <= deadline]
+
+    def on_lane(self, lane: str) -> list[Any]:
+        return [k for k, p in self._by_key.items() if p.lane == lane]
 
 
 def encode(version: int, msg: dict[str, Any]) -> bytes:

@@ -22,16 +22,23 @@ lane is up (measured: one 16 MiB pack stranded there made a 5 s transfer take 9 
 Flow control: at most `window` bytes of parts are unacknowledged; the application is asked for
 the next object (`ObjectWanted`) only when there is room, so nothing queues without bound.
 A frame that does not parse ends the session with one `Closed` event; input never raises.
+
+Whatever the peer sends, the session holds at most `limits` (framing.Limits): names it keeps
+for the peer (what the peer holds and we lack, what we asked for; the peer's wants are only
+queued for names we hold), objects arriving in parts (count, bytes, and time: `expire` drops
+one whose next part does not come and asks for it again). Crossing a bound ends the session.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from .framing import Buffer, FrameError, FrameReader, encode, encode_with_bin
+from .framing import (Buffer, FrameError, FrameReader, LimitExceeded, Limits, Partials, encode,
+                      encode_with_bin)
 
 VERSION = 1
 PART = 1024 * 1024
@@ -115,11 +122,32 @@ def _names(msg: dict, key: str, valid: Callable[[str], bool]) -> list[str]:
     return names
 
 
-@dataclass(slots=True)
-class _Incoming:
-    total: int
-    parts: list[Buffer] = field(default_factory=list)   # views of the frames they came in
-    received: int = 0
+class _Names(set):
+    """A set of names (the peer chose them) that keeps count of the bytes they hold."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def add(self, name: str) -> None:
+        if name not in self:
+            super().add(name)
+            self.bytes += len(name)
+
+    def update(self, names: Iterable[str]) -> None:   # type: ignore[override]
+        for n in names:
+            self.add(n)
+
+    def discard(self, name: str) -> None:
+        if name in self:
+            super().discard(name)
+            self.bytes -= len(name)
+
+    def clear(self) -> None:
+        super().clear()
+        self.bytes = 0
 
 
 class SyncSession:
@@ -128,8 +156,10 @@ class SyncSession:
     def __init__(self, device: str, have: set[str], *, valid_name: Callable[[str], bool],
                  wants: Callable[[str], bool] | None = None, window: int = 16 * 1024 * 1024,
                  sizes: dict[str, int] | None = None,
-                 join: Callable[[str, list, int], bytes | memoryview] | None = None) -> None:
+                 join: Callable[[str, list, int], bytes | memoryview] | None = None,
+                 limits: Limits = Limits(), now: Callable[[], float] = time.monotonic) -> None:
         self.device, self.have = device, have
+        self.limits = limits
         # Puts an object's parts together (name, parts, total): the adapter may want its own
         # kind of buffer (an aligned one a store can write without the page cache).
         self._join = join or (lambda name, parts, total: b"".join(parts))
@@ -148,15 +178,15 @@ class SyncSession:
         self._in_bulk = FrameReader(max_array=INV_BATCH * 2, bin_views=True)
         self.bulk_up = False
         self._awaiting_lane = False
-        self._peer_has: set[str] = set()
+        self._peer_has = _Names()           # in the peer's inventory, not here (until its end)
         self._peer_sizes: dict[str, int] = {}
         self._inv_done = False
-        self._asked: set[str] = set()       # we asked for these and have not got them yet
+        self._asked = _Names()              # we asked for these and have not got them yet
         self._to_send: deque[str] = deque() # the peer asked for these
         self._queued: set[str] = set()
         self._offering: str | None = None   # ObjectWanted emitted, waiting for send_object
         self._unacked: dict[str, int] = {}
-        self._incoming: dict[str, _Incoming] = {}
+        self._incoming = Partials(limits, now)   # objects arriving, by name
         self._rewanted: set[str] = set()    # asked for twice: a second copy may come
         self._sent_again: set[str] = set()  # the peer asked twice: an ack may come for either
         self._frame({"t": "hello", "versions": [VERSION], "device": device})
@@ -208,6 +238,8 @@ class SyncSession:
         self._awaiting_lane = False
         self._out_bulk = []
         self._in_bulk = FrameReader(max_array=INV_BATCH * 2, bin_views=True)
+        for name in self._incoming.on_lane("bulk"):   # never finished there: sent again
+            self._incoming.pop(name)
         for name, size in reversed(list(self._unacked.items())):
             self.in_flight -= size
             self.bytes_sent -= size
@@ -284,19 +316,38 @@ class SyncSession:
         forever). Partial objects restart from their first part. Returns how many."""
         if self.closed or not self._asked:
             return 0
-        for name in self._asked:
-            self._incoming.pop(name, None)
-        self._rewanted |= self._asked
-        names = sorted(self._asked)
+        return self._ask_from_start(sorted(self._asked))
+
+    def _ask_from_start(self, names: list[str]) -> int:
+        for name in names:
+            self._incoming.pop(name)
+        self._rewanted.update(names)
         for i in range(0, len(names), INV_BATCH):
             self._frame({"t": "want", "names": names[i:i + INV_BATCH]})
         return len(names)
 
-    def ask_again(self, names: list[str]) -> None:
+    def expire(self) -> int:
+        """Drop the objects arriving in parts whose next part did not come for
+        `limits.partial_timeout` seconds, and ask for them again; returns how many (the
+        adapter calls this now and then; input calls it too)."""
+        if self.closed:
+            return 0
+        expired = self._incoming.expired()
+        for name in expired:
+            self._incoming.pop(name)
+        stalled = sorted(n for n in expired if n in self._asked)
+        return self._ask_from_start(stalled) if stalled else 0
+
+    def ask_again(self, names: list[str]) -> list[Event]:
         """Ask the peer again for objects we received but could not store (a local failure,
         not the object's: it was refused with `reject` meanwhile)."""
-        if not self.closed:
+        if self.closed:
+            return []
+        try:
             self._want([n for n in names if n not in self.have], again=True)
+        except LimitExceeded as exc:
+            return [self._end(str(exc))]
+        return []
 
     @property
     def pending(self) -> int:
@@ -306,8 +357,30 @@ class SyncSession:
     @property
     def bytes_behind(self) -> int:
         """Bytes of what we asked for and have not received (as the peer's inventory said)."""
-        partial = sum(inc.received for inc in self._incoming.values())
-        return max(0, sum(self._peer_sizes.get(n, 0) for n in self._asked) - partial)
+        return max(0, sum(self._peer_sizes.get(n, 0) for n in self._asked) - self.partial_bytes)
+
+    # What the peer makes this session hold (each within `limits`).
+
+    @property
+    def names_held(self) -> int:
+        return len(self._peer_has) + len(self._asked)
+
+    @property
+    def name_bytes_held(self) -> int:
+        return self._peer_has.bytes + self._asked.bytes
+
+    @property
+    def partial_objects(self) -> int:
+        return len(self._incoming)
+
+    @property
+    def partial_bytes(self) -> int:
+        return self._incoming.bytes
+
+    @property
+    def queued(self) -> int:
+        """Objects the peer asked for that wait to be sent."""
+        return len(self._to_send)
 
     # ---- input ------------------------------------------------------------------------------
 
@@ -324,17 +397,22 @@ class SyncSession:
         events: list[Event] = []
         try:
             while (msg := reader.next()) is not None:
-                events += self._handle(msg)
+                events += self._handle(msg, lane)
                 if self.closed:
                     return events
+        except LimitExceeded as exc:
+            return events + [self._end(str(exc))]
         except _Bad as exc:
-            reason = f"the peer sent a malformed frame: {exc}"
-            self.close(reason)
-            events.append(Closed(reason))
-            return events
+            return events + [self._end(f"the peer sent a malformed frame: {exc}")]
+        self.expire()
         return events + self.next_wanted()
 
-    def _handle(self, msg: dict) -> list[Event]:
+    def _end(self, reason: str) -> Closed:
+        """We end the session: the peer is told why, and so is the application (once)."""
+        self.close(reason)
+        return Closed(reason)
+
+    def _handle(self, msg: dict, lane: str) -> list[Event]:
         t = msg["t"]
         if self.peer is None and t not in ("hello", "error"):
             raise _Bad(f"a {t!r} frame came before hello")
@@ -350,25 +428,36 @@ class SyncSession:
             return [PeerHello(self.peer, VERSION)]
         if t == "inv":
             names = _names(msg, "names", self.valid_name)
-            self._peer_has.update(names)
+            if self._inv_done:
+                return []   # an inventory goes once
+            # Only what we lack is kept: an inventory that matches ours costs nothing.
+            new = [n for n in names if n not in self.have and n not in self._peer_has]
+            self.limits.check_names(self.names_held + len(new),
+                                    self.name_bytes_held + sum(map(len, new)))
+            self._peer_has.update(new)
             sizes = msg.get("sizes")
             if isinstance(sizes, list) and len(sizes) == len(names):
                 self._peer_sizes.update((n, z) for n, z in zip(names, sizes)
-                                        if isinstance(z, int) and z >= 0)
-            if _need(msg, "last", bool) and not self._inv_done:
+                                        if isinstance(z, int) and z >= 0 and n in self._peer_has)
+            if _need(msg, "last", bool):
                 self._inv_done = True
-                wanted = self._want(sorted(self._peer_has - self.have))
+                lacking = sorted(self._peer_has - self.have)
+                self._peer_has.clear()
+                wanted = self._want(lacking)
+                self._peer_sizes = {n: z for n, z in self._peer_sizes.items() if n in self._asked}
                 return [InventoryDone(wanted)]
             return []
         if t == "announce":
             names = _names(msg, "names", self.valid_name)
-            self._peer_has.update(names)
             # Announced names are wanted even if held: heads are the one mutable kind.
             self._want([n for n in names if n not in self.have or n.startswith("heads/")],
                        again=True)
             return []
         if t == "want":
             for n in _names(msg, "names", self.valid_name):
+                if n not in self.have:   # said at once: the queue holds only what we hold
+                    self._frame({"t": "nack", "name": n, "reason": "not here"})
+                    continue
                 size = self._unacked.pop(n, None)
                 if size is not None:    # asked again (see `rewant`): that copy is lost or late
                     self.in_flight -= size
@@ -379,7 +468,7 @@ class SyncSession:
                     self._to_send.append(n)
             return []
         if t == "obj":
-            return self._part(msg)
+            return self._part(msg, lane)
         if t == "ack":
             name = _need(msg, "name", str)
             size = self._unacked.pop(name, None)
@@ -416,12 +505,15 @@ class SyncSession:
 
     def _want(self, names: list[str], again: bool = False) -> int:
         wanted = [n for n in names if self.wants(n) and (again or n not in self._asked)]
+        new = [n for n in wanted if n not in self._asked]
+        self.limits.check_names(self.names_held + len(new),
+                                self.name_bytes_held + sum(map(len, new)))
         for i in range(0, len(wanted), INV_BATCH):
             self._frame({"t": "want", "names": wanted[i:i + INV_BATCH]})
         self._asked.update(wanted)
         return len(wanted)
 
-    def _part(self, msg: dict) -> list[Event]:
+    def _part(self, msg: dict, lane: str) -> list[Event]:
         name = _need(msg, "name", str)
         if name in self.have and name not in self._asked and name not in self._incoming:
             return []  # sent again after the direct lane dropped; we stored it already
@@ -436,18 +528,16 @@ class SyncSession:
             raise _Bad(f"an object {name[:60]!r} of {total} bytes (the limit is {MAX_OBJECT})")
         inc = self._incoming.get(name)
         if off == 0:
-            inc = self._incoming[name] = _Incoming(total)
-        if inc is None or off != inc.received or total != inc.total \
-                or inc.received + len(data) > total or last != (off + len(data) == total):
+            inc = self._incoming.start(name, total, lane=lane)
+        if inc is None or not inc.fits(off, total, len(data), last):
             if again:   # the rest of a copy we gave up on, or two copies interleaved
-                self._incoming.pop(name, None)
+                self._incoming.pop(name)
                 return []
             raise _Bad(f"the parts of {name[:60]!r} do not fit together")
-        inc.parts.append(data)
-        inc.received += len(data)
+        self._incoming.add(name, data)
         if not last:
             return []
-        del self._incoming[name]
+        self._incoming.finish(name)
         self._asked.discard(name)
         self.bytes_received += total
         self.objects_received += 1

@@ -3,8 +3,9 @@
     python -m tests.integration.hostile_agent HOME HOST PORT PEER_ID
 
 Each attack is its own session (random bytes; valid sync frames carrying wrong content; a
-fetch session with malformed requests and a forged object to store). Prints one JSON line
-per attack with what came back.
+fetch session with malformed requests and a forged object to store; objects sent part-way and
+never finished, in a sync session and as puts). Prints one JSON line per attack with what
+came back.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from p2pbackup import session
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import load_config, load_keys
 from p2pbackup.protocol import fetch
-from p2pbackup.protocol.framing import encode
+from p2pbackup.protocol.framing import Limits, encode
 from p2pbackup.repo import membership as store_membership
 
 
@@ -27,6 +28,7 @@ def sync(msg: dict) -> bytes:
     return encode(1, msg)
 
 
+PARTIAL = [f"packs/{os.urandom(32).hex()}" for _ in range(Limits().partial_objects + 2)]
 ATTACKS = {
     "random bytes": [os.urandom(3000)],
     "wrong content": [sync({"t": "hello", "versions": [1], "device": "x"}),
@@ -39,6 +41,16 @@ ATTACKS = {
                                            "last": True}),
                     encode(fetch.VERSION, {"t": "req", "id": 2, "op": "get",
                                            "name": "../keys/account.key"})],
+    # More objects in parts at once than a session may hold (framing.Limits.partial_objects).
+    "objects sent part-way": [sync({"t": "hello", "versions": [1], "device": "x"}),
+                              sync({"t": "inv", "names": PARTIAL, "last": True})] +
+                             [sync({"t": "obj", "name": n, "off": 0, "total": 100_000,
+                                    "data": os.urandom(1000), "last": False}) for n in PARTIAL],
+    "unfinished puts": [encode(fetch.VERSION, {"t": fetch.HELLO, "versions": [1], "device": "x"})]
+                       + [encode(fetch.VERSION, {"t": "put", "id": i, "name": n, "off": 0,
+                                                 "total": 100_000, "data": os.urandom(1000),
+                                                 "last": False})
+                          for i, n in enumerate(PARTIAL, 1)],
 }
 
 

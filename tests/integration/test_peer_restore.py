@@ -142,12 +142,19 @@ def test_a_hostile_member_cannot_crash_the_daemon_or_plant_data(netlab, tmp_path
         assert proc.returncode == 0, proc.stderr
         results = {r["attack"]: bytes.fromhex(r["replies"]) for r in
                    map(json.loads, proc.stdout.splitlines())}
-        assert set(results) == {"random bytes", "wrong content", "fetch abuse"}
+        assert set(results) == {"random bytes", "wrong content", "fetch abuse",
+                                "objects sent part-way", "unfinished puts"}
         # Each session ends with the reason in words; nothing forged is taken.
         assert b"the peer sent a malformed frame" in results["random bytes"]
         assert b"its content does not match its name" in results["wrong content"]
         assert b"its content does not match its name" in results["fetch abuse"]
         assert b"not a store name" in results["fetch abuse"]
+        # Past a session's bounds: the session ends, with one line in the daemon's log each.
+        assert b"exceeded a session limit" in results["objects sent part-way"]
+        assert b"exceeded a session limit" in results["unfinished puts"]
+        limit_lines = [line for line in (tmp_path / "a.log").read_text().splitlines()
+                       if "session limit" in line]
+        assert len(limit_lines) == 2, limit_lines
         # The daemon still runs, stored nothing, and still serves an honest reader.
         assert procs[0].poll() is None and wait_status(a)["device"]
         assert sorted(p.name for p in (a.home / "store").rglob("*") if p.is_file()) == before
