@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -30,7 +31,7 @@ from .account_ops import AccountOps
 from .capture import SealState, SegmentSealer
 from .control import ControlServer
 from .notify import Notifier
-from .peers import PeerManager
+from .peers import PeerManager, connection_limits
 from .partner import PartnerService, load_grants
 from .replicate import Replicator
 from .rescan import rescan
@@ -312,7 +313,8 @@ async def serve(home: Path | None) -> int:
         await server.start()
         d.replicator = Replicator(dev.repo, dev.identity.device_id,
                                   direct_lane=config.peers.lan and config.peers.direct_lane,
-                                  stall=config.peers.stall_timeout)
+                                  stall=config.peers.stall_timeout,
+                                  connection_limits=connection_limits(config.peers))
         d.peers = PeerManager(config, dev, on_session=d.replicator.run,
                               on_fetch=d.replicator.serve)
         d.replicator.on_membership = d.peers.refresh
@@ -391,6 +393,22 @@ async def _serve_partner_only(config: Config, notifier: Notifier, stop: asyncio.
     return 0
 
 
+def raise_file_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit: sessions, lanes, pack
+    workers and (until they are refused) connections to our ports each hold descriptors, and
+    the usual soft limit of 1024 ran out under a flood of 1,100 idle connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-files limit from %d to %d: %s", soft, want, exc)
+        return
+    log.info("open-files limit raised from %d to %d", soft, want)
+
+
 def run() -> None:
     """Console-script entry point."""
     parser = argparse.ArgumentParser(prog="p2pbackupd", description=__doc__.splitlines()[0])
@@ -402,6 +420,7 @@ def run() -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # one line per batch otherwise
     logging.getLogger("aioice").setLevel(logging.WARNING)      # one line per ICE check
     sys.setswitchinterval(0.0002)
+    raise_file_limit()
     try:
         code = asyncio.run(serve(args.home))
     except P2PError as exc:

@@ -42,6 +42,7 @@ from p2pbackup.protocol.sync import (Closed, Event, ObjectReceived, ObjectWanted
 from p2pbackup.repo import removals, replica
 from p2pbackup.transport.datachannel import PeerLink
 
+from .peers import connection_limits
 from .replicate import flush
 
 log = logging.getLogger("p2pbackupd")
@@ -144,7 +145,8 @@ class PartnerService:
         host = "127.0.0.1" if interfaces == ["lo"] else "0.0.0.0"
         self._signaling = session.SignalingServer(
             self.identity, lambda: self._membership, self._incoming,
-            ice=ice_for(self.config.peers), on_refused=lambda why: log.warning("%s", why))
+            ice=ice_for(self.config.peers), on_refused=lambda why: log.warning("%s", why),
+            limits=connection_limits(self.config.peers))
         self.port = await self._signaling.start(host, 0)
         try:
             self._ad = await self._stack.enter_async_context(mdns.advertise(

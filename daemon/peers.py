@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from p2pbackup import session
-from p2pbackup.config import Config
+from p2pbackup.config import Config, PeerSettings
 from p2pbackup.crypto.identity import device_id_for
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, partner_tag_key, which_device
 from p2pbackup.device import Device
@@ -29,6 +29,7 @@ from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.protocol import fetch
 from p2pbackup.protocol.framing import peek_type
 from p2pbackup.transport.datachannel import PeerLink
+from p2pbackup.transport.pending import ConnectionLimits
 
 log = logging.getLogger("p2pbackupd")
 SERVICE = PEER_SERVICE
@@ -63,6 +64,11 @@ class PeerState:
                 "since": self.since, "last_seen": self.last_seen, "last_sync": self.last_sync,
                 "objects_behind": self.objects_behind,
                 "bytes_behind": self.bytes_behind, "error": self.error}
+
+
+def connection_limits(peers: PeerSettings) -> ConnectionLimits:
+    """The bounds on connections to our ports that have not authenticated yet."""
+    return ConnectionLimits(handshake_timeout=peers.handshake_timeout)
 
 
 async def _hold(device: str, link: PeerLink, state: PeerState, first: bytes | None) -> None:
@@ -146,7 +152,8 @@ class PeerManager:
             return
         self._signaling = session.SignalingServer(
             self.dev.identity, lambda: self._current(), self._incoming, ice=self._ice,
-            on_refused=lambda why: log.warning("%s", why))
+            on_refused=lambda why: log.warning("%s", why),
+            limits=connection_limits(self.config.peers))
         self.port = await self._signaling.start(self.bind_address, self.config.peers.port)
         try:
             # Browse first: the advertisement returns only after its announcements (~0.5 s),

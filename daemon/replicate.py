@@ -23,6 +23,7 @@ from p2pbackup.repo import membership as store_membership
 from p2pbackup.repo import intake, removals, replica
 from p2pbackup.repo.intake import PackIntake
 from p2pbackup.transport.datachannel import MESSAGE_SIZE, PeerLink
+from p2pbackup.transport.pending import ConnectionLimits
 from p2pbackup.transport.tls_lane import (LaneIdentity, LaneLink, LaneServer, _normalize,
                                           connect_lane)
 
@@ -52,8 +53,10 @@ class Replicator:
     """Runs sessions and fans announcements out to every open one."""
 
     def __init__(self, repo, me: str, *, direct_lane: bool = False,
-                 stall: float = STALL, retry: float = RETRY) -> None:
+                 stall: float = STALL, retry: float = RETRY,
+                 connection_limits: ConnectionLimits = ConnectionLimits()) -> None:
         self.repo, self.me = repo, me
+        self.connection_limits = connection_limits
         self.stall = stall
         self.retry = retry
         self._retries: dict[str, float] = {}   # pack -> delay before asking for it again
@@ -108,7 +111,8 @@ class Replicator:
             return
         self.lane_identity = LaneIdentity.generate()
         self.lane_server = LaneServer(self.lane_identity, self._lane_accepted,
-                                      on_refused=lambda e: log.warning("direct lane: %s", e))
+                                      on_refused=lambda e: log.warning("direct lane: %s", e),
+                                      limits=self.connection_limits)
         self.lane_port = (await self.lane_server.start(host, 0))[1]
 
     async def close(self) -> None:

@@ -60,6 +60,7 @@ class PeerSettings:
     interfaces: tuple[str, ...] = ()   # mDNS interfaces (names); empty = all
     removal_grace: float = 7 * 86400   # seconds before a peer deletes what an owner removed
     stall_timeout: float = 30.0        # seconds with no byte from a peer we wait on: ask again
+    handshake_timeout: float = 10.0    # seconds a connection to our ports has to authenticate
 
     @classmethod
     def from_env(cls) -> "PeerSettings":
@@ -258,9 +259,15 @@ def _peer_settings(table: object, path: Path) -> PeerSettings:
     if isinstance(stall, bool) or not isinstance(stall, (int, float)) or not 0 < stall <= 86400:
         raise ConfigError(f"{path}: key 'peers.stall_timeout' = {stall!r} must be a number of "
                           "seconds (more than 0, at most 86400)")
+    handshake = table.get("handshake_timeout", d.handshake_timeout)
+    if isinstance(handshake, bool) or not isinstance(handshake, (int, float)) \
+            or not 0 < handshake <= 600:
+        raise ConfigError(f"{path}: key 'peers.handshake_timeout' = {handshake!r} must be a "
+                          "number of seconds (more than 0, at most 600)")
     if _lan_off():
         lan = False
-    return PeerSettings(lan, port, lane, tuple(ifaces), float(grace), float(stall))
+    return PeerSettings(lan, port, lane, tuple(ifaces), float(grace), float(stall),
+                        float(handshake))
 
 
 def _lan_off() -> bool:

@@ -27,6 +27,7 @@ from .format.records import Signed
 from .format.signaling import (ANSWER, OFFER, ReplayGuard, SessionDescription,
                                check_description, sign_description)
 from .transport.datachannel import IceConfig, PeerLink
+from .transport.pending import ConnectionLimits, PendingConnections
 
 log = logging.getLogger("p2pbackup.session")
 _LEN = struct.Struct(">I")
@@ -158,15 +159,22 @@ async def connect_recovering(signer: DeviceIdentity, signaling: Signaling, *,
 
 
 class SignalingServer:
-    """The daemon's LAN signaling endpoint: answers offers from members, refuses the rest."""
+    """The daemon's LAN signaling endpoint: answers offers from members, refuses the rest.
+
+    A connection has `limits.handshake_timeout` seconds to deliver a signed offer; until it
+    has, it counts against `limits` (transport.pending), so a flood of idle connections from
+    the LAN neither exhausts the daemon's descriptors nor keeps members out."""
 
     def __init__(self, me: DeviceIdentity, membership: Callable[[], Membership],
                  on_link: Callable[[str, PeerLink], Awaitable[None]], *,
                  ice: IceConfig | None = None,
-                 on_refused: Callable[[str], None] | None = None) -> None:
+                 on_refused: Callable[[str], None] | None = None,
+                 limits: ConnectionLimits = ConnectionLimits()) -> None:
         self.me, self.membership, self.on_link = me, membership, on_link
         self.ice = ice
         self.on_refused = on_refused or (lambda why: log.warning("%s", why))
+        self.limits = limits
+        self.pending = PendingConnections(limits, "signaling")
         self.guard = ReplayGuard()
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -184,16 +192,21 @@ class SignalingServer:
             t.cancel()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.pending.admit(writer):
+            writer.transport.abort()
+            return
         peer = writer.get_extra_info("peername")
         where = f"{peer[0]}:{peer[1]}" if peer else "?"
         link: PeerLink | None = None
         try:
-            raw = await _read_frame(reader, 15)
+            timeout = self.limits.handshake_timeout
+            raw = await asyncio.wait_for(_read_frame(reader, timeout), timeout)
             m = self.membership()
             offer = check_description(raw, me=self.me.device_id, membership=m,
                                       now_ns=_now(), guard=self.guard, verify=verify_signature,
                                       expect=OFFER, recovery_id=device_id_for(m.recovery_key)
                                       if m.recovery_key else None)
+            self.pending.done(writer)   # a member (or the recovery signer): no longer counted
             link = PeerLink(self.ice)
             sdp = await link.accept_offer(offer.sdp)
             answer = sign_description(SessionDescription(ANSWER, self.me.device_id,
@@ -216,6 +229,7 @@ class SignalingServer:
                 await link.close()
             return
         finally:
+            self.pending.done(writer)
             writer.close()
         task = asyncio.create_task(self._handover(offer.sender, link))
         self._tasks.add(task)

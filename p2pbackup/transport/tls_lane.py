@@ -42,6 +42,7 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import LocalProtocolError, PeerNotPaired, PeerUnreachable, RemoteProtocolError
 from .link import CLOSED, CONNECTED, StateCallback
+from .pending import ConnectionLimits, PendingConnections
 
 log = logging.getLogger("p2pbackup.transport")
 
@@ -466,17 +467,22 @@ class LaneServer:
     `expect(fp)` / `forget(fp)` manage the accepted fingerprints (each came signed inside a
     data-channel session). `handler(link)` runs for each accepted lane; the link is closed
     when it returns. `on_refused(error)` hears about each refused or failed attempt
-    (default: one log line).
+    (default: one log line); a connection that only idles until `limits.handshake_timeout`
+    is closed without a word. Until its handshake is done a connection counts against
+    `limits` (transport.pending): a flood of idle connections keeps no paired peer out.
     """
 
     def __init__(self, identity: LaneIdentity, handler: LaneHandler, *,
                  expected: Iterable[str] = (), max_message_size: int = MAX_MESSAGE_SIZE,
-                 on_refused: Callable[[Exception], None] | None = None) -> None:
+                 on_refused: Callable[[Exception], None] | None = None,
+                 limits: ConnectionLimits = ConnectionLimits()) -> None:
         self.identity = identity
         self._handler = handler
         self._expected = {_normalize(f) for f in expected}
         self._max_message_size = max_message_size
         self._on_refused = on_refused
+        self.limits = limits
+        self.pending = PendingConnections(limits, "direct lane")
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -512,18 +518,29 @@ class LaneServer:
         await self.close()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.pending.admit(writer):
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         self._tasks.add(task)
         peer = writer.get_extra_info("peername")
         where = f"from {peer[0]}:{peer[1]}" if peer else "from a peer"
         link = None
+        hello: list[bytes] = []    # the client's hello, once it came
         try:
             try:
-                link = await asyncio.wait_for(self._server_handshake(reader, writer, where),
-                                              HANDSHAKE_TIMEOUT)
+                link = await asyncio.wait_for(
+                    self._server_handshake(reader, writer, where, hello),
+                    self.limits.handshake_timeout)
             except Exception as exc:
-                self._refused(_translate(exc, where))
+                # Idle, or gone (or dropped for a newer one) before its hello: not worth a
+                # line each (a flood is thousands of them; transport.pending says it once).
+                if hello or not isinstance(exc, (asyncio.TimeoutError,
+                                                 asyncio.IncompleteReadError, ConnectionError)):
+                    self._refused(_translate(exc, where))
                 return
+            finally:
+                self.pending.done(writer)
             try:
                 await self._handler(link)
             except asyncio.CancelledError:
@@ -540,8 +557,10 @@ class LaneServer:
                     await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def _server_handshake(self, reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter, where: str) -> LaneLink:
-        magic, version, size = _HELLO.unpack(await reader.readexactly(_HELLO.size))
+                                writer: asyncio.StreamWriter, where: str,
+                                hello: list[bytes]) -> LaneLink:
+        hello.append(await reader.readexactly(_HELLO.size))
+        magic, version, size = _HELLO.unpack(hello[0])
         if magic != MAGIC or version != VERSION or not 0 < size <= MAX_CERT:
             raise RemoteProtocolError(f"the connection {where} is not a lane v{VERSION} hello")
         client_der = await reader.readexactly(size)

@@ -15,7 +15,7 @@ UNIT = Path(__file__).resolve().parents[2] / "systemd" / "p2pbackupd.service"
 def test_unit_is_type_notify_with_watchdog_and_restart():
     text = UNIT.read_text()
     for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes",
-                 "ProtectSystem=strict"):
+                 "ProtectSystem=strict", "LimitNOFILE="):
         assert line in text
 
 
