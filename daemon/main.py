@@ -318,6 +318,7 @@ async def serve(home: Path | None) -> int:
         d.peers = PeerManager(config, dev, on_session=d.replicator.run,
                               on_fetch=d.replicator.serve)
         d.replicator.on_membership = d.peers.refresh
+        d.peers.on_members = d.replicator.close_unless
         await d.replicator.start_lane(d.peers.bind_address)
         await d.peers.start()
         # On the LAN now: aiortc is imported in a thread while mDNS finds the peers, so it is

@@ -86,6 +86,8 @@ class PeerManager:
         self.config, self.dev = config, dev
         self.on_session = on_session or _hold
         self.on_fetch = on_fetch
+        # Told who may still connect after every membership change (it closes the rest).
+        self.on_members: Callable[[Callable[[str], bool]], Awaitable[None]] | None = None
         self.peers: dict[str, PeerState] = {}
         self.membership: Membership | None = None
         self.port = 0
@@ -111,12 +113,20 @@ class PeerManager:
         got = await store_membership.load(self.dev.repo)
         self.membership = got[0] if got else None
         for device, st in list(self.peers.items()):
-            if self.membership is None or not self.membership.admits(device):
+            if not self.allowed(device):
                 st.error = "removed from the account"
         if self.membership:
             for m in self.membership.members:
                 if m.device_id != self.me and m.device_id in self.peers:
                     self.peers[m.device_id].name = m.name
+        if self.on_members is not None:
+            await self.on_members(self.allowed)
+
+    def allowed(self, device: str) -> bool:
+        """Whether `device` may have a session here: a member, or the recovery signer."""
+        m = self.membership
+        return m is not None and (m.admits(device) or m.recovery_key != b"" and
+                                  device == device_id_for(m.recovery_key))
 
     def _members(self) -> list[str]:
         if self.membership is None:

@@ -8,6 +8,7 @@ second instead of polling.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -68,6 +69,7 @@ class Replicator:
         self.lane_port = 0
         self._lane_peers: dict[str, str] = {}   # expected fingerprint -> device
         self._fetch_lanes: dict[str, str] = {}  # fingerprint -> device reading this store
+        self._reading: dict[str, set[PeerLink | LaneLink]] = {}   # device -> its read sessions
         self._states: dict[str, "PeerState"] = {}
         self.on_membership: Callable[[], Awaitable[None]] | None = None
         self.tombstones: set[str] = set()   # removed by an owner: never fetched again
@@ -197,6 +199,36 @@ class Replicator:
                 log.info("peer %s: back on the data channel", device[:12])
                 await self._handle(s, link, st, s.next_wanted())
 
+    async def close_unless(self, allowed: Callable[[str], bool]) -> None:
+        """Close at once every session, direct lane and read of a device no longer `allowed`
+        (the membership changed: it was removed), with one log line per device."""
+        devices = set(self.sessions) | set(self.lanes) | set(self._reading)
+        for device in sorted(d for d in devices if not allowed(d)):
+            closing: list[PeerLink | LaneLink] = []
+            what: list[str] = []
+            if (got := self.sessions.get(device)) is not None:
+                s, link = got
+                s.close("this device was removed from the account")
+                with contextlib.suppress(P2PError):
+                    await self._flush(s, link, device)   # it hears why, if it still listens
+                closing.append(link)
+                what.append("session")
+            if (lane := self.lanes.pop(device, None)) is not None:
+                closing.append(lane)
+                what.append("direct lane")
+            if reads := self._reading.pop(device, set()):
+                closing += reads
+                what.append(f"{len(reads)} reading sessions")
+            for fp in [fp for fp, d in [*self._lane_peers.items(), *self._fetch_lanes.items()]
+                       if d == device]:   # and it opens no new lane
+                self._lane_peers.pop(fp, None)
+                self._fetch_lanes.pop(fp, None)
+                if self.lane_server is not None:
+                    self.lane_server.forget(fp)
+            await asyncio.gather(*(c.close() for c in closing), return_exceptions=True)
+            log.warning("device %s is no longer in the account: closed its %s", device[:12],
+                        ", ".join(what))
+
     async def announce_new(self) -> None:
         """Tell every open session what this store holds that it has not been told of."""
         if not self.sessions:
@@ -294,10 +326,17 @@ class Replicator:
             return self.lane_server.fingerprint, self.lane_port
 
         offer = lane if self.lane_server is not None and not on_lane else None
-        why = await peer_store.serve(link, self.repo.store, self.me, first=first, put=put,
-                                     read=replica.is_object_name, lane=offer,
-                                     message_size=LANE_PIECE if on_lane else
-                                     peer_store.MESSAGE)
+        reading = self._reading.setdefault(device, set())
+        reading.add(link)
+        try:
+            why = await peer_store.serve(link, self.repo.store, self.me, first=first, put=put,
+                                         read=replica.is_object_name, lane=offer,
+                                         message_size=LANE_PIECE if on_lane else
+                                         peer_store.MESSAGE)
+        finally:
+            reading.discard(link)
+            if not reading and self._reading.get(device) is reading:
+                del self._reading[device]
         log.info("device %s stopped reading%s: %s", device[:12],
                  " over the direct lane" if on_lane else "", why)
         for fp in offered:   # lanes asked for and never opened are not waited for any more
