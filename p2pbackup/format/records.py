@@ -19,7 +19,13 @@ from ..errors import IntegrityError, UnsupportedFormat
 RECORD_VERSION = 1
 
 FILE, DIR, SYMLINK = "f", "d", "l"
-ENTRY_TYPES = frozenset({FILE, DIR, SYMLINK})
+FIFO, CHARDEV, BLOCKDEV = "p", "c", "b"  # the letters `ls -l` shows
+SPECIAL_TYPES = frozenset({FIFO, CHARDEV, BLOCKDEV})
+ENTRY_TYPES = frozenset({FILE, DIR, SYMLINK}) | SPECIAL_TYPES
+# What a snapshot's entries record beyond stat (Snapshot.capture): 1 = extended attributes,
+# sparseness, FIFOs and device nodes. A snapshot of a lower level left them out, so the next
+# one reads them for files it would otherwise take over unread from it.
+CAPTURE_LEVEL = 1
 
 
 def _pack(obj: Any) -> bytes:
@@ -112,6 +118,9 @@ class TreeEntry:
     nlink: int = 1
     sqlite: bool = False
     wal_mtime_ns: int = 0
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()  # (name, value), sorted by name
+    sparse: bool = False  # a file with holes: restore leaves its zero runs unallocated
+    rdev: tuple[int, int] = (0, 0)  # (major, minor) of a device node
 
     def to_map(self) -> dict:
         m: dict[str, Any] = {"t": self.type, "n": self.name, "m": self.mode, "u": self.uid,
@@ -123,10 +132,16 @@ class TreeEntry:
             if self.sqlite:
                 m["sq"] = True
                 m["wm"] = self.wal_mtime_ns
+            if self.sparse:
+                m["sp"] = True
         elif self.type == DIR:
             m["sub"] = self.subtree
         elif self.type == SYMLINK:
             m["lt"] = self.target
+        elif self.type in (CHARDEV, BLOCKDEV):
+            m["rd"] = list(self.rdev)
+        if self.xattrs:
+            m["xa"] = [list(x) for x in self.xattrs]
         return m
 
     @classmethod
@@ -146,12 +161,32 @@ class TreeEntry:
             for c in chunks:
                 if type(c) is not bytes or len(c) != 32:
                     raise IntegrityError(f"{what} is malformed: bad chunk id in {name!r}")
+            xa = g("xa")
             return cls(t, name, mode, g("u", 0), g("g", 0), mtime, g("ct", 0), g("i", 0), size,
-                       tuple(chunks), None, None, g("nl", 1), bool(g("sq", False)), g("wm", 0))
+                       tuple(chunks), None, None, g("nl", 1), bool(g("sq", False)), g("wm", 0),
+                       () if xa is None else _xattrs(xa, name, what), bool(g("sp", False)))
+        xa = g("xa")
+        xattrs = () if xa is None else _xattrs(xa, name, what)
         if t == DIR:
             return cls(t, name, mode, g("u", 0), g("g", 0), mtime,
-                       subtree=_need(m, "sub", bytes, what))
-        return cls(t, name, mode, g("u", 0), g("g", 0), mtime, target=_need(m, "lt", bytes, what))
+                       subtree=_need(m, "sub", bytes, what), xattrs=xattrs)
+        if t == SYMLINK:
+            return cls(t, name, mode, g("u", 0), g("g", 0), mtime,
+                       target=_need(m, "lt", bytes, what), xattrs=xattrs)
+        rdev = (0, 0)
+        if t != FIFO:
+            rd = _need(m, "rd", list, what)
+            if len(rd) != 2 or not all(type(x) is int and 0 <= x < 1 << 32 for x in rd):
+                raise IntegrityError(f"{what} is malformed: bad device number in {name!r}")
+            rdev = (rd[0], rd[1])
+        return cls(t, name, mode, g("u", 0), g("g", 0), mtime, xattrs=xattrs, rdev=rdev)
+
+
+def _xattrs(raw: object, name: bytes, what: str) -> tuple[tuple[bytes, bytes], ...]:
+    if type(raw) is not list or not all(type(x) is list and len(x) == 2 and type(x[0]) is bytes
+                                        and type(x[1]) is bytes for x in raw):
+        raise IntegrityError(f"{what} is malformed: bad extended attributes in {name!r}")
+    return tuple((k, v) for k, v in raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,12 +270,14 @@ class Snapshot:
     sources: tuple[SourceRoot, ...]
     log_seq: int = 0
     parent: str | None = None
-    warnings: int = 0
+    warnings: int = 0  # files that could not be read
+    capture: int = 0  # the CAPTURE_LEVEL of the writer; 0 before levels existed
 
     def encode(self) -> bytes:
         return _pack({"v": RECORD_VERSION, "time": self.time_ns, "device": self.device,
                       "host": self.hostname, "sources": [s.to_map() for s in self.sources],
-                      "seq": self.log_seq, "parent": self.parent, "warnings": self.warnings})
+                      "seq": self.log_seq, "parent": self.parent, "warnings": self.warnings,
+                      "cap": self.capture})
 
     @classmethod
     def decode(cls, data: bytes, what: str = "snapshot") -> "Snapshot":
@@ -249,9 +286,10 @@ class Snapshot:
                         if isinstance(m, dict))
         # Restore writes each source to <target>/<name>: a name must be one folder name.
         check_names([_fs_name(s.name, what) for s in sources], what, "source")
+        capture = obj.get("cap", 0)
         return cls(_need(obj, "time", int, what), _need(obj, "device", str, what),
                    obj.get("host", ""), sources, obj.get("seq", 0), obj.get("parent"),
-                   obj.get("warnings", 0))
+                   obj.get("warnings", 0), capture if isinstance(capture, int) else 0)
 
     @property
     def size(self) -> int:

@@ -15,8 +15,8 @@ from p2pbackup.format.header import Kind
 from p2pbackup.format.objects import seal_object
 from p2pbackup.format.log import GENESIS, Segment, SegmentPart
 from p2pbackup.format.pack import PackBuilder
-from p2pbackup.format.records import (FILE, DIR, SYMLINK, RepoConfig, Signed, Snapshot,
-                                      SourceRoot, Tree, TreeEntry)
+from p2pbackup.format.records import (BLOCKDEV, CHARDEV, DIR, FIFO, FILE, SYMLINK, RepoConfig,
+                                      Signed, Snapshot, SourceRoot, Tree, TreeEntry)
 
 HERE_DIR = Path(__file__).parent
 ACCOUNT_KEY = bytes(range(32))
@@ -147,6 +147,34 @@ def main() -> None:
     (HERE / "removal.obj").write_bytes(removal_object(
         Removal(dev.device_id, 1_700_000_000_000_000_000,
                 ("config", "packs/" + "ab" * 32, "snapshots/" + "cd" * 32)), dev.sign))
+
+    # Written by capture level 1 (Snapshot.capture): extended attributes on every kind, a
+    # sparse file, a FIFO and two device nodes; a reader of level 0 skips the new kinds and
+    # ignores the new fields.
+    acl = bytes.fromhex("02000000010006000000ffff02000600d2040000040004000000ffff"
+                        "100006000000ffff200004000000ffff")
+    capture1 = Tree((
+        TreeEntry(BLOCKDEV, b"blk", 0o60600, 0, 6, 1_700_000_000_000_000_010, rdev=(7, 200)),
+        TreeEntry(FILE, b"disk.img", 0o100644, 1000, 1000, 1_700_000_000_000_000_011,
+                  1_700_000_000_000_000_012, 43, 64 << 20, (cid,) * 2, sparse=True,
+                  xattrs=((b"system.posix_acl_access", acl), (b"user.mime_type", b"x/raw"))),
+        TreeEntry(DIR, b"etc", 0o40755, 0, 0, 1_700_000_000_000_000_013, subtree=tid,
+                  xattrs=((b"system.posix_acl_default", acl),)),
+        TreeEntry(FIFO, b"fifo", 0o10640, 1000, 1000, 1_700_000_000_000_000_014,
+                  xattrs=((b"trusted.note", b"fifo"),)),
+        TreeEntry(SYMLINK, b"link", 0o120777, 0, 0, 1_700_000_000_000_000_015,
+                  target=b"disk.img", xattrs=((b"security.selinux", b"u:object_r:x\0"),)),
+        TreeEntry(CHARDEV, b"null", 0o20666, 0, 0, 1_700_000_000_000_000_016, rdev=(1, 3)),
+    ))
+    (HERE / "tree-capture1.obj").write_bytes(seal_object(Kind.TREE, capture1.encode(),
+                                                         scope.data_key, nonce=nonce(14)))
+    snap1 = Snapshot(1_700_000_000_000_000_020, dev.device_id, "golden-host",
+                     (SourceRoot("docs", "/home/user/docs", rid, 0, 1, 1, len(chunk)),),
+                     log_seq=8, capture=1)
+    body = snap1.encode()
+    signed = Signed(body, dev.device_id, dev.sign(body)).encode()
+    (HERE / "snapshot-capture1.obj").write_bytes(seal_object(Kind.SNAPSHOT, signed,
+                                                             keys.meta_key, nonce=nonce(15)))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ from hypothesis import given, settings, strategies as st
 from p2pbackup.errors import IntegrityError, UnsupportedFormat
 from p2pbackup.format import HEADER_SIZE, Kind, ObjectHeader, open_object, seal_object
 from p2pbackup.format.pack import PackBuilder, parse_trailer, trailer_length
-from p2pbackup.format.records import (DIR, FILE, SYMLINK, Snapshot, SourceRoot,
-                                      Tree, TreeEntry)
+from p2pbackup.format.records import (BLOCKDEV, CAPTURE_LEVEL, CHARDEV, DIR, FIFO, FILE,
+                                      SYMLINK, Snapshot, SourceRoot, Tree, TreeEntry)
 
 KEY = bytes(range(32))
 
@@ -65,17 +65,27 @@ def test_garbage_raises_integrity_error_only(data):
 
 names = st.binary(min_size=1, max_size=40).filter(
     lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b".."))
+xattrs = st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.binary(max_size=50)),
+                  max_size=3).map(lambda xs: tuple(sorted(xs)))
+devices = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
 entries = st.one_of(
     st.builds(TreeEntry, st.just(FILE), names, st.integers(0, 0o177777), st.integers(0, 2**32),
               st.integers(0, 2**32), st.integers(0, 2**63), st.integers(0, 2**63),
               st.integers(0, 2**63), st.integers(0, 2**40),
-              st.lists(st.binary(min_size=32, max_size=32), max_size=4).map(tuple)),
+              st.lists(st.binary(min_size=32, max_size=32), max_size=4).map(tuple),
+              xattrs=xattrs, sparse=st.booleans()),
     st.builds(TreeEntry, st.just(DIR), names, st.integers(0, 0o177777), st.integers(0, 2**32),
               st.integers(0, 2**32), st.integers(0, 2**63),
-              subtree=st.binary(min_size=32, max_size=32)),
+              subtree=st.binary(min_size=32, max_size=32), xattrs=xattrs),
     st.builds(TreeEntry, st.just(SYMLINK), names, st.integers(0, 0o177777),
               st.integers(0, 2**32), st.integers(0, 2**32), st.integers(0, 2**63),
-              target=st.binary(min_size=1, max_size=100)),
+              target=st.binary(min_size=1, max_size=100), xattrs=xattrs),
+    st.builds(TreeEntry, st.just(FIFO), names, st.integers(0, 0o177777),
+              st.integers(0, 2**32), st.integers(0, 2**32), st.integers(0, 2**63),
+              xattrs=xattrs),
+    st.builds(TreeEntry, st.sampled_from([CHARDEV, BLOCKDEV]), names,
+              st.integers(0, 0o177777), st.integers(0, 2**32), st.integers(0, 2**32),
+              st.integers(0, 2**63), xattrs=xattrs, rdev=devices),
 )
 
 
@@ -101,7 +111,7 @@ def test_tree_readers_skip_unknown_entry_kinds_and_fields():
 
 def test_snapshot_round_trip():
     snap = Snapshot(123, "d" * 32, "host", (SourceRoot("docs", "/d", b"t" * 32, 0, 3, 1, 99),),
-                    log_seq=4, parent="p", warnings=1)
+                    log_seq=4, parent="p", warnings=1, capture=CAPTURE_LEVEL)
     assert Snapshot.decode(snap.encode()) == snap
     assert snap.sources[0].dir_entry() is None  # no metadata of the source folder itself
 

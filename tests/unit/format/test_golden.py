@@ -107,3 +107,52 @@ def test_v1_removal_record():
                      verify_signature)
     assert r.time_ns == 1_700_000_000_000_000_000
     assert r.names == ("packs/" + "ab" * 32, "snapshots/" + "cd" * 32)
+
+
+def test_capture1_tree_with_xattrs_holes_fifo_and_devices():
+    from p2pbackup.format.records import BLOCKDEV, CHARDEV, DIR, FIFO
+
+    _, body = open_object((V1 / "tree-capture1.obj").read_bytes(), SCOPE.data_key,
+                          expect=Kind.TREE)
+    tree = Tree.decode(body)
+    e = {x.name: x for x in tree.entries}
+    assert [(x.type, x.name) for x in tree.entries] == [
+        (BLOCKDEV, b"blk"), (FILE, b"disk.img"), (DIR, b"etc"), (FIFO, b"fifo"),
+        (SYMLINK, b"link"), (CHARDEV, b"null")] and tree.skipped == 0
+    assert e[b"blk"].rdev == (7, 200) and e[b"null"].rdev == (1, 3)
+    assert e[b"disk.img"].sparse and e[b"disk.img"].size == 64 << 20
+    assert [k for k, _ in e[b"disk.img"].xattrs] == [b"system.posix_acl_access",
+                                                     b"user.mime_type"]
+    assert e[b"fifo"].xattrs == ((b"trusted.note", b"fifo"),)
+    assert e[b"link"].target == b"disk.img" and e[b"link"].xattrs[0][0] == b"security.selinux"
+    assert e[b"etc"].xattrs[0][0] == b"system.posix_acl_default"
+    _, body = open_object((V1 / "snapshot-capture1.obj").read_bytes(), KEYS.meta_key,
+                          expect=Kind.SNAPSHOT)
+    assert Snapshot.decode(Signed.decode(body, "snapshot").body).capture == 1
+    _, body = open_object((V1 / "snapshot.obj").read_bytes(), KEYS.meta_key)
+    assert Snapshot.decode(Signed.decode(body, "snapshot").body).capture == 0  # before levels
+
+
+# How a reader of capture level 0 (p2pbackup 0.1) decodes a tree: entries of other types are
+# skipped, and of each entry only these fields are read (anything else is ignored).
+V0_FIELDS = {"f": {"t": str, "n": bytes, "m": int, "u": int, "g": int, "mt": int, "ct": int,
+                   "i": int, "s": int, "c": list, "nl": int, "sq": bool, "wm": int},
+             "d": {"t": str, "n": bytes, "m": int, "u": int, "g": int, "mt": int, "sub": bytes},
+             "l": {"t": str, "n": bytes, "m": int, "u": int, "g": int, "mt": int, "lt": bytes}}
+
+
+def test_capture1_tree_reads_as_before_in_a_level_0_reader():
+    """Downgrade safety: the new kinds are types a 0.1 reader skips, and the new fields are
+    keys it never read, so what it does read of each entry means what it always meant."""
+    import msgpack
+
+    _, body = open_object((V1 / "tree-capture1.obj").read_bytes(), SCOPE.data_key)
+    raw = msgpack.unpackb(body, raw=False)
+    kept = [m for m in raw["e"] if m["t"] in V0_FIELDS]
+    assert [m["n"] for m in kept] == [b"disk.img", b"etc", b"link"]  # blk, fifo, null skipped
+    for m in kept:
+        fields = V0_FIELDS[m["t"]]
+        assert all(isinstance(m[k], typ) for k, typ in fields.items() if k in m)
+        assert set(m) - set(fields) <= {"xa", "sp"}  # new, so never given a 0.1 meaning
+    assert not {"xa", "sp", "rd"} & set().union(*V0_FIELDS.values())
+    assert list(Tree.decode(body).entries[1].chunks) == kept[0]["c"] and len(kept[0]["c"]) == 2
