@@ -105,6 +105,8 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
                 print(f"  files: {done['files_new']} new, {done['files_changed']} changed, "
                       f"{done['files_unchanged']} unchanged; added "
                       f"{output.human_bytes(done['bytes_added'])} in {done['seconds']:.1f} s")
+            for n in done.get("notes", []):
+                output.notice(n)
             for w in done.get("warnings", []):
                 output.warn(w)
             if done.get("warnings"):
@@ -121,6 +123,7 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
             async with output.progress_bar("snapshot", progress):
                 return await take_snapshot(dev.repo, tuple(sources), temp_dir=dev.temp_dir,
                                            progress=progress, warn=output.warn,
+                                           note=output.notice,
                                            hostname=dev.config.device_name)
 
     summary = _run(go())
@@ -217,8 +220,8 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
             async with output.progress_bar("restore", progress):
                 summary = await do_restore(dev.repo, stored, str(to), sub=path,
                                            overwrite=overwrite, progress=progress,
-                                           warn=output.warn, overlays=overlays,
-                                           keep_damaged=keep_damaged)
+                                           warn=output.warn, note=output.notice,
+                                           overlays=overlays, keep_damaged=keep_damaged)
             return stored, summary, overlays, replayed
 
     stored, s, overlays, replayed = _run(go())

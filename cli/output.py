@@ -41,6 +41,11 @@ def warn(message: str) -> None:
     print(f"p2pbackup: warning: {message}", file=sys.stderr, flush=True)
 
 
+def notice(message: str) -> None:
+    """Worth a line, but not a warning: it does not change the exit code."""
+    print(f"p2pbackup: notice: {message}", file=sys.stderr, flush=True)
+
+
 @contextlib.asynccontextmanager
 async def progress_bar(label: str, counters: object,
                        files_attr: str | None = "files") -> AsyncIterator[None]:

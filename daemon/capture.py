@@ -2,7 +2,9 @@
 
 Each event path is looked at once more when it is handled (the event only says "look here"):
 gone means `del`; a file is read (its chunks stored) and becomes a `put` with its new entry; a
-directory that appears is walked, since inotify reports only the directory itself.
+directory that appears is walked, since inotify reports only the directory itself. Entries are
+made by the same FileReader as snapshots', so they carry the same metadata (extended
+attributes, sparseness, FIFOs and device nodes).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from p2pbackup.backup.sink import BlobSink
 from p2pbackup.config import Source
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.format.log import DEL, PUT, Change, ChangeList, Head, Segment, SegmentPart
-from p2pbackup.format.records import DIR, SYMLINK, TreeEntry
+from p2pbackup.format.records import DIR, TreeEntry
 from p2pbackup.repo.logstore import LogStore
 from p2pbackup.repo.repository import Repository
 
@@ -72,12 +74,16 @@ class SegmentSealer:
         self.sink = BlobSink(self.repo)
         self.reader = FileReader(self.sink, self.repo.config.chunk_avg,
                                  self.repo.keys.chunker_seed, self.temp_dir, self.counters,
-                                 self._warn)
+                                 self._warn, self._note)
 
     def _warn(self, message: str) -> None:
         log.warning("%s", message)
         self.state.warnings.append(message)
         del self.state.warnings[:-20]
+
+    @staticmethod
+    def _note(message: str) -> None:
+        log.info("%s", message)  # read as well as it could be: not an error for `status`
 
     def source_of(self, path: bytes) -> tuple[Source, bytes] | None:
         """The source and relative path of `path`, seen through symlinked directories.
@@ -135,19 +141,16 @@ class SegmentSealer:
                 if entry is not None:
                     self.pending_bytes += entry.size
                     self._add(src, Change(PUT, rel, now, entry))
-        elif statmod.S_ISLNK(st.st_mode):
-            try:
-                target = os.readlink(path)
-            except OSError:
-                return
-            self._add(src, Change(PUT, rel, now, TreeEntry(SYMLINK, name, st.st_mode, st.st_uid,
-                                                          st.st_gid, st.st_mtime_ns,
-                                                          target=target)))
         elif statmod.S_ISDIR(st.st_mode):
-            self._add(src, Change(PUT, rel, now, TreeEntry(DIR, name, st.st_mode, st.st_uid,
-                                                          st.st_gid, st.st_mtime_ns, subtree=b"")))
+            self._add(src, Change(PUT, rel, now, TreeEntry(
+                DIR, name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, subtree=b"",
+                xattrs=self.reader.xattrs(path, path))))
             if new:
                 await self._capture_tree(path)
+        else:  # a symlink, FIFO or device node (a socket is skipped)
+            entry = self.reader.other_entry(path, name, st)
+            if entry is not None:
+                self._add(src, Change(PUT, rel, now, entry))
 
     async def _capture_tree(self, path: bytes) -> None:
         try:

@@ -147,6 +147,7 @@ class DeviceDaemon:
                                           temp_dir=self.dev.temp_dir,
                                           hostname=self.config.device_name,
                                           warn=lambda m: log.warning("%s", m),
+                                          note=lambda m: log.info("%s", m),
                                           log_seq=state.seq)
             stored = summary.stored
             self.sealer.learn_stored()
@@ -162,7 +163,8 @@ class DeviceDaemon:
         return {"id": stored.id, "short_id": stored.short_id, "log_seq": state.seq,
                 "files_new": summary.files_new, "files_changed": summary.files_changed,
                 "files_unchanged": summary.files_unchanged, "bytes_added": summary.bytes_added,
-                "seconds": summary.seconds, "warnings": summary.warnings}
+                "seconds": summary.seconds, "warnings": summary.warnings,
+                "notes": summary.notes}
 
     async def forget(self, args: dict[str, Any]) -> dict[str, Any]:
         """Apply a retention policy (and prune, if asked) between two seals."""

@@ -15,7 +15,7 @@ import time
 
 from p2pbackup.backup.pointintime import Overlay, plan_at
 from p2pbackup.errors import NotFound, P2PError
-from p2pbackup.format.records import DIR, FILE, SYMLINK, Tree
+from p2pbackup.format.records import DIR, FILE, Tree
 from p2pbackup.repo.repository import Repository
 
 from .capture import SegmentSealer
@@ -28,9 +28,11 @@ def _differs(entry_type: str, entry, st: os.stat_result) -> bool:
         return not statmod.S_ISREG(st.st_mode) or (entry.size, entry.mtime_ns, entry.ctime_ns,
                                                     entry.inode) != (st.st_size, st.st_mtime_ns,
                                                                      st.st_ctime_ns, st.st_ino)
-    if entry_type == SYMLINK:
-        return not statmod.S_ISLNK(st.st_mode) or entry.mtime_ns != st.st_mtime_ns
-    return not statmod.S_ISDIR(st.st_mode)
+    if entry_type == DIR:
+        return not statmod.S_ISDIR(st.st_mode)
+    # A symlink, FIFO or device node: the same kind (the mode carries it), the same mtime.
+    return statmod.S_IFMT(st.st_mode) != statmod.S_IFMT(entry.mode) \
+        or entry.mtime_ns != st.st_mtime_ns
 
 
 def find_changes(repo: Repository, root: bytes, tree_id: bytes, overlay: Overlay) -> list[bytes]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -82,8 +85,30 @@ def sample_tree(tmp_path: Path) -> Path:
     return make_sample_tree(tmp_path / "src")
 
 
+def xattrs_of(path: bytes | str) -> dict[str, bytes]:
+    """A path's extended attributes (a symlink's own); {} where the file system has none."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            return {}
+        raise
+    return {n: os.getxattr(path, n, follow_symlinks=False) for n in names}
+
+
+def has_hole(path: bytes | str) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        return size > 0 and os.lseek(fd, 0, os.SEEK_HOLE) < size
+    finally:
+        os.close(fd)
+
+
 def tree_state(root: Path) -> dict[bytes, tuple]:
-    """Everything restore must reproduce: type, mode, size, mtime_ns, content, link target."""
+    """Everything restore must reproduce: type, mode, owner, mtime_ns, extended attributes
+    (ACLs included), content and whether it has holes, link target, device number. Sockets
+    are left out: restore does not make them."""
     out: dict[bytes, tuple] = {}
     base = os.fsencode(str(root))
     for dirpath, dirnames, filenames in os.walk(base):
@@ -91,15 +116,79 @@ def tree_state(root: Path) -> dict[bytes, tuple]:
             p = os.path.join(dirpath, name)
             rel = os.path.relpath(p, base)
             st = os.lstat(p)
-            if os.path.islink(p):
-                out[rel] = ("l", os.readlink(p))
-            elif os.path.isdir(p):
-                out[rel] = ("d", st.st_mode, st.st_mtime_ns, st.st_uid, st.st_gid)
-            else:
+            meta = (st.st_mode, st.st_mtime_ns, st.st_uid, st.st_gid, xattrs_of(p))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(p), st.st_uid, st.st_gid, xattrs_of(p))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", *meta)
+            elif stat.S_ISREG(st.st_mode):
                 with open(p, "rb") as f:
                     data = f.read()
-                out[rel] = ("f", st.st_mode, st.st_mtime_ns, st.st_uid, st.st_gid, data)
+                out[rel] = ("f", *meta, data, has_hole(p))
+            elif stat.S_ISFIFO(st.st_mode):
+                out[rel] = ("p", *meta)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                out[rel] = ("dev", *meta, st.st_rdev)
     return out
+
+
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """A system.posix_acl_* value (the kernel's xattr form): (tag, perm, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+USER_OBJ, USER, GROUP_OBJ, MASK, OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+
+
+def make_fidelity_tree(root: Path) -> Path:
+    """Entries beyond plain files: extended attributes and POSIX ACLs on files, directories
+    and (as root) a symlink, a FIFO, a socket, a sparse file, and (as root) a device node and
+    trusted.* attributes. Skips the test where the file system keeps no user.* attributes."""
+    import socket
+
+    root.mkdir(parents=True)
+    probe = root / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+    except OSError as exc:
+        pytest.skip(f"{root} keeps no user.* extended attributes: {exc.strerror}")
+    probe.unlink()
+    (root / "dir").mkdir()
+    tagged = root / "dir" / "tagged.txt"
+    tagged.write_text("tagged\n")
+    os.setxattr(tagged, "user.mime_type", b"text/plain")
+    os.setxattr(tagged, "user.empty", b"")
+    os.setxattr(tagged, "user.binary", bytes(range(256)))
+    acl = posix_acl((USER_OBJ, 6, ACL_UNDEFINED_ID), (USER, 6, 1234),
+                    (GROUP_OBJ, 4, ACL_UNDEFINED_ID), (MASK, 6, ACL_UNDEFINED_ID),
+                    (OTHER, 4, ACL_UNDEFINED_ID))
+    os.setxattr(tagged, "system.posix_acl_access", acl)
+    os.setxattr(root / "dir", "user.folder", b"colour=blue")
+    os.setxattr(root / "dir", "system.posix_acl_default", acl)
+    os.mkfifo(root / "dir" / "a-fifo", 0o640)
+    os.symlink("tagged.txt", root / "dir" / "link")
+    sparse = root / "sparse.img"  # 64 MiB, 1 MiB of it data in four runs
+    with open(sparse, "wb") as f:
+        for i in range(4):
+            f.seek(i * 16 * 1024 * 1024 + 4096 * i)
+            f.write(os.urandom(256 * 1024))
+        f.truncate(64 * 1024 * 1024)
+    if os.geteuid() == 0:
+        os.mknod(root / "dir" / "null", stat.S_IFCHR | 0o620, os.makedev(1, 3))
+        os.mknod(root / "dir" / "blk", stat.S_IFBLK | 0o600, os.makedev(7, 200))
+        os.setxattr(root / "dir" / "null", "trusted.note", b"char device")
+        os.setxattr(root / "dir" / "a-fifo", "trusted.note", b"fifo")
+        os.setxattr(root / "dir" / "link", "trusted.note", b"link", follow_symlinks=False)
+        os.setxattr(tagged, "trusted.note", b"file")
+        os.chown(root / "dir" / "a-fifo", 1234, 5678)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "dir" / "a-socket"))
+    sock.close()  # the socket file stays
+    for p in [sparse, tagged, root / "dir" / "a-fifo", root / "dir"]:
+        os.utime(p, ns=(1_600_000_000_000_000_007, 1_600_000_000_000_000_007))
+    return root
 
 
 def inode_groups(root: Path) -> list[set[bytes]]:

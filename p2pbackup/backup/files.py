@@ -1,25 +1,28 @@
-"""Reading one file into chunks: shared by snapshots and the daemon's change capture.
+"""Reading one directory entry: shared by snapshots and the daemon's change capture.
 
 Small files are read in one call; larger ones stream through one reused window per thread and
 are cut into content-defined chunks. A file that changes while it is read is read again (and
-flagged if it keeps changing); an SQLite database is copied through SQLite's backup API.
+noted if it keeps changing); an SQLite database is copied through SQLite's backup API. Every
+entry carries its extended attributes; files their sparseness.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat as statmod
 import tempfile
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Protocol
 
 from ..chunking.chunker import Chunker
 from ..crypto.keys import ScopeKeys
 from ..errors import DiskFull
 from ..format.header import Kind
-from ..format.records import FILE, TreeEntry
-from . import sqlite_capture
+from ..format.records import BLOCKDEV, CHARDEV, FIFO, FILE, SYMLINK, TreeEntry
+from . import fsmeta, sqlite_capture
 from .names import show_path as _show
 from .sink import BlobSink
 
@@ -38,6 +41,11 @@ class ReadCounters(Protocol):
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0)
 _SLOW = object()
+_SPECIAL = {statmod.S_IFIFO: FIFO, statmod.S_IFCHR: CHARDEV, statmod.S_IFBLK: BLOCKDEV}
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ino) == (b.st_size, b.st_mtime_ns, b.st_ino)
 
 
 class _IsSQLite(Exception):
@@ -49,17 +57,76 @@ def _is_sqlite_head(data: bytes | memoryview) -> bool:
 
 
 class FileReader:
-    """Reads files into chunks stored through a BlobSink; safe to use from many threads."""
+    """Reads files into chunks stored through a BlobSink; safe to use from many threads.
+
+    `warn` is told what could not be read (the snapshot is partial: exit 3); `note` what was
+    read but deserves a line (a file that kept changing while it was read).
+    """
 
     def __init__(self, sink: BlobSink, chunk_avg: int, seed: int, temp_dir: str,
-                 progress: ReadCounters, warn: Callable[[str], None]) -> None:
+                 progress: ReadCounters, warn: Callable[[str], None],
+                 note: Callable[[str], None] | None = None) -> None:
         self.sink = sink
         self.temp_dir = temp_dir
         self.progress = progress
         self.warn = warn
+        self.note = note or warn
         self._avg = chunk_avg
         self._seed = seed
         self._local = threading.local()
+
+    def xattrs(self, target: int | bytes, path: bytes) -> fsmeta.Xattrs:
+        """The extended attributes of `target` (an fd or `path`); () with a warning if they
+        cannot be read."""
+        try:
+            return fsmeta.read_xattrs(target)
+        except FileNotFoundError:
+            return ()  # deleted since the listing: its entry is dropped or replaced anyway
+        except OSError as exc:
+            self.warn(f"cannot read the extended attributes of {_show(path)}: {exc.strerror}; "
+                      "stored without them")
+            return ()
+
+    def other_entry(self, path: bytes, name: bytes, st: os.stat_result) -> TreeEntry | None:
+        """The entry of a symlink, FIFO or device node; None for a socket (a process's
+        rendezvous, nothing to restore: skipped without a word) or an unreadable link."""
+        mode = st.st_mode
+        if statmod.S_ISLNK(mode):
+            try:
+                target = os.readlink(path)
+            except FileNotFoundError:
+                return None  # deleted since the listing
+            except OSError as exc:
+                self.warn(f"cannot read link {_show(path)}: {exc.strerror}; skipped")
+                return None
+            return TreeEntry(SYMLINK, name, mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                             target=target, xattrs=self.xattrs(path, path))
+        kind = _SPECIAL.get(statmod.S_IFMT(mode))
+        if kind is None:
+            return None
+        return TreeEntry(kind, name, mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                         xattrs=self.xattrs(path, path),
+                         rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)) if kind != FIFO
+                         else (0, 0))
+
+    def refresh(self, path: bytes, entry: TreeEntry, st: os.stat_result) -> TreeEntry:
+        """An unchanged file's entry from a snapshot that did not record xattrs and sparseness
+        (Snapshot.capture < CAPTURE_LEVEL), with them read now (the contents are not read)."""
+        xattrs = self.xattrs(path, path)
+        sparse = False
+        if st.st_blocks * 512 < st.st_size:
+            try:
+                fd = os.open(path, _OPEN_FLAGS)
+            except OSError:
+                fd = -1  # the entry stays dense: still a correct restore
+            if fd >= 0:
+                try:
+                    sparse = fsmeta.is_sparse(fd, st)
+                finally:
+                    os.close(fd)
+        if (xattrs, sparse) == (entry.xattrs, entry.sparse):
+            return entry
+        return replace(entry, xattrs=xattrs, sparse=sparse)
 
     def _chunker(self) -> Chunker:
         c = getattr(self._local, "chunker", None)
@@ -129,9 +196,11 @@ class FileReader:
         view.release()
         return chunks, total
 
-    def _read_small(self, path: bytes, st: os.stat_result) -> bytes | None | object:
-        """A small file's bytes, None if it is gone, or _SLOW: read it with read_file (it is
-        unreadable, SQLite, or changed while read; read_file warns, retries or captures)."""
+    def _read_small(self, path: bytes, st: os.stat_result
+                    ) -> tuple[bytes, fsmeta.Xattrs] | None | object:
+        """A small file's bytes and xattrs, None if it is gone, or _SLOW: read it with read_file
+        (it is unreadable, SQLite, or changed while read; read_file warns, retries or
+        captures)."""
         try:
             fd = os.open(path, _OPEN_FLAGS)
         except FileNotFoundError:
@@ -143,11 +212,10 @@ class FileReader:
             data = os.read(fd, size + 1)
             if len(data) != size or _is_sqlite_head(data):
                 return _SLOW
-            after = os.fstat(fd)
-            if (after.st_size, after.st_mtime_ns, after.st_ino) != \
-                    (size, st.st_mtime_ns, st.st_ino):
+            xattrs = fsmeta.read_xattrs(fd)
+            if not _same_file(os.fstat(fd), st):
                 return _SLOW
-            return data
+            return data, xattrs
         except OSError:
             return _SLOW
         finally:
@@ -163,13 +231,16 @@ class FileReader:
         spans: list[tuple[int, int, int]] = []  # (index in files, first piece, piece count)
         min_size = self._chunker().min_size
         progress = self.progress
+        xattrs: list[fsmeta.Xattrs] = []
         for k, (path, name, st) in enumerate(files):
-            data = self._read_small(path, st)
-            if data is None:
+            got = self._read_small(path, st)
+            if got is None:
                 continue
-            if data is _SLOW:
+            if got is _SLOW:
                 entries[k] = self.read_file(path, name, st, keys)
                 continue
+            data, xa = got  # type: ignore[misc]
+            xattrs.append(xa)
             first = len(pieces)
             if len(data) <= min_size:
                 if data:
@@ -182,11 +253,12 @@ class FileReader:
             progress.read += len(data)
             progress.bytes += len(data)
         ids = self.sink.add_many(keys, Kind.CHUNK, pieces) if pieces else []
-        for k, first, count in spans:
+        for (k, first, count), xa in zip(spans, xattrs):
             _, name, st = files[k]
             entries[k] = TreeEntry(FILE, name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
                                    st.st_ctime_ns, st.st_ino, st.st_size,
-                                   tuple(ids[first:first + count]), nlink=st.st_nlink)
+                                   tuple(ids[first:first + count]), nlink=st.st_nlink,
+                                   xattrs=xa)
         return entries
 
     def read_file(self, path: bytes, name: bytes, st: os.stat_result,
@@ -215,19 +287,20 @@ class FileReader:
                 try:
                     chunks, size = self._read_fd(fd, keys, before.st_size, sqlite_check)
                 except _IsSQLite:
-                    entry = self._capture_sqlite(path, name, st, keys)
+                    entry = self._capture_sqlite(fd, path, name, st, keys)
                     if entry is not None:
                         return entry
-                    sqlite_check = False  # capture failed (warned): store the bytes
+                    sqlite_check = False  # capture failed (noted): store the bytes
                     os.lseek(fd, 0, os.SEEK_SET)
                     chunks, size = self._read_fd(fd, keys, before.st_size)
                 after = os.fstat(fd)
-                if (after.st_size, after.st_mtime_ns, after.st_ino) == \
-                        (before.st_size, before.st_mtime_ns, before.st_ino) and size == after.st_size:
+                if _same_file(after, before) and size == after.st_size:
                     break
             else:
-                self.warn(f"{_show(path)} kept changing while it was read; stored as last read")
+                self.note(f"{_show(path)} kept changing while it was read; stored as last read")
             st = before
+            xattrs = self.xattrs(fd, path)
+            sparse = fsmeta.is_sparse(fd, after)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(self.temp_dir) from None
@@ -235,14 +308,18 @@ class FileReader:
             return None
         finally:
             os.close(fd)
+        self._count(size)
+        return TreeEntry(FILE, name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                         st.st_ctime_ns, st.st_ino, size, tuple(chunks), nlink=st.st_nlink,
+                         xattrs=xattrs, sparse=sparse)
+
+    def _count(self, size: int) -> None:
         self.progress.files += 1
         self.progress.read += size
         if size < SMALL_FILE:
-            self.progress.bytes += size
-        return TreeEntry(FILE, name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
-                         st.st_ctime_ns, st.st_ino, size, tuple(chunks), nlink=st.st_nlink)
+            self.progress.bytes += size  # bigger files counted their bytes as they were read
 
-    def _capture_sqlite(self, path: bytes, name: bytes, st: os.stat_result,
+    def _capture_sqlite(self, db_fd: int, path: bytes, name: bytes, st: os.stat_result,
                         keys: ScopeKeys) -> TreeEntry | None:
         wal_mtime = sqlite_capture.wal_mtime_ns(path)
         fd, tmp = tempfile.mkstemp(prefix="sqlite-", dir=self.temp_dir)
@@ -255,15 +332,15 @@ class FileReader:
                     raise DiskFull(self.temp_dir) from None
                 if "disk is full" in str(exc):
                     raise DiskFull(self.temp_dir) from None
-                self.warn(f"{_show(path)} looks like SQLite but could not be copied through "
+                self.note(f"{_show(path)} looks like SQLite but could not be copied through "
                           f"SQLite ({exc}); stored its bytes as they were read")
                 return None
             with open(tmp, "rb") as f:
                 chunks, size = self._read_fd(f.fileno(), keys, os.fstat(f.fileno()).st_size)
         finally:
             os.unlink(tmp)
-        self.progress.files += 1
-        self.progress.read += size
+        self._count(size)
         return TreeEntry(FILE, name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
                          st.st_ctime_ns, st.st_ino, size, tuple(chunks), nlink=st.st_nlink,
-                         sqlite=True, wal_mtime_ns=wal_mtime)
+                         sqlite=True, wal_mtime_ns=wal_mtime,
+                         xattrs=self.xattrs(db_fd, path))

@@ -15,6 +15,10 @@ directories above it are the user's choice and may be symlinks.
 Damage is per entry: a file whose data cannot be read or authenticated, or a folder whose
 listing cannot, is named and left out, and everything else is restored. With `keep_damaged`
 such a file is kept with its unreadable byte ranges zeroed, and the ranges are named.
+
+FIFOs, device nodes, extended attributes and the holes of sparse files are made by fsmeta.
+A device node that cannot be made (no root) is a warning; an extended attribute the target
+cannot keep is a note (the file is there, whole).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import DiskFull, IntegrityError, NotFound, P2PError, RestoreConflict, StorageError
-from ..format.records import DIR, FILE, SYMLINK, SourceRoot, Tree, TreeEntry, check_names
+from ..format.records import (DIR, FIFO, FILE, SPECIAL_TYPES, SYMLINK, SourceRoot, Tree,
+                              TreeEntry, check_names)
+from . import fsmeta
 from .names import show_path as _show
 from .pointintime import Overlay
 from ..repo.repository import Repository, StoredSnapshot
@@ -78,7 +84,8 @@ class RestoreSummary:
     links: int = 0
     bytes: int = 0
     seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what could not be made (exit 3)
+    notes: list[str] = field(default_factory=list)  # restored, less some metadata
     # One line per file or folder not restored because its data is damaged or missing...
     failed: list[str] = field(default_factory=list)
     # ... and per file restored (keep_damaged) with the byte ranges it could not read zeroed.
@@ -93,6 +100,7 @@ class _BatchResult:
     bytes: int = 0
     failed: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _write_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> int:
@@ -126,6 +134,11 @@ def _unlink_quietly(dir_fd: int, name: bytes) -> None:
         os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
+
+
+def _xattrs_not_set(shown: str, failed: list[str]) -> list[str]:
+    """The note for an entry whose extended attributes (some of them) could not be set."""
+    return [f"{shown}: extended attributes not restored: {', '.join(failed)}"] if failed else []
 
 
 def _complete(entry: TreeEntry, st: os.stat_result) -> bool:
@@ -226,7 +239,8 @@ class Restorer:
                  progress: RestoreProgress | None = None,
                  warn: Callable[[str], None] | None = None,
                  overlays: dict[str, Overlay] | None = None,
-                 processes: bool | None = None, keep_damaged: bool = False) -> None:
+                 processes: bool | None = None, keep_damaged: bool = False,
+                 note: Callable[[str], None] | None = None) -> None:
         self.repo = repo
         self.overlays = overlays or {}
         self.selections = selections
@@ -237,6 +251,7 @@ class Restorer:
         self.progress = progress or RestoreProgress()
         self.summary = RestoreSummary()
         self._warn_cb = warn
+        self._note_cb = note or warn
         self._lock = threading.Lock()
         self._as_root = os.geteuid() == 0
         self._ids = (os.geteuid(), os.getegid())
@@ -251,10 +266,18 @@ class Restorer:
         self._chains: list[_DirChain] = []  # every one made in this process, closed at the end
 
     def warn(self, message: str) -> None:
+        """Something of the snapshot could not be made: the restore is partial."""
         with self._lock:
             self.summary.warnings.append(message)
         if self._warn_cb:
             self._warn_cb(message)
+
+    def note(self, message: str) -> None:
+        """Restored, but without some metadata the target cannot keep (not partial)."""
+        with self._lock:
+            self.summary.notes.append(message)
+        if self._note_cb:
+            self._note_cb(message)
 
     def _report(self, failed: list[str], damaged: list[str]) -> None:
         with self._lock:
@@ -388,39 +411,45 @@ class Restorer:
         elif entry.type == SYMLINK and statmod.S_ISLNK(st.st_mode) \
                 and os.readlink(name, dir_fd=dir_fd) == entry.target:
             return
+        elif entry.type in SPECIAL_TYPES and fsmeta.special_matches(st, entry):
+            return
         else:
             out.append(self._shown(parts))
 
     # ---- writing files (in worker threads or forked processes) ---------------------------
 
     def _write_file(self, dir_fd: int, entry: TreeEntry, fresh: bool
-                    ) -> tuple[int, list[list] | None]:
+                    ) -> tuple[int, list[list] | None, list[str]]:
         """Write one file under a temporary name, set its metadata, rename it into place.
 
-        Returns the bytes written and, if it was kept damaged, its zeroed ranges. `fresh`: its
-        directory was made by this restore, so nothing else can be in the way and the owner
-        is already ours. Syscalls are kept few: reads of neighbouring chunks and writes of
-        decoded ones are coalesced.
+        Returns the bytes written, if it was kept damaged its zeroed ranges, and the extended
+        attributes that could not be set. `fresh`: its directory was made by this restore, so
+        nothing else can be in the way and the owner is already ours. Syscalls are kept few:
+        reads of neighbouring chunks and writes of decoded ones are coalesced.
         """
         tmp = _tmp_name(entry.name)
         mode = statmod.S_IMODE(entry.mode)
         fd = _new_file(dir_fd, tmp, mode & 0o777)
         damage = None
+        xattrs_failed: list[str] = []
+        write = fsmeta.write_sparse if entry.sparse else self._write_stream
         try:
             try:
-                written = self._write_stream(fd, self._chunks(entry.chunks))
+                written = write(fd, self._chunks(entry.chunks))
             except IntegrityError:
                 if not self.keep_damaged:
                     raise
                 os.lseek(fd, 0, os.SEEK_SET)
                 os.ftruncate(fd, 0)
                 damage = []
-                written = self._write_stream(fd, self._salvaged(entry, damage))
+                written = write(fd, self._salvaged(entry, damage))
             if written != entry.size:
                 raise IntegrityError(f"the snapshot's chunks hold {written} bytes, its entry "
                                      f"says {entry.size}")
             if self._as_root and not (fresh and (entry.uid, entry.gid) == self._ids):
                 os.fchown(fd, entry.uid, entry.gid)
+            if entry.xattrs:  # after the owner: chown drops security.capability
+                xattrs_failed = fsmeta.apply_xattrs(fd, entry)
             if not fresh or mode != (mode & 0o777 & ~self._umask):
                 os.fchmod(fd, mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
@@ -433,7 +462,7 @@ class Restorer:
             raise
         os.close(fd)
         os.rename(tmp, entry.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        return written, damage
+        return written, damage, xattrs_failed
 
     @staticmethod
     def _write_stream(fd: int, chunks: Iterator[bytes | bytearray | memoryview]) -> int:
@@ -522,13 +551,15 @@ class Restorer:
         result = _BatchResult()
         for entry, fresh in jobs:
             try:
-                n, damage = self._write_file(dir_fd, entry, fresh)
+                n, damage, xattrs_failed = self._write_file(dir_fd, entry, fresh)
             except IntegrityError as exc:
                 result.failed.append(f"{self._shown(dir_parts + (entry.name,))}: not "
                                      f"restored: {exc}")
                 continue
             result.files += 1
             result.bytes += n
+            result.notes += _xattrs_not_set(self._shown(dir_parts + (entry.name,)),
+                                            xattrs_failed)
             if damage:
                 ranges = ", ".join(f"{start}-{end - 1}" for start, end, _ in damage)
                 result.damaged.append(f"{self._shown(dir_parts + (entry.name,))}: restored "
@@ -545,6 +576,8 @@ class Restorer:
             self.progress.files += result.files + len(result.failed)
             self.progress.bytes += result.bytes
             self._report(result.failed, result.damaged)
+            for message in result.notes:
+                self.note(message)
 
     def _submit(self, dir_parts: Parts, jobs: list[tuple[TreeEntry, bool]]) -> cf.Future:
         self._slots.acquire()
@@ -638,6 +671,8 @@ class Restorer:
             self._restore_folder(scope, e, None, dir_fd, parts, pending, dir_meta)
         elif e.type == SYMLINK:
             self._restore_symlink(dir_fd, e, parts, fresh)
+        elif e.type in SPECIAL_TYPES:
+            self._restore_special(dir_fd, e, parts, fresh)
 
     def _restore_dir(self, scope: str, tree: Tree, fd: int, parts: Parts, fresh: bool,
                      pending: list[cf.Future], dir_meta: list[tuple[Parts, TreeEntry]]) -> None:
@@ -711,6 +746,14 @@ class Restorer:
         os.symlink(e.target, tmp, dir_fd=dir_fd)
         if self._as_root:
             os.chown(tmp, e.uid, e.gid, dir_fd=dir_fd, follow_symlinks=False)
+        if e.xattrs:
+            fd = os.open(tmp, os.O_PATH | os.O_NOFOLLOW, dir_fd=dir_fd)  # the link itself
+            try:
+                failed = fsmeta.apply_xattrs(fsmeta.proc_path(fd), e)
+            finally:
+                os.close(fd)
+            for message in _xattrs_not_set(self._shown(parts), failed):
+                self.note(message)
         os.utime(tmp, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
         try:
             os.rename(tmp, e.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -719,10 +762,48 @@ class Restorer:
             raise RestoreConflict(f"{self._shown(parts)} is a directory; the snapshot has a "
                                   "symlink there") from None
 
+    def _restore_special(self, dir_fd: int, e: TreeEntry, parts: Parts,
+                         fresh: bool = False) -> None:
+        """Make a FIFO or device node under a temporary name and rename it into place."""
+        if not fresh:
+            try:
+                st = os.stat(e.name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                if fsmeta.special_matches(st, e):
+                    with self._lock:
+                        self.summary.files_skipped += 1
+                    self.progress.files += 1
+                    return
+                if statmod.S_ISDIR(st.st_mode):
+                    raise RestoreConflict(f"{self._shown(parts)} is a directory; the snapshot "
+                                          "has a special file there")
+        tmp = _tmp_name(e.name)
+        _unlink_quietly(dir_fd, tmp)
+        try:
+            failed = fsmeta.make_special(dir_fd, tmp, e, owner=self._as_root)
+        except OSError as exc:
+            _unlink_quietly(dir_fd, tmp)
+            kind = "FIFO" if e.type == FIFO else f"device node {e.rdev[0]},{e.rdev[1]}"
+            why = ("making one needs root (CAP_MKNOD)" if exc.errno == errno.EPERM
+                   and e.type != FIFO else exc.strerror)
+            self.warn(f"{self._shown(parts)}: {kind} not restored: {why}")
+            return
+        os.rename(tmp, e.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        for message in _xattrs_not_set(self._shown(parts), failed):
+            self.note(message)
+        with self._lock:
+            self.summary.files_restored += 1
+        self.progress.files += 1
+
     def _apply_dir_meta(self, parts: Parts, e: TreeEntry) -> None:
         fd = self._chain().open(parts)
         if self._as_root:
             os.fchown(fd, e.uid, e.gid)
+        if e.xattrs:
+            for message in _xattrs_not_set(self._shown(parts), fsmeta.apply_xattrs(fd, e)):
+                self.note(message)
         os.fchmod(fd, statmod.S_IMODE(e.mode))
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
@@ -820,7 +901,8 @@ async def restore(repo: Repository, stored: StoredSnapshot, target: str, *,
                   workers: int | None = None,
                   overlays: dict[str, Overlay] | None = None,
                   processes: bool | None = None,
-                  keep_damaged: bool = False) -> RestoreSummary:
+                  keep_damaged: bool = False,
+                  note: Callable[[str], None] | None = None) -> RestoreSummary:
     """Restore `stored` (or the part named by `sub`) into `target`/<source name>/...
 
     `overlays` (from pointintime.plan_at) lays replayed log changes over the snapshot.
@@ -828,6 +910,8 @@ async def restore(repo: Repository, stored: StoredSnapshot, target: str, *,
     (False); by default big restores from a local store use processes. Files or folders that
     cannot be restored for damage are named through `warn` and listed in the summary's
     `failed`; `keep_damaged` keeps such files with their unreadable ranges zeroed (`damaged`).
+    `warn` also hears of what could not be made (device nodes without root: `warnings`),
+    `note` of extended attributes the target could not keep (by default `warn` hears them).
     """
     import asyncio
 
@@ -836,5 +920,6 @@ async def restore(repo: Repository, stored: StoredSnapshot, target: str, *,
     progress.expected_bytes = sum(s.root.size for s in selections)
     restorer = Restorer(repo, selections, os.fsencode(os.path.abspath(target)),
                         overwrite=overwrite, workers=workers, progress=progress, warn=warn,
-                        overlays=overlays, processes=processes, keep_damaged=keep_damaged)
+                        overlays=overlays, processes=processes, keep_damaged=keep_damaged,
+                        note=note)
     return await asyncio.to_thread(restorer.run)

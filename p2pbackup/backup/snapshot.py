@@ -1,9 +1,10 @@
 """Taking a snapshot: walk the sources, chunk and store what changed, build trees bottom-up.
 
 A file whose size, mtime, ctime and inode match its entry in the previous snapshot is not
-read; its entry is reused. Other files are read in worker threads (small ones in batches) and
-cut into content-defined chunks. Directories become trees; an unchanged directory encodes to
-the same bytes, so it keeps its tree id and nothing new is stored.
+read; its entry is reused (setting an extended attribute changes the ctime too). Other files
+are read in worker threads (small ones in batches) and cut into content-defined chunks.
+Directories become trees; an unchanged directory encodes to the same bytes, so it keeps its
+tree id and nothing new is stored.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import Source
 from ..crypto.keys import ScopeKeys
 from ..errors import DiskFull, P2PError, StorageError
 from ..format.header import Kind
-from ..format.records import DIR, FILE, SYMLINK, Snapshot, SourceRoot, Tree, TreeEntry
+from ..format.records import CAPTURE_LEVEL, DIR, FILE, Snapshot, SourceRoot, Tree, TreeEntry
 from ..repo.repository import Repository, StoredSnapshot
 from . import sqlite_capture
 from .files import SMALL_FILE, FileReader
@@ -64,7 +65,8 @@ class SnapshotSummary:
     blobs_added: int = 0
     packs_written: int = 0
     seconds: float = 0.0
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what could not be read (exit 3)
+    notes: list[str] = field(default_factory=list)  # read, but worth a line
 
 
 @dataclass(slots=True)
@@ -85,6 +87,7 @@ class _DirNode:
     subdirs: list[tuple[bytes, os.stat_result, "_DirNode"]] = field(default_factory=list)
     tree_id: bytes | None = None
     prev: tuple[bytes, Tree] | None = None  # the parent snapshot's tree of this directory
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()  # the directory's own
 
     def ready(self) -> bool:
         return all(f.done() for _, f in self.pending) and all(f.done() for _, f in self.linked)
@@ -113,19 +116,28 @@ class SnapshotBuilder:
     def __init__(self, repo: Repository, sources: tuple[Source, ...], *,
                  parents: dict[str, bytes], temp_dir: str, workers: int | None = None,
                  progress: SnapshotProgress | None = None,
-                 warn: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None] | None = None,
+                 note: Callable[[str], None] | None = None,
+                 parent_capture: dict[str, int] | None = None) -> None:
         self.repo = repo
         self.sources = sources
         self.parents = parents
+        # Sources whose parent is from a writer that recorded less (Snapshot.capture): their
+        # unchanged files' entries get what it left out.
+        self._refresh_sources = {name for name, level in (parent_capture or {}).items()
+                                 if level < CAPTURE_LEVEL}
+        self._refresh = False
         self.temp_dir = temp_dir
         self.workers = workers or max(2, os.cpu_count() or 2)
         self.progress = progress or SnapshotProgress()
         self.warnings: list[str] = []
+        self.notes: list[str] = []
         self._warn_cb = warn
+        self._note_cb = note or warn
         self._warn_lock = threading.Lock()
         self.sink = BlobSink(repo)
         self.reader = FileReader(self.sink, repo.config.chunk_avg, repo.keys.chunker_seed,
-                                 temp_dir, self.progress, self.warn)
+                                 temp_dir, self.progress, self.warn, self.note)
         self._slots = threading.BoundedSemaphore(self.workers * 4)
         self._hardlinks: dict[tuple[int, int], cf.Future] = {}
         self._counts = _Counts()
@@ -136,10 +148,18 @@ class SnapshotBuilder:
     # ---- helpers -----------------------------------------------------------------------
 
     def warn(self, message: str) -> None:
+        """Something could not be read: the snapshot is partial."""
         with self._warn_lock:
             self.warnings.append(message)
         if self._warn_cb:
             self._warn_cb(message)
+
+    def note(self, message: str) -> None:
+        """Something was read but deserves a line (it does not make the snapshot partial)."""
+        with self._warn_lock:
+            self.notes.append(message)
+        if self._note_cb:
+            self._note_cb(message)
 
     def _run_batch(self, jobs: list[_FileJob], keys: ScopeKeys) -> list[TreeEntry | None]:
         try:
@@ -214,6 +234,7 @@ class SnapshotBuilder:
                 child = self._walk(full, p.subtree if p is not None and p.type == DIR else None,
                                    keys)
                 if child is not None:
+                    child.xattrs = self.reader.xattrs(full, full)
                     node.subdirs.append((name, st, child))
             elif statmod.S_ISREG(mode):
                 counts.files += 1
@@ -221,6 +242,8 @@ class SnapshotBuilder:
                 if _unchanged(p, st) and (not p.sqlite or
                                           p.wal_mtime_ns == sqlite_capture.wal_mtime_ns(full)) \
                         and all(c in self.sink.known for c in p.chunks):
+                    if self._refresh:
+                        p = self.reader.refresh(full, p, st)
                     node.entries[name] = p
                     counts.unchanged += 1
                     counts.size += p.size
@@ -250,18 +273,10 @@ class SnapshotBuilder:
                     if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
                         node.pending.append((batch, self._submit(batch, keys)))
                         batch, batch_bytes = [], 0
-            elif statmod.S_ISLNK(mode):
-                try:
-                    target = os.readlink(full)
-                except OSError as exc:
-                    self.warn(f"cannot read link {_show(full)}: {exc.strerror}; skipped")
-                    continue
-                node.entries[name] = TreeEntry(SYMLINK, name, mode, st.st_uid, st.st_gid,
-                                               st.st_mtime_ns, target=target)
-            else:
-                kind = ("socket" if statmod.S_ISSOCK(mode) else "FIFO" if statmod.S_ISFIFO(mode)
-                        else "device file")
-                self.warn(f"{_show(full)} is a {kind}; skipped")
+            else:  # a symlink, FIFO or device node (a socket is skipped)
+                entry = self.reader.other_entry(full, name, st)
+                if entry is not None:
+                    node.entries[name] = entry
         if batch:
             node.pending.append((batch, self._submit(batch, keys)))
         self._open.append(node)  # post-order: every child is queued before its parent
@@ -280,7 +295,7 @@ class SnapshotBuilder:
             assert child.tree_id is not None  # children were finished first
             counts.dirs += 1
             entries[name] = TreeEntry(DIR, name, st.st_mode, st.st_uid, st.st_gid,
-                                      st.st_mtime_ns, subtree=child.tree_id)
+                                      st.st_mtime_ns, subtree=child.tree_id, xattrs=child.xattrs)
         for jobs, fut in node.pending:
             for job, entry in zip(jobs, fut.result()):
                 if entry is not None:
@@ -290,10 +305,9 @@ class SnapshotBuilder:
             entry = first.result()[0]
             if entry is not None:
                 st = job.st
-                entries[job.name] = TreeEntry(
-                    FILE, job.name, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
-                    st.st_ctime_ns, st.st_ino, entry.size, entry.chunks, nlink=st.st_nlink,
-                    sqlite=entry.sqlite, wal_mtime_ns=entry.wal_mtime_ns)
+                entries[job.name] = replace(
+                    entry, name=job.name, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                    mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, nlink=st.st_nlink)
                 counts.size += entry.size
         ordered = tuple(entries[n] for n in sorted(entries))
         if node.prev is not None and node.prev[1].entries == ordered \
@@ -336,6 +350,7 @@ class SnapshotBuilder:
             for src in self.sources:
                 keys = self.repo.keys.scope(src.name, self.repo.keys.epoch)
                 self._counts = _Counts()
+                self._refresh = src.name in self._refresh_sources
                 top = os.fsencode(src.path)
                 try:
                     top_st = os.stat(top)  # the folder's own metadata, as of its listing
@@ -386,9 +401,12 @@ class BuildCounts:
 async def take_snapshot(repo: Repository, sources: tuple[Source, ...], *, temp_dir: str,
                         hostname: str | None = None, progress: SnapshotProgress | None = None,
                         warn: Callable[[str], None] | None = None,
+                        note: Callable[[str], None] | None = None,
                         workers: int | None = None, log_seq: int = 0) -> SnapshotSummary:
     """Take one snapshot of `sources` and store it; the caller holds the writer lock.
 
+    `warn` hears of what could not be read (the snapshot's `warnings`: exit 3), `note` of what
+    was read but deserves a line (by default `warn` hears those too).
     `log_seq` is the newest sealed log segment the snapshot covers (the daemon seals first).
     """
     import asyncio
@@ -399,6 +417,7 @@ async def take_snapshot(repo: Repository, sources: tuple[Source, ...], *, temp_d
     device = repo.identity.device_id
     snaps, _ = await repo.list_snapshots()
     parents: dict[str, bytes] = {}
+    parent_capture: dict[str, int] = {}
     parent_id = None
     expected = 0
     for s in reversed(snaps):
@@ -409,13 +428,15 @@ async def take_snapshot(repo: Repository, sources: tuple[Source, ...], *, temp_d
                           src.path == root.path), None)
             if match is not None and root.name not in parents:
                 parents[root.name] = root.tree
+                parent_capture[root.name] = s.snapshot.capture
                 expected += root.size
                 parent_id = parent_id or s.id
     progress = progress or SnapshotProgress()
     progress.expected_bytes = expected
     os.makedirs(temp_dir, exist_ok=True)
     builder = SnapshotBuilder(repo, sources, parents=parents, temp_dir=temp_dir,
-                              workers=workers, progress=progress, warn=warn)
+                              workers=workers, progress=progress, warn=warn, note=note,
+                              parent_capture=parent_capture)
     try:
         roots, counts = await asyncio.to_thread(builder.run)
     except OSError as exc:
@@ -425,9 +446,10 @@ async def take_snapshot(repo: Repository, sources: tuple[Source, ...], *, temp_d
     if not roots:
         raise P2PError("nothing was backed up: every source is missing or unreadable")
     snap = Snapshot(time.time_ns(), device, hostname or socket.gethostname(), tuple(roots),
-                    log_seq=log_seq, parent=parent_id, warnings=len(builder.warnings))
+                    log_seq=log_seq, parent=parent_id, warnings=len(builder.warnings),
+                    capture=CAPTURE_LEVEL)
     stored = await repo.save_snapshot(snap)
     sink = builder.sink.stats
     return SnapshotSummary(stored, counts.new, counts.changed, counts.unchanged, counts.dirs,
                            progress.read, sink.bytes_added, sink.blobs_added, sink.packs_written,
-                           time.monotonic() - started, builder.warnings)
+                           time.monotonic() - started, builder.warnings, builder.notes)

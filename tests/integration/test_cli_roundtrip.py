@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, inode_groups, tree_state
+from tests.conftest import Cli, inode_groups, make_fidelity_tree, tree_state
 
 
 def test_init_makes_private_keys_and_a_checked_recovery_code(cli: Cli, sample_tree: Path):
@@ -117,22 +117,26 @@ def test_restore_one_path(cli: Cli, sample_tree: Path, tmp_path: Path):
     assert missing.returncode == 17 and "not in this snapshot" in missing.stderr
 
 
-def test_special_files_are_skipped_with_a_warning(cli: Cli, sample_tree: Path, tmp_path: Path):
-    import socket
-
-    os.mkfifo(sample_tree / "a-fifo")
-    sock = socket.socket(socket.AF_UNIX)
-    sock.bind(str(sample_tree / "a-socket"))
-    try:
-        cli("init", "--source", str(sample_tree))
-        proc = cli("snapshot", check=False)
-    finally:
-        sock.close()
-    assert proc.returncode == 3, proc.stderr
-    assert "a-fifo is a FIFO; skipped" in proc.stderr and "a-socket is a socket" in proc.stderr
-    cli("restore", "latest", "--to", str(tmp_path / "out"))
-    assert not (tmp_path / "out" / "src" / "a-fifo").exists()
-    assert (tmp_path / "out" / "src" / "big.bin").exists()
+def test_fifos_devices_xattrs_acls_and_holes_restore_exactly(cli: Cli, tmp_path: Path):
+    """Restic-like fidelity: FIFOs and (as root) device nodes are recorded and made again,
+    extended attributes and POSIX ACLs come back, a sparse file keeps its holes; a socket is
+    skipped without a word, and none of it makes the snapshot exit 3."""
+    src = make_fidelity_tree(tmp_path / "src")
+    cli("init", "--source", str(src))
+    proc = cli("snapshot", check=False)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    out = tmp_path / "out"
+    proc = cli("restore", "latest", "--to", str(out), check=False)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    restored = out / "src"
+    assert tree_state(restored) == tree_state(src)
+    assert not (restored / "dir" / "a-socket").exists()
+    sparse, original = os.stat(restored / "sparse.img"), os.stat(src / "sparse.img")
+    assert sparse.st_size == 64 * 1024 * 1024
+    assert original.st_blocks <= sparse.st_blocks <= original.st_blocks + 512  # +256 KiB
+    assert "no problems found" in cli("verify", "--read-data").stdout
+    again = cli("restore", "latest", "--to", str(out), check=False)  # all there: no conflict
+    assert again.returncode == 0, again.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown files and switch users")
@@ -219,3 +223,55 @@ def test_unreadable_file_is_a_warning_and_the_snapshot_completes(shared_tmp: Pat
     assert "cannot read" in proc.stderr and "secret.txt" in proc.stderr
     listed = run("snapshots", "--json")
     assert len(__import__("json").loads(listed.stdout)) == 1
+
+
+@pytest.fixture
+def ramfs(tmp_path: Path):
+    """A ramfs mount: a file system that keeps no extended attributes at all."""
+    import subprocess
+
+    path = tmp_path / "ramfs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "p2pb-test", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a ramfs and make devices")
+def test_metadata_the_target_cannot_take_is_a_notice_a_missing_device_node_exit_3(
+        cli: Cli, tmp_path: Path, ramfs: Path):
+    import stat as st
+    import subprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tagged.txt").write_text("x\n")
+    try:
+        os.setxattr(src / "tagged.txt", "user.k", b"v")
+    except OSError as exc:
+        pytest.skip(f"{src} keeps no user.* attributes: {exc.strerror}")
+    os.mknod(src / "null", st.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mkfifo(src / "fifo")
+    cli("init", "--source", str(src))
+    cli("snapshot")
+    # Extended attributes the target file system cannot keep: the files are restored, each
+    # is named in a notice, and the restore is complete (exit 0).
+    proc = cli("restore", "latest", "--to", str(ramfs), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "notice: " in proc.stderr and "tagged.txt: extended attributes not restored: " \
+        "user.k (Operation not supported)" in proc.stderr and "warning" not in proc.stderr
+    assert (ramfs / "src" / "tagged.txt").read_text() == "x\n"
+    # Without the right to make device nodes: the node is named as not restored and the
+    # restore is partial (exit 3: a script must not take it for a complete one).
+    out = tmp_path / "out"
+    proc = subprocess.run(["setpriv", "--bounding-set", "-mknod", "--inh-caps", "-mknod",
+                           *cli.argv("restore", "latest", "--to", str(out))], env=cli.env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert "null: device node 1,3 not restored: making one needs root (CAP_MKNOD)" \
+        in proc.stderr
+    assert st.S_ISFIFO(os.lstat(out / "src" / "fifo").st_mode)
+    assert (out / "src" / "tagged.txt").read_text() == "x\n"
+    assert not (out / "src" / "null").exists()

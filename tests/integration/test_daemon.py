@@ -20,6 +20,7 @@ from p2pbackup.device import open_device
 from p2pbackup.format.log import DEL, PUT
 from p2pbackup.repo.logstore import LogStore
 from tests.conftest import Cli
+from tests.eventually import eventually_sync
 
 
 class Daemon:
@@ -91,6 +92,12 @@ def wait_for_seq(cli: Cli, seq: int, timeout: float = 15) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"segment {seq} was not sealed within {timeout} s")
+
+
+def wait_for_first_snapshot(cli: Cli) -> None:
+    """The roll-up snapshot a daemon takes at start when the device has none."""
+    eventually_sync(lambda: json.loads(cli("snapshots", "--json").stdout), timeout=20,
+                    interval=0.1)
 
 
 def test_changes_become_sealed_signed_segments(home, tmp_path: Path):
@@ -273,7 +280,6 @@ def _state(root: Path) -> dict[str, bytes | None]:
 
 def test_point_in_time_restore(home, tmp_path: Path):
     import datetime as dt
-    import json
 
     cli, src = home
     d = Daemon(cli, tmp_path)
@@ -288,10 +294,7 @@ def test_point_in_time_restore(home, tmp_path: Path):
 
     try:
         d.wait_for("READY=1")
-        deadline = time.monotonic() + 20  # the first roll-up snapshot is taken at start
-        while not json.loads(cli("snapshots", "--json").stdout):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_for_first_snapshot(cli)
         (src / "a.txt").write_text("version 1\n")
         (src / "b.txt").write_text("bee\n")
         checkpoint()
@@ -318,6 +321,39 @@ def test_point_in_time_restore(home, tmp_path: Path):
     bad = cli("restore", "latest", "--at", "the day after tomorrow", "--to", str(tmp_path / "x"),
               check=False)
     assert bad.returncode == 2 and "ISO 8601" in bad.stderr
+
+
+def test_point_in_time_restore_carries_fifos_devices_xattrs_and_holes(home, tmp_path: Path):
+    import datetime as dt
+
+    from tests.conftest import make_fidelity_tree, tree_state
+
+    cli, src = home
+    staged = make_fidelity_tree(tmp_path / "staging" / "tree")
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        wait_for_first_snapshot(cli)
+        os.rename(staged, src / "tree")  # one event; the daemon walks what it finds
+        expected = {b"tree/" + rel for rel in tree_state(src / "tree")} | {b"tree"}
+
+        def all_logged() -> bool:
+            logged = {c.path for _, parts in chain(cli)[3] for _, cl in parts
+                      for c in cl.changes if c.op == PUT}
+            return expected <= logged
+
+        eventually_sync(all_logged, timeout=30, interval=0.2)
+        moment = dt.datetime.now().astimezone().isoformat()
+    finally:
+        assert d.stop() == 0
+    out = tmp_path / "out"
+    proc = cli("restore", "latest", "--at", moment, "--to", str(out), check=False)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "logged changes" in proc.stdout
+    assert tree_state(out / "src" / "tree") == tree_state(src / "tree")
+    restored, original = os.stat(out / "src" / "tree" / "sparse.img"), \
+        os.stat(src / "tree" / "sparse.img")
+    assert original.st_blocks <= restored.st_blocks <= original.st_blocks + 512
 
 
 def test_prune_through_the_daemon_folds_the_log(home, tmp_path: Path):
@@ -347,18 +383,13 @@ def test_prune_through_the_daemon_folds_the_log(home, tmp_path: Path):
 
 
 def test_changes_made_while_the_daemon_was_down_are_caught_up(home, tmp_path: Path):
-    import json
-
     cli, src = home
     (src / "keep.txt").write_text("unchanged")
     (src / "edit.txt").write_text("before")
     (src / "gone.txt").write_text("to be deleted")
     d = Daemon(cli, tmp_path)
     d.wait_for("READY=1")
-    deadline = time.monotonic() + 20
-    while not json.loads(cli("snapshots", "--json").stdout):  # the start-up roll-up snapshot
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for_first_snapshot(cli)
     d.stop(signal.SIGKILL)
     seq = (chain(cli)[2].seq if chain(cli)[2] else 0)
     time.sleep(0.05)
