@@ -2,8 +2,10 @@
 
 Small files are read in one call; larger ones stream through one reused window per thread and
 are cut into content-defined chunks. A file that changes while it is read is read again (and
-noted if it keeps changing); an SQLite database is copied through SQLite's backup API. Every
-entry carries its extended attributes; files their sparseness.
+noted if it keeps changing). An SQLite database is stored as its bytes when neither it nor its
+-wal/-journal changes while it is read and no -wal or -journal holds data the main file lacks
+(so it restores byte-identical); otherwise it is copied through SQLite's backup API, which
+gives a consistent state. Every entry carries its extended attributes; files their sparseness.
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ class FileReader:
                 try:
                     chunks, size = self._read_fd(fd, keys, before.st_size, sqlite_check)
                 except _IsSQLite:
-                    entry = self._capture_sqlite(fd, path, name, st, keys)
+                    entry = self._read_sqlite(fd, path, name, before, keys)
                     if entry is not None:
                         return entry
                     sqlite_check = False  # capture failed (noted): store the bytes
@@ -318,6 +320,30 @@ class FileReader:
         self.progress.read += size
         if size < SMALL_FILE:
             self.progress.bytes += size  # bigger files counted their bytes as they were read
+
+    def _read_sqlite(self, fd: int, path: bytes, name: bytes, before: os.stat_result,
+                     keys: ScopeKeys) -> TreeEntry | None:
+        """Store the database open at `fd` as its bytes if nothing wrote it while they were
+        read, else through SQLite's backup API; None if that failed too (noted)."""
+        sides = sqlite_capture.side_files(path)
+        if sqlite_capture.quiet(sides):
+            os.lseek(fd, 0, os.SEEK_SET)
+            chunks, size = self._read_fd(fd, keys, before.st_size)
+            after = os.fstat(fd)
+            # The sides are looked at after the main file: a transaction that began while it
+            # was read shows in one or the other (its journal, its WAL frames, or new mtimes).
+            if _same_file(after, before) and after.st_ctime_ns == before.st_ctime_ns \
+                    and size == after.st_size and sqlite_capture.side_files(path) == sides:
+                xattrs = self.xattrs(fd, path)
+                self._count(size)
+                return TreeEntry(FILE, name, before.st_mode, before.st_uid, before.st_gid,
+                                 before.st_mtime_ns, before.st_ctime_ns, before.st_ino, size,
+                                 tuple(chunks), nlink=before.st_nlink, sqlite=True,
+                                 wal_mtime_ns=sqlite_capture.wal_mtime_of(sides),
+                                 xattrs=xattrs)
+        # Written while read, or its -wal/-journal holds what the main file lacks: copying the
+        # bytes could tear a transaction; SQLite's backup API copies a consistent state.
+        return self._capture_sqlite(fd, path, name, before, keys)
 
     def _capture_sqlite(self, db_fd: int, path: bytes, name: bytes, st: os.stat_result,
                         keys: ScopeKeys) -> TreeEntry | None:

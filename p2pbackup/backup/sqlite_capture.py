@@ -1,7 +1,9 @@
 """Live SQLite databases are copied through SQLite's online backup API.
 
 Copying the file bytes while an application writes could capture half a transaction; the
-backup API copies a consistent state (holding a read lock for the one step it takes).
+backup API copies a consistent state (holding a read lock for the one step it takes). It also
+rewrites header counters, so a database nobody writes is stored as its bytes instead (the
+reader checks, with side_files before and after, that nobody did).
 """
 
 from __future__ import annotations
@@ -35,6 +37,33 @@ def capture(path: bytes, dest: str, busy_timeout: float = 30.0) -> None:
             dst.close()
     finally:
         src.close()
+
+
+SideFiles = tuple[tuple[int, int, int, int] | None, tuple[int, int, int, int] | None]
+
+
+def side_files(path: bytes) -> SideFiles:
+    """(size, mtime_ns, ctime_ns, inode) of the database's -wal and -journal (None: absent)."""
+    out = []
+    for suffix in (b"-wal", b"-journal"):
+        try:
+            st = os.stat(path + suffix)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+    return out[0], out[1]
+
+
+def quiet(sides: SideFiles) -> bool:
+    """True if the main file alone holds the database: no WAL frames (committed pages may
+    live only there) and no hot journal (a transaction in progress, or one to roll back)."""
+    return all(s is None or s[0] == 0 for s in sides)
+
+
+def wal_mtime_of(sides: SideFiles) -> int:
+    """What wal_mtime_ns returned when `sides` was taken."""
+    return sides[0][1] if sides[0] is not None else 0
 
 
 def wal_mtime_ns(path: bytes) -> int:
