@@ -165,6 +165,7 @@ def make_fidelity_tree(root: Path) -> Path:
                     (GROUP_OBJ, 4, ACL_UNDEFINED_ID), (MASK, 6, ACL_UNDEFINED_ID),
                     (OTHER, 4, ACL_UNDEFINED_ID))
     os.setxattr(tagged, "system.posix_acl_access", acl)
+    os.setxattr(root, "user.source", b"the source folder's own")
     os.setxattr(root / "dir", "user.folder", b"colour=blue")
     os.setxattr(root / "dir", "system.posix_acl_default", acl)
     os.mkfifo(root / "dir" / "a-fifo", 0o640)

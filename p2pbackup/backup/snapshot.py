@@ -369,7 +369,7 @@ class SnapshotBuilder:
                 c = self._counts
                 roots.append(SourceRoot(src.name, src.path, tree, keys.epoch, c.files, c.dirs,
                                         c.size, top_st.st_mode, top_st.st_uid, top_st.st_gid,
-                                        top_st.st_mtime_ns))
+                                        top_st.st_mtime_ns, self.reader.xattrs(top, top)))
                 self.totals.add(c)
             self.sink.flush()
         except BaseException:

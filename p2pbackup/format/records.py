@@ -219,8 +219,9 @@ class Tree:
 class SourceRoot:
     """One backed-up source inside a snapshot.
 
-    `mode`, `uid`, `gid` and `mtime_ns` are the source folder's own metadata (None in
-    snapshots written before they were recorded: restore then leaves the folder as it makes it).
+    `mode`, `uid`, `gid`, `mtime_ns` and `xattrs` are the source folder's own metadata (None
+    and () in snapshots written before they were recorded: restore then leaves the folder as it
+    makes it).
     """
 
     name: str
@@ -234,12 +235,15 @@ class SourceRoot:
     uid: int | None = None
     gid: int | None = None
     mtime_ns: int | None = None
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
 
     def to_map(self) -> dict:
         m = {"name": self.name, "path": self.path, "tree": self.tree, "epoch": self.epoch,
              "files": self.files, "dirs": self.dirs, "size": self.size}
         if self.mode is not None:
             m.update(mode=self.mode, uid=self.uid, gid=self.gid, mtime=self.mtime_ns)
+        if self.xattrs:
+            m["xa"] = [list(x) for x in self.xattrs]
         return m
 
     @classmethod
@@ -248,16 +252,20 @@ class SourceRoot:
         if not all(type(v) is int for v in meta) or not all(0 <= v < 1 << 32 for v in meta[:3]) \
                 or not -1 << 63 <= meta[3] < 1 << 63:
             meta = [None] * 4  # absent (an older writer) or unusable: the folder as made
+        try:
+            xattrs = _xattrs(m.get("xa", []), b"", what)
+        except IntegrityError:
+            xattrs = ()  # unusable, as the rest of the folder's metadata above
         return cls(_need(m, "name", str, what), _need(m, "path", str, what),
                    _need(m, "tree", bytes, what), m.get("epoch", 0), m.get("files", 0),
-                   m.get("dirs", 0), m.get("size", 0), *meta)
+                   m.get("dirs", 0), m.get("size", 0), *meta, xattrs)
 
     def dir_entry(self) -> TreeEntry | None:
         """The source folder as a directory entry, if the snapshot recorded its metadata."""
         if self.mode is None:
             return None
         return TreeEntry(DIR, os.fsencode(self.name), self.mode, self.uid or 0, self.gid or 0,
-                         self.mtime_ns or 0, subtree=self.tree)
+                         self.mtime_ns or 0, subtree=self.tree, xattrs=self.xattrs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cli, inode_groups, make_fidelity_tree, tree_state
+from tests.conftest import Cli, inode_groups, make_fidelity_tree, tree_state, xattrs_of
 
 
 def test_init_makes_private_keys_and_a_checked_recovery_code(cli: Cli, sample_tree: Path):
@@ -131,6 +131,7 @@ def test_fifos_devices_xattrs_acls_and_holes_restore_exactly(cli: Cli, tmp_path:
         and "notice" not in proc.stderr, proc.stderr
     restored = out / "src"
     assert tree_state(restored) == tree_state(src)
+    assert xattrs_of(restored) == xattrs_of(src) != {}  # the source folder's own
     assert not (restored / "dir" / "a-socket").exists()
     sparse, original = os.stat(restored / "sparse.img"), os.stat(src / "sparse.img")
     assert sparse.st_size == 64 * 1024 * 1024

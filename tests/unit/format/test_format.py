@@ -129,6 +129,16 @@ def test_source_root_carries_the_source_folders_own_metadata():
         assert SourceRoot.from_map(m, "snapshot").dir_entry() is None
 
 
+def test_source_root_carries_the_source_folders_xattrs():
+    acl = ((b"system.posix_acl_default", b"\x02\0\0\0"), (b"user.k", b"v"))
+    root = SourceRoot("docs", "/d", b"t" * 32, mode=0o40751, uid=12, gid=34, mtime_ns=5,
+                      xattrs=acl)
+    decoded = Snapshot.decode(Snapshot(123, "d" * 32, "host", (root,)).encode()).sources[0]
+    assert decoded == root and decoded.dir_entry().xattrs == acl
+    m = {**root.to_map(), "xa": [["user.k", b"v"]]}  # unusable: left out like bad metadata
+    assert SourceRoot.from_map(m, "snapshot").xattrs == ()
+
+
 # Not one plain path component: each would let a tree write outside its directory.
 HOSTILE_NAMES = [b"", b".", b"..", b"../../escape", b"/abs", b"a/b", b"x\0y", b"..\0"]
 
