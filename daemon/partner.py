@@ -22,7 +22,7 @@ from typing import Any
 import blake3
 import msgpack
 
-from p2pbackup import session
+from p2pbackup import ids, session
 from p2pbackup.blobs import peer as peer_store
 from p2pbackup.blobs.base import BlobStore
 from p2pbackup.blobs.local import LocalDirStore
@@ -78,11 +78,15 @@ def load_grants(home: Path) -> list[Grant]:
             if not isinstance(doc, dict) or doc.get("v") != GRANT_VERSION:
                 log.warning("%s: a grant of another version; skipped (upgrade p2pbackup)", path)
                 continue
-            account = str(doc["account"])
+            account = doc["account"]
             owners = {str(d): bytes(pk) for d, pk in doc.get("owners", [])}
             tag_key = bytes(doc.get("tag_key", b""))
         except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
             log.warning("%s is damaged (%s); skipped", path, exc)
+            continue
+        if not ids.is_account(account) or path.name != f"{account}.grant":
+            log.warning("%s names account %s, not its own file name; skipped", path,
+                        ids.shown(account))
             continue
         if not tag_key:
             log.warning("the grant for account %s predates partner discovery; pair again to "

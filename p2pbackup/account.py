@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
+from . import ids
 from .blobs import open_store
 from .blobs.base import BlobStore
 from .blobs.local import LocalDirStore
@@ -209,13 +210,11 @@ async def apply_welcome(home: Path, identity: DeviceIdentity, name: str,
     role, account = doc["role"], doc["account"]
     host_name = str(doc["host"].get("name", ""))
     if role == PARTNER:
+        grant = _partner_grant(doc)   # checked whole before anything is written
         if not (home / "config.toml").exists():
             init_home(home, [], identity=identity, keyless=True, device_name=name)
         partners = home / "partners"
         partners.mkdir(mode=0o700, exist_ok=True)
-        grant = {"v": 1, "account": account, "quota": doc.get("quota"),
-                 "owners": doc.get("owners", []), "since": time.time_ns(),
-                 "tag_key": doc.get("tag_key", b""), "host": doc["host"].get("id", "")}
         tmp = partners / f"{account}.tmp"
         tmp.write_bytes(msgpack.packb(grant, use_bin_type=True))
         os.replace(tmp, partners / f"{account}.grant")
@@ -243,6 +242,33 @@ async def apply_welcome(home: Path, identity: DeviceIdentity, name: str,
     finally:
         await repo.close()
     return Joined(role, account, host_name, keys.sources_granted())
+
+
+def _partner_grant(doc: dict) -> dict:
+    """The grant a partner keeps for the account a welcome names; PairingFailed unless every
+    id in it has its exact form (the account becomes a file and a directory name)."""
+    account, host = doc["account"], doc["host"]
+    if not ids.is_account(account):
+        raise PairingFailed(f"pairing failed: the other device names its account "
+                            f"{ids.shown(account)}, which is not an account fingerprint")
+    if not ids.is_device(host.get("id")):
+        raise PairingFailed("pairing failed: the other device sent a malformed welcome "
+                            "(its device id)")
+    quota = doc.get("quota")
+    if quota is not None and (not isinstance(quota, int) or isinstance(quota, bool)
+                              or quota < 0):
+        raise PairingFailed("pairing failed: the other device sent a malformed welcome "
+                            "(the quota)")
+    owners = doc.get("owners", [])
+    if not isinstance(owners, list) or not all(
+            isinstance(o, list) and len(o) == 2 and ids.is_device(o[0])
+            and isinstance(o[1], bytes) and device_id_for(o[1]) == o[0] for o in owners):
+        raise PairingFailed("pairing failed: the other device sent a malformed welcome "
+                            "(the devices that may store here)")
+    tag_key = doc.get("tag_key", b"")
+    return {"v": 1, "account": account, "quota": quota, "owners": owners,
+            "since": time.time_ns(), "tag_key": tag_key if isinstance(tag_key, bytes) else b"",
+            "host": host["id"]}
 
 
 # ---- revocation ------------------------------------------------------------------------------

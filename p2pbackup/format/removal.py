@@ -19,12 +19,14 @@ import blake3
 import msgpack
 
 from ..errors import IntegrityError
+from ..ids import object_kind
 from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
 from .records import Signed
 
 VERSION = 1
 PREFIX = "removals/"
 REMOVABLE = ("packs/", "snapshots/", "segments/")
+_REMOVABLE_KINDS = ("pack", "snapshot", "segment")
 MAX_NAMES = 1_000_000
 
 
@@ -69,5 +71,11 @@ def read_removal(data: bytes, key_of: Callable[[str], bytes | None],
         raise IntegrityError(f"{what} is malformed ({exc})") from None
     if r.device != signed.device or doc.get("v") != VERSION:
         raise IntegrityError(f"{what} is of another version or device than its signature")
-    # Only data can be removed: never the config, membership, keys, devices or heads.
-    return Removal(r.device, r.time_ns, tuple(n for n in names if n.startswith(REMOVABLE)))
+    # Only data can be removed: never the config, membership, keys, devices or heads; and
+    # only by its exact object name (a name from a record becomes a file name to delete).
+    return Removal(r.device, r.time_ns, tuple(n for n in names if _removable(n)))
+
+
+def _removable(name: str) -> bool:
+    got = object_kind(name)
+    return got is not None and got[0] in _REMOVABLE_KINDS

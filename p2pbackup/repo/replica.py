@@ -13,6 +13,7 @@ import re
 
 import blake3
 
+from .. import ids
 from ..blobs.local import LocalDirStore
 from ..crypto.keys import MissingKey
 from ..errors import IntegrityError, NotFound
@@ -28,30 +29,16 @@ from .intake import PackIntake
 from .removals import owner_keys
 from .repository import Repository
 
-_HEX = r"[0-9a-f]"
-_NAMES = [
-    ("config", re.compile(r"config")),
-    ("membership", re.compile(r"membership/\d{12}")),
-    ("device", re.compile(rf"devices/{_HEX}{{32}}")),
-    ("keyring", re.compile(r"keyring/\d{6}")),
-    ("pack", re.compile(rf"packs/({_HEX}{{64}})")),
-    ("segment", re.compile(rf"segments/({_HEX}{{32}})/(\d{{12}})")),
-    ("anchor", re.compile(rf"segments/({_HEX}{{32}})/anchor")),
-    ("snapshot", re.compile(rf"snapshots/({_HEX}{{64}})")),
-    ("head", re.compile(rf"heads/({_HEX}{{32}})")),
-    ("removal", re.compile(rf"removals/({_HEX}{{64}})")),
-]
 # Objects a peer sends first: later ones are checked against them.
-ORDER = {kind: i for i, (kind, _) in enumerate(_NAMES)}
+ORDER = {kind: i for i, (kind, _) in enumerate(ids.OBJECT_NAMES)}
 
 
 def kind_of(name: str) -> tuple[str, re.Match[str]]:
     """Which kind of object a store name holds; IntegrityError for a name we never write."""
-    for kind, rx in _NAMES:
-        m = rx.fullmatch(name)
-        if m:
-            return kind, m
-    raise IntegrityError(f"a peer offered {name[:80]!r}, which is not an object name")
+    got = ids.object_kind(name)
+    if got is None:
+        raise IntegrityError(f"a peer offered {ids.shown(name, 80)}, which is not an object name")
+    return got
 
 
 def transfer_order(name: str) -> tuple[int, str]:
