@@ -63,9 +63,12 @@ class Grant:
     last_sync: float | None = None
     tombstones: set[str] = field(default_factory=set)
 
-    async def refresh_removals(self) -> list[Removal]:
+    seen: removals.FirstSeen = field(default_factory=lambda: removals.FirstSeen(None))
+
+    async def refresh_removals(self) -> dict[str, Removal]:
         records = await removals.held(self.store, self.owners.get)
         self.tombstones = removals.tombstones(records)
+        self.seen.since(records, time.time_ns())   # the grace period starts at receipt
         return records
 
 
@@ -93,7 +96,8 @@ def load_grants(home: Path) -> list[Grant]:
                         "be found on the LAN", account)
         store = QuotaStore(LocalDirStore(home / "partners" / account / "store"),
                            doc.get("quota"), owner=f"account {account}")
-        out.append(Grant(account, doc.get("quota"), owners, tag_key, store))
+        seen = removals.FirstSeen(home / "partners" / account / removals.FIRST_SEEN)
+        out.append(Grant(account, doc.get("quota"), owners, tag_key, store, seen=seen))
     return out
 
 
@@ -174,22 +178,29 @@ class PartnerService:
                     await self._ad.update_txt({"v": "1", "port": str(self.port),
                                                "tag": self._tags()})
 
+    async def apply_removals(self, now_ns: int | None = None) -> int:
+        """Delete what the owners removed, once the grace period has passed since this
+        partner first held the record (all of it: a partner cannot tell which data is still
+        used, the owners decided). Returns how many objects went."""
+        total = 0
+        for g in self.grants:
+            try:
+                gone = await removals.apply_due(g.store, await g.refresh_removals(),
+                                                self.config.peers.removal_grace,
+                                                kinds=REMOVABLE, seen=g.seen, now_ns=now_ns)
+            except P2PError as exc:
+                log.error("account %s: applying removals failed: %s", g.account, exc)
+                continue
+            if gone:
+                log.info("account %s: deleted %d objects its owners removed", g.account,
+                         len(gone))
+            total += len(gone)
+        return total
+
     async def _apply_removals(self) -> None:
-        """Delete what the owners removed, once the grace period has passed (all of it: a
-        partner cannot tell which data is still used, the owners decided)."""
-        grace = self.config.peers.removal_grace
         while True:
-            for g in self.grants:
-                try:
-                    gone = await removals.apply_due(g.store, await g.refresh_removals(), grace,
-                                                    kinds=REMOVABLE)
-                except P2PError as exc:
-                    log.error("account %s: applying removals failed: %s", g.account, exc)
-                    continue
-                if gone:
-                    log.info("account %s: deleted %d objects its owners removed", g.account,
-                             len(gone))
-            await asyncio.sleep(min(60.0, max(1.0, grace / 2)))
+            await self.apply_removals()
+            await asyncio.sleep(min(60.0, max(1.0, self.config.peers.removal_grace / 2)))
 
     async def close(self) -> None:
         for t in self._tasks:
