@@ -15,6 +15,7 @@ ACCOUNT_HEX = 16   # an account fingerprint (crypto.keys.AccountKeys.fingerprint
 DEVICE_HEX = 32    # a device id (crypto.identity.device_id_for)
 DIGEST_HEX = 64    # a content address: pack, snapshot and removal names (BLAKE3)
 SEQ_DIGITS = 12    # a log segment's or membership version's sequence number in a name
+TAG_HEX = 16       # a discovery tag in an mDNS TXT record (crypto.tags.discovery_tag)
 
 ACCOUNT_RX = f"[0-9a-f]{{{ACCOUNT_HEX}}}"
 DEVICE_RX = f"[0-9a-f]{{{DEVICE_HEX}}}"
@@ -29,6 +30,7 @@ OBJECT_NAMES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (kind, re.compile(rx)) for kind, rx in (
         ("config", "config"),
         ("membership", f"membership/({SEQ_RX})"),
+        ("roster", f"roster/({SEQ_RX})"),
         ("device", f"devices/({DEVICE_RX})"),
         ("keyring", f"keyring/({EPOCH_RX})"),
         ("pack", f"packs/({DIGEST_RX})"),
@@ -42,6 +44,7 @@ OBJECT_NAMES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 _ACCOUNT = re.compile(ACCOUNT_RX)
 _DEVICE = re.compile(DEVICE_RX)
 _DIGEST = re.compile(DIGEST_RX)
+_TAG = re.compile(f"[0-9a-f]{{{TAG_HEX}}}")
 
 
 def is_account(value: object) -> bool:
@@ -52,6 +55,12 @@ def is_account(value: object) -> bool:
 def is_device(value: object) -> bool:
     """True for a device id: exactly 32 lowercase hex digits."""
     return isinstance(value, str) and _DEVICE.fullmatch(value) is not None
+
+
+def is_tag(value: object) -> bool:
+    """True for a discovery tag: exactly 16 lowercase hex digits (anything else in a TXT
+    record is a stranger's)."""
+    return isinstance(value, str) and _TAG.fullmatch(value) is not None
 
 
 def is_digest(value: object) -> bool:

@@ -25,6 +25,7 @@ from ..format.records import DeviceRecord, PackTrailer, Signed
 from ..crypto.identity import device_id_for, verify_signature
 from ..format.removal import read_removal
 from . import membership as store_membership
+from . import roster
 from .intake import PackIntake
 from .removals import owner_keys
 from .repository import Repository
@@ -71,7 +72,10 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
         body = bytes(open_object(data, repo.keys.meta_key, expect=Kind.MEMBERSHIP, what=what)[1])
         await store_membership.store_chain(repo, chain + [body])
         return True
-    if kind == "device":
+    if kind == "roster":
+        got = await store_membership.load(repo)
+        await roster.check_incoming(repo.store, name, bytes(data), got[0] if got else None)
+    elif kind == "device":
         body = bytes(open_object(data, repo.keys.meta_key, expect=Kind.DEVICE, what=what)[1])
         signed = Signed.decode(body, what)
         rec = DeviceRecord.decode(signed.body, what)

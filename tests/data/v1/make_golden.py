@@ -148,6 +148,20 @@ def main() -> None:
         Removal(dev.device_id, 1_700_000_000_000_000_000,
                 ("config", "packs/" + "ab" * 32, "snapshots/" + "cd" * 32)), dev.sign))
 
+    # A v1 roster (signed, not encrypted): the owner and the member of membership-2, one
+    # removed device, plus an entry of a role and a field a future version adds (skipped).
+    from p2pbackup.format.header import FORMAT_VERSION, ObjectHeader
+
+    roster = msgpack.packb({
+        "v": 1, "seq": 1, "prev": b"", "time": 1_700_000_000_000_000_002,
+        "members": [[dev.device_id, dev.public_key, "owner"],
+                    [second.device_id, second.public_key, "member"],
+                    ["0" * 32, b"\0" * 32, "auditor"]],
+        "removed": ["f" * 32], "future": "ignored"}, use_bin_type=True)
+    signed_r = Signed(roster, dev.device_id, dev.sign(roster)).encode()
+    (HERE / "roster.obj").write_bytes(
+        ObjectHeader(FORMAT_VERSION, Kind.ROSTER, 0, len(signed_r)).encode() + signed_r)
+
 
 if __name__ == "__main__":
     main()
