@@ -215,10 +215,7 @@ class PeerManager:
                 st.on_lan = False
                 continue
             st.on_lan, st.addresses, st.last_seen = True, list(found.addresses), time.time()
-            try:
-                st.port = int(found.txt.get("port", found.port))
-            except ValueError:
-                st.port = found.port
+            st.port = found.signaling_port
             # A partner never dials: it has nothing of its own to send. A member behind on
             # the key epoch does not recognise our tag: we dial it.
             dials = self.me < device or device in self._partners() or behind

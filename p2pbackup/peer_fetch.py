@@ -83,11 +83,7 @@ async def find_on_lan(device: str, tag_keys: list[bytes], peers: PeerSettings,
                             interfaces=list(peers.interfaces) or None)
     if found is None:
         return []
-    try:
-        port = int(found.txt.get("port", found.port))
-    except ValueError:
-        port = found.port
-    return [(a, port) for a in found.addresses]
+    return [(a, found.signaling_port) for a in found.addresses]
 
 
 async def open_peer(location: PeerLocation, device: str, *, identity: DeviceIdentity,
@@ -194,9 +190,5 @@ async def recovery_candidates(location: PeerLocation, peers: PeerSettings,
             pass
     out = []
     for f in found.values():
-        try:
-            port = int(f.txt.get("port", f.port))
-        except ValueError:
-            port = f.port
-        out += [RecoveryCandidate(a, port, peers) for a in f.addresses]
+        out += [RecoveryCandidate(a, f.signaling_port, peers) for a in f.addresses]
     return out

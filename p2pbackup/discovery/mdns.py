@@ -40,6 +40,15 @@ class Found:
     name: str = ""  # the (random) instance name: identifies the service within a Browser
     server: str = ""  # the (random) host name its SRV record names
 
+    @property
+    def signaling_port(self) -> int:
+        """The port its TXT record names (p2pbackup's signaling endpoint), else the SRV one:
+        a neighbour's TXT may say anything, so only 1-65535 in ASCII digits counts."""
+        said = self.txt.get("port", "")
+        if said.isascii() and said.isdigit() and 0 < int(said) < 65536:
+            return int(said)
+        return self.port
+
 
 @dataclass(frozen=True)
 class Added:

@@ -112,3 +112,11 @@ def test_a_strangers_advert_with_an_odd_tag_is_ignored_not_a_crash():
     key, device = secrets.token_bytes(32), "ab" * 16
     for tag in ("é" * 16, "\u0661" * 16, "x" * 10_000, "", "ABCDEF0123456789"):
         assert which_device(key, tag, [device], time.time()) is None
+
+
+def test_a_strangers_odd_port_in_txt_falls_back_to_the_srv_port():
+    from p2pbackup.discovery.mdns import Found
+
+    for said in ("-1", "0", "70000", "\u0663\u0663", "+80", " 80", "80 ", "abc", ""):
+        assert Found(["10.0.0.1"], 4242, {"port": said, "tag": "x"}).signaling_port == 4242
+    assert Found(["10.0.0.1"], 4242, {"port": "7890"}).signaling_port == 7890

@@ -63,3 +63,13 @@ async def test_a_signer_named_with_a_path_is_refused_before_any_file_is_read(tmp
                 await repo.device_key(signer)
     finally:
         await repo.close()
+
+
+def test_a_list_prefix_from_a_peer_never_walks_outside_the_store(tmp_path: Path):
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "account.key").write_bytes(b"secret")
+    store = LocalDirStore(tmp_path / "store")
+    store.put_sync("packs/" + "ab" * 32, b"x")
+    for prefix in ("../", "..", "../keys/", "./../keys", "/", "/etc/"):
+        assert store.list_sync(prefix) == [], prefix
+    assert store.list_sync("packs/") == ["packs/" + "ab" * 32]
