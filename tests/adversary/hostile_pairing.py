@@ -26,8 +26,11 @@ def hostile_host(welcome: Callable[[bytes], bytes]) -> Iterator[tuple[str, str]]
     async def on_complete() -> str:
         return "joined"
 
-    host = PairingHost(code, on_request, on_complete, rendezvous=StaticRendezvous("", 0),
-                       bind="127.0.0.1", lifetime=60)
+    async def confirm(verifier: str) -> bool:
+        return True   # the hostile host's user says yes to anything
+
+    host = PairingHost(code, on_request, on_complete, confirm=confirm,
+                       rendezvous=StaticRendezvous("", 0), bind="127.0.0.1", lifetime=60)
 
     def serve() -> None:
         def on_started(port: int) -> None:
