@@ -20,7 +20,8 @@ What a partner checks without keys, for every object a device sends it:
   devices/<id> by that device or an owner, config, membership/ and keyring/ by owners only:
   their content is sealed, so who sent them is all the partner can check;
 - objects never change, except a device's own head, which only it replaces;
-- the quota, which it reports to the device in words.
+- the quota, which it reports to the device in words (rosters are kept in the grant file,
+  outside the quota and the store: a full store must not keep a removed device's rights).
 What it cannot check is what is sealed: whether a segment, device record, membership version
 or keyring holds what its name says (owners check that when they read them back, as from any
 store), and a head's order, which is inside its sealed body: a device could move its own head
@@ -188,13 +189,14 @@ async def partner_accept(grant: Grant, device: str, name: str, data: bytes) -> b
         raise IntegrityError(f"{name[:60]}: its content does not match its name")
     if kind == "removal":  # signed in the clear: checked against the roster's owners
         read_removal(data, grant.owner_key, verify_signature, name)
+    if kind == "roster":   # kept in the grant, outside the quota: a full store must not
+        grant.take_roster(name, data)   # keep a removed device's rights
+        return True
     if kind != "head" and await store.has(name):
         if kind in ("pack", "snapshot") or await store.get(name) == data:
             return False
         raise IntegrityError(f"{name[:60]} differs from the copy already here (objects never "
                              "change)")
-    if kind == "roster":
-        grant.take_roster(name, data)
     await store.put(name, data)   # QuotaExceeded: said to the device in words
     return True
 

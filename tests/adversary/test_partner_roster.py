@@ -20,6 +20,7 @@ import blake3
 import pytest
 
 from p2pbackup import account, grants
+from p2pbackup.blobs.quota import QuotaExceeded
 from p2pbackup.config import load_config
 from p2pbackup.crypto.identity import DeviceIdentity, verify_signature
 from p2pbackup.daemon.partner import PartnerService, load_grants, refusal
@@ -209,3 +210,14 @@ async def test_a_member_device_refuses_a_roster_a_scoped_member_forged(world, tm
         newest = await roster.newest(a.repo.store)
         with pytest.raises(IntegrityError, match="wrong name"):
             await replica.accept(dev_b.repo, "roster/000000000007", newest[1])
+
+
+async def test_a_partner_over_its_quota_still_takes_the_roster(world):
+    a, b, s, p, service, grant = world
+    grant.store.quota = 1   # full: nothing more fits
+    name, data = blob("snapshots/")
+    with pytest.raises(QuotaExceeded):
+        await service.accept(grant, b.device_id, name, data)
+    await account.remove_device(a, b.device_id)
+    await roster_reaches_partner(a, service, grant)
+    assert not admitted(service, b) and admitted(service, s)

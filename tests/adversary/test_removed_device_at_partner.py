@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from p2pbackup.blobs.local import LocalDirStore
+from p2pbackup.daemon.partner import load_grants
+from p2pbackup.format.roster import roster_name
 from tests.conftest import Cli, make_sample_tree
 from tests.eventually import eventually_sync
 from tests.integration.test_pairing import Host
@@ -23,9 +25,10 @@ def rosters(store: Path) -> set[str]:
     return set(LocalDirStore(store).list_sync("roster/"))
 
 
-def partner_follows(a: Cli, kept: Path) -> bool:
-    """The partner holds the owner's newest roster (older ones it never needs)."""
-    return max(rosters(a.home / "store")) in rosters(kept)
+def partner_follows(a: Cli, f: Cli) -> bool:
+    """The partner's grant holds the owner's newest roster version."""
+    (grant,) = load_grants(f.home)
+    return max(rosters(a.home / "store")) == roster_name(grant.roster.seq)
 
 
 def test_a_removed_device_cannot_read_from_the_partner_any_more(netlab, tmp_path: Path):
@@ -42,18 +45,16 @@ def test_a_removed_device_cannot_read_from_the_partner_any_more(netlab, tmp_path
     host = Host(a)                                   # roster 2: A and B
     b("pair", host.code, "--peer", host.peer, "--name", "laptop")
     assert host.finish()[0] == 0
-    account = next((f.home / "partners").glob("*.grant")).stem
-    kept = f.home / "partners" / account / "store"
     procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hf, f, tmp_path, "f")]
     try:
         wait_status(a), wait_status(f)
-        eventually_sync(lambda: partner_follows(a, kept), timeout=60)
+        eventually_sync(lambda: partner_follows(a, f), timeout=60)
         read = run_in(hb, b, "snapshots", "--from", "peer:friends-nas", "--json")
         assert read.returncode == 0
 
         a("devices", "remove", "laptop")               # roster 3: A (through A's daemon)
         assert len(rosters(a.home / "store")) == 3
-        eventually_sync(lambda: partner_follows(a, kept), timeout=60)
+        eventually_sync(lambda: partner_follows(a, f), timeout=60)
 
         refused = run_in(hb, b, "snapshots", "--from", "peer:friends-nas", check=False)
         assert refused.returncode == 23, refused.stderr      # PeerNotPaired
