@@ -114,7 +114,7 @@ class AccountOps:
         if out.ok:
             log.info("pairing: %s", out.message)
             if self.d.peers is not None:
-                asyncio.get_running_loop().create_task(self.d.peers.refresh())
+                asyncio.get_running_loop().create_task(self._changed())
         else:
             log.warning("%s", out.message)
 
@@ -161,6 +161,12 @@ class AccountOps:
         async with self.d.writing:
             r = await account.remove_device(self.d.dev, str(args.get("device", "")))
         log.info("device %s removed; key epoch %d", r.removed.device_id[:12], r.membership.epoch)
+        await self._changed()
+        return r.to_json()
+
+    async def _changed(self) -> None:
+        """The devices changed: who may connect, and what the peers (storage partners among
+        them: the roster) must hear at once."""
         if self.d.peers is not None:
             await self.d.peers.refresh()
-        return r.to_json()
+        await self.d.announce()

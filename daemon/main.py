@@ -259,13 +259,14 @@ async def _snapshot_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
 async def _removal_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
     """Delete the snapshots an owner removed, once the grace period has passed."""
     grace = d.config.peers.removal_grace
+    seen = removals.FirstSeen(d.config.home / removals.FIRST_SEEN)
     while not stop.is_set():
         try:
             assert d.replicator is not None
             records = await d.replicator.refresh_removals()
             async with d.writing:
                 gone = await removals.apply_due(d.dev.repo.store, records, grace,
-                                                kinds=("snapshots/",))
+                                                kinds=("snapshots/",), seen=seen)
             if gone:
                 log.info("deleted %d snapshots that an owner device forgot (grace %s s over); "
                          "`prune` frees their data", len(gone), f"{grace:g}")

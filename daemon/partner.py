@@ -1,12 +1,31 @@
 """Keeping other accounts' ciphertext as their storage partner, within the quota granted.
 
-A partner holds no key of the accounts it stores for. It advertises one mDNS service whose
-tag field lists one tag per account (keyed by the tag key that account gave at pairing, so only
-that account's devices recognise it), answers sessions from the owner devices named in each
-grant, takes what they replicate and serves it back (`restore --from peer:PARTNER`). Without
-keys it checks what it can: object names, content-addressed names (packs, snapshots), that an
-object never changes (heads excepted: the owners check those when they read them back), and
-the quota, which it reports to the owner in words.
+A partner holds no key of the accounts it stores for. It publishes one mDNS advert with one
+tag, keyed by its own tag key (which each account got at pairing): the accounts' devices
+recognise it, and nobody learns how many accounts it stores for. It answers sessions from the
+devices each account's roster lists, takes what they replicate and serves it back
+(`restore --from peer:PARTNER`).
+
+Who may do what follows the account's roster (format/roster.py): the one from pairing, then
+each next version an owner signs, which reaches the partner by replication like any object.
+Listed devices may connect, read and push; only owners' removal records count; a device
+dropped from the roster is refused from then on, and its open sessions are closed.
+
+What a partner checks without keys, for every object a device sends it:
+- the name is exactly an object name (p2pbackup.ids);
+- content-addressed names (packs, snapshots, removal records) match the content;
+- a removal record is signed by an owner in the roster; a roster follows the one held (next
+  version, naming it, signed by one of its owners, re-admitting nobody removed);
+- names under a device id (segments/<id>/..., heads/<id>) are written by that device only,
+  devices/<id> by that device or an owner, config, membership/ and keyring/ by owners only:
+  their content is sealed, so who sent them is all the partner can check;
+- objects never change, except a device's own head, which only it replaces;
+- the quota, which it reports to the device in words (rosters are kept in the grant file,
+  outside the quota and the store: a full store must not keep a removed device's rights).
+What it cannot check is what is sealed: whether a segment, device record, membership version
+or keyring holds what its name says (owners check that when they read them back, as from any
+store), and a head's order, which is inside its sealed body: a device could move its own head
+back here (only it can write it), and owners refuse a head that goes back when they read it.
 """
 
 from __future__ import annotations
@@ -20,21 +39,22 @@ from pathlib import Path
 from typing import Any
 
 import blake3
-import msgpack
 
+from p2pbackup import grants as grant_files
 from p2pbackup import session
 from p2pbackup.blobs import peer as peer_store
-from p2pbackup.blobs.base import BlobStore
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.blobs.quota import QuotaStore
 from p2pbackup.config import Config
-from p2pbackup.crypto.identity import DeviceIdentity, verify_signature
+from p2pbackup.crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag
 from p2pbackup.errors import IntegrityError, NotFound, P2PError
-from p2pbackup.format.membership import OWNER, PARTNER, Member, Membership
+from p2pbackup.format.membership import MEMBER, OWNER, PARTNER, Member, Membership
 from p2pbackup.format.pack import pack_name
 from p2pbackup.format.removal import PREFIX as REMOVALS
 from p2pbackup.format.removal import REMOVABLE, Removal, read_removal
+from p2pbackup.format.roster import Roster, check_next, read_roster, roster_hash, roster_name
+from p2pbackup.ids import object_kind
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.protocol import fetch
 from p2pbackup.protocol.framing import peek_type
@@ -46,146 +66,243 @@ from .peers import connection_limits
 from .replicate import flush
 
 log = logging.getLogger("p2pbackupd")
-GRANT_VERSION = 1
 
 
 @dataclass(slots=True)
 class Grant:
-    """One account this device stores for."""
+    """One account this device stores for, and who may use it (its roster)."""
 
-    account: str
-    quota: int | None
-    owners: dict[str, bytes]          # device id -> public key
-    tag_key: bytes
+    home: Path
+    file: grant_files.GrantFile
+    roster: Roster | None               # None: a grant from before rosters (see `legacy`)
     store: QuotaStore
+    seen: removals.FirstSeen
+    legacy: dict[str, bytes] = field(default_factory=dict)
     connected: set[str] = field(default_factory=set)
     last_error: str | None = None
     last_sync: float | None = None
     tombstones: set[str] = field(default_factory=set)
 
-    async def refresh_removals(self) -> list[Removal]:
-        records = await removals.held(self.store, self.owners.get)
+    @property
+    def account(self) -> str:
+        return self.file.account
+
+    @property
+    def quota(self) -> int | None:
+        return self.file.quota
+
+    def devices(self) -> dict[str, bytes]:
+        """Device id -> public key of every device that may connect, read and push."""
+        if self.roster is None:
+            return dict(self.legacy)
+        return {e.device_id: e.public_key for e in self.roster.members}
+
+    def role_of(self, device: str) -> str | None:
+        if self.roster is None:   # no roles known: nobody may remove, owners' names stay
+            return MEMBER if device in self.legacy else None
+        return self.roster.role_of(device)
+
+    def owner_key(self, device: str) -> bytes | None:
+        """Who may sign removal records: the roster's owners (never scoped members)."""
+        return self.roster.owner_key(device) if self.roster is not None else None
+
+    def removed(self) -> tuple[str, ...]:
+        return self.roster.removed if self.roster is not None else ()
+
+    async def refresh_removals(self) -> dict[str, Removal]:
+        records = await removals.held(self.store, self.owner_key)
         self.tombstones = removals.tombstones(records)
+        self.seen.since(records, time.time_ns())   # the grace period starts at receipt
         return records
+
+    def take_roster(self, name: str, data: bytes) -> Roster:
+        """Check the next roster version against the one held, keep it (in the grant file
+        too: it is what this partner trusts from now on) and return it."""
+        if self.roster is None:
+            raise IntegrityError("this grant predates rosters: pair this partner again to "
+                                 "follow the account's devices")
+        new = check_next(self.roster, roster_hash(self.file.roster), data, verify_signature,
+                         device_id_for, name)
+        if roster_name(new.seq) != name:
+            raise IntegrityError(f"{name} holds roster version {new.seq}: the wrong name")
+        self.file.roster = bytes(data)
+        self.file.owners = [(e.device_id, e.public_key) for e in new.members]
+        grant_files.write_grant(self.home, self.file)
+        self.roster = new
+        return new
 
 
 def load_grants(home: Path) -> list[Grant]:
     """The grants in `home/partners` (one per account); damaged or newer ones are skipped."""
     out = []
-    for path in sorted((home / "partners").glob("*.grant")):
-        try:
-            doc = msgpack.unpackb(path.read_bytes(), raw=False)
-            if not isinstance(doc, dict) or doc.get("v") != GRANT_VERSION:
-                log.warning("%s: a grant of another version; skipped (upgrade p2pbackup)", path)
+    for g in grant_files.read_grants(home):
+        roster, legacy = None, {}
+        if g.roster:
+            try:
+                roster = read_roster(g.roster, device_id_for, f"the roster of account "
+                                                              f"{g.account}")[0]
+            except IntegrityError as exc:
+                log.warning("%s; grant skipped (pair again)", exc)
                 continue
-            account = str(doc["account"])
-            owners = {str(d): bytes(pk) for d, pk in doc.get("owners", [])}
-            tag_key = bytes(doc.get("tag_key", b""))
-        except (OSError, ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
-            log.warning("%s is damaged (%s); skipped", path, exc)
-            continue
-        if not tag_key:
-            log.warning("the grant for account %s predates partner discovery; pair again to "
-                        "be found on the LAN", account)
-        store = QuotaStore(LocalDirStore(home / "partners" / account / "store"),
-                           doc.get("quota"), owner=f"account {account}")
-        out.append(Grant(account, doc.get("quota"), owners, tag_key, store))
+        else:
+            legacy = {d: k for d, k in g.owners if device_id_for(k) == d}
+            log.warning("the grant for account %s predates rosters: its devices may store "
+                        "and read, none may remove, and this partner is not found on the LAN; "
+                        "pair again", g.account)
+        where = grant_files.account_dir(home, g.account)
+        store = QuotaStore(LocalDirStore(where / "store"), g.quota, owner=f"account {g.account}")
+        out.append(Grant(home, g, roster, store, removals.FirstSeen(where / removals.FIRST_SEEN),
+                         legacy))
     return out
 
 
-async def partner_accept(store: BlobStore, name: str, data: bytes,
-                         owners: dict[str, bytes]) -> bool:
-    """Store an object for an account without its keys; False if it was here already."""
+def refusal(grant: Grant, device: str, name: str) -> str | None:
+    """Why `device` may not write `name` into `grant`'s store, or None if it may."""
+    got = object_kind(name)
+    if got is None:
+        return "not an object name"
+    kind, m = got
+    role = grant.role_of(device)
+    if role is None:
+        return f"device {device[:12]} is not a device of account {grant.account} (any more)"
+    if kind in ("segment", "anchor", "head") and m.group(1) != device:
+        return f"only device {m.group(1)[:12]} writes {kind}s under its id"
+    if kind == "device" and m.group(1) != device and role != OWNER:
+        return "only that device or an owner writes a device record"
+    if kind in ("config", "membership", "keyring") and role != OWNER:
+        return f"only an owner device writes the {kind}"
+    if kind == "roster" and grant.roster is not None and int(m.group(1)) <= grant.roster.seq:
+        return f"an older roster than version {grant.roster.seq}, held here"
+    return None
+
+
+async def partner_accept(grant: Grant, device: str, name: str, data: bytes) -> bool:
+    """Store an object `device` sent for `grant`'s account, after the checks a partner can
+    make without keys (module docstring); False if it was here already."""
+    why = refusal(grant, device, name)
+    if why is not None:
+        raise IntegrityError(f"{name[:60]}: {why}")
     kind, m = replica.kind_of(name)
+    store = grant.store
     if kind == "pack" and pack_name(data) != m.group(1) or \
             kind in ("snapshot", "removal") and blake3.blake3(data).hexdigest() != m.group(1):
         raise IntegrityError(f"{name[:60]}: its content does not match its name")
-    if kind == "removal":  # signed in the clear: the one record a partner can check
-        read_removal(data, owners.get, verify_signature, name)
+    if kind == "removal":  # signed in the clear: checked against the roster's owners
+        read_removal(data, grant.owner_key, verify_signature, name)
+    if kind == "roster":   # kept in the grant, outside the quota: a full store must not
+        grant.take_roster(name, data)   # keep a removed device's rights
+        return True
     if kind != "head" and await store.has(name):
         if kind in ("pack", "snapshot") or await store.get(name) == data:
             return False
         raise IntegrityError(f"{name[:60]} differs from the copy already here (objects never "
                              "change)")
-    await store.put(name, data)   # QuotaExceeded: said to the owner in words
+    await store.put(name, data)   # QuotaExceeded: said to the device in words
     return True
 
 
 class PartnerService:
-    """Answers the owner devices of every grant: replication in, reads out."""
+    """Answers the devices of every grant: replication in, reads out."""
 
-    def __init__(self, config: Config, identity: DeviceIdentity, grants: list[Grant]) -> None:
+    def __init__(self, config: Config, identity: DeviceIdentity, grants: list[Grant], *,
+                 tag_key: bytes | None = None) -> None:
         self.config, self.identity, self.grants = config, identity, grants
+        self.tag_key = tag_key if tag_key is not None else \
+            grant_files.tag_key(config.home) or b""
         self.port = 0
-        self._by_owner = {d: g for g in grants for d in g.owners}
-        members = tuple(Member(d, pk, "", OWNER) for d, pk in
-                        {d: pk for g in grants for d, pk in g.owners.items()}.items())
-        # Who may open a session, in the shape the signaling checks expect.
-        self._membership = Membership(1, b"", 0, members + (
-            Member(identity.device_id, identity.public_key, "", PARTNER),))
+        self._links: dict[str, set[PeerLink]] = {}
         self._signaling: session.SignalingServer | None = None
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._follow_rosters()
 
     @property
     def me(self) -> str:
         return self.identity.device_id
 
-    def _tags(self) -> str:
-        now = time.time()
-        return ",".join(discovery_tag(g.tag_key, self.me, now) for g in self.grants if g.tag_key)
+    def _follow_rosters(self) -> None:
+        """Who may open a session, in the shape the signaling checks expect."""
+        self._by_device = {d: g for g in self.grants for d in g.devices()}
+        members = tuple(Member(d, pk, "", OWNER) for d, pk in
+                        {d: pk for g in self.grants for d, pk in g.devices().items()}.items())
+        removed = tuple({d for g in self.grants for d in g.removed()} - self._by_device.keys())
+        self.membership = Membership(1, b"", 0, members + (
+            Member(self.identity.device_id, self.identity.public_key, "", PARTNER),), removed)
+
+    def admits(self, device: str) -> bool:
+        """True if `device` may open a session here (some grant's roster lists it)."""
+        return device in self._by_device
+
+    async def _roster_changed(self, grant: Grant) -> None:
+        """A new roster for `grant`: refuse the devices it dropped, and end their sessions."""
+        self._follow_rosters()
+        for device, links in list(self._links.items()):
+            if grant.role_of(device) is None and not self.admits(device):
+                log.warning("account %s: device %s is no longer one of its devices; its "
+                            "sessions are closed", grant.account, device[:12])
+                for link in list(links):
+                    with contextlib.suppress(Exception):
+                        await link.close()
+
+    def advert_txt(self, now: float) -> dict[str, str]:
+        """The TXT record of this partner's one advert: one tag, whatever the accounts."""
+        return {"v": "1", "port": str(self.port), "tag": discovery_tag(self.tag_key, self.me,
+                                                                       now)}
 
     async def start(self) -> None:
         """Listen for sessions and advertise on the LAN (when the LAN is on)."""
-        if not self.config.peers.lan or not self.grants:
+        if not self.grants:
+            return
+        self._tasks.append(asyncio.create_task(self._apply_removals()))
+        if not self.config.peers.lan:
             return
         from p2pbackup.discovery import mdns
 
         interfaces = list(self.config.peers.interfaces) or None
         host = "127.0.0.1" if interfaces == ["lo"] else "0.0.0.0"
         self._signaling = session.SignalingServer(
-            self.identity, lambda: self._membership, self._incoming,
+            self.identity, lambda: self.membership, self._incoming,
             ice=ice_for(self.config.peers), on_refused=lambda why: log.warning("%s", why),
             limits=connection_limits(self.config.peers))
         self.port = await self._signaling.start(host, 0)
+        log.info("storage partner for %d accounts, signaling on port %d", len(self.grants),
+                 self.port)
+        if not self.tag_key:
+            log.warning("partner: no tag key (a home paired before partners made their own): "
+                        "not advertised on the LAN; pair again")
+            return
         try:
-            self._ad = await self._stack.enter_async_context(mdns.advertise(
-                PEER_SERVICE, self.port, {"v": "1", "port": str(self.port), "tag": self._tags()},
-                interfaces=interfaces))
+            ad = await self._stack.enter_async_context(mdns.advertise(
+                PEER_SERVICE, self.port, self.advert_txt(time.time()), interfaces=interfaces))
         except (OSError, ValueError) as exc:
             log.warning("partner: LAN discovery is off: %s", exc)
             return
-        self._tasks.append(asyncio.create_task(self._rotate()))
-        self._tasks.append(asyncio.create_task(self._apply_removals()))
-        log.info("storage partner for %d accounts, signaling on port %d", len(self.grants),
-                 self.port)
+        self._tasks.append(asyncio.create_task(mdns.keep_rotating(ad, self.advert_txt,
+                                                                  period=TAG_PERIOD)))
 
-    async def _rotate(self) -> None:
-        window = int(time.time() // TAG_PERIOD)
-        while True:
-            await asyncio.sleep(2.0)
-            if int(time.time() // TAG_PERIOD) != window:
-                window = int(time.time() // TAG_PERIOD)
-                with contextlib.suppress(Exception):
-                    await self._ad.update_txt({"v": "1", "port": str(self.port),
-                                               "tag": self._tags()})
+    async def apply_removals(self, now_ns: int | None = None) -> int:
+        """Delete what the owners removed, once the grace period has passed since this
+        partner first held the record (all of it: a partner cannot tell which data is still
+        used, the owners decided). Returns how many objects went."""
+        total = 0
+        for g in self.grants:
+            try:
+                gone = await removals.apply_due(g.store, await g.refresh_removals(),
+                                                self.config.peers.removal_grace,
+                                                kinds=REMOVABLE, seen=g.seen, now_ns=now_ns)
+            except P2PError as exc:
+                log.error("account %s: applying removals failed: %s", g.account, exc)
+                continue
+            if gone:
+                log.info("account %s: deleted %d objects its owners removed", g.account,
+                         len(gone))
+            total += len(gone)
+        return total
 
     async def _apply_removals(self) -> None:
-        """Delete what the owners removed, once the grace period has passed (all of it: a
-        partner cannot tell which data is still used, the owners decided)."""
-        grace = self.config.peers.removal_grace
         while True:
-            for g in self.grants:
-                try:
-                    gone = await removals.apply_due(g.store, await g.refresh_removals(), grace,
-                                                    kinds=REMOVABLE)
-                except P2PError as exc:
-                    log.error("account %s: applying removals failed: %s", g.account, exc)
-                    continue
-                if gone:
-                    log.info("account %s: deleted %d objects its owners removed", g.account,
-                             len(gone))
-            await asyncio.sleep(min(60.0, max(1.0, grace / 2)))
+            await self.apply_removals()
+            await asyncio.sleep(min(60.0, max(1.0, self.config.peers.removal_grace / 2)))
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -200,12 +317,30 @@ class PartnerService:
                  "owners_connected": sorted(g.connected), "last_sync": g.last_sync,
                  "error": g.last_error} for g in self.grants]
 
+    async def accept(self, grant: Grant, device: str, name: str, data: bytes) -> bool:
+        """`partner_accept`, and what a new roster changes (who may connect)."""
+        stored = await partner_accept(grant, device, name, data)
+        if stored and name.startswith(REMOVALS):
+            await grant.refresh_removals()
+        if stored and object_kind(name) is not None and object_kind(name)[0] == "roster":
+            await self._roster_changed(grant)
+        return stored
+
     async def _incoming(self, device: str, link: PeerLink) -> None:
-        grant = self._by_owner.get(device)
+        self._links.setdefault(device, set()).add(link)
+        try:
+            await self._session(device, link)
+        finally:
+            self._links[device].discard(link)
+            if not self._links[device]:
+                del self._links[device]
+
+    async def _session(self, device: str, link: PeerLink) -> None:
         try:
             first = await asyncio.wait_for(link.recv(), 30)
         except (P2PError, asyncio.TimeoutError):
             first = None
+        grant = self._by_device.get(device)   # the roster may have changed meanwhile
         if grant is None or first is None:
             await link.close()
             return
@@ -217,7 +352,7 @@ class PartnerService:
 
                 why = await peer_store.serve(link, grant.store, self.me, first=first,
                                              put=read_only, read=replica.is_object_name)
-                log.info("owner %s stopped reading account %s: %s", device[:12],
+                log.info("device %s stopped reading account %s: %s", device[:12],
                          grant.account, why)
             else:
                 await self._replicate(grant, device, link, first)
@@ -233,9 +368,11 @@ class PartnerService:
         sizes = {n: await grant.store.size(n) for n in names}
         await grant.store.used()
         await grant.refresh_removals()
+        # Ask only for what this device may write here: nothing is fetched to be refused.
         s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes,
-                        wants=lambda name: name not in grant.tombstones)
-        log.info("owner %s of account %s connected", device[:12], grant.account)
+                        wants=lambda name: name not in grant.tombstones
+                        and refusal(grant, device, name) is None)
+        log.info("device %s of account %s connected", device[:12], grant.account)
         msg: bytes | None = first
         while msg is not None and not s.closed:
             events: list[Event] = s.receive_data(msg)
@@ -248,18 +385,16 @@ class PartnerService:
                             s.missing(ev.name)
                     elif isinstance(ev, ObjectReceived):
                         try:
-                            await partner_accept(grant.store, ev.name, ev.data, grant.owners)
+                            await self.accept(grant, device, ev.name, ev.data)
                         except P2PError as exc:
                             if str(exc) != grant.last_error:
-                                log.warning("account %s: refused %s: %s", grant.account,
-                                            ev.name[:40], exc)
+                                log.warning("account %s: refused %s from %s: %s", grant.account,
+                                            ev.name[:40], device[:12], exc)
                             grant.last_error = str(exc)
                             s.reject(ev.name, str(exc))
                         else:
                             s.ack(ev.name)
                             grant.last_sync = time.time()
-                            if ev.name.startswith(REMOVALS):
-                                await grant.refresh_removals()
                     elif isinstance(ev, Closed):
                         log.warning("session with %s: %s", device[:12], ev.reason)
                 await flush(s, link)

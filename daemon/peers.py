@@ -20,7 +20,7 @@ from typing import Any
 from p2pbackup import session
 from p2pbackup.config import Config, PeerSettings
 from p2pbackup.crypto.identity import device_id_for
-from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, partner_tag_key, which_device
+from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, member_tag_keys, which_device
 from p2pbackup.device import Device
 from p2pbackup.errors import P2PError
 from p2pbackup.format.membership import Membership
@@ -139,19 +139,23 @@ class PeerManager:
             return []
         return [m.device_id for m in self.membership.members if m.role == "partner"]
 
-    def _recognise(self, tags: str) -> str | None:
-        """The member or storage partner an advert's tag field names, if any."""
+    def _recognise(self, tag: str) -> tuple[str, bool] | None:
+        """The member or storage partner an advert's tag names, if any, and whether it is
+        a member still on an older key epoch (it cannot recognise our tag: we dial it)."""
         now = time.time()
-        partner_key = partner_tag_key(self.dev.keys.meta_id_key)
-        for tag in tags.split(",")[:64]:
-            device = which_device(self.dev.keys.meta_id_key, tag, self._members(), now) or \
-                which_device(partner_key, tag, self._partners(), now)
+        for i, key in enumerate(member_tag_keys(self.dev.keys.record_keys)):
+            device = which_device(key, tag, self._members(), now)
             if device is not None:
-                return device
+                return device, i > 0
+        for m in (self.membership.members if self.membership else ()):
+            if m.role == "partner" and which_device(m.tag_key, tag, [m.device_id], now):
+                return m.device_id, False
         return None
 
-    def _tag(self) -> str:
-        return discovery_tag(self.dev.keys.meta_id_key, self.me, time.time())
+    def advert_txt(self, now: float) -> dict[str, str]:
+        """This device's advert: the tag of the newest key epoch it holds, and its port."""
+        key = member_tag_keys(self.dev.keys.record_keys)[0]
+        return {"v": "1", "port": str(self.port), "tag": discovery_tag(key, self.me, now)}
 
     async def start(self) -> None:
         """Start answering and, on the LAN, advertising and browsing."""
@@ -171,13 +175,15 @@ class PeerManager:
             self._browser = await self._stack.enter_async_context(mdns.Browser(
                 SERVICE, interfaces=self._interfaces))
             self._ad = await self._stack.enter_async_context(mdns.advertise(
-                SERVICE, self.port, {"v": "1", "port": str(self.port), "tag": self._tag()},
-                interfaces=self._interfaces))
+                SERVICE, self.port, self.advert_txt(time.time()), interfaces=self._interfaces))
         except (OSError, ValueError) as exc:
             log.warning("LAN discovery is off: %s", exc)
             return
+        # A new tag window (or new addresses): the advert is published again under fresh
+        # names, so nothing links it to the last one.
         self._tasks = [asyncio.create_task(self._browse()),
-                       asyncio.create_task(self._rotate())]
+                       asyncio.create_task(mdns.keep_rotating(self._ad, self.advert_txt,
+                                                              period=TAG_PERIOD))]
         log.info("peers: signaling on port %d, advertising on the LAN", self.port)
 
     def _current(self) -> Membership:
@@ -195,41 +201,24 @@ class PeerManager:
         with contextlib.suppress(Exception):
             await self._stack.aclose()
 
-    async def _rotate(self) -> None:
-        """Re-announce with the next tag every window, and when our addresses change."""
-        from p2pbackup.discovery import mdns
-
-        addresses = mdns.ipv4_addresses(self._interfaces)
-        window = int(time.time() // TAG_PERIOD)
-        while True:
-            await asyncio.sleep(2.0)
-            now_addresses = mdns.ipv4_addresses(self._interfaces)
-            if int(time.time() // TAG_PERIOD) != window or now_addresses != addresses:
-                window, addresses = int(time.time() // TAG_PERIOD), now_addresses
-                with contextlib.suppress(Exception):
-                    self._ad.addresses = now_addresses
-                    await self._ad.update_txt({"v": "1", "port": str(self.port),
-                                               "tag": self._tag()})
-
     async def _browse(self) -> None:
         from p2pbackup.discovery.mdns import Removed
 
         async for ev in self._browser:
             found = ev.found
-            device = self._recognise(found.txt.get("tag", ""))
-            if device is None:
+            got = self._recognise(found.txt.get("tag", ""))
+            if got is None:
                 continue  # another account's device, or our own advert
+            device, behind = got
             st = self.peers.setdefault(device, PeerState(device))
             if isinstance(ev, Removed):
                 st.on_lan = False
                 continue
             st.on_lan, st.addresses, st.last_seen = True, list(found.addresses), time.time()
-            try:
-                st.port = int(found.txt.get("port", found.port))
-            except ValueError:
-                st.port = found.port
-            # A partner never dials: it has nothing of its own to send.
-            dials = self.me < device or device in self._partners()
+            st.port = found.signaling_port
+            # A partner never dials: it has nothing of its own to send. A member behind on
+            # the key epoch does not recognise our tag: we dial it.
+            dials = self.me < device or device in self._partners() or behind
             if not st.connected and dials and device not in self._dialing:
                 self._tasks.append(asyncio.create_task(self._dial(device)))
 

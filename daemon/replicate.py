@@ -92,7 +92,7 @@ class Replicator:
             return self.pack_workers.join(parts, total)
         return join_for_direct_write(parts, total)
 
-    async def refresh_removals(self) -> list[Removal]:
+    async def refresh_removals(self) -> dict[str, Removal]:
         """Re-read the removal records held here; returns them (checked)."""
         got = await store_membership.load(self.repo)
         records = await removals.held(self.repo.store, removals.owner_keys(got[0] if got

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,21 +18,23 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
+from . import grants, ids
 from .blobs import open_store
 from .blobs.base import BlobStore
 from .blobs.local import LocalDirStore
 from .config import Config, PeerSettings, init_home, save_keys
 from .crypto import recovery
-from .crypto.identity import DeviceIdentity, device_id_for, seal_to
+from .crypto.identity import DeviceIdentity, device_id_for, seal_to, verify_signature
 from .crypto.keys import AccountKeys
-from .crypto.tags import partner_tag_key
 from .device import Device
 from .errors import (ConfigError, IntegrityError, NotFound, P2PError, PairingFailed,
                      PeerUnreachable, WrongKey)
 from .format.membership import (MEMBER, OWNER, PARTNER, Member, Membership, record_hash,
                                 sign_membership)
 from .peer_fetch import is_peer_location
+from .format.roster import check_signed, read_roster
 from .repo import membership as store_membership
+from .repo import roster
 from .repo.repository import Repository
 
 if TYPE_CHECKING:  # the pairing stack (spake2) and WebRTC load only when used
@@ -88,11 +91,14 @@ class Invitation:
     quota: int | None = None
 
 
-def joiner_payload(identity: DeviceIdentity, name: str, has_account: bool) -> bytes:
-    """What the joining device says about itself inside the PAKE channel."""
+def joiner_payload(identity: DeviceIdentity, name: str, has_account: bool,
+                   tag_key: bytes) -> bytes:
+    """What the joining device says about itself inside the PAKE channel; `tag_key` is the
+    discovery tag key it advertises under if it becomes a storage partner (one for all the
+    accounts it stores for: the host's devices recognise it by it)."""
     return msgpack.packb({"v": PAYLOAD_VERSION, "id": identity.device_id,
                           "pk": identity.public_key, "name": name,
-                          "has_account": has_account}, use_bin_type=True)
+                          "has_account": has_account, "tag": tag_key}, use_bin_type=True)
 
 
 def _decode(payload: bytes, what: str, fields: dict[str, type]) -> dict:
@@ -149,12 +155,18 @@ async def prepare_welcome(dev: Device, invite: Invitation, payload: bytes) -> Pe
     if req["id"] in current.removed:
         raise PairingFailed(f"pairing failed: device {req['id'][:12]} was removed from this "
                             "account and cannot join again")
+    tag_key = req.get("tag")
+    if invite.role == PARTNER and not (isinstance(tag_key, bytes)
+                                       and len(tag_key) == grants.TAG_KEY_SIZE):
+        raise PairingFailed("pairing failed: the joining device runs an older p2pbackup that "
+                            "cannot be a storage partner; upgrade it")
     now = time.time_ns()
     # The joiner chose its name, and people see it in terminals: no control characters.
     name = "".join(ch for ch in req["name"] if ch.isprintable())[:100]
     member = Member(req["id"], req["pk"], name, invite.role,
                     invite.sources if invite.role == MEMBER else None,
-                    invite.quota if invite.role == PARTNER else None, now)
+                    invite.quota if invite.role == PARTNER else None, now,
+                    tag_key if invite.role == PARTNER else b"")
     nxt = current.with_member(member, now)
     nxt = Membership(nxt.seq, record_hash(chain[-1]), nxt.epoch, nxt.members, nxt.removed,
                      nxt.recovery_key, {}, now)
@@ -163,11 +175,17 @@ async def prepare_welcome(dev: Device, invite: Invitation, payload: bytes) -> Pe
                  "host": {"id": dev.identity.device_id, "pk": dev.identity.public_key,
                           "name": dev.config.device_name}}
     if invite.role == PARTNER:
-        # A partner learns only which keys may talk to it, and its quota.
+        # A partner learns only which devices may talk to it (the signed roster, which it
+        # then follows; partners are not listed in it, so it states the membership after
+        # this join too) and its quota. `owners` is for partners from before rosters.
+        await roster.publish(dev.repo.store, dev.identity, current)
+        got = await roster.newest(dev.repo.store)
+        if got is None:
+            raise WrongKey("only an owner device can pair a storage partner")
+        doc["roster"] = got[1]
         doc["owners"] = [[m.device_id, m.public_key] for m in nxt.members
                          if m.role != PARTNER]
         doc["quota"] = invite.quota
-        doc["tag_key"] = partner_tag_key(dev.keys.meta_id_key)
     else:
         doc["config"] = await dev.repo.config_object()
         doc["chain"] = chain + [signed]
@@ -182,6 +200,7 @@ async def commit_join(dev: Device, pending: PendingJoin) -> Membership:
     if nxt.seq != current.seq + 1 or nxt.prev != record_hash(chain[-1]):
         raise PairingFailed("pairing failed: the device list changed during pairing; pair again")
     await store_membership.append(dev.repo, pending.signed)
+    await roster.publish(dev.repo.store, dev.identity, nxt)   # partners: a new device
     return nxt
 
 
@@ -203,22 +222,19 @@ class Joined:
 
 
 async def apply_welcome(home: Path, identity: DeviceIdentity, name: str,
-                        welcome: bytes) -> Joined:
-    """Set this home up from the host's welcome (keys, membership, repository replica)."""
+                        welcome: bytes, tag_key: bytes = b"") -> Joined:
+    """Set this home up from the host's welcome (keys, membership, repository replica);
+    `tag_key` is the one this device sent in its request (kept if it becomes a partner)."""
     doc = _decode(welcome, "welcome", {"role": str, "account": str, "host": dict})
     role, account = doc["role"], doc["account"]
     host_name = str(doc["host"].get("name", ""))
     if role == PARTNER:
+        grant = _partner_grant(doc)   # checked whole before anything is written
         if not (home / "config.toml").exists():
             init_home(home, [], identity=identity, keyless=True, device_name=name)
-        partners = home / "partners"
-        partners.mkdir(mode=0o700, exist_ok=True)
-        grant = {"v": 1, "account": account, "quota": doc.get("quota"),
-                 "owners": doc.get("owners", []), "since": time.time_ns(),
-                 "tag_key": doc.get("tag_key", b""), "host": doc["host"].get("id", "")}
-        tmp = partners / f"{account}.tmp"
-        tmp.write_bytes(msgpack.packb(grant, use_bin_type=True))
-        os.replace(tmp, partners / f"{account}.grant")
+        if tag_key and grants.tag_key(home) is None:
+            grants.save_tag_key(home, tag_key)
+        grants.write_grant(home, grant)
         return Joined(PARTNER, account, host_name, quota=doc.get("quota"))
     if role not in (OWNER, MEMBER):
         raise PairingFailed(f"pairing failed: the other device offers a role ({role!r}) this "
@@ -243,6 +259,41 @@ async def apply_welcome(home: Path, identity: DeviceIdentity, name: str,
     finally:
         await repo.close()
     return Joined(role, account, host_name, keys.sources_granted())
+
+
+def _partner_grant(doc: dict) -> grants.GrantFile:
+    """The grant a partner keeps for the account a welcome names; PairingFailed unless every
+    id in it has its exact form (the account becomes a file and a directory name)."""
+    account, host = doc["account"], doc["host"]
+    if not ids.is_account(account):
+        raise PairingFailed(f"pairing failed: the other device names its account "
+                            f"{ids.shown(account)}, which is not an account fingerprint")
+    if not ids.is_device(host.get("id")):
+        raise PairingFailed("pairing failed: the other device sent a malformed welcome "
+                            "(its device id)")
+    quota = doc.get("quota")
+    if quota is not None and (not isinstance(quota, int) or isinstance(quota, bool)
+                              or quota < 0):
+        raise PairingFailed("pairing failed: the other device sent a malformed welcome "
+                            "(the quota)")
+    owners = doc.get("owners", [])
+    if not isinstance(owners, list) or not all(
+            isinstance(o, list) and len(o) == 2 and ids.is_device(o[0])
+            and isinstance(o[1], bytes) and device_id_for(o[1]) == o[0] for o in owners):
+        raise PairingFailed("pairing failed: the other device sent a malformed welcome "
+                            "(the devices that may store here)")
+    got = doc.get("roster")
+    if not isinstance(got, bytes):
+        raise PairingFailed("pairing failed: the other device runs an older p2pbackup (its "
+                            "welcome has no roster); upgrade it")
+    try:   # the first roster: signed by an owner it lists (the channel is the code's)
+        first = read_roster(got, device_id_for)[0]
+        check_signed(got, first.owner_key, verify_signature, device_id_for)
+    except IntegrityError as exc:
+        raise PairingFailed(f"pairing failed: the other device sent a malformed welcome "
+                            f"({exc})") from None
+    return grants.GrantFile(account, quota, got, [(d, k) for d, k in owners], time.time_ns(),
+                            host["id"])
 
 
 # ---- revocation ------------------------------------------------------------------------------
@@ -293,6 +344,7 @@ async def remove_device(dev: Device, which: str) -> Removal:
     dev.repo.keys = keys
     await store_membership.write_keyring(dev.repo, keys)
     await store_membership.append(dev.repo, signed)
+    await roster.publish(dev.repo.store, dev.identity, nxt)   # partners follow it
     dev.keys = keys
     return Removal(target, nxt, recovery.encode(keys.roots[epoch]))
 
@@ -481,11 +533,13 @@ async def join_account(home: Path, code: str, name: str, *, rendezvous: "Rendezv
 
     has_home = (home / "config.toml").exists()
     identity = load_identity(load_config(home)) if has_home else DeviceIdentity.generate()
+    # Kept only if this device becomes a partner (a member's is never used).
+    tag_key = grants.tag_key(home) or secrets.token_bytes(grants.TAG_KEY_SIZE)
     result: list[Joined] = []
 
     async def on_welcome(payload: bytes, verifier: str) -> None:
-        result.append(await apply_welcome(home, identity, name, payload))
+        result.append(await apply_welcome(home, identity, name, payload, tag_key))
 
-    await join(code, joiner_payload(identity, name, has_home), on_welcome,
+    await join(code, joiner_payload(identity, name, has_home, tag_key), on_welcome,
                rendezvous=rendezvous, find_timeout=find_timeout, on_verifier=on_verifier)
     return result[0]

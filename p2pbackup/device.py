@@ -91,7 +91,7 @@ async def open_peer_store(config: Config, keys: AccountKeys, identity: DeviceIde
                           location: str) -> BlobStore:
     """The store of the member device `location` names (`peer:NAME[@HOST:PORT]`)."""
     from .account import find_device  # account builds on this module
-    from .crypto.tags import partner_tag_key
+    from .crypto.tags import member_tag_keys
     from .format.membership import PARTNER
     from .peer_fetch import PeerLocation, open_peer
     from .repo import membership as store_membership
@@ -104,6 +104,6 @@ async def open_peer_store(config: Config, keys: AccountKeys, identity: DeviceIde
     if member.device_id == identity.device_id:
         raise ConfigError(f"{location} names this device itself; drop --from to use its store")
     label = f"peer {member.name or member.device_id[:12]}"
-    tag_key = partner_tag_key(keys.meta_id_key) if member.role == PARTNER else keys.meta_id_key
+    tag_keys = [member.tag_key] if member.role == PARTNER else member_tag_keys(keys.record_keys)
     return await open_peer(where, member.device_id, identity=identity, membership=got[0],
-                           tag_key=tag_key, peers=config.peers, label=label)
+                           tag_keys=tag_keys, peers=config.peers, label=label)

@@ -69,28 +69,25 @@ def ice_for(peers: PeerSettings, host: str | None = None) -> IceConfig:
     return IceConfig()
 
 
-async def find_on_lan(device: str, tag_key: bytes, peers: PeerSettings,
+async def find_on_lan(device: str, tag_keys: list[bytes], peers: PeerSettings,
                       timeout: float = FIND_TIMEOUT) -> list[tuple[str, int]]:
-    """Signaling addresses of `device`'s daemon from its mDNS advert; [] if not seen."""
+    """Signaling addresses of `device`'s daemon from its mDNS advert (its tag under any of
+    `tag_keys`); [] if not seen."""
     from .discovery import mdns
 
     def ours(txt: dict[str, str]) -> bool:
-        return any(which_device(tag_key, tag, [device], time.time()) is not None
-                   for tag in txt.get("tag", "").split(",")[:64])
+        return any(which_device(key, txt.get("tag", ""), [device], time.time()) is not None
+                   for key in tag_keys)
 
     found = await mdns.find(PEER_SERVICE, ours, timeout=timeout,
                             interfaces=list(peers.interfaces) or None)
     if found is None:
         return []
-    try:
-        port = int(found.txt.get("port", found.port))
-    except ValueError:
-        port = found.port
-    return [(a, port) for a in found.addresses]
+    return [(a, found.signaling_port) for a in found.addresses]
 
 
 async def open_peer(location: PeerLocation, device: str, *, identity: DeviceIdentity,
-                    membership: Membership, tag_key: bytes, peers: PeerSettings,
+                    membership: Membership, tag_keys: list[bytes], peers: PeerSettings,
                     label: str, on_step: Callable[[str], None] | None = None) -> PeerStore:
     """Find `device`, open a signed session as `identity` and return its store."""
     from . import session
@@ -104,7 +101,7 @@ async def open_peer(location: PeerLocation, device: str, *, identity: DeviceIden
                           f"peer:{location.which}@HOST:PORT")
     else:
         step(f"looking for {label} on the LAN")
-        addresses = await find_on_lan(device, tag_key, peers)
+        addresses = await find_on_lan(device, tag_keys, peers)
         if not addresses:
             raise PeerUnreachable(f"{label} is not on the LAN (no advert within "
                                   f"{FIND_TIMEOUT:g} s): is its daemon running? Or give its "
@@ -193,9 +190,5 @@ async def recovery_candidates(location: PeerLocation, peers: PeerSettings,
             pass
     out = []
     for f in found.values():
-        try:
-            port = int(f.txt.get("port", f.port))
-        except ValueError:
-            port = f.port
-        out += [RecoveryCandidate(a, port, peers) for a in f.addresses]
+        out += [RecoveryCandidate(a, f.signaling_port, peers) for a in f.addresses]
     return out

@@ -266,6 +266,8 @@ class LocalDirStore(BlobStore):
 
     def list_sync(self, prefix: str = "") -> list[str]:
         out: list[str] = []
+        if prefix.startswith(("/", "./", "../")) or prefix in (".", ".."):
+            return out   # names never start so (a peer's list prefix must not climb out)
         top = prefix.split("/", 1)[0] if "/" in prefix else ""
         start = os.path.join(self.root, top) if top else self.root
         for dirpath, dirnames, filenames in os.walk(start):

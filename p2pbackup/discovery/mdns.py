@@ -1,7 +1,9 @@
 """mDNS/DNS-SD over python-zeroconf's asyncio API: advertise a service, find one, watch a type.
 
-Privacy: the instance name and the SRV host name are random per advertisement, so nothing on
-the wire names the device; what the TXT record says is the caller's business (a rotating tag).
+Privacy: the instance name and the SRV host name are random per advertisement, and
+`keep_rotating` withdraws the advert and publishes it again under fresh ones whenever its TXT
+changes window (a rotating tag), so nothing on the wire names the device or links two of its
+adverts; what the TXT record says is the caller's business.
 TXT records from the network are untrusted: a service whose TXT is not all UTF-8 `key=value`
 is ignored, and a `match` that raises counts as "no match".
 """
@@ -12,7 +14,8 @@ import asyncio
 import ipaddress
 import logging
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -35,6 +38,16 @@ class Found:
     port: int
     txt: dict[str, str]
     name: str = ""  # the (random) instance name: identifies the service within a Browser
+    server: str = ""  # the (random) host name its SRV record names
+
+    @property
+    def signaling_port(self) -> int:
+        """The port its TXT record names (p2pbackup's signaling endpoint), else the SRV one:
+        a neighbour's TXT may say anything, so only 1-65535 in ASCII digits counts."""
+        said = self.txt.get("port", "")
+        if said.isascii() and said.isdigit() and 0 < int(said) < 65536:
+            return int(said)
+        return self.port
 
 
 @dataclass(frozen=True)
@@ -98,7 +111,7 @@ def _found(name: str, info: AsyncServiceInfo) -> Found | None:
     addresses = sorted(info.parsed_addresses())  # sorted: zeroconf's order varies per resolve
     if txt is None or not addresses or not info.port:
         return None
-    return Found(addresses, info.port, txt, name)
+    return Found(addresses, info.port, txt, name, info.server or "")
 
 
 class Advertisement:
@@ -112,9 +125,7 @@ class Advertisement:
         self.addresses = ipv4_addresses(interfaces)
         if not self.addresses:
             raise ValueError("no IPv4 address to advertise")
-        # Fresh random names each time: a stable one would let anyone on the LAN track us.
-        self.name = f"{secrets.token_hex(8)}.{service_type}"
-        self.server = f"{secrets.token_hex(8)}.local."
+        self.name, self.server = _fresh_names(service_type)
         self._info = self._make_info(txt)
         self._zc: AsyncZeroconf | None = None
 
@@ -124,10 +135,22 @@ class Advertisement:
                                 parsed_addresses=self.addresses)
 
     async def update_txt(self, txt: dict[str, str]) -> None:
-        """Re-announce with a new TXT record (e.g. a rotated tag)."""
+        """Re-announce with a new TXT record under the same names (use `renew` for a rotated
+        tag: the same names would link the new tag to the old one)."""
         assert self._zc is not None, "not registered"
         self._info = self._make_info(txt)
         await (await self._zc.async_update_service(self._info))
+
+    async def renew(self, txt: dict[str, str]) -> None:
+        """Withdraw this advert and publish `txt` under fresh random names, at this host's
+        current addresses: nothing but `txt` relates the new advert to the old one."""
+        assert self._zc is not None, "not registered"
+        # Goodbye first: browsers then see the old name leave before the new one comes.
+        await (await self._zc.async_unregister_service(self._info))
+        self.addresses = ipv4_addresses(self.interfaces) or self.addresses
+        self.name, self.server = _fresh_names(self.service_type)
+        self._info = self._make_info(txt)
+        await (await self._zc.async_register_service(self._info, cooperating_responders=True))
 
     async def __aenter__(self) -> Advertisement:
         self._zc = _zeroconf(self.interfaces)
@@ -152,6 +175,38 @@ class Advertisement:
             await (await zc.async_unregister_service(self._info))
         finally:
             await zc.async_close()
+
+
+def _fresh_names(service_type: str) -> tuple[str, str]:
+    """A random instance name and SRV host name: a stable one would let anyone on the LAN
+    track the device."""
+    return f"{secrets.token_hex(8)}.{service_type}", f"{secrets.token_hex(8)}.local."
+
+
+async def keep_rotating(ad: Advertisement, txt_at: Callable[[float], dict[str, str]], *,
+                        period: float, now: Callable[[], float] = time.time,
+                        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+                        every: float = 2.0,
+                        on_renewed: Callable[[Advertisement], object] | None = None) -> None:
+    """Publish `ad` again under fresh names with `txt_at(now)` at each new time window of
+    `period` seconds (a rotated tag) and whenever this host's addresses change; runs until
+    cancelled. A failed renewal is logged and tried again at the next check."""
+    window = int(now() // period)
+    addresses = ipv4_addresses(ad.interfaces)
+    while True:
+        await sleep(every)
+        current = ipv4_addresses(ad.interfaces)
+        t = now()
+        if int(t // period) == window and current == addresses:
+            continue
+        try:
+            await ad.renew(txt_at(t))
+        except Exception as exc:  # zeroconf closing under us, an interface gone: next time
+            log.warning("renewing the mDNS advert failed: %s", exc)
+            continue
+        window, addresses = int(t // period), current
+        if on_renewed is not None:
+            on_renewed(ad)
 
 
 def advertise(service_type: str, port: int, txt: dict[str, str], *,

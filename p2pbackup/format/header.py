@@ -39,6 +39,7 @@ class Kind(enum.IntEnum):
     MEMBERSHIP = 11
     KEYRING = 12
     REMOVAL = 13
+    ROSTER = 14
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,11 +32,15 @@ class Member:
     scopes: tuple[str, ...] | None = None   # None: every source
     quota: int | None = None                # bytes a partner accepts; None: no limit set
     added_ns: int = 0
+    tag_key: bytes = b""                    # a partner's own discovery tag key
 
     def to_obj(self) -> dict:
-        return {"id": self.device_id, "pk": self.public_key, "name": self.name,
-                "role": self.role, "scopes": list(self.scopes) if self.scopes is not None else None,
-                "quota": self.quota, "added": self.added_ns}
+        obj = {"id": self.device_id, "pk": self.public_key, "name": self.name,
+               "role": self.role, "scopes": list(self.scopes) if self.scopes is not None else None,
+               "quota": self.quota, "added": self.added_ns}
+        if self.tag_key:
+            obj["tag"] = self.tag_key
+        return obj
 
     @classmethod
     def from_obj(cls, obj: object, what: str) -> "Member | None":
@@ -56,7 +60,8 @@ class Member:
         return cls(_need(obj, "id", str, what), _need(obj, "pk", bytes, what),
                    str(obj.get("name", "")), role,
                    tuple(scopes) if scopes is not None else None, quota,
-                   int(obj.get("added", 0) or 0))
+                   int(obj.get("added", 0) or 0),
+                   obj["tag"] if isinstance(obj.get("tag"), bytes) else b"")
 
 
 @dataclass(frozen=True, slots=True)

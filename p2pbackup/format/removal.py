@@ -19,12 +19,14 @@ import blake3
 import msgpack
 
 from ..errors import IntegrityError
-from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
-from .records import Signed
+from ..ids import object_kind
+from .cleartext import check_owner_signed, clear_object, open_clear
+from .header import Kind
 
 VERSION = 1
 PREFIX = "removals/"
 REMOVABLE = ("packs/", "snapshots/", "segments/")
+_REMOVABLE_KINDS = ("pack", "snapshot", "segment")
 MAX_NAMES = 1_000_000
 
 
@@ -39,8 +41,7 @@ def removal_object(r: Removal, sign: Callable[[bytes], bytes]) -> bytes:
     """The signed object for `r`."""
     body = msgpack.packb({"v": VERSION, "device": r.device, "time": r.time_ns,
                           "names": list(r.names)}, use_bin_type=True)
-    signed = Signed(body, r.device, sign(body)).encode()
-    return ObjectHeader(FORMAT_VERSION, Kind.REMOVAL, 0, len(signed)).encode() + signed
+    return clear_object(Kind.REMOVAL, body, r.device, sign)
 
 
 def removal_name(data: bytes) -> str:
@@ -51,16 +52,8 @@ def read_removal(data: bytes, key_of: Callable[[str], bytes | None],
                  verify: Callable[[bytes, bytes, bytes], bool], what: str = "removal record"
                  ) -> Removal:
     """Check and decode a removal record; `key_of(device)` is an owner's key or None."""
-    header = ObjectHeader.decode(data, what)
-    if header.kind != Kind.REMOVAL or header.length != len(data) - HEADER_SIZE:
-        raise IntegrityError(f"{what} is not a whole removal record")
-    signed = Signed.decode(bytes(data[HEADER_SIZE:]), what)
-    key = key_of(signed.device)
-    if key is None:
-        raise IntegrityError(f"{what} is signed by {signed.device[:12]}, which is not an owner "
-                             "device of the account")
-    if not verify(key, signed.body, signed.signature):
-        raise IntegrityError(f"{what} has a bad signature")
+    signed = open_clear(data, Kind.REMOVAL, "removal record", what)
+    check_owner_signed(signed, key_of, verify, what)
     try:
         doc = msgpack.unpackb(signed.body, raw=False, max_array_len=MAX_NAMES)
         names = tuple(str(n) for n in doc["names"])
@@ -69,5 +62,11 @@ def read_removal(data: bytes, key_of: Callable[[str], bytes | None],
         raise IntegrityError(f"{what} is malformed ({exc})") from None
     if r.device != signed.device or doc.get("v") != VERSION:
         raise IntegrityError(f"{what} is of another version or device than its signature")
-    # Only data can be removed: never the config, membership, keys, devices or heads.
-    return Removal(r.device, r.time_ns, tuple(n for n in names if n.startswith(REMOVABLE)))
+    # Only data can be removed: never the config, membership, keys, devices or heads; and
+    # only by its exact object name (a name from a record becomes a file name to delete).
+    return Removal(r.device, r.time_ns, tuple(n for n in names if _removable(n)))
+
+
+def _removable(name: str) -> bool:
+    got = object_kind(name)
+    return got is not None and got[0] in _REMOVABLE_KINDS

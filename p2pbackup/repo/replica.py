@@ -13,6 +13,7 @@ import re
 
 import blake3
 
+from .. import ids
 from ..blobs.local import LocalDirStore
 from ..crypto.keys import MissingKey
 from ..errors import IntegrityError, NotFound
@@ -24,34 +25,21 @@ from ..format.records import DeviceRecord, PackTrailer, Signed
 from ..crypto.identity import device_id_for, verify_signature
 from ..format.removal import read_removal
 from . import membership as store_membership
+from . import roster
 from .intake import PackIntake
 from .removals import owner_keys
 from .repository import Repository
 
-_HEX = r"[0-9a-f]"
-_NAMES = [
-    ("config", re.compile(r"config")),
-    ("membership", re.compile(r"membership/\d{12}")),
-    ("device", re.compile(rf"devices/{_HEX}{{32}}")),
-    ("keyring", re.compile(r"keyring/\d{6}")),
-    ("pack", re.compile(rf"packs/({_HEX}{{64}})")),
-    ("segment", re.compile(rf"segments/({_HEX}{{32}})/(\d{{12}})")),
-    ("anchor", re.compile(rf"segments/({_HEX}{{32}})/anchor")),
-    ("snapshot", re.compile(rf"snapshots/({_HEX}{{64}})")),
-    ("head", re.compile(rf"heads/({_HEX}{{32}})")),
-    ("removal", re.compile(rf"removals/({_HEX}{{64}})")),
-]
 # Objects a peer sends first: later ones are checked against them.
-ORDER = {kind: i for i, (kind, _) in enumerate(_NAMES)}
+ORDER = {kind: i for i, (kind, _) in enumerate(ids.OBJECT_NAMES)}
 
 
 def kind_of(name: str) -> tuple[str, re.Match[str]]:
     """Which kind of object a store name holds; IntegrityError for a name we never write."""
-    for kind, rx in _NAMES:
-        m = rx.fullmatch(name)
-        if m:
-            return kind, m
-    raise IntegrityError(f"a peer offered {name[:80]!r}, which is not an object name")
+    got = ids.object_kind(name)
+    if got is None:
+        raise IntegrityError(f"a peer offered {ids.shown(name, 80)}, which is not an object name")
+    return got
 
 
 def transfer_order(name: str) -> tuple[int, str]:
@@ -84,7 +72,10 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
         body = bytes(open_object(data, repo.keys.meta_key, expect=Kind.MEMBERSHIP, what=what)[1])
         await store_membership.store_chain(repo, chain + [body])
         return True
-    if kind == "device":
+    if kind == "roster":
+        got = await store_membership.load(repo)
+        await roster.check_incoming(repo.store, name, bytes(data), got[0] if got else None)
+    elif kind == "device":
         body = bytes(open_object(data, repo.keys.meta_key, expect=Kind.DEVICE, what=what)[1])
         signed = Signed.decode(body, what)
         rec = DeviceRecord.decode(signed.body, what)

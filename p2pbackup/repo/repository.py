@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from .. import ids
 from ..blobs.base import BlobStore, Buffer
 from ..chunking.chunker import DEFAULT_AVG
 from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
@@ -271,6 +272,8 @@ class Repository:
         """The public key of a device of this account, checked against its id."""
         if device_id in self._devices:
             return self._devices[device_id]
+        if not ids.is_device(device_id):  # a signer named inside a peer's object
+            raise IntegrityError(f"a record names signer {ids.shown(device_id)}, not a device id")
         what = f"device record {device_id[:12]}"
         try:
             raw = await self.store.get(f"devices/{device_id}")

@@ -2,6 +2,10 @@
 
   advertise TYPE PORT TXT_JSON [IFACES]  prints {"ready": ...}; each stdin line is a new TXT
                                          (prints {"updated": ...}); stdin EOF unregisters.
+  rotate TYPE PORT [IFACES]              a device's advert as the daemons publish it (a rotating
+                                         tag, mdns.keep_rotating) on a clock that moves one tag
+                                         window per stdin line; prints {"ready"|"renewed": name,
+                                         "server": ..., "tag": ...} for each advert.
   find TYPE TAG TIMEOUT [IFACES]         prints {"found": {...} or null, "elapsed": s}.
   browse TYPE TAG [IFACES]               prints {"ready": true}, then one line per event,
                                          until stdin EOF.
@@ -48,6 +52,30 @@ async def main(argv: list[str]) -> None:
             while line := await reader.readline():
                 await ad.update_txt(json.loads(line))
                 emit({"updated": json.loads(line)})
+        emit({"stopped": True})
+    elif cmd == "rotate":
+        import os
+
+        from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag
+
+        key, device, clock = os.urandom(32), os.urandom(16).hex(), [1_000_000.0]
+
+        def txt_at(now: float) -> dict[str, str]:
+            return {"v": "1", "tag": discovery_tag(key, device, now)}
+
+        def said(what: str, ad: mdns.Advertisement) -> None:
+            emit({what: ad.name, "server": ad.server, "tag": ad._info.properties[b"tag"].decode()})
+
+        reader = await stdin_lines()
+        async with mdns.advertise(stype, int(argv[2]), txt_at(clock[0]),
+                                  interfaces=ifaces(argv, 3)) as ad:
+            said("ready", ad)
+            task = asyncio.create_task(mdns.keep_rotating(
+                ad, txt_at, period=TAG_PERIOD, now=lambda: clock[0], every=0.05,
+                on_renewed=lambda a: said("renewed", a)))
+            while await reader.readline():
+                clock[0] += TAG_PERIOD
+            task.cancel()
         emit({"stopped": True})
     elif cmd == "find":
         start = time.monotonic()

@@ -276,8 +276,9 @@ def test_partner_gets_no_key_only_a_quota(owner, tmp_path: Path):
     assert "storage partner" in out.stdout and "50.0 GiB" in out.stdout
     assert not (friend.home / "keys" / "account.key").exists()
     assert not (friend.home / "keys" / "keyring").exists()
-    grants = list((friend.home / "partners").iterdir())
+    grants = list((friend.home / "partners").glob("*.grant"))
     assert len(grants) == 1
+    assert (friend.home / "partners" / "tag.key").stat().st_mode & 0o077 == 0
     assert b"account.key" not in grants[0].read_bytes()
     refused = friend("snapshots", check=False)
     assert refused.returncode == 10 and "storage partner" in refused.stderr

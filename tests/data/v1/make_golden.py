@@ -176,6 +176,20 @@ def main() -> None:
     (HERE / "snapshot-capture1.obj").write_bytes(seal_object(Kind.SNAPSHOT, signed,
                                                              keys.meta_key, nonce=nonce(15)))
 
+    # A v1 roster (signed, not encrypted): the owner and the member of membership-2, one
+    # removed device, plus an entry of a role and a field a future version adds (skipped).
+    from p2pbackup.format.header import FORMAT_VERSION, ObjectHeader
+
+    roster = msgpack.packb({
+        "v": 1, "seq": 1, "prev": b"", "time": 1_700_000_000_000_000_002,
+        "members": [[dev.device_id, dev.public_key, "owner"],
+                    [second.device_id, second.public_key, "member"],
+                    ["0" * 32, b"\0" * 32, "auditor"]],
+        "removed": ["f" * 32], "future": "ignored"}, use_bin_type=True)
+    signed_r = Signed(roster, dev.device_id, dev.sign(roster)).encode()
+    (HERE / "roster.obj").write_bytes(
+        ObjectHeader(FORMAT_VERSION, Kind.ROSTER, 0, len(signed_r)).encode() + signed_r)
+
 
 if __name__ == "__main__":
     main()

@@ -156,3 +156,18 @@ def test_capture1_tree_reads_as_before_in_a_level_0_reader():
         assert set(m) - set(fields) <= {"xa", "sp"}  # new, so never given a 0.1 meaning
     assert not {"xa", "sp", "rd"} & set().union(*V0_FIELDS.values())
     assert list(Tree.decode(body).entries[1].chunks) == kept[0]["c"] and len(kept[0]["c"]) == 2
+
+
+def test_v1_roster():
+    from p2pbackup.crypto.identity import device_id_for
+    from p2pbackup.format.roster import check_signed
+
+    data = (V1 / "roster.obj").read_bytes()
+    second = DeviceIdentity(bytes(range(64, 96)))
+    r = check_signed(data, {DEVICE.device_id: DEVICE.public_key}.get, verify_signature,
+                     device_id_for)
+    assert r.seq == 1 and r.prev == b"" and r.time_ns == 1_700_000_000_000_000_002
+    assert [(e.device_id, e.role) for e in r.members] == [(DEVICE.device_id, "owner"),
+                                                          (second.device_id, "member")]
+    assert r.removed == ("f" * 32,) and r.owner_key(DEVICE.device_id) == DEVICE.public_key
+    assert r.owner_key(second.device_id) is None

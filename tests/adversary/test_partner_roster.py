@@ -1,0 +1,223 @@
+"""A storage partner follows the account's devices through the signed roster: a removed device
+loses its sessions, reads, pushes and removal rights there; a scoped member never had removal
+rights; and no device may write under another device's id or write the account's records.
+
+The account is made by the real pairing logic (prepare_welcome / apply_welcome / commit_join,
+without the PAKE transport) and `devices remove` (account.remove_device); the partner is the
+daemon's PartnerService over real stores, fed objects as its sessions feed them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from pathlib import Path
+
+import blake3
+import pytest
+
+from p2pbackup import account, grants
+from p2pbackup.blobs.quota import QuotaExceeded
+from p2pbackup.config import load_config
+from p2pbackup.crypto.identity import DeviceIdentity, verify_signature
+from p2pbackup.daemon.partner import PartnerService, load_grants, refusal
+from p2pbackup.device import init_device, open_device
+from p2pbackup.errors import IntegrityError, PeerNotPaired
+from p2pbackup.format.membership import MEMBER, OWNER, PARTNER
+from p2pbackup.format.removal import Removal, removal_name, removal_object
+from p2pbackup.format.signaling import (OFFER, ReplayGuard, SessionDescription,
+                                        check_description, sign_description)
+from p2pbackup.protocol.sync import SyncSession
+from p2pbackup.repo import replica, roster
+from p2pbackup.transport.memory import memory_pair
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def join(dev, home: Path, role: str, sources=None, *,
+               identity: DeviceIdentity | None = None) -> DeviceIdentity:
+    """Pair a device into `dev`'s account, as `p2pbackup pair` does once the code checks."""
+    me = identity or DeviceIdentity.generate()
+    tag = grants.tag_key(home) or secrets.token_bytes(32)
+    invite = account.invitation(dev, role, sources, None)
+    pending = await account.prepare_welcome(dev, invite, account.joiner_payload(
+        me, home.name, False, tag))
+    await account.apply_welcome(home, me, home.name, pending.welcome, tag)
+    await account.commit_join(dev, pending)
+    return me
+
+
+@pytest.fixture
+async def world(tmp_path: Path):
+    """Owner A (running), owner B, scoped member S, and partner P's service for the account."""
+    src = tmp_path / "docs"
+    src.mkdir()
+    await init_device(tmp_path / "a", [str(src)])
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(open_device(tmp_path / "a", write=True))
+        b = await join(a, tmp_path / "b", OWNER)
+        s = await join(a, tmp_path / "s", MEMBER, ("docs",))
+        p = await join(a, tmp_path / "p", PARTNER)
+        (grant,) = load_grants(tmp_path / "p")
+        service = PartnerService(load_config(tmp_path / "p"), p, [grant])
+        yield a, b, s, p, service, grant
+
+
+def blob(prefix: str) -> tuple[str, bytes]:
+    data = os.urandom(100)
+    return prefix + blake3.blake3(data).hexdigest(), data
+
+
+def offer(sender: DeviceIdentity, partner: DeviceIdentity) -> bytes:
+    return sign_description(SessionDescription(OFFER, sender.device_id, partner.device_id,
+                                               "v=0", time.time_ns(), os.urandom(16)),
+                            sender.sign)
+
+
+def admitted(service: PartnerService, sender: DeviceIdentity) -> bool:
+    """Whether the partner's signaling answers `sender` (the check SignalingServer makes)."""
+    try:
+        check_description(offer(sender, service.identity), me=service.me,
+                          membership=service.membership, now_ns=time.time_ns(),
+                          guard=ReplayGuard(), verify=verify_signature, expect=OFFER)
+        return True
+    except PeerNotPaired:
+        return False
+
+
+async def roster_reaches_partner(a, service: PartnerService, grant) -> None:
+    """Owner A replicates its newest roster version to the partner."""
+    for name in sorted([n async for n in a.repo.store.list("roster/")]):
+        if refusal(grant, a.identity.device_id, name) is None:   # what the partner asks for
+            assert await service.accept(grant, a.identity.device_id, name,
+                                        await a.repo.store.get(name))
+    assert grant.roster.lists_same((await roster.newest(a.repo.store))[0])
+
+
+async def test_after_devices_remove_the_partner_refuses_the_removed_device(world):
+    a, b, s, p, service, grant = world
+    name, data = blob("snapshots/")
+    assert admitted(service, b) and await service.accept(grant, b.device_id, name, data)
+
+    # B opens a session and is in the middle of it when A removes B.
+    here, there = memory_pair()
+    session = asyncio.create_task(service._incoming(b.device_id, there))
+    await here.send(SyncSession(b.device_id, set(), valid_name=replica.is_object_name)
+                    .data_to_send())
+    assert await asyncio.wait_for(here.recv(), 10) is not None   # the partner answers
+
+    await account.remove_device(a, b.device_id)
+    await roster_reaches_partner(a, service, grant)
+
+    # Its open session is closed, new ones are refused, its pushes and reads too.
+    await asyncio.wait_for(session, 10)
+    while await asyncio.wait_for(here.recv(), 10) is not None:
+        pass   # what the partner sent before it closed
+    assert not admitted(service, b)
+    with pytest.raises(PeerNotPaired, match="removed"):
+        check_description(offer(b, p), me=p.device_id, membership=service.membership,
+                          now_ns=time.time_ns(), guard=ReplayGuard(), verify=verify_signature,
+                          expect=OFFER)
+    name, data = blob("snapshots/")
+    with pytest.raises(IntegrityError, match="not a device of account"):
+        await service.accept(grant, b.device_id, name, data)
+    # A removal record B signed (once an owner) no longer counts, whoever brings it.
+    record = removal_object(Removal(b.device_id, time.time_ns(), (name,)), b.sign)
+    with pytest.raises(IntegrityError, match="not an owner"):
+        await service.accept(grant, a.identity.device_id, removal_name(record), record)
+    # The remaining devices are still welcome.
+    assert admitted(service, a.identity) and admitted(service, s)
+
+
+async def test_a_scoped_members_removal_record_is_refused_by_the_partner(world):
+    a, b, s, p, service, grant = world
+    name, data = blob("packs/")
+    name = "snapshots/" + blake3.blake3(data).hexdigest()
+    assert await service.accept(grant, s.device_id, name, data)   # S may push
+    for bringer in (s.device_id, a.identity.device_id):
+        record = removal_object(Removal(s.device_id, time.time_ns(), (name,)), s.sign)
+        with pytest.raises(IntegrityError, match="not an owner"):
+            await service.accept(grant, bringer, removal_name(record), record)
+    # An owner's record is taken.
+    record = removal_object(Removal(b.device_id, time.time_ns(), (name,)), b.sign)
+    assert await service.accept(grant, s.device_id, removal_name(record), record)
+
+
+async def test_a_device_cannot_write_another_devices_head_or_segments_at_the_partner(world):
+    a, b, s, p, service, grant = world
+    A, S = a.identity.device_id, s.device_id
+    refused = [(S, f"heads/{A}"), (S, f"segments/{A}/000000000001"), (S, f"segments/{A}/anchor"),
+               (A, f"heads/{S}"), (A, f"segments/{S}/000000000099"), (S, f"devices/{A}"),
+               (S, "config"), (S, "membership/000000000009"), (S, "keyring/000009")]
+    for device, name in refused:
+        with pytest.raises(IntegrityError, match="only"):
+            await service.accept(grant, device, name, os.urandom(64))
+        assert not await grant.store.has(name), name
+    # Under its own id a device writes, and replaces its own head; owners write the rest.
+    assert await service.accept(grant, S, f"segments/{S}/000000000001", b"s1")
+    assert await service.accept(grant, S, f"heads/{S}", b"head 1")
+    assert await service.accept(grant, S, f"heads/{S}", b"head 2")
+    with pytest.raises(IntegrityError, match="never change"):
+        await service.accept(grant, S, f"segments/{S}/000000000001", b"other")
+    assert await service.accept(grant, A, f"devices/{S}", b"record")
+    assert await service.accept(grant, A, "membership/000000000009", b"sealed")
+
+
+async def test_a_roster_not_signed_by_an_owner_or_not_following_is_refused(world):
+    from p2pbackup.format.roster import Roster, RosterEntry, roster_hash, roster_object
+
+    a, b, s, p, service, grant = world
+    current, raw = grant.roster, grant.file.roster
+    me = RosterEntry(s.device_id, s.public_key, OWNER)
+    nxt = f"roster/{current.seq + 1:012d}"
+    # S (scoped) lists itself as the only owner: refused. So are a gap, a fork, a roster
+    # stored under another version's name.
+    forged = Roster(current.seq + 1, roster_hash(raw), (me,), (), time.time_ns())
+    gap = Roster(current.seq + 2, roster_hash(raw), current.members, (), 1)
+    fork = Roster(current.seq + 1, b"\x01" * 32, current.members, (), 1)
+    good = Roster(current.seq + 1, roster_hash(raw), current.members, (), 1)
+    for why, name, data in [
+            ("not an owner", nxt, roster_object(forged, s.device_id, s.sign)),
+            ("does not follow", f"roster/{current.seq + 2:012d}",
+             roster_object(gap, b.device_id, b.sign)),
+            ("fork", nxt, roster_object(fork, b.device_id, b.sign)),
+            ("wrong name", f"roster/{current.seq + 5:012d}",
+             roster_object(good, b.device_id, b.sign))]:
+        with pytest.raises(IntegrityError, match=why):
+            await service.accept(grant, a.identity.device_id, name, data)
+        assert not await grant.store.has(name)
+    assert admitted(service, a.identity) and service.admits(b.device_id)
+    # The partner's grant file still holds the roster from pairing.
+    (again,) = load_grants(grant.home)
+    assert again.roster == current
+
+
+async def test_a_member_device_refuses_a_roster_a_scoped_member_forged(world, tmp_path: Path):
+    from p2pbackup.format.roster import Roster, RosterEntry, roster_object
+
+    a, b, s, p, service, grant = world
+    async with open_device(tmp_path / "b", write=True) as dev_b:
+        forged = Roster(1, b"", (RosterEntry(s.device_id, s.public_key, OWNER),), (), 1)
+        data = roster_object(forged, s.device_id, s.sign)
+        with pytest.raises(IntegrityError, match="not an owner"):
+            await replica.accept(dev_b.repo, "roster/000000000001", data)
+        # The owner's versions are taken, in order, and only under their own names.
+        for name in sorted([n async for n in a.repo.store.list("roster/")]):
+            assert await replica.accept(dev_b.repo, name, await a.repo.store.get(name))
+        newest = await roster.newest(a.repo.store)
+        with pytest.raises(IntegrityError, match="wrong name"):
+            await replica.accept(dev_b.repo, "roster/000000000007", newest[1])
+
+
+async def test_a_partner_over_its_quota_still_takes_the_roster(world):
+    a, b, s, p, service, grant = world
+    grant.store.quota = 1   # full: nothing more fits
+    name, data = blob("snapshots/")
+    with pytest.raises(QuotaExceeded):
+        await service.accept(grant, b.device_id, name, data)
+    await account.remove_device(a, b.device_id)
+    await roster_reaches_partner(a, service, grant)
+    assert not admitted(service, b) and admitted(service, s)

@@ -1,0 +1,44 @@
+"""The roster: encoding round-trips, a valid chain is followed, and hostile bytes only ever
+raise IntegrityError (or UnsupportedFormat, for a newer version)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pbackup.crypto.identity import DeviceIdentity, device_id_for, verify_signature
+from p2pbackup.errors import IntegrityError, UnsupportedFormat
+from p2pbackup.format.membership import MEMBER, OWNER, PARTNER, Member, Membership
+from p2pbackup.format.roster import (Roster, check_next, check_signed, read_roster, roster_hash,
+                                     roster_name, roster_object, roster_of)
+
+A, B, P = DeviceIdentity.generate(), DeviceIdentity.generate(), DeviceIdentity.generate()
+
+
+def membership(*members: tuple[DeviceIdentity, str], removed=()) -> Membership:
+    return Membership(1, b"", 0, tuple(Member(d.device_id, d.public_key, "x", role)
+                                       for d, role in members), tuple(removed))
+
+
+def test_a_roster_states_the_membership_without_partners_and_follows_its_chain():
+    m = membership((A, OWNER), (B, MEMBER), (P, PARTNER))
+    first = roster_of(m, 1, b"", 5)
+    raw1 = roster_object(first, A.device_id, A.sign)
+    assert read_roster(raw1, device_id_for)[0] == first
+    assert [e.device_id for e in first.members] == [A.device_id, B.device_id]
+    assert check_signed(raw1, first.owner_key, verify_signature, device_id_for) == first
+    second = roster_of(membership((A, OWNER), removed=[B.device_id]), 2, roster_hash(raw1), 6)
+    raw2 = roster_object(second, A.device_id, A.sign)
+    assert check_next(first, roster_hash(raw1), raw2, verify_signature, device_id_for) == second
+    assert roster_name(2) == "roster/000000000002" and not second.lists_same(first)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.integers(min_value=0, max_value=400))
+def test_hostile_roster_bytes_raise_integrity_or_version_errors_only(junk: bytes, cut: int):
+    raw = roster_object(Roster(1, b"", ()), A.device_id, A.sign)
+    for data in (junk, raw[:cut], raw[:cut] + junk):
+        try:
+            read_roster(data, device_id_for)
+        except (IntegrityError, UnsupportedFormat):
+            pass
