@@ -28,6 +28,8 @@ ENTRY_TYPES = frozenset({FILE, DIR, SYMLINK}) | SPECIAL_TYPES
 CAPTURE_LEVEL = 1
 
 
+_B63 = 1 << 63  # added to a signed 64-bit time, it fits in 64 bits unsigned
+
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -150,10 +152,20 @@ class TreeEntry:
         # case is checked with a few type() tests and built positionally (2x faster than
         # _need per field and keyword arguments); _need names the field when a test fails.
         g = m.get
-        t, name, mode, mtime = g("t"), g("n"), g("m"), g("mt")
+        t, name, mode, mtime, uid, gid = g("t"), g("n"), g("m"), g("mt"), g("u", 0), g("g", 0)
         if type(name) is not bytes or type(mode) is not int or type(mtime) is not int:
             name, mode = _need(m, "n", bytes, what), _need(m, "m", int, what)
             mtime = _need(m, "mt", int, what)
+        # Restore hands these to fchown/fchmod/utime: a number no file system holds (or no
+        # number) is damage here, not an internal error there. Shifts check type and range
+        # at once (a str, bytes or float raises TypeError): this runs for every entry read.
+        try:
+            ok = (uid | gid | mode) >> 32 == 0 and (mtime + _B63) >> 64 == 0
+        except TypeError:
+            ok = False
+        if not ok:
+            raise IntegrityError(f"{what} is malformed: impossible owner, mode or time in "
+                                 f"{name!r}")
         if t == FILE:
             chunks, size = g("c"), g("s")
             if type(chunks) is not list or type(size) is not int:
@@ -161,17 +173,26 @@ class TreeEntry:
             for c in chunks:
                 if type(c) is not bytes or len(c) != 32:
                     raise IntegrityError(f"{what} is malformed: bad chunk id in {name!r}")
+            ct, ino, nl, wm = g("ct", 0), g("i", 0), g("nl", 1), g("wm", 0)
+            try:
+                ok = (ino >> 64 | size >> 63 | nl >> 32 | (ct + _B63 | wm + _B63) >> 64) == 0 \
+                    and nl > 0
+            except TypeError:
+                ok = False
+            if not ok:
+                raise IntegrityError(f"{what} is malformed: impossible size, inode, link count "
+                                     f"or time in {name!r}")
             xa = g("xa")
-            return cls(t, name, mode, g("u", 0), g("g", 0), mtime, g("ct", 0), g("i", 0), size,
-                       tuple(chunks), None, None, g("nl", 1), bool(g("sq", False)), g("wm", 0),
+            return cls(t, name, mode, uid, gid, mtime, ct, ino, size,
+                       tuple(chunks), None, None, nl, bool(g("sq", False)), wm,
                        () if xa is None else _xattrs(xa, name, what), bool(g("sp", False)))
         xa = g("xa")
         xattrs = () if xa is None else _xattrs(xa, name, what)
         if t == DIR:
-            return cls(t, name, mode, g("u", 0), g("g", 0), mtime,
+            return cls(t, name, mode, uid, gid, mtime,
                        subtree=_need(m, "sub", bytes, what), xattrs=xattrs)
         if t == SYMLINK:
-            return cls(t, name, mode, g("u", 0), g("g", 0), mtime,
+            return cls(t, name, mode, uid, gid, mtime,
                        target=_need(m, "lt", bytes, what), xattrs=xattrs)
         rdev = (0, 0)
         if t != FIFO:
@@ -179,7 +200,7 @@ class TreeEntry:
             if len(rd) != 2 or not all(type(x) is int and 0 <= x < 1 << 32 for x in rd):
                 raise IntegrityError(f"{what} is malformed: bad device number in {name!r}")
             rdev = (rd[0], rd[1])
-        return cls(t, name, mode, g("u", 0), g("g", 0), mtime, xattrs=xattrs, rdev=rdev)
+        return cls(t, name, mode, uid, gid, mtime, xattrs=xattrs, rdev=rdev)
 
 
 def _xattrs(raw: object, name: bytes, what: str) -> tuple[tuple[bytes, bytes], ...]:

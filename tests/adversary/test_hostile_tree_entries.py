@@ -48,3 +48,21 @@ def test_logged_entry_with_malformed_xattrs_is_refused_as_damaged():
                             use_bin_type=True)
     with pytest.raises(IntegrityError, match="bad extended attributes"):
         ChangeList.decode(changes)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("u", "root"), ("u", -5), ("u", 1 << 40), ("g", -1), ("g", b"0"),
+    ("m", -1), ("m", 1 << 40), ("mt", 1 << 63), ("mt", "yesterday"),
+    ("ct", 1 << 63), ("i", -3), ("nl", 0), ("nl", "2"), ("s", -1), ("s", 1 << 63),
+    ("wm", 1 << 63),
+])
+@pytest.mark.parametrize("kind", [FILE, {**BASE, "t": "d", "sub": b"s" * 32},
+                                  {**BASE, "t": "l", "lt": b"t"}, {**BASE, "t": "p"}])
+def test_entry_with_numbers_no_file_system_holds_is_refused_as_damaged(kind: dict, field: str,
+                                                                       value: object):
+    """Owner, mode, times, sizes: a number restore would hand to fchown/utime/ftruncate that
+    no file system holds (or no number at all) is damage, not an internal error later."""
+    if field in ("ct", "i", "nl", "s", "wm") and kind is not FILE:
+        return  # only files carry these
+    with pytest.raises(IntegrityError, match="malformed"):
+        Tree.decode(_tree({**kind, field: value}))
