@@ -39,6 +39,7 @@ class Kind(enum.IntEnum):
     MEMBERSHIP = 11
     KEYRING = 12
     REMOVAL = 13
+    SIGNED_KEYRING = 14   # a keyring in a clear envelope signed by its recovery signer
 
 
 @dataclass(frozen=True, slots=True)

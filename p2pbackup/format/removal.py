@@ -20,7 +20,7 @@ import msgpack
 
 from ..errors import IntegrityError
 from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
-from .records import Signed
+from .records import REMOVAL_SIG, Signed
 
 VERSION = 1
 PREFIX = "removals/"
@@ -39,7 +39,7 @@ def removal_object(r: Removal, sign: Callable[[bytes], bytes]) -> bytes:
     """The signed object for `r`."""
     body = msgpack.packb({"v": VERSION, "device": r.device, "time": r.time_ns,
                           "names": list(r.names)}, use_bin_type=True)
-    signed = Signed(body, r.device, sign(body)).encode()
+    signed = Signed.make(REMOVAL_SIG, body, r.device, sign).encode()
     return ObjectHeader(FORMAT_VERSION, Kind.REMOVAL, 0, len(signed)).encode() + signed
 
 
@@ -59,7 +59,7 @@ def read_removal(data: bytes, key_of: Callable[[str], bytes | None],
     if key is None:
         raise IntegrityError(f"{what} is signed by {signed.device[:12]}, which is not an owner "
                              "device of the account")
-    if not verify(key, signed.body, signed.signature):
+    if not signed.verifies(REMOVAL_SIG, key, verify):
         raise IntegrityError(f"{what} has a bad signature")
     try:
         doc = msgpack.unpackb(signed.body, raw=False, max_array_len=MAX_NAMES)
