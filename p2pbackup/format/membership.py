@@ -16,8 +16,9 @@ from dataclasses import dataclass, field, replace
 import blake3
 
 from ..errors import IntegrityError
-from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
-from .records import KEYRING_SIG, MEMBERSHIP_SIG, RECORD_VERSION, Signed, _need, _pack, _unpack
+from .header import Kind
+from .records import (KEYRING_SIG, MEMBERSHIP_SIG, RECORD_VERSION, Signed, _need, _pack,
+                      _unpack, clear_signed_object, open_clear_signed)
 
 OWNER = "owner"        # holds every key; may change the membership
 MEMBER = "member"      # holds the keys of some sources only
@@ -255,6 +256,12 @@ def _key_of(m: Membership, signer: str, id_for: Callable[[bytes], str]) -> bytes
 
 # ---- who may sign what, by key epoch ---------------------------------------------------------
 
+class SignerRefused(IntegrityError):
+    """{}"""
+    # A record that authenticates but whose signer may not have written it: not damage to
+    # repair, nor something to keep data for (prune passes over it).
+
+
 class Roster:
     """The checked membership history, asked about the signer of a record.
 
@@ -289,27 +296,27 @@ class Roster:
     def writer_key(self, device: str, epoch: int, what: str, *, sources: Iterable[str] = (),
                    kept: Callable[[Kept], bool] | None = None) -> bytes:
         """The public key to check `what` against, signed by `device` and sealed in `epoch`;
-        IntegrityError (one line, saying why) if that device may not have written it.
+        SignerRefused (one line, saying why) if that device may not have written it.
 
         `kept(pin)` says whether the record is among what a removed device's pin keeps.
         """
         who = f"device {device[:12]}"
         m = self._writers.get((device, epoch))
         if m is None:
-            raise IntegrityError(f"{what} is refused: {who} was not a member of the account "
-                                 f"in key epoch {epoch}")
+            raise SignerRefused(f"{what} is refused: {who} was not a member of the account "
+                                f"in key epoch {epoch}")
         sources = list(sources)
         if not m.may_write(sources):
             held = "a storage partner" if m.role == PARTNER else \
                 f"a member for {', '.join(m.scopes or ())} only"
-            raise IntegrityError(f"{what} is refused: {who} is {held}")
+            raise SignerRefused(f"{what} is refused: {who} is {held}")
         removal = self._removed.get(device)
         if removal is not None:
             removed_epoch, version, pin = removal
             if epoch >= removed_epoch or (pin is not None and not (kept and kept(pin))):
-                raise IntegrityError(f"{what} is refused: {who} was removed from the account "
-                                     f"(membership version {version}) and it is not among "
-                                     "what that device had written before")
+                raise SignerRefused(f"{what} is refused: {who} was removed from the account "
+                                    f"(membership version {version}) and it is not among "
+                                    "what that device had written before")
         return m.public_key
 
 
@@ -324,16 +331,12 @@ class Roster:
 def keyring_object(epoch: int, sealed: bytes, signer: str, sign: Callable[[bytes], bytes]
                    ) -> bytes:
     body = _pack({"v": RECORD_VERSION, "epoch": epoch, "sealed": sealed})
-    signed = Signed.make(KEYRING_SIG, body, signer, sign).encode()
-    return ObjectHeader(FORMAT_VERSION, Kind.SIGNED_KEYRING, 0, len(signed)).encode() + signed
+    return clear_signed_object(Kind.SIGNED_KEYRING, Signed.make(KEYRING_SIG, body, signer, sign))
 
 
 def read_keyring(data: bytes, what: str = "keyring") -> tuple[int, bytes, Signed]:
     """(epoch, sealed roots, signed envelope) of a keyring object; the caller checks the
     signature against the epoch's recovery key."""
-    header = ObjectHeader.decode(data, what)
-    if header.kind != Kind.SIGNED_KEYRING or header.length != len(data) - HEADER_SIZE:
-        raise IntegrityError(f"{what} is not a whole signed keyring")
-    signed = Signed.decode(bytes(data[HEADER_SIZE:]), what)
+    signed = open_clear_signed(data, Kind.SIGNED_KEYRING, what, "signed keyring")
     obj = _unpack(signed.body, what)
     return _need(obj, "epoch", int, what), _need(obj, "sealed", bytes, what), signed

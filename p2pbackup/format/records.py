@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 from ..errors import IntegrityError, UnsupportedFormat
+from .header import FORMAT_VERSION, HEADER_SIZE, ObjectHeader
 
 RECORD_VERSION = 1
 
@@ -331,6 +332,21 @@ class Signed:
         if not (sig_type in LEGACY_SIGNED if legacy is None else legacy):
             return False
         return verify(public_key, self.body, self.signature)
+
+
+def clear_signed_object(kind: int, signed: Signed) -> bytes:
+    """An object that is signed but not encrypted: header | Signed (removal records, keyrings'
+    envelopes), so a device without the keys (a partner, a member) can check who wrote it."""
+    body = signed.encode()
+    return ObjectHeader(FORMAT_VERSION, kind, 0, len(body)).encode() + body
+
+
+def open_clear_signed(data: bytes | memoryview, kind: int, what: str, name: str) -> Signed:
+    """The envelope of a `clear_signed_object` of `kind` (`name` says what it should be)."""
+    header = ObjectHeader.decode(data, what)
+    if header.kind != kind or header.length != len(data) - HEADER_SIZE:
+        raise IntegrityError(f"{what} is not a whole {name}")
+    return Signed.decode(bytes(data[HEADER_SIZE:]), what)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,8 +19,8 @@ import blake3
 import msgpack
 
 from ..errors import IntegrityError
-from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
-from .records import REMOVAL_SIG, Signed
+from .header import Kind
+from .records import REMOVAL_SIG, Signed, clear_signed_object, open_clear_signed
 
 VERSION = 1
 PREFIX = "removals/"
@@ -39,8 +39,7 @@ def removal_object(r: Removal, sign: Callable[[bytes], bytes]) -> bytes:
     """The signed object for `r`."""
     body = msgpack.packb({"v": VERSION, "device": r.device, "time": r.time_ns,
                           "names": list(r.names)}, use_bin_type=True)
-    signed = Signed.make(REMOVAL_SIG, body, r.device, sign).encode()
-    return ObjectHeader(FORMAT_VERSION, Kind.REMOVAL, 0, len(signed)).encode() + signed
+    return clear_signed_object(Kind.REMOVAL, Signed.make(REMOVAL_SIG, body, r.device, sign))
 
 
 def removal_name(data: bytes) -> str:
@@ -51,10 +50,7 @@ def read_removal(data: bytes, key_of: Callable[[str], bytes | None],
                  verify: Callable[[bytes, bytes, bytes], bool], what: str = "removal record"
                  ) -> Removal:
     """Check and decode a removal record; `key_of(device)` is an owner's key or None."""
-    header = ObjectHeader.decode(data, what)
-    if header.kind != Kind.REMOVAL or header.length != len(data) - HEADER_SIZE:
-        raise IntegrityError(f"{what} is not a whole removal record")
-    signed = Signed.decode(bytes(data[HEADER_SIZE:]), what)
+    signed = open_clear_signed(data, Kind.REMOVAL, what, "removal record")
     key = key_of(signed.device)
     if key is None:
         raise IntegrityError(f"{what} is signed by {signed.device[:12]}, which is not an owner "

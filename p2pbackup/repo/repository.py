@@ -20,7 +20,7 @@ from ..crypto.keys import AccountKeys, ScopeKeys
 from ..errors import IntegrityError, NotFound, P2PError, StorageError, UnsupportedFormat, WrongKey
 from ..format.header import Kind, ObjectHeader
 from ..format.objects import open_object, seal_object
-from ..format.membership import Kept, Roster
+from ..format.membership import Kept, Roster, SignerRefused
 from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.records import (DEVICE_SIG, SNAPSHOT_SIG, DeviceRecord, PackTrailer, RepoConfig,
                               Signed, Snapshot, Tree)
@@ -41,6 +41,7 @@ class UnreadableSnapshot:
 
     id: str
     reason: str
+    refused: bool = False   # it reads, but its signer may not have written it (SignerRefused)
 
 
 class Repository:
@@ -403,7 +404,7 @@ class Repository:
             try:
                 good.append(await self.load_snapshot(sid))
             except P2PError as exc:
-                bad.append(UnreadableSnapshot(sid, str(exc)))
+                bad.append(UnreadableSnapshot(sid, str(exc), isinstance(exc, SignerRefused)))
         good.sort(key=lambda s: (s.snapshot.time_ns, s.id))
         return good, bad
 

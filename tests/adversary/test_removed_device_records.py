@@ -103,6 +103,11 @@ async def test_an_offline_member_refuses_a_removed_devices_snapshot_once_it_lear
         good, refused = await dev.repo.list_snapshots()
         assert sid not in [s.id for s in good]
         assert [r.id for r in refused] == [sid] and "removed" in refused[0].reason
+    # Planted or not, it keeps nothing alive: prune goes on (and verify names it).
+    cli = Cli(c)
+    assert cli("prune").stdout.startswith("prune: ")
+    checked = cli("verify", check=False)
+    assert checked.returncode == 13 and f"snapshot {sid[:8]}" in checked.stdout
 
 
 @pytest.mark.parametrize("envelope", ["v1", "v2"])
@@ -162,3 +167,46 @@ def _removes(signed_version: bytes) -> bool:
     from p2pbackup.format.membership import Membership
 
     return bool(Membership.decode(Signed.decode(signed_version, "m").body).removed)
+
+
+async def test_restore_at_a_time_does_not_replay_what_a_removed_device_appends_to_its_log(
+        tmp_path: Path):
+    import datetime as dt
+
+    from p2pbackup.backup.snapshot import take_snapshot
+    from p2pbackup.config import Source
+    from p2pbackup.format.log import PUT, Change, ChangeList, SegmentPart, segment_hash
+    from p2pbackup.format.records import FILE, TreeEntry
+
+    src, notes = tmp_path / "src", tmp_path / "notes"
+    for d in (src, notes):
+        d.mkdir()
+    (notes / "mine.txt").write_text("B's own file\n")
+    a, b = tmp_path / "a", tmp_path / "b"
+    await make_owner(a, [src])
+    await pair(a, b, "laptop")
+    await carry(a, b, "")
+    async with open_device(b, write=True) as dev:   # B's snapshot and one log segment
+        snap = await take_snapshot(dev.repo, (Source("notes", str(notes)),),
+                                   temp_dir=dev.temp_dir)
+        await LogStore(dev.repo).append(dev.identity, Segment(dev.identity.device_id, 1,
+                                                              GENESIS, time.time_ns(), ()))
+    await carry(b, a, "")
+    await remove(a, "laptop")
+
+    keys, identity = keys_of(b)
+    now = time.time_ns()
+    evil = ChangeList((Change(PUT, b"evil.txt", now - 10**9,
+                              TreeEntry(FILE, b"evil.txt", 0o100644, 0, 0, now)),))
+    part = SegmentPart("notes", 0, bytes(seal_object(Kind.SEGMENT_PART, evil.encode(),
+                                                     keys.scope("notes", 0).data_key)))
+    store = LocalDirStore(a / "store")
+    first = bytes(await store.get(f"segments/{identity.device_id}/{1:012d}"))
+    forged = Segment(identity.device_id, 2, segment_hash(first), now, (part,))
+    await store.put(f"segments/{identity.device_id}/{2:012d}", bytes(seal_object(
+        Kind.SEGMENT, signed("segment", forged.encode(), identity, "v2"), keys.record_key)))
+
+    at = dt.datetime.fromtimestamp(time.time() + 1).astimezone().isoformat()
+    Cli(a)("restore", snap.stored.id, "--at", at, "--to", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "notes" / "mine.txt").exists()
+    assert not (tmp_path / "out" / "notes" / "evil.txt").exists()
