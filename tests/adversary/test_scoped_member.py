@@ -180,3 +180,41 @@ async def test_a_scoped_member_reads_no_other_source_nor_its_keys_in_epochs_0_an
     plain = await everything_reachable(member, held_keys(member_keys))
     assert_nothing_of_photos(member_keys, owner_keys, plain,
                              await other_source_blobs(member, owner_keys))
+
+
+async def test_a_keyring_a_scoped_member_forges_is_refused_by_replication_and_recovery(
+        scoped, tmp_path: Path):
+    """It holds every epoch's record key (what sealed keyrings before), and its own signing
+    key: neither lets it plant roots of its choosing for the owners or a recovery."""
+    import msgpack as mp
+
+    from p2pbackup.crypto.identity import DeviceIdentity
+    from p2pbackup.errors import IntegrityError
+    from p2pbackup.format.membership import keyring_object
+    from p2pbackup.format.objects import seal_object
+    from p2pbackup.repo import replica
+
+    owner, member, _ = scoped
+    await pair(owner, tmp_path / "old", "old-phone")
+    code = await remove(owner, "old-phone")
+    await carry(owner, member, "")
+    async with open_device(member, write=True):
+        pass
+    keys, me = keys_of(member)
+    mine = AccountKeys(os.urandom(32)).with_epoch(1, os.urandom(32))  # roots it would plant
+    doc = mp.packb(mine.export(), use_bin_type=True)
+    old_form = bytes(seal_object(Kind.KEYRING, doc, keys.record_keys[1]))
+    new_form = keyring_object(1, bytes(seal_object(Kind.KEYRING, doc, keys.record_keys[1])),
+                              me.device_id, me.sign)
+    impostor = DeviceIdentity.generate()
+    by_impostor = keyring_object(1, b"x" * 64, impostor.device_id, impostor.sign)
+    for home in (owner, member):
+        async with open_device(home) as dev:
+            for forged in (old_form, new_form, by_impostor):
+                with pytest.raises(IntegrityError):
+                    await replica.accept(dev.repo, "keyring/000009", forged)
+    # Planted in a store anyway, it does not mislead a recovery with the newest code.
+    await LocalDirStore(owner / "store").put("keyring/000009", old_form)
+    recovered = tmp_path / "recovered"
+    await account.recover(recovered, str(owner / "store"), code, "replacement")
+    assert keys_of(recovered)[0].roots == keys_of(owner)[0].roots
