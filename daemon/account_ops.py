@@ -163,4 +163,5 @@ class AccountOps:
         log.info("device %s removed; key epoch %d", r.removed.device_id[:12], r.membership.epoch)
         if self.d.peers is not None:
             await self.d.peers.refresh()
+        await self.d.announce()   # the remaining devices take their new keys from it at once
         return r.to_json()
