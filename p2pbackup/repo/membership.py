@@ -62,14 +62,21 @@ def open_version(raw: bytes | bytearray | memoryview, keys: AccountKeys, what: s
 
 async def chain_in(store: BlobStore, keys: AccountKeys) -> list[bytes]:
     """The signed membership versions in `store` this device can open, oldest first (not yet
-    checked): the chain up to the first version sealed with a key it does not hold."""
+    checked): the chain up to the first version sealed in an epoch it holds no key of. One
+    that does not open although this device holds the key it should be sealed with (the
+    previous version's epoch) is damaged: IntegrityError."""
     names = sorted([n async for n in store.list(PREFIX)])
-    out = []
+    out: list[bytes] = []
+    sealed_in = 0   # the first version is sealed in its own epoch: 0 in every account
     for name in names:
-        signed = open_version(await store.get(name), keys, name)
+        raw = await store.get(name)
+        signed = open_version(raw, keys, name)
         if signed is None:
+            if sealed_in in keys.record_keys:   # it should open: say why it does not
+                open_object(raw, keys.record_keys[sealed_in], expect=Kind.MEMBERSHIP, what=name)
             break
         out.append(signed)
+        sealed_in = Membership.decode(_body(signed), name).epoch
     return out
 
 

@@ -152,3 +152,25 @@ async def test_removal_records_only_from_an_owner_and_whole(pair):
     odd = record(A, ["config", "membership/000000000001", "packs/" + "1" * 64])
     assert read_removal(odd, {A.device_id: A.public_key}.get, verify_signature).names == \
         ("packs/" + "1" * 64,)
+
+
+async def test_a_damaged_membership_version_is_named_not_taken_for_the_end_of_the_chain(pair):
+    """Versions after a removal are sealed in the new epoch: a device without its key reads
+    the chain up to there. One this device holds the key for, yet does not open, is damage."""
+    from p2pbackup.format.membership import OWNER, Member, Membership, record_hash, \
+        sign_membership
+    from p2pbackup.repo import membership as store_membership
+
+    a, _, _ = pair
+    m1 = Membership(1, b"", 0, (Member(A.device_id, A.public_key, "a", OWNER),))
+    s1 = sign_membership(m1, A.device_id, A.sign)
+    m2 = Membership(2, record_hash(s1), 0, m1.members + (Member(B.device_id, B.public_key,
+                                                                 "b", OWNER),))
+    await store_membership.store_chain(a, [s1, sign_membership(m2, A.device_id, A.sign)])
+    assert (await store_membership.load(a))[0].seq == 2
+    raw = bytearray(await a.store.get("membership/000000000002"))
+    raw[-1] ^= 1
+    await a.store.put("membership/000000000002", bytes(raw))
+    a.membership_changed()
+    with pytest.raises(IntegrityError, match="membership/000000000002 failed authentication"):
+        await store_membership.load(a)
