@@ -20,7 +20,7 @@ from ..buffers import aligned_buffer
 from ..crypto.keys import blob_id as keyed_blob_id
 from ..errors import IntegrityError, P2PError
 from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
-from .objects import open_object, seal_object
+from .objects import open_object, open_with_any, seal_object
 from .records import BlobRef, PackTrailer
 
 PACK_HEADER = ObjectHeader(FORMAT_VERSION, Kind.PACK, 0, 0).encode()
@@ -132,21 +132,9 @@ def parse_trailer(tail: bytes | memoryview, pack_size: int, keys: bytes | Sequen
     start = len(tail) - need
     sealed = memoryview(tail)[start:len(tail) - _LEN.size]
     candidates = [keys] if isinstance(keys, (bytes, bytearray)) else list(keys)
-    for key in candidates[:-1]:
-        try:
-            body = open_object(sealed, key, expect=Kind.PACK_TRAILER, what=f"{what} trailer")[1]
-            break
-        except IntegrityError:
-            continue
-    else:
-        try:
-            body = open_object(sealed, candidates[-1], expect=Kind.PACK_TRAILER,
-                               what=f"{what} trailer")[1]
-        except IntegrityError as exc:
-            if "failed authentication" not in str(exc):
-                raise
-            raise IntegrityError(f"{exc} (or sealed in a key epoch this device does not "
-                                 "hold)") from None
+    _, body = open_with_any(sealed, list(enumerate(candidates)), expect=Kind.PACK_TRAILER,
+                            what=f"{what} trailer",
+                            not_held="or sealed in a key epoch this device does not hold")
     trailer = PackTrailer.decode(body, f"{what} trailer")
     limit = pack_size - need
     for ref in trailer.blobs:

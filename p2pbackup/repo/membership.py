@@ -25,7 +25,7 @@ from ..errors import IntegrityError, NotFound
 from ..format.header import Kind, ObjectHeader
 from ..format.membership import (Membership, Roster, check_chain, check_versions,
                                  keyring_object, read_keyring)
-from ..format.objects import open_object, seal_object
+from ..format.objects import open_object, open_with_any, seal_object
 from ..format.records import KEYRING_SIG, Signed
 
 log = logging.getLogger("p2pbackup.membership")
@@ -52,12 +52,11 @@ def open_version(raw: bytes | bytearray | memoryview, keys: AccountKeys, what: s
                  ) -> bytes | None:
     """The signed version inside a stored one, or None if no key this device holds opens it
     (sealed in an epoch after this device's removal, or one whose grant it has not taken)."""
-    for _, key in keys.epochs_newest_first():
-        try:
-            return bytes(open_object(raw, key, expect=Kind.MEMBERSHIP, what=what)[1])
-        except IntegrityError:
-            continue
-    return None
+    try:
+        return open_with_any(raw, keys.epochs_newest_first(), expect=Kind.MEMBERSHIP,
+                             what=what)[1]
+    except IntegrityError:
+        return None
 
 
 async def chain_in(store: BlobStore, keys: AccountKeys) -> list[bytes]:

@@ -19,7 +19,7 @@ from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from ..crypto.keys import AccountKeys, ScopeKeys
 from ..errors import IntegrityError, NotFound, P2PError, StorageError, UnsupportedFormat, WrongKey
 from ..format.header import Kind, ObjectHeader
-from ..format.objects import open_object, seal_object
+from ..format.objects import open_object, open_with_any, seal_object
 from ..format.membership import Kept, Roster, SignerRefused
 from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.records import (DEVICE_SIG, SNAPSHOT_SIG, DeviceRecord, PackTrailer, RepoConfig,
@@ -275,20 +275,7 @@ class Repository:
     def open_record_in(self, raw: bytes | bytearray | memoryview, kind: int, what: str
                        ) -> tuple[int, bytes]:
         """(key epoch it was sealed in, body) of a record sealed in any epoch held here."""
-        epochs = self.keys.epochs_newest_first()
-        for epoch, key in epochs[:-1]:
-            try:
-                return epoch, bytes(open_object(raw, key, expect=kind, what=what)[1])
-            except IntegrityError:
-                continue
-        epoch, key = epochs[-1]
-        try:
-            return epoch, bytes(open_object(raw, key, expect=kind, what=what)[1])
-        except IntegrityError as exc:
-            if len(epochs) > 1 or "failed authentication" not in str(exc):
-                raise
-            raise IntegrityError(f"{exc} (or sealed with a key this device does not hold: was "
-                                 "it removed from the account?)") from None
+        return open_with_any(raw, self.keys.epochs_newest_first(), expect=kind, what=what)
 
     def open_signed(self, raw: bytes | bytearray | memoryview, kind: int, sig_type: str,
                     what: str, device: str | None = None) -> tuple[Signed, int]:
