@@ -289,6 +289,10 @@ class Roster:
     def newest(self) -> Membership:
         return self.versions[-1]
 
+    def ever_listed(self, device: str) -> bool:
+        """True if some version lists `device` as a member (it may have been removed since)."""
+        return any(d == device for d, _ in self._writers)
+
     def recovery_key(self, epoch: int) -> bytes | None:
         """The public key of epoch `epoch`'s recovery signer, if a version names it."""
         return self._recovery.get(epoch)

@@ -86,7 +86,11 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
         await store_membership.store_chain(repo, chain + [body])
         return True
     if kind == "device":
-        repo.check_device_record(data, name.split("/")[1], what)
+        device = name.split("/")[1]
+        roster = await repo.roster()
+        if roster is not None and not roster.ever_listed(device):
+            raise IntegrityError(f"{what}: device {device[:12]} is not a member of the account")
+        repo.check_device_record(data, device, what)
     elif kind == "keyring":
         await store_membership.check_keyring(repo, bytes(data), int(name.split("/")[1]), what)
     elif kind == "pack":

@@ -10,6 +10,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.device import open_device
 from p2pbackup.errors import IntegrityError
 from p2pbackup.format.header import Kind
@@ -70,3 +71,21 @@ async def test_a_device_record_signature_replayed_as_a_snapshot_is_refused(accou
         with pytest.raises(IntegrityError, match="bad signature"):
             await replica.accept(dev.repo, f"snapshots/{blake3.blake3(sealed).hexdigest()}",
                                  sealed)
+
+
+async def test_a_device_record_of_a_device_the_membership_never_listed_is_refused(account):
+    """A member holds the record key: it can seal a self-signed record for any key pair."""
+    from p2pbackup.crypto.identity import DeviceIdentity
+    from p2pbackup.format.records import DEVICE_SIG, DeviceRecord, Signed
+
+    a, b = account
+    keys, _ = keys_of(b)
+    stranger = DeviceIdentity.generate()
+    rec = DeviceRecord(stranger.device_id, stranger.public_key, "stranger", time.time_ns())
+    sealed = bytes(seal_object(Kind.DEVICE, Signed.make(
+        DEVICE_SIG, rec.encode(), stranger.device_id, stranger.sign).encode(), keys.record_key))
+    async with open_device(a) as dev:
+        with pytest.raises(IntegrityError, match="not a member"):
+            await replica.accept(dev.repo, f"devices/{stranger.device_id}", sealed)
+        assert await replica.accept(dev.repo, f"devices/{keys_of(b)[1].device_id}", bytes(
+            await LocalDirStore(b / "store").get(f"devices/{keys_of(b)[1].device_id}")))
