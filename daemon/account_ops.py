@@ -169,4 +169,4 @@ class AccountOps:
         them: the roster) must hear at once."""
         if self.d.peers is not None:
             await self.d.peers.refresh()
-        await self.d.announce()
+        await self.d.announce()   # the remaining devices take their new keys from it at once

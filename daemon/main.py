@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from p2pbackup import account
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.config import Config, load_config, load_identity, systemd_settings
@@ -121,6 +122,20 @@ class DeviceDaemon:
         if head is not None:
             self.notifier.status(f"sealed segment {head.seq}")
             await self.announce()
+
+    async def membership_changed(self) -> None:
+        """A membership version arrived from a peer: take a key epoch it grants this device
+        (what is pending is sealed in the old one first, as before a removal), so the
+        versions sealed in the new epoch open, then tell the peers."""
+        await self.seal()
+        try:
+            async with self.writing:
+                if await account.take_grants(self.dev):
+                    log.info("took the keys of key epoch %d", self.dev.keys.epoch)
+        except P2PError as exc:
+            log.error("%s", exc)
+        if self.peers is not None:
+            await self.peers.refresh()
 
     async def announce(self) -> None:
         """Push what was just stored to every connected peer."""
@@ -320,7 +335,7 @@ async def serve(home: Path | None) -> int:
                                   connection_limits=connection_limits(config.peers))
         d.peers = PeerManager(config, dev, on_session=d.replicator.run,
                               on_fetch=d.replicator.serve)
-        d.replicator.on_membership = d.peers.refresh
+        d.replicator.on_membership = d.membership_changed
         d.peers.on_members = d.replicator.close_unless
         await d.replicator.start_lane(d.peers.bind_address)
         await d.peers.start()

@@ -12,7 +12,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,8 +29,8 @@ from .crypto.keys import AccountKeys
 from .device import Device
 from .errors import (ConfigError, IntegrityError, NotFound, P2PError, PairingFailed,
                      PeerUnreachable, WrongKey)
-from .format.membership import (MEMBER, OWNER, PARTNER, Member, Membership, record_hash,
-                                sign_membership)
+from .format.membership import (MEMBER, OWNER, PARTNER, Kept, Member, Membership,
+                                record_hash, sign_membership)
 from .peer_fetch import is_peer_location
 from .format.roster import check_signed, read_roster
 from .repo import membership as store_membership
@@ -60,11 +60,11 @@ async def membership_of(dev: Device) -> tuple[Membership, list[bytes]]:
         raise IntegrityError("this device's store has no membership record")
     now = time.time_ns()
     me = Member(dev.identity.device_id, dev.identity.public_key, dev.config.device_name, OWNER,
-                added_ns=now)
+                added_ns=now, box_key=dev.identity.box_public_key)
     first = Membership(1, b"", dev.keys.epoch, (me,),
                        recovery_key=recovery_signer(dev.keys).public_key, time_ns=now)
     signed = sign_membership(first, dev.identity.device_id, dev.identity.sign)
-    await store_membership.append(dev.repo, signed)
+    await store_membership.append(dev.repo, signed, None)
     return first, [signed]
 
 
@@ -97,8 +97,9 @@ def joiner_payload(identity: DeviceIdentity, name: str, has_account: bool,
     discovery tag key it advertises under if it becomes a storage partner (one for all the
     accounts it stores for: the host's devices recognise it by it)."""
     return msgpack.packb({"v": PAYLOAD_VERSION, "id": identity.device_id,
-                          "pk": identity.public_key, "name": name,
-                          "has_account": has_account, "tag": tag_key}, use_bin_type=True)
+                          "pk": identity.public_key, "box": identity.box_public_key,
+                          "name": name, "has_account": has_account, "tag": tag_key},
+                         use_bin_type=True)
 
 
 def _decode(payload: bytes, what: str, fields: dict[str, type]) -> dict:
@@ -163,13 +164,14 @@ async def prepare_welcome(dev: Device, invite: Invitation, payload: bytes) -> Pe
     now = time.time_ns()
     # The joiner chose its name, and people see it in terminals: no control characters.
     name = "".join(ch for ch in req["name"] if ch.isprintable())[:100]
+    box = req.get("box")  # a joiner of an older version has none: grants use its signing key
     member = Member(req["id"], req["pk"], name, invite.role,
                     invite.sources if invite.role == MEMBER else None,
                     invite.quota if invite.role == PARTNER else None, now,
-                    tag_key if invite.role == PARTNER else b"")
+                    tag_key if invite.role == PARTNER else b"",
+                    box if isinstance(box, bytes) and len(box) == 32 else None)
     nxt = current.with_member(member, now)
-    nxt = Membership(nxt.seq, record_hash(chain[-1]), nxt.epoch, nxt.members, nxt.removed,
-                     nxt.recovery_key, {}, now)
+    nxt = replace(nxt, prev=record_hash(chain[-1]), grants={}, time_ns=now)
     signed = sign_membership(nxt, dev.identity.device_id, dev.identity.sign)
     doc: dict = {"v": PAYLOAD_VERSION, "role": invite.role, "account": dev.keys.fingerprint(),
                  "host": {"id": dev.identity.device_id, "pk": dev.identity.public_key,
@@ -199,7 +201,7 @@ async def commit_join(dev: Device, pending: PendingJoin) -> Membership:
     nxt = Membership.decode(_signed_body(pending.signed))
     if nxt.seq != current.seq + 1 or nxt.prev != record_hash(chain[-1]):
         raise PairingFailed("pairing failed: the device list changed during pairing; pair again")
-    await store_membership.append(dev.repo, pending.signed)
+    await store_membership.append(dev.repo, pending.signed, current)
     await roster.publish(dev.repo.store, dev.identity, nxt)   # partners: a new device
     return nxt
 
@@ -323,6 +325,7 @@ async def remove_device(dev: Device, which: str) -> Removal:
                           "another device of the account")
     if not current.may_change(dev.identity.device_id, None):
         raise WrongKey("this device may not change the account's devices (it is not an owner)")
+    kept = await what_stays_valid(dev.repo, target.device_id)
     epoch = max(current.epoch, dev.keys.epoch) + 1
     keys = dev.keys.with_epoch(epoch, os.urandom(32))
     remaining = tuple(m for m in current.members if m.device_id != target.device_id)
@@ -332,25 +335,49 @@ async def remove_device(dev: Device, which: str) -> Removal:
             continue  # partners hold ciphertext only
         material = keys.export(list(m.scopes) if m.role == MEMBER and m.scopes else None,
                                epochs=[epoch])
-        grants[m.device_id] = seal_to(m.public_key, msgpack.packb(material, use_bin_type=True))
+        grants[m.device_id] = seal_to(m.public_key, msgpack.packb(material, use_bin_type=True),
+                                      m.box_key)
     now = time.time_ns()
     nxt = Membership(current.seq + 1, record_hash(chain[-1]), epoch, remaining,
                      current.removed + (target.device_id,),
-                     recovery_signer(keys).public_key, grants, now)
+                     recovery_signer(keys).public_key, grants, now,
+                     {**current.kept, target.device_id: kept})
     signed = sign_membership(nxt, dev.identity.device_id, dev.identity.sign)
     # Order matters: the new root is on this device's disk and in the store's keyring before
     # any record names the epoch, so a crash never leaves data nobody can read.
     save_keys(dev.config, keys)
     dev.repo.keys = keys
     await store_membership.write_keyring(dev.repo, keys)
-    await store_membership.append(dev.repo, signed)
+    await store_membership.append(dev.repo, signed, current)
     await roster.publish(dev.repo.store, dev.identity, nxt)   # partners follow it
     dev.keys = keys
     return Removal(target, nxt, recovery.encode(keys.roots[epoch]))
 
 
+async def what_stays_valid(repo: Repository, device: str) -> Kept:
+    """The pin of a device being removed: the snapshots and the log of it that this store
+    holds (and that check out). Everything else it signs is refused from now on, by every
+    device that reads the membership, whatever date the device puts on it."""
+    from .repo.logstore import LogStore
+
+    snaps, _ = await repo.list_snapshots()
+    head = await LogStore(repo).read_head(device)
+    return Kept(frozenset(bytes.fromhex(s.id) for s in snaps if s.snapshot.device == device),
+                head.seq if head else 0, head.segment if head else bytes(32))
+
+
 async def take_grants(dev: Device) -> bool:
-    """Pick up a newer key epoch granted to this device in the membership; True if any."""
+    """Pick up every newer key epoch granted to this device in the membership; True if any.
+
+    Each version that starts an epoch is sealed in the epoch before it, so the grants are
+    taken one epoch at a time: the key from one opens the next version."""
+    taken = False
+    while await _take_grant(dev):
+        taken = True
+    return taken
+
+
+async def _take_grant(dev: Device) -> bool:
     got = await store_membership.load(dev.repo)
     if got is None:
         return False
@@ -376,6 +403,8 @@ async def take_grants(dev: Device) -> bool:
     except (ValueError, KeyError, TypeError, AttributeError, msgpack.ExtraData,
             msgpack.FormatError):
         raise IntegrityError("the key grant for this device is malformed") from None
+    if keys.epoch <= dev.keys.epoch:
+        raise IntegrityError("the key grant for this device does not hold the epoch it names")
     save_keys(dev.config, keys)
     dev.keys = dev.repo.keys = keys
     return True
@@ -458,13 +487,13 @@ async def _recover_from(home: Path, source: BlobStore, store_location: str, root
         signed = None
         if joined:
             now = time.time_ns()
-            me = Member(identity.device_id, identity.public_key, name, OWNER, added_ns=now)
+            me = Member(identity.device_id, identity.public_key, name, OWNER, added_ns=now,
+                        box_key=identity.box_public_key)
             nxt = current.with_member(me, now)
-            nxt = Membership(nxt.seq, record_hash(chain[-1]), nxt.epoch, nxt.members,
-                             nxt.removed, nxt.recovery_key, {}, now)
+            nxt = replace(nxt, prev=record_hash(chain[-1]), grants={}, time_ns=now)
             signed = sign_membership(nxt, signer.device_id, signer.sign)
             try:
-                await store_membership.append(repo, signed)
+                await store_membership.append(repo, signed, current)
                 current, chain = nxt, chain + [signed]
             except P2PError as exc:
                 log.warning("could not add this device to the membership in %s: %s",

@@ -97,7 +97,7 @@ async def open_peer_store(config: Config, keys: AccountKeys, identity: DeviceIde
     from .repo import membership as store_membership
 
     where = PeerLocation.parse(location)
-    got = await store_membership.load_from(LocalDirStore(config.store), keys.meta_key)
+    got = await store_membership.load_from(LocalDirStore(config.store), keys)
     if got is None:
         raise ConfigError("this device has no membership record, so it has no peers")
     member = find_device(got[0], where.which)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from ..format.log import DEL, PUT, Change
+from ..format.membership import SignerRefused
 from ..format.records import DIR, Tree, TreeEntry
 from ..repo.logstore import LogStore
 from ..repo.repository import Repository
@@ -84,7 +85,10 @@ async def plan_at(repo: Repository, ref: str, at_ns: int, *,
     for seq in await logstore.segment_seqs(device):
         if seq <= base.snapshot.log_seq:
             continue
-        _, seg = await logstore.load_segment(device, seq)
+        try:
+            _, seg = await logstore.load_segment(device, seq)
+        except SignerRefused:
+            break   # a removed device's log ends where its removal pinned it
         cut = False
         for scope, cl in logstore.open_changes(seg):
             for c in cl.changes:

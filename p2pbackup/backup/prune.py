@@ -18,6 +18,7 @@ from ..crypto.identity import DeviceIdentity
 from ..errors import IntegrityError, P2PError
 from ..format.header import Kind
 from ..format.log import PUT, Head
+from ..format.membership import SignerRefused
 from ..format.pack import PackBuilder
 from ..format.records import DIR, FILE
 from ..repo.logstore import LogStore, segment_name
@@ -86,6 +87,8 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
     report = PruneReport()
     snaps, unreadable = await repo.list_snapshots()
     snaps = [s for s in snaps if s.id not in forgotten]
+    # A refused snapshot (its signer may not have written it) keeps nothing alive.
+    unreadable = [u for u in unreadable if not u.refused]
     if unreadable:
         raise IntegrityError(f"prune stopped: snapshot {unreadable[0].id[:8]} cannot be read "
                              f"({unreadable[0].reason}); run `p2pbackup verify` first")
@@ -109,7 +112,10 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
             if seq <= fold:
                 report.segments_folded += 1
                 continue
-            _, seg = await logstore.load_segment(device, seq)
+            try:
+                _, seg = await logstore.load_segment(device, seq)
+            except SignerRefused:
+                continue
             for _scope, cl in logstore.open_changes(seg):
                 for c in cl.changes:
                     if c.op == PUT and c.entry is not None and c.entry.type == FILE:
@@ -181,7 +187,7 @@ async def _repack(repo: Repository, names: list[str], grouped: dict, used: set[b
     pack_size = repo.config.pack_size
 
     async def ship(builder: PackBuilder) -> None:
-        name, data, trailer = builder.finish(repo.keys.meta_key)
+        name, data, trailer = builder.finish(repo.keys.trailer_key(builder.epoch))
         await repo.store.put(f"packs/{name}", data)  # durable before any old pack goes
         await repo.index.add_packs([(name, trailer.scope, trailer.epoch, len(data),
                                      [(b.id, b.kind, b.offset, b.length, b.raw_length)

@@ -63,7 +63,7 @@ async def repair_packs(repo: Repository) -> RepairReport:
             builder.add(loc.kind, bid, data[loc.offset:loc.offset + loc.length], loc.raw_length)
             fix.salvaged += 1
         if len(builder):
-            new_name, new_data, trailer = builder.finish(repo.keys.meta_key)
+            new_name, new_data, trailer = builder.finish(repo.keys.trailer_key(builder.epoch))
             await repo.store.put(f"packs/{new_name}", new_data)
             await repo.index.add_pack(new_name, scope, epoch, len(new_data),
                                       [(b.id, b.kind, b.offset, b.length, b.raw_length)

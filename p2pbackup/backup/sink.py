@@ -151,7 +151,7 @@ class BlobSink:
 
     def _ship(self, builder: PackBuilder) -> None:
         self._raise_if_failed()
-        name, data, trailer = builder.finish(self.repo.keys.meta_key)
+        name, data, trailer = builder.finish(self.repo.keys.trailer_key(builder.epoch))
         self._queue.put((name, data, trailer, builder.buffer))
         self._raise_if_failed()
 

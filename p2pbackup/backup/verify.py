@@ -90,7 +90,8 @@ def check_pack_blocking(repo: Repository, name: str, blobs: list[tuple[bytes, Bl
         problem = "its content does not match its name (altered or damaged)"
     try:
         check_pack_header(data, what)
-        listed = {b.id: b for b in parse_trailer(data, len(data), repo.keys.meta_key, what).blobs}
+        trailer = parse_trailer(data, len(data), repo.keys.record_keys_newest_first(), what)
+        listed = {b.id: b for b in trailer.blobs}
     except P2PError as exc:
         problem = str(exc)
         listed = {}

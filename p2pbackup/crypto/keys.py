@@ -1,10 +1,15 @@
-"""The key hierarchy: one account key, from which every other secret is derived with HKDF.
+"""The key hierarchy: a root per key epoch (epoch 0's is the account key), from which every
+other secret is derived with HKDF.
 
-meta keys   encrypt account-level records (repo config, snapshots, pack trailers, devices)
-scope keys  per source and key epoch: a data key (encrypts that source's trees and chunks)
-            and an id key (keys the BLAKE3 hash that names its blobs), so a device can be
-            granted some sources and not others, and rotating the epoch shuts out a
-            revoked device from data written afterwards.
+record keys  one per epoch: seal what every member of that epoch may read (snapshots,
+             segments, heads, pack trailers, device records, membership versions); epoch 0's
+             is also the meta key of the repository config. Scoped members hold them.
+scope keys   per source and epoch: a data key (encrypts that source's trees and chunks) and an
+             id key (keys the BLAKE3 hash that names its blobs), so a device can be granted
+             some sources and not others, and rotating the epoch shuts out a revoked device
+             from data written afterwards.
+keyring key  per epoch, from the root alone: seals the store's copy of the roots. Only devices
+             holding the root (owners) and the holder of that epoch's recovery code derive it.
 """
 
 from __future__ import annotations
@@ -48,14 +53,29 @@ class MissingKey(WrongKey):
     """{}"""
 
 
+def keyring_key_of(root: bytes) -> bytes:
+    """The keyring key of the epoch whose root (or recovery code) is `root`."""
+    return _derive(root, "keyring")
+
+
+def recovery_seed_of(root: bytes) -> bytes:
+    """The Ed25519 seed of the recovery signer of the epoch whose root is `root`."""
+    return _derive(root, "recovery/signer")
+
+
+def legacy_keyring_key_of(root: bytes) -> bytes:
+    """What sealed keyrings before version 2: the epoch's record key, which scoped members
+    hold too (read on recovery only, and only when its roots include `root`)."""
+    return _derive(root, "meta/data")
+
+
 @dataclass(slots=True)
 class AccountKeys:
     """What this device holds of the account's keys, per key epoch.
 
     A full member holds the root of every epoch (epoch 0's root is the account key); a device
-    granted only some sources holds derived keys instead. Epoch 0's meta keys seal what every
-    member, past or present, may read (repo config, pack trailers, membership); each epoch's
-    record key seals the snapshots, segments and heads written in it.
+    granted only some sources holds derived keys instead: never a root, nor anything derived
+    from one that opens another source (see the module docstring).
     """
 
     account_key: bytes | None
@@ -100,6 +120,24 @@ class AccountKeys:
 
     def record_keys_newest_first(self) -> list[bytes]:
         return [self.record_keys[e] for e in sorted(self.record_keys, reverse=True)]
+
+    def epochs_newest_first(self) -> list[tuple[int, bytes]]:
+        """(epoch, record key) of every epoch this device holds, newest first."""
+        return [(e, self.record_keys[e]) for e in sorted(self.record_keys, reverse=True)]
+
+    def trailer_key(self, epoch: int) -> bytes:
+        """The key that seals the trailer of a pack written in `epoch`: a device removed
+        before that epoch cannot list the pack's blobs."""
+        try:
+            return self.record_keys[epoch]
+        except KeyError:
+            raise MissingKey(f"this device holds no key of key epoch {epoch}") from None
+
+    def keyring_key(self, epoch: int | None = None) -> bytes:
+        """The key that seals the store's keyring of `epoch` (default: the newest)."""
+        if not self.full:
+            raise MissingKey("only a device holding every source's keys holds the keyring key")
+        return keyring_key_of(self.roots[self.epoch if epoch is None else epoch])
 
     def scope(self, name: str, epoch: int = 0) -> ScopeKeys:
         """Keys for source `name` at key epoch `epoch`; MissingKey if this device lacks them."""
@@ -176,7 +214,7 @@ class AccountKeys:
 
     def recovery_seed(self, epoch: int | None = None) -> bytes:
         """The Ed25519 seed of the recovery signer of `epoch` (derived from its root)."""
-        return _derive(self.roots[self.epoch if epoch is None else epoch], "recovery/signer")
+        return recovery_seed_of(self.roots[self.epoch if epoch is None else epoch])
 
     def fingerprint(self) -> str:
         """A short public fingerprint of the account (safe to print and store)."""

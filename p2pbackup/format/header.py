@@ -23,6 +23,7 @@ _STRUCT = struct.Struct(">4sBBBBI")
 FLAG_ZSTD = 0x01
 
 
+@enum.unique   # two names on one number would make the second an alias: refused at import
 class Kind(enum.IntEnum):
     """Object kinds. Numbers are never reused for another meaning."""
 
@@ -40,6 +41,7 @@ class Kind(enum.IntEnum):
     KEYRING = 12
     REMOVAL = 13
     ROSTER = 14
+    SIGNED_KEYRING = 15   # a keyring in a clear envelope signed by its recovery signer
 
 
 @dataclass(frozen=True, slots=True)

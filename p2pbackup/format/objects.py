@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import zstandard
 
@@ -181,3 +182,25 @@ def _decompress(body: bytes | bytearray, limit: int, limit_is: str, what: str) -
         return _decompressor().decompress(body, max_output_size=limit, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise IntegrityError(f"{what} does not decompress: {exc}") from None
+
+
+NOT_HELD = "or sealed with a key this device does not hold: was it removed from the account?"
+
+
+def open_with_any(data: bytes | bytearray | memoryview, keys: Sequence[tuple[int, bytes]], *,
+                  expect: int, what: str, not_held: str = NOT_HELD) -> tuple[int, bytes]:
+    """Open an object sealed with one of `keys` ((epoch, key) pairs, most likely first);
+    return (the epoch of the key that opened it, the body). When none does, the error names
+    the object, and adds `not_held`: it may be sealed with a key this device lacks."""
+    for epoch, key in keys[:-1]:
+        try:
+            return epoch, bytes(open_object(data, key, expect=expect, what=what)[1])
+        except IntegrityError:
+            continue
+    epoch, key = keys[-1]
+    try:
+        return epoch, bytes(open_object(data, key, expect=expect, what=what)[1])
+    except IntegrityError as exc:
+        if "failed authentication" not in str(exc):
+            raise
+        raise IntegrityError(f"{exc} ({not_held})") from None

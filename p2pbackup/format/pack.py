@@ -4,13 +4,15 @@
 
 A pack's name is the BLAKE3 hash of its bytes, so anyone (a storage partner without keys
 included) can check a pack's integrity; the trailer lets the index be rebuilt from packs alone.
+The trailer is sealed with the record key of the pack's key epoch (epoch 0's is the meta key
+every pack used before), so a device removed before that epoch cannot list the pack's blobs.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import blake3
 
@@ -18,7 +20,7 @@ from ..buffers import aligned_buffer
 from ..crypto.keys import blob_id as keyed_blob_id
 from ..errors import IntegrityError, P2PError
 from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
-from .objects import open_object, seal_object
+from .objects import open_object, open_with_any, seal_object
 from .records import BlobRef, PackTrailer
 
 PACK_HEADER = ObjectHeader(FORMAT_VERSION, Kind.PACK, 0, 0).encode()
@@ -93,13 +95,14 @@ class PackBuilder:
         """The buffer reserved blobs are written into (stable while `writers` is non-zero)."""
         return self._buf
 
-    def finish(self, meta_key: bytes) -> tuple[str, memoryview, PackTrailer]:
+    def finish(self, trailer_key: bytes) -> tuple[str, memoryview, PackTrailer]:
         """Return (name, bytes, trailer) of the finished pack; the builder is spent.
 
-        The bytes are a view of `buffer`, which may be recycled once the view is released.
+        `trailer_key` is the record key of the pack's epoch (AccountKeys.trailer_key). The
+        bytes are a view of `buffer`, which may be recycled once the view is released.
         """
         trailer = PackTrailer(self.scope, self.epoch, tuple(self._refs))
-        sealed = seal_object(Kind.PACK_TRAILER, trailer.encode(), meta_key)
+        sealed = seal_object(Kind.PACK_TRAILER, trailer.encode(), trailer_key)
         self._append(sealed)
         self._append(_LEN.pack(len(sealed)))
         self.buffer = self._buf
@@ -116,15 +119,22 @@ def trailer_length(tail: bytes | memoryview, what: str) -> int:
     return n + _LEN.size
 
 
-def parse_trailer(tail: bytes | memoryview, pack_size: int, meta_key: bytes,
+def parse_trailer(tail: bytes | memoryview, pack_size: int, keys: bytes | Sequence[bytes],
                   what: str) -> PackTrailer:
-    """Decode a pack's trailer from the last bytes of the pack (at least trailer_length)."""
+    """Decode a pack's trailer from the last bytes of the pack (at least trailer_length).
+
+    `keys` are the record keys this device holds, newest epoch first (or one key): the
+    trailer is sealed with its epoch's, which is tried in turn like any record's.
+    """
     need = trailer_length(tail, what)
     if need > len(tail) or need > pack_size - HEADER_SIZE:
         raise IntegrityError(f"{what} is truncated or damaged: its trailer length is impossible")
     start = len(tail) - need
-    _, body = open_object(memoryview(tail)[start:len(tail) - _LEN.size], meta_key,
-                          expect=Kind.PACK_TRAILER, what=f"{what} trailer")
+    sealed = memoryview(tail)[start:len(tail) - _LEN.size]
+    candidates = [keys] if isinstance(keys, (bytes, bytearray)) else list(keys)
+    _, body = open_with_any(sealed, list(enumerate(candidates)), expect=Kind.PACK_TRAILER,
+                            what=f"{what} trailer",
+                            not_held="or sealed in a key epoch this device does not hold")
     trailer = PackTrailer.decode(body, f"{what} trailer")
     limit = pack_size - need
     for ref in trailer.blobs:

@@ -5,7 +5,9 @@ their grace period, and they stop fetching what it lists from other peers. The r
 signed but not encrypted, so a storage partner (which holds no key but knows the owners'
 public keys) can check it: it names objects the partner holds anyway and nothing else.
 
-    header(kind REMOVAL, flags 0) | Signed{body: msgpack {v, device, time, names}}
+    header(kind REMOVAL, flags 0) | Signed{type removal, body: msgpack {v, device, time, names}}
+
+Records written before envelope version 2 (no type) are still read (records.LEGACY_SIGNED).
 
 Stored as `removals/<BLAKE3 of the object>`.
 """
@@ -22,6 +24,7 @@ from ..errors import IntegrityError
 from ..ids import object_kind
 from .cleartext import check_owner_signed, clear_object, open_clear
 from .header import Kind
+from .records import REMOVAL_SIG, Signed
 
 VERSION = 1
 PREFIX = "removals/"
@@ -41,7 +44,7 @@ def removal_object(r: Removal, sign: Callable[[bytes], bytes]) -> bytes:
     """The signed object for `r`."""
     body = msgpack.packb({"v": VERSION, "device": r.device, "time": r.time_ns,
                           "names": list(r.names)}, use_bin_type=True)
-    return clear_object(Kind.REMOVAL, body, r.device, sign)
+    return clear_object(Kind.REMOVAL, Signed.make(REMOVAL_SIG, body, r.device, sign))
 
 
 def removal_name(data: bytes) -> str:
@@ -53,7 +56,7 @@ def read_removal(data: bytes, key_of: Callable[[str], bytes | None],
                  ) -> Removal:
     """Check and decode a removal record; `key_of(device)` is an owner's key or None."""
     signed = open_clear(data, Kind.REMOVAL, "removal record", what)
-    check_owner_signed(signed, key_of, verify, what)
+    check_owner_signed(signed, REMOVAL_SIG, key_of, verify, what)
     try:
         doc = msgpack.unpackb(signed.body, raw=False, max_array_len=MAX_NAMES)
         names = tuple(str(n) for n in doc["names"])

@@ -8,8 +8,12 @@ owner of that previous version; the first version a partner holds is the one it 
 pairing. A partner follows the chain: only owners' removal records count, only listed devices
 may connect, read and push.
 
-    header(kind ROSTER, flags 0) | Signed{body: msgpack {v, seq, prev, time, members, removed}}
+    header(kind ROSTER, flags 0) | Signed{type roster, body: msgpack {v, seq, prev, time,
+                                                                      members, removed}}
     members: [[device id, public key, role], ...]    removed: [device id, ...]
+
+Only envelope version 2 counts (the signature names the type `roster`): no released version
+wrote a roster in a version-1 envelope, so none is accepted.
 
 Stored as `roster/<seq, 12 digits>`. Readers skip member entries of roles they do not know.
 """
@@ -27,7 +31,7 @@ from ..ids import SEQ_DIGITS, is_device
 from .cleartext import check_owner_signed, clear_object, open_clear
 from .header import Kind
 from .membership import MEMBER, OWNER, Membership
-from .records import Signed
+from .records import ROSTER_SIG, Signed
 
 VERSION = 1
 PREFIX = "roster/"
@@ -96,7 +100,7 @@ def roster_object(r: Roster, signer: str, sign: Callable[[bytes], bytes]) -> byt
     body = msgpack.packb({"v": VERSION, "seq": r.seq, "prev": r.prev, "time": r.time_ns,
                           "members": [[e.device_id, e.public_key, e.role] for e in r.members],
                           "removed": list(r.removed)}, use_bin_type=True)
-    return clear_object(Kind.ROSTER, body, signer, sign)
+    return clear_object(Kind.ROSTER, Signed.make(ROSTER_SIG, body, signer, sign))
 
 
 def read_roster(data: bytes | bytearray | memoryview, id_for: Callable[[bytes], str],
@@ -159,5 +163,5 @@ def check_signed(data: bytes | bytearray | memoryview, owner_key: Callable[[str]
 
 def _signed_by_owner(new: Roster, signed: Signed, owner_key: Callable[[str], bytes | None],
                      verify: Callable[[bytes, bytes, bytes], bool], what: str) -> Roster:
-    check_owner_signed(signed, owner_key, verify, f"{what} (version {new.seq})")
+    check_owner_signed(signed, ROSTER_SIG, owner_key, verify, f"{what} (version {new.seq})")
     return new

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import PeerNotPaired, RemoteProtocolError
 from .membership import PARTNER, Membership
-from .records import RECORD_VERSION, Signed, _need, _pack, _unpack
+from .records import RECORD_VERSION, SESSION_SIG, Signed, _need, _pack, _unpack
 
 OFFER, ANSWER = "offer", "answer"
 MAX_SKEW_NS = 120 * 10**9   # clocks of a person's devices agree within two minutes
@@ -48,8 +48,7 @@ class SessionDescription:
 
 def sign_description(desc: SessionDescription, sign: Callable[[bytes], bytes]) -> bytes:
     """The signed encoding to send over signaling."""
-    body = desc.encode()
-    return Signed(body, desc.sender, sign(body)).encode()
+    return Signed.make(SESSION_SIG, desc.encode(), desc.sender, sign).encode()
 
 
 class ReplayGuard:
@@ -98,7 +97,7 @@ def check_description(raw: bytes, *, me: str, membership: Membership, now_ns: in
     if member is not None and member.role == PARTNER and not allow_partners:
         raise PeerNotPaired(f"refused device {who}: a storage partner cannot open this session")
     key = member.public_key if member is not None else membership.recovery_key
-    if not verify(key, signed.body, signed.signature):
+    if not signed.verifies(SESSION_SIG, key, verify):
         raise PeerNotPaired(f"refused a session {expect} claiming to be device {who}: bad "
                             "signature")
     if desc.recipient != me and not (recovering and desc.recipient == ""):

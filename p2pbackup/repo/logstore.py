@@ -1,7 +1,9 @@
 """Segments and heads in a store: writing them, and reading a device's chain back, checked.
 
-Segments are stored as `segments/<device>/<seq, 12 digits>` and sealed with the metadata key
-(their change lists inside are sealed per source); heads as `heads/<device>`.
+Segments are stored as `segments/<device>/<seq, 12 digits>` and sealed with the record key of
+the epoch they are written in (their change lists inside are sealed per source); heads as
+`heads/<device>`. Each is signed by its device, which must be a member allowed to write it in
+that epoch (repository.check_signer).
 """
 
 from __future__ import annotations
@@ -9,14 +11,14 @@ from __future__ import annotations
 import logging
 import time
 
-from ..crypto.identity import DeviceIdentity, verify_signature
+from ..crypto.identity import DeviceIdentity
 from ..crypto.keys import AccountKeys
 from ..errors import IntegrityError, NotFound, P2PError
 from ..format.header import Kind
 from ..format.log import (GENESIS, ChangeList, Head, Segment, check_chain, check_head_update,
                           segment_hash)
 from ..format.objects import open_object, seal_object
-from ..format.records import Signed
+from ..format.records import ANCHOR_SIG, HEAD_SIG, SEGMENT_SIG, Signed
 from .repository import Repository
 
 log = logging.getLogger("p2pbackup.log")
@@ -43,15 +45,16 @@ class LogStore:
         keys = self.keys.scope(scope, epoch)
         return bytes(seal_object(Kind.SEGMENT_PART, changes.encode(), keys.data_key))
 
-    def _seal_signed(self, identity: DeviceIdentity, kind: int, body: bytes) -> bytearray:
-        """Sign a record's encoding with the device key and seal it with the metadata key."""
-        signed = Signed(body, identity.device_id, identity.sign(body)).encode()
+    def _seal_signed(self, identity: DeviceIdentity, kind: int, sig_type: str,
+                     body: bytes) -> bytearray:
+        """Sign a record's encoding with the device key and seal it in the newest epoch."""
+        signed = Signed.make(sig_type, body, identity.device_id, identity.sign).encode()
         return self.repo.seal_record(kind, signed)
 
     async def append(self, identity: DeviceIdentity, segment: Segment,
                      snapshot: str | None = None) -> Head:
         """Store a segment (durably) and then move the head to it."""
-        sealed = self._seal_signed(identity, Kind.SEGMENT, segment.encode())
+        sealed = self._seal_signed(identity, Kind.SEGMENT, SEGMENT_SIG, segment.encode())
         await self.repo.store.put(segment_name(identity.device_id, segment.seq), sealed)
         current = await self.read_head(identity.device_id)
         head = Head(identity.device_id, segment.seq, segment_hash(sealed),
@@ -69,12 +72,13 @@ class LogStore:
         if why:
             raise IntegrityError(why)
         await self.repo.store.put(f"heads/{head.device}",
-                                  self._seal_signed(identity, Kind.HEAD, head.encode()))
+                                  self._seal_signed(identity, Kind.HEAD, HEAD_SIG, head.encode()))
 
     async def write_anchor(self, identity: DeviceIdentity, anchor: Head) -> None:
         """Record where a folded (pruned) chain now starts: segment `seq` had hash `segment`."""
         await self.repo.store.put(f"segments/{anchor.device}/anchor",
-                                  self._seal_signed(identity, Kind.HEAD, anchor.encode()))
+                                  self._seal_signed(identity, Kind.HEAD, ANCHOR_SIG,
+                                                    anchor.encode()))
 
     async def read_anchor(self, device: str) -> Head | None:
         """The fold point of a device's chain, if prune folded part of it."""
@@ -83,18 +87,41 @@ class LogStore:
             raw = await self.repo.store.get(f"segments/{device}/anchor")
         except NotFound:
             return None
-        return Head.decode(await self._open_signed(raw, Kind.HEAD, device, what), what)
+        return await self.check_anchor(raw, device, what)
 
     # ---- reading ---------------------------------------------------------------------------
 
-    async def _open_signed(self, raw: bytes, kind: int, device: str, what: str) -> bytes:
-        signed = Signed.decode(self.repo.open_record(raw, kind, what), what)
-        if signed.device != device:
-            raise IntegrityError(f"{what} was signed by {signed.device[:12]}, not {device[:12]}")
-        key = await self.repo.device_key(device)
-        if not verify_signature(key, signed.body, signed.signature):
-            raise IntegrityError(f"{what} has a bad signature")
-        return signed.body
+    async def check_anchor(self, raw: bytes | memoryview, device: str, what: str) -> Head:
+        """A device's log anchor, authenticated and its signer checked."""
+        signed, epoch = self.repo.open_signed(raw, Kind.HEAD, ANCHOR_SIG, what, device)
+        anchor = Head.decode(signed.body, what)
+        # An anchor signed before signatures named their type looks exactly like a head: it
+        # counts only where the log really was folded (the segment it names is gone), which a
+        # head replayed as an anchor never is.
+        legacy = not await self.repo.store.has(segment_name(device, anchor.seq))
+        await self.repo.check_signer(signed, epoch, ANCHOR_SIG, what, legacy=legacy,
+                                     kept=lambda k: k.keeps_segment(anchor.seq))
+        return anchor
+
+    async def check_head(self, raw: bytes | memoryview, device: str, what: str) -> Head:
+        """A device's head, authenticated and its signer checked."""
+        signed, epoch = self.repo.open_signed(raw, Kind.HEAD, HEAD_SIG, what, device)
+        head = Head.decode(signed.body, what)
+        await self.repo.check_signer(signed, epoch, HEAD_SIG, what,
+                                     kept=lambda k: k.keeps_head(head.seq, head.segment))
+        return head
+
+    async def check_segment(self, raw: bytes | memoryview, device: str, seq: int,
+                            what: str) -> Segment:
+        """Segment `seq` of a device, authenticated, its signer checked, under its name."""
+        signed, epoch = self.repo.open_signed(raw, Kind.SEGMENT, SEGMENT_SIG, what, device)
+        seg = Segment.decode(signed.body, what)
+        if seg.seq != seq or seg.device != device:
+            raise IntegrityError(f"{what} is stored under the wrong name")
+        await self.repo.check_signer(signed, epoch, SEGMENT_SIG, what,
+                                     sources=[p.scope for p in seg.parts],
+                                     kept=lambda k: k.keeps_segment(seq))
+        return seg
 
     async def read_head(self, device: str) -> Head | None:
         """The device's signed head, or None if it has none yet."""
@@ -103,7 +130,7 @@ class LogStore:
             raw = await self.repo.store.get(f"heads/{device}")
         except NotFound:
             return None
-        return Head.decode(await self._open_signed(raw, Kind.HEAD, device, what), what)
+        return await self.check_head(raw, device, what)
 
     async def segment_seqs(self, device: str) -> list[int]:
         out = []
@@ -117,16 +144,17 @@ class LogStore:
         """Read, authenticate and check the signature of one segment; return (hash, segment)."""
         what = f"segment {seq} of device {device[:12]}"
         raw = await self.repo.store.get(segment_name(device, seq))
-        seg = Segment.decode(await self._open_signed(raw, Kind.SEGMENT, device, what), what)
-        if seg.seq != seq or seg.device != device:
-            raise IntegrityError(f"{what} is stored under the wrong name")
-        return segment_hash(raw), seg
+        return segment_hash(raw), await self.check_segment(raw, device, seq, what)
 
     async def load_chain(self, device: str) -> tuple[list[tuple[bytes, Segment]], list[str]]:
         """Every segment of a device in seq order, and the problems with the chain and head."""
         links: list[tuple[bytes, Segment]] = []
         problems: list[str] = []
-        anchor = await self.read_anchor(device)
+        try:
+            anchor = await self.read_anchor(device)
+        except P2PError as exc:   # not where the log was folded: read it all
+            anchor = None
+            problems.append(f"{exc}; ignored")
         for seq in await self.segment_seqs(device):
             if anchor is not None and seq <= anchor.seq:
                 continue  # folded by prune; being deleted

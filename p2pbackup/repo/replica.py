@@ -17,16 +17,15 @@ from .. import ids
 from ..blobs.local import LocalDirStore
 from ..crypto.keys import MissingKey
 from ..errors import IntegrityError, NotFound
-from ..format.header import Kind
-from ..format.log import Head, Segment, check_head_update, segment_hash
-from ..format.objects import open_object
+from ..format.log import check_head_update, segment_hash
 from ..format.pack import check_pack_blobs, check_pack_header, pack_name, parse_trailer
-from ..format.records import DeviceRecord, PackTrailer, Signed
-from ..crypto.identity import device_id_for, verify_signature
+from ..format.records import PackTrailer
+from ..crypto.identity import verify_signature
 from ..format.removal import read_removal
 from . import membership as store_membership
 from . import roster
 from .intake import PackIntake
+from .logstore import LogStore, segment_name
 from .removals import owner_keys
 from .repository import Repository
 
@@ -69,21 +68,22 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
         return False
     if kind == "membership":
         chain = await store_membership.load_chain(repo)
-        body = bytes(open_object(data, repo.keys.meta_key, expect=Kind.MEMBERSHIP, what=what)[1])
+        body = store_membership.open_version(data, repo.keys, what)
+        if body is None:
+            raise IntegrityError(f"{what} is sealed with a key this device does not hold (yet)")
         await store_membership.store_chain(repo, chain + [body])
         return True
     if kind == "roster":
         got = await store_membership.load(repo)
         await roster.check_incoming(repo.store, name, bytes(data), got[0] if got else None)
     elif kind == "device":
-        body = bytes(open_object(data, repo.keys.meta_key, expect=Kind.DEVICE, what=what)[1])
-        signed = Signed.decode(body, what)
-        rec = DeviceRecord.decode(signed.body, what)
-        if rec.device_id != name.split("/")[1] or device_id_for(rec.public_key) != rec.device_id \
-                or not verify_signature(rec.public_key, signed.body, signed.signature):
-            raise IntegrityError(f"{what} is forged or damaged")
+        device = name.split("/")[1]
+        signers = await repo.signers()
+        if signers is not None and not signers.ever_listed(device):
+            raise IntegrityError(f"{what}: device {device[:12]} is not a member of the account")
+        repo.check_device_record(data, device, what)
     elif kind == "keyring":
-        pass  # sealed to an epoch we may not hold yet; opaque but harmless
+        await store_membership.check_keyring(repo, bytes(data), int(name.split("/")[1]), what)
     elif kind == "pack":
         if intake is not None and intake.usable and intake.owns(data) and not durable \
                 and isinstance(repo.store, LocalDirStore):
@@ -95,16 +95,10 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
                                    for b in trailer.blobs], arrived=True)
         return True
     elif kind == "snapshot":
-        if blake3.blake3(data).hexdigest() != m.group(1):
-            raise IntegrityError(f"{what}: its content does not match its name")
-        await _signed_by(repo, data, Kind.SNAPSHOT, None, what)
+        await repo.check_snapshot(data, m.group(1), what)
     elif kind == "segment":
         device, seq = m.group(1), int(m.group(2))
-        seg = Segment.decode(await _signed_by(repo, data, Kind.SEGMENT, device, what), what)
-        if seg.device != device or seg.seq != seq:
-            raise IntegrityError(f"{what} is stored under the wrong name")
-        from .logstore import segment_name
-
+        seg = await LogStore(repo).check_segment(data, device, seq, what)
         try:
             before = await repo.store.get(segment_name(device, seq - 1)) if seq > 1 else None
         except NotFound:
@@ -117,13 +111,12 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
         got = await store_membership.load(repo)
         read_removal(data, owner_keys(got[0] if got else None), verify_signature, what)
     elif kind == "anchor":
-        Head.decode(await _signed_by(repo, data, Kind.HEAD, m.group(1), what), what)
+        await LogStore(repo).check_anchor(data, m.group(1), what)
     elif kind == "head":
         device = m.group(1)
-        new = Head.decode(await _signed_by(repo, data, Kind.HEAD, device, what), what)
-        from .logstore import LogStore
-
-        current = await LogStore(repo).read_head(device) if await repo.store.has(name) else None
+        logs = LogStore(repo)
+        new = await logs.check_head(data, device, what)
+        current = await logs.read_head(device) if await repo.store.has(name) else None
         if current is not None and current == new:
             return False   # the head held here, offered again: nothing to do
         why = check_head_update(current, new)
@@ -167,22 +160,11 @@ async def _check_and_put(repo: Repository, name: str, digest: str, data: bytes |
     return trailer
 
 
-async def _signed_by(repo: Repository, data: bytes, kind: int, device: str | None,
-                     what: str) -> bytes:
-    signed = Signed.decode(repo.open_record(data, kind, what), what)
-    if device is not None and signed.device != device:
-        raise IntegrityError(f"{what} was signed by {signed.device[:12]}, not {device[:12]}")
-    key = await repo.device_key(signed.device)
-    if not verify_signature(key, signed.body, signed.signature):
-        raise IntegrityError(f"{what} has a bad signature")
-    return signed.body
-
-
 def _pack_trailer(repo: Repository, data: bytes | memoryview, what: str):
     """The pack's checked header and decrypted trailer, and the keys of its source (None for
     a source this device was not granted: its blobs are kept as ciphertext, like a partner)."""
     check_pack_header(data, what)
-    trailer = parse_trailer(data, len(data), repo.keys.meta_key, what)
+    trailer = parse_trailer(data, len(data), repo.keys.record_keys_newest_first(), what)
     try:
         return trailer, repo.keys.scope(trailer.scope, trailer.epoch)
     except MissingKey:

@@ -20,9 +20,12 @@ from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from ..crypto.keys import AccountKeys, ScopeKeys
 from ..errors import IntegrityError, NotFound, P2PError, StorageError, UnsupportedFormat, WrongKey
 from ..format.header import Kind, ObjectHeader
-from ..format.objects import open_object, seal_object
+from ..format.objects import open_object, open_with_any, seal_object
+from ..format.membership import Kept, SignerRefused, Signers
 from ..format.pack import check_pack_header, pack_name, parse_trailer
-from ..format.records import DeviceRecord, PackTrailer, RepoConfig, Signed, Snapshot, Tree
+from ..format.records import (DEVICE_SIG, SNAPSHOT_SIG, DeviceRecord, PackTrailer, RepoConfig,
+                              Signed, Snapshot, Tree)
+from . import membership as store_membership
 from .index import BlobLocation, IndexCorrupt, IndexOutdated, PackIndex
 from .snapshots import SourceLike, StoredSnapshot, choose_latest, source_asked
 
@@ -39,6 +42,7 @@ class UnreadableSnapshot:
 
     id: str
     reason: str
+    refused: bool = False   # it reads, but its signer may not have written it (SignerRefused)
 
 
 class Repository:
@@ -47,7 +51,8 @@ class Repository:
     def __init__(self, store: BlobStore, keys: AccountKeys, config: RepoConfig,
                  index: PackIndex, identity: DeviceIdentity | None) -> None:
         self.store = store
-        self.keys = keys
+        self._keys = keys
+        self._signers: Signers | None | bool = False   # False: not read yet
         self.config = config
         self.index = index
         self.identity = identity
@@ -114,6 +119,28 @@ class Repository:
     async def close(self) -> None:
         await self.index.close()
 
+    @property
+    def keys(self) -> AccountKeys:
+        return self._keys
+
+    @keys.setter
+    def keys(self, keys: AccountKeys) -> None:
+        self._keys = keys   # a new epoch's key may open membership versions it could not
+        self.membership_changed()
+
+    # ---- the membership, as the signer check reads it -----------------------------------
+
+    def membership_changed(self) -> None:
+        """Forget the membership read so far (a version was stored, or the keys changed)."""
+        self._signers = False
+
+    async def signers(self) -> Signers | None:
+        """The checked membership history; None for a store from before membership records."""
+        if self._signers is False:
+            versions = await store_membership.load_versions(self.store, self.keys)
+            self._signers = Signers(versions) if versions is not None else None
+        return self._signers  # type: ignore[return-value]
+
     # ---- the index ------------------------------------------------------------------------
 
     async def sync_index(self, progress: Callable[[str], None] | None = None) -> tuple[int, int]:
@@ -162,7 +189,8 @@ class Repository:
             raise IntegrityError(f"{what} is damaged or incomplete: its content does not match "
                                  "its name")
         check_pack_header(data, what)
-        return parse_trailer(data, len(data), self.keys.meta_key, what), len(data)
+        return parse_trailer(data, len(data), self.keys.record_keys_newest_first(), what), \
+            len(data)
 
     # ---- blobs ----------------------------------------------------------------------------
 
@@ -243,33 +271,64 @@ class Repository:
 
     def open_record(self, raw: bytes | bytearray | memoryview, kind: int, what: str) -> bytes:
         """Open a record sealed in any epoch this device holds a key for."""
-        keys = self.keys.record_keys_newest_first()
-        for key in keys[:-1]:
-            try:
-                return bytes(open_object(raw, key, expect=kind, what=what)[1])
-            except IntegrityError:
-                continue
-        try:
-            return bytes(open_object(raw, keys[-1], expect=kind, what=what)[1])
-        except IntegrityError as exc:
-            if len(keys) > 1 or "failed authentication" not in str(exc):
-                raise
-            raise IntegrityError(f"{exc} (or sealed with a key this device does not hold: was "
-                                 "it removed from the account?)") from None
+        return self.open_record_in(raw, kind, what)[1]
+
+    def open_record_in(self, raw: bytes | bytearray | memoryview, kind: int, what: str
+                       ) -> tuple[int, bytes]:
+        """(key epoch it was sealed in, body) of a record sealed in any epoch held here."""
+        return open_with_any(raw, self.keys.epochs_newest_first(), expect=kind, what=what)
+
+    def open_signed(self, raw: bytes | bytearray | memoryview, kind: int, sig_type: str,
+                    what: str, device: str | None = None) -> tuple[Signed, int]:
+        """The signed envelope of a record of `sig_type` and the key epoch it was sealed in
+        (the signature is checked by `check_signer`); `device` is who its name says signed it."""
+        epoch, body = self.open_record_in(raw, kind, what)
+        signed = Signed.decode(body, what)
+        if signed.type and signed.type != sig_type:
+            raise IntegrityError(f"{what} has a bad signature: it was made for a "
+                                 f"{signed.type[:20]} record")
+        if device is not None and signed.device != device:
+            raise IntegrityError(f"{what} was signed by {signed.device[:12]}, not {device[:12]}")
+        return signed, epoch
+
+    async def check_signer(self, signed: Signed, epoch: int, sig_type: str, what: str, *,
+                           sources: list[str] | tuple[str, ...] = (),
+                           kept: Callable[[Kept], bool] | None = None,
+                           legacy: bool | None = None) -> None:
+        """Refuse a record whose signer was not a member allowed to write it in the key epoch
+        it was sealed in (a removed device: unless its removal pinned the record, `kept`), or
+        whose signature is not that member's for a record of `sig_type`."""
+        signers = await self.signers()
+        if signers is None:   # a store from before membership records: its device records
+            key = await self.device_key(signed.device)
+        else:
+            key = signers.writer_key(signed.device, epoch, what, sources=sources, kept=kept)
+        if not signed.verifies(sig_type, key, verify_signature, legacy=legacy):
+            raise IntegrityError(f"{what} has a bad signature")
 
     # ---- devices --------------------------------------------------------------------------
 
     async def register_device(self, identity: DeviceIdentity, name: str) -> None:
-        """Store this device's public record, self-signed."""
+        """Store this device's public record, self-signed, sealed in the newest epoch."""
         rec = DeviceRecord(identity.device_id, identity.public_key, name, time.time_ns())
-        body = rec.encode()
-        signed = Signed(body, identity.device_id, identity.sign(body)).encode()
+        signed = Signed.make(DEVICE_SIG, rec.encode(), identity.device_id, identity.sign)
         await self.store.put(f"devices/{identity.device_id}",
-                             seal_object(Kind.DEVICE, signed, self.keys.meta_key))
+                             self.seal_record(Kind.DEVICE, signed.encode()))
         self._devices[identity.device_id] = identity.public_key
 
+    def check_device_record(self, raw: bytes | bytearray | memoryview, device_id: str,
+                            what: str) -> DeviceRecord:
+        """A device record, checked against its id and its own signature."""
+        signed = Signed.decode(self.open_record(raw, Kind.DEVICE, what), what)
+        rec = DeviceRecord.decode(signed.body, what)
+        if rec.device_id != device_id or signed.device != device_id \
+                or device_id_for(rec.public_key) != device_id \
+                or not signed.verifies(DEVICE_SIG, rec.public_key, verify_signature):
+            raise IntegrityError(f"{what} is forged or damaged")
+        return rec
+
     async def device_key(self, device_id: str) -> bytes:
-        """The public key of a device of this account, checked against its id."""
+        """The public key a device record gives a device (stores without a membership)."""
         if device_id in self._devices:
             return self._devices[device_id]
         if not ids.is_device(device_id):  # a signer named inside a peer's object
@@ -279,12 +338,7 @@ class Repository:
             raw = await self.store.get(f"devices/{device_id}")
         except NotFound:
             raise IntegrityError(f"device {device_id[:12]} is unknown to this repository") from None
-        _, body = open_object(raw, self.keys.meta_key, expect=Kind.DEVICE, what=what)
-        signed = Signed.decode(body, what)
-        rec = DeviceRecord.decode(signed.body, what)
-        if rec.device_id != device_id or device_id_for(rec.public_key) != device_id \
-                or not verify_signature(rec.public_key, signed.body, signed.signature):
-            raise IntegrityError(f"{what} is forged or damaged")
+        rec = self.check_device_record(raw, device_id, what)
         self._devices[device_id] = rec.public_key
         return rec.public_key
 
@@ -296,35 +350,40 @@ class Repository:
             raise P2PError("this device has no identity to sign snapshots with")
         import blake3
 
-        body = snapshot.encode()
-        signed = Signed(body, self.identity.device_id, self.identity.sign(body)).encode()
-        sealed = self.seal_record(Kind.SNAPSHOT, signed)
+        signed = Signed.make(SNAPSHOT_SIG, snapshot.encode(), self.identity.device_id,
+                             self.identity.sign)
+        sealed = self.seal_record(Kind.SNAPSHOT, signed.encode())
         sid = blake3.blake3(sealed).hexdigest()
         await self.store.put(f"snapshots/{sid}", sealed)
         return StoredSnapshot(sid, snapshot)
 
-    async def load_snapshot(self, sid: str) -> StoredSnapshot:
-        """Read, authenticate and check the signature of one snapshot."""
+    async def check_snapshot(self, raw: bytes | bytearray | memoryview, sid: str,
+                             what: str) -> Snapshot:
+        """Authenticate a snapshot object stored as `snapshots/<sid>`, and its signer."""
         import blake3
 
+        ObjectHeader.decode(raw, what)  # a newer format is named as such, not as damage
+        if blake3.blake3(raw).hexdigest() != sid:
+            raise IntegrityError(f"{what} was altered: its content does not match its name")
+        signed, epoch = self.open_signed(raw, Kind.SNAPSHOT, SNAPSHOT_SIG, what)
+        snap = Snapshot.decode(signed.body, what)
+        if snap.device != signed.device:
+            raise IntegrityError(f"{what} names device {snap.device[:12]} but was signed by "
+                                 f"{signed.device[:12]}")
+        pinned = bytes.fromhex(sid)
+        await self.check_signer(signed, epoch, SNAPSHOT_SIG, what,
+                                sources=[s.name for s in snap.sources],
+                                kept=lambda k: pinned in k.snapshots)
+        return snap
+
+    async def load_snapshot(self, sid: str) -> StoredSnapshot:
+        """Read, authenticate and check the signature of one snapshot."""
         what = f"snapshot {sid[:8]}"
         try:
             raw = await self.store.get(f"snapshots/{sid}")
         except NotFound:
             raise NotFound(f"no snapshot {sid[:8]} in {self.store.location}") from None
-        ObjectHeader.decode(raw, what)  # a newer format is named as such, not as damage
-        if blake3.blake3(raw).hexdigest() != sid:
-            raise IntegrityError(f"{what} was altered: its content does not match its name")
-        body = self.open_record(raw, Kind.SNAPSHOT, what)
-        signed = Signed.decode(body, what)
-        key = await self.device_key(signed.device)
-        if not verify_signature(key, signed.body, signed.signature):
-            raise IntegrityError(f"{what} has a bad signature")
-        snap = Snapshot.decode(signed.body, what)
-        if snap.device != signed.device:
-            raise IntegrityError(f"{what} names device {snap.device[:12]} but was signed by "
-                                 f"{signed.device[:12]}")
-        return StoredSnapshot(sid, snap)
+        return StoredSnapshot(sid, await self.check_snapshot(raw, sid, what))
 
     async def list_snapshots(self) -> tuple[list[StoredSnapshot], list[UnreadableSnapshot]]:
         """All snapshots, oldest first, and those that could not be read (with why)."""
@@ -335,7 +394,7 @@ class Repository:
             try:
                 good.append(await self.load_snapshot(sid))
             except P2PError as exc:
-                bad.append(UnreadableSnapshot(sid, str(exc)))
+                bad.append(UnreadableSnapshot(sid, str(exc), isinstance(exc, SignerRefused)))
         good.sort(key=lambda s: (s.snapshot.time_ns, s.id))
         return good, bad
 

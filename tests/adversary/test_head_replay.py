@@ -11,6 +11,7 @@ import pytest
 from p2pbackup.errors import IntegrityError
 from p2pbackup.format.header import Kind
 from p2pbackup.format.log import GENESIS, Head, Segment
+from p2pbackup.format.records import HEAD_SIG
 from p2pbackup.repo import replica
 from p2pbackup.repo.logstore import LogStore
 
@@ -59,7 +60,7 @@ async def test_replaying_any_older_head_is_refused(history):
     for i in range(1, len(heads)):
         await a.store.put(HEAD, heads[i])
         for old in heads[:i]:
-            head = Head.decode(await logs._open_signed(old, Kind.HEAD, A.device_id, "head"))
+            head = await logs.check_head(old, A.device_id, "head")
             with pytest.raises(IntegrityError, match="backwards|not newer"):
                 await logs.write_head(A, head)
             assert bytes(await a.store.get(HEAD)) == heads[i]
@@ -78,11 +79,11 @@ async def test_replaying_an_older_head_of_the_same_segment_is_refused(history):
 async def test_a_head_that_is_not_newer_is_refused(history):
     a, b, heads = history
     logs = LogStore(a)
-    newest = Head.decode(await logs._open_signed(heads[-1], Kind.HEAD, A.device_id, "head"))
+    newest = await logs.check_head(heads[-1], A.device_id, "head")
     # Signed by the device itself, same seq and segment, another snapshot, not written later.
     for time_ns in (newest.time_ns, newest.time_ns - 1):
         twin = Head(newest.device, newest.seq, newest.segment, "9" * 64, time_ns)
-        raw = bytes(logs._seal_signed(A, Kind.HEAD, twin.encode()))
+        raw = bytes(logs._seal_signed(A, Kind.HEAD, HEAD_SIG, twin.encode()))
         with pytest.raises(IntegrityError, match="not newer"):
             await replica.accept(b, HEAD, raw)
     assert bytes(await b.store.get(HEAD)) == heads[-1]

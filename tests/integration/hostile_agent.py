@@ -57,7 +57,7 @@ ATTACKS = {
 async def main(home: str, host: str, port: int, peer: str) -> None:
     config = load_config(Path(home))
     keys, identity = load_keys(config)
-    got = await store_membership.load_from(LocalDirStore(config.store), keys.meta_key)
+    got = await store_membership.load_from(LocalDirStore(config.store), keys)
     assert got is not None
     for name, messages in ATTACKS.items():
         link = await session.connect(identity, peer, got[0], session.LanSignaling(host, port))

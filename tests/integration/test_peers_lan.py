@@ -257,3 +257,33 @@ def test_a_direct_lane_that_cannot_connect_leaves_the_transfer_on_the_data_chann
     assert "bulk moved to the direct lane" not in logs
     b("restore", "latest", "--to", str(tmp_path / "out"))
     assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+
+
+def test_a_running_daemon_takes_the_new_key_epoch_when_a_removal_reaches_it(netlab,
+                                                                            tmp_path: Path):
+    """b's daemon learns of a removal done on a by replication and, without a restart, takes
+    the key epoch granted to it (the membership versions sealed in it open only then)."""
+    from p2pbackup.config import load_config, load_keys
+
+    def fill(src: Path) -> None:
+        src.mkdir()
+        (src / "f.txt").write_text("hello\n")
+
+    ha, hb, a, b, _, a_id = two_paired_devices(netlab, tmp_path, fill)
+    c = Cli(tmp_path / "home-c")
+    host = Host(a)
+    c("pair", host.code, "--peer", host.peer, "--name", "old-phone")
+    assert host.finish()[0] == 0
+    a("snapshot")   # so a's daemon takes none at start: only the removal has news for b
+    procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
+    try:
+        wait_connected(b, a_id, 30)
+        a("devices", "remove", "old-phone")      # through a's daemon
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and \
+                load_keys(load_config(b.home))[0].epoch != 1:
+            time.sleep(0.3)
+        assert load_keys(load_config(b.home))[0].epoch == 1
+    finally:
+        stop_all(procs)
+    assert "took the keys of key epoch 1" in (tmp_path / "b.log").read_text()

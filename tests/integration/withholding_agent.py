@@ -33,7 +33,7 @@ async def main(home: str, host: str, port: int, peer: str) -> None:
     config = load_config(Path(home))
     keys, identity = load_keys(config)
     store = LocalDirStore(config.store)
-    got = await store_membership.load_from(store, keys.meta_key)
+    got = await store_membership.load_from(store, keys)
     assert got is not None
     names = {n for n in store.list_sync("") if is_object_name(n)}
     sizes = {n: len(store.get_sync(n)) for n in names}

@@ -141,12 +141,15 @@ def main() -> None:
         (HERE / f"membership-{i}.obj").write_bytes(
             seal_object(Kind.MEMBERSHIP, signed_m, keys.meta_key, nonce=nonce(8 + i)))
 
-    # A v1 removal record (signed, not encrypted): two data names and one it must ignore.
-    from p2pbackup.format.removal import Removal, removal_object
+    # A v1 removal record (signed, not encrypted; envelope version 1: the body alone signed):
+    # two data names and one it must ignore.
+    from p2pbackup.format.cleartext import clear_object
 
-    (HERE / "removal.obj").write_bytes(removal_object(
-        Removal(dev.device_id, 1_700_000_000_000_000_000,
-                ("config", "packs/" + "ab" * 32, "snapshots/" + "cd" * 32)), dev.sign))
+    removal = msgpack.packb({"v": 1, "device": dev.device_id, "time": 1_700_000_000_000_000_000,
+                             "names": ["config", "packs/" + "ab" * 32, "snapshots/" + "cd" * 32]},
+                            use_bin_type=True)
+    (HERE / "removal.obj").write_bytes(clear_object(
+        Kind.REMOVAL, Signed(removal, dev.device_id, dev.sign(removal))))
 
     # Written by capture level 1 (Snapshot.capture): extended attributes on every kind, a
     # sparse file, a FIFO and two device nodes; a reader of level 0 skips the new kinds and
@@ -176,9 +179,10 @@ def main() -> None:
     (HERE / "snapshot-capture1.obj").write_bytes(seal_object(Kind.SNAPSHOT, signed,
                                                              keys.meta_key, nonce=nonce(15)))
 
-    # A v1 roster (signed, not encrypted): the owner and the member of membership-2, one
-    # removed device, plus an entry of a role and a field a future version adds (skipped).
-    from p2pbackup.format.header import FORMAT_VERSION, ObjectHeader
+    # A roster (signed, not encrypted; envelope version 2 only, type roster): the owner and
+    # the member of membership-2, one removed device, plus an entry of a role and a field a
+    # future version adds (skipped).
+    from p2pbackup.format.records import ROSTER_SIG
 
     roster = msgpack.packb({
         "v": 1, "seq": 1, "prev": b"", "time": 1_700_000_000_000_000_002,
@@ -186,9 +190,47 @@ def main() -> None:
                     [second.device_id, second.public_key, "member"],
                     ["0" * 32, b"\0" * 32, "auditor"]],
         "removed": ["f" * 32], "future": "ignored"}, use_bin_type=True)
-    signed_r = Signed(roster, dev.device_id, dev.sign(roster)).encode()
-    (HERE / "roster.obj").write_bytes(
-        ObjectHeader(FORMAT_VERSION, Kind.ROSTER, 0, len(signed_r)).encode() + signed_r)
+    (HERE / "roster.obj").write_bytes(clear_object(
+        Kind.ROSTER, Signed.make(ROSTER_SIG, roster, dev.device_id, dev.sign)))
+
+    # Signed envelope version 2 (the record type is part of what is signed), and what came
+    # with it: a removal version that pins what stays valid of the removed device and lists a
+    # box key, the keyring signed by its epoch's recovery signer, and a pack of epoch 1 whose
+    # trailer is sealed with that epoch's record key.
+    from p2pbackup.crypto.keys import keyring_key_of
+    from p2pbackup.format.membership import Kept, keyring_object
+    from p2pbackup.format.objects import open_object
+    from p2pbackup.format.records import SNAPSHOT_SIG
+
+    root1 = bytes(range(128, 160))
+    keys1 = keys.with_epoch(1, root1)
+    body = snap.encode()
+    (HERE / "snapshot-v2.obj").write_bytes(seal_object(
+        Kind.SNAPSHOT, Signed.make(SNAPSHOT_SIG, body, dev.device_id, dev.sign).encode(),
+        keys1.record_keys[1], nonce=nonce(20)))
+    stored2 = (HERE_DIR / "membership-2.obj").read_bytes()
+    s2_stored = bytes(open_object(stored2, keys.meta_key)[1])
+    third = Membership(3, record_hash(s2_stored), 1, (
+        Member(dev.device_id, dev.public_key, "desk", OWNER, added_ns=1_700_000_000_000_000_000,
+               box_key=dev.box_public_key),
+        Member(friend.device_id, friend.public_key, "nas", PARTNER, None, 50 << 30, 6)),
+        removed=(second.device_id,),
+        recovery_key=DeviceIdentity(keys1.recovery_seed(1)).public_key,
+        time_ns=1_700_000_000_000_000_002,
+        kept={second.device_id: Kept(frozenset({b"\x07" * 32}), 2, b"\x08" * 32)})
+    (HERE / "membership-3.obj").write_bytes(seal_object(
+        Kind.MEMBERSHIP, sign_membership(third, dev.device_id, dev.sign), keys.meta_key,
+        nonce=nonce(21)))
+    recovery1 = DeviceIdentity(keys1.recovery_seed(1))
+    ring = seal_object(Kind.KEYRING, msgpack.packb(keys1.export(), use_bin_type=True),
+                       keyring_key_of(root1), nonce=nonce(22))
+    (HERE / "keyring-000001.obj").write_bytes(
+        keyring_object(1, bytes(ring), recovery1.device_id, recovery1.sign))
+    scope1 = keys1.scope("docs", 1)
+    pack1 = PackBuilder("docs", 1)
+    pack1.add(Kind.CHUNK, scope1.blob_id(chunk),
+              seal_object(Kind.CHUNK, chunk, scope1.data_key, nonce=nonce(23)), len(chunk))
+    (HERE / "pack-epoch1.bin").write_bytes(pack1.finish(keys1.trailer_key(1))[1])
 
 
 if __name__ == "__main__":

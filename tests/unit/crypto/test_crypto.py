@@ -73,6 +73,31 @@ def test_device_identity_signs_and_id_is_derived():
     assert ident.device_id == device_id_for(ident.public_key) and len(ident.device_id) == 32
 
 
+def test_grants_are_sealed_to_a_box_key_of_their_own_and_old_ones_still_open():
+    from nacl.bindings import crypto_sign_ed25519_pk_to_curve25519
+
+    from p2pbackup.crypto.identity import seal_to
+
+    ident, other = DeviceIdentity(bytes(range(32))), DeviceIdentity.generate()
+    # Derived from the seed, not the signing key converted: one key, one use.
+    assert ident.box_public_key != crypto_sign_ed25519_pk_to_curve25519(ident.public_key)
+    assert ident.box_public_key == DeviceIdentity(bytes(range(32))).box_public_key
+    new = seal_to(ident.public_key, b"grant", ident.box_public_key)
+    old = seal_to(ident.public_key, b"grant")   # a member that published no box key
+    assert ident.open_sealed(new) == ident.open_sealed(old) == b"grant"
+    assert other.open_sealed(new) is None and other.open_sealed(old) is None
+
+
+def test_keyring_key_needs_the_root_and_is_no_record_key():
+    keys = AccountKeys(os.urandom(32)).with_epoch(1, os.urandom(32))
+    scoped = AccountKeys.from_export(keys.export(["docs"]))
+    assert keys.keyring_key(1) not in keys.record_keys.values()
+    assert keys.keyring_key(0) != keys.keyring_key(1)
+    with pytest.raises(MissingKey):
+        scoped.keyring_key(1)
+    assert keys.trailer_key(1) == scoped.trailer_key(1) == keys.record_keys[1]
+
+
 @given(st.binary(min_size=32, max_size=32))
 def test_recovery_code_round_trips(key):
     code = recovery.encode(key)

@@ -6,7 +6,7 @@ import pytest
 
 from p2pbackup.crypto.identity import DeviceIdentity, verify_signature
 from p2pbackup.crypto.keys import AccountKeys
-from p2pbackup.errors import UnsupportedFormat
+from p2pbackup.errors import IntegrityError, UnsupportedFormat
 from p2pbackup.format import Kind, open_object
 from p2pbackup.format.pack import parse_trailer
 from p2pbackup.format.records import FILE, SYMLINK, RepoConfig, Signed, Snapshot, Tree
@@ -171,3 +171,57 @@ def test_v1_roster():
                                                           (second.device_id, "member")]
     assert r.removed == ("f" * 32,) and r.owner_key(DEVICE.device_id) == DEVICE.public_key
     assert r.owner_key(second.device_id) is None
+
+
+# ---- signed envelope version 2, pins, box keys, signed keyrings, epoch-sealed trailers ------
+
+KEYS1 = KEYS.with_epoch(1, bytes(range(128, 160)))
+
+
+def test_v2_snapshot_signature_names_its_type():
+    from p2pbackup.format.records import HEAD_SIG, SNAPSHOT_SIG
+
+    _, body = open_object((V1 / "snapshot-v2.obj").read_bytes(), KEYS1.record_keys[1],
+                          expect=Kind.SNAPSHOT)
+    signed = Signed.decode(body, "snapshot")
+    assert signed.version == 2 and signed.type == SNAPSHOT_SIG
+    assert signed.verifies(SNAPSHOT_SIG, DEVICE.public_key, verify_signature)
+    assert not signed.verifies(HEAD_SIG, DEVICE.public_key, verify_signature)
+    assert Snapshot.decode(signed.body).log_seq == 7
+
+
+def test_v2_membership_removal_with_a_pin_follows_the_v1_chain():
+    from p2pbackup.crypto.identity import device_id_for
+    from p2pbackup.format.membership import Signers, check_versions
+
+    chain = [bytes(open_object((V1 / f"membership-{i}.obj").read_bytes(), KEYS.meta_key,
+                               expect=Kind.MEMBERSHIP)[1]) for i in (1, 2, 3)]
+    versions = check_versions(chain, verify_signature, device_id_for)
+    third = versions[-1]
+    assert third.epoch == 1 and len(third.removed) == 1
+    removed = third.removed[0]
+    assert third.kept[removed].seq == 2 and third.kept[removed].snapshots == {b"\x07" * 32}
+    assert third.members[0].box_key == DEVICE.box_public_key
+    signers = Signers(versions)
+    assert signers.writer_key(removed, 0, "x", sources=["docs"],
+                              kept=lambda k: b"\x07" * 32 in k.snapshots)
+    with pytest.raises(IntegrityError, match="removed"):
+        signers.writer_key(removed, 0, "x", sources=["docs"], kept=lambda k: False)
+
+
+async def test_v2_signed_keyring_opens_with_the_recovery_code(tmp_path):
+    from p2pbackup.blobs.local import LocalDirStore
+    from p2pbackup.repo.membership import keys_from_root
+
+    store = LocalDirStore(tmp_path / "store")
+    await store.put("keyring/000001", (V1 / "keyring-000001.obj").read_bytes())
+    keys = await keys_from_root(store, bytes(range(128, 160)))
+    assert keys.roots == KEYS1.roots
+
+
+def test_v2_pack_trailer_sealed_in_its_epoch():
+    data = (V1 / "pack-epoch1.bin").read_bytes()
+    with pytest.raises(IntegrityError):
+        parse_trailer(data, len(data), KEYS.meta_key, "golden pack")
+    trailer = parse_trailer(data, len(data), KEYS1.record_keys_newest_first(), "golden pack")
+    assert (trailer.scope, trailer.epoch, len(trailer.blobs)) == ("docs", 1, 1)

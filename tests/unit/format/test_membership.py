@@ -9,8 +9,9 @@ import pytest
 
 from p2pbackup.crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from p2pbackup.errors import IntegrityError
-from p2pbackup.format.membership import (MEMBER, OWNER, PARTNER, Member, Membership,
-                                         check_chain, record_hash, sign_membership)
+from p2pbackup.format.membership import (MEMBER, OWNER, PARTNER, Kept, Member, Membership,
+                                         Signers, check_chain, check_versions, keyring_object,
+                                         read_keyring, record_hash, sign_membership)
 from p2pbackup.format.records import Signed
 
 A, B, C = DeviceIdentity.generate(), DeviceIdentity.generate(), DeviceIdentity.generate()
@@ -114,3 +115,87 @@ def test_re_adding_a_removed_device_is_refused_when_building():
     m2, _ = follow(g, s1, A, removed=(B.device_id,))
     with pytest.raises(IntegrityError, match="cannot join again"):
         m2.with_member(member(B), 0)
+
+
+def removal_of(victim: DeviceIdentity, kept: Kept) -> tuple[list[bytes], Membership]:
+    """A chain: A, then B (member for docs), C (owner), P (partner), then C removed."""
+    g, s1 = genesis()
+    m2, s2 = follow(g, s1, A, members=g.members + (member(B, MEMBER, scopes=("docs",)),
+                                                  member(victim), member(PARTNER_DEV, PARTNER)))
+    m3, s3 = follow(m2, s2, A, members=tuple(m for m in m2.members
+                                             if m.device_id != victim.device_id),
+                    removed=(victim.device_id,), epoch=1, kept={victim.device_id: kept})
+    return [s1, s2, s3], m3
+
+
+PARTNER_DEV = DeviceIdentity.generate()
+
+
+def test_what_stays_valid_of_a_removed_device_is_pinned_for_good():
+    pin = Kept(frozenset({b"s" * 32}), 4, b"h" * 32)
+    chain, m3 = removal_of(C, pin)
+    assert check(chain).kept == {C.device_id: pin}
+    m4, s4 = follow(m3, chain[-1], A)
+    assert check(chain + [s4]).kept == {C.device_id: pin}      # carried along
+    for kept in ({}, {C.device_id: Kept(frozenset(), 9, b"h" * 32)}):
+        _, forged = follow(m3, chain[-1], A, kept=kept)          # dropped, or widened
+        with pytest.raises(IntegrityError, match="what stays valid"):
+            check(chain + [forged])
+    _, odd = follow(m3, chain[-1], A, kept={**m3.kept, B.device_id: pin})
+    with pytest.raises(IntegrityError, match="not removed"):
+        check(chain + [odd])
+
+
+def test_the_signers_refuse_writers_by_role_source_epoch_and_pin():
+    pin = Kept(frozenset({b"s" * 32}), 4, b"h" * 32)
+    chain, _ = removal_of(C, pin)
+    signers = Signers(check_versions(chain, verify_signature, device_id_for))
+    assert signers.writer_key(A.device_id, 1, "x", sources=["docs", "photos"]) == A.public_key
+    assert signers.writer_key(B.device_id, 0, "x", sources=["docs"]) == B.public_key
+    with pytest.raises(IntegrityError, match="a member for docs only"):
+        signers.writer_key(B.device_id, 0, "x", sources=["photos"])
+    with pytest.raises(IntegrityError, match="storage partner"):
+        signers.writer_key(PARTNER_DEV.device_id, 0, "x")
+    with pytest.raises(IntegrityError, match="not a member .* in key epoch 5"):
+        signers.writer_key(A.device_id, 5, "x")
+    stranger = DeviceIdentity.generate()
+    with pytest.raises(IntegrityError, match="not a member"):
+        signers.writer_key(stranger.device_id, 0, "x")
+    # The removed device: what its pin keeps, and nothing else, whatever epoch it claims.
+    assert signers.writer_key(C.device_id, 0, "x", kept=lambda k: b"s" * 32 in k.snapshots)
+    with pytest.raises(IntegrityError, match="removed from the account"):
+        signers.writer_key(C.device_id, 0, "x", kept=lambda k: b"t" * 32 in k.snapshots)
+    with pytest.raises(IntegrityError, match="removed from the account"):
+        signers.writer_key(C.device_id, 0, "x")
+    with pytest.raises(IntegrityError, match="not a member"):
+        signers.writer_key(C.device_id, 1, "x", kept=lambda k: True)
+    assert pin.keeps_segment(4) and not pin.keeps_segment(5)
+    assert pin.keeps_head(3, b"x" * 32) and pin.keeps_head(4, b"h" * 32)
+    assert not pin.keeps_head(4, b"x" * 32) and not pin.keeps_head(5, b"h" * 32)
+
+
+def test_a_removal_without_a_pin_keeps_what_was_sealed_before_it():
+    """Removals signed before pins existed: the device keeps its old epochs' records."""
+    g, s1 = genesis()
+    m2, s2 = follow(g, s1, A, members=g.members + (member(C),))
+    _, s3 = follow(m2, s2, A, members=(member(A),), removed=(C.device_id,), epoch=1)
+    signers = Signers(check_versions([s1, s2, s3], verify_signature, device_id_for))
+    assert signers.writer_key(C.device_id, 0, "x") == C.public_key
+
+
+def test_a_box_key_is_carried_and_a_malformed_one_refused():
+    m = Membership(1, b"", 0, (member(A, box_key=A.box_public_key),))
+    assert Membership.decode(m.encode()).members[0].box_key == A.box_public_key
+    obj = msgpack.unpackb(m.encode(), raw=False)
+    obj["members"][0]["box"] = b"short"
+    with pytest.raises(IntegrityError, match="box key"):
+        Membership.decode(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_a_keyring_envelope_names_its_epoch_and_signer():
+    data = keyring_object(3, b"sealed", RECOVERY.device_id, RECOVERY.sign)
+    epoch, sealed, signed = read_keyring(data)
+    assert (epoch, sealed, signed.device) == (3, b"sealed", RECOVERY.device_id)
+    assert signed.verifies("keyring", RECOVERY.public_key, verify_signature)
+    with pytest.raises(IntegrityError, match="whole signed keyring"):
+        read_keyring(data[:-1])

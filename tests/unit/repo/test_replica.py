@@ -4,6 +4,7 @@ never reach the store."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import blake3
@@ -17,7 +18,7 @@ from p2pbackup.format.header import Kind
 from p2pbackup.format.log import GENESIS, Head, Segment
 from p2pbackup.format.objects import seal_object
 from p2pbackup.format.pack import PackBuilder
-from p2pbackup.format.records import Signed
+from p2pbackup.format.records import HEAD_SIG, SEGMENT_SIG, Signed
 from p2pbackup.repo import replica
 from p2pbackup.repo.logstore import LogStore
 from p2pbackup.repo.repository import Repository
@@ -82,7 +83,7 @@ async def test_a_snapshot_signed_by_a_stranger_is_refused(pair):
     await copy_all(a, b)
     stranger = DeviceIdentity.generate()
     (s,), _ = await a.list_snapshots()
-    body = s.snapshot.encode()
+    body = replace(s.snapshot, device=stranger.device_id).encode()
     sealed = b.seal_record(Kind.SNAPSHOT, Signed(body, stranger.device_id,
                                                  stranger.sign(body)).encode())
     with pytest.raises(IntegrityError, match="unknown"):
@@ -98,12 +99,13 @@ async def test_a_head_that_goes_back_and_a_forked_segment_are_refused(pair):
     await copy_all(a, b)
     with pytest.raises(IntegrityError, match="backwards"):
         await replica.accept(b, f"heads/{A.device_id}", old_head)
-    fork = logs._seal_signed(A, Kind.SEGMENT,
+    fork = logs._seal_signed(A, Kind.SEGMENT, SEGMENT_SIG,
                              Segment(A.device_id, 4, bytes(32), time.time_ns(), ()).encode())
     with pytest.raises(IntegrityError, match="fork"):
         await replica.accept(b, f"segments/{A.device_id}/{4:012d}", bytes(fork))
-    forged_head = logs._seal_signed(B, Kind.HEAD, Head(A.device_id, 9, bytes(32), None,
-                                                       time.time_ns()).encode())
+    forged_head = logs._seal_signed(B, Kind.HEAD, HEAD_SIG,
+                                    Head(A.device_id, 9, bytes(32), None,
+                                         time.time_ns()).encode())
     with pytest.raises(IntegrityError):
         await replica.accept(b, f"heads/{A.device_id}", bytes(forged_head))
 
@@ -112,8 +114,8 @@ async def test_objects_never_change(pair):
     a, b, _ = pair
     await copy_all(a, b)
     name = f"segments/{A.device_id}/{1:012d}"
-    other = LogStore(a)._seal_signed(A, Kind.SEGMENT, Segment(A.device_id, 1, GENESIS, 5,
-                                                                   ()).encode())
+    other = LogStore(a)._seal_signed(A, Kind.SEGMENT, SEGMENT_SIG,
+                                     Segment(A.device_id, 1, GENESIS, 5, ()).encode())
     with pytest.raises(IntegrityError, match="never change"):
         await replica.accept(b, name, bytes(other))
 
@@ -150,3 +152,25 @@ async def test_removal_records_only_from_an_owner_and_whole(pair):
     odd = record(A, ["config", "membership/000000000001", "packs/" + "1" * 64])
     assert read_removal(odd, {A.device_id: A.public_key}.get, verify_signature).names == \
         ("packs/" + "1" * 64,)
+
+
+async def test_a_damaged_membership_version_is_named_not_taken_for_the_end_of_the_chain(pair):
+    """Versions after a removal are sealed in the new epoch: a device without its key reads
+    the chain up to there. One this device holds the key for, yet does not open, is damage."""
+    from p2pbackup.format.membership import OWNER, Member, Membership, record_hash, \
+        sign_membership
+    from p2pbackup.repo import membership as store_membership
+
+    a, _, _ = pair
+    m1 = Membership(1, b"", 0, (Member(A.device_id, A.public_key, "a", OWNER),))
+    s1 = sign_membership(m1, A.device_id, A.sign)
+    m2 = Membership(2, record_hash(s1), 0, m1.members + (Member(B.device_id, B.public_key,
+                                                                 "b", OWNER),))
+    await store_membership.store_chain(a, [s1, sign_membership(m2, A.device_id, A.sign)])
+    assert (await store_membership.load(a))[0].seq == 2
+    raw = bytearray(await a.store.get("membership/000000000002"))
+    raw[-1] ^= 1
+    await a.store.put("membership/000000000002", bytes(raw))
+    a.membership_changed()
+    with pytest.raises(IntegrityError, match="membership/000000000002 failed authentication"):
+        await store_membership.load(a)
