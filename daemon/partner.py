@@ -19,6 +19,13 @@ What a partner checks without keys, for every object a device sends it:
 - names under a device id (segments/<id>/..., heads/<id>) are written by that device only,
   devices/<id> by that device or an owner, config, membership/ and keyring/ by owners only:
   their content is sealed, so who sent them is all the partner can check;
+- a keyring is pushed by an owner, and is a whole signed keyring of the epoch its name says
+  (or one of the old form, sealed whole). Its envelope is signed by that epoch's recovery
+  signer, whose key is in the sealed membership only, so the partner does not check the
+  signature: it relies on the roster's owners alone, who hold every root and so could write
+  any keyring anyway, while a scoped member (holding record keys but no root) or a removed
+  device is refused by who it is. Devices check the signature when they read a keyring back
+  (repo/membership.py: replication against the membership, recovery against the code);
 - objects never change, except a device's own head, which only it replaces;
 - the quota, which it reports to the device in words (rosters are kept in the grant file,
   outside the quota and the store: a full store must not keep a removed device's rights).
@@ -49,7 +56,8 @@ from p2pbackup.config import Config
 from p2pbackup.crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag
 from p2pbackup.errors import IntegrityError, NotFound, P2PError
-from p2pbackup.format.membership import MEMBER, OWNER, PARTNER, Member, Membership
+from p2pbackup.format.membership import (MEMBER, OWNER, PARTNER, Member, Membership,
+                                         keyring_envelope)
 from p2pbackup.format.pack import pack_name
 from p2pbackup.format.removal import PREFIX as REMOVALS
 from p2pbackup.format.removal import REMOVABLE, Removal, read_removal
@@ -189,6 +197,8 @@ async def partner_accept(grant: Grant, device: str, name: str, data: bytes) -> b
         raise IntegrityError(f"{name[:60]}: its content does not match its name")
     if kind == "removal":  # signed in the clear: checked against the roster's owners
         read_removal(data, grant.owner_key, verify_signature, name)
+    if kind == "keyring":  # an owner's (refusal); its signer is for devices to check
+        keyring_envelope(data, int(m.group(1)), name)
     if kind == "roster":   # kept in the grant, outside the quota: a full store must not
         grant.take_roster(name, data)   # keep a removed device's rights
         return True

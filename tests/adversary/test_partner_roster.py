@@ -221,3 +221,64 @@ async def test_a_partner_over_its_quota_still_takes_the_roster(world):
     await account.remove_device(a, b.device_id)
     await roster_reaches_partner(a, service, grant)
     assert not admitted(service, b) and admitted(service, s)
+
+
+
+def signed_otherwise(r, by: DeviceIdentity) -> list[bytes]:
+    """Roster `r` with `by`'s signature, but not one made for a roster: a version-1 envelope
+    (the body alone signed) and a version-2 one of another record type."""
+    from p2pbackup.format.cleartext import clear_object
+    from p2pbackup.format.header import HEADER_SIZE, Kind
+    from p2pbackup.format.records import REMOVAL_SIG, Signed
+    from p2pbackup.format.roster import roster_object
+
+    body = Signed.decode(roster_object(r, by.device_id, by.sign)[HEADER_SIZE:], "roster").body
+    return [clear_object(Kind.ROSTER, Signed(body, by.device_id, by.sign(body))),
+            clear_object(Kind.ROSTER, Signed.make(REMOVAL_SIG, body, by.device_id, by.sign))]
+
+
+async def test_a_roster_signed_in_the_old_envelope_or_as_another_record_is_refused(world,
+                                                                                   tmp_path):
+    """An owner's signature counts for a roster only if it was made for a roster (envelope
+    version 2, type roster). Rosters were never released in the old envelope, so neither a
+    partner nor a member device takes one."""
+    from p2pbackup.format.roster import Roster, roster_hash, roster_object
+
+    a, b, s, p, service, grant = world
+    current, raw = grant.roster, grant.file.roster
+    good = Roster(current.seq + 1, roster_hash(raw), current.members, (), time.time_ns())
+    name = f"roster/{good.seq:012d}"
+    for forged in signed_otherwise(good, b):
+        with pytest.raises(IntegrityError, match="bad signature"):
+            await service.accept(grant, a.identity.device_id, name, forged)
+    assert grant.roster == current
+    async with open_device(tmp_path / "s", write=True) as dev_s:   # a member device
+        first = Roster(1, b"", current.members, (), 1)
+        for forged in signed_otherwise(first, b):
+            with pytest.raises(IntegrityError, match="bad signature"):
+                await replica.accept(dev_s.repo, "roster/000000000001", forged)
+        assert await replica.accept(dev_s.repo, "roster/000000000001",
+                                    roster_object(first, b.device_id, b.sign))
+    # The same roster, signed as a roster, follows.
+    assert await service.accept(grant, a.identity.device_id, name,
+                                roster_object(good, b.device_id, b.sign))
+    assert grant.roster == good
+
+
+async def test_a_keyring_an_owner_pushes_must_be_a_whole_signed_keyring_of_its_epoch(world):
+    """The partner cannot check a keyring's signer (the epoch's recovery signer is named in
+    the sealed membership only), but what is in the clear must say what the name says."""
+    a, b, s, p, service, grant = world
+    A = a.identity.device_id
+    await account.remove_device(a, s.device_id)   # a new epoch: its keyring is written
+    names = sorted([n async for n in a.repo.store.list("keyring/")])
+    real = bytes(await a.repo.store.get(names[-1]))
+    epoch = int(names[-1].split("/")[1])
+    for name, data, why in [
+            (f"keyring/{epoch + 1:06d}", real, "stored under epoch"),
+            (f"keyring/{epoch + 2:06d}", os.urandom(300), "not a p2pbackup object"),
+            (f"keyring/{epoch + 3:06d}", real[:-1], "not a whole signed keyring")]:
+        with pytest.raises(IntegrityError, match=why):
+            await service.accept(grant, A, name, data)
+        assert not await grant.store.has(name), name
+    assert await service.accept(grant, A, names[-1], real)

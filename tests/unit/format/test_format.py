@@ -47,6 +47,13 @@ def test_newer_version_is_named_not_crashed():
         open_object(bytes(sealed), KEY, what="snapshot 1234")
 
 
+def test_every_object_kind_has_its_own_number():
+    """Two branches once gave the roster and the signed keyring both kind 14: an IntEnum makes
+    the second name an alias of the first, and a keyring would then open as a roster."""
+    assert len({k.value for k in Kind}) == len(Kind.__members__)
+    assert (Kind.REMOVAL, Kind.ROSTER, Kind.SIGNED_KEYRING) == (13, 14, 15)  # never renumbered
+
+
 @settings(max_examples=100)
 @given(st.binary(max_size=2000), st.integers(min_value=0))
 def test_truncated_objects_raise_integrity_error_only(payload, cut):
