@@ -28,7 +28,7 @@ from ..crypto.keys import MissingKey
 from ..errors import NotFound, P2PError
 from ..format.pack import PackBuilder, parse_trailer, trailer_length
 from ..repo.repository import PackExam, Repository, open_blob
-from .verify import Damage, Findings, blobs_by_pack, check_references
+from .verify import Damage, Findings, check_references
 
 log = logging.getLogger("p2pbackup.repair")
 TAIL = 64 * 1024   # bytes read from the end of a pack in the hope that its trailer fits
@@ -59,12 +59,12 @@ async def repair_packs(repo: Repository, *, sources: Sequence[BlobStore] = ()) -
     """Read every pack; heal damaged ones from `sources`, else salvage and quarantine them;
     then fetch what is still missing from `sources`. Hold the writer lock."""
     report = RepairReport()
-    grouped = blobs_by_pack(repo)
     lost_with: dict[bytes, str] = {}   # blob id -> the damaged pack it was lost with
     for name in sorted(set(repo.index.packs) | set(repo.index.damaged)):
         try:
-            exam = await asyncio.to_thread(repo.examine_pack_blocking, name, read_blobs=True,
-                                           expected=grouped.get(name, []))
+            # (no `expected`: a pack whose trailer is lost is scanned, which also counts the
+            # blobs that no longer read)
+            exam = await asyncio.to_thread(repo.examine_pack_blocking, name, read_blobs=True)
         except NotFound:
             continue   # gone meanwhile: the next sync_index drops it
         report.checked += 1

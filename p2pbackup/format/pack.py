@@ -164,7 +164,7 @@ def check_pack_blobs(data: bytes | memoryview,
 def object_candidates(data: bytes | bytearray, start: int, end: int
                       ) -> Iterator[tuple[int, int, int]]:
     """(offset, length, kind) of every place in data[start:end] that begins with a valid
-    object header whose object ends before `end`, in order of offset.
+    object header, in order of offset (the length is the header's: it may run past `end`).
 
     Where the blobs of a pack may be when its trailer is lost: each sealed blob starts with
     the object header. A candidate may still fail to decrypt (four random bytes can read as
@@ -176,6 +176,5 @@ def object_candidates(data: bytes | bytearray, start: int, end: int
         except (IntegrityError, UnsupportedFormat):
             pos += 1
             continue
-        if pos + HEADER_SIZE + header.length <= end:
-            yield pos, HEADER_SIZE + header.length, header.kind
+        yield pos, HEADER_SIZE + header.length, header.kind
         pos += 1

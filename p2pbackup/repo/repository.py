@@ -197,8 +197,8 @@ class Repository:
     async def _index_examined(self, exam: PackExam) -> int:
         damage = exam.damage
         if damage is not None:
-            log.warning("pack %s is damaged: %s%s", exam.name[:12], damage.reason,
-                        f"; its {len(exam.blobs)} other blobs are indexed" if exam.blobs else "")
+            log.warning("pack %s is damaged: %s; %d blobs of it still authenticate and are "
+                        "indexed", exam.name[:12], damage.reason, len(exam.blobs))
         if exam.scope is None:
             assert damage is not None
             await self.index.mark_damaged(exam.name, damage)
@@ -281,7 +281,7 @@ class Repository:
         for offset, length, kind in object_candidates(data, HEADER_SIZE, len(data)):
             if offset < cursor or kind not in (Kind.CHUNK, Kind.TREE):
                 continue
-            for keys in keyring:
+            for keys in keyring if offset + length <= len(data) else ():
                 try:
                     _, plain = open_object(view[offset:offset + length], keys.data_key)
                 except IntegrityError:
