@@ -361,6 +361,16 @@ class SyncSession:
             return [self._end(str(exc))]
         return []
 
+    def lost(self, names: list[str]) -> list[str]:
+        """We no longer hold `names` (found damaged here): they leave our inventory, and those
+        the peer holds are asked for. Returns the names asked for."""
+        if self.closed:
+            return []
+        self.have.difference_update(names)
+        held = [n for n in names if n in self._peer_has]
+        self._want(held, again=True)
+        return held
+
     @property
     def pending(self) -> int:
         """Objects we asked the peer for and have not received yet."""

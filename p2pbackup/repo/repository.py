@@ -92,6 +92,9 @@ class Repository:
         self.loop = asyncio.get_running_loop()
         self._devices: dict[str, bytes] = {}
         self.missing_packs: list[str] = []
+        # Called (from any thread) with a pack's name when a blob read from it does not
+        # authenticate: the daemon checks that pack and fetches an intact copy from a peer.
+        self.damage_seen: Callable[[str], None] | None = None
 
     @property
     def damaged_packs(self) -> dict[str, str]:
@@ -217,6 +220,20 @@ class Repository:
         _remove_index_files(path)
         self.index = await _open_index(path)
         return await self.sync_index()
+
+    async def recheck_pack(self, name: str) -> PackDamage | None:
+        """Read pack `name` and, if its bytes no longer match its name, list it as damaged
+        (its blobs that do not authenticate leave the index); None if it is intact (or gone).
+        For a pack the index holds, found suspect while in use."""
+        expected = [(bid, loc) for bid, loc in self.index.blobs.items() if loc.pack == name]
+        try:
+            exam = await asyncio.to_thread(self.examine_pack_blocking, name, expected=expected)
+        except NotFound:
+            return None
+        damage = exam.damage
+        if damage is not None:
+            await self.index.mark_damaged(name, damage)
+        return damage
 
     def examine_pack_blocking(self, name: str, data: bytes | memoryview | None = None, *,
                               read_blobs: bool = False,
@@ -357,6 +374,8 @@ class Repository:
         except BlobDamaged:
             raise
         except IntegrityError as exc:
+            if self.damage_seen is not None:
+                self.damage_seen(loc.pack)
             raise BlobDamaged(str(exc), loc.pack, blob_id) from None
 
     def read_blob_blocking(self, blob_id: bytes) -> bytes:
