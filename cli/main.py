@@ -331,13 +331,15 @@ def repair(sources: list[str] = typer.Option([], "--from", help="Another copy to
             print(f"pack {r.pack[:12]}: {r.reason}; kept {r.salvaged} blobs, lost {r.lost}; "
                   f"moved to quarantine/")
     for location, n in report.copied.items():
-        print(f"copied {n} blobs from {location}")
+        print(f"copied {n} blob{'s' * (n != 1)} from {location}")
     for d in report.lost:
         print(f"lost: {d.line()}")
     if report.lost:
         print("run `p2pbackup snapshot` to store lost data again from the source files, "
               "then `p2pbackup verify`")
-    elif report.repaired or report.copied:
+    elif report.copied:
+        print("every blob lost is back, copied from the other copies")
+    elif report.repaired:
         print("nothing was lost")
     else:
         print(f"no damaged packs ({report.checked} checked)")

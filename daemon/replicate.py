@@ -82,7 +82,10 @@ class Replicator:
         # blobs that left the index).
         self.on_damage: Callable[[], Awaitable[None]] | None = None
         self._checking: set[str] = set()   # packs being checked for damage
-        self._refused_ok: set[str] = set()  # refused by a peer, yet intact: not checked again
+        # Refused by a peer yet intact (a partner over its quota refuses every pack): each
+        # pack is read for that at most once per run, one at a time.
+        self._refused_ok: set[str] = set()
+        self._check_turn = asyncio.Semaphore(1)
         self.tombstones: set[str] = set()   # removed by an owner: never fetched again
         self._intake = asyncio.Semaphore(PACK_INTAKE)
         self._packs_in: dict[str, set[asyncio.Task[None]]] = {}   # per peer, being taken in
@@ -423,7 +426,9 @@ class Replicator:
 
     async def _check_pack(self, name: str, refused: bool) -> None:
         try:
-            if not await self.pack_damaged(name) and refused:
+            async with self._check_turn:
+                damaged = await self.pack_damaged(name)
+            if not damaged and refused:
                 self._refused_ok.add(name)   # (refused for another reason: a quota)
         except P2PError as exc:
             log.error("checking pack %s failed: %s", name[:12], exc)
