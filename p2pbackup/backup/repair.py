@@ -85,7 +85,7 @@ async def repair_packs(repo: Repository, *, sources: Sequence[BlobStore] = ()) -
                 break
         else:
             good = {b.id for b in exam.blobs}
-            lost = (set(exam.bad) | (known.bad if known else set())) - good
+            lost = (set(exam.bad) | set(known.bad if known else ())) - good
             fix.salvaged, fix.lost = len(exam.blobs), len(lost) + exam.unreadable
             await _salvage(repo, exam)
             lost_with.update((bid, name) for bid in lost)

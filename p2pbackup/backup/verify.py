@@ -146,7 +146,7 @@ class Findings:
             return loc.pack in self.in_doubt
         damaged = self.repo.index.bad_blobs.get(bid)
         if damaged is not None:
-            self.blob(bid, "it does not authenticate (its pack is damaged)", damaged)
+            self.blob(bid, "it does not authenticate (its pack is damaged)", damaged.pack)
         else:
             self.blob(bid, "missing: no pack holds it")
         return True

@@ -8,7 +8,7 @@ import struct
 import time
 from typing import NamedTuple
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosqlite
 import blake3
@@ -51,14 +51,22 @@ class PackDamage:
     """What is known to be wrong with a stored pack whose bytes do not match its name."""
 
     reason: str
-    bad: frozenset[bytes] = frozenset()   # its blobs that do not authenticate
+    # Its blobs that do not authenticate, and where they lie (a restore that keeps damaged
+    # files zeroes exactly their bytes); they are not in the blob map.
+    bad: dict[bytes, "BlobLocation"] = field(default_factory=dict)
 
     def encode_bad(self) -> bytes:
-        return b"".join(sorted(self.bad))
+        return b"".join(_BAD.pack(bid, loc.kind, loc.offset, loc.length, loc.raw_length)
+                        for bid, loc in sorted(self.bad.items()))
 
     @classmethod
-    def decode(cls, reason: str, bad: bytes) -> "PackDamage":
-        return cls(reason, frozenset(bad[i:i + 32] for i in range(0, len(bad) - 31, 32)))
+    def decode(cls, name: str, reason: str, bad: bytes) -> "PackDamage":
+        usable = len(bad) - len(bad) % _BAD.size
+        return cls(reason, {bid: BlobLocation(name, off, length, raw, kind) for
+                            bid, kind, off, length, raw in _BAD.iter_unpack(bad[:usable])})
+
+
+_BAD = struct.Struct("<32sBIII")   # id, kind, offset, length, raw length
 
 
 class BlobLocation(NamedTuple):
@@ -152,7 +160,7 @@ class PackIndex:
         # pack from a peer may be used by a snapshot still on its way (prune leaves it alone).
         self.arrived: dict[str, int] = {}
         self.damaged: dict[str, PackDamage] = {}
-        self.bad_blobs: dict[bytes, str] = {}   # blob id -> the damaged pack it failed in
+        self.bad_blobs: dict[bytes, BlobLocation] = {}   # those of damaged packs' `bad`
 
     async def open(self) -> None:
         """Open (creating if needed) and load; raise IndexCorrupt when the file is unusable."""
@@ -182,7 +190,7 @@ class PackIndex:
                     self.arrived[name] = arrived
             for name, reason, bad in await self._db.execute_fetchall(
                     "SELECT name, reason, bad FROM damaged"):
-                self._note_damage(name, PackDamage.decode(reason, bad))
+                self._note_damage(name, PackDamage.decode(name, reason, bad))
             self._generation = await self._read_generation()
             if self._generation == 0:
                 # A new database starts at a random generation, so that a side file left by
@@ -385,11 +393,12 @@ class PackIndex:
     def _note_damage(self, name: str, damage: PackDamage | None) -> None:
         old = self.damaged.pop(name, None)
         for bid in old.bad if old else ():
-            if self.bad_blobs.get(bid) == name:
+            loc = self.bad_blobs.get(bid)
+            if loc is not None and loc.pack == name:
                 del self.bad_blobs[bid]
         if damage is not None:
             self.damaged[name] = damage
-            self.bad_blobs.update((bid, name) for bid in damage.bad)
+            self.bad_blobs.update(damage.bad)
 
     async def remove_pack(self, name: str) -> None:
         """Forget a pack (it is gone from the store, or about to be)."""

@@ -57,6 +57,7 @@ class PackExam:
     epoch: int = 0
     blobs: list[BlobRef] = field(default_factory=list)
     bad: dict[bytes, str] = field(default_factory=dict)
+    bad_refs: dict[bytes, BlobRef] = field(default_factory=dict)   # where the `bad` ones lie
     unreadable: int = 0          # records found by scanning that do not authenticate
     problem: str | None = None   # what else is wrong (its trailer, its header)
     scanned: bool = False        # its blobs were found by scanning for object headers
@@ -76,7 +77,9 @@ class PackExam:
         if self.scanned:
             parts.append(f"{len(self.blobs)} blobs found by scanning it"
                          + (f", {self.unreadable} unreadable" if self.unreadable else ""))
-        return PackDamage("; ".join(parts), frozenset(self.bad))
+        return PackDamage("; ".join(parts), {
+            bid: BlobLocation(self.name, ref.offset, ref.length, ref.raw_length, ref.kind)
+            for bid, ref in self.bad_refs.items()})
 
 
 class Repository:
@@ -280,6 +283,7 @@ class Repository:
                 exam.blobs.append(ref)
             else:
                 exam.bad[ref.id] = why
+                exam.bad_refs[ref.id] = ref
         return exam
 
     def _scan_pack(self, exam: PackExam, view: memoryview) -> None:
@@ -355,13 +359,10 @@ class Repository:
         return self.keys.scope(scope, epoch)
 
     def locate(self, blob_id: bytes) -> BlobLocation:
-        loc = self.index.blobs.get(blob_id)
+        """Where blob `blob_id` is stored: also a blob known as damaged (reading it fails as
+        it should, and its place in a file is known)."""
+        loc = self.index.blobs.get(blob_id) or self.index.bad_blobs.get(blob_id)
         if loc is None:
-            pack = self.index.bad_blobs.get(blob_id)
-            if pack is not None:
-                raise BlobDamaged(f"blob {blob_id.hex()[:12]} in pack {pack[:12]} is damaged "
-                                  "(it does not authenticate); `p2pbackup repair` sets it "
-                                  "aside", pack, blob_id)
             raise IntegrityError(f"blob {blob_id.hex()[:12]} is missing: no pack holds it")
         return loc
 
@@ -371,8 +372,6 @@ class Repository:
         keys = self.scope_keys_of(loc)
         try:
             return open_blob(keys, blob_id, loc.kind, sealed, what, loc.raw_length)
-        except BlobDamaged:
-            raise
         except IntegrityError as exc:
             if self.damage_seen is not None:
                 self.damage_seen(loc.pack)

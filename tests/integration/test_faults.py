@@ -72,8 +72,9 @@ def test_tampered_byte_is_named_with_what_it_affects(backed_up, tmp_path: Path):
     heal_and_check(cli, src, tmp_path / "ok")
 
 
-def _damage_a_chunk_of(cli: Cli, name: bytes) -> tuple[int, int]:
-    """Flip a byte in the middle chunk of src/`name`; return the chunk's byte range in it."""
+def _damage_a_chunk_of(cli: Cli, name: bytes, at: int | None = None) -> tuple[int, int]:
+    """Flip a byte in the middle chunk of src/`name` (or chunk number `at`); return the
+    chunk's byte range in it."""
     import asyncio
 
     from p2pbackup.device import open_device
@@ -83,7 +84,7 @@ def _damage_a_chunk_of(cli: Cli, name: bytes) -> tuple[int, int]:
             snap = await dev.repo.find_snapshot("latest")
             tree = await dev.repo.load_tree(snap.snapshot.sources[0].tree)
             entry = next(e for e in tree.entries if e.name == name)
-            i = len(entry.chunks) // 2
+            i = len(entry.chunks) // 2 if at is None else range(len(entry.chunks))[at]
             start = sum(dev.repo.locate(c).raw_length for c in entry.chunks[:i])
             loc = dev.repo.locate(entry.chunks[i])
             return loc.pack, loc.offset + loc.length // 2, start, start + loc.raw_length
@@ -196,6 +197,24 @@ def test_one_flipped_byte_damages_one_blob_not_its_pack(cli: Cli, tmp_path: Path
     assert [d["affects"] for d in json.loads(proc.stdout)["damage"]] == \
         [[f"snapshot {sid}: src/{victim}"]]
     heal_and_check(cli, src, tmp_path / "ok")
+
+
+def test_a_damaged_blob_known_from_a_rebuilt_index_keeps_its_place_in_its_file(
+        cli: Cli, sample_tree: Path, tmp_path: Path):
+    """After an index rebuild the damaged blobs are known without being read again; where
+    they lie (so how long they are) is known too: `restore --keep-damaged` zeroes exactly
+    those bytes, here two separate chunks of one file."""
+    cli("init", "--source", str(sample_tree))
+    cli("snapshot")
+    ranges = [_damage_a_chunk_of(cli, b"big.bin", at=i) for i in (0, None, -1)]
+    cli("index", "rebuild")
+    out = tmp_path / "kept"
+    proc = cli("restore", "latest", "--to", str(out), "--keep-damaged", check=False)
+    assert proc.returncode == 13, proc.stderr
+    data = (sample_tree / "big.bin").read_bytes()
+    for start, end in ranges:
+        data = data[:start] + bytes(end - start) + data[end:]
+    assert (out / "src" / "big.bin").read_bytes() == data
 
 
 def test_repair_heals_from_a_copy_of_the_store(cli: Cli, tmp_path: Path):

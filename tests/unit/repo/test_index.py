@@ -157,18 +157,19 @@ async def test_a_damaged_pack_loses_only_its_bad_blobs_and_a_spare_copy_takes_ov
     path = tmp_path / "index.sqlite"
     index = await _open(path)
     await index.add_packs([damaged, other])
-    await index.mark_damaged(damaged[0], PackDamage("changed", frozenset({bad, spared})))
-    assert bad not in index.blobs and index.bad_blobs[bad] == damaged[0]
+    where = {bid: index.blobs[bid] for bid in (bad, spared)}
+    await index.mark_damaged(damaged[0], PackDamage("changed", where))
+    assert bad not in index.blobs and index.bad_blobs[bad] == where[bad]
     assert index.blobs[spared].pack == other[0]        # the copy elsewhere is read now
     assert index.blobs[good].pack == damaged[0]        # what authenticates stays in use
     await index.close()
     again = await _open(path)                          # kept in the database, not only here
-    assert again.damaged[damaged[0]].bad == {bad, spared} and again.blobs == index.blobs
+    assert again.damaged[damaged[0]].bad == where and again.blobs == index.blobs
     # An intact copy of the pack added again (a peer sent it, repair fetched it): healed.
     await again.add_packs([damaged])
     assert not again.damaged and not again.bad_blobs and again.blobs[bad].pack == damaged[0]
     # A damaged pack that leaves the store leaves the list too.
-    await again.mark_damaged(damaged[0], PackDamage("changed", frozenset({bad})))
+    await again.mark_damaged(damaged[0], PackDamage("changed", {bad: where[bad]}))
     await again.remove_pack(damaged[0])
     assert not again.damaged and bad not in again.blobs
     await again.close()
