@@ -437,8 +437,8 @@ class Replicator:
 
     async def pack_damaged(self, name: str) -> bool:
         """If pack `name` of this store no longer matches its name, list it as damaged (its
-        blobs that still authenticate stay in use) and ask every connected peer that holds
-        it for its copy, which replaces ours once checked. True if it is damaged."""
+        blobs that still authenticate stay in use) and ask every connected peer for its copy
+        (which replaces ours once checked; one that lacks it says so). True if damaged."""
         damage = self.repo.index.damaged.get(name) or await self.repo.recheck_pack(name)
         if damage is None:
             return False
@@ -447,11 +447,13 @@ class Replicator:
         if self.on_damage is not None:
             await self.on_damage()
         for device, (s, link) in list(self.sessions.items()):
-            if s.lost([f"packs/{name}"]):
-                try:
-                    await self._flush(s, link, device)
-                except P2PError:
-                    pass   # the session is ending; the next one's inventories ask for it
+            st = self._states.get(device)
+            if st is None:
+                continue
+            try:
+                await self._handle(s, link, st, s.lost([f"packs/{name}"]))
+            except P2PError:
+                pass   # the session is ending; the next one's inventories ask for it
         return True
 
     def _spawn(self, coro) -> None:

@@ -361,15 +361,11 @@ class SyncSession:
             return [self._end(str(exc))]
         return []
 
-    def lost(self, names: list[str]) -> list[str]:
-        """We no longer hold `names` (found damaged here): they leave our inventory, and those
-        the peer holds are asked for. Returns the names asked for."""
-        if self.closed:
-            return []
+    def lost(self, names: list[str]) -> list[Event]:
+        """We no longer hold `names` (found damaged here): they leave our inventory and are
+        asked for (a peer that does not hold one says so, and it is no longer awaited)."""
         self.have.difference_update(names)
-        held = [n for n in names if n in self._peer_has]
-        self._want(held, again=True)
-        return held
+        return self.ask_again(names)
 
     @property
     def pending(self) -> int:

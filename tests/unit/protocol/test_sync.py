@@ -311,3 +311,20 @@ def test_names_of_kinds_a_newer_version_writes_are_skipped_not_fatal():
         ev = s.receive_data(frame({"t": "hello", "versions": [1], "device": "X"})
                             + frame({"t": "inv", "names": unsafe, "last": True}))
         assert isinstance(ev[-1], Closed) and "malformed" in ev[-1].reason, unsafe
+
+
+def test_an_object_found_damaged_here_is_asked_for_again_and_not_awaited_from_a_peer_without_it():
+    shared = {"packs/" + "a" * 64: b"intact"}
+    a, b = Side("a", shared), Side("b", dict(shared))
+    c = Side("c", {})
+    pump(a, b)
+    b.objects["packs/" + "a" * 64] = b"damaged"
+    b.handle(b.s.lost(["packs/" + "a" * 64]))
+    pump(a, b)
+    assert b.objects["packs/" + "a" * 64] == b"intact" and b.s.pending == 0
+    # A peer that never held it says so: nothing stays awaited (no asking again forever).
+    d = Side("d", dict(shared))
+    pump(c, d)
+    d.handle(d.s.lost(["packs/" + "a" * 64]))
+    pump(c, d)
+    assert d.s.pending == 0 and not any(isinstance(e, Closed) for e in d.events)

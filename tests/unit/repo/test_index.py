@@ -173,4 +173,6 @@ async def test_a_damaged_pack_loses_only_its_bad_blobs_and_a_spare_copy_takes_ov
     await again.remove_pack(damaged[0])
     assert not again.damaged and bad not in again.blobs
     await again.close()
-    assert not (await _open(path)).damaged
+    last = await _open(path)
+    assert not last.damaged
+    await last.close()
