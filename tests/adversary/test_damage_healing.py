@@ -3,9 +3,7 @@ like anything else, and a peer cannot get intact packs set aside by claiming the
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
 from pathlib import Path
 
 import pytest

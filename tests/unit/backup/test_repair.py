@@ -14,7 +14,7 @@ from p2pbackup.backup.verify import blobs_by_pack, verify
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import Source
 from p2pbackup.format.header import Kind
-from p2pbackup.format.pack import PackBuilder, parse_trailer, trailer_length
+from p2pbackup.format.pack import PackBuilder, trailer_length
 from p2pbackup.repo.repository import Repository
 
 
