@@ -267,40 +267,80 @@ def verify(read_data: bool = typer.Option(False, "--read-data",
 
     report = _run(go())
     if as_json:
-        print(json.dumps({"ok": report.ok, "snapshots": report.snapshots,
+        print(json.dumps({"ok": report.ok, "read_data": report.read_data,
+                          "snapshots": report.snapshots,
                           "segments": report.segments, "trees": report.trees,
                           "packs": report.packs, "blobs_read": report.blobs_read,
-                          "damage": [{"object": d.what, "reason": d.reason,
-                                      "affects": d.affects} for d in report.damage]}, indent=2))
+                          "damage": [_damage_json(d) for d in report.damage]}, indent=2))
     else:
         for d in report.damage:
             print(f"damaged: {d.line()}")
         checked = (f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
                    + (f", {report.segments} log segments" if report.segments else "")
                    + (f", {report.blobs_read} blobs read" if read_data else ""))
-        print(f"{'no problems found' if report.ok else f'{len(report.damage)} problems'} "
-              f"({checked})")
+        unread = "" if read_data else \
+            "; data not read (`verify --read-data` decrypts and checks every blob)"
+        n = len(report.damage)
+        print(f"{'no problems found' if report.ok else f'{n} problem' + 's' * (n != 1)} "
+              f"({checked}){unread}")
     if not report.ok:
         raise typer.Exit(IntegrityError.exit_code)
 
 
+def _damage_json(d: Any) -> dict:
+    return {"object": d.what, "reason": d.reason, "affects": d.affects, "blob": d.blob,
+            "pack": d.pack}
+
+
 @app.command()
-def repair() -> None:
-    """Set damaged packs aside, keeping every blob that still authenticates."""
+def repair(sources: list[str] = typer.Option([], "--from", help="Another copy to heal from: "
+                                             "a store's path or peer:DEVICE (repeatable)."),
+           as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")
+           ) -> None:
+    """Heal damaged packs from other copies, else keep every blob that still authenticates."""
+    import contextlib
+
     from p2pbackup.backup.repair import repair_packs
-    from p2pbackup.device import open_device
+    from p2pbackup.device import open_device, open_other_store
 
     async def go() -> Any:
-        async with open_device(_home(), write=True) as dev:
-            return await repair_packs(dev.repo)
+        async with open_device(_home(), write=True) as dev, \
+                contextlib.AsyncExitStack() as opened:
+            stores = []
+            for location in sources:
+                store = await open_other_store(dev.config, dev.keys, dev.identity, location)
+                opened.push_async_callback(store.close)
+                output.peer_path(store)
+                stores.append(store)
+            return await repair_packs(dev.repo, sources=stores)
 
     report = _run(go())
+    if as_json:
+        print(json.dumps({"checked": report.checked,
+                          "packs": [{"pack": r.pack, "reason": r.reason, "kept": r.salvaged,
+                                     "lost": r.lost, "healed_from": r.healed_from}
+                                    for r in report.repaired],
+                          "copied": report.copied,
+                          "lost": [_damage_json(d) for d in report.lost]}, indent=2))
+        return
     for r in report.repaired:
-        print(f"pack {r.pack[:12]}: {r.reason}; kept {r.salvaged} blobs, lost {r.lost}; "
-              f"moved to quarantine/")
-    if report.repaired:
+        if r.healed_from:
+            print(f"pack {r.pack[:12]}: {r.reason}; replaced by the intact copy from "
+                  f"{r.healed_from} (the damaged copy is in quarantine/)")
+        else:
+            print(f"pack {r.pack[:12]}: {r.reason}; kept {r.salvaged} blobs, lost {r.lost}; "
+                  f"moved to quarantine/")
+    for location, n in report.copied.items():
+        print(f"copied {n} blob{'s' * (n != 1)} from {location}")
+    for d in report.lost:
+        print(f"lost: {d.line()}")
+    if report.lost:
         print("run `p2pbackup snapshot` to store lost data again from the source files, "
               "then `p2pbackup verify`")
+    elif report.copied:
+        print("every blob lost is back, copied from the other copies")
+    elif report.repaired:
+        print("nothing was lost")
     else:
         print(f"no damaged packs ({report.checked} checked)")
 
@@ -472,10 +512,10 @@ def index_rebuild() -> None:
             added, _ = await dev.repo.rebuild_index()
             return added, len(dev.repo.index.blobs), dev.repo.damaged_packs
 
-    packs, blobs, damaged = _run(go())
-    for name, why in damaged.items():
-        output.warn(why)
-    print(f"index rebuilt: {packs} packs, {blobs} blobs")
+    packs, blobs, damaged = _run(go())   # (the index said what is damaged, on stderr)
+    print(f"index rebuilt: {packs} packs, {blobs} blobs"
+          + (f"; {len(damaged)} damaged packs (`p2pbackup repair` heals or sets them aside)"
+             if damaged else ""))
 
 
 app.command()(pair)

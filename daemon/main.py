@@ -196,6 +196,12 @@ class DeviceDaemon:
             await self.announce()
         return result
 
+    async def forget_damaged(self) -> None:
+        """A pack was found damaged: blobs of it left the index, so the log stores them again
+        (from the sources) instead of naming ones that cannot be read."""
+        async with self.writing:
+            self.sealer.forget_known()
+
     async def prune(self, args: dict[str, Any]) -> dict[str, Any]:
         return await self.forget({**args, "prune": True, "policy": None})
 
@@ -337,6 +343,9 @@ async def serve(home: Path | None) -> int:
                               on_fetch=d.replicator.serve)
         d.replicator.on_membership = d.membership_changed
         d.peers.on_members = d.replicator.close_unless
+        d.replicator.on_damage = d.forget_damaged
+        dev.repo.damage_seen = lambda pack: loop.call_soon_threadsafe(
+            d.replicator.check_pack_soon, pack)   # a read failed: heal from a peer
         await d.replicator.start_lane(d.peers.bind_address)
         await d.peers.start()
         # On the LAN now: aiortc is imported in a thread while mDNS finds the peers, so it is

@@ -35,8 +35,14 @@ log = logging.getLogger("p2pbackupd")
 
 
 async def local_names(repo) -> set[str]:
-    """The objects of this store a peer may ask for."""
-    return {n async for n in repo.store.list("") if replica.is_object_name(n)}
+    """The objects of this store a peer may ask for. A damaged pack is not one: a peer would
+    refuse it anyway, and leaving it out makes a peer that holds it send its intact copy."""
+    return {n async for n in repo.store.list("")
+            if replica.is_object_name(n) and not _damaged(repo, n)}
+
+
+def _damaged(repo, name: str) -> bool:
+    return name.startswith("packs/") and name[6:] in repo.index.damaged
 
 
 LANE_PIECE = 1024 * 1024
@@ -72,6 +78,14 @@ class Replicator:
         self._reading: dict[str, set[PeerLink | LaneLink]] = {}   # device -> its read sessions
         self._states: dict[str, "PeerState"] = {}
         self.on_membership: Callable[[], Awaitable[None]] | None = None
+        # Called when a pack here was found damaged (the daemon's log must store again the
+        # blobs that left the index).
+        self.on_damage: Callable[[], Awaitable[None]] | None = None
+        self._checking: set[str] = set()   # packs being checked for damage
+        # Refused by a peer yet intact (a partner over its quota refuses every pack): each
+        # pack is read for that at most once per run, one at a time.
+        self._refused_ok: set[str] = set()
+        self._check_turn = asyncio.Semaphore(1)
         self.tombstones: set[str] = set()   # removed by an owner: never fetched again
         self._intake = asyncio.Semaphore(PACK_INTAKE)
         self._packs_in: dict[str, set[asyncio.Task[None]]] = {}   # per peer, being taken in
@@ -349,6 +363,8 @@ class Replicator:
             for ev in events:
                 if isinstance(ev, ObjectWanted):
                     try:
+                        if _damaged(self.repo, ev.name):   # listed before it was found out
+                            raise NotFound(ev.name)
                         s.send_object(ev.name, bytes(await self.repo.store.get(ev.name)))
                     except NotFound:
                         s.missing(ev.name)
@@ -379,6 +395,10 @@ class Replicator:
                         log.warning("peer %s refused %s: %s", st.device[:12], ev.name[:40],
                                     ev.reason)
                     st.error = ev.reason
+                    # A peer checks every pack: ours may have rotted since it was written.
+                    name = ev.name.removeprefix("packs/")
+                    if name != ev.name and name not in self._refused_ok:
+                        self.check_pack_soon(name, refused=True)
                 elif isinstance(ev, LaneOffered):
                     if self.lane_server is not None:
                         self._lane_peers[_normalize(ev.fingerprint)] = st.device
@@ -396,6 +416,45 @@ class Replicator:
             events = s.next_wanted()
             if not events:
                 return
+
+    def check_pack_soon(self, name: str, *, refused: bool = False) -> None:
+        """Check pack `name` of this store in the background (a read from it failed, or a
+        peer refused it); see `pack_damaged`."""
+        if name not in self._checking:
+            self._checking.add(name)
+            self._spawn(self._check_pack(name, refused))
+
+    async def _check_pack(self, name: str, refused: bool) -> None:
+        try:
+            async with self._check_turn:
+                damaged = await self.pack_damaged(name)
+            if not damaged and refused:
+                self._refused_ok.add(name)   # (refused for another reason: a quota)
+        except P2PError as exc:
+            log.error("checking pack %s failed: %s", name[:12], exc)
+        finally:
+            self._checking.discard(name)
+
+    async def pack_damaged(self, name: str) -> bool:
+        """If pack `name` of this store no longer matches its name, list it as damaged (its
+        blobs that still authenticate stay in use) and ask every connected peer for its copy
+        (which replaces ours once checked; one that lacks it says so). True if damaged."""
+        damage = self.repo.index.damaged.get(name) or await self.repo.recheck_pack(name)
+        if damage is None:
+            return False
+        log.warning("pack %s is damaged: %s; asking peers for an intact copy", name[:12],
+                    damage.reason)
+        if self.on_damage is not None:
+            await self.on_damage()
+        for device, (s, link) in list(self.sessions.items()):
+            st = self._states.get(device)
+            if st is None:
+                continue
+            try:
+                await self._handle(s, link, st, s.lost([f"packs/{name}"]))
+            except P2PError:
+                pass   # the session is ending; the next one's inventories ask for it
+        return True
 
     def _spawn(self, coro) -> None:
         # The loop keeps only weak references to tasks: hold them until they end.

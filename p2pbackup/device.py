@@ -57,12 +57,10 @@ async def open_device(home: Path | None = None, *, write: bool = False,
     """Open this device's repository (or the one at `store`); `write` takes the writer lock."""
     config = load_config(home)
     keys, identity = load_keys(config)
-    if is_peer_location(store):
-        if write:
-            raise ConfigError(f"{store}: a peer's store is read here, never written")
-        blob_store: BlobStore = await open_peer_store(config, keys, identity, str(store))
-    else:
-        blob_store = open_store(store) if store else LocalDirStore(config.store)
+    if is_peer_location(store) and write:
+        raise ConfigError(f"{store}: a peer's store is read here, never written")
+    blob_store = await open_other_store(config, keys, identity, store) if store \
+        else LocalDirStore(config.store)
     lock = None
     if write:
         root = blob_store.root if isinstance(blob_store, LocalDirStore) else str(config.cache_dir)
@@ -85,6 +83,14 @@ async def open_device(home: Path | None = None, *, write: bool = False,
         await blob_store.close()
         if lock is not None:
             lock.release()
+
+
+async def open_other_store(config: Config, keys: AccountKeys, identity: DeviceIdentity,
+                           location: str) -> BlobStore:
+    """The store `location` names: a directory (see `open_store`) or `peer:DEVICE`."""
+    if is_peer_location(location):
+        return await open_peer_store(config, keys, identity, location)
+    return open_store(location)
 
 
 async def open_peer_store(config: Config, keys: AccountKeys, identity: DeviceIdentity,

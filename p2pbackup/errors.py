@@ -48,6 +48,19 @@ class IntegrityError(P2PError):
     exit_code = 13
 
 
+class BlobDamaged(IntegrityError):
+    """{}"""
+
+    # An IntegrityError that says which stored blob failed, so that a caller that can heal
+    # (the daemon) need not read it out of the message. Same exit code: same meaning to a user.
+    def __init__(self, message: str, pack: str = "", blob: bytes = b"") -> None:
+        super().__init__(message)
+        self.pack, self.blob = pack, blob
+
+    def __reduce__(self):  # restore workers are processes: it must cross a pipe whole
+        return type(self), (str(self), self.pack, self.blob)
+
+
 class UnsupportedFormat(P2PError):
     """{} was written by a newer p2pbackup (format v{}); upgrade to read it."""
 

@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass, field
 
 from ..errors import P2PError
-from ..format.pack import check_pack_header, pack_name, parse_trailer
 from ..format.log import PUT
 from ..format.records import DIR, FILE
 from ..repo.index import BlobLocation
@@ -29,6 +28,8 @@ class Damage:
     what: str  # "pack 1a2b...", "blob 3c4d...", "snapshot 5e6f..."
     reason: str
     affects: list[str] = field(default_factory=list)  # "snapshot ab12cd34: docs/a.txt"
+    blob: str | None = None   # the blob's id (hex), for a damaged or missing blob
+    pack: str | None = None   # the pack's name, when known
 
     def line(self, limit: int = 5) -> str:
         text = f"{self.what}: {self.reason}"
@@ -50,6 +51,7 @@ class VerifyReport:
     blobs_read: int = 0
     bytes_read: int = 0
     damage: list[Damage] = field(default_factory=list)
+    read_data: bool = False   # blobs were decrypted (else a changed byte cannot be seen)
 
     @property
     def ok(self) -> bool:
@@ -74,77 +76,89 @@ def blobs_by_pack(repo: Repository) -> dict[str, list[tuple[bytes, BlobLocation]
     return out
 
 
-def check_pack_blocking(repo: Repository, name: str, blobs: list[tuple[bytes, BlobLocation]]
-                        ) -> tuple[list[tuple[bytes, str]], str | None, int, int]:
-    """Read a whole pack and check it and the index's `blobs` in it.
+@dataclass(slots=True)
+class PackCheck:
+    """One pack read for verify: what is wrong with it, blob by blob."""
 
-    Returns (bad blobs with reasons, pack-level problem, blobs read, bytes read).
-    """
+    name: str
+    bad: dict[bytes, str]          # blob id -> why it cannot be read
+    problem: str | None            # what is wrong with the pack beyond its blobs
+    blobs_read: int = 0
+    bytes_read: int = 0
+
+
+def check_pack_blocking(repo: Repository, name: str,
+                        blobs: list[tuple[bytes, BlobLocation]]) -> PackCheck:
+    """Read a whole pack and decrypt every blob in it (from a thread): the index's `blobs` in
+    it and those its trailer lists (a blob the index dropped as damaged is still named)."""
     try:
-        data = repo.read_blocking(f"packs/{name}")
+        exam = repo.examine_pack_blocking(name, read_blobs=True, expected=blobs, scan=False)
     except P2PError as exc:
-        return [], str(exc), 0, 0
-    what = f"pack {name[:12]}"
-    problem = None
-    if pack_name(data) != name:
-        problem = "its content does not match its name (altered or damaged)"
-    try:
-        check_pack_header(data, what)
-        trailer = parse_trailer(data, len(data), repo.keys.record_keys_newest_first(), what)
-        listed = {b.id: b for b in trailer.blobs}
-    except P2PError as exc:
-        problem = str(exc)
-        listed = {}
-    bad: list[tuple[bytes, str]] = []
-    view = memoryview(data)
-    count = 0
+        return PackCheck(name, {}, str(exc))
+    bad = dict(exam.bad)
+    listed = {b.id: b for b in exam.blobs}
+    trailer_read = exam.scope is not None and not (exam.problem and blobs)
     for bid, loc in blobs:
         ref = listed.get(bid)
-        if listed and (ref is None or (ref.offset, ref.length) != (loc.offset, loc.length)):
-            bad.append((bid, "the pack trailer does not list it where the index says"))
-        elif loc.offset + loc.length > len(data):
-            bad.append((bid, "the pack is truncated"))
-        else:
-            try:
-                repo.decode_blob(bid, loc, view[loc.offset:loc.offset + loc.length])
-                count += 1
-            except P2PError as exc:
-                bad.append((bid, re.sub(r"^blob \w+ in pack \w+ ", "", str(exc))))
-    return bad, problem, count, len(data)
+        if bid in bad:
+            continue
+        if ref is None or (ref.offset, ref.length) != (loc.offset, loc.length):
+            bad[bid] = "the pack trailer does not list it where the index says" \
+                if trailer_read else "its pack cannot be read"
+    problem = exam.problem
+    if not exam.intact and not bad:
+        # Its blobs all authenticate, yet its bytes changed (its header, its trailer's length):
+        # the pack itself is what is damaged.
+        problem = "its content does not match its name" + (f"; {problem}" if problem else "")
+    good = len(blobs) - sum(1 for bid, _ in blobs if bid in bad)
+    return PackCheck(name, bad, problem, good, exam.size)
 
 
-class _Findings:
-    """Damage found so far, grouped by pack so one broken pack is one line, not hundreds."""
+class Findings:
+    """Damage found so far: one entry per damaged blob, and one per pack whose blobs are all
+    in doubt (missing, or the wrong size: it was not read) so that is one line, not hundreds."""
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
-        self.packs: dict[str, Damage] = {}
-        self.blobs: dict[bytes, Damage] = {}
-        self.bad: dict[bytes, str] = {}  # blob id -> why it cannot be read
+        self.packs: dict[str, Damage] = {}      # problems of whole packs
+        self.in_doubt: set[str] = set()         # packs whose every blob counts as bad
+        self.blobs: dict[bytes, Damage] = {}    # damaged or missing blobs
         self.other: list[Damage] = []
 
-    def pack(self, name: str, reason: str) -> None:
+    def pack(self, name: str, reason: str, *, every_blob: bool = False) -> None:
         if name not in self.packs:
-            self.packs[name] = Damage(f"pack {name[:12]}", reason)
-        for bid, loc in self.repo.index.blobs.items():
-            if loc.pack == name:
-                self.bad.setdefault(bid, reason)
+            self.packs[name] = Damage(f"pack {name[:12]}", reason, pack=name)
+        if every_blob:
+            self.in_doubt.add(name)
 
-    def blob(self, bid: bytes, reason: str) -> None:
-        self.bad[bid] = reason
+    def blob(self, bid: bytes, reason: str, pack: str | None = None) -> None:
+        if bid not in self.blobs:
+            where = f" in pack {pack[:12]}" if pack else ""
+            self.blobs[bid] = Damage(f"blob {bid.hex()[:12]}{where}", reason, blob=bid.hex(),
+                                     pack=pack)
+
+    def bad(self, bid: bytes) -> bool:
+        """True when blob `bid` cannot be read (noting it, if it is missing)."""
+        if bid in self.blobs:
+            return True
+        loc = self.repo.index.blobs.get(bid)
+        if loc is not None:
+            return loc.pack in self.in_doubt
+        damaged = self.repo.index.bad_blobs.get(bid)
+        if damaged is not None:
+            self.blob(bid, "it does not authenticate (its pack is damaged)", damaged.pack)
+        else:
+            self.blob(bid, "missing: no pack holds it")
+        return True
 
     def affects(self, bid: bytes, snap: StoredSnapshot, path: str) -> None:
         self.note(bid, f"snapshot {snap.short_id}: {path}")
 
     def note(self, bid: bytes, entry: str) -> None:
-        """Record that `entry` (a snapshot's or a log segment's file) needs blob `bid`."""
-        loc = self.repo.index.blobs.get(bid)
-        d = self.packs.get(loc.pack) if loc else None
+        """Record that `entry` (a snapshot's or a log segment's file) needs bad blob `bid`."""
+        d = self.blobs.get(bid)
         if d is None:
-            d = self.blobs.get(bid)
-            if d is None:
-                where = f" in pack {loc.pack[:12]}" if loc else ""
-                d = self.blobs[bid] = Damage(f"blob {bid.hex()[:12]}{where}", self.bad[bid])
+            d = self.packs[self.repo.index.blobs[bid].pack]
         if entry not in d.affects:
             d.affects.append(entry)
 
@@ -156,13 +170,16 @@ async def verify(repo: Repository, *, read_data: bool = False,
                  progress: VerifyProgress | None = None,
                  workers: int | None = None) -> VerifyReport:
     """Check every snapshot, tree and (with read_data) every blob of the repository."""
-    report = VerifyReport()
+    report = VerifyReport(read_data=read_data)
     progress = progress or VerifyProgress()
-    found = _Findings(repo)
+    found = Findings(repo)
     for name in repo.missing_packs:
-        found.packs[name] = Damage(f"pack {name[:12]}", "missing from the store")
-    for name, why in repo.damaged_packs.items():
-        found.packs[name] = Damage(f"pack {name[:12]}", why)
+        found.pack(name, "missing from the store")
+    for name, d in repo.index.damaged.items():
+        if not d.bad or name not in repo.index.packs:   # else its damaged blobs say it
+            found.pack(name, d.reason)
+        for bid in d.bad:
+            found.bad(bid)
 
     # Pack sizes against the index: catches truncation and loss without reading the data.
     for name, (_scope, _epoch, size) in list(repo.index.packs.items()):
@@ -171,45 +188,48 @@ async def verify(repo: Repository, *, read_data: bool = False,
         except P2PError:
             actual = -1
         if actual != size:
+            # Read, its blobs say for themselves; unread, each of them is in doubt.
             found.pack(name, "missing from the store" if actual < 0
-                       else f"is {actual} bytes, expected {size}")
+                       else f"is {actual} bytes, expected {size}",
+                       every_blob=not read_data or actual < 0)
     report.packs = len(repo.index.packs)
 
     if read_data:
-        names = sorted(repo.index.packs)
+        names = sorted(n for n in repo.index.packs if n not in found.in_doubt)
         progress.total_packs = len(names)
-        progress.expected_bytes = sum(size for _s, _e, size in repo.index.packs.values())
+        progress.expected_bytes = sum(repo.index.packs[n][2] for n in names)
         loop = asyncio.get_running_loop()
         grouped = blobs_by_pack(repo)
         with cf.ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2)) as pool:
-            futs = {n: loop.run_in_executor(pool, check_pack_blocking, repo, n,
-                                            grouped.get(n, [])) for n in names}
-            for name, fut in futs.items():
-                bad, problem, count, nbytes = await fut
+            futs = [loop.run_in_executor(pool, check_pack_blocking, repo, n, grouped.get(n, []))
+                    for n in names]
+            for fut in futs:
+                checked = await fut
                 progress.packs += 1
-                progress.bytes += nbytes
-                report.blobs_read += count
-                report.bytes_read += nbytes
-                if bad:
-                    kinds = sorted({why for _, why in bad})
-                    detail = f"{len(bad)} of {len(bad) + count} blobs unreadable ({'; '.join(kinds)})"
-                    problem = f"{problem}; {detail}" if problem else detail
-                if problem:
-                    found.packs.setdefault(name, Damage(f"pack {name[:12]}", problem))
-                for bid, why in bad:
-                    found.blob(bid, why)
+                progress.bytes += checked.bytes_read
+                report.blobs_read += checked.blobs_read
+                report.bytes_read += checked.bytes_read
+                if checked.problem:
+                    found.pack(checked.name, checked.problem)
+                for bid, why in checked.bad.items():
+                    found.blob(bid, why, checked.name)
 
-    snaps, unreadable = await repo.list_snapshots()
-    report.snapshots = len(snaps)
-    for u in unreadable:
-        found.other.append(Damage(f"snapshot {u.id[:8]}", u.reason))
-    report.trees = await asyncio.to_thread(_walk_snapshots, repo, snaps, found)
-    report.segments = await _check_logs(repo, found)
+    report.snapshots, report.trees, report.segments = await check_references(repo, found)
     report.damage = found.all()
     return report
 
 
-async def _check_logs(repo: Repository, found: _Findings) -> int:
+async def check_references(repo: Repository, found: Findings) -> tuple[int, int, int]:
+    """Every snapshot's trees and every device's log: note what they use that cannot be read,
+    and who uses it. Returns (snapshots, trees, log segments) checked."""
+    snaps, unreadable = await repo.list_snapshots()
+    for u in unreadable:
+        found.other.append(Damage(f"snapshot {u.id[:8]}", u.reason))
+    trees = await asyncio.to_thread(_walk_snapshots, repo, snaps, found)
+    return len(snaps), trees, await _check_logs(repo, found)
+
+
+async def _check_logs(repo: Repository, found: Findings) -> int:
     """Every device's log: the chain links, the signatures, and the chunks its changes name."""
     logstore = LogStore(repo)
     devices = sorted({n.split("/")[1] async for n in repo.store.list("segments/")})
@@ -233,15 +253,13 @@ async def _check_logs(repo: Repository, found: _Findings) -> int:
                     if c.op != PUT or c.entry is None or c.entry.type != FILE:
                         continue
                     for cid in c.entry.chunks:
-                        if cid not in found.bad and cid not in repo.index.blobs:
-                            found.blob(cid, "missing: no pack holds it")
-                        if cid in found.bad:
+                        if found.bad(cid):
                             found.note(cid, f"log segment {seg.seq}: {scope}/{show_path(c.path)}")
                             break
     return count
 
 
-def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: _Findings) -> int:
+def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: Findings) -> int:
     """Walk every snapshot's trees, noting missing or damaged blobs and who uses them."""
     clean: set[bytes] = set()  # trees with nothing damaged below: walked once, not per snapshot
     loaded = 0
@@ -250,15 +268,14 @@ def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: _Findi
         nonlocal loaded
         if tree_id in clean:
             return True
-        if tree_id not in found.bad and tree_id not in repo.index.blobs:
-            found.blob(tree_id, "missing: no pack holds it")
-        if tree_id in found.bad:
+        if found.bad(tree_id):
             found.affects(tree_id, snap, path + "/")
             return False
         try:
             tree = repo.load_tree_blocking(tree_id)
         except P2PError as exc:
-            found.blob(tree_id, str(exc))
+            pack = repo.index.blobs[tree_id].pack
+            found.blob(tree_id, re.sub(r"^blob \w+ in pack \w+ ", "", str(exc)), pack)
             found.affects(tree_id, snap, path + "/")
             return False
         loaded += 1
@@ -269,9 +286,7 @@ def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: _Findi
                 ok = walk(snap, e.subtree, child) and ok
             elif e.type == FILE:
                 for cid in e.chunks:
-                    if cid not in found.bad and cid not in repo.index.blobs:
-                        found.blob(cid, "missing: no pack holds it")
-                    if cid in found.bad:
+                    if found.bad(cid):
                         found.affects(cid, snap, child)
                         ok = False
                         break

@@ -17,6 +17,7 @@ import asyncio
 import ctypes
 import errno
 import io
+import itertools
 import os
 import threading
 
@@ -132,6 +133,10 @@ class LocalDirStore(BlobStore):
         self.root = os.path.abspath(os.fspath(root))
         self.location = self.root
         self._local = threading.local()
+        # Bumped when a name is deleted or replaced: cached open files of other threads may
+        # then be of the old file (a damaged pack healed by an intact copy of the same name).
+        self._bumps = itertools.count(1)   # next() on it is atomic: no lost update
+        self._replaced = 0
 
     def path_of(self, name: str) -> str:
         _check_name(name)
@@ -176,7 +181,10 @@ class LocalDirStore(BlobStore):
                     _start_writeback(fd)
             finally:
                 os.close(fd)
+            existed = os.path.exists(path)
             os.replace(tmp, path)
+            if existed:
+                self._replaced = next(self._bumps)
             if durable:
                 _fsync_dir(directory)
         except OSError as exc:
@@ -224,8 +232,13 @@ class LocalDirStore(BlobStore):
         # Restores read many small ranges of the same packs: keep a few files open per thread
         # (per thread, so no other thread can close an fd while it is being read).
         cache: OrderedDict[str, io.FileIO] | None = getattr(self._local, "files", None)
+        if cache is not None and self._local.replaced != self._replaced:
+            for f in cache.values():
+                f.close()
+            cache = None
         if cache is None:
             cache = self._local.files = OrderedDict()
+            self._local.replaced = self._replaced
         f = cache.get(name)
         if f is not None:
             cache.move_to_end(name)
@@ -292,6 +305,7 @@ class LocalDirStore(BlobStore):
         self._forget_cached(name)
         try:
             os.unlink(self.path_of(name))
+            self._replaced = next(self._bumps)
         except FileNotFoundError:
             pass
         except OSError as exc:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import blake3
 
 from ..buffers import aligned_buffer
 from ..crypto.keys import blob_id as keyed_blob_id
-from ..errors import IntegrityError, P2PError
-from .header import FORMAT_VERSION, HEADER_SIZE, Kind, ObjectHeader
+from ..errors import IntegrityError, P2PError, UnsupportedFormat
+from .header import FORMAT_VERSION, HEADER_SIZE, MAGIC, Kind, ObjectHeader
 from .objects import open_object, open_with_any, seal_object
 from .records import BlobRef, PackTrailer
 
@@ -169,3 +169,22 @@ def check_pack_blobs(data: bytes | memoryview,
         if keyed_blob_id(id_key, plain) != blob_id:
             raise IntegrityError(f"{what}: blob {blob_id.hex()[:12]} has content that does not "
                                  "match its id")
+
+
+def object_candidates(data: bytes | bytearray, start: int, end: int
+                      ) -> Iterator[tuple[int, int, int]]:
+    """(offset, length, kind) of every place in data[start:end] that begins with a valid
+    object header, in order of offset (the length is the header's: it may run past `end`).
+
+    Where the blobs of a pack may be when its trailer is lost: each sealed blob starts with
+    the object header. A candidate may still fail to decrypt (four random bytes can read as
+    the magic, a damaged header can claim any length): the caller decides by decrypting."""
+    pos = start
+    while (pos := data.find(MAGIC, pos, end)) >= 0:
+        try:
+            header = ObjectHeader.decode(memoryview(data)[pos:pos + HEADER_SIZE])
+        except (IntegrityError, UnsupportedFormat):
+            pos += 1
+            continue
+        yield pos, HEADER_SIZE + header.length, header.kind
+        pos += 1

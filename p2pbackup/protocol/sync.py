@@ -31,6 +31,7 @@ one whose next part does not come and asks for it again). Crossing a bound ends 
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -114,12 +115,23 @@ def _need(msg: dict, key: str, kind: type | tuple[type, ...]) -> Any:
     return value
 
 
+# A name of a kind a newer version writes: lowercase words and ids separated by single
+# slashes, nothing that could climb out of a store.
+_FUTURE_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}(/[A-Za-z0-9_-]{1,128}){1,4}")
+
+
 def _names(msg: dict, key: str, valid: Callable[[str], bool]) -> list[str]:
+    """The object names in `msg[key]` this version knows. Names of a kind it does not know
+    are passed over (downgrade-safe: a newer peer may hold kinds we cannot take); anything
+    else that is not a name ends the session."""
     names = _need(msg, key, list)
+    known = []
     for n in names:
-        if not isinstance(n, str) or not valid(n):
+        if isinstance(n, str) and valid(n):
+            known.append(n)
+        elif not (isinstance(n, str) and _FUTURE_NAME.fullmatch(n)):
             raise _Bad(f"a {msg.get('t')!r} frame names {str(n)[:60]!r}, not an object name")
-    return names
+    return known
 
 
 class _Names(set):
@@ -349,6 +361,12 @@ class SyncSession:
             return [self._end(str(exc))]
         return []
 
+    def lost(self, names: list[str]) -> list[Event]:
+        """We no longer hold `names` (found damaged here): they leave our inventory and are
+        asked for (a peer that does not hold one says so, and it is no longer awaited)."""
+        self.have.difference_update(names)
+        return self.ask_again(names)
+
     @property
     def pending(self) -> int:
         """Objects we asked the peer for and have not received yet."""
@@ -435,9 +453,9 @@ class SyncSession:
             self.limits.check_names(self.names_held + len(new),
                                     self.name_bytes_held + sum(map(len, new)))
             self._peer_has.update(new)
-            sizes = msg.get("sizes")
-            if isinstance(sizes, list) and len(sizes) == len(names):
-                self._peer_sizes.update((n, z) for n, z in zip(names, sizes)
+            sizes, listed = msg.get("sizes"), msg["names"]  # sizes pair with every name listed
+            if isinstance(sizes, list) and len(sizes) == len(listed):
+                self._peer_sizes.update((n, z) for n, z in zip(listed, sizes)
                                         if isinstance(z, int) and z >= 0 and n in self._peer_has)
             if _need(msg, "last", bool):
                 self._inv_done = True

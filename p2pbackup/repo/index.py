@@ -8,6 +8,8 @@ import struct
 import time
 from typing import NamedTuple
 
+from dataclasses import dataclass, field
+
 import aiosqlite
 import blake3
 
@@ -31,11 +33,40 @@ CREATE TABLE IF NOT EXISTS spare (id BLOB NOT NULL, kind INTEGER NOT NULL,
     pack INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
     raw_length INTEGER NOT NULL, PRIMARY KEY (id, pack)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS spare_by_pack ON spare(pack);
+CREATE TABLE IF NOT EXISTS damaged (name TEXT PRIMARY KEY, reason TEXT NOT NULL,
+    bad BLOB NOT NULL);
 """
 # `blobs` holds one location per blob, the one reads use. A blob stored in two packs (a
 # repacked pack and its original, both received from a peer during a prune's grace period)
 # keeps its other locations in `spare`, so that dropping the pack `blobs` points to moves the
 # blob to a surviving copy instead of losing it from the index.
+# `damaged` lists stored packs whose bytes no longer match their name, and the ids of their
+# blobs that do not authenticate (32 bytes each, in `bad`): those blobs are not in `blobs`, so
+# nothing reads them and the next snapshot stores them again. An index without this table
+# (an older p2pbackup) gets it on open; an older p2pbackup ignores it, so no version change.
+
+
+@dataclass(frozen=True, slots=True)
+class PackDamage:
+    """What is known to be wrong with a stored pack whose bytes do not match its name."""
+
+    reason: str
+    # Its blobs that do not authenticate, and where they lie (a restore that keeps damaged
+    # files zeroes exactly their bytes); they are not in the blob map.
+    bad: dict[bytes, "BlobLocation"] = field(default_factory=dict)
+
+    def encode_bad(self) -> bytes:
+        return b"".join(_BAD.pack(bid, loc.kind, loc.offset, loc.length, loc.raw_length)
+                        for bid, loc in sorted(self.bad.items()))
+
+    @classmethod
+    def decode(cls, name: str, reason: str, bad: bytes) -> "PackDamage":
+        usable = len(bad) - len(bad) % _BAD.size
+        return cls(reason, {bid: BlobLocation(name, off, length, raw, kind) for
+                            bid, kind, off, length, raw in _BAD.iter_unpack(bad[:usable])})
+
+
+_BAD = struct.Struct("<32sBIII")   # id, kind, offset, length, raw length
 
 
 class BlobLocation(NamedTuple):
@@ -128,6 +159,8 @@ class PackIndex:
         # When packs not written here arrived (unix seconds; 0 for packs this device wrote): a
         # pack from a peer may be used by a snapshot still on its way (prune leaves it alone).
         self.arrived: dict[str, int] = {}
+        self.damaged: dict[str, PackDamage] = {}
+        self.bad_blobs: dict[bytes, BlobLocation] = {}   # those of damaged packs' `bad`
 
     async def open(self) -> None:
         """Open (creating if needed) and load; raise IndexCorrupt when the file is unusable."""
@@ -155,6 +188,9 @@ class PackIndex:
                 self.packs[name] = (scope, epoch, size)
                 if arrived:
                     self.arrived[name] = arrived
+            for name, reason, bad in await self._db.execute_fetchall(
+                    "SELECT name, reason, bad FROM damaged"):
+                self._note_damage(name, PackDamage.decode(name, reason, bad))
             self._generation = await self._read_generation()
             if self._generation == 0:
                 # A new database starts at a random generation, so that a side file left by
@@ -241,17 +277,25 @@ class PackIndex:
 
     async def add_pack(self, name: str, scope: str, epoch: int, size: int,
                        blobs: list[tuple[bytes, int, int, int, int]], *,
-                       arrived: bool = False) -> None:
+                       arrived: bool = False, damage: PackDamage | None = None) -> None:
         """Record a stored pack and its blobs (id, kind, offset, length, raw_length);
-        `arrived`: it was not written here (a peer sent it, or nobody knows who wrote it)."""
-        await self.add_packs([(name, scope, epoch, size, blobs)], arrived=arrived)
+        `arrived`: it was not written here (a peer sent it, or nobody knows who wrote it);
+        `damage`: its bytes do not match its name (`blobs` are those that authenticate)."""
+        await self.add_packs([(name, scope, epoch, size, blobs)], arrived=arrived,
+                             damage={name: damage} if damage else None)
 
     async def add_packs(self, packs: list[tuple[str, str, int, int,
                                                 list[tuple[bytes, int, int, int, int]]]],
-                        *, arrived: bool = False) -> None:
+                        *, arrived: bool = False,
+                        damage: dict[str, PackDamage] | None = None) -> None:
         """Record several packs in one transaction (blob ids are random, so one commit per
-        pack would rewrite most of the B-tree each time)."""
+        pack would rewrite most of the B-tree each time). A pack not named in `damage` is
+        intact: one known as damaged before was replaced by an intact copy."""
         assert self._db is not None
+        damage = damage or {}
+        # (all of them, not only those this process knows as damaged: another may have listed
+        # one meanwhile)
+        healed = [n for n, *_ in packs if n not in damage]
         now = int(time.time()) if arrived else 0
         # The first location of a blob stays the one reads use (nothing rewrites its row);
         # a copy in another pack is a spare.
@@ -280,6 +324,7 @@ class PackIndex:
                     "INSERT OR REPLACE INTO spare VALUES (?,?,?,?,?,?)",
                     [(bid, kind, num[n], off, length, raw)
                      for bid, kind, n, off, length, raw in spares])
+            await self._write_damage(damage, healed)
             await self._next_generation()
             await self._db.commit()
         except sqlite3.Error as exc:
@@ -289,6 +334,71 @@ class PackIndex:
                 self.arrived[n] = now
             self.packs[n] = (scope, epoch, size)
         self.blobs.update(fresh)
+        for n in healed:
+            self._note_damage(n, None)
+        for n, d in damage.items():
+            self._note_damage(n, d)
+
+    async def mark_damaged(self, name: str, damage: PackDamage) -> None:
+        """Record that the stored pack `name` is damaged. Its blobs in `damage.bad` leave the
+        blob map (to a spare copy in another pack, if there is one); the others stay. A pack
+        the index does not hold (its trailer is unreadable) is only listed."""
+        assert self._db is not None
+        moved: dict[bytes, tuple[int, BlobLocation]] = {}
+        lost = [bid for bid in damage.bad if (loc := self.blobs.get(bid)) and loc.pack == name]
+        try:
+            num = (await self._pack_numbers([name])).get(name)
+            if num is not None and damage.bad:
+                bad = sorted(damage.bad)
+                await self._db.executemany("DELETE FROM blobs WHERE id=? AND pack=?",
+                                           [(bid, num) for bid in bad])
+                await self._db.executemany("DELETE FROM spare WHERE id=? AND pack=?",
+                                           [(bid, num) for bid in bad])
+                moved = await self._promote_spares(lost)
+            await self._write_damage({name: damage}, [])
+            await self._next_generation()
+            await self._db.commit()
+        except sqlite3.Error as exc:
+            raise _sql_error(exc, self.path) from None
+        for bid in lost:
+            del self.blobs[bid]
+        self.blobs.update((bid, loc) for bid, (_, loc) in moved.items())
+        self._note_damage(name, damage)
+
+    async def forget_damage(self, names: list[str]) -> None:
+        """Stop listing `names` as damaged (they left the store)."""
+        assert self._db is not None
+        gone = [n for n in names if n in self.damaged]
+        if not gone:
+            return
+        try:
+            await self._write_damage({}, gone)
+            await self._db.commit()
+        except sqlite3.Error as exc:
+            raise _sql_error(exc, self.path) from None
+        for n in gone:
+            self._note_damage(n, None)
+
+    async def _write_damage(self, damage: dict[str, PackDamage], cleared: list[str]) -> None:
+        """Inside the caller's transaction: list `damage`, unlist `cleared`."""
+        assert self._db is not None
+        if cleared:
+            await self._db.executemany("DELETE FROM damaged WHERE name=?",
+                                       [(n,) for n in cleared])
+        if damage:
+            await self._db.executemany(
+                "INSERT OR REPLACE INTO damaged VALUES (?,?,?)",
+                [(n, d.reason, d.encode_bad()) for n, d in damage.items()])
+
+    def _note_damage(self, name: str, damage: PackDamage | None) -> None:
+        old = self.damaged.pop(name, None)
+        for bid in old.bad if old else ():
+            loc = self.bad_blobs.get(bid)
+            if loc is not None and loc.pack == name:
+                del self.bad_blobs[bid]
+        if damage is not None:
+            self.damaged[name] = damage
+            self.bad_blobs.update(damage.bad)
 
     async def remove_pack(self, name: str) -> None:
         """Forget a pack (it is gone from the store, or about to be)."""
@@ -308,22 +418,10 @@ class PackIndex:
                         f"SELECT id FROM blobs WHERE pack IN ({_marks(part)})", part)]
             await self._db.executemany("DELETE FROM blobs WHERE pack=?",
                                        [(n,) for n in gone_nums])
-            if await self._db.execute_fetchall("SELECT 1 FROM spare LIMIT 1"):
-                await self._db.executemany("DELETE FROM spare WHERE pack=?",
-                                           [(n,) for n in gone_nums])
-                for part in _parts(lost):
-                    for bid, num, name, off, length, raw, kind in \
-                            await self._db.execute_fetchall(
-                                "SELECT s.id, s.pack, p.name, s.offset, s.length, s.raw_length, "
-                                "s.kind FROM spare s JOIN packs p ON p.num = s.pack "
-                                f"WHERE s.id IN ({_marks(part)})", part):
-                        moved.setdefault(bid, (num, BlobLocation(name, off, length, raw, kind)))
-                await self._db.executemany(
-                    "INSERT INTO blobs VALUES (?,?,?,?,?,?)",
-                    [(bid, loc.kind, num, loc.offset, loc.length, loc.raw_length)
-                     for bid, (num, loc) in moved.items()])
-                await self._db.executemany("DELETE FROM spare WHERE id=? AND pack=?",
-                                           [(bid, num) for bid, (num, _) in moved.items()])
+            await self._db.executemany("DELETE FROM spare WHERE pack=?",
+                                       [(n,) for n in gone_nums])
+            moved = await self._promote_spares(lost)
+            await self._write_damage({}, names)
             await self._db.executemany("DELETE FROM packs WHERE num=?", [(n,) for n in gone_nums])
             await self._next_generation()
             await self._db.commit()
@@ -332,9 +430,31 @@ class PackIndex:
         for n in names:
             self.packs.pop(n, None)
             self.arrived.pop(n, None)
+            self._note_damage(n, None)
         for bid in [b for b, loc in self.blobs.items() if loc.pack in gone]:
             del self.blobs[bid]
         self.blobs.update((bid, loc) for bid, (_, loc) in moved.items())
+
+    async def _promote_spares(self, lost: list[bytes]) -> dict[bytes, tuple[int, BlobLocation]]:
+        """Inside the caller's transaction: each of `lost` (blobs whose location was just
+        deleted) moves to a spare location, if it has one left; returns the moves."""
+        assert self._db is not None
+        moved: dict[bytes, tuple[int, BlobLocation]] = {}
+        if not lost or not await self._db.execute_fetchall("SELECT 1 FROM spare LIMIT 1"):
+            return moved
+        for part in _parts(lost):
+            for bid, num, name, off, length, raw, kind in await self._db.execute_fetchall(
+                    "SELECT s.id, s.pack, p.name, s.offset, s.length, s.raw_length, "
+                    "s.kind FROM spare s JOIN packs p ON p.num = s.pack "
+                    f"WHERE s.id IN ({_marks(part)})", part):
+                moved.setdefault(bid, (num, BlobLocation(name, off, length, raw, kind)))
+        await self._db.executemany(
+            "INSERT INTO blobs VALUES (?,?,?,?,?,?)",
+            [(bid, loc.kind, num, loc.offset, loc.length, loc.raw_length)
+             for bid, (num, loc) in moved.items()])
+        await self._db.executemany("DELETE FROM spare WHERE id=? AND pack=?",
+                                   [(bid, num) for bid, (num, _) in moved.items()])
+        return moved
 
     async def _pack_numbers(self, names: list[str]) -> dict[str, int]:
         """packs.num of each of `names` the database holds."""

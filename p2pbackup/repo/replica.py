@@ -9,6 +9,7 @@ never go backwards, membership versions), and every blob a pack holds decrypts t
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 
 import blake3
@@ -28,6 +29,8 @@ from .intake import PackIntake
 from .logstore import LogStore, segment_name
 from .removals import owner_keys
 from .repository import Repository
+
+log = logging.getLogger("p2pbackup.repo")
 
 # Objects a peer sends first: later ones are checked against them.
 ORDER = {kind: i for i, (kind, _) in enumerate(ids.OBJECT_NAMES)}
@@ -58,10 +61,15 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
     A pack `intake` joined is checked and written by its worker processes."""
     kind, m = kind_of(name)
     what = f"{name[:60]} from a peer"
+    heals = False
     if kind != "head" and await repo.store.has(name):
-        if kind == "pack" or await repo.store.get(name) == data:
+        # A pack here whose bytes no longer match its name is replaced by a copy that does.
+        heals = kind == "pack" and m.group(1) in repo.index.damaged
+        if not heals and (kind == "pack" or await repo.store.get(name) == data):
             return False
-        raise IntegrityError(f"{what} differs from the copy already here (objects never change)")
+        if not heals:
+            raise IntegrityError(f"{what} differs from the copy already here (objects never "
+                                 "change)")
     if kind == "config":
         if data != await repo.config_object():
             raise IntegrityError(f"{what} belongs to another repository")
@@ -85,14 +93,19 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
     elif kind == "keyring":
         await store_membership.check_keyring(repo, bytes(data), int(name.split("/")[1]), what)
     elif kind == "pack":
+        # (a damaged pack is replaced from this process: its store then knows to reopen it)
         if intake is not None and intake.usable and intake.owns(data) and not durable \
-                and isinstance(repo.store, LocalDirStore):
+                and isinstance(repo.store, LocalDirStore) and not heals:
             trailer = await _take_in_worker(repo, intake, name, m.group(1), data, what)
         else:
             trailer = await _check_and_put(repo, name, m.group(1), data, durable, what)
+        # Added whole and without damage: a damaged copy's listing ends here.
         await repo.index.add_pack(m.group(1), trailer.scope, trailer.epoch, len(data),
                                   [(b.id, b.kind, b.offset, b.length, b.raw_length)
                                    for b in trailer.blobs], arrived=True)
+        if heals:
+            log.info("pack %s healed: an intact copy from a peer replaced the damaged one",
+                     m.group(1)[:12])
         return True
     elif kind == "snapshot":
         await repo.check_snapshot(data, m.group(1), what)

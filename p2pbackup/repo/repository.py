@@ -10,23 +10,24 @@ import shutil
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .. import ids
 from ..blobs.base import BlobStore, Buffer
 from ..chunking.chunker import DEFAULT_AVG
 from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
-from ..crypto.keys import AccountKeys, ScopeKeys
-from ..errors import IntegrityError, NotFound, P2PError, StorageError, UnsupportedFormat, WrongKey
-from ..format.header import Kind, ObjectHeader
-from ..format.objects import open_object, open_with_any, seal_object
+from ..crypto.keys import AccountKeys, MissingKey, ScopeKeys
+from ..errors import (BlobDamaged, IntegrityError, NotFound, P2PError, StorageError,
+                      UnsupportedFormat, WrongKey)
+from ..format.header import HEADER_SIZE, Kind, ObjectHeader
 from ..format.membership import Kept, SignerRefused, Signers
-from ..format.pack import check_pack_header, pack_name, parse_trailer
-from ..format.records import (DEVICE_SIG, SNAPSHOT_SIG, DeviceRecord, PackTrailer, RepoConfig,
+from ..format.objects import open_object, open_with_any, seal_object
+from ..format.pack import check_pack_header, object_candidates, pack_name, parse_trailer
+from ..format.records import (DEVICE_SIG, SNAPSHOT_SIG, BlobRef, DeviceRecord, RepoConfig,
                               Signed, Snapshot, Tree)
 from . import membership as store_membership
-from .index import BlobLocation, IndexCorrupt, IndexOutdated, PackIndex
+from .index import BlobLocation, IndexCorrupt, IndexOutdated, PackDamage, PackIndex
 from .snapshots import SourceLike, StoredSnapshot, choose_latest, source_asked
 
 log = logging.getLogger("p2pbackup.repo")
@@ -45,6 +46,46 @@ class UnreadableSnapshot:
     refused: bool = False   # it reads, but its signer may not have written it (SignerRefused)
 
 
+@dataclass(slots=True)
+class PackExam:
+    """A stored pack read whole and checked: which of its blobs still authenticate.
+
+    Blobs are sealed one by one, so a changed byte damages one blob, not the pack: `blobs`
+    are those that can still be used (all of them, unread, when the pack matches its name
+    and its blobs were not asked to be read), `bad` those that cannot, with why."""
+
+    name: str
+    size: int
+    intact: bool                 # its bytes match its name
+    scope: str | None = None     # None: no readable trailer, and scanning found no blob
+    epoch: int = 0
+    blobs: list[BlobRef] = field(default_factory=list)
+    bad: dict[bytes, str] = field(default_factory=dict)
+    bad_refs: dict[bytes, BlobRef] = field(default_factory=dict)   # where the `bad` ones lie
+    unreadable: int = 0          # records found by scanning that do not authenticate
+    problem: str | None = None   # what else is wrong (its trailer, its header)
+    scanned: bool = False        # its blobs were found by scanning for object headers
+
+    @property
+    def damage(self) -> PackDamage | None:
+        """What to record of it in the index (None if nothing is wrong)."""
+        if self.intact and self.problem is None and not self.bad:
+            return None
+        parts = [] if self.intact else ["its content does not match its name"]
+        if self.problem:
+            parts.append(self.problem)
+        if self.bad:
+            total = len(self.blobs) + len(self.bad)
+            parts.append(f"{len(self.bad)} of {total} blobs do not authenticate "
+                         f"({'; '.join(sorted(set(self.bad.values())))})")
+        if self.scanned:
+            parts.append(f"{len(self.blobs)} blobs found by scanning it"
+                         + (f", {self.unreadable} unreadable" if self.unreadable else ""))
+        return PackDamage("; ".join(parts), {
+            bid: BlobLocation(self.name, ref.offset, ref.length, ref.raw_length, ref.kind)
+            for bid, ref in self.bad_refs.items()})
+
+
 class Repository:
     """Packs, index, snapshots and devices on one store, for one account."""
 
@@ -59,7 +100,15 @@ class Repository:
         self.loop = asyncio.get_running_loop()
         self._devices: dict[str, bytes] = {}
         self.missing_packs: list[str] = []
-        self.damaged_packs: dict[str, str] = {}
+        # Called (from any thread) with a pack's name when a blob read from it does not
+        # authenticate: the daemon checks that pack and fetches an intact copy from a peer.
+        self.damage_seen: Callable[[str], None] | None = None
+
+    @property
+    def damaged_packs(self) -> dict[str, str]:
+        """Stored packs whose bytes do not match their name, with what is wrong (the index
+        keeps this; peers are never offered them)."""
+        return {name: d.reason for name, d in self.index.damaged.items()}
 
     # ---- creating and opening -------------------------------------------------------------
 
@@ -144,7 +193,10 @@ class Repository:
     # ---- the index ------------------------------------------------------------------------
 
     async def sync_index(self, progress: Callable[[str], None] | None = None) -> tuple[int, int]:
-        """Add packs the index lacks, drop packs the store lacks; return (added, dropped)."""
+        """Add packs the index lacks, drop packs the store lacks; return (added, dropped).
+
+        A pack the index lacks whose bytes do not match its name is indexed too, with the
+        blobs that still authenticate, and listed as damaged."""
         stored = {name.split("/", 1)[1] async for name in self.store.list("packs/")}
         added = dropped = 0
         for name in sorted(set(self.index.packs) - stored):
@@ -152,22 +204,44 @@ class Repository:
             self.missing_packs.append(name)
             await self.index.remove_pack(name)
             dropped += 1
+        await self.index.forget_damage([n for n in self.index.damaged if n not in stored])
+        later = []
         for name in sorted(stored - set(self.index.packs)):
             try:
-                trailer, size = await asyncio.to_thread(self._check_unindexed_pack, name)
-            except IntegrityError as exc:
-                self.damaged_packs[name] = str(exc)
-                log.warning("%s", exc)
+                exam = await asyncio.to_thread(self.examine_pack_blocking, name, scan=False)
+            except NotFound:
                 continue
-            # Who wrote it is unknown here (a peer's daemon, our own killed run): treated as
-            # arrived, so a prune in a shared repository waits before deleting it.
-            await self.index.add_pack(name, trailer.scope, trailer.epoch, size,
-                                      [(b.id, b.kind, b.offset, b.length, b.raw_length)
-                                       for b in trailer.blobs], arrived=True)
-            added += 1
+            if exam.scope is None and exam.problem:
+                later.append(name)   # scanned once the other packs say which keys to try
+                continue
+            added += await self._index_examined(exam)
+            if progress:
+                progress(name)
+        for name in later:
+            try:
+                exam = await asyncio.to_thread(self.examine_pack_blocking, name)
+            except NotFound:
+                continue
+            added += await self._index_examined(exam)
             if progress:
                 progress(name)
         return added, dropped
+
+    async def _index_examined(self, exam: PackExam) -> int:
+        damage = exam.damage
+        if damage is not None:
+            log.warning("pack %s is damaged: %s; %d blobs of it still authenticate and are "
+                        "indexed", exam.name[:12], damage.reason, len(exam.blobs))
+        if exam.scope is None:
+            assert damage is not None
+            await self.index.mark_damaged(exam.name, damage)
+            return 0
+        # Who wrote it is unknown here (a peer's daemon, our own killed run): treated as
+        # arrived, so a prune in a shared repository waits before deleting it.
+        await self.index.add_pack(exam.name, exam.scope, exam.epoch, exam.size,
+                                  [(b.id, b.kind, b.offset, b.length, b.raw_length)
+                                   for b in exam.blobs], arrived=True, damage=damage)
+        return 1
 
     async def rebuild_index(self) -> tuple[int, int]:
         """Throw the index away and recreate it from the packs' trailers."""
@@ -177,20 +251,99 @@ class Repository:
         self.index = await _open_index(path)
         return await self.sync_index()
 
-    def _check_unindexed_pack(self, name: str) -> tuple[PackTrailer, int]:
-        """Read a pack the index does not know and check all of it against its name.
+    async def recheck_pack(self, name: str) -> PackDamage | None:
+        """Read pack `name` and, if its bytes no longer match its name, list it as damaged
+        (its blobs that do not authenticate leave the index); None if it is intact (or gone).
+        For a pack the index holds, found suspect while in use."""
+        expected = [(bid, loc) for bid, loc in self.index.blobs.items() if loc.pack == name]
+        try:
+            exam = await asyncio.to_thread(self.examine_pack_blocking, name, expected=expected)
+        except NotFound:
+            return None
+        damage = exam.damage
+        if damage is not None:
+            await self.index.mark_damaged(name, damage)
+        return damage
 
-        Such a pack was written by a run that did not finish (or by another writer); packs are
-        made durable in batches, so after a power cut it could be torn: trust only its hash.
-        """
+    def examine_pack_blocking(self, name: str, data: bytes | memoryview | None = None, *,
+                              read_blobs: bool = False,
+                              expected: list[tuple[bytes, BlobLocation]] | None = None,
+                              scan: bool = True) -> PackExam:
+        """Read pack `name` (or take its `data`) and check it blob by blob (from a thread).
+
+        A pack that matches its name is exactly what was written: its blobs are decrypted
+        only with `read_blobs`. Its blobs are those its trailer lists; when the trailer cannot
+        be read, those the index places in it (`expected`), or else (`scan`) the objects found
+        by scanning it for object headers, each decrypted with the keys of the sources the
+        index knows and named by its content. NotFound if the store lacks it."""
         what = f"pack {name[:12]}"
-        data = self.read_blocking(f"packs/{name}")
-        if pack_name(data) != name:
-            raise IntegrityError(f"{what} is damaged or incomplete: its content does not match "
-                                 "its name")
-        check_pack_header(data, what)
-        return parse_trailer(data, len(data), self.keys.record_keys_newest_first(), what), \
-            len(data)
+        if data is None:
+            data = self.read_blocking(f"packs/{name}")
+        view = memoryview(data)
+        exam = PackExam(name, len(view), pack_name(view) == name)
+        refs: list[BlobRef] | None = None
+        try:
+            check_pack_header(view, what)
+            trailer = parse_trailer(view, len(view), self.keys.record_keys_newest_first(), what)
+            refs, exam.scope, exam.epoch = list(trailer.blobs), trailer.scope, trailer.epoch
+        except IntegrityError as exc:
+            exam.problem = str(exc).removeprefix(what + " ")
+        if refs is None and expected and name in self.index.packs:
+            exam.scope, exam.epoch, _ = self.index.packs[name]
+            refs = [BlobRef(loc.kind, bid, loc.offset, loc.length, loc.raw_length)
+                    for bid, loc in expected]
+        if refs is None:
+            if scan:
+                self._scan_pack(exam, view)
+            return exam
+        if exam.intact and not read_blobs:
+            exam.blobs = refs
+            return exam
+        try:
+            keys = self.keys.scope(exam.scope, exam.epoch)  # type: ignore[arg-type]
+        except MissingKey:
+            exam.blobs = refs   # a source this device was not granted: kept as ciphertext
+            return exam
+        for ref in refs:
+            why = _blob_problem(keys, ref, view, what)
+            if why is None:
+                exam.blobs.append(ref)
+            else:
+                exam.bad[ref.id] = why
+                exam.bad_refs[ref.id] = ref
+        return exam
+
+    def _scan_pack(self, exam: PackExam, view: memoryview) -> None:
+        """Find the blobs of a pack whose trailer is lost: every object header whose object
+        decrypts with the keys of a source the index knows (a pack holds one source's)."""
+        exam.scanned = True
+        scopes = sorted({(s, e) for s, e, _ in self.index.packs.values()})
+        keyring: list[ScopeKeys] = []
+        for scope, epoch in scopes:
+            try:
+                keyring.append(self.keys.scope(scope, epoch))
+            except MissingKey:
+                continue
+        data = bytes(view)
+        cursor = bad_until = HEADER_SIZE
+        for offset, length, kind in object_candidates(data, HEADER_SIZE, len(data)):
+            if offset < cursor or kind not in (Kind.CHUNK, Kind.TREE):
+                continue
+            for keys in keyring if offset + length <= len(data) else ():
+                try:
+                    _, plain = open_object(view[offset:offset + length], keys.data_key)
+                except IntegrityError:
+                    continue
+                exam.scope, exam.epoch = keys.scope, keys.epoch
+                keyring = [keys]
+                exam.blobs.append(BlobRef(kind, keys.blob_id(plain), offset, length,
+                                          len(plain)))
+                cursor = offset + length
+                break
+            else:
+                if offset >= bad_until:
+                    exam.unreadable += 1
+                    bad_until = offset + length
 
     # ---- blobs ----------------------------------------------------------------------------
 
@@ -233,7 +386,9 @@ class Repository:
         return self.keys.scope(scope, epoch)
 
     def locate(self, blob_id: bytes) -> BlobLocation:
-        loc = self.index.blobs.get(blob_id)
+        """Where blob `blob_id` is stored: also a blob known as damaged (reading it fails as
+        it should, and its place in a file is known)."""
+        loc = self.index.blobs.get(blob_id) or self.index.bad_blobs.get(blob_id)
         if loc is None:
             raise IntegrityError(f"blob {blob_id.hex()[:12]} is missing: no pack holds it")
         return loc
@@ -242,11 +397,12 @@ class Repository:
         """Decrypt a sealed blob and check that its content matches its id."""
         what = f"blob {blob_id.hex()[:12]} in pack {loc.pack[:12]}"
         keys = self.scope_keys_of(loc)
-        _, plain = open_object(sealed, keys.data_key, expect=loc.kind, what=what,
-                               raw_length=loc.raw_length)
-        if keys.blob_id(plain) != blob_id:
-            raise IntegrityError(f"{what} has content that does not match its id")
-        return plain
+        try:
+            return open_blob(keys, blob_id, loc.kind, sealed, what, loc.raw_length)
+        except IntegrityError as exc:
+            if self.damage_seen is not None:
+                self.damage_seen(loc.pack)
+            raise BlobDamaged(str(exc), loc.pack, blob_id) from None
 
     def read_blob_blocking(self, blob_id: bytes) -> bytes:
         """Read, decrypt and authenticate one blob (from a worker thread)."""
@@ -429,6 +585,30 @@ class Repository:
         if len(matches) > 1:
             raise NotFound(f"{ref!r} matches {len(matches)} snapshots; give more of the id")
         return await self.load_snapshot(matches[0])
+
+
+def open_blob(keys: ScopeKeys, blob_id: bytes, kind: int, sealed: bytes | memoryview,
+              what: str, raw_length: int) -> bytes:
+    """Decrypt a sealed blob (to at most its `raw_length`, which it must have) and check that
+    its content matches its id (IntegrityError)."""
+    _, plain = open_object(sealed, keys.data_key, expect=kind, what=what,
+                           raw_length=raw_length)
+    if keys.blob_id(plain) != blob_id:
+        raise IntegrityError(f"{what} has content that does not match its id")
+    return plain
+
+
+def _blob_problem(keys: ScopeKeys, ref: BlobRef, pack: memoryview, what: str) -> str | None:
+    """Why blob `ref` of a pack does not authenticate, or None if it does."""
+    if ref.offset + ref.length > len(pack):
+        return "the pack is truncated"
+    label = f"blob {ref.id.hex()[:12]} in {what}"
+    try:
+        open_blob(keys, ref.id, ref.kind, pack[ref.offset:ref.offset + ref.length], label,
+                  ref.raw_length)
+    except IntegrityError as exc:
+        return str(exc).removeprefix(label + " ")
+    return None
 
 
 def _remove_index_files(path: str) -> None:

@@ -54,3 +54,20 @@ def test_received_parts_are_joined_into_a_buffer_written_without_the_page_cache(
     store.put_sync("packs/" + "ab" * 32, joined, durable=False)
     assert any(f & local._O_DIRECT for f in opened)  # put_sync asked for O_DIRECT
     assert store.get_sync("packs/" + "ab" * 32) == b"".join(parts)
+
+
+async def test_a_blob_replaced_in_place_is_read_anew_from_every_thread(tmp_path: Path) -> None:
+    """A damaged pack healed by an intact copy under the same name: ranges read afterwards
+    come from the new file, also in threads that had the old one open (a restore's reads)."""
+    import concurrent.futures as cf
+
+    store = LocalDirStore(tmp_path)
+    name = "packs/" + "ab" * 32
+    await store.put(name, b"damaged!" * 100)
+    with cf.ThreadPoolExecutor(1) as pool:
+        assert pool.submit(store.get_range_sync, name, 0, 8).result() == b"damaged!"
+        await store.put(name, b"intact!!" * 100)
+        assert pool.submit(store.get_range_sync, name, 0, 8).result() == b"intact!!"
+        await store.delete(name)
+        await store.put(name, b"again!!!" * 100)
+        assert pool.submit(store.get_range_sync, name, 0, 8).result() == b"again!!!"

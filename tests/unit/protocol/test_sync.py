@@ -291,3 +291,40 @@ def test_objects_lost_on_the_way_are_asked_for_again_and_arrive():
             b.handle(b.s.receive_data(slow))
             pump(a, b)
         assert not b.s.closed and b.objects == a.objects and b.s.pending == 0
+
+
+def test_names_of_kinds_a_newer_version_writes_are_skipped_not_fatal():
+    """Downgrade-safe: a newer peer's inventory, announcement or want may name kinds this
+    version does not know (as `roster/` once was new); they are passed over and the session
+    goes on, while names that could climb out of a store still end it."""
+    future = ["rosters2/000000000001", "newkind/ab12/cd-34", "packs/a0000"]
+    s = SyncSession("B", set(), valid_name=valid)
+    out = s.receive_data(frame({"t": "hello", "versions": [1], "device": "X"})
+                         + frame({"t": "inv", "names": future, "last": True})
+                         + frame({"t": "announce", "names": ["later/thing"]})
+                         + frame({"t": "want", "names": ["future/x", "packs/zz"]}))
+    assert not s.closed and not [e for e in out if isinstance(e, Closed)]
+    done = [e for e in out if isinstance(e, InventoryDone)]
+    assert done and done[0].wanted == 1   # packs/a0000 only
+    for unsafe in (["../x"], ["a/../b"], ["/abs/x"], ["a\\b"], ["x" * 300], ["a//b"], [""]):
+        s = SyncSession("B", set(), valid_name=valid)
+        ev = s.receive_data(frame({"t": "hello", "versions": [1], "device": "X"})
+                            + frame({"t": "inv", "names": unsafe, "last": True}))
+        assert isinstance(ev[-1], Closed) and "malformed" in ev[-1].reason, unsafe
+
+
+def test_an_object_found_damaged_here_is_asked_for_again_and_not_awaited_from_a_peer_without_it():
+    shared = {"packs/" + "a" * 64: b"intact"}
+    a, b = Side("a", shared), Side("b", dict(shared))
+    c = Side("c", {})
+    pump(a, b)
+    b.objects["packs/" + "a" * 64] = b"damaged"
+    b.handle(b.s.lost(["packs/" + "a" * 64]))
+    pump(a, b)
+    assert b.objects["packs/" + "a" * 64] == b"intact" and b.s.pending == 0
+    # A peer that never held it says so: nothing stays awaited (no asking again forever).
+    d = Side("d", dict(shared))
+    pump(c, d)
+    d.handle(d.s.lost(["packs/" + "a" * 64]))
+    pump(c, d)
+    assert d.s.pending == 0 and not any(isinstance(e, Closed) for e in d.events)

@@ -146,3 +146,33 @@ async def test_a_process_that_loaded_earlier_still_moves_blobs_to_their_copies(t
     after = await _open(path)
     assert after.blobs == {shared: BlobLocation(copy[0], 0, 90, 200, 1)}
     await after.close()
+
+
+async def test_a_damaged_pack_loses_only_its_bad_blobs_and_a_spare_copy_takes_over(
+        tmp_path: Path):
+    from p2pbackup.repo.index import PackDamage
+
+    bad, spared, good = os.urandom(32), os.urandom(32), os.urandom(32)
+    damaged, other = _pack([bad, spared, good]), _pack([spared])
+    path = tmp_path / "index.sqlite"
+    index = await _open(path)
+    await index.add_packs([damaged, other])
+    where = {bid: index.blobs[bid] for bid in (bad, spared)}
+    await index.mark_damaged(damaged[0], PackDamage("changed", where))
+    assert bad not in index.blobs and index.bad_blobs[bad] == where[bad]
+    assert index.blobs[spared].pack == other[0]        # the copy elsewhere is read now
+    assert index.blobs[good].pack == damaged[0]        # what authenticates stays in use
+    await index.close()
+    again = await _open(path)                          # kept in the database, not only here
+    assert again.damaged[damaged[0]].bad == where and again.blobs == index.blobs
+    # An intact copy of the pack added again (a peer sent it, repair fetched it): healed.
+    await again.add_packs([damaged])
+    assert not again.damaged and not again.bad_blobs and again.blobs[bad].pack == damaged[0]
+    # A damaged pack that leaves the store leaves the list too.
+    await again.mark_damaged(damaged[0], PackDamage("changed", {bad: where[bad]}))
+    await again.remove_pack(damaged[0])
+    assert not again.damaged and bad not in again.blobs
+    await again.close()
+    last = await _open(path)
+    assert not last.damaged
+    await last.close()

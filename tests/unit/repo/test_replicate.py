@@ -8,6 +8,8 @@ import contextlib
 import os
 from pathlib import Path
 
+import pytest
+
 from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import Source
@@ -43,28 +45,31 @@ async def two_repositories(tmp_path: Path):
 
 
 @contextlib.asynccontextmanager
-async def running(ra, rb, a_id, b_id, **b_options):
-    """A Replicator on each repository, in session over the in-memory link; yields b's view of
-    a (PeerState). Everything is closed at the end."""
+async def running(ra, rb, a_id, b_id, *, keep_open: bool = False, **b_options):
+    """A Replicator on each repository, in session over the in-memory link; yields a's
+    Replicator, b's view of a (PeerState) and b's Replicator. Everything is closed at the end
+    (the repositories too, unless `keep_open`)."""
     la, lb = memory_pair()
     pa, pb = Replicator(ra, a_id.device_id), Replicator(rb, b_id.device_id, **b_options)
     sb = PeerState(a_id.device_id)
     tasks = [asyncio.create_task(pa.run(b_id.device_id, la, PeerState(b_id.device_id))),
              asyncio.create_task(pb.run(a_id.device_id, lb, sb))]
     try:
-        yield pa, sb
+        yield pa, sb, pb
     finally:
         await la.close()
         await lb.close()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await pa.close()
         await pb.close()
-        await ra.close()
-        await rb.close()
+        if not keep_open:
+            await ra.close()
+            await rb.close()
 
 
 async def test_initial_sync_then_push(tmp_path: Path):
     src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
-    async with running(ra, rb, a_id, b_id) as (pa, sb):
+    async with running(ra, rb, a_id, b_id) as (pa, sb, _pb):
         async def b_has_snapshot() -> bool:
             return len((await rb.list_snapshots())[0]) == 1
         await until(b_has_snapshot)
@@ -139,3 +144,97 @@ async def test_a_hostile_peer_ends_its_session_and_plants_nothing(tmp_path: Path
         assert {n async for n in rb.store.list("")} == before
     finally:
         await rb.close()
+
+
+# ---- damaged packs: never offered, healed from the peer's intact copy ----------------------
+
+def _damage_a_chunk(repo) -> tuple[str, bytes]:
+    """Flip a byte inside one chunk of a pack (under the index's feet); returns the pack's
+    name and its intact bytes."""
+    from pathlib import Path as P
+
+    from p2pbackup.format.header import Kind
+
+    bid, loc = next((b, l) for b, l in repo.index.blobs.items() if l.kind == Kind.CHUNK)
+    path = P(repo.store.path_of(f"packs/{loc.pack}"))
+    intact = path.read_bytes()
+    damaged = bytearray(intact)
+    damaged[loc.offset + loc.length // 2] ^= 1
+    path.write_bytes(damaged)
+    return loc.pack, intact
+
+
+async def _same_stores(ra, rb) -> bool:
+    return {n async for n in ra.store.list("")} <= {n async for n in rb.store.list("")}
+
+
+async def test_a_read_that_fails_heals_the_pack_from_the_peer_in_the_same_session(
+        tmp_path: Path):
+    """What the daemon does on its own: a blob read fails (a snapshot's, a rescan's), the pack
+    is checked, listed as damaged, and the peer's copy asked for and put in its place."""
+    from p2pbackup.backup.verify import verify
+    from p2pbackup.errors import BlobDamaged
+
+    from tests.eventually import eventually
+
+    src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
+    async with running(ra, rb, a_id, b_id) as (pa, sb, pb):
+        await eventually(lambda: _same_stores(ra, rb))
+        name, intact = _damage_a_chunk(rb)
+        loop = asyncio.get_running_loop()
+        rb.damage_seen = lambda pack: loop.call_soon_threadsafe(pb.check_pack_soon, pack)
+        bid = next(b for b, l in rb.index.blobs.items() if l.pack == name)
+        with pytest.raises(BlobDamaged):
+            for b in [b for b, l in rb.index.blobs.items() if l.pack == name]:
+                await asyncio.to_thread(rb.read_blob_blocking, b)
+        await eventually(lambda: name not in rb.damaged_packs and
+                         open(rb.store.path_of(f"packs/{name}"), "rb").read() == intact)
+        assert (await verify(rb, read_data=True)).ok
+        assert await asyncio.to_thread(rb.read_blob_blocking, bid)
+
+
+async def test_a_damaged_pack_is_not_offered_and_the_next_session_heals_it(tmp_path: Path):
+    """After an index rebuild (or a repair that set the pack aside), the damaged pack is not
+    in this store's inventory, so a peer holding it sends its copy at the next session."""
+    from p2pbackup.backup.repair import repair_packs
+    from p2pbackup.backup.verify import verify
+    from p2pbackup.daemon.replicate import local_names
+
+    from tests.eventually import eventually
+
+    src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
+    async with running(ra, rb, a_id, b_id, keep_open=True):
+        await eventually(lambda: _same_stores(ra, rb))
+    name, intact = _damage_a_chunk(rb)
+    await rb.rebuild_index()
+    assert name in rb.damaged_packs and f"packs/{name}" not in await local_names(rb)
+    async with running(ra, rb, a_id, b_id, keep_open=True):
+        await eventually(lambda: name not in rb.damaged_packs)
+    assert (await verify(rb, read_data=True)).ok
+    # Set aside by repair (no other copy given): the same at the next session.
+    _damage_a_chunk(rb)
+    report = await repair_packs(rb)
+    assert report.repaired[0].lost == 1 and not await rb.store.has(f"packs/{name}")
+    assert not (await verify(rb)).ok
+    async with running(ra, rb, a_id, b_id):
+        await eventually(lambda: rb.store.has(f"packs/{name}"))
+        await eventually(lambda: not rb.index.damaged and name in rb.index.packs)
+        assert (await verify(rb, read_data=True)).ok
+
+
+async def test_a_pack_that_rotted_is_refused_once_then_never_sent_again(tmp_path: Path):
+    """The sender's copy changed since it was written: the peer refuses it (it checks the
+    hash); the sender then finds it damaged and stops offering it: no loop."""
+    from p2pbackup.daemon.replicate import local_names
+
+    from tests.eventually import eventually
+
+    src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
+    name, _ = _damage_a_chunk(ra)
+    async with running(ra, rb, a_id, b_id, keep_open=True):
+        await eventually(lambda: name in ra.damaged_packs)
+        assert not await rb.store.has(f"packs/{name}")
+    assert f"packs/{name}" not in await local_names(ra)
+    async with running(ra, rb, a_id, b_id) as (pa, _sb, _pb):
+        await eventually(lambda: b_id.device_id in pa.sessions)
+        assert f"packs/{name}" not in pa.sessions[b_id.device_id][0].have   # not offered
