@@ -210,3 +210,40 @@ async def test_restore_at_a_time_does_not_replay_what_a_removed_device_appends_t
     Cli(a)("restore", snap.stored.id, "--at", at, "--to", str(tmp_path / "out"))
     assert (tmp_path / "out" / "notes" / "mine.txt").exists()
     assert not (tmp_path / "out" / "notes" / "evil.txt").exists()
+
+
+async def test_a_pack_repair_writes_after_a_removal_does_not_list_its_blobs_to_the_removed_device(
+        removal, tmp_path: Path):
+    """repair salvages a damaged pack's blobs into a new pack: written in the pack's epoch, its
+    trailer is sealed with that epoch's key, as every pack written after the removal is."""
+    from p2pbackup.backup.repair import repair_packs
+
+    a, b, _, _, _, _, packs_before = removal
+    for i in range(8):
+        (tmp_path / "src" / f"late-{i}.bin").write_bytes(bytes([i]) * 5000 + str(i).encode())
+    await snapshot(a)
+    async with open_device(a, write=True) as dev:
+        repo = dev.repo
+        after = {n.removeprefix("packs/") for n in
+                 {n async for n in repo.store.list("packs/")} - packs_before}
+        held: dict[str, list] = {}
+        for loc in repo.index.blobs.values():
+            if loc.pack in after and loc.kind == Kind.CHUNK:
+                held.setdefault(loc.pack, []).append(loc)
+        name, locs = max(held.items(), key=lambda kv: len(kv[1]))
+        assert len(locs) > 1 and repo.index.packs[name][1] >= 1   # written in epoch 1
+        path = Path(repo.store.path_of(f"packs/{name}"))
+        data = bytearray(path.read_bytes())
+        data[locs[0].offset + locs[0].length // 2] ^= 0x01       # one blob damaged
+        path.write_bytes(data)
+        report = await repair_packs(repo)
+        assert [(r.pack, r.salvaged) for r in report.repaired] == [(name, len(locs) - 1)]
+        made = {n async for n in repo.store.list("packs/")} - packs_before - \
+            {f"packs/{n}" for n in after}
+        assert len(made) == 1
+        new = bytes(await repo.store.get(made.pop()))
+        assert parse_trailer(new, len(new), repo.keys.record_keys_newest_first(), "new").blobs
+    keys, _ = keys_of(b)
+    for key in [keys.meta_key, *keys.record_keys.values()]:
+        with pytest.raises(P2PError):
+            parse_trailer(new, len(new), key, "the repaired pack")

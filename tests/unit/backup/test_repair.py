@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from p2pbackup.backup.repair import repair_packs
 from p2pbackup.backup.restore import restore
 from p2pbackup.backup.snapshot import take_snapshot
@@ -77,9 +79,14 @@ async def test_a_cut_off_pack_keeps_the_blobs_before_the_cut(repo, tmp_path: Pat
     assert all(d.affects for d in report.lost)
 
 
-async def test_repair_copies_a_lost_blob_from_another_pack_of_another_store(repo, tmp_path: Path):
+@pytest.mark.parametrize("epoch", [0, 1])
+async def test_repair_copies_a_lost_blob_from_another_pack_of_another_store(repo, tmp_path: Path,
+                                                                           epoch: int):
+    if epoch:   # after a removal: packs are written, and their trailers sealed, in epoch 1
+        repo.keys = repo.keys.with_epoch(epoch, os.urandom(32))
     src = await _backed_up(repo, tmp_path)
     name = _chunk_pack(repo)
+    assert repo.index.packs[name][1] == epoch
     # The other store holds the same blobs packed differently (a repack there, another
     # device's pack): no pack of the same name to take back, only blobs.
     other = LocalDirStore(tmp_path / "other")
@@ -90,7 +97,7 @@ async def test_repair_copies_a_lost_blob_from_another_pack_of_another_store(repo
     blobs = blobs_by_pack(repo)[name]
     for bid, loc in reversed(blobs):
         builder.add(loc.kind, bid, data[loc.offset:loc.offset + loc.length], loc.raw_length)
-    repacked, repacked_data, _ = builder.finish(repo.keys.meta_key)
+    repacked, repacked_data, _ = builder.finish(repo.keys.trailer_key(epoch))
     await other.delete(f"packs/{name}")
     await other.put(f"packs/{repacked}", repacked_data)
 
