@@ -23,7 +23,7 @@ from pathlib import Path
 from p2pbackup.sizes import format_size
 
 ROOT = Path(__file__).resolve().parent.parent
-MKDATA = ROOT.parent / "shared" / "bench" / "mkdata.py"
+MKDATA = ROOT / "bench" / "mkdata.py"  # the benchmarks' data generator
 
 
 def step(text: str) -> None:
