@@ -143,6 +143,16 @@ class Repository:
             raw = await store.get(CONFIG_NAME)
         except NotFound:
             raise StorageError(f"there is no p2pbackup repository at {store.location}") from None
+        try:  # a config that is not whole is damage; only one that does not open is a key
+            header = ObjectHeader.decode(raw, "it")
+            if header.kind != Kind.REPO_CONFIG:
+                raise IntegrityError("it is not a repository config")
+            if len(raw) < HEADER_SIZE + header.length:
+                raise IntegrityError(f"it is truncated: {len(raw)} of "
+                                     f"{HEADER_SIZE + header.length} bytes")
+        except IntegrityError as exc:
+            raise IntegrityError(f"the repository config at {store.location} is damaged ({exc}); "
+                                 "the store of each paired device holds a copy of it") from None
         try:
             _, body = open_object(raw, keys.meta_key, expect=Kind.REPO_CONFIG,
                                   what="the repository config")
