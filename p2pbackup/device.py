@@ -69,7 +69,8 @@ async def open_device(home: Path | None = None, *, write: bool = False,
     try:
         if write and isinstance(blob_store, LocalDirStore):
             blob_store.remove_temp_files()
-        repo = await Repository.open(blob_store, keys, identity, str(config.cache_dir))
+        repo = await Repository.open(blob_store, keys, identity, str(config.cache_dir),
+                                     read_only=not write)
         try:
             dev = Device(config, keys, identity, repo)
             if write and store is None:

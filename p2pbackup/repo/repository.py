@@ -18,7 +18,7 @@ from ..blobs.base import BlobStore, Buffer
 from ..chunking.chunker import DEFAULT_AVG
 from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from ..crypto.keys import AccountKeys, MissingKey, ScopeKeys
-from ..errors import (BlobDamaged, IntegrityError, NotFound, P2PError, StorageError,
+from ..errors import (BlobDamaged, DiskFull, IntegrityError, NotFound, P2PError, StorageError,
                       UnsupportedFormat, WrongKey)
 from ..format.header import HEADER_SIZE, Kind, ObjectHeader
 from ..format.objects import open_object, seal_object
@@ -137,8 +137,11 @@ class Repository:
 
     @classmethod
     async def open(cls, store: BlobStore, keys: AccountKeys, identity: DeviceIdentity | None,
-                   cache_dir: str) -> "Repository":
-        """Open an existing repository; the index is rebuilt if missing or damaged."""
+                   cache_dir: str, *, read_only: bool = False) -> "Repository":
+        """Open an existing repository; the index is rebuilt if missing or damaged.
+
+        `read_only`: this process writes nothing to the store, so when the disk holding the
+        index is full it keeps the index in memory instead (it is a cache) and still reads."""
         try:
             raw = await store.get(CONFIG_NAME)
         except NotFound:
@@ -165,9 +168,21 @@ class Repository:
         # Replicas of one repository share its id, so the cache is per store as well.
         where = hashlib.blake2b(store.location.encode(), digest_size=6).hexdigest()
         index_path = os.path.join(cache_dir, config.repo_id, f"index-{where}.sqlite")
-        index = await _open_index(index_path)
+        index = await _open_index(index_path, read_only=read_only)
         repo = cls(store, keys, config, index, identity)
-        await repo.sync_index()
+        try:
+            try:
+                await repo.sync_index()
+            except DiskFull:
+                if not read_only or repo.index.in_memory:
+                    raise
+                await repo.index.close()
+                repo.index = await _index_in_memory(index_path)
+                repo.missing_packs = []
+                await repo.sync_index()
+        except BaseException:
+            await repo.close()  # the index's worker thread would keep the process alive
+            raise
         return repo
 
     async def close(self) -> None:
@@ -571,17 +586,30 @@ def _remove_index_files(path: str) -> None:
             pass
 
 
-async def _open_index(path: str) -> PackIndex:
+async def _open_index(path: str, *, read_only: bool = False) -> PackIndex:
     index = PackIndex(path)
     try:
-        await index.open()
-    except IndexOutdated as exc:
-        log.info("the index %s was made by another version (%s); rebuilding it from the "
-                 "packs", path, exc)
-        index = await _fresh_index(path)
-    except IndexCorrupt as exc:
-        log.warning("the index %s is damaged (%s); rebuilding it from the packs", path, exc)
-        index = await _fresh_index(path)
+        try:
+            await index.open()
+        except IndexOutdated as exc:
+            log.info("the index %s was made by another version (%s); rebuilding it from the "
+                     "packs", path, exc)
+            index = await _fresh_index(path)
+        except IndexCorrupt as exc:
+            log.warning("the index %s is damaged (%s); rebuilding it from the packs", path, exc)
+            index = await _fresh_index(path)
+    except DiskFull:
+        if not read_only:
+            raise
+        index = await _index_in_memory(path)
+    return index
+
+
+async def _index_in_memory(path: str) -> PackIndex:
+    log.warning("the disk holding %s is full: the index is kept in memory for this command "
+                "(free some space to keep it on disk)", os.path.dirname(path))
+    index = PackIndex(path, in_memory=True)
+    await index.open()
     return index
 
 
