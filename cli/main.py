@@ -15,7 +15,7 @@ from p2pbackup.errors import EXIT_PARTIAL, ConfigError, IntegrityError, P2PError
 
 from . import output
 from .account_cmds import devices_app, pair, recover
-from .common import home, run_async, via_daemon
+from .common import home, run_async, via_daemon, writable_device
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Peer-to-peer, end-to-end encrypted backup of your own devices.")
@@ -97,7 +97,8 @@ _via_daemon = via_daemon
 def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default: the sources)."),
              as_json: bool = typer.Option(False, "--json", help="Print the snapshot as JSON."),
              offline: bool = typer.Option(False, "--offline",
-                                          help="Do not go through a running p2pbackupd."),
+                                          help="Take it in this process, not in p2pbackupd "
+                                          "(which pauses meanwhile if it runs)."),
              ) -> None:
     """Take one snapshot now (of the configured sources by default)."""
     from p2pbackup.backup.snapshot import SnapshotProgress, take_snapshot
@@ -131,7 +132,7 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
             return
 
     async def go() -> Any:
-        async with open_device(_home(), write=True) as dev:
+        async with writable_device("snapshot") as dev:
             sources = sources_for_paths(paths) if paths else dev.config.sources
             if not sources:
                 raise ConfigError(f"nothing to back up: {dev.config.home / 'config.toml'} lists "
@@ -318,10 +319,10 @@ def repair(sources: list[str] = typer.Option([], "--from", help="Another copy to
     import contextlib
 
     from p2pbackup.backup.repair import repair_packs
-    from p2pbackup.device import open_device, open_other_store
+    from p2pbackup.device import open_other_store
 
     async def go() -> Any:
-        async with open_device(_home(), write=True) as dev, \
+        async with writable_device("repair") as dev, \
                 contextlib.AsyncExitStack() as opened:
             stores = []
             for location in sources:
@@ -531,10 +532,8 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
 @index_app.command("rebuild")
 def index_rebuild() -> None:
     """Recreate the pack index from the packs' trailers."""
-    from p2pbackup.device import open_device
-
     async def go() -> Any:
-        async with open_device(_home(), write=True) as dev:
+        async with writable_device("index rebuild") as dev:
             added, _ = await dev.repo.rebuild_index()
             return added, len(dev.repo.index.blobs), dev.repo.damaged_packs
 

@@ -243,10 +243,16 @@ class Repository:
 
     async def rebuild_index(self) -> tuple[int, int]:
         """Throw the index away and recreate it from the packs' trailers."""
-        path = self.index.path
         await self.index.close()
-        _remove_index_files(path)
-        self.index = await _open_index(path)
+        _remove_index_files(self.index.path)
+        return await self.reopen_index()
+
+    async def reopen_index(self) -> tuple[int, int]:
+        """Open the index again (another process may have changed it, or the packs) and
+        sync it; return (added, dropped)."""
+        await self.index.close()
+        self.index = await _open_index(self.index.path)
+        self.missing_packs, self.damaged_packs = [], {}
         return await self.sync_index()
 
     async def recheck_pack(self, name: str) -> PackDamage | None:
