@@ -500,6 +500,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         print(f"  storage partner for account {g['account']}: {used} of {quota}; "
               f"{len(g['owners_connected'])} owner devices connected"
               + (f"; {g['error']}" if g.get("error") else ""))
+    paused = st.get("paused_for")
+    if paused:
+        print(f"  paused: {paused['command']} (pid {paused['pid']}) writes the store; changes "
+              "are captured when it ends"
+              + (f"; waiting to take the store back: {paused['waiting']}"
+                 if paused.get("waiting") else ""))
     if logi is None:
         return  # a storage partner only: no sources, no log
     for s in st["sources"]:

@@ -107,27 +107,29 @@ async def _watch_inotify(paths: list[str], d: "DeviceDaemon", stop: asyncio.Even
 
     # No filter: a backup wants editor swap files and .git too. The periodic empty yield
     # (rust_timeout) tells us the inotify watches are in place, so READY=1 is not a lie.
-    async for changes in watchfiles.awatch(*paths, stop_event=stop, debounce=50, step=50,
-                                           recursive=True, force_polling=False,
-                                           ignore_permission_denied=True, watch_filter=None,
-                                           rust_timeout=500, yield_on_timeout=True):
-        watching.set()
-        if catch_up:
-            catch_up = False
-            await d.rescan()
-        by_path: dict[bytes, bool] = {}
-        for change, p in changes:
-            key = os.fsencode(p)
-            by_path[key] = by_path.get(key, False) or change != watchfiles.Change.modified
-        if by_path:
-            async with d.gate.passing():
-                for path, new in sorted(by_path.items()):
-                    try:
-                        await d.sealer.capture(path, new)
-                    except P2PError as exc:
-                        log.error("%s", exc)
-        if _present(d.config) != paths:
-            return
+    # (aclosing: leaving the loop for a new set of sources drops these watches at once)
+    async with contextlib.aclosing(watchfiles.awatch(
+            *paths, stop_event=stop, debounce=50, step=50, recursive=True, force_polling=False,
+            ignore_permission_denied=True, watch_filter=None, rust_timeout=500,
+            yield_on_timeout=True)) as batches:
+        async for changes in batches:
+            watching.set()
+            if catch_up:
+                catch_up = False
+                await d.rescan()
+            by_path: dict[bytes, bool] = {}
+            for change, p in changes:
+                key = os.fsencode(p)
+                by_path[key] = by_path.get(key, False) or change != watchfiles.Change.modified
+            if by_path:
+                async with d.gate.passing():
+                    for path, new in sorted(by_path.items()):
+                        try:
+                            await d.sealer.capture(path, new)
+                        except P2PError as exc:
+                            log.error("%s", exc)
+            if _present(d.config) != paths:
+                return
 
 
 class DeviceDaemon:
