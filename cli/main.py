@@ -108,7 +108,8 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
 
     for p in paths or ():
         if not os.path.isdir(p):
-            raise NotFound(f"{os.path.abspath(p)}: no such directory")
+            raise NotFound(f"{os.path.abspath(p)}: " + ("not a directory" if os.path.exists(p)
+                                                         else "no such directory"))
     if not paths and not offline:
         done = _via_daemon("snapshot")  # the daemon holds the writer lock: never two writers
         if done is not None:

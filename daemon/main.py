@@ -186,11 +186,11 @@ class DeviceDaemon:
         who = {"pid": control.arg(args, "pid", int, 0),
                "command": control.arg(args, "command", str, "a command"), "since": time.time()}
         await self.gate.close()
-        lent = False  # the store is the other process's: the gate stays shut
+        lent = False  # while the store is the other process's, the gate stays shut
         try:
             async with self.writing:
                 try:
-                    await self._seal_now()
+                    sealed = await self._seal_now()
                 except P2PError as exc:  # refused: the command gets the reason, nothing is lost
                     log.error("cannot pause: sealing failed: %s (the changes stay pending)", exc)
                     raise
@@ -211,6 +211,8 @@ class DeviceDaemon:
             if not lent:
                 await self.gate.open()
         log.info("resumed after %s (pid %d)", who["command"], who["pid"])
+        if sealed is not None:
+            await self.announce()
 
     async def _take_store_back(self, *, wait: bool) -> bool:
         """Take the writer lock and the index back (waiting while the other process still

@@ -6,7 +6,9 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SKIP_DIRS = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis"}
+SKIP_DIRS = {".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".hypothesis",
+             ".mypy_cache", ".ruff_cache"}
+SKIP_PATHS = {Path("bench") / "work"}  # a benchmark's generated data (ignored by git)
 # The workshop directory next to the checkout, however a file would name it: "../<name>/...",
 # "<name>/bench/...", or a path built from a "<name>" component. (Spelled in pieces so this
 # file does not match itself.)
@@ -19,7 +21,8 @@ def _text_files() -> list[Path]:
     out = []
     for path in ROOT.rglob("*"):
         rel = path.relative_to(ROOT)
-        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts):
+        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel.parts) or \
+                any(rel.is_relative_to(skip) for skip in SKIP_PATHS):
             continue
         if path.is_file():
             out.append(path)
