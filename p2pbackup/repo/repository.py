@@ -116,9 +116,7 @@ class Repository:
         cfg = RepoConfig(uuid.uuid4().hex, DEFAULT_AVG, PACK_SIZE, time.time_ns(),
                          keys.fingerprint())
         await store.put(CONFIG_NAME, seal_object(Kind.REPO_CONFIG, cfg.encode(), keys.meta_key))
-        repo = await cls.open(store, keys, identity, cache_dir)
-        await repo.register_device(identity, device_name)
-        return repo
+        return await cls._open_registered(store, keys, identity, cache_dir, device_name)
 
     @classmethod
     async def create_replica(cls, store: BlobStore, keys: AccountKeys, identity: DeviceIdentity,
@@ -127,8 +125,18 @@ class Repository:
         if await store.has(CONFIG_NAME):
             raise StorageError(f"the store at {store.location} already holds a repository")
         await store.put(CONFIG_NAME, config_raw)
+        return await cls._open_registered(store, keys, identity, cache_dir, device_name)
+
+    @classmethod
+    async def _open_registered(cls, store: BlobStore, keys: AccountKeys,
+                               identity: DeviceIdentity, cache_dir: str,
+                               device_name: str) -> "Repository":
         repo = await cls.open(store, keys, identity, cache_dir)
-        await repo.register_device(identity, device_name)
+        try:
+            await repo.register_device(identity, device_name)
+        except BaseException:
+            await repo.close()  # the index's worker thread would keep the process alive
+            raise
         return repo
 
     async def config_object(self) -> bytes:

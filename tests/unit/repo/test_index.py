@@ -17,7 +17,7 @@ from p2pbackup.format.pack import PackBuilder
 from p2pbackup.repo.index import INDEX_VERSION, BlobLocation, PackIndex
 from p2pbackup.repo.repository import Repository
 
-from .conftest import A
+from .conftest import A, KEYS
 
 Pack = tuple[str, str, int, int, list[tuple[bytes, int, int, int, int]]]
 
@@ -225,3 +225,22 @@ async def test_a_full_disk_is_not_damage_and_a_reader_keeps_the_index_in_memory(
                 await reader.close()
             assert Path(path).read_bytes() == before   # neither thrown away nor written
         _no_new_thread_stays(threads)
+
+
+async def test_a_repository_whose_creation_fails_leaves_no_thread(tmp_path: Path):
+    from p2pbackup.blobs.local import LocalDirStore
+    from p2pbackup.errors import DiskFull
+
+    class FullForRecords(LocalDirStore):
+        """The disk fills up right after the repository config is written."""
+
+        async def put(self, name, data):
+            if name.startswith("devices/"):
+                raise DiskFull(self.root)
+            await super().put(name, data)
+
+    threads = _index_threads()
+    with pytest.raises(DiskFull):
+        await Repository.create(FullForRecords(tmp_path / "store"), KEYS, A,
+                                str(tmp_path / "cache"), "a")
+    _no_new_thread_stays(threads)
