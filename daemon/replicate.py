@@ -433,7 +433,7 @@ class Replicator:
 
     async def _check_pack(self, name: str, refused: bool) -> None:
         try:
-            async with self._check_turn:
+            async with self.gate.passing(), self._check_turn:  # (it may write the index)
                 damaged = await self.pack_damaged(name)
             if not damaged and refused:
                 self._refused_ok.add(name)   # (refused for another reason: a quota)

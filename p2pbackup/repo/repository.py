@@ -260,7 +260,7 @@ class Repository:
         sync it; return (added, dropped)."""
         await self.index.close()
         self.index = await _open_index(self.index.path)
-        self.missing_packs, self.damaged_packs = [], {}
+        self.missing_packs = []
         return await self.sync_index()
 
     async def recheck_pack(self, name: str) -> PackDamage | None:
