@@ -50,9 +50,10 @@ from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "bench" / "work"
-MKDATA = REPO.parent / "shared" / "bench" / "mkdata.py"
+MKDATA = REPO / "bench" / "mkdata.py"
 P2PBACKUP = REPO / ".venv" / "bin" / "p2pbackup"
-LIBRARY_PATHS = ("p2pbackup", "cli", "daemon", "pyproject.toml")  # what the results depend on
+LIBRARY_PATHS = ("p2pbackup", "cli", "daemon", "pyproject.toml",  # what the results depend on
+                 "bench/mkdata.py")
 IMAGE_SIZE = "16G"  # sparse; data, repositories, their copies and restores fit
 RESTIC_PASSWORD = "p2pbackup-bench"
 SQLITE_MAGIC = b"SQLite format 3\x00"

@@ -159,8 +159,12 @@ def _rendezvous(peer: str | None, mdns: bool = True) -> Any:
     return MdnsRendezvous()
 
 
-def _print_code(code: str, lifetime: float, qr: bool) -> None:
+def _print_code(code: str, lifetime: float, qr: bool, port: int | None = None) -> None:
+    """The code (and, without mDNS, the port the joiner must be told: it may be any)."""
     print(f"Pairing code: {code}   (valid for {int(lifetime // 60)} minutes, one attempt)")
+    if port is not None:
+        print(f"Listening on port {port}: on the new device give this device's address, "
+              f"e.g. p2pbackup pair {code} --peer HOST:{port}")
     if qr:
         import io
 
@@ -314,7 +318,7 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
               "quota": parse_size(quota) if quota else None, "expires": expires}
     started = via_daemon("pair_start", {**invite, "port": port, "mdns": mdns}, timeout=30)
     if started is not None:
-        _print_code(started["code"], expires, qr)
+        _print_code(started["code"], expires, qr, None if mdns else started.get("port"))
         result = run_async(_follow_daemon_pairing(started["code"], yes,
                                                   expires + CONFIRM_TIMEOUT + 120))
         if not result["ok"]:
@@ -333,7 +337,8 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
             new_code = make_code()
             h = account.pairing_host(dev, inv, new_code, rendezvous=_rendezvous(None, mdns),
                                      lifetime=expires, port=port, confirm=confirm)
-            return await h.run(started=lambda _p: _print_code(new_code, expires, qr))
+            return await h.run(started=lambda p: _print_code(new_code, expires, qr,
+                                                             None if mdns else p))
 
     outcome = run_async(host())
     if not outcome.ok:

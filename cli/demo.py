@@ -23,7 +23,7 @@ from pathlib import Path
 from p2pbackup.sizes import format_size
 
 ROOT = Path(__file__).resolve().parent.parent
-MKDATA = ROOT.parent / "shared" / "bench" / "mkdata.py"
+MKDATA = ROOT / "bench" / "mkdata.py"  # the benchmarks' data generator
 
 
 def step(text: str) -> None:
@@ -243,8 +243,10 @@ def main() -> None:
             stop(daemons[1:])
 
         store = sum(f.stat().st_size for f in (home / "store").rglob("*") if f.is_file())
-        print(f"\nDone: 2 snapshots of {format_size(size)} stored in {format_size(store)} "
-              "(deduplicated, compressed, encrypted).")
+        size1 = sum(v[3] for v in day1.values() if v[0] == "file")
+        print(f"\nDone: 2 snapshots of {format_size(size)} and {format_size(size1)} of files "
+              f"({format_size(size + size1)} in all) take {format_size(store)} in the store: "
+              "what both share is stored once, compressed where that helps, and encrypted.")
     finally:
         if keep:
             print(f"kept {work}")

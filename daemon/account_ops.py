@@ -14,7 +14,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from p2pbackup import account
+from p2pbackup import account, control
 from p2pbackup.crypto.pairing import make_code
 from p2pbackup.errors import ConfigError, LocalProtocolError, PairingFailed
 from p2pbackup.format.membership import Member
@@ -67,13 +67,16 @@ class AccountOps:
         if any(h.task is not None and not h.task.done() for h in self.pairings.values()):
             raise PairingFailed("a pairing is already waiting on this device; finish or let it "
                                 "expire first")
-        role = str(args.get("role", "owner"))
-        sources = tuple(args["sources"]) if args.get("sources") else None
+        role = control.arg(args, "role", str, "owner")
+        sources = control.arg(args, "sources", list)
+        if sources is not None and not all(isinstance(s, str) for s in sources):
+            raise LocalProtocolError("pair_start: sources must be a list of source names")
+        sources = tuple(sources) if sources else None
         quota = args.get("quota")
         try:
             lifetime = float(args.get("expires", 600))
             port = int(args.get("port", 0))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise LocalProtocolError("pair_start: expires and port must be numbers") from None
         if quota is not None and not isinstance(quota, int):
             raise ConfigError("pair_start: quota must be a number of bytes")

@@ -116,8 +116,9 @@ class SegmentSealer:
         if not rel:  # the source directory itself
             if not os.path.isdir(path) and src.name not in self.missing:
                 self.missing.add(src.name)
-                self._warn(f"source {src.name} ({src.path}) disappeared; its last state stays "
-                           "in the log, the other sources are still watched")
+                # Logged, not kept as a warning: status says it while it lasts.
+                log.warning("source %s (%s) disappeared; its last state stays in the log, the "
+                            "other sources are still watched", src.name, src.path)
             elif os.path.isdir(path):
                 self.missing.discard(src.name)
             return

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import resource
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from p2pbackup import account
+from p2pbackup import account, control
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.config import Config, load_config, load_identity, systemd_settings
@@ -31,6 +33,7 @@ from p2pbackup.repo.logstore import LogStore
 from .account_ops import AccountOps
 from .capture import SealState, SegmentSealer
 from .control import ControlServer
+from .gate import WriteGate
 from .notify import Notifier
 from .peers import PeerManager, connection_limits
 from .partner import PartnerService, load_grants
@@ -40,58 +43,93 @@ from .rescan import rescan
 log = logging.getLogger("p2pbackupd")
 
 
-async def _watch(config: Config, sealer: SegmentSealer, stop: asyncio.Event,
-                 watching: asyncio.Event) -> None:
-    paths = [s.path for s in config.sources if os.path.isdir(s.path)]
+SOURCE_POLL = 1.0  # seconds between looks for a missing source while none is watched
+TAKE_BACK_INTERVAL = 0.2  # seconds between tries to take the store back after a pause
+
+
+def _present(config: Config) -> list[str]:
+    return [s.path for s in config.sources if os.path.isdir(s.path)]
+
+
+async def _watch(d: "DeviceDaemon", stop: asyncio.Event, watching: asyncio.Event) -> None:
+    """Watch the sources that exist; when one disappears or comes back, watch the new set
+    (a removed directory's watch is gone for good) and catch up with a rescan."""
+    config = d.config
+    paths = _present(config)
     for s in config.sources:
         if s.path not in paths:
             log.warning("source %s (%s) is missing or not a directory; not watched", s.name,
                         s.path)
-    if not paths:
-        watching.set()
-        await stop.wait()
-        return
-    try:
-        await _watch_inotify(paths, sealer, stop, watching)
-    except Exception as exc:  # the Rust watcher gives up on some trees (undecodable names)
-        watching.set()
-        while isinstance(exc, BaseExceptionGroup) and exc.exceptions:  # anyio wraps it
-            exc = exc.exceptions[0]
-        every = max(5.0, config.daemon.seal_interval)
-        msg = (f"watching the sources stopped ({type(exc).__name__}: {str(exc)[:200]}); "
-               f"changes are picked up by a rescan every {every:.0f} s instead")
-        log.warning("%s", msg)
-        sealer.state.warnings.append(msg)
-        while not stop.is_set():
+    catch_up = False
+    while not stop.is_set():
+        if not paths:
+            watching.set()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=SOURCE_POLL)
+        else:
             try:
-                await asyncio.wait_for(stop.wait(), timeout=every)
-            except asyncio.TimeoutError:
-                try:
-                    await rescan(sealer.repo, sealer)
-                except P2PError as err:
-                    log.error("rescan failed: %s", err)
+                await _watch_inotify(paths, d, stop, watching, catch_up)
+            except Exception as exc:  # the Rust watcher gives up on some trees
+                await _rescan_instead(d, exc, stop, watching)
+                return
+        now = _present(config)
+        for path in sorted(set(now) - set(paths)):
+            log.info("source %s is back; watching it again", path)
+            async with d.gate.passing():
+                await d.sealer.capture(os.fsencode(path))  # (it is no longer missing)
+        paths, catch_up = now, True
 
 
-async def _watch_inotify(paths: list[str], sealer: SegmentSealer, stop: asyncio.Event,
-                         watching: asyncio.Event) -> None:
+async def _rescan_instead(d: "DeviceDaemon", exc: Exception, stop: asyncio.Event,
+                          watching: asyncio.Event) -> None:
+    """The watcher gave up (it does on some trees: undecodable names): changes are picked up
+    by a rescan every seal interval instead."""
+    watching.set()
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:  # anyio wraps it
+        exc = exc.exceptions[0]
+    every = max(5.0, d.config.daemon.seal_interval)
+    msg = (f"watching the sources stopped ({type(exc).__name__}: {str(exc)[:200]}); "
+           f"changes are picked up by a rescan every {every:.0f} s instead")
+    log.warning("%s", msg)
+    d.sealer.state.warnings.append(msg)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=every)
+        except asyncio.TimeoutError:
+            await d.rescan()
+
+
+async def _watch_inotify(paths: list[str], d: "DeviceDaemon", stop: asyncio.Event,
+                         watching: asyncio.Event, catch_up: bool) -> None:
+    """Capture what inotify reports under `paths` until the set of present sources changes;
+    `catch_up`: once the watches are in place, rescan for what changed before them."""
     import watchfiles
 
     # No filter: a backup wants editor swap files and .git too. The periodic empty yield
     # (rust_timeout) tells us the inotify watches are in place, so READY=1 is not a lie.
-    async for changes in watchfiles.awatch(*paths, stop_event=stop, debounce=50, step=50,
-                                           recursive=True, force_polling=False,
-                                           ignore_permission_denied=True, watch_filter=None,
-                                           rust_timeout=500, yield_on_timeout=True):
-        watching.set()
-        by_path: dict[bytes, bool] = {}
-        for change, p in changes:
-            key = os.fsencode(p)
-            by_path[key] = by_path.get(key, False) or change != watchfiles.Change.modified
-        for path, new in sorted(by_path.items()):
-            try:
-                await sealer.capture(path, new)
-            except P2PError as exc:
-                log.error("%s", exc)
+    # (aclosing: leaving the loop for a new set of sources drops these watches at once)
+    async with contextlib.aclosing(watchfiles.awatch(
+            *paths, stop_event=stop, debounce=50, step=50, recursive=True, force_polling=False,
+            ignore_permission_denied=True, watch_filter=None, rust_timeout=500,
+            yield_on_timeout=True)) as batches:
+        async for changes in batches:
+            watching.set()
+            if catch_up:
+                catch_up = False
+                await d.rescan()
+            by_path: dict[bytes, bool] = {}
+            for change, p in changes:
+                key = os.fsencode(p)
+                by_path[key] = by_path.get(key, False) or change != watchfiles.Change.modified
+            if by_path:
+                async with d.gate.passing():
+                    for path, new in sorted(by_path.items()):
+                        try:
+                            await d.sealer.capture(path, new)
+                        except P2PError as exc:
+                            log.error("%s", exc)
+            if _present(d.config) != paths:
+                return
 
 
 class DeviceDaemon:
@@ -104,6 +142,8 @@ class DeviceDaemon:
         self.sealer = sealer
         self.notifier = notifier
         self.writing = asyncio.Lock()  # sealing and snapshots take turns
+        self.gate = WriteGate()  # change capture and replicated objects pass; a pause closes it
+        self.paused_for: dict[str, Any] | None = None  # the command writing while we pause
         self.started = time.time()
         self.next_seal = time.time() + config.daemon.seal_interval
         self.last_snapshot: tuple[str, int] | None = None  # (id, time_ns)
@@ -113,14 +153,12 @@ class DeviceDaemon:
 
     async def seal(self) -> None:
         async with self.writing:
-            self.next_seal = time.time() + self.config.daemon.seal_interval
             try:
-                head = await self.sealer.seal()
+                head = await self._seal_now()
             except P2PError as exc:
                 log.error("sealing failed: %s (the changes stay pending)", exc)
                 return
         if head is not None:
-            self.notifier.status(f"sealed segment {head.seq}")
             await self.announce()
 
     async def membership_changed(self) -> None:
@@ -137,6 +175,80 @@ class DeviceDaemon:
         if self.peers is not None:
             await self.peers.refresh()
 
+    async def _seal_now(self) -> Head | None:
+        """Seal what is pending (the caller holds `writing`)."""
+        self.next_seal = time.time() + self.config.daemon.seal_interval
+        head = await self.sealer.seal()
+        if head is not None:
+            self.notifier.status(f"sealed segment {head.seq}")
+        return head
+
+    async def rescan(self) -> None:
+        """Capture what changed without the watcher seeing it."""
+        async with self.gate.passing():
+            try:
+                await rescan(self.dev.repo, self.sealer)
+            except P2PError as exc:
+                log.error("rescan failed: %s", exc)
+
+    @contextlib.asynccontextmanager
+    async def pause(self, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Hand the store to another process (a command run with p2pbackupd running) until
+        the lease ends: stop capturing, replicating in, sealing and snapshotting; seal what
+        is pending; close the index and release the writer lock. Changes made meanwhile are
+        queued by the watcher and captured once the store is back."""
+        who = {"pid": control.arg(args, "pid", int, 0),
+               "command": control.arg(args, "command", str, "a command"), "since": time.time()}
+        await self.gate.close()
+        lent = False  # while the store is the other process's, the gate stays shut
+        try:
+            async with self.writing:
+                try:
+                    sealed = await self._seal_now()
+                except P2PError as exc:  # refused: the command gets the reason, nothing is lost
+                    log.error("cannot pause: sealing failed: %s (the changes stay pending)", exc)
+                    raise
+                await self.dev.lend_store()
+                lent = True
+                self.paused_for = who
+                log.info("paused: %s (pid %d) writes the store", who["command"], who["pid"])
+                stopping = False
+                try:
+                    yield {"pid": os.getpid()}
+                except asyncio.CancelledError:
+                    stopping = True
+                    raise
+                finally:
+                    lent = not await self._take_store_back(wait=not stopping)
+                    self.paused_for = None
+        finally:
+            if not lent:
+                await self.gate.open()
+        log.info("resumed after %s (pid %d)", who["command"], who["pid"])
+        if sealed is not None:
+            await self.announce()
+
+    async def _take_store_back(self, *, wait: bool) -> bool:
+        """Take the writer lock and the index back (waiting while the other process still
+        holds the lock, unless `wait` is false); True once taken."""
+        said = ""
+        while True:
+            try:
+                await self.dev.take_store()
+                break
+            except P2PError as exc:
+                if not wait:
+                    log.warning("stopping while the store is lent: %s", exc)
+                    return False
+                if str(exc) != said:
+                    said = str(exc)
+                    log.warning("cannot take the store back yet: %s", exc)
+                    if self.paused_for is not None:
+                        self.paused_for["waiting"] = said
+                await asyncio.sleep(TAKE_BACK_INTERVAL)
+        self.sealer.forget_known()  # the command may have dropped blobs (repair, rebuild)
+        return True
+
     async def announce(self) -> None:
         """Push what was just stored to every connected peer."""
         if self.replicator is not None:
@@ -150,11 +262,12 @@ class DeviceDaemon:
 
         A scheduled one (`{"scheduled": True}`) is skipped when another snapshot was taken while
         it waited (e.g. the user's, at start-up): two in a row would be one too many."""
+        scheduled = control.arg(args or {}, "scheduled", bool, False)
         before = self.last_snapshot
         await self.seal()
         async with self.writing:
             # (not after a failed one, which left no id)
-            if args and args.get("scheduled") and self.last_snapshot is not before \
+            if scheduled and self.last_snapshot is not before \
                     and self.last_snapshot[0]:
                 return {"id": self.last_snapshot[0], "skipped": True}
             state = self.sealer.state
@@ -186,8 +299,8 @@ class DeviceDaemon:
         await self.seal()
         async with self.writing:
             result = await forget_and_prune(self.dev.repo, self.dev.identity, policy_of(args),
-                                            dry_run=bool(args.get("dry_run")),
-                                            prune_after=bool(args.get("prune")),
+                                            dry_run=control.arg(args, "dry_run", bool, False),
+                                            prune_after=control.arg(args, "prune", bool, False),
                                             protect=lambda: set(self.sealer.sink.stored_packs),
                                             grace=self.config.peers.removal_grace)
             self.sealer.forget_known()  # pruned blobs must be stored again if they come back
@@ -209,6 +322,9 @@ class DeviceDaemon:
         state = self.sealer.state
         interval = self.config.daemon.snapshot_interval
         last = self.last_snapshot
+        missing = [f"source {s.name} ({s.path}) disappeared; its last state stays in the log, "
+                   "the other sources are still watched"
+                   for s in self.config.sources if not os.path.isdir(s.path)]
         return {
             "device": self.dev.identity.device_id,
             "pid": os.getpid(),
@@ -221,7 +337,8 @@ class DeviceDaemon:
             "last_snapshot": {"id": last[0], "time": last[1] / 1e9} if last else None,
             "next_snapshot_in": round(max(0.0, (last[1] / 1e9 + interval) - time.time()), 1)
             if last else 0.0,
-            "errors": list(state.warnings[-10:]),
+            "errors": missing + list(state.warnings[-10:]),
+            "paused_for": dict(self.paused_for) if self.paused_for else None,
             "peers": self.peers.status() if self.peers else [],
             "lan": {"enabled": self.config.peers.lan, "signaling_port": self.peers.port
                     if self.peers else 0},
@@ -243,10 +360,7 @@ async def _seal_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
 async def _rescan_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
     """At start (to catch up on what happened while the daemon was down) and periodically."""
     while not stop.is_set():
-        try:
-            await rescan(d.dev.repo, d.sealer)
-        except P2PError as exc:
-            log.error("rescan failed: %s", exc)
+        await d.rescan()
         try:
             await asyncio.wait_for(stop.wait(), timeout=d.config.daemon.rescan_interval)
         except asyncio.TimeoutError:
@@ -333,12 +447,14 @@ async def serve(home: Path | None) -> int:
         server = ControlServer(config.control_socket, {"status": d.status,
                                                        "snapshot": d.snapshot,
                                                        "forget": d.forget, "prune": d.prune,
-                                                       **AccountOps(d).handlers()})
+                                                       **AccountOps(d).handlers()},
+                               leases={"pause": d.pause})
         await server.start()
         d.replicator = Replicator(dev.repo, dev.identity.device_id,
                                   direct_lane=config.peers.lan and config.peers.direct_lane,
                                   stall=config.peers.stall_timeout,
-                                  connection_limits=connection_limits(config.peers))
+                                  connection_limits=connection_limits(config.peers),
+                                  gate=d.gate)
         d.peers = PeerManager(config, dev, on_session=d.replicator.run,
                               on_fetch=d.replicator.serve)
         d.replicator.on_membership = d.membership_changed
@@ -356,7 +472,7 @@ async def serve(home: Path | None) -> int:
         d.partner = PartnerService(config, dev.identity, load_grants(config.home))
         await d.partner.start()
         watching = asyncio.Event()
-        tasks = [asyncio.create_task(_watch(config, sealer, stop, watching)),
+        tasks = [asyncio.create_task(_watch(d, stop, watching)),
                  asyncio.create_task(_seal_loop(d, stop))]
         if systemd.watchdog_seconds:
             tasks.append(asyncio.create_task(_watchdog(notifier, systemd.watchdog_seconds, stop)))

@@ -28,6 +28,8 @@ from p2pbackup.transport.pending import ConnectionLimits
 from p2pbackup.transport.tls_lane import (LaneIdentity, LaneLink, LaneServer, _normalize,
                                           connect_lane)
 
+from .gate import WriteGate
+
 if TYPE_CHECKING:
     from .peers import PeerState
 
@@ -61,9 +63,11 @@ class Replicator:
 
     def __init__(self, repo, me: str, *, direct_lane: bool = False,
                  stall: float = STALL, retry: float = RETRY,
-                 connection_limits: ConnectionLimits = ConnectionLimits()) -> None:
+                 connection_limits: ConnectionLimits = ConnectionLimits(),
+                 gate: WriteGate | None = None) -> None:
         self.repo, self.me = repo, me
         self.connection_limits = connection_limits
+        self.gate = gate or WriteGate()  # objects wait at it while the daemon is paused
         self.stall = stall
         self.retry = retry
         self._retries: dict[str, float] = {}   # pack -> delay before asking for it again
@@ -326,7 +330,9 @@ class Replicator:
         writes goes through the same checks as replication; nothing is deleted. It may ask
         for a direct lane, on which it opens a second such session (`on_lane`)."""
         async def put(name: str, data: bytes) -> None:
-            if await replica.accept(self.repo, name, data):
+            async with self.gate.passing():
+                stored = await replica.accept(self.repo, name, data)
+            if stored:
                 await self._accepted(name)
                 await self.announce_new()
 
@@ -379,7 +385,8 @@ class Replicator:
                 elif isinstance(ev, ObjectReceived):
                     await self._settle(st.device)  # what follows packs may rest on them
                     try:
-                        await replica.accept(self.repo, ev.name, ev.data)
+                        async with self.gate.passing():
+                            await replica.accept(self.repo, ev.name, ev.data)
                     except P2PError as exc:
                         log.warning("refused %s from peer %s: %s", ev.name[:40], st.device[:12],
                                     exc)
@@ -426,7 +433,7 @@ class Replicator:
 
     async def _check_pack(self, name: str, refused: bool) -> None:
         try:
-            async with self._check_turn:
+            async with self.gate.passing(), self._check_turn:  # (it may write the index)
                 damaged = await self.pack_damaged(name)
             if not damaged and refused:
                 self._refused_ok.add(name)   # (refused for another reason: a quota)
@@ -475,8 +482,9 @@ class Replicator:
                          data: bytes) -> None:
         async with self._intake:
             try:
-                await replica.accept(self.repo, name, data, durable=False,
-                                     intake=self.pack_workers)
+                async with self.gate.passing():
+                    await replica.accept(self.repo, name, data, durable=False,
+                                         intake=self.pack_workers)
                 self._unsynced = True
             except IntegrityError as exc:
                 log.warning("refused %s from peer %s: %s", name[:40], st.device[:12], exc)

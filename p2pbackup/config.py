@@ -203,6 +203,9 @@ def load_config(home: Path | None = None) -> Config:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if not doc:  # truncated or blanked: defaults would silently back up nothing
+        raise ConfigError(f"{path} is empty; `p2pbackup init` wrote this device's name, store "
+                          "and sources there: put them back (from a copy) to use this home")
     version = doc.get("version", CONFIG_VERSION)
     if not isinstance(version, int) or version > CONFIG_VERSION:
         raise ConfigError(f"{path}: key 'version' = {version!r}; this p2pbackup reads version "

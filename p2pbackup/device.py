@@ -28,10 +28,29 @@ class Device:
     keys: AccountKeys
     identity: DeviceIdentity
     repo: Repository
+    lock: WriterLock | None = None  # held while opened for writing
 
     @property
     def temp_dir(self) -> str:
         return str(self.config.cache_dir / "tmp")
+
+    async def lend_store(self) -> None:
+        """Let another process write the store for a while: close the index (it may rebuild
+        it) and release the writer lock. `take_store` takes both back."""
+        assert self.lock is not None, "lending a store opened for reading"
+        await self.repo.index.close()
+        self.lock.release()
+
+    async def take_store(self) -> None:
+        """Take the writer lock back and catch the index up with what the other process did;
+        RepositoryLocked while it still holds the lock."""
+        assert self.lock is not None
+        self.lock.acquire()
+        try:
+            await self.repo.reopen_index()
+        except BaseException:
+            self.lock.release()
+            raise
 
 
 async def init_device(home: Path, sources: list[str]) -> tuple[Config, str]:
@@ -69,9 +88,10 @@ async def open_device(home: Path | None = None, *, write: bool = False,
     try:
         if write and isinstance(blob_store, LocalDirStore):
             blob_store.remove_temp_files()
-        repo = await Repository.open(blob_store, keys, identity, str(config.cache_dir))
+        repo = await Repository.open(blob_store, keys, identity, str(config.cache_dir),
+                                     read_only=not write)
         try:
-            dev = Device(config, keys, identity, repo)
+            dev = Device(config, keys, identity, repo, lock)
             if write and store is None:
                 from .account import take_grants  # account builds on this module
 

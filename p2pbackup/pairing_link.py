@@ -22,7 +22,7 @@ from typing import Protocol, TypeVar
 from .crypto.pairing import (CODE_LIFETIME, Completed, Event, Failed, HostPairing,
                              JoinerPairing, JoinRequest, PakeDone, PairingCode, State, Welcome,
                              parse_code, rendezvous_tag)
-from .errors import P2PError, PairingFailed
+from .errors import ConfigError, P2PError, PairingFailed
 
 log = logging.getLogger("p2pbackup.pairing")
 SERVICE = "_p2pbackup-pair._tcp.local."
@@ -203,7 +203,12 @@ class PairingHost:
     async def run(self, started: Callable[[int], None] | None = None) -> HostOutcome:
         """Serve until the attempt ends or the code expires; never raises for peer trouble."""
         self.outcome = asyncio.get_running_loop().create_future()
-        server = await asyncio.start_server(self._serve, self.bind, self.port)
+        try:
+            server = await asyncio.start_server(self._serve, self.bind, self.port)
+        except OSError as exc:  # the user's --port is taken, or not theirs to use
+            raise ConfigError(f"cannot listen for pairing on port {self.port}: "
+                              f"{exc.strerror or exc}; choose another --port (0: any free "
+                              "port)") from None
         port = server.sockets[0].getsockname()[1]
         try:
             async with self.rendezvous.offer(rendezvous_tag(self.code), port):

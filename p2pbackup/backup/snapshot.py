@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from ..config import Source
 from ..crypto.keys import ScopeKeys
-from ..errors import DiskFull, P2PError, StorageError
+from ..errors import DiskFull, NotFound, P2PError, StorageError
 from ..format.header import Kind
 from ..format.records import CAPTURE_LEVEL, DIR, FILE, Snapshot, SourceRoot, Tree, TreeEntry
 from ..repo.repository import Repository, StoredSnapshot
@@ -444,7 +444,7 @@ async def take_snapshot(repo: Repository, sources: tuple[Source, ...], *, temp_d
             raise DiskFull(temp_dir) from None
         raise StorageError(f"snapshot failed: {exc}") from None
     if not roots:
-        raise P2PError("nothing was backed up: every source is missing or unreadable")
+        raise NotFound("nothing was backed up: every source is missing or unreadable")
     snap = Snapshot(time.time_ns(), device, hostname or socket.gethostname(), tuple(roots),
                     log_seq=log_seq, parent=parent_id, warnings=len(builder.warnings),
                     capture=CAPTURE_LEVEL)

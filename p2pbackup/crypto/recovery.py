@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import blake3
 
+from ..errors import WrongKey
+
 ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _DECODE = {c: i for i, c in enumerate(ALPHABET)}
 _DECODE.update({"I": 1, "L": 1, "O": 0})
@@ -16,8 +18,9 @@ _KEY_BITS = 256
 _CHECK_BITS = 16
 
 
-class RecoveryCodeError(ValueError):
-    """The recovery code is malformed or has a typo."""
+class RecoveryCodeError(WrongKey, ValueError):
+    """{}"""
+    # A WrongKey: a mistyped code is a wrong key caught early, by its checksum (exit 15).
 
 
 def _checksum(key: bytes) -> int:

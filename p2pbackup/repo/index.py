@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import struct
 import time
+import urllib.parse
 from typing import NamedTuple
 
 from dataclasses import dataclass, field
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 import aiosqlite
 import blake3
 
-from ..errors import DiskFull, StorageError
+from ..errors import DiskFull, P2PError, StorageError
 
 # 2: packs.arrived; 3: meta.generation (the blob map side file); 4: the spare table, and
 # blobs name their pack by packs.num (a 64-character name in each row made the table twice the
@@ -140,17 +142,52 @@ class IndexOutdated(IndexCorrupt):
     """The index was made by another version of p2pbackup; it will be rebuilt."""
 
 
-def _sql_error(exc: sqlite3.Error, path: str) -> Exception:
-    if "disk is full" in str(exc) or "database or disk is full" in str(exc):
-        return DiskFull(os.path.dirname(path))
-    return StorageError(f"the index {path} cannot be written: {exc}")
+# What SQLite says of a file that is not (or no longer) a usable index: rebuilt from the packs.
+# Anything else (a full disk, an I/O error, a lock) says nothing about the file's contents.
+_DAMAGE = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_FORMAT,
+                     sqlite3.SQLITE_ERROR, sqlite3.SQLITE_SCHEMA, sqlite3.SQLITE_MISMATCH,
+                     sqlite3.SQLITE_CONSTRAINT, sqlite3.SQLITE_RANGE})
+# Less free space than this makes an I/O error a full disk: SQLite's extended codes do not
+# carry errno (a full tmpfs fails sizing the shared-memory file with SQLITE_IOERR_SHMSIZE).
+_NEARLY_FULL = 1 << 20
+
+
+def _no_space(directory: str) -> bool:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _NEARLY_FULL
+
+
+def _primary_code(exc: sqlite3.Error) -> int:
+    # Set on errors SQLite reported; errors of the sqlite3 module itself have none.
+    return (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+
+
+def _sql_error(exc: sqlite3.Error, path: str) -> P2PError:
+    """A failed read or write of the index that does not mean its file is damaged."""
+    code = _primary_code(exc)
+    directory = os.path.dirname(path)
+    if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR and _no_space(directory)):
+        return DiskFull(directory)
+    return StorageError(f"the index {path} cannot be used: {exc}")
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    return _primary_code(exc) in _DAMAGE
 
 
 class PackIndex:
-    """The SQLite index, opened with aiosqlite, plus an in-memory map for hot lookups."""
+    """The SQLite index, opened with aiosqlite, plus an in-memory map for hot lookups.
 
-    def __init__(self, path: str) -> None:
+    `in_memory`: a copy of the file at `path` (if it can be read) held in memory and never
+    written back, for a process that only reads when the disk holding the file is full.
+    """
+
+    def __init__(self, path: str, *, in_memory: bool = False) -> None:
         self.path = path
+        self.in_memory = in_memory
         self._db: aiosqlite.Connection | None = None
         self.blobs: dict[bytes, BlobLocation] = {}
         self._generation = 0        # of the database, as this process last saw or made it
@@ -163,19 +200,26 @@ class PackIndex:
         self.bad_blobs: dict[bytes, BlobLocation] = {}   # those of damaged packs' `bad`
 
     async def open(self) -> None:
-        """Open (creating if needed) and load; raise IndexCorrupt when the file is unusable."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        """Open (creating if needed) and load; raise IndexCorrupt when the file is unusable,
+        DiskFull or StorageError when it cannot be read or written (it is not damaged then)."""
         try:
-            self._db = await aiosqlite.connect(self.path)
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA synchronous=NORMAL")
-            # Blob ids are random keys: a cache that holds the whole B-tree writes each page
-            # once per commit instead of spilling and re-reading (30k writes per GB before).
-            await self._db.execute("PRAGMA cache_size=-65536")
-            row = await (await self._db.execute("PRAGMA quick_check")).fetchone()
-            if not row or row[0] != "ok":
-                raise IndexCorrupt(str(row))
-            await self._db.executescript(_SCHEMA)
+            if self.in_memory:
+                self._db = await aiosqlite.connect(":memory:", uri=True)
+                await self._db.executescript(_SCHEMA)
+                await self._copy_from_file()
+            else:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                self._db = await aiosqlite.connect(self.path)
+                await self._db.execute("PRAGMA journal_mode=WAL")
+                await self._db.execute("PRAGMA synchronous=NORMAL")
+                # Blob ids are random keys: a cache that holds the whole B-tree writes each
+                # page once per commit instead of spilling and re-reading (30k writes per GB
+                # before).
+                await self._db.execute("PRAGMA cache_size=-65536")
+                row = await (await self._db.execute("PRAGMA quick_check")).fetchone()
+                if not row or row[0] != "ok":
+                    raise IndexCorrupt(str(row))
+                await self._db.executescript(_SCHEMA)
             cur = await self._db.execute("SELECT value FROM meta WHERE key='version'")
             row = await cur.fetchone()
             if row is None:
@@ -212,9 +256,44 @@ class PackIndex:
         except IndexCorrupt:
             await self.close()
             raise
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.Error as exc:
             await self.close()
-            raise IndexCorrupt(str(exc)) from None
+            if _is_damage(exc):
+                raise IndexCorrupt(str(exc)) from None
+            raise _sql_error(exc, self.path) from None
+        except OSError as exc:
+            await self.close()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(os.path.dirname(self.path)) from None
+            raise StorageError(f"the index {self.path} cannot be used: {exc}") from None
+        except BaseException:
+            await self.close()  # its worker thread would keep the process alive
+            raise
+
+    async def _copy_from_file(self) -> None:
+        """Load the index file into this in-memory database without writing anything next to
+        it (immutable: no shared-memory file, no journal). What it lacks or no longer matches
+        the store, sync_index puts right; an unreadable or outdated file leaves it empty."""
+        assert self._db is not None
+        uri = f"file:{urllib.parse.quote(self.path)}?mode=ro&immutable=1"
+        try:
+            await self._db.execute("ATTACH DATABASE ? AS file", (uri,))
+        except sqlite3.Error:
+            return  # no file (yet), or not readable
+        try:
+            rows = await self._db.execute_fetchall(
+                "SELECT value FROM file.meta WHERE key='version'")
+            if list(rows) == [(str(INDEX_VERSION),)]:
+                ours, theirs = [{row[0] for row in await self._db.execute_fetchall(
+                    f"SELECT name FROM {db}.sqlite_master WHERE type='table'")}
+                    for db in ("main", "file")]
+                for table in sorted(ours & theirs):
+                    await self._db.execute(f"INSERT INTO main.{table} SELECT * FROM file.{table}")
+            await self._db.commit()
+        except sqlite3.Error:
+            await self._db.rollback()
+        finally:
+            await self._db.execute("DETACH DATABASE file")
 
     @property
     def _map_path(self) -> str:
@@ -246,7 +325,7 @@ class PackIndex:
         self._map_stale = True
 
     async def _write_blob_map(self) -> None:
-        if not self._map_stale or self._generation < 0 or \
+        if self.in_memory or not self._map_stale or self._generation < 0 or \
                 await self._read_generation() != self._generation:
             return
         data = encode_blob_map(self._generation, self.blobs)
@@ -269,11 +348,12 @@ class PackIndex:
                 await self._write_blob_map()
             except sqlite3.Error:
                 pass
-            try:
-                await self._db.close()
-            except sqlite3.Error:
-                pass
-            self._db = None
+            finally:
+                db, self._db = self._db, None
+                try:
+                    await db.close()  # also on error: it stops the connection's thread
+                except sqlite3.Error:
+                    pass
 
     async def add_pack(self, name: str, scope: str, epoch: int, size: int,
                        blobs: list[tuple[bytes, int, int, int, int]], *,

@@ -18,7 +18,7 @@ from ..blobs.base import BlobStore, Buffer
 from ..chunking.chunker import DEFAULT_AVG
 from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from ..crypto.keys import AccountKeys, MissingKey, ScopeKeys
-from ..errors import (BlobDamaged, IntegrityError, NotFound, P2PError, StorageError,
+from ..errors import (BlobDamaged, DiskFull, IntegrityError, NotFound, P2PError, StorageError,
                       UnsupportedFormat, WrongKey)
 from ..format.header import HEADER_SIZE, Kind, ObjectHeader
 from ..format.membership import Kept, SignerRefused, Signers
@@ -121,9 +121,7 @@ class Repository:
         cfg = RepoConfig(uuid.uuid4().hex, DEFAULT_AVG, PACK_SIZE, time.time_ns(),
                          keys.fingerprint())
         await store.put(CONFIG_NAME, seal_object(Kind.REPO_CONFIG, cfg.encode(), keys.meta_key))
-        repo = await cls.open(store, keys, identity, cache_dir)
-        await repo.register_device(identity, device_name)
-        return repo
+        return await cls._open_registered(store, keys, identity, cache_dir, device_name)
 
     @classmethod
     async def create_replica(cls, store: BlobStore, keys: AccountKeys, identity: DeviceIdentity,
@@ -132,8 +130,18 @@ class Repository:
         if await store.has(CONFIG_NAME):
             raise StorageError(f"the store at {store.location} already holds a repository")
         await store.put(CONFIG_NAME, config_raw)
+        return await cls._open_registered(store, keys, identity, cache_dir, device_name)
+
+    @classmethod
+    async def _open_registered(cls, store: BlobStore, keys: AccountKeys,
+                               identity: DeviceIdentity, cache_dir: str,
+                               device_name: str) -> "Repository":
         repo = await cls.open(store, keys, identity, cache_dir)
-        await repo.register_device(identity, device_name)
+        try:
+            await repo.register_device(identity, device_name)
+        except BaseException:
+            await repo.close()  # the index's worker thread would keep the process alive
+            raise
         return repo
 
     async def config_object(self) -> bytes:
@@ -142,12 +150,25 @@ class Repository:
 
     @classmethod
     async def open(cls, store: BlobStore, keys: AccountKeys, identity: DeviceIdentity | None,
-                   cache_dir: str) -> "Repository":
-        """Open an existing repository; the index is rebuilt if missing or damaged."""
+                   cache_dir: str, *, read_only: bool = False) -> "Repository":
+        """Open an existing repository; the index is rebuilt if missing or damaged.
+
+        `read_only`: this process writes nothing to the store, so when the disk holding the
+        index is full it keeps the index in memory instead (it is a cache) and still reads."""
         try:
             raw = await store.get(CONFIG_NAME)
         except NotFound:
             raise StorageError(f"there is no p2pbackup repository at {store.location}") from None
+        try:  # a config that is not whole is damage; only one that does not open is a key
+            header = ObjectHeader.decode(raw, "it")
+            if header.kind != Kind.REPO_CONFIG:
+                raise IntegrityError("it is not a repository config")
+            if len(raw) < HEADER_SIZE + header.length:
+                raise IntegrityError(f"it is truncated: {len(raw)} of "
+                                     f"{HEADER_SIZE + header.length} bytes")
+        except IntegrityError as exc:
+            raise IntegrityError(f"the repository config at {store.location} is damaged ({exc}); "
+                                 "the store of each paired device holds a copy of it") from None
         try:
             _, body = open_object(raw, keys.meta_key, expect=Kind.REPO_CONFIG,
                                   what="the repository config")
@@ -160,9 +181,21 @@ class Repository:
         # Replicas of one repository share its id, so the cache is per store as well.
         where = hashlib.blake2b(store.location.encode(), digest_size=6).hexdigest()
         index_path = os.path.join(cache_dir, config.repo_id, f"index-{where}.sqlite")
-        index = await _open_index(index_path)
+        index = await _open_index(index_path, read_only=read_only)
         repo = cls(store, keys, config, index, identity)
-        await repo.sync_index()
+        try:
+            try:
+                await repo.sync_index()
+            except DiskFull:
+                if not read_only or repo.index.in_memory:
+                    raise
+                await repo.index.close()
+                repo.index = await _index_in_memory(index_path)
+                repo.missing_packs = []
+                await repo.sync_index()
+        except BaseException:
+            await repo.close()  # the index's worker thread would keep the process alive
+            raise
         return repo
 
     async def close(self) -> None:
@@ -245,10 +278,16 @@ class Repository:
 
     async def rebuild_index(self) -> tuple[int, int]:
         """Throw the index away and recreate it from the packs' trailers."""
-        path = self.index.path
         await self.index.close()
-        _remove_index_files(path)
-        self.index = await _open_index(path)
+        _remove_index_files(self.index.path)
+        return await self.reopen_index()
+
+    async def reopen_index(self) -> tuple[int, int]:
+        """Open the index again (another process may have changed it, or the packs) and
+        sync it; return (added, dropped)."""
+        await self.index.close()
+        self.index = await _open_index(self.index.path)
+        self.missing_packs = []
         return await self.sync_index()
 
     async def recheck_pack(self, name: str) -> PackDamage | None:
@@ -619,17 +658,30 @@ def _remove_index_files(path: str) -> None:
             pass
 
 
-async def _open_index(path: str) -> PackIndex:
+async def _open_index(path: str, *, read_only: bool = False) -> PackIndex:
     index = PackIndex(path)
     try:
-        await index.open()
-    except IndexOutdated as exc:
-        log.info("the index %s was made by another version (%s); rebuilding it from the "
-                 "packs", path, exc)
-        index = await _fresh_index(path)
-    except IndexCorrupt as exc:
-        log.warning("the index %s is damaged (%s); rebuilding it from the packs", path, exc)
-        index = await _fresh_index(path)
+        try:
+            await index.open()
+        except IndexOutdated as exc:
+            log.info("the index %s was made by another version (%s); rebuilding it from the "
+                     "packs", path, exc)
+            index = await _fresh_index(path)
+        except IndexCorrupt as exc:
+            log.warning("the index %s is damaged (%s); rebuilding it from the packs", path, exc)
+            index = await _fresh_index(path)
+    except DiskFull:
+        if not read_only:
+            raise
+        index = await _index_in_memory(path)
+    return index
+
+
+async def _index_in_memory(path: str) -> PackIndex:
+    log.warning("the disk holding %s is full: the index is kept in memory for this command "
+                "(free some space to keep it on disk)", os.path.dirname(path))
+    index = PackIndex(path, in_memory=True)
+    await index.open()
     return index
 
 

@@ -75,3 +75,97 @@ def test_a_source_name_that_is_not_one_plain_folder_name_is_refused(cli: Cli, sa
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 10 and len(lines) == 1
     assert "sources[0]" in lines[0] and "'../src'" in lines[0] and str(cfg) in lines[0]
+
+
+def _only_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr and "internal error" not in stderr, stderr
+    return lines[0]
+
+
+def test_debug_after_the_command_shows_the_traceback(cli: Cli):
+    proc = cli("snapshots", "--debug", check=False)
+    assert proc.returncode == 10 and "Traceback" in proc.stderr, proc.stderr
+
+
+def test_a_path_named_debug_after_double_dash_is_a_path(cli: Cli, sample_tree: Path,
+                                                          tmp_path: Path):
+    import json
+    import subprocess
+
+    cli("init", "--source", str(sample_tree))
+    (tmp_path / "--debug").mkdir()
+    (tmp_path / "--debug" / "f.txt").write_text("x\n")
+    proc = subprocess.run(cli.argv("snapshot", "--json", "--", "--debug"), cwd=tmp_path,
+                          env=cli.env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["paths"] == [str(tmp_path / "--debug")]
+    assert "Traceback" not in proc.stderr
+
+
+def test_version_names_the_installed_package(cli: Cli):
+    from importlib.metadata import version
+
+    proc = cli("--version", check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"p2pbackup {version('p2pbackup')}"
+
+
+def test_a_recovery_code_with_a_typo_is_one_line_and_exit_15(cli: Cli, sample_tree: Path,
+                                                             tmp_path: Path):
+    from p2pbackup.crypto import recovery
+
+    cli("init", "--source", str(sample_tree))
+    code = recovery.encode((cli.home / "keys" / "account.key").read_bytes())
+    typo = ("1" if code[0] != "1" else "2") + code[1:]
+    (tmp_path / "code").write_text(typo)
+    new = Cli(tmp_path / "new-home")
+    proc = new("recover", "--from", str(cli.home / "store"), "--recovery-code-file",
+               str(tmp_path / "code"), check=False)
+    assert proc.returncode == 15
+    assert "typo" in _only_line(proc.stderr)
+    assert not (new.home / "config.toml").exists()
+
+
+def test_status_json_says_the_daemon_is_not_running(cli: Cli, sample_tree: Path):
+    import json
+
+    cli("init", "--source", str(sample_tree))
+    proc = cli("status", "--json", check=False)
+    assert proc.returncode == 19
+    st = json.loads(proc.stdout)
+    assert st["running"] is False and "not running" in st["error"]
+
+
+def test_an_empty_config_is_refused_in_one_line(cli: Cli, sample_tree: Path):
+    cli("init", "--source", str(sample_tree))
+    cfg = cli.home / "config.toml"
+    for empty in ("", "\n# nothing here\n"):
+        cfg.write_text(empty)
+        proc = cli("snapshots", check=False)
+        assert proc.returncode == 10
+        line = _only_line(proc.stderr)
+        assert str(cfg) in line and "empty" in line
+
+
+def test_snapshot_of_a_missing_directory_is_one_line_and_exit_17(cli: Cli, sample_tree: Path,
+                                                                tmp_path: Path):
+    cli("init", "--source", str(sample_tree))
+    missing = tmp_path / "no-such-dir"
+    proc = cli("snapshot", str(sample_tree), str(missing), check=False)
+    assert proc.returncode == 17
+    assert str(missing) in _only_line(proc.stderr)
+    assert cli("snapshots").stdout.strip() == "no snapshots yet"
+
+
+def test_a_truncated_store_config_is_damage_not_a_wrong_key(cli: Cli, sample_tree: Path):
+    cli("init", "--source", str(sample_tree))
+    config = cli.home / "store" / "config"
+    whole = config.read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 1, 10, 3, 0):
+        config.write_bytes(whole[:cut])
+        proc = cli("snapshots", check=False)
+        assert proc.returncode == 13, (cut, proc.stderr)
+        line = _only_line(proc.stderr)
+        assert "damaged" in line and "another account" not in line, line
+    config.write_bytes(whole)
+    assert cli("snapshots").returncode == 0

@@ -221,6 +221,9 @@ def test_a_source_that_disappears_does_not_stop_the_daemon(cli: Cli, tmp_path: P
     d = Daemon(cli, tmp_path)
     try:
         d.wait_for("READY=1")
+        # The roll-up snapshot at start holds both (the rescan that catches up on a source
+        # that comes back compares it with the latest snapshot).
+        d.wait_for("STATUS=snapshot")
         (a / "x").write_text("x")
         wait_for_seq(cli, 1)
         subprocess.run(["rm", "-rf", str(b)], check=True)
@@ -232,6 +235,16 @@ def test_a_source_that_disappears_does_not_stop_the_daemon(cli: Cli, tmp_path: P
         st = json.loads(cli("status", "--json").stdout)
         assert [s["present"] for s in st["sources"]] == [True, False]
         assert any("disappeared" in e for e in st["errors"])
+        # It comes back: watched again, and status no longer says it is gone.
+        b.mkdir()
+        (b / "z").write_text("z")
+        eventually_sync(lambda: any(c.path == b"z" for _, parts in chain(cli)[3]
+                                    for scope, cl in parts if scope == "b"
+                                    for c in cl.changes))
+        st = json.loads(cli("status", "--json").stdout)
+        assert [s["present"] for s in st["sources"]] == [True, True]
+        assert not any("disappeared" in e for e in st["errors"]), st["errors"]
+        assert "MISSING" not in cli("status").stdout
     finally:
         assert d.stop() == 0
     assert chain(cli)[1] == []
@@ -521,3 +534,100 @@ def _changes(cli: Cli) -> list:
             return [c for _, seg in links for _, cl in logs.open_changes(seg) for c in cl.changes]
 
     return asyncio.run(go())
+
+
+_LEASE_HOLDER = """
+import asyncio, os
+from p2pbackup import control
+from p2pbackup.config import load_config
+
+async def main():
+    async with control.lease(load_config().control_socket, "pause",
+                             {"pid": os.getpid(), "command": "a test"}):
+        print("paused", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def _logged_paths(cli: Cli) -> set[bytes]:
+    return {c.path for _, parts in chain(cli)[3] for _, cl in parts for c in cl.changes}
+
+
+def test_commands_that_write_pause_the_daemon_instead_of_waiting_for_it(home, tmp_path: Path):
+    from p2pbackup.repo.lock import WriterLock
+
+    cli, src = home
+    (src / "a.txt").write_text("a")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "o.txt").write_text("o")
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        for args in (["snapshot", "--offline"], ["snapshot", str(other)], ["repair"],
+                     ["index", "rebuild"]):
+            proc = cli(*args, check=False)
+            assert proc.returncode == 0, (args, proc.stderr)
+        # The daemon has the store back: it logs changes and snapshots on request.
+        (src / "b.txt").write_text("b")
+        eventually_sync(lambda: b"b.txt" in _logged_paths(cli))
+        assert json.loads(cli("snapshot", "--json").stdout)["log_seq"] >= 1
+
+        # A command killed while it holds the pause: the daemon resumes by itself, and what
+        # changed meanwhile is logged then.
+        holder = subprocess.Popen([sys.executable, "-c", _LEASE_HOLDER], env=cli.env(),
+                                  stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        try:
+            assert holder.stdout.readline().strip() == "paused"
+            st = json.loads(cli("status", "--json").stdout)
+            assert st["paused_for"]["pid"] == holder.pid
+            assert "a test" in st["paused_for"]["command"]
+            with WriterLock(str(cli.home / "store" / "lock"), "the store"):
+                pass  # the daemon let go of the store
+            (src / "c.txt").write_text("c")
+        finally:
+            holder.kill()
+            holder.wait()
+        eventually_sync(lambda: b"c.txt" in _logged_paths(cli))
+        assert json.loads(cli("status", "--json").stdout)["paused_for"] is None
+    finally:
+        assert d.stop() == 0
+    log_text = (tmp_path / "daemon.log").read_text()
+    assert "Traceback" not in log_text and "resumed after" in log_text
+    paths = [s["paths"] for s in json.loads(cli("snapshots", "--json").stdout)]
+    # the daemon's at start, --offline, DIR, the daemon's on request
+    assert paths.count([str(other)]) == 1 and paths.count([str(src)]) == 3
+    assert "no problems found" in cli("verify", "--read-data").stdout
+
+
+def _control(sock: Path, raw: bytes) -> dict:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(raw)
+        return json.loads(s.makefile().readline())
+
+
+def test_bad_control_requests_get_an_error_reply_and_no_traceback(home, tmp_path: Path):
+    cli, _src = home
+    d = Daemon(cli, tmp_path)
+    bad = [b"[" * 100_000 + b"\n", b'{"v": 1, "cmd": "x", "args": ' + b"[" * 50_000 + b"\n",
+           b'{"v": 1, "cmd": 5}\n', b'{"v": 1, "cmd": "status", "args": [1]}\n']
+    for cmd, args in (("snapshot", {"scheduled": "yes"}), ("forget", {"dry_run": {"a": 1}}),
+                      ("forget", {"policy": [1, 2]}), ("prune", {"dry_run": 3}),
+                      ("pair_start", {"sources": 5}), ("pair_start", {"sources": [1, {}]}),
+                      ("pair_start", {"expires": "soon"}), ("pair_start", {"role": []}),
+                      ("pair_wait", {"code": {"x": 1}}), ("devices_remove", {"device": []}),
+                      ("pause", {"pid": "me"}), ("pause", {"command": 7})):
+        bad.append(json.dumps({"v": 1, "cmd": cmd, "args": args}).encode() + b"\n")
+    try:
+        d.wait_for("READY=1")
+        for raw in bad:
+            reply = _control(cli.home / "daemon.sock", raw)
+            assert reply["ok"] is False and reply["exit"] in (10, 17, 20, 24), (raw[:60], reply)
+            assert "\n" not in reply["error"] and "internal error" not in reply["error"]
+        assert json.loads(cli("status", "--json").stdout)["pid"] == d.proc.pid
+    finally:
+        assert d.stop() == 0
+    assert "Traceback" not in (tmp_path / "daemon.log").read_text()

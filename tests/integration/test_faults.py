@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import Cli, tree_state
+from tests.diskfull import fill, small_tmpfs
 
 
 def one_line(stderr: str) -> str:
@@ -421,10 +424,7 @@ def test_kill_9_during_restore(cli: Cli, tmp_path: Path):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_disk_full_during_snapshot(tmp_path: Path, sample_tree: Path):
-    fs = tmp_path / "small"
-    fs.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(fs)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "small", "1500k") as fs:
         cli = Cli(fs / "home")
         cli("init", "--source", str(sample_tree))
         proc = cli("snapshot", check=False)
@@ -435,5 +435,51 @@ def test_disk_full_during_snapshot(tmp_path: Path, sample_tree: Path):
         assert "no problems found" in cli("verify", "--read-data").stdout
         subprocess.run(["mount", "-o", "remount,size=64m", str(fs)], check=True)
         heal_and_check(cli, sample_tree, tmp_path / "out")
-    finally:
-        subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def _reads_work_on_a_full_disk(cli: Cli, src: Path, out: Path) -> None:
+    for args in (["snapshots", "--json"], ["verify", "--read-data"],
+                 ["restore", "latest", "--to", str(out)]):
+        proc = cli(*args, check=False, timeout=90)  # a hang is a TimeoutExpired
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert sum(" is full:" in ln for ln in proc.stderr.splitlines()) <= 1, proc.stderr
+        assert not any(w in proc.stderr for w in ("Traceback", "error", "damaged")), proc.stderr
+    assert tree_state(out / "src") == tree_state(src)
+    proc = cli("status", check=False, timeout=90)
+    assert proc.returncode == 19 and "not running" in one_line(proc.stderr)
+    proc = cli("snapshot", check=False, timeout=90)
+    assert proc.returncode == 12, proc.stderr
+    assert "No space left" in one_line(proc.stderr) and "damaged" not in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_disk_under_the_home_still_reads_refuses_writes_and_never_hangs(
+        tmp_path: Path, sample_tree: Path):
+    with small_tmpfs(tmp_path / "small", "16m") as fs:
+        cli = Cli(fs / "home")
+        cli("init", "--source", str(sample_tree))
+        cli("snapshot")
+        index = next((cli.home / "cache").rglob("index-*.sqlite"))
+        # A pack the index does not know yet (as a killed snapshot leaves one): reading the
+        # repository indexes it, which is a write.
+        with closing(sqlite3.connect(index)) as db:
+            num = db.execute("SELECT num FROM packs LIMIT 1").fetchone()[0]
+            db.execute("DELETE FROM blobs WHERE pack=?", (num,))
+            db.execute("DELETE FROM packs WHERE num=?", (num,))
+            db.execute("UPDATE meta SET value=value+1 WHERE key='generation'")
+            db.commit()
+        # Held open by another process (as the daemon holds it): its shared-memory file
+        # exists, so the index opens and the first write fails.
+        holder = sqlite3.connect(index)
+        try:
+            holder.execute("SELECT count(*) FROM packs").fetchone()
+            fill(fs)
+            _reads_work_on_a_full_disk(cli, sample_tree, tmp_path / "out-held")
+        finally:
+            holder.close()  # (the last connection removes the write-ahead log: space again)
+        fill(fs)
+        # Held by nobody: even opening the index needs a write (its shared-memory file).
+        _reads_work_on_a_full_disk(cli, sample_tree, tmp_path / "out-alone")
+        assert index.exists()  # a failed write is not damage: the index was not thrown away
+        (fs / "filler").unlink()
+        heal_and_check(cli, sample_tree, tmp_path / "out")

@@ -22,10 +22,16 @@ from tests.conftest import Cli, make_sample_tree, tree_state
 from tests.integration.test_daemon import Daemon
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_a_pairing_port_in_use_is_one_line_and_exit_10(cli: Cli, sample_tree: Path):
+    cli("init", "--source", str(sample_tree))
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = cli("pair", "--no-mdns", "--no-qr", "--port", str(port), "--yes", check=False)
+    assert r.returncode == 10, r.stderr
+    assert f"cannot listen for pairing on port {port}" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "internal error" not in r.stderr
 
 
 class Host:
@@ -36,8 +42,9 @@ class Host:
     """
 
     def __init__(self, cli: Cli, *args: str, tty: bool = False) -> None:
-        self.port = free_port()
-        argv = cli.argv("pair", "--no-mdns", "--no-qr", "--port", str(self.port), *args)
+        self.port = 0  # any free port: the host says which (a port picked here could be
+        # taken by the time it binds, on a machine running other tests)
+        argv = cli.argv("pair", "--no-mdns", "--no-qr", "--port", "0", *args)
         self.terminal = None
         if tty:
             self.terminal, stdin = pty.openpty()
@@ -64,6 +71,9 @@ class Host:
             m = re.match(r"Pairing code: (\S+)", line)
             if m:
                 self.code = m.group(1)
+            m = re.match(r"Listening on port (\d+)", line)
+            if m:
+                self.port = int(m.group(1))
             if line.startswith(prefix):
                 return line
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from contextlib import closing
 from pathlib import Path
+
+import pytest
 
 from p2pbackup.backup.maintenance import forget_and_prune
 from p2pbackup.backup.restore import restore
@@ -14,7 +17,7 @@ from p2pbackup.format.pack import PackBuilder
 from p2pbackup.repo.index import INDEX_VERSION, BlobLocation, PackIndex
 from p2pbackup.repo.repository import Repository
 
-from .conftest import A
+from .conftest import A, KEYS
 
 Pack = tuple[str, str, int, int, list[tuple[bytes, int, int, int, int]]]
 
@@ -176,3 +179,68 @@ async def test_a_damaged_pack_loses_only_its_bad_blobs_and_a_spare_copy_takes_ov
     last = await _open(path)
     assert not last.damaged
     await last.close()
+
+
+def _index_threads() -> set:
+    import threading
+
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+def _no_new_thread_stays(before: set) -> None:
+    for t in _index_threads() - before:
+        t.join(timeout=10)   # a closed connection's thread ends at once; a leaked one never
+        assert not t.is_alive(), "an index connection's thread keeps running"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+async def test_a_full_disk_is_not_damage_and_a_reader_keeps_the_index_in_memory(
+        pair, tmp_path: Path):
+    from p2pbackup.errors import DiskFull
+    from tests.diskfull import fill, small_tmpfs
+
+    a, _b, _src = pair
+    with small_tmpfs(tmp_path / "small", "1m") as fs:
+        first = await Repository.open(a.store, a.keys, A, str(fs))
+        path = first.index.path
+        await first.close()
+        with closing(sqlite3.connect(path)) as db:   # a pack to index: opening writes
+            db.execute("DELETE FROM blobs WHERE pack=(SELECT min(num) FROM packs)")
+            db.execute("DELETE FROM packs WHERE num=(SELECT min(num) FROM packs)")
+            db.execute("UPDATE meta SET value=value+1 WHERE key='generation'")
+            db.commit()
+        before = Path(path).read_bytes()
+        threads = _index_threads()
+        for held in (True, False):   # held open (as by a running daemon), or by nobody
+            with closing(sqlite3.connect(path)) as holder:
+                if held:
+                    holder.execute("SELECT count(*) FROM packs").fetchone()
+                fill(fs)
+                with pytest.raises(DiskFull):
+                    await Repository.open(a.store, a.keys, A, str(fs))
+                _no_new_thread_stays(threads)
+                reader = await Repository.open(a.store, a.keys, A, str(fs), read_only=True)
+                assert reader.index.in_memory and reader.index.blobs == a.index.blobs
+                assert not reader.missing_packs and not reader.damaged_packs
+                await reader.close()
+            assert Path(path).read_bytes() == before   # neither thrown away nor written
+        _no_new_thread_stays(threads)
+
+
+async def test_a_repository_whose_creation_fails_leaves_no_thread(tmp_path: Path):
+    from p2pbackup.blobs.local import LocalDirStore
+    from p2pbackup.errors import DiskFull
+
+    class FullForRecords(LocalDirStore):
+        """The disk fills up right after the repository config is written."""
+
+        async def put(self, name, data):
+            if name.startswith("devices/"):
+                raise DiskFull(self.root)
+            await super().put(name, data)
+
+    threads = _index_threads()
+    with pytest.raises(DiskFull):
+        await Repository.create(FullForRecords(tmp_path / "store"), KEYS, A,
+                                str(tmp_path / "cache"), "a")
+    _no_new_thread_stays(threads)
