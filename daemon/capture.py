@@ -17,6 +17,7 @@ import stat as statmod
 import time
 from dataclasses import dataclass, field
 
+from p2pbackup.backup import sqlite_capture
 from p2pbackup.backup.files import FileReader
 from p2pbackup.backup.names import show_path
 from p2pbackup.backup.sink import BlobSink
@@ -113,6 +114,9 @@ class SegmentSealer:
             return
         src, rel = found
         path = os.path.join(os.fsencode(src.path), rel) if rel else path
+        db = sqlite_capture.database_of(path) if rel else None
+        if db is not None:  # a database's -wal/-shm/-journal changed: the database did
+            rel, path = rel[:len(rel) - (len(path) - len(db))], db
         if not rel:  # the source directory itself
             if not os.path.isdir(path) and src.name not in self.missing:
                 self.missing.add(src.name)

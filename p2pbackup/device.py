@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,7 @@ from .config import Config, init_home, load_config, load_keys
 from .crypto import recovery
 from .crypto.identity import DeviceIdentity
 from .crypto.keys import AccountKeys
-from .errors import ConfigError
+from .errors import ConfigError, DiskFull, StorageError
 from .repo.lock import WriterLock
 from .repo.repository import Repository
 
@@ -54,7 +56,32 @@ class Device:
 
 
 async def init_device(home: Path, sources: list[str]) -> tuple[Config, str]:
-    """Create a home and its local store; return the config and the recovery code."""
+    """Create a home and its local store; return the config and the recovery code.
+
+    If it fails part-way (a full disk), what it made is removed again: a half-made home would
+    make the next `init` refuse ("already set up") and hold keys nobody has the code of.
+    """
+    existed = set(os.listdir(home)) if home.is_dir() else None
+    try:
+        return await _init_device(home, sources)
+    except BaseException as exc:
+        if existed is None:
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            for name in set(os.listdir(home)) - existed:
+                path = home / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(home) from None
+            raise StorageError(f"cannot set up {home}: {exc.strerror or exc}") from None
+        raise
+
+
+async def _init_device(home: Path, sources: list[str]) -> tuple[Config, str]:
     config, account_key = init_home(home, sources)
     keys, identity = load_keys(config)
     store = LocalDirStore(config.store)

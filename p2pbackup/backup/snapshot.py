@@ -36,9 +36,6 @@ BATCH_FILES = 64
 BATCH_BYTES = 4 * 1024 * 1024
 MAX_OPEN_DIRS = 256  # scanned directories waiting for their files: bounds memory
 GC_THRESHOLD = 50_000  # allocations between young-generation collections during a run
-_SIDE_SUFFIXES = tuple(s.encode() for s in sqlite_capture.SIDE_FILES)
-
-
 @dataclass(slots=True)
 class SnapshotProgress:
     """Counters the CLI polls to draw progress; updated without locks (approximate)."""
@@ -168,14 +165,6 @@ class SnapshotBuilder:
             return [self.reader.read_file(job.path, job.name, job.st, keys) for job in jobs]
         finally:
             self._slots.release()
-
-    @staticmethod
-    def _is_sqlite(path: bytes) -> bool:
-        try:
-            with open(path, "rb") as f:
-                return sqlite_capture.looks_like_sqlite(f.read(16))
-        except OSError:
-            return False
 
     def _submit(self, jobs: list[_FileJob], keys: ScopeKeys) -> cf.Future:
         self._slots.acquire()
@@ -326,15 +315,11 @@ class SnapshotBuilder:
         The database is captured consistently through SQLite; a stale -wal restored next to
         it would be replayed into it.
         """
-        skip: set[bytes] = set()
-        for name in names:
-            if not name.endswith(_SIDE_SUFFIXES):  # most names: one test
-                continue
-            for s in _SIDE_SUFFIXES:
-                if name.endswith(s) and name[:-len(s)] in names \
-                        and self._is_sqlite(os.path.join(path, name[:-len(s)])):
-                    skip.add(name)
-        return skip
+        def listed(p: bytes) -> bool:
+            return os.path.basename(p) in names
+
+        return {n for n in names
+                if sqlite_capture.database_of(os.path.join(path, n), listed) is not None}
 
     # ---- the run -----------------------------------------------------------------------
 

@@ -10,15 +10,43 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Callable
 from urllib.parse import quote
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
+_SIDE_SUFFIXES = tuple(s.encode() for s in SIDE_FILES)
+
+
 def looks_like_sqlite(head: bytes) -> bool:
     """True when a file starts with the SQLite 3 header."""
     return head.startswith(SQLITE_MAGIC)
+
+
+def is_database(path: bytes) -> bool:
+    """True when the file at `path` is an SQLite database (by its header)."""
+    try:
+        with open(path, "rb") as f:
+            return looks_like_sqlite(f.read(16))
+    except OSError:
+        return False
+
+
+def database_of(path: bytes, exists: Callable[[bytes], bool] = os.path.exists) -> bytes | None:
+    """The database whose -wal/-shm/-journal file `path` is, or None. Such side files are
+    never stored: the database is captured consistently through SQLite (a commit in WAL mode
+    changes only the -wal, so it is the database that changed), and a stale -wal restored
+    next to a database would be replayed into it."""
+    if not path.endswith(_SIDE_SUFFIXES):  # most names: one test
+        return None
+    for s in _SIDE_SUFFIXES:
+        if path.endswith(s):
+            main = path[:-len(s)]
+            if exists(main) and is_database(main):
+                return main
+    return None
 
 
 def capture(path: bytes, dest: str, busy_timeout: float = 30.0) -> None:

@@ -483,3 +483,18 @@ def test_a_full_disk_under_the_home_still_reads_refuses_writes_and_never_hangs(
         assert index.exists()  # a failed write is not damage: the index was not thrown away
         (fs / "filler").unlink()
         heal_and_check(cli, sample_tree, tmp_path / "out")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_init_on_a_full_disk_is_one_line_exit_12_and_leaves_no_half_made_home(
+        tmp_path: Path, sample_tree: Path):
+    with small_tmpfs(tmp_path / "small", "16m") as fs:
+        fill(fs)
+        cli = Cli(fs / "home")
+        proc = cli("init", "--source", str(sample_tree), check=False)
+        assert proc.returncode == 12, proc.stderr
+        assert "No space left" in one_line(proc.stderr)
+        assert not cli.home.exists()  # nothing half made that a second init would refuse
+        (fs / "filler").unlink()
+        cli("init", "--source", str(sample_tree))
+        cli("snapshot")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -85,3 +86,36 @@ async def test_rescan_compares_with_this_devices_snapshot_not_a_peers_newer_one(
         assert await rescan(repo, sealer) == 1
     finally:
         sealer.close()
+
+
+async def test_the_log_records_a_wal_databases_commit_as_the_database_never_its_side_files(
+        repo: Repository, tmp_path: Path):
+    """In WAL mode a commit writes only the -wal file: the daemon must capture the database
+    (consistently, through SQLite) when its side files change, and never log the -wal/-shm
+    themselves, which a point-in-time restore would put next to the database (a snapshot
+    never stores them either)."""
+    import sqlite3
+
+    from p2pbackup.daemon.capture import SealState, SegmentSealer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (tmp_path / "t").mkdir()  # the daemon's temp dir, where the consistent copy is made
+    db = sqlite3.connect(src / "app.db")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    sources = (Source("src", str(src)),)
+    sealer = SegmentSealer(repo, repo.identity, sources, str(tmp_path / "t"), SealState(0, GENESIS))
+    try:
+        db.execute("INSERT INTO t VALUES ('made after the snapshot')")
+        db.commit()  # only app.db-wal changes
+        for name in ("app.db-wal", "app.db-shm"):
+            await sealer.capture(os.fsencode(src / name))
+        logged = [(c.path, c.entry.sqlite if c.entry else None)
+                  for c in sealer.pending.get("src", [])]
+        assert logged and {p for p, _ in logged} == {b"app.db"}, logged
+        assert all(sq for _, sq in logged)
+    finally:
+        sealer.close()
+        db.close()
