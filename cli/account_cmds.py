@@ -316,11 +316,23 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
     granted = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None
     invite = {"role": role, "sources": list(granted) if granted else None,
               "quota": parse_size(quota) if quota else None, "expires": expires}
-    started = via_daemon("pair_start", {**invite, "port": port, "mdns": mdns}, timeout=30)
-    if started is not None:
-        _print_code(started["code"], expires, qr, None if mdns else started.get("port"))
-        result = run_async(_follow_daemon_pairing(started["code"], yes,
-                                                  expires + CONFIRM_TIMEOUT + 120))
+    async def through_daemon() -> dict | None:
+        """Host through a running daemon (it holds the writer lock); the code stays offered
+        while this command holds the lease, so it goes when this command ends."""
+        from p2pbackup import control
+        from p2pbackup.config import load_config
+
+        sock = load_config(home()).control_socket
+        async with control.lease(sock, "pair_host", {**invite, "port": port, "mdns": mdns},
+                                 timeout=30) as started:
+            if started is None:
+                return None
+            _print_code(started["code"], expires, qr, None if mdns else started.get("port"))
+            return await _follow_daemon_pairing(started["code"], yes,
+                                                expires + CONFIRM_TIMEOUT + 120)
+
+    result = run_async(through_daemon())
+    if result is not None:
         if not result["ok"]:
             raise PairingFailed(result["message"])
         print(f"Paired: {result['message']}")

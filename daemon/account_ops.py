@@ -10,7 +10,9 @@ keys leave only on its yes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +63,23 @@ class AccountOps:
     def handlers(self) -> dict[str, Any]:
         return {"pair_start": self.pair_start, "pair_wait": self.pair_wait,
                 "pair_answer": self.pair_answer, "devices_remove": self.devices_remove}
+
+    def leases(self) -> dict[str, Any]:
+        return {"pair_host": self.pair_host}
+
+    @contextlib.asynccontextmanager
+    async def pair_host(self, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """pair_start held by the `pair` command that shows the code: when that command ends
+        (done, Ctrl-C, killed), the code is withdrawn, so no joiner waits for an answer
+        nobody will give and the next `pair` can start at once."""
+        started = await self.pair_start(args)
+        hosted = self.pairings[started["code"]]
+        try:
+            yield started
+        finally:
+            if hosted.task is not None and not hosted.task.done():
+                log.info("pairing code withdrawn: the pair command that showed it ended")
+                hosted.task.cancel()
 
     async def pair_start(self, args: dict[str, Any]) -> dict[str, Any]:
         """Start hosting a new code; returns it at once (pair_wait reports the end)."""

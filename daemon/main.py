@@ -444,11 +444,12 @@ async def serve(home: Path | None) -> int:
         mine = [s for s in snaps if s.snapshot.device == dev.identity.device_id]
         if mine:
             d.last_snapshot = (mine[-1].id, mine[-1].snapshot.time_ns)
+        ops = AccountOps(d)
         server = ControlServer(config.control_socket, {"status": d.status,
                                                        "snapshot": d.snapshot,
                                                        "forget": d.forget, "prune": d.prune,
-                                                       **AccountOps(d).handlers()},
-                               leases={"pause": d.pause})
+                                                       **ops.handlers()},
+                               leases={"pause": d.pause, **ops.leases()})
         await server.start()
         d.replicator = Replicator(dev.repo, dev.identity.device_id,
                                   direct_lane=config.peers.lan and config.peers.direct_lane,

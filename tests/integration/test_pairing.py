@@ -19,7 +19,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cli, make_sample_tree, tree_state
+from tests.eventually import eventually_sync
 from tests.integration.test_daemon import Daemon
+
+
+def refuses(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:`port` any more."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        return False
+    except ConnectionRefusedError:
+        return True
 
 
 def test_a_pairing_port_in_use_is_one_line_and_exit_10(cli: Cli, sample_tree: Path):
@@ -271,6 +281,15 @@ def test_junk_does_not_end_pairing_through_the_daemon_and_its_question_reaches_t
         assert waiting.returncode == 24 and "declined" in waiting_err, waiting_err
         assert host3.finish()[0] == 130
         assert not (c.home / "keys").exists() and devices(a)["version"] == 2
+        # A `pair` that is killed takes its code with it: the daemon stops offering it (a
+        # joiner would otherwise wait for an answer nobody gives) and a new code can start.
+        host4 = Host(a)
+        host4.proc.kill()
+        host4.proc.wait()
+        eventually_sync(lambda: refuses(host4.port), timeout=20)
+        host5 = Host(a)
+        assert host5.code and host5.code != host4.code
+        host5.proc.kill()
     finally:
         assert daemon.stop() == 0
     log = (tmp_path / "daemon.log").read_text()
