@@ -26,13 +26,15 @@ What a partner checks without keys, for every object a device sends it:
   any keyring anyway, while a scoped member (holding record keys but no root) or a removed
   device is refused by who it is. Devices check the signature when they read a keyring back
   (repo/membership.py: replication against the membership, recovery against the code);
-- objects never change, except a device's own head, which only it replaces;
+- objects never change, except a device's own head and log anchor (rewritten each time its
+  prune folds more of its log), which only it replaces;
 - the quota, which it reports to the device in words (rosters are kept in the grant file,
   outside the quota and the store: a full store must not keep a removed device's rights).
 What it cannot check is what is sealed: whether a segment, device record, membership version
 or keyring holds what its name says (owners check that when they read them back, as from any
-store), and a head's order, which is inside its sealed body: a device could move its own head
-back here (only it can write it), and owners refuse a head that goes back when they read it.
+store), and the order of heads and anchors, which is inside their sealed bodies: a device could
+move its own head or anchor back here (only it can write them), and owners refuse one that
+goes back when they read it.
 """
 
 from __future__ import annotations
@@ -202,7 +204,7 @@ async def partner_accept(grant: Grant, device: str, name: str, data: bytes) -> b
     if kind == "roster":   # kept in the grant, outside the quota: a full store must not
         grant.take_roster(name, data)   # keep a removed device's rights
         return True
-    if kind != "head" and await store.has(name):
+    if kind not in ("head", "anchor") and await store.has(name):
         if kind in ("pack", "snapshot") or await store.get(name) == data:
             return False
         raise IntegrityError(f"{name[:60]} differs from the copy already here (objects never "

@@ -62,7 +62,7 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
     kind, m = kind_of(name)
     what = f"{name[:60]} from a peer"
     heals = False
-    if kind != "head" and await repo.store.has(name):
+    if kind not in ("head", "anchor") and await repo.store.has(name):
         # A pack here whose bytes no longer match its name is replaced by a copy that does.
         heals = kind == "pack" and m.group(1) in repo.index.damaged
         if not heals and (kind == "pack" or await repo.store.get(name) == data):
@@ -123,8 +123,19 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
             raise IntegrityError(f"{what}: its content does not match its name")
         got = await store_membership.load(repo)
         read_removal(data, owner_keys(got[0] if got else None), verify_signature, what)
-    elif kind == "anchor":
-        await LogStore(repo).check_anchor(data, m.group(1), what)
+    elif kind == "anchor":  # rewritten each time prune folds more: it only moves forward
+        logs = LogStore(repo)
+        new = await logs.check_anchor(data, m.group(1), what)
+        try:
+            current = await logs.read_anchor(m.group(1))
+        except IntegrityError:
+            current = None  # a damaged copy here: the peer's replaces it
+        if current is not None:
+            if current == new:
+                return False
+            if new.seq <= current.seq:
+                raise IntegrityError(f"{what} goes back to segment {new.seq}; the log here is "
+                                     f"folded up to segment {current.seq}")
     elif kind == "head":
         device = m.group(1)
         logs = LogStore(repo)

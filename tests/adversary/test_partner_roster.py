@@ -160,6 +160,8 @@ async def test_a_device_cannot_write_another_devices_head_or_segments_at_the_par
     assert await service.accept(grant, S, f"segments/{S}/000000000001", b"s1")
     assert await service.accept(grant, S, f"heads/{S}", b"head 1")
     assert await service.accept(grant, S, f"heads/{S}", b"head 2")
+    assert await service.accept(grant, S, f"segments/{S}/anchor", b"fold 1")
+    assert await service.accept(grant, S, f"segments/{S}/anchor", b"fold 2")  # prune again
     with pytest.raises(IntegrityError, match="never change"):
         await service.accept(grant, S, f"segments/{S}/000000000001", b"other")
     assert await service.accept(grant, A, f"devices/{S}", b"record")

@@ -174,3 +174,25 @@ async def test_a_damaged_membership_version_is_named_not_taken_for_the_end_of_th
     a.membership_changed()
     with pytest.raises(IntegrityError, match="membership/000000000002 failed authentication"):
         await store_membership.load(a)
+
+
+async def test_a_log_anchor_moves_forward_at_peers_as_prune_folds_more(pair):
+    """prune rewrites segments/<device>/anchor each time it folds more of the log: a peer
+    takes the newer anchor (before, "objects never change" refused it forever) and never an
+    older one again."""
+    a, b, _ = pair
+    logs = LogStore(a)
+    name = f"segments/{A.device_id}/anchor"
+    h1, _ = await logs.load_segment(A.device_id, 1)
+    h2, _ = await logs.load_segment(A.device_id, 2)
+    await logs.write_anchor(A, Head(A.device_id, 1, h1, None, time.time_ns()))
+    first = bytes(await a.store.get(name))
+    await copy_all(a, b)
+    await logs.write_anchor(A, Head(A.device_id, 2, h2, None, time.time_ns()))
+    second = bytes(await a.store.get(name))
+    assert await replica.accept(b, name, second)
+    assert (await LogStore(b).read_anchor(A.device_id)).seq == 2
+    assert not await replica.accept(b, name, second)   # the same again: nothing to do
+    with pytest.raises(IntegrityError, match="back"):
+        await replica.accept(b, name, first)            # an older fold never comes back
+    assert (await LogStore(b).read_anchor(A.device_id)).seq == 2
