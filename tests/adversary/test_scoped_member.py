@@ -218,3 +218,36 @@ async def test_a_keyring_a_scoped_member_forges_is_refused_by_replication_and_re
     recovered = tmp_path / "recovered"
     await account.recover(recovered, str(owner / "store"), code, "replacement")
     assert keys_of(recovered)[0].roots == keys_of(owner)[0].roots
+
+
+async def test_a_snapshot_a_scoped_member_signs_of_a_source_it_was_not_granted_is_refused(
+        scoped):
+    """It holds the record key and its signing key, so it can seal and sign a snapshot that
+    names source photos (say, with an old or empty tree, to make it `latest`): the owner's
+    device refuses it. A snapshot of docs, which it was granted, is taken."""
+    import blake3
+
+    from p2pbackup.errors import IntegrityError
+    from p2pbackup.format.objects import seal_object
+    from p2pbackup.format.records import Signed, Snapshot
+    from p2pbackup.repo import replica
+
+    owner, member, _ = scoped
+    keys, me = keys_of(member)
+    async with open_device(owner) as dev:
+        (real,), _ = await dev.repo.list_snapshots()
+    by_name = {r.name: r for r in real.snapshot.sources}
+
+    def signed_snapshot(roots) -> tuple[str, bytes]:
+        snap = Snapshot(real.snapshot.time_ns + 10**9, me.device_id, "tablet", roots)
+        body = Signed.make("snapshot", snap.encode(), me.device_id, me.sign).encode()
+        sealed = bytes(seal_object(Kind.SNAPSHOT, body, keys.record_key))
+        return f"snapshots/{blake3.blake3(sealed).hexdigest()}", sealed
+
+    async with open_device(owner) as dev:
+        for roots in ((by_name["photos"],), (by_name["docs"], by_name["photos"])):
+            name, data = signed_snapshot(roots)
+            with pytest.raises(IntegrityError):
+                await replica.accept(dev.repo, name, data)
+        name, data = signed_snapshot((by_name["docs"],))
+        assert await replica.accept(dev.repo, name, data)
