@@ -318,8 +318,8 @@ class SnapshotBuilder:
         def listed(p: bytes) -> bool:
             return os.path.basename(p) in names
 
-        return {n for n in names
-                if sqlite_capture.database_of(os.path.join(path, n), listed) is not None}
+        return {n for n in names if n.endswith(sqlite_capture.SIDE_SUFFIXES)  # one test, most
+                and sqlite_capture.database_of(os.path.join(path, n), listed) is not None}
 
     # ---- the run -----------------------------------------------------------------------
 

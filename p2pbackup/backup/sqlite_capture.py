@@ -17,7 +17,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 SIDE_FILES = ("-wal", "-shm", "-journal")
 
 
-_SIDE_SUFFIXES = tuple(s.encode() for s in SIDE_FILES)
+SIDE_SUFFIXES = tuple(s.encode() for s in SIDE_FILES)
 
 
 def looks_like_sqlite(head: bytes) -> bool:
@@ -39,9 +39,9 @@ def database_of(path: bytes, exists: Callable[[bytes], bool] = os.path.exists) -
     never stored: the database is captured consistently through SQLite (a commit in WAL mode
     changes only the -wal, so it is the database that changed), and a stale -wal restored
     next to a database would be replayed into it."""
-    if not path.endswith(_SIDE_SUFFIXES):  # most names: one test
+    if not path.endswith(SIDE_SUFFIXES):  # most names: one test
         return None
-    for s in _SIDE_SUFFIXES:
+    for s in SIDE_SUFFIXES:
         if path.endswith(s):
             main = path[:-len(s)]
             if exists(main) and is_database(main):
