@@ -34,6 +34,7 @@ from .base import BlobStore, Buffer
 
 _SHARDED = ("packs/",)
 _TMP_SUFFIX = ".tmp"
+_CACHED = "packs/"  # the names whose files threads keep open (_open_cached)
 _OPEN_FILES = 16
 
 
@@ -126,6 +127,13 @@ def _check_name(name: str) -> None:
         raise StorageError(f"invalid blob name {name!r}")
 
 
+def _pread(fd: int, offset: int, length: int) -> bytes:
+    """`length` bytes at `offset` (from the end when negative)."""
+    if offset < 0:
+        offset = max(0, os.fstat(fd).st_size + offset)
+    return os.pread(fd, length, offset)
+
+
 class LocalDirStore(BlobStore):
     """Blobs as files under one directory."""
 
@@ -181,9 +189,12 @@ class LocalDirStore(BlobStore):
                     _start_writeback(fd)
             finally:
                 os.close(fd)
-            existed = os.path.exists(path)
+            # Threads keep packs open for range reads: a pack replaced in place (healed) must
+            # be read anew. Only packs: heads are replaced at every seal, and a stat per put
+            # and a flush of every thread's open packs each time would cost the hot path.
+            replaced = name.startswith(_CACHED) and os.path.exists(path)
             os.replace(tmp, path)
-            if existed:
+            if replaced:
                 self._replaced = next(self._bumps)
             if durable:
                 _fsync_dir(directory)
@@ -256,10 +267,10 @@ class LocalDirStore(BlobStore):
 
     def get_range_sync(self, name: str, offset: int, length: int) -> bytes:
         try:
-            fd = self._open_cached(name)
-            if offset < 0:
-                offset = max(0, os.fstat(fd).st_size + offset)
-            return os.pread(fd, length, offset)
+            if name.startswith(_CACHED):
+                return _pread(self._open_cached(name), offset, length)
+            with io.FileIO(self.path_of(name), "r") as f:  # kept open only for packs (put_sync)
+                return _pread(f.fileno(), offset, length)
         except FileNotFoundError:
             raise NotFound(f"{name} is missing from the store at {self.root}") from None
         except OSError as exc:
@@ -305,7 +316,8 @@ class LocalDirStore(BlobStore):
         self._forget_cached(name)
         try:
             os.unlink(self.path_of(name))
-            self._replaced = next(self._bumps)
+            if name.startswith(_CACHED):
+                self._replaced = next(self._bumps)
         except FileNotFoundError:
             pass
         except OSError as exc:
