@@ -419,6 +419,9 @@ def _print_prune(p: dict, would: str) -> None:
               f"segments; {would}free {output.human_bytes(p['bytes_freed'])}")
         if unused:
             print(f"  {unused}")
+    if p.get("packs_damaged_kept"):
+        print(f"kept {p['packs_damaged_kept']} damaged packs for `p2pbackup repair` (it heals "
+              "them from another copy, or keeps what still authenticates)")
     if p.get("packs_held"):
         print(f"kept {p['packs_held']} unused packs that arrived from peers within the "
               "removal grace period (a snapshot using them may still be on its way)")

@@ -39,6 +39,7 @@ class PruneReport:
     packs_repacked: int = 0
     packs_written: int = 0
     packs_held: int = 0     # unused, but arrived too recently to be sure (see `hold_new`)
+    packs_damaged_kept: int = 0  # damaged: left for `repair` and healing, never pruned
     bytes_freed: int = 0
     segments_folded: int = 0
     removed: list[str] = field(default_factory=list)   # store names deleted
@@ -127,6 +128,11 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
         grouped.setdefault(name, [])
     for name in protect() if protect else ():
         grouped.pop(name, None)
+    # A damaged pack's bad blobs are not in the blob map, so they would look unused: pruning
+    # it (and telling the peers to delete their intact copy) would lose them for good.
+    for name in repo.index.damaged:
+        if grouped.pop(name, None) is not None:
+            report.packs_damaged_kept += 1
     if hold_new > 0:
         recent = time.time() - hold_new
         for name in [n for n, t in repo.index.arrived.items() if t > recent]:
