@@ -193,7 +193,7 @@ async def _repack(repo: Repository, names: list[str], grouped: dict, used: set[b
     pack_size = repo.config.pack_size
 
     async def ship(builder: PackBuilder) -> None:
-        name, data, trailer = builder.finish(repo.keys.trailer_key(builder.epoch))
+        name, data, trailer = builder.finish(repo.keys.record_key)
         await repo.store.put(f"packs/{name}", data)  # durable before any old pack goes
         await repo.index.add_packs([(name, trailer.scope, trailer.epoch, len(data),
                                      [(b.id, b.kind, b.offset, b.length, b.raw_length)

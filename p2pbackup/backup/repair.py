@@ -164,7 +164,7 @@ async def _salvage(repo: Repository, exam: PackExam) -> None:
 
 
 async def _store_pack(repo: Repository, builder: PackBuilder) -> None:
-    name, data, trailer = builder.finish(repo.keys.trailer_key(builder.epoch))
+    name, data, trailer = builder.finish(repo.keys.record_key)
     await repo.store.put(f"packs/{name}", data)
     await repo.index.add_pack(name, trailer.scope, trailer.epoch, len(data),
                               [(b.id, b.kind, b.offset, b.length, b.raw_length)

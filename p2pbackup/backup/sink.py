@@ -151,7 +151,7 @@ class BlobSink:
 
     def _ship(self, builder: PackBuilder) -> None:
         self._raise_if_failed()
-        name, data, trailer = builder.finish(self.repo.keys.trailer_key(builder.epoch))
+        name, data, trailer = builder.finish(self.repo.keys.record_key)
         self._queue.put((name, data, trailer, builder.buffer))
         self._raise_if_failed()
 

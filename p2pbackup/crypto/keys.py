@@ -125,14 +125,6 @@ class AccountKeys:
         """(epoch, record key) of every epoch this device holds, newest first."""
         return [(e, self.record_keys[e]) for e in sorted(self.record_keys, reverse=True)]
 
-    def trailer_key(self, epoch: int) -> bytes:
-        """The key that seals the trailer of a pack written in `epoch`: a device removed
-        before that epoch cannot list the pack's blobs."""
-        try:
-            return self.record_keys[epoch]
-        except KeyError:
-            raise MissingKey(f"this device holds no key of key epoch {epoch}") from None
-
     def keyring_key(self, epoch: int | None = None) -> bytes:
         """The key that seals the store's keyring of `epoch` (default: the newest)."""
         if not self.full:

@@ -98,8 +98,9 @@ class PackBuilder:
     def finish(self, trailer_key: bytes) -> tuple[str, memoryview, PackTrailer]:
         """Return (name, bytes, trailer) of the finished pack; the builder is spent.
 
-        `trailer_key` is the record key of the pack's epoch (AccountKeys.trailer_key). The
-        bytes are a view of `buffer`, which may be recycled once the view is released.
+        `trailer_key` is the newest epoch's record key when the pack is written (also for a
+        pack repair or prune rewrites from an older epoch's blobs), so a device removed before
+        then cannot list its blobs; readers try every key they hold. The bytes are a view of `buffer`, which may be recycled once the view is released.
         """
         trailer = PackTrailer(self.scope, self.epoch, tuple(self._refs))
         sealed = seal_object(Kind.PACK_TRAILER, trailer.encode(), trailer_key)

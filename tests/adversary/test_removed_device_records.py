@@ -247,3 +247,44 @@ async def test_a_pack_repair_writes_after_a_removal_does_not_list_its_blobs_to_t
     for key in [keys.meta_key, *keys.record_keys.values()]:
         with pytest.raises(P2PError):
             parse_trailer(new, len(new), key, "the repaired pack")
+
+
+async def test_a_pack_repaired_after_a_removal_from_an_older_epochs_pack_is_hidden_from_it_too(
+        tmp_path: Path):
+    """The damaged pack was written before the removal (epoch 0, which the removed device
+    holds); the pack repair writes now is new metadata all the same: its trailer is sealed with
+    the newest epoch's key, or the removed device could list the blobs of packs repaired (or
+    repacked by prune) after its removal."""
+    from p2pbackup.backup.repair import repair_packs
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"f{i}.bin").write_bytes(bytes([i]) * 5000 + str(i).encode())
+    a, b = tmp_path / "a", tmp_path / "b"
+    await make_owner(a, [src])
+    await snapshot(a)
+    await pair(a, b, "laptop")
+    await carry(a, b, "")
+    await remove(a, "laptop")
+    async with open_device(a, write=True) as dev:
+        repo = dev.repo
+        held: dict[str, list] = {}
+        for loc in repo.index.blobs.values():
+            if loc.kind == Kind.CHUNK:
+                held.setdefault(loc.pack, []).append(loc)
+        name, locs = max(held.items(), key=lambda kv: len(kv[1]))
+        assert len(locs) > 1 and repo.index.packs[name][1] == 0   # written in epoch 0
+        path = Path(repo.store.path_of(f"packs/{name}"))
+        data = bytearray(path.read_bytes())
+        data[locs[0].offset + locs[0].length // 2] ^= 0x01
+        path.write_bytes(data)
+        before = {n async for n in repo.store.list("packs/")}
+        await repair_packs(repo)
+        (made,) = {n async for n in repo.store.list("packs/")} - before
+        new = bytes(await repo.store.get(made))
+        assert parse_trailer(new, len(new), repo.keys.record_keys_newest_first(), "new").blobs
+    keys, _ = keys_of(b)
+    for key in [keys.meta_key, *keys.record_keys.values()]:
+        with pytest.raises(P2PError):
+            parse_trailer(new, len(new), key, "the repaired pack")

@@ -230,7 +230,7 @@ def main() -> None:
     pack1 = PackBuilder("docs", 1)
     pack1.add(Kind.CHUNK, scope1.blob_id(chunk),
               seal_object(Kind.CHUNK, chunk, scope1.data_key, nonce=nonce(23)), len(chunk))
-    (HERE / "pack-epoch1.bin").write_bytes(pack1.finish(keys1.trailer_key(1))[1])
+    (HERE / "pack-epoch1.bin").write_bytes(pack1.finish(keys1.record_keys[1])[1])
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ async def test_repair_copies_a_lost_blob_from_another_pack_of_another_store(repo
     blobs = blobs_by_pack(repo)[name]
     for bid, loc in reversed(blobs):
         builder.add(loc.kind, bid, data[loc.offset:loc.offset + loc.length], loc.raw_length)
-    repacked, repacked_data, _ = builder.finish(repo.keys.trailer_key(epoch))
+    repacked, repacked_data, _ = builder.finish(repo.keys.record_keys[epoch])
     await other.delete(f"packs/{name}")
     await other.put(f"packs/{repacked}", repacked_data)
 

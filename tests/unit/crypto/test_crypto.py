@@ -95,7 +95,6 @@ def test_keyring_key_needs_the_root_and_is_no_record_key():
     assert keys.keyring_key(0) != keys.keyring_key(1)
     with pytest.raises(MissingKey):
         scoped.keyring_key(1)
-    assert keys.trailer_key(1) == scoped.trailer_key(1) == keys.record_keys[1]
 
 
 @given(st.binary(min_size=32, max_size=32))
