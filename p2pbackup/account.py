@@ -121,9 +121,10 @@ def invitation(dev: Device, role: str, sources: tuple[str, ...] | None,
     """Check what `pair` was asked to offer against this device's keys and sources."""
     if role not in (OWNER, MEMBER, PARTNER):
         raise ConfigError(f"unknown pairing role {role!r}")
-    if role != PARTNER and not dev.keys.full and role == OWNER:
-        raise WrongKey("this device holds only some sources; it can grant only those "
-                       "(`pair --sources ...`)")
+    if not dev.keys.full:  # an owner holds every root; only an owner signs the next version
+        raise WrongKey("only an owner device of the account can pair a new device (this one "
+                       "was paired with --sources and holds only those); run `p2pbackup pair` "
+                       "on an owner device")
     if sources:
         known = {s.name for s in dev.config.sources}
         if dev.keys.sources_granted() is not None:
@@ -153,6 +154,9 @@ async def prepare_welcome(dev: Device, invite: Invitation, payload: bytes) -> Pe
         raise PairingFailed("pairing failed: the joining device already belongs to an account; "
                             "pair it with a fresh P2PBACKUP_HOME, or use `pair --partner`")
     current, chain = await membership_of(dev)
+    if not current.may_change(dev.identity.device_id, None):
+        raise WrongKey("only an owner device of the account can pair a new device; run "
+                       "`p2pbackup pair` on an owner device")
     if req["id"] in current.removed:
         raise PairingFailed(f"pairing failed: device {req['id'][:12]} was removed from this "
                             "account and cannot join again")

@@ -251,3 +251,28 @@ async def test_a_snapshot_a_scoped_member_signs_of_a_source_it_was_not_granted_i
                 await replica.accept(dev.repo, name, data)
         name, data = signed_snapshot((by_name["docs"],))
         assert await replica.accept(dev.repo, name, data)
+
+
+@pytest.mark.parametrize("role", ["partner", "member"])
+async def test_a_scoped_member_cannot_host_a_pairing_and_its_store_stays_readable(
+        scoped, tmp_path: Path, role: str):
+    """Only an owner signs the next membership version. A member granted some sources that
+    hosted `pair --partner` (or `pair --sources docs`) signed one anyway, the joiner took it,
+    and its own store then refused every record ("may not change the membership") for good:
+    it is refused before a code is shown."""
+    import secrets
+
+    from p2pbackup import grants
+    from p2pbackup.crypto.identity import DeviceIdentity
+    from p2pbackup.errors import WrongKey
+
+    owner, member, _ = scoped
+    async with open_device(member, write=True) as dev:
+        with pytest.raises(WrongKey, match="owner"):
+            invite = account.invitation(dev, role, ("docs",) if role == "member" else None,
+                                        None)
+            joiner = DeviceIdentity.generate()
+            await account.prepare_welcome(dev, invite, account.joiner_payload(
+                joiner, "nas", False, secrets.token_bytes(grants.TAG_KEY_SIZE)))
+        snaps, bad = await dev.repo.list_snapshots()
+    assert snaps and not bad
