@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2pbackup import account, control
 from p2pbackup.crypto.pairing import make_code
-from p2pbackup.errors import ConfigError, LocalProtocolError, PairingFailed
+from p2pbackup.errors import ConfigError, LocalProtocolError, P2PError, PairingFailed
 from p2pbackup.format.membership import Member
 from p2pbackup.pairing_link import HostOutcome, MdnsRendezvous, StaticRendezvous
 
@@ -119,7 +119,11 @@ class AccountOps:
                                      return_when=asyncio.FIRST_COMPLETED)
         if started not in done:
             if task.done() and task.exception() is not None:
-                raise PairingFailed(f"pairing could not start: {task.exception()}")
+                exc = task.exception()
+                if isinstance(exc, P2PError):  # e.g. the port is taken: its own line and code
+                    raise exc
+                raise PairingFailed(f"pairing could not start: {exc}")
+            task.cancel()  # or the code stays offered and the next `pair` is refused
             raise PairingFailed("pairing could not start (announcing the code took too long)")
         log.info("pairing code offered on port %d (%s, %d s)", started.result(), role,
                  int(lifetime))

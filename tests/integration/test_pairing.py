@@ -290,6 +290,16 @@ def test_junk_does_not_end_pairing_through_the_daemon_and_its_question_reaches_t
         host5 = Host(a)
         assert host5.code and host5.code != host4.code
         host5.proc.kill()
+        host5.proc.wait()
+        # A port already in use is said in one line, with the same exit code as without the
+        # daemon (10), and leaves no code behind.
+        with socket.socket() as taken:
+            taken.bind(("0.0.0.0", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            r = a("pair", "--no-mdns", "--no-qr", "--port", str(busy), "--yes", check=False)
+        assert r.returncode == 10 and f"port {busy}" in r.stderr, r.stderr
+        Host(a).proc.kill()  # a new code starts: none was left offered
     finally:
         assert daemon.stop() == 0
     log = (tmp_path / "daemon.log").read_text()
