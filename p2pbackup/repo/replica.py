@@ -140,7 +140,10 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
         device = m.group(1)
         logs = LogStore(repo)
         new = await logs.check_head(data, device, what)
-        current = await logs.read_head(device) if await repo.store.has(name) else None
+        try:
+            current = await logs.read_head(device) if await repo.store.has(name) else None
+        except IntegrityError:
+            current = None  # a damaged copy here: the peer's (checked above) replaces it
         if current is not None and current == new:
             return False   # the head held here, offered again: nothing to do
         why = check_head_update(current, new)

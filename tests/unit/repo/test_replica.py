@@ -196,3 +196,22 @@ async def test_a_log_anchor_moves_forward_at_peers_as_prune_folds_more(pair):
     with pytest.raises(IntegrityError, match="back"):
         await replica.accept(b, name, first)            # an older fold never comes back
     assert (await LogStore(b).read_anchor(A.device_id)).seq == 2
+
+
+async def test_a_damaged_head_here_is_replaced_by_a_newer_one_from_a_peer(pair):
+    """A head held here that no longer reads (a flipped byte) must not block every later head
+    of that device (the anchor beside it already tolerated this)."""
+    a, b, _ = pair
+    await copy_all(a, b)
+    name = f"heads/{A.device_id}"
+    path = Path(b.store.path_of(name))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    logs = LogStore(a)
+    h2, _ = await logs.load_segment(A.device_id, 2)
+    await logs.append(A, Segment(A.device_id, 3, h2, time.time_ns(), ()))
+    await replica.accept(b, f"segments/{A.device_id}/{3:012d}",
+                         bytes(await a.store.get(f"segments/{A.device_id}/{3:012d}")))
+    assert await replica.accept(b, name, bytes(await a.store.get(name)))
+    assert (await LogStore(b).read_head(A.device_id)).seq == 3
