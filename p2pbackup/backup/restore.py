@@ -328,7 +328,7 @@ class Restorer:
 
     def _tree(self, scope: str, parts: Parts, tree_id: bytes | None) -> Tree:
         """The directory tree to restore at `parts`: the snapshot's, with the replayed log on top."""
-        base = self.repo.load_tree_blocking(tree_id) if tree_id else None  # b"": made by the log
+        base = self.repo.load_tree_blocking(tree_id, scope) if tree_id else None  # b"": the log
         overlay = self.overlays.get(scope)
         if overlay is None:
             return base or Tree(())
@@ -418,7 +418,7 @@ class Restorer:
 
     # ---- writing files (in worker threads or forked processes) ---------------------------
 
-    def _write_file(self, dir_fd: int, entry: TreeEntry, fresh: bool
+    def _write_file(self, dir_fd: int, scope: str, entry: TreeEntry, fresh: bool
                     ) -> tuple[int, list[list] | None, list[str]]:
         """Write one file under a temporary name, set its metadata, rename it into place.
 
@@ -435,14 +435,14 @@ class Restorer:
         write = fsmeta.write_sparse if entry.sparse else self._write_stream
         try:
             try:
-                written = write(fd, self._chunks(entry.chunks))
+                written = write(fd, self._chunks(scope, entry.chunks))
             except IntegrityError:
                 if not self.keep_damaged:
                     raise
                 os.lseek(fd, 0, os.SEEK_SET)
                 os.ftruncate(fd, 0)
                 damage = []
-                written = write(fd, self._salvaged(entry, damage))
+                written = write(fd, self._salvaged(scope, entry, damage))
             if written != entry.size:
                 raise IntegrityError(f"the snapshot's chunks hold {written} bytes, its entry "
                                      f"says {entry.size}")
@@ -479,8 +479,9 @@ class Restorer:
             written += _write_all(fd, pending)
         return written
 
-    def _chunks(self, ids: tuple[bytes, ...]) -> Iterator[bytes | bytearray]:
-        """Decoded, authenticated chunks; neighbours in the same pack are read in one go."""
+    def _chunks(self, scope: str, ids: tuple[bytes, ...]) -> Iterator[bytes | bytearray]:
+        """Decoded, authenticated chunks of source `scope`; neighbours in the same pack are
+        read in one go."""
         repo = self.repo
         i = 0
         while i < len(ids):
@@ -501,10 +502,10 @@ class Restorer:
             for cid in ids[i:j]:
                 loc = repo.locate(cid)
                 rel = loc.offset - first.offset
-                yield repo.decode_blob(cid, loc, view[rel:rel + loc.length])
+                yield repo.decode_blob(cid, loc, view[rel:rel + loc.length], scope)
             i = j
 
-    def _salvaged(self, entry: TreeEntry, damage: list[list]
+    def _salvaged(self, scope: str, entry: TreeEntry, damage: list[list]
                   ) -> Iterator[bytes | bytearray | memoryview]:
         """The file's chunks one by one, zeros in place of each that cannot be read.
 
@@ -534,7 +535,7 @@ class Restorer:
                 length, why = unplaced, missing
             else:
                 try:
-                    data = repo.read_blob_blocking(cid)
+                    data = repo.read_blob_blocking(cid, scope)
                 except IntegrityError as exc:
                     length, why = loc.raw_length, str(exc)
                 else:
@@ -549,9 +550,10 @@ class Restorer:
         """Write a batch of files of one directory (in a worker thread or forked process)."""
         dir_fd = self._chain().open(dir_parts)
         result = _BatchResult()
+        scope = os.fsdecode(dir_parts[0])  # a directory's parts start with its source
         for entry, fresh in jobs:
             try:
-                n, damage, xattrs_failed = self._write_file(dir_fd, entry, fresh)
+                n, damage, xattrs_failed = self._write_file(dir_fd, scope, entry, fresh)
             except IntegrityError as exc:
                 result.failed.append(f"{self._shown(dir_parts + (entry.name,))}: not "
                                      f"restored: {exc}")

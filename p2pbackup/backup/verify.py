@@ -263,9 +263,22 @@ def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: Findin
     """Walk every snapshot's trees, noting missing or damaged blobs and who uses them."""
     clean: set[bytes] = set()  # trees with nothing damaged below: walked once, not per snapshot
     loaded = 0
+    packs = repo.index.packs
 
-    def walk(snap: StoredSnapshot, tree_id: bytes, path: str) -> bool:
+    def borrowed(snap: StoredSnapshot, bid: bytes, path: str, scope: str) -> bool:
+        """A blob of another source named in `scope`'s trees (see Repository.check_scope)."""
+        loc = repo.index.blobs.get(bid)
+        if loc is None or packs[loc.pack][0] == scope:
+            return False
+        found.other.append(Damage(f"snapshot {snap.short_id}", f"{path} names blob "
+                                  f"{bid.hex()[:12]} of source {packs[loc.pack][0]!r}, not of "
+                                  f"{scope!r}: restore leaves it out"))
+        return True
+
+    def walk(snap: StoredSnapshot, tree_id: bytes, path: str, scope: str) -> bool:
         nonlocal loaded
+        if borrowed(snap, tree_id, path + "/", scope):  # before `clean`: checked per source
+            return False
         if tree_id in clean:
             return True
         if found.bad(tree_id):
@@ -283,11 +296,14 @@ def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: Findin
         for e in tree.entries:
             child = f"{path}/{show_path(e.name)}"
             if e.type == DIR:
-                ok = walk(snap, e.subtree, child) and ok
+                ok = walk(snap, e.subtree, child, scope) and ok
             elif e.type == FILE:
                 for cid in e.chunks:
                     if found.bad(cid):
                         found.affects(cid, snap, child)
+                        ok = False
+                        break
+                    if borrowed(snap, cid, child, scope):
                         ok = False
                         break
         if ok:
@@ -296,5 +312,5 @@ def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: Findin
 
     for snap in snaps:
         for root in snap.snapshot.sources:
-            walk(snap, root.tree, root.name)
+            walk(snap, root.tree, root.name, root.name)
     return loaded

@@ -432,8 +432,21 @@ class Repository:
             raise IntegrityError(f"blob {blob_id.hex()[:12]} is missing: no pack holds it")
         return loc
 
-    def decode_blob(self, blob_id: bytes, loc: BlobLocation, sealed: bytes | memoryview) -> bytes:
-        """Decrypt a sealed blob and check that its content matches its id."""
+    def check_scope(self, blob_id: bytes, loc: BlobLocation, scope: str) -> None:
+        """A source's trees may name only that source's blobs: a snapshot signed by a member
+        granted `docs` must not make an owner's restore of docs decrypt another source."""
+        held = self.index.packs[loc.pack][0]
+        if held != scope:
+            raise IntegrityError(f"blob {blob_id.hex()[:12]} belongs to source {held!r}, not "
+                                 f"{scope!r}: a snapshot of one source may not name another's "
+                                 "data")
+
+    def decode_blob(self, blob_id: bytes, loc: BlobLocation, sealed: bytes | memoryview,
+                    scope: str | None = None) -> bytes:
+        """Decrypt a sealed blob and check that its content matches its id (and, given
+        `scope`, that it is that source's)."""
+        if scope is not None:
+            self.check_scope(blob_id, loc, scope)
         what = f"blob {blob_id.hex()[:12]} in pack {loc.pack[:12]}"
         keys = self.scope_keys_of(loc)
         try:
@@ -443,17 +456,20 @@ class Repository:
                 self.damage_seen(loc.pack)
             raise BlobDamaged(str(exc), loc.pack, blob_id) from None
 
-    def read_blob_blocking(self, blob_id: bytes) -> bytes:
-        """Read, decrypt and authenticate one blob (from a worker thread)."""
+    def read_blob_blocking(self, blob_id: bytes, scope: str | None = None) -> bytes:
+        """Read, decrypt and authenticate one blob (from a worker thread); given `scope`, it
+        must be that source's."""
         loc = self.locate(blob_id)
+        if scope is not None:
+            self.check_scope(blob_id, loc, scope)
         try:
             sealed = self.read_range_blocking(f"packs/{loc.pack}", loc.offset, loc.length)
         except NotFound:
             raise IntegrityError(f"pack {loc.pack[:12]} is missing from the store") from None
         return self.decode_blob(blob_id, loc, sealed)
 
-    def load_tree_blocking(self, tree_id: bytes) -> Tree:
-        return Tree.decode(self.read_blob_blocking(tree_id), f"tree {tree_id.hex()[:12]}")
+    def load_tree_blocking(self, tree_id: bytes, scope: str | None = None) -> Tree:
+        return Tree.decode(self.read_blob_blocking(tree_id, scope), f"tree {tree_id.hex()[:12]}")
 
     async def load_tree(self, tree_id: bytes) -> Tree:
         return await asyncio.to_thread(self.load_tree_blocking, tree_id)

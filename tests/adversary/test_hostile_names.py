@@ -55,16 +55,16 @@ CASES = ["dotdot-path", "absolute", "slash", "empty", "dot", "dotdot", "nul", "d
          "dir-and-symlink-of-one-name"]
 
 
-async def _snapshot_with(repo: Repository, cases: list[str], box: Path, *,
-                         scope: str = "src") -> object:
-    """One good source (`good/ok.txt`) and one source per hostile case, named after it."""
+async def _snapshot_with(repo: Repository, cases: list[str], box: Path) -> object:
+    """One good source (`good/ok.txt`) and one source per hostile case, named after it (each
+    source's blobs are its own: restore refuses a blob of another source)."""
     roots = []
     for case in cases:
-        tree = await store_blob(repo, scope, Kind.TREE,
-                                raw_tree(await _hostile_entries(repo, scope, case, box)))
+        tree = await store_blob(repo, case, Kind.TREE,
+                                raw_tree(await _hostile_entries(repo, case, case, box)))
         roots.append(SourceRoot(case, f"/{case}", tree))
-    good = await store_blob(repo, scope, Kind.TREE,
-                            raw_tree([await payload_file(repo, scope, b"ok.txt")]))
+    good = await store_blob(repo, "good", Kind.TREE,
+                            raw_tree([await payload_file(repo, "good", b"ok.txt")]))
     roots.append(SourceRoot("good", "/good", good))
     return await hostile_snapshot(repo, roots)
 

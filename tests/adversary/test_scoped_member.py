@@ -276,3 +276,62 @@ async def test_a_scoped_member_cannot_host_a_pairing_and_its_store_stays_readabl
                 joiner, "nas", False, secrets.token_bytes(grants.TAG_KEY_SIZE)))
         snaps, bad = await dev.repo.list_snapshots()
     assert snaps and not bad
+
+
+async def test_a_scoped_members_snapshot_of_its_source_cannot_carry_another_sources_data(
+        scoped, tmp_path: Path):
+    """It may sign snapshots of docs, and it can read from every pack trailer (sealed with the
+    record key it holds) the ids of photos' blobs and, from the snapshot records, photos' root
+    tree. A docs snapshot whose root is photos' tree, or whose docs tree lists photos chunks,
+    would make the owner's restore of "docs" decrypt photos (with the owner's photos key) into
+    docs/: every blob a source's trees name must be of that source."""
+    import time
+
+    from p2pbackup.backup.restore import restore
+    from p2pbackup.backup.verify import verify
+    from p2pbackup.format.pack import parse_trailer
+    from p2pbackup.format.records import FILE, Snapshot, SourceRoot, TreeEntry
+    from p2pbackup.repo import replica
+
+    from .hostile import raw_tree, store_blob
+
+    owner, member, _ = scoped
+    keys, me = keys_of(member)
+    async with open_device(member, write=True) as dev:
+        (real,), _ = await dev.repo.list_snapshots()
+        photos = {r.name: r for r in real.snapshot.sources}["photos"]
+        chunk = None
+        async for name in dev.repo.store.list("packs/"):
+            data = bytes(await dev.repo.store.get(name))
+            trailer = parse_trailer(data, len(data), keys.record_keys_newest_first(), name)
+            if trailer.scope == "photos":
+                big = [b for b in trailer.blobs if b.kind == Kind.CHUNK]
+                if big:
+                    chunk = max(big, key=lambda b: b.raw_length)
+        assert chunk is not None
+        stolen = TreeEntry(FILE, b"stolen.bin", 0o100644, os.geteuid(), os.getegid(),
+                           time.time_ns(), size=chunk.raw_length, chunks=(chunk.id,))
+        docs_tree = await store_blob(dev.repo, "docs", Kind.TREE, raw_tree([stolen]))
+    roots = {"borrowed-root": SourceRoot("docs", str(tmp_path / "docs"), photos.tree),
+             "borrowed-chunk": SourceRoot("docs", str(tmp_path / "docs"), docs_tree)}
+    await carry(member, owner, "packs/")
+    async with open_device(owner, write=True) as dev:
+        for i, (why, root) in enumerate(roots.items()):
+            snap = Snapshot(real.snapshot.time_ns + (i + 1) * 10**9, me.device_id, "tablet",
+                            (root,))
+            from p2pbackup.format.objects import seal_object
+            from p2pbackup.format.records import Signed
+            import blake3
+
+            body = Signed.make("snapshot", snap.encode(), me.device_id, me.sign).encode()
+            sealed = bytes(seal_object(Kind.SNAPSHOT, body, keys.record_key))
+            sid = blake3.blake3(sealed).hexdigest()
+            assert await replica.accept(dev.repo, f"snapshots/{sid}", sealed)  # docs: granted
+            stored = await dev.repo.load_snapshot(sid)
+            target = tmp_path / f"out-{why}"
+            summary = await restore(dev.repo, stored, str(target))
+            assert summary.failed, why
+            restored = [p for p in target.rglob("*") if p.is_file()]
+            assert not restored, (why, restored)   # nothing of photos under docs/
+        report = await verify(dev.repo)
+        assert not report.ok and any("photos" in d.reason for d in report.damage)
