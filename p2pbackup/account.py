@@ -511,7 +511,13 @@ async def _recover_from(home: Path, source: BlobStore, store_location: str, root
                                             str(config.cache_dir), name, config_raw)
     try:
         await store_membership.store_chain(local, chain)
-        await store_membership.write_keyring(local, keys)
+        # The same keyring object as the store's: one of our own under the same name would
+        # differ from every peer's copy, and objects never change.
+        name = f"{store_membership.KEYRING_PREFIX}{keys.epoch:06d}"
+        try:
+            await local.store.put(name, await source.get(name))
+        except NotFound:
+            await store_membership.write_keyring(local, keys)
     finally:
         await local.close()
     _rmtree(cache)

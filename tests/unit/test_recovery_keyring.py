@@ -1,0 +1,32 @@
+"""A device recovered from a store holds the same keyring object as the store it came from:
+a keyring of its own under the same name would differ from every peer's copy (objects never
+change), so replication would refuse it both ways at every session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from p2pbackup import account
+from p2pbackup.blobs.local import LocalDirStore
+from p2pbackup.device import open_device
+from p2pbackup.repo import replica
+from tests.adversary.accounts import make_owner, pair, remove
+
+
+async def test_a_recovered_device_keeps_the_keyring_its_store_had(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a\n")
+    a = tmp_path / "a"
+    await make_owner(a, [src])
+    await pair(a, tmp_path / "b", "laptop")
+    code = await remove(a, "laptop")   # epoch 1: keyring/000001
+    c = tmp_path / "c"
+    await account.recover(c, str(a / "store"), code, "replacement")
+    name = "keyring/000001"
+    ours, theirs = LocalDirStore(c / "store"), LocalDirStore(a / "store")
+    assert bytes(await ours.get(name)) == bytes(await theirs.get(name))
+    async with open_device(a) as dev:   # what replication does with it: nothing to take
+        assert not await replica.accept(dev.repo, name, bytes(await ours.get(name)))
+    assert os.listdir(c / "store")
