@@ -70,6 +70,8 @@ async def membership_of(dev: Device) -> tuple[Membership, list[bytes]]:
 
 def find_device(m: Membership, which: str) -> Member:
     """A member named by id prefix or by name; NotFound or ConfigError if none or ambiguous."""
+    if not which.strip():  # the empty prefix would name every device
+        raise ConfigError("give a device's name or the start of its id (see `p2pbackup devices`)")
     hits = [x for x in m.members if x.device_id.startswith(which.lower()) or x.name == which]
     if not hits:
         if any(r.startswith(which.lower()) for r in m.removed):

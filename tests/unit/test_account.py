@@ -1,6 +1,5 @@
-"""A device recovered from a store holds the same keyring object as the store it came from:
-a keyring of its own under the same name would differ from every peer's copy (objects never
-change), so replication would refuse it both ways at every session."""
+"""Account operations: a recovered device keeps its store's keyring object (one of its own under
+the same name would differ from every peer's copy), and device names that name no device."""
 
 from __future__ import annotations
 
@@ -30,3 +29,18 @@ async def test_a_recovered_device_keeps_the_keyring_its_store_had(tmp_path: Path
     async with open_device(a) as dev:   # what replication does with it: nothing to take
         assert not await replica.accept(dev.repo, name, bytes(await ours.get(name)))
     assert os.listdir(c / "store")
+
+
+def test_an_empty_device_name_names_no_device():
+    """`devices remove ""` (or a control request without a device) must not match every
+    device by the empty id prefix."""
+    import pytest
+
+    from p2pbackup.errors import ConfigError
+    from p2pbackup.format.membership import OWNER, Member, Membership
+
+    only = Member("ab" * 16, b"k" * 32, "laptop", OWNER)
+    m = Membership(1, b"", 0, (only,))
+    for which in ("", "  "):
+        with pytest.raises(ConfigError, match="name"):
+            account.find_device(m, which)
