@@ -204,9 +204,9 @@ def check_versions(records: list[bytes], verify: Callable[[bytes, bytes, bytes],
     versions: list[Membership] = []
     current: Membership | None = None
     prev_hash = b""
-    for raw in records:
+    for place, raw in enumerate(records, 1):
         signed = Signed.decode(raw, what)
-        new = Membership.decode(signed.body, f"{what} v{len(records)}")
+        new = Membership.decode(signed.body, f"{what} v{place}")
         label = f"{what} version {new.seq}"
         if current is None:
             if new.seq != 1 or new.prev:

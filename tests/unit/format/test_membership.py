@@ -199,3 +199,14 @@ def test_a_keyring_envelope_names_its_epoch_and_signer():
     assert signed.verifies("keyring", RECOVERY.public_key, verify_signature)
     with pytest.raises(IntegrityError, match="whole signed keyring"):
         read_keyring(data[:-1])
+
+
+def test_a_version_that_does_not_decode_is_named_by_its_own_place_in_the_chain():
+    """The error names the version that failed, not how many versions the chain holds."""
+    g, s1 = genesis()
+    _, s2 = follow(g, s1, A, members=g.members + (member(B),))
+    body = msgpack.packb({"v": 1, "seq": 3, "prev": b"", "epoch": 0}, use_bin_type=True)
+    broken = Signed.make("membership", body, A.device_id, A.sign).encode()
+    _, s4 = genesis()
+    with pytest.raises(IntegrityError, match="membership v3 is malformed"):
+        check([s1, s2, broken, s4])
