@@ -118,11 +118,9 @@ class AccountKeys:
         """The key that seals records (snapshots, segments, heads) written now."""
         return self.record_keys[self.epoch]
 
-    def record_keys_newest_first(self) -> list[bytes]:
-        return [self.record_keys[e] for e in sorted(self.record_keys, reverse=True)]
-
-    def epochs_newest_first(self) -> list[tuple[int, bytes]]:
-        """(epoch, record key) of every epoch this device holds, newest first."""
+    def record_keys_newest_first(self) -> list[tuple[int, bytes]]:
+        """(epoch, record key) of every epoch this device holds, newest first: the order to
+        try them in on a record sealed in an epoch not known beforehand."""
         return [(e, self.record_keys[e]) for e in sorted(self.record_keys, reverse=True)]
 
     def keyring_key(self, epoch: int | None = None) -> bytes:

@@ -120,22 +120,25 @@ def trailer_length(tail: bytes | memoryview, what: str) -> int:
     return n + _LEN.size
 
 
-def parse_trailer(tail: bytes | memoryview, pack_size: int, keys: bytes | Sequence[bytes],
-                  what: str) -> PackTrailer:
+def parse_trailer(tail: bytes | memoryview, pack_size: int,
+                  keys: bytes | Sequence[tuple[int, bytes]], what: str) -> PackTrailer:
     """Decode a pack's trailer from the last bytes of the pack (at least trailer_length).
 
-    `keys` are the record keys this device holds, newest epoch first (or one key): the
-    trailer is sealed with its epoch's, which is tried in turn like any record's.
+    `keys` are the (epoch, record key) pairs this device holds, newest epoch first (as
+    AccountKeys.record_keys_newest_first gives them), or the one key that sealed it: the
+    trailer is sealed with the record key of the newest epoch when the pack was written, which
+    is tried in turn like any record's.
     """
     need = trailer_length(tail, what)
     if need > len(tail) or need > pack_size - HEADER_SIZE:
         raise IntegrityError(f"{what} is truncated or damaged: its trailer length is impossible")
     start = len(tail) - need
     sealed = memoryview(tail)[start:len(tail) - _LEN.size]
-    candidates = [keys] if isinstance(keys, (bytes, bytearray)) else list(keys)
-    _, body = open_with_any(sealed, list(enumerate(candidates)), expect=Kind.PACK_TRAILER,
-                            what=f"{what} trailer",
-                            not_held="or sealed in a key epoch this device does not hold")
+    if isinstance(keys, (bytes, bytearray)):
+        body = open_object(sealed, keys, expect=Kind.PACK_TRAILER, what=f"{what} trailer")[1]
+    else:
+        _, body = open_with_any(sealed, keys, expect=Kind.PACK_TRAILER, what=f"{what} trailer",
+                                not_held="or sealed in a key epoch this device does not hold")
     trailer = PackTrailer.decode(body, f"{what} trailer")
     limit = pack_size - need
     for ref in trailer.blobs:

@@ -53,7 +53,7 @@ def open_version(raw: bytes | bytearray | memoryview, keys: AccountKeys, what: s
     """The signed version inside a stored one, or None if no key this device holds opens it
     (sealed in an epoch after this device's removal, or one whose grant it has not taken)."""
     try:
-        return open_with_any(raw, keys.epochs_newest_first(), expect=Kind.MEMBERSHIP,
+        return open_with_any(raw, keys.record_keys_newest_first(), expect=Kind.MEMBERSHIP,
                              what=what)[1]
     except IntegrityError:
         return None

@@ -487,7 +487,7 @@ class Repository:
     def open_record_in(self, raw: bytes | bytearray | memoryview, kind: int, what: str
                        ) -> tuple[int, bytes]:
         """(key epoch it was sealed in, body) of a record sealed in any epoch held here."""
-        return open_with_any(raw, self.keys.epochs_newest_first(), expect=kind, what=what)
+        return open_with_any(raw, self.keys.record_keys_newest_first(), expect=kind, what=what)
 
     def open_signed(self, raw: bytes | bytearray | memoryview, kind: int, sig_type: str,
                     what: str, device: str | None = None) -> tuple[Signed, int]:

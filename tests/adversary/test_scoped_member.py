@@ -96,14 +96,7 @@ async def other_source_blobs(home: Path, owner: AccountKeys) -> list[tuple[int, 
     blobs = []
     async for name in store.list("packs/"):
         data = bytes(await store.get(name))
-        trailer = None
-        for key in owner.record_keys_newest_first():
-            try:
-                trailer = parse_trailer(data, len(data), key, name)
-                break
-            except P2PError:
-                continue
-        assert trailer is not None
+        trailer = parse_trailer(data, len(data), owner.record_keys_newest_first(), name)
         if trailer.scope == "photos":
             blobs += [(b.kind, data[b.offset:b.offset + b.length]) for b in trailer.blobs]
     return blobs
