@@ -127,24 +127,6 @@ def recover(store: str = typer.Option(..., "--from", help="A store holding the a
 
 # ---- pair ------------------------------------------------------------------------------------
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """`50G`, `500M`, `1.5T`, `1024` -> bytes (binary units)."""
-    from p2pbackup.errors import ConfigError
-
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1] if t and t[-1] in _UNITS else ""
-    try:
-        value = float(t[:-1] if unit else t)
-    except ValueError:
-        raise ConfigError(f"--quota {text!r}: give a size such as 50G or 500M") from None
-    if value <= 0:
-        raise ConfigError(f"--quota {text!r} must be more than zero")
-    return int(value * _UNITS[unit])
-
-
 def _rendezvous(peer: str | None, mdns: bool = True) -> Any:
     from p2pbackup.pairing_link import MdnsRendezvous, StaticRendezvous
 
@@ -287,6 +269,7 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
     from p2pbackup.crypto.pairing import make_code
     from p2pbackup.errors import ConfigError, PairingFailed
     from p2pbackup.pairing_link import CONFIRM_TIMEOUT
+    from p2pbackup.sizes import parse_size
 
     if code is not None:
         if partner or sources or quota or yes:
@@ -315,7 +298,7 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
     role = "partner" if partner else ("member" if sources else "owner")
     granted = tuple(s.strip() for s in sources.split(",") if s.strip()) if sources else None
     invite = {"role": role, "sources": list(granted) if granted else None,
-              "quota": parse_size(quota) if quota else None, "expires": expires}
+              "quota": parse_size(quota, "--quota") if quota else None, "expires": expires}
     async def through_daemon() -> dict | None:
         """Host through a running daemon (it holds the writer lock); the code stays offered
         while this command holds the lease, so it goes when this command ends."""

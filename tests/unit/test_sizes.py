@@ -8,7 +8,10 @@ from rich.console import Console
 from rich.progress import Progress
 
 from p2pbackup.cli import output
-from p2pbackup.sizes import format_rate, format_size
+import pytest
+
+from p2pbackup.errors import ConfigError
+from p2pbackup.sizes import format_rate, format_size, parse_size
 
 MiB = 1 << 20
 
@@ -18,6 +21,14 @@ def test_sizes_are_binary():
         ["0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 MiB", "50.0 GiB", "3.0 TiB"]
     assert format_size(MiB - 1) == "1.0 MiB"  # never "1024.0 KiB"
     assert output.human_bytes(3 * MiB) == "3.0 MiB"
+
+
+def test_sizes_people_type_are_binary():
+    assert [parse_size(t) for t in ("50G", "50GB", "50GiB", " 500m ", "1.5T", "1024", "2K")] == \
+        [50 << 30, 50 << 30, 50 << 30, 500 * MiB, 3 << 39, 1024, 2048]
+    for bad in ("", "G", "fifty", "-1G", "0", "nan", "inf", "1X"):
+        with pytest.raises(ConfigError, match="--quota"):
+            parse_size(bad, "--quota")
 
 
 def test_speeds_are_binary_per_second():
