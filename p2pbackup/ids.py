@@ -43,7 +43,6 @@ OBJECT_NAMES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 
 _ACCOUNT = re.compile(ACCOUNT_RX)
 _DEVICE = re.compile(DEVICE_RX)
-_DIGEST = re.compile(DIGEST_RX)
 _TAG = re.compile(f"[0-9a-f]{{{TAG_HEX}}}")
 
 
@@ -61,11 +60,6 @@ def is_tag(value: object) -> bool:
     """True for a discovery tag: exactly 16 lowercase hex digits (anything else in a TXT
     record is a stranger's)."""
     return isinstance(value, str) and _TAG.fullmatch(value) is not None
-
-
-def is_digest(value: object) -> bool:
-    """True for a content address: exactly 64 lowercase hex digits."""
-    return isinstance(value, str) and _DIGEST.fullmatch(value) is not None
 
 
 def object_kind(name: object) -> tuple[str, re.Match[str]] | None:

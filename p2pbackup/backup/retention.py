@@ -83,10 +83,3 @@ def plan_policy(snaps: list[StoredSnapshot], policy: Policy,
                                [s for s in group if s.id not in reasons]))
     return plans
 
-
-def apply_policy(snaps: list[StoredSnapshot], policy: Policy,
-                 tz: dt.tzinfo | None = None) -> tuple[list[StoredSnapshot], list[StoredSnapshot]]:
-    """Split `snaps` into (keep, forget), whatever their group; each list oldest first."""
-    plans = plan_policy(snaps, policy, tz)
-    keep_ids = {s.id for p in plans for s, _ in p.keep}
-    return [s for s in snaps if s.id in keep_ids], [s for s in snaps if s.id not in keep_ids]

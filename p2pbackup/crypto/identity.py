@@ -14,8 +14,6 @@ from nacl.signing import SigningKey, VerifyKey
 
 from .kdf import hkdf_sha256
 
-BOX_KEY_SIZE = 32
-
 
 def device_id_for(public_key: bytes) -> str:
     """Device ids are 128 bits of BLAKE3 over the public key, as 32 hex characters."""

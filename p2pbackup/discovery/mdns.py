@@ -134,13 +134,6 @@ class Advertisement:
                                 properties=dict(txt), server=self.server,
                                 parsed_addresses=self.addresses)
 
-    async def update_txt(self, txt: dict[str, str]) -> None:
-        """Re-announce with a new TXT record under the same names (use `renew` for a rotated
-        tag: the same names would link the new tag to the old one)."""
-        assert self._zc is not None, "not registered"
-        self._info = self._make_info(txt)
-        await (await self._zc.async_update_service(self._info))
-
     async def renew(self, txt: dict[str, str]) -> None:
         """Withdraw this advert and publish `txt` under fresh random names, at this host's
         current addresses: nothing but `txt` relates the new advert to the old one."""

@@ -1,7 +1,9 @@
 """A zeroconf process for tests, run inside a namespace; talks JSON lines on stdin/stdout.
 
   advertise TYPE PORT TXT_JSON [IFACES]  prints {"ready": ...}; each stdin line is a new TXT
-                                         (prints {"updated": ...}); stdin EOF unregisters.
+                                         under the same names, as other responders update
+                                         theirs (prints {"updated": ...}); stdin EOF
+                                         unregisters.
   rotate TYPE PORT [IFACES]              a device's advert as the daemons publish it (a rotating
                                          tag, mdns.keep_rotating) on a clock that moves one tag
                                          window per stdin line; prints {"ready"|"renewed": name,
@@ -34,6 +36,14 @@ async def stdin_lines() -> asyncio.StreamReader:
     return reader
 
 
+async def update_in_place(ad: mdns.Advertisement, txt: dict[str, str]) -> None:
+    """A new TXT under the same names, as other responders update theirs: p2pbackup's own
+    adverts move to fresh names instead (`renew`), but a browser must follow both."""
+    assert ad._zc is not None
+    ad._info = ad._make_info(txt)
+    await (await ad._zc.async_update_service(ad._info))
+
+
 def matcher(tag: str) -> mdns.Match:
     return (lambda txt: True) if tag == "*" else (lambda txt: txt["tag"] == tag)
 
@@ -50,7 +60,7 @@ async def main(argv: list[str]) -> None:
                                   interfaces=ifaces(argv, 4)) as ad:
             emit({"ready": ad.name, "server": ad.server, "addresses": ad.addresses})
             while line := await reader.readline():
-                await ad.update_txt(json.loads(line))
+                await update_in_place(ad, json.loads(line))
                 emit({"updated": json.loads(line)})
         emit({"stopped": True})
     elif cmd == "rotate":

@@ -2,7 +2,7 @@ import datetime as dt
 
 import pytest
 
-from p2pbackup.backup.retention import Policy, apply_policy, plan_policy
+from p2pbackup.backup.retention import GroupPlan, Policy, plan_policy
 from p2pbackup.config import Source
 from p2pbackup.errors import ConfigError, NotFound
 from p2pbackup.format.records import SourceRoot, Snapshot
@@ -21,12 +21,17 @@ def snap(i: int | None, when: dt.datetime, device: str = "a",
                           Snapshot(ns, device, host, roots))
 
 
+def kept(plans: list[GroupPlan]) -> list[StoredSnapshot]:
+    """What every group keeps, oldest first."""
+    return sorted((s for p in plans for s, _ in p.keep), key=lambda s: s.snapshot.time_ns)
+
+
 def test_keep_last_and_daily():
     base = dt.datetime(2026, 11, 1, 10, tzinfo=UTC)
     snaps = [snap(i, base + dt.timedelta(hours=6 * i)) for i in range(12)]  # 3 days, 4 a day
-    keep, forget = apply_policy(snaps, Policy(last=2), UTC)
-    assert [s.id for s in keep] == [snaps[10].id, snaps[11].id] and len(forget) == 10
-    keep, _ = apply_policy(snaps, Policy(daily=2), UTC)
+    (one,) = plan_policy(snaps, Policy(last=2), UTC)
+    assert [s.id for s, _ in one.keep] == [snaps[10].id, snaps[11].id] and len(one.forget) == 10
+    keep = kept(plan_policy(snaps, Policy(daily=2), UTC))
     # the newest of each of the 2 most recent days
     days = {s.snapshot.time_ns // 86_400_000_000_000 for s in keep}
     assert len(keep) == 2 and len(days) == 2 and snaps[-1] in keep
@@ -36,7 +41,9 @@ def test_rules_combine_and_devices_are_separate():
     base = dt.datetime(2026, 1, 5, tzinfo=UTC)
     a = [snap(i, base + dt.timedelta(weeks=i), "a") for i in range(10)]
     b = [snap(100 + i, base + dt.timedelta(days=i), "b") for i in range(3)]
-    keep, forget = apply_policy(a + b, Policy(last=1, monthly=2), UTC)
+    plans = plan_policy(a + b, Policy(last=1, monthly=2), UTC)
+    assert len(plans) == 2
+    keep = kept(plans)
     assert all(s in keep for s in b[-1:]) and b[-1] in keep
     assert a[-1] in keep
     kept_a = [s for s in keep if s.snapshot.device == "a"]
@@ -68,9 +75,8 @@ def _readme_scenario() -> tuple[list[StoredSnapshot], list[StoredSnapshot], Stor
 
 def test_adhoc_snapshot_of_other_sources_does_not_crowd_out_the_configured_ones():
     snaps, expected_a, b = _readme_scenario()
-    keep, _ = apply_policy(snaps, Policy(daily=7, weekly=4), UTC)
-    assert keep == sorted(expected_a + [b], key=lambda s: s.snapshot.time_ns)
     plans = plan_policy(snaps, Policy(daily=7, weekly=4), UTC)
+    assert kept(plans) == sorted(expected_a + [b], key=lambda s: s.snapshot.time_ns)
     by_paths = {p.key.paths: p for p in plans}
     assert set(by_paths) == {("/home/u/A",), ("/tmp/B",)}
     a_plan = by_paths[("/home/u/A",)]
