@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2pbackup import account, control
 from p2pbackup.crypto.pairing import make_code
-from p2pbackup.errors import ConfigError, LocalProtocolError, P2PError, PairingFailed
+from p2pbackup.errors import LocalProtocolError, P2PError, PairingFailed
 from p2pbackup.format.membership import Member
 from p2pbackup.pairing_link import HostOutcome, MdnsRendezvous, StaticRendezvous
 
@@ -91,17 +91,13 @@ class AccountOps:
         if sources is not None and not all(isinstance(s, str) for s in sources):
             raise LocalProtocolError("pair_start: sources must be a list of source names")
         sources = tuple(sources) if sources else None
-        quota = args.get("quota")
-        try:
-            lifetime = float(args.get("expires", 600))
-            port = int(args.get("port", 0))
-        except (TypeError, ValueError, OverflowError):
-            raise LocalProtocolError("pair_start: expires and port must be numbers") from None
-        if quota is not None and not isinstance(quota, int):
-            raise ConfigError("pair_start: quota must be a number of bytes")
+        quota = control.arg(args, "quota", int)
+        lifetime = float(control.arg(args, "expires", (int, float), 600.0))
+        port = control.arg(args, "port", int, 0)
+        mdns = control.arg(args, "mdns", bool, True)
         invite = account.invitation(self.d.dev, role, sources, quota)
         code = make_code()
-        rendezvous = MdnsRendezvous() if args.get("mdns", True) else StaticRendezvous("", 0)
+        rendezvous = MdnsRendezvous() if mdns else StaticRendezvous("", 0)
         hosted = _HostedPairing()
         host = account.pairing_host(self.d.dev, invite, code, rendezvous=rendezvous,
                                     lifetime=lifetime, lock=self.d.writing, port=port,
@@ -178,14 +174,15 @@ class AccountOps:
         if hosted.answer is None or hosted.answer.done():
             raise PairingFailed("no question is waiting for an answer on this device (the "
                                 "pairing has ended)")
-        hosted.answer.set_result(args.get("accept") is True)
+        hosted.answer.set_result(control.arg(args, "accept", bool, False))
         return {}
 
     async def devices_remove(self, args: dict[str, Any]) -> dict[str, Any]:
         """Seal what is pending under the old keys, then re-key without the device."""
+        which = control.arg(args, "device", str, "")
         await self.d.seal()
         async with self.d.writing:
-            r = await account.remove_device(self.d.dev, str(args.get("device", "")))
+            r = await account.remove_device(self.d.dev, which)
         log.info("device %s removed; key epoch %d", r.removed.device_id[:12], r.membership.epoch)
         await self._changed()
         return r.to_json()

@@ -34,6 +34,18 @@ def test_arguments_are_checked_by_type():
             control.arg(args, name, kind)
 
 
+@pytest.mark.parametrize("bad", [{"expires": True}, {"expires": "600"}, {"port": 7000.5},
+                                 {"port": "7000"}, {"quota": "50G"}, {"quota": 1.5},
+                                 {"mdns": "no"}, {"mdns": 0}])
+async def test_pair_start_checks_its_arguments_by_type_before_anything_else(bad):
+    """A malformed pair_start request is refused in words (exit 20) before the daemon does
+    anything with it (no daemon here: nothing else may be reached)."""
+    from p2pbackup.daemon.account_ops import AccountOps
+
+    with pytest.raises(LocalProtocolError, match=repr(next(iter(bad)))):
+        await AccountOps(None).pair_start({"role": "owner", **bad})  # type: ignore[arg-type]
+
+
 async def test_closing_the_gate_waits_for_those_inside_and_holds_newcomers():
     gate = WriteGate()
     inside, leave, order = asyncio.Event(), asyncio.Event(), []
