@@ -23,17 +23,19 @@ from .crypto.pairing import (CODE_LIFETIME, Completed, Event, Failed, HostPairin
                              JoinerPairing, JoinRequest, PakeDone, PairingCode, State, Welcome,
                              parse_code, rendezvous_tag)
 from .errors import ConfigError, P2PError, PairingFailed
+from .transport.pending import ConnectionLimits, PendingConnections
 
 log = logging.getLogger("p2pbackup.pairing")
 SERVICE = "_p2pbackup-pair._tcp.local."
 READ_TIMEOUT = 60.0  # a peer that goes quiet mid-exchange ends the attempt
-# From connecting to a join box that opens: two round trips and two SPAKE2 computations
-# (~10 ms here), no person involved. Long enough for a loaded machine on a slow LAN, short
-# enough that a connection which proves nothing does not hold a slot for long.
-HANDSHAKE_TIMEOUT = 10.0
-# Connections open at once; a new one pushes out the oldest that has proved nothing, so a
-# stranger holding idle connections does not lock the rightful joiner out.
-MAX_CONNECTIONS = 16
+# Connections that have not proved the code (transport/pending.py): one device needs one, so
+# 4 per address is plenty, and 16 in all; when full, a newcomer pushes out the oldest of the
+# address holding the most, so a stranger holding idle connections does not lock the
+# rightful joiner out. The handshake (from connecting to a join box that opens) is two round
+# trips and two SPAKE2 computations (~10 ms here), no person involved: 10 s is long enough
+# for a loaded machine on a slow LAN, short enough that a connection which proves nothing
+# does not hold a place for long.
+LIMITS = ConnectionLimits(per_source=4, total=16, handshake_timeout=10.0)
 # How long the host's user has to compare the verification number; the joiner waits this long
 # (and READ_TIMEOUT more) for the welcome.
 CONFIRM_TIMEOUT = 120.0
@@ -170,7 +172,8 @@ class PairingHost:
 
     Each connection gets its own SPAKE2 session (a fresh HostPairing). One that sends junk (a
     malformed or truncated frame, another protocol version), hangs up or proves nothing within
-    `handshake_timeout` seconds is dropped with one log line, and the host keeps waiting. The
+    `limits.handshake_timeout` seconds is dropped with one log line, and the host keeps
+    waiting; connections that proved nothing yet are bounded by `limits`. The
     code is used up only by a well-formed exchange whose key confirmation fails (a wrong guess;
     from then on no join box is opened, so a code allows one guess whatever runs in parallel)
     or by a joiner that proved it: that attempt is the only one. The host checks its request
@@ -184,15 +187,14 @@ class PairingHost:
                  confirm: Callable[[str], Awaitable[bool]],
                  rendezvous: Rendezvous, lifetime: float = CODE_LIFETIME,
                  bind: str = "0.0.0.0", port: int = 0,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 limits: ConnectionLimits = LIMITS,
                  confirm_timeout: float = CONFIRM_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS,
                  now: Callable[[], float] = time.monotonic) -> None:
         self.code = parse_code(code)
         self.on_request, self.on_complete, self.confirm = on_request, on_complete, confirm
         self.rendezvous, self.bind, self.port = rendezvous, bind, port
-        self.handshake_timeout, self.confirm_timeout = handshake_timeout, confirm_timeout
-        self.max_connections = max_connections
+        self.limits, self.confirm_timeout = limits, confirm_timeout
+        self.pending = PendingConnections(limits, "pairing", push_out=self._push_out)
         self._now = now
         self.expires_at = now() + lifetime
         self.outcome: asyncio.Future[HostOutcome] | None = None
@@ -246,36 +248,36 @@ class PairingHost:
             conn.stop("the pairing code expired")
         self._finish(HostOutcome(False, reason))
 
-    def _admit(self, conn: _Connection) -> bool:
-        """Make room for `conn` by dropping the oldest connection that proved nothing."""
-        if len(self._connections) >= self.max_connections:
-            oldest = next((c for c in self._connections if not c.proved), None)
-            if oldest is None:
-                return False
-            self._connections.remove(oldest)
-            log.warning("pairing: dropped the connection from %s: it proved nothing and %d "
-                        "connections are open at once", oldest.who, self.max_connections)
-            oldest.stop("too many connections to the pairing host")
-        self._connections.append(conn)
-        return True
+    def _push_out(self, writer: asyncio.StreamWriter) -> None:
+        """Close a connection that proved nothing, to make room for a newcomer (it is told)."""
+        for conn in self._connections:
+            if conn.writer is writer:
+                conn.stop("too many connections to the pairing host")
+                return
+        writer.transport.abort()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         machine = HostPairing(self.code, expires_at=self.expires_at, now=self._now)
         conn = _Connection(reader, writer, machine)
-        if self._over or not self._admit(conn):
+        if self._over:
             conn.stop("this pairing code is no longer offered")
             return
+        if not self.pending.admit(writer):
+            conn.stop("too many connections to the pairing host from this address")
+            return
+        self._connections.append(conn)
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
         tell = "pairing ended on the other device"
         try:
             try:
-                async with asyncio.timeout(self.handshake_timeout):
+                async with asyncio.timeout(self.limits.handshake_timeout):
                     request = await self._handshake(conn)
             except TimeoutError:
                 raise _Dropped(f"the other device did not prove the code within "
-                               f"{self.handshake_timeout:g} s", "too slow; try again") from None
+                               f"{self.limits.handshake_timeout:g} s", "too slow; try again") \
+                    from None
             if request is not None:
                 await self._attempt(conn, request)
         except _Dropped as dropped:
@@ -292,6 +294,7 @@ class PairingHost:
             if conn.proved:
                 self._finish(HostOutcome(False, f"pairing failed: {exc}", peer=conn.who))
         finally:
+            self.pending.done(writer)
             if conn in self._connections:
                 self._connections.remove(conn)
             conn.stop(tell)
@@ -319,6 +322,7 @@ class PairingHost:
                 if isinstance(ev, JoinRequest):
                     # No await since the box opened, so no other session can claim it too.
                     self._claimed = conn.proved = True
+                    self.pending.done(conn.writer)   # it proved the code: no longer bounded
                     return ev
             await _pump_write(conn.writer, m)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 log = logging.getLogger("p2pbackup.transport")
@@ -28,10 +29,15 @@ class ConnectionLimits:
 
 
 class PendingConnections:
-    """The unauthenticated connections of one server (`what` names it in log lines)."""
+    """The unauthenticated connections of one server (`what` names it in log lines).
 
-    def __init__(self, limits: ConnectionLimits, what: str) -> None:
+    `push_out(writer)` closes a connection pushed out to make room (default: at once, without
+    a word; the server's handler then sees its end)."""
+
+    def __init__(self, limits: ConnectionLimits, what: str, *,
+                 push_out: Callable[[asyncio.StreamWriter], None] | None = None) -> None:
         self.limits, self.what = limits, what
+        self._push_out = push_out or (lambda writer: writer.transport.abort())
         self._by_source: dict[str, deque[asyncio.StreamWriter]] = {}
         self._source_of: dict[asyncio.StreamWriter, str] = {}
         self._count = 0
@@ -78,7 +84,7 @@ class PendingConnections:
 
     def _drop(self, writer: asyncio.StreamWriter) -> None:
         self.done(writer)
-        writer.transport.abort()   # its handler's read fails and it ends
+        self._push_out(writer)   # its handler's read fails and it ends
 
     def _say(self, key: str, message: str) -> None:
         # Once per flood, not once per connection.

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
 from p2pbackup.crypto.pairing import JoinerPairing, PakeDone, State
 from p2pbackup.crypto.wordlist import EVEN_WORDS, ODD_WORDS
 from p2pbackup.errors import PairingFailed
-from p2pbackup.pairing_link import HostOutcome, PairingHost, StaticRendezvous, join
+from p2pbackup.pairing_link import LIMITS, HostOutcome, PairingHost, StaticRendezvous, join
 from tests.eventually import eventually
 from tests.pairing_frames import frame, frames
 
@@ -93,8 +94,10 @@ async def joiner(port: int, code: str = CODE) -> list[bytes]:
     return got
 
 
-async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", port)
+async def connect(port: int, source: str = "127.0.0.1"
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the host from `source` (any 127.x address: other devices on the LAN)."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
 
 
 async def dropped(reader: asyncio.StreamReader) -> bool:
@@ -177,7 +180,7 @@ async def test_stranger_who_stops_after_the_pake_does_not_block_the_joiner():
 
 
 async def test_silent_connection_is_dropped_after_the_handshake_timeout():
-    async with hosting(handshake_timeout=0.5) as h:
+    async with hosting(limits=replace(LIMITS, handshake_timeout=0.5)) as h:
         reader, writer = await connect(h.port)
         writer.write(JoinerPairing(WRONG, b"x").data_to_send()[:-1])  # never completes
         assert await asyncio.wait_for(dropped(reader), 30)
@@ -186,13 +189,20 @@ async def test_silent_connection_is_dropped_after_the_handshake_timeout():
 
 
 async def test_many_connections_are_capped_and_the_joiner_still_pairs():
-    async with hosting(max_connections=4) as h:
-        held = [await connect(h.port) for _ in range(12)]
-        closed = [asyncio.ensure_future(dropped(r)) for r, _ in held]
-        # The host keeps at most 4 of them, dropping the oldest ones that said nothing useful.
-        await eventually(lambda: sum(c.done() for c in closed) >= 8)
+    """Connections that proved nothing: at most 4 per address and 16 in all. A crowd from one
+    address keeps 4; crowds from five addresses are cut to 16 by pushing out the oldest of
+    the address holding the most; the joiner, at an address of its own, still gets in.
+    (None stays long enough to be closed for proving nothing in time.)"""
+    async with hosting(limits=replace(LIMITS, handshake_timeout=120)) as h:
+        one = [await connect(h.port, "127.0.0.2") for _ in range(10)]
+        closed = [asyncio.ensure_future(dropped(r)) for r, _ in one]
+        await eventually(lambda: sum(c.done() for c in closed) >= 6)
+        assert not any(c.done() for c in closed[:4])   # the first 4 are kept
+        more = [await connect(h.port, f"127.0.0.{3 + i // 4}") for i in range(16)]
+        closed += [asyncio.ensure_future(dropped(r)) for r, _ in more]
+        await eventually(lambda: sum(c.done() for c in closed) >= 6 + 4)
         await assert_still_waiting_then_joiner_pairs(h)
-        for _, w in held:
+        for _, w in one + more:
             w.close()
         for c in closed:
             c.cancel()
