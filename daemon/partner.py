@@ -73,7 +73,7 @@ from p2pbackup.repo import removals, replica
 from p2pbackup.transport.datachannel import PeerLink
 
 from .peers import connection_limits
-from .replicate import flush
+from .replicate import flush, pump
 
 log = logging.getLogger("p2pbackupd")
 
@@ -385,31 +385,26 @@ class PartnerService:
                         wants=lambda name: name not in grant.tombstones
                         and refusal(grant, device, name) is None)
         log.info("device %s of account %s connected", device[:12], grant.account)
-        msg: bytes | None = first
-        while msg is not None and not s.closed:
-            events: list[Event] = s.receive_data(msg)
-            while events:
-                for ev in events:
-                    if isinstance(ev, ObjectWanted):
-                        try:
-                            s.send_object(ev.name, await grant.store.get(ev.name))
-                        except NotFound:
-                            s.missing(ev.name)
-                    elif isinstance(ev, ObjectReceived):
-                        try:
-                            await self.accept(grant, device, ev.name, ev.data)
-                        except P2PError as exc:
-                            if str(exc) != grant.last_error:
-                                log.warning("account %s: refused %s from %s: %s", grant.account,
-                                            ev.name[:40], device[:12], exc)
-                            grant.last_error = str(exc)
-                            s.reject(ev.name, str(exc))
-                        else:
-                            s.ack(ev.name)
-                            grant.last_sync = time.time()
-                    elif isinstance(ev, Closed):
-                        log.warning("session with %s: %s", device[:12], ev.reason)
-                await flush(s, link)
-                events = s.next_wanted()
-            await flush(s, link)
-            msg = await link.recv()
+
+        async def on_event(ev: Event) -> None:
+            if isinstance(ev, ObjectWanted):
+                try:
+                    s.send_object(ev.name, await grant.store.get(ev.name))
+                except NotFound:
+                    s.missing(ev.name)
+            elif isinstance(ev, ObjectReceived):
+                try:
+                    await self.accept(grant, device, ev.name, ev.data)
+                except P2PError as exc:
+                    if str(exc) != grant.last_error:
+                        log.warning("account %s: refused %s from %s: %s", grant.account,
+                                    ev.name[:40], device[:12], exc)
+                    grant.last_error = str(exc)
+                    s.reject(ev.name, str(exc))
+                else:
+                    s.ack(ev.name)
+                    grant.last_sync = time.time()
+            elif isinstance(ev, Closed):
+                log.warning("session with %s: %s", device[:12], ev.reason)
+
+        await pump(s, link, on_event, lambda: flush(s, link), first)

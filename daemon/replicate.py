@@ -203,10 +203,8 @@ class Replicator:
         log.info("peer %s: bulk moved to the direct lane", device[:12])
         try:
             await self._handle(s, link, st, s.next_wanted())
-            while (msg := await lane.recv()) is not None:
-                await self._handle(s, link, st, s.receive_data(msg, "bulk"))
-                if s.closed:
-                    return
+            await pump(s, lane, lambda ev: self._on_event(s, link, st, ev),
+                       self._sender(s, link, st), on="bulk")
         except P2PError as exc:
             log.warning("direct lane with %s dropped: %s", device[:12], exc)
         finally:
@@ -277,16 +275,8 @@ class Replicator:
             s.offer_lane(self.lane_server.fingerprint, self.lane_port)
         watch = asyncio.get_running_loop().create_task(self._watch(s, link, device))
         try:
-            await self._flush(s, link, device)
-            if first is not None:
-                await self._handle(s, link, st, s.receive_data(first))
-            while not s.closed:
-                msg = await link.recv()
-                if msg is None:
-                    return
-                await self._handle(s, link, st, s.receive_data(msg))
-                if s.closed:
-                    return
+            await pump(s, link, lambda ev: self._on_event(s, link, st, ev),
+                       self._sender(s, link, st), first)
         finally:
             watch.cancel()
             await self._settle(device)
@@ -365,64 +355,70 @@ class Replicator:
 
     async def _handle(self, s: SyncSession, link: PeerLink, st: "PeerState",
                       events: list[Event]) -> None:
-        while True:
-            for ev in events:
-                if isinstance(ev, ObjectWanted):
-                    try:
-                        if _damaged(self.repo, ev.name):   # listed before it was found out
-                            raise NotFound(ev.name)
-                        s.send_object(ev.name, bytes(await self.repo.store.get(ev.name)))
-                    except NotFound:
-                        s.missing(ev.name)
-                elif isinstance(ev, ObjectReceived) and ev.name.startswith("packs/"):
-                    # Pack workers check (decrypt every blob) and write packs while the next
-                    # arrive: up to PACK_INTAKE at once.
-                    tasks = self._packs_in.setdefault(st.device, set())
-                    task = asyncio.get_running_loop().create_task(
-                        self._take_pack(s, link, st, ev.name, ev.data))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                elif isinstance(ev, ObjectReceived):
-                    await self._settle(st.device)  # what follows packs may rest on them
-                    try:
-                        async with self.gate.passing():
-                            await replica.accept(self.repo, ev.name, ev.data)
-                    except P2PError as exc:
-                        log.warning("refused %s from peer %s: %s", ev.name[:40], st.device[:12],
-                                    exc)
-                        s.reject(ev.name, str(exc))
-                    else:
-                        s.ack(ev.name)
-                        await self._accepted(ev.name)
-                        st.last_sync = time.time()
-                elif isinstance(ev, ObjectAcked):
-                    st.last_sync = time.time()
-                elif isinstance(ev, ObjectRejected):
-                    if ev.reason != st.error:  # say it once, not once per object
-                        log.warning("peer %s refused %s: %s", st.device[:12], ev.name[:40],
-                                    ev.reason)
-                    st.error = ev.reason
-                    # A peer checks every pack: ours may have rotted since it was written.
-                    name = ev.name.removeprefix("packs/")
-                    if name != ev.name and name not in self._refused_ok:
-                        self.check_pack_soon(name, refused=True)
-                elif isinstance(ev, LaneOffered):
-                    if self.lane_server is not None:
-                        self._lane_peers[_normalize(ev.fingerprint)] = st.device
-                        self.lane_server.expect(ev.fingerprint)
-                        # Both sides offered: objects wait (briefly) for the lane rather
-                        # than start on the data channel and be stranded there.
-                        s.await_bulk_lane()
-                        self._spawn(self._lane_deadline(st.device, s))
-                        if self.me < st.device:  # one side dials, as for sessions
-                            self._spawn(self._dial_lane(st.device, ev.fingerprint, ev.port))
-                elif isinstance(ev, Closed):
-                    log.warning("session with %s: %s", st.device[:12], ev.reason)
+        """Act on `events` and on what follows from them (`drive`)."""
+        await drive(s, events, lambda ev: self._on_event(s, link, st, ev),
+                    self._sender(s, link, st))
+
+    def _sender(self, s: SyncSession, link: PeerLink, st: "PeerState"
+                ) -> Callable[[], Awaitable[None]]:
+        async def send() -> None:
             st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
-            await self._flush(s, link, st.device)  # also when no event came
-            events = s.next_wanted()
-            if not events:
-                return
+            await self._flush(s, link, st.device)
+        return send
+
+    async def _on_event(self, s: SyncSession, link: PeerLink, st: "PeerState",
+                        ev: Event) -> None:
+        if isinstance(ev, ObjectWanted):
+            try:
+                if _damaged(self.repo, ev.name):   # listed before it was found out
+                    raise NotFound(ev.name)
+                s.send_object(ev.name, bytes(await self.repo.store.get(ev.name)))
+            except NotFound:
+                s.missing(ev.name)
+        elif isinstance(ev, ObjectReceived) and ev.name.startswith("packs/"):
+            # Pack workers check (decrypt every blob) and write packs while the next
+            # arrive: up to PACK_INTAKE at once.
+            tasks = self._packs_in.setdefault(st.device, set())
+            task = asyncio.get_running_loop().create_task(
+                self._take_pack(s, link, st, ev.name, ev.data))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        elif isinstance(ev, ObjectReceived):
+            await self._settle(st.device)  # what follows packs may rest on them
+            try:
+                async with self.gate.passing():
+                    await replica.accept(self.repo, ev.name, ev.data)
+            except P2PError as exc:
+                log.warning("refused %s from peer %s: %s", ev.name[:40], st.device[:12],
+                            exc)
+                s.reject(ev.name, str(exc))
+            else:
+                s.ack(ev.name)
+                await self._accepted(ev.name)
+                st.last_sync = time.time()
+        elif isinstance(ev, ObjectAcked):
+            st.last_sync = time.time()
+        elif isinstance(ev, ObjectRejected):
+            if ev.reason != st.error:  # say it once, not once per object
+                log.warning("peer %s refused %s: %s", st.device[:12], ev.name[:40],
+                            ev.reason)
+            st.error = ev.reason
+            # A peer checks every pack: ours may have rotted since it was written.
+            name = ev.name.removeprefix("packs/")
+            if name != ev.name and name not in self._refused_ok:
+                self.check_pack_soon(name, refused=True)
+        elif isinstance(ev, LaneOffered):
+            if self.lane_server is not None:
+                self._lane_peers[_normalize(ev.fingerprint)] = st.device
+                self.lane_server.expect(ev.fingerprint)
+                # Both sides offered: objects wait (briefly) for the lane rather
+                # than start on the data channel and be stranded there.
+                s.await_bulk_lane()
+                self._spawn(self._lane_deadline(st.device, s))
+                if self.me < st.device:  # one side dials, as for sessions
+                    self._spawn(self._dial_lane(st.device, ev.fingerprint, ev.port))
+        elif isinstance(ev, Closed):
+            log.warning("session with %s: %s", st.device[:12], ev.reason)
 
     def check_pack_soon(self, name: str, *, refused: bool = False) -> None:
         """Check pack `name` of this store in the background (a read from it failed, or a
@@ -535,6 +531,38 @@ class Replicator:
         if self._unsynced:
             self._unsynced = False
             await self.repo.store.sync()
+
+
+async def drive(s: SyncSession, events: list[Event],
+                on_event: Callable[[Event], Awaitable[None]],
+                send: Callable[[], Awaitable[None]]) -> None:
+    """Hand `events` to `on_event` in turn and `send` what the session queued (also when no
+    event came), then go on with the objects the window lets it send next, until it has
+    nothing more to do."""
+    while True:
+        for ev in events:
+            await on_event(ev)
+        await send()
+        events = s.next_wanted()
+        if not events:
+            return
+
+
+async def pump(s: SyncSession, link: PeerLink | LaneLink,
+               on_event: Callable[[Event], Awaitable[None]], send: Callable[[], Awaitable[None]],
+               first: bytes | None = None, *, on: str = "control") -> None:
+    """Run session `s` until either side ends it or `link` closes: what `link` brings (the
+    session's lane `on`; `first`: a message already read) goes through `drive`. The one
+    session loop of the daemon's replication (data channel and direct lane) and of a storage
+    partner's."""
+    await send()
+    if first is not None:
+        await drive(s, s.receive_data(first, on), on_event, send)
+    while not s.closed:
+        msg = await link.recv()
+        if msg is None:
+            return
+        await drive(s, s.receive_data(msg, on), on_event, send)
 
 
 async def flush(s: SyncSession, link: PeerLink,
