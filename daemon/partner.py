@@ -53,11 +53,11 @@ from p2pbackup import grants as grant_files
 from p2pbackup import session
 from p2pbackup.blobs import peer as peer_store
 from p2pbackup.blobs.local import LocalDirStore
-from p2pbackup.blobs.quota import QuotaStore
+from p2pbackup.blobs.quota import QuotaExceeded, QuotaStore
 from p2pbackup.config import Config
 from p2pbackup.crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag
-from p2pbackup.errors import IntegrityError, NotFound, P2PError
+from p2pbackup.errors import IntegrityError, NameMismatch, NotFound, P2PError
 from p2pbackup.format.membership import (MEMBER, OWNER, PARTNER, Member, Membership,
                                          keyring_envelope)
 from p2pbackup.format.pack import pack_name
@@ -68,12 +68,13 @@ from p2pbackup.ids import object_kind
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.protocol import fetch
 from p2pbackup.protocol.framing import peek_type
-from p2pbackup.protocol.sync import (Closed, Event, ObjectReceived, ObjectWanted, SyncSession)
+from p2pbackup.protocol.sync import (Closed, Event, InventoryDone, ObjectReceived, ObjectWanted,
+                                     SyncSession)
 from p2pbackup.repo import removals, replica
 from p2pbackup.transport.datachannel import PeerLink
 
 from .peers import connection_limits
-from .replicate import flush, pump
+from .replicate import flush, pump, refuse
 
 log = logging.getLogger("p2pbackupd")
 
@@ -166,6 +167,34 @@ def load_grants(home: Path) -> list[Grant]:
     return out
 
 
+class PackRoom:
+    """What is left of a grant's quota for the packs one session asks for: a pack is asked for
+    only while what is stored and what was asked for fit (one of unknown size, announced
+    rather than listed, while some room is left; the quota still has the last word)."""
+
+    def __init__(self, store: QuotaStore) -> None:
+        self.store = store
+        self.left = None if store.quota is None else store.quota - (store.used_so_far or 0)
+        self.declined = 0     # bytes of the packs not asked for (1 for one of unknown size)
+
+    def take(self, size: int | None) -> bool:
+        """Whether a pack of `size` bytes (None: not known) fits; if it does, it is counted."""
+        if self.left is None:
+            return True
+        if self.left <= 0 or (size or 0) > self.left:
+            self.declined += size or 1
+            return False
+        self.left -= size or 0
+        return True
+
+    def refusal(self) -> QuotaExceeded | None:
+        """Why packs were not asked for, in the words a put over the quota is refused with
+        (None if none was left out)."""
+        if not self.declined:
+            return None
+        return self.store.exceeded("packs", (self.store.used_so_far or 0) + self.declined)
+
+
 def refusal(grant: Grant, device: str, name: str) -> str | None:
     """Why `device` may not write `name` into `grant`'s store, or None if it may."""
     got = object_kind(name)
@@ -196,7 +225,7 @@ async def partner_accept(grant: Grant, device: str, name: str, data: bytes) -> b
     store = grant.store
     if kind == "pack" and pack_name(data) != m.group(1) or \
             kind in ("snapshot", "removal") and blake3.blake3(data).hexdigest() != m.group(1):
-        raise IntegrityError(f"{name[:60]}: its content does not match its name")
+        raise NameMismatch(f"{name[:60]}: its content does not match its name")
     if kind == "removal":  # signed in the clear: checked against the roster's owners
         read_removal(data, grant.owner_key, verify_signature, name)
     if kind == "keyring":  # an owner's (refusal); its signer is for devices to check
@@ -380,10 +409,16 @@ class PartnerService:
         sizes = {n: await grant.store.size(n) for n in names}
         await grant.store.used()
         await grant.refresh_removals()
-        # Ask only for what this device may write here: nothing is fetched to be refused.
+        room = PackRoom(grant.store)
+
+        def wants(name: str) -> bool:
+            # Ask only for what this device may write here, and packs only while they fit:
+            # nothing is fetched to be refused (the device would send each, every session).
+            return name not in grant.tombstones and refusal(grant, device, name) is None \
+                and (not name.startswith("packs/") or room.take(s.offered_size(name)))
+
         s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes,
-                        wants=lambda name: name not in grant.tombstones
-                        and refusal(grant, device, name) is None)
+                        wants=wants)
         log.info("device %s of account %s connected", device[:12], grant.account)
 
         async def on_event(ev: Event) -> None:
@@ -400,10 +435,17 @@ class PartnerService:
                         log.warning("account %s: refused %s from %s: %s", grant.account,
                                     ev.name[:40], device[:12], exc)
                     grant.last_error = str(exc)
-                    s.reject(ev.name, str(exc))
+                    refuse(s, ev.name, exc)
                 else:
                     s.ack(ev.name)
                     grant.last_sync = time.time()
+            elif isinstance(ev, InventoryDone) and (full := room.refusal()) is not None:
+                # Said once, in words (the device's status shows it), rather than by
+                # refusing every pack it would send.
+                if str(full) != grant.last_error:
+                    log.warning("account %s: %s", grant.account, full)
+                grant.last_error = str(full)
+                s.notice(str(full))
             elif isinstance(ev, Closed):
                 log.warning("session with %s: %s", device[:12], ev.reason)
 

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 
 from p2pbackup.blobs import peer as peer_store
 from p2pbackup.blobs.local import LocalDirStore, join_for_direct_write
-from p2pbackup.errors import IntegrityError, NotFound, P2PError
-from p2pbackup.protocol.sync import (Closed, Event, LaneOffered, ObjectAcked, ObjectReceived,
-                                     ObjectRejected, ObjectWanted, SyncSession)
+from p2pbackup.errors import IntegrityError, NameMismatch, NotFound, P2PError
+from p2pbackup.protocol.sync import (MISMATCH, Closed, Event, LaneOffered, ObjectAcked,
+                                     ObjectReceived, ObjectRejected, ObjectWanted, PeerNotice,
+                                     SyncSession)
 from p2pbackup.format.removal import PREFIX, Removal
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.repo import intake, removals, replica
@@ -86,8 +87,8 @@ class Replicator:
         # blobs that left the index).
         self.on_damage: Callable[[], Awaitable[None]] | None = None
         self._checking: set[str] = set()   # packs being checked for damage
-        # Refused by a peer yet intact (a partner over its quota refuses every pack): each
-        # pack is read for that at most once per run, one at a time.
+        # Said by a peer not to match its name, yet intact (a peer that lies, or a copy
+        # damaged on the way): each pack is read for that at most once per run, one at a time.
         self._refused_ok: set[str] = set()
         self._check_turn = asyncio.Semaphore(1)
         self.tombstones: set[str] = set()   # removed by an owner: never fetched again
@@ -391,7 +392,7 @@ class Replicator:
             except P2PError as exc:
                 log.warning("refused %s from peer %s: %s", ev.name[:40], st.device[:12],
                             exc)
-                s.reject(ev.name, str(exc))
+                refuse(s, ev.name, exc)
             else:
                 s.ack(ev.name)
                 await self._accepted(ev.name)
@@ -403,9 +404,10 @@ class Replicator:
                 log.warning("peer %s refused %s: %s", st.device[:12], ev.name[:40],
                             ev.reason)
             st.error = ev.reason
-            # A peer checks every pack: ours may have rotted since it was written.
+            # A peer checks every pack: ours may have rotted since it was written. Only a
+            # refusal saying so counts (a partner over its quota refuses every pack).
             name = ev.name.removeprefix("packs/")
-            if name != ev.name and name not in self._refused_ok:
+            if ev.code == MISMATCH and name != ev.name and name not in self._refused_ok:
                 self.check_pack_soon(name, refused=True)
         elif isinstance(ev, LaneOffered):
             if self.lane_server is not None:
@@ -417,6 +419,10 @@ class Replicator:
                 self._spawn(self._lane_deadline(st.device, s))
                 if self.me < st.device:  # one side dials, as for sessions
                     self._spawn(self._dial_lane(st.device, ev.fingerprint, ev.port))
+        elif isinstance(ev, PeerNotice):
+            if ev.reason != st.error:   # (e.g. a partner's full quota, at each session)
+                log.warning("peer %s: %s", st.device[:12], ev.reason)
+            st.error = ev.reason
         elif isinstance(ev, Closed):
             log.warning("session with %s: %s", st.device[:12], ev.reason)
 
@@ -432,7 +438,7 @@ class Replicator:
             async with self.gate.passing(), self._check_turn:  # (it may write the index)
                 damaged = await self.pack_damaged(name)
             if not damaged and refused:
-                self._refused_ok.add(name)   # (refused for another reason: a quota)
+                self._refused_ok.add(name)
         except P2PError as exc:
             log.error("checking pack %s failed: %s", name[:12], exc)
         finally:
@@ -484,7 +490,7 @@ class Replicator:
                 self._unsynced = True
             except IntegrityError as exc:
                 log.warning("refused %s from peer %s: %s", name[:40], st.device[:12], exc)
-                s.reject(name, str(exc))
+                refuse(s, name, exc)
             except P2PError as exc:
                 # Our failure, not the pack's (a pack worker died, the disk is full): refused
                 # for now, asked for again later, and later still if it fails again.
@@ -531,6 +537,12 @@ class Replicator:
         if self._unsynced:
             self._unsynced = False
             await self.repo.store.sync()
+
+
+def refuse(s: SyncSession, name: str, exc: P2PError) -> None:
+    """Tell the peer why `name` was not taken; a content that does not match its name says so
+    in the frame's code, so that the peer checks its copy (and not for any other refusal)."""
+    s.reject(name, str(exc), code=MISMATCH if isinstance(exc, NameMismatch) else None)
 
 
 async def drive(s: SyncSession, events: list[Event],

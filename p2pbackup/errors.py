@@ -61,6 +61,14 @@ class BlobDamaged(IntegrityError):
         return type(self), (str(self), self.pack, self.blob)
 
 
+class NameMismatch(IntegrityError):
+    """{}"""
+
+    # An object whose content does not match its (content-addressed) name. Told apart from
+    # other refusals so that the peer that sent it checks its own copy, which may have
+    # rotted, and not for a refusal about anything else (a quota, who may write what).
+
+
 class UnsupportedFormat(P2PError):
     """{} was written by a newer p2pbackup (format v{}); upgrade to read it."""
 

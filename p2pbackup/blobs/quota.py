@@ -40,15 +40,21 @@ class QuotaStore(BlobStore):
         """Bytes stored, if counted already (for status, which must not walk the store)."""
         return self._used
 
+    def exceeded(self, what: str, new_used: int) -> QuotaExceeded | None:
+        """The refusal, in words, of storing `what` (e.g. "packs") if that takes the store to
+        `new_used` bytes, over the quota; None if it fits."""
+        if self.quota is None or new_used <= self.quota:
+            return None
+        return QuotaExceeded(f"quota exceeded: storing {what} for {self.owner} would use "
+                             f"{format_size(new_used)} of the {format_size(self.quota)} "
+                             "granted; the owner can pair again with a larger --quota")
+
     async def put(self, name: str, data: Buffer) -> None:
         used = await self.used()
         old = await self.inner.size(name) if await self.inner.has(name) else 0
         new_used = used - old + len(data)
-        if self.quota is not None and new_used > self.quota and len(data) > old:
-            raise QuotaExceeded(f"quota exceeded: storing {name.split('/')[0]} for {self.owner} "
-                                f"would use {format_size(new_used)} of the "
-                                f"{format_size(self.quota)} granted; the owner can pair again "
-                                "with a larger --quota")
+        if len(data) > old and (refused := self.exceeded(name.split("/")[0], new_used)):
+            raise refused
         await self.inner.put(name, data)
         self._used = new_used
 

@@ -8,8 +8,10 @@ Both ends run the same machine. Frames are a 4-byte big-endian length and a msgp
     want     {names}                      what it asks for, after comparing inventories
     announce {names}                      newly stored objects: the peer wants them at once
     obj      {name, off, total, data, last}   one part of an object (<= PART bytes)
-    ack      {name} / nack {name, reason}     the receiver stored it / refused it
+    ack      {name} / nack {name, reason, code?}   the receiver stored it / refused it
     lane     {fp, port}                   this side's direct-lane certificate and port
+    notice   {reason}                     something the peer's user should hear, the session
+                                          goes on (e.g. a partner's quota is full)
     error    {reason}                     the session ends
 
 Two lanes: everything starts on the control lane (the data channel). Once the adapter has a
@@ -18,6 +20,10 @@ object not yet acknowledged is sent again on the control lane and the receiver i
 of objects it already stored. While a lane is being set up (`await_bulk_lane`), nothing is
 sent: an object handed to the data channel must finish there at its few MB/s, even once the
 lane is up (measured: one 16 MiB pack stranded there made a 5 s transfer take 9 s).
+
+A refusal may carry a code saying why in a way the sender acts on: `MISMATCH`, the content
+does not match its name (the sender's copy may have rotted: it checks it). Any other refusal
+(a quota, who may write what) has none; a code this version does not know counts as none.
 
 Flow control: at most `window` bytes of parts are unacknowledged; the application is asked for
 the next object (`ObjectWanted`) only when there is room, so nothing queues without bound.
@@ -45,6 +51,8 @@ VERSION = 1
 PART = 1024 * 1024
 INV_BATCH = 2000
 MAX_OBJECT = 512 * 1024 * 1024   # as fetch.MAX_OBJECT: a larger "total" is a malformed frame
+MISMATCH = "mismatch"    # nack code: the content does not match its name
+CODES = frozenset({MISMATCH})
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +93,7 @@ class ObjectAcked:
 class ObjectRejected:
     name: str
     reason: str
+    code: str | None = None    # one of CODES, or None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,13 +105,20 @@ class LaneOffered:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerNotice:
+    """The peer says something this side's user should hear; the session goes on."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     reason: str
     by_peer: bool = False
 
 
 Event = PeerHello | InventoryDone | ObjectWanted | ObjectReceived | ObjectAcked | \
-    ObjectRejected | LaneOffered | Closed
+    ObjectRejected | LaneOffered | PeerNotice | Closed
 
 
 _Bad = FrameError
@@ -295,9 +311,13 @@ class SyncSession:
         self.have.add(name)
         self._frame({"t": "ack", "name": name})
 
-    def reject(self, name: str, reason: str) -> None:
-        """The object failed our checks; the peer is told why (it is not stored)."""
-        self._frame({"t": "nack", "name": name, "reason": reason[:200]})
+    def reject(self, name: str, reason: str, *, code: str | None = None) -> None:
+        """The object failed our checks; the peer is told why (it is not stored), and with
+        `code` (e.g. MISMATCH) why in a way it acts on."""
+        msg = {"t": "nack", "name": name, "reason": reason[:200]}
+        if code is not None:
+            msg["code"] = code
+        self._frame(msg)
 
     def announce(self, names: list[str]) -> None:
         """New objects here: the peer wants those it lacks at once (push, not polling)."""
@@ -305,6 +325,11 @@ class SyncSession:
             self.have.add(n)
         if names and not self.closed:
             self._frame({"t": "announce", "names": names})
+
+    def notice(self, reason: str) -> None:
+        """Tell the peer something its user should hear (one line); the session goes on."""
+        if not self.closed:
+            self._frame({"t": "notice", "reason": reason[:300]})
 
     def close(self, reason: str) -> None:
         if not self.closed:
@@ -366,6 +391,11 @@ class SyncSession:
         asked for (a peer that does not hold one says so, and it is no longer awaited)."""
         self.have.difference_update(names)
         return self.ask_again(names)
+
+    def offered_size(self, name: str) -> int | None:
+        """The size of `name` the peer's inventory gave, if it did (for `wants`, while the
+        inventory is taken; afterwards for the names asked for)."""
+        return self._peer_sizes.get(name)
 
     @property
     def pending(self) -> int:
@@ -504,10 +534,12 @@ class SyncSession:
         if t == "nack":
             name = _need(msg, "name", str)
             reason = str(msg.get("reason", ""))[:200]
+            code = msg.get("code")
             size = self._unacked.pop(name, None)
             if size is not None:
                 self.in_flight -= size
-                return [ObjectRejected(name, reason)]
+                known = code if isinstance(code, str) and code in CODES else None
+                return [ObjectRejected(name, reason, known)]
             self._asked.discard(name)   # we asked, the peer does not have it
             return []
         if t == "lane":
@@ -515,6 +547,8 @@ class SyncSession:
             if not 0 < port < 65536:
                 raise _Bad("a lane offer with no valid port")
             return [LaneOffered(_need(msg, "fp", str)[:200], port)]
+        if t == "notice":
+            return [PeerNotice(str(msg.get("reason", ""))[:300])]
         if t == "error":
             self.closed = True
             return [Closed(f"the peer ended the session: {str(msg.get('reason', ''))[:200]}",

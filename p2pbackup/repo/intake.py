@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 import msgpack
 
 from ..buffers import fill
-from ..errors import DiskFull, IntegrityError, P2PError, StorageError
+from ..errors import DiskFull, IntegrityError, NameMismatch, P2PError, StorageError
 
 VERSION = 1
 FAILURES = 3
 log = logging.getLogger("p2pbackup")
 _MiB = 1 << 20
 _ERRORS: dict[str, type[P2PError]] = {"IntegrityError": IntegrityError,
+                                      "NameMismatch": NameMismatch,
                                       "StorageError": StorageError, "DiskFull": DiskFull}
 
 
@@ -325,7 +326,7 @@ def _take(req: dict) -> None:
     try:
         view = memoryview(buf)
         if pack_name(view) != req["hash"]:
-            raise IntegrityError(f"{what}: its content does not match its name")
+            raise NameMismatch(f"{what}: its content does not match its name")
         if req["keys"]:
             data_key, id_key = req["keys"]
             check_pack_blobs(view, (tuple(b) for b in req["blobs"]), data_key, id_key, what)

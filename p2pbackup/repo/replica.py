@@ -17,7 +17,7 @@ import blake3
 from .. import ids
 from ..blobs.local import LocalDirStore
 from ..crypto.keys import MissingKey
-from ..errors import IntegrityError, NotFound
+from ..errors import IntegrityError, NameMismatch, NotFound
 from ..format.log import check_head_update, segment_hash
 from ..format.pack import check_pack_blobs, check_pack_header, pack_name, parse_trailer
 from ..format.records import PackTrailer
@@ -120,7 +120,7 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
             raise IntegrityError(f"{what} does not follow segment {seq - 1} (a fork)")
     elif kind == "removal":
         if blake3.blake3(data).hexdigest() != m.group(1):
-            raise IntegrityError(f"{what}: its content does not match its name")
+            raise NameMismatch(f"{what}: its content does not match its name")
         got = await store_membership.load(repo)
         read_removal(data, owner_keys(got[0] if got else None), verify_signature, what)
     elif kind == "anchor":  # rewritten each time prune folds more: it only moves forward
@@ -160,7 +160,7 @@ async def _take_in_worker(repo: Repository, intake: PackIntake, name: str, diges
         trailer, keys = _pack_trailer(repo, data, what)
     except IntegrityError:
         if pack_name(data) != digest:   # the worker checks it; say it first, as below
-            raise IntegrityError(f"{what}: its content does not match its name") from None
+            raise NameMismatch(f"{what}: its content does not match its name") from None
         raise
     await intake.take(name, data, digest,
                       [(b.kind, b.id, b.offset, b.length, b.raw_length)
@@ -174,7 +174,7 @@ async def _check_and_put(repo: Repository, name: str, digest: str, data: bytes |
     """The pack checked on a thread, then stored (not fsynced when not `durable`)."""
     def check_and_write() -> tuple[PackTrailer, bool]:
         if pack_name(data) != digest:
-            raise IntegrityError(f"{what}: its content does not match its name")
+            raise NameMismatch(f"{what}: its content does not match its name")
         trailer = _check_pack(repo, data, what)
         if durable or not isinstance(repo.store, LocalDirStore):
             return trailer, False

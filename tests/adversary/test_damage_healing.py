@@ -13,7 +13,7 @@ from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.backup.verify import blobs_by_pack, verify
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import Source
-from p2pbackup.errors import IntegrityError
+from p2pbackup.errors import IntegrityError, NameMismatch
 from p2pbackup.format.header import Kind
 from p2pbackup.format.pack import PackBuilder
 from p2pbackup.repo import replica
@@ -91,8 +91,9 @@ async def test_a_peer_cannot_overwrite_a_damaged_pack_with_a_forged_copy(repo, t
 
 async def test_a_peer_refusing_intact_packs_cannot_get_them_set_aside(tmp_path: Path,
                                                                      monkeypatch):
-    """A peer that refuses every pack we send (hostile, or over its quota): each pack is
-    checked once, found intact, and stays in use and offered."""
+    """A peer that refuses every pack we send saying it does not match its name (hostile):
+    each pack is checked once, found intact, and stays in use and offered. (A refusal for any
+    other reason makes it check none: tests/adversary/test_partner_roster.py.)"""
     src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
     real = replica.accept
     refused: list[str] = []
@@ -100,7 +101,7 @@ async def test_a_peer_refusing_intact_packs_cannot_get_them_set_aside(tmp_path: 
     async def refuse_packs(repo, name, data, **kw):
         if repo is rb and name.startswith("packs/"):
             refused.append(name)
-            raise IntegrityError(f"{name[:60]} from a peer: its content does not match its name")
+            raise NameMismatch(f"{name[:60]} from a peer: its content does not match its name")
         return await real(repo, name, data, **kw)
 
     monkeypatch.setattr(replica, "accept", refuse_packs)

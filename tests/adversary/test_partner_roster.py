@@ -214,6 +214,62 @@ async def test_a_member_device_refuses_a_roster_a_scoped_member_forged(world, tm
             await replica.accept(dev_b.repo, "roster/000000000007", newest[1])
 
 
+async def test_a_partner_over_its_quota_asks_for_no_pack_and_its_owner_rechecks_none(
+        world, tmp_path: Path, caplog):
+    """A partner whose quota is full does not ask for packs it would refuse (every pack, every
+    session) but says once that its quota is full, and a refusal for its quota does not make
+    the owner's daemon read its own packs again: only one saying the content did not match
+    its name does."""
+    from p2pbackup.backup.snapshot import take_snapshot
+    from p2pbackup.daemon.peers import PeerState
+    from p2pbackup.daemon.replicate import Replicator
+    from p2pbackup.protocol.sync import ObjectWanted
+    from tests.eventually import eventually
+
+    a, b, s, p, service, grant = world
+    (tmp_path / "docs" / "big").write_bytes(os.urandom(300_000))
+    await take_snapshot(a.repo, a.config.sources, temp_dir=a.temp_dir)
+    sizes = [await a.repo.store.size(n) async for n in a.repo.store.list("packs/")]
+    assert sizes
+    grant.store.quota = await grant.store.used() + min(sizes) - 1   # no pack fits
+    owner = Replicator(a.repo, a.identity.device_id)
+    wanted: list[str] = []
+    rechecked: list[str] = []
+    real = owner._on_event
+
+    async def on_event(session, link, st, ev) -> None:
+        if isinstance(ev, ObjectWanted):
+            wanted.append(ev.name)
+        await real(session, link, st, ev)
+
+    owner._on_event = on_event                                        # type: ignore[method-assign]
+    owner.check_pack_soon = lambda name, **kw: rechecked.append(name)  # type: ignore
+    here, there = memory_pair()
+    seen = PeerState(p.device_id)
+    tasks = [asyncio.create_task(owner.run(p.device_id, here, seen)),
+             asyncio.create_task(service._incoming(a.identity.device_id, there))]
+
+    def settled() -> bool:
+        got = owner.sessions.get(p.device_id)
+        return got is not None and got[0].queued == 0 and got[0].in_flight == 0 and \
+            "quota exceeded" in (grant.last_error or "")
+
+    try:
+        await eventually(settled)
+        assert wanted and not [n for n in wanted if n.startswith("packs/")], wanted
+        assert rechecked == []
+        # The owner heard it in words all the same (its `status` shows the line).
+        heard = [r.getMessage() for r in caplog.records if r.module == "replicate"]
+        assert any(f"peer {p.device_id[:12]}: quota exceeded: storing packs" in m
+                   for m in heard), heard
+        assert "quota exceeded" in (seen.error or "")
+    finally:
+        await here.close()
+        await there.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await owner.close()
+
+
 async def test_a_partner_over_its_quota_still_takes_the_roster(world):
     a, b, s, p, service, grant = world
     grant.store.quota = 1   # full: nothing more fits

@@ -9,8 +9,8 @@ import msgpack
 from hypothesis import given, settings, strategies as st
 
 from p2pbackup.protocol.framing import MAX_FRAME
-from p2pbackup.protocol.sync import (Closed, InventoryDone,
-                                     ObjectReceived, ObjectRejected, ObjectWanted, PeerHello,
+from p2pbackup.protocol.sync import (MISMATCH, Closed, InventoryDone, ObjectReceived,
+                                     ObjectRejected, ObjectWanted, PeerHello, PeerNotice,
                                      SyncSession)
 
 
@@ -118,6 +118,49 @@ def test_a_rejected_object_is_not_stored_and_the_sender_hears_why():
     assert "packs/a0001" not in b.objects and len(b.objects) == 2
     rej = [e for e in a.events if isinstance(e, ObjectRejected)]
     assert [(e.name, e.reason) for e in rej] == [("packs/a0001", "content does not match its id")]
+
+
+def test_a_refusal_says_whether_the_content_did_not_match_its_name():
+    """Only that refusal means the sender's copy may have rotted (it checks it again); a
+    refusal for another reason (a quota, a policy), or with a code a newer version sends,
+    carries no code."""
+    a, b = Side("A", objs("a", 4)), Side("B", {})
+    codes = {"packs/a0000": MISMATCH, "packs/a0001": None, "packs/a0002": "from-a-newer-one",
+             "packs/a0003": ["not", "a", "code"]}
+
+    def refuse(events: list) -> None:
+        for ev in events:
+            if isinstance(ev, ObjectReceived):
+                b.s.reject(ev.name, "refused", code=codes[ev.name])
+            else:
+                Side.handle(b, [ev])
+
+    b.handle = refuse  # type: ignore[method-assign]
+    pump(a, b)
+    rej = {e.name: e.code for e in a.events if isinstance(e, ObjectRejected)}
+    assert rej == {"packs/a0000": MISMATCH, "packs/a0001": None, "packs/a0002": None,
+                   "packs/a0003": None}
+
+
+def test_a_notice_reaches_the_peer_and_the_session_goes_on():
+    a, b = Side("A", objs("a", 2)), Side("B", {})
+    b.s.notice("quota exceeded: storing packs would use 2 GiB of the 1 GiB granted")
+    pump(a, b)
+    assert [e.reason for e in a.events if isinstance(e, PeerNotice)] == \
+        ["quota exceeded: storing packs would use 2 GiB of the 1 GiB granted"]
+    assert len(b.objects) == 2 and not a.s.closed and not b.s.closed
+
+
+def test_wants_can_ask_the_size_the_peers_inventory_gave():
+    objects = {"packs/small": b"s" * 50, "packs/large": b"l" * 150}
+    a = Side("A", {})
+    a.s = SyncSession("A", set(objects), valid_name=valid,
+                      sizes={n: len(d) for n, d in objects.items()})
+    a.objects = objects
+    b = Side("B", {}, wants=lambda name: (b.s.offered_size(name) or 0) <= 100)
+    pump(a, b)
+    assert set(b.objects) == {"packs/small"}
+    assert b.s.offered_size("packs/nothing") is None
 
 
 def test_resume_after_a_cut_sends_only_what_was_not_acknowledged():
