@@ -145,6 +145,7 @@ class PendingJoin:
     member: Member
     signed: bytes
     welcome: bytes
+    roster: tuple[str, bytes] | None = None   # a new roster version the welcome carries
 
 
 async def prepare_welcome(dev: Device, invite: Invitation, payload: bytes) -> PendingJoin:
@@ -182,15 +183,18 @@ async def prepare_welcome(dev: Device, invite: Invitation, payload: bytes) -> Pe
     doc: dict = {"v": PAYLOAD_VERSION, "role": invite.role, "account": dev.keys.fingerprint(),
                  "host": {"id": dev.identity.device_id, "pk": dev.identity.public_key,
                           "name": dev.config.device_name}}
+    made = None
     if invite.role == PARTNER:
         # A partner learns only which devices may talk to it (the signed roster, which it
         # then follows; partners are not listed in it, so it states the membership after
-        # this join too) and its quota. `owners` is for partners from before rosters.
-        await roster.publish(dev.repo.store, dev.identity, current)
+        # this join too) and its quota. `owners` is for partners from before rosters. A new
+        # roster version is stored only once the join is committed (the very object sent:
+        # the partner follows the chain from it).
         got = await roster.newest(dev.repo.store)
-        if got is None:
+        made = roster.following(got, dev.identity, current)
+        if made is None and got is None:
             raise WrongKey("only an owner device can pair a storage partner")
-        doc["roster"] = got[1]
+        doc["roster"] = made[1] if made is not None else got[1]
         doc["owners"] = [[m.device_id, m.public_key] for m in nxt.members
                          if m.role != PARTNER]
         doc["quota"] = invite.quota
@@ -198,16 +202,20 @@ async def prepare_welcome(dev: Device, invite: Invitation, payload: bytes) -> Pe
         doc["config"] = await dev.repo.config_object()
         doc["chain"] = chain + [signed]
         doc["keys"] = dev.keys.export(list(invite.sources) if invite.sources else None)
-    return PendingJoin(member, signed, msgpack.packb(doc, use_bin_type=True))
+    return PendingJoin(member, signed, msgpack.packb(doc, use_bin_type=True), made)
 
 
 async def commit_join(dev: Device, pending: PendingJoin) -> Membership:
-    """Store the new membership version once the joiner confirmed it has everything."""
+    """Store the new membership version (and the roster version the welcome carried) once
+    the joiner confirmed it has everything."""
     current, chain = await membership_of(dev)
     nxt = Membership.decode(_signed_body(pending.signed))
-    if nxt.seq != current.seq + 1 or nxt.prev != record_hash(chain[-1]):
+    if nxt.seq != current.seq + 1 or nxt.prev != record_hash(chain[-1]) or \
+            pending.roster is not None and await dev.repo.store.has(pending.roster[0]):
         raise PairingFailed("pairing failed: the device list changed during pairing; pair again")
     await store_membership.append(dev.repo, pending.signed, current)
+    if pending.roster is not None:
+        await dev.repo.store.put(*pending.roster)
     await roster.publish(dev.repo.store, dev.identity, nxt)   # partners: a new device
     return nxt
 

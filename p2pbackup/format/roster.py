@@ -2,15 +2,20 @@
 
 A partner holds no key, so it cannot read the (sealed) membership record. Owners hand it this
 clear-text projection instead: every current device's id, public key and role (owner or
-member; partners are not listed) and the devices removed. Like the membership, each version
-has `seq` one higher than the one before and the hash of that object, and is signed by an
-owner of that previous version; the first version a partner holds is the one it got at
-pairing. A partner follows the chain: only owners' removal records count, only listed devices
-may connect, read and push.
+member; partners are not listed), the devices removed, and the public key of the key epoch's
+recovery signer. Like the membership, each version has `seq` one higher than the one before
+and the hash of that object, and is signed by an owner of that previous version or by the
+recovery signer it names (a device recovering the account when no owner device is left);
+the first version a partner holds is the one it got at pairing. A partner follows the chain:
+only owners' removal records count, only listed devices may connect, read and push, and the
+recovery signer may read.
 
     header(kind ROSTER, flags 0) | Signed{type roster, body: msgpack {v, seq, prev, time,
-                                                                      members, removed}}
+                                                                      members, removed,
+                                                                      recovery?}}
     members: [[device id, public key, role], ...]    removed: [device id, ...]
+    recovery: the recovery signer's public key (absent in rosters written before it was added:
+              then only an owner signs the next version)
 
 Only envelope version 2 counts (the signature names the type `roster`): no released version
 wrote a roster in a version-1 envelope, so none is accepted.
@@ -55,6 +60,7 @@ class Roster:
     members: tuple[RosterEntry, ...]
     removed: tuple[str, ...] = ()
     time_ns: int = 0
+    recovery_key: bytes = b""          # the epoch's recovery signer; b"": not stated
 
     def entry(self, device_id: str) -> RosterEntry | None:
         return next((e for e in self.members if e.device_id == device_id), None)
@@ -74,16 +80,28 @@ class Roster:
         return e.role if e else None
 
     def lists_same(self, other: "Roster") -> bool:
-        """True when both name the same devices, keys and roles, and the same removals."""
+        """True when both name the same devices, keys and roles, the same removals and the
+        same recovery signer."""
         return set(self.members) == set(other.members) and \
-            set(self.removed) == set(other.removed)
+            set(self.removed) == set(other.removed) and self.recovery_key == other.recovery_key
+
+    def next_signer_key(self, id_for: Callable[[bytes], str]) -> Callable[[str], bytes | None]:
+        """Who may sign the version after this one (device id -> its key, or None): an owner,
+        or the recovery signer this one names."""
+        recovery = id_for(self.recovery_key) if self.recovery_key else None
+
+        def key_of(device: str) -> bytes | None:
+            if recovery is not None and device == recovery:
+                return self.recovery_key
+            return self.owner_key(device)
+        return key_of
 
 
 def roster_of(m: Membership, seq: int, prev: bytes, time_ns: int) -> Roster:
     """The roster version `seq` that states membership `m` to partners."""
     return Roster(seq, prev, tuple(RosterEntry(x.device_id, x.public_key, x.role)
                                    for x in m.members if x.role in ROLES),
-                  tuple(m.removed), time_ns)
+                  tuple(m.removed), time_ns, m.recovery_key)
 
 
 def roster_name(seq: int) -> str:
@@ -97,9 +115,12 @@ def roster_hash(data: bytes | bytearray | memoryview) -> bytes:
 
 def roster_object(r: Roster, signer: str, sign: Callable[[bytes], bytes]) -> bytes:
     """The signed object for `r`, signed by device `signer`."""
-    body = msgpack.packb({"v": VERSION, "seq": r.seq, "prev": r.prev, "time": r.time_ns,
-                          "members": [[e.device_id, e.public_key, e.role] for e in r.members],
-                          "removed": list(r.removed)}, use_bin_type=True)
+    doc = {"v": VERSION, "seq": r.seq, "prev": r.prev, "time": r.time_ns,
+           "members": [[e.device_id, e.public_key, e.role] for e in r.members],
+           "removed": list(r.removed)}
+    if r.recovery_key:
+        doc["recovery"] = r.recovery_key
+    body = msgpack.packb(doc, use_bin_type=True)
     return clear_object(Kind.ROSTER, Signed.make(ROSTER_SIG, body, signer, sign))
 
 
@@ -117,8 +138,12 @@ def read_roster(data: bytes | bytearray | memoryview, id_for: Callable[[bytes], 
             device, key, role = str(row[0]), bytes(row[1]), str(row[2])
             if role in ROLES:      # a role from a newer version: skipped
                 members.append(RosterEntry(device, key, role))
+        recovery = doc.get("recovery", b"")
+        if not isinstance(recovery, bytes) or len(recovery) not in (0, 32):
+            raise ValueError("a recovery key that is not one")
         r = Roster(int(doc["seq"]), bytes(doc["prev"]), tuple(members),
-                   tuple(str(d) for d in doc.get("removed", [])), int(doc.get("time", 0)))
+                   tuple(str(d) for d in doc.get("removed", [])), int(doc.get("time", 0)),
+                   recovery)
     except Exception as exc:  # untrusted bytes, signed or not
         raise IntegrityError(f"{what} is malformed ({str(exc)[:80]})") from None
     if r.seq < 1 or (r.seq == 1) != (r.prev == b""):
@@ -138,8 +163,9 @@ def check_next(current: Roster, current_hash: bytes, data: bytes | bytearray | m
                verify: Callable[[bytes, bytes, bytes], bool], id_for: Callable[[bytes], str],
                what: str = "roster") -> Roster:
     """The roster `data` holds if it may follow `current` (whose object hashes to
-    `current_hash`): the next seq, naming `current`, signed by an owner of `current`, never
-    re-admitting a removed device. IntegrityError saying why not."""
+    `current_hash`): the next seq, naming `current`, signed by an owner of `current` or the
+    recovery signer it names, never re-admitting a removed device. IntegrityError saying why
+    not."""
     new, signed = read_roster(data, id_for, what)
     if new.seq != current.seq + 1:
         raise IntegrityError(f"{what} (version {new.seq}) does not follow version "
@@ -149,14 +175,15 @@ def check_next(current: Roster, current_hash: bytes, data: bytes | bytearray | m
                              f"{current.seq} held here (a fork)")
     if set(current.removed) - set(new.removed):
         raise IntegrityError(f"{what} (version {new.seq}) re-admits a removed device")
-    return _signed_by_owner(new, signed, current.owner_key, verify, what)
+    return _signed_by_owner(new, signed, current.next_signer_key(id_for), verify, what)
 
 
 def check_signed(data: bytes | bytearray | memoryview, owner_key: Callable[[str], bytes | None],
                  verify: Callable[[bytes, bytes, bytes], bool], id_for: Callable[[bytes], str],
                  what: str = "roster") -> Roster:
     """A roster signed by a device `owner_key` names (a member device checks against its
-    membership; a partner at pairing, against the roster itself)."""
+    membership: an owner, or its recovery signer; a partner at pairing, against the roster
+    itself)."""
     new, signed = read_roster(data, id_for, what)
     return _signed_by_owner(new, signed, owner_key, verify, what)
 

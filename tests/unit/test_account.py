@@ -44,3 +44,32 @@ def test_an_empty_device_name_names_no_device():
     for which in ("", "  "):
         with pytest.raises(ConfigError, match="name"):
             account.find_device(m, which)
+
+
+async def test_a_declined_partner_pairing_leaves_no_roster_and_an_accepted_one_stores_the_one_sent(
+        tmp_path: Path):
+    """Nothing is stored before the user confirmed the number: the roster a partner's welcome
+    carries is stored when the join is committed, the very object sent (the partner follows
+    its chain from it), and not at all when the pairing is declined."""
+    import secrets
+
+    import msgpack
+
+    from p2pbackup import grants
+    from p2pbackup.crypto.identity import DeviceIdentity
+    from p2pbackup.format.membership import PARTNER
+
+    a = tmp_path / "a"
+    await make_owner(a, [])
+    async with open_device(a, write=True) as dev:
+        invite = account.invitation(dev, PARTNER, None, 1 << 30)
+        request = account.joiner_payload(DeviceIdentity.generate(), "nas", False,
+                                         secrets.token_bytes(grants.TAG_KEY_SIZE))
+        declined = await account.prepare_welcome(dev, invite, request)   # then: no
+        assert [n async for n in dev.repo.store.list("roster/")] == []
+        pending = await account.prepare_welcome(dev, invite, request)
+        await account.commit_join(dev, pending)                          # yes
+        sent = msgpack.unpackb(pending.welcome, raw=False)["roster"]
+        assert [n async for n in dev.repo.store.list("roster/")] == ["roster/000000000001"]
+        assert bytes(await dev.repo.store.get("roster/000000000001")) == sent
+        assert declined.welcome != pending.welcome

@@ -3,6 +3,9 @@ raise IntegrityError (or UnsupportedFormat, for a newer version)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -42,3 +45,52 @@ def test_hostile_roster_bytes_raise_integrity_or_version_errors_only(junk: bytes
             read_roster(data, device_id_for)
         except (IntegrityError, UnsupportedFormat):
             pass
+
+
+R, X = DeviceIdentity.generate(), DeviceIdentity.generate()   # a recovery signer, a stranger
+
+
+def test_a_roster_names_the_recovery_signer_who_may_sign_the_next_version():
+    m = Membership(1, b"", 0, (Member(A.device_id, A.public_key, "a", OWNER),),
+                   recovery_key=R.public_key)
+    first = roster_of(m, 1, b"", 5)
+    raw1 = roster_object(first, A.device_id, A.sign)
+    assert read_roster(raw1, device_id_for)[0].recovery_key == R.public_key
+    new = Member(B.device_id, B.public_key, "b", OWNER)
+    second = roster_of(Membership(2, b"", 0, m.members + (new,), recovery_key=R.public_key),
+                       2, roster_hash(raw1), 6)
+    by_recovery = roster_object(second, R.device_id, R.sign)
+    assert check_next(first, roster_hash(raw1), by_recovery, verify_signature,
+                      device_id_for) == second
+    # Anyone else's key under the recovery signer's id, or a stranger's signature: refused.
+    for forged in (roster_object(second, R.device_id, X.sign),
+                   roster_object(second, X.device_id, X.sign)):
+        with pytest.raises(IntegrityError):
+            check_next(first, roster_hash(raw1), forged, verify_signature, device_id_for)
+    # A roster that names no recovery signer (written before they were named): owners only.
+    old = Roster(1, b"", first.members, (), 5)
+    raw_old = roster_object(old, A.device_id, A.sign)
+    after_old = replace(second, prev=roster_hash(raw_old))
+    with pytest.raises(IntegrityError, match="not an owner"):
+        check_next(old, roster_hash(raw_old), roster_object(after_old, R.device_id, R.sign),
+                   verify_signature, device_id_for)
+    assert not old.lists_same(first)   # an owner's next publish names it
+
+
+def test_a_roster_field_a_newer_version_adds_is_skipped_and_a_bad_recovery_key_refused():
+    import msgpack
+
+    from p2pbackup.format.cleartext import clear_object
+    from p2pbackup.format.header import Kind
+    from p2pbackup.format.records import ROSTER_SIG, Signed
+
+    def raw(**extra) -> bytes:
+        body = msgpack.packb({"v": 1, "seq": 1, "prev": b"", "time": 1, "removed": [],
+                              "members": [[A.device_id, A.public_key, OWNER]], **extra},
+                             use_bin_type=True)
+        return clear_object(Kind.ROSTER, Signed.make(ROSTER_SIG, body, A.device_id, A.sign))
+
+    assert read_roster(raw(later={"x": 1}), device_id_for)[0].recovery_key == b""
+    for bad in (b"short", "text", 7):
+        with pytest.raises(IntegrityError, match="malformed"):
+            read_roster(raw(recovery=bad), device_id_for)
