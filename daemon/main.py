@@ -27,7 +27,9 @@ from p2pbackup.config import Config, load_config, load_identity, systemd_setting
 from p2pbackup.device import Device, open_device
 from p2pbackup.errors import P2PError
 from p2pbackup.format.log import Head, head_time_after
-from p2pbackup.repo import removals
+from p2pbackup.format.membership import OWNER
+from p2pbackup.repo import membership as store_membership
+from p2pbackup.repo import removals, roster
 from p2pbackup.repo.logstore import LogStore
 
 from .account_ops import AccountOps
@@ -346,6 +348,23 @@ class DeviceDaemon:
         }
 
 
+async def _restate_roster(dev: Device) -> None:
+    """An owner writes the next roster version if the newest one no longer states the
+    membership (one written before rosters named the recovery signer gains it, so that the
+    account's storage partners admit a device recovering it); an account without partners
+    (no roster) gets none."""
+    try:
+        got = await store_membership.load(dev.repo)
+        me = got[0].member(dev.identity.device_id) if got else None
+        if got is None or me is None or me.role != OWNER or \
+                await roster.newest(dev.repo.store) is None:
+            return
+        if await roster.publish(dev.repo.store, dev.identity, got[0]):
+            log.info("the storage partners' roster states the account's devices again")
+    except P2PError as exc:
+        log.warning("could not state the account's devices to its storage partners: %s", exc)
+
+
 async def _seal_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
     settings = d.config.daemon
     while not stop.is_set():
@@ -465,6 +484,7 @@ async def serve(home: Path | None) -> int:
             d.replicator.check_pack_soon, pack)   # a read failed: heal from a peer
         await d.replicator.start_lane(d.peers.bind_address)
         await d.peers.start()
+        await _restate_roster(dev)
         # On the LAN now: aiortc is imported in a thread while mDNS finds the peers, so it is
         # neither before discovery nor in the way of the first connection.
         from p2pbackup.transport import datachannel

@@ -7,15 +7,19 @@ devices each account's roster lists, takes what they replicate and serves it bac
 (`restore --from peer:PARTNER`).
 
 Who may do what follows the account's roster (format/roster.py): the one from pairing, then
-each next version an owner signs, which reaches the partner by replication like any object.
-Listed devices may connect, read and push; only owners' removal records count; a device
-dropped from the roster is refused from then on, and its open sessions are closed.
+each next version an owner (or the recovery signer the roster names) signs, which reaches the
+partner by replication like any object. Listed devices may connect, read and push; only
+owners' removal records count; a device dropped from the roster is refused from then on, and
+its open sessions are closed. The roster's recovery signer (a new device holding only the
+recovery code, when every owner device may be gone) may read, and write the next roster
+version, which makes that device an owner here.
 
 What a partner checks without keys, for every object a device sends it:
 - the name is exactly an object name (p2pbackup.ids);
 - content-addressed names (packs, snapshots, removal records) match the content;
 - a removal record is signed by an owner in the roster; a roster follows the one held (next
-  version, naming it, signed by one of its owners, re-admitting nobody removed);
+  version, naming it, signed by one of its owners or its recovery signer, re-admitting nobody
+  removed), whoever brings it;
 - names under a device id (segments/<id>/..., heads/<id>) are written by that device only,
   devices/<id> by that device or an owner, config, membership/ and keyring/ by owners only:
   their content is sealed, so who sent them is all the partner can check;
@@ -43,6 +47,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,7 @@ import blake3
 from p2pbackup import grants as grant_files
 from p2pbackup import session
 from p2pbackup.blobs import peer as peer_store
+from p2pbackup.blobs.base import BlobStore, Buffer
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.blobs.quota import QuotaExceeded, QuotaStore
 from p2pbackup.config import Config
@@ -120,6 +126,12 @@ class Grant:
     def removed(self) -> tuple[str, ...]:
         return self.roster.removed if self.roster is not None else ()
 
+    def recovery_signer(self) -> tuple[str, bytes] | None:
+        """(device id, key) of the recovery signer the roster names, who may read here."""
+        if self.roster is None or not self.roster.recovery_key:
+            return None
+        return device_id_for(self.roster.recovery_key), self.roster.recovery_key
+
     async def refresh_removals(self) -> dict[str, Removal]:
         records = await removals.held(self.store, self.owner_key)
         self.tombstones = removals.tombstones(records)
@@ -141,6 +153,51 @@ class Grant:
         grant_files.write_grant(self.home, self.file)
         self.roster = new
         return new
+
+
+class ServedStore(BlobStore):
+    """A grant's store as its devices read it: the objects, and the newest roster (kept in
+    the grant file, outside the store and its quota), so that a device recovering the account
+    can sign the version after it. Writes go through `PartnerService.accept`, not here."""
+
+    def __init__(self, grant: Grant) -> None:
+        self.grant, self.location = grant, grant.store.location
+
+    def _roster(self, name: str) -> bytes | None:
+        r = self.grant.roster
+        return self.grant.file.roster if r is not None and name == roster_name(r.seq) else None
+
+    async def get(self, name: str) -> bytes:
+        raw = self._roster(name)
+        return raw if raw is not None else await self.grant.store.get(name)
+
+    async def get_range(self, name: str, offset: int, length: int) -> bytes:
+        raw = self._roster(name)
+        if raw is None:
+            return await self.grant.store.get_range(name, offset, length)
+        start = offset if offset >= 0 else max(0, len(raw) + offset)
+        return raw[start:start + length]
+
+    async def has(self, name: str) -> bool:
+        return self._roster(name) is not None or await self.grant.store.has(name)
+
+    async def size(self, name: str) -> int:
+        raw = self._roster(name)
+        return len(raw) if raw is not None else await self.grant.store.size(name)
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        async for name in self.grant.store.list(prefix):
+            yield name
+        if self.grant.roster is not None and roster_name(self.grant.roster.seq).startswith(
+                prefix):
+            yield roster_name(self.grant.roster.seq)
+
+    async def put(self, name: str, data: Buffer) -> None:
+        raise IntegrityError("a storage partner stores what its devices send through its "
+                             "checks only")
+
+    async def delete(self, name: str) -> None:
+        raise IntegrityError("objects at a storage partner are deleted by removal records only")
 
 
 def load_grants(home: Path) -> list[Grant]:
@@ -201,6 +258,10 @@ def refusal(grant: Grant, device: str, name: str) -> str | None:
     if got is None:
         return "not an object name"
     kind, m = got
+    if kind == "roster":   # checked by its signature (take_roster), whoever brings it
+        if grant.roster is not None and int(m.group(1)) <= grant.roster.seq:
+            return f"an older roster than version {grant.roster.seq}, held here"
+        return None
     role = grant.role_of(device)
     if role is None:
         return f"device {device[:12]} is not a device of account {grant.account} (any more)"
@@ -210,8 +271,6 @@ def refusal(grant: Grant, device: str, name: str) -> str | None:
         return "only that device or an owner writes a device record"
     if kind in ("config", "membership", "keyring") and role != OWNER:
         return f"only an owner device writes the {kind}"
-    if kind == "roster" and grant.roster is not None and int(m.group(1)) <= grant.roster.seq:
-        return f"an older roster than version {grant.roster.seq}, held here"
     return None
 
 
@@ -264,6 +323,8 @@ class PartnerService:
     def _follow_rosters(self) -> None:
         """Who may open a session, in the shape the signaling checks expect."""
         self._by_device = {d: g for g in self.grants for d in g.devices()}
+        self._recovering = {signer[0]: (g, signer[1]) for g in self.grants
+                            if (signer := g.recovery_signer()) is not None}
         members = tuple(Member(d, pk, "", OWNER) for d, pk in
                         {d: pk for g in self.grants for d, pk in g.devices().items()}.items())
         removed = tuple({d for g in self.grants for d in g.removed()} - self._by_device.keys())
@@ -271,8 +332,13 @@ class PartnerService:
             Member(self.identity.device_id, self.identity.public_key, "", PARTNER),), removed)
 
     def admits(self, device: str) -> bool:
-        """True if `device` may open a session here (some grant's roster lists it)."""
-        return device in self._by_device
+        """True if `device` may open a session here (some grant's roster lists it, or names
+        it as its recovery signer)."""
+        return device in self._by_device or device in self._recovering
+
+    def recovery_signers(self) -> dict[str, bytes]:
+        """The recovery signers the grants' rosters name (device id -> key): they may read."""
+        return {d: key for d, (_, key) in self._recovering.items()}
 
     async def _roster_changed(self, grant: Grant) -> None:
         """A new roster for `grant`: refuse the devices it dropped, and end their sessions."""
@@ -300,12 +366,7 @@ class PartnerService:
         from p2pbackup.discovery import mdns
 
         interfaces = list(self.config.peers.interfaces) or None
-        host = "127.0.0.1" if interfaces == ["lo"] else "0.0.0.0"
-        self._signaling = session.SignalingServer(
-            self.identity, lambda: self.membership, self._incoming,
-            ice=ice_for(self.config.peers), on_refused=lambda why: log.warning("%s", why),
-            limits=connection_limits(self.config.peers))
-        self.port = await self._signaling.start(host, 0)
+        await self.listen("127.0.0.1" if interfaces == ["lo"] else "0.0.0.0")
         log.info("storage partner for %d accounts, signaling on port %d", len(self.grants),
                  self.port)
         if not self.tag_key:
@@ -320,6 +381,15 @@ class PartnerService:
             return
         self._tasks.append(asyncio.create_task(mdns.keep_rotating(ad, self.advert_txt,
                                                                   period=TAG_PERIOD)))
+
+    async def listen(self, host: str, port: int = 0) -> int:
+        """Answer the devices' signed offers on `host` (`start` advertises the port)."""
+        self._signaling = session.SignalingServer(
+            self.identity, lambda: self.membership, self._incoming,
+            ice=ice_for(self.config.peers, host), on_refused=lambda why: log.warning("%s", why),
+            limits=connection_limits(self.config.peers), recovery=self.recovery_signers)
+        self.port = await self._signaling.start(host, port)
+        return self.port
 
     async def apply_removals(self, now_ns: int | None = None) -> int:
         """Delete what the owners removed, once the grace period has passed since this
@@ -381,20 +451,23 @@ class PartnerService:
             first = await asyncio.wait_for(link.recv(), 30)
         except (P2PError, asyncio.TimeoutError):
             first = None
-        grant = self._by_device.get(device)   # the roster may have changed meanwhile
-        if grant is None or first is None:
-            await link.close()
+        # (the roster may have changed meanwhile)
+        grant = self._by_device.get(device) or self._recovering.get(device, (None,))[0]
+        reads = first is not None and peek_type(first) == fetch.HELLO
+        if grant is None or first is None or device not in self._by_device and not reads:
+            await link.close()   # (the recovery signer reads, and brings the next roster)
             return
         grant.connected.add(device)
         try:
-            if peek_type(first) == fetch.HELLO:
-                async def read_only(name: str, data: bytes) -> None:
-                    raise IntegrityError("a storage partner takes objects by replication only")
+            if reads:
+                async def put(name: str, data: bytes) -> None:
+                    await self.accept(grant, device, name, data)
 
-                why = await peer_store.serve(link, grant.store, self.me, first=first,
-                                             put=read_only, read=replica.is_object_name)
-                log.info("device %s stopped reading account %s: %s", device[:12],
-                         grant.account, why)
+                why = await peer_store.serve(link, ServedStore(grant), self.me, first=first,
+                                             put=put, read=replica.is_object_name)
+                log.info("%s stopped reading account %s: %s", f"device {device[:12]}"
+                         if device in self._by_device else "a device holding the recovery "
+                         "code", grant.account, why)
             else:
                 await self._replicate(grant, device, link, first)
         except Exception:

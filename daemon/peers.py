@@ -19,7 +19,6 @@ from typing import Any
 
 from p2pbackup import session
 from p2pbackup.config import Config, PeerSettings
-from p2pbackup.crypto.identity import device_id_for
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, member_tag_keys, which_device
 from p2pbackup.device import Device
 from p2pbackup.errors import P2PError
@@ -125,8 +124,7 @@ class PeerManager:
     def allowed(self, device: str) -> bool:
         """Whether `device` may have a session here: a member, or the recovery signer."""
         m = self.membership
-        return m is not None and (m.admits(device) or m.recovery_key != b"" and
-                                  device == device_id_for(m.recovery_key))
+        return m is not None and (m.admits(device) or device in session.recovery_signer_of(m))
 
     def _members(self) -> list[str]:
         if self.membership is None:
@@ -258,8 +256,7 @@ class PeerManager:
             return
         m = self.membership.member(device) if self.membership else None
         recovering = m is None and self.membership is not None and \
-            self.membership.recovery_key != b"" and \
-            device == device_id_for(self.membership.recovery_key)
+            device in session.recovery_signer_of(self.membership)
         if self.on_fetch is None or (m is None and not recovering) or \
                 (m is not None and m.role == "partner"):
             log.warning("device %s asked to read this store; refused (%s)", device[:12],

@@ -498,7 +498,7 @@ async def _recover_from(home: Path, source: BlobStore, store_location: str, root
         config_raw = await repo.config_object()
         signer = recovery_signer(keys)
         joined = current.recovery_key == signer.public_key
-        signed = None
+        new_roster = None
         if joined:
             now = time.time_ns()
             me = Member(identity.device_id, identity.public_key, name, OWNER, added_ns=now,
@@ -506,14 +506,26 @@ async def _recover_from(home: Path, source: BlobStore, store_location: str, root
             nxt = current.with_member(me, now)
             nxt = replace(nxt, prev=record_hash(chain[-1]), grants={}, time_ns=now)
             signed = sign_membership(nxt, signer.device_id, signer.sign)
-            try:
-                await store_membership.append(repo, signed, current)
-                current, chain = nxt, chain + [signed]
-            except P2PError as exc:
-                log.warning("could not add this device to the membership in %s: %s",
-                            store_location, exc)
-                chain = chain + [signed]
-                current = nxt
+            # A storage partner takes the owners' records from owners only: this device
+            # becomes one there through the roster below, and its daemon brings the version.
+            partner = peer is not None and find_device(current, peer[0].which).role == PARTNER
+            if not partner:
+                try:
+                    await store_membership.append(repo, signed, current)
+                except P2PError as exc:
+                    log.warning("could not add this device to the membership in %s: %s",
+                                store_location, exc)
+            current, chain = nxt, chain + [signed]
+            # The storage partners learn of this device from the roster, which the recovery
+            # signer may sign when the newest one names it: no owner device may be left.
+            new_roster = roster.following(await roster.newest(source), signer, nxt)
+            if new_roster is not None:
+                try:
+                    await source.put(*new_roster)
+                except P2PError as exc:
+                    log.warning("could not store the new roster in %s (the storage partners "
+                                "hear of this device once a copy reaches them): %s",
+                                store_location, exc)
     finally:
         await repo.close()
     config, _ = init_home(home, [], keys=keys, identity=identity, device_name=name)
@@ -521,6 +533,8 @@ async def _recover_from(home: Path, source: BlobStore, store_location: str, root
                                             str(config.cache_dir), name, config_raw)
     try:
         await store_membership.store_chain(local, chain)
+        if new_roster is not None:   # (replicated from here to the partners)
+            await local.store.put(*new_roster)
         # The same keyring object as the store's: one of our own under the same name would
         # differ from every peer's copy, and objects never change.
         name = f"{store_membership.KEYRING_PREFIX}{keys.epoch:06d}"

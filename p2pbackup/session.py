@@ -16,7 +16,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -158,8 +158,14 @@ async def connect_recovering(signer: DeviceIdentity, signaling: Signaling, *,
     return Unverified(link, raw, nonce, answer.sender)
 
 
+def recovery_signer_of(m: Membership) -> dict[str, bytes]:
+    """The membership's recovery signer (device id -> public key), if it names one."""
+    return {device_id_for(m.recovery_key): m.recovery_key} if m.recovery_key else {}
+
+
 class SignalingServer:
-    """The daemon's LAN signaling endpoint: answers offers from members, refuses the rest.
+    """The daemon's LAN signaling endpoint: answers offers from members (and from a recovery
+    signer, `recovery()`: by default the membership's), refuses the rest.
 
     A connection has `limits.handshake_timeout` seconds to deliver a signed offer; until it
     has, it counts against `limits` (transport.pending), so a flood of idle connections from
@@ -169,8 +175,10 @@ class SignalingServer:
                  on_link: Callable[[str, PeerLink], Awaitable[None]], *,
                  ice: IceConfig | None = None,
                  on_refused: Callable[[str], None] | None = None,
-                 limits: ConnectionLimits = ConnectionLimits()) -> None:
+                 limits: ConnectionLimits = ConnectionLimits(),
+                 recovery: Callable[[], Mapping[str, bytes]] | None = None) -> None:
         self.me, self.membership, self.on_link = me, membership, on_link
+        self.recovery = recovery or (lambda: recovery_signer_of(self.membership()))
         self.ice = ice
         self.on_refused = on_refused or (lambda why: log.warning("%s", why))
         self.limits = limits
@@ -201,11 +209,9 @@ class SignalingServer:
         try:
             timeout = self.limits.handshake_timeout
             raw = await asyncio.wait_for(_read_frame(reader, timeout), timeout)
-            m = self.membership()
-            offer = check_description(raw, me=self.me.device_id, membership=m,
+            offer = check_description(raw, me=self.me.device_id, membership=self.membership(),
                                       now_ns=_now(), guard=self.guard, verify=verify_signature,
-                                      expect=OFFER, recovery_id=device_id_for(m.recovery_key)
-                                      if m.recovery_key else None)
+                                      expect=OFFER, recovery=self.recovery())
             self.pending.done(writer)   # a member (or the recovery signer): no longer counted
             link = PeerLink(self.ice)
             sdp = await link.accept_offer(offer.sdp)

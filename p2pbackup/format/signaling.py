@@ -9,7 +9,7 @@ or replayed messages. Pure: bytes in, a checked record or a one-line reason out.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..errors import PeerNotPaired, RemoteProtocolError
@@ -71,11 +71,12 @@ def check_description(raw: bytes, *, me: str, membership: Membership, now_ns: in
                       guard: ReplayGuard, verify: Callable[[bytes, bytes, bytes], bool],
                       expect: str, reply_to: bytes = b"",
                       allow_partners: bool = True,
-                      recovery_id: str | None = None) -> SessionDescription:
+                      recovery: Mapping[str, bytes] | None = None) -> SessionDescription:
     """Check a received offer or answer; raise PeerNotPaired or RemoteProtocolError.
 
-    `recovery_id` (the device id of the membership's recovery signer) admits an offer signed
-    with the recovery code's key, sent to any device: a new device recovering from a peer.
+    `recovery` (device id -> public key of a recovery signer: the membership's, or for a
+    storage partner those its accounts' rosters name) admits an offer signed with the
+    recovery code's key, sent to any device: a new device recovering from a peer.
     """
     try:
         signed = Signed.decode(raw, "session description")
@@ -91,12 +92,12 @@ def check_description(raw: bytes, *, me: str, membership: Membership, now_ns: in
     if desc.sender in membership.removed:
         raise PeerNotPaired(f"refused device {who}: it was removed from the account")
     member = membership.member(desc.sender)
-    recovering = recovery_id is not None and desc.sender == recovery_id and expect == OFFER
+    recovering = recovery is not None and desc.sender in recovery and expect == OFFER
     if member is None and not recovering:
         raise PeerNotPaired(f"refused device {who}: it is not paired with this account")
     if member is not None and member.role == PARTNER and not allow_partners:
         raise PeerNotPaired(f"refused device {who}: a storage partner cannot open this session")
-    key = member.public_key if member is not None else membership.recovery_key
+    key = member.public_key if member is not None else (recovery or {})[desc.sender]
     if not signed.verifies(SESSION_SIG, key, verify):
         raise PeerNotPaired(f"refused a session {expect} claiming to be device {who}: bad "
                             "signature")

@@ -340,3 +340,70 @@ async def test_a_keyring_an_owner_pushes_must_be_a_whole_signed_keyring_of_its_e
             await service.accept(grant, A, name, data)
         assert not await grant.store.has(name), name
     assert await service.accept(grant, A, names[-1], real)
+
+
+async def test_a_roster_or_session_of_a_recovery_signer_the_roster_does_not_name_is_refused(
+        world, tmp_path: Path):
+    """The roster names its key epoch's recovery signer: only that one may sign the next
+    version (for a device recovering the account) and read. A removed owner derives the
+    signer of the epochs it held; another account has its own: both are refused, as the
+    signer's key under another key is. The signer that is named reads and writes rosters
+    only."""
+    from p2pbackup.crypto.keys import AccountKeys
+    from p2pbackup.format.roster import Roster, RosterEntry, roster_hash, roster_object
+    from tests.adversary.accounts import keys_of
+
+    a, b, s, p, service, grant = world
+    old_keys, _ = keys_of(tmp_path / "b")
+    await account.remove_device(a, b.device_id)
+    await roster_reaches_partner(a, service, grant)
+    named = DeviceIdentity(a.keys.recovery_seed())
+    stale = DeviceIdentity(old_keys.recovery_seed(0))       # what removed owner B derives
+    other = DeviceIdentity(AccountKeys(os.urandom(32)).recovery_seed())
+    assert set(service.recovery_signers()) == {named.device_id}
+
+    def to_anyone(sender: DeviceIdentity) -> bytes:   # how a recovering device offers
+        return sign_description(SessionDescription(OFFER, sender.device_id, "", "v=0",
+                                                   time.time_ns(), os.urandom(16)), sender.sign)
+
+    def answered(sender: DeviceIdentity) -> bool:
+        try:
+            check_description(to_anyone(sender), me=service.me, membership=service.membership,
+                              now_ns=time.time_ns(), guard=ReplayGuard(),
+                              verify=verify_signature, expect=OFFER,
+                              recovery=service.recovery_signers())
+            return True
+        except PeerNotPaired:
+            return False
+
+    current, raw = grant.roster, grant.file.roster
+    newcomer = DeviceIdentity.generate()
+    nxt = Roster(current.seq + 1, roster_hash(raw), current.members + (RosterEntry(
+        newcomer.device_id, newcomer.public_key, OWNER),), current.removed, time.time_ns(),
+        current.recovery_key)
+    name = f"roster/{nxt.seq:012d}"
+    for forger in (stale, other):
+        assert not answered(forger)
+        with pytest.raises(IntegrityError, match="not an owner"):
+            await service.accept(grant, a.identity.device_id, name,
+                                 roster_object(nxt, forger.device_id, forger.sign))
+    with pytest.raises(IntegrityError, match="bad signature"):   # its id, another's key
+        await service.accept(grant, a.identity.device_id, name,
+                             roster_object(nxt, named.device_id, stale.sign))
+    assert grant.roster == current and not service.admits(newcomer.device_id)
+    # The named signer is answered; it reads (no replication session), and writes nothing
+    # but the roster, which it may sign.
+    assert answered(named)
+    here, there = memory_pair()
+    session = asyncio.create_task(service._incoming(named.device_id, there))
+    await here.send(SyncSession(named.device_id, set(), valid_name=replica.is_object_name)
+                    .data_to_send())
+    assert await asyncio.wait_for(here.recv(), 10) is None
+    await asyncio.wait_for(session, 10)
+    data = os.urandom(100)
+    with pytest.raises(IntegrityError, match="not a device of account"):
+        await service.accept(grant, named.device_id,
+                             "snapshots/" + blake3.blake3(data).hexdigest(), data)
+    assert await service.accept(grant, named.device_id, name,
+                                roster_object(nxt, named.device_id, named.sign))
+    assert service.admits(newcomer.device_id) and grant.roster.role_of(newcomer.device_id) == OWNER

@@ -112,7 +112,8 @@ def test_the_recovery_signer_may_offer_to_any_device_and_nobody_else_may():
     def check_m(raw: bytes, **kw) -> SessionDescription:
         return check_description(raw, me=B.device_id, membership=m, now_ns=NOW,
                                  guard=ReplayGuard(), verify=verify_signature,
-                                 expect=kw.pop("expect", OFFER), recovery_id=rid, **kw)
+                                 expect=kw.pop("expect", OFFER),
+                                 recovery={rid: signer.public_key}, **kw)
 
     def to_anyone(sender: DeviceIdentity, kind: str = OFFER) -> bytes:
         return sign_description(SessionDescription(kind, sender.device_id, "", "v=0", NOW,
