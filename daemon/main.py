@@ -413,14 +413,13 @@ async def _snapshot_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
 async def _removal_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
     """Delete the snapshots an owner removed, once the grace period has passed."""
     grace = d.config.peers.removal_grace
-    seen = removals.FirstSeen(d.config.home / removals.FIRST_SEEN)
     while not stop.is_set():
         try:
             assert d.replicator is not None
             records = await d.replicator.refresh_removals()
             async with d.writing:
                 gone = await removals.apply_due(d.dev.repo.store, records, grace,
-                                                kinds=("snapshots/",), seen=seen)
+                                                kinds=("snapshots/",), seen=d.replicator.seen)
             if gone:
                 log.info("deleted %d snapshots that an owner device forgot (grace %s s over); "
                          "`prune` frees their data", len(gone), f"{grace:g}")
@@ -474,7 +473,8 @@ async def serve(home: Path | None) -> int:
                                   direct_lane=config.peers.lan and config.peers.direct_lane,
                                   stall=config.peers.stall_timeout,
                                   connection_limits=connection_limits(config.peers),
-                                  gate=d.gate)
+                                  gate=d.gate,
+                                  seen=removals.FirstSeen(config.home / removals.FIRST_SEEN))
         d.peers = PeerManager(config, dev, on_session=d.replicator.run,
                               on_fetch=d.replicator.serve)
         d.replicator.on_membership = d.membership_changed

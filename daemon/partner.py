@@ -120,7 +120,7 @@ class Grant:
         return self.roster.role_of(device)
 
     def owner_key(self, device: str) -> bytes | None:
-        """Who may sign removal records: the roster's owners (never scoped members)."""
+        """Who may sign removal records now: the roster's owners (never scoped members)."""
         return self.roster.owner_key(device) if self.roster is not None else None
 
     def removed(self) -> tuple[str, ...]:
@@ -133,9 +133,10 @@ class Grant:
         return device_id_for(self.roster.recovery_key), self.roster.recovery_key
 
     async def refresh_removals(self) -> dict[str, Removal]:
-        records = await removals.held(self.store, self.owner_key)
+        """The removal records that count here (signed by an owner of the roster in force
+        when this partner first held them: the grace period starts then too)."""
+        records = await removals.held(self.store, self.owner_key, self.seen)
         self.tombstones = removals.tombstones(records)
-        self.seen.since(records, time.time_ns())   # the grace period starts at receipt
         return records
 
     def take_roster(self, name: str, data: bytes) -> Roster:

@@ -65,8 +65,11 @@ class Replicator:
     def __init__(self, repo, me: str, *, direct_lane: bool = False,
                  stall: float = STALL, retry: float = RETRY,
                  connection_limits: ConnectionLimits = ConnectionLimits(),
-                 gate: WriteGate | None = None) -> None:
+                 gate: WriteGate | None = None,
+                 seen: removals.FirstSeen | None = None) -> None:
         self.repo, self.me = repo, me
+        # When this device first held each removal record, and who signed it then.
+        self.seen = seen or removals.FirstSeen(None)
         self.connection_limits = connection_limits
         self.gate = gate or WriteGate()  # objects wait at it while the daemon is paused
         self.stall = stall
@@ -112,10 +115,11 @@ class Replicator:
         return join_for_direct_write(parts, total)
 
     async def refresh_removals(self) -> dict[str, Removal]:
-        """Re-read the removal records held here; returns them (checked)."""
+        """Re-read the removal records held here; returns those that count (signed by an owner
+        of the membership in force when this device first held them)."""
         got = await store_membership.load(self.repo)
-        records = await removals.held(self.repo.store, removals.owner_keys(got[0] if got
-                                                                           else None))
+        records = await removals.held(self.repo.store,
+                                      removals.owner_keys(got[0] if got else None), self.seen)
         self.tombstones = removals.tombstones(records)
         return records
 

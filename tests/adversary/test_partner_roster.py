@@ -407,3 +407,24 @@ async def test_a_roster_or_session_of_a_recovery_signer_the_roster_does_not_name
     assert await service.accept(grant, named.device_id, name,
                                 roster_object(nxt, named.device_id, named.sign))
     assert service.admits(newcomer.device_id) and grant.roster.role_of(newcomer.device_id) == OWNER
+
+
+async def test_removing_an_owner_keeps_the_removals_it_made_before_at_the_partner(world):
+    """A removal record an owner signed while it was one still counts once the owner is
+    removed (the partner noted the signer when it first held the record): removing a device
+    does not cancel what it removed. One it signs later is refused (above)."""
+    a, b, s, p, service, grant = world
+    data = os.urandom(100)
+    name = "snapshots/" + blake3.blake3(data).hexdigest()
+    assert await service.accept(grant, b.device_id, name, data)
+    record = removal_object(Removal(b.device_id, time.time_ns(), (name,)), b.sign)
+    assert await service.accept(grant, a.identity.device_id, removal_name(record), record)
+    await account.remove_device(a, b.device_id)
+    await roster_reaches_partner(a, service, grant)
+    assert removal_name(record) in await grant.refresh_removals()
+    assert name in grant.tombstones
+    (restarted,) = load_grants(grant.home)      # the note is read back from its file
+    assert removal_name(record) in await restarted.refresh_removals()
+    later = time.time_ns() + int(service.config.peers.removal_grace * 1e9) + 1
+    assert await service.apply_removals(now_ns=later) == 1
+    assert not await grant.store.has(name)

@@ -288,3 +288,58 @@ async def test_a_pack_repaired_after_a_removal_from_an_older_epochs_pack_is_hidd
     for key in [keys.meta_key, *keys.record_keys.values()]:
         with pytest.raises(P2PError):
             parse_trailer(new, len(new), key, "the repaired pack")
+
+
+async def test_removing_an_owner_keeps_the_removals_it_made_before_and_refuses_later_ones(
+        tmp_path: Path):
+    """Owner B forgets a snapshot; member device C takes B's removal record, then learns that
+    A removed B. The record still counts at C (C noted its signer when it first held it):
+    removing a device does not cancel what it removed. One B signs after its removal is
+    refused, and one C never held while B was an owner does not count."""
+    from p2pbackup import account
+    from p2pbackup.daemon.replicate import Replicator
+    from p2pbackup.format.removal import Removal, removal_name, removal_object
+    from p2pbackup.repo import membership as store_membership
+    from p2pbackup.repo import removals
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f.txt").write_text("kept\n")
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    await make_owner(a, [src])
+    first = await snapshot(a)
+    await pair(a, b, "laptop")
+    await pair(a, c, "desk")
+    await carry(a, b, "")
+    await carry(b, a, "")
+    await carry(a, c, "")
+    forgotten = f"snapshots/{first}"
+    async with open_device(b, write=True) as dev:
+        record = await removals.record(dev.repo.store, dev.identity, [forgotten])
+        data = bytes(await dev.repo.store.get(record))
+    note = c / removals.FIRST_SEEN
+    async with open_device(c, write=True) as dev:
+        assert await replica.accept(dev.repo, record, data)
+        assert record in await Replicator(dev.repo, dev.identity.device_id,
+                                          seen=removals.FirstSeen(note)).refresh_removals()
+    await remove(a, "laptop")
+    await carry(a, c, "")      # the version that removes B reaches C
+    _, b_id = keys_of(b)
+    async with open_device(c, write=True) as dev:
+        await account.take_grants(dev)
+        current, _ = await store_membership.load(dev.repo)
+        assert b_id.device_id in current.removed
+        replicator = Replicator(dev.repo, dev.identity.device_id, seen=removals.FirstSeen(note))
+        records = await replicator.refresh_removals()
+        assert record in records and forgotten in replicator.tombstones
+        later = removal_object(Removal(b_id.device_id, time.time_ns(), ("snapshots/" + "ab" * 32,
+                                                                         )), b_id.sign)
+        with pytest.raises(IntegrityError, match="not an owner"):
+            await replica.accept(dev.repo, removal_name(later), later)
+        await dev.repo.store.put(removal_name(later), later)   # brought in some other way
+        records = await replicator.refresh_removals()
+        assert removal_name(later) not in records and record in records
+        grace = 7 * 86400
+        assert await removals.apply_due(dev.repo.store, records, grace, kinds=("snapshots/",),
+                                        seen=replicator.seen,
+                                        now_ns=time.time_ns() + grace * 10**9 + 1) == [forgotten]
