@@ -34,10 +34,9 @@ def signed(kind: str, body: bytes, identity, envelope: str) -> bytes:
     return Signed.make(kind, body, identity.device_id, identity.sign).encode()
 
 
-@pytest.fixture
-async def removal(tmp_path: Path):
-    """Owner A; B (an owner, full keys) and C (an owner that will be offline) paired and in
-    sync with A; then A removes B and snapshots a file B must never read."""
+async def three_owners(tmp_path: Path) -> tuple[Path, Path, Path, Path, str]:
+    """Owner A with a snapshot of `src`; B ("laptop", an owner, full keys) and C (an owner)
+    paired and in sync with A. Returns (a, b, c, src, the snapshot's id)."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "before.txt").write_text("written before the removal\n")
@@ -49,6 +48,14 @@ async def removal(tmp_path: Path):
     await carry(a, b, "")
     await carry(b, a, "")          # B's device record, as replication carries it
     await carry(a, c, "")
+    return a, b, c, src, first
+
+
+@pytest.fixture
+async def removal(tmp_path: Path):
+    """Owner A; B (an owner, full keys) and C (an owner that will be offline) paired and in
+    sync with A; then A removes B and snapshots a file B must never read."""
+    a, b, c, src, first = await three_owners(tmp_path)
     packs_before = {n async for n in LocalDirStore(a / "store").list("packs/")}
     removed_at = time.time_ns()
     await remove(a, "laptop")
@@ -292,8 +299,8 @@ async def test_a_pack_repaired_after_a_removal_from_an_older_epochs_pack_is_hidd
 
 async def test_removing_an_owner_keeps_the_removals_it_made_before_and_refuses_later_ones(
         tmp_path: Path):
-    """Owner B forgets a snapshot; member device C takes B's removal record, then learns that
-    A removed B. The record still counts at C (C noted its signer when it first held it):
+    """Owner B forgets a snapshot; device C takes B's removal record, then learns that A
+    removed B. The record still counts at C (C noted its signer when it first held it):
     removing a device does not cancel what it removed. One B signs after its removal is
     refused, and one C never held while B was an owner does not count."""
     from p2pbackup import account
@@ -302,17 +309,7 @@ async def test_removing_an_owner_keeps_the_removals_it_made_before_and_refuses_l
     from p2pbackup.repo import membership as store_membership
     from p2pbackup.repo import removals
 
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f.txt").write_text("kept\n")
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    await make_owner(a, [src])
-    first = await snapshot(a)
-    await pair(a, b, "laptop")
-    await pair(a, c, "desk")
-    await carry(a, b, "")
-    await carry(b, a, "")
-    await carry(a, c, "")
+    a, b, c, _, first = await three_owners(tmp_path)
     forgotten = f"snapshots/{first}"
     async with open_device(b, write=True) as dev:
         record = await removals.record(dev.repo.store, dev.identity, [forgotten])
