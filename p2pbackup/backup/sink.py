@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import queue
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..crypto.keys import ScopeKeys
@@ -24,6 +25,43 @@ from ..repo.repository import Repository
 _STOP = object()
 UPLOADERS = 2
 INDEX_BATCH = 8  # packs made durable and indexed together while the scan goes on
+
+
+class KnownBlobs:
+    """The blobs stored or being stored: the index's blob map (on disk) and the blobs this
+    sink reserved that are not indexed yet (packs being filled, written, made durable). Those
+    leave memory once their packs are indexed, so memory follows the packs in flight, not the
+    repository's size.
+
+    `x in known`, `known.add(x)`, `known.update(xs)`: the snapshot builder's interface (a set's).
+    """
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo   # (its index is replaced when the daemon takes the store back)
+        self._pending: set[bytes] = set()
+
+    def __contains__(self, blob_id: object) -> bool:
+        return blob_id in self._pending or blob_id in self._repo.index.blobs
+
+    def add(self, blob_id: bytes) -> None:
+        self._pending.add(blob_id)
+
+    def update(self, blob_ids: Iterable[bytes]) -> None:
+        self._pending.update(blob_ids)
+
+    def indexed(self, blob_ids: Iterable[bytes]) -> None:
+        """These were committed to the index: look them up there from now on."""
+        self._repo.index.blobs.refresh()   # before they leave the pending set
+        self._pending.difference_update(blob_ids)
+
+    def refresh(self) -> None:
+        """See what other sinks or commands stored, and no longer what a prune removed
+        (the index says; blobs in flight here stay reserved)."""
+        self._repo.index.blobs.refresh()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
 
 @dataclass(slots=True)
@@ -42,7 +80,7 @@ class BlobSink:
     def __init__(self, repo: Repository, pack_size: int | None = None) -> None:
         self.repo = repo
         self.pack_size = pack_size or repo.config.pack_size
-        self.known: set[bytes] = set(repo.index.blobs)
+        self.known = KnownBlobs(repo)
         self.stats = SinkStats()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # a builder's writers reached 0
@@ -214,6 +252,8 @@ class BlobSink:
             (name, t.scope, t.epoch, size,
              [(b.id, b.kind, b.offset, b.length, b.raw_length) for b in t.blobs])
             for name, size, t in written]))
+        with self._lock:
+            self.known.indexed(b.id for _, _, t in written for b in t.blobs)
 
     def close(self) -> None:
         """Stop the uploaders (after what is queued); safe to call twice."""
