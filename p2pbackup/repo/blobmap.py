@@ -16,6 +16,7 @@ generation is not the database's is rebuilt from SQLite (`rebuild_from`).
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import struct
@@ -25,6 +26,8 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 import lmdb
+
+from ..errors import DiskFull, StorageError
 
 
 class BlobLocation(NamedTuple):
@@ -193,6 +196,7 @@ class _Shared:
         with cls._lock:
             held = cls._open.get(key)
             if held is None:
+                _allocate_lock_file(path + "-lock")
                 env = None
                 try:
                     env = lmdb.open(path, subdir=False, map_size=_MAP_SIZE, max_dbs=2,
@@ -268,6 +272,30 @@ class DictBlobMap:
         self._map.clear()
 
 
+# LMDB maps its lock file and writes into it: on a full tmpfs a page of it that has no block
+# yet is a SIGBUS, not an error. Made here with its blocks, it is an error (DiskFull) instead.
+# LMDB keeps a lock file larger than it needs (room for more readers).
+_LOCK_FILE_SIZE = 160 * 1024   # LMDB needs ~64 KiB for 1024 readers (64 bytes each)
+
+
+def _allocate_lock_file(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    try:
+        os.posix_fallocate(fd, 0, _LOCK_FILE_SIZE)
+    except OSError as exc:
+        os.close(fd)
+        os.unlink(path)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(os.path.dirname(path)) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        return   # a file system without fallocate: LMDB sizes the file itself
+    os.close(fd)
+
+
 def _read_generation(txn: lmdb.Transaction, meta: object) -> int:
     raw = txn.get(_GENERATION, db=meta)
     return int.from_bytes(raw, "little") if raw and len(raw) == 8 else INVALID
@@ -275,8 +303,6 @@ def _read_generation(txn: lmdb.Transaction, meta: object) -> int:
 
 def _map_error(exc: lmdb.Error, path: str) -> Exception:
     """An LMDB failure as what it means here: a full disk, damage (made again), or else."""
-    from ..errors import DiskFull, StorageError
-
     directory = os.path.dirname(path)
     try:
         st = os.statvfs(directory)
