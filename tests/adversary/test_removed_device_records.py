@@ -271,7 +271,7 @@ async def test_a_pack_repaired_after_a_removal_from_an_older_epochs_pack_is_hidd
     async with open_device(a, write=True) as dev:
         repo = dev.repo
         held: dict[str, list] = {}
-        for loc in repo.index.blobs.values():
+        for loc in stored_blobs(repo.index).values():
             if loc.kind == Kind.CHUNK:
                 held.setdefault(loc.pack, []).append(loc)
         name, locs = max(held.items(), key=lambda kv: len(kv[1]))
