@@ -15,7 +15,7 @@ import sqlite3
 import struct
 import time
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import aiosqlite
@@ -24,6 +24,7 @@ from ..errors import DiskFull, P2PError, StorageError
 from .blobmap import (INVALID, BlobLocation, BlobMapError, DictBlobMap, LmdbBlobMap, Row)
 
 log = logging.getLogger("p2pbackup.repo")
+BlobTuple = tuple[bytes, int, int, int, int]   # id, kind, offset, length, raw length
 
 # 2: packs.arrived; 3: meta.generation (the blob map side file); 4: the spare table, and
 # blobs name their pack by packs.num (a 64-character name in each row made the table twice the
@@ -385,7 +386,7 @@ class PackIndex:
     # ---- changes --------------------------------------------------------------------------
 
     async def add_pack(self, name: str, scope: str, epoch: int, size: int,
-                       blobs: list[tuple[bytes, int, int, int, int]], *,
+                       blobs: Iterable[BlobTuple], *,
                        arrived: bool = False, damage: PackDamage | None = None) -> None:
         """Record a stored pack and its blobs (id, kind, offset, length, raw_length);
         `arrived`: it was not written here (a peer sent it, or nobody knows who wrote it);
@@ -393,27 +394,31 @@ class PackIndex:
         await self.add_packs([(name, scope, epoch, size, blobs)], arrived=arrived,
                              damage={name: damage} if damage else None)
 
-    def _split_copies(self, packs: list[tuple[str, str, int, int,
-                                               list[tuple[bytes, int, int, int, int]]]]
-                      ) -> tuple[dict[bytes, tuple[str, int, int, int, int]],
-                                 list[tuple[bytes, int, str, int, int, int]]]:
-        """The blobs of `packs` whose location reads use (their first), and the copies of
-        blobs stored elsewhere already (spares). Blocking: one lookup per blob."""
-        fresh: dict[bytes, tuple[str, int, int, int, int]] = {}
-        spares: list[tuple[bytes, int, str, int, int, int]] = []
+    def _split_copies(self, packs: list[tuple[str, str, int, int, Iterable[BlobTuple]]],
+                      num: dict[str, int]) -> tuple[dict[bytes, Row], list[Row]]:
+        """The rows of `packs`' blobs reads use, and the copies of blobs stored elsewhere
+        already (spares): the first location of a blob stays the one reads use (nothing
+        rewrites its row). Blocking: one lookup per blob."""
+        fresh: dict[bytes, Row] = {}
+        spares: list[Row] = []
         known = self.blobs.get
         for n, _s, _e, _z, blobs in packs:
+            here = num[n]
             for bid, kind, off, length, raw in blobs:
                 first = fresh.get(bid)
-                held = first[0] if first else (loc.pack if (loc := known(bid)) else None)
-                if held is None or held == n:
-                    fresh[bid] = (n, kind, off, length, raw)
+                if first is not None:
+                    held = first[1] == here
                 else:
-                    spares.append((bid, kind, n, off, length, raw))
+                    loc = known(bid)
+                    held = loc is None or loc.pack == n
+                if held:
+                    fresh[bid] = (bid, here, off, length, raw, kind)
+                else:
+                    spares.append((bid, here, off, length, raw, kind))
         return fresh, spares
 
     async def add_packs(self, packs: list[tuple[str, str, int, int,
-                                                list[tuple[bytes, int, int, int, int]]]],
+                                                Iterable[BlobTuple]]],
                         *, arrived: bool = False,
                         damage: dict[str, PackDamage] | None = None) -> None:
         """Record several packs in one transaction (blob ids are random, so one commit per
@@ -425,17 +430,13 @@ class PackIndex:
         # one meanwhile)
         healed = [n for n, *_ in packs if n not in damage]
         now = int(time.time()) if arrived else 0
-        # The first location of a blob stays the one reads use (nothing rewrites its row);
-        # a copy in another pack is a spare.
         async with self._writing:
             await self._add_packs(packs, damage, healed, now)
 
     async def _add_packs(self, packs: list[tuple[str, str, int, int,
-                                                 list[tuple[bytes, int, int, int, int]]]],
+                                                 Iterable[BlobTuple]]],
                          damage: dict[str, PackDamage], healed: list[str], now: int) -> None:
         assert self._db is not None
-        # (looked up inside the lock: a pack committed just before is known)
-        fresh, spares = await asyncio.to_thread(self._split_copies, packs)
         try:
             await self._begin()
             num = await self._pack_numbers([n for n, *_ in packs])
@@ -452,18 +453,21 @@ class PackIndex:
                 "VALUES (?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
                 "scope=excluded.scope, epoch=excluded.epoch, size=excluded.size",
                 [(num[n], n, scope, epoch, size, now) for n, scope, epoch, size, _ in packs])
-            rows: list[Row] = [(bid, num[n], off, length, raw, kind)
-                               for bid, (n, kind, off, length, raw) in fresh.items()]
+            # (inside the transaction: what another writer committed just before is known)
+            fresh, spares = await asyncio.to_thread(self._split_copies, packs, num)
+            # In id order: SQLite's B-tree and the map's are both filled leaf by leaf.
+            rows = sorted(fresh.values())
+            del fresh
             await self._db.executemany(
                 "INSERT OR REPLACE INTO blobs (id, pack, offset, length, raw_length, kind) "
                 "VALUES (?,?,?,?,?,?)", rows)
             if spares:
                 await self._db.executemany(
-                    "INSERT OR REPLACE INTO spare VALUES (?,?,?,?,?,?)",
-                    [(bid, kind, num[n], off, length, raw)
-                     for bid, kind, n, off, length, raw in spares])
+                    "INSERT OR REPLACE INTO spare (id, pack, offset, length, raw_length, kind) "
+                    "VALUES (?,?,?,?,?,?)", spares)
             await self._write_damage(damage, healed)
             await self._commit(rows, [])
+            del rows
         except sqlite3.Error as exc:
             await self._rollback()
             raise _sql_error(exc, self.path) from None
