@@ -27,7 +27,7 @@ UPLOADERS = 2
 INDEX_BATCH = 8  # packs made durable and indexed together while the scan goes on
 # ... or fewer when they hold this many blobs: indexing a batch holds a few hundred bytes per
 # blob for a moment (100k small files' blobs in 5 packs took 60 MiB at once).
-INDEX_BATCH_BLOBS = 32_768
+INDEX_BATCH_BLOBS = 131_072
 
 
 class KnownBlobs:

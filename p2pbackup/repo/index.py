@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import aiosqlite
 
 from ..errors import DiskFull, P2PError, StorageError
-from .blobmap import (INVALID, BlobLocation, BlobMapError, DictBlobMap, LmdbBlobMap, Row)
+from .blobmap import (INVALID, BlobLocation, BlobMap, BlobMapError, DictBlobMap, LmdbBlobMap,
+                      Row)
 
 log = logging.getLogger("p2pbackup.repo")
 BlobTuple = tuple[bytes, int, int, int, int]   # id, kind, offset, length, raw length
@@ -149,7 +150,7 @@ class PackIndex:
         self._db: aiosqlite.Connection | None = None
         self._names: dict[int, str] = {}    # packs.num -> name
         # Where each blob is: get(id), `id in blobs`, len(blobs); `blobs_by_pack` streams all.
-        self.blobs: LmdbBlobMap | DictBlobMap = DictBlobMap(self._names)
+        self.blobs: BlobMap = DictBlobMap(self._names)
         self.packs: dict[str, tuple[str, int, int]] = {}
         # When packs not written here arrived (unix seconds; 0 for packs this device wrote): a
         # pack from a peer may be used by a snapshot still on its way (prune leaves it alone).
@@ -403,27 +404,28 @@ class PackIndex:
                              damage={name: damage} if damage else None)
 
     def _split_copies(self, packs: list[tuple[str, str, int, int, Iterable[BlobTuple]]],
-                      num: dict[str, int]) -> tuple[dict[bytes, Row], list[Row]]:
-        """The rows of `packs`' blobs reads use, and the copies of blobs stored elsewhere
-        already (spares): the first location of a blob stays the one reads use (nothing
-        rewrites its row). Blocking: one lookup per blob."""
+                      num: dict[str, int]) -> tuple[list[Row], list[Row]]:
+        """The rows of `packs`' blobs reads use (in id order), and the copies of blobs stored
+        elsewhere already (spares): the first location of a blob stays the one reads use
+        (nothing rewrites its row). Blocking."""
         fresh: dict[bytes, Row] = {}
         spares: list[Row] = []
-        known = self.blobs.get
         for n, _s, _e, _z, blobs in packs:
             here = num[n]
             for bid, kind, off, length, raw in blobs:
                 first = fresh.get(bid)
-                if first is not None:
-                    held = first[1] == here
-                else:
-                    loc = known(bid)
-                    held = loc is None or loc.pack == n
-                if held:
+                if first is None or first[1] == here:
                     fresh[bid] = (bid, here, off, length, raw, kind)
                 else:
                     spares.append((bid, here, off, length, raw, kind))
-        return fresh, spares
+        rows = sorted(fresh.values())
+        del fresh
+        held = self.blobs.pack_numbers([r[0] for r in rows])
+        elsewhere = {r[0] for r in rows if held.get(r[0], r[1]) != r[1]}
+        if elsewhere:
+            spares += [r for r in rows if r[0] in elsewhere]
+            rows = [r for r in rows if r[0] not in elsewhere]
+        return rows, spares
 
     async def add_packs(self, packs: list[tuple[str, str, int, int,
                                                 Iterable[BlobTuple]]],
@@ -462,10 +464,8 @@ class PackIndex:
                 "scope=excluded.scope, epoch=excluded.epoch, size=excluded.size",
                 [(num[n], n, scope, epoch, size, now) for n, scope, epoch, size, _ in packs])
             # (inside the transaction: what another writer committed just before is known)
-            fresh, spares = await asyncio.to_thread(self._split_copies, packs, num)
             # In id order: SQLite's B-tree and the map's are both filled leaf by leaf.
-            rows = sorted(fresh.values())
-            del fresh
+            rows, spares = await asyncio.to_thread(self._split_copies, packs, num)
             await self._db.executemany(
                 "INSERT OR REPLACE INTO blobs (id, pack, offset, length, raw_length, kind) "
                 "VALUES (?,?,?,?,?,?)", rows)
