@@ -206,13 +206,11 @@ class SegmentSealer:
                  sum(len(v) for v in pending.values()))
         return head
 
-    def learn_stored(self) -> None:
-        """After a snapshot stored blobs through another sink: do not store them again."""
-        self.sink.known.update(self.repo.index.blobs)
-
-    def forget_known(self) -> None:
-        """After a prune: only the index says what is stored (deleted blobs are not)."""
-        self.sink.known = set(self.repo.index.blobs)
+    def refresh_known(self) -> None:
+        """After a snapshot, a prune or a command changed the index: what is stored is what
+        the index says now (blobs another sink stored are not stored again; blobs a prune
+        deleted are)."""
+        self.sink.known.refresh()
 
     def close(self) -> None:
         self.sink.close()

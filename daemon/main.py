@@ -248,7 +248,7 @@ class DeviceDaemon:
                     if self.paused_for is not None:
                         self.paused_for["waiting"] = said
                 await asyncio.sleep(TAKE_BACK_INTERVAL)
-        self.sealer.forget_known()  # the command may have dropped blobs (repair, rebuild)
+        self.sealer.refresh_known()  # the command may have dropped blobs (repair, rebuild)
         return True
 
     async def announce(self) -> None:
@@ -280,7 +280,7 @@ class DeviceDaemon:
                                           note=lambda m: log.info("%s", m),
                                           log_seq=state.seq)
             stored = summary.stored
-            self.sealer.learn_stored()
+            self.sealer.refresh_known()
             if state.seq:
                 head = Head(self.dev.identity.device_id, state.seq, state.prev, stored.id,
                             head_time_after(state.head, time.time_ns()))
@@ -305,7 +305,7 @@ class DeviceDaemon:
                                             prune_after=control.arg(args, "prune", bool, False),
                                             protect=lambda: set(self.sealer.sink.stored_packs),
                                             grace=self.config.peers.removal_grace)
-            self.sealer.forget_known()  # pruned blobs must be stored again if they come back
+            self.sealer.refresh_known()  # pruned blobs must be stored again if they come back
         if self.replicator is not None and result.get("removal"):
             await self.replicator.refresh_removals()
             await self.announce()
@@ -315,7 +315,7 @@ class DeviceDaemon:
         """A pack was found damaged: blobs of it left the index, so the log stores them again
         (from the sources) instead of naming ones that cannot be read."""
         async with self.writing:
-            self.sealer.forget_known()
+            self.sealer.refresh_known()
 
     async def prune(self, args: dict[str, Any]) -> dict[str, Any]:
         return await self.forget({**args, "prune": True, "policy": None})

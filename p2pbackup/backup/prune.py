@@ -21,9 +21,9 @@ from ..format.log import PUT, Head
 from ..format.membership import SignerRefused
 from ..format.pack import PackBuilder
 from ..format.records import DIR, FILE
+from ..repo.index import BlobLocation
 from ..repo.logstore import LogStore, segment_name
 from ..repo.repository import Repository, StoredSnapshot
-from .verify import blobs_by_pack
 
 
 @dataclass(slots=True)
@@ -122,42 +122,54 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
                     if c.op == PUT and c.entry is not None and c.entry.type == FILE:
                         used.update(c.entry.chunks)
 
-    grouped = blobs_by_pack(repo)
+    # One pack at a time from the index: memory for the packs to repack, not for every blob.
+    # pack -> (unused blobs, their bytes, the used blobs if it is to be repacked (or else
+    # None), whether all of its blobs are unused)
+    plans: dict[str, tuple[int, int, list[tuple[bytes, BlobLocation]] | None, bool]] = {}
+    async for name, blobs in repo.index.blobs_by_pack():
+        if name not in repo.index.packs:
+            continue   # another process added it since this one opened the index: not ours
+        unused = [loc for bid, loc in blobs if bid not in used]
+        kept = len(blobs) - len(unused)
+        report.blobs_used += kept
+        plans[name] = (len(unused), sum(loc.length for loc in unused),
+                       [(bid, loc) for bid, loc in blobs if bid in used]
+                       if 0 < kept < len(blobs) * repack_below else None, kept == 0)
     for name in repo.index.packs:
         # A pack the index reads nothing from holds only copies of blobs in other packs.
-        grouped.setdefault(name, [])
+        plans.setdefault(name, (0, 0, None, True))
+    # (read after the index: a pack the sink stores is protected before it is indexed)
     for name in protect() if protect else ():
-        grouped.pop(name, None)
+        plans.pop(name, None)
     # A damaged pack's bad blobs are not in the blob map, so they would look unused: pruning
     # it (and telling the peers to delete their intact copy) would lose them for good.
     for name in repo.index.damaged:
-        if grouped.pop(name, None) is not None:
+        if plans.pop(name, None) is not None:
             report.packs_damaged_kept += 1
     if hold_new > 0:
         recent = time.time() - hold_new
         for name in [n for n, t in repo.index.arrived.items() if t > recent]:
-            if name in grouped and not all(bid in used for bid, _ in grouped[name]):
+            if name in plans and plans[name][0]:
                 report.packs_held += 1
-            grouped.pop(name, None)
-    report.blobs_used = sum(1 for b in repo.index.blobs if b in used)
+            plans.pop(name, None)
     delete: list[str] = []
-    repack: list[str] = []
-    for name, blobs in grouped.items():
-        unused = [loc for bid, loc in blobs if bid not in used]
-        if len(unused) == len(blobs):
+    repack: dict[str, list[tuple[bytes, BlobLocation]]] = {}   # their used blobs
+    repack_unused_bytes = 0
+    for name, (n_unused, unused_bytes, keep, all_unused) in plans.items():
+        if all_unused:
             delete.append(name)
-        elif len(blobs) - len(unused) < len(blobs) * repack_below:
-            repack.append(name)
+        elif keep is not None:
+            repack[name] = keep
+            repack_unused_bytes += unused_bytes
         else:
-            report.blobs_unused_kept += len(unused)
-            report.bytes_unused_kept += sum(loc.length for loc in unused)
+            report.blobs_unused_kept += n_unused
+            report.bytes_unused_kept += unused_bytes
             continue
-        report.blobs_dropped += len(unused)
+        report.blobs_dropped += n_unused
     report.packs_deleted, report.packs_repacked = len(delete), len(repack)
     report.bytes_freed = sum(repo.index.packs[n][2] for n in delete)
     if dry_run:  # what repacking frees, but for the new packs' headers and trailers
-        report.bytes_freed += sum(loc.length for n in repack for bid, loc in grouped[n]
-                                  if bid not in used)
+        report.bytes_freed += repack_unused_bytes
         return report
 
     # 1. fold this device's log up to its newest snapshot: anchor first, then delete.
@@ -172,22 +184,25 @@ async def prune(repo: Repository, identity: DeviceIdentity | None, *,
                 report.removed.append(segment_name(identity.device_id, seq))
 
     # 2. copy the used blobs of mostly-unused packs into new packs, durable and indexed.
-    written = await _repack(repo, repack, grouped, used)
+    written = await _repack(repo, repack)
     report.packs_written = len(written)
     new_bytes = sum(size for _, size in written)
     report.bytes_freed += sum(repo.index.packs[n][2] for n in repack) - new_bytes
 
     # 3. only now delete the old packs, index first: a kill between the two leaves a pack the
     # index lacks (re-indexed on open as unused data), never an index naming a missing pack.
-    await repo.index.remove_packs(delete + repack)
-    for name in delete + repack:
+    gone = delete + list(repack)
+    await repo.index.remove_packs(gone)
+    for name in gone:
         await repo.store.delete(f"packs/{name}")
-    report.removed += [f"packs/{name}" for name in delete + repack]
+    report.removed += [f"packs/{name}" for name in gone]
     return report
 
 
-async def _repack(repo: Repository, names: list[str], grouped: dict, used: set[bytes]
+async def _repack(repo: Repository, packs: dict[str, list[tuple[bytes, BlobLocation]]]
                   ) -> list[tuple[str, int]]:
+    """Copy the `packs`' blobs given (those still used) into new packs, durable and
+    indexed; returns the new packs' names and sizes."""
     builders: dict[tuple[str, int, bool], PackBuilder] = {}
     written: list[tuple[str, int]] = []
     pack_size = repo.config.pack_size
@@ -200,12 +215,10 @@ async def _repack(repo: Repository, names: list[str], grouped: dict, used: set[b
                                       for b in trailer.blobs])])
         written.append((name, len(data)))
 
-    for name in names:
+    for name, blobs in packs.items():
         scope, epoch, _ = repo.index.packs[name]
         data = await repo.store.get(f"packs/{name}")
-        for bid, loc in grouped[name]:
-            if bid not in used:
-                continue
+        for bid, loc in blobs:
             slot = (scope, epoch, loc.kind == Kind.TREE)
             builder = builders.get(slot)
             if builder is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import queue
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..crypto.keys import ScopeKeys
@@ -24,6 +25,46 @@ from ..repo.repository import Repository
 _STOP = object()
 UPLOADERS = 2
 INDEX_BATCH = 8  # packs made durable and indexed together while the scan goes on
+# ... or fewer when they hold this many blobs: indexing a batch holds a few hundred bytes per
+# blob for a moment (100k small files' blobs in 5 packs took 60 MiB at once).
+INDEX_BATCH_BLOBS = 131_072
+
+
+class KnownBlobs:
+    """The blobs stored or being stored: the index's blob map (on disk) and the blobs this
+    sink reserved that are not indexed yet (packs being filled, written, made durable). Those
+    leave memory once their packs are indexed, so memory follows the packs in flight, not the
+    repository's size.
+
+    `x in known`, `known.add(x)`, `known.update(xs)`: the snapshot builder's interface (a set's).
+    """
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo   # (its index is replaced when the daemon takes the store back)
+        self._pending: set[bytes] = set()
+
+    def __contains__(self, blob_id: object) -> bool:
+        return blob_id in self._pending or blob_id in self._repo.index.blobs
+
+    def add(self, blob_id: bytes) -> None:
+        self._pending.add(blob_id)
+
+    def update(self, blob_ids: Iterable[bytes]) -> None:
+        self._pending.update(blob_ids)
+
+    def indexed(self, blob_ids: Iterable[bytes]) -> None:
+        """These were committed to the index: look them up there from now on."""
+        self._repo.index.blobs.refresh()   # before they leave the pending set
+        self._pending.difference_update(blob_ids)
+
+    def refresh(self) -> None:
+        """See what other sinks or commands stored, and no longer what a prune removed
+        (the index says; blobs in flight here stay reserved)."""
+        self._repo.index.blobs.refresh()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
 
 @dataclass(slots=True)
@@ -42,7 +83,7 @@ class BlobSink:
     def __init__(self, repo: Repository, pack_size: int | None = None) -> None:
         self.repo = repo
         self.pack_size = pack_size or repo.config.pack_size
-        self.known: set[bytes] = set(repo.index.blobs)
+        self.known = KnownBlobs(repo)
         self.stats = SinkStats()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # a builder's writers reached 0
@@ -50,6 +91,7 @@ class BlobSink:
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._written: list[tuple[str, int, PackTrailer]] = []
+        self._written_blobs = 0
         self._free: list[bytearray | mmap.mmap] = []
         self.stored_packs: set[str] = set()
         # Two uploaders, so one pack's fsync overlaps the next pack's write.
@@ -175,12 +217,14 @@ class BlobSink:
                 data.release()
                 with self._lock:
                     self._written.append((name, size, trailer))
+                    self._written_blobs += len(trailer.blobs)
                     self.stats.packs_written += 1
                     if len(buffer) >= self.pack_size and len(self._free) < 2:
                         self._free.append(buffer)  # reused: fresh 16 MiB buffers cost page faults
-                    batch = self._written if len(self._written) >= INDEX_BATCH else []
+                    batch = self._written if len(self._written) >= INDEX_BATCH or \
+                        self._written_blobs >= INDEX_BATCH_BLOBS else []
                     if batch:
-                        self._written = []
+                        self._written, self._written_blobs = [], 0
                 if batch:
                     self._commit(batch)
             except BaseException as exc:  # re-raised in the producing threads
@@ -205,15 +249,17 @@ class BlobSink:
         self._raise_if_failed()
         if self._written:
             self._commit(self._written)
-            self._written = []
+            self._written, self._written_blobs = [], 0
 
     def _commit(self, written: list[tuple[str, int, PackTrailer]]) -> None:
         """Make packs durable, then record them in the index."""
         self.repo.sync_store_blocking()
         self.repo.run_blocking(self.repo.index.add_packs([
             (name, t.scope, t.epoch, size,
-             [(b.id, b.kind, b.offset, b.length, b.raw_length) for b in t.blobs])
+             ((b.id, b.kind, b.offset, b.length, b.raw_length) for b in t.blobs))
             for name, size, t in written]))
+        with self._lock:
+            self.known.indexed(b.id for _, _, t in written for b in t.blobs)
 
     def close(self) -> None:
         """Stop the uploaders (after what is queued); safe to call twice."""

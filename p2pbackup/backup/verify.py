@@ -7,9 +7,11 @@ together with the snapshots and files it affects.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures as cf
 import os
 import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ..errors import P2PError
@@ -66,14 +68,6 @@ class VerifyProgress:
     total_packs: int = 0
     bytes: int = 0
     expected_bytes: int = 0
-
-
-def blobs_by_pack(repo: Repository) -> dict[str, list[tuple[bytes, BlobLocation]]]:
-    """The index's blobs grouped by the pack that holds them."""
-    out: dict[str, list[tuple[bytes, BlobLocation]]] = {}
-    for bid, loc in repo.index.blobs.items():
-        out.setdefault(loc.pack, []).append((bid, loc))
-    return out
 
 
 @dataclass(slots=True)
@@ -199,12 +193,22 @@ async def verify(repo: Repository, *, read_data: bool = False,
         progress.total_packs = len(names)
         progress.expected_bytes = sum(repo.index.packs[n][2] for n in names)
         loop = asyncio.get_running_loop()
-        grouped = blobs_by_pack(repo)
-        with cf.ThreadPoolExecutor(workers or max(2, os.cpu_count() or 2)) as pool:
-            futs = [loop.run_in_executor(pool, check_pack_blocking, repo, n, grouped.get(n, []))
-                    for n in names]
-            for fut in futs:
-                checked = await fut
+        workers = workers or max(2, os.cpu_count() or 2)
+        with cf.ThreadPoolExecutor(workers) as pool:
+
+            async def checks() -> AsyncIterator[PackCheck]:
+                # A few packs ahead of the one awaited, each with its blobs from the index:
+                # memory for those packs' blobs, not for every blob of the repository.
+                ahead: collections.deque[asyncio.Future[PackCheck]] = collections.deque()
+                for name in names:
+                    ahead.append(loop.run_in_executor(pool, check_pack_blocking, repo, name,
+                                                      await repo.index.pack_blobs(name)))
+                    if len(ahead) > 2 * workers:
+                        yield await ahead.popleft()
+                while ahead:
+                    yield await ahead.popleft()
+
+            async for checked in checks():
                 progress.packs += 1
                 progress.bytes += checked.bytes_read
                 report.blobs_read += checked.blobs_read

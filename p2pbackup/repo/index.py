@@ -1,25 +1,39 @@
-"""The pack index: which pack holds each blob. A cache in SQLite, rebuilt from packs at will."""
+"""The pack index: which pack holds each blob. A cache in SQLite, rebuilt from packs at will.
+
+Nothing here holds one Python object per blob: lookups go to the blob map (blobmap.py, an
+LMDB copy of the `blobs` table), and loops over every blob stream them from SQLite, pack by
+pack. What is held in memory is per pack (names, sizes, damage), a few thousand at most.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import os
 import sqlite3
 import struct
 import time
 import urllib.parse
-from typing import NamedTuple
-
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 import aiosqlite
-import blake3
 
 from ..errors import DiskFull, P2PError, StorageError
+from .blobmap import (INVALID, BlobLocation, BlobMap, BlobMapError, DictBlobMap, LmdbBlobMap,
+                      Row)
+
+log = logging.getLogger("p2pbackup.repo")
+BlobTuple = tuple[bytes, int, int, int, int]   # id, kind, offset, length, raw length
 
 # 2: packs.arrived; 3: meta.generation (the blob map side file); 4: the spare table, and
 # blobs name their pack by packs.num (a 64-character name in each row made the table twice the
 # size, and a peer's pack cost twice the CPU to index).
+# Still 4 with the LMDB blob map (`<index>.map`): the SQLite schema is the same, the map is
+# made from it, and an older p2pbackup ignores the map (any change it makes moves the
+# generation, so the map is made again afterwards). meta.pack_seq only keeps pack numbers from
+# being reused, which an older p2pbackup may do harmlessly (it moves the generation too).
 INDEX_VERSION = 4
 
 _SCHEMA = """
@@ -71,69 +85,6 @@ class PackDamage:
 _BAD = struct.Struct("<32sBIII")   # id, kind, offset, length, raw length
 
 
-class BlobLocation(NamedTuple):
-    """Where one blob is stored (a named tuple: an index holds one per blob, tens of
-    thousands, built at every open; a frozen dataclass took twice as long to make)."""
-
-    pack: str
-    offset: int
-    length: int
-    raw_length: int
-    kind: int
-
-
-# The blob map is also kept in a side file, one fixed-size record per blob, read with
-# struct.iter_unpack: loading 30k blobs from it takes ~35 ms, from SQLite ~100 ms (rows to
-# Python objects), and every command opens the index. It is a cache of the SQLite cache: used
-# only when it carries the generation the database is at, else rebuilt from the database.
-_DUMP_MAGIC = b"P2PBIDX\x01"
-_DUMP_HEAD = struct.Struct("<8sQII")    # magic, generation, packs, blobs
-_DUMP_BLOB = struct.Struct("<32sIIIIB")  # id, pack number, offset, length, raw length, kind
-
-
-def encode_blob_map(generation: int, blobs: dict[bytes, BlobLocation]) -> bytes | None:
-    """The side file for `blobs` at `generation`; None if a value does not fit its fields."""
-    numbers: dict[str, int] = {}
-    out = bytearray()
-    pack = _DUMP_BLOB.pack
-    try:
-        for bid, loc in blobs.items():
-            n = numbers.setdefault(loc.pack, len(numbers))
-            if len(bid) != 32:
-                return None
-            out += pack(bid, n, loc.offset, loc.length, loc.raw_length, loc.kind)
-    except struct.error:
-        return None
-    names = "\n".join(numbers).encode()
-    body = _DUMP_HEAD.pack(_DUMP_MAGIC, generation, len(numbers), len(blobs)) \
-        + struct.pack("<I", len(names)) + names + out
-    return body + blake3.blake3(body).digest()
-
-
-def decode_blob_map(data: bytes, generation: int) -> dict[bytes, BlobLocation] | None:
-    """The blob map in a side file, if it is whole and at `generation`; else None."""
-    if len(data) < _DUMP_HEAD.size + 36 or \
-            blake3.blake3(memoryview(data)[:-32]).digest() != data[-32:]:
-        return None
-    magic, gen, n_packs, n_blobs = _DUMP_HEAD.unpack_from(data)
-    if magic != _DUMP_MAGIC or gen != generation:
-        return None
-    at = _DUMP_HEAD.size
-    (names_len,) = struct.unpack_from("<I", data, at)
-    at += 4
-    names = data[at:at + names_len].decode().split("\n") if n_packs else []
-    at += names_len
-    records = memoryview(data)[at:-32]
-    if len(names) != n_packs or len(records) != n_blobs * _DUMP_BLOB.size:
-        return None
-    new = tuple.__new__
-    try:
-        return {bid: new(BlobLocation, (names[p], off, length, raw, kind))
-                for bid, p, off, length, raw, kind in _DUMP_BLOB.iter_unpack(records)}
-    except IndexError:
-        return None
-
-
 class IndexCorrupt(Exception):
     """The index file cannot be used; it will be rebuilt."""
 
@@ -150,6 +101,14 @@ _DAMAGE = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB, sqlite3.SQLI
 # Less free space than this makes an I/O error a full disk: SQLite's extended codes do not
 # carry errno (a full tmpfs fails sizing the shared-memory file with SQLITE_IOERR_SHMSIZE).
 _NEARLY_FULL = 1 << 20
+# Rows per read when streaming blobs from SQLite (bounded memory whatever the index's size).
+_STREAM_ROWS = 10_000
+# SQLite's page cache (anonymous memory): opening checks every page of the file (33 MiB more
+# RSS at 1M blobs with the writer's cache); lookups never use it, only writes do.
+_READ_CACHE_KIB = 2048
+_WRITE_CACHE_KIB = 32768
+# Files next to the index that belong to it (SQLite's, the blob map's, the old side file).
+INDEX_FILE_SUFFIXES = ("", "-wal", "-shm", "-journal", ".map", ".map-lock", ".blobs")
 
 
 def _no_space(directory: str) -> bool:
@@ -179,7 +138,7 @@ def _is_damage(exc: sqlite3.Error) -> bool:
 
 
 class PackIndex:
-    """The SQLite index, opened with aiosqlite, plus an in-memory map for hot lookups.
+    """The SQLite index, opened with aiosqlite, and its blob map for lookups (`blobs`).
 
     `in_memory`: a copy of the file at `path` (if it can be read) held in memory and never
     written back, for a process that only reads when the disk holding the file is full.
@@ -189,15 +148,23 @@ class PackIndex:
         self.path = path
         self.in_memory = in_memory
         self._db: aiosqlite.Connection | None = None
-        self.blobs: dict[bytes, BlobLocation] = {}
-        self._generation = 0        # of the database, as this process last saw or made it
-        self._map_stale = False     # the side file does not match what this process holds
+        self._names: dict[int, str] = {}    # packs.num -> name
+        # Where each blob is: get(id), `id in blobs`, len(blobs); `blobs_by_pack` streams all.
+        self.blobs: BlobMap = DictBlobMap(self._names)
         self.packs: dict[str, tuple[str, int, int]] = {}
         # When packs not written here arrived (unix seconds; 0 for packs this device wrote): a
         # pack from a peer may be used by a snapshot still on its way (prune leaves it alone).
         self.arrived: dict[str, int] = {}
         self.damaged: dict[str, PackDamage] = {}
         self.bad_blobs: dict[bytes, BlobLocation] = {}   # those of damaged packs' `bad`
+        # One write transaction at a time on the connection (the sink's uploaders commit
+        # from two threads; the others' statements would join the same transaction).
+        self._writing = asyncio.Lock()
+        self._write_cache = False
+
+    @property
+    def map_path(self) -> str:
+        return self.path + ".map"
 
     async def open(self) -> None:
         """Open (creating if needed) and load; raise IndexCorrupt when the file is unusable,
@@ -212,10 +179,9 @@ class PackIndex:
                 self._db = await aiosqlite.connect(self.path)
                 await self._db.execute("PRAGMA journal_mode=WAL")
                 await self._db.execute("PRAGMA synchronous=NORMAL")
-                # Blob ids are random keys: a cache that holds the whole B-tree writes each
-                # page once per commit instead of spilling and re-reading (30k writes per GB
-                # before).
-                await self._db.execute("PRAGMA cache_size=-65536")
+                # A small cache until this process writes (see _begin): the check below reads
+                # every page, and a reader (restore, verify) needs none of them again.
+                await self._db.execute(f"PRAGMA cache_size=-{_READ_CACHE_KIB}")
                 row = await (await self._db.execute("PRAGMA quick_check")).fetchone()
                 if not row or row[0] != "ok":
                     raise IndexCorrupt(str(row))
@@ -227,32 +193,25 @@ class PackIndex:
                 await self._db.commit()
             elif row[0] != str(INDEX_VERSION):
                 raise IndexOutdated(f"index version {row[0]}, this version uses {INDEX_VERSION}")
-            for name, scope, epoch, size, arrived in await self._db.execute_fetchall(
-                    "SELECT name, scope, epoch, size, arrived FROM packs"):
+            for num, name, scope, epoch, size, arrived in await self._db.execute_fetchall(
+                    "SELECT num, name, scope, epoch, size, arrived FROM packs"):
                 self.packs[name] = (scope, epoch, size)
+                self._names[num] = name
                 if arrived:
                     self.arrived[name] = arrived
             for name, reason, bad in await self._db.execute_fetchall(
                     "SELECT name, reason, bad FROM damaged"):
                 self._note_damage(name, PackDamage.decode(name, reason, bad))
-            self._generation = await self._read_generation()
-            if self._generation == 0:
-                # A new database starts at a random generation, so that a side file left by
-                # an older database at this path never matches it.
-                self._generation = int.from_bytes(os.urandom(7), "big") | 1
+            if await self._read_generation() == 0:
+                # A new database starts at a random odd generation, so that a blob map left
+                # by an older database at this path never matches it.
                 await self._db.execute("INSERT INTO meta VALUES ('generation', ?)",
-                                       (str(self._generation),))
+                                       (str(int.from_bytes(os.urandom(7), "big") | 1),))
                 await self._db.commit()
-            fast = self._read_blob_map()
-            if fast is not None:
-                self.blobs.update(fast)
+            if self.in_memory:
+                await self._load_dict_map()
             else:
-                make = BlobLocation._make
-                self.blobs.update((row[0], make(row[1:])) for row in
-                                  await self._db.execute_fetchall(
-                                      "SELECT b.id, p.name, b.offset, b.length, b.raw_length, "
-                                      "b.kind FROM blobs b JOIN packs p ON p.num = b.pack"))
-                self._map_stale = True
+                await self._open_blob_map()
         except IndexCorrupt:
             await self.close()
             raise
@@ -269,6 +228,59 @@ class PackIndex:
         except BaseException:
             await self.close()  # its worker thread would keep the process alive
             raise
+
+    async def _open_blob_map(self) -> None:
+        """Open the blob map and make sure it mirrors this database, making it again if not
+        (the first open after an upgrade, a crash between the two commits, a damaged map)."""
+        try:  # the in-memory map of the blobs of an older p2pbackup: replaced by the map
+            os.unlink(self.path + ".blobs")
+        except FileNotFoundError:
+            pass
+        for attempt in (1, 2):
+            try:
+                self.blobs = LmdbBlobMap(self.map_path, self._names)
+                await self._sync_blob_map()
+                return
+            except BlobMapError as exc:
+                if attempt == 2:
+                    raise StorageError(str(exc)) from None
+                log.warning("%s; making it again from the index", exc)
+                self.blobs.close()
+                self.blobs = DictBlobMap(self._names)
+                for suffix in (".map", ".map-lock"):
+                    try:
+                        os.unlink(self.path + suffix)
+                    except FileNotFoundError:
+                        pass
+
+    async def _sync_blob_map(self) -> None:
+        """Rebuild the blob map unless it is at the database's generation. A writer moves the
+        map first and then commits, holding SQLite's write lock: taking that lock waits for
+        one in progress, so a map still off afterwards is really stale."""
+        assert self._db is not None
+        if self.blobs.generation == await self._read_generation():
+            return
+        await self._db.execute("BEGIN IMMEDIATE")
+        try:
+            generation = await self._read_generation()
+            if self.blobs.generation != generation:
+                if self.blobs.generation == INVALID and not len(self.blobs):
+                    log.info("making the blob map of the index %s from its database "
+                             "(once; lookups no longer load every blob into memory)", self.path)
+                else:
+                    log.info("the blob map of the index %s is not at its database's "
+                             "generation (a process was stopped while writing it); making "
+                             "it again from the database", self.path)
+                assert isinstance(self.blobs, LmdbBlobMap)
+                await asyncio.to_thread(self.blobs.rebuild_from, self.path, generation)
+        finally:
+            await self._db.rollback()
+
+    async def _load_dict_map(self) -> None:
+        assert self._db is not None
+        rows = await self._db.execute_fetchall(
+            "SELECT id, pack, offset, length, raw_length, kind FROM blobs")
+        self.blobs.apply(rows, (), INVALID, await self._read_generation())  # type: ignore[arg-type]
 
     async def _copy_from_file(self) -> None:
         """Load the index file into this in-memory database without writing anything next to
@@ -295,68 +307,95 @@ class PackIndex:
         finally:
             await self._db.execute("DETACH DATABASE file")
 
-    @property
-    def _map_path(self) -> str:
-        return self.path + ".blobs"
-
-    def _read_blob_map(self) -> dict[bytes, BlobLocation] | None:
-        try:
-            with open(self._map_path, "rb") as f:
-                return decode_blob_map(f.read(), self._generation)
-        except OSError:
-            return None
-
     async def _read_generation(self) -> int:
         assert self._db is not None
         row = await (await self._db.execute(
             "SELECT value FROM meta WHERE key='generation'")).fetchone()
         return int(row[0]) if row else 0
 
-    async def _next_generation(self) -> None:
-        """Count a change (inside its transaction); a change by another process since this one
-        loaded means our map may lack it, so no side file is written from it."""
+    async def _begin(self) -> None:
+        """Start a write transaction holding SQLite's write lock from its first statement
+        (the blob map is moved inside it, so writers must not interleave)."""
         assert self._db is not None
-        current = await self._read_generation()
-        mine = current == self._generation
-        await self._db.execute("INSERT INTO meta VALUES ('generation', ?) ON CONFLICT(key) "
-                               "DO UPDATE SET value=excluded.value", (str(current + 1),))
-        # -1 never matches again: a process that missed a change writes no side file.
-        self._generation = current + 1 if mine and self._generation >= 0 else -1
-        self._map_stale = True
+        if not self._write_cache:
+            # Blob ids are random keys: a cache that holds most of the B-tree writes each page
+            # once per commit instead of spilling and re-reading (30k writes per GB before).
+            await self._db.execute(f"PRAGMA cache_size=-{_WRITE_CACHE_KIB}")
+            self._write_cache = True
+        await self._db.execute("BEGIN IMMEDIATE")
 
-    async def _write_blob_map(self) -> None:
-        if self.in_memory or not self._map_stale or self._generation < 0 or \
-                await self._read_generation() != self._generation:
-            return
-        data = encode_blob_map(self._generation, self.blobs)
-        if data is None:
-            return
-        tmp = f"{self._map_path}.{os.getpid()}.tmp"
-        try:  # no fsync: a torn or lost file fails its hash and is made again
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self._map_path)
-        except OSError:
+    async def _commit(self, puts: list[Row], deletes: list[bytes]) -> None:
+        """Inside the caller's transaction: count a change, move the blob map with it, then
+        commit. The map is moved first: if the commit then fails (or the process is killed
+        between the two), the map is at a generation the database never reaches and is made
+        again by the next open."""
+        assert self._db is not None
+        before = await self._read_generation()
+        after = before + 1
+        await self._db.execute("INSERT INTO meta VALUES ('generation', ?) ON CONFLICT(key) "
+                               "DO UPDATE SET value=excluded.value", (str(after),))
+        moved = await asyncio.to_thread(self.blobs.apply, puts, deletes, before, after)
+        try:
+            await self._db.commit()
+        except BaseException:
+            await asyncio.to_thread(self.blobs.invalidate)
+            raise
+        if not moved:   # it was not at the database's generation: make it again now
+            await self._sync_blob_map()
+
+    async def _rollback(self) -> None:
+        if self._db is not None and self._db.in_transaction:
             try:
-                os.unlink(tmp)
-            except OSError:
+                await self._db.rollback()
+            except sqlite3.Error:
                 pass
 
     async def close(self) -> None:
         if self._db is not None:
+            db, self._db = self._db, None
             try:
-                await self._write_blob_map()
+                await db.close()  # also on error: it stops the connection's thread
             except sqlite3.Error:
                 pass
-            finally:
-                db, self._db = self._db, None
-                try:
-                    await db.close()  # also on error: it stops the connection's thread
-                except sqlite3.Error:
-                    pass
+        self.blobs.close()
+
+    # ---- streaming ------------------------------------------------------------------------
+
+    async def pack_blobs(self, name: str) -> list[tuple[bytes, BlobLocation]]:
+        """The blobs the index reads from pack `name` (from the database: another process
+        may have changed it)."""
+        assert self._db is not None
+        rows = await self._db.execute_fetchall(
+            "SELECT b.id, b.offset, b.length, b.raw_length, b.kind FROM blobs b "
+            "JOIN packs p ON p.num = b.pack WHERE p.name = ?", (name,))
+        return [(r[0], BlobLocation(name, *r[1:])) for r in rows]
+
+    async def blobs_by_pack(self) -> AsyncIterator[tuple[str, list[tuple[bytes, BlobLocation]]]]:
+        """Every pack the index reads blobs from, with those blobs, one pack at a time (in
+        pack number order; memory for one pack's blobs, whatever the index's size)."""
+        assert self._db is not None
+        cur = await self._db.execute(
+            "SELECT b.pack, p.name, b.id, b.offset, b.length, b.raw_length, b.kind "
+            "FROM blobs b JOIN packs p ON p.num = b.pack ORDER BY b.pack")
+        current: str | None = None
+        group: list[tuple[bytes, BlobLocation]] = []
+        try:
+            while rows := await cur.fetchmany(_STREAM_ROWS):
+                for _num, name, bid, off, length, raw, kind in rows:
+                    if name != current:
+                        if group:
+                            yield current, group   # type: ignore[misc]
+                        current, group = name, []
+                    group.append((bid, BlobLocation(name, off, length, raw, kind)))
+            if group:
+                yield current, group   # type: ignore[misc]
+        finally:
+            await cur.close()
+
+    # ---- changes --------------------------------------------------------------------------
 
     async def add_pack(self, name: str, scope: str, epoch: int, size: int,
-                       blobs: list[tuple[bytes, int, int, int, int]], *,
+                       blobs: Iterable[BlobTuple], *,
                        arrived: bool = False, damage: PackDamage | None = None) -> None:
         """Record a stored pack and its blobs (id, kind, offset, length, raw_length);
         `arrived`: it was not written here (a peer sent it, or nobody knows who wrote it);
@@ -364,8 +403,32 @@ class PackIndex:
         await self.add_packs([(name, scope, epoch, size, blobs)], arrived=arrived,
                              damage={name: damage} if damage else None)
 
+    def _split_copies(self, packs: list[tuple[str, str, int, int, Iterable[BlobTuple]]],
+                      num: dict[str, int]) -> tuple[list[Row], list[Row]]:
+        """The rows of `packs`' blobs reads use (in id order), and the copies of blobs stored
+        elsewhere already (spares): the first location of a blob stays the one reads use
+        (nothing rewrites its row). Blocking."""
+        fresh: dict[bytes, Row] = {}
+        spares: list[Row] = []
+        for n, _s, _e, _z, blobs in packs:
+            here = num[n]
+            for bid, kind, off, length, raw in blobs:
+                first = fresh.get(bid)
+                if first is None or first[1] == here:
+                    fresh[bid] = (bid, here, off, length, raw, kind)
+                else:
+                    spares.append((bid, here, off, length, raw, kind))
+        rows = sorted(fresh.values())
+        del fresh
+        held = self.blobs.pack_numbers([r[0] for r in rows])
+        elsewhere = {r[0] for r in rows if held.get(r[0], r[1]) != r[1]}
+        if elsewhere:
+            spares += [r for r in rows if r[0] in elsewhere]
+            rows = [r for r in rows if r[0] not in elsewhere]
+        return rows, spares
+
     async def add_packs(self, packs: list[tuple[str, str, int, int,
-                                                list[tuple[bytes, int, int, int, int]]]],
+                                                Iterable[BlobTuple]]],
                         *, arrived: bool = False,
                         damage: dict[str, PackDamage] | None = None) -> None:
         """Record several packs in one transaction (blob ids are random, so one commit per
@@ -377,56 +440,78 @@ class PackIndex:
         # one meanwhile)
         healed = [n for n, *_ in packs if n not in damage]
         now = int(time.time()) if arrived else 0
-        # The first location of a blob stays the one reads use (nothing rewrites its row);
-        # a copy in another pack is a spare.
-        fresh: dict[bytes, BlobLocation] = {}
-        spares: list[tuple[bytes, int, str, int, int, int]] = []
-        for n, _s, _e, _z, blobs in packs:
-            for bid, kind, off, length, raw in blobs:
-                held = fresh.get(bid) or self.blobs.get(bid)
-                if held is None or held.pack == n:
-                    fresh[bid] = BlobLocation(n, off, length, raw, kind)
-                else:
-                    spares.append((bid, kind, n, off, length, raw))
+        async with self._writing:
+            await self._add_packs(packs, damage, healed, now)
+
+    async def _add_packs(self, packs: list[tuple[str, str, int, int,
+                                                 Iterable[BlobTuple]]],
+                         damage: dict[str, PackDamage], healed: list[str], now: int) -> None:
+        assert self._db is not None
         try:
-            await self._db.executemany(
-                "INSERT INTO packs (name, scope, epoch, size, arrived) VALUES (?,?,?,?,?) "
-                "ON CONFLICT(name) DO UPDATE SET "
-                "scope=excluded.scope, epoch=excluded.epoch, size=excluded.size",
-                [(n, scope, epoch, size, now) for n, scope, epoch, size, _ in packs])
+            await self._begin()
             num = await self._pack_numbers([n for n, *_ in packs])
+            new = [n for n, *_ in packs if n not in num]
+            if new:
+                # Numbers are never reused, so a blob map entry never names another pack.
+                first = await self._next_pack_number()
+                num.update((n, first + i) for i, n in enumerate(dict.fromkeys(new)))
+                await self._db.execute(
+                    "INSERT INTO meta VALUES ('pack_seq', ?) ON CONFLICT(key) "
+                    "DO UPDATE SET value=excluded.value", (str(max(num.values())),))
             await self._db.executemany(
-                "INSERT OR REPLACE INTO blobs VALUES (?,?,?,?,?,?)",
-                [(bid, loc.kind, num[loc.pack], loc.offset, loc.length, loc.raw_length)
-                 for bid, loc in fresh.items()])
+                "INSERT INTO packs (num, name, scope, epoch, size, arrived) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                "scope=excluded.scope, epoch=excluded.epoch, size=excluded.size",
+                [(num[n], n, scope, epoch, size, now) for n, scope, epoch, size, _ in packs])
+            # (inside the transaction: what another writer committed just before is known)
+            # In id order: SQLite's B-tree and the map's are both filled leaf by leaf.
+            rows, spares = await asyncio.to_thread(self._split_copies, packs, num)
+            await self._db.executemany(
+                "INSERT OR REPLACE INTO blobs (id, pack, offset, length, raw_length, kind) "
+                "VALUES (?,?,?,?,?,?)", rows)
             if spares:
                 await self._db.executemany(
-                    "INSERT OR REPLACE INTO spare VALUES (?,?,?,?,?,?)",
-                    [(bid, kind, num[n], off, length, raw)
-                     for bid, kind, n, off, length, raw in spares])
+                    "INSERT OR REPLACE INTO spare (id, pack, offset, length, raw_length, kind) "
+                    "VALUES (?,?,?,?,?,?)", spares)
             await self._write_damage(damage, healed)
-            await self._next_generation()
-            await self._db.commit()
+            await self._commit(rows, [])
+            del rows
         except sqlite3.Error as exc:
+            await self._rollback()
             raise _sql_error(exc, self.path) from None
+        except BaseException:
+            await self._rollback()
+            raise
         for n, scope, epoch, size, _ in packs:
             if now and n not in self.packs:   # as the SQL: an already known pack keeps its time
                 self.arrived[n] = now
             self.packs[n] = (scope, epoch, size)
-        self.blobs.update(fresh)
+            self._names[num[n]] = n
         for n in healed:
             self._note_damage(n, None)
         for n, d in damage.items():
             self._note_damage(n, d)
 
+    async def _next_pack_number(self) -> int:
+        assert self._db is not None
+        (top,), = await self._db.execute_fetchall(
+            "SELECT max(coalesce((SELECT max(num) FROM packs), 0), "
+            "coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key='pack_seq'), 0))")
+        return int(top) + 1
+
     async def mark_damaged(self, name: str, damage: PackDamage) -> None:
         """Record that the stored pack `name` is damaged. Its blobs in `damage.bad` leave the
         blob map (to a spare copy in another pack, if there is one); the others stay. A pack
         the index does not hold (its trailer is unreadable) is only listed."""
+        async with self._writing:
+            await self._mark_damaged(name, damage)
+
+    async def _mark_damaged(self, name: str, damage: PackDamage) -> None:
         assert self._db is not None
-        moved: dict[bytes, tuple[int, BlobLocation]] = {}
         lost = [bid for bid in damage.bad if (loc := self.blobs.get(bid)) and loc.pack == name]
         try:
+            await self._begin()
+            moved: list[Row] = []
             num = (await self._pack_numbers([name])).get(name)
             if num is not None and damage.bad:
                 bad = sorted(damage.bad)
@@ -436,13 +521,13 @@ class PackIndex:
                                            [(bid, num) for bid in bad])
                 moved = await self._promote_spares(lost)
             await self._write_damage({name: damage}, [])
-            await self._next_generation()
-            await self._db.commit()
+            await self._commit(moved, lost)
         except sqlite3.Error as exc:
+            await self._rollback()
             raise _sql_error(exc, self.path) from None
-        for bid in lost:
-            del self.blobs[bid]
-        self.blobs.update((bid, loc) for bid, (_, loc) in moved.items())
+        except BaseException:
+            await self._rollback()
+            raise
         self._note_damage(name, damage)
 
     async def forget_damage(self, names: list[str]) -> None:
@@ -452,9 +537,11 @@ class PackIndex:
         if not gone:
             return
         try:
-            await self._write_damage({}, gone)
-            await self._db.commit()
+            async with self._writing:
+                await self._write_damage({}, gone)
+                await self._db.commit()
         except sqlite3.Error as exc:
+            await self._rollback()
             raise _sql_error(exc, self.path) from None
         for n in gone:
             self._note_damage(n, None)
@@ -487,12 +574,16 @@ class PackIndex:
     async def remove_packs(self, names: list[str]) -> None:
         """Forget several packs in one transaction; a blob they held that another pack also
         holds stays in the index at its other location."""
+        async with self._writing:
+            await self._remove_packs(names)
+
+    async def _remove_packs(self, names: list[str]) -> None:
         assert self._db is not None
-        gone = set(names)
-        moved: dict[bytes, tuple[int, BlobLocation]] = {}
         try:
-            gone_nums = list((await self._pack_numbers(names)).values())
-            # From the database, not this process's map: another process may have added some.
+            await self._begin()
+            numbers = await self._pack_numbers(names)
+            gone_nums = list(numbers.values())
+            # From the database, not this process's view: another process may have added some.
             lost = [row[0] for part in _parts(gone_nums) for row in
                     await self._db.execute_fetchall(
                         f"SELECT id FROM blobs WHERE pack IN ({_marks(part)})", part)]
@@ -503,38 +594,40 @@ class PackIndex:
             moved = await self._promote_spares(lost)
             await self._write_damage({}, names)
             await self._db.executemany("DELETE FROM packs WHERE num=?", [(n,) for n in gone_nums])
-            await self._next_generation()
-            await self._db.commit()
+            await self._commit(moved, lost)
         except sqlite3.Error as exc:
+            await self._rollback()
             raise _sql_error(exc, self.path) from None
+        except BaseException:
+            await self._rollback()
+            raise
         for n in names:
             self.packs.pop(n, None)
             self.arrived.pop(n, None)
             self._note_damage(n, None)
-        for bid in [b for b, loc in self.blobs.items() if loc.pack in gone]:
-            del self.blobs[bid]
-        self.blobs.update((bid, loc) for bid, (_, loc) in moved.items())
+        for num in numbers.values():
+            self._names.pop(num, None)
 
-    async def _promote_spares(self, lost: list[bytes]) -> dict[bytes, tuple[int, BlobLocation]]:
+    async def _promote_spares(self, lost: list[bytes]) -> list[Row]:
         """Inside the caller's transaction: each of `lost` (blobs whose location was just
-        deleted) moves to a spare location, if it has one left; returns the moves."""
+        deleted) moves to a spare location, if it has one left; returns the new rows."""
         assert self._db is not None
-        moved: dict[bytes, tuple[int, BlobLocation]] = {}
+        moved: dict[bytes, Row] = {}
         if not lost or not await self._db.execute_fetchall("SELECT 1 FROM spare LIMIT 1"):
-            return moved
+            return []
         for part in _parts(lost):
-            for bid, num, name, off, length, raw, kind in await self._db.execute_fetchall(
-                    "SELECT s.id, s.pack, p.name, s.offset, s.length, s.raw_length, "
-                    "s.kind FROM spare s JOIN packs p ON p.num = s.pack "
-                    f"WHERE s.id IN ({_marks(part)})", part):
-                moved.setdefault(bid, (num, BlobLocation(name, off, length, raw, kind)))
+            for bid, num, off, length, raw, kind in await self._db.execute_fetchall(
+                    "SELECT id, pack, offset, length, raw_length, kind FROM spare "
+                    f"WHERE id IN ({_marks(part)})", part):
+                moved.setdefault(bid, (bid, num, off, length, raw, kind))
+        rows = list(moved.values())
         await self._db.executemany(
-            "INSERT INTO blobs VALUES (?,?,?,?,?,?)",
-            [(bid, loc.kind, num, loc.offset, loc.length, loc.raw_length)
-             for bid, (num, loc) in moved.items()])
+            "INSERT INTO blobs (id, pack, offset, length, raw_length, kind) VALUES (?,?,?,?,?,?)",
+            rows)
         await self._db.executemany("DELETE FROM spare WHERE id=? AND pack=?",
-                                   [(bid, num) for bid, (num, _) in moved.items()])
-        return moved
+                                   [(r[0], r[1]) for r in rows])
+        await self._learn_packs(sorted({r[1] for r in rows} - set(self._names)))
+        return rows
 
     async def _pack_numbers(self, names: list[str]) -> dict[str, int]:
         """packs.num of each of `names` the database holds."""
@@ -544,6 +637,16 @@ class PackIndex:
             out.update(await self._db.execute_fetchall(   # type: ignore[arg-type]
                 f"SELECT name, num FROM packs WHERE name IN ({_marks(part)})", part))
         return out
+
+    async def _learn_packs(self, numbers: list[int]) -> None:
+        """Load packs another process added (a spare moved into one of them)."""
+        assert self._db is not None
+        for part in _parts(numbers):
+            for num, name, scope, epoch, size in await self._db.execute_fetchall(
+                    f"SELECT num, name, scope, epoch, size FROM packs WHERE num IN "
+                    f"({_marks(part)})", part):
+                self._names[num] = name
+                self.packs[name] = (scope, epoch, size)
 
 
 def _parts(items: list, size: int = 500) -> list[list]:

@@ -27,7 +27,8 @@ from ..format.pack import check_pack_header, object_candidates, pack_name, parse
 from ..format.records import (DEVICE_SIG, SNAPSHOT_SIG, BlobRef, DeviceRecord, RepoConfig,
                               Signed, Snapshot, Tree)
 from . import membership as store_membership
-from .index import BlobLocation, IndexCorrupt, IndexOutdated, PackDamage, PackIndex
+from .index import (INDEX_FILE_SUFFIXES, BlobLocation, IndexCorrupt, IndexOutdated, PackDamage,
+                    PackIndex)
 from .snapshots import SourceLike, StoredSnapshot, choose_latest, source_asked
 
 log = logging.getLogger("p2pbackup.repo")
@@ -294,7 +295,7 @@ class Repository:
         """Read pack `name` and, if its bytes no longer match its name, list it as damaged
         (its blobs that do not authenticate leave the index); None if it is intact (or gone).
         For a pack the index holds, found suspect while in use."""
-        expected = [(bid, loc) for bid, loc in self.index.blobs.items() if loc.pack == name]
+        expected = await self.index.pack_blobs(name)
         try:
             exam = await asyncio.to_thread(self.examine_pack_blocking, name, expected=expected)
         except NotFound:
@@ -667,7 +668,7 @@ def _blob_problem(keys: ScopeKeys, ref: BlobRef, pack: memoryview, what: str) ->
 
 
 def _remove_index_files(path: str) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal", ".blobs"):
+    for suffix in INDEX_FILE_SUFFIXES:
         try:
             os.unlink(path + suffix)
         except FileNotFoundError:

@@ -10,7 +10,7 @@ import pytest
 
 from p2pbackup.backup.repair import repair_packs
 from p2pbackup.backup.snapshot import take_snapshot
-from p2pbackup.backup.verify import blobs_by_pack, verify
+from p2pbackup.backup.verify import verify
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import Source
 from p2pbackup.errors import IntegrityError, NameMismatch
@@ -20,6 +20,7 @@ from p2pbackup.repo import replica
 from p2pbackup.repo.repository import Repository
 
 from tests.eventually import eventually
+from tests.index_view import stored_blobs
 from tests.unit.backup.conftest import repo  # noqa: F401  (the fixture)
 from tests.unit.repo.test_replicate import running, two_repositories
 
@@ -33,8 +34,8 @@ async def _with_one_damaged_blob(repo: Repository, tmp_path: Path
     for i in range(8):
         (src / f"f{i}").write_bytes(os.urandom(4000 + i))
     await take_snapshot(repo, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
-    name = next(loc.pack for loc in repo.index.blobs.values() if loc.kind == Kind.CHUNK)
-    blobs = blobs_by_pack(repo)[name]
+    name = next(loc.pack for loc in stored_blobs(repo.index).values() if loc.kind == Kind.CHUNK)
+    blobs = await repo.index.pack_blobs(name)
     victim, loc = next((b, l) for b, l in blobs if l.kind == Kind.CHUNK)
     path = Path(repo.store.path_of(f"packs/{name}"))
     intact = path.read_bytes()

@@ -23,6 +23,7 @@ from p2pbackup.format.records import Signed, Snapshot
 from p2pbackup.repo import replica
 from p2pbackup.repo.logstore import LogStore
 from tests.conftest import Cli
+from tests.index_view import stored_blobs
 
 from .accounts import carry, keys_of, make_owner, pair, remove, snapshot
 
@@ -234,7 +235,7 @@ async def test_a_pack_repair_writes_after_a_removal_does_not_list_its_blobs_to_t
         after = {n.removeprefix("packs/") for n in
                  {n async for n in repo.store.list("packs/")} - packs_before}
         held: dict[str, list] = {}
-        for loc in repo.index.blobs.values():
+        for loc in stored_blobs(repo.index).values():
             if loc.pack in after and loc.kind == Kind.CHUNK:
                 held.setdefault(loc.pack, []).append(loc)
         name, locs = max(held.items(), key=lambda kv: len(kv[1]))
@@ -277,7 +278,7 @@ async def test_a_pack_repaired_after_a_removal_from_an_older_epochs_pack_is_hidd
     async with open_device(a, write=True) as dev:
         repo = dev.repo
         held: dict[str, list] = {}
-        for loc in repo.index.blobs.values():
+        for loc in stored_blobs(repo.index).values():
             if loc.kind == Kind.CHUNK:
                 held.setdefault(loc.pack, []).append(loc)
         name, locs = max(held.items(), key=lambda kv: len(kv[1]))

@@ -12,12 +12,14 @@ import pytest
 from p2pbackup.backup.repair import repair_packs
 from p2pbackup.backup.restore import restore
 from p2pbackup.backup.snapshot import take_snapshot
-from p2pbackup.backup.verify import blobs_by_pack, verify
+from p2pbackup.backup.verify import verify
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import Source
 from p2pbackup.format.header import Kind
 from p2pbackup.format.pack import PackBuilder, trailer_length
 from p2pbackup.repo.repository import Repository
+
+from tests.index_view import stored_blobs
 
 
 async def _backed_up(repo: Repository, tmp_path: Path, files: int = 40) -> Path:
@@ -30,7 +32,7 @@ async def _backed_up(repo: Repository, tmp_path: Path, files: int = 40) -> Path:
 
 
 def _chunk_pack(repo: Repository) -> str:
-    return next(loc.pack for loc in repo.index.blobs.values() if loc.kind == Kind.CHUNK)
+    return next(loc.pack for loc in stored_blobs(repo.index).values() if loc.kind == Kind.CHUNK)
 
 
 async def _restored_equal(repo: Repository, src: Path, out: Path) -> None:
@@ -43,7 +45,7 @@ async def _restored_equal(repo: Repository, src: Path, out: Path) -> None:
 async def test_a_pack_whose_trailer_is_lost_is_found_again_by_scanning_it(repo, tmp_path: Path):
     src = await _backed_up(repo, tmp_path)
     name = _chunk_pack(repo)
-    held = {bid: loc for bid, loc in repo.index.blobs.items() if loc.pack == name}
+    held = dict(await repo.index.pack_blobs(name))
     path = Path(repo.store.path_of(f"packs/{name}"))
     data = bytearray(path.read_bytes())
     data[-(trailer_length(data, "pack") // 2)] ^= 0x10      # inside the sealed trailer
@@ -52,7 +54,7 @@ async def test_a_pack_whose_trailer_is_lost_is_found_again_by_scanning_it(repo, 
     await repo.rebuild_index()
     assert name in repo.damaged_packs and "trailer" in repo.damaged_packs[name]
     # Every blob found at the place the trailer said, by its header and its content.
-    assert {bid: loc for bid, loc in repo.index.blobs.items() if loc.pack == name} == held
+    assert dict(await repo.index.pack_blobs(name)) == held
     await _restored_equal(repo, src, tmp_path / "out")
     report = await repair_packs(repo)
     assert [(r.pack, r.salvaged, r.lost) for r in report.repaired] == [(name, len(held), 0)]
@@ -66,12 +68,12 @@ async def test_a_cut_off_pack_keeps_the_blobs_before_the_cut(repo, tmp_path: Pat
     data = path.read_bytes()
     cut = len(data) // 2
     path.write_bytes(data[:cut])
-    before = {bid for bid, loc in repo.index.blobs.items()
-              if loc.pack == name and loc.offset + loc.length <= cut}
-    after = {bid for bid, loc in repo.index.blobs.items() if loc.pack == name} - before
+    before = {bid for bid, loc in await repo.index.pack_blobs(name)
+              if loc.offset + loc.length <= cut}
+    after = {bid for bid, _ in await repo.index.pack_blobs(name)} - before
 
     await repo.rebuild_index()
-    assert {bid for bid, loc in repo.index.blobs.items() if loc.pack == name} == before
+    assert {bid for bid, _ in await repo.index.pack_blobs(name)} == before
     report = await repair_packs(repo)
     # The blob cut in two is one unreadable record; the ones after the cut left no trace.
     assert [(r.salvaged, r.lost) for r in report.repaired] == [(len(before), 1)]
@@ -94,7 +96,7 @@ async def test_repair_copies_a_lost_blob_from_another_pack_of_another_store(repo
     data = await repo.store.get(f"packs/{name}")
     scope, epoch, _ = repo.index.packs[name]
     builder = PackBuilder(scope, epoch)
-    blobs = blobs_by_pack(repo)[name]
+    blobs = await repo.index.pack_blobs(name)
     for bid, loc in reversed(blobs):
         builder.add(loc.kind, bid, data[loc.offset:loc.offset + loc.length], loc.raw_length)
     repacked, repacked_data, _ = builder.finish(repo.keys.record_keys[epoch])

@@ -53,6 +53,23 @@ async def test_threads_store_each_blob_once_across_many_small_packs(repo: Reposi
             assert await asyncio.to_thread(repo.read_blob_blocking, bid) == b
 
 
+async def test_the_blobs_a_sink_stored_leave_its_memory_once_indexed(repo: Repository):
+    """`known` holds only the blobs of packs in flight: once indexed they are found in the
+    index's blob map instead, and a second sink (another snapshot) finds them there."""
+    sink = BlobSink(repo, pack_size=50_000)
+    keys = repo.keys.scope("src", 0)
+    blobs = [os.urandom(3000) for _ in range(400)]
+    ids = await asyncio.to_thread(sink.add_many, keys, Kind.CHUNK, blobs)
+    assert all(bid in sink.known for bid in ids)
+    await asyncio.to_thread(sink.flush)
+    assert sink.known.pending == 0
+    assert all(bid in sink.known for bid in ids)
+    again = BlobSink(repo)
+    assert await asyncio.to_thread(again.add_many, keys, Kind.CHUNK, blobs) == ids
+    assert again.stats.blobs_added == 0 and again.known.pending == 0
+    again.close()
+
+
 def test_probing_skips_zstd_only_when_the_probes_do_not_compress():
     rnd = [os.urandom(65536) for _ in range(20)]
     text = [b"the quick brown fox %d " % i * 3000 for i in range(20)]

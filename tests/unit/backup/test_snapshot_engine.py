@@ -19,6 +19,8 @@ from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.crypto.keys import AccountKeys
 from p2pbackup.repo.repository import Repository
 
+from tests.index_view import blob_locations
+
 
 async def test_file_changing_while_read_is_noted_not_a_read_failure(repo: Repository,
                                                                     tmp_path: Path):
@@ -70,10 +72,11 @@ async def test_index_is_rebuilt_from_packs(repo: Repository, tmp_path: Path):
     src.mkdir()
     (src / "f").write_bytes(os.urandom(300_000))
     await take_snapshot(repo, (Source("src", str(src)),), temp_dir=str(tmp_path / "tmp"))
-    before = dict(repo.index.blobs)
+    before = await blob_locations(repo.index)
     added, dropped = await repo.rebuild_index()
     assert added == len(repo.index.packs) == 2 and dropped == 0
-    assert repo.index.blobs == before
+    assert await blob_locations(repo.index) == before
+    assert all(repo.index.blobs.get(bid) == loc for bid, loc in before.items())
 
 
 class _Crash(Exception):

@@ -11,11 +11,13 @@ import pytest
 
 from p2pbackup.backup.maintenance import forget_and_prune
 from p2pbackup.backup.restore import restore
-from p2pbackup.backup.verify import blobs_by_pack, verify
+from p2pbackup.backup.verify import verify
 from p2pbackup.format.header import Kind
 from p2pbackup.format.pack import PackBuilder
 from p2pbackup.repo.index import INDEX_VERSION, BlobLocation, PackIndex
 from p2pbackup.repo.repository import Repository
+
+from tests.index_view import blob_locations
 
 from .conftest import A, KEYS
 
@@ -48,11 +50,14 @@ async def test_a_blob_in_two_packs_survives_dropping_either(tmp_path: Path):
         kept = second if dropped is first else first
         assert index.blobs[shared].pack == kept[0], "the blob moved to the surviving copy"
         assert index.blobs[shared].offset == next(o for b, _k, o, _l, _r in kept[4] if b == shared)
-        assert all(loc.pack != dropped[0] for loc in index.blobs.values())
+        held = await blob_locations(index)
+        assert all(loc.pack != dropped[0] for loc in held.values())
+        assert all(index.blobs.get(bid) == loc for bid, loc in held.items())
         await index.close()
-        # The same after reopening: the database and its side file agree.
+        # The same after reopening: the database and its blob map agree.
         again = await _open(path)
-        assert again.blobs == index.blobs
+        assert await blob_locations(again) == held
+        assert all(again.blobs.get(bid) == loc for bid, loc in held.items())
         await again.remove_pack(kept[0])
         assert shared not in again.blobs and not again.blobs   # no copy left: gone
         await again.close()
@@ -77,7 +82,7 @@ async def test_spares_in_one_batch_and_a_pack_added_twice(tmp_path: Path):
 
 async def test_an_index_of_an_older_version_is_rebuilt_from_the_packs(pair, caplog):
     a, _b, _src = pair
-    path, held = a.index.path, dict(a.index.blobs)
+    path, held = a.index.path, await blob_locations(a.index)
     await a.close()
     db = sqlite3.connect(path)
     db.execute("UPDATE meta SET value=? WHERE key='version'", (str(INDEX_VERSION - 1),))
@@ -87,7 +92,8 @@ async def test_an_index_of_an_older_version_is_rebuilt_from_the_packs(pair, capl
         again = await Repository.open(a.store, a.keys, a.identity,
                                       os.path.dirname(os.path.dirname(path)))
     assert "made by another version" in caplog.text and "damaged" not in caplog.text
-    assert again.index.blobs == held
+    assert await blob_locations(again.index) == held
+    assert all(again.index.blobs.get(bid) == loc for bid, loc in held.items())
     await again.close()
 
 
@@ -97,7 +103,7 @@ async def _store_a_copy(repo: Repository, name: str) -> str:
     data = await repo.store.get(f"packs/{name}")
     scope, epoch, _ = repo.index.packs[name]
     copy = PackBuilder(scope, epoch, repo.config.pack_size)
-    for bid, loc in blobs_by_pack(repo)[name]:
+    for bid, loc in await repo.index.pack_blobs(name):
         copy.add(loc.kind, bid, data[loc.offset:loc.offset + loc.length], loc.raw_length)
     copy_name, copy_data, trailer = copy.finish(repo.keys.meta_key)
     assert copy_name != name
@@ -111,9 +117,10 @@ async def _store_a_copy(repo: Repository, name: str) -> str:
 async def test_a_pack_holding_only_copies_is_pruned_and_takes_over_when_the_original_goes(
         pair, tmp_path: Path):
     a, _b, src = pair
-    name = next(loc.pack for loc in a.index.blobs.values() if loc.kind == Kind.CHUNK)
+    name = next(loc.pack for loc in (await blob_locations(a.index)).values()
+                if loc.kind == Kind.CHUNK)
     copy = await _store_a_copy(a, name)
-    assert copy not in blobs_by_pack(a)   # every blob is read from the original
+    assert not await a.index.pack_blobs(copy)   # every blob is read from the original
 
     # Nothing reads from the copy: prune frees it rather than keeping it forever.
     result = await forget_and_prune(a, A, None, prune_after=True)
@@ -125,7 +132,7 @@ async def test_a_pack_holding_only_copies_is_pruned_and_takes_over_when_the_orig
     copy = await _store_a_copy(a, name)
     await a.index.remove_pack(name)
     await a.store.delete(f"packs/{name}")
-    assert copy in blobs_by_pack(a)
+    assert await a.index.pack_blobs(copy)
     assert (await verify(a, read_data=True)).ok
     (latest,), _ = await a.list_snapshots()
     await restore(a, latest, str(tmp_path / "out"))
@@ -147,7 +154,8 @@ async def test_a_process_that_loaded_earlier_still_moves_blobs_to_their_copies(t
     await early.remove_pack(first[0])     # it never saw either pack
     await early.close()
     after = await _open(path)
-    assert after.blobs == {shared: BlobLocation(copy[0], 0, 90, 200, 1)}
+    assert await blob_locations(after) == {shared: BlobLocation(copy[0], 0, 90, 200, 1)}
+    assert after.blobs.get(shared) == BlobLocation(copy[0], 0, 90, 200, 1)
     await after.close()
 
 
@@ -165,9 +173,10 @@ async def test_a_damaged_pack_loses_only_its_bad_blobs_and_a_spare_copy_takes_ov
     assert bad not in index.blobs and index.bad_blobs[bad] == where[bad]
     assert index.blobs[spared].pack == other[0]        # the copy elsewhere is read now
     assert index.blobs[good].pack == damaged[0]        # what authenticates stays in use
+    held = await blob_locations(index)
     await index.close()
     again = await _open(path)                          # kept in the database, not only here
-    assert again.damaged[damaged[0]].bad == where and again.blobs == index.blobs
+    assert again.damaged[damaged[0]].bad == where and await blob_locations(again) == held
     # An intact copy of the pack added again (a peer sent it, repair fetched it): healed.
     await again.add_packs([damaged])
     assert not again.damaged and not again.bad_blobs and again.blobs[bad].pack == damaged[0]
@@ -220,7 +229,10 @@ async def test_a_full_disk_is_not_damage_and_a_reader_keeps_the_index_in_memory(
                     await Repository.open(a.store, a.keys, A, str(fs))
                 _no_new_thread_stays(threads)
                 reader = await Repository.open(a.store, a.keys, A, str(fs), read_only=True)
-                assert reader.index.in_memory and reader.index.blobs == a.index.blobs
+                assert reader.index.in_memory
+                assert await blob_locations(reader.index) == await blob_locations(a.index)
+                assert all(reader.index.blobs.get(bid) == loc for bid, loc in
+                           (await blob_locations(a.index)).items())
                 assert not reader.missing_packs and not reader.damaged_packs
                 await reader.close()
             assert Path(path).read_bytes() == before   # neither thrown away nor written

@@ -20,6 +20,8 @@ from p2pbackup.daemon.replicate import Replicator
 from p2pbackup.repo.repository import Repository
 from p2pbackup.transport.memory import memory_pair
 
+from tests.index_view import stored_blobs
+
 
 async def until(cond, timeout: float = 10) -> None:
     loop = asyncio.get_running_loop()
@@ -155,7 +157,7 @@ def _damage_a_chunk(repo) -> tuple[str, bytes]:
 
     from p2pbackup.format.header import Kind
 
-    bid, loc = next((b, l) for b, l in repo.index.blobs.items() if l.kind == Kind.CHUNK)
+    bid, loc = next((b, l) for b, l in stored_blobs(repo.index).items() if l.kind == Kind.CHUNK)
     path = P(repo.store.path_of(f"packs/{loc.pack}"))
     intact = path.read_bytes()
     damaged = bytearray(intact)
@@ -183,9 +185,10 @@ async def test_a_read_that_fails_heals_the_pack_from_the_peer_in_the_same_sessio
         name, intact = _damage_a_chunk(rb)
         loop = asyncio.get_running_loop()
         rb.damage_seen = lambda pack: loop.call_soon_threadsafe(pb.check_pack_soon, pack)
-        bid = next(b for b, l in rb.index.blobs.items() if l.pack == name)
+        in_pack = [b for b, _ in await rb.index.pack_blobs(name)]
+        bid = in_pack[0]
         with pytest.raises(BlobDamaged):
-            for b in [b for b, l in rb.index.blobs.items() if l.pack == name]:
+            for b in in_pack:
                 await asyncio.to_thread(rb.read_blob_blocking, b)
         await eventually(lambda: name not in rb.damaged_packs and
                          open(rb.store.path_of(f"packs/{name}"), "rb").read() == intact)
