@@ -418,14 +418,16 @@ class Restorer:
 
     # ---- writing files (in worker threads or forked processes) ---------------------------
 
-    def _write_file(self, dir_fd: int, scope: str, entry: TreeEntry, fresh: bool
+    def _write_file(self, dir_fd: int, scope: str, entry: TreeEntry, fresh: bool,
+                    bundles: dict[bytes, bytes | bytearray]
                     ) -> tuple[int, list[list] | None, list[str]]:
         """Write one file under a temporary name, set its metadata, rename it into place.
 
         Returns the bytes written, if it was kept damaged its zeroed ranges, and the extended
         attributes that could not be set. `fresh`: its directory was made by this restore, so
         nothing else can be in the way and the owner is already ours. Syscalls are kept few:
-        reads of neighbouring chunks and writes of decoded ones are coalesced.
+        reads of neighbouring chunks and writes of decoded ones are coalesced. `bundles` keeps
+        the last bundle read, for the neighbours that share it.
         """
         tmp = _tmp_name(entry.name)
         mode = statmod.S_IMODE(entry.mode)
@@ -435,7 +437,7 @@ class Restorer:
         write = fsmeta.write_sparse if entry.sparse else self._write_stream
         try:
             try:
-                written = write(fd, self._chunks(scope, entry.chunks))
+                written = write(fd, self._content(scope, entry, bundles))
             except IntegrityError:
                 if not self.keep_damaged:
                     raise
@@ -479,6 +481,29 @@ class Restorer:
             written += _write_all(fd, pending)
         return written
 
+    def _content(self, scope: str, entry: TreeEntry, bundles: dict[bytes, bytes | bytearray]
+                 ) -> Iterator[bytes | bytearray | memoryview]:
+        """A file's bytes: its chunks, or its part of the bundle it shares with neighbours."""
+        if entry.offset is None:
+            return self._chunks(scope, entry.chunks)
+        return iter((self._part(scope, entry, bundles),))
+
+    def _part(self, scope: str, entry: TreeEntry, bundles: dict[bytes, bytes | bytearray]
+              ) -> memoryview:
+        """A bundled file's bytes (TreeEntry.offset); the bundle is read once for all of them."""
+        assert entry.offset is not None
+        cid = entry.chunks[0]
+        data = bundles.get(cid)
+        if data is None:
+            data = self.repo.read_blob_blocking(cid, scope)
+            bundles.clear()  # a folder's files are restored in the order they were bundled
+            bundles[cid] = data
+        end = entry.offset + entry.size
+        if end > len(data):
+            raise IntegrityError(f"its bytes end at {end}, beyond its bundle "
+                                 f"{cid.hex()[:12]} ({len(data)} bytes)")
+        return memoryview(data)[entry.offset:end]
+
     def _chunks(self, scope: str, ids: tuple[bytes, ...]) -> Iterator[bytes | bytearray]:
         """Decoded, authenticated chunks of source `scope`; neighbours in the same pack are
         read in one go."""
@@ -513,6 +538,14 @@ class Restorer:
         no known length: one run of such chunks fills what the others leave of the file's
         size; more runs than one cannot be placed (IntegrityError).
         """
+        if entry.offset is not None:  # a bundled file is read whole or not at all
+            try:
+                yield self._part(scope, entry, {})
+                return
+            except IntegrityError as exc:
+                _note_damage(damage, 0, entry.size, str(exc))
+                yield from _zeros(entry.size)
+                return
         repo = self.repo
         locs = []
         missing = ""
@@ -551,9 +584,11 @@ class Restorer:
         dir_fd = self._chain().open(dir_parts)
         result = _BatchResult()
         scope = os.fsdecode(dir_parts[0])  # a directory's parts start with its source
+        bundles: dict[bytes, bytes | bytearray] = {}
         for entry, fresh in jobs:
             try:
-                n, damage, xattrs_failed = self._write_file(dir_fd, scope, entry, fresh)
+                n, damage, xattrs_failed = self._write_file(dir_fd, scope, entry, fresh,
+                                                            bundles)
             except IntegrityError as exc:
                 result.failed.append(f"{self._shown(dir_parts + (entry.name,))}: not "
                                      f"restored: {exc}")

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..config import Source
 from ..crypto.keys import ScopeKeys
@@ -294,8 +294,8 @@ class SnapshotBuilder:
             entry = first.result()[0]
             if entry is not None:
                 st = job.st
-                entries[job.name] = replace(
-                    entry, name=job.name, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                entries[job.name] = entry._replace(
+                    name=job.name, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                     mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, nlink=st.st_nlink)
                 counts.size += entry.size
         ordered = tuple(entries[n] for n in sorted(entries))

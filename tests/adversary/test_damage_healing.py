@@ -31,7 +31,7 @@ async def _with_one_damaged_blob(repo: Repository, tmp_path: Path
     src = tmp_path / "src"
     src.mkdir()
     for i in range(8):
-        (src / f"f{i}").write_bytes(os.urandom(4000 + i))
+        (src / f"f{i}").write_bytes(os.urandom(20_000 + i))  # (not bundled: a chunk each)
     await take_snapshot(repo, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
     name = next(loc.pack for loc in repo.index.blobs.values() if loc.kind == Kind.CHUNK)
     blobs = blobs_by_pack(repo)[name]

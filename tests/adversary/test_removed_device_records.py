@@ -220,7 +220,8 @@ async def test_a_pack_repair_writes_after_a_removal_does_not_list_its_blobs_to_t
 
     a, b, _, _, _, _, packs_before = removal
     for i in range(8):
-        (tmp_path / "src" / f"late-{i}.bin").write_bytes(bytes([i]) * 5000 + str(i).encode())
+        (tmp_path / "src" / f"late-{i}.bin").write_bytes(  # (not bundled: chunks of their own)
+            bytes([i]) * 20_000 + str(i).encode())
     await snapshot(a)
     async with open_device(a, write=True) as dev:
         repo = dev.repo
