@@ -261,7 +261,8 @@ async def test_a_pack_repaired_after_a_removal_from_an_older_epochs_pack_is_hidd
     src = tmp_path / "src"
     src.mkdir()
     for i in range(8):
-        (src / f"f{i}.bin").write_bytes(bytes([i]) * 5000 + str(i).encode())
+        (src / f"f{i}.bin").write_bytes(  # (not bundled: chunks of their own)
+            bytes([i]) * 20_000 + str(i).encode())
     a, b = tmp_path / "a", tmp_path / "b"
     await make_owner(a, [src])
     await snapshot(a)
