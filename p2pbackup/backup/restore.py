@@ -31,6 +31,7 @@ import signal
 import stat as statmod
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -212,6 +213,26 @@ def _worker_start(parent: int) -> None:
 def _worker_job(dir_parts: Parts, jobs: list[tuple[TreeEntry, bool]]) -> _BatchResult:
     assert _forked is not None
     return _forked._write_files(dir_parts, jobs)
+
+
+class _InFlight:
+    """The batches of files submitted and not yet seen done. Done ones leave from the front
+    as new ones come (their errors are raised then): a restore of a million files kept all
+    16k batches' futures (28 MiB traced; they outlived their work by the whole restore)."""
+
+    def __init__(self) -> None:
+        self._futures: deque[cf.Future] = deque()
+
+    def append(self, fut: cf.Future) -> None:
+        futures = self._futures
+        futures.append(fut)
+        while futures and futures[0].done():
+            futures.popleft().result()
+
+    def wait(self) -> None:
+        """Wait for every batch; raise the first error."""
+        while self._futures:
+            self._futures.popleft().result()
 
 
 @dataclass(frozen=True, slots=True)
@@ -682,7 +703,7 @@ class Restorer:
         return fd
 
     def _restore_folder(self, scope: str, entry: TreeEntry | None, tree: Tree | None,
-                        parent_fd: int, parts: Parts, pending: list[cf.Future],
+                        parent_fd: int, parts: Parts, pending: _InFlight,
                         dir_meta: list[tuple[Parts, TreeEntry]]) -> None:
         if tree is None:
             assert entry is not None
@@ -700,7 +721,7 @@ class Restorer:
             dir_meta.append((parts, entry))
 
     def _restore_entry(self, scope: str, e: TreeEntry, dir_fd: int, parts: Parts, fresh: bool,
-                       pending: list[cf.Future], dir_meta: list[tuple[Parts, TreeEntry]]
+                       pending: _InFlight, dir_meta: list[tuple[Parts, TreeEntry]]
                        ) -> None:
         """Make entry `e` as parts[-1] in the directory `dir_fd` (files go to the writers)."""
         if e.type == DIR:
@@ -712,7 +733,7 @@ class Restorer:
             self._restore_special(dir_fd, e, parts, fresh)
 
     def _restore_dir(self, scope: str, tree: Tree, fd: int, parts: Parts, fresh: bool,
-                     pending: list[cf.Future], dir_meta: list[tuple[Parts, TreeEntry]]) -> None:
+                     pending: _InFlight, dir_meta: list[tuple[Parts, TreeEntry]]) -> None:
         batch: list[tuple[TreeEntry, bool]] = []
         batch_bytes = 0
         for e in tree.entries:
@@ -845,7 +866,7 @@ class Restorer:
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
     def _run_jobs(self, resolved: list[_Resolved]) -> None:
-        pending: list[cf.Future] = []
+        pending = _InFlight()
         dir_meta: list[tuple[Parts, TreeEntry]] = []
         for res in resolved:
             fd = self._open_above(res.parts[:-1])
@@ -862,8 +883,7 @@ class Restorer:
             finally:
                 os.close(fd)
             dir_meta.extend(res.above)  # deepest first: children before parents
-        for fut in pending:
-            fut.result()
+        pending.wait()
         for parts, e in dir_meta:  # children before parents: dir_meta is post-order
             self._apply_dir_meta(parts, e)
 
