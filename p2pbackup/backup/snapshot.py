@@ -205,6 +205,10 @@ class SnapshotBuilder:
         batch: list[_FileJob] = []
         batch_bytes = 0
         counts = self._counts
+        known = self.sink.known
+        # A folder's small files share bundles: each is looked up in `known` once, not once
+        # per file (the index may answer from disk).
+        stored: set[bytes] = set()
         for de in dirents:
             name = de.name
             full = de.path
@@ -230,7 +234,9 @@ class SnapshotBuilder:
                 p = prev.get(name)
                 if _unchanged(p, st) and (not p.sqlite or
                                           p.wal_mtime_ns == sqlite_capture.wal_mtime_ns(full)) \
-                        and all(c in self.sink.known for c in p.chunks):
+                        and all(c in stored or c in known for c in p.chunks):
+                    if p.offset is not None:
+                        stored.add(p.chunks[0])
                     if self._refresh:
                         p = self.reader.refresh(full, p, st)
                     node.entries[name] = p

@@ -113,3 +113,31 @@ async def test_a_damaged_bundle_fails_its_files_only(repo: Repository, tmp_path:
     assert f"{first}: restored with bytes 0-{size - 1} zeroed: blob {bundle.hex()[:12]}" in \
         "\n".join(result.damaged)
     assert len(result.damaged) == len(in_it) and result.failed == []
+
+
+async def test_an_unchanged_folder_asks_the_index_once_per_bundle(repo: Repository,
+                                                                  tmp_path: Path, monkeypatch):
+    """The index may answer `in known` from disk: a folder's unchanged small files share a
+    few bundles, and each bundle is looked up once, not once per file."""
+    from p2pbackup.backup import sink as sink_mod
+
+    src = _small_files(tmp_path / "src", dirs=2, files=200)
+    await _snapshot(repo, src, tmp_path)
+    asked: list[bytes] = []
+
+    class Counted(set):
+        def __contains__(self, blob_id: object) -> bool:
+            asked.append(blob_id)  # type: ignore[arg-type]
+            return super().__contains__(blob_id)
+
+    made = sink_mod.BlobSink.__init__
+
+    def counting(self, *args, **kwargs) -> None:
+        made(self, *args, **kwargs)
+        self.known = Counted(self.known)
+
+    monkeypatch.setattr(sink_mod.BlobSink, "__init__", counting)
+    again = await _snapshot(repo, src, tmp_path)
+    assert again.files_unchanged == 404 and again.blobs_added == 0
+    # Per folder: 4 bundles, the bigger file's chunks, the tree; 404 lookups before.
+    assert len(asked) <= 2 * (4 + 3 + 1) + 1, len(asked)
