@@ -11,6 +11,7 @@ import msgpack
 import pytest
 
 from p2pbackup.backup.restore import restore
+from p2pbackup.backup.verify import verify
 from p2pbackup.errors import IntegrityError
 from p2pbackup.format.header import Kind
 from p2pbackup.format.log import ChangeList
@@ -112,3 +113,6 @@ async def test_a_bundled_file_reaching_past_its_bundle_is_not_restored(repo: Rep
     kept = await restore(repo, stored, str(tmp_path / "kept"), keep_damaged=True)
     assert (tmp_path / "kept" / "src" / "past-the-end").read_bytes() == bytes(7)
     assert len(kept.damaged) == 2 and kept.failed == []
+    report = await verify(repo)  # without reading data: the index knows the bundle's length
+    assert sorted(d.reason.split(" reaches past its bundle")[0] for d in report.damage) == \
+        ["src/far-away", "src/past-the-end"]
