@@ -514,6 +514,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         return  # a storage partner only: no sources, no log
     for s in st["sources"]:
         print(f"  source {s['name']}: {s['path']}{'' if s['present'] else '  (MISSING)'}")
+    watch = st.get("watch")
+    if watch:
+        print(f"  inotify: {watch['watched']} of {watch['folders']} folders watched")
     sealed = (f"sealed {(_time.time() - logi['last_sealed']):.0f} s ago"
               if logi["last_sealed"] else "none sealed since start")
     print(f"  log: segment {logi['seq']} ({sealed}); {logi['pending_changes']} changes pending, "

@@ -41,6 +41,7 @@ from .peers import PeerManager, connection_limits
 from .partner import PartnerService, load_grants
 from .replicate import Replicator
 from .rescan import rescan
+from .watches import WatchCoverage, measure, watched_folders
 
 log = logging.getLogger("p2pbackupd")
 
@@ -113,8 +114,10 @@ async def _watch_inotify(paths: list[str], d: "DeviceDaemon", stop: asyncio.Even
     async with contextlib.aclosing(watchfiles.awatch(
             *paths, stop_event=stop, debounce=50, step=50, recursive=True, force_polling=False,
             ignore_permission_denied=True, watch_filter=None, rust_timeout=500,
-            yield_on_timeout=True)) as batches:
+            yield_on_timeout=True)) as batches, d.watching_inotify():
         async for changes in batches:
+            if not watching.is_set() or catch_up:
+                await d.check_watches()  # the watches are in place: count them
             watching.set()
             if catch_up:
                 catch_up = False
@@ -130,7 +133,8 @@ async def _watch_inotify(paths: list[str], d: "DeviceDaemon", stop: asyncio.Even
                             await d.sealer.capture(path, new)
                         except P2PError as exc:
                             log.error("%s", exc)
-            if _present(d.config) != paths:
+            if _present(d.config) != paths or d.rewatch.is_set():
+                d.rewatch.clear()
                 return
 
 
@@ -152,6 +156,9 @@ class DeviceDaemon:
         self.peers: PeerManager | None = None
         self.replicator: Replicator | None = None
         self.partner: PartnerService | None = None
+        self.watch: WatchCoverage | None = None  # how many folders inotify covers
+        self.rewatch = asyncio.Event()  # set: start the watcher again (the limit was raised)
+        self._inotify = False  # the inotify watcher runs (not the rescans that replace it)
 
     async def seal(self) -> None:
         async with self.writing:
@@ -185,13 +192,41 @@ class DeviceDaemon:
             self.notifier.status(f"sealed segment {head.seq}")
         return head
 
-    async def rescan(self) -> None:
-        """Capture what changed without the watcher seeing it."""
+    async def rescan(self, unwatched_only: bool = False) -> None:
+        """Capture what changed without the watcher seeing it (with `unwatched_only`: in the
+        folders inotify does not watch)."""
+        watched = await asyncio.to_thread(watched_folders) if unwatched_only else ()
         async with self.gate.passing():
             try:
-                await rescan(self.dev.repo, self.sealer)
+                await rescan(self.dev.repo, self.sealer, watched)
             except P2PError as exc:
                 log.error("rescan failed: %s", exc)
+
+    @contextlib.asynccontextmanager
+    async def watching_inotify(self) -> AsyncIterator[None]:
+        self._inotify = True
+        try:
+            yield
+        finally:
+            self._inotify = False
+
+    async def check_watches(self) -> None:
+        """Count the folders of the sources and those inotify watches; say once when some
+        cannot be watched (the kernel's limit), and when all are again."""
+        if not self._inotify:
+            self.watch = None  # no watcher, or rescans instead of it: nothing to count
+            return
+        before = self.watch
+        now = await asyncio.to_thread(measure, _present(self.config))
+        self.watch = now
+        if not now.complete and (before is None or before.complete):
+            log.warning("%s", now.message(self.config.daemon.unwatched_rescan_interval))
+        elif now.complete and before is not None and not before.complete:
+            log.info("inotify watches all %d folders of the sources again", now.folders)
+        if not now.complete and before is not None and before.limit is not None \
+                and now.limit is not None and now.limit > before.limit:
+            log.info("the limit on inotify watches was raised to %d: watching again", now.limit)
+            self.rewatch.set()
 
     @contextlib.asynccontextmanager
     async def pause(self, args: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -327,6 +362,9 @@ class DeviceDaemon:
         missing = [f"source {s.name} ({s.path}) disappeared; its last state stays in the log, "
                    "the other sources are still watched"
                    for s in self.config.sources if not os.path.isdir(s.path)]
+        watch = self.watch
+        if watch is not None and not watch.complete:
+            missing.append(watch.message(self.config.daemon.unwatched_rescan_interval))
         return {
             "device": self.dev.identity.device_id,
             "pid": os.getpid(),
@@ -339,6 +377,7 @@ class DeviceDaemon:
             "last_snapshot": {"id": last[0], "time": last[1] / 1e9} if last else None,
             "next_snapshot_in": round(max(0.0, (last[1] / 1e9 + interval) - time.time()), 1)
             if last else 0.0,
+            "watch": watch.status() if watch is not None else None,
             "errors": missing + list(state.warnings[-10:]),
             "paused_for": dict(self.paused_for) if self.paused_for else None,
             "peers": self.peers.status() if self.peers else [],
@@ -377,11 +416,23 @@ async def _seal_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
 
 
 async def _rescan_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
-    """At start (to catch up on what happened while the daemon was down) and periodically."""
+    """At start (to catch up on what happened while the daemon was down) and every
+    `rescan_interval`; in between, while inotify cannot watch every folder, the unwatched
+    ones every `unwatched_rescan_interval`."""
+    settings = d.config.daemon
+    full_at = 0.0
     while not stop.is_set():
-        await d.rescan()
+        if time.monotonic() >= full_at:
+            await d.rescan()
+            full_at = time.monotonic() + settings.rescan_interval
+        else:
+            await d.rescan(unwatched_only=True)
+        await d.check_watches()  # folders come and go, the limit may be raised
+        wait = full_at - time.monotonic()
+        if d.watch is not None and not d.watch.complete:
+            wait = min(wait, settings.unwatched_rescan_interval)
         try:
-            await asyncio.wait_for(stop.wait(), timeout=d.config.daemon.rescan_interval)
+            await asyncio.wait_for(stop.wait(), timeout=max(wait, 0.0))
         except asyncio.TimeoutError:
             pass
 

@@ -48,6 +48,9 @@ class DaemonSettings:
     seal_bytes: int = 64 * 1024 * 1024
     rescan_interval: float = 3600.0  # seconds; the safety net under inotify
     snapshot_interval: float = 86400.0  # seconds between roll-up snapshots
+    # seconds; how often the folders inotify cannot watch (past the kernel's limit on watches)
+    # are rescanned: their changes are seen that late
+    unwatched_rescan_interval: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +285,8 @@ def _daemon_settings(table: object, path: Path) -> DaemonSettings:
         raise ConfigError(f"{path}: key 'daemon' must be a table")
     d = DaemonSettings()
     limits = {"seal_interval": (1, 86400), "seal_bytes": (1024, 1 << 34),
-              "rescan_interval": (1, 7 * 86400), "snapshot_interval": (10, 366 * 86400)}
+              "rescan_interval": (1, 7 * 86400), "snapshot_interval": (10, 366 * 86400),
+              "unwatched_rescan_interval": (1, 7 * 86400)}
     values = {}
     for key, (lo, hi) in limits.items():
         value = table.get(key, getattr(d, key))
@@ -291,7 +295,8 @@ def _daemon_settings(table: object, path: Path) -> DaemonSettings:
                               f"{lo} to {hi}")
         values[key] = value
     return DaemonSettings(float(values["seal_interval"]), int(values["seal_bytes"]),
-                          float(values["rescan_interval"]), float(values["snapshot_interval"]))
+                          float(values["rescan_interval"]), float(values["snapshot_interval"]),
+                          float(values["unwatched_rescan_interval"]))
 
 
 def _read_key_file(path: Path, size: int | None = None) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..format.log import DEL, PUT, Change
 from ..format.membership import SignerRefused
@@ -37,7 +37,7 @@ class Overlay:
         elif change.op == PUT and change.entry is not None:
             entry = change.entry
             if entry.name != name:
-                entry = replace(entry, name=name)
+                entry = entry._replace(name=name)
             self.children.setdefault(parent, {})[name] = entry
 
     def _drop_below(self, path: bytes) -> None:
@@ -60,7 +60,7 @@ class Overlay:
             old = entries.get(name)
             if entry.type == DIR and old is not None and old.type == DIR and \
                     not self.is_wiped(os.path.join(rel, name) if rel else name):
-                entry = replace(entry, subtree=old.subtree)  # a metadata change only
+                entry = entry._replace(subtree=old.subtree)  # a metadata change only
             entries[name] = entry
         return Tree(tuple(entries[n] for n in sorted(entries)))
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..config import Source
 from ..crypto.keys import ScopeKeys
@@ -205,6 +205,10 @@ class SnapshotBuilder:
         batch: list[_FileJob] = []
         batch_bytes = 0
         counts = self._counts
+        known = self.sink.known
+        # A folder's small files share bundles: each is looked up in `known` once, not once
+        # per file (the index may answer from disk).
+        stored: set[bytes] = set()
         for de in dirents:
             name = de.name
             full = de.path
@@ -230,7 +234,9 @@ class SnapshotBuilder:
                 p = prev.get(name)
                 if _unchanged(p, st) and (not p.sqlite or
                                           p.wal_mtime_ns == sqlite_capture.wal_mtime_ns(full)) \
-                        and all(c in self.sink.known for c in p.chunks):
+                        and all(c in stored or c in known for c in p.chunks):
+                    if p.offset is not None:
+                        stored.add(p.chunks[0])
                     if self._refresh:
                         p = self.reader.refresh(full, p, st)
                     node.entries[name] = p
@@ -294,8 +300,8 @@ class SnapshotBuilder:
             entry = first.result()[0]
             if entry is not None:
                 st = job.st
-                entries[job.name] = replace(
-                    entry, name=job.name, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
+                entries[job.name] = entry._replace(
+                    name=job.name, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid,
                     mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, nlink=st.st_nlink)
                 counts.size += entry.size
         ordered = tuple(entries[n] for n in sorted(entries))

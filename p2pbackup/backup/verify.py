@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..errors import P2PError
 from ..format.log import PUT
-from ..format.records import DIR, FILE
+from ..format.records import DIR, FILE, TreeEntry
 from ..repo.index import BlobLocation
 from ..repo.logstore import LogStore
 from ..repo.repository import Repository, StoredSnapshot
@@ -279,6 +279,17 @@ def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: Findin
                                   f"{scope!r}: restore leaves it out"))
         return True
 
+    def past_its_bundle(snap: StoredSnapshot, entry: TreeEntry, path: str) -> bool:
+        """A small file whose bytes, by its offset and size, lie beyond its bundle."""
+        assert entry.offset is not None
+        raw = repo.locate(entry.chunks[0]).raw_length
+        if entry.offset + entry.size <= raw:
+            return False
+        found.other.append(Damage(f"snapshot {snap.short_id}", f"{path} reaches past its "
+                                  f"bundle {entry.chunks[0].hex()[:12]} ({raw} bytes): restore "
+                                  "leaves it out"))
+        return True
+
     def walk(snap: StoredSnapshot, tree_id: bytes, path: str, scope: str) -> bool:
         nonlocal loaded
         if borrowed(snap, tree_id, path + "/", scope):  # before `clean`: checked per source
@@ -310,6 +321,9 @@ def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: Findin
                     if borrowed(snap, cid, child, scope):
                         ok = False
                         break
+                else:
+                    if e.offset is not None and past_its_bundle(snap, e, child):
+                        ok = False
         if ok:
             clean.add(tree_id)
         return ok

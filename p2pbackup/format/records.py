@@ -11,13 +11,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
 from ..errors import IntegrityError, UnsupportedFormat
 
 RECORD_VERSION = 1
+# Trees are written at version 2 when they hold a file stored with others in one chunk
+# (TreeEntry.offset): a version-1 reader would take that whole chunk for the file. Trees
+# without one are written at version 1, byte for byte as before (unchanged folders keep ids).
+TREE_VERSION = 2
 
 FILE, DIR, SYMLINK = "f", "d", "l"
 FIFO, CHARDEV, BLOCKDEV = "p", "c", "b"  # the letters `ls -l` shows
@@ -102,9 +106,14 @@ def _need(obj: dict, key: str, typ: type | tuple[type, ...], what: str) -> Any:
     return value
 
 
-@dataclass(frozen=True, slots=True)
-class TreeEntry:
-    """One directory entry. `name` and `target` are raw file-system bytes."""
+class TreeEntry(NamedTuple):
+    """One directory entry. `name` and `target` are raw file-system bytes.
+
+    A named tuple, not a frozen dataclass: one is made for every entry of every tree a
+    snapshot, restore or verify reads (a million for a million files), and a named tuple is
+    made in 0.29 us, a frozen dataclass of these 19 fields in 1.86 us (its __init__ sets each
+    field through object.__setattr__). Copies with changes: `entry._replace(...)`.
+    """
 
     type: str
     name: bytes
@@ -124,6 +133,9 @@ class TreeEntry:
     xattrs: tuple[tuple[bytes, bytes], ...] = ()  # (name, value), sorted by name
     sparse: bool = False  # a file with holes: restore leaves its zero runs unallocated
     rdev: tuple[int, int] = (0, 0)  # (major, minor) of a device node
+    # A small file stored with its neighbours in one chunk (a bundle): its bytes are `size`
+    # bytes from this offset of its only chunk. None: the file is its chunks, whole.
+    offset: int | None = None
 
     def to_map(self) -> dict:
         m: dict[str, Any] = {"t": self.type, "n": self.name, "m": self.mode, "u": self.uid,
@@ -137,6 +149,8 @@ class TreeEntry:
                 m["wm"] = self.wal_mtime_ns
             if self.sparse:
                 m["sp"] = True
+            if self.offset is not None:
+                m["o"] = self.offset
         elif self.type == DIR:
             m["sub"] = self.subtree
         elif self.type == SYMLINK:
@@ -183,10 +197,14 @@ class TreeEntry:
             if not ok:
                 raise IntegrityError(f"{what} is malformed: impossible size, inode, link count "
                                      f"or time in {name!r}")
-            xa = g("xa")
+            xa, offset = g("xa"), g("o")
+            if offset is not None and (type(offset) is not int or not 0 <= offset < 1 << 63
+                                       or len(chunks) != 1):
+                raise IntegrityError(f"{what} is malformed: bad offset in {name!r}")
             return cls(t, name, mode, uid, gid, mtime, ct, ino, size,
                        tuple(chunks), None, None, nl, bool(g("sq", False)), wm,
-                       () if xa is None else _xattrs(xa, name, what), bool(g("sp", False)))
+                       () if xa is None else _xattrs(xa, name, what), bool(g("sp", False)),
+                       (0, 0), offset)
         xa = g("xa")
         xattrs = () if xa is None else _xattrs(xa, name, what)
         if t == DIR:
@@ -219,11 +237,13 @@ class Tree:
     skipped: int = 0  # entries of unknown types met while decoding
 
     def encode(self) -> bytes:
-        return _pack({"v": RECORD_VERSION, "e": [e.to_map() for e in self.entries]})
+        maps = [e.to_map() for e in self.entries]
+        version = TREE_VERSION if any("o" in m for m in maps) else RECORD_VERSION
+        return _pack({"v": version, "e": maps})
 
     @classmethod
     def decode(cls, data: bytes, what: str = "tree") -> "Tree":
-        obj = _unpack(data, what)
+        obj = _unpack(data, what, TREE_VERSION)
         raw = _need(obj, "e", list, what)
         entries, skipped = [], 0
         for m in raw:

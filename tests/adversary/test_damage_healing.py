@@ -32,7 +32,7 @@ async def _with_one_damaged_blob(repo: Repository, tmp_path: Path
     src = tmp_path / "src"
     src.mkdir()
     for i in range(8):
-        (src / f"f{i}").write_bytes(os.urandom(4000 + i))
+        (src / f"f{i}").write_bytes(os.urandom(20_000 + i))  # (not bundled: a chunk each)
     await take_snapshot(repo, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
     name = next(loc.pack for loc in stored_blobs(repo.index).values() if loc.kind == Kind.CHUNK)
     blobs = await repo.index.pack_blobs(name)

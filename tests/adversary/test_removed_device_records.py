@@ -228,7 +228,8 @@ async def test_a_pack_repair_writes_after_a_removal_does_not_list_its_blobs_to_t
 
     a, b, _, _, _, _, packs_before = removal
     for i in range(8):
-        (tmp_path / "src" / f"late-{i}.bin").write_bytes(bytes([i]) * 5000 + str(i).encode())
+        (tmp_path / "src" / f"late-{i}.bin").write_bytes(  # (not bundled: chunks of their own)
+            bytes([i]) * 20_000 + str(i).encode())
     await snapshot(a)
     async with open_device(a, write=True) as dev:
         repo = dev.repo
@@ -268,7 +269,8 @@ async def test_a_pack_repaired_after_a_removal_from_an_older_epochs_pack_is_hidd
     src = tmp_path / "src"
     src.mkdir()
     for i in range(8):
-        (src / f"f{i}.bin").write_bytes(bytes([i]) * 5000 + str(i).encode())
+        (src / f"f{i}.bin").write_bytes(  # (not bundled: chunks of their own)
+            bytes([i]) * 20_000 + str(i).encode())
     a, b = tmp_path / "a", tmp_path / "b"
     await make_owner(a, [src])
     await snapshot(a)

@@ -26,7 +26,8 @@ from tests.eventually import eventually_sync
 class Daemon:
     """p2pbackupd in a subprocess, with a datagram socket standing in for systemd."""
 
-    def __init__(self, cli: Cli, tmp: Path, watchdog_usec: int | None = None) -> None:
+    def __init__(self, cli: Cli, tmp: Path, watchdog_usec: int | None = None,
+                 prefix: list[str] | tuple[str, ...] = ()) -> None:
         self.cli = cli
         self.sock_path = str(tmp / f"notify-{random.getrandbits(32):x}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -37,7 +38,8 @@ class Daemon:
         if watchdog_usec:
             env["WATCHDOG_USEC"] = str(watchdog_usec)
         self.log = open(tmp / "daemon.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "p2pbackup.daemon.main"], env=env,
+        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "p2pbackup.daemon.main"],
+                                     env=env,
                                      stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
         self.messages: list[str] = []
 

@@ -123,11 +123,11 @@ def test_a_damaged_file_is_named_and_every_other_file_is_restored(backed_up, tmp
     assert got == data[:start] + bytes(end - start) + data[end:]
 
 
-def _small_files(root: Path, count: int = 150) -> Path:
-    """`count` random files of distinct sizes, each one chunk: a blob's raw length names it."""
+def _files(root: Path, count: int, size: int) -> Path:
+    """`count` random files of `size` bytes and more, each a little longer than the last."""
     root.mkdir(parents=True)
     for i in range(count):
-        (root / f"f{i:03d}.bin").write_bytes(os.urandom(2000 + 37 * i))
+        (root / f"f{i:03d}.bin").write_bytes(os.urandom(size + 37 * i))
     return root
 
 
@@ -140,22 +140,30 @@ def _trailer(cli: Cli, pack: Path):
     return parse_trailer(data, len(data), keys.meta_key, "pack")
 
 
-def _flip_one_chunk(cli: Cli, src: Path) -> tuple[Path, object, str, int]:
+def _flip_one_chunk(cli: Cli, src: Path) -> tuple[Path, object, list[str], int]:
     """Flip one byte inside one chunk of the largest pack; return (pack, the chunk's BlobRef,
-    the file using it, the number of blobs of the pack)."""
+    the files using it, the number of blobs of the pack)."""
+    from p2pbackup.config import load_config, load_keys
     from p2pbackup.format.header import Kind
+    from p2pbackup.format.objects import open_object
 
     pack = largest_pack(cli)
     refs = _trailer(cli, pack).blobs
     chunks = sorted((r for r in refs if r.kind == Kind.CHUNK), key=lambda r: r.offset)
     ref = chunks[len(chunks) // 2]
-    victim = next(p.name for p in src.iterdir() if p.stat().st_size == ref.raw_length)
+    keys, _ = load_keys(load_config(cli.home))
+    with open(pack, "rb") as f:
+        f.seek(ref.offset)
+        _, plain = open_object(f.read(ref.length), keys.scope("src", 0).data_key)
+    # A file cut into chunks holds this one; small files stored together are held by it.
+    victims = sorted(p.name for p in src.iterdir()
+                     if bytes(plain) in (data := p.read_bytes()) or data in plain)
     with open(pack, "r+b") as f:
         f.seek(ref.offset + ref.length // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x01]))
-    return pack, ref, victim, len(refs)
+    return pack, ref, victims, len(refs)
 
 
 def _indexed_blobs(out: str) -> int:
@@ -165,11 +173,11 @@ def _indexed_blobs(out: str) -> int:
 
 
 def test_one_flipped_byte_damages_one_blob_not_its_pack(cli: Cli, tmp_path: Path):
-    src = _small_files(tmp_path / "src")
+    src = _files(tmp_path / "src", 150, 17_000)  # each too big to share a chunk
     cli("init", "--source", str(src))
     sid = json.loads(cli("snapshot", "--json").stdout)["short_id"]
     before_blobs = _indexed_blobs(cli("index", "rebuild").stdout)
-    pack, ref, victim, nblobs = _flip_one_chunk(cli, src)
+    pack, ref, (victim,), nblobs = _flip_one_chunk(cli, src)
     blob = ref.id.hex()
 
     # verify --read-data names that blob and the one file using it, and nothing else.
@@ -210,6 +218,29 @@ def test_one_flipped_byte_damages_one_blob_not_its_pack(cli: Cli, tmp_path: Path
     heal_and_check(cli, src, tmp_path / "ok")
 
 
+def test_one_flipped_byte_in_small_files_stored_together_names_each_of_them(cli: Cli,
+                                                                            tmp_path: Path):
+    src = _files(tmp_path / "src", 150, 2000)  # stored together, 64 to a chunk at most
+    cli("init", "--source", str(src))
+    sid = json.loads(cli("snapshot", "--json").stdout)["short_id"]
+    pack, ref, victims, _ = _flip_one_chunk(cli, src)
+    assert 1 < len(victims) <= 64
+    proc = cli("verify", "--read-data", "--json", check=False)
+    assert proc.returncode == 13, proc.stdout + proc.stderr
+    damage = json.loads(proc.stdout)["damage"]
+    assert [(d.get("blob"), d.get("pack")) for d in damage] == [(ref.id.hex(), pack.name)]
+    assert sorted(damage[0]["affects"]) == [f"snapshot {sid}: src/{v}" for v in victims]
+    out = tmp_path / "out"
+    proc = cli("restore", "latest", "--to", str(out), check=False)
+    assert proc.returncode == 13
+    assert sorted(os.listdir(out / "src")) == sorted(set(os.listdir(src)) - set(victims))
+    assert all(f"src/{v}: not restored: blob {ref.id.hex()[:12]}" in proc.stderr
+               for v in victims), proc.stderr
+    out = cli("repair").stdout
+    assert f"blob {ref.id.hex()[:12]}" in out and f"snapshot {sid}: src/{victims[0]}" in out
+    heal_and_check(cli, src, tmp_path / "ok")  # the next snapshot stores them again
+
+
 def test_a_damaged_blob_known_from_a_rebuilt_index_keeps_its_place_in_its_file(
         cli: Cli, sample_tree: Path, tmp_path: Path):
     """After an index rebuild the damaged blobs are known without being read again; where
@@ -231,12 +262,12 @@ def test_a_damaged_blob_known_from_a_rebuilt_index_keeps_its_place_in_its_file(
 def test_repair_heals_from_a_copy_of_the_store(cli: Cli, tmp_path: Path):
     import shutil
 
-    src = _small_files(tmp_path / "src", 60)
+    src = _files(tmp_path / "src", 60, 2000)  # small files, stored together
     cli("init", "--source", str(src))
     cli("snapshot")
     copy = tmp_path / "copy"
     shutil.copytree(cli.home / "store", copy)      # e.g. a USB disk, before the damage
-    pack, ref, victim, nblobs = _flip_one_chunk(cli, src)
+    pack, _, _, _ = _flip_one_chunk(cli, src)
     assert cli("verify", "--read-data", check=False).returncode == 13
     cli("index", "rebuild")                         # the damaged pack known, partly indexed
 

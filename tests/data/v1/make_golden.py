@@ -232,6 +232,23 @@ def main() -> None:
               seal_object(Kind.CHUNK, chunk, scope1.data_key, nonce=nonce(23)), len(chunk))
     (HERE / "pack-epoch1.bin").write_bytes(pack1.finish(keys1.record_keys[1])[1])
 
+    # Tree version 2: small files stored together in one chunk (a bundle), each at its offset
+    # in it, beside a file stored as its own chunk as before.
+    bundle = b"first file\n" + b"second, longer file\n"
+    bid = scope.blob_id(bundle)
+    bundled = Tree((
+        TreeEntry(FILE, b"a.txt", 0o100644, 1000, 1000, 1_700_000_000_000_000_030,
+                  1_700_000_000_000_000_031, 50, 11, (bid,), offset=0),
+        TreeEntry(FILE, b"b.txt", 0o100600, 1000, 1000, 1_700_000_000_000_000_032,
+                  1_700_000_000_000_000_033, 51, 20, (bid,), offset=11),
+        TreeEntry(FILE, b"hello.txt", 0o100644, 1000, 1000, 1_700_000_000_000_000_001,
+                  1_700_000_000_000_000_002, 42, len(chunk), (cid,)),
+    ))
+    (HERE / "tree-bundle.obj").write_bytes(seal_object(Kind.TREE, bundled.encode(),
+                                                       scope.data_key, nonce=nonce(24)))
+    (HERE / "bundle.obj").write_bytes(seal_object(Kind.CHUNK, bundle, scope.data_key,
+                                                  nonce=nonce(25)))
+
 
 if __name__ == "__main__":
     main()

@@ -225,3 +225,40 @@ def test_v2_pack_trailer_sealed_in_its_epoch():
         parse_trailer(data, len(data), KEYS.meta_key, "golden pack")
     trailer = parse_trailer(data, len(data), KEYS1.record_keys_newest_first(), "golden pack")
     assert (trailer.scope, trailer.epoch, len(trailer.blobs)) == ("docs", 1, 1)
+
+
+# ---- tree version 2: small files stored together in one chunk -------------------------------
+
+def test_tree_with_files_stored_in_one_bundle():
+    from p2pbackup.format.records import TREE_VERSION
+
+    _, body = open_object((V1 / "tree-bundle.obj").read_bytes(), SCOPE.data_key,
+                          expect=Kind.TREE)
+    _, bundle = open_object((V1 / "bundle.obj").read_bytes(), SCOPE.data_key, expect=Kind.CHUNK)
+    tree = Tree.decode(body)
+    a, b, hello = tree.entries
+    assert a.chunks == b.chunks == (SCOPE.blob_id(bundle),) and hello.chunks == (SCOPE.blob_id(CHUNK),)
+    assert bundle[a.offset:a.offset + a.size] == b"first file\n"
+    assert bundle[b.offset:b.offset + b.size] == b"second, longer file\n"
+    assert hello.offset is None and hello.size == len(CHUNK)
+    assert Tree.decode(body).encode() == bytes(body)  # re-encoded as it was written
+    import msgpack
+
+    assert msgpack.unpackb(body)["v"] == TREE_VERSION == 2
+
+
+def test_a_reader_of_tree_version_1_refuses_bundled_files_rather_than_misread_them():
+    """Downgrade safety: a version-1 reader would take a bundle for the file's whole content;
+    the tree's version makes it say 'written by a newer p2pbackup' instead."""
+    from p2pbackup.format.records import _unpack
+
+    _, body = open_object((V1 / "tree-bundle.obj").read_bytes(), SCOPE.data_key)
+    with pytest.raises(UnsupportedFormat):
+        _unpack(body, "tree", 1)  # what Tree.decode of version 1 called
+
+
+def test_trees_without_bundled_files_are_still_written_as_version_1():
+    """An unchanged folder keeps its tree id across the upgrade: same entries, same bytes."""
+    for name in ("tree.obj", "tree-capture1.obj"):
+        _, body = open_object((V1 / name).read_bytes(), SCOPE.data_key)
+        assert Tree.decode(body).encode() == bytes(body)
