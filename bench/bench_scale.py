@@ -22,8 +22,9 @@ bench/work/scale/mnt (unmounted at the end, also on failure or Ctrl-C; needs roo
 
 Each step runs --repeat times (default 3, or 2 for N >= 1M) with both tools, alternating which
 goes first (restic in repetitions 1, 3, ...). Wall time and peak RSS are recorded: the larger
-of ru_maxrss (os.wait4: the largest single process of the tree) and the summed RSS of the
-command and all its descendants, sampled every 0.2 s (p2pbackup forks restore workers).
+of ru_maxrss (os.wait4: the largest single process of the tree) and, sampled every 0.2 s, the
+command's RSS or, while it has children (p2pbackup forks restore workers), the summed PSS of
+it and all its descendants.
 Steps can be chosen (--steps, --tools); what a chosen step needs (repositories, the mutation)
 is then prepared untimed. The tables are printed even when a step fails; --write-results
 replaces the "## Scale" section of bench/RESULTS.md. The whole run holds the machine-wide
@@ -117,28 +118,44 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
-def tree_rss_kib(root: int) -> tuple[int, int]:
-    """(summed RSS in KiB, number of processes) of `root` and its descendants now."""
-    total = count = 0
-    for pid in process_tree(root):
-        try:
-            with open(f"/proc/{pid}/statm", "rb") as f:
-                total += int(f.read().split()[1]) * PAGE_KIB
-            count += 1
-        except (OSError, IndexError, ValueError):
-            continue
-    return total, count
+def rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * PAGE_KIB
+    except (OSError, IndexError, ValueError):  # gone meanwhile
+        return 0
+
+
+def pss_kib(pid: int) -> int:
+    """Proportional set size: each shared page counted once over the processes sharing it."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(b"Pss:"))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return 0
+
+
+def tree_memory_kib(root: int) -> tuple[int, int]:
+    """(memory in KiB, number of processes) of `root` and its descendants now: the RSS of
+    `root` alone, or, when it has children (forked workers sharing its pages), the larger of
+    that and the tree's summed PSS (a sum of RSS would count the shared pages once per
+    process)."""
+    tree = process_tree(root)
+    own = rss_kib(root)
+    if len(tree) == 1:
+        return own, 1
+    return max(own, sum(pss_kib(pid) for pid in tree)), len(tree)
 
 
 class TreeMemory:
-    """Samples the summed RSS of a process and its descendants on a thread; keeps the peak."""
+    """Samples the memory of a process tree (tree_memory_kib) on a thread; keeps the peak."""
 
     def __init__(self) -> None:
         self.peak_kib = 0
         self.processes = 0
 
     def sample(self, pid: int) -> int:
-        kib, count = tree_rss_kib(pid)
+        kib, count = tree_memory_kib(pid)
         self.peak_kib = max(self.peak_kib, kib)
         self.processes = max(self.processes, count)
         return kib
@@ -169,10 +186,10 @@ class Sample:
     """One tool's measurement in one repetition of a step."""
 
     seconds: float | None  # None: the row measures memory only (an idle daemon)
-    peak_kib: int  # max(ru_maxrss, the sampled RSS of the process tree)
+    peak_kib: int  # max(ru_maxrss, the sampled memory of the process tree)
     processes: int = 1  # the most processes of the tree seen at once
     error: str | None = None  # why it failed, if it did
-    note: str = ""
+    extra: dict[str, float] = field(default_factory=dict)  # more figures, e.g. "READY=1 s"
 
     @property
     def ok(self) -> bool:
@@ -279,27 +296,30 @@ class ScaleRun:
             self.backup_untimed()
             self.have_repos = True
 
-    def measure(self, row: Row, spec: Spec, rep: int) -> None:
-        """Repetition `rep` of a step: each chosen tool, in this repetition's order."""
+    def measure(self, row: Row, spec: Spec, rep: int,
+                after: Callable[[str, int], None] | None) -> None:
+        """Repetition `rep` of a step: each chosen tool, in this repetition's order, each
+        followed by the untimed `after(tool, rep)`."""
         for tool in tool_order(rep):
             if tool in self.tools:
                 memory = TreeMemory()
                 run = run_tool(self.runner, self.lay, spec, tool, rep, memory.watching)
                 row.add(tool, sample_of(run, memory))
-        self.note_tmpfs()
+                self.note_tmpfs()
+                if after is not None:
+                    after(tool, rep)
 
     def repeated(self, key: str, spec: Spec,
                  prepare: Callable[[int], None] | None = None,
-                 after: Callable[[int], None] | None = None) -> None:
-        """A step `repeat` times; `prepare(rep)` before and `after(rep)` after each, untimed."""
+                 after: Callable[[str, int], None] | None = None) -> None:
+        """A step `repeat` times; untimed, `prepare(rep)` before each repetition and
+        `after(tool, rep)` after each tool's run."""
         row = self.new_row(key)
         print(f"{row.name}:", flush=True)
         for rep in range(self.repeat):
             if prepare is not None:
                 prepare(rep)
-            self.measure(row, spec, rep)
-            if after is not None:
-                after(rep)
+            self.measure(row, spec, rep, after)
         print(f"  medians: {median_line(row)}", flush=True)
 
     def new_row(self, key: str, name: str | None = None) -> Row:
@@ -314,10 +334,6 @@ class ScaleRun:
             stash_state(self.lay)
         else:
             restore_state(self.lay)
-
-    def drop_stash(self, rep: int) -> None:
-        if rep == self.repeat - 1:
-            remove_tree(self.lay.stash)
 
     def step(self, key: str, body: Callable[[], None]) -> None:
         """Run one step; a failure is noted in the table and the next step still runs."""
@@ -370,8 +386,8 @@ class ScaleRun:
         self.res.mutation = mutation_counts(self.res.files)
         self.res.mutate_s = self.mkfiles("mutate", "--mutate", "--seed", "1")
         if MUTATION in self.steps:
-            self.repeated(MUTATION, self.backup(MUTATION), self.from_same_state,
-                          self.drop_stash)
+            self.repeated(MUTATION, self.backup(MUTATION), self.from_same_state)
+            remove_tree(self.lay.stash)
         else:  # only for prune: its older half must hold data the newer half does not
             print("  (untimed: a backup of the mutated tree)", flush=True)
             self.backup_untimed()
@@ -385,10 +401,11 @@ class ScaleRun:
         spec = Spec(RESTORE, ["restore", "latest", "--target", self.lay.restore_restic],
                     ["restore", "latest", "--to", self.lay.restore_ours])
 
-        def check_and_clear(rep: int) -> None:
-            if rep == self.repeat - 1 and OURS in self.tools:
+        def check_and_clear(tool: str, rep: int) -> None:
+            if tool == OURS and rep == self.repeat - 1:
                 self.res.restore_check = self.check_restore()
-            clear_restores(self.lay)  # a restore of 1M files is ~4 GiB of tmpfs
+            # at once: a restore of 1M files takes ~4 GiB of tmpfs, two would not fit
+            remove_tree(self.lay.restore_ours if tool == OURS else self.lay.restore_restic)
 
         self.repeated(RESTORE, spec, lambda rep: clear_restores(self.lay), check_and_clear)
 
@@ -423,7 +440,8 @@ class ScaleRun:
         keep = {tool: str(max(1, n // 2)) for tool, n in counts.items()}
         spec = Spec(PRUNE, ["forget", "--keep-last", keep.get(RESTIC, "1"), "--prune"],
                     ["forget", "--keep-last", keep.get(OURS, "1"), "--prune"])
-        self.repeated(PRUNE, spec, self.from_same_state, self.drop_stash)
+        self.repeated(PRUNE, spec, self.from_same_state)
+        remove_tree(self.lay.stash)
         row = self.res.row(PRUNE)
         assert row is not None
         row.detail = "snapshots " + ", ".join(f"{tool} {counts[tool]} → {keep[tool]}"
@@ -473,12 +491,12 @@ class ScaleRun:
                 idle_kib.append(memory.sample(daemon.pid))
             stop = daemon.stop()
         error = None if stop.exit_code == 0 else f"exit {stop.exit_code} after SIGTERM"
-        note = (f"READY=1 after {ready_s:.1f} s"
-                + (f"; first idle {idle_at - daemon.started:.1f} s after start" if fresh else ""))
-        busy.add(OURS, Sample(done_s, busy_peak, memory.processes, error, note))
+        times = {"READY=1 s": ready_s}
+        if fresh:
+            times["first idle s"] = idle_at - daemon.started
+        busy.add(OURS, Sample(done_s, busy_peak, memory.processes, error, times))
         idle.add(OURS, Sample(None, max(idle_kib), memory.processes, error,
-                              f"{len(idle_kib)} samples over {self.idle_seconds:g} s; "
-                              f"median {statistics.median(idle_kib) / 1024:.0f} MiB"))
+                              {"median MiB": statistics.median(idle_kib) / 1024}))
         print(f"  {tag}: READY=1 {ready_s:.1f} s, {'snapshot done' if fresh else 'idle'} "
               f"{done_s:.1f} s, peak {busy_peak / 1024:.0f} MiB, idle RSS "
               f"{max(idle_kib) / 1024:.0f} MiB", flush=True)
@@ -591,7 +609,10 @@ def row_line(row: Row) -> str:
     met = None if row.target is None or ratio is None else ratio <= row.target
     ours_peak = peak_mib(row.runs(OURS))
     rss_ok = None if ours_peak is None else ours_peak <= RSS_TARGET_MIB
-    notes = ([row.detail] if row.detail else []) + [s.note for s in row.runs(OURS) if s.note]
+    notes = [row.detail] if row.detail else []
+    for key in dict.fromkeys(k for s in row.runs(OURS) for k in s.extra):
+        notes.append(f"{key}: " + " / ".join(f"{s.extra[key]:.1f}" for s in row.runs(OURS)
+                                              if key in s.extra))
     name = row.name + (f" ({'; '.join(notes)})" if notes else "")
     if row.problem:
         name += f" — **not run: {row.problem}**"
@@ -723,11 +744,12 @@ def method_lines() -> list[str]:
          "shows the spread. Other work on the machine (2 cores shared) makes times noisy: "
          "see the load averages; memory is not affected by it."),
         ("- Peak RSS: the larger of `ru_maxrss` from `os.wait4` (the largest single process "
-         "of the command's tree, exact) and the summed RSS (`/proc/PID/statm`) of the "
-         "command and all its descendants (found by parent pid in /proc), sampled every "
-         f"{SAMPLE_EVERY} s, which counts p2pbackup's restore workers together (shared pages "
-         "once per process, so it is an upper bound). The most processes seen at once is "
-         "given when more than one. Maximum over the repetitions."),
+         "of the command's tree, exact) and a sample every "
+         f"{SAMPLE_EVERY} s of the command's own RSS or, while it has children (p2pbackup's "
+         "restore workers), the summed PSS (`/proc/PID/smaps_rollup`) of it and all its "
+         "descendants (found by parent pid in /proc), which counts pages the forked workers "
+         "share with it once. When more than one process was seen, the most at once is "
+         "given. Maximum over the repetitions."),
         ("- Order of the steps as run: initial (every repetition from empty repositories, "
          "`init` untimed; the last one's are kept), mutation + after-mutation backup (the "
          "repositories copied aside with `cp -a` before the first repetition and put back "
