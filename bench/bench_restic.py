@@ -280,11 +280,12 @@ def du_bytes(path: Path) -> int:
 # ---- scratch file system -------------------------------------------------------------------
 
 @contextmanager
-def scratch_fs(keep: bool, tmpfs_size: str | None = None,
-               mnt: Path = WORK / "mnt") -> Iterator[Path]:
-    """A fresh file system at `mnt`, removed afterwards: ext4 on a loop device (its image in
-    bench/work), or with `tmpfs_size` (e.g. "16G") a tmpfs of at most that size."""
-    image = None if tmpfs_size else WORK / "fs.img"
+def scratch_fs(keep: bool, tmpfs_size: str | None = None, mnt: Path = WORK / "mnt",
+               image_size: str = IMAGE_SIZE, mkfs_args: Sequence[str] = ()) -> Iterator[Path]:
+    """A fresh file system at `mnt`, removed afterwards: ext4 on a loop device (its sparse
+    image of `image_size` beside `mnt`), or with `tmpfs_size` (e.g. "16G") a tmpfs of at
+    most that size."""
+    image = None if tmpfs_size else mnt.parent / "fs.img"
     if os.path.ismount(mnt):
         raise BenchError(f"{mnt} is still mounted (an earlier --keep run?): "
                          f"{removal_command(image, mnt)}")
@@ -294,10 +295,10 @@ def scratch_fs(keep: bool, tmpfs_size: str | None = None,
             check_call(["mount", "-t", "tmpfs", "-o", f"size={tmpfs_size},mode=0755", "tmpfs",
                         mnt])
         else:
-            check_call(["truncate", "-s", IMAGE_SIZE, image])
+            check_call(["truncate", "-s", image_size, image])
             # Initialise inode tables and journal now, not in the background during the steps.
             check_call(["mkfs.ext4", "-q", "-F", "-E",
-                        "lazy_itable_init=0,lazy_journal_init=0", image])
+                        "lazy_itable_init=0,lazy_journal_init=0", *mkfs_args, image])
             check_call(["mount", "-o", "loop", image, mnt])
         yield mnt
     finally:

@@ -47,7 +47,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,6 +70,14 @@ IDLE_WINDOW = 1.0  # seconds: the daemon is idle when it used < IDLE_CPU of a co
 IDLE_CPU = 0.05
 IDLE_POLL = 0.25  # seconds between status requests while waiting for the daemon to idle
 MiB = 1 << 20
+# The tmpfs holds the tree (a 4 KiB page per small file), one restore, both repositories
+# and their copies: at most 1.0 GiB at 100k files (10.5 KiB per file).
+TMPFS_KIB_PER_FILE = 11
+KEEP_FREE_KIB = 2 << 20
+# Below this much available memory the N in progress is stopped (and its tmpfs removed):
+# there is no swap, so a full memory means the kernel kills processes, other people's too.
+# (A 1M-file run on tmpfs got there when other work on the machine grew meanwhile.)
+LOW_MEMORY_KIB = 1536 << 10
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 # (key for --steps, row name, target for the ratio of the median times, p2pbackup/restic);
@@ -227,7 +235,8 @@ class SizeResult:
     mutation: tuple[int, int, int] = (0, 0, 0)
     repo_bytes: dict[str, int] = field(default_factory=dict)  # after the initial snapshot
     restore_check: str = "not run"
-    tmpfs_peak_bytes: int = 0
+    fs: str = "tmpfs"  # the scratch file system (--fs)
+    fs_peak_bytes: int = 0
     load_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
     seconds: float = 0.0
@@ -246,7 +255,7 @@ def sample_of(run: Run, memory: TreeMemory) -> Sample:
 
 
 class ScaleRun:
-    """The steps at one N, on one scratch tmpfs."""
+    """The steps at one N, on one scratch file system."""
 
     def __init__(self, mnt: Path, runner: Runner, logs: Path, result: SizeResult,
                  steps: Sequence[str], tools: Sequence[str], idle_seconds: float) -> None:
@@ -267,10 +276,10 @@ class ScaleRun:
 
     # -- helpers
 
-    def note_tmpfs(self) -> None:
+    def note_fs_use(self) -> None:
         st = os.statvfs(self.lay.mnt)
         used = (st.f_blocks - st.f_bfree) * st.f_frsize
-        self.res.tmpfs_peak_bytes = max(self.res.tmpfs_peak_bytes, used)
+        self.res.fs_peak_bytes = max(self.res.fs_peak_bytes, used)
 
     def mkfiles(self, label: str, *args: str) -> float:
         print(f"{label}:", flush=True)
@@ -278,7 +287,7 @@ class ScaleRun:
                                 os.environ)
         if not run.ok:
             raise BenchError(f"{run.command} failed (exit {run.exit_code}):\n{run.stderr}")
-        self.note_tmpfs()
+        self.note_fs_use()
         return run.seconds
 
     def backup_untimed(self) -> None:
@@ -305,7 +314,7 @@ class ScaleRun:
                 memory = TreeMemory()
                 run = run_tool(self.runner, self.lay, spec, tool, rep, memory.watching)
                 row.add(tool, sample_of(run, memory))
-                self.note_tmpfs()
+                self.note_fs_use()
                 if after is not None:
                     after(tool, rep)
 
@@ -339,6 +348,8 @@ class ScaleRun:
         """Run one step; a failure is noted in the table and the next step still runs."""
         try:
             body()
+        except OutOfMemory:
+            raise
         except BenchError as exc:
             row = self.res.row(key) or self.new_row(key, DAEMON_ROWS["start"]
                                                     if key == DAEMON else None)
@@ -464,7 +475,7 @@ class ScaleRun:
             self.daemon_run(rows["start"], rows["start-idle"], logs / "start", fresh=True)
             self.daemon_run(rows["restart"], rows["restart-idle"], logs / "restart",
                             fresh=False)
-            self.note_tmpfs()
+            self.note_fs_use()
 
     def daemon_run(self, busy: Row, idle: Row, logs: Path, fresh: bool) -> None:
         """Start p2pbackupd, wait for READY=1 (and on a fresh home for its roll-up snapshot)
@@ -525,20 +536,85 @@ def wait_idle(daemon: bench_daemon.Daemon, timeout: float) -> float:
                      f"{indent(daemon.log_tail())}")
 
 
+def mem_available_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    raise BenchError("no MemAvailable in /proc/meminfo")
+
+
 def tmpfs_size(files: int) -> str:
-    """A cap for the tmpfs: a small file takes a 4 KiB page, and the tree, one restore, both
-    repositories and their copies are there at once (~10 KiB per file measured; the cap is
-    only a ceiling, what is used is what is written)."""
-    return f"{max(2, math.ceil(files * 16 * 1024 / (1 << 30)) + 2)}G"
+    """The tmpfs's cap for N files: what it will hold (TMPFS_KIB_PER_FILE, measured) with
+    room to spare, but never more than the memory available now minus KEEP_FREE_KIB, so a
+    full tmpfs fails a step (ENOSPC) instead of the kernel killing processes, other people's
+    too (there is no swap). Refuses when even the expected use does not fit."""
+    need = files * TMPFS_KIB_PER_FILE
+    room = mem_available_kib() - KEEP_FREE_KIB
+    if need > room:
+        raise BenchError(f"{files:,} files need about {need / (1 << 20):.1f} GiB of tmpfs and "
+                         f"only {max(room, 0) / (1 << 20):.1f} GiB of memory is available "
+                         f"(keeping {KEEP_FREE_KIB >> 20} GiB free): skipped")
+    return f"{min(2 * need + (1 << 20), room)}k"
 
 
-def run_size(files: int, repeat: int, args: argparse.Namespace, logs: Path) -> SizeResult:
-    res = SizeResult(files, repeat, load_start=os.getloadavg())
+class OutOfMemory(BenchError):
+    """Raised in the main thread by MemoryGuard: stop this N."""
+
+
+class MemoryGuard:
+    """Watches MemAvailable every second; below LOW_MEMORY_KIB it raises OutOfMemory in the
+    main thread (by a signal, so also while it waits for a command, which is then killed)."""
+
+    def __init__(self) -> None:
+        self.tripped_kib: int | None = None
+        self._stop = threading.Event()
+        self._main = threading.main_thread().ident
+
+    def _raise(self, *_: object) -> None:
+        raise OutOfMemory(f"only {(self.tripped_kib or 0) >> 10} MiB of memory left available "
+                          f"on the machine (limit {LOW_MEMORY_KIB >> 10} MiB): stopped this "
+                          "size and removed its tmpfs")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            available = mem_available_kib()
+            if available < LOW_MEMORY_KIB:
+                self.tripped_kib = available
+                assert self._main is not None
+                signal.pthread_kill(self._main, signal.SIGUSR1)
+                return
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        previous = signal.signal(signal.SIGUSR1, self._raise)
+        thread = threading.Thread(target=self._watch, name="memory-guard", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
+            signal.signal(signal.SIGUSR1, previous)
+
+
+def scratch(files: int, args: argparse.Namespace) -> AbstractContextManager[Path]:
+    """The file system for one N: a tmpfs, or with `--fs ext4` a loop-mounted ext4 image on
+    the disk (its pages can be written back and dropped, so it needs no free memory), sized
+    for the files and their restore (one inode per 4 KiB)."""
+    mnt = SCALE_WORK / "mnt"
+    if args.fs == "tmpfs":
+        return scratch_fs(args.keep, tmpfs_size(files), mnt)
+    return scratch_fs(args.keep, mnt=mnt, image_size=f"{max(16, files * 32 // 1_000_000)}G",
+                      mkfs_args=("-i", "4096"))
+
+
+def run_size(files: int, res: SizeResult, args: argparse.Namespace, logs: Path) -> None:
+    """Measure at `files` files into `res` (which holds what was done if this is stopped)."""
     start = time.perf_counter()
-    print(f"\n=== {files:,} files, {repeat} repetitions ===", flush=True)
+    print(f"\n=== {files:,} files, {res.repeat} repetitions ===", flush=True)
     logs.mkdir(parents=True)
     try:
-        with scratch_fs(args.keep, tmpfs_size(files), SCALE_WORK / "mnt") as mnt:
+        with MemoryGuard().watching(), scratch(files, args) as mnt:
             ScaleRun(mnt, Runner(logs), logs, res, args.steps, args.tools,
                      args.idle_seconds).run()
     except BenchError as exc:
@@ -548,7 +624,6 @@ def run_size(files: int, repeat: int, args: argparse.Namespace, logs: Path) -> S
         res.seconds = time.perf_counter() - start
         res.load_end = os.getloadavg()
         (logs / "result.json").write_text(json.dumps(asdict(res), indent=1))
-    return res
 
 
 # ---- the report ----------------------------------------------------------------------------
@@ -635,7 +710,7 @@ def size_table(res: SizeResult) -> list[str]:
             f"{res.mutate_s:.1f} s" if res.mutate_s is not None else "") + ")"),
         (f"- whole run at this size: {res.seconds / 60:.1f} min ({res.repeat} repetitions); "
          f"load average at start {fmt_load(res.load_start)}, at end {fmt_load(res.load_end)}; "
-         f"tmpfs peak use {res.tmpfs_peak_bytes / (1 << 30):.1f} GiB"),
+         f"scratch file system: {res.fs}, peak use {res.fs_peak_bytes / (1 << 30):.1f} GiB"),
     ]
     if res.repo_bytes:
         lines.append("- repository after the initial snapshot: " + ", ".join(
@@ -737,7 +812,9 @@ def method_lines() -> list[str]:
         ("- Everything (the tree, both repositories, restic's cache, their copies, the "
          "restores) is on a fresh tmpfs at bench/work/scale/mnt, one per N, unmounted after "
          "it. The tmpfs keeps each small file in a 4 KiB page, so its use is about 4x the "
-         "tree's bytes. Caches are warm; `sync` runs before each timed command."),
+         "tree's bytes (`--fs ext4`: a loop-mounted ext4 image on the disk instead, for "
+         "when the memory is not there; each size says which). Caches are warm; `sync` "
+         "runs before each timed command."),
         ("- Each step is measured R times (`--repeat`; default 3, 2 at 1M files) alternating "
          "which tool goes first (restic in repetitions 1, 3, ...). Times are medians per tool "
          "and the targets are judged on the ratio of the medians; each repetition's ratio "
@@ -843,6 +920,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="repetitions of each step (default: 3, or 2 from 1M files on)")
     ap.add_argument("--idle-seconds", type=float, default=5.0,
                     help="how long the idle daemon's RSS is sampled (default: 5)")
+    ap.add_argument("--fs", choices=("tmpfs", "ext4"), default="tmpfs",
+                    help="where the tree and the repositories are: a tmpfs (default; about "
+                         "11 KiB of memory per file) or an ext4 image on the disk (for when "
+                         "the memory is not there)")
     ap.add_argument("--keep", action="store_true",
                     help="leave the last tmpfs mounted at bench/work/scale/mnt")
     ap.add_argument("--write-results", action="store_true",
@@ -877,7 +958,7 @@ def ensure_tools(tools: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on kill, too
+    signal.signal(signal.SIGTERM, terminated)  # clean up and report on kill, too
     started = datetime.datetime.now().astimezone()
     results: list[SizeResult] = []
     logs = WORK / "logs" / f"scale-{started:%Y%m%d-%H%M%S}"
@@ -886,8 +967,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_tools(args.tools)
         with bench_lock():
             for files in args.files:
-                results.append(run_size(files, repeat_for(files, args), args,
-                                        logs / f"{files}"))
+                results.append(SizeResult(files, repeat_for(files, args), fs=args.fs,
+                                          load_start=os.getloadavg()))
+                run_size(files, results[-1], args, logs / f"{files}")
                 print("\n" + "\n".join(size_table(results[-1])), flush=True)
     except BenchError as exc:
         print(f"benchmark aborted: {exc}", file=sys.stderr)
@@ -903,6 +985,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"written to {args.out}", flush=True)
         print(f"command logs and result.json per N in {logs}")
     return code or (0 if all(complete(r) for r in results) else 1)
+
+
+def terminated(*_: object) -> None:
+    raise KeyboardInterrupt  # the same clean-up and partial report as Ctrl-C
 
 
 def complete(res: SizeResult) -> bool:

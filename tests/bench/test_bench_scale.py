@@ -45,3 +45,11 @@ def test_growth_gives_the_slope_per_100k_files_and_the_exponent():
     assert linear.exponent == pytest.approx(1.0)
     flat = Growth({100_000: 80.0, 1_000_000: 80.0})
     assert flat.slope_per_100k == pytest.approx(0.0) and flat.exponent == pytest.approx(0.0)
+
+
+def test_a_size_whose_tmpfs_would_not_fit_in_memory_is_skipped_before_mounting(monkeypatch):
+    monkeypatch.setattr(bench_scale, "mem_available_kib", lambda: 8 << 20)  # 8 GiB
+    assert bench_scale.tmpfs_size(100_000) == f"{2 * 1_100_000 + (1 << 20)}k"
+    assert bench_scale.tmpfs_size(500_000) == f"{6 << 20}k"  # capped: 2 GiB stay free
+    with pytest.raises(bench_scale.BenchError, match="skipped"):
+        bench_scale.tmpfs_size(1_000_000)
