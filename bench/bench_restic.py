@@ -55,8 +55,8 @@ REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "bench" / "work"
 MKDATA = REPO / "bench" / "mkdata.py"
 P2PBACKUP = REPO / ".venv" / "bin" / "p2pbackup"
-LIBRARY_PATHS = ("p2pbackup", "cli", "daemon", "pyproject.toml",  # what the results depend on
-                 "bench/mkdata.py")
+CODE_PATHS = ("p2pbackup", "cli", "daemon", "pyproject.toml")  # the code measured
+LIBRARY_PATHS = (*CODE_PATHS, "bench/mkdata.py", "bench/mkfiles.py")  # what results depend on
 IMAGE_SIZE = "16G"  # sparse; data, repositories, their copies and restores fit
 RESTIC_PASSWORD = "p2pbackup-bench"
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -659,9 +659,13 @@ def machine() -> str:
 def git_revision() -> str:
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: no index refresh
     head = check_call(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], env).strip()
+    # A branch's HEAD may be rebased away; the commit that last changed the code stays.
+    code = check_call(["git", "-C", REPO, "log", "-1", "--format=%h", "--", *CODE_PATHS],
+                      env).strip()
     dirty = check_call(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no",
                         "--", *LIBRARY_PATHS], env)
-    return head + (" plus uncommitted library changes" if dirty.strip() else "")
+    return (head + (f" (code last changed in {code})" if code != head else "")
+            + (" plus uncommitted library changes" if dirty.strip() else ""))
 
 
 def invocation() -> str:
