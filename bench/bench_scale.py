@@ -756,11 +756,18 @@ class Growth:
         return math.log(b / a) / math.log(hi / lo) if a > 0 and b > 0 else None
 
 
+def fmt_files(n: int) -> str:
+    """1M, 300k, 2,500."""
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    return f"{n / 1000:g}k" if n % 100 == 0 else f"{n:,}"
+
+
 def growth_lines(results: Sequence[SizeResult]) -> list[str]:
     sizes = [r.files for r in results]
     if len(set(sizes)) < 2:
         return ["(growth needs at least two sizes in one run)"]
-    head = " / ".join(f"{n // 1000:,}k" for n in sizes)
+    head = " / ".join(fmt_files(n) for n in sizes)
     lines = [
         (f"| step | tool | s at {head} | s per 100k files | time exponent | "
          f"peak MiB at {head} | MiB per 100k files | memory exponent | no faster than "
@@ -773,27 +780,24 @@ def growth_lines(results: Sequence[SizeResult]) -> list[str]:
     order = {key: i for i, key in enumerate(STEP_KEYS)}
     for _, name in sorted(names, key=lambda kn: order[kn[0]]):
         for tool in (RESTIC, OURS):
-            per_size = {}
-            for res in results:
-                row = next((r for r in res.rows if r.name == name), None)
-                if row is not None and row.runs(tool):
-                    per_size[res.files] = row.runs(tool)
+            per_size = {res.files: runs for res in results for row in res.rows
+                        if row.name == name and (runs := row.runs(tool))}
             if len(per_size) < 2:
                 continue
-            times = {n: median_s(s) for n, s in per_size.items()}
-            mems = {n: peak_mib(s) or 0.0 for n, s in per_size.items()}
-            t_ok = all(t is not None for t in times.values())
-            t = Growth({n: v for n, v in times.items() if v is not None}) if t_ok else None
+            times = {n: t for n, runs in per_size.items() if (t := median_s(runs)) is not None}
+            mems = {n: peak_mib(runs) or 0.0 for n, runs in per_size.items()}
+            growths = [Growth(v) for v in (times, mems) if len(v) >= 2]
+            exps = [g.exponent for g in growths]
+            linear = None if None in exps else all(e is not None and e <= 1.0 for e in exps)
+            t = Growth(times) if len(times) >= 2 else None
             m = Growth(mems)
-            exps = [g.exponent for g in (t, m) if g is not None]
-            linear = None if not exps or None in exps else all(
-                e <= 1.0 for e in exps if e is not None)
             lines.append(
                 f"| {name} | {tool} | "
-                + (" / ".join(f"{times[n]:.2f}" for n in sizes if n in times) if t else "—")
+                + (" / ".join(f"{times[n]:.2f}" if n in times else "—" for n in sizes)
+                   if times else "—")
                 + f" | {fmt_num(t.slope_per_100k if t else None)} | "
                 f"{fmt_num(t.exponent if t else None)} | "
-                + " / ".join(f"{mems[n]:.0f}" for n in sizes if n in mems)
+                + " / ".join(f"{mems[n]:.0f}" if n in mems else "—" for n in sizes)
                 + f" | {fmt_num(m.slope_per_100k)} | {fmt_num(m.exponent)} | "
                 f"{verdict(linear)} |")
     return lines
