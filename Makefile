@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/bench_restic.py
 	$(PY) bench/bench_daemon.py
 	$(PY) bench/bench_replication.py --write-results
+	$(PY) bench/bench_scale.py --write-results
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -45,10 +45,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DAEMON_HEADING, write_section  # noqa: E402
 from bench_restic import (MKDATA, P2PBACKUP, REPO, WORK, BenchError,  # noqa: E402
                           check_call, compare_trees, count_files, du_bytes, fmt_bytes,
-                          git_revision, indent, invocation, machine, scratch_fs,
-                          split_daemon_section)
+                          git_revision, indent, invocation, machine, scratch_fs)
 
 P2PBACKUPD = REPO / ".venv" / "bin" / "p2pbackupd"
 SEAL_INTERVAL = 1  # seconds, in config.toml
@@ -773,7 +773,7 @@ def method(idle_seconds: float) -> list[str]:
 def report(res: Results, started: datetime.datetime, idle_seconds: float) -> str:
     s = res.startup
     lines = [
-        "## Daemon",
+        DAEMON_HEADING,
         "",
         f"- date: {started:%Y-%m-%d %H:%M %Z}",
         f"- machine: {machine()}",
@@ -793,17 +793,6 @@ def report(res: Results, started: datetime.datetime, idle_seconds: float) -> str
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(out: Path, section: str) -> None:
-    """Replace the "## Daemon" section of `out` (up to the next "## " heading, which is another
-    script's section, e.g. bench_replication.py's), or append it."""
-    before, ours = split_daemon_section(out.read_text()) if out.exists() else ("", "")
-    nxt = re.search(r"^## ", ours[3:], flags=re.MULTILINE) if ours else None
-    after = ours[3 + nxt.start():] if nxt else ""
-    before = before.rstrip("\n")
-    text = f"{before}\n\n{section}" if before else section
-    out.write_text(text.rstrip("\n") + "\n\n" + after if after else text)
 
 
 def ran_cleanly(res: Results) -> bool:
@@ -864,7 +853,7 @@ def main() -> int:
         return 130
     text = report(results, started, args.idle_seconds)
     print("\n" + text)
-    write_section(args.out, text)
+    write_section(args.out, DAEMON_HEADING, text)
     print(f"written to {args.out}; logs in {logs}")
     return 0 if ran_cleanly(results) else 1
 

@@ -20,8 +20,8 @@ The whole measurement holds an exclusive flock on /tmp/p2pbackup-bench.lock.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
-import fcntl
 import json
 import os
 import re
@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from _common import REPLICATION_HEADING as HEADING  # noqa: E402
+from _common import bench_lock, write_section  # noqa: E402
 from bench_restic import MKDATA, fmt_bytes, git_revision, invocation, machine  # noqa: E402
 
 import tomli_w  # noqa: E402
@@ -50,8 +52,6 @@ from p2pbackup.transport.datachannel import MESSAGE_SIZE  # noqa: E402
 
 WORK = REPO / "bench" / "work" / "replication"
 RESULTS = REPO / "bench" / "RESULTS.md"
-LOCK = Path("/tmp/p2pbackup-bench.lock")
-HEADING = "## Replication"
 PY = sys.executable
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MiB = 1 << 20
@@ -745,19 +745,6 @@ def method_notes(args, load: tuple) -> list[str]:
     ]
 
 
-def write_section(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else ""
-    m = re.search(rf"^{re.escape(HEADING)}[ \t]*$", text, flags=re.MULTILINE)
-    if m is None:
-        out = text.rstrip("\n") + "\n\n" + section if text else section
-    else:
-        nxt = re.search(r"^## ", text[m.end():], flags=re.MULTILINE)
-        end = m.end() + nxt.start() if nxt else len(text)
-        rest = text[end:]
-        out = text[:m.start()] + section + ("\n" + rest if rest else "")
-    RESULTS.write_text(out)
-
-
 # ---- main ------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -785,12 +772,8 @@ def main() -> int:
 
     started = datetime.datetime.now(datetime.timezone.utc)
     t_run = time.monotonic()
-    lockf = open(LOCK, "a")
-    try:
-        fcntl.flock(lockf, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log(f"waiting for {LOCK} (another benchmark runs)")
-        fcntl.flock(lockf, fcntl.LOCK_EX)
+    lock = contextlib.ExitStack()
+    lock.enter_context(bench_lock())
     load = os.getloadavg()
     if WORK.exists():
         shutil.rmtree(WORK)
@@ -842,8 +825,7 @@ def main() -> int:
     except BenchError as exc:
         errors.append(str(exc))
     finally:
-        fcntl.flock(lockf, fcntl.LOCK_UN)
-        lockf.close()
+        lock.close()
         if not args.keep and WORK.exists():
             shutil.rmtree(WORK, ignore_errors=True)
     took = time.monotonic() - t_run
@@ -874,7 +856,7 @@ def main() -> int:
     section = "\n".join(lines)
     print(section)
     if args.write_results:
-        write_section(section)
+        write_section(RESULTS, HEADING, section)
         log(f"wrote the '{HEADING}' section of {RESULTS}")
     return 1 if errors else 0
 

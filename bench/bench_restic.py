@@ -21,7 +21,8 @@ p2pbackup in 2, 4, ...); the report gives the median times and their ratio:
   6. full check                  restic check --read-data vs p2pbackup verify --read-data
 
 The results go to stdout and to a Markdown file (bench/RESULTS.md by default), which is
-rewritten except for a "## Daemon" section at its end (bench_daemon.py's), kept as is.
+rewritten except for the other scripts' sections ("## Daemon", "## Replication", "## Scale"),
+kept as they are (bench/_common.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import datetime
 import hashlib
 import os
 import platform
-import re
 import shlex
 import shutil
 import signal
@@ -42,25 +42,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 from typing import NamedTuple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_main_report  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / "bench" / "work"
 MKDATA = REPO / "bench" / "mkdata.py"
 P2PBACKUP = REPO / ".venv" / "bin" / "p2pbackup"
-LIBRARY_PATHS = ("p2pbackup", "cli", "daemon", "pyproject.toml",  # what the results depend on
-                 "bench/mkdata.py")
+CODE_PATHS = ("p2pbackup", "cli", "daemon", "pyproject.toml")  # the code measured
+LIBRARY_PATHS = (*CODE_PATHS, "bench/mkdata.py", "bench/mkfiles.py")  # what results depend on
 IMAGE_SIZE = "16G"  # sparse; data, repositories, their copies and restores fit
 RESTIC_PASSWORD = "p2pbackup-bench"
 SQLITE_MAGIC = b"SQLite format 3\x00"
 RSS_TARGET_MIB = 250
 GROWTH_TARGET = 1.0
 MiB = 1 << 20
-DAEMON_HEADING = "## Daemon"  # bench_daemon.py's part of RESULTS.md, kept by this script
 
 INITIAL, NO_CHANGE, AFTER_MUTATE = "initial backup", "no-change backup", "backup after mutate"
 RESTORE, VERIFY = "restore latest", "verify --read-data"
@@ -220,8 +222,10 @@ class Runner:
         self.logs = logs
         self.count = 0
 
-    def timed(self, label: str, argv: list[str | Path], env: Mapping[str, str]) -> Run:
-        """Run `argv` after a `sync`; return its wall time and peak RSS."""
+    def timed(self, label: str, argv: list[str | Path], env: Mapping[str, str],
+              watch: Callable[[int], AbstractContextManager[object]] | None = None) -> Run:
+        """Run `argv` after a `sync`; return its wall time and peak RSS. `watch(pid)`, if
+        given, is entered while the command runs (e.g. to sample its memory)."""
         self.count += 1
         stem = self.logs / f"{self.count:02d}-{label}"
         args = tuple(str(a) for a in argv)
@@ -231,7 +235,8 @@ class Runner:
             proc = subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=err)
             try:
-                _, status, usage = os.wait4(proc.pid, 0)
+                with watch(proc.pid) if watch else nullcontext():
+                    _, status, usage = os.wait4(proc.pid, 0)
             except BaseException:
                 proc.kill()
                 proc.wait()
@@ -275,32 +280,44 @@ def du_bytes(path: Path) -> int:
 # ---- scratch file system -------------------------------------------------------------------
 
 @contextmanager
-def scratch_fs(keep: bool) -> Iterator[Path]:
-    """A fresh ext4 file system on a loop device at bench/work/mnt; removed afterwards."""
-    image, mnt = WORK / "fs.img", WORK / "mnt"
+def scratch_fs(keep: bool, tmpfs_size: str | None = None, mnt: Path = WORK / "mnt",
+               image_size: str = IMAGE_SIZE, mkfs_args: Sequence[str] = ()) -> Iterator[Path]:
+    """A fresh file system at `mnt`, removed afterwards: ext4 on a loop device (its sparse
+    image of `image_size` beside `mnt`), or with `tmpfs_size` (e.g. "16G") a tmpfs of at
+    most that size."""
+    image = None if tmpfs_size else mnt.parent / "fs.img"
     if os.path.ismount(mnt):
         raise BenchError(f"{mnt} is still mounted (an earlier --keep run?): "
-                         f"umount {mnt} && rm {image}")
+                         f"{removal_command(image, mnt)}")
     mnt.mkdir(parents=True, exist_ok=True)
     try:
-        check_call(["truncate", "-s", IMAGE_SIZE, image])
-        # Initialise inode tables and journal now, not in the background during the steps.
-        check_call(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                    image])
-        check_call(["mount", "-o", "loop", image, mnt])
+        if image is None:
+            check_call(["mount", "-t", "tmpfs", "-o", f"size={tmpfs_size},mode=0755", "tmpfs",
+                        mnt])
+        else:
+            check_call(["truncate", "-s", image_size, image])
+            # Initialise inode tables and journal now, not in the background during the steps.
+            check_call(["mkfs.ext4", "-q", "-F", "-E",
+                        "lazy_itable_init=0,lazy_journal_init=0", *mkfs_args, image])
+            check_call(["mount", "-o", "loop", image, mnt])
         yield mnt
     finally:
         if keep and os.path.ismount(mnt):
-            print(f"kept {mnt}; remove with: umount {mnt} && rm {image}")
+            print(f"kept {mnt}; remove with: {removal_command(image, mnt)}")
         else:
             remove_fs(image, mnt)
 
 
-def remove_fs(image: Path, mnt: Path) -> None:
+def removal_command(image: Path | None, mnt: Path) -> str:
+    return f"umount {mnt}" + (f" && rm {image}" if image else "")
+
+
+def remove_fs(image: Path | None, mnt: Path) -> None:
     if os.path.ismount(mnt) and subprocess.run(["umount", mnt], check=False).returncode != 0:
         # still busy: detach now, free it when idle
         subprocess.run(["umount", "-l", mnt], check=False)
-    image.unlink(missing_ok=True)
+    if image is not None:
+        image.unlink(missing_ok=True)
     if mnt.is_dir() and not any(mnt.iterdir()):
         mnt.rmdir()
 
@@ -386,30 +403,28 @@ def compare_trees(source: Path, restored: Path) -> list[str]:
 
 # ---- the benchmark -------------------------------------------------------------------------
 
-def restic_first(rep: int) -> bool:
+RESTIC, OURS = "restic", "p2pbackup"
+
+
+def tool_order(rep: int) -> tuple[str, str]:
     """Repetitions 1, 3, ... (rep 0, 2, ...) run restic first, the others p2pbackup."""
-    return rep % 2 == 0
+    return (RESTIC, OURS) if rep % 2 == 0 else (OURS, RESTIC)
+
+
+def run_tool(runner: Runner, lay: Layout, spec: Spec, tool: str, rep: int,
+             watch: Callable[[int], AbstractContextManager[object]] | None = None) -> Run:
+    """Repetition `rep` of a step with one tool (RESTIC or OURS)."""
+    label = f"{tool}-" + spec.name.replace(" ", "-").replace("--", "") + f"-{rep + 1}"
+    if tool == RESTIC:
+        return runner.timed(label, ["restic", "-r", lay.restic_repo, *spec.restic_args],
+                            lay.restic_env(), watch)
+    return runner.timed(label, [P2PBACKUP, *spec.ours_args], lay.ours_env(), watch)
 
 
 def trial(runner: Runner, lay: Layout, spec: Spec, rep: int) -> Trial:
     """Run repetition `rep` of a step with both tools, in this repetition's order."""
-    label = spec.name.replace(" ", "-").replace("--", "") + f"-{rep + 1}"
-
-    def restic() -> Run:
-        return runner.timed(f"restic-{label}", ["restic", "-r", lay.restic_repo,
-                                                *spec.restic_args], lay.restic_env())
-
-    def ours() -> Run:
-        return runner.timed(f"p2pbackup-{label}", [P2PBACKUP, *spec.ours_args],
-                            lay.ours_env())
-
-    if restic_first(rep):
-        restic_run = restic()
-        ours_run = ours()
-    else:
-        ours_run = ours()
-        restic_run = restic()
-    return Trial(restic_run, ours_run)
+    runs = {tool: run_tool(runner, lay, spec, tool, rep) for tool in tool_order(rep)}
+    return Trial(runs[RESTIC], runs[OURS])
 
 
 def finish(spec: Spec, trials: list[Trial]) -> Step:
@@ -465,12 +480,15 @@ def remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def fresh_repos(lay: Layout) -> None:
-    """Empty repositories: a new restic repository (and cache) and a new p2pbackup home."""
+def fresh_repos(lay: Layout, tools: Sequence[str] = (RESTIC, OURS)) -> None:
+    """Empty repositories: a new restic repository (and cache) and a new p2pbackup home
+    (of `tools` only; the others' are just removed)."""
     for path in lay.state_dirs():
         remove_tree(path)
-    check_call(["restic", "init", "-r", lay.restic_repo], lay.restic_env())
-    check_call([P2PBACKUP, "init", "--source", lay.data], lay.ours_env())
+    if RESTIC in tools:
+        check_call(["restic", "init", "-r", lay.restic_repo], lay.restic_env())
+    if OURS in tools:
+        check_call([P2PBACKUP, "init", "--source", lay.data], lay.ours_env())
 
 
 def stash_state(lay: Layout) -> None:
@@ -641,9 +659,13 @@ def machine() -> str:
 def git_revision() -> str:
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: no index refresh
     head = check_call(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], env).strip()
+    # A branch's HEAD may be rebased away; the commit that last changed the code stays.
+    code = check_call(["git", "-C", REPO, "log", "-1", "--format=%h", "--", *CODE_PATHS],
+                      env).strip()
     dirty = check_call(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no",
                         "--", *LIBRARY_PATHS], env)
-    return head + (" plus uncommitted library changes" if dirty.strip() else "")
+    return (head + (f" (code last changed in {code})" if code != head else "")
+            + (" plus uncommitted library changes" if dirty.strip() else ""))
 
 
 def invocation() -> str:
@@ -689,22 +711,6 @@ def method(repeat: int) -> list[str]:
          "`$P2PBACKUP_HOME/store` (p2pbackup's index cache is not counted; restic's cache "
          "is outside its repository too)."),
     ]
-
-
-def split_daemon_section(text: str) -> tuple[str, str]:
-    """Split a results file into what precedes bench_daemon.py's section and that section.
-
-    The "## Daemon" section runs from its heading to the end of the file; each script
-    rewrites only its own part, so both results survive the other script's run.
-    """
-    m = re.search(rf"^{re.escape(DAEMON_HEADING)}[ \t]*$", text, flags=re.MULTILINE)
-    return (text, "") if m is None else (text[:m.start()], text[m.start():])
-
-
-def kept_daemon_section(out: Path) -> str:
-    """The "## Daemon" section already in `out` (with a blank line before it), or ""."""
-    section = split_daemon_section(out.read_text())[1] if out.exists() else ""
-    return "\n" + section if section else ""
 
 
 def report(res: Results, started: datetime.datetime) -> str:
@@ -802,7 +808,7 @@ def main() -> int:
         return 130
     text = report(results, started)
     print("\n" + text)
-    args.out.write_text(text + kept_daemon_section(args.out))
+    write_main_report(args.out, text)
     print(f"written to {args.out}; command logs in {logs}")
     ok = all(run.ok for step in results.steps for run in step.runs)
     return 0 if ok and results.mismatches == [] else 1
