@@ -56,9 +56,9 @@ import blake3
 
 from p2pbackup import grants as grant_files
 from p2pbackup import session
+from p2pbackup.blobs import open_store
 from p2pbackup.blobs import peer as peer_store
 from p2pbackup.blobs.base import BlobStore, Buffer
-from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.blobs.quota import QuotaExceeded, QuotaStore
 from p2pbackup.config import Config
 from p2pbackup.crypto.identity import DeviceIdentity, device_id_for, verify_signature
@@ -219,7 +219,8 @@ def load_grants(home: Path) -> list[Grant]:
                         "and read, none may remove, and this partner is not found on the LAN; "
                         "pair again", g.account)
         where = grant_files.account_dir(home, g.account)
-        store = QuotaStore(LocalDirStore(where / "store"), g.quota, owner=f"account {g.account}")
+        store = QuotaStore(open_store(str(where / "store")), g.quota,
+                           owner=f"account {g.account}")
         out.append(Grant(home, g, roster, store, removals.FirstSeen(where / removals.FIRST_SEEN),
                          legacy))
     return out

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from p2pbackup.blobs import peer as peer_store
-from p2pbackup.blobs.local import LocalDirStore, join_for_direct_write
+from p2pbackup.blobs.local import join_for_direct_write
 from p2pbackup.errors import IntegrityError, NameMismatch, NotFound, P2PError
 from p2pbackup.protocol.sync import (MISMATCH, Closed, Event, LaneOffered, ObjectAcked,
                                      ObjectReceived, ObjectRejected, ObjectWanted, PeerNotice,
@@ -102,7 +102,7 @@ class Replicator:
         self._background: set[asyncio.Task[None]] = set()
         # Packs are checked and written by worker processes, out of this one's GIL.
         self.pack_workers = PackIntake(repo.store.root) \
-            if isinstance(repo.store, LocalDirStore) and intake.available() else None
+            if repo.store.capabilities.local_disk and intake.available() else None
 
     def _join_object(self, name: str, parts: list, total: int) -> bytes | memoryview:
         # A pack goes to a worker in shared memory, or is written once and not read soon (an

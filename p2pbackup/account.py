@@ -21,7 +21,6 @@ import msgpack
 from . import grants, ids
 from .blobs import open_store
 from .blobs.base import BlobStore
-from .blobs.local import LocalDirStore
 from .config import Config, PeerSettings, init_home, save_keys
 from .crypto import recovery
 from .crypto.identity import DeviceIdentity, device_id_for, seal_to, verify_signature
@@ -265,7 +264,7 @@ async def apply_welcome(home: Path, identity: DeviceIdentity, name: str,
     if keys.fingerprint() != account:
         raise PairingFailed("pairing failed: the keys received do not belong to the account")
     config, _ = init_home(home, [], keys=keys, identity=identity, device_name=name)
-    repo = await Repository.create_replica(LocalDirStore(config.store), keys, identity,
+    repo = await Repository.create_replica(open_store(str(config.store)), keys, identity,
                                            str(config.cache_dir), name, doc["config"])
     try:
         newest = await store_membership.store_chain(repo, [bytes(x) for x in doc["chain"]])
@@ -529,7 +528,7 @@ async def _recover_from(home: Path, source: BlobStore, store_location: str, root
     finally:
         await repo.close()
     config, _ = init_home(home, [], keys=keys, identity=identity, device_name=name)
-    local = await Repository.create_replica(LocalDirStore(config.store), keys, identity,
+    local = await Repository.create_replica(open_store(str(config.store)), keys, identity,
                                             str(config.cache_dir), name, config_raw)
     try:
         await store_membership.store_chain(local, chain)

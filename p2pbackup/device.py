@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .blobs import is_peer_location, open_store
 from .blobs.base import BlobStore
-from .blobs.local import LocalDirStore
 from .config import Config, init_home, load_config, load_keys
 from .crypto import recovery
 from .crypto.identity import DeviceIdentity
@@ -84,7 +83,7 @@ async def init_device(home: Path, sources: list[str]) -> tuple[Config, str]:
 async def _init_device(home: Path, sources: list[str]) -> tuple[Config, str]:
     config, account_key = init_home(home, sources)
     keys, identity = load_keys(config)
-    store = LocalDirStore(config.store)
+    store = open_store(str(config.store))
     repo = await Repository.create(store, keys, identity, str(config.cache_dir),
                                    config.device_name)
     try:
@@ -106,14 +105,14 @@ async def open_device(home: Path | None = None, *, write: bool = False,
     if is_peer_location(store) and write:
         raise ConfigError(f"{store}: a peer's store is read here, never written")
     blob_store = await open_other_store(config, keys, identity, store) if store \
-        else LocalDirStore(config.store)
+        else open_store(str(config.store))
     lock = None
     if write:
-        root = blob_store.root if isinstance(blob_store, LocalDirStore) else str(config.cache_dir)
+        root = blob_store.root if blob_store.capabilities.local_disk else str(config.cache_dir)
         lock = WriterLock(os.path.join(root, "lock"), root)
         lock.acquire()
     try:
-        if write and isinstance(blob_store, LocalDirStore):
+        if write:
             blob_store.remove_temp_files()
         repo = await Repository.open(blob_store, keys, identity, str(config.cache_dir),
                                      read_only=not write)
@@ -134,7 +133,7 @@ async def open_device(home: Path | None = None, *, write: bool = False,
 
 async def open_other_store(config: Config, keys: AccountKeys, identity: DeviceIdentity,
                            location: str) -> BlobStore:
-    """The store `location` names: a directory (see `open_store`) or `peer:DEVICE`."""
+    """The store `location` names: `peer:DEVICE`, or any location `open_store` opens."""
     if is_peer_location(location):
         return await open_peer_store(config, keys, identity, location)
     return open_store(location)
@@ -150,7 +149,7 @@ async def open_peer_store(config: Config, keys: AccountKeys, identity: DeviceIde
     from .repo import membership as store_membership
 
     where = PeerLocation.parse(location)
-    got = await store_membership.load_from(LocalDirStore(config.store), keys)
+    got = await store_membership.load_from(open_store(str(config.store)), keys)
     if got is None:
         raise ConfigError("this device has no membership record, so it has no peers")
     member = find_device(got[0], where.which)

@@ -1,9 +1,21 @@
-"""One BlobStore interface and its backends (local directory now; S3, server and peer later)."""
+"""One BlobStore interface and its backends; `open_store` is the one place that knows schemes."""
 
-from .base import BlobStore
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+from .base import BlobStore, ObjectExists, StoreCapabilities
 from .local import LocalDirStore
 
-__all__ = ["BlobStore", "LocalDirStore", "is_peer_location", "open_store"]
+__all__ = ["BlobStore", "LocalDirStore", "ObjectExists", "StoreCapabilities", "is_peer_location",
+           "open_store"]
+
+# scheme -> "module:function" taking (location, options) and returning a BlobStore. Imported on
+# use: a command that reads a local store should not pay for an S3 client's import.
+OPENERS: dict[str, str] = {
+}
 
 
 def is_peer_location(location: str | None) -> bool:
@@ -11,10 +23,21 @@ def is_peer_location(location: str | None) -> bool:
     return bool(location) and location.startswith("peer:")  # type: ignore[union-attr]
 
 
-def open_store(location: str) -> BlobStore:
-    """Open the store named by `location` (for now, a directory path)."""
+def open_store(location: str, *, options: Mapping[str, Any] | None = None) -> BlobStore:
+    """Open the store `location` names: a directory path, or `SCHEME://...` of a backend in
+    OPENERS; `options` are the backend's settings (a `[[stores]]` table's other keys)."""
     from ..errors import ConfigError
 
-    if "://" in location or location.startswith("peer:"):
-        raise ConfigError(f"store {location!r}: only directory stores are supported by this version")
-    return LocalDirStore(location)
+    if is_peer_location(location):
+        raise ConfigError(f"store {location}: a peer's store is read over a session with the "
+                          "peer (--from on snapshots, verify, restore, recover), not opened here")
+    scheme, sep, _ = location.partition("://")
+    if not sep:
+        return LocalDirStore(location)
+    target = OPENERS.get(scheme.lower())
+    if target is None:
+        raise ConfigError(f"store {location}: the {scheme}:// scheme is not supported "
+                          "by this version")
+    module, _, function = target.partition(":")
+    opener = getattr(importlib.import_module(module, __package__), function)
+    return opener(location, dict(options or {}))

@@ -1,25 +1,64 @@
 """The BlobStore interface: named immutable byte strings, nothing about snapshots or packs.
 
 Names are `/`-separated, e.g. `config`, `packs/<hex>`, `snapshots/<hex>`. Every backend passes
-tests/blobs/conformance.py unchanged.
+tests/blobs/conformance.py unchanged. What a backend can do beyond the common calls is declared
+in its `capabilities`, never guessed by callers from its class.
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ..errors import StorageError
 
 Buffer = bytes | bytearray | memoryview
+
+MUTABLE_PREFIX = "heads/"  # the one kind of name a put may replace (p2pbackup/ids.py)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCapabilities:
+    """What a backend does beyond the common calls (see the field comments)."""
+
+    create_only: bool = False     # put refuses to replace an existing name (server-enforced,
+                                  # or emulated atomically); False: callers check `has` first
+    ranged_reads: bool = True     # get_range costs only the range
+    cheap_listing: bool = True    # list() is as cheap as a local directory walk; False: a
+                                  # listing is paid per request (callers list rarely)
+    blocking: bool = False        # put_sync/get_sync/sync_sync do real work on the caller's
+                                  # thread (local disk); False: the defaults are not usable and
+                                  # callers run the async calls on the event loop
+    local_disk: bool = False      # objects are files under `root` on this machine (worker
+                                  # processes may write them directly: repo/intake.py)
+
+
+class ObjectExists(StorageError):
+    """{}"""
+
+    # A create-only store refused to replace an object with other bytes. Same exit code as
+    # any storage refusal: to a user it means the store holds something else under that name.
+
+
+def is_mutable_name(name: str) -> bool:
+    """Whether a put of `name` replaces (heads); every other object never changes."""
+    return name.startswith(MUTABLE_PREFIX)
 
 
 class BlobStore(abc.ABC):
     """Save, load, stat, list and remove named blobs; `put` is atomic and durable."""
 
     location: str
+    capabilities: StoreCapabilities = StoreCapabilities()   # per class, or per instance
+    root: str  # the directory holding the objects; only with capabilities.local_disk
 
     @abc.abstractmethod
     async def put(self, name: str, data: Buffer) -> None:
-        """Store `data` under `name`, atomically: readers see all of it or none."""
+        """Store `data` under `name`, atomically: readers see all of it or none.
+
+        With capabilities.create_only, a name other than `heads/...` that already holds other
+        bytes is refused with ObjectExists (the same bytes again is not an error)."""
 
     @abc.abstractmethod
     async def get(self, name: str) -> bytes:
@@ -50,3 +89,27 @@ class BlobStore(abc.ABC):
 
     async def close(self) -> None:
         """Release connections; the default has none."""
+
+    # The blocking fast path: real only with capabilities.blocking. Callers on a worker
+    # thread test the capability and otherwise run the async call on the event loop.
+
+    def put_sync(self, name: str, data: Buffer, *, durable: bool = True) -> None:
+        """`put` on the caller's thread; durable=False leaves durability to `sync_sync`."""
+        raise NotImplementedError(f"{type(self).__name__} has no blocking put")
+
+    def get_sync(self, name: str) -> bytes:
+        """`get` on the caller's thread."""
+        raise NotImplementedError(f"{type(self).__name__} has no blocking get")
+
+    def get_range_sync(self, name: str, offset: int, length: int) -> bytes:
+        """`get_range` on the caller's thread."""
+        raise NotImplementedError(f"{type(self).__name__} has no blocking get_range")
+
+    def sync_sync(self) -> None:
+        """`sync` on the caller's thread."""
+        raise NotImplementedError(f"{type(self).__name__} has no blocking sync")
+
+    def remove_temp_files(self) -> int:
+        """Delete what a killed writer left half-written (call under the writer lock); the
+        number removed. The default: a store whose puts leave nothing behind."""
+        return 0

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 
 from ..buffers import aligned_buffer, fill
 from ..errors import DiskFull, NotFound, StorageError
-from .base import BlobStore, Buffer
+from .base import BlobStore, Buffer, StoreCapabilities
 
 _SHARDED = ("packs/",)
 _TMP_SUFFIX = ".tmp"
@@ -136,6 +136,10 @@ def _pread(fd: int, offset: int, length: int) -> bytes:
 
 class LocalDirStore(BlobStore):
     """Blobs as files under one directory."""
+
+    # Not create_only: a damaged pack is healed by writing an intact copy over it.
+    capabilities = StoreCapabilities(create_only=False, ranged_reads=True, cheap_listing=True,
+                                     blocking=True, local_disk=True)
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))

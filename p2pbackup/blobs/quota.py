@@ -7,6 +7,7 @@ thing it enforces. Replacing a blob counts only the difference; deleting frees s
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from ..errors import StorageError
 from ..sizes import format_size
@@ -24,6 +25,8 @@ class QuotaStore(BlobStore):
                  ) -> None:
         self.inner, self.quota, self.owner = inner, quota, owner
         self.location = inner.location
+        # Not blocking nor local_disk: the fast paths would write past the quota.
+        self.capabilities = replace(inner.capabilities, blocking=False, local_disk=False)
         self._used: int | None = None
 
     async def used(self) -> int:

@@ -15,7 +15,6 @@ import re
 import blake3
 
 from .. import ids
-from ..blobs.local import LocalDirStore
 from ..crypto.keys import MissingKey
 from ..errors import IntegrityError, NameMismatch, NotFound
 from ..format.log import check_head_update, segment_hash
@@ -95,7 +94,7 @@ async def accept(repo: Repository, name: str, data: bytes | memoryview, *,
     elif kind == "pack":
         # (a damaged pack is replaced from this process: its store then knows to reopen it)
         if intake is not None and intake.usable and intake.owns(data) and not durable \
-                and isinstance(repo.store, LocalDirStore) and not heals:
+                and repo.store.capabilities.local_disk and not heals:
             trailer = await _take_in_worker(repo, intake, name, m.group(1), data, what)
         else:
             trailer = await _check_and_put(repo, name, m.group(1), data, durable, what)
@@ -176,7 +175,7 @@ async def _check_and_put(repo: Repository, name: str, digest: str, data: bytes |
         if pack_name(data) != digest:
             raise NameMismatch(f"{what}: its content does not match its name")
         trailer = _check_pack(repo, data, what)
-        if durable or not isinstance(repo.store, LocalDirStore):
+        if durable or not repo.store.capabilities.blocking:
             return trailer, False
         repo.store.put_sync(name, data, durable=False)  # the caller syncs in batches
         return trailer, True

@@ -393,31 +393,27 @@ class Repository:
 
     def read_range_blocking(self, name: str, offset: int, length: int) -> bytes:
         """Read part of a stored blob from a worker thread (directly for a local store)."""
-        sync = getattr(self.store, "get_range_sync", None)
-        if sync is not None:
-            return sync(name, offset, length)
+        if self.store.capabilities.blocking:
+            return self.store.get_range_sync(name, offset, length)
         return self.run_blocking(self.store.get_range(name, offset, length))
 
     def read_blocking(self, name: str) -> bytes:
         """Read a whole stored blob from a worker thread."""
-        sync = getattr(self.store, "get_sync", None)
-        if sync is not None:
-            return sync(name)
+        if self.store.capabilities.blocking:
+            return self.store.get_sync(name)
         return self.run_blocking(self.store.get(name))
 
     def put_blocking(self, name: str, data: Buffer, *, durable: bool = True) -> None:
         """Store a blob from a worker thread; durable=False defers durability to sync_store."""
-        sync = getattr(self.store, "put_sync", None)
-        if sync is not None:
-            sync(name, data, durable=durable)
+        if self.store.capabilities.blocking:
+            self.store.put_sync(name, data, durable=durable)
         else:
             self.run_blocking(self.store.put(name, data))
 
     def sync_store_blocking(self) -> None:
         """Make every blob written so far durable (after puts with durable=False)."""
-        sync = getattr(self.store, "sync_sync", None)
-        if sync is not None:
-            sync()
+        if self.store.capabilities.blocking:
+            self.store.sync_sync()
         else:
             self.run_blocking(self.store.sync())
 

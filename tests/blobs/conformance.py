@@ -10,8 +10,10 @@ import os
 
 import pytest
 
-from p2pbackup.blobs.base import BlobStore
+from p2pbackup.blobs.base import BlobStore, ObjectExists
 from p2pbackup.errors import NotFound
+
+HEAD = "heads/" + "0f" * 16   # the one kind of name a put replaces, on every backend
 
 
 async def _names(store: BlobStore, prefix: str = "") -> list[str]:
@@ -53,11 +55,37 @@ class BlobStoreConformance:
         assert await _names(store, "packs/") == ["packs/" + "ef" * 32]
         assert "config" in await _names(store)
 
-    async def test_put_replaces_atomically(self, store: BlobStore) -> None:
-        await store.put("devices/d", b"old")
-        await store.put("devices/d", b"new")
-        assert await store.get("devices/d") == b"new"
-        assert await _names(store, "devices/") == ["devices/d"]
+    async def test_put_replaces_a_head_atomically(self, store: BlobStore) -> None:
+        await store.put(HEAD, b"old")
+        await store.put(HEAD, b"new")
+        assert await store.get(HEAD) == b"new"
+        assert await _names(store, "heads/") == [HEAD]
+
+    async def test_create_only_store_never_replaces_an_object(self, store: BlobStore) -> None:
+        name = "devices/" + "1d" * 16
+        await store.put(name, b"first")
+        await store.put(name, b"first")   # the same bytes again: an upload retried
+        if not store.capabilities.create_only:
+            return   # callers check `has` first (LocalDirStore heals packs by replacing them)
+        with pytest.raises(ObjectExists):
+            await store.put(name, b"other")
+        assert await store.get(name) == b"first"
+
+    async def test_blocking_fast_path_agrees_with_put_and_get(self, store: BlobStore) -> None:
+        if not store.capabilities.blocking:
+            with pytest.raises(NotImplementedError):
+                store.get_sync("config")
+            return
+        data = os.urandom(3000)
+        await asyncio.to_thread(store.put_sync, "snapshots/" + "a1" * 32, data, durable=False)
+        await asyncio.to_thread(store.sync_sync)
+        assert await store.get("snapshots/" + "a1" * 32) == data
+        await store.put("snapshots/" + "b2" * 32, data[:1000])
+        assert await asyncio.to_thread(store.get_sync, "snapshots/" + "b2" * 32) == data[:1000]
+        assert await asyncio.to_thread(store.get_range_sync, "snapshots/" + "a1" * 32,
+                                       -10, 10) == data[-10:]
+        with pytest.raises(NotFound):
+            await asyncio.to_thread(store.get_sync, "snapshots/none")
 
     async def test_delete_is_idempotent(self, store: BlobStore) -> None:
         await store.put("snapshots/x", b"x")
