@@ -15,6 +15,7 @@ __all__ = ["BlobStore", "LocalDirStore", "ObjectExists", "StoreCapabilities", "i
 # scheme -> "module:function" taking (location, options) and returning a BlobStore. Imported on
 # use: a command that reads a local store should not pay for an S3 client's import.
 OPENERS: dict[str, str] = {
+    "s3": ".s3:open_location",
 }
 
 
