@@ -75,7 +75,7 @@ def parse_location(location: str) -> tuple[str, str]:
     """(bucket, prefix) of `s3://bucket/prefix`; the prefix has no leading or trailing `/`."""
     parts = urlsplit(location)
     bucket, prefix = parts.netloc, parts.path.strip("/")
-    if parts.scheme.lower() != "s3" or not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,254}", bucket):
+    if parts.scheme.lower() != "s3" or not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{0,254}", bucket):
         raise ConfigError(f"store {location}: write an S3 location as s3://BUCKET/PREFIX")
     if parts.query or parts.fragment or any(p in ("", ".", "..") for p in prefix.split("/")
                                              if prefix):
@@ -183,13 +183,16 @@ class S3Store(BlobStore):
             return StorageError(f"{where}: the bucket does not exist at {self.endpoint}")
         if isinstance(exc, self._errors.NotFound):
             return NotFound(f"{name} is missing from the {where}")
-        if isinstance(exc, self._errors.PermissionDenied):
-            return StorageError(f"{where}: the server refused the credentials ({code or status}"
-                                "): check access_key_id and secret_access_key (or "
-                                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
         if status == 507 or code in _FULL_CODES:
             return StoreFull(self.location, f"the server answered {code or status} to {what} "
                              f"{name}")
+        if isinstance(exc, self._errors.PermissionDenied):
+            if code in (None, "AccessDenied", "AllAccessDisabled"):
+                return StorageError(f"{where}: the server refused access ({code or status}): "
+                                    "check the credentials and their rights on the bucket")
+            return StorageError(f"{where}: the server refused the credentials ({code}): check "
+                                "access_key_id and secret_access_key (or AWS_ACCESS_KEY_ID/"
+                                "AWS_SECRET_ACCESS_KEY)")
         if "credential" in text.lower() and "no valid" in text.lower():
             return StorageError(f"{where}: no credentials: set access_key_id and "
                                 "secret_access_key in its [[stores]] table or "
@@ -197,7 +200,7 @@ class S3Store(BlobStore):
         if status is not None:
             return StorageError(f"{where}: the server answered {status}"
                                 f"{f' ({code})' if code else ''} to {what} {name}".rstrip())
-        return StorageError(f"{where}: {what} {name} failed: {_cause(text)}".replace("  ", " "))
+        return StorageError(f"{where}: {what} {name} at {self.endpoint} failed: {_cause(text)}")
 
     def _passing(self, exc: Exception) -> bool:
         """Whether another attempt may succeed (opendal marks errors temporary)."""
@@ -325,7 +328,9 @@ class S3Store(BlobStore):
 
 
 def _cause(text: str) -> str:
-    """The innermost reason in an opendal error's text (`source: ...`), on one line."""
-    sources = re.findall(r"source: (.+)", text)
-    reason = sources[-1] if sources else text.split("\n", 1)[0]
-    return reason.strip().rstrip(",")[:200]
+    """The innermost reason in an opendal error's text, on one line: its `Source:` (e.g.
+    "tcp connect error: Connection refused"), else its first line."""
+    source = re.search(r"\nSource:\n\s*(.+)", text)
+    if source:
+        return ": ".join(source.group(1).strip().split(": ")[-2:])[:200]
+    return text.split("\n", 1)[0].split(" => ")[-1].strip()[:200]
