@@ -177,6 +177,19 @@ def test_snapshots_restore_and_verify_read_from_s3(cli, s3_repo, tmp_path: Path)
     cli("verify", "--read-data", "--from", location)
 
 
+def test_recover_sets_up_a_new_device_from_the_bucket_alone(cli, s3_repo,
+                                                            tmp_path: Path) -> None:
+    from p2pbackup.crypto import recovery
+    from tests.conftest import Cli
+
+    location, _, _ = s3_repo
+    (tmp_path / "code").write_text(recovery.encode(
+        (cli.home / "keys" / "account.key").read_bytes()))
+    new = Cli(tmp_path / "new-home")
+    new("recover", "--from", location, "--recovery-code-file", str(tmp_path / "code"))
+    assert len(json.loads(new("snapshots", "--json", "--from", location).stdout)) == 1
+
+
 @pytest.mark.parametrize("kind", ["truncate", "swap"])
 def test_a_truncated_or_swapped_object_is_caught_never_restored(
         cli, s3_repo, proxy: FaultProxy, tmp_path: Path, kind: str) -> None:
