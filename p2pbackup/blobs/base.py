@@ -32,6 +32,9 @@ class StoreCapabilities:
                                   # callers run the async calls on the event loop
     local_disk: bool = False      # objects are files under `root` on this machine (worker
                                   # processes may write them directly: repo/intake.py)
+    append_only: bool = False     # delete() removes only what an owner's signed removal record
+                                  # released after the holder's grace period, and refuses any
+                                  # other delete (the storage server, like a storage partner)
 
 
 class ObjectExists(StorageError):
