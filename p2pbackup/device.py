@@ -133,10 +133,11 @@ async def open_device(home: Path | None = None, *, write: bool = False,
 
 async def open_other_store(config: Config, keys: AccountKeys, identity: DeviceIdentity,
                            location: str) -> BlobStore:
-    """The store `location` names: `peer:DEVICE`, or any location `open_store` opens."""
+    """The store `location` names: `peer:DEVICE`, or any location `open_store` opens (a store
+    that signs its requests, the storage server, signs them as this device of this account)."""
     if is_peer_location(location):
         return await open_peer_store(config, keys, identity, location)
-    return open_store(location)
+    return open_store(location, options={"identity": identity, "account": keys.fingerprint()})
 
 
 async def open_peer_store(config: Config, keys: AccountKeys, identity: DeviceIdentity,

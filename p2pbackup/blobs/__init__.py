@@ -16,6 +16,8 @@ __all__ = ["BlobStore", "LocalDirStore", "ObjectExists", "StoreCapabilities", "i
 # use: a command that reads a local store should not pay for an S3 client's import.
 OPENERS: dict[str, str] = {
     "s3": ".s3:open_location",
+    "https": ".server:open_server",   # the storage server (p2pbackup-server)
+    "http": ".server:open_server",    # the same on a loopback address only (it refuses others)
 }
 
 

@@ -22,7 +22,7 @@ from ..blobs.base import BlobStore, Buffer
 from ..blobs import open_store
 from ..blobs.quota import QuotaStore
 from ..crypto.identity import device_id_for, verify_signature
-from ..errors import IntegrityError, NameMismatch
+from ..errors import IntegrityError, NameMismatch, ObjectChanged
 from ..format.membership import MEMBER, OWNER, keyring_envelope
 from ..format.pack import pack_name
 from ..format.removal import REMOVABLE, Removal, read_removal
@@ -239,8 +239,8 @@ async def partner_accept(grant: Grant, device: str, name: str, data: bytes) -> b
     if kind not in ("head", "anchor") and await store.has(name):
         if kind in ("pack", "snapshot") or await store.get(name) == data:
             return False
-        raise IntegrityError(f"{name[:60]} differs from the copy already here (objects never "
-                             "change)")
+        raise ObjectChanged(f"{name[:60]} differs from the copy already here (objects never "
+                            "change)")
     await store.put(name, data)   # QuotaExceeded: said to the device in words
     return True
 
