@@ -8,19 +8,29 @@ a bucket per test). A server whose program is not installed skips the tests with
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from p2pbackup.blobs import open_store
+from p2pbackup.blobs.server import ServerStore
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.format.membership import MEMBER, OWNER
+from p2pbackup.format.roster import (Roster, RosterEntry, roster_hash, roster_name,
+                                     roster_object)
 from tests.eventually import eventually_sync
 
 ACCESS_KEY, SECRET_KEY = "p2pbackup-test", "p2pbackup-test-secret"
@@ -149,3 +159,98 @@ def rclone_s3(tmp: Path) -> Iterator[S3Server]:
             "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--config", str(tmp / "rclone.conf")]
     with _running(argv, tmp / "rclone.log", port):
         yield S3Server("rclone", f"http://127.0.0.1:{port}", conditional_put=False)
+
+
+# -- the storage server (p2pbackup-server) ----------------------------------------------
+
+def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A certificate for `host` (as its IP address SAN) and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(
+                ipaddress.ip_address(host))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@dataclass
+class RunningServer:
+    """A running `p2pbackup-server`: its location, the certificate that vouches for it, and
+    its data directory."""
+
+    location: str
+    ca_file: str | None
+    data: Path
+
+    def invite(self) -> str:
+        """A one-time registration token, as the operator gets one."""
+        return subprocess.run([sys.executable, "-m", "p2pbackup.server.main", "invite",
+                               "--data", str(self.data)], check=True, capture_output=True,
+                              text=True, timeout=60).stdout.strip()
+
+
+@contextlib.contextmanager
+def storage_server(tmp: Path, *args: str, tls: bool = True) -> Iterator[RunningServer]:
+    """`p2pbackup-server serve` with `args` (TLS with a throwaway self-signed certificate),
+    its data in `tmp/data`."""
+    port = free_port()
+    argv = [sys.executable, "-m", "p2pbackup.server.main", "serve", "--data",
+            str(tmp / "data"), "--listen", f"127.0.0.1:{port}", *args]
+    ca = None
+    if tls:
+        cert, key = self_signed_cert(tmp / "tls")
+        argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        ca = str(cert)
+    tmp.mkdir(parents=True, exist_ok=True)
+    with _running(argv, tmp / "server.log", port):
+        yield RunningServer(f"{'https' if tls else 'http'}://127.0.0.1:{port}/", ca,
+                            tmp / "data")
+
+
+@dataclass
+class StorageAccount:
+    """An account as the storage server knows it: its id and its signed rosters."""
+
+    owner: DeviceIdentity = field(default_factory=DeviceIdentity.generate)
+    members: list[DeviceIdentity] = field(default_factory=list)
+    recovery: DeviceIdentity | None = None
+    fingerprint: str = field(default_factory=lambda: secrets.token_hex(8))
+    rosters: list[bytes] = field(default_factory=list)
+
+    def roster(self, *, removed: tuple[str, ...] = ()) -> tuple[str, bytes]:
+        """The next roster version (name, object) listing the owner and members, signed by the
+        owner."""
+        entries = (RosterEntry(self.owner.device_id, self.owner.public_key, OWNER),) + tuple(
+            RosterEntry(m.device_id, m.public_key, MEMBER) for m in self.members)
+        prev = roster_hash(self.rosters[-1]) if self.rosters else b""
+        r = Roster(len(self.rosters) + 1, prev, entries, removed, time.time_ns(),
+                   self.recovery.public_key if self.recovery else b"")
+        raw = roster_object(r, self.owner.device_id, self.owner.sign)
+        self.rosters.append(raw)
+        return roster_name(r.seq), raw
+
+    def store(self, server: RunningServer, device: DeviceIdentity | None = None,
+              **options: object) -> ServerStore:
+        """The account's store on `server` as `device` (default: the owner) opens it."""
+        store = open_store(server.location, options={
+            "identity": device or self.owner, "account": self.fingerprint,
+            "ca_file": server.ca_file, **options})
+        assert isinstance(store, ServerStore)
+        return store

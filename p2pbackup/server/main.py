@@ -66,6 +66,7 @@ async def serve(args: argparse.Namespace) -> None:
             await site.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        port = runner.addresses[0][1]    # the one bound (--listen HOST:0 takes any)
         log.info("serving %d accounts from %s on %s://%s:%d", len(server.accounts), args.data,
                  "https" if tls else "http", host, port)
         print(f"p2pbackup-server: listening on {host}:{port}", flush=True)

@@ -1,0 +1,79 @@
+"""The storage server's client store against a real `p2pbackup-server` process over TLS."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pbackup.blobs import open_store
+from p2pbackup.blobs.server import ServerStore
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.errors import ConfigError, StorageError
+
+from ..servers import RunningServer, StorageAccount, storage_server
+from .conformance import BlobStoreConformance
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    # One process for the module; every test registers an account of its own.
+    with storage_server(tmp_path_factory.mktemp("server"), "--open-registration") as s:
+        yield s
+
+
+class TestServerStore(BlobStoreConformance):
+    @pytest.fixture
+    def account(self) -> StorageAccount:
+        return StorageAccount()
+
+    @pytest.fixture
+    def device_id(self, account: StorageAccount) -> str:
+        return account.owner.device_id
+
+    @pytest.fixture
+    async def store(self, server: RunningServer, account: StorageAccount
+                    ) -> AsyncIterator[ServerStore]:
+        store = account.store(server)
+        await store.put(*account.roster())     # registers the account
+        yield store
+        await store.close()
+
+
+async def test_an_invitation_registers_one_account_once(tmp_path: Path) -> None:
+    with storage_server(tmp_path) as server:
+        token = server.invite()
+        first, second = StorageAccount(), StorageAccount()
+        store = first.store(server, invite=token)
+        await store.put(*first.roster())
+        await store.put("config", b"sealed config")
+        assert await store.get("config") == b"sealed config"
+        other = second.store(server, invite=token)       # the token is spent
+        with pytest.raises(StorageError, match="invitation is not valid"):
+            await other.put(*second.roster())
+        with pytest.raises(StorageError, match="not registered on this server"):
+            await other.put("config", b"x")
+        await store.close()
+        await other.close()
+
+
+def test_plain_http_is_refused_except_to_a_loopback_address() -> None:
+    opts = {"identity": DeviceIdentity.generate(), "account": "00" * 8}
+    with pytest.raises(ConfigError, match="plain http:// only to a loopback address"):
+        open_store("http://backup.example.org/", options=opts)
+    assert isinstance(open_store("http://127.0.0.1:8080/", options=opts), ServerStore)
+    assert isinstance(open_store("http://[::1]:8080/", options=opts), ServerStore)
+    with pytest.raises(ConfigError, match="needs this device's identity"):
+        open_store("https://backup.example.org/")
+
+
+async def test_a_certificate_nobody_vouched_for_is_refused_in_one_line(
+        server: RunningServer) -> None:
+    account = StorageAccount()
+    store = account.store(server, ca_file=None)
+    with pytest.raises(StorageError, match="TLS certificate is not trusted"):
+        await store.put(*account.roster())
+    await store.close()
