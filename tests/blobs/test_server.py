@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 
 from p2pbackup.blobs import open_store
 from p2pbackup.blobs.server import ServerStore
 from p2pbackup.crypto.identity import DeviceIdentity
-from p2pbackup.errors import ConfigError, StorageError
+from p2pbackup.errors import ConfigError, NameMismatch, StorageError
 
 from ..servers import RunningServer, StorageAccount, storage_server
 from .conformance import BlobStoreConformance
@@ -76,4 +77,19 @@ async def test_a_certificate_nobody_vouched_for_is_refused_in_one_line(
     store = account.store(server, ca_file=None)
     with pytest.raises(StorageError, match="TLS certificate is not trusted"):
         await store.put(*account.roster())
+    await store.close()
+
+
+async def test_a_wrong_object_from_the_server_is_refused(server: RunningServer) -> None:
+    account = StorageAccount()
+    store = account.store(server)
+    await store.put(*account.roster())
+    data = b"snapshot bytes"
+    name = "snapshots/" + blake3.blake3(data).hexdigest()
+    await store.put(name, data)
+    # The server's disk (or the server) swaps the object's bytes.
+    held = server.data / "partners" / account.fingerprint / "store" / name
+    held.write_bytes(b"something else")
+    with pytest.raises(NameMismatch, match=f"store {server.location} returned a wrong object"):
+        await store.get(name)
     await store.close()
