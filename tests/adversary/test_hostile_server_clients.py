@@ -251,3 +251,18 @@ async def test_what_a_removal_record_released_is_deleted_after_the_grace_period(
         await store.delete(name)
         assert not await store.has(name)
         await store.close()
+
+
+async def test_the_recovery_signer_reads_but_writes_nothing_but_the_next_roster(
+        server: RunningServer) -> None:
+    account = StorageAccount(recovery=DeviceIdentity.generate())
+    owner = account.store(server)
+    await owner.put(*account.roster())
+    await owner.put("config", b"sealed config")
+    recovering = account.store(server, account.recovery)
+    assert await recovering.get("config") == b"sealed config"
+    with pytest.raises(PeerNotPaired) as exc:
+        await recovering.put("devices/" + account.recovery.device_id, b"a record")
+    assert "is not a device of account" in one_line(exc, server)
+    await owner.close()
+    await recovering.close()
