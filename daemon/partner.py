@@ -68,7 +68,8 @@ from p2pbackup.protocol.sync import (Closed, Event, InventoryDone, ObjectReceive
 from p2pbackup.repo import replica
 # The rules live in the library, shared with the storage server (p2pbackup/server).
 from p2pbackup.repo.partner_store import (Grant, ServedStore,  # noqa: F401
-                                          load_grants, partner_accept, refusal)
+                                          apply_removals, load_grants, partner_accept,
+                                          refusal)
 from p2pbackup.transport.datachannel import PeerLink
 
 from .peers import connection_limits
@@ -199,18 +200,7 @@ class PartnerService:
         """Delete what the owners removed, once the grace period has passed since this
         partner first held the record (all of it: a partner cannot tell which data is still
         used, the owners decided). Returns how many objects went."""
-        total = 0
-        for g in self.grants:
-            try:
-                gone = await g.apply_removals(self.config.peers.removal_grace, now_ns)
-            except P2PError as exc:
-                log.error("account %s: applying removals failed: %s", g.account, exc)
-                continue
-            if gone:
-                log.info("account %s: deleted %d objects its owners removed", g.account,
-                         len(gone))
-            total += len(gone)
-        return total
+        return await apply_removals(self.grants, self.config.peers.removal_grace, now_ns)
 
     async def _apply_removals(self) -> None:
         while True:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -22,7 +24,7 @@ from ..blobs.base import BlobStore, Buffer
 from ..blobs import open_store
 from ..blobs.quota import QuotaStore
 from ..crypto.identity import device_id_for, verify_signature
-from ..errors import IntegrityError, NameMismatch, ObjectChanged
+from ..errors import IntegrityError, NameMismatch, ObjectChanged, P2PError
 from ..format.membership import MEMBER, OWNER, keyring_envelope
 from ..format.pack import pack_name
 from ..format.removal import REMOVABLE, Removal, read_removal
@@ -157,6 +159,27 @@ class ServedStore(BlobStore):
 
     async def delete(self, name: str) -> None:
         raise IntegrityError("objects at a storage partner are deleted by removal records only")
+
+
+async def apply_removals(grants: Iterable[Grant], grace_seconds: float,
+                        now_ns: int | None = None,
+                        lock_of: Callable[[Grant], contextlib.AbstractAsyncContextManager[Any]]
+                        | None = None) -> int:
+    """`Grant.apply_removals` for each grant (under `lock_of(grant)`, if given: the storage
+    server's writes of that account wait meanwhile), each failure logged; how many objects
+    went in all."""
+    total = 0
+    for g in list(grants):
+        async with (lock_of(g) if lock_of is not None else contextlib.nullcontext()):
+            try:
+                gone = await g.apply_removals(grace_seconds, now_ns)
+            except P2PError as exc:
+                log.error("account %s: applying removals failed: %s", g.account, exc)
+                continue
+        if gone:
+            log.info("account %s: deleted %d objects its owners removed", g.account, len(gone))
+        total += len(gone)
+    return total
 
 
 def load_grants(home: Path, store_for: Callable[[str, Path], BlobStore] | None = None

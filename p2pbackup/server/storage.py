@@ -52,8 +52,8 @@ from ..format.roster import check_signed, read_roster, roster_name
 from ..ids import is_account, object_kind
 from ..protocol import store_requests as req
 from ..repo import removals
-from ..repo.partner_store import (Grant, ServedStore, load_grants, open_grant, partner_accept,
-                                  refusal)
+from ..repo.partner_store import (Grant, ServedStore, apply_removals, load_grants, open_grant,
+                                  partner_accept, refusal)
 from ..sizes import format_size
 from . import invites
 
@@ -331,20 +331,8 @@ class StorageServer:
 
     async def apply_removals(self) -> int:
         """Delete what removal records released in every account; how many objects went."""
-        total = 0
-        now_ns = int(self.now() * 1e9)
-        for g in list(self.accounts.values()):
-            async with self._locks[g.account]:
-                try:
-                    gone = await g.apply_removals(self.grace, now_ns)
-                except P2PError as exc:
-                    log.error("account %s: applying removals failed: %s", g.account, exc)
-                    continue
-            if gone:
-                log.info("account %s: deleted %d objects its owners removed", g.account,
-                         len(gone))
-            total += len(gone)
-        return total
+        return await apply_removals(self.accounts.values(), self.grace,
+                                    int(self.now() * 1e9), lambda g: self._locks[g.account])
 
     async def _removals_loop(self) -> None:
         while True:

@@ -240,16 +240,20 @@ async def test_what_a_removal_record_released_is_deleted_after_the_grace_period(
                             account=account.fingerprint, now=lambda: clock[0])
         await store.put(*account.roster())
         name = "snapshots/" + blake3.blake3(b"snap").hexdigest()
+        other = "snapshots/" + blake3.blake3(b"other").hexdigest()
         await store.put(name, b"snap")
-        record = removal_object(Removal(account.owner.device_id, time.time_ns(), (name,)),
-                                account.owner.sign)
+        await store.put(other, b"other")
+        record = removal_object(Removal(account.owner.device_id, time.time_ns(),
+                                        (name, other)), account.owner.sign)
         await store.put(removal_name(record), record)
         clock[0] += 1800
         with pytest.raises(StorageError, match="kept for the grace period"):
             await store.delete(name)
+        assert await server.apply_removals() == 0
         clock[0] += 1801
-        await store.delete(name)
-        assert not await store.has(name)
+        await store.delete(name)                       # the device asked
+        assert await server.apply_removals() == 1      # the server's own round: `other`
+        assert not await store.has(name) and not await store.has(other)
         await store.close()
 
 
