@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -23,9 +24,10 @@ pytestmark = pytest.mark.timeout(240)
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "p2pbackup-server.service"
 
 
-async def test_a_store_copied_to_the_server_lists_verifies_and_restores_from_it(
+async def test_a_store_copied_to_the_server_lists_verifies_restores_and_recovers_from_it(
         cli: Cli, sample_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cli("init", "--source", str(sample_tree))
+    code = re.search(r"^\s+([0-9A-Z]{5}(?:-[0-9A-Z]{1,5}){10})\s*$",
+                     cli("init", "--source", str(sample_tree)).stdout, re.M).group(1)
     cli("snapshot")
     with storage_server(tmp_path / "srv") as server:
         async with open_device(cli.home) as dev:
@@ -49,6 +51,15 @@ async def test_a_store_copied_to_the_server_lists_verifies_and_restores_from_it(
         assert out.returncode == 0
         cli("restore", "latest", "--to", str(tmp_path / "out"), "--from", server.location)
         assert tree_state(tmp_path / "out" / "src") == tree_state(sample_tree)
+        # A new device holding only the recovery code sets itself up from the server (read
+        # as the roster's recovery signer, which brings the roster that makes it an owner),
+        # and reads the server as that owner.
+        (tmp_path / "code").write_text(code)
+        new = Cli(tmp_path / "new-home")
+        new("recover", "--from", server.location, "--recovery-code-file",
+            str(tmp_path / "code"))
+        new("restore", "latest", "--to", str(tmp_path / "new-out"), "--from", server.location)
+        assert tree_state(tmp_path / "new-out" / "src") == tree_state(sample_tree)
         # Plain http to the TLS port (loopback, so allowed): the server hangs up; one line.
         wrong = cli("snapshots", "--from", server.location.replace("https", "http"),
                     check=False)
