@@ -93,3 +93,16 @@ async def test_a_wrong_object_from_the_server_is_refused(server: RunningServer) 
     with pytest.raises(NameMismatch, match=f"store {server.location} returned a wrong object"):
         await store.get(name)
     await store.close()
+
+
+async def test_the_server_keeps_objects_in_the_store_storage_names(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"    # any location open_store opens (s3://... too)
+    with storage_server(tmp_path, "--open-registration", "--storage", str(elsewhere)) as server:
+        account = StorageAccount()
+        store = account.store(server)
+        await store.put(*account.roster())
+        name = "snapshots/" + blake3.blake3(b"snap").hexdigest()
+        await store.put(name, b"snap")
+        assert (elsewhere / account.fingerprint / name).read_bytes() == b"snap"
+        assert [n async for n in store.list("snapshots/")] == [name]
+        await store.close()
