@@ -152,8 +152,10 @@ class StorageServer:
         try:
             return await handler(request)
         except Refused as r:
-            if r.status >= 500 or r.status == 409:
-                log.info("%s %s: %s", request.method, request.path[:120], r.line)
+            # One line per refusal, with the address (what fail2ban and operators look for).
+            log.info("%s %s %s from %s: %d %s", request.method, request.path[:120],
+                     request.headers.get(req.DEVICE, "(unsigned)")[:12], request.remote,
+                     r.status, r.line)
             return web.Response(status=r.status, text=r.line + "\n")
 
     async def _hello(self, request: web.Request) -> web.Response:
