@@ -13,7 +13,7 @@ verifies a self-signed server certificate), `invite` (a one-time token: sent wit
 roster, which registers the account on first use), `timeout` (seconds per request).
 
 Errors name the store and say what happened in one line: refused requests carry the server's
-own line; 507 is "the server is full"; a whole object whose bytes do not match its
+own line; 507 is StoreFull with the server's words (whose quota, how much is used); a whole object whose bytes do not match its
 content-addressed name is refused as a wrong object (IntegrityError).
 """
 
@@ -34,8 +34,7 @@ from ..errors import (ConfigError, IntegrityError, NameMismatch, NotFound, PeerN
                       StorageError)
 from ..ids import object_kind
 from ..protocol import store_requests as req
-from .base import BlobStore, Buffer, ObjectExists, StoreCapabilities
-from .quota import QuotaExceeded
+from .base import BlobStore, Buffer, ObjectExists, StoreCapabilities, StoreFull
 
 SCHEMES = ("https", "http")
 DEFAULT_TIMEOUT = 300.0   # a 16 MiB pack over a slow uplink
@@ -129,8 +128,8 @@ class ServerStore(BlobStore):
             return status, data, got
         line = data.decode("utf-8", "replace").strip().splitlines()
         said = f"{what}: {line[0][:300] if line else f'HTTP {status}'}"
-        if status == 507:
-            raise QuotaExceeded(said)
+        if status == 507:   # the server's line says whose quota and how much is used
+            raise StoreFull(self.location, line[0][:300] if line else "HTTP 507")
         if status == 409:
             raise ObjectExists(said)
         if status == 422:

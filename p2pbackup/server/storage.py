@@ -267,8 +267,8 @@ class StorageServer:
                 stored = await partner_accept(grant, device, name, body)
             except QuotaExceeded:
                 used = await grant.store.used()
-                raise Refused(507, f"the server is full: account {grant.account} uses "
-                                   f"{format_size(used)} of its {format_size(grant.quota or 0)}; "
+                raise Refused(507, f"account {grant.account} uses {format_size(used)} of its "
+                                   f"{format_size(grant.quota or 0)} on this server; "
                                    f"{name[:60]} ({format_size(len(body))}) does not fit"
                               ) from None
             except ObjectChanged as exc:

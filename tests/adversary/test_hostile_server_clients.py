@@ -18,8 +18,7 @@ import pytest
 import yarl
 from aiohttp.test_utils import TestServer
 
-from p2pbackup.blobs.base import ObjectExists
-from p2pbackup.blobs.quota import QuotaExceeded
+from p2pbackup.blobs.base import ObjectExists, StoreFull
 from p2pbackup.blobs.server import ServerStore
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.errors import P2PError, PeerNotPaired, StorageError
@@ -221,11 +220,11 @@ async def test_an_object_over_the_quota_is_refused_as_the_server_being_full(
         server: RunningServer, account: StorageAccount) -> None:
     store = account.store(server)
     data = bytes(QUOTA + 1)
-    with pytest.raises(QuotaExceeded) as exc:
+    with pytest.raises(StoreFull) as exc:
         await store.put("packs/" + blake3.blake3(data).hexdigest(), data)
-    line = one_line(exc, server)
-    assert "the server is full: account" in line and "of its 64.0 KiB" in line
-    assert exc.value.exit_code == 11
+    line = str(exc.value)
+    assert "\n" not in line and line.startswith(f"The store {server.location} is full (account ")
+    assert "of its 64.0 KiB on this server;" in line and exc.value.exit_code == 12
     await store.close()
 
 
