@@ -60,6 +60,7 @@ from . import invites
 log = logging.getLogger("p2pbackup.server")
 
 MAX_OBJECT = 512 << 20        # the largest object a device writes (a session's bound too)
+RECEIVING_MAX = 1 << 30       # bytes of bodies all PUTs in progress may hold in memory
 HEADS_HELD_MAX = 100_000      # digests kept per head or anchor (32 bytes each)
 DEFAULT_GRACE = 7 * 86400     # as a partner's removal_grace
 
@@ -116,6 +117,7 @@ class StorageServer:
         self.heads: dict[str, HeadsHeld] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._register_lock = asyncio.Lock()
+        self._receiving = 0       # bytes of PUT bodies being read now
         for g in load_grants(data, self._store_for):
             self._add(g)
 
@@ -161,26 +163,53 @@ class StorageServer:
     async def _hello(self, request: web.Request) -> web.Response:
         return web.Response(text="p2pbackup-server 1\n")
 
-    async def _authenticate(self, request: web.Request, body: bytes, account: str,
-                            key_of: Callable[[str], bytes | None]) -> str:
-        """The device that signed `request` (its key from `key_of`); Refused otherwise."""
+    def _signed_now(self, request: web.Request, account: str = "",
+                    key_of: Callable[[str], bytes | None] | None = None
+                    ) -> tuple[req.RequestSignature, bytes | None]:
+        """The request's signature headers, if present, fresh and (with `key_of`) naming a
+        device that may make it, and that device's key; Refused otherwise. Checked before a
+        body is read: a stranger's upload costs the server no memory."""
         got = req.parse(request.headers)
         if got is None:
             raise Refused(401, "an unsigned request: it needs the X-P2PB-Device, -Time, "
                                "-Nonce and -Signature headers of a device of the account")
-        key = key_of(got.device)
-        if key is None:
+        why = req.stale(got.time, self.now(), self.started)
+        if why:
+            raise Refused(401, why)
+        key = key_of(got.device) if key_of is not None else None
+        if key_of is not None and key is None:
             raise Refused(403, f"device {got.device[:12]} is not a device of account "
                                f"{account} (any more)")
+        return got, key
+
+    async def _body(self, request: web.Request) -> bytes:
+        """A PUT's body, within the bytes all uploads in progress may hold in memory."""
+        size = request.content_length
+        if size is None:
+            raise Refused(411, "a PUT needs a Content-Length")
+        if size > MAX_OBJECT:
+            raise Refused(413, f"an object of {format_size(size)} is larger than the "
+                               f"{format_size(MAX_OBJECT)} this server takes")
+        if self._receiving + size > RECEIVING_MAX:
+            raise Refused(503, "the server is busy receiving other objects: try again later")
+        self._receiving += size
+        try:
+            return await request.read()
+        finally:
+            self._receiving -= size
+
+    async def _authenticate(self, request: web.Request, body: bytes, account: str,
+                            key_of: Callable[[str], bytes | None]) -> str:
+        """The device that signed `request` (its key from `key_of`); Refused otherwise."""
+        got, key = self._signed_now(request, account, key_of)
+        assert key is not None
         path = request.rel_url.raw_path
         at = path.find("/" + req.API)
         signed = req.message(request.method, path[at + 1:], request.rel_url.raw_query_string,
                              req.body_digest(body), got.device, got.time, got.nonce)
         if at < 0 or not verify_signature(key, signed, got.signature):
             raise Refused(401, "the request's signature does not verify")
-        now = self.now()
-        why = req.stale(got.time, now, self.started) or \
-            self.nonces.add(got.device, got.nonce, now)
+        why = self.nonces.add(got.device, got.nonce, self.now())
         if why:
             raise Refused(401, why)
         return got.device
@@ -210,13 +239,13 @@ class StorageServer:
     async def _object(self, request: web.Request) -> web.StreamResponse:
         account, grant = self._account(request)
         name = request.match_info["name"]
-        body = await request.read() if request.method == "PUT" else b""
         if request.method == "PUT" and grant is None and name.startswith("roster/"):
-            return await self._register(request, account, name, body)
+            self._signed_now(request)
+            return await self._register(request, account, name, await self._body(request))
         if grant is None:
             raise Refused(404, f"account {account} is not registered on this server")
         if request.method in ("GET", "HEAD"):
-            await self._authenticate(request, body, account, self._readers(grant))
+            await self._authenticate(request, b"", account, self._readers(grant))
             return await self._read(request, grant, name)
         signer = grant.recovery_signer()
         devices = grant.devices()
@@ -226,6 +255,10 @@ class StorageServer:
                 return signer[1]
             return devices.get(d)
 
+        body = b""
+        if request.method == "PUT":
+            self._signed_now(request, account, writers)
+            body = await self._body(request)
         device = await self._authenticate(request, body, account, writers)
         if object_kind(name) is None:
             raise Refused(422, f"{name[:80]!r} is not an object name")

@@ -7,6 +7,7 @@ of its own. The grace-period case runs the server in-process with an injected cl
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -269,3 +270,22 @@ async def test_the_recovery_signer_reads_but_writes_nothing_but_the_next_roster(
     assert "is not a device of account" in one_line(exc, server)
     await owner.close()
     await recovering.close()
+
+
+async def test_a_strangers_upload_is_refused_before_its_body_is_read(
+        server: RunningServer, account: StorageAccount) -> None:
+    """Headers announcing 400 MiB, and no body: the answer comes without it (a stranger's
+    upload costs the server no memory)."""
+    name = "packs/" + "ab" * 32
+    path = f"v1/{account.fingerprint}/{name}"
+    headers = signed(DeviceIdentity.generate(), "PUT", path, b"")
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    ctx = ssl.create_default_context(cafile=server.ca_file)
+    host, port = server.location.removeprefix("https://").strip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), ssl=ctx)
+    writer.write(f"PUT /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {400 << 20}\r\n"
+                 f"{head}\r\n".encode())
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 60)
+    assert status.split()[1] == b"403"
+    writer.close()
