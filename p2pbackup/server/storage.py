@@ -61,7 +61,7 @@ log = logging.getLogger("p2pbackup.server")
 
 MAX_OBJECT = 512 << 20        # the largest object a device writes (a session's bound too)
 RECEIVING_MAX = 1 << 30       # bytes of bodies all PUTs in progress may hold in memory
-HEADS_HELD_MAX = 100_000      # digests kept per head or anchor (32 bytes each)
+HEADS_HELD_MAX = 10_000       # digests kept per head or anchor: a week of a head a minute
 DEFAULT_GRACE = 7 * 86400     # as a partner's removal_grace
 
 
@@ -131,8 +131,9 @@ class StorageServer:
     def _add(self, g: Grant) -> None:
         g.store.quota = self.quota    # the server's --quota, whatever it was at registration
         self.accounts[g.account] = g
-        self.heads[g.account] = HeadsHeld(grant_files.account_dir(self.data, g.account) /
-                                          "heads-held")
+        notes = grant_files.account_dir(self.data, g.account)   # also with --storage elsewhere
+        notes.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.heads[g.account] = HeadsHeld(notes / "heads-held")
         self._locks[g.account] = asyncio.Lock()
 
     # -- the HTTP side ---------------------------------------------------------------------
@@ -159,6 +160,12 @@ class StorageServer:
                      request.headers.get(req.DEVICE, "(unsigned)")[:12], request.remote,
                      r.status, r.line)
             return web.Response(status=r.status, text=r.line + "\n")
+        except web.HTTPException:
+            raise
+        except Exception:   # a bug or the server's own storage failing: logged whole here
+            log.exception("%s %s failed", request.method, request.path[:120])
+            return web.Response(status=500, text="the server failed on this request (its log "
+                                                 "says why)\n")
 
     async def _hello(self, request: web.Request) -> web.Response:
         return web.Response(text="p2pbackup-server 1\n")

@@ -103,6 +103,7 @@ async def test_the_server_keeps_objects_in_the_store_storage_names(tmp_path: Pat
         await store.put(*account.roster())
         name = "snapshots/" + blake3.blake3(b"snap").hexdigest()
         await store.put(name, b"snap")
+        await store.put("heads/" + account.owner.device_id, b"head")   # its notes: in --data
         assert (elsewhere / account.fingerprint / name).read_bytes() == b"snap"
         assert [n async for n in store.list("snapshots/")] == [name]
         await store.close()
