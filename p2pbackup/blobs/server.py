@@ -92,7 +92,11 @@ class ServerStore(BlobStore):
 
             ctx: ssl.SSLContext | bool = True
             if self.base.startswith("https:"):
-                ctx = ssl.create_default_context(cafile=self.ca_file)
+                try:
+                    ctx = ssl.create_default_context(cafile=self.ca_file)
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConfigError(f"store {self.location}: ca_file {self.ca_file} is not a "
+                                      f"readable PEM certificate ({exc})") from None
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=ctx, limit=16),
                 timeout=aiohttp.ClientTimeout(total=self.timeout))

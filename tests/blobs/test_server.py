@@ -72,10 +72,14 @@ def test_plain_http_is_refused_except_to_a_loopback_address() -> None:
 
 
 async def test_a_certificate_nobody_vouched_for_is_refused_in_one_line(
-        server: RunningServer) -> None:
+        server: RunningServer, tmp_path: Path) -> None:
     account = StorageAccount()
     store = account.store(server, ca_file=None)
     with pytest.raises(StorageError, match="TLS certificate is not trusted"):
+        await store.put(*account.roster())
+    await store.close()
+    store = account.store(server, ca_file=str(tmp_path / "missing.pem"))
+    with pytest.raises(ConfigError, match="ca_file .* is not a readable PEM certificate"):
         await store.put(*account.roster())
     await store.close()
 
