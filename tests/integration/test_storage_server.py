@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,31 @@ def test_systemd_analyze_verifies_the_server_unit(tmp_path: Path) -> None:
     problems = [ln for ln in (proc.stdout + proc.stderr).splitlines()
                 if "p2pbackup-server.service" in ln]
     assert not problems, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--listen", "nowhere"], "--listen 'nowhere': give HOST:PORT"),
+    (["--tls-cert", "/nonexistent.pem"], "--tls-cert and --tls-key go together"),
+    (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.key"],
+     "cannot load the TLS certificate /nonexistent.pem"),
+    (["--quota", "lots"], "--quota"),
+])
+def test_server_usage_errors_are_one_line_with_exit_10(tmp_path: Path, args: list[str],
+                                                       says: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "p2pbackup.server.main", "serve", "--data",
+                           str(tmp_path / "data"), *args], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 10, proc.stderr
+    assert proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+
+
+def test_a_port_in_use_is_one_line_with_exit_10(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "p2pbackup.server.main", "serve",
+                               "--data", str(tmp_path / "data"), "--listen",
+                               f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 10 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
