@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pbackup.blobs import open_store
+from p2pbackup.blobs import StoreSigner, open_store
 from p2pbackup.blobs.server import ServerStore
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.format.membership import MEMBER, OWNER
@@ -249,8 +249,7 @@ class StorageAccount:
     def store(self, server: RunningServer, device: DeviceIdentity | None = None,
               **options: object) -> ServerStore:
         """The account's store on `server` as `device` (default: the owner) opens it."""
-        store = open_store(server.location, options={
-            "identity": device or self.owner, "account": self.fingerprint,
-            "ca_file": server.ca_file, **options})
+        store = open_store(server.location, options={"ca_file": server.ca_file, **options},
+                           signer=StoreSigner(device or self.owner, self.fingerprint))
         assert isinstance(store, ServerStore)
         return store

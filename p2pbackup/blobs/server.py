@@ -7,10 +7,11 @@ append-only (a delete succeeds only for what an owner's removal record released 
 server's grace period). Plain `http://` only to a loopback address (a local test server, or a
 reverse proxy on this host); anything else must be https.
 
-Options (open_store's `options`, from `[[stores]]` or the opener): `identity` (this device's
-DeviceIdentity: it signs), `account` (the account fingerprint), `ca_file` (a PEM file that
+Options (open_store's `options`, a `[[stores]]` table's keys): `ca_file` (a PEM file that
 verifies a self-signed server certificate), `invite` (a one-time token: sent with the
-roster, which registers the account on first use), `timeout` (seconds per request).
+roster, which registers the account on first use), `timeout` (seconds per request). Who signs
+is not an option: the device hands open_store its StoreSigner (its identity and account; a
+device recovering the account, the recovery signer).
 
 Errors name the store and say what happened in one line: refused requests carry the server's
 own line; 507 is StoreFull with the server's words (whose quota, how much is used); a whole object whose bytes do not match its
@@ -34,9 +35,11 @@ from ..errors import (ConfigError, IntegrityError, NameMismatch, NotFound, PeerN
                       StorageError)
 from ..ids import object_kind
 from ..protocol import store_requests as req
-from .base import BlobStore, Buffer, ObjectExists, StoreCapabilities, StoreFull
+from .base import (BlobStore, Buffer, ObjectExists, StoreCapabilities, StoreFull,
+                   StoreSigner)
 
 SCHEMES = ("https", "http")
+OPTIONS = ("ca_file", "invite", "timeout")
 DEFAULT_TIMEOUT = 300.0   # a 16 MiB pack over a slow uplink
 _ADDRESSED = ("pack", "snapshot", "removal")   # names that are the BLAKE3 of the content
 
@@ -49,27 +52,28 @@ def _loopback(host: str) -> bool:
 
 
 def open_server(location: str, options: Mapping[str, Any]) -> "ServerStore":
-    """open_store's opener for https:// (and loopback http://) locations."""
-    identity, account = options.get("identity"), options.get("account")
-    if not isinstance(identity, DeviceIdentity) or not isinstance(account, str):
-        raise ConfigError(f"store {location}: the storage server needs this device's identity "
-                          "and account (open it as a store of this device)")
+    """open_store's opener for https:// (and loopback http://) locations; open_store then
+    hands it the device it signs as (sign_as)."""
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ConfigError(f"store {location}: unknown option {sorted(unknown)[0]!r} (the "
+                          f"storage server's stores take {', '.join(OPTIONS)})")
     try:
         timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
     except (TypeError, ValueError):
         raise ConfigError(f"store {location}: timeout must be a number of seconds") from None
-    return ServerStore(location, identity=identity, account=account,
-                       ca_file=options.get("ca_file"), invite=options.get("invite"),
+    return ServerStore(location, ca_file=options.get("ca_file"), invite=options.get("invite"),
                        timeout=timeout)
 
 
 class ServerStore(BlobStore):
     """One account's objects on a p2pbackup storage server."""
 
-    capabilities = StoreCapabilities(create_only=True, cheap_listing=False, append_only=True)
+    capabilities = StoreCapabilities(create_only=True, cheap_listing=False, append_only=True,
+                                     signed_requests=True)
 
-    def __init__(self, location: str, *, identity: DeviceIdentity, account: str,
-                 ca_file: str | None = None, invite: str | None = None,
+    def __init__(self, location: str, *, identity: DeviceIdentity | None = None,
+                 account: str = "", ca_file: str | None = None, invite: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, now: Callable[[], float] = time.time) -> None:
         parts = urlsplit(location)
         if parts.scheme not in SCHEMES or not parts.hostname:
@@ -85,6 +89,9 @@ class ServerStore(BlobStore):
         self.ca_file, self.timeout, self.now = ca_file, timeout, now
         self._session: Any = None
 
+
+    def sign_as(self, signer: StoreSigner) -> None:
+        self.identity, self.account = signer.identity, signer.account
 
     def _client(self) -> Any:
         if self._session is None:
@@ -109,6 +116,9 @@ class ServerStore(BlobStore):
         error its status means."""
         import aiohttp
 
+        if self.identity is None or not self.account:
+            raise ConfigError(f"store {self.location}: every request to it is signed by a "
+                              "device of the account; open it as a store of this device")
         rel = f"{req.API}{self.account}" + (f"/{quote(name, safe='/')}" if name else "")
         signed = req.sign(self.identity.device_id, self.identity.sign, method, rel, query,
                           body, self.now())

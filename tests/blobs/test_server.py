@@ -8,7 +8,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from p2pbackup.blobs import open_store
+from p2pbackup.blobs import StoreSigner, open_store
 from p2pbackup.blobs.server import ServerStore
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.errors import ConfigError, NameMismatch, StorageError
@@ -62,13 +62,19 @@ async def test_an_invitation_registers_one_account_once(tmp_path: Path) -> None:
 
 
 def test_plain_http_is_refused_except_to_a_loopback_address() -> None:
-    opts = {"identity": DeviceIdentity.generate(), "account": "00" * 8}
+    signer = StoreSigner(DeviceIdentity.generate(), "00" * 8)
     with pytest.raises(ConfigError, match="plain http:// only to a loopback address"):
-        open_store("http://backup.example.org/", options=opts)
-    assert isinstance(open_store("http://127.0.0.1:8080/", options=opts), ServerStore)
-    assert isinstance(open_store("http://[::1]:8080/", options=opts), ServerStore)
-    with pytest.raises(ConfigError, match="needs this device's identity"):
+        open_store("http://backup.example.org/", signer=signer)
+    assert isinstance(open_store("http://127.0.0.1:8080/", signer=signer), ServerStore)
+    assert isinstance(open_store("http://[::1]:8080/", signer=signer), ServerStore)
+
+
+def test_the_server_store_needs_a_signer_and_known_options() -> None:
+    with pytest.raises(ConfigError, match="every request to it is signed by a device"):
         open_store("https://backup.example.org/")
+    with pytest.raises(ConfigError, match="unknown option 'password'"):
+        open_store("https://backup.example.org/", options={"password": "x"},
+                   signer=StoreSigner(DeviceIdentity.generate(), "00" * 8))
 
 
 async def test_a_certificate_nobody_vouched_for_is_refused_in_one_line(
