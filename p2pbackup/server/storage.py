@@ -159,7 +159,9 @@ class StorageServer:
             log.info("%s %s %s from %s: %d %s", request.method, request.path[:120],
                      request.headers.get(req.DEVICE, "(unsigned)")[:12], request.remote,
                      r.status, r.line)
-            return web.Response(status=r.status, text=r.line + "\n")
+            # 503 is a busy server: a client may come back soon (RFC 9110 Retry-After).
+            return web.Response(status=r.status, text=r.line + "\n",
+                                headers={"Retry-After": "10"} if r.status == 503 else None)
         except web.HTTPException:
             raise
         except Exception:   # a bug or the server's own storage failing: logged whole here
