@@ -14,8 +14,9 @@ is not an option: the device hands open_store its StoreSigner (its identity and 
 device recovering the account, the recovery signer).
 
 Errors name the store and say what happened in one line: refused requests carry the server's
-own line; 507 is StoreFull with the server's words (whose quota, how much is used); a whole object whose bytes do not match its
-content-addressed name is refused as a wrong object (IntegrityError).
+own line; 507 is StoreFull with the server's words (whose quota, how much is used); a whole
+object whose bytes do not match its content-addressed name is refused as a wrong object
+(NameMismatch, an IntegrityError).
 """
 
 from __future__ import annotations
@@ -134,8 +135,9 @@ class ServerStore(BlobStore):
         except asyncio.TimeoutError:
             raise StorageError(f"{what}: no answer within {self.timeout:.0f} s") from None
         except aiohttp.ClientConnectorCertificateError as exc:
-            raise StorageError(f"{what}: its TLS certificate is not trusted ({exc.certificate_error}"
-                               "; give ca_file for a self-signed one)") from None
+            raise StorageError(f"{what}: its TLS certificate is not trusted "
+                               f"({exc.certificate_error}; give ca_file for a self-signed one)"
+                               ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise StorageError(f"{what}: cannot reach the server ({exc})") from None
         if status in ok or status == 404:
