@@ -47,183 +47,35 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import blake3
 
 from p2pbackup import grants as grant_files
 from p2pbackup import session
-from p2pbackup.blobs import open_store
 from p2pbackup.blobs import peer as peer_store
-from p2pbackup.blobs.base import BlobStore, Buffer
 from p2pbackup.blobs.quota import QuotaExceeded, QuotaStore
 from p2pbackup.config import Config
-from p2pbackup.crypto.identity import DeviceIdentity, device_id_for, verify_signature
+from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag
-from p2pbackup.errors import IntegrityError, NameMismatch, NotFound, P2PError
-from p2pbackup.format.membership import (MEMBER, OWNER, PARTNER, Member, Membership,
-                                         keyring_envelope)
-from p2pbackup.format.pack import pack_name
+from p2pbackup.errors import NotFound, P2PError
+from p2pbackup.format.membership import OWNER, PARTNER, Member, Membership
 from p2pbackup.format.removal import PREFIX as REMOVALS
-from p2pbackup.format.removal import REMOVABLE, Removal, read_removal
-from p2pbackup.format.roster import Roster, check_next, read_roster, roster_hash, roster_name
 from p2pbackup.ids import object_kind
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.protocol import fetch
 from p2pbackup.protocol.framing import peek_type
 from p2pbackup.protocol.sync import (Closed, Event, InventoryDone, ObjectReceived, ObjectWanted,
                                      SyncSession)
-from p2pbackup.repo import removals, replica
+from p2pbackup.repo import replica
+# The rules live in the library, shared with the storage server (p2pbackup/server).
+from p2pbackup.repo.partner_store import (Grant, ServedStore,  # noqa: F401
+                                          apply_removals, load_grants, partner_accept,
+                                          refusal)
 from p2pbackup.transport.datachannel import PeerLink
 
 from .peers import connection_limits
 from .replicate import flush, pump, refuse
 
 log = logging.getLogger("p2pbackupd")
-
-
-@dataclass(slots=True)
-class Grant:
-    """One account this device stores for, and who may use it (its roster)."""
-
-    home: Path
-    file: grant_files.GrantFile
-    roster: Roster | None               # None: a grant from before rosters (see `legacy`)
-    store: QuotaStore
-    seen: removals.FirstSeen
-    legacy: dict[str, bytes] = field(default_factory=dict)
-    connected: set[str] = field(default_factory=set)
-    last_error: str | None = None
-    last_sync: float | None = None
-    tombstones: set[str] = field(default_factory=set)
-
-    @property
-    def account(self) -> str:
-        return self.file.account
-
-    @property
-    def quota(self) -> int | None:
-        return self.file.quota
-
-    def devices(self) -> dict[str, bytes]:
-        """Device id -> public key of every device that may connect, read and push."""
-        if self.roster is None:
-            return dict(self.legacy)
-        return {e.device_id: e.public_key for e in self.roster.members}
-
-    def role_of(self, device: str) -> str | None:
-        if self.roster is None:   # no roles known: nobody may remove, owners' names stay
-            return MEMBER if device in self.legacy else None
-        return self.roster.role_of(device)
-
-    def owner_key(self, device: str) -> bytes | None:
-        """Who may sign removal records now: the roster's owners (never scoped members)."""
-        return self.roster.owner_key(device) if self.roster is not None else None
-
-    def removed(self) -> tuple[str, ...]:
-        return self.roster.removed if self.roster is not None else ()
-
-    def recovery_signer(self) -> tuple[str, bytes] | None:
-        """(device id, key) of the recovery signer the roster names, who may read here."""
-        if self.roster is None or not self.roster.recovery_key:
-            return None
-        return device_id_for(self.roster.recovery_key), self.roster.recovery_key
-
-    async def refresh_removals(self) -> dict[str, Removal]:
-        """The removal records that count here (signed by an owner of the roster in force
-        when this partner first held them: the grace period starts then too)."""
-        records = await removals.held(self.store, self.owner_key, self.seen)
-        self.tombstones = removals.tombstones(records)
-        return records
-
-    def take_roster(self, name: str, data: bytes) -> Roster:
-        """Check the next roster version against the one held, keep it (in the grant file
-        too: it is what this partner trusts from now on) and return it."""
-        if self.roster is None:
-            raise IntegrityError("this grant predates rosters: pair this partner again to "
-                                 "follow the account's devices")
-        new = check_next(self.roster, roster_hash(self.file.roster), data, verify_signature,
-                         device_id_for, name)
-        if roster_name(new.seq) != name:
-            raise IntegrityError(f"{name} holds roster version {new.seq}: the wrong name")
-        self.file.roster = bytes(data)
-        self.file.owners = [(e.device_id, e.public_key) for e in new.members]
-        grant_files.write_grant(self.home, self.file)
-        self.roster = new
-        return new
-
-
-class ServedStore(BlobStore):
-    """A grant's store as its devices read it: the objects, and the newest roster (kept in
-    the grant file, outside the store and its quota), so that a device recovering the account
-    can sign the version after it. Writes go through `PartnerService.accept`, not here."""
-
-    def __init__(self, grant: Grant) -> None:
-        self.grant, self.location = grant, grant.store.location
-
-    def _roster(self, name: str) -> bytes | None:
-        r = self.grant.roster
-        return self.grant.file.roster if r is not None and name == roster_name(r.seq) else None
-
-    async def get(self, name: str) -> bytes:
-        raw = self._roster(name)
-        return raw if raw is not None else await self.grant.store.get(name)
-
-    async def get_range(self, name: str, offset: int, length: int) -> bytes:
-        raw = self._roster(name)
-        if raw is None:
-            return await self.grant.store.get_range(name, offset, length)
-        start = offset if offset >= 0 else max(0, len(raw) + offset)
-        return raw[start:start + length]
-
-    async def has(self, name: str) -> bool:
-        return self._roster(name) is not None or await self.grant.store.has(name)
-
-    async def size(self, name: str) -> int:
-        raw = self._roster(name)
-        return len(raw) if raw is not None else await self.grant.store.size(name)
-
-    async def list(self, prefix: str = "") -> AsyncIterator[str]:
-        async for name in self.grant.store.list(prefix):
-            yield name
-        if self.grant.roster is not None and roster_name(self.grant.roster.seq).startswith(
-                prefix):
-            yield roster_name(self.grant.roster.seq)
-
-    async def put(self, name: str, data: Buffer) -> None:
-        raise IntegrityError("a storage partner stores what its devices send through its "
-                             "checks only")
-
-    async def delete(self, name: str) -> None:
-        raise IntegrityError("objects at a storage partner are deleted by removal records only")
-
-
-def load_grants(home: Path) -> list[Grant]:
-    """The grants in `home/partners` (one per account); damaged or newer ones are skipped."""
-    out = []
-    for g in grant_files.read_grants(home):
-        roster, legacy = None, {}
-        if g.roster:
-            try:
-                roster = read_roster(g.roster, device_id_for, f"the roster of account "
-                                                              f"{g.account}")[0]
-            except IntegrityError as exc:
-                log.warning("%s; grant skipped (pair again)", exc)
-                continue
-        else:
-            legacy = {d: k for d, k in g.owners if device_id_for(k) == d}
-            log.warning("the grant for account %s predates rosters: its devices may store "
-                        "and read, none may remove, and this partner is not found on the LAN; "
-                        "pair again", g.account)
-        where = grant_files.account_dir(home, g.account)
-        store = QuotaStore(open_store(str(where / "store")), g.quota,
-                           owner=f"account {g.account}")
-        out.append(Grant(home, g, roster, store, removals.FirstSeen(where / removals.FIRST_SEEN),
-                         legacy))
-    return out
 
 
 class PackRoom:
@@ -252,55 +104,6 @@ class PackRoom:
         if not self.declined:
             return None
         return self.store.exceeded("packs", (self.store.used_so_far or 0) + self.declined)
-
-
-def refusal(grant: Grant, device: str, name: str) -> str | None:
-    """Why `device` may not write `name` into `grant`'s store, or None if it may."""
-    got = object_kind(name)
-    if got is None:
-        return "not an object name"
-    kind, m = got
-    if kind == "roster":   # checked by its signature (take_roster), whoever brings it
-        if grant.roster is not None and int(m.group(1)) <= grant.roster.seq:
-            return f"an older roster than version {grant.roster.seq}, held here"
-        return None
-    role = grant.role_of(device)
-    if role is None:
-        return f"device {device[:12]} is not a device of account {grant.account} (any more)"
-    if kind in ("segment", "anchor", "head") and m.group(1) != device:
-        return f"only device {m.group(1)[:12]} writes {kind}s under its id"
-    if kind == "device" and m.group(1) != device and role != OWNER:
-        return "only that device or an owner writes a device record"
-    if kind in ("config", "membership", "keyring") and role != OWNER:
-        return f"only an owner device writes the {kind}"
-    return None
-
-
-async def partner_accept(grant: Grant, device: str, name: str, data: bytes) -> bool:
-    """Store an object `device` sent for `grant`'s account, after the checks a partner can
-    make without keys (module docstring); False if it was here already."""
-    why = refusal(grant, device, name)
-    if why is not None:
-        raise IntegrityError(f"{name[:60]}: {why}")
-    kind, m = replica.kind_of(name)
-    store = grant.store
-    if kind == "pack" and pack_name(data) != m.group(1) or \
-            kind in ("snapshot", "removal") and blake3.blake3(data).hexdigest() != m.group(1):
-        raise NameMismatch(f"{name[:60]}: its content does not match its name")
-    if kind == "removal":  # signed in the clear: checked against the roster's owners
-        read_removal(data, grant.owner_key, verify_signature, name)
-    if kind == "keyring":  # an owner's (refusal); its signer is for devices to check
-        keyring_envelope(data, int(m.group(1)), name)
-    if kind == "roster":   # kept in the grant, outside the quota: a full store must not
-        grant.take_roster(name, data)   # keep a removed device's rights
-        return True
-    if kind not in ("head", "anchor") and await store.has(name):
-        if kind in ("pack", "snapshot") or await store.get(name) == data:
-            return False
-        raise IntegrityError(f"{name[:60]} differs from the copy already here (objects never "
-                             "change)")
-    await store.put(name, data)   # QuotaExceeded: said to the device in words
-    return True
 
 
 class PartnerService:
@@ -397,20 +200,7 @@ class PartnerService:
         """Delete what the owners removed, once the grace period has passed since this
         partner first held the record (all of it: a partner cannot tell which data is still
         used, the owners decided). Returns how many objects went."""
-        total = 0
-        for g in self.grants:
-            try:
-                gone = await removals.apply_due(g.store, await g.refresh_removals(),
-                                                self.config.peers.removal_grace,
-                                                kinds=REMOVABLE, seen=g.seen, now_ns=now_ns)
-            except P2PError as exc:
-                log.error("account %s: applying removals failed: %s", g.account, exc)
-                continue
-            if gone:
-                log.info("account %s: deleted %d objects its owners removed", g.account,
-                         len(gone))
-            total += len(gone)
-        return total
+        return await apply_removals(self.grants, self.config.peers.removal_grace, now_ns)
 
     async def _apply_removals(self) -> None:
         while True:

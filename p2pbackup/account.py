@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import msgpack
 
 from . import grants, ids
-from .blobs import open_store
+from .blobs import StoreSigner, open_store
 from .blobs.base import BlobStore
 from .config import Config, PeerSettings, init_home, save_keys
 from .crypto import recovery
@@ -445,7 +445,12 @@ async def recover(home: Path, store_location: str, code: str, name: str, *,
         raise ConfigError(f"{home} is already set up; recover into a new P2PBACKUP_HOME")
     root = recovery.decode(code)
     if not is_peer_location(store_location):
-        return await _recover_from(home, open_store(store_location), store_location, root, name)
+        # A store that signs its requests (the storage server) is read as the recovery
+        # signer, which the account's roster names.
+        keys = AccountKeys(root)
+        source = open_store(store_location, signer=StoreSigner(
+            DeviceIdentity(keys.recovery_seed()), keys.fingerprint()))
+        return await _recover_from(home, source, store_location, root, name)
     from .peer_fetch import PeerLocation, recovery_candidates
 
     where = PeerLocation.parse(store_location)

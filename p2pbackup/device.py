@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .blobs import is_peer_location, open_store
+from .blobs import StoreSigner, is_peer_location, open_store
 from .blobs.base import BlobStore
 from .config import Config, init_home, load_config, load_keys
 from .crypto import recovery
@@ -133,10 +133,11 @@ async def open_device(home: Path | None = None, *, write: bool = False,
 
 async def open_other_store(config: Config, keys: AccountKeys, identity: DeviceIdentity,
                            location: str) -> BlobStore:
-    """The store `location` names: `peer:DEVICE`, or any location `open_store` opens."""
+    """The store `location` names: `peer:DEVICE`, or any location `open_store` opens (a store
+    that signs its requests, the storage server, signs them as this device of this account)."""
     if is_peer_location(location):
         return await open_peer_store(config, keys, identity, location)
-    return open_store(location)
+    return open_store(location, signer=StoreSigner(identity, keys.fingerprint()))
 
 
 async def open_peer_store(config: Config, keys: AccountKeys, identity: DeviceIdentity,

@@ -69,6 +69,13 @@ class NameMismatch(IntegrityError):
     # rotted, and not for a refusal about anything else (a quota, who may write what).
 
 
+class ObjectChanged(IntegrityError):
+    """{}"""
+
+    # Other bytes offered under a name already held: objects never change. Told apart so
+    # that the storage server answers it as a conflict (409), not as malformed input.
+
+
 class UnsupportedFormat(P2PError):
     """{} was written by a newer p2pbackup (format v{}); upgrade to read it."""
 

@@ -6,15 +6,18 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from .base import BlobStore, ObjectExists, StoreCapabilities
+from .base import BlobStore, ObjectExists, StoreCapabilities, StoreSigner
 from .local import LocalDirStore
 
-__all__ = ["BlobStore", "LocalDirStore", "ObjectExists", "StoreCapabilities", "is_peer_location",
-           "open_store"]
+__all__ = ["BlobStore", "LocalDirStore", "ObjectExists", "StoreCapabilities", "StoreSigner",
+           "is_peer_location", "open_store"]
 
 # scheme -> "module:function" taking (location, options) and returning a BlobStore. Imported on
 # use: a command that reads a local store should not pay for an S3 client's import.
 OPENERS: dict[str, str] = {
+    "s3": ".s3:open_location",
+    "https": ".server:open_server",   # the storage server (p2pbackup-server)
+    "http": ".server:open_server",    # the same on a loopback address only (it refuses others)
 }
 
 
@@ -23,9 +26,11 @@ def is_peer_location(location: str | None) -> bool:
     return bool(location) and location.startswith("peer:")  # type: ignore[union-attr]
 
 
-def open_store(location: str, *, options: Mapping[str, Any] | None = None) -> BlobStore:
+def open_store(location: str, *, options: Mapping[str, Any] | None = None,
+               signer: StoreSigner | None = None) -> BlobStore:
     """Open the store `location` names: a directory path, or `SCHEME://...` of a backend in
-    OPENERS; `options` are the backend's settings (a `[[stores]]` table's other keys)."""
+    OPENERS; `options` are the backend's settings (a `[[stores]]` table's other keys);
+    `signer` is who a store that signs its requests (the storage server) signs them as."""
     from ..errors import ConfigError
 
     if is_peer_location(location):
@@ -40,4 +45,10 @@ def open_store(location: str, *, options: Mapping[str, Any] | None = None) -> Bl
                           "by this version")
     module, _, function = target.partition(":")
     opener = getattr(importlib.import_module(module, __package__), function)
-    return opener(location, dict(options or {}))
+    store: BlobStore = opener(location, dict(options or {}))
+    if store.capabilities.signed_requests:
+        if signer is None:
+            raise ConfigError(f"store {location}: every request to it is signed by a device of "
+                              "the account; open it as a store of this device")
+        store.sign_as(signer)
+    return store

@@ -11,7 +11,8 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..errors import StorageError
+from ..crypto.identity import DeviceIdentity
+from ..errors import DiskFull, StorageError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -32,6 +33,21 @@ class StoreCapabilities:
                                   # callers run the async calls on the event loop
     local_disk: bool = False      # objects are files under `root` on this machine (worker
                                   # processes may write them directly: repo/intake.py)
+    append_only: bool = False     # delete() removes only what an owner's signed removal record
+                                  # released after the holder's grace period, and refuses any
+                                  # other delete (the storage server, like a storage partner)
+    signed_requests: bool = False  # every request is signed by a device of the account:
+                                   # open_store hands it the StoreSigner (sign_as)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSigner:
+    """Who a store that signs its requests signs them as: a device's identity (or the
+    recovery signer) and the account it acts for. Not a `[[stores]]` option: the device
+    passes it to open_store."""
+
+    identity: DeviceIdentity
+    account: str                  # the account fingerprint
 
 
 class ObjectExists(StorageError):
@@ -39,6 +55,13 @@ class ObjectExists(StorageError):
 
     # A create-only store refused to replace an object with other bytes. Same exit code as
     # any storage refusal: to a user it means the store holds something else under that name.
+
+
+class StoreFull(DiskFull):
+    """The store {} is full ({}): free space there or raise its quota, then run the command again (nothing already stored was lost)."""
+
+    # A remote store's "no space" (HTTP 507, a quota, an object over the server's limit): the
+    # same exit code as a full local disk, with the store and the server's words.
 
 
 def is_mutable_name(name: str) -> bool:
@@ -108,6 +131,10 @@ class BlobStore(abc.ABC):
     def sync_sync(self) -> None:
         """`sync` on the caller's thread."""
         raise NotImplementedError(f"{type(self).__name__} has no blocking sync")
+
+    def sign_as(self, signer: StoreSigner) -> None:
+        """Sign every request as `signer` (only with capabilities.signed_requests)."""
+        raise NotImplementedError(f"{type(self).__name__} does not sign its requests")
 
     def remove_temp_files(self) -> int:
         """Delete what a killed writer left half-written (call under the writer lock); the

@@ -165,19 +165,23 @@ class FirstSeen:
         return dict(seen)
 
 
+def due(records: dict[str, Removal], grace_seconds: float, *, seen: FirstSeen,
+        now_ns: int | None = None) -> set[str]:
+    """The names the records release for deletion: those of every record held here for its
+    grace period since this device first held it (and since the time it states, if later)."""
+    now = time.time_ns() if now_ns is None else now_ns
+    first = seen.since(records, now)
+    return {listed for name, r in records.items()
+            if now - max(first[name], r.time_ns) >= grace_seconds * 1e9 for listed in r.names}
+
+
 async def apply_due(store: BlobStore, records: dict[str, Removal], grace_seconds: float, *,
                     kinds: tuple[str, ...], seen: FirstSeen,
                     now_ns: int | None = None) -> list[str]:
-    """Delete what records list (names starting with `kinds`) once the grace period has
-    passed since this device first held the record (and since the time it states, if later)."""
-    now = time.time_ns() if now_ns is None else now_ns
-    first = seen.since(records, now)
+    """Delete what the records release (`due`) among names starting with `kinds`."""
     gone = []
-    for name, r in records.items():
-        if now - max(first[name], r.time_ns) < grace_seconds * 1e9:
-            continue
-        for listed in r.names:
-            if listed.startswith(kinds) and await store.has(listed):
-                await store.delete(listed)
-                gone.append(listed)
+    for listed in sorted(due(records, grace_seconds, seen=seen, now_ns=now_ns)):
+        if listed.startswith(kinds) and await store.has(listed):
+            await store.delete(listed)
+            gone.append(listed)
     return gone

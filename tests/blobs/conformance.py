@@ -1,6 +1,10 @@
 """The BlobStore conformance suite: every backend runs these cases unchanged.
 
-A backend's test module subclasses `BlobStoreConformance` and provides a `store` fixture.
+A backend's test module subclasses `BlobStoreConformance` and provides a `store` fixture
+(and `device_id`, the device whose head it may replace, when the backend checks who writes).
+Names are real object names (p2pbackup/ids.py) and content-addressed ones match their
+content, so that a backend that checks them as a storage partner does (the storage server)
+runs the same cases.
 """
 
 from __future__ import annotations
@@ -8,12 +12,18 @@ from __future__ import annotations
 import asyncio
 import os
 
+import blake3
 import pytest
 
 from p2pbackup.blobs.base import BlobStore, ObjectExists
-from p2pbackup.errors import NotFound
+from p2pbackup.errors import NotFound, StorageError
 
-HEAD = "heads/" + "0f" * 16   # the one kind of name a put replaces, on every backend
+MISSING = "snapshots/" + "00" * 32
+
+
+def addressed(kind: str, data: bytes) -> str:
+    """The name of `data` as a content-addressed object of `kind` (packs, snapshots)."""
+    return f"{kind}/{blake3.blake3(data).hexdigest()}"
 
 
 async def _names(store: BlobStore, prefix: str = "") -> list[str]:
@@ -23,43 +33,54 @@ async def _names(store: BlobStore, prefix: str = "") -> list[str]:
 class BlobStoreConformance:
     """Cases every BlobStore must pass."""
 
+    @pytest.fixture
+    def device_id(self) -> str:
+        """The device whose head (`heads/<id>`, the one kind of name a put replaces) the
+        store is written as."""
+        return "0f" * 16
+
     async def test_put_get_round_trip(self, store: BlobStore) -> None:
         data = os.urandom(100_000)
-        await store.put("packs/" + "ab" * 32, data)
-        assert await store.get("packs/" + "ab" * 32) == data
-        assert await store.has("packs/" + "ab" * 32)
-        assert await store.size("packs/" + "ab" * 32) == len(data)
+        name = addressed("packs", data)
+        await store.put(name, data)
+        assert await store.get(name) == data
+        assert await store.has(name)
+        assert await store.size(name) == len(data)
 
     async def test_missing_blob_is_not_found(self, store: BlobStore) -> None:
-        assert not await store.has("snapshots/none")
+        assert not await store.has(MISSING)
         with pytest.raises(NotFound):
-            await store.get("snapshots/none")
+            await store.get(MISSING)
         with pytest.raises(NotFound):
-            await store.get_range("snapshots/none", 0, 1)
+            await store.get_range(MISSING, 0, 1)
         with pytest.raises(NotFound):
-            await store.size("snapshots/none")
+            await store.size(MISSING)
 
     async def test_ranges_from_start_and_end(self, store: BlobStore) -> None:
         data = bytes(range(256)) * 10
-        await store.put("packs/" + "cd" * 32, data)
-        assert await store.get_range("packs/" + "cd" * 32, 10, 20) == data[10:30]
-        assert await store.get_range("packs/" + "cd" * 32, -16, 16) == data[-16:]
-        assert await store.get_range("packs/" + "cd" * 32, len(data) - 4, 100) == data[-4:]
+        name = addressed("packs", data)
+        await store.put(name, data)
+        assert await store.get_range(name, 10, 20) == data[10:30]
+        assert await store.get_range(name, -16, 16) == data[-16:]
+        assert await store.get_range(name, len(data) - 4, 100) == data[-4:]
 
     async def test_list_by_prefix(self, store: BlobStore) -> None:
         await store.put("config", b"c")
-        await store.put("snapshots/s1", b"1")
-        await store.put("snapshots/s2", b"2")
-        await store.put("packs/" + "ef" * 32, b"p")
-        assert await _names(store, "snapshots/") == ["snapshots/s1", "snapshots/s2"]
-        assert await _names(store, "packs/") == ["packs/" + "ef" * 32]
+        await store.put(addressed("snapshots", b"1"), b"1")
+        await store.put(addressed("snapshots", b"2"), b"2")
+        await store.put(addressed("packs", b"p"), b"p")
+        assert await _names(store, "snapshots/") == sorted(
+            [addressed("snapshots", b"1"), addressed("snapshots", b"2")])
+        assert await _names(store, "packs/") == [addressed("packs", b"p")]
         assert "config" in await _names(store)
 
-    async def test_put_replaces_a_head_atomically(self, store: BlobStore) -> None:
-        await store.put(HEAD, b"old")
-        await store.put(HEAD, b"new")
-        assert await store.get(HEAD) == b"new"
-        assert await _names(store, "heads/") == [HEAD]
+    async def test_put_replaces_a_head_atomically(self, store: BlobStore, device_id: str
+                                                  ) -> None:
+        head = "heads/" + device_id
+        await store.put(head, b"old")
+        await store.put(head, b"new")
+        assert await store.get(head) == b"new"
+        assert await _names(store, "heads/") == [head]
 
     async def test_create_only_store_never_replaces_an_object(self, store: BlobStore) -> None:
         name = "devices/" + "1d" * 16
@@ -85,22 +106,29 @@ class BlobStoreConformance:
         assert await asyncio.to_thread(store.get_range_sync, "snapshots/" + "a1" * 32,
                                        -10, 10) == data[-10:]
         with pytest.raises(NotFound):
-            await asyncio.to_thread(store.get_sync, "snapshots/none")
+            await asyncio.to_thread(store.get_sync, MISSING)
 
     async def test_delete_is_idempotent(self, store: BlobStore) -> None:
-        await store.put("snapshots/x", b"x")
-        await store.delete("snapshots/x")
-        await store.delete("snapshots/x")
-        assert not await store.has("snapshots/x")
+        name = addressed("snapshots", b"x")
+        await store.put(name, b"x")
+        if store.capabilities.append_only:
+            with pytest.raises(StorageError):   # no removal record released it
+                await store.delete(name)
+            assert await store.has(name)
+            await store.delete(MISSING)         # nothing to delete: not an error
+            return
+        await store.delete(name)
+        await store.delete(name)
+        assert not await store.has(name)
         assert await _names(store, "snapshots/") == []
 
     async def test_concurrent_puts(self, store: BlobStore) -> None:
-        blobs = {f"snapshots/{i:03d}": os.urandom(5000) for i in range(40)}
+        blobs = {addressed("snapshots", d): d for d in (os.urandom(5000) for _ in range(40))}
         await asyncio.gather(*(store.put(n, d) for n, d in blobs.items()))
         assert await _names(store, "snapshots/") == sorted(blobs)
         for n, d in blobs.items():
             assert await store.get(n) == d
 
     async def test_empty_blob(self, store: BlobStore) -> None:
-        await store.put("snapshots/empty", b"")
-        assert await store.get("snapshots/empty") == b""
+        await store.put(addressed("snapshots", b""), b"")
+        assert await store.get(addressed("snapshots", b"")) == b""

@@ -1,0 +1,1 @@
+"""The project's servers: the storage server (`p2pbackup-server`: storage.py, main.py)."""

