@@ -15,6 +15,8 @@ __all__ = ["BlobStore", "LocalDirStore", "ObjectExists", "StoreCapabilities", "i
 # scheme -> "module:function" taking (location, options) and returning a BlobStore. Imported on
 # use: a command that reads a local store should not pay for an S3 client's import.
 OPENERS: dict[str, str] = {
+    "webdav": ".webdav:open_webdav",
+    "webdavs": ".webdav:open_webdav",
 }
 
 

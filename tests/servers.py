@@ -1,0 +1,145 @@
+"""Real storage servers for the backends' tests: one function per server.
+
+Each starts its server as a subprocess on a free 127.0.0.1 port with its files in a temporary
+directory, waits until it answers, yields what the tests need to reach it, and kills it. A
+server whose program is not installed skips the test with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.eventually import eventually_sync
+
+NGINX_DAV_EXT = Path("/usr/lib/nginx/modules/ngx_http_dav_ext_module.so")
+
+
+@dataclass(frozen=True, slots=True)
+class Server:
+    """A running server: the URL it answers on and the credentials it takes (if any)."""
+
+    url: str                    # http://127.0.0.1:PORT
+    root: Path                  # where it keeps the files it serves
+    username: str | None = None
+    password: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="OPTIONS"), timeout=2)
+    except urllib.error.HTTPError:
+        return True   # any HTTP answer (401 included) means it is up
+    except OSError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _running(argv: list[str], url: str, log: Path) -> Iterator[None]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        eventually_sync(lambda: proc.poll() is not None or _answers(url), timeout=60)
+        if proc.poll() is not None:
+            raise AssertionError(f"{argv[0]} exited {proc.returncode}: "
+                                 f"{log.read_text(errors='replace')[-2000:]}")
+        yield
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def wsgidav(tmp: Path, *, username: str | None = None,
+            password: str | None = None) -> Iterator[Server]:
+    """wsgidav (pip `wsgidav` + `cheroot`) serving `tmp/files` at /dav; basic auth with the
+    given user, anonymous without one."""
+    pytest.importorskip("wsgidav", reason="wsgidav is not installed (pip install '.[test]')")
+    pytest.importorskip("cheroot", reason="cheroot is not installed (pip install '.[test]')")
+    port = free_port()
+    root = tmp / "files"
+    root.mkdir(parents=True, exist_ok=True)
+    users = {"*": {username: {"password": password}}} if username else {"*": True}
+    config = {
+        "host": "127.0.0.1", "port": port, "verbose": 1, "server": "cheroot",
+        "provider_mapping": {"/dav": str(root)},
+        "simple_dc": {"user_mapping": users},
+        "http_authenticator": {"accept_basic": True, "accept_digest": False,
+                               "default_to_digest": False},
+        "lock_storage": True, "property_manager": None,
+    }
+    conf = tmp / "wsgidav.json"
+    conf.write_text(json.dumps(config))
+    argv = [sys.executable, "-m", "wsgidav.server.server_cli", "--config", str(conf)]
+    url = f"http://127.0.0.1:{port}"
+    with _running(argv, url + "/dav/", tmp / "wsgidav.log"):
+        yield Server(url, root, username, password)
+
+
+@contextlib.contextmanager
+def nginx_dav(tmp: Path) -> Iterator[Server]:
+    """nginx with the dav-ext module (Debian `nginx` + `libnginx-mod-http-dav-ext`, installed
+    by `make sysdeps`) serving `tmp/files` at /, in the foreground with its own config."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                       else None)
+    if binary is None or not NGINX_DAV_EXT.exists():
+        pytest.skip("nginx with the dav-ext module is not installed (make sysdeps)")
+    port = free_port()
+    root = tmp / "files"
+    root.mkdir(parents=True, exist_ok=True)
+    temp = tmp / "nginx-temp"
+    temp.mkdir(exist_ok=True)
+    # as root, nginx's workers would run as nobody and could not write into the temp dir
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+{user}
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+load_module {NGINX_DAV_EXT};
+events {{ worker_connections 128; }}
+http {{
+  access_log off;
+  client_body_temp_path {temp}/body;
+  proxy_temp_path {temp}/proxy;
+  fastcgi_temp_path {temp}/fastcgi;
+  uwsgi_temp_path {temp}/uwsgi;
+  scgi_temp_path {temp}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    client_max_body_size 0;
+    location / {{
+      root {root};
+      dav_methods PUT DELETE MKCOL COPY MOVE;
+      dav_ext_methods PROPFIND OPTIONS;
+      dav_access user:rw;
+    }}
+  }}
+}}
+""")
+    argv = [binary, "-c", str(conf), "-e", str(tmp / "nginx-error.log"), "-p", str(tmp)]
+    url = f"http://127.0.0.1:{port}"
+    with _running(argv, url + "/", tmp / "nginx.log"):
+        yield Server(url, root)
