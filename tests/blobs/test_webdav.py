@@ -98,14 +98,13 @@ def test_every_growing_prefix_is_sharded_and_maps_back() -> None:
 
 # ---- faults, through a proxy in front of a real server -------------------------------------
 
-Fault = Callable[[object], object]
-
-
 @contextlib.asynccontextmanager
-async def _proxy(upstream: str, fault: Callable[[object], object | None]
-                 ) -> AsyncIterator[tuple[str, list]]:
-    """An aiohttp proxy to `upstream`; `fault(request)` may answer instead of the server.
-    Yields its URL and the list of (method, path, headers) it saw."""
+async def dav_proxy(upstream: str, fault: Callable[[object], object | None],
+                    edit: Callable[[dict[str, str]], None] = lambda headers: None,
+                    ) -> AsyncIterator[tuple[str, list]]:
+    """An aiohttp proxy to `upstream`; `fault(request)` may answer instead of the server, and
+    `edit` changes the headers passed on. Yields its URL and the (method, path, headers) it
+    saw."""
     import aiohttp
     from aiohttp import web
 
@@ -121,6 +120,7 @@ async def _proxy(upstream: str, fault: Callable[[object], object | None]
                    if k.lower() not in ("host", "content-length", "transfer-encoding")}
         if "Destination" in headers:
             headers["Destination"] = headers["Destination"].replace(proxy_url, upstream)
+        edit(headers)
         async with session.request(request.method, upstream + request.path_qs,
                                    headers=headers, data=await request.read()) as resp:
             body = await resp.read()
@@ -150,7 +150,7 @@ def nginx(tmp_path: Path) -> Iterator[Server]:
         yield server
 
 
-def _fail_first(n: int, status: int, headers: dict[str, str] | None = None,
+def fail_first(n: int, status: int, headers: dict[str, str] | None = None,
                 method: str | None = None) -> Callable[[object], object | None]:
     from aiohttp import web
 
@@ -175,7 +175,7 @@ async def _store(url: str, **kwargs: object) -> tuple[WebDavStore, list[float]]:
 
 
 async def test_429_waits_as_long_as_retry_after_says(nginx: Server) -> None:
-    async with _proxy(nginx.url, _fail_first(2, 429, {"Retry-After": "7"}, "PUT")) as (url, _):
+    async with dav_proxy(nginx.url, fail_first(2, 429, {"Retry-After": "7"}, "PUT")) as (url, _):
         store, waits = await _store(url)
         await store.put(f"packs/{DIGEST}", b"pack")
         assert waits == [7.0, 7.0]
@@ -185,7 +185,7 @@ async def test_429_waits_as_long_as_retry_after_says(nginx: Server) -> None:
 
 async def test_retry_after_is_bounded_and_an_http_date_is_read(nginx: Server) -> None:
     far = "Wed, 21 Oct 2099 07:28:00 GMT"
-    async with _proxy(nginx.url, _fail_first(1, 503, {"Retry-After": far})) as (url, _):
+    async with dav_proxy(nginx.url, fail_first(1, 503, {"Retry-After": far})) as (url, _):
         store, waits = await _store(url)
         assert not await store.has("config")
         assert waits == [60.0]
@@ -194,7 +194,7 @@ async def test_retry_after_is_bounded_and_an_http_date_is_read(nginx: Server) ->
 
 async def test_503_without_retry_after_backs_off_then_says_so_in_one_line(
         nginx: Server) -> None:
-    async with _proxy(nginx.url, _fail_first(100, 503)) as (url, _):
+    async with dav_proxy(nginx.url, fail_first(100, 503)) as (url, _):
         store, waits = await _store(url)
         with pytest.raises(StorageError) as failed:
             await store.put("config", b"c")
@@ -207,7 +207,7 @@ async def test_503_without_retry_after_backs_off_then_says_so_in_one_line(
 
 
 async def test_507_is_the_server_is_full(nginx: Server) -> None:
-    async with _proxy(nginx.url, _fail_first(1, 507, method="PUT")) as (url, _):
+    async with dav_proxy(nginx.url, fail_first(1, 507, method="PUT")) as (url, _):
         store, _waits = await _store(url)
         with pytest.raises(StoreFull) as full:
             await store.put(f"packs/{DIGEST}", b"pack")
@@ -228,7 +228,7 @@ async def test_wrong_password_is_one_line_naming_the_store(tmp_path: Path) -> No
 
 
 async def test_listings_are_depth_1_and_only_of_the_folders_asked_for(nginx: Server) -> None:
-    async with _proxy(nginx.url, lambda request: None) as (url, seen):
+    async with dav_proxy(nginx.url, lambda request: None) as (url, seen):
         store, _ = await _store(url)
         await store.put(f"packs/{DIGEST}", b"p")
         await store.put(f"snapshots/{DIGEST}", b"s")
@@ -251,7 +251,7 @@ async def test_listings_are_depth_1_and_only_of_the_folders_asked_for(nginx: Ser
 
 
 async def test_immutable_names_move_with_overwrite_f_and_heads_with_t(nginx: Server) -> None:
-    async with _proxy(nginx.url, lambda request: None) as (url, seen):
+    async with dav_proxy(nginx.url, lambda request: None) as (url, seen):
         store, _ = await _store(url)
         await store.put(f"snapshots/{DIGEST}", b"s")
         await store.put(f"heads/{DEVICE}", b"h1")
