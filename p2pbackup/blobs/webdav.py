@@ -251,7 +251,7 @@ class WebDavStore(BlobStore):
         await self._drop(tmp)
         # 412: the name exists (create-only). 404: a MOVE whose answer was lost was retried
         # and the temporary name is gone. Either way the object is fine if it holds our bytes.
-        if status in (404, 412) and not replace:
+        if status == 404 or (status == 412 and not replace):
             try:
                 if await self.get(name) == bytes(data):
                     return

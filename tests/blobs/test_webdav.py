@@ -4,8 +4,10 @@ small aiohttp proxy in front of a real server."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,6 +116,8 @@ async def dav_proxy(upstream: str, fault: Callable[[object], object | None],
     async def handle(request: web.Request) -> web.StreamResponse:
         seen.append((request.method, request.path, dict(request.headers)))
         answer = fault(request)
+        if inspect.isawaitable(answer):
+            answer = await answer
         if answer is not None:
             return answer
         headers = {k: v for k, v in request.headers.items()
@@ -164,13 +168,13 @@ def fail_first(n: int, status: int, headers: dict[str, str] | None = None,
     return fault
 
 
-async def _store(url: str, **kwargs: object) -> tuple[WebDavStore, list[float]]:
+async def _store(url: str, path: str = "/s", **kwargs: Any) -> tuple[WebDavStore, list[float]]:
     waits: list[float] = []
 
     async def sleep(seconds: float) -> None:
         waits.append(seconds)
 
-    return WebDavStore(url.replace("http://", "webdav://") + "/s", sleep=sleep,
+    return WebDavStore(url.replace("http://", "webdav://") + path, sleep=sleep,
                        **kwargs), waits
 
 
@@ -260,4 +264,43 @@ async def test_immutable_names_move_with_overwrite_f_and_heads_with_t(nginx: Ser
                  in seen if method == "MOVE"]
         assert moves == [("snapshots", "F"), ("heads", "T"), ("heads", "T")]
         assert await store.get(f"heads/{DEVICE}") == b"h2"
+        await store.close()
+
+
+@pytest.fixture(params=["nginx", "wsgidav"])
+def either_server(request: pytest.FixtureRequest) -> Server:
+    return request.getfixturevalue(f"shared_{request.param}")
+
+
+async def test_a_move_whose_answer_was_lost_is_retried_and_found_done(
+        either_server: Server, request: pytest.FixtureRequest) -> None:
+    """The server moved the object but its answer never came (a 503 here): the retried MOVE
+    finds no temporary file (wsgidav: 404; nginx: 412, it looks at the target first), and
+    the object in place holds the bytes put."""
+    server = either_server
+    import aiohttp
+    from aiohttp import web
+
+    lost = [1]
+
+    async def move_then_lose_the_answer(request: web.Request) -> web.Response | None:
+        if request.method != "MOVE" or not lost[0]:
+            return None
+        lost[0] = 0
+        target = request.headers["Destination"].replace(str(request.url.origin()), server.url)
+        async with aiohttp.ClientSession(headers={
+                "Authorization": request.headers.get("Authorization", "")}) as session:
+            async with session.request("MOVE", server.url + request.path, headers={
+                    "Destination": target, "Overwrite": request.headers["Overwrite"]}) as done:
+                assert done.status in (201, 204)
+        return web.Response(status=503)
+
+    async with dav_proxy(server.url, move_then_lose_the_answer) as (url, seen):
+        store, waits = await _store(url, f"/dav/{request.node.name}" if server.username
+                                    else f"/{request.node.name}",
+                                    username=server.username, password=server.password)
+        await store.put(f"snapshots/{DIGEST}", memoryview(b"snapshot"))
+        assert [m for m, _, _ in seen].count("MOVE") == 2 and len(waits) == 1
+        assert await store.get(f"snapshots/{DIGEST}") == b"snapshot"
+        assert [n async for n in store.list("")] == [f"snapshots/{DIGEST}"]   # no leftovers
         await store.close()
