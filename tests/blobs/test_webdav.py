@@ -3,8 +3,10 @@ small aiohttp proxy in front of a real server."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from p2pbackup.blobs import open_store
 from p2pbackup.blobs.webdav import WebDavStore, logical_name, physical_path
 from p2pbackup.errors import ConfigError, DiskFull, StorageError, StoreFull
 from p2pbackup.ids import OBJECT_NAMES
+from tests.conftest import Cli
 from tests.servers import Server, nginx_dav, wsgidav
 
 from .conformance import BlobStoreConformance
@@ -304,3 +307,28 @@ async def test_a_move_whose_answer_was_lost_is_retried_and_found_done(
         assert await store.get(f"snapshots/{DIGEST}") == b"snapshot"
         assert [n async for n in store.list("")] == [f"snapshots/{DIGEST}"]   # no leftovers
         await store.close()
+
+
+async def test_a_repository_copied_to_webdav_lists_verifies_and_restores_from_it(
+        cli: Cli, tmp_path: Path, shared_nginx: Server) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "small.txt").write_text("hello")
+    (source / "big.bin").write_bytes(os.urandom(3 << 20))
+    await asyncio.to_thread(cli, "init", "--source", str(source))
+    await asyncio.to_thread(cli, "snapshot", "--offline")
+    location = _location(shared_nginx, "/copied")
+    local, remote = open_store(str(cli.home / "store")), open_store(location)
+    for name in [n async for n in local.list("")]:
+        if name != "lock":
+            await remote.put(name, await local.get(name))
+    await remote.close()
+    listed = await asyncio.to_thread(cli, "snapshots", "--from", location)
+    assert "1 snapshots" in listed.stdout
+    verified = await asyncio.to_thread(cli, "verify", "--read-data", "--from", location)
+    assert "no problems found" in verified.stdout
+    await asyncio.to_thread(cli, "restore", "latest", "--from", location,
+                            "--to", str(tmp_path / "out"))
+    restored = tmp_path / "out" / "src"
+    assert (restored / "big.bin").read_bytes() == (source / "big.bin").read_bytes()
+    assert (restored / "small.txt").read_text() == "hello"
