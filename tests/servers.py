@@ -65,8 +65,12 @@ def _running(argv: list[str], url: str, log: Path) -> Iterator[None]:
                                  f"{log.read_text(errors='replace')[-2000:]}")
         yield
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 @contextlib.contextmanager
@@ -99,7 +103,8 @@ def wsgidav(tmp: Path, *, username: str | None = None,
 @contextlib.contextmanager
 def nginx_dav(tmp: Path) -> Iterator[Server]:
     """nginx with the dav-ext module (Debian `nginx` + `libnginx-mod-http-dav-ext`, installed
-    by `make sysdeps`) serving `tmp/files` at /, in the foreground with its own config."""
+    by `make sysdeps`) serving `tmp/files` at /, in the foreground with its own config, as
+    one process (no master: killed with SIGKILL, a master would leave its workers running)."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
                                        else None)
     if binary is None or not NGINX_DAV_EXT.exists():
@@ -114,8 +119,8 @@ def nginx_dav(tmp: Path) -> Iterator[Server]:
     conf = tmp / "nginx.conf"
     conf.write_text(f"""
 daemon off;
+master_process off;
 {user}
-worker_processes 1;
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log;
 load_module {NGINX_DAV_EXT};
