@@ -13,7 +13,7 @@ import pytest
 from p2pbackup.blobs.base import BlobStore, ObjectExists
 from p2pbackup.errors import NotFound
 
-HEAD = "heads/" + "0f" * 16   # the one kind of name a put replaces, on every backend
+HEAD = "heads/" + "0f" * 16   # a name a put replaces (base.is_mutable_name), on every backend
 
 
 async def _names(store: BlobStore, prefix: str = "") -> list[str]:
@@ -60,6 +60,13 @@ class BlobStoreConformance:
         await store.put(HEAD, b"new")
         assert await store.get(HEAD) == b"new"
         assert await _names(store, "heads/") == [HEAD]
+
+    async def test_put_replaces_a_log_anchor(self, store: BlobStore) -> None:
+        # prune moves a folded log's anchor forward (repo/logstore.py write_anchor)
+        anchor = "segments/" + "0f" * 16 + "/anchor"
+        await store.put(anchor, b"folded to 10")
+        await store.put(anchor, b"folded to 20")
+        assert await store.get(anchor) == b"folded to 20"
 
     async def test_create_only_store_never_replaces_an_object(self, store: BlobStore) -> None:
         name = "devices/" + "1d" * 16
