@@ -48,11 +48,14 @@ _TMP_SUFFIX = ".tmp"
 # once a minute: 1000 seqs per folder, 525 folders a year.
 _SHARDS = {"packs/": 2, "snapshots/": 1, "removals/": 1}
 _SEGMENT_SHARD = 9
+_MAX_DEPTH = 3         # folders below the store's: segments/<device>/<shard>/ is the deepest
 _ATTEMPTS = 6          # tries of one request before its error is the caller's
 _BACKOFF = 0.5         # first wait after a lost connection or a 5xx, doubled each time
 _MAX_WAIT = 60.0       # longest wait between tries, whatever Retry-After asks
-_PROPFIND = ('<?xml version="1.0" encoding="utf-8"?>'
-             '<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>')
+_PROPFIND_TYPE = ('<?xml version="1.0" encoding="utf-8"?>'
+                  '<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>')
+_PROPFIND_LENGTH = ('<?xml version="1.0" encoding="utf-8"?>'
+                    '<propfind xmlns="DAV:"><prop><getcontentlength/></prop></propfind>')
 
 
 def _check_name(name: str) -> None:
@@ -252,8 +255,8 @@ class WebDavStore(BlobStore):
         # 412: the name exists (create-only). 404: a MOVE whose answer was lost was retried
         # and the temporary name is gone. Either way the object is fine if it holds our bytes.
         if status == 404 or (status == 412 and not replace):
-            try:
-                if await self.get(name) == bytes(data):
+            try:   # the size first: another size needs no download to tell
+                if await self.size(name) == len(data) and await self.get(name) == data:
                     return
             except NotFound:
                 pass
@@ -305,46 +308,58 @@ class WebDavStore(BlobStore):
         return status == 200
 
     async def size(self, name: str) -> int:
-        status, headers, _ = await self._request("HEAD", physical_path(name))
+        path = physical_path(name)
+        status, headers, _ = await self._request("HEAD", path)
         if status == 404:
             raise self._missing(name)
         length = headers.get("Content-Length", "")
-        if status != 200 or not length.isdigit():
-            raise StorageError(f"WebDAV store {self.location}: cannot stat {name} "
-                               f"(HTTP {status}{'' if length.isdigit() else ', no length'})")
-        return int(length)
+        if status == 200 and length.isdigit():
+            return int(length)
+        # a HEAD without its length (some proxies drop it): the server's own property
+        for entry in await self._propfind(path, depth="0", props=_PROPFIND_LENGTH):
+            if entry.properties.content_length is not None:
+                return entry.properties.content_length
+        raise StorageError(f"WebDAV store {self.location}: cannot tell the size of {name}")
 
-    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+    async def _propfind(self, path: str, *, depth: str, props: str) -> list[Any]:
+        """The multistatus entries of a PROPFIND (none when `path` is missing)."""
         from webdav4.multistatus import MultiStatusResponse
 
+        status, _, body = await self._request(
+            "PROPFIND", path, data=props,
+            headers={"Depth": depth, "Content-Type": "application/xml; charset=utf-8"})
+        if status == 404:
+            return []
+        if status != 207:
+            raise StorageError(f"WebDAV store {self.location}: cannot list {path or '/'} "
+                               f"(HTTP {status})")
+        try:
+            return list(MultiStatusResponse(body.decode("utf-8", "replace")).responses.values())
+        except Exception as exc:   # the parser's errors are ElementTree's and asserts
+            raise StorageError(f"WebDAV store {self.location}: the listing of {path or '/'} "
+                               f"is malformed ({exc})") from None
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
         if prefix.startswith(("/", "./", "../")) or prefix in (".", ".."):
             return
         todo = [prefix[:prefix.rfind("/") + 1]]
         while todo:
             folder = todo.pop()
-            status, _, body = await self._request(
-                "PROPFIND", folder, data=_PROPFIND,
-                headers={"Depth": "1", "Content-Type": "application/xml; charset=utf-8"})
-            if status == 404:
-                continue
-            if status != 207:
-                raise StorageError(f"WebDAV store {self.location}: cannot list "
-                                   f"{folder or '/'} (HTTP {status})")
-            try:
-                answer = MultiStatusResponse(body.decode("utf-8", "replace"))
-            except Exception as exc:   # the parser's errors are ElementTree's and asserts
-                raise StorageError(f"WebDAV store {self.location}: the listing of "
-                                   f"{folder or '/'} is malformed ({exc})") from None
-            for entry in answer.responses.values():
+            for entry in await self._propfind(folder, depth="1", props=_PROPFIND_TYPE):
                 full = entry.path   # decoded by the parser
                 if not full.startswith(self._folder):
                     continue
                 rel = full[len(self._folder):].strip("/")
-                if rel == folder.rstrip("/") or entry.status_code not in (None, 200):
+                parent, _, leaf = rel.rpartition("/")
+                # only the folder's own children (Depth: 1), and only names we could have
+                # made: an answer cannot lead the walk out of the folder or on forever
+                if parent != folder.rstrip("/") or leaf in ("", ".", "..") \
+                        or entry.status_code not in (None, 200):
                     continue
                 if entry.properties.collection:
                     # a folder's path without its '/' starts every name it can hold
-                    if rel.startswith(prefix) or prefix.startswith(rel):
+                    if rel.count("/") < _MAX_DEPTH and (rel.startswith(prefix)
+                                                        or prefix.startswith(rel)):
                         todo.append(rel + "/")
                     continue
                 name = logical_name(rel)
