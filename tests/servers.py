@@ -1,8 +1,9 @@
 """Real storage servers for the backends' tests: one function per server.
 
-Each starts its server as a subprocess on a free 127.0.0.1 port with its files in a temporary
-directory, waits until it answers, yields what the tests need to reach it, and kills it. A
-server whose program is not installed skips the test with the reason.
+Each starts its server as a subprocess (its own session: stopping it stops what it started) on
+a free 127.0.0.1 port with its files in a temporary directory, waits until it answers, yields
+what the tests need to reach it, and stops it. A server whose program is not installed skips
+the test with the reason.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ NGINX_DAV_EXT = Path("/usr/lib/nginx/modules/ngx_http_dav_ext_module.so")
 
 
 @dataclass(frozen=True, slots=True)
-class Server:
-    """A running server: the URL it answers on and the credentials it takes (if any)."""
+class DavServer:
+    """A running WebDAV server: the URL it answers on and the credentials it takes (if any)."""
 
     url: str                    # http://127.0.0.1:PORT
     root: Path                  # where it keeps the files it serves
@@ -43,39 +42,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(urllib.request.Request(url, method="OPTIONS"), timeout=2)
-    except urllib.error.HTTPError:
-        return True   # any HTTP answer (401 included) means it is up
-    except OSError:
-        return False
-    return True
+def _answers(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
 
 
 @contextlib.contextmanager
-def _running(argv: list[str], url: str, log: Path) -> Iterator[None]:
+def _running(argv: list[str], log: Path, port: int, *, env: dict[str, str] | None = None,
+             ready: float = 60.0) -> Iterator[subprocess.Popen]:
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
-        eventually_sync(lambda: proc.poll() is not None or _answers(url), timeout=60)
-        if proc.poll() is not None:
-            raise AssertionError(f"{argv[0]} exited {proc.returncode}: "
-                                 f"{log.read_text(errors='replace')[-2000:]}")
-        yield
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"{argv[0]} exited {proc.returncode}: "
+                                     f"{log.read_text(errors='replace')[-2000:]}")
+            return _answers(port)
+
+        eventually_sync(up, timeout=ready, interval=0.1)
+        yield proc
     finally:
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
         try:
-            proc.wait(timeout=30)
+            proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+            os.killpg(proc.pid, 9)
+            proc.wait()
 
 
 @contextlib.contextmanager
 def wsgidav(tmp: Path, *, username: str | None = None,
-            password: str | None = None) -> Iterator[Server]:
+            password: str | None = None) -> Iterator[DavServer]:
     """wsgidav (pip `wsgidav` + `cheroot`) serving `tmp/files` at /dav; basic auth with the
     given user, anonymous without one."""
     pytest.importorskip("wsgidav", reason="wsgidav is not installed (pip install '.[test]')")
@@ -96,12 +96,12 @@ def wsgidav(tmp: Path, *, username: str | None = None,
     conf.write_text(json.dumps(config))
     argv = [sys.executable, "-m", "wsgidav.server.server_cli", "--config", str(conf)]
     url = f"http://127.0.0.1:{port}"
-    with _running(argv, url + "/dav/", tmp / "wsgidav.log"):
-        yield Server(url, root, username, password)
+    with _running(argv, tmp / "wsgidav.log", port):
+        yield DavServer(url, root, username, password)
 
 
 @contextlib.contextmanager
-def nginx_dav(tmp: Path) -> Iterator[Server]:
+def nginx_dav(tmp: Path) -> Iterator[DavServer]:
     """nginx with the dav-ext module (Debian `nginx` + `libnginx-mod-http-dav-ext`, installed
     by `make sysdeps`) serving `tmp/files` at /, in the foreground with its own config, as
     one process (no master: killed with SIGKILL, a master would leave its workers running)."""
@@ -146,5 +146,5 @@ http {{
 """)
     argv = [binary, "-c", str(conf), "-e", str(tmp / "nginx-error.log"), "-p", str(tmp)]
     url = f"http://127.0.0.1:{port}"
-    with _running(argv, url + "/", tmp / "nginx.log"):
-        yield Server(url, root)
+    with _running(argv, tmp / "nginx.log", port):
+        yield DavServer(url, root)

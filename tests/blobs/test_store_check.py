@@ -11,7 +11,7 @@ import pytest
 
 from p2pbackup.errors import ConfigError, DiskFull, StorageError
 from tests.conftest import Cli
-from tests.servers import Server, nginx_dav, wsgidav
+from tests.servers import DavServer, nginx_dav, wsgidav
 
 from .test_webdav import dav_proxy, fail_first
 
@@ -61,12 +61,12 @@ def test_credentials_in_the_location_exit_10_without_echoing_them(cli: Cli) -> N
 
 
 @pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Server]:
+def nginx(tmp_path: Path) -> Iterator[DavServer]:
     with nginx_dav(tmp_path) as server:
         yield server
 
 
-async def test_a_full_server_fails_the_put_step_with_exit_12(cli: Cli, nginx: Server) -> None:
+async def test_a_full_server_fails_the_put_step_with_exit_12(cli: Cli, nginx: DavServer) -> None:
     async with dav_proxy(nginx.url, fail_first(1, 507, method="PUT")) as (url, _):
         full = await asyncio.to_thread(
             cli, "store", "check", url.replace("http://", "webdav://") + "/s", check=False)
@@ -76,7 +76,7 @@ async def test_a_full_server_fails_the_put_step_with_exit_12(cli: Cli, nginx: Se
     assert "is full" in full.stderr and len(full.stderr.splitlines()) == 1
 
 
-async def test_a_server_that_ignores_overwrite_f_is_not_usable(cli: Cli, nginx: Server) -> None:
+async def test_a_server_that_ignores_overwrite_f_is_not_usable(cli: Cli, nginx: DavServer) -> None:
     def ignore_overwrite_f(headers: dict[str, str]) -> None:
         if headers.get("Overwrite") == "F":
             headers["Overwrite"] = "T"

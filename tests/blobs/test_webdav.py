@@ -18,7 +18,7 @@ from p2pbackup.blobs.webdav import WebDavStore, logical_name, physical_path
 from p2pbackup.errors import ConfigError, DiskFull, StorageError, StoreFull
 from p2pbackup.ids import OBJECT_NAMES
 from tests.conftest import Cli
-from tests.servers import Server, nginx_dav, wsgidav
+from tests.servers import DavServer, nginx_dav, wsgidav
 
 from .conformance import BlobStoreConformance
 
@@ -26,12 +26,12 @@ DEVICE = "d0" * 16
 DIGEST = "ab" * 32
 
 
-def _location(server: Server, path: str = "/p2pbackup") -> str:
+def _location(server: DavServer, path: str = "/p2pbackup") -> str:
     return server.url.replace("http://", "webdav://") + path
 
 
 @pytest.fixture(scope="module")
-def shared_wsgidav(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def shared_wsgidav(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DavServer]:
     # one server for the module's conformance cases: starting it is most of a case's time
     with wsgidav(tmp_path_factory.mktemp("wsgidav"), username="alice",
                  password="app-pass") as server:
@@ -39,7 +39,7 @@ def shared_wsgidav(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
 
 
 @pytest.fixture(scope="module")
-def shared_nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def shared_nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DavServer]:
     with nginx_dav(tmp_path_factory.mktemp("nginx")) as server:
         yield server
 
@@ -47,7 +47,7 @@ def shared_nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 class TestWsgidav(BlobStoreConformance):
 
     @pytest.fixture
-    async def store(self, shared_wsgidav: Server, request: pytest.FixtureRequest
+    async def store(self, shared_wsgidav: DavServer, request: pytest.FixtureRequest
                     ) -> AsyncIterator[WebDavStore]:
         # each case its own folder on the one server
         store = open_store(_location(shared_wsgidav, f"/dav/{request.node.name}"),
@@ -58,7 +58,7 @@ class TestWsgidav(BlobStoreConformance):
 
 class TestNginxDavExt(BlobStoreConformance):
     @pytest.fixture
-    async def store(self, shared_nginx: Server, request: pytest.FixtureRequest
+    async def store(self, shared_nginx: DavServer, request: pytest.FixtureRequest
                     ) -> AsyncIterator[WebDavStore]:
         store = open_store(_location(shared_nginx, f"/{request.node.name}"))
         yield store
@@ -152,7 +152,7 @@ async def dav_proxy(upstream: str, fault: Callable[[object], object | None],
 
 
 @pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Server]:
+def nginx(tmp_path: Path) -> Iterator[DavServer]:
     with nginx_dav(tmp_path) as server:
         yield server
 
@@ -181,7 +181,7 @@ async def _store(url: str, path: str = "/s", **kwargs: Any) -> tuple[WebDavStore
                        **kwargs), waits
 
 
-async def test_429_waits_as_long_as_retry_after_says(nginx: Server) -> None:
+async def test_429_waits_as_long_as_retry_after_says(nginx: DavServer) -> None:
     async with dav_proxy(nginx.url, fail_first(2, 429, {"Retry-After": "7"}, "PUT")) as (url, _):
         store, waits = await _store(url)
         await store.put(f"packs/{DIGEST}", b"pack")
@@ -190,7 +190,7 @@ async def test_429_waits_as_long_as_retry_after_says(nginx: Server) -> None:
         await store.close()
 
 
-async def test_retry_after_is_bounded_and_an_http_date_is_read(nginx: Server) -> None:
+async def test_retry_after_is_bounded_and_an_http_date_is_read(nginx: DavServer) -> None:
     far = "Wed, 21 Oct 2099 07:28:00 GMT"
     async with dav_proxy(nginx.url, fail_first(1, 503, {"Retry-After": far})) as (url, _):
         store, waits = await _store(url)
@@ -200,7 +200,7 @@ async def test_retry_after_is_bounded_and_an_http_date_is_read(nginx: Server) ->
 
 
 async def test_503_without_retry_after_backs_off_then_says_so_in_one_line(
-        nginx: Server) -> None:
+        nginx: DavServer) -> None:
     async with dav_proxy(nginx.url, fail_first(100, 503)) as (url, _):
         store, waits = await _store(url)
         with pytest.raises(StorageError) as failed:
@@ -213,7 +213,7 @@ async def test_503_without_retry_after_backs_off_then_says_so_in_one_line(
     assert "503" in message and "nothing already stored was lost" in message
 
 
-async def test_507_is_the_server_is_full(nginx: Server) -> None:
+async def test_507_is_the_server_is_full(nginx: DavServer) -> None:
     async with dav_proxy(nginx.url, fail_first(1, 507, method="PUT")) as (url, _):
         store, _waits = await _store(url)
         with pytest.raises(StoreFull) as full:
@@ -234,7 +234,7 @@ async def test_wrong_password_is_one_line_naming_the_store(tmp_path: Path) -> No
     assert "refused the credentials" in message and _location(server, "/dav/x") in message
 
 
-async def test_listings_are_depth_1_and_only_of_the_folders_asked_for(nginx: Server) -> None:
+async def test_listings_are_depth_1_and_only_of_the_folders_asked_for(nginx: DavServer) -> None:
     async with dav_proxy(nginx.url, lambda request: None) as (url, seen):
         store, _ = await _store(url)
         await store.put(f"packs/{DIGEST}", b"p")
@@ -257,7 +257,7 @@ async def test_listings_are_depth_1_and_only_of_the_folders_asked_for(nginx: Ser
         await store.close()
 
 
-async def test_immutable_names_move_with_overwrite_f_and_heads_with_t(nginx: Server) -> None:
+async def test_immutable_names_move_with_overwrite_f_and_heads_with_t(nginx: DavServer) -> None:
     async with dav_proxy(nginx.url, lambda request: None) as (url, seen):
         store, _ = await _store(url)
         await store.put(f"snapshots/{DIGEST}", b"s")
@@ -271,12 +271,12 @@ async def test_immutable_names_move_with_overwrite_f_and_heads_with_t(nginx: Ser
 
 
 @pytest.fixture(params=["nginx", "wsgidav"])
-def either_server(request: pytest.FixtureRequest) -> Server:
+def either_server(request: pytest.FixtureRequest) -> DavServer:
     return request.getfixturevalue(f"shared_{request.param}")
 
 
 async def test_a_move_whose_answer_was_lost_is_retried_and_found_done(
-        either_server: Server, request: pytest.FixtureRequest) -> None:
+        either_server: DavServer, request: pytest.FixtureRequest) -> None:
     """The server moved the object but its answer never came (a 503 here): the retried MOVE
     finds no temporary file (wsgidav: 404; nginx: 412, it looks at the target first), and
     the object in place holds the bytes put."""
@@ -310,7 +310,7 @@ async def test_a_move_whose_answer_was_lost_is_retried_and_found_done(
 
 
 async def test_a_repository_copied_to_webdav_lists_verifies_and_restores_from_it(
-        cli: Cli, tmp_path: Path, shared_nginx: Server) -> None:
+        cli: Cli, tmp_path: Path, shared_nginx: DavServer) -> None:
     source = tmp_path / "src"
     source.mkdir()
     (source / "small.txt").write_text("hello")
