@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from p2pbackup.blobs.webdav import WebDavStore
+from tests.servers import serving
 
 DIGEST = "ab" * 32
 
@@ -43,17 +44,12 @@ async def test_a_listing_cannot_lead_the_walk_out_of_the_folder_or_on_forever() 
 
     app = web.Application()
     app.router.add_route("PROPFIND", "/{tail:.*}", propfind)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]   # type: ignore[union-attr]
-    store = WebDavStore(f"webdav://127.0.0.1:{port}/s")
-    try:
-        names = sorted([n async for n in store.list("")])
-    finally:
-        await store.close()
-        await runner.cleanup()
+    async with serving(app) as url:
+        store = WebDavStore(url.replace("http://", "webdav://") + "/s")
+        try:
+            names = sorted([n async for n in store.list("")])
+        finally:
+            await store.close()
     assert names == ["config", f"packs/{DIGEST}"]
     assert all(path.startswith("/s/") and ".." not in path for path in asked)
     assert len(asked) <= 12, asked   # the folders there are, each at most a few levels down

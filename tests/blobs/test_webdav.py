@@ -18,7 +18,7 @@ from p2pbackup.blobs.webdav import WebDavStore, logical_name, physical_path
 from p2pbackup.errors import ConfigError, DiskFull, StorageError, StoreFull
 from p2pbackup.ids import OBJECT_NAMES
 from tests.conftest import Cli
-from tests.servers import DavServer, nginx_dav, wsgidav
+from tests.servers import DavServer, nginx_dav, serving, wsgidav
 
 from .conformance import BlobStoreConformance
 
@@ -138,17 +138,11 @@ async def dav_proxy(upstream: str, fault: Callable[[object], object | None],
 
     app = web.Application(client_max_size=1 << 30)
     app.router.add_route("*", "/{tail:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]   # type: ignore[union-attr]
-    proxy_url = f"http://127.0.0.1:{port}"
     try:
-        yield proxy_url, seen
+        async with serving(app) as proxy_url:
+            yield proxy_url, seen
     finally:
         await session.close()
-        await runner.cleanup()
 
 
 @pytest.fixture
