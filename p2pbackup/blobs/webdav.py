@@ -384,5 +384,8 @@ def open_webdav(location: str, options: Mapping[str, Any]) -> WebDavStore:
     if unknown:
         raise ConfigError(f"store {location}: unknown option(s) {', '.join(sorted(unknown))} "
                           "(a WebDAV store takes username and password)")
+    for key in ("username", "password"):
+        if not isinstance(options.get(key, ""), str):
+            raise ConfigError(f"store {location}: {key} must be a string")
     return WebDavStore(location, username=options.get("username"),
                        password=options.get("password"))

@@ -80,6 +80,10 @@ def test_unknown_options_and_bad_locations_are_config_errors() -> None:
         open_store("webdav://h/p", options={"user": "x"})
     with pytest.raises(ConfigError, match="webdav://host/path"):
         open_store("webdav:///nohost")
+    with pytest.raises(ConfigError, match="password must be a string"):
+        open_store("webdav://h/p", options={"username": "u", "password": 1234})
+    with pytest.raises(ConfigError, match="a password without a username"):
+        open_store("webdav://h/p", options={"password": "p"})
 
 
 def test_every_growing_prefix_is_sharded_and_maps_back() -> None:
