@@ -31,10 +31,40 @@ NGINX_DAV_EXT = Path("/usr/lib/nginx/modules/ngx_http_dav_ext_module.so")
 class DavServer:
     """A running WebDAV server: the URL it answers on and the credentials it takes (if any)."""
 
-    url: str                    # http://127.0.0.1:PORT
+    url: str                    # http://127.0.0.1:PORT (https:// with TLS)
     root: Path                  # where it keeps the files it serves
     username: str | None = None
     password: str | None = None
+    ca_file: Path | None = None  # its self-signed certificate, with TLS
+
+
+def self_signed_certificate(tmp: Path) -> tuple[Path, Path]:
+    """(certificate, key) PEM files for 127.0.0.1, made now."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp / "server.crt", tmp / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
 
 
 def free_port() -> int:
@@ -91,10 +121,10 @@ async def serving(app: Any) -> AsyncIterator[str]:
 
 
 @contextlib.contextmanager
-def wsgidav(tmp: Path, *, username: str | None = None,
-            password: str | None = None) -> Iterator[DavServer]:
+def wsgidav(tmp: Path, *, username: str | None = None, password: str | None = None,
+            tls: bool = False) -> Iterator[DavServer]:
     """wsgidav (pip `wsgidav` + `cheroot`) serving `tmp/files` at /dav; basic auth with the
-    given user, anonymous without one."""
+    given user, anonymous without one; https with a self-signed certificate with `tls`."""
     pytest.importorskip("wsgidav", reason="wsgidav is not installed (pip install '.[test]')")
     pytest.importorskip("cheroot", reason="cheroot is not installed (pip install '.[test]')")
     port = free_port()
@@ -109,12 +139,16 @@ def wsgidav(tmp: Path, *, username: str | None = None,
                                "default_to_digest": False},
         "lock_storage": True, "property_manager": None,
     }
+    ca_file = None
+    if tls:
+        ca_file, key_file = self_signed_certificate(tmp)
+        config.update(ssl_certificate=str(ca_file), ssl_private_key=str(key_file))
     conf = tmp / "wsgidav.json"
     conf.write_text(json.dumps(config))
     argv = [sys.executable, "-m", "wsgidav.server.server_cli", "--config", str(conf)]
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     with _running(argv, tmp / "wsgidav.log", port):
-        yield DavServer(url, root, username, password)
+        yield DavServer(url, root, username, password, ca_file)
 
 
 @contextlib.contextmanager

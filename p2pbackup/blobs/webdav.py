@@ -31,6 +31,7 @@ import base64
 import email.utils
 import random
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -40,6 +41,7 @@ from ..errors import ConfigError, NotFound, StorageError, StoreFull
 from .base import BlobStore, Buffer, ObjectExists, StoreCapabilities, is_mutable_name
 
 SCHEMES = {"webdav": "http", "webdavs": "https"}
+OPTIONS = ("username", "password", "ca_file")
 _TMP_SUFFIX = ".tmp"
 # Sub-folder of each prefix whose names grow without bound: the folder is the first
 # `width` characters of the name's last part (hex digest or 12-digit seq). Packs are
@@ -137,7 +139,7 @@ class WebDavStore(BlobStore):
     capabilities = StoreCapabilities(create_only=True, ranged_reads=True, cheap_listing=False)
 
     def __init__(self, location: str, *, username: str | None = None,
-                 password: str | None = None,
+                 password: str | None = None, ca_file: str | None = None,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  now: Callable[[], float] = time.time, attempts: int = _ATTEMPTS) -> None:
         self.location = location
@@ -146,6 +148,7 @@ class WebDavStore(BlobStore):
             raise ConfigError(f"store {location}: a password without a username")
         self._auth = (username, password or "") if username is not None else None
         self._sleep, self._now, self._attempts = sleep, now, attempts
+        self._ca_file = ca_file
         self._session: Any = None
         self._folders_made: set[str] = set()
 
@@ -162,8 +165,15 @@ class WebDavStore(BlobStore):
             if self._auth:
                 pair = base64.b64encode(":".join(self._auth).encode()).decode("ascii")
                 headers["Authorization"] = f"Basic {pair}"
+            tls: Any = True   # the system's trusted certificates
+            if self._ca_file is not None:   # a server with its own (self-signed) certificate
+                try:
+                    tls = ssl.create_default_context(cafile=self._ca_file)
+                except (OSError, ssl.SSLError) as exc:
+                    raise ConfigError(f"store {self.location}: cannot read ca_file "
+                                      f"{self._ca_file}: {exc}") from None
             self._session = aiohttp.ClientSession(
-                headers=headers, connector=aiohttp.TCPConnector(limit=16),
+                headers=headers, connector=aiohttp.TCPConnector(limit=16, ssl=tls),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300),
                 auto_decompress=False)
         return self._session
@@ -201,6 +211,10 @@ class WebDavStore(BlobStore):
                     if asked is not None and status in (429, 503):
                         wait = min(_MAX_WAIT, asked)
                     failure = f"the server answered {status} {resp.reason or ''}".rstrip()
+            except aiohttp.ClientSSLError as exc:   # trying again changes nothing
+                raise StorageError(f"{where}: the server's TLS certificate is not trusted "
+                                   f"({exc}); for a certificate of your own give its CA as "
+                                   "the store's ca_file option") from None
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 failure = f"cannot reach the server ({type(exc).__name__}: {exc})"
             if attempt + 1 < self._attempts:
@@ -380,12 +394,11 @@ class WebDavStore(BlobStore):
 
 def open_webdav(location: str, options: Mapping[str, Any]) -> WebDavStore:
     """The opener open_store registers for webdav:// and webdavs://."""
-    unknown = set(options) - {"username", "password"}
+    unknown = set(options) - set(OPTIONS)
     if unknown:
         raise ConfigError(f"store {location}: unknown option(s) {', '.join(sorted(unknown))} "
-                          "(a WebDAV store takes username and password)")
-    for key in ("username", "password"):
+                          f"(a WebDAV store takes {', '.join(OPTIONS)})")
+    for key in OPTIONS:
         if not isinstance(options.get(key, ""), str):
             raise ConfigError(f"store {location}: {key} must be a string")
-    return WebDavStore(location, username=options.get("username"),
-                       password=options.get("password"))
+    return WebDavStore(location, **{key: options.get(key) for key in OPTIONS})

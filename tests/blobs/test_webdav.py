@@ -330,3 +330,24 @@ async def test_a_repository_copied_to_webdav_lists_verifies_and_restores_from_it
     restored = tmp_path / "out" / "src"
     assert (restored / "big.bin").read_bytes() == (source / "big.bin").read_bytes()
     assert (restored / "small.txt").read_text() == "hello"
+
+
+async def test_a_self_signed_server_is_refused_at_once_unless_its_ca_file_is_given(
+        tmp_path: Path) -> None:
+    with wsgidav(tmp_path, tls=True) as server:
+        location = server.url.replace("https://", "webdavs://") + "/dav/s"
+        waits: list[float] = []
+
+        async def sleep(seconds: float) -> None:
+            waits.append(seconds)
+
+        untrusted = WebDavStore(location, sleep=sleep)
+        with pytest.raises(StorageError) as refused:
+            await untrusted.put("config", b"c")
+        await untrusted.close()
+        assert "TLS certificate is not trusted" in str(refused.value)
+        assert "ca_file" in str(refused.value) and waits == []   # no retries: none would help
+        trusted = open_store(location, options={"ca_file": str(server.ca_file)})
+        await trusted.put("config", b"c")
+        assert await trusted.get("config") == b"c"
+        await trusted.close()
