@@ -42,12 +42,6 @@ class DiskFull(StorageError):
     exit_code = 12
 
 
-class StoreFull(DiskFull):
-    """The server of store {} is full (HTTP 507 Insufficient Storage): free space or raise the quota there, then run the command again (nothing already stored was lost)."""
-
-    # A DiskFull: the same meaning to a user and to callers that stop writing on it.
-
-
 class IntegrityError(P2PError):
     """{}"""
 

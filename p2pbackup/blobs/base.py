@@ -11,7 +11,7 @@ import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from ..errors import StorageError
+from ..errors import DiskFull, StorageError
 from ..ids import object_kind
 
 Buffer = bytes | bytearray | memoryview
@@ -43,6 +43,13 @@ class ObjectExists(StorageError):
 
     # A create-only store refused to replace an object with other bytes. Same exit code as
     # any storage refusal: to a user it means the store holds something else under that name.
+
+
+class StoreFull(DiskFull):
+    """The store {} is full ({}): free space there or raise its quota, then run the command again (nothing already stored was lost)."""
+
+    # A remote store's "no space" (HTTP 507, a quota, an object over the server's limit): the
+    # same exit code as a full local disk, with the store and the server's words.
 
 
 def is_mutable_name(name: str) -> bool:

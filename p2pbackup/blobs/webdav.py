@@ -37,8 +37,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from ..errors import ConfigError, NotFound, StorageError, StoreFull
-from .base import BlobStore, Buffer, ObjectExists, StoreCapabilities, is_mutable_name
+from ..errors import ConfigError, NotFound, StorageError
+from .base import (BlobStore, Buffer, ObjectExists, StoreCapabilities, StoreFull,
+                   is_mutable_name)
 
 SCHEMES = {"webdav": "http", "webdavs": "https"}
 OPTIONS = ("username", "password", "ca_file")
@@ -197,7 +198,7 @@ class WebDavStore(BlobStore):
                     if status not in (429, 500, 502, 503, 504):
                         body = await resp.read()
                         if status == 507:
-                            raise StoreFull(self.location)
+                            raise StoreFull(self.location, "HTTP 507 Insufficient Storage")
                         if status == 401:
                             raise StorageError(
                                 f"{where}: the server refused the credentials (HTTP 401); check "

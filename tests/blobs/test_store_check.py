@@ -72,7 +72,7 @@ async def test_a_full_server_fails_the_put_step_with_exit_12(cli: Cli, nginx: Da
             cli, "store", "check", url.replace("http://", "webdav://") + "/s", check=False)
     assert full.returncode == DiskFull.exit_code
     assert full.stdout.splitlines()[-1] == "put       FAILED"
-    assert full.stderr.startswith("p2pbackup: error: The server of store webdav://")
+    assert full.stderr.startswith("p2pbackup: error: The store webdav://")
     assert "is full" in full.stderr and len(full.stderr.splitlines()) == 1
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from p2pbackup.blobs import open_store
 from p2pbackup.blobs.webdav import WebDavStore, logical_name, physical_path
-from p2pbackup.errors import ConfigError, DiskFull, StorageError, StoreFull
+from p2pbackup.blobs.base import StoreFull
+from p2pbackup.errors import ConfigError, DiskFull, StorageError
 from p2pbackup.ids import OBJECT_NAMES
 from tests.conftest import Cli
 from tests.servers import DavServer, nginx_dav, serving, wsgidav
@@ -218,7 +219,7 @@ async def test_507_is_the_server_is_full(nginx: DavServer) -> None:
             await store.put(f"packs/{DIGEST}", b"pack")
         await store.close()
     assert isinstance(full.value, DiskFull) and full.value.exit_code == DiskFull.exit_code
-    assert "is full" in str(full.value) and "/s" in str(full.value)
+    assert "is full (HTTP 507 Insufficient Storage)" in str(full.value) and "/s" in str(full.value)
 
 
 async def test_wrong_password_is_one_line_naming_the_store(tmp_path: Path) -> None:
