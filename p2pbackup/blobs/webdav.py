@@ -8,13 +8,14 @@ The client is aiohttp; PROPFIND answers are parsed by webdav4's multistatus pars
 on this machine against nginx dav-ext on 127.0.0.1, 8 x 16 MiB: aiohttp put 250-490 MiB/s,
 get 570-800 MiB/s, 0.15 s client CPU per 256 MiB; httpx put 205-320, get 210-220 MiB/s,
 0.35-0.42 s CPU; OpenDAL's webdav operator put 250-300, get 610-660 MiB/s, 0.1-0.15 s CPU.
-OpenDAL is not used though: its MOVE always sends `Overwrite: T` (no create-only write), it
-lists with Depth: infinity when asked recursively and leaves Retry-After to the caller.
+OpenDAL is not used though: its webdav service (core.rs, webdav_move) always sends
+`Overwrite: T`, so no create-only write can be built on it, and a recursive list is one
+Depth: infinity PROPFIND, which many servers refuse or time out on.
 
 What WebDAV providers make users of restic, kopia and duplicati stumble on, and the answer:
 - Writes are create-only: PUT to a temporary name beside the target, then MOVE it with
   `Overwrite: F`, which RFC 4918 (10.6) says must fail with 412 when the target exists; only
-  the names that are written again (base.is_mutable_name) move with
+  the names that are written again (base.is_mutable_name: heads, log anchors) move with
   `Overwrite: T`. The MOVE is atomic, so readers never see half an object.
 - Folders stay small: names that grow without bound are spread over sub-folders named by a
   prefix of the name (packs/ab/ab..., snapshots/a/a..., removals/a/a...,
