@@ -20,10 +20,12 @@ demo: setup
 	$(PY) -m p2pbackup.cli.demo
 
 # Network-namespace tests (pairing over mDNS, transports) need iproute2, the packet-loss test
-# iptables; as root we install them.
+# iptables, the WebDAV store tests nginx with its dav-ext module; as root we install them.
 sysdeps:
 	@if [ "$$(id -u)" = 0 ] && ! (command -v ip && command -v iptables) >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq iproute2 iptables; fi
+	@if [ "$$(id -u)" = 0 ] && ! [ -e /usr/lib/nginx/modules/ngx_http_dav_ext_module.so ]; then \
+		apt-get update -qq && apt-get install -y -qq nginx libnginx-mod-http-dav-ext; fi
 
 test: setup sysdeps
 	$(PY) -m pytest -q -p no:cacheprovider

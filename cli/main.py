@@ -16,12 +16,14 @@ from p2pbackup.errors import EXIT_PARTIAL, ConfigError, IntegrityError, P2PError
 from . import output
 from .account_cmds import devices_app, pair, recover
 from .common import home, run_async, via_daemon, writable_device
+from .store_cmds import store_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Peer-to-peer, end-to-end encrypted backup of your own devices.")
 index_app = typer.Typer(no_args_is_help=True, help="Maintain the pack index (a cache).")
 app.add_typer(index_app, name="index")
 app.add_typer(devices_app, name="devices")
+app.add_typer(store_app, name="store")
 
 _state = {"debug": False}
 

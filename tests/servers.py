@@ -19,9 +19,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,19 @@ from tests.eventually import eventually_sync
 
 ACCESS_KEY, SECRET_KEY = "p2pbackup-test", "p2pbackup-test-secret"
 REGION = "us-east-1"
+
+NGINX_DAV_EXT = Path("/usr/lib/nginx/modules/ngx_http_dav_ext_module.so")
+
+
+@dataclass(frozen=True, slots=True)
+class DavServer:
+    """A running WebDAV server: the URL it answers on and the credentials it takes (if any)."""
+
+    url: str                    # http://127.0.0.1:PORT (https:// with TLS)
+    root: Path                  # where it keeps the files it serves
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None  # its self-signed certificate, with TLS
 
 
 def free_port() -> int:
@@ -253,3 +267,102 @@ class StorageAccount:
                            signer=StoreSigner(device or self.owner, self.fingerprint))
         assert isinstance(store, ServerStore)
         return store
+
+
+# -- WebDAV servers ------------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[str]:
+    """An aiohttp application (a hostile server, a proxy in front of a real one) on a free
+    127.0.0.1 port, in this event loop; yields its http:// URL."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.contextmanager
+def wsgidav(tmp: Path, *, username: str | None = None, password: str | None = None,
+            tls: bool = False) -> Iterator[DavServer]:
+    """wsgidav (pip `wsgidav` + `cheroot`) serving `tmp/files` at /dav; basic auth with the
+    given user, anonymous without one; https with a self-signed certificate with `tls`."""
+    pytest.importorskip("wsgidav", reason="wsgidav is not installed (pip install '.[test]')")
+    pytest.importorskip("cheroot", reason="cheroot is not installed (pip install '.[test]')")
+    port = free_port()
+    root = tmp / "files"
+    root.mkdir(parents=True, exist_ok=True)
+    users = {"*": {username: {"password": password}}} if username else {"*": True}
+    config = {
+        "host": "127.0.0.1", "port": port, "verbose": 1, "server": "cheroot",
+        "provider_mapping": {"/dav": str(root)},
+        "simple_dc": {"user_mapping": users},
+        "http_authenticator": {"accept_basic": True, "accept_digest": False,
+                               "default_to_digest": False},
+        "lock_storage": True, "property_manager": None,
+    }
+    ca_file = None
+    if tls:
+        ca_file, key_file = self_signed_cert(tmp / "tls")
+        config.update(ssl_certificate=str(ca_file), ssl_private_key=str(key_file))
+    conf = tmp / "wsgidav.json"
+    conf.write_text(json.dumps(config))
+    argv = [sys.executable, "-m", "wsgidav.server.server_cli", "--config", str(conf)]
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    with _running(argv, tmp / "wsgidav.log", port):
+        yield DavServer(url, root, username, password, ca_file)
+
+
+@contextlib.contextmanager
+def nginx_dav(tmp: Path) -> Iterator[DavServer]:
+    """nginx with the dav-ext module (Debian `nginx` + `libnginx-mod-http-dav-ext`, installed
+    by `make sysdeps`) serving `tmp/files` at /, in the foreground with its own config, as
+    one process (no master: killed with SIGKILL, a master would leave its workers running)."""
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
+                                       else None)
+    if binary is None or not NGINX_DAV_EXT.exists():
+        pytest.skip("nginx with the dav-ext module is not installed (make sysdeps)")
+    port = free_port()
+    root = tmp / "files"
+    root.mkdir(parents=True, exist_ok=True)
+    temp = tmp / "nginx-temp"
+    temp.mkdir(exist_ok=True)
+    # as root, nginx's workers would run as nobody and could not write into the temp dir
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+master_process off;
+{user}
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+load_module {NGINX_DAV_EXT};
+events {{ worker_connections 128; }}
+http {{
+  access_log off;
+  client_body_temp_path {temp}/body;
+  proxy_temp_path {temp}/proxy;
+  fastcgi_temp_path {temp}/fastcgi;
+  uwsgi_temp_path {temp}/uwsgi;
+  scgi_temp_path {temp}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    client_max_body_size 0;
+    location / {{
+      root {root};
+      dav_methods PUT DELETE MKCOL COPY MOVE;
+      dav_ext_methods PROPFIND OPTIONS;
+      dav_access user:rw;
+    }}
+  }}
+}}
+""")
+    argv = [binary, "-c", str(conf), "-e", str(tmp / "nginx-error.log"), "-p", str(tmp)]
+    url = f"http://127.0.0.1:{port}"
+    with _running(argv, tmp / "nginx.log", port):
+        yield DavServer(url, root)

@@ -18,6 +18,8 @@ OPENERS: dict[str, str] = {
     "s3": ".s3:open_location",
     "https": ".server:open_server",   # the storage server (p2pbackup-server)
     "http": ".server:open_server",    # the same on a loopback address only (it refuses others)
+    "webdav": ".webdav:open_webdav",
+    "webdavs": ".webdav:open_webdav",
 }
 
 

@@ -13,10 +13,14 @@ from dataclasses import dataclass
 
 from ..crypto.identity import DeviceIdentity
 from ..errors import DiskFull, StorageError
+from ..ids import object_kind
 
 Buffer = bytes | bytearray | memoryview
 
-MUTABLE_PREFIX = "heads/"  # the one kind of name a put may replace (p2pbackup/ids.py)
+# The kinds of name (p2pbackup/ids.py) a put may replace: a device's head moves forward at every
+# seal, a folded log's anchor at every prune (repo/logstore.py write_anchor; repo/replica.py
+# takes both anew). Every other object never changes.
+MUTABLE_KINDS = frozenset({"head", "anchor"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +69,9 @@ class StoreFull(DiskFull):
 
 
 def is_mutable_name(name: str) -> bool:
-    """Whether a put of `name` replaces (heads); every other object never changes."""
-    return name.startswith(MUTABLE_PREFIX)
+    """Whether a put of `name` replaces (heads, log anchors); every other object never changes."""
+    found = object_kind(name)
+    return found is not None and found[0] in MUTABLE_KINDS
 
 
 class BlobStore(abc.ABC):
@@ -80,8 +85,8 @@ class BlobStore(abc.ABC):
     async def put(self, name: str, data: Buffer) -> None:
         """Store `data` under `name`, atomically: readers see all of it or none.
 
-        With capabilities.create_only, a name other than `heads/...` that already holds other
-        bytes is refused with ObjectExists (the same bytes again is not an error)."""
+        With capabilities.create_only, a name that is not is_mutable_name and already holds
+        other bytes is refused with ObjectExists (the same bytes again is not an error)."""
 
     @abc.abstractmethod
     async def get(self, name: str) -> bytes:

@@ -82,6 +82,13 @@ class BlobStoreConformance:
         assert await store.get(head) == b"new"
         assert await _names(store, "heads/") == [head]
 
+    async def test_put_replaces_a_log_anchor(self, store: BlobStore, device_id: str) -> None:
+        # prune moves a folded log's anchor forward (repo/logstore.py write_anchor)
+        anchor = "segments/" + device_id + "/anchor"
+        await store.put(anchor, b"folded to 10")
+        await store.put(anchor, b"folded to 20")
+        assert await store.get(anchor) == b"folded to 20"
+
     async def test_create_only_store_never_replaces_an_object(self, store: BlobStore) -> None:
         name = "devices/" + "1d" * 16
         await store.put(name, b"first")
