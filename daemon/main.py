@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pbackup import account, control
+from p2pbackup.blobs import open_store
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.config import Config, load_config, load_identity, systemd_settings
@@ -31,6 +32,7 @@ from p2pbackup.format.membership import OWNER
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.repo import removals, roster
 from p2pbackup.repo.logstore import LogStore
+from p2pbackup.repo.upload import StoreUploader, UploadProgress
 
 from .account_ops import AccountOps
 from .capture import SealState, SegmentSealer
@@ -159,6 +161,12 @@ class DeviceDaemon:
         self.watch: WatchCoverage | None = None  # how many folders inotify covers
         self.rewatch = asyncio.Event()  # set: start the watcher again (the limit was raised)
         self._inotify = False  # the inotify watcher runs (not the rescans that replace it)
+        self.uploaders: list[StoreUploader] = []
+
+    def objects_stored(self) -> None:
+        """New objects are in the store (sealed here, or from a peer): upload them."""
+        for u in self.uploaders:
+            u.notify()
 
     async def seal(self) -> None:
         async with self.writing:
@@ -287,7 +295,8 @@ class DeviceDaemon:
         return True
 
     async def announce(self) -> None:
-        """Push what was just stored to every connected peer."""
+        """Push what was just stored to every connected peer and configured store."""
+        self.objects_stored()
         if self.replicator is not None:
             try:
                 await self.replicator.announce_new()
@@ -384,6 +393,7 @@ class DeviceDaemon:
             "lan": {"enabled": self.config.peers.lan, "signaling_port": self.peers.port
                     if self.peers else 0},
             "partner_for": self.partner.status() if self.partner else [],
+            "stores": [u.status.as_dict() for u in self.uploaders],
         }
 
 
@@ -482,6 +492,24 @@ async def _removal_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
             pass
 
 
+def _start_uploads(d: DeviceDaemon, progress: UploadProgress) -> list[asyncio.Task[None]]:
+    """One uploader per `[[stores]]` table, each in its own task (a store that fails waits
+    out its backoff without holding up the others)."""
+    tasks = []
+    for settings in d.config.stores:
+        def opener(s=settings):
+            return open_store(s.location, options=s.options)
+
+        def said(line: str, where: str = settings.location) -> None:
+            log.warning("store %s: %s (uploads are retried)", where, line)
+
+        u = StoreUploader(d.dev.repo, settings, progress, opener, on_error=said)
+        d.uploaders.append(u)
+        tasks.append(asyncio.create_task(u.run()))
+        log.info("uploading to store %s", settings.location)
+    return tasks
+
+
 async def _watchdog(notifier: Notifier, seconds: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         notifier.watchdog()
@@ -509,6 +537,8 @@ async def serve(home: Path | None) -> int:
         os.makedirs(dev.temp_dir, exist_ok=True)
         sealer = SegmentSealer(dev.repo, dev.identity, config.sources, dev.temp_dir, state)
         d = DeviceDaemon(config, dev, sealer, notifier)
+        progress = UploadProgress(config.cache_dir / "uploads.sqlite")
+        progress.keep_only(s.location for s in config.stores)
         snaps, _ = await dev.repo.list_snapshots()
         mine = [s for s in snaps if s.snapshot.device == dev.identity.device_id]
         if mine:
@@ -529,6 +559,7 @@ async def serve(home: Path | None) -> int:
         d.peers = PeerManager(config, dev, on_session=d.replicator.run,
                               on_fetch=d.replicator.serve)
         d.replicator.on_membership = d.membership_changed
+        d.replicator.on_stored = d.objects_stored
         d.peers.on_members = d.replicator.close_unless
         d.replicator.on_damage = d.forget_damaged
         dev.repo.damage_seen = lambda pack: loop.call_soon_threadsafe(
@@ -554,6 +585,7 @@ async def serve(home: Path | None) -> int:
         tasks.append(asyncio.create_task(_snapshot_loop(d, stop)))
         tasks.append(asyncio.create_task(_rescan_loop(d, stop)))
         tasks.append(asyncio.create_task(_removal_loop(d, stop)))
+        tasks += _start_uploads(d, progress)
         notifier.ready(f"watching {len(config.sources)} sources; log at segment {seq}")
         failed: BaseException | None = None
         try:
@@ -579,6 +611,7 @@ async def serve(home: Path | None) -> int:
             await asyncio.gather(*tasks, return_exceptions=True)
             await d.seal()
             sealer.close()
+            progress.close()
     log.info("stopped")
     return 1 if failed else 0
 
