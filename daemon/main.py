@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from p2pbackup import account, control
 from p2pbackup.blobs import open_store
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
-from p2pbackup.config import Config, load_config, load_identity, systemd_settings
+from p2pbackup.blobs.base import BlobStore
+from p2pbackup.config import (Config, StoreSettings, load_config, load_identity,
+                              systemd_settings)
 from p2pbackup.device import Device, open_device
 from p2pbackup.errors import P2PError
 from p2pbackup.format.log import Head, head_time_after
@@ -161,12 +164,54 @@ class DeviceDaemon:
         self.watch: WatchCoverage | None = None  # how many folders inotify covers
         self.rewatch = asyncio.Event()  # set: start the watcher again (the limit was raised)
         self._inotify = False  # the inotify watcher runs (not the rescans that replace it)
-        self.uploaders: list[StoreUploader] = []
+        self.progress: UploadProgress | None = None
+        self.uploads: dict[str, tuple[StoreUploader, asyncio.Task[None]]] = {}
 
     def objects_stored(self) -> None:
         """New objects are in the store (sealed here, or from a peer): upload them."""
-        for u in self.uploaders:
+        for u, _ in self.uploads.values():
             u.notify()
+
+    async def start_uploads(self, progress: UploadProgress) -> None:
+        """One uploader per `[[stores]]` table, each in its own task (a store that fails
+        waits out its backoff without holding up the others)."""
+        self.progress = progress
+        progress.keep_only(s.location for s in self.config.stores)
+        for settings in self.config.stores:
+            self._start_upload(settings)
+
+    def _start_upload(self, settings: StoreSettings) -> None:
+        def opener() -> BlobStore:
+            return open_store(settings.location, options=settings.options)
+
+        def said(line: str) -> None:
+            log.warning("store %s: %s (uploads are retried)", settings.location, line)
+
+        assert self.progress is not None
+        u = StoreUploader(self.dev.repo, settings, self.progress, opener, on_error=said)
+        task = asyncio.create_task(u.run())
+        task.add_done_callback(_report_end)
+        self.uploads[settings.location] = (u, task)
+        log.info("uploading to store %s", settings.location)
+
+    async def stop_uploads(self, locations: list[str] | None = None) -> None:
+        for loc in list(self.uploads) if locations is None else locations:
+            _, task = self.uploads.pop(loc)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def reload_stores(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`p2pbackup store add/remove` changed the `[[stores]]` tables: follow them."""
+        self.config = replace(self.config, stores=load_config(self.config.home).stores)
+        want = {s.location: s for s in self.config.stores}
+        await self.stop_uploads([loc for loc, (u, _) in self.uploads.items()
+                                 if want.get(loc) != u.settings])
+        assert self.progress is not None
+        self.progress.keep_only(want)
+        for loc, settings in want.items():
+            if loc not in self.uploads:
+                self._start_upload(settings)
+        return {"stores": sorted(self.uploads)}
 
     async def seal(self) -> None:
         async with self.writing:
@@ -393,8 +438,16 @@ class DeviceDaemon:
             "lan": {"enabled": self.config.peers.lan, "signaling_port": self.peers.port
                     if self.peers else 0},
             "partner_for": self.partner.status() if self.partner else [],
-            "stores": [u.status.as_dict() for u in self.uploaders],
+            "stores": [u.status.as_dict() for u, _ in self.uploads.values()],
         }
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    """An uploader ends only when cancelled; anything else is a bug, said with its trace."""
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        log.error("internal error in an uploader: %s: %s", type(exc).__name__, exc,
+                  exc_info=exc)
 
 
 async def _restate_roster(dev: Device) -> None:
@@ -492,24 +545,6 @@ async def _removal_loop(d: DeviceDaemon, stop: asyncio.Event) -> None:
             pass
 
 
-def _start_uploads(d: DeviceDaemon, progress: UploadProgress) -> list[asyncio.Task[None]]:
-    """One uploader per `[[stores]]` table, each in its own task (a store that fails waits
-    out its backoff without holding up the others)."""
-    tasks = []
-    for settings in d.config.stores:
-        def opener(s=settings):
-            return open_store(s.location, options=s.options)
-
-        def said(line: str, where: str = settings.location) -> None:
-            log.warning("store %s: %s (uploads are retried)", where, line)
-
-        u = StoreUploader(d.dev.repo, settings, progress, opener, on_error=said)
-        d.uploaders.append(u)
-        tasks.append(asyncio.create_task(u.run()))
-        log.info("uploading to store %s", settings.location)
-    return tasks
-
-
 async def _watchdog(notifier: Notifier, seconds: float, stop: asyncio.Event) -> None:
     while not stop.is_set():
         notifier.watchdog()
@@ -538,7 +573,6 @@ async def serve(home: Path | None) -> int:
         sealer = SegmentSealer(dev.repo, dev.identity, config.sources, dev.temp_dir, state)
         d = DeviceDaemon(config, dev, sealer, notifier)
         progress = UploadProgress(config.cache_dir / "uploads.sqlite")
-        progress.keep_only(s.location for s in config.stores)
         snaps, _ = await dev.repo.list_snapshots()
         mine = [s for s in snaps if s.snapshot.device == dev.identity.device_id]
         if mine:
@@ -547,6 +581,7 @@ async def serve(home: Path | None) -> int:
         server = ControlServer(config.control_socket, {"status": d.status,
                                                        "snapshot": d.snapshot,
                                                        "forget": d.forget, "prune": d.prune,
+                                                       "reload_stores": d.reload_stores,
                                                        **ops.handlers()},
                                leases={"pause": d.pause, **ops.leases()})
         await server.start()
@@ -585,7 +620,7 @@ async def serve(home: Path | None) -> int:
         tasks.append(asyncio.create_task(_snapshot_loop(d, stop)))
         tasks.append(asyncio.create_task(_rescan_loop(d, stop)))
         tasks.append(asyncio.create_task(_removal_loop(d, stop)))
-        tasks += _start_uploads(d, progress)
+        await d.start_uploads(progress)
         notifier.ready(f"watching {len(config.sources)} sources; log at segment {seq}")
         failed: BaseException | None = None
         try:
@@ -609,6 +644,7 @@ async def serve(home: Path | None) -> int:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await d.stop_uploads()
             await d.seal()
             sealer.close()
             progress.close()

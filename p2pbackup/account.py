@@ -445,7 +445,11 @@ async def recover(home: Path, store_location: str, code: str, name: str, *,
         raise ConfigError(f"{home} is already set up; recover into a new P2PBACKUP_HOME")
     root = recovery.decode(code)
     if not is_peer_location(store_location):
-        return await _recover_from(home, open_store(store_location), store_location, root, name)
+        source = open_store(store_location)
+        try:
+            return await _recover_from(home, source, store_location, root, name)
+        finally:
+            await source.close()
     from .peer_fetch import PeerLocation, recovery_candidates
 
     where = PeerLocation.parse(store_location)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,22 +301,15 @@ def _store_settings(raw: object, path: Path) -> tuple[StoreSettings, ...]:
     return tuple(out)
 
 
-def store_table(store: StoreSettings) -> dict[str, Any]:
-    """`store` as its `[[stores]]` table (bandwidth in bytes per second)."""
-    table: dict[str, Any] = {"location": store.location, **store.options}
-    if store.bandwidth is not None:
-        table["bandwidth"] = store.bandwidth
-    if store.parallel != DEFAULT_PARALLEL:
-        table["parallel"] = store.parallel
-    return table
-
-
-def set_stores(home: Path, stores: list[dict[str, Any]]) -> Config:
-    """Replace the `[[stores]]` tables of home/config.toml (checked first, written
-    atomically); return the config as it now reads. Comments in the file are not kept."""
+def edit_stores(home: Path, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+                ) -> Config:
+    """Rewrite the `[[stores]]` tables of home/config.toml with `change` (given them as
+    written); the result is checked before the file is replaced, atomically. Returns the
+    config as it now reads. (Comments in the file are not kept.)"""
     path = home / "config.toml"
     load_config(home)   # the rest of the file must be sound before we write it back
     doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    stores = change([dict(t) for t in doc.get("stores", [])])
     _store_settings(stores, path)
     if stores:
         doc["stores"] = stores

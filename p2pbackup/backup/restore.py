@@ -653,7 +653,7 @@ class Restorer:
         # Only a local store can be read from a forked child (a peer or S3 store runs on the
         # parent's event loop).
         return self.workers > 1 and self.progress.expected_bytes >= PROCESS_MIN_BYTES \
-            and getattr(self.repo.store, "get_range_sync", None) is not None
+            and self.repo.store.capabilities.local_disk
 
     def _start_pool(self) -> cf.Executor:
         global _forked

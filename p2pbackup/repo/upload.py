@@ -301,7 +301,6 @@ class StoreUploader:
                     n for n in names if (k := ids.object_kind(n)) and k[0] not in MUTABLE))
             self._done = self.progress.uploaded(self.location)
             self._digests = self.progress.digests(self.location)
-        self.status.reachable = True
         # Heads are read before the listing: a head names segments and a snapshot stored
         # before it, so those are in the listing and go up first.
         mutable: dict[str, bytes] = {}
@@ -327,6 +326,7 @@ class StoreUploader:
                 with contextlib.suppress(NotFound):
                     self.status.bytes_behind += len(mutable[name]) if name in mutable \
                         else await self.repo.store.size(name)
+        self.status.reachable = True
         for phase in sorted(phases):
             await self._put_all(remote, sorted(phases[phase]), mutable)
 
