@@ -60,6 +60,8 @@ def test_a_store_the_daemon_uploads_to_recovers_a_new_device_even_after_a_kill(
     (src / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
     (src / "docs" / "a.txt").write_text("hello\n" * 1000)
     code = _init(cli, src, tmp_path)
+    with open(cli.home / "config.toml", "a") as f:
+        f.write("\n[daemon]\nseal_interval = 1\n")
     remote = tmp_path / "remote"
     # A cap that makes the upload take a while: the first pack goes at once (on credit),
     # what follows waits for it to be paid, so there is a moment to kill the daemon in.
@@ -92,6 +94,11 @@ def test_a_store_the_daemon_uploads_to_recovers_a_new_device_even_after_a_kill(
         assert st["reachable"] is True and st["last_error"] is None and st["last_upload"]
         text = cli("status").stdout
         assert f"store {remote}: reachable; up to date; last upload" in text
+        # A change is sealed into the log, and the segment and head go up soon after.
+        expected = tree_state(src)
+        (src / "later.txt").write_text("written later\n")
+        eventually_sync(lambda: any((remote / "segments").rglob("000000000001"))
+                        and any((remote / "heads").glob("*")), timeout=30)
     finally:
         assert d.stop() == 0
     after = _files(remote)
@@ -103,7 +110,7 @@ def test_a_store_the_daemon_uploads_to_recovers_a_new_device_even_after_a_kill(
     new = Cli(tmp_path / "home-new")
     new("recover", "--from", str(remote), "--recovery-code-file", str(code))
     new("restore", "latest", "--from", str(remote), "--to", str(tmp_path / "out"))
-    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+    assert tree_state(tmp_path / "out" / "src") == expected
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

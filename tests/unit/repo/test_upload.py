@@ -287,3 +287,26 @@ async def test_token_bucket_waits_off_a_debt():
     assert clock.slept == []
     await bucket.take(1)        # waits for the 300 to be paid
     assert clock.slept == [3.0]
+
+
+async def test_objects_replicated_from_a_peer_are_uploaded_when_they_arrive(tmp_path):
+    from .test_replicate import running, two_repositories
+
+    _, a_id, b_id, ra, rb = await two_repositories(tmp_path)
+    remote = WatchedStore(tmp_path / "remote")
+    progress = UploadProgress(tmp_path / "cb" / "uploads.sqlite")
+    up = uploader(rb, remote, progress)
+    assert await up.upload_once()          # b alone: its config and device record
+    up._wake.clear()
+    task = asyncio.create_task(up.run())   # it waits to be told of new objects
+    try:
+        async with running(ra, rb, a_id, b_id, keep_open=True) as (_, _, pb):
+            pb.on_stored = up.notify       # as the daemon wires it
+            wanted = await offered_names(ra)
+            await eventually(lambda: wanted <= set(remote.puts), timeout=20)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        progress.close()
+        await ra.close()
+        await rb.close()
