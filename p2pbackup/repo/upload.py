@@ -19,7 +19,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import blake3
@@ -92,8 +92,9 @@ class UploadProgress:
     """What each store was sent, in SQLite in the daemon's cache dir (survives kill -9)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        os.makedirs(os.path.dirname(os.fspath(path)), exist_ok=True)
+        self.path = os.fspath(path)
         try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
             self.db = sqlite3.connect(os.fspath(path), isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
@@ -105,21 +106,34 @@ class UploadProgress:
                 CREATE TABLE IF NOT EXISTS mutable (location TEXT NOT NULL, name TEXT NOT NULL,
                     digest BLOB NOT NULL, PRIMARY KEY (location, name)) WITHOUT ROWID;
             """)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open the upload progress at {path}: {exc}") from None
 
     def close(self) -> None:
         self.db.close()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a failure (the disk holding the cache is full) is StorageError,
+        which the uploader retries like a store's."""
+        try:
+            self.db.execute("BEGIN")
+            yield self.db
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise StorageError(f"cannot note the upload progress in {self.path}: {exc}") \
+                from None
 
     def keep_only(self, locations: Iterable[str]) -> None:
         """Forget the stores no longer configured (one added again starts anew)."""
         keep = set(locations)
         for (loc,) in self.db.execute("SELECT location FROM stores").fetchall():
             if loc not in keep:
-                self.db.execute("BEGIN")
-                for table in ("stores", "uploaded", "mutable"):
-                    self.db.execute(f"DELETE FROM {table} WHERE location = ?", (loc,))
-                self.db.execute("COMMIT")
+                with self._writing() as db:
+                    for table in ("stores", "uploaded", "mutable"):
+                        db.execute(f"DELETE FROM {table} WHERE location = ?", (loc,))
 
     def listed(self, location: str) -> bool:
         row = self.db.execute("SELECT listed FROM stores WHERE location = ?",
@@ -141,27 +155,25 @@ class UploadProgress:
 
     def note_listing(self, location: str, names: Iterable[str]) -> None:
         """The remote's immutable objects, as its one listing at first contact showed them."""
-        self.db.execute("BEGIN")
-        self.db.executemany("INSERT OR IGNORE INTO uploaded VALUES (?, ?)",
-                            ((location, n) for n in names))
-        self.db.execute("INSERT INTO stores (location, listed) VALUES (?, 1) ON CONFLICT "
-                        "(location) DO UPDATE SET listed = 1", (location,))
-        self.db.execute("COMMIT")
+        with self._writing() as db:
+            db.executemany("INSERT OR IGNORE INTO uploaded VALUES (?, ?)",
+                           ((location, n) for n in names))
+            db.execute("INSERT INTO stores (location, listed) VALUES (?, 1) ON CONFLICT "
+                       "(location) DO UPDATE SET listed = 1", (location,))
 
     def note(self, location: str, name: str, *, digest: bytes | None = None,
              at: float | None = None) -> None:
         """`name` is on the store (`digest`: these bytes of a mutable object; `at`: put now)."""
-        self.db.execute("BEGIN")
-        if digest is None:
-            self.db.execute("INSERT OR IGNORE INTO uploaded VALUES (?, ?)", (location, name))
-        else:
-            self.db.execute("INSERT OR REPLACE INTO mutable VALUES (?, ?, ?)",
-                            (location, name, digest))
-        if at is not None:
-            self.db.execute("INSERT INTO stores (location, last_upload) VALUES (?, ?) ON "
-                            "CONFLICT (location) DO UPDATE SET last_upload = excluded."
-                            "last_upload", (location, at))
-        self.db.execute("COMMIT")
+        with self._writing() as db:
+            if digest is None:
+                db.execute("INSERT OR IGNORE INTO uploaded VALUES (?, ?)", (location, name))
+            else:
+                db.execute("INSERT OR REPLACE INTO mutable VALUES (?, ?, ?)",
+                           (location, name, digest))
+            if at is not None:
+                db.execute("INSERT INTO stores (location, last_upload) VALUES (?, ?) ON "
+                           "CONFLICT (location) DO UPDATE SET last_upload = excluded."
+                           "last_upload", (location, at))
 
 
 async def may_replace(repo: Repository, kind: str, name: str, ours: bytes,
