@@ -585,7 +585,7 @@ def store_add(location: str = typer.Argument(..., help="A path, s3://bucket/pref
               ) -> None:
     """Upload this device's store to LOCATION too (in the background, by p2pbackupd)."""
     from p2pbackup.blobs import open_store
-    from p2pbackup.config import STORE_KEYS, edit_stores, load_config
+    from p2pbackup.config import STORE_KEYS, edit_stores, load_config, load_keys
 
     options: dict[str, Any] = {}
     for o in option:
@@ -603,6 +603,7 @@ def store_add(location: str = typer.Argument(..., help="A path, s3://bucket/pref
     if parallel is not None:
         table["parallel"] = parallel
     config = load_config(_home())
+    load_keys(config)   # a storage partner's home has no store of its own to upload
     if any(s.location == location for s in config.stores):
         raise ConfigError(f"store {location} is already configured (`p2pbackup store remove` "
                           "it first to change it)")

@@ -141,3 +141,38 @@ def test_a_full_store_is_one_status_line_and_uploads_resume_when_there_is_room(
             assert d.stop() == 0
         assert "no problems found" in cli("verify", "--read-data", "--from",
                                           str(remote)).stdout
+
+
+def test_store_commands_edit_the_config_and_refuse_bad_input(cli: Cli, tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _init(cli, src, tmp_path)
+    env_cwd = tmp_path / "work"
+    env_cwd.mkdir()
+
+    def run(*args: str, check: bool = True):
+        import subprocess
+
+        proc = subprocess.run(cli.argv(*args), env=cli.env(), capture_output=True, text=True,
+                              cwd=env_cwd, timeout=60, stdin=subprocess.DEVNULL)
+        assert not check or proc.returncode == 0, proc.stderr
+        return proc
+
+    out = run("store", "add", "usb", "-o", "password=hunter2", "-o", "user=me").stdout
+    assert f"added store {env_cwd / 'usb'}" in out           # a path is made absolute
+    listed = json.loads(run("store", "list", "--json").stdout)
+    assert listed == [{"location": str(env_cwd / "usb"), "bandwidth": None, "parallel": 4,
+                       "options": {"password": "***", "user": "me"}}]
+    for args, says in [
+        (("store", "add", "usb"), "is already configured"),
+        (("store", "add", "other", "-o", "novalue"), "give KEY=VALUE"),
+        (("store", "add", "other", "-o", "parallel=3"), "give KEY=VALUE"),
+        (("store", "add", "other", "--bandwidth", "fast"), "'bandwidth' 'fast': give a size"),
+        (("store", "remove", "nowhere"), f"no store nowhere in {cli.home / 'config.toml'}"),
+    ]:
+        got = run(*args, check=False)
+        assert got.returncode == 10 and says in got.stderr, (args, got.stderr)
+        assert len(got.stderr.strip().splitlines()) == 1, got.stderr
+    assert len(json.loads(run("store", "list", "--json").stdout)) == 1   # nothing was written
+    assert "removed store" in run("store", "remove", "usb").stdout      # as typed, relative
+    assert "no stores configured" in run("store", "list").stdout
