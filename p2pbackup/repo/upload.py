@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import blake3
 
 from .. import ids
-from ..blobs.base import BlobStore
+from ..blobs.base import BlobStore, ObjectExists
 from ..config import StoreSettings
 from ..errors import IntegrityError, NotFound, P2PError, StorageError
 from ..format.log import check_head_update
@@ -388,7 +388,7 @@ class StoreUploader:
                 log.info("store %s holds a newer %s than this device; kept", self.location,
                          name[:60])
             elif theirs != data:
-                at = await self._send(remote, name, data)
+                at = await self._send_once(remote, name, data)
             digest = blake3.blake3(data).digest()
             self._digests[name] = digest
             self.progress.note(self.location, name, digest=digest, at=at)
@@ -397,18 +397,24 @@ class StoreUploader:
                 data = await self.repo.store.get(name)
             except NotFound:
                 return   # pruned since the listing
+            # (a create-only store takes the same bytes again without complaint)
             if remote.capabilities.create_only or not await remote.has(name):
-                try:
-                    at = await self._send(remote, name, data)
-                except FAILURES:
-                    # A create-only store refuses a name it holds: immutable, so it is ours.
-                    if not (remote.capabilities.create_only and await remote.has(name)):
-                        raise
+                at = await self._send_once(remote, name, data)
             assert self._done is not None
             self._done.add(name)
             self.progress.note(self.location, name, at=at)
         self.status.objects_behind = max(0, self.status.objects_behind - 1)
         self.status.bytes_behind = max(0, self.status.bytes_behind - len(data))
+
+    async def _send_once(self, remote: BlobStore, name: str, data: bytes) -> float | None:
+        """`_send`, where a store that refuses to replace other bytes under `name` keeps
+        them (said once; retrying cannot change it): None then."""
+        try:
+            return await self._send(remote, name, data)
+        except ObjectExists:
+            log.warning("store %s holds other bytes under %s and refuses to replace them "
+                        "(`verify --from` it)", self.location, name[:60])
+            return None
 
     async def _send(self, remote: BlobStore, name: str, data: bytes) -> float:
         """Put one object within the bandwidth cap; the time it was done."""

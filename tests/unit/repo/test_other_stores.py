@@ -2,8 +2,8 @@
 recover go through the BlobStore interface alone (no local path, no blocking fast path).
 
 The store below keeps its objects in a directory but offers only the async interface with
-the default capabilities, as an S3 or WebDAV store does; `open_store` is made to return it,
-so the same entry points the CLI calls are exercised."""
+the default capabilities, as an S3 or WebDAV store does; it is registered in open_store's
+scheme table as `elsewhere://`, so the same entry points the CLI calls are exercised."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pbackup import account, device
+from p2pbackup import account, blobs, device
 from p2pbackup.backup.restore import restore
 from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.backup.verify import verify
@@ -27,7 +27,7 @@ class ElsewhereStore(BlobStore):
 
     def __init__(self, root: Path) -> None:
         self._dir = LocalDirStore(root)
-        self.location = f"elsewhere://{root.name}"
+        self.location = f"elsewhere://{root}"
         self.calls = 0
 
     async def put(self, name, data):
@@ -56,10 +56,19 @@ class ElsewhereStore(BlobStore):
         await self._dir.delete(name)
 
 
+OPENED: list[ElsewhereStore] = []
+
+
+def open_elsewhere(location: str, options: dict) -> ElsewhereStore:
+    """The opener of `elsewhere://PATH` (registered in open_store's scheme table)."""
+    OPENED.append(ElsewhereStore(Path(location.removeprefix("elsewhere://"))))
+    return OPENED[-1]
+
+
 @pytest.fixture
 async def account_store(tmp_path: Path, monkeypatch):
-    """A home with a snapshot of `src`, its recovery code, and `open_store` giving an
-    ElsewhereStore over a copy of its store for any location."""
+    """A home with a snapshot of `src`, its recovery code, and its store's location as an
+    `elsewhere://` store."""
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "big.bin").write_bytes(os.urandom(600_000))
@@ -68,21 +77,15 @@ async def account_store(tmp_path: Path, monkeypatch):
     _, code = await device.init_device(home, [str(src)])
     async with device.open_device(home, write=True) as dev:
         await take_snapshot(dev.repo, dev.config.sources, temp_dir=dev.temp_dir)
-    opened: list[ElsewhereStore] = []
-
-    def open_store(location, *, options=None):
-        opened.append(ElsewhereStore(home / "store"))
-        return opened[-1]
-
-    monkeypatch.setattr(device, "open_store", open_store)
-    monkeypatch.setattr(account, "open_store", open_store)
-    return home, src, code, opened
+    OPENED.clear()
+    monkeypatch.setitem(blobs.OPENERS, "elsewhere", f"{__name__}:open_elsewhere")
+    return home, src, code, f"elsewhere://{home / 'store'}"
 
 
 async def test_snapshots_verify_and_restore_from_a_store_that_is_no_directory(
         account_store, tmp_path):
-    home, src, _, opened = account_store
-    async with device.open_device(home, store="elsewhere://store") as dev:
+    home, src, _, location = account_store
+    async with device.open_device(home, store=location) as dev:
         assert isinstance(dev.repo.store, ElsewhereStore)
         snaps, unreadable = await dev.repo.list_snapshots()
         assert len(snaps) == 1 and not unreadable
@@ -92,25 +95,26 @@ async def test_snapshots_verify_and_restore_from_a_store_that_is_no_directory(
         summary = await restore(dev.repo, stored, str(tmp_path / "out"), workers=4)
         assert summary.files_restored == 2
     assert tree_state(tmp_path / "out" / "src") == tree_state(src)
-    assert opened and opened[0].calls > 0
+    assert OPENED and OPENED[0].calls > 0
 
 
 async def test_recover_sets_up_a_new_device_from_a_store_that_is_no_directory(
         account_store, tmp_path):
-    home, src, code, opened = account_store
+    home, src, code, location = account_store
     new = tmp_path / "new"
-    got = await account.recover(new, "elsewhere://store", code, "new-laptop")
+    got = await account.recover(new, location, code, "new-laptop")
     assert got.joined and load_config(new).device_name == "new-laptop"
-    async with device.open_device(new, store="elsewhere://store") as dev:
+    assert OPENED[0].calls > 0
+    async with device.open_device(new, store=location) as dev:
         stored = await dev.repo.find_snapshot("latest")
         await restore(dev.repo, stored, str(tmp_path / "out"))
     assert tree_state(tmp_path / "out" / "src") == tree_state(src)
 
 
 async def test_a_store_named_with_from_is_never_written(account_store):
-    home, _, _, _ = account_store
+    home, _, _, location = account_store
     from p2pbackup.errors import ConfigError
 
     with pytest.raises(ConfigError, match="read here, never written"):
-        async with device.open_device(home, write=True, store="elsewhere://store"):
+        async with device.open_device(home, write=True, store=location):
             pass

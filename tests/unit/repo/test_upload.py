@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pbackup.blobs.base import BlobStore, StoreCapabilities
+from p2pbackup.blobs.base import BlobStore, ObjectExists, StoreCapabilities
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import StoreSettings
 from p2pbackup.errors import DiskFull, StorageError
@@ -51,7 +51,9 @@ class WatchedStore(BlobStore):
             raise StorageError("the connection was reset")
         if self.capabilities.create_only and not name.startswith("heads/") \
                 and await self.inner.has(name):
-            raise StorageError(f"{name} exists")
+            if await self.inner.get(name) != bytes(data):
+                raise ObjectExists(f"{name} holds other bytes")
+            return
         await self.inner.put(name, data)
         self.puts.append(name)
 
@@ -241,16 +243,21 @@ async def test_a_head_on_the_store_never_goes_back(pair, tmp_path, progress):
         await c.close()
 
 
-async def test_a_create_only_store_is_not_asked_has_first(pair, tmp_path, progress):
+async def test_a_create_only_store_is_not_asked_has_first(pair, tmp_path, progress, caplog):
     a, _, _ = pair
     remote = WatchedStore(tmp_path / "remote", create_only=True)
-    pre = sorted(await offered_names(a))[0]      # already there (another device put it)
-    await remote.inner.put(pre, await a.store.get(pre))
-    progress.note_listing(remote.location, [])  # (progress does not know it)
+    names = sorted(await offered_names(a))
+    same, other = names[0], names[1]
+    await remote.inner.put(same, await a.store.get(same))   # another device put it
+    await remote.inner.put(other, b"other bytes")           # damage there
+    progress.note_listing(remote.location, [])  # (progress does not know them)
     up = uploader(a, remote, progress)
     assert await up.upload_once()
-    assert remote.has_calls == 1                 # only for the refused put
-    assert set(remote.puts) == await offered_names(a) - {pre}
+    assert remote.has_calls == 0
+    assert set(remote.puts) == set(names) - {same, other}
+    assert await remote.inner.get(other) == b"other bytes"  # never replaced...
+    assert f"holds other bytes under {other}" in caplog.text   # ...but said
+    assert await up.upload_once() and remote.puts.count(names[2]) == 1
 
 
 async def test_the_bandwidth_cap_holds_over_injected_time(pair, tmp_path, progress):
