@@ -317,3 +317,56 @@ async def test_objects_replicated_from_a_peer_are_uploaded_when_they_arrive(tmp_
         progress.close()
         await ra.close()
         await rb.close()
+
+
+class SealsAfterListing(LocalDirStore):
+    """This device's store, where a seal lands just after the uploader's listing."""
+
+    seal = None
+
+    async def list(self, prefix=""):
+        async for n in super().list(prefix):
+            yield n
+        if prefix == "" and self.seal is not None:
+            seal, self.seal = self.seal, None
+            await seal()
+
+
+async def test_a_head_sealed_during_a_pass_never_reaches_the_store_before_its_segment(
+        pair, tmp_path, progress):
+    a, _, _ = pair
+    a.store = SealsAfterListing(a.store.root)
+    logs = LogStore(a)
+
+    async def seal() -> None:
+        head = await logs.read_head(A.device_id)
+        await logs.append(A, Segment(A.device_id, 3, head.segment, time.time_ns(), ()))
+
+    a.store.seal = seal
+    remote = WatchedStore(tmp_path / "remote")
+    up = uploader(a, remote, progress)
+    assert await up.upload_once()
+    r = await Repository.open(remote.inner, KEYS, None, str(tmp_path / "cr"))
+    try:
+        head = await LogStore(r).read_head(A.device_id)
+        assert await remote.inner.has(f"segments/{A.device_id}/{head.seq:012d}"), head.seq
+        assert await up.upload_once()   # the next pass takes the new segment, then its head
+        assert (await LogStore(r).read_head(A.device_id)).seq == 3
+    finally:
+        await r.close()
+
+
+async def test_a_store_added_again_is_listed_again_and_gets_what_it_lost(pair, tmp_path,
+                                                                       progress):
+    a, _, _ = pair
+    remote = WatchedStore(tmp_path / "remote")
+    assert await uploader(a, remote, progress).upload_once()
+    lost = next(n for n in remote.puts if n.startswith("packs/"))
+    await remote.inner.delete(lost)            # the store lost an object
+    remote.puts.clear()
+    assert await uploader(a, remote, progress).upload_once()
+    assert remote.puts == []                   # progress says it is there: not looked at
+    progress.keep_only([])                     # `store remove`
+    progress.keep_only([remote.location])      # `store add` again
+    assert await uploader(a, remote, progress).upload_once()
+    assert remote.puts == [lost] and remote.lists == 2
