@@ -604,6 +604,8 @@ def store_add(location: str = typer.Argument(..., help="A path, s3://bucket/pref
         table["parallel"] = parallel
     config = load_config(_home())
     load_keys(config)   # a storage partner's home has no store of its own to upload
+    if location == str(config.store):
+        raise ConfigError(f"{location} is this device's own store; give another location")
     if any(s.location == location for s in config.stores):
         raise ConfigError(f"store {location} is already configured (`p2pbackup store remove` "
                           "it first to change it)")

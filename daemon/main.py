@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from p2pbackup import account, control
-from p2pbackup.blobs import open_store
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
+from p2pbackup.blobs import open_store
 from p2pbackup.blobs.base import BlobStore
 from p2pbackup.config import (Config, StoreSettings, load_config, load_identity,
                               systemd_settings)

@@ -168,6 +168,7 @@ def test_store_commands_edit_the_config_and_refuse_bad_input(cli: Cli, tmp_path:
         (("store", "add", "other", "-o", "novalue"), "give KEY=VALUE"),
         (("store", "add", "other", "-o", "parallel=3"), "give KEY=VALUE"),
         (("store", "add", "other", "--bandwidth", "fast"), "'bandwidth' 'fast': give a size"),
+        (("store", "add", str(cli.home / "store")), "is this device's own store"),
         (("store", "remove", "nowhere"), f"no store nowhere in {cli.home / 'config.toml'}"),
     ]:
         got = run(*args, check=False)
