@@ -294,7 +294,7 @@ class DeviceDaemon:
         try:
             async with self.writing:
                 try:
-                    sealed = await self._seal_now()
+                    await self._seal_now()
                 except P2PError as exc:  # refused: the command gets the reason, nothing is lost
                     log.error("cannot pause: sealing failed: %s (the changes stay pending)", exc)
                     raise
@@ -315,8 +315,8 @@ class DeviceDaemon:
             if not lent:
                 await self.gate.open()
         log.info("resumed after %s (pid %d)", who["command"], who["pid"])
-        if sealed is not None:
-            await self.announce()
+        # What we sealed, and what the command stored (a snapshot, repaired packs).
+        await self.announce()
 
     async def _take_store_back(self, *, wait: bool) -> bool:
         """Take the writer lock and the index back (waiting while the other process still

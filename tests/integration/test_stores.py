@@ -137,6 +137,11 @@ def test_a_full_store_is_one_status_line_and_uploads_resume_when_there_is_room(
             os.unlink(usb / "filler")          # room again: the next try goes through
             eventually_sync(lambda: _store_status(cli)["last_error"] is None
                             and _local_objects(cli) <= set(_files(remote)), timeout=60)
+            # A command that writes the store in its own process (the daemon pauses for it):
+            # what it stored goes up once the daemon has the store back.
+            cli("snapshot", "--offline")
+            eventually_sync(lambda: len(list((remote / "snapshots").iterdir())) == 2,
+                            timeout=30)
         finally:
             assert d.stop() == 0
         assert "no problems found" in cli("verify", "--read-data", "--from",
