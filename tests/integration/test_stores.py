@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import Cli, tree_state
 from tests.diskfull import fill, small_tmpfs
 from tests.eventually import eventually_sync
-from tests.integration.test_daemon import Daemon
+from tests.integration.test_daemon import Daemon, wait_for_first_snapshot
 
 
 def _init(cli: Cli, src: Path, tmp_path: Path) -> Path:
@@ -127,6 +127,7 @@ def test_a_full_store_is_one_status_line_and_uploads_resume_when_there_is_room(
         d = Daemon(cli, tmp_path)
         try:
             d.wait_for("READY=1")
+            wait_for_first_snapshot(cli)
             eventually_sync(lambda: _store_status(cli)["last_error"] is not None, timeout=30)
             st = _store_status(cli)
             assert st["reachable"] is False and st["objects_behind"] > 0, st
