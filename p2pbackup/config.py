@@ -316,7 +316,8 @@ def edit_stores(home: Path, change: Callable[[list[dict[str, Any]]], list[dict[s
     else:
         doc.pop("stores", None)
     tmp = home / "config.toml.tmp"
-    tmp.write_bytes(tomli_w.dumps(doc).encode())
+    tmp.unlink(missing_ok=True)
+    _write_private(tmp, tomli_w.dumps(doc).encode())   # (a store's options may be secrets)
     os.replace(tmp, path)
     return load_config(home)
 

@@ -166,6 +166,7 @@ def test_store_commands_edit_the_config_and_refuse_bad_input(cli: Cli, tmp_path:
 
     out = run("store", "add", "usb", "-o", "password=hunter2", "-o", "user=me").stdout
     assert f"added store {env_cwd / 'usb'}" in out           # a path is made absolute
+    assert os.stat(cli.home / "config.toml").st_mode & 0o077 == 0   # it holds a password
     listed = json.loads(run("store", "list", "--json").stdout)
     assert listed == [{"location": str(env_cwd / "usb"), "bandwidth": None, "parallel": 4,
                        "options": {"password": "***", "user": "me"}}]
