@@ -29,6 +29,7 @@ from ..blobs.base import BlobStore, ObjectExists
 from ..config import StoreSettings
 from ..errors import IntegrityError, NotFound, P2PError, StorageError
 from ..format.log import check_head_update
+from ..format.pack import pack_name
 from .logstore import LogStore
 from .replica import ORDER, offered_names
 from .repository import Repository
@@ -254,6 +255,7 @@ class StoreUploader:
         self._remote: BlobStore | None = None
         self._done: set[str] | None = None       # immutable names on the store
         self._digests: dict[str, bytes] = {}     # mutable name -> digest of what is there
+        self._rotten_said: set[str] = set()
         self._wake = asyncio.Event()
         self._wake.set()                         # a first pass at start
 
@@ -397,6 +399,10 @@ class StoreUploader:
                 data = await self.repo.store.get(name)
             except NotFound:
                 return   # pruned since the listing
+            if name.startswith("packs/") and \
+                    await asyncio.to_thread(pack_name, data) != name[6:]:
+                self._rotten(name)
+                return
             # (a create-only store takes the same bytes again without complaint)
             if remote.capabilities.create_only or not await remote.has(name):
                 at = await self._send_once(remote, name, data)
@@ -405,6 +411,16 @@ class StoreUploader:
             self.progress.note(self.location, name, at=at)
         self.status.objects_behind = max(0, self.status.objects_behind - 1)
         self.status.bytes_behind = max(0, self.status.bytes_behind - len(data))
+
+    def _rotten(self, name: str) -> None:
+        """A pack here no longer matches its name: it stays here (behind) rather than put
+        damage on the store; the daemon checks it and heals it from a peer."""
+        if name not in self._rotten_said:
+            self._rotten_said.add(name)
+            log.warning("pack %s here does not match its name (damaged); not uploaded to %s",
+                        name[6:18], self.location)
+        if self.repo.damage_seen is not None:
+            self.repo.damage_seen(name[6:])
 
     async def _send_once(self, remote: BlobStore, name: str, data: bytes) -> float | None:
         """`_send`, where a store that refuses to replace other bytes under `name` keeps
