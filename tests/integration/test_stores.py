@@ -26,6 +26,19 @@ def _init(cli: Cli, src: Path, tmp_path: Path) -> Path:
     return tmp_path / "code"
 
 
+def _device(cli: Cli, tmp_path: Path, big: int) -> tuple[Path, Path]:
+    """A home backing up a small tree with a `big`-byte random file, sealing every second;
+    returns the tree and the recovery code's file."""
+    src = tmp_path / "src"
+    (src / "docs").mkdir(parents=True)
+    (src / "big.bin").write_bytes(os.urandom(big))
+    (src / "docs" / "a.txt").write_text("hello\n" * 1000)
+    code = _init(cli, src, tmp_path)
+    with open(cli.home / "config.toml", "a") as f:
+        f.write("\n[daemon]\nseal_interval = 1\n")
+    return src, code
+
+
 def _local_objects(cli: Cli) -> set[str]:
     out = set()
     root = cli.home / "store"
@@ -55,13 +68,7 @@ def _store_status(cli: Cli) -> dict:
 
 def test_a_store_the_daemon_uploads_to_recovers_a_new_device_even_after_a_kill(
         cli: Cli, tmp_path: Path):
-    src = tmp_path / "src"
-    (src / "docs").mkdir(parents=True)
-    (src / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
-    (src / "docs" / "a.txt").write_text("hello\n" * 1000)
-    code = _init(cli, src, tmp_path)
-    with open(cli.home / "config.toml", "a") as f:
-        f.write("\n[daemon]\nseal_interval = 1\n")
+    src, code = _device(cli, tmp_path, 3 * 1024 * 1024)
     remote = tmp_path / "remote"
     # A cap that makes the upload take a while: the first pack goes at once (on credit),
     # what follows waits for it to be paid, so there is a moment to kill the daemon in.

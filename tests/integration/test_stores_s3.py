@@ -5,7 +5,6 @@ environment variables there)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from tests.conftest import Cli, tree_state
 from tests.eventually import eventually_sync
 from tests.integration.test_daemon import Daemon, wait_for_first_snapshot
-from tests.integration.test_stores import _init, _store_status
+from tests.integration.test_stores import _device, _store_status
 
 servers = pytest.importorskip("tests.servers", reason="the S3 test servers (tests/servers.py)")
 
@@ -25,13 +24,7 @@ def weed(tmp_path_factory):
 
 def test_the_daemon_uploads_to_s3_and_a_new_device_recovers_from_the_bucket(
         cli: Cli, tmp_path: Path, weed, monkeypatch):
-    src = tmp_path / "src"
-    (src / "docs").mkdir(parents=True)
-    (src / "big.bin").write_bytes(os.urandom(2 * 1024 * 1024))
-    (src / "docs" / "a.txt").write_text("hello\n" * 1000)
-    code = _init(cli, src, tmp_path)
-    with open(cli.home / "config.toml", "a") as f:
-        f.write("\n[daemon]\nseal_interval = 1\n")
+    src, code = _device(cli, tmp_path, 2 * 1024 * 1024)
     location = f"s3://{weed.new_bucket()}/backup"
     options = [a for k, v in weed.options().items() for a in ("-o", f"{k}={v}")]
     cli("store", "add", location, *options)
