@@ -540,8 +540,122 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         if p.get("error"):
             extra += f"; {p['error']}"
         print(f"  peer {p['name'] or '?'} ({p['device'][:12]}): {where}{extra}")
+    for s in st.get("stores", []):
+        print(f"  store {s['location']}: {_store_line(s, _time.time())}")
     for e in st.get("errors", []):
         print(f"  error: {e}")
+
+
+def _store_line(s: dict, now: float) -> str:
+    """One store in `status`: reachable or not, how far behind, last upload, last error."""
+    where = ("not contacted yet" if s.get("reachable") is None else
+             "reachable" if s["reachable"] else "unreachable")
+    parts = [where]
+    if s.get("objects_behind"):
+        parts.append(f"{s['objects_behind']} objects "
+                     f"({output.human_bytes(s.get('bytes_behind') or 0)}) behind")
+    elif s.get("reachable"):
+        parts.append("up to date")
+    parts.append(f"last upload {now - s['last_upload']:.0f} s ago" if s.get("last_upload")
+                 else "nothing uploaded yet")
+    if s.get("last_error"):
+        parts.append(f"error: {s['last_error']}")
+    return "; ".join(parts)
+
+
+# ---- store ---------------------------------------------------------------------------------
+
+def _stores_changed() -> None:
+    """Tell a running daemon; it follows the tables at once."""
+    if via_daemon("reload_stores", timeout=60) is None:
+        output.note("p2pbackupd is not running: it uploads to the stores when it starts")
+
+
+@store_app.command("add")
+def store_add(location: str = typer.Argument(..., help="A path, s3://bucket/prefix, "
+                                             "webdavs://host/path, https://server/..."),
+              option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE",
+                                               help="A store option (repeatable)."),
+              bandwidth: Optional[str] = typer.Option(None, "--bandwidth",
+                                                      help="At most this much per second, "
+                                                      "e.g. 5MiB."),
+              parallel: Optional[int] = typer.Option(None, "--parallel", min=1,
+                                                     help="Uploads at once (default 4).")
+              ) -> None:
+    """Upload this device's store to LOCATION too (in the background, by p2pbackupd)."""
+    from p2pbackup.blobs import open_store
+    from p2pbackup.config import STORE_KEYS, edit_stores, load_config, load_keys
+
+    options: dict[str, Any] = {}
+    for o in option:
+        key, eq, value = o.partition("=")
+        if not eq or not key.strip() or key.strip() in STORE_KEYS:
+            raise ConfigError(f"--option {o!r}: give KEY=VALUE (not location, bandwidth or "
+                              "parallel: they have their own options)")
+        options[key.strip()] = value
+    store = open_store(location, options=options)   # a location it cannot open stops here
+    location = store.location   # (a path becomes absolute)
+    _run(store.close())
+    table: dict[str, Any] = {"location": location, **options}
+    if bandwidth is not None:
+        table["bandwidth"] = bandwidth
+    if parallel is not None:
+        table["parallel"] = parallel
+    config = load_config(_home())
+    load_keys(config)   # a storage partner's home has no store of its own to upload
+    if location == str(config.store):
+        raise ConfigError(f"{location} is this device's own store; give another location")
+    if any(s.location == location for s in config.stores):
+        raise ConfigError(f"store {location} is already configured (`p2pbackup store remove` "
+                          "it first to change it)")
+    edit_stores(config.home, lambda tables: tables + [table])
+    print(f"added store {location}")
+    _stores_changed()
+
+
+@store_app.command("remove")
+def store_remove(location: str = typer.Argument(..., help="As `store list` shows it.")) -> None:
+    """Stop uploading to LOCATION (what it holds stays there)."""
+    from p2pbackup.config import edit_stores, load_config
+
+    config = load_config(_home())
+    known = [s.location for s in config.stores]
+    if location not in known:
+        absolute = os.path.abspath(location)   # (a path as typed, relative)
+        if absolute not in known:
+            raise ConfigError(f"no store {location} in {config.home / 'config.toml'}"
+                              + (f"; the stores are: {', '.join(known)}" if known else
+                                 "; no store is configured"))
+        location = absolute
+    edit_stores(config.home, lambda tables: [t for t in tables if t.get("location") != location])
+    print(f"removed store {location} (what it holds stays there)")
+    _stores_changed()
+
+
+_SECRET_WORDS = ("password", "secret", "token", "key")
+
+
+@store_app.command("list")
+def store_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON array.")) -> None:
+    """The configured stores and their settings (secrets shown as ***)."""
+    from p2pbackup.config import load_config
+
+    rows = []
+    for s in load_config(_home()).stores:
+        shown = {k: "***" if any(w in k.lower() for w in _SECRET_WORDS) else v
+                 for k, v in s.options.items()}
+        rows.append({"location": s.location, "bandwidth": s.bandwidth,
+                     "parallel": s.parallel, "options": shown})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print("no stores configured (`p2pbackup store add LOCATION`)")
+    for r in rows:
+        extra = [f"{output.human_bytes(r['bandwidth'])}/s" if r["bandwidth"] else
+                 "no bandwidth cap", f"{r['parallel']} at once"]
+        extra += [f"{k}={v}" for k, v in r["options"].items()]
+        print(f"{r['location']}  ({', '.join(extra)})")
 
 
 @index_app.command("rebuild")

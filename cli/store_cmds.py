@@ -8,7 +8,8 @@ import typer
 
 from .common import run_async
 
-store_app = typer.Typer(no_args_is_help=True, help="Check a store location.")
+store_app = typer.Typer(no_args_is_help=True, help="The stores p2pbackupd uploads to "
+                        "([[stores]] in config.toml), and checking a location.")
 
 
 def _options(pairs: list[str], username: str | None, password: str | None) -> dict[str, Any]:

@@ -17,13 +17,17 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from p2pbackup import account, control
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
-from p2pbackup.config import Config, load_config, load_identity, systemd_settings
+from p2pbackup.blobs import open_store
+from p2pbackup.blobs.base import BlobStore
+from p2pbackup.config import (Config, StoreSettings, load_config, load_identity,
+                              systemd_settings)
 from p2pbackup.device import Device, open_device
 from p2pbackup.errors import P2PError
 from p2pbackup.format.log import Head, head_time_after
@@ -31,6 +35,7 @@ from p2pbackup.format.membership import OWNER
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.repo import removals, roster
 from p2pbackup.repo.logstore import LogStore
+from p2pbackup.repo.upload import StoreUploader, UploadProgress
 
 from .account_ops import AccountOps
 from .capture import SealState, SegmentSealer
@@ -159,6 +164,54 @@ class DeviceDaemon:
         self.watch: WatchCoverage | None = None  # how many folders inotify covers
         self.rewatch = asyncio.Event()  # set: start the watcher again (the limit was raised)
         self._inotify = False  # the inotify watcher runs (not the rescans that replace it)
+        self.progress: UploadProgress | None = None
+        self.uploads: dict[str, tuple[StoreUploader, asyncio.Task[None]]] = {}
+
+    def objects_stored(self) -> None:
+        """New objects are in the store (sealed here, or from a peer): upload them."""
+        for u, _ in self.uploads.values():
+            u.notify()
+
+    async def start_uploads(self, progress: UploadProgress) -> None:
+        """One uploader per `[[stores]]` table, each in its own task (a store that fails
+        waits out its backoff without holding up the others)."""
+        self.progress = progress
+        progress.keep_only(s.location for s in self.config.stores)
+        for settings in self.config.stores:
+            self._start_upload(settings)
+
+    def _start_upload(self, settings: StoreSettings) -> None:
+        def opener() -> BlobStore:
+            return open_store(settings.location, options=settings.options)
+
+        def said(line: str) -> None:
+            log.warning("store %s: %s (uploads are retried)", settings.location, line)
+
+        assert self.progress is not None
+        u = StoreUploader(self.dev.repo, settings, self.progress, opener, on_error=said)
+        task = asyncio.create_task(u.run())
+        task.add_done_callback(_report_end)
+        self.uploads[settings.location] = (u, task)
+        log.info("uploading to store %s", settings.location)
+
+    async def stop_uploads(self, locations: list[str] | None = None) -> None:
+        for loc in list(self.uploads) if locations is None else locations:
+            _, task = self.uploads.pop(loc)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def reload_stores(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`p2pbackup store add/remove` changed the `[[stores]]` tables: follow them."""
+        self.config = replace(self.config, stores=load_config(self.config.home).stores)
+        want = {s.location: s for s in self.config.stores}
+        await self.stop_uploads([loc for loc, (u, _) in self.uploads.items()
+                                 if want.get(loc) != u.settings])
+        assert self.progress is not None
+        self.progress.keep_only(want)
+        for loc, settings in want.items():
+            if loc not in self.uploads:
+                self._start_upload(settings)
+        return {"stores": sorted(self.uploads)}
 
     async def seal(self) -> None:
         async with self.writing:
@@ -241,7 +294,7 @@ class DeviceDaemon:
         try:
             async with self.writing:
                 try:
-                    sealed = await self._seal_now()
+                    await self._seal_now()
                 except P2PError as exc:  # refused: the command gets the reason, nothing is lost
                     log.error("cannot pause: sealing failed: %s (the changes stay pending)", exc)
                     raise
@@ -262,8 +315,8 @@ class DeviceDaemon:
             if not lent:
                 await self.gate.open()
         log.info("resumed after %s (pid %d)", who["command"], who["pid"])
-        if sealed is not None:
-            await self.announce()
+        # What we sealed, and what the command stored (a snapshot, repaired packs).
+        await self.announce()
 
     async def _take_store_back(self, *, wait: bool) -> bool:
         """Take the writer lock and the index back (waiting while the other process still
@@ -287,7 +340,8 @@ class DeviceDaemon:
         return True
 
     async def announce(self) -> None:
-        """Push what was just stored to every connected peer."""
+        """Push what was just stored to every connected peer and configured store."""
+        self.objects_stored()
         if self.replicator is not None:
             try:
                 await self.replicator.announce_new()
@@ -384,7 +438,16 @@ class DeviceDaemon:
             "lan": {"enabled": self.config.peers.lan, "signaling_port": self.peers.port
                     if self.peers else 0},
             "partner_for": self.partner.status() if self.partner else [],
+            "stores": [u.status.as_dict() for u, _ in self.uploads.values()],
         }
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    """An uploader ends only when cancelled; anything else is a bug, said with its trace."""
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        log.error("internal error in an uploader: %s: %s", type(exc).__name__, exc,
+                  exc_info=exc)
 
 
 async def _restate_roster(dev: Device) -> None:
@@ -509,6 +572,7 @@ async def serve(home: Path | None) -> int:
         os.makedirs(dev.temp_dir, exist_ok=True)
         sealer = SegmentSealer(dev.repo, dev.identity, config.sources, dev.temp_dir, state)
         d = DeviceDaemon(config, dev, sealer, notifier)
+        progress = UploadProgress(config.cache_dir / "uploads.sqlite")
         snaps, _ = await dev.repo.list_snapshots()
         mine = [s for s in snaps if s.snapshot.device == dev.identity.device_id]
         if mine:
@@ -517,6 +581,7 @@ async def serve(home: Path | None) -> int:
         server = ControlServer(config.control_socket, {"status": d.status,
                                                        "snapshot": d.snapshot,
                                                        "forget": d.forget, "prune": d.prune,
+                                                       "reload_stores": d.reload_stores,
                                                        **ops.handlers()},
                                leases={"pause": d.pause, **ops.leases()})
         await server.start()
@@ -529,6 +594,7 @@ async def serve(home: Path | None) -> int:
         d.peers = PeerManager(config, dev, on_session=d.replicator.run,
                               on_fetch=d.replicator.serve)
         d.replicator.on_membership = d.membership_changed
+        d.replicator.on_stored = d.objects_stored
         d.peers.on_members = d.replicator.close_unless
         d.replicator.on_damage = d.forget_damaged
         dev.repo.damage_seen = lambda pack: loop.call_soon_threadsafe(
@@ -554,6 +620,7 @@ async def serve(home: Path | None) -> int:
         tasks.append(asyncio.create_task(_snapshot_loop(d, stop)))
         tasks.append(asyncio.create_task(_rescan_loop(d, stop)))
         tasks.append(asyncio.create_task(_removal_loop(d, stop)))
+        await d.start_uploads(progress)
         notifier.ready(f"watching {len(config.sources)} sources; log at segment {seq}")
         failed: BaseException | None = None
         try:
@@ -577,8 +644,10 @@ async def serve(home: Path | None) -> int:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await d.stop_uploads()
             await d.seal()
             sealer.close()
+            progress.close()
     log.info("stopped")
     return 1 if failed else 0
 

@@ -37,17 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("p2pbackupd")
 
 
-async def local_names(repo) -> set[str]:
-    """The objects of this store a peer may ask for. A damaged pack is not one: a peer would
-    refuse it anyway, and leaving it out makes a peer that holds it send its intact copy."""
-    return {n async for n in repo.store.list("")
-            if replica.is_object_name(n) and not _damaged(repo, n)}
-
-
-def _damaged(repo, name: str) -> bool:
-    return name.startswith("packs/") and name[6:] in repo.index.damaged
-
-
 LANE_PIECE = 1024 * 1024
 PACK_INTAKE = 3              # packs handed to the 2 pack workers at once: one waits its turn
 WINDOW = 80 * 1024 * 1024    # unacknowledged bytes in flight: packs arriving, queued, checked
@@ -86,6 +75,8 @@ class Replicator:
         self._reading: dict[str, set[PeerLink | LaneLink]] = {}   # device -> its read sessions
         self._states: dict[str, "PeerState"] = {}
         self.on_membership: Callable[[], Awaitable[None]] | None = None
+        # Called when an object from a peer was stored (the configured stores get it too).
+        self.on_stored: Callable[[], None] | None = None
         # Called when a pack here was found damaged (the daemon's log must store again the
         # blobs that left the index).
         self.on_damage: Callable[[], Awaitable[None]] | None = None
@@ -125,6 +116,8 @@ class Replicator:
 
     async def _accepted(self, name: str) -> None:
         """A new object from a peer is stored: a new membership changes who may connect."""
+        if self.on_stored is not None:
+            self.on_stored()
         if name.startswith("membership/") and self.on_membership is not None:
             await self.on_membership()
         if name.startswith(PREFIX):
@@ -254,7 +247,7 @@ class Replicator:
         """Tell every open session what this store holds that it has not been told of."""
         if not self.sessions:
             return
-        names = await local_names(self.repo)
+        names = await replica.offered_names(self.repo)
         for device, (s, link) in list(self.sessions.items()):
             new = sorted(names - s.have, key=replica.transfer_order)
             head = f"heads/{self.me}"
@@ -267,7 +260,7 @@ class Replicator:
     async def run(self, device: str, link: PeerLink, st: "PeerState",
                   first: bytes | None = None) -> None:
         """One session, until either side closes it (`first`: a message already read)."""
-        names = await local_names(self.repo)
+        names = await replica.offered_names(self.repo)
         sizes = {n: await self.repo.store.size(n) for n in names}
         s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes,
                         wants=lambda name: name not in self.tombstones, window=WINDOW,
@@ -375,7 +368,7 @@ class Replicator:
                         ev: Event) -> None:
         if isinstance(ev, ObjectWanted):
             try:
-                if _damaged(self.repo, ev.name):   # listed before it was found out
+                if replica.is_damaged(self.repo, ev.name):   # listed before it was found out
                     raise NotFound(ev.name)
                 s.send_object(ev.name, bytes(await self.repo.store.get(ev.name)))
             except NotFound:
@@ -508,6 +501,8 @@ class Replicator:
                 self._retries.pop(name, None)
                 s.ack(name)
                 st.last_sync = time.time()
+                if self.on_stored is not None:
+                    self.on_stored()
             finally:
                 if self.pack_workers is not None:
                     self.pack_workers.release(data)

@@ -450,7 +450,10 @@ async def recover(home: Path, store_location: str, code: str, name: str, *,
         keys = AccountKeys(root)
         source = open_store(store_location, signer=StoreSigner(
             DeviceIdentity(keys.recovery_seed()), keys.fingerprint()))
-        return await _recover_from(home, source, store_location, root, name)
+        try:
+            return await _recover_from(home, source, store_location, root, name)
+        finally:
+            await source.close()
     from .peer_fetch import PeerLocation, recovery_candidates
 
     where = PeerLocation.parse(store_location)

@@ -8,8 +8,10 @@ from __future__ import annotations
 import os
 import socket
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import tomli_w
@@ -18,6 +20,7 @@ from .crypto.identity import DeviceIdentity
 from .crypto.keys import ACCOUNT_KEY_SIZE, AccountKeys
 from .errors import ConfigError
 from .format.records import is_plain_name
+from .sizes import parse_size
 
 CONFIG_VERSION = 1
 
@@ -72,6 +75,22 @@ class PeerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """One `[[stores]]` table: a location the daemon uploads this device's store to."""
+
+    location: str
+    # The table's other keys (endpoint, region, username, ...), passed to open_store as they are
+    options: dict[str, Any] = field(default_factory=dict)
+    bandwidth: int | None = None    # bytes per second; None: as fast as it goes
+    parallel: int = 4               # uploads at once (DEFAULT_PARALLEL)
+
+
+STORE_KEYS = ("location", "bandwidth", "parallel")   # the keys that are not backend options
+DEFAULT_PARALLEL = 4
+MAX_PARALLEL = 64
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The parsed config.toml."""
 
@@ -81,6 +100,7 @@ class Config:
     sources: tuple[Source, ...]
     daemon: DaemonSettings = DaemonSettings()
     peers: PeerSettings = PeerSettings()
+    stores: tuple[StoreSettings, ...] = ()
 
     @property
     def account_key_file(self) -> Path:
@@ -238,7 +258,68 @@ def load_config(home: Path | None = None) -> Config:
         sources.append(Source(s["name"], s["path"]))
     return Config(home, name, (home / store).absolute(), tuple(sources),
                   _daemon_settings(doc.get("daemon", {}), path),
-                  _peer_settings(doc.get("peers", {}), path))
+                  _peer_settings(doc.get("peers", {}), path),
+                  _store_settings(doc.get("stores", []), path))
+
+
+def _store_settings(raw: object, path: Path) -> tuple[StoreSettings, ...]:
+    """The `[[stores]]` tables; a bad one is one line naming it (stores[i]) and the key."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: key 'stores' must be an array of tables ([[stores]])")
+    out: list[StoreSettings] = []
+    for i, t in enumerate(raw):
+        where = f"{path}: [[stores]] table {i + 1}"
+        if not isinstance(t, dict):
+            raise ConfigError(f"{where} is not a table")
+        location = t.get("location")
+        if not isinstance(location, str) or not location.strip():
+            raise ConfigError(f"{where} needs a 'location' (a path, s3://bucket/prefix, "
+                              "webdavs://host/path, https://server/...)")
+        where = f"{path}: [[stores]] {location!r}"
+        if any(o.location == location for o in out):
+            raise ConfigError(f"{where} is listed twice")
+        bandwidth = t.get("bandwidth")
+        if bandwidth is not None:
+            if isinstance(bandwidth, bool) or not isinstance(bandwidth, (str, int)):
+                raise ConfigError(f"{where}: 'bandwidth' = {bandwidth!r} must be bytes per "
+                                  "second, e.g. \"5MiB\"")
+            try:
+                bandwidth = parse_size(str(bandwidth), "'bandwidth'")
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc} (bytes per second, e.g. \"5MiB\")") from None
+        parallel = t.get("parallel", DEFAULT_PARALLEL)
+        if isinstance(parallel, bool) or not isinstance(parallel, int) \
+                or not 1 <= parallel <= MAX_PARALLEL:
+            raise ConfigError(f"{where}: 'parallel' = {parallel!r} must be a number of uploads "
+                              f"at once, from 1 to {MAX_PARALLEL}")
+        options = {k: v for k, v in t.items() if k not in STORE_KEYS}
+        for k, v in options.items():
+            if not isinstance(v, (str, int, float, bool)):
+                raise ConfigError(f"{where}: option {k!r} must be a string, number or "
+                                  "true/false")
+        out.append(StoreSettings(location, options, bandwidth, parallel))
+    return tuple(out)
+
+
+def edit_stores(home: Path, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+                ) -> Config:
+    """Rewrite the `[[stores]]` tables of home/config.toml with `change` (given them as
+    written); the result is checked before the file is replaced, atomically. Returns the
+    config as it now reads. (Comments in the file are not kept.)"""
+    path = home / "config.toml"
+    load_config(home)   # the rest of the file must be sound before we write it back
+    doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    stores = change([dict(t) for t in doc.get("stores", [])])
+    _store_settings(stores, path)
+    if stores:
+        doc["stores"] = stores
+    else:
+        doc.pop("stores", None)
+    tmp = home / "config.toml.tmp"
+    tmp.unlink(missing_ok=True)
+    _write_private(tmp, tomli_w.dumps(doc).encode())   # (a store's options may be secrets)
+    os.replace(tmp, path)
+    return load_config(home)
 
 
 def _peer_settings(table: object, path: Path) -> PeerSettings:

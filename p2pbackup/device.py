@@ -102,18 +102,17 @@ async def open_device(home: Path | None = None, *, write: bool = False,
     """Open this device's repository (or the one at `store`); `write` takes the writer lock."""
     config = load_config(home)
     keys, identity = load_keys(config)
-    if is_peer_location(store) and write:
-        raise ConfigError(f"{store}: a peer's store is read here, never written")
-    blob_store = await open_other_store(config, keys, identity, store) if store \
-        else open_store(str(config.store))
+    if store and write:
+        raise ConfigError(f"{store}: a store named with --from is read here, never written")
+    own = open_store(str(config.store))   # this device's store: a directory (local_disk)
+    blob_store = await open_other_store(config, keys, identity, store) if store else own
     lock = None
     if write:
-        root = blob_store.root if blob_store.capabilities.local_disk else str(config.cache_dir)
-        lock = WriterLock(os.path.join(root, "lock"), root)
+        lock = WriterLock(os.path.join(own.root, "lock"), own.root)
         lock.acquire()
     try:
         if write:
-            blob_store.remove_temp_files()
+            own.remove_temp_files()
         repo = await Repository.open(blob_store, keys, identity, str(config.cache_dir),
                                      read_only=not write)
         try:
@@ -133,11 +132,14 @@ async def open_device(home: Path | None = None, *, write: bool = False,
 
 async def open_other_store(config: Config, keys: AccountKeys, identity: DeviceIdentity,
                            location: str) -> BlobStore:
-    """The store `location` names: `peer:DEVICE`, or any location `open_store` opens (a store
-    that signs its requests, the storage server, signs them as this device of this account)."""
+    """The store `location` names: `peer:DEVICE`, or any location `open_store` opens, with the
+    options of the `[[stores]]` table of that location if there is one (a store that signs its
+    requests, the storage server, signs them as this device of this account)."""
     if is_peer_location(location):
         return await open_peer_store(config, keys, identity, location)
-    return open_store(location, signer=StoreSigner(identity, keys.fingerprint()))
+    configured = next((s for s in config.stores if s.location == location), None)
+    return open_store(location, options=configured.options if configured else None,
+                      signer=StoreSigner(identity, keys.fingerprint()))
 
 
 async def open_peer_store(config: Config, keys: AccountKeys, identity: DeviceIdentity,

@@ -650,10 +650,10 @@ class Restorer:
     def _want_processes(self) -> bool:
         if self._processes is not None:
             return self._processes
-        # Only a local store can be read from a forked child (a peer or S3 store runs on the
-        # parent's event loop).
+        # Only a store with a blocking fast path can be read from a forked child (a peer or
+        # S3 store runs on the parent's event loop, which the child does not have).
         return self.workers > 1 and self.progress.expected_bytes >= PROCESS_MIN_BYTES \
-            and getattr(self.repo.store, "get_range_sync", None) is not None
+            and self.repo.store.capabilities.blocking
 
     def _start_pool(self) -> cf.Executor:
         global _forked

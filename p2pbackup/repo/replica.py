@@ -207,6 +207,18 @@ def _check_pack(repo: Repository, data: bytes, what: str):
     return trailer
 
 
+async def offered_names(repo: Repository) -> set[str]:
+    """The objects of this store another copy may take (a peer, a configured store). A
+    damaged pack is not one: a peer would refuse it anyway, and leaving it out makes a peer
+    that holds it send its intact copy."""
+    return {n async for n in repo.store.list("") if is_object_name(n) and not is_damaged(repo, n)}
+
+
+def is_damaged(repo: Repository, name: str) -> bool:
+    """True for a pack of this store whose bytes no longer match its name."""
+    return name.startswith("packs/") and name[6:] in repo.index.damaged
+
+
 def is_object_name(name: str) -> bool:
     """True for the names `accept` knows (what a peer may offer or ask for)."""
     try:

@@ -35,3 +35,39 @@ def test_plain_names_are_kept(tmp_path: Path):
     home = _home(tmp_path, [{"name": "docs", "path": "/a"}, {"name": "..hidden", "path": "/b"},
                             {"name": "naïve – x", "path": "/c"}])
     assert [s.name for s in load_config(home).sources] == ["docs", "..hidden", "naïve – x"]
+
+
+def _stores_home(tmp_path: Path, stores: object) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(tomli_w.dumps({"version": 1, "stores": stores}))
+    return home
+
+
+def test_store_tables_are_read_with_their_options(tmp_path: Path):
+    home = _stores_home(tmp_path, [
+        {"location": "/mnt/usb"},
+        {"location": "s3://bucket/p", "bandwidth": "5MiB", "parallel": 8,
+         "endpoint": "http://127.0.0.1:9000", "path_style": True}])
+    usb, s3 = load_config(home).stores
+    assert (usb.location, usb.options, usb.bandwidth, usb.parallel) == ("/mnt/usb", {}, None, 4)
+    assert s3.bandwidth == 5 * 1024 * 1024 and s3.parallel == 8
+    assert s3.options == {"endpoint": "http://127.0.0.1:9000", "path_style": True}
+
+
+@pytest.mark.parametrize("stores, says", [
+    ({"location": "/x"}, "'stores' must be an array of tables"),
+    ([{"bandwidth": "1M"}], r"\[\[stores\]\] table 1 needs a 'location'"),
+    ([{"location": ""}], r"\[\[stores\]\] table 1 needs a 'location'"),
+    ([{"location": "/x"}, {"location": "/x"}], r"\[\[stores\]\] '/x' is listed twice"),
+    ([{"location": "/x", "bandwidth": "fast"}], r"'/x': 'bandwidth' 'fast': give a size"),
+    ([{"location": "/x", "bandwidth": 0}], r"'/x': 'bandwidth' '0' must be more than zero"),
+    ([{"location": "/x", "parallel": 0}], r"'/x': 'parallel' = 0 must be a number of uploads"),
+    ([{"location": "/x", "parallel": True}], r"'parallel' = True"),
+    ([{"location": "/x", "region": ["a"]}], r"'/x': option 'region' must be a string"),
+])
+def test_a_bad_store_table_is_one_line_naming_it(tmp_path: Path, stores, says):
+    home = _stores_home(tmp_path, stores)
+    with pytest.raises(ConfigError, match=says) as got:
+        load_config(home)
+    assert "\n" not in str(got.value) and "config.toml" in str(got.value)

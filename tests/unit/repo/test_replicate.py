@@ -201,7 +201,7 @@ async def test_a_damaged_pack_is_not_offered_and_the_next_session_heals_it(tmp_p
     in this store's inventory, so a peer holding it sends its copy at the next session."""
     from p2pbackup.backup.repair import repair_packs
     from p2pbackup.backup.verify import verify
-    from p2pbackup.daemon.replicate import local_names
+    from p2pbackup.repo.replica import offered_names as local_names
 
     from tests.eventually import eventually
 
@@ -228,7 +228,7 @@ async def test_a_damaged_pack_is_not_offered_and_the_next_session_heals_it(tmp_p
 async def test_a_pack_that_rotted_is_refused_once_then_never_sent_again(tmp_path: Path):
     """The sender's copy changed since it was written: the peer refuses it (it checks the
     hash); the sender then finds it damaged and stops offering it: no loop."""
-    from p2pbackup.daemon.replicate import local_names
+    from p2pbackup.repo.replica import offered_names as local_names
 
     from tests.eventually import eventually
 

@@ -1,0 +1,442 @@
+"""Uploading this device's store to a configured store (`[[stores]]` in config.toml).
+
+Every object of the local store that the remote lacks is put there: immutable objects once
+(never replaced), the mutable ones (heads, log anchors) only by newer ones. Objects go in
+the order a peer sends them (packs before the snapshots and segments naming them) with a
+barrier between kinds, and heads last: a reader of the store never sees a head whose
+objects are missing. What was uploaded is noted per store in SQLite, so a restarted daemon
+diffs the local listing (cheap) against it instead of listing the remote (paid per request);
+the remote is listed only at first contact. Failures are retried with exponential backoff
+and jitter; a token bucket caps the bandwidth. Time, sleeping and randomness are injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import blake3
+
+from .. import ids
+from ..blobs.base import BlobStore, ObjectExists
+from ..config import StoreSettings
+from ..errors import IntegrityError, NotFound, P2PError, StorageError
+from ..format.log import check_head_update
+from ..format.pack import pack_name
+from .logstore import LogStore
+from .replica import ORDER, offered_names
+from .repository import Repository
+
+log = logging.getLogger("p2pbackup.upload")
+
+MUTABLE = ("head", "anchor")        # replaced in place; every other name never changes
+LAST = len(ORDER)                   # heads go after everything else
+
+# Seconds before the next try after `n` failures in a row: BACKOFF_BASE * 2**(n-1), at most
+# BACKOFF_MAX, times a random factor in [0.5, 1) so devices that failed together spread out.
+BACKOFF_BASE = 1.0
+BACKOFF_MAX = 300.0
+
+
+def upload_phase(name: str) -> int | None:
+    """The phase `name` is uploaded in (lower first), or None for a name that is no object."""
+    got = ids.object_kind(name)
+    if got is None:
+        return None
+    return LAST if got[0] == "head" else ORDER[got[0]]
+
+
+def backoff_delay(failures: int, rand: Callable[[], float] = random.random, *,
+                  base: float = BACKOFF_BASE, ceiling: float = BACKOFF_MAX) -> float:
+    """Seconds to wait after `failures` (1 or more) failed tries in a row."""
+    return min(ceiling, base * 2 ** min(failures - 1, 32)) * (0.5 + rand() / 2)
+
+
+class TokenBucket:
+    """At most `rate` bytes per second on average, in bursts of up to one second's worth.
+
+    A put is one call with the whole object, so a large one takes its bytes on credit: the
+    next caller waits until the bucket is back at zero."""
+
+    def __init__(self, rate: float, *, now: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep) -> None:
+        self.rate = float(rate)
+        self.capacity = float(rate)
+        self.tokens = self.capacity
+        self._now, self._sleep = now, sleep
+        self._stamp = now()
+        self._turn = asyncio.Lock()
+
+    def _refill(self) -> None:
+        t = self._now()
+        self.tokens = min(self.capacity, self.tokens + (t - self._stamp) * self.rate)
+        self._stamp = t
+
+    async def take(self, n: int) -> None:
+        """Wait until `n` bytes may go."""
+        async with self._turn:
+            self._refill()
+            if self.tokens < 0:
+                await self._sleep(-self.tokens / self.rate)
+                self._refill()
+            self.tokens -= n
+
+
+class UploadProgress:
+    """What each store was sent, in SQLite in the daemon's cache dir (survives kill -9)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.db = sqlite3.connect(os.fspath(path), isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript("""
+                CREATE TABLE IF NOT EXISTS stores (location TEXT PRIMARY KEY,
+                    listed INTEGER NOT NULL DEFAULT 0, last_upload REAL);
+                CREATE TABLE IF NOT EXISTS uploaded (location TEXT NOT NULL, name TEXT NOT NULL,
+                    PRIMARY KEY (location, name)) WITHOUT ROWID;
+                CREATE TABLE IF NOT EXISTS mutable (location TEXT NOT NULL, name TEXT NOT NULL,
+                    digest BLOB NOT NULL, PRIMARY KEY (location, name)) WITHOUT ROWID;
+            """)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(f"cannot open the upload progress at {path}: {exc}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a failure (the disk holding the cache is full) is StorageError,
+        which the uploader retries like a store's."""
+        try:
+            self.db.execute("BEGIN")
+            yield self.db
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise StorageError(f"cannot note the upload progress in {self.path}: {exc}") \
+                from None
+
+    def keep_only(self, locations: Iterable[str]) -> None:
+        """Forget the stores no longer configured (one added again starts anew)."""
+        keep = set(locations)
+        for (loc,) in self.db.execute("SELECT location FROM stores").fetchall():
+            if loc not in keep:
+                with self._writing() as db:
+                    for table in ("stores", "uploaded", "mutable"):
+                        db.execute(f"DELETE FROM {table} WHERE location = ?", (loc,))
+
+    def listed(self, location: str) -> bool:
+        row = self.db.execute("SELECT listed FROM stores WHERE location = ?",
+                              (location,)).fetchone()
+        return bool(row and row[0])
+
+    def last_upload(self, location: str) -> float | None:
+        row = self.db.execute("SELECT last_upload FROM stores WHERE location = ?",
+                              (location,)).fetchone()
+        return row[0] if row else None
+
+    def uploaded(self, location: str) -> set[str]:
+        return {n for (n,) in self.db.execute("SELECT name FROM uploaded WHERE location = ?",
+                                              (location,))}
+
+    def digests(self, location: str) -> dict[str, bytes]:
+        return dict(self.db.execute("SELECT name, digest FROM mutable WHERE location = ?",
+                                    (location,)))
+
+    def note_listing(self, location: str, names: Iterable[str]) -> None:
+        """The remote's immutable objects, as its one listing at first contact showed them."""
+        with self._writing() as db:
+            db.executemany("INSERT OR IGNORE INTO uploaded VALUES (?, ?)",
+                           ((location, n) for n in names))
+            db.execute("INSERT INTO stores (location, listed) VALUES (?, 1) ON CONFLICT "
+                       "(location) DO UPDATE SET listed = 1", (location,))
+
+    def note(self, location: str, name: str, *, digest: bytes | None = None,
+             at: float | None = None) -> None:
+        """`name` is on the store (`digest`: these bytes of a mutable object; `at`: put now)."""
+        with self._writing() as db:
+            if digest is None:
+                db.execute("INSERT OR IGNORE INTO uploaded VALUES (?, ?)", (location, name))
+            else:
+                db.execute("INSERT OR REPLACE INTO mutable VALUES (?, ?, ?)",
+                           (location, name, digest))
+            if at is not None:
+                db.execute("INSERT INTO stores (location, last_upload) VALUES (?, ?) ON "
+                           "CONFLICT (location) DO UPDATE SET last_upload = excluded."
+                           "last_upload", (location, at))
+
+
+async def may_replace(repo: Repository, kind: str, name: str, ours: bytes,
+                      theirs: bytes) -> bool:
+    """Whether our copy of a mutable object (`kind`: head or anchor) is newer than the
+    store's. A copy there that does not authenticate is replaced (ours does)."""
+    logs = LogStore(repo)
+    device = name.split("/")[1]
+    check = logs.check_head if kind == "head" else logs.check_anchor
+    mine = await check(ours, device, f"{name[:60]} here")
+    try:
+        held = await check(theirs, device, f"{name[:60]} in the store")
+    except IntegrityError:
+        return True
+    if kind == "anchor":
+        return mine.seq > held.seq
+    return check_head_update(held, mine) is None
+
+
+@dataclass(slots=True)
+class StoreStatus:
+    """What `status` shows of one store."""
+
+    location: str
+    reachable: bool | None = None      # None: not tried yet
+    objects_behind: int = 0
+    bytes_behind: int = 0
+    last_upload: float | None = None   # time.time() of the last put
+    last_error: str | None = None      # one line
+    uploaded: int = 0                  # objects put since the daemon started
+
+    def as_dict(self) -> dict[str, object]:
+        return {"location": self.location, "reachable": self.reachable,
+                "objects_behind": self.objects_behind, "bytes_behind": self.bytes_behind,
+                "last_upload": self.last_upload, "last_error": self.last_error,
+                "uploaded": self.uploaded}
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for a failed upload."""
+    if isinstance(exc, P2PError):
+        text = str(exc)
+    elif isinstance(exc, OSError):
+        text = exc.strerror or str(exc) or type(exc).__name__
+    elif isinstance(exc, TimeoutError):
+        text = "timed out"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:300]
+
+
+FAILURES = (P2PError, OSError, TimeoutError)   # what a store's backend may raise: retried
+
+
+class StoreUploader:
+    """Keeps one configured store up to date with `repo`'s store; `run` until cancelled,
+    `notify` when new objects may be there."""
+
+    def __init__(self, repo: Repository, settings: StoreSettings, progress: UploadProgress,
+                 open_remote: Callable[[], BlobStore | Awaitable[BlobStore]], *,
+                 now: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+                 rand: Callable[[], float] = random.random,
+                 on_error: Callable[[str], None] | None = None) -> None:
+        self.repo = repo
+        self.settings = settings
+        self.location = settings.location
+        self.progress = progress
+        self._open_remote = open_remote
+        self._now, self._sleep, self._rand = now, sleep, rand
+        self.on_error = on_error
+        self.bucket = TokenBucket(settings.bandwidth, now=monotonic, sleep=sleep) \
+            if settings.bandwidth else None
+        self.status = StoreStatus(self.location,
+                                  last_upload=progress.last_upload(self.location))
+        self.failures = 0
+        self._remote: BlobStore | None = None
+        self._done: set[str] | None = None       # immutable names on the store
+        self._digests: dict[str, bytes] = {}     # mutable name -> digest of what is there
+        self._rotten_said: set[str] = set()
+        self._wake = asyncio.Event()
+        self._wake.set()                         # a first pass at start
+
+    def notify(self) -> None:
+        """New objects may be in the local store: upload them soon."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Upload, then wait for `notify`; after a failure, wait (backoff) and try again."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if not await self.upload_once():
+                    await self._sleep(backoff_delay(self.failures, self._rand))
+                    self._wake.set()
+        finally:
+            await self._drop_remote()
+
+    async def upload_once(self) -> bool:
+        """One pass: put what the store lacks. False (and `status.last_error`) if it failed."""
+        try:
+            await self.upload_pending()
+        except FAILURES as exc:
+            self.failures += 1
+            line = error_line(exc)
+            if line != self.status.last_error and self.on_error is not None:
+                self.on_error(line)
+            self.status.reachable, self.status.last_error = False, line
+            await self._drop_remote()   # a broken connection is not reused
+            return False
+        self.failures = 0
+        self.status.reachable, self.status.last_error = True, None
+        return True
+
+    async def _drop_remote(self) -> None:
+        remote, self._remote = self._remote, None
+        if remote is not None:
+            with contextlib.suppress(*FAILURES):
+                await remote.close()
+
+    async def _remote_store(self) -> BlobStore:
+        if self._remote is None:
+            got = self._open_remote()
+            self._remote = await got if isinstance(got, Awaitable) else got
+        return self._remote
+
+    async def upload_pending(self) -> None:
+        """Put every object the store lacks, kind by kind, heads last; raise on failure."""
+        remote = await self._remote_store()
+        if self._done is None:
+            if not self.progress.listed(self.location):
+                # First contact: one listing, so a store that already holds most (a second
+                # device of the account, an earlier run) is not sent it again.
+                names = [n async for n in remote.list("")]
+                self.progress.note_listing(self.location, (
+                    n for n in names if (k := ids.object_kind(n)) and k[0] not in MUTABLE))
+            self._done = self.progress.uploaded(self.location)
+            self._digests = self.progress.digests(self.location)
+        # Heads are read before the listing: a head names segments and a snapshot stored
+        # before it, so those are in the listing and go up first.
+        mutable: dict[str, bytes] = {}
+        async for name in self.repo.store.list("heads/"):
+            if upload_phase(name) == LAST:
+                await self._take_mutable(name, mutable)
+        phases: dict[int, list[str]] = {}
+        for name in await offered_names(self.repo):
+            phase = upload_phase(name)
+            if phase is None or phase == LAST or name in self._done:
+                continue
+            if ids.object_kind(name)[0] in MUTABLE and \
+                    not await self._take_mutable(name, mutable):  # type: ignore[index]
+                continue   # (a log anchor the store has)
+            phases.setdefault(phase, []).append(name)
+        heads = sorted(n for n in mutable if upload_phase(n) == LAST)
+        if heads:
+            phases[LAST] = heads
+        self.status.objects_behind = sum(len(p) for p in phases.values())
+        self.status.bytes_behind = 0
+        for names in phases.values():
+            for name in names:
+                with contextlib.suppress(NotFound):
+                    self.status.bytes_behind += len(mutable[name]) if name in mutable \
+                        else await self.repo.store.size(name)
+        self.status.reachable = True
+        for phase in sorted(phases):
+            await self._put_all(remote, sorted(phases[phase]), mutable)
+
+    async def _take_mutable(self, name: str, into: dict[str, bytes]) -> bool:
+        """Read a mutable object into `into` if the store lacks these bytes of it."""
+        try:
+            data = bytes(await self.repo.store.get(name))
+        except NotFound:
+            return False
+        if self._digests.get(name) == blake3.blake3(data).digest():
+            return False
+        into[name] = data
+        return True
+
+    async def _put_all(self, remote: BlobStore, names: list[str],
+                       mutable: dict[str, bytes]) -> None:
+        """`names` with up to `parallel` puts at once; the first failure stops the rest."""
+        queue = list(reversed(names))
+
+        async def worker() -> None:
+            while queue:
+                await self._put_one(remote, queue.pop(), mutable)
+
+        workers = [asyncio.ensure_future(worker())
+                   for _ in range(min(self.settings.parallel, len(names)))]
+        try:
+            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            for w in done:
+                if w.exception() is not None:
+                    raise w.exception()  # type: ignore[misc]
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _put_one(self, remote: BlobStore, name: str, mutable: dict[str, bytes]) -> None:
+        at = None
+        if name in mutable:
+            data = mutable[name]
+            kind = ids.object_kind(name)[0]  # type: ignore[index]
+            try:
+                theirs = await remote.get(name)
+            except NotFound:
+                theirs = None
+            if theirs is not None and theirs != data \
+                    and not await may_replace(self.repo, kind, name, data, theirs):
+                log.info("store %s holds a newer %s than this device; kept", self.location,
+                         name[:60])
+            elif theirs != data:
+                at = await self._send_once(remote, name, data)
+            digest = blake3.blake3(data).digest()
+            self._digests[name] = digest
+            self.progress.note(self.location, name, digest=digest, at=at)
+        else:
+            try:
+                data = await self.repo.store.get(name)
+            except NotFound:
+                return   # pruned since the listing
+            if name.startswith("packs/") and \
+                    await asyncio.to_thread(pack_name, data) != name[6:]:
+                self._rotten(name)
+                return
+            # (a create-only store takes the same bytes again without complaint)
+            if remote.capabilities.create_only or not await remote.has(name):
+                at = await self._send_once(remote, name, data)
+            assert self._done is not None
+            self._done.add(name)
+            self.progress.note(self.location, name, at=at)
+        self.status.objects_behind = max(0, self.status.objects_behind - 1)
+        self.status.bytes_behind = max(0, self.status.bytes_behind - len(data))
+
+    def _rotten(self, name: str) -> None:
+        """A pack here no longer matches its name: it stays here (behind) rather than put
+        damage on the store; the daemon checks it and heals it from a peer."""
+        if name not in self._rotten_said:
+            self._rotten_said.add(name)
+            log.warning("pack %s here does not match its name (damaged); not uploaded to %s",
+                        name[6:18], self.location)
+        if self.repo.damage_seen is not None:
+            self.repo.damage_seen(name[6:])
+
+    async def _send_once(self, remote: BlobStore, name: str, data: bytes) -> float | None:
+        """`_send`, where a store that refuses to replace other bytes under `name` keeps
+        them (said once; retrying cannot change it): None then."""
+        try:
+            return await self._send(remote, name, data)
+        except ObjectExists:
+            log.warning("store %s holds other bytes under %s and refuses to replace them "
+                        "(`verify --from` it)", self.location, name[:60])
+            return None
+
+    async def _send(self, remote: BlobStore, name: str, data: bytes) -> float:
+        """Put one object within the bandwidth cap; the time it was done."""
+        if self.bucket is not None:
+            await self.bucket.take(len(data))
+        await remote.put(name, data)
+        at = self._now()
+        self.status.last_upload, self.status.uploaded = at, self.status.uploaded + 1
+        return at
