@@ -152,8 +152,14 @@ def weed_mini(tmp: Path) -> Iterator[S3Server]:
             f"-s3.config={config}", f"-admin.dataDir={tmp / 'admin'}"]
     argv += [f"-{k}.port={p}" for k, p in ports.items()]
     argv += [f"-{k}.port.grpc={p}" for k, p in grpc.items()]
-    with _running(argv, tmp / "weed.log", ports["s3"]):
-        yield S3Server("weed", f"http://127.0.0.1:{ports['s3']}", conditional_put=True)
+    try:
+        with _running(argv, tmp / "weed.log", ports["s3"]):
+            yield S3Server("weed", f"http://127.0.0.1:{ports['s3']}", conditional_put=True)
+    finally:
+        # weed leaves unix sockets named by port in /tmp (no flag moves all of them)
+        for port in (*ports.values(), *grpc.values()):
+            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                sock.unlink(missing_ok=True)
 
 
 def moto_server(tmp: Path) -> Iterator[S3Server]:
