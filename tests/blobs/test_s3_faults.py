@@ -177,6 +177,29 @@ def test_snapshots_restore_and_verify_read_from_s3(cli, s3_repo, tmp_path: Path)
     cli("verify", "--read-data", "--from", location)
 
 
+async def test_a_restore_large_enough_for_worker_processes_reads_through_the_parent(
+        cli, tmp_path: Path, weed: servers.S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restores of 32 MiB and more fork worker processes; those can read a local store, but
+    an S3 store lives on the parent's event loop (a forked worker waited for it forever)."""
+    from p2pbackup.backup.restore import PROCESS_MIN_BYTES
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}").write_bytes(os.urandom(PROCESS_MIN_BYTES // 3 + 1_000_000))
+    cli("init", "--source", str(src))
+    cli("snapshot")
+    location = f"s3://{weed.new_bucket()}/big"
+    await _copy_store(cli.home / "store", S3Store(location, weed.options()))
+    for key, value in {"AWS_ACCESS_KEY_ID": weed.access_key, "AWS_REGION": servers.REGION,
+                       "AWS_SECRET_ACCESS_KEY": weed.secret_key,
+                       "AWS_ENDPOINT_URL": weed.endpoint}.items():
+        monkeypatch.setenv(key, value)
+    cli("restore", "latest", "--from", location, "--to", str(tmp_path / "out"), timeout=120)
+    for i in range(3):
+        assert (tmp_path / "out" / "src" / f"f{i}").read_bytes() == (src / f"f{i}").read_bytes()
+
+
 def test_recover_sets_up_a_new_device_from_the_bucket_alone(cli, s3_repo,
                                                             tmp_path: Path) -> None:
     from p2pbackup.crypto import recovery
