@@ -164,6 +164,7 @@ def test_options_come_first_then_the_environment() -> None:
     ("s3://b/x", {"acess_key_id": "k"}, "unknown option 'acess_key_id'"),
     ("s3://b/x", {"access_key_id": "k"}, "access_key_id is set but secret_access_key is not"),
     ("s3://b/x", {"path_style": "maybe"}, "path_style must be true or false"),
+    ("s3://b/x", {"timeout": "soon"}, "timeout must be a number of seconds"),
 ])
 def test_a_bad_location_or_option_is_one_config_error(location: str, options: dict,
                                                        message: str) -> None:

@@ -1,0 +1,68 @@
+"""RangeWindows: small ranged reads served from a few aligned window reads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from p2pbackup.blobs.windows import RangeWindows
+
+DATA = os.urandom(1000)
+
+
+class Fetches(list):
+    def __init__(self, fail: int = 0) -> None:
+        super().__init__()
+        self.fail = fail
+
+    async def __call__(self, name: str, start: int, length: int) -> bytes:
+        self.append((name, start, length))
+        await asyncio.sleep(0)
+        if self.fail:
+            self.fail -= 1
+            raise OSError("reset")
+        return DATA[start:start + length]
+
+
+async def test_sequential_small_reads_cost_one_fetch_per_window() -> None:
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100, keep=4)
+    got = [await windows.read("packs/a", i, 10, len(DATA)) for i in range(0, 1000, 10)]
+    assert b"".join(got) == DATA
+    assert fetches == [("packs/a", i, 100) for i in range(0, 1000, 100)]
+
+
+async def test_a_read_across_two_windows_and_the_short_last_one() -> None:
+    windows = RangeWindows(Fetches(), window=300)
+    assert await windows.read("p", 290, 20, len(DATA)) == DATA[290:310]
+    assert await windows.read("p", 950, 50, len(DATA)) == DATA[950:]
+
+
+async def test_readers_of_one_window_share_its_fetch() -> None:
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=500)
+    got = await asyncio.gather(*(windows.read("p", i, 5, len(DATA)) for i in range(0, 500, 5)))
+    assert b"".join(got) == DATA[:500] and len(fetches) == 1
+
+
+async def test_a_large_read_goes_straight_to_the_server() -> None:
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100)
+    assert await windows.read("p", 50, 400, len(DATA)) == DATA[50:450]
+    assert fetches == [("p", 50, 400)]
+
+
+async def test_a_failed_window_is_fetched_again_and_old_windows_leave() -> None:
+    fetches = Fetches(fail=1)
+    windows = RangeWindows(fetches, window=100, keep=2)
+    with pytest.raises(OSError):
+        await windows.read("p", 0, 10, len(DATA))
+    assert await windows.read("p", 0, 10, len(DATA)) == DATA[:10]
+    for start in (100, 200, 0):   # window 0 left when 1 and 2 came
+        await windows.read("p", start, 10, len(DATA))
+    assert [f[1] for f in fetches] == [0, 0, 100, 200, 0]
+    windows.forget("p")
+    await windows.read("p", 200, 10, len(DATA))
+    assert len(fetches) == 6
