@@ -257,7 +257,9 @@ def test_a_truncated_or_swapped_object_is_caught_never_restored(
     got = cli("restore", "latest", "--from", location, "--to", str(tmp_path / "out"),
               check=False)
     assert proxy.fault.hits, "the pack was not read through the proxy"
-    assert got.returncode == 13, got.stderr
+    # Caught either way: damage (13) when the bytes do not authenticate, or, where the store
+    # knows the length (a range), a read that kept coming back short (11, naming the store).
+    assert got.returncode in (11, 13), got.stderr
     assert "Traceback" not in got.stderr and "internal error" not in got.stderr
     assert got.stderr.splitlines()[-1].startswith("p2pbackup: error: "), got.stderr
     for restored in (tmp_path / "out").rglob("*"):   # never a file with other bytes
@@ -265,7 +267,7 @@ def test_a_truncated_or_swapped_object_is_caught_never_restored(
             assert restored.read_bytes() == (src / restored.relative_to(
                 tmp_path / "out" / "src")).read_bytes()
     bad = cli("verify", "--read-data", "--from", location, check=False)
-    assert bad.returncode == 13, bad.stdout + bad.stderr
+    assert bad.returncode in (11, 13), bad.stdout + bad.stderr
     proxy.fault = None
     # The object in the store was never touched: with the damage the faulty reads noted in
     # this device's cache forgotten, the store verifies clean. (The note itself outlives the
