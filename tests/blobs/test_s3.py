@@ -4,7 +4,6 @@ serve s3 (which ignores If-None-Match: the store must still never replace an obj
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 

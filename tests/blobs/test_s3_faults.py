@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from p2pbackup.blobs import open_store
 from p2pbackup.blobs.base import StoreFull
 from p2pbackup.blobs.s3 import S3Store
 from p2pbackup.errors import DiskFull, StorageError
