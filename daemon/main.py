@@ -24,7 +24,7 @@ from typing import Any
 from p2pbackup import account, control
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
-from p2pbackup.blobs import open_store
+from p2pbackup.blobs import exit_process, open_store
 from p2pbackup.blobs.base import BlobStore
 from p2pbackup.config import (Config, StoreSettings, load_config, load_identity,
                               systemd_settings)
@@ -713,7 +713,7 @@ def run() -> None:
             raise
         print(f"p2pbackupd: error: {exc}", file=sys.stderr)
         code = exc.exit_code
-    sys.exit(code)
+    exit_process(code)
 
 
 if __name__ == "__main__":

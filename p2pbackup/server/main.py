@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..blobs import exit_process
 from ..errors import ConfigError, P2PError
 from ..sizes import parse_size
 from . import invites
@@ -99,6 +100,14 @@ def parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    try:
+        _run(args)
+    except SystemExit as exc:   # exit_process: --storage may be an S3 store (opendal)
+        exit_process(exc.code if isinstance(exc.code, int) else 1)
+    exit_process(0)
+
+
+def _run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="p2pbackup-server: %(levelname)s: %(message)s")
     try:
         if args.command == "invite":
