@@ -12,6 +12,7 @@ from typing import Any, Optional
 import typer
 
 from p2pbackup.errors import EXIT_PARTIAL, ConfigError, IntegrityError, P2PError
+from p2pbackup.views import damage_json, snapshot_json, verify_json
 
 from . import output
 from .account_cmds import devices_app, pair, recover
@@ -72,24 +73,6 @@ def init(source: list[str] = typer.Option([], "--source", "-s",
 
 # ---- snapshot ------------------------------------------------------------------------------
 
-def _snapshot_json(stored: Any) -> dict:
-    snap = stored.snapshot
-    return {
-        "id": stored.id,
-        "short_id": stored.short_id,
-        "time": output.iso_time(snap.time_ns),
-        "paths": [s.path for s in snap.sources],
-        "device": snap.device,
-        "hostname": snap.hostname,
-        "size": snap.size,
-        "sources": [{"name": s.name, "path": s.path, "files": s.files, "dirs": s.dirs,
-                     "size": s.size} for s in snap.sources],
-        "parent": snap.parent,
-        "log_seq": snap.log_seq,
-        "warnings": snap.warnings,
-    }
-
-
 _via_daemon = via_daemon
 
 
@@ -117,7 +100,7 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
                 async def load() -> Any:
                     async with open_device(_home()) as dev:
                         return await dev.repo.load_snapshot(done["id"])
-                print(json.dumps(_snapshot_json(_run(load())), indent=2))
+                print(json.dumps(snapshot_json(_run(load())), indent=2))
             else:
                 print(f"snapshot {done['short_id']} saved by p2pbackupd (covers log segment "
                       f"{done['log_seq']})")
@@ -147,7 +130,7 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
 
     summary = _run(go())
     if as_json:
-        print(json.dumps(_snapshot_json(summary.stored), indent=2))
+        print(json.dumps(snapshot_json(summary.stored), indent=2))
     else:
         s = summary
         print(f"snapshot {s.stored.short_id} saved")
@@ -177,7 +160,7 @@ def snapshots(as_json: bool = typer.Option(False, "--json", help="Print a JSON a
     for b in bad:
         output.warn(f"snapshot {b.id[:8]} skipped: {b.reason}")
     if as_json:
-        print(json.dumps([_snapshot_json(s) for s in snaps], indent=2))
+        print(json.dumps([snapshot_json(s) for s in snaps], indent=2))
         return
     if not snaps:
         print("no snapshots yet")
@@ -210,7 +193,7 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
     """Restore a snapshot (or the device as it was --at a moment) into DIR/<source name>/..."""
     import datetime as dt
 
-    from p2pbackup.backup.pointintime import plan_at
+    from p2pbackup.backup.pointintime import plan
     from p2pbackup.backup.restore import RestoreProgress
     from p2pbackup.backup.restore import restore as do_restore
     from p2pbackup.device import open_device
@@ -227,14 +210,10 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
     async def go() -> Any:
         async with open_device(_home(), store=store) as dev:
             output.peer_path(dev.repo.store)
-            overlays, replayed = None, None
             # `latest` names what holds what is asked for; it says which snapshot that is.
-            asked = {"sources": dev.config.sources, "path": path, "note": output.note}
-            if at_ns is None:
-                stored = await dev.repo.find_snapshot(snapshot_ref, **asked)
-            else:
-                stored, overlays, replayed = await plan_at(dev.repo, snapshot_ref, at_ns,
-                                                           **asked)
+            stored, overlays, replayed = await plan(dev.repo, snapshot_ref, at_ns,
+                                                    sources=dev.config.sources, path=path,
+                                                    note=output.note)
             progress = RestoreProgress()
             async with output.progress_bar("restore", progress):
                 summary = await do_restore(dev.repo, stored, str(to), sub=path,
@@ -286,11 +265,7 @@ def verify(read_data: bool = typer.Option(False, "--read-data",
 
     report = _run(go())
     if as_json:
-        print(json.dumps({"ok": report.ok, "read_data": report.read_data,
-                          "snapshots": report.snapshots,
-                          "segments": report.segments, "trees": report.trees,
-                          "packs": report.packs, "blobs_read": report.blobs_read,
-                          "damage": [_damage_json(d) for d in report.damage]}, indent=2))
+        print(json.dumps(verify_json(report), indent=2))
     else:
         for d in report.damage:
             print(f"damaged: {d.line()}")
@@ -304,11 +279,6 @@ def verify(read_data: bool = typer.Option(False, "--read-data",
               f"({checked}){unread}")
     if not report.ok:
         raise typer.Exit(IntegrityError.exit_code)
-
-
-def _damage_json(d: Any) -> dict:
-    return {"object": d.what, "reason": d.reason, "affects": d.affects, "blob": d.blob,
-            "pack": d.pack}
 
 
 @app.command()
@@ -340,7 +310,7 @@ def repair(sources: list[str] = typer.Option([], "--from", help="Another copy to
                                      "lost": r.lost, "healed_from": r.healed_from}
                                     for r in report.repaired],
                           "copied": report.copied,
-                          "lost": [_damage_json(d) for d in report.lost]}, indent=2))
+                          "lost": [damage_json(d) for d in report.lost]}, indent=2))
         return
     for r in report.repaired:
         if r.healed_from:

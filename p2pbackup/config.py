@@ -72,6 +72,20 @@ class PeerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSettings:
+    """The `[web]` table: the local web console p2pbackupd serves."""
+
+    enabled: bool = True
+    # 0: a free port, picked at each start (`p2pbackup web` asks the daemon for the URL), so
+    # several homes on one machine never fight over one.
+    port: int = 0
+    listen: str = "127.0.0.1"   # loopback only: 127.0.0.1 or ::1
+
+
+WEB_LISTEN = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The parsed config.toml."""
 
@@ -81,6 +95,7 @@ class Config:
     sources: tuple[Source, ...]
     daemon: DaemonSettings = DaemonSettings()
     peers: PeerSettings = PeerSettings()
+    web: WebSettings = WebSettings()
 
     @property
     def account_key_file(self) -> Path:
@@ -238,7 +253,25 @@ def load_config(home: Path | None = None) -> Config:
         sources.append(Source(s["name"], s["path"]))
     return Config(home, name, (home / store).absolute(), tuple(sources),
                   _daemon_settings(doc.get("daemon", {}), path),
-                  _peer_settings(doc.get("peers", {}), path))
+                  _peer_settings(doc.get("peers", {}), path),
+                  _web_settings(doc.get("web", {}), path))
+
+
+def _web_settings(table: object, path: Path) -> WebSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: key 'web' must be a table")
+    d = WebSettings()
+    enabled = table.get("enabled", d.enabled)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{path}: key 'web.enabled' = {enabled!r} must be true or false")
+    port = table.get("port", d.port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"{path}: key 'web.port' = {port!r} must be a port number (0: any)")
+    listen = table.get("listen", d.listen)
+    if listen not in WEB_LISTEN:
+        raise ConfigError(f"{path}: key 'web.listen' = {listen!r} must be one of "
+                          f"{', '.join(WEB_LISTEN)} (the console is for this machine only)")
+    return WebSettings(enabled, port, listen)
 
 
 def _peer_settings(table: object, path: Path) -> PeerSettings:

@@ -1,0 +1,43 @@
+"""The JSON shapes of what the CLI's `--json` prints; the web console's API serves the same."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from .repo.snapshots import StoredSnapshot
+
+
+def iso_time(ns: int) -> str:
+    """ISO 8601 in local time with its UTC offset, to the second."""
+    return dt.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
+
+
+def snapshot_json(stored: StoredSnapshot) -> dict[str, Any]:
+    snap = stored.snapshot
+    return {
+        "id": stored.id,
+        "short_id": stored.short_id,
+        "time": iso_time(snap.time_ns),
+        "paths": [s.path for s in snap.sources],
+        "device": snap.device,
+        "hostname": snap.hostname,
+        "size": snap.size,
+        "sources": [{"name": s.name, "path": s.path, "files": s.files, "dirs": s.dirs,
+                     "size": s.size} for s in snap.sources],
+        "parent": snap.parent,
+        "log_seq": snap.log_seq,
+        "warnings": snap.warnings,
+    }
+
+
+def damage_json(d: Any) -> dict[str, Any]:
+    return {"object": d.what, "reason": d.reason, "affects": d.affects, "blob": d.blob,
+            "pack": d.pack}
+
+
+def verify_json(report: Any) -> dict[str, Any]:
+    return {"ok": report.ok, "read_data": report.read_data, "snapshots": report.snapshots,
+            "segments": report.segments, "trees": report.trees, "packs": report.packs,
+            "blobs_read": report.blobs_read,
+            "damage": [damage_json(d) for d in report.damage]}

@@ -1,0 +1,417 @@
+"""The local web console: pages, the JSON API they use, and live status (server-sent events).
+
+The API answers with the JSON the CLI's `--json` prints (p2pbackup.views) and reads the
+repository with the restore code path (Restorer.find/content, pointintime.plan), so the page
+and the command line never disagree. Everything it serves comes from the daemon: no CDN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import json
+import os
+import stat as statmod
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from ..backup.names import show_path
+from ..backup.pointintime import Overlay, plan
+from ..backup.restore import Restorer, RestoreProgress, restore
+from ..config import Source
+from ..errors import NotFound, P2PError
+from ..format.records import DIR, FILE, SYMLINK
+from ..repo.repository import Repository
+from ..repo.snapshots import StoredSnapshot
+from ..timeparse import TimeFormatError, parse_time
+from ..views import iso_time, snapshot_json
+from . import pages
+from .security import SESSION, Gate, middleware
+
+PAGE_SIZE = 200        # entries per page of a folder
+MAX_PAGE_SIZE = 1000
+EVENT_INTERVAL = 0.5   # seconds between looks at the status for a change to push
+KEEPALIVE = 15.0       # seconds of no change before a comment keeps the stream open
+PLAN_CACHE = 4         # recent (snapshot, moment) plans and folder listings kept for paging
+# Counters that move every second: a change in them alone is not news worth pushing.
+_TICKING = ("uptime_seconds", "next_snapshot_in", "next_seal_in")
+_STATIC = ("console.js", "console.css")
+
+Status = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(slots=True)
+class Backend:
+    """What the daemon lends the console."""
+
+    repo: Repository
+    sources: Sequence[Source]
+    status: Status
+
+
+@dataclass(slots=True)
+class Job:
+    id: int
+    kind: str
+    what: str
+    progress: RestoreProgress
+    state: str = "running"     # running, done, failed
+    result: str = ""
+    started: float = field(default_factory=time.time)
+
+    def view(self) -> dict[str, Any]:
+        p = self.progress
+        return {"id": self.id, "kind": self.kind, "what": self.what, "state": self.state,
+                "files": p.files, "bytes": p.bytes, "expected_bytes": p.expected_bytes,
+                "result": self.result}
+
+
+class Jobs:
+    """Work started from the page (restores), with progress the event stream pushes."""
+
+    KEEP = 20
+
+    def __init__(self) -> None:
+        self._jobs: dict[int, Job] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next = 1
+
+    def start(self, kind: str, what: str, progress: RestoreProgress,
+              work: Callable[[], Awaitable[str]]) -> Job:
+        job = Job(self._next, kind, what, progress)
+        self._next += 1
+        self._jobs[job.id] = job
+        while len(self._jobs) > self.KEEP:
+            oldest = next(iter(self._jobs))
+            if self._jobs[oldest].state == "running":
+                break
+            del self._jobs[oldest]
+
+        async def run() -> None:
+            try:
+                job.result = await work()
+                job.state = "done"
+            except P2PError as exc:
+                job.result, job.state = str(exc), "failed"
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    def view(self) -> list[dict[str, Any]]:
+        return [j.view() for j in self._jobs.values()]
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _entry_json(e: Any, path: str) -> dict[str, Any]:
+    name = show_path(e.name)
+    kind = {FILE: "file", DIR: "dir", SYMLINK: "symlink"}.get(e.type, "special")
+    out = {"name": name, "path": f"{path}/{name}" if path else name, "type": kind,
+           "size": e.size if e.type == FILE else None, "mtime": iso_time(e.mtime_ns),
+           "mode": statmod.filemode(e.mode) if e.mode else None}
+    if e.type == SYMLINK and e.target is not None:
+        out["target"] = show_path(e.target)
+    return out
+
+
+class Console:
+    """The aiohttp application and what it keeps: sessions, plans being paged, jobs."""
+
+    def __init__(self, backend: Backend, gate: Gate | None = None, *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now().astimezone(),
+                 event_interval: float = EVENT_INTERVAL) -> None:
+        self.backend = backend
+        self.gate = gate or Gate()
+        self.sleep = sleep
+        self.now = now
+        self.event_interval = event_interval
+        self.jobs = Jobs()
+        self._plans: collections.OrderedDict[tuple, tuple[StoredSnapshot,
+                                                          dict[str, Overlay] | None]] = \
+            collections.OrderedDict()
+        self.app = web.Application(middlewares=[middleware(self.gate)],
+                                   client_max_size=64 * 1024)
+        self.app.add_routes([
+            web.get("/", self.status_page),
+            web.get("/snapshots", self.snapshots_page),
+            web.get("/browse", self.browse_page),
+            web.get("/timeline", self.timeline_page),
+            web.get("/static/{name}", self.static),
+            web.get("/api/status", self.api_status),
+            web.get("/api/snapshots", self.api_snapshots),
+            web.get("/api/tree", self.api_tree),
+            web.get("/api/file", self.api_file),
+            web.post("/api/restore", self.api_restore),
+            web.get("/api/jobs", self.api_jobs),
+            web.get("/api/events", self.api_events),
+        ])
+        self.app.on_shutdown.append(lambda _app: self.jobs.close())
+        self._runner: web.AppRunner | None = None
+
+    # ---- serving -------------------------------------------------------------------------
+
+    async def start(self, listen: str, port: int) -> int:
+        """Listen on `listen`:`port` (0: any free port); return the port."""
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, listen, port)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        bound = server.sockets[0].getsockname()[1]
+        self.gate.bind(listen, bound)
+        return bound
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def login_url(self) -> str:
+        host = "127.0.0.1" if "127.0.0.1:%d" % self.gate.port in self.gate.hosts else "[::1]"
+        return f"http://{host}:{self.gate.port}/login?token={self.gate.issue_token()}"
+
+    # ---- reading the repository ----------------------------------------------------------
+
+    def _at_ns(self, request: web.Request) -> int | None:
+        at = request.query.get("at", "").strip()
+        if not at:
+            return None
+        try:
+            return int(parse_time(at, self.now()).timestamp() * 1e9)
+        except TimeFormatError as exc:
+            raise web.HTTPBadRequest(text=json.dumps({"error": str(exc), "exit": 2}),
+                                     content_type="application/json") from None
+
+    async def _plan(self, ref: str, at_ns: int | None, path: str
+                    ) -> tuple[StoredSnapshot, dict[str, Overlay] | None]:
+        key = (ref, at_ns, path.split("/", 1)[0])
+        got = self._plans.get(key)
+        if got is None:
+            stored, overlays, _ = await plan(self.backend.repo, ref, at_ns,
+                                             sources=self.backend.sources, path=path or None)
+            got = self._plans[key] = (stored, overlays)
+            while len(self._plans) > PLAN_CACHE:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return got
+
+    async def _find(self, request: web.Request) -> tuple[StoredSnapshot, Restorer, Any, str]:
+        q = request.query
+        ref = q.get("snapshot", "latest") or "latest"
+        path = q.get("path", "").strip("/")
+        stored, overlays = await self._plan(ref, self._at_ns(request), path)
+        reader = Restorer.reader(self.backend.repo, overlays)
+        if not path and len(stored.snapshot.sources) > 1:
+            return stored, reader, None, path
+        found = await asyncio.to_thread(reader.find, stored, path or None)
+        return stored, reader, found, path
+
+    async def tree(self, request: web.Request) -> dict[str, Any]:
+        stored, _, found, path = await self._find(request)
+        try:
+            offset = max(0, int(request.query.get("offset", "0")))
+            limit = min(MAX_PAGE_SIZE, max(1, int(request.query.get("limit", str(PAGE_SIZE)))))
+        except ValueError:
+            raise web.HTTPBadRequest(text='{"error": "offset and limit must be numbers", '
+                                     '"exit": 2}', content_type="application/json") from None
+        if found is None:  # the snapshot's sources are its top level
+            entries = [{"name": r.name, "path": r.name, "type": "dir", "size": r.size,
+                        "mtime": None, "mode": None} for r in stored.snapshot.sources]
+            total = len(entries)
+            entries = entries[offset:offset + limit]
+        else:
+            if found.tree is None:
+                raise NotFound(f"{path} is not a folder in this snapshot")
+            all_entries = found.tree.entries
+            total = len(all_entries)
+            if not path and found.entry is not None:
+                path = found.scope
+            entries = [_entry_json(e, path or found.scope)
+                       for e in all_entries[offset:offset + limit]]
+        return {"snapshot": snapshot_json(stored), "path": path, "offset": offset,
+                "limit": limit, "total": total, "entries": entries}
+
+    # ---- API -----------------------------------------------------------------------------
+
+    async def api_status(self, request: web.Request) -> web.Response:
+        return _json({"running": True, **await self.backend.status()})
+
+    async def snapshot_list(self) -> list[dict[str, Any]]:
+        snaps, _ = await self.backend.repo.list_snapshots()
+        return [snapshot_json(s) for s in snaps]
+
+    async def api_snapshots(self, request: web.Request) -> web.Response:
+        return _json(await self.snapshot_list())
+
+    async def api_tree(self, request: web.Request) -> web.Response:
+        return await _answer(self.tree(request))
+
+    async def api_file(self, request: web.Request) -> web.StreamResponse:
+        try:
+            _, reader, found, path = await self._find(request)
+            if found is None or found.entry is None or found.entry.type != FILE:
+                raise NotFound(f"{path or '/'} is not a file in this snapshot")
+            pieces = reader.content(found)
+            first = await asyncio.to_thread(next, pieces, None)
+        except P2PError as exc:
+            return _error(exc)
+        name = show_path(found.entry.name)
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(found.entry.size),
+            "Content-Disposition": _attachment(name)})
+        await response.prepare(request)
+        piece = first
+        # One piece at a time from a worker thread: a file of any size streams in the
+        # memory of one read batch, and the event loop never waits on the store.
+        while piece is not None:
+            await response.write(bytes(piece))
+            piece = await asyncio.to_thread(next, pieces, None)
+        await response.write_eof()
+        return response
+
+    async def api_restore(self, request: web.Request) -> web.Response:
+        try:
+            args = await request.json()
+        except ValueError:
+            return _json({"error": "the request is not JSON", "exit": 2}, status=400)
+        if not isinstance(args, dict) or not isinstance(args.get("to"), str) \
+                or not os.path.isabs(args["to"]):
+            return _json({"error": "give the folder to restore into as an absolute path "
+                          "(\"to\")", "exit": 2}, status=400)
+        ref = str(args.get("snapshot") or "latest")
+        path = str(args.get("path") or "").strip("/")
+        at = str(args.get("at") or "")
+        try:
+            at_ns = int(parse_time(at, self.now()).timestamp() * 1e9) if at else None
+            stored, overlays = await self._plan(ref, at_ns, path)
+        except TimeFormatError as exc:
+            return _json({"error": str(exc), "exit": 2}, status=400)
+        except P2PError as exc:
+            return _error(exc)
+        to, overwrite = args["to"], bool(args.get("overwrite", False))
+        progress = RestoreProgress()
+
+        async def work() -> str:
+            # Threads, not forked workers: the daemon's process holds sockets and threads.
+            s = await restore(self.backend.repo, stored, to, sub=path or None,
+                              overwrite=overwrite, progress=progress, overlays=overlays,
+                              processes=False)
+            problems = len(s.failed) + len(s.damaged) + len(s.warnings)
+            return (f"restored {s.files_restored} files, {s.dirs} folders to {to}"
+                    + (f"; {problems} entries not restored whole (see the daemon's log)"
+                       if problems else ""))
+        job = self.jobs.start("restore", f"{stored.short_id}:{path or '/'} to {to}", progress,
+                              work)
+        return _json({"job": job.id})
+
+    async def api_jobs(self, request: web.Request) -> web.Response:
+        return _json(self.jobs.view())
+
+    async def events(self) -> collections.abc.AsyncIterator[str]:
+        """The status and jobs, each time they change (ticking counters aside)."""
+        last, quiet = None, 0.0
+        while True:
+            status = await self.backend.status()
+            news = {"status": status, "jobs": self.jobs.view()}
+            steady = json.dumps({"status": _without_ticking(status), "jobs": news["jobs"]},
+                                sort_keys=True, default=str)
+            if steady != last:
+                last, quiet = steady, 0.0
+                yield f"event: status\ndata: {json.dumps(news, default=str)}\n\n"
+            elif quiet >= KEEPALIVE:
+                quiet = 0.0
+                yield ": keepalive\n\n"
+            await self.sleep(self.event_interval)
+            quiet += self.event_interval
+
+    async def api_events(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-store"})
+        await response.prepare(request)
+        try:
+            async for message in self.events():
+                await response.write(message.encode())
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        return response
+
+    # ---- pages ---------------------------------------------------------------------------
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in _STATIC:
+            raise web.HTTPNotFound()
+        body = resources.files(__package__).joinpath("static", name).read_bytes()
+        kind = "text/javascript" if name.endswith(".js") else "text/css"
+        return web.Response(body=body, content_type=kind, headers={"Cache-Control": "no-cache"})
+
+    def _page(self, request: web.Request, title: str, body: str) -> web.Response:
+        return web.Response(text=pages.layout(title, body, request[SESSION].csrf),
+                            content_type="text/html")
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        return self._page(request, "Status", pages.status())
+
+    async def snapshots_page(self, request: web.Request) -> web.Response:
+        return self._page(request, "Snapshots", pages.snapshots(await self.snapshot_list()))
+
+    async def browse_page(self, request: web.Request) -> web.Response:
+        try:
+            listing = await self.tree(request)
+        except P2PError as exc:
+            return self._page(request, "Browse", pages.problem(str(exc)))
+        return self._page(request, "Browse", pages.browse(listing, request.query.get("at", "")))
+
+    async def timeline_page(self, request: web.Request) -> web.Response:
+        return self._page(request, "Timeline",
+                          pages.timeline(await self.snapshot_list(),
+                                         [s.name for s in self.backend.sources]))
+
+
+def _without_ticking(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_ticking(v) for k, v in obj.items() if k not in _TICKING}
+    if isinstance(obj, list):
+        return [_without_ticking(v) for v in obj]
+    return obj
+
+
+def _attachment(name: str) -> str:
+    from urllib.parse import quote
+
+    ascii_name = name.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name)}"
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(obj, indent=1), status=status,
+                        content_type="application/json")
+
+
+_HTTP_STATUS = {NotFound.exit_code: 404, 2: 400, 10: 400, 18: 409}
+
+
+def _error(exc: P2PError) -> web.Response:
+    """A P2PError as the page sees it: its one line and its exit code, as the CLI says them."""
+    return _json({"error": str(exc), "exit": exc.exit_code},
+                 status=_HTTP_STATUS.get(exc.exit_code, 500))
+
+
+async def _answer(work: Awaitable[dict[str, Any]]) -> web.Response:
+    try:
+        return _json(await work)
+    except P2PError as exc:
+        return _error(exc)

@@ -1,0 +1,141 @@
+"""The console's pages, rendered on the server as plain HTML (console.js adds live status,
+restores and the moment picker). Every value shown is escaped."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+from urllib.parse import urlencode
+
+from ..sizes import format_size
+
+NAV = (("/", "Status"), ("/snapshots", "Snapshots"), ("/timeline", "Timeline"))
+
+
+def layout(title: str, body: str, csrf: str) -> str:
+    nav = "".join(f'<a href="{href}">{escape(name)}</a>' for href, name in NAV)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="{escape(csrf)}">
+<title>{escape(title)} · p2pbackup</title>
+<link rel="stylesheet" href="/static/console.css">
+<script src="/static/console.js" defer></script>
+</head><body>
+<header><strong>p2pbackup</strong><nav>{nav}</nav></header>
+<main><h1>{escape(title)}</h1>
+{body}
+</main></body></html>
+"""
+
+
+def status() -> str:
+    # Filled and kept current by console.js from the event stream (/api/events).
+    return """<section id="status" data-live="status"><p class="muted">connecting…</p></section>
+<h2>Jobs</h2><section id="jobs"><p class="muted">none yet</p></section>"""
+
+
+def problem(message: str) -> str:
+    return f'<p class="error">{escape(message)}</p>'
+
+
+def _browse_link(snapshot: str, path: str, at: str = "", text: str | None = None) -> str:
+    query = {"snapshot": snapshot, "path": path}
+    if at:
+        query["at"] = at
+    return f'<a href="/browse?{escape(urlencode(query))}">{escape(text or path or "/")}</a>'
+
+
+def snapshots(snaps: list[dict[str, Any]]) -> str:
+    if not snaps:
+        return "<p>No snapshots yet.</p>"
+    rows = "".join(
+        f"<tr><td>{_browse_link(s['id'], '', text=s['short_id'])}</td>"
+        f"<td>{escape(s['time'])}</td><td>{escape(s['hostname'])}</td>"
+        f"<td class=num>{escape(format_size(s['size']))}</td>"
+        f"<td>{escape(', '.join(s['paths']))}</td></tr>"
+        for s in reversed(snaps))
+    return (f'<table class="list"><thead><tr><th>ID</th><th>Time</th><th>Host</th>'
+            f'<th>Size</th><th>Paths</th></tr></thead><tbody>{rows}</tbody></table>'
+            f"<p>{len(snaps)} snapshots</p>")
+
+
+def browse(listing: dict[str, Any], at: str) -> str:
+    snap = listing["snapshot"]
+    sid, path = snap["id"], listing["path"]
+    ref = "latest" if at else sid
+    crumbs = [_browse_link(ref, "", at, "/")]
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        crumbs.append(_browse_link(ref, "/".join(parts[:i + 1]), at, part))
+    when = (f"as it was at <strong>{escape(at)}</strong> (snapshot {escape(snap['short_id'])} "
+            "and the log after it)" if at else
+            f"snapshot <strong>{escape(snap['short_id'])}</strong> of {escape(snap['time'])}")
+    rows = []
+    for e in listing["entries"]:
+        if e["type"] == "dir":
+            name = _browse_link(ref, e["path"], at, e["name"] + "/")
+        elif e["type"] == "file":
+            q = {"snapshot": ref, "path": e["path"], **({"at": at} if at else {})}
+            name = (f'{escape(e["name"])} <a class="download" download '
+                    f'href="/api/file?{escape(urlencode(q))}">download</a>')
+        else:
+            name = escape(e["name"]) + (f" → {escape(e['target'])}" if e.get("target") else "")
+        size = format_size(e["size"]) if e["size"] is not None else ""
+        restore = (f'<button class="restore" data-snapshot="{escape(ref)}" '
+                   f'data-path="{escape(e["path"])}" data-at="{escape(at)}">restore…</button>')
+        rows.append(f"<tr><td>{name}</td><td class=num>{escape(size)}</td>"
+                    f"<td>{escape(e['mtime'] or '')}</td><td>{restore}</td></tr>")
+    offset, limit, total = listing["offset"], listing["limit"], listing["total"]
+    pager = []
+    base = {"snapshot": ref, "path": path, **({"at": at} if at else {})}
+    if offset > 0:
+        q = urlencode({**base, "offset": max(0, offset - limit)})
+        pager.append(f'<a rel="prev" href="/browse?{escape(q)}">← previous</a>')
+    shown = f"{offset + 1 if total else 0}–{min(total, offset + limit)} of {total} entries"
+    pager.append(f'<span class="count">{shown}</span>')
+    if offset + limit < total:
+        q = urlencode({**base, "offset": offset + limit})
+        pager.append(f'<a rel="next" href="/browse?{escape(q)}">next →</a>')
+    return (f'<p>{when}</p><p class="crumbs">{" / ".join(crumbs)}</p>'
+            f'<table class="list" id="entries"><thead><tr><th>Name</th><th>Size</th>'
+            f'<th>Modified</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            f'<p class="pager">{" ".join(pager)}</p>'
+            '<dialog id="restore-dialog"><form method="dialog">'
+            '<p>Restore <code id="restore-what"></code> into the folder (on this device):</p>'
+            '<input id="restore-to" name="to" placeholder="/home/me/restored" required>'
+            '<label><input type="checkbox" id="restore-overwrite"> replace files that differ'
+            '</label><p><button value="ok" id="restore-go">Restore</button> '
+            '<button value="cancel" formnovalidate>Cancel</button></p>'
+            '<p id="restore-state" role="status"></p></form></dialog>')
+
+
+def timeline(snaps: list[dict[str, Any]], sources: list[str]) -> str:
+    """Per device, its snapshots on one time axis; a moment picker browses the device as it
+    was then (the snapshot before it plus the log after that, as `restore --at`)."""
+    by_device: dict[str, list[dict[str, Any]]] = {}
+    for s in snaps:
+        by_device.setdefault(s["device"], []).append(s)
+    options = "".join(f'<option value="{escape(n)}">{escape(n)}</option>' for n in sources)
+    picker = ('<form id="moment" action="/browse" method="get">'
+              '<label>Moment <input type="datetime-local" step="1" name="at" id="moment-at" '
+              'required></label>'
+              f'<label>Source <select name="path" id="moment-source">{options}</select></label>'
+              '<input type="hidden" name="snapshot" value="latest">'
+              '<button type="submit">Browse as it was</button></form>'
+              if sources else "<p>This device has no sources of its own.</p>")
+    if not snaps:
+        return picker + "<p>No snapshots yet.</p>"
+    lo = min(s["time"] for s in snaps)
+    hi = max(s["time"] for s in snaps)
+    lanes = []
+    for device, group in by_device.items():
+        marks = "".join(
+            f'<li data-time="{escape(s["time"])}">'
+            f'{_browse_link(s["id"], "", text=s["time"][:19].replace("T", " "))}</li>'
+            for s in group)
+        lanes.append(f'<section class="lane"><h2>{escape(group[-1]["hostname"])} '
+                     f'<small>{escape(device[:12])}</small></h2>'
+                     f'<ol class="axis">{marks}</ol></section>')
+    return (picker + f'<p class="muted">from {escape(lo)} to {escape(hi)}; between snapshots '
+            "the log holds every change, so any moment can be browsed</p>" + "".join(lanes))

@@ -1,0 +1,156 @@
+// p2pbackup console: live status over server-sent events, restores with progress.
+// No framework, no build step, nothing loaded from elsewhere.
+"use strict";
+
+const csrf = document.querySelector('meta[name="csrf-token"]').content;
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function size(n) {
+  if (n === null || n === undefined) return "";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}
+
+function ago(seconds) {
+  if (!seconds) return "never";
+  const s = Math.max(0, Date.now() / 1000 - seconds);
+  if (s < 90) return Math.round(s) + " s ago";
+  if (s < 5400) return Math.round(s / 60) + " min ago";
+  return Math.round(s / 3600) + " h ago";
+}
+
+function renderStatus(st) {
+  const box = document.getElementById("status");
+  if (!box) return;
+  const rows = [];
+  rows.push(el("p", {}, `p2pbackupd is running (pid ${st.pid}), device ${st.device.slice(0, 12)}`));
+  if (st.paused_for) {
+    rows.push(el("p", {class: "warn"}, `paused: ${st.paused_for.command} writes the store; ` +
+      "changes are captured when it ends"));
+  }
+  const activity = el("ul", {id: "activity"});
+  if (st.log) {
+    activity.append(el("li", {}, `log: segment ${st.log.seq}, sealed ${ago(st.log.last_sealed)}; ` +
+      `${st.log.pending_changes} changes pending`));
+  }
+  const last = st.last_snapshot;
+  activity.append(el("li", {}, "last snapshot: " +
+    (last && last.id ? `${last.id.slice(0, 8)}, ${ago(last.time)}` : "none")));
+  for (const s of st.sources || []) {
+    activity.append(el("li", {}, `source ${s.name}: ${s.path}` + (s.present ? "" : " (missing)")));
+  }
+  rows.push(activity);
+  const peers = el("ul", {id: "peers"});
+  for (const p of st.peers || []) {
+    const where = p.connected ? `connected over the ${p.path}` :
+      (p.on_lan ? "on the LAN, not connected" : "offline");
+    let extra = "";
+    if (p.objects_behind) extra += `; ${p.objects_behind} objects (${size(p.bytes_behind || 0)}) behind`;
+    if (p.last_sync) extra += `; last sync ${ago(p.last_sync)}`;
+    if (p.error) extra += `; ${p.error}`;
+    peers.append(el("li", {class: p.connected ? "online" : "offline"},
+      `${p.name || "?"} (${p.device.slice(0, 12)}): ${where}${extra}`));
+  }
+  rows.push(el("h2", {}, "Devices and partners"));
+  rows.push(st.peers && st.peers.length ? peers : el("p", {class: "muted"},
+    st.lan && !st.lan.enabled ? "LAN discovery is off" : "no other devices paired"));
+  for (const g of st.partner_for || []) {
+    rows.push(el("p", {}, `storage partner for account ${g.account}: ${size(g.used)} used`));
+  }
+  const errors = st.errors || [];
+  rows.push(el("h2", {}, "Warnings"));
+  if (errors.length) {
+    const ul = el("ul", {id: "errors"});
+    for (const e of errors) ul.append(el("li", {class: "error"}, e));
+    rows.push(ul);
+  } else {
+    rows.push(el("p", {class: "muted"}, "none"));
+  }
+  box.replaceChildren(...rows);
+}
+
+function renderJobs(jobs) {
+  const box = document.getElementById("jobs");
+  if (box && jobs.length) {
+    const ul = el("ul", {});
+    for (const j of jobs.slice().reverse()) {
+      const pct = j.expected_bytes ? Math.min(100, Math.round(100 * j.bytes / j.expected_bytes)) : 0;
+      const text = j.state === "running" ? `${pct}% (${j.files} files, ${size(j.bytes)})` : j.result;
+      ul.append(el("li", {class: "job " + j.state, "data-job": String(j.id)},
+        `${j.kind} ${j.what}: ${j.state} — ${text}`));
+    }
+    box.replaceChildren(ul);
+  }
+  const state = document.getElementById("restore-state");
+  const waiting = state && state.dataset.job;
+  if (waiting) {
+    const j = jobs.find((x) => String(x.id) === waiting);
+    if (j) {
+      const pct = j.expected_bytes ? Math.min(100, Math.round(100 * j.bytes / j.expected_bytes)) : 0;
+      state.textContent = j.state === "running" ? `restoring… ${pct}%` : `${j.state}: ${j.result}`;
+      state.className = "job " + j.state;
+    }
+  }
+}
+
+function listen() {
+  const source = new EventSource("/api/events");
+  source.addEventListener("status", (ev) => {
+    const news = JSON.parse(ev.data);
+    renderStatus(news.status);
+    renderJobs(news.jobs);
+  });
+}
+
+async function post(url, body) {
+  const r = await fetch(url, {method: "POST", credentials: "same-origin",
+    headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+    body: JSON.stringify(body)});
+  const data = await r.json();
+  if (!r.ok) throw new Error(data.error || r.statusText);
+  return data;
+}
+
+function setupRestore() {
+  const dialog = document.getElementById("restore-dialog");
+  if (!dialog) return;
+  let chosen = null;
+  for (const b of document.querySelectorAll("button.restore")) {
+    b.addEventListener("click", () => {
+      chosen = b.dataset;
+      document.getElementById("restore-what").textContent = chosen.path;
+      const state = document.getElementById("restore-state");
+      state.textContent = "";
+      delete state.dataset.job;
+      dialog.showModal();
+    });
+  }
+  document.getElementById("restore-go").addEventListener("click", async (ev) => {
+    ev.preventDefault();
+    const to = document.getElementById("restore-to").value.trim();
+    const state = document.getElementById("restore-state");
+    if (!to) { state.textContent = "give a folder"; return; }
+    try {
+      const got = await post("/api/restore", {snapshot: chosen.snapshot, path: chosen.path,
+        at: chosen.at, to, overwrite: document.getElementById("restore-overwrite").checked});
+      state.dataset.job = String(got.job);
+      state.textContent = "restoring…";
+    } catch (e) {
+      state.textContent = "refused: " + e.message;
+      state.className = "job failed";
+    }
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  listen();
+  setupRestore();
+});
