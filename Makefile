@@ -20,10 +20,12 @@ demo: setup
 	$(PY) -m p2pbackup.cli.demo
 
 # Network-namespace tests (pairing over mDNS, transports) need iproute2, the packet-loss test
-# iptables; as root we install them.
+# iptables, the web console's browser tests Debian's chromium (Playwright drives it: never
+# `playwright install`, whose browser download is not reachable); as root we install them.
 sysdeps:
-	@if [ "$$(id -u)" = 0 ] && ! (command -v ip && command -v iptables) >/dev/null; then \
-		apt-get update -qq && apt-get install -y -qq iproute2 iptables; fi
+	@if [ "$$(id -u)" = 0 ] && ! (command -v ip && command -v iptables && \
+			test -x /usr/bin/chromium) >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq iproute2 iptables chromium; fi
 
 test: setup sysdeps
 	$(PY) -m pytest -q -p no:cacheprovider

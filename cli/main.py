@@ -512,6 +512,24 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         print(f"  error: {e}")
 
 
+@app.command()
+def web(no_open: bool = typer.Option(False, "--no-open", help="Only print the address.")
+        ) -> None:
+    """Print (and open in the browser) the address of p2pbackupd's local web console; it
+    signs you in once, for a few minutes."""
+    from p2pbackup import control
+    from p2pbackup.config import load_config
+
+    config = load_config(_home())
+    url = _run(control.request(config.control_socket, "web", timeout=30))["url"]
+    print(url)
+    if not no_open:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            output.note("no browser found here: open the address above in one")
+
+
 @index_app.command("rebuild")
 def index_rebuild() -> None:
     """Recreate the pack index from the packs' trailers."""
