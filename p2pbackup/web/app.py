@@ -38,7 +38,8 @@ PAGE_SIZE = 200        # entries per page of a folder
 MAX_PAGE_SIZE = 1000
 EVENT_INTERVAL = 0.5   # seconds between looks at the status for a change to push
 KEEPALIVE = 15.0       # seconds of no change before a comment keeps the stream open
-PLAN_CACHE = 4         # recent (snapshot, moment) plans and folder listings kept for paging
+PLAN_CACHE = 4         # recent (snapshot, moment) plans kept for paging
+FOLDER_CACHE = 2       # recent folder listings kept for paging (100,000 entries: ~25 MiB)
 # Counters that move every second: a change in them alone is not news worth pushing.
 _TICKING = ("uptime_seconds", "next_snapshot_in", "next_seal_in")
 _STATIC = ("console.js", "console.css")
@@ -140,6 +141,7 @@ class Console:
         self._plans: collections.OrderedDict[tuple, tuple[StoredSnapshot,
                                                           dict[str, Overlay] | None]] = \
             collections.OrderedDict()
+        self._found: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self.app = web.Application(middlewares=[middleware(self.gate)],
                                    client_max_size=64 * 1024)
         self.app.add_routes([
@@ -195,8 +197,9 @@ class Console:
 
     async def _plan(self, ref: str, at_ns: int | None, path: str
                     ) -> tuple[StoredSnapshot, dict[str, Overlay] | None]:
+        # `latest` moves with each new snapshot; a moment's plan (a log replay) does not.
         key = (ref, at_ns, path.split("/", 1)[0])
-        got = self._plans.get(key)
+        got = self._plans.get(key) if (ref, at_ns) != ("latest", None) else None
         if got is None:
             stored, overlays, _ = await plan(self.backend.repo, ref, at_ns,
                                              sources=self.backend.sources, path=path or None)
@@ -211,11 +214,21 @@ class Console:
         q = request.query
         ref = q.get("snapshot", "latest") or "latest"
         path = q.get("path", "").strip("/")
-        stored, overlays = await self._plan(ref, self._at_ns(request), path)
+        at_ns = self._at_ns(request)
+        stored, overlays = await self._plan(ref, at_ns, path)
         reader = Restorer.reader(self.backend.repo, overlays)
         if not path and len(stored.snapshot.sources) > 1:
             return stored, reader, None, path
-        found = await asyncio.to_thread(reader.find, stored, path or None)
+        # A folder of 100,000 entries takes most of a second to decode: its pages share it.
+        key = (stored.id, at_ns, path)
+        found = self._found.get(key)
+        if found is None:
+            found = await asyncio.to_thread(reader.find, stored, path or None)
+            self._found[key] = found
+            while len(self._found) > FOLDER_CACHE:
+                self._found.popitem(last=False)
+        else:
+            self._found.move_to_end(key)
         return stored, reader, found, path
 
     async def tree(self, request: web.Request) -> dict[str, Any]:

@@ -35,3 +35,21 @@ def test_plain_names_are_kept(tmp_path: Path):
     home = _home(tmp_path, [{"name": "docs", "path": "/a"}, {"name": "..hidden", "path": "/b"},
                             {"name": "naïve – x", "path": "/c"}])
     assert [s.name for s in load_config(home).sources] == ["docs", "..hidden", "naïve – x"]
+
+
+@pytest.mark.parametrize("web, error", [
+    ({"listen": "0.0.0.0"}, r"web.listen.*127.0.0.1, ::1"),
+    ({"port": 70000}, r"web.port"),
+    ({"enabled": "yes"}, r"web.enabled"),
+])
+def test_the_web_console_listens_on_loopback_only(tmp_path: Path, web: dict, error: str):
+    home = _home(tmp_path, [])
+    with open(home / "config.toml", "a") as f:
+        f.write(tomli_w.dumps({"web": web}))
+    with pytest.raises(ConfigError, match=error):
+        load_config(home)
+
+
+def test_web_console_defaults(tmp_path: Path):
+    web = load_config(_home(tmp_path, [])).web
+    assert (web.enabled, web.port, web.listen) == (True, 0, "127.0.0.1")

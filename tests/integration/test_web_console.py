@@ -1,0 +1,91 @@
+"""The web console's API without a browser: a huge folder opens paged, live status is pushed
+only when it changes, and `p2pbackup web` without a daemon is a clear error."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+
+from p2pbackup.backup.snapshot import take_snapshot
+from p2pbackup.config import Source
+from p2pbackup.web.app import Backend, Console
+from tests.adversary.test_web_console import _login
+from tests.conftest import Cli
+from tests.unit.backup.conftest import repo  # noqa: F401  (the fixture)
+
+ENTRIES = 100_000
+
+
+async def _status() -> dict:
+    return {"device": "d" * 64, "pid": 1, "peers": [], "errors": []}
+
+
+async def test_a_folder_of_100000_entries_opens_paged(repo, tmp_path: Path):
+    big = tmp_path / "src" / "big"
+    big.mkdir(parents=True)
+    for i in range(ENTRIES):
+        os.close(os.open(big / f"f{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    await take_snapshot(repo, (Source("src", str(tmp_path / "src")),),
+                        temp_dir=str(tmp_path / "tmp"))
+    c = Console(Backend(repo, (), _status))
+    port = await c.start("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            cookie, _ = await _login(c, base, http)
+            headers = {"Cookie": cookie}
+            started = time.monotonic()
+            async with http.get(f"{base}/api/tree?path=src/big", headers=headers) as r:
+                first = await r.json()
+            took = time.monotonic() - started
+            async with http.get(f"{base}/api/tree?path=src/big&offset={ENTRIES - 50}",
+                                headers=headers) as r:
+                last = await r.json()
+            async with http.get(f"{base}/browse?path=src/big&offset=200",
+                                headers=headers) as r:
+                page = await r.text()
+    finally:
+        await c.close()
+    print(f"first page of {ENTRIES} entries in {took:.2f} s")
+    assert first["total"] == ENTRIES and len(first["entries"]) == first["limit"] == 200
+    assert first["entries"][0]["name"] == "f000000" and first["entries"][0]["type"] == "file"
+    assert [e["name"] for e in last["entries"]] == [f"f{i:06d}" for i in range(ENTRIES - 50,
+                                                                                ENTRIES)]
+    assert "201–400 of 100000 entries" in page and "f000200" in page and "f000400" not in page
+    assert 'rel="next"' in page and 'rel="prev"' in page
+
+
+async def test_status_is_pushed_when_it_changes_not_as_it_ticks(repo):
+    seen = {"seq": 1, "uptime_seconds": 0.0}
+
+    async def status() -> dict:
+        seen["uptime_seconds"] += 1.0  # moves at every look: not news on its own
+        return {"log": {"seq": seen["seq"], "next_seal_in": seen["uptime_seconds"]},
+                "uptime_seconds": seen["uptime_seconds"]}
+
+    looks = 0
+
+    async def sleep(_: float) -> None:
+        nonlocal looks
+        looks += 1
+        if looks == 3:
+            seen["seq"] = 2
+
+    c = Console(Backend(repo, (), status), sleep=sleep, event_interval=1.0)
+    stream = c.events()
+    first = await anext(stream)
+    second = await anext(stream)
+    await stream.aclose()
+    assert first.startswith("event: status\n") and '"seq": 1' in first
+    assert '"seq": 2' in second
+    assert looks == 3  # the two looks in between changed only ticking counters: nothing sent
+
+
+def test_web_without_a_daemon_is_a_clear_error(cli: Cli, tmp_path: Path):
+    cli("init")
+    proc = cli("web", "--no-open", check=False)
+    assert proc.returncode == 19 and "not running" in proc.stderr
+    assert "Traceback" not in proc.stderr
