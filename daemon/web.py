@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from p2pbackup.config import Config
@@ -19,9 +20,10 @@ class WebService:
     """The console if `[web] enabled`; what went wrong starting it otherwise."""
 
     def __init__(self, config: Config, repo: Repository,
-                 status: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+                 status: Callable[[], Awaitable[dict[str, Any]]],
+                 reading: Callable[[], AbstractAsyncContextManager[None]]) -> None:
         self.config = config
-        self.console = Console(Backend(repo, config.sources, status)) \
+        self.console = Console(Backend(repo, config.sources, status, reading)) \
             if config.web.enabled else None
         self.port = 0
         self.error = "" if config.web.enabled else "off ([web] enabled = false in config.toml)"

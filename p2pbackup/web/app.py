@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import json
 import os
 import stat as statmod
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -54,6 +56,9 @@ class Backend:
     repo: Repository
     sources: Sequence[Source]
     status: Status
+    # Held while the repository is read: the daemon's gate, so a pause (another process
+    # writing the store) waits for reads in progress and later reads wait for it.
+    reading: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext
 
 
 @dataclass(slots=True)
@@ -144,22 +149,30 @@ class Console:
         self._found: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self.app = web.Application(middlewares=[middleware(self.gate)],
                                    client_max_size=64 * 1024)
+        reads = self._reading
         self.app.add_routes([
             web.get("/", self.status_page),
-            web.get("/snapshots", self.snapshots_page),
-            web.get("/browse", self.browse_page),
-            web.get("/timeline", self.timeline_page),
+            web.get("/snapshots", reads(self.snapshots_page)),
+            web.get("/browse", reads(self.browse_page)),
+            web.get("/timeline", reads(self.timeline_page)),
             web.get("/static/{name}", self.static),
             web.get("/api/status", self.api_status),
-            web.get("/api/snapshots", self.api_snapshots),
-            web.get("/api/tree", self.api_tree),
-            web.get("/api/file", self.api_file),
-            web.post("/api/restore", self.api_restore),
+            web.get("/api/snapshots", reads(self.api_snapshots)),
+            web.get("/api/tree", reads(self.api_tree)),
+            web.get("/api/file", reads(self.api_file)),
+            web.post("/api/restore", reads(self.api_restore)),
             web.get("/api/jobs", self.api_jobs),
             web.get("/api/events", self.api_events),
         ])
         self.app.on_shutdown.append(lambda _app: self.jobs.close())
         self._runner: web.AppRunner | None = None
+
+    def _reading(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            async with self.backend.reading():
+                return await handler(request)
+        return guarded
 
     # ---- serving -------------------------------------------------------------------------
 
@@ -319,9 +332,10 @@ class Console:
 
         async def work() -> str:
             # Threads, not forked workers: the daemon's process holds sockets and threads.
-            s = await restore(self.backend.repo, stored, to, sub=path or None,
-                              overwrite=overwrite, progress=progress, overlays=overlays,
-                              processes=False)
+            async with self.backend.reading():
+                s = await restore(self.backend.repo, stored, to, sub=path or None,
+                                  overwrite=overwrite, progress=progress, overlays=overlays,
+                                  processes=False)
             problems = len(s.failed) + len(s.damaged) + len(s.warnings)
             return (f"restored {s.files_restored} files, {s.dirs} folders to {to}"
                     + (f"; {problems} entries not restored whole (see the daemon's log)"
