@@ -517,7 +517,7 @@ async def serve(home: Path | None) -> int:
         if mine:
             d.last_snapshot = (mine[-1].id, mine[-1].snapshot.time_ns)
         ops = AccountOps(d)
-        d.web = WebService(config, dev.repo, d.status, d.gate.passing)
+        d.web = WebService(config, dev, d.status, d.gate.passing, ops.handlers())
         await d.web.start()
         server = ControlServer(config.control_socket, {"status": d.status,
                                                        "snapshot": d.snapshot,

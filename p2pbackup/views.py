@@ -41,3 +41,17 @@ def verify_json(report: Any) -> dict[str, Any]:
             "segments": report.segments, "trees": report.trees, "packs": report.packs,
             "blobs_read": report.blobs_read,
             "damage": [damage_json(d) for d in report.damage]}
+
+
+def member_json(m: Any, me: str) -> dict[str, Any]:
+    return {"id": m.device_id, "name": m.name, "role": m.role,
+            "sources": list(m.scopes) if m.scopes is not None else None,
+            "quota": m.quota, "added": iso_time(m.added_ns) if m.added_ns else None,
+            "this_device": m.device_id == me}
+
+
+def membership_json(current: Any, me: str) -> dict[str, Any]:
+    """`devices --json`."""
+    return {"version": current.seq, "key_epoch": current.epoch,
+            "devices": [member_json(m, me) for m in current.members],
+            "removed": list(current.removed)}

@@ -15,7 +15,7 @@ import json
 import os
 import stat as statmod
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -59,6 +59,12 @@ class Backend:
     # Held while the repository is read: the daemon's gate, so a pause (another process
     # writing the store) waits for reads in progress and later reads wait for it.
     reading: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext
+    # `devices --json`; None where there is no account (the Devices page says so).
+    devices: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    # The daemon's account handlers (pair_start, pair_wait, pair_answer, devices_remove), the
+    # ones `p2pbackup pair` and `devices remove` use over the control socket.
+    account: Mapping[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = \
+        field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -162,6 +168,12 @@ class Console:
             web.get("/api/file", reads(self.api_file)),
             web.post("/api/restore", reads(self.api_restore)),
             web.get("/api/jobs", self.api_jobs),
+            web.get("/devices", self.devices_page),
+            web.get("/api/devices", self.api_devices),
+            web.post("/api/devices/remove", self.account_call("devices_remove")),
+            web.post("/api/pair/start", self.api_pair_start),
+            web.post("/api/pair/wait", self.account_call("pair_wait")),
+            web.post("/api/pair/answer", self.account_call("pair_answer")),
             web.get("/api/events", self.api_events),
         ])
         self.app.on_shutdown.append(lambda _app: self.jobs.close())
@@ -343,6 +355,67 @@ class Console:
         job = self.jobs.start("restore", f"{stored.short_id}:{path or '/'} to {to}", progress,
                               work)
         return _json({"job": job.id})
+
+    # ---- devices -------------------------------------------------------------------------
+
+    async def device_list(self) -> dict[str, Any]:
+        if self.backend.devices is None:
+            raise NotFound("this home has no account devices (a storage partner only)")
+        doc = await self.backend.devices()
+        peers = {p["device"]: p for p in (await self.backend.status()).get("peers", [])}
+        for d in doc["devices"]:
+            d["peer"] = peers.get(d["id"])
+        return doc
+
+    async def api_devices(self, request: web.Request) -> web.Response:
+        return await _answer(self.device_list())
+
+    async def devices_page(self, request: web.Request) -> web.Response:
+        try:
+            doc = await self.device_list()
+        except P2PError as exc:
+            return self._page(request, "Devices", pages.problem(str(exc)))
+        return self._page(request, "Devices",
+                          pages.devices(doc, can_change="devices_remove" in self.backend.account))
+
+    def account_call(self, name: str, **fixed: Any
+                     ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """A POST that hands its JSON object to the daemon's control handler `name`."""
+        async def call(request: web.Request) -> web.Response:
+            handler = self.backend.account.get(name)
+            if handler is None:
+                return _json({"error": "not available here", "exit": 1}, status=404)
+            try:
+                args = await request.json()
+            except ValueError:
+                args = None
+            if not isinstance(args, dict):
+                return _json({"error": "the request is not a JSON object", "exit": 20},
+                             status=400)
+            try:
+                return _json(await handler({**args, **fixed}))
+            except P2PError as exc:
+                return _error(exc)
+        return call
+
+    async def api_pair_start(self, request: web.Request) -> web.Response:
+        """A pairing code for a new device of this account, and its QR code (an SVG made
+        here: nothing is fetched from elsewhere)."""
+        import base64
+
+        import qrcode
+        import qrcode.image.svg
+
+        from ..crypto.pairing import qr_text
+
+        response = await self.account_call("pair_start", role="owner")(request)
+        if response.status != 200 or response.text is None:
+            return response
+        started = json.loads(response.text)
+        svg = qrcode.make(qr_text(started["code"]),
+                          image_factory=qrcode.image.svg.SvgPathImage).to_string()
+        started["qr"] = "data:image/svg+xml;base64," + base64.b64encode(svg).decode()
+        return _json(started)
 
     async def api_jobs(self, request: web.Request) -> web.Response:
         return _json(self.jobs.view())

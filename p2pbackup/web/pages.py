@@ -9,7 +9,8 @@ from urllib.parse import urlencode
 
 from ..sizes import format_size
 
-NAV = (("/", "Status"), ("/snapshots", "Snapshots"), ("/timeline", "Timeline"))
+NAV = (("/", "Status"), ("/snapshots", "Snapshots"), ("/timeline", "Timeline"),
+       ("/devices", "Devices"))
 
 
 def layout(title: str, body: str, csrf: str) -> str:
@@ -139,3 +140,48 @@ def timeline(snaps: list[dict[str, Any]], sources: list[str]) -> str:
                      f'<ol class="axis">{marks}</ol></section>')
     return (picker + f'<p class="muted">from {escape(lo)} to {escape(hi)}; between snapshots '
             "the log holds every change, so any moment can be browsed</p>" + "".join(lanes))
+
+
+def devices(doc: dict[str, Any], can_change: bool) -> str:
+    """The account's devices and partners with their state; remove one; pair a new one."""
+    rows = []
+    for d in doc["devices"]:
+        peer = d.get("peer")
+        if d["this_device"]:
+            state = "this device"
+        elif peer is None:
+            state = "offline"
+        elif peer.get("connected"):
+            state = f"online, over the {peer.get('path') or 'data channel'}"
+        else:
+            state = "on the LAN, not connected" if peer.get("on_lan") else "offline"
+        extra = []
+        if peer and peer.get("objects_behind"):
+            extra.append(f"{peer['objects_behind']} objects "
+                         f"({format_size(peer.get('bytes_behind') or 0)}) behind")
+        if d["sources"] is not None:
+            extra.append("sources " + ", ".join(d["sources"]))
+        if d["quota"] is not None:
+            extra.append(f"quota {format_size(d['quota'])}")
+        remove = (f'<button class="remove" data-device="{escape(d["id"])}" '
+                  f'data-name="{escape(d["name"])}">remove…</button>'
+                  if can_change and not d["this_device"] else "")
+        cls = "online" if state.startswith("online") or d["this_device"] else "offline"
+        rows.append(f'<tr data-device="{escape(d["id"])}"><td>{escape(d["name"])}<br>'
+                    f'<small>{escape(d["id"][:12])}</small></td><td>{escape(d["role"])}</td>'
+                    f'<td class="{cls} state">{escape(state)}</td>'
+                    f'<td>{escape("; ".join(extra))}</td><td>{remove}</td></tr>')
+    pair = ('<h2>Add a device</h2><p><button id="pair-start">Show a pairing code</button></p>'
+            '<section id="pair" hidden><p>On the new device run '
+            '<code>p2pbackup pair <span id="pair-code"></span></code>, or scan:</p>'
+            '<img id="pair-qr" alt="QR code of the pairing code" width="180" height="180">'
+            '<p id="pair-state" role="status">waiting for the new device…</p>'
+            '<p id="pair-question" hidden>Does the other device show <strong '
+            'id="pair-verifier"></strong>? <button id="pair-yes">Yes, the same</button> '
+            '<button id="pair-no">No</button></p></section>' if can_change else "")
+    removed = (f'<p class="muted">removed: {escape(", ".join(r[:12] for r in doc["removed"]))}'
+               "</p>" if doc["removed"] else "")
+    return (f'<p>membership version {doc["version"]}, key epoch {doc["key_epoch"]}</p>'
+            '<table class="list" id="devices"><thead><tr><th>Device</th><th>Role</th>'
+            f'<th>State</th><th></th><th></th></tr></thead><tbody>{"".join(rows)}</tbody>'
+            f'</table>{removed}<p id="remove-state" role="status"></p>{pair}')

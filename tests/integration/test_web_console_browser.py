@@ -134,3 +134,40 @@ def test_a_moment_picked_in_the_timeline_shows_that_version(browser, device, tmp
     got.value.save_as(saved)
     assert saved.read_text() == "version 2, after the snapshot\n"
     page.close()
+
+
+def test_pair_a_device_from_the_page_then_remove_it(browser, device, tmp_path: Path):
+    cli, _, _ = device
+    page = _sign_in(browser, cli)
+    page.click("nav >> text=Devices")
+    assert "this device" in page.inner_text("#devices")
+    page.click("#pair-start")
+    page.wait_for_selector("#pair-qr[src^='data:']")  # (the page's CSP forbids eval)
+    shown = page.inner_text("#pair-code")  # CODE --peer 127.0.0.1:PORT (the LAN is off here)
+    assert page.get_attribute("#pair-qr", "src").startswith("data:image/svg+xml;base64,")
+    code, _, peer = shown.split()
+    phone = Cli(tmp_path / "home-phone")
+    joining = phone.popen("pair", code, "--peer", peer, "--name", "phone")
+    try:
+        page.wait_for_selector("#pair-question:not([hidden])", timeout=60_000)
+        verifier = page.inner_text("#pair-verifier")
+        page.click("#pair-yes")
+        page.wait_for_selector("#pair-state.done", timeout=60_000)
+        out, err = joining.communicate(timeout=60)
+    finally:
+        if joining.poll() is None:
+            joining.kill()
+            joining.wait()
+    assert joining.returncode == 0, err
+    assert f"Verification: {verifier}" in out
+    page.reload()
+    row = page.locator("#devices tr:has-text('phone')")
+    assert "offline" in row.inner_text()  # paired, its daemon not running
+    # Remove it, after saying yes to the confirmation.
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.locator("button.remove").click()
+    page.wait_for_selector("#remove-state.done")
+    assert "recovery code" in page.inner_text("#remove-state")
+    after = json.loads(cli("devices", "--json").stdout)
+    assert [d["this_device"] for d in after["devices"]] == [True] and len(after["removed"]) == 1
+    page.close()

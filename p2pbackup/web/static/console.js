@@ -150,7 +150,65 @@ function setupRestore() {
   });
 }
 
+function setupDevices() {
+  for (const b of document.querySelectorAll("button.remove")) {
+    b.addEventListener("click", async () => {
+      const state = document.getElementById("remove-state");
+      if (!window.confirm(`Remove ${b.dataset.name}? It is refused from now on and new ` +
+                          "data uses keys it never had.")) return;
+      try {
+        const r = await post("/api/devices/remove", {device: b.dataset.device});
+        state.className = "done";
+        state.textContent = `removed ${r.removed.name}; key epoch is now ${r.key_epoch}. ` +
+          `Write down the new recovery code (it opens everything): ${r.recovery_code}`;
+        b.closest("tr").remove();
+      } catch (e) {
+        state.className = "error";
+        state.textContent = "not removed: " + e.message;
+      }
+    });
+  }
+  const start = document.getElementById("pair-start");
+  if (!start) return;
+  start.addEventListener("click", async () => {
+    const box = document.getElementById("pair");
+    const state = document.getElementById("pair-state");
+    const question = document.getElementById("pair-question");
+    box.hidden = false;
+    start.disabled = true;
+    try {
+      const p = await post("/api/pair/start", {});
+      document.getElementById("pair-code").textContent = p.code +
+        (p.lan === false ? ` --peer 127.0.0.1:${p.port}` : "");
+      document.getElementById("pair-qr").src = p.qr;
+      state.textContent = `waiting for the new device (the code works once, for ` +
+        `${Math.round(p.expires_in / 60)} minutes)…`;
+      let got = await post("/api/pair/wait", {code: p.code, questions: true});
+      if (got.state === "question") {
+        document.getElementById("pair-verifier").textContent = got.verifier;
+        question.hidden = false;
+        state.textContent = `${got.name} proved the code and asks to join as ${got.role}`;
+        const accept = await new Promise((resolve) => {
+          document.getElementById("pair-yes").onclick = () => resolve(true);
+          document.getElementById("pair-no").onclick = () => resolve(false);
+        });
+        question.hidden = true;
+        await post("/api/pair/answer", {code: p.code, accept});
+        got = await post("/api/pair/wait", {code: p.code});
+      }
+      state.className = got.ok ? "done" : "failed";
+      state.textContent = (got.ok ? "paired: " : "not paired: ") + got.message;
+    } catch (e) {
+      state.className = "failed";
+      state.textContent = "pairing failed: " + e.message;
+    } finally {
+      start.disabled = false;
+    }
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   listen();
   setupRestore();
+  setupDevices();
 });
