@@ -12,7 +12,7 @@ from typing import Any, Optional
 import typer
 
 from p2pbackup.errors import EXIT_PARTIAL, ConfigError, IntegrityError, P2PError
-from p2pbackup.views import damage_json, snapshot_json, verify_json
+from p2pbackup.views import damage_json, snapshot_json, verify_json, verify_lines
 
 from . import output
 from .account_cmds import devices_app, pair, recover
@@ -267,16 +267,7 @@ def verify(read_data: bool = typer.Option(False, "--read-data",
     if as_json:
         print(json.dumps(verify_json(report), indent=2))
     else:
-        for d in report.damage:
-            print(f"damaged: {d.line()}")
-        checked = (f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
-                   + (f", {report.segments} log segments" if report.segments else "")
-                   + (f", {report.blobs_read} blobs read" if read_data else ""))
-        unread = "" if read_data else \
-            "; data not read (`verify --read-data` decrypts and checks every blob)"
-        n = len(report.damage)
-        print(f"{'no problems found' if report.ok else f'{n} problem' + 's' * (n != 1)} "
-              f"({checked}){unread}")
+        print("\n".join(verify_lines(report)))
     if not report.ok:
         raise typer.Exit(IntegrityError.exit_code)
 

@@ -43,6 +43,20 @@ def verify_json(report: Any) -> dict[str, Any]:
             "damage": [damage_json(d) for d in report.damage]}
 
 
+def verify_lines(report: Any) -> list[str]:
+    """`verify`'s result in words: each damage, then the summary line."""
+    lines = [f"damaged: {d.line()}" for d in report.damage]
+    checked = (f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
+               + (f", {report.segments} log segments" if report.segments else "")
+               + (f", {report.blobs_read} blobs read" if report.read_data else ""))
+    unread = "" if report.read_data else \
+        "; data not read (`verify --read-data` decrypts and checks every blob)"
+    n = len(report.damage)
+    lines.append(f"{'no problems found' if report.ok else f'{n} problem' + 's' * (n != 1)} "
+                 f"({checked}){unread}")
+    return lines
+
+
 def member_json(m: Any, me: str) -> dict[str, Any]:
     return {"id": m.device_id, "name": m.name, "role": m.role,
             "sources": list(m.scopes) if m.scopes is not None else None,

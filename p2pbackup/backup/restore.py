@@ -403,11 +403,15 @@ class Restorer:
         assert found is not None
         return found
 
-    def content(self, res: _Resolved) -> Iterator[bytes | bytearray | memoryview]:
-        """The bytes of the file `res` names, read, authenticated and decoded piece by piece
-        as written files get them (blocking: iterate in a thread)."""
-        assert res.entry is not None and res.entry.type == FILE
-        return self._content(res.scope, res.entry, {})
+    def content(self, scope: str, entry: TreeEntry) -> Iterator[bytes | bytearray | memoryview]:
+        """The bytes of a file of source `scope`, read, authenticated and decoded piece by
+        piece as restore writes them (blocking: iterate in a thread)."""
+        assert entry.type == FILE
+        return self._content(scope, entry, {})
+
+    def listing(self, scope: str, parts: Parts, entry: TreeEntry) -> Tree:
+        """The folder `entry` at `parts` (source name first), with the replayed log on top."""
+        return self._tree(scope, parts, entry.subtree)
 
     # ---- conflicts -----------------------------------------------------------------------
 

@@ -12,10 +12,11 @@ import collections
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import stat as statmod
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -26,15 +27,19 @@ from aiohttp import web
 from ..backup.names import show_path
 from ..backup.pointintime import Overlay, plan
 from ..backup.restore import Restorer, RestoreProgress, restore
+from ..backup.verify import VerifyProgress, verify
 from ..config import Source
-from ..errors import NotFound, P2PError
+from ..errors import IntegrityError, NotFound, P2PError
 from ..format.records import DIR, FILE, SYMLINK
 from ..repo.repository import Repository
 from ..repo.snapshots import StoredSnapshot
 from ..timeparse import TimeFormatError, parse_time
-from ..views import iso_time, snapshot_json
+from ..views import iso_time, snapshot_json, verify_lines
 from . import pages
+from .archive import tar_stream
 from .security import SESSION, Gate, middleware
+
+log = logging.getLogger("p2pbackup.web")
 
 PAGE_SIZE = 200        # entries per page of a folder
 MAX_PAGE_SIZE = 1000
@@ -72,16 +77,14 @@ class Job:
     id: int
     kind: str
     what: str
-    progress: RestoreProgress
+    counters: Callable[[], dict[str, int]]  # its progress: bytes, expected_bytes, ...
     state: str = "running"     # running, done, failed
     result: str = ""
     started: float = field(default_factory=time.time)
 
     def view(self) -> dict[str, Any]:
-        p = self.progress
         return {"id": self.id, "kind": self.kind, "what": self.what, "state": self.state,
-                "files": p.files, "bytes": p.bytes, "expected_bytes": p.expected_bytes,
-                "result": self.result}
+                **self.counters(), "result": self.result}
 
 
 class Jobs:
@@ -94,9 +97,9 @@ class Jobs:
         self._tasks: set[asyncio.Task[None]] = set()
         self._next = 1
 
-    def start(self, kind: str, what: str, progress: RestoreProgress,
+    def start(self, kind: str, what: str, counters: Callable[[], dict[str, int]],
               work: Callable[[], Awaitable[str]]) -> Job:
-        job = Job(self._next, kind, what, progress)
+        job = Job(self._next, kind, what, counters)
         self._next += 1
         self._jobs[job.id] = job
         while len(self._jobs) > self.KEEP:
@@ -166,8 +169,11 @@ class Console:
             web.get("/api/snapshots", reads(self.api_snapshots)),
             web.get("/api/tree", reads(self.api_tree)),
             web.get("/api/file", reads(self.api_file)),
+            web.get("/api/archive", reads(self.api_archive)),
             web.post("/api/restore", reads(self.api_restore)),
             web.get("/api/jobs", self.api_jobs),
+            web.get("/verify", self.verify_page),
+            web.post("/api/verify", self.api_verify),
             web.get("/devices", self.devices_page),
             web.get("/api/devices", self.api_devices),
             web.post("/api/devices/remove", self.account_call("devices_remove")),
@@ -301,24 +307,25 @@ class Console:
             _, reader, found, path = await self._find(request)
             if found is None or found.entry is None or found.entry.type != FILE:
                 raise NotFound(f"{path or '/'} is not a file in this snapshot")
-            pieces = reader.content(found)
-            first = await asyncio.to_thread(next, pieces, None)
+            entry = found.entry
+            return await _stream(request, reader.content(found.scope, entry),
+                                 show_path(entry.name), "application/octet-stream",
+                                 size=entry.size)
         except P2PError as exc:
             return _error(exc)
-        name = show_path(found.entry.name)
-        response = web.StreamResponse(headers={
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(found.entry.size),
-            "Content-Disposition": _attachment(name)})
-        await response.prepare(request)
-        piece = first
-        # One piece at a time from a worker thread: a file of any size streams in the
-        # memory of one read batch, and the event loop never waits on the store.
-        while piece is not None:
-            await response.write(bytes(piece))
-            piece = await asyncio.to_thread(next, pieces, None)
-        await response.write_eof()
-        return response
+
+    async def api_archive(self, request: web.Request) -> web.StreamResponse:
+        """A folder as a tar archive, streamed from the repository."""
+        try:
+            stored, reader, found, path = await self._find(request)
+            if found is None or found.tree is None:
+                raise NotFound(f"{path or '/'} is not one folder of this snapshot (give a "
+                               "source or a folder in one)")
+            pieces = tar_stream(reader, found.scope, found.parts, found.entry, found.tree)
+            return await _stream(request, pieces, show_path(found.parts[-1]) + ".tar",
+                                 "application/x-tar")
+        except P2PError as exc:
+            return _error(exc)
 
     async def api_restore(self, request: web.Request) -> web.Response:
         try:
@@ -352,9 +359,38 @@ class Console:
             return (f"restored {s.files_restored} files, {s.dirs} folders to {to}"
                     + (f"; {problems} entries not restored whole (see the daemon's log)"
                        if problems else ""))
-        job = self.jobs.start("restore", f"{stored.short_id}:{path or '/'} to {to}", progress,
-                              work)
+        job = self.jobs.start("restore", f"{stored.short_id}:{path or '/'} to {to}",
+                              lambda: {"files": progress.files, "bytes": progress.bytes,
+                                       "expected_bytes": progress.expected_bytes}, work)
         return _json({"job": job.id})
+
+    async def api_verify(self, request: web.Request) -> web.Response:
+        try:
+            args = await request.json()
+        except ValueError:
+            args = None
+        if not isinstance(args, dict) or not isinstance(args.get("read_data", False), bool):
+            return _json({"error": "give {\"read_data\": true or false}", "exit": 2},
+                         status=400)
+        read_data = args.get("read_data", False)
+        progress = VerifyProgress()
+
+        async def work() -> str:
+            async with self.backend.reading():
+                report = await verify(self.backend.repo, read_data=read_data,
+                                      progress=progress)
+            if not report.ok:  # the job fails, and says what is damaged
+                raise IntegrityError("\n".join(verify_lines(report)))
+            return "\n".join(verify_lines(report))
+        job = self.jobs.start("verify", "with --read-data" if read_data else "",
+                              lambda: {"packs": progress.packs,
+                                       "total_packs": progress.total_packs,
+                                       "bytes": progress.bytes,
+                                       "expected_bytes": progress.expected_bytes}, work)
+        return _json({"job": job.id})
+
+    async def verify_page(self, request: web.Request) -> web.Response:
+        return self._page(request, "Verify", pages.verify())
 
     # ---- devices -------------------------------------------------------------------------
 
@@ -444,8 +480,8 @@ class Console:
         try:
             async for message in self.events():
                 await response.write(message.encode())
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+        except ConnectionError:
+            pass  # the page was closed
         return response
 
     # ---- pages ---------------------------------------------------------------------------
@@ -487,6 +523,32 @@ def _without_ticking(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_without_ticking(v) for v in obj]
     return obj
+
+
+async def _stream(request: web.Request, pieces: Iterator[bytes | bytearray | memoryview],
+                  name: str, kind: str, size: int | None = None) -> web.StreamResponse:
+    """Send what `pieces` (blocking: read, authenticated and decoded from the store) yields,
+    one piece at a time from a worker thread, so that any size streams in the memory of one
+    read batch and the event loop never waits on the store. A P2PError before the first
+    byte is the answer; one after it ends the download short (the browser says it failed)."""
+    first = await asyncio.to_thread(next, pieces, None)
+    headers = {"Content-Type": kind, "Content-Disposition": _attachment(name)}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    piece = first
+    try:
+        while piece is not None:
+            await response.write(bytes(piece))
+            piece = await asyncio.to_thread(next, pieces, None)
+    except P2PError as exc:
+        log.error("download of %s ended short: %s", name, exc)
+        if request.transport is not None:
+            request.transport.close()  # cut short: never a file that looks whole
+        return response
+    await response.write_eof()
+    return response
 
 
 def _attachment(name: str) -> str:

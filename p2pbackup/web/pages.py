@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 from ..sizes import format_size
 
 NAV = (("/", "Status"), ("/snapshots", "Snapshots"), ("/timeline", "Timeline"),
-       ("/devices", "Devices"))
+       ("/devices", "Devices"), ("/verify", "Verify"))
 
 
 def layout(title: str, body: str, csrf: str) -> str:
@@ -75,7 +75,10 @@ def browse(listing: dict[str, Any], at: str) -> str:
     rows = []
     for e in listing["entries"]:
         if e["type"] == "dir":
-            name = _browse_link(ref, e["path"], at, e["name"] + "/")
+            q = {"snapshot": ref, "path": e["path"], **({"at": at} if at else {})}
+            name = (_browse_link(ref, e["path"], at, e["name"] + "/") +
+                    f' <a class="download archive" download '
+                    f'href="/api/archive?{escape(urlencode(q))}">.tar</a>')
         elif e["type"] == "file":
             q = {"snapshot": ref, "path": e["path"], **({"at": at} if at else {})}
             name = (f'{escape(e["name"])} <a class="download" download '
@@ -185,3 +188,11 @@ def devices(doc: dict[str, Any], can_change: bool) -> str:
             '<table class="list" id="devices"><thead><tr><th>Device</th><th>Role</th>'
             f'<th>State</th><th></th><th></th></tr></thead><tbody>{"".join(rows)}</tbody>'
             f'</table>{removed}<p id="remove-state" role="status"></p>{pair}')
+
+
+def verify() -> str:
+    return ('<p>Check that every snapshot, tree and pack is there and signed; reading the '
+            "data also decrypts and checks every blob (slower).</p>"
+            '<p><button class="verify" data-read="false">Verify</button> '
+            '<button class="verify" data-read="true">Verify and read all data</button></p>'
+            '<pre id="verify-state" role="status"></pre>')

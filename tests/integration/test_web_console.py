@@ -89,3 +89,43 @@ def test_web_without_a_daemon_is_a_clear_error(cli: Cli, tmp_path: Path):
     proc = cli("web", "--no-open", check=False)
     assert proc.returncode == 19 and "not running" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_a_folder_downloads_as_a_tar_of_what_the_snapshot_holds(repo, sample_tree: Path,
+                                                                      tmp_path: Path):
+    import io
+    import tarfile
+
+    await take_snapshot(repo, (Source("src", str(sample_tree)),),
+                        temp_dir=str(tmp_path / "tmp"))
+    c = Console(Backend(repo, (), _status))
+    port = await c.start("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            cookie, _ = await _login(c, base, http)
+            async with http.get(f"{base}/api/archive?path=src", headers={"Cookie": cookie}) as r:
+                assert r.status == 200 and "src.tar" in r.headers["Content-Disposition"]
+                body = await r.read()
+            async with http.get(f"{base}/api/archive?path=src/big.bin",
+                                headers={"Cookie": cookie}) as r:
+                assert r.status == 404 and "not one folder" in (await r.json())["error"]
+    finally:
+        await c.close()
+    base_b = os.fsencode(str(sample_tree))
+    expected = {}
+    for dirpath, dirnames, filenames in os.walk(base_b):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.join(b"src", os.path.relpath(p, base_b))
+            expected[rel] = ("l" if os.path.islink(p) else "d" if os.path.isdir(p) else "f",
+                             None if os.path.islink(p) or os.path.isdir(p)
+                             else open(p, "rb").read())
+    got = {}
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        for m in tar.getmembers():
+            kind = "l" if m.issym() else "d" if m.isdir() else "f"
+            data = tar.extractfile(m).read() if m.isfile() else None
+            got[os.fsencode(m.name)] = (kind, data)
+    assert got.pop(b"src")[0] == "d"
+    assert got == expected  # non-UTF-8 names, symlinks, empty files and folders included

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import tarfile
 import time
 from pathlib import Path
 
@@ -86,6 +87,15 @@ def test_status_browse_download_and_restore(browser, device, tmp_path: Path):
     saved = tmp_path / "downloaded"
     got.value.save_as(saved)
     assert saved.read_bytes() == (src / "docs" / "letter.txt").read_bytes()
+    # docs/ as a tar archive, streamed: the same files.
+    page.click(".crumbs >> text=src")
+    with page.expect_download() as got:
+        page.click("tr:has-text('docs/') >> a.archive")
+    got.value.save_as(tmp_path / "docs.tar")
+    with tarfile.open(tmp_path / "docs.tar") as tar:
+        tar.extractall(tmp_path / "untarred", filter="data")
+    assert (tmp_path / "untarred" / "docs" / "letter.txt").read_bytes() == \
+        (src / "docs" / "letter.txt").read_bytes()
     # Back up to the source's top: restore photo.bin into a folder, with progress, compare.
     page.click(".crumbs >> text=src")
     page.click("tr:has-text('photo.bin') >> button.restore")
@@ -101,6 +111,13 @@ def test_status_browse_download_and_restore(browser, device, tmp_path: Path):
     page.click("#restore-go")
     page.wait_for_selector("#restore-state.failed")
     assert "absolute path" in page.inner_text("#restore-state")
+    # Verify, reading every blob, with the result in words.
+    page.click("#restore-dialog >> text=Cancel")
+    page.click("nav >> text=Verify")
+    page.click("button.verify[data-read='true']")
+    page.wait_for_selector("#verify-state.done", timeout=60_000)
+    assert "no problems found" in page.inner_text("#verify-state")
+    assert "blobs read" in page.inner_text("#verify-state")
     page.close()
 
 

@@ -77,25 +77,35 @@ function renderStatus(st) {
   box.replaceChildren(...rows);
 }
 
+function progressText(j) {
+  const pct = j.expected_bytes ? Math.min(100, Math.round(100 * j.bytes / j.expected_bytes)) : 0;
+  const what = j.files !== undefined ? `${j.files} files, ` :
+    (j.total_packs ? `${j.packs} of ${j.total_packs} packs, ` : "");
+  return `${pct}% (${what}${size(j.bytes)})`;
+}
+
 function renderJobs(jobs) {
   const box = document.getElementById("jobs");
   if (box && jobs.length) {
     const ul = el("ul", {});
     for (const j of jobs.slice().reverse()) {
-      const pct = j.expected_bytes ? Math.min(100, Math.round(100 * j.bytes / j.expected_bytes)) : 0;
-      const text = j.state === "running" ? `${pct}% (${j.files} files, ${size(j.bytes)})` : j.result;
+      const text = j.state === "running" ? progressText(j) : j.result;
       ul.append(el("li", {class: "job " + j.state, "data-job": String(j.id)},
         `${j.kind} ${j.what}: ${j.state} — ${text}`));
     }
     box.replaceChildren(ul);
   }
-  const state = document.getElementById("restore-state");
+  for (const id of ["restore-state", "verify-state"]) followJob(jobs, id);
+}
+
+function followJob(jobs, id) {
+  const state = document.getElementById(id);
   const waiting = state && state.dataset.job;
   if (waiting) {
     const j = jobs.find((x) => String(x.id) === waiting);
     if (j) {
-      const pct = j.expected_bytes ? Math.min(100, Math.round(100 * j.bytes / j.expected_bytes)) : 0;
-      state.textContent = j.state === "running" ? `restoring… ${pct}%` : `${j.state}: ${j.result}`;
+      state.textContent = j.state === "running" ? `${j.kind}: ${progressText(j)}` :
+        `${j.state}: ${j.result}`;
       state.className = "job " + j.state;
     }
   }
@@ -207,8 +217,26 @@ function setupDevices() {
   });
 }
 
+function setupVerify() {
+  for (const b of document.querySelectorAll("button.verify")) {
+    b.addEventListener("click", async () => {
+      const state = document.getElementById("verify-state");
+      try {
+        const got = await post("/api/verify", {read_data: b.dataset.read === "true"});
+        state.dataset.job = String(got.job);
+        state.className = "job running";
+        state.textContent = "verify: starting…";
+      } catch (e) {
+        state.className = "job failed";
+        state.textContent = "refused: " + e.message;
+      }
+    });
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   listen();
   setupRestore();
   setupDevices();
+  setupVerify();
 });
