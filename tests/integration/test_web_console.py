@@ -3,8 +3,10 @@ only when it changes, and `p2pbackup web` without a daemon is a clear error."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -23,6 +25,20 @@ async def _status() -> dict:
     return {"device": "d" * 64, "pid": 1, "peers": [], "errors": []}
 
 
+@contextlib.asynccontextmanager
+async def _signed_in(repo) -> AsyncIterator[tuple[aiohttp.ClientSession, str, dict]]:
+    """A console of `repo` on a free port, and a client signed in to it (its headers)."""
+    c = Console(Backend(repo, (), _status))
+    port = await c.start("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            cookie, _ = await _login(c, base, http)
+            yield http, base, {"Cookie": cookie}
+    finally:
+        await c.close()
+
+
 async def test_a_folder_of_100000_entries_opens_paged(repo, tmp_path: Path):
     big = tmp_path / "src" / "big"
     big.mkdir(parents=True)
@@ -30,25 +46,16 @@ async def test_a_folder_of_100000_entries_opens_paged(repo, tmp_path: Path):
         os.close(os.open(big / f"f{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
     await take_snapshot(repo, (Source("src", str(tmp_path / "src")),),
                         temp_dir=str(tmp_path / "tmp"))
-    c = Console(Backend(repo, (), _status))
-    port = await c.start("127.0.0.1", 0)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-            cookie, _ = await _login(c, base, http)
-            headers = {"Cookie": cookie}
-            started = time.monotonic()
-            async with http.get(f"{base}/api/tree?path=src/big", headers=headers) as r:
-                first = await r.json()
-            took = time.monotonic() - started
-            async with http.get(f"{base}/api/tree?path=src/big&offset={ENTRIES - 50}",
-                                headers=headers) as r:
-                last = await r.json()
-            async with http.get(f"{base}/browse?path=src/big&offset=200",
-                                headers=headers) as r:
-                page = await r.text()
-    finally:
-        await c.close()
+    async with _signed_in(repo) as (http, base, headers):
+        started = time.monotonic()
+        async with http.get(f"{base}/api/tree?path=src/big", headers=headers) as r:
+            first = await r.json()
+        took = time.monotonic() - started
+        async with http.get(f"{base}/api/tree?path=src/big&offset={ENTRIES - 50}",
+                            headers=headers) as r:
+            last = await r.json()
+        async with http.get(f"{base}/browse?path=src/big&offset=200", headers=headers) as r:
+            page = await r.text()
     print(f"first page of {ENTRIES} entries in {took:.2f} s")
     assert first["total"] == ENTRIES and len(first["entries"]) == first["limit"] == 200
     assert first["entries"][0]["name"] == "f000000" and first["entries"][0]["type"] == "file"
@@ -98,20 +105,12 @@ async def test_a_folder_downloads_as_a_tar_of_what_the_snapshot_holds(repo, samp
 
     await take_snapshot(repo, (Source("src", str(sample_tree)),),
                         temp_dir=str(tmp_path / "tmp"))
-    c = Console(Backend(repo, (), _status))
-    port = await c.start("127.0.0.1", 0)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-            cookie, _ = await _login(c, base, http)
-            async with http.get(f"{base}/api/archive?path=src", headers={"Cookie": cookie}) as r:
-                assert r.status == 200 and "src.tar" in r.headers["Content-Disposition"]
-                body = await r.read()
-            async with http.get(f"{base}/api/archive?path=src/big.bin",
-                                headers={"Cookie": cookie}) as r:
-                assert r.status == 404 and "not one folder" in (await r.json())["error"]
-    finally:
-        await c.close()
+    async with _signed_in(repo) as (http, base, headers):
+        async with http.get(f"{base}/api/archive?path=src", headers=headers) as r:
+            assert r.status == 200 and "src.tar" in r.headers["Content-Disposition"]
+            body = await r.read()
+        async with http.get(f"{base}/api/archive?path=src/big.bin", headers=headers) as r:
+            assert r.status == 404 and "not one folder" in (await r.json())["error"]
     base_b = os.fsencode(str(sample_tree))
     expected = {}
     for dirpath, dirnames, filenames in os.walk(base_b):
