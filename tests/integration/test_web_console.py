@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from p2pbackup.backup.snapshot import take_snapshot
+from p2pbackup.backup.restore import Restorer
 from p2pbackup.config import Source
 from p2pbackup.web.app import Backend, Console
 from tests.adversary.test_web_console import _login
@@ -128,3 +130,33 @@ async def test_a_folder_downloads_as_a_tar_of_what_the_snapshot_holds(repo, samp
             got[os.fsencode(m.name)] = (kind, data)
     assert got.pop(b"src")[0] == "d"
     assert got == expected  # non-UTF-8 names, symlinks, empty files and folders included
+
+
+async def test_a_download_that_meets_damage_is_cut_short_never_whole_looking(
+        repo, sample_tree: Path, tmp_path: Path):
+    stored = (await take_snapshot(repo, (Source("src", str(sample_tree)),),
+                                  temp_dir=str(tmp_path / "tmp"))).stored
+    reader = Restorer.reader(repo)
+    big = reader.find(stored, "src/big.bin").entry
+    assert big is not None and len(big.chunks) > 2
+    last = repo.locate(big.chunks[-1])  # its first chunks still read well
+    with open(repo.store.path_of(f"packs/{last.pack}"), "r+b") as f:
+        f.seek(last.offset + last.length // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    first = repo.locate(big.chunks[0])
+    async with _signed_in(repo) as (http, base, headers):
+        async with http.get(f"{base}/api/file?path=src/big.bin", headers=headers) as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) == big.size
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+        # Damage at the first byte is an answer in words, with verify's exit code.
+        with open(repo.store.path_of(f"packs/{first.pack}"), "r+b") as f:
+            f.seek(first.offset + first.length // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        async with http.get(f"{base}/api/file?path=src/big.bin", headers=headers) as r:
+            assert r.status == 500
+            assert (await r.json())["exit"] == 13
