@@ -465,6 +465,10 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         print(f"  storage partner for account {g['account']}: {used} of {quota}; "
               f"{len(g['owners_connected'])} owner devices connected"
               + (f"; {g['error']}" if g.get("error") else ""))
+    web_console = st.get("web")
+    if web_console:
+        print(f"  web console on port {web_console['port']} (`p2pbackup web` opens it)"
+              if web_console["enabled"] else f"  web console: {web_console['error']}")
     paused = st.get("paused_for")
     if paused:
         print(f"  paused: {paused['command']} (pid {paused['pid']}) writes the store; changes "

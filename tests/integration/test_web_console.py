@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -160,3 +161,24 @@ async def test_a_download_that_meets_damage_is_cut_short_never_whole_looking(
         async with http.get(f"{base}/api/file?path=src/big.bin", headers=headers) as r:
             assert r.status == 500
             assert (await r.json())["exit"] == 13
+
+
+def test_a_taken_port_leaves_the_daemon_running_without_its_console(cli: Cli, tmp_path: Path):
+    from tests.integration.test_daemon import Daemon
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cli("init")
+        with open(cli.home / "config.toml", "a") as f:
+            f.write(f"\n[web]\nport = {port}\n")
+        d = Daemon(cli, tmp_path)
+        try:
+            d.wait_for("READY=1")
+            proc = cli("web", "--no-open", check=False)
+            assert proc.returncode == 10
+            assert f"could not listen on 127.0.0.1:{port}" in proc.stderr
+            assert "web console: could not listen" in cli("status").stdout
+        finally:
+            assert d.stop() == 0
