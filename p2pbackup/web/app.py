@@ -170,6 +170,8 @@ class Console:
             web.get("/api/tree", reads(self.api_tree)),
             web.get("/api/file", reads(self.api_file)),
             web.get("/api/archive", reads(self.api_archive)),
+            web.get("/api/versions", reads(self.api_versions)),
+            web.get("/versions", reads(self.versions_page)),
             web.post("/api/restore", reads(self.api_restore)),
             web.get("/api/jobs", self.api_jobs),
             web.get("/verify", self.verify_page),
@@ -287,6 +289,36 @@ class Console:
         return {"snapshot": snapshot_json(stored), "path": path, "offset": offset,
                 "limit": limit, "total": total, "entries": entries}
 
+    async def versions(self, request: web.Request) -> dict[str, Any]:
+        """The versions of one file across the snapshots that hold it, oldest first: a new
+        one where its contents changed."""
+        path = request.query.get("path", "").strip("/")
+        snaps, _ = await self.backend.repo.list_snapshots()
+        reader = Restorer.reader(self.backend.repo)
+        out: list[dict[str, Any]] = []
+        last = None
+        source = path.split("/", 1)[0]
+        for stored in snaps:
+            if source not in (r.name for r in stored.snapshot.sources):
+                continue
+            try:
+                found = await asyncio.to_thread(reader.find, stored, path)
+            except NotFound:
+                continue
+            e = found.entry
+            if e is None or e.type != FILE:
+                continue
+            same = last is not None and (e.size, e.chunks, e.offset) == last
+            last = (e.size, e.chunks, e.offset)
+            if not same:
+                out.append({"snapshot": snapshot_json(stored), "size": e.size,
+                            "mtime": iso_time(e.mtime_ns)})
+            else:
+                out[-1]["last_seen"] = snapshot_json(stored)["time"]
+        if not out:
+            raise NotFound(f"no snapshot holds a file {path}")
+        return {"path": path, "versions": out}
+
     # ---- API -----------------------------------------------------------------------------
 
     async def api_status(self, request: web.Request) -> web.Response:
@@ -326,6 +358,16 @@ class Console:
                                  "application/x-tar")
         except P2PError as exc:
             return _error(exc)
+
+    async def api_versions(self, request: web.Request) -> web.Response:
+        return await _answer(self.versions(request))
+
+    async def versions_page(self, request: web.Request) -> web.Response:
+        try:
+            doc = await self.versions(request)
+        except P2PError as exc:
+            return self._page(request, "Versions", pages.problem(str(exc)))
+        return self._page(request, "Versions", pages.versions(doc))
 
     async def api_restore(self, request: web.Request) -> web.Response:
         try:

@@ -82,7 +82,9 @@ def browse(listing: dict[str, Any], at: str) -> str:
         elif e["type"] == "file":
             q = {"snapshot": ref, "path": e["path"], **({"at": at} if at else {})}
             name = (f'{escape(e["name"])} <a class="download" download '
-                    f'href="/api/file?{escape(urlencode(q))}">download</a>')
+                    f'href="/api/file?{escape(urlencode(q))}">download</a> '
+                    f'<a class="versions" href="/versions?'
+                    f'{escape(urlencode({"path": e["path"]}))}">versions</a>')
         else:
             name = escape(e["name"]) + (f" → {escape(e['target'])}" if e.get("target") else "")
         size = format_size(e["size"]) if e["size"] is not None else ""
@@ -196,3 +198,22 @@ def verify() -> str:
             '<p><button class="verify" data-read="false">Verify</button> '
             '<button class="verify" data-read="true">Verify and read all data</button></p>'
             '<pre id="verify-state" role="status"></pre>')
+
+
+def versions(doc: dict[str, Any]) -> str:
+    rows = []
+    for v in reversed(doc["versions"]):
+        snap = v["snapshot"]
+        q = urlencode({"snapshot": snap["id"], "path": doc["path"]})
+        seen = f" (unchanged until {escape(v['last_seen'])})" if v.get("last_seen") else ""
+        folder = _browse_link(snap["id"], doc["path"].rpartition("/")[0], text=snap["short_id"])
+        rows.append(f"<tr><td>{escape(snap['time'])}{seen}</td><td>{folder}</td>"
+                    f"<td class=num>{escape(format_size(v['size']))}</td>"
+                    f"<td>{escape(v['mtime'])}</td>"
+                    f'<td><a class="download" download href="/api/file?{escape(q)}">download'
+                    "</a></td></tr>")
+    return (f"<p><code>{escape(doc['path'])}</code>: {len(doc['versions'])} versions in the "
+            "snapshots (newest first)</p>"
+            '<table class="list" id="versions"><thead><tr><th>Snapshot time</th><th>ID</th>'
+            f'<th>Size</th><th>Modified</th><th></th></tr></thead><tbody>{"".join(rows)}'
+            "</tbody></table>")

@@ -150,6 +150,15 @@ def test_a_moment_picked_in_the_timeline_shows_that_version(browser, device, tmp
     saved = tmp_path / "then"
     got.value.save_as(saved)
     assert saved.read_text() == "version 2, after the snapshot\n"
+    # A second snapshot: the file's versions, newest first, each downloadable.
+    cli("snapshot")
+    page.click("tr:has-text('letter.txt') >> a.versions")
+    rows = page.locator("#versions tbody tr")
+    assert rows.count() == 2
+    with page.expect_download() as got:
+        rows.nth(0).locator("a.download").click()
+    got.value.save_as(tmp_path / "newest")
+    assert (tmp_path / "newest").read_text() == "version 3\n"
     page.close()
 
 
