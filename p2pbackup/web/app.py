@@ -43,6 +43,8 @@ log = logging.getLogger("p2pbackup.web")
 
 PAGE_SIZE = 200        # entries per page of a folder
 MAX_PAGE_SIZE = 1000
+SEARCH_RESULTS = 200       # names found, at most
+SEARCH_ENTRIES = 1_000_000  # entries looked at, at most (a search never walks forever)
 EVENT_INTERVAL = 0.5   # seconds between looks at the status for a change to push
 KEEPALIVE = 15.0       # seconds of no change before a comment keeps the stream open
 PLAN_CACHE = 4         # recent (snapshot, moment) plans kept for paging
@@ -171,6 +173,7 @@ class Console:
             web.get("/api/file", reads(self.api_file)),
             web.get("/api/archive", reads(self.api_archive)),
             web.get("/api/versions", reads(self.api_versions)),
+            web.get("/api/search", reads(self.api_search)),
             web.get("/versions", reads(self.versions_page)),
             web.post("/api/restore", reads(self.api_restore)),
             web.get("/api/jobs", self.api_jobs),
@@ -319,6 +322,41 @@ class Console:
             raise NotFound(f"no snapshot holds a file {path}")
         return {"path": path, "versions": out}
 
+    async def search(self, request: web.Request) -> dict[str, Any]:
+        """Entries whose name holds `q` (any case) in the folder `path` of a snapshot and
+        below it, in tree order; at most SEARCH_RESULTS, and SEARCH_ENTRIES looked at."""
+        words = request.query.get("q", "").strip().lower()
+        if not words:
+            raise web.HTTPBadRequest(text='{"error": "give a name to look for (q)", "exit": 2}',
+                                     content_type="application/json")
+        stored, reader, found, path = await self._find(request)
+        hits: list[dict[str, Any]] = []
+        looked = 0
+
+        def walk(scope: str, parts: tuple[bytes, ...], shown: str, tree: Any) -> None:
+            nonlocal looked
+            for e in tree.entries:
+                looked += 1
+                if len(hits) >= SEARCH_RESULTS or looked > SEARCH_ENTRIES:
+                    return
+                if words in show_path(e.name).lower():
+                    hits.append(_entry_json(e, shown))
+                if e.type == DIR:
+                    walk(scope, parts + (e.name,), f"{shown}/{show_path(e.name)}",
+                         reader.listing(scope, parts + (e.name,), e))
+
+        def run() -> None:
+            if found is None:  # every source
+                for r in stored.snapshot.sources:
+                    sel = reader.find(stored, r.name)
+                    if sel.tree is not None:
+                        walk(r.name, sel.parts, r.name, sel.tree)
+            elif found.tree is not None:
+                walk(found.scope, found.parts, path or found.scope, found.tree)
+        await asyncio.to_thread(run)
+        return {"snapshot": snapshot_json(stored), "path": path, "q": words, "entries": hits,
+                "complete": len(hits) < SEARCH_RESULTS and looked <= SEARCH_ENTRIES}
+
     # ---- API -----------------------------------------------------------------------------
 
     async def api_status(self, request: web.Request) -> web.Response:
@@ -358,6 +396,9 @@ class Console:
                                  "application/x-tar")
         except P2PError as exc:
             return _error(exc)
+
+    async def api_search(self, request: web.Request) -> web.Response:
+        return await _answer(self.search(request))
 
     async def api_versions(self, request: web.Request) -> web.Response:
         return await _answer(self.versions(request))
@@ -548,7 +589,8 @@ class Console:
 
     async def browse_page(self, request: web.Request) -> web.Response:
         try:
-            listing = await self.tree(request)
+            listing = await (self.search(request) if request.query.get("q", "").strip()
+                             else self.tree(request))
         except P2PError as exc:
             return self._page(request, "Browse", pages.problem(str(exc)))
         return self._page(request, "Browse", pages.browse(listing, request.query.get("at", "")))

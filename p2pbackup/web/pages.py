@@ -92,18 +92,29 @@ def browse(listing: dict[str, Any], at: str) -> str:
                    f'data-path="{escape(e["path"])}" data-at="{escape(at)}">restore…</button>')
         rows.append(f"<tr><td>{name}</td><td class=num>{escape(size)}</td>"
                     f"<td>{escape(e['mtime'] or '')}</td><td>{restore}</td></tr>")
-    offset, limit, total = listing["offset"], listing["limit"], listing["total"]
     pager = []
     base = {"snapshot": ref, "path": path, **({"at": at} if at else {})}
-    if offset > 0:
-        q = urlencode({**base, "offset": max(0, offset - limit)})
-        pager.append(f'<a rel="prev" href="/browse?{escape(q)}">← previous</a>')
-    shown = f"{offset + 1 if total else 0}–{min(total, offset + limit)} of {total} entries"
-    pager.append(f'<span class="count">{shown}</span>')
-    if offset + limit < total:
-        q = urlencode({**base, "offset": offset + limit})
-        pager.append(f'<a rel="next" href="/browse?{escape(q)}">next →</a>')
-    return (f'<p>{when}</p><p class="crumbs">{" / ".join(crumbs)}</p>'
+    if "q" in listing:  # search results: no pages
+        n = len(listing["entries"])
+        pager.append(f'<span class="count">{n} names hold “{escape(listing["q"])}”'
+                     + ("" if listing["complete"] else " (the first found; say more)")
+                     + "</span>")
+    else:
+        offset, limit, total = listing["offset"], listing["limit"], listing["total"]
+        if offset > 0:
+            q = urlencode({**base, "offset": max(0, offset - limit)})
+            pager.append(f'<a rel="prev" href="/browse?{escape(q)}">← previous</a>')
+        shown = f"{offset + 1 if total else 0}–{min(total, offset + limit)} of {total} entries"
+        pager.append(f'<span class="count">{shown}</span>')
+        if offset + limit < total:
+            q = urlencode({**base, "offset": offset + limit})
+            pager.append(f'<a rel="next" href="/browse?{escape(q)}">next →</a>')
+    hidden = "".join(f'<input type="hidden" name="{k}" value="{escape(v)}">'
+                     for k, v in base.items())
+    search = (f'<form class="search" action="/browse" method="get">{hidden}'
+              f'<input type="search" name="q" placeholder="find by name below here" '
+              f'value="{escape(listing.get("q", ""))}"><button>Find</button></form>')
+    return (f'<p>{when}</p><p class="crumbs">{" / ".join(crumbs)}</p>{search}'
             f'<table class="list" id="entries"><thead><tr><th>Name</th><th>Size</th>'
             f'<th>Modified</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
             f'<p class="pager">{" ".join(pager)}</p>'

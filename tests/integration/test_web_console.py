@@ -182,3 +182,23 @@ def test_a_taken_port_leaves_the_daemon_running_without_its_console(cli: Cli, tm
             assert "web console: could not listen" in cli("status").stdout
         finally:
             assert d.stop() == 0
+
+
+async def test_search_by_name_finds_entries_below_a_folder(repo, sample_tree: Path,
+                                                           tmp_path: Path):
+    await take_snapshot(repo, (Source("src", str(sample_tree)),),
+                        temp_dir=str(tmp_path / "tmp"))
+    async with _signed_in(repo) as (http, base, headers):
+        async with http.get(f"{base}/api/search?q=A.TXT", headers=headers) as r:
+            everywhere = await r.json()
+        async with http.get(f"{base}/api/search?q=er&path=src/docs", headers=headers) as r:
+            below = await r.json()
+        async with http.get(f"{base}/browse?q=json&path=src", headers=headers) as r:
+            page = await r.text()
+        async with http.get(f"{base}/api/search?q=", headers=headers) as r:
+            assert r.status == 400
+    assert sorted(e["path"] for e in everywhere["entries"]) == [
+        "src/docs/a.txt", "src/hardlink-a.txt"]
+    assert everywhere["complete"] is True
+    assert [e["path"] for e in below["entries"]] == ["src/docs/deep/er"]
+    assert "b.json" in page and "1 names hold" in page
