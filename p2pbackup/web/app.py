@@ -174,6 +174,7 @@ class Console:
             web.get("/api/archive", reads(self.api_archive)),
             web.get("/api/versions", reads(self.api_versions)),
             web.get("/api/search", reads(self.api_search)),
+            web.get("/api/storage", reads(self.api_storage)),
             web.get("/versions", reads(self.versions_page)),
             web.post("/api/restore", reads(self.api_restore)),
             web.get("/api/jobs", self.api_jobs),
@@ -584,8 +585,21 @@ class Console:
     async def status_page(self, request: web.Request) -> web.Response:
         return self._page(request, "Status", pages.status())
 
+    def storage(self, snaps: list[dict[str, Any]]) -> dict[str, Any]:
+        """What the store holds against what the snapshots hold: deduplication and
+        compression save the difference."""
+        used = sum(size for _scope, _epoch, size in self.backend.repo.index.packs.values())
+        logical = sum(s["size"] for s in snaps)
+        return {"packs": len(self.backend.repo.index.packs), "stored_bytes": used,
+                "snapshot_bytes": logical, "saved_bytes": max(0, logical - used)}
+
+    async def api_storage(self, request: web.Request) -> web.Response:
+        return _json(self.storage(await self.snapshot_list()))
+
     async def snapshots_page(self, request: web.Request) -> web.Response:
-        return self._page(request, "Snapshots", pages.snapshots(await self.snapshot_list()))
+        snaps = await self.snapshot_list()
+        return self._page(request, "Snapshots",
+                          pages.storage(self.storage(snaps), snaps) + pages.snapshots(snaps))
 
     async def browse_page(self, request: web.Request) -> web.Response:
         try:

@@ -228,3 +228,33 @@ def versions(doc: dict[str, Any]) -> str:
             '<table class="list" id="versions"><thead><tr><th>Snapshot time</th><th>ID</th>'
             f'<th>Size</th><th>Modified</th><th></th></tr></thead><tbody>{"".join(rows)}'
             "</tbody></table>")
+
+
+def storage(st: dict[str, Any], snaps: list[dict[str, Any]]) -> str:
+    """Storage used and saved, and a small chart (SVG, drawn here) of each device's snapshot
+    sizes over time."""
+    words = (f'<p id="storage">The store holds {escape(format_size(st["stored_bytes"]))} in '
+             f'{st["packs"]} packs for {escape(format_size(st["snapshot_bytes"]))} of files in '
+             f"{len(snaps)} snapshots: deduplication and compression save "
+             f'{escape(format_size(st["saved_bytes"]))}.</p>')
+    if len(snaps) < 2:
+        return words
+    import datetime as dt
+
+    times = [dt.datetime.fromisoformat(s["time"]).timestamp() for s in snaps]
+    t0, t1 = min(times), max(times)
+    top = max(s["size"] for s in snaps) or 1
+    w, h = 600, 120
+    lines = []
+    by_device: dict[str, list[tuple[float, int]]] = {}
+    for t, s in zip(times, snaps):
+        by_device.setdefault(s["device"], []).append((t, s["size"]))
+    for i, points in enumerate(by_device.values()):
+        xy = " ".join(f"{(t - t0) / ((t1 - t0) or 1) * (w - 10) + 5:.1f},"
+                      f"{h - 5 - size / top * (h - 10):.1f}" for t, size in sorted(points))
+        lines.append(f'<polyline class="series s{i % 4}" points="{xy}"/>')
+    return (words + f'<svg class="chart" viewBox="0 0 {w} {h}" role="img" '
+            f'aria-label="snapshot sizes over time, up to {escape(format_size(top))}">'
+            f'{"".join(lines)}</svg><p class="muted">snapshot sizes from '
+            f'{escape(snaps[0]["time"])} to {escape(snaps[-1]["time"])}, up to '
+            f"{escape(format_size(top))}</p>")

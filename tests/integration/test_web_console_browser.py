@@ -152,6 +152,10 @@ def test_a_moment_picked_in_the_timeline_shows_that_version(browser, device, tmp
     assert saved.read_text() == "version 2, after the snapshot\n"
     # A second snapshot: the file's versions, newest first, each downloadable.
     cli("snapshot")
+    page.click("nav >> text=Snapshots")
+    assert "deduplication and compression save" in page.inner_text("#storage")
+    assert page.locator("svg.chart polyline").count() == 1  # one device
+    page.go_back()
     page.click("tr:has-text('letter.txt') >> a.versions")
     rows = page.locator("#versions tbody tr")
     assert rows.count() == 2
