@@ -201,3 +201,53 @@ def test_pair_a_device_from_the_page_then_remove_it(browser, device, tmp_path: P
     after = json.loads(cli("devices", "--json").stdout)
     assert [d["this_device"] for d in after["devices"]] == [True] and len(after["removed"]) == 1
     page.close()
+
+
+def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(browser, tmp_path: Path):
+    """The status page follows the daemon's status over server-sent events, without reloads.
+    The peers come from a status the test changes (two daemons seeing each other need network
+    namespaces: tests/integration/test_peers_lan.py covers that `status` tells it)."""
+    import asyncio
+    import threading
+
+    from p2pbackup.web.app import Backend, Console
+
+    peer = {"device": "b" * 64, "name": "laptop", "connected": True, "on_lan": True,
+            "path": "direct lane", "objects_behind": 0, "last_sync": None, "error": None}
+
+    async def status() -> dict:
+        return {"device": "a" * 64, "pid": 1, "sources": [], "log": None,
+                "last_snapshot": None, "peers": [dict(peer)], "errors": []}
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: dict = {}
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        console = Console(Backend(None, (), status), event_interval=0.1)  # type: ignore[arg-type]
+        box["console"], box["port"] = console, loop.run_until_complete(
+            console.start("127.0.0.1", 0))
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(console.close())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(30)
+    try:
+        url = asyncio.run_coroutine_threadsafe(
+            asyncio.sleep(0, box["console"].login_url()), loop).result(10)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#peers li.online:has-text('laptop')")
+        assert "connected over the direct lane" in page.inner_text("#peers")
+        peer.update(connected=False, on_lan=False, path=None)
+        page.wait_for_selector("#peers li.offline:has-text('laptop')")
+        assert "offline" in page.inner_text("#peers")
+        peer.update(connected=True, on_lan=True, path="data channel")
+        page.wait_for_selector("#peers li.online:has-text('data channel')")
+        page.close()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
