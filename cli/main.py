@@ -467,7 +467,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
               + (f"; {g['error']}" if g.get("error") else ""))
     web_console = st.get("web")
     if web_console:
-        print(f"  web console on port {web_console['port']} (`p2pbackup web` opens it)"
+        where = (f"port {web_console['port']}" if web_console["port"]
+                 else f"a Unix socket behind {web_console.get('url')}")
+        print(f"  web console on {where} (`p2pbackup web` opens it)"
               if web_console["enabled"] else f"  web console: {web_console['error']}")
     paused = st.get("paused_for")
     if paused:

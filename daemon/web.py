@@ -42,15 +42,27 @@ class WebService:
         if self.console is None:
             return
         web = self.config.web
+        if web.socket:
+            where = str(self.config.home / web.socket)
+            try:
+                await self.console.start_proxied(where, web.url)
+            except OSError as exc:
+                self._failed(f"could not listen on {where}: {exc.strerror or exc}")
+                return
+            log.info("web console on %s for the reverse proxy of %s", where, web.url)
+            return
         try:
             self.port = await self.console.start(web.listen, web.port)
         except OSError as exc:  # the port is taken: the daemon runs on without its console
-            self.error = f"could not listen on {web.listen}:{web.port}: {exc.strerror or exc}"
-            log.error("web console: %s; set another [web] port in config.toml", self.error)
-            self.console = None
+            self._failed(f"could not listen on {web.listen}:{web.port}: {exc.strerror or exc}")
             return
         log.info("web console on http://%s:%d/ (`p2pbackup web` opens it)",
                  web.listen if ":" not in web.listen else f"[{web.listen}]", self.port)
+
+    def _failed(self, error: str) -> None:
+        self.error = error
+        log.error("web console: %s; change [web] in config.toml", error)
+        self.console = None
 
     async def close(self) -> None:
         if self.console is not None:
@@ -58,7 +70,7 @@ class WebService:
 
     def status(self) -> dict[str, Any]:
         return {"enabled": self.console is not None, "port": self.port or None,
-                "error": self.error or None}
+                "url": self.config.web.url or None, "error": self.error or None}
 
     async def devices(self) -> dict[str, Any]:
         return membership_json(await account.listed_membership(self.dev),

@@ -6,6 +6,7 @@ This is the only module that reads environment variables.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass
@@ -80,6 +81,10 @@ class WebSettings:
     # several homes on one machine never fight over one.
     port: int = 0
     listen: str = "127.0.0.1"   # loopback only: 127.0.0.1 or ::1
+    # Behind a reverse proxy instead: a Unix socket (relative to the home) and the address
+    # the proxy serves it at, which is then the only Host and Origin the console accepts.
+    socket: str = ""
+    url: str = ""
 
 
 WEB_LISTEN = ("127.0.0.1", "::1")
@@ -271,7 +276,14 @@ def _web_settings(table: object, path: Path) -> WebSettings:
     if listen not in WEB_LISTEN:
         raise ConfigError(f"{path}: key 'web.listen' = {listen!r} must be one of "
                           f"{', '.join(WEB_LISTEN)} (the console is for this machine only)")
-    return WebSettings(enabled, port, listen)
+    sock, url = table.get("socket", d.socket), table.get("url", d.url)
+    if not isinstance(sock, str) or not isinstance(url, str):
+        raise ConfigError(f"{path}: keys 'web.socket' and 'web.url' must be strings")
+    if bool(sock) != bool(url) or url and not re.fullmatch(r"https?://[^/\s]+/?", url):
+        raise ConfigError(f"{path}: key 'web.socket' needs 'web.url' too, the address your "
+                          "reverse proxy serves the console at (e.g. "
+                          "\"https://backup.example.org\", no path)")
+    return WebSettings(enabled, port, listen, sock, url)
 
 
 def _peer_settings(table: object, path: Path) -> PeerSettings:

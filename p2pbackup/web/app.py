@@ -190,6 +190,7 @@ class Console:
         ])
         self.app.on_shutdown.append(lambda _app: self.jobs.close())
         self._runner: web.AppRunner | None = None
+        self._socket_path = ""
 
     def _reading(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                  ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -212,13 +213,34 @@ class Console:
         self.gate.bind(listen, bound)
         return bound
 
+    async def start_proxied(self, socket_path: str, base_url: str) -> None:
+        """Listen on a Unix socket (mode 0660: the reverse proxy's group reaches it) for a
+        reverse proxy that serves it at `base_url`."""
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)  # left by a daemon that was killed
+        old = os.umask(0o117)  # made 0660: no moment in which others could connect
+        try:
+            await web.UnixSite(self._runner, socket_path).start()
+        finally:
+            os.umask(old)
+        self._socket_path = socket_path
+        self.gate.bind_proxied(base_url)
+
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._socket_path)
 
     def login_url(self) -> str:
+        token = self.gate.issue_token()
+        if self.gate.base_url:
+            return f"{self.gate.base_url}/login?token={token}"
         host = "127.0.0.1" if "127.0.0.1:%d" % self.gate.port in self.gate.hosts else "[::1]"
-        return f"http://{host}:{self.gate.port}/login?token={self.gate.issue_token()}"
+        return f"http://{host}:{self.gate.port}/login?token={token}"
 
     # ---- reading the repository ----------------------------------------------------------
 

@@ -60,12 +60,25 @@ class Gate:
         self._sessions: dict[bytes, Session] = {}
         self.hosts: frozenset[str] = frozenset()
         self.port = 0
+        self.base_url = ""  # set behind a reverse proxy: the only origin changes come from
 
     def bind(self, listen: str, port: int) -> None:
         """The address the console answers on: the Host headers it accepts."""
         self.port = port
         names = {"127.0.0.1", "localhost"} if listen == "127.0.0.1" else {"[::1]", "localhost"}
         self.hosts = frozenset(f"{n}:{port}" for n in names)
+
+    def bind_proxied(self, base_url: str) -> None:
+        """Behind a reverse proxy (a Unix socket): the proxy's address is the only Host and
+        origin, as the browser sees it."""
+        from urllib.parse import urlsplit
+
+        self.base_url = base_url.rstrip("/")
+        self.hosts = frozenset({urlsplit(self.base_url).netloc})
+
+    @property
+    def secure(self) -> bool:
+        return self.base_url.startswith("https://")
 
     @property
     def cookie_name(self) -> str:
@@ -105,7 +118,7 @@ class Gate:
         return self._sessions.get(_digest(sid))
 
     def own_origin(self, request: web.Request) -> str:
-        return f"http://{request.host}"
+        return self.base_url or f"http://{request.host}"
 
 
 def _refuse(status: int, text: str) -> web.Response:
@@ -170,5 +183,5 @@ async def _login(gate: Gate, request: web.Request) -> web.StreamResponse:
     # Redirected at once, so the token leaves the address bar and the history.
     response = web.Response(status=303, headers={"Location": "/"})
     response.set_cookie(gate.cookie_name, sid, httponly=True, samesite="Strict", path="/",
-                        max_age=int(gate.session_ttl))
+                        max_age=int(gate.session_ttl), secure=gate.secure)
     return response

@@ -154,3 +154,41 @@ async def test_pages_load_nothing_from_elsewhere(console):
     assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
     assert "http://" not in page and "https://" not in page and "//" not in page.replace(
         "<!doctype", "")
+
+
+async def test_behind_a_reverse_proxy_only_its_address_is_accepted(repo, tmp_path):
+    """On a Unix socket for a reverse proxy at https://backup.example.org: another Host
+    (rebinding, or a request straight to the socket naming loopback) and a change from another
+    origin are refused; the cookie is Secure."""
+    c = Console(Backend(repo, (), _status))
+    await c.start_proxied(str(tmp_path / "web.sock"), "https://backup.example.org")
+    try:
+        connector = aiohttp.UnixConnector(path=str(tmp_path / "web.sock"))
+        async with aiohttp.ClientSession(connector=connector,
+                                         cookie_jar=aiohttp.DummyCookieJar()) as http:
+            base = "http://backup.example.org"  # what the proxy forwards: Host as given
+            url = c.login_url()
+            assert url.startswith("https://backup.example.org/login?token=")
+            token = url.split("token=", 1)[1]
+            async with http.get(f"{base}/login?token={token}", allow_redirects=False) as r:
+                assert r.status == 303
+                assert "Secure" in r.headers["Set-Cookie"]
+                morsel = SimpleCookie(r.headers["Set-Cookie"])[c.gate.cookie_name]
+            cookie = f"{c.gate.cookie_name}={morsel.value}"
+            async with http.get(f"{base}/", headers={"Cookie": cookie}) as r:
+                assert r.status == 200
+                page = await r.text()
+            csrf = page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+            async with http.get(f"{base}/", headers={"Cookie": cookie,
+                                                     "Host": "127.0.0.1:8765"}) as r:
+                assert r.status == 421
+            body = {"read_data": False}
+            for origin, status in (("http://backup.example.org", 403),
+                                   ("https://evil.example", 403),
+                                   ("https://backup.example.org", 200)):
+                async with http.post(f"{base}/api/verify", json=body, headers={
+                        "Cookie": cookie, "X-CSRF-Token": csrf, "Origin": origin}) as r:
+                    assert r.status == status, origin
+    finally:
+        await c.close()
+    assert not (tmp_path / "web.sock").exists()

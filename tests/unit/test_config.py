@@ -41,6 +41,8 @@ def test_plain_names_are_kept(tmp_path: Path):
     ({"listen": "0.0.0.0"}, r"web.listen.*127.0.0.1, ::1"),
     ({"port": 70000}, r"web.port"),
     ({"enabled": "yes"}, r"web.enabled"),
+    ({"socket": "web.sock"}, r"web.socket' needs 'web.url"),
+    ({"socket": "web.sock", "url": "https://backup.example.org/console"}, r"no path"),
 ])
 def test_the_web_console_listens_on_loopback_only(tmp_path: Path, web: dict, error: str):
     home = _home(tmp_path, [])
