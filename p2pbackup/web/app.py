@@ -180,8 +180,8 @@ class Console:
             web.get("/api/jobs", self.api_jobs),
             web.get("/verify", self.verify_page),
             web.post("/api/verify", self.api_verify),
-            web.get("/devices", self.devices_page),
-            web.get("/api/devices", self.api_devices),
+            web.get("/devices", reads(self.devices_page)),
+            web.get("/api/devices", reads(self.api_devices)),
             web.post("/api/devices/remove", self.account_call("devices_remove")),
             web.post("/api/pair/start", self.api_pair_start),
             web.post("/api/pair/wait", self.account_call("pair_wait")),
@@ -205,11 +205,8 @@ class Console:
         """Listen on `listen`:`port` (0: any free port); return the port."""
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, listen, port)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        bound = server.sockets[0].getsockname()[1]
+        await web.TCPSite(self._runner, listen, port).start()
+        bound = int(self._runner.addresses[0][1])
         self.gate.bind(listen, bound)
         return bound
 
