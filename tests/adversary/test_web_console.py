@@ -87,6 +87,14 @@ async def test_stale_token_is_refused(console):
         assert r.status == 401
 
 
+async def test_stale_session_is_refused(console):
+    c, base, http, clock = console
+    cookie, _ = await _login(c, base, http)
+    clock.t += c.gate.session_ttl + 1
+    async with http.get(f"{base}/api/status", headers={"Cookie": cookie}) as r:
+        assert r.status == 401
+
+
 async def test_forged_session_cookie_is_refused(console):
     c, base, http, _ = console
     await _login(c, base, http)
