@@ -41,6 +41,7 @@ async def _login(c: Console, base: str, http: aiohttp.ClientSession) -> tuple[st
     token = c.login_url().split("token=", 1)[1]
     async with http.get(f"{base}/login?token={token}", allow_redirects=False) as r:
         assert r.status == 303
+        assert ("Secure" in r.headers["Set-Cookie"]) == c.gate.secure  # https: Secure
         morsel = SimpleCookie(r.headers["Set-Cookie"])[c.gate.cookie_name]
     cookie = f"{c.gate.cookie_name}={morsel.value}"
     async with http.get(f"{base}/", headers={"Cookie": cookie}) as r:
@@ -175,18 +176,9 @@ async def test_behind_a_reverse_proxy_only_its_address_is_accepted(repo, tmp_pat
         async with aiohttp.ClientSession(connector=connector,
                                          cookie_jar=aiohttp.DummyCookieJar()) as http:
             base = "http://backup.example.org"  # what the proxy forwards: Host as given
-            url = c.login_url()
-            assert url.startswith("https://backup.example.org/login?token=")
-            token = url.split("token=", 1)[1]
-            async with http.get(f"{base}/login?token={token}", allow_redirects=False) as r:
-                assert r.status == 303
-                assert "Secure" in r.headers["Set-Cookie"]
-                morsel = SimpleCookie(r.headers["Set-Cookie"])[c.gate.cookie_name]
-            cookie = f"{c.gate.cookie_name}={morsel.value}"
-            async with http.get(f"{base}/", headers={"Cookie": cookie}) as r:
-                assert r.status == 200
-                page = await r.text()
-            csrf = page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+            assert c.login_url().startswith("https://backup.example.org/login?token=")
+            assert c.gate.secure
+            cookie, csrf = await _login(c, base, http)
             async with http.get(f"{base}/", headers={"Cookie": cookie,
                                                      "Host": "127.0.0.1:8765"}) as r:
                 assert r.status == 421

@@ -16,6 +16,7 @@ import pytest
 from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.backup.restore import Restorer
 from p2pbackup.config import Source
+from p2pbackup.repo.snapshots import StoredSnapshot
 from p2pbackup.web.app import Backend, Console
 from tests.adversary.test_web_console import _login
 from tests.conftest import Cli
@@ -26,6 +27,12 @@ ENTRIES = 100_000
 
 async def _status() -> dict:
     return {"device": "d" * 64, "pid": 1, "peers": [], "errors": []}
+
+
+async def _snapshot(repo, src: Path, tmp_path: Path) -> StoredSnapshot:
+    """A snapshot of `src` as the source named src."""
+    return (await take_snapshot(repo, (Source("src", str(src)),),
+                                temp_dir=str(tmp_path / "tmp"))).stored
 
 
 @contextlib.asynccontextmanager
@@ -47,8 +54,7 @@ async def test_a_folder_of_100000_entries_opens_paged(repo, tmp_path: Path):
     big.mkdir(parents=True)
     for i in range(ENTRIES):
         os.close(os.open(big / f"f{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
-    await take_snapshot(repo, (Source("src", str(tmp_path / "src")),),
-                        temp_dir=str(tmp_path / "tmp"))
+    await _snapshot(repo, tmp_path / "src", tmp_path)
     async with _signed_in(repo) as (http, base, headers):
         started = time.monotonic()
         async with http.get(f"{base}/api/tree?path=src/big", headers=headers) as r:
@@ -106,8 +112,7 @@ async def test_a_folder_downloads_as_a_tar_of_what_the_snapshot_holds(repo, samp
     import io
     import tarfile
 
-    await take_snapshot(repo, (Source("src", str(sample_tree)),),
-                        temp_dir=str(tmp_path / "tmp"))
+    await _snapshot(repo, sample_tree, tmp_path)
     async with _signed_in(repo) as (http, base, headers):
         async with http.get(f"{base}/api/archive?path=src", headers=headers) as r:
             assert r.status == 200 and "src.tar" in r.headers["Content-Disposition"]
@@ -135,8 +140,7 @@ async def test_a_folder_downloads_as_a_tar_of_what_the_snapshot_holds(repo, samp
 
 async def test_a_download_that_meets_damage_is_cut_short_never_whole_looking(
         repo, sample_tree: Path, tmp_path: Path):
-    stored = (await take_snapshot(repo, (Source("src", str(sample_tree)),),
-                                  temp_dir=str(tmp_path / "tmp"))).stored
+    stored = await _snapshot(repo, sample_tree, tmp_path)
     reader = Restorer.reader(repo)
     big = reader.find(stored, "src/big.bin").entry
     assert big is not None and len(big.chunks) > 2
@@ -186,8 +190,7 @@ def test_a_taken_port_leaves_the_daemon_running_without_its_console(cli: Cli, tm
 
 async def test_search_by_name_finds_entries_below_a_folder(repo, sample_tree: Path,
                                                            tmp_path: Path):
-    await take_snapshot(repo, (Source("src", str(sample_tree)),),
-                        temp_dir=str(tmp_path / "tmp"))
+    await _snapshot(repo, sample_tree, tmp_path)
     async with _signed_in(repo) as (http, base, headers):
         async with http.get(f"{base}/api/search?q=A.TXT", headers=headers) as r:
             everywhere = await r.json()
