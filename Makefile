@@ -20,10 +20,13 @@ demo: setup
 	$(PY) -m p2pbackup.cli.demo
 
 # Network-namespace tests (pairing over mDNS, transports) need iproute2, the packet-loss test
-# iptables, the WebDAV store tests nginx with its dav-ext module; as root we install them.
+# iptables, the WebDAV store tests nginx with its dav-ext module, the web console's browser
+# tests Debian's chromium (Playwright drives it: never `playwright install`, whose browser
+# download is not reachable); as root we install them.
 sysdeps:
-	@if [ "$$(id -u)" = 0 ] && ! (command -v ip && command -v iptables) >/dev/null; then \
-		apt-get update -qq && apt-get install -y -qq iproute2 iptables; fi
+	@if [ "$$(id -u)" = 0 ] && ! (command -v ip && command -v iptables && \
+			test -x /usr/bin/chromium) >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq iproute2 iptables chromium; fi
 	@if [ "$$(id -u)" = 0 ] && ! [ -e /usr/lib/nginx/modules/ngx_http_dav_ext_module.so ]; then \
 		apt-get update -qq && apt-get install -y -qq nginx libnginx-mod-http-dav-ext; fi
 

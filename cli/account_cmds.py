@@ -18,19 +18,6 @@ devices_app = typer.Typer(help="List this account's devices, or remove one.",
                           invoke_without_command=True)
 
 
-def _member_json(m: Any, me: str) -> dict:
-    return {"id": m.device_id, "name": m.name, "role": m.role,
-            "sources": list(m.scopes) if m.scopes is not None else None,
-            "quota": m.quota, "added": output.iso_time(m.added_ns) if m.added_ns else None,
-            "this_device": m.device_id == me}
-
-
-def _membership_json(current: Any, me: str) -> dict:
-    return {"version": current.seq, "key_epoch": current.epoch,
-            "devices": [_member_json(m, me) for m in current.members],
-            "removed": list(current.removed)}
-
-
 @devices_app.callback()
 def devices(ctx: typer.Context,
             as_json: bool = typer.Option(False, "--json", help="Print the devices as JSON.")
@@ -40,17 +27,12 @@ def devices(ctx: typer.Context,
         return
     from p2pbackup import account
     from p2pbackup.device import open_device
+    from p2pbackup.views import membership_json
 
     async def go() -> dict:
         async with open_device(home()) as dev:
-            got = await account.store_membership.load(dev.repo)
-            if got is None:  # a home from before membership records: this device alone
-                from p2pbackup.format.membership import OWNER, Member, Membership
-                me = Member(dev.identity.device_id, dev.identity.public_key,
-                            dev.config.device_name, OWNER)
-                return _membership_json(Membership(0, b"", dev.keys.epoch, (me,)),
-                                        dev.identity.device_id)
-            return _membership_json(got[0], dev.identity.device_id)
+            return membership_json(await account.listed_membership(dev),
+                                   dev.identity.device_id)
 
     doc = run_async(go())
     if as_json:
@@ -152,8 +134,10 @@ def _print_code(code: str, lifetime: float, qr: bool, port: int | None = None) -
 
         import qrcode
 
+        from p2pbackup.crypto.pairing import qr_text
+
         q = qrcode.QRCode(border=1)
-        q.add_data(f"p2pbackup:pair:{code}")
+        q.add_data(qr_text(code))
         buf = io.StringIO()
         q.print_ascii(out=buf, invert=True)
         print(buf.getvalue(), end="")

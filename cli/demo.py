@@ -4,7 +4,8 @@ init -> snapshot -> change a day's worth of files -> snapshot -> list -> restore
 compare with the originals -> verify --read-data -> pair a second device with a code (on
 loopback) and restore on it -> run both daemons, which find each other by mDNS on loopback and
 replicate over a signed WebRTC session and the direct TLS lane -> restore on the second
-device from its own replica -> recover a third device from the recovery code.
+device from its own replica -> recover a third device from the recovery code -> print the
+laptop's web console address (`--keep` keeps its daemon running so it can be opened).
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ def main() -> None:
         step("Start both daemons: they find each other (mDNS on loopback), open a signed "
              "WebRTC session, move bulk to the direct TLS lane and replicate")
         daemons = replicate_with_daemons(home, laptop, work, day1)
+        console_url = ""
         try:
             step("The first device is lost (its daemon stops). A new device recovers from the "
                  "laptop, a peer, with the recovery code alone (signed WebRTC session, "
@@ -239,14 +241,28 @@ def main() -> None:
             compare("restored on the recovered device from the laptop", day1,
                     work / "restore-spare" / "data")
             p2p(laptop, "devices")
+
+            step("The laptop's daemon serves its web console on 127.0.0.1 (status, snapshots, "
+                 "browse, download, restore, timeline, devices, verify)")
+            console_url = p2p(laptop, "web", "--no-open").strip()
         finally:
-            stop(daemons[1:])
+            if not keep:  # with --keep the laptop's daemon, and so its console, stays up
+                stop(daemons[1:])
 
         store = sum(f.stat().st_size for f in (home / "store").rglob("*") if f.is_file())
         size1 = sum(v[3] for v in day1.values() if v[0] == "file")
         print(f"\nDone: 2 snapshots of {format_size(size)} and {format_size(size1)} of files "
               f"({format_size(size + size1)} in all) take {format_size(store)} in the store: "
               "what both share is stored once, compressed where that helps, and encrypted.")
+        print(f"\nWeb console of the laptop: {console_url}")
+        if keep:
+            pid = daemons[1].pid
+            print(f"    p2pbackupd of the laptop keeps running (pid {pid}) so it can be opened; "
+                  "the address signs in once, within 5 minutes: "
+                  f"`P2PBACKUP_HOME={laptop} p2pbackup web` gives a fresh one; stop it with "
+                  f"`kill {pid}`")
+        else:
+            print("    (the daemons have stopped: run the demo with --keep to open it)")
     finally:
         if keep:
             print(f"kept {work}")

@@ -13,6 +13,7 @@ import typer
 
 from p2pbackup.blobs import exit_process
 from p2pbackup.errors import EXIT_PARTIAL, ConfigError, IntegrityError, P2PError
+from p2pbackup.views import damage_json, snapshot_json, verify_json, verify_lines
 
 from . import output
 from .account_cmds import devices_app, pair, recover
@@ -75,24 +76,6 @@ def init(source: list[str] = typer.Option([], "--source", "-s",
 
 # ---- snapshot ------------------------------------------------------------------------------
 
-def _snapshot_json(stored: Any) -> dict:
-    snap = stored.snapshot
-    return {
-        "id": stored.id,
-        "short_id": stored.short_id,
-        "time": output.iso_time(snap.time_ns),
-        "paths": [s.path for s in snap.sources],
-        "device": snap.device,
-        "hostname": snap.hostname,
-        "size": snap.size,
-        "sources": [{"name": s.name, "path": s.path, "files": s.files, "dirs": s.dirs,
-                     "size": s.size} for s in snap.sources],
-        "parent": snap.parent,
-        "log_seq": snap.log_seq,
-        "warnings": snap.warnings,
-    }
-
-
 _via_daemon = via_daemon
 
 
@@ -120,7 +103,7 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
                 async def load() -> Any:
                     async with open_device(_home()) as dev:
                         return await dev.repo.load_snapshot(done["id"])
-                print(json.dumps(_snapshot_json(_run(load())), indent=2))
+                print(json.dumps(snapshot_json(_run(load())), indent=2))
             else:
                 print(f"snapshot {done['short_id']} saved by p2pbackupd (covers log segment "
                       f"{done['log_seq']})")
@@ -150,7 +133,7 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
 
     summary = _run(go())
     if as_json:
-        print(json.dumps(_snapshot_json(summary.stored), indent=2))
+        print(json.dumps(snapshot_json(summary.stored), indent=2))
     else:
         s = summary
         print(f"snapshot {s.stored.short_id} saved")
@@ -180,7 +163,7 @@ def snapshots(as_json: bool = typer.Option(False, "--json", help="Print a JSON a
     for b in bad:
         output.warn(f"snapshot {b.id[:8]} skipped: {b.reason}")
     if as_json:
-        print(json.dumps([_snapshot_json(s) for s in snaps], indent=2))
+        print(json.dumps([snapshot_json(s) for s in snaps], indent=2))
         return
     if not snaps:
         print("no snapshots yet")
@@ -213,7 +196,7 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
     """Restore a snapshot (or the device as it was --at a moment) into DIR/<source name>/..."""
     import datetime as dt
 
-    from p2pbackup.backup.pointintime import plan_at
+    from p2pbackup.backup.pointintime import plan
     from p2pbackup.backup.restore import RestoreProgress
     from p2pbackup.backup.restore import restore as do_restore
     from p2pbackup.device import open_device
@@ -230,14 +213,10 @@ def restore(snapshot_ref: str = typer.Argument(..., metavar="SNAPSHOT|latest"),
     async def go() -> Any:
         async with open_device(_home(), store=store) as dev:
             output.peer_path(dev.repo.store)
-            overlays, replayed = None, None
             # `latest` names what holds what is asked for; it says which snapshot that is.
-            asked = {"sources": dev.config.sources, "path": path, "note": output.note}
-            if at_ns is None:
-                stored = await dev.repo.find_snapshot(snapshot_ref, **asked)
-            else:
-                stored, overlays, replayed = await plan_at(dev.repo, snapshot_ref, at_ns,
-                                                           **asked)
+            stored, overlays, replayed = await plan(dev.repo, snapshot_ref, at_ns,
+                                                    sources=dev.config.sources, path=path,
+                                                    note=output.note)
             progress = RestoreProgress()
             async with output.progress_bar("restore", progress):
                 summary = await do_restore(dev.repo, stored, str(to), sub=path,
@@ -289,29 +268,11 @@ def verify(read_data: bool = typer.Option(False, "--read-data",
 
     report = _run(go())
     if as_json:
-        print(json.dumps({"ok": report.ok, "read_data": report.read_data,
-                          "snapshots": report.snapshots,
-                          "segments": report.segments, "trees": report.trees,
-                          "packs": report.packs, "blobs_read": report.blobs_read,
-                          "damage": [_damage_json(d) for d in report.damage]}, indent=2))
+        print(json.dumps(verify_json(report), indent=2))
     else:
-        for d in report.damage:
-            print(f"damaged: {d.line()}")
-        checked = (f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
-                   + (f", {report.segments} log segments" if report.segments else "")
-                   + (f", {report.blobs_read} blobs read" if read_data else ""))
-        unread = "" if read_data else \
-            "; data not read (`verify --read-data` decrypts and checks every blob)"
-        n = len(report.damage)
-        print(f"{'no problems found' if report.ok else f'{n} problem' + 's' * (n != 1)} "
-              f"({checked}){unread}")
+        print("\n".join(verify_lines(report)))
     if not report.ok:
         raise typer.Exit(IntegrityError.exit_code)
-
-
-def _damage_json(d: Any) -> dict:
-    return {"object": d.what, "reason": d.reason, "affects": d.affects, "blob": d.blob,
-            "pack": d.pack}
 
 
 @app.command()
@@ -343,7 +304,7 @@ def repair(sources: list[str] = typer.Option([], "--from", help="Another copy to
                                      "lost": r.lost, "healed_from": r.healed_from}
                                     for r in report.repaired],
                           "copied": report.copied,
-                          "lost": [_damage_json(d) for d in report.lost]}, indent=2))
+                          "lost": [damage_json(d) for d in report.lost]}, indent=2))
         return
     for r in report.repaired:
         if r.healed_from:
@@ -507,6 +468,12 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         print(f"  storage partner for account {g['account']}: {used} of {quota}; "
               f"{len(g['owners_connected'])} owner devices connected"
               + (f"; {g['error']}" if g.get("error") else ""))
+    web_console = st.get("web")
+    if web_console:
+        where = (f"port {web_console['port']}" if web_console["port"]
+                 else f"a Unix socket behind {web_console.get('url')}")
+        print(f"  web console on {where} (`p2pbackup web` opens it)"
+              if web_console["enabled"] else f"  web console: {web_console['error']}")
     paused = st.get("paused_for")
     if paused:
         print(f"  paused: {paused['command']} (pid {paused['pid']}) writes the store; changes "
@@ -657,6 +624,24 @@ def store_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON 
                  "no bandwidth cap", f"{r['parallel']} at once"]
         extra += [f"{k}={v}" for k, v in r["options"].items()]
         print(f"{r['location']}  ({', '.join(extra)})")
+
+
+@app.command()
+def web(no_open: bool = typer.Option(False, "--no-open", help="Only print the address.")
+        ) -> None:
+    """Print (and open in the browser) the address of p2pbackupd's local web console; it
+    signs you in once, for a few minutes."""
+    from p2pbackup import control
+    from p2pbackup.config import load_config
+
+    config = load_config(_home())
+    url = _run(control.request(config.control_socket, "web", timeout=30))["url"]
+    print(url)
+    if not no_open:
+        import webbrowser
+
+        if not webbrowser.open(url):
+            output.note("no browser found here: open the address above in one")
 
 
 @index_app.command("rebuild")

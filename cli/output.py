@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
+from p2pbackup import views
 from p2pbackup.sizes import format_rate, format_size
 
 # Every size and speed this CLI prints goes through these (binary units, as restic).
@@ -16,9 +16,7 @@ human_bytes = format_size
 rate = format_rate
 
 
-def iso_time(ns: int) -> str:
-    """ISO 8601 in local time with its UTC offset, to the second."""
-    return dt.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
+iso_time = views.iso_time
 
 
 def err(message: str) -> None:

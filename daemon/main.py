@@ -47,6 +47,7 @@ from .partner import PartnerService, load_grants
 from .replicate import Replicator
 from .rescan import rescan
 from .watches import WatchCoverage, measure, watched_folders
+from .web import WebService
 
 log = logging.getLogger("p2pbackupd")
 
@@ -161,6 +162,7 @@ class DeviceDaemon:
         self.peers: PeerManager | None = None
         self.replicator: Replicator | None = None
         self.partner: PartnerService | None = None
+        self.web: WebService | None = None
         self.watch: WatchCoverage | None = None  # how many folders inotify covers
         self.rewatch = asyncio.Event()  # set: start the watcher again (the limit was raised)
         self._inotify = False  # the inotify watcher runs (not the rescans that replace it)
@@ -439,6 +441,7 @@ class DeviceDaemon:
                     if self.peers else 0},
             "partner_for": self.partner.status() if self.partner else [],
             "stores": [u.status.as_dict() for u, _ in self.uploads.values()],
+            "web": self.web.status() if self.web else None,
         }
 
 
@@ -578,10 +581,13 @@ async def serve(home: Path | None) -> int:
         if mine:
             d.last_snapshot = (mine[-1].id, mine[-1].snapshot.time_ns)
         ops = AccountOps(d)
+        d.web = WebService(config, dev, d.status, d.gate.passing, ops.handlers())
+        await d.web.start()
         server = ControlServer(config.control_socket, {"status": d.status,
                                                        "snapshot": d.snapshot,
                                                        "forget": d.forget, "prune": d.prune,
                                                        "reload_stores": d.reload_stores,
+                                                       "web": d.web.sign_in,
                                                        **ops.handlers()},
                                leases={"pause": d.pause, **ops.leases()})
         await server.start()
@@ -638,6 +644,7 @@ async def serve(home: Path | None) -> int:
         finally:
             notifier.stopping()
             await server.close()
+            await d.web.close()
             await d.peers.close()
             await d.partner.close()
             await d.replicator.close()

@@ -67,6 +67,16 @@ async def membership_of(dev: Device) -> tuple[Membership, list[bytes]]:
     return first, [signed]
 
 
+async def listed_membership(dev: Device) -> Membership:
+    """The membership as `devices` lists it, read only: a home from before membership
+    records is this device alone."""
+    got = await store_membership.load(dev.repo)
+    if got is not None:
+        return got[0]
+    me = Member(dev.identity.device_id, dev.identity.public_key, dev.config.device_name, OWNER)
+    return Membership(0, b"", dev.keys.epoch, (me,))
+
+
 def find_device(m: Membership, which: str) -> Member:
     """A member named by id prefix or by name; NotFound or ConfigError if none or ambiguous."""
     if not which.strip():  # the empty prefix would name every device

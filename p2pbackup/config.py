@@ -6,6 +6,7 @@ This is the only module that reads environment variables.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable
@@ -91,6 +92,24 @@ MAX_PARALLEL = 64
 
 
 @dataclass(frozen=True, slots=True)
+class WebSettings:
+    """The `[web]` table: the local web console p2pbackupd serves."""
+
+    enabled: bool = True
+    # 0: a free port, picked at each start (`p2pbackup web` asks the daemon for the URL), so
+    # several homes on one machine never fight over one.
+    port: int = 0
+    listen: str = "127.0.0.1"   # loopback only: 127.0.0.1 or ::1
+    # Behind a reverse proxy instead: a Unix socket (relative to the home) and the address
+    # the proxy serves it at, which is then the only Host and Origin the console accepts.
+    socket: str = ""
+    url: str = ""
+
+
+WEB_LISTEN = ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The parsed config.toml."""
 
@@ -101,6 +120,7 @@ class Config:
     daemon: DaemonSettings = DaemonSettings()
     peers: PeerSettings = PeerSettings()
     stores: tuple[StoreSettings, ...] = ()
+    web: WebSettings = WebSettings()
 
     @property
     def account_key_file(self) -> Path:
@@ -259,7 +279,8 @@ def load_config(home: Path | None = None) -> Config:
     return Config(home, name, (home / store).absolute(), tuple(sources),
                   _daemon_settings(doc.get("daemon", {}), path),
                   _peer_settings(doc.get("peers", {}), path),
-                  _store_settings(doc.get("stores", []), path))
+                  _store_settings(doc.get("stores", []), path),
+                  _web_settings(doc.get("web", {}), path))
 
 
 def _store_settings(raw: object, path: Path) -> tuple[StoreSettings, ...]:
@@ -320,6 +341,30 @@ def edit_stores(home: Path, change: Callable[[list[dict[str, Any]]], list[dict[s
     _write_private(tmp, tomli_w.dumps(doc).encode())   # (a store's options may be secrets)
     os.replace(tmp, path)
     return load_config(home)
+
+
+def _web_settings(table: object, path: Path) -> WebSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: key 'web' must be a table")
+    d = WebSettings()
+    enabled = table.get("enabled", d.enabled)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{path}: key 'web.enabled' = {enabled!r} must be true or false")
+    port = table.get("port", d.port)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"{path}: key 'web.port' = {port!r} must be a port number (0: any)")
+    listen = table.get("listen", d.listen)
+    if listen not in WEB_LISTEN:
+        raise ConfigError(f"{path}: key 'web.listen' = {listen!r} must be one of "
+                          f"{', '.join(WEB_LISTEN)} (the console is for this machine only)")
+    sock, url = table.get("socket", d.socket), table.get("url", d.url)
+    if not isinstance(sock, str) or not isinstance(url, str):
+        raise ConfigError(f"{path}: keys 'web.socket' and 'web.url' must be strings")
+    if bool(sock) != bool(url) or url and not re.fullmatch(r"https?://[^/\s]+/?", url):
+        raise ConfigError(f"{path}: key 'web.socket' needs 'web.url' too, the address your "
+                          "reverse proxy serves the console at (e.g. "
+                          "\"https://backup.example.org\", no path)")
+    return WebSettings(enabled, port, listen, sock, url)
 
 
 def _peer_settings(table: object, path: Path) -> PeerSettings:

@@ -101,3 +101,14 @@ async def plan_at(repo: Repository, ref: str, at_ns: int, *,
             break
         last_seq = seq
     return base, overlays, last_seq
+
+
+async def plan(repo: Repository, ref: str, at_ns: int | None, *,
+               sources: Sequence[SourceLike] = (), path: str | None = None,
+               note: Callable[[str], None] | None = None
+               ) -> tuple[StoredSnapshot, dict[str, Overlay] | None, int | None]:
+    """What a restore of `ref` (optionally as of `at_ns`) reads: the snapshot, and with a
+    time its overlays and the last log seq replayed (None, None without one)."""
+    if at_ns is None:
+        return await repo.find_snapshot(ref, sources=sources, path=path, note=note), None, None
+    return await plan_at(repo, ref, at_ns, sources=sources, path=path, note=note)

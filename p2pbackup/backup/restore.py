@@ -255,6 +255,12 @@ class _Resolved:
 class Restorer:
     """Restores selected parts of one snapshot (blocking; run it in a thread)."""
 
+    @classmethod
+    def reader(cls, repo: Repository, overlays: dict[str, Overlay] | None = None) -> Restorer:
+        """One that only reads: to list a snapshot's folders and stream its files with the
+        same lookups, overlays and checks as a restore (the web console)."""
+        return cls(repo, [], b"/", overwrite=False, overlays=overlays, processes=False)
+
     def __init__(self, repo: Repository, selections: list[_Selection], target: bytes, *,
                  overwrite: bool, workers: int | None = None,
                  progress: RestoreProgress | None = None,
@@ -358,8 +364,9 @@ class Restorer:
         check_names([e.name for e in tree.entries], f"the log's view of {self._shown(parts)}")
         return tree
 
-    def _descend(self, sel: _Selection) -> _Resolved | None:
-        """Find a selection in the snapshot; None if a listing on the way is damaged (named)."""
+    def _descend(self, sel: _Selection, *, report: bool = True) -> _Resolved | None:
+        """Find a selection in the snapshot; None if a listing on the way is damaged (named;
+        without `report`, that is an IntegrityError naming it)."""
         scope = sel.root.name
         parts: Parts = (os.fsencode(scope),)
         entry = sel.root.dir_entry()
@@ -379,9 +386,32 @@ class Restorer:
                 parts += (part,)
                 tree = self._tree(scope, parts, entry.subtree) if entry.type == DIR else None
         except IntegrityError as exc:
+            if not report:
+                raise IntegrityError(f"{self._shown(parts)}/: {exc}") from None
             self._report([f"{self._shown(parts)}/: not restored: {exc}"], [])
             return None
         return _Resolved(scope, entry, tree, parts, tuple(reversed(above)))
+
+    def find(self, stored: StoredSnapshot, sub: str | None) -> _Resolved:
+        """What `sub` (source name/sub/path, as restore's --path) names in `stored`: its entry
+        and, for a folder, its listing (NotFound; IntegrityError if a listing is damaged)."""
+        sels = select(stored, sub)
+        if len(sels) != 1:
+            raise NotFound("give a source name to look into: "
+                           + ", ".join(s.root.name for s in sels))
+        found = self._descend(sels[0], report=False)
+        assert found is not None
+        return found
+
+    def content(self, scope: str, entry: TreeEntry) -> Iterator[bytes | bytearray | memoryview]:
+        """The bytes of a file of source `scope`, read, authenticated and decoded piece by
+        piece as restore writes them (blocking: iterate in a thread)."""
+        assert entry.type == FILE
+        return self._content(scope, entry, {})
+
+    def listing(self, scope: str, parts: Parts, entry: TreeEntry) -> Tree:
+        """The folder `entry` at `parts` (source name first), with the replayed log on top."""
+        return self._tree(scope, parts, entry.subtree)
 
     # ---- conflicts -----------------------------------------------------------------------
 

@@ -93,6 +93,11 @@ def make_code() -> str:
     return f"{nameplate}-{secrets.choice(ODD_WORDS)}-{secrets.choice(EVEN_WORDS)}"
 
 
+def qr_text(code: str) -> str:
+    """What a pairing code's QR code holds (the terminal's and the web console's)."""
+    return f"p2pbackup:pair:{code}"
+
+
 def parse_code(text: str | PairingCode) -> PairingCode:
     """Parse a code as a person typed it (any case, spaces around); PairingFailed if malformed."""
     if isinstance(text, PairingCode):

@@ -71,3 +71,23 @@ def test_a_bad_store_table_is_one_line_naming_it(tmp_path: Path, stores, says):
     with pytest.raises(ConfigError, match=says) as got:
         load_config(home)
     assert "\n" not in str(got.value) and "config.toml" in str(got.value)
+
+
+@pytest.mark.parametrize("web, error", [
+    ({"listen": "0.0.0.0"}, r"web.listen.*127.0.0.1, ::1"),
+    ({"port": 70000}, r"web.port"),
+    ({"enabled": "yes"}, r"web.enabled"),
+    ({"socket": "web.sock"}, r"web.socket' needs 'web.url"),
+    ({"socket": "web.sock", "url": "https://backup.example.org/console"}, r"no path"),
+])
+def test_the_web_console_listens_on_loopback_only(tmp_path: Path, web: dict, error: str):
+    home = _home(tmp_path, [])
+    with open(home / "config.toml", "a") as f:
+        f.write(tomli_w.dumps({"web": web}))
+    with pytest.raises(ConfigError, match=error):
+        load_config(home)
+
+
+def test_web_console_defaults(tmp_path: Path):
+    web = load_config(_home(tmp_path, [])).web
+    assert (web.enabled, web.port, web.listen) == (True, 0, "127.0.0.1")

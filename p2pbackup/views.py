@@ -1,0 +1,71 @@
+"""The JSON shapes of what the CLI's `--json` prints; the web console's API serves the same."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from .repo.snapshots import StoredSnapshot
+
+
+def iso_time(ns: int) -> str:
+    """ISO 8601 in local time with its UTC offset, to the second."""
+    return dt.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
+
+
+def snapshot_json(stored: StoredSnapshot) -> dict[str, Any]:
+    snap = stored.snapshot
+    return {
+        "id": stored.id,
+        "short_id": stored.short_id,
+        "time": iso_time(snap.time_ns),
+        "paths": [s.path for s in snap.sources],
+        "device": snap.device,
+        "hostname": snap.hostname,
+        "size": snap.size,
+        "sources": [{"name": s.name, "path": s.path, "files": s.files, "dirs": s.dirs,
+                     "size": s.size} for s in snap.sources],
+        "parent": snap.parent,
+        "log_seq": snap.log_seq,
+        "warnings": snap.warnings,
+    }
+
+
+def damage_json(d: Any) -> dict[str, Any]:
+    return {"object": d.what, "reason": d.reason, "affects": d.affects, "blob": d.blob,
+            "pack": d.pack}
+
+
+def verify_json(report: Any) -> dict[str, Any]:
+    return {"ok": report.ok, "read_data": report.read_data, "snapshots": report.snapshots,
+            "segments": report.segments, "trees": report.trees, "packs": report.packs,
+            "blobs_read": report.blobs_read,
+            "damage": [damage_json(d) for d in report.damage]}
+
+
+def verify_lines(report: Any) -> list[str]:
+    """`verify`'s result in words: each damage, then the summary line."""
+    lines = [f"damaged: {d.line()}" for d in report.damage]
+    checked = (f"{report.snapshots} snapshots, {report.trees} trees, {report.packs} packs"
+               + (f", {report.segments} log segments" if report.segments else "")
+               + (f", {report.blobs_read} blobs read" if report.read_data else ""))
+    unread = "" if report.read_data else \
+        "; data not read (`verify --read-data` decrypts and checks every blob)"
+    n = len(report.damage)
+    lines.append(f"{'no problems found' if report.ok else f'{n} problem' + 's' * (n != 1)} "
+                 f"({checked}){unread}")
+    return lines
+
+
+def member_json(m: Any, me: str) -> dict[str, Any]:
+    return {"id": m.device_id, "name": m.name, "role": m.role,
+            "sources": list(m.scopes) if m.scopes is not None else None,
+            "quota": m.quota, "added": iso_time(m.added_ns) if m.added_ns else None,
+            "this_device": m.device_id == me}
+
+
+def membership_json(current: Any, me: str) -> dict[str, Any]:
+    """`devices --json`."""
+    return {"version": current.seq, "key_epoch": current.epoch,
+            "devices": [member_json(m, me) for m in current.members],
+            "removed": list(current.removed)}

@@ -1,0 +1,696 @@
+"""The local web console: pages, the JSON API they use, and live status (server-sent events).
+
+The API answers with the JSON the CLI's `--json` prints (p2pbackup.views) and reads the
+repository with the restore code path (Restorer.find/content, pointintime.plan), so the page
+and the command line never disagree. Everything it serves comes from the daemon: no CDN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import stat as statmod
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from ..backup.names import show_path
+from ..backup.pointintime import Overlay, plan
+from ..backup.restore import Restorer, RestoreProgress, restore
+from ..backup.verify import VerifyProgress, verify
+from ..config import Source
+from ..errors import IntegrityError, NotFound, P2PError
+from ..format.records import DIR, FILE, SYMLINK
+from ..repo.repository import Repository
+from ..repo.snapshots import StoredSnapshot
+from ..timeparse import TimeFormatError, parse_time
+from ..views import iso_time, snapshot_json, verify_lines
+from . import pages
+from .archive import tar_stream
+from .security import SESSION, Gate, middleware
+
+log = logging.getLogger("p2pbackup.web")
+
+PAGE_SIZE = 200        # entries per page of a folder
+MAX_PAGE_SIZE = 1000
+SEARCH_RESULTS = 200       # names found, at most
+SEARCH_ENTRIES = 1_000_000  # entries looked at, at most (a search never walks forever)
+EVENT_INTERVAL = 0.5   # seconds between looks at the status for a change to push
+KEEPALIVE = 15.0       # seconds of no change before a comment keeps the stream open
+PLAN_CACHE = 4         # recent (snapshot, moment) plans kept for paging
+FOLDER_CACHE = 2       # recent folder listings kept for paging (100,000 entries: ~25 MiB)
+# Counters that move every second: a change in them alone is not news worth pushing.
+_TICKING = ("uptime_seconds", "next_snapshot_in", "next_seal_in")
+_STATIC = ("console.js", "console.css")
+
+Status = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass(slots=True)
+class Backend:
+    """What the daemon lends the console."""
+
+    repo: Repository
+    sources: Sequence[Source]
+    status: Status
+    # Held while the repository is read: the daemon's gate, so a pause (another process
+    # writing the store) waits for reads in progress and later reads wait for it.
+    reading: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext
+    # `devices --json`; None where there is no account (the Devices page says so).
+    devices: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    # The daemon's account handlers (pair_start, pair_wait, pair_answer, devices_remove), the
+    # ones `p2pbackup pair` and `devices remove` use over the control socket.
+    account: Mapping[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = \
+        field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Job:
+    id: int
+    kind: str
+    what: str
+    counters: Callable[[], dict[str, int]]  # its progress: bytes, expected_bytes, ...
+    state: str = "running"     # running, done, failed
+    result: str = ""
+    started: float = field(default_factory=time.time)
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "what": self.what, "state": self.state,
+                **self.counters(), "result": self.result}
+
+
+class Jobs:
+    """Work started from the page (restores), with progress the event stream pushes."""
+
+    KEEP = 20
+
+    def __init__(self) -> None:
+        self._jobs: dict[int, Job] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next = 1
+
+    def start(self, kind: str, what: str, counters: Callable[[], dict[str, int]],
+              work: Callable[[], Awaitable[str]]) -> Job:
+        job = Job(self._next, kind, what, counters)
+        self._next += 1
+        self._jobs[job.id] = job
+        while len(self._jobs) > self.KEEP:
+            oldest = next(iter(self._jobs))
+            if self._jobs[oldest].state == "running":
+                break
+            del self._jobs[oldest]
+
+        async def run() -> None:
+            try:
+                job.result = await work()
+                job.state = "done"
+            except P2PError as exc:
+                job.result, job.state = str(exc), "failed"
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    def view(self) -> list[dict[str, Any]]:
+        return [j.view() for j in self._jobs.values()]
+
+    async def close(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _entry_json(e: Any, path: str) -> dict[str, Any]:
+    name = show_path(e.name)
+    kind = {FILE: "file", DIR: "dir", SYMLINK: "symlink"}.get(e.type, "special")
+    out = {"name": name, "path": f"{path}/{name}" if path else name, "type": kind,
+           "size": e.size if e.type == FILE else None, "mtime": iso_time(e.mtime_ns),
+           "mode": statmod.filemode(e.mode) if e.mode else None}
+    if e.type == SYMLINK and e.target is not None:
+        out["target"] = show_path(e.target)
+    return out
+
+
+class Console:
+    """The aiohttp application and what it keeps: sessions, plans being paged, jobs."""
+
+    def __init__(self, backend: Backend, gate: Gate | None = None, *,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now().astimezone(),
+                 event_interval: float = EVENT_INTERVAL) -> None:
+        self.backend = backend
+        self.gate = gate or Gate()
+        self.sleep = sleep
+        self.now = now
+        self.event_interval = event_interval
+        self.jobs = Jobs()
+        self._plans: collections.OrderedDict[tuple, tuple[StoredSnapshot,
+                                                          dict[str, Overlay] | None]] = \
+            collections.OrderedDict()
+        self._found: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self.app = web.Application(middlewares=[middleware(self.gate)],
+                                   client_max_size=64 * 1024)
+        reads = self._reading
+        self.app.add_routes([
+            web.get("/", self.status_page),
+            web.get("/snapshots", reads(self.snapshots_page)),
+            web.get("/browse", reads(self.browse_page)),
+            web.get("/timeline", reads(self.timeline_page)),
+            web.get("/static/{name}", self.static),
+            web.get("/api/status", self.api_status),
+            web.get("/api/snapshots", reads(self.api_snapshots)),
+            web.get("/api/tree", reads(self.api_tree)),
+            web.get("/api/file", reads(self.api_file)),
+            web.get("/api/archive", reads(self.api_archive)),
+            web.get("/api/versions", reads(self.api_versions)),
+            web.get("/api/search", reads(self.api_search)),
+            web.get("/api/storage", reads(self.api_storage)),
+            web.get("/versions", reads(self.versions_page)),
+            web.post("/api/restore", reads(self.api_restore)),
+            web.get("/api/jobs", self.api_jobs),
+            web.get("/verify", self.verify_page),
+            web.post("/api/verify", self.api_verify),
+            web.get("/devices", reads(self.devices_page)),
+            web.get("/api/devices", reads(self.api_devices)),
+            web.post("/api/devices/remove", self.account_call("devices_remove")),
+            web.post("/api/pair/start", self.api_pair_start),
+            web.post("/api/pair/wait", self.account_call("pair_wait")),
+            web.post("/api/pair/answer", self.account_call("pair_answer")),
+            web.get("/api/events", self.api_events),
+        ])
+        self.app.on_shutdown.append(lambda _app: self.jobs.close())
+        self._runner: web.AppRunner | None = None
+        self._socket_path = ""
+
+    def _reading(self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            async with self.backend.reading():
+                return await handler(request)
+        return guarded
+
+    # ---- serving -------------------------------------------------------------------------
+
+    async def start(self, listen: str, port: int) -> int:
+        """Listen on `listen`:`port` (0: any free port); return the port."""
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, listen, port).start()
+        bound = int(self._runner.addresses[0][1])
+        self.gate.bind(listen, bound)
+        return bound
+
+    async def start_proxied(self, socket_path: str, base_url: str) -> None:
+        """Listen on a Unix socket (mode 0660: the reverse proxy's group reaches it) for a
+        reverse proxy that serves it at `base_url`."""
+        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket_path)  # left by a daemon that was killed
+        old = os.umask(0o117)  # made 0660: no moment in which others could connect
+        try:
+            await web.UnixSite(self._runner, socket_path).start()
+        finally:
+            os.umask(old)
+        self._socket_path = socket_path
+        self.gate.bind_proxied(base_url)
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._socket_path)
+
+    def login_url(self) -> str:
+        token = self.gate.issue_token()
+        if self.gate.base_url:
+            return f"{self.gate.base_url}/login?token={token}"
+        host = "127.0.0.1" if "127.0.0.1:%d" % self.gate.port in self.gate.hosts else "[::1]"
+        return f"http://{host}:{self.gate.port}/login?token={token}"
+
+    # ---- reading the repository ----------------------------------------------------------
+
+    def _at_ns(self, request: web.Request) -> int | None:
+        at = request.query.get("at", "").strip()
+        if not at:
+            return None
+        try:
+            return int(parse_time(at, self.now()).timestamp() * 1e9)
+        except TimeFormatError as exc:
+            raise web.HTTPBadRequest(text=json.dumps({"error": str(exc), "exit": 2}),
+                                     content_type="application/json") from None
+
+    async def _plan(self, ref: str, at_ns: int | None, path: str
+                    ) -> tuple[StoredSnapshot, dict[str, Overlay] | None]:
+        # `latest` moves with each new snapshot; a moment's plan (a log replay) does not.
+        key = (ref, at_ns, path.split("/", 1)[0])
+        got = self._plans.get(key) if (ref, at_ns) != ("latest", None) else None
+        if got is None:
+            stored, overlays, _ = await plan(self.backend.repo, ref, at_ns,
+                                             sources=self.backend.sources, path=path or None)
+            got = self._plans[key] = (stored, overlays)
+            while len(self._plans) > PLAN_CACHE:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return got
+
+    async def _find(self, request: web.Request) -> tuple[StoredSnapshot, Restorer, Any, str]:
+        q = request.query
+        ref = q.get("snapshot", "latest") or "latest"
+        path = q.get("path", "").strip("/")
+        at_ns = self._at_ns(request)
+        stored, overlays = await self._plan(ref, at_ns, path)
+        reader = Restorer.reader(self.backend.repo, overlays)
+        if not path and len(stored.snapshot.sources) > 1:
+            return stored, reader, None, path
+        # A folder of 100,000 entries takes most of a second to decode: its pages share it.
+        key = (stored.id, at_ns, path)
+        found = self._found.get(key)
+        if found is None:
+            found = await asyncio.to_thread(reader.find, stored, path or None)
+            self._found[key] = found
+            while len(self._found) > FOLDER_CACHE:
+                self._found.popitem(last=False)
+        else:
+            self._found.move_to_end(key)
+        return stored, reader, found, path
+
+    async def tree(self, request: web.Request) -> dict[str, Any]:
+        stored, _, found, path = await self._find(request)
+        try:
+            offset = max(0, int(request.query.get("offset", "0")))
+            limit = min(MAX_PAGE_SIZE, max(1, int(request.query.get("limit", str(PAGE_SIZE)))))
+        except ValueError:
+            raise web.HTTPBadRequest(text='{"error": "offset and limit must be numbers", '
+                                     '"exit": 2}', content_type="application/json") from None
+        if found is None:  # the snapshot's sources are its top level
+            entries = [{"name": r.name, "path": r.name, "type": "dir", "size": r.size,
+                        "mtime": None, "mode": None} for r in stored.snapshot.sources]
+            total = len(entries)
+            entries = entries[offset:offset + limit]
+        else:
+            if found.tree is None:
+                raise NotFound(f"{path} is not a folder in this snapshot")
+            all_entries = found.tree.entries
+            total = len(all_entries)
+            if not path and found.entry is not None:
+                path = found.scope
+            entries = [_entry_json(e, path or found.scope)
+                       for e in all_entries[offset:offset + limit]]
+        return {"snapshot": snapshot_json(stored), "path": path, "offset": offset,
+                "limit": limit, "total": total, "entries": entries}
+
+    async def versions(self, request: web.Request) -> dict[str, Any]:
+        """The versions of one file across the snapshots that hold it, oldest first: a new
+        one where its contents changed."""
+        path = request.query.get("path", "").strip("/")
+        snaps, _ = await self.backend.repo.list_snapshots()
+        reader = Restorer.reader(self.backend.repo)
+        out: list[dict[str, Any]] = []
+        last = None
+        source = path.split("/", 1)[0]
+        for stored in snaps:
+            if source not in (r.name for r in stored.snapshot.sources):
+                continue
+            try:
+                found = await asyncio.to_thread(reader.find, stored, path)
+            except NotFound:
+                continue
+            e = found.entry
+            if e is None or e.type != FILE:
+                continue
+            same = last is not None and (e.size, e.chunks, e.offset) == last
+            last = (e.size, e.chunks, e.offset)
+            if not same:
+                out.append({"snapshot": snapshot_json(stored), "size": e.size,
+                            "mtime": iso_time(e.mtime_ns)})
+            else:
+                out[-1]["last_seen"] = snapshot_json(stored)["time"]
+        if not out:
+            raise NotFound(f"no snapshot holds a file {path}")
+        return {"path": path, "versions": out}
+
+    async def search(self, request: web.Request) -> dict[str, Any]:
+        """Entries whose name holds `q` (any case) in the folder `path` of a snapshot and
+        below it, in tree order; at most SEARCH_RESULTS, and SEARCH_ENTRIES looked at."""
+        words = request.query.get("q", "").strip().lower()
+        if not words:
+            raise web.HTTPBadRequest(text='{"error": "give a name to look for (q)", "exit": 2}',
+                                     content_type="application/json")
+        stored, reader, found, path = await self._find(request)
+        hits: list[dict[str, Any]] = []
+        looked = 0
+
+        def walk(scope: str, parts: tuple[bytes, ...], shown: str, tree: Any) -> None:
+            nonlocal looked
+            for e in tree.entries:
+                looked += 1
+                if len(hits) >= SEARCH_RESULTS or looked > SEARCH_ENTRIES:
+                    return
+                if words in show_path(e.name).lower():
+                    hits.append(_entry_json(e, shown))
+                if e.type == DIR:
+                    walk(scope, parts + (e.name,), f"{shown}/{show_path(e.name)}",
+                         reader.listing(scope, parts + (e.name,), e))
+
+        def run() -> None:
+            if found is None:  # every source
+                for r in stored.snapshot.sources:
+                    sel = reader.find(stored, r.name)
+                    if sel.tree is not None:
+                        walk(r.name, sel.parts, r.name, sel.tree)
+            elif found.tree is not None:
+                walk(found.scope, found.parts, path or found.scope, found.tree)
+        await asyncio.to_thread(run)
+        return {"snapshot": snapshot_json(stored), "path": path, "q": words, "entries": hits,
+                "complete": len(hits) < SEARCH_RESULTS and looked <= SEARCH_ENTRIES}
+
+    # ---- API -----------------------------------------------------------------------------
+
+    async def api_status(self, request: web.Request) -> web.Response:
+        return _json({"running": True, **await self.backend.status()})
+
+    async def snapshot_list(self) -> list[dict[str, Any]]:
+        snaps, _ = await self.backend.repo.list_snapshots()
+        return [snapshot_json(s) for s in snaps]
+
+    async def api_snapshots(self, request: web.Request) -> web.Response:
+        return _json(await self.snapshot_list())
+
+    async def api_tree(self, request: web.Request) -> web.Response:
+        return await _answer(self.tree(request))
+
+    async def api_file(self, request: web.Request) -> web.StreamResponse:
+        try:
+            _, reader, found, path = await self._find(request)
+            if found is None or found.entry is None or found.entry.type != FILE:
+                raise NotFound(f"{path or '/'} is not a file in this snapshot")
+            entry = found.entry
+            return await _stream(request, reader.content(found.scope, entry),
+                                 show_path(entry.name), "application/octet-stream",
+                                 size=entry.size)
+        except P2PError as exc:
+            return _error(exc)
+
+    async def api_archive(self, request: web.Request) -> web.StreamResponse:
+        """A folder as a tar archive, streamed from the repository."""
+        try:
+            stored, reader, found, path = await self._find(request)
+            if found is None or found.tree is None:
+                raise NotFound(f"{path or '/'} is not one folder of this snapshot (give a "
+                               "source or a folder in one)")
+            pieces = tar_stream(reader, found.scope, found.parts, found.entry, found.tree)
+            return await _stream(request, pieces, show_path(found.parts[-1]) + ".tar",
+                                 "application/x-tar")
+        except P2PError as exc:
+            return _error(exc)
+
+    async def api_search(self, request: web.Request) -> web.Response:
+        return await _answer(self.search(request))
+
+    async def api_versions(self, request: web.Request) -> web.Response:
+        return await _answer(self.versions(request))
+
+    async def versions_page(self, request: web.Request) -> web.Response:
+        try:
+            doc = await self.versions(request)
+        except P2PError as exc:
+            return self._page(request, "Versions", pages.problem(str(exc)))
+        return self._page(request, "Versions", pages.versions(doc))
+
+    async def api_restore(self, request: web.Request) -> web.Response:
+        try:
+            args = await request.json()
+        except ValueError:
+            return _json({"error": "the request is not JSON", "exit": 2}, status=400)
+        if not isinstance(args, dict) or not isinstance(args.get("to"), str) \
+                or not os.path.isabs(args["to"]):
+            return _json({"error": "give the folder to restore into as an absolute path "
+                          "(\"to\")", "exit": 2}, status=400)
+        ref = str(args.get("snapshot") or "latest")
+        path = str(args.get("path") or "").strip("/")
+        at = str(args.get("at") or "")
+        try:
+            at_ns = int(parse_time(at, self.now()).timestamp() * 1e9) if at else None
+            stored, overlays = await self._plan(ref, at_ns, path)
+        except TimeFormatError as exc:
+            return _json({"error": str(exc), "exit": 2}, status=400)
+        except P2PError as exc:
+            return _error(exc)
+        to, overwrite = args["to"], bool(args.get("overwrite", False))
+        progress = RestoreProgress()
+
+        async def work() -> str:
+            # Threads, not forked workers: the daemon's process holds sockets and threads.
+            async with self.backend.reading():
+                s = await restore(self.backend.repo, stored, to, sub=path or None,
+                                  overwrite=overwrite, progress=progress, overlays=overlays,
+                                  processes=False)
+            problems = len(s.failed) + len(s.damaged) + len(s.warnings)
+            return (f"restored {s.files_restored} files, {s.dirs} folders to {to}"
+                    + (f"; {problems} entries not restored whole (see the daemon's log)"
+                       if problems else ""))
+        job = self.jobs.start("restore", f"{stored.short_id}:{path or '/'} to {to}",
+                              lambda: {"files": progress.files, "bytes": progress.bytes,
+                                       "expected_bytes": progress.expected_bytes}, work)
+        return _json({"job": job.id})
+
+    async def api_verify(self, request: web.Request) -> web.Response:
+        try:
+            args = await request.json()
+        except ValueError:
+            args = None
+        if not isinstance(args, dict) or not isinstance(args.get("read_data", False), bool):
+            return _json({"error": "give {\"read_data\": true or false}", "exit": 2},
+                         status=400)
+        read_data = args.get("read_data", False)
+        progress = VerifyProgress()
+
+        async def work() -> str:
+            async with self.backend.reading():
+                report = await verify(self.backend.repo, read_data=read_data,
+                                      progress=progress)
+            if not report.ok:  # the job fails, and says what is damaged
+                raise IntegrityError("\n".join(verify_lines(report)))
+            return "\n".join(verify_lines(report))
+        job = self.jobs.start("verify", "with --read-data" if read_data else "",
+                              lambda: {"packs": progress.packs,
+                                       "total_packs": progress.total_packs,
+                                       "bytes": progress.bytes,
+                                       "expected_bytes": progress.expected_bytes}, work)
+        return _json({"job": job.id})
+
+    async def verify_page(self, request: web.Request) -> web.Response:
+        return self._page(request, "Verify", pages.verify())
+
+    # ---- devices -------------------------------------------------------------------------
+
+    async def device_list(self) -> dict[str, Any]:
+        if self.backend.devices is None:
+            raise NotFound("this home has no account devices (a storage partner only)")
+        doc = await self.backend.devices()
+        peers = {p["device"]: p for p in (await self.backend.status()).get("peers", [])}
+        for d in doc["devices"]:
+            d["peer"] = peers.get(d["id"])
+        return doc
+
+    async def api_devices(self, request: web.Request) -> web.Response:
+        return await _answer(self.device_list())
+
+    async def devices_page(self, request: web.Request) -> web.Response:
+        try:
+            doc = await self.device_list()
+        except P2PError as exc:
+            return self._page(request, "Devices", pages.problem(str(exc)))
+        return self._page(request, "Devices",
+                          pages.devices(doc, can_change="devices_remove" in self.backend.account))
+
+    def account_call(self, name: str, **fixed: Any
+                     ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        """A POST that hands its JSON object to the daemon's control handler `name`."""
+        async def call(request: web.Request) -> web.Response:
+            handler = self.backend.account.get(name)
+            if handler is None:
+                return _json({"error": "not available here", "exit": 1}, status=404)
+            try:
+                args = await request.json()
+            except ValueError:
+                args = None
+            if not isinstance(args, dict):
+                return _json({"error": "the request is not a JSON object", "exit": 20},
+                             status=400)
+            try:
+                return _json(await handler({**args, **fixed}))
+            except P2PError as exc:
+                return _error(exc)
+        return call
+
+    async def api_pair_start(self, request: web.Request) -> web.Response:
+        """A pairing code for a new device of this account, and its QR code (an SVG made
+        here: nothing is fetched from elsewhere)."""
+        import base64
+
+        import qrcode
+        import qrcode.image.svg
+
+        from ..crypto.pairing import qr_text
+
+        response = await self.account_call("pair_start", role="owner")(request)
+        if response.status != 200 or response.text is None:
+            return response
+        started = json.loads(response.text)
+        svg = qrcode.make(qr_text(started["code"]),
+                          image_factory=qrcode.image.svg.SvgPathImage).to_string()
+        started["qr"] = "data:image/svg+xml;base64," + base64.b64encode(svg).decode()
+        return _json(started)
+
+    async def api_jobs(self, request: web.Request) -> web.Response:
+        return _json(self.jobs.view())
+
+    async def events(self) -> collections.abc.AsyncIterator[str]:
+        """The status and jobs, each time they change (ticking counters aside)."""
+        last, quiet = None, 0.0
+        while True:
+            status = await self.backend.status()
+            news = {"status": status, "jobs": self.jobs.view()}
+            steady = json.dumps({"status": _without_ticking(status), "jobs": news["jobs"]},
+                                sort_keys=True, default=str)
+            if steady != last:
+                last, quiet = steady, 0.0
+                yield f"event: status\ndata: {json.dumps(news, default=str)}\n\n"
+            elif quiet >= KEEPALIVE:
+                quiet = 0.0
+                yield ": keepalive\n\n"
+            await self.sleep(self.event_interval)
+            quiet += self.event_interval
+
+    async def api_events(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-store"})
+        await response.prepare(request)
+        try:
+            async for message in self.events():
+                await response.write(message.encode())
+        except ConnectionError:
+            pass  # the page was closed
+        return response
+
+    # ---- pages ---------------------------------------------------------------------------
+
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in _STATIC:
+            raise web.HTTPNotFound()
+        body = resources.files(__package__).joinpath("static", name).read_bytes()
+        kind = "text/javascript" if name.endswith(".js") else "text/css"
+        return web.Response(body=body, content_type=kind, headers={"Cache-Control": "no-cache"})
+
+    def _page(self, request: web.Request, title: str, body: str) -> web.Response:
+        return web.Response(text=pages.layout(title, body, request[SESSION].csrf),
+                            content_type="text/html")
+
+    async def status_page(self, request: web.Request) -> web.Response:
+        return self._page(request, "Status", pages.status())
+
+    def storage(self, snaps: list[dict[str, Any]]) -> dict[str, Any]:
+        """What the store holds against what the snapshots hold: deduplication and
+        compression save the difference."""
+        used = sum(size for _scope, _epoch, size in self.backend.repo.index.packs.values())
+        logical = sum(s["size"] for s in snaps)
+        return {"packs": len(self.backend.repo.index.packs), "stored_bytes": used,
+                "snapshot_bytes": logical, "saved_bytes": max(0, logical - used)}
+
+    async def api_storage(self, request: web.Request) -> web.Response:
+        return _json(self.storage(await self.snapshot_list()))
+
+    async def snapshots_page(self, request: web.Request) -> web.Response:
+        snaps = await self.snapshot_list()
+        return self._page(request, "Snapshots",
+                          pages.storage(self.storage(snaps), snaps) + pages.snapshots(snaps))
+
+    async def browse_page(self, request: web.Request) -> web.Response:
+        try:
+            listing = await (self.search(request) if request.query.get("q", "").strip()
+                             else self.tree(request))
+        except P2PError as exc:
+            return self._page(request, "Browse", pages.problem(str(exc)))
+        return self._page(request, "Browse", pages.browse(listing, request.query.get("at", "")))
+
+    async def timeline_page(self, request: web.Request) -> web.Response:
+        return self._page(request, "Timeline",
+                          pages.timeline(await self.snapshot_list(),
+                                         [s.name for s in self.backend.sources]))
+
+
+def _without_ticking(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_ticking(v) for k, v in obj.items() if k not in _TICKING}
+    if isinstance(obj, list):
+        return [_without_ticking(v) for v in obj]
+    return obj
+
+
+async def _stream(request: web.Request, pieces: Iterator[bytes | bytearray | memoryview],
+                  name: str, kind: str, size: int | None = None) -> web.StreamResponse:
+    """Send what `pieces` (blocking: read, authenticated and decoded from the store) yields,
+    one piece at a time from a worker thread, so that any size streams in the memory of one
+    read batch and the event loop never waits on the store. A P2PError before the first
+    byte is the answer; one after it ends the download short (the browser says it failed)."""
+    first = await asyncio.to_thread(next, pieces, None)
+    headers = {"Content-Type": kind, "Content-Disposition": _attachment(name)}
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    response = web.StreamResponse(headers=headers)
+    await response.prepare(request)
+    piece = first
+    try:
+        while piece is not None:
+            await response.write(bytes(piece))
+            piece = await asyncio.to_thread(next, pieces, None)
+    except P2PError as exc:
+        log.error("download of %s ended short: %s", name, exc)
+        if request.transport is not None:
+            request.transport.close()  # cut short: never a file that looks whole
+        return response
+    await response.write_eof()
+    return response
+
+
+def _attachment(name: str) -> str:
+    from urllib.parse import quote
+
+    ascii_name = name.encode("ascii", "replace").decode().replace('"', "_").replace("\\", "_")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name)}"
+
+
+def _json(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(obj, indent=1), status=status,
+                        content_type="application/json")
+
+
+_HTTP_STATUS = {NotFound.exit_code: 404, 2: 400, 10: 400, 18: 409}
+
+
+def _error(exc: P2PError) -> web.Response:
+    """A P2PError as the page sees it: its one line and its exit code, as the CLI says them."""
+    return _json({"error": str(exc), "exit": exc.exit_code},
+                 status=_HTTP_STATUS.get(exc.exit_code, 500))
+
+
+async def _answer(work: Awaitable[dict[str, Any]]) -> web.Response:
+    try:
+        return _json(await work)
+    except P2PError as exc:
+        return _error(exc)

@@ -1,0 +1,260 @@
+"""The console's pages, rendered on the server as plain HTML (console.js adds live status,
+restores and the moment picker). Every value shown is escaped."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+from urllib.parse import urlencode
+
+from ..sizes import format_size
+
+NAV = (("/", "Status"), ("/snapshots", "Snapshots"), ("/timeline", "Timeline"),
+       ("/devices", "Devices"), ("/verify", "Verify"))
+
+
+def layout(title: str, body: str, csrf: str) -> str:
+    nav = "".join(f'<a href="{href}">{escape(name)}</a>' for href, name in NAV)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="{escape(csrf)}">
+<title>{escape(title)} · p2pbackup</title>
+<link rel="stylesheet" href="/static/console.css">
+<script src="/static/console.js" defer></script>
+</head><body>
+<header><strong>p2pbackup</strong><nav>{nav}</nav></header>
+<main><h1>{escape(title)}</h1>
+{body}
+</main></body></html>
+"""
+
+
+def status() -> str:
+    # Filled and kept current by console.js from the event stream (/api/events).
+    return """<section id="status" data-live="status"><p class="muted">connecting…</p></section>
+<h2>Jobs</h2><section id="jobs"><p class="muted">none yet</p></section>"""
+
+
+def problem(message: str) -> str:
+    return f'<p class="error">{escape(message)}</p>'
+
+
+def _browse_link(snapshot: str, path: str, at: str = "", text: str | None = None) -> str:
+    query = {"snapshot": snapshot, "path": path}
+    if at:
+        query["at"] = at
+    return f'<a href="/browse?{escape(urlencode(query))}">{escape(text or path or "/")}</a>'
+
+
+def snapshots(snaps: list[dict[str, Any]]) -> str:
+    if not snaps:
+        return "<p>No snapshots yet.</p>"
+    rows = "".join(
+        f"<tr><td>{_browse_link(s['id'], '', text=s['short_id'])}</td>"
+        f"<td>{escape(s['time'])}</td><td>{escape(s['hostname'])}</td>"
+        f"<td class=num>{escape(format_size(s['size']))}</td>"
+        f"<td>{escape(', '.join(s['paths']))}</td></tr>"
+        for s in reversed(snaps))
+    return (f'<table class="list"><thead><tr><th>ID</th><th>Time</th><th>Host</th>'
+            f'<th>Size</th><th>Paths</th></tr></thead><tbody>{rows}</tbody></table>'
+            f"<p>{len(snaps)} snapshots</p>")
+
+
+def browse(listing: dict[str, Any], at: str) -> str:
+    snap = listing["snapshot"]
+    sid, path = snap["id"], listing["path"]
+    ref = "latest" if at else sid
+    crumbs = [_browse_link(ref, "", at, "/")]
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        crumbs.append(_browse_link(ref, "/".join(parts[:i + 1]), at, part))
+    when = (f"as it was at <strong>{escape(at)}</strong> (snapshot {escape(snap['short_id'])} "
+            "and the log after it)" if at else
+            f"snapshot <strong>{escape(snap['short_id'])}</strong> of {escape(snap['time'])}")
+    rows = []
+    for e in listing["entries"]:
+        if e["type"] == "dir":
+            q = {"snapshot": ref, "path": e["path"], **({"at": at} if at else {})}
+            name = (_browse_link(ref, e["path"], at, e["name"] + "/") +
+                    f' <a class="download archive" download '
+                    f'href="/api/archive?{escape(urlencode(q))}">.tar</a>')
+        elif e["type"] == "file":
+            q = {"snapshot": ref, "path": e["path"], **({"at": at} if at else {})}
+            name = (f'{escape(e["name"])} <a class="download" download '
+                    f'href="/api/file?{escape(urlencode(q))}">download</a> '
+                    f'<a class="versions" href="/versions?'
+                    f'{escape(urlencode({"path": e["path"]}))}">versions</a>')
+        else:
+            name = escape(e["name"]) + (f" → {escape(e['target'])}" if e.get("target") else "")
+        size = format_size(e["size"]) if e["size"] is not None else ""
+        restore = (f'<button class="restore" data-snapshot="{escape(ref)}" '
+                   f'data-path="{escape(e["path"])}" data-at="{escape(at)}">restore…</button>')
+        rows.append(f"<tr><td>{name}</td><td class=num>{escape(size)}</td>"
+                    f"<td>{escape(e['mtime'] or '')}</td><td>{restore}</td></tr>")
+    pager = []
+    base = {"snapshot": ref, "path": path, **({"at": at} if at else {})}
+    if "q" in listing:  # search results: no pages
+        n = len(listing["entries"])
+        pager.append(f'<span class="count">{n} names hold “{escape(listing["q"])}”'
+                     + ("" if listing["complete"] else " (the first found; say more)")
+                     + "</span>")
+    else:
+        offset, limit, total = listing["offset"], listing["limit"], listing["total"]
+        if offset > 0:
+            q = urlencode({**base, "offset": max(0, offset - limit)})
+            pager.append(f'<a rel="prev" href="/browse?{escape(q)}">← previous</a>')
+        shown = f"{offset + 1 if total else 0}–{min(total, offset + limit)} of {total} entries"
+        pager.append(f'<span class="count">{shown}</span>')
+        if offset + limit < total:
+            q = urlencode({**base, "offset": offset + limit})
+            pager.append(f'<a rel="next" href="/browse?{escape(q)}">next →</a>')
+    hidden = "".join(f'<input type="hidden" name="{k}" value="{escape(v)}">'
+                     for k, v in base.items())
+    search = (f'<form class="search" action="/browse" method="get">{hidden}'
+              f'<input type="search" name="q" placeholder="find by name below here" '
+              f'value="{escape(listing.get("q", ""))}"><button>Find</button></form>')
+    return (f'<p>{when}</p><p class="crumbs">{" / ".join(crumbs)}</p>{search}'
+            f'<table class="list" id="entries"><thead><tr><th>Name</th><th>Size</th>'
+            f'<th>Modified</th><th></th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            f'<p class="pager">{" ".join(pager)}</p>'
+            '<dialog id="restore-dialog"><form method="dialog">'
+            '<p>Restore <code id="restore-what"></code> into the folder (on this device):</p>'
+            '<input id="restore-to" name="to" placeholder="/home/me/restored" required>'
+            '<label><input type="checkbox" id="restore-overwrite"> replace files that differ'
+            '</label><p><button value="ok" id="restore-go">Restore</button> '
+            '<button value="cancel" formnovalidate>Cancel</button></p>'
+            '<p id="restore-state" role="status"></p></form></dialog>')
+
+
+def timeline(snaps: list[dict[str, Any]], sources: list[str]) -> str:
+    """Per device, its snapshots on one time axis; a moment picker browses the device as it
+    was then (the snapshot before it plus the log after that, as `restore --at`)."""
+    by_device: dict[str, list[dict[str, Any]]] = {}
+    for s in snaps:
+        by_device.setdefault(s["device"], []).append(s)
+    options = "".join(f'<option value="{escape(n)}">{escape(n)}</option>' for n in sources)
+    picker = ('<form id="moment" action="/browse" method="get">'
+              '<label>Moment <input type="datetime-local" step="1" name="at" id="moment-at" '
+              'required></label>'
+              f'<label>Source <select name="path" id="moment-source">{options}</select></label>'
+              '<input type="hidden" name="snapshot" value="latest">'
+              '<button type="submit">Browse as it was</button></form>'
+              if sources else "<p>This device has no sources of its own.</p>")
+    if not snaps:
+        return picker + "<p>No snapshots yet.</p>"
+    lo = min(s["time"] for s in snaps)
+    hi = max(s["time"] for s in snaps)
+    lanes = []
+    for device, group in by_device.items():
+        marks = "".join(
+            f'<li data-time="{escape(s["time"])}">'
+            f'{_browse_link(s["id"], "", text=s["time"][:19].replace("T", " "))}</li>'
+            for s in group)
+        lanes.append(f'<section class="lane"><h2>{escape(group[-1]["hostname"])} '
+                     f'<small>{escape(device[:12])}</small></h2>'
+                     f'<ol class="axis">{marks}</ol></section>')
+    return (picker + f'<p class="muted">from {escape(lo)} to {escape(hi)}; between snapshots '
+            "the log holds every change, so any moment can be browsed</p>" + "".join(lanes))
+
+
+def devices(doc: dict[str, Any], can_change: bool) -> str:
+    """The account's devices and partners with their state; remove one; pair a new one."""
+    rows = []
+    for d in doc["devices"]:
+        peer = d.get("peer")
+        if d["this_device"]:
+            state = "this device"
+        elif peer is None:
+            state = "offline"
+        elif peer.get("connected"):
+            state = f"online, over the {peer.get('path') or 'data channel'}"
+        else:
+            state = "on the LAN, not connected" if peer.get("on_lan") else "offline"
+        extra = []
+        if peer and peer.get("objects_behind"):
+            extra.append(f"{peer['objects_behind']} objects "
+                         f"({format_size(peer.get('bytes_behind') or 0)}) behind")
+        if d["sources"] is not None:
+            extra.append("sources " + ", ".join(d["sources"]))
+        if d["quota"] is not None:
+            extra.append(f"quota {format_size(d['quota'])}")
+        remove = (f'<button class="remove" data-device="{escape(d["id"])}" '
+                  f'data-name="{escape(d["name"])}">remove…</button>'
+                  if can_change and not d["this_device"] else "")
+        cls = "online" if state.startswith("online") or d["this_device"] else "offline"
+        rows.append(f'<tr data-device="{escape(d["id"])}"><td>{escape(d["name"])}<br>'
+                    f'<small>{escape(d["id"][:12])}</small></td><td>{escape(d["role"])}</td>'
+                    f'<td class="{cls} state">{escape(state)}</td>'
+                    f'<td>{escape("; ".join(extra))}</td><td>{remove}</td></tr>')
+    pair = ('<h2>Add a device</h2><p><button id="pair-start">Show a pairing code</button></p>'
+            '<section id="pair" hidden><p>On the new device run '
+            '<code>p2pbackup pair <span id="pair-code"></span></code>, or scan:</p>'
+            '<img id="pair-qr" alt="QR code of the pairing code" width="180" height="180">'
+            '<p id="pair-state" role="status">waiting for the new device…</p>'
+            '<p id="pair-question" hidden>Does the other device show <strong '
+            'id="pair-verifier"></strong>? <button id="pair-yes">Yes, the same</button> '
+            '<button id="pair-no">No</button></p></section>' if can_change else "")
+    removed = (f'<p class="muted">removed: {escape(", ".join(r[:12] for r in doc["removed"]))}'
+               "</p>" if doc["removed"] else "")
+    return (f'<p>membership version {doc["version"]}, key epoch {doc["key_epoch"]}</p>'
+            '<table class="list" id="devices"><thead><tr><th>Device</th><th>Role</th>'
+            f'<th>State</th><th></th><th></th></tr></thead><tbody>{"".join(rows)}</tbody>'
+            f'</table>{removed}<p id="remove-state" role="status"></p>{pair}')
+
+
+def verify() -> str:
+    return ('<p>Check that every snapshot, tree and pack is there and signed; reading the '
+            "data also decrypts and checks every blob (slower).</p>"
+            '<p><button class="verify" data-read="false">Verify</button> '
+            '<button class="verify" data-read="true">Verify and read all data</button></p>'
+            '<pre id="verify-state" role="status"></pre>')
+
+
+def versions(doc: dict[str, Any]) -> str:
+    rows = []
+    for v in reversed(doc["versions"]):
+        snap = v["snapshot"]
+        q = urlencode({"snapshot": snap["id"], "path": doc["path"]})
+        seen = f" (unchanged until {escape(v['last_seen'])})" if v.get("last_seen") else ""
+        folder = _browse_link(snap["id"], doc["path"].rpartition("/")[0], text=snap["short_id"])
+        rows.append(f"<tr><td>{escape(snap['time'])}{seen}</td><td>{folder}</td>"
+                    f"<td class=num>{escape(format_size(v['size']))}</td>"
+                    f"<td>{escape(v['mtime'])}</td>"
+                    f'<td><a class="download" download href="/api/file?{escape(q)}">download'
+                    "</a></td></tr>")
+    return (f"<p><code>{escape(doc['path'])}</code>: {len(doc['versions'])} versions in the "
+            "snapshots (newest first)</p>"
+            '<table class="list" id="versions"><thead><tr><th>Snapshot time</th><th>ID</th>'
+            f'<th>Size</th><th>Modified</th><th></th></tr></thead><tbody>{"".join(rows)}'
+            "</tbody></table>")
+
+
+def storage(st: dict[str, Any], snaps: list[dict[str, Any]]) -> str:
+    """Storage used and saved, and a small chart (SVG, drawn here) of each device's snapshot
+    sizes over time."""
+    words = (f'<p id="storage">The store holds {escape(format_size(st["stored_bytes"]))} in '
+             f'{st["packs"]} packs for {escape(format_size(st["snapshot_bytes"]))} of files in '
+             f"{len(snaps)} snapshots: deduplication and compression save "
+             f'{escape(format_size(st["saved_bytes"]))}.</p>')
+    if len(snaps) < 2:
+        return words
+    import datetime as dt
+
+    times = [dt.datetime.fromisoformat(s["time"]).timestamp() for s in snaps]
+    t0, t1 = min(times), max(times)
+    top = max(s["size"] for s in snaps) or 1
+    w, h = 600, 120
+    lines = []
+    by_device: dict[str, list[tuple[float, int]]] = {}
+    for t, s in zip(times, snaps):
+        by_device.setdefault(s["device"], []).append((t, s["size"]))
+    for i, points in enumerate(by_device.values()):
+        xy = " ".join(f"{(t - t0) / ((t1 - t0) or 1) * (w - 10) + 5:.1f},"
+                      f"{h - 5 - size / top * (h - 10):.1f}" for t, size in sorted(points))
+        lines.append(f'<polyline class="series s{i % 4}" points="{xy}"/>')
+    return (words + f'<svg class="chart" viewBox="0 0 {w} {h}" role="img" '
+            f'aria-label="snapshot sizes over time, up to {escape(format_size(top))}">'
+            f'{"".join(lines)}</svg><p class="muted">snapshot sizes from '
+            f'{escape(snaps[0]["time"])} to {escape(snaps[-1]["time"])}, up to '
+            f"{escape(format_size(top))}</p>")

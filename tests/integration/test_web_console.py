@@ -1,0 +1,207 @@
+"""The web console's API without a browser: a huge folder opens paged, live status is pushed
+only when it changes, and `p2pbackup web` without a daemon is a clear error."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from p2pbackup.backup.snapshot import take_snapshot
+from p2pbackup.backup.restore import Restorer
+from p2pbackup.config import Source
+from p2pbackup.repo.snapshots import StoredSnapshot
+from p2pbackup.web.app import Backend, Console
+from tests.adversary.test_web_console import _login
+from tests.conftest import Cli
+from tests.unit.backup.conftest import repo  # noqa: F401  (the fixture)
+
+ENTRIES = 100_000
+
+
+async def _status() -> dict:
+    return {"device": "d" * 64, "pid": 1, "peers": [], "errors": []}
+
+
+async def _snapshot(repo, src: Path, tmp_path: Path) -> StoredSnapshot:
+    """A snapshot of `src` as the source named src."""
+    return (await take_snapshot(repo, (Source("src", str(src)),),
+                                temp_dir=str(tmp_path / "tmp"))).stored
+
+
+@contextlib.asynccontextmanager
+async def _signed_in(repo) -> AsyncIterator[tuple[aiohttp.ClientSession, str, dict]]:
+    """A console of `repo` on a free port, and a client signed in to it (its headers)."""
+    c = Console(Backend(repo, (), _status))
+    port = await c.start("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            cookie, _ = await _login(c, base, http)
+            yield http, base, {"Cookie": cookie}
+    finally:
+        await c.close()
+
+
+async def test_a_folder_of_100000_entries_opens_paged(repo, tmp_path: Path):
+    big = tmp_path / "src" / "big"
+    big.mkdir(parents=True)
+    for i in range(ENTRIES):
+        os.close(os.open(big / f"f{i:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    await _snapshot(repo, tmp_path / "src", tmp_path)
+    async with _signed_in(repo) as (http, base, headers):
+        started = time.monotonic()
+        async with http.get(f"{base}/api/tree?path=src/big", headers=headers) as r:
+            first = await r.json()
+        took = time.monotonic() - started
+        async with http.get(f"{base}/api/tree?path=src/big&offset={ENTRIES - 50}",
+                            headers=headers) as r:
+            last = await r.json()
+        async with http.get(f"{base}/browse?path=src/big&offset=200", headers=headers) as r:
+            page = await r.text()
+    print(f"first page of {ENTRIES} entries in {took:.2f} s")
+    assert first["total"] == ENTRIES and len(first["entries"]) == first["limit"] == 200
+    assert first["entries"][0]["name"] == "f000000" and first["entries"][0]["type"] == "file"
+    assert [e["name"] for e in last["entries"]] == [f"f{i:06d}" for i in range(ENTRIES - 50,
+                                                                                ENTRIES)]
+    assert "201–400 of 100000 entries" in page and "f000200" in page and "f000400" not in page
+    assert 'rel="next"' in page and 'rel="prev"' in page
+
+
+async def test_status_is_pushed_when_it_changes_not_as_it_ticks(repo):
+    seen = {"seq": 1, "uptime_seconds": 0.0}
+
+    async def status() -> dict:
+        seen["uptime_seconds"] += 1.0  # moves at every look: not news on its own
+        return {"log": {"seq": seen["seq"], "next_seal_in": seen["uptime_seconds"]},
+                "uptime_seconds": seen["uptime_seconds"]}
+
+    looks = 0
+
+    async def sleep(_: float) -> None:
+        nonlocal looks
+        looks += 1
+        if looks == 3:
+            seen["seq"] = 2
+
+    c = Console(Backend(repo, (), status), sleep=sleep, event_interval=1.0)
+    stream = c.events()
+    first = await anext(stream)
+    second = await anext(stream)
+    await stream.aclose()
+    assert first.startswith("event: status\n") and '"seq": 1' in first
+    assert '"seq": 2' in second
+    assert looks == 3  # the two looks in between changed only ticking counters: nothing sent
+
+
+def test_web_without_a_daemon_is_a_clear_error(cli: Cli, tmp_path: Path):
+    cli("init")
+    proc = cli("web", "--no-open", check=False)
+    assert proc.returncode == 19 and "not running" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+async def test_a_folder_downloads_as_a_tar_of_what_the_snapshot_holds(repo, sample_tree: Path,
+                                                                      tmp_path: Path):
+    import io
+    import tarfile
+
+    await _snapshot(repo, sample_tree, tmp_path)
+    async with _signed_in(repo) as (http, base, headers):
+        async with http.get(f"{base}/api/archive?path=src", headers=headers) as r:
+            assert r.status == 200 and "src.tar" in r.headers["Content-Disposition"]
+            body = await r.read()
+        async with http.get(f"{base}/api/archive?path=src/big.bin", headers=headers) as r:
+            assert r.status == 404 and "not one folder" in (await r.json())["error"]
+    base_b = os.fsencode(str(sample_tree))
+    expected = {}
+    for dirpath, dirnames, filenames in os.walk(base_b):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            rel = os.path.join(b"src", os.path.relpath(p, base_b))
+            expected[rel] = ("l" if os.path.islink(p) else "d" if os.path.isdir(p) else "f",
+                             None if os.path.islink(p) or os.path.isdir(p)
+                             else open(p, "rb").read())
+    got = {}
+    with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+        for m in tar.getmembers():
+            kind = "l" if m.issym() else "d" if m.isdir() else "f"
+            data = tar.extractfile(m).read() if m.isfile() else None
+            got[os.fsencode(m.name)] = (kind, data)
+    assert got.pop(b"src")[0] == "d"
+    assert got == expected  # non-UTF-8 names, symlinks, empty files and folders included
+
+
+async def test_a_download_that_meets_damage_is_cut_short_never_whole_looking(
+        repo, sample_tree: Path, tmp_path: Path):
+    stored = await _snapshot(repo, sample_tree, tmp_path)
+    reader = Restorer.reader(repo)
+    big = reader.find(stored, "src/big.bin").entry
+    assert big is not None and len(big.chunks) > 2
+    last = repo.locate(big.chunks[-1])  # its first chunks still read well
+    with open(repo.store.path_of(f"packs/{last.pack}"), "r+b") as f:
+        f.seek(last.offset + last.length // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    first = repo.locate(big.chunks[0])
+    async with _signed_in(repo) as (http, base, headers):
+        async with http.get(f"{base}/api/file?path=src/big.bin", headers=headers) as r:
+            assert r.status == 200 and int(r.headers["Content-Length"]) == big.size
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await r.read()
+        # Damage at the first byte is an answer in words, with verify's exit code.
+        with open(repo.store.path_of(f"packs/{first.pack}"), "r+b") as f:
+            f.seek(first.offset + first.length // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        async with http.get(f"{base}/api/file?path=src/big.bin", headers=headers) as r:
+            assert r.status == 500
+            assert (await r.json())["exit"] == 13
+
+
+def test_a_taken_port_leaves_the_daemon_running_without_its_console(cli: Cli, tmp_path: Path):
+    from tests.integration.test_daemon import Daemon
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cli("init")
+        with open(cli.home / "config.toml", "a") as f:
+            f.write(f"\n[web]\nport = {port}\n")
+        d = Daemon(cli, tmp_path)
+        try:
+            d.wait_for("READY=1")
+            proc = cli("web", "--no-open", check=False)
+            assert proc.returncode == 10
+            assert f"could not listen on 127.0.0.1:{port}" in proc.stderr
+            assert "web console: could not listen" in cli("status").stdout
+        finally:
+            assert d.stop() == 0
+
+
+async def test_search_by_name_finds_entries_below_a_folder(repo, sample_tree: Path,
+                                                           tmp_path: Path):
+    await _snapshot(repo, sample_tree, tmp_path)
+    async with _signed_in(repo) as (http, base, headers):
+        async with http.get(f"{base}/api/search?q=A.TXT", headers=headers) as r:
+            everywhere = await r.json()
+        async with http.get(f"{base}/api/search?q=er&path=src/docs", headers=headers) as r:
+            below = await r.json()
+        async with http.get(f"{base}/browse?q=json&path=src", headers=headers) as r:
+            page = await r.text()
+        async with http.get(f"{base}/api/search?q=", headers=headers) as r:
+            assert r.status == 400
+    assert sorted(e["path"] for e in everywhere["entries"]) == [
+        "src/docs/a.txt", "src/hardlink-a.txt"]
+    assert everywhere["complete"] is True
+    assert [e["path"] for e in below["entries"]] == ["src/docs/deep/er"]
+    assert "b.json" in page and "1 names hold" in page

@@ -1,0 +1,253 @@
+"""The web console in a real browser (Debian's chromium, driven by Playwright) against a real
+p2pbackupd: sign in with the address `p2pbackup web` prints, see the status, browse a snapshot,
+download a file and restore one (both compared with the original), and browse the device as it
+was at a moment picked in the timeline."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli
+from tests.eventually import eventually_sync
+from tests.integration.test_daemon import Daemon, wait_for_first_snapshot
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
+                                reason="chromium is not installed (`make sysdeps` as root "
+                                "installs it: apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """One browser for the module (each launch costs seconds), a fresh profile."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM,
+            headless=True, args=ARGS, accept_downloads=True, viewport={"width": 390,
+                                                                         "height": 844})
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def device(tmp_path: Path):
+    cli = Cli(tmp_path / "home")
+    src = tmp_path / "src"
+    (src / "docs").mkdir(parents=True)
+    (src / "docs" / "letter.txt").write_text("version 1\n")
+    (src / "photo.bin").write_bytes(os.urandom(300_000))
+    cli("init", "--source", str(src))
+    with open(cli.home / "config.toml", "a") as f:
+        f.write("\n[daemon]\nseal_interval = 1\n")
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        wait_for_first_snapshot(cli)
+        yield cli, src, d
+    finally:
+        assert d.stop() == 0
+
+
+def _sign_in(browser, cli: Cli):
+    url = cli("web", "--no-open").stdout.strip()
+    assert url.startswith("http://127.0.0.1:") and "/login?token=" in url
+    page = browser.new_page()
+    page.goto(url)
+    assert "token" not in page.url  # redirected at once: the token leaves the address bar
+    return page
+
+
+def test_status_browse_download_and_restore(browser, device, tmp_path: Path):
+    cli, src, _ = device
+    page = _sign_in(browser, cli)
+    # Status: live over server-sent events.
+    page.wait_for_selector("#activity")
+    assert "last snapshot:" in page.inner_text("#activity")
+    assert f"source src: {src}" in page.inner_text("#activity")
+    # Snapshots -> browse the newest -> into docs/.
+    page.click("nav >> text=Snapshots")
+    snap = json.loads(cli("snapshots", "--json").stdout)[-1]
+    page.click(f"text={snap['short_id']}")
+    page.click("text=docs/")
+    assert "letter.txt" in page.inner_text("#entries")
+    with page.expect_download() as got:
+        page.click("tr:has-text('letter.txt') >> a.download")
+    saved = tmp_path / "downloaded"
+    got.value.save_as(saved)
+    assert saved.read_bytes() == (src / "docs" / "letter.txt").read_bytes()
+    # docs/ as a tar archive, streamed: the same files.
+    page.click(".crumbs >> text=src")
+    with page.expect_download() as got:
+        page.click("tr:has-text('docs/') >> a.archive")
+    got.value.save_as(tmp_path / "docs.tar")
+    with tarfile.open(tmp_path / "docs.tar") as tar:
+        tar.extractall(tmp_path / "untarred", filter="data")
+    assert (tmp_path / "untarred" / "docs" / "letter.txt").read_bytes() == \
+        (src / "docs" / "letter.txt").read_bytes()
+    # Back up to the source's top: restore photo.bin into a folder, with progress, compare.
+    page.click(".crumbs >> text=src")
+    page.click("tr:has-text('photo.bin') >> button.restore")
+    target = tmp_path / "restored"
+    page.fill("#restore-to", str(target))
+    page.click("#restore-go")
+    page.wait_for_selector("#restore-state.done", timeout=60_000)
+    assert (target / "src" / "photo.bin").read_bytes() == (src / "photo.bin").read_bytes()
+    # A restore into a relative folder is refused in words, nothing started.
+    page.click("#restore-dialog >> text=Cancel")
+    page.click("tr:has-text('photo.bin') >> button.restore")
+    page.fill("#restore-to", "relative/folder")
+    page.click("#restore-go")
+    page.wait_for_selector("#restore-state.failed")
+    assert "absolute path" in page.inner_text("#restore-state")
+    # Verify, reading every blob, with the result in words.
+    page.click("#restore-dialog >> text=Cancel")
+    page.click("nav >> text=Verify")
+    page.click("button.verify[data-read='true']")
+    page.wait_for_selector("#verify-state.done", timeout=60_000)
+    assert "no problems found" in page.inner_text("#verify-state")
+    assert "blobs read" in page.inner_text("#verify-state")
+    page.close()
+
+
+def _head_seq(cli: Cli) -> int:
+    return json.loads(cli("status", "--json").stdout)["log"]["seq"]
+
+
+def test_a_moment_picked_in_the_timeline_shows_that_version(browser, device, tmp_path: Path):
+    cli, src, _ = device
+    letter = src / "docs" / "letter.txt"
+    seq = _head_seq(cli)
+    letter.write_text("version 2, after the snapshot\n")
+    eventually_sync(lambda: _head_seq(cli) > seq, timeout=30, interval=0.2)
+    time.sleep(1.1)  # the moment is given to the second: it must fall between the versions
+    moment = dt.datetime.now().replace(microsecond=0)
+    time.sleep(1.1)
+    seq = _head_seq(cli)
+    letter.write_text("version 3\n")
+    eventually_sync(lambda: _head_seq(cli) > seq, timeout=30, interval=0.2)
+
+    page = _sign_in(browser, cli)
+    page.click("nav >> text=Timeline")
+    page.fill("#moment-at", moment.isoformat(timespec="seconds"))
+    page.select_option("#moment-source", "src")
+    page.click("form#moment >> button")
+    assert "as it was at" in page.inner_text("main")
+    page.click("text=docs/")
+    with page.expect_download() as got:
+        page.click("tr:has-text('letter.txt') >> a.download")
+    saved = tmp_path / "then"
+    got.value.save_as(saved)
+    assert saved.read_text() == "version 2, after the snapshot\n"
+    # A second snapshot: the file's versions, newest first, each downloadable.
+    cli("snapshot")
+    page.click("nav >> text=Snapshots")
+    assert "deduplication and compression save" in page.inner_text("#storage")
+    assert page.locator("svg.chart polyline").count() == 1  # one device
+    page.go_back()
+    page.click("tr:has-text('letter.txt') >> a.versions")
+    rows = page.locator("#versions tbody tr")
+    assert rows.count() == 2
+    with page.expect_download() as got:
+        rows.nth(0).locator("a.download").click()
+    got.value.save_as(tmp_path / "newest")
+    assert (tmp_path / "newest").read_text() == "version 3\n"
+    page.close()
+
+
+def test_pair_a_device_from_the_page_then_remove_it(browser, device, tmp_path: Path):
+    cli, _, _ = device
+    page = _sign_in(browser, cli)
+    page.click("nav >> text=Devices")
+    assert "this device" in page.inner_text("#devices")
+    page.click("#pair-start")
+    page.wait_for_selector("#pair-qr[src^='data:']")  # (the page's CSP forbids eval)
+    shown = page.inner_text("#pair-code")  # CODE --peer 127.0.0.1:PORT (the LAN is off here)
+    assert page.get_attribute("#pair-qr", "src").startswith("data:image/svg+xml;base64,")
+    code, _, peer = shown.split()
+    phone = Cli(tmp_path / "home-phone")
+    joining = phone.popen("pair", code, "--peer", peer, "--name", "phone")
+    try:
+        page.wait_for_selector("#pair-question:not([hidden])", timeout=60_000)
+        verifier = page.inner_text("#pair-verifier")
+        page.click("#pair-yes")
+        page.wait_for_selector("#pair-state.done", timeout=60_000)
+        out, err = joining.communicate(timeout=60)
+    finally:
+        if joining.poll() is None:
+            joining.kill()
+            joining.wait()
+    assert joining.returncode == 0, err
+    assert f"Verification: {verifier}" in out
+    page.reload()
+    row = page.locator("#devices tr:has-text('phone')")
+    assert "offline" in row.inner_text()  # paired, its daemon not running
+    # Remove it, after saying yes to the confirmation.
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.locator("button.remove").click()
+    page.wait_for_selector("#remove-state.done")
+    assert "recovery code" in page.inner_text("#remove-state")
+    after = json.loads(cli("devices", "--json").stdout)
+    assert [d["this_device"] for d in after["devices"]] == [True] and len(after["removed"]) == 1
+    page.close()
+
+
+def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(browser, tmp_path: Path):
+    """The status page follows the daemon's status over server-sent events, without reloads.
+    The peers come from a status the test changes (two daemons seeing each other need network
+    namespaces: tests/integration/test_peers_lan.py covers that `status` tells it)."""
+    import asyncio
+    import threading
+
+    from p2pbackup.web.app import Backend, Console
+
+    peer = {"device": "b" * 64, "name": "laptop", "connected": True, "on_lan": True,
+            "path": "direct lane", "objects_behind": 0, "last_sync": None, "error": None}
+
+    async def status() -> dict:
+        return {"device": "a" * 64, "pid": 1, "sources": [], "log": None,
+                "last_snapshot": None, "peers": [dict(peer)], "errors": []}
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box: dict = {}
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        console = Console(Backend(None, (), status), event_interval=0.1)  # type: ignore[arg-type]
+        box["console"], box["port"] = console, loop.run_until_complete(
+            console.start("127.0.0.1", 0))
+        started.set()
+        loop.run_forever()
+        loop.run_until_complete(console.close())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(30)
+    try:
+        url = asyncio.run_coroutine_threadsafe(
+            asyncio.sleep(0, box["console"].login_url()), loop).result(10)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#peers li.online:has-text('laptop')")
+        assert "connected over the direct lane" in page.inner_text("#peers")
+        peer.update(connected=False, on_lan=False, path=None)
+        page.wait_for_selector("#peers li.offline:has-text('laptop')")
+        assert "offline" in page.inner_text("#peers")
+        peer.update(connected=True, on_lan=True, path="data channel")
+        page.wait_for_selector("#peers li.online:has-text('data channel')")
+        page.close()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
