@@ -11,10 +11,10 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -438,9 +438,11 @@ class Recovered:
 
 async def recover(home: Path, store_location: str, code: str, name: str, *,
                   peers: PeerSettings | None = None,
-                  on_step: Callable[[str], None] | None = None) -> Recovered:
+                  on_step: Callable[[str], None] | None = None,
+                  options: Mapping[str, Any] | None = None) -> Recovered:
     """Make a new home for this device from a recovery code and a store holding the account
-    (a directory, or `peer:DEVICE[@HOST:PORT]`: a device of the account on the LAN)."""
+    (a directory, any location open_store opens, with its `options`, or
+    `peer:DEVICE[@HOST:PORT]`: a device of the account on the LAN)."""
     if (home / "config.toml").exists():
         raise ConfigError(f"{home} is already set up; recover into a new P2PBACKUP_HOME")
     root = recovery.decode(code)
@@ -448,7 +450,7 @@ async def recover(home: Path, store_location: str, code: str, name: str, *,
         # A store that signs its requests (the storage server) is read as the recovery
         # signer, which the account's roster names.
         keys = AccountKeys(root)
-        source = open_store(store_location, signer=StoreSigner(
+        source = open_store(store_location, options=options, signer=StoreSigner(
             DeviceIdentity(keys.recovery_seed()), keys.fingerprint()))
         try:
             return await _recover_from(home, source, store_location, root, name)
