@@ -518,6 +518,20 @@ async def _recover_from(home: Path, source: BlobStore, store_location: str, root
             # A storage partner takes the owners' records from owners only: this device
             # becomes one there through the roster below, and its daemon brings the version.
             partner = peer is not None and find_device(current, peer[0].which).role == PARTNER
+            # The storage partners learn of this device from the roster, which the recovery
+            # signer may sign when the newest one names it: no owner device may be left.
+            new_roster = roster.following(await roster.newest(source), signer, nxt)
+            if new_roster is not None:
+                try:
+                    await source.put(*new_roster)
+                    if source.capabilities.signed_requests:
+                        # The storage server took the roster: this device is an owner there
+                        # now, and the membership version is an owner's to write.
+                        source.sign_as(StoreSigner(identity, keys.fingerprint()))
+                except P2PError as exc:
+                    log.warning("could not store the new roster in %s (the storage partners "
+                                "hear of this device once a copy reaches them): %s",
+                                store_location, exc)
             if not partner:
                 try:
                     await store_membership.append(repo, signed, current)
@@ -525,16 +539,6 @@ async def _recover_from(home: Path, source: BlobStore, store_location: str, root
                     log.warning("could not add this device to the membership in %s: %s",
                                 store_location, exc)
             current, chain = nxt, chain + [signed]
-            # The storage partners learn of this device from the roster, which the recovery
-            # signer may sign when the newest one names it: no owner device may be left.
-            new_roster = roster.following(await roster.newest(source), signer, nxt)
-            if new_roster is not None:
-                try:
-                    await source.put(*new_roster)
-                except P2PError as exc:
-                    log.warning("could not store the new roster in %s (the storage partners "
-                                "hear of this device once a copy reaches them): %s",
-                                store_location, exc)
     finally:
         await repo.close()
     config, _ = init_home(home, [], keys=keys, identity=identity, device_name=name)
