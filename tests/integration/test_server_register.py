@@ -1,8 +1,8 @@
 """A device registers its account on p2pbackup-server through its daemon: `store add` with an
 invite, p2pbackupd publishes the account's first roster and uploads it first, then the rest; a
 new device recovers from the server alone (with `recover --option ca_file=...`) and restores.
-Refused registrations (no invite, a spent one, a device that is no owner) are one status
-line each."""
+Refused registrations (no invite, a spent one) and a full account are one status line each
+(a member device that is no owner: tests/unit/repo/test_upload.py)."""
 
 from __future__ import annotations
 
@@ -62,12 +62,15 @@ def test_store_add_with_an_invite_registers_the_account_and_a_new_device_recover
         assert tree_state(tmp_path / "out" / "src") == expected
 
 
-@pytest.mark.parametrize("invite", ["none", "spent"])
+@pytest.mark.parametrize("invite", ["none", "spent", "full"])
 def test_a_registration_the_server_refuses_is_one_status_line(
         cli: Cli, tmp_path: Path, invite: str) -> None:
     _device(cli, tmp_path, 64 * 1024)
-    with storage_server(tmp_path / "srv") as server:
+    quota = ["--quota", "16K"] if invite == "full" else []
+    with storage_server(tmp_path / "srv", *quota) as server:
         options = ["-o", f"ca_file={server.ca_file}"]
+        if invite == "full":   # registered (the roster is outside the quota), then full
+            options += ["-o", f"invite={server.invite()}"]
         if invite == "spent":
             token = server.invite()
             other = Cli(tmp_path / "other")   # another account takes the token first
@@ -90,7 +93,9 @@ def test_a_registration_the_server_refuses_is_one_status_line(
             text = cli("status").stdout
         finally:
             assert d.stop() == 0
-    assert "\n" not in line and line.startswith(f"store {server.location}: ")
-    assert ("needs a valid invitation" if invite == "none" else
-            "this invitation is not valid (used, expired or mistyped)") in line, line
+    assert "\n" not in line
+    assert line.startswith(f"store {server.location}: ") or invite == "full", line
+    assert {"none": "needs a valid invitation",
+            "spent": "this invitation is not valid (used, expired or mistyped)",
+            "full": f"The store {server.location} is full (account "}[invite] in line, line
     assert f"store {server.location}: unreachable" in text and line in text
