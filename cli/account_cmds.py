@@ -114,6 +114,9 @@ def recover(store: str = typer.Option(..., "--from", help="A store holding the a
     from .store_cmds import parse_options
 
     options = parse_options(option, None, None)
+    if options and is_peer_location(store):
+        from p2pbackup.errors import ConfigError
+        raise ConfigError(f"--option is for a store location, not for {store} (a peer)")
 
     if code_file is not None:
         try:
