@@ -81,10 +81,24 @@ def recover(store: str = typer.Option(..., "--from", help="A store holding the a
                                       "peer:DEVICE[@HOST:PORT]: a device of it on the LAN."),
             code_file: Path = typer.Option(None, "--recovery-code-file",
                                            help="Read the recovery code from this file."),
-            name: str = typer.Option(None, "--name", help="This device's name.")) -> None:
-    """Set up this (new) device from the recovery code and a store holding the account."""
+            name: str = typer.Option(None, "--name", help="This device's name."),
+            option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE",
+                                             help="An option of the store (repeatable), e.g. "
+                                                  "ca_file=server.pem.")) -> None:
+    """Set up this (new) device from the recovery code and a store holding the account.
+
+    A remote store (SCHEME://...) is kept as a [[stores]] table of the new home, with its
+    options: p2pbackupd goes on uploading there and --from finds its options."""
     from p2pbackup import account
-    from p2pbackup.config import default_home
+    from p2pbackup.blobs import is_peer_location
+    from p2pbackup.config import default_home, edit_stores
+
+    from .store_cmds import parse_options
+
+    options = parse_options(option, None, None)
+    if options and is_peer_location(store):
+        from p2pbackup.errors import ConfigError
+        raise ConfigError(f"--option is for a store location, not for {store} (a peer)")
 
     if code_file is not None:
         try:
@@ -97,8 +111,11 @@ def recover(store: str = typer.Option(..., "--from", help="A store holding the a
     else:
         code = sys.stdin.readline().strip()
     r = run_async(account.recover(default_home(), store, code, name or socket.gethostname(),
-                                  on_step=lambda step: print(f"{step}...")))
+                                  on_step=lambda step: print(f"{step}..."), options=options))
     print(f"Recovered the account into {r.config.home} (key epoch {r.epoch}).")
+    if "://" in store and not is_peer_location(store):
+        edit_stores(r.config.home, lambda tables: tables + [{"location": store, **options}])
+        print(f"p2pbackupd uploads to {store} too (`p2pbackup store remove` it to stop).")
     if r.epoch < r.newest_epoch:
         output.warn(f"this recovery code is from key epoch {r.epoch}; data written since epoch "
                     f"{r.epoch + 1} needs the newer code printed when a device was removed")

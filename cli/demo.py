@@ -4,8 +4,11 @@ init -> snapshot -> change a day's worth of files -> snapshot -> list -> restore
 compare with the originals -> verify --read-data -> pair a second device with a code (on
 loopback) and restore on it -> run both daemons, which find each other by mDNS on loopback and
 replicate over a signed WebRTC session and the direct TLS lane -> restore on the second
-device from its own replica -> recover a third device from the recovery code -> print the
-laptop's web console address (`--keep` keeps its daemon running so it can be opened).
+device from its own replica -> start a p2pbackup-server (TLS, self-signed) and `store add` it
+with an invite: the first device's daemon registers the account and uploads -> recover a
+third device from the recovery code and the second (a peer) -> recover a fourth from the
+server alone and restore there -> print the laptop's web console address (`--keep` keeps its
+daemon running so it can be opened).
 """
 
 from __future__ import annotations
@@ -153,6 +156,59 @@ def replicate_with_daemons(home: Path, laptop: Path, work: Path, expected: dict
     return procs
 
 
+def start_storage_server(work: Path) -> tuple[subprocess.Popen, str, Path, Path]:
+    """`p2pbackup-server serve` on a free loopback port, with TLS by a throwaway self-signed
+    certificate; returns the process, its location, the certificate and its data dir."""
+    from p2pbackup.server.tlsutil import self_signed_cert
+
+    cert, key = self_signed_cert(work / "server-tls")
+    data = work / "server-data"
+    args = ["serve", "--data", str(data), "--listen", "127.0.0.1:0", "--tls-cert", str(cert),
+            "--tls-key", str(key)]
+    print(f"$ p2pbackup-server {' '.join(args)}    (in the background)")
+    log = open(work / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "p2pbackup.server.main", *args],
+                            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                            text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()   # "p2pbackup-server: listening on 127.0.0.1:PORT"
+    if "listening on" not in line:
+        proc.wait(timeout=30)
+        sys.exit(f"demo failed: p2pbackup-server did not start (see {work / 'server.log'})")
+    print(f"    {line.rstrip()}")
+    return proc, f"https://{line.split()[-1]}/", cert, data
+
+
+def upload_to_server(home: Path, location: str, cert: Path, data: Path) -> None:
+    """An invite, `store add` on `home` (whose daemon runs): it registers the account and
+    uploads; prints what went up and how long it took."""
+    args = ["invite", "--data", str(data)]
+    print(f"$ p2pbackup-server {' '.join(args)}")
+    token = subprocess.run([sys.executable, "-m", "p2pbackup.server.main", *args], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    print(f"    {token[:6]}…    (a one-time token: it registers one account)")
+    t0 = time.monotonic()
+    p2p(home, "store", "add", location, "-o", f"invite={token}", "-o", f"ca_file={cert}")
+    while time.monotonic() - t0 < 120:
+        st = json.loads(p2p_quiet(home, "status", "--json"))["stores"][0]
+        if st["reachable"] and st["objects_behind"] == 0 and st["uploaded"]:
+            break
+        time.sleep(0.2)
+    else:
+        sys.exit(f"demo failed: the upload to {location} did not finish within 120 s")
+    held = sum(f.stat().st_size for f in (data / "partners").rglob("*") if f.is_file())
+    print(f"    the daemon registered the account and uploaded {st['uploaded']} objects "
+          f"({format_size(held)} on the server) in {time.monotonic() - t0:.1f} s")
+    p2p(home, "status")
+
+
+def p2p_quiet(home: Path, *args: str) -> str:
+    """`p2pbackup ARGS`, not shown (polled)."""
+    return subprocess.run([sys.executable, "-m", "p2pbackup.cli.main", *args], check=True,
+                          env=dict(os.environ, P2PBACKUP_HOME=str(home)), capture_output=True,
+                          text=True).stdout
+
+
 def stop(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         p.terminate()
@@ -228,6 +284,13 @@ def main() -> None:
         daemons = replicate_with_daemons(home, laptop, work, day1)
         console_url = ""
         try:
+            step("A storage server of your own for when no peer is around: p2pbackup-server "
+                 "(TLS, a self-signed certificate), an invite, and `store add` on the first "
+                 "device: its daemon registers the account and uploads the ciphertext")
+            server, location, cert, server_data = start_storage_server(work)
+            daemons.append(server)   # (stopped with the daemons)
+            upload_to_server(home, location, cert, server_data)
+
             step("The first device is lost (its daemon stops). A new device recovers from the "
                  "laptop, a peer, with the recovery code alone (signed WebRTC session, "
                  "bulk over the direct lane)")
@@ -242,12 +305,24 @@ def main() -> None:
                     work / "restore-spare" / "data")
             p2p(laptop, "devices")
 
+            step("Another new device recovers from the storage server alone (the recovery "
+                 "code, and the certificate that vouches for the server)")
+            desk = work / "home-desk"
+            t0 = time.monotonic()
+            p2p(desk, "recover", "--from", location, "--option", f"ca_file={cert}",
+                "--recovery-code-file", str(work / "code.txt"), "--name", "desk")
+            p2p(desk, "restore", "latest", "--from", location, "--to",
+                str(work / "restore-desk"))
+            compare(f"restored from the server in {time.monotonic() - t0:.1f} s", day1,
+                    work / "restore-desk" / "data")
+
             step("The laptop's daemon serves its web console on 127.0.0.1 (status, snapshots, "
                  "browse, download, restore, timeline, devices, verify)")
             console_url = p2p(laptop, "web", "--no-open").strip()
         finally:
-            if not keep:  # with --keep the laptop's daemon, and so its console, stays up
-                stop(daemons[1:])
+            # (all still running, also after a failure; with --keep the laptop's daemon, and so
+            # its console, stays up)
+            stop([d for d in daemons if not keep or d is not daemons[1]])
 
         store = sum(f.stat().st_size for f in (home / "store").rglob("*") if f.is_file())
         size1 = sum(v[3] for v in day1.values() if v[0] == "file")

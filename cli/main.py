@@ -551,7 +551,7 @@ def store_add(location: str = typer.Argument(..., help="A path, s3://bucket/pref
                                                      help="Uploads at once (default 4).")
               ) -> None:
     """Upload this device's store to LOCATION too (in the background, by p2pbackupd)."""
-    from p2pbackup.blobs import open_store
+    from p2pbackup.blobs import StoreSigner, open_store
     from p2pbackup.config import STORE_KEYS, edit_stores, load_config, load_keys
 
     options: dict[str, Any] = {}
@@ -561,7 +561,11 @@ def store_add(location: str = typer.Argument(..., help="A path, s3://bucket/pref
             raise ConfigError(f"--option {o!r}: give KEY=VALUE (not location, bandwidth or "
                               "parallel: they have their own options)")
         options[key.strip()] = value
-    store = open_store(location, options=options)   # a location it cannot open stops here
+    config = load_config(_home())
+    keys, identity = load_keys(config)   # a partner's home has no store of its own to upload
+    # A location it cannot open stops here; the storage server's requests are signed as us.
+    store = open_store(location, options=options,
+                       signer=StoreSigner(identity, keys.fingerprint()))
     location = store.location   # (a path becomes absolute)
     _run(store.close())
     table: dict[str, Any] = {"location": location, **options}
@@ -569,8 +573,6 @@ def store_add(location: str = typer.Argument(..., help="A path, s3://bucket/pref
         table["bandwidth"] = bandwidth
     if parallel is not None:
         table["parallel"] = parallel
-    config = load_config(_home())
-    load_keys(config)   # a storage partner's home has no store of its own to upload
     if location == str(config.store):
         raise ConfigError(f"{location} is this device's own store; give another location")
     if any(s.location == location for s in config.stores):

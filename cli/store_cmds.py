@@ -12,7 +12,7 @@ store_app = typer.Typer(no_args_is_help=True, help="The stores p2pbackupd upload
                         "([[stores]] in config.toml), and checking a location.")
 
 
-def _options(pairs: list[str], username: str | None, password: str | None) -> dict[str, Any]:
+def parse_options(pairs: list[str], username: str | None, password: str | None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -47,7 +47,7 @@ def check(location: str = typer.Argument(..., metavar="LOCATION",
     from p2pbackup.blobs import open_store
     from p2pbackup.blobs.check import check_store
 
-    options = _options(option, username, password)
+    options = parse_options(option, username, password)
 
     async def go() -> None:
         store = open_store(location, options=options)

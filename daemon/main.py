@@ -24,7 +24,7 @@ from typing import Any
 from p2pbackup import account, control
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
-from p2pbackup.blobs import exit_process, open_store
+from p2pbackup.blobs import StoreSigner, exit_process, open_store
 from p2pbackup.blobs.base import BlobStore
 from p2pbackup.config import (Config, StoreSettings, load_config, load_identity,
                               systemd_settings)
@@ -183,8 +183,9 @@ class DeviceDaemon:
             self._start_upload(settings)
 
     def _start_upload(self, settings: StoreSettings) -> None:
-        def opener() -> BlobStore:
-            return open_store(settings.location, options=settings.options)
+        def opener() -> BlobStore:   # (the storage server's requests are signed as us)
+            return open_store(settings.location, options=settings.options,
+                              signer=StoreSigner(self.dev.identity, self.dev.keys.fingerprint()))
 
         def said(line: str) -> None:
             log.warning("store %s: %s (uploads are retried)", settings.location, line)

@@ -11,10 +11,10 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
@@ -448,9 +448,11 @@ class Recovered:
 
 async def recover(home: Path, store_location: str, code: str, name: str, *,
                   peers: PeerSettings | None = None,
-                  on_step: Callable[[str], None] | None = None) -> Recovered:
+                  on_step: Callable[[str], None] | None = None,
+                  options: Mapping[str, Any] | None = None) -> Recovered:
     """Make a new home for this device from a recovery code and a store holding the account
-    (a directory, or `peer:DEVICE[@HOST:PORT]`: a device of the account on the LAN)."""
+    (a directory, any location open_store opens, with its `options`, or
+    `peer:DEVICE[@HOST:PORT]`: a device of the account on the LAN)."""
     if (home / "config.toml").exists():
         raise ConfigError(f"{home} is already set up; recover into a new P2PBACKUP_HOME")
     root = recovery.decode(code)
@@ -458,7 +460,7 @@ async def recover(home: Path, store_location: str, code: str, name: str, *,
         # A store that signs its requests (the storage server) is read as the recovery
         # signer, which the account's roster names.
         keys = AccountKeys(root)
-        source = open_store(store_location, signer=StoreSigner(
+        source = open_store(store_location, options=options, signer=StoreSigner(
             DeviceIdentity(keys.recovery_seed()), keys.fingerprint()))
         try:
             return await _recover_from(home, source, store_location, root, name)
@@ -526,6 +528,20 @@ async def _recover_from(home: Path, source: BlobStore, store_location: str, root
             # A storage partner takes the owners' records from owners only: this device
             # becomes one there through the roster below, and its daemon brings the version.
             partner = peer is not None and find_device(current, peer[0].which).role == PARTNER
+            # The storage partners learn of this device from the roster, which the recovery
+            # signer may sign when the newest one names it: no owner device may be left.
+            new_roster = roster.following(await roster.newest(source), signer, nxt)
+            if new_roster is not None:
+                try:
+                    await source.put(*new_roster)
+                    if source.capabilities.signed_requests:
+                        # The storage server took the roster: this device is an owner there
+                        # now, and the membership version is an owner's to write.
+                        source.sign_as(StoreSigner(identity, keys.fingerprint()))
+                except P2PError as exc:
+                    log.warning("could not store the new roster in %s (the storage partners "
+                                "hear of this device once a copy reaches them): %s",
+                                store_location, exc)
             if not partner:
                 try:
                     await store_membership.append(repo, signed, current)
@@ -533,16 +549,6 @@ async def _recover_from(home: Path, source: BlobStore, store_location: str, root
                     log.warning("could not add this device to the membership in %s: %s",
                                 store_location, exc)
             current, chain = nxt, chain + [signed]
-            # The storage partners learn of this device from the roster, which the recovery
-            # signer may sign when the newest one names it: no owner device may be left.
-            new_roster = roster.following(await roster.newest(source), signer, nxt)
-            if new_roster is not None:
-                try:
-                    await source.put(*new_roster)
-                except P2PError as exc:
-                    log.warning("could not store the new roster in %s (the storage partners "
-                                "hear of this device once a copy reaches them): %s",
-                                store_location, exc)
     finally:
         await repo.close()
     config, _ = init_home(home, [], keys=keys, identity=identity, device_name=name)

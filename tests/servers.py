@@ -8,8 +8,6 @@ a bucket per test). A server whose program is not installed skips the tests with
 from __future__ import annotations
 
 import contextlib
-import datetime
-import ipaddress
 import json
 import os
 import secrets
@@ -32,6 +30,7 @@ from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.format.membership import MEMBER, OWNER
 from p2pbackup.format.roster import (Roster, RosterEntry, roster_hash, roster_name,
                                      roster_object)
+from p2pbackup.server.tlsutil import self_signed_cert
 from tests.eventually import eventually_sync
 
 ACCESS_KEY, SECRET_KEY = "p2pbackup-test", "p2pbackup-test-secret"
@@ -182,33 +181,6 @@ def rclone_s3(tmp: Path) -> Iterator[S3Server]:
 
 
 # -- the storage server (p2pbackup-server) ----------------------------------------------
-
-def self_signed_cert(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
-    """A certificate for `host` (as its IP address SAN) and its key, as PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(
-                ipaddress.ip_address(host))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_file, key_file
-
 
 @dataclass
 class RunningServer:

@@ -27,9 +27,14 @@ import blake3
 from .. import ids
 from ..blobs.base import BlobStore, ObjectExists
 from ..config import StoreSettings
-from ..errors import IntegrityError, NotFound, P2PError, StorageError
+from ..errors import ConfigError, IntegrityError, NotFound, P2PError, StorageError
 from ..format.log import check_head_update
+from ..format.membership import OWNER
 from ..format.pack import pack_name
+from ..format.roster import PREFIX as ROSTER_PREFIX
+from ..format.roster import roster_name
+from . import membership as store_membership
+from . import roster
 from .logstore import LogStore
 from .replica import ORDER, offered_names
 from .repository import Repository
@@ -310,7 +315,7 @@ class StoreUploader:
             if not self.progress.listed(self.location):
                 # First contact: one listing, so a store that already holds most (a second
                 # device of the account, an earlier run) is not sent it again.
-                names = [n async for n in remote.list("")]
+                names = await self._first_listing(remote)
                 self.progress.note_listing(self.location, (
                     n for n in names if (k := ids.object_kind(n)) and k[0] not in MUTABLE))
             self._done = self.progress.uploaded(self.location)
@@ -322,9 +327,15 @@ class StoreUploader:
             if upload_phase(name) == LAST:
                 await self._take_mutable(name, mutable)
         phases: dict[int, list[str]] = {}
+        # A roster version older than one the store holds is superseded there (the storage
+        # server keeps only the newest and refuses older ones, as a partner does).
+        held_roster = max((int(n[len(ROSTER_PREFIX):]) for n in self._done
+                           if n.startswith(ROSTER_PREFIX)), default=0)
         for name in await offered_names(self.repo):
             phase = upload_phase(name)
             if phase is None or phase == LAST or name in self._done:
+                continue
+            if name.startswith(ROSTER_PREFIX) and int(name[len(ROSTER_PREFIX):]) < held_roster:
                 continue
             if ids.object_kind(name)[0] in MUTABLE and \
                     not await self._take_mutable(name, mutable):  # type: ignore[index]
@@ -343,6 +354,40 @@ class StoreUploader:
         self.status.reachable = True
         for phase in sorted(phases):
             await self._put_all(remote, sorted(phases[phase]), mutable)
+
+    async def _first_listing(self, remote: BlobStore) -> list[str]:
+        """The store's names at first contact. A store that signs its requests (the storage
+        server) knows no account until one of its owners registers it: this device sends
+        the account's roster first (the store's `invite` option goes with it), writing the
+        first version if the account has none yet (no storage partner ever needed one)."""
+        try:
+            return [n async for n in remote.list("")]
+        except NotFound:
+            if not remote.capabilities.signed_requests:
+                raise
+        name = await self._roster_to_register()
+        await self._send(remote, name, bytes(await self.repo.store.get(name)))
+        log.info("registered the account on store %s (with %s)", self.location, name)
+        return [n async for n in remote.list("")]
+
+    async def _roster_to_register(self) -> str:
+        """The name of the roster version that registers the account: the newest one, which
+        this device (an owner of it) may sign; written first if there is none."""
+        got = await store_membership.load(self.repo)
+        me = got[0].member(self.repo.identity.device_id) \
+            if got is not None and self.repo.identity is not None else None
+        if me is None or me.role != OWNER:
+            raise ConfigError(f"store {self.location}: the account is not registered there, "
+                              "and only an owner device registers it: `p2pbackup store add` "
+                              "it with the invite on an owner device first")
+        assert got is not None and self.repo.identity is not None
+        written = await roster.publish(self.repo.store, self.repo.identity, got[0])
+        if written is not None:
+            log.info("wrote %s: the account's devices, for store %s", written, self.location)
+            return written
+        newest = await roster.newest(self.repo.store)
+        assert newest is not None
+        return roster_name(newest[0].seq)
 
     async def _take_mutable(self, name: str, into: dict[str, bytes]) -> bool:
         """Read a mutable object into `into` if the store lacks these bytes of it."""

@@ -353,7 +353,14 @@ class StorageServer:
             raise Refused(422, str(exc)) from None
         if roster_name(roster.seq) != name:
             raise Refused(422, f"{name} holds roster version {roster.seq}: the wrong name")
-        device = await self._authenticate(request, body, account, roster.owner_key)
+        try:
+            device = await self._authenticate(request, body, account, roster.owner_key)
+        except Refused as r:
+            if r.status != 403:
+                raise
+            raise Refused(403, f"only an owner device registers an account: device "
+                               f"{request.headers.get(req.DEVICE, '')[:12]} is not an owner "
+                               f"in {name}") from None
         async with self._register_lock:
             if account in self.accounts:
                 raise Refused(409, f"account {account} is registered already")

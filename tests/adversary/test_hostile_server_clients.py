@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from p2pbackup.blobs.base import ObjectExists, StoreFull
 from p2pbackup.blobs.server import ServerStore
 from p2pbackup.crypto.identity import DeviceIdentity
-from p2pbackup.errors import P2PError, PeerNotPaired, StorageError
+from p2pbackup.errors import NotFound, P2PError, PeerNotPaired, StorageError
 from p2pbackup.format.removal import Removal, removal_name, removal_object
 from p2pbackup.protocol import store_requests as req
 from p2pbackup.server.storage import StorageServer
@@ -85,6 +85,22 @@ async def test_a_request_signed_by_a_device_not_in_the_roster_is_refused(
         await stranger.get("config")
     assert "is not a device of account" in one_line(exc, server)
     await stranger.close()
+
+
+async def test_a_member_device_registering_its_account_is_refused(
+        server: RunningServer) -> None:
+    # Only an owner registers an account (it brings the roster its partners follow), even on
+    # a server open to anyone: a member sending the owner-signed roster is refused in words.
+    fresh = StorageAccount(members=[DeviceIdentity.generate()])
+    member = fresh.store(server, fresh.members[0])
+    with pytest.raises(StorageError) as exc:
+        await member.put(*fresh.roster())
+    assert "only an owner device registers an account" in one_line(exc, server)
+    owner = fresh.store(server)
+    with pytest.raises(NotFound, match="not registered on this server"):
+        await owner.get("config")
+    await member.close()
+    await owner.close()
 
 
 async def test_a_signature_by_another_key_than_the_device_it_names_is_refused(

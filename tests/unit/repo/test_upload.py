@@ -15,7 +15,7 @@ import pytest
 from p2pbackup.blobs.base import BlobStore, ObjectExists, StoreCapabilities
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import StoreSettings
-from p2pbackup.errors import DiskFull, StorageError
+from p2pbackup.errors import DiskFull, NotFound, StorageError
 from p2pbackup.format.log import Segment
 from p2pbackup.repo.logstore import LogStore
 from p2pbackup.repo.replica import offered_names
@@ -25,7 +25,7 @@ from p2pbackup.repo.upload import (LAST, StoreUploader, TokenBucket, UploadProgr
 
 from tests.eventually import eventually
 
-from .conftest import A, KEYS
+from .conftest import A, B, KEYS
 
 
 class WatchedStore(BlobStore):
@@ -388,3 +388,93 @@ async def test_a_pack_that_rotted_here_is_not_uploaded_but_checked(pair, tmp_pat
     assert pack not in remote.puts and set(remote.puts) == await offered_names(a) - {pack}
     assert seen == [pack[6:]] and "does not match its name" in caplog.text
     assert up.status.objects_behind == 1       # still owed to the store
+
+
+class RegisteringStore(WatchedStore):
+    """Stands for the storage server: it knows no account until a roster is put, then keeps
+    only the newest roster version and refuses older ones (as a partner does)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, create_only=True)
+        self.capabilities = StoreCapabilities(create_only=True, signed_requests=True)
+
+    def _registered(self) -> bool:
+        return any(n.startswith("roster/") for n in self.puts)
+
+    async def put(self, name, data):
+        newest = max((n for n in self.puts if n.startswith("roster/")), default="")
+        if name.startswith("roster/") and newest and name <= newest:
+            raise StorageError(f"{name}: an older roster than {newest}, held here")
+        if not self._registered() and not name.startswith("roster/"):
+            raise NotFound("the account is not registered")
+        await super().put(name, data)
+        if newest and name.startswith("roster/"):
+            await self.inner.delete(newest)
+
+    async def list(self, prefix=""):
+        if not self._registered():
+            raise NotFound("the account is not registered on this server")
+        async for n in super().list(prefix):
+            yield n
+
+
+async def _as_members(a: Repository, b: Repository) -> None:
+    """`a`'s device an owner and `b`'s a member of both stores' membership."""
+    from p2pbackup.format.membership import MEMBER, OWNER, Member, Membership, sign_membership
+    from p2pbackup.repo import membership as store_membership
+
+    now = time.time_ns()
+    m = Membership(1, b"", 0, (Member(A.device_id, A.public_key, "a", OWNER, added_ns=now),
+                               Member(B.device_id, B.public_key, "b", MEMBER, added_ns=now)),
+                   time_ns=now)
+    for repo in (a, b):
+        await store_membership.append(repo, sign_membership(m, A.device_id, A.sign))
+
+
+async def test_an_owner_registers_the_account_with_its_first_roster_before_anything_else(
+        pair, tmp_path, progress):
+    a, b, _ = pair
+    await _as_members(a, b)
+    remote = RegisteringStore(tmp_path / "server")
+    assert not [n async for n in a.store.list("roster/")]
+    u = uploader(a, remote, progress)
+    assert await u.upload_once(), u.status.last_error
+    # The roster was written here (no partner ever needed one) and went up first; everything
+    # else followed.
+    assert [n async for n in a.store.list("roster/")] == ["roster/000000000001"]
+    assert remote.puts[0] == "roster/000000000001"
+    assert set(remote.puts) == await offered_names(a)
+    # A second roster version goes up; a store listed afresh that holds it (and, as the
+    # server, not the first) is not sent the first, which it would refuse.
+    from p2pbackup.repo import roster
+
+    held = await roster.newest(a.store)
+    await a.store.put(roster.roster_name(2), roster.roster_object(
+        roster.roster_of(await _membership(a), 2, roster.roster_hash(held[1]), time.time_ns()),
+        A.device_id, A.sign))
+    u.notify()
+    assert await u.upload_once(), u.status.last_error
+    assert remote.puts[-1] == "roster/000000000002"
+    before = len(remote.puts)
+    again = uploader(a, remote, UploadProgress(tmp_path / "cache2" / "uploads.sqlite"))
+    assert await again.upload_once(), again.status.last_error
+    assert len(remote.puts) == before
+
+
+async def _membership(repo: Repository):
+    from p2pbackup.repo import membership as store_membership
+
+    return (await store_membership.load(repo))[0]
+
+
+async def test_a_member_device_does_not_register_the_account_and_says_so_in_one_line(
+        pair, tmp_path, progress):
+    a, b, _ = pair
+    await _as_members(a, b)
+    remote = RegisteringStore(tmp_path / "server")
+    u = uploader(b, remote, progress)
+    assert not await u.upload_once()
+    assert u.status.reachable is False and remote.puts == []
+    assert u.status.last_error == (
+        f"store {remote.location}: the account is not registered there, and only an owner "
+        "device registers it: `p2pbackup store add` it with the invite on an owner device first")
