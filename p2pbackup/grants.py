@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,14 @@ def write_grant(home: Path, grant: GrantFile) -> None:
     tmp = directory / f"{grant.account}.tmp"
     tmp.write_bytes(grant.encode())
     os.replace(tmp, directory / f"{grant.account}.grant")
+
+
+def remove_grant(home: Path, account: str) -> None:
+    """Forget an account: its grant file first (so a crash part-way leaves no grant pointing
+    at half a store), then its folder (store, notes)."""
+    where = account_dir(home, account)
+    (partners_dir(home) / f"{account}.grant").unlink(missing_ok=True)
+    shutil.rmtree(where, ignore_errors=True)
 
 
 def read_grants(home: Path) -> list[GrantFile]:

@@ -9,6 +9,7 @@ account (protocol/store_requests.py):
     GET    /v1/<account>/<name>              read it; `Range: bytes=a-b` / `bytes=-n` (206)
     HEAD   /v1/<account>/<name>              its size in X-P2PB-Size
     DELETE /v1/<account>/<name>              only what a removal record released (204)
+    DELETE /v1/<account>                     the whole account, signed by an owner (204)
     GET    /v1/<account>?prefix=P            the names held, one per line
 
 An account comes to exist when one of its owner devices PUTs its roster (roster/<n>, signed
@@ -143,6 +144,7 @@ class StorageServer:
                               middlewares=[self._one_line_errors])
         app.router.add_get("/v1/", self._hello)
         app.router.add_get("/v1/{account}", self._list)
+        app.router.add_delete("/v1/{account}", self._delete_account)
         app.router.add_route("*", "/v1/{account}/{name:.+}", self._object)
         app.on_startup.append(self._start_removals)
         app.on_cleanup.append(self._close)
@@ -292,12 +294,18 @@ class StorageServer:
         except NotFound:
             raise Refused(404, f"{name} is not held here") from None
 
+    def _still_held(self, grant: Grant) -> None:
+        """Refused if the account was deleted while a request waited for its lock."""
+        if self.accounts.get(grant.account) is not grant:
+            raise Refused(404, f"account {grant.account} is not registered on this server")
+
     async def _put(self, grant: Grant, device: str, name: str, body: bytes) -> web.Response:
         why = refusal(grant, device, name)
         if why is not None:
             raise Refused(403, f"{name[:60]}: {why}")
         kind = object_kind(name)[0]  # type: ignore[index]
         async with self._locks[grant.account]:
+            self._still_held(grant)
             heads = self.heads[grant.account]
             digest = req.body_digest(body).encode()
             if kind in ("head", "anchor"):
@@ -328,6 +336,7 @@ class StorageServer:
 
     async def _delete(self, grant: Grant, name: str) -> web.Response:
         async with self._locks[grant.account]:
+            self._still_held(grant)
             if not await grant.store.has(name):
                 return web.Response(status=204)
             records = await grant.refresh_removals()
@@ -341,6 +350,33 @@ class StorageServer:
                                "removal record)")
         raise Refused(403, f"{name[:60]} is kept: nothing is deleted here but what an owner's "
                            "removal record lists, after the grace period")
+
+    async def _delete_account(self, request: web.Request) -> web.Response:
+        """The whole account at once (objects, grant, notes), on a request signed by an owner
+        of the roster held now: `p2pbackup account delete`. No grace period: the owner asked,
+        and an owner device holds the account key anyway (docs/THREAT_MODEL.md). The signature
+        covers the path, so it deletes only the account it names; a replay is refused by the
+        nonce and time checks, and once the account is gone there is nothing to replay to."""
+        account, grant = self._account(request)
+        if grant is None:
+            raise Refused(404, f"account {account} is not registered on this server")
+        device = await self._authenticate(request, b"", account, grant.devices().get)
+        if grant.owner_key(device) is None:
+            raise Refused(403, f"device {device[:12]} is not an owner of account {account}: "
+                               "only an owner device deletes the account")
+        async with self._locks[account]:
+            self._still_held(grant)
+            names = [n async for n in grant.store.list("")]
+            for name in names:   # a failure here leaves the account registered: ask again
+                await grant.store.delete(name)
+            grant_files.remove_grant(self.data, account)
+            # Forgotten before the lock is let go: requests waiting for it find no account.
+            del self.accounts[account]
+            self.heads.pop(account, None)
+            await grant.store.close()
+        log.info("account %s deleted (%d objects) at the request of its owner device %s",
+                 account, len(names), device[:12])
+        return web.Response(status=204)
 
     async def _register(self, request: web.Request, account: str, name: str, body: bytes
                         ) -> web.Response:

@@ -1,0 +1,221 @@
+"""`p2pbackup account delete`: the account's data removed from every place this device can
+reach, this device's home last.
+
+The places, in the order they are dealt with:
+
+1. Stores the owner holds the credentials of (a directory, S3, WebDAV: their backend deletes
+   name by name): every object of the account is deleted, `config` FIRST. Without its config
+   a store no longer opens as an account (`snapshots --from` says there is no repository), so
+   a deletion cut short leaves ciphertext nobody can mistake for a whole (or a damaged)
+   account, never snapshots whose packs are gone; running the command again lists the store
+   anew and deletes the rest.
+2. Stores that delete a whole account on one owner-signed request (the storage server,
+   `capabilities.deletes_account`; its append-only `delete` refuses names one by one).
+3. The account's other devices and storage partners: this version cannot reach them, so they
+   are listed (by name) with what stays there. Not a failure: they are not stores this
+   device writes to.
+4. This device's home (keys, config, store, cache), only once every store is done: a store
+   that could not be reached or refused leaves the home, so that the command can be run again
+   (or the store given up with `store remove`, then the command run again).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .blobs import open_store
+from .blobs.base import BlobStore
+from .config import Config
+from .device import Device, open_other_store
+from .errors import NotFound, P2PError, StorageError, WrongKey
+from .format.membership import OWNER, PARTNER
+from .repo import membership as store_membership
+from .sizes import format_size
+
+STORE, SERVER, PEER, HOME = "store", "server", "peer", "home"
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """One place that holds some of the account, and what deleting the account does there."""
+
+    kind: str                 # STORE, SERVER, PEER or HOME
+    where: str                # a location, a device's name, a path
+    objects: int | None       # None: not known (a peer; a store that could not be listed)
+    size: int | None
+    action: str               # one line: what `account delete` does there
+    error: str | None = None  # why it could not be listed (the deletion will fail there too)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "where": self.where, "objects": self.objects,
+                "bytes": self.size, "action": self.action, "error": self.error}
+
+    def line(self) -> str:
+        held = ("" if self.objects is None else
+                f"{self.objects} objects ({format_size(self.size or 0)}): ")
+        if self.error:
+            return f"{self.kind} {self.where}: cannot be listed: {self.error}"
+        return f"{self.kind} {self.where}: {held}{self.action}"
+
+
+def check_owner(dev: Device, got: tuple | None) -> None:
+    """WrongKey unless this device is an owner of the account (`got`: its membership)."""
+    role = OWNER if got is None and dev.keys.full else None
+    if got is not None:
+        me = got[0].member(dev.identity.device_id)
+        role = me.role if me is not None else None
+    if role != OWNER or not dev.keys.full:
+        raise WrongKey(f"only an owner device of the account can delete it (this device is "
+                       f"{'a ' + role if role else 'not listed'}); run `p2pbackup account "
+                       "delete` on an owner device")
+
+
+async def _held(store: BlobStore) -> tuple[list[str], int]:
+    """The names `store` holds and their bytes together; a store that does not hold the
+    account at all (the server: not registered) holds nothing."""
+    try:
+        names = [n async for n in store.list("")]
+    except NotFound:
+        return [], 0
+    total = 0
+    for n in names:
+        try:
+            total += await store.size(n)
+        except NotFound:   # deleted meanwhile (a removal applied)
+            pass
+    return names, total
+
+
+def _deletion_order(name: str) -> tuple[int, str]:
+    return (0 if name == "config" else 1, name)
+
+
+def _action(store: BlobStore) -> str:
+    if store.capabilities.deletes_account:
+        return "the server deletes the account at once (a request signed by this owner device)"
+    if store.capabilities.append_only:
+        return "cannot be deleted from here (it deletes only by removal records)"
+    return "deleted object by object (its config first)"
+
+
+async def survey(dev: Device) -> tuple[str, list[Place]]:
+    """The account's fingerprint and every place `account delete` deals with, listed now."""
+    got = await store_membership.load(dev.repo)
+    check_owner(dev, got)
+    places: list[Place] = []
+    for s in dev.config.stores:
+        try:
+            store = await open_other_store(dev.config, dev.keys, dev.identity, s.location)
+        except P2PError as exc:
+            places.append(Place(STORE, s.location, None, None, "", str(exc)))
+            continue
+        kind = SERVER if store.capabilities.deletes_account else STORE
+        try:
+            names, size = await _held(store)
+            places.append(Place(kind, s.location, len(names), size, _action(store)))
+        except P2PError as exc:
+            places.append(Place(kind, s.location, None, None, _action(store), str(exc)))
+        finally:
+            await store.close()
+    if got is not None:
+        for m in got[0].members:
+            if m.device_id == dev.identity.device_id:
+                continue
+            what = ("keeps the ciphertext it holds for the account" if m.role == PARTNER else
+                    "keeps its own home: run `p2pbackup account delete` there too")
+            places.append(Place(PEER, f"{m.name} ({m.role}, {m.device_id[:12]})", None, None,
+                                f"not reached by this version; {what}"))
+    own = open_store(str(dev.config.store))
+    try:
+        names, _ = await _held(own)
+    finally:
+        await own.close()
+    places.append(Place(HOME, str(dev.config.home), len(names), _home_bytes(dev.config),
+                        "wiped last: keys, config, store, cache"))
+    return dev.keys.fingerprint(), places
+
+
+def _home_dirs(config: Config) -> list[Path]:
+    """The home, and the store if it lives elsewhere."""
+    home = config.home.resolve()
+    store = config.store.resolve()
+    return [home] if store == home or home in store.parents else [home, store]
+
+
+def _home_bytes(config: Config) -> int:
+    total = 0
+    for top in _home_dirs(config):
+        for root, _, files in os.walk(top):
+            for f in files:
+                try:
+                    total += os.lstat(os.path.join(root, f)).st_size
+                except OSError:
+                    pass
+    return total
+
+
+async def delete_stores(dev: Device, say: Callable[[str], None]) -> list[str]:
+    """Steps 1 to 3 (the module's docstring), one line each through `say`; the locations
+    that failed (their error said)."""
+    failed: list[str] = []
+    stores = []
+    for s in dev.config.stores:
+        try:
+            stores.append(await open_other_store(dev.config, dev.keys, dev.identity,
+                                                 s.location))
+        except P2PError as exc:
+            say(f"store {s.location}: FAILED: {exc}")
+            failed.append(s.location)
+    try:
+        # Owner-held stores before the server: steps in the order the docstring gives.
+        for store in sorted(stores, key=lambda st: st.capabilities.deletes_account):
+            try:
+                say(await _delete_from(store))
+            except P2PError as exc:
+                say(f"store {store.location}: FAILED: {exc}")
+                failed.append(store.location)
+    finally:
+        for store in stores:
+            await store.close()
+    got = await store_membership.load(dev.repo)
+    for m in got[0].members if got is not None else ():
+        if m.device_id != dev.identity.device_id:
+            say(f"peer {m.name} ({m.role}, {m.device_id[:12]}): not reached by this version")
+    return failed
+
+
+async def _delete_from(store: BlobStore) -> str:
+    if store.capabilities.deletes_account:
+        names, size = await _held(store)
+        await store.delete_account()
+        left, _ = await _held(store)
+        if left:
+            raise StorageError(f"store {store.location}: the server still holds {len(left)} "
+                               "objects of the account after deleting it")
+        return (f"store {store.location}: the server deleted the account ({len(names)} "
+                f"objects, {format_size(size)})")
+    if store.capabilities.append_only:
+        raise StorageError(f"store {store.location}: it deletes only what removal records "
+                           "release, not a whole account")
+    names, size = await _held(store)
+    for name in sorted(names, key=_deletion_order):
+        await store.delete(name)
+    await store.sync()
+    return f"store {store.location}: deleted {len(names)} objects ({format_size(size)})"
+
+
+def wipe_home(config: Config) -> str:
+    """Step 4: the home (and the store, if it lives elsewhere) removed; the line to print."""
+    for top in _home_dirs(config):
+        try:
+            shutil.rmtree(top)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StorageError(f"cannot delete {exc.filename or top}: "
+                               f"{exc.strerror or exc}") from None
+    return f"home {config.home}: deleted (keys, config, store, cache)"
