@@ -1,0 +1,140 @@
+"""`p2pbackup account delete` through the real CLI: a directory store, a real storage server
+and the home."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from p2pbackup.blobs.local import LocalDirStore
+from p2pbackup.blobs.server import ServerStore
+from p2pbackup.config import edit_stores
+from p2pbackup.device import open_device
+from p2pbackup.errors import NotFound
+from p2pbackup.repo import membership as store_membership
+from p2pbackup.repo import roster
+from p2pbackup.repo.replica import transfer_order
+from tests.adversary import accounts
+from tests.conftest import Cli
+from tests.servers import RunningServer, free_port, storage_server
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+async def copy_store(home: Path, to: LocalDirStore | ServerStore) -> int:
+    """What p2pbackupd would upload: every object of the home's store (the roster first: on
+    the server it registers the account); how many."""
+    local = LocalDirStore(home / "store")
+    names = sorted([n async for n in local.list("")],
+                   key=lambda n: (not n.startswith("roster/"), transfer_order(n)))
+    for name in names:
+        await to.put(name, await local.get(name))
+    await to.close()
+    return len(names)
+
+
+async def on_server(cli: Cli, server: RunningServer) -> ServerStore:
+    """This home's account on `server`, copied there and opened as its device."""
+    async with open_device(cli.home) as dev:
+        # An account without storage partners has no roster yet: the server needs one.
+        membership = (await store_membership.load(dev.repo))[0]
+        await roster.publish(LocalDirStore(dev.config.store), dev.identity, membership)
+        remote = ServerStore(server.location, identity=dev.identity,
+                             account=dev.keys.fingerprint(), ca_file=server.ca_file,
+                             invite=server.invite())
+    await copy_store(cli.home, remote)
+    return remote
+
+
+def configure(cli: Cli, location: str, **options: str) -> None:
+    """A `[[stores]]` table, as `store add` writes it (which opens a storage server's store
+    as this device once the store-register-demo branch is in)."""
+    edit_stores(cli.home, lambda tables: tables + [{"location": location, **options}])
+
+
+@pytest.fixture
+def account(cli: Cli, sample_tree: Path) -> Cli:
+    cli("init", "--source", str(sample_tree))
+    cli("snapshot")
+    return cli
+
+
+async def test_the_dry_run_lists_every_place_and_deletes_nothing(account: Cli,
+                                                                 tmp_path: Path) -> None:
+    usb = tmp_path / "usb"
+    held = await copy_store(account.home, LocalDirStore(usb))
+    account("store", "add", str(usb))
+    before_usb, before_home = files_under(usb), files_under(account.home)
+    doc = json.loads(account("account", "delete", "--dry-run", "--json").stdout)
+    places = {p["kind"]: p for p in doc["places"]}
+    assert places["store"]["where"] == str(usb)
+    assert places["store"]["objects"] == held
+    assert places["store"]["bytes"] == sum((usb / f).stat().st_size for f in before_usb)
+    assert places["home"]["where"] == str(account.home)
+    assert places["home"]["objects"] == held
+    text = account("account", "delete", "--dry-run").stdout
+    assert f"store {usb}: {held} objects" in text and f"home {account.home}: " in text
+    assert files_under(usb) == before_usb and files_under(account.home) == before_home
+
+
+async def test_delete_removes_the_account_from_a_store_the_server_and_the_home(
+        account: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    usb = tmp_path / "usb"
+    await copy_store(account.home, LocalDirStore(usb))
+    account("store", "add", str(usb))
+    with storage_server(tmp_path / "srv") as server:
+        remote = await on_server(account, server)
+        configure(account, server.location, ca_file=server.ca_file)
+        assert [n async for n in remote.list("")]
+        out = account("account", "delete", "--yes")
+        lines = out.stdout.splitlines()
+        assert any(ln.startswith(f"store {usb}: deleted ") for ln in lines), out.stdout
+        assert any(ln.startswith(f"store {server.location}: the server deleted the account")
+                   for ln in lines), out.stdout
+        assert lines[-1] == f"home {account.home}: deleted (keys, config, store, cache)"
+        assert files_under(usb) == []
+        assert not account.home.exists()
+        with pytest.raises(NotFound, match="is not registered on this server"):
+            [n async for n in remote.list("")]
+        await remote.close()
+        assert files_under(server.data / "partners") == []
+
+
+async def test_a_member_device_may_not_delete_the_account(account: Cli, tmp_path: Path) -> None:
+    member = Cli(tmp_path / "member")
+    await accounts.pair(account.home, member.home, "phone", sources=["src"])
+    for args in (["--dry-run"], ["--yes"]):
+        proc = member("account", "delete", *args, check=False)
+        assert proc.returncode == 15, proc.stderr
+        assert proc.stderr.strip() == ("p2pbackup: error: only an owner device of the account "
+                                       "can delete it (this device is a member); run "
+                                       "`p2pbackup account delete` on an owner device")
+    assert (member.home / "keys").is_dir()
+
+
+async def test_an_unreachable_store_keeps_the_home_and_exits_non_zero(account: Cli,
+                                                                      tmp_path: Path) -> None:
+    usb = tmp_path / "usb"
+    await copy_store(account.home, LocalDirStore(usb))
+    account("store", "add", str(usb))
+    gone = f"http://127.0.0.1:{free_port()}/"   # nothing listens there
+    configure(account, gone)
+    proc = account("account", "delete", "--yes", check=False)
+    assert proc.returncode == 11, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "this device's home is kept" in proc.stderr
+    assert f"store {gone}: FAILED: store {gone}: cannot reach the server" in proc.stdout
+    assert files_under(usb) == []                  # the reachable store was dealt with
+    assert (account.home / "keys").is_dir()        # ... and the command can run again
+    assert account("account", "delete", "--dry-run").returncode == 0
+
+
+def test_without_a_terminal_it_asks_for_yes(account: Cli) -> None:
+    proc = account("account", "delete", check=False)
+    assert proc.returncode == 10 and "pass --yes" in proc.stderr
+    assert (account.home / "keys").is_dir()
