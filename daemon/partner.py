@@ -68,8 +68,8 @@ from p2pbackup.protocol.sync import (Closed, Event, InventoryDone, ObjectReceive
 from p2pbackup.repo import replica
 # The rules live in the library, shared with the storage server (p2pbackup/server).
 from p2pbackup.repo.partner_store import (Grant, ServedStore,  # noqa: F401
-                                          apply_removals, load_grants, partner_accept,
-                                          refusal)
+                                          apply_removals, forget_grant, load_grants,
+                                          partner_accept, refusal)
 from p2pbackup.transport.datachannel import PeerLink
 
 from .peers import connection_limits
@@ -223,11 +223,28 @@ class PartnerService:
     async def accept(self, grant: Grant, device: str, name: str, data: bytes) -> bool:
         """`partner_accept`, and what a new roster changes (who may connect)."""
         stored = await partner_accept(grant, device, name, data)
+        if grant.deleted:
+            await self._forget(grant)
+            return stored
         if stored and name.startswith(REMOVALS):
             await grant.refresh_removals()
         if stored and object_kind(name) is not None and object_kind(name)[0] == "roster":
             await self._roster_changed(grant)
         return stored
+
+    async def _forget(self, grant: Grant) -> None:
+        """An owner deleted the account (an account-deletion record, checked by
+        partner_accept): its devices are refused from now on, their sessions end, and its
+        grant and data go at once."""
+        if grant in self.grants:
+            self.grants.remove(grant)
+        self._follow_rosters()
+        for device, links in list(self._links.items()):
+            if not self.admits(device):
+                for link in list(links):
+                    with contextlib.suppress(Exception):
+                        await link.close()
+        await forget_grant(grant)
 
     async def _incoming(self, device: str, link: PeerLink) -> None:
         self._links.setdefault(device, set()).add(link)

@@ -9,8 +9,10 @@ The places, in the order they are dealt with:
    a deletion cut short leaves ciphertext nobody can mistake for a whole (or a damaged)
    account, never snapshots whose packs are gone; running the command again lists the store
    anew and deletes the rest.
-2. Stores that delete a whole account on one owner-signed request (the storage server,
-   `capabilities.deletes_account`; its append-only `delete` refuses names one by one).
+2. Stores that delete only by removal records (`capabilities.append_only`: the storage
+   server) get an account-deletion record (format/removal.py, `account` set) signed by this
+   owner device: the keeper checks it as it checks any removal record, against the roster's
+   owners, and forgets the whole account at once (repo/partner_store.py).
 3. The account's other devices and storage partners: this version cannot reach them, so they
    are listed (by name) with what stays there. Not a failure: they are not stores this
    device writes to.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from .config import Config
 from .device import Device, open_other_store
 from .errors import NotFound, P2PError, StorageError, WrongKey
 from .format.membership import OWNER, PARTNER
+from .format.removal import Removal, removal_name, removal_object
 from .repo import membership as store_membership
 from .sizes import format_size
 
@@ -95,10 +99,8 @@ def _deletion_order(name: str) -> tuple[int, str]:
 
 
 def _action(store: BlobStore) -> str:
-    if store.capabilities.deletes_account:
-        return "the server deletes the account at once (a request signed by this owner device)"
     if store.capabilities.append_only:
-        return "cannot be deleted from here (it deletes only by removal records)"
+        return ("sent this owner's signed account deletion: it deletes the account at once")
     return "deleted object by object (its config first)"
 
 
@@ -113,7 +115,7 @@ async def survey(dev: Device) -> tuple[str, list[Place]]:
         except P2PError as exc:
             places.append(Place(STORE, s.location, None, None, "", str(exc)))
             continue
-        kind = SERVER if store.capabilities.deletes_account else STORE
+        kind = SERVER if store.capabilities.append_only else STORE
         try:
             names, size = await _held(store)
             places.append(Place(kind, s.location, len(names), size, _action(store)))
@@ -172,9 +174,9 @@ async def delete_stores(dev: Device, say: Callable[[str], None]) -> list[str]:
             failed.append(s.location)
     try:
         # Owner-held stores before the server: steps in the order the docstring gives.
-        for store in sorted(stores, key=lambda st: st.capabilities.deletes_account):
+        for store in sorted(stores, key=lambda st: st.capabilities.append_only):
             try:
-                say(await _delete_from(store))
+                say(await _delete_from(store, dev))
             except P2PError as exc:
                 say(f"store {store.location}: FAILED: {exc}")
                 failed.append(store.location)
@@ -188,20 +190,24 @@ async def delete_stores(dev: Device, say: Callable[[str], None]) -> list[str]:
     return failed
 
 
-async def _delete_from(store: BlobStore) -> str:
-    if store.capabilities.deletes_account:
-        names, size = await _held(store)
-        await store.delete_account()
-        left, _ = await _held(store)
-        if left:
-            raise StorageError(f"store {store.location}: the server still holds {len(left)} "
-                               "objects of the account after deleting it")
-        return (f"store {store.location}: the server deleted the account ({len(names)} "
-                f"objects, {format_size(size)})")
-    if store.capabilities.append_only:
-        raise StorageError(f"store {store.location}: it deletes only what removal records "
-                           "release, not a whole account")
+def account_deletion(dev: Device) -> tuple[str, bytes]:
+    """The signed record (name, object) that has keepers of the account forget all of it."""
+    data = removal_object(Removal(dev.identity.device_id, time.time_ns(), (),
+                                  dev.keys.fingerprint()), dev.identity.sign)
+    return removal_name(data), data
+
+
+async def _delete_from(store: BlobStore, dev: Device) -> str:
     names, size = await _held(store)
+    if store.capabilities.append_only:
+        if names:     # else not (any more) held there: nothing to ask
+            await store.put(*account_deletion(dev))
+            left, _ = await _held(store)
+            if left:
+                raise StorageError(f"store {store.location}: it still holds {len(left)} "
+                                   "objects of the account after its deletion")
+        return (f"store {store.location}: it deleted the account ({len(names)} objects, "
+                f"{format_size(size)})")
     for name in sorted(names, key=_deletion_order):
         await store.delete(name)
     await store.sync()

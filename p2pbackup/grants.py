@@ -49,6 +49,12 @@ class GrantFile:
                               "owners": [[d, k] for d, k in self.owners]}, use_bin_type=True)
 
 
+def since_ns(grant: GrantFile) -> int:
+    """When the grant was made, in ns (the storage server wrote seconds before it wrote ns:
+    a number too small to be ns is seconds)."""
+    return grant.since if grant.since >= 10**14 else grant.since * 10**9
+
+
 def partners_dir(home: Path) -> Path:
     return home / "partners"
 

@@ -42,9 +42,6 @@ class StoreCapabilities:
                                   # other delete (the storage server, like a storage partner)
     signed_requests: bool = False  # every request is signed by a device of the account:
                                    # open_store hands it the StoreSigner (sign_as)
-    deletes_account: bool = False  # delete_account() removes the whole account at once on one
-                                   # request signed by an owner device (the storage server,
-                                   # whose append_only delete() would refuse it name by name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +140,6 @@ class BlobStore(abc.ABC):
     def sign_as(self, signer: StoreSigner) -> None:
         """Sign every request as `signer` (only with capabilities.signed_requests)."""
         raise NotImplementedError(f"{type(self).__name__} does not sign its requests")
-
-    async def delete_account(self) -> None:
-        """Remove everything the store holds of the account (only with
-        capabilities.deletes_account); an account the store does not hold is not an error."""
-        raise NotImplementedError(f"{type(self).__name__} does not delete whole accounts")
 
     def remove_temp_files(self) -> int:
         """Delete what a killed writer left half-written (call under the writer lock); the

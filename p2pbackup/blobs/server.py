@@ -71,7 +71,7 @@ class ServerStore(BlobStore):
     """One account's objects on a p2pbackup storage server."""
 
     capabilities = StoreCapabilities(create_only=True, cheap_listing=False, append_only=True,
-                                     signed_requests=True, deletes_account=True)
+                                     signed_requests=True)
 
     def __init__(self, location: str, *, identity: DeviceIdentity | None = None,
                  account: str = "", ca_file: str | None = None, invite: str | None = None,
@@ -218,11 +218,6 @@ class ServerStore(BlobStore):
 
     async def delete(self, name: str) -> None:
         await self._request("DELETE", name, ok=(200, 204))
-
-    async def delete_account(self) -> None:
-        """`DELETE /v1/<account>`, signed by this device: the server deletes the whole account
-        at once if the roster names this device an owner (else the refusal's line)."""
-        await self._request("DELETE", None, ok=(200, 204))   # 404: not (any more) held there
 
     async def close(self) -> None:
         if self._session is not None:

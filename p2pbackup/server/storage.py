@@ -9,14 +9,15 @@ account (protocol/store_requests.py):
     GET    /v1/<account>/<name>              read it; `Range: bytes=a-b` / `bytes=-n` (206)
     HEAD   /v1/<account>/<name>              its size in X-P2PB-Size
     DELETE /v1/<account>/<name>              only what a removal record released (204)
-    DELETE /v1/<account>                     the whole account, signed by an owner (204)
     GET    /v1/<account>?prefix=P            the names held, one per line
 
 An account comes to exist when one of its owner devices PUTs its roster (roster/<n>, signed
 by that owner) with a one-time invitation (`p2pbackup-server invite`) in X-P2PB-Invite, or
 without one on a server started with --open-registration. From then on the server follows the
 account's newer rosters, as a partner does: listed devices may read and write, the recovery
-signer may read and bring the next roster, removed devices are refused.
+signer may read and bring the next roster, removed devices are refused. An owner deletes
+the account (`p2pbackup account delete`) by PUTting an account-deletion record
+(format/removal.py, `account` set), checked as a partner checks it: it goes at once.
 
 Refusals are one line of text with the status: 401 (unsigned, bad signature, stale, replayed),
 403 (a device the roster does not admit, a write it may not make, a delete no removal record
@@ -53,8 +54,8 @@ from ..format.roster import check_signed, read_roster, roster_name
 from ..ids import is_account, object_kind
 from ..protocol import store_requests as req
 from ..repo import removals
-from ..repo.partner_store import (Grant, ServedStore, apply_removals, load_grants, open_grant,
-                                  partner_accept, refusal)
+from ..repo.partner_store import (Grant, ServedStore, apply_removals, forget_grant,
+                                  load_grants, open_grant, partner_accept, refusal)
 from ..sizes import format_size
 from . import invites
 
@@ -144,7 +145,6 @@ class StorageServer:
                               middlewares=[self._one_line_errors])
         app.router.add_get("/v1/", self._hello)
         app.router.add_get("/v1/{account}", self._list)
-        app.router.add_delete("/v1/{account}", self._delete_account)
         app.router.add_route("*", "/v1/{account}/{name:.+}", self._object)
         app.on_startup.append(self._start_removals)
         app.on_cleanup.append(self._close)
@@ -328,6 +328,9 @@ class StorageServer:
             except P2PError as exc:
                 log.error("account %s: storing %s failed: %s", grant.account, name[:60], exc)
                 raise Refused(503, f"the server could not store {name[:60]}: {exc}") from None
+            if grant.deleted:
+                await self._forget(grant, device)
+                return web.Response(status=201)
             if kind in ("head", "anchor") and stored:
                 heads.note(name, digest)
             if stored and name.startswith(removals.PREFIX):
@@ -351,32 +354,16 @@ class StorageServer:
         raise Refused(403, f"{name[:60]} is kept: nothing is deleted here but what an owner's "
                            "removal record lists, after the grace period")
 
-    async def _delete_account(self, request: web.Request) -> web.Response:
-        """The whole account at once (objects, grant, notes), on a request signed by an owner
-        of the roster held now: `p2pbackup account delete`. No grace period: the owner asked,
-        and an owner device holds the account key anyway (docs/THREAT_MODEL.md). The signature
-        covers the path, so it deletes only the account it names; a replay is refused by the
-        nonce and time checks, and once the account is gone there is nothing to replay to."""
-        account, grant = self._account(request)
-        if grant is None:
-            raise Refused(404, f"account {account} is not registered on this server")
-        device = await self._authenticate(request, b"", account, grant.devices().get)
-        if grant.owner_key(device) is None:
-            raise Refused(403, f"device {device[:12]} is not an owner of account {account}: "
-                               "only an owner device deletes the account")
-        async with self._locks[account]:
-            self._still_held(grant)
-            names = [n async for n in grant.store.list("")]
-            for name in names:   # a failure here leaves the account registered: ask again
-                await grant.store.delete(name)
-            grant_files.remove_grant(self.data, account)
-            # Forgotten before the lock is let go: requests waiting for it find no account.
-            del self.accounts[account]
-            self.heads.pop(account, None)
-            await grant.store.close()
+    async def _forget(self, grant: Grant, device: str) -> None:
+        """The account deleted by its owner (an account-deletion record, checked by
+        partner_accept): objects, grant and notes go at once, with no grace period (the owner
+        asked, and an owner device holds the account key anyway: docs/THREAT_MODEL.md).
+        Called under the account's lock: requests waiting for it then find no account."""
+        gone = await forget_grant(grant)
+        del self.accounts[grant.account]
+        self.heads.pop(grant.account, None)
         log.info("account %s deleted (%d objects) at the request of its owner device %s",
-                 account, len(names), device[:12])
-        return web.Response(status=204)
+                 grant.account, gone, device[:12])
 
     async def _register(self, request: web.Request, account: str, name: str, body: bytes
                         ) -> web.Response:
@@ -401,7 +388,7 @@ class StorageServer:
                                    "this invitation is not valid (used, expired or mistyped)")
             g = grant_files.GrantFile(account, self.quota, bytes(body),
                                       [(e.device_id, e.public_key) for e in roster.members],
-                                      int(self.now()), "p2pbackup-server")
+                                      int(self.now() * 1e9), "p2pbackup-server")
             grant_files.write_grant(self.data, g)
             self._add(open_grant(self.data, g, roster, store_for=self._store_for))
         log.info("account %s registered by device %s", account, device[:12])

@@ -95,7 +95,7 @@ async def test_delete_removes_the_account_from_a_store_the_server_and_the_home(
         out = account("account", "delete", "--yes")
         lines = out.stdout.splitlines()
         assert any(ln.startswith(f"store {usb}: deleted ") for ln in lines), out.stdout
-        assert any(ln.startswith(f"store {server.location}: the server deleted the account")
+        assert any(ln.startswith(f"store {server.location}: it deleted the account")
                    for ln in lines), out.stdout
         assert lines[-1] == f"home {account.home}: deleted (keys, config, store, cache)"
         assert files_under(usb) == []
