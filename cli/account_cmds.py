@@ -408,9 +408,10 @@ def account_delete(dry_run: bool = typer.Option(False, "--dry-run",
             print(f"  {p.line()}")
         return
     if failed:
-        raise StorageError(f"{len(failed)} store(s) could not be deleted ({', '.join(failed)}); "
-                           "this device's home is kept so that `p2pbackup account delete` can "
-                           "run again (or `p2pbackup store remove` a store given up)")
+        raise StorageError(f"the account could not be deleted at {', '.join(failed)}; this "
+                           "device's home is kept so that `p2pbackup account delete` can run "
+                           "again (`store remove` a store, `devices remove` a partner you give "
+                           "up)")
     from p2pbackup.config import load_config
 
     print(deletion.wipe_home(load_config(home())))

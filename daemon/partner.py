@@ -224,7 +224,7 @@ class PartnerService:
         """`partner_accept`, and what a new roster changes (who may connect)."""
         stored = await partner_accept(grant, device, name, data)
         if grant.deleted:
-            await self._forget(grant)
+            await self._forget(grant, device)
             return stored
         if stored and name.startswith(REMOVALS):
             await grant.refresh_removals()
@@ -232,15 +232,16 @@ class PartnerService:
             await self._roster_changed(grant)
         return stored
 
-    async def _forget(self, grant: Grant) -> None:
+    async def _forget(self, grant: Grant, bringer: str) -> None:
         """An owner deleted the account (an account-deletion record, checked by
-        partner_accept): its devices are refused from now on, their sessions end, and its
-        grant and data go at once."""
+        partner_accept): its devices are refused from now on, their sessions end (but the
+        one of the device that brought the record, which is still to be answered: it leaves,
+        and can do nothing meanwhile: refusal), and its grant and data go at once."""
         if grant in self.grants:
             self.grants.remove(grant)
         self._follow_rosters()
         for device, links in list(self._links.items()):
-            if not self.admits(device):
+            if not self.admits(device) and device != bringer:
                 for link in list(links):
                     with contextlib.suppress(Exception):
                         await link.close()

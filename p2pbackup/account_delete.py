@@ -13,12 +13,16 @@ The places, in the order they are dealt with:
    server) get an account-deletion record (format/removal.py, `account` set) signed by this
    owner device: the keeper checks it as it checks any removal record, against the roster's
    owners, and forgets the whole account at once (repo/partner_store.py).
-3. The account's other devices and storage partners: this version cannot reach them, so they
-   are listed (by name) with what stays there. Not a failure: they are not stores this
-   device writes to.
-4. This device's home (keys, config, store, cache), only once every store is done: a store
-   that could not be reached or refused leaves the home, so that the command can be run again
-   (or the store given up with `store remove`, then the command run again).
+3. Storage partners get the same record over a session with their daemon (found on the LAN,
+   as `--from peer:NAME` finds them), and forget the account the same way. The account's
+   other devices (owners, members) are listed by name but not reached: each keeps its own
+   home, and holds the keys (run `account delete` there too, or `devices remove` it first).
+4. This device's home (keys, config, store, cache), only once every store and partner is
+   done: one that could not be reached or refused leaves the home, so that the command can be
+   run again (or the store given up with `store remove`, the partner with `devices remove`).
+
+A keeper that took the record but still lists objects of the account (an older p2pbackup,
+which reads the record as one that removes nothing) is a failure too.
 """
 
 from __future__ import annotations
@@ -33,21 +37,21 @@ from pathlib import Path
 from .blobs import open_store
 from .blobs.base import BlobStore
 from .config import Config
-from .device import Device, open_other_store
+from .device import Device, open_other_store, open_peer_store
 from .errors import NotFound, P2PError, StorageError, WrongKey
-from .format.membership import OWNER, PARTNER
+from .format.membership import OWNER, PARTNER, Member
 from .format.removal import Removal, removal_name, removal_object
 from .repo import membership as store_membership
 from .sizes import format_size
 
-STORE, SERVER, PEER, HOME = "store", "server", "peer", "home"
+STORE, PEER, HOME = "store", "peer", "home"
 
 
 @dataclass(frozen=True, slots=True)
 class Place:
     """One place that holds some of the account, and what deleting the account does there."""
 
-    kind: str                 # STORE, SERVER, PEER or HOME
+    kind: str                 # STORE, PEER or HOME
     where: str                # a location, a device's name, a path
     objects: int | None       # None: not known (a peer; a store that could not be listed)
     size: int | None
@@ -115,22 +119,19 @@ async def survey(dev: Device) -> tuple[str, list[Place]]:
         except P2PError as exc:
             places.append(Place(STORE, s.location, None, None, "", str(exc)))
             continue
-        kind = SERVER if store.capabilities.append_only else STORE
         try:
             names, size = await _held(store)
-            places.append(Place(kind, s.location, len(names), size, _action(store)))
+            places.append(Place(STORE, s.location, len(names), size, _action(store)))
         except P2PError as exc:
-            places.append(Place(kind, s.location, None, None, _action(store), str(exc)))
+            places.append(Place(STORE, s.location, None, None, _action(store), str(exc)))
         finally:
             await store.close()
-    if got is not None:
-        for m in got[0].members:
-            if m.device_id == dev.identity.device_id:
-                continue
-            what = ("keeps the ciphertext it holds for the account" if m.role == PARTNER else
-                    "keeps its own home: run `p2pbackup account delete` there too")
-            places.append(Place(PEER, f"{m.name} ({m.role}, {m.device_id[:12]})", None, None,
-                                f"not reached by this version; {what}"))
+    for m in _others(dev, got):
+        places.append(Place(PEER, _peer_label(m), None, None,
+                            "sent this owner's signed account deletion: it forgets the "
+                            "account's grant and data" if m.role == PARTNER else
+                            "not reached by this version; keeps its own home: run `p2pbackup "
+                            "account delete` there too"))
     own = open_store(str(dev.config.store))
     try:
         names, _ = await _held(own)
@@ -183,10 +184,15 @@ async def delete_stores(dev: Device, say: Callable[[str], None]) -> list[str]:
     finally:
         for store in stores:
             await store.close()
-    got = await store_membership.load(dev.repo)
-    for m in got[0].members if got is not None else ():
-        if m.device_id != dev.identity.device_id:
-            say(f"peer {m.name} ({m.role}, {m.device_id[:12]}): not reached by this version")
+    for m in _others(dev, await store_membership.load(dev.repo)):
+        if m.role != PARTNER:
+            say(f"peer {_peer_label(m)}: not reached by this version")
+            continue
+        try:
+            say(f"peer {_peer_label(m)}: " + await _delete_at_partner(dev, m))
+        except P2PError as exc:
+            say(f"peer {_peer_label(m)}: FAILED: {exc}")
+            failed.append(f"partner {m.name or m.device_id[:12]}")
     return failed
 
 
@@ -212,6 +218,29 @@ async def _delete_from(store: BlobStore, dev: Device) -> str:
         await store.delete(name)
     await store.sync()
     return f"store {store.location}: deleted {len(names)} objects ({format_size(size)})"
+
+
+def _others(dev: Device, got: tuple | None) -> list[Member]:
+    """The account's devices and partners but this one."""
+    return [m for m in (got[0].members if got is not None else ())
+            if m.device_id != dev.identity.device_id]
+
+
+def _peer_label(m: Member) -> str:
+    return f"{m.name} ({m.role}, {m.device_id[:12]})"
+
+
+async def _delete_at_partner(dev: Device, m: Member) -> str:
+    peer = await open_peer_store(dev.config, dev.keys, dev.identity, f"peer:{m.device_id}")
+    try:
+        await peer.put(*account_deletion(dev))
+        left = [n async for n in peer.list("")]
+    finally:
+        await peer.close()
+    if left:
+        raise StorageError(f"partner {m.name} still holds {len(left)} objects of the account "
+                           "after its deletion (an older p2pbackup there? upgrade it)")
+    return "it deleted the account's grant and data"
 
 
 def wipe_home(config: Config) -> str:

@@ -127,7 +127,9 @@ class ServedStore(BlobStore):
 
     def _roster(self, name: str) -> bytes | None:
         r = self.grant.roster
-        return self.grant.file.roster if r is not None and name == roster_name(r.seq) else None
+        if r is None or self.grant.deleted or name != roster_name(r.seq):
+            return None
+        return self.grant.file.roster
 
     async def get(self, name: str) -> bytes:
         raw = self._roster(name)
@@ -150,9 +152,9 @@ class ServedStore(BlobStore):
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
         async for name in self.grant.store.list(prefix):
             yield name
-        if self.grant.roster is not None and roster_name(self.grant.roster.seq).startswith(
-                prefix):
-            yield roster_name(self.grant.roster.seq)
+        newest = roster_name(self.grant.roster.seq) if self.grant.roster is not None else ""
+        if newest.startswith(prefix) and self._roster(newest) is not None:
+            yield newest
 
     async def put(self, name: str, data: Buffer) -> None:
         raise IntegrityError("a storage partner stores what its devices send through its "
@@ -247,6 +249,8 @@ def open_grant(home: Path, g: grant_files.GrantFile, roster: Roster | None,
 
 def refusal(grant: Grant, device: str, name: str) -> str | None:
     """Why `device` may not write `name` into `grant`'s store, or None if it may."""
+    if grant.deleted:   # a session still open when its owner deleted the account
+        return f"account {grant.account} was deleted by its owner"
     got = object_kind(name)
     if got is None:
         return "not an object name"

@@ -138,3 +138,30 @@ def test_without_a_terminal_it_asks_for_yes(account: Cli) -> None:
     proc = account("account", "delete", check=False)
     assert proc.returncode == 10 and "pass --yes" in proc.stderr
     assert (account.home / "keys").is_dir()
+
+
+def test_a_partner_on_the_lan_forgets_the_account(netlab, tmp_path: Path) -> None:
+    from tests.eventually import eventually_sync
+    from tests.integration.test_partner import objects, with_partner
+    from tests.integration.test_peer_restore import run_in, wait_status
+    from tests.integration.test_peers_lan import start_daemon, stop_all
+
+    ha, hf, a, friend, _, kept = with_partner(netlab, tmp_path, "50M")
+    partner = start_daemon(hf, friend, tmp_path, "f")
+    try:
+        owner = start_daemon(ha, a, tmp_path, "a")
+        try:
+            wait_status(a), wait_status(friend)
+            a("snapshot")
+            eventually_sync(lambda: objects(a.home / "store") <= objects(kept), timeout=60)
+        finally:
+            stop_all([owner])
+        dry = run_in(ha, a, "account", "delete", "--dry-run").stdout
+        assert "peer friends-nas (partner, " in dry
+        out = run_in(ha, a, "account", "delete", "--yes").stdout
+        assert "it deleted the account's grant and data" in out, out
+        assert not kept.exists() and list((friend.home / "partners").glob("*.grant")) == []
+        assert not a.home.exists()
+        assert json.loads(friend("status", "--json").stdout)["partner_for"] == []
+    finally:
+        stop_all([partner])
