@@ -4,6 +4,8 @@ and the home."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,19 @@ def test_a_partner_on_the_lan_forgets_the_account(netlab, tmp_path: Path) -> Non
         assert json.loads(friend("status", "--json").stdout)["partner_for"] == []
     finally:
         stop_all([partner])
+
+
+def test_it_refuses_while_p2pbackupd_runs(account: Cli) -> None:
+    from tests.eventually import eventually_sync
+
+    daemon = subprocess.Popen([sys.executable, "-m", "p2pbackup.daemon.main"],
+                              env=account.env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        eventually_sync(lambda: account("status", check=False).returncode == 0, timeout=60)
+        proc = account("account", "delete", "--yes", check=False)
+        assert proc.returncode == 10 and "p2pbackupd is running" in proc.stderr, proc.stderr
+    finally:
+        daemon.terminate()
+        assert daemon.wait(timeout=30) == 0
+    assert (account.home / "keys").is_dir()
