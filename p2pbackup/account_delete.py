@@ -82,13 +82,19 @@ def check_owner(dev: Device, got: tuple | None) -> None:
                        "delete` on an owner device")
 
 
-async def _held(store: BlobStore) -> tuple[list[str], int]:
-    """The names `store` holds and their bytes together; a store that does not hold the
-    account at all (the server: not registered) holds nothing."""
+async def _names(store: BlobStore) -> list[str]:
+    """The names `store` holds; a store that does not hold the account at all (the server:
+    not registered) holds none."""
     try:
-        names = [n async for n in store.list("")]
+        return [n async for n in store.list("")]
     except NotFound:
-        return [], 0
+        return []
+
+
+async def _held(store: BlobStore) -> tuple[list[str], int]:
+    """The names `store` holds and their bytes together (a request per object on a remote
+    store: for the dry run and the question only)."""
+    names = await _names(store)
     total = 0
     for n in names:
         try:
@@ -134,7 +140,7 @@ async def survey(dev: Device) -> tuple[str, list[Place]]:
                             "account delete` there too"))
     own = open_store(str(dev.config.store))
     try:
-        names, _ = await _held(own)
+        names = await _names(own)
     finally:
         await own.close()
     places.append(Place(HOME, str(dev.config.home), len(names), _home_bytes(dev.config),
@@ -204,20 +210,20 @@ def account_deletion(dev: Device) -> tuple[str, bytes]:
 
 
 async def _delete_from(store: BlobStore, dev: Device) -> str:
-    names, size = await _held(store)
+    names = await _names(store)
     if store.capabilities.append_only:
         if names:     # else not (any more) held there: nothing to ask
             await store.put(*account_deletion(dev))
-            left, _ = await _held(store)
+            left = await _names(store)
             if left:
                 raise StorageError(f"store {store.location}: it still holds {len(left)} "
-                                   "objects of the account after its deletion")
-        return (f"store {store.location}: it deleted the account ({len(names)} objects, "
-                f"{format_size(size)})")
+                                   "objects of the account after its deletion (an older "
+                                   "p2pbackup-server? upgrade it)")
+        return f"store {store.location}: it deleted the account ({len(names)} objects)"
     for name in sorted(names, key=_deletion_order):
         await store.delete(name)
     await store.sync()
-    return f"store {store.location}: deleted {len(names)} objects ({format_size(size)})"
+    return f"store {store.location}: deleted {len(names)} objects"
 
 
 def _others(dev: Device, got: tuple | None) -> list[Member]:

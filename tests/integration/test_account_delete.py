@@ -183,3 +183,33 @@ def test_it_refuses_while_p2pbackupd_runs(account: Cli) -> None:
         daemon.terminate()
         assert daemon.wait(timeout=30) == 0
     assert (account.home / "keys").is_dir()
+
+
+def test_the_typed_fingerprint_confirms_and_anything_else_deletes_nothing(
+        account: Cli, tmp_path: Path) -> None:
+    import os
+    import pty
+
+    fingerprint = json.loads(account("account", "delete", "--dry-run", "--json").stdout)[
+        "account"]
+
+    def typing(line: str) -> subprocess.CompletedProcess:
+        """`account delete` at a terminal, `line` typed at its question."""
+        master, terminal = pty.openpty()
+        try:
+            os.write(master, (line + "\n").encode())
+            return subprocess.run(account.argv("account", "delete"), env=account.env(),
+                                  stdin=terminal, capture_output=True, text=True, timeout=120)
+        finally:
+            os.close(terminal)
+            os.close(master)
+
+    wrong = typing("0123456789abcdef")
+    assert wrong.returncode == 1, wrong.stderr
+    assert "not confirmed (that is not the account's fingerprint): nothing was deleted" \
+        in wrong.stderr
+    assert (account.home / "keys").is_dir()
+    right = typing(fingerprint)
+    assert right.returncode == 0, right.stderr
+    assert f"Type the account's fingerprint ({fingerprint})" in right.stdout
+    assert not account.home.exists()
