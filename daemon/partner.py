@@ -237,6 +237,7 @@ class PartnerService:
         partner_accept): its devices are refused from now on, their sessions end (but the
         one of the device that brought the record, which is still to be answered: it leaves,
         and can do nothing meanwhile: refusal), and its grant and data go at once."""
+        await forget_grant(grant)   # a failure keeps the grant: the owner sends it again
         if grant in self.grants:
             self.grants.remove(grant)
         self._follow_rosters()
@@ -245,7 +246,6 @@ class PartnerService:
                 for link in list(links):
                     with contextlib.suppress(Exception):
                         await link.close()
-        await forget_grant(grant)
 
     async def _incoming(self, device: str, link: PeerLink) -> None:
         self._links.setdefault(device, set()).add(link)

@@ -178,11 +178,16 @@ def _check_account_deletion(grant: Grant, r: Removal, name: str) -> None:
 async def forget_grant(grant: Grant) -> int:
     """Delete everything held of `grant`'s account, then its grant and notes (the owner
     deleted the account); how many objects went. The grant file goes last, so a failure
-    part-way leaves the grant, and the next deletion record finishes the work."""
-    names = [n async for n in grant.store.list("")]
-    for n in names:
-        await grant.store.delete(n)
-    grant_files.remove_grant(grant.home, grant.account)
+    part-way leaves the grant as it was (not `deleted`: writes are taken again) and the next
+    account deletion finishes the work."""
+    try:
+        names = [n async for n in grant.store.list("")]
+        for n in names:
+            await grant.store.delete(n)
+        grant_files.remove_grant(grant.home, grant.account)
+    except BaseException:
+        grant.deleted = False
+        raise
     await grant.store.close()
     log.info("account %s deleted by its owner: %d objects and the grant are gone",
              grant.account, len(names))
