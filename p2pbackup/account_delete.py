@@ -41,6 +41,7 @@ from .device import Device, open_other_store, open_peer_store
 from .errors import NotFound, P2PError, StorageError, WrongKey
 from .format.membership import OWNER, PARTNER, Member
 from .format.removal import Removal, removal_name, removal_object
+from .ids import object_kind
 from .repo import membership as store_membership
 from .sizes import format_size
 
@@ -83,10 +84,11 @@ def check_owner(dev: Device, got: tuple | None) -> None:
 
 
 async def _names(store: BlobStore) -> list[str]:
-    """The names `store` holds; a store that does not hold the account at all (the server:
-    not registered) holds none."""
+    """The account's objects `store` holds: names p2pbackup writes only (a folder or bucket
+    prefix shared with other files keeps those); a store that does not hold the account at
+    all (the server: not registered) holds none."""
     try:
-        return [n async for n in store.list("")]
+        return [n async for n in store.list("") if object_kind(n) is not None]
     except NotFound:
         return []
 

@@ -213,3 +213,13 @@ def test_the_typed_fingerprint_confirms_and_anything_else_deletes_nothing(
     assert right.returncode == 0, right.stderr
     assert f"Type the account's fingerprint ({fingerprint})" in right.stdout
     assert not account.home.exists()
+
+
+async def test_files_that_are_not_the_accounts_objects_stay_in_a_store(account: Cli,
+                                                                       tmp_path: Path) -> None:
+    usb = tmp_path / "usb"
+    await copy_store(account.home, LocalDirStore(usb))
+    (usb / "notes.txt").write_text("the user's own file, beside the store")
+    account("store", "add", str(usb))
+    account("account", "delete", "--yes")
+    assert files_under(usb) == ["notes.txt"]
