@@ -223,3 +223,26 @@ async def test_files_that_are_not_the_accounts_objects_stay_in_a_store(account: 
     account("store", "add", str(usb))
     account("account", "delete", "--yes")
     assert files_under(usb) == ["notes.txt"]
+
+
+async def test_an_s3_store_is_emptied_of_the_account(account: Cli, tmp_path: Path) -> None:
+    from contextlib import contextmanager
+
+    from p2pbackup.blobs import open_store
+    from tests.servers import weed_mini
+
+    with contextmanager(weed_mini)(tmp_path / "weed") as weed:
+        location = f"s3://{weed.new_bucket()}/backup"
+        bucket = open_store(location, options=weed.options())
+        held = await copy_store(account.home, bucket)
+        configure(account, location, **{k: str(v) for k, v in weed.options().items()})
+        doc = json.loads(account("account", "delete", "--dry-run", "--json").stdout)
+        assert [p["objects"] for p in doc["places"] if p["where"] == location] == [held]
+        out = account("account", "delete", "--yes").stdout
+        assert f"store {location}: deleted {held} objects" in out, out
+        bucket = open_store(location, options=weed.options())
+        try:
+            assert [n async for n in bucket.list("")] == []
+        finally:
+            await bucket.close()
+        assert not account.home.exists()
