@@ -27,6 +27,7 @@ which reads the record as one that removes nothing) is a failure too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -41,8 +42,9 @@ from .device import Device, open_other_store, open_peer_store
 from .errors import NotFound, P2PError, StorageError, WrongKey
 from .format.membership import OWNER, PARTNER, Member
 from .format.removal import Removal, removal_name, removal_object
-from .ids import object_kind
+from .ids import OBJECT_NAMES, object_kind
 from .repo import membership as store_membership
+from .repo.removals import FIRST_SEEN
 from .sizes import format_size
 
 STORE, PEER, HOME = "store", "peer", "home"
@@ -146,27 +148,64 @@ async def survey(dev: Device) -> tuple[str, list[Place]]:
     finally:
         await own.close()
     places.append(Place(HOME, str(dev.config.home), len(names), _home_bytes(dev.config),
-                        "wiped last: keys, config, store, cache"))
+                        "deleted last: keys, config, store, cache (what else is there stays)"))
     return dev.keys.fingerprint(), places
 
 
-def _home_dirs(config: Config) -> list[Path]:
-    """The home, and the store if it lives elsewhere."""
-    home = config.home.resolve()
-    store = config.store.resolve()
-    return [home] if store == home or home in store.parents else [home, store]
+# What p2pbackup makes in a home and in its store: `account delete` removes these and leaves
+# anything else there (a home or store path that also holds other files, a home that keeps
+# other accounts' data as their storage partner: partners/), so a misconfigured path never
+# takes a user's files with it.
+_HOME_ENTRIES = frozenset({"config.toml", "config.toml.tmp", "keys", "cache", "cache-recover",
+                           "daemon.sock", FIRST_SEEN})
+_STORE_ENTRIES = frozenset({rx.pattern.split("/")[0] for _, rx in OBJECT_NAMES}
+                           | {"lock", "quarantine"})
+
+
+def _ours_in_store(name: str) -> bool:
+    return name in _STORE_ENTRIES or name.endswith(".tmp")
 
 
 def _home_bytes(config: Config) -> int:
     total = 0
-    for top in _home_dirs(config):
-        for root, _, files in os.walk(top):
-            for f in files:
-                try:
-                    total += os.lstat(os.path.join(root, f)).st_size
-                except OSError:
-                    pass
+    for top, ours in ((config.store, _ours_in_store), (config.home, _HOME_ENTRIES.__contains__)):
+        for entry in _entries(top):
+            if not ours(entry.name):
+                continue
+            walk = os.walk(entry.path) if entry.is_dir(follow_symlinks=False) else \
+                [(os.path.dirname(entry.path), [], [entry.name])]
+            for root, _, files in walk:
+                for f in files:
+                    try:
+                        total += os.lstat(os.path.join(root, f)).st_size
+                    except OSError:
+                        pass
     return total
+
+
+def _entries(directory: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _clear(directory: Path, ours: Callable[[str], bool]) -> list[str]:
+    """Delete what `ours` names in `directory`, then the directory if nothing is left in it;
+    the names of what is left."""
+    kept = []
+    for entry in _entries(directory):
+        if not ours(entry.name):
+            kept.append(entry.name)
+        elif entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.unlink(entry.path)
+    if not kept:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(directory)
+    return kept
 
 
 async def delete_stores(dev: Device, say: Callable[[str], None]) -> list[str]:
@@ -252,13 +291,14 @@ async def _delete_at_partner(dev: Device, m: Member) -> str:
 
 
 def wipe_home(config: Config) -> str:
-    """Step 4: the home (and the store, if it lives elsewhere) removed; the line to print."""
-    for top in _home_dirs(config):
-        try:
-            shutil.rmtree(top)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise StorageError(f"cannot delete {exc.filename or top}: "
-                               f"{exc.strerror or exc}") from None
-    return f"home {config.home}: deleted (keys, config, store, cache)"
+    """Step 4: what p2pbackup made in the home and its store deleted; the line to print."""
+    try:
+        in_store = _clear(config.store, _ours_in_store)
+        kept = _clear(config.home, _HOME_ENTRIES.__contains__)
+    except OSError as exc:
+        raise StorageError(f"cannot delete {exc.filename or config.home}: "
+                           f"{exc.strerror or exc}") from None
+    line = f"home {config.home}: deleted (keys, config, store, cache)"
+    left = [f"{config.store}/{n}" for n in sorted(in_store)] + \
+        [str(config.home / n) for n in sorted(kept) if config.home / n != config.store]
+    return line + (f"; left there, not p2pbackup's: {', '.join(left)}" if left else "")

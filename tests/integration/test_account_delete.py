@@ -246,3 +246,18 @@ async def test_an_s3_store_is_emptied_of_the_account(account: Cli, tmp_path: Pat
         finally:
             await bucket.close()
         assert not account.home.exists()
+
+
+def test_the_home_keeps_what_is_not_this_accounts(account: Cli) -> None:
+    # This home also keeps another account's data as its storage partner, and the user put
+    # a file in the store's folder: neither is this account's to delete.
+    other = account.home / "partners" / "0123456789abcdef.grant"
+    other.parent.mkdir()
+    other.write_bytes(b"another account's grant")
+    (account.home / "store" / "README.txt").write_text("mine")
+    out = account("account", "delete", "--yes").stdout
+    assert f"left there, not p2pbackup's: {account.home / 'store'}/README.txt, " \
+           f"{account.home / 'partners'}" in out, out
+    assert sorted(p.name for p in account.home.iterdir()) == ["partners", "store"]
+    assert [p.name for p in (account.home / "store").iterdir()] == ["README.txt"]
+    assert other.read_bytes() == b"another account's grant"
