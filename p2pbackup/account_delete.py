@@ -48,6 +48,10 @@ from .repo.removals import FIRST_SEEN
 from .sizes import format_size
 
 STORE, PEER, HOME = "store", "peer", "home"
+# In the home, until it goes: the partners that forgot the account at a run that could not
+# finish (a store failed), so that the next run does not ask them again (they would refuse
+# a device of an account they no longer know).
+PARTNERS_DONE = "account-deletion-partners-done"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +161,7 @@ async def survey(dev: Device) -> tuple[str, list[Place]]:
 # other accounts' data as their storage partner: partners/), so a misconfigured path never
 # takes a user's files with it.
 _HOME_ENTRIES = frozenset({"config.toml", "config.toml.tmp", "keys", "cache", "cache-recover",
-                           "daemon.sock", FIRST_SEEN})
+                           "daemon.sock", FIRST_SEEN, PARTNERS_DONE})
 _STORE_ENTRIES = frozenset({rx.pattern.split("/")[0] for _, rx in OBJECT_NAMES}
                            | {"lock", "quarantine"})
 
@@ -231,16 +235,30 @@ async def delete_stores(dev: Device, say: Callable[[str], None]) -> list[str]:
     finally:
         for store in stores:
             await store.close()
+    done = _partners_done(dev.config)
     for m in _others(dev, await store_membership.load(dev.repo)):
         if m.role != PARTNER:
             say(f"peer {_peer_label(m)}: not reached by this version")
             continue
+        if m.device_id in done:   # it no longer knows the account: it would refuse us now
+            say(f"peer {_peer_label(m)}: it deleted the account's grant and data at an "
+                "earlier run")
+            continue
         try:
             say(f"peer {_peer_label(m)}: " + await _delete_at_partner(dev, m))
+            with open(dev.config.home / PARTNERS_DONE, "a", encoding="ascii") as f:
+                f.write(m.device_id + "\n")
         except P2PError as exc:
             say(f"peer {_peer_label(m)}: FAILED: {exc}")
             failed.append(f"partner {m.name or m.device_id[:12]}")
     return failed
+
+
+def _partners_done(config: Config) -> set[str]:
+    try:
+        return set((config.home / PARTNERS_DONE).read_text(encoding="ascii").split())
+    except FileNotFoundError:
+        return set()
 
 
 def account_deletion(dev: Device) -> tuple[str, bytes]:

@@ -160,9 +160,17 @@ def test_a_partner_on_the_lan_forgets_the_account(netlab, tmp_path: Path) -> Non
             stop_all([owner])
         dry = run_in(ha, a, "account", "delete", "--dry-run").stdout
         assert "peer friends-nas (partner, " in dry
-        out = run_in(ha, a, "account", "delete", "--yes").stdout
-        assert "it deleted the account's grant and data" in out, out
+        # A store that cannot be reached keeps the home: the partner is done all the same.
+        gone = f"http://127.0.0.1:{free_port()}/"
+        configure(a, gone)
+        first = run_in(ha, a, "account", "delete", "--yes", check=False)
+        assert first.returncode == 11, first.stderr
+        assert "it deleted the account's grant and data\n" in first.stdout, first.stdout
         assert not kept.exists() and list((friend.home / "partners").glob("*.grant")) == []
+        # The run after it does not ask the partner again (it no longer knows the account).
+        a("store", "remove", gone)
+        out = run_in(ha, a, "account", "delete", "--yes").stdout
+        assert "it deleted the account's grant and data at an earlier run" in out, out
         assert not a.home.exists()
         assert json.loads(friend("status", "--json").stdout)["partner_for"] == []
     finally:
