@@ -340,3 +340,79 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
     if not outcome.ok:
         raise PairingFailed(outcome.message)
     print(f"Paired: {outcome.message}")
+
+
+# ---- account delete --------------------------------------------------------------------------
+
+account_app = typer.Typer(help="The account as a whole.", no_args_is_help=True)
+
+
+def _confirm_fingerprint(fingerprint: str, yes: bool) -> None:
+    """The user types the account's fingerprint (or passes --yes); anything else stops here."""
+    from p2pbackup.errors import P2PError
+
+    if yes:
+        return
+    typed = typer.prompt(f"This deletes account {fingerprint} everywhere listed above, then "
+                         f"this device's home. Type the account's fingerprint ({fingerprint}) "
+                         "to go on", default="", show_default=False)
+    if typed.strip().lower() != fingerprint:
+        raise P2PError("not confirmed (that is not the account's fingerprint): nothing was "
+                       "deleted")
+
+
+@account_app.command("delete")
+def account_delete(dry_run: bool = typer.Option(False, "--dry-run",
+                                                help="List what would go; delete nothing."),
+                   yes: bool = typer.Option(False, "--yes", "-y",
+                                            help="Do not ask for the account's fingerprint "
+                                            "(for scripts)."),
+                   as_json: bool = typer.Option(False, "--json",
+                                                help="With --dry-run: print the places as "
+                                                "JSON.")) -> None:
+    """Delete the account's data from every store, then this device's home (owners only)."""
+    from p2pbackup import account_delete as deletion
+    from p2pbackup.device import open_device
+    from p2pbackup.errors import ConfigError, StorageError
+
+    if as_json and not dry_run:
+        raise ConfigError("--json goes with --dry-run")
+    if not dry_run and not yes and not sys.stdin.isatty():
+        raise ConfigError("account delete asks on the terminal for the account's fingerprint; "
+                          "without a terminal, pass --yes")
+    if not dry_run and via_daemon("status", timeout=30) is not None:
+        raise ConfigError("p2pbackupd is running for this home: stop it first (e.g. "
+                          "`systemctl --user stop p2pbackupd`), then run `p2pbackup account "
+                          "delete` again")
+
+    async def go() -> tuple[str, list, list[str] | None]:
+        async with open_device(home(), write=not dry_run) as dev:
+            fingerprint, places = await deletion.survey(dev)
+            if dry_run:
+                return fingerprint, places, None
+            for p in places:
+                print(p.line())
+            _confirm_fingerprint(fingerprint, yes)
+            print(f"deleting account {fingerprint}", flush=True)
+            failed = await deletion.delete_stores(dev, lambda line: print(line, flush=True))
+            return fingerprint, places, failed
+
+    fingerprint, places, failed = run_async(go())
+    if dry_run:
+        if as_json:
+            print(json.dumps({"account": fingerprint,
+                              "places": [p.to_json() for p in places]}, indent=2))
+            return
+        print(f"account {fingerprint}: account delete would deal with (nothing is deleted "
+              "now):")
+        for p in places:
+            print(f"  {p.line()}")
+        return
+    if failed:
+        raise StorageError(f"the account could not be deleted at {', '.join(failed)}; this "
+                           "device's home is kept so that `p2pbackup account delete` can run "
+                           "again (`store remove` a store, `devices remove` a partner you give "
+                           "up)")
+    from p2pbackup.config import load_config
+
+    print(deletion.wipe_home(load_config(home())))

@@ -16,7 +16,7 @@ from p2pbackup.errors import EXIT_PARTIAL, ConfigError, IntegrityError, P2PError
 from p2pbackup.views import damage_json, snapshot_json, verify_json, verify_lines
 
 from . import output
-from .account_cmds import devices_app, pair, recover
+from .account_cmds import account_app, devices_app, pair, recover
 from .common import home, run_async, via_daemon, writable_device
 from .store_cmds import store_app
 
@@ -26,6 +26,7 @@ index_app = typer.Typer(no_args_is_help=True, help="Maintain the pack index (a c
 app.add_typer(index_app, name="index")
 app.add_typer(devices_app, name="devices")
 app.add_typer(store_app, name="store")
+app.add_typer(account_app, name="account")
 
 _state = {"debug": False}
 

@@ -68,8 +68,8 @@ from p2pbackup.protocol.sync import (Closed, Event, InventoryDone, ObjectReceive
 from p2pbackup.repo import replica
 # The rules live in the library, shared with the storage server (p2pbackup/server).
 from p2pbackup.repo.partner_store import (Grant, ServedStore,  # noqa: F401
-                                          apply_removals, load_grants, partner_accept,
-                                          refusal)
+                                          apply_removals, forget_grant, load_grants,
+                                          partner_accept, refusal)
 from p2pbackup.transport.datachannel import PeerLink
 
 from .peers import connection_limits
@@ -223,11 +223,29 @@ class PartnerService:
     async def accept(self, grant: Grant, device: str, name: str, data: bytes) -> bool:
         """`partner_accept`, and what a new roster changes (who may connect)."""
         stored = await partner_accept(grant, device, name, data)
+        if grant.deleted:
+            await self._forget(grant, device)
+            return stored
         if stored and name.startswith(REMOVALS):
             await grant.refresh_removals()
         if stored and object_kind(name) is not None and object_kind(name)[0] == "roster":
             await self._roster_changed(grant)
         return stored
+
+    async def _forget(self, grant: Grant, bringer: str) -> None:
+        """An owner deleted the account (an account-deletion record, checked by
+        partner_accept): its devices are refused from now on, their sessions end (but the
+        one of the device that brought the record, which is still to be answered: it leaves,
+        and can do nothing meanwhile: refusal), and its grant and data go at once."""
+        await forget_grant(grant)   # a failure keeps the grant: the owner sends it again
+        if grant in self.grants:
+            self.grants.remove(grant)
+        self._follow_rosters()
+        for device, links in list(self._links.items()):
+            if not self.admits(device) and device != bringer:
+                for link in list(links):
+                    with contextlib.suppress(Exception):
+                        await link.close()
 
     async def _incoming(self, device: str, link: PeerLink) -> None:
         self._links.setdefault(device, set()).add(link)

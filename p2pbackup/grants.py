@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,12 @@ class GrantFile:
                               "owners": [[d, k] for d, k in self.owners]}, use_bin_type=True)
 
 
+def since_ns(grant: GrantFile) -> int:
+    """When the grant was made, in ns (the storage server wrote seconds before it wrote ns:
+    a number too small to be ns is seconds)."""
+    return grant.since if grant.since >= 10**14 else grant.since * 10**9
+
+
 def partners_dir(home: Path) -> Path:
     return home / "partners"
 
@@ -68,6 +75,14 @@ def write_grant(home: Path, grant: GrantFile) -> None:
     tmp = directory / f"{grant.account}.tmp"
     tmp.write_bytes(grant.encode())
     os.replace(tmp, directory / f"{grant.account}.grant")
+
+
+def remove_grant(home: Path, account: str) -> None:
+    """Forget an account: its grant file first (so a crash part-way leaves no grant pointing
+    at half a store), then its folder (store, notes)."""
+    where = account_dir(home, account)
+    (partners_dir(home) / f"{account}.grant").unlink(missing_ok=True)
+    shutil.rmtree(where, ignore_errors=True)
 
 
 def read_grants(home: Path) -> list[GrantFile]:

@@ -5,7 +5,13 @@ their grace period, and they stop fetching what it lists from other peers. The r
 signed but not encrypted, so a storage partner (which holds no key but knows the owners'
 public keys) can check it: it names objects the partner holds anyway and nothing else.
 
-    header(kind REMOVAL, flags 0) | Signed{type removal, body: msgpack {v, device, time, names}}
+    header(kind REMOVAL, flags 0) | Signed{type removal, body: msgpack {v, device, time, names,
+                                                                    [account]}}
+
+`account` (added within version 1, so readers before it skip it and hold the record as one
+that lists nothing) is the fingerprint of an account the owner deleted (`p2pbackup account
+delete`): a keeper of its objects that reads it (a storage partner, the storage server)
+forgets the whole account at once, grant and data.
 
 Records written before envelope version 2 (no type) are still read (records.LEGACY_SIGNED).
 
@@ -21,7 +27,7 @@ import blake3
 import msgpack
 
 from ..errors import IntegrityError
-from ..ids import object_kind
+from ..ids import is_account, object_kind
 from .cleartext import check_owner_signed, clear_object, open_clear
 from .header import Kind
 from .records import REMOVAL_SIG, Signed
@@ -38,12 +44,15 @@ class Removal:
     device: str
     time_ns: int
     names: tuple[str, ...]
+    account: str = ""      # set: the whole account is deleted (its keepers forget it)
 
 
 def removal_object(r: Removal, sign: Callable[[bytes], bytes]) -> bytes:
     """The signed object for `r`."""
-    body = msgpack.packb({"v": VERSION, "device": r.device, "time": r.time_ns,
-                          "names": list(r.names)}, use_bin_type=True)
+    doc = {"v": VERSION, "device": r.device, "time": r.time_ns, "names": list(r.names)}
+    if r.account:
+        doc["account"] = r.account
+    body = msgpack.packb(doc, use_bin_type=True)
     return clear_object(Kind.REMOVAL, Signed.make(REMOVAL_SIG, body, r.device, sign))
 
 
@@ -60,14 +69,16 @@ def read_removal(data: bytes, key_of: Callable[[str], bytes | None],
     try:
         doc = msgpack.unpackb(signed.body, raw=False, max_array_len=MAX_NAMES)
         names = tuple(str(n) for n in doc["names"])
-        r = Removal(str(doc["device"]), int(doc["time"]), names)
+        r = Removal(str(doc["device"]), int(doc["time"]), names, doc.get("account", ""))
     except Exception as exc:  # signed, yet malformed: a bug or a newer writer
         raise IntegrityError(f"{what} is malformed ({exc})") from None
     if r.device != signed.device or doc.get("v") != VERSION:
         raise IntegrityError(f"{what} is of another version or device than its signature")
+    if r.account and not is_account(r.account):
+        raise IntegrityError(f"{what} deletes an account that is not an account fingerprint")
     # Only data can be removed: never the config, membership, keys, devices or heads; and
     # only by its exact object name (a name from a record becomes a file name to delete).
-    return Removal(r.device, r.time_ns, tuple(n for n in names if _removable(n)))
+    return Removal(r.device, r.time_ns, tuple(n for n in names if _removable(n)), r.account)
 
 
 def _removable(name: str) -> bool:

@@ -50,6 +50,7 @@ class Grant:
     last_error: str | None = None
     last_sync: float | None = None
     tombstones: set[str] = field(default_factory=set)
+    deleted: bool = False               # an owner deleted the account: forget_grant it
 
     @property
     def account(self) -> str:
@@ -126,7 +127,9 @@ class ServedStore(BlobStore):
 
     def _roster(self, name: str) -> bytes | None:
         r = self.grant.roster
-        return self.grant.file.roster if r is not None and name == roster_name(r.seq) else None
+        if r is None or self.grant.deleted or name != roster_name(r.seq):
+            return None
+        return self.grant.file.roster
 
     async def get(self, name: str) -> bytes:
         raw = self._roster(name)
@@ -149,9 +152,9 @@ class ServedStore(BlobStore):
     async def list(self, prefix: str = "") -> AsyncIterator[str]:
         async for name in self.grant.store.list(prefix):
             yield name
-        if self.grant.roster is not None and roster_name(self.grant.roster.seq).startswith(
-                prefix):
-            yield roster_name(self.grant.roster.seq)
+        newest = roster_name(self.grant.roster.seq) if self.grant.roster is not None else ""
+        if newest.startswith(prefix) and self._roster(newest) is not None:
+            yield newest
 
     async def put(self, name: str, data: Buffer) -> None:
         raise IntegrityError("a storage partner stores what its devices send through its "
@@ -159,6 +162,36 @@ class ServedStore(BlobStore):
 
     async def delete(self, name: str) -> None:
         raise IntegrityError("objects at a storage partner are deleted by removal records only")
+
+
+def _check_account_deletion(grant: Grant, r: Removal, name: str) -> None:
+    """IntegrityError unless `r` (signed by an owner the roster names now) deletes this very
+    account, and was made after this grant: a recorded deletion neither deletes another
+    account the owner's key belongs to, nor the account paired here again later."""
+    if r.account != grant.account:
+        raise IntegrityError(f"{name[:60]}: deletes account {r.account}, not {grant.account}")
+    if r.time_ns <= grant_files.since_ns(grant.file):
+        raise IntegrityError(f"{name[:60]}: deletes account {grant.account} as it was before "
+                             "this grant was made (a recorded deletion, replayed)")
+
+
+async def forget_grant(grant: Grant) -> int:
+    """Delete everything held of `grant`'s account, then its grant and notes (the owner
+    deleted the account); how many objects went. The grant file goes last, so a failure
+    part-way leaves the grant as it was (not `deleted`: writes are taken again) and the next
+    account deletion finishes the work."""
+    try:
+        names = [n async for n in grant.store.list("")]
+        for n in names:
+            await grant.store.delete(n)
+        grant_files.remove_grant(grant.home, grant.account)
+    except BaseException:
+        grant.deleted = False
+        raise
+    await grant.store.close()
+    log.info("account %s deleted by its owner: %d objects and the grant are gone",
+             grant.account, len(names))
+    return len(names)
 
 
 async def apply_removals(grants: Iterable[Grant], grace_seconds: float,
@@ -221,6 +254,8 @@ def open_grant(home: Path, g: grant_files.GrantFile, roster: Roster | None,
 
 def refusal(grant: Grant, device: str, name: str) -> str | None:
     """Why `device` may not write `name` into `grant`'s store, or None if it may."""
+    if grant.deleted:   # a session still open when its owner deleted the account
+        return f"account {grant.account} was deleted by its owner"
     got = object_kind(name)
     if got is None:
         return "not an object name"
@@ -253,7 +288,11 @@ async def partner_accept(grant: Grant, device: str, name: str, data: bytes) -> b
             kind in ("snapshot", "removal") and blake3.blake3(data).hexdigest() != m.group(1):
         raise NameMismatch(f"{name[:60]}: its content does not match its name")
     if kind == "removal":  # signed in the clear: checked against the roster's owners
-        read_removal(data, grant.owner_key, verify_signature, name)
+        r = read_removal(data, grant.owner_key, verify_signature, name)
+        if r.account:      # not stored: the caller forgets the whole grant (forget_grant)
+            _check_account_deletion(grant, r, name)
+            grant.deleted = True
+            return True
     if kind == "keyring":  # an owner's (refusal); its signer is for devices to check
         keyring_envelope(data, int(m.group(1)), name)
     if kind == "roster":   # kept in the grant, outside the quota: a full store must not

@@ -15,7 +15,9 @@ An account comes to exist when one of its owner devices PUTs its roster (roster/
 by that owner) with a one-time invitation (`p2pbackup-server invite`) in X-P2PB-Invite, or
 without one on a server started with --open-registration. From then on the server follows the
 account's newer rosters, as a partner does: listed devices may read and write, the recovery
-signer may read and bring the next roster, removed devices are refused.
+signer may read and bring the next roster, removed devices are refused. An owner deletes
+the account (`p2pbackup account delete`) by PUTting an account-deletion record
+(format/removal.py, `account` set), checked as a partner checks it: it goes at once.
 
 Refusals are one line of text with the status: 401 (unsigned, bad signature, stale, replayed),
 403 (a device the roster does not admit, a write it may not make, a delete no removal record
@@ -52,8 +54,8 @@ from ..format.roster import check_signed, read_roster, roster_name
 from ..ids import is_account, object_kind
 from ..protocol import store_requests as req
 from ..repo import removals
-from ..repo.partner_store import (Grant, ServedStore, apply_removals, load_grants, open_grant,
-                                  partner_accept, refusal)
+from ..repo.partner_store import (Grant, ServedStore, apply_removals, forget_grant,
+                                  load_grants, open_grant, partner_accept, refusal)
 from ..sizes import format_size
 from . import invites
 
@@ -292,12 +294,18 @@ class StorageServer:
         except NotFound:
             raise Refused(404, f"{name} is not held here") from None
 
+    def _still_held(self, grant: Grant) -> None:
+        """Refused if the account was deleted while a request waited for its lock."""
+        if self.accounts.get(grant.account) is not grant:
+            raise Refused(404, f"account {grant.account} is not registered on this server")
+
     async def _put(self, grant: Grant, device: str, name: str, body: bytes) -> web.Response:
         why = refusal(grant, device, name)
         if why is not None:
             raise Refused(403, f"{name[:60]}: {why}")
         kind = object_kind(name)[0]  # type: ignore[index]
         async with self._locks[grant.account]:
+            self._still_held(grant)
             heads = self.heads[grant.account]
             digest = req.body_digest(body).encode()
             if kind in ("head", "anchor"):
@@ -320,6 +328,9 @@ class StorageServer:
             except P2PError as exc:
                 log.error("account %s: storing %s failed: %s", grant.account, name[:60], exc)
                 raise Refused(503, f"the server could not store {name[:60]}: {exc}") from None
+            if grant.deleted:
+                await self._forget(grant, device)
+                return web.Response(status=201)
             if kind in ("head", "anchor") and stored:
                 heads.note(name, digest)
             if stored and name.startswith(removals.PREFIX):
@@ -328,6 +339,7 @@ class StorageServer:
 
     async def _delete(self, grant: Grant, name: str) -> web.Response:
         async with self._locks[grant.account]:
+            self._still_held(grant)
             if not await grant.store.has(name):
                 return web.Response(status=204)
             records = await grant.refresh_removals()
@@ -341,6 +353,17 @@ class StorageServer:
                                "removal record)")
         raise Refused(403, f"{name[:60]} is kept: nothing is deleted here but what an owner's "
                            "removal record lists, after the grace period")
+
+    async def _forget(self, grant: Grant, device: str) -> None:
+        """The account deleted by its owner (an account-deletion record, checked by
+        partner_accept): objects, grant and notes go at once, with no grace period (the owner
+        asked, and an owner device holds the account key anyway: docs/THREAT_MODEL.md).
+        Called under the account's lock: requests waiting for it then find no account."""
+        gone = await forget_grant(grant)
+        del self.accounts[grant.account]
+        self.heads.pop(grant.account, None)
+        log.info("account %s deleted (%d objects) at the request of its owner device %s",
+                 grant.account, gone, device[:12])
 
     async def _register(self, request: web.Request, account: str, name: str, body: bytes
                         ) -> web.Response:
@@ -372,7 +395,7 @@ class StorageServer:
                                    "this invitation is not valid (used, expired or mistyped)")
             g = grant_files.GrantFile(account, self.quota, bytes(body),
                                       [(e.device_id, e.public_key) for e in roster.members],
-                                      int(self.now()), "p2pbackup-server")
+                                      int(self.now() * 1e9), "p2pbackup-server")
             grant_files.write_grant(self.data, g)
             self._add(open_grant(self.data, g, roster, store_for=self._store_for))
         log.info("account %s registered by device %s", account, device[:12])
