@@ -30,6 +30,14 @@ def _uploaded_all(cli: Cli) -> bool:
     return s["reachable"] is True and s["objects_behind"] == 0 and s["uploaded"] > 0
 
 
+def _snapshot_on(cli: Cli, location: str) -> bool:
+    """The server holds a snapshot (uploaded after the packs it names). Waiting for the store
+    to be "not behind" alone raced the daemon's start-up snapshot: the roster and membership
+    went up first and left nothing behind until the next pass (seen under load)."""
+    got = cli("snapshots", "--json", "--from", location, check=False)
+    return got.returncode == 0 and bool(json.loads(got.stdout))
+
+
 def test_store_add_with_an_invite_registers_the_account_and_a_new_device_recovers_from_it(
         cli: Cli, tmp_path: Path) -> None:
     src, code = _device(cli, tmp_path, 1024 * 1024)
@@ -40,7 +48,8 @@ def test_store_add_with_an_invite_registers_the_account_and_a_new_device_recover
         d = Daemon(cli, tmp_path)
         try:
             d.wait_for("READY=1")
-            eventually_sync(lambda: _uploaded_all(cli), timeout=90, interval=0.2)
+            eventually_sync(lambda: _snapshot_on(cli, server.location) and _uploaded_all(cli),
+                            timeout=90, interval=0.5)
             assert _store(cli)["last_error"] is None
         finally:
             assert d.stop() == 0
