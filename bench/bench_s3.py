@@ -12,8 +12,8 @@ this device's own store, a directory) then `p2pbackup store push LOCATION` (the 
 uploader, p2pbackup/repo/upload.py, run once to completion: every object the bucket lacks,
 packs first, heads last). Its time is the sum of the two commands; its peak RSS the larger.
 
-Steps, each timed (wall clock) with the peak RSS of the process (`ru_maxrss` from
-`os.wait4`) after a `sync`; each is repeated `--repeat` times, alternating which tool goes
+Steps, each timed (wall clock) with the peak RSS of the process (GNU time's %M) after
+a `sync`; each is repeated `--repeat` times, alternating which tool goes
 first (restic in repetitions 1, 3, ...), and the median is compared:
 
   initial backup    restic backup DATA            vs snapshot + store push (fresh repository,
@@ -65,20 +65,21 @@ RSS_TARGET_MIB = 250
 
 def timed_rss(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     """Seconds and peak RSS (KiB) of one command (output to /dev/null); a failure stops
-    the benchmark."""
+    the benchmark. The RSS is GNU time's: a child spawned from this process directly would
+    count this process's own RSS in its ru_maxrss (the vfork before exec shares its memory)."""
     subprocess.run(["sync"], check=True)
-    t = time.perf_counter()
-    pid = os.posix_spawn(argv[0], argv, env, file_actions=[
-        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0)])
-    _, status, usage = os.wait4(pid, 0)
-    dt = time.perf_counter() - t
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"{' '.join(argv)} exited {code}")
+    with tempfile.NamedTemporaryFile("r") as rss:
+        t = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        dt = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+        kib = int(rss.read().split()[-1])
     shown = ' '.join(Path(a).name if a.startswith('/') else a for a in argv)
-    print(f"  {dt:7.2f} s {usage.ru_maxrss / 1024:6.0f} MiB  {shown}", flush=True)
-    return dt, usage.ru_maxrss
+    print(f"  {dt:7.2f} s {kib / 1024:6.0f} MiB  {shown}", flush=True)
+    return dt, kib
 
 
 class Step:
@@ -272,8 +273,8 @@ def main() -> None:
                     lambda i: timed_rss(["/usr/bin/restic", "-r", state["repo"],  # type: ignore
                                          "restore", "latest", "--target", str(tmp / "r1")],
                                         state["env"]),  # type: ignore[arg-type]
-                    lambda i: timed_rss([str(P2PBACKUP), "restore", "latest", "--from",
-                                         state["location"], "--to", str(tmp / "r2")],  # type: ignore
+                    lambda i: timed_rss([str(P2PBACKUP), "restore", "latest",  # type: ignore
+                                         "--from", state["location"], "--to", str(tmp / "r2")],
                                         state["env"]),  # type: ignore[arg-type]
                     clear)
             compare(args.repeat, steps[3],
