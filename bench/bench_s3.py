@@ -220,6 +220,7 @@ def main() -> None:
     if shutil.which("restic") is None:
         raise SystemExit("restic is not installed (apt-get install -y restic)")
     with bench_lock(), tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp_name:
+        load_before = os.getloadavg()[1]
         tmp = Path(tmp_name)
         data = tmp / "data"
         subprocess.run([sys.executable, str(REPO / "bench" / "mkdata.py"), str(data),
@@ -286,6 +287,7 @@ def main() -> None:
         finally:
             gen.close()
         rows = [] if args.skip_throughput else store_throughputs(tmp, args.packs)
+    load_after = os.getloadavg()[1]
     peak = max(m for s in steps for _, m in s.ours) / 1024
     lines = [
         S3_HEADING, "",
@@ -293,7 +295,9 @@ def main() -> None:
         f"of {size / 2**20:.0f} MiB in {len(files)} files, restic {restic_v} and p2pbackup "
         f"on one SeaweedFS `weed mini` (S3) on this machine (2 cores, shared); p2pbackup's "
         f"backup is `snapshot` + `store push` (the daemon's uploader run once). Times are "
-        f"medians in seconds (each repetition's ratio in brackets), RSS is the peak in MiB.",
+        f"medians in seconds (each repetition's ratio in brackets), RSS is the peak in MiB. "
+        f"Load average (5 min) {load_before:.1f} at the start, {load_after:.1f} at the end "
+        f"(other work on the machine: 2.0 is both cores busy).",
         "",
         "| step | restic | p2pbackup | ratio | target | restic RSS | p2pbackup RSS |",
         "|---|---|---|---|---|---|---|",
