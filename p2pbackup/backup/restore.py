@@ -54,7 +54,6 @@ BATCH_BYTES = 4 * 1024 * 1024
 # many short syscalls and C calls per small file (measured on 20k files, 2 cores: 10.4 CPU-s
 # with 2 threads, 6.4 with 1); processes share no GIL.
 PROCESS_MIN_BYTES = 32 * 1024 * 1024
-REMOTE_WORKERS = 8  # threads restoring from a store without a blocking fast path
 _PR_SET_PDEATHSIG = 1
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_EXCL: a temporary name found in place (left by a killed restore, or planted as a link to
@@ -269,10 +268,7 @@ class Restorer:
         self.target = target
         self.overwrite = overwrite
         self.keep_damaged = keep_damaged
-        # A remote store's reads wait on the network: more threads keep the disk and the
-        # CPU busy meanwhile (S3, scale-0.5 tree: 8 threads ~10% quicker than 2; +30 MiB).
-        self.workers = workers or (max(2, os.cpu_count() or 2) if repo.store.capabilities.blocking
-                                   else REMOTE_WORKERS)
+        self.workers = workers or max(2, os.cpu_count() or 2)
         self.progress = progress or RestoreProgress()
         self.summary = RestoreSummary()
         self._warn_cb = warn
