@@ -17,7 +17,8 @@ from pathlib import Path
 DAEMON_HEADING = "## Daemon"  # bench_daemon.py
 REPLICATION_HEADING = "## Replication"  # bench_replication.py
 SCALE_HEADING = "## Scale"  # bench_scale.py
-SCRIPT_HEADINGS = (DAEMON_HEADING, REPLICATION_HEADING, SCALE_HEADING)
+S3_HEADING = "## S3"  # bench_s3.py
+SCRIPT_HEADINGS = (DAEMON_HEADING, REPLICATION_HEADING, SCALE_HEADING, S3_HEADING)
 
 # One benchmark at a time on the machine (they measure time and memory, and the scale one
 # needs several GiB of tmpfs): every script that takes it waits for the others.

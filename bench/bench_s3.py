@@ -1,23 +1,31 @@
 #!/usr/bin/env python3
-"""p2pbackup against restic on one S3 server (SeaweedFS `weed mini`), in the same run.
+"""p2pbackup against restic on one S3 server (SeaweedFS `weed mini`), in the same run; then
+the throughput of our store clients against each kind of server on this machine.
 
-Run from the repository root: `.venv/bin/python bench/bench_s3.py [--scale 0.2]` (restic from
-the OS packages: `apt-get install -y restic`). Everything lives in a temporary directory that
-is deleted at the end, the server included.
+Run from the repository root: `.venv/bin/python bench/bench_s3.py [--scale 1.0] [--repeat 2]`
+(restic from the OS packages: `apt-get install -y restic`; nginx with dav-ext from `make
+sysdeps`). Everything lives in a temporary directory that is deleted at the end, the servers
+included. The figures go to the "## S3" section of bench/RESULTS.md (`--out`).
 
-Steps, each timed (wall clock), restic first then p2pbackup:
+"Backup to S3" for p2pbackup is what a user without a peer does: `p2pbackup snapshot` (into
+this device's own store, a directory) then `p2pbackup store push LOCATION` (the daemon's
+uploader, p2pbackup/repo/upload.py, run once to completion: every object the bucket lacks,
+packs first, heads last). Its time is the sum of the two commands; its peak RSS the larger.
 
-  1. backup to the bucket     restic backup DATA            vs p2pbackup snapshot (to this
-                                                               device's store) + upload of
-                                                               every object to the bucket
-  2. full restore from it     restic restore latest          vs p2pbackup restore latest
-                                                               --from s3://...
-  3. full check of it         restic check --read-data       vs p2pbackup verify --read-data
-                                                               --from s3://...
+Steps, each timed (wall clock) with the peak RSS of the process (GNU time's %M) after
+a `sync`; each is repeated `--repeat` times, alternating which tool goes
+first (restic in repetitions 1, 3, ...), and the median is compared:
 
-The upload in step 1 is what the daemon's uploader does (each object PUT once, 8 at a time,
-through blobs/s3.py); the daemon itself is not started, so the figure is the store's and the
-snapshot's, not the uploader's scheduling.
+  initial backup    restic backup DATA            vs snapshot + store push (fresh repository,
+                                                     fresh home and a fresh bucket prefix in
+                                                     every repetition; the last ones are kept)
+  no-change backup  the same again                 vs the same again
+  restore           restic restore latest          vs restore latest --from s3://...
+  read-data check   restic check --read-data       vs verify --read-data --from s3://...
+
+Then: put and get throughput of `--packs` random 16 MiB packs, 8 at a time, through
+open_store() to weed's S3, to p2pbackup-server (its own disk, TLS), to wsgidav and to nginx
+with dav-ext (WebDAV), one after the other on this machine.
 """
 
 from __future__ import annotations
@@ -26,108 +34,285 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _common import S3_HEADING, bench_lock, write_section  # noqa: E402
 
 from tests import servers  # noqa: E402
 
 P2PBACKUP = REPO / ".venv" / "bin" / "p2pbackup"
 RESTIC_PASSWORD = "p2pbackup-bench"
-UPLOADS = 8
+PACK = 16 << 20
+IN_FLIGHT = 8
+
+# The issue's targets: p2pbackup's time / restic's (median), and the client's peak RSS.
+TARGETS = {"initial backup": 0.6, "no-change backup": 0.5, "restore": 0.8,
+           "read-data check": 1.0}
+RSS_TARGET_MIB = 250
 
 
-def run(argv: list[str], env: dict[str, str]) -> float:
+def timed_rss(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
+    """Seconds and peak RSS (KiB) of one command (output to /dev/null); a failure stops
+    the benchmark. The RSS is GNU time's: a child spawned from this process directly would
+    count this process's own RSS in its ru_maxrss (the vfork before exec shares its memory)."""
     subprocess.run(["sync"], check=True)
-    t = time.perf_counter()
-    proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True, stdin=subprocess.DEVNULL)
-    dt = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    print(f"  {dt:7.1f} s  {' '.join(Path(a).name if a.startswith('/') else a for a in argv)}",
-          flush=True)
-    return dt
+    with tempfile.NamedTemporaryFile("r") as rss:
+        t = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        dt = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+        kib = int(rss.read().split()[-1])
+    shown = ' '.join(Path(a).name if a.startswith('/') else a for a in argv)
+    print(f"  {dt:7.2f} s {kib / 1024:6.0f} MiB  {shown}", flush=True)
+    return dt, kib
 
 
-async def upload(store_dir: Path, location: str, options: dict) -> tuple[int, int]:
-    from p2pbackup.blobs import open_store
-    from p2pbackup.blobs.local import LocalDirStore
+class Step:
+    """One step's measurements: (seconds, peak RSS KiB) per tool and repetition."""
 
-    src, dst = LocalDirStore(store_dir), open_store(location, options=options)
-    names = [n async for n in src.list("")]
-    turn = asyncio.Semaphore(UPLOADS)
-    sent = 0
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.restic: list[tuple[float, int]] = []
+        self.ours: list[tuple[float, int]] = []
 
-    async def one(name: str) -> None:
-        nonlocal sent
+    def row(self) -> str:
+        r = statistics.median(t for t, _ in self.restic)
+        p = statistics.median(t for t, _ in self.ours)
+        each = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(self.ours, self.restic))
+        target = TARGETS[self.name]
+        return (f"| {self.name} | {r:.2f} | {p:.2f} | **{p / r:.2f}** ({each}) | ≤ {target} "
+                f"{'met' if p / r <= target else 'MISSED'} | "
+                f"{max(m for _, m in self.restic) / 1024:.0f} | "
+                f"{max(m for _, m in self.ours) / 1024:.0f} |")
+
+
+def compare(reps: int, step: Step, restic: Callable[[int], tuple[float, int]],
+            ours: Callable[[int], tuple[float, int]],
+            before: Callable[[int], None] = lambda i: None) -> None:
+    print(f"{step.name}:", flush=True)
+    for i in range(reps):
+        before(i)
+        order = [(restic, step.restic), (ours, step.ours)]
+        for run, into in (order if i % 2 == 0 else order[::-1]):
+            into.append(run(i))
+
+
+def both(a: tuple[float, int], b: tuple[float, int]) -> tuple[float, int]:
+    """Two commands that make one step: their times add up, the peak is the larger."""
+    return a[0] + b[0], max(a[1], b[1])
+
+
+# ---- throughput of our stores --------------------------------------------------------------
+
+async def throughput(store: object, packs: int) -> tuple[float, float]:
+    """MiB/s putting then getting `packs` random 16 MiB packs, IN_FLIGHT at a time."""
+    from p2pbackup.format.pack import pack_name
+
+    blobs = [os.urandom(PACK) for _ in range(packs)]
+    names = [f"packs/{pack_name(b)}" for b in blobs]
+    turn = asyncio.Semaphore(IN_FLIGHT)
+
+    async def put(name: str, data: bytes) -> None:
         async with turn:
-            data = await src.get(name)
-            await dst.put(name, data)
-            sent += len(data)
+            await store.put(name, data)  # type: ignore[attr-defined]
 
-    await asyncio.gather(*(one(n) for n in names))
-    await dst.close()
-    return len(names), sent
+    async def get(name: str) -> None:
+        async with turn:
+            assert len(await store.get(name)) == PACK  # type: ignore[attr-defined]
 
+    t = time.perf_counter()
+    await asyncio.gather(*(put(n, b) for n, b in zip(names, blobs)))
+    up = time.perf_counter() - t
+    t = time.perf_counter()
+    await asyncio.gather(*(get(n) for n in names))
+    down = time.perf_counter() - t
+    mib = packs * PACK / 2**20
+    return mib / up, mib / down
+
+
+async def _throughput_of(open_it: Callable[[], Awaitable[Any]], packs: int
+                         ) -> tuple[float, float]:
+    store = await open_it()
+    try:
+        return await throughput(store, packs)
+    finally:
+        await store.close()
+
+
+@contextmanager
+def opened(tmp: Path, kind: str) -> Iterator[Callable[[], Awaitable[Any]]]:
+    """A running server of `kind`, as a coroutine function that opens a store on it."""
+    from p2pbackup.blobs import open_store
+
+    if kind == "S3 (weed mini)":
+        gen = servers.weed_mini(tmp / "weed-tp")
+        srv = next(gen)
+        try:
+            bucket = srv.new_bucket()
+
+            async def s3_store() -> Any:
+                return open_store(f"s3://{bucket}/tp", options=srv.options())
+            yield s3_store
+        finally:
+            gen.close()
+    elif kind == "p2pbackup-server (TLS, own disk)":
+        with servers.storage_server(tmp / "server", "--open-registration") as s:
+            async def server_store() -> Any:
+                account = servers.StorageAccount()
+                store = account.store(s)
+                await store.put(*account.roster())   # (registers the account)
+                return store
+            yield server_store
+    else:
+        maker: Callable[[Path], AbstractContextManager[servers.DavServer]] = \
+            servers.wsgidav if kind.startswith("wsgidav") else servers.nginx_dav
+        with maker(tmp / kind.split()[0]) as dav:
+            path = "/dav/tp" if kind.startswith("wsgidav") else "/tp"
+
+            async def dav_store() -> Any:
+                return open_store(dav.url.replace("http://", "webdav://") + path)
+            yield dav_store
+
+
+def store_throughputs(tmp: Path, packs: int) -> list[str]:
+    rows = []
+    for kind in ("S3 (weed mini)", "p2pbackup-server (TLS, own disk)",
+                 "wsgidav (WebDAV)", "nginx dav-ext (WebDAV)"):
+        try:
+            with opened(tmp, kind) as open_it:
+                up, down = asyncio.run(_throughput_of(open_it, packs))
+        except BaseException as exc:   # (pytest's Skipped when a server is not installed)
+            print(f"{kind}: not measured: {type(exc).__name__}: {exc}", flush=True)
+            rows.append(f"| {kind} | not measured: {exc} | |")
+            continue
+        print(f"{kind}: put {up:.0f} MiB/s, get {down:.0f} MiB/s", flush=True)
+        rows.append(f"| {kind} | {up:.0f} | {down:.0f} |")
+    return rows
+
+
+# ---- main ----------------------------------------------------------------------------------
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scale", type=float, default=0.2, help="mkdata.py scale (1.0: ~1 GB)")
+    ap.add_argument("--scale", type=float, default=1.0, help="mkdata.py scale (1.0: ~1 GB)")
+    ap.add_argument("--repeat", type=int, default=2, help="repetitions of each step")
+    ap.add_argument("--packs", type=int, default=12, help="16 MiB packs per throughput run")
+    ap.add_argument("--parallel", type=int, default=None,
+                    help="store push --parallel (default: its own, 4)")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = ap.parse_args()
     if shutil.which("restic") is None:
         raise SystemExit("restic is not installed (apt-get install -y restic)")
-    with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp_name:
+    with bench_lock(), tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp_name:
+        load_before = os.getloadavg()[1]
         tmp = Path(tmp_name)
         data = tmp / "data"
         subprocess.run([sys.executable, str(REPO / "bench" / "mkdata.py"), str(data),
                         "--scale", str(args.scale), "--seed", "42"], check=True,
                        stdout=subprocess.DEVNULL)
-        size = sum(p.stat().st_size for p in data.rglob("*") if p.is_file()
-                   and not p.is_symlink())
+        files = [p for p in data.rglob("*") if p.is_file() and not p.is_symlink()]
+        size = sum(p.stat().st_size for p in files)
+        restic_v = subprocess.run(["restic", "version"], capture_output=True,
+                                  text=True).stdout.split()[1]
         gen = servers.weed_mini(tmp / "weed")
         srv = next(gen)
         try:
-            env = dict(os.environ, AWS_ACCESS_KEY_ID=srv.access_key,
-                       AWS_SECRET_ACCESS_KEY=srv.secret_key, AWS_ENDPOINT_URL=srv.endpoint,
-                       AWS_REGION=servers.REGION, RESTIC_PASSWORD=RESTIC_PASSWORD,
-                       RESTIC_CACHE_DIR=str(tmp / "restic-cache"),
-                       P2PBACKUP_HOME=str(tmp / "home"))
-            restic_repo = f"s3:{srv.endpoint}/{srv.new_bucket()}/restic"
-            location = f"s3://{srv.new_bucket()}/p2pbackup"
-            rows: list[tuple[str, float, float]] = []
-            run(["restic", "-r", restic_repo, "init"], env)
-            subprocess.run([str(P2PBACKUP), "init", "--source", str(data)], env=env,
-                           check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            base = dict(os.environ, AWS_ACCESS_KEY_ID=srv.access_key,
+                        AWS_SECRET_ACCESS_KEY=srv.secret_key, AWS_ENDPOINT_URL=srv.endpoint,
+                        AWS_REGION=servers.REGION, RESTIC_PASSWORD=RESTIC_PASSWORD)
+            state: dict[str, object] = {}
 
-            r = run(["restic", "-r", restic_repo, "backup", str(data)], env)
-            snap = run([str(P2PBACKUP), "snapshot"], env)
-            t = time.perf_counter()
-            count, sent = asyncio.run(upload(tmp / "home" / "store", location, srv.options()))
-            up = time.perf_counter() - t
-            rows.append(("backup to the bucket", r, snap + up))
-            r = run(["restic", "-r", restic_repo, "restore", "latest", "--target",
-                     str(tmp / "r1")], env)
-            p = run([str(P2PBACKUP), "restore", "latest", "--from", location, "--to",
-                     str(tmp / "r2")], env)
-            rows.append(("full restore from it", r, p))
-            r = run(["restic", "-r", restic_repo, "check", "--read-data"], env)
-            p = run([str(P2PBACKUP), "verify", "--read-data", "--from", location], env)
-            rows.append(("full check of it", r, p))
+            def fresh(i: int) -> None:
+                """New repositories for repetition `i` (untimed)."""
+                env = dict(base, RESTIC_CACHE_DIR=str(tmp / f"restic-cache-{i}"),
+                           P2PBACKUP_HOME=str(tmp / f"home-{i}"))
+                repo = f"s3:{srv.endpoint}/{srv.new_bucket()}/restic"
+                subprocess.run(["restic", "-r", repo, "init"], env=env, check=True,
+                               capture_output=True)
+                subprocess.run([str(P2PBACKUP), "init", "--source", str(data)], env=env,
+                               check=True, capture_output=True, stdin=subprocess.DEVNULL)
+                state.update(env=env, repo=repo,
+                             location=f"s3://{srv.new_bucket()}/p2pbackup")
+
+            push = ["--parallel", str(args.parallel)] if args.parallel else []
+
+            def restic_backup(i: int) -> tuple[float, int]:
+                return timed_rss(["/usr/bin/restic", "-r", state["repo"], "backup",  # type: ignore
+                                  str(data)], state["env"])  # type: ignore[arg-type]
+
+            def our_backup(i: int) -> tuple[float, int]:
+                env = state["env"]
+                return both(timed_rss([str(P2PBACKUP), "snapshot"], env),  # type: ignore
+                            timed_rss([str(P2PBACKUP), "store", "push",
+                                       state["location"], *push], env))  # type: ignore
+
+            steps = [Step(n) for n in TARGETS]
+            compare(args.repeat, steps[0], restic_backup, our_backup, fresh)
+            compare(args.repeat, steps[1], restic_backup, our_backup)
+
+            def clear(i: int) -> None:
+                for d in ("r1", "r2"):
+                    shutil.rmtree(tmp / d, ignore_errors=True)
+
+            compare(args.repeat, steps[2],
+                    lambda i: timed_rss(["/usr/bin/restic", "-r", state["repo"],  # type: ignore
+                                         "restore", "latest", "--target", str(tmp / "r1")],
+                                        state["env"]),  # type: ignore[arg-type]
+                    lambda i: timed_rss([str(P2PBACKUP), "restore", "latest",  # type: ignore
+                                         "--from", state["location"], "--to", str(tmp / "r2")],
+                                        state["env"]),  # type: ignore[arg-type]
+                    clear)
+            compare(args.repeat, steps[3],
+                    lambda i: timed_rss(["/usr/bin/restic", "-r", state["repo"],  # type: ignore
+                                         "check", "--read-data"], state["env"]),  # type: ignore
+                    lambda i: timed_rss([str(P2PBACKUP), "verify", "--read-data", "--from",
+                                         state["location"]], state["env"]),  # type: ignore
+                    )
         finally:
             gen.close()
-    print(f"data: mkdata.py --scale {args.scale}, {size / 2**20:.0f} MiB; p2pbackup uploaded "
-          f"{count} objects, {sent / 2**20:.0f} MiB (snapshot {snap:.1f} s + upload "
-          f"{up:.1f} s)")
-    print("| step | restic 0.14 (s) | p2pbackup (s) | ratio |")
-    print("|---|---|---|---|")
-    for step, r, p in rows:
-        print(f"| {step} | {r:.1f} | {p:.1f} | {p / r:.2f} |")
+        rows = [] if args.skip_throughput else store_throughputs(tmp, args.packs)
+    load_after = os.getloadavg()[1]
+    peak = max(m for s in steps for _, m in s.ours) / 1024
+    lines = [
+        S3_HEADING, "",
+        f"`bench/bench_s3.py --scale {args.scale} --repeat {args.repeat}`: mkdata.py tree "
+        f"of {size / 2**20:.0f} MiB in {len(files)} files, restic {restic_v} and p2pbackup "
+        f"on one SeaweedFS `weed mini` (S3) on this machine (2 cores, shared); p2pbackup's "
+        f"backup is `snapshot` + `store push` (the daemon's uploader run once). Times are "
+        f"medians in seconds (each repetition's ratio in brackets), RSS is the peak in MiB. "
+        f"Load average (5 min) {load_before:.1f} at the start, {load_after:.1f} at the end "
+        f"(other work on the machine: 2.0 is both cores busy).",
+        "",
+        "| step | restic | p2pbackup | ratio | target | restic RSS | p2pbackup RSS |",
+        "|---|---|---|---|---|---|---|",
+        *(s.row() for s in steps),
+        "",
+        f"p2pbackup's peak RSS: {peak:.0f} MiB (target ≤ {RSS_TARGET_MIB} MiB: "
+        f"{'met' if peak <= RSS_TARGET_MIB else 'MISSED'}).",
+    ]
+    if rows:
+        lines += ["", f"Store throughput through open_store(), {args.packs} random 16 MiB "
+                  f"packs, {IN_FLIGHT} at a time, each server on this machine:", "",
+                  "| server | put MiB/s | get MiB/s |", "|---|---|---|", *rows]
+    section = "\n".join(lines) + "\n"
+    print(section)
+    write_section(args.out, S3_HEADING, section)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import typer
@@ -63,3 +64,88 @@ def check(location: str = typer.Argument(..., metavar="LOCATION",
 
     run_async(go())
     print("the store is usable")
+
+
+@store_app.command("push")
+def push(location: Optional[str] = typer.Argument(
+             None, metavar="[LOCATION]", help="A configured store (default: every one), or "
+             "another location (options from -o and the environment)."),
+         option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE",
+                                          help="An option of an unconfigured LOCATION "
+                                          "(repeatable)."),
+         parallel: Optional[int] = typer.Option(None, "--parallel", min=1, max=64,
+                                                help="Uploads at once (default: the store's "
+                                                "`parallel`, 4)."),
+         ) -> None:
+    """Upload what the store lacks now, as p2pbackupd does in the background, and wait.
+
+    The same pass as the daemon's uploader (packs first, heads last; progress noted, so
+    neither a second push nor the daemon sends an object again). Refused while p2pbackupd
+    runs: it uploads by itself (exit 16)."""
+    import time
+    from dataclasses import replace
+
+    from p2pbackup.blobs import open_store
+    from p2pbackup.config import StoreSettings, load_config
+    from p2pbackup.errors import ConfigError, DaemonRunning, P2PError, StorageError
+    from p2pbackup.repo.upload import FAILURES, StoreUploader, UploadProgress, error_line
+
+    from . import output
+    from .common import home, via_daemon, writable_device
+
+    config = load_config(home())
+    if location is None:
+        if option:
+            raise ConfigError("--option is for a LOCATION that is not configured")
+        targets = list(config.stores)
+        if not targets:
+            raise ConfigError("no store is configured: give a LOCATION, or `p2pbackup store "
+                              "add` one")
+    else:
+        known = {s.location: s for s in config.stores}
+        got = known.get(location) or known.get(os.path.abspath(location))
+        if got is not None and option:
+            raise ConfigError(f"store {got.location} is configured: its options are in "
+                              f"{config.home / 'config.toml'}, not --option")
+        if got is None and "://" not in location:
+            location = os.path.abspath(location)   # (as open_store names a path)
+        targets = [got or StoreSettings(location, _options(option, None, None))]
+    if parallel is not None:
+        targets = [replace(s, parallel=parallel) for s in targets]
+    running = via_daemon("status", timeout=30)
+    if running is not None:
+        raise DaemonRunning(running.get("pid"))
+
+    async def go() -> None:
+        async with writable_device("store push") as dev:   # one push at a time
+            progress = UploadProgress(config.cache_dir / "uploads.sqlite")
+            try:
+                for settings in targets:
+                    await _push_one(dev.repo, settings, progress)
+            finally:
+                progress.close()
+
+    async def _push_one(repo: Any, settings: StoreSettings, progress: UploadProgress) -> None:
+        def opener() -> Any:
+            return open_store(settings.location, options=settings.options)
+
+        uploader = StoreUploader(repo, settings, progress, opener)
+        started = time.monotonic()
+        try:
+            await uploader.upload_pending()
+        except P2PError:
+            raise
+        except FAILURES as exc:   # (OSError, TimeoutError from a backend)
+            raise StorageError(f"store {settings.location}: {error_line(exc)}") from None
+        finally:
+            await uploader.close()
+        took = time.monotonic() - started
+        st = uploader.status
+        if st.uploaded:
+            print(f"pushed {st.uploaded} objects, {output.human_bytes(st.uploaded_bytes)} to "
+                  f"{settings.location} in {took:.1f} s "
+                  f"({st.uploaded_bytes / 2**20 / max(took, 1e-3):.1f} MiB/s)", flush=True)
+        else:
+            print(f"{settings.location} is up to date (nothing to push)", flush=True)
+
+    run_async(go())

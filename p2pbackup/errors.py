@@ -94,6 +94,10 @@ class RepositoryLocked(P2PError):
     exit_code = 16
 
 
+class DaemonRunning(RepositoryLocked):
+    """p2pbackupd (pid {}) is running and uploads to the stores itself; `p2pbackup status` shows how far it is."""
+
+
 class NotFound(P2PError):
     """{}"""
 

@@ -4,7 +4,8 @@ A restore reads a pack blob by blob (~64 KiB each, mostly in the order they were
 HTTP each read is one request, so its latency, not the bandwidth, sets the pace. Reading
 aligned windows of a few MiB and slicing them makes that one request per window. Windows of
 objects that never change are kept (the last few, least recently used first out); readers
-waiting for the same window share its one request.
+waiting for the same window share its one request. The window after the one read is fetched
+ahead (a reader going through a pack finds it there instead of waiting a round trip for it).
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from collections.abc import Awaitable, Callable
 
 WINDOW = 4 << 20   # bytes per request; a 16 MiB pack is read in 4
 KEEP = 12          # windows kept: ~48 MiB at most, a few per pack a restore reads at once
+AHEAD = 1          # windows fetched ahead of the one read
 
 
 class RangeWindows:
     """Serves `read(name, start, length, total)` from aligned windows fetched with `fetch`."""
 
     def __init__(self, fetch: Callable[[str, int, int], Awaitable[bytes]], *,
-                 window: int = WINDOW, keep: int = KEEP) -> None:
-        self._fetch, self.window, self.keep = fetch, window, keep
+                 window: int = WINDOW, keep: int = KEEP, ahead: int = AHEAD) -> None:
+        self._fetch, self.window, self.keep, self.ahead = fetch, window, keep, ahead
         self._windows: OrderedDict[tuple[str, int], asyncio.Future[bytes]] = OrderedDict()
 
     async def read(self, name: str, start: int, length: int, total: int) -> bytes:
@@ -30,23 +32,44 @@ class RangeWindows:
         first, last = start // self.window, (start + length - 1) // self.window
         if last - first > 1:   # a large read gains nothing from windows
             return await self._fetch(name, start, length)
+        for i in range(last + 1, min(last + self.ahead, (total - 1) // self.window) + 1):
+            self._held(name, i, total)
         parts = [await self._window(name, i, total) for i in range(first, last + 1)]
-        joined = parts[0] if len(parts) == 1 else b"".join(parts)
         skip = start - first * self.window
-        return joined[skip:skip + length]
+        if len(parts) == 1:
+            return parts[0][skip:skip + length]
+        # Only the range is copied (this runs on the event loop, holding the GIL): a restore's
+        # reads of a few MiB mostly straddle two windows.
+        head = memoryview(parts[0])[skip:]
+        return b"".join((head, memoryview(parts[1])[:length - len(head)]))
 
-    async def _window(self, name: str, index: int, total: int) -> bytes:
+    def _held(self, name: str, index: int, total: int) -> asyncio.Future[bytes]:
+        """Window `index` of `name`: kept, being fetched, or fetched from now on."""
         key = (name, index)
         held = self._windows.get(key)
         if held is None:
             start = index * self.window
             held = asyncio.ensure_future(self._fetch(name, start, min(self.window,
                                                                       total - start)))
+            held.add_done_callback(self._fetched)
             self._windows[key] = held
             while len(self._windows) > self.keep:
                 self._windows.popitem(last=False)   # a reader still waiting keeps its future
         else:
             self._windows.move_to_end(key)
+        return held
+
+    def _fetched(self, fut: asyncio.Future[bytes]) -> None:
+        """A window fetched ahead that failed is tried again by its first reader (and its
+        error is not left unretrieved)."""
+        if not fut.cancelled() and fut.exception() is not None:
+            for key, held in list(self._windows.items()):
+                if held is fut:
+                    del self._windows[key]
+
+    async def _window(self, name: str, index: int, total: int) -> bytes:
+        key = (name, index)
+        held = self._held(name, index, total)
         try:
             return await asyncio.shield(held)
         except BaseException:

@@ -210,12 +210,13 @@ class StoreStatus:
     last_upload: float | None = None   # time.time() of the last put
     last_error: str | None = None      # one line
     uploaded: int = 0                  # objects put since the daemon started
+    uploaded_bytes: int = 0            # their bytes
 
     def as_dict(self) -> dict[str, object]:
         return {"location": self.location, "reachable": self.reachable,
                 "objects_behind": self.objects_behind, "bytes_behind": self.bytes_behind,
                 "last_upload": self.last_upload, "last_error": self.last_error,
-                "uploaded": self.uploaded}
+                "uploaded": self.uploaded, "uploaded_bytes": self.uploaded_bytes}
 
 
 def error_line(exc: BaseException) -> str:
@@ -278,7 +279,7 @@ class StoreUploader:
                     await self._sleep(backoff_delay(self.failures, self._rand))
                     self._wake.set()
         finally:
-            await self._drop_remote()
+            await self.close()
 
     async def upload_once(self) -> bool:
         """One pass: put what the store lacks. False (and `status.last_error`) if it failed."""
@@ -290,13 +291,14 @@ class StoreUploader:
             if line != self.status.last_error and self.on_error is not None:
                 self.on_error(line)
             self.status.reachable, self.status.last_error = False, line
-            await self._drop_remote()   # a broken connection is not reused
+            await self.close()   # a broken connection is not reused
             return False
         self.failures = 0
         self.status.reachable, self.status.last_error = True, None
         return True
 
-    async def _drop_remote(self) -> None:
+    async def close(self) -> None:
+        """Let go of the connection to the store (the next pass opens a new one)."""
         remote, self._remote = self._remote, None
         if remote is not None:
             with contextlib.suppress(*FAILURES):
@@ -484,4 +486,5 @@ class StoreUploader:
         await remote.put(name, data)
         at = self._now()
         self.status.last_upload, self.status.uploaded = at, self.status.uploaded + 1
+        self.status.uploaded_bytes += len(data)
         return at

@@ -1,0 +1,91 @@
+"""`p2pbackup store push`: the daemon's upload pass, once, from the command line, against a
+real S3 server (SeaweedFS's `weed mini`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli
+from tests.integration.test_daemon import Daemon
+from tests.integration.test_stores import _device, _local_objects
+
+servers = pytest.importorskip("tests.servers", reason="the S3 test servers (tests/servers.py)")
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory):
+    yield from servers.weed_mini(tmp_path_factory.mktemp("weed"))
+
+
+def _bucket_names(weed, bucket: str, prefix: str) -> set[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=weed.endpoint, region_name=servers.REGION,
+                          aws_access_key_id=weed.access_key,
+                          aws_secret_access_key=weed.secret_key)
+    names = set()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                Prefix=prefix + "/"):
+        names |= {o["Key"][len(prefix) + 1:] for o in page.get("Contents", ())}
+    return names
+
+
+def _objects(cli: Cli) -> set[str]:
+    """The names of the objects in this device's store (packs without the fan-out folder)."""
+    return {re.sub(r"^packs/../", "packs/", n) for n in _local_objects(cli)}
+
+
+def _options(weed, **more: object) -> list[str]:
+    return [a for k, v in weed.options(**more).items() for a in ("-o", f"{k}={v}")]
+
+
+def test_push_uploads_every_object_once_and_a_second_push_nothing(cli: Cli, tmp_path: Path,
+                                                                 weed):
+    _device(cli, tmp_path, 3 * 1024 * 1024)
+    cli("snapshot")
+    bucket = weed.new_bucket()
+    location = f"s3://{bucket}/backup"
+    cli("store", "add", location, *_options(weed))
+    out = cli("store", "push").stdout
+    objects = _objects(cli)
+    assert f"pushed {len(objects)} objects" in out and location in out
+    assert _bucket_names(weed, bucket, "backup") == objects
+    assert cli("store", "push", location).stdout.strip() == \
+        f"{location} is up to date (nothing to push)"
+    # New objects only: one more snapshot is a snapshot object, its tree and a pack or so.
+    (tmp_path / "src" / "new.txt").write_text("one more file\n")
+    cli("snapshot")
+    added = _objects(cli) - objects
+    assert f"pushed {len(added)} objects" in cli("store", "push").stdout
+    assert "no problems found" in cli("verify", "--read-data", "--from", location).stdout
+
+
+def test_push_with_wrong_credentials_fails_in_one_line_naming_the_store(cli: Cli,
+                                                                        tmp_path: Path, weed):
+    _device(cli, tmp_path, 1024)
+    cli("snapshot")
+    location = f"s3://{weed.new_bucket()}/backup"
+    proc = cli("store", "push", location, *_options(weed, secret_access_key="wrong"),
+               check=False)
+    assert proc.returncode == 11, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"store {location}: the server refused the credentials" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_push_is_refused_while_the_daemon_runs(cli: Cli, tmp_path: Path, weed):
+    _device(cli, tmp_path, 1024)
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        proc = cli("store", "push", f"s3://{weed.new_bucket()}/backup", *_options(weed),
+                   check=False)
+    finally:
+        assert d.stop() == 0
+    assert proc.returncode == 16, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"p2pbackupd (pid {d.proc.pid}) is running and uploads to the stores itself" \
+        in proc.stderr
