@@ -238,8 +238,7 @@ class SnapshotBuilder:
             return None
         prev_tree = self._load_prev(prev_id)
         prev = {e.name: e for e in prev_tree.entries} if prev_tree is not None else {}
-        names = {e.name for e in dirents}
-        side_skip = self._sqlite_side_files(path, names)
+        side_skip = self._sqlite_side_files(path, dirents)
         node = _DirNode(keys)
         if prev_tree is not None and not prev_tree.skipped:
             assert prev_id is not None
@@ -253,6 +252,8 @@ class SnapshotBuilder:
         stored: set[bytes] = set()
         subdirs: list[tuple[bytes, bytes, os.stat_result, bytes | None]] = []
         lstat = os.lstat
+        # Counted here and added once per directory: 4 attribute updates less per file.
+        files = unchanged = unchanged_bytes = 0
         for de in dirents:
             name = de.name
             full = de.path
@@ -271,7 +272,7 @@ class SnapshotBuilder:
                 subdirs.append((name, full, st,
                                 p.subtree if p is not None and p.type == DIR else None))
             elif statmod.S_ISREG(mode):
-                counts.files += 1
+                files += 1
                 p = prev.get(name)
                 if _unchanged(p, st) and (not p.sqlite or
                                           p.wal_mtime_ns == sqlite_capture.wal_mtime_ns(full)) \
@@ -281,10 +282,8 @@ class SnapshotBuilder:
                     if self._refresh:
                         p = self.reader.refresh(full, p, st)
                     node.entries[name] = p
-                    counts.unchanged += 1
-                    counts.size += p.size
-                    self.progress.files += 1
-                    self.progress.bytes += p.size
+                    unchanged += 1
+                    unchanged_bytes += p.size
                     continue
                 if p is not None and p.type == FILE:
                     counts.changed += 1
@@ -315,6 +314,11 @@ class SnapshotBuilder:
                     node.entries[name] = entry
         if batch:
             node.pending.append((batch, self._submit(batch, keys)))
+        counts.files += files
+        counts.unchanged += unchanged
+        counts.size += unchanged_bytes
+        self.progress.files += unchanged
+        self.progress.bytes += unchanged_bytes
         return node, subdirs
 
     def _finish_ready(self, keep: int) -> None:
@@ -354,17 +358,23 @@ class SnapshotBuilder:
         node.prev = None
         node.entries, node.pending, node.linked, node.subdirs = {}, [], [], []
 
-    def _sqlite_side_files(self, path: bytes, names: set[bytes]) -> set[bytes]:
+    def _sqlite_side_files(self, path: bytes, dirents: list[os.DirEntry]) -> set[bytes]:
         """-wal/-shm/-journal files of SQLite databases in this directory: never stored.
 
         The database is captured consistently through SQLite; a stale -wal restored next to
         it would be replayed into it.
         """
+        suffixes = sqlite_capture.SIDE_SUFFIXES
+        side = [e.name for e in dirents if e.name.endswith(suffixes)]  # one test, most names
+        if not side:
+            return set()
+        names = {e.name for e in dirents}
+
         def listed(p: bytes) -> bool:
             return os.path.basename(p) in names
 
-        return {n for n in names if n.endswith(sqlite_capture.SIDE_SUFFIXES)  # one test, most
-                and sqlite_capture.database_of(os.path.join(path, n), listed) is not None}
+        return {n for n in side
+                if sqlite_capture.database_of(os.path.join(path, n), listed) is not None}
 
     # ---- the run -----------------------------------------------------------------------
 
