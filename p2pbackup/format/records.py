@@ -295,6 +295,11 @@ class Tree:
         raw = _need(obj, "e", list, what)
         entries, skipped = [], 0
         for m in raw:
+            if type(m) is dict:  # the usual file entry, without from_map's tests before it
+                entry = _plain_file(TreeEntry, m)
+                if entry is not None:
+                    entries.append(entry)
+                    continue
             if not isinstance(m, dict):
                 raise IntegrityError(f"{what} is malformed: an entry is not a map")
             if m.get("t") not in ENTRY_TYPES:
