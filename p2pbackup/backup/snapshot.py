@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
-import gc
 import os
 import socket
 import stat as statmod
@@ -29,13 +28,13 @@ from ..format.records import CAPTURE_LEVEL, DIR, FILE, Snapshot, SourceRoot, Tre
 from ..repo.repository import Repository, StoredSnapshot
 from . import sqlite_capture
 from .files import SMALL_FILE, FileReader
+from .gcwindow import fewer_collections
 from .names import show_path as _show
 from .sink import BlobSink, KnownBlobs
 
 BATCH_FILES = 64
 BATCH_BYTES = 4 * 1024 * 1024
 MAX_OPEN_DIRS = 256  # scanned directories waiting for their files: bounds memory
-GC_THRESHOLD = 50_000  # allocations between young-generation collections during a run
 @dataclass(slots=True)
 class SnapshotProgress:
     """Counters the CLI polls to draw progress; updated without locks (approximate)."""
@@ -384,40 +383,38 @@ class SnapshotBuilder:
         self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="chunker")
         # Tens of thousands of entries, ids and views are made here and few of them form cycles:
         # the default threshold (700) ran the cyclic GC thousands of times over the live ones.
-        gc_threshold = gc.get_threshold()
-        gc.set_threshold(max(gc_threshold[0], GC_THRESHOLD), *gc_threshold[1:])
-        try:
-            for src in self.sources:
-                keys = self.repo.keys.scope(src.name, self.repo.keys.epoch)
-                self._counts = _Counts()
-                self._refresh = src.name in self._refresh_sources
-                top = os.fsencode(src.path)
-                try:
-                    top_st = os.stat(top)  # the folder's own metadata, as of its listing
-                except OSError:
-                    top_st = None
-                if top_st is None or not statmod.S_ISDIR(top_st.st_mode):
-                    self.warn(f"source {src.name} ({src.path}) is missing or not a directory; "
-                              "skipped")
-                    continue
-                root = self._walk(top, self.parents.get(src.name), keys)
-                self._finish_ready(0)
-                if root is None:
-                    continue
-                tree = root.tree_id
-                assert tree is not None
-                c = self._counts
-                roots.append(SourceRoot(src.name, src.path, tree, keys.epoch, c.files, c.dirs,
-                                        c.size, top_st.st_mode, top_st.st_uid, top_st.st_gid,
-                                        top_st.st_mtime_ns, self.reader.xattrs(top, top)))
-                self.totals.add(c)
-            self.sink.flush()
-        except BaseException:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self.sink.close()
-            raise
-        finally:
-            gc.set_threshold(*gc_threshold)
+        with fewer_collections():
+            try:
+                for src in self.sources:
+                    keys = self.repo.keys.scope(src.name, self.repo.keys.epoch)
+                    self._counts = _Counts()
+                    self._refresh = src.name in self._refresh_sources
+                    top = os.fsencode(src.path)
+                    try:
+                        top_st = os.stat(top)  # the folder's own metadata, as listed
+                    except OSError:
+                        top_st = None
+                    if top_st is None or not statmod.S_ISDIR(top_st.st_mode):
+                        self.warn(f"source {src.name} ({src.path}) is missing or not a "
+                                  "directory; skipped")
+                        continue
+                    root = self._walk(top, self.parents.get(src.name), keys)
+                    self._finish_ready(0)
+                    if root is None:
+                        continue
+                    tree = root.tree_id
+                    assert tree is not None
+                    c = self._counts
+                    roots.append(SourceRoot(src.name, src.path, tree, keys.epoch, c.files,
+                                            c.dirs, c.size, top_st.st_mode, top_st.st_uid,
+                                            top_st.st_gid, top_st.st_mtime_ns,
+                                            self.reader.xattrs(top, top)))
+                    self.totals.add(c)
+                self.sink.flush()
+            except BaseException:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self.sink.close()
+                raise
         self._pool.shutdown(wait=True)
         return roots, self.totals
 
