@@ -24,6 +24,7 @@ from ..format.records import DIR, FILE
 from ..repo.index import BlobLocation
 from ..repo.logstore import LogStore, segment_name
 from ..repo.repository import Repository, StoredSnapshot
+from .gcwindow import fewer_collections
 
 
 @dataclass(slots=True)
@@ -60,9 +61,10 @@ def _used_by_snapshots(repo: Repository, snaps: list[StoredSnapshot]) -> set[byt
             elif e.type == FILE:
                 used.update(e.chunks)
 
-    for s in snaps:
-        for root in s.snapshot.sources:
-            walk(root.tree)
+    with fewer_collections():
+        for s in snaps:
+            for root in s.snapshot.sources:
+                walk(root.tree)
     return used
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import errno
-import gc
 import os
 import socket
 import stat as statmod
@@ -29,13 +28,13 @@ from ..format.records import CAPTURE_LEVEL, DIR, FILE, Snapshot, SourceRoot, Tre
 from ..repo.repository import Repository, StoredSnapshot
 from . import sqlite_capture
 from .files import SMALL_FILE, FileReader
+from .gcwindow import fewer_collections
 from .names import show_path as _show
-from .sink import BlobSink
+from .sink import BlobSink, KnownBlobs
 
 BATCH_FILES = 64
 BATCH_BYTES = 4 * 1024 * 1024
 MAX_OPEN_DIRS = 256  # scanned directories waiting for their files: bounds memory
-GC_THRESHOLD = 50_000  # allocations between young-generation collections during a run
 @dataclass(slots=True)
 class SnapshotProgress:
     """Counters the CLI polls to draw progress; updated without locks (approximate)."""
@@ -105,6 +104,18 @@ def _unchanged(prev: TreeEntry | None, st: os.stat_result) -> bool:
     return (prev is not None and prev.type == FILE and prev.size == st.st_size
             and prev.mtime_ns == st.st_mtime_ns and prev.ctime_ns == st.st_ctime_ns
             and prev.inode == st.st_ino)
+
+
+def _stored(chunks: tuple[bytes, ...], stored: set[bytes], known: KnownBlobs) -> bool:
+    """Whether every chunk is in `stored` (this folder's, seen already) or `known`."""
+    if len(chunks) == 1:  # most files (every small one): no generator for all() to run
+        c = chunks[0]
+        return c in stored or c in known
+    return all(c in stored or c in known for c in chunks)
+
+
+def _name(entry: os.DirEntry) -> bytes:
+    return entry.name
 
 
 class SnapshotBuilder:
@@ -189,15 +200,44 @@ class SnapshotBuilder:
         """
         self.progress.current = _show(path)
         try:
-            with os.scandir(path) as it:
-                dirents = sorted(it, key=lambda e: e.name)
+            # Each entry is stat'ed relative to the directory's fd (fstatat), not by its whole
+            # path: 15% less CPU per stat (measured, 300,000 files on tmpfs).
+            dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.warn(f"cannot list {_show(path)}: {exc.strerror}; skipped")
+            return None
+        try:
+            scanned = self._scan(path, dir_fd, prev_id, keys)
+        finally:
+            os.close(dir_fd)
+        if scanned is None:
+            return None
+        # Subdirectories are walked once this one's fd is closed: one fd open at a time,
+        # however deep the tree.
+        node, subdirs = scanned
+        for name, full, st, subtree in subdirs:
+            child = self._walk(full, subtree, keys)
+            if child is not None:
+                child.xattrs = self.reader.xattrs(full, full)
+                node.subdirs.append((name, st, child))
+        self._open.append(node)  # post-order: every child is queued before its parent
+        self._finish_ready(MAX_OPEN_DIRS)
+        return node
+
+    def _scan(self, path: bytes, dir_fd: int, prev_id: bytes | None, keys: ScopeKeys
+              ) -> tuple[_DirNode, list[tuple[bytes, bytes, os.stat_result, bytes | None]]] | None:
+        """The node of directory `path` (open as `dir_fd`), its files submitted, and its
+        subdirectories to walk: (name, path, stat, previous tree id); None if it cannot be
+        listed."""
+        try:
+            with os.scandir(path) as it:  # (not of dir_fd: its names would be str)
+                dirents = sorted(it, key=_name)
         except OSError as exc:
             self.warn(f"cannot list {_show(path)}: {exc.strerror}; skipped")
             return None
         prev_tree = self._load_prev(prev_id)
         prev = {e.name: e for e in prev_tree.entries} if prev_tree is not None else {}
-        names = {e.name for e in dirents}
-        side_skip = self._sqlite_side_files(path, names)
+        side_skip = self._sqlite_side_files(path, dirents)
         node = _DirNode(keys)
         if prev_tree is not None and not prev_tree.skipped:
             assert prev_id is not None
@@ -209,13 +249,17 @@ class SnapshotBuilder:
         # A folder's small files share bundles: each is looked up in `known` once, not once
         # per file (the index may answer from disk).
         stored: set[bytes] = set()
+        subdirs: list[tuple[bytes, bytes, os.stat_result, bytes | None]] = []
+        lstat = os.lstat
+        # Counted here and added once per directory: 4 attribute updates less per file.
+        files = unchanged = unchanged_bytes = 0
         for de in dirents:
             name = de.name
             full = de.path
             if name in side_skip:
                 continue
             try:
-                st = de.stat(follow_symlinks=False)
+                st = lstat(name, dir_fd=dir_fd)
             except FileNotFoundError:
                 continue  # deleted since the listing: not part of this snapshot
             except OSError as exc:
@@ -224,26 +268,21 @@ class SnapshotBuilder:
             mode = st.st_mode
             if statmod.S_ISDIR(mode):
                 p = prev.get(name)
-                child = self._walk(full, p.subtree if p is not None and p.type == DIR else None,
-                                   keys)
-                if child is not None:
-                    child.xattrs = self.reader.xattrs(full, full)
-                    node.subdirs.append((name, st, child))
+                subdirs.append((name, full, st,
+                                p.subtree if p is not None and p.type == DIR else None))
             elif statmod.S_ISREG(mode):
-                counts.files += 1
+                files += 1
                 p = prev.get(name)
                 if _unchanged(p, st) and (not p.sqlite or
                                           p.wal_mtime_ns == sqlite_capture.wal_mtime_ns(full)) \
-                        and all(c in stored or c in known for c in p.chunks):
+                        and _stored(p.chunks, stored, known):
                     if p.offset is not None:
                         stored.add(p.chunks[0])
                     if self._refresh:
                         p = self.reader.refresh(full, p, st)
                     node.entries[name] = p
-                    counts.unchanged += 1
-                    counts.size += p.size
-                    self.progress.files += 1
-                    self.progress.bytes += p.size
+                    unchanged += 1
+                    unchanged_bytes += p.size
                     continue
                 if p is not None and p.type == FILE:
                     counts.changed += 1
@@ -274,9 +313,12 @@ class SnapshotBuilder:
                     node.entries[name] = entry
         if batch:
             node.pending.append((batch, self._submit(batch, keys)))
-        self._open.append(node)  # post-order: every child is queued before its parent
-        self._finish_ready(MAX_OPEN_DIRS)
-        return node
+        counts.files += files
+        counts.unchanged += unchanged
+        counts.size += unchanged_bytes
+        self.progress.files += unchanged
+        self.progress.bytes += unchanged_bytes
+        return node, subdirs
 
     def _finish_ready(self, keep: int) -> None:
         """Build the trees of queued directories whose files are done (or to keep the queue short)."""
@@ -315,17 +357,23 @@ class SnapshotBuilder:
         node.prev = None
         node.entries, node.pending, node.linked, node.subdirs = {}, [], [], []
 
-    def _sqlite_side_files(self, path: bytes, names: set[bytes]) -> set[bytes]:
+    def _sqlite_side_files(self, path: bytes, dirents: list[os.DirEntry]) -> set[bytes]:
         """-wal/-shm/-journal files of SQLite databases in this directory: never stored.
 
         The database is captured consistently through SQLite; a stale -wal restored next to
         it would be replayed into it.
         """
+        suffixes = sqlite_capture.SIDE_SUFFIXES
+        side = [e.name for e in dirents if e.name.endswith(suffixes)]  # one test, most names
+        if not side:
+            return set()
+        names = {e.name for e in dirents}
+
         def listed(p: bytes) -> bool:
             return os.path.basename(p) in names
 
-        return {n for n in names if n.endswith(sqlite_capture.SIDE_SUFFIXES)  # one test, most
-                and sqlite_capture.database_of(os.path.join(path, n), listed) is not None}
+        return {n for n in side
+                if sqlite_capture.database_of(os.path.join(path, n), listed) is not None}
 
     # ---- the run -----------------------------------------------------------------------
 
@@ -335,40 +383,38 @@ class SnapshotBuilder:
         self._pool = cf.ThreadPoolExecutor(self.workers, thread_name_prefix="chunker")
         # Tens of thousands of entries, ids and views are made here and few of them form cycles:
         # the default threshold (700) ran the cyclic GC thousands of times over the live ones.
-        gc_threshold = gc.get_threshold()
-        gc.set_threshold(max(gc_threshold[0], GC_THRESHOLD), *gc_threshold[1:])
-        try:
-            for src in self.sources:
-                keys = self.repo.keys.scope(src.name, self.repo.keys.epoch)
-                self._counts = _Counts()
-                self._refresh = src.name in self._refresh_sources
-                top = os.fsencode(src.path)
-                try:
-                    top_st = os.stat(top)  # the folder's own metadata, as of its listing
-                except OSError:
-                    top_st = None
-                if top_st is None or not statmod.S_ISDIR(top_st.st_mode):
-                    self.warn(f"source {src.name} ({src.path}) is missing or not a directory; "
-                              "skipped")
-                    continue
-                root = self._walk(top, self.parents.get(src.name), keys)
-                self._finish_ready(0)
-                if root is None:
-                    continue
-                tree = root.tree_id
-                assert tree is not None
-                c = self._counts
-                roots.append(SourceRoot(src.name, src.path, tree, keys.epoch, c.files, c.dirs,
-                                        c.size, top_st.st_mode, top_st.st_uid, top_st.st_gid,
-                                        top_st.st_mtime_ns, self.reader.xattrs(top, top)))
-                self.totals.add(c)
-            self.sink.flush()
-        except BaseException:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self.sink.close()
-            raise
-        finally:
-            gc.set_threshold(*gc_threshold)
+        with fewer_collections():
+            try:
+                for src in self.sources:
+                    keys = self.repo.keys.scope(src.name, self.repo.keys.epoch)
+                    self._counts = _Counts()
+                    self._refresh = src.name in self._refresh_sources
+                    top = os.fsencode(src.path)
+                    try:
+                        top_st = os.stat(top)  # the folder's own metadata, as listed
+                    except OSError:
+                        top_st = None
+                    if top_st is None or not statmod.S_ISDIR(top_st.st_mode):
+                        self.warn(f"source {src.name} ({src.path}) is missing or not a "
+                                  "directory; skipped")
+                        continue
+                    root = self._walk(top, self.parents.get(src.name), keys)
+                    self._finish_ready(0)
+                    if root is None:
+                        continue
+                    tree = root.tree_id
+                    assert tree is not None
+                    c = self._counts
+                    roots.append(SourceRoot(src.name, src.path, tree, keys.epoch, c.files,
+                                            c.dirs, c.size, top_st.st_mode, top_st.st_uid,
+                                            top_st.st_gid, top_st.st_mtime_ns,
+                                            self.reader.xattrs(top, top)))
+                    self.totals.add(c)
+                self.sink.flush()
+            except BaseException:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self.sink.close()
+                raise
         self._pool.shutdown(wait=True)
         return roots, self.totals
 

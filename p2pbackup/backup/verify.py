@@ -20,6 +20,7 @@ from ..format.records import DIR, FILE, TreeEntry
 from ..repo.index import BlobLocation
 from ..repo.logstore import LogStore
 from ..repo.repository import Repository, StoredSnapshot
+from .gcwindow import fewer_collections
 from .names import show_path
 
 
@@ -328,7 +329,8 @@ def _walk_snapshots(repo: Repository, snaps: list[StoredSnapshot], found: Findin
             clean.add(tree_id)
         return ok
 
-    for snap in snaps:
-        for root in snap.snapshot.sources:
-            walk(snap, root.tree, root.name, root.name)
+    with fewer_collections():
+        for snap in snaps:
+            for root in snap.snapshot.sources:
+                walk(snap, root.tree, root.name, root.name)
     return loaded

@@ -3,12 +3,13 @@ exactly; an unchanged file keeps its place in its bundle when a neighbour change
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 from pathlib import Path
 
 from p2pbackup.backup.restore import restore
-from p2pbackup.backup.snapshot import take_snapshot
+from p2pbackup.backup.snapshot import SnapshotBuilder, take_snapshot
 from p2pbackup.backup.verify import verify
 from p2pbackup.config import Source
 from p2pbackup.repo.repository import Repository
@@ -149,3 +150,32 @@ async def test_an_unchanged_folder_asks_the_index_once_per_bundle(repo: Reposito
     assert again.files_unchanged == 404 and again.blobs_added == 0
     # Per folder: 4 bundles, the bigger file's chunks, the tree; 404 lookups before.
     assert len(asked) <= 2 * (4 + 3 + 1) + 1, len(asked)
+
+
+async def test_unchanged_folders_keep_the_trees_a_walk_that_reads_every_file_makes(
+        repo: Repository, tmp_path: Path):
+    """The no-change path (entries decoded by the fast path, taken over unread, the tree id
+    kept) gives the very trees a walk without a parent, which reads and encodes everything,
+    gives; a file whose only change is its ctime (chmod) in such a folder is still seen."""
+    src = _small_files(tmp_path / "src", dirs=2, files=150)
+    first = await _snapshot(repo, src, tmp_path)
+    again = await _snapshot(repo, src, tmp_path)
+    assert again.files_unchanged == 2 * 152 and again.blobs_added == 0
+    full = SnapshotBuilder(repo, (Source("src", str(src)),), parents={},
+                           temp_dir=str(tmp_path / "tmp"))
+    roots, counts = await asyncio.to_thread(full.run)
+    assert counts.new == 2 * 152 and counts.unchanged == 0
+    tree = first.stored.snapshot.sources[0].tree
+    assert again.stored.snapshot.sources[0].tree == tree == roots[0].tree
+    for d in (await repo.load_tree(tree)).entries:
+        data = repo.read_blob_blocking(d.subtree)
+        assert (await repo.load_tree(d.subtree)).encode() == data
+
+    (src / "d1" / "f100.txt").chmod(0o600)  # size and mtime as they were
+    third = await _snapshot(repo, src, tmp_path)
+    assert third.files_changed == 1 and third.files_unchanged == 2 * 152 - 1
+    after = await _files(repo, third.stored)
+    assert after[b"d1/f100.txt"].mode & 0o777 == 0o600
+    before = await _files(repo, first.stored)
+    assert {p: e for p, e in after.items() if p.startswith(b"d0/")} == \
+        {p: e for p, e in before.items() if p.startswith(b"d0/")}

@@ -224,3 +224,34 @@ async def test_files_unchanged_since_a_snapshot_without_xattrs_get_them_without_
     sub = {e.name: e for e in (await repo.load_tree(entries[b"sub"].subtree)).entries}
     assert sub[b"f1"].xattrs == ((b"user.tag", b"one"),)
     assert fsmeta.read_xattrs(os.fsencode(src / "sub")) == entries[b"sub"].xattrs
+
+
+async def test_a_tree_deeper_than_the_fd_limit_is_walked_whole(repo: Repository,
+                                                              tmp_path: Path):
+    """The walker holds one directory's fd at a time (it stats entries relative to it), so a
+    tree deeper than the process's fd limit is still read whole, and again unchanged."""
+    import resource
+
+    src = tmp_path / "src"
+    deep = src
+    for i in range(120):
+        deep = deep / f"level{i:03d}"
+        deep.mkdir(parents=True)
+        (deep / f"file{i:03d}").write_text(f"{i}\n")
+    open_now = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 60, hard))
+    try:
+        first = await take_snapshot(repo, (Source("src", str(src)),),
+                                    temp_dir=str(tmp_path / "tmp"))
+        again = await take_snapshot(repo, (Source("src", str(src)),),
+                                    temp_dir=str(tmp_path / "tmp"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert first.warnings == [] and first.files_new == 120 and first.dirs == 120
+    assert again.warnings == [] and again.files_unchanged == 120
+    assert again.stored.snapshot.sources[0].tree == first.stored.snapshot.sources[0].tree
+    out = tmp_path / "out"
+    await restore(repo, again.stored, str(out))
+    assert (out / "src" / Path(*(f"level{i:03d}" for i in range(120))) / "file119"
+            ).read_text() == "119\n"

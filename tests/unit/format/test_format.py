@@ -8,7 +8,8 @@ from p2pbackup.errors import IntegrityError, UnsupportedFormat
 from p2pbackup.format import HEADER_SIZE, Kind, ObjectHeader, open_object, seal_object
 from p2pbackup.format.pack import PackBuilder, parse_trailer, trailer_length
 from p2pbackup.format.records import (BLOCKDEV, CAPTURE_LEVEL, CHARDEV, DIR, FIFO, FILE,
-                                      SYMLINK, Snapshot, SourceRoot, Tree, TreeEntry)
+                                      SYMLINK, Snapshot, SourceRoot, Tree, TreeEntry,
+                                      _plain_file)
 
 KEY = bytes(range(32))
 
@@ -116,6 +117,49 @@ def test_tree_round_trip_is_exact_and_deterministic(es):
     data = tree.encode()
     assert Tree.decode(data) == tree
     assert Tree(tuple(es)).encode() == data
+
+
+plain_files = st.builds(  # the usual file entry: what from_map's fast path takes
+    entry, st.just(FILE), names, st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1), st.integers(-2**63, 2**63 - 1), st.integers(-2**63, 2**63 - 1),
+    st.integers(0, 2**64 - 1), st.integers(0, 2**63 - 1),
+    st.lists(st.binary(min_size=32, max_size=32), max_size=4).map(tuple))
+
+
+@given(plain_files, st.one_of(st.none(), st.integers(0, 2**63 - 1)))
+def test_a_usual_file_map_takes_the_fast_path_and_decodes_as_field_by_field(e, offset):
+    if offset is not None:
+        e = e._replace(chunks=e.chunks[:1] or (bytes(32),), offset=offset)
+    m = e.to_map()
+    fast = _plain_file(TreeEntry, m)
+    assert fast == e and type(fast) is TreeEntry
+    # a field this version does not know sends the map field by field
+    assert _plain_file(TreeEntry, {**m, "zz": 1}) is None
+    slow = TreeEntry.from_map({**m, "zz": 1}, "tree")
+    assert slow == fast and TreeEntry.from_map(m, "tree") == fast
+
+
+@pytest.mark.parametrize("key,bad", [
+    ("n", "name"), ("m", 2**32), ("m", "644"), ("u", -1), ("g", 1.5), ("mt", 2**63),
+    ("ct", -2**63 - 1), ("ct", b"1"), ("i", 2**64), ("s", -1), ("s", 2**63), ("c", "chunk"),
+    ("c", [b"short"]), ("c", [bytes(32), 5]), ("o", -1), ("o", "0"), ("t", "d")])
+@pytest.mark.parametrize("bundled", [False, True])
+def test_a_usual_file_map_with_one_bad_field_is_refused(key, bad, bundled):
+    e = TreeEntry(FILE, b"a", 0o100644, 1, 2, 3, 4, 5, 6, (bytes(32),),
+                  offset=7 if bundled else None)
+    m = e.to_map()
+    if key == "o" and not bundled:
+        return
+    m[key] = bad
+    with pytest.raises(IntegrityError, match="malformed"):
+        TreeEntry.from_map(m, "tree")
+
+
+def test_a_bundled_file_map_with_two_chunks_is_refused():
+    m = TreeEntry(FILE, b"a", 0o100644, 0, 0, 1, 1, 1, 1, (bytes(32),), offset=0).to_map()
+    m["c"] = [bytes(32), bytes(32)]
+    with pytest.raises(IntegrityError, match="bad offset"):
+        TreeEntry.from_map(m, "tree")
 
 
 def test_tree_readers_skip_unknown_entry_kinds_and_fields():
