@@ -109,7 +109,7 @@ def push(location: Optional[str] = typer.Argument(
                               f"{config.home / 'config.toml'}, not --option")
         if got is None and "://" not in location:
             location = os.path.abspath(location)   # (as open_store names a path)
-        targets = [got or StoreSettings(location, _options(option, None, None))]
+        targets = [got or StoreSettings(location, parse_options(option, None, None))]
     if parallel is not None:
         targets = [replace(s, parallel=parallel) for s in targets]
     running = via_daemon("status", timeout=30)
