@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -38,6 +37,7 @@ from ..ids import object_kind
 from ..protocol import store_requests as req
 from .base import (BlobStore, Buffer, ObjectExists, StoreCapabilities, StoreFull,
                    StoreSigner)
+from .tls import client_tls
 
 SCHEMES = ("https", "http")
 OPTIONS = ("ca_file", "invite", "timeout")
@@ -98,13 +98,8 @@ class ServerStore(BlobStore):
         if self._session is None:
             import aiohttp
 
-            ctx: ssl.SSLContext | bool = True
-            if self.base.startswith("https:"):
-                try:
-                    ctx = ssl.create_default_context(cafile=self.ca_file)
-                except (OSError, ssl.SSLError) as exc:
-                    raise ConfigError(f"store {self.location}: ca_file {self.ca_file} is not a "
-                                      f"readable PEM certificate ({exc})") from None
+            ctx = client_tls(self.location, self.ca_file) if self.base.startswith("https:") \
+                else True
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=ctx, limit=16),
                 timeout=aiohttp.ClientTimeout(total=self.timeout))

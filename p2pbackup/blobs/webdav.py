@@ -32,7 +32,6 @@ import base64
 import email.utils
 import random
 import secrets
-import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -41,6 +40,7 @@ from urllib.parse import quote, unquote, urlsplit
 from ..errors import ConfigError, NotFound, StorageError
 from .base import (BlobStore, Buffer, ObjectExists, StoreCapabilities, StoreFull,
                    is_mutable_name)
+from .tls import client_tls
 
 SCHEMES = {"webdav": "http", "webdavs": "https"}
 OPTIONS = ("username", "password", "ca_file")
@@ -167,13 +167,7 @@ class WebDavStore(BlobStore):
             if self._auth:
                 pair = base64.b64encode(":".join(self._auth).encode()).decode("ascii")
                 headers["Authorization"] = f"Basic {pair}"
-            tls: Any = True   # the system's trusted certificates
-            if self._ca_file is not None:   # a server with its own (self-signed) certificate
-                try:
-                    tls = ssl.create_default_context(cafile=self._ca_file)
-                except (OSError, ssl.SSLError) as exc:
-                    raise ConfigError(f"store {self.location}: cannot read ca_file "
-                                      f"{self._ca_file}: {exc}") from None
+            tls = client_tls(self.location, self._ca_file)
             self._session = aiohttp.ClientSession(
                 headers=headers, connector=aiohttp.TCPConnector(limit=16, ssl=tls),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300),
