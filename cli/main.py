@@ -18,7 +18,7 @@ from p2pbackup.views import damage_json, snapshot_json, verify_json, verify_line
 from . import output
 from .account_cmds import account_app, devices_app, pair, recover
 from .common import home, run_async, via_daemon, writable_device
-from .store_cmds import store_app
+from .store_cmds import parse_options, store_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Peer-to-peer, end-to-end encrypted backup of your own devices.")
@@ -555,13 +555,7 @@ def store_add(location: str = typer.Argument(..., help="A path, s3://bucket/pref
     from p2pbackup.blobs import StoreSigner, open_store
     from p2pbackup.config import STORE_KEYS, edit_stores, load_config, load_keys
 
-    options: dict[str, Any] = {}
-    for o in option:
-        key, eq, value = o.partition("=")
-        if not eq or not key.strip() or key.strip() in STORE_KEYS:
-            raise ConfigError(f"--option {o!r}: give KEY=VALUE (not location, bandwidth or "
-                              "parallel: they have their own options)")
-        options[key.strip()] = value
+    options = parse_options(option, reserved=STORE_KEYS)
     config = load_config(_home())
     keys, identity = load_keys(config)   # a partner's home has no store of its own to upload
     # A location it cannot open stops here; the storage server's requests are signed as us.

@@ -7,18 +7,26 @@ from typing import Any, Optional
 
 import typer
 
+from p2pbackup.errors import ConfigError
+
 from .common import run_async
 
 store_app = typer.Typer(no_args_is_help=True, help="The stores p2pbackupd uploads to "
                         "([[stores]] in config.toml), and checking a location.")
 
 
-def parse_options(pairs: list[str], username: str | None, password: str | None) -> dict[str, Any]:
+def parse_options(pairs: list[str], username: str | None = None, password: str | None = None,
+                  *, reserved: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`-o KEY=VALUE` options of a store (and --username/--password), the one parser of every
+    command that takes them; `reserved` keys have options of their own."""
     options: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--option")
+        key = key.strip()
+        if not sep or not key or key in reserved:
+            but = f" (not {', '.join(reserved)}: they have their own options)" if reserved \
+                else ""
+            raise ConfigError(f"--option {pair!r}: give KEY=VALUE{but}")
         options[key] = value
     if username is not None:
         options["username"] = username

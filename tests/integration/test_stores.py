@@ -181,6 +181,9 @@ def test_store_commands_edit_the_config_and_refuse_bad_input(cli: Cli, tmp_path:
         (("store", "add", "usb"), "is already configured"),
         (("store", "add", "other", "-o", "novalue"), "give KEY=VALUE"),
         (("store", "add", "other", "-o", "parallel=3"), "give KEY=VALUE"),
+        # every command taking -o parses it alike (store check and push said exit 2 before)
+        (("store", "check", "other", "-o", "novalue"), "give KEY=VALUE"),
+        (("store", "push", "other", "-o", "novalue"), "give KEY=VALUE"),
         (("store", "add", "other", "--bandwidth", "fast"), "'bandwidth' 'fast': give a size"),
         (("store", "add", str(cli.home / "store")), "is this device's own store"),
         (("store", "remove", "nowhere"), f"no store nowhere in {cli.home / 'config.toml'}"),
