@@ -140,7 +140,8 @@ def _rendezvous(peer: str | None, mdns: bool = True) -> Any:
     return MdnsRendezvous()
 
 
-def _print_code(code: str, lifetime: float, qr: bool, port: int | None = None) -> None:
+def _print_code(code: str, lifetime: float, qr: bool, port: int | None = None,
+                mailbox: str | None = None) -> None:
     """The code (and, without mDNS, the port the joiner must be told: it may be any)."""
     print(f"Pairing code: {code}   (valid for {int(lifetime // 60)} minutes, one attempt)")
     if port is not None:
@@ -158,7 +159,8 @@ def _print_code(code: str, lifetime: float, qr: bool, port: int | None = None) -
         buf = io.StringIO()
         q.print_ascii(out=buf, invert=True)
         print(buf.getvalue(), end="")
-    print(f"On the new device run:  p2pbackup pair {code}")
+    through = f" --mailbox {mailbox}" if mailbox else ""
+    print(f"On the new device run:  p2pbackup pair {code}{through}")
     print("Waiting for it...", flush=True)
 
 
@@ -260,25 +262,33 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
          qr: bool = typer.Option(True, "--qr/--no-qr", help="Show the code as a QR code."),
          mdns: bool = typer.Option(True, "--mdns/--no-mdns",
                                    help="Announce the code on the LAN (multicast DNS)."),
+         mailbox: str = typer.Option(None, "--mailbox", envvar="P2PBACKUP_MAILBOX",
+                                     help="A pairing mailbox (ws:// or wss:// URL: the broker's "
+                                     "/v1/mailbox, or a magic-wormhole mailbox server) to pair "
+                                     "across the internet: the host offers its code there and "
+                                     "on the LAN; the joiner goes through it only."),
          yes: bool = typer.Option(False, "--yes", "-y",
                                   help="Send the keys without asking whether the other device "
                                   "shows the same verification number (for scripts)."),
          ) -> None:
-    """Show a code to add a device (or join with one): SPAKE2 over the LAN."""
+    """Show a code to add a device (or join with one): SPAKE2 over the LAN or a mailbox."""
     from p2pbackup import account
     from p2pbackup.config import default_home
-    from p2pbackup.crypto.pairing import make_code
     from p2pbackup.errors import ConfigError, PairingFailed
-    from p2pbackup.pairing_link import CONFIRM_TIMEOUT
+    from p2pbackup.pairing_link import CONFIRM_TIMEOUT, new_code
     from p2pbackup.sizes import parse_size
 
+    if mailbox is not None and not mailbox.startswith(("ws://", "wss://")):
+        raise ConfigError(f"--mailbox {mailbox!r}: give a ws:// or wss:// URL")
     if code is not None:
+        if mailbox and peer:
+            raise ConfigError("give either --mailbox or --peer, not both")
         if partner or sources or quota or yes:
             raise ConfigError("--partner, --sources, --quota and --yes belong on the device "
                               "that shows the code")
         joined = run_async(account.join_account(
             default_home(), code, name or socket.gethostname(), rendezvous=_rendezvous(peer),
-            on_verifier=_show_verifier))
+            mailbox=mailbox, on_verifier=_show_verifier))
         if joined.role == "partner":
             quota_text = output.human_bytes(joined.quota) if joined.quota else "no quota set"
             print(f"Paired as a storage partner of account {joined.account} "
@@ -307,11 +317,13 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
         from p2pbackup.config import load_config
 
         sock = load_config(home()).control_socket
-        async with control.lease(sock, "pair_host", {**invite, "port": port, "mdns": mdns},
-                                 timeout=30) as started:
+        async with control.lease(sock, "pair_host", {**invite, "port": port, "mdns": mdns,
+                                                     "mailbox": mailbox},
+                                 timeout=60) as started:
             if started is None:
                 return None
-            _print_code(started["code"], expires, qr, None if mdns else started.get("port"))
+            _print_code(started["code"], expires, qr, None if mdns else started.get("port"),
+                        mailbox)
             return await _follow_daemon_pairing(started["code"], yes,
                                                 expires + CONFIRM_TIMEOUT + 120)
 
@@ -330,11 +342,12 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
     async def host() -> Any:
         async with open_device(default_home(), write=True) as dev:
             inv = account.invitation(dev, role, granted, invite["quota"])
-            new_code = make_code()
-            h = account.pairing_host(dev, inv, new_code, rendezvous=_rendezvous(None, mdns),
-                                     lifetime=expires, port=port, confirm=confirm)
-            return await h.run(started=lambda p: _print_code(new_code, expires, qr,
-                                                             None if mdns else p))
+            code_, pipe = await new_code(mailbox)
+            h = account.pairing_host(dev, inv, code_, rendezvous=_rendezvous(None, mdns),
+                                     lifetime=expires, port=port, confirm=confirm,
+                                     mailbox=pipe)
+            return await h.run(started=lambda p: _print_code(code_, expires, qr,
+                                                             None if mdns else p, mailbox))
 
     outcome = run_async(host())
     if not outcome.ok:

@@ -17,10 +17,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from p2pbackup import account, control
-from p2pbackup.crypto.pairing import make_code
 from p2pbackup.errors import LocalProtocolError, P2PError, PairingFailed
 from p2pbackup.format.membership import Member
-from p2pbackup.pairing_link import HostOutcome, MdnsRendezvous, StaticRendezvous
+from p2pbackup.pairing_link import HostOutcome, MdnsRendezvous, StaticRendezvous, new_code
 
 if TYPE_CHECKING:
     from .main import DeviceDaemon
@@ -96,12 +95,12 @@ class AccountOps:
         port = control.arg(args, "port", int, 0)
         mdns = control.arg(args, "mdns", bool, True)
         invite = account.invitation(self.d.dev, role, sources, quota)
-        code = make_code()
+        code, mailbox = await new_code(control.arg(args, "mailbox", str))
         rendezvous = MdnsRendezvous() if mdns else StaticRendezvous("", 0)
         hosted = _HostedPairing()
         host = account.pairing_host(self.d.dev, invite, code, rendezvous=rendezvous,
                                     lifetime=lifetime, lock=self.d.writing, port=port,
-                                    confirm=hosted.confirm)
+                                    confirm=hosted.confirm, mailbox=mailbox)
         started: asyncio.Future[int] = asyncio.get_running_loop().create_future()
 
         def on_started(p: int) -> None:

@@ -37,7 +37,7 @@ from .repo import roster
 from .repo.repository import Repository
 
 if TYPE_CHECKING:  # the pairing stack (spake2) and WebRTC load only when used
-    from .pairing_link import PairingHost, Rendezvous
+    from .pairing_link import MailboxPipe, PairingHost, Rendezvous
     from .peer_fetch import PeerLocation
     from .session import Unverified
 
@@ -581,7 +581,8 @@ def _rmtree(path: Path) -> None:
 
 def pairing_host(dev: Device, invite: Invitation, code: str, *, rendezvous: "Rendezvous",
                  lifetime: float, confirm: Callable[[str, Member], Awaitable[bool]],
-                 lock: asyncio.Lock | None = None, port: int = 0) -> "PairingHost":
+                 lock: asyncio.Lock | None = None, port: int = 0,
+                 mailbox: "MailboxPipe | None" = None) -> "PairingHost":
     """A host for one code. Once a device proved the code, its request is checked and the
     welcome built (nothing stored, nothing sent); `confirm(verifier, member)` asks this
     device's user to compare the number; only on yes does the welcome (the keys) leave, and the
@@ -607,11 +608,11 @@ def pairing_host(dev: Device, invite: Invitation, code: str, *, rendezvous: "Ren
         return f"{m.name or 'a device'} ({m.device_id[:12]}) joined as {m.role}"
 
     return PairingHost(code, on_request, on_complete, confirm=ask, rendezvous=rendezvous,
-                       lifetime=lifetime, port=port)
+                       lifetime=lifetime, port=port, mailbox=mailbox)
 
 
 async def join_account(home: Path, code: str, name: str, *, rendezvous: "Rendezvous",
-                       find_timeout: float = 10.0,
+                       mailbox: str | None = None, find_timeout: float = 10.0,
                        on_verifier: Callable[[str], None] | None = None) -> Joined:
     """Pair this home with the device offering `code` (as a member, or as a partner)."""
     from .config import load_config, load_identity
@@ -627,5 +628,6 @@ async def join_account(home: Path, code: str, name: str, *, rendezvous: "Rendezv
         result.append(await apply_welcome(home, identity, name, payload, tag_key))
 
     await join(code, joiner_payload(identity, name, has_home, tag_key), on_welcome,
-               rendezvous=rendezvous, find_timeout=find_timeout, on_verifier=on_verifier)
+               rendezvous=rendezvous, mailbox=mailbox, find_timeout=find_timeout,
+               on_verifier=on_verifier)
     return result[0]

@@ -5,8 +5,15 @@ under a tag derived from the code's nameplate (never from its words). Anyone on 
 connect, so a connection counts only once it runs SPAKE2: junk, silence and hang-ups are dropped
 with one log line and the host keeps waiting; a wrong guess uses the code up; a joiner that
 proved the code is the one attempt, and gets the welcome (the keys) only after the host's user
-confirmed the verification number. The broker's pairing mailbox (internet) will be another
-`Rendezvous`.
+confirmed the verification number.
+
+Across the internet the same machines run over a pairing mailbox (magic-wormhole's mailbox
+server protocol, `discovery/mailbox.py`): the host allocates a nameplate there, which becomes
+the number of its code, and serves the LAN and the mailbox at once; a joiner given a mailbox
+(`pair CODE --mailbox URL`) goes through it only. The mailbox admits two sides per nameplate,
+so the first device that claims the code there is the one attempt through it: whatever it
+sends, the code is then used up. The mailbox sees the nameplate, the SPAKE2 messages and
+ciphertext: nothing that helps guess the words (one online guess per code, as on the LAN).
 """
 
 from __future__ import annotations
@@ -17,13 +24,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .crypto.pairing import (CODE_LIFETIME, Completed, Event, Failed, HostPairing,
                              JoinerPairing, JoinRequest, PakeDone, PairingCode, State, Welcome,
-                             parse_code, rendezvous_tag)
+                             make_code, parse_code, rendezvous_tag)
 from .errors import ConfigError, P2PError, PairingFailed
 from .transport.pending import ConnectionLimits, PendingConnections
+
+if TYPE_CHECKING:
+    from .discovery.mailbox import MailboxMessage, MailboxSession
 
 log = logging.getLogger("p2pbackup.pairing")
 SERVICE = "_p2pbackup-pair._tcp.local."
@@ -39,6 +49,11 @@ LIMITS = ConnectionLimits(per_source=4, total=16, handshake_timeout=10.0)
 # How long the host's user has to compare the verification number; the joiner waits this long
 # (and READ_TIMEOUT more) for the welcome.
 CONFIRM_TIMEOUT = 120.0
+# Through a mailbox, each message crosses the internet twice; and no LAN stranger can crowd
+# it (it admits two sides), so the one joiner there gets as long as a quiet peer gets.
+MAILBOX_HANDSHAKE_TIMEOUT = READ_TIMEOUT
+# Out-of-order pieces a mailbox may hold back before we call it broken.
+MAX_EARLY_PIECES = 16
 
 T = TypeVar("T")
 
@@ -89,6 +104,192 @@ class StaticRendezvous:
         return [(self.host, self.port)]
 
 
+class Pipe(Protocol):
+    """The bytes of one pairing session, both ways: a TCP connection or a mailbox."""
+
+    who: str
+
+    async def read(self) -> bytes:
+        """The peer's next bytes; b"" once it hung up; PairingFailed if the path broke."""
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the peer (in order)."""
+
+    async def drain(self) -> None:
+        """Wait until what was written has left (errors show on the next read)."""
+
+    def close(self) -> None:
+        """Stop: what was written still leaves; nothing more is read."""
+
+    async def aclose(self, mood: str = "errory") -> None:
+        """Close and wait for it (`mood`: how the pairing went, for a mailbox's statistics)."""
+
+
+class TcpPipe:
+    """A pairing session on a TCP connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        peer = writer.get_extra_info("peername")
+        self.who = f"{peer[0]}:{peer[1]}" if peer else "?"
+
+    async def read(self) -> bytes:
+        try:
+            return await self.reader.read(65536)
+        except (ConnectionError, OSError):
+            return b""
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def drain(self) -> None:
+        with contextlib.suppress(ConnectionError, OSError):  # the next read notices
+            await self.writer.drain()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+    async def aclose(self, mood: str = "errory") -> None:
+        self.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+class MailboxPipe:
+    """A pairing session through a mailbox: our bytes go out as messages with phases "0",
+    "1", ... (pieces of at most BODY_PIECE bytes); the other side's are read back in phase
+    order, since a mailbox server promises neither order nor a single delivery. A repeated
+    phase with the same body is dropped; with another body, a third side, an unknown phase
+    or a flood, the mailbox is misbehaving and the session ends with one line."""
+
+    def __init__(self, session: MailboxSession) -> None:
+        self.session = session
+        self.who = f"the pairing mailbox at {session.url}"
+        self.peer: str | None = None
+        self._sent = 0
+        self._next = 0
+        self._early: dict[int, bytes] = {}
+        self._seen: dict[int, bytes] = {}   # delivered phases, to recognise repeats
+        self._outgoing: asyncio.Queue[bytes] = asyncio.Queue()
+        self._sender: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def nameplate(self) -> int:
+        assert self.session.nameplate is not None
+        return int(self.session.nameplate)
+
+    async def arrived(self, timeout: float | None) -> bool:
+        """Wait for the other side's first message (kept for read()); False after timeout."""
+        while self.peer is None:
+            message = await self.session.next_message(timeout)
+            if message is None:
+                return False
+            self._take(message)
+        return True
+
+    async def read(self) -> bytes:
+        while self._next not in self._early:
+            if self._closed:
+                return b""
+            message = await self.session.next_message(None)
+            assert message is not None
+            self._take(message)
+        body = self._early.pop(self._next)
+        self._seen[self._next] = body
+        self._next += 1
+        return body
+
+    def _take(self, message: MailboxMessage) -> None:
+        if self.peer is None:
+            self.peer = message.side
+        elif message.side != self.peer:
+            raise self._broken("a third device wrote into the pairing's mailbox")
+        if message.phase == "offer":  # the host's "I am here"; nothing to read
+            return
+        if not message.phase.isdigit() or len(message.phase) > 6:
+            raise self._broken(f"it sent a message of an unknown phase "
+                               f"{message.phase[:20]!r}")
+        phase = int(message.phase)
+        known = self._seen.get(phase, self._early.get(phase))
+        if known is not None:
+            if known != message.body:
+                raise self._broken(f"it sent two different messages as phase {phase} "
+                                   "(replayed or tampered with)")
+            return
+        if phase < self._next:
+            raise self._broken(f"it sent phase {phase} late (replayed)")
+        if len(self._early) >= MAX_EARLY_PIECES:
+            raise self._broken("it held back too many messages")
+        self._early[phase] = message.body
+
+    def _broken(self, why: str) -> PairingFailed:
+        return PairingFailed(f"pairing failed: {self.who}: {why}")
+
+    def write(self, data: bytes) -> None:
+        from .discovery.mailbox import BODY_PIECE
+
+        for at in range(0, len(data), BODY_PIECE):
+            self._outgoing.put_nowait(data[at:at + BODY_PIECE])
+        if self._sender is None:
+            self._sender = asyncio.ensure_future(self._send())
+
+    async def _send(self) -> None:
+        while True:
+            piece = await self._outgoing.get()
+            try:
+                await self.session.add(str(self._sent), piece)
+                self._sent += 1
+            except PairingFailed:
+                pass  # the reader sees the session's end and says why
+            finally:
+                self._outgoing.task_done()
+
+    async def drain(self) -> None:
+        await self._outgoing.join()
+
+    def close(self) -> None:
+        self._closed = True
+
+    async def aclose(self, mood: str = "errory") -> None:
+        self._closed = True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._outgoing.join(), 10)
+        if self._sender is not None:
+            self._sender.cancel()
+        await self.session.aclose(mood)
+
+
+async def open_mailbox(url: str) -> MailboxPipe:
+    """The host's side of a mailbox: allocate a nameplate for a new code, open its mailbox,
+    say we are here."""
+    from .discovery.mailbox import MailboxSession
+
+    session = await MailboxSession.connect(url)
+    try:
+        nameplate = await session.allocate()
+        if not 1 <= int(nameplate) <= 999:  # pairing codes hold three digits
+            raise PairingFailed(f"pairing failed: the pairing mailbox at {url} is too busy "
+                                f"(it allocated nameplate {nameplate}); try again later")
+        await session.claim(nameplate)
+        await session.open()
+        await session.add("offer", b"")
+    except BaseException:
+        await session.aclose()
+        raise
+    return MailboxPipe(session)
+
+
+async def new_code(mailbox: str | None) -> tuple[str, MailboxPipe | None]:
+    """A fresh code to host; with a mailbox URL, its number is a nameplate allocated there
+    (and the pipe that serves it is returned, for PairingHost(mailbox=...))."""
+    if not mailbox:
+        return make_code(), None
+    pipe = await open_mailbox(mailbox)
+    return make_code(pipe.nameplate), pipe
+
+
 @dataclass(slots=True)
 class HostOutcome:
     """How a hosted pairing ended."""
@@ -99,12 +300,11 @@ class HostOutcome:
     peer: str | None = None
 
 
-async def _pump_write(writer: asyncio.StreamWriter, machine: HostPairing | JoinerPairing) -> None:
+async def _pump_write(pipe: Pipe, machine: HostPairing | JoinerPairing) -> None:
     data = machine.data_to_send()
     if data:
-        writer.write(data)
-        with contextlib.suppress(ConnectionError, OSError):  # the next read notices
-            await writer.drain()
+        pipe.write(data)
+        await pipe.drain()
 
 
 class _Dropped(Exception):
@@ -121,13 +321,16 @@ def _about_peer(failed: Failed) -> str:
 
 
 class _Connection:
-    """One TCP connection to the host and the HostPairing that runs its session."""
+    """One session with the host (a TCP connection, or the mailbox) and its HostPairing.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 machine: HostPairing) -> None:
-        self.reader, self.writer, self.machine = reader, writer, machine
-        peer = writer.get_extra_info("peername")
-        self.who = f"{peer[0]}:{peer[1]}" if peer else "?"
+    `ticket` is what counts it among the connections that proved nothing (PendingConnections),
+    None for the mailbox, which admits one joiner by itself; `decisive`: whatever ends this
+    session ends the code (the mailbox, which admits nobody after it)."""
+
+    def __init__(self, pipe: Pipe, machine: HostPairing, *,
+                 ticket: asyncio.StreamWriter | None = None, decisive: bool = False) -> None:
+        self.pipe, self.machine, self.ticket, self.decisive = pipe, machine, ticket, decisive
+        self.who = pipe.who
         self.proved = False  # its join box opened: it holds the code
         self.stopped = False  # closed by this host, which has said why already
         self._read: asyncio.Task[bytes] | None = None
@@ -135,7 +338,7 @@ class _Connection:
     def pending_read(self) -> asyncio.Task[bytes]:
         """The read under way (one at a time, so no byte is lost when another wait wins)."""
         if self._read is None:
-            self._read = asyncio.ensure_future(self.reader.read(65536))
+            self._read = asyncio.ensure_future(self.pipe.read())
         return self._read
 
     async def read(self, timeout: float | None) -> bytes:
@@ -147,8 +350,8 @@ class _Connection:
         self._read = None
         try:
             data = read.result()
-        except (ConnectionError, OSError):
-            data = b""
+        except P2PError as exc:  # the mailbox misbehaved, or its connection broke
+            raise _Dropped(str(exc).removeprefix("pairing failed: ")) from None
         if not data:
             raise _Dropped("the other device hung up")
         return data
@@ -163,8 +366,8 @@ class _Connection:
         with contextlib.suppress(Exception):
             data = self.machine.data_to_send()
             if data:
-                self.writer.write(data)
-            self.writer.close()
+                self.pipe.write(data)
+            self.pipe.close()
 
 
 class PairingHost:
@@ -179,6 +382,9 @@ class PairingHost:
     or by a joiner that proved it: that attempt is the only one. The host checks its request
     (`on_request` returns the welcome), asks its user to compare the verification number
     (`confirm`), and sends the welcome only on yes; the joiner giving up meanwhile ends it.
+
+    With `mailbox` (from `new_code`, whose nameplate is the code's number) the code is served
+    there too, and closed with the host; the first device there is decisive (see above).
     """
 
     def __init__(self, code: str | PairingCode,
@@ -189,8 +395,12 @@ class PairingHost:
                  bind: str = "0.0.0.0", port: int = 0,
                  limits: ConnectionLimits = LIMITS,
                  confirm_timeout: float = CONFIRM_TIMEOUT,
+                 mailbox: MailboxPipe | None = None,
                  now: Callable[[], float] = time.monotonic) -> None:
         self.code = parse_code(code)
+        if mailbox is not None and mailbox.nameplate != self.code.nameplate:
+            raise ValueError("the code's number must be the mailbox's nameplate")
+        self.mailbox = mailbox
         self.on_request, self.on_complete, self.confirm = on_request, on_complete, confirm
         self.rendezvous, self.bind, self.port = rendezvous, bind, port
         self.limits, self.confirm_timeout = limits, confirm_timeout
@@ -208,12 +418,17 @@ class PairingHost:
         try:
             server = await asyncio.start_server(self._serve, self.bind, self.port)
         except OSError as exc:  # the user's --port is taken, or not theirs to use
+            if self.mailbox is not None:
+                await self.mailbox.aclose()
             raise ConfigError(f"cannot listen for pairing on port {self.port}: "
                               f"{exc.strerror or exc}; choose another --port (0: any free "
                               "port)") from None
         port = server.sockets[0].getsockname()[1]
+        through_mailbox = None
         try:
             async with self.rendezvous.offer(rendezvous_tag(self.code), port):
+                if self.mailbox is not None:
+                    through_mailbox = asyncio.ensure_future(self._serve_mailbox(self.mailbox))
                 if started:
                     started(port)
                 try:
@@ -231,6 +446,13 @@ class PairingHost:
                 await asyncio.wait(self._handlers, timeout=5)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 5)
+            if through_mailbox is not None:
+                through_mailbox.cancel()
+                await asyncio.wait({through_mailbox}, timeout=5)
+            if self.mailbox is not None:
+                out = self.outcome.result()
+                await self.mailbox.aclose("happy" if out.ok else "scary" if out.verifier
+                                          else "errory")
 
     @property
     def _over(self) -> bool:
@@ -251,20 +473,42 @@ class PairingHost:
     def _push_out(self, writer: asyncio.StreamWriter) -> None:
         """Close a connection that proved nothing, to make room for a newcomer (it is told)."""
         for conn in self._connections:
-            if conn.writer is writer:
+            if conn.ticket is writer:
                 conn.stop("too many connections to the pairing host")
                 return
         writer.transport.abort()
 
+    async def _serve_mailbox(self, pipe: MailboxPipe) -> None:
+        """Wait for the device that claims the code on the mailbox, and run its session."""
+        try:
+            await pipe.arrived(None)
+            await pipe.session.release()  # both sides are in: the number is free for others
+        except PairingFailed as exc:  # before anyone came: the mailbox itself failed
+            self._finish(HostOutcome(False, f"{exc}; run `p2pbackup pair` again"))
+            return
+        if self._over:
+            return
+        machine = HostPairing(self.code, expires_at=self.expires_at, now=self._now)
+        await self._session(_Connection(pipe, machine, decisive=True),
+                            MAILBOX_HANDSHAKE_TIMEOUT)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         machine = HostPairing(self.code, expires_at=self.expires_at, now=self._now)
-        conn = _Connection(reader, writer, machine)
+        conn = _Connection(TcpPipe(reader, writer), machine, ticket=writer)
         if self._over:
             conn.stop("this pairing code is no longer offered")
             return
         if not self.pending.admit(writer):
             conn.stop("too many connections to the pairing host from this address")
             return
+        try:
+            await self._session(conn, self.limits.handshake_timeout)
+        finally:
+            self.pending.done(writer)
+
+    async def _session(self, conn: _Connection, handshake_timeout: float) -> None:
+        """One joiner's SPAKE2 session, to the end; what it costs the code is said above."""
+        machine = conn.machine
         self._connections.append(conn)
         task = asyncio.current_task()
         if task is not None:
@@ -272,17 +516,17 @@ class PairingHost:
         tell = "pairing ended on the other device"
         try:
             try:
-                async with asyncio.timeout(self.limits.handshake_timeout):
+                async with asyncio.timeout(handshake_timeout):
                     request = await self._handshake(conn)
             except TimeoutError:
                 raise _Dropped(f"the other device did not prove the code within "
-                               f"{self.limits.handshake_timeout:g} s", "too slow; try again") \
-                    from None
+                               f"{handshake_timeout:g} s", "too slow; try again") from None
             if request is not None:
                 await self._attempt(conn, request)
         except _Dropped as dropped:
             tell = dropped.tell or tell
-            if conn.proved:
+            # (A mailbox joiner that came second to one on the LAN does not end its attempt.)
+            if conn.proved or (conn.decisive and not self._claimed):
                 self._finish(HostOutcome(False, f"pairing failed: {dropped.reason}; this code is "
                                          "used up, run `p2pbackup pair` again",
                                          machine.verifier, conn.who))
@@ -291,10 +535,9 @@ class PairingHost:
                             "device with the code", conn.who, dropped.reason)
         except Exception as exc:  # a bug must end this attempt, not the daemon
             log.exception("pairing with %s failed unexpectedly", conn.who)
-            if conn.proved:
+            if conn.proved or conn.decisive:
                 self._finish(HostOutcome(False, f"pairing failed: {exc}", peer=conn.who))
         finally:
-            self.pending.done(writer)
             if conn in self._connections:
                 self._connections.remove(conn)
             conn.stop(tell)
@@ -317,14 +560,15 @@ class PairingHost:
                     if ev.wrong_code or ev.expired:  # a guess was made, or time is up
                         await self._end(conn, HostOutcome(False, ev.reason, None, conn.who))
                         return None
-                    await _pump_write(conn.writer, m)  # its error frame tells the peer why
+                    await _pump_write(conn.pipe, m)  # its error frame tells the peer why
                     raise _Dropped(_about_peer(ev))
                 if isinstance(ev, JoinRequest):
                     # No await since the box opened, so no other session can claim it too.
                     self._claimed = conn.proved = True
-                    self.pending.done(conn.writer)   # it proved the code: no longer bounded
+                    if conn.ticket is not None:  # it proved the code: no longer bounded
+                        self.pending.done(conn.ticket)
                     return ev
-            await _pump_write(conn.writer, m)
+            await _pump_write(conn.pipe, m)
 
     async def _attempt(self, conn: _Connection, request: JoinRequest) -> None:
         """The device that proved the code: check it, ask our user, then send the welcome."""
@@ -351,7 +595,7 @@ class PairingHost:
         except PairingFailed as exc:  # declined, or the code expired while our user looked
             await self._end(conn, HostOutcome(False, str(exc), request.verifier, conn.who))
             return
-        await _pump_write(conn.writer, m)
+        await _pump_write(conn.pipe, m)
         while True:
             for ev in m.receive_data(await conn.read(READ_TIMEOUT)):
                 if isinstance(ev, Completed):
@@ -368,7 +612,7 @@ class PairingHost:
 
     async def _end(self, conn: _Connection, outcome: HostOutcome) -> None:
         self._finish(outcome)  # before any await: from now on no join box is opened
-        await _pump_write(conn.writer, conn.machine)  # the error frame says why
+        await _pump_write(conn.pipe, conn.machine)  # the error frame says why
 
     async def _while_listening(self, conn: _Connection, step: Awaitable[T]) -> T:
         """Await `step` (our checks, our user) while noticing the joiner give up meanwhile."""
@@ -386,39 +630,61 @@ class PairingHost:
             task.cancel()
 
 
-async def join(code: str | PairingCode, payload: bytes,
-               on_welcome: Callable[[bytes, str], Awaitable[None]], *,
-               rendezvous: Rendezvous, find_timeout: float = 10.0,
-               on_verifier: Callable[[str], None] | None = None) -> str:
-    """Join the device offering `code`; returns the verifier once the welcome is stored."""
-    parsed = parse_code(code)
-    addrs = await rendezvous.locate(rendezvous_tag(parsed), find_timeout)
+async def _reach(code: PairingCode, rendezvous: Rendezvous, mailbox: str | None,
+                 find_timeout: float) -> Pipe:
+    """The joiner's way to the host: through the mailbox if given one, else the rendezvous."""
+    if mailbox:
+        from .discovery.mailbox import MailboxSession
+
+        session = await MailboxSession.connect(mailbox)
+        try:
+            await session.claim(str(code.nameplate))
+            await session.open()
+            pipe = MailboxPipe(session)
+            if not await pipe.arrived(find_timeout):
+                raise PairingFailed(f"no device offers pairing code {code.nameplate}-… through "
+                                    f"the pairing mailbox at {mailbox}; is `p2pbackup pair` "
+                                    "still running there, with the same --mailbox? (codes "
+                                    f"expire after {int(CODE_LIFETIME // 60)} minutes)")
+            await session.release()  # both sides are in: the number is free for others
+        except BaseException:
+            await session.aclose("lonely")
+            raise
+        return pipe
+    addrs = await rendezvous.locate(rendezvous_tag(code), find_timeout)
     if not addrs:
-        raise PairingFailed(f"no device on this network offers pairing code {parsed.nameplate}-"
+        raise PairingFailed(f"no device on this network offers pairing code {code.nameplate}-"
                             "…; is `p2pbackup pair` still running there? (codes expire after "
                             f"{int(CODE_LIFETIME // 60)} minutes)")
-    reader = writer = None
     last: Exception | None = None
     for host, port in addrs:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
-            break
+            return TcpPipe(reader, writer)
         except (OSError, asyncio.TimeoutError) as exc:
             last = exc
-    if reader is None or writer is None:
-        raise PairingFailed(f"cannot reach the device offering the code: {last}")
+    raise PairingFailed(f"cannot reach the device offering the code: {last}")
+
+
+async def join(code: str | PairingCode, payload: bytes,
+               on_welcome: Callable[[bytes, str], Awaitable[None]], *,
+               rendezvous: Rendezvous, mailbox: str | None = None, find_timeout: float = 10.0,
+               on_verifier: Callable[[str], None] | None = None) -> str:
+    """Join the device offering `code` (through `mailbox`, a URL, if given); returns the
+    verifier once the welcome is stored."""
+    parsed = parse_code(code)
+    pipe = await _reach(parsed, rendezvous, mailbox, find_timeout)
     m = JoinerPairing(parsed, payload)
+    mood = "errory"
     try:
-        await _pump_write(writer, m)
+        await _pump_write(pipe, m)
         while True:
             # Once our join is sent, the host's user compares the numbers before answering.
             timeout = READ_TIMEOUT if m.state is State.WAIT_PAKE else CONFIRM_TIMEOUT + READ_TIMEOUT
             try:
-                data = await asyncio.wait_for(reader.read(65536), timeout)
+                data = await asyncio.wait_for(pipe.read(), timeout)
             except asyncio.TimeoutError:
                 raise PairingFailed("pairing failed: the other device stopped answering") from None
-            except (ConnectionError, OSError) as exc:
-                raise PairingFailed(f"pairing failed: the connection broke ({exc})") from None
             if not data:
                 raise PairingFailed("pairing failed: the other device closed the connection "
                                     "(its code may be used up or expired; ask for a new one)")
@@ -430,23 +696,23 @@ async def join(code: str | PairingCode, payload: bytes,
                         await on_welcome(ev.payload, ev.verifier)
                     except P2PError as exc:
                         m.cancel(str(exc))
-                        await _pump_write(writer, m)
+                        await _pump_write(pipe, m)
                         raise
                     m.confirm()
-                    await _pump_write(writer, m)
+                    await _pump_write(pipe, m)
+                    mood = "happy"
                     return ev.verifier
                 elif isinstance(ev, Failed):
-                    await _pump_write(writer, m)
+                    mood = "scary" if ev.wrong_code else mood
+                    await _pump_write(pipe, m)
                     raise PairingFailed(ev.reason)
-            await _pump_write(writer, m)
+            await _pump_write(pipe, m)
     except asyncio.CancelledError:
         # Our user stopped (Ctrl-C), maybe because the numbers differ: tell the host, whose
         # user may still be looking at the question.
         m.cancel("interrupted by its user")
         with contextlib.suppress(Exception):
-            writer.write(m.data_to_send())
+            pipe.write(m.data_to_send())
         raise
     finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
+        await pipe.aclose(mood)

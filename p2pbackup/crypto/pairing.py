@@ -87,9 +87,13 @@ class PairingCode:
         return self.text
 
 
-def make_code() -> str:
-    """Return a fresh random code, e.g. `7-guitarist-revenge` (magic-wormhole's word order)."""
-    nameplate = secrets.randbelow(999) + 1
+def make_code(nameplate: int | None = None) -> str:
+    """Return a fresh random code, e.g. `7-guitarist-revenge` (magic-wormhole's word order);
+    its number is `nameplate` when a mailbox allocated one (1..999), else random."""
+    if nameplate is None:
+        nameplate = secrets.randbelow(999) + 1
+    elif not 1 <= nameplate <= 999:
+        raise ValueError(f"a pairing code's number is 1..999, not {nameplate}")
     return f"{nameplate}-{secrets.choice(ODD_WORDS)}-{secrets.choice(EVEN_WORDS)}"
 
 

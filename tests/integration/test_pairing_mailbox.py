@@ -1,0 +1,158 @@
+"""Pairing across the internet through a mailbox: ours and magic-wormhole's mailbox server.
+
+The two devices share no LAN here: the host does not announce on mDNS and the joiner is given
+no address, only the mailbox, so the mailbox is the only way they meet (on 127.0.0.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pbackup.errors import PairingFailed
+from p2pbackup.pairing_link import HostOutcome, PairingHost, StaticRendezvous, join, new_code
+from tests.conftest import Cli, make_sample_tree, tree_state
+from tests.integration.test_pairing import Host, devices, wrong_words
+from tests.mailboxes import KINDS, mailbox_server
+
+WELCOME = b"the account key and the device records"
+
+
+class Nowhere:
+    """A rendezvous that finds nothing: the joiner must not need the LAN."""
+
+    def offer(self, tag: str, port: int) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()  # type: ignore[return-value]
+
+    async def locate(self, tag: str, timeout: float) -> list[tuple[str, int]]:
+        raise AssertionError("the joiner looked on the LAN")
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def mailbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[str]:
+    with mailbox_server(request.param, tmp_path_factory.mktemp("mailbox")) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def hosting(url: str, answer: bool = True) -> AsyncIterator[tuple[str, asyncio.Task]]:
+    code, pipe = await new_code(url)
+    completed: list[str] = []
+
+    async def on_request(payload: bytes, verifier: str) -> bytes:
+        return WELCOME
+
+    async def confirm(verifier: str) -> bool:
+        return answer
+
+    async def on_complete() -> str:
+        completed.append("yes")
+        return "joined"
+
+    host = PairingHost(code, on_request, on_complete, confirm=confirm,
+                       rendezvous=StaticRendezvous("", 0), bind="127.0.0.1", lifetime=120,
+                       mailbox=pipe)
+    task: asyncio.Task[HostOutcome] = asyncio.ensure_future(host.run())
+    try:
+        yield code, task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_device_pairs_through_the_mailbox_alone(mailbox: str):
+    async with hosting(mailbox) as (code, task):
+        assert 1 <= int(code.split("-")[0]) <= 999  # the nameplate the mailbox allocated
+        got: list[bytes] = []
+
+        async def on_welcome(payload: bytes, verifier: str) -> None:
+            got.append(payload)
+
+        verifier = await asyncio.wait_for(join(code, b"me", on_welcome, rendezvous=Nowhere(),
+                                               mailbox=mailbox), 60)
+        outcome = await asyncio.wait_for(task, 60)
+    assert got == [WELCOME]
+    assert outcome.ok and outcome.verifier == verifier
+
+
+async def test_a_wrong_code_through_the_mailbox_uses_the_code_up(mailbox: str):
+    async with hosting(mailbox) as (code, task):
+        with pytest.raises(PairingFailed, match="code was wrong"):
+            await asyncio.wait_for(join(wrong_words(code), b"me", _never, rendezvous=Nowhere(),
+                                        mailbox=mailbox), 60)
+        outcome = await asyncio.wait_for(task, 60)
+        assert not outcome.ok and "wrong code" in outcome.message
+        # The right code now finds nobody to talk to: one attempt per code.
+        with pytest.raises(PairingFailed):
+            await asyncio.wait_for(join(code, b"me", _never, rendezvous=Nowhere(),
+                                        mailbox=mailbox, find_timeout=3), 60)
+
+
+async def test_a_code_nobody_offers_on_the_mailbox_is_one_line(mailbox: str):
+    with pytest.raises(PairingFailed, match="no device offers pairing code 998-… through the "
+                                            "pairing mailbox"):
+        await asyncio.wait_for(join("998-guitarist-revenge", b"me", _never, rendezvous=Nowhere(),
+                                    mailbox=mailbox, find_timeout=1), 60)
+
+
+async def test_an_unreachable_mailbox_is_one_line():
+    from tests.servers import free_port
+
+    url = f"ws://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(PairingFailed, match="cannot reach the pairing mailbox at"):
+        await new_code(url)
+
+
+async def _never(payload: bytes, verifier: str) -> None:
+    raise AssertionError("a welcome arrived")
+
+
+# --- the real CLI ----------------------------------------------------------------------------
+
+@pytest.fixture
+def owner(tmp_path: Path) -> tuple[Cli, Path]:
+    cli = Cli(tmp_path / "home-a")
+    src = tmp_path / "src"
+    make_sample_tree(src, big=200_000)
+    cli("init", "--source", str(src))
+    cli("snapshot")
+    return cli, src
+
+
+def test_a_new_device_in_a_third_home_pairs_through_the_mailbox(mailbox: str, owner,
+                                                                 tmp_path: Path):
+    a, src = owner
+    b = Cli(tmp_path / "home-b")
+    host = Host(a, "--mailbox", mailbox)
+    joined = b("pair", host.code, "--mailbox", mailbox, "--name", "far-laptop", check=False)
+    assert joined.returncode == 0, joined.stderr
+    code, out, err = host.finish()
+    assert code == 0, err
+    assert "joined as owner" in out
+    assert "far-laptop" in {d["name"] for d in devices(a)["devices"]}
+    # The joined device holds the account: it verifies and restores the host's snapshots.
+    verified = b("verify", "--from", str(a.home / "store"), check=False)
+    assert verified.returncode == 0, verified.stderr
+    b("restore", "latest", "--from", str(a.home / "store"), "--to", str(tmp_path / "out"))
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+
+
+def test_a_wrong_code_through_the_mailbox_is_one_attempt_with_the_cli(mailbox: str, owner,
+                                                                      tmp_path: Path):
+    a, _ = owner
+    b = Cli(tmp_path / "home-b")
+    host = Host(a, "--mailbox", mailbox)
+    wrong = b("pair", wrong_words(host.code), "--mailbox", mailbox, check=False)
+    assert wrong.returncode == 24
+    assert "code was wrong" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
+    code, _, err = host.finish()
+    assert code == 24 and "wrong code" in err and "used up" in err
+    again = b("pair", host.code, "--mailbox", mailbox, check=False)
+    assert again.returncode == 24 and len(again.stderr.strip().splitlines()) == 1
+    assert not (b.home / "config.toml").exists()
