@@ -482,7 +482,6 @@ class PairingHost:
         """Wait for the device that claims the code on the mailbox, and run its session."""
         try:
             await pipe.arrived(None)
-            await pipe.session.release()  # both sides are in: the number is free for others
         except PairingFailed as exc:  # before anyone came: the mailbox itself failed
             self._finish(HostOutcome(False, f"{exc}; run `p2pbackup pair` again"))
             return
@@ -646,7 +645,6 @@ async def _reach(code: PairingCode, rendezvous: Rendezvous, mailbox: str | None,
                                     f"the pairing mailbox at {mailbox}; is `p2pbackup pair` "
                                     "still running there, with the same --mailbox? (codes "
                                     f"expire after {int(CODE_LIFETIME // 60)} minutes)")
-            await session.release()  # both sides are in: the number is free for others
         except BaseException:
             await session.aclose("lonely")
             raise

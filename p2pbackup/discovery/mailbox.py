@@ -230,6 +230,9 @@ class MailboxSession:
         elif t == "message":
             self._received(message)
         elif t == "error":
+            if message.get("error") == "crowded":  # two sides are in its mailbox already
+                raise self._fail("another device is already pairing with this code there (one "
+                                 "attempt per code; ask for a new code)")
             raise self._fail(f"it refused our {_orig_type(message)!r}: "
                              f"{_shown(message.get('error'))}")
         elif t in self._answers:
