@@ -156,3 +156,21 @@ def test_a_wrong_code_through_the_mailbox_is_one_attempt_with_the_cli(mailbox: s
     again = b("pair", host.code, "--mailbox", mailbox, check=False)
     assert again.returncode == 24 and len(again.stderr.strip().splitlines()) == 1
     assert not (b.home / "config.toml").exists()
+
+
+def test_the_daemon_hosts_a_code_through_the_mailbox(mailbox: str, owner, tmp_path: Path):
+    from tests.integration.test_daemon import Daemon
+
+    a, _ = owner
+    daemon = Daemon(a, tmp_path)
+    try:
+        daemon.wait_for("READY=1")
+        host = Host(a, "--mailbox", mailbox)  # goes through the daemon (it holds the lock)
+        assert f"--mailbox {mailbox}" in "".join(host.lines)  # the joiner is told how
+        b = Cli(tmp_path / "home-b")
+        joined = b("pair", host.code, "--mailbox", mailbox, "--name", "far-laptop", check=False)
+        assert joined.returncode == 0, joined.stderr
+        code, out, err = host.finish()
+        assert code == 0 and "joined as owner" in out, err
+    finally:
+        assert daemon.stop() == 0
