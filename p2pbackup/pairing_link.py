@@ -482,8 +482,11 @@ class PairingHost:
         """Wait for the device that claims the code on the mailbox, and run its session."""
         try:
             await pipe.arrived(None)
-        except PairingFailed as exc:  # before anyone came: the mailbox itself failed
-            self._finish(HostOutcome(False, f"{exc}; run `p2pbackup pair` again"))
+        except PairingFailed as exc:  # before anyone came there: the mailbox itself failed
+            if self._claimed:  # a device on the LAN is pairing: its attempt goes on
+                log.warning("%s", exc)
+            else:
+                self._finish(HostOutcome(False, f"{exc}; run `p2pbackup pair` again"))
             return
         if self._over:
             return

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from p2pbackup.broker.mailbox import add_mailbox_routes
-from tests.servers import _program, _running, free_port
+from tests.servers import _program, _running, free_port, serving
 
 KINDS = ["ours", "magic-wormhole"]
 
@@ -26,15 +26,8 @@ async def our_mailbox(**options: Any) -> AsyncIterator[tuple[str, Any]]:
     """Our mailbox in this loop: (its URL, its state)."""
     app = web.Application()
     state = add_mailbox_routes(app, **options)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"ws://127.0.0.1:{port}/v1/mailbox", state
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url.replace("http://", "ws://") + "/v1/mailbox", state
 
 
 @contextlib.contextmanager

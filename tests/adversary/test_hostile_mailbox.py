@@ -20,6 +20,7 @@ from p2pbackup.broker.mailbox import MemoryMailboxes
 from p2pbackup.errors import PairingFailed
 from p2pbackup.pairing_link import HostOutcome, PairingHost, StaticRendezvous, join, new_code
 from tests.mailboxes import our_mailbox
+from tests.servers import serving
 
 WELCOME = b"the account key and the device records"
 Tamper = Callable[[dict[str, Any], bool], list[dict[str, Any]]]
@@ -211,14 +212,8 @@ async def junk_mailbox(after_bind: list[str | bytes]) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/v1", ws)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"ws://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1"  # type: ignore
-    finally:
-        await runner.cleanup()
+    async with serving(app) as url:
+        yield url.replace("http://", "ws://") + "/v1"
 
 
 @pytest.mark.parametrize("junk, said", [

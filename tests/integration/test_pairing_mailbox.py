@@ -15,8 +15,8 @@ import pytest
 
 from p2pbackup.errors import PairingFailed
 from p2pbackup.pairing_link import HostOutcome, PairingHost, StaticRendezvous, join, new_code
-from tests.conftest import Cli, make_sample_tree, tree_state
-from tests.integration.test_pairing import Host, devices, wrong_words
+from tests.conftest import Cli, tree_state
+from tests.integration.test_pairing import Host, devices, owner, wrong_words  # noqa: F401
 from tests.mailboxes import KINDS, mailbox_server
 
 WELCOME = b"the account key and the device records"
@@ -40,7 +40,8 @@ def mailbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 @contextlib.asynccontextmanager
-async def hosting(url: str, answer: bool = True) -> AsyncIterator[tuple[str, asyncio.Task]]:
+async def hosting(url: str, answer: bool | asyncio.Future[bool] = True
+                  ) -> AsyncIterator[tuple[str, asyncio.Task]]:
     code, pipe = await new_code(url)
     completed: list[str] = []
 
@@ -48,7 +49,7 @@ async def hosting(url: str, answer: bool = True) -> AsyncIterator[tuple[str, asy
         return WELCOME
 
     async def confirm(verifier: str) -> bool:
-        return answer
+        return answer if isinstance(answer, bool) else await answer
 
     async def on_complete() -> str:
         completed.append("yes")
@@ -94,6 +95,27 @@ async def test_a_wrong_code_through_the_mailbox_uses_the_code_up(mailbox: str):
                                         mailbox=mailbox, find_timeout=3), 60)
 
 
+async def test_a_second_device_on_the_code_is_refused_while_the_first_pairs(mailbox: str):
+    answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    asked = asyncio.Event()
+    got: list[bytes] = []
+
+    async def on_welcome(payload: bytes, verifier: str) -> None:
+        got.append(payload)
+
+    async with hosting(mailbox, answer) as (code, task):
+        first = asyncio.ensure_future(join(code, b"me", on_welcome, rendezvous=Nowhere(),
+                                           mailbox=mailbox, on_verifier=lambda v: asked.set()))
+        await asyncio.wait_for(asked.wait(), 30)
+        with pytest.raises(PairingFailed, match="another device is already pairing with this "
+                                                "code there"):
+            await asyncio.wait_for(join(code, b"me too", _never, rendezvous=Nowhere(),
+                                        mailbox=mailbox), 30)
+        answer.set_result(True)
+        await asyncio.wait_for(first, 30)
+        assert (await asyncio.wait_for(task, 30)).ok and got == [WELCOME]
+
+
 async def test_a_code_nobody_offers_on_the_mailbox_is_one_line(mailbox: str):
     with pytest.raises(PairingFailed, match="no device offers pairing code 998-… through the "
                                             "pairing mailbox"):
@@ -113,17 +135,7 @@ async def _never(payload: bytes, verifier: str) -> None:
     raise AssertionError("a welcome arrived")
 
 
-# --- the real CLI ----------------------------------------------------------------------------
-
-@pytest.fixture
-def owner(tmp_path: Path) -> tuple[Cli, Path]:
-    cli = Cli(tmp_path / "home-a")
-    src = tmp_path / "src"
-    make_sample_tree(src, big=200_000)
-    cli("init", "--source", str(src))
-    cli("snapshot")
-    return cli, src
-
+# --- the real CLI (the `owner` fixture is test_pairing's) ---------------------------------
 
 def test_a_new_device_in_a_third_home_pairs_through_the_mailbox(mailbox: str, owner,
                                                                  tmp_path: Path):
