@@ -45,8 +45,9 @@ MAX_MAILBOX_MESSAGES = 64
 # claim of a new nameplate makes one, empty).
 MAX_MAILBOXES = 10_000
 MAX_STORED_BYTES = 256 * 1024 * 1024
-# Commands per connection: a burst of 32, then 4 a second. A pairing sends about ten.
-BURST, RATE = 32, 4.0
+# Commands per connection: a burst that fills a mailbox, then 8 a second. A pairing sends
+# about ten (a welcome of 1 MiB, the most a pairing sends, is 32 more).
+BURST, RATE = MAX_MAILBOX_MESSAGES + 16, 8.0
 SIDE = re.compile(r"[0-9a-zA-Z_-]{1,64}")
 MOODS = frozenset({"happy", "lonely", "scary", "errory"})
 

@@ -40,13 +40,13 @@ def mailbox(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 @contextlib.asynccontextmanager
-async def hosting(url: str, answer: bool | asyncio.Future[bool] = True
-                  ) -> AsyncIterator[tuple[str, asyncio.Task]]:
+async def hosting(url: str, answer: bool | asyncio.Future[bool] = True,
+                  welcome: bytes = WELCOME) -> AsyncIterator[tuple[str, asyncio.Task]]:
     code, pipe = await new_code(url)
     completed: list[str] = []
 
     async def on_request(payload: bytes, verifier: str) -> bytes:
-        return WELCOME
+        return welcome
 
     async def confirm(verifier: str) -> bool:
         return answer if isinstance(answer, bool) else await answer
@@ -80,6 +80,22 @@ async def test_a_device_pairs_through_the_mailbox_alone(mailbox: str):
         outcome = await asyncio.wait_for(task, 60)
     assert got == [WELCOME]
     assert outcome.ok and outcome.verifier == verifier
+
+
+async def test_a_welcome_larger_than_a_mailbox_message_crosses_in_pieces(mailbox: str):
+    from p2pbackup.crypto.pairing import MAX_PAYLOAD
+
+    big = bytes(range(256)) * (MAX_PAYLOAD // 256)  # 1 MiB: 32 messages of 32 KiB
+    async with hosting(mailbox, welcome=big) as (code, task):
+        got: list[bytes] = []
+
+        async def on_welcome(payload: bytes, verifier: str) -> None:
+            got.append(payload)
+
+        await asyncio.wait_for(join(code, b"me", on_welcome, rendezvous=Nowhere(),
+                                    mailbox=mailbox), 60)
+        assert (await asyncio.wait_for(task, 60)).ok
+    assert got == [big]
 
 
 async def test_a_wrong_code_through_the_mailbox_uses_the_code_up(mailbox: str):
