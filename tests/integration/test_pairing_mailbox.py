@@ -202,3 +202,19 @@ def test_the_daemon_hosts_a_code_through_the_mailbox(mailbox: str, owner, tmp_pa
         assert code == 0 and "joined as owner" in out, err
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_bad_or_unreachable_mailbox_is_one_line_with_the_cli(owner, tmp_path: Path):
+    from tests.servers import free_port
+
+    a, _ = owner
+    bad = a("pair", "--no-qr", "--yes", "--mailbox", "https://broker.example/v1", check=False)
+    assert bad.returncode == 10 and "give a ws:// or wss:// URL" in bad.stderr
+    url = f"ws://127.0.0.1:{free_port()}/v1"
+    down = a("pair", "--no-qr", "--no-mdns", "--yes", "--mailbox", url, check=False)
+    assert down.returncode == 24 and f"cannot reach the pairing mailbox at {url}" in down.stderr
+    b = Cli(tmp_path / "home-b")
+    joining = b("pair", "7-guitarist-revenge", "--mailbox", url, check=False)
+    assert joining.returncode == 24 and "cannot reach the pairing mailbox" in joining.stderr
+    for r in (bad, down, joining):
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
