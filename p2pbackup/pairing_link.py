@@ -686,6 +686,10 @@ async def join(code: str | PairingCode, payload: bytes,
                 data = await asyncio.wait_for(pipe.read(), timeout)
             except asyncio.TimeoutError:
                 raise PairingFailed("pairing failed: the other device stopped answering") from None
+            except PairingFailed as exc:  # the mailbox misbehaved: tell the host, if it can
+                m.cancel(str(exc).removeprefix("pairing failed: "))
+                await _pump_write(pipe, m)
+                raise
             if not data:
                 raise PairingFailed("pairing failed: the other device closed the connection "
                                     "(its code may be used up or expired; ask for a new one)")
