@@ -45,6 +45,9 @@ MAX_MAILBOX_MESSAGES = 64
 # claim of a new nameplate makes one, empty).
 MAX_MAILBOXES = 10_000
 MAX_STORED_BYTES = 256 * 1024 * 1024
+# Messages queued for a client that does not read them (every message of a full mailbox and
+# the acks of a burst fit).
+MAX_OUTBOX = 4 * MAX_MAILBOX_MESSAGES + 64
 # Commands per connection: a burst that fills a mailbox, then 8 a second. A pairing sends
 # about ten (a welcome of 1 MiB, the most a pairing sends, is 32 more).
 BURST, RATE = MAX_MAILBOX_MESSAGES + 16, 8.0
@@ -216,6 +219,8 @@ class _Connection:
         self.allocated = self.claimed = self.released = self.closed = False
         self.tokens, self._stamp = float(BURST), now()
         self.said: set[str] = set()  # kinds of trouble logged for this connection
+        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.writer = asyncio.ensure_future(self.write())
 
     def note(self, kind: str, text: str) -> None:
         if kind not in self.said:
@@ -232,11 +237,22 @@ class _Connection:
         return True
 
     def send(self, t: str, **fields: Any) -> None:
+        """Queue a message for this client, in order; one that reads nothing is dropped."""
         if self.ws.closed:
             return
-        payload = json.dumps({"type": t, "server_tx": time.time(), **fields})
-        task = asyncio.ensure_future(self.ws.send_str(payload))
-        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        if self.outbox.qsize() >= MAX_OUTBOX:
+            self.note("a client that does not read", f"{MAX_OUTBOX} messages wait for it; "
+                      "connection closed")
+            self.writer.cancel()
+            asyncio.ensure_future(self.ws.close(code=1008, message=b"not reading"))
+            return
+        self.outbox.put_nowait(json.dumps({"type": t, "server_tx": time.time(), **fields}))
+
+    async def write(self) -> None:
+        """The one writer of this WebSocket (so messages leave in the order queued)."""
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while True:
+                await self.ws.send_str(await self.outbox.get())
 
     def deliver(self, message: dict[str, Any]) -> None:
         self.send("message", **message)
@@ -372,6 +388,7 @@ def add_mailbox_routes(app: web.Application, path: str = "/v1/mailbox", *,
                     conn.send("error", error=str(exc), orig={"type": msg["type"][:20]})
         finally:
             conn.gone()
+            conn.writer.cancel()
         return ws
 
     async def pruning(_app: web.Application) -> AsyncIterator[None]:
