@@ -7,6 +7,7 @@ no address, only the mailbox, so the mailbox is the only way they meet (on 127.0
 from __future__ import annotations
 
 import asyncio
+import os
 import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from p2pbackup.errors import PairingFailed
 from p2pbackup.pairing_link import HostOutcome, PairingHost, StaticRendezvous, join, new_code
-from tests.conftest import Cli, tree_state
+from tests.conftest import Cli, make_sample_tree, tree_state
 from tests.integration.test_pairing import Host, devices, owner, wrong_words  # noqa: F401
 from tests.mailboxes import KINDS, mailbox_server
 
@@ -216,3 +217,48 @@ def test_a_bad_or_unreachable_mailbox_is_one_line_with_the_cli(owner, tmp_path: 
     assert joining.returncode == 24 and "cannot reach the pairing mailbox" in joining.stderr
     for r in (bad, down, joining):
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_device_on_another_lan_pairs_through_the_mailbox_with_mdns_on(netlab, tmp_path: Path):
+    """Two homes with no route between them (namespaces); the mailbox is on a machine both
+    reach. The host also announces on its LAN, as by default; the joiner's LAN hears nothing."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.eventually import eventually_sync
+
+    home, far = netlab.lan("home"), netlab.lan("far")
+    a = netlab.host("a", home, "10.10.0.1/24")
+    c = netlab.host("c", far, "10.20.0.1/24")
+    broker = netlab.host("broker", home, "10.10.0.9/24")
+    netlab.attach(broker, far, "10.20.0.9/24")  # it does not forward: the homes stay apart
+    broker.popen([sys.executable, "-m", "p2pbackup.broker.mailbox", "--host", "0.0.0.0",
+                  "--port", "4000"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reach = "import socket,sys; socket.create_connection((sys.argv[1], 4000), 1)"
+    eventually_sync(lambda: c.run([sys.executable, "-c", reach, "10.20.0.9"],
+                                  capture_output=True).returncode == 0, timeout=30)
+    assert not c.ping("10.10.0.1")
+
+    owner = Cli(tmp_path / "home-a")
+    src = tmp_path / "src"
+    make_sample_tree(src, big=100_000)
+    owner("init", "--source", str(src))
+    owner("snapshot")
+    pair = [sys.executable, "-m", "p2pbackup.cli.main", "pair"]
+    host = a.popen(pair + ["--no-qr", "--yes", "--mailbox", "ws://10.10.0.9:4000/v1/mailbox"],
+                   env={"P2PBACKUP_HOME": str(owner.home)}, stdout=subprocess.PIPE,
+                   stderr=subprocess.PIPE, text=True)
+    code = ""
+    while not code:
+        line = host.stdout.readline()  # the test's timeout bounds this
+        assert line, host.stderr.read()
+        m = re.match(r"Pairing code: (\S+)", line)
+        code = m.group(1) if m else ""
+    joined = c.run(pair + [code, "--mailbox", "ws://10.20.0.9:4000/v1/mailbox", "--name", "far"],
+                   env={**os.environ, "P2PBACKUP_HOME": str(tmp_path / "home-c")},
+                   capture_output=True, text=True)
+    assert joined.returncode == 0, joined.stderr
+    out, err = host.communicate(timeout=60)
+    assert host.returncode == 0 and "joined as owner" in out, err
+    assert "far" in {d["name"] for d in devices(owner)["devices"]}
