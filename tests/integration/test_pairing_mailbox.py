@@ -148,6 +148,14 @@ async def test_an_unreachable_mailbox_is_one_line():
         await new_code(url)
 
 
+async def test_a_url_that_is_no_mailbox_is_one_line():
+    from tests.mailboxes import our_mailbox
+
+    async with our_mailbox() as (url, _):
+        with pytest.raises(PairingFailed, match=r"it is not a mailbox \(HTTP 404"):
+            await new_code(url.replace("/v1/mailbox", "/v1/elsewhere"))
+
+
 async def _never(payload: bytes, verifier: str) -> None:
     raise AssertionError("a welcome arrived")
 

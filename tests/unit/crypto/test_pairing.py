@@ -604,3 +604,11 @@ def test_fuzz_mid_session_never_raises(chunks):
     joiner.data_to_send()
     check_never_raises(host, chunks)
     check_never_raises(joiner, chunks)
+
+
+def test_a_code_takes_the_number_a_mailbox_allocated():
+    code = make_code(42)
+    assert code.startswith("42-") and parse_code(code).nameplate == 42
+    for outside in (0, 1000):
+        with pytest.raises(ValueError):
+            make_code(outside)
