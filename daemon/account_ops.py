@@ -94,8 +94,9 @@ class AccountOps:
         lifetime = float(control.arg(args, "expires", (int, float), 600.0))
         port = control.arg(args, "port", int, 0)
         mdns = control.arg(args, "mdns", bool, True)
+        mailbox_url = control.arg(args, "mailbox", str)
         invite = account.invitation(self.d.dev, role, sources, quota)
-        code, mailbox = await new_code(control.arg(args, "mailbox", str))
+        code, mailbox = await new_code(mailbox_url)
         rendezvous = MdnsRendezvous() if mdns else StaticRendezvous("", 0)
         hosted = _HostedPairing()
         host = account.pairing_host(self.d.dev, invite, code, rendezvous=rendezvous,

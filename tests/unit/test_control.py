@@ -36,7 +36,7 @@ def test_arguments_are_checked_by_type():
 
 @pytest.mark.parametrize("bad", [{"expires": True}, {"expires": "600"}, {"port": 7000.5},
                                  {"port": "7000"}, {"quota": "50G"}, {"quota": 1.5},
-                                 {"mdns": "no"}, {"mdns": 0}])
+                                 {"mdns": "no"}, {"mdns": 0}, {"mailbox": 5}])
 async def test_pair_start_checks_its_arguments_by_type_before_anything_else(bad):
     """A malformed pair_start request is refused in words (exit 20) before the daemon does
     anything with it (no daemon here: nothing else may be reached)."""
