@@ -30,6 +30,22 @@ _NODE_TYPES = {CHARDEV: statmod.S_IFCHR, BLOCKDEV: statmod.S_IFBLK}
 Xattrs = tuple[tuple[bytes, bytes], ...]
 
 
+def current_umask() -> int:
+    """The process's umask, read without setting it: os.umask can only read it by setting
+    it, which for an instant gives files other threads create (inside the daemon) the wrong
+    mode. Linux says it in /proc/self/status (since 4.7); elsewhere the set-and-restore."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 # ---- capture -------------------------------------------------------------------------------
 
 def read_xattrs(target: int | bytes) -> Xattrs:

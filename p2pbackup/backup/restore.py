@@ -282,8 +282,7 @@ class Restorer:
         self._lock = threading.Lock()
         self._as_root = os.geteuid() == 0
         self._ids = (os.geteuid(), os.getegid())
-        self._umask = os.umask(0o022)
-        os.umask(self._umask)
+        self._umask = fsmeta.current_umask()
         self._slots = threading.BoundedSemaphore(self.workers * 4)
         self._links: dict[tuple[str, int], tuple[Parts, cf.Future]] = {}
         self._pool: cf.Executor | None = None

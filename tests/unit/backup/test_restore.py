@@ -43,3 +43,38 @@ async def test_names_as_long_as_the_file_system_allows_are_restored(repo: Reposi
                                   temp_dir=str(tmp_path / "t"))).stored
     await restore(repo, stored, str(tmp_path / "out"))
     assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+
+
+async def test_a_restore_never_changes_the_process_umask(repo: Repository, tmp_path: Path,
+                                                         monkeypatch):
+    """Inside the daemon (a console restore) other threads create files at the same time:
+    a restore that set the umask to read it, even for an instant, would give their files
+    the wrong modes. So it reads the umask and never sets it."""
+    from p2pbackup.backup.restore import Restorer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("f")
+    stored = (await take_snapshot(repo, (Source("src", str(src)),),
+                                  temp_dir=str(tmp_path / "t"))).stored
+    real_umask = os.umask
+    calls: list[int] = []
+
+    def recorded(mask: int) -> int:
+        calls.append(mask)
+        return real_umask(mask)
+    monkeypatch.setattr(os, "umask", recorded)
+    await restore(repo, stored, str(tmp_path / "out"), processes=False)
+    Restorer.reader(repo)  # the console's browsing reader too
+    assert calls == []
+    assert (tmp_path / "out" / "src" / "f").read_text() == "f"
+
+
+def test_the_umask_read_without_setting_it_is_the_process_umask():
+    from p2pbackup.backup.fsmeta import current_umask
+
+    old = os.umask(0o027)
+    try:
+        assert current_umask() == 0o027
+    finally:
+        os.umask(old)
