@@ -17,6 +17,7 @@ import stat as statmod
 import time
 from dataclasses import dataclass, field
 
+from p2pbackup import activity
 from p2pbackup.backup import sqlite_capture
 from p2pbackup.backup.files import FileReader
 from p2pbackup.backup.names import show_path
@@ -173,6 +174,7 @@ class SegmentSealer:
     def change_count(self) -> int:
         return sum(len(v) for v in self.pending.values())
 
+    @activity.tracked("seal")
     async def seal(self) -> Head | None:
         """Seal what is pending into the next segment; None if nothing is pending.
 

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from p2pbackup import account, control
+from p2pbackup import account, activity, control
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.blobs import StoreSigner, exit_process, open_store
@@ -443,6 +443,7 @@ class DeviceDaemon:
             "partner_for": self.partner.status() if self.partner else [],
             "stores": [u.status.as_dict() for u, _ in self.uploads.values()],
             "web": self.web.status() if self.web else None,
+            "activities": activity.ACTIVITIES.view(),
         }
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from p2pbackup import activity
 from p2pbackup.blobs import peer as peer_store
 from p2pbackup.blobs.local import join_for_direct_write
 from p2pbackup.errors import IntegrityError, NameMismatch, NotFound, P2PError
@@ -94,6 +95,7 @@ class Replicator:
         # Packs are checked and written by worker processes, out of this one's GIL.
         self.pack_workers = PackIntake(repo.store.root) \
             if repo.store.capabilities.local_disk and intake.available() else None
+        activity.ACTIVITIES.follow(self, lambda r: activity.sessions(r.sessions))
 
     def _join_object(self, name: str, parts: list, total: int) -> bytes | memoryview:
         # A pack goes to a worker in shared memory, or is written once and not read soon (an

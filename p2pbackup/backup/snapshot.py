@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..activity import ACTIVITIES
 from ..config import Source
 from ..crypto.keys import ScopeKeys
 from ..errors import DiskFull, NotFound, P2PError, StorageError
@@ -475,7 +476,13 @@ async def take_snapshot(repo: Repository, sources: tuple[Source, ...], *, temp_d
                               workers=workers, progress=progress, warn=warn, note=note,
                               parent_capture=parent_capture)
     try:
-        roots, counts = await asyncio.to_thread(builder.run)
+        with ACTIVITIES.running("snapshot", ", ".join(s.name for s in sources),
+                                probe=lambda: {"done": progress.bytes,
+                                               "total": progress.expected_bytes or None,
+                                               "files": progress.files,
+                                               "phase": "reading",
+                                               "current": progress.current}):
+            roots, counts = await asyncio.to_thread(builder.run)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFull(temp_dir) from None

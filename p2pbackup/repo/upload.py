@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import blake3
 
-from .. import ids
+from .. import activity, ids
 from ..blobs.base import BlobStore, ObjectExists
 from ..config import StoreSettings
 from ..errors import ConfigError, IntegrityError, NotFound, P2PError, StorageError
@@ -264,6 +264,7 @@ class StoreUploader:
         self._rotten_said: set[str] = set()
         self._wake = asyncio.Event()
         self._wake.set()                         # a first pass at start
+        activity.ACTIVITIES.follow(self, lambda u: activity.upload(u.status))
 
     def notify(self) -> None:
         """New objects may be in the local store: upload them soon."""

@@ -271,6 +271,8 @@ def test_status_and_snapshot_go_through_the_daemon(home, tmp_path: Path):
         st = json.loads(cli("status", "--json").stdout)
         assert st["log"]["seq"] >= snap["log_seq"] and st["last_snapshot"]["id"] == snap["id"]
         assert st["sources"][0]["present"] is True
+        # What it is doing now (p2pbackup.activity): nothing runs once the snapshot is done.
+        assert [a for a in st["activities"] if a["kind"] in ("snapshot", "seal")] == []
         assert "p2pbackupd running" in cli("status").stdout
         # A malformed control message gets an error reply; the daemon keeps running.
         with socket.socket(socket.AF_UNIX) as s:

@@ -5,6 +5,7 @@ was at a moment picked in the timeline."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -203,21 +204,17 @@ def test_pair_a_device_from_the_page_then_remove_it(browser, device, tmp_path: P
     page.close()
 
 
-def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(browser, tmp_path: Path):
-    """The status page follows the daemon's status over server-sent events, without reloads.
-    The peers come from a status the test changes (two daemons seeing each other need network
-    namespaces: tests/integration/test_peers_lan.py covers that `status` tells it)."""
+@contextlib.contextmanager
+def _console_of(status):
+    """A console on a free port whose daemon status is `status()` (what the test changes),
+    in a thread of its own; yields its sign-in address."""
     import asyncio
     import threading
 
     from p2pbackup.web.app import Backend, Console
 
-    peer = {"device": "b" * 64, "name": "laptop", "connected": True, "on_lan": True,
-            "path": "direct lane", "objects_behind": 0, "last_sync": None, "error": None}
-
-    async def status() -> dict:
-        return {"device": "a" * 64, "pid": 1, "sources": [], "log": None,
-                "last_snapshot": None, "peers": [dict(peer)], "errors": []}
+    async def current() -> dict:
+        return status()
 
     loop = asyncio.new_event_loop()
     started = threading.Event()
@@ -225,7 +222,7 @@ def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(browser, tmp_p
 
     def serve() -> None:
         asyncio.set_event_loop(loop)
-        console = Console(Backend(None, (), status), event_interval=0.1)  # type: ignore[arg-type]
+        console = Console(Backend(None, (), current), event_interval=0.1)  # type: ignore[arg-type]
         box["console"], box["port"] = console, loop.run_until_complete(
             console.start("127.0.0.1", 0))
         started.set()
@@ -236,8 +233,25 @@ def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(browser, tmp_p
     thread.start()
     assert started.wait(30)
     try:
-        url = asyncio.run_coroutine_threadsafe(
+        yield asyncio.run_coroutine_threadsafe(
             asyncio.sleep(0, box["console"].login_url()), loop).result(10)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
+def _status(**fields) -> dict:
+    return {"device": "a" * 64, "pid": 1, "sources": [], "log": None, "last_snapshot": None,
+            "peers": [], "errors": [], **fields}
+
+
+def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(browser):
+    """The status page follows the daemon's status over server-sent events, without reloads.
+    The peers come from a status the test changes (two daemons seeing each other need network
+    namespaces: tests/integration/test_peers_lan.py covers that `status` tells it)."""
+    peer = {"device": "b" * 64, "name": "laptop", "connected": True, "on_lan": True,
+            "path": "direct lane", "objects_behind": 0, "last_sync": None, "error": None}
+    with _console_of(lambda: _status(peers=[dict(peer)])) as url:
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector("#peers li.online:has-text('laptop')")
@@ -248,6 +262,29 @@ def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(browser, tmp_p
         peer.update(connected=True, on_lan=True, path="data channel")
         page.wait_for_selector("#peers li.online:has-text('data channel')")
         page.close()
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(30)
+
+
+def test_the_daemons_work_is_drawn_as_live_progress_bars(browser):
+    """status.activities (p2pbackup.activity) as the page shows it: a bar per piece of work
+    whose end is known, moving as the pushed status moves, gone when the work ends."""
+    snapshot = {"kind": "snapshot", "name": "src", "phase": "reading", "done": 1 << 20,
+                "total": 4 << 20, "unit": "bytes", "files": 12}
+    replication = {"kind": "replication", "name": "b" * 64, "phase": "receiving",
+                   "done": 300, "total": 1200, "unit": "bytes", "sent_bytes": 0,
+                   "sent_objects": 0, "received_bytes": 300, "received_objects": 3}
+    peer = {"device": "b" * 64, "name": "laptop", "connected": True, "on_lan": True,
+            "path": "direct lane", "objects_behind": 9, "last_sync": None, "error": None}
+    work = [snapshot, replication]
+    with _console_of(lambda: _status(peers=[peer], activities=[dict(a) for a in work])) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#work li[data-kind='snapshot'] progress")
+        assert page.get_attribute("#work li[data-kind='snapshot'] progress", "value") == \
+            str(1 << 20)
+        assert "25%" in page.inner_text("#work li[data-kind='snapshot']")
+        assert "replication with laptop: receiving 25%" in page.inner_text("#work")
+        snapshot["done"] = 3 << 20
+        page.wait_for_selector("#work li[data-kind='snapshot']:has-text('75%')")
+        work.clear()
+        page.wait_for_selector("#work:has-text('idle')")
+        page.close()

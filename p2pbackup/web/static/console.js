@@ -48,6 +48,8 @@ function renderStatus(st) {
     activity.append(el("li", {}, `source ${s.name}: ${s.path}` + (s.present ? "" : " (missing)")));
   }
   rows.push(activity);
+  rows.push(el("h2", {}, "Now"));
+  rows.push(renderWork(st.activities || [], st.peers || []));
   const peers = el("ul", {id: "peers"});
   for (const p of st.peers || []) {
     const where = p.connected ? `connected over the ${p.path}` :
@@ -75,6 +77,38 @@ function renderStatus(st) {
     rows.push(el("p", {class: "muted"}, "none"));
   }
   box.replaceChildren(...rows);
+}
+
+const WORK = {snapshot: "snapshot of", seal: "sealing the log segment", replication:
+  "replication with", upload: "upload to"};
+
+// What the daemon is doing now (status.activities), a bar each where the end is known.
+function renderWork(activities, peers) {
+  const names = Object.fromEntries(peers.map((p) => [p.device, p.name || p.device.slice(0, 12)]));
+  const busy = activities.filter((a) => a.phase !== "idle");
+  if (!busy.length) return el("p", {id: "work", class: "muted"}, "idle");
+  const ul = el("ul", {id: "work"});
+  for (const a of busy) {
+    const who = a.kind === "replication" ? names[a.name] || a.name.slice(0, 12) : a.name;
+    let text = `${WORK[a.kind] || a.kind} ${who || ""}`.trim() + (a.phase ? `: ${a.phase}` : "");
+    const li = el("li", {class: "work", "data-kind": a.kind});
+    if (a.total) {
+      const pct = Math.min(100, Math.round(100 * a.done / a.total));
+      text += ` ${pct}% (${size(a.done)} of ${size(a.total)})`;
+      li.append(el("progress", {max: String(a.total), value: String(Math.min(a.done, a.total))}),
+        " ");
+    } else if (a.done) {
+      text += ` (${size(a.done)})`;
+    }
+    if (a.kind === "replication") {
+      text += `; sent ${a.sent_objects} objects (${size(a.sent_bytes)}), received ` +
+        `${a.received_objects} (${size(a.received_bytes)})`;
+    }
+    if (a.files !== undefined) text += `; ${a.files} files`;
+    li.append(text);
+    ul.append(li);
+  }
+  return ul;
 }
 
 function progressText(j) {

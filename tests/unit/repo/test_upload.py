@@ -478,3 +478,17 @@ async def test_a_member_device_does_not_register_the_account_and_says_so_in_one_
     assert u.status.last_error == (
         f"store {remote.location}: the account is not registered there, and only an owner "
         "device registers it: `p2pbackup store add` it with the invite on an owner device first")
+
+
+async def test_a_store_that_lacks_objects_is_listed_as_an_activity(pair, tmp_path, progress):
+    from p2pbackup.activity import ACTIVITIES
+
+    a, _, _ = pair
+    remote = WatchedStore(tmp_path / "remote")
+    remote.fail_after = 1   # one object goes up, then the store fails
+    up = uploader(a, remote, progress)
+    assert not await up.upload_once()
+    (view,) = [v for v in ACTIVITIES.view() if v["kind"] == "upload"
+               and v["name"] == remote.location]
+    assert view["phase"] == "retrying" and view["uploaded_objects"] == 1
+    assert view["objects_behind"] > 0 and view["total"] > view["done"] > 0
