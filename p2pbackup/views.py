@@ -13,6 +13,14 @@ def iso_time(ns: int) -> str:
     return dt.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")
 
 
+def moment_after(ns: int) -> str:
+    """A moment `--at` takes (ISO 8601, local time, to the microsecond) that falls just after
+    `ns`: what was done at `ns` is in the state it names, rounding aside."""
+    us = -(-ns // 1000) + 1
+    t = dt.datetime.fromtimestamp(us // 1_000_000).astimezone()
+    return (t + dt.timedelta(microseconds=us % 1_000_000)).isoformat(timespec="microseconds")
+
+
 def snapshot_json(stored: StoredSnapshot) -> dict[str, Any]:
     snap = stored.snapshot
     return {

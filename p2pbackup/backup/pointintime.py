@@ -8,10 +8,10 @@ state the device really was in. The replayed changes form an overlay on the snap
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Sequence
 from dataclasses import dataclass, field
 
-from ..format.log import DEL, PUT, Change
+from ..format.log import DEL, PUT, Change, Segment
 from ..format.membership import SignerRefused
 from ..format.records import DIR, Tree, TreeEntry
 from ..repo.logstore import LogStore
@@ -65,6 +65,81 @@ class Overlay:
         return Tree(tuple(entries[n] for n in sorted(entries)))
 
 
+async def segments_after(logstore: LogStore, device: str, after_seq: int = 0, *,
+                         skip: Container[int] = ()) -> AsyncIterator[tuple[int, Segment]]:
+    """The segments of `device`'s log after `after_seq` (but those in `skip`), in seq
+    order, read and checked."""
+    for seq in await logstore.segment_seqs(device):
+        if seq <= after_seq or seq in skip:
+            continue
+        try:
+            _, seg = await logstore.load_segment(device, seq)
+        except SignerRefused:
+            return   # a removed device's log ends where its removal pinned it
+        yield seq, seg
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSummary:
+    """One sealed log segment as a timeline shows it: when, and how many changes per source."""
+
+    device: str
+    seq: int
+    time_ns: int                  # when it was sealed
+    first_ns: int | None          # its first and last change (None: no change)
+    last_ns: int | None
+    changes: tuple[tuple[str, int], ...]   # (source, changes), sources in order
+
+
+def summarize(logstore: LogStore, seq: int, seg: Segment) -> SegmentSummary:
+    times: list[int] = []
+    counts = []
+    for scope, cl in logstore.open_changes(seg):
+        counts.append((scope, len(cl.changes)))
+        times.extend(c.time_ns for c in cl.changes)
+    return SegmentSummary(seg.device, seq, seg.time_ns, min(times, default=None),
+                          max(times, default=None), tuple(counts))
+
+
+async def log_summaries(logstore: LogStore, device: str, newest: int,
+                        known: dict[tuple[str, int], SegmentSummary]) -> list[SegmentSummary]:
+    """The newest `newest` segments of `device`'s log, summarized; `known` keeps summaries
+    between calls (segments never change), so only new segments are read."""
+    seqs = (await logstore.segment_seqs(device))[-newest:]
+    if not seqs:
+        return []
+    have = {seq for seq in seqs if (device, seq) in known}
+    async for seq, seg in segments_after(logstore, device, seqs[0] - 1, skip=have):
+        known[(device, seq)] = summarize(logstore, seq, seg)
+    return [known[(device, seq)] for seq in seqs if (device, seq) in known]
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedChange:
+    """A change to one path found in the log: its new entry, or None where it was deleted."""
+
+    seq: int
+    time_ns: int
+    entry: TreeEntry | None
+
+
+async def changes_of(logstore: LogStore, device: str, source: str, rel: bytes,
+                     after_seq: int = 0) -> list[LoggedChange]:
+    """Every change the log of `device` after `after_seq` holds for `rel` in `source` (a
+    deletion of a folder above it counts as its deletion), oldest first."""
+    out: list[LoggedChange] = []
+    async for seq, seg in segments_after(logstore, device, after_seq):
+        for scope, cl in logstore.open_changes(seg):
+            if scope != source:
+                continue
+            for c in cl.changes:
+                if c.path == rel and c.op == PUT:
+                    out.append(LoggedChange(seq, c.time_ns, c.entry))
+                elif c.op == DEL and (c.path == rel or rel.startswith(c.path + b"/")):
+                    out.append(LoggedChange(seq, c.time_ns, None))
+    return out
+
+
 async def plan_at(repo: Repository, ref: str, at_ns: int, *,
                   sources: Sequence[SourceLike] = (), path: str | None = None,
                   note: Callable[[str], None] | None = None
@@ -79,16 +154,9 @@ async def plan_at(repo: Repository, ref: str, at_ns: int, *,
     base = await repo.find_snapshot(ref, sources=sources, path=path,
                                     before_ns=at_ns if ref == "latest" else None, note=note)
     logstore = LogStore(repo)
-    device = base.snapshot.device
     overlays: dict[str, Overlay] = {r.name: Overlay() for r in base.snapshot.sources}
     last_seq = base.snapshot.log_seq
-    for seq in await logstore.segment_seqs(device):
-        if seq <= base.snapshot.log_seq:
-            continue
-        try:
-            _, seg = await logstore.load_segment(device, seq)
-        except SignerRefused:
-            break   # a removed device's log ends where its removal pinned it
+    async for seq, seg in segments_after(logstore, base.snapshot.device, last_seq):
         cut = False
         for scope, cl in logstore.open_changes(seg):
             for c in cl.changes:

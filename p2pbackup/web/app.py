@@ -25,16 +25,17 @@ from typing import Any
 from aiohttp import web
 
 from ..backup.names import show_path
-from ..backup.pointintime import Overlay, plan
+from ..backup.pointintime import Overlay, SegmentSummary, changes_of, log_summaries, plan
 from ..backup.restore import Restorer, RestoreProgress, restore
 from ..backup.verify import VerifyProgress, verify
 from ..config import Source
 from ..errors import IntegrityError, NotFound, P2PError
 from ..format.records import DIR, FILE, SYMLINK
+from ..repo.logstore import LogStore
 from ..repo.repository import Repository
 from ..repo.snapshots import StoredSnapshot
 from ..timeparse import TimeFormatError, parse_time
-from ..views import iso_time, snapshot_json, verify_lines
+from ..views import iso_time, moment_after, snapshot_json, verify_lines
 from . import pages
 from .archive import tar_stream
 from .security import SESSION, Gate, middleware
@@ -48,6 +49,7 @@ SEARCH_ENTRIES = 1_000_000  # entries looked at, at most (a search never walks f
 EVENT_INTERVAL = 0.5   # seconds between looks at the status for a change to push
 KEEPALIVE = 15.0       # seconds of no change before a comment keeps the stream open
 PLAN_CACHE = 4         # recent (snapshot, moment) plans kept for paging
+TIMELINE_SEGMENTS = 500  # newest log segments per device on the timeline
 FOLDER_CACHE = 2       # recent folder listings kept for paging (100,000 entries: ~25 MiB)
 # Counters that move every second: a change in them alone is not news worth pushing.
 _TICKING = ("uptime_seconds", "next_snapshot_in", "next_seal_in")
@@ -158,6 +160,7 @@ class Console:
                                                           dict[str, Overlay] | None]] = \
             collections.OrderedDict()
         self._found: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+        self._segments: dict[tuple[str, int], SegmentSummary] = {}   # (segments never change)
         self.app = web.Application(middlewares=[middleware(self.gate)],
                                    client_max_size=64 * 1024)
         reads = self._reading
@@ -174,6 +177,7 @@ class Console:
             web.get("/api/archive", reads(self.api_archive)),
             web.get("/api/versions", reads(self.api_versions)),
             web.get("/api/search", reads(self.api_search)),
+            web.get("/api/timeline", reads(self.api_timeline)),
             web.get("/api/storage", reads(self.api_storage)),
             web.get("/versions", reads(self.versions_page)),
             web.post("/api/restore", reads(self.api_restore)),
@@ -313,14 +317,15 @@ class Console:
                 "limit": limit, "total": total, "entries": entries}
 
     async def versions(self, request: web.Request) -> dict[str, Any]:
-        """The versions of one file across the snapshots that hold it, oldest first: a new
-        one where its contents changed."""
+        """The versions of one file, oldest first: from the snapshots that hold it (a new
+        one where its contents changed) and from the log between them (each change sealed
+        in a segment; a deletion too). Each has the `at` that shows it (as `restore --at`)."""
         path = request.query.get("path", "").strip("/")
         snaps, _ = await self.backend.repo.list_snapshots()
         reader = Restorer.reader(self.backend.repo)
-        out: list[dict[str, Any]] = []
-        last = None
-        source = path.split("/", 1)[0]
+        source, _, rel = path.partition("/")
+        found_in: list[tuple[int, dict[str, Any], Any]] = []   # (time, version, contents)
+        first_seq: dict[str, int] = {}   # device -> log seq of its first snapshot holding it
         for stored in snaps:
             if source not in (r.name for r in stored.snapshot.sources):
                 continue
@@ -331,16 +336,58 @@ class Console:
             e = found.entry
             if e is None or e.type != FILE:
                 continue
-            same = last is not None and (e.size, e.chunks, e.offset) == last
-            last = (e.size, e.chunks, e.offset)
-            if not same:
-                out.append({"snapshot": snapshot_json(stored), "size": e.size,
-                            "mtime": iso_time(e.mtime_ns)})
-            else:
-                out[-1]["last_seen"] = snapshot_json(stored)["time"]
+            snap = stored.snapshot
+            first_seq.setdefault(snap.device, snap.log_seq)
+            found_in.append((snap.time_ns, {"from": "snapshot", "snapshot": snapshot_json(stored),
+                                            "size": e.size, "mtime": iso_time(e.mtime_ns),
+                                            "at": moment_after(snap.time_ns)},
+                             (e.size, e.chunks, e.offset)))
+        logstore = LogStore(self.backend.repo)
+        for device, after in first_seq.items():
+            for c in await changes_of(logstore, device, source, os.fsencode(rel), after):
+                e = c.entry
+                if e is not None and e.type != FILE:
+                    continue
+                v = {"from": "log", "device": device, "seq": c.seq, "time": iso_time(c.time_ns),
+                     "at": moment_after(c.time_ns)}
+                if e is None:
+                    found_in.append((c.time_ns, {**v, "deleted": True}, None))
+                else:
+                    found_in.append((c.time_ns, {**v, "size": e.size,
+                                                 "mtime": iso_time(e.mtime_ns)},
+                                     (e.size, e.chunks, e.offset)))
+        out: list[dict[str, Any]] = []
+        last: Any = ()
+        for _t, version, contents in sorted(found_in, key=lambda f: f[0]):
+            if contents == last and out:
+                out[-1]["last_seen"] = version.get("time") or version["snapshot"]["time"]
+                continue
+            last = contents
+            out.append(version)
         if not out:
             raise NotFound(f"no snapshot holds a file {path}")
         return {"path": path, "versions": out}
+
+    async def timeline(self) -> dict[str, Any]:
+        """Per device: its snapshots and its newest sealed log segments (when, and how many
+        changes per source), for the Timeline page."""
+        snaps = await self.snapshot_list()
+        devices: dict[str, dict[str, Any]] = {}
+        for s in snaps:
+            devices.setdefault(s["device"], {"device": s["device"], "hostname": s["hostname"],
+                                             "snapshots": [], "segments": []})
+            devices[s["device"]]["snapshots"].append(s)
+        logstore = LogStore(self.backend.repo)
+        for device, doc in devices.items():
+            doc["hostname"] = doc["snapshots"][-1]["hostname"]
+            for seg in await log_summaries(logstore, device, TIMELINE_SEGMENTS, self._segments):
+                doc["segments"].append({
+                    "seq": seg.seq, "sealed": iso_time(seg.time_ns),
+                    "first_change": iso_time(seg.first_ns) if seg.first_ns else None,
+                    "last_change": iso_time(seg.last_ns) if seg.last_ns else None,
+                    "at": moment_after(seg.last_ns or seg.time_ns),
+                    "changes": dict(seg.changes)})
+        return {"devices": list(devices.values())}
 
     async def search(self, request: web.Request) -> dict[str, Any]:
         """Entries whose name holds `q` (any case) in the folder `path` of a snapshot and
@@ -419,6 +466,9 @@ class Console:
 
     async def api_search(self, request: web.Request) -> web.Response:
         return await _answer(self.search(request))
+
+    async def api_timeline(self, request: web.Request) -> web.Response:
+        return await _answer(self.timeline())
 
     async def api_versions(self, request: web.Request) -> web.Response:
         return await _answer(self.versions(request))
@@ -629,9 +679,12 @@ class Console:
         return self._page(request, "Browse", pages.browse(listing, request.query.get("at", "")))
 
     async def timeline_page(self, request: web.Request) -> web.Response:
+        try:
+            doc = await self.timeline()
+        except P2PError as exc:
+            return self._page(request, "Timeline", pages.problem(str(exc)))
         return self._page(request, "Timeline",
-                          pages.timeline(await self.snapshot_list(),
-                                         [s.name for s in self.backend.sources]))
+                          pages.timeline(doc, [s.name for s in self.backend.sources]))
 
 
 def _without_ticking(obj: Any) -> Any:

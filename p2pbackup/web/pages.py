@@ -127,12 +127,12 @@ def browse(listing: dict[str, Any], at: str) -> str:
             '<p id="restore-state" role="status"></p></form></dialog>')
 
 
-def timeline(snaps: list[dict[str, Any]], sources: list[str]) -> str:
-    """Per device, its snapshots on one time axis; a moment picker browses the device as it
-    was then (the snapshot before it plus the log after that, as `restore --at`)."""
-    by_device: dict[str, list[dict[str, Any]]] = {}
-    for s in snaps:
-        by_device.setdefault(s["device"], []).append(s)
+def timeline(doc: dict[str, Any], sources: list[str]) -> str:
+    """Per device and source, its snapshots and the log segments sealed between them on one
+    time axis; each opens Browse as it was then. A moment picker browses any other moment
+    (the snapshot before it plus the log after that, as `restore --at`)."""
+    import datetime as dt
+
     options = "".join(f'<option value="{escape(n)}">{escape(n)}</option>' for n in sources)
     picker = ('<form id="moment" action="/browse" method="get">'
               '<label>Moment <input type="datetime-local" step="1" name="at" id="moment-at" '
@@ -141,21 +141,43 @@ def timeline(snaps: list[dict[str, Any]], sources: list[str]) -> str:
               '<input type="hidden" name="snapshot" value="latest">'
               '<button type="submit">Browse as it was</button></form>'
               if sources else "<p>This device has no sources of its own.</p>")
-    if not snaps:
+    if not doc["devices"]:
         return picker + "<p>No snapshots yet.</p>"
-    lo = min(s["time"] for s in snaps)
-    hi = max(s["time"] for s in snaps)
+    times = [s["time"] for d in doc["devices"] for s in d["snapshots"]]
     lanes = []
-    for device, group in by_device.items():
-        marks = "".join(
-            f'<li data-time="{escape(s["time"])}">'
-            f'{_browse_link(s["id"], "", text=s["time"][:19].replace("T", " "))}</li>'
-            for s in group)
-        lanes.append(f'<section class="lane"><h2>{escape(group[-1]["hostname"])} '
-                     f'<small>{escape(device[:12])}</small></h2>'
-                     f'<ol class="axis">{marks}</ol></section>')
-    return (picker + f'<p class="muted">from {escape(lo)} to {escape(hi)}; between snapshots '
-            "the log holds every change, so any moment can be browsed</p>" + "".join(lanes))
+    for d in doc["devices"]:
+        names: dict[str, None] = {}
+        for s in d["snapshots"]:
+            names.update((r["name"], None) for r in s["sources"])
+        for seg in d["segments"]:
+            names.update((n, None) for n in seg["changes"])
+        for name in names:
+            marks: list[tuple[dt.datetime, str]] = []
+            for s in d["snapshots"]:
+                if any(r["name"] == name for r in s["sources"]):
+                    marks.append((dt.datetime.fromisoformat(s["time"]),
+                                  f'<li class="snapshot" data-time="{escape(s["time"])}">'
+                                  + _browse_link(s["id"], name, text=s["time"][:19]
+                                                 .replace("T", " ") + " snapshot "
+                                                 + s["short_id"]) + "</li>"))
+            for seg in d["segments"]:
+                n = seg["changes"].get(name)
+                if not n:
+                    continue
+                when = seg["last_change"] or seg["sealed"]
+                marks.append((dt.datetime.fromisoformat(seg["at"]),
+                              f'<li class="segment" data-time="{escape(when)}">'
+                              + _browse_link("latest", name, seg["at"],
+                                             f'{when[:19].replace("T", " ")} log segment '
+                                             f'{seg["seq"]}: {n} change{"s" * (n != 1)}')
+                              + "</li>"))
+            marks.sort(key=lambda m: m[0])
+            lanes.append(f'<section class="lane"><h2>{escape(d["hostname"])} '
+                         f'<small>{escape(d["device"][:12])}</small> · {escape(name)}</h2>'
+                         f'<ol class="axis">{"".join(m for _, m in marks)}</ol></section>')
+    return (picker + f'<p class="muted">snapshots from {escape(min(times))} to '
+            f'{escape(max(times))}; between them the log holds every change (its sealed '
+            "segments are marked), so any moment can be browsed</p>" + "".join(lanes))
 
 
 def devices(doc: dict[str, Any], can_change: bool) -> str:
@@ -214,18 +236,29 @@ def verify() -> str:
 def versions(doc: dict[str, Any]) -> str:
     rows = []
     for v in reversed(doc["versions"]):
-        snap = v["snapshot"]
-        q = urlencode({"snapshot": snap["id"], "path": doc["path"]})
+        q = urlencode({"snapshot": v["snapshot"]["id"], "path": doc["path"]}
+                      if v["from"] == "snapshot" else
+                      {"snapshot": "latest", "path": doc["path"], "at": v["at"]})
         seen = f" (unchanged until {escape(v['last_seen'])})" if v.get("last_seen") else ""
-        folder = _browse_link(snap["id"], doc["path"].rpartition("/")[0], text=snap["short_id"])
-        rows.append(f"<tr><td>{escape(snap['time'])}{seen}</td><td>{folder}</td>"
-                    f"<td class=num>{escape(format_size(v['size']))}</td>"
-                    f"<td>{escape(v['mtime'])}</td>"
-                    f'<td><a class="download" download href="/api/file?{escape(q)}">download'
-                    "</a></td></tr>")
+        folder = doc["path"].rpartition("/")[0]
+        if v["from"] == "snapshot":
+            snap = v["snapshot"]
+            when = snap["time"]
+            where = "snapshot " + _browse_link(snap["id"], folder, text=snap["short_id"])
+        else:
+            when = v["time"]
+            where = "log " + _browse_link("latest", folder, v["at"], f"segment {v['seq']}")
+        if v.get("deleted"):
+            size, mtime, get = "", "deleted", ""
+        else:
+            size, mtime = format_size(v["size"]), v["mtime"]
+            get = f'<a class="download" download href="/api/file?{escape(q)}">download</a>'
+        rows.append(f'<tr class="{escape(v["from"])}"><td>{escape(when)}{seen}</td>'
+                    f"<td>{where}</td><td class=num>{escape(size)}</td>"
+                    f"<td>{escape(mtime)}</td><td>{get}</td></tr>")
     return (f"<p><code>{escape(doc['path'])}</code>: {len(doc['versions'])} versions in the "
-            "snapshots (newest first)</p>"
-            '<table class="list" id="versions"><thead><tr><th>Snapshot time</th><th>ID</th>'
+            "snapshots and the log between them (newest first)</p>"
+            '<table class="list" id="versions"><thead><tr><th>Time</th><th>From</th>'
             f'<th>Size</th><th>Modified</th><th></th></tr></thead><tbody>{"".join(rows)}'
             "</tbody></table>")
 

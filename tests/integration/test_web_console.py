@@ -205,3 +205,67 @@ async def test_search_by_name_finds_entries_below_a_folder(repo, sample_tree: Pa
     assert everywhere["complete"] is True
     assert [e["path"] for e in below["entries"]] == ["src/docs/deep/er"]
     assert "b.json" in page and "1 names hold" in page
+
+
+async def test_log_segments_are_on_the_timeline_and_a_files_versions_include_the_log(
+        repo, tmp_path: Path):
+    """Between snapshots the daemon's log holds every change: the timeline shows its sealed
+    segments per device and source, and a file's versions list the ones from the log too,
+    each downloadable as it was."""
+    from p2pbackup.daemon.capture import SealState, SegmentSealer
+    from p2pbackup.format.log import GENESIS
+
+    src = tmp_path / "src"
+    src.mkdir()
+    letter = src / "letter.txt"
+    letter.write_text("version 1\n")
+    (src / "other.txt").write_text("never changes\n")
+    await _snapshot(repo, src, tmp_path)
+    sources = (Source("src", str(src)),)
+    sealer = SegmentSealer(repo, repo.identity, sources, str(tmp_path / "t"),
+                           SealState(0, GENESIS))
+    try:
+        for text in ("version 2\n", "version 3, longer\n"):
+            letter.write_text(text)
+            await sealer.capture(os.fsencode(letter))
+            assert await sealer.seal() is not None
+        (src / "other.txt").unlink()
+        await sealer.capture(os.fsencode(src / "other.txt"))
+        assert await sealer.seal() is not None
+    finally:
+        sealer.close()
+    c = Console(Backend(repo, sources, _status))
+    port = await c.start("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            cookie, _ = await _login(c, base, http)
+            headers = {"Cookie": cookie}
+            async with http.get(f"{base}/api/timeline", headers=headers) as r:
+                timeline = await r.json()
+            async with http.get(f"{base}/timeline", headers=headers) as r:
+                page = await r.text()
+            async with http.get(f"{base}/api/versions?path=src/letter.txt",
+                                headers=headers) as r:
+                versions = await r.json()
+            got = []
+            for v in versions["versions"]:
+                async with http.get(f"{base}/api/file", headers=headers,
+                                    params={"snapshot": "latest", "path": "src/letter.txt",
+                                            "at": v["at"]}) as r:
+                    got.append(await r.text())
+            async with http.get(f"{base}/api/versions?path=src/other.txt",
+                                headers=headers) as r:
+                other = await r.json()
+    finally:
+        await c.close()
+    (device,) = timeline["devices"]
+    assert device["device"] == repo.identity.device_id and len(device["snapshots"]) == 1
+    assert [(s["seq"], s["changes"]) for s in device["segments"]] == \
+        [(1, {"src": 1}), (2, {"src": 1}), (3, {"src": 1})]
+    assert page.count('class="segment"') == 3 and "log segment 2" in page
+    assert [v["from"] for v in versions["versions"]] == ["snapshot", "log", "log"]
+    assert [v.get("seq") for v in versions["versions"]] == [None, 1, 2]
+    assert got == ["version 1\n", "version 2\n", "version 3, longer\n"]
+    assert [v["from"] for v in other["versions"]] == ["snapshot", "log"]
+    assert other["versions"][-1]["deleted"] is True

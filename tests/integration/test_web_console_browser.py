@@ -141,6 +141,8 @@ def test_a_moment_picked_in_the_timeline_shows_that_version(browser, device, tmp
 
     page = _sign_in(browser, cli)
     page.click("nav >> text=Timeline")
+    # The log segments sealed since the snapshot are on its time axis.
+    assert page.locator(".lane li.segment").count() >= 2
     page.fill("#moment-at", moment.isoformat(timespec="seconds"))
     page.select_option("#moment-source", "src")
     page.click("form#moment >> button")
@@ -159,7 +161,14 @@ def test_a_moment_picked_in_the_timeline_shows_that_version(browser, device, tmp
     page.go_back()
     page.click("tr:has-text('letter.txt') >> a.versions")
     rows = page.locator("#versions tbody tr")
-    assert rows.count() == 2
+    # Newest first: version 3 from the log (the second snapshot holds the same), version 2
+    # from the log, version 1 from the first snapshot.
+    assert rows.count() == 3
+    assert [rows.nth(i).get_attribute("class") for i in range(3)] == ["log", "log", "snapshot"]
+    with page.expect_download() as got:
+        rows.nth(1).locator("a.download").click()
+    got.value.save_as(tmp_path / "second")
+    assert (tmp_path / "second").read_text() == "version 2, after the snapshot\n"
     with page.expect_download() as got:
         rows.nth(0).locator("a.download").click()
     got.value.save_as(tmp_path / "newest")
