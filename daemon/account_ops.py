@@ -61,7 +61,8 @@ class AccountOps:
 
     def handlers(self) -> dict[str, Any]:
         return {"pair_start": self.pair_start, "pair_wait": self.pair_wait,
-                "pair_answer": self.pair_answer, "devices_remove": self.devices_remove}
+                "pair_answer": self.pair_answer, "pair_cancel": self.pair_cancel,
+                "devices_remove": self.devices_remove}
 
     def leases(self) -> dict[str, Any]:
         return {"pair_host": self.pair_host}
@@ -76,9 +77,7 @@ class AccountOps:
         try:
             yield started
         finally:
-            if hosted.task is not None and not hosted.task.done():
-                log.info("pairing code withdrawn: the pair command that showed it ended")
-                hosted.task.cancel()
+            _withdraw(hosted, "the pair command that showed it ended")
 
     async def pair_start(self, args: dict[str, Any]) -> dict[str, Any]:
         """Start hosting a new code; returns it at once (pair_wait reports the end)."""
@@ -161,12 +160,20 @@ class AccountOps:
             asked.cancel()
         if not hosted.task.done() and hosted.question is not None:
             return hosted.question
+        if hosted.task.cancelled():
+            return {"state": "ended", "ok": False, "verifier": None,
+                    "message": "the pairing code was withdrawn"}
         try:
             out = hosted.task.result()
         except Exception as exc:  # the task logged it already
             return {"state": "ended", "ok": False, "message": f"pairing failed: {exc}",
                     "verifier": None}
         return {"state": "ended", **asdict(out)}
+
+    async def pair_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Withdraw the code (the page that showed it was cancelled or closed): no joiner is
+        let in with it, and the next pairing can start at once."""
+        return {"withdrawn": _withdraw(self._hosted(args), "cancelled where it was shown")}
 
     async def pair_answer(self, args: dict[str, Any]) -> dict[str, Any]:
         """The user's answer to the question: does the other device show the same number?"""
@@ -193,3 +200,12 @@ class AccountOps:
         if self.d.peers is not None:
             await self.d.peers.refresh()
         await self.d.announce()   # the remaining devices take their new keys from it at once
+
+
+def _withdraw(hosted: _HostedPairing, why: str) -> bool:
+    """End a pairing that is still waiting; True if it was."""
+    if hosted.task is None or hosted.task.done():
+        return False
+    log.info("pairing code withdrawn: %s", why)
+    hosted.task.cancel()
+    return True

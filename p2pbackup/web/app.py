@@ -56,6 +56,7 @@ _TICKING = ("uptime_seconds", "next_snapshot_in", "next_seal_in")
 _STATIC = ("console.js", "console.css")
 
 Status = Callable[[], Awaitable[dict[str, Any]]]
+AccountHandler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 @dataclass(slots=True)
@@ -70,10 +71,10 @@ class Backend:
     reading: Callable[[], AbstractAsyncContextManager[None]] = contextlib.nullcontext
     # `devices --json`; None where there is no account (the Devices page says so).
     devices: Callable[[], Awaitable[dict[str, Any]]] | None = None
-    # The daemon's account handlers (pair_start, pair_wait, pair_answer, devices_remove), the
-    # ones `p2pbackup pair` and `devices remove` use over the control socket.
-    account: Mapping[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = \
-        field(default_factory=dict)
+    # The daemon's account handlers (pair_start, pair_wait, pair_answer, pair_cancel,
+    # devices_remove), the ones `p2pbackup pair` and `devices remove` use over the control
+    # socket.
+    account: Mapping[str, AccountHandler] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -188,7 +189,8 @@ class Console:
             web.get("/api/devices", reads(self.api_devices)),
             web.post("/api/devices/remove", self.account_call("devices_remove")),
             web.post("/api/pair/start", self.api_pair_start),
-            web.post("/api/pair/wait", self.account_call("pair_wait")),
+            web.post("/api/pair/wait", self.api_pair_wait),
+            web.post("/api/pair/cancel", self.account_call("pair_cancel")),
             web.post("/api/pair/answer", self.account_call("pair_answer")),
             web.get("/api/events", self.api_events),
         ])
@@ -571,21 +573,53 @@ class Console:
                      ) -> Callable[[web.Request], Awaitable[web.Response]]:
         """A POST that hands its JSON object to the daemon's control handler `name`."""
         async def call(request: web.Request) -> web.Response:
-            handler = self.backend.account.get(name)
-            if handler is None:
-                return _json({"error": "not available here", "exit": 1}, status=404)
-            try:
-                args = await request.json()
-            except ValueError:
-                args = None
-            if not isinstance(args, dict):
-                return _json({"error": "the request is not a JSON object", "exit": 20},
-                             status=400)
-            try:
-                return _json(await handler({**args, **fixed}))
-            except P2PError as exc:
-                return _error(exc)
+            return await self._account(request, name, lambda handler, args: handler(args),
+                                       **fixed)
         return call
+
+    async def _account(self, request: web.Request, name: str,
+                       call: Callable[[AccountHandler, dict[str, Any]],
+                                      Awaitable[dict[str, Any]]],
+                       **fixed: Any) -> web.Response:
+        """What `call` makes of control handler `name` and the request's JSON object."""
+        handler = self.backend.account.get(name)
+        if handler is None:
+            return _json({"error": "not available here", "exit": 1}, status=404)
+        try:
+            args = await request.json()
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            return _json({"error": "the request is not a JSON object", "exit": 20},
+                         status=400)
+        try:
+            return _json(await call(handler, {**args, **fixed}))
+        except P2PError as exc:
+            return _error(exc)
+
+    async def api_pair_wait(self, request: web.Request) -> web.Response:
+        """pair_wait, while the page holds the code: a page that goes away during the wait
+        (closed, reloaded, navigated off) withdraws the code, as the end of the `pair`
+        command that shows one does. (aiohttp does not cancel a handler whose client left:
+        the connection is looked at.)"""
+        cancel = self.backend.account.get("pair_cancel")
+
+        async def held(handler: AccountHandler, args: dict[str, Any]) -> dict[str, Any]:
+            nonlocal cancel
+            wait = asyncio.ensure_future(handler(args))
+            try:
+                while not wait.done():
+                    await asyncio.wait({wait}, timeout=self.event_interval)
+                    transport = request.transport
+                    if not wait.done() and cancel is not None and \
+                            (transport is None or transport.is_closing()):
+                        log.info("the page waiting for a pairing went away")
+                        await cancel({"code": args.get("code")})
+                        cancel = None   # (the wait ends with the withdrawal)
+                return wait.result()
+            finally:
+                wait.cancel()
+        return await self._account(request, "pair_wait", held)
 
     async def api_pair_start(self, request: web.Request) -> web.Response:
         """A pairing code for a new device of this account, and its QR code (an SVG made

@@ -214,6 +214,7 @@ def devices(doc: dict[str, Any], can_change: bool) -> str:
             '<code>p2pbackup pair <span id="pair-code"></span></code>, or scan:</p>'
             '<img id="pair-qr" alt="QR code of the pairing code" width="180" height="180">'
             '<p id="pair-state" role="status">waiting for the new device…</p>'
+            '<p><button id="pair-cancel">Cancel (withdraw the code)</button></p>'
             '<p id="pair-question" hidden>Does the other device show <strong '
             'id="pair-verifier"></strong>? <button id="pair-yes">Yes, the same</button> '
             '<button id="pair-no">No</button></p></section>' if can_change else "")

@@ -269,3 +269,40 @@ async def test_log_segments_are_on_the_timeline_and_a_files_versions_include_the
     assert got == ["version 1\n", "version 2\n", "version 3, longer\n"]
     assert [v["from"] for v in other["versions"]] == ["snapshot", "log"]
     assert other["versions"][-1]["deleted"] is True
+
+
+async def test_a_page_that_stops_waiting_for_a_pairing_withdraws_its_code(repo):
+    """The page holds a pairing code as the `pair` command does: when its wait request goes
+    (the page closed, reloaded), the daemon's pair_cancel withdraws the code."""
+    import asyncio
+
+    ended = asyncio.Event()
+    cancelled: list[dict] = []
+
+    async def pair_wait(args: dict) -> dict:
+        await ended.wait()
+        return {"state": "ended", "ok": False, "message": "withdrawn", "verifier": None}
+
+    async def pair_cancel(args: dict) -> dict:
+        cancelled.append(args)
+        ended.set()
+        return {"withdrawn": True}
+
+    c = Console(Backend(repo, (), _status, account={"pair_wait": pair_wait,
+                                                    "pair_cancel": pair_cancel}),
+                event_interval=0.05)
+    port = await c.start("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            cookie, csrf = await _login(c, base, http)
+            headers = {"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": base}
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with http.post(f"{base}/api/pair/wait", json={"code": "7-a-b"},
+                                     headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=0.5)) as r:
+                    await r.read()
+            await asyncio.wait_for(ended.wait(), 10)
+    finally:
+        await c.close()
+    assert cancelled == [{"code": "7-a-b"}]

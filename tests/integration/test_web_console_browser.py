@@ -213,6 +213,35 @@ def test_pair_a_device_from_the_page_then_remove_it(browser, device, tmp_path: P
     page.close()
 
 
+def test_a_code_shown_in_the_page_is_withdrawn_by_cancel_and_by_closing_the_page(
+        browser, device, tmp_path: Path):
+    cli, _, _ = device
+    log = tmp_path / "daemon.log"
+
+    def withdrawn() -> int:
+        return log.read_text().count("pairing code withdrawn")
+
+    page = _sign_in(browser, cli)
+    page.click("nav >> text=Devices")
+    page.click("#pair-start")
+    page.wait_for_selector("#pair-qr[src^='data:']")
+    page.click("#pair-cancel")
+    page.wait_for_selector("#pair-state.failed:has-text('withdrawn')")
+    assert withdrawn() == 1
+    # Withdrawn, not left waiting: the next pairing starts at once (one may wait at a time).
+    page.click("#pair-start")
+    page.wait_for_selector("#pair-state:has-text('the code works once')")
+    page.close()   # the page goes away while its code waits for a device
+    eventually_sync(lambda: withdrawn() == 2, timeout=30, interval=0.2)
+    page = _sign_in(browser, cli)
+    page.click("nav >> text=Devices")
+    page.click("#pair-start")
+    page.wait_for_selector("#pair-state:has-text('the code works once')")
+    page.click("#pair-cancel")
+    page.wait_for_selector("#pair-state.failed")
+    page.close()
+
+
 @contextlib.contextmanager
 def _console_of(status):
     """A console on a free port whose daemon status is `status()` (what the test changes),

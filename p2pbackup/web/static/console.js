@@ -214,14 +214,28 @@ function setupDevices() {
   }
   const start = document.getElementById("pair-start");
   if (!start) return;
+  const cancel = document.getElementById("pair-cancel");
+  let shown = null;  // the code on the page while its pairing runs
+  const withdraw = () => {
+    // keepalive: still sent when the page is going away (the server also withdraws a code
+    // whose page stopped waiting).
+    if (shown) fetch("/api/pair/cancel", {method: "POST", credentials: "same-origin",
+      keepalive: true, headers: {"Content-Type": "application/json", "X-CSRF-Token": csrf},
+      body: JSON.stringify({code: shown})}).catch(() => {});
+  };
+  window.addEventListener("pagehide", withdraw);
+  cancel.addEventListener("click", withdraw);
   start.addEventListener("click", async () => {
     const box = document.getElementById("pair");
     const state = document.getElementById("pair-state");
     const question = document.getElementById("pair-question");
     box.hidden = false;
     start.disabled = true;
+    state.className = "";
     try {
       const p = await post("/api/pair/start", {});
+      shown = p.code;
+      cancel.hidden = false;
       document.getElementById("pair-code").textContent = p.code +
         (p.lan === false ? ` --peer 127.0.0.1:${p.port}` : "");
       document.getElementById("pair-qr").src = p.qr;
@@ -229,16 +243,18 @@ function setupDevices() {
         `${Math.round(p.expires_in / 60)} minutes)…`;
       let got = await post("/api/pair/wait", {code: p.code, questions: true});
       if (got.state === "question") {
+        // Held open while the question is asked: closing the page withdraws the code.
+        const ending = post("/api/pair/wait", {code: p.code});
         document.getElementById("pair-verifier").textContent = got.verifier;
         question.hidden = false;
         state.textContent = `${got.name} proved the code and asks to join as ${got.role}`;
-        const accept = await new Promise((resolve) => {
+        const accept = await Promise.race([ending.then(() => null), new Promise((resolve) => {
           document.getElementById("pair-yes").onclick = () => resolve(true);
           document.getElementById("pair-no").onclick = () => resolve(false);
-        });
+        })]);
         question.hidden = true;
-        await post("/api/pair/answer", {code: p.code, accept});
-        got = await post("/api/pair/wait", {code: p.code});
+        if (accept !== null) await post("/api/pair/answer", {code: p.code, accept});
+        got = await ending;
       }
       state.className = got.ok ? "done" : "failed";
       state.textContent = (got.ok ? "paired: " : "not paired: ") + got.message;
@@ -246,6 +262,8 @@ function setupDevices() {
       state.className = "failed";
       state.textContent = "pairing failed: " + e.message;
     } finally {
+      shown = null;
+      cancel.hidden = true;
       start.disabled = false;
     }
   });
