@@ -283,23 +283,49 @@ def _status(**fields) -> dict:
             "peers": [], "errors": [], **fields}
 
 
-def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(browser):
-    """The status page follows the daemon's status over server-sent events, without reloads.
-    The peers come from a status the test changes (two daemons seeing each other need network
-    namespaces: tests/integration/test_peers_lan.py covers that `status` tells it)."""
-    peer = {"device": "b" * 64, "name": "laptop", "connected": True, "on_lan": True,
-            "path": "direct lane", "objects_behind": 0, "last_sync": None, "error": None}
-    with _console_of(lambda: _status(peers=[dict(peer)])) as url:
-        page = browser.new_page()
-        page.goto(url)
-        page.wait_for_selector("#peers li.online:has-text('laptop')")
-        assert "connected over the direct lane" in page.inner_text("#peers")
-        peer.update(connected=False, on_lan=False, path=None)
-        page.wait_for_selector("#peers li.offline:has-text('laptop')")
-        assert "offline" in page.inner_text("#peers")
-        peer.update(connected=True, on_lan=True, path="data channel")
-        page.wait_for_selector("#peers li.online:has-text('data channel')")
-        page.close()
+def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(netlab, tmp_path: Path):
+    """Two paired daemons on a LAN of network namespaces (real mDNS, real sessions); the
+    browser runs in the first one's namespace (its console listens on that loopback). The
+    other daemon stops: the open page shows it offline without a reload (server-sent events);
+    it starts again: online."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.integration.test_peers_lan import start_daemon, two_paired_devices, \
+        wait_connected
+
+    ha, hb, a, b, _src, _a_id = two_paired_devices(netlab, tmp_path, lambda p: p.mkdir())
+    laptop = next(d["id"] for d in json.loads(a("devices", "--json").stdout)["devices"]
+                  if d["name"] == "laptop")
+    # Chromium in a's namespace: Playwright drives it over a pipe, which crosses namespaces.
+    wrapper = tmp_path / "chromium-in-a"
+    wrapper.write_text(f'#!/bin/sh\nexec {" ".join(ha.exec_prefix())} {CHROMIUM} "$@"\n')
+    wrapper.chmod(0o755)
+    da = start_daemon(ha, a, tmp_path, "a")
+    db = start_daemon(hb, b, tmp_path, "b")
+    try:
+        wait_connected(a, laptop, 60)
+        with sync_playwright() as p:
+            context = p.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=str(wrapper), headless=True,
+                args=ARGS)
+            try:
+                page = context.new_page()
+                page.goto(a("web", "--no-open").stdout.strip())
+                page.wait_for_selector("#peers li.online:has-text('laptop')", timeout=60_000)
+                db.terminate()
+                assert db.wait(timeout=30) == 0
+                page.wait_for_selector("#peers li.offline:has-text('laptop')", timeout=60_000)
+                assert "connected" not in page.inner_text("#peers li:has-text('laptop')")
+                db = start_daemon(hb, b, tmp_path, "b")
+                page.wait_for_selector("#peers li.online:has-text('laptop')", timeout=90_000)
+                assert "connected over the" in page.inner_text("#peers")
+            finally:
+                context.close()
+    finally:
+        for proc in (da, db):
+            proc.terminate()
+        for proc in (da, db):
+            proc.wait(timeout=30)
 
 
 def test_the_daemons_work_is_drawn_as_live_progress_bars(browser):
