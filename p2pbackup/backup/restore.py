@@ -363,19 +363,22 @@ class Restorer:
         check_names([e.name for e in tree.entries], f"the log's view of {self._shown(parts)}")
         return tree
 
-    def _descend(self, sel: _Selection, *, report: bool = True) -> _Resolved | None:
+    def _descend(self, sel: _Selection, *, report: bool = True, shallow: bool = False
+                 ) -> _Resolved | None:
         """Find a selection in the snapshot; None if a listing on the way is damaged (named;
-        without `report`, that is an IntegrityError naming it)."""
+        without `report`, that is an IntegrityError naming it). `shallow`: a folder found
+        is not listed (its `tree` is None)."""
         scope = sel.root.name
         parts: Parts = (os.fsencode(scope),)
         entry = sel.root.dir_entry()
         above: list[tuple[Parts, TreeEntry]] = []
+        folder: bytes | None = sel.root.tree   # the tree id at `parts`; None: not a folder
         try:
-            tree: Tree | None = self._tree(scope, parts, sel.root.tree)
             for i, part in enumerate(sel.parts):
-                if tree is None:
+                if folder is None:
                     raise NotFound(f"{'/'.join([scope] + [_show(p) for p in sel.parts[:i]])} "
                                    "is not a folder in this snapshot")
+                tree = self._tree(scope, parts, folder)
                 if entry is not None:
                     above.append((parts, entry))
                 entry = next((e for e in tree.entries if e.name == part), None)
@@ -383,24 +386,55 @@ class Restorer:
                     shown = "/".join([scope] + [_show(p) for p in sel.parts[:i + 1]])
                     raise NotFound(f"{shown} is not in this snapshot")
                 parts += (part,)
-                tree = self._tree(scope, parts, entry.subtree) if entry.type == DIR else None
+                folder = entry.subtree if entry.type == DIR else None
+            listing = self._tree(scope, parts, folder) \
+                if folder is not None and not shallow else None
         except IntegrityError as exc:
             if not report:
                 raise IntegrityError(f"{self._shown(parts)}/: {exc}") from None
             self._report([f"{self._shown(parts)}/: not restored: {exc}"], [])
             return None
-        return _Resolved(scope, entry, tree, parts, tuple(reversed(above)))
+        return _Resolved(scope, entry, listing, parts, tuple(reversed(above)))
 
-    def find(self, stored: StoredSnapshot, sub: str | None) -> _Resolved:
-        """What `sub` (source name/sub/path, as restore's --path) names in `stored`: its entry
-        and, for a folder, its listing (NotFound; IntegrityError if a listing is damaged)."""
+    def _one(self, stored: StoredSnapshot, sub: str | None) -> _Selection:
         sels = select(stored, sub)
         if len(sels) != 1:
             raise NotFound("give a source name to look into: "
                            + ", ".join(s.root.name for s in sels))
-        found = self._descend(sels[0], report=False)
+        return sels[0]
+
+    def find(self, stored: StoredSnapshot, sub: str | None) -> _Resolved:
+        """What `sub` (source name/sub/path, as restore's --path) names in `stored`: its entry
+        and, for a folder, its listing (NotFound; IntegrityError if a listing is damaged)."""
+        found = self._descend(self._one(stored, sub), report=False)
         assert found is not None
         return found
+
+    def page(self, stored: StoredSnapshot, sub: str | None, offset: int, limit: int
+             ) -> tuple[_Resolved, int, Tree]:
+        """Entries `offset` to `offset + limit` of the folder `sub` names, and how many it
+        holds: only those are decoded (Tree.page), unless the replayed log changes the
+        folder (then it is put together whole). NotFound if `sub` is not a folder."""
+        sel = self._one(stored, sub)
+        found = self._descend(sel, report=False, shallow=True)
+        assert found is not None
+        folder = sel.root.tree if not sel.parts else \
+            found.entry.subtree if found.entry is not None and found.entry.type == DIR else None
+        if folder is None:
+            raise NotFound(f"{sub} is not a folder in this snapshot")
+        overlay = self.overlays.get(found.scope)
+        rel = b"/".join(found.parts[1:])
+        if not folder or overlay is not None and (rel in overlay.children
+                                                  or overlay.is_wiped(rel)):
+            whole = self._tree(found.scope, found.parts, folder)
+            return found, len(whole.entries), Tree(whole.entries[offset:offset + limit])
+        what = f"tree {folder.hex()[:12]}"
+        try:
+            total, tree = Tree.page(self.repo.read_blob_blocking(folder, found.scope),
+                                    offset, limit, what)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{self._shown(found.parts)}/: {exc}") from None
+        return found, total, tree
 
     def content(self, scope: str, entry: TreeEntry) -> Iterator[bytes | bytearray | memoryview]:
         """The bytes of a file of source `scope`, read, authenticated and decoded piece by

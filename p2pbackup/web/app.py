@@ -50,7 +50,7 @@ EVENT_INTERVAL = 0.5   # seconds between looks at the status for a change to pus
 KEEPALIVE = 15.0       # seconds of no change before a comment keeps the stream open
 PLAN_CACHE = 4         # recent (snapshot, moment) plans kept for paging
 TIMELINE_SEGMENTS = 500  # newest log segments per device on the timeline
-FOLDER_CACHE = 2       # recent folder listings kept for paging (100,000 entries: ~25 MiB)
+FOLDER_CACHE = 2       # recent folders read whole (search, archive, files: 100,000 entries ~25 MiB)
 # Counters that move every second: a change in them alone is not news worth pushing.
 _TICKING = ("uptime_seconds", "next_snapshot_in", "next_seal_in")
 _STATIC = ("console.js", "console.css")
@@ -272,16 +272,23 @@ class Console:
             self._plans.move_to_end(key)
         return got
 
-    async def _find(self, request: web.Request) -> tuple[StoredSnapshot, Restorer, Any, str]:
+    async def _read(self, request: web.Request
+                    ) -> tuple[StoredSnapshot, Restorer, str, int | None]:
+        """The snapshot (and log) the request's snapshot, path and at name, a reader of it,
+        the path and the moment."""
         q = request.query
         ref = q.get("snapshot", "latest") or "latest"
         path = q.get("path", "").strip("/")
         at_ns = self._at_ns(request)
         stored, overlays = await self._plan(ref, at_ns, path)
-        reader = Restorer.reader(self.backend.repo, overlays)
+        return stored, Restorer.reader(self.backend.repo, overlays), path, at_ns
+
+    async def _find(self, request: web.Request) -> tuple[StoredSnapshot, Restorer, Any, str]:
+        stored, reader, path, at_ns = await self._read(request)
         if not path and len(stored.snapshot.sources) > 1:
             return stored, reader, None, path
-        # A folder of 100,000 entries takes most of a second to decode: its pages share it.
+        # A folder of 100,000 entries takes most of a second to decode: a search, an archive
+        # and the files of one folder share it.
         key = (stored.id, at_ns, path)
         found = self._found.get(key)
         if found is None:
@@ -294,27 +301,25 @@ class Console:
         return stored, reader, found, path
 
     async def tree(self, request: web.Request) -> dict[str, Any]:
-        stored, _, found, path = await self._find(request)
+        """One page of a folder: only its entries are decoded (Restorer.page)."""
         try:
             offset = max(0, int(request.query.get("offset", "0")))
             limit = min(MAX_PAGE_SIZE, max(1, int(request.query.get("limit", str(PAGE_SIZE)))))
         except ValueError:
             raise web.HTTPBadRequest(text='{"error": "offset and limit must be numbers", '
                                      '"exit": 2}', content_type="application/json") from None
-        if found is None:  # the snapshot's sources are its top level
+        stored, reader, path, _ = await self._read(request)
+        if not path and len(stored.snapshot.sources) > 1:  # the sources are its top level
             entries = [{"name": r.name, "path": r.name, "type": "dir", "size": r.size,
                         "mtime": None, "mode": None} for r in stored.snapshot.sources]
             total = len(entries)
             entries = entries[offset:offset + limit]
         else:
-            if found.tree is None:
-                raise NotFound(f"{path} is not a folder in this snapshot")
-            all_entries = found.tree.entries
-            total = len(all_entries)
+            found, total, page = await asyncio.to_thread(reader.page, stored, path or None,
+                                                         offset, limit)
             if not path and found.entry is not None:
                 path = found.scope
-            entries = [_entry_json(e, path or found.scope)
-                       for e in all_entries[offset:offset + limit]]
+            entries = [_entry_json(e, path or found.scope) for e in page.entries]
         return {"snapshot": snapshot_json(stored), "path": path, "offset": offset,
                 "limit": limit, "total": total, "entries": entries}
 

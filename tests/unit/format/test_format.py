@@ -255,3 +255,39 @@ def test_pack_round_trip_and_truncation():
             parse_trailer(data[:-cut], len(data) - cut, KEY, "pack")
     assert trailer_length(data, "pack") < len(data)
     assert struct.unpack(">I", data[-4:])[0] + 4 + HEADER_SIZE < len(data)
+
+
+@given(st.lists(entries, max_size=12, unique_by=lambda e: e.name), st.integers(0, 14),
+       st.integers(1, 5))
+def test_a_page_of_a_tree_is_the_slice_of_the_whole(es, offset, limit):
+    tree = Tree(tuple(sorted(es, key=lambda e: e.name)))
+    total, page = Tree.page(tree.encode(), offset, limit)
+    assert total == len(es) and page.entries == tree.entries[offset:offset + limit]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a_page_whose_names_are_not_plain_is_refused(name):
+    data = Tree((TreeEntry(FILE, b"fine", 0o644, 0, 0, 1),
+                 TreeEntry(FILE, name, 0o644, 0, 0, 1))).encode()
+    assert [e.name for e in Tree.page(data, 0, 1)[1].entries] == [b"fine"]
+    with pytest.raises(IntegrityError, match="not a plain name"):
+        Tree.page(data, 1, 1)
+
+
+@given(st.binary(max_size=200), st.integers(0, 3))
+def test_a_page_of_garbage_raises_integrity_error_only(data, offset):
+    try:
+        Tree.page(data, offset, 2)
+    except (IntegrityError, UnsupportedFormat):
+        pass
+
+
+def test_a_page_of_a_truncated_or_newer_tree_is_refused_in_words():
+    data = Tree(tuple(TreeEntry(FILE, b"f%d" % i, 0o644, 0, 0, 1) for i in range(9))).encode()
+    with pytest.raises(IntegrityError, match="does not decode"):
+        Tree.page(data[:-5], 0, 20)
+    import msgpack
+
+    newer = msgpack.packb({"v": 99, "e": []})
+    with pytest.raises(UnsupportedFormat):
+        Tree.page(newer, 0, 20)

@@ -262,3 +262,11 @@ def test_trees_without_bundled_files_are_still_written_as_version_1():
     for name in ("tree.obj", "tree-capture1.obj"):
         _, body = open_object((V1 / name).read_bytes(), SCOPE.data_key)
         assert Tree.decode(body).encode() == bytes(body)
+
+
+def test_v1_trees_read_a_page_at_a_time():
+    for name in ("tree.obj", "future-tree.obj", "tree-capture1.obj"):
+        _, body = open_object((V1 / name).read_bytes(), SCOPE.data_key)
+        whole = Tree.decode(body)
+        total, page = Tree.page(body, 0, 1000)
+        assert page == whole and total == len(whole.entries) + whole.skipped
