@@ -50,7 +50,7 @@ EVENT_INTERVAL = 0.5   # seconds between looks at the status for a change to pus
 KEEPALIVE = 15.0       # seconds of no change before a comment keeps the stream open
 PLAN_CACHE = 4         # recent (snapshot, moment) plans kept for paging
 TIMELINE_SEGMENTS = 500  # newest log segments per device on the timeline
-FOLDER_CACHE = 2       # recent folders read whole (search, archive, files: 100,000 entries ~25 MiB)
+FOLDER_CACHE = 2       # folders read whole (search, archive, files; 100,000 entries: ~25 MiB)
 # Counters that move every second: a change in them alone is not news worth pushing.
 _TICKING = ("uptime_seconds", "next_snapshot_in", "next_seal_in")
 _STATIC = ("console.js", "console.css")
