@@ -29,6 +29,16 @@ def make_tree(src: Path) -> None:
     for i in range(12):
         (src / "photos" / f"IMG_{4100 + i}.jpg").write_bytes(os.urandom(40_000 + i * 999))
     (src / "todo.md").write_text("- renew passport\n")
+    (src / "videos").mkdir()
+    _film(src)
+
+
+def _film(src: Path) -> None:
+    """A big file: written again before the Status screenshot, so that a snapshot is
+    reading it (with a bar) when it is taken."""
+    with open(src / "videos" / "holiday.mp4", "wb") as f:
+        for _ in range(160):
+            f.write(os.urandom(1 << 20))
 
 
 def main() -> None:
@@ -64,7 +74,12 @@ def main() -> None:
             page = ctx.new_page()
             page.goto(url)
             page.wait_for_selector("#activity")
+            _film(src)
+            taking = subprocess.Popen([sys.executable, "-m", "p2pbackup.cli.main", "snapshot"],
+                                      env=env, stdout=subprocess.DEVNULL)
+            page.wait_for_selector("#work li[data-kind='snapshot'] progress", timeout=60_000)
             page.screenshot(path=str(out / "status.png"))
+            taking.wait(300)
             page.goto(base + "/snapshots")
             page.screenshot(path=str(out / "snapshots.png"))
             page.click("table.list tbody tr >> nth=0 >> a")
@@ -81,6 +96,7 @@ def main() -> None:
             page.click("#pair-start")
             page.wait_for_selector("#pair-qr[src^='data:']")
             page.screenshot(path=str(out / "devices.png"))
+            page.click("#pair-cancel")
             page.goto(base + "/verify")
             page.click("button.verify[data-read='true']")
             page.wait_for_selector("#verify-state.done")
