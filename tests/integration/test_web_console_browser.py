@@ -29,17 +29,23 @@ pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK),
 
 
 @pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    """One browser for the module (each launch costs seconds), a fresh profile."""
+def playwright():
+    """One Playwright for the module (a second one in the same thread is refused)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM,
-            headless=True, args=ARGS, accept_downloads=True, viewport={"width": 390,
-                                                                         "height": 844})
-        yield context
-        context.close()
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright, tmp_path_factory):
+    """One browser for the module (each launch costs seconds), a fresh profile."""
+    context = playwright.chromium.launch_persistent_context(
+        str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM,
+        headless=True, args=ARGS, accept_downloads=True, viewport={"width": 390,
+                                                                     "height": 844})
+    yield context
+    context.close()
 
 
 @pytest.fixture
@@ -283,13 +289,12 @@ def _status(**fields) -> dict:
             "peers": [], "errors": [], **fields}
 
 
-def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(netlab, tmp_path: Path):
+def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(playwright, netlab,
+                                                                   tmp_path: Path):
     """Two paired daemons on a LAN of network namespaces (real mDNS, real sessions); the
     browser runs in the first one's namespace (its console listens on that loopback). The
     other daemon stops: the open page shows it offline without a reload (server-sent events);
     it starts again: online."""
-    from playwright.sync_api import sync_playwright
-
     from tests.integration.test_peers_lan import start_daemon, two_paired_devices, \
         wait_connected
 
@@ -304,23 +309,21 @@ def test_a_peer_going_offline_and_back_is_pushed_to_the_open_page(netlab, tmp_pa
     db = start_daemon(hb, b, tmp_path, "b")
     try:
         wait_connected(a, laptop, 60)
-        with sync_playwright() as p:
-            context = p.chromium.launch_persistent_context(
-                str(tmp_path / "profile"), executable_path=str(wrapper), headless=True,
-                args=ARGS)
-            try:
-                page = context.new_page()
-                page.goto(a("web", "--no-open").stdout.strip())
-                page.wait_for_selector("#peers li.online:has-text('laptop')", timeout=60_000)
-                db.terminate()
-                assert db.wait(timeout=30) == 0
-                page.wait_for_selector("#peers li.offline:has-text('laptop')", timeout=60_000)
-                assert "connected" not in page.inner_text("#peers li:has-text('laptop')")
-                db = start_daemon(hb, b, tmp_path, "b")
-                page.wait_for_selector("#peers li.online:has-text('laptop')", timeout=90_000)
-                assert "connected over the" in page.inner_text("#peers")
-            finally:
-                context.close()
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(wrapper), headless=True, args=ARGS)
+        try:
+            page = context.new_page()
+            page.goto(a("web", "--no-open").stdout.strip())
+            page.wait_for_selector("#peers li.online:has-text('laptop')", timeout=60_000)
+            db.terminate()
+            assert db.wait(timeout=30) == 0
+            page.wait_for_selector("#peers li.offline:has-text('laptop')", timeout=60_000)
+            assert "connected" not in page.inner_text("#peers li:has-text('laptop')")
+            db = start_daemon(hb, b, tmp_path, "b")
+            page.wait_for_selector("#peers li.online:has-text('laptop')", timeout=90_000)
+            assert "connected over the" in page.inner_text("#peers")
+        finally:
+            context.close()
     finally:
         for proc in (da, db):
             proc.terminate()
