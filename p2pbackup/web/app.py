@@ -8,6 +8,7 @@ and the command line never disagree. Everything it serves comes from the daemon:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import datetime as dt
@@ -332,10 +333,14 @@ class Console:
         reader = Restorer.reader(self.backend.repo)
         source, _, rel = path.partition("/")
         found_in: list[tuple[int, dict[str, Any], Any]] = []   # (time, version, contents)
-        first_seq: dict[str, int] = {}   # device -> log seq of its first snapshot holding it
+        # Per device, its snapshots of the source (log seq, id), oldest first: the log after
+        # each is replayed on it.
+        bases: dict[str, list[tuple[int, str]]] = {}
         for stored in snaps:
             if source not in (r.name for r in stored.snapshot.sources):
                 continue
+            bases.setdefault(stored.snapshot.device, []).append((stored.snapshot.log_seq,
+                                                                 stored.id))
             try:
                 found = await asyncio.to_thread(reader.find, stored, path)
             except NotFound:
@@ -344,19 +349,20 @@ class Console:
             if e is None or e.type != FILE:
                 continue
             snap = stored.snapshot
-            first_seq.setdefault(snap.device, snap.log_seq)
             found_in.append((snap.time_ns, {"from": "snapshot", "snapshot": snapshot_json(stored),
                                             "size": e.size, "mtime": iso_time(e.mtime_ns),
                                             "at": moment_after(snap.time_ns)},
                              (e.size, e.chunks, e.offset)))
         logstore = LogStore(self.backend.repo)
-        for device, after in first_seq.items():
-            for c in await changes_of(logstore, device, source, os.fsencode(rel), after):
+        for device, held in bases.items():
+            held.sort()
+            for c in await changes_of(logstore, device, source, os.fsencode(rel), held[0][0]):
                 e = c.entry
                 if e is not None and e.type != FILE:
                     continue
-                v = {"from": "log", "device": device, "seq": c.seq, "time": iso_time(c.time_ns),
-                     "at": moment_after(c.time_ns)}
+                base = held[bisect.bisect_left(held, (c.seq, "")) - 1][1]
+                v = {"from": "log", "device": device, "seq": c.seq, "base": base,
+                     "time": iso_time(c.time_ns), "at": moment_after(c.time_ns)}
                 if e is None:
                     found_in.append((c.time_ns, {**v, "deleted": True}, None))
                 else:
@@ -372,7 +378,7 @@ class Console:
             last = contents
             out.append(version)
         if not out:
-            raise NotFound(f"no snapshot holds a file {path}")
+            raise NotFound(f"no snapshot or log holds a file {path}")
         return {"path": path, "versions": out}
 
     async def timeline(self) -> dict[str, Any]:

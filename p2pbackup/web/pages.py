@@ -64,7 +64,7 @@ def snapshots(snaps: list[dict[str, Any]]) -> str:
 def browse(listing: dict[str, Any], at: str) -> str:
     snap = listing["snapshot"]
     sid, path = snap["id"], listing["path"]
-    ref = "latest" if at else sid
+    ref = sid   # with `at`: the log after this snapshot, up to then (the base `at` chose)
     crumbs = [_browse_link(ref, "", at, "/")]
     parts = [p for p in path.split("/") if p]
     for i, part in enumerate(parts):
@@ -160,14 +160,18 @@ def timeline(doc: dict[str, Any], sources: list[str]) -> str:
                                   + _browse_link(s["id"], name, text=s["time"][:19]
                                                  .replace("T", " ") + " snapshot "
                                                  + s["short_id"]) + "</li>"))
+            held = [s for s in d["snapshots"] if any(r["name"] == name for r in s["sources"])]
             for seg in d["segments"]:
                 n = seg["changes"].get(name)
                 if not n:
                     continue
                 when = seg["last_change"] or seg["sealed"]
+                # Browsed on the snapshot the segment's log follows (of this device).
+                base = next((s["id"] for s in reversed(held) if s["log_seq"] < seg["seq"]),
+                            "latest")
                 marks.append((dt.datetime.fromisoformat(seg["at"]),
                               f'<li class="segment" data-time="{escape(when)}">'
-                              + _browse_link("latest", name, seg["at"],
+                              + _browse_link(base, name, seg["at"],
                                              f'{when[:19].replace("T", " ")} log segment '
                                              f'{seg["seq"]}: {n} change{"s" * (n != 1)}')
                               + "</li>"))
@@ -239,7 +243,7 @@ def versions(doc: dict[str, Any]) -> str:
     for v in reversed(doc["versions"]):
         q = urlencode({"snapshot": v["snapshot"]["id"], "path": doc["path"]}
                       if v["from"] == "snapshot" else
-                      {"snapshot": "latest", "path": doc["path"], "at": v["at"]})
+                      {"snapshot": v["base"], "path": doc["path"], "at": v["at"]})
         seen = f" (unchanged until {escape(v['last_seen'])})" if v.get("last_seen") else ""
         folder = doc["path"].rpartition("/")[0]
         if v["from"] == "snapshot":
@@ -248,7 +252,7 @@ def versions(doc: dict[str, Any]) -> str:
             where = "snapshot " + _browse_link(snap["id"], folder, text=snap["short_id"])
         else:
             when = v["time"]
-            where = "log " + _browse_link("latest", folder, v["at"], f"segment {v['seq']}")
+            where = "log " + _browse_link(v["base"], folder, v["at"], f"segment {v['seq']}")
         if v.get("deleted"):
             size, mtime, get = "", "deleted", ""
         else:

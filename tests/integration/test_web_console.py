@@ -266,6 +266,8 @@ async def test_log_segments_are_on_the_timeline_and_a_files_versions_include_the
     assert page.count('class="segment"') == 3 and "log segment 2" in page
     assert [v["from"] for v in versions["versions"]] == ["snapshot", "log", "log"]
     assert [v.get("seq") for v in versions["versions"]] == [None, 1, 2]
+    snapshot_id = versions["versions"][0]["snapshot"]["id"]
+    assert [v.get("base") for v in versions["versions"]] == [None, snapshot_id, snapshot_id]
     assert got == ["version 1\n", "version 2\n", "version 3, longer\n"]
     assert [v["from"] for v in other["versions"]] == ["snapshot", "log"]
     assert other["versions"][-1]["deleted"] is True
