@@ -231,6 +231,8 @@ async def test_log_segments_are_on_the_timeline_and_a_files_versions_include_the
             assert await sealer.seal() is not None
         (src / "other.txt").unlink()
         await sealer.capture(os.fsencode(src / "other.txt"))
+        (src / "new.txt").write_text("made after the snapshot\n")
+        await sealer.capture(os.fsencode(src / "new.txt"))
         assert await sealer.seal() is not None
     finally:
         sealer.close()
@@ -257,12 +259,15 @@ async def test_log_segments_are_on_the_timeline_and_a_files_versions_include_the
             async with http.get(f"{base}/api/versions?path=src/other.txt",
                                 headers=headers) as r:
                 other = await r.json()
+            async with http.get(f"{base}/api/versions?path=src/new.txt",
+                                headers=headers) as r:
+                new = await r.json()
     finally:
         await c.close()
     (device,) = timeline["devices"]
     assert device["device"] == repo.identity.device_id and len(device["snapshots"]) == 1
     assert [(s["seq"], s["changes"]) for s in device["segments"]] == \
-        [(1, {"src": 1}), (2, {"src": 1}), (3, {"src": 1})]
+        [(1, {"src": 1}), (2, {"src": 1}), (3, {"src": 2})]
     assert page.count('class="segment"') == 3 and "log segment 2" in page
     assert [v["from"] for v in versions["versions"]] == ["snapshot", "log", "log"]
     assert [v.get("seq") for v in versions["versions"]] == [None, 1, 2]
@@ -271,6 +276,7 @@ async def test_log_segments_are_on_the_timeline_and_a_files_versions_include_the
     assert got == ["version 1\n", "version 2\n", "version 3, longer\n"]
     assert [v["from"] for v in other["versions"]] == ["snapshot", "log"]
     assert other["versions"][-1]["deleted"] is True
+    assert [(v["from"], v["size"]) for v in new["versions"]] == [("log", 24)]
 
 
 async def test_a_page_that_stops_waiting_for_a_pairing_withdraws_its_code(repo):
