@@ -13,7 +13,8 @@ import typer
 
 from p2pbackup.blobs import exit_process
 from p2pbackup.errors import EXIT_PARTIAL, ConfigError, IntegrityError, P2PError
-from p2pbackup.views import damage_json, snapshot_json, verify_json, verify_lines
+from p2pbackup.views import (activity_line, damage_json, snapshot_json, verify_json,
+                             verify_lines)
 
 from . import output
 from .account_cmds import account_app, devices_app, pair, recover
@@ -492,6 +493,10 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
               if logi["last_sealed"] else "none sealed since start")
     print(f"  log: segment {logi['seq']} ({sealed}); {logi['pending_changes']} changes pending, "
           f"next seal in {logi['next_seal_in']:.0f} s")
+    names = {p["device"]: p["name"] or p["device"][:12] for p in st.get("peers", [])}
+    for a in st.get("activities", []):
+        if a.get("phase") != "idle":
+            print(f"  now: {activity_line(a, names)}")
     last = st.get("last_snapshot")
     print(f"  last snapshot: {last['id'][:8] + ' at ' + output.iso_time(int(last['time'] * 1e9)) if last and last['id'] else 'none'}; "
           f"next in {st['next_snapshot_in']:.0f} s")

@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any
 
 from .repo.snapshots import StoredSnapshot
+from .sizes import format_size
 
 
 def iso_time(ns: int) -> str:
@@ -77,3 +78,27 @@ def membership_json(current: Any, me: str) -> dict[str, Any]:
     return {"version": current.seq, "key_epoch": current.epoch,
             "devices": [member_json(m, me) for m in current.members],
             "removed": list(current.removed)}
+
+
+_WORK = {"snapshot": "snapshot of", "seal": "sealing the log segment",
+         "replication": "replication with", "upload": "upload to"}
+
+
+def activity_line(a: dict[str, Any], names: dict[str, str]) -> str:
+    """One activity of `status --json`'s `activities` in words (`names`: device -> name);
+    the page's console.js says the same."""
+    who = names.get(a["name"], a["name"][:12]) if a["kind"] == "replication" else a["name"]
+    line = f"{_WORK.get(a['kind'], a['kind'])} {who or ''}".rstrip()
+    if a.get("phase"):
+        line += f": {a['phase']}"
+    if a.get("total"):
+        line += (f" {min(100, round(100 * a['done'] / a['total']))}% "
+                 f"({format_size(a['done'])} of {format_size(a['total'])})")
+    elif a.get("done"):
+        line += f" ({format_size(a['done'])})"
+    if a["kind"] == "replication":
+        line += (f"; sent {a['sent_objects']} objects ({format_size(a['sent_bytes'])}), "
+                 f"received {a['received_objects']} ({format_size(a['received_bytes'])})")
+    if a.get("files") is not None:
+        line += f"; {a['files']} files"
+    return line

@@ -142,3 +142,19 @@ async def test_the_daemons_seal_is_listed_while_it_writes_the_segment(tmp_path: 
         sealer.close()
         await repo.close()
     assert "seal" in seen
+
+
+def test_an_activity_in_words_as_status_prints_it():
+    from p2pbackup.views import activity_line
+
+    assert activity_line({"kind": "snapshot", "name": "src", "phase": "reading",
+                          "done": 1 << 20, "total": 4 << 20, "files": 12}, {}) == \
+        "snapshot of src: reading 25% (1.0 MiB of 4.0 MiB); 12 files"
+    assert activity_line({"kind": "replication", "name": "b" * 64, "phase": "receiving",
+                          "done": 300, "total": 1200, "sent_objects": 0, "sent_bytes": 0,
+                          "received_objects": 3, "received_bytes": 300},
+                         {"b" * 64: "laptop"}) == \
+        ("replication with laptop: receiving 25% (300 B of 1.2 KiB); sent 0 objects (0 B), "
+         "received 3 (300 B)")
+    assert activity_line({"kind": "seal", "name": "", "phase": "running", "done": 0,
+                          "total": None}, {}) == "sealing the log segment: running"
