@@ -192,3 +192,35 @@ async def test_behind_a_reverse_proxy_only_its_address_is_accepted(repo, tmp_pat
     finally:
         await c.close()
     assert not (tmp_path / "web.sock").exists()
+
+
+@pytest.mark.parametrize("name", [b"..", b"a/b", b"x\0y", b""])
+async def test_a_hostile_name_on_a_page_of_a_folder_is_refused_as_damage(console, name):
+    """A folder is listed a page at a time, decoding only that page (Tree.page): a name that
+    is not one plain component on it is still refused as damage (exit 13), never shown as a
+    path or link."""
+    import os
+    import time as _time
+
+    from p2pbackup.format.header import Kind
+    from p2pbackup.format.records import DIR, FILE, SourceRoot, TreeEntry
+    from tests.adversary.hostile import hostile_snapshot, raw_tree, store_blob
+
+    c, base, http, _ = console
+    repo = c.backend.repo
+    files = [TreeEntry(FILE, b"f%03d" % i, 0o100644, 0, 0, 1) for i in range(300)]
+    bad = TreeEntry(FILE, name, 0o100644, 0, 0, 1)
+    folder = await store_blob(repo, "src", Kind.TREE, raw_tree(files + [bad]))
+    top = await store_blob(repo, "src", Kind.TREE, raw_tree([
+        TreeEntry(DIR, b"big", 0o40755, os.geteuid(), os.getegid(), _time.time_ns(),
+                  subtree=folder)]))
+    await hostile_snapshot(repo, [SourceRoot("src", "/src", top)])
+    cookie, _ = await _login(c, base, http)
+    async with http.get(f"{base}/api/tree?path=src/big&offset=0",
+                        headers={"Cookie": cookie}) as r:
+        first = await r.json()
+    async with http.get(f"{base}/api/tree?path=src/big&offset=200",
+                        headers={"Cookie": cookie}) as r:
+        status, last = r.status, await r.json()
+    assert first["total"] == 301 and len(first["entries"]) == 200   # none of it hostile
+    assert status == 500 and last["exit"] == 13 and "not a plain name" in last["error"]
