@@ -104,8 +104,11 @@ def summarize(logstore: LogStore, seq: int, seg: Segment) -> SegmentSummary:
 async def log_summaries(logstore: LogStore, device: str, newest: int,
                         known: dict[tuple[str, int], SegmentSummary]) -> list[SegmentSummary]:
     """The newest `newest` segments of `device`'s log, summarized; `known` keeps summaries
-    between calls (segments never change), so only new segments are read."""
+    between calls (segments never change), so only new segments are read, and only those
+    among the newest are kept."""
     seqs = (await logstore.segment_seqs(device))[-newest:]
+    for key in [k for k in known if k[0] == device and (not seqs or k[1] < seqs[0])]:
+        del known[key]
     if not seqs:
         return []
     have = {seq for seq in seqs if (device, seq) in known}

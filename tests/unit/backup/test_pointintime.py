@@ -119,3 +119,30 @@ async def test_the_log_records_a_wal_databases_commit_as_the_database_never_its_
     finally:
         sealer.close()
         db.close()
+
+
+async def test_segment_summaries_are_read_once_and_only_the_newest_kept(repo: Repository):
+    from p2pbackup.backup.pointintime import log_summaries
+
+    logs = LogStore(repo)
+    prev = GENESIS
+    for seq in range(1, 6):
+        change = Change(PUT, b"f%d" % seq, 1000 + seq,
+                        TreeEntry(FILE, b"f%d" % seq, 0o100644, 0, 0, 1))
+        seg = Segment(repo.identity.device_id, seq, prev, 2000 + seq, (SegmentPart(
+            "src", 0, logs.seal_changes("src", 0, ChangeList((change,)))),))
+        prev = (await logs.append(repo.identity, seg)).segment
+    known: dict = {}
+    got = await log_summaries(logs, repo.identity.device_id, 3, known)
+    assert [(s.seq, s.changes, s.first_ns) for s in got] == \
+        [(3, (("src", 1),), 1003), (4, (("src", 1),), 1004), (5, (("src", 1),), 1005)]
+    loads = 0
+    load = logs.load_segment
+
+    async def counted(device, seq):
+        nonlocal loads
+        loads += 1
+        return await load(device, seq)
+    logs.load_segment = counted  # type: ignore[method-assign]
+    assert await log_summaries(logs, repo.identity.device_id, 2, known) == got[1:]
+    assert loads == 0 and sorted(k[1] for k in known) == [4, 5]
