@@ -163,6 +163,54 @@ def recovery_signer_of(m: Membership) -> dict[str, bytes]:
     return {device_id_for(m.recovery_key): m.recovery_key} if m.recovery_key else {}
 
 
+class OfferAnswerer:
+    """The one copy of answering a signed offer, whichever path brought it (the LAN endpoint
+    here, the broker's relay in discovery/broker.py): `check` it against the membership (and a
+    recovery signer: by default the membership's), then `accept` it, which opens the link and
+    signs the answer to send back."""
+
+    def __init__(self, me: DeviceIdentity, membership: Callable[[], Membership], *,
+                 ice: IceConfig | None = None,
+                 recovery: Callable[[], Mapping[str, bytes]] | None = None) -> None:
+        self.me, self.membership, self.ice = me, membership, ice
+        self.recovery = recovery or (lambda: recovery_signer_of(self.membership()))
+        self.guard = ReplayGuard()
+
+    def check(self, raw: bytes) -> SessionDescription:
+        """The offer, if a member (or the recovery signer) made it for us, fresh and once;
+        PeerNotPaired or RemoteProtocolError otherwise."""
+        return check_description(raw, me=self.me.device_id, membership=self.membership(),
+                                 now_ns=_now(), guard=self.guard, verify=verify_signature,
+                                 expect=OFFER, recovery=self.recovery())
+
+    async def accept(self, offer: SessionDescription) -> tuple[PeerLink, bytes]:
+        """A link answering `offer` (not yet connected) and the signed answer."""
+        link = PeerLink(self.ice)
+        try:
+            sdp = await link.accept_offer(offer.sdp)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await link.close()
+            raise
+        answer = sign_description(SessionDescription(ANSWER, self.me.device_id, offer.sender,
+                                                     sdp, _now(), os.urandom(16), offer.nonce),
+                                  self.me.sign)
+        return link, answer
+
+
+async def hand_over(sender: str, link: PeerLink,
+                    on_link: Callable[[str, PeerLink], Awaitable[None]],
+                    on_refused: Callable[[str], None]) -> None:
+    """Wait for an answered link to connect, then give it to `on_link`."""
+    try:
+        await link.wait_connected(CONNECT_TIMEOUT)
+    except P2PError as exc:
+        on_refused(f"session with {sender[:12]} did not connect: {exc}")
+        await link.close()
+        return
+    await on_link(sender, link)
+
+
 class SignalingServer:
     """The daemon's LAN signaling endpoint: answers offers from members (and from a recovery
     signer, `recovery()`: by default the membership's), refuses the rest.
@@ -177,13 +225,11 @@ class SignalingServer:
                  on_refused: Callable[[str], None] | None = None,
                  limits: ConnectionLimits = ConnectionLimits(),
                  recovery: Callable[[], Mapping[str, bytes]] | None = None) -> None:
-        self.me, self.membership, self.on_link = me, membership, on_link
-        self.recovery = recovery or (lambda: recovery_signer_of(self.membership()))
-        self.ice = ice
+        self.answerer = OfferAnswerer(me, membership, ice=ice, recovery=recovery)
+        self.on_link = on_link
         self.on_refused = on_refused or (lambda why: log.warning("%s", why))
         self.limits = limits
         self.pending = PendingConnections(limits, "signaling")
-        self.guard = ReplayGuard()
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -209,16 +255,9 @@ class SignalingServer:
         try:
             timeout = self.limits.handshake_timeout
             raw = await asyncio.wait_for(_read_frame(reader, timeout), timeout)
-            offer = check_description(raw, me=self.me.device_id, membership=self.membership(),
-                                      now_ns=_now(), guard=self.guard, verify=verify_signature,
-                                      expect=OFFER, recovery=self.recovery())
+            offer = self.answerer.check(raw)
             self.pending.done(writer)   # a member (or the recovery signer): no longer counted
-            link = PeerLink(self.ice)
-            sdp = await link.accept_offer(offer.sdp)
-            answer = sign_description(SessionDescription(ANSWER, self.me.device_id,
-                                                         offer.sender, sdp, _now(),
-                                                         os.urandom(16), offer.nonce),
-                                      self.me.sign)
+            link, answer = await self.answerer.accept(offer)
             writer.write(_LEN.pack(len(answer)) + answer)
             await writer.drain()
         except P2PError as exc:
@@ -237,15 +276,6 @@ class SignalingServer:
         finally:
             self.pending.done(writer)
             writer.close()
-        task = asyncio.create_task(self._handover(offer.sender, link))
+        task = asyncio.create_task(hand_over(offer.sender, link, self.on_link, self.on_refused))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _handover(self, sender: str, link: PeerLink) -> None:
-        try:
-            await link.wait_connected(CONNECT_TIMEOUT)
-        except P2PError as exc:
-            self.on_refused(f"session with {sender[:12]} did not connect: {exc}")
-            await link.close()
-            return
-        await self.on_link(sender, link)

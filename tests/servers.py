@@ -247,6 +247,31 @@ class StorageAccount:
         return store
 
 
+# -- the broker (p2pbackup-broker) ----------------------------------------------------------
+
+@dataclass
+class RunningBroker:
+    """A running `p2pbackup-broker`: its URL and its log."""
+
+    url: str
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def broker_server(tmp: Path, *args: str) -> Iterator[RunningBroker]:
+    """`p2pbackup-broker` on a free 127.0.0.1 port (plain HTTP: loopback), its data in
+    `tmp/data`."""
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "p2pbackup.broker.main", "--data", str(tmp / "data"),
+            "--listen", f"127.0.0.1:{port}", *args]
+    with _running(argv, tmp / "broker.log", port):
+        yield RunningBroker(f"http://127.0.0.1:{port}", tmp / "broker.log")
+
+
 # -- WebDAV servers ------------------------------------------------------------------------
 
 @contextlib.asynccontextmanager

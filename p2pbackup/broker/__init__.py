@@ -1,0 +1,1 @@
+"""The broker service (p2pbackup-broker): accounts, devices, signaling relay, push, TURN credentials."""

@@ -52,18 +52,20 @@ def body_digest(body: bytes | bytearray | memoryview) -> str:
 
 
 def message(method: str, path: str, query: str, digest: str, device: str, time: int,
-            nonce: str) -> bytes:
-    """The bytes a request's signature covers."""
-    return DOMAIN + "\n".join((method.upper(), path, query, digest, device, str(time),
+            nonce: str, domain: bytes = DOMAIN) -> bytes:
+    """The bytes a request's signature covers (`domain`: which service it is for, so that a
+    request signed for one is worth nothing at another)."""
+    return domain + "\n".join((method.upper(), path, query, digest, device, str(time),
                                nonce)).encode()
 
 
 def sign(device: str, sign_bytes: Callable[[bytes], bytes], method: str, path: str,
-         query: str, body: bytes | bytearray | memoryview, now: float) -> dict[str, str]:
+         query: str, body: bytes | bytearray | memoryview, now: float,
+         domain: bytes = DOMAIN) -> dict[str, str]:
     """The headers that sign one request as `device` (whose key `sign_bytes` signs with)."""
     nonce = secrets.token_hex(NONCE_HEX // 2)
     t = int(now)
-    sig = sign_bytes(message(method, path, query, body_digest(body), device, t, nonce))
+    sig = sign_bytes(message(method, path, query, body_digest(body), device, t, nonce, domain))
     return {DEVICE: device, TIME: str(t), NONCE: nonce,
             SIGNATURE: base64.b64encode(sig).decode()}
 

@@ -16,7 +16,9 @@ import logging
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..blobs import exit_process
 from ..errors import ConfigError, P2PError
@@ -24,17 +26,20 @@ from ..sizes import parse_size
 from . import invites
 from .storage import DEFAULT_GRACE, StorageServer
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
 log = logging.getLogger("p2pbackup.server")
 
 
-def _listen(value: str) -> tuple[str, int]:
+def listen_address(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"--listen {value!r}: give HOST:PORT, e.g. 127.0.0.1:8443")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+def tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     if not cert and not key:
         return None
     if not (cert and key):
@@ -48,18 +53,15 @@ def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return ctx
 
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve_app(app: "web.Application", prog: str, host: str, port: int,
+                    tls: ssl.SSLContext | None, what: str) -> None:
+    """Serve `app` on host:port until cancelled; print the port bound (HOST:0 takes any)."""
     from aiohttp import web
 
-    host, port = _listen(args.listen)
-    tls = _tls(args.tls_cert, args.tls_key)
     if tls is None and host not in ("127.0.0.1", "::1", "localhost"):
         log.warning("serving plain HTTP on %s: put a TLS reverse proxy in front (clients "
                     "refuse http:// except on loopback)", host)
-    quota = parse_size(args.quota, "--quota") if args.quota else None
-    server = StorageServer(Path(args.data), quota=quota, removal_grace=args.removal_grace,
-                           storage=args.storage, open_registration=args.open_registration)
-    runner = web.AppRunner(server.app(), access_log=None)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, ssl_context=tls)
@@ -68,12 +70,22 @@ async def serve(args: argparse.Namespace) -> None:
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         port = runner.addresses[0][1]    # the one bound (--listen HOST:0 takes any)
-        log.info("serving %d accounts from %s on %s://%s:%d", len(server.accounts), args.data,
-                 "https" if tls else "http", host, port)
-        print(f"p2pbackup-server: listening on {host}:{port}", flush=True)
+        logging.getLogger(f"p2pbackup.{prog.rpartition('-')[2]}").info(
+            "serving %s on %s://%s:%d", what, "https" if tls else "http", host, port)
+        print(f"{prog}: listening on {host}:{port}", flush=True)
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    host, port = listen_address(args.listen)
+    tls = tls_context(args.tls_cert, args.tls_key)
+    quota = parse_size(args.quota, "--quota") if args.quota else None
+    server = StorageServer(Path(args.data), quota=quota, removal_grace=args.removal_grace,
+                           storage=args.storage, open_registration=args.open_registration)
+    await serve_app(server.app(), "p2pbackup-server", host, port, tls,
+                    f"{len(server.accounts)} accounts from {args.data}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -108,21 +120,29 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="p2pbackup-server: %(levelname)s: %(message)s")
-    try:
+    def command() -> None:
         if args.command == "invite":
             print(invites.create(Path(args.data), args.expires, time.time_ns()))
         else:
             asyncio.run(serve(args))
+    run_command("p2pbackup-server", args.debug, command)
+
+
+def run_command(prog: str, debug: bool, command: Callable[[], None]) -> None:
+    """Run `command` with logging to stderr; its errors become one line and the exit codes of
+    p2pbackup's table (README.md)."""
+    logging.basicConfig(level=logging.INFO, format=f"{prog}: %(levelname)s: %(message)s")
+    try:
+        command()
     except P2PError as exc:
-        if args.debug:
+        if debug:
             raise
-        print(f"p2pbackup-server: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except OSError as exc:
-        if args.debug:
+        if debug:
             raise
-        print(f"p2pbackup-server: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        print(f"{prog}: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
         sys.exit(11)
     except KeyboardInterrupt:
         sys.exit(130)

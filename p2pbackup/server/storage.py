@@ -38,7 +38,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -58,6 +58,7 @@ from ..repo.partner_store import (Grant, ServedStore, apply_removals, forget_gra
                                   load_grants, open_grant, partner_accept, refusal)
 from ..sizes import format_size
 from . import invites
+from .refusals import Refused, one_line_errors
 
 log = logging.getLogger("p2pbackup.server")
 
@@ -65,14 +66,6 @@ MAX_OBJECT = 512 << 20        # the largest object a device writes (a session's 
 RECEIVING_MAX = 1 << 30       # bytes of bodies all PUTs in progress may hold in memory
 HEADS_HELD_MAX = 10_000       # digests kept per head or anchor: a week of a head a minute
 DEFAULT_GRACE = 7 * 86400     # as a partner's removal_grace
-
-
-class Refused(Exception):
-    """A request refused: its status and one line saying why."""
-
-    def __init__(self, status: int, line: str) -> None:
-        super().__init__(line)
-        self.status, self.line = status, line
 
 
 class HeadsHeld:
@@ -142,34 +135,13 @@ class StorageServer:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_OBJECT + (1 << 20),
-                              middlewares=[self._one_line_errors])
+                              middlewares=[one_line_errors(log)])
         app.router.add_get("/v1/", self._hello)
         app.router.add_get("/v1/{account}", self._list)
         app.router.add_route("*", "/v1/{account}/{name:.+}", self._object)
         app.on_startup.append(self._start_removals)
         app.on_cleanup.append(self._close)
         return app
-
-    @web.middleware
-    async def _one_line_errors(self, request: web.Request,
-                               handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                               ) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except Refused as r:
-            # One line per refusal, with the address (what fail2ban and operators look for).
-            log.info("%s %s %s from %s: %d %s", request.method, request.path[:120],
-                     request.headers.get(req.DEVICE, "(unsigned)")[:12], request.remote,
-                     r.status, r.line)
-            # 503 is a busy server: a client may come back soon (RFC 9110 Retry-After).
-            return web.Response(status=r.status, text=r.line + "\n",
-                                headers={"Retry-After": "10"} if r.status == 503 else None)
-        except web.HTTPException:
-            raise
-        except Exception:   # a bug or the server's own storage failing: logged whole here
-            log.exception("%s %s failed", request.method, request.path[:120])
-            return web.Response(status=500, text="the server failed on this request (its log "
-                                                 "says why)\n")
 
     async def _hello(self, request: web.Request) -> web.Response:
         return web.Response(text="p2pbackup-server 1\n")

@@ -1,0 +1,87 @@
+"""`p2pbackup-broker`: the broker's command line.
+
+    p2pbackup-broker --data DIR --listen 127.0.0.1:8444 [--tls-cert F --tls-key F]
+                     [--stun-url URL]... [--turn-url URL]... [--turn-secret-file F] [--turn-ttl S]
+                     [--push-ttl S]
+
+The TURN secret is coturn's `static-auth-secret` (`use-auth-secret`); give it in a file
+(`--turn-secret-file`) or `--turn-secret` (visible in the process list). Errors are one line
+on stderr with the exit codes of p2pbackup's table (README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..server.main import listen_address, run_command, serve_app, tls_context
+from .ice import IceSettings
+from .service import MAX_TTL, PUSH_TTL, Broker
+from .state import SqliteState
+
+STATE_FILE = "broker.sqlite"
+
+
+def _turn_secret(args: argparse.Namespace) -> str:
+    if args.turn_secret_file:
+        try:
+            secret = Path(args.turn_secret_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --turn-secret-file {args.turn_secret_file}: "
+                              f"{exc.strerror}") from None
+    else:
+        secret = args.turn_secret or ""
+    if args.turn_url and not secret:
+        raise ConfigError("--turn-url needs the TURN server's shared secret "
+                          "(--turn-secret-file or --turn-secret)")
+    return secret
+
+
+def settings(args: argparse.Namespace) -> IceSettings:
+    if not 60 <= args.turn_ttl <= MAX_TTL:
+        raise ConfigError(f"--turn-ttl {args.turn_ttl}: give 60 to {MAX_TTL} seconds")
+    return IceSettings(tuple(args.stun_url), tuple(args.turn_url), _turn_secret(args),
+                       args.turn_ttl)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    host, port = listen_address(args.listen)
+    tls = tls_context(args.tls_cert, args.tls_key)
+    ice = settings(args)
+    if not 0 < args.push_ttl <= MAX_TTL:
+        raise ConfigError(f"--push-ttl {args.push_ttl}: give 1 to {MAX_TTL} seconds")
+    broker = Broker(SqliteState(Path(args.data) / STATE_FILE), ice=ice, push_ttl=args.push_ttl)
+    await serve_app(broker.app(), "p2pbackup-broker", host, port, tls,
+                    f"the broker from {args.data}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="p2pbackup-broker",
+                                description="p2pbackup's broker: devices, signaling, push")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--data", required=True, help="the broker's directory (its SQLite file)")
+    p.add_argument("--listen", default="127.0.0.1:8444", help="HOST:PORT")
+    p.add_argument("--tls-cert", help="PEM certificate chain (else plain HTTP, for a proxy)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument("--stun-url", action="append", default=[],
+                   help="a STUN server to hand out, e.g. stun:turn.example.org:3478")
+    p.add_argument("--turn-url", action="append", default=[],
+                   help="a TURN server to hand out, e.g. turn:turn.example.org:3478")
+    p.add_argument("--turn-secret-file", help="file holding coturn's static-auth-secret")
+    p.add_argument("--turn-secret", help="coturn's static-auth-secret (prefer the file)")
+    p.add_argument("--turn-ttl", type=int, default=3600,
+                   help="seconds TURN credentials are valid (default 3600)")
+    p.add_argument("--push-ttl", type=int, default=PUSH_TTL,
+                   help="seconds a push waits for a device that is not connected")
+    return p
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    run_command("p2pbackup-broker", args.debug, lambda: asyncio.run(serve(args)))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,570 @@
+"""The broker: accounts' device registry, signaling relay, push and TURN credentials, over HTTP
+and one WebSocket per device (aiohttp; state behind broker/state.py).
+
+It holds no key and reads nothing personal: an account is the roster its owner devices sign
+(format/roster.py, the clear-text device list a storage partner follows too), device records
+are opaque bytes the devices encrypt, and offers and answers are relayed as they come (each
+is signed by its device and checked by the peer, session.py: a broker that changes, replays or
+invents one is refused there). REST, in the shape of Firefox Accounts' device API, every
+request signed by a device the account's roster lists (protocol/store_requests.py, with this
+service's own domain):
+
+    GET  /v1/                                      "p2pbackup-broker 1" (unsigned)
+    POST /v1/account/{account}/roster              register the account (its first roster,
+                                                   brought by an owner it lists) or follow it
+                                                   (the next version, signed by an owner of
+                                                   the held one); removed devices are
+                                                   refused from then on, their socket closed
+    POST /v1/account/{account}/device              register/update this device's record
+    GET  /v1/account/{account}/devices             the roster's devices, records, connected
+    POST /v1/account/{account}/devices/notify      push to the other devices (or `to`)
+    POST /v1/account/{account}/devices/invoke_command   queue a command for one device
+    GET  /v1/account/{account}/device/commands?index=N  this device's commands after N
+    GET  /v1/account/{account}/ice                 STUN/TURN servers, TURN credentials
+    GET  /v1/account/{account}/ws                  the WebSocket (module `Connection`)
+
+Refusals are one status line each, and one log line: 400 (a malformed body), 401 (unsigned,
+a bad signature, stale, replayed), 403 (a device the roster does not list, or no longer),
+404 (no such account), 409 (a roster that does not follow the one held), 413, 422 (a
+malformed or badly signed roster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ..crypto.identity import device_id_for, verify_signature
+from ..errors import IntegrityError
+from ..format.roster import Roster, check_next, check_signed, read_roster, roster_hash
+from ..ids import is_account, is_device
+from ..protocol import store_requests as req
+from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
+from ..server.refusals import Refused, one_line_errors
+from .ice import IceSettings, ice_servers
+from .state import BrokerState
+
+log = logging.getLogger("p2pbackup.broker")
+
+MAX_BODY = 64 * 1024           # a roster of a few hundred devices; a device record
+MAX_MESSAGE = 96 * 1024        # a socket message: a signed SDP (session.MAX_SIGNAL) in base64
+AUTH_TIMEOUT = 10.0            # seconds a new socket has to answer its challenge
+RATE = 20.0                    # socket messages per second a connection may send, sustained
+BURST = 100.0                  # ... and at once
+MAX_CONNECTIONS = 64           # sockets per account (one per device: a new one replaces)
+MAX_TTL = 7 * 86400            # the longest a push or command waits for its device
+PUSH_TTL = 86400
+MAX_PUSH = 4096                # bytes of one push's payload (a signed head is ~200)
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """`rate` events per second with bursts of `burst` (the socket's flood limit)."""
+
+    rate: float
+    burst: float
+    now: Callable[[], float]
+    tokens: float = -1.0
+    at: float = 0.0
+
+    def take(self) -> bool:
+        t = self.now()
+        if self.tokens < 0:
+            self.tokens, self.at = self.burst, t
+        self.tokens = min(self.burst, self.tokens + (t - self.at) * self.rate)
+        self.at = t
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+@dataclass(slots=True)
+class Connection:
+    """One device's socket."""
+
+    account: str
+    device: str
+    ws: web.WebSocketResponse
+    where: str
+    bucket: TokenBucket
+    closing: bool = False
+
+    async def send(self, doc: dict[str, Any]) -> bool:
+        if self.ws.closed:
+            return False
+        try:
+            await self.ws.send_str(json.dumps(doc))
+            return True
+        except (ConnectionError, RuntimeError):
+            return False
+
+
+@dataclass(slots=True)
+class _Account:
+    raw: bytes
+    roster: Roster
+    sockets: dict[str, Connection] = field(default_factory=dict)
+
+
+class MessageRefused(Exception):
+    """A socket message refused: the connection is closed after one log line."""
+
+
+def _b64(value: object, what: str, limit: int) -> bytes:
+    if not isinstance(value, str) or len(value) > limit * 4 // 3 + 4:
+        raise MessageRefused(f"{what} is not base64 of at most {limit} bytes")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise MessageRefused(f"{what} is not base64") from None
+
+
+def _int(value: object, what: str, low: int = 0, high: int = 2**53) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise MessageRefused(f"{what} is not a whole number from {low} to {high}")
+    return value
+
+
+class Broker:
+    """The service: `app()` is the aiohttp application; `extra_routes` are called with it
+    (e.g. the pairing mailbox's `add_mailbox_routes`)."""
+
+    def __init__(self, state: BrokerState, *, ice: IceSettings = IceSettings(),
+                 push_ttl: int = PUSH_TTL, rate: float = RATE, burst: float = BURST,
+                 max_connections: int = MAX_CONNECTIONS,
+                 now: Callable[[], float] = time.time,
+                 extra_routes: Iterable[Callable[[web.Application], None]] = ()) -> None:
+        self.state, self.ice, self.push_ttl = state, ice, push_ttl
+        self.rate, self.burst, self.max_connections = rate, burst, max_connections
+        self.now = now
+        self.extra_routes = tuple(extra_routes)
+        self.started = now()
+        self.nonces = req.NonceCache()
+        self._accounts: dict[str, _Account] = {}
+        self._roster_lock = asyncio.Lock()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[one_line_errors(log)])
+        app.router.add_get("/v1/", self._hello)
+        app.router.add_post("/v1/account/{account}/roster", self._roster)
+        app.router.add_post("/v1/account/{account}/device", self._device)
+        app.router.add_get("/v1/account/{account}/devices", self._devices)
+        app.router.add_post("/v1/account/{account}/devices/notify", self._notify)
+        app.router.add_post("/v1/account/{account}/devices/invoke_command", self._invoke)
+        app.router.add_get("/v1/account/{account}/device/commands", self._commands)
+        app.router.add_get("/v1/account/{account}/ice", self._ice)
+        app.router.add_get("/v1/account/{account}/ws", self._socket)
+        for add in self.extra_routes:
+            add(app)
+        app.on_shutdown.append(self._close_sockets)
+        app.on_cleanup.append(self._close_state)
+        return app
+
+    # -- accounts --------------------------------------------------------------------------
+
+    async def _account(self, account: str) -> _Account | None:
+        held = self._accounts.get(account)
+        if held is None:
+            raw = await self.state.roster(account)
+            if raw is None:
+                return None
+            # checked when it was stored
+            held = self._accounts.setdefault(account,
+                                             _Account(raw, read_roster(raw, device_id_for)[0]))
+        return held
+
+    def _account_id(self, request: web.Request) -> str:
+        account = request.match_info["account"]
+        if not is_account(account):
+            raise Refused(404, f"{account[:40]!r} is not an account id")
+        return account
+
+    async def _authenticate(self, request: web.Request, body: bytes, account: str,
+                            key_of: Callable[[str], bytes | None]) -> str:
+        """The device that signed `request` (its key from `key_of`); Refused otherwise."""
+        got = req.parse(request.headers)
+        if got is None:
+            raise Refused(401, "an unsigned request: it needs the X-P2PB-Device, -Time, "
+                               "-Nonce and -Signature headers of a device of the account")
+        why = req.stale(got.time, self.now(), self.started)
+        if why:
+            raise Refused(401, why)
+        key = key_of(got.device)
+        if key is None:
+            raise Refused(403, f"device {got.device[:12]} is not a device of account "
+                               f"{account} (any more)")
+        path = request.rel_url.raw_path
+        at = path.find("/" + req.API)
+        signed = req.message(request.method, path[at + 1:], request.rel_url.raw_query_string,
+                             req.body_digest(body), got.device, got.time, got.nonce,
+                             REQUEST_DOMAIN)
+        if at < 0 or not verify_signature(key, signed, got.signature):
+            raise Refused(401, "the request's signature does not verify")
+        why = self.nonces.add(got.device, got.nonce, self.now())
+        if why:
+            raise Refused(401, why)
+        return got.device
+
+    async def _member(self, request: web.Request, body: bytes = b""
+                      ) -> tuple[str, _Account, str]:
+        """(account id, account, device) of a request signed by a device the roster lists."""
+        account = self._account_id(request)
+        held = await self._account(account)
+        if held is None:
+            raise Refused(404, f"account {account} is not registered on this broker")
+        device = await self._authenticate(request, body, account, held.roster.key_of)
+        return account, held, device
+
+    async def _json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
+        body = await request.read()
+        try:
+            doc = json.loads(body) if body else {}
+        except (ValueError, UnicodeDecodeError):
+            raise Refused(400, "the body is not JSON") from None
+        if not isinstance(doc, dict):
+            raise Refused(400, "the body is not a JSON object")
+        return body, doc
+
+    async def _hello(self, request: web.Request) -> web.Response:
+        return web.Response(text="p2pbackup-broker 1\n")
+
+    async def _roster(self, request: web.Request) -> web.Response:
+        """Register an account by its first roster, or follow it to the next version."""
+        account = self._account_id(request)
+        body = await request.read()
+        async with self._roster_lock:
+            held = await self._account(account)
+            if held is None:
+                try:
+                    # the first roster vouches for itself (as a partner's at pairing)
+                    roster = check_signed(body, read_roster(body, device_id_for)[0].owner_key,
+                                          verify_signature, device_id_for, "the roster")
+                except IntegrityError as exc:
+                    raise Refused(422, str(exc)) from None
+                try:
+                    device = await self._authenticate(request, body, account, roster.owner_key)
+                except Refused as r:
+                    if r.status != 403:
+                        raise
+                    raise Refused(403, "only an owner device the roster lists registers an "
+                                       "account") from None
+                if not await self.state.set_roster(account, roster.seq, body, replaces=None):
+                    raise Refused(409, f"account {account} is registered already")
+                self._accounts[account] = _Account(body, roster)
+                log.info("account %s registered by device %s", account, device[:12])
+                return web.Response(status=201)
+            recovery = held.roster.next_signer_key(device_id_for)
+            device = await self._authenticate(
+                request, body, account, lambda d: held.roster.key_of(d) or recovery(d))
+            if body == held.raw:
+                return web.Response(status=200)
+            try:
+                roster = check_next(held.roster, roster_hash(held.raw), body, verify_signature,
+                                    device_id_for, "the roster")
+            except IntegrityError as exc:
+                raise Refused(409, str(exc)) from None
+            if not await self.state.set_roster(account, roster.seq, body,
+                                               replaces=held.roster.seq):
+                raise Refused(409, "another roster was stored meanwhile: send it again")
+            gone = [e.device_id for e in held.roster.members if roster.key_of(e.device_id)
+                    is None]
+            held.raw, held.roster = body, roster
+        await self.state.forget_devices(account, gone)
+        for d in gone:
+            conn = held.sockets.get(d)
+            if conn is not None:
+                log.info("account %s: device %s is no longer listed: its socket is closed",
+                         account, d[:12])
+                await self._close(conn, "this device is no longer a device of the account")
+        log.info("account %s follows roster %d (brought by %s)", account, roster.seq,
+                 device[:12])
+        return web.Response(status=201)
+
+    # -- devices (FxA's device API) --------------------------------------------------------
+
+    async def _device(self, request: web.Request) -> web.Response:
+        body, doc = await self._json(request)
+        account, held, device = await self._member(request, body)
+        info = _b64_field(doc, "info", MAX_BODY // 2)
+        await self.state.put_device(account, device, info, self.now())
+        return web.json_response({"id": device, "info": base64.b64encode(info).decode()})
+
+    async def _devices(self, request: web.Request) -> web.Response:
+        account, held, device = await self._member(request)
+        records = {r.device: r for r in await self.state.devices(account)}
+        out = []
+        for e in held.roster.members:
+            r = records.get(e.device_id)
+            out.append({"id": e.device_id, "role": e.role,
+                        "isCurrentDevice": e.device_id == device,
+                        "info": base64.b64encode(r.info).decode() if r else None,
+                        "lastUpdated": r.updated if r else None,
+                        "connected": e.device_id in held.sockets})
+        return web.json_response({"devices": out})
+
+    async def _notify(self, request: web.Request) -> web.Response:
+        body, doc = await self._json(request)
+        account, held, device = await self._member(request, body)
+        payload = _b64_field(doc, "payload", MAX_PUSH)
+        to = doc.get("to", "all")
+        if to != "all" and not (isinstance(to, list) and all(is_device(d) for d in to)):
+            raise Refused(400, "`to` is \"all\" or a list of device ids")
+        ttl = _ttl(doc.get("ttl", self.push_ttl))
+        sent = await self.push(account, device, payload, ttl,
+                               None if to == "all" else set(to))
+        return web.json_response({"delivered": sent[0], "queued": sent[1]})
+
+    async def _invoke(self, request: web.Request) -> web.Response:
+        body, doc = await self._json(request)
+        account, held, device = await self._member(request, body)
+        target, command = doc.get("target"), doc.get("command")
+        if not is_device(target) or held.roster.key_of(target) is None:
+            raise Refused(400, "`target` is not a device of the account")
+        if not isinstance(command, str) or not 0 < len(command) <= 100 or command == "push":
+            raise Refused(400, "`command` is a name of 1 to 100 characters")
+        payload = _b64_field(doc, "payload", MAX_PUSH)
+        ttl = _ttl(doc.get("ttl", self.push_ttl))
+        index = await self.state.enqueue(account, target, device, command, payload,
+                                         self.now() + ttl, collapse=False)
+        conn = held.sockets.get(target)
+        if conn is not None:
+            await conn.send({"t": "command", "index": index, "from": device,
+                             "command": command, "payload": base64.b64encode(payload).decode()})
+        return web.json_response({"index": index})
+
+    async def _commands(self, request: web.Request) -> web.Response:
+        account, held, device = await self._member(request)
+        try:
+            after = int(request.query.get("index", "0"))
+        except ValueError:
+            raise Refused(400, "`index` is a whole number") from None
+        queued = [q for q in await self.state.pending(account, device, self.now(), after=after)
+                  if q.kind != "push"]
+        return web.json_response({
+            "index": max((q.index for q in queued), default=after),
+            "messages": [{"index": q.index, "from": q.sender, "command": q.kind,
+                          "payload": base64.b64encode(q.payload).decode()} for q in queued]})
+
+    async def _ice(self, request: web.Request) -> web.Response:
+        account, held, device = await self._member(request)
+        return web.json_response({"iceServers": ice_servers(self.ice, device, self.now()),
+                                  "ttl": self.ice.ttl})
+
+    # -- push ------------------------------------------------------------------------------
+
+    async def push(self, account: str, sender: str, payload: bytes, ttl: float,
+                   to: set[str] | None = None) -> tuple[int, int]:
+        """Tell the account's other devices (or `to`): at once over their socket, else queued
+        until they connect (one per sender and receiver: a newer push replaces an older).
+        Returns (delivered, queued)."""
+        held = self._accounts[account]
+        delivered = queued = 0
+        doc = {"t": "push", "from": sender, "data": base64.b64encode(payload).decode()}
+        for e in held.roster.members:
+            if e.device_id == sender or (to is not None and e.device_id not in to):
+                continue
+            conn = held.sockets.get(e.device_id)
+            if conn is not None and await conn.send(doc):
+                delivered += 1
+                continue
+            await self.state.enqueue(account, e.device_id, sender, "push", payload,
+                                     self.now() + ttl, collapse=True)
+            queued += 1
+        return delivered, queued
+
+    # -- the socket ------------------------------------------------------------------------
+
+    async def _socket(self, request: web.Request) -> web.StreamResponse:
+        """One device's socket. The broker sends {"t": "challenge", "nonce"}; the device
+        answers {"t": "auth", "device", "sig"} (socket_auth_message) within AUTH_TIMEOUT and
+        gets {"t": "ready"}, then its queued pushes and commands. Then, both ways:
+
+            {"t": "signal", "to"/"from": device, "id": n, "re": n?, "data": base64}
+                relayed as is to another device of the account ("to" becomes "from"), or
+                answered {"t": "undeliverable", "id", "to"} when it is not connected
+            {"t": "push", "data": base64, "ttl"?}   to the other devices (see `push`)
+            {"t": "command", ...}                   broker to device (invoke_command)
+
+        Messages of unknown types are skipped (a newer client); malformed or oversized ones,
+        and a flood beyond RATE/BURST, close the socket with one log line."""
+        account = self._account_id(request)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=30.0)
+        await ws.prepare(request)
+        where = f"{request.remote}"
+        conn: Connection | None = None
+        try:
+            conn = await self._open(account, ws, where)
+            if conn is None:
+                return ws
+            await self._serve(conn)
+        finally:
+            if conn is not None:
+                held = self._accounts.get(account)
+                if held is not None and held.sockets.get(conn.device) is conn:
+                    del held.sockets[conn.device]
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+    async def _refuse(self, ws: web.WebSocketResponse, where: str, who: str, line: str,
+                      code: int = WSCloseCode.POLICY_VIOLATION) -> None:
+        log.info("socket %s from %s refused: %s", who, where, line)
+        with contextlib.suppress(Exception):
+            await ws.send_str(json.dumps({"t": "error", "error": line}))
+            await ws.close(code=code, message=line[:120].encode())
+
+    async def _open(self, account: str, ws: web.WebSocketResponse, where: str
+                    ) -> Connection | None:
+        challenge = secrets.token_hex(16)
+        await ws.send_str(json.dumps({"t": "challenge", "nonce": challenge}))
+        try:
+            msg = await ws.receive(timeout=AUTH_TIMEOUT)
+        except asyncio.TimeoutError:
+            await self._refuse(ws, where, "(unauthenticated)",
+                               f"no answer to the challenge within {AUTH_TIMEOUT:.0f} s")
+            return None
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+            return None    # it went away: nothing to refuse
+        try:
+            doc = _message(msg)
+            if doc.get("t") != "auth" or not is_device(doc.get("device")):
+                raise MessageRefused("the first message is not an auth answer")
+            device = doc["device"]
+            sig = _b64(doc.get("sig"), "sig", 64)
+        except MessageRefused as exc:
+            await self._refuse(ws, where, "(unauthenticated)", str(exc))
+            return None
+        held = await self._account(account)
+        key = held.roster.key_of(device) if held is not None else None
+        if held is None or key is None:
+            await self._refuse(ws, where, device[:12], f"device {device[:12]} is not a device "
+                               f"of account {account} (any more)")
+            return None
+        if not verify_signature(key, socket_auth_message(account, device, challenge), sig):
+            await self._refuse(ws, where, device[:12], "the challenge's signature does not "
+                                                       "verify")
+            return None
+        old = held.sockets.get(device)
+        if old is None and len(held.sockets) >= self.max_connections:
+            await self._refuse(ws, where, device[:12], f"account {account} has "
+                               f"{len(held.sockets)} sockets open, the most this broker takes",
+                               WSCloseCode.TRY_AGAIN_LATER)
+            return None
+        conn = Connection(account, device, ws, where, TokenBucket(self.rate, self.burst,
+                                                                  self.now))
+        held.sockets[device] = conn
+        if old is not None:   # the device reconnected: its old socket is dead or a duplicate
+            await self._close(old, "replaced by a newer socket of this device")
+        await conn.send({"t": "ready", "device": device})
+        for q in await self.state.pending(account, device, self.now()):
+            payload = base64.b64encode(q.payload).decode()
+            if q.kind == "push":
+                if await conn.send({"t": "push", "from": q.sender, "data": payload}):
+                    await self.state.drop(account, device, [q.index])
+            else:
+                await conn.send({"t": "command", "index": q.index, "from": q.sender,
+                                 "command": q.kind, "payload": payload})
+        return conn
+
+    async def _close(self, conn: Connection, why: str) -> None:
+        conn.closing = True
+        with contextlib.suppress(Exception):
+            await conn.ws.send_str(json.dumps({"t": "error", "error": why}))
+            await conn.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=why[:120].encode())
+
+    async def _serve(self, conn: Connection) -> None:
+        who = conn.device[:12]
+        async for msg in conn.ws:
+            if conn.closing:
+                return
+            if not conn.bucket.take():
+                await self._refuse(conn.ws, conn.where, who, f"more than {self.rate:.0f} "
+                                   f"messages a second (burst {self.burst:.0f}): a flood")
+                return
+            try:
+                doc = _message(msg)
+                await self._handle(conn, doc)
+            except MessageRefused as exc:
+                code = WSCloseCode.MESSAGE_TOO_BIG if msg.type == WSMsgType.ERROR else \
+                    WSCloseCode.POLICY_VIOLATION
+                await self._refuse(conn.ws, conn.where, who, str(exc), code)
+                return
+        if conn.ws.exception() is not None and not conn.closing:   # e.g. an oversized frame
+            log.info("socket %s from %s refused: %s", who, conn.where, conn.ws.exception())
+
+    async def _handle(self, conn: Connection, doc: dict[str, Any]) -> None:
+        kind = doc.get("t")
+        held = self._accounts[conn.account]
+        if held.roster.key_of(conn.device) is None:   # removed while the message was in flight
+            raise MessageRefused("this device is no longer a device of the account")
+        if kind == "signal":
+            to = doc.get("to")
+            if not is_device(to):
+                raise MessageRefused("a signal's `to` is not a device id")
+            n = _int(doc.get("id"), "a signal's id")
+            out: dict[str, Any] = {"t": "signal", "from": conn.device, "id": n}
+            if "re" in doc:
+                out["re"] = _int(doc["re"], "a signal's re")
+            _b64(doc.get("data"), "a signal's data", MAX_MESSAGE * 3 // 4)
+            out["data"] = doc["data"]
+            target = held.sockets.get(to)
+            if target is None or held.roster.key_of(to) is None or \
+                    not await target.send(out):
+                await conn.send({"t": "undeliverable", "id": n, "to": to})
+        elif kind == "push":
+            payload = _b64(doc.get("data"), "a push's data", MAX_PUSH)
+            try:
+                ttl = _ttl(doc.get("ttl", self.push_ttl))
+            except Refused as r:
+                raise MessageRefused(r.line) from None
+            await self.push(conn.account, conn.device, payload, ttl)
+        # other kinds: from a newer client, skipped
+
+    async def _close_sockets(self, app: web.Application) -> None:
+        for held in self._accounts.values():
+            for conn in list(held.sockets.values()):
+                await self._close(conn, "the broker is shutting down")
+
+    async def _close_state(self, app: web.Application) -> None:
+        await self.state.close()
+
+
+def _message(msg: Any) -> dict[str, Any]:
+    """A socket message as a JSON object; MessageRefused if it is not one."""
+    if msg.type == WSMsgType.ERROR:
+        raise MessageRefused(f"a malformed or oversized message ({msg.data})")
+    if msg.type != WSMsgType.TEXT:
+        raise MessageRefused("a message that is not JSON text")
+    try:
+        doc = json.loads(msg.data)
+    except ValueError:
+        raise MessageRefused("a message that is not JSON") from None
+    if not isinstance(doc, dict):
+        raise MessageRefused("a message that is not a JSON object")
+    return doc
+
+
+def _b64_field(doc: dict[str, Any], name: str, limit: int) -> bytes:
+    try:
+        return _b64(doc.get(name, ""), f"`{name}`", limit)
+    except MessageRefused as exc:
+        raise Refused(400, str(exc)) from None
+
+
+def _ttl(value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+            not 0 < value <= MAX_TTL:
+        raise Refused(400, f"`ttl` is a number of seconds from 1 to {MAX_TTL}")
+    return float(value)
