@@ -260,7 +260,7 @@ class BrokerClient:
             except P2PError as exc:
                 self.on_refused(f"session offered through the broker refused: {exc}")
                 reply, link = b"!" + str(exc).encode()[:190], None
-        if not await self._send({"t": "signal", "to": sender, "re": n,
+        if not await self._send({"t": "signal", "to": sender, "id": next(self._ids), "re": n,
                                  "data": base64.b64encode(reply).decode()}):
             if link is not None:
                 await link.close()

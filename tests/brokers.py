@@ -1,0 +1,68 @@
+"""Devices of one account talking through a broker in this event loop: their membership (as the
+devices hold it, for session checks), the roster the broker follows, and a BrokerClient each
+that answers offers with session.OfferAnswerer and records links, pushes and refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.discovery.broker import BrokerClient
+from p2pbackup.format.membership import MEMBER, OWNER, Member, Membership
+from p2pbackup.session import OfferAnswerer
+from p2pbackup.transport.datachannel import IceConfig, PeerLink
+from tests.servers import StorageAccount
+
+LOOPBACK = IceConfig(host_addresses=("127.0.0.1",))
+
+
+@dataclass
+class Device:
+    """One device's broker client and what reached it."""
+
+    identity: DeviceIdentity
+    client: BrokerClient
+    links: list[tuple[str, PeerLink]] = field(default_factory=list)
+    pushes: list[tuple[str, bytes]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+def membership(acct: StorageAccount, removed: tuple[DeviceIdentity, ...] = ()) -> Membership:
+    """The membership the account's devices hold: the owner and members, `removed` gone."""
+    gone = {r.device_id for r in removed}
+    members = (Member(acct.owner.device_id, acct.owner.public_key, "owner", OWNER),) + tuple(
+        Member(m.device_id, m.public_key, f"m{i}", MEMBER) for i, m in enumerate(acct.members)
+        if m.device_id not in gone)
+    return Membership(1, b"", 0, members, tuple(sorted(gone)))
+
+
+def device(url: str, acct: StorageAccount, who: DeviceIdentity,
+           held: list[Membership]) -> Device:
+    """A device whose client answers offers against `held[0]` (a list: tests change it)."""
+    dev: Device
+
+    async def on_link(sender: str, link: PeerLink) -> None:
+        dev.links.append((sender, link))
+
+    async def on_push(sender: str, data: bytes) -> None:
+        dev.pushes.append((sender, data))
+
+    client = BrokerClient(url, who, acct.fingerprint,
+                          answerer=OfferAnswerer(who, lambda: held[0], ice=LOOPBACK),
+                          on_link=on_link, on_push=on_push,
+                          on_refused=lambda why: dev.refused.append(why))
+    dev = Device(who, client)
+    return dev
+
+
+async def online(*devices: Device) -> None:
+    for d in devices:
+        d.client.start()
+    for d in devices:
+        await asyncio.wait_for(d.client.connected.wait(), 30)
+
+
+async def echo(link: PeerLink) -> None:
+    while (msg := await link.recv()) is not None:
+        await link.send(msg)

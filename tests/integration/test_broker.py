@@ -1,0 +1,114 @@
+"""Two devices and a real `p2pbackup-broker` process on 127.0.0.1: a real aiortc session opened
+through broker signaling, pushes delivered at once and (collapsed) on reconnect, and TURN
+credentials in coturn's REST scheme."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from p2pbackup import session
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
+from tests.brokers import LOOPBACK, device, echo, membership, online
+from tests.eventually import eventually
+from tests.servers import StorageAccount, broker_server
+
+pytestmark = pytest.mark.timeout(180)
+
+
+async def test_a_session_opens_through_the_broker_and_pushes_reach_the_peer(
+        tmp_path: Path) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    held = [membership(acct)]
+    with broker_server(tmp_path) as broker:
+        a = device(broker.url, acct, acct.owner, held)
+        b = device(broker.url, acct, acct.members[0], held)
+        await a.client.publish_roster(acct.roster()[1])
+        await a.client.register_device(b"sealed name")
+        await online(a, b)
+        listed = {d["id"]: d for d in await b.client.devices()}
+        assert listed[acct.owner.device_id]["connected"] and \
+            base64.b64decode(listed[acct.owner.device_id]["info"]) == b"sealed name"
+
+        link = await session.connect(acct.owner, b.identity.device_id, held[0],
+                                     BrokerSignaling(a.client, b.identity.device_id),
+                                     ice=LOOPBACK)
+        await eventually(lambda: b.links)
+        assert b.links[0][0] == acct.owner.device_id
+        served = asyncio.create_task(echo(b.links[0][1]))
+        await link.send(b"ping")
+        assert await asyncio.wait_for(link.recv(), 30) == b"ping"
+        await link.close()
+        served.cancel()
+
+        assert await a.client.push(b"head 1")
+        await eventually(lambda: b.pushes == [(acct.owner.device_id, b"head 1")])
+
+        # B goes away; A seals twice: B hears the newer only, when it comes back.
+        await b.client.close()
+        await eventually(lambda: not b.client.connected.is_set())
+        # (notify, the REST twin of a socket push, answers once the push is queued)
+        assert await a.client.notify(b"head 2") == {"delivered": 0, "queued": 1}
+        assert await a.client.notify(b"head 3") == {"delivered": 0, "queued": 1}
+        b2 = device(broker.url, acct, acct.members[0], held)
+        await online(b2)
+        await eventually(lambda: b2.pushes == [(acct.owner.device_id, b"head 3")])
+        for c in (a.client, b2.client):
+            await c.close()
+
+
+async def test_an_offer_to_a_device_not_connected_fails_at_once(tmp_path: Path) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    held = [membership(acct)]
+    with broker_server(tmp_path) as broker:
+        a = device(broker.url, acct, acct.owner, held)
+        await a.client.publish_roster(acct.roster()[1])
+        await online(a)
+        with pytest.raises(session.PeerUnreachable, match="not connected to the broker"):
+            await session.connect(acct.owner, acct.members[0].device_id, held[0],
+                                  BrokerSignaling(a.client, acct.members[0].device_id),
+                                  ice=LOOPBACK)
+        await a.client.close()
+
+
+def coturn_password(secret: str, username: str) -> str:
+    """coturn's REST password, computed by openssl (another implementation than ours):
+    base64(HMAC-SHA1(secret, username))."""
+    mac = subprocess.run(["openssl", "dgst", "-sha1", "-hmac", secret, "-binary"],
+                         input=username.encode(), capture_output=True, check=True).stdout
+    return base64.b64encode(mac).decode()
+
+
+async def test_turn_credentials_follow_coturns_rest_scheme(tmp_path: Path) -> None:
+    acct = StorageAccount()
+    (tmp_path / "secret").write_text("north-wind\n")
+    with broker_server(tmp_path, "--turn-url", "turn:127.0.0.1:3478",
+                       "--stun-url", "stun:127.0.0.1:3478",
+                       "--turn-secret-file", str(tmp_path / "secret"),
+                       "--turn-ttl", "600") as broker:
+        c = BrokerClient(broker.url, acct.owner, acct.fingerprint)
+        await c.publish_roster(acct.roster()[1])
+        ice = await c.ice()
+        await c.close()
+    stun, turn = ice.servers
+    assert stun.urls == ("stun:127.0.0.1:3478",) and stun.username is None
+    assert turn.urls == ("turn:127.0.0.1:3478",)
+    expiry, _, user = turn.username.partition(":")
+    assert user == acct.owner.device_id
+    assert 0 < int(expiry) - time.time() <= 600
+    assert turn.credential == coturn_password("north-wind", turn.username)
+
+
+async def test_no_ice_server_is_named_unless_configured(tmp_path: Path) -> None:
+    acct = StorageAccount()
+    with broker_server(tmp_path) as broker:
+        c = BrokerClient(broker.url, acct.owner, acct.fingerprint)
+        await c.publish_roster(acct.roster()[1])
+        assert (await c.ice()).servers == ()
+        await c.close()
