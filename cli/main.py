@@ -502,6 +502,10 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
           f"next in {st['next_snapshot_in']:.0f} s")
     if not st.get("lan", {}).get("enabled", True):
         print("  peers: LAN discovery is off ([peers] lan = false)")
+    broker = st.get("broker")
+    if broker:
+        print(f"  broker {broker['url']}: " + ("connected" if broker["connected"] else
+                                               f"not connected ({broker['last_error']})"))
     for p in st.get("peers", []):
         where = (f"connected over the {p['path']}" if p["connected"]
                  else "on the LAN, not connected" if p["on_lan"] else "not seen")

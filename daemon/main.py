@@ -350,6 +350,8 @@ class DeviceDaemon:
                 await self.replicator.announce_new()
             except P2PError as exc:
                 log.warning("announcing to peers failed: %s", exc)
+        if self.peers is not None:   # and to those with no session open, through the broker
+            await self.peers.push_new()
 
     async def snapshot(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """Seal what is pending, then take a roll-up snapshot that covers it.
@@ -440,6 +442,7 @@ class DeviceDaemon:
             "peers": self.peers.status() if self.peers else [],
             "lan": {"enabled": self.config.peers.lan, "signaling_port": self.peers.port
                     if self.peers else 0},
+            "broker": self.peers.broker_status() if self.peers else None,
             "partner_for": self.partner.status() if self.partner else [],
             "stores": [u.status.as_dict() for u, _ in self.uploads.values()],
             "web": self.web.status() if self.web else None,

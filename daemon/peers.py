@@ -19,6 +19,7 @@ from typing import Any
 
 from p2pbackup import session
 from p2pbackup.config import Config, PeerSettings
+from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, member_tag_keys, which_device
 from p2pbackup.device import Device
 from p2pbackup.errors import P2PError
@@ -34,6 +35,7 @@ log = logging.getLogger("p2pbackupd")
 SERVICE = PEER_SERVICE
 RETRY_SECONDS = 5.0
 FIRST_FRAME_TIMEOUT = 30.0
+BROKER_DIAL_SECONDS = 30.0   # how often members off the LAN are dialed through the broker
 
 SessionHandler = Callable[[str, PeerLink, "PeerState", "bytes | None"], Awaitable[None]]
 FetchHandler = Callable[[str, PeerLink, bytes], Awaitable[None]]
@@ -97,6 +99,7 @@ class PeerManager:
         self._interfaces = interfaces
         self._ice = ice_for(config.peers)
         self._signaling: session.SignalingServer | None = None
+        self.broker: BrokerClient | None = None
 
     @property
     def bind_address(self) -> str:
@@ -120,6 +123,8 @@ class PeerManager:
                     self.peers[m.device_id].name = m.name
         if self.on_members is not None:
             await self.on_members(self.allowed)
+        if self.broker is not None and self.broker.connected.is_set():
+            await self._publish_roster()
 
     def allowed(self, device: str) -> bool:
         """Whether `device` may have a session here: a member, or the recovery signer."""
@@ -160,6 +165,8 @@ class PeerManager:
         from p2pbackup.discovery import mdns
 
         await self.refresh()
+        if self.config.broker.url:
+            self._start_broker()
         if not self.config.peers.lan:
             return
         self._signaling = session.SignalingServer(
@@ -196,8 +203,97 @@ class PeerManager:
                 await t
         if self._signaling is not None:
             await self._signaling.close()
+        if self.broker is not None:
+            await self.broker.close()
         with contextlib.suppress(Exception):
             await self._stack.aclose()
+
+    # -- the broker: signaling to members off the LAN, pushes ------------------------------
+
+    def _start_broker(self) -> None:
+        from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
+
+        answerer = session.OfferAnswerer(self.dev.identity, self._current, ice=self._ice)
+        self.broker = BrokerClient(self.config.broker.url, self.dev.identity,
+                                   self.dev.keys.fingerprint(), answerer=answerer,
+                                   on_link=self._incoming, on_push=self._pushed,
+                                   on_refused=lambda why: log.warning("%s", why),
+                                   before_connect=self._publish_roster)
+        self.broker.start()
+        self._tasks.append(asyncio.create_task(self._broker_loop()))
+
+    async def _broker_loop(self) -> None:
+        assert self.broker is not None
+        while True:
+            await self.broker.connected.wait()
+            for device in self._members():
+                if self.me < device:    # as on the LAN: the smaller id dials
+                    self._dial_through_broker(device)
+            await asyncio.sleep(BROKER_DIAL_SECONDS)
+
+    async def _publish_roster(self) -> None:
+        """Tell the broker the account's newest roster (an owner registers the account)."""
+        from p2pbackup.repo.roster import PREFIX
+
+        assert self.broker is not None
+        store = self.dev.repo.store
+        names = sorted([n async for n in store.list(PREFIX)])
+        try:
+            await self.broker.publish_rosters([bytes(await store.get(n)) for n in names])
+        except P2PError as exc:
+            log.warning("broker: %s", exc)
+
+    def _dial_through_broker(self, device: str) -> None:
+        st = self.peers.setdefault(device, PeerState(device))
+        if st.connected or st.on_lan or device in self._dialing or not self.allowed(device):
+            return
+        self._tasks.append(asyncio.create_task(self._dial_once_through_broker(device)))
+
+    async def _dial_once_through_broker(self, device: str) -> None:
+        assert self.broker is not None
+        self._dialing.add(device)
+        try:
+            try:
+                ice = await self.broker.ice(host_addresses=self._ice.host_addresses)
+                link = await session.connect(self.dev.identity, device, self._current(),
+                                             BrokerSignaling(self.broker, device),
+                                             ice=ice if ice.servers else self._ice)
+            except P2PError as exc:
+                self.peers[device].error = str(exc)
+                log.info("peer %s through the broker: %s", device[:12], exc)
+                return
+            await self._run(device, link)
+        finally:
+            self._dialing.discard(device)
+
+    async def _pushed(self, sender: str, head: bytes) -> None:
+        """A member sealed or snapshotted: open a session to it if none is open (an open
+        session hears of new objects itself)."""
+        if not self.allowed(sender) or sender == self.me:
+            return
+        st = self.peers.setdefault(sender, PeerState(sender))
+        log.info("peer %s has new data (broker push)", sender[:12])
+        if st.connected or sender in self._dialing:
+            return
+        if st.on_lan:
+            self._tasks.append(asyncio.create_task(self._dial(sender)))
+        else:
+            self._dial_through_broker(sender)
+
+    async def push_new(self) -> None:
+        """Tell the account's other devices through the broker that this one has new data."""
+        if self.broker is None:
+            return
+        head = b""
+        with contextlib.suppress(P2PError):
+            head = bytes(await self.dev.repo.store.get(f"heads/{self.me}"))
+        await self.broker.push(head if len(head) <= 2048 else b"")
+
+    def broker_status(self) -> dict[str, Any] | None:
+        if self.broker is None:
+            return None
+        return {"url": self.config.broker.url, "connected": self.broker.connected.is_set(),
+                "last_error": self.broker.last_error}
 
     async def _browse(self) -> None:
         from p2pbackup.discovery.mdns import Removed

@@ -76,6 +76,14 @@ class PeerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """The `[broker]` table: the account's broker (p2pbackup-broker), for signaling to devices
+    that are not on the LAN and for pushes; empty `url`: none."""
+
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class StoreSettings:
     """One `[[stores]]` table: a location the daemon uploads this device's store to."""
 
@@ -121,6 +129,7 @@ class Config:
     peers: PeerSettings = PeerSettings()
     stores: tuple[StoreSettings, ...] = ()
     web: WebSettings = WebSettings()
+    broker: BrokerSettings = BrokerSettings()
 
     @property
     def account_key_file(self) -> Path:
@@ -280,7 +289,18 @@ def load_config(home: Path | None = None) -> Config:
                   _daemon_settings(doc.get("daemon", {}), path),
                   _peer_settings(doc.get("peers", {}), path),
                   _store_settings(doc.get("stores", []), path),
-                  _web_settings(doc.get("web", {}), path))
+                  _web_settings(doc.get("web", {}), path),
+                  _broker_settings(doc.get("broker", {}), path))
+
+
+def _broker_settings(table: object, path: Path) -> BrokerSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: key 'broker' must be a table")
+    url = table.get("url", "")
+    if not isinstance(url, str) or url and not re.fullmatch(r"https?://[^/\s]+/?", url):
+        raise ConfigError(f"{path}: key 'broker.url' = {url!r} must be the broker's address, "
+                          "e.g. \"https://broker.example.org\" (no path)")
+    return BrokerSettings(url.rstrip("/"))
 
 
 def _store_settings(raw: object, path: Path) -> tuple[StoreSettings, ...]:

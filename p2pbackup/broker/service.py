@@ -447,8 +447,12 @@ class Broker:
             await self._refuse(ws, where, "(unauthenticated)", str(exc))
             return None
         held = await self._account(account)
-        key = held.roster.key_of(device) if held is not None else None
-        if held is None or key is None:
+        if held is None:
+            await self._refuse(ws, where, device[:12], f"account {account} is not registered "
+                               "on this broker (an owner device registers it)")
+            return None
+        key = held.roster.key_of(device)
+        if key is None:
             await self._refuse(ws, where, device[:12], f"device {device[:12]} is not a device "
                                f"of account {account} (any more)")
             return None

@@ -55,6 +55,7 @@ class BrokerClient:
                  answerer: OfferAnswerer | None = None, on_link: OnLink | None = None,
                  on_push: OnPush | None = None,
                  on_refused: Callable[[str], None] | None = None,
+                 before_connect: Callable[[], Awaitable[None]] | None = None,
                  ssl: Any = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  now: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random) -> None:
@@ -67,6 +68,7 @@ class BrokerClient:
         self.identity, self.account = identity, account
         self.answerer, self.on_link, self.on_push = answerer, on_link, on_push
         self.on_refused = on_refused or (lambda why: log.warning("%s", why))
+        self.before_connect = before_connect   # e.g. bring the broker the account's roster
         self.ssl, self.sleep, self.now, self.rand = ssl, sleep, now, rand
         self.connected = asyncio.Event()
         self.last_error: str | None = None
@@ -115,9 +117,16 @@ class BrokerClient:
         except ValueError:
             raise RemoteProtocolError("the broker's answer is not JSON") from None
 
-    async def publish_roster(self, roster: bytes) -> None:
-        """Register the account by its first roster (as an owner), or bring the next one."""
-        status, body = await self.request("POST", "roster", roster)
+    async def publish_rosters(self, rosters: list[bytes]) -> None:
+        """Bring the broker to the newest of `rosters` (the account's chain, oldest first):
+        the newest alone when the broker holds the one before it (or nothing: registration),
+        else each in turn (those it holds already are refused as not following: skipped)."""
+        if not rosters:
+            return
+        status, body = await self.request("POST", "roster", rosters[-1])
+        if status == 409 and len(rosters) > 1:
+            for raw in rosters:
+                status, body = await self.request("POST", "roster", raw)
         if status >= 400:
             raise RemoteProtocolError(f"the broker refused the roster: {status} "
                                       f"{body.decode('utf-8', 'replace').strip()[:200]}")
@@ -187,6 +196,8 @@ class BrokerClient:
             await self.sleep(delay)
 
     async def _connect_and_serve(self) -> None:
+        if self.before_connect is not None:
+            await self.before_connect()
         url = f"{self.base}/{self._path('ws')}"
         async with self._http().ws_connect(url, heartbeat=30.0, max_msg_size=128 * 1024,
                                            timeout=aiohttp.ClientWSTimeout(ws_close=5.0)

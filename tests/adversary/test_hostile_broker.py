@@ -72,7 +72,7 @@ async def hostile(tmp_path: Path):
 async def pair_online(url: str, acct: StorageAccount, held: list):
     a = device(url, acct, acct.owner, held)
     b = device(url, acct, acct.members[0], held)
-    await a.client.publish_roster(acct.roster()[1])
+    await a.client.publish_rosters([acct.roster()[1]])
     await online(a, b)
     return a, b
 

@@ -43,7 +43,7 @@ def client(broker: RunningBroker, acct: StorageAccount, who: DeviceIdentity) -> 
 async def registered(broker: RunningBroker, members: int = 1) -> StorageAccount:
     acct = StorageAccount(members=[DeviceIdentity.generate() for _ in range(members)])
     owner = client(broker, acct, acct.owner)
-    await owner.publish_roster(acct.roster()[1])
+    await owner.publish_rosters([acct.roster()[1]])
     await owner.close()
     return acct
 
@@ -88,19 +88,19 @@ async def test_a_member_cannot_register_or_move_the_roster(broker: RunningBroker
     member = client(broker, acct, acct.members[0])
     first = acct.roster()[1]
     with pytest.raises(Exception, match="403 only an owner device"):
-        await member.publish_roster(first)      # a member brings the owner's first roster
+        await member.publish_rosters([first])      # a member brings the owner's first roster
     owner = client(broker, acct, acct.owner)
-    await owner.publish_roster(first)
+    await owner.publish_rosters([first])
     # The next version signed by the member (not an owner of the held one): refused.
     forged = StorageAccount(acct.members[0], [acct.owner], fingerprint=acct.fingerprint,
                             rosters=list(acct.rosters))
     with pytest.raises(Exception, match="409.*not an owner|409.*signed"):
-        await member.publish_roster(forged.roster()[1])
+        await member.publish_rosters([forged.roster()[1]])
     skipped = StorageAccount(acct.owner, acct.members, fingerprint=acct.fingerprint,
                              rosters=list(acct.rosters) + [b"x"])
     with pytest.raises(Exception, match="409.*does not follow"):
-        await owner.publish_roster(skipped.roster()[1])
-    await owner.publish_roster(acct.roster()[1])    # the owner's next version is followed
+        await owner.publish_rosters([skipped.roster()[1]])
+    await owner.publish_rosters([acct.roster()[1]])    # the owner's next version is followed
     for c in (member, owner):
         await c.close()
 
@@ -112,7 +112,7 @@ async def test_a_removed_device_is_refused_at_rest_and_its_socket_closed(
     ws = await socket(http, broker, acct, gone)
     acct.members = []
     owner = client(broker, acct, acct.owner)
-    await owner.publish_roster(acct.roster(removed=(gone.device_id,))[1])
+    await owner.publish_rosters([acct.roster(removed=(gone.device_id,))[1]])
     assert "no longer a device of the account" in await closed_with(ws)
     with pytest.raises(Exception, match="403 device .* is not a device of account"):
         await client(broker, acct, gone).devices()
@@ -125,7 +125,7 @@ async def test_a_removed_device_is_refused_at_rest_and_its_socket_closed(
     # Nor can the owner bring back a roster that lists it again.
     acct.members = [gone]
     with pytest.raises(Exception, match="409.*re-admits a removed device"):
-        await owner.publish_roster(acct.roster()[1])
+        await owner.publish_rosters([acct.roster()[1]])
     await owner.close()
     await eventually(lambda: f"{gone.device_id[:12]} from 127.0.0.1 refused" in
                      broker.log_text())

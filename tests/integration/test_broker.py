@@ -29,7 +29,7 @@ async def test_a_session_opens_through_the_broker_and_pushes_reach_the_peer(
     with broker_server(tmp_path) as broker:
         a = device(broker.url, acct, acct.owner, held)
         b = device(broker.url, acct, acct.members[0], held)
-        await a.client.publish_roster(acct.roster()[1])
+        await a.client.publish_rosters([acct.roster()[1]])
         await a.client.register_device(b"sealed name")
         await online(a, b)
         listed = {d["id"]: d for d in await b.client.devices()}
@@ -68,7 +68,7 @@ async def test_an_offer_to_a_device_not_connected_fails_at_once(tmp_path: Path) 
     held = [membership(acct)]
     with broker_server(tmp_path) as broker:
         a = device(broker.url, acct, acct.owner, held)
-        await a.client.publish_roster(acct.roster()[1])
+        await a.client.publish_rosters([acct.roster()[1]])
         await online(a)
         with pytest.raises(session.PeerUnreachable, match="not connected to the broker"):
             await session.connect(acct.owner, acct.members[0].device_id, held[0],
@@ -93,7 +93,7 @@ async def test_turn_credentials_follow_coturns_rest_scheme(tmp_path: Path) -> No
                        "--turn-secret-file", str(tmp_path / "secret"),
                        "--turn-ttl", "600") as broker:
         c = BrokerClient(broker.url, acct.owner, acct.fingerprint)
-        await c.publish_roster(acct.roster()[1])
+        await c.publish_rosters([acct.roster()[1]])
         ice = await c.ice()
         await c.close()
     stun, turn = ice.servers
@@ -109,6 +109,6 @@ async def test_no_ice_server_is_named_unless_configured(tmp_path: Path) -> None:
     acct = StorageAccount()
     with broker_server(tmp_path) as broker:
         c = BrokerClient(broker.url, acct.owner, acct.fingerprint)
-        await c.publish_roster(acct.roster()[1])
+        await c.publish_rosters([acct.roster()[1]])
         assert (await c.ice()).servers == ()
         await c.close()
