@@ -1,0 +1,119 @@
+"""The broker's parts without a network: its SQLite state (pushes collapsed per sender and
+receiver, expiring with their TTL), coturn's credential formula, the flood bucket, the
+client's reconnection backoff; and, in this event loop, the per-account socket limit and a
+client that reconnects after being cut off."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+from pathlib import Path
+
+from aiohttp import web
+import pytest
+
+from p2pbackup.broker.ice import IceSettings, ice_servers, turn_credentials
+from p2pbackup.broker.service import Broker, TokenBucket
+from p2pbackup.broker.state import SqliteState
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.discovery.broker import BACKOFF_MAX, BrokerClient, backoff
+from tests.brokers import device, membership, online
+from tests.eventually import eventually
+from tests.servers import StorageAccount, free_port, serving
+
+pytestmark = pytest.mark.timeout(60)
+A, B, C = "a" * 32, "b" * 32, "c" * 32
+
+
+async def test_a_newer_push_replaces_an_older_one_and_pushes_expire(tmp_path: Path) -> None:
+    state = SqliteState(tmp_path / "b.sqlite")
+    await state.enqueue("acct", B, A, "push", b"head 1", 100.0, collapse=True)
+    await state.enqueue("acct", B, A, "push", b"head 2", 100.0, collapse=True)
+    await state.enqueue("acct", B, C, "push", b"c's head", 50.0, collapse=True)
+    await state.enqueue("acct", B, A, "open-tab", b"x", 100.0, collapse=False)
+    got = await state.pending("acct", B, now=10.0)
+    assert [(q.sender, q.kind, q.payload) for q in got] == [
+        (A, "push", b"head 2"), (C, "push", b"c's head"), (A, "open-tab", b"x")]
+    later = await state.pending("acct", B, now=60.0)     # C's push outlived its TTL
+    assert [(q.sender, q.payload) for q in later] == [(A, b"head 2"), (A, b"x")]
+    await state.forget_devices("acct", [A])              # a removed device's queue goes too
+    assert await state.pending("acct", B, now=60.0) == []
+    assert await state.set_roster("acct", 1, b"r1", replaces=None)
+    assert not await state.set_roster("acct", 1, b"other", replaces=None)
+    assert not await state.set_roster("acct", 3, b"r3", replaces=2)   # not the one held
+    assert await state.set_roster("acct", 2, b"r2", replaces=1)
+    assert await state.roster("acct") == b"r2"
+    await state.close()
+
+
+def test_turn_credentials_are_coturns_rest_formula() -> None:
+    user, password = turn_credentials("s3cret", B, 1_000.0, 600)
+    assert user == f"1600:{B}"
+    assert password == base64.b64encode(
+        hmac.new(b"s3cret", user.encode(), hashlib.sha1).digest()).decode()
+    assert ice_servers(IceSettings(), B, 0.0) == []     # nothing public unless configured
+    assert ice_servers(IceSettings(turn_urls=("turn:x",)), B, 0.0) == []   # no secret: none
+
+
+def test_the_flood_bucket_allows_bursts_then_its_rate() -> None:
+    t = [0.0]
+    bucket = TokenBucket(10.0, 5.0, lambda: t[0])
+    assert [bucket.take() for _ in range(6)] == [True] * 5 + [False]
+    t[0] += 0.1
+    assert bucket.take() and not bucket.take()
+
+
+def test_backoff_doubles_with_jitter_up_to_a_cap() -> None:
+    assert [backoff(n, lambda: 1.0) for n in range(4)] == [1.0, 2.0, 4.0, 8.0]
+    assert backoff(3, lambda: 0.0) == 4.0                # half, at the least
+    assert backoff(50, lambda: 1.0) == BACKOFF_MAX
+
+
+async def test_a_client_backs_off_while_the_broker_is_away_then_connects(
+        tmp_path: Path) -> None:
+    acct = StorageAccount()
+    port = free_port()
+    waits: list[float] = []
+    up = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) >= 3:
+            await up.wait()
+
+    client = BrokerClient(f"http://127.0.0.1:{port}", acct.owner, acct.fingerprint,
+                          sleep=sleep, rand=lambda: 1.0)
+    client.start()
+    await eventually(lambda: len(waits) >= 3)
+    assert waits[:3] == [1.0, 2.0, 4.0] and "cannot reach the broker" in client.last_error
+    broker = Broker(SqliteState(tmp_path / "b.sqlite"))
+    runner = web.AppRunner(broker.app())
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await client.publish_rosters([acct.roster()[1]])
+        up.set()
+        await asyncio.wait_for(client.connected.wait(), 30)
+        assert client.last_error is None
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+
+async def test_sockets_per_account_are_limited_and_the_others_still_served(
+        tmp_path: Path) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate(), DeviceIdentity.generate()])
+    held = [membership(acct)]
+    broker = Broker(SqliteState(tmp_path / "b.sqlite"), max_connections=2)
+    async with serving(broker.app()) as url:
+        a, b, c = (device(url, acct, who, held) for who in (acct.owner, *acct.members))
+        await a.client.publish_rosters([acct.roster()[1]])
+        await online(a, b)
+        c.client.start()
+        await eventually(lambda: "sockets open" in (c.client.last_error or ""))
+        assert await a.client.push(b"head")
+        await eventually(lambda: b.pushes == [(acct.owner.device_id, b"head")])
+        for d in (a, b, c):
+            await d.client.close()
