@@ -22,13 +22,16 @@ demo: setup
 # Network-namespace tests (pairing over mDNS, transports) need iproute2, the packet-loss test
 # iptables, the WebDAV store tests nginx with its dav-ext module, the web console's browser
 # tests Debian's chromium (Playwright drives it: never `playwright install`, whose browser
-# download is not reachable); as root we install them.
+# download is not reachable), the broker's TURN test coturn's turnserver; as root we install
+# them.
 sysdeps:
 	@if [ "$$(id -u)" = 0 ] && ! (command -v ip && command -v iptables && \
 			test -x /usr/bin/chromium) >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq iproute2 iptables chromium; fi
 	@if [ "$$(id -u)" = 0 ] && ! [ -e /usr/lib/nginx/modules/ngx_http_dav_ext_module.so ]; then \
 		apt-get update -qq && apt-get install -y -qq nginx libnginx-mod-http-dav-ext; fi
+	@if [ "$$(id -u)" = 0 ] && ! command -v turnserver >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq coturn; fi
 
 test: setup sysdeps
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -71,6 +71,11 @@ def _answers(port: int) -> bool:
     return False
 
 
+def running(argv: list[str], log: Path, port: int) -> contextlib.AbstractContextManager:
+    """A server program in its own process group, once it answers on TCP `port`."""
+    return _running(argv, log, port)
+
+
 @contextlib.contextmanager
 def _running(argv: list[str], log: Path, port: int, *, env: dict[str, str] | None = None,
              ready: float = 60.0) -> Iterator[subprocess.Popen]:

@@ -17,9 +17,10 @@ import pytest
 from p2pbackup import session
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
+from p2pbackup.transport.datachannel import IceConfig
 from tests.brokers import LOOPBACK, device, echo, membership, online
 from tests.eventually import eventually
-from tests.servers import StorageAccount, broker_server
+from tests.servers import StorageAccount, broker_server, free_port, running
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -154,3 +155,40 @@ def test_broker_usage_errors_are_one_line_with_exit_10(tmp_path: Path, args: lis
                           timeout=60)
     assert proc.returncode == 10, proc.stderr
     assert proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+
+
+async def test_a_real_coturn_relays_with_the_brokers_credentials(tmp_path: Path) -> None:
+    """coturn with use-auth-secret takes the broker's credentials: a relay-only session
+    opens through it (a wrong password would get no relay candidate, and no session)."""
+    turnserver = shutil.which("turnserver")
+    if turnserver is None:
+        pytest.skip("coturn's turnserver is not installed (apt-get install coturn)")
+    port = free_port()
+    argv = [turnserver, "-n", "--log-file", "stdout", "--listening-ip", "127.0.0.1",
+            "--listening-port", str(port), "--relay-ip", "127.0.0.1", "--use-auth-secret",
+            "--static-auth-secret", "north-wind", "--realm", "p2pbackup.test", "--no-tls",
+            "--no-dtls", "--no-cli", "--allow-loopback-peers", "--fingerprint", "--verbose",
+            "--pidfile", str(tmp_path / "turnserver.pid"), "--userdb", str(tmp_path / "turndb")]
+    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    held = [membership(acct)]
+    (tmp_path / "secret").write_text("north-wind")
+    with running(argv, tmp_path / "turnserver.log", port), \
+            broker_server(tmp_path / "broker", "--turn-url", f"turn:127.0.0.1:{port}",
+                          "--turn-secret-file", str(tmp_path / "secret")) as broker:
+        a = device(broker.url, acct, acct.owner, held)
+        b = device(broker.url, acct, acct.members[0], held)
+        await a.client.publish_rosters([acct.roster()[1]])
+        await online(a, b)
+        ice = await a.client.ice(host_addresses=("127.0.0.1",))
+        relay = IceConfig(ice.servers, relay_only=True, host_addresses=("127.0.0.1",))
+        link = await session.connect(acct.owner, b.identity.device_id, held[0],
+                                     BrokerSignaling(a.client, b.identity.device_id),
+                                     ice=relay)
+        await eventually(lambda: b.links)
+        served = asyncio.create_task(echo(b.links[0][1]))
+        await link.send(b"through the relay")
+        assert await asyncio.wait_for(link.recv(), 30) == b"through the relay"
+        await link.close()
+        served.cancel()
+        for d in (a, b):
+            await d.client.close()
