@@ -4,8 +4,8 @@ aiortc data channel whose DTLS fingerprints those signatures cover.
 The LAN signaling path is a tiny TCP endpoint on the daemon (its port is in the mDNS TXT
 record): one length-prefixed signed offer in, one signed answer out. Signaling is untrusted;
 everything rests on the device signatures checked against the membership record, so a removed
-or unknown device never gets a channel. The broker's WebSocket relay will be another
-`Signaling`.
+or unknown device never gets a channel. The broker's WebSocket relay is another `Signaling`
+(discovery/broker.py), whose offers `OfferAnswerer` answers as the LAN endpoint's.
 """
 
 from __future__ import annotations
@@ -76,9 +76,20 @@ class LanSignaling:
                 from None
         finally:
             writer.close()
-        if reply[:1] == b"!":  # a refusal, in words
-            raise PeerNotPaired(reply[1:200].decode("utf-8", "replace"))
-        return reply
+        return answer_or_refusal(reply)
+
+
+def answer_or_refusal(reply: bytes) -> bytes:
+    """A peer's reply to an offer: its answer, or PeerNotPaired with the refusal it sent in
+    words (b"!" and a line: what the answering side says whichever path carried it)."""
+    if reply[:1] == b"!":
+        raise PeerNotPaired(reply[1:200].decode("utf-8", "replace"))
+    return reply
+
+
+def refusal(exc: P2PError) -> bytes:
+    """The reply that refuses an offer, saying why (answer_or_refusal reads it)."""
+    return b"!" + str(exc).encode()[:190]
 
 
 def _now() -> int:
@@ -263,7 +274,7 @@ class SignalingServer:
         except P2PError as exc:
             self.on_refused(f"session from {where} refused: {exc}")
             with contextlib.suppress(Exception):
-                msg = b"!" + str(exc).encode()[:190]
+                msg = refusal(exc)
                 writer.write(_LEN.pack(len(msg)) + msg)
                 await writer.drain()
             if link is not None:

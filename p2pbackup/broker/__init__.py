@@ -1,1 +1,2 @@
-"""The broker service (p2pbackup-broker): accounts, devices, signaling relay, push, TURN credentials."""
+"""The broker service (p2pbackup-broker): accounts, devices, signaling relay, push, TURN
+credentials."""

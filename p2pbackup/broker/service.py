@@ -49,9 +49,8 @@ from ..crypto.identity import device_id_for, verify_signature
 from ..errors import IntegrityError
 from ..format.roster import Roster, check_next, check_signed, read_roster, roster_hash
 from ..ids import is_account, is_device
-from ..protocol import store_requests as req
 from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
-from ..server.refusals import Refused, one_line_errors
+from ..server.refusals import Refused, SignedRequests, one_line_errors
 from .ice import IceSettings, ice_servers
 from .state import BrokerState
 
@@ -150,8 +149,7 @@ class Broker:
         self.rate, self.burst, self.max_connections = rate, burst, max_connections
         self.now = now
         self.extra_routes = tuple(extra_routes)
-        self.started = now()
-        self.nonces = req.NonceCache()
+        self.requests = SignedRequests(now, REQUEST_DOMAIN)
         self._accounts: dict[str, _Account] = {}
         self._roster_lock = asyncio.Lock()
 
@@ -193,29 +191,7 @@ class Broker:
 
     async def _authenticate(self, request: web.Request, body: bytes, account: str,
                             key_of: Callable[[str], bytes | None]) -> str:
-        """The device that signed `request` (its key from `key_of`); Refused otherwise."""
-        got = req.parse(request.headers)
-        if got is None:
-            raise Refused(401, "an unsigned request: it needs the X-P2PB-Device, -Time, "
-                               "-Nonce and -Signature headers of a device of the account")
-        why = req.stale(got.time, self.now(), self.started)
-        if why:
-            raise Refused(401, why)
-        key = key_of(got.device)
-        if key is None:
-            raise Refused(403, f"device {got.device[:12]} is not a device of account "
-                               f"{account} (any more)")
-        path = request.rel_url.raw_path
-        at = path.find("/" + req.API)
-        signed = req.message(request.method, path[at + 1:], request.rel_url.raw_query_string,
-                             req.body_digest(body), got.device, got.time, got.nonce,
-                             REQUEST_DOMAIN)
-        if at < 0 or not verify_signature(key, signed, got.signature):
-            raise Refused(401, "the request's signature does not verify")
-        why = self.nonces.add(got.device, got.nonce, self.now())
-        if why:
-            raise Refused(401, why)
-        return got.device
+        return self.requests.signer(request, body, account, key_of)
 
     async def _member(self, request: web.Request, body: bytes = b""
                       ) -> tuple[str, _Account, str]:

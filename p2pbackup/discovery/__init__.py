@@ -1,4 +1,4 @@
-"""Finding peers: `mdns` (zeroconf on the LAN); the broker client will live here too.
+"""Finding peers: `mdns` (zeroconf on the LAN) and `broker` (the broker client).
 
 Import the submodules directly: importing this package does not load zeroconf.
 """

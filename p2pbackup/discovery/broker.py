@@ -24,10 +24,10 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 from ..crypto.identity import DeviceIdentity
-from ..errors import ConfigError, P2PError, PeerNotPaired, PeerUnreachable, RemoteProtocolError
+from ..errors import ConfigError, P2PError, PeerUnreachable, RemoteProtocolError
 from ..protocol import store_requests as req
 from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
-from ..session import OfferAnswerer, hand_over
+from ..session import OfferAnswerer, answer_or_refusal, hand_over, refusal
 from ..transport.datachannel import IceConfig, IceServer, PeerLink
 
 log = logging.getLogger("p2pbackup.broker.client")
@@ -270,7 +270,7 @@ class BrokerClient:
                 sender = desc.sender
             except P2PError as exc:
                 self.on_refused(f"session offered through the broker refused: {exc}")
-                reply, link = b"!" + str(exc).encode()[:190], None
+                reply, link = refusal(exc), None
         if not await self._send({"t": "signal", "to": sender, "id": next(self._ids), "re": n,
                                  "data": base64.b64encode(reply).decode()}):
             if link is not None:
@@ -335,7 +335,4 @@ class BrokerSignaling:
         self.client, self.peer = client, peer
 
     async def exchange(self, offer: bytes) -> bytes:
-        reply = await self.client.relay(self.peer, offer)
-        if reply[:1] == b"!":  # a refusal, in words (as over LanSignaling)
-            raise PeerNotPaired(reply[1:200].decode("utf-8", "replace"))
-        return reply
+        return answer_or_refusal(await self.client.relay(self.peer, offer))

@@ -58,7 +58,7 @@ from ..repo.partner_store import (Grant, ServedStore, apply_removals, forget_gra
                                   load_grants, open_grant, partner_accept, refusal)
 from ..sizes import format_size
 from . import invites
-from .refusals import Refused, one_line_errors
+from .refusals import Refused, SignedRequests, one_line_errors
 
 log = logging.getLogger("p2pbackup.server")
 
@@ -106,8 +106,7 @@ class StorageServer:
                  now: Callable[[], float] = time.time) -> None:
         self.data, self.quota, self.grace = data, quota, removal_grace
         self.storage, self.open_registration, self.now = storage, open_registration, now
-        self.started = now()
-        self.nonces = req.NonceCache()
+        self.requests = SignedRequests(now)
         self.accounts: dict[str, Grant] = {}
         self.heads: dict[str, HeadsHeld] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -149,21 +148,7 @@ class StorageServer:
     def _signed_now(self, request: web.Request, account: str = "",
                     key_of: Callable[[str], bytes | None] | None = None
                     ) -> tuple[req.RequestSignature, bytes | None]:
-        """The request's signature headers, if present, fresh and (with `key_of`) naming a
-        device that may make it, and that device's key; Refused otherwise. Checked before a
-        body is read: a stranger's upload costs the server no memory."""
-        got = req.parse(request.headers)
-        if got is None:
-            raise Refused(401, "an unsigned request: it needs the X-P2PB-Device, -Time, "
-                               "-Nonce and -Signature headers of a device of the account")
-        why = req.stale(got.time, self.now(), self.started)
-        if why:
-            raise Refused(401, why)
-        key = key_of(got.device) if key_of is not None else None
-        if key_of is not None and key is None:
-            raise Refused(403, f"device {got.device[:12]} is not a device of account "
-                               f"{account} (any more)")
-        return got, key
+        return self.requests.fresh(request, account, key_of)
 
     async def _body(self, request: web.Request) -> bytes:
         """A PUT's body, within the bytes all uploads in progress may hold in memory."""
@@ -183,19 +168,7 @@ class StorageServer:
 
     async def _authenticate(self, request: web.Request, body: bytes, account: str,
                             key_of: Callable[[str], bytes | None]) -> str:
-        """The device that signed `request` (its key from `key_of`); Refused otherwise."""
-        got, key = self._signed_now(request, account, key_of)
-        assert key is not None
-        path = request.rel_url.raw_path
-        at = path.find("/" + req.API)
-        signed = req.message(request.method, path[at + 1:], request.rel_url.raw_query_string,
-                             req.body_digest(body), got.device, got.time, got.nonce)
-        if at < 0 or not verify_signature(key, signed, got.signature):
-            raise Refused(401, "the request's signature does not verify")
-        why = self.nonces.add(got.device, got.nonce, self.now())
-        if why:
-            raise Refused(401, why)
-        return got.device
+        return self.requests.signer(request, body, account, key_of)
 
     def _account(self, request: web.Request) -> tuple[str, Grant | None]:
         account = request.match_info["account"]

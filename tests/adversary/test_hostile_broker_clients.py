@@ -8,7 +8,6 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
