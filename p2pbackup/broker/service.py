@@ -203,8 +203,16 @@ class Broker:
         device = await self._authenticate(request, body, account, held.roster.key_of)
         return account, held, device
 
+    @staticmethod
+    async def _body(request: web.Request) -> bytes:
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise Refused(413, f"a body larger than the {MAX_BODY} bytes this broker "
+                               "takes") from None
+
     async def _json(self, request: web.Request) -> tuple[bytes, dict[str, Any]]:
-        body = await request.read()
+        body = await self._body(request)
         try:
             doc = json.loads(body) if body else {}
         except (ValueError, UnicodeDecodeError):
@@ -219,7 +227,7 @@ class Broker:
     async def _roster(self, request: web.Request) -> web.Response:
         """Register an account by its first roster, or follow it to the next version."""
         account = self._account_id(request)
-        body = await request.read()
+        body = await self._body(request)
         async with self._roster_lock:
             held = await self._account(account)
             if held is None:

@@ -146,6 +146,26 @@ class BrokerClient:
             doc["ttl"] = ttl
         return await self._call("POST", "devices/notify", doc)
 
+    async def invoke_command(self, target: str, command: str, payload: bytes,
+                             ttl: int | None = None) -> int:
+        """Queue `command` for device `target` (FxA's invoke_command); its index."""
+        doc: dict[str, Any] = {"target": target, "command": command,
+                               "payload": base64.b64encode(payload).decode()}
+        if ttl is not None:
+            doc["ttl"] = ttl
+        return int((await self._call("POST", "devices/invoke_command", doc))["index"])
+
+    async def commands(self, after: int = 0) -> list[tuple[int, str, str, bytes]]:
+        """This device's commands queued after index `after`: (index, sender, command,
+        payload)."""
+        doc = await self._call("GET", "device/commands", query=f"index={after}")
+        out = []
+        for m in doc.get("messages", []):
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                out.append((int(m["index"]), str(m["from"]), str(m["command"]),
+                            base64.b64decode(m["payload"], validate=True)))
+        return out
+
     async def ice(self, *, host_addresses: tuple[str, ...] | None = None) -> IceConfig:
         """The STUN/TURN servers the broker hands out, with fresh TURN credentials."""
         doc = await self._call("GET", "ice")

@@ -217,3 +217,12 @@ async def test_a_flooding_socket_is_cut_off_while_other_devices_are_served(
     assert "a flood" in await closed_with(ws)
     await pushes_still_arrive(http, broker)
     assert broker.log_text().count("a flood") == 1
+
+
+async def test_an_oversized_body_is_refused_with_one_line(broker: RunningBroker) -> None:
+    acct = StorageAccount()
+    owner = client(broker, acct, acct.owner)
+    with pytest.raises(Exception, match="413 a body larger than"):
+        await owner.publish_rosters([b"x" * (1 << 20)])
+    await owner.close()
+    assert broker.log_text().count("413 a body larger than") == 1

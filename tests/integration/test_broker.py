@@ -192,3 +192,22 @@ async def test_a_real_coturn_relays_with_the_brokers_credentials(tmp_path: Path)
         served.cancel()
         for d in (a, b):
             await d.client.close()
+
+
+async def test_a_command_invoked_on_a_device_is_listed_for_it_until_its_ttl(
+        tmp_path: Path) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    with broker_server(tmp_path) as broker:
+        a = BrokerClient(broker.url, acct.owner, acct.fingerprint)
+        b = BrokerClient(broker.url, acct.members[0], acct.fingerprint)
+        await a.publish_rosters([acct.roster()[1]])
+        first = await a.invoke_command(acct.members[0].device_id, "sync-now", b"sealed", 600)
+        second = await a.invoke_command(acct.members[0].device_id, "sync-now", b"again", 600)
+        assert await b.commands() == [(first, acct.owner.device_id, "sync-now", b"sealed"),
+                                      (second, acct.owner.device_id, "sync-now", b"again")]
+        assert [c[0] for c in await b.commands(after=first)] == [second]
+        assert await a.commands() == []
+        with pytest.raises(session.RemoteProtocolError, match="400 `target` is not a device"):
+            await a.invoke_command(DeviceIdentity.generate().device_id, "x", b"")
+        for c in (a, b):
+            await c.close()
