@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..server.main import listen_address, run_command, serve_app, tls_context
 from .ice import IceSettings
+from .mailbox import add_mailbox_routes
 from .service import MAX_TTL, PUSH_TTL, Broker
 from .state import SqliteState
 
@@ -52,7 +53,8 @@ async def serve(args: argparse.Namespace) -> None:
     ice = settings(args)
     if not 0 < args.push_ttl <= MAX_TTL:
         raise ConfigError(f"--push-ttl {args.push_ttl}: give 1 to {MAX_TTL} seconds")
-    broker = Broker(SqliteState(Path(args.data) / STATE_FILE), ice=ice, push_ttl=args.push_ttl)
+    broker = Broker(SqliteState(Path(args.data) / STATE_FILE), ice=ice, push_ttl=args.push_ttl,
+                    extra_routes=[add_mailbox_routes])   # pairing across the internet
     await serve_app(broker.app(), "p2pbackup-broker", host, port, tls,
                     f"the broker from {args.data}")
 

@@ -211,3 +211,12 @@ async def test_a_command_invoked_on_a_device_is_listed_for_it_until_its_ttl(
             await a.invoke_command(DeviceIdentity.generate().device_id, "x", b"")
         for c in (a, b):
             await c.close()
+
+
+async def test_the_broker_serves_the_pairing_mailbox(tmp_path: Path) -> None:
+    import aiohttp
+
+    with broker_server(tmp_path) as broker:
+        async with aiohttp.ClientSession() as http, \
+                http.ws_connect(f"{broker.url}/v1/mailbox") as ws:
+            assert (await ws.receive_json(timeout=30))["type"] == "welcome"
