@@ -189,10 +189,6 @@ class Broker:
             raise Refused(404, f"{account[:40]!r} is not an account id")
         return account
 
-    async def _authenticate(self, request: web.Request, body: bytes, account: str,
-                            key_of: Callable[[str], bytes | None]) -> str:
-        return self.requests.signer(request, body, account, key_of)
-
     async def _member(self, request: web.Request, body: bytes = b""
                       ) -> tuple[str, _Account, str]:
         """(account id, account, device) of a request signed by a device the roster lists."""
@@ -200,7 +196,7 @@ class Broker:
         held = await self._account(account)
         if held is None:
             raise Refused(404, f"account {account} is not registered on this broker")
-        device = await self._authenticate(request, body, account, held.roster.key_of)
+        device = self.requests.signer(request, body, account, held.roster.key_of)
         return account, held, device
 
     @staticmethod
@@ -238,7 +234,7 @@ class Broker:
                 except IntegrityError as exc:
                     raise Refused(422, str(exc)) from None
                 try:
-                    device = await self._authenticate(request, body, account, roster.owner_key)
+                    device = self.requests.signer(request, body, account, roster.owner_key)
                 except Refused as r:
                     if r.status != 403:
                         raise
@@ -250,7 +246,7 @@ class Broker:
                 log.info("account %s registered by device %s", account, device[:12])
                 return web.Response(status=201)
             recovery = held.roster.next_signer_key(device_id_for)
-            device = await self._authenticate(
+            device = self.requests.signer(
                 request, body, account, lambda d: held.roster.key_of(d) or recovery(d))
             if body == held.raw:
                 return web.Response(status=200)
