@@ -42,6 +42,10 @@ class StoreCapabilities:
                                   # other delete (the storage server, like a storage partner)
     signed_requests: bool = False  # every request is signed by a device of the account:
                                    # open_store hands it the StoreSigner (sign_as)
+    conditional_replace: bool = False  # get_tagged/replace_if: a mutable name is replaced
+                                       # only if it still holds the version read (compare-
+                                       # and-swap), so two devices writing one store cannot
+                                       # put an older head over a newer one
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,16 @@ class BlobStore(abc.ABC):
     def sign_as(self, signer: StoreSigner) -> None:
         """Sign every request as `signer` (only with capabilities.signed_requests)."""
         raise NotImplementedError(f"{type(self).__name__} does not sign its requests")
+
+    async def get_tagged(self, name: str) -> tuple[bytes, str]:
+        """A mutable blob and the tag of this version of it, for `replace_if` (only with
+        capabilities.conditional_replace); NotFound if there is none."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional replace")
+
+    async def replace_if(self, name: str, data: Buffer, tag: str | None) -> bool:
+        """Put mutable `name` only if it still holds the version `tag` (None: only if it is
+        missing); False, and nothing written, if another writer changed it meanwhile."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional replace")
 
     def remove_temp_files(self) -> int:
         """Delete what a killed writer left half-written (call under the writer lock); the

@@ -167,6 +167,7 @@ class S3Store(BlobStore):
         cond = options.get("conditional_writes", "auto")
         self._conditional: bool | None = None if cond == "auto" \
             else _flag(cond, "conditional_writes", location)
+        self._if_match: bool | None = None   # the server refuses If-Match with a stale tag
         self._probe_lock = asyncio.Lock()
         self._sizes: dict[str, int] = {}   # of immutable objects: a range from the end
         self._windows = RangeWindows(self._read_exact)
@@ -176,8 +177,12 @@ class S3Store(BlobStore):
     def capabilities(self) -> StoreCapabilities:  # type: ignore[override]
         # create_only only once the server is known to enforce If-None-Match (see the module
         # docstring); until the first put it is not claimed.
+        # conditional_replace always: replace_if sends If-Match, which the probe found the
+        # server enforces or not; where it does not, the tag is compared (HEAD) right before
+        # the write, which narrows the race to that gap (the module docstring).
         return StoreCapabilities(create_only=self._conditional is True, ranged_reads=True,
-                                 cheap_listing=False, blocking=False, local_disk=False)
+                                 cheap_listing=False, blocking=False, local_disk=False,
+                                 conditional_replace=True)
 
     # ---- errors and retries ------------------------------------------------------------
 
@@ -240,24 +245,72 @@ class S3Store(BlobStore):
     # ---- BlobStore ---------------------------------------------------------------------
 
     async def _conditional_writes(self) -> bool:
-        """Whether the server refuses a PUT with If-None-Match: * over an existing object,
-        found out once with a probe object (written twice, then deleted)."""
+        """Whether the server refuses a PUT with If-None-Match: * over an existing object."""
         async with self._probe_lock:
             if self._conditional is None:
-                probe = f".p2pbackup-probe-{uuid.uuid4().hex}"
-                await self._call("write", probe, lambda: self._op.write(probe, b"1"))
-                try:
-                    await self._op.write(probe, b"2", if_not_exists=True)
-                    self._conditional = False
-                except self._errors.ConditionNotMatch:
-                    self._conditional = True
-                except Exception as exc:
-                    if not isinstance(exc, self._opendal_errors):
-                        raise
-                    self._conditional = False    # refused the header (501, 400): ask first
-                finally:
-                    await self._call("delete", probe, lambda: self._op.delete(probe))
+                self._conditional = await self._refuses(
+                    lambda probe: self._op.write(probe, b"2", if_not_exists=True))
             return self._conditional
+
+    async def _enforces_if_match(self) -> bool:
+        """Whether the server refuses a PUT with If-Match and a tag the object lacks."""
+        async with self._probe_lock:
+            if self._if_match is None:
+                self._if_match = await self._refuses(
+                    lambda probe: self._op.write(probe, b"2", if_match='"0"'))
+            return self._if_match
+
+    async def _refuses(self, conditional: Callable[[str], Awaitable[None]]) -> bool:
+        """Whether the server refuses (412) the conditional write `conditional` makes to a
+        probe object written just before; found out once per condition, the probe deleted."""
+        probe = f".p2pbackup-probe-{uuid.uuid4().hex}"
+        await self._call("write", probe, lambda: self._op.write(probe, b"1"))
+        try:
+            await conditional(probe)
+            return False
+        except self._errors.ConditionNotMatch:
+            return True
+        except Exception as exc:
+            if not isinstance(exc, self._opendal_errors):
+                raise
+            return False    # refused the header (501, 400): ask first
+        finally:
+            await self._call("delete", probe, lambda: self._op.delete(probe))
+
+    async def get_tagged(self, name: str) -> tuple[bytes, str]:
+        for _ in range(self._attempts):
+            try:
+                meta = await self._call("stat", name, lambda: self._op.stat(name))
+                tag = meta.etag or ""
+                data = await self._call("read", name, lambda: self._op.read(
+                    name, if_match=tag) if tag else self._op.read(name))
+            except self._errors.NotFound as exc:
+                raise self._error(exc, "read", name) from None
+            except self._errors.ConditionNotMatch:
+                continue   # replaced between the two requests: read the new one
+            return bytes(data), tag
+        raise StorageError(f"store {self.location}: {name} changed under each of "
+                           f"{self._attempts} reads")
+
+    async def replace_if(self, name: str, data: Buffer, tag: str | None) -> bool:
+        body = bytes(data)
+        if not await self._enforces_if_match():   # the server ignores it: compare just before
+            try:
+                meta = await self._call("stat", name, lambda: self._op.stat(name))
+                if tag is None or (meta.etag or "") != tag:
+                    return False
+            except self._errors.NotFound:
+                if tag is not None:
+                    return False
+            await self._call("write", name, lambda: self._op.write(name, body))
+            return True
+        try:
+            await self._call("write", name, lambda: self._op.write(
+                name, body, if_not_exists=True) if tag is None   # (If-None-Match: *)
+                else self._op.write(name, body, if_match=tag))
+        except self._errors.ConditionNotMatch:
+            return False
+        return True
 
     async def put(self, name: str, data: Buffer) -> None:
         body = bytes(data)

@@ -138,7 +138,12 @@ class WebDavStore(BlobStore):
     # create_only: MOVE with Overwrite: F (RFC 4918 10.6 makes the 412 a MUST); wsgidav and
     # nginx dav-ext enforce it in tests/blobs/test_webdav.py, and `p2pbackup store check`
     # shows whether a user's server does.
-    capabilities = StoreCapabilities(create_only=True, ranged_reads=True, cheap_listing=False)
+    # conditional_replace: a head moves with `If: <path> (["etag"])` (RFC 4918 10.4, tagged
+    # to the destination), which wsgidav and Nextcloud's sabre/dav evaluate; for a server
+    # that ignores the If header (nginx dav-ext, found by a probe) the ETag is compared just
+    # before the MOVE, which narrows the race to that gap.
+    capabilities = StoreCapabilities(create_only=True, ranged_reads=True, cheap_listing=False,
+                                     conditional_replace=True)
 
     def __init__(self, location: str, *, username: str | None = None,
                  password: str | None = None, ca_file: str | None = None,
@@ -153,6 +158,8 @@ class WebDavStore(BlobStore):
         self._ca_file = ca_file
         self._session: Any = None
         self._folders_made: set[str] = set()
+        self._if_enforced: bool | None = None   # the server honours If on MOVE (a probe)
+        self._probe_lock = asyncio.Lock()
 
     # ---- HTTP ----------------------------------------------------------------------------
 
@@ -237,7 +244,9 @@ class WebDavStore(BlobStore):
 
     # ---- BlobStore -------------------------------------------------------------------------
 
-    async def put(self, name: str, data: Buffer) -> None:
+    async def _put_temporary(self, name: str, data: Buffer) -> tuple[str, str]:
+        """Upload `data` under a temporary name beside `name`'s place: (that place, the
+        temporary name), for a MOVE into place."""
         path = physical_path(name)
         tmp = f"{path}.{secrets.token_hex(8)}{_TMP_SUFFIX}"
         # Folders are made before the first write into them (once per process): servers
@@ -251,17 +260,26 @@ class WebDavStore(BlobStore):
         if status not in (200, 201, 204):
             raise StorageError(f"WebDAV store {self.location}: cannot write {name} "
                                f"(HTTP {status})")
-        replace = is_mutable_name(name)
+        return path, tmp
+
+    async def _move(self, tmp: str, path: str, headers: Mapping[str, str]) -> int:
+        """MOVE `tmp` to `path`; the status. The temporary file is gone unless it moved."""
         try:
             status, _, _ = await self._request(
-                "MOVE", tmp, headers={"Destination": self._url(path),
-                                      "Overwrite": "T" if replace else "F"})
+                "MOVE", tmp, headers={"Destination": self._url(path), **headers})
         except BaseException:
             await self._drop(tmp)
             raise
+        if status not in (200, 201, 204):
+            await self._drop(tmp)
+        return status
+
+    async def put(self, name: str, data: Buffer) -> None:
+        path, tmp = await self._put_temporary(name, data)
+        replace = is_mutable_name(name)
+        status = await self._move(tmp, path, {"Overwrite": "T" if replace else "F"})
         if status in (200, 201, 204):
             return
-        await self._drop(tmp)
         # 412: the name exists (create-only). 404: a MOVE whose answer was lost was retried
         # and the temporary name is gone. Either way the object is fine if it holds our bytes.
         if status == 404 or (status == 412 and not replace):
@@ -276,6 +294,59 @@ class WebDavStore(BlobStore):
         raise StorageError(f"WebDAV store {self.location}: cannot move {name} into place "
                            f"(HTTP {status})")
 
+    async def get_tagged(self, name: str) -> tuple[bytes, str]:
+        status, headers, body = await self._request("GET", physical_path(name))
+        if status == 404:
+            raise self._missing(name)
+        if status != 200:
+            raise StorageError(f"WebDAV store {self.location}: cannot read {name} "
+                               f"(HTTP {status})")
+        return body, headers.get("ETag", "")
+
+    def _if_tagged(self, path: str, tag: str) -> dict[str, str]:
+        """The headers of a MOVE onto `path` only while it holds version `tag`: the If header
+        tagged to the destination (the source, the temporary file, has no such tag)."""
+        tag = tag.removeprefix("W/")
+        tag = tag if tag.startswith('"') else f'"{tag}"'
+        return {"Overwrite": "T", "If": f"<{urlsplit(self._url(path)).path}> ([{tag}])"}
+
+    async def _enforces_if(self) -> bool:
+        """Whether the server refuses a MOVE whose If header names a version the destination
+        does not hold (wsgidav, sabre/dav do; nginx dav-ext ignores it): found out once with a
+        probe object, then deleted."""
+        async with self._probe_lock:
+            if self._if_enforced is None:
+                probe = f".p2pbackup-probe-{secrets.token_hex(8)}"
+                await self.put(probe, b"1")
+                try:
+                    path, tmp = await self._put_temporary(probe, b"2")
+                    self._if_enforced = await self._move(
+                        tmp, path, self._if_tagged(path, '"0"')) == 412
+                finally:
+                    await self.delete(probe)
+            return self._if_enforced
+
+    async def replace_if(self, name: str, data: Buffer, tag: str | None) -> bool:
+        if tag is not None and not await self._enforces_if():
+            # the server ignores the condition: compare the tag just before (a narrower race)
+            status, headers, _ = await self._request("HEAD", physical_path(name))
+            if status != 200 or headers.get("ETag", "") != tag:
+                return False
+        path, tmp = await self._put_temporary(name, data)
+        condition = {"Overwrite": "F"} if tag is None else self._if_tagged(path, tag)
+        status = await self._move(tmp, path, condition)
+        if status in (200, 201, 204):
+            return True
+        if status == 412:
+            return False
+        if status == 404:   # a MOVE whose answer was lost, retried: did ours land?
+            try:
+                return (await self.get_tagged(name))[0] == data
+            except NotFound:
+                return False
+        raise StorageError(f"WebDAV store {self.location}: cannot move {name} into place "
+                           f"(HTTP {status})")
+
     async def _drop(self, tmp: str) -> None:
         try:
             await self._request("DELETE", tmp)
@@ -286,13 +357,7 @@ class WebDavStore(BlobStore):
         return NotFound(f"{name} is missing from the store at {self.location}")
 
     async def get(self, name: str) -> bytes:
-        status, _, body = await self._request("GET", physical_path(name))
-        if status == 404:
-            raise self._missing(name)
-        if status != 200:
-            raise StorageError(f"WebDAV store {self.location}: cannot read {name} "
-                               f"(HTTP {status})")
-        return body
+        return (await self.get_tagged(name))[0]
 
     async def get_range(self, name: str, offset: int, length: int) -> bytes:
         if length <= 0:

@@ -48,6 +48,9 @@ LAST = len(ORDER)                   # heads go after everything else
 # BACKOFF_MAX, times a random factor in [0.5, 1) so devices that failed together spread out.
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 300.0
+# Conditional replaces of one head in one pass before giving up until the next pass: each
+# failed try means another device put a version in between, which is rare.
+REPLACE_TRIES = 5
 
 
 def upload_phase(name: str) -> int | None:
@@ -428,17 +431,7 @@ class StoreUploader:
         at = None
         if name in mutable:
             data = mutable[name]
-            kind = ids.object_kind(name)[0]  # type: ignore[index]
-            try:
-                theirs = await remote.get(name)
-            except NotFound:
-                theirs = None
-            if theirs is not None and theirs != data \
-                    and not await may_replace(self.repo, kind, name, data, theirs):
-                log.info("store %s holds a newer %s than this device; kept", self.location,
-                         name[:60])
-            elif theirs != data:
-                at = await self._send_once(remote, name, data)
+            at = await self._replace(remote, name, data)
             digest = blake3.blake3(data).digest()
             self._digests[name] = digest
             self.progress.note(self.location, name, digest=digest, at=at)
@@ -459,6 +452,34 @@ class StoreUploader:
             self.progress.note(self.location, name, at=at)
         self.status.objects_behind = max(0, self.status.objects_behind - 1)
         self.status.bytes_behind = max(0, self.status.bytes_behind - len(data))
+
+    async def _replace(self, remote: BlobStore, name: str, data: bytes) -> float | None:
+        """Put a mutable object where the store's is older (or missing, or damaged); the
+        time it was put, None if the store's was kept. Where the store can, the put is
+        conditional on the version read (another device of the account may put a newer
+        one in between); one that moved meanwhile is read and judged again."""
+        kind = ids.object_kind(name)[0]  # type: ignore[index]
+        swap = remote.capabilities.conditional_replace
+        for _ in range(REPLACE_TRIES):
+            try:
+                theirs, tag = await remote.get_tagged(name) if swap \
+                    else (await remote.get(name), None)
+            except NotFound:
+                theirs, tag = None, None
+            if theirs == data:
+                return None
+            if theirs is not None and not await may_replace(self.repo, kind, name, data,
+                                                            theirs):
+                log.info("store %s holds a newer %s than this device; kept", self.location,
+                         name[:60])
+                return None
+            if not swap:
+                return await self._send_once(remote, name, data)
+            at = await self._send_if(remote, name, data, tag)
+            if at is not None:
+                return at
+        raise StorageError(f"store {self.location}: {name[:60]} was replaced by another "
+                           f"writer under each of {REPLACE_TRIES} tries; tried again later")
 
     def _rotten(self, name: str) -> None:
         """A pack here no longer matches its name: it stays here (behind) rather than put
@@ -482,10 +503,25 @@ class StoreUploader:
 
     async def _send(self, remote: BlobStore, name: str, data: bytes) -> float:
         """Put one object within the bandwidth cap; the time it was done."""
-        if self.bucket is not None:
-            await self.bucket.take(len(data))
+        await self._spend(len(data))
         await remote.put(name, data)
+        return self._sent(len(data))
+
+    async def _send_if(self, remote: BlobStore, name: str, data: bytes,
+                       tag: str | None) -> float | None:
+        """`_send` of a mutable object only while the store holds version `tag` of it (None:
+        none); None, nothing sent, if another writer changed it meanwhile."""
+        await self._spend(len(data))
+        if not await remote.replace_if(name, data, tag):
+            return None
+        return self._sent(len(data))
+
+    async def _spend(self, size: int) -> None:
+        if self.bucket is not None:
+            await self.bucket.take(size)
+
+    def _sent(self, size: int) -> float:
         at = self._now()
         self.status.last_upload, self.status.uploaded = at, self.status.uploaded + 1
-        self.status.uploaded_bytes += len(data)
+        self.status.uploaded_bytes += size
         return at

@@ -89,6 +89,22 @@ class BlobStoreConformance:
         await store.put(anchor, b"folded to 20")
         assert await store.get(anchor) == b"folded to 20"
 
+    async def test_a_conditional_replace_takes_only_the_version_read(
+            self, store: BlobStore, device_id: str) -> None:
+        if not store.capabilities.conditional_replace:
+            return   # callers read and then put (the uploader's race is documented there)
+        head = "heads/" + device_id
+        assert await store.replace_if(head, b"first", None)
+        assert not await store.replace_if(head, b"late", None)   # it exists now
+        got, tag = await store.get_tagged(head)
+        assert got == b"first"
+        assert await store.replace_if(head, b"second", tag)
+        assert not await store.replace_if(head, b"stale", tag)   # read before "second"
+        assert (await store.get_tagged(head))[0] == b"second"
+        assert await _names(store, "heads/") == [head]
+        with pytest.raises(NotFound):
+            await store.get_tagged("heads/" + "2e" * 16)
+
     async def test_create_only_store_never_replaces_an_object(self, store: BlobStore) -> None:
         name = "devices/" + "1d" * 16
         await store.put(name, b"first")

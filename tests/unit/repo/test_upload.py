@@ -5,6 +5,7 @@ scheme); a wrapper fails on demand and counts what is done to it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 from collections import Counter
@@ -492,3 +493,107 @@ async def test_a_store_that_lacks_objects_is_listed_as_an_activity(pair, tmp_pat
                and v["name"] == remote.location]
     assert view["phase"] == "retrying" and view["uploaded_objects"] == 1
     assert view["objects_behind"] > 0 and view["total"] > view["done"] > 0
+
+
+# ---- two devices of the account uploading to one store (real servers) -----------------------
+
+class Interleaved(BlobStore):
+    """A real remote store (its conditions are the server's) where, the first time the
+    uploader reads `name`, `meanwhile` runs: another device's upload lands between the
+    read and the write."""
+
+    def __init__(self, inner: BlobStore, name: str, meanwhile) -> None:
+        self.inner, self.location = inner, inner.location
+        self.capabilities = inner.capabilities
+        self._name, self._meanwhile = name, meanwhile
+
+    async def _read(self, name: str) -> None:
+        if name == self._name and self._meanwhile is not None:
+            meanwhile, self._meanwhile = self._meanwhile, None
+            await meanwhile()
+
+    async def get(self, name):
+        try:
+            return await self.inner.get(name)
+        finally:
+            await self._read(name)
+
+    async def get_tagged(self, name):
+        try:
+            return await self.inner.get_tagged(name)
+        finally:
+            await self._read(name)
+
+    async def replace_if(self, name, data, tag):
+        return await self.inner.replace_if(name, data, tag)
+
+    async def put(self, name, data):
+        await self.inner.put(name, data)
+
+    async def get_range(self, name, offset, length):
+        return await self.inner.get_range(name, offset, length)
+
+    async def has(self, name):
+        return await self.inner.has(name)
+
+    async def size(self, name):
+        return await self.inner.size(name)
+
+    async def list(self, prefix=""):
+        async for n in self.inner.list(prefix):
+            yield n
+
+    async def delete(self, name):
+        await self.inner.delete(name)
+
+
+@pytest.fixture(params=["weed", "wsgidav"])
+def shared_remote(request, tmp_path: Path):
+    """A store on a real server that two devices upload to: (open a client, server name)."""
+    from p2pbackup.blobs import open_store
+    from tests import servers
+
+    if request.param == "weed":
+        with contextlib.contextmanager(servers.weed_mini)(tmp_path / "weed") as s3:
+            bucket = s3.new_bucket()
+            yield lambda: open_store(f"s3://{bucket}/shared", options=s3.options())
+    else:
+        with servers.wsgidav(tmp_path / "dav") as dav:
+            yield lambda: open_store(f"webdav://{dav.url.split('://')[1]}/dav/shared")
+
+
+async def test_two_devices_racing_to_one_store_never_put_an_older_head_over_a_newer(
+        pair, tmp_path, shared_remote):
+    """Device C holds device A's head at seq 2 (replicated earlier), A itself is at seq 3.
+    C reads the store's head of A (none there), then A's own upload lands (seq 3), then C
+    writes: C's seq 2 must not replace A's seq 3 (weed: If-None-Match/If-Match; wsgidav:
+    MOVE with Overwrite: F or an If header naming the ETag read)."""
+    a, _, _ = pair
+    older = tmp_path / "older"
+    shutil.copytree(a.store.root, older)          # C's copy: A's log at seq 2
+    logs = LogStore(a)
+    head = await logs.read_head(A.device_id)
+    await logs.append(A, Segment(A.device_id, 3, head.segment, time.time_ns(), ()))
+    c = await Repository.open(LocalDirStore(older), KEYS, None, str(tmp_path / "cc"))
+    remote_a, remote_c = shared_remote(), shared_remote()
+    progress_a = UploadProgress(tmp_path / "pa" / "uploads.sqlite")
+    progress_c = UploadProgress(tmp_path / "pc" / "uploads.sqlite")
+    name = f"heads/{A.device_id}"
+    try:
+        async def a_uploads() -> None:
+            assert await uploader(a, remote_a, progress_a).upload_once()
+
+        raced = Interleaved(remote_c, name, a_uploads)
+        assert await uploader(c, raced, progress_c).upload_once()
+        assert raced._meanwhile is None   # (A's upload did run in between)
+        assert await remote_a.get(name) == await a.store.get(name), \
+            "the store's head of A went back from A's seq 3 to C's seq 2"
+        # and C, asked again, still keeps it
+        assert await uploader(c, remote_c, progress_c).upload_once()
+        assert await remote_a.get(name) == await a.store.get(name)
+    finally:
+        for p in (progress_a, progress_c):
+            p.close()
+        await remote_a.close()
+        await remote_c.close()
+        await c.close()
