@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pbackup import views
 from p2pbackup.sizes import format_rate, format_size
+
+if TYPE_CHECKING:
+    from p2pbackup.blobs.base import BlobStore
 
 # Every size and speed this CLI prints goes through these (binary units, as restic).
 human_bytes = format_size
@@ -28,11 +31,11 @@ def note(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def peer_path(store: object) -> None:
+def peer_path(store: BlobStore) -> None:
     """Say which path reads from a peer take (direct lane or data channel)."""
-    path = getattr(store, "path", None)
-    if path is not None and hasattr(store, "use_lane"):
-        note(f"reading from {getattr(store, 'location', 'the peer')} over the {path}")
+    path = store.read_path()
+    if path is not None:
+        note(f"reading from {store.location} over the {path}")
 
 
 def warn(message: str) -> None:

@@ -155,6 +155,11 @@ class BlobStore(abc.ABC):
         missing); False, and nothing written, if another writer changed it meanwhile."""
         raise NotImplementedError(f"{type(self).__name__} has no conditional replace")
 
+    def read_path(self) -> str | None:
+        """Which path reads take, for a store read over a session with a peer ("direct
+        lane" or "data channel"); None for every other store."""
+        return None
+
     def remove_temp_files(self) -> int:
         """Delete what a killed writer left half-written (call under the writer lock); the
         number removed. The default: a store whose puts leave nothing behind."""

@@ -84,6 +84,9 @@ class PeerStore(BlobStore):
         """Which path reads take: "direct lane" or "data channel"."""
         return DIRECT_LANE if self._lane is not None else DATA_CHANNEL
 
+    def read_path(self) -> str:
+        return self.path
+
     async def use_lane(self, host: str, fingerprint: str, dial: LaneDialer) -> bool:
         """Ask the peer for a direct lane to `host` (our certificate: `fingerprint`) and move
         reads onto it; False (staying on the data channel) if the peer or network says no."""

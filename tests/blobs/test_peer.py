@@ -150,3 +150,20 @@ async def test_reads_move_to_a_direct_lane_and_fall_back_when_it_breaks(tmp_path
     async for store, _ in served(tmp_path):   # serve() without `lane`: refused, no harm
         assert not await direct_lane(store, "127.0.0.1")
         assert store.path == "data channel" and await store.has("packs/" + "e" * 64) is True
+
+
+async def test_which_path_reads_take_is_declared_on_the_store_interface(tmp_path: Path, capsys):
+    # (the CLI once guessed a peer store by its attributes; any store may declare it)
+    from p2pbackup.cli import output
+
+    class Relayed(LocalDirStore):
+        def read_path(self) -> str:
+            return "relay"
+
+    relayed = Relayed(tmp_path / "relayed")
+    output.peer_path(relayed)
+    output.peer_path(LocalDirStore(tmp_path / "plain"))
+    assert capsys.readouterr().err.splitlines() == [
+        f"reading from {relayed.location} over the relay"]
+    async for store, _ in served(tmp_path):
+        assert store.read_path() == "data channel"
