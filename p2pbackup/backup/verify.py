@@ -168,6 +168,8 @@ async def verify(repo: Repository, *, read_data: bool = False,
     report = VerifyReport(read_data=read_data)
     progress = progress or VerifyProgress()
     found = Findings(repo)
+    if read_data:   # noted damage may have been a faulty read: the data is read anyway
+        await repo.recheck_damaged()
     for name in repo.missing_packs:
         found.pack(name, "missing from the store")
     for name, d in repo.index.damaged.items():

@@ -305,6 +305,29 @@ class Repository:
             await self.index.mark_damaged(name, damage)
         return damage
 
+    async def recheck_damaged(self) -> list[str]:
+        """Read every pack listed as damaged again; one that now matches its name was never
+        damaged in the store (a read cut short, another object from a proxy): it is indexed
+        whole and no longer listed. The names cleared; real damage stays listed."""
+        cleared = []
+        for name in sorted(self.index.damaged):
+            expected = await self.index.pack_blobs(name) if name in self.index.packs else None
+            try:
+                exam = await asyncio.to_thread(self.examine_pack_blocking, name,
+                                               expected=expected, scan=False)
+            except NotFound:
+                continue   # (sync_index forgets it)
+            except StorageError as exc:   # the store still fails: the note stays for now
+                log.warning("pack %s listed as damaged could not be read again: %s",
+                            name[:12], exc)
+                continue
+            if exam.damage is None and exam.scope is not None:
+                await self._index_examined(exam)
+                log.warning("pack %s listed as damaged reads whole now (the damage was a "
+                            "faulty read); no longer listed", name[:12])
+                cleared.append(name)
+        return cleared
+
     def examine_pack_blocking(self, name: str, data: bytes | memoryview | None = None, *,
                               read_blobs: bool = False,
                               expected: list[tuple[bytes, BlobLocation]] | None = None,

@@ -202,6 +202,11 @@ def test_one_flipped_byte_damages_one_blob_not_its_pack(cli: Cli, tmp_path: Path
     damage = json.loads(proc.stdout)["damage"]
     assert [(d["blob"], d["affects"]) for d in damage] == \
         [(blob, [f"snapshot {sid}: src/{victim}"])], damage
+    # --read-data reads the pack noted damaged again (a faulty read clears): real damage stays
+    proc = cli("verify", "--read-data", "--json", check=False)
+    assert proc.returncode == 13
+    assert [d.get("blob") for d in json.loads(proc.stdout)["damage"]] == [blob]
+    assert cli("verify", check=False).returncode == 13
     other = next(p.name for p in src.iterdir() if p.name != victim)
     cli("restore", "latest", "--to", str(tmp_path / "one"), "--path", f"src/{other}")
     assert (tmp_path / "one" / "src" / other).read_bytes() == (src / other).read_bytes()
