@@ -280,10 +280,33 @@ class StoreUploader:
                 await self._wake.wait()
                 self._wake.clear()
                 if not await self.upload_once():
-                    await self._sleep(backoff_delay(self.failures, self._rand))
+                    await self._back_off(backoff_delay(self.failures, self._rand))
                     self._wake.set()
         finally:
             await self.close()
+
+    async def _back_off(self, delay: float) -> None:
+        """Wait `delay` before the next try; objects that arrive meanwhile (`notify`) are
+        counted as behind at once, not at the next try."""
+        pause = asyncio.ensure_future(self._sleep(delay))
+        try:
+            while not pause.done():
+                woken = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait((pause, woken), return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if self._wake.is_set():
+                    self._wake.clear()
+                    await self._count_quietly()
+        finally:
+            pause.cancel()
+
+    async def _count_quietly(self) -> None:
+        """count_behind, where a failure to read the local store leaves the counts as
+        they were (the next pass says what is wrong)."""
+        try:
+            await self.count_behind()
+        except FAILURES as exc:
+            log.debug("store %s: cannot count what is behind: %s", self.location, exc)
 
     async def upload_once(self) -> bool:
         """One pass: put what the store lacks. False (and `status.last_error`) if it failed."""
@@ -291,6 +314,8 @@ class StoreUploader:
             await self.upload_pending()
         except FAILURES as exc:
             self.failures += 1
+            if self._done is None:   # failed before the pass counted what is behind
+                await self._count_quietly()
             line = error_line(exc)
             if line != self.status.last_error and self.on_error is not None:
                 self.on_error(line)
@@ -326,40 +351,60 @@ class StoreUploader:
                     n for n in names if (k := ids.object_kind(n)) and k[0] not in MUTABLE))
             self._done = self.progress.uploaded(self.location)
             self._digests = self.progress.digests(self.location)
+        phases, mutable = await self._plan(self._done, self._digests)
+        self.status.reachable = True
+        for phase in sorted(phases):
+            await self._put_all(remote, sorted(phases[phase]), mutable)
+
+    async def _plan(self, done: set[str], digests: dict[str, bytes]
+                    ) -> tuple[dict[int, list[str]], dict[str, bytes]]:
+        """What the store lacks of the local store, given the immutable names it holds
+        (`done`) and the digests of its mutable ones: the names by phase, and the bytes of
+        the mutable ones to put. Sets `status`'s objects and bytes behind. Reads only the
+        local store and the progress noted: no request to the remote."""
         # Heads are read before the listing: a head names segments and a snapshot stored
         # before it, so those are in the listing and go up first.
         mutable: dict[str, bytes] = {}
         async for name in self.repo.store.list("heads/"):
             if upload_phase(name) == LAST:
-                await self._take_mutable(name, mutable)
+                await self._take_mutable(name, mutable, digests)
         phases: dict[int, list[str]] = {}
         # A roster version older than one the store holds is superseded there (the storage
         # server keeps only the newest and refuses older ones, as a partner does).
-        held_roster = max((int(n[len(ROSTER_PREFIX):]) for n in self._done
+        held_roster = max((int(n[len(ROSTER_PREFIX):]) for n in done
                            if n.startswith(ROSTER_PREFIX)), default=0)
         for name in await offered_names(self.repo):
             phase = upload_phase(name)
-            if phase is None or phase == LAST or name in self._done:
+            if phase is None or phase == LAST or name in done:
                 continue
             if name.startswith(ROSTER_PREFIX) and int(name[len(ROSTER_PREFIX):]) < held_roster:
                 continue
             if ids.object_kind(name)[0] in MUTABLE and \
-                    not await self._take_mutable(name, mutable):  # type: ignore[index]
+                    not await self._take_mutable(name, mutable, digests):  # type: ignore[index]
                 continue   # (a log anchor the store has)
             phases.setdefault(phase, []).append(name)
         heads = sorted(n for n in mutable if upload_phase(n) == LAST)
         if heads:
             phases[LAST] = heads
-        self.status.objects_behind = sum(len(p) for p in phases.values())
-        self.status.bytes_behind = 0
+        behind = 0
         for names in phases.values():
             for name in names:
                 with contextlib.suppress(NotFound):
-                    self.status.bytes_behind += len(mutable[name]) if name in mutable \
+                    behind += len(mutable[name]) if name in mutable \
                         else await self.repo.store.size(name)
-        self.status.reachable = True
-        for phase in sorted(phases):
-            await self._put_all(remote, sorted(phases[phase]), mutable)
+        self.status.objects_behind = sum(len(p) for p in phases.values())
+        self.status.bytes_behind = behind
+        return phases, mutable
+
+    async def count_behind(self) -> None:
+        """Set `status`'s objects and bytes behind without a pass (the store unreachable,
+        or waiting out a backoff): from what was noted as uploaded, everything before the
+        first contact."""
+        if self._done is not None:
+            await self._plan(self._done, self._digests)
+        else:
+            await self._plan(self.progress.uploaded(self.location),
+                             self.progress.digests(self.location))
 
     async def _first_listing(self, remote: BlobStore) -> list[str]:
         """The store's names at first contact. A store that signs its requests (the storage
@@ -395,13 +440,14 @@ class StoreUploader:
         assert newest is not None
         return roster_name(newest[0].seq)
 
-    async def _take_mutable(self, name: str, into: dict[str, bytes]) -> bool:
+    async def _take_mutable(self, name: str, into: dict[str, bytes],
+                            digests: dict[str, bytes]) -> bool:
         """Read a mutable object into `into` if the store lacks these bytes of it."""
         try:
             data = bytes(await self.repo.store.get(name))
         except NotFound:
             return False
-        if self._digests.get(name) == blake3.blake3(data).digest():
+        if digests.get(name) == blake3.blake3(data).digest():
             return False
         into[name] = data
         return True

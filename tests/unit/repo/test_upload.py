@@ -211,6 +211,47 @@ async def test_a_failing_store_backs_off_with_jitter_and_resumes(pair, tmp_path,
     assert up.status.last_error is None and up.status.reachable is True
 
 
+async def test_objects_behind_show_at_once_while_the_store_is_unreachable(pair, tmp_path,
+                                                                          progress):
+    """The store unreachable from the start (its first listing fails): status shows every
+    object as behind, and an object written while the uploader waits out its backoff is
+    counted as soon as it is there, not at the next try."""
+    a, _, _ = pair
+    remote = WatchedStore(tmp_path / "remote")
+    remote.fail = StorageError("cannot reach the server")
+    release = asyncio.Event()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:   # a backoff that lasts until released
+        slept.append(seconds)
+        await release.wait()
+
+    up = StoreUploader(a, StoreSettings(remote.location), progress, lambda: remote,
+                       sleep=sleep, rand=lambda: 0.5)
+    local = await offered_names(a)
+    size = sum([await a.store.size(n) for n in local])
+    task = asyncio.create_task(up.run())
+    try:
+        await eventually(lambda: slept, timeout=10, interval=0.01)
+        assert up.status.reachable is False
+        assert (up.status.objects_behind, up.status.bytes_behind) == (len(local), size)
+        logs = LogStore(a)
+        head = await logs.read_head(A.device_id)
+        await logs.append(A, Segment(A.device_id, 3, head.segment, time.time_ns(), ()))
+        up.notify()
+        # (the new segment; the head was behind already and still is, with new bytes)
+        await eventually(lambda: up.status.objects_behind == len(local) + 1, timeout=10,
+                         interval=0.01)
+        assert len(slept) == 1   # no pass was tried for it: still waiting out the backoff
+        remote.fail = None
+        release.set()
+        await eventually(lambda: up.status.objects_behind == 0 and up.failures == 0,
+                         timeout=10, interval=0.01)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def test_backoff_is_capped_and_jittered():
     assert backoff_delay(1, lambda: 0.0) == 0.5
     assert backoff_delay(1, lambda: 0.999) < 1.0
