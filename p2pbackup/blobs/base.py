@@ -160,6 +160,13 @@ class BlobStore(abc.ABC):
         lane" or "data channel"); None for every other store."""
         return None
 
+    async def remove_stale_temporaries(self, before: float) -> int:
+        """Delete what puts interrupted left under temporary names, last written before
+        `before` (Unix time: older than any put still running); the number removed. The
+        default: a store whose interrupted puts leave nothing behind (or that cleans up
+        locally, remove_temp_files)."""
+        return 0
+
     def remove_temp_files(self) -> int:
         """Delete what a killed writer left half-written (call under the writer lock); the
         number removed. The default: a store whose puts leave nothing behind."""

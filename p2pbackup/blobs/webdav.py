@@ -58,6 +58,9 @@ _BACKOFF = 0.5         # first wait after a lost connection or a 5xx, doubled ea
 _MAX_WAIT = 60.0       # longest wait between tries, whatever Retry-After asks
 _PROPFIND_TYPE = ('<?xml version="1.0" encoding="utf-8"?>'
                   '<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>')
+_PROPFIND_TYPE_TIME = ('<?xml version="1.0" encoding="utf-8"?>'
+                       '<propfind xmlns="DAV:"><prop><resourcetype/><getlastmodified/></prop>'
+                       '</propfind>')
 _PROPFIND_LENGTH = ('<?xml version="1.0" encoding="utf-8"?>'
                     '<propfind xmlns="DAV:"><prop><getcontentlength/></prop></propfind>')
 
@@ -414,13 +417,16 @@ class WebDavStore(BlobStore):
             raise StorageError(f"WebDAV store {self.location}: the listing of {path or '/'} "
                                f"is malformed ({exc})") from None
 
-    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+    async def _files(self, prefix: str, props: str = _PROPFIND_TYPE
+                     ) -> AsyncIterator[tuple[str, Any]]:
+        """(path below the store's folder, multistatus entry) of every file in the folders
+        that can hold names starting with `prefix`, by Depth: 1 PROPFINDs."""
         if prefix.startswith(("/", "./", "../")) or prefix in (".", ".."):
             return
         todo = [prefix[:prefix.rfind("/") + 1]]
         while todo:
             folder = todo.pop()
-            for entry in await self._propfind(folder, depth="1", props=_PROPFIND_TYPE):
+            for entry in await self._propfind(folder, depth="1", props=props):
                 full = entry.path   # decoded by the parser
                 if not full.startswith(self._folder):
                     continue
@@ -437,9 +443,25 @@ class WebDavStore(BlobStore):
                                                         or prefix.startswith(rel)):
                         todo.append(rel + "/")
                     continue
-                name = logical_name(rel)
-                if name is not None and name.startswith(prefix):
-                    yield name
+                yield rel, entry
+
+    async def list(self, prefix: str = "") -> AsyncIterator[str]:
+        async for rel, _ in self._files(prefix):
+            name = logical_name(rel)   # (None for a temporary file)
+            if name is not None and name.startswith(prefix):
+                yield name
+
+    async def remove_stale_temporaries(self, before: float) -> int:
+        # A whole walk of the folder: the uploader calls it rarely (STALE_SWEEP_INTERVAL).
+        stale = [rel async for rel, entry in self._files("", _PROPFIND_TYPE_TIME)
+                 if rel.endswith(_TMP_SUFFIX) and entry.properties.modified is not None
+                 and entry.properties.modified.timestamp() < before]
+        for rel in stale:
+            status, _, _ = await self._request("DELETE", rel)
+            if status not in (200, 202, 204, 404):
+                raise StorageError(f"WebDAV store {self.location}: cannot delete the "
+                                   f"leftover {rel} (HTTP {status})")
+        return len(stale)
 
     async def delete(self, name: str) -> None:
         status, _, _ = await self._request("DELETE", physical_path(name))

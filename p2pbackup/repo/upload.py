@@ -48,6 +48,11 @@ LAST = len(ORDER)                   # heads go after everything else
 # BACKOFF_MAX, times a random factor in [0.5, 1) so devices that failed together spread out.
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 300.0
+# Leftovers of interrupted puts (a WebDAV store's temporary files) older than a day are
+# removed, by a walk of the whole store once a day at most: no put runs that long (512 MiB,
+# the largest object, at 100 KiB/s takes 1.5 h), and a walk costs one request per folder.
+STALE_TEMPORARY_AGE = 86400.0
+STALE_SWEEP_INTERVAL = 86400.0
 # Conditional replaces of one head in one pass before giving up until the next pass: each
 # failed try means another device put a version in between, which is rare.
 REPLACE_TRIES = 5
@@ -265,6 +270,7 @@ class StoreUploader:
         self._done: set[str] | None = None       # immutable names on the store
         self._digests: dict[str, bytes] = {}     # mutable name -> digest of what is there
         self._rotten_said: set[str] = set()
+        self._swept = -STALE_SWEEP_INTERVAL      # when leftovers were last removed (now())
         self._wake = asyncio.Event()
         self._wake.set()                         # a first pass at start
         activity.ACTIVITIES.follow(self, lambda u: activity.upload(u.status))
@@ -355,6 +361,22 @@ class StoreUploader:
         self.status.reachable = True
         for phase in sorted(phases):
             await self._put_all(remote, sorted(phases[phase]), mutable)
+        if self._now() - self._swept >= STALE_SWEEP_INTERVAL:
+            await self._sweep(remote)
+
+    async def _sweep(self, remote: BlobStore) -> None:
+        """Remove what interrupted puts left on the store (any device's; said, never a
+        failure of the pass)."""
+        self._swept = self._now()
+        try:
+            removed = await remote.remove_stale_temporaries(self._swept - STALE_TEMPORARY_AGE)
+        except FAILURES as exc:
+            log.warning("store %s: cannot remove what interrupted uploads left: %s",
+                        self.location, error_line(exc))
+            return
+        if removed:
+            log.info("store %s: removed %d leftovers of interrupted uploads", self.location,
+                     removed)
 
     async def _plan(self, done: set[str], digests: dict[str, bytes]
                     ) -> tuple[dict[int, list[str]], dict[str, bytes]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import time
 from collections import Counter
@@ -638,3 +639,37 @@ async def test_two_devices_racing_to_one_store_never_put_an_older_head_over_a_ne
         await remote_a.close()
         await remote_c.close()
         await c.close()
+
+
+async def test_a_pass_removes_what_interrupted_webdav_uploads_left_and_never_lists_it(
+        pair, tmp_path):
+    """A WebDAV put is a PUT to a temporary name and a MOVE; a client killed in between
+    leaves the temporary file. A pass removes those older than a day (by the injected
+    clock), keeps younger ones (a put of another device may still be running), and the
+    store never lists any of them as objects."""
+    from p2pbackup.blobs import open_store
+    from tests import servers
+
+    a, _, _ = pair
+    now = time.time()
+    with servers.wsgidav(tmp_path / "dav") as dav:
+        remote = open_store(f"webdav://{dav.url.split('://')[1]}/dav/store")
+        progress = UploadProgress(tmp_path / "p" / "uploads.sqlite")
+        try:
+            folder = dav.root / "store" / "packs" / "ab"
+            folder.mkdir(parents=True)
+            old = folder / f"{'ab' * 32}.0123456789abcdef.tmp"
+            young = folder / f"{'ab' * 31}cd.fedcba9876543210.tmp"
+            for leftover, age in ((old, 3 * 86400), (young, 3600)):
+                leftover.write_bytes(b"half a pack")
+                os.utime(leftover, (now - age, now - age))
+            assert not [n async for n in remote.list("") if n.endswith(".tmp")]
+            up = StoreUploader(a, StoreSettings(remote.location), progress, lambda: remote,
+                               now=lambda: now)
+            assert await up.upload_once()
+            assert not old.exists() and young.exists()
+            names = [n async for n in remote.list("")]
+            assert set(names) == await offered_names(a)
+        finally:
+            progress.close()
+            await remote.close()
