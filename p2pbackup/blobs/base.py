@@ -42,6 +42,9 @@ class StoreCapabilities:
                                   # other delete (the storage server, like a storage partner)
     signed_requests: bool = False  # every request is signed by a device of the account:
                                    # open_store hands it the StoreSigner (sign_as)
+    partner_rules: bool = False   # takes from each device only what a storage partner
+                                  # takes (repo/partner_store.py role_refusal): what another
+                                  # device must write is left to it (the storage server)
     conditional_replace: bool = False  # get_tagged/replace_if: a mutable name is replaced
                                        # only if it still holds the version read (compare-
                                        # and-swap), so two devices writing one store cannot

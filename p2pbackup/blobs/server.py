@@ -71,7 +71,7 @@ class ServerStore(BlobStore):
     """One account's objects on a p2pbackup storage server."""
 
     capabilities = StoreCapabilities(create_only=True, cheap_listing=False, append_only=True,
-                                     signed_requests=True)
+                                     signed_requests=True, partner_rules=True)
 
     def __init__(self, location: str, *, identity: DeviceIdentity | None = None,
                  account: str = "", ca_file: str | None = None, invite: str | None = None,

@@ -267,6 +267,18 @@ def refusal(grant: Grant, device: str, name: str) -> str | None:
     role = grant.role_of(device)
     if role is None:
         return f"device {device[:12]} is not a device of account {grant.account} (any more)"
+    return role_refusal(role, device, name)
+
+
+def role_refusal(role: str, device: str, name: str) -> str | None:
+    """Why a device of the account with `role` may not write object `name` to a partner
+    (or the storage server), or None if it may: the log and head only under its own id, a
+    device record its own (an owner: any), the config, membership and keyring an owner.
+    (Rosters are checked by their signature, whoever brings them.)"""
+    got = object_kind(name)
+    if got is None:
+        return "not an object name"
+    kind, m = got
     if kind in ("segment", "anchor", "head") and m.group(1) != device:
         return f"only device {m.group(1)[:12]} writes {kind}s under its id"
     if kind == "device" and m.group(1) != device and role != OWNER:

@@ -36,6 +36,7 @@ from ..format.roster import roster_name
 from . import membership as store_membership
 from . import roster
 from .logstore import LogStore
+from .partner_store import role_refusal
 from .replica import ORDER, offered_names
 from .repository import Repository
 
@@ -357,7 +358,8 @@ class StoreUploader:
                     n for n in names if (k := ids.object_kind(n)) and k[0] not in MUTABLE))
             self._done = self.progress.uploaded(self.location)
             self._digests = self.progress.digests(self.location)
-        phases, mutable = await self._plan(self._done, self._digests)
+        phases, mutable = await self._plan(self._done, self._digests,
+                                           await self._ours_to_write(remote))
         self.status.reachable = True
         for phase in sorted(phases):
             await self._put_all(remote, sorted(phases[phase]), mutable)
@@ -378,17 +380,19 @@ class StoreUploader:
             log.info("store %s: removed %d leftovers of interrupted uploads", self.location,
                      removed)
 
-    async def _plan(self, done: set[str], digests: dict[str, bytes]
+    async def _plan(self, done: set[str], digests: dict[str, bytes],
+                    ours: Callable[[str], bool]
                     ) -> tuple[dict[int, list[str]], dict[str, bytes]]:
         """What the store lacks of the local store, given the immutable names it holds
-        (`done`) and the digests of its mutable ones: the names by phase, and the bytes of
-        the mutable ones to put. Sets `status`'s objects and bytes behind. Reads only the
-        local store and the progress noted: no request to the remote."""
+        (`done`), the digests of its mutable ones and which names this device may write
+        there (`ours`): the names by phase, and the bytes of the mutable ones to put. Sets
+        `status`'s objects and bytes behind. Reads only the local store and the progress
+        noted: no request to the remote."""
         # Heads are read before the listing: a head names segments and a snapshot stored
         # before it, so those are in the listing and go up first.
         mutable: dict[str, bytes] = {}
         async for name in self.repo.store.list("heads/"):
-            if upload_phase(name) == LAST:
+            if upload_phase(name) == LAST and ours(name):
                 await self._take_mutable(name, mutable, digests)
         phases: dict[int, list[str]] = {}
         # A roster version older than one the store holds is superseded there (the storage
@@ -397,7 +401,7 @@ class StoreUploader:
                            if n.startswith(ROSTER_PREFIX)), default=0)
         for name in await offered_names(self.repo):
             phase = upload_phase(name)
-            if phase is None or phase == LAST or name in done:
+            if phase is None or phase == LAST or name in done or not ours(name):
                 continue
             if name.startswith(ROSTER_PREFIX) and int(name[len(ROSTER_PREFIX):]) < held_roster:
                 continue
@@ -422,11 +426,25 @@ class StoreUploader:
         """Set `status`'s objects and bytes behind without a pass (the store unreachable,
         or waiting out a backoff): from what was noted as uploaded, everything before the
         first contact."""
+        ours = await self._ours_to_write(await self._remote_store())
         if self._done is not None:
-            await self._plan(self._done, self._digests)
+            await self._plan(self._done, self._digests, ours)
         else:
             await self._plan(self.progress.uploaded(self.location),
-                             self.progress.digests(self.location))
+                             self.progress.digests(self.location), ours)
+
+    async def _ours_to_write(self, remote: BlobStore) -> Callable[[str], bool]:
+        """Which names this device puts on `remote`: every one, but a store that keeps a
+        partner's rules (the storage server) takes another device's log and head, and the
+        account's config, membership and keyring from a member, only from the device that
+        may write them: those are left to it (else every pass would fail on them)."""
+        if not remote.capabilities.partner_rules or self.repo.identity is None:
+            return lambda name: True
+        me = self.repo.identity.device_id
+        got = await store_membership.load(self.repo)
+        member = got[0].member(me) if got is not None else None
+        role = member.role if member is not None else OWNER   # (a lone device's account)
+        return lambda name: role_refusal(role, me, name) is None
 
     async def _first_listing(self, remote: BlobStore) -> list[str]:
         """The store's names at first contact. A store that signs its requests (the storage

@@ -673,3 +673,33 @@ async def test_a_pass_removes_what_interrupted_webdav_uploads_left_and_never_lis
         finally:
             progress.close()
             await remote.close()
+
+
+async def test_to_the_storage_server_a_device_sends_only_its_own_log_and_head(pair, tmp_path):
+    """The storage server takes a device's head, log segments and anchor from that device
+    only (a partner's rule). A device holding another device's log (replicated from it)
+    uploads everything else, and the pass succeeds; the other device sends its own."""
+    from p2pbackup.blobs import open_store
+    from p2pbackup.blobs.base import StoreSigner
+    from p2pbackup.format.log import GENESIS
+    from tests import servers
+
+    a, b, _ = pair
+    await _as_members(a, b)
+    await LogStore(a).append(B, Segment(B.device_id, 1, GENESIS, time.time_ns(), ()))
+    assert await a.store.has(f"heads/{B.device_id}")
+    with servers.storage_server(tmp_path / "server", "--open-registration") as server:
+        remote = open_store(server.location, options={"ca_file": server.ca_file},
+                            signer=StoreSigner(A, KEYS.fingerprint()))
+        progress = UploadProgress(tmp_path / "p" / "uploads.sqlite")
+        try:
+            up = uploader(a, remote, progress)
+            assert await up.upload_once(), up.status.last_error
+            held = {n async for n in remote.list("")}
+            assert f"heads/{A.device_id}" in held
+            assert not any(B.device_id in n for n in held)
+            assert up.status.objects_behind == 0
+            assert await up.upload_once() and up.status.objects_behind == 0
+        finally:
+            progress.close()
+            await remote.close()
