@@ -54,6 +54,9 @@ BACKOFF_MAX = 300.0
 # the largest object, at 100 KiB/s takes 1.5 h), and a walk costs one request per folder.
 STALE_TEMPORARY_AGE = 86400.0
 STALE_SWEEP_INTERVAL = 86400.0
+# Seconds between two counts of what is behind while a backoff is waited out: a count lists
+# the local store (a second at a million objects), and objects may arrive many a second.
+COUNT_INTERVAL = 10.0
 # Conditional replaces of one head in one pass before giving up until the next pass: each
 # failed try means another device put a version in between, which is rare.
 REPLACE_TRIES = 5
@@ -304,6 +307,11 @@ class StoreUploader:
                 if self._wake.is_set():
                     self._wake.clear()
                     await self._count_quietly()
+                    # one count per COUNT_INTERVAL at most (each lists the local store):
+                    # what arrives meanwhile is counted after it
+                    spacing = asyncio.ensure_future(self._sleep(COUNT_INTERVAL))
+                    await asyncio.wait((pause, spacing), return_when=asyncio.FIRST_COMPLETED)
+                    spacing.cancel()
         finally:
             pause.cancel()
 
