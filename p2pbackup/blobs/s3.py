@@ -294,7 +294,8 @@ class S3Store(BlobStore):
 
     async def replace_if(self, name: str, data: Buffer, tag: str | None) -> bool:
         body = bytes(data)
-        if not await self._enforces_if_match():   # the server ignores it: compare just before
+        # a server that ignores If-Match, or sends no ETag: compare just before the write
+        if tag == "" or not await self._enforces_if_match():
             try:
                 meta = await self._call("stat", name, lambda: self._op.stat(name))
                 if tag is None or (meta.etag or "") != tag:

@@ -330,13 +330,16 @@ class WebDavStore(BlobStore):
             return self._if_enforced
 
     async def replace_if(self, name: str, data: Buffer, tag: str | None) -> bool:
-        if tag is not None and not await self._enforces_if():
-            # the server ignores the condition: compare the tag just before (a narrower race)
+        checked = tag is not None and tag != "" and await self._enforces_if()
+        if tag is not None and not checked:
+            # the server ignores the condition (or sends no ETag): compare the tag just
+            # before (a narrower race)
             status, headers, _ = await self._request("HEAD", physical_path(name))
             if status != 200 or headers.get("ETag", "") != tag:
                 return False
         path, tmp = await self._put_temporary(name, data)
-        condition = {"Overwrite": "F"} if tag is None else self._if_tagged(path, tag)
+        condition = {"Overwrite": "F"} if tag is None else \
+            self._if_tagged(path, tag) if checked else {"Overwrite": "T"}
         status = await self._move(tmp, path, condition)
         if status in (200, 201, 204):
             return True
