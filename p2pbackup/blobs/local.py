@@ -28,12 +28,17 @@ except ImportError:  # pragma: no cover - not POSIX
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
+import blake3
+
 from ..buffers import aligned_buffer, fill
 from ..errors import DiskFull, NotFound, StorageError
 from .base import BlobStore, Buffer, StoreCapabilities
 
 _SHARDED = ("packs/",)
 _TMP_SUFFIX = ".tmp"
+# At the store's root: conditional replaces (heads) of all processes and hosts writing the
+# store take turns by an flock on it (NFSv4 carries flock across clients).
+_REPLACE_LOCK = "replace.lock"
 _CACHED = "packs/"  # the names whose files threads keep open (_open_cached)
 _OPEN_FILES = 16
 
@@ -138,8 +143,11 @@ class LocalDirStore(BlobStore):
     """Blobs as files under one directory."""
 
     # Not create_only: a damaged pack is healed by writing an intact copy over it.
+    # conditional_replace: a tag is the BLAKE3 of the content, compared and replaced under
+    # an flock (a directory two devices upload to: a NAS mount).
     capabilities = StoreCapabilities(create_only=False, ranged_reads=True, cheap_listing=True,
-                                     blocking=True, local_disk=True)
+                                     blocking=True, local_disk=True,
+                                     conditional_replace=fcntl is not None)
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
@@ -243,6 +251,32 @@ class LocalDirStore(BlobStore):
     async def get(self, name: str) -> bytes:
         return await asyncio.to_thread(self.get_sync, name)
 
+    async def get_tagged(self, name: str) -> tuple[bytes, str]:
+        data = await self.get(name)
+        return data, blake3.blake3(data).hexdigest()
+
+    def _replace_if_sync(self, name: str, data: Buffer, tag: str | None) -> bool:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            fd = os.open(os.path.join(self.root, _REPLACE_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise self._error(exc, _REPLACE_LOCK) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                held: str | None = blake3.blake3(self.get_sync(name)).hexdigest()
+            except NotFound:
+                held = None
+            if held != tag:
+                return False
+            self.put_sync(name, data)
+            return True
+        finally:
+            os.close(fd)   # (and the lock with it)
+
+    async def replace_if(self, name: str, data: Buffer, tag: str | None) -> bool:
+        return await asyncio.to_thread(self._replace_if_sync, name, data, tag)
+
     def _open_cached(self, name: str) -> int:
         # Restores read many small ranges of the same packs: keep a few files open per thread
         # (per thread, so no other thread can close an fd while it is being read).
@@ -302,7 +336,7 @@ class LocalDirStore(BlobStore):
             rel = os.path.relpath(dirpath, self.root)
             rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
             for fn in filenames:
-                if fn.endswith(_TMP_SUFFIX) or fn == "lock":
+                if fn.endswith(_TMP_SUFFIX) or fn in ("lock", _REPLACE_LOCK):
                     continue
                 name = rel + fn
                 for sharded in _SHARDED:  # packs/ab/abcd... is named packs/abcd...

@@ -589,9 +589,10 @@ class Interleaved(BlobStore):
         await self.inner.delete(name)
 
 
-@pytest.fixture(params=["weed", "wsgidav"])
+@pytest.fixture(params=["weed", "wsgidav", "dir"])
 def shared_remote(request, tmp_path: Path):
-    """A store on a real server that two devices upload to: (open a client, server name)."""
+    """A store that two devices upload to, on a real server or a shared directory: a
+    function that opens a client of it."""
     from p2pbackup.blobs import open_store
     from tests import servers
 
@@ -599,9 +600,11 @@ def shared_remote(request, tmp_path: Path):
         with contextlib.contextmanager(servers.weed_mini)(tmp_path / "weed") as s3:
             bucket = s3.new_bucket()
             yield lambda: open_store(f"s3://{bucket}/shared", options=s3.options())
-    else:
+    elif request.param == "wsgidav":
         with servers.wsgidav(tmp_path / "dav") as dav:
             yield lambda: open_store(f"webdav://{dav.url.split('://')[1]}/dav/shared")
+    else:   # a directory both devices reach (a NAS mount)
+        yield lambda: open_store(str(tmp_path / "nas"))
 
 
 async def test_two_devices_racing_to_one_store_never_put_an_older_head_over_a_newer(
