@@ -15,8 +15,8 @@ device recovering the account, the recovery signer).
 
 Errors name the store and say what happened in one line: refused requests carry the server's
 own line; 507 is StoreFull with the server's words (whose quota, how much is used); a whole
-object whose bytes do not match its content-addressed name is refused as a wrong object
-(NameMismatch, an IntegrityError).
+snapshot or removal record whose bytes do not match its content-addressed name is refused as
+a wrong object (NameMismatch, an IntegrityError); a pack is examined by the repository.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ from .tls import client_tls
 SCHEMES = ("https", "http")
 OPTIONS = ("ca_file", "invite", "timeout")
 DEFAULT_TIMEOUT = 300.0   # a 16 MiB pack over a slow uplink
-_ADDRESSED = ("pack", "snapshot", "removal")   # names that are the BLAKE3 of the content
+# Names that are the BLAKE3 of the content, checked on a whole read. Not packs: the
+# repository examines a pack against its name itself, blob by blob, and keeps what still
+# authenticates of one damaged on the server's disk (refused whole, none of it would be).
+_ADDRESSED = ("snapshot", "removal")
 
 
 def _loopback(host: str) -> bool:

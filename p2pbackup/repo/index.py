@@ -649,6 +649,21 @@ class PackIndex:
                 self.packs[name] = (scope, epoch, size)
 
 
+def noted_damage(path: str) -> set[str]:
+    """The packs the index at `path` (another store's, kept in this device's cache) lists as
+    damaged; none if there is no such index or it cannot be read (it is a cache)."""
+    if not os.path.exists(path):
+        return set()
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return {name for (name,) in db.execute("SELECT name FROM damaged")}
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return set()
+
+
 def _parts(items: list, size: int = 500) -> list[list]:
     """`items` in slices small enough for one SQL IN (...) list."""
     return [items[i:i + size] for i in range(0, len(items), size)]

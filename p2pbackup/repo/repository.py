@@ -179,9 +179,7 @@ class Repository:
             raise WrongKey(f"the account key does not open the repository at {store.location}: "
                            "it belongs to another account, or this home's key is wrong") from None
         config = RepoConfig.decode(body)
-        # Replicas of one repository share its id, so the cache is per store as well.
-        where = hashlib.blake2b(store.location.encode(), digest_size=6).hexdigest()
-        index_path = os.path.join(cache_dir, config.repo_id, f"index-{where}.sqlite")
+        index_path = store_index_path(cache_dir, config.repo_id, store.location)
         index = await _open_index(index_path, read_only=read_only)
         repo = cls(store, keys, config, index, identity)
         try:
@@ -684,6 +682,13 @@ def _blob_problem(keys: ScopeKeys, ref: BlobRef, pack: memoryview, what: str) ->
     except IntegrityError as exc:
         return str(exc).removeprefix(label + " ")
     return None
+
+
+def store_index_path(cache_dir: str, repo_id: str, location: str) -> str:
+    """Where the index of repository `repo_id` in the store at `location` is cached. Replicas
+    of one repository share its id, so the cache is per store as well."""
+    where = hashlib.blake2b(location.encode(), digest_size=6).hexdigest()
+    return os.path.join(cache_dir, repo_id, f"index-{where}.sqlite")
 
 
 def _remove_index_files(path: str) -> None:

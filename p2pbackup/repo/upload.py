@@ -36,9 +36,10 @@ from ..format.roster import roster_name
 from . import membership as store_membership
 from . import roster
 from .logstore import LogStore
+from .index import noted_damage
 from .partner_store import role_refusal
 from .replica import ORDER, offered_names
-from .repository import Repository
+from .repository import Repository, store_index_path
 
 log = logging.getLogger("p2pbackup.upload")
 
@@ -275,6 +276,7 @@ class StoreUploader:
         self._digests: dict[str, bytes] = {}     # mutable name -> digest of what is there
         self._rotten_said: set[str] = set()
         self._swept = -STALE_SWEEP_INTERVAL      # when leftovers were last removed (now())
+        self._healed: set[str] = set()           # packs damaged there, dealt with
         self._wake = asyncio.Event()
         self._wake.set()                         # a first pass at start
         activity.ACTIVITIES.follow(self, lambda u: activity.upload(u.status))
@@ -371,8 +373,43 @@ class StoreUploader:
         self.status.reachable = True
         for phase in sorted(phases):
             await self._put_all(remote, sorted(phases[phase]), mutable)
+        await self._heal(remote)
         if self._now() - self._swept >= STALE_SWEEP_INTERVAL:
             await self._sweep(remote)
+
+    async def _heal(self, remote: BlobStore) -> None:
+        """Put this device's intact copy in place of each pack the store holds damaged, as
+        reading the store noted it (`verify --from`, `restore --from`: that store's index in
+        this device's cache). A store that never replaces an object has the damaged copy
+        deleted first; one that deletes nothing but what a removal record releases (the
+        storage server) keeps it, said once: the intact copy is here and on the peers."""
+        cache = os.path.dirname(os.path.dirname(self.repo.index.path))
+        noted = await asyncio.to_thread(noted_damage, store_index_path(
+            cache, self.repo.config.repo_id, remote.location))
+        for pack in sorted(noted - self._healed):
+            name = f"packs/{pack}"
+            if pack not in self.repo.index.packs or pack in self.repo.index.damaged:
+                continue   # no intact copy here
+            if remote.capabilities.append_only:
+                self._healed.add(pack)
+                log.warning("store %s keeps its damaged copy of pack %s (it deletes only what a "
+                            "removal record releases); the intact copy is here and on the "
+                            "peers", self.location, pack[:12])
+                continue
+            with contextlib.suppress(NotFound):   # (healed at an earlier run: the note lags)
+                if await asyncio.to_thread(pack_name, await remote.get(name)) == pack:
+                    self._healed.add(pack)
+                    continue
+            data = await self.repo.store.get(name)
+            if await asyncio.to_thread(pack_name, data) != pack:
+                self._rotten(name)
+                continue
+            if remote.capabilities.create_only:
+                await remote.delete(name)
+            await self._send(remote, name, data)
+            self._healed.add(pack)
+            log.warning("store %s held a damaged copy of pack %s: replaced by the intact copy "
+                        "here", self.location, pack[:12])
 
     async def _sweep(self, remote: BlobStore) -> None:
         """Remove what interrupted puts left on the store (any device's; said, never a

@@ -706,3 +706,70 @@ async def test_to_the_storage_server_a_device_sends_only_its_own_log_and_head(pa
         finally:
             progress.close()
             await remote.close()
+
+
+def _flip_a_byte(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+@pytest.mark.parametrize("kind", ["dir", "wsgidav", "server"])
+async def test_a_pack_damaged_in_a_store_is_replaced_by_the_intact_copy_here(
+        pair, tmp_path, kind, caplog):
+    """Reading a store (`verify --from` it) noted one of its packs as damaged (rot in the
+    store). The next pass puts this device's intact copy in its place, also on a store that
+    never replaces an object (WebDAV: the damaged copy is deleted first), and the store
+    verifies clean. The storage server deletes nothing on request: it keeps the damaged copy,
+    said in one line, and verify against it still names it."""
+    from p2pbackup.backup.verify import verify
+    from p2pbackup.blobs import open_store
+    from p2pbackup.blobs.base import StoreSigner
+    from tests import servers
+
+    a, b, _ = pair
+    with contextlib.ExitStack() as stack:
+        if kind == "dir":
+            files = tmp_path / "usb"
+            remote = open_store(str(files))
+        elif kind == "wsgidav":
+            dav = stack.enter_context(servers.wsgidav(tmp_path / "dav"))
+            remote = open_store(f"webdav://{dav.url.split('://')[1]}/dav/store")
+            files = dav.root / "store"
+        else:
+            await _as_members(a, b)
+            server = stack.enter_context(servers.storage_server(tmp_path / "server",
+                                                                "--open-registration"))
+            remote = open_store(server.location, options={"ca_file": server.ca_file},
+                                signer=StoreSigner(A, KEYS.fingerprint()))
+            files = server.data / "partners" / KEYS.fingerprint() / "store"
+        progress = UploadProgress(tmp_path / "p" / "uploads.sqlite")
+        try:
+            up = uploader(a, remote, progress)
+            assert await up.upload_once()
+            pack = sorted(n for n in await offered_names(a) if n.startswith("packs/"))[0][6:]
+            _flip_a_byte(next(files.glob(f"packs/*/{pack}")))
+            # `verify --from` the store: its own index (per store, in this device's cache)
+            cache = str(Path(a.index.path).parent.parent)
+            seen = await Repository.open(remote, KEYS, None, cache, read_only=True)
+            try:
+                assert pack in seen.index.damaged
+            finally:
+                await seen.close()
+            assert await up.upload_once(), up.status.last_error
+            checked = await Repository.open(remote, KEYS, None, cache, read_only=True)
+            try:
+                report = await verify(checked, read_data=True)
+                if kind == "server":
+                    assert [d.pack for d in report.damage] == [pack]
+                    assert f"keeps its damaged copy of pack {pack[:12]}" in caplog.text
+                else:
+                    assert report.ok, [d.line() for d in report.damage]
+                    assert pack not in checked.index.damaged
+            finally:
+                await checked.close()
+        finally:
+            progress.close()
+            await remote.close()
