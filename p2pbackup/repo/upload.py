@@ -301,21 +301,23 @@ class StoreUploader:
         """Wait `delay` before the next try; objects that arrive meanwhile (`notify`) are
         counted as behind at once, not at the next try."""
         pause = asyncio.ensure_future(self._sleep(delay))
+        waits: list[asyncio.Future[object]] = [pause]
         try:
             while not pause.done():
                 woken = asyncio.ensure_future(self._wake.wait())
+                waits.append(woken)
                 await asyncio.wait((pause, woken), return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
                 if self._wake.is_set():
                     self._wake.clear()
                     await self._count_quietly()
                     # one count per COUNT_INTERVAL at most (each lists the local store):
                     # what arrives meanwhile is counted after it
                     spacing = asyncio.ensure_future(self._sleep(COUNT_INTERVAL))
+                    waits.append(spacing)
                     await asyncio.wait((pause, spacing), return_when=asyncio.FIRST_COMPLETED)
-                    spacing.cancel()
         finally:
-            pause.cancel()
+            for waiting in waits:
+                waiting.cancel()
 
     async def _count_quietly(self) -> None:
         """count_behind, where a failure to read the local store leaves the counts as
