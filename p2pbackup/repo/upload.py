@@ -35,8 +35,8 @@ from ..format.roster import PREFIX as ROSTER_PREFIX
 from ..format.roster import roster_name
 from . import membership as store_membership
 from . import roster
-from .logstore import LogStore
 from .index import noted_damage
+from .logstore import LogStore
 from .partner_store import role_refusal
 from .replica import ORDER, offered_names
 from .repository import Repository, store_index_path
@@ -382,9 +382,9 @@ class StoreUploader:
     async def _heal(self, remote: BlobStore) -> None:
         """Put this device's intact copy in place of each pack the store holds damaged, as
         reading the store noted it (`verify --from`, `restore --from`: that store's index in
-        this device's cache). A store that never replaces an object has the damaged copy
-        deleted first; one that deletes nothing but what a removal record releases (the
-        storage server) keeps it, said once: the intact copy is here and on the peers."""
+        this device's cache): the damaged copy is deleted, then the intact one put. A store
+        that deletes nothing but what a removal record releases (the storage server) keeps
+        it, said once: the intact copy is here and on the peers."""
         cache = os.path.dirname(os.path.dirname(self.repo.index.path))
         noted = await asyncio.to_thread(noted_damage, store_index_path(
             cache, self.repo.config.repo_id, remote.location))
@@ -406,9 +406,10 @@ class StoreUploader:
             if await asyncio.to_thread(pack_name, data) != pack:
                 self._rotten(name)
                 continue
-            if remote.capabilities.create_only:
-                await remote.delete(name)
-            await self._send(remote, name, data)
+            # Deleted first: no store replaces an object of a content-addressed name on a
+            # put (create-only ones refuse; the others are asked `has` first).
+            await remote.delete(name)
+            await self._send_once(remote, name, data)
             self._healed.add(pack)
             log.warning("store %s held a damaged copy of pack %s: replaced by the intact copy "
                         "here", self.location, pack[:12])

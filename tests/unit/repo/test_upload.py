@@ -716,7 +716,7 @@ def _flip_a_byte(path: Path) -> None:
         f.write(bytes([byte[0] ^ 1]))
 
 
-@pytest.mark.parametrize("kind", ["dir", "wsgidav", "server"])
+@pytest.mark.parametrize("kind", ["dir", "wsgidav", "weed", "server"])
 async def test_a_pack_damaged_in_a_store_is_replaced_by_the_intact_copy_here(
         pair, tmp_path, kind, caplog):
     """Reading a store (`verify --from` it) noted one of its packs as damaged (rot in the
@@ -738,6 +738,12 @@ async def test_a_pack_damaged_in_a_store_is_replaced_by_the_intact_copy_here(
             dav = stack.enter_context(servers.wsgidav(tmp_path / "dav"))
             remote = open_store(f"webdav://{dav.url.split('://')[1]}/dav/store")
             files = dav.root / "store"
+        elif kind == "weed":
+            s3 = stack.enter_context(contextlib.contextmanager(servers.weed_mini)(
+                tmp_path / "weed"))
+            location = f"s3://{s3.new_bucket()}/store"
+            remote = open_store(location, options=s3.options())
+            files = None   # (rot is put there through a client that does not refuse it)
         else:
             await _as_members(a, b)
             server = stack.enter_context(servers.storage_server(tmp_path / "server",
@@ -750,7 +756,16 @@ async def test_a_pack_damaged_in_a_store_is_replaced_by_the_intact_copy_here(
             up = uploader(a, remote, progress)
             assert await up.upload_once()
             pack = sorted(n for n in await offered_names(a) if n.startswith("packs/"))[0][6:]
-            _flip_a_byte(next(files.glob(f"packs/*/{pack}")))
+            if files is not None:
+                _flip_a_byte(next(files.glob(f"packs/*/{pack}")))
+            else:
+                rot = open_store(location, options={**s3.options(),
+                                                    "conditional_writes": "false"})
+                data = bytearray(await rot.get(f"packs/{pack}"))
+                data[len(data) // 2] ^= 1
+                await rot.delete(f"packs/{pack}")
+                await rot.put(f"packs/{pack}", bytes(data))
+                await rot.close()
             # `verify --from` the store: its own index (per store, in this device's cache)
             cache = str(Path(a.index.path).parent.parent)
             seen = await Repository.open(remote, KEYS, None, cache, read_only=True)
