@@ -43,7 +43,8 @@ from .base import (BlobStore, Buffer, ObjectExists, StoreCapabilities, StoreFull
 from .tls import client_tls
 
 SCHEMES = {"webdav": "http", "webdavs": "https"}
-OPTIONS = ("username", "password", "ca_file")
+OPTIONS = ("username", "password", "ca_file", "timeout")
+_TIMEOUT = 300.0      # seconds a request may go without a byte before it is retried
 _TMP_SUFFIX = ".tmp"
 # Sub-folder of each prefix whose names grow without bound: the folder is the first
 # `width` characters of the name's last part (hex digest or 12-digit seq). Packs are
@@ -150,6 +151,7 @@ class WebDavStore(BlobStore):
 
     def __init__(self, location: str, *, username: str | None = None,
                  password: str | None = None, ca_file: str | None = None,
+                 timeout: float = _TIMEOUT,
                  sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
                  now: Callable[[], float] = time.time, attempts: int = _ATTEMPTS) -> None:
         self.location = location
@@ -159,6 +161,7 @@ class WebDavStore(BlobStore):
         self._auth = (username, password or "") if username is not None else None
         self._sleep, self._now, self._attempts = sleep, now, attempts
         self._ca_file = ca_file
+        self._timeout = timeout
         self._session: Any = None
         self._folders_made: set[str] = set()
         self._if_enforced: bool | None = None   # the server honours If on MOVE (a probe)
@@ -180,7 +183,8 @@ class WebDavStore(BlobStore):
             tls = client_tls(self.location, self._ca_file)
             self._session = aiohttp.ClientSession(
                 headers=headers, connector=aiohttp.TCPConnector(limit=16, ssl=tls),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=300),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(30.0, self._timeout),
+                                              sock_read=self._timeout),
                 auto_decompress=False)
         return self._session
 
@@ -221,7 +225,9 @@ class WebDavStore(BlobStore):
                 raise StorageError(f"{where}: the server's TLS certificate is not trusted "
                                    f"({exc}); for a certificate of your own give its CA as "
                                    "the store's ca_file option") from None
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+                failure = f"no answer within {self._timeout:g} s (the store's timeout option)"
+            except (aiohttp.ClientError, OSError) as exc:
                 failure = f"cannot reach the server ({type(exc).__name__}: {exc})"
             if attempt + 1 < self._attempts:
                 await self._sleep(wait)
@@ -484,7 +490,16 @@ def open_webdav(location: str, options: Mapping[str, Any]) -> WebDavStore:
     if unknown:
         raise ConfigError(f"store {location}: unknown option(s) {', '.join(sorted(unknown))} "
                           f"(a WebDAV store takes {', '.join(OPTIONS)})")
-    for key in OPTIONS:
+    for key in ("username", "password", "ca_file"):
         if not isinstance(options.get(key, ""), str):
             raise ConfigError(f"store {location}: {key} must be a string")
-    return WebDavStore(location, **{key: options.get(key) for key in OPTIONS})
+    timeout = options.get("timeout", _TIMEOUT)
+    try:
+        timeout = float(timeout)
+    except (TypeError, ValueError):
+        timeout = -1.0
+    if isinstance(options.get("timeout"), bool) or not 0 < timeout < float("inf"):
+        raise ConfigError(f"store {location}: timeout must be a number of seconds, not "
+                          f"{options.get('timeout')!r}")
+    return WebDavStore(location, timeout=timeout,
+                       **{key: options.get(key) for key in ("username", "password", "ca_file")})
