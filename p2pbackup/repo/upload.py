@@ -195,10 +195,13 @@ class UploadProgress:
                            "last_upload", (location, at))
 
 
-async def may_replace(repo: Repository, kind: str, name: str, ours: bytes,
-                      theirs: bytes) -> bool:
-    """Whether our copy of a mutable object (`kind`: head or anchor) is newer than the
-    store's. A copy there that does not authenticate is replaced (ours does)."""
+NEWER, OLDER, DAMAGED = "newer", "older", "damaged"
+
+
+async def compare_mutable(repo: Repository, kind: str, name: str, ours: bytes,
+                          theirs: bytes) -> str:
+    """Our copy of a mutable object (`kind`: head or anchor) against the store's: NEWER or
+    OLDER, or DAMAGED when the store's does not authenticate (ours does)."""
     logs = LogStore(repo)
     device = name.split("/")[1]
     check = logs.check_head if kind == "head" else logs.check_anchor
@@ -206,10 +209,10 @@ async def may_replace(repo: Repository, kind: str, name: str, ours: bytes,
     try:
         held = await check(theirs, device, f"{name[:60]} in the store")
     except IntegrityError:
-        return True
+        return DAMAGED
     if kind == "anchor":
-        return mine.seq > held.seq
-    return check_head_update(held, mine) is None
+        return NEWER if mine.seq > held.seq else OLDER
+    return NEWER if check_head_update(held, mine) is None else OLDER
 
 
 @dataclass(slots=True)
@@ -594,6 +597,7 @@ class StoreUploader:
         one in between); one that moved meanwhile is read and judged again."""
         kind = ids.object_kind(name)[0]  # type: ignore[index]
         swap = remote.capabilities.conditional_replace
+        unreadable: tuple[bytes, str | None] | None = None
         for _ in range(REPLACE_TRIES):
             try:
                 theirs, tag = await remote.get_tagged(name) if swap \
@@ -602,11 +606,17 @@ class StoreUploader:
                 theirs, tag = None, None
             if theirs == data:
                 return None
-            if theirs is not None and not await may_replace(self.repo, kind, name, data,
-                                                            theirs):
+            verdict = None if theirs is None else \
+                await compare_mutable(self.repo, kind, name, data, theirs)
+            if verdict == OLDER:
                 log.info("store %s holds a newer %s than this device; kept", self.location,
                          name[:60])
                 return None
+            if verdict == DAMAGED and unreadable != (theirs, tag):
+                # A read cut short (or another object from a proxy) looks damaged too:
+                # replaced only once a second read says the same.
+                unreadable = (theirs, tag)  # type: ignore[assignment]
+                continue
             if not swap:
                 return await self._send_once(remote, name, data)
             at = await self._send_if(remote, name, data, tag)

@@ -788,3 +788,54 @@ async def test_a_pack_damaged_in_a_store_is_replaced_by_the_intact_copy_here(
         finally:
             progress.close()
             await remote.close()
+
+
+class CutShort(Interleaved):
+    """The first read of `name` comes back cut short (a proxy that truncates a GET under a
+    Content-Length that says it is all)."""
+
+    def __init__(self, inner: BlobStore, name: str) -> None:
+        super().__init__(inner, name, None)
+        self.cut = 0
+
+    async def get_tagged(self, name):
+        data, tag = await self.inner.get_tagged(name)
+        if name == self._name and not self.cut:
+            self.cut += 1
+            return data[:len(data) // 2], tag
+        return data, tag
+
+    async def get(self, name):
+        return (await self.get_tagged(name))[0]
+
+
+async def test_a_newer_head_read_cut_short_is_not_taken_for_damage_and_replaced(
+        pair, tmp_path, progress):
+    """The store holds A's head at seq 3; device C (at seq 2) reads it cut short once. A
+    copy there that does not authenticate is replaced (it is damage), but only once a
+    second read says the same: a read cut short must not put seq 2 over seq 3."""
+    a, _, _ = pair
+    older = tmp_path / "older"
+    shutil.copytree(a.store.root, older)          # C's copy: A's log at seq 2
+    logs = LogStore(a)
+    head = await logs.read_head(A.device_id)
+    await logs.append(A, Segment(A.device_id, 3, head.segment, time.time_ns(), ()))
+    shared = LocalDirStore(tmp_path / "nas")
+    assert await uploader(a, shared, progress).upload_once()
+    name = f"heads/{A.device_id}"
+    c = await Repository.open(LocalDirStore(older), KEYS, None, str(tmp_path / "cc"))
+    other = UploadProgress(tmp_path / "pc" / "uploads.sqlite")
+    try:
+        cut = CutShort(shared, name)
+        assert await uploader(c, cut, other).upload_once()
+        assert cut.cut == 1
+        assert await shared.get(name) == await a.store.get(name), \
+            "a read cut short had C put its seq 2 over the store's seq 3"
+        # real damage there is still replaced
+        await shared.put(name, b"garbage")
+        assert await uploader(c, shared, UploadProgress(tmp_path / "p3" / "u.sqlite")
+                              ).upload_once()
+        assert await shared.get(name) == await c.store.get(name)
+    finally:
+        other.close()
+        await c.close()
