@@ -8,11 +8,13 @@ in its `capabilities`, never guessed by callers from its class.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+import math
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..crypto.identity import DeviceIdentity
-from ..errors import DiskFull, StorageError
+from ..errors import ConfigError, DiskFull, StorageError
 from ..ids import object_kind
 
 Buffer = bytes | bytearray | memoryview
@@ -73,6 +75,21 @@ class StoreFull(DiskFull):
 
     # A remote store's "no space" (HTTP 507, a quota, an object over the server's limit): the
     # same exit code as a full local disk, with the store and the server's words.
+
+
+def seconds_option(location: str, options: Mapping[str, Any], key: str,
+                   default: float) -> float:
+    """A store option that is a number of seconds (a `[[stores]]` number, or the string
+    `store add -o KEY=VALUE` gives): ConfigError unless it is a finite number above 0."""
+    value = options.get(key, default)
+    try:
+        seconds = -1.0 if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 < seconds < math.inf:
+        raise ConfigError(f"store {location}: {key} must be a number of seconds, not "
+                          f"{value!r}")
+    return seconds
 
 
 def is_mutable_name(name: str) -> bool:

@@ -36,7 +36,7 @@ from ..errors import (ConfigError, IntegrityError, NameMismatch, NotFound, PeerN
 from ..ids import object_kind
 from ..protocol import store_requests as req
 from .base import (BlobStore, Buffer, ObjectExists, StoreCapabilities, StoreFull,
-                   StoreSigner)
+                   StoreSigner, seconds_option)
 from .tls import client_tls
 
 SCHEMES = ("https", "http")
@@ -62,12 +62,8 @@ def open_server(location: str, options: Mapping[str, Any]) -> "ServerStore":
     if unknown:
         raise ConfigError(f"store {location}: unknown option {sorted(unknown)[0]!r} (the "
                           f"storage server's stores take {', '.join(OPTIONS)})")
-    try:
-        timeout = float(options.get("timeout", DEFAULT_TIMEOUT))
-    except (TypeError, ValueError):
-        raise ConfigError(f"store {location}: timeout must be a number of seconds") from None
     return ServerStore(location, ca_file=options.get("ca_file"), invite=options.get("invite"),
-                       timeout=timeout)
+                       timeout=seconds_option(location, options, "timeout", DEFAULT_TIMEOUT))
 
 
 class ServerStore(BlobStore):

@@ -39,7 +39,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import ConfigError, NotFound, StorageError
 from .base import (BlobStore, Buffer, ObjectExists, StoreCapabilities, StoreFull,
-                   is_mutable_name)
+                   is_mutable_name, seconds_option)
 from .tls import client_tls
 
 SCHEMES = {"webdav": "http", "webdavs": "https"}
@@ -493,13 +493,5 @@ def open_webdav(location: str, options: Mapping[str, Any]) -> WebDavStore:
     for key in ("username", "password", "ca_file"):
         if not isinstance(options.get(key, ""), str):
             raise ConfigError(f"store {location}: {key} must be a string")
-    timeout = options.get("timeout", _TIMEOUT)
-    try:
-        timeout = float(timeout)
-    except (TypeError, ValueError):
-        timeout = -1.0
-    if isinstance(options.get("timeout"), bool) or not 0 < timeout < float("inf"):
-        raise ConfigError(f"store {location}: timeout must be a number of seconds, not "
-                          f"{options.get('timeout')!r}")
-    return WebDavStore(location, timeout=timeout,
+    return WebDavStore(location, timeout=seconds_option(location, options, "timeout", _TIMEOUT),
                        **{key: options.get(key) for key in ("username", "password", "ca_file")})
