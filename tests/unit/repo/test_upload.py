@@ -607,6 +607,17 @@ def shared_remote(request, tmp_path: Path):
         yield lambda: open_store(str(tmp_path / "nas"))
 
 
+async def _a_device_behind(a: Repository, tmp_path: Path) -> Repository:
+    """Device C: a copy of `a`'s store holding A's log at seq 2, while A goes on to seq 3
+    (C's repository: close it)."""
+    older = tmp_path / "older"
+    shutil.copytree(a.store.root, older)
+    logs = LogStore(a)
+    head = await logs.read_head(A.device_id)
+    await logs.append(A, Segment(A.device_id, 3, head.segment, time.time_ns(), ()))
+    return await Repository.open(LocalDirStore(older), KEYS, None, str(tmp_path / "cc"))
+
+
 async def test_two_devices_racing_to_one_store_never_put_an_older_head_over_a_newer(
         pair, tmp_path, shared_remote):
     """Device C holds device A's head at seq 2 (replicated earlier), A itself is at seq 3.
@@ -614,12 +625,7 @@ async def test_two_devices_racing_to_one_store_never_put_an_older_head_over_a_ne
     writes: C's seq 2 must not replace A's seq 3 (weed: If-None-Match/If-Match; wsgidav:
     MOVE with Overwrite: F or an If header naming the ETag read)."""
     a, _, _ = pair
-    older = tmp_path / "older"
-    shutil.copytree(a.store.root, older)          # C's copy: A's log at seq 2
-    logs = LogStore(a)
-    head = await logs.read_head(A.device_id)
-    await logs.append(A, Segment(A.device_id, 3, head.segment, time.time_ns(), ()))
-    c = await Repository.open(LocalDirStore(older), KEYS, None, str(tmp_path / "cc"))
+    c = await _a_device_behind(a, tmp_path)
     remote_a, remote_c = shared_remote(), shared_remote()
     progress_a = UploadProgress(tmp_path / "pa" / "uploads.sqlite")
     progress_c = UploadProgress(tmp_path / "pc" / "uploads.sqlite")
@@ -815,15 +821,10 @@ async def test_a_newer_head_read_cut_short_is_not_taken_for_damage_and_replaced(
     copy there that does not authenticate is replaced (it is damage), but only once a
     second read says the same: a read cut short must not put seq 2 over seq 3."""
     a, _, _ = pair
-    older = tmp_path / "older"
-    shutil.copytree(a.store.root, older)          # C's copy: A's log at seq 2
-    logs = LogStore(a)
-    head = await logs.read_head(A.device_id)
-    await logs.append(A, Segment(A.device_id, 3, head.segment, time.time_ns(), ()))
+    c = await _a_device_behind(a, tmp_path)
     shared = LocalDirStore(tmp_path / "nas")
     assert await uploader(a, shared, progress).upload_once()
     name = f"heads/{A.device_id}"
-    c = await Repository.open(LocalDirStore(older), KEYS, None, str(tmp_path / "cc"))
     other = UploadProgress(tmp_path / "pc" / "uploads.sqlite")
     try:
         cut = CutShort(shared, name)
