@@ -31,6 +31,11 @@ name in the same moment with different bytes, both seeing it missing; the later 
 Content-addressed names (packs, snapshots, removals) cannot differ, so only sequence-numbered
 records written by two devices at once are exposed, and `capabilities.create_only` is False
 for such a store, so callers know.
+
+Heads (the names a put replaces) move by compare-and-swap (replace_if): `If-Match` with the
+ETag read (`If-None-Match: *` where there was none). weed and moto refuse a stale tag (412);
+where a server ignores it (rclone serve s3; found by a second probe) the ETag is compared by a
+HEAD just before the write, which leaves only that gap to another device's head.
 """
 
 from __future__ import annotations
@@ -177,9 +182,7 @@ class S3Store(BlobStore):
     def capabilities(self) -> StoreCapabilities:  # type: ignore[override]
         # create_only only once the server is known to enforce If-None-Match (see the module
         # docstring); until the first put it is not claimed.
-        # conditional_replace always: replace_if sends If-Match, which the probe found the
-        # server enforces or not; where it does not, the tag is compared (HEAD) right before
-        # the write, which narrows the race to that gap (the module docstring).
+        # conditional_replace always (the module docstring says how far a server keeps it).
         return StoreCapabilities(create_only=self._conditional is True, ranged_reads=True,
                                  cheap_listing=False, blocking=False, local_disk=False,
                                  conditional_replace=True)
