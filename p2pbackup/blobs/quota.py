@@ -25,8 +25,11 @@ class QuotaStore(BlobStore):
                  ) -> None:
         self.inner, self.quota, self.owner = inner, quota, owner
         self.location = inner.location
-        # Not blocking nor local_disk: the fast paths would write past the quota.
-        self.capabilities = replace(inner.capabilities, blocking=False, local_disk=False)
+        # Not blocking nor local_disk: the fast paths would write past the quota. No
+        # conditional replace: it would too, and a partner (or the server) takes a device's
+        # head from that device alone.
+        self.capabilities = replace(inner.capabilities, blocking=False, local_disk=False,
+                                    conditional_replace=False)
         self._used: int | None = None
 
     async def used(self) -> int:
