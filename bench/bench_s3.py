@@ -12,15 +12,19 @@ this device's own store, a directory) then `p2pbackup store push LOCATION` (the 
 uploader, p2pbackup/repo/upload.py, run once to completion: every object the bucket lacks,
 packs first, heads last). Its time is the sum of the two commands; its peak RSS the larger.
 
-Steps, each timed (wall clock) with the peak RSS of the process (GNU time's %M) after
-a `sync`; each is repeated `--repeat` times, alternating which tool goes
-first (restic in repetitions 1, 3, ...), and the median is compared:
+Steps, each timed (wall clock, and the CPU seconds user + system of the process and its
+children) with the peak RSS of the process (GNU time's %M) after a `sync`; each is repeated
+`--repeat` times, alternating which tool goes first (restic in repetitions 1, 3, ...), and
+the median is compared (`--steps` runs some of them, for A/B comparisons; then nothing is
+written):
 
   initial backup    restic backup DATA            vs snapshot + store push (fresh repository,
                                                      fresh home and a fresh bucket prefix in
                                                      every repetition; the last ones are kept)
   no-change backup  the same again                 vs the same again
   restore           restic restore latest          vs restore latest --from s3://...
+                                                     (each into a new directory: see
+                                                     RESTORE_TARGETS)
   read-data check   restic check --read-data       vs verify --read-data --from s3://...
 
 Then: put and get throughput of `--packs` random 16 MiB packs, 8 at a time, through
@@ -61,48 +65,66 @@ IN_FLIGHT = 8
 TARGETS = {"initial backup": 0.6, "no-change backup": 0.5, "restore": 0.8,
            "read-data check": 1.0}
 RSS_TARGET_MIB = 250
+STEP_KEYS = {"initial": "initial backup", "no-change": "no-change backup", "restore": "restore",
+             "read-data": "read-data check"}
+
+# Restores go to a new directory in each repetition, deleted after the step, never just
+# before a restore: on ext4 without a journal (this machine's /tmp) creating an inode skips,
+# one by one, each inode of its group freed in the last minute (five if its table block is
+# not yet written back; fs/ext4/ialloc.c recently_deleted()). Restoring right after deleting
+# the previous repetition's 20k files made both tools spend most of their time there (perf:
+# 65% of the restore's CPU in recently_deleted() and the buffer lookups under it; system
+# time 0.5 s on a fresh directory, 2.3 to 4.4 s after the delete, at scale 0.3) and made
+# the ratio swing by whichever tool met more of them (0.72 to 1.51 in one run).
+RESTORE_TARGETS = ("restic-restore-{i}", "p2pbackup-restore-{i}")
 
 
-def timed_rss(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
-    """Seconds and peak RSS (KiB) of one command (output to /dev/null); a failure stops
-    the benchmark. The RSS is GNU time's: a child spawned from this process directly would
-    count this process's own RSS in its ru_maxrss (the vfork before exec shares its memory)."""
+Run = tuple[float, int, float]   # seconds, peak RSS in KiB, CPU seconds (user + system)
+
+
+def timed_rss(argv: list[str], env: dict[str, str]) -> Run:
+    """Seconds, peak RSS (KiB) and CPU seconds of one command (output to /dev/null); a
+    failure stops the benchmark. The RSS is GNU time's: a child spawned from this process
+    directly would count this process's own RSS in its ru_maxrss (the vfork before exec
+    shares its memory). The CPU seconds tell a slow step from a busy machine."""
     subprocess.run(["sync"], check=True)
     with tempfile.NamedTemporaryFile("r") as rss:
         t = time.perf_counter()
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", rss.name, *argv], env=env,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", rss.name, *argv],
+                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
         dt = time.perf_counter() - t
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr[-2000:]}")
-        kib = int(rss.read().split()[-1])
+        kib, user, system = rss.read().split()[-3:]
+    cpu = float(user) + float(system)
     shown = ' '.join(Path(a).name if a.startswith('/') else a for a in argv)
-    print(f"  {dt:7.2f} s {kib / 1024:6.0f} MiB  {shown}", flush=True)
-    return dt, kib
+    print(f"  {dt:7.2f} s {cpu:7.2f} cpu-s {int(kib) / 1024:6.0f} MiB  {shown}", flush=True)
+    return dt, int(kib), cpu
 
 
 class Step:
-    """One step's measurements: (seconds, peak RSS KiB) per tool and repetition."""
+    """One step's measurements: a Run per tool and repetition."""
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.restic: list[tuple[float, int]] = []
-        self.ours: list[tuple[float, int]] = []
+        self.restic: list[Run] = []
+        self.ours: list[Run] = []
 
     def row(self) -> str:
-        r = statistics.median(t for t, _ in self.restic)
-        p = statistics.median(t for t, _ in self.ours)
+        r = statistics.median(t for t, _, _ in self.restic)
+        p = statistics.median(t for t, _, _ in self.ours)
+        cpu = (statistics.median(c for _, _, c in self.ours)
+               / statistics.median(c for _, _, c in self.restic))
         each = ", ".join(f"{a[0] / b[0]:.2f}" for a, b in zip(self.ours, self.restic))
         target = TARGETS[self.name]
         return (f"| {self.name} | {r:.2f} | {p:.2f} | **{p / r:.2f}** ({each}) | ≤ {target} "
-                f"{'met' if p / r <= target else 'MISSED'} | "
-                f"{max(m for _, m in self.restic) / 1024:.0f} | "
-                f"{max(m for _, m in self.ours) / 1024:.0f} |")
+                f"{'met' if p / r <= target else 'MISSED'} | {cpu:.2f} | "
+                f"{max(m for _, m, _ in self.restic) / 1024:.0f} | "
+                f"{max(m for _, m, _ in self.ours) / 1024:.0f} |")
 
 
-def compare(reps: int, step: Step, restic: Callable[[int], tuple[float, int]],
-            ours: Callable[[int], tuple[float, int]],
+def compare(reps: int, step: Step, restic: Callable[[int], Run], ours: Callable[[int], Run],
             before: Callable[[int], None] = lambda i: None) -> None:
     print(f"{step.name}:", flush=True)
     for i in range(reps):
@@ -112,9 +134,9 @@ def compare(reps: int, step: Step, restic: Callable[[int], tuple[float, int]],
             into.append(run(i))
 
 
-def both(a: tuple[float, int], b: tuple[float, int]) -> tuple[float, int]:
+def both(a: Run, b: Run) -> Run:
     """Two commands that make one step: their times add up, the peak is the larger."""
-    return a[0] + b[0], max(a[1], b[1])
+    return a[0] + b[0], max(a[1], b[1]), a[2] + b[2]
 
 
 # ---- throughput of our stores --------------------------------------------------------------
@@ -215,8 +237,16 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=None,
                     help="store push --parallel (default: its own, 4)")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--steps", default=",".join(STEP_KEYS),
+                    help=f"comma-separated, of {', '.join(STEP_KEYS)} (the first backup is "
+                    "made untimed when `initial` is left out); results are written only "
+                    "when all are run")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = ap.parse_args()
+    chosen = [k.strip() for k in args.steps.split(",") if k.strip()]
+    if not chosen or set(chosen) - set(STEP_KEYS):
+        raise SystemExit(f"--steps takes some of {', '.join(STEP_KEYS)}")
+    selected = {STEP_KEYS[k] for k in chosen}
     if shutil.which("restic") is None:
         raise SystemExit("restic is not installed (apt-get install -y restic)")
     with bench_lock(), tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp_name:
@@ -252,55 +282,67 @@ def main() -> None:
 
             push = ["--parallel", str(args.parallel)] if args.parallel else []
 
-            def restic_backup(i: int) -> tuple[float, int]:
+            def restic_backup(i: int) -> Run:
                 return timed_rss(["/usr/bin/restic", "-r", state["repo"], "backup",  # type: ignore
                                   str(data)], state["env"])  # type: ignore[arg-type]
 
-            def our_backup(i: int) -> tuple[float, int]:
+            def our_backup(i: int) -> Run:
                 env = state["env"]
                 return both(timed_rss([str(P2PBACKUP), "snapshot"], env),  # type: ignore
                             timed_rss([str(P2PBACKUP), "store", "push",
                                        state["location"], *push], env))  # type: ignore
 
             steps = [Step(n) for n in TARGETS]
-            compare(args.repeat, steps[0], restic_backup, our_backup, fresh)
-            compare(args.repeat, steps[1], restic_backup, our_backup)
+            if steps[0].name in selected:
+                compare(args.repeat, steps[0], restic_backup, our_backup, fresh)
+            else:   # the repositories the other steps need, untimed
+                fresh(0)
+                restic_backup(0), our_backup(0)
+            if steps[1].name in selected:
+                compare(args.repeat, steps[1], restic_backup, our_backup)
 
-            def clear(i: int) -> None:
-                for d in ("r1", "r2"):
-                    shutil.rmtree(tmp / d, ignore_errors=True)
+            def restore_into(i: int, tool: int) -> str:
+                return str(tmp / RESTORE_TARGETS[tool].format(i=i))
 
-            compare(args.repeat, steps[2],
-                    lambda i: timed_rss(["/usr/bin/restic", "-r", state["repo"],  # type: ignore
-                                         "restore", "latest", "--target", str(tmp / "r1")],
-                                        state["env"]),  # type: ignore[arg-type]
-                    lambda i: timed_rss([str(P2PBACKUP), "restore", "latest",  # type: ignore
-                                         "--from", state["location"], "--to", str(tmp / "r2")],
-                                        state["env"]),  # type: ignore[arg-type]
-                    clear)
-            compare(args.repeat, steps[3],
-                    lambda i: timed_rss(["/usr/bin/restic", "-r", state["repo"],  # type: ignore
-                                         "check", "--read-data"], state["env"]),  # type: ignore
-                    lambda i: timed_rss([str(P2PBACKUP), "verify", "--read-data", "--from",
-                                         state["location"]], state["env"]),  # type: ignore
-                    )
+            if steps[2].name in selected:
+                compare(args.repeat, steps[2],
+                        lambda i: timed_rss(["/usr/bin/restic", "-r",  # type: ignore[list-item]
+                                             state["repo"], "restore", "latest", "--target",
+                                             restore_into(i, 0)], state["env"]),  # type: ignore
+                        lambda i: timed_rss([str(P2PBACKUP), "restore", "latest",  # type: ignore
+                                             "--from", state["location"], "--to",
+                                             restore_into(i, 1)], state["env"]))  # type: ignore
+                for i in range(args.repeat):
+                    for tool in (0, 1):
+                        shutil.rmtree(restore_into(i, tool), ignore_errors=True)
+            if steps[3].name in selected:
+                compare(args.repeat, steps[3],
+                        lambda i: timed_rss(["/usr/bin/restic", "-r",  # type: ignore[list-item]
+                                             state["repo"], "check", "--read-data"],
+                                            state["env"]),  # type: ignore[arg-type]
+                        lambda i: timed_rss([str(P2PBACKUP), "verify", "--read-data", "--from",
+                                             state["location"]], state["env"]),  # type: ignore
+                        )
         finally:
             gen.close()
         rows = [] if args.skip_throughput else store_throughputs(tmp, args.packs)
     load_after = os.getloadavg()[1]
-    peak = max(m for s in steps for _, m in s.ours) / 1024
+    steps = [s for s in steps if s.ours]
+    peak = max(m for s in steps for _, m, _ in s.ours) / 1024
     lines = [
         S3_HEADING, "",
         f"`bench/bench_s3.py --scale {args.scale} --repeat {args.repeat}`: mkdata.py tree "
         f"of {size / 2**20:.0f} MiB in {len(files)} files, restic {restic_v} and p2pbackup "
         f"on one SeaweedFS `weed mini` (S3) on this machine (2 cores, shared); p2pbackup's "
         f"backup is `snapshot` + `store push` (the daemon's uploader run once). Times are "
-        f"medians in seconds (each repetition's ratio in brackets), RSS is the peak in MiB. "
+        f"medians in seconds (each repetition's ratio in brackets); cpu is the ratio of the "
+        f"median CPU seconds (user + system of the command, not the server's); RSS is the peak "
+        f"in MiB. "
         f"Load average (5 min) {load_before:.1f} at the start, {load_after:.1f} at the end "
         f"(other work on the machine: 2.0 is both cores busy).",
         "",
-        "| step | restic | p2pbackup | ratio | target | restic RSS | p2pbackup RSS |",
-        "|---|---|---|---|---|---|---|",
+        "| step | restic | p2pbackup | ratio | target | cpu | restic RSS | p2pbackup RSS |",
+        "|---|---|---|---|---|---|---|---|",
         *(s.row() for s in steps),
         "",
         f"p2pbackup's peak RSS: {peak:.0f} MiB (target ≤ {RSS_TARGET_MIB} MiB: "
@@ -312,7 +354,10 @@ def main() -> None:
                   "| server | put MiB/s | get MiB/s |", "|---|---|---|", *rows]
     section = "\n".join(lines) + "\n"
     print(section)
-    write_section(args.out, S3_HEADING, section)
+    if len(steps) == len(TARGETS):
+        write_section(args.out, S3_HEADING, section)
+    else:
+        print(f"(some steps only: {args.out} is left as it was)")
 
 
 if __name__ == "__main__":
