@@ -4,8 +4,10 @@ A restore reads a pack blob by blob (~64 KiB each, mostly in the order they were
 HTTP each read is one request, so its latency, not the bandwidth, sets the pace. Reading
 aligned windows of a few MiB and slicing them makes that one request per window. Windows of
 objects that never change are kept (the last few, least recently used first out); readers
-waiting for the same window share its one request. The window after the one read is fetched
-ahead (a reader going through a pack finds it there instead of waiting a round trip for it).
+waiting for the same window share its one request. The windows a read needs are fetched at
+once (one after another, a read of two cold windows waited two round trips), and the window
+after them ahead (a reader going through a pack finds it there instead of waiting a round
+trip for it).
 """
 
 from __future__ import annotations
@@ -17,31 +19,40 @@ from collections.abc import Awaitable, Callable
 WINDOW = 4 << 20   # bytes per request; a 16 MiB pack is read in 4
 KEEP = 12          # windows kept: ~48 MiB at most, a few per pack a restore reads at once
 AHEAD = 1          # windows fetched ahead of the one read
+# Windows one read may take; a larger read goes straight to the server. A restore reads up to
+# 4 MiB of neighbouring chunks and the chunk that crosses that limit: three windows, the first
+# two usually held already (with 2 such a read fetched all three again: a restore of 300 MiB
+# from weed fetched 282-286 MiB instead of 290-298, bench_s3 --scale 0.3).
+SPAN = 3
 
 
 class RangeWindows:
     """Serves `read(name, start, length, total)` from aligned windows fetched with `fetch`."""
 
     def __init__(self, fetch: Callable[[str, int, int], Awaitable[bytes]], *,
-                 window: int = WINDOW, keep: int = KEEP, ahead: int = AHEAD) -> None:
+                 window: int = WINDOW, keep: int = KEEP, ahead: int = AHEAD,
+                 span: int = SPAN) -> None:
         self._fetch, self.window, self.keep, self.ahead = fetch, window, keep, ahead
+        self.span = span
         self._windows: OrderedDict[tuple[str, int], asyncio.Future[bytes]] = OrderedDict()
 
     async def read(self, name: str, start: int, length: int, total: int) -> bytes:
         """`length` bytes at `start` of the object `name`, `total` bytes long."""
         first, last = start // self.window, (start + length - 1) // self.window
-        if last - first > 1:   # a large read gains nothing from windows
+        if last - first >= self.span:   # a large read gains nothing from windows
             return await self._fetch(name, start, length)
-        for i in range(last + 1, min(last + self.ahead, (total - 1) // self.window) + 1):
-            self._held(name, i, total)
+        for i in range(first, min(last + self.ahead, (total - 1) // self.window) + 1):
+            self._held(name, i, total)   # all on their way before the first is awaited
         parts = [await self._window(name, i, total) for i in range(first, last + 1)]
         skip = start - first * self.window
         if len(parts) == 1:
             return parts[0][skip:skip + length]
         # Only the range is copied (this runs on the event loop, holding the GIL): a restore's
-        # reads of a few MiB mostly straddle two windows.
-        head = memoryview(parts[0])[skip:]
-        return b"".join((head, memoryview(parts[1])[:length - len(head)]))
+        # reads of a few MiB mostly straddle two or three windows.
+        views = [memoryview(p) for p in parts]
+        views[0] = views[0][skip:]
+        views[-1] = views[-1][:start + length - last * self.window]
+        return b"".join(views)
 
     def _held(self, name: str, index: int, total: int) -> asyncio.Future[bytes]:
         """Window `index` of `name`: kept, being fetched, or fetched from now on."""

@@ -13,15 +13,16 @@ DATA = os.urandom(1000)
 
 
 class Fetches(list):
-    def __init__(self, fail: int = 0) -> None:
+    def __init__(self, fail: int = 0, fail_at: int | None = None) -> None:
         super().__init__()
-        self.fail = fail
+        self.fail, self.fail_at = fail, fail_at   # the first `fail`; or once, at `fail_at`
 
     async def __call__(self, name: str, start: int, length: int) -> bytes:
         self.append((name, start, length))
         await asyncio.sleep(0)
-        if self.fail:
-            self.fail -= 1
+        if self.fail or start == self.fail_at:
+            self.fail = max(0, self.fail - 1)
+            self.fail_at = None
             raise OSError("reset")
         return DATA[start:start + length]
 
@@ -72,22 +73,56 @@ async def test_the_next_window_is_fetched_before_a_sequential_reader_asks_for_it
     fetches = Fetches()
     windows = RangeWindows(fetches, window=100)
     assert await windows.read("p", 0, 10, len(DATA)) == DATA[:10]
-    assert fetches == [("p", 100, 100), ("p", 0, 100)]   # window 1 went out first
+    assert fetches == [("p", 0, 100), ("p", 100, 100)]   # window 1 went out with it
     await asyncio.sleep(0.01)
     assert await windows.read("p", 150, 10, len(DATA)) == DATA[150:160]
     await asyncio.sleep(0.01)
-    assert [f[1] for f in fetches] == [100, 0, 200]   # window 1 was there: 2 goes ahead
+    assert [f[1] for f in fetches] == [0, 100, 200]   # window 1 was there: 2 goes ahead
     assert await windows.read("p", 995, 5, len(DATA)) == DATA[995:]   # none past the end
     await asyncio.sleep(0.01)
-    assert [f[1] for f in fetches] == [100, 0, 200, 900]
+    assert [f[1] for f in fetches] == [0, 100, 200, 900]
 
 
 async def test_a_window_fetched_ahead_that_failed_is_fetched_again_by_its_reader(
         caplog: pytest.LogCaptureFixture) -> None:
-    fetches = Fetches(fail=1)   # the first fetch to go out fails: window 1, fetched ahead
+    fetches = Fetches(fail_at=100)   # window 1, fetched ahead, fails
     windows = RangeWindows(fetches, window=100)
     assert await windows.read("p", 0, 10, len(DATA)) == DATA[:10]
     await asyncio.sleep(0.01)
     assert await windows.read("p", 100, 10, len(DATA)) == DATA[100:110]
-    assert [f[1] for f in fetches] == [100, 0, 200, 100]
+    assert [f[1] for f in fetches] == [0, 100, 100, 200]
     assert "never retrieved" not in caplog.text
+
+
+class Gated(Fetches):
+    """Fetches that wait for `open` before answering: what is in flight at once shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = asyncio.Event()
+
+    async def __call__(self, name: str, start: int, length: int) -> bytes:
+        self.append((name, start, length))
+        await self.open.wait()
+        return DATA[start:start + length]
+
+
+async def test_the_windows_of_one_read_are_fetched_at_once_not_one_after_another() -> None:
+    fetches = Gated()
+    windows = RangeWindows(fetches, window=100, ahead=0)
+    read = asyncio.ensure_future(windows.read("p", 50, 100, len(DATA)))   # windows 0 and 1
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sorted(f[1] for f in fetches) == [0, 100]   # both out before either came back
+    fetches.open.set()
+    assert await read == DATA[50:150]
+
+
+async def test_a_read_just_over_two_windows_uses_the_windows_already_held() -> None:
+    """A restore reads up to 4 MiB of neighbouring chunks plus the chunk that crosses the
+    limit: three 4 MiB windows, two of them usually fetched already."""
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100, ahead=0)
+    assert await windows.read("p", 100, 200, len(DATA)) == DATA[100:300]
+    assert await windows.read("p", 150, 200, len(DATA)) == DATA[150:350]
+    assert sorted(f[1] for f in fetches) == [100, 200, 300]   # only window 3 was new
