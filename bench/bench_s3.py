@@ -134,6 +134,17 @@ def compare(reps: int, step: Step, restic: Callable[[int], Run], ours: Callable[
             into.append(run(i))
 
 
+def restore_step(reps: int, step: Step, tmp: Path, restic: Callable[[str], Run],
+                 ours: Callable[[str], Run]) -> None:
+    """`compare` for restores, each into a new directory (RESTORE_TARGETS); all of them are
+    deleted after the step."""
+    targets = [[str(tmp / t.format(i=i)) for t in RESTORE_TARGETS] for i in range(reps)]
+    compare(reps, step, lambda i: restic(targets[i][0]), lambda i: ours(targets[i][1]))
+    for pair in targets:
+        for target in pair:
+            shutil.rmtree(target, ignore_errors=True)
+
+
 def both(a: Run, b: Run) -> Run:
     """Two commands that make one step: their times add up, the peak is the larger."""
     return a[0] + b[0], max(a[1], b[1]), a[2] + b[2]
@@ -301,20 +312,14 @@ def main() -> None:
             if steps[1].name in selected:
                 compare(args.repeat, steps[1], restic_backup, our_backup)
 
-            def restore_into(i: int, tool: int) -> str:
-                return str(tmp / RESTORE_TARGETS[tool].format(i=i))
-
             if steps[2].name in selected:
-                compare(args.repeat, steps[2],
-                        lambda i: timed_rss(["/usr/bin/restic", "-r",  # type: ignore[list-item]
-                                             state["repo"], "restore", "latest", "--target",
-                                             restore_into(i, 0)], state["env"]),  # type: ignore
-                        lambda i: timed_rss([str(P2PBACKUP), "restore", "latest",  # type: ignore
-                                             "--from", state["location"], "--to",
-                                             restore_into(i, 1)], state["env"]))  # type: ignore
-                for i in range(args.repeat):
-                    for tool in (0, 1):
-                        shutil.rmtree(restore_into(i, tool), ignore_errors=True)
+                restore_step(args.repeat, steps[2], tmp,
+                             lambda to: timed_rss(["/usr/bin/restic", "-r",  # type: ignore
+                                                   state["repo"], "restore", "latest",
+                                                   "--target", to], state["env"]),  # type: ignore
+                             lambda to: timed_rss([str(P2PBACKUP), "restore", "latest",
+                                                   "--from", state["location"],  # type: ignore
+                                                   "--to", to], state["env"]))  # type: ignore
             if steps[3].name in selected:
                 compare(args.repeat, steps[3],
                         lambda i: timed_rss(["/usr/bin/restic", "-r",  # type: ignore[list-item]
