@@ -17,7 +17,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
 WINDOW = 4 << 20   # bytes per request; a 16 MiB pack is read in 4
-KEEP = 12          # windows kept: ~48 MiB at most, a few per pack a restore reads at once
+# Windows kept: 96 MiB at most. A restore reads about four packs at once (small files'
+# bundles, large files' chunks, folder listings; two writers), each read taking up to three
+# windows and one ahead: with 12 they pushed out each other's windows before their readers
+# came, and a 1 GiB restore from weed fetched 1225-1239 MiB for its 763 (16: 1051-1146, 20:
+# 1033-1035, 24: 925-933). Its peak RSS went from 158-163 to 203-206 MiB (bench_s3 --scale 1).
+KEEP = 24
 AHEAD = 1          # windows fetched ahead of the one read
 # Windows one read may take; a larger read goes straight to the server. A restore reads up to
 # 4 MiB of neighbouring chunks and the chunk that crosses that limit: three windows, the first

@@ -126,3 +126,22 @@ async def test_a_read_just_over_two_windows_uses_the_windows_already_held() -> N
     assert await windows.read("p", 100, 200, len(DATA)) == DATA[100:300]
     assert await windows.read("p", 150, 200, len(DATA)) == DATA[150:350]
     assert sorted(f[1] for f in fetches) == [100, 200, 300]   # only window 3 was new
+
+
+async def test_six_packs_read_at_once_fetch_each_window_once() -> None:
+    """A 1 GiB restore from weed read about four packs at once, up to seven (small files'
+    bundles, large files' chunks, folder listings; two writers), each in reads of a window
+    and a bit (4 MiB of chunks and the one over the limit) with one window ahead: the windows
+    kept must hold them all, or they push out each other's before their readers come (it
+    fetched 1.6 times its bytes)."""
+    from p2pbackup.blobs.windows import KEEP
+
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100, keep=KEEP)
+    packs, size, read = 6, 1000, 110
+    for start in range(0, size, read):
+        for p in range(packs):
+            length = min(read, size - start)
+            assert await windows.read(f"p{p}", start, length, size) == \
+                DATA[start:start + length]
+    assert len(fetches) == len(set(fetches)) == packs * size // 100
