@@ -2,7 +2,13 @@
 
     p2pbackup-broker --data DIR --listen 127.0.0.1:8444 [--tls-cert F --tls-key F]
                      [--stun-url URL]... [--turn-url URL]... [--turn-secret-file F] [--turn-ttl S]
-                     [--push-ttl S]
+                     [--push-ttl S] [--max-devices N]
+                     [--oidc-issuer URL --oidc-audience ID [--max-accounts-per-person N]
+                      | --invites]
+    p2pbackup-broker invite --data DIR [--expires S]     prints a one-time invitation
+
+Registration is open unless `--oidc-issuer` (a sign-in with that OpenID Connect issuer) or
+`--invites` (an invitation of the operator's) is given: broker/registration.py.
 
 The TURN secret is coturn's `static-auth-secret` (`use-auth-secret`); give it in a file
 (`--turn-secret-file`) or `--turn-secret` (visible in the process list). Errors are one line
@@ -13,13 +19,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
+import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..server import invites
 from ..server.main import listen_address, run_command, serve_app, tls_context
 from .ice import IceSettings
 from .mailbox import add_mailbox_routes
-from .service import MAX_TTL, PUSH_TTL, Broker
+from .oidc import OidcVerifier
+from .registration import (InviteRegistration, OpenRegistration, Registration,
+                           SignInRegistration)
+from .service import MAX_ACCOUNTS_PER_PERSON, MAX_DEVICES, MAX_TTL, PUSH_TTL, Broker
 from .state import SqliteState
 
 STATE_FILE = "broker.sqlite"
@@ -47,13 +59,36 @@ def settings(args: argparse.Namespace) -> IceSettings:
                        args.turn_ttl)
 
 
+def registration(args: argparse.Namespace) -> Registration:
+    if args.oidc_issuer and args.invites:
+        raise ConfigError("give --oidc-issuer or --invites, not both")
+    if args.oidc_audience and not args.oidc_issuer:
+        raise ConfigError("--oidc-audience goes with --oidc-issuer")
+    if args.oidc_issuer:
+        if not args.oidc_audience:
+            raise ConfigError("--oidc-issuer needs --oidc-audience (the client id the issuer "
+                              "gives the tokens for)")
+        try:
+            return SignInRegistration(OidcVerifier(args.oidc_issuer, args.oidc_audience))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if args.invites:
+        return InviteRegistration(Path(args.data))
+    return OpenRegistration()
+
+
 async def serve(args: argparse.Namespace) -> None:
     host, port = listen_address(args.listen)
     tls = tls_context(args.tls_cert, args.tls_key)
     ice = settings(args)
     if not 0 < args.push_ttl <= MAX_TTL:
         raise ConfigError(f"--push-ttl {args.push_ttl}: give 1 to {MAX_TTL} seconds")
+    if args.max_accounts_per_person < 1 or args.max_devices < 1:
+        raise ConfigError("--max-accounts-per-person and --max-devices are at least 1")
+    admission = registration(args)
     broker = Broker(SqliteState(Path(args.data) / STATE_FILE), ice=ice, push_ttl=args.push_ttl,
+                    registration=admission, max_accounts_per_person=args.max_accounts_per_person,
+                    max_devices=args.max_devices,
                     extra_routes=[add_mailbox_routes])   # pairing across the internet
     await serve_app(broker.app(), "p2pbackup-broker", host, port, tls,
                     f"the broker from {args.data}")
@@ -77,10 +112,36 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds TURN credentials are valid (default 3600)")
     p.add_argument("--push-ttl", type=int, default=PUSH_TTL,
                    help="seconds a push waits for a device that is not connected")
+    p.add_argument("--max-devices", type=int, default=MAX_DEVICES,
+                   help=f"devices one account's roster may list (default {MAX_DEVICES})")
+    p.add_argument("--oidc-issuer", help="registering an account needs a sign-in with this "
+                   "OpenID Connect issuer (its https:// URL)")
+    p.add_argument("--oidc-audience", help="the client id the issuer's tokens must be for")
+    p.add_argument("--max-accounts-per-person", type=int, default=MAX_ACCOUNTS_PER_PERSON,
+                   help="accounts one signed-in person may register (default "
+                        f"{MAX_ACCOUNTS_PER_PERSON})")
+    p.add_argument("--invites", action="store_true", help="registering an account needs an "
+                   "invitation (`p2pbackup-broker invite`)")
+    return p
+
+
+def invite_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="p2pbackup-broker invite",
+                                description="print a one-time invitation that registers one "
+                                            "account on a broker run with --invites")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--data", required=True, help="the broker's directory")
+    p.add_argument("--expires", type=float, default=7 * 86400, help="seconds (default 7 days)")
     return p
 
 
 def run(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["invite"]:
+        inv = invite_parser().parse_args(argv[1:])
+        run_command("p2pbackup-broker", inv.debug, lambda: print(
+            invites.create(Path(inv.data), inv.expires, time.time_ns())))
+        return
     args = parser().parse_args(argv)
     run_command("p2pbackup-broker", args.debug, lambda: asyncio.run(serve(args)))
 

@@ -10,6 +10,9 @@ request signed by a device the account's roster lists (protocol/store_requests.p
 service's own domain):
 
     GET  /v1/                                      "p2pbackup-broker 1" (unsigned)
+    GET  /v1/registration                          what registering needs (unsigned):
+                                                   {"open"}, {"invites"} or {"oidc": {issuer,
+                                                   audience}} (broker/registration.py)
     POST /v1/account/{account}/roster              register the account (its first roster,
                                                    brought by an owner it lists) or follow it
                                                    (the next version, signed by an owner of
@@ -26,7 +29,9 @@ service's own domain):
 Refusals are one status line each, and one log line: 400 (a malformed body), 401 (unsigned,
 a bad signature, stale, replayed), 403 (a device the roster does not list, or no longer),
 404 (no such account), 409 (a roster that does not follow the one held), 413, 422 (a
-malformed or badly signed roster).
+malformed or badly signed roster); registering refuses with 401 (no, or a bad, sign-in token)
+or 403 (no or a spent invitation, a person's or an account's limit), and 503 when the
+sign-in issuer cannot be reached.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from ..ids import is_account, is_device
 from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
 from ..server.refusals import Refused, SignedRequests, one_line_errors
 from .ice import IceSettings, ice_servers
+from .registration import OpenRegistration, Registration
 from .state import BrokerState
 
 log = logging.getLogger("p2pbackup.broker")
@@ -65,6 +71,8 @@ MAX_CONNECTIONS = 64           # sockets per account (one per device: a new one 
 MAX_TTL = 7 * 86400            # the longest a push or command waits for its device
 PUSH_TTL = 86400
 MAX_PUSH = 4096                # bytes of one push's payload (a signed head is ~200)
+MAX_ACCOUNTS_PER_PERSON = 5    # accounts one signed-in person registers (a household's few)
+MAX_DEVICES = MAX_CONNECTIONS  # devices (and partners) one account's roster lists
 
 
 @dataclass(slots=True)
@@ -143,10 +151,15 @@ class Broker:
     def __init__(self, state: BrokerState, *, ice: IceSettings = IceSettings(),
                  push_ttl: int = PUSH_TTL, rate: float = RATE, burst: float = BURST,
                  max_connections: int = MAX_CONNECTIONS,
+                 registration: Registration = OpenRegistration(),
+                 max_accounts_per_person: int = MAX_ACCOUNTS_PER_PERSON,
+                 max_devices: int = MAX_DEVICES,
                  now: Callable[[], float] = time.time,
                  extra_routes: Iterable[Callable[[web.Application], None]] = ()) -> None:
         self.state, self.ice, self.push_ttl = state, ice, push_ttl
         self.rate, self.burst, self.max_connections = rate, burst, max_connections
+        self.registration = registration
+        self.max_accounts_per_person, self.max_devices = max_accounts_per_person, max_devices
         self.now = now
         self.extra_routes = tuple(extra_routes)
         self.requests = SignedRequests(now, REQUEST_DOMAIN)
@@ -156,6 +169,7 @@ class Broker:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[one_line_errors(log)])
         app.router.add_get("/v1/", self._hello)
+        app.router.add_get("/v1/registration", self._registration)
         app.router.add_post("/v1/account/{account}/roster", self._roster)
         app.router.add_post("/v1/account/{account}/device", self._device)
         app.router.add_get("/v1/account/{account}/devices", self._devices)
@@ -220,6 +234,16 @@ class Broker:
     async def _hello(self, request: web.Request) -> web.Response:
         return web.Response(text="p2pbackup-broker 1\n")
 
+    async def _registration(self, request: web.Request) -> web.Response:
+        return web.json_response(self.registration.describe())
+
+    def _check_size(self, roster: Roster, held: Roster | None = None) -> None:
+        """Refuse a roster listing more than `max_devices` (one that shrinks is followed)."""
+        n = len(roster.members)
+        if n > self.max_devices and (held is None or n > len(held.members)):
+            raise Refused(403, f"the roster lists {n} devices, more than the "
+                               f"{self.max_devices} this broker takes per account")
+
     async def _roster(self, request: web.Request) -> web.Response:
         """Register an account by its first roster, or follow it to the next version."""
         account = self._account_id(request)
@@ -240,10 +264,19 @@ class Broker:
                         raise
                     raise Refused(403, "only an owner device the roster lists registers an "
                                        "account") from None
+                self._check_size(roster)
+                person = await self.registration.admit(request)
+                if person is not None and not await self.state.bind_person(
+                        account, person, self.max_accounts_per_person):
+                    raise Refused(403, f"this sign-in has registered {self.max_accounts_per_person}"
+                                       " accounts on this broker, the most it takes per person")
                 if not await self.state.set_roster(account, roster.seq, body, replaces=None):
+                    if person is not None:
+                        await self.state.unbind_person(account)
                     raise Refused(409, f"account {account} is registered already")
                 self._accounts[account] = _Account(body, roster)
-                log.info("account %s registered by device %s", account, device[:12])
+                log.info("account %s registered by device %s%s", account, device[:12],
+                         f" (person {person[:12]})" if person is not None else "")
                 return web.Response(status=201)
             recovery = held.roster.next_signer_key(device_id_for)
             device = self.requests.signer(
@@ -255,6 +288,7 @@ class Broker:
                                     device_id_for, "the roster")
             except IntegrityError as exc:
                 raise Refused(409, str(exc)) from None
+            self._check_size(roster, held.roster)
             if not await self.state.set_roster(account, roster.seq, body,
                                                replaces=held.roster.seq):
                 raise Refused(409, "another roster was stored meanwhile: send it again")
@@ -522,6 +556,7 @@ class Broker:
                 await self._close(conn, "the broker is shutting down")
 
     async def _close_state(self, app: web.Application) -> None:
+        await self.registration.close()
         await self.state.close()
 
 

@@ -59,6 +59,18 @@ class BrokerState(Protocol):
     async def drop(self, account: str, receiver: str, indexes: list[int]) -> None: ...
     async def close(self) -> None: ...
 
+    # -- persons: accounts registered with a sign-in (broker/registration.py) --------------
+    async def person_of(self, account: str) -> str | None:
+        """The person (oidc.person_id) who registered `account`; None if none did."""
+        ...
+    async def bind_person(self, account: str, person: str, max_accounts: int) -> bool:
+        """Tie `account` to `person` unless the person holds `max_accounts` accounts already
+        (False then); one step, so that two brokers on one database cannot both pass."""
+        ...
+    async def unbind_person(self, account: str) -> None:
+        """Undo bind_person (the roster it was for lost a race)."""
+        ...
+
 
 class SqliteState:
     """BrokerState in one SQLite file (stdlib sqlite3 on one worker thread: calls are short
@@ -82,6 +94,9 @@ class SqliteState:
                 receiver TEXT NOT NULL, sender TEXT NOT NULL, kind TEXT NOT NULL,
                 payload BLOB NOT NULL, expires REAL NOT NULL);
             CREATE INDEX IF NOT EXISTS queue_receiver ON queue (account, receiver, idx);
+            CREATE TABLE IF NOT EXISTS persons (
+                account TEXT PRIMARY KEY, person TEXT NOT NULL);
+            CREATE INDEX IF NOT EXISTS persons_person ON persons (person);
         """)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
 
@@ -164,6 +179,35 @@ class SqliteState:
             self._db.executemany("DELETE FROM queue WHERE account = ? AND receiver = ? AND "
                                  "idx = ?", [(account, receiver, i) for i in indexes])
         await self._run(q)
+
+    # -- persons ---------------------------------------------------------------------------
+
+    async def person_of(self, account: str) -> str | None:
+        def q() -> str | None:
+            row = self._db.execute("SELECT person FROM persons WHERE account = ?",
+                                   (account,)).fetchone()
+            return str(row[0]) if row else None
+        return await self._run(q)
+
+    async def bind_person(self, account: str, person: str, max_accounts: int) -> bool:
+        def q() -> bool:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                (held,) = self._db.execute("SELECT count(*) FROM persons WHERE person = ?",
+                                           (person,)).fetchone()
+                ok = held < max_accounts and self._db.execute(
+                    "INSERT OR IGNORE INTO persons VALUES (?, ?)",
+                    (account, person)).rowcount == 1
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return bool(ok)
+        return await self._run(q)
+
+    async def unbind_person(self, account: str) -> None:
+        await self._run(lambda: self._db.execute("DELETE FROM persons WHERE account = ?",
+                                                 (account,)))
 
     async def close(self) -> None:
         await self._run(self._db.close)

@@ -38,6 +38,11 @@ EXCHANGE_TIMEOUT = 30.0  # an answer through the broker: the peer gathers ICE ca
 REQUEST_TIMEOUT = 30.0
 
 OnPush = Callable[[str, bytes], Awaitable[None]]
+# (index, sender, command, payload): a command another device of the account invoked on this
+# one (FxA's invoke_command). The broker keeps it until its TTL and sends it again at each
+# connection: the client passes each index on once (per process; a restarted daemon may see
+# one again, so a command must be harmless twice).
+OnCommand = Callable[[int, str, str, bytes], Awaitable[None]]
 OnLink = Callable[[str, PeerLink], Awaitable[None]]
 
 
@@ -53,7 +58,7 @@ class BrokerClient:
 
     def __init__(self, url: str, identity: DeviceIdentity, account: str, *,
                  answerer: OfferAnswerer | None = None, on_link: OnLink | None = None,
-                 on_push: OnPush | None = None,
+                 on_push: OnPush | None = None, on_command: OnCommand | None = None,
                  on_refused: Callable[[str], None] | None = None,
                  before_connect: Callable[[], Awaitable[None]] | None = None,
                  ssl: Any = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -67,6 +72,8 @@ class BrokerClient:
         self.base = url.rstrip("/")
         self.identity, self.account = identity, account
         self.answerer, self.on_link, self.on_push = answerer, on_link, on_push
+        self.on_command = on_command
+        self._commands_seen = 0   # the highest command index passed to on_command
         self.on_refused = on_refused or (lambda why: log.warning("%s", why))
         self.before_connect = before_connect   # e.g. bring the broker the account's roster
         self.ssl, self.sleep, self.now, self.rand = ssl, sleep, now, rand
@@ -91,12 +98,12 @@ class BrokerClient:
     def _path(self, tail: str) -> str:
         return f"v1/account/{quote(self.account)}/{tail}"
 
-    async def request(self, method: str, tail: str, body: bytes = b"", query: str = ""
-                      ) -> tuple[int, bytes]:
+    async def request(self, method: str, tail: str, body: bytes = b"", query: str = "",
+                      extra: dict[str, str] | None = None) -> tuple[int, bytes]:
         """One signed request to /v1/account/<account>/<tail>: (status, body)."""
         path = self._path(tail)
         headers = req.sign(self.identity.device_id, self.identity.sign, method, path, query,
-                           body, self.now(), REQUEST_DOMAIN)
+                           body, self.now(), REQUEST_DOMAIN) | (extra or {})
         url = f"{self.base}/{path}" + (f"?{query}" if query else "")
         try:
             async with self._http().request(method, url, data=body, headers=headers) as r:
@@ -117,16 +124,34 @@ class BrokerClient:
         except ValueError:
             raise RemoteProtocolError("the broker's answer is not JSON") from None
 
-    async def publish_rosters(self, rosters: list[bytes]) -> None:
+    async def registration(self) -> dict[str, Any]:
+        """What registering an account on this broker needs (unsigned GET /v1/registration):
+        {"open": true}, {"invites": true} or {"oidc": {"issuer", "audience"}}."""
+        try:
+            async with self._http().get(f"{self.base}/v1/registration") as r:
+                doc = await r.json(content_type=None) if r.status == 200 else None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            raise PeerUnreachable(f"cannot reach the broker at {self.base}: "
+                                  f"{exc or type(exc).__name__}") from None
+        return doc if isinstance(doc, dict) else {"open": True}   # a broker before sign-in
+
+    async def publish_rosters(self, rosters: list[bytes], *, token: str | None = None,
+                              invite: str | None = None) -> None:
         """Bring the broker to the newest of `rosters` (the account's chain, oldest first):
-        the newest alone when the broker holds the one before it (or nothing: registration),
-        else each in turn (those it holds already are refused as not following: skipped)."""
+        the newest alone when the broker holds the one before it (or nothing: registration,
+        with the sign-in `token` or the `invite` a broker may ask for), else each in turn
+        (those it holds already are refused as not following: skipped)."""
         if not rosters:
             return
-        status, body = await self.request("POST", "roster", rosters[-1])
+        extra = {}
+        if token is not None:
+            extra["Authorization"] = f"Bearer {token.strip()}"
+        if invite is not None:
+            extra[req.INVITE] = invite.strip()
+        status, body = await self.request("POST", "roster", rosters[-1], extra=extra)
         if status == 409 and len(rosters) > 1:
             for raw in rosters:
-                status, body = await self.request("POST", "roster", raw)
+                status, body = await self.request("POST", "roster", raw, extra=extra)
         if status >= 400:
             raise RemoteProtocolError(f"the broker refused the roster: {status} "
                                       f"{body.decode('utf-8', 'replace').strip()[:200]}")
@@ -262,6 +287,15 @@ class BrokerClient:
             sender, data = doc.get("from"), doc.get("data")
             with contextlib.suppress(ValueError, TypeError):
                 await self.on_push(str(sender), base64.b64decode(str(data), validate=True))
+        elif kind == "command" and self.on_command is not None:
+            index, command = doc.get("index"), doc.get("command")
+            if isinstance(index, int) and isinstance(command, str) and \
+                    index > self._commands_seen:
+                self._commands_seen = index
+                with contextlib.suppress(ValueError, TypeError):
+                    await self.on_command(index, str(doc.get("from")), command,
+                                          base64.b64decode(str(doc.get("payload")),
+                                                           validate=True))
         # other kinds: from a newer broker, skipped
 
     def _on_signal(self, doc: dict[str, Any]) -> None:
