@@ -18,6 +18,7 @@ from p2pbackup.views import (activity_line, damage_json, snapshot_json, verify_j
 
 from . import output
 from .account_cmds import account_app, devices_app, pair, recover
+from .broker_cmds import broker_app
 from .common import home, run_async, via_daemon, writable_device
 from .store_cmds import parse_options, store_app
 
@@ -28,6 +29,7 @@ app.add_typer(index_app, name="index")
 app.add_typer(devices_app, name="devices")
 app.add_typer(store_app, name="store")
 app.add_typer(account_app, name="account")
+app.add_typer(broker_app, name="broker")
 
 _state = {"debug": False}
 
