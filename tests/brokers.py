@@ -1,6 +1,7 @@
 """Devices of one account talking through a broker in this event loop: their membership (as the
 devices hold it, for session checks), the roster the broker follows, and a BrokerClient each
-that answers offers with session.OfferAnswerer and records links, pushes and refusals."""
+that answers offers with session.OfferAnswerer and records links, pushes, commands and
+refusals."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Device:
     client: BrokerClient
     links: list[tuple[str, PeerLink]] = field(default_factory=list)
     pushes: list[tuple[str, bytes]] = field(default_factory=list)
+    commands: list[tuple[int, str, str, bytes]] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
 
 
@@ -48,9 +50,12 @@ def device(url: str, acct: StorageAccount, who: DeviceIdentity,
     async def on_push(sender: str, data: bytes) -> None:
         dev.pushes.append((sender, data))
 
+    async def on_command(index: int, sender: str, command: str, payload: bytes) -> None:
+        dev.commands.append((index, sender, command, payload))
+
     client = BrokerClient(url, who, acct.fingerprint,
                           answerer=OfferAnswerer(who, lambda: held[0], ice=LOOPBACK),
-                          on_link=on_link, on_push=on_push,
+                          on_link=on_link, on_push=on_push, on_command=on_command,
                           on_refused=lambda why: dev.refused.append(why))
     dev = Device(who, client)
     return dev

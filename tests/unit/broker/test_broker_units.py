@@ -117,3 +117,29 @@ async def test_sockets_per_account_are_limited_and_the_others_still_served(
         await eventually(lambda: b.pushes == [(acct.owner.device_id, b"head")])
         for d in (a, b, c):
             await d.client.close()
+
+
+async def test_a_command_reaches_its_device_at_once_and_once_across_reconnections(
+        tmp_path: Path) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    held = [membership(acct)]
+    broker = Broker(SqliteState(tmp_path / "b.sqlite"))
+    async with serving(broker.app()) as url:
+        a, b = (device(url, acct, who, held) for who in (acct.owner, acct.members[0]))
+        await a.client.publish_rosters([acct.roster()[1]])
+        await online(a, b)
+        me, other = acct.owner.device_id, acct.members[0].device_id
+        first = await a.client.invoke_command(other, "sync-now", b"sealed", 600)
+        await eventually(lambda: b.commands == [(first, me, "sync-now", b"sealed")])
+        # The broker cuts B off; B reconnects and is sent its queued commands again (they
+        # are kept until their TTL): B's callback hears the new one only.
+        b.client.connected.clear()
+        await broker._close(broker._accounts[acct.fingerprint].sockets[other], "cut off")
+        await asyncio.wait_for(b.client.connected.wait(), 30)
+        second = await a.client.invoke_command(other, "sync-now", b"again", 600)
+        await eventually(lambda: len(b.commands) == 2)
+        assert b.commands == [(first, me, "sync-now", b"sealed"),
+                              (second, me, "sync-now", b"again")]
+        assert a.commands == []
+        for d in (a, b):
+            await d.client.close()
