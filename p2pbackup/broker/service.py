@@ -463,7 +463,9 @@ class Broker:
         held = await self._account(account)
         if held is None:
             await self._refuse(ws, where, device[:12], f"account {account} is not registered "
-                               "on this broker (an owner device registers it)")
+                               "on this broker (an owner device registers it"
+                               + ("" if self.registration.describe().get("open") else
+                                  ": `p2pbackup broker register`") + ")")
             return None
         key = held.roster.key_of(device)
         if key is None:

@@ -6,13 +6,10 @@ list, missing and spent invitations. Each is refused with one line, logged once.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from joserfc.jwk import RSAKey
@@ -56,12 +53,6 @@ async def refused_once(broker: RunningBroker, acct: StorageAccount, line: str,
         await register(broker.url, acct, **how)
     assert broker.log_text().count(f"{acct.fingerprint}/roster") == 1, broker.log_text()
     assert line.split(" ", 1)[1] in broker.log_text()
-
-
-def test_the_broker_says_what_registering_needs(broker: RunningBroker,
-                                                issuer: LocalIssuer) -> None:
-    doc = json.loads(urllib.request.urlopen(f"{broker.url}/v1/registration").read())
-    assert doc == {"oidc": {"issuer": issuer.url, "audience": AUDIENCE}}
 
 
 async def test_registering_without_a_sign_in_is_refused(broker: RunningBroker) -> None:
@@ -151,11 +142,3 @@ async def test_registering_needs_an_invitation_spent_once(invite_broker: Running
     await register(invite_broker.url, StorageAccount(), invite=token)
     await refused_once(invite_broker, StorageAccount(), "403 this invitation is not valid",
                        invite=token)   # spent
-
-
-def test_the_broker_refuses_conflicting_registration_flags(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "p2pbackup.broker.main", "--data",
-                        str(tmp_path), "--invites", "--oidc-issuer", "https://a.example",
-                        "--oidc-audience", "x"], capture_output=True, text=True, timeout=60)
-    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
-        "p2pbackup-broker: give --oidc-issuer or --invites, not both"]

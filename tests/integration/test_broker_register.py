@@ -53,8 +53,8 @@ def test_broker_register_signs_in_with_an_id_token(cli: Cli, tmp_path: Path) -> 
         token.write_text(issuer.token("erin", exp=int(time.time()) - 3600) + "\n")
         expired = cli("broker", "register", "--token-file", str(token), check=False)
         assert expired.returncode == 21
-        assert expired.stderr.strip() == ("p2pbackup: error: the broker refused the roster: 401 the "
-                                          "sign-in token has expired: sign in again")
+        assert expired.stderr.strip() == ("p2pbackup: error: the broker refused the roster: "
+                                          "401 the sign-in token has expired: sign in again")
         token.write_text(issuer.token("erin") + "\n")
         done = cli("broker", "register", "--token-file", str(token))
         assert "is registered on the broker at" in done.stdout
@@ -75,3 +75,11 @@ def test_broker_register_with_an_invitation(cli: Cli, tmp_path: Path) -> None:
                                 capture_output=True, text=True).stdout.strip()
         assert "is registered" in cli("broker", "register", "--invite", invite).stdout
         eventually_sync(lambda: "registered by device" in broker.log_text(), 30)
+
+
+def test_the_broker_refuses_conflicting_registration_flags(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "p2pbackup.broker.main", "--data",
+                        str(tmp_path), "--invites", "--oidc-issuer", "https://a.example",
+                        "--oidc-audience", "x"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 10 and r.stderr.strip().splitlines() == [
+        "p2pbackup-broker: give --oidc-issuer or --invites, not both"]
