@@ -1,14 +1,20 @@
-"""`broker register`: register the account on its broker with a sign-in token or an invitation,
-when the broker asks for one (an open broker is registered by p2pbackupd itself)."""
+"""`broker register`: register the account on its broker with a sign-in or an invitation, when
+the broker asks for one (an open broker is registered by p2pbackupd itself). The sign-in is
+the issuer's device authorization (a code to enter in a browser, discovery/signin.py), or an
+ID token from a file."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from .common import home, run_async
+
+if TYPE_CHECKING:
+    from p2pbackup.discovery.signin import UserCode
 
 broker_app = typer.Typer(no_args_is_help=True,
                          help="The account's broker (the [broker] table of config.toml).")
@@ -27,11 +33,18 @@ def _read_token(path: Path) -> str:
     return token.strip()
 
 
+def _show(code: UserCode) -> None:
+    print(f"To sign in, open {code.verification_uri} and enter the code {code.user_code}"
+          + (f"\n(or open {code.verification_uri_complete})"
+             if code.verification_uri_complete else ""), flush=True)
+    print("Waiting for the sign-in...", flush=True)
+
+
 @broker_app.command("register")
 def broker_register(
         token_file: Path = typer.Option(None, "--token-file", help="A file holding an ID token "
                                         "of the broker's sign-in issuer ('-': standard "
-                                        "input)."),
+                                        "input), instead of signing in with a code."),
         invite: str = typer.Option(None, "--invite", help="An invitation from the broker's "
                                    "operator (`p2pbackup-broker invite`).")) -> None:
     """Register this account on its broker (once, from an owner device), signed in or invited
@@ -39,6 +52,7 @@ def broker_register(
     from p2pbackup.config import load_config
     from p2pbackup.device import open_device
     from p2pbackup.discovery.broker import BrokerClient
+    from p2pbackup.discovery.signin import device_sign_in
     from p2pbackup.errors import ConfigError
     from p2pbackup.repo.roster import PREFIX
 
@@ -61,16 +75,17 @@ def broker_register(
             try:
                 needs = await client.registration()
                 oidc = needs.get("oidc")
-                if isinstance(oidc, dict) and token is None:
-                    raise ConfigError(
-                        f"the broker at {config.broker.url} registers accounts signed in with "
-                        f"{oidc.get('issuer')} (client id {oidc.get('audience')}): give "
-                        "--token-file FILE holding an ID token it issued you")
+                signed = token
+                if isinstance(oidc, dict) and signed is None:
+                    issuer, client_id = str(oidc.get("issuer")), str(oidc.get("audience"))
+                    print(f"The broker at {config.broker.url} registers accounts signed in "
+                          f"with {issuer}.", flush=True)
+                    signed = await device_sign_in(issuer, client_id, _show)
                 if needs.get("invites") and invite is None:
                     raise ConfigError(f"the broker at {config.broker.url} registers accounts "
                                       "with an invitation from its operator: give --invite "
                                       "TOKEN")
-                await client.publish_rosters(rosters, token=token, invite=invite)
+                await client.publish_rosters(rosters, token=signed, invite=invite)
             finally:
                 await client.close()
             return account

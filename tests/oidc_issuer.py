@@ -33,6 +33,11 @@ class LocalIssuer:
     url: str = ""
     keys: dict[str, Any] = field(default_factory=dict)    # kid -> private key, published
     jwks_fetches: int = 0
+    # The device authorization grant (RFC 8628), when `device_flow`: each code is pending at
+    # its first poll, then signed in as `signs_in` (a sub), or refused if that is None.
+    device_flow: bool = False
+    signs_in: str | None = "alice"
+    polls: dict[str, int] = field(default_factory=dict)
 
     def add_key(self, kid: str, kind: str = "RSA") -> Any:
         key = RSAKey.generate_key(2048, {"kid": kid}) if kind == "RSA" else \
@@ -71,9 +76,33 @@ class LocalIssuer:
 
     def app(self) -> web.Application:
         async def discovery(request: web.Request) -> web.Response:
-            return web.json_response({"issuer": self.url, "jwks_uri": f"{self.url}/jwks",
-                                      "id_token_signing_alg_values_supported": ["RS256",
-                                                                                "ES256"]})
+            doc = {"issuer": self.url, "jwks_uri": f"{self.url}/jwks",
+                   "id_token_signing_alg_values_supported": ["RS256", "ES256"]}
+            if self.device_flow:
+                doc |= {"device_authorization_endpoint": f"{self.url}/device",
+                        "token_endpoint": f"{self.url}/token"}
+            return web.json_response(doc)
+
+        async def device(request: web.Request) -> web.Response:
+            form = await request.post()
+            assert form["client_id"] == AUDIENCE and "openid" in str(form["scope"])
+            code = f"dc-{len(self.polls)}"
+            self.polls[code] = 0
+            return web.json_response({"device_code": code, "user_code": "WDJB-MJHT",
+                                      "verification_uri": f"{self.url}/activate",
+                                      "expires_in": 600, "interval": 1})
+
+        async def token(request: web.Request) -> web.Response:
+            form = await request.post()
+            code = str(form["device_code"])
+            assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:device_code"
+            self.polls[code] += 1
+            if self.polls[code] == 1:
+                return web.json_response({"error": "authorization_pending"}, status=400)
+            if self.signs_in is None:
+                return web.json_response({"error": "access_denied"}, status=400)
+            return web.json_response({"id_token": self.token(self.signs_in),
+                                      "access_token": "opaque", "token_type": "Bearer"})
 
         async def jwks(request: web.Request) -> web.Response:
             self.jwks_fetches += 1
@@ -83,6 +112,8 @@ class LocalIssuer:
         app = web.Application()
         app.router.add_get("/.well-known/openid-configuration", discovery)
         app.router.add_get("/jwks", jwks)
+        app.router.add_post("/device", device)
+        app.router.add_post("/token", token)
         return app
 
 

@@ -43,12 +43,11 @@ def test_broker_register_signs_in_with_an_id_token(cli: Cli, tmp_path: Path) -> 
         alone = cli("broker", "register", check=False)
         assert alone.returncode == 10 and "has one device: there is nothing" in alone.stderr
         asyncio.run(pair(cli.home, tmp_path / "other", "desktop"))
-        bare = cli("broker", "register", check=False)
+        bare = cli("broker", "register", check=False)   # an issuer with no device sign-in
         assert bare.returncode == 10
         assert bare.stderr.strip() == (
-            f"p2pbackup: error: the broker at {broker.url} registers accounts signed in with "
-            f"{issuer.url} (client id {AUDIENCE}): give --token-file FILE holding an ID token "
-            "it issued you")
+            f"p2pbackup: error: {issuer.url} offers no sign-in from a terminal (no device "
+            "authorization): give --token-file FILE holding an ID token it issued you")
         token = tmp_path / "id_token"
         token.write_text(issuer.token("erin", exp=int(time.time()) - 3600) + "\n")
         expired = cli("broker", "register", "--token-file", str(token), check=False)
@@ -62,6 +61,29 @@ def test_broker_register_signs_in_with_an_id_token(cli: Cli, tmp_path: Path) -> 
                         broker.log_text(), 30)
         # again (the token has done its work: an owner follows the account's rosters)
         assert cli("broker", "register", "--token-file", str(token)).returncode == 0
+
+
+def test_broker_register_signs_in_with_a_code_entered_in_a_browser(cli: Cli,
+                                                                   tmp_path: Path) -> None:
+    two_devices(cli, tmp_path)
+    with local_issuer() as issuer, broker_server(tmp_path / "broker", "--oidc-issuer",
+                                                 issuer.url, "--oidc-audience",
+                                                 AUDIENCE) as broker:
+        issuer.device_flow, issuer.signs_in = True, "grace"
+        with_broker(cli, broker.url)
+        done = cli("broker", "register")
+        assert f"To sign in, open {issuer.url}/activate and enter the code WDJB-MJHT" in \
+            done.stdout
+        assert "is registered on the broker at" in done.stdout
+        eventually_sync(lambda: f"(person {person_id(issuer.url, 'grace')[:12]})" in
+                        broker.log_text(), 30)
+        issuer.signs_in = None      # the person refuses at the issuer: nothing registers
+        other = Cli(tmp_path / "third")
+        two_devices(other, tmp_path / "t")
+        with_broker(other, broker.url)
+        refused = other("broker", "register", check=False)
+        assert refused.returncode == 21 and refused.stderr.strip() == (
+            f"p2pbackup: error: {issuer.url} refused the sign-in: access_denied")
 
 
 def test_broker_register_with_an_invitation(cli: Cli, tmp_path: Path) -> None:

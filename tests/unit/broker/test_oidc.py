@@ -141,3 +141,28 @@ async def test_a_person_holds_at_most_the_accounts_it_may(tmp_path: object) -> N
     assert await state.person_of("acct2") is None
     assert await state.bind_person("acct3", "p", 2)
     await state.close()
+
+
+async def test_device_sign_in_polls_at_the_issuers_interval_until_signed_in(
+        issuer: LocalIssuer) -> None:
+    from p2pbackup.discovery.signin import UserCode, device_sign_in
+    from p2pbackup.errors import ConfigError
+
+    shown: list[UserCode] = []
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    with pytest.raises(ConfigError, match="offers no sign-in from a terminal"):
+        await device_sign_in(issuer.url, AUDIENCE, shown.append, sleep=sleep)
+    issuer.device_flow, issuer.signs_in = True, "heidi"
+    try:
+        token = await device_sign_in(issuer.url, AUDIENCE, shown.append, sleep=sleep)
+    finally:
+        issuer.device_flow, issuer.signs_in = False, "alice"
+    assert shown == [UserCode(f"{issuer.url}/activate", "WDJB-MJHT", None)]
+    assert waits == [1.0, 1.0]       # pending, then signed in
+    v = OidcVerifier(issuer.url, AUDIENCE)
+    assert await v.person(token) == person_id(issuer.url, "heidi")
+    await v.close()
