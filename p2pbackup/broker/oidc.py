@@ -38,6 +38,7 @@ ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES
               "ES512", "EdDSA")
 LEEWAY = 60                 # seconds of clock skew between the issuer and the broker
 REFETCH_EVERY = 60.0        # seconds: the most often an unknown kid makes the JWKS be fetched
+RETRY_FAILED = 10.0         # seconds before keys that could not be fetched are tried again
 FETCH_TIMEOUT = 10.0
 MAX_TOKEN = 16 * 1024       # an ID token is a few KiB
 MAX_DOCUMENT = 1024 * 1024  # a discovery document or a JWKS
@@ -140,10 +141,14 @@ class OidcVerifier:
 
     async def _key_set(self, *, refresh: bool) -> KeySet:
         async with self._lock:
-            due = self.now() - self._fetched_at >= self.refetch_every
-            if self._keys is None or refresh and due:
+            since = self.now() - self._fetched_at
+            if self._keys is None and since >= RETRY_FAILED or \
+                    refresh and since >= self.refetch_every:
                 self._fetched_at = self.now()
                 self._keys = await self._fetch_keys()
+            if self._keys is None:   # the last fetch failed, moments ago: not again so soon
+                raise SignInRefused("the sign-in issuer's keys could not be fetched: try again "
+                                    f"in {RETRY_FAILED:.0f} s", 503)
             return self._keys
 
     async def _fetch_keys(self) -> KeySet:

@@ -113,13 +113,19 @@ async def test_an_unknown_kid_fetches_the_keys_again_at_most_once_a_minute(
     del issuer.keys["k2"]
 
 
-async def test_an_unreachable_issuer_is_one_line_with_503(tmp_path: object) -> None:
+async def test_an_unreachable_issuer_is_one_line_with_503_and_not_asked_again_at_once(
+        ) -> None:
     from tests.servers import free_port
-    v = OidcVerifier(f"http://127.0.0.1:{free_port()}", AUDIENCE)
-    with pytest.raises(SignInRefused) as caught:
-        await v.person(LocalIssuer(keys={"k1": RSAKey.generate_key(2048, {"kid": "k1"})},
-                                   url="x").token())
-    assert caught.value.status == 503 and "cannot reach the sign-in issuer" in caught.value.line
+    clock = Clock()
+    v = OidcVerifier(f"http://127.0.0.1:{free_port()}", AUDIENCE, now=clock)
+    token = LocalIssuer(keys={"k1": RSAKey.generate_key(2048, {"kid": "k1"})}, url="x").token()
+    for line in ("cannot reach the sign-in issuer", "keys could not be fetched: try again"):
+        with pytest.raises(SignInRefused) as caught:
+            await v.person(token)
+        assert caught.value.status == 503 and line in caught.value.line
+    clock.t += 11
+    with pytest.raises(SignInRefused, match="cannot reach the sign-in issuer"):
+        await v.person(token)
     await v.close()
 
 
