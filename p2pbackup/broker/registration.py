@@ -84,8 +84,7 @@ class SignInRegistration:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Refused(401, f"registering an account on this broker needs a sign-in with "
-                               f"{self.verifier.issuer} (`p2pbackup broker register "
-                               f"--token-file FILE`)")
+                               f"{self.verifier.issuer} (`p2pbackup broker register`)")
         try:
             return await self.verifier.person(token)
         except SignInRefused as exc:
