@@ -96,7 +96,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="p2pbackup-broker",
-                                description="p2pbackup's broker: devices, signaling, push")
+                                description="p2pbackup's broker: devices, signaling, push",
+                                epilog="`p2pbackup-broker invite --data DIR` prints a one-time "
+                                       "invitation for a broker run with --invites")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--data", required=True, help="the broker's directory (its SQLite file)")
     p.add_argument("--listen", default="127.0.0.1:8444", help="HOST:PORT")
