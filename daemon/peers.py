@@ -5,6 +5,11 @@ adverts whose tag names another member; the device with the smaller id dials (so
 never race to open two sessions), the other answers. What runs over an open session is the
 sync protocol's business (`on_session`). A session whose first frame is a fetch hello is a
 member's CLI reading this store (`restore --from peer:...`): it goes to `on_fetch` instead.
+
+Beyond the LAN, a device is reached at its static address (`[peers.addresses]`, a port its
+router forwards): `_routes` lists every way to reach a device, and the broker's signaling is
+meant to be one more entry there. Whichever way signaling went, the data channel itself
+crosses NATs by ICE (`[ice]` STUN/TURN servers).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class PeerState:
     port: int = 0
     connected: bool = False
     path: str | None = None          # "data channel" or "direct lane"
+    ice_path: str | None = None      # the data channel's route: "host", "reflexive", "relay"
     since: float | None = None
     last_seen: float | None = None
     last_sync: float | None = None
@@ -62,6 +68,7 @@ class PeerState:
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "name": self.name, "on_lan": self.on_lan,
                 "addresses": self.addresses, "connected": self.connected, "path": self.path,
+                "ice_path": self.ice_path,
                 "since": self.since, "last_seen": self.last_seen, "last_sync": self.last_sync,
                 "objects_behind": self.objects_behind,
                 "bytes_behind": self.bytes_behind, "error": self.error}
@@ -70,6 +77,18 @@ class PeerState:
 def connection_limits(peers: PeerSettings) -> ConnectionLimits:
     """The bounds on connections to our ports that have not authenticated yet."""
     return ConnectionLimits(handshake_timeout=peers.handshake_timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One way to reach a device's signaling endpoint."""
+
+    via: str    # "LAN" (its mDNS advert) or "static address" ([peers.addresses])
+    host: str
+    port: int
+
+    def signaling(self) -> session.Signaling:
+        return session.LanSignaling(self.host, self.port)
 
 
 async def _hold(device: str, link: PeerLink, state: PeerState, first: bytes | None) -> None:
@@ -167,6 +186,7 @@ class PeerManager:
         await self.refresh()
         if self.config.broker.url:
             self._start_broker()
+        self._dial_static()
         if not self.config.peers.lan:
             return
         self._signaling = session.SignalingServer(
@@ -316,21 +336,41 @@ class PeerManager:
             if not st.connected and dials and device not in self._dialing:
                 self._tasks.append(asyncio.create_task(self._dial(device)))
 
+    def _static_routes(self, device: str) -> list[Route]:
+        return [Route("static address", a.host, a.port) for a in self.config.peers.addresses
+                if device.startswith(a.device)]
+
+    def _routes(self, device: str) -> list[Route]:
+        """Every way to reach `device` now: its LAN addresses first, then static ones."""
+        st = self.peers[device]
+        lan = [Route("LAN", a, st.port) for a in st.addresses] if st.on_lan else []
+        return lan + self._static_routes(device)
+
+    def _dial_static(self) -> None:
+        """Dial every member with a static address: only the side that knows the address can
+        (so the smaller-id rule of the LAN does not apply)."""
+        for device in self._members():
+            if self._static_routes(device) and device not in self._dialing:
+                self.peers.setdefault(device, PeerState(device))
+                self._tasks.append(asyncio.create_task(self._dial(device)))
+
     async def _dial(self, device: str) -> None:
         self._dialing.add(device)
         try:
             while True:
                 st = self.peers[device]
-                if st.connected or not st.on_lan:
+                routes = self._routes(device)
+                if st.connected or not routes:
                     return
-                for addr in st.addresses:
+                for route in routes:
+                    addr = route.host
                     try:
                         link = await session.connect(
                             self.dev.identity, device, self._current(),
-                            session.LanSignaling(addr, st.port), ice=self._ice)
+                            route.signaling(), ice=self._ice)
                     except P2PError as exc:
                         st.error = str(exc)
-                        log.warning("peer %s at %s: %s", device[:12], addr, exc)
+                        log.warning("peer %s at %s (%s): %s", device[:12], addr, route.via, exc)
                         continue
                     await self._run(device, link)
                     break
@@ -376,7 +416,10 @@ class PeerManager:
             m = self.membership.member(device)
             st.name = m.name if m else st.name
         st.connected, st.path, st.since, st.error = True, "data channel", time.time(), None
-        log.info("peer %s (%s) connected over the data channel", device[:12], st.name)
+        route = link.ice_path()
+        st.ice_path = route.kind if route else None
+        log.info("peer %s (%s) connected over the data channel (%s)", device[:12], st.name,
+                 route)
         try:
             await self.on_session(device, link, st, first)
         except P2PError as exc:
@@ -385,7 +428,7 @@ class PeerManager:
         except Exception:
             log.exception("session with %s failed", device[:12])
         finally:
-            st.connected, st.path = False, None
+            st.connected, st.path, st.ice_path = False, None, None
             with contextlib.suppress(Exception):
                 await link.close()
             log.info("peer %s disconnected", device[:12])

@@ -22,6 +22,7 @@ from .crypto.keys import ACCOUNT_KEY_SIZE, AccountKeys
 from .errors import ConfigError
 from .format.records import is_plain_name
 from .sizes import parse_size
+from .transport.datachannel import IceServer
 
 CONFIG_VERSION = 1
 
@@ -58,6 +59,28 @@ class DaemonSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class IceSettings:
+    """The `[ice]` table: STUN/TURN servers for data channels that must cross NATs.
+
+    No servers: host candidates only (a LAN). aioice uses one STUN and one TURN server of the
+    list; `relay_only` sends everything through TURN (hides this device's addresses from peers).
+    """
+
+    servers: tuple[IceServer, ...] = ()
+    relay_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class StaticAddress:
+    """A `[peers.addresses]` entry: where a device's signaling endpoint is, without mDNS
+    (a port its home router forwards, like Syncthing's static addresses)."""
+
+    device: str     # a device id or a unique prefix of one
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
 class PeerSettings:
     """The `[peers]` table: finding and reaching the account's other devices."""
 
@@ -68,6 +91,8 @@ class PeerSettings:
     removal_grace: float = 7 * 86400   # seconds before a peer deletes what an owner removed
     stall_timeout: float = 30.0        # seconds with no byte from a peer we wait on: ask again
     handshake_timeout: float = 10.0    # seconds a connection to our ports has to authenticate
+    addresses: tuple[StaticAddress, ...] = ()   # [peers.addresses]: dialed when not on the LAN
+    ice: IceSettings = IceSettings()   # the [ice] table (kept here: whoever dials needs both)
 
     @classmethod
     def from_env(cls) -> "PeerSettings":
@@ -287,7 +312,7 @@ def load_config(home: Path | None = None) -> Config:
         sources.append(Source(s["name"], s["path"]))
     return Config(home, name, (home / store).absolute(), tuple(sources),
                   _daemon_settings(doc.get("daemon", {}), path),
-                  _peer_settings(doc.get("peers", {}), path),
+                  _peer_settings(doc.get("peers", {}), doc.get("ice", {}), path),
                   _store_settings(doc.get("stores", []), path),
                   _web_settings(doc.get("web", {}), path),
                   _broker_settings(doc.get("broker", {}), path))
@@ -387,7 +412,66 @@ def _web_settings(table: object, path: Path) -> WebSettings:
     return WebSettings(enabled, port, listen, sock, url)
 
 
-def _peer_settings(table: object, path: Path) -> PeerSettings:
+def host_port(text: str) -> tuple[str, int] | None:
+    """("host", port) from "HOST:PORT" or "[V6]:PORT"; None if it is not that."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
+
+
+ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+
+
+def _ice_settings(table: object, path: Path) -> IceSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: key 'ice' must be a table")
+    relay_only = table.get("relay_only", False)
+    if not isinstance(relay_only, bool):
+        raise ConfigError(f"{path}: key 'ice.relay_only' = {relay_only!r} must be true or false")
+    raw = table.get("servers", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{path}: key 'ice.servers' must be a list of tables, e.g. "
+                          '[{urls = "turn:turn.example.org:3478", username = "u", '
+                          'credential = "p"}]')
+    servers = []
+    for i, t in enumerate(raw):
+        where = f"{path}: key 'ice.servers[{i}]'"
+        urls = t.get("urls") if isinstance(t, dict) else None
+        urls = [urls] if isinstance(urls, str) else urls
+        if not isinstance(urls, list) or not urls or not all(
+                isinstance(u, str) and u.startswith(ICE_SCHEMES) for u in urls):
+            raise ConfigError(f"{where} needs 'urls': \"stun:HOST:PORT\" or "
+                              "\"turn:HOST:PORT\" (or a list of them)")
+        user, cred = t.get("username"), t.get("credential")
+        if not all(v is None or isinstance(v, str) for v in (user, cred)):
+            raise ConfigError(f"{where}: 'username' and 'credential' must be strings")
+        if any(u.startswith(("turn:", "turns:")) for u in urls) and (user is None or cred is None):
+            raise ConfigError(f"{where}: a TURN server needs 'username' and 'credential'")
+        servers.append(IceServer(urls[0] if len(urls) == 1 else tuple(urls), user, cred))
+    if relay_only and not any(u.startswith(("turn:", "turns:"))
+                              for s in servers for u in ((s.urls,) if isinstance(s.urls, str)
+                                                         else s.urls)):
+        raise ConfigError(f"{path}: key 'ice.relay_only' needs a TURN server in 'ice.servers'")
+    return IceSettings(tuple(servers), relay_only)
+
+
+def _static_addresses(table: object, path: Path) -> tuple[StaticAddress, ...]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: key 'peers.addresses' must be a table of DEVICE = "
+                          '"HOST:PORT"')
+    out = []
+    for device, address in table.items():
+        got = host_port(address) if isinstance(address, str) else None
+        if not re.fullmatch(r"[0-9a-f]{4,32}", device) or got is None:
+            raise ConfigError(f"{path}: key 'peers.addresses.{device}' must map a device id "
+                              '(or its first characters, 4 or more) to "HOST:PORT", the '
+                              "device's signaling port (`p2pbackup status` shows it)")
+        out.append(StaticAddress(device, *got))
+    return tuple(out)
+
+
+def _peer_settings(table: object, ice: object, path: Path) -> PeerSettings:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: key 'peers' must be a table")
     d = PeerSettings()
@@ -419,7 +503,8 @@ def _peer_settings(table: object, path: Path) -> PeerSettings:
     if _lan_off():
         lan = False
     return PeerSettings(lan, port, lane, tuple(ifaces), float(grace), float(stall),
-                        float(handshake))
+                        float(handshake), _static_addresses(table.get("addresses", {}), path),
+                        _ice_settings(ice, path))
 
 
 def _lan_off() -> bool:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .blobs import is_peer_location  # noqa: F401  (callers import it from here too)
 from .blobs.peer import PeerStore
-from .config import PeerSettings
+from .config import PeerSettings, host_port
 from .crypto.identity import DeviceIdentity
 from .crypto.tags import which_device
 from .errors import ConfigError, PeerUnreachable
@@ -46,16 +46,16 @@ class PeerLocation:
                               "peer:laptop@192.168.1.20:7890")
         if not at:
             return cls(which)
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        got = host_port(address)
+        if got is None:
             raise ConfigError(f"{location!r}: the address after @ must be HOST:PORT (the "
                               "peer's signaling port, shown by its `p2pbackup status`)")
-        return cls(which, host.strip("[]"), int(port))
+        return cls(which, *got)
 
 
 def ice_for(peers: PeerSettings, host: str | None = None) -> IceConfig:
-    """Loopback-only ICE when the config keeps peers on `lo` (a demo on one machine) or the
-    peer's address is a loopback one."""
+    """The `[ice]` servers; loopback-only ICE when the config keeps peers on `lo` (a demo on
+    one machine) or the peer's address is a loopback one."""
     import ipaddress
 
     from .transport.datachannel import IceConfig  # aiortc: only when a peer is reached
@@ -66,7 +66,7 @@ def ice_for(peers: PeerSettings, host: str | None = None) -> IceConfig:
         loopback_host = host == "localhost"
     if list(peers.interfaces) == ["lo"] or loopback_host:
         return IceConfig(host_addresses=("127.0.0.1",))
-    return IceConfig()
+    return IceConfig(servers=peers.ice.servers, relay_only=peers.ice.relay_only)
 
 
 async def find_on_lan(device: str, tag_keys: list[bytes], peers: PeerSettings,

@@ -145,6 +145,22 @@ def _rtc_configuration(ice: IceConfig):
     return rtc.RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
 
 
+@dataclass(frozen=True, slots=True)
+class IcePath:
+    """The candidate pair ICE selected: each end's candidate type (host, srflx, prflx, relay)."""
+
+    local: str
+    remote: str
+
+    @property
+    def kind(self) -> str:
+        """"relay" (through TURN), "reflexive" (hole punched through a NAT) or "host"."""
+        ends = {self.local, self.remote}
+        if "relay" in ends:
+            return "relay"
+        return "reflexive" if ends & {"srflx", "prflx"} else "host"
+
+
 # --------------------------------------------------------------------------- SDP helpers
 
 @dataclass(frozen=True, slots=True)
@@ -295,9 +311,22 @@ class PeerLink:
         if self._connected.is_set() and not self._done.is_set():
             return
         if not self._done.is_set():
-            self._error = f"no connection to the peer within {timeout:g} s"
+            self._error = f"no connection to the peer within {timeout:g} s" + (
+                "" if self._ice.servers or self._ice.host_addresses else
+                " (no STUN/TURN server is configured: a NAT between the two needs one)")
             await self.close()
         raise PeerUnreachable(self._error or "the peer closed the data channel")
+
+    def ice_path(self) -> IcePath | None:
+        """The selected candidate pair once connected; None before (or if aioice changed)."""
+        # aiortc exposes no selected pair (getSelectedCandidatePair is not implemented); aioice
+        # keeps the nominated pair per component, and a data channel uses component 1.
+        try:
+            pair = self._pc.sctp.transport.transport._connection._nominated.get(1)
+            return None if pair is None else IcePath(pair.local_candidate.type,
+                                                     pair.remote_candidate.type)
+        except AttributeError:
+            return None
 
     # -- messages
 
