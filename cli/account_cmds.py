@@ -84,7 +84,11 @@ def recover(store: str = typer.Option(..., "--from", help="A store holding the a
             name: str = typer.Option(None, "--name", help="This device's name."),
             option: list[str] = typer.Option([], "--option", "-o", metavar="KEY=VALUE",
                                              help="An option of the store (repeatable), e.g. "
-                                                  "ca_file=server.pem.")) -> None:
+                                                  "ca_file=server.pem."),
+            ice: Path = typer.Option(None, "--ice", metavar="FILE",
+                                     help="STUN/TURN servers for reaching a peer across NATs: "
+                                          "the [ice] table of FILE (another device's "
+                                          "config.toml will do); the new home keeps it.")) -> None:
     """Set up this (new) device from the recovery code and a store holding the account.
 
     A remote store (SCHEME://...) is kept as a [[stores]] table of the new home, with its
@@ -110,9 +114,22 @@ def recover(store: str = typer.Option(..., "--from", help="A store holding the a
         code = typer.prompt("Recovery code", hide_input=True)
     else:
         code = sys.stdin.readline().strip()
+    peers, ice_table = None, None
+    if ice is not None:
+        import dataclasses
+
+        from p2pbackup.config import PeerSettings, read_ice_table
+
+        ice_settings, ice_table = read_ice_table(ice)
+        peers = dataclasses.replace(PeerSettings.from_env(), ice=ice_settings)
     r = run_async(account.recover(default_home(), store, code, name or socket.gethostname(),
-                                  on_step=lambda step: print(f"{step}..."), options=options))
+                                  peers=peers, on_step=lambda step: print(f"{step}..."),
+                                  options=options))
     print(f"Recovered the account into {r.config.home} (key epoch {r.epoch}).")
+    if ice_table is not None:
+        from p2pbackup.config import set_ice
+
+        set_ice(r.config.home, ice_table)
     if "://" in store and not is_peer_location(store):
         edit_stores(r.config.home, lambda tables: tables + [{"location": store, **options}])
         print(f"p2pbackupd uploads to {store} too (`p2pbackup store remove` it to stop).")

@@ -20,6 +20,7 @@ rate = format_rate
 
 
 iso_time = views.iso_time
+ice_path_words = views.ice_path_words
 
 
 def err(message: str) -> None:

@@ -381,11 +381,38 @@ def edit_stores(home: Path, change: Callable[[list[dict[str, Any]]], list[dict[s
         doc["stores"] = stores
     else:
         doc.pop("stores", None)
+    return _rewrite(home, doc)
+
+
+def _rewrite(home: Path, doc: dict[str, Any]) -> Config:
+    """Replace home/config.toml with `doc`, atomically, mode 0600 (a store's options and a
+    TURN credential may be secrets); returns the config as it now reads."""
     tmp = home / "config.toml.tmp"
     tmp.unlink(missing_ok=True)
-    _write_private(tmp, tomli_w.dumps(doc).encode())   # (a store's options may be secrets)
-    os.replace(tmp, path)
+    _write_private(tmp, tomli_w.dumps(doc).encode())
+    os.replace(tmp, home / "config.toml")
     return load_config(home)
+
+
+def read_ice_table(path: Path) -> tuple[IceSettings, dict[str, Any]]:
+    """The `[ice]` table of a TOML file (another device's config.toml will do), checked."""
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("ice")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if table is None:
+        raise ConfigError(f"{path} has no [ice] table (STUN/TURN servers)")
+    return _ice_settings(table, path), table
+
+
+def set_ice(home: Path, table: dict[str, Any]) -> Config:
+    """Write `table` as the [ice] table of home/config.toml."""
+    load_config(home)
+    doc = tomllib.loads((home / "config.toml").read_text(encoding="utf-8"))
+    doc["ice"] = table
+    return _rewrite(home, doc)
 
 
 def _web_settings(table: object, path: Path) -> WebSettings:

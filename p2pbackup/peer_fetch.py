@@ -115,13 +115,21 @@ async def open_peer(location: PeerLocation, device: str, *, identity: DeviceIden
         except PeerUnreachable as exc:
             errors.append(str(exc))
             continue
-        step(f"connected to {label} at {host}")
         store = await PeerStore(link, identity.device_id, location=label).start()
+        store.via = _via(link)
+        step(f"connected to {label} at {host}" + (f" ({store.via})" if store.via else ""))
         if peers.direct_lane:
             await direct_lane(store, host)
         step(f"reading from {label} over the {store.path}")
         return store
     raise PeerUnreachable(f"cannot reach {label}: {'; '.join(errors)}")
+
+
+def _via(link) -> str | None:
+    from .views import ice_path_words
+
+    route = link.ice_path()
+    return ice_path_words(route.kind) if route else None
 
 
 async def direct_lane(store: PeerStore, host: str) -> bool:
@@ -154,6 +162,7 @@ class RecoveryCandidate:
             signer, session.LanSignaling(self.host, self.port), ice=ice_for(self.peers, self.host))
         store = await PeerStore(self.unverified.link, signer.device_id,
                                 location=f"the peer at {self.host}").start()
+        store.via = _via(self.unverified.link)
         if self.peers.direct_lane:
             await direct_lane(store, self.host)
         return store

@@ -9,6 +9,15 @@ from .repo.snapshots import StoredSnapshot
 from .sizes import format_size
 
 
+# How a data channel crosses the network (transport.datachannel.IcePath.kind), in status.
+ICE_PATH_WORDS = {"host": "LAN", "reflexive": "hole punched", "relay": "TURN relay"}
+
+
+def ice_path_words(kind: str | None) -> str | None:
+    """"TURN relay" for "relay", and so on; None when the path is not known."""
+    return ICE_PATH_WORDS.get(kind or "", kind)
+
+
 def iso_time(ns: int) -> str:
     """ISO 8601 in local time with its UTC offset, to the second."""
     return dt.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")

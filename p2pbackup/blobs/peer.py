@@ -74,6 +74,7 @@ class PeerStore(BlobStore):
         self._send = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
         self._error: str | None = None
+        self.via: str | None = None   # how the data channel crosses the network, in words
 
     @property
     def peer(self) -> str | None:
@@ -85,7 +86,8 @@ class PeerStore(BlobStore):
         return DIRECT_LANE if self._lane is not None else DATA_CHANNEL
 
     def read_path(self) -> str:
-        return self.path
+        # "data channel (TURN relay)": how it crosses the network, once it is known
+        return f"{self.path} ({self.via})" if self.via and self._lane is None else self.path
 
     async def use_lane(self, host: str, fingerprint: str, dial: LaneDialer) -> bool:
         """Ask the peer for a direct lane to `host` (our certificate: `fingerprint`) and move

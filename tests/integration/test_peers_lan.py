@@ -42,6 +42,13 @@ def two_paired_devices(netlab, tmp_path: Path, fill, *, direct_lane: bool = True
     """Hosts a and b on one bridge; home a (sources filled by `fill`) paired with home b."""
     lan = netlab.lan("lan")
     ha, hb = netlab.host("a", lan, "10.10.0.1/24"), netlab.host("b", lan, "10.10.0.2/24")
+    return (ha, hb, *paired_homes(tmp_path, fill, direct_lane=direct_lane,
+                                  seal_interval=seal_interval))
+
+
+def paired_homes(tmp_path: Path, fill, *, direct_lane: bool = True,
+                 seal_interval: int | None = None):
+    """Home a (sources filled by `fill`) paired with home b: (a, b, src, a's device id)."""
     a, b = Cli(tmp_path / "home-a"), Cli(tmp_path / "home-b")
     src = tmp_path / "src"
     fill(src)
@@ -56,7 +63,7 @@ def two_paired_devices(netlab, tmp_path: Path, fill, *, direct_lane: bool = True
             if seal_interval and cli is a:
                 f.write(f"\n[daemon]\nseal_interval = {seal_interval}\n")
     a_id = json.loads(a("devices", "--json").stdout)["devices"][0]["id"]
-    return ha, hb, a, b, src, a_id
+    return a, b, src, a_id
 
 
 def paired_with_random_files(netlab, tmp_path: Path, n: int, size: int, direct_lane: bool):

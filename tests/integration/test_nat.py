@@ -1,0 +1,145 @@
+"""Devices in different homes, each behind its own NAT router, reach each other across a
+pretend internet (tests/nat.py): the signaling port is forwarded by the router and dialed at
+its static address ([peers.addresses]); the data channel crosses the NATs by ICE, hole punched
+with STUN through cone-like NATs, relayed by coturn through symmetric ones; `status` says which.
+
+One topology for the module: the internet with coturn, and five homes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Cli, tree_state
+from tests.eventually import eventually_sync
+from tests.integration.test_peers_lan import (paired_homes, pack_names, peers, start_daemon,
+                                              stop_all, wait_replicated)
+from tests.nat import Internet, coturn_available
+from tests.netns import NetLab, available
+
+SIGNALING_PORT = 7890
+
+
+@pytest.fixture(scope="module")
+def world():
+    if not available():
+        pytest.skip("network namespaces need root and iproute2 (ip)")
+    if not coturn_available():
+        pytest.skip("coturn (turnserver) is not installed")
+    with NetLab() as lab:
+        internet = Internet(lab)
+        turn = internet.coturn(user=("p2p", "secret"))
+        cone = [internet.home(f"c{i}") for i in (1, 2)]
+        symmetric = [internet.home(f"s{i}", symmetric=True) for i in (1, 2, 3)]
+        devices = {h.router.name: h.device(f"{h.router.name}d") for h in cone + symmetric}
+        homes = {h.router.name: h for h in cone + symmetric}
+        yield internet, turn, homes, devices
+
+
+def _fill(src: Path) -> None:
+    src.mkdir()
+    (src / "notes.txt").write_text("across the internet\n" * 50)
+    for i in range(3):
+        (src / f"f{i}.bin").write_bytes(os.urandom(400_000))
+
+
+def _homes_in(world, tmp_path: Path, where: tuple[str, str], ice: str):
+    """a (with data) in home where[0], its signaling port forwarded; b in where[1] dials it."""
+    internet, turn, homes, devices = world
+    a, b, src, a_id = paired_homes(tmp_path, _fill, seal_interval=1)
+    address = homes[where[0]].forward(SIGNALING_PORT, devices[where[0]])
+    with open(a.home / "config.toml", "a") as f:
+        f.write(f"\n[peers]\nport = {SIGNALING_PORT}\n{ice}")
+    with open(b.home / "config.toml", "a") as f:
+        f.write(f'\n[peers.addresses]\n{a_id[:8]} = "{address}"\n{ice}')
+    a("snapshot")
+    return a, b, src, a_id, devices[where[0]], devices[where[1]]
+
+
+def _peer(cli: Cli, device: str) -> dict:
+    return next((p for p in peers(cli) if p["device"] == device), {})
+
+
+def _replicate_and_check(world, tmp_path: Path, where: tuple[str, str], ice: str,
+                         path: str, words: str) -> None:
+    a, b, src, a_id, ha, hb = _homes_in(world, tmp_path, where, ice)
+    procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
+    try:
+        eventually_sync(lambda: _peer(b, a_id).get("connected"), timeout=60, interval=0.3)
+        wait_replicated(a, b, 90)
+        assert _peer(b, a_id)["ice_path"] == path
+        b_id = json.loads(b("devices", "--json").stdout)["devices"][1]["id"]
+        assert _peer(a, b_id)["ice_path"] == path
+        assert f"connected over the data channel ({words})" in b("status").stdout
+    finally:
+        stop_all(procs)
+    for cli in (a, b):
+        assert "no problems found" in cli("verify", "--read-data").stdout
+    b("restore", "latest", "--to", str(tmp_path / "out"))
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+
+
+def test_cone_nat_homes_replicate_hole_punched_with_stun_only(world, tmp_path: Path):
+    turn = world[1]
+    _replicate_and_check(world, tmp_path, ("c1", "c2"), turn.toml(stun_only=True),
+                         "reflexive", "hole punched")
+
+
+def test_symmetric_nat_homes_replicate_through_the_turn_relay(world, tmp_path: Path):
+    turn = world[1]
+    _replicate_and_check(world, tmp_path, ("s1", "s2"), turn.toml(), "relay", "TURN relay")
+
+
+def test_without_ice_servers_nated_homes_do_not_connect_and_status_says_why(world,
+                                                                           tmp_path: Path):
+    a, b, src, a_id, ha, hb = _homes_in(world, tmp_path, ("c1", "c2"), "")
+    procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
+    try:
+        # ICE between two NATs never fails on its own: the session's own timeout (30 s) ends it.
+        eventually_sync(lambda: _peer(b, a_id).get("error"), timeout=90, interval=0.5)
+        assert not _peer(b, a_id)["connected"]
+        lines = [ln for ln in b("status").stdout.splitlines() if a_id[:12] in ln]
+        assert len(lines) == 1 and "no STUN/TURN server is configured" in lines[0], lines
+        print(lines[0])
+        assert pack_names(b) == set()
+    finally:
+        stop_all(procs)
+
+
+def test_a_new_device_in_a_third_home_recovers_through_turn_from_a_peer_behind_nat(
+        world, tmp_path: Path):
+    internet, turn, homes, devices = world
+    a, b, src, a_id, ha, hb = _homes_in(world, tmp_path, ("s1", "s2"), turn.toml())
+    from p2pbackup.crypto import recovery
+
+    code_file = tmp_path / "code"
+    code_file.write_text(recovery.encode((a.home / "keys" / "account.key").read_bytes()))
+    ice_file = tmp_path / "ice.toml"
+    ice_file.write_text(turn.toml(id="newdevice"))
+    procs = [start_daemon(ha, a, tmp_path, "a")]
+    try:
+        new = Cli(tmp_path / "home-new")
+        env = new.env() | {"P2PBACKUP_LAN": "on"}
+        where = f"peer:{a_id[:8]}@{homes['s1'].public_ip}:{SIGNALING_PORT}"
+        got = devices["s3"].run(new.argv("recover", "--from", where, "--ice", str(ice_file),
+                                         "--name", "new", "--recovery-code-file",
+                                         str(code_file)),
+                                env=env, capture_output=True, text=True, timeout=180)
+        assert got.returncode == 0, got.stderr
+        out = tmp_path / "restored"
+        got = devices["s3"].run(new.argv("restore", "latest", "--from", where, "--to",
+                                         str(out)),
+                                env=env, capture_output=True, text=True, timeout=180)
+        assert got.returncode == 0, got.stderr
+        assert "TURN relay" in got.stdout + got.stderr
+    finally:
+        stop_all(procs)
+    assert tree_state(out / "src") == tree_state(src)
+    # The new home keeps the [ice] table: its daemon reaches the others the same way.
+    assert 'urls = "turn:' in (new.home / "config.toml").read_text()
