@@ -22,8 +22,8 @@ demo: setup
 # Network-namespace tests (pairing over mDNS, transports) need iproute2, the packet-loss test
 # iptables, the WebDAV store tests nginx with its dav-ext module, the web console's browser
 # tests Debian's chromium (Playwright drives it: never `playwright install`, whose browser
-# download is not reachable), the broker's TURN test coturn's turnserver; as root we install
-# them.
+# download is not reachable), the broker's TURN test and the NAT tests coturn's turnserver;
+# as root we install them.
 sysdeps:
 	@if [ "$$(id -u)" = 0 ] && ! (command -v ip && command -v iptables && \
 			test -x /usr/bin/chromium) >/dev/null; then \

@@ -118,7 +118,7 @@ async def open_peer(location: PeerLocation, device: str, *, identity: DeviceIden
         store = await PeerStore(link, identity.device_id, location=label).start()
         store.via = _via(link)
         step(f"connected to {label} at {host}" + (f" ({store.via})" if store.via else ""))
-        if peers.direct_lane:
+        if peers.direct_lane and _lane_reachable(link):
             await direct_lane(store, host)
         step(f"reading from {label} over the {store.path}")
         return store
@@ -130,6 +130,14 @@ def _via(link) -> str | None:
 
     route = link.ice_path()
     return ice_path_words(route.kind) if route else None
+
+
+def _lane_reachable(link) -> bool:
+    """Whether a direct TCP lane may connect: not when the data channel had to cross a NAT
+    (hole punched or relayed), where a connection to any port but the forwarded signaling
+    one waits for its timeout and fails."""
+    route = link.ice_path()
+    return route is None or route.kind == "host"
 
 
 async def direct_lane(store: PeerStore, host: str) -> bool:
@@ -163,7 +171,7 @@ class RecoveryCandidate:
         store = await PeerStore(self.unverified.link, signer.device_id,
                                 location=f"the peer at {self.host}").start()
         store.via = _via(self.unverified.link)
-        if self.peers.direct_lane:
+        if self.peers.direct_lane and _lane_reachable(self.unverified.link):
             await direct_lane(store, self.host)
         return store
 

@@ -108,27 +108,28 @@ class Internet:
         return home
 
     def coturn(self, *, user: tuple[str, str] | None = None, secret: str | None = None,
-               realm: str = "p2pbackup.test") -> Coturn:
-        """coturn on the public host, with a long-term user or a REST shared secret."""
+               realm: str = "p2pbackup.test", port: int = TURN_PORT) -> Coturn:
+        """coturn on the public host, with a long-term user or a REST shared secret (the
+        broker's scheme: transport/turn.py); give each of several its own `port`."""
         if (user is None) == (secret is None):
             raise ValueError("give user=(name, password) or secret=...")
+        relays = 49152 + (port - TURN_PORT) * 100   # relay ports of their own
         auth = (["--lt-cred-mech", f"--user={user[0]}:{user[1]}"] if user else
                 ["--use-auth-secret", f"--static-auth-secret={secret}"])
         proc = self.public.popen(
             ["turnserver", "-n", f"--listening-ip={PUBLIC_IP}", f"--relay-ip={PUBLIC_IP}",
-             f"--listening-port={TURN_PORT}", "--min-port=49152", "--max-port=49252",
+             f"--listening-port={port}", f"--min-port={relays}", f"--max-port={relays + 99}",
              *auth, f"--realm={realm}", "--fingerprint", "--no-tls", "--no-dtls", "--no-cli",
              "--no-stdout-log", "--log-file=/dev/null", "--simple-log",
              # its own (empty) database and pid file, so two labs never share them
              "--userdb=/dev/null", "--pidfile=/dev/null"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
-        while not self._listening(TURN_PORT):
+        while not self._listening(port):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"turnserver did not start (exit {proc.poll()})")
             time.sleep(0.05)
-        return Coturn(f"stun:{PUBLIC_IP}:{TURN_PORT}", f"turn:{PUBLIC_IP}:{TURN_PORT}",
-                      user, secret)
+        return Coturn(f"stun:{PUBLIC_IP}:{port}", f"turn:{PUBLIC_IP}:{port}", user, secret)
 
     def _listening(self, port: int) -> bool:
         out = self.public.run(["ss", "-Hlun", f"sport = :{port}"], capture_output=True,

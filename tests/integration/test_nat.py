@@ -35,11 +35,13 @@ def world():
     with NetLab() as lab:
         internet = Internet(lab)
         turn = internet.coturn(user=("p2p", "secret"))
+        # The broker's scheme: short-lived credentials from a secret shared with coturn.
+        rest_turn = internet.coturn(secret="shared-with-the-broker", port=3479)
         cone = [internet.home(f"c{i}") for i in (1, 2)]
         symmetric = [internet.home(f"s{i}", symmetric=True) for i in (1, 2, 3)]
         devices = {h.router.name: h.device(f"{h.router.name}d") for h in cone + symmetric}
         homes = {h.router.name: h for h in cone + symmetric}
-        yield internet, turn, homes, devices
+        yield internet, turn, homes, devices, rest_turn
 
 
 def _fill(src: Path) -> None:
@@ -51,7 +53,7 @@ def _fill(src: Path) -> None:
 
 def _homes_in(world, tmp_path: Path, where: tuple[str, str], ice: str):
     """a (with data) in home where[0], its signaling port forwarded; b in where[1] dials it."""
-    internet, turn, homes, devices = world
+    internet, turn, homes, devices, _ = world
     a, b, src, a_id = paired_homes(tmp_path, _fill, seal_interval=1)
     address = homes[where[0]].forward(SIGNALING_PORT, devices[where[0]])
     with open(a.home / "config.toml", "a") as f:
@@ -114,16 +116,19 @@ def test_without_ice_servers_nated_homes_do_not_connect_and_status_says_why(worl
 
 def test_a_new_device_in_a_third_home_recovers_through_turn_from_a_peer_behind_nat(
         world, tmp_path: Path):
-    internet, turn, homes, devices = world
+    internet, turn, homes, devices, rest_turn = world
     a, b, src, a_id, ha, hb = _homes_in(world, tmp_path, ("s1", "s2"), turn.toml())
     from p2pbackup.crypto import recovery
 
     code_file = tmp_path / "code"
     code_file.write_text(recovery.encode((a.home / "keys" / "account.key").read_bytes()))
     ice_file = tmp_path / "ice.toml"
-    ice_file.write_text(turn.toml(id="newdevice"))
+    # The new device holds REST credentials (as the broker will hand out), not the user's.
+    ice_file.write_text(rest_turn.toml(id="newdevice"))
     procs = [start_daemon(ha, a, tmp_path, "a")]
     try:
+        eventually_sync(lambda: a("status", check=False).returncode == 0, timeout=60,
+                        interval=0.3)   # its signaling endpoint answers
         new = Cli(tmp_path / "home-new")
         env = new.env() | {"P2PBACKUP_LAN": "on"}
         where = f"peer:{a_id[:8]}@{homes['s1'].public_ip}:{SIGNALING_PORT}"
