@@ -54,16 +54,26 @@ def _cpu() -> float:
     return t.user + t.system
 
 
-async def dc_child(role: str, size: int, seconds: float) -> None:
-    from p2pbackup.transport.datachannel import IceConfig, PeerLink
-    link = PeerLink(IceConfig(host_addresses=("127.0.0.1",)))
+async def dc_child(role: str, size: int, seconds: float, ice: str | None = None) -> None:
+    """`ice`: JSON {"servers": [{"urls", "username", "credential"}], "relay_only"} (another
+    script runs the two ends in two namespaces, bench_wan.py); default loopback only."""
+    from p2pbackup.transport.datachannel import IceConfig, IceServer, PeerLink
+    if ice:
+        doc = json.loads(ice)
+        config = IceConfig(tuple(IceServer(**s) for s in doc["servers"]),
+                           doc.get("relay_only", False))
+    else:
+        config = IceConfig(host_addresses=("127.0.0.1",))
+    link = PeerLink(config)
     if role == "send":
         _emit({"sdp": await link.create_offer()})
         await link.accept_answer((await _read_json())["sdp"])
     else:
         _emit({"sdp": await link.accept_offer((await _read_json())["sdp"])})
-    await link.wait_connected(15)
-    await run_transfer(link, role, size, seconds, extra={"max_buffered": 0})
+    await link.wait_connected(30)
+    route = link.ice_path()
+    await run_transfer(link, role, size, seconds,
+                       extra={"max_buffered": 0, "ice_path": route.kind if route else None})
 
 
 async def lane_child(role: str, size: int, seconds: float) -> None:
@@ -99,7 +109,7 @@ async def run_transfer(link, role: str, size: int, seconds: float, extra=None) -
         while time.perf_counter() < deadline:
             for _ in range(8):
                 await link.send(msg)
-                if "max_buffered" in extra:
+                if extra.get("max_buffered") is not None:
                     extra["max_buffered"] = max(extra["max_buffered"], link.buffered_amount)
             sent += 8 * size
         await link.close()
@@ -115,7 +125,8 @@ async def run_transfer(link, role: str, size: int, seconds: float, extra=None) -
             got += len(m)
         wall = time.perf_counter() - (first or time.perf_counter())
         await link.close()
-        _emit({"bytes": got, "cpu": _cpu() - cpu0, "wall": wall})
+        _emit({"bytes": got, "cpu": _cpu() - cpu0, "wall": wall,
+               **({"ice_path": extra["ice_path"]} if "ice_path" in extra else {})})
 
 
 # ---------------------------------------------------------------- driver
@@ -127,12 +138,15 @@ def udp_receive_drops() -> int:
     return int(dict(zip(lines[0][1:], lines[1][1:]))["RcvbufErrors"])
 
 
-def run_pair(kind: str, size: int, seconds: float) -> dict:
-    """Start sender and receiver, relay their signaling lines, collect their reports."""
+def run_pair(kind: str, size: int, seconds: float, *, ice: str | None = None,
+             where: tuple[list[str], list[str]] = ([], [])) -> dict:
+    """Start sender and receiver (each under its command prefix in `where`, e.g. `ip netns
+    exec NS`), relay their signaling lines, collect their reports."""
     drops = udp_receive_drops()
     def spawn(role: str) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, __file__, "--child", kind, role, str(size), str(seconds)],
+            [*where[role == "recv"], sys.executable, __file__, "--child", kind, role, str(size),
+             str(seconds), *(["--child-ice", ice] if ice else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
 
     send, recv = spawn("send"), spawn("recv")
@@ -158,7 +172,8 @@ def run_pair(kind: str, size: int, seconds: float) -> dict:
             "cpu_sender": s["cpu"], "cpu_receiver": r["cpu"],
             "cpu_per_s_sender": s["cpu"] / s["wall"], "cpu_per_s_receiver": r["cpu"] / r["wall"],
             "udp_drops": udp_receive_drops() - drops,
-            **({"max_buffered": s["max_buffered"]} if "max_buffered" in s else {})}
+            **({"max_buffered": s["max_buffered"]} if "max_buffered" in s else {}),
+            **({"ice_path": r["ice_path"]} if "ice_path" in r else {})}
 
 
 def main() -> None:
@@ -172,12 +187,15 @@ def main() -> None:
                     help="run every measurement N times, interleaved; report each and medians")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--child-ice", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.child:
         kind, role, size, seconds = args.child
-        child = dc_child if kind == "dc" else lane_child
-        asyncio.run(child(role, int(size), float(seconds)))
+        if kind == "dc":
+            asyncio.run(dc_child(role, int(size), float(seconds), args.child_ice))
+        else:
+            asyncio.run(lane_child(role, int(size), float(seconds)))
         return
 
     if os.environ.get(INSIDE) != "1":
