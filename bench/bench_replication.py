@@ -563,10 +563,24 @@ class Prepared:
     snapshot_s: float
 
 
-def prepare(work: Path, scale: float, logs: Path) -> Prepared:
+def pair_homes(a_home: Path, b_home: Path, data: Path) -> tuple[str, str]:
+    """Home a (backing up `data`) paired with a new home b, neither taking scheduled snapshots;
+    returns their device ids."""
     from tests.integration.test_pairing import Host
     from tests.conftest import Cli
 
+    cli(a_home, "init", "--source", str(data))
+    host = Host(Cli(a_home))
+    cli(b_home, "pair", host.code, "--peer", host.peer, "--name", "laptop")
+    rc, out, err = host.finish()
+    if rc != 0:
+        raise BenchError(f"pairing failed: {out} {err}")
+    for home in (a_home, b_home):
+        set_config(home, daemon={"snapshot_interval": 86400})
+    return own_device_id(a_home), own_device_id(b_home)
+
+
+def prepare(work: Path, scale: float, logs: Path) -> Prepared:
     data = work / "data"
     log(f"mkdata.py at scale {scale}")
     gen = run_timed([PY, str(MKDATA), str(data), "--scale", str(scale)], logs / "mkdata.log")
@@ -577,16 +591,8 @@ def prepare(work: Path, scale: float, logs: Path) -> Prepared:
             nfiles += 1
             nbytes += st.st_size if not os.path.islink(os.path.join(dirpath, f)) else 0
     a_home, b_home = work / "home-a", work / "home-b"
-    cli(a_home, "init", "--source", str(data))
-    host = Host(Cli(a_home))
-    cli(b_home, "pair", host.code, "--peer", host.peer, "--name", "laptop")
-    rc, out, err = host.finish()
-    if rc != 0:
-        raise BenchError(f"pairing failed: {out} {err}")
     # No scheduled snapshots during the run; the sender's snapshot is taken below.
-    for home in (a_home, b_home):
-        set_config(home, daemon={"snapshot_interval": 86400})
-    a_id, b_id = own_device_id(a_home), own_device_id(b_home)
+    a_id, b_id = pair_homes(a_home, b_home, data)
     log("initial snapshot of the data on the sender (no daemon running)")
     t0 = time.monotonic()
     cli(a_home, "snapshot")

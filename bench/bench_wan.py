@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from _common import bench_lock  # noqa: E402
-from bench_replication import (BenchError, cli, control, log, missing, own_device_id,  # noqa: E402
+from bench_replication import (BenchError, cli, control, log, missing, pair_homes,  # noqa: E402
                                peer_entry, set_config, start_daemon, store_objects, wait_for)
 
 WORK = REPO / "bench" / "work" / "wan"
@@ -51,24 +51,14 @@ SETUP_TARGETS = {"relay": 3.0, "reflexive": 2.0}   # s, both online -> connected
 
 def prepare(work: Path, mb: int) -> tuple[Path, Path, Path, str, str]:
     """Home a (a snapshot of `mb` MB of random files) paired with home b, kept as templates."""
-    from tests.conftest import Cli
-    from tests.integration.test_pairing import Host
-
     data = work / "data"
     data.mkdir(parents=True)
     for i in range(max(1, mb // 4)):
         (data / f"f{i}.bin").write_bytes(os.urandom(min(4, mb) * 1024 * 1024))
     a, b = work / "home-a", work / "home-b"
-    cli(a, "init", "--source", str(data))
-    host = Host(Cli(a))
-    cli(b, "pair", host.code, "--peer", host.peer, "--name", "laptop")
-    rc, out, err = host.finish()
-    if rc != 0:
-        raise BenchError(f"pairing failed: {out} {err}")
-    for home in (a, b):
-        set_config(home, daemon={"snapshot_interval": 86400})
+    a_id, b_id = pair_homes(a, b, data)
     cli(a, "snapshot")
-    return a, b, data, own_device_id(a), own_device_id(b)
+    return a, b, data, a_id, b_id
 
 
 def replicate(homes, devices, a_tpl: Path, b_tpl: Path, a_id: str, b_id: str, ice: dict,

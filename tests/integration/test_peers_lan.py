@@ -168,6 +168,10 @@ def test_paired_daemons_replicate_and_the_other_device_restores(netlab, tmp_path
         print(f"segment reached the peer {time.monotonic() - start:.1f} s after the write")
         path = next(p["path"] for p in peers(b) if p["device"] == a_id)
         assert path == ("direct lane" if direct_lane else "data channel")
+        # One LAN: the data channel's ICE pair is host to host, and status says so.
+        assert next(p["ice_path"] for p in peers(b) if p["device"] == a_id) == "host"
+        if not direct_lane:
+            assert "connected over the data channel (LAN)" in b("status").stdout
     finally:
         stop_all(procs)
     # b restores a's data from its own store, and its store verifies.
