@@ -509,10 +509,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         print(f"  broker {broker['url']}: " + ("connected" if broker["connected"] else
                                                f"not connected ({broker['last_error']})"))
     for p in st.get("peers", []):
-        route = output.ice_path_words(p.get("ice_path"))
-        where = (f"connected over the {p['path']}"
-                 + (f" ({route})" if route and p["path"] == "data channel" else "")
-                 if p["connected"]
+        where = (f"connected over the {output.peer_route(p)}" if p["connected"]
                  else "on the LAN, not connected" if p["on_lan"] else "not seen")
         extra = ""
         if p.get("objects_behind"):

@@ -20,7 +20,7 @@ rate = format_rate
 
 
 iso_time = views.iso_time
-ice_path_words = views.ice_path_words
+peer_route = views.peer_route
 
 
 def err(message: str) -> None:

@@ -18,6 +18,15 @@ def ice_path_words(kind: str | None) -> str | None:
     return ICE_PATH_WORDS.get(kind or "", kind)
 
 
+def peer_route(peer: dict[str, Any]) -> str:
+    """What a connected peer's session runs over, as status and the console say it:
+    "direct lane", or "data channel" with how ICE crossed the network ("data channel (TURN
+    relay)")."""
+    path = peer.get("path") or "data channel"
+    words = ice_path_words(peer.get("ice_path"))
+    return f"{path} ({words})" if words and path == "data channel" else path
+
+
 def iso_time(ns: int) -> str:
     """ISO 8601 in local time with its UTC offset, to the second."""
     return dt.datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="seconds")

@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from ..sizes import format_size
+from ..views import peer_route
 
 NAV = (("/", "Status"), ("/snapshots", "Snapshots"), ("/timeline", "Timeline"),
        ("/devices", "Devices"), ("/verify", "Verify"))
@@ -194,7 +195,7 @@ def devices(doc: dict[str, Any], can_change: bool) -> str:
         elif peer is None:
             state = "offline"
         elif peer.get("connected"):
-            state = f"online, over the {peer.get('path') or 'data channel'}"
+            state = f"online, over the {peer_route(peer)}"
         else:
             state = "on the LAN, not connected" if peer.get("on_lan") else "offline"
         extra = []

@@ -35,3 +35,18 @@ def test_a_direct_lane_is_tried_only_when_the_data_channel_did_not_cross_a_nat()
     assert _lane_reachable(_Link(None))
     assert not _lane_reachable(_Link(IcePath("host", "srflx")))
     assert not _lane_reachable(_Link(IcePath("relay", "relay")))
+
+
+def test_status_and_the_console_name_the_data_channels_route():
+    from p2pbackup.views import peer_route
+    from p2pbackup.web.pages import devices
+
+    relayed = {"connected": True, "path": "data channel", "ice_path": "relay"}
+    assert peer_route(relayed) == "data channel (TURN relay)"
+    assert peer_route({"path": "direct lane", "ice_path": "host"}) == "direct lane"
+    assert peer_route({"path": "data channel", "ice_path": None}) == "data channel"
+    page = devices({"devices": [{"id": "ab" * 16, "name": "laptop", "this_device": False,
+                                 "sources": None, "quota": None, "role": "member",
+                                 "peer": relayed}], "removed": [], "version": 3,
+                  "key_epoch": 0}, can_change=False)
+    assert "online, over the data channel (TURN relay)" in page
