@@ -81,14 +81,16 @@ def connection_limits(peers: PeerSettings) -> ConnectionLimits:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """One way to reach a device's signaling endpoint."""
+    """One way to carry a signed offer to a device: LAN addresses from its mDNS advert, its
+    static address ([peers.addresses]); a broker's relay is meant to be one more."""
 
-    via: str    # "LAN" (its mDNS advert) or "static address" ([peers.addresses])
-    host: str
-    port: int
+    via: str        # "LAN", "static address"
+    where: str      # for logs: "192.168.1.20:7890"
+    signaling: session.Signaling
 
-    def signaling(self) -> session.Signaling:
-        return session.LanSignaling(self.host, self.port)
+    @classmethod
+    def direct(cls, via: str, host: str, port: int) -> "Route":
+        return cls(via, f"{host}:{port}", session.LanSignaling(host, port))
 
 
 async def _hold(device: str, link: PeerLink, state: PeerState, first: bytes | None) -> None:
@@ -337,13 +339,14 @@ class PeerManager:
                 self._tasks.append(asyncio.create_task(self._dial(device)))
 
     def _static_routes(self, device: str) -> list[Route]:
-        return [Route("static address", a.host, a.port) for a in self.config.peers.addresses
+        return [Route.direct("static address", a.host, a.port)
+                for a in self.config.peers.addresses
                 if device.startswith(a.device)]
 
     def _routes(self, device: str) -> list[Route]:
         """Every way to reach `device` now: its LAN addresses first, then static ones."""
         st = self.peers[device]
-        lan = [Route("LAN", a, st.port) for a in st.addresses] if st.on_lan else []
+        lan = [Route.direct("LAN", a, st.port) for a in st.addresses] if st.on_lan else []
         return lan + self._static_routes(device)
 
     def _dial_static(self) -> None:
@@ -363,14 +366,14 @@ class PeerManager:
                 if st.connected or not routes:
                     return
                 for route in routes:
-                    addr = route.host
                     try:
                         link = await session.connect(
-                            self.dev.identity, device, self._current(),
-                            route.signaling(), ice=self._ice)
+                            self.dev.identity, device, self._current(), route.signaling,
+                            ice=self._ice)
                     except P2PError as exc:
                         st.error = str(exc)
-                        log.warning("peer %s at %s (%s): %s", device[:12], addr, route.via, exc)
+                        log.warning("peer %s at %s (%s): %s", device[:12], route.where,
+                                    route.via, exc)
                         continue
                     await self._run(device, link)
                     break
