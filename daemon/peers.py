@@ -115,6 +115,7 @@ class PeerManager:
         self.port = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._dialing: set[str] = set()
+        self._lan_dials: dict[str, bool] = {}   # device -> whether we dial it on the LAN
         self._stack = contextlib.AsyncExitStack()
         interfaces = list(config.peers.interfaces) or None
         self._interfaces = interfaces
@@ -335,6 +336,7 @@ class PeerManager:
             # A partner never dials: it has nothing of its own to send. A member behind on
             # the key epoch does not recognise our tag: we dial it.
             dials = self.me < device or device in self._partners() or behind
+            self._lan_dials[device] = dials
             if not st.connected and dials and device not in self._dialing:
                 self._tasks.append(asyncio.create_task(self._dial(device)))
 
@@ -344,14 +346,18 @@ class PeerManager:
                 if device.startswith(a.device)]
 
     def _routes(self, device: str) -> list[Route]:
-        """Every way to reach `device` now: its LAN addresses first, then static ones."""
+        """Where to dial `device` now: on the LAN, its advert's addresses if the LAN rule says
+        we dial (else nothing: dialing its static address too would race the other side);
+        off the LAN, its static addresses."""
         st = self.peers[device]
-        lan = [Route.direct("LAN", a, st.port) for a in st.addresses] if st.on_lan else []
-        return lan + self._static_routes(device)
+        if st.on_lan:
+            return [Route.direct("LAN", a, st.port) for a in st.addresses] \
+                if self._lan_dials.get(device, False) else []
+        return self._static_routes(device)
 
     def _dial_static(self) -> None:
-        """Dial every member with a static address: only the side that knows the address can
-        (so the smaller-id rule of the LAN does not apply)."""
+        """Start a dialer for every member with a static address. Off the LAN only the side
+        that knows the address can dial, so the smaller-id rule applies on the LAN alone."""
         for device in self._members():
             if self._static_routes(device) and device not in self._dialing:
                 self.peers.setdefault(device, PeerState(device))
@@ -364,7 +370,12 @@ class PeerManager:
                 st = self.peers[device]
                 routes = self._routes(device)
                 if st.connected or not routes:
-                    return
+                    if not self._static_routes(device):
+                        return   # LAN only: its next advert starts a dialer again
+                    # With a static address nothing else would: watch for the session's end
+                    # (the link dropped, the device left the LAN), whoever opened it.
+                    await asyncio.sleep(RETRY_SECONDS)
+                    continue
                 for route in routes:
                     try:
                         link = await session.connect(
