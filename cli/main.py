@@ -510,7 +510,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
                                                f"not connected ({broker['last_error']})"))
     for p in st.get("peers", []):
         where = (f"connected over the {output.peer_route(p)}" if p["connected"]
-                 else "on the LAN, not connected" if p["on_lan"] else "not seen")
+                 else "on the LAN, not connected" if p["on_lan"]
+                 else f"not connected, dialing {', '.join(p['static_addresses'])}"
+                 if p.get("static_addresses") else "not seen")
         extra = ""
         if p.get("objects_behind"):
             extra += (f"; {p['objects_behind']} objects "

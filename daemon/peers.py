@@ -58,6 +58,7 @@ class PeerState:
     connected: bool = False
     path: str | None = None          # "data channel" or "direct lane"
     ice_path: str | None = None      # the data channel's route: "host", "reflexive", "relay"
+    static: list[str] = field(default_factory=list)   # its [peers.addresses], "HOST:PORT"
     since: float | None = None
     last_seen: float | None = None
     last_sync: float | None = None
@@ -68,7 +69,7 @@ class PeerState:
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "name": self.name, "on_lan": self.on_lan,
                 "addresses": self.addresses, "connected": self.connected, "path": self.path,
-                "ice_path": self.ice_path,
+                "ice_path": self.ice_path, "static_addresses": self.static,
                 "since": self.since, "last_seen": self.last_seen, "last_sync": self.last_sync,
                 "objects_behind": self.objects_behind,
                 "bytes_behind": self.bytes_behind, "error": self.error}
@@ -359,8 +360,11 @@ class PeerManager:
         """Start a dialer for every member with a static address. Off the LAN only the side
         that knows the address can dial, so the smaller-id rule applies on the LAN alone."""
         for device in self._members():
-            if self._static_routes(device) and device not in self._dialing:
-                self.peers.setdefault(device, PeerState(device))
+            static = [r.where for r in self._static_routes(device)]
+            if static and device not in self._dialing:
+                st = self.peers.setdefault(device, PeerState(device))
+                m = self.membership.member(device) if self.membership else None
+                st.static, st.name = static, m.name if m else st.name
                 self._tasks.append(asyncio.create_task(self._dial(device)))
 
     async def _dial(self, device: str) -> None:

@@ -106,6 +106,8 @@ def test_without_ice_servers_nated_homes_do_not_connect_and_status_says_why(worl
         assert not _peer(b, a_id)["connected"]
         lines = [ln for ln in b("status").stdout.splitlines() if a_id[:12] in ln]
         assert len(lines) == 1 and "no STUN/TURN server is configured" in lines[0], lines
+        assert f"not connected, dialing {world[2]['c1'].public_ip}:{SIGNALING_PORT}" \
+            in lines[0] and "peer ? " not in lines[0]
         print(lines[0])
         assert pack_names(b) == set()
     finally:
