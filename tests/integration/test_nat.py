@@ -96,6 +96,13 @@ def test_symmetric_nat_homes_replicate_through_the_turn_relay(world, tmp_path: P
     _replicate_and_check(world, tmp_path, ("s1", "s2"), turn.toml(), "relay", "TURN relay")
 
 
+def test_relay_only_sends_even_hole_punchable_homes_through_turn(world, tmp_path: Path):
+    # (so neither device learns the other's addresses)
+    turn = world[1]
+    _replicate_and_check(world, tmp_path, ("c1", "c2"), turn.toml(relay_only=True), "relay",
+                         "TURN relay")
+
+
 def test_without_ice_servers_nated_homes_do_not_connect_and_status_says_why(world,
                                                                            tmp_path: Path):
     a, b, src, a_id, ha, hb = _homes_in(world, tmp_path, ("c1", "c2"), "")
