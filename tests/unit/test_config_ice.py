@@ -77,3 +77,14 @@ def test_peer_locations_and_static_addresses_read_host_port_alike():
         PeerLocation("3f9a", "2001:db8::1", 7890)
     with pytest.raises(ConfigError, match="HOST:PORT"):
         PeerLocation.parse("peer:3f9a@host:99999")
+
+
+def test_recover_with_an_ice_file_that_has_no_ice_table_is_one_line(tmp_path: Path, cli):
+    (tmp_path / "ice.toml").write_text('[peers]\nport = 1\n')
+    (tmp_path / "code").write_text("x")
+    for ice, says in ((tmp_path / "ice.toml", "has no [ice] table"),
+                      (tmp_path / "missing.toml", "cannot read")):
+        got = cli("recover", "--from", "peer:3f9a@127.0.0.1:9", "--ice", str(ice),
+                  "--recovery-code-file", str(tmp_path / "code"), check=False)
+        assert got.returncode == 10 and says in got.stderr, got.stderr
+        assert len(got.stderr.strip().splitlines()) == 1 and not cli.home.exists()
