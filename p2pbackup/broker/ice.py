@@ -6,10 +6,9 @@ TURN server recomputes and refuses once the expiry has passed. No state, nothing
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 from dataclasses import dataclass
+
+from ..transport.turn import rest_credentials
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,10 +23,10 @@ class IceSettings:
 
 
 def turn_credentials(secret: str, user: str, now: float, ttl: int) -> tuple[str, str]:
-    """(username, password) valid for `ttl` seconds from `now`."""
-    username = f"{int(now) + ttl}:{user}"
-    mac = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
-    return username, base64.b64encode(mac).decode()
+    """(username, password) valid for `ttl` seconds from `now` (transport.turn makes them: the
+    NAT tests hand the same to coturn without a broker)."""
+    cred = rest_credentials(secret, ttl, user, now)
+    return cred.username, cred.credential
 
 
 def ice_servers(settings: IceSettings, user: str, now: float) -> list[dict[str, object]]:
