@@ -347,14 +347,15 @@ class PeerManager:
                 if device.startswith(a.device)]
 
     def _routes(self, device: str) -> list[Route]:
-        """Where to dial `device` now: on the LAN, its advert's addresses if the LAN rule says
-        we dial (else nothing: dialing its static address too would race the other side);
-        off the LAN, its static addresses."""
+        """Where to dial `device` now: on the LAN its advert's addresses, off it its static
+        addresses. The dialer kept for a static address stays off the LAN when the LAN rule
+        says the other side dials there (it would race it)."""
         st = self.peers[device]
-        if st.on_lan:
-            return [Route.direct("LAN", a, st.port) for a in st.addresses] \
-                if self._lan_dials.get(device, False) else []
-        return self._static_routes(device)
+        if not st.on_lan:
+            return self._static_routes(device)
+        if not self._lan_dials.get(device, True) and self._static_routes(device):
+            return []
+        return [Route.direct("LAN", a, st.port) for a in st.addresses]
 
     def _dial_static(self) -> None:
         """Start a dialer for every member with a static address. Off the LAN only the side
