@@ -16,7 +16,7 @@ from p2pbackup.config import Source
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.crypto.keys import AccountKeys
 from p2pbackup.daemon.peers import PeerState
-from p2pbackup.daemon.replicate import Replicator
+from p2pbackup.replication.member import Replicator
 from p2pbackup.repo.repository import Repository
 from p2pbackup.transport.memory import memory_pair
 

@@ -11,31 +11,53 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
-from p2pbackup import activity
-from p2pbackup.blobs import peer as peer_store
-from p2pbackup.blobs.local import join_for_direct_write
-from p2pbackup.errors import IntegrityError, NameMismatch, NotFound, P2PError
-from p2pbackup.protocol.sync import (MISMATCH, Closed, Event, LaneOffered, ObjectAcked,
-                                     ObjectReceived, ObjectRejected, ObjectWanted, PeerNotice,
-                                     SyncSession)
-from p2pbackup.format.removal import PREFIX, Removal
-from p2pbackup.repo import membership as store_membership
-from p2pbackup.repo import intake, removals, replica
-from p2pbackup.repo.intake import PackIntake
-from p2pbackup.transport.datachannel import MESSAGE_SIZE, PeerLink
-from p2pbackup.transport.pending import ConnectionLimits
-from p2pbackup.transport.tls_lane import (LaneIdentity, LaneLink, LaneServer, _normalize,
-                                          connect_lane)
+from .. import activity
+from ..blobs import peer as peer_store
+from ..blobs.local import join_for_direct_write
+from ..errors import IntegrityError, NameMismatch, NotFound, P2PError
+from ..format.removal import PREFIX, Removal
+from ..protocol.sync import (MISMATCH, Closed, Event, LaneOffered, ObjectAcked, ObjectReceived,
+                             ObjectRejected, ObjectWanted, PeerNotice, SyncSession)
+from ..repo import intake, removals, replica
+from ..repo import membership as store_membership
+from ..repo.intake import PackIntake
+from ..transport.datachannel import MESSAGE_SIZE, PeerLink
+from ..transport.pending import ConnectionLimits
+from ..transport.tls_lane import LaneIdentity, LaneLink, LaneServer, _normalize, connect_lane
 
-from .gate import WriteGate
+log = logging.getLogger("p2pbackup.replication")
 
-if TYPE_CHECKING:
-    from .peers import PeerState
 
-log = logging.getLogger("p2pbackupd")
+class PeerStatus(Protocol):
+    """What a session reports about its peer as it goes (the daemon's `status` shows it;
+    daemon/peers.py `PeerState` is one)."""
+
+    device: str
+    addresses: list[str]             # where its direct lane may be dialled
+    path: str | None                 # "data channel" or "direct lane"
+    last_sync: float | None
+    objects_behind: int | None
+    bytes_behind: int | None
+    error: str | None
+
+
+class WriteGate(Protocol):
+    """What objects from peers pass through before they are stored (a daemon's pause closes
+    it: they wait, they are not refused)."""
+
+    def passing(self) -> AbstractAsyncContextManager[None]: ...
+
+
+class OpenGate:
+    """A gate that never closes (nothing pauses the writers)."""
+
+    @contextlib.asynccontextmanager
+    async def passing(self) -> AsyncIterator[None]:
+        yield
 
 
 LANE_PIECE = 1024 * 1024
@@ -61,7 +83,7 @@ class Replicator:
         # When this device first held each removal record, and who signed it then.
         self.seen = seen or removals.FirstSeen(None)
         self.connection_limits = connection_limits
-        self.gate = gate or WriteGate()  # objects wait at it while the daemon is paused
+        self.gate = gate or OpenGate()  # objects wait at it while the daemon is paused
         self.stall = stall
         self.retry = retry
         self._retries: dict[str, float] = {}   # pack -> delay before asking for it again
@@ -74,7 +96,7 @@ class Replicator:
         self._lane_peers: dict[str, str] = {}   # expected fingerprint -> device
         self._fetch_lanes: dict[str, str] = {}  # fingerprint -> device reading this store
         self._reading: dict[str, set[PeerLink | LaneLink]] = {}   # device -> its read sessions
-        self._states: dict[str, "PeerState"] = {}
+        self._states: dict[str, PeerStatus] = {}
         self.on_membership: Callable[[], Awaitable[None]] | None = None
         # Called when an object from a peer was stored (the configured stores get it too).
         self.on_stored: Callable[[], None] | None = None
@@ -259,7 +281,7 @@ class Replicator:
                 s.announce(new)
                 await self._flush(s, link, device)
 
-    async def run(self, device: str, link: PeerLink, st: "PeerState",
+    async def run(self, device: str, link: PeerLink, st: PeerStatus,
                   first: bytes | None = None) -> None:
         """One session, until either side closes it (`first`: a message already read)."""
         names = await replica.offered_names(self.repo)
@@ -353,20 +375,20 @@ class Replicator:
             if self._fetch_lanes.pop(fp, None) is not None and self.lane_server is not None:
                 self.lane_server.forget(fp)
 
-    async def _handle(self, s: SyncSession, link: PeerLink, st: "PeerState",
+    async def _handle(self, s: SyncSession, link: PeerLink, st: PeerStatus,
                       events: list[Event]) -> None:
         """Act on `events` and on what follows from them (`drive`)."""
         await drive(s, events, lambda ev: self._on_event(s, link, st, ev),
                     self._sender(s, link, st))
 
-    def _sender(self, s: SyncSession, link: PeerLink, st: "PeerState"
+    def _sender(self, s: SyncSession, link: PeerLink, st: PeerStatus
                 ) -> Callable[[], Awaitable[None]]:
         async def send() -> None:
             st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
             await self._flush(s, link, st.device)
         return send
 
-    async def _on_event(self, s: SyncSession, link: PeerLink, st: "PeerState",
+    async def _on_event(self, s: SyncSession, link: PeerLink, st: PeerStatus,
                         ev: Event) -> None:
         if isinstance(ev, ObjectWanted):
             try:
@@ -479,7 +501,7 @@ class Replicator:
             # control send was None, and those parts were dropped: the peer waited forever).
             await flush(s, link, lambda: self.lanes.get(device))
 
-    async def _take_pack(self, s: SyncSession, link: PeerLink, st: "PeerState", name: str,
+    async def _take_pack(self, s: SyncSession, link: PeerLink, st: PeerStatus, name: str,
                          data: bytes) -> None:
         async with self._intake:
             try:
@@ -516,7 +538,7 @@ class Replicator:
         except P2PError:
             pass  # the session is ending; its loop says why
 
-    async def _ask_again(self, s: SyncSession, link: PeerLink, st: "PeerState", name: str,
+    async def _ask_again(self, s: SyncSession, link: PeerLink, st: PeerStatus, name: str,
                          delay: float) -> None:
         await asyncio.sleep(delay)
         got = self.sessions.get(st.device)

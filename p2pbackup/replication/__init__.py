@@ -1,0 +1,1 @@
+"""Replication: running sync sessions between this device's store and its peers'."""
