@@ -56,15 +56,14 @@ from ..errors import NotFound, P2PError
 from ..format.membership import OWNER, PARTNER, Member, Membership
 from ..format.removal import PREFIX as REMOVALS
 from ..ids import object_kind
-from ..protocol import fetch
-from ..protocol.framing import peek_type
 from ..protocol.sync import Closed, Event, InventoryDone, ObjectReceived, ObjectWanted, SyncSession
 from ..repo import replica
 # The rules live in the repository layer, shared with the storage server (p2pbackup/server).
 from ..repo.partner_store import (Grant, ServedStore, apply_removals, forget_grant,
                                   partner_accept, refusal)
 from ..transport.datachannel import PeerLink
-from .member import flush, pump, refuse
+from . import reads_store
+from .driver import SessionDriver, refuse
 
 log = logging.getLogger("p2pbackup.replication")
 
@@ -201,7 +200,7 @@ class StoragePartner:
             first = None
         # (the roster may have changed meanwhile)
         grant = self._by_device.get(device) or self._recovering.get(device, (None,))[0]
-        reads = first is not None and peek_type(first) == fetch.HELLO
+        reads = first is not None and reads_store(first)
         if grant is None or first is None or device not in self._by_device and not reads:
             await link.close()   # (the recovery signer reads, and brings the next roster)
             return
@@ -270,4 +269,4 @@ class StoragePartner:
             elif isinstance(ev, Closed):
                 log.warning("session with %s: %s", device[:12], ev.reason)
 
-        await pump(s, link, on_event, lambda: flush(s, link), first)
+        await SessionDriver(s, link, on_event).run(first)

@@ -238,10 +238,10 @@ async def test_a_partner_over_its_quota_asks_for_no_pack_and_its_owner_rechecks_
     rechecked: list[str] = []
     real = owner._on_event
 
-    async def on_event(session, link, st, ev) -> None:
+    async def on_event(driver, st, ev) -> None:
         if isinstance(ev, ObjectWanted):
             wanted.append(ev.name)
-        await real(session, link, st, ev)
+        await real(driver, st, ev)
 
     owner._on_event = on_event                                        # type: ignore[method-assign]
     owner.check_pack_soon = lambda name, **kw: rechecked.append(name)  # type: ignore
@@ -252,7 +252,7 @@ async def test_a_partner_over_its_quota_asks_for_no_pack_and_its_owner_rechecks_
 
     def settled() -> bool:
         got = owner.sessions.get(p.device_id)
-        return got is not None and got[0].queued == 0 and got[0].in_flight == 0 and \
+        return got is not None and got.session.queued == 0 and got.session.in_flight == 0 and \
             "quota exceeded" in (grant.last_error or "")
 
     try:

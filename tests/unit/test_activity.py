@@ -58,7 +58,7 @@ def test_a_session_says_what_it_received_and_what_is_still_to_come():
     a.send_object(wanted[0].name, objects[wanted[0].name])   # one object of four
     got = [e for e in b.receive_data(a.data_to_send()) if isinstance(e, ObjectReceived)]
     assert len(got) == 1
-    (view,) = sessions({"A" * 64: (b, None)})
+    (view,) = sessions({"A" * 64: b})
     assert view["kind"] == "replication" and view["phase"] == "receiving"
     assert view["received_objects"] == 1 and view["objects_behind"] == 3
     assert view["bytes_behind"] == 30_000 and view["done"] == view["received_bytes"] == 10_000

@@ -240,4 +240,4 @@ async def test_a_pack_that_rotted_is_refused_once_then_never_sent_again(tmp_path
     assert f"packs/{name}" not in await local_names(ra)
     async with running(ra, rb, a_id, b_id) as (pa, _sb, _pb):
         await eventually(lambda: b_id.device_id in pa.sessions)
-        assert f"packs/{name}" not in pa.sessions[b_id.device_id][0].have   # not offered
+        assert f"packs/{name}" not in pa.sessions[b_id.device_id].session.have   # not offered
