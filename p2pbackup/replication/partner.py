@@ -61,7 +61,7 @@ from ..repo import replica
 # The rules live in the repository layer, shared with the storage server (p2pbackup/server).
 from ..repo.partner_store import (Grant, ServedStore, apply_removals, forget_grant,
                                   partner_accept, refusal)
-from ..transport.datachannel import PeerLink
+from ..transport.link import MessageLink
 from . import reads_store
 from .driver import SessionDriver, refuse
 
@@ -106,7 +106,7 @@ class StoragePartner:
                  removal_grace: float) -> None:
         self.identity, self.grants = identity, grants
         self.removal_grace = removal_grace
-        self._links: dict[str, set[PeerLink]] = {}
+        self._links: dict[str, set[MessageLink]] = {}
         self._follow_rosters()
 
     @property
@@ -182,7 +182,7 @@ class StoragePartner:
                     with contextlib.suppress(Exception):
                         await link.close()
 
-    async def answer(self, device: str, link: PeerLink) -> None:
+    async def answer(self, device: str, link: MessageLink) -> None:
         """Run the session `device` opened over `link` (its first frame says whether it
         replicates or reads), until it ends."""
         self._links.setdefault(device, set()).add(link)
@@ -193,7 +193,7 @@ class StoragePartner:
             if not self._links[device]:
                 del self._links[device]
 
-    async def _session(self, device: str, link: PeerLink) -> None:
+    async def _session(self, device: str, link: MessageLink) -> None:
         try:
             first = await asyncio.wait_for(link.recv(), FIRST_FRAME_TIMEOUT)
         except (P2PError, asyncio.TimeoutError):
@@ -224,7 +224,8 @@ class StoragePartner:
             with contextlib.suppress(Exception):
                 await link.close()
 
-    async def _replicate(self, grant: Grant, device: str, link: PeerLink, first: bytes) -> None:
+    async def _replicate(self, grant: Grant, device: str, link: MessageLink, first: bytes
+                         ) -> None:
         names = {n async for n in grant.store.list("") if replica.is_object_name(n)}
         sizes = {n: await grant.store.size(n) for n in names}
         await grant.store.used()
