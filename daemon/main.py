@@ -23,6 +23,7 @@ from typing import Any
 
 from p2pbackup import account, activity, control
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
+from p2pbackup.backup.seal import SealState, SegmentSealer
 from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.blobs import StoreSigner, exit_process, open_store
 from p2pbackup.blobs.base import BlobStore
@@ -35,16 +36,16 @@ from p2pbackup.format.membership import OWNER
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.repo import removals, roster
 from p2pbackup.repo.logstore import LogStore
+from p2pbackup.repo.partner_store import load_grants
 from p2pbackup.repo.upload import StoreUploader, UploadProgress
+from p2pbackup.replication.member import Replicator
 
 from .account_ops import AccountOps
-from .capture import SealState, SegmentSealer
 from .control import ControlServer
 from .gate import WriteGate
 from .notify import Notifier
 from .peers import PeerManager, connection_limits
-from .partner import PartnerService, load_grants
-from .replicate import Replicator
+from .partner import PartnerService
 from .rescan import rescan
 from .watches import WatchCoverage, measure, watched_folders
 from .web import WebService

@@ -31,8 +31,7 @@ from p2pbackup.errors import P2PError
 from p2pbackup.format.membership import Membership
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
-from p2pbackup.protocol import fetch
-from p2pbackup.protocol.framing import peek_type
+from p2pbackup.replication import reads_store
 from p2pbackup.transport.datachannel import PeerLink
 from p2pbackup.transport.pending import ConnectionLimits
 
@@ -406,7 +405,7 @@ class PeerManager:
         if first is None:
             await link.close()
             return
-        if peek_type(first) != fetch.HELLO:
+        if not reads_store(first):
             await self._run(device, link, first)
             return
         m = self.membership.member(device) if self.membership else None

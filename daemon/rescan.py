@@ -19,11 +19,11 @@ import time
 from collections.abc import Container, Iterator
 
 from p2pbackup.backup.pointintime import Overlay, plan_at
+from p2pbackup.backup.seal import SegmentSealer
 from p2pbackup.errors import NotFound, P2PError
 from p2pbackup.format.records import DIR, FILE, Tree
 from p2pbackup.repo.repository import Repository
 
-from .capture import SegmentSealer
 from .watches import folder_key
 
 log = logging.getLogger("p2pbackupd")

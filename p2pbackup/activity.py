@@ -120,10 +120,10 @@ def tracked(kind: str, name: str = "") -> Callable[[Callable[P, Awaitable[R]]],
     return decorate
 
 
-def sessions(live: Mapping[str, tuple[SyncSession, Any]]) -> Iterator[View]:
+def sessions(live: Mapping[str, SyncSession]) -> Iterator[View]:
     """Replication with each peer: what was sent and received in this session, and what is
     still to come (the bar: received of received plus behind)."""
-    for device, (s, _link) in list(live.items()):
+    for device, s in list(live.items()):
         if s.closed:
             continue
         behind = s.bytes_behind

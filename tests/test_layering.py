@@ -31,3 +31,12 @@ def test_library_never_imports_daemon_or_cli():
         for m in _imports(f):
             assert not m.startswith(("p2pbackup.cli", "p2pbackup.daemon")), \
                 f"{f.relative_to(ROOT)} imports {m}"
+
+
+def test_the_daemon_runs_no_protocol_session_of_its_own():
+    """Sessions (sync and fetch protocols) run in p2pbackup.replication and p2pbackup.blobs;
+    daemon/ only hands them links and shows what they report (issue 18 §1)."""
+    for f in (ROOT / "daemon").rglob("*.py"):
+        bad = {m for m in _imports(f) if m.startswith("p2pbackup.protocol")}
+        assert not bad, f"{f.relative_to(ROOT)} imports {bad}"
+

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from ..errors import NotFound, P2PError, PeerUnreachable, RemoteProtocolError, StorageError
 from ..protocol import fetch
 from ..protocol.framing import Limits
+from ..transport.pump import pump, send_queued
 from .base import BlobStore, Buffer
 
 log = logging.getLogger("p2pbackup.peer")
@@ -40,13 +41,6 @@ class Link(Protocol):
 
 class PeerRefused(StorageError):
     """{}"""
-
-
-async def _flush(end: fetch.FetchClient | fetch.FetchServer, link: Link,
-                 size: int = MESSAGE) -> None:
-    data = end.data_to_send()
-    for i in range(0, len(data), size):
-        await link.send(data[i:i + size])
 
 
 async def _next(end: fetch.FetchClient | fetch.FetchServer, link: Link) -> bytes | None:
@@ -129,7 +123,7 @@ class PeerStore(BlobStore):
         """Say hello and wait for the peer's; PeerUnreachable if it does not answer."""
         self._reader = asyncio.get_running_loop().create_task(self._read())
         async with self._send:
-            await _flush(self._client, self.link, self._message)
+            await send_queued(self._client, self.link, self._message)
         try:
             await asyncio.wait_for(asyncio.shield(self._hello), timeout)
         except asyncio.TimeoutError:
@@ -140,22 +134,26 @@ class PeerStore(BlobStore):
 
     async def _read(self) -> None:
         reason = "the peer closed the connection"
+
+        async def handle(events: list[fetch.Event]) -> None:
+            nonlocal reason
+            for ev in events:
+                if isinstance(ev, fetch.Hello) and not self._hello.done():
+                    self._hello.set_result(ev.device)
+                elif isinstance(ev, fetch.Reply):
+                    fut = self._waiting.pop(ev.id, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(ev)
+                elif isinstance(ev, fetch.Closed):
+                    reason = ev.reason
+                    log.warning("%s: %s", self.location, ev.reason)
+            if self._client.closed:
+                with contextlib.suppress(P2PError):
+                    await send_queued(self._client, self.link, self._message)
+
         try:
-            while (msg := await _next(self._client, self.link)) is not None:
-                for ev in self._client.receive_data(msg):
-                    if isinstance(ev, fetch.Hello) and not self._hello.done():
-                        self._hello.set_result(ev.device)
-                    elif isinstance(ev, fetch.Reply):
-                        fut = self._waiting.pop(ev.id, None)
-                        if fut is not None and not fut.done():
-                            fut.set_result(ev)
-                    elif isinstance(ev, fetch.Closed):
-                        reason = ev.reason
-                        log.warning("%s: %s", self.location, ev.reason)
-                if self._client.closed:
-                    with contextlib.suppress(P2PError):
-                        await _flush(self._client, self.link, self._message)
-                    break
+            await pump(self._client, self.link, handle,
+                       recv=lambda: _next(self._client, self.link))
         except P2PError as exc:
             reason = str(exc)
         finally:
@@ -171,7 +169,7 @@ class PeerStore(BlobStore):
         async with self._send:
             rid = send()
             fut = self._waiting[rid] = asyncio.get_running_loop().create_future()
-            await _flush(self._client, self.link, self._message)
+            await send_queued(self._client, self.link, self._message)
         reply = await fut
         if reply.code == fetch.NOT_FOUND:
             raise NotFound(f"{self.location} has no {reply.reason or 'such object'}")
@@ -235,7 +233,7 @@ class PeerStore(BlobStore):
             self._client.close("done")
             with contextlib.suppress(P2PError):
                 async with self._send:
-                    await _flush(self._client, self.link, self._message)
+                    await send_queued(self._client, self.link, self._message)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
@@ -306,19 +304,20 @@ async def serve(link: Link, store: BlobStore, me: str, *, first: bytes | None = 
         except P2PError as exc:
             server.fail(req.id, fetch.REFUSED, str(exc))
 
-    messages: list[bytes] = [first] if first else []
+    reason = "the client left"
+
+    async def handle(events: list[fetch.Event]) -> None:
+        nonlocal reason
+        for ev in events:
+            if isinstance(ev, fetch.Request):
+                await answer(ev)
+            elif isinstance(ev, fetch.Closed):
+                reason = ev.reason   # (the last event: the server is closed)
+            await send_queued(server, link, message_size)
+        await send_queued(server, link, message_size)
+
     try:
-        while True:
-            msg = messages.pop() if messages else await _next(server, link)
-            if msg is None:
-                return "the client left"
-            for ev in server.receive_data(msg):
-                if isinstance(ev, fetch.Request):
-                    await answer(ev)
-                elif isinstance(ev, fetch.Closed):
-                    await _flush(server, link, message_size)
-                    return ev.reason
-                await _flush(server, link, message_size)
-            await _flush(server, link, message_size)
+        await pump(server, link, handle, first=first or None, recv=lambda: _next(server, link))
     except (P2PError, RemoteProtocolError) as exc:
         return str(exc)
+    return reason

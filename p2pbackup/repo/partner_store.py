@@ -2,9 +2,9 @@
 checks a keeper without keys makes on every object (no read of anything sealed).
 
 Both kinds of storage partner use these, so that each rule has one copy: a friend's device
-(daemon/partner.py, objects arriving by replication) and the storage server
+(replication/partner.py, objects arriving by replication) and the storage server
 (p2pbackup/server, objects arriving by signed HTTP requests). What a partner checks and why
-is in daemon/partner.py's docstring and docs/THREAT_MODEL.md.
+is in replication/partner.py's docstring and docs/THREAT_MODEL.md.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class Grant:
 class ServedStore(BlobStore):
     """A grant's store as its devices read it: the objects, and the newest roster (kept in
     the grant file, outside the store and its quota), so that a device recovering the account
-    can sign the version after it. Writes go through `PartnerService.accept`, not here."""
+    can sign the version after it. Writes go through `StoragePartner.accept`, not here."""
 
     def __init__(self, grant: Grant) -> None:
         self.grant, self.location = grant, grant.store.location

@@ -2,7 +2,8 @@
 
 The data channel (`datachannel.PeerLink`), the direct lane (`tls_lane.LaneLink`) and the
 in-memory pair (`memory.memory_pair`) all satisfy `MessageLink`, so the protocol layer runs
-unchanged over any of them.
+unchanged over any of them. The direct lane and the in-memory pair are also a `BulkLane`: they
+take one message made of several buffers without copying them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ FAILED = "failed"
 CLOSED = "closed"
 
 StateCallback = Callable[[str], None]
+Buffer = bytes | bytearray | memoryview
 
 
 class MessageLink(Protocol):
@@ -40,3 +42,11 @@ class MessageLink(Protocol):
 
     async def close(self) -> None:
         """Flush what was sent (best effort, bounded in time) and close; idempotent."""
+
+
+class BulkLane(MessageLink, Protocol):
+    """A link that bulk object data moves over (a sync session's parts)."""
+
+    async def send_buffers(self, buffers: list[Buffer]) -> None:
+        """Queue one message made of `buffers` in order (none is copied where the link can
+        avoid it); the same errors as `send`."""

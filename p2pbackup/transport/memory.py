@@ -13,7 +13,7 @@ import logging
 from collections import deque
 
 from ..errors import LocalProtocolError, PeerUnreachable
-from .link import CLOSED, CONNECTED, FAILED, StateCallback
+from .link import CLOSED, CONNECTED, FAILED, Buffer, StateCallback
 
 log = logging.getLogger("p2pbackup.transport")
 
@@ -70,6 +70,10 @@ class MemoryLink:
         self._out.queued += len(message)
         self._out.readable.set()
         self.bytes_sent += len(message)
+
+    async def send_buffers(self, buffers: list[Buffer]) -> None:
+        """One message made of `buffers` (a `BulkLane`, like the direct lane)."""
+        await self.send(b"".join(buffers))
 
     async def recv(self) -> bytes | None:
         while not self._in.queue:

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ..errors import LocalProtocolError, PeerNotPaired, PeerUnreachable, RemoteProtocolError
-from .link import CLOSED, CONNECTED, StateCallback
+from .link import CLOSED, CONNECTED, Buffer, StateCallback
 from .pending import ConnectionLimits, PendingConnections
 
 log = logging.getLogger("p2pbackup.transport")
@@ -59,8 +59,6 @@ MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # a larger length prefix is a protocol erro
 HANDSHAKE_TIMEOUT = 10.0
 STREAM_LIMIT = 1024 * 1024  # StreamReader buffer before it pauses the socket
 WRITE_HIGH_WATER = 1024 * 1024  # send() waits (drain) above this much unsent data
-
-Buffer = bytes | bytearray | memoryview
 
 
 def cert_fingerprint(der: bytes) -> str:

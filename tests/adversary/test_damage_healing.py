@@ -22,7 +22,7 @@ from p2pbackup.repo.repository import Repository
 from tests.eventually import eventually
 from tests.index_view import stored_blobs
 from tests.unit.backup.conftest import repo  # noqa: F401  (the fixture)
-from tests.unit.repo.test_replicate import running, two_repositories
+from tests.unit.replication.test_member import running, two_repositories
 
 
 async def _with_one_damaged_blob(repo: Repository, tmp_path: Path

@@ -14,7 +14,8 @@ import pytest
 from p2pbackup.config import load_config
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.crypto.tags import which_device
-from p2pbackup.daemon.partner import PartnerService, load_grants
+from p2pbackup.daemon.partner import PartnerService
+from p2pbackup.repo.partner_store import load_grants
 from p2pbackup.daemon.peers import PeerManager
 from p2pbackup.device import init_device, open_device
 from p2pbackup.format.membership import OWNER, PARTNER

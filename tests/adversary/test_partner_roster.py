@@ -23,7 +23,8 @@ from p2pbackup import account, grants
 from p2pbackup.blobs.quota import QuotaExceeded
 from p2pbackup.config import load_config
 from p2pbackup.crypto.identity import DeviceIdentity, verify_signature
-from p2pbackup.daemon.partner import PartnerService, load_grants, refusal
+from p2pbackup.daemon.partner import PartnerService
+from p2pbackup.repo.partner_store import load_grants, refusal
 from p2pbackup.device import init_device, open_device
 from p2pbackup.errors import IntegrityError, PeerNotPaired
 from p2pbackup.format.membership import MEMBER, OWNER, PARTNER
@@ -104,7 +105,7 @@ async def test_after_devices_remove_the_partner_refuses_the_removed_device(world
 
     # B opens a session and is in the middle of it when A removes B.
     here, there = memory_pair()
-    session = asyncio.create_task(service._incoming(b.device_id, there))
+    session = asyncio.create_task(service.answer(b.device_id, there))
     await here.send(SyncSession(b.device_id, set(), valid_name=replica.is_object_name)
                     .data_to_send())
     assert await asyncio.wait_for(here.recv(), 10) is not None   # the partner answers
@@ -222,7 +223,7 @@ async def test_a_partner_over_its_quota_asks_for_no_pack_and_its_owner_rechecks_
     its name does."""
     from p2pbackup.backup.snapshot import take_snapshot
     from p2pbackup.daemon.peers import PeerState
-    from p2pbackup.daemon.replicate import Replicator
+    from p2pbackup.replication.member import Replicator
     from p2pbackup.protocol.sync import ObjectWanted
     from tests.eventually import eventually
 
@@ -237,21 +238,21 @@ async def test_a_partner_over_its_quota_asks_for_no_pack_and_its_owner_rechecks_
     rechecked: list[str] = []
     real = owner._on_event
 
-    async def on_event(session, link, st, ev) -> None:
+    async def on_event(driver, st, ev) -> None:
         if isinstance(ev, ObjectWanted):
             wanted.append(ev.name)
-        await real(session, link, st, ev)
+        await real(driver, st, ev)
 
     owner._on_event = on_event                                        # type: ignore[method-assign]
     owner.check_pack_soon = lambda name, **kw: rechecked.append(name)  # type: ignore
     here, there = memory_pair()
     seen = PeerState(p.device_id)
     tasks = [asyncio.create_task(owner.run(p.device_id, here, seen)),
-             asyncio.create_task(service._incoming(a.identity.device_id, there))]
+             asyncio.create_task(service.answer(a.identity.device_id, there))]
 
     def settled() -> bool:
         got = owner.sessions.get(p.device_id)
-        return got is not None and got[0].queued == 0 and got[0].in_flight == 0 and \
+        return got is not None and got.session.queued == 0 and got.session.in_flight == 0 and \
             "quota exceeded" in (grant.last_error or "")
 
     try:
@@ -259,7 +260,7 @@ async def test_a_partner_over_its_quota_asks_for_no_pack_and_its_owner_rechecks_
         assert wanted and not [n for n in wanted if n.startswith("packs/")], wanted
         assert rechecked == []
         # The owner heard it in words all the same (its `status` shows the line).
-        heard = [r.getMessage() for r in caplog.records if r.module == "replicate"]
+        heard = [r.getMessage() for r in caplog.records if r.module == "member"]
         assert any(f"peer {p.device_id[:12]}: quota exceeded: storing packs" in m
                    for m in heard), heard
         assert "quota exceeded" in (seen.error or "")
@@ -395,7 +396,7 @@ async def test_a_roster_or_session_of_a_recovery_signer_the_roster_does_not_name
     # but the roster, which it may sign.
     assert answered(named)
     here, there = memory_pair()
-    session = asyncio.create_task(service._incoming(named.device_id, there))
+    session = asyncio.create_task(service.answer(named.device_id, there))
     await here.send(SyncSession(named.device_id, set(), valid_name=replica.is_object_name)
                     .data_to_send())
     assert await asyncio.wait_for(here.recv(), 10) is None

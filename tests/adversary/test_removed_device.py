@@ -8,7 +8,7 @@ import asyncio
 import logging
 
 from p2pbackup.daemon.peers import PeerState
-from p2pbackup.daemon.replicate import Replicator
+from p2pbackup.replication.member import Replicator
 from p2pbackup.protocol import fetch
 from p2pbackup.protocol.framing import encode
 from p2pbackup.transport.memory import memory_pair

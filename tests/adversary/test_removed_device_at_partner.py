@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from p2pbackup.blobs.local import LocalDirStore
-from p2pbackup.daemon.partner import load_grants
+from p2pbackup.repo.partner_store import load_grants
 from p2pbackup.format.roster import roster_name
 from tests.conftest import Cli, make_sample_tree
 from tests.eventually import eventually_sync

@@ -307,7 +307,7 @@ async def test_removing_an_owner_keeps_the_removals_it_made_before_and_refuses_l
     removing a device does not cancel what it removed. One B signs after its removal is
     refused, and one C never held while B was an owner does not count."""
     from p2pbackup import account
-    from p2pbackup.daemon.replicate import Replicator
+    from p2pbackup.replication.member import Replicator
     from p2pbackup.format.removal import Removal, removal_name, removal_object
     from p2pbackup.repo import membership as store_membership
     from p2pbackup.repo import removals

@@ -12,7 +12,7 @@ import os
 
 from p2pbackup.blobs import peer as peer_store
 from p2pbackup.daemon.peers import PeerState
-from p2pbackup.daemon.replicate import Replicator
+from p2pbackup.replication.member import Replicator
 from p2pbackup.protocol import fetch
 from p2pbackup.protocol.framing import Limits, encode
 from p2pbackup.protocol.sync import Closed, SyncSession

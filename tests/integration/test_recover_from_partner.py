@@ -18,7 +18,8 @@ import pytest
 
 from p2pbackup import account
 from p2pbackup.config import PeerSettings, load_config
-from p2pbackup.daemon.partner import PartnerService, load_grants, refusal
+from p2pbackup.daemon.partner import PartnerService
+from p2pbackup.repo.partner_store import load_grants, refusal
 from p2pbackup.device import open_device
 from p2pbackup.format.membership import PARTNER
 from p2pbackup.peer_fetch import PeerLocation, open_peer

@@ -212,7 +212,7 @@ async def test_log_segments_are_on_the_timeline_and_a_files_versions_include_the
     """Between snapshots the daemon's log holds every change: the timeline shows its sealed
     segments per device and source, and a file's versions list the ones from the log too,
     each downloadable as it was."""
-    from p2pbackup.daemon.capture import SealState, SegmentSealer
+    from p2pbackup.backup.seal import SealState, SegmentSealer
     from p2pbackup.format.log import GENESIS
 
     src = tmp_path / "src"
@@ -321,7 +321,7 @@ async def test_a_page_of_a_big_folder_decodes_only_that_page(repo, tmp_path: Pat
     """A folder's page is read from its tree without decoding the whole of it (the first
     page of 100,000 entries took over a second under load); the log replayed on top of a
     folder (a moment) still pages what it changed."""
-    from p2pbackup.daemon.capture import SealState, SegmentSealer
+    from p2pbackup.backup.seal import SealState, SegmentSealer
     from p2pbackup.format import records
     from p2pbackup.format.log import GENESIS
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from p2pbackup import session
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import load_config, load_keys
-from p2pbackup.daemon.replicate import flush
+from p2pbackup.replication.driver import flush
 from p2pbackup.protocol.sync import ObjectAcked, ObjectWanted, SyncSession
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.repo.replica import is_object_name

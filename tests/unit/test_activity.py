@@ -58,7 +58,7 @@ def test_a_session_says_what_it_received_and_what_is_still_to_come():
     a.send_object(wanted[0].name, objects[wanted[0].name])   # one object of four
     got = [e for e in b.receive_data(a.data_to_send()) if isinstance(e, ObjectReceived)]
     assert len(got) == 1
-    (view,) = sessions({"A" * 64: (b, None)})
+    (view,) = sessions({"A" * 64: b})
     assert view["kind"] == "replication" and view["phase"] == "receiving"
     assert view["received_objects"] == 1 and view["objects_behind"] == 3
     assert view["bytes_behind"] == 30_000 and view["done"] == view["received_bytes"] == 10_000
@@ -99,7 +99,7 @@ async def test_a_snapshot_is_listed_with_its_progress_while_it_reads(tmp_path: P
 
 
 async def test_the_daemons_replicator_lists_each_peer_session(tmp_path: Path):
-    from tests.unit.repo.test_replicate import running, two_repositories
+    from tests.unit.replication.test_member import running, two_repositories
 
     _src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
     async with running(ra, rb, a_id, b_id) as (_pa, _sb, _pb):
@@ -116,7 +116,7 @@ async def test_the_daemons_seal_is_listed_while_it_writes_the_segment(tmp_path: 
     from p2pbackup.crypto.identity import DeviceIdentity
     from p2pbackup.crypto.keys import AccountKeys
     from p2pbackup.config import Source
-    from p2pbackup.daemon.capture import SealState, SegmentSealer
+    from p2pbackup.backup.seal import SealState, SegmentSealer
     from p2pbackup.format.log import GENESIS
     from p2pbackup.repo.repository import Repository
 

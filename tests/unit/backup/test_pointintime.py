@@ -60,7 +60,7 @@ async def test_rescan_compares_with_this_devices_snapshot_not_a_peers_newer_one(
         repo: Repository, tmp_path: Path):
     from p2pbackup.blobs.local import LocalDirStore
     from p2pbackup.crypto.identity import DeviceIdentity
-    from p2pbackup.daemon.capture import SealState, SegmentSealer
+    from p2pbackup.backup.seal import SealState, SegmentSealer
     from p2pbackup.daemon.rescan import rescan
 
     src, theirs = tmp_path / "src", tmp_path / "theirs"
@@ -96,7 +96,7 @@ async def test_the_log_records_a_wal_databases_commit_as_the_database_never_its_
     never stores them either)."""
     import sqlite3
 
-    from p2pbackup.daemon.capture import SealState, SegmentSealer
+    from p2pbackup.backup.seal import SealState, SegmentSealer
 
     src = tmp_path / "src"
     src.mkdir()

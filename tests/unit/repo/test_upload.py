@@ -340,7 +340,7 @@ async def test_token_bucket_waits_off_a_debt():
 
 
 async def test_objects_replicated_from_a_peer_are_uploaded_when_they_arrive(tmp_path):
-    from .test_replicate import running, two_repositories
+    from tests.unit.replication.test_member import running, two_repositories
 
     _, a_id, b_id, ra, rb = await two_repositories(tmp_path)
     remote = WatchedStore(tmp_path / "remote")

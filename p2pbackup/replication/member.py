@@ -1,8 +1,11 @@
-"""Replication over one peer session: the sync protocol between this store and the peer's.
+"""A member's side of replication: the sync protocol between this store and each peer's.
 
-Every object the peer sends is checked by `repo.replica.accept` before it is stored (a
-hostile peer plants nothing); what we seal is announced at once, so peers pull it within a
-second instead of polling.
+`Replicator.run` takes a session's control link (whatever carries it: the data channel on the
+LAN, a relayed link elsewhere), `Replicator.use_lane` a bulk lane for it; each session runs on
+a `driver.SessionDriver`. Every object the peer sends is checked by `repo.replica.accept`
+before it is stored (a hostile peer plants nothing); what we seal is announced at once, so
+peers pull it within a second instead of polling. Damaged packs of ours are checked and asked
+for again from the peers; reads of this store by a member (`serve`) run here too.
 """
 
 from __future__ import annotations
@@ -11,34 +14,56 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
-from p2pbackup import activity
-from p2pbackup.blobs import peer as peer_store
-from p2pbackup.blobs.local import join_for_direct_write
-from p2pbackup.errors import IntegrityError, NameMismatch, NotFound, P2PError
-from p2pbackup.protocol.sync import (MISMATCH, Closed, Event, LaneOffered, ObjectAcked,
-                                     ObjectReceived, ObjectRejected, ObjectWanted, PeerNotice,
-                                     SyncSession)
-from p2pbackup.format.removal import PREFIX, Removal
-from p2pbackup.repo import membership as store_membership
-from p2pbackup.repo import intake, removals, replica
-from p2pbackup.repo.intake import PackIntake
-from p2pbackup.transport.datachannel import MESSAGE_SIZE, PeerLink
-from p2pbackup.transport.pending import ConnectionLimits
-from p2pbackup.transport.tls_lane import (LaneIdentity, LaneLink, LaneServer, _normalize,
-                                          connect_lane)
+from .. import activity
+from ..blobs import peer as peer_store
+from ..blobs.local import join_for_direct_write
+from ..errors import IntegrityError, NotFound, P2PError
+from ..format.removal import PREFIX, Removal
+from ..protocol.sync import (MISMATCH, Closed, Event, LaneOffered, ObjectAcked, ObjectReceived,
+                             ObjectRejected, ObjectWanted, PeerNotice, SyncSession)
+from ..repo import intake, removals, replica
+from ..repo import membership as store_membership
+from ..repo.intake import PackIntake
+from ..transport.link import BulkLane, MessageLink
+from ..transport.pending import ConnectionLimits
+from ..transport.tls_lane import LaneIdentity, LaneLink, LaneServer, _normalize, connect_lane
+from .driver import LANE_PIECE, SessionDriver, refuse
 
-from .gate import WriteGate
-
-if TYPE_CHECKING:
-    from .peers import PeerState
-
-log = logging.getLogger("p2pbackupd")
+log = logging.getLogger("p2pbackup.replication")
 
 
-LANE_PIECE = 1024 * 1024
+class PeerStatus(Protocol):
+    """What a session reports about its peer as it goes (the daemon's `status` shows it;
+    daemon/peers.py `PeerState` is one)."""
+
+    device: str
+    addresses: list[str]             # where its direct lane may be dialled
+    path: str | None                 # "data channel" or "direct lane"
+    last_sync: float | None
+    objects_behind: int | None
+    bytes_behind: int | None
+    error: str | None
+
+
+class WriteGate(Protocol):
+    """What objects from peers pass through before they are stored (a daemon's pause closes
+    it: they wait, they are not refused)."""
+
+    def passing(self) -> AbstractAsyncContextManager[None]: ...
+
+
+class OpenGate:
+    """A gate that never closes (nothing pauses the writers)."""
+
+    @contextlib.asynccontextmanager
+    async def passing(self) -> AsyncIterator[None]:
+        yield
+
+
 PACK_INTAKE = 3              # packs handed to the 2 pack workers at once: one waits its turn
 WINDOW = 80 * 1024 * 1024    # unacknowledged bytes in flight: packs arriving, queued, checked
 # (A/B of 4 runs each, bench/bench_replication.py (c): 2 packs / 48 MiB gave 133-173 MB/s,
@@ -61,20 +86,19 @@ class Replicator:
         # When this device first held each removal record, and who signed it then.
         self.seen = seen or removals.FirstSeen(None)
         self.connection_limits = connection_limits
-        self.gate = gate or WriteGate()  # objects wait at it while the daemon is paused
+        self.gate = gate or OpenGate()  # objects wait at it while the daemon is paused
         self.stall = stall
         self.retry = retry
         self._retries: dict[str, float] = {}   # pack -> delay before asking for it again
-        self.sessions: dict[str, tuple[SyncSession, PeerLink]] = {}
-        self.lanes: dict[str, LaneLink] = {}
+        self.sessions: dict[str, SessionDriver] = {}
         self.direct_lane = direct_lane
         self.lane_identity: LaneIdentity | None = None
         self.lane_server: LaneServer | None = None
         self.lane_port = 0
         self._lane_peers: dict[str, str] = {}   # expected fingerprint -> device
         self._fetch_lanes: dict[str, str] = {}  # fingerprint -> device reading this store
-        self._reading: dict[str, set[PeerLink | LaneLink]] = {}   # device -> its read sessions
-        self._states: dict[str, "PeerState"] = {}
+        self._reading: dict[str, set[MessageLink]] = {}   # device -> its read sessions
+        self._states: dict[str, PeerStatus] = {}
         self.on_membership: Callable[[], Awaitable[None]] | None = None
         # Called when an object from a peer was stored (the configured stores get it too).
         self.on_stored: Callable[[], None] | None = None
@@ -90,12 +114,12 @@ class Replicator:
         self._intake = asyncio.Semaphore(PACK_INTAKE)
         self._packs_in: dict[str, set[asyncio.Task[None]]] = {}   # per peer, being taken in
         self._unsynced = False      # packs written without fsync since the last store sync
-        self._send_locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
         # Packs are checked and written by worker processes, out of this one's GIL.
         self.pack_workers = PackIntake(repo.store.root) \
             if repo.store.capabilities.local_disk and intake.available() else None
-        activity.ACTIVITIES.follow(self, lambda r: activity.sessions(r.sessions))
+        activity.ACTIVITIES.follow(self, lambda r: activity.sessions(
+            {device: drv.session for device, drv in r.sessions.items()}))
 
     def _join_object(self, name: str, parts: list, total: int) -> bytes | memoryview:
         # A pack goes to a worker in shared memory, or is written once and not read soon (an
@@ -151,7 +175,7 @@ class Replicator:
         device = self._lane_peers.get(_normalize(lane.peer_fingerprint))
         if device is None or device not in self.sessions:
             return
-        await self._use_lane(device, lane)
+        await self.use_lane(device, lane)
 
     async def _dial_lane(self, device: str, fp: str, port: int) -> None:
         st = self._states.get(device)
@@ -164,7 +188,7 @@ class Replicator:
                             device[:12], addr, exc)
                 continue
             try:
-                await self._use_lane(device, lane)
+                await self.use_lane(device, lane)
             finally:
                 await lane.close()
             return
@@ -177,61 +201,52 @@ class Replicator:
     async def _no_lane(self, device: str, why: str = "", session: SyncSession | None = None
                        ) -> None:
         """The direct lane did not come up: what waited for it goes over the data channel."""
-        got = self.sessions.get(device)
-        st = self._states.get(device)
-        if got is None or st is None or got[0].bulk_up or got[0].closed \
-                or session is not None and got[0] is not session:
+        drv = self.sessions.get(device)
+        if drv is None or device not in self._states or drv.session.bulk_up \
+                or drv.session.closed or session is not None and drv.session is not session:
             return
-        s, link = got
         if why:
             log.info("peer %s: %s; sending over the data channel", device[:12], why)
-        s.bulk_lane_down()
         try:
-            await self._handle(s, link, st, s.next_wanted())
+            await drv.lane_down()
         except P2PError:
             pass   # the session is ending; its loop says why
 
-    async def _use_lane(self, device: str, lane: LaneLink) -> None:
-        got = self.sessions.get(device)
+    async def use_lane(self, device: str, lane: BulkLane) -> None:
+        """Carry the bulk of `device`'s open session over `lane` until it drops, then go
+        back to the session's control link. The caller closes `lane`."""
+        drv = self.sessions.get(device)
         st = self._states.get(device)
-        if got is None or st is None:
+        if drv is None or st is None:
             return
-        s, link = got
-        self.lanes[device] = lane
-        s.bulk_lane_up()
         st.path = "direct lane"
         log.info("peer %s: bulk moved to the direct lane", device[:12])
         try:
-            await self._handle(s, link, st, s.next_wanted())
-            await pump(s, lane, lambda ev: self._on_event(s, link, st, ev),
-                       self._sender(s, link, st), on="bulk")
+            await drv.run_lane(lane)
         except P2PError as exc:
             log.warning("direct lane with %s dropped: %s", device[:12], exc)
         finally:
-            self.lanes.pop(device, None)
-            if not s.closed and device in self.sessions:
-                s.bulk_lane_down()
+            if not drv.session.closed and device in self.sessions:
                 st.path = "data channel"
                 log.info("peer %s: back on the data channel", device[:12])
-                await self._handle(s, link, st, s.next_wanted())
+                await drv.lane_down()
 
     async def close_unless(self, allowed: Callable[[str], bool]) -> None:
         """Close at once every session, direct lane and read of a device no longer `allowed`
         (the membership changed: it was removed), with one log line per device."""
-        devices = set(self.sessions) | set(self.lanes) | set(self._reading)
+        devices = set(self.sessions) | set(self._reading)
         for device in sorted(d for d in devices if not allowed(d)):
-            closing: list[PeerLink | LaneLink] = []
+            closing: list[MessageLink] = []
             what: list[str] = []
-            if (got := self.sessions.get(device)) is not None:
-                s, link = got
-                s.close("this device was removed from the account")
+            if (drv := self.sessions.get(device)) is not None:
+                drv.session.close("this device was removed from the account")
                 with contextlib.suppress(P2PError):
-                    await self._flush(s, link, device)   # it hears why, if it still listens
-                closing.append(link)
+                    await drv.send()   # it hears why, if it still listens
+                closing.append(drv.control)
                 what.append("session")
-            if (lane := self.lanes.pop(device, None)) is not None:
-                closing.append(lane)
-                what.append("direct lane")
+                if (lane := drv.lane) is not None:
+                    closing.append(lane)
+                    what.append("direct lane")
             if reads := self._reading.pop(device, set()):
                 closing += reads
                 what.append(f"{len(reads)} reading sessions")
@@ -250,46 +265,51 @@ class Replicator:
         if not self.sessions:
             return
         names = await replica.offered_names(self.repo)
-        for device, (s, link) in list(self.sessions.items()):
+        for drv in list(self.sessions.values()):
+            s = drv.session
             new = sorted(names - s.have, key=replica.transfer_order)
             head = f"heads/{self.me}"
             if head in names and head not in new:
                 new.append(head)  # heads change in place
             if new:
                 s.announce(new)
-                await self._flush(s, link, device)
+                await drv.send()
 
-    async def run(self, device: str, link: PeerLink, st: "PeerState",
+    async def run(self, device: str, link: MessageLink, st: PeerStatus,
                   first: bytes | None = None) -> None:
-        """One session, until either side closes it (`first`: a message already read)."""
+        """One session with `device` over `link` (its control link), until either side closes
+        it (`first`: a message already read from it). `st` follows its progress."""
         names = await replica.offered_names(self.repo)
         sizes = {n: await self.repo.store.size(n) for n in names}
         s = SyncSession(self.me, names, valid_name=replica.is_object_name, sizes=sizes,
                         wants=lambda name: name not in self.tombstones, window=WINDOW,
                         join=self._join_object)
-        self._send_locks[device] = asyncio.Lock()
+
+        def progress() -> None:
+            st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
+
+        drv = SessionDriver(s, link, lambda ev: self._on_event(drv, st, ev), on_send=progress)
         self._packs_in[device] = set()
-        self.sessions[device] = (s, link)
+        self.sessions[device] = drv
         self._states[device] = st
         if self.lane_server is not None:
             s.offer_lane(self.lane_server.fingerprint, self.lane_port)
-        watch = asyncio.get_running_loop().create_task(self._watch(s, link, device))
+        watch = asyncio.get_running_loop().create_task(self._watch(drv, device))
         try:
-            await pump(s, link, lambda ev: self._on_event(s, link, st, ev),
-                       self._sender(s, link, st), first)
+            await drv.run(first)
         finally:
             watch.cancel()
             await self._settle(device)
             self._packs_in.pop(device, None)
             self.sessions.pop(device, None)
             self._states.pop(device, None)
-            lane = self.lanes.pop(device, None)
-            if lane is not None:
-                await lane.close()
+            if drv.lane is not None:
+                await drv.lane.close()
 
-    async def _watch(self, s: SyncSession, link: PeerLink, device: str) -> None:
+    async def _watch(self, drv: SessionDriver, device: str) -> None:
         """Ask again for what we wait on when nothing at all arrived for `stall` seconds: an
         object lost on the way (a bug, a peer's) must not stall replication until restart."""
+        s = drv.session
         seen, since = s.bytes_in, time.monotonic()
         while not s.closed:
             await asyncio.sleep(self.stall / 4)
@@ -298,7 +318,7 @@ class Replicator:
                             "asked for them again", device[:12], stalled,
                             s.limits.partial_timeout)
                 try:
-                    await self._flush(s, link, device)
+                    await drv.send()
                 except P2PError:
                     return   # the session is ending; its loop says why
             if s.bytes_in != seen or not s.pending:
@@ -309,12 +329,12 @@ class Replicator:
                 log.warning("peer %s: nothing arrived for %.0f s while %d objects are awaited; "
                             "asked for them again", device[:12], self.stall, n)
                 try:
-                    await self._flush(s, link, device)
+                    await drv.send()
                 except P2PError:
                     return   # the session is ending; its loop says why
                 since = time.monotonic()
 
-    async def serve(self, device: str, link: PeerLink | LaneLink, first: bytes | None = None,
+    async def serve(self, device: str, link: MessageLink, first: bytes | None = None,
                     *, on_lane: bool = False) -> None:
         """A member reads this store (restore or recover from a peer): objects only; what it
         writes goes through the same checks as replication; nothing is deleted. It may ask
@@ -353,21 +373,8 @@ class Replicator:
             if self._fetch_lanes.pop(fp, None) is not None and self.lane_server is not None:
                 self.lane_server.forget(fp)
 
-    async def _handle(self, s: SyncSession, link: PeerLink, st: "PeerState",
-                      events: list[Event]) -> None:
-        """Act on `events` and on what follows from them (`drive`)."""
-        await drive(s, events, lambda ev: self._on_event(s, link, st, ev),
-                    self._sender(s, link, st))
-
-    def _sender(self, s: SyncSession, link: PeerLink, st: "PeerState"
-                ) -> Callable[[], Awaitable[None]]:
-        async def send() -> None:
-            st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
-            await self._flush(s, link, st.device)
-        return send
-
-    async def _on_event(self, s: SyncSession, link: PeerLink, st: "PeerState",
-                        ev: Event) -> None:
+    async def _on_event(self, drv: SessionDriver, st: PeerStatus, ev: Event) -> None:
+        s = drv.session
         if isinstance(ev, ObjectWanted):
             try:
                 if replica.is_damaged(self.repo, ev.name):   # listed before it was found out
@@ -380,7 +387,7 @@ class Replicator:
             # arrive: up to PACK_INTAKE at once.
             tasks = self._packs_in.setdefault(st.device, set())
             task = asyncio.get_running_loop().create_task(
-                self._take_pack(s, link, st, ev.name, ev.data))
+                self._take_pack(drv, st, ev.name, ev.data))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         elif isinstance(ev, ObjectReceived):
@@ -454,12 +461,9 @@ class Replicator:
                     damage.reason)
         if self.on_damage is not None:
             await self.on_damage()
-        for device, (s, link) in list(self.sessions.items()):
-            st = self._states.get(device)
-            if st is None:
-                continue
+        for drv in list(self.sessions.values()):
             try:
-                await self._handle(s, link, st, s.lost([f"packs/{name}"]))
+                await drv.handle(drv.session.lost([f"packs/{name}"]))
             except P2PError:
                 pass   # the session is ending; the next one's inventories ask for it
         return True
@@ -470,17 +474,9 @@ class Replicator:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _flush(self, s: SyncSession, link: PeerLink, device: str) -> None:
-        # Concurrent flushes (session loop, lane loop, pack intake) would interleave the
-        # pieces of their frames.
-        async with self._send_locks.setdefault(device, asyncio.Lock()):
-            # The lane is looked up once the control frames are out: the direct lane may have
-            # come up meanwhile and the session queued parts for it (a lane read before the
-            # control send was None, and those parts were dropped: the peer waited forever).
-            await flush(s, link, lambda: self.lanes.get(device))
-
-    async def _take_pack(self, s: SyncSession, link: PeerLink, st: "PeerState", name: str,
-                         data: bytes) -> None:
+    async def _take_pack(self, drv: SessionDriver, st: PeerStatus, name: str, data: bytes
+                         ) -> None:
+        s = drv.session
         async with self._intake:
             try:
                 async with self.gate.passing():
@@ -498,7 +494,7 @@ class Replicator:
                 log.warning("could not store %s from peer %s: %s; asking for it again in "
                             "%.0f s", name[:40], st.device[:12], exc, delay)
                 s.reject(name, str(exc))
-                self._spawn(self._ask_again(s, link, st, name, delay))
+                self._spawn(self._ask_again(drv, st, name, delay))
             else:
                 self._retries.pop(name, None)
                 s.ack(name)
@@ -512,18 +508,17 @@ class Replicator:
         if s.pending == 0 and len(self._packs_in.get(st.device, ())) <= 1:
             await self._sync_store()   # caught up: make it durable now
         try:
-            await self._flush(s, link, st.device)
+            await drv.send()
         except P2PError:
             pass  # the session is ending; its loop says why
 
-    async def _ask_again(self, s: SyncSession, link: PeerLink, st: "PeerState", name: str,
-                         delay: float) -> None:
+    async def _ask_again(self, drv: SessionDriver, st: PeerStatus, name: str, delay: float
+                         ) -> None:
         await asyncio.sleep(delay)
-        got = self.sessions.get(st.device)
-        if got is None or got[0] is not s or s.closed:
+        if self.sessions.get(st.device) is not drv or drv.session.closed:
             return   # the next session's inventories ask for it
         try:
-            await self._handle(s, link, st, s.ask_again([name]))
+            await drv.handle(drv.session.ask_again([name]))
         except P2PError:
             pass   # the session is ending; its loop says why
 
@@ -538,72 +533,3 @@ class Replicator:
         if self._unsynced:
             self._unsynced = False
             await self.repo.store.sync()
-
-
-def refuse(s: SyncSession, name: str, exc: P2PError) -> None:
-    """Tell the peer why `name` was not taken; a content that does not match its name says so
-    in the frame's code, so that the peer checks its copy (and not for any other refusal)."""
-    s.reject(name, str(exc), code=MISMATCH if isinstance(exc, NameMismatch) else None)
-
-
-async def drive(s: SyncSession, events: list[Event],
-                on_event: Callable[[Event], Awaitable[None]],
-                send: Callable[[], Awaitable[None]]) -> None:
-    """Hand `events` to `on_event` in turn and `send` what the session queued (also when no
-    event came), then go on with the objects the window lets it send next, until it has
-    nothing more to do."""
-    while True:
-        for ev in events:
-            await on_event(ev)
-        await send()
-        events = s.next_wanted()
-        if not events:
-            return
-
-
-async def pump(s: SyncSession, link: PeerLink | LaneLink,
-               on_event: Callable[[Event], Awaitable[None]], send: Callable[[], Awaitable[None]],
-               first: bytes | None = None, *, on: str = "control") -> None:
-    """Run session `s` until either side ends it or `link` closes: what `link` brings (the
-    session's lane `on`; `first`: a message already read) goes through `drive`. The one
-    session loop of the daemon's replication (data channel and direct lane) and of a storage
-    partner's."""
-    await send()
-    if first is not None:
-        await drive(s, s.receive_data(first, on), on_event, send)
-    while not s.closed:
-        msg = await link.recv()
-        if msg is None:
-            return
-        await drive(s, s.receive_data(msg, on), on_event, send)
-
-
-async def flush(s: SyncSession, link: PeerLink,
-                lane: LaneLink | Callable[[], LaneLink | None] | None = None) -> None:
-    """Send what the session has queued: control frames on the link, parts on the lane
-    (`lane` may be a function giving the current lane, asked after the control frames).
-
-    On the lane each message holds whole frames (about LANE_PIECE bytes of them), written
-    from the session's buffers without copying: the receiver parses them where they lie."""
-    data = s.data_to_send()
-    for i in range(0, len(data), MESSAGE_SIZE):
-        await link.send(data[i:i + MESSAGE_SIZE])
-    if callable(lane):
-        lane = lane()
-    if lane is None:
-        # Parts are queued for the lane only while it is up (`bulk_lane_up`/`_down` follow
-        # `Replicator.lanes`), so there are none to send.
-        return
-    frames = s.frames_to_send("bulk")
-    if not frames:
-        return
-    batch: list = []
-    size = 0
-    for frame in frames:
-        batch += frame
-        size += sum(len(b) for b in frame)
-        if size >= LANE_PIECE:
-            await lane.send_buffers(batch)
-            batch, size = [], 0
-    if batch:
-        await lane.send_buffers(batch)

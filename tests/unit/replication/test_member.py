@@ -16,7 +16,7 @@ from p2pbackup.config import Source
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.crypto.keys import AccountKeys
 from p2pbackup.daemon.peers import PeerState
-from p2pbackup.daemon.replicate import Replicator
+from p2pbackup.replication.member import Replicator
 from p2pbackup.repo.repository import Repository
 from p2pbackup.transport.memory import memory_pair
 
@@ -240,4 +240,38 @@ async def test_a_pack_that_rotted_is_refused_once_then_never_sent_again(tmp_path
     assert f"packs/{name}" not in await local_names(ra)
     async with running(ra, rb, a_id, b_id) as (pa, _sb, _pb):
         await eventually(lambda: b_id.device_id in pa.sessions)
-        assert f"packs/{name}" not in pa.sessions[b_id.device_id][0].have   # not offered
+        assert f"packs/{name}" not in pa.sessions[b_id.device_id].session.have   # not offered
+
+
+async def test_a_session_takes_a_bulk_lane_from_whoever_opens_one(tmp_path: Path):
+    """`Replicator.use_lane` takes any bulk lane (here an in-memory one; the TLS lane in the
+    product, a relayed one later): new packs go over it, and over the control link again
+    once it drops; status says which path the peer is on."""
+    from p2pbackup.transport.memory import memory_pair as lane_pair
+
+    from tests.eventually import eventually
+
+    src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
+    async with running(ra, rb, a_id, b_id) as (pa, sb, pb):
+        async def b_has_all() -> bool:
+            return {n async for n in ra.store.list("")} <= {n async for n in rb.store.list("")}
+        await eventually(b_has_all)
+        lane_a, lane_b = lane_pair(max_message_size=4 * 1024 * 1024)
+        lanes = [asyncio.create_task(pa.use_lane(b_id.device_id, lane_a)),
+                 asyncio.create_task(pb.use_lane(a_id.device_id, lane_b))]
+        await eventually(lambda: sb.path == "direct lane")
+        (src / "two").write_bytes(os.urandom(400_000))
+        await take_snapshot(ra, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
+        await pa.announce_new()
+        await eventually(b_has_all)
+        assert lane_a.bytes_sent >= 400_000   # the new pack took the lane
+
+        await lane_a.close()
+        await asyncio.gather(*lanes)
+        assert sb.path == "data channel"
+        sent = lane_a.bytes_sent
+        (src / "three").write_bytes(os.urandom(400_000))
+        await take_snapshot(ra, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
+        await pa.announce_new()
+        await eventually(b_has_all)
+        assert lane_a.bytes_sent == sent and len((await rb.list_snapshots())[0]) == 3

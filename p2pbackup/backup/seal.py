@@ -1,5 +1,8 @@
 """Turning file-system events into log changes, and sealing them into segments.
 
+The daemon's watcher hands each changed path to `SegmentSealer.capture` and seals on its
+schedule; nothing here watches or schedules.
+
 Each event path is looked at once more when it is handled (the event only says "look here"):
 gone means `del`; a file is read (its chunks stored) and becomes a `put` with its new entry; a
 directory that appears is walked, since inotify reports only the directory itself. Entries are
@@ -17,19 +20,19 @@ import stat as statmod
 import time
 from dataclasses import dataclass, field
 
-from p2pbackup import activity
-from p2pbackup.backup import sqlite_capture
-from p2pbackup.backup.files import FileReader
-from p2pbackup.backup.names import show_path
-from p2pbackup.backup.sink import BlobSink
-from p2pbackup.config import Source
-from p2pbackup.crypto.identity import DeviceIdentity
-from p2pbackup.format.log import DEL, PUT, Change, ChangeList, Head, Segment, SegmentPart
-from p2pbackup.format.records import DIR, TreeEntry
-from p2pbackup.repo.logstore import LogStore
-from p2pbackup.repo.repository import Repository
+from .. import activity
+from ..config import Source
+from ..crypto.identity import DeviceIdentity
+from ..format.log import DEL, PUT, Change, ChangeList, Head, Segment, SegmentPart
+from ..format.records import DIR, TreeEntry
+from ..repo.logstore import LogStore
+from ..repo.repository import Repository
+from . import sqlite_capture
+from .files import FileReader
+from .names import show_path
+from .sink import BlobSink
 
-log = logging.getLogger("p2pbackupd")
+log = logging.getLogger("p2pbackup.seal")
 
 
 @dataclass(slots=True)
