@@ -564,9 +564,11 @@ class Console:
         if self.backend.devices is None:
             raise NotFound("this home has no account devices (a storage partner only)")
         doc = await self.backend.devices()
-        peers = {p["device"]: p for p in (await self.backend.status()).get("peers", [])}
+        status = await self.backend.status()
+        peers = {p["device"]: p for p in status.get("peers", [])}
         for d in doc["devices"]:
             d["peer"] = peers.get(d["id"])
+        doc["broker"] = status.get("broker")
         return doc
 
     async def api_devices(self, request: web.Request) -> web.Response:

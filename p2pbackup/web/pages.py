@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from ..sizes import format_size
-from ..views import peer_route
+from ..views import iso_time, peer_route
 
 NAV = (("/", "Status"), ("/snapshots", "Snapshots"), ("/timeline", "Timeline"),
        ("/devices", "Devices"), ("/verify", "Verify"))
@@ -202,6 +202,9 @@ def devices(doc: dict[str, Any], can_change: bool) -> str:
         if peer and peer.get("objects_behind"):
             extra.append(f"{peer['objects_behind']} objects "
                          f"({format_size(peer.get('bytes_behind') or 0)}) behind")
+        if not d["this_device"]:
+            last = peer.get("last_sync") if peer else None
+            extra.append(f"last sync {iso_time(int(last * 1e9))}" if last else "never synced")
         if d["sources"] is not None:
             extra.append("sources " + ", ".join(d["sources"]))
         if d["quota"] is not None:
@@ -226,9 +229,21 @@ def devices(doc: dict[str, Any], can_change: bool) -> str:
     removed = (f'<p class="muted">removed: {escape(", ".join(r[:12] for r in doc["removed"]))}'
                "</p>" if doc["removed"] else "")
     return (f'<p>membership version {doc["version"]}, key epoch {doc["key_epoch"]}</p>'
+            + _broker(doc.get("broker")) +
             '<table class="list" id="devices"><thead><tr><th>Device</th><th>Role</th>'
             f'<th>State</th><th></th><th></th></tr></thead><tbody>{"".join(rows)}</tbody>'
             f'</table>{removed}<p id="remove-state" role="status"></p>{pair}')
+
+
+def _broker(broker: dict[str, Any] | None) -> str:
+    """Whether this device reaches the broker (devices off the LAN are found through it)."""
+    if broker is None:
+        return '<p id="broker" class="muted">no broker ([broker] url in config.toml): ' \
+               "devices are found on the LAN and at their static addresses</p>"
+    state = "connected" if broker["connected"] else \
+        "not connected" + (f" ({broker['last_error']})" if broker.get("last_error") else "")
+    return (f'<p id="broker" class="{"online" if broker["connected"] else "offline"}">'
+            f'broker {escape(broker["url"])}: {escape(state)}</p>')
 
 
 def verify() -> str:

@@ -357,3 +357,53 @@ async def test_a_page_of_a_big_folder_decodes_only_that_page(repo, tmp_path: Pat
     assert page["total"] == 3000 and len(page["entries"]) == 100
     assert page["entries"][0]["name"] == "f02900" and page["entries"][-1]["name"] == "f02999"
     assert now["total"] == 2999 and now["entries"][0]["name"] == "f00001"
+
+
+async def test_the_devices_page_shows_each_path_last_sync_and_the_broker(repo):
+    """Devices: each device and partner of the account, online or not, the path to it
+    ("data channel (TURN relay)" through the broker's TURN server), bytes behind, when it
+    last synced, a partner's quota; and whether this device reaches the broker."""
+    import datetime as dt
+
+    me, laptop, partner = "a" * 64, "b" * 64, "c" * 64
+    synced = time.time() - 3600
+
+    async def status() -> dict:
+        return {"device": me, "pid": 1, "errors": [],
+                "broker": {"url": "wss://broker.example.org", "connected": True,
+                           "last_error": None},
+                "peers": [{"device": laptop, "name": "laptop", "connected": True,
+                           "on_lan": False, "path": "data channel", "ice_path": "relay",
+                           "objects_behind": 3, "bytes_behind": 3 << 20,
+                           "last_sync": synced, "error": None},
+                          {"device": partner, "name": "nas", "connected": False,
+                           "on_lan": False, "path": None, "ice_path": None,
+                           "objects_behind": None, "bytes_behind": None,
+                           "last_sync": None, "error": None}]}
+
+    async def devices() -> dict:
+        member = {"sources": None, "quota": None, "added": None, "this_device": False}
+        return {"version": 3, "key_epoch": 1, "removed": [], "devices": [
+            {**member, "id": me, "name": "desk", "role": "owner", "this_device": True},
+            {**member, "id": laptop, "name": "laptop", "role": "owner"},
+            {**member, "id": partner, "name": "nas", "role": "partner", "quota": 50 << 30}]}
+
+    c = Console(Backend(repo, (), status, devices=devices))
+    port = await c.start("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            cookie, _ = await _login(c, base, http)
+            async with http.get(f"{base}/devices", headers={"Cookie": cookie}) as r:
+                page = await r.text()
+    finally:
+        await c.close()
+    rows = {name: page.split(f"<td>{name}<br>", 1)[1].split("</tr>", 1)[0]
+            for name in ("desk", "laptop", "nas")}
+    when = dt.datetime.fromtimestamp(synced).astimezone().isoformat(timespec="seconds")
+    assert "online, over the data channel (TURN relay)" in rows["laptop"]
+    assert "3 objects (3.0 MiB) behind" in rows["laptop"]
+    assert f"last sync {when}" in rows["laptop"]
+    assert "offline" in rows["nas"] and "never synced" in rows["nas"]
+    assert "quota 50.0 GiB" in rows["nas"]
+    assert 'id="broker"' in page and "broker wss://broker.example.org: connected" in page
