@@ -355,3 +355,36 @@ def test_the_daemons_work_is_drawn_as_live_progress_bars(browser):
         work.clear()
         page.wait_for_selector("#work:has-text('idle')")
         page.close()
+
+
+def _fits_the_width(page) -> bool:
+    """Nothing wider than the window: no sideways scrolling at phone width."""
+    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_the_status_page_says_each_path_the_broker_and_the_stores_at_phone_width(browser):
+    """The pushed status in words, at a phone's width (390 px, the context's viewport): a peer
+    reached through the broker's TURN server is "over the data channel (TURN relay)", the
+    broker connection and each store's upload state (behind, its last error) are said."""
+    peer = {"device": "b" * 64, "name": "laptop", "connected": True, "on_lan": False,
+            "path": "data channel", "ice_path": "relay", "objects_behind": None,
+            "last_sync": None, "error": None}
+    broker = {"url": "wss://broker.example.org", "connected": False,
+              "last_error": "connection refused"}
+    store = {"location": "s3://bucket/backup", "reachable": False, "objects_behind": 4,
+             "bytes_behind": 5 << 20, "last_upload": None,
+             "last_error": "the store cannot be reached: timed out", "uploaded": 0,
+             "uploaded_bytes": 0}
+    with _console_of(lambda: _status(peers=[peer], broker=broker, stores=[store])) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("#peers li.online")
+        assert "laptop (bbbbbbbbbbbb): connected over the data channel (TURN relay)" in \
+            page.inner_text("#peers")
+        assert "broker wss://broker.example.org: not connected (connection refused)" in \
+            page.inner_text("#broker")
+        stores = page.inner_text("#stores")
+        assert "s3://bucket/backup: not reachable; 4 objects (5.0 MiB) to upload" in stores
+        assert "the store cannot be reached: timed out" in stores
+        assert _fits_the_width(page)
+        page.close()

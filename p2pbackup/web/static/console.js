@@ -52,7 +52,7 @@ function renderStatus(st) {
   rows.push(renderWork(st.activities || [], st.peers || []));
   const peers = el("ul", {id: "peers"});
   for (const p of st.peers || []) {
-    const where = p.connected ? `connected over the ${p.path}` :
+    const where = p.connected ? `connected over the ${route(p)}` :
       (p.on_lan ? "on the LAN, not connected" : "offline");
     let extra = "";
     if (p.objects_behind) extra += `; ${p.objects_behind} objects (${size(p.bytes_behind || 0)}) behind`;
@@ -64,6 +64,26 @@ function renderStatus(st) {
   rows.push(el("h2", {}, "Devices and partners"));
   rows.push(st.peers && st.peers.length ? peers : el("p", {class: "muted"},
     st.lan && !st.lan.enabled ? "LAN discovery is off" : "no other devices paired"));
+  if (st.broker) {
+    const b = st.broker;
+    rows.push(el("p", {id: "broker", class: b.connected ? "online" : "offline"},
+      `broker ${b.url}: ` + (b.connected ? "connected" :
+        "not connected" + (b.last_error ? ` (${b.last_error})` : ""))));
+  }
+  if (st.stores && st.stores.length) {
+    rows.push(el("h2", {}, "Stores"));
+    const ul = el("ul", {id: "stores"});
+    for (const s of st.stores) {
+      let text = `${s.location}: ` + (s.reachable === false ? "not reachable" :
+        (s.reachable ? "reachable" : "not tried yet"));
+      text += s.objects_behind ? `; ${s.objects_behind} objects (${size(s.bytes_behind)}) to upload` :
+        "; up to date";
+      if (s.last_upload) text += `; last upload ${ago(s.last_upload)}`;
+      if (s.last_error) text += `; ${s.last_error}`;
+      ul.append(el("li", {class: s.last_error ? "error" : ""}, text));
+    }
+    rows.push(ul);
+  }
   for (const g of st.partner_for || []) {
     rows.push(el("p", {}, `storage partner for account ${g.account}: ${size(g.used)} used`));
   }
@@ -77,6 +97,15 @@ function renderStatus(st) {
     rows.push(el("p", {class: "muted"}, "none"));
   }
   box.replaceChildren(...rows);
+}
+
+// How a data channel crosses the network, as p2pbackup.views.peer_route says it.
+const ICE_PATH = {host: "LAN", reflexive: "hole punched", relay: "TURN relay"};
+
+function route(p) {
+  const path = p.path || "data channel";
+  const words = ICE_PATH[p.ice_path] || p.ice_path;
+  return words && path === "data channel" ? `${path} (${words})` : path;
 }
 
 const WORK = {snapshot: "snapshot of", seal: "sealing the log segment", replication:
