@@ -87,8 +87,10 @@ def test_status_browse_download_and_restore(browser, device, tmp_path: Path):
     page.click("nav >> text=Snapshots")
     snap = json.loads(cli("snapshots", "--json").stdout)[-1]
     page.click(f"text={snap['short_id']}")
+    assert _fits_the_width(page), "Snapshots"
     page.click("text=docs/")
     assert "letter.txt" in page.inner_text("#entries")
+    assert _fits_the_width(page), "Browse"
     with page.expect_download() as got:
         page.click("tr:has-text('letter.txt') >> a.download")
     saved = tmp_path / "downloaded"
@@ -125,6 +127,10 @@ def test_status_browse_download_and_restore(browser, device, tmp_path: Path):
     page.wait_for_selector("#verify-state.done", timeout=60_000)
     assert "no problems found" in page.inner_text("#verify-state")
     assert "blobs read" in page.inner_text("#verify-state")
+    assert _fits_the_width(page), "Verify"
+    for name in ("Timeline", "Devices", "Status"):
+        page.click(f"nav >> text={name}")
+        assert _fits_the_width(page), name
     page.close()
 
 
