@@ -394,3 +394,44 @@ def test_the_status_page_says_each_path_the_broker_and_the_stores_at_phone_width
         assert "the store cannot be reached: timed out" in stores
         assert _fits_the_width(page)
         page.close()
+
+
+def test_the_browser_is_refused_without_a_token_with_a_wrong_one_cross_site_and_rebound(
+        browser, playwright, tmp_path: Path):
+    """In the browser: no token, a wrong token, a page of another origin that posts a form to
+    the signed-in console (the cookie goes with it: same site, another port), and the console
+    reached under a foreign name resolving to 127.0.0.1 (DNS rebinding) are all refused."""
+    with _console_of(lambda: _status()) as url:
+        base = url.split("/login", 1)[0]
+        page = browser.new_page()
+        assert page.goto(base + "/").status == 401
+        assert "p2pbackup web" in page.inner_text("body")
+        assert page.goto(base + "/login?token=" + "A" * 43).status == 401
+        assert "not valid" in page.inner_text("body")
+        assert page.goto(url).status == 200   # signed in: the session cookie is set
+        # Another origin's page (127.0.0.1 on another port) posts a form to the console.
+        evil = "http://127.0.0.1:9/evil.html"
+        page.route(evil, lambda route: route.fulfill(content_type="text/html", body=(
+            f'<form id="f" method="post" action="{base}/api/verify" '
+            'enctype="text/plain"><input name=\'{"read_data": true, "x": "\' '
+            'value=\'"}\'></form><script>document.getElementById("f").submit()</script>')))
+        with page.expect_response(f"{base}/api/verify") as posted:
+            page.goto(evil)
+        assert posted.value.status == 403
+        assert "refused" in posted.value.text()
+        assert page.goto(base + "/api/jobs").status == 200
+        assert json.loads(page.inner_text("body")) == []   # nothing was started
+        page.close()
+        # The console under another name (a rebinding attacker's domain) is refused.
+        port = base.rsplit(":", 1)[1]
+        rebound = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            args=ARGS + ["--host-resolver-rules=MAP rebind.example 127.0.0.1"])
+        try:
+            page = rebound.new_page()
+            assert page.goto(f"http://rebind.example:{port}/").status == 421
+            assert "its own address" in page.inner_text("body")
+            token = url.split("token=", 1)[1]
+            assert page.goto(f"http://rebind.example:{port}/login?token={token}").status == 421
+        finally:
+            rebound.close()
