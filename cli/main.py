@@ -13,8 +13,8 @@ import typer
 
 from p2pbackup.blobs import exit_process
 from p2pbackup.errors import EXIT_PARTIAL, ConfigError, IntegrityError, P2PError
-from p2pbackup.views import (activity_line, damage_json, snapshot_json, verify_json,
-                             verify_lines)
+from p2pbackup.views import (activity_line, repair_json, repair_lines, snapshot_json,
+                             verify_json, verify_lines)
 
 from . import output
 from .account_cmds import account_app, devices_app, pair, recover
@@ -303,31 +303,10 @@ def repair(sources: list[str] = typer.Option([], "--from", help="Another copy to
 
     report = _run(go())
     if as_json:
-        print(json.dumps({"checked": report.checked,
-                          "packs": [{"pack": r.pack, "reason": r.reason, "kept": r.salvaged,
-                                     "lost": r.lost, "healed_from": r.healed_from}
-                                    for r in report.repaired],
-                          "copied": report.copied,
-                          "lost": [damage_json(d) for d in report.lost]}, indent=2))
+        print(json.dumps(repair_json(report), indent=2))
         return
-    for r in report.repaired:
-        if r.healed_from:
-            print(f"pack {r.pack[:12]}: {r.reason}; replaced by the intact copy from "
-                  f"{r.healed_from} (the damaged copy is in quarantine/)")
-        else:
-            print(f"pack {r.pack[:12]}: {r.reason}; kept {r.salvaged} blobs, lost {r.lost}; "
-                  f"moved to quarantine/")
-    for location, n in report.copied.items():
-        print(f"copied {n} blob{'s' * (n != 1)} from {location}")
-    for d in report.lost:
-        print(f"lost: {d.line()}")
-    if report.lost:
-        print("run `p2pbackup snapshot` to store lost data again from the source files, "
-              "then `p2pbackup verify`")
-    elif report.copied:
-        print("every blob lost is back, copied from the other copies")
-    elif report.repaired:
-        print("nothing was lost")
+    for line in repair_lines(report):
+        print(line)
     else:
         print(f"no damaged packs ({report.checked} checked)")
 

@@ -23,8 +23,10 @@ from typing import Any
 
 from p2pbackup import account, activity, control
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
+from p2pbackup.backup.repair import RepairReport, repair_packs
 from p2pbackup.backup.seal import SealState, SegmentSealer
 from p2pbackup.backup.snapshot import take_snapshot
+from p2pbackup.backup.verify import VerifyProgress
 from p2pbackup.blobs import StoreSigner, exit_process, open_store
 from p2pbackup.blobs.base import BlobStore
 from p2pbackup.config import (Config, StoreSettings, load_config, load_identity,
@@ -406,6 +408,16 @@ class DeviceDaemon:
             await self.announce()
         return result
 
+    async def repair(self, progress: VerifyProgress) -> RepairReport:
+        """`repair` (no other copies) from the web console, between two seals as `forget`;
+        blobs it loses are stored again by the log and the next snapshot."""
+        await self.seal()
+        async with self.writing:
+            report = await repair_packs(self.dev.repo, progress=progress)
+            self.sealer.refresh_known()
+        await self.announce()
+        return report
+
     async def forget_damaged(self) -> None:
         """A pack was found damaged: blobs of it left the index, so the log stores them again
         (from the sources) instead of naming ones that cannot be read."""
@@ -587,7 +599,7 @@ async def serve(home: Path | None) -> int:
         if mine:
             d.last_snapshot = (mine[-1].id, mine[-1].snapshot.time_ns)
         ops = AccountOps(d)
-        d.web = WebService(config, dev, d.status, d.gate.passing, ops.handlers())
+        d.web = WebService(config, dev, d.status, d.gate.passing, ops.handlers(), d.repair)
         await d.web.start()
         server = ControlServer(config.control_socket, {"status": d.status,
                                                        "snapshot": d.snapshot,

@@ -9,6 +9,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from p2pbackup import account
+from p2pbackup.backup.repair import RepairReport
+from p2pbackup.backup.verify import VerifyProgress
 from p2pbackup.config import Config
 from p2pbackup.device import Device
 from p2pbackup.errors import ConfigError
@@ -26,14 +28,16 @@ class WebService:
     def __init__(self, config: Config, dev: Device,
                  status: Callable[[], Awaitable[dict[str, Any]]],
                  reading: Callable[[], AbstractAsyncContextManager[None]],
-                 account_ops: Mapping[str, Handler]) -> None:
+                 account_ops: Mapping[str, Handler],
+                 repair: Callable[[VerifyProgress], Awaitable[RepairReport]] | None = None
+                 ) -> None:
         self.config = config
         self.dev = dev
         ops = dict(account_ops)
         if "pair_start" in ops:
             ops["pair_start"] = self._pair_start(ops["pair_start"])
         self.console = Console(Backend(dev.repo, config.sources, status, reading,
-                                       devices=self.devices, account=ops)) \
+                                       devices=self.devices, account=ops, repair=repair)) \
             if config.web.enabled else None
         self.port = 0
         self.error = "" if config.web.enabled else "off ([web] enabled = false in config.toml)"

@@ -84,6 +84,38 @@ def verify_lines(report: Any) -> list[str]:
     return lines
 
 
+def repair_json(report: Any) -> dict[str, Any]:
+    """`repair --json`."""
+    return {"checked": report.checked,
+            "packs": [{"pack": r.pack, "reason": r.reason, "kept": r.salvaged, "lost": r.lost,
+                       "healed_from": r.healed_from} for r in report.repaired],
+            "copied": report.copied,
+            "lost": [damage_json(d) for d in report.lost]}
+
+
+def repair_lines(report: Any) -> list[str]:
+    """`repair`'s result in words: each pack repaired, what was copied, what is lost."""
+    lines = []
+    for r in report.repaired:
+        if r.healed_from:
+            lines.append(f"pack {r.pack[:12]}: {r.reason}; replaced by the intact copy from "
+                         f"{r.healed_from} (the damaged copy is in quarantine/)")
+        else:
+            lines.append(f"pack {r.pack[:12]}: {r.reason}; kept {r.salvaged} blobs, lost "
+                         f"{r.lost}; moved to quarantine/")
+    for location, n in report.copied.items():
+        lines.append(f"copied {n} blob{'s' * (n != 1)} from {location}")
+    lines += [f"lost: {d.line()}" for d in report.lost]
+    if report.lost:
+        lines.append("run `p2pbackup snapshot` to store lost data again from the source "
+                     "files, then `p2pbackup verify`")
+    elif report.copied:
+        lines.append("every blob lost is back, copied from the other copies")
+    elif report.repaired:
+        lines.append("nothing was lost")
+    return lines
+
+
 def member_json(m: Any, me: str) -> dict[str, Any]:
     return {"id": m.device_id, "name": m.name, "role": m.role,
             "sources": list(m.scopes) if m.scopes is not None else None,

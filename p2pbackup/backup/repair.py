@@ -28,7 +28,7 @@ from ..crypto.keys import MissingKey
 from ..errors import NotFound, P2PError
 from ..format.pack import PackBuilder, parse_trailer, trailer_length
 from ..repo.repository import PackExam, Repository, open_blob
-from .verify import Damage, Findings, check_references
+from .verify import Damage, Findings, VerifyProgress, check_references
 
 log = logging.getLogger("p2pbackup.repair")
 TAIL = 64 * 1024   # bytes read from the end of a pack in the hope that its trailer fits
@@ -55,12 +55,20 @@ class RepairReport:
     lost: list[Damage] = field(default_factory=list)       # still missing, and who uses it
 
 
-async def repair_packs(repo: Repository, *, sources: Sequence[BlobStore] = ()) -> RepairReport:
+async def repair_packs(repo: Repository, *, sources: Sequence[BlobStore] = (),
+                       progress: VerifyProgress | None = None) -> RepairReport:
     """Read every pack; heal damaged ones from `sources`, else salvage and quarantine them;
-    then fetch what is still missing from `sources`. Hold the writer lock."""
+    then fetch what is still missing from `sources`. Hold the writer lock. `progress` counts
+    the packs read (as verify's does)."""
     report = RepairReport()
     lost_with: dict[bytes, str] = {}   # blob id -> the damaged pack it was lost with
-    for name in sorted(set(repo.index.packs) | set(repo.index.damaged)):
+    names = sorted(set(repo.index.packs) | set(repo.index.damaged))
+    progress = progress or VerifyProgress()
+    progress.total_packs = len(names)
+    progress.expected_bytes = sum(repo.index.packs[n][2] for n in names if n in repo.index.packs)
+    for name in names:
+        progress.packs += 1
+        progress.bytes += repo.index.packs[name][2] if name in repo.index.packs else 0
         try:
             # (no `expected`: a pack whose trailer is lost is scanned, which also counts the
             # blobs that no longer read)

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from ..backup.names import show_path
 from ..backup.pointintime import Overlay, SegmentSummary, changes_of, log_summaries, plan
+from ..backup.repair import RepairReport
 from ..backup.restore import Restorer, RestoreProgress, restore
 from ..backup.verify import VerifyProgress, verify
 from ..config import Source
@@ -36,7 +37,7 @@ from ..repo.logstore import LogStore
 from ..repo.repository import Repository
 from ..repo.snapshots import StoredSnapshot
 from ..timeparse import TimeFormatError, parse_time
-from ..views import iso_time, moment_after, snapshot_json, verify_lines
+from ..views import iso_time, moment_after, repair_lines, snapshot_json, verify_lines
 from . import pages
 from .archive import tar_stream
 from .security import SESSION, Gate, middleware
@@ -76,6 +77,8 @@ class Backend:
     # devices_remove), the ones `p2pbackup pair` and `devices remove` use over the control
     # socket.
     account: Mapping[str, AccountHandler] = field(default_factory=dict)
+    # `repair` in the daemon, between two seals (it holds the store); None: not offered.
+    repair: Callable[[VerifyProgress], Awaitable[RepairReport]] | None = None
 
 
 @dataclass(slots=True)
@@ -186,6 +189,7 @@ class Console:
             web.get("/api/jobs", self.api_jobs),
             web.get("/verify", self.verify_page),
             web.post("/api/verify", self.api_verify),
+            web.post("/api/repair", self.api_repair),
             web.get("/devices", reads(self.devices_page)),
             web.get("/api/devices", reads(self.api_devices)),
             web.post("/api/devices/remove", self.account_call("devices_remove")),
@@ -555,8 +559,27 @@ class Console:
                                        "expected_bytes": progress.expected_bytes}, work)
         return _json({"job": job.id})
 
+    async def api_repair(self, request: web.Request) -> web.Response:
+        repair = self.backend.repair
+        if repair is None:
+            return _json({"error": "not available here", "exit": 1}, status=404)
+        progress = VerifyProgress()
+
+        async def work() -> str:
+            report = await repair(progress)
+            lines = repair_lines(report) or [f"no damaged packs ({report.checked} packs read)"]
+            if report.lost:   # the job fails, and says what is lost and what to do
+                raise IntegrityError("\n".join(lines))
+            return "\n".join(lines)
+        job = self.jobs.start("repair", "", lambda: {"packs": progress.packs,
+                                                     "total_packs": progress.total_packs,
+                                                     "bytes": progress.bytes,
+                                                     "expected_bytes": progress.expected_bytes},
+                              work)
+        return _json({"job": job.id})
+
     async def verify_page(self, request: web.Request) -> web.Response:
-        return self._page(request, "Verify", pages.verify())
+        return self._page(request, "Verify", pages.verify(self.backend.repair is not None))
 
     # ---- devices -------------------------------------------------------------------------
 

@@ -246,12 +246,16 @@ def _broker(broker: dict[str, Any] | None) -> str:
             f'broker {escape(broker["url"])}: {escape(state)}</p>')
 
 
-def verify() -> str:
+def verify(can_repair: bool) -> str:
+    repair = ('<p>Repair reads every pack: a damaged one keeps the blobs that still '
+              "authenticate and is moved to quarantine/; what is lost is named with the files "
+              "that used it (the next snapshot stores it again from the sources).</p>"
+              '<p><button class="repair">Repair</button></p>' if can_repair else "")
     return ('<p>Check that every snapshot, tree and pack is there and signed; reading the '
             "data also decrypts and checks every blob (slower).</p>"
             '<p><button class="verify" data-read="false">Verify</button> '
             '<button class="verify" data-read="true">Verify and read all data</button></p>'
-            '<pre id="verify-state" role="status"></pre>')
+            f'{repair}<pre id="verify-state" role="status"></pre>')
 
 
 def versions(doc: dict[str, Any]) -> str:

@@ -407,3 +407,50 @@ async def test_the_devices_page_shows_each_path_last_sync_and_the_broker(repo):
     assert "offline" in rows["nas"] and "never synced" in rows["nas"]
     assert "quota 50.0 GiB" in rows["nas"]
     assert 'id="broker"' in page and "broker wss://broker.example.org: connected" in page
+
+
+async def test_repair_from_the_page_sets_a_damaged_pack_aside_and_says_what_was_lost(
+        repo, sample_tree: Path, tmp_path: Path):
+    """Repair, started from the Verify page, runs as a job with progress (packs read of all)
+    and ends with `repair`'s words: the damaged pack's good blobs kept, the pack quarantined,
+    what is lost named with the files that used it."""
+    import asyncio
+
+    from p2pbackup.backup.repair import repair_packs
+
+    stored = await _snapshot(repo, sample_tree, tmp_path)
+    big = Restorer.reader(repo).find(stored, "src/big.bin").entry
+    hit = repo.locate(big.chunks[-1])
+    with open(repo.store.path_of(f"packs/{hit.pack}"), "r+b") as f:
+        f.seek(hit.offset + hit.length // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    packs = len(repo.index.packs)
+    c = Console(Backend(repo, (), _status,
+                        repair=lambda progress: repair_packs(repo, progress=progress)))
+    port = await c.start("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            cookie, csrf = await _login(c, base, http)
+            headers = {"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": base}
+            async with http.get(f"{base}/verify", headers=headers) as r:
+                assert 'class="repair"' in await r.text()
+            async with http.post(f"{base}/api/repair", json={}, headers=headers) as r:
+                assert r.status == 200, await r.text()
+                job = (await r.json())["job"]
+            for _ in range(600):
+                async with http.get(f"{base}/api/jobs", headers=headers) as r:
+                    got = next(j for j in await r.json() if j["id"] == job)
+                if got["state"] != "running":
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await c.close()
+    assert got["kind"] == "repair" and got["state"] == "failed"   # something stays lost
+    assert got["packs"] == got["total_packs"] == packs
+    assert f"pack {hit.pack[:12]}: " in got["result"] and "moved to quarantine/" in got["result"]
+    assert "lost: " in got["result"] and "big.bin" in got["result"]
+    assert "run `p2pbackup snapshot`" in got["result"]
+    assert os.path.exists(repo.store.path_of(f"quarantine/{hit.pack}"))

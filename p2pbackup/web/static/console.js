@@ -299,14 +299,16 @@ function setupDevices() {
 }
 
 function setupVerify() {
-  for (const b of document.querySelectorAll("button.verify")) {
+  for (const b of document.querySelectorAll("button.verify, button.repair")) {
     b.addEventListener("click", async () => {
       const state = document.getElementById("verify-state");
+      const repair = b.classList.contains("repair");
       try {
-        const got = await post("/api/verify", {read_data: b.dataset.read === "true"});
+        const got = repair ? await post("/api/repair", {}) :
+          await post("/api/verify", {read_data: b.dataset.read === "true"});
         state.dataset.job = String(got.job);
         state.className = "job running";
-        state.textContent = "verify: starting…";
+        state.textContent = (repair ? "repair" : "verify") + ": starting…";
       } catch (e) {
         state.className = "job failed";
         state.textContent = "refused: " + e.message;
