@@ -454,3 +454,55 @@ async def test_repair_from_the_page_sets_a_damaged_pack_aside_and_says_what_was_
     assert "lost: " in got["result"] and "big.bin" in got["result"]
     assert "run `p2pbackup snapshot`" in got["result"]
     assert os.path.exists(repo.store.path_of(f"quarantine/{hit.pack}"))
+
+
+def test_the_api_answers_the_clis_json_and_a_switch_turns_the_console_off(cli: Cli,
+                                                                          tmp_path: Path):
+    """The page's API is the JSON `--json` prints (snapshots, devices, status); with
+    `[web] enabled = false` the daemon serves no console and `p2pbackup web` says so."""
+    import http.cookiejar
+    import json
+    import urllib.request
+
+    from tests.integration.test_daemon import Daemon, wait_for_first_snapshot
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("a\n")
+    cli("init", "--source", str(src))
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        wait_for_first_snapshot(cli)
+        url = cli("web", "--no-open").stdout.strip()
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        opener.open(url).read()
+        base = url.split("/login", 1)[0]
+
+        def api(path: str):
+            with opener.open(base + path) as r:
+                return json.load(r)
+        assert api("/api/snapshots") == json.loads(cli("snapshots", "--json").stdout)
+        devices = api("/api/devices")
+        assert devices.pop("broker") is None   # (no broker configured)
+        for device in devices["devices"]:
+            device.pop("peer")
+        assert devices == json.loads(cli("devices", "--json").stdout)
+        status = api("/api/status")
+        assert status.keys() == json.loads(cli("status", "--json").stdout).keys()
+        assert status["web"]["enabled"] is True and status["web"]["port"] == int(
+            base.rsplit(":", 1)[1])
+    finally:
+        assert d.stop() == 0
+    with open(cli.home / "config.toml", "a") as f:
+        f.write("\n[web]\nenabled = false\n")
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        proc = cli("web", "--no-open", check=False)
+        assert proc.returncode == 10 and "the web console is off" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert json.loads(cli("status", "--json").stdout)["web"]["enabled"] is False
+    finally:
+        assert d.stop() == 0
