@@ -170,7 +170,7 @@ class Console:
                                    client_max_size=64 * 1024)
         reads = self._reading
         self.app.add_routes([
-            web.get("/", self.status_page),
+            web.get("/", reads(self.status_page)),
             web.get("/snapshots", reads(self.snapshots_page)),
             web.get("/browse", reads(self.browse_page)),
             web.get("/timeline", reads(self.timeline_page)),
@@ -722,7 +722,13 @@ class Console:
                             content_type="text/html")
 
     async def status_page(self, request: web.Request) -> web.Response:
-        return self._page(request, "Status", pages.status())
+        doc = await self.timeline()
+        snaps = sorted((s for d in doc["devices"] for s in d["snapshots"]),
+                       key=lambda s: s["time"])
+        changes = sorted((seg["last_change"] or seg["sealed"], sum(seg["changes"].values()))
+                         for d in doc["devices"] for seg in d["segments"])
+        return self._page(request, "Status",
+                          pages.status(pages.storage(self.storage(snaps), snaps, changes)))
 
     def storage(self, snaps: list[dict[str, Any]]) -> dict[str, Any]:
         """What the store holds against what the snapshots hold: deduplication and

@@ -31,10 +31,12 @@ def layout(title: str, body: str, csrf: str) -> str:
 """
 
 
-def status() -> str:
-    # Filled and kept current by console.js from the event stream (/api/events).
-    return """<section id="status" data-live="status"><p class="muted">connecting…</p></section>
-<h2>Jobs</h2><section id="jobs"><p class="muted">none yet</p></section>"""
+def status(storage_part: str) -> str:
+    # Filled and kept current by console.js from the event stream (/api/events); the storage
+    # part (and its chart) is drawn here.
+    return f"""<section id="status" data-live="status"><p class="muted">connecting…</p></section>
+<h2>Jobs</h2><section id="jobs"><p class="muted">none yet</p></section>
+<h2>Storage</h2>{storage_part}"""
 
 
 def problem(message: str) -> str:
@@ -288,9 +290,11 @@ def versions(doc: dict[str, Any]) -> str:
             "</tbody></table>")
 
 
-def storage(st: dict[str, Any], snaps: list[dict[str, Any]]) -> str:
+def storage(st: dict[str, Any], snaps: list[dict[str, Any]],
+            changes: list[tuple[str, int]] = ()) -> str:
     """Storage used and saved, and a small chart (SVG, drawn here) of each device's snapshot
-    sizes over time."""
+    sizes over time and, as bars, the changes each sealed log segment holds (`changes`:
+    (when, how many))."""
     words = (f'<p id="storage">The store holds {escape(format_size(st["stored_bytes"]))} in '
              f'{st["packs"]} packs for {escape(format_size(st["snapshot_bytes"]))} of files in '
              f"{len(snaps)} snapshots: deduplication and compression save "
@@ -300,7 +304,8 @@ def storage(st: dict[str, Any], snaps: list[dict[str, Any]]) -> str:
     import datetime as dt
 
     times = [dt.datetime.fromisoformat(s["time"]).timestamp() for s in snaps]
-    t0, t1 = min(times), max(times)
+    marks = [(dt.datetime.fromisoformat(when).timestamp(), n) for when, n in changes]
+    t0, t1 = min(times + [t for t, _ in marks]), max(times + [t for t, _ in marks])
     top = max(s["size"] for s in snaps) or 1
     w, h = 600, 120
     lines = []
@@ -311,8 +316,16 @@ def storage(st: dict[str, Any], snaps: list[dict[str, Any]]) -> str:
         xy = " ".join(f"{(t - t0) / ((t1 - t0) or 1) * (w - 10) + 5:.1f},"
                       f"{h - 5 - size / top * (h - 10):.1f}" for t, size in sorted(points))
         lines.append(f'<polyline class="series s{i % 4}" points="{xy}"/>')
+    most = max((n for _, n in marks), default=1) or 1
+    for (t, n), (when, _) in zip(marks, changes):
+        bar = max(2.0, n / most * (h - 10) / 3)   # a third of the height: under the lines
+        lines.append(f'<rect class="changes" x="{(t - t0) / ((t1 - t0) or 1) * (w - 10) + 4:.1f}"'
+                     f' y="{h - 5 - bar:.1f}" width="2" height="{bar:.1f}"><title>'
+                     f'{escape(when)}: {n} change{"s" * (n != 1)}</title></rect>')
     return (words + f'<svg class="chart" viewBox="0 0 {w} {h}" role="img" '
             f'aria-label="snapshot sizes over time, up to {escape(format_size(top))}">'
             f'{"".join(lines)}</svg><p class="muted">snapshot sizes from '
             f'{escape(snaps[0]["time"])} to {escape(snaps[-1]["time"])}, up to '
-            f"{escape(format_size(top))}</p>")
+            f"{escape(format_size(top))}"
+            + (f"; bars: the changes in each of {len(marks)} sealed log segments (up to "
+               f"{most})" if marks else "") + "</p>")

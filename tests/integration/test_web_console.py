@@ -506,3 +506,41 @@ def test_the_api_answers_the_clis_json_and_a_switch_turns_the_console_off(cli: C
         assert json.loads(cli("status", "--json").stdout)["web"]["enabled"] is False
     finally:
         assert d.stop() == 0
+
+
+async def test_the_status_page_shows_storage_saved_and_a_chart_of_size_and_changes(
+        repo, tmp_path: Path):
+    """Status: storage used and saved by deduplication, and a small chart of the snapshots'
+    size and of the changes the log sealed over time."""
+    from p2pbackup.backup.seal import SealState, SegmentSealer
+    from p2pbackup.format.log import GENESIS
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(100_000))
+    await _snapshot(repo, src, tmp_path)
+    sources = (Source("src", str(src)),)
+    sealer = SegmentSealer(repo, repo.identity, sources, str(tmp_path / "t"),
+                           SealState(0, GENESIS))
+    try:
+        for i in range(3):
+            (src / f"new{i}").write_text("x")
+            await sealer.capture(os.fsencode(src / f"new{i}"))
+        await sealer.seal()
+    finally:
+        sealer.close()
+    await _snapshot(repo, src, tmp_path)
+    c = Console(Backend(repo, sources, _status))
+    port = await c.start("127.0.0.1", 0)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            cookie, _ = await _login(c, base, http)
+            async with http.get(f"{base}/", headers={"Cookie": cookie}) as r:
+                page = await r.text()
+    finally:
+        await c.close()
+    assert 'id="storage"' in page and "deduplication and compression save" in page
+    assert page.count('<polyline class="series') == 1     # one device's snapshot sizes
+    assert page.count('class="changes"') == 1              # one sealed segment, 3 changes
+    assert "3 changes" in page

@@ -173,6 +173,11 @@ def test_a_moment_picked_in_the_timeline_shows_that_version(browser, device, tmp
     page.click("nav >> text=Snapshots")
     assert "deduplication and compression save" in page.inner_text("#storage")
     assert page.locator("svg.chart polyline").count() == 1  # one device
+    # Status draws it too, with a bar for each sealed log segment's changes.
+    page.click("nav >> text=Status")
+    assert "deduplication and compression save" in page.inner_text("#storage")
+    assert page.locator("svg.chart rect.changes").count() >= 2
+    page.go_back()
     page.go_back()
     page.click("tr:has-text('letter.txt') >> a.versions")
     rows = page.locator("#versions tbody tr")
@@ -262,8 +267,13 @@ def _console_of(status):
     """A console on a free port whose daemon status is `status()` (what the test changes),
     in a thread of its own; yields its sign-in address."""
     import asyncio
+    import tempfile
     import threading
 
+    from p2pbackup.blobs.local import LocalDirStore
+    from p2pbackup.crypto.identity import DeviceIdentity
+    from p2pbackup.crypto.keys import AccountKeys
+    from p2pbackup.repo.repository import Repository
     from p2pbackup.web.app import Backend, Console
 
     async def current() -> dict:
@@ -272,15 +282,20 @@ def _console_of(status):
     loop = asyncio.new_event_loop()
     started = threading.Event()
     box: dict = {}
+    work = tempfile.TemporaryDirectory(prefix="console-")
 
     def serve() -> None:
         asyncio.set_event_loop(loop)
-        console = Console(Backend(None, (), current), event_interval=0.1)  # type: ignore[arg-type]
+        repo = loop.run_until_complete(Repository.create(
+            LocalDirStore(Path(work.name) / "store"), AccountKeys(os.urandom(32)),
+            DeviceIdentity.generate(), str(Path(work.name) / "cache"), "test"))
+        console = Console(Backend(repo, (), current), event_interval=0.1)
         box["console"], box["port"] = console, loop.run_until_complete(
             console.start("127.0.0.1", 0))
         started.set()
         loop.run_forever()
         loop.run_until_complete(console.close())
+        loop.run_until_complete(repo.close())
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -291,6 +306,7 @@ def _console_of(status):
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(30)
+        work.cleanup()
 
 
 def _status(**fields) -> dict:
