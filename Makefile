@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 	@$(PY) -m compileall -q p2pbackup daemon cli >/dev/null
 
+# `make demo KEEP=1` keeps the laptop's daemon running so the console address it ends with opens.
 demo: setup
-	$(PY) -m p2pbackup.cli.demo
+	$(PY) -m p2pbackup.cli.demo $(if $(KEEP),--keep)
 
 # Network-namespace tests (pairing over mDNS, transports) need iproute2, the packet-loss test
 # iptables, the WebDAV store tests nginx with its dav-ext module, the web console's browser
