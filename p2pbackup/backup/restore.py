@@ -410,11 +410,9 @@ class Restorer:
         assert found is not None
         return found
 
-    def page(self, stored: StoredSnapshot, sub: str | None, offset: int, limit: int
-             ) -> tuple[_Resolved, int, Tree]:
-        """Entries `offset` to `offset + limit` of the folder `sub` names, and how many it
-        holds: only those are decoded (Tree.page), unless the replayed log changes the
-        folder (then it is put together whole). NotFound if `sub` is not a folder."""
+    def folder(self, stored: StoredSnapshot, sub: str | None) -> tuple[_Resolved, bytes]:
+        """The folder `sub` names, not listed: where it is, and its tree id (b"": a folder
+        only the replayed log holds). NotFound if `sub` is not a folder."""
         sel = self._one(stored, sub)
         found = self._descend(sel, report=False, shallow=True)
         assert found is not None
@@ -422,19 +420,56 @@ class Restorer:
             found.entry.subtree if found.entry is not None and found.entry.type == DIR else None
         if folder is None:
             raise NotFound(f"{sub} is not a folder in this snapshot")
-        overlay = self.overlays.get(found.scope)
-        rel = b"/".join(found.parts[1:])
-        if not folder or overlay is not None and (rel in overlay.children
-                                                  or overlay.is_wiped(rel)):
+        return found, folder
+
+    def _replayed(self, scope: str, parts: Parts, folder: bytes | None) -> bool:
+        """Whether the replayed log changes the folder (it is then put together whole)."""
+        overlay = self.overlays.get(scope)
+        return not folder or overlay is not None and (b"/".join(parts[1:]) in overlay.children
+                                                      or overlay.is_wiped(b"/".join(parts[1:])))
+
+    def page(self, stored: StoredSnapshot, sub: str | None, offset: int, limit: int
+             ) -> tuple[_Resolved, int, Tree]:
+        """Entries `offset` to `offset + limit` of the folder `sub` names, and how many it
+        holds: only those are decoded (Tree.page), unless the replayed log changes the
+        folder (then it is put together whole). NotFound if `sub` is not a folder."""
+        found, folder = self.folder(stored, sub)
+        if self._replayed(found.scope, found.parts, folder):
             whole = self._tree(found.scope, found.parts, folder)
             return found, len(whole.entries), Tree(whole.entries[offset:offset + limit])
-        what = f"tree {folder.hex()[:12]}"
         try:
             total, tree = Tree.page(self.repo.read_blob_blocking(folder, found.scope),
-                                    offset, limit, what)
+                                    offset, limit, f"tree {folder.hex()[:12]}")
         except IntegrityError as exc:
             raise IntegrityError(f"{self._shown(found.parts)}/: {exc}") from None
         return found, total, tree
+
+    def entries(self, scope: str, parts: Parts, folder: bytes | None, batch: int = 1000
+                ) -> Iterator[TreeEntry]:
+        """The entries of the folder whose tree is `folder` at `parts`, decoded `batch` at a
+        time (Tree.page), so a folder of any size is walked in the memory of its stored
+        bytes, its names and one batch; whole if the replayed log changes it. Blocking."""
+        if self._replayed(scope, parts, folder):
+            yield from self._tree(scope, parts, folder).entries
+            return
+        assert folder is not None
+        data = self.repo.read_blob_blocking(folder, scope)
+        what = f"tree {folder.hex()[:12]}"
+        seen: set[bytes] = set()   # a name twice across batches is damage, as in one
+        offset, total = 0, 1
+        while offset < total:
+            try:
+                total, tree = Tree.page(data, offset, batch, what)
+                names = [e.name for e in tree.entries]
+                if not seen.isdisjoint(names):
+                    twice = next(n for n in names if n in seen)
+                    raise IntegrityError(f"{what} is malformed: entry name {_show(twice)!r} "
+                                         "is there twice")
+            except IntegrityError as exc:
+                raise IntegrityError(f"{self._shown(parts)}/: {exc}") from None
+            seen.update(names)
+            yield from tree.entries
+            offset += batch
 
     def content(self, scope: str, entry: TreeEntry) -> Iterator[bytes | bytearray | memoryview]:
         """The bytes of a file of source `scope`, read, authenticated and decoded piece by

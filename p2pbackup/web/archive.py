@@ -9,7 +9,7 @@ import tarfile
 from collections.abc import Iterator
 
 from ..backup.restore import Restorer
-from ..format.records import DIR, FILE, SYMLINK, Tree, TreeEntry
+from ..format.records import DIR, FILE, SYMLINK, TreeEntry
 
 BLOCK = tarfile.BLOCKSIZE
 
@@ -30,11 +30,11 @@ def _info(name: str, entry: TreeEntry) -> tarfile.TarInfo:
 
 
 def tar_stream(reader: Restorer, scope: str, parts: tuple[bytes, ...], entry: TreeEntry | None,
-               tree: Tree) -> Iterator[bytes | bytearray | memoryview]:
+               tree: bytes) -> Iterator[bytes | bytearray | memoryview]:
     """The folder at `parts` (source name first; `entry` None: a source's top folder whose
-    metadata the snapshot lacks) whose listing is `tree`, and everything below it, as tar
-    (PAX: long and non-UTF-8 names kept). FIFOs and device nodes are left out. Blocking:
-    iterate in a thread."""
+    metadata the snapshot lacks) whose tree id is `tree`, and everything below it, as tar
+    (PAX: long and non-UTF-8 names kept); each folder's entries are decoded a batch at a time
+    (Restorer.entries). FIFOs and device nodes are left out. Blocking: iterate in a thread."""
     top = os.fsdecode(parts[-1])
     entry = entry or TreeEntry(DIR, parts[-1], statmod.S_IFDIR | 0o700, os.getuid(),
                                os.getgid(), 0)
@@ -42,14 +42,13 @@ def tar_stream(reader: Restorer, scope: str, parts: tuple[bytes, ...], entry: Tr
     def header(name: str, e: TreeEntry) -> bytes:
         return _info(name, e).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
-    def folder(at: tuple[bytes, ...], name: str, listing: Tree
+    def folder(at: tuple[bytes, ...], name: str, tree_id: bytes | None
                ) -> Iterator[bytes | bytearray | memoryview]:
-        for child in listing.entries:
+        for child in reader.entries(scope, at, tree_id):
             path = f"{name}/{os.fsdecode(child.name)}"
             if child.type == DIR:
                 yield header(path, child)
-                yield from folder(at + (child.name,), path,
-                                  reader.listing(scope, at + (child.name,), child))
+                yield from folder(at + (child.name,), path, child.subtree)
             elif child.type == FILE:
                 yield header(path, child)
                 yield from reader.content(scope, child)

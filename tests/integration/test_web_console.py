@@ -544,3 +544,55 @@ async def test_the_status_page_shows_storage_saved_and_a_chart_of_size_and_chang
     assert page.count('<polyline class="series') == 1     # one device's snapshot sizes
     assert page.count('class="changes"') == 1              # one sealed segment, 3 changes
     assert "3 changes" in page
+
+
+async def test_a_big_folder_streams_as_tar_without_being_decoded_whole(repo, tmp_path: Path,
+                                                                      monkeypatch):
+    """An archive of a folder of many entries decodes them a batch at a time (Tree.page), so
+    the daemon's memory holds one batch, not the folder (100,000 entries decoded whole:
+    ~36 MiB, kept for later requests); the log replayed on a folder (a moment) still counts."""
+    import io
+    import tarfile
+
+    from p2pbackup.backup.seal import SealState, SegmentSealer
+    from p2pbackup.format import records
+    from p2pbackup.format.log import GENESIS
+
+    big = tmp_path / "src" / "big"
+    (big / "sub").mkdir(parents=True)
+    for i in range(3000):
+        os.close(os.open(big / f"f{i:05d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    (big / "sub" / "inner").write_text("inner\n")
+    await _snapshot(repo, tmp_path / "src", tmp_path)
+    sources = (Source("src", str(tmp_path / "src")),)
+    sealer = SegmentSealer(repo, repo.identity, sources, str(tmp_path / "t"),
+                           SealState(0, GENESIS))
+    try:
+        (big / "sub" / "inner").write_text("changed after the snapshot\n")
+        await sealer.capture(os.fsencode(big / "sub" / "inner"))
+        await sealer.seal()
+    finally:
+        sealer.close()
+    decoded: list[int] = []
+    whole = records.Tree.decode.__func__
+
+    def counted(cls, data, what="tree"):
+        tree = whole(cls, data, what)
+        decoded.append(len(tree.entries))
+        return tree
+    monkeypatch.setattr(records.Tree, "decode", classmethod(counted))
+
+    def members(body: bytes) -> dict[str, bytes | None]:
+        with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+            return {m.name: tar.extractfile(m).read() if m.isfile() else None
+                    for m in tar.getmembers()}
+    async with _signed_in(repo) as (http, base, headers):
+        async with http.get(f"{base}/api/archive?path=src/big", headers=headers) as r:
+            snapshot = members(await r.read())
+        assert max(decoded) < 1500, decoded   # never big/ whole
+        async with http.get(f"{base}/api/archive", headers=headers,
+                            params={"path": "src/big", "at": "now"}) as r:
+            now = members(await r.read())
+    assert len(snapshot) == 1 + 3000 + 2 and snapshot["big/f02999"] == b""
+    assert snapshot["big/sub/inner"] == b"inner\n"
+    assert len(now) == len(snapshot) and now["big/sub/inner"] == b"changed after the snapshot\n"
