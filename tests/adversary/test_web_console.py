@@ -224,3 +224,30 @@ async def test_a_hostile_name_on_a_page_of_a_folder_is_refused_as_damage(console
         status, last = r.status, await r.json()
     assert first["total"] == 301 and len(first["entries"]) == 200   # none of it hostile
     assert status == 500 and last["exit"] == 13 and "not a plain name" in last["error"]
+
+
+async def test_a_name_twice_in_a_big_folder_is_refused_in_its_archive(console):
+    """A folder's archive decodes it a batch at a time: a name a hostile writer put twice,
+    in different batches, is still damage: the download is cut short, never a tar that looks
+    whole with two members of one name."""
+    import os
+    import time as _time
+
+    from p2pbackup.format.header import Kind
+    from p2pbackup.format.records import DIR, FILE, SourceRoot, TreeEntry
+    from tests.adversary.hostile import hostile_snapshot, raw_tree, store_blob
+
+    c, base, http, _ = console
+    repo = c.backend.repo
+    files = [TreeEntry(FILE, b"f%04d" % i, 0o100644, 0, 0, 1) for i in range(1500)]
+    files.append(TreeEntry(FILE, b"f0003", 0o100644, 0, 0, 1))   # in the second batch
+    folder = await store_blob(repo, "src", Kind.TREE, raw_tree(files))
+    top = await store_blob(repo, "src", Kind.TREE, raw_tree([
+        TreeEntry(DIR, b"big", 0o40755, os.geteuid(), os.getegid(), _time.time_ns(),
+                  subtree=folder)]))
+    await hostile_snapshot(repo, [SourceRoot("src", "/src", top)])
+    cookie, _ = await _login(c, base, http)
+    async with http.get(f"{base}/api/archive?path=src/big", headers={"Cookie": cookie}) as r:
+        assert r.status == 200   # (the damage is met on the way, in the second batch)
+        with pytest.raises(aiohttp.ClientPayloadError):   # cut short: never whole-looking
+            await r.read()
