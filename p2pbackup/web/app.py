@@ -52,7 +52,6 @@ EVENT_INTERVAL = 0.5   # seconds between looks at the status for a change to pus
 KEEPALIVE = 15.0       # seconds of no change before a comment keeps the stream open
 PLAN_CACHE = 4         # recent (snapshot, moment) plans kept for paging
 TIMELINE_SEGMENTS = 500  # newest log segments per device on the timeline
-FOLDER_CACHE = 2       # folders read whole (search, archive, files; 100,000 entries: ~25 MiB)
 # Counters that move every second: a change in them alone is not news worth pushing.
 _TICKING = ("uptime_seconds", "next_snapshot_in", "next_seal_in")
 _STATIC = ("console.js", "console.css")
@@ -164,7 +163,6 @@ class Console:
         self._plans: collections.OrderedDict[tuple, tuple[StoredSnapshot,
                                                           dict[str, Overlay] | None]] = \
             collections.OrderedDict()
-        self._found: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._segments: dict[tuple[str, int], SegmentSummary] = {}   # (segments never change)
         self.app = web.Application(middlewares=[middleware(self.gate)],
                                    client_max_size=64 * 1024)
@@ -289,21 +287,13 @@ class Console:
         return stored, Restorer.reader(self.backend.repo, overlays), path, at_ns
 
     async def _find(self, request: web.Request) -> tuple[StoredSnapshot, Restorer, Any, str]:
-        stored, reader, path, at_ns = await self._read(request)
+        """What the request's path names, found as restore finds it (a file's folder is
+        decoded on the way, not kept: folders are paged, searched and archived a batch of
+        entries at a time)."""
+        stored, reader, path, _ = await self._read(request)
         if not path and len(stored.snapshot.sources) > 1:
             return stored, reader, None, path
-        # A folder of 100,000 entries takes most of a second to decode: a search, an archive
-        # and the files of one folder share it.
-        key = (stored.id, at_ns, path)
-        found = self._found.get(key)
-        if found is None:
-            found = await asyncio.to_thread(reader.find, stored, path or None)
-            self._found[key] = found
-            while len(self._found) > FOLDER_CACHE:
-                self._found.popitem(last=False)
-        else:
-            self._found.move_to_end(key)
-        return stored, reader, found, path
+        return stored, reader, await asyncio.to_thread(reader.find, stored, path or None), path
 
     async def tree(self, request: web.Request) -> dict[str, Any]:
         """One page of a folder: only its entries are decoded (Restorer.page)."""
@@ -413,30 +403,33 @@ class Console:
         if not words:
             raise web.HTTPBadRequest(text='{"error": "give a name to look for (q)", "exit": 2}',
                                      content_type="application/json")
-        stored, reader, found, path = await self._find(request)
+        stored, reader, path, _ = await self._read(request)
         hits: list[dict[str, Any]] = []
         looked = 0
 
-        def walk(scope: str, parts: tuple[bytes, ...], shown: str, tree: Any) -> None:
+        # Each folder a batch of entries at a time (Restorer.entries): a folder of 100,000
+        # entries is never held decoded whole.
+        def walk(scope: str, parts: tuple[bytes, ...], shown: str, tree: bytes | None) -> None:
             nonlocal looked
-            for e in tree.entries:
+            for e in reader.entries(scope, parts, tree):
                 looked += 1
                 if len(hits) >= SEARCH_RESULTS or looked > SEARCH_ENTRIES:
                     return
                 if words in show_path(e.name).lower():
                     hits.append(_entry_json(e, shown))
                 if e.type == DIR:
-                    walk(scope, parts + (e.name,), f"{shown}/{show_path(e.name)}",
-                         reader.listing(scope, parts + (e.name,), e))
+                    walk(scope, parts + (e.name,), f"{shown}/{show_path(e.name)}", e.subtree)
+
+        def below(sub: str | None) -> None:
+            found, tree = reader.folder(stored, sub)
+            walk(found.scope, found.parts, sub or found.scope, tree)
 
         def run() -> None:
-            if found is None:  # every source
+            if not path and len(stored.snapshot.sources) > 1:  # every source
                 for r in stored.snapshot.sources:
-                    sel = reader.find(stored, r.name)
-                    if sel.tree is not None:
-                        walk(r.name, sel.parts, r.name, sel.tree)
-            elif found.tree is not None:
-                walk(found.scope, found.parts, path or found.scope, found.tree)
+                    below(r.name)
+            else:
+                below(path or None)
         await asyncio.to_thread(run)
         return {"snapshot": snapshot_json(stored), "path": path, "q": words, "entries": hits,
                 "complete": len(hits) < SEARCH_RESULTS and looked <= SEARCH_ENTRIES}

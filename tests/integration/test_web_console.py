@@ -546,9 +546,10 @@ async def test_the_status_page_shows_storage_saved_and_a_chart_of_size_and_chang
     assert "3 changes" in page
 
 
-async def test_a_big_folder_streams_as_tar_without_being_decoded_whole(repo, tmp_path: Path,
+async def test_a_big_folder_streams_as_tar_and_is_searched_without_being_decoded_whole(repo, tmp_path: Path,
                                                                       monkeypatch):
-    """An archive of a folder of many entries decodes them a batch at a time (Tree.page), so
+    """An archive of (and a search in) a folder of many entries decodes them a batch at a
+    time (Tree.page), so
     the daemon's memory holds one batch, not the folder (100,000 entries decoded whole:
     ~36 MiB, kept for later requests); the log replayed on a folder (a moment) still counts."""
     import io
@@ -593,6 +594,11 @@ async def test_a_big_folder_streams_as_tar_without_being_decoded_whole(repo, tmp
         async with http.get(f"{base}/api/archive", headers=headers,
                             params={"path": "src/big", "at": "now"}) as r:
             now = members(await r.read())
+        async with http.get(f"{base}/api/search", headers=headers,
+                            params={"path": "src/big", "q": "f0299"}) as r:
+            found = await r.json()
+        assert max(decoded) < 1500, decoded   # a search below it neither
+    assert [e["name"] for e in found["entries"]] == [f"f0299{i}" for i in range(10)]
     assert len(snapshot) == 1 + 3000 + 2 and snapshot["big/f02999"] == b""
     assert snapshot["big/sub/inner"] == b"inner\n"
     assert len(now) == len(snapshot) and now["big/sub/inner"] == b"changed after the snapshot\n"
