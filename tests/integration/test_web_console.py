@@ -457,8 +457,10 @@ async def test_repair_from_the_page_sets_a_damaged_pack_aside_and_says_what_was_
 
 
 def test_the_api_answers_the_clis_json_and_a_switch_turns_the_console_off(cli: Cli,
-                                                                          tmp_path: Path):
-    """The page's API is the JSON `--json` prints (snapshots, devices, status); with
+                                                                          tmp_path: Path,
+                                                                          monkeypatch):
+    """`p2pbackup web` prints the sign-in address and opens it in the browser ($BROWSER
+    here); the page's API is the JSON `--json` prints (snapshots, devices, status); with
     `[web] enabled = false` the daemon serves no console and `p2pbackup web` says so."""
     import http.cookiejar
     import json
@@ -474,6 +476,13 @@ def test_the_api_answers_the_clis_json_and_a_switch_turns_the_console_off(cli: C
     try:
         d.wait_for("READY=1")
         wait_for_first_snapshot(cli)
+        opened = tmp_path / "opened"
+        browser = tmp_path / "browser"
+        browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
+        browser.chmod(0o755)
+        monkeypatch.setenv("BROWSER", str(browser))
+        shown = cli("web").stdout.strip()
+        assert opened.read_text().strip() == shown and "/login?token=" in shown
         url = cli("web", "--no-open").stdout.strip()
         opener = urllib.request.build_opener(
             urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
