@@ -35,16 +35,49 @@ async def _snapshot(repo, src: Path, tmp_path: Path) -> StoredSnapshot:
                                 temp_dir=str(tmp_path / "tmp"))).stored
 
 
+async def _seal(repo, src: Path, tmp_path: Path, *changed: Path) -> None:
+    """The changes made to `changed` since the snapshot of `src` (the source named src),
+    captured and sealed in one log segment."""
+    from p2pbackup.backup.seal import SealState, SegmentSealer
+    from p2pbackup.format.log import GENESIS
+
+    sealer = SegmentSealer(repo, repo.identity, (Source("src", str(src)),),
+                           str(tmp_path / "t"), SealState(0, GENESIS))
+    try:
+        for path in changed:
+            await sealer.capture(os.fsencode(path))
+        assert await sealer.seal() is not None
+    finally:
+        sealer.close()
+
+
+def _count_decodes(monkeypatch) -> list[int]:
+    """The number of entries of each tree decoded whole from now on."""
+    from p2pbackup.format import records
+
+    decoded: list[int] = []
+    whole = records.Tree.decode.__func__
+
+    def counted(cls, data, what="tree"):
+        tree = whole(cls, data, what)
+        decoded.append(len(tree.entries))
+        return tree
+    monkeypatch.setattr(records.Tree, "decode", classmethod(counted))
+    return decoded
+
+
 @contextlib.asynccontextmanager
-async def _signed_in(repo) -> AsyncIterator[tuple[aiohttp.ClientSession, str, dict]]:
-    """A console of `repo` on a free port, and a client signed in to it (its headers)."""
-    c = Console(Backend(repo, (), _status))
+async def _signed_in(repo, backend: Backend | None = None
+                     ) -> AsyncIterator[tuple[aiohttp.ClientSession, str, dict]]:
+    """A console of `repo` (or of `backend`) on a free port, and a client signed in to it
+    (its headers, which a change needs too)."""
+    c = Console(backend or Backend(repo, (), _status))
     port = await c.start("127.0.0.1", 0)
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-            cookie, _ = await _login(c, base, http)
-            yield http, base, {"Cookie": cookie}
+            cookie, csrf = await _login(c, base, http)
+            yield http, base, {"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": base}
     finally:
         await c.close()
 
@@ -321,32 +354,14 @@ async def test_a_page_of_a_big_folder_decodes_only_that_page(repo, tmp_path: Pat
     """A folder's page is read from its tree without decoding the whole of it (the first
     page of 100,000 entries took over a second under load); the log replayed on top of a
     folder (a moment) still pages what it changed."""
-    from p2pbackup.backup.seal import SealState, SegmentSealer
-    from p2pbackup.format import records
-    from p2pbackup.format.log import GENESIS
-
     big = tmp_path / "src" / "big"
     big.mkdir(parents=True)
     for i in range(3000):
         os.close(os.open(big / f"f{i:05d}", os.O_CREAT | os.O_WRONLY, 0o644))
     await _snapshot(repo, tmp_path / "src", tmp_path)
-    sources = (Source("src", str(tmp_path / "src")),)
-    sealer = SegmentSealer(repo, repo.identity, sources, str(tmp_path / "t"),
-                           SealState(0, GENESIS))
-    try:
-        (big / "f00000").unlink()   # after the snapshot: in the log only
-        await sealer.capture(os.fsencode(big / "f00000"))
-        await sealer.seal()
-    finally:
-        sealer.close()
-    decoded: list[int] = []
-    whole = records.Tree.decode.__func__
-
-    def counted(cls, data, what="tree"):
-        tree = whole(cls, data, what)
-        decoded.append(len(tree.entries))
-        return tree
-    monkeypatch.setattr(records.Tree, "decode", classmethod(counted))
+    (big / "f00000").unlink()   # after the snapshot: in the log only
+    await _seal(repo, tmp_path / "src", tmp_path, big / "f00000")
+    decoded = _count_decodes(monkeypatch)
     async with _signed_in(repo) as (http, base, headers):
         async with http.get(f"{base}/api/tree?path=src/big&offset=2900", headers=headers) as r:
             page = await r.json()
@@ -388,16 +403,10 @@ async def test_the_devices_page_shows_each_path_last_sync_and_the_broker(repo):
             {**member, "id": laptop, "name": "laptop", "role": "owner"},
             {**member, "id": partner, "name": "nas", "role": "partner", "quota": 50 << 30}]}
 
-    c = Console(Backend(repo, (), status, devices=devices))
-    port = await c.start("127.0.0.1", 0)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-            cookie, _ = await _login(c, base, http)
-            async with http.get(f"{base}/devices", headers={"Cookie": cookie}) as r:
-                page = await r.text()
-    finally:
-        await c.close()
+    async with _signed_in(repo, Backend(repo, (), status, devices=devices)) as (http, base,
+                                                                               headers):
+        async with http.get(f"{base}/devices", headers=headers) as r:
+            page = await r.text()
     rows = {name: page.split(f"<td>{name}<br>", 1)[1].split("</tr>", 1)[0]
             for name in ("desk", "laptop", "nas")}
     when = dt.datetime.fromtimestamp(synced).astimezone().isoformat(timespec="seconds")
@@ -414,9 +423,8 @@ async def test_repair_from_the_page_sets_a_damaged_pack_aside_and_says_what_was_
     """Repair, started from the Verify page, runs as a job with progress (packs read of all)
     and ends with `repair`'s words: the damaged pack's good blobs kept, the pack quarantined,
     what is lost named with the files that used it."""
-    import asyncio
-
     from p2pbackup.backup.repair import repair_packs
+    from tests.eventually import eventually
 
     stored = await _snapshot(repo, sample_tree, tmp_path)
     big = Restorer.reader(repo).find(stored, "src/big.bin").entry
@@ -427,27 +435,22 @@ async def test_repair_from_the_page_sets_a_damaged_pack_aside_and_says_what_was_
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     packs = len(repo.index.packs)
-    c = Console(Backend(repo, (), _status,
-                        repair=lambda progress: repair_packs(repo, progress=progress)))
-    port = await c.start("127.0.0.1", 0)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-            cookie, csrf = await _login(c, base, http)
-            headers = {"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": base}
-            async with http.get(f"{base}/verify", headers=headers) as r:
-                assert 'class="repair"' in await r.text()
-            async with http.post(f"{base}/api/repair", json={}, headers=headers) as r:
-                assert r.status == 200, await r.text()
-                job = (await r.json())["job"]
-            for _ in range(600):
-                async with http.get(f"{base}/api/jobs", headers=headers) as r:
-                    got = next(j for j in await r.json() if j["id"] == job)
-                if got["state"] != "running":
-                    break
-                await asyncio.sleep(0.1)
-    finally:
-        await c.close()
+    backend = Backend(repo, (), _status,
+                      repair=lambda progress: repair_packs(repo, progress=progress))
+    async with _signed_in(repo, backend) as (http, base, headers):
+        async with http.get(f"{base}/verify", headers=headers) as r:
+            assert 'class="repair"' in await r.text()
+        async with http.post(f"{base}/api/repair", json={}, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            job = (await r.json())["job"]
+
+        async def ended() -> bool:
+            nonlocal got
+            async with http.get(f"{base}/api/jobs", headers=headers) as r:
+                got = next(j for j in await r.json() if j["id"] == job)
+            return got["state"] != "running"
+        got: dict = {}
+        await eventually(ended, timeout=60)
     assert got["kind"] == "repair" and got["state"] == "failed"   # something stays lost
     assert got["packs"] == got["total_packs"] == packs
     assert f"pack {hit.pack[:12]}: " in got["result"] and "moved to quarantine/" in got["result"]
@@ -521,34 +524,18 @@ async def test_the_status_page_shows_storage_saved_and_a_chart_of_size_and_chang
         repo, tmp_path: Path):
     """Status: storage used and saved by deduplication, and a small chart of the snapshots'
     size and of the changes the log sealed over time."""
-    from p2pbackup.backup.seal import SealState, SegmentSealer
-    from p2pbackup.format.log import GENESIS
-
     src = tmp_path / "src"
     src.mkdir()
     (src / "a.bin").write_bytes(os.urandom(100_000))
     await _snapshot(repo, src, tmp_path)
-    sources = (Source("src", str(src)),)
-    sealer = SegmentSealer(repo, repo.identity, sources, str(tmp_path / "t"),
-                           SealState(0, GENESIS))
-    try:
-        for i in range(3):
-            (src / f"new{i}").write_text("x")
-            await sealer.capture(os.fsencode(src / f"new{i}"))
-        await sealer.seal()
-    finally:
-        sealer.close()
+    for i in range(3):
+        (src / f"new{i}").write_text("x")
+    await _seal(repo, src, tmp_path, *(src / f"new{i}" for i in range(3)))
     await _snapshot(repo, src, tmp_path)
-    c = Console(Backend(repo, sources, _status))
-    port = await c.start("127.0.0.1", 0)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-            cookie, _ = await _login(c, base, http)
-            async with http.get(f"{base}/", headers={"Cookie": cookie}) as r:
-                page = await r.text()
-    finally:
-        await c.close()
+    async with _signed_in(repo, Backend(repo, (Source("src", str(src)),), _status)) as (
+            http, base, headers):
+        async with http.get(f"{base}/", headers=headers) as r:
+            page = await r.text()
     assert 'id="storage"' in page and "deduplication and compression save" in page
     assert page.count('<polyline class="series') == 1     # one device's snapshot sizes
     assert page.count('class="changes"') == 1              # one sealed segment, 3 changes
@@ -564,33 +551,15 @@ async def test_a_big_folder_streams_as_tar_and_is_searched_without_being_decoded
     import io
     import tarfile
 
-    from p2pbackup.backup.seal import SealState, SegmentSealer
-    from p2pbackup.format import records
-    from p2pbackup.format.log import GENESIS
-
     big = tmp_path / "src" / "big"
     (big / "sub").mkdir(parents=True)
     for i in range(3000):
         os.close(os.open(big / f"f{i:05d}", os.O_CREAT | os.O_WRONLY, 0o644))
     (big / "sub" / "inner").write_text("inner\n")
     await _snapshot(repo, tmp_path / "src", tmp_path)
-    sources = (Source("src", str(tmp_path / "src")),)
-    sealer = SegmentSealer(repo, repo.identity, sources, str(tmp_path / "t"),
-                           SealState(0, GENESIS))
-    try:
-        (big / "sub" / "inner").write_text("changed after the snapshot\n")
-        await sealer.capture(os.fsencode(big / "sub" / "inner"))
-        await sealer.seal()
-    finally:
-        sealer.close()
-    decoded: list[int] = []
-    whole = records.Tree.decode.__func__
-
-    def counted(cls, data, what="tree"):
-        tree = whole(cls, data, what)
-        decoded.append(len(tree.entries))
-        return tree
-    monkeypatch.setattr(records.Tree, "decode", classmethod(counted))
+    (big / "sub" / "inner").write_text("changed after the snapshot\n")
+    await _seal(repo, tmp_path / "src", tmp_path, big / "sub" / "inner")
+    decoded = _count_decodes(monkeypatch)
 
     def members(body: bytes) -> dict[str, bytes | None]:
         with tarfile.open(fileobj=io.BytesIO(body)) as tar:
