@@ -79,6 +79,10 @@ def _sign_in(browser, cli: Cli):
 def test_status_browse_download_and_restore(browser, device, tmp_path: Path):
     cli, src, _ = device
     page = _sign_in(browser, cli)
+    # Every request the pages make goes to the console itself (nothing from elsewhere), and
+    # live status is one event stream, not polling.
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     # Status: live over server-sent events.
     page.wait_for_selector("#activity")
     assert "last snapshot:" in page.inner_text("#activity")
@@ -135,6 +139,10 @@ def test_status_browse_download_and_restore(browser, device, tmp_path: Path):
         page.click(f"nav >> text={name}")
         assert _fits_the_width(page), name
     page.close()
+    origin = page.url.split("/", 3)[:3]
+    assert requested and all(u.split("/", 3)[:3] == origin for u in requested), requested
+    assert any(u.endswith("/api/events") for u in requested)
+    assert not any("/api/status" in u or "/api/jobs" in u for u in requested)
 
 
 def _head_seq(cli: Cli) -> int:
