@@ -63,6 +63,8 @@ class PeerState:
     last_sync: float | None = None
     objects_behind: int | None = None
     bytes_behind: int | None = None
+    held_objects: int | None = None  # what it holds of ours (its inventory, then its acks)
+    held_bytes: int | None = None
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -71,7 +73,8 @@ class PeerState:
                 "ice_path": self.ice_path, "static_addresses": self.static,
                 "since": self.since, "last_seen": self.last_seen, "last_sync": self.last_sync,
                 "objects_behind": self.objects_behind,
-                "bytes_behind": self.bytes_behind, "error": self.error}
+                "bytes_behind": self.bytes_behind, "held_objects": self.held_objects,
+                "held_bytes": self.held_bytes, "error": self.error}
 
 
 def connection_limits(peers: PeerSettings) -> ConnectionLimits:

@@ -200,6 +200,10 @@ class SyncSession:
         self.bytes_sent = self.bytes_received = 0
         self.bytes_in = 0           # everything fed to receive_data: the adapter's sign of life
         self.objects_sent = self.objects_received = 0
+        # What the peer holds of ours (a partner's share of this device's data): what its
+        # inventory lists that we hold (by our sizes, if given), then what it acknowledges.
+        self.peer_holds = self.peer_holds_bytes = 0
+        self._sizes = sizes or {}
         self._out: list[list[Buffer]] = []        # frames, each as buffers to write in turn
         self._out_bulk: list[list[Buffer]] = []
         self._in = FrameReader(max_array=INV_BATCH * 2, bin_views=True)
@@ -480,6 +484,9 @@ class SyncSession:
                 return []   # an inventory goes once
             # Only what we lack is kept: an inventory that matches ours costs nothing.
             new = [n for n in names if n not in self.have and n not in self._peer_has]
+            held = [n for n in names if n in self.have]
+            self.peer_holds += len(held)
+            self.peer_holds_bytes += sum(self._sizes.get(n, 0) for n in held)
             self.limits.check_names(self.names_held + len(new),
                                     self.name_bytes_held + sum(map(len, new)))
             self._peer_has.update(new)
@@ -530,6 +537,8 @@ class SyncSession:
                 raise _Bad(f"an ack for {name[:60]!r}, which was not sent")
             self.in_flight -= size
             self.objects_sent += 1
+            self.peer_holds += 1
+            self.peer_holds_bytes += size
             return [ObjectAcked(name, size)]
         if t == "nack":
             name = _need(msg, "name", str)

@@ -46,6 +46,8 @@ class PeerStatus(Protocol):
     last_sync: float | None
     objects_behind: int | None
     bytes_behind: int | None
+    held_objects: int | None         # what the peer holds of ours (a partner's share)
+    held_bytes: int | None
     error: str | None
 
 
@@ -287,6 +289,7 @@ class Replicator:
 
         def progress() -> None:
             st.objects_behind, st.bytes_behind = s.pending, s.bytes_behind
+            st.held_objects, st.held_bytes = s.peer_holds, s.peer_holds_bytes
 
         drv = SessionDriver(s, link, lambda ev: self._on_event(drv, st, ev), on_send=progress)
         self._packs_in[device] = set()
@@ -405,6 +408,7 @@ class Replicator:
                 st.last_sync = time.time()
         elif isinstance(ev, ObjectAcked):
             st.last_sync = time.time()
+            st.held_objects, st.held_bytes = s.peer_holds, s.peer_holds_bytes
         elif isinstance(ev, ObjectRejected):
             if ev.reason != st.error:  # say it once, not once per object
                 log.warning("peer %s refused %s: %s", st.device[:12], ev.name[:40],

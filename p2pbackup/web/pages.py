@@ -209,8 +209,13 @@ def devices(doc: dict[str, Any], can_change: bool) -> str:
             extra.append(f"last sync {iso_time(int(last * 1e9))}" if last else "never synced")
         if d["sources"] is not None:
             extra.append("sources " + ", ".join(d["sources"]))
-        if d["quota"] is not None:
-            extra.append(f"quota {format_size(d['quota'])}")
+        held = peer.get("held_bytes") if peer else None
+        quota = f"{format_size(d['quota'])} quota" if d["quota"] is not None else ""
+        if held is not None:   # (as its last session with this device said)
+            extra.append(f"holds {format_size(held)} of ours ({peer['held_objects']} objects)"
+                         + (f" of its {quota}" if quota else ""))
+        elif quota:
+            extra.append(quota)
         remove = (f'<button class="remove" data-device="{escape(d["id"])}" '
                   f'data-name="{escape(d["name"])}">remove…</button>'
                   if can_change and not d["this_device"] else "")

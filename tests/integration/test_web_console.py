@@ -377,7 +377,8 @@ async def test_a_page_of_a_big_folder_decodes_only_that_page(repo, tmp_path: Pat
 async def test_the_devices_page_shows_each_path_last_sync_and_the_broker(repo):
     """Devices: each device and partner of the account, online or not, the path to it
     ("data channel (TURN relay)" through the broker's TURN server), bytes behind, when it
-    last synced, a partner's quota; and whether this device reaches the broker."""
+    last synced, what a partner holds of ours against its quota; and whether this device
+    reaches the broker."""
     import datetime as dt
 
     me, laptop, partner = "a" * 64, "b" * 64, "c" * 64
@@ -394,6 +395,7 @@ async def test_the_devices_page_shows_each_path_last_sync_and_the_broker(repo):
                           {"device": partner, "name": "nas", "connected": False,
                            "on_lan": False, "path": None, "ice_path": None,
                            "objects_behind": None, "bytes_behind": None,
+                           "held_objects": 120, "held_bytes": 2 << 30,   # (last session)
                            "last_sync": None, "error": None}]}
 
     async def devices() -> dict:
@@ -414,7 +416,8 @@ async def test_the_devices_page_shows_each_path_last_sync_and_the_broker(repo):
     assert "3 objects (3.0 MiB) behind" in rows["laptop"]
     assert f"last sync {when}" in rows["laptop"]
     assert "offline" in rows["nas"] and "never synced" in rows["nas"]
-    assert "quota 50.0 GiB" in rows["nas"]
+    assert "holds 2.0 GiB of ours (120 objects) of its 50.0 GiB quota" in rows["nas"]
+    assert "holds" not in rows["laptop"]   # (not known: no session said it)
     assert 'id="broker"' in page and "broker wss://broker.example.org: connected" in page
 
 

@@ -371,3 +371,19 @@ def test_an_object_found_damaged_here_is_asked_for_again_and_not_awaited_from_a_
     d.handle(d.s.lost(["packs/" + "a" * 64]))
     pump(c, d)
     assert d.s.pending == 0 and not any(isinstance(e, Closed) for e in d.events)
+
+
+def test_what_the_peer_holds_of_ours_counts_its_inventory_and_its_acks():
+    """What a peer (a storage partner) holds of this side's objects, for the Devices page:
+    those its inventory lists that we hold too, then each it acknowledges storing."""
+    ours = objs("a", 10, 1000)
+    a = Side("A", ours)
+    a.s = SyncSession("A", set(ours), valid_name=valid,
+                      sizes={n: len(d) for n, d in ours.items()})
+    b = Side("B", dict(list(ours.items())[:4]) | objs("b", 3))
+    pump(a, b, rounds=1)
+    assert (a.s.peer_holds, a.s.peer_holds_bytes) == (4, 4000)
+    pump(a, b)
+    assert (a.s.peer_holds, a.s.peer_holds_bytes) == (10, 10_000)
+    assert b.s.peer_holds == 4 + 3   # (B knows no sizes of its own: only its acks count bytes)
+    assert b.s.peer_holds_bytes == 3000

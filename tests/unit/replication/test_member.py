@@ -47,14 +47,16 @@ async def two_repositories(tmp_path: Path):
 
 
 @contextlib.asynccontextmanager
-async def running(ra, rb, a_id, b_id, *, keep_open: bool = False, **b_options):
+async def running(ra, rb, a_id, b_id, *, keep_open: bool = False,
+                  a_view: PeerState | None = None, **b_options):
     """A Replicator on each repository, in session over the in-memory link; yields a's
-    Replicator, b's view of a (PeerState) and b's Replicator. Everything is closed at the end
-    (the repositories too, unless `keep_open`)."""
+    Replicator, b's view of a (PeerState) and b's Replicator (`a_view`: a's view of b).
+    Everything is closed at the end (the repositories too, unless `keep_open`)."""
     la, lb = memory_pair()
     pa, pb = Replicator(ra, a_id.device_id), Replicator(rb, b_id.device_id, **b_options)
     sb = PeerState(a_id.device_id)
-    tasks = [asyncio.create_task(pa.run(b_id.device_id, la, PeerState(b_id.device_id))),
+    tasks = [asyncio.create_task(pa.run(b_id.device_id, la,
+                                        a_view or PeerState(b_id.device_id))),
              asyncio.create_task(pb.run(a_id.device_id, lb, sb))]
     try:
         yield pa, sb, pb
@@ -84,6 +86,23 @@ async def test_initial_sync_then_push(tmp_path: Path):
             return len((await rb.list_snapshots())[0]) == 2
         await until(b_has_both)
         assert sb.last_sync is not None and sb.objects_behind == 0 and sb.bytes_behind == 0
+
+
+async def test_what_the_peer_holds_of_ours_is_in_its_status(tmp_path: Path):
+    """A device's view of a peer (a storage partner) says how much of its data the peer
+    holds: all it offered, once the peer has stored it."""
+    from p2pbackup.repo import replica
+
+    src, a_id, b_id, ra, rb = await two_repositories(tmp_path)
+    names = await replica.offered_names(ra)
+    total = sum([await ra.store.size(n) for n in names])
+    sa = PeerState(b_id.device_id)
+    async with running(ra, rb, a_id, b_id, a_view=sa):
+        async def all_held() -> bool:
+            return sa.held_objects == len(names)
+        await until(all_held)
+        assert sa.held_bytes == total
+        assert sa.to_json()["held_bytes"] == total
 
 
 async def test_a_pack_we_could_not_store_is_asked_for_again(tmp_path: Path, monkeypatch,
