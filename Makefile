@@ -23,8 +23,8 @@ demo: setup
 # Network-namespace tests (pairing over mDNS, transports) need iproute2, the packet-loss test
 # iptables, the WebDAV store tests nginx with its dav-ext module, the web console's browser
 # tests Debian's chromium (Playwright drives it: never `playwright install`, whose browser
-# download is not reachable), the broker's TURN test and the NAT tests coturn's turnserver;
-# as root we install them.
+# download is not reachable), the broker's TURN test and the NAT tests coturn's turnserver,
+# the broker's fleet tests PostgreSQL's initdb and pg_ctl; as root we install them.
 sysdeps:
 	@if [ "$$(id -u)" = 0 ] && ! (command -v ip && command -v iptables && \
 			test -x /usr/bin/chromium) >/dev/null; then \
@@ -33,6 +33,8 @@ sysdeps:
 		apt-get update -qq && apt-get install -y -qq nginx libnginx-mod-http-dav-ext; fi
 	@if [ "$$(id -u)" = 0 ] && ! command -v turnserver >/dev/null; then \
 		apt-get update -qq && apt-get install -y -qq coturn; fi
+	@if [ "$$(id -u)" = 0 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		apt-get update -qq && apt-get install -y -qq postgresql; fi
 
 test: setup sysdeps
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.netns import netlab  # noqa: F401  (the fixture, for every test)
+from tests.servers import postgres  # noqa: F401  (the fixture, for every test)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Daemons started by tests stay off the machine's real network; tests that make their own

@@ -14,6 +14,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import sys
 import time
 import uuid
@@ -374,3 +375,70 @@ http {{
     url = f"http://127.0.0.1:{port}"
     with _running(argv, tmp / "nginx.log", port):
         yield DavServer(url, root)
+
+
+# -- PostgreSQL (the broker's fleet state) -------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Postgres:
+    """A PostgreSQL server on a Unix socket; `dsn(db)` names one of its databases."""
+
+    socket_dir: Path
+    port: int
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
+
+    def new_database(self) -> str:
+        """A fresh empty database (each test its own, on one server per session); its DSN."""
+        name = "t" + uuid.uuid4().hex[:16]
+        subprocess.run(["runuser", "-u", "postgres", "--", _pg_bin("psql"), "-q", "-h",
+                        str(self.socket_dir), "-p", str(self.port), "-c",
+                        f"CREATE DATABASE {name}"], check=True, capture_output=True)
+        return self.dsn(name)
+
+
+def _pg_bin(name: str) -> str:
+    """PostgreSQL's server programs (Debian keeps them out of PATH, under its version)."""
+    found = shutil.which(name) or next(
+        (str(p) for p in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))), None)
+    if found is None:
+        pytest.skip(f"PostgreSQL's {name} is not installed (make sysdeps installs postgresql)")
+    return found
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[Postgres]:
+    """`initdb` and `pg_ctl` as the postgres user (initdb refuses root) in a temp dir owned by
+    postgres, listening on a Unix socket only; everything is removed afterwards."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if os.geteuid() != 0:
+        pytest.skip("the PostgreSQL fixture runs initdb as the postgres user: it needs root")
+    base = Path(tempfile.mkdtemp(prefix="p2pb-pg-"))
+    shutil.chown(base, "postgres", "postgres")
+    data, sock = base / "data", base / "sock"
+    sock.mkdir()
+    shutil.chown(sock, "postgres", "postgres")
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    try:
+        subprocess.run([*as_pg, initdb, "-D", str(data), "-A", "trust", "-U", "postgres",
+                        "--no-sync", "-E", "UTF8"], check=True, capture_output=True)
+        subprocess.run([*as_pg, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w",
+                        "-o", f"-k {sock} -c listen_addresses='' -p {port} -c fsync=off "
+                              "-c max_connections=200",
+                        "start"], check=True, capture_output=True)
+        try:
+            yield Postgres(sock, port)
+        finally:
+            subprocess.run([*as_pg, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
+                           capture_output=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """One PostgreSQL server for the session (startup is ~2 s); tests take a database each."""
+    with postgres_server() as server:
+        yield server

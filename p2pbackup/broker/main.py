@@ -1,6 +1,7 @@
 """`p2pbackup-broker`: the broker's command line.
 
-    p2pbackup-broker --data DIR --listen 127.0.0.1:8444 [--tls-cert F --tls-key F]
+    p2pbackup-broker (--data DIR | --database postgresql://...) --listen 127.0.0.1:8444
+                     [--tls-cert F --tls-key F]
                      [--stun-url URL]... [--turn-url URL]... [--turn-secret-file F] [--turn-ttl S]
                      [--push-ttl S] [--max-devices N]
                      [--oidc-issuer URL --oidc-audience ID [--max-accounts-per-person N]
@@ -13,6 +14,10 @@ Registration is open unless `--oidc-issuer` (a sign-in with that OpenID Connect 
 The TURN secret is coturn's `static-auth-secret` (`use-auth-secret`); give it in a file
 (`--turn-secret-file`) or `--turn-secret` (visible in the process list). Errors are one line
 on stderr with the exit codes of p2pbackup's table (README.md).
+
+State: SQLite in --data by default; `--database postgresql://user@host/db` for a fleet: any
+number of broker processes on one database, behind one name (a load balancer or DNS), relay to
+each other through it (broker/postgres.py).
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ from ..server.main import listen_address, run_command, serve_app, tls_context
 from .ice import IceSettings
 from .mailbox import add_mailbox_routes
 from .oidc import OidcVerifier
+from .postgres import PostgresRelay, PostgresState
 from .registration import (InviteRegistration, OpenRegistration, Registration,
                            SignInRegistration)
+from .relay import LocalRelay, Relay
 from .service import MAX_ACCOUNTS_PER_PERSON, MAX_DEVICES, MAX_TTL, PUSH_TTL, Broker
-from .state import SqliteState
+from .state import BrokerState, SqliteState
 
 STATE_FILE = "broker.sqlite"
 
@@ -73,6 +80,8 @@ def registration(args: argparse.Namespace) -> Registration:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     if args.invites:
+        if not args.data:   # its invitations are files there (one process's, for now)
+            raise ConfigError("--invites keeps its invitations in --data DIR: give it too")
         return InviteRegistration(Path(args.data))
     return OpenRegistration()
 
@@ -86,12 +95,23 @@ async def serve(args: argparse.Namespace) -> None:
     if args.max_accounts_per_person < 1 or args.max_devices < 1:
         raise ConfigError("--max-accounts-per-person and --max-devices are at least 1")
     admission = registration(args)
-    broker = Broker(SqliteState(Path(args.data) / STATE_FILE), ice=ice, push_ttl=args.push_ttl,
+    state, relay, where = await open_state(args)
+    broker = Broker(state, relay=relay, ice=ice, push_ttl=args.push_ttl,
                     registration=admission, max_accounts_per_person=args.max_accounts_per_person,
                     max_devices=args.max_devices,
                     extra_routes=[add_mailbox_routes])   # pairing across the internet
-    await serve_app(broker.app(), "p2pbackup-broker", host, port, tls,
-                    f"the broker from {args.data}")
+    await serve_app(broker.app(), "p2pbackup-broker", host, port, tls, f"the broker from {where}")
+
+
+async def open_state(args: argparse.Namespace) -> tuple[BrokerState, Relay, str]:
+    if args.database:
+        if not args.database.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"--database {args.database[:60]}: give a postgresql:// URL")
+        pg = await PostgresState.open(args.database)
+        return pg, PostgresRelay(pg), "PostgreSQL"
+    if not args.data:
+        raise ConfigError("give --data DIR (SQLite) or --database postgresql://... (a fleet)")
+    return SqliteState(Path(args.data) / STATE_FILE), LocalRelay(), args.data
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,7 +120,9 @@ def parser() -> argparse.ArgumentParser:
                                 epilog="`p2pbackup-broker invite --data DIR` prints a one-time "
                                        "invitation for a broker run with --invites")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--data", required=True, help="the broker's directory (its SQLite file)")
+    p.add_argument("--data", help="the broker's directory (its SQLite file)")
+    p.add_argument("--database", help="postgresql://... shared by several broker processes "
+                                      "(instead of --data)")
     p.add_argument("--listen", default="127.0.0.1:8444", help="HOST:PORT")
     p.add_argument("--tls-cert", help="PEM certificate chain (else plain HTTP, for a proxy)")
     p.add_argument("--tls-key", help="PEM private key")

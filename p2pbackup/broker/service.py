@@ -58,6 +58,7 @@ from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
 from ..server.refusals import Refused, SignedRequests, one_line_errors
 from .ice import IceSettings, ice_servers
 from .registration import OpenRegistration, Registration
+from .relay import LocalRelay, Relay
 from .state import BrokerState
 
 log = logging.getLogger("p2pbackup.broker")
@@ -146,9 +147,11 @@ def _int(value: object, what: str, low: int = 0, high: int = 2**53) -> int:
 
 class Broker:
     """The service: `app()` is the aiohttp application; `extra_routes` are called with it
-    (e.g. the pairing mailbox's `add_mailbox_routes`)."""
+    (e.g. the pairing mailbox's `add_mailbox_routes`). `relay` reaches devices whose socket
+    another broker process holds (PostgresRelay); the default is a lone process."""
 
-    def __init__(self, state: BrokerState, *, ice: IceSettings = IceSettings(),
+    def __init__(self, state: BrokerState, *, relay: Relay | None = None,
+                 ice: IceSettings = IceSettings(),
                  push_ttl: int = PUSH_TTL, rate: float = RATE, burst: float = BURST,
                  max_connections: int = MAX_CONNECTIONS,
                  registration: Registration = OpenRegistration(),
@@ -157,6 +160,7 @@ class Broker:
                  now: Callable[[], float] = time.time,
                  extra_routes: Iterable[Callable[[web.Application], None]] = ()) -> None:
         self.state, self.ice, self.push_ttl = state, ice, push_ttl
+        self.relay = relay or LocalRelay()
         self.rate, self.burst, self.max_connections = rate, burst, max_connections
         self.registration = registration
         self.max_accounts_per_person, self.max_devices = max_accounts_per_person, max_devices
@@ -180,6 +184,7 @@ class Broker:
         app.router.add_get("/v1/account/{account}/ws", self._socket)
         for add in self.extra_routes:
             add(app)
+        app.on_startup.append(self._start_relay)
         app.on_shutdown.append(self._close_sockets)
         app.on_cleanup.append(self._close_state)
         return app
@@ -292,19 +297,36 @@ class Broker:
             if not await self.state.set_roster(account, roster.seq, body,
                                                replaces=held.roster.seq):
                 raise Refused(409, "another roster was stored meanwhile: send it again")
-            gone = [e.device_id for e in held.roster.members if roster.key_of(e.device_id)
-                    is None]
-            held.raw, held.roster = body, roster
+            gone = await self._follow(account, held, body, roster)
         await self.state.forget_devices(account, gone)
+        await self.relay.roster_stored(account)
+        log.info("account %s follows roster %d (brought by %s)", account, roster.seq,
+                 device[:12])
+        return web.Response(status=201)
+
+    async def _follow(self, account: str, held: _Account, raw: bytes, roster: Roster
+                      ) -> list[str]:
+        """Hold `roster` from now on and close the sockets of the devices it removes (here:
+        the relay tells the other processes); returns those devices."""
+        gone = [e.device_id for e in held.roster.members if roster.key_of(e.device_id) is None]
+        held.raw, held.roster = raw, roster
         for d in gone:
             conn = held.sockets.get(d)
             if conn is not None:
                 log.info("account %s: device %s is no longer listed: its socket is closed",
                          account, d[:12])
                 await self._close(conn, "this device is no longer a device of the account")
-        log.info("account %s follows roster %d (brought by %s)", account, roster.seq,
-                 device[:12])
-        return web.Response(status=201)
+        return gone
+
+    async def roster_changed(self, account: str) -> None:
+        """Another broker process stored `account`'s next roster (Arrivals)."""
+        held = self._accounts.get(account)
+        if held is None:
+            return     # not cached here: read from the state when next needed
+        async with self._roster_lock:
+            raw = await self.state.roster(account)
+            if raw is not None and raw != held.raw:
+                await self._follow(account, held, raw, read_roster(raw, device_id_for)[0])
 
     # -- devices (FxA's device API) --------------------------------------------------------
 
@@ -318,6 +340,7 @@ class Broker:
     async def _devices(self, request: web.Request) -> web.Response:
         account, held, device = await self._member(request)
         records = {r.device: r for r in await self.state.devices(account)}
+        there = await self.relay.elsewhere(account)
         out = []
         for e in held.roster.members:
             r = records.get(e.device_id)
@@ -325,7 +348,7 @@ class Broker:
                         "isCurrentDevice": e.device_id == device,
                         "info": base64.b64encode(r.info).decode() if r else None,
                         "lastUpdated": r.updated if r else None,
-                        "connected": e.device_id in held.sockets})
+                        "connected": e.device_id in held.sockets or e.device_id in there})
         return web.json_response({"devices": out})
 
     async def _notify(self, request: web.Request) -> web.Response:
@@ -352,10 +375,9 @@ class Broker:
         ttl = _ttl(doc.get("ttl", self.push_ttl))
         index = await self.state.enqueue(account, target, device, command, payload,
                                          self.now() + ttl, collapse=False)
-        conn = held.sockets.get(target)
-        if conn is not None:
-            await conn.send({"t": "command", "index": index, "from": device,
-                             "command": command, "payload": base64.b64encode(payload).decode()})
+        await self._send(account, target, {
+            "t": "command", "index": index, "from": device, "command": command,
+            "payload": base64.b64encode(payload).decode()})   # else listed when it asks
         return web.json_response({"index": index})
 
     async def _commands(self, request: web.Request) -> web.Response:
@@ -389,14 +411,45 @@ class Broker:
         for e in held.roster.members:
             if e.device_id == sender or (to is not None and e.device_id not in to):
                 continue
-            conn = held.sockets.get(e.device_id)
-            if conn is not None and await conn.send(doc):
+            if await self._deliver_here(account, e.device_id, doc):
                 delivered += 1
                 continue
-            await self.state.enqueue(account, e.device_id, sender, "push", payload,
-                                     self.now() + ttl, collapse=True)
-            queued += 1
+            # queued first: if the process holding it dies before it sends, the device
+            # still gets it when it reconnects (that process drops it once sent)
+            index = await self.state.enqueue(account, e.device_id, sender, "push", payload,
+                                             self.now() + ttl, collapse=True)
+            if await self.relay.forward(account, e.device_id, doc, index):
+                delivered += 1
+            else:
+                queued += 1
         return delivered, queued
+
+    # -- delivery: here or through the relay ------------------------------------------------
+
+    async def _deliver_here(self, account: str, device: str, doc: dict[str, Any]) -> bool:
+        held = self._accounts.get(account)
+        conn = held.sockets.get(device) if held is not None else None
+        return conn is not None and held is not None and \
+            held.roster.key_of(device) is not None and await conn.send(doc)
+
+    async def _send(self, account: str, device: str, doc: dict[str, Any]) -> bool:
+        """`doc` to `device`'s socket, on this process or another; False if none holds it."""
+        return await self._deliver_here(account, device, doc) or \
+            await self.relay.forward(account, device, doc, None)
+
+    async def arrived(self, account: str, device: str, doc: dict[str, Any],
+                      queued: int | None) -> None:
+        """A message another process relayed to a device it believed was here (Arrivals)."""
+        if await self._deliver_here(account, device, doc):
+            if queued is not None:
+                await self.state.drop(account, device, [queued])
+        elif doc.get("t") == "signal":   # it left meanwhile: tell the sender as if local
+            await self._send(account, doc["from"], {"t": "undeliverable", "id": doc["id"],
+                                                    "to": device})
+        # a push stays queued; a command is listed when the device asks
+
+    async def _start_relay(self, app: web.Application) -> None:
+        await self.relay.start(self)
 
     # -- the socket ------------------------------------------------------------------------
 
@@ -428,6 +481,7 @@ class Broker:
                 held = self._accounts.get(account)
                 if held is not None and held.sockets.get(conn.device) is conn:
                     del held.sockets[conn.device]
+                    await self.relay.detached(account, conn.device)
             if not ws.closed:
                 await ws.close()
         return ws
@@ -485,6 +539,7 @@ class Broker:
         conn = Connection(account, device, ws, where, TokenBucket(self.rate, self.burst,
                                                                   self.now))
         held.sockets[device] = conn
+        await self.relay.attached(account, device)
         if old is not None:   # the device reconnected: its old socket is dead or a duplicate
             await self._close(old, "replaced by a newer socket of this device")
         await conn.send({"t": "ready", "device": device})
@@ -539,9 +594,7 @@ class Broker:
                 out["re"] = _int(doc["re"], "a signal's re")
             _b64(doc.get("data"), "a signal's data", MAX_MESSAGE * 3 // 4)
             out["data"] = doc["data"]
-            target = held.sockets.get(to)
-            if target is None or held.roster.key_of(to) is None or \
-                    not await target.send(out):
+            if held.roster.key_of(to) is None or not await self._send(conn.account, to, out):
                 await conn.send({"t": "undeliverable", "id": n, "to": to})
         elif kind == "push":
             payload = _b64(doc.get("data"), "a push's data", MAX_PUSH)
@@ -559,6 +612,7 @@ class Broker:
 
     async def _close_state(self, app: web.Application) -> None:
         await self.registration.close()
+        await self.relay.close()
         await self.state.close()
 
 

@@ -1,5 +1,6 @@
-"""What the broker keeps between restarts, behind one small interface (`BrokerState`) so that a
-second backend (PostgreSQL, for several broker processes) can be added beside SQLite.
+"""What the broker keeps between restarts, behind one small interface (`BrokerState`): SQLite
+(`SqliteState`, embedded, the default) or PostgreSQL (`PostgresState`, shared by several broker
+processes; they relay between them through it too, broker/relay.py).
 
 Per account: its roster (the owner-signed device list it follows, format/roster.py), each
 device's record (opaque bytes the devices encrypt: the broker never reads a name), queued
@@ -16,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
+
+from ..errors import UnsupportedFormat
 
 T = TypeVar("T")
 SCHEMA_VERSION = 1
@@ -72,6 +75,12 @@ class BrokerState(Protocol):
         ...
 
 
+def check_schema(found: int, what: str) -> None:
+    """Refuse a database a newer broker wrote (its tables may mean something else now)."""
+    if found > SCHEMA_VERSION:
+        raise UnsupportedFormat(what, found)
+
+
 class SqliteState:
     """BrokerState in one SQLite file (stdlib sqlite3 on one worker thread: calls are short
     and run in order)."""
@@ -99,6 +108,8 @@ class SqliteState:
             CREATE INDEX IF NOT EXISTS persons_person ON persons (person);
         """)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        found = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
+        check_schema(found, f"the broker's database {path}")
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)

@@ -1,6 +1,5 @@
-"""The broker's parts without a network: its SQLite state (pushes collapsed per sender and
-receiver, expiring with their TTL), coturn's credential formula, the flood bucket, the
-client's reconnection backoff; and, in this event loop, the per-account socket limit and a
+"""The broker's parts without a network (its state: test_broker_state.py): coturn's
+credential formula, the flood bucket, the client's reconnection backoff; and, in this event loop, the per-account socket limit and a
 client that reconnects after being cut off."""
 
 from __future__ import annotations
@@ -25,27 +24,6 @@ from tests.servers import StorageAccount, free_port, serving
 
 pytestmark = pytest.mark.timeout(60)
 A, B, C = "a" * 32, "b" * 32, "c" * 32
-
-
-async def test_a_newer_push_replaces_an_older_one_and_pushes_expire(tmp_path: Path) -> None:
-    state = SqliteState(tmp_path / "b.sqlite")
-    await state.enqueue("acct", B, A, "push", b"head 1", 100.0, collapse=True)
-    await state.enqueue("acct", B, A, "push", b"head 2", 100.0, collapse=True)
-    await state.enqueue("acct", B, C, "push", b"c's head", 50.0, collapse=True)
-    await state.enqueue("acct", B, A, "open-tab", b"x", 100.0, collapse=False)
-    got = await state.pending("acct", B, now=10.0)
-    assert [(q.sender, q.kind, q.payload) for q in got] == [
-        (A, "push", b"head 2"), (C, "push", b"c's head"), (A, "open-tab", b"x")]
-    later = await state.pending("acct", B, now=60.0)     # C's push outlived its TTL
-    assert [(q.sender, q.payload) for q in later] == [(A, b"head 2"), (A, b"x")]
-    await state.forget_devices("acct", [A])              # a removed device's queue goes too
-    assert await state.pending("acct", B, now=60.0) == []
-    assert await state.set_roster("acct", 1, b"r1", replaces=None)
-    assert not await state.set_roster("acct", 1, b"other", replaces=None)
-    assert not await state.set_roster("acct", 3, b"r3", replaces=2)   # not the one held
-    assert await state.set_roster("acct", 2, b"r2", replaces=1)
-    assert await state.roster("acct") == b"r2"
-    await state.close()
 
 
 def test_turn_credentials_are_coturns_rest_formula() -> None:

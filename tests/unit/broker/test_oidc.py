@@ -9,7 +9,6 @@ import pytest
 from joserfc.jwk import RSAKey
 
 from p2pbackup.broker.oidc import LEEWAY, OidcVerifier, SignInRefused, person_id
-from p2pbackup.broker.state import SqliteState
 from tests.oidc_issuer import AUDIENCE, LocalIssuer, local_issuer
 
 pytestmark = pytest.mark.timeout(60)
@@ -133,20 +132,6 @@ def test_an_issuer_url_is_https_but_on_loopback() -> None:
     with pytest.raises(ValueError, match="use https://"):
         OidcVerifier("http://accounts.example.org", AUDIENCE)
     OidcVerifier("https://accounts.example.org", AUDIENCE)
-
-
-async def test_a_person_holds_at_most_the_accounts_it_may(tmp_path: object) -> None:
-    from pathlib import Path
-    state = SqliteState(Path(str(tmp_path)) / "b.sqlite")
-    assert await state.bind_person("acct1", "p", 2)
-    assert await state.bind_person("acct2", "p", 2)
-    assert not await state.bind_person("acct3", "p", 2)       # a third: beyond the limit
-    assert not await state.bind_person("acct1", "q", 2)       # held by another person
-    assert await state.person_of("acct1") == "p"
-    await state.unbind_person("acct2")
-    assert await state.person_of("acct2") is None
-    assert await state.bind_person("acct3", "p", 2)
-    await state.close()
 
 
 async def test_device_sign_in_polls_at_the_issuers_interval_until_signed_in(
