@@ -6,7 +6,10 @@ refusals."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.discovery.broker import BrokerClient
@@ -71,3 +74,33 @@ async def online(*devices: Device) -> None:
 async def echo(link: PeerLink) -> None:
     while (msg := await link.recv()) is not None:
         await link.send(msg)
+
+
+@contextlib.asynccontextmanager
+async def front(*urls: str) -> AsyncIterator[str]:
+    """One address in front of several broker processes (a load balancer's job): each TCP
+    connection goes to the first of `urls` that accepts it. Yields its http:// URL."""
+    backends = [urlsplit(u) for u in urls]
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for b in backends:
+            try:
+                up_r, up_w = await asyncio.open_connection(b.hostname, b.port)
+            except OSError:
+                continue
+            await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+            return
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()

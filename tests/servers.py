@@ -261,6 +261,7 @@ class RunningBroker:
 
     url: str
     log: Path
+    process: subprocess.Popen | None = None   # to kill it (a broker process of a fleet dies)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -274,8 +275,8 @@ def broker_server(tmp: Path, *args: str) -> Iterator[RunningBroker]:
     tmp.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "p2pbackup.broker.main", "--data", str(tmp / "data"),
             "--listen", f"127.0.0.1:{port}", *args]
-    with _running(argv, tmp / "broker.log", port):
-        yield RunningBroker(f"http://127.0.0.1:{port}", tmp / "broker.log")
+    with _running(argv, tmp / "broker.log", port) as proc:
+        yield RunningBroker(f"http://127.0.0.1:{port}", tmp / "broker.log", proc)
 
 
 # -- WebDAV servers ------------------------------------------------------------------------

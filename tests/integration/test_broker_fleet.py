@@ -1,0 +1,110 @@
+"""Two real `p2pbackup-broker` processes on one PostgreSQL (the suite's own server): devices
+connected to different processes open a session, hear each other's pushes, see a roster change
+made on the other process, and lose nothing queued when a process is killed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pbackup import session
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.discovery.broker import BrokerSignaling
+from tests.brokers import LOOPBACK, device, echo, front, membership, online
+from tests.eventually import eventually
+from tests.servers import Postgres, RunningBroker, StorageAccount, broker_server
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@contextlib.contextmanager
+def fleet(tmp: Path, postgres: Postgres) -> Iterator[tuple[RunningBroker, RunningBroker]]:
+    """Two broker processes sharing a fresh database."""
+    dsn = postgres.new_database()
+    with broker_server(tmp / "one", "--database", dsn) as one, \
+            broker_server(tmp / "two", "--database", dsn) as two:
+        yield one, two
+
+
+async def test_devices_on_two_processes_open_a_session_and_hear_pushes(
+        tmp_path: Path, postgres: Postgres) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate(), DeviceIdentity.generate()])
+    held = [membership(acct)]
+    with fleet(tmp_path, postgres) as (one, two):
+        a = device(one.url, acct, acct.owner, held)
+        b = device(two.url, acct, acct.members[0], held)
+        await a.client.publish_rosters([acct.roster()[1]])
+        await online(a, b)
+        listed = {d["id"]: d["connected"] for d in await a.client.devices()}
+        assert listed == {acct.owner.device_id: True, acct.members[0].device_id: True,
+                          acct.members[1].device_id: False}
+
+        link = await session.connect(acct.owner, b.identity.device_id, held[0],
+                                     BrokerSignaling(a.client, b.identity.device_id),
+                                     ice=LOOPBACK)
+        await eventually(lambda: b.links)
+        served = asyncio.create_task(echo(b.links[0][1]))
+        await link.send(b"ping")
+        assert await asyncio.wait_for(link.recv(), 30) == b"ping"
+        await link.close()
+        served.cancel()
+
+        assert await a.client.push(b"head 1")                       # one -> two
+        await eventually(lambda: b.pushes == [(acct.owner.device_id, b"head 1")])
+        assert await b.client.notify(b"head b") == {"delivered": 1, "queued": 1}  # two -> one
+        await eventually(lambda: a.pushes == [(b.identity.device_id, b"head b")])
+        # a device no process holds: undeliverable at once, as on one process
+        with pytest.raises(session.PeerUnreachable, match="not connected to the broker"):
+            await session.connect(acct.owner, acct.members[1].device_id, held[0],
+                                  BrokerSignaling(a.client, acct.members[1].device_id),
+                                  ice=LOOPBACK)
+        for d in (a, b):
+            await d.client.close()
+
+
+async def test_a_device_removed_on_one_process_is_refused_by_the_other(
+        tmp_path: Path, postgres: Postgres) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    held = [membership(acct)]
+    with fleet(tmp_path, postgres) as (one, two):
+        a = device(one.url, acct, acct.owner, held)
+        gone = device(two.url, acct, acct.members[0], held)
+        await a.client.publish_rosters([acct.roster()[1]])
+        await online(a, gone)
+        assert await gone.client.devices()          # two caches the roster listing it
+        acct.members = []
+        await a.client.publish_rosters([acct.roster(removed=(gone.identity.device_id,))[1]])
+        await eventually(lambda: "not a device of account" in (gone.client.last_error or "")
+                         or "no longer a device" in (gone.client.last_error or ""))
+        with pytest.raises(Exception, match="403 device .* is not a device of account"):
+            await gone.client.devices()
+        await eventually(lambda: "is no longer listed: its socket is closed" in two.log_text())
+        for d in (a, gone):
+            await d.client.close()
+
+
+async def test_a_killed_process_loses_nothing_queued_and_its_devices_reconnect(
+        tmp_path: Path, postgres: Postgres) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    held = [membership(acct)]
+    with fleet(tmp_path, postgres) as (one, two):
+        a = device(two.url, acct, acct.owner, held)
+        await a.client.publish_rosters([acct.roster()[1]])
+        async with front(one.url, two.url) as url:      # one address; one answers first
+            b = device(url, acct, acct.members[0], held)
+            await online(a, b)
+            assert one.process is not None
+            one.process.kill()                          # b's process dies: no goodbye
+            one.process.wait()
+            # before the fleet notices (its heartbeat is still fresh) and after: both kept
+            assert await a.client.notify(b"head 2") == {"delivered": 1, "queued": 0}
+            await eventually(lambda: b.client.connected.is_set() and
+                             b.pushes == [(acct.owner.device_id, b"head 2")], timeout=60)
+            assert await a.client.push(b"head 3")
+            await eventually(lambda: b.pushes[-1:] == [(acct.owner.device_id, b"head 3")])
+            await b.client.close()
+        await a.client.close()
