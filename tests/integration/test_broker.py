@@ -147,6 +147,9 @@ def test_systemd_analyze_verifies_the_broker_unit(tmp_path: Path) -> None:
     (["--turn-url", "turn:127.0.0.1:3478"], "--turn-url needs the TURN server's shared secret"),
     (["--turn-secret-file", "/nonexistent"], "cannot read --turn-secret-file /nonexistent"),
     (["--turn-ttl", "5"], "--turn-ttl 5: give 60 to"),
+    (["--database", "mysql://x/y"], "--database mysql://x/y: give a postgresql:// URL"),
+    (["--database", "postgresql://nobody@/none?host=/nonexistent"],
+     "cannot reach the broker's database"),
 ])
 def test_broker_usage_errors_are_one_line_with_exit_10(tmp_path: Path, args: list[str],
                                                        says: str) -> None:
