@@ -6,16 +6,22 @@ refusals."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+import aiohttp
+
 from p2pbackup.crypto.identity import DeviceIdentity
-from p2pbackup.discovery.broker import BrokerClient
+from p2pbackup import session
+from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
 from p2pbackup.format.membership import MEMBER, OWNER, Member, Membership
+from p2pbackup.protocol.broker_wire import socket_auth_message
 from p2pbackup.session import OfferAnswerer
 from p2pbackup.transport.datachannel import IceConfig, PeerLink
+from tests.eventually import eventually
 from tests.servers import StorageAccount
 
 LOOPBACK = IceConfig(host_addresses=("127.0.0.1",))
@@ -76,6 +82,23 @@ async def echo(link: PeerLink) -> None:
         await link.send(msg)
 
 
+async def echoed(a: Device, b: Device, held: Membership, message: bytes,
+                 ice: IceConfig = LOOPBACK) -> bytes:
+    """Open a session from `a` to `b` through the broker (BrokerSignaling); what `b` echoes of
+    `message`."""
+    link = await session.connect(a.identity, b.identity.device_id, held,
+                                 BrokerSignaling(a.client, b.identity.device_id), ice=ice)
+    await eventually(lambda: b.links)
+    assert b.links[-1][0] == a.identity.device_id
+    served = asyncio.create_task(echo(b.links[-1][1]))
+    try:
+        await link.send(message)
+        return await asyncio.wait_for(link.recv(), 30)
+    finally:
+        await link.close()
+        served.cancel()
+
+
 @contextlib.asynccontextmanager
 async def front(*urls: str) -> AsyncIterator[str]:
     """One address in front of several broker processes (a load balancer's job): each TCP
@@ -104,3 +127,15 @@ async def front(*urls: str) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
+
+
+async def raw_socket(http: aiohttp.ClientSession, url: str, acct: StorageAccount,
+                     who: DeviceIdentity) -> aiohttp.ClientWebSocketResponse:
+    """An authenticated broker socket, spoken by hand."""
+    ws = await http.ws_connect(f"{url}/v1/account/{acct.fingerprint}/ws")
+    challenge = (await ws.receive_json())["nonce"]
+    sig = who.sign(socket_auth_message(acct.fingerprint, who.device_id, challenge))
+    await ws.send_json({"t": "auth", "device": who.device_id,
+                        "sig": base64.b64encode(sig).decode()})
+    assert (await ws.receive_json(timeout=30))["t"] == "ready"
+    return ws

@@ -16,6 +16,7 @@ from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.discovery.broker import BrokerClient
 from p2pbackup.protocol import store_requests as req
 from p2pbackup.protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
+from tests.brokers import raw_socket
 from tests.eventually import eventually
 from tests.servers import RunningBroker, StorageAccount, broker_server
 
@@ -50,13 +51,7 @@ async def registered(broker: RunningBroker, members: int = 1) -> StorageAccount:
 async def socket(http: aiohttp.ClientSession, broker: RunningBroker, acct: StorageAccount,
                  who: DeviceIdentity) -> aiohttp.ClientWebSocketResponse:
     """An authenticated socket, spoken by hand."""
-    ws = await http.ws_connect(f"{broker.url}/v1/account/{acct.fingerprint}/ws")
-    challenge = (await ws.receive_json())["nonce"]
-    sig = who.sign(socket_auth_message(acct.fingerprint, who.device_id, challenge))
-    await ws.send_json({"t": "auth", "device": who.device_id,
-                        "sig": base64.b64encode(sig).decode()})
-    assert (await ws.receive_json(timeout=30))["t"] == "ready"
-    return ws
+    return await raw_socket(http, broker.url, acct, who)
 
 
 async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> str:

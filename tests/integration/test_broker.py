@@ -4,7 +4,6 @@ credentials in coturn's REST scheme."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from p2pbackup import session
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
 from p2pbackup.transport.datachannel import IceConfig
-from tests.brokers import LOOPBACK, device, echo, membership, online
+from tests.brokers import LOOPBACK, device, echoed, membership, online
 from tests.eventually import eventually
 from tests.servers import StorageAccount, broker_server, free_port, running
 
@@ -39,16 +38,7 @@ async def test_a_session_opens_through_the_broker_and_pushes_reach_the_peer(
         assert listed[acct.owner.device_id]["connected"] and \
             base64.b64decode(listed[acct.owner.device_id]["info"]) == b"sealed name"
 
-        link = await session.connect(acct.owner, b.identity.device_id, held[0],
-                                     BrokerSignaling(a.client, b.identity.device_id),
-                                     ice=LOOPBACK)
-        await eventually(lambda: b.links)
-        assert b.links[0][0] == acct.owner.device_id
-        served = asyncio.create_task(echo(b.links[0][1]))
-        await link.send(b"ping")
-        assert await asyncio.wait_for(link.recv(), 30) == b"ping"
-        await link.close()
-        served.cancel()
+        assert await echoed(a, b, held[0], b"ping") == b"ping"
 
         assert await a.client.push(b"head 1")
         await eventually(lambda: b.pushes == [(acct.owner.device_id, b"head 1")])
@@ -184,15 +174,8 @@ async def test_a_real_coturn_relays_with_the_brokers_credentials(tmp_path: Path)
         await online(a, b)
         ice = await a.client.ice(host_addresses=("127.0.0.1",))
         relay = IceConfig(ice.servers, relay_only=True, host_addresses=("127.0.0.1",))
-        link = await session.connect(acct.owner, b.identity.device_id, held[0],
-                                     BrokerSignaling(a.client, b.identity.device_id),
-                                     ice=relay)
-        await eventually(lambda: b.links)
-        served = asyncio.create_task(echo(b.links[0][1]))
-        await link.send(b"through the relay")
-        assert await asyncio.wait_for(link.recv(), 30) == b"through the relay"
-        await link.close()
-        served.cancel()
+        assert await echoed(a, b, held[0], b"through the relay", relay) == \
+            b"through the relay"
         for d in (a, b):
             await d.client.close()
 

@@ -4,17 +4,19 @@ made on the other process, and lose nothing queued when a process is killed."""
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from p2pbackup import session
 from p2pbackup.crypto.identity import DeviceIdentity
-from p2pbackup.discovery.broker import BrokerSignaling
-from tests.brokers import LOOPBACK, device, echo, front, membership, online
+from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
+from tests.brokers import LOOPBACK, device, echoed, front, membership, online, raw_socket
 from tests.eventually import eventually
 from tests.servers import Postgres, RunningBroker, StorageAccount, broker_server
 
@@ -43,15 +45,7 @@ async def test_devices_on_two_processes_open_a_session_and_hear_pushes(
         assert listed == {acct.owner.device_id: True, acct.members[0].device_id: True,
                           acct.members[1].device_id: False}
 
-        link = await session.connect(acct.owner, b.identity.device_id, held[0],
-                                     BrokerSignaling(a.client, b.identity.device_id),
-                                     ice=LOOPBACK)
-        await eventually(lambda: b.links)
-        served = asyncio.create_task(echo(b.links[0][1]))
-        await link.send(b"ping")
-        assert await asyncio.wait_for(link.recv(), 30) == b"ping"
-        await link.close()
-        served.cancel()
+        assert await echoed(a, b, held[0], b"ping") == b"ping"
 
         assert await a.client.push(b"head 1")                       # one -> two
         await eventually(lambda: b.pushes == [(acct.owner.device_id, b"head 1")])
@@ -108,3 +102,26 @@ async def test_a_killed_process_loses_nothing_queued_and_its_devices_reconnect(
             await eventually(lambda: b.pushes[-1:] == [(acct.owner.device_id, b"head 3")])
             await b.client.close()
         await a.client.close()
+
+
+async def test_a_signal_larger_than_a_notify_and_a_command_cross_processes(
+        tmp_path: Path, postgres: Postgres) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    with fleet(tmp_path, postgres) as (one, two):
+        owner = BrokerClient(one.url, acct.owner, acct.fingerprint)
+        await owner.publish_rosters([acct.roster()[1]])
+        async with aiohttp.ClientSession() as http:
+            a = await raw_socket(http, one.url, acct, acct.owner)
+            b = await raw_socket(http, two.url, acct, acct.members[0])
+            big = base64.b64encode(os.urandom(30_000)).decode()   # NOTIFY takes < 8000 bytes
+            await a.send_json({"t": "signal", "to": acct.members[0].device_id, "id": 7,
+                               "data": big})
+            got = await b.receive_json(timeout=30)
+            assert got == {"t": "signal", "from": acct.owner.device_id, "id": 7, "data": big}
+            index = await owner.invoke_command(acct.members[0].device_id, "open-tab", b"x")
+            got = await b.receive_json(timeout=30)
+            assert got["t"] == "command" and got["index"] == index and \
+                base64.b64decode(got["payload"]) == b"x"
+            await a.close()
+            await b.close()
+        await owner.close()
