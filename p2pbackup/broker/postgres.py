@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import secrets
-from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -67,9 +67,12 @@ SCHEMA = """
 
 
 def _where(dsn: str) -> str:
-    """The DSN without its password, for messages."""
-    head, at, tail = dsn.rpartition("@")
-    return f"{head.split(':')[0]}:…@{tail}" if at and ":" in head.split("//", 1)[-1] else dsn
+    """The DSN without its password, for messages and logs."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@",
+                                                                 ":…@", 1)))
 
 
 class PostgresState:
@@ -82,7 +85,7 @@ class PostgresState:
     async def open(cls, dsn: str, *, max_size: int = 10) -> PostgresState:
         try:
             pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise ConfigError(f"cannot reach the broker's database {_where(dsn)}: "
                               f"{exc}") from None
         assert pool is not None

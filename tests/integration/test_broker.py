@@ -138,8 +138,8 @@ def test_systemd_analyze_verifies_the_broker_unit(tmp_path: Path) -> None:
     (["--turn-secret-file", "/nonexistent"], "cannot read --turn-secret-file /nonexistent"),
     (["--turn-ttl", "5"], "--turn-ttl 5: give 60 to"),
     (["--database", "mysql://x/y"], "--database mysql://x/y: give a postgresql:// URL"),
-    (["--database", "postgresql://nobody@/none?host=/nonexistent"],
-     "cannot reach the broker's database"),
+    (["--database", "postgresql://nobody:s3cret@/none?host=/nonexistent"],
+     "cannot reach the broker's database postgresql://nobody:…@/none"),
 ])
 def test_broker_usage_errors_are_one_line_with_exit_10(tmp_path: Path, args: list[str],
                                                        says: str) -> None:
@@ -148,6 +148,7 @@ def test_broker_usage_errors_are_one_line_with_exit_10(tmp_path: Path, args: lis
                           timeout=60)
     assert proc.returncode == 10, proc.stderr
     assert proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
+    assert "s3cret" not in proc.stderr         # a database password is never shown
 
 
 async def test_a_real_coturn_relays_with_the_brokers_credentials(tmp_path: Path) -> None:
