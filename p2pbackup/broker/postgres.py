@@ -203,11 +203,14 @@ class PostgresRelay:
     async def start(self, arrivals: Arrivals) -> None:
         await self.state.pool.execute("INSERT INTO processes (process) VALUES ($1)",
                                       self.process)
+        await self._listen()
+        self._tasks = [asyncio.create_task(self._beat()),
+                       asyncio.create_task(self._consume(arrivals))]
+
+    async def _listen(self) -> None:
         self._listener = await asyncpg.connect(self.state.dsn)
         for channel in (self.channel, ROSTER_CHANNEL):
             await self._listener.add_listener(channel, self._heard)
-        self._tasks = [asyncio.create_task(self._beat()),
-                       asyncio.create_task(self._consume(arrivals))]
 
     def _heard(self, conn: object, pid: int, channel: str, payload: str) -> None:
         self._inbox.put_nowait((channel, payload))
@@ -216,6 +219,13 @@ class PostgresRelay:
         while True:
             await asyncio.sleep(self.heartbeat)
             try:
+                if self._listener is None or self._listener.is_closed():
+                    # the database restarted or cut it: listen again before saying we are
+                    # alive (what was sent meanwhile is lost: signals time out at their
+                    # sender, pushes stay queued for the device's next connection)
+                    log.warning("the broker's database connection for relayed messages was "
+                                "lost: listening again")
+                    await self._listen()
                 await self.state.pool.execute(
                     "INSERT INTO processes (process) VALUES ($1) ON CONFLICT (process) "
                     "DO UPDATE SET seen = now()", self.process)

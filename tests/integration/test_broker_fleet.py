@@ -4,6 +4,7 @@ made on the other process, and lose nothing queued when a process is killed."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from p2pbackup import session
@@ -24,19 +26,19 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @contextlib.contextmanager
-def fleet(tmp: Path, postgres: Postgres) -> Iterator[tuple[RunningBroker, RunningBroker]]:
-    """Two broker processes sharing a fresh database."""
+def fleet(tmp: Path, postgres: Postgres) -> Iterator[tuple[RunningBroker, RunningBroker, str]]:
+    """Two broker processes sharing a fresh database (its DSN third)."""
     dsn = postgres.new_database()
     with broker_server(tmp / "one", "--database", dsn) as one, \
             broker_server(tmp / "two", "--database", dsn) as two:
-        yield one, two
+        yield one, two, dsn
 
 
 async def test_devices_on_two_processes_open_a_session_and_hear_pushes(
         tmp_path: Path, postgres: Postgres) -> None:
     acct = StorageAccount(members=[DeviceIdentity.generate(), DeviceIdentity.generate()])
     held = [membership(acct)]
-    with fleet(tmp_path, postgres) as (one, two):
+    with fleet(tmp_path, postgres) as (one, two, dsn):
         a = device(one.url, acct, acct.owner, held)
         b = device(two.url, acct, acct.members[0], held)
         await a.client.publish_rosters([acct.roster()[1]])
@@ -64,7 +66,7 @@ async def test_a_device_removed_on_one_process_is_refused_by_the_other(
         tmp_path: Path, postgres: Postgres) -> None:
     acct = StorageAccount(members=[DeviceIdentity.generate()])
     held = [membership(acct)]
-    with fleet(tmp_path, postgres) as (one, two):
+    with fleet(tmp_path, postgres) as (one, two, dsn):
         a = device(one.url, acct, acct.owner, held)
         gone = device(two.url, acct, acct.members[0], held)
         await a.client.publish_rosters([acct.roster()[1]])
@@ -85,7 +87,7 @@ async def test_a_killed_process_loses_nothing_queued_and_its_devices_reconnect(
         tmp_path: Path, postgres: Postgres) -> None:
     acct = StorageAccount(members=[DeviceIdentity.generate()])
     held = [membership(acct)]
-    with fleet(tmp_path, postgres) as (one, two):
+    with fleet(tmp_path, postgres) as (one, two, dsn):
         a = device(two.url, acct, acct.owner, held)
         await a.client.publish_rosters([acct.roster()[1]])
         async with front(one.url, two.url) as url:      # one address; one answers first
@@ -107,7 +109,7 @@ async def test_a_killed_process_loses_nothing_queued_and_its_devices_reconnect(
 async def test_a_signal_larger_than_a_notify_and_a_command_cross_processes(
         tmp_path: Path, postgres: Postgres) -> None:
     acct = StorageAccount(members=[DeviceIdentity.generate()])
-    with fleet(tmp_path, postgres) as (one, two):
+    with fleet(tmp_path, postgres) as (one, two, dsn):
         owner = BrokerClient(one.url, acct.owner, acct.fingerprint)
         await owner.publish_rosters([acct.roster()[1]])
         async with aiohttp.ClientSession() as http:
@@ -125,3 +127,28 @@ async def test_a_signal_larger_than_a_notify_and_a_command_cross_processes(
             await a.close()
             await b.close()
         await owner.close()
+
+
+async def test_a_process_whose_listening_connection_is_cut_listens_again(
+        tmp_path: Path, postgres: Postgres) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    held = [membership(acct)]
+    with fleet(tmp_path, postgres) as (one, two, dsn):
+        a = device(one.url, acct, acct.owner, held)
+        b = device(two.url, acct, acct.members[0], held)
+        await a.client.publish_rosters([acct.roster()[1]])
+        await online(a, b)
+        db = await asyncpg.connect(dsn)      # both processes' LISTEN connections cut
+        cut = await db.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                "WHERE datname = current_database() AND query LIKE 'LISTEN%'")
+        await db.close()
+        assert cut == 2
+
+        async def heard() -> bool:
+            await a.client.push(b"head")
+            await asyncio.sleep(0.5)
+            return bool(b.pushes)
+        await eventually(heard, timeout=60)
+        await eventually(lambda: "listening again" in two.log_text())
+        for d in (a, b):
+            await d.client.close()
