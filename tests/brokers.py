@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -139,3 +140,13 @@ async def raw_socket(http: aiohttp.ClientSession, url: str, acct: StorageAccount
                         "sig": base64.b64encode(sig).decode()})
     assert (await ws.receive_json(timeout=30))["t"] == "ready"
     return ws
+
+
+async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> str:
+    """The error the broker gave before closing `ws`."""
+    error = ""
+    async for msg in ws:
+        if msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data).get("t") == "error":
+            error = json.loads(msg.data)["error"]
+    assert ws.closed
+    return error

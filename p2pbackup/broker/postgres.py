@@ -14,7 +14,8 @@ killed process's rows stop counting after STALE seconds.
 
 Relayed messages: NOTIFY on the holding process's channel with JSON {"a", "d", "m", "q"}
 (account, device, message, queued push index); a message larger than NOTIFY_MAX goes to a
-`relayed` row and the NOTIFY carries its id. Roster changes: NOTIFY on ROSTER_CHANNEL with the
+`relayed` row and the NOTIFY carries its id. {"a", "d", "replaced": true} tells the process
+that held a device's socket that the device connected to another one. Roster changes: NOTIFY on ROSTER_CHANNEL with the
 account id. A notification's process handles them one at a time, in the order they came.
 """
 
@@ -252,14 +253,24 @@ class PostgresRelay:
                     if body is None:
                         continue
                     doc = json.loads(body)
-                await arrivals.arrived(doc["a"], doc["d"], doc["m"], doc.get("q"))
+                if "m" in doc:
+                    await arrivals.arrived(doc["a"], doc["d"], doc["m"], doc.get("q"))
+                elif doc.get("replaced"):
+                    await arrivals.replaced(doc["a"], doc["d"])
             except Exception:   # one bad message must not stop this process's relay
                 log.exception("a relayed message could not be handled")
 
     async def attached(self, account: str, device: str) -> None:
-        await self.state.pool.execute(
-            "INSERT INTO presence VALUES ($1, $2, $3) ON CONFLICT (account, device) "
-            "DO UPDATE SET process = excluded.process", account, device, self.process)
+        async with self.state.pool.acquire() as db, db.transaction():
+            before = await db.fetchval("SELECT process FROM presence WHERE account = $1 AND "
+                                       "device = $2 FOR UPDATE", account, device)
+            await db.execute(
+                "INSERT INTO presence VALUES ($1, $2, $3) ON CONFLICT (account, device) "
+                "DO UPDATE SET process = excluded.process", account, device, self.process)
+            if before is not None and before != self.process:
+                # its socket there is dead or a duplicate (as a reconnection on one process)
+                await db.execute("SELECT pg_notify($1, $2)", f"p2pb_{before}", json.dumps(
+                    {"a": account, "d": device, "replaced": True}))
 
     async def detached(self, account: str, device: str) -> None:
         await self.state.pool.execute(

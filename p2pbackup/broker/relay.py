@@ -28,6 +28,10 @@ class Arrivals(Protocol):
         """Another process stored a new roster for `account`."""
         ...
 
+    async def replaced(self, account: str, device: str) -> None:
+        """`device` opened a socket on another process: close the one it had here."""
+        ...
+
 
 class Relay(Protocol):
     async def start(self, arrivals: Arrivals) -> None: ...

@@ -448,6 +448,14 @@ class Broker:
                                                     "to": device})
         # a push stays queued; a command is listed when the device asks
 
+    async def replaced(self, account: str, device: str) -> None:
+        """The device opened a socket on another broker process (Arrivals)."""
+        held = self._accounts.get(account)
+        conn = held.sockets.get(device) if held is not None else None
+        if conn is not None:
+            await self._close(conn, "replaced by a newer socket of this device (on another "
+                                    "broker process)")
+
     async def _start_relay(self, app: web.Application) -> None:
         await self.relay.start(self)
 

@@ -5,7 +5,6 @@ flooding sockets. Each is refused with one log line, and the broker keeps servin
 from __future__ import annotations
 
 import base64
-import json
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,7 +15,7 @@ from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.discovery.broker import BrokerClient
 from p2pbackup.protocol import store_requests as req
 from p2pbackup.protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
-from tests.brokers import raw_socket
+from tests.brokers import closed_with, raw_socket
 from tests.eventually import eventually
 from tests.servers import RunningBroker, StorageAccount, broker_server
 
@@ -52,16 +51,6 @@ async def socket(http: aiohttp.ClientSession, broker: RunningBroker, acct: Stora
                  who: DeviceIdentity) -> aiohttp.ClientWebSocketResponse:
     """An authenticated socket, spoken by hand."""
     return await raw_socket(http, broker.url, acct, who)
-
-
-async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> str:
-    """The error the broker gave before closing `ws`."""
-    error = ""
-    async for msg in ws:
-        if msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data).get("t") == "error":
-            error = json.loads(msg.data)["error"]
-    assert ws.closed
-    return error
 
 
 async def pushes_still_arrive(http: aiohttp.ClientSession, broker: RunningBroker) -> None:

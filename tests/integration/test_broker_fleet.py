@@ -18,7 +18,8 @@ import pytest
 from p2pbackup import session
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
-from tests.brokers import LOOPBACK, device, echoed, front, membership, online, raw_socket
+from tests.brokers import (LOOPBACK, closed_with, device, echoed, front, membership, online,
+                           raw_socket)
 from tests.eventually import eventually
 from tests.servers import Postgres, RunningBroker, StorageAccount, broker_server
 
@@ -152,3 +153,24 @@ async def test_a_process_whose_listening_connection_is_cut_listens_again(
         await eventually(lambda: "listening again" in two.log_text())
         for d in (a, b):
             await d.client.close()
+
+
+async def test_a_device_reconnecting_to_the_other_process_closes_its_old_socket(
+        tmp_path: Path, postgres: Postgres) -> None:
+    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    with fleet(tmp_path, postgres) as (one, two, dsn):
+        owner = BrokerClient(one.url, acct.owner, acct.fingerprint)
+        await owner.publish_rosters([acct.roster()[1]])
+        async with aiohttp.ClientSession() as http:
+            a = await raw_socket(http, one.url, acct, acct.owner)
+            old = await raw_socket(http, one.url, acct, acct.members[0])
+            new = await raw_socket(http, two.url, acct, acct.members[0])
+            assert "replaced by a newer socket" in await asyncio.wait_for(closed_with(old), 30)
+            # and a signal from a device on the old socket's process reaches the new one
+            await a.send_json({"t": "signal", "to": acct.members[0].device_id, "id": 1,
+                               "data": base64.b64encode(b"offer").decode()})
+            got = await new.receive_json(timeout=30)
+            assert got["t"] == "signal" and got["from"] == acct.owner.device_id
+            await a.close()
+            await new.close()
+        await owner.close()
