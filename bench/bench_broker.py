@@ -247,6 +247,7 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, object
             pipes.append(parent)
             workers.append(p)
         connected = [pipe.recv() for pipe in pipes]
+        time.sleep(args.settle)
         idle = [rss_mib(pid)[0] for _, pid in procs]
         for pipe in pipes:
             pipe.send(("signals", args.rate / args.workers, args.seconds))
@@ -287,7 +288,7 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, object
 def report(results: list[dict[str, object]], args: argparse.Namespace) -> str:
     lines = [HEADING, "",
              f"`bench_broker.py --devices {args.devices} --rate {args.rate} --seconds "
-             f"{args.seconds}` ({args.per_account} devices per account, {args.workers} client "
+             f"{args.seconds} --settle {args.settle}` ({args.per_account} devices per account, {args.workers} client "
              f"processes; {time.strftime('%Y-%m-%d')}, load average "
              f"{', '.join(f'{x:.1f}' for x in __import__('os').getloadavg())} at the end: "
              "a shared 2-core machine). Targets: RSS <= 500 MiB per process, relay p99 <= 50 "
@@ -319,6 +320,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0, help="signals per second, in all")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--pushes", type=int, default=200)
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds between the last connection and the first message")
     ap.add_argument("--modes", default="sqlite,postgres")
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
