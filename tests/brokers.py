@@ -150,3 +150,12 @@ async def closed_with(ws: aiohttp.ClientWebSocketResponse) -> str:
             error = json.loads(msg.data)["error"]
     assert ws.closed
     return error
+
+
+async def registered(url: str, members: int = 1) -> StorageAccount:
+    """A new account, its roster registered on the broker at `url` by its owner."""
+    acct = StorageAccount(members=[DeviceIdentity.generate() for _ in range(members)])
+    owner = BrokerClient(url, acct.owner, acct.fingerprint)
+    await owner.publish_rosters([acct.roster()[1]])
+    await owner.close()
+    return acct

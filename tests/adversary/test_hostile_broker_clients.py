@@ -15,7 +15,7 @@ from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.discovery.broker import BrokerClient
 from p2pbackup.protocol import store_requests as req
 from p2pbackup.protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
-from tests.brokers import closed_with, raw_socket
+from tests.brokers import closed_with, raw_socket, registered
 from tests.eventually import eventually
 from tests.servers import RunningBroker, StorageAccount, broker_server
 
@@ -39,14 +39,6 @@ def client(broker: RunningBroker, acct: StorageAccount, who: DeviceIdentity) -> 
     return BrokerClient(broker.url, who, acct.fingerprint)
 
 
-async def registered(broker: RunningBroker, members: int = 1) -> StorageAccount:
-    acct = StorageAccount(members=[DeviceIdentity.generate() for _ in range(members)])
-    owner = client(broker, acct, acct.owner)
-    await owner.publish_rosters([acct.roster()[1]])
-    await owner.close()
-    return acct
-
-
 async def socket(http: aiohttp.ClientSession, broker: RunningBroker, acct: StorageAccount,
                  who: DeviceIdentity) -> aiohttp.ClientWebSocketResponse:
     """An authenticated socket, spoken by hand."""
@@ -55,7 +47,7 @@ async def socket(http: aiohttp.ClientSession, broker: RunningBroker, acct: Stora
 
 async def pushes_still_arrive(http: aiohttp.ClientSession, broker: RunningBroker) -> None:
     """Another account's devices are served: a push goes from one to the other at once."""
-    acct = await registered(broker)
+    acct = await registered(broker.url)
     a = await socket(http, broker, acct, acct.owner)
     b = await socket(http, broker, acct, acct.members[0])
     await a.send_json({"t": "push", "data": base64.b64encode(b"head").decode()})
@@ -90,7 +82,7 @@ async def test_a_member_cannot_register_or_move_the_roster(broker: RunningBroker
 
 async def test_a_removed_device_is_refused_at_rest_and_its_socket_closed(
         broker: RunningBroker, http: aiohttp.ClientSession) -> None:
-    acct = await registered(broker)
+    acct = await registered(broker.url)
     gone = acct.members[0]
     ws = await socket(http, broker, acct, gone)
     acct.members = []
@@ -116,7 +108,7 @@ async def test_a_removed_device_is_refused_at_rest_and_its_socket_closed(
 
 async def test_unsigned_forged_and_replayed_requests_are_refused(
         broker: RunningBroker, http: aiohttp.ClientSession) -> None:
-    acct = await registered(broker)
+    acct = await registered(broker.url)
     path = f"v1/account/{acct.fingerprint}/devices"
     url = f"{broker.url}/{path}"
     async with http.get(url) as r:
@@ -147,7 +139,7 @@ async def test_unsigned_forged_and_replayed_requests_are_refused(
 
 async def test_malformed_oversized_and_unauthenticated_sockets_are_cut_off(
         broker: RunningBroker, http: aiohttp.ClientSession) -> None:
-    acct = await registered(broker)
+    acct = await registered(broker.url)
     ws = await socket(http, broker, acct, acct.owner)
     await ws.send_str("{not json")
     assert "not JSON" in await closed_with(ws)
@@ -189,7 +181,7 @@ async def test_malformed_oversized_and_unauthenticated_sockets_are_cut_off(
 
 async def test_a_flooding_socket_is_cut_off_while_other_devices_are_served(
         broker: RunningBroker, http: aiohttp.ClientSession) -> None:
-    acct = await registered(broker)
+    acct = await registered(broker.url)
     ws = await socket(http, broker, acct, acct.owner)
     for _ in range(1000):
         if ws.closed:

@@ -17,9 +17,10 @@ import pytest
 
 from p2pbackup import session
 from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.format.membership import Membership
 from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
-from tests.brokers import (LOOPBACK, closed_with, device, echoed, front, membership, online,
-                           raw_socket)
+from tests.brokers import (LOOPBACK, Device, closed_with, device, echoed, front, membership,
+                           online, raw_socket, registered)
 from tests.eventually import eventually
 from tests.servers import Postgres, RunningBroker, StorageAccount, broker_server
 
@@ -35,15 +36,22 @@ def fleet(tmp: Path, postgres: Postgres) -> Iterator[tuple[RunningBroker, Runnin
         yield one, two, dsn
 
 
+async def connected(url_a: str, url_b: str, acct: StorageAccount, held: list[Membership]
+                    ) -> tuple[Device, Device]:
+    """The owner on `url_a` (registering the account) and the first member on `url_b`."""
+    a = device(url_a, acct, acct.owner, held)
+    b = device(url_b, acct, acct.members[0], held)
+    await a.client.publish_rosters([acct.roster()[1]])
+    await online(a, b)
+    return a, b
+
+
 async def test_devices_on_two_processes_open_a_session_and_hear_pushes(
         tmp_path: Path, postgres: Postgres) -> None:
     acct = StorageAccount(members=[DeviceIdentity.generate(), DeviceIdentity.generate()])
     held = [membership(acct)]
     with fleet(tmp_path, postgres) as (one, two, dsn):
-        a = device(one.url, acct, acct.owner, held)
-        b = device(two.url, acct, acct.members[0], held)
-        await a.client.publish_rosters([acct.roster()[1]])
-        await online(a, b)
+        a, b = await connected(one.url, two.url, acct, held)
         listed = {d["id"]: d["connected"] for d in await a.client.devices()}
         assert listed == {acct.owner.device_id: True, acct.members[0].device_id: True,
                           acct.members[1].device_id: False}
@@ -68,10 +76,7 @@ async def test_a_device_removed_on_one_process_is_refused_by_the_other(
     acct = StorageAccount(members=[DeviceIdentity.generate()])
     held = [membership(acct)]
     with fleet(tmp_path, postgres) as (one, two, dsn):
-        a = device(one.url, acct, acct.owner, held)
-        gone = device(two.url, acct, acct.members[0], held)
-        await a.client.publish_rosters([acct.roster()[1]])
-        await online(a, gone)
+        a, gone = await connected(one.url, two.url, acct, held)
         assert await gone.client.devices()          # two caches the roster listing it
         acct.members = []
         await a.client.publish_rosters([acct.roster(removed=(gone.identity.device_id,))[1]])
@@ -109,10 +114,8 @@ async def test_a_killed_process_loses_nothing_queued_and_its_devices_reconnect(
 
 async def test_a_signal_larger_than_a_notify_and_a_command_cross_processes(
         tmp_path: Path, postgres: Postgres) -> None:
-    acct = StorageAccount(members=[DeviceIdentity.generate()])
     with fleet(tmp_path, postgres) as (one, two, dsn):
-        owner = BrokerClient(one.url, acct.owner, acct.fingerprint)
-        await owner.publish_rosters([acct.roster()[1]])
+        acct = await registered(one.url)
         async with aiohttp.ClientSession() as http:
             a = await raw_socket(http, one.url, acct, acct.owner)
             b = await raw_socket(http, two.url, acct, acct.members[0])
@@ -121,13 +124,14 @@ async def test_a_signal_larger_than_a_notify_and_a_command_cross_processes(
                                "data": big})
             got = await b.receive_json(timeout=30)
             assert got == {"t": "signal", "from": acct.owner.device_id, "id": 7, "data": big}
+            owner = BrokerClient(one.url, acct.owner, acct.fingerprint)
             index = await owner.invoke_command(acct.members[0].device_id, "open-tab", b"x")
+            await owner.close()
             got = await b.receive_json(timeout=30)
             assert got["t"] == "command" and got["index"] == index and \
                 base64.b64decode(got["payload"]) == b"x"
             await a.close()
             await b.close()
-        await owner.close()
 
 
 async def test_a_process_whose_listening_connection_is_cut_listens_again(
@@ -135,10 +139,7 @@ async def test_a_process_whose_listening_connection_is_cut_listens_again(
     acct = StorageAccount(members=[DeviceIdentity.generate()])
     held = [membership(acct)]
     with fleet(tmp_path, postgres) as (one, two, dsn):
-        a = device(one.url, acct, acct.owner, held)
-        b = device(two.url, acct, acct.members[0], held)
-        await a.client.publish_rosters([acct.roster()[1]])
-        await online(a, b)
+        a, b = await connected(one.url, two.url, acct, held)
         db = await asyncpg.connect(dsn)      # both processes' LISTEN connections cut
         cut = await db.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                                 "WHERE datname = current_database() AND query LIKE 'LISTEN%'")
@@ -157,10 +158,8 @@ async def test_a_process_whose_listening_connection_is_cut_listens_again(
 
 async def test_a_device_reconnecting_to_the_other_process_closes_its_old_socket(
         tmp_path: Path, postgres: Postgres) -> None:
-    acct = StorageAccount(members=[DeviceIdentity.generate()])
     with fleet(tmp_path, postgres) as (one, two, dsn):
-        owner = BrokerClient(one.url, acct.owner, acct.fingerprint)
-        await owner.publish_rosters([acct.roster()[1]])
+        acct = await registered(one.url)
         async with aiohttp.ClientSession() as http:
             a = await raw_socket(http, one.url, acct, acct.owner)
             old = await raw_socket(http, one.url, acct, acct.members[0])
@@ -173,4 +172,3 @@ async def test_a_device_reconnecting_to_the_other_process_closes_its_old_socket(
             assert got["t"] == "signal" and got["from"] == acct.owner.device_id
             await a.close()
             await new.close()
-        await owner.close()
