@@ -40,6 +40,7 @@ HEARTBEAT = 5.0          # seconds between a process's heartbeats
 STALE = 15.0             # a process whose heartbeat is older is gone (killed, cut off)
 NOTIFY_MAX = 7900        # bytes of a NOTIFY payload (PostgreSQL's limit is 8000)
 ROSTER_CHANNEL = "p2pb_roster"
+MISSED = ""              # not a channel: the inbox's mark that notifications were lost
 
 SCHEMA = """
     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
@@ -227,6 +228,7 @@ class PostgresRelay:
                     log.warning("the broker's database connection for relayed messages was "
                                 "lost: listening again")
                     await self._listen()
+                    self._inbox.put_nowait((MISSED, ""))
                 await self.state.pool.execute(
                     "INSERT INTO processes (process) VALUES ($1) ON CONFLICT (process) "
                     "DO UPDATE SET seen = now()", self.process)
@@ -245,6 +247,9 @@ class PostgresRelay:
             try:
                 if channel == ROSTER_CHANNEL:
                     await arrivals.roster_changed(payload)
+                    continue
+                if channel == MISSED:
+                    await arrivals.missed()
                     continue
                 doc = json.loads(payload)
                 if "id" in doc:

@@ -32,6 +32,11 @@ class Arrivals(Protocol):
         """`device` opened a socket on another process: close the one it had here."""
         ...
 
+    async def missed(self) -> None:
+        """Notifications may have been lost (the relay's connection was cut): reload every
+        roster held, as if each had changed."""
+        ...
+
 
 class Relay(Protocol):
     async def start(self, arrivals: Arrivals) -> None: ...

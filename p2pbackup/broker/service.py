@@ -448,6 +448,11 @@ class Broker:
                                                     "to": device})
         # a push stays queued; a command is listed when the device asks
 
+    async def missed(self) -> None:
+        """The relay may have lost roster changes (Arrivals): check every roster held."""
+        for account in list(self._accounts):
+            await self.roster_changed(account)
+
     async def replaced(self, account: str, device: str) -> None:
         """The device opened a socket on another broker process (Arrivals)."""
         held = self._accounts.get(account)

@@ -136,15 +136,21 @@ async def test_a_signal_larger_than_a_notify_and_a_command_cross_processes(
 
 async def test_a_process_whose_listening_connection_is_cut_listens_again(
         tmp_path: Path, postgres: Postgres) -> None:
-    acct = StorageAccount(members=[DeviceIdentity.generate()])
+    acct = StorageAccount(members=[DeviceIdentity.generate(), DeviceIdentity.generate()])
+    gone = acct.members[1]
     held = [membership(acct)]
     with fleet(tmp_path, postgres) as (one, two, dsn):
         a, b = await connected(one.url, two.url, acct, held)
+        c = device(two.url, acct, gone, held)
+        await online(c)
         db = await asyncpg.connect(dsn)      # both processes' LISTEN connections cut
         cut = await db.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                                 "WHERE datname = current_database() AND query LIKE 'LISTEN%'")
         await db.close()
         assert cut == 2
+        # a roster change made while two was not listening reaches it all the same
+        acct.members = acct.members[:1]
+        await a.client.publish_rosters([acct.roster(removed=(gone.device_id,))[1]])
 
         async def heard() -> bool:
             await a.client.push(b"head")
@@ -152,7 +158,9 @@ async def test_a_process_whose_listening_connection_is_cut_listens_again(
             return bool(b.pushes)
         await eventually(heard, timeout=60)
         await eventually(lambda: "listening again" in two.log_text())
-        for d in (a, b):
+        await eventually(lambda: "not a device of account" in (c.client.last_error or "")
+                         or "no longer a device" in (c.client.last_error or ""))
+        for d in (a, b, c):
             await d.client.close()
 
 
