@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tests.eventually import eventually_sync
 from tests.netns import NetLab, available
 
 
@@ -78,8 +79,14 @@ def test_popen_runs_inside_the_namespace(netlab: NetLab):
     proc = a.popen([sys.executable, "-c", "import time; time.sleep(60)"],
                    env={"NETLAB_MARK": "1"})
     assert proc.poll() is None
-    pids = a.run(["ip", "netns", "pids", a.ns], capture_output=True, text=True).stdout.split()
-    assert str(proc.pid) in pids
+
+    def inside() -> bool:
+        # Popen returns once `ip netns exec` runs, before it has entered the namespace: on a
+        # loaded machine the listing can come first (it then lists only itself).
+        return str(proc.pid) in a.run(["ip", "netns", "pids", a.ns], capture_output=True,
+                                      text=True).stdout.split()
+
+    eventually_sync(inside, timeout=10, interval=0.05)
 
 
 def test_teardown_removes_everything():

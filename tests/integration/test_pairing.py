@@ -28,6 +28,8 @@ def refuses(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
         return False
+    except ConnectionResetError:
+        return False   # still listening while it closes: accepted, then dropped
     except ConnectionRefusedError:
         return True
 
