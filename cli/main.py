@@ -89,18 +89,32 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
              offline: bool = typer.Option(False, "--offline",
                                           help="Take it in this process, not in p2pbackupd "
                                           "(which pauses meanwhile if it runs)."),
+             push: bool = typer.Option(False, "--push",
+                                       help="Upload to every configured store while it runs "
+                                       "(as p2pbackupd does), and wait for that; without "
+                                       "p2pbackupd."),
              ) -> None:
     """Take one snapshot now (of the configured sources by default)."""
+    import time
+
     from p2pbackup.backup.snapshot import SnapshotProgress, take_snapshot
-    from p2pbackup.config import sources_for_paths
+    from p2pbackup.config import load_config, sources_for_paths
     from p2pbackup.device import open_device
-    from p2pbackup.errors import NotFound
+    from p2pbackup.errors import NotFound, StorageError
+    from p2pbackup.repo.upload import upload_alongside
+
+    from .store_cmds import new_uploader, refuse_if_daemon_uploads, say_pushed, upload_progress
 
     for p in paths or ():
         if not os.path.isdir(p):
             raise NotFound(f"{os.path.abspath(p)}: " + ("not a directory" if os.path.exists(p)
                                                          else "no such directory"))
-    if not paths and not offline:
+    config = load_config(_home())
+    if push:
+        if not config.stores:
+            raise ConfigError("--push: no store is configured (`p2pbackup store add` one)")
+        refuse_if_daemon_uploads()
+    if not paths and not offline and not push:
         done = _via_daemon("snapshot")  # the daemon holds the writer lock: never two writers
         if done is not None:
             if as_json:
@@ -129,13 +143,23 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
                 raise ConfigError(f"nothing to back up: {dev.config.home / 'config.toml'} lists "
                                   "no sources; pass directories or run init with --source")
             progress = SnapshotProgress()
-            async with output.progress_bar("snapshot", progress):
-                return await take_snapshot(dev.repo, tuple(sources), temp_dir=dev.temp_dir,
-                                           progress=progress, warn=output.warn,
-                                           note=output.notice,
-                                           hostname=dev.config.device_name)
 
-    summary = _run(go())
+            async def snap() -> Any:
+                async with output.progress_bar("snapshot", progress):
+                    return await take_snapshot(dev.repo, tuple(sources), temp_dir=dev.temp_dir,
+                                               progress=progress, warn=output.warn,
+                                               note=output.notice,
+                                               hostname=dev.config.device_name)
+
+            if not push:
+                return await snap(), [], 0.0
+            with upload_progress(config) as uploads:
+                uploaders = [new_uploader(dev.repo, s, uploads) for s in config.stores]
+                started = time.monotonic()
+                got = await upload_alongside(dev.repo, uploaders, snap())
+                return got, uploaders, time.monotonic() - started
+
+    summary, uploaders, took = _run(go())
     if as_json:
         print(json.dumps(snapshot_json(summary.stored), indent=2))
     else:
@@ -146,10 +170,22 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
         print(f"  read {output.human_bytes(s.bytes_read)}, added "
               f"{output.human_bytes(s.bytes_added)} ({s.blobs_added} blobs, {s.packs_written} "
               f"packs) in {s.seconds:.1f} s")
+    failed = [u for u in uploaders if u.status.last_error is not None]
+    for u in uploaders:
+        if u not in failed and not as_json:
+            say_pushed(u, took)
     if summary.warnings:
         print(f"  {len(summary.warnings)} warnings:", file=sys.stderr)
         for w in summary.warnings:
             print(f"    {w}", file=sys.stderr)
+    for u in failed:
+        line = (f"store {u.location}: {u.status.last_error}; the snapshot is saved here, "
+                "`p2pbackup store push` uploads the rest later")
+        if u is not failed[-1]:
+            output.warn(line)
+        else:
+            raise StorageError(line)
+    if summary.warnings:
         raise typer.Exit(EXIT_PARTIAL)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import typer
@@ -93,13 +95,11 @@ def push(location: Optional[str] = typer.Argument(
     import time
     from dataclasses import replace
 
-    from p2pbackup.blobs import open_store
     from p2pbackup.config import StoreSettings, load_config
-    from p2pbackup.errors import ConfigError, DaemonRunning, P2PError, StorageError
-    from p2pbackup.repo.upload import FAILURES, StoreUploader, UploadProgress, error_line
+    from p2pbackup.errors import ConfigError, P2PError, StorageError
+    from p2pbackup.repo.upload import FAILURES, UploadProgress, error_line
 
-    from . import output
-    from .common import home, via_daemon, writable_device
+    from .common import home, writable_device
 
     config = load_config(home())
     if location is None:
@@ -120,24 +120,16 @@ def push(location: Optional[str] = typer.Argument(
         targets = [got or StoreSettings(location, parse_options(option, None, None))]
     if parallel is not None:
         targets = [replace(s, parallel=parallel) for s in targets]
-    running = via_daemon("status", timeout=30)
-    if running is not None:
-        raise DaemonRunning(running.get("pid"))
+    refuse_if_daemon_uploads()
 
     async def go() -> None:
         async with writable_device("store push") as dev:   # one push at a time
-            progress = UploadProgress(config.cache_dir / "uploads.sqlite")
-            try:
+            with upload_progress(config) as progress:
                 for settings in targets:
                     await _push_one(dev.repo, settings, progress)
-            finally:
-                progress.close()
 
     async def _push_one(repo: Any, settings: StoreSettings, progress: UploadProgress) -> None:
-        def opener() -> Any:
-            return open_store(settings.location, options=settings.options)
-
-        uploader = StoreUploader(repo, settings, progress, opener)
+        uploader = new_uploader(repo, settings, progress)
         started = time.monotonic()
         try:
             await uploader.upload_pending()
@@ -147,13 +139,53 @@ def push(location: Optional[str] = typer.Argument(
             raise StorageError(f"store {settings.location}: {error_line(exc)}") from None
         finally:
             await uploader.close()
-        took = time.monotonic() - started
-        st = uploader.status
-        if st.uploaded:
-            print(f"pushed {st.uploaded} objects, {output.human_bytes(st.uploaded_bytes)} to "
-                  f"{settings.location} in {took:.1f} s "
-                  f"({st.uploaded_bytes / 2**20 / max(took, 1e-3):.1f} MiB/s)", flush=True)
-        else:
-            print(f"{settings.location} is up to date (nothing to push)", flush=True)
+        say_pushed(uploader, time.monotonic() - started)
 
     run_async(go())
+
+
+def refuse_if_daemon_uploads() -> None:
+    """DaemonRunning if p2pbackupd runs: it uploads to the stores itself."""
+    from p2pbackup.errors import DaemonRunning
+
+    from .common import via_daemon
+
+    running = via_daemon("status", timeout=30)
+    if running is not None:
+        raise DaemonRunning(running.get("pid"))
+
+
+@contextlib.contextmanager
+def upload_progress(config: Any) -> Iterator[Any]:
+    """What was uploaded to each store (shared with p2pbackupd's uploaders)."""
+    from p2pbackup.repo.upload import UploadProgress
+
+    progress = UploadProgress(config.cache_dir / "uploads.sqlite")
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
+def new_uploader(repo: Any, settings: Any, progress: Any) -> Any:
+    """A StoreUploader to the store of `settings`, as `store push` runs it."""
+    from p2pbackup.blobs import open_store
+    from p2pbackup.repo.upload import StoreUploader
+
+    def opener() -> Any:
+        return open_store(settings.location, options=settings.options)
+
+    return StoreUploader(repo, settings, progress, opener)
+
+
+def say_pushed(uploader: Any, took: float) -> None:
+    """The line of one store's push: what went up, how fast."""
+    from . import output
+
+    st = uploader.status
+    if st.uploaded:
+        print(f"pushed {st.uploaded} objects, {output.human_bytes(st.uploaded_bytes)} to "
+              f"{uploader.location} in {took:.1f} s "
+              f"({st.uploaded_bytes / 2**20 / max(took, 1e-3):.1f} MiB/s)", flush=True)
+    else:
+        print(f"{uploader.location} is up to date (nothing to push)", flush=True)

@@ -623,6 +623,7 @@ async def serve(home: Path | None) -> int:
         d.replicator.on_damage = d.forget_damaged
         dev.repo.damage_seen = lambda pack: loop.call_soon_threadsafe(
             d.replicator.check_pack_soon, pack)   # a read failed: heal from a peer
+        dev.repo.objects_written = d.objects_stored   # a snapshot's packs go up as they land
         await d.replicator.start_lane(d.peers.bind_address)
         await d.peers.start()
         await _restate_roster(dev)

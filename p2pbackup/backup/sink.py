@@ -213,6 +213,9 @@ class BlobSink:
                 with self._lock:
                     self.stored_packs.add(name)  # before it exists: prune must not take it
                 self.repo.put_blocking(f"packs/{name}", data, durable=False)
+                # (before it is durable and indexed: a copy elsewhere of a pack lost here
+                # in a crash is unnamed and harmless, and waiting would serialise the upload)
+                self.repo.note_objects_written()
                 size = len(data)
                 data.release()
                 with self._lock:

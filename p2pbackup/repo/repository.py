@@ -104,6 +104,9 @@ class Repository:
         # Called (from any thread) with a pack's name when a blob read from it does not
         # authenticate: the daemon checks that pack and fetches an intact copy from a peer.
         self.damage_seen: Callable[[str], None] | None = None
+        # Called on the loop when a writer stored objects while it goes on (a snapshot's or
+        # a seal's packs as they land): the configured stores take them meanwhile, not after.
+        self.objects_written: Callable[[], None] | None = None
 
     @property
     def damaged_packs(self) -> dict[str, str]:
@@ -430,6 +433,12 @@ class Repository:
             self.store.put_sync(name, data, durable=durable)
         else:
             self.run_blocking(self.store.put(name, data))
+
+    def note_objects_written(self) -> None:
+        """Say (from any thread) that objects were stored: `objects_written` runs soon."""
+        hook = self.objects_written
+        if hook is not None:
+            self.loop.call_soon_threadsafe(hook)
 
     def sync_store_blocking(self) -> None:
         """Make every blob written so far durable (after puts with durable=False)."""

@@ -21,6 +21,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import blake3
 
@@ -42,6 +43,7 @@ from .replica import ORDER, offered_names
 from .repository import Repository, store_index_path
 
 log = logging.getLogger("p2pbackup.upload")
+T = TypeVar("T")
 
 MUTABLE = ("head", "anchor")        # replaced in place; every other name never changes
 LAST = len(ORDER)                   # heads go after everything else
@@ -251,6 +253,35 @@ def error_line(exc: BaseException) -> str:
 FAILURES = (P2PError, OSError, TimeoutError)   # what a store's backend may raise: retried
 
 
+async def upload_alongside(repo: Repository, uploaders: list["StoreUploader"],
+                           work: Awaitable[T]) -> T:
+    """`work` (a snapshot) while `uploaders` put each pack it stores as it lands, then one
+    last pass each (what `work` wrote last: the snapshot, heads); `work`'s result. A store
+    that fails meanwhile is retried, after its backoff, until that last pass, whose outcome
+    is in the uploader's `status`. If `work` fails, the uploads stop at once."""
+    tasks = [asyncio.ensure_future(u.run()) for u in uploaders]
+    before = repo.objects_written
+
+    def written() -> None:
+        for u in uploaders:
+            u.notify()
+
+    repo.objects_written = written
+    try:
+        result = await work
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    finally:
+        repo.objects_written = before
+    for u in uploaders:
+        u.finish()
+    await asyncio.gather(*tasks)
+    return result
+
+
 class StoreUploader:
     """Keeps one configured store up to date with `repo`'s store; `run` until cancelled,
     `notify` when new objects may be there."""
@@ -282,19 +313,31 @@ class StoreUploader:
         self._healed: set[str] = set()           # packs damaged there, dealt with
         self._wake = asyncio.Event()
         self._wake.set()                         # a first pass at start
+        self._finishing = asyncio.Event()        # `finish` was called: one last pass
         activity.ACTIVITIES.follow(self, lambda u: activity.upload(u.status))
 
     def notify(self) -> None:
         """New objects may be in the local store: upload them soon."""
         self._wake.set()
 
+    def finish(self) -> None:
+        """End `run` after one more pass, which starts now (a backoff is cut short) and sees
+        every object stored before this call; whether it failed is in `status`."""
+        self._finishing.set()
+        self._wake.set()
+
     async def run(self) -> None:
-        """Upload, then wait for `notify`; after a failure, wait (backoff) and try again."""
+        """Upload, then wait for `notify`; after a failure, wait (backoff) and try again.
+        Until cancelled, or `finish`."""
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                if not await self.upload_once():
+                last = self._finishing.is_set()   # (not a pass under way at finish())
+                ok = await self.upload_once()
+                if last:
+                    return
+                if not ok:
                     await self._back_off(backoff_delay(self.failures, self._rand))
                     self._wake.set()
         finally:
@@ -311,13 +354,17 @@ class StoreUploader:
                 waits.append(woken)
                 await asyncio.wait((pause, woken), return_when=asyncio.FIRST_COMPLETED)
                 if self._wake.is_set():
+                    if self._finishing.is_set():
+                        return
                     self._wake.clear()
                     await self._count_quietly()
                     # one count per COUNT_INTERVAL at most (each lists the local store):
                     # what arrives meanwhile is counted after it
                     spacing = asyncio.ensure_future(self._sleep(COUNT_INTERVAL))
-                    waits.append(spacing)
-                    await asyncio.wait((pause, spacing), return_when=asyncio.FIRST_COMPLETED)
+                    finishing = asyncio.ensure_future(self._finishing.wait())
+                    waits += (spacing, finishing)
+                    await asyncio.wait((pause, spacing, finishing),
+                                       return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiting in waits:
                 waiting.cancel()

@@ -840,3 +840,111 @@ async def test_a_newer_head_read_cut_short_is_not_taken_for_damage_and_replaced(
     finally:
         other.close()
         await c.close()
+
+
+# ---- uploading while a snapshot writes (upload_alongside) ----------------------------------
+
+@pytest.fixture(params=["directory", "weed"])
+async def fresh_remote(request, tmp_path: Path):
+    """An empty store of each kind: (the store, a coroutine function listing its packs)."""
+    if request.param == "directory":
+        remote = WatchedStore(tmp_path / "remote")
+        yield remote, remote.inner
+        return
+    servers = pytest.importorskip("tests.servers", reason="the S3 test servers")
+    gen = servers.weed_mini(tmp_path / "weed")
+    try:
+        srv = next(gen)
+    except BaseException as exc:   # (skipped when weed is not installed)
+        pytest.skip(f"weed mini: {exc}")
+    from p2pbackup.blobs import open_store
+    remote = open_store(f"s3://{srv.new_bucket()}/up", options=srv.options())
+    try:
+        yield remote, remote
+    finally:
+        await remote.close()
+        gen.close()
+
+
+async def _packs(store: BlobStore) -> set[str]:
+    return {n async for n in store.list("packs/")}
+
+
+async def _snapshot_of_new_data(a: Repository, src: Path, tmp_path: Path):
+    """A real snapshot of new data in many small packs."""
+    from dataclasses import replace
+
+    from p2pbackup.backup.snapshot import take_snapshot
+    from p2pbackup.config import Source
+
+    a.config = replace(a.config, pack_size=128 * 1024)   # many packs of a few MiB
+    for i in range(12):
+        (src / f"new{i}").write_bytes(os.urandom(300_000))
+    return await take_snapshot(a, (Source("src", str(src)),), temp_dir=str(tmp_path / "t"))
+
+
+async def test_packs_reach_the_store_while_the_snapshot_runs_and_the_snapshot_after_them(
+        pair, tmp_path, progress, fresh_remote, monkeypatch):
+    from p2pbackup.repo.upload import upload_alongside
+
+    a, _, src = pair
+    remote, lister = fresh_remote
+    up = uploader(a, remote, progress)
+    assert await up.upload_once()   # the store is up to date with the first snapshot
+    before = await _packs(lister)
+    seen_while_running: list[set[str]] = []
+    store_snapshot = a.store.put
+
+    async def held_put(name, data):
+        # The snapshot object is stored once a pack of this snapshot is on the store: it
+        # ends only if packs go up while it runs.
+        if name.startswith("snapshots/"):
+            async def new_packs() -> bool:
+                return bool(await _packs(lister) - before)
+            await eventually(new_packs, timeout=60, interval=0.05)
+            seen_while_running.append(await _packs(lister) - before)
+        return await store_snapshot(name, data)
+
+    monkeypatch.setattr(a.store, "put", held_put)
+    summary = await upload_alongside(a, [up], _snapshot_of_new_data(a, src, tmp_path))
+    assert seen_while_running and seen_while_running[0]
+    assert summary.packs_written > 3
+    local = await offered_names(a)
+    assert {n async for n in lister.list("")} >= local   # everything, the snapshot too
+    assert up.status.last_error is None and up.status.objects_behind == 0
+    if isinstance(remote, WatchedStore):
+        # a reader of the store never sees the snapshot before the packs it names
+        snapshot_at = remote.puts.index(f"snapshots/{summary.stored.id}")
+        assert all(i < snapshot_at for i, n in enumerate(remote.puts)
+                   if n.startswith("packs/")), remote.puts
+        assert len(remote.puts) == len(set(remote.puts))   # each object once
+
+
+class Stalled(Clock):
+    """A backoff that would never end by itself."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        await asyncio.Event().wait()
+
+
+async def test_a_store_failing_mid_snapshot_leaves_the_snapshot_whole_and_resumes_later(
+        pair, tmp_path, progress):
+    from p2pbackup.repo.upload import upload_alongside
+
+    a, _, src = pair
+    remote = WatchedStore(tmp_path / "remote")
+    up = uploader(a, remote, progress, Stalled())
+    assert await up.upload_once()
+    remote.fail_after = len(remote.puts) + 2   # the connection drops after two new packs
+    summary = await asyncio.wait_for(
+        upload_alongside(a, [up], _snapshot_of_new_data(a, src, tmp_path)), timeout=60)
+    # the snapshot is whole here; the last pass, at once (not after the backoff), failed too
+    assert (await a.load_snapshot(summary.stored.id)).id == summary.stored.id
+    assert up.status.last_error == "the connection was reset"
+    assert up.status.objects_behind > 0
+    # the store is back: a later pass (the daemon's, `store push`) puts the rest, each once
+    remote.fail_after = None
+    assert await uploader(a, remote, progress).upload_once()
+    assert set(remote.puts) == await offered_names(a)
+    assert len(remote.puts) == len(set(remote.puts)), Counter(remote.puts).most_common(3)
