@@ -89,3 +89,50 @@ def test_push_is_refused_while_the_daemon_runs(cli: Cli, tmp_path: Path, weed):
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert f"p2pbackupd (pid {d.proc.pid}) is running and uploads to the stores itself" \
         in proc.stderr
+
+
+def test_snapshot_push_takes_the_snapshot_and_uploads_it_in_one_command(cli: Cli,
+                                                                       tmp_path: Path, weed):
+    _device(cli, tmp_path, 3 * 1024 * 1024)
+    bucket = weed.new_bucket()
+    location = f"s3://{bucket}/backup"
+    cli("store", "add", location, *_options(weed))
+    out = cli("snapshot", "--push").stdout
+    objects = _objects(cli)
+    assert re.search(r"^snapshot [0-9a-f]{8} saved$", out, re.M), out   # both summaries
+    assert f"pushed {len(objects)} objects" in out and location in out, out
+    assert _bucket_names(weed, bucket, "backup") == objects
+    assert cli("store", "push").stdout.strip() == f"{location} is up to date (nothing to push)"
+    assert "no problems found" in cli("verify", "--read-data", "--from", location).stdout
+
+
+def test_snapshot_push_to_a_failing_store_saves_the_snapshot_says_one_line_and_a_push_resumes(
+        cli: Cli, tmp_path: Path):
+    _device(cli, tmp_path, 1024 * 1024)
+    target = tmp_path / "usb"
+    cli("store", "add", str(target))
+    if target.is_dir():
+        target.rmdir()
+    target.write_text("not a directory: every put fails (even as root)\n")
+    proc = cli("snapshot", "--push", check=False)
+    assert proc.returncode == 11, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"store {target}:" in proc.stderr and "the snapshot is saved here" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "1 snapshots" in cli("snapshots").stdout
+    target.unlink()   # the disk is back
+    assert f"pushed {len(_objects(cli))} objects" in cli("store", "push").stdout
+    assert "no problems found" in cli("verify", "--read-data", "--from", str(target)).stdout
+
+
+def test_snapshot_push_is_refused_while_the_daemon_runs(cli: Cli, tmp_path: Path):
+    _device(cli, tmp_path, 1024)
+    cli("store", "add", str(tmp_path / "usb"))
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        proc = cli("snapshot", "--push", check=False)
+    finally:
+        assert d.stop() == 0
+    assert proc.returncode == 16, proc.stderr
+    assert f"p2pbackupd (pid {d.proc.pid}) is running" in proc.stderr

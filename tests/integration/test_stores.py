@@ -194,3 +194,28 @@ def test_store_commands_edit_the_config_and_refuse_bad_input(cli: Cli, tmp_path:
     assert len(json.loads(run("store", "list", "--json").stdout)) == 1   # nothing was written
     assert "removed store" in run("store", "remove", "usb").stdout      # as typed, relative
     assert "no stores configured" in run("store", "list").stdout
+
+
+def _stored(root: Path, kind: str) -> bool:
+    """True once a directory store holds an object of `kind` (packs, snapshots)."""
+    return any(p.is_file() and not p.name.endswith(".tmp") for p in (root / kind).rglob("*"))
+
+
+def test_the_daemon_uploads_a_snapshots_packs_while_the_snapshot_runs(cli: Cli,
+                                                                      tmp_path: Path):
+    _device(cli, tmp_path, 64 * 1024 * 1024)   # four 16 MiB packs: a snapshot of a while
+    remote = tmp_path / "remote"
+    cli("store", "add", str(remote))
+    seen: list[tuple[bool, bool]] = []   # (a pack on the store, the snapshot here) per look
+
+    def snapshot_stored() -> bool:
+        seen.append((_stored(remote, "packs"), _stored(cli.home / "store", "snapshots")))
+        return seen[-1][1]
+
+    d = Daemon(cli, tmp_path)
+    try:   # (its first snapshot starts at once)
+        eventually_sync(snapshot_stored, timeout=120, interval=0.02)
+        eventually_sync(lambda: _local_objects(cli) <= set(_files(remote)), timeout=60)
+    finally:
+        assert d.stop() == 0
+    assert (True, False) in seen, seen[:3] + seen[-3:]
