@@ -109,7 +109,7 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
         if not os.path.isdir(p):
             raise NotFound(f"{os.path.abspath(p)}: " + ("not a directory" if os.path.exists(p)
                                                          else "no such directory"))
-    config = load_config(_home())
+    config = load_config(_home())   # (its stores, for --push)
     if push:
         if not config.stores:
             raise ConfigError("--push: no store is configured (`p2pbackup store add` one)")
