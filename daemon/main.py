@@ -28,6 +28,7 @@ from p2pbackup.backup.seal import SealState, SegmentSealer
 from p2pbackup.backup.snapshot import take_snapshot
 from p2pbackup.backup.verify import VerifyProgress
 from p2pbackup.blobs import StoreSigner, exit_process, open_store
+from p2pbackup.buffers import fix_mmap_threshold
 from p2pbackup.blobs.base import BlobStore
 from p2pbackup.config import (Config, StoreSettings, load_config, load_identity,
                               systemd_settings)
@@ -731,6 +732,7 @@ def run() -> None:
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # one line per batch otherwise
     logging.getLogger("aioice").setLevel(logging.WARNING)      # one line per ICE check
     sys.setswitchinterval(0.0002)
+    fix_mmap_threshold()
     raise_file_limit()
     try:
         code = asyncio.run(serve(args.home))
