@@ -180,8 +180,10 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
         for w in summary.warnings:
             print(f"    {w}", file=sys.stderr)
     for u in failed:
-        line = (f"store {u.location}: {u.status.last_error}; the snapshot is saved here, "
-                "`p2pbackup store push` uploads the rest later")
+        said = u.status.last_error
+        line = (said if said.startswith(f"store {u.location}") else
+                f"store {u.location}: {said}") + \
+            "; the snapshot is saved here, `p2pbackup store push` uploads the rest later"
         if u is not failed[-1]:
             output.warn(line)
         else:

@@ -169,11 +169,12 @@ def upload_progress(config: Any) -> Iterator[Any]:
 
 def new_uploader(repo: Any, settings: Any, progress: Any) -> Any:
     """A StoreUploader to the store of `settings`, as `store push` runs it."""
-    from p2pbackup.blobs import open_store
+    from p2pbackup.blobs import StoreSigner, open_store
     from p2pbackup.repo.upload import StoreUploader
 
-    def opener() -> Any:
-        return open_store(settings.location, options=settings.options)
+    def opener() -> Any:   # (the storage server's requests are signed as this device)
+        return open_store(settings.location, options=settings.options,
+                          signer=StoreSigner(repo.identity, repo.keys.fingerprint()))
 
     return StoreUploader(repo, settings, progress, opener)
 

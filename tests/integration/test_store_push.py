@@ -3,6 +3,7 @@ real S3 server (SeaweedFS's `weed mini`)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -136,3 +137,17 @@ def test_snapshot_push_is_refused_while_the_daemon_runs(cli: Cli, tmp_path: Path
         assert d.stop() == 0
     assert proc.returncode == 16, proc.stderr
     assert f"p2pbackupd (pid {d.proc.pid}) is running" in proc.stderr
+
+
+def test_snapshot_push_registers_on_a_storage_server_and_uploads_there(cli: Cli,
+                                                                       tmp_path: Path):
+    # (its requests are signed as this device, as the daemon's are)
+    _device(cli, tmp_path, 1024 * 1024)
+    with servers.storage_server(tmp_path / "srv") as server:
+        cli("store", "add", server.location, "-o", f"invite={server.invite()}",
+            "-o", f"ca_file={server.ca_file}")
+        out = cli("snapshot", "--push").stdout
+        assert f"to {server.location} in" in out, out
+        listed = json.loads(cli("snapshots", "--json", "--from", server.location).stdout)
+        assert [s["id"] for s in listed] == \
+            [s["id"] for s in json.loads(cli("snapshots", "--json").stdout)]
