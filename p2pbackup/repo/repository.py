@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -438,7 +439,8 @@ class Repository:
         """Say (from any thread) that objects were stored: `objects_written` runs soon."""
         hook = self.objects_written
         if hook is not None:
-            self.loop.call_soon_threadsafe(hook)
+            with contextlib.suppress(RuntimeError):   # the loop closed: nobody to tell
+                self.loop.call_soon_threadsafe(hook)
 
     def sync_store_blocking(self) -> None:
         """Make every blob written so far durable (after puts with durable=False)."""
