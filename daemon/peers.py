@@ -7,9 +7,10 @@ sync protocol's business (`on_session`). A session whose first frame is a fetch 
 member's CLI reading this store (`restore --from peer:...`): it goes to `on_fetch` instead.
 
 Beyond the LAN, a device is reached at its static address (`[peers.addresses]`, a port its
-router forwards): `_routes` lists every way to reach a device, and the broker's signaling is
-meant to be one more entry there. Whichever way signaling went, the data channel itself
-crosses NATs by ICE (`[ice]` STUN/TURN servers).
+router forwards) or through the broker's signaling relay: `_routes` lists every way to reach a
+device, and one dial loop (`_dial`) tries them. Whichever way signaling went, the data channel
+itself crosses NATs by ICE: the `[ice]` STUN/TURN servers, and with a broker its servers first
+(fresh TURN credentials, discovery/broker.BrokerIce), on the dialing and the answering side.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 from p2pbackup import session
 from p2pbackup.config import Config, PeerSettings
-from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
+from p2pbackup.discovery.broker import BrokerClient, BrokerIce, BrokerSignaling
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, member_tag_keys, which_device
 from p2pbackup.device import Device
 from p2pbackup.errors import P2PError
@@ -32,7 +33,7 @@ from p2pbackup.format.membership import Membership
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.replication import reads_store
-from p2pbackup.transport.datachannel import PeerLink
+from p2pbackup.transport.datachannel import IceConfig, PeerLink
 from p2pbackup.transport.pending import ConnectionLimits
 
 log = logging.getLogger("p2pbackupd")
@@ -85,10 +86,10 @@ def connection_limits(peers: PeerSettings) -> ConnectionLimits:
 @dataclass(frozen=True, slots=True)
 class Route:
     """One way to carry a signed offer to a device: LAN addresses from its mDNS advert, its
-    static address ([peers.addresses]); a broker's relay is meant to be one more."""
+    static address ([peers.addresses]), the broker's relay."""
 
-    via: str        # "LAN", "static address"
-    where: str      # for logs: "192.168.1.20:7890"
+    via: str        # "LAN", "static address", "broker"
+    where: str      # for logs: "192.168.1.20:7890", the broker's URL
     signaling: session.Signaling
 
     @classmethod
@@ -125,6 +126,7 @@ class PeerManager:
         self._ice = ice_for(config.peers)
         self._signaling: session.SignalingServer | None = None
         self.broker: BrokerClient | None = None
+        self._broker_ice: BrokerIce | None = None
 
     @property
     def bind_address(self) -> str:
@@ -197,7 +199,7 @@ class PeerManager:
             return
         self._signaling = session.SignalingServer(
             self.dev.identity, lambda: self._current(), self._incoming, ice=self._ice,
-            on_refused=lambda why: log.warning("%s", why),
+            ice_source=self.ice_now, on_refused=lambda why: log.warning("%s", why),
             limits=connection_limits(self.config.peers))
         self.port = await self._signaling.start(self.bind_address, self.config.peers.port)
         try:
@@ -221,6 +223,10 @@ class PeerManager:
         assert self.membership is not None
         return self.membership
 
+    async def ice_now(self) -> IceConfig:
+        """The ICE servers for a session opened now, dialed or answered."""
+        return await self._broker_ice.current() if self._broker_ice else self._ice
+
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
@@ -237,14 +243,14 @@ class PeerManager:
     # -- the broker: signaling to members off the LAN, pushes ------------------------------
 
     def _start_broker(self) -> None:
-        from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
-
-        answerer = session.OfferAnswerer(self.dev.identity, self._current, ice=self._ice)
+        answerer = session.OfferAnswerer(self.dev.identity, self._current, ice=self._ice,
+                                         ice_source=self.ice_now)
         self.broker = BrokerClient(self.config.broker.url, self.dev.identity,
                                    self.dev.keys.fingerprint(), answerer=answerer,
                                    on_link=self._incoming, on_push=self._pushed,
                                    on_refused=lambda why: log.warning("%s", why),
                                    before_connect=self._publish_roster)
+        self._broker_ice = BrokerIce(self.broker, self._ice)
         self.broker.start()
         self._tasks.append(asyncio.create_task(self._broker_loop()))
 
@@ -252,10 +258,18 @@ class PeerManager:
         assert self.broker is not None
         while True:
             await self.broker.connected.wait()
-            for device in self._members():
-                if self.me < device:    # as on the LAN: the smaller id dials
-                    self._dial_through_broker(device)
+            self._dial_through_broker()
             await asyncio.sleep(BROKER_DIAL_SECONDS)
+
+    def _broker_dials(self, device: str) -> bool:
+        """Whether we dial `device` through the broker: as on the LAN, the smaller id dials
+        (both sides know each other there, so two would race to open two sessions)."""
+        return self.broker is not None and self.me < device and device in self._members()
+
+    def _dial_through_broker(self) -> None:
+        for device in self._members():
+            if self._broker_dials(device):
+                self._start_dial(device)
 
     async def _publish_roster(self) -> None:
         """Tell the broker the account's newest roster (an owner registers the account)."""
@@ -269,42 +283,23 @@ class PeerManager:
         except P2PError as exc:
             log.warning("broker: %s", exc)
 
-    def _dial_through_broker(self, device: str) -> None:
+    def _start_dial(self, device: str) -> None:
         st = self.peers.setdefault(device, PeerState(device))
-        if st.connected or st.on_lan or device in self._dialing or not self.allowed(device):
+        if st.connected or device in self._dialing or not self.allowed(device):
             return
-        self._tasks.append(asyncio.create_task(self._dial_once_through_broker(device)))
-
-    async def _dial_once_through_broker(self, device: str) -> None:
-        assert self.broker is not None
-        self._dialing.add(device)
-        try:
-            try:
-                ice = await self.broker.ice(host_addresses=self._ice.host_addresses)
-                link = await session.connect(self.dev.identity, device, self._current(),
-                                             BrokerSignaling(self.broker, device),
-                                             ice=ice if ice.servers else self._ice)
-            except P2PError as exc:
-                self.peers[device].error = str(exc)
-                log.info("peer %s through the broker: %s", device[:12], exc)
-                return
-            await self._run(device, link)
-        finally:
-            self._dialing.discard(device)
+        m = self.membership.member(device) if self.membership else None
+        st.name = m.name if m else st.name
+        self._tasks.append(asyncio.create_task(self._dial(device)))
 
     async def _pushed(self, sender: str, head: bytes) -> None:
         """A member sealed or snapshotted: open a session to it if none is open (an open
-        session hears of new objects itself)."""
+        session hears of new objects itself) and we are the side that dials; otherwise the
+        sender dials us after its push (push_new)."""
         if not self.allowed(sender) or sender == self.me:
             return
-        st = self.peers.setdefault(sender, PeerState(sender))
         log.info("peer %s has new data (broker push)", sender[:12])
-        if st.connected or sender in self._dialing:
-            return
-        if st.on_lan:
-            self._tasks.append(asyncio.create_task(self._dial(sender)))
-        else:
-            self._dial_through_broker(sender)
+        if self.me < sender:
+            self._start_dial(sender)
 
     async def push_new(self) -> None:
         """Tell the account's other devices through the broker that this one has new data."""
@@ -314,6 +309,7 @@ class PeerManager:
         with contextlib.suppress(P2PError):
             head = bytes(await self.dev.repo.store.get(f"heads/{self.me}"))
         await self.broker.push(head if len(head) <= 2048 else b"")
+        self._dial_through_broker()   # the members we dial hear of it over a session
 
     def broker_status(self) -> dict[str, Any] | None:
         if self.broker is None:
@@ -350,11 +346,17 @@ class PeerManager:
 
     def _routes(self, device: str) -> list[Route]:
         """Where to dial `device` now: on the LAN its advert's addresses, off it its static
-        addresses. The dialer kept for a static address stays off the LAN when the LAN rule
-        says the other side dials there (it would race it)."""
+        addresses, then the broker (when we are the side that dials there). The dialer kept
+        for a static address stays off the LAN when the LAN rule says the other side dials
+        there (it would race it)."""
         st = self.peers[device]
         if not st.on_lan:
-            return self._static_routes(device)
+            routes = self._static_routes(device)
+            if self._broker_dials(device) and self.broker is not None \
+                    and self.broker.connected.is_set():
+                routes.append(Route("broker", self.broker.base,
+                                    BrokerSignaling(self.broker, device)))
+            return routes
         if not self._lan_dials.get(device, True) and self._static_routes(device):
             return []
         return [Route.direct("LAN", a, st.port) for a in st.addresses]
@@ -383,18 +385,22 @@ class PeerManager:
                     # (the link dropped, the device left the LAN), whoever opened it.
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
+                opened = False
                 for route in routes:
                     try:
                         link = await session.connect(
                             self.dev.identity, device, self._current(), route.signaling,
-                            ice=self._ice)
+                            ice=await self.ice_now())
                     except P2PError as exc:
                         st.error = str(exc)
                         log.warning("peer %s at %s (%s): %s", device[:12], route.where,
                                     route.via, exc)
                         continue
+                    opened = True
                     await self._run(device, link)
                     break
+                if not opened and not st.on_lan and not self._static_routes(device):
+                    return   # through the broker: its loop, or a push, dials again
                 await asyncio.sleep(RETRY_SECONDS)
         finally:
             self._dialing.discard(device)

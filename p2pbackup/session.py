@@ -178,12 +178,15 @@ class OfferAnswerer:
     """The one copy of answering a signed offer, whichever path brought it (the LAN endpoint
     here, the broker's relay in discovery/broker.py): `check` it against the membership (and a
     recovery signer: by default the membership's), then `accept` it, which opens the link and
-    signs the answer to send back."""
+    signs the answer to send back. `ice_source`, when given, is asked for the ICE servers at
+    each offer (a broker's TURN credentials expire), instead of the fixed `ice`."""
 
     def __init__(self, me: DeviceIdentity, membership: Callable[[], Membership], *,
                  ice: IceConfig | None = None,
-                 recovery: Callable[[], Mapping[str, bytes]] | None = None) -> None:
+                 recovery: Callable[[], Mapping[str, bytes]] | None = None,
+                 ice_source: Callable[[], Awaitable[IceConfig]] | None = None) -> None:
         self.me, self.membership, self.ice = me, membership, ice
+        self.ice_source = ice_source
         self.recovery = recovery or (lambda: recovery_signer_of(self.membership()))
         self.guard = ReplayGuard()
 
@@ -196,7 +199,7 @@ class OfferAnswerer:
 
     async def accept(self, offer: SessionDescription) -> tuple[PeerLink, bytes]:
         """A link answering `offer` (not yet connected) and the signed answer."""
-        link = PeerLink(self.ice)
+        link = PeerLink(await self.ice_source() if self.ice_source else self.ice)
         try:
             sdp = await link.accept_offer(offer.sdp)
         except BaseException:
@@ -235,8 +238,10 @@ class SignalingServer:
                  ice: IceConfig | None = None,
                  on_refused: Callable[[str], None] | None = None,
                  limits: ConnectionLimits = ConnectionLimits(),
-                 recovery: Callable[[], Mapping[str, bytes]] | None = None) -> None:
-        self.answerer = OfferAnswerer(me, membership, ice=ice, recovery=recovery)
+                 recovery: Callable[[], Mapping[str, bytes]] | None = None,
+                 ice_source: Callable[[], Awaitable[IceConfig]] | None = None) -> None:
+        self.answerer = OfferAnswerer(me, membership, ice=ice, recovery=recovery,
+                                      ice_source=ice_source)
         self.on_link = on_link
         self.on_refused = on_refused or (lambda why: log.warning("%s", why))
         self.limits = limits

@@ -390,3 +390,49 @@ class BrokerSignaling:
 
     async def exchange(self, offer: bytes) -> bytes:
         return answer_or_refusal(await self.client.relay(self.peer, offer))
+
+
+ICE_FETCH_TIMEOUT = 5.0     # a slow broker must not hold up a session: the configured servers
+ICE_REFRESH = 300.0         # how long servers without TURN credentials are kept
+
+
+class BrokerIce:
+    """The ICE servers a device uses with a broker: the broker's first (aioice takes the first
+    STUN and the first TURN server of a list), then the configured `[ice]` ones; its
+    `relay_only` and host addresses. The broker's are kept until half their TURN credentials'
+    lifetime has passed, then fetched again; while the broker cannot be reached (or is slow),
+    the configured servers alone, so a broker outage never delays a session on the LAN."""
+
+    def __init__(self, client: BrokerClient, configured: IceConfig, *,
+                 now: Callable[[], float] = time.time) -> None:
+        self.client, self.configured, self.now = client, configured, now
+        self._got: IceConfig | None = None
+        self._fresh_until = 0.0
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> IceConfig:
+        async with self._lock:
+            if self._got is not None and self.now() < self._fresh_until:
+                return self._got
+            if not self.client.connected.is_set():
+                return self.configured
+            try:
+                got = await asyncio.wait_for(self.client.ice(), ICE_FETCH_TIMEOUT)
+            except (P2PError, asyncio.TimeoutError) as exc:
+                log.info("broker %s: no ICE servers (%s); using the configured ones",
+                         self.client.base, exc or "timed out")
+                return self.configured
+            now = self.now()
+            self._fresh_until = now + _lifetime(got, now) / 2
+            self._got = IceConfig(got.servers + self.configured.servers,
+                                  relay_only=self.configured.relay_only,
+                                  host_addresses=self.configured.host_addresses)
+            return self._got
+
+
+def _lifetime(ice: IceConfig, now: float) -> float:
+    """Seconds until the earliest TURN credential expires (coturn's REST usernames start with
+    the expiry time); ICE_REFRESH without any."""
+    left = [float(s.username.split(":", 1)[0]) - now for s in ice.servers
+            if s.username and s.username.split(":", 1)[0].isdigit()]
+    return max(0.0, min(left)) if left else ICE_REFRESH

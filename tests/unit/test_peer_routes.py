@@ -73,3 +73,20 @@ async def test_a_member_with_a_static_address_is_dialed_again_after_a_session_it
         t.cancel()
         with contextlib.suppress(BaseException):
             await t
+
+
+@pytest.mark.parametrize("smaller", [True, False])
+async def test_off_the_lan_the_broker_is_one_more_route_for_the_smaller_id(manager, monkeypatch,
+                                                                           smaller):
+    from p2pbackup.discovery.broker import BrokerClient
+
+    pm, b = manager
+    # Which side dials through the broker: the smaller device id, as on the LAN.
+    monkeypatch.setattr(PeerManager, "me", property(lambda self: "" if smaller else "~"))
+    url = "http://127.0.0.1:9"
+    pm.broker = BrokerClient(url, pm.dev.identity, pm.dev.keys.fingerprint())
+    pm.peers.setdefault(b, PeerState(b))
+    assert _where(pm, b) == ["static address 192.0.2.7:7890"]   # the broker is not connected
+    pm.broker.connected.set()
+    assert _where(pm, b) == ["static address 192.0.2.7:7890"] + \
+        ([f"broker {url}"] if smaller else [])
