@@ -249,7 +249,8 @@ class PeerManager:
                                    self.dev.keys.fingerprint(), answerer=answerer,
                                    on_link=self._incoming, on_push=self._pushed,
                                    on_refused=lambda why: log.warning("%s", why),
-                                   before_connect=self._publish_roster)
+                                   before_connect=self._publish_roster,
+                                   on_ready=self._broker_ready)
         self._broker_ice = BrokerIce(self.broker, self._ice)
         self.broker.start()
         self._tasks.append(asyncio.create_task(self._broker_loop()))
@@ -260,6 +261,15 @@ class PeerManager:
             await self.broker.connected.wait()
             self._dial_through_broker()
             await asyncio.sleep(BROKER_DIAL_SECONDS)
+
+    async def _broker_ready(self) -> None:
+        """Connected (again) to the broker: a push tells the members that dial us that we are
+        here (else they would find out at their next round, BROKER_DIAL_SECONDS); we dial the
+        others."""
+        try:
+            await self.push_new()
+        except P2PError as exc:
+            log.warning("broker: %s", exc)
 
     def _broker_dials(self, device: str) -> bool:
         """Whether we dial `device` through the broker: as on the LAN, the smaller id dials

@@ -7,6 +7,7 @@ Built on tests/netns.py (one NetLab: one random prefix, everything removed at cl
     home = internet.home("h1", symmetric=False)    # router 203.0.113.11, LAN 192.168.1.0/24
     dev = home.device("dev")                       # 192.168.1.2, default route via the router
     home.forward(7890, dev)                        # the router forwards TCP 7890 (DNAT)
+    broker = internet.broker(tmp / "broker", turn) # p2pbackup-broker beside coturn (https)
 
 A cone-like NAT is MASQUERADE plus a drop of NEW connections arriving on the router's WAN side
 (measured: without that drop, STUN hole punching failed 3 of 3 times; with it, 4 of 4
@@ -17,14 +18,18 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests.netns import Host, Lan, NetLab, _run
 
 WAN_NET = "203.0.113"        # TEST-NET-3: the pretend internet
 PUBLIC_IP = f"{WAN_NET}.1"   # the public host: coturn (and later the broker)
 TURN_PORT = 3478
+BROKER_PORT = 8444
 
 
 def coturn_available() -> bool:
@@ -80,6 +85,8 @@ class Internet:
         _ns(self.public, "ip", "link", "set", "sink1", "up")
         _ns(self.public, "ip", "route", "add", "default", "dev", "sink0")
         self.homes: list[Home] = []
+        # coturn's databases (removed with this object, or at exit)
+        self._files = tempfile.TemporaryDirectory(prefix="nat-coturn-")
 
     def home(self, name: str, *, symmetric: bool = False) -> Home:
         """A home behind a NAT router: cone-like, or symmetric (`--random-fully`)."""
@@ -114,15 +121,18 @@ class Internet:
         if (user is None) == (secret is None):
             raise ValueError("give user=(name, password) or secret=...")
         relays = 49152 + (port - TURN_PORT) * 100   # relay ports of their own
-        auth = (["--lt-cred-mech", f"--user={user[0]}:{user[1]}"] if user else
-                ["--use-auth-secret", f"--static-auth-secret={secret}"])
+        # With the REST secret coturn looks for a turn_secret table first: an empty database
+        # (/dev/null) refuses every user ("Cannot find credentials"), a new SQLite file works.
+        auth = (["--lt-cred-mech", f"--user={user[0]}:{user[1]}", "--userdb=/dev/null"]
+                if user else ["--use-auth-secret", f"--static-auth-secret={secret}",
+                              f"--userdb={self._files.name}/turn-{port}.sqlite"])
         proc = self.public.popen(
             ["turnserver", "-n", f"--listening-ip={PUBLIC_IP}", f"--relay-ip={PUBLIC_IP}",
              f"--listening-port={port}", f"--min-port={relays}", f"--max-port={relays + 99}",
              *auth, f"--realm={realm}", "--fingerprint", "--no-tls", "--no-dtls", "--no-cli",
              "--no-stdout-log", "--log-file=/dev/null", "--simple-log",
-             # its own (empty) database and pid file, so two labs never share them
-             "--userdb=/dev/null", "--pidfile=/dev/null"],
+             # its own database and pid file, so two labs never share them
+             "--pidfile=/dev/null"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not self._listening(port):
@@ -131,10 +141,65 @@ class Internet:
             time.sleep(0.05)
         return Coturn(f"stun:{PUBLIC_IP}:{port}", f"turn:{PUBLIC_IP}:{port}", user, secret)
 
-    def _listening(self, port: int) -> bool:
-        out = self.public.run(["ss", "-Hlun", f"sport = :{port}"], capture_output=True,
+    def _listening(self, port: int, proto: str = "u") -> bool:
+        out = self.public.run(["ss", f"-Hl{proto}n", f"sport = :{port}"], capture_output=True,
                               text=True).stdout
         return bool(out.strip())
+
+    def broker(self, directory: Path, turn: Coturn, port: int = BROKER_PORT) -> NatBroker:
+        """`p2pbackup-broker` on the public host over https (a certificate for PUBLIC_IP: a
+        daemon trusts it through SSL_CERT_FILE, `NatBroker.env`), handing out `turn` (a
+        coturn with a REST secret) as its STUN and TURN server; started."""
+        from p2pbackup.server.tlsutil import self_signed_cert
+
+        if turn.secret is None:
+            raise ValueError("the broker hands out REST credentials: give a coturn(secret=...)")
+        cert, key = self_signed_cert(directory / "tls", PUBLIC_IP)
+        broker = NatBroker(self, directory, port, cert, key, turn)
+        broker.start()
+        return broker
+
+
+@dataclass
+class NatBroker:
+    """The broker on the public host; `kill()` (SIGKILL) and `start()` again on the same data
+    directory to restart it."""
+
+    internet: Internet
+    directory: Path
+    port: int
+    cert: Path
+    key: Path
+    turn: Coturn
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://{PUBLIC_IP}:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a daemon or CLI needs in its environment to trust this broker."""
+        return {"SSL_CERT_FILE": str(self.cert)}
+
+    def start(self) -> None:
+        log = open(self.directory / "broker.log", "ab")
+        self.proc = self.internet.public.popen(
+            [sys.executable, "-m", "p2pbackup.broker.main", "--data", str(self.directory / "data"),
+             "--listen", f"{PUBLIC_IP}:{self.port}", "--tls-cert", str(self.cert), "--tls-key",
+             str(self.key), "--stun-url", self.turn.stun, "--turn-url", self.turn.turn,
+             "--turn-secret", self.turn.secret or ""], stdout=log, stderr=log)
+        deadline = time.monotonic() + 30
+        while not self.internet._listening(self.port, "t"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"p2pbackup-broker did not start (exit {self.proc.poll()}): "
+                                   f"{(self.directory / 'broker.log').read_text()[-500:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=30)
 
 
 @dataclass(frozen=True)

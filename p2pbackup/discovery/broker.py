@@ -61,6 +61,7 @@ class BrokerClient:
                  on_push: OnPush | None = None, on_command: OnCommand | None = None,
                  on_refused: Callable[[str], None] | None = None,
                  before_connect: Callable[[], Awaitable[None]] | None = None,
+                 on_ready: Callable[[], Awaitable[None]] | None = None,
                  ssl: Any = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  now: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random) -> None:
@@ -76,6 +77,7 @@ class BrokerClient:
         self._commands_seen = 0   # the highest command index passed to on_command
         self.on_refused = on_refused or (lambda why: log.warning("%s", why))
         self.before_connect = before_connect   # e.g. bring the broker the account's roster
+        self.on_ready = on_ready               # each time the socket is up (e.g. say so)
         self.ssl, self.sleep, self.now, self.rand = ssl, sleep, now, rand
         self.connected = asyncio.Event()
         self.last_error: str | None = None
@@ -274,6 +276,8 @@ class BrokerClient:
         if kind == "ready":
             self.last_error = None
             self.connected.set()
+            if self.on_ready is not None:
+                self._spawn(self.on_ready())
         elif kind == "error":
             self.last_error = f"the broker says: {str(doc.get('error'))[:200]}"
         elif kind == "signal":
@@ -308,7 +312,11 @@ class BrokerClient:
             if fut is not None and not fut.done():
                 fut.set_result(data)
             return
-        task = asyncio.create_task(self._answer(str(doc.get("from")), doc.get("id"), data))
+        self._spawn(self._answer(str(doc.get("from")), doc.get("id"), data))
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        """Run `work` beside the socket's reading loop (which must not wait for it)."""
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

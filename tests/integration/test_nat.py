@@ -2,8 +2,11 @@
 pretend internet (tests/nat.py): the signaling port is forwarded by the router and dialed at
 its static address ([peers.addresses]); the data channel crosses the NATs by ICE, hole punched
 with STUN through cone-like NATs, relayed by coturn through symmetric ones; `status` says which.
+With the broker (on the public host beside coturn, handing out its STUN/TURN servers and REST
+credentials) no port is forwarded and no [ice] table written: signaling and ICE servers come
+from the broker alone; it may restart, or be down, without losing anything.
 
-One topology for the module: the internet with coturn, and five homes.
+One topology for the module: the internet with coturn and the broker, and five homes.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from tests.conftest import Cli, tree_state
 from tests.eventually import eventually_sync
 from tests.integration.test_peers_lan import (paired_homes, pack_names, peers, start_daemon,
                                               stop_all, wait_replicated)
-from tests.nat import Internet, coturn_available
+from tests.nat import Internet, NatBroker, coturn_available
 from tests.netns import NetLab, available
 
 SIGNALING_PORT = 7890
@@ -42,11 +45,27 @@ def world():
         yield internet, turn, homes, devices, rest_turn
 
 
-def _fill(src: Path) -> None:
+@pytest.fixture(scope="module")
+def broker(world, tmp_path_factory):
+    internet, _, _, _, rest_turn = world
+    return internet.broker(tmp_path_factory.mktemp("broker"), rest_turn)
+
+
+@pytest.fixture
+def trusting(broker: NatBroker, monkeypatch):
+    """Daemons and CLIs started from here trust the broker's certificate."""
+    for k, v in broker.env.items():
+        monkeypatch.setenv(k, v)
+    return broker
+
+
+def _fill(src: Path, big: int = 0) -> None:
     src.mkdir()
     (src / "notes.txt").write_text("across the internet\n" * 50)
     for i in range(3):
         (src / f"f{i}.bin").write_bytes(os.urandom(400_000))
+    if big:
+        (src / "big.bin").write_bytes(os.urandom(big))
 
 
 def _homes_in(world, tmp_path: Path, where: tuple[str, str], ice: str):
@@ -62,16 +81,35 @@ def _homes_in(world, tmp_path: Path, where: tuple[str, str], ice: str):
     return a, b, src, a_id, devices[where[0]], devices[where[1]]
 
 
+def _homes_via_broker(world, broker: NatBroker, tmp_path: Path, where: tuple[str, str],
+                      big: int = 0):
+    """a (with data) in home where[0], b in where[1]: no port forwarded, no [ice] table, only
+    the broker's URL."""
+    _, _, _, devices, _ = world
+    a, b, src, a_id = paired_homes(tmp_path, lambda src: _fill(src, big), seal_interval=1)
+    for cli in (a, b):
+        with open(cli.home / "config.toml", "a") as f:
+            f.write(f'\n[broker]\nurl = "{broker.url}"\n')
+    a("snapshot")
+    return a, b, src, a_id, devices[where[0]], devices[where[1]]
+
+
 def _peer(cli: Cli, device: str) -> dict:
     return next((p for p in peers(cli) if p["device"] == device), {})
 
 
+def _broker_connected(cli: Cli) -> bool:
+    proc = cli("status", "--json", check=False)
+    return proc.returncode == 0 and bool((json.loads(proc.stdout).get("broker") or {})
+                                         .get("connected"))
+
+
 def _replicate_and_check(world, tmp_path: Path, where: tuple[str, str], ice: str,
-                         path: str, words: str) -> None:
-    a, b, src, a_id, ha, hb = _homes_in(world, tmp_path, where, ice)
+                         path: str, words: str, homes=None) -> None:
+    a, b, src, a_id, ha, hb = homes or _homes_in(world, tmp_path, where, ice)
     procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
     try:
-        eventually_sync(lambda: _peer(b, a_id).get("connected"), timeout=60, interval=0.3)
+        eventually_sync(lambda: _peer(b, a_id).get("connected"), timeout=90, interval=0.3)
         wait_replicated(a, b, 90)
         assert _peer(b, a_id)["ice_path"] == path
         b_id = json.loads(b("devices", "--json").stdout)["devices"][1]["id"]
@@ -155,3 +193,71 @@ def test_a_new_device_in_a_third_home_recovers_through_turn_from_a_peer_behind_n
     assert tree_state(out / "src") == tree_state(src)
     # The new home keeps the [ice] table: its daemon reaches the others the same way.
     assert 'urls = "turn:' in (new.home / "config.toml").read_text()
+
+
+# -- through the broker --------------------------------------------------------------------
+
+def test_cone_nat_homes_replicate_hole_punched_through_the_broker(world, trusting,
+                                                                   tmp_path: Path):
+    homes = _homes_via_broker(world, trusting, tmp_path, ("c1", "c2"))
+    _replicate_and_check(world, tmp_path, ("c1", "c2"), "", "reflexive", "hole punched",
+                         homes=homes)
+
+
+def test_symmetric_nat_homes_replicate_through_the_brokers_turn_relay(world, trusting,
+                                                                      tmp_path: Path):
+    homes = _homes_via_broker(world, trusting, tmp_path, ("s1", "s2"))
+    _replicate_and_check(world, tmp_path, ("s1", "s2"), "", "relay", "TURN relay",
+                         homes=homes)
+
+
+def test_the_broker_killed_mid_transfer_loses_nothing_and_daemons_reconnect(world, trusting,
+                                                                            tmp_path: Path):
+    broker = trusting
+    a, b, src, a_id, ha, hb = _homes_via_broker(world, broker, tmp_path, ("c1", "c2"),
+                                                big=24_000_000)
+    procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
+    try:
+        eventually_sync(lambda: _peer(b, a_id).get("connected"), timeout=90, interval=0.2)
+        broker.kill()          # kill -9, mid-transfer: the session's data channel goes on
+        assert not pack_names(a) <= pack_names(b), "the transfer was over before the kill"
+        broker.start()         # again, on the same data directory
+        eventually_sync(lambda: _broker_connected(a) and _broker_connected(b), timeout=120,
+                        interval=0.5)
+        wait_replicated(a, b, 120)
+        # Nothing lost after the restart either: a new snapshot still reaches b.
+        (src / "after.txt").write_text("written after the broker came back\n")
+        a("snapshot")
+        eventually_sync(lambda: len(json.loads(b("snapshots", "--json").stdout)) >= 2,
+                        timeout=120, interval=0.5)
+        wait_replicated(a, b, 120)
+    finally:
+        stop_all(procs)
+        if broker.proc is None or broker.proc.poll() is not None:
+            broker.start()
+    for cli in (a, b):
+        assert "no problems found" in cli("verify", "--read-data").stdout
+    b("restore", "latest", "--to", str(tmp_path / "out"))
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+
+
+def test_with_the_broker_down_two_daemons_on_one_lan_keep_replicating(world, trusting,
+                                                                      tmp_path: Path):
+    internet, _, homes, devices, _ = world
+    broker = trusting
+    second = homes["c2"].device("c2e")     # beside c2d, on the same home LAN
+    a, b, src, a_id, ha, _ = _homes_via_broker(world, broker, tmp_path, ("c2", "c2"))
+    broker.kill()
+    try:
+        procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(second, b, tmp_path, "b")]
+        try:
+            eventually_sync(lambda: _peer(b, a_id).get("connected"), timeout=60, interval=0.3)
+            wait_replicated(a, b, 90)
+            assert _peer(b, a_id)["ice_path"] == "host"
+            assert not _broker_connected(a) and not _broker_connected(b)
+        finally:
+            stop_all(procs)
+    finally:
+        broker.start()
+    b("restore", "latest", "--to", str(tmp_path / "out"))
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
