@@ -143,6 +143,18 @@ def recover(store: str = typer.Option(..., "--from", help="A store holding the a
 
 # ---- pair ------------------------------------------------------------------------------------
 
+def _use_the_mailboxs_broker(mailbox: str | None) -> None:
+    """A device that paired through a broker's mailbox uses that broker (unless its config
+    names one already): its daemon reaches the account's other devices through it at once."""
+    from p2pbackup.config import default_home, load_config, set_broker
+    from p2pbackup.discovery.broker import broker_of_mailbox
+
+    url = broker_of_mailbox(mailbox or "")
+    if url is None or load_config(default_home()).broker.url:
+        return
+    set_broker(default_home(), url)
+    print(f"This device uses the broker at {url} ([broker] url in config.toml).")
+
 def _rendezvous(peer: str | None, mdns: bool = True) -> Any:
     from p2pbackup.pairing_link import MdnsRendezvous, StaticRendezvous
 
@@ -315,6 +327,7 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
                     else "every source")
             print(f"Paired with {joined.host_name or 'the other device'}: this device joined "
                   f"account {joined.account} as {joined.role} ({what}).")
+            _use_the_mailboxs_broker(mailbox)
         return
     if partner and sources:
         raise ConfigError("a partner gets no keys, so --sources does not apply to --partner")

@@ -415,6 +415,14 @@ def set_ice(home: Path, table: dict[str, Any]) -> Config:
     return _rewrite(home, doc)
 
 
+def set_broker(home: Path, url: str) -> Config:
+    """Write `url` as the [broker] url of home/config.toml."""
+    load_config(home)
+    doc = tomllib.loads((home / "config.toml").read_text(encoding="utf-8"))
+    doc["broker"] = {**doc.get("broker", {}), "url": url}
+    return _rewrite(home, doc)
+
+
 def _web_settings(table: object, path: Path) -> WebSettings:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: key 'web' must be a table")

@@ -1,17 +1,18 @@
 """Opening another device's store as a BlobStore: `--from peer:DEVICE[@HOST:PORT]`.
 
-The device is found by its mDNS advert (its rotating tag, which only members recognise) or at
-the signaling address given after `@`; the session is the same signed WebRTC session the
-daemons use, and the first frame makes it a fetch session (protocol/fetch.py).
+The device is found by its mDNS advert (its rotating tag, which only members recognise), at
+the signaling address given after `@`, or, with a broker (`[broker] url`) and not on the LAN,
+through the broker's signaling relay with its STUN/TURN servers; the session is the same signed
+WebRTC session the daemons use, and the first frame makes it a fetch session (protocol/fetch.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .blobs import is_peer_location  # noqa: F401  (callers import it from here too)
 from .blobs.peer import PeerStore
@@ -22,11 +23,14 @@ from .errors import ConfigError, PeerUnreachable
 from .format.membership import Membership
 
 if TYPE_CHECKING:
-    from .session import Unverified
-    from .transport.datachannel import IceConfig
+    from .session import Signaling, Unverified
+    from .transport.datachannel import IceConfig, PeerLink
 
+T = TypeVar("T")
 PEER_SERVICE = "_p2pbackup._tcp.local."
 FIND_TIMEOUT = 10.0
+FIND_WITH_BROKER = 3.0     # how long to look on the LAN before asking the broker
+BROKER_TIMEOUT = 30.0      # to connect to the broker
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,22 +90,65 @@ async def find_on_lan(device: str, tag_keys: list[bytes], peers: PeerSettings,
     return [(a, found.signaling_port) for a in found.addresses]
 
 
+async def through_broker(url: str, account: str, identity: DeviceIdentity, peer: str,
+                         peers: PeerSettings, label: str,
+                         open_link: "Callable[[Signaling, IceConfig], Awaitable[T]]") -> T:
+    """`open_link(signaling, ice)` with signaling to device `peer` through the broker at `url`
+    (as `identity` of `account`) and the broker's ICE servers before the configured ones. The
+    broker's
+    socket is closed once the link is open (the data channel does not need it)."""
+    from .discovery.broker import BrokerClient, BrokerIce, BrokerSignaling
+
+    client = BrokerClient(url, identity, account)
+    client.start()
+    try:
+        try:
+            await asyncio.wait_for(client.connected.wait(), BROKER_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise PeerUnreachable(f"cannot reach {label}: no connection to the broker at "
+                                  f"{url} within {BROKER_TIMEOUT:g} s"
+                                  + (f" ({client.last_error})" if client.last_error else "")
+                                  ) from None
+        ice = await BrokerIce(client, ice_for(peers)).current()
+        return await open_link(BrokerSignaling(client, peer), ice)
+    finally:
+        await client.close()
+
+
 async def open_peer(location: PeerLocation, device: str, *, identity: DeviceIdentity,
                     membership: Membership, tag_keys: list[bytes], peers: PeerSettings,
-                    label: str, on_step: Callable[[str], None] | None = None) -> PeerStore:
-    """Find `device`, open a signed session as `identity` and return its store."""
+                    label: str, on_step: Callable[[str], None] | None = None,
+                    broker: str = "", account: str = "") -> PeerStore:
+    """Find `device`, open a signed session as `identity` and return its store (through the
+    `broker` of `account` when it is not on the LAN, if one is given)."""
     from . import session
 
     step = on_step or (lambda s: None)
     if location.host is not None and location.port is not None:
         addresses = [(location.host, location.port)]
-    elif not peers.lan:
+    elif not peers.lan and not broker:
         raise ConfigError("finding peers on the LAN is off ([peers] lan = false or "
                           "P2PBACKUP_LAN=off); give the peer's address as "
                           f"peer:{location.which}@HOST:PORT")
     else:
-        step(f"looking for {label} on the LAN")
-        addresses = await find_on_lan(device, tag_keys, peers)
+        addresses = []
+        if peers.lan:
+            step(f"looking for {label} on the LAN")
+            addresses = await find_on_lan(device, tag_keys, peers,
+                                          FIND_WITH_BROKER if broker else FIND_TIMEOUT)
+        if not addresses and broker:
+            step(f"asking the broker at {broker} for {label}")
+
+            async def open_link(signaling: Signaling, ice: IceConfig) -> PeerLink:
+                return await session.connect(identity, device, membership, signaling, ice=ice)
+
+            link = await through_broker(broker, account, identity, device, peers, label,
+                                        open_link)
+            store = await PeerStore(link, identity.device_id, location=label).start()
+            store.via = _via(link)
+            step(f"connected to {label} through the broker"
+                 + (f" ({store.via})" if store.via else ""))
+            return store
         if not addresses:
             raise PeerUnreachable(f"{label} is not on the LAN (no advert within "
                                   f"{FIND_TIMEOUT:g} s): is its daemon running? Or give its "

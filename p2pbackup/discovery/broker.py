@@ -53,6 +53,16 @@ def backoff(attempt: int, rand: Callable[[], float]) -> float:
     return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(attempt, 16)) * (0.5 + rand() / 2)
 
 
+def broker_of_mailbox(mailbox: str) -> str | None:
+    """The broker whose pairing mailbox `mailbox` is (wss://HOST/v1/mailbox is
+    https://HOST's); None for another mailbox server (magic-wormhole's)."""
+    parts = urlsplit(mailbox)
+    if parts.path.rstrip("/") != "/v1/mailbox" or not parts.netloc:
+        return None
+    scheme = {"wss": "https", "ws": "http"}.get(parts.scheme)
+    return f"{scheme}://{parts.netloc}" if scheme else None
+
+
 class BrokerClient:
     """This device's connection to its account's broker at `url` (http[s]://host:port)."""
 

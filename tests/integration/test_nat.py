@@ -261,3 +261,36 @@ def test_with_the_broker_down_two_daemons_on_one_lan_keep_replicating(world, tru
         broker.start()
     b("restore", "latest", "--to", str(tmp_path / "out"))
     assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+
+
+def test_a_device_in_a_third_home_pairs_through_the_brokers_mailbox_and_restores_from_a_nated_peer(
+        world, trusting, tmp_path: Path):
+    from tests.integration.test_pairing import Host
+
+    _, _, _, devices, _ = world
+    broker = trusting
+    a, _, src, a_id, ha, _ = _homes_via_broker(world, broker, tmp_path, ("s1", "s2"))
+    mailbox = broker.url.replace("https://", "wss://") + "/v1/mailbox"
+    procs = [start_daemon(ha, a, tmp_path, "a")]
+    try:
+        eventually_sync(lambda: _broker_connected(a), timeout=60, interval=0.3)
+        host = Host(a, "--mailbox", mailbox)   # through a's daemon, in its NATed home
+        new = Cli(tmp_path / "home-new")
+        env = new.env() | {"P2PBACKUP_LAN": "on"}
+        got = devices["s3"].run(new.argv("pair", host.code, "--mailbox", mailbox, "--name",
+                                         "far"), env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert got.returncode == 0, got.stderr
+        assert host.finish()[0] == 0
+        # Paired through the broker's mailbox: the new device uses that broker from now on.
+        assert f'url = "{broker.url}"' in (new.home / "config.toml").read_text()
+        out = tmp_path / "restored"
+        got = devices["s3"].run(new.argv("restore", "latest", "--from", f"peer:{a_id[:8]}",
+                                         "--to", str(out)),
+                                env=env, capture_output=True, text=True, timeout=180)
+        assert got.returncode == 0, got.stderr
+        # (no address given, nothing of the account on its LAN: the broker signaled it)
+        assert "over the data channel (TURN relay)" in got.stdout + got.stderr
+    finally:
+        stop_all(procs)
+    assert tree_state(out / "src") == tree_state(src)

@@ -50,3 +50,12 @@ async def test_broker_servers_come_first_and_are_fetched_again_at_half_their_lif
     now[0] += 400
     broker.fail = True
     assert await ice.current() == CONFIGURED        # the broker failed: no stale credential
+
+
+def test_a_brokers_mailbox_names_the_broker_and_another_mailbox_none():
+    from p2pbackup.discovery.broker import broker_of_mailbox
+
+    assert broker_of_mailbox("wss://broker.example:8444/v1/mailbox") == \
+        "https://broker.example:8444"
+    assert broker_of_mailbox("ws://127.0.0.1:9/v1/mailbox/") == "http://127.0.0.1:9"
+    assert broker_of_mailbox("ws://relay.magic-wormhole.io:4000/v1") is None
