@@ -17,8 +17,11 @@ setup: $(VENV)/.installed
 	@$(PY) -m compileall -q p2pbackup daemon cli >/dev/null
 
 # `make demo KEEP=1` keeps the laptop's daemon running so the console address it ends with opens.
+# The second part (two homes behind NAT replicating through the broker) needs root, network
+# namespaces and coturn; it says so in one line and is skipped without them.
 demo: setup
 	$(PY) -m p2pbackup.cli.demo $(if $(KEEP),--keep)
+	$(PY) bench/demo_homes.py
 
 # Network-namespace tests (pairing over mDNS, transports) need iproute2, the packet-loss test
 # iptables, the WebDAV store tests nginx with its dav-ext module, the web console's browser

@@ -12,6 +12,9 @@ have --rtt ms of round trip between the two devices.
   (b) p2pbackupd replicating a snapshot of --mb MB of random files over the same relay and
       path: the receiver dials the sender's forwarded signaling port ([peers.addresses])
   (c) the same across the two cone NATs: hole punched with STUN only
+  (d), (e) as (b) and (c) through the broker (p2pbackup-broker on the public host beside
+      coturn, handing out its STUN/TURN servers with REST credentials): no port forwarded, no
+      [ice] table, only `[broker] url`; signaling through the broker's socket
 
 For (b) and (c): the sender's daemon is up first; setup ("both online → connected") runs from
 the receiver's control socket first answering (its daemon is up: it dials at once) to its
@@ -21,6 +24,7 @@ object of the sender present in the receiver's store). Targets (issue 18 §4): (
 connected within 2 s hole punched and 3 s through TURN.
 
     sudo .venv/bin/python bench/bench_wan.py [--mb 48] [--rtt 40] [--seconds 8] [--json]
+                                             [--broker-only]
 """
 
 from __future__ import annotations
@@ -62,17 +66,22 @@ def prepare(work: Path, mb: int) -> tuple[Path, Path, Path, str, str]:
 
 
 def replicate(homes, devices, a_tpl: Path, b_tpl: Path, a_id: str, b_id: str, ice: dict,
-              logs: Path, tag: str) -> dict:
-    """Fresh copies of both homes in the two NATed homes; time b's connection and transfer."""
+              logs: Path, tag: str, broker_url: str | None = None) -> dict:
+    """Fresh copies of both homes in the two NATed homes; time b's connection and transfer
+    (through the broker at `broker_url` if given, else to a's forwarded port)."""
     home_a, home_b = homes
     dev_a, dev_b = devices
     a, b = WORK / f"a-{tag}", WORK / f"b-{tag}"
     for src, dst in ((a_tpl, a), (b_tpl, b)):
         shutil.rmtree(dst, ignore_errors=True)
         subprocess.run(["cp", "-a", str(src), str(dst)], check=True)
-    address = home_a.forward(PORT, dev_a)
-    set_config(a, peers={"port": PORT}, ice=ice)
-    set_config(b, peers={"addresses": {a_id[:8]: address}}, ice=ice)
+    if broker_url:
+        for home in (a, b):
+            set_config(home, broker={"url": broker_url})
+    else:
+        address = home_a.forward(PORT, dev_a)
+        set_config(a, peers={"port": PORT}, ice=ice)
+        set_config(b, peers={"addresses": {a_id[:8]: address}}, ice=ice)
     want = store_objects(a / "store")
     left = [n for n in want if not (b / "store" / n).exists()]
     nbytes = sum(want[n] for n in left)
@@ -121,6 +130,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0, help="sending time of (a)")
     ap.add_argument("--keep", action="store_true", help="keep bench/work/wan")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--broker-only", action="store_true", help="only (d) and (e)")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("turnserver"):
         raise SystemExit("needs root, iproute2 and coturn (turnserver)")
@@ -140,6 +150,9 @@ def main() -> int:
         lab = stack.enter_context(NetLab())
         internet = Internet(lab)
         turn = internet.coturn(user=("p2p", "secret"))
+        rest_turn = internet.coturn(secret=os.urandom(16).hex(), port=3479)
+        broker = internet.broker(WORK / "broker", rest_turn)
+        os.environ.update(broker.env)   # the daemons trust the broker's certificate
         sym = [internet.home(f"s{i}", symmetric=True) for i in (1, 2)]
         cone = [internet.home(f"c{i}") for i in (1, 2)]
         devs = {h.router.name: h.device(f"{h.router.name}d") for h in sym + cone}
@@ -152,22 +165,33 @@ def main() -> int:
         servers = [{"urls": turn.stun}, {"urls": turn.turn, "username": "p2p",
                                          "credential": "secret"}]
         ice_json = json.dumps({"servers": servers, "relay_only": False})
-        log("(a) raw data channel through TURN")
-        raw = run_pair("dc", MESSAGE_SIZE, args.seconds, ice=ice_json,
-                       where=(devs["s1"].exec_prefix(), devs["s2"].exec_prefix()))
-        log(f"(a) {raw['mb_per_s']:.2f} MB/s over {raw.get('ice_path')}")
-        log("(b) replication through TURN")
-        relay = replicate(sym, (devs["s1"], devs["s2"]), a_tpl, b_tpl, a_id, b_id,
-                          {"servers": servers}, logs, "relay")
-        log(f"(b) {relay}")
-        log("(c) replication hole punched (STUN only)")
-        punched = replicate(cone, (devs["c1"], devs["c2"]), a_tpl, b_tpl, a_id, b_id,
-                            {"servers": servers[:1]}, logs, "punched")
-        log(f"(c) {punched}")
+        raw = relay = punched = None
+        if not args.broker_only:
+            log("(a) raw data channel through TURN")
+            raw = run_pair("dc", MESSAGE_SIZE, args.seconds, ice=ice_json,
+                           where=(devs["s1"].exec_prefix(), devs["s2"].exec_prefix()))
+            log(f"(a) {raw['mb_per_s']:.2f} MB/s over {raw.get('ice_path')}")
+            log("(b) replication through TURN")
+            relay = replicate(sym, (devs["s1"], devs["s2"]), a_tpl, b_tpl, a_id, b_id,
+                              {"servers": servers}, logs, "relay")
+            log(f"(b) {relay}")
+            log("(c) replication hole punched (STUN only)")
+            punched = replicate(cone, (devs["c1"], devs["c2"]), a_tpl, b_tpl, a_id, b_id,
+                                {"servers": servers[:1]}, logs, "punched")
+            log(f"(c) {punched}")
+        log("(d) replication through the broker, TURN relay")
+        b_relay = replicate(sym, (devs["s1"], devs["s2"]), a_tpl, b_tpl, a_id, b_id, {}, logs,
+                            "broker-relay", broker.url)
+        log(f"(d) {b_relay}")
+        log("(e) replication through the broker, hole punched")
+        b_punched = replicate(cone, (devs["c1"], devs["c2"]), a_tpl, b_tpl, a_id, b_id, {},
+                              logs, "broker-punched", broker.url)
+        log(f"(e) {b_punched}")
         if not args.keep:
             stack.callback(shutil.rmtree, WORK, True)
     result = {"load_before": load, "rtt_ms": rtt, "raw": raw, "relay": relay,
-              "punched": punched, "ratio": relay["mb_per_s"] / raw["mb_per_s"]}
+              "punched": punched, "broker_relay": b_relay, "broker_punched": b_punched,
+              "ratio": relay["mb_per_s"] / raw["mb_per_s"] if relay and raw else None}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -175,10 +199,15 @@ def main() -> int:
     print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
           f"round trip to the public host: {rtt['s1']:.1f} ms (TURN homes), "
           f"{rtt['c1']:.1f} ms (cone homes)")
-    print(f"(a) raw data channel through TURN: {raw['mb_per_s']:.2f} MB/s "
-          f"(path {raw.get('ice_path')}, {raw['bytes'] / 1e6:.0f} MB in {raw['seconds']:.1f} s)")
+    if raw:
+        print(f"(a) raw data channel through TURN: {raw['mb_per_s']:.2f} MB/s (path "
+              f"{raw.get('ice_path')}, {raw['bytes'] / 1e6:.0f} MB in {raw['seconds']:.1f} s)")
     for name, r in (("(b) replication through TURN", relay),
-                    ("(c) replication hole punched", punched)):
+                    ("(c) replication hole punched", punched),
+                    ("(d) through the broker, TURN", b_relay),
+                    ("(e) through the broker, hole punched", b_punched)):
+        if r is None:
+            continue
         target = SETUP_TARGETS.get(r["path"] or "", 2.0)
         print(f"{name}: {r['mb_per_s']:.2f} MB/s ({r['bytes'] / 1e6:.0f} MB in "
               f"{r['transfer_s']:.1f} s, path {r['path']}); both online -> connected "
@@ -186,8 +215,9 @@ def main() -> int:
               f"receiver's daemon answered {r['receiver_up_s']:.2f} s after its start, "
               f"connected at {r['connected_s']:.2f} s, first object at "
               f"{r['first_object_s']:.2f} s)")
-    print(f"(b)/(a) = {result['ratio']:.2f} (target {RATIO_TARGET}: "
-          f"{ok(result['ratio'] >= RATIO_TARGET)})")
+    if result["ratio"] is not None:
+        print(f"(b)/(a) = {result['ratio']:.2f} (target {RATIO_TARGET}: "
+              f"{ok(result['ratio'] >= RATIO_TARGET)})")
     return 0
 
 
