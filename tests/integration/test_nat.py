@@ -94,6 +94,15 @@ def _homes_via_broker(world, broker: NatBroker, tmp_path: Path, where: tuple[str
     return a, b, src, a_id, devices[where[0]], devices[where[1]]
 
 
+def _run_in(host, cli: Cli, *args: str) -> str:
+    """`p2pbackup ARGS` of home `cli` inside `host`'s namespace (LAN discovery on); its
+    stdout and stderr."""
+    got = host.run(cli.argv(*args), env=cli.env() | {"P2PBACKUP_LAN": "on"},
+                   capture_output=True, text=True, timeout=180)
+    assert got.returncode == 0, got.stderr
+    return got.stdout + got.stderr
+
+
 def _peer(cli: Cli, device: str) -> dict:
     return next((p for p in peers(cli) if p["device"] == device), {})
 
@@ -175,19 +184,12 @@ def test_a_new_device_in_a_third_home_recovers_through_turn_from_a_peer_behind_n
         eventually_sync(lambda: a("status", check=False).returncode == 0, timeout=60,
                         interval=0.3)   # its signaling endpoint answers
         new = Cli(tmp_path / "home-new")
-        env = new.env() | {"P2PBACKUP_LAN": "on"}
         where = f"peer:{a_id[:8]}@{homes['s1'].public_ip}:{SIGNALING_PORT}"
-        got = devices["s3"].run(new.argv("recover", "--from", where, "--ice", str(ice_file),
-                                         "--name", "new", "--recovery-code-file",
-                                         str(code_file)),
-                                env=env, capture_output=True, text=True, timeout=180)
-        assert got.returncode == 0, got.stderr
+        _run_in(devices["s3"], new, "recover", "--from", where, "--ice", str(ice_file),
+                "--name", "new", "--recovery-code-file", str(code_file))
         out = tmp_path / "restored"
-        got = devices["s3"].run(new.argv("restore", "latest", "--from", where, "--to",
-                                         str(out)),
-                                env=env, capture_output=True, text=True, timeout=180)
-        assert got.returncode == 0, got.stderr
-        assert "TURN relay" in got.stdout + got.stderr
+        assert "TURN relay" in _run_in(devices["s3"], new, "restore", "latest", "--from",
+                                       where, "--to", str(out))
     finally:
         stop_all(procs)
     assert tree_state(out / "src") == tree_state(src)
@@ -276,21 +278,15 @@ def test_a_device_in_a_third_home_pairs_through_the_brokers_mailbox_and_restores
         eventually_sync(lambda: _broker_connected(a), timeout=60, interval=0.3)
         host = Host(a, "--mailbox", mailbox)   # through a's daemon, in its NATed home
         new = Cli(tmp_path / "home-new")
-        env = new.env() | {"P2PBACKUP_LAN": "on"}
-        got = devices["s3"].run(new.argv("pair", host.code, "--mailbox", mailbox, "--name",
-                                         "far"), env=env, capture_output=True, text=True,
-                                timeout=120)
-        assert got.returncode == 0, got.stderr
+        _run_in(devices["s3"], new, "pair", host.code, "--mailbox", mailbox, "--name", "far")
         assert host.finish()[0] == 0
         # Paired through the broker's mailbox: the new device uses that broker from now on.
         assert f'url = "{broker.url}"' in (new.home / "config.toml").read_text()
         out = tmp_path / "restored"
-        got = devices["s3"].run(new.argv("restore", "latest", "--from", f"peer:{a_id[:8]}",
-                                         "--to", str(out)),
-                                env=env, capture_output=True, text=True, timeout=180)
-        assert got.returncode == 0, got.stderr
         # (no address given, nothing of the account on its LAN: the broker signaled it)
-        assert "over the data channel (TURN relay)" in got.stdout + got.stderr
+        assert "over the data channel (TURN relay)" in _run_in(
+            devices["s3"], new, "restore", "latest", "--from", f"peer:{a_id[:8]}", "--to",
+            str(out))
     finally:
         stop_all(procs)
     assert tree_state(out / "src") == tree_state(src)
