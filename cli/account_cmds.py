@@ -88,7 +88,11 @@ def recover(store: str = typer.Option(..., "--from", help="A store holding the a
             ice: Path = typer.Option(None, "--ice", metavar="FILE",
                                      help="STUN/TURN servers for reaching a peer across NATs: "
                                           "the [ice] table of FILE (another device's "
-                                          "config.toml will do); the new home keeps it.")) -> None:
+                                          "config.toml will do); the new home keeps it."),
+            broker: str = typer.Option(None, "--broker", metavar="URL",
+                                       help="The account's broker (https://...): a peer "
+                                            "off the LAN is reached through it; the new home "
+                                            "keeps it as [broker] url.")) -> None:
     """Set up this (new) device from the recovery code and a store holding the account.
 
     A remote store (SCHEME://...) is kept as a [[stores]] table of the new home, with its
@@ -122,10 +126,21 @@ def recover(store: str = typer.Option(..., "--from", help="A store holding the a
 
         ice_settings, ice_table = read_ice_table(ice)
         peers = dataclasses.replace(PeerSettings.from_env(), ice=ice_settings)
+    if broker is not None:
+        from p2pbackup.discovery.broker import BrokerClient
+        from p2pbackup.errors import ConfigError
+
+        if not is_peer_location(store):
+            raise ConfigError(f"--broker is for a peer (peer:DEVICE), not for {store}")
+        BrokerClient.check_url(broker)
     r = run_async(account.recover(default_home(), store, code, name or socket.gethostname(),
                                   peers=peers, on_step=lambda step: print(f"{step}..."),
-                                  options=options))
+                                  options=options, broker=broker or ""))
     print(f"Recovered the account into {r.config.home} (key epoch {r.epoch}).")
+    if broker is not None:
+        from p2pbackup.config import set_broker
+
+        set_broker(r.config.home, broker.rstrip("/"))
     if ice_table is not None:
         from p2pbackup.config import set_ice
 

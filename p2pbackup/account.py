@@ -449,10 +449,10 @@ class Recovered:
 async def recover(home: Path, store_location: str, code: str, name: str, *,
                   peers: PeerSettings | None = None,
                   on_step: Callable[[str], None] | None = None,
-                  options: Mapping[str, Any] | None = None) -> Recovered:
+                  options: Mapping[str, Any] | None = None, broker: str = "") -> Recovered:
     """Make a new home for this device from a recovery code and a store holding the account
     (a directory, any location open_store opens, with its `options`, or
-    `peer:DEVICE[@HOST:PORT]`: a device of the account on the LAN)."""
+    `peer:DEVICE[@HOST:PORT]`: a device of the account on the LAN, or through `broker`)."""
     if (home / "config.toml").exists():
         raise ConfigError(f"{home} is already set up; recover into a new P2PBACKUP_HOME")
     root = recovery.decode(code)
@@ -472,7 +472,8 @@ async def recover(home: Path, store_location: str, code: str, name: str, *,
     signer = DeviceIdentity(AccountKeys(root).recovery_seed())
     errors: list[str] = []
     for candidate in await recovery_candidates(where, peers or PeerSettings.from_env(),
-                                               on_step):
+                                               on_step, broker=broker, signer=signer,
+                                               account=AccountKeys(root).fingerprint()):
         try:
             source = await candidate.open(signer)
         except P2PError as exc:

@@ -202,31 +202,47 @@ async def direct_lane(store: PeerStore, host: str) -> bool:
 
 @dataclass(slots=True)
 class RecoveryCandidate:
-    """A daemon that may belong to the account being recovered (checked once connected)."""
+    """A daemon that may belong to the account being recovered (checked once connected): at
+    a signaling address, or (`broker`, `account` given) device `host` through that broker."""
 
     host: str
     port: int
     peers: PeerSettings
     unverified: "Unverified | None" = None
+    broker: str = ""
+    account: str = ""
 
     async def open(self, signer: DeviceIdentity) -> PeerStore:
         """A session as the recovery signer; the caller checks who answered (`unverified`)."""
         from . import session
 
-        self.unverified = await session.connect_recovering(
-            signer, session.LanSignaling(self.host, self.port), ice=ice_for(self.peers, self.host))
-        store = await PeerStore(self.unverified.link, signer.device_id,
-                                location=f"the peer at {self.host}").start()
+        if self.broker:
+            async def open_link(signaling: Signaling, ice: IceConfig) -> Unverified:
+                return await session.connect_recovering(signer, signaling, ice=ice)
+
+            label = f"device {self.host[:12]}"
+            self.unverified = await through_broker(self.broker, self.account, signer,
+                                                   self.host, self.peers, label, open_link)
+        else:
+            label = f"the peer at {self.host}"
+            self.unverified = await session.connect_recovering(
+                signer, session.LanSignaling(self.host, self.port),
+                ice=ice_for(self.peers, self.host))
+        store = await PeerStore(self.unverified.link, signer.device_id, location=label).start()
         store.via = _via(self.unverified.link)
-        if self.peers.direct_lane and _lane_reachable(self.unverified.link):
+        if not self.broker and self.peers.direct_lane and \
+                _lane_reachable(self.unverified.link):
             await direct_lane(store, self.host)
         return store
 
 
 async def recovery_candidates(location: PeerLocation, peers: PeerSettings,
                               on_step: Callable[[str], None] | None = None,
-                              seconds: float = 3.0) -> list[RecoveryCandidate]:
-    """Where to try recovering from: the address given, or every p2pbackup daemon on the LAN.
+                              seconds: float = 3.0, *, broker: str = "", account: str = "",
+                              signer: DeviceIdentity | None = None
+                              ) -> list[RecoveryCandidate]:
+    """Where to try recovering from: the address given, or every p2pbackup daemon on the LAN,
+    then (with a `broker`) the account's devices connected to it, as the recovery `signer`.
 
     A new device knows no device ids yet, so it cannot read the rotating tags (unless the
     account never changed key epochs); each candidate checks the recovery code's signature
@@ -234,9 +250,36 @@ async def recovery_candidates(location: PeerLocation, peers: PeerSettings,
     """
     if location.host is not None and location.port is not None:
         return [RecoveryCandidate(location.host, location.port, peers)]
-    if not peers.lan:
+    if not peers.lan and not broker:
         raise ConfigError("finding peers on the LAN is off (P2PBACKUP_LAN=off); give the "
                           f"peer's address as peer:{location.which}@HOST:PORT")
+    out = await _lan_candidates(peers, on_step, seconds) if peers.lan else []
+    if broker and signer is not None:
+        out += await _broker_candidates(location, peers, broker, account, signer, on_step)
+    return out
+
+
+async def _broker_candidates(location: PeerLocation, peers: PeerSettings, broker: str,
+                             account: str, signer: DeviceIdentity,
+                             on_step: Callable[[str], None] | None
+                             ) -> list[RecoveryCandidate]:
+    """The devices the broker lists as connected: the one whose id starts with the name
+    given first (names are not the broker's to know: a name tries each)."""
+    from .discovery.broker import BrokerClient
+
+    (on_step or (lambda s: None))(f"asking the broker at {broker} for the account's devices")
+    client = BrokerClient(broker, signer, account)
+    try:
+        devices = [d for d in await client.devices() if d.get("connected")]
+    finally:
+        await client.close()
+    ids = sorted((str(d.get("id")) for d in devices),
+                 key=lambda i: not i.startswith(location.which))
+    return [RecoveryCandidate(i, 0, peers, broker=broker, account=account) for i in ids]
+
+
+async def _lan_candidates(peers: PeerSettings, on_step: Callable[[str], None] | None,
+                          seconds: float) -> list[RecoveryCandidate]:
     from .discovery import mdns
 
     (on_step or (lambda s: None))("looking for the account's devices on the LAN")

@@ -208,14 +208,16 @@ class Broker:
             raise Refused(404, f"{account[:40]!r} is not an account id")
         return account
 
-    async def _member(self, request: web.Request, body: bytes = b""
-                      ) -> tuple[str, _Account, str]:
-        """(account id, account, device) of a request signed by a device the roster lists."""
+    async def _member(self, request: web.Request, body: bytes = b"", *,
+                      recovering: bool = False) -> tuple[str, _Account, str]:
+        """(account id, account, device) of a request signed by a device the roster lists
+        (or, with `recovering`, by the recovery signer it names)."""
         account = self._account_id(request)
         held = await self._account(account)
         if held is None:
             raise Refused(404, f"account {account} is not registered on this broker")
-        device = self.requests.signer(request, body, account, held.roster.key_of)
+        device = self.requests.signer(request, body, account, (
+            (lambda d: _socket_key(held.roster, d)) if recovering else held.roster.key_of))
         return account, held, device
 
     @staticmethod
@@ -338,7 +340,7 @@ class Broker:
         return web.json_response({"id": device, "info": base64.b64encode(info).decode()})
 
     async def _devices(self, request: web.Request) -> web.Response:
-        account, held, device = await self._member(request)
+        account, held, device = await self._member(request, recovering=True)
         records = {r.device: r for r in await self.state.devices(account)}
         there = await self.relay.elsewhere(account)
         out = []
@@ -394,7 +396,7 @@ class Broker:
                           "payload": base64.b64encode(q.payload).decode()} for q in queued]})
 
     async def _ice(self, request: web.Request) -> web.Response:
-        account, held, device = await self._member(request)
+        account, held, device = await self._member(request, recovering=True)
         return web.json_response({"iceServers": ice_servers(self.ice, device, self.now()),
                                   "ttl": self.ice.ttl})
 
@@ -430,7 +432,7 @@ class Broker:
         held = self._accounts.get(account)
         conn = held.sockets.get(device) if held is not None else None
         return conn is not None and held is not None and \
-            held.roster.key_of(device) is not None and await conn.send(doc)
+            _socket_key(held.roster, device) is not None and await conn.send(doc)
 
     async def _send(self, account: str, device: str, doc: dict[str, Any]) -> bool:
         """`doc` to `device`'s socket, on this process or another; False if none holds it."""
@@ -534,7 +536,7 @@ class Broker:
                                + ("" if self.registration.describe().get("open") else
                                   ": `p2pbackup broker register`") + ")")
             return None
-        key = held.roster.key_of(device)
+        key = _socket_key(held.roster, device)
         if key is None:
             await self._refuse(ws, where, device[:12], f"device {device[:12]} is not a device "
                                f"of account {account} (any more)")
@@ -595,7 +597,7 @@ class Broker:
     async def _handle(self, conn: Connection, doc: dict[str, Any]) -> None:
         kind = doc.get("t")
         held = self._accounts[conn.account]
-        if held.roster.key_of(conn.device) is None:   # removed while the message was in flight
+        if _socket_key(held.roster, conn.device) is None:   # removed meanwhile
             raise MessageRefused("this device is no longer a device of the account")
         if kind == "signal":
             to = doc.get("to")
@@ -607,7 +609,8 @@ class Broker:
                 out["re"] = _int(doc["re"], "a signal's re")
             _b64(doc.get("data"), "a signal's data", MAX_MESSAGE * 3 // 4)
             out["data"] = doc["data"]
-            if held.roster.key_of(to) is None or not await self._send(conn.account, to, out):
+            if _socket_key(held.roster, to) is None or \
+                    not await self._send(conn.account, to, out):
                 await conn.send({"t": "undeliverable", "id": n, "to": to})
         elif kind == "push":
             payload = _b64(doc.get("data"), "a push's data", MAX_PUSH)
@@ -656,3 +659,10 @@ def _ttl(value: object) -> float:
             not 0 < value <= MAX_TTL:
         raise Refused(400, f"`ttl` is a number of seconds from 1 to {MAX_TTL}")
     return float(value)
+
+
+def _socket_key(roster: Roster, device: str) -> bytes | None:
+    """The key of a device that may hold a socket, list the devices and get ICE servers: one
+    the roster lists, or the recovery signer it names (a new device recovering the account
+    from a device of it: it signals to that device, which checks it as on the LAN)."""
+    return roster.key_of(device) or roster.next_signer_key(device_id_for)(device)

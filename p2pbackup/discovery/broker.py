@@ -75,11 +75,7 @@ class BrokerClient:
                  ssl: Any = None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  now: Callable[[], float] = time.time,
                  rand: Callable[[], float] = random.random) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigError(f"broker url {url!r}: give http(s)://host:port")
-        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
-            raise ConfigError(f"broker url {url!r}: use https:// (http only on loopback)")
+        self.check_url(url)
         self.base = url.rstrip("/")
         self.identity, self.account = identity, account
         self.answerer, self.on_link, self.on_push = answerer, on_link, on_push
@@ -97,6 +93,15 @@ class BrokerClient:
         self._waiting: dict[int, asyncio.Future[bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def check_url(url: str) -> None:
+        """ConfigError unless `url` can name a broker."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"broker url {url!r}: give http(s)://host:port")
+        if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+            raise ConfigError(f"broker url {url!r}: use https:// (http only on loopback)")
 
     # -- REST ------------------------------------------------------------------------------
 

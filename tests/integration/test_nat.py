@@ -290,3 +290,29 @@ def test_a_device_in_a_third_home_pairs_through_the_brokers_mailbox_and_restores
     finally:
         stop_all(procs)
     assert tree_state(out / "src") == tree_state(src)
+
+
+def test_a_new_device_recovers_through_the_broker_from_a_peer_behind_nat(world, trusting,
+                                                                         tmp_path: Path):
+    from p2pbackup.crypto import recovery
+
+    _, _, _, devices, _ = world
+    broker = trusting
+    a, _, src, a_id, ha, _ = _homes_via_broker(world, broker, tmp_path, ("s1", "s2"))
+    code_file = tmp_path / "code"
+    code_file.write_text(recovery.encode((a.home / "keys" / "account.key").read_bytes()))
+    procs = [start_daemon(ha, a, tmp_path, "a")]
+    try:
+        eventually_sync(lambda: _broker_connected(a), timeout=60, interval=0.3)
+        new = Cli(tmp_path / "home-new")
+        # The recovery code and the broker's address: no peer address, no [ice] table.
+        _run_in(devices["s3"], new, "recover", "--from", f"peer:{a_id[:8]}", "--broker",
+                broker.url, "--name", "new", "--recovery-code-file", str(code_file))
+        assert f'url = "{broker.url}"' in (new.home / "config.toml").read_text()
+        out = tmp_path / "restored"
+        assert "over the data channel (TURN relay)" in _run_in(
+            devices["s3"], new, "restore", "latest", "--from", f"peer:{a_id[:8]}", "--to",
+            str(out))
+    finally:
+        stop_all(procs)
+    assert tree_state(out / "src") == tree_state(src)
