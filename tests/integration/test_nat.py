@@ -11,6 +11,7 @@ One topology for the module: the internet with coturn and the broker, and five h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -265,54 +266,48 @@ def test_with_the_broker_down_two_daemons_on_one_lan_keep_replicating(world, tru
     assert tree_state(tmp_path / "out" / "src") == tree_state(src)
 
 
-def test_a_device_in_a_third_home_pairs_through_the_brokers_mailbox_and_restores_from_a_nated_peer(
-        world, trusting, tmp_path: Path):
-    from tests.integration.test_pairing import Host
-
+@contextlib.contextmanager
+def _a_new_device_beside_a_nated_peer(world, broker: NatBroker, tmp_path: Path):
+    """a (with data, its daemon running and connected to the broker) behind symmetric NAT,
+    and a fresh home for a new device in a third home; at the end, what that device restored
+    from a through the broker (no address, nothing of the account on its LAN) must equal a's
+    sources. Yields (a, a's id, the new home, its host)."""
     _, _, _, devices, _ = world
-    broker = trusting
     a, _, src, a_id, ha, _ = _homes_via_broker(world, broker, tmp_path, ("s1", "s2"))
-    mailbox = broker.url.replace("https://", "wss://") + "/v1/mailbox"
     procs = [start_daemon(ha, a, tmp_path, "a")]
+    new, out = Cli(tmp_path / "home-new"), tmp_path / "restored"
     try:
         eventually_sync(lambda: _broker_connected(a), timeout=60, interval=0.3)
-        host = Host(a, "--mailbox", mailbox)   # through a's daemon, in its NATed home
-        new = Cli(tmp_path / "home-new")
-        _run_in(devices["s3"], new, "pair", host.code, "--mailbox", mailbox, "--name", "far")
-        assert host.finish()[0] == 0
-        # Paired through the broker's mailbox: the new device uses that broker from now on.
+        yield a, a_id, new, devices["s3"]
+        # The new device uses the broker from now on.
         assert f'url = "{broker.url}"' in (new.home / "config.toml").read_text()
-        out = tmp_path / "restored"
-        # (no address given, nothing of the account on its LAN: the broker signaled it)
         assert "over the data channel (TURN relay)" in _run_in(
             devices["s3"], new, "restore", "latest", "--from", f"peer:{a_id[:8]}", "--to",
             str(out))
     finally:
         stop_all(procs)
     assert tree_state(out / "src") == tree_state(src)
+
+
+def test_a_device_in_a_third_home_pairs_through_the_brokers_mailbox_and_restores_from_a_nated_peer(
+        world, trusting, tmp_path: Path):
+    from tests.integration.test_pairing import Host
+
+    mailbox = trusting.url.replace("https://", "wss://") + "/v1/mailbox"
+    with _a_new_device_beside_a_nated_peer(world, trusting, tmp_path) as (a, _, new, host_s3):
+        host = Host(a, "--mailbox", mailbox)   # through a's daemon, in its NATed home
+        _run_in(host_s3, new, "pair", host.code, "--mailbox", mailbox, "--name", "far")
+        assert host.finish()[0] == 0
 
 
 def test_a_new_device_recovers_through_the_broker_from_a_peer_behind_nat(world, trusting,
                                                                          tmp_path: Path):
     from p2pbackup.crypto import recovery
 
-    _, _, _, devices, _ = world
-    broker = trusting
-    a, _, src, a_id, ha, _ = _homes_via_broker(world, broker, tmp_path, ("s1", "s2"))
-    code_file = tmp_path / "code"
-    code_file.write_text(recovery.encode((a.home / "keys" / "account.key").read_bytes()))
-    procs = [start_daemon(ha, a, tmp_path, "a")]
-    try:
-        eventually_sync(lambda: _broker_connected(a), timeout=60, interval=0.3)
-        new = Cli(tmp_path / "home-new")
+    with _a_new_device_beside_a_nated_peer(world, trusting, tmp_path) as (a, a_id, new,
+                                                                          host_s3):
+        code_file = tmp_path / "code"
+        code_file.write_text(recovery.encode((a.home / "keys" / "account.key").read_bytes()))
         # The recovery code and the broker's address: no peer address, no [ice] table.
-        _run_in(devices["s3"], new, "recover", "--from", f"peer:{a_id[:8]}", "--broker",
-                broker.url, "--name", "new", "--recovery-code-file", str(code_file))
-        assert f'url = "{broker.url}"' in (new.home / "config.toml").read_text()
-        out = tmp_path / "restored"
-        assert "over the data channel (TURN relay)" in _run_in(
-            devices["s3"], new, "restore", "latest", "--from", f"peer:{a_id[:8]}", "--to",
-            str(out))
-    finally:
-        stop_all(procs)
-    assert tree_state(out / "src") == tree_state(src)
+        _run_in(host_s3, new, "recover", "--from", f"peer:{a_id[:8]}", "--broker",
+                trusting.url, "--name", "new", "--recovery-code-file", str(code_file))
