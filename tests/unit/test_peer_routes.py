@@ -90,3 +90,35 @@ async def test_off_the_lan_the_broker_is_one_more_route_for_the_smaller_id(manag
     pm.broker.connected.set()
     assert _where(pm, b) == ["static address 192.0.2.7:7890"] + \
         ([f"broker {url}"] if smaller else [])
+
+
+@pytest.mark.parametrize("smaller", [True, False])
+async def test_a_push_through_the_broker_is_dialed_only_by_the_smaller_id(manager, monkeypatch,
+                                                                          smaller):
+    from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
+
+    pm, b = manager
+    pm.config = dataclasses.replace(pm.config, peers=dataclasses.replace(
+        pm.config.peers, addresses=()))
+    monkeypatch.setattr(PeerManager, "me", property(lambda self: "" if smaller else "~"))
+    pm.broker = BrokerClient("http://127.0.0.1:9", pm.dev.identity, pm.dev.keys.fingerprint())
+    pm.broker.connected.set()
+    dialed: list[str] = []
+
+    async def connect(me, device, membership, signaling, **kw):
+        assert isinstance(signaling, BrokerSignaling)
+        dialed.append(device)
+        raise PeerUnreachable("not reachable in this test")
+
+    monkeypatch.setattr(peers_module.session, "connect", connect)
+    await pm._pushed(b, b"")
+    if smaller:
+        await eventually(lambda: dialed, timeout=10)
+        assert dialed == [b]
+    else:   # the sender dials us (after its push): a second session would race it
+        await asyncio.sleep(0.3)
+        assert dialed == []
+    for t in pm._tasks:
+        t.cancel()
+        with contextlib.suppress(BaseException):
+            await t
