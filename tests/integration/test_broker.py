@@ -107,31 +107,6 @@ async def test_no_ice_server_is_named_unless_configured(tmp_path: Path) -> None:
         await c.close()
 
 
-UNIT = Path(__file__).resolve().parents[2] / "systemd" / "p2pbackup-broker.service"
-
-
-def test_the_broker_unit_runs_it_as_its_own_user_hardened() -> None:
-    text = UNIT.read_text()
-    for line in ("User=p2pbackup", "StateDirectory=p2pbackup-broker", "NoNewPrivileges=yes",
-                 "ProtectSystem=strict", "CapabilityBoundingSet=",
-                 "p2pbackup-broker --data /var/lib/p2pbackup-broker"):
-        assert line in text
-
-
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                    reason="systemd-analyze is not installed on this machine")
-def test_systemd_analyze_verifies_the_broker_unit(tmp_path: Path) -> None:
-    broker = Path(sys.executable).with_name("p2pbackup-broker")
-    assert broker.exists(), "p2pbackup-broker is not installed next to this interpreter"
-    unit = tmp_path / "p2pbackup-broker.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/p2pbackup-broker", str(broker)))
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                          text=True, timeout=60)
-    problems = [ln for ln in (proc.stdout + proc.stderr).splitlines()
-                if "p2pbackup-broker.service" in ln]
-    assert not problems, proc.stdout + proc.stderr
-
-
 @pytest.mark.parametrize("args, says", [
     (["--listen", "nowhere"], "--listen 'nowhere': give HOST:PORT"),
     (["--turn-url", "turn:127.0.0.1:3478"], "--turn-url needs the TURN server's shared secret"),

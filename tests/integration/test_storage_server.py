@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +21,6 @@ from tests.conftest import Cli, tree_state
 from tests.servers import storage_server
 
 pytestmark = pytest.mark.timeout(240)
-UNIT = Path(__file__).resolve().parents[2] / "systemd" / "p2pbackup-server.service"
 
 
 async def test_a_store_copied_to_the_server_lists_verifies_restores_and_recovers_from_it(
@@ -67,28 +65,6 @@ async def test_a_store_copied_to_the_server_lists_verifies_restores_and_recovers
         assert wrong.returncode == 11 and wrong.stderr.count("\n") == 1
         assert f"store {server.location.replace('https', 'http')}: cannot reach the server" \
             in wrong.stderr
-
-
-def test_the_server_unit_runs_it_as_its_own_user_hardened() -> None:
-    text = UNIT.read_text()
-    for line in ("User=p2pbackup", "StateDirectory=p2pbackup-server", "NoNewPrivileges=yes",
-                 "ProtectSystem=strict", "ProtectHome=yes", "CapabilityBoundingSet=",
-                 "p2pbackup-server serve --data /var/lib/p2pbackup-server"):
-        assert line in text
-
-
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                    reason="systemd-analyze is not installed on this machine")
-def test_systemd_analyze_verifies_the_server_unit(tmp_path: Path) -> None:
-    server = Path(sys.executable).with_name("p2pbackup-server")
-    assert server.exists(), "p2pbackup-server is not installed next to this interpreter"
-    unit = tmp_path / "p2pbackup-server.service"
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/p2pbackup-server", str(server)))
-    proc = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
-                          text=True, timeout=60)
-    problems = [ln for ln in (proc.stdout + proc.stderr).splitlines()
-                if "p2pbackup-server.service" in ln]
-    assert not problems, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("args, says", [
