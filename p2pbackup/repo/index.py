@@ -51,7 +51,15 @@ CREATE TABLE IF NOT EXISTS spare (id BLOB NOT NULL, kind INTEGER NOT NULL,
 CREATE INDEX IF NOT EXISTS spare_by_pack ON spare(pack);
 CREATE TABLE IF NOT EXISTS damaged (name TEXT PRIMARY KEY, reason TEXT NOT NULL,
     bad BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sizes (minute INTEGER PRIMARY KEY, stored INTEGER NOT NULL,
+    packs INTEGER NOT NULL);
 """
+# `sizes` is the store's size over time (for the web console's chart): after each change to
+# `packs`, the totals as of that minute. Packs carry no time of their own, so this is the only
+# record of how the store grew and shrank; it lives in the index (a cache: a rebuilt index
+# starts a new history) and needs no version step (an older p2pbackup leaves the table alone).
+# Bounded: rows older than SIZES_FINE keep only the last of each hour.
+SIZES_FINE = 2 * 86400
 # `blobs` holds one location per blob, the one reads use. A blob stored in two packs (a
 # repacked pack and its original, both received from a peer during a prune's grace period)
 # keeps its other locations in `spare`, so that dropping the pack `blobs` points to moves the
@@ -161,6 +169,7 @@ class PackIndex:
         # from two threads; the others' statements would join the same transaction).
         self._writing = asyncio.Lock()
         self._write_cache = False
+        self.clock = time.time   # when a change to the packs happened (`sizes`)
 
     @property
     def map_path(self) -> str:
@@ -343,6 +352,28 @@ class PackIndex:
         if not moved:   # it was not at the database's generation: make it again now
             await self._sync_blob_map()
 
+    async def _note_size(self) -> None:
+        """Inside the caller's transaction, after it changed `packs`: the store's totals as
+        of this minute; older minutes thinned to one per hour."""
+        assert self._db is not None
+        minute = int(self.clock()) // 60
+        await self._db.execute(
+            "INSERT INTO sizes (minute, stored, packs) SELECT ?, coalesce(sum(size), 0), "
+            "count(*) FROM packs WHERE true ON CONFLICT(minute) DO UPDATE SET "
+            "stored=excluded.stored, packs=excluded.packs", (minute,))
+        old = minute - SIZES_FINE // 60
+        await self._db.execute(
+            "DELETE FROM sizes WHERE minute < ? AND minute NOT IN "
+            "(SELECT max(minute) FROM sizes WHERE minute < ? GROUP BY minute / 60)", (old, old))
+
+    async def size_history(self) -> list[tuple[int, int, int]]:
+        """(unix seconds, bytes stored, packs) after each change to the packs, oldest first
+        (one a minute; one an hour beyond two days)."""
+        assert self._db is not None
+        return [(minute * 60, stored, packs) for minute, stored, packs in
+                await self._db.execute_fetchall(
+                    "SELECT minute, stored, packs FROM sizes ORDER BY minute")]
+
     async def _rollback(self) -> None:
         if self._db is not None and self._db.in_transaction:
             try:
@@ -474,6 +505,7 @@ class PackIndex:
                     "INSERT OR REPLACE INTO spare (id, pack, offset, length, raw_length, kind) "
                     "VALUES (?,?,?,?,?,?)", spares)
             await self._write_damage(damage, healed)
+            await self._note_size()
             await self._commit(rows, [])
             del rows
         except sqlite3.Error as exc:
@@ -594,6 +626,7 @@ class PackIndex:
             moved = await self._promote_spares(lost)
             await self._write_damage({}, names)
             await self._db.executemany("DELETE FROM packs WHERE num=?", [(n,) for n in gone_nums])
+            await self._note_size()
             await self._commit(moved, lost)
         except sqlite3.Error as exc:
             await self._rollback()

@@ -727,7 +727,8 @@ class Console:
         changes = sorted((seg["last_change"] or seg["sealed"], sum(seg["changes"].values()))
                          for d in doc["devices"] for seg in d["segments"])
         return self._page(request, "Status",
-                          pages.status(pages.storage(self.storage(snaps), snaps, changes)))
+                          pages.status(pages.storage(self.storage(snaps), snaps, changes,
+                                                     await self.size_history())))
 
     def storage(self, snaps: list[dict[str, Any]]) -> dict[str, Any]:
         """What the store holds against what the snapshots hold: deduplication and
@@ -737,13 +738,20 @@ class Console:
         return {"packs": len(self.backend.repo.index.packs), "stored_bytes": used,
                 "snapshot_bytes": logical, "saved_bytes": max(0, logical - used)}
 
+    async def size_history(self) -> list[dict[str, Any]]:
+        """The store's size after each change to its packs (the index notes it)."""
+        return [{"time": iso_time(when * 1_000_000_000), "stored_bytes": stored, "packs": packs}
+                for when, stored, packs in await self.backend.repo.index.size_history()]
+
     async def api_storage(self, request: web.Request) -> web.Response:
-        return _json(self.storage(await self.snapshot_list()))
+        return _json({**self.storage(await self.snapshot_list()),
+                      "history": await self.size_history()})
 
     async def snapshots_page(self, request: web.Request) -> web.Response:
         snaps = await self.snapshot_list()
         return self._page(request, "Snapshots",
-                          pages.storage(self.storage(snaps), snaps) + pages.snapshots(snaps))
+                          pages.storage(self.storage(snaps), snaps, (),
+                                        await self.size_history()) + pages.snapshots(snaps))
 
     async def browse_page(self, request: web.Request) -> web.Response:
         try:

@@ -3,6 +3,7 @@ restores and the moment picker). Every value shown is escaped."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from html import escape
 from typing import Any
 from urllib.parse import urlencode
@@ -296,41 +297,59 @@ def versions(doc: dict[str, Any]) -> str:
 
 
 def storage(st: dict[str, Any], snaps: list[dict[str, Any]],
-            changes: list[tuple[str, int]] = ()) -> str:
-    """Storage used and saved, and a small chart (SVG, drawn here) of each device's snapshot
-    sizes over time and, as bars, the changes each sealed log segment holds (`changes`:
+            changes: Sequence[tuple[str, int]] = (),
+            history: Sequence[dict[str, Any]] = ()) -> str:
+    """Storage used and saved, and a small chart (SVG, drawn here) of the store's size over
+    time (`history`: the index's notes after each change to the packs), each device's
+    snapshot sizes and, as bars, the changes each sealed log segment holds (`changes`:
     (when, how many))."""
     words = (f'<p id="storage">The store holds {escape(format_size(st["stored_bytes"]))} in '
              f'{st["packs"]} packs for {escape(format_size(st["snapshot_bytes"]))} of files in '
              f"{len(snaps)} snapshots: deduplication and compression save "
              f'{escape(format_size(st["saved_bytes"]))}.</p>')
-    if len(snaps) < 2:
+    if len(snaps) < 2 and len(history) < 2:
         return words
     import datetime as dt
 
-    times = [dt.datetime.fromisoformat(s["time"]).timestamp() for s in snaps]
-    marks = [(dt.datetime.fromisoformat(when).timestamp(), n) for when, n in changes]
-    t0, t1 = min(times + [t for t, _ in marks]), max(times + [t for t, _ in marks])
-    top = max(s["size"] for s in snaps) or 1
+    def seconds(when: str) -> float:
+        return dt.datetime.fromisoformat(when).timestamp()
+
+    times = [seconds(s["time"]) for s in snaps]
+    marks = [(seconds(when), n) for when, n in changes]
+    stored = [(seconds(h["time"]), h["stored_bytes"]) for h in history]
+    every = times + [t for t, _ in marks] + [t for t, _ in stored]
+    t0, t1 = min(every), max(every)
+    top = max([s["size"] for s in snaps] + [b for _, b in stored]) or 1
     w, h = 600, 120
+
+    def x(t: float) -> float:
+        return (t - t0) / ((t1 - t0) or 1) * (w - 10) + 5
+
+    def line(points: list[tuple[float, int]]) -> str:
+        return " ".join(f"{x(t):.1f},{h - 5 - size / top * (h - 10):.1f}"
+                        for t, size in sorted(points))
+
     lines = []
+    if len(stored) >= 2:
+        lines.append(f'<polyline class="stored" points="{line(stored)}"/>')
     by_device: dict[str, list[tuple[float, int]]] = {}
     for t, s in zip(times, snaps):
         by_device.setdefault(s["device"], []).append((t, s["size"]))
-    for i, points in enumerate(by_device.values()):
-        xy = " ".join(f"{(t - t0) / ((t1 - t0) or 1) * (w - 10) + 5:.1f},"
-                      f"{h - 5 - size / top * (h - 10):.1f}" for t, size in sorted(points))
-        lines.append(f'<polyline class="series s{i % 4}" points="{xy}"/>')
+    if len(snaps) >= 2:
+        for i, points in enumerate(by_device.values()):
+            lines.append(f'<polyline class="series s{i % 4}" points="{line(points)}"/>')
     most = max((n for _, n in marks), default=1) or 1
     for (t, n), (when, _) in zip(marks, changes):
         bar = max(2.0, n / most * (h - 10) / 3)   # a third of the height: under the lines
-        lines.append(f'<rect class="changes" x="{(t - t0) / ((t1 - t0) or 1) * (w - 10) + 4:.1f}"'
+        lines.append(f'<rect class="changes" x="{x(t) - 1:.1f}"'
                      f' y="{h - 5 - bar:.1f}" width="2" height="{bar:.1f}"><title>'
                      f'{escape(when)}: {n} change{"s" * (n != 1)}</title></rect>')
+    when = sorted([s["time"] for s in snaps] + [h["time"] for h in history])
     return (words + f'<svg class="chart" viewBox="0 0 {w} {h}" role="img" '
-            f'aria-label="snapshot sizes over time, up to {escape(format_size(top))}">'
-            f'{"".join(lines)}</svg><p class="muted">snapshot sizes from '
-            f'{escape(snaps[0]["time"])} to {escape(snaps[-1]["time"])}, up to '
+            f'aria-label="the store&#39;s size and snapshot sizes over time, up to '
+            f'{escape(format_size(top))}">{"".join(lines)}</svg><p class="muted">'
+            + ("dashed: the store&#39;s size; " if len(stored) >= 2 else "")
+            + f"from {escape(when[0])} to {escape(when[-1])}, snapshot sizes up to "
             f"{escape(format_size(top))}"
             + (f"; bars: the changes in each of {len(marks)} sealed log segments (up to "
                f"{most})" if marks else "") + "</p>")

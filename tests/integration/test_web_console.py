@@ -543,6 +543,21 @@ async def test_the_status_page_shows_storage_saved_and_a_chart_of_size_and_chang
     assert page.count('<polyline class="series') == 1     # one device's snapshot sizes
     assert page.count('class="changes"') == 1              # one sealed segment, 3 changes
     assert "3 changes" in page
+    # And the store's own size over time, as the index noted it after each change to the
+    # packs (one point a minute: the repository here grew within one, so two are made up).
+    minute = 60 * (int(time.time()) // 60)
+    await repo.index._db.execute("INSERT OR REPLACE INTO sizes VALUES (?, 1000, 1)",
+                                 ((minute - 3600) // 60,))
+    await repo.index._db.commit()
+    async with _signed_in(repo, Backend(repo, (Source("src", str(src)),), _status)) as (
+            http, base, headers):
+        async with http.get(f"{base}/", headers=headers) as r:
+            page = await r.text()
+        async with http.get(f"{base}/api/storage", headers=headers) as r:
+            doc = await r.json()
+    assert page.count('<polyline class="stored"') == 1 and "the store&#39;s size" in page
+    assert [h["stored_bytes"] for h in doc["history"]][0] == 1000
+    assert doc["history"][-1]["stored_bytes"] == doc["stored_bytes"]
 
 
 async def test_a_big_folder_streams_as_tar_and_is_searched_without_being_decoded_whole(repo, tmp_path: Path,

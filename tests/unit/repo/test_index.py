@@ -256,3 +256,35 @@ async def test_a_repository_whose_creation_fails_leaves_no_thread(tmp_path: Path
         await Repository.create(FullForRecords(tmp_path / "store"), KEYS, A,
                                 str(tmp_path / "cache"), "a")
     _no_new_thread_stays(threads)
+
+
+async def test_the_stores_size_over_time_is_kept_a_minute_apart_and_thinned_after_two_days(
+        tmp_path: Path):
+    """The web console's chart of the store's size: the index notes the totals after each
+    change to its packs (packs carry no time, so nothing else can tell how the store grew)."""
+    index = await _open(tmp_path / "index.sqlite")
+    t = 1_800_000_000.0
+    index.clock = lambda: t
+    one, two = _pack([os.urandom(32)]), _pack([os.urandom(32), os.urandom(32)])
+    await index.add_packs([one])
+    t += 10   # the same minute: one row, its latest totals
+    await index.add_packs([two])
+    t += 120
+    await index.remove_pack(one[0])
+    start = int(1_800_000_000) // 60 * 60
+    assert await index.size_history() == [(start, 300, 2), (start + 120, 200, 1)]
+    # Beyond two days, one row an hour is kept (the last of it).
+    for minute in range(3 * 60):
+        t = start + 3600 * 10 + minute * 60
+        await index.add_packs([_pack([os.urandom(32)])])
+    t += 3 * 86400
+    await index.add_packs([_pack([os.urandom(32)])])
+    history = await index.size_history()
+    assert history[0] == (start + 120, 200, 1)   # its first hour: the last row of it
+    hours = [when for when, _, _ in history][1:-1]
+    assert len(hours) == 3 and all(when % 3600 == 3540 for when in hours)
+    assert history[-1][1:] == (200 + 181 * 100, 1 + 181)
+    await index.close()
+    again = await _open(tmp_path / "index.sqlite")
+    assert await again.size_history() == history
+    await again.close()
