@@ -288,3 +288,39 @@ async def test_the_stores_size_over_time_is_kept_a_minute_apart_and_thinned_afte
     again = await _open(tmp_path / "index.sqlite")
     assert await again.size_history() == history
     await again.close()
+
+
+async def test_the_size_history_totals_follow_every_writer_and_an_index_made_before_them(
+        tmp_path: Path):
+    """The totals are kept by the database, not summed at each commit: they must still be the
+    sum of `packs` after writes through another connection, a pack stored again at a new size,
+    an index written before the totals existed, and the in-memory copy of a full disk."""
+    path = tmp_path / "index.sqlite"
+    index = await _open(path)
+    one, two = _pack([os.urandom(32)]), _pack([os.urandom(32), os.urandom(32)])
+    await index.add_packs([one, two])
+    await index.close()
+    with closing(sqlite3.connect(path)) as db, db:   # as an older p2pbackup left it
+        for trigger in ("pack_added", "pack_removed", "pack_resized"):
+            db.execute(f"DROP TRIGGER {trigger}")
+        db.execute("DROP TABLE pack_totals")
+        db.execute("INSERT INTO packs (num, name, scope, epoch, size) VALUES (99, 'x', 's', 0, 7)")
+
+    def summed() -> tuple[int, int]:
+        with closing(sqlite3.connect(path)) as db:
+            return db.execute("SELECT coalesce(sum(size), 0), count(*) FROM packs").fetchone()
+
+    index = await _open(path)
+    other = await _open(path)   # a second process writing the same index
+    await other.add_packs([_pack([os.urandom(32)] * 3)])
+    await index.add_packs([(one[0], "src", 0, 1000, one[4])])   # stored again, another size
+    await other.remove_pack(two[0])
+    await index.add_packs([_pack([os.urandom(32)])])
+    assert (await index.size_history())[-1][1:] == summed() == (1000 + 7 + 300 + 100, 4)
+    await other.close()
+    await index.close()
+    copy = PackIndex(str(path), in_memory=True)
+    await copy.open()
+    await copy.add_packs([_pack([os.urandom(32)])])
+    assert (await copy.size_history())[-1][1:] == (1000 + 7 + 300 + 100 + 100, 5)
+    await copy.close()
