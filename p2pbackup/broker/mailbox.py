@@ -5,8 +5,11 @@ Mount it with `add_mailbox_routes(app)`; clients speak JSON over a WebSocket at
 follows: a nameplate is a short number pointing to a mailbox; a mailbox holds the messages of
 at most two sides, so a third device claiming a code is refused as "crowded"). What it learns:
 nameplates, random sides and opaque bodies (SPAKE2 messages and ciphertext), nothing that helps
-guess a code's words. State lives in a `MailboxState`; `MemoryMailboxes` keeps it in memory and
-prunes what nobody has used for `idle` seconds (a pairing code's lifetime by default).
+guess a code's words. State lives in a `MailboxState`: `MemoryMailboxes` keeps it in memory
+(the standalone server), `StoredMailboxes` in the broker's database, so that the two sides of a
+pairing may reach different processes of a fleet (a message added on one reaches a listener on
+another through the relay, broker/relay.py). Both prune what nobody has used for `idle`
+seconds (a pairing code's lifetime by default).
 
 A misbehaving client gets one log line: a message too large, not JSON or not valid here (it
 is also told, with the protocol's `error`), or a flood of messages (the connection is closed).
@@ -31,6 +34,8 @@ from typing import Any, Protocol
 from aiohttp import WSMsgType, web
 
 from ..crypto.pairing import CODE_LIFETIME
+from .relay import Relay
+from .state import BrokerState, Transaction
 
 log = logging.getLogger("p2pbackup.broker.mailbox")
 
@@ -79,18 +84,28 @@ class Nameplate:
 
 
 class MailboxState(Protocol):
-    """What the WebSocket handler needs of the state (memory now; the broker's database can
-    back it later). Each method raises Refused with the protocol's error text."""
+    """What the WebSocket handler needs of the state (memory, or the broker's database).
+    Each method raises Refused with the protocol's error text."""
 
-    def allocate(self, app: str, side: str) -> str: ...
-    def claim(self, app: str, nameplate: str, side: str) -> str: ...
-    def release(self, app: str, nameplate: str, side: str) -> None: ...
-    def open(self, app: str, mailbox: str, side: str, handle: object,
-             deliver: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]: ...
-    def add(self, app: str, mailbox: str, message: dict[str, Any]) -> None: ...
-    def close(self, app: str, mailbox: str, side: str, handle: object) -> None: ...
-    def unsubscribe(self, app: str, mailbox: str, handle: object) -> None: ...
-    def prune(self) -> int: ...
+    async def allocate(self, app: str, side: str) -> str: ...
+    async def claim(self, app: str, nameplate: str, side: str) -> str: ...
+    async def release(self, app: str, nameplate: str, side: str) -> None: ...
+    async def open(self, app: str, mailbox: str, side: str, handle: object,
+                   deliver: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]: ...
+    async def add(self, app: str, mailbox: str, message: dict[str, Any]) -> None: ...
+    async def close(self, app: str, mailbox: str, side: str, handle: object) -> None: ...
+    async def unsubscribe(self, app: str, mailbox: str, handle: object) -> None: ...
+    async def prune(self) -> int: ...
+
+
+def free_nameplate(taken: set[str]) -> str:
+    """As short as possible, random among the free ones of that length (as the reference
+    server does): 1-9, then 10-99, then 100-999. Pairing codes hold up to 999."""
+    for digits in (1, 2, 3):
+        free = [str(n) for n in range(10 ** (digits - 1), 10 ** digits) if str(n) not in taken]
+        if free:
+            return secrets.choice(free)
+    raise Refused("no free nameplate; try again later")
 
 
 class MemoryMailboxes:
@@ -104,20 +119,12 @@ class MemoryMailboxes:
         self.mailboxes: dict[tuple[str, str], Mailbox] = {}
         self.stored = 0
 
-    def allocate(self, app: str, side: str) -> str:
-        taken = {name for (a, name) in self.nameplates if a == app}
-        # As short as possible, random among the free ones of that length (as the reference
-        # server does): 1-9, then 10-99, then 100-999. Pairing codes hold up to 999.
-        for digits in (1, 2, 3):
-            free = [str(n) for n in range(10 ** (digits - 1), 10 ** digits)
-                    if str(n) not in taken]
-            if free:
-                name = secrets.choice(free)
-                self.claim(app, name, side)
-                return name
-        raise Refused("no free nameplate; try again later")
+    async def allocate(self, app: str, side: str) -> str:
+        name = free_nameplate({name for (a, name) in self.nameplates if a == app})
+        await self.claim(app, name, side)
+        return name
 
-    def claim(self, app: str, nameplate: str, side: str) -> str:
+    async def claim(self, app: str, nameplate: str, side: str) -> str:
         plate = self.nameplates.get((app, nameplate))
         if plate is None:
             if len(self.mailboxes) >= MAX_MAILBOXES:
@@ -137,7 +144,7 @@ class MemoryMailboxes:
         box.touched = self._now()
         return plate.mailbox
 
-    def release(self, app: str, nameplate: str, side: str) -> None:
+    async def release(self, app: str, nameplate: str, side: str) -> None:
         plate = self.nameplates.get((app, nameplate))
         if plate is None or side not in plate.claimed:
             return
@@ -146,8 +153,8 @@ class MemoryMailboxes:
         if not plate.claimed:
             del self.nameplates[(app, nameplate)]
 
-    def open(self, app: str, mailbox: str, side: str, handle: object,
-             deliver: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    async def open(self, app: str, mailbox: str, side: str, handle: object,
+                   deliver: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
         box = self.mailboxes.get((app, mailbox))
         if box is None:
             raise Refused("no such mailbox")
@@ -159,7 +166,7 @@ class MemoryMailboxes:
         box.touched = self._now()
         return list(box.messages)
 
-    def add(self, app: str, mailbox: str, message: dict[str, Any]) -> None:
+    async def add(self, app: str, mailbox: str, message: dict[str, Any]) -> None:
         box = self.mailboxes.get((app, mailbox))
         if box is None:
             raise Refused("the mailbox is gone")
@@ -175,7 +182,7 @@ class MemoryMailboxes:
         for deliver in list(box.listeners.values()):
             deliver(message)
 
-    def close(self, app: str, mailbox: str, side: str, handle: object) -> None:
+    async def close(self, app: str, mailbox: str, side: str, handle: object) -> None:
         box = self.mailboxes.get((app, mailbox))
         if box is None:
             return
@@ -184,13 +191,13 @@ class MemoryMailboxes:
         if not box.open_sides:
             self._drop(box)
 
-    def unsubscribe(self, app: str, mailbox: str, handle: object) -> None:
+    async def unsubscribe(self, app: str, mailbox: str, handle: object) -> None:
         box = self.mailboxes.get((app, mailbox))
         if box is not None:
             box.listeners.pop(handle, None)
             box.touched = self._now()
 
-    def prune(self) -> int:
+    async def prune(self) -> int:
         """Drop mailboxes (and their nameplates) nobody listens to nor used for `idle` s."""
         cutoff = self._now() - self.idle
         stale = [b for b in self.mailboxes.values() if not b.listeners and b.touched < cutoff]
@@ -204,6 +211,202 @@ class MemoryMailboxes:
         for key in [k for k, p in self.nameplates.items()
                     if k[0] == box.app and p.mailbox == box.id]:
             del self.nameplates[key]
+
+
+@dataclass(slots=True)
+class _Listener:
+    deliver: Callable[[dict[str, Any]], None]
+    last: int          # the index of the last message it was given
+
+
+class StoredMailboxes:
+    """Nameplates, mailboxes and messages in the broker's database (`state`), shared by the
+    processes of a fleet; the same rules and limits as MemoryMailboxes. The listeners are this
+    process's clients: a message added on any process is announced through `relay`, and each
+    process hands its listeners what they have not had yet, by the message's index."""
+
+    def __init__(self, state: BrokerState, relay: Relay, *, idle: float = CODE_LIFETIME,
+                 now: Callable[[], float] = time.time) -> None:
+        self.state, self.relay, self.idle, self._now = state, relay, idle, now
+        self.listeners: dict[tuple[str, str], dict[object, _Listener]] = {}
+        self._delivering: dict[tuple[str, str], asyncio.Lock] = {}
+        self._catching_up: set[asyncio.Future[None]] = set()
+        relay.hear_mailboxes(self)
+
+    async def allocate(self, app: str, side: str) -> str:
+        async with self.state.mailbox_transaction() as tx:
+            taken = await tx.rows("SELECT nameplate FROM mailbox_nameplates WHERE app = ?", app)
+            name = free_nameplate({row[0] for row in taken})
+            await self._claim(tx, app, name, side)
+        return name
+
+    async def claim(self, app: str, nameplate: str, side: str) -> str:
+        async with self.state.mailbox_transaction() as tx:
+            return await self._claim(tx, app, nameplate, side)
+
+    async def _claim(self, tx: Transaction, app: str, nameplate: str, side: str) -> str:
+        found = await tx.rows("SELECT mailbox FROM mailbox_nameplates WHERE app = ? AND "
+                              "nameplate = ?", app, nameplate)
+        if found:
+            mailbox = found[0][0]
+        else:
+            (count,), = await tx.rows("SELECT count(*) FROM mailboxes")
+            if count >= MAX_MAILBOXES:
+                raise Refused("the mailbox server is full; try again later")
+            mailbox = secrets.token_urlsafe(12)
+            await tx.run("INSERT INTO mailboxes VALUES (?, ?, ?, 0)", app, mailbox, self._now())
+            await tx.run("INSERT INTO mailbox_nameplates VALUES (?, ?, ?)", app, nameplate,
+                         mailbox)
+        sides = await self._sides(tx, app, mailbox)
+        if sides.get(side, (0, 0, 0))[1]:
+            raise Refused("reclaimed")
+        await self._enter(tx, app, mailbox, side, sides, claimed=True)
+        return mailbox
+
+    @staticmethod
+    async def _sides(tx: Transaction, app: str, mailbox: str
+                     ) -> dict[str, tuple[int, int, int]]:
+        """Every side that ever opened `mailbox`: (claimed, released, opened)."""
+        rows = await tx.rows("SELECT side, claimed, released, opened FROM mailbox_sides "
+                             "WHERE app = ? AND mailbox = ?", app, mailbox)
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    async def _enter(self, tx: Transaction, app: str, mailbox: str, side: str,
+                     sides: dict[str, tuple[int, int, int]], *, claimed: bool) -> None:
+        """`side` claims or opens `mailbox`, unless two others did ("crowded")."""
+        if side not in sides:
+            if len(sides) >= MAX_SIDES:
+                raise Refused("crowded")
+            await tx.run("INSERT INTO mailbox_sides VALUES (?, ?, ?, 0, 0, 1)", app, mailbox,
+                         side)
+        await tx.run("UPDATE mailbox_sides SET opened = 1" + (", claimed = 1" if claimed else "")
+                     + " WHERE app = ? AND mailbox = ? AND side = ?", app, mailbox, side)
+        await tx.run("UPDATE mailboxes SET touched = ? WHERE app = ? AND mailbox = ?",
+                     self._now(), app, mailbox)
+
+    async def release(self, app: str, nameplate: str, side: str) -> None:
+        async with self.state.mailbox_transaction() as tx:
+            found = await tx.rows("SELECT mailbox FROM mailbox_nameplates WHERE app = ? AND "
+                                  "nameplate = ?", app, nameplate)
+            if not found:
+                return
+            mailbox = found[0][0]
+            sides = await self._sides(tx, app, mailbox)
+            if not sides.get(side, (0, 0, 0))[0]:
+                return
+            await tx.run("UPDATE mailbox_sides SET claimed = 0, released = 1 WHERE app = ? "
+                         "AND mailbox = ? AND side = ?", app, mailbox, side)
+            if not any(c for s, (c, _, _) in sides.items() if s != side):
+                await tx.run("DELETE FROM mailbox_nameplates WHERE app = ? AND nameplate = ?",
+                             app, nameplate)
+
+    async def open(self, app: str, mailbox: str, side: str, handle: object,
+                   deliver: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+        async with self.state.mailbox_transaction() as tx:
+            if not await tx.rows("SELECT 1 FROM mailboxes WHERE app = ? AND mailbox = ?",
+                                 app, mailbox):
+                raise Refused("no such mailbox")
+            await self._enter(tx, app, mailbox, side, await self._sides(tx, app, mailbox),
+                              claimed=False)
+            rows = await self._messages(tx, app, mailbox, 0)
+        self.listeners.setdefault((app, mailbox), {})[handle] = _Listener(
+            deliver, rows[-1][0] if rows else 0)
+        # one added between our read and this listener's was announced before it listened;
+        # later than the messages returned (the caller delivers those first)
+        task = asyncio.ensure_future(self.mailbox_added(app, mailbox))
+        self._catching_up.add(task)
+        task.add_done_callback(self._catching_up.discard)
+        return [message for _, message in rows]
+
+    @staticmethod
+    async def _messages(tx: Transaction, app: str, mailbox: str, after: int
+                        ) -> list[tuple[int, dict[str, Any]]]:
+        rows = await tx.rows("SELECT idx, message FROM mailbox_messages WHERE app = ? AND "
+                             "mailbox = ? AND idx > ? ORDER BY idx", app, mailbox, after)
+        return [(int(i), json.loads(m)) for i, m in rows]
+
+    async def add(self, app: str, mailbox: str, message: dict[str, Any]) -> None:
+        size = len(message["body"])
+        async with self.state.mailbox_transaction() as tx:
+            if not await tx.rows("SELECT 1 FROM mailboxes WHERE app = ? AND mailbox = ?",
+                                 app, mailbox):
+                raise Refused("the mailbox is gone")
+            (held,), = await tx.rows("SELECT count(*) FROM mailbox_messages WHERE app = ? "
+                                     "AND mailbox = ?", app, mailbox)
+            if held >= MAX_MAILBOX_MESSAGES:
+                raise Refused(f"the mailbox holds {MAX_MAILBOX_MESSAGES} messages already")
+            (stored,), = await tx.rows("SELECT coalesce(sum(size), 0) FROM mailboxes")
+            if stored + size > MAX_STORED_BYTES:
+                raise Refused("the mailbox server is full; try again later")
+            await tx.run("INSERT INTO mailbox_messages (app, mailbox, message, size) "
+                         "VALUES (?, ?, ?, ?)", app, mailbox, json.dumps(message), size)
+            await tx.run("UPDATE mailboxes SET size = size + ?, touched = ? WHERE app = ? AND "
+                         "mailbox = ?", size, self._now(), app, mailbox)
+        await self.mailbox_added(app, mailbox)       # the sender's echo, and its peer if here
+        await self.relay.mailbox_added(app, mailbox)
+
+    async def mailbox_added(self, app: str, mailbox: str) -> None:
+        """Hand this process's listeners of `mailbox` the messages they have not had."""
+        key = (app, mailbox)
+        if not self.listeners.get(key):
+            return
+        async with self._delivering.setdefault(key, asyncio.Lock()):
+            listening = self.listeners.get(key, {})
+            if not listening:
+                return
+            async with self.state.mailbox_transaction() as tx:
+                rows = await self._messages(tx, app, mailbox,
+                                            min(lis.last for lis in listening.values()))
+            for lis in list(listening.values()):
+                for index, message in rows:
+                    if index > lis.last:
+                        lis.deliver(message)
+                        lis.last = index
+        if not self.listeners.get(key):
+            self._delivering.pop(key, None)
+
+    async def missed(self) -> None:
+        for app, mailbox in list(self.listeners):
+            await self.mailbox_added(app, mailbox)
+
+    def _unlisten(self, app: str, mailbox: str, handle: object) -> None:
+        listening = self.listeners.get((app, mailbox), {})
+        listening.pop(handle, None)
+        if not listening:
+            self.listeners.pop((app, mailbox), None)
+
+    async def close(self, app: str, mailbox: str, side: str, handle: object) -> None:
+        self._unlisten(app, mailbox, handle)
+        async with self.state.mailbox_transaction() as tx:
+            await tx.run("UPDATE mailbox_sides SET opened = 0 WHERE app = ? AND mailbox = ? "
+                         "AND side = ?", app, mailbox, side)
+            if not await tx.rows("SELECT 1 FROM mailbox_sides WHERE app = ? AND mailbox = ? "
+                                 "AND opened = 1", app, mailbox):
+                await self._drop(tx, app, mailbox)
+
+    async def unsubscribe(self, app: str, mailbox: str, handle: object) -> None:
+        self._unlisten(app, mailbox, handle)
+        async with self.state.mailbox_transaction() as tx:
+            await tx.run("UPDATE mailboxes SET touched = ? WHERE app = ? AND mailbox = ?",
+                         self._now(), app, mailbox)
+
+    async def prune(self) -> int:
+        """Drop mailboxes (and their nameplates) nobody used for `idle` s; one a client here
+        listens to counts as used (each process says so for its own)."""
+        async with self.state.mailbox_transaction() as tx:
+            for app, mailbox in list(self.listeners):
+                await tx.run("UPDATE mailboxes SET touched = ? WHERE app = ? AND mailbox = ?",
+                             self._now(), app, mailbox)
+            stale = await tx.rows("SELECT app, mailbox FROM mailboxes WHERE touched < ?",
+                                  self._now() - self.idle)
+            for app, mailbox in stale:
+                await self._drop(tx, app, mailbox)
+        return len(stale)
+
+    @staticmethod
+    async def _drop(tx: Transaction, app: str, mailbox: str) -> None:
+        for table in ("mailbox_messages", "mailbox_sides", "mailbox_nameplates", "mailboxes"):
+            await tx.run(f"DELETE FROM {table} WHERE app = ? AND mailbox = ?", app, mailbox)
 
 
 class _Connection:
@@ -257,7 +460,7 @@ class _Connection:
     def deliver(self, message: dict[str, Any]) -> None:
         self.send("message", **message)
 
-    def handle(self, msg: dict[str, Any]) -> None:
+    async def handle(self, msg: dict[str, Any]) -> None:
         t = msg["type"]
         self.send("ack", id=msg.get("id"))
         if t == "ping":
@@ -279,7 +482,7 @@ class _Connection:
             if self.allocated or self.claimed:
                 raise Refused("you already allocated one, don't be greedy")
             self.allocated = True
-            self.nameplate = self.state.allocate(self.app, self.side)
+            self.nameplate = await self.state.allocate(self.app, self.side)
             self.send("allocated", nameplate=self.nameplate)
         elif t == "claim":
             nameplate = _need(msg, "nameplate", str)
@@ -291,19 +494,19 @@ class _Connection:
                 raise Refused("claim the nameplate you allocated")
             self.claimed = True
             self.nameplate = nameplate
-            self.send("claimed", mailbox=self.state.claim(self.app, nameplate, self.side))
+            self.send("claimed", mailbox=await self.state.claim(self.app, nameplate, self.side))
         elif t == "release":
             nameplate = msg.get("nameplate", self.nameplate)
             if self.released or nameplate is None or nameplate != self.nameplate:
                 raise Refused("release the one nameplate claimed on this connection, once")
             self.released = True
-            self.state.release(self.app, nameplate, self.side)
+            await self.state.release(self.app, nameplate, self.side)
             self.send("released")
         elif t == "open":
             mailbox = _need(msg, "mailbox", str)
             if self.mailbox is not None:
                 raise Refused("only one open per connection")
-            old = self.state.open(self.app, mailbox, self.side, self, self.deliver)
+            old = await self.state.open(self.app, mailbox, self.side, self, self.deliver)
             self.mailbox = mailbox
             for message in old:
                 self.deliver(message)
@@ -314,7 +517,7 @@ class _Connection:
             if len(phase) > 64 or not _is_hex(body):
                 raise Refused("add requires a short 'phase' and a hex 'body'")
             message_id = msg.get("id")
-            self.state.add(self.app, self.mailbox, {
+            await self.state.add(self.app, self.mailbox, {
                 "side": self.side, "phase": phase, "body": body,
                 "id": message_id if isinstance(message_id, str) and len(message_id) <= 64
                 else None, "server_rx": time.time()})
@@ -326,14 +529,14 @@ class _Connection:
             if mood is not None and mood not in MOODS:
                 raise Refused("unknown mood")
             self.closed = True
-            self.state.close(self.app, mailbox, self.side, self)
+            await self.state.close(self.app, mailbox, self.side, self)
             self.send("closed")
         else:
             raise Refused("unknown type")
 
-    def gone(self) -> None:
+    async def gone(self) -> None:
         if self.app is not None and self.mailbox is not None and not self.closed:
-            self.state.unsubscribe(self.app, self.mailbox, self)
+            await self.state.unsubscribe(self.app, self.mailbox, self)
 
 
 def _need(msg: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -382,12 +585,12 @@ def add_mailbox_routes(app: web.Application, path: str = "/v1/mailbox", *,
                     conn.send("error", error="missing 'type'", orig={})
                     continue
                 try:
-                    conn.handle(msg)
+                    await conn.handle(msg)
                 except Refused as exc:
                     conn.note("refused a message", f"{msg['type'][:20]!r}: {exc}")
                     conn.send("error", error=str(exc), orig={"type": msg["type"][:20]})
         finally:
-            conn.gone()
+            await conn.gone()
             conn.writer.cancel()
         return ws
 
@@ -395,7 +598,7 @@ def add_mailbox_routes(app: web.Application, path: str = "/v1/mailbox", *,
         async def loop() -> None:
             while True:
                 await asyncio.sleep(prune_every)
-                mailboxes.prune()
+                await mailboxes.prune()
 
         task = asyncio.ensure_future(loop())
         yield

@@ -6,7 +6,8 @@
                      [--push-ttl S] [--max-devices N]
                      [--oidc-issuer URL --oidc-audience ID [--max-accounts-per-person N]
                       | --invites]
-    p2pbackup-broker invite --data DIR [--expires S]     prints a one-time invitation
+    p2pbackup-broker invite (--data DIR | --database postgresql://...) [--expires S]
+                                                         prints a one-time invitation
 
 Registration is open unless `--oidc-issuer` (a sign-in with that OpenID Connect issuer) or
 `--invites` (an invitation of the operator's) is given: broker/registration.py.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from ..errors import ConfigError
 from ..server import invites
 from ..server.main import listen_address, run_command, serve_app, tls_context
 from .ice import IceSettings
-from .mailbox import add_mailbox_routes
+from .mailbox import StoredMailboxes, add_mailbox_routes
 from .oidc import OidcVerifier
 from .postgres import PostgresRelay, PostgresState
 from .registration import (InviteRegistration, OpenRegistration, Registration,
@@ -66,7 +68,7 @@ def settings(args: argparse.Namespace) -> IceSettings:
                        args.turn_ttl)
 
 
-def registration(args: argparse.Namespace) -> Registration:
+def registration(args: argparse.Namespace, state: BrokerState) -> Registration:
     if args.oidc_issuer and args.invites:
         raise ConfigError("give --oidc-issuer or --invites, not both")
     if args.oidc_audience and not args.oidc_issuer:
@@ -79,10 +81,8 @@ def registration(args: argparse.Namespace) -> Registration:
             return SignInRegistration(OidcVerifier(args.oidc_issuer, args.oidc_audience))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    if args.invites:
-        if not args.data:   # its invitations are files there (one process's, for now)
-            raise ConfigError("--invites keeps its invitations in --data DIR: give it too")
-        return InviteRegistration(Path(args.data))
+    if args.invites:   # kept in the state: any process of a fleet spends one, once
+        return InviteRegistration(state, Path(args.data) if args.data else None)
     return OpenRegistration()
 
 
@@ -94,12 +94,13 @@ async def serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"--push-ttl {args.push_ttl}: give 1 to {MAX_TTL} seconds")
     if args.max_accounts_per_person < 1 or args.max_devices < 1:
         raise ConfigError("--max-accounts-per-person and --max-devices are at least 1")
-    admission = registration(args)
     state, relay, where = await open_state(args)
+    admission = registration(args, state)
+    mailboxes = StoredMailboxes(state, relay)   # a fleet's processes share the pairings
     broker = Broker(state, relay=relay, ice=ice, push_ttl=args.push_ttl,
                     registration=admission, max_accounts_per_person=args.max_accounts_per_person,
-                    max_devices=args.max_devices,
-                    extra_routes=[add_mailbox_routes])   # pairing across the internet
+                    max_devices=args.max_devices,   # and pairing across the internet:
+                    extra_routes=[lambda app: add_mailbox_routes(app, state=mailboxes)])
     await serve_app(broker.app(), "p2pbackup-broker", host, port, tls, f"the broker from {where}")
 
 
@@ -112,6 +113,17 @@ async def open_state(args: argparse.Namespace) -> tuple[BrokerState, Relay, str]
     if not args.data:
         raise ConfigError("give --data DIR (SQLite) or --database postgresql://... (a fleet)")
     return SqliteState(Path(args.data) / STATE_FILE), LocalRelay(), args.data
+
+
+async def invite(args: argparse.Namespace) -> str:
+    """A one-time invitation, kept in the state (the running brokers read it there)."""
+    state, _, _ = await open_state(args)
+    try:
+        token = secrets.token_urlsafe(24)
+        await state.add_invitation(invites.digest(token), time.time() + args.expires)
+    finally:
+        await state.close()
+    return token
 
 
 def parser() -> argparse.ArgumentParser:
@@ -154,7 +166,8 @@ def invite_parser() -> argparse.ArgumentParser:
                                 description="print a one-time invitation that registers one "
                                             "account on a broker run with --invites")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--data", required=True, help="the broker's directory")
+    p.add_argument("--data", help="the broker's directory (its SQLite file)")
+    p.add_argument("--database", help="postgresql://... of the broker's fleet")
     p.add_argument("--expires", type=float, default=7 * 86400, help="seconds (default 7 days)")
     return p
 
@@ -163,8 +176,7 @@ def run(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["invite"]:
         inv = invite_parser().parse_args(argv[1:])
-        run_command("p2pbackup-broker", inv.debug, lambda: print(
-            invites.create(Path(inv.data), inv.expires, time.time_ns())))
+        run_command("p2pbackup-broker", inv.debug, lambda: print(asyncio.run(invite(inv))))
         return
     args = parser().parse_args(argv)
     run_command("p2pbackup-broker", args.debug, lambda: asyncio.run(serve(args)))

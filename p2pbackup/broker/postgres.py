@@ -16,7 +16,9 @@ Relayed messages: NOTIFY on the holding process's channel with JSON {"a", "d", "
 (account, device, message, queued push index); a message larger than NOTIFY_MAX goes to a
 `relayed` row and the NOTIFY carries its id. {"a", "d", "replaced": true} tells the process
 that held a device's socket that the device connected to another one. Roster changes: NOTIFY on ROSTER_CHANNEL with the
-account id. A notification's process handles them one at a time, in the order they came.
+account id. A message added to a pairing mailbox: NOTIFY on MAILBOX_CHANNEL with JSON [app,
+mailbox] (every process listens; the ones with a client on that mailbox read it from the
+table). A notification's process handles them one at a time, in the order they came.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
+from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from ..errors import ConfigError
-from .relay import Arrivals, Doc
-from .state import SCHEMA_VERSION, DeviceRecord, Queued, check_schema
+from .relay import Arrivals, Doc, MailboxArrivals
+from .state import (SCHEMA_VERSION, SHARED_TABLES, DeviceRecord, Queued, Transaction,
+                    check_schema)
 
 log = logging.getLogger("p2pbackup.broker")
 
@@ -40,6 +46,7 @@ HEARTBEAT = 5.0          # seconds between a process's heartbeats
 STALE = 15.0             # a process whose heartbeat is older is gone (killed, cut off)
 NOTIFY_MAX = 7900        # bytes of a NOTIFY payload (PostgreSQL's limit is 8000)
 ROSTER_CHANNEL = "p2pb_roster"
+MAILBOX_CHANNEL = "p2pb_mailbox"
 MISSED = ""              # not a channel: the inbox's mark that notifications were lost
 
 SCHEMA = """
@@ -65,7 +72,27 @@ SCHEMA = """
     CREATE INDEX IF NOT EXISTS presence_process ON presence (process);
     CREATE TABLE IF NOT EXISTS relayed (
         id BIGSERIAL PRIMARY KEY, body TEXT NOT NULL, made TIMESTAMPTZ NOT NULL DEFAULT now());
-"""
+    CREATE TABLE IF NOT EXISTS mailbox_messages (
+        idx BIGSERIAL PRIMARY KEY, app TEXT NOT NULL, mailbox TEXT NOT NULL,
+        message TEXT NOT NULL, size BIGINT NOT NULL);
+""" + SHARED_TABLES
+_PLACEHOLDER = re.compile(r"\?")
+
+
+class _PostgresTransaction:
+    def __init__(self, db: asyncpg.Connection) -> None:
+        self._db = db
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        count = iter(range(1, 1000))
+        return _PLACEHOLDER.sub(lambda _: f"${next(count)}", sql)
+
+    async def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        return [tuple(r) for r in await self._db.fetch(self._sql(sql), *args)]
+
+    async def run(self, sql: str, *args: Any) -> None:
+        await self._db.execute(self._sql(sql), *args)
 
 
 def _where(dsn: str) -> str:
@@ -99,7 +126,9 @@ class PostgresState:
                 await db.execute("INSERT INTO meta VALUES ('schema', $1) ON CONFLICT DO NOTHING",
                                  SCHEMA_VERSION)
                 found = await db.fetchval("SELECT value FROM meta WHERE key = 'schema'")
-            check_schema(found, f"the broker's database {_where(dsn)}")
+                check_schema(found, f"the broker's database {_where(dsn)}")
+                await db.execute("UPDATE meta SET value = $1 WHERE key = 'schema' AND "
+                                 "value < $1", SCHEMA_VERSION)
         except BaseException:
             await pool.close()
             raise
@@ -186,6 +215,23 @@ class PostgresState:
     async def unbind_person(self, account: str) -> None:
         await self.pool.execute("DELETE FROM persons WHERE account = $1", account)
 
+    @contextlib.asynccontextmanager
+    async def mailbox_transaction(self) -> AsyncIterator[Transaction]:
+        async with self.pool.acquire() as db, db.transaction():
+            # pairings are few: one mailbox change at a time in the whole fleet
+            await db.execute("SELECT pg_advisory_xact_lock(hashtext('p2pbackup-mailbox'))")
+            yield _PostgresTransaction(db)
+
+    async def add_invitation(self, digest: str, expires: float) -> None:
+        await self.pool.execute("INSERT INTO invitations VALUES ($1, $2)", digest, expires)
+
+    async def spend_invitation(self, digest: str, now: float) -> bool:
+        async with self.pool.acquire() as db, db.transaction():
+            expires = await db.fetchval("DELETE FROM invitations WHERE digest = $1 "
+                                        "RETURNING expires", digest)
+            await db.execute("DELETE FROM invitations WHERE expires <= $1", now)
+        return expires is not None and expires > now
+
     async def close(self) -> None:
         await self.pool.close()
 
@@ -201,6 +247,14 @@ class PostgresRelay:
         self._listener: asyncpg.Connection | None = None
         self._inbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
+        self._mailboxes: MailboxArrivals | None = None
+
+    def hear_mailboxes(self, arrivals: MailboxArrivals) -> None:
+        self._mailboxes = arrivals
+
+    async def mailbox_added(self, app: str, mailbox: str) -> None:
+        await self.state.pool.execute("SELECT pg_notify($1, $2)", MAILBOX_CHANNEL,
+                                      json.dumps([app, mailbox]))
 
     async def start(self, arrivals: Arrivals) -> None:
         await self.state.pool.execute("INSERT INTO processes (process) VALUES ($1)",
@@ -211,7 +265,7 @@ class PostgresRelay:
 
     async def _listen(self) -> None:
         self._listener = await asyncpg.connect(self.state.dsn)
-        for channel in (self.channel, ROSTER_CHANNEL):
+        for channel in (self.channel, ROSTER_CHANNEL, MAILBOX_CHANNEL):
             await self._listener.add_listener(channel, self._heard)
 
     def _heard(self, conn: object, pid: int, channel: str, payload: str) -> None:
@@ -248,8 +302,14 @@ class PostgresRelay:
                 if channel == ROSTER_CHANNEL:
                     await arrivals.roster_changed(payload)
                     continue
+                if channel == MAILBOX_CHANNEL:
+                    if self._mailboxes is not None:
+                        await self._mailboxes.mailbox_added(*json.loads(payload))
+                    continue
                 if channel == MISSED:
                     await arrivals.missed()
+                    if self._mailboxes is not None:
+                        await self._mailboxes.missed()
                     continue
                 doc = json.loads(payload)
                 if "id" in doc:

@@ -2,7 +2,7 @@
 
 - `OpenRegistration` (the default): any owner device, first come first served;
 - `InviteRegistration` (`--invites`): with a one-time invitation of the operator's
-  (`p2pbackup-broker invite`), the storage server's (server/invites.py), in X-P2PB-Invite;
+  (`p2pbackup-broker invite`, kept in the broker's state), in X-P2PB-Invite;
 - `SignInRegistration` (`--oidc-issuer`): with a token of that OpenID Connect issuer
   (broker/oidc.py) in `Authorization: Bearer`; the account is then tied to the person, whose
   accounts are counted (`--max-accounts-per-person`).
@@ -23,6 +23,7 @@ from ..protocol import store_requests as req
 from ..server import invites
 from ..server.refusals import Refused
 from .oidc import OidcVerifier, SignInRefused
+from .state import BrokerState
 
 
 class Registration(Protocol):
@@ -51,10 +52,14 @@ class OpenRegistration:
 
 
 class InviteRegistration:
-    """Invitations kept in `data` (the broker's directory), as the storage server keeps its."""
+    """Invitations kept in the broker's state (their SHA-256 and expiry, as the storage
+    server keeps its), so that one made for a fleet is spent once on any of its processes.
+    `legacy`: the broker's directory, where brokers before the state held them (files, one
+    process's): an invitation made there before the upgrade still registers once."""
 
-    def __init__(self, data: Path, now: Callable[[], float] = time.time) -> None:
-        self.data, self.now = data, now
+    def __init__(self, state: BrokerState, legacy: Path | None = None,
+                 now: Callable[[], float] = time.time) -> None:
+        self.state, self.legacy, self.now = state, legacy, now
 
     def describe(self) -> dict[str, Any]:
         return {"invites": True}
@@ -65,7 +70,9 @@ class InviteRegistration:
             raise Refused(403, "registering an account on this broker needs an invitation "
                                "(`p2pbackup-broker invite` on the broker; then `p2pbackup "
                                "broker register --invite TOKEN`)")
-        if not invites.spend(self.data, token, int(self.now() * 1e9)):
+        if not await self.state.spend_invitation(invites.digest(token), self.now()) and not (
+                self.legacy is not None and (self.legacy / invites.FILE).exists()
+                and invites.spend(self.legacy, token, int(self.now() * 1e9))):
             raise Refused(403, "this invitation is not valid (used, expired or mistyped)")
         return None
 

@@ -6,7 +6,8 @@ is no other process, so nothing is forwarded. `PostgresRelay` (broker/postgres.p
 process holding the device in a presence table and hands it the message with NOTIFY; that
 process calls back into its broker (`Arrivals`), which delivers it or, when the socket closed
 meanwhile, treats it as undelivered there. Roster changes go the same way, so that every
-process drops a removed device at once.
+process drops a removed device at once, and so do the pairing mailbox's messages (a message
+added on one process reaches a client of that mailbox on another: `mailbox_added`).
 """
 
 from __future__ import annotations
@@ -38,8 +39,26 @@ class Arrivals(Protocol):
         ...
 
 
+class MailboxArrivals(Protocol):
+    """What a relay calls back into the pairing mailbox (broker/mailbox.py) with."""
+
+    async def mailbox_added(self, app: str, mailbox: str) -> None:
+        """A message was added to `mailbox` (on any process): deliver it to its clients here."""
+        ...
+
+    async def missed(self) -> None:
+        """Notifications may have been lost: look for new messages in every mailbox here."""
+        ...
+
+
 class Relay(Protocol):
     async def start(self, arrivals: Arrivals) -> None: ...
+    def hear_mailboxes(self, arrivals: MailboxArrivals) -> None:
+        """Where mailbox notifications go (set before `start`)."""
+        ...
+    async def mailbox_added(self, app: str, mailbox: str) -> None:
+        """Tell the other processes that `mailbox` holds a new message."""
+        ...
     async def attached(self, account: str, device: str) -> None:
         """A socket of `device` is open on this process (it replaces one on another)."""
         ...
@@ -61,6 +80,12 @@ class LocalRelay:
     """One broker process: every socket is here, nothing to forward."""
 
     async def start(self, arrivals: Arrivals) -> None:
+        pass
+
+    def hear_mailboxes(self, arrivals: MailboxArrivals) -> None:
+        pass
+
+    async def mailbox_added(self, app: str, mailbox: str) -> None:
         pass
 
     async def attached(self, account: str, device: str) -> None:

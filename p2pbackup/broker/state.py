@@ -6,22 +6,47 @@ Per account: its roster (the owner-signed device list it follows, format/roster.
 device's record (opaque bytes the devices encrypt: the broker never reads a name), queued
 pushes (one per sender and receiver: a newer push replaces an older one) and commands (FxA's
 invoke_command: kept until their TTL runs out). Times are Unix seconds.
+
+Beside them, what a fleet's processes must share for its clients: the pairing mailbox's
+nameplates, mailboxes and messages (broker/mailbox.py `StoredMailboxes` keeps them in these
+tables, through `mailbox_transaction`: the two sides of a pairing may reach different
+processes) and the operator's one-time invitations (spent once, on whichever process).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..errors import UnsupportedFormat
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+# 2: the pairing mailbox and invitations moved into the state. A broker of version 1 on the
+# same database would pair and spend invitations on its own, so it is refused.
+SCHEMA_VERSION = 2
+
+# Tables both databases create alike (the mailbox's SQL is written once, broker/mailbox.py).
+SHARED_TABLES = """
+    CREATE TABLE IF NOT EXISTS mailboxes (
+        app TEXT NOT NULL, mailbox TEXT NOT NULL, touched DOUBLE PRECISION NOT NULL,
+        size BIGINT NOT NULL, PRIMARY KEY (app, mailbox));
+    CREATE TABLE IF NOT EXISTS mailbox_nameplates (
+        app TEXT NOT NULL, nameplate TEXT NOT NULL, mailbox TEXT NOT NULL,
+        PRIMARY KEY (app, nameplate));
+    CREATE TABLE IF NOT EXISTS mailbox_sides (
+        app TEXT NOT NULL, mailbox TEXT NOT NULL, side TEXT NOT NULL,
+        claimed INTEGER NOT NULL, released INTEGER NOT NULL, opened INTEGER NOT NULL,
+        PRIMARY KEY (app, mailbox, side));
+    CREATE INDEX IF NOT EXISTS mailbox_messages_box ON mailbox_messages (app, mailbox, idx);
+    CREATE TABLE IF NOT EXISTS invitations (
+        digest TEXT PRIMARY KEY, expires DOUBLE PRECISION NOT NULL);
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +65,14 @@ class Queued:
     kind: str            # "push", or the command's name
     payload: bytes
     expires: float
+
+
+class Transaction(Protocol):
+    """Statements in one transaction, with `?` placeholders (each state adapts them); the
+    transaction serialises with every other mailbox transaction of the fleet."""
+
+    async def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]: ...
+    async def run(self, sql: str, *args: Any) -> None: ...
 
 
 class BrokerState(Protocol):
@@ -74,11 +107,32 @@ class BrokerState(Protocol):
         """Undo bind_person (the roster it was for lost a race)."""
         ...
 
+    # -- shared with the fleet's other processes --------------------------------------------
+    def mailbox_transaction(self) -> contextlib.AbstractAsyncContextManager[Transaction]:
+        """One transaction over the mailbox tables (committed when the block ends, rolled
+        back when it raises)."""
+        ...
+    async def add_invitation(self, digest: str, expires: float) -> None: ...
+    async def spend_invitation(self, digest: str, now: float) -> bool:
+        """True (and it is gone) if the invitation of `digest` is held and unexpired."""
+        ...
+
 
 def check_schema(found: int, what: str) -> None:
     """Refuse a database a newer broker wrote (its tables may mean something else now)."""
     if found > SCHEMA_VERSION:
         raise UnsupportedFormat(what, found)
+
+
+class _SqliteTransaction:
+    def __init__(self, db: sqlite3.Connection, run: Callable[[Callable[[], Any]], Any]) -> None:
+        self._db, self._run = db, run
+
+    async def rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        return await self._run(lambda: self._db.execute(sql, args).fetchall())
+
+    async def run(self, sql: str, *args: Any) -> None:
+        await self._run(lambda: self._db.execute(sql, args))
 
 
 class SqliteState:
@@ -106,10 +160,21 @@ class SqliteState:
             CREATE TABLE IF NOT EXISTS persons (
                 account TEXT PRIMARY KEY, person TEXT NOT NULL);
             CREATE INDEX IF NOT EXISTS persons_person ON persons (person);
-        """)
+            CREATE TABLE IF NOT EXISTS mailbox_messages (
+                idx INTEGER PRIMARY KEY AUTOINCREMENT, app TEXT NOT NULL,
+                mailbox TEXT NOT NULL, message TEXT NOT NULL, size INTEGER NOT NULL);
+        """ + SHARED_TABLES)
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         found = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()[0]
         check_schema(found, f"the broker's database {path}")
+        self._db.execute("UPDATE meta SET value = ? WHERE key = 'schema' AND value < ?",
+                         (SCHEMA_VERSION, SCHEMA_VERSION))
+        # the mailbox's transactions span awaits: a connection (and thread) of their own, so
+        # that the other calls' statements never land inside one
+        self._mailbox_pool = ThreadPoolExecutor(1, thread_name_prefix="broker-mailbox")
+        self._mailbox_db = sqlite3.connect(str(path), check_same_thread=False,
+                                           isolation_level=None, timeout=30)
+        self._mailbox_lock = asyncio.Lock()
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
@@ -220,6 +285,36 @@ class SqliteState:
         await self._run(lambda: self._db.execute("DELETE FROM persons WHERE account = ?",
                                                  (account,)))
 
+    # -- shared with the fleet (one process here, but kept across restarts) ----------------
+
+    @contextlib.asynccontextmanager
+    async def mailbox_transaction(self) -> AsyncIterator[Transaction]:
+        async def run(fn: Callable[[], T]) -> T:
+            return await asyncio.get_running_loop().run_in_executor(self._mailbox_pool, fn)
+
+        async with self._mailbox_lock:
+            await run(lambda: self._mailbox_db.execute("BEGIN IMMEDIATE"))
+            try:
+                yield _SqliteTransaction(self._mailbox_db, run)
+            except BaseException:
+                await run(lambda: self._mailbox_db.execute("ROLLBACK"))
+                raise
+            await run(lambda: self._mailbox_db.execute("COMMIT"))
+
+    async def add_invitation(self, digest: str, expires: float) -> None:
+        await self._run(lambda: self._db.execute("INSERT INTO invitations VALUES (?, ?)",
+                                                 (digest, expires)))
+
+    async def spend_invitation(self, digest: str, now: float) -> bool:
+        def q() -> bool:
+            row = self._db.execute("DELETE FROM invitations WHERE digest = ? RETURNING expires",
+                                   (digest,)).fetchone()
+            self._db.execute("DELETE FROM invitations WHERE expires <= ?", (now,))
+            return row is not None and row[0] > now
+        return await self._run(q)
+
     async def close(self) -> None:
         await self._run(self._db.close)
         self._pool.shutdown()
+        self._mailbox_pool.submit(self._mailbox_db.close).result()
+        self._mailbox_pool.shutdown()

@@ -25,7 +25,8 @@ VERSION = 1
 FILE = "invites"
 
 
-def _digest(token: str) -> str:
+def digest(token: str) -> str:
+    """What is kept of a token (the broker keeps its invitations' in its state too)."""
     return hashlib.sha256(token.strip().encode()).hexdigest()
 
 
@@ -58,12 +59,12 @@ def create(data: Path, lifetime_s: float, now_ns: int) -> str:
     with _tokens(data) as tokens:
         for k in [k for k, exp in tokens.items() if exp <= now_ns]:
             del tokens[k]
-        tokens[_digest(token)] = now_ns + int(lifetime_s * 1e9)
+        tokens[digest(token)] = now_ns + int(lifetime_s * 1e9)
     return token
 
 
 def spend(data: Path, token: str, now_ns: int) -> bool:
     """True (and the token is gone) if `token` is a valid, unexpired invitation."""
     with _tokens(data) as tokens:
-        expires = tokens.pop(_digest(token), None)
+        expires = tokens.pop(digest(token), None)
         return expires is not None and expires > now_ns

@@ -34,11 +34,11 @@ class Tampering(MemoryMailboxes):
         self.tamper = tamper
         self.sides: list[str] = []
 
-    def add(self, app: str, mailbox: str, message: dict[str, Any]) -> None:
+    async def add(self, app: str, mailbox: str, message: dict[str, Any]) -> None:
         if message["side"] not in self.sides:
             self.sides.append(message["side"])  # the host's "offer" comes first
         for m in self.tamper(message, message["side"] == self.sides[0]):
-            super().add(app, mailbox, m)
+            await super().add(app, mailbox, m)
 
 
 class Pairing:

@@ -8,6 +8,8 @@ import asyncio
 import base64
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -180,3 +182,39 @@ async def test_a_device_reconnecting_to_the_other_process_closes_its_old_socket(
             assert got["t"] == "signal" and got["from"] == acct.owner.device_id
             await a.close()
             await new.close()
+
+
+async def test_a_pairing_whose_two_sides_reach_different_processes_meets(
+        tmp_path: Path, postgres: Postgres) -> None:
+    from p2pbackup.pairing_link import join
+    from tests.integration.test_pairing_mailbox import WELCOME, Nowhere, hosting
+
+    with fleet(tmp_path, postgres) as (one, two, dsn):
+        mailbox_one = one.url.replace("http://", "ws://") + "/v1/mailbox"
+        mailbox_two = two.url.replace("http://", "ws://") + "/v1/mailbox"
+        async with hosting(mailbox_one) as (code, task):
+            got: list[bytes] = []
+
+            async def on_welcome(payload: bytes, verifier: str) -> None:
+                got.append(payload)
+
+            verifier = await asyncio.wait_for(join(code, b"me", on_welcome,
+                                                   rendezvous=Nowhere(), mailbox=mailbox_two,
+                                                   find_timeout=10), 60)
+            outcome = await asyncio.wait_for(task, 60)
+        assert got == [WELCOME] and outcome.ok and outcome.verifier == verifier
+
+
+async def test_an_invitation_for_the_fleet_works_on_any_process_once(
+        tmp_path: Path, postgres: Postgres) -> None:
+    from tests.adversary.test_broker_registration import register
+
+    dsn = postgres.new_database()
+    with broker_server(tmp_path / "one", "--database", dsn, "--invites") as one, \
+            broker_server(tmp_path / "two", "--database", dsn, "--invites") as two:
+        token = subprocess.run([sys.executable, "-m", "p2pbackup.broker.main", "invite",
+                                "--database", dsn], check=True, capture_output=True,
+                               text=True).stdout.strip()
+        await register(two.url, StorageAccount(), invite=token)
+        with pytest.raises(Exception, match="403 this invitation is not valid"):
+            await register(one.url, StorageAccount(), invite=token)

@@ -132,3 +132,42 @@ async def test_a_database_from_a_newer_broker_is_refused_in_one_line(
         await PostgresState.open(dsn)
     assert "\n" not in str(got.value)
 
+
+
+async def test_an_invitation_is_spent_once_and_not_after_it_expires(state: BrokerState) -> None:
+    await state.add_invitation("d1", 100.0)
+    await state.add_invitation("d2", 50.0)
+    assert not await state.spend_invitation("unknown", 10.0)
+    assert await state.spend_invitation("d1", 10.0)
+    assert not await state.spend_invitation("d1", 10.0)      # spent
+    assert not await state.spend_invitation("d2", 60.0)      # expired
+
+
+async def test_a_version_1_database_steps_up_and_a_version_1_broker_refuses_it(
+        opener: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pbackup.broker import postgres, state as state_module
+
+    first = await opener()
+    await first.set_roster("acct", 1, b"r1", replaces=None)
+    await first.close()
+    monkeypatch.setattr(state_module, "SCHEMA_VERSION", 1)   # as the brokers before mailboxes
+    monkeypatch.setattr(postgres, "SCHEMA_VERSION", 1)
+    with pytest.raises(UnsupportedFormat, match="newer p2pbackup .format v2"):
+        await opener()
+    monkeypatch.undo()
+    again = await opener()          # what version 1 wrote is read on
+    try:
+        assert await again.roster("acct") == b"r1"
+    finally:
+        await again.close()
+
+
+async def test_a_database_version_1_wrote_is_marked_version_2_once_opened(
+        tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite"
+    await SqliteState(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = 1 WHERE key = 'schema'")
+    await SqliteState(path).close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (2,)
