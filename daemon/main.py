@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import os
@@ -33,9 +35,10 @@ from p2pbackup.blobs.base import BlobStore
 from p2pbackup.config import (Config, StoreSettings, load_config, load_identity,
                               systemd_settings)
 from p2pbackup.device import Device, open_device
-from p2pbackup.errors import P2PError
+from p2pbackup.errors import LocalProtocolError, P2PError, PeerUnreachable
 from p2pbackup.format.log import Head, head_time_after
 from p2pbackup.format.membership import OWNER
+from p2pbackup.ids import is_device
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.repo import removals, roster
 from p2pbackup.repo.logstore import LogStore
@@ -425,6 +428,22 @@ class DeviceDaemon:
         async with self.writing:
             self.sealer.refresh_known()
 
+    async def broker_signal(self, args: dict[str, Any]) -> dict[str, Any]:
+        """{"to": device id, "offer": base64} -> {"answer": base64}: an offer of this device's
+        CLI relayed over the daemon's broker socket (peers.relay_signal)."""
+        to, offer = control.arg(args, "to", str, ""), control.arg(args, "offer", str, "")
+        if not is_device(to):
+            raise LocalProtocolError("broker_signal needs a device id in 'to'")
+        try:
+            data = base64.b64decode(offer, validate=True)
+        except (binascii.Error, ValueError):
+            raise LocalProtocolError("broker_signal needs the offer in base64") from None
+        if self.peers is None:
+            raise PeerUnreachable("p2pbackupd has not started its peer connections yet; "
+                                  "try again")
+        answer = await self.peers.relay_signal(to, data)
+        return {"answer": base64.b64encode(answer).decode()}
+
     async def prune(self, args: dict[str, Any]) -> dict[str, Any]:
         return await self.forget({**args, "prune": True, "policy": None})
 
@@ -607,6 +626,7 @@ async def serve(home: Path | None) -> int:
                                                        "forget": d.forget, "prune": d.prune,
                                                        "reload_stores": d.reload_stores,
                                                        "web": d.web.sign_in,
+                                                       "broker_signal": d.broker_signal,
                                                        **ops.handlers()},
                                leases={"pause": d.pause, **ops.leases()})
         await server.start()

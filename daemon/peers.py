@@ -28,7 +28,7 @@ from p2pbackup.config import Config, PeerSettings
 from p2pbackup.discovery.broker import BrokerClient, BrokerIce, BrokerSignaling
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, member_tag_keys, which_device
 from p2pbackup.device import Device
-from p2pbackup.errors import P2PError
+from p2pbackup.errors import ConfigError, P2PError
 from p2pbackup.format.membership import Membership
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
@@ -320,6 +320,14 @@ class PeerManager:
             head = bytes(await self.dev.repo.store.get(f"heads/{self.me}"))
         await self.broker.push(head if len(head) <= 2048 else b"")
         self._dial_through_broker()   # the members we dial hear of it over a session
+
+    async def relay_signal(self, to: str, offer: bytes) -> bytes:
+        """Relay a signed offer this device's CLI made (`restore --from peer:` and the like)
+        to device `to` over this daemon's broker socket (the broker holds one per device: a
+        socket of the CLI's own would replace this one); the reply as it came."""
+        if self.broker is None:
+            raise ConfigError("p2pbackupd runs without a broker ([broker] url): restart it")
+        return await self.broker.relay(to, offer)
 
     def broker_status(self) -> dict[str, Any] | None:
         if self.broker is None:

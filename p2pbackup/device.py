@@ -162,4 +162,5 @@ async def open_peer_store(config: Config, keys: AccountKeys, identity: DeviceIde
     tag_keys = [member.tag_key] if member.role == PARTNER else member_tag_keys(keys.record_keys)
     return await open_peer(where, member.device_id, identity=identity, membership=got[0],
                            tag_keys=tag_keys, peers=config.peers, label=label,
-                           broker=config.broker.url, account=keys.fingerprint())
+                           broker=config.broker.url, account=keys.fingerprint(),
+                           control_socket=config.control_socket)

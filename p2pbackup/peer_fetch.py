@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from .blobs import is_peer_location  # noqa: F401  (callers import it from here too)
@@ -92,16 +93,21 @@ async def find_on_lan(device: str, tag_keys: list[bytes], peers: PeerSettings,
 
 async def through_broker(url: str, account: str, identity: DeviceIdentity, peer: str,
                          peers: PeerSettings, label: str,
-                         open_link: "Callable[[Signaling, IceConfig], Awaitable[T]]") -> T:
+                         open_link: "Callable[[Signaling, IceConfig], Awaitable[T]]", *,
+                         control_socket: Path | None = None) -> T:
     """`open_link(signaling, ice)` with signaling to device `peer` through the broker at `url`
-    (as `identity` of `account`) and the broker's ICE servers before the configured ones. The
-    broker's
-    socket is closed once the link is open (the data channel does not need it)."""
-    from .discovery.broker import BrokerClient, BrokerIce, BrokerSignaling
+    (as `identity` of `account`) and the broker's ICE servers before the configured ones.
+    When this device's daemon runs with a broker (`control_socket`), its broker socket
+    carries the signals (the broker holds one per device); else the CLI opens its own, closed
+    once the link is open (the data channel does not need it)."""
+    from .discovery.broker import BrokerClient, BrokerIce, BrokerSignaling, DaemonSignaling
 
     client = BrokerClient(url, identity, account)
-    client.start()
     try:
+        if control_socket is not None and await _daemon_has_broker(control_socket):
+            ice = await BrokerIce(client, ice_for(peers), reachable=lambda: True).current()
+            return await open_link(DaemonSignaling(control_socket, peer), ice)
+        client.start()
         try:
             await asyncio.wait_for(client.connected.wait(), BROKER_TIMEOUT)
         except asyncio.TimeoutError:
@@ -115,12 +121,26 @@ async def through_broker(url: str, account: str, identity: DeviceIdentity, peer:
         await client.close()
 
 
+async def _daemon_has_broker(control_socket: Path) -> bool:
+    """Whether this device's daemon runs, with a broker socket of its own."""
+    from . import control
+    from .errors import DaemonNotRunning
+
+    try:
+        status = await control.request(control_socket, "status", timeout=BROKER_TIMEOUT)
+    except DaemonNotRunning:
+        return False
+    return status.get("broker") is not None
+
+
 async def open_peer(location: PeerLocation, device: str, *, identity: DeviceIdentity,
                     membership: Membership, tag_keys: list[bytes], peers: PeerSettings,
                     label: str, on_step: Callable[[str], None] | None = None,
-                    broker: str = "", account: str = "") -> PeerStore:
+                    broker: str = "", account: str = "",
+                    control_socket: Path | None = None) -> PeerStore:
     """Find `device`, open a signed session as `identity` and return its store (through the
-    `broker` of `account` when it is not on the LAN, if one is given)."""
+    `broker` of `account` when it is not on the LAN, if one is given; over the socket of this
+    device's daemon if it runs, at `control_socket`)."""
     from . import session
 
     step = on_step or (lambda s: None)
@@ -143,7 +163,7 @@ async def open_peer(location: PeerLocation, device: str, *, identity: DeviceIden
                 return await session.connect(identity, device, membership, signaling, ice=ice)
 
             link = await through_broker(broker, account, identity, device, peers, label,
-                                        open_link)
+                                        open_link, control_socket=control_socket)
             store = await PeerStore(link, identity.device_id, location=label).start()
             store.via = _via(link)
             step(f"connected to {label} through the broker"

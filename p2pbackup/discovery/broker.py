@@ -18,13 +18,16 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
 
 from ..crypto.identity import DeviceIdentity
-from ..errors import ConfigError, P2PError, PeerUnreachable, RemoteProtocolError
+from .. import control
+from ..errors import (ConfigError, LocalProtocolError, P2PError, PeerUnreachable,
+                      RemoteProtocolError)
 from ..protocol import store_requests as req
 from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
 from ..session import OfferAnswerer, answer_or_refusal, hand_over, refusal
@@ -415,6 +418,26 @@ class BrokerSignaling:
         return answer_or_refusal(await self.client.relay(self.peer, offer))
 
 
+class DaemonSignaling:
+    """session.Signaling through the broker to device `peer`, over the socket this device's
+    running daemon holds (asked on its control socket `control_socket`): the broker holds one
+    socket per device, so a CLI opening its own would close the daemon's."""
+
+    def __init__(self, control_socket: Path, peer: str) -> None:
+        self.control_socket, self.peer = control_socket, peer
+
+    async def exchange(self, offer: bytes) -> bytes:
+        got = await control.request(self.control_socket, "broker_signal", {
+            "to": self.peer, "offer": base64.b64encode(offer).decode()},
+            timeout=EXCHANGE_TIMEOUT + REQUEST_TIMEOUT)
+        try:
+            answer = base64.b64decode(str(got["answer"]), validate=True)
+        except (KeyError, ValueError):
+            raise LocalProtocolError("p2pbackupd's answer to broker_signal is not base64") \
+                from None
+        return answer_or_refusal(answer)
+
+
 ICE_FETCH_TIMEOUT = 5.0     # a slow broker must not hold up a session: the configured servers
 ICE_REFRESH = 300.0         # how long servers without TURN credentials are kept
 
@@ -427,8 +450,12 @@ class BrokerIce:
     the configured servers alone, so a broker outage never delays a session on the LAN."""
 
     def __init__(self, client: BrokerClient, configured: IceConfig, *,
-                 now: Callable[[], float] = time.time) -> None:
+                 now: Callable[[], float] = time.time,
+                 reachable: Callable[[], bool] | None = None) -> None:
         self.client, self.configured, self.now = client, configured, now
+        # the broker answers REST calls (a client whose socket is up; a CLI signaling
+        # through the daemon's socket asks it all the same)
+        self.reachable = reachable or client.connected.is_set
         self._got: IceConfig | None = None
         self._fresh_until = 0.0
         self._lock = asyncio.Lock()
@@ -437,7 +464,7 @@ class BrokerIce:
         async with self._lock:
             if self._got is not None and self.now() < self._fresh_until:
                 return self._got
-            if not self.client.connected.is_set():
+            if not self.reachable():
                 return self.configured
             try:
                 got = await asyncio.wait_for(self.client.ice(), ICE_FETCH_TIMEOUT)
