@@ -129,8 +129,9 @@ async def invite(args: argparse.Namespace) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="p2pbackup-broker",
                                 description="p2pbackup's broker: devices, signaling, push",
-                                epilog="`p2pbackup-broker invite --data DIR` prints a one-time "
-                                       "invitation for a broker run with --invites")
+                                epilog="`p2pbackup-broker invite --data DIR` (or --database "
+                                       "URL) prints a one-time invitation for a broker run "
+                                       "with --invites")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--data", help="the broker's directory (its SQLite file)")
     p.add_argument("--database", help="postgresql://... shared by several broker processes "
