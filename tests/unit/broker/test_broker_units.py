@@ -8,16 +8,22 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import time
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 import pytest
 
 from p2pbackup.broker.ice import IceSettings, ice_servers, turn_credentials
+from p2pbackup.broker.registration import InviteRegistration
 from p2pbackup.broker.service import Broker, TokenBucket
 from p2pbackup.broker.state import SqliteState
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.discovery.broker import BACKOFF_MAX, BrokerClient, backoff
+from p2pbackup.protocol.store_requests import INVITE
+from p2pbackup.server import invites
+from p2pbackup.server.refusals import Refused
 from tests.brokers import device, membership, online
 from tests.eventually import eventually
 from tests.servers import StorageAccount, free_port, serving
@@ -121,3 +127,17 @@ async def test_a_command_reaches_its_device_at_once_and_once_across_reconnection
         assert a.commands == []
         for d in (a, b):
             await d.client.close()
+
+
+async def test_an_invitation_printed_before_the_state_held_them_registers_once(
+        tmp_path: Path) -> None:
+    old = invites.create(tmp_path, 3600, time.time_ns())    # a file in --data, as before
+    state = SqliteState(tmp_path / "broker.sqlite")
+    try:
+        admission = InviteRegistration(state, tmp_path)
+        request = make_mocked_request("POST", "/", headers={INVITE: old})
+        assert await admission.admit(request) is None
+        with pytest.raises(Refused, match="not valid"):
+            await admission.admit(request)
+    finally:
+        await state.close()
