@@ -184,25 +184,24 @@ async def test_a_device_reconnecting_to_the_other_process_closes_its_old_socket(
             await new.close()
 
 
-async def test_a_pairing_whose_two_sides_reach_different_processes_meets(
+def test_a_pairing_whose_two_sides_reach_different_processes_meets(
         tmp_path: Path, postgres: Postgres) -> None:
-    from p2pbackup.pairing_link import join
-    from tests.integration.test_pairing_mailbox import WELCOME, Nowhere, hosting
+    from tests.conftest import Cli, make_sample_tree
+    from tests.integration.test_pairing import Host, devices
 
+    a = Cli(tmp_path / "home-a")
+    make_sample_tree(tmp_path / "src", big=10_000)
+    a("init", "--source", str(tmp_path / "src"))
+    b = Cli(tmp_path / "home-b")
     with fleet(tmp_path, postgres) as (one, two, dsn):
-        mailbox_one = one.url.replace("http://", "ws://") + "/v1/mailbox"
-        mailbox_two = two.url.replace("http://", "ws://") + "/v1/mailbox"
-        async with hosting(mailbox_one) as (code, task):
-            got: list[bytes] = []
-
-            async def on_welcome(payload: bytes, verifier: str) -> None:
-                got.append(payload)
-
-            verifier = await asyncio.wait_for(join(code, b"me", on_welcome,
-                                                   rendezvous=Nowhere(), mailbox=mailbox_two,
-                                                   find_timeout=10), 60)
-            outcome = await asyncio.wait_for(task, 60)
-        assert got == [WELCOME] and outcome.ok and outcome.verifier == verifier
+        host = Host(a, "--mailbox", one.url.replace("http://", "ws://") + "/v1/mailbox")
+        joined = b("pair", host.code, "--mailbox",
+                   two.url.replace("http://", "ws://") + "/v1/mailbox", "--name", "far",
+                   check=False)
+        assert joined.returncode == 0, joined.stderr
+        code, out, err = host.finish()
+        assert code == 0 and "joined as owner" in out, err
+    assert "far" in {d["name"] for d in devices(a)["devices"]}
 
 
 async def test_an_invitation_for_the_fleet_works_on_any_process_once(
