@@ -92,6 +92,8 @@ def test_a_restore_from_a_peer_through_the_broker_beside_this_devices_daemon(tmp
                      str(tmp_path / "out"))
         assert "restored snapshot" in restored.stdout
         assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+        listed = b("snapshots", "--from", f"peer:{a_id[:8]}")
+        assert "src" in listed.stdout
         # b's daemon kept its socket: the CLI signaled through it, it opened none of its own
         assert broker_connected(b)
         assert "replaced by a newer socket" not in \
