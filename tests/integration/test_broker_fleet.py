@@ -221,29 +221,9 @@ async def test_an_invitation_for_the_fleet_works_on_any_process_once(
 
 async def test_a_second_device_on_a_code_is_refused_whichever_process_it_reaches(
         tmp_path: Path, postgres: Postgres) -> None:
-    from p2pbackup.errors import PairingFailed
-    from p2pbackup.pairing_link import join
-    from tests.integration.test_pairing_mailbox import WELCOME, Nowhere, _never, hosting
+    from tests.integration.test_pairing_mailbox import second_device_refused
 
     with fleet(tmp_path, postgres) as (one, two, dsn):
         mailbox_one = one.url.replace("http://", "ws://") + "/v1/mailbox"
         mailbox_two = two.url.replace("http://", "ws://") + "/v1/mailbox"
-        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        asked = asyncio.Event()
-        got: list[bytes] = []
-
-        async def on_welcome(payload: bytes, verifier: str) -> None:
-            got.append(payload)
-
-        async with hosting(mailbox_one, answer) as (code, task):
-            first = asyncio.ensure_future(join(code, b"me", on_welcome, rendezvous=Nowhere(),
-                                               mailbox=mailbox_two,
-                                               on_verifier=lambda v: asked.set()))
-            await asyncio.wait_for(asked.wait(), 30)
-            with pytest.raises(PairingFailed, match="another device is already pairing with "
-                                                    "this code there"):
-                await asyncio.wait_for(join(code, b"me too", _never, rendezvous=Nowhere(),
-                                            mailbox=mailbox_one), 30)
-            answer.set_result(True)
-            await asyncio.wait_for(first, 30)
-            assert (await asyncio.wait_for(task, 30)).ok and got == [WELCOME]
+        await second_device_refused(mailbox_one, mailbox_two, mailbox_one)

@@ -113,6 +113,13 @@ async def test_a_wrong_code_through_the_mailbox_uses_the_code_up(mailbox: str):
 
 
 async def test_a_second_device_on_the_code_is_refused_while_the_first_pairs(mailbox: str):
+    await second_device_refused(mailbox, mailbox, mailbox)
+
+
+async def second_device_refused(host: str, first: str, second: str) -> None:
+    """The host offers a code on mailbox URL `host`, a device joins on `first` and, while its
+    user looks at the verifier, another tries the code on `second`: refused, and the first
+    pairs."""
     answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
     asked = asyncio.Event()
     got: list[bytes] = []
@@ -120,16 +127,16 @@ async def test_a_second_device_on_the_code_is_refused_while_the_first_pairs(mail
     async def on_welcome(payload: bytes, verifier: str) -> None:
         got.append(payload)
 
-    async with hosting(mailbox, answer) as (code, task):
-        first = asyncio.ensure_future(join(code, b"me", on_welcome, rendezvous=Nowhere(),
-                                           mailbox=mailbox, on_verifier=lambda v: asked.set()))
+    async with hosting(host, answer) as (code, task):
+        joining = asyncio.ensure_future(join(code, b"me", on_welcome, rendezvous=Nowhere(),
+                                             mailbox=first, on_verifier=lambda v: asked.set()))
         await asyncio.wait_for(asked.wait(), 30)
         with pytest.raises(PairingFailed, match="another device is already pairing with this "
                                                 "code there"):
             await asyncio.wait_for(join(code, b"me too", _never, rendezvous=Nowhere(),
-                                        mailbox=mailbox), 30)
+                                        mailbox=second), 30)
         answer.set_result(True)
-        await asyncio.wait_for(first, 30)
+        await asyncio.wait_for(joining, 30)
         assert (await asyncio.wait_for(task, 30)).ok and got == [WELCOME]
 
 
