@@ -28,7 +28,7 @@ import pytest
 from p2pbackup.blobs import StoreSigner, open_store
 from p2pbackup.blobs.server import ServerStore
 from p2pbackup.crypto.identity import DeviceIdentity
-from p2pbackup.format.membership import MEMBER, OWNER
+from p2pbackup.format.membership import MEMBER, OWNER, PARTNER
 from p2pbackup.format.roster import (Roster, RosterEntry, roster_hash, roster_name,
                                      roster_object)
 from p2pbackup.server.tlsutil import self_signed_cert
@@ -229,17 +229,20 @@ class StorageAccount:
     owner: DeviceIdentity = field(default_factory=DeviceIdentity.generate)
     members: list[DeviceIdentity] = field(default_factory=list)
     recovery: DeviceIdentity | None = None
+    partners: list[DeviceIdentity] = field(default_factory=list)   # its storage partners
     fingerprint: str = field(default_factory=lambda: secrets.token_hex(8))
     rosters: list[bytes] = field(default_factory=list)
 
     def roster(self, *, removed: tuple[str, ...] = ()) -> tuple[str, bytes]:
-        """The next roster version (name, object) listing the owner and members, signed by the
-        owner."""
+        """The next roster version (name, object) listing the owner and members (and naming
+        the partners), signed by the owner."""
         entries = (RosterEntry(self.owner.device_id, self.owner.public_key, OWNER),) + tuple(
             RosterEntry(m.device_id, m.public_key, MEMBER) for m in self.members)
         prev = roster_hash(self.rosters[-1]) if self.rosters else b""
         r = Roster(len(self.rosters) + 1, prev, entries, removed, time.time_ns(),
-                   self.recovery.public_key if self.recovery else b"")
+                   self.recovery.public_key if self.recovery else b"",
+                   tuple(RosterEntry(p.device_id, p.public_key, PARTNER) for p in self.partners
+                         if p.device_id not in removed))
         raw = roster_object(r, self.owner.device_id, self.owner.sign)
         self.rosters.append(raw)
         return roster_name(r.seq), raw

@@ -246,8 +246,8 @@ class Broker:
 
     def _check_size(self, roster: Roster, held: Roster | None = None) -> None:
         """Refuse a roster listing more than `max_devices` (one that shrinks is followed)."""
-        n = len(roster.members)
-        if n > self.max_devices and (held is None or n > len(held.members)):
+        n = len(roster.members) + len(roster.partners)
+        if n > self.max_devices and (held is None or n > len(held.members) + len(held.partners)):
             raise Refused(403, f"the roster lists {n} devices, more than the "
                                f"{self.max_devices} this broker takes per account")
 
@@ -310,7 +310,8 @@ class Broker:
                       ) -> list[str]:
         """Hold `roster` from now on and close the sockets of the devices it removes (here:
         the relay tells the other processes); returns those devices."""
-        gone = [e.device_id for e in held.roster.members if roster.key_of(e.device_id) is None]
+        gone = [e.device_id for e in held.roster.members + held.roster.partners
+                if _socket_key(roster, e.device_id) is None]
         held.raw, held.roster = raw, roster
         for d in gone:
             conn = held.sockets.get(d)
@@ -609,8 +610,11 @@ class Broker:
                 out["re"] = _int(doc["re"], "a signal's re")
             _b64(doc.get("data"), "a signal's data", MAX_MESSAGE * 3 // 4)
             out["data"] = doc["data"]
-            if _socket_key(held.roster, to) is None or \
-                    not await self._send(conn.account, to, out):
+            why = _may_signal(held.roster, conn.device, to)
+            if why is not None:
+                log.info("account %s: signal from %s to %s refused: %s", conn.account,
+                         conn.device[:12], to[:12], why)
+            if why is not None or not await self._send(conn.account, to, out):
                 await conn.send({"t": "undeliverable", "id": n, "to": to})
         elif kind == "push":
             payload = _b64(doc.get("data"), "a push's data", MAX_PUSH)
@@ -663,6 +667,23 @@ def _ttl(value: object) -> float:
 
 def _socket_key(roster: Roster, device: str) -> bytes | None:
     """The key of a device that may hold a socket, list the devices and get ICE servers: one
-    the roster lists, or the recovery signer it names (a new device recovering the account
-    from a device of it: it signals to that device, which checks it as on the LAN)."""
-    return roster.key_of(device) or roster.next_signer_key(device_id_for)(device)
+    the roster lists, the recovery signer it names (a new device recovering the account
+    from a device of it: it signals to that device, which checks it as on the LAN), or a
+    storage partner it names (which opens a socket for this account only if it holds the
+    account's grant: both sides agree, see `_may_signal`)."""
+    return roster.key_of(device) or roster.next_signer_key(device_id_for)(device) or \
+        roster.partner_key(device)
+
+
+def _may_signal(roster: Roster, sender: str, to: str) -> str | None:
+    """Why `sender` may not signal `to` within the account (None: it may). Both must be
+    admitted by the roster (`_socket_key`), and at least one must be a device of the account:
+    storage partners of one account are strangers to each other. A partner is reached only
+    on the socket it opened itself for this account, signed with its key and naming the
+    account (socket_auth_message): it does so for the accounts whose grant it holds, so a
+    stranger account that names it in its own roster finds no socket of it there."""
+    if _socket_key(roster, to) is None:
+        return f"{to[:12]} is not a device or storage partner of the account"
+    if roster.partner_key(sender) is not None and roster.partner_key(to) is not None:
+        return "storage partners do not signal each other"
+    return None

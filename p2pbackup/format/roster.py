@@ -2,8 +2,10 @@
 
 A partner holds no key, so it cannot read the (sealed) membership record. Owners hand it this
 clear-text projection instead: every current device's id, public key and role (owner or
-member; partners are not listed), the devices removed, and the public key of the key epoch's
-recovery signer. Like the membership, each version has `seq` one higher than the one before
+member), the devices removed, and the public key of the key epoch's recovery signer. The
+account's storage partners are named apart (`partners`): they are not devices of the account
+(a partner never admits another partner), but a broker that follows the roster relays the
+account's devices' offers to them (broker/service.py). Like the membership, each version has `seq` one higher than the one before
 and the hash of that object, and is signed by an owner of that previous version or by the
 recovery signer it names (a device recovering the account when no owner device is left);
 the first version a partner holds is the one it got at pairing. A partner follows the chain:
@@ -12,8 +14,10 @@ recovery signer may read.
 
     header(kind ROSTER, flags 0) | Signed{type roster, body: msgpack {v, seq, prev, time,
                                                                       members, removed,
-                                                                      recovery?}}
+                                                                      recovery?, partners?}}
     members: [[device id, public key, role], ...]    removed: [device id, ...]
+    partners: [[device id, public key], ...]  (absent in rosters written before brokers relayed
+              to partners; older readers skip the field)
     recovery: the recovery signer's public key (absent in rosters written before it was added:
               then only an owner signs the next version)
 
@@ -35,7 +39,7 @@ from ..errors import IntegrityError
 from ..ids import SEQ_DIGITS, is_device
 from .cleartext import check_owner_signed, clear_object, open_clear
 from .header import Kind
-from .membership import MEMBER, OWNER, Membership
+from .membership import MEMBER, OWNER, PARTNER, Membership
 from .records import ROSTER_SIG, Signed
 
 VERSION = 1
@@ -61,6 +65,7 @@ class Roster:
     removed: tuple[str, ...] = ()
     time_ns: int = 0
     recovery_key: bytes = b""          # the epoch's recovery signer; b"": not stated
+    partners: tuple[RosterEntry, ...] = ()   # the account's storage partners (role "partner")
 
     def entry(self, device_id: str) -> RosterEntry | None:
         return next((e for e in self.members if e.device_id == device_id), None)
@@ -79,11 +84,17 @@ class Roster:
         e = self.entry(device_id)
         return e.role if e else None
 
+    def partner_key(self, device_id: str) -> bytes | None:
+        """A storage partner's public key, if the owners name it as one of the account's."""
+        e = next((e for e in self.partners if e.device_id == device_id), None)
+        return e.public_key if e else None
+
     def lists_same(self, other: "Roster") -> bool:
         """True when both name the same devices, keys and roles, the same removals and the
-        same recovery signer."""
+        same recovery signer and partners."""
         return set(self.members) == set(other.members) and \
-            set(self.removed) == set(other.removed) and self.recovery_key == other.recovery_key
+            set(self.removed) == set(other.removed) and \
+            self.recovery_key == other.recovery_key and set(self.partners) == set(other.partners)
 
     def next_signer_key(self, id_for: Callable[[bytes], str]) -> Callable[[str], bytes | None]:
         """Who may sign the version after this one (device id -> its key, or None): an owner,
@@ -101,7 +112,9 @@ def roster_of(m: Membership, seq: int, prev: bytes, time_ns: int) -> Roster:
     """The roster version `seq` that states membership `m` to partners."""
     return Roster(seq, prev, tuple(RosterEntry(x.device_id, x.public_key, x.role)
                                    for x in m.members if x.role in ROLES),
-                  tuple(m.removed), time_ns, m.recovery_key)
+                  tuple(m.removed), time_ns, m.recovery_key,
+                  tuple(RosterEntry(x.device_id, x.public_key, PARTNER)
+                        for x in m.members if x.role == PARTNER))
 
 
 def roster_name(seq: int) -> str:
@@ -120,6 +133,8 @@ def roster_object(r: Roster, signer: str, sign: Callable[[bytes], bytes]) -> byt
            "removed": list(r.removed)}
     if r.recovery_key:
         doc["recovery"] = r.recovery_key
+    if r.partners:
+        doc["partners"] = [[e.device_id, e.public_key] for e in r.partners]
     body = msgpack.packb(doc, use_bin_type=True)
     return clear_object(Kind.ROSTER, Signed.make(ROSTER_SIG, body, signer, sign))
 
@@ -141,20 +156,22 @@ def read_roster(data: bytes | bytearray | memoryview, id_for: Callable[[bytes], 
         recovery = doc.get("recovery", b"")
         if not isinstance(recovery, bytes) or len(recovery) not in (0, 32):
             raise ValueError("a recovery key that is not one")
+        partners = tuple(RosterEntry(str(row[0]), bytes(row[1]), PARTNER)
+                         for row in doc.get("partners", []))
         r = Roster(int(doc["seq"]), bytes(doc["prev"]), tuple(members),
                    tuple(str(d) for d in doc.get("removed", [])), int(doc.get("time", 0)),
-                   recovery)
+                   recovery, partners)
     except Exception as exc:  # untrusted bytes, signed or not
         raise IntegrityError(f"{what} is malformed ({str(exc)[:80]})") from None
     if r.seq < 1 or (r.seq == 1) != (r.prev == b""):
         raise IntegrityError(f"{what} has a malformed sequence number or chain link")
-    for e in r.members:
+    for e in r.members + r.partners:
         if not is_device(e.device_id) or id_for(e.public_key) != e.device_id:
             raise IntegrityError(f"{what} lists device {e.device_id[:12]!r} with a key that is "
                                  "not its own")
-    if not all(is_device(d) for d in r.removed) or \
-            set(r.removed) & {e.device_id for e in r.members} or \
-            len({e.device_id for e in r.members}) != len(r.members):
+    listed = [e.device_id for e in r.members + r.partners]
+    if not all(is_device(d) for d in r.removed) or set(r.removed) & set(listed) or \
+            len(set(listed)) != len(listed):
         raise IntegrityError(f"{what} lists a device twice, or a removed one as current")
     return r, signed
 

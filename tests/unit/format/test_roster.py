@@ -94,3 +94,27 @@ def test_a_roster_field_a_newer_version_adds_is_skipped_and_a_bad_recovery_key_r
     for bad in (b"short", "text", 7):
         with pytest.raises(IntegrityError, match="malformed"):
             read_roster(raw(recovery=bad), device_id_for)
+
+
+def test_a_roster_names_the_partners_apart_from_the_devices_and_never_a_removed_one():
+    m = membership((A, OWNER), (B, MEMBER), (P, PARTNER))
+    first = roster_of(m, 1, b"", 5)
+    raw1 = roster_object(first, A.device_id, A.sign)
+    got = read_roster(raw1, device_id_for)[0]
+    assert got == first and [e.device_id for e in got.partners] == [P.device_id]
+    # A partner is no device of the account: it neither connects as one nor signs.
+    assert got.partner_key(P.device_id) == P.public_key and got.key_of(P.device_id) is None
+    assert got.partner_key(B.device_id) is None
+    # Pairing or removing a partner is a new version; a removed partner is named no more.
+    assert not roster_of(membership((A, OWNER), (B, MEMBER)), 1, b"", 5).lists_same(first)
+    gone = roster_of(membership((A, OWNER), (B, MEMBER), removed=[P.device_id]), 2,
+                     roster_hash(raw1), 6)
+    assert gone.partners == () and check_next(
+        first, roster_hash(raw1), roster_object(gone, A.device_id, A.sign), verify_signature,
+        device_id_for).removed == (P.device_id,)
+    back = replace(gone, partners=first.partners)
+    with pytest.raises(IntegrityError, match="removed one as current"):
+        read_roster(roster_object(back, A.device_id, A.sign), device_id_for)
+    wrong_key = replace(first, partners=(replace(first.partners[0], public_key=B.public_key),))
+    with pytest.raises(IntegrityError, match="not its own"):
+        read_roster(roster_object(wrong_key, A.device_id, A.sign), device_id_for)

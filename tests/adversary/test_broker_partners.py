@@ -1,0 +1,145 @@
+"""A storage partner reached through the broker: the broker relays an offer to partner P only
+within an account whose owner-signed roster names P, and only to the socket P opened itself for
+that account (P does so for the accounts whose grant it holds). A stranger account, an account
+that removed P, a removed member, and another partner of the same account are refused, each
+with one log line on the broker. A real `p2pbackup-broker` process, real aiortc sessions on
+loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from p2pbackup import session
+from p2pbackup.crypto.identity import DeviceIdentity
+from p2pbackup.discovery.broker import BrokerSignaling
+from p2pbackup.errors import PeerUnreachable
+from p2pbackup.format.membership import PARTNER, Member, Membership
+from p2pbackup.protocol.broker_wire import socket_auth_message
+from tests.brokers import LOOPBACK, closed_with, device, echoed, membership, online
+from tests.eventually import eventually
+from tests.servers import StorageAccount, broker_server
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def with_partners(acct: StorageAccount, removed: tuple[DeviceIdentity, ...] = ()) -> Membership:
+    """The membership the account's devices hold, its partners listed as partners."""
+    m = membership(acct, removed)
+    gone = {r.device_id for r in removed}
+    return Membership(1, b"", 0, m.members + tuple(
+        Member(p.device_id, p.public_key, "friends-nas", PARTNER) for p in acct.partners
+        if p.device_id not in gone), m.removed)
+
+
+async def socket_refusal(url: str, acct: StorageAccount, who: DeviceIdentity) -> str:
+    """What the broker says when `who` answers the challenge of `acct`'s socket."""
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(f"{url}/v1/account/{acct.fingerprint}/ws")
+        nonce = (await ws.receive_json())["nonce"]
+        sig = who.sign(socket_auth_message(acct.fingerprint, who.device_id, nonce))
+        await ws.send_json({"t": "auth", "device": who.device_id,
+                            "sig": base64.b64encode(sig).decode()})
+        return await closed_with(ws)
+
+
+async def refused_offer(sender, acct: StorageAccount, held: Membership, to: DeviceIdentity
+                        ) -> str:
+    with pytest.raises(PeerUnreachable) as e:
+        await session.connect(sender.identity, to.device_id, held,
+                              BrokerSignaling(sender.client, to.device_id), ice=LOOPBACK)
+    return str(e.value)
+
+
+async def test_only_the_account_naming_a_partner_reaches_it_and_strangers_are_refused(
+        tmp_path: Path) -> None:
+    p = DeviceIdentity.generate()
+    x = StorageAccount(members=[DeviceIdentity.generate()], partners=[p])
+    stranger = StorageAccount()
+    claims = StorageAccount(partners=[p])   # a stranger that names P in its own roster
+    held = [with_partners(x)]
+    with broker_server(tmp_path) as broker:
+        owner = device(broker.url, x, x.owner, held)
+        partner = device(broker.url, x, p, held)   # answers as its grant of X allows
+        s = device(broker.url, stranger, stranger.owner, [membership(stranger)])
+        c_held = [with_partners(claims)]
+        c = device(broker.url, claims, claims.owner, c_held)
+        await owner.client.publish_rosters([x.roster()[1]])
+        await s.client.publish_rosters([stranger.roster()[1]])
+        await c.client.publish_rosters([claims.roster()[1]])
+        await online(owner, partner, s, c)
+
+        # X's owner reaches its partner through the broker.
+        assert await echoed(owner, partner, held[0], b"ping") == b"ping"
+        assert partner.links[-1][0] == x.owner.device_id
+
+        # A stranger account does not: P is nothing of it.
+        before = len(partner.links)
+        assert "not connected to the broker" in await refused_offer(
+            s, stranger, with_partners(x), p)
+        log = broker.log_text()
+        assert f"account {stranger.fingerprint}: signal from {stranger.owner.device_id[:12]} " \
+               f"to {p.device_id[:12]} refused" in log
+
+        # A stranger naming P in its own roster finds no socket of P there: P opens sockets
+        # only for the accounts whose grant it holds.
+        assert "not connected to the broker" in await refused_offer(c, claims, c_held[0], p)
+        # ... and P cannot be made to hold one for an account that does not name it.
+        assert "is not a device of account" in await socket_refusal(broker.url, stranger, p)
+        assert len(partner.links) == before
+        for d in (owner, partner, s, c):
+            await d.client.close()
+
+
+async def test_an_account_that_removed_its_partner_no_longer_reaches_it(tmp_path: Path) -> None:
+    p = DeviceIdentity.generate()
+    x = StorageAccount(members=[DeviceIdentity.generate()], partners=[p])
+    held = [with_partners(x)]
+    with broker_server(tmp_path) as broker:
+        owner = device(broker.url, x, x.owner, held)
+        partner = device(broker.url, x, p, held)
+        await owner.client.publish_rosters([x.roster()[1]])
+        await online(owner, partner)
+        assert await echoed(owner, partner, held[0], b"ping") == b"ping"
+
+        # The owner removes P: the broker closes its socket and refuses the owner's offers.
+        await owner.client.publish_rosters([x.roster(removed=(p.device_id,))[1]])
+        await eventually(lambda: f"device {p.device_id[:12]} is no longer listed" in
+                         broker.log_text())
+        assert "not connected to the broker" in await refused_offer(owner, x, held[0], p)
+        assert f"signal from {x.owner.device_id[:12]} to {p.device_id[:12]} refused" in \
+            broker.log_text()
+        # P's socket for X is refused from now on.
+        assert "is not a device of account" in await socket_refusal(broker.url, x, p)
+        for d in (owner, partner):
+            await d.client.close()
+
+
+async def test_a_removed_member_and_another_partner_cannot_signal_a_partner(
+        tmp_path: Path) -> None:
+    p, q = DeviceIdentity.generate(), DeviceIdentity.generate()
+    x = StorageAccount(members=[DeviceIdentity.generate()], partners=[p, q])
+    held = [with_partners(x)]
+    with broker_server(tmp_path) as broker:
+        owner = device(broker.url, x, x.owner, held)
+        member = device(broker.url, x, x.members[0], held)
+        partner = device(broker.url, x, p, held)
+        other = device(broker.url, x, q, held)
+        await owner.client.publish_rosters([x.roster()[1]])
+        await online(owner, member, partner, other)
+        # Partners of one account are strangers to each other: the broker relays nothing.
+        assert "not connected to the broker" in await refused_offer(other, x, held[0], p)
+        assert f"signal from {q.device_id[:12]} to {p.device_id[:12]} refused: storage " \
+               "partners do not signal each other" in broker.log_text()
+        # A member removed from the account loses its socket, and with it the partner.
+        gone = x.members.pop()
+        await owner.client.publish_rosters([x.roster(removed=(gone.device_id,))[1]])
+        await eventually(lambda: not member.client.connected.is_set())
+        assert "not connected to the broker" in await refused_offer(member, x, held[0], p)
+        assert not any(sender == gone.device_id for sender, _ in partner.links)
+        for d in (owner, member, partner, other):
+            await d.client.close()
