@@ -490,6 +490,10 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         print(f"  storage partner for account {g['account']}: {used} of {quota}; "
               f"{len(g['owners_connected'])} owner devices connected"
               + (f"; {g['error']}" if g.get("error") else ""))
+        if g.get("broker"):
+            b = g["broker"]
+            print(f"    broker {b['url']} for it: " + ("connected" if b["connected"] else
+                                                     f"not connected ({b['last_error']})"))
     web_console = st.get("web")
     if web_console:
         where = (f"port {web_console['port']}" if web_console["port"]

@@ -1,9 +1,16 @@
-"""The storage partner's process side: its signaling port, its one mDNS advert, the removal
-timer. What it does over each session is p2pbackup/replication/partner.py's (`StoragePartner`,
-whose docstring says what a partner checks).
+"""The storage partner's process side: its signaling port, its one mDNS advert, its broker
+sockets, the removal timer. What it does over each session is
+p2pbackup/replication/partner.py's (`StoragePartner`, whose docstring says what a partner
+checks).
 
 The advert carries one tag, keyed by the partner's own tag key (which each account got at
 pairing): the accounts' devices recognise it, and nobody learns how many accounts it stores for.
+
+With `[broker] url`, the partner opens one broker socket per account it holds a grant for, as
+that account's storage partner (the broker admits it if the account's roster names it: both
+sides agree), so the account's devices reach it off the LAN. Offers relayed there are checked
+as on the signaling port (session.OfferAnswerer, against the grants' rosters), with the
+broker's STUN/TURN servers first.
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ from p2pbackup import session
 from p2pbackup.config import Config
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag
+from p2pbackup.discovery.broker import BrokerClient, BrokerIce
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.replication.partner import StoragePartner
 from p2pbackup.repo.partner_store import Grant
+
+from p2pbackup.transport.datachannel import IceConfig
 
 from .peers import connection_limits
 
@@ -41,6 +51,7 @@ class PartnerService(StoragePartner):
         self._signaling: session.SignalingServer | None = None
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []
+        self.brokers: dict[str, BrokerClient] = {}   # account -> its socket, as its partner
 
     def advert_txt(self, now: float) -> dict[str, str]:
         """The TXT record of this partner's one advert: one tag, whatever the accounts."""
@@ -52,6 +63,9 @@ class PartnerService(StoragePartner):
         if not self.grants:
             return
         self._tasks.append(asyncio.create_task(self._apply_removals()))
+        if self.config.broker.url:
+            for g in self.grants:
+                self._start_broker(g.account)
         if not self.config.peers.lan:
             return
         from p2pbackup.discovery import mdns
@@ -82,6 +96,38 @@ class PartnerService(StoragePartner):
         self.port = await self._signaling.start(host, port)
         return self.port
 
+    def _start_broker(self, account: str) -> None:
+        """Keep a broker socket for `account`, answering its devices' offers."""
+        ice = ice_for(self.config.peers)
+        client: BrokerClient
+
+        async def ice_now() -> IceConfig:
+            return await broker_ice.current()
+
+        async def here() -> None:
+            # The account's devices dial a partner: tell them it is reachable now (else they
+            # would find out at their next round).
+            await client.push(b"")
+
+        answerer = session.OfferAnswerer(self.identity, lambda: self.membership, ice=ice,
+                                         recovery=self.recovery_signers, ice_source=ice_now)
+        client = BrokerClient(self.config.broker.url, self.identity, account,
+                              answerer=answerer, on_link=self.answer, on_ready=here,
+                              on_refused=lambda why: log.warning("%s", why))
+        broker_ice = BrokerIce(client, ice)
+        self.brokers[account] = client
+        client.start()
+
+    def status(self) -> list[dict[str, Any]]:
+        """StoragePartner.status, with each account's broker socket (None: no broker)."""
+        out = super().status()
+        for doc in out:
+            client = self.brokers.get(doc["account"])
+            doc["broker"] = None if client is None else {
+                "url": client.base, "connected": client.connected.is_set(),
+                "last_error": client.last_error}
+        return out
+
     async def _apply_removals(self) -> None:
         while True:
             await self.apply_removals()
@@ -92,5 +138,7 @@ class PartnerService(StoragePartner):
             t.cancel()
         if self._signaling is not None:
             await self._signaling.close()
+        for client in self.brokers.values():
+            await client.close()
         with contextlib.suppress(Exception):
             await self._stack.aclose()

@@ -58,6 +58,8 @@ class PeerState:
     connected: bool = False
     path: str | None = None          # "data channel" or "direct lane"
     ice_path: str | None = None      # the data channel's route: "host", "reflexive", "relay"
+    signaled: str | None = None      # how the session was set up: "LAN", "static address",
+                                     # "broker" (None: answered on our signaling port)
     static: list[str] = field(default_factory=list)   # its [peers.addresses], "HOST:PORT"
     since: float | None = None
     last_seen: float | None = None
@@ -71,7 +73,8 @@ class PeerState:
     def to_json(self) -> dict[str, Any]:
         return {"device": self.device, "name": self.name, "on_lan": self.on_lan,
                 "addresses": self.addresses, "connected": self.connected, "path": self.path,
-                "ice_path": self.ice_path, "static_addresses": self.static,
+                "ice_path": self.ice_path, "signaled": self.signaled,
+                "static_addresses": self.static,
                 "since": self.since, "last_seen": self.last_seen, "last_sync": self.last_sync,
                 "objects_behind": self.objects_behind,
                 "bytes_behind": self.bytes_behind, "held_objects": self.held_objects,
@@ -247,7 +250,7 @@ class PeerManager:
                                          ice_source=self.ice_now)
         self.broker = BrokerClient(self.config.broker.url, self.dev.identity,
                                    self.dev.keys.fingerprint(), answerer=answerer,
-                                   on_link=self._incoming, on_push=self._pushed,
+                                   on_link=self._incoming_through_broker, on_push=self._pushed,
                                    on_refused=lambda why: log.warning("%s", why),
                                    before_connect=self._publish_roster,
                                    on_ready=self._broker_ready)
@@ -273,11 +276,13 @@ class PeerManager:
 
     def _broker_dials(self, device: str) -> bool:
         """Whether we dial `device` through the broker: as on the LAN, the smaller id dials
-        (both sides know each other there, so two would race to open two sessions)."""
-        return self.broker is not None and self.me < device and device in self._members()
+        (both sides know each other there, so two would race to open two sessions), and a
+        storage partner never dials (it has nothing of its own to send): we do."""
+        return self.broker is not None and (
+            self.me < device and device in self._members() or device in self._partners())
 
     def _dial_through_broker(self) -> None:
-        for device in self._members():
+        for device in self._members() + self._partners():
             if self._broker_dials(device):
                 self._start_dial(device)
 
@@ -302,13 +307,13 @@ class PeerManager:
         self._tasks.append(asyncio.create_task(self._dial(device)))
 
     async def _pushed(self, sender: str, head: bytes) -> None:
-        """A member sealed or snapshotted: open a session to it if none is open (an open
-        session hears of new objects itself) and we are the side that dials; otherwise the
-        sender dials us after its push (push_new)."""
+        """A member sealed or snapshotted (or a storage partner's socket came up): open a
+        session to it if none is open (an open session hears of new objects itself) and we
+        are the side that dials; otherwise the sender dials us after its push (push_new)."""
         if not self.allowed(sender) or sender == self.me:
             return
         log.info("peer %s has new data (broker push)", sender[:12])
-        if self.me < sender:
+        if self._broker_dials(sender):
             self._start_dial(sender)
 
     async def push_new(self) -> None:
@@ -415,7 +420,7 @@ class PeerManager:
                                     route.via, exc)
                         continue
                     opened = True
-                    await self._run(device, link)
+                    await self._run(device, link, signaled=route.via)
                     break
                 if not opened and not st.on_lan and not self._static_routes(device):
                     return   # through the broker: its loop, or a push, dials again
@@ -423,7 +428,11 @@ class PeerManager:
         finally:
             self._dialing.discard(device)
 
-    async def _incoming(self, device: str, link: PeerLink) -> None:
+    async def _incoming_through_broker(self, device: str, link: PeerLink) -> None:
+        await self._incoming(device, link, signaled="broker")
+
+    async def _incoming(self, device: str, link: PeerLink, signaled: str | None = None
+                        ) -> None:
         # The dialer speaks first in both protocols: its first frame says which this is.
         try:
             first = await asyncio.wait_for(link.recv(), FIRST_FRAME_TIMEOUT)
@@ -433,7 +442,7 @@ class PeerManager:
             await link.close()
             return
         if not reads_store(first):
-            await self._run(device, link, first)
+            await self._run(device, link, first, signaled=signaled)
             return
         m = self.membership.member(device) if self.membership else None
         recovering = m is None and self.membership is not None and \
@@ -455,16 +464,18 @@ class PeerManager:
                 await link.close()
             log.info("device %s finished reading", device[:12])
 
-    async def _run(self, device: str, link: PeerLink, first: bytes | None = None) -> None:
+    async def _run(self, device: str, link: PeerLink, first: bytes | None = None, *,
+                   signaled: str | None = None) -> None:
         st = self.peers.setdefault(device, PeerState(device))
         if self.membership is not None:
             m = self.membership.member(device)
             st.name = m.name if m else st.name
         st.connected, st.path, st.since, st.error = True, "data channel", time.time(), None
+        st.signaled = signaled
         route = link.ice_path()
         st.ice_path = route.kind if route else None
-        log.info("peer %s (%s) connected over the data channel (%s)", device[:12], st.name,
-                 route)
+        log.info("peer %s (%s) connected over the data channel (%s)%s", device[:12], st.name,
+                 route, " through the broker" if signaled == "broker" else "")
         try:
             await self.on_session(device, link, st, first)
         except P2PError as exc:
@@ -473,7 +484,7 @@ class PeerManager:
         except Exception:
             log.exception("session with %s failed", device[:12])
         finally:
-            st.connected, st.path, st.ice_path = False, None, None
+            st.connected, st.path, st.ice_path, st.signaled = False, None, None, None
             with contextlib.suppress(Exception):
                 await link.close()
             log.info("peer %s disconnected", device[:12])

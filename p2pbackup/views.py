@@ -21,10 +21,11 @@ def ice_path_words(kind: str | None) -> str | None:
 def peer_route(peer: dict[str, Any]) -> str:
     """What a connected peer's session runs over, as status and the console say it:
     "direct lane", or "data channel" with how ICE crossed the network ("data channel (TURN
-    relay)")."""
+    relay)"), and ", signaled through the broker" when the broker set it up."""
     path = peer.get("path") or "data channel"
     words = ice_path_words(peer.get("ice_path"))
-    return f"{path} ({words})" if words and path == "data channel" else path
+    route = f"{path} ({words})" if words and path == "data channel" else path
+    return route + (", signaled through the broker" if peer.get("signaled") == "broker" else "")
 
 
 def iso_time(ns: int) -> str:

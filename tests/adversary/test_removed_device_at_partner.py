@@ -39,10 +39,10 @@ def test_a_removed_device_cannot_read_from_the_partner_any_more(netlab, tmp_path
     make_sample_tree(src, big=100_000)
     a("init", "--source", str(src))
     a("snapshot")
-    host = Host(a, "--partner", "--quota", "1G")     # roster 1: A
+    host = Host(a, "--partner", "--quota", "1G")     # roster 1: A; 2: A, partner F named
     f("pair", host.code, "--peer", host.peer, "--name", "friends-nas")
     assert host.finish()[0] == 0
-    host = Host(a)                                   # roster 2: A and B
+    host = Host(a)                                   # roster 3: A and B
     b("pair", host.code, "--peer", host.peer, "--name", "laptop")
     assert host.finish()[0] == 0
     procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hf, f, tmp_path, "f")]
@@ -52,8 +52,8 @@ def test_a_removed_device_cannot_read_from_the_partner_any_more(netlab, tmp_path
         read = run_in(hb, b, "snapshots", "--from", "peer:friends-nas", "--json")
         assert read.returncode == 0
 
-        a("devices", "remove", "laptop")               # roster 3: A (through A's daemon)
-        assert len(rosters(a.home / "store")) == 3
+        a("devices", "remove", "laptop")               # roster 4: A (through A's daemon)
+        assert len(rosters(a.home / "store")) == 4
         eventually_sync(lambda: partner_follows(a, f), timeout=60)
 
         refused = run_in(hb, b, "snapshots", "--from", "peer:friends-nas", check=False)

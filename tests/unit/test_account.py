@@ -9,7 +9,7 @@ from pathlib import Path
 from p2pbackup import account
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.device import open_device
-from p2pbackup.repo import replica
+from p2pbackup.repo import replica, roster
 from tests.adversary.accounts import make_owner, pair, remove
 
 
@@ -70,6 +70,10 @@ async def test_a_declined_partner_pairing_leaves_no_roster_and_an_accepted_one_s
         pending = await account.prepare_welcome(dev, invite, request)
         await account.commit_join(dev, pending)                          # yes
         sent = msgpack.unpackb(pending.welcome, raw=False)["roster"]
-        assert [n async for n in dev.repo.store.list("roster/")] == ["roster/000000000001"]
+        # The one sent, then the one that names the new partner (a broker relays to it).
+        assert sorted([n async for n in dev.repo.store.list("roster/")]) == [
+            "roster/000000000001", "roster/000000000002"]
         assert bytes(await dev.repo.store.get("roster/000000000001")) == sent
+        assert [e.device_id for e in (await roster.newest(dev.repo.store))[0].partners] == \
+            [msgpack.unpackb(request, raw=False)["id"]]
         assert declined.welcome != pending.welcome

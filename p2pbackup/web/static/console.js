@@ -105,7 +105,8 @@ const ICE_PATH = {host: "LAN", reflexive: "hole punched", relay: "TURN relay"};
 function route(p) {
   const path = p.path || "data channel";
   const words = ICE_PATH[p.ice_path] || p.ice_path;
-  return words && path === "data channel" ? `${path} (${words})` : path;
+  const route = words && path === "data channel" ? `${path} (${words})` : path;
+  return route + (p.signaled === "broker" ? ", signaled through the broker" : "");
 }
 
 const WORK = {snapshot: "snapshot of", seal: "sealing the log segment", replication:

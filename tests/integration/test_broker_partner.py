@@ -1,0 +1,75 @@
+"""A storage partner off the LAN, reached through the broker: an owner daemon and a partner
+daemon (a home with no account of its own) that share no LAN and no static address, both with
+`[broker] url`, replicate through one real `p2pbackup-broker`. The owner's status shows the
+partner connected over a session the broker signaled; the partner holds the owner's objects
+and says so in its own status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+
+from p2pbackup.device import open_device
+from p2pbackup.format.membership import PARTNER
+from tests.adversary.test_partner_roster import join
+from tests.conftest import Cli
+from tests.eventually import eventually_sync
+from tests.integration.test_broker_daemons import status, through_broker
+from tests.integration.test_daemon import Daemon
+from tests.servers import broker_server
+
+pytestmark = pytest.mark.timeout(240)
+
+
+async def pair_partner(owner: Path, partner: Path) -> str:
+    async with open_device(owner, write=True) as dev:
+        return (await join(dev, partner, PARTNER)).device_id
+
+
+def objects(store: Path) -> set[str]:
+    return {str(p.relative_to(store)) for p in store.rglob("*") if p.is_file()
+            and p.relative_to(store).parts[0] in ("packs", "snapshots", "heads", "membership")}
+
+
+def test_a_partner_off_the_lan_is_reached_and_replicated_to_through_the_broker(
+        tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("kept by a friend\n")
+    a, p = Cli(tmp_path / "a"), Cli(tmp_path / "friends-nas")
+    a("init", "--source", str(src))
+    partner_id = asyncio.run(pair_partner(a.home, p.home))
+    account = next((p.home / "partners").glob("*.grant")).stem
+    kept = p.home / "partners" / account / "store"
+    with broker_server(tmp_path / "broker") as broker, contextlib.ExitStack() as stack:
+        daemons = []
+        for c in (a, p):
+            through_broker(c, broker.url)
+            (tmp_path / f"d-{c.home.name}").mkdir()
+            d = Daemon(c, tmp_path / f"d-{c.home.name}")
+            stack.callback(d.stop)
+            daemons.append(d)
+        for d in daemons:
+            d.wait_for("READY=1", 60)
+
+        def partner_peer() -> dict:
+            return next((x for x in status(a)["peers"] if x["device"] == partner_id), {})
+        eventually_sync(lambda: partner_peer().get("connected"), 90)
+        assert partner_peer()["signaled"] == "broker"
+        assert "signaled through the broker" in a("status").stdout
+        # The owner's first snapshot reaches the partner over that session.
+        eventually_sync(lambda: any(n.startswith("snapshots/") for n in objects(kept)), 90)
+        mine = objects(a.home / "store")
+        eventually_sync(lambda: mine <= objects(kept), 90)
+        held = json.loads(p("status", "--json").stdout)["partner_for"]
+        assert held[0]["account"] == account and held[0]["used"] > 0
+        assert held[0]["broker"]["connected"]
+        assert f"broker {broker.url} for it: connected" in p("status").stdout
+        eventually_sync(lambda: (partner_peer().get("held_objects") or 0) > 0, 60)
+        assert f"account {account} follows roster" in broker.log_text() or \
+            f"account {account} registered" in broker.log_text()
