@@ -209,16 +209,21 @@ class Broker:
         return account
 
     async def _member(self, request: web.Request, body: bytes = b"", *,
-                      recovering: bool = False) -> tuple[str, _Account, str]:
+                      recovering: bool = False, partners: bool = False
+                      ) -> tuple[str, _Account, str]:
         """(account id, account, device) of a request signed by a device the roster lists
-        (or, with `recovering`, by the recovery signer it names)."""
+        (or, with `recovering`, by the recovery signer it names; with `partners`, by a storage
+        partner it names)."""
         account = self._account_id(request)
         held = await self._account(account)
         if held is None:
             raise Refused(404, f"account {account} is not registered on this broker")
-        device = self.requests.signer(request, body, account, (
-            (lambda d: _socket_key(held.roster, d)) if recovering else held.roster.key_of))
-        return account, held, device
+        roster, recovery = held.roster, held.roster.next_signer_key(device_id_for)
+
+        def key(d: str) -> bytes | None:
+            return roster.key_of(d) or (recovery(d) if recovering else None) or \
+                (roster.partner_key(d) if partners else None)
+        return account, held, self.requests.signer(request, body, account, key)
 
     @staticmethod
     async def _body(request: web.Request) -> bytes:
@@ -397,7 +402,7 @@ class Broker:
                           "payload": base64.b64encode(q.payload).decode()} for q in queued]})
 
     async def _ice(self, request: web.Request) -> web.Response:
-        account, held, device = await self._member(request, recovering=True)
+        account, held, device = await self._member(request, recovering=True, partners=True)
         return web.json_response({"iceServers": ice_servers(self.ice, device, self.now()),
                                   "ttl": self.ice.ttl})
 

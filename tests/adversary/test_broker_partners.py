@@ -17,7 +17,7 @@ import pytest
 from p2pbackup import session
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.discovery.broker import BrokerSignaling
-from p2pbackup.errors import PeerUnreachable
+from p2pbackup.errors import PeerUnreachable, RemoteProtocolError
 from p2pbackup.format.membership import PARTNER, Member, Membership
 from p2pbackup.protocol.broker_wire import socket_auth_message
 from tests.brokers import LOOPBACK, closed_with, device, echoed, membership, online
@@ -76,6 +76,10 @@ async def test_only_the_account_naming_a_partner_reaches_it_and_strangers_are_re
         # X's owner reaches its partner through the broker.
         assert await echoed(owner, partner, held[0], b"ping") == b"ping"
         assert partner.links[-1][0] == x.owner.device_id
+        # The partner gets ICE servers, but no list of the account's devices (nor who is on).
+        await partner.client.ice()
+        with pytest.raises(RemoteProtocolError, match="403"):
+            await partner.client.devices()
 
         # A stranger account does not: P is nothing of it.
         before = len(partner.links)
