@@ -646,8 +646,8 @@ async def serve(home: Path | None) -> int:
             d.replicator.check_pack_soon, pack)   # a read failed: heal from a peer
         dev.repo.objects_written = d.objects_stored   # a snapshot's packs go up as they land
         await d.replicator.start_lane(d.peers.bind_address)
+        await _restate_roster(dev)   # before the broker hears the roster (it names partners)
         await d.peers.start()
-        await _restate_roster(dev)
         # On the LAN now: aiortc is imported in a thread while mDNS finds the peers, so it is
         # neither before discovery nor in the way of the first connection.
         from p2pbackup.transport import datachannel
