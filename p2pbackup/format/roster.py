@@ -5,12 +5,12 @@ clear-text projection instead: every current device's id, public key and role (o
 member), the devices removed, and the public key of the key epoch's recovery signer. The
 account's storage partners are named apart (`partners`): they are not devices of the account
 (a partner never admits another partner), but a broker that follows the roster relays the
-account's devices' offers to them (broker/service.py). Like the membership, each version has `seq` one higher than the one before
-and the hash of that object, and is signed by an owner of that previous version or by the
-recovery signer it names (a device recovering the account when no owner device is left);
-the first version a partner holds is the one it got at pairing. A partner follows the chain:
-only owners' removal records count, only listed devices may connect, read and push, and the
-recovery signer may read.
+account's devices' offers to them (broker/service.py). Like the membership, each version
+has `seq` one higher than the one before and the hash of that object, and is signed by an
+owner of that previous version or by the recovery signer it names (a device recovering the
+account when no owner device is left); the first version a partner holds is the one it got
+at pairing. A partner follows the chain: only owners' removal records count, only listed
+devices may connect, read and push, and the recovery signer may read.
 
     header(kind ROSTER, flags 0) | Signed{type roster, body: msgpack {v, seq, prev, time,
                                                                       members, removed,
