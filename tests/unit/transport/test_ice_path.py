@@ -45,6 +45,8 @@ def test_status_and_the_console_name_the_data_channels_route():
     assert peer_route(relayed) == "data channel (TURN relay)"
     assert peer_route({"path": "direct lane", "ice_path": "host"}) == "direct lane"
     assert peer_route({"path": "data channel", "ice_path": None}) == "data channel"
+    assert peer_route({"path": "data channel", "ice_path": "reflexive", "signaled": "broker"}) \
+        == "data channel (hole punched), signaled through the broker"
     page = devices({"devices": [{"id": "ab" * 16, "name": "laptop", "this_device": False,
                                  "sources": None, "quota": None, "role": "member",
                                  "peer": relayed}], "removed": [], "version": 3,
