@@ -311,3 +311,35 @@ def test_a_new_device_recovers_through_the_broker_from_a_peer_behind_nat(world, 
         # The recovery code and the broker's address: no peer address, no [ice] table.
         _run_in(host_s3, new, "recover", "--from", f"peer:{a_id[:8]}", "--broker",
                 trusting.url, "--name", "new", "--recovery-code-file", str(code_file))
+
+
+def test_a_storage_partner_in_another_home_is_reached_hole_punched_through_the_broker(
+        world, trusting, tmp_path: Path):
+    """No LAN, no forwarded port: the owner dials its partner (a home with no account of its
+    own) through the broker, and the data channel is hole punched with its STUN server."""
+    import asyncio
+
+    from tests.integration.test_broker_partner import objects, pair_partner
+
+    _, _, _, devices, _ = world
+    src = tmp_path / "src"
+    _fill(src)
+    a, friend = Cli(tmp_path / "home-a"), Cli(tmp_path / "home-friend")
+    a("init", "--source", str(src))
+    partner_id = asyncio.run(pair_partner(a.home, friend.home))
+    for cli in (a, friend):
+        with open(cli.home / "config.toml", "a") as f:
+            f.write(f'\n[broker]\nurl = "{trusting.url}"\n')
+    a("snapshot")
+    account = next((friend.home / "partners").glob("*.grant")).stem
+    kept = friend.home / "partners" / account / "store"
+    procs = [start_daemon(devices["c1"], a, tmp_path, "a"),
+             start_daemon(devices["c2"], friend, tmp_path, "friend")]
+    try:
+        eventually_sync(lambda: _peer(a, partner_id).get("connected"), timeout=90, interval=0.3)
+        assert _peer(a, partner_id)["ice_path"] == "reflexive"
+        assert _peer(a, partner_id)["signaled"] == "broker"
+        mine = objects(a.home / "store")
+        eventually_sync(lambda: mine <= objects(kept), timeout=90, interval=0.3)
+    finally:
+        stop_all(procs)
