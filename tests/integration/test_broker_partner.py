@@ -1,8 +1,8 @@
 """A storage partner off the LAN, reached through the broker: an owner daemon and a partner
 daemon (a home with no account of its own) that share no LAN and no static address, both with
 `[broker] url`, replicate through one real `p2pbackup-broker`. The owner's status shows the
-partner connected over a session the broker signaled; the partner holds the owner's objects
-and says so in its own status.
+partner connected over a session the broker signaled; the partner holds the owner's objects,
+says so in its own status, and serves them back (`verify --read-data --from peer:`).
 """
 
 from __future__ import annotations
@@ -71,5 +71,12 @@ def test_a_partner_off_the_lan_is_reached_and_replicated_to_through_the_broker(
         assert held[0]["broker"]["connected"]
         assert f"broker {broker.url} for it: connected" in p("status").stdout
         eventually_sync(lambda: (partner_peer().get("held_objects") or 0) > 0, 60)
+        # With the owner's daemon stopped (the CLI takes its broker socket), the owner reads
+        # its data back from the partner through the broker (LAN off: no other way).
+        daemons[0].stop()
+        stack.pop_all()
+        stack.callback(daemons[1].stop)
+        got = a("verify", "--read-data", "--from", "peer:friends-nas")
+        assert "no problems found" in got.stdout, got.stdout + got.stderr
         assert f"account {account} follows roster" in broker.log_text() or \
             f"account {account} registered" in broker.log_text()
