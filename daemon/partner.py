@@ -131,7 +131,15 @@ class PartnerService(StoragePartner):
     async def _apply_removals(self) -> None:
         while True:
             await self.apply_removals()
+            await self._close_forgotten()
             await asyncio.sleep(min(60.0, max(1.0, self.config.peers.removal_grace / 2)))
+
+    async def _close_forgotten(self) -> None:
+        """Close the broker sockets of accounts whose grant is gone (an owner deleted the
+        account). Not at once: the session that brought the deletion runs on that socket's
+        tasks and is still to be answered."""
+        for account in set(self.brokers) - {g.account for g in self.grants}:
+            await self.brokers.pop(account).close()
 
     async def close(self) -> None:
         for t in self._tasks:

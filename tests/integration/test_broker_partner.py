@@ -80,3 +80,38 @@ def test_a_partner_off_the_lan_is_reached_and_replicated_to_through_the_broker(
         assert "no problems found" in got.stdout, got.stdout + got.stderr
         assert f"account {account} follows roster" in broker.log_text() or \
             f"account {account} registered" in broker.log_text()
+
+
+async def test_a_partner_closes_its_broker_socket_for_an_account_it_forgot(tmp_path: Path):
+    """An owner deleted the account at the partner (grant and data gone): the partner's socket
+    for that account goes too, at its next removal round, so it is not online there for the
+    broker nor answers offers it would refuse anyway."""
+    from p2pbackup.config import set_broker
+    from p2pbackup.daemon.partner import PartnerService
+    from p2pbackup.discovery.broker import BrokerClient
+    from p2pbackup.repo import roster
+    from p2pbackup.repo.partner_store import load_grants
+    from tests.adversary.accounts import make_owner
+    from tests.eventually import eventually
+
+    await make_owner(tmp_path / "a", [])
+    partner_home = tmp_path / "friends-nas"
+    with broker_server(tmp_path / "broker") as broker:
+        async with open_device(tmp_path / "a", write=True) as dev:
+            me = await join(dev, partner_home, PARTNER)
+            owner = BrokerClient(broker.url, dev.identity, dev.keys.fingerprint())
+            await owner.publish_rosters([(await roster.newest(dev.repo.store))[1]])
+            await owner.close()
+        with open(partner_home / "config.toml", "a") as f:
+            f.write("\n[peers]\nlan = false\nremoval_grace = 2\n")
+        (grant,) = load_grants(partner_home)
+        service = PartnerService(set_broker(partner_home, broker.url), me, [grant])
+        await service.start()
+        try:
+            client = service.brokers[grant.account]
+            await eventually(client.connected.is_set)
+            await service._forget(grant, bringer="")   # as an owner's account deletion does
+            await eventually(lambda: not client.connected.is_set() and not service.brokers)
+            assert f"socket {me.device_id[:12]}" not in broker.log_text()   # closed, not refused
+        finally:
+            await service.close()
