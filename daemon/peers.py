@@ -312,7 +312,8 @@ class PeerManager:
         are the side that dials; otherwise the sender dials us after its push (push_new)."""
         if not self.allowed(sender) or sender == self.me:
             return
-        log.info("peer %s has new data (broker push)", sender[:12])
+        log.info("storage partner %s is on the broker" if sender in self._partners() else
+                 "peer %s has new data (broker push)", sender[:12])
         if self._broker_dials(sender):
             self._start_dial(sender)
 

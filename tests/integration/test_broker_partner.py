@@ -60,6 +60,9 @@ def test_a_partner_off_the_lan_is_reached_and_replicated_to_through_the_broker(
         def partner_peer() -> dict:
             return next((x for x in status(a)["peers"] if x["device"] == partner_id), {})
         eventually_sync(lambda: partner_peer().get("connected"), 90)
+        # (the partner said so with a push when its socket came up: queued, or at once)
+        eventually_sync(lambda: f"storage partner {partner_id[:12]} is on the broker" in
+                        (tmp_path / "d-a" / "daemon.log").read_text(errors="replace"), 60)
         assert partner_peer()["signaled"] == "broker"
         assert "signaled through the broker" in a("status").stdout
         # The owner's first snapshot reaches the partner over that session.
