@@ -30,7 +30,6 @@ from p2pbackup.discovery.broker import BrokerClient, BrokerIce
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.replication.partner import StoragePartner
 from p2pbackup.repo.partner_store import Grant
-
 from p2pbackup.transport.datachannel import IceConfig
 
 from .peers import connection_limits
