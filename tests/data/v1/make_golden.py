@@ -192,6 +192,20 @@ def main() -> None:
         "removed": ["f" * 32], "future": "ignored"}, use_bin_type=True)
     (HERE / "roster.obj").write_bytes(clear_object(
         Kind.ROSTER, Signed.make(ROSTER_SIG, roster, dev.device_id, dev.sign)))
+    # Version 2 of that roster: the account's storage partner (`friend`) named apart in
+    # `partners` (the broker relays between the account's devices and it); a reader from before
+    # partners skips the field.
+    from p2pbackup.format.roster import roster_hash
+
+    roster2 = msgpack.packb({
+        "v": 1, "seq": 2, "prev": roster_hash((HERE / "roster.obj").path.read_bytes()),
+        "time": 1_700_000_000_000_000_003,
+        "members": [[dev.device_id, dev.public_key, "owner"],
+                    [second.device_id, second.public_key, "member"]],
+        "partners": [[friend.device_id, friend.public_key]],
+        "removed": ["f" * 32]}, use_bin_type=True)
+    (HERE / "roster-partners.obj").write_bytes(clear_object(
+        Kind.ROSTER, Signed.make(ROSTER_SIG, roster2, dev.device_id, dev.sign)))
 
     # Signed envelope version 2 (the record type is part of what is signed), and what came
     # with it: a removal version that pins what stays valid of the removed device and lists a

@@ -173,6 +173,23 @@ def test_v1_roster():
     assert r.owner_key(second.device_id) is None
 
 
+def test_v1_roster_naming_partners_follows_the_first_and_keeps_partners_apart():
+    from p2pbackup.crypto.identity import device_id_for
+    from p2pbackup.format.roster import check_next, check_signed, roster_hash
+
+    first_data = (V1 / "roster.obj").read_bytes()
+    first = check_signed(first_data, {DEVICE.device_id: DEVICE.public_key}.get,
+                         verify_signature, device_id_for)
+    second, friend = DeviceIdentity(bytes(range(64, 96))), DeviceIdentity(bytes(range(96, 128)))
+    r = check_next(first, roster_hash(first_data), (V1 / "roster-partners.obj").read_bytes(),
+                   verify_signature, device_id_for)
+    assert r.seq == 2 and [e.device_id for e in r.members] == [DEVICE.device_id,
+                                                               second.device_id]
+    assert [(e.device_id, e.public_key, e.role) for e in r.partners] == \
+        [(friend.device_id, friend.public_key, "partner")]
+    assert r.owner_key(friend.device_id) is None   # a partner never signs the account's roster
+
+
 # ---- signed envelope version 2, pins, box keys, signed keyrings, epoch-sealed trailers ------
 
 KEYS1 = KEYS.with_epoch(1, bytes(range(128, 160)))
