@@ -101,8 +101,8 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
     from p2pbackup.backup.snapshot import SnapshotProgress, take_snapshot
     from p2pbackup.config import load_config, sources_for_paths
     from p2pbackup.device import open_device
-    from p2pbackup.errors import NotFound, StorageError
-    from p2pbackup.repo.upload import upload_alongside
+    from p2pbackup.errors import NotFound
+    from p2pbackup.repo.upload import store_error, upload_alongside
 
     from .store_cmds import new_uploader, refuse_if_daemon_uploads, say_pushed, upload_progress
 
@@ -171,7 +171,7 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
         print(f"  read {output.human_bytes(s.bytes_read)}, added "
               f"{output.human_bytes(s.bytes_added)} ({s.blobs_added} blobs, {s.packs_written} "
               f"packs) in {s.seconds:.1f} s")
-    failed = [u for u in uploaders if u.status.last_error is not None]
+    failed = [u for u in uploaders if u.failure is not None]
     for u in uploaders:
         if u not in failed and not as_json:
             say_pushed(u, took)
@@ -180,14 +180,12 @@ def snapshot(paths: list[str] = typer.Argument(None, help="Directories (default:
         for w in summary.warnings:
             print(f"    {w}", file=sys.stderr)
     for u in failed:
-        said = u.status.last_error
-        line = (said if said.startswith(f"store {u.location}") else
-                f"store {u.location}: {said}") + \
-            "; the snapshot is saved here, `p2pbackup store push` uploads the rest later"
+        error = store_error(u.location, u.failure, "the snapshot is saved here, `p2pbackup "
+                            "store push` uploads the rest later")
         if u is not failed[-1]:
-            output.warn(line)
+            output.warn(str(error))
         else:
-            raise StorageError(line)
+            raise error
     if summary.warnings:
         raise typer.Exit(EXIT_PARTIAL)
 

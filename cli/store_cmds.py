@@ -96,8 +96,8 @@ def push(location: Optional[str] = typer.Argument(
     from dataclasses import replace
 
     from p2pbackup.config import StoreSettings, load_config
-    from p2pbackup.errors import ConfigError, P2PError, StorageError
-    from p2pbackup.repo.upload import FAILURES, UploadProgress, error_line
+    from p2pbackup.errors import ConfigError
+    from p2pbackup.repo.upload import FAILURES, UploadProgress, store_error
 
     from .common import home, writable_device
 
@@ -133,10 +133,8 @@ def push(location: Optional[str] = typer.Argument(
         started = time.monotonic()
         try:
             await uploader.upload_pending()
-        except P2PError:
-            raise
-        except FAILURES as exc:   # (OSError, TimeoutError from a backend)
-            raise StorageError(f"store {settings.location}: {error_line(exc)}") from None
+        except FAILURES as exc:   # (OSError, TimeoutError from a backend too)
+            raise store_error(settings.location, exc) from None
         finally:
             await uploader.close()
         say_pushed(uploader, time.monotonic() - started)

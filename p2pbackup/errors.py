@@ -42,6 +42,20 @@ class DiskFull(StorageError):
     exit_code = 12
 
 
+class StoreFailed(P2PError):
+    """{}"""
+
+    # Another error's words with the store it happened at and what was kept meanwhile (the
+    # snapshot `snapshot --push` saved), and that error's exit code: the same meaning to a
+    # user, so a full store stays 12 and a refused device 23 (repo/upload.py store_error).
+    def __init__(self, line: str, exit_code: int) -> None:
+        super().__init__(line)
+        self.exit_code = exit_code
+
+    def __reduce__(self):
+        return type(self), (str(self), self.exit_code)
+
+
 class IntegrityError(P2PError):
     """{}"""
 

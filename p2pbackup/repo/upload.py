@@ -28,7 +28,7 @@ import blake3
 from .. import activity, ids
 from ..blobs.base import BlobStore, ObjectExists
 from ..config import StoreSettings
-from ..errors import ConfigError, IntegrityError, NotFound, P2PError, StorageError
+from ..errors import ConfigError, IntegrityError, NotFound, P2PError, StorageError, StoreFailed
 from ..format.log import check_head_update
 from ..format.membership import OWNER
 from ..format.pack import pack_name
@@ -253,6 +253,20 @@ def error_line(exc: BaseException) -> str:
 FAILURES = (P2PError, OSError, TimeoutError)   # what a store's backend may raise: retried
 
 
+def store_error(location: str, exc: BaseException, then: str = "") -> P2PError:
+    """The error a command ends with when uploading to `location` failed with `exc`: one
+    line that names the store (and `then`: what was kept), with `exc`'s exit code (a full
+    store 12, a refused device 23; StorageError's for an OSError or a timeout)."""
+    line = " ".join(str(exc).split()) if isinstance(exc, P2PError) else error_line(exc)
+    if f"store {location}" not in line:   # ("The store …", "WebDAV store …" name it too)
+        line = f"store {location}: {line}"
+    if then:
+        line = f"{line.rstrip('.')}; {then}"
+    if not isinstance(exc, P2PError):
+        return StorageError(line)
+    return exc if line == str(exc) else StoreFailed(line, exc.exit_code)
+
+
 async def upload_alongside(repo: Repository, uploaders: list["StoreUploader"],
                            work: Awaitable[T]) -> T:
     """`work` (a snapshot) while `uploaders` put each pack it stores as it lands, then one
@@ -305,6 +319,7 @@ class StoreUploader:
         self.status = StoreStatus(self.location,
                                   last_upload=progress.last_upload(self.location))
         self.failures = 0
+        self.failure: BaseException | None = None   # what the last pass failed with
         self._remote: BlobStore | None = None
         self._done: set[str] | None = None       # immutable names on the store
         self._digests: dict[str, bytes] = {}     # mutable name -> digest of what is there
@@ -383,6 +398,7 @@ class StoreUploader:
             await self.upload_pending()
         except FAILURES as exc:
             self.failures += 1
+            self.failure = exc
             if self._done is None:   # failed before the pass counted what is behind
                 await self._count_quietly()
             line = error_line(exc)
@@ -391,7 +407,7 @@ class StoreUploader:
             self.status.reachable, self.status.last_error = False, line
             await self.close()   # a broken connection is not reused
             return False
-        self.failures = 0
+        self.failures, self.failure = 0, None
         self.status.reachable, self.status.last_error = True, None
         return True
 

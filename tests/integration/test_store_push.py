@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cli
+from tests.faultproxy import Fault, FaultProxy
 from tests.integration.test_daemon import Daemon
 from tests.integration.test_stores import _device, _local_objects
 
@@ -19,6 +20,19 @@ servers = pytest.importorskip("tests.servers", reason="the S3 test servers (test
 @pytest.fixture(scope="module")
 def weed(tmp_path_factory):
     yield from servers.weed_mini(tmp_path_factory.mktemp("weed"))
+
+
+@pytest.fixture(scope="module")
+def weed_proxy(weed):
+    with FaultProxy(weed.endpoint) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxy(weed_proxy):
+    weed_proxy.fault = None
+    yield weed_proxy
+    weed_proxy.fault = None
 
 
 def _bucket_names(weed, bucket: str, prefix: str) -> set[str]:
@@ -124,6 +138,58 @@ def test_snapshot_push_to_a_failing_store_saves_the_snapshot_says_one_line_and_a
     target.unlink()   # the disk is back
     assert f"pushed {len(_objects(cli))} objects" in cli("store", "push").stdout
     assert "no problems found" in cli("verify", "--read-data", "--from", str(target)).stdout
+
+
+def _push_fails_keeping_the_snapshot(cli: Cli, code: int) -> str:
+    """`snapshot --push` against a store that fails: exit `code` and one line, the snapshot
+    saved here all the same (the local repository verifies); that line."""
+    proc = cli("snapshot", "--push", check=False)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert "the snapshot is saved here" in proc.stderr, proc.stderr
+    assert re.search(r"^snapshot [0-9a-f]{8} saved$", proc.stdout, re.M), proc.stdout
+    assert len(json.loads(cli("snapshots", "--json").stdout)) == 1
+    assert "no problems found" in cli("verify", "--read-data").stdout
+    return proc.stderr
+
+
+def test_snapshot_push_to_a_full_s3_store_exits_12_naming_the_store_and_keeps_the_snapshot(
+        cli: Cli, tmp_path: Path, weed, proxy: FaultProxy):
+    _device(cli, tmp_path, 1024 * 1024)
+    bucket = weed.new_bucket()
+    location = f"s3://{bucket}/backup"
+    cli("store", "add", location, *_options(weed, endpoint=proxy.url))
+    proxy.fault = Fault("status", method="PUT", match="/packs/", status=507,
+                        code="InsufficientStorage")
+    line = _push_fails_keeping_the_snapshot(cli, 12)
+    assert proxy.fault.hits, "no pack was put through the proxy"
+    assert line.startswith(f"p2pbackup: error: The store {location} is full (the server "
+                           "answered InsufficientStorage"), line
+    proxy.fault = None   # space was made: the push resumes and the store is whole
+    assert f"pushed " in cli("store", "push").stdout
+    assert _bucket_names(weed, bucket, "backup") == _objects(cli)
+    assert "no problems found" in cli("verify", "--read-data", "--from", location).stdout
+
+
+def test_snapshot_push_with_rejected_credentials_exits_11_in_one_line_naming_the_store(
+        cli: Cli, tmp_path: Path, weed):
+    _device(cli, tmp_path, 1024)
+    location = f"s3://{weed.new_bucket()}/backup"
+    cli("store", "add", location, *_options(weed, secret_access_key="wrong"))
+    line = _push_fails_keeping_the_snapshot(cli, 11)
+    assert line.startswith(f"p2pbackup: error: store {location}: the server refused the "
+                           "credentials (SignatureDoesNotMatch)"), line
+
+
+def test_snapshot_push_over_a_storage_server_quota_exits_12_with_the_server_line(
+        cli: Cli, tmp_path: Path):
+    _device(cli, tmp_path, 1024 * 1024)
+    with servers.storage_server(tmp_path / "srv", "--quota", "256K") as server:
+        cli("store", "add", server.location, "-o", f"invite={server.invite()}",
+            "-o", f"ca_file={server.ca_file}")
+        line = _push_fails_keeping_the_snapshot(cli, 12)
+    assert line.startswith(f"p2pbackup: error: The store {server.location} is full ("), line
 
 
 def test_snapshot_push_is_refused_while_the_daemon_runs(cli: Cli, tmp_path: Path):
