@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from p2pbackup.blobs.base import BlobStore, ObjectExists, StoreCapabilities
+from p2pbackup.blobs.base import BlobStore, ObjectExists, StoreCapabilities, StoreFull
 from p2pbackup.blobs.local import LocalDirStore
 from p2pbackup.config import StoreSettings
-from p2pbackup.errors import DiskFull, NotFound, StorageError
+from p2pbackup.errors import DiskFull, NotFound, PeerNotPaired, StorageError
 from p2pbackup.format.log import Segment
 from p2pbackup.repo.logstore import LogStore
 from p2pbackup.repo.replica import offered_names
 from p2pbackup.repo.repository import Repository
 from p2pbackup.repo.upload import (LAST, StoreUploader, TokenBucket, UploadProgress,
-                                   backoff_delay, upload_phase)
+                                   backoff_delay, store_error, upload_phase)
 
 from tests.eventually import eventually
 
@@ -948,3 +948,18 @@ async def test_a_store_failing_mid_snapshot_leaves_the_snapshot_whole_and_resume
     assert await uploader(a, remote, progress).upload_once()
     assert set(remote.puts) == await offered_names(a)
     assert len(remote.puts) == len(set(remote.puts)), Counter(remote.puts).most_common(3)
+
+
+@pytest.mark.parametrize("failure, code", [
+    (StoreFull("s3://b/p", "the server answered 507 to write packs/ab"), 12),
+    (PeerNotPaired("store s3://b/p: device 1a2b is not a device of account 3f2a"), 23),
+    (StorageError("the connection was reset"), 11),
+    (ConnectionResetError(104, "Connection reset by peer"), 11),
+    (TimeoutError(), 11)])
+def test_a_failed_upload_ends_with_the_failures_exit_code_and_names_the_store_once(
+        failure: BaseException, code: int) -> None:
+    error = store_error("s3://b/p", failure, "the snapshot is saved here")
+    line = str(error)
+    assert error.exit_code == code, line
+    assert line.count("s3://b/p") == 1 and "\n" not in line, line
+    assert line.endswith("; the snapshot is saved here") and ".;" not in line, line
