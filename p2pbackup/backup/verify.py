@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..errors import P2PError
 from ..format.log import PUT
 from ..format.records import DIR, FILE, TreeEntry
-from ..repo.index import BlobLocation
+from ..repo.index import BlobLocation, PackDamage
 from ..repo.logstore import LogStore
 from ..repo.repository import Repository, StoredSnapshot
 from .gcwindow import fewer_collections
@@ -80,6 +80,7 @@ class PackCheck:
     problem: str | None            # what is wrong with the pack beyond its blobs
     blobs_read: int = 0
     bytes_read: int = 0
+    damage: PackDamage | None = None   # what the index is to record (the pack was read)
 
 
 def check_pack_blocking(repo: Repository, name: str,
@@ -106,7 +107,7 @@ def check_pack_blocking(repo: Repository, name: str,
         # the pack itself is what is damaged.
         problem = "its content does not match its name" + (f"; {problem}" if problem else "")
     good = len(blobs) - sum(1 for bid, _ in blobs if bid in bad)
-    return PackCheck(name, bad, problem, good, exam.size)
+    return PackCheck(name, bad, problem, good, exam.size, exam.damage)
 
 
 class Findings:
@@ -186,9 +187,11 @@ async def verify(repo: Repository, *, read_data: bool = False,
             actual = -1
         if actual != size:
             # Read, its blobs say for themselves; unread, each of them is in doubt.
-            found.pack(name, "missing from the store" if actual < 0
-                       else f"is {actual} bytes, expected {size}",
-                       every_blob=not read_data or actual < 0)
+            why = "missing from the store" if actual < 0 else f"is {actual} bytes, expected {size}"
+            found.pack(name, why, every_blob=not read_data or actual < 0)
+            if actual >= 0 and not read_data:   # (read, the check below records more)
+                await _record(repo, name, PackDamage(f"its content does not match its name: "
+                                                     f"it {why}"))
     report.packs = len(repo.index.packs)
 
     if read_data:
@@ -220,10 +223,21 @@ async def verify(repo: Repository, *, read_data: bool = False,
                     found.pack(checked.name, checked.problem)
                 for bid, why in checked.bad.items():
                     found.blob(bid, why, checked.name)
+                if checked.damage is not None:
+                    await _record(repo, checked.name, checked.damage)
 
     report.snapshots, report.trees, report.segments = await check_references(repo, found)
     report.damage = found.all()
     return report
+
+
+async def _record(repo: Repository, name: str, damage: PackDamage) -> None:
+    """List pack `name` as damaged in the index, as any reader that finds it so does
+    (Repository.recheck_pack): repair, the daemon (which heals it from a peer), the uploader
+    (which replaces a store's copy: this may be that store's index) and status read it there.
+    A read cut short lists it too: the next `verify --read-data` reads it again first."""
+    if repo.index.damaged.get(name) != damage:
+        await repo.index.mark_damaged(name, damage)
 
 
 async def check_references(repo: Repository, found: Findings) -> tuple[int, int, int]:

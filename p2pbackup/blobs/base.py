@@ -51,6 +51,9 @@ class StoreCapabilities:
                                        # only if it still holds the version read (compare-
                                        # and-swap), so two devices writing one store cannot
                                        # put an older head over a newer one
+    overwrite: bool = False       # overwrite() puts other bytes under any name in one
+                                  # atomic step (the old bytes or the new, never none), to
+                                  # heal a damaged copy: never delete-then-put
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +177,13 @@ class BlobStore(abc.ABC):
         """Put mutable `name` only if it still holds the version `tag` (None: only if it is
         missing); False, and nothing written, if another writer changed it meanwhile."""
         raise NotImplementedError(f"{type(self).__name__} has no conditional replace")
+
+    async def overwrite(self, name: str, data: Buffer) -> None:
+        """Put `data` under `name` in place of whatever is there (only with
+        capabilities.overwrite): atomically, so a reader (or a failure half-way) finds the old
+        bytes or the new, never no object. For replacing a damaged copy of an object whose
+        name never changes, which `put` refuses on a create-only store."""
+        raise NotImplementedError(f"{type(self).__name__} cannot overwrite in one step")
 
     def read_path(self) -> str | None:
         """Which path reads take, for a store read over a session with a peer ("direct

@@ -145,9 +145,10 @@ class LocalDirStore(BlobStore):
     # Not create_only: a damaged pack is healed by writing an intact copy over it.
     # conditional_replace: a tag is the BLAKE3 of the content, compared and replaced under
     # an flock (a directory two devices upload to: a NAS mount).
+    # overwrite: every put is a complete temporary file renamed over the name (os.replace).
     capabilities = StoreCapabilities(create_only=False, ranged_reads=True, cheap_listing=True,
                                      blocking=True, local_disk=True,
-                                     conditional_replace=fcntl is not None)
+                                     conditional_replace=fcntl is not None, overwrite=True)
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
@@ -219,6 +220,9 @@ class LocalDirStore(BlobStore):
 
     async def put(self, name: str, data: Buffer) -> None:
         await asyncio.to_thread(self.put_sync, name, data)
+
+    async def overwrite(self, name: str, data: Buffer) -> None:
+        await self.put(name, data)
 
     def sync_sync(self) -> None:
         """syncfs() the file system holding the store: every earlier put becomes durable."""

@@ -27,9 +27,9 @@ class QuotaStore(BlobStore):
         self.location = inner.location
         # Not blocking nor local_disk: the fast paths would write past the quota. No
         # conditional replace: it would too, and a partner (or the server) takes a device's
-        # head from that device alone.
+        # head from that device alone. No overwrite: what a partner holds never changes.
         self.capabilities = replace(inner.capabilities, blocking=False, local_disk=False,
-                                    conditional_replace=False)
+                                    conditional_replace=False, overwrite=False)
         self._used: int | None = None
 
     async def used(self) -> int:

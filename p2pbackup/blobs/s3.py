@@ -183,9 +183,10 @@ class S3Store(BlobStore):
         # create_only only once the server is known to enforce If-None-Match (see the module
         # docstring); until the first put it is not claimed.
         # conditional_replace always (the module docstring says how far a server keeps it).
+        # overwrite: a PUT without a condition replaces an object atomically (S3's model).
         return StoreCapabilities(create_only=self._conditional is True, ranged_reads=True,
                                  cheap_listing=False, blocking=False, local_disk=False,
-                                 conditional_replace=True)
+                                 conditional_replace=True, overwrite=True)
 
     # ---- errors and retries ------------------------------------------------------------
 
@@ -335,6 +336,11 @@ class S3Store(BlobStore):
             raise ObjectExists(f"store {self.location}: {name} already holds other bytes; "
                                "stored objects are never replaced")
 
+    async def overwrite(self, name: str, data: Buffer) -> None:
+        body = bytes(data)
+        self._forget(name)   # (what was read of the old bytes)
+        await self._call("write", name, lambda: self._op.write(name, body))
+
     async def get(self, name: str) -> bytes:
         # The length is checked where it is known (verify asks every pack's size first): a
         # body cut off under a Content-Length that says it is whole is then a failed read to
@@ -405,9 +411,13 @@ class S3Store(BlobStore):
                 yield path
 
     async def delete(self, name: str) -> None:
+        self._forget(name)
+        await self._call("delete", name, lambda: self._op.delete(name))
+
+    def _forget(self, name: str) -> None:
+        """Drop what is cached of `name`'s bytes: they are about to change or go."""
         self._sizes.pop(name, None)
         self._windows.forget(name)
-        await self._call("delete", name, lambda: self._op.delete(name))
 
 
 def _exact(data: bytes, want: int | None) -> bytes:

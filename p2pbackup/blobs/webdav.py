@@ -146,8 +146,9 @@ class WebDavStore(BlobStore):
     # to the destination), which wsgidav and Nextcloud's sabre/dav evaluate; for a server
     # that ignores the If header (nginx dav-ext, found by a probe) the ETag is compared just
     # before the MOVE, which narrows the race to that gap.
+    # overwrite: the same temporary file, MOVEd with `Overwrite: T` (atomic, like every MOVE).
     capabilities = StoreCapabilities(create_only=True, ranged_reads=True, cheap_listing=False,
-                                     conditional_replace=True)
+                                     conditional_replace=True, overwrite=True)
 
     def __init__(self, location: str, *, username: str | None = None,
                  password: str | None = None, ca_file: str | None = None,
@@ -284,8 +285,15 @@ class WebDavStore(BlobStore):
         return status
 
     async def put(self, name: str, data: Buffer) -> None:
+        await self._place(name, data, replace=is_mutable_name(name))
+
+    async def overwrite(self, name: str, data: Buffer) -> None:
+        await self._place(name, data, replace=True)
+
+    async def _place(self, name: str, data: Buffer, *, replace: bool) -> None:
+        """Upload `data` under a temporary name and MOVE it to `name`; `replace`: over what
+        is there (else a name that holds other bytes is ObjectExists)."""
         path, tmp = await self._put_temporary(name, data)
-        replace = is_mutable_name(name)
         status = await self._move(tmp, path, {"Overwrite": "T" if replace else "F"})
         if status in (200, 201, 204):
             return

@@ -448,9 +448,10 @@ class StoreUploader:
     async def _heal(self, remote: BlobStore) -> None:
         """Put this device's intact copy in place of each pack the store holds damaged, as
         reading the store noted it (`verify --from`, `restore --from`: that store's index in
-        this device's cache): the damaged copy is deleted, then the intact one put. A store
-        that deletes nothing but what a removal record releases (the storage server) keeps
-        it, said once: the intact copy is here and on the peers."""
+        this device's cache), in one step (BlobStore.overwrite): a put that fails half-way
+        leaves the damaged copy, never no copy. A store that cannot (the storage server
+        deletes and replaces nothing but what a removal record releases) keeps it, said
+        once: the intact copy is here and on the peers."""
         cache = os.path.dirname(os.path.dirname(self.repo.index.path))
         noted = await asyncio.to_thread(noted_damage, store_index_path(
             cache, self.repo.config.repo_id, remote.location))
@@ -458,11 +459,13 @@ class StoreUploader:
             name = f"packs/{pack}"
             if pack not in self.repo.index.packs or pack in self.repo.index.damaged:
                 continue   # no intact copy here
-            if remote.capabilities.append_only:
+            if not remote.capabilities.overwrite:
                 self._healed.add(pack)
-                log.warning("store %s keeps its damaged copy of pack %s (it deletes only what a "
-                            "removal record releases); the intact copy is here and on the "
-                            "peers", self.location, pack[:12])
+                log.warning("store %s keeps its damaged copy of pack %s (%s); the intact copy "
+                            "is here and on the peers", self.location, pack[:12],
+                            "it deletes only what a removal record releases"
+                            if remote.capabilities.append_only
+                            else "it cannot replace an object in one step")
                 continue
             with contextlib.suppress(NotFound):   # (healed at an earlier run: the note lags)
                 if await asyncio.to_thread(pack_name, await remote.get(name)) == pack:
@@ -472,10 +475,7 @@ class StoreUploader:
             if await asyncio.to_thread(pack_name, data) != pack:
                 self._rotten(name)
                 continue
-            # Deleted first: no store replaces an object of a content-addressed name on a
-            # put (create-only ones refuse; the others are asked `has` first).
-            await remote.delete(name)
-            await self._send_once(remote, name, data)
+            await self._send(remote, name, data, overwrite=True)
             self._healed.add(pack)
             log.warning("store %s held a damaged copy of pack %s: replaced by the intact copy "
                         "here", self.location, pack[:12])
@@ -708,10 +708,12 @@ class StoreUploader:
                         "(`verify --from` it)", self.location, name[:60])
             return None
 
-    async def _send(self, remote: BlobStore, name: str, data: bytes) -> float:
-        """Put one object within the bandwidth cap; the time it was done."""
+    async def _send(self, remote: BlobStore, name: str, data: bytes, *,
+                    overwrite: bool = False) -> float:
+        """Put one object within the bandwidth cap (`overwrite`: in place of what is there);
+        the time it was done."""
         await self._spend(len(data))
-        await remote.put(name, data)
+        await (remote.overwrite if overwrite else remote.put)(name, data)
         return self._sent(len(data))
 
     async def _send_if(self, remote: BlobStore, name: str, data: bytes,

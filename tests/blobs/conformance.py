@@ -115,6 +115,24 @@ class BlobStoreConformance:
             await store.put(name, b"other")
         assert await store.get(name) == b"first"
 
+    async def test_overwrite_replaces_any_object_where_declared(self, store: BlobStore
+                                                                ) -> None:
+        intact = os.urandom(3000)
+        name = addressed("packs", intact)
+        damaged = bytes([intact[0] ^ 1]) + intact[1:]
+        if not store.capabilities.overwrite:
+            await store.put(name, intact)   # (a store that checks names refuses rot)
+            with pytest.raises(NotImplementedError):
+                await store.overwrite(name, intact)
+            return
+        await store.put(name, damaged)
+        assert await store.get_range(name, 0, 10) == damaged[:10]   # (cached by some)
+        await store.overwrite(name, intact)
+        assert await store.get(name) == intact
+        assert await store.get_range(name, 0, 10) == intact[:10]
+        assert await store.size(name) == len(intact)
+        assert await _names(store, "packs/") == [name]
+
     async def test_blocking_fast_path_agrees_with_put_and_get(self, store: BlobStore) -> None:
         if not store.capabilities.blocking:
             with pytest.raises(NotImplementedError):

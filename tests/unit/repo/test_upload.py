@@ -796,6 +796,114 @@ async def test_a_pack_damaged_in_a_store_is_replaced_by_the_intact_copy_here(
             await remote.close()
 
 
+async def _noted_damaged_in(a: Repository, remote: BlobStore) -> set[str]:
+    """Read `remote` as `verify --from` it does (its own index in this device's cache): the
+    packs noted as damaged there."""
+    cache = str(Path(a.index.path).parent.parent)
+    seen = await Repository.open(remote, KEYS, None, cache, read_only=True)
+    try:
+        return set(seen.index.damaged)
+    finally:
+        await seen.close()
+
+
+async def _nap(seconds: float) -> None:
+    await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("kind, fault", [("wsgidav", "status"), ("wsgidav", "reset"),
+                                         ("weed", "status"), ("weed", "reset")])
+async def test_healing_a_damaged_pack_whose_put_fails_leaves_the_damaged_copy_in_place(
+        pair, tmp_path, progress, kind, fault):
+    """The intact copy replaces the damaged one in one step (S3: a PUT overwrites; WebDAV:
+    a temporary file MOVEd with Overwrite: T), never delete-then-put: a PUT that fails
+    (a server error, a connection cut mid-body) leaves the store with its damaged copy,
+    not without the pack, and the next pass heals it."""
+    from p2pbackup.backup.verify import verify
+    from p2pbackup.blobs.s3 import S3Store
+    from p2pbackup.blobs.webdav import WebDavStore
+    from tests import servers
+    from tests.faultproxy import Fault, FaultProxy
+
+    a, _, _ = pair
+    with contextlib.ExitStack() as stack:
+        if kind == "wsgidav":
+            dav = stack.enter_context(servers.wsgidav(tmp_path / "dav"))
+            proxy = stack.enter_context(FaultProxy(dav.url))
+            remote = WebDavStore(f"webdav://{proxy.url.split('://')[1]}/dav/store",
+                                 sleep=_nap)
+        else:
+            s3 = stack.enter_context(contextlib.contextmanager(servers.weed_mini)(
+                tmp_path / "weed"))
+            proxy = stack.enter_context(FaultProxy(s3.endpoint))
+            bucket = s3.new_bucket()
+            remote = S3Store(f"s3://{bucket}/store", s3.options(endpoint=proxy.url),
+                             sleep=_nap)
+        try:
+            up = uploader(a, remote, progress)
+            assert await up.upload_once(), up.status.last_error
+            pack = sorted(n for n in await offered_names(a) if n.startswith("packs/"))[0][6:]
+            name = f"packs/{pack}"
+            if kind == "wsgidav":
+                _flip_a_byte(next((dav.root / "store").glob(f"packs/*/{pack}")))
+            else:   # (through a client that does not refuse to replace it)
+                rot = S3Store(remote.location, s3.options(conditional_writes="false"))
+                data = bytearray(await rot.get(name))
+                data[len(data) // 2] ^= 1
+                await rot.delete(name)
+                await rot.put(name, bytes(data))
+                await rot.close()
+            damaged = await remote.get(name)
+            assert pack in await _noted_damaged_in(a, remote)
+            proxy.fault = Fault(fault, method="PUT", match=pack)
+            assert not await up.upload_once(), "the pass did not fail"
+            assert proxy.fault.hits, "the intact copy was not put through the proxy"
+            proxy.fault = None
+            assert await remote.has(name), "the store was left without the pack"
+            assert await remote.get(name) == damaged
+            assert await up.upload_once(), up.status.last_error
+            assert await remote.get(name) == await a.store.get(name)
+            checked = await Repository.open(remote, KEYS, None,
+                                            str(Path(a.index.path).parent.parent),
+                                            read_only=True)
+            try:
+                report = await verify(checked, read_data=True)
+                assert report.ok, [d.line() for d in report.damage]
+            finally:
+                await checked.close()
+        finally:
+            await remote.close()
+
+
+async def test_damage_verify_finds_in_a_store_it_indexed_whole_before_is_healed_by_the_next_pass(
+        pair, tmp_path, progress):
+    """`verify --read-data --from` a store whose pack rotted after that store's index (in
+    this device's cache) took it whole: verify records the damage there, so the uploader's
+    next pass puts the intact copy in its place."""
+    from p2pbackup.backup.verify import verify
+
+    a, _, _ = pair
+    remote = LocalDirStore(tmp_path / "usb")
+    up = uploader(a, remote, progress)
+    assert await up.upload_once()
+    cache = str(Path(a.index.path).parent.parent)
+    assert not await _noted_damaged_in(a, remote)   # indexed whole
+    pack = sorted(n for n in await offered_names(a) if n.startswith("packs/"))[0][6:]
+    _flip_a_byte(Path(remote.path_of(f"packs/{pack}")))
+    checked = await Repository.open(remote, KEYS, None, cache, read_only=True)
+    try:
+        assert not (await verify(checked, read_data=True)).ok
+    finally:
+        await checked.close()
+    assert await up.upload_once(), up.status.last_error
+    checked = await Repository.open(remote, KEYS, None, cache, read_only=True)
+    try:
+        report = await verify(checked, read_data=True)
+        assert report.ok, [d.line() for d in report.damage]
+    finally:
+        await checked.close()
+
+
 class CutShort(Interleaved):
     """The first read of `name` comes back cut short (a proxy that truncates a GET under a
     Content-Length that says it is all)."""
