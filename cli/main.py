@@ -544,6 +544,9 @@ def status(as_json: bool = typer.Option(False, "--json", help="Print the status 
         print(f"  peer {p['name'] or '?'} ({p['device'][:12]}): {where}{extra}")
     for s in st.get("stores", []):
         print(f"  store {s['location']}: {_store_line(s, _time.time())}")
+    for d in st.get("damaged", []):
+        print(f"  damaged: pack {d['pack'][:12]}: {d['reason']} (an intact copy from a peer "
+              "replaces it; `p2pbackup repair` heals it or sets it aside)")
     for e in st.get("errors", []):
         print(f"  error: {e}")
 

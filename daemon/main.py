@@ -41,6 +41,7 @@ from p2pbackup.format.membership import OWNER
 from p2pbackup.ids import is_device
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.repo import removals, roster
+from p2pbackup.repo.index import noted_damage
 from p2pbackup.repo.logstore import LogStore
 from p2pbackup.repo.partner_store import load_grants
 from p2pbackup.repo.upload import StoreUploader, UploadProgress
@@ -444,6 +445,14 @@ class DeviceDaemon:
         answer = await self.peers.relay_signal(to, data)
         return {"answer": base64.b64encode(answer).decode()}
 
+    def damaged(self) -> list[dict[str, str]]:
+        """Packs of this store listed as damaged: by this process, or in the index file by
+        another (`verify`, a restore whose read failed)."""
+        index = self.dev.repo.index
+        listed = {**noted_damage(index.path),
+                  **{name: d.reason for name, d in index.damaged.items()}}
+        return [{"pack": name, "reason": reason} for name, reason in sorted(listed.items())]
+
     async def prune(self, args: dict[str, Any]) -> dict[str, Any]:
         return await self.forget({**args, "prune": True, "policy": None})
 
@@ -478,6 +487,7 @@ class DeviceDaemon:
             "broker": self.peers.broker_status() if self.peers else None,
             "partner_for": self.partner.status() if self.partner else [],
             "stores": [u.status.as_dict() for u, _ in self.uploads.values()],
+            "damaged": self.damaged(),
             "web": self.web.status() if self.web else None,
             "activities": activity.ACTIVITIES.view(),
         }

@@ -695,19 +695,20 @@ class PackIndex:
                 self.packs[name] = (scope, epoch, size)
 
 
-def noted_damage(path: str) -> set[str]:
-    """The packs the index at `path` (another store's, kept in this device's cache) lists as
-    damaged; none if there is no such index or it cannot be read (it is a cache)."""
+def noted_damage(path: str) -> dict[str, str]:
+    """The packs the index at `path` lists as damaged, with what is wrong, whichever process
+    noted it (`verify`, a read that failed; of this store or another's, kept in this device's
+    cache); none if there is no such index or it cannot be read (it is a cache)."""
     if not os.path.exists(path):
-        return set()
+        return {}
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            return {name for (name,) in db.execute("SELECT name FROM damaged")}
+            return dict(db.execute("SELECT name, reason FROM damaged"))
         finally:
             db.close()
     except sqlite3.Error:
-        return set()
+        return {}
 
 
 def _parts(items: list, size: int = 500) -> list[list]:

@@ -455,7 +455,7 @@ class StoreUploader:
         cache = os.path.dirname(os.path.dirname(self.repo.index.path))
         noted = await asyncio.to_thread(noted_damage, store_index_path(
             cache, self.repo.config.repo_id, remote.location))
-        for pack in sorted(noted - self._healed):
+        for pack in sorted(noted.keys() - self._healed):
             name = f"packs/{pack}"
             if pack not in self.repo.index.packs or pack in self.repo.index.damaged:
                 continue   # no intact copy here

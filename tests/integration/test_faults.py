@@ -179,6 +179,9 @@ def test_one_flipped_byte_damages_one_blob_not_its_pack(cli: Cli, tmp_path: Path
     before_blobs = _indexed_blobs(cli("index", "rebuild").stdout)
     pack, ref, (victim,), nblobs = _flip_one_chunk(cli, src)
     blob = ref.id.hex()
+    # Without --read-data a flipped byte cannot be seen: the output says data was not read.
+    plain = cli("verify")
+    assert "no problems found" in plain.stdout and "data not read" in plain.stdout
 
     # verify --read-data names that blob and the one file using it, and nothing else.
     proc = cli("verify", "--read-data", "--json", check=False)
@@ -188,9 +191,9 @@ def test_one_flipped_byte_damages_one_blob_not_its_pack(cli: Cli, tmp_path: Path
     assert damage[0]["affects"] == [f"snapshot {sid}: src/{victim}"]
     text = cli("verify", "--read-data", check=False).stdout
     assert f"blob {blob[:12]} in pack {pack.name[:12]}" in text and f"src/{victim}" in text
-    # Without --read-data a flipped byte cannot be seen: the output says data was not read.
-    plain = cli("verify")
-    assert "no problems found" in plain.stdout and "data not read" in plain.stdout
+    # ... and records it in the index: a plain verify (repair, p2pbackupd) knows it now.
+    plain = cli("verify", check=False)
+    assert plain.returncode == 13 and f"blob {blob[:12]}" in plain.stdout, plain.stdout
 
     # A rebuilt index (or a deleted cache) still finds every other blob of that pack, and
     # knows the damaged one without reading the data again.
@@ -542,3 +545,22 @@ def test_init_on_a_full_disk_is_one_line_exit_12_and_leaves_no_half_made_home(
         (fs / "filler").unlink()
         cli("init", "--source", str(sample_tree))
         cli("snapshot")
+
+
+def test_damage_verify_finds_while_the_daemon_runs_shows_in_status(backed_up, tmp_path: Path):
+    from tests.integration.test_daemon import Daemon
+
+    cli, _, _ = backed_up
+    pack = largest_pack(cli)
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        data = bytearray(pack.read_bytes())
+        data[len(data) // 3] ^= 0x40
+        pack.write_bytes(bytes(data))
+        assert cli("verify", "--read-data", check=False).returncode == 13
+        st = json.loads(cli("status", "--json").stdout)
+        assert [x["pack"] for x in st.get("damaged", ())] == [pack.name], st.get("damaged")
+        assert f"damaged: pack {pack.name[:12]}: " in cli("status").stdout
+    finally:
+        assert d.stop() == 0
