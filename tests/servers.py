@@ -332,10 +332,11 @@ def wsgidav(tmp: Path, *, username: str | None = None, password: str | None = No
 
 
 @contextlib.contextmanager
-def nginx_dav(tmp: Path) -> Iterator[DavServer]:
+def nginx_dav(tmp: Path, *, locks: bool = False) -> Iterator[DavServer]:
     """nginx with the dav-ext module (Debian `nginx` + `libnginx-mod-http-dav-ext`, installed
     by `make sysdeps`) serving `tmp/files` at /, in the foreground with its own config, as
-    one process (no master: killed with SIGKILL, a master would leave its workers running)."""
+    one process (no master: killed with SIGKILL, a master would leave its workers running).
+    `locks`: with dav-ext's LOCK and UNLOCK (a lock zone; DAV class 2)."""
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists()
                                        else None)
     if binary is None or not NGINX_DAV_EXT.exists():
@@ -358,6 +359,7 @@ load_module {NGINX_DAV_EXT};
 events {{ worker_connections 128; }}
 http {{
   access_log off;
+  {"dav_ext_lock_zone zone=locks:1m timeout=60s;" if locks else ""}
   client_body_temp_path {temp}/body;
   proxy_temp_path {temp}/proxy;
   fastcgi_temp_path {temp}/fastcgi;
@@ -369,7 +371,8 @@ http {{
     location / {{
       root {root};
       dav_methods PUT DELETE MKCOL COPY MOVE;
-      dav_ext_methods PROPFIND OPTIONS;
+      dav_ext_methods PROPFIND OPTIONS{" LOCK UNLOCK;" if locks else ";"}
+      {"dav_ext_lock zone=locks;" if locks else ""}
       dav_access user:rw;
     }}
   }}

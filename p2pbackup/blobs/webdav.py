@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import email.utils
 import random
 import secrets
@@ -57,6 +58,15 @@ _MAX_DEPTH = 3         # folders below the store's: segments/<device>/<shard>/ i
 _ATTEMPTS = 6          # tries of one request before its error is the caller's
 _BACKOFF = 0.5         # first wait after a lost connection or a 5xx, doubled each time
 _MAX_WAIT = 60.0       # longest wait between tries, whatever Retry-After asks
+# An exclusive write lock held while a head is compared and moved into place, on a server
+# that ignores the If header but takes LOCKs (nginx dav-ext with a lock zone): it refuses
+# every other write to the head meanwhile (423). The whole replace takes a few requests;
+# a lock left by a writer that died expires after this, and other writers are refused
+# until then (their uploader tries again later).
+_LOCK_SECONDS = 60
+_LOCKINFO = ('<?xml version="1.0" encoding="utf-8"?><D:lockinfo xmlns:D="DAV:"><D:lockscope>'
+             '<D:exclusive/></D:lockscope><D:locktype><D:write/></D:locktype><D:owner>'
+             'p2pbackup</D:owner></D:lockinfo>')
 _PROPFIND_TYPE = ('<?xml version="1.0" encoding="utf-8"?>'
                   '<propfind xmlns="DAV:"><prop><resourcetype/></prop></propfind>')
 _PROPFIND_TYPE_TIME = ('<?xml version="1.0" encoding="utf-8"?>'
@@ -145,7 +155,9 @@ class WebDavStore(BlobStore):
     # conditional_replace: a head moves with `If: <path> (["etag"])` (RFC 4918 10.4, tagged
     # to the destination), which wsgidav and Nextcloud's sabre/dav evaluate; for a server
     # that ignores the If header (nginx dav-ext, found by a probe) the ETag is compared just
-    # before the MOVE, which narrows the race to that gap.
+    # before the MOVE, which narrows the race to that gap, unless the server takes LOCKs
+    # (DAV class 2 in its OPTIONS, nginx dav-ext with a lock zone): then the comparison and
+    # the MOVE happen under an exclusive lock, which makes the server refuse other writers.
     # overwrite: the same temporary file, MOVEd with `Overwrite: T` (atomic, like every MOVE).
     capabilities = StoreCapabilities(create_only=True, ranged_reads=True, cheap_listing=False,
                                      conditional_replace=True, overwrite=True)
@@ -166,6 +178,7 @@ class WebDavStore(BlobStore):
         self._session: Any = None
         self._folders_made: set[str] = set()
         self._if_enforced: bool | None = None   # the server honours If on MOVE (a probe)
+        self._lockable: bool | None = None      # it takes LOCKs (DAV class 2 in OPTIONS)
         self._probe_lock = asyncio.Lock()
 
     # ---- HTTP ----------------------------------------------------------------------------
@@ -343,8 +356,20 @@ class WebDavStore(BlobStore):
                     await self.delete(probe)
             return self._if_enforced
 
+    async def _takes_locks(self) -> bool:
+        """Whether the server says it takes LOCKs (DAV compliance class 2 in the answer to
+        OPTIONS on the store's folder); asked once."""
+        async with self._probe_lock:
+            if self._lockable is None:
+                status, headers, _ = await self._request("OPTIONS", "")
+                classes = {c.strip() for c in headers.get("DAV", "").split(",")}
+                self._lockable = status < 300 and "2" in classes
+            return self._lockable
+
     async def replace_if(self, name: str, data: Buffer, tag: str | None) -> bool:
         checked = tag is not None and tag != "" and await self._enforces_if()
+        if tag and not checked and await self._takes_locks():
+            return await self._replace_locked(name, data, tag)
         if tag is not None and not checked:
             # the server ignores the condition (or sends no ETag): compare the tag just
             # before (a narrower race)
@@ -366,6 +391,47 @@ class WebDavStore(BlobStore):
                 return False
         raise StorageError(f"WebDAV store {self.location}: cannot move {name} into place "
                            f"(HTTP {status})")
+
+    async def _replace_locked(self, name: str, data: Buffer, tag: str) -> bool:
+        """replace_if where the server ignores If but takes LOCKs: the new version is
+        uploaded, the name locked (exclusive: the server refuses every other writer, 423),
+        its ETag compared with `tag`, the new version moved in with the lock's token, and
+        the lock released. False if another writer holds the lock or changed the name."""
+        path, tmp = await self._put_temporary(name, data)
+        status, headers, _ = await self._request(
+            "LOCK", path, data=_LOCKINFO,
+            headers={"Timeout": f"Second-{_LOCK_SECONDS}", "Depth": "0",
+                     "Content-Type": 'application/xml; charset="utf-8"'})
+        token = headers.get("Lock-Token", "")
+        if status not in (200, 201) or not token:
+            await self._drop(tmp)
+            if status == 423:   # another writer is replacing it now
+                return False
+            raise StorageError(f"WebDAV store {self.location}: cannot lock {name} to replace it "
+                               f"(HTTP {status})")
+        tagged = f"<{urlsplit(self._url(path)).path}> ({token})"
+        moved = False
+        try:
+            if status == 201:   # it was missing: the LOCK made an empty placeholder
+                await self._request("DELETE", path, headers={"If": tagged})
+                return False
+            status, headers, _ = await self._request("HEAD", path)
+            if status != 200 or headers.get("ETag", "") != tag:
+                return False
+            status = await self._move(tmp, path, {"Overwrite": "T", "If": tagged})
+            moved = status in (200, 201, 204)
+            if status == 404:   # a MOVE whose answer was lost, retried: did ours land?
+                with contextlib.suppress(NotFound):
+                    moved = (await self.get_tagged(name))[0] == data
+            elif not moved:
+                raise StorageError(f"WebDAV store {self.location}: cannot move {name} into "
+                                   f"place (HTTP {status})")
+            return moved
+        finally:
+            if not moved:
+                await self._drop(tmp)
+            with contextlib.suppress(StorageError):   # (else it expires)
+                await self._request("UNLOCK", path, headers={"Lock-Token": token})
 
     async def _drop(self, tmp: str) -> None:
         try:

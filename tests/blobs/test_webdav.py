@@ -45,6 +45,12 @@ def shared_nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DavServer
         yield server
 
 
+@pytest.fixture(scope="module")
+def shared_nginx_locks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DavServer]:
+    with nginx_dav(tmp_path_factory.mktemp("nginx-locks"), locks=True) as server:
+        yield server
+
+
 class TestWsgidav(BlobStoreConformance):
 
     @pytest.fixture
@@ -62,6 +68,15 @@ class TestNginxDavExt(BlobStoreConformance):
     async def store(self, shared_nginx: DavServer, request: pytest.FixtureRequest
                     ) -> AsyncIterator[WebDavStore]:
         store = open_store(_location(shared_nginx, f"/{request.node.name}"))
+        yield store
+        await store.close()
+
+
+class TestNginxDavExtWithLocks(BlobStoreConformance):
+    @pytest.fixture
+    async def store(self, shared_nginx_locks: DavServer, request: pytest.FixtureRequest
+                    ) -> AsyncIterator[WebDavStore]:
+        store = open_store(_location(shared_nginx_locks, f"/{request.node.name}"))
         yield store
         await store.close()
 
@@ -352,3 +367,42 @@ async def test_a_self_signed_server_is_refused_at_once_unless_its_ca_file_is_giv
         await trusted.put("config", b"c")
         assert await trusted.get("config") == b"c"
         await trusted.close()
+
+
+@pytest.mark.parametrize("kind", ["nginx-locks", "wsgidav"])
+async def test_two_devices_replacing_one_head_from_one_version_never_both_win(
+        kind: str, shared_nginx_locks: DavServer, shared_wsgidav: DavServer,
+        request: pytest.FixtureRequest) -> None:
+    """Device B replaces the head while device A is between reading it and moving its own
+    into place (B's whole replace runs as A's MOVE reaches the server): one of them wins,
+    never both (A would silently put its head over B's). wsgidav evaluates the If header;
+    nginx dav-ext ignores it but, with a lock zone (DAV class 2), refuses any write to a
+    resource A holds an exclusive LOCK on, compared and moved under that lock."""
+    server = shared_nginx_locks if kind == "nginx-locks" else shared_wsgidav
+    folder = f"{'/dav' if kind == 'wsgidav' else ''}/{request.node.name}"
+    auth = {"username": "alice", "password": "app-pass"} if kind == "wsgidav" else {}
+    head = f"heads/{DEVICE}"
+    b = WebDavStore(_location(server, folder), **auth)
+    results: dict[str, bool] = {}
+
+    async def b_first(request: Any) -> None:
+        if request.method == "MOVE" and request.headers["Destination"].endswith(head) \
+                and "b" not in results:
+            results["b"] = await b.replace_if(head, b"from B", tag)
+        return None
+
+    try:
+        assert await b.replace_if(head, b"v1", None)
+        _, tag = await b.get_tagged(head)
+        async with dav_proxy(server.url, b_first) as (url, _):
+            a = WebDavStore(url.replace("http://", "webdav://") + folder, **auth)
+            try:
+                results["a"] = await a.replace_if(head, b"from A", tag)
+            finally:
+                await a.close()
+        assert "b" in results, "A never moved its head into place"
+        assert sorted(results.values()) == [False, True], results
+        winner = b"from A" if results["a"] else b"from B"
+        assert (await b.get_tagged(head))[0] == winner
+    finally:
+        await b.close()
