@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from p2pbackup import account, activity, control
+from p2pbackup import account, activity, control, ids
 from p2pbackup.backup.maintenance import forget_and_prune, policy_of
 from p2pbackup.backup.repair import RepairReport, repair_packs
 from p2pbackup.backup.seal import SealState, SegmentSealer
@@ -445,6 +445,18 @@ class DeviceDaemon:
         answer = await self.peers.relay_signal(to, data)
         return {"answer": base64.b64encode(answer).decode()}
 
+    async def check_packs(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Another process (`verify`) found these packs of this store damaged: check each
+        and heal it from a peer, as after a read that failed."""
+        names = control.arg(args, "packs", list, [])
+        kinds = [ids.object_kind(f"packs/{n}") if isinstance(n, str) else None for n in names]
+        if not all(k is not None and k[0] == "pack" for k in kinds):
+            raise LocalProtocolError("check_packs: packs must be pack names")
+        for name in names:
+            if self.replicator is not None:
+                self.replicator.check_pack_soon(name)
+        return {"checking": len(names)}
+
     def damaged(self) -> list[dict[str, str]]:
         """Packs of this store listed as damaged: by this process, or in the index file by
         another (`verify`, a restore whose read failed)."""
@@ -635,6 +647,7 @@ async def serve(home: Path | None) -> int:
                                                        "snapshot": d.snapshot,
                                                        "forget": d.forget, "prune": d.prune,
                                                        "reload_stores": d.reload_stores,
+                                                       "check_packs": d.check_packs,
                                                        "web": d.web.sign_in,
                                                        "broker_signal": d.broker_signal,
                                                        **ops.handlers()},

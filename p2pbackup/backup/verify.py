@@ -55,6 +55,7 @@ class VerifyReport:
     bytes_read: int = 0
     damage: list[Damage] = field(default_factory=list)
     read_data: bool = False   # blobs were decrypted (else a changed byte cannot be seen)
+    noted: list[str] = field(default_factory=list)   # packs this run listed as damaged
 
     @property
     def ok(self) -> bool:
@@ -190,8 +191,8 @@ async def verify(repo: Repository, *, read_data: bool = False,
             why = "missing from the store" if actual < 0 else f"is {actual} bytes, expected {size}"
             found.pack(name, why, every_blob=not read_data or actual < 0)
             if actual >= 0 and not read_data:   # (read, the check below records more)
-                await _record(repo, name, PackDamage(f"its content does not match its name: "
-                                                     f"it {why}"))
+                await _record(repo, report, name, PackDamage(
+                    f"its content does not match its name: it {why}"))
     report.packs = len(repo.index.packs)
 
     if read_data:
@@ -224,20 +225,24 @@ async def verify(repo: Repository, *, read_data: bool = False,
                 for bid, why in checked.bad.items():
                     found.blob(bid, why, checked.name)
                 if checked.damage is not None:
-                    await _record(repo, checked.name, checked.damage)
+                    await _record(repo, report, checked.name, checked.damage)
 
     report.snapshots, report.trees, report.segments = await check_references(repo, found)
     report.damage = found.all()
     return report
 
 
-async def _record(repo: Repository, name: str, damage: PackDamage) -> None:
+async def _record(repo: Repository, report: VerifyReport, name: str,
+                  damage: PackDamage) -> None:
     """List pack `name` as damaged in the index, as any reader that finds it so does
     (Repository.recheck_pack): repair, the daemon (which heals it from a peer), the uploader
     (which replaces a store's copy: this may be that store's index) and status read it there.
     A read cut short lists it too: the next `verify --read-data` reads it again first."""
+    report.noted.append(name)
     if repo.index.damaged.get(name) != damage:
         await repo.index.mark_damaged(name, damage)
+    if repo.damage_seen is not None:   # (verify run by p2pbackupd: it heals it at once)
+        repo.damage_seen(name)
 
 
 async def check_references(repo: Repository, found: Findings) -> tuple[int, int, int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Cli, tree_state
+from tests.eventually import eventually_sync
 from tests.diskfull import fill, small_tmpfs
 
 
@@ -562,5 +563,8 @@ def test_damage_verify_finds_while_the_daemon_runs_shows_in_status(backed_up, tm
         st = json.loads(cli("status", "--json").stdout)
         assert [x["pack"] for x in st.get("damaged", ())] == [pack.name], st.get("damaged")
         assert f"damaged: pack {pack.name[:12]}: " in cli("status").stdout
+        # verify told p2pbackupd, which checks the pack and asks its peers for a copy
+        eventually_sync(lambda: f"pack {pack.name[:12]} is damaged" in
+                        (tmp_path / "daemon.log").read_text(), timeout=30)
     finally:
         assert d.stop() == 0

@@ -36,9 +36,12 @@ async def test_verify_read_data_records_a_changed_byte_in_an_indexed_pack(
     path.write_bytes(data)
     assert name in repo.index.packs and name not in repo.index.damaged   # indexed whole
 
+    seen: list[str] = []
+    repo.damage_seen = seen.append   # (p2pbackupd checks the pack and asks its peers)
     report = await verify(repo, read_data=True)
     assert not report.ok
     assert name in repo.index.damaged, "verify found the damage and did not record it"
+    assert seen == [name] and report.noted == [name]
     assert len(repo.index.damaged[name].bad) == 1
     assert name in noted_damage(repo.index.path)   # in the file: other processes see it
     # A second verify names the same blob and the same files (the blob left the index's
