@@ -64,19 +64,11 @@ class TestWsgidav(BlobStoreConformance):
 
 
 class TestNginxDavExt(BlobStoreConformance):
-    @pytest.fixture
-    async def store(self, shared_nginx: DavServer, request: pytest.FixtureRequest
-                    ) -> AsyncIterator[WebDavStore]:
-        store = open_store(_location(shared_nginx, f"/{request.node.name}"))
-        yield store
-        await store.close()
-
-
-class TestNginxDavExtWithLocks(BlobStoreConformance):
-    @pytest.fixture
-    async def store(self, shared_nginx_locks: DavServer, request: pytest.FixtureRequest
-                    ) -> AsyncIterator[WebDavStore]:
-        store = open_store(_location(shared_nginx_locks, f"/{request.node.name}"))
+    # without and with LOCK (heads are then replaced under a lock)
+    @pytest.fixture(params=["shared_nginx", "shared_nginx_locks"])
+    async def store(self, request: pytest.FixtureRequest) -> AsyncIterator[WebDavStore]:
+        server = request.getfixturevalue(request.param)
+        store = open_store(_location(server, f"/{request.node.name}"))
         yield store
         await store.close()
 

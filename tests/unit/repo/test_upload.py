@@ -727,10 +727,9 @@ async def test_a_pack_damaged_in_a_store_is_replaced_by_the_intact_copy_here(
         pair, tmp_path, kind, caplog):
     """Reading a store (`verify --from` it) noted one of its packs as damaged (rot in the
     store). The next pass puts this device's intact copy in its place, also on a store that
-    never replaces an object (WebDAV: the damaged copy is deleted first), and the store
-    verifies clean. The storage server deletes nothing on request: it keeps the damaged copy,
-    said in one line, and verify against it still names it."""
-    from p2pbackup.backup.verify import verify
+    never replaces an object (BlobStore.overwrite), and the store verifies clean. The
+    storage server deletes nothing on request: it keeps the damaged copy, said in one line,
+    and verify against it still names it."""
     from p2pbackup.blobs import open_store
     from p2pbackup.blobs.base import StoreSigner
     from tests import servers
@@ -773,27 +772,30 @@ async def test_a_pack_damaged_in_a_store_is_replaced_by_the_intact_copy_here(
                 await rot.put(f"packs/{pack}", bytes(data))
                 await rot.close()
             # `verify --from` the store: its own index (per store, in this device's cache)
-            cache = str(Path(a.index.path).parent.parent)
-            seen = await Repository.open(remote, KEYS, None, cache, read_only=True)
-            try:
-                assert pack in seen.index.damaged
-            finally:
-                await seen.close()
+            assert pack in await _noted_damaged_in(a, remote)
             assert await up.upload_once(), up.status.last_error
-            checked = await Repository.open(remote, KEYS, None, cache, read_only=True)
-            try:
-                report = await verify(checked, read_data=True)
-                if kind == "server":
-                    assert [d.pack for d in report.damage] == [pack]
-                    assert f"keeps its damaged copy of pack {pack[:12]}" in caplog.text
-                else:
-                    assert report.ok, [d.line() for d in report.damage]
-                    assert pack not in checked.index.damaged
-            finally:
-                await checked.close()
+            report = await _verify_store(a, remote)
+            if kind == "server":
+                assert [d.pack for d in report.damage] == [pack]
+                assert f"keeps its damaged copy of pack {pack[:12]}" in caplog.text
+            else:
+                assert report.ok, [d.line() for d in report.damage]
+                assert pack not in await _noted_damaged_in(a, remote)
         finally:
             progress.close()
             await remote.close()
+
+
+async def _verify_store(a: Repository, remote: BlobStore):
+    """`verify --read-data --from` the store: its own index, in `a`'s cache."""
+    from p2pbackup.backup.verify import verify
+
+    cache = str(Path(a.index.path).parent.parent)
+    checked = await Repository.open(remote, KEYS, None, cache, read_only=True)
+    try:
+        return await verify(checked, read_data=True)
+    finally:
+        await checked.close()
 
 
 async def _noted_damaged_in(a: Repository, remote: BlobStore) -> set[str]:
@@ -819,7 +821,6 @@ async def test_healing_a_damaged_pack_whose_put_fails_leaves_the_damaged_copy_in
     a temporary file MOVEd with Overwrite: T), never delete-then-put: a PUT that fails
     (a server error, a connection cut mid-body) leaves the store with its damaged copy,
     not without the pack, and the next pass heals it."""
-    from p2pbackup.backup.verify import verify
     from p2pbackup.blobs.s3 import S3Store
     from p2pbackup.blobs.webdav import WebDavStore
     from tests import servers
@@ -863,14 +864,8 @@ async def test_healing_a_damaged_pack_whose_put_fails_leaves_the_damaged_copy_in
             assert await remote.get(name) == damaged
             assert await up.upload_once(), up.status.last_error
             assert await remote.get(name) == await a.store.get(name)
-            checked = await Repository.open(remote, KEYS, None,
-                                            str(Path(a.index.path).parent.parent),
-                                            read_only=True)
-            try:
-                report = await verify(checked, read_data=True)
-                assert report.ok, [d.line() for d in report.damage]
-            finally:
-                await checked.close()
+            report = await _verify_store(a, remote)
+            assert report.ok, [d.line() for d in report.damage]
         finally:
             await remote.close()
 
@@ -880,28 +875,17 @@ async def test_damage_verify_finds_in_a_store_it_indexed_whole_before_is_healed_
     """`verify --read-data --from` a store whose pack rotted after that store's index (in
     this device's cache) took it whole: verify records the damage there, so the uploader's
     next pass puts the intact copy in its place."""
-    from p2pbackup.backup.verify import verify
-
     a, _, _ = pair
     remote = LocalDirStore(tmp_path / "usb")
     up = uploader(a, remote, progress)
     assert await up.upload_once()
-    cache = str(Path(a.index.path).parent.parent)
     assert not await _noted_damaged_in(a, remote)   # indexed whole
     pack = sorted(n for n in await offered_names(a) if n.startswith("packs/"))[0][6:]
     _flip_a_byte(Path(remote.path_of(f"packs/{pack}")))
-    checked = await Repository.open(remote, KEYS, None, cache, read_only=True)
-    try:
-        assert not (await verify(checked, read_data=True)).ok
-    finally:
-        await checked.close()
+    assert not (await _verify_store(a, remote)).ok
     assert await up.upload_once(), up.status.last_error
-    checked = await Repository.open(remote, KEYS, None, cache, read_only=True)
-    try:
-        report = await verify(checked, read_data=True)
-        assert report.ok, [d.line() for d in report.damage]
-    finally:
-        await checked.close()
+    report = await _verify_store(a, remote)
+    assert report.ok, [d.line() for d in report.damage]
 
 
 class CutShort(Interleaved):
