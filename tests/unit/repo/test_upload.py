@@ -56,8 +56,12 @@ class WatchedStore(BlobStore):
             if await self.inner.get(name) != bytes(data):
                 raise ObjectExists(f"{name} holds other bytes")
             return
-        await self.inner.put(name, data)
-        self.puts.append(name)
+        # Recorded when the write is done, even if the uploader is cancelled meanwhile (its
+        # thread finishes the file, and the next pass finds it there: not a second put).
+        write = asyncio.ensure_future(self.inner.put(name, data))
+        write.add_done_callback(
+            lambda w: None if w.cancelled() or w.exception() else self.puts.append(name))
+        await asyncio.shield(write)
 
     async def get(self, name):
         self._check()
