@@ -398,8 +398,8 @@ def _fits_the_width(page) -> bool:
 def test_the_status_page_says_each_path_the_broker_and_the_stores_at_phone_width(browser):
     """The pushed status in words, at a phone's width (390 px, the context's viewport): a peer
     reached through the broker's TURN server is "over the data channel (TURN relay)", the
-    broker connection, each store's upload state (behind, its last error) and the daemon's
-    warnings are said."""
+    broker connection, each store's upload state (behind, its last error), packs noted damaged
+    and the daemon's warnings are said."""
     peer = {"device": "b" * 64, "name": "laptop", "connected": True, "on_lan": False,
             "path": "data channel", "ice_path": "relay", "objects_behind": None,
             "last_sync": None, "error": None}
@@ -410,8 +410,9 @@ def test_the_status_page_says_each_path_the_broker_and_the_stores_at_phone_width
              "last_error": "the store cannot be reached: timed out", "uploaded": 0,
              "uploaded_bytes": 0}
     gone = "source photos (/home/me/Photos) disappeared; its last state stays in the log"
+    damaged = {"pack": "ab" * 32, "reason": "blob 3f2a… does not authenticate"}
     with _console_of(lambda: _status(peers=[peer], broker=broker, stores=[store],
-                                     errors=[gone])) as url:
+                                     errors=[gone], damaged=[damaged])) as url:
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector("#peers li.online")
@@ -422,7 +423,9 @@ def test_the_status_page_says_each_path_the_broker_and_the_stores_at_phone_width
         stores = page.inner_text("#stores")
         assert "s3://bucket/backup: not reachable; 4 objects (5.0 MiB) to upload" in stores
         assert "the store cannot be reached: timed out" in stores
-        assert page.inner_text("#errors") == gone   # warnings in words
+        assert page.inner_text("#errors").splitlines() == [   # warnings in words
+            "damaged: pack abababababab: blob 3f2a… does not authenticate (an intact copy "
+            "from a peer replaces it; Repair heals it or sets it aside)", gone]
         assert _fits_the_width(page)
         page.close()
 

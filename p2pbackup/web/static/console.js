@@ -87,7 +87,10 @@ function renderStatus(st) {
   for (const g of st.partner_for || []) {
     rows.push(el("p", {}, `storage partner for account ${g.account}: ${size(g.used)} used`));
   }
-  const errors = st.errors || [];
+  // Damage `verify` or a read noted (as `status` says it): a person should see it here first.
+  const errors = (st.damaged || []).map(d => `damaged: pack ${d.pack.slice(0, 12)}: ${d.reason} ` +
+    "(an intact copy from a peer replaces it; Repair heals it or sets it aside)")
+    .concat(st.errors || []);
   rows.push(el("h2", {}, "Warnings"));
   if (errors.length) {
     const ul = el("ul", {id: "errors"});
