@@ -330,6 +330,8 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
         if partner or sources or quota or yes:
             raise ConfigError("--partner, --sources, --quota and --yes belong on the device "
                               "that shows the code")
+        from p2pbackup import control
+
         joined = run_async(account.join_account(
             default_home(), code, name or socket.gethostname(), rendezvous=_rendezvous(peer),
             mailbox=mailbox, on_verifier=_show_verifier))
@@ -337,6 +339,13 @@ def pair(code: str = typer.Argument(None, help="The code shown by the other devi
             quota_text = output.human_bytes(joined.quota) if joined.quota else "no quota set"
             print(f"Paired as a storage partner of account {joined.account} "
                   f"({quota_text}); this device holds none of its keys.")
+            try:
+                if via_daemon("reload_grants", timeout=60) is None:
+                    output.note("p2pbackupd is not running: it serves the account when it "
+                                "starts")
+            except control.RemoteError as exc:   # paired all the same: say what to do
+                output.warn(f"the running p2pbackupd did not take the new account ({exc}); "
+                            "restart it to serve it")
         else:
             what = (f"sources {', '.join(joined.sources)}" if joined.sources is not None
                     else "every source")

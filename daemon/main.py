@@ -211,6 +211,12 @@ class DeviceDaemon:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    async def reload_grants(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`pair` made this device another account's storage partner: serve it now."""
+        if self.partner is None:   # still starting: it reads the grants when it gets there
+            return {"accounts": []}
+        return await self.partner.reload_grants(args)
+
     async def reload_stores(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """`p2pbackup store add/remove` changed the `[[stores]]` tables: follow them."""
         self.config = replace(self.config, stores=load_config(self.config.home).stores)
@@ -650,6 +656,7 @@ async def serve(home: Path | None) -> int:
                                                        "check_packs": d.check_packs,
                                                        "web": d.web.sign_in,
                                                        "broker_signal": d.broker_signal,
+                                                       "reload_grants": d.reload_grants,
                                                        **ops.handlers()},
                                leases={"pause": d.pause, **ops.leases()})
         await server.start()
@@ -734,7 +741,8 @@ async def _serve_partner_only(config: Config, notifier: Notifier, stop: asyncio.
                 "peers": [], "partner_for": partner.status(),
                 "lan": {"enabled": config.peers.lan, "signaling_port": partner.port}}
 
-    server = ControlServer(config.control_socket, {"status": status})
+    server = ControlServer(config.control_socket, {"status": status,
+                                                   "reload_grants": partner.reload_grants})
     await server.start()
     await partner.start()
     notifier.ready(f"storage partner for {len(partner.grants)} accounts")

@@ -29,7 +29,7 @@ from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag
 from p2pbackup.discovery.broker import BrokerClient, BrokerIce
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.replication.partner import StoragePartner
-from p2pbackup.repo.partner_store import Grant
+from p2pbackup.repo.partner_store import Grant, load_grants
 from p2pbackup.transport.datachannel import IceConfig
 
 from .peers import connection_limits
@@ -51,6 +51,7 @@ class PartnerService(StoragePartner):
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []
         self.brokers: dict[str, BrokerClient] = {}   # account -> its socket, as its partner
+        self._serving = False
 
     def advert_txt(self, now: float) -> dict[str, str]:
         """The TXT record of this partner's one advert: one tag, whatever the accounts."""
@@ -58,9 +59,29 @@ class PartnerService(StoragePartner):
                                                                        now)}
 
     async def start(self) -> None:
-        """Listen for sessions and advertise on the LAN (when the LAN is on)."""
-        if not self.grants:
-            return
+        """Listen for sessions and advertise on the LAN (when the LAN is on), once this
+        device holds a grant (see `reload_grants`)."""
+        if self.grants:
+            await self._serve()
+
+    async def reload_grants(self, args: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`pair` made this device the storage partner of another account while the daemon
+        runs (a control request): serve that account now, not after a restart."""
+        new = self.add_grants(load_grants(self.config.home,
+                                          skip={g.account for g in self.grants}))
+        if new and not self._serving:
+            await self._serve()
+        elif self.config.broker.url:
+            for g in new:
+                self._start_broker(g.account)
+        for g in new:
+            log.info("storage partner for account %s now", g.account)
+        return {"accounts": [g.account for g in self.grants]}
+
+    async def _serve(self) -> None:
+        self._serving = True
+        if not self.tag_key:   # a home that became a partner after the daemon started
+            self.tag_key = grant_files.tag_key(self.config.home) or b""
         self._tasks.append(asyncio.create_task(self._apply_removals()))
         if self.config.broker.url:
             for g in self.grants:

@@ -144,6 +144,16 @@ class StoragePartner:
                     with contextlib.suppress(Exception):
                         await link.close()
 
+    def add_grants(self, grants: list[Grant]) -> list[Grant]:
+        """Take the grants of accounts this partner does not hold yet (paired since it
+        started); returns those taken."""
+        known = {g.account for g in self.grants}
+        new = [g for g in grants if g.account not in known]
+        if new:
+            self.grants.extend(new)
+            self._follow_rosters()
+        return new
+
     async def apply_removals(self, now_ns: int | None = None) -> int:
         """Delete what the owners removed, once the grace period has passed since this
         partner first held the record (all of it: a partner cannot tell which data is still

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,14 +215,17 @@ async def apply_removals(grants: Iterable[Grant], grace_seconds: float,
     return total
 
 
-def load_grants(home: Path, store_for: Callable[[str, Path], BlobStore] | None = None
-                ) -> list[Grant]:
-    """The grants in `home/partners` (one per account); damaged or newer ones are skipped.
+def load_grants(home: Path, store_for: Callable[[str, Path], BlobStore] | None = None,
+                skip: Collection[str] = ()) -> list[Grant]:
+    """The grants in `home/partners` (one per account); damaged or newer ones are skipped,
+    and those of the accounts in `skip` (held already).
 
     `store_for(account, account_dir)` opens an account's store (default: a directory
     `store/` in its account folder; the storage server may keep objects elsewhere)."""
     out = []
     for g in grant_files.read_grants(home):
+        if g.account in skip:
+            continue
         roster, legacy = None, {}
         if g.roster:
             try:

@@ -87,3 +87,36 @@ def test_a_partner_over_its_quota_says_so_and_loses_nothing(netlab, tmp_path: Pa
     finally:
         stop_all(procs)
     assert "no problems found" in a("verify", "--read-data").stdout
+
+
+def test_a_partner_paired_while_its_daemon_runs_serves_the_account_without_a_restart(
+        netlab, tmp_path: Path):
+    """A friend's device that backs up its own account is paired as a storage partner while
+    its daemon runs: the daemon takes the new grant at once (the pairing tells it), listens and
+    advertises for that account, and receives its ciphertext. It did so only after a restart."""
+    from tests.eventually import eventually_sync
+
+    lan = netlab.lan("lan")
+    ha, hf = netlab.host("a", lan, "10.10.0.1/24"), netlab.host("f", lan, "10.10.0.2/24")
+    a, friend = Cli(tmp_path / "home-a"), Cli(tmp_path / "home-friend")
+    src, own = tmp_path / "src", tmp_path / "friends-own"
+    make_sample_tree(src, big=300_000)
+    make_sample_tree(own, big=1000)
+    a("init", "--source", str(src))
+    friend("init", "--source", str(own))
+    procs = [start_daemon(hf, friend, tmp_path, "f")]
+    try:
+        wait_status(friend)
+        host = Host(a, "--partner", "--quota", "50M")
+        paired = friend("pair", host.code, "--peer", host.peer, "--name", "friends-nas")
+        assert host.finish()[0] == 0
+        assert "p2pbackupd is not running" not in paired.stderr + paired.stdout
+        account = next((friend.home / "partners").glob("*.grant")).stem
+        assert any(g["account"] == account for g in wait_status(friend)["partner_for"])
+        procs.append(start_daemon(ha, a, tmp_path, "a"))
+        wait_status(a)
+        a("snapshot")
+        want, kept = objects(a.home / "store"), friend.home / "partners" / account / "store"
+        eventually_sync(lambda: want <= objects(kept), timeout=90, interval=0.3)
+    finally:
+        stop_all(procs)
