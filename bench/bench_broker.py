@@ -21,6 +21,8 @@ import base64
 import contextlib
 import json
 import multiprocessing as mp
+import os
+import re
 import resource
 import statistics
 import sys
@@ -59,10 +61,12 @@ async def _worker(accounts: list[tuple[str, list[tuple[bytes, str]]]],
                   conn: mp.connection.Connection) -> None:
     import aiohttp
 
+    from p2pbackup.broker.pauses import GcPauses
     from p2pbackup.crypto.identity import DeviceIdentity
     from p2pbackup.protocol.broker_wire import socket_auth_message
 
     loop = asyncio.get_running_loop()
+    pauses = GcPauses().install()     # this client's own pauses delay what it measures
     latencies: list[float] = []
     slow: list[float] = []      # send times of the messages slower than SLOW
     pushes: list[float] = []
@@ -120,6 +124,8 @@ async def _worker(accounts: list[tuple[str, list[tuple[bytes, str]]]],
         if cmd[0] == "signals":
             rate, seconds = cmd[1], cmd[2]
             sent = 0
+            pauses.count, pauses.longest, pauses.total = 0, 0.0, 0.0
+            cpu = time.process_time()
             start, wall = time.monotonic(), time.time()
             total = int(rate * seconds)
             for i in range(total):
@@ -134,7 +140,7 @@ async def _worker(accounts: list[tuple[str, list[tuple[bytes, str]]]],
                     sent += 1
             await asyncio.sleep(5)      # the last ones arrive
             conn.send(("signals", sent, latencies[:], time.monotonic() - start, slow[:],
-                       wall))
+                       wall, pauses.figures(), time.process_time() - cpu))
             latencies.clear()
         elif cmd[0] == "pushes":
             count = cmd[1]
@@ -164,6 +170,25 @@ def _offsets(sizes: list[int]) -> list[int]:
 
 # -- the broker processes ----------------------------------------------------------------------
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+PAUSE = re.compile(r"a full garbage collection paused the broker for (\d+) ms "
+                   r"\((\d+) full collections, ([\d.]+) s in all\)")
+
+
+def broker_pauses(log: Path, offset: int) -> dict[str, float]:
+    """The broker's full-collection pauses it logged after `offset` of its log (those of at
+    least broker/pauses.py LOG_OVER) and its running count of all full collections."""
+    found = PAUSE.findall(log.read_bytes()[offset:].decode(errors="replace"))
+    return {"logged": len(found), "longest_ms": max((int(f[0]) for f in found), default=0),
+            "logged_s": sum(int(f[0]) for f in found) / 1000,
+            "full_so_far": int(found[-1][1]) if found else -1}
+
+
 def rss_mib(pid: int) -> tuple[float, float]:
     """(current RSS, peak RSS) of process `pid`, in MiB."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
@@ -179,21 +204,21 @@ def pct(values: list[float], p: float) -> float:
 
 
 @contextlib.contextmanager
-def brokers(tmp: Path, mode: str) -> Iterator[list[tuple[str, int]]]:
-    """[(url, pid)] of one SQLite broker or two on a fresh PostgreSQL."""
+def brokers(tmp: Path, mode: str) -> Iterator[list[tuple[str, int, Path]]]:
+    """[(url, pid, log)] of one SQLite broker or two on a fresh PostgreSQL."""
     from tests.servers import broker_server, postgres_server
 
     with contextlib.ExitStack() as stack:
         if mode == "sqlite":
             b = stack.enter_context(broker_server(tmp / "one"))
-            yield [(b.url, b.process.pid)]          # type: ignore[union-attr]
+            yield [(b.url, b.process.pid, b.log)]          # type: ignore[union-attr]
             return
         pg = stack.enter_context(postgres_server())
         dsn = pg.new_database()
         out = []
         for name in ("one", "two"):
             b = stack.enter_context(broker_server(tmp / name, "--database", dsn))
-            out.append((b.url, b.process.pid))       # type: ignore[union-attr]
+            out.append((b.url, b.process.pid, b.log))       # type: ignore[union-attr]
         yield out
 
 
@@ -233,11 +258,11 @@ def register(urls: list[str], n_devices: int, per_account: int
 
 def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     with brokers(tmp, mode) as procs:
-        urls = [u for u, _ in procs]
+        urls = [u for u, _, _ in procs]
         t = time.monotonic()
         accounts = register(urls, args.devices, args.per_account)
         registered = time.monotonic() - t
-        before = [rss_mib(pid)[0] for _, pid in procs]
+        before = [rss_mib(pid)[0] for _, pid, _ in procs]
         ctx = mp.get_context("spawn")
         pipes, workers = [], []
         for w in range(args.workers):
@@ -248,14 +273,19 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, object
             workers.append(p)
         connected = [pipe.recv() for pipe in pipes]
         time.sleep(args.settle)
-        idle = [rss_mib(pid)[0] for _, pid in procs]
+        idle = [rss_mib(pid)[0] for _, pid, _ in procs]
+        offsets = [log.stat().st_size for _, _, log in procs]
+        cpu = [cpu_s(pid) for _, pid, _ in procs]
         for pipe in pipes:
             pipe.send(("signals", args.rate / args.workers, args.seconds))
         sig = [pipe.recv() for pipe in pipes]
+        cpu = [cpu_s(pid) - c for (_, pid, _), c in zip(procs, cpu)]
+        gc_broker = [broker_pauses(log, o) for (_, _, log), o in zip(procs, offsets)]
+        gc_connect = [broker_pauses(log, 0) for _, _, log in procs]
         for pipe in pipes:
             pipe.send(("pushes", args.pushes // args.workers))
         push = [pipe.recv() for pipe in pipes]
-        peak = [rss_mib(pid)[1] for _, pid in procs]
+        peak = [rss_mib(pid)[1] for _, pid, _ in procs]
         for pipe in pipes:
             pipe.send(("stop",))
         for pipe in pipes:
@@ -282,6 +312,9 @@ def run_mode(mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, object
         "pushes": sum(p[1] for p in push), "push_heard": len(pushed),
         "push_p50_ms": pct(pushed, 0.5) * 1000, "push_max_ms": max(pushed, default=0) * 1000,
         "slow_by_second": dict(sorted(per_second.items())),
+        "broker_cpu_s": cpu, "broker_gc_signals": gc_broker, "broker_gc_all": gc_connect,
+        "client_gc_signals": [s[6] for s in sig], "client_cpu_s": [s[7] for s in sig],
+        "load": os.getloadavg(),
     }
 
 
@@ -290,7 +323,7 @@ def report(results: list[dict[str, object]], args: argparse.Namespace) -> str:
              f"`bench_broker.py --devices {args.devices} --rate {args.rate} --seconds "
              f"{args.seconds} --settle {args.settle}` ({args.per_account} devices per account, {args.workers} client "
              f"processes; {time.strftime('%Y-%m-%d')}, load average "
-             f"{', '.join(f'{x:.1f}' for x in __import__('os').getloadavg())} at the end: "
+             f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end: "
              "a shared 2-core machine). Targets: RSS <= 500 MiB per process, relay p99 <= 50 "
              "ms, push heard <= 1 s.", "",
              "| state | processes | devices connected | connect (s) | RSS idle (MiB) | "
@@ -305,6 +338,10 @@ def report(results: list[dict[str, object]], args: argparse.Namespace) -> str:
             f"{' + '.join(f'{x:.0f}' for x in r['rss_peak'])} | {r['sent']}/{r['received']} | "
             f"{r['rate']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['max_ms']:.0f} | "
             f"{r['push_heard']} | {r['push_p50_ms']:.0f} / {r['push_max_ms']:.0f} |")
+        notes.append(f"{r['mode']}: during the signals, broker CPU s {r['broker_cpu_s']}, "
+                     f"broker full-collection pauses logged (>= 50 ms) "
+                     f"{r['broker_gc_signals']}; clients' full collections "
+                     f"{r['client_gc_signals']}, client CPU s {r['client_cpu_s']}")
         notes.append(f"{r['mode']}: messages slower than {SLOW * 1000:.0f} ms, by the second "
                      f"of the run they were sent in: {r['slow_by_second']}")
         if r["errors"]:

@@ -57,6 +57,7 @@ from ..ids import is_account, is_device
 from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
 from ..server.refusals import Refused, SignedRequests, one_line_errors
 from .ice import IceSettings, ice_servers
+from .pauses import GcPauses
 from .registration import OpenRegistration, Registration
 from .relay import LocalRelay, Relay
 from .state import BrokerState
@@ -169,6 +170,7 @@ class Broker:
         self.requests = SignedRequests(now, REQUEST_DOMAIN)
         self._accounts: dict[str, _Account] = {}
         self._roster_lock = asyncio.Lock()
+        self.pauses = GcPauses()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[one_line_errors(log)])
@@ -470,6 +472,7 @@ class Broker:
                                     "broker process)")
 
     async def _start_relay(self, app: web.Application) -> None:
+        self.pauses.install(asyncio.get_running_loop())
         await self.relay.start(self)
 
     # -- the socket ------------------------------------------------------------------------
@@ -636,6 +639,7 @@ class Broker:
                 await self._close(conn, "the broker is shutting down")
 
     async def _close_state(self, app: web.Application) -> None:
+        self.pauses.remove()
         await self.registration.close()
         await self.relay.close()
         await self.state.close()
