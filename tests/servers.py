@@ -392,6 +392,21 @@ class Postgres:
 
     socket_dir: Path
     port: int
+    data: Path | None = None      # its data directory, for `stop` and `start`
+
+    def stop(self) -> None:
+        """Stop the server (fast: its clients' connections are cut), as in an outage."""
+        assert self.data is not None
+        subprocess.run([*_AS_PG, _pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
+                        "stop"], check=True, capture_output=True)
+
+    def start(self) -> None:
+        """Start it again (after `stop`), on the same socket and port."""
+        assert self.data is not None
+        subprocess.run([*_AS_PG, _pg_bin("pg_ctl"), "-D", str(self.data), "-l",
+                        str(self.data.parent / "log"), "-w", "-o",
+                        _pg_options(self.socket_dir, self.port), "start"],
+                       check=True, capture_output=True)
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@/{database}?host={self.socket_dir}&port={self.port}"
@@ -403,6 +418,14 @@ class Postgres:
                         str(self.socket_dir), "-p", str(self.port), "-c",
                         f"CREATE DATABASE {name}"], check=True, capture_output=True)
         return self.dsn(name)
+
+
+_AS_PG = ["runuser", "-u", "postgres", "--"]
+
+
+def _pg_options(sock: Path, port: int) -> str:
+    return (f"-k {sock} -c listen_addresses='' -p {port} -c fsync=off "
+            "-c max_connections=200")
 
 
 def _pg_bin(name: str) -> str:
@@ -426,17 +449,15 @@ def postgres_server() -> Iterator[Postgres]:
     data, sock = base / "data", base / "sock"
     sock.mkdir()
     shutil.chown(sock, "postgres", "postgres")
-    as_pg = ["runuser", "-u", "postgres", "--"]
+    as_pg = _AS_PG
     port = free_port()
     try:
         subprocess.run([*as_pg, initdb, "-D", str(data), "-A", "trust", "-U", "postgres",
                         "--no-sync", "-E", "UTF8"], check=True, capture_output=True)
         subprocess.run([*as_pg, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w",
-                        "-o", f"-k {sock} -c listen_addresses='' -p {port} -c fsync=off "
-                              "-c max_connections=200",
-                        "start"], check=True, capture_output=True)
+                        "-o", _pg_options(sock, port), "start"], check=True, capture_output=True)
         try:
-            yield Postgres(sock, port)
+            yield Postgres(sock, port, data)
         finally:
             subprocess.run([*as_pg, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
                            capture_output=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ from .registration import (InviteRegistration, OpenRegistration, Registration,
                            SignInRegistration)
 from .relay import LocalRelay, Relay
 from .service import MAX_ACCOUNTS_PER_PERSON, MAX_DEVICES, MAX_TTL, PUSH_TTL, Broker
-from .state import BrokerState, SqliteState
+from .state import BrokerState, SqliteState, unavailable
 
 STATE_FILE = "broker.sqlite"
 
@@ -112,7 +113,11 @@ async def open_state(args: argparse.Namespace) -> tuple[BrokerState, Relay, str]
         return pg, PostgresRelay(pg), "PostgreSQL"
     if not args.data:
         raise ConfigError("give --data DIR (SQLite) or --database postgresql://... (a fleet)")
-    return SqliteState(Path(args.data) / STATE_FILE), LocalRelay(), args.data
+    path = Path(args.data) / STATE_FILE
+    try:
+        return SqliteState(path), LocalRelay(), args.data
+    except sqlite3.OperationalError as exc:     # locked by another program, read-only
+        raise unavailable(str(path), exc) from None
 
 
 async def invite(args: argparse.Namespace) -> str:

@@ -19,26 +19,36 @@ that held a device's socket that the device connected to another one. Roster cha
 account id. A message added to a pairing mailbox: NOTIFY on MAILBOX_CHANNEL with JSON [app,
 mailbox] (every process listens; the ones with a client on that mailbox read it from the
 table). A notification's process handles them one at a time, in the order they came.
+
+The database failing (stopped, restarted, cut off): every query's failure is one StorageError
+line (state.unavailable), which the broker turns into a 503 or an undeliverable signal while
+it goes on relaying between the sockets it holds. The relay's heartbeat retries with
+exponential backoff and jitter; once the database answers again it listens again, writes this
+process's presence rows anew (another process may have removed them as stale) and reloads the
+rosters it holds (their notifications may be lost). Pushes are queued in the database before
+they are sent, so one accepted before the outage reaches its device afterwards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import random
 import re
 import secrets
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
 from .relay import Arrivals, Doc, MailboxArrivals
 from .state import (SCHEMA_VERSION, SHARED_TABLES, DeviceRecord, Queued, Transaction,
-                    check_schema)
+                    check_schema, unavailable)
 
 log = logging.getLogger("p2pbackup.broker")
 
@@ -48,6 +58,9 @@ NOTIFY_MAX = 7900        # bytes of a NOTIFY payload (PostgreSQL's limit is 8000
 ROSTER_CHANNEL = "p2pb_roster"
 MAILBOX_CHANNEL = "p2pb_mailbox"
 MISSED = ""              # not a channel: the inbox's mark that notifications were lost
+RETRY_FIRST = 0.5        # seconds before the first retry of a failed heartbeat ...
+RETRY_MOST = 30.0        # ... doubling up to this (each with jitter: a fleet does not stampede)
+FAILURES = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 SCHEMA = """
     CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
@@ -104,6 +117,28 @@ def _where(dsn: str) -> str:
                                                                  ":…@", 1)))
 
 
+class _OnDatabase(Protocol):
+    @property
+    def dsn(self) -> str: ...
+
+
+S = TypeVar("S", bound=_OnDatabase)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _db(method: Callable[Concatenate[S, P], Awaitable[R]]
+        ) -> Callable[Concatenate[S, P], Awaitable[R]]:
+    """`method`'s database failures as one StorageError line (state.unavailable)."""
+    @functools.wraps(method)
+    async def wrapper(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, *args, **kwargs)
+        except FAILURES as exc:
+            raise unavailable(_where(self.dsn), exc) from None
+    return wrapper
+
+
 class PostgresState:
     """BrokerState in a PostgreSQL database (`await PostgresState.open(dsn)`)."""
 
@@ -113,7 +148,9 @@ class PostgresState:
     @classmethod
     async def open(cls, dsn: str, *, max_size: int = 10) -> PostgresState:
         try:
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size)
+            # no floor of idle connections: asyncpg would log a traceback for each failed
+            # attempt to restore it while the database is down
+            pool = await asyncpg.create_pool(dsn, min_size=0, max_size=max_size)
         except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise ConfigError(f"cannot reach the broker's database {_where(dsn)}: "
                               f"{exc}") from None
@@ -129,15 +166,20 @@ class PostgresState:
                 check_schema(found, f"the broker's database {_where(dsn)}")
                 await db.execute("UPDATE meta SET value = $1 WHERE key = 'schema' AND "
                                  "value < $1", SCHEMA_VERSION)
-        except BaseException:
+        except BaseException as exc:
             await pool.close()
+            if isinstance(exc, FAILURES):    # its first connection is made here
+                raise ConfigError(f"cannot reach the broker's database {_where(dsn)}: "
+                                  f"{exc}") from None
             raise
         return cls(pool, dsn)
 
+    @_db
     async def roster(self, account: str) -> bytes | None:
         return await self.pool.fetchval("SELECT roster FROM accounts WHERE account = $1",
                                         account)
 
+    @_db
     async def set_roster(self, account: str, seq: int, roster: bytes, *,
                          replaces: int | None) -> bool:
         if replaces is None:
@@ -150,17 +192,20 @@ class PostgresState:
                 account, seq, roster, replaces)
         return status.endswith(" 1")
 
+    @_db
     async def put_device(self, account: str, device: str, info: bytes, now: float) -> None:
         await self.pool.execute(
             "INSERT INTO devices VALUES ($1, $2, $3, $4) ON CONFLICT (account, device) "
             "DO UPDATE SET info = excluded.info, updated = excluded.updated",
             account, device, info, now)
 
+    @_db
     async def devices(self, account: str) -> list[DeviceRecord]:
         rows = await self.pool.fetch("SELECT device, info, updated FROM devices "
                                      "WHERE account = $1 ORDER BY device", account)
         return [DeviceRecord(r[0], bytes(r[1]), r[2]) for r in rows]
 
+    @_db
     async def forget_devices(self, account: str, devices: list[str]) -> None:
         async with self.pool.acquire() as db, db.transaction():
             await db.execute("DELETE FROM devices WHERE account = $1 AND device = ANY($2)",
@@ -168,6 +213,7 @@ class PostgresState:
             await db.execute("DELETE FROM queue WHERE account = $1 AND "
                              "(receiver = ANY($2) OR sender = ANY($2))", account, devices)
 
+    @_db
     async def enqueue(self, account: str, receiver: str, sender: str, kind: str,
                       payload: bytes, expires: float, *, collapse: bool) -> int:
         async with self.pool.acquire() as db, db.transaction():
@@ -183,6 +229,7 @@ class PostgresState:
                 "VALUES ($1, $2, $3, $4, $5, $6) RETURNING idx",
                 account, receiver, sender, kind, payload, expires))
 
+    @_db
     async def pending(self, account: str, receiver: str, now: float, *, after: int = 0,
                       kind: str | None = None) -> list[Queued]:
         async with self.pool.acquire() as db:
@@ -193,14 +240,17 @@ class PostgresState:
                 "ORDER BY idx", account, receiver, after, kind)
         return [Queued(r[0], r[1], r[2], bytes(r[3]), r[4]) for r in rows]
 
+    @_db
     async def drop(self, account: str, receiver: str, indexes: list[int]) -> None:
         await self.pool.execute("DELETE FROM queue WHERE account = $1 AND receiver = $2 AND "
                                 "idx = ANY($3)", account, receiver, indexes)
 
+    @_db
     async def person_of(self, account: str) -> str | None:
         return await self.pool.fetchval("SELECT person FROM persons WHERE account = $1",
                                         account)
 
+    @_db
     async def bind_person(self, account: str, person: str, max_accounts: int) -> bool:
         async with self.pool.acquire() as db, db.transaction():
             # two processes binding the same person's accounts at once: one after the other
@@ -212,6 +262,7 @@ class PostgresState:
                                       "ON CONFLICT DO NOTHING", account, person)
             return bool(status.endswith(" 1"))
 
+    @_db
     async def unbind_person(self, account: str) -> None:
         await self.pool.execute("DELETE FROM persons WHERE account = $1", account)
 
@@ -222,9 +273,11 @@ class PostgresState:
             await db.execute("SELECT pg_advisory_xact_lock(hashtext('p2pbackup-mailbox'))")
             yield _PostgresTransaction(db)
 
+    @_db
     async def add_invitation(self, digest: str, expires: float) -> None:
         await self.pool.execute("INSERT INTO invitations VALUES ($1, $2)", digest, expires)
 
+    @_db
     async def spend_invitation(self, digest: str, now: float) -> bool:
         async with self.pool.acquire() as db, db.transaction():
             expires = await db.fetchval("DELETE FROM invitations WHERE digest = $1 "
@@ -240,18 +293,28 @@ class PostgresRelay:
     """Relay between the broker processes sharing `state`'s database."""
 
     def __init__(self, state: PostgresState, *, heartbeat: float = HEARTBEAT,
-                 stale: float = STALE) -> None:
+                 stale: float = STALE,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                 jitter: Callable[[], float] = random.random) -> None:
         self.state, self.heartbeat, self.stale = state, heartbeat, stale
+        self.sleep, self.jitter = sleep, jitter
         self.process = secrets.token_hex(8)
         self.channel = f"p2pb_{self.process}"
         self._listener: asyncpg.Connection | None = None
         self._inbox: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._mailboxes: MailboxArrivals | None = None
+        self._here: set[tuple[str, str]] = set()     # (account, device) of the sockets here
+        self._lost = False      # listening again: presence and rosters still to be redone
+
+    @property
+    def dsn(self) -> str:
+        return self.state.dsn
 
     def hear_mailboxes(self, arrivals: MailboxArrivals) -> None:
         self._mailboxes = arrivals
 
+    @_db
     async def mailbox_added(self, app: str, mailbox: str) -> None:
         await self.state.pool.execute("SELECT pg_notify($1, $2)", MAILBOX_CHANNEL,
                                       json.dumps([app, mailbox]))
@@ -271,29 +334,63 @@ class PostgresRelay:
     def _heard(self, conn: object, pid: int, channel: str, payload: str) -> None:
         self._inbox.put_nowait((channel, payload))
 
+    def retry_after(self, failures: int) -> float:
+        """Seconds before the next attempt after `failures` failed heartbeats in a row:
+        doubling from RETRY_FIRST up to RETRY_MOST, each between half and all of that."""
+        return min(RETRY_MOST, RETRY_FIRST * 2 ** (failures - 1)) * (0.5 + self.jitter() / 2)
+
     async def _beat(self) -> None:
+        failures = 0
         while True:
-            await asyncio.sleep(self.heartbeat)
+            await self.sleep(self.retry_after(failures) if failures else self.heartbeat)
             try:
-                if self._listener is None or self._listener.is_closed():
-                    # the database restarted or cut it: listen again before saying we are
-                    # alive (what was sent meanwhile is lost: signals time out at their
-                    # sender, pushes stay queued for the device's next connection)
-                    log.warning("the broker's database connection for relayed messages was "
-                                "lost: listening again")
-                    await self._listen()
-                    self._inbox.put_nowait((MISSED, ""))
-                await self.state.pool.execute(
-                    "INSERT INTO processes (process) VALUES ($1) ON CONFLICT (process) "
-                    "DO UPDATE SET seen = now()", self.process)
-                # a killed process's presence and its unread large messages
-                await self.state.pool.execute(
-                    "DELETE FROM presence WHERE process IN (SELECT process FROM processes "
-                    "WHERE seen < now() - $1 * interval '1 second')", self.stale * 4)
-                await self.state.pool.execute(
-                    "DELETE FROM relayed WHERE made < now() - interval '5 minutes'")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("heartbeat to the broker's database failed: %s", exc)
+                await self._heartbeat()
+            except StorageError as exc:
+                failures += 1
+                self._lost = True     # others may have dropped our presence meanwhile
+                if failures == 1:
+                    log.warning("%s: relaying to the other broker processes stops until it "
+                                "answers again (retrying)", exc)
+                continue
+            if failures:
+                log.warning("the broker's database answers again (after %d failed attempts): "
+                            "relaying to the other broker processes again", failures)
+                failures = 0
+
+    @_db
+    async def _heartbeat(self) -> None:
+        if self._listener is None or self._listener.is_closed():
+            # the database restarted or cut it: listen again before saying we are alive
+            # (what was sent meanwhile is lost: signals time out at their sender, pushes
+            # stay queued for the device's next connection, rosters are read again)
+            if not self._lost:
+                log.warning("the broker's database connection for relayed messages was "
+                            "lost: listening again")
+                self._lost = True
+            await self._listen()
+        if self._lost:
+            await self._announce()
+            self._inbox.put_nowait((MISSED, ""))
+            self._lost = False
+        await self.state.pool.execute(
+            "INSERT INTO processes (process) VALUES ($1) ON CONFLICT (process) "
+            "DO UPDATE SET seen = now()", self.process)
+        # a killed process's presence and its unread large messages
+        await self.state.pool.execute(
+            "DELETE FROM presence WHERE process IN (SELECT process FROM processes "
+            "WHERE seen < now() - $1 * interval '1 second')", self.stale * 4)
+        await self.state.pool.execute(
+            "DELETE FROM relayed WHERE made < now() - interval '5 minutes'")
+
+    async def _announce(self) -> None:
+        """This process's presence rows as they are now (the sockets opened and closed while
+        the database was away; rows another process removed as stale)."""
+        async with self.state.pool.acquire() as db, db.transaction():
+            await db.execute("DELETE FROM presence WHERE process = $1", self.process)
+            await db.executemany(
+                "INSERT INTO presence VALUES ($1, $2, $3) ON CONFLICT (account, device) "
+                "DO UPDATE SET process = excluded.process",
+                [(a, d, self.process) for a, d in self._here])
 
     async def _consume(self, arrivals: Arrivals) -> None:
         while True:
@@ -313,8 +410,7 @@ class PostgresRelay:
                     continue
                 doc = json.loads(payload)
                 if "id" in doc:
-                    body = await self.state.pool.fetchval(
-                        "DELETE FROM relayed WHERE id = $1 RETURNING body", doc["id"])
+                    body = await self._relayed(doc["id"])
                     if body is None:
                         continue
                     doc = json.loads(body)
@@ -322,9 +418,18 @@ class PostgresRelay:
                     await arrivals.arrived(doc["a"], doc["d"], doc["m"], doc.get("q"))
                 elif doc.get("replaced"):
                     await arrivals.replaced(doc["a"], doc["d"])
+            except StorageError as exc:   # the broker's database failing: one line
+                log.warning("a relayed message could not be handled: %s", exc)
             except Exception:   # one bad message must not stop this process's relay
                 log.exception("a relayed message could not be handled")
 
+    @_db
+    async def _relayed(self, ident: int) -> str | None:
+        body = await self.state.pool.fetchval("DELETE FROM relayed WHERE id = $1 "
+                                              "RETURNING body", ident)
+        return None if body is None else str(body)
+
+    @_db
     async def attached(self, account: str, device: str) -> None:
         async with self.state.pool.acquire() as db, db.transaction():
             before = await db.fetchval("SELECT process FROM presence WHERE account = $1 AND "
@@ -336,12 +441,16 @@ class PostgresRelay:
                 # its socket there is dead or a duplicate (as a reconnection on one process)
                 await db.execute("SELECT pg_notify($1, $2)", f"p2pb_{before}", json.dumps(
                     {"a": account, "d": device, "replaced": True}))
+        self._here.add((account, device))
 
+    @_db
     async def detached(self, account: str, device: str) -> None:
+        self._here.discard((account, device))
         await self.state.pool.execute(
             "DELETE FROM presence WHERE account = $1 AND device = $2 AND process = $3",
             account, device, self.process)
 
+    @_db
     async def forward(self, account: str, device: str, doc: Doc, queued: int | None) -> bool:
         body = json.dumps({"a": account, "d": device, "m": doc, "q": queued},
                           separators=(",", ":"))
@@ -367,6 +476,7 @@ class PostgresRelay:
                              json.dumps({"id": ident}))
         return True
 
+    @_db
     async def elsewhere(self, account: str) -> set[str]:
         rows = await self.state.pool.fetch(
             "SELECT p.device FROM presence p JOIN processes r USING (process) "
@@ -374,6 +484,7 @@ class PostgresRelay:
             "AND r.seen > now() - $3 * interval '1 second'", account, self.process, self.stale)
         return {r[0] for r in rows}
 
+    @_db
     async def roster_stored(self, account: str) -> None:
         await self.state.pool.execute("SELECT pg_notify($1, $2)", ROSTER_CHANNEL, account)
 

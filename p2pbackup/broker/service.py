@@ -32,6 +32,11 @@ a bad signature, stale, replayed), 403 (a device the roster does not list, or no
 malformed or badly signed roster); registering refuses with 401 (no, or a bad, sign-in token)
 or 403 (no or a spent invitation, a person's or an account's limit), and 503 when the
 sign-in issuer cannot be reached.
+
+When its database fails (state.unavailable), requests that need it are refused with 503 and
+that line, and so are new sockets (close code 1013, try again later); the sockets already
+open relay to each other as before, a signal to a device on another process is answered
+"undeliverable", and the log says so once a minute, not once a message.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ..crypto.identity import device_id_for, verify_signature
-from ..errors import IntegrityError
+from ..errors import IntegrityError, StorageError
 from ..format.roster import Roster, check_next, check_signed, read_roster, roster_hash
 from ..ids import is_account, is_device
 from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
@@ -121,6 +126,26 @@ class Connection:
 
 
 @dataclass(slots=True)
+class OutageLog:
+    """The database failing under the socket path as one log line a minute (with how many
+    more failures it hid), not a line for each of a thousand messages a second."""
+
+    now: Callable[[], float]
+    every: float = 60.0
+    last: float = float("-inf")
+    hidden: int = 0
+
+    def failed(self, what: str, exc: StorageError) -> None:
+        t = self.now()
+        if t - self.last < self.every:
+            self.hidden += 1
+            return
+        log.warning("%s: %s%s", what, exc,
+                    f" ({self.hidden} more failures in the last minute)" if self.hidden else "")
+        self.last, self.hidden = t, 0
+
+
+@dataclass(slots=True)
 class _Account:
     raw: bytes
     roster: Roster
@@ -171,9 +196,11 @@ class Broker:
         self._accounts: dict[str, _Account] = {}
         self._roster_lock = asyncio.Lock()
         self.pauses = GcPauses()
+        self.outage = OutageLog(now)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[one_line_errors(log)])
+        app = web.Application(client_max_size=MAX_BODY,
+                              middlewares=[one_line_errors(log), _database_down])
         app.router.add_get("/v1/", self._hello)
         app.router.add_get("/v1/registration", self._registration)
         app.router.add_post("/v1/account/{account}/roster", self._roster)
@@ -428,7 +455,12 @@ class Broker:
             # still gets it when it reconnects (that process drops it once sent)
             index = await self.state.enqueue(account, e.device_id, sender, "push", payload,
                                              self.now() + ttl, collapse=True)
-            if await self.relay.forward(account, e.device_id, doc, index):
+            try:
+                forwarded = await self.relay.forward(account, e.device_id, doc, index)
+            except StorageError as exc:    # queued all the same: it waits for its device
+                self.outage.failed("a push could not be relayed", exc)
+                forwarded = False
+            if forwarded:
                 delivered += 1
             else:
                 queued += 1
@@ -496,23 +528,37 @@ class Broker:
         where = f"{request.remote}"
         conn: Connection | None = None
         try:
-            conn = await self._open(account, ws, where)
+            try:
+                conn = await self._open(account, ws, where)
+            except StorageError as exc:
+                self.outage.failed(f"sockets of account {account} refused", exc)
+                await self._refuse(ws, where, "", f"{exc} (try again later)",
+                                   WSCloseCode.TRY_AGAIN_LATER, logged=False)
+                return ws
             if conn is None:
                 return ws
             await self._serve(conn)
         finally:
             if conn is not None:
-                held = self._accounts.get(account)
-                if held is not None and held.sockets.get(conn.device) is conn:
-                    del held.sockets[conn.device]
-                    await self.relay.detached(account, conn.device)
+                await self._forget(conn)
             if not ws.closed:
                 await ws.close()
         return ws
 
+    async def _forget(self, conn: Connection) -> None:
+        """`conn` closed: it no longer holds its device here."""
+        held = self._accounts.get(conn.account)
+        if held is not None and held.sockets.get(conn.device) is conn:
+            del held.sockets[conn.device]
+            try:
+                await self.relay.detached(conn.account, conn.device)
+            except StorageError as exc:   # its presence row is redone when the database is back
+                self.outage.failed("a closed socket could not be forgotten", exc)
+
     async def _refuse(self, ws: web.WebSocketResponse, where: str, who: str, line: str,
-                      code: int = WSCloseCode.POLICY_VIOLATION) -> None:
-        log.info("socket %s from %s refused: %s", who, where, line)
+                      code: int = WSCloseCode.POLICY_VIOLATION, *, logged: bool = True) -> None:
+        if logged:
+            log.info("socket %s from %s refused: %s", who, where, line)
         with contextlib.suppress(Exception):
             await ws.send_str(json.dumps({"t": "error", "error": line}))
             await ws.close(code=code, message=line[:120].encode())
@@ -563,15 +609,28 @@ class Broker:
         conn = Connection(account, device, ws, where, TokenBucket(self.rate, self.burst,
                                                                   self.now))
         held.sockets[device] = conn
-        await self.relay.attached(account, device)
+        try:
+            await self.relay.attached(account, device)
+            queued = await self.state.pending(account, device, self.now())
+        except StorageError:
+            # refused: the device comes back for its queue when the database is back
+            if held.sockets.get(device) is conn:
+                if old is None:
+                    del held.sockets[device]
+                else:
+                    held.sockets[device] = old
+            raise
         if old is not None:   # the device reconnected: its old socket is dead or a duplicate
             await self._close(old, "replaced by a newer socket of this device")
         await conn.send({"t": "ready", "device": device})
-        for q in await self.state.pending(account, device, self.now()):
+        for q in queued:
             payload = base64.b64encode(q.payload).decode()
             if q.kind == "push":
                 if await conn.send({"t": "push", "from": q.sender, "data": payload}):
-                    await self.state.drop(account, device, [q.index])
+                    try:
+                        await self.state.drop(account, device, [q.index])
+                    except StorageError as exc:    # sent again next time: a push is a hint
+                        self.outage.failed("a delivered push could not be unqueued", exc)
             else:
                 await conn.send({"t": "command", "index": q.index, "from": q.sender,
                                  "command": q.kind, "payload": payload})
@@ -595,6 +654,8 @@ class Broker:
             try:
                 doc = _message(msg)
                 await self._handle(conn, doc)
+            except StorageError as exc:     # the socket stays: it relays what needs no database
+                self.outage.failed(f"a message of device {who} could not be handled", exc)
             except MessageRefused as exc:
                 code = WSCloseCode.MESSAGE_TOO_BIG if msg.type == WSMsgType.ERROR else \
                     WSCloseCode.POLICY_VIOLATION
@@ -622,7 +683,12 @@ class Broker:
             if why is not None:
                 log.info("account %s: signal from %s to %s refused: %s", conn.account,
                          conn.device[:12], to[:12], why)
-            if why is not None or not await self._send(conn.account, to, out):
+            try:
+                sent = why is None and await self._send(conn.account, to, out)
+            except StorageError as exc:     # where it is cannot be asked: as if away
+                self.outage.failed("a signal could not be relayed", exc)
+                sent = False
+            if not sent:
                 await conn.send({"t": "undeliverable", "id": n, "to": to})
         elif kind == "push":
             payload = _b64(doc.get("data"), "a push's data", MAX_PUSH)
@@ -643,6 +709,15 @@ class Broker:
         await self.registration.close()
         await self.relay.close()
         await self.state.close()
+
+
+@web.middleware
+async def _database_down(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A request the failing database cannot serve: 503 and one line (one_line_errors)."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except StorageError as exc:
+        raise Refused(503, str(exc)) from None
 
 
 def _message(msg: Any) -> dict[str, Any]:

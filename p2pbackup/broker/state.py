@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from ..errors import UnsupportedFormat
+from ..errors import StorageError, UnsupportedFormat
 
 T = TypeVar("T")
 # 2: the pairing mailbox and invitations moved into the state. A broker of version 1 on the
@@ -118,6 +118,13 @@ class BrokerState(Protocol):
         ...
 
 
+def unavailable(where: str, exc: BaseException) -> StorageError:
+    """The database failing under the broker (stopped, cut off, a locked or read-only file),
+    as one line: the broker answers 503 and goes on with what needs no database."""
+    why = " ".join(str(exc).split()) or type(exc).__name__
+    return StorageError(f"the broker's database {where} failed: {why}")
+
+
 def check_schema(found: int, what: str) -> None:
     """Refuse a database a newer broker wrote (its tables may mean something else now)."""
     if found > SCHEMA_VERSION:
@@ -141,6 +148,7 @@ class SqliteState:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = path
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="broker-state")
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -177,7 +185,10 @@ class SqliteState:
         self._mailbox_lock = asyncio.Lock()
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        except sqlite3.OperationalError as exc:   # locked, read-only, I/O: not a bug
+            raise unavailable(str(self.path), exc) from None
 
     async def roster(self, account: str) -> bytes | None:
         def q() -> bytes | None:
