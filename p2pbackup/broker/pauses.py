@@ -72,25 +72,35 @@ class GcPauses:
                 "gc_total_s": self.total}
 
 
+def _refreeze() -> None:
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 @dataclass(slots=True)
 class GcFreezer:
     """Keeps long-lived socket objects out of full collections. `opened()` when a socket is
     ready: every `every` new sockets, `gc.freeze()` (O(1): the collector's lists are spliced)
-    moves every object alive to the permanent generation, which collections do not walk. A
-    frozen object still dies by reference counting, but a frozen reference cycle (a closed
-    socket's protocol and transport, an exception's traceback) is never collected: `closed()`
-    counts the frozen sockets that closed, and once they are half of those frozen,
-    `gc.unfreeze()` hands everything back to the collector (one full collection reclaims the
-    cycles) and freezing starts over with the next new sockets."""
+    moves every object alive to the permanent generation, which collections do not walk, so
+    a full collection walks at most what `every` sockets and the traffic since made. A frozen
+    object still dies by reference counting, but a frozen reference cycle (a closed socket's
+    protocol and transport) is never collected: `closed()` counts the frozen sockets that
+    closed, and once they are a quarter of those still open, `refreeze` gives everything back,
+    collects once (the one long pause, after that much churn) and freezes what is left."""
 
     every: int = 100
     freeze: Callable[[], None] = gc.freeze
-    unfreeze: Callable[[], None] = gc.unfreeze
-    batch: int = 0                 # freezes so far: a socket opened in batch b < batch is frozen
-    thawed: int = 0                # `batch` at the last unfreeze
-    fresh: int = 0                 # sockets opened since the last freeze
-    frozen: int = 0                # sockets frozen since the last unfreeze
-    closed_frozen: int = 0         # ... and closed since
+    refreeze: Callable[[], None] = _refreeze
+    batch: int = 0        # freezes so far: a socket opened in batch b < batch is frozen
+    fresh: int = 0        # sockets opened since the last freeze
+    frozen: int = 0       # frozen sockets still open
+    gone: int = 0         # frozen sockets closed since the last refreeze
+
+    def start(self) -> None:
+        """Freeze what start-up made (modules, the application): it lives as long as the
+        process."""
+        self.freeze()
 
     def opened(self) -> int:
         """The socket's batch, for `closed`."""
@@ -98,19 +108,21 @@ class GcFreezer:
         self.fresh += 1
         if self.fresh >= self.every:
             self.freeze()
-            self.batch += 1
-            self.frozen += self.fresh
-            self.fresh = 0
+            self._frozen_all()
         return batch
 
     def closed(self, batch: int) -> None:
-        if batch >= self.batch:           # not frozen yet
+        if batch >= self.batch:           # not frozen: collected as usual
             self.fresh = max(0, self.fresh - 1)
             return
-        if batch < self.thawed:           # given back already: collected as usual
-            return
-        self.closed_frozen += 1
-        if self.closed_frozen * 2 >= max(self.frozen, self.every):
-            self.unfreeze()
-            self.thawed = self.batch
-            self.frozen = self.closed_frozen = 0
+        self.frozen = max(0, self.frozen - 1)
+        self.gone += 1
+        if self.gone * 4 >= max(self.frozen, self.every):
+            self.refreeze()
+            self._frozen_all()
+            self.gone = 0
+
+    def _frozen_all(self) -> None:
+        self.batch += 1
+        self.frozen += self.fresh
+        self.fresh = 0

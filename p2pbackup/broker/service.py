@@ -62,7 +62,7 @@ from ..ids import is_account, is_device
 from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
 from ..server.refusals import Refused, SignedRequests, one_line_errors
 from .ice import IceSettings, ice_servers
-from .pauses import GcPauses
+from .pauses import GcFreezer, GcPauses
 from .registration import OpenRegistration, Registration
 from .relay import LocalRelay, Relay
 from .state import BrokerState
@@ -114,6 +114,7 @@ class Connection:
     where: str
     bucket: TokenBucket
     closing: bool = False
+    batch: int = 0            # GcFreezer's, when it opened
 
     async def send(self, doc: dict[str, Any]) -> bool:
         if self.ws.closed:
@@ -196,11 +197,12 @@ class Broker:
         self._accounts: dict[str, _Account] = {}
         self._roster_lock = asyncio.Lock()
         self.pauses = GcPauses()
+        self.freezer = GcFreezer()
         self.outage = OutageLog(now)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY,
-                              middlewares=[one_line_errors(log), _database_down])
+                              middlewares=[one_line_errors(log, (StorageError,))])
         app.router.add_get("/v1/", self._hello)
         app.router.add_get("/v1/registration", self._registration)
         app.router.add_post("/v1/account/{account}/roster", self._roster)
@@ -506,6 +508,7 @@ class Broker:
     async def _start_relay(self, app: web.Application) -> None:
         self.pauses.install(asyncio.get_running_loop())
         await self.relay.start(self)
+        self.freezer.start()
 
     # -- the socket ------------------------------------------------------------------------
 
@@ -547,6 +550,7 @@ class Broker:
 
     async def _forget(self, conn: Connection) -> None:
         """`conn` closed: it no longer holds its device here."""
+        self.freezer.closed(conn.batch)
         held = self._accounts.get(conn.account)
         if held is not None and held.sockets.get(conn.device) is conn:
             del held.sockets[conn.device]
@@ -634,6 +638,7 @@ class Broker:
             else:
                 await conn.send({"t": "command", "index": q.index, "from": q.sender,
                                  "command": q.kind, "payload": payload})
+        conn.batch = self.freezer.opened()   # what it holds lives as long as it is open
         return conn
 
     async def _close(self, conn: Connection, why: str) -> None:
@@ -709,15 +714,6 @@ class Broker:
         await self.registration.close()
         await self.relay.close()
         await self.state.close()
-
-
-@web.middleware
-async def _database_down(request: web.Request, handler: Any) -> web.StreamResponse:
-    """A request the failing database cannot serve: 503 and one line (one_line_errors)."""
-    try:
-        return await handler(request)  # type: ignore[no-any-return]
-    except StorageError as exc:
-        raise Refused(503, str(exc)) from None
 
 
 def _message(msg: Any) -> dict[str, Any]:

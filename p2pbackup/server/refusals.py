@@ -26,14 +26,19 @@ class Refused(Exception):
         self.status, self.line = status, line
 
 
-def one_line_errors(log: logging.Logger) -> Callable[[web.Request, Handler],
-                                                       Awaitable[web.StreamResponse]]:
-    """The aiohttp middleware that turns Refused into its response and log line."""
+def one_line_errors(log: logging.Logger, unavailable: tuple[type[Exception], ...] = ()
+                    ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The aiohttp middleware that turns Refused into its response and log line, and the
+    `unavailable` exceptions (the server's database failing: one line each) into a 503 with
+    their line. One middleware: it stays on the stack of every open WebSocket."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            return await handler(request)
+            try:
+                return await handler(request)
+            except unavailable as exc:
+                raise Refused(503, str(exc)) from None
         except Refused as r:
             log.info("%s %s %s from %s: %d %s", request.method, request.path[:120],
                      request.headers.get(req.DEVICE, "(unsigned)")[:12], request.remote,
