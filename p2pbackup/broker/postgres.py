@@ -268,10 +268,13 @@ class PostgresState:
 
     @contextlib.asynccontextmanager
     async def mailbox_transaction(self) -> AsyncIterator[Transaction]:
-        async with self.pool.acquire() as db, db.transaction():
-            # pairings are few: one mailbox change at a time in the whole fleet
-            await db.execute("SELECT pg_advisory_xact_lock(hashtext('p2pbackup-mailbox'))")
-            yield _PostgresTransaction(db)
+        try:
+            async with self.pool.acquire() as db, db.transaction():
+                # pairings are few: one mailbox change at a time in the whole fleet
+                await db.execute("SELECT pg_advisory_xact_lock(hashtext('p2pbackup-mailbox'))")
+                yield _PostgresTransaction(db)
+        except FAILURES as exc:    # the block holds only its queries
+            raise unavailable(_where(self.dsn), exc) from None
 
     @_db
     async def add_invitation(self, digest: str, expires: float) -> None:
