@@ -38,6 +38,7 @@ from .ice import IceSettings
 from .mailbox import StoredMailboxes, add_mailbox_routes
 from .oidc import OidcVerifier
 from .postgres import PostgresRelay, PostgresState
+from .pauses import GcFreezer
 from .registration import (InviteRegistration, OpenRegistration, Registration,
                            SignInRegistration)
 from .relay import LocalRelay, Relay
@@ -101,7 +102,8 @@ async def serve(args: argparse.Namespace) -> None:
     broker = Broker(state, relay=relay, ice=ice, push_ttl=args.push_ttl,
                     registration=admission, max_accounts_per_person=args.max_accounts_per_person,
                     max_devices=args.max_devices,   # and pairing across the internet:
-                    extra_routes=[lambda app: add_mailbox_routes(app, state=mailboxes)])
+                    extra_routes=[lambda app: add_mailbox_routes(app, state=mailboxes)],
+                    freezer=GcFreezer())     # sockets' objects out of full collections
     await serve_app(broker.app(), "p2pbackup-broker", host, port, tls, f"the broker from {where}")
 
 

@@ -72,6 +72,10 @@ class GcPauses:
                 "gc_total_s": self.total}
 
 
+def _nothing() -> None:
+    pass
+
+
 def _refreeze() -> None:
     gc.unfreeze()
     gc.collect()
@@ -121,6 +125,12 @@ class GcFreezer:
             self.refreeze()
             self._frozen_all()
             self.gone = 0
+
+    @classmethod
+    def off(cls) -> GcFreezer:
+        """One that freezes nothing: a broker inside another program (tests) leaves that
+        process's collector alone; the broker's own process (broker/main.py) freezes."""
+        return cls(freeze=_nothing, refreeze=_nothing)
 
     def _frozen_all(self) -> None:
         self.batch += 1

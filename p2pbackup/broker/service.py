@@ -185,7 +185,8 @@ class Broker:
                  max_accounts_per_person: int = MAX_ACCOUNTS_PER_PERSON,
                  max_devices: int = MAX_DEVICES,
                  now: Callable[[], float] = time.time,
-                 extra_routes: Iterable[Callable[[web.Application], None]] = ()) -> None:
+                 extra_routes: Iterable[Callable[[web.Application], None]] = (),
+                 freezer: GcFreezer | None = None) -> None:
         self.state, self.ice, self.push_ttl = state, ice, push_ttl
         self.relay = relay or LocalRelay()
         self.rate, self.burst, self.max_connections = rate, burst, max_connections
@@ -197,7 +198,7 @@ class Broker:
         self._accounts: dict[str, _Account] = {}
         self._roster_lock = asyncio.Lock()
         self.pauses = GcPauses()
-        self.freezer = GcFreezer()
+        self.freezer = freezer or GcFreezer.off()
         self.outage = OutageLog(now)
 
     def app(self) -> web.Application:
