@@ -390,10 +390,11 @@ class PostgresRelay:
         the database was away; rows another process removed as stale)."""
         async with self.state.pool.acquire() as db, db.transaction():
             await db.execute("DELETE FROM presence WHERE process = $1", self.process)
-            await db.executemany(
-                "INSERT INTO presence VALUES ($1, $2, $3) ON CONFLICT (account, device) "
-                "DO UPDATE SET process = excluded.process",
-                [(a, d, self.process) for a, d in self._here])
+            if self._here:
+                await db.executemany(
+                    "INSERT INTO presence VALUES ($1, $2, $3) ON CONFLICT (account, device) "
+                    "DO UPDATE SET process = excluded.process",
+                    [(a, d, self.process) for a, d in self._here])
 
     async def _consume(self, arrivals: Arrivals) -> None:
         while True:
