@@ -2,7 +2,7 @@
 processes serve devices, and a locked SQLite file. Each process says so in its log in a line
 (no traceback), answers REST requests with a one-line 503, keeps relaying between sockets it
 holds itself, loses no push it had accepted, and relays across processes again once the
-database is back."""
+database is back, its presence rows written anew if the others dropped them as stale."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 
 from p2pbackup.discovery.broker import BrokerClient
 from tests.brokers import raw_socket, registered
 from tests.eventually import eventually
-from tests.servers import RunningBroker, broker_server, free_port, postgres_server
+from tests.servers import Postgres, RunningBroker, broker_server, free_port, postgres_server
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -137,3 +138,35 @@ def test_a_broker_starting_on_a_locked_sqlite_database_exits_with_one_line(
         lock.close()
     assert done.returncode == 11, done.stderr
     assert done.stderr.count("\n") == 1 and "database is locked" in done.stderr, done.stderr
+
+
+async def test_a_process_whose_presence_was_dropped_as_stale_announces_it_again(
+        tmp_path: Path, postgres: Postgres) -> None:
+    dsn = postgres.new_database()
+    with broker_server(tmp_path / "one", "--database", dsn) as one, \
+            broker_server(tmp_path / "two", "--database", dsn) as two:
+        acct = await registered(one.url)
+        async with aiohttp.ClientSession() as http:
+            a = await raw_socket(http, one.url, acct, acct.owner)
+            c = await raw_socket(http, two.url, acct, acct.members[0])
+            db = await asyncpg.connect(dsn)
+            # as the others do to a process whose heartbeat stopped during a long outage,
+            # and that process's connections cut as by the outage itself
+            await db.execute("DELETE FROM presence WHERE device = $1", acct.members[0].device_id)
+            await db.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                              "WHERE datname = current_database() AND query LIKE 'LISTEN%'")
+            await db.close()
+            n = 0
+
+            async def crosses() -> bool:
+                nonlocal n
+                n += 1
+                await signal(a, acct.members[0].device_id, n)
+                try:
+                    return (await next_of(c, "signal", timeout=1))["id"] == n
+                except asyncio.TimeoutError:
+                    return False
+            await eventually(crosses, timeout=60, interval=0.5)
+            await a.close()
+            await c.close()
+        no_traceback(one, two)
