@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from aiohttp import WSMsgType, web
 
 from ..crypto.pairing import CODE_LIFETIME
+from ..errors import StorageError
 from .relay import Relay
 from .state import BrokerState, Transaction
 
@@ -481,8 +482,8 @@ class _Connection:
         elif t == "allocate":
             if self.allocated or self.claimed:
                 raise Refused("you already allocated one, don't be greedy")
-            self.allocated = True
             self.nameplate = await self.state.allocate(self.app, self.side)
+            self.allocated = True   # (after: an allocation the database refused may be asked again)
             self.send("allocated", nameplate=self.nameplate)
         elif t == "claim":
             nameplate = _need(msg, "nameplate", str)
@@ -589,8 +590,14 @@ def add_mailbox_routes(app: web.Application, path: str = "/v1/mailbox", *,
                 except Refused as exc:
                     conn.note("refused a message", f"{msg['type'][:20]!r}: {exc}")
                     conn.send("error", error=str(exc), orig={"type": msg["type"][:20]})
+                except StorageError as exc:   # the database: the client may try again
+                    log.warning("mailbox: %s", exc)
+                    conn.send("error", error=str(exc), orig={"type": msg["type"][:20]})
         finally:
-            await conn.gone()
+            try:
+                await conn.gone()
+            except StorageError as exc:   # its mailbox expires unused instead
+                log.warning("mailbox: %s", exc)
             conn.writer.cancel()
         return ws
 
@@ -598,7 +605,10 @@ def add_mailbox_routes(app: web.Application, path: str = "/v1/mailbox", *,
         async def loop() -> None:
             while True:
                 await asyncio.sleep(prune_every)
-                await mailboxes.prune()
+                try:
+                    await mailboxes.prune()
+                except StorageError as exc:   # the next round prunes what this one left
+                    log.warning("mailbox: %s", exc)
 
         task = asyncio.ensure_future(loop())
         yield

@@ -301,7 +301,10 @@ class SqliteState:
     @contextlib.asynccontextmanager
     async def mailbox_transaction(self) -> AsyncIterator[Transaction]:
         async def run(fn: Callable[[], T]) -> T:
-            return await asyncio.get_running_loop().run_in_executor(self._mailbox_pool, fn)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._mailbox_pool, fn)
+            except sqlite3.OperationalError as exc:   # as `_run`: locked, read-only, I/O
+                raise unavailable(str(self.path), exc) from None
 
         async with self._mailbox_lock:
             await run(lambda: self._mailbox_db.execute("BEGIN IMMEDIATE"))

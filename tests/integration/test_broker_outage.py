@@ -170,3 +170,32 @@ async def test_a_process_whose_presence_was_dropped_as_stale_announces_it_again(
             await a.close()
             await c.close()
         no_traceback(one, two)
+
+
+async def test_a_locked_database_under_the_pairing_mailbox_is_an_error_message_not_a_dropped_socket(
+        tmp_path: Path) -> None:
+    """The mailbox's state is the broker's database: while it cannot be written, a mailbox
+    command is answered with an error in the mailbox protocol (the client says it in one line),
+    the socket stays, the broker logs a line, and the next command after it is served."""
+    with broker_server(tmp_path) as broker:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(broker.url.replace("http", "ws") + "/v1/mailbox")
+            assert (await ws.receive_json())["type"] == "welcome"
+            await ws.send_json({"type": "bind", "appid": "p2pbackup.test", "side": "a1"})
+            lock = sqlite3.connect(tmp_path / "data" / "broker.sqlite", isolation_level=None)
+            lock.execute("BEGIN EXCLUSIVE")        # another program holding the file
+            try:
+                await ws.send_json({"type": "allocate"})
+                while (reply := await asyncio.wait_for(ws.receive_json(), 60))["type"] == "ack":
+                    pass
+                assert reply["type"] == "error" and DOWN in reply["error"], reply
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            await ws.send_json({"type": "allocate"})
+            while (reply := await asyncio.wait_for(ws.receive_json(), 60))["type"] == "ack":
+                pass
+            assert reply["type"] == "allocated", reply
+            await ws.close()
+        await eventually(lambda: DOWN in broker.log_text())
+        no_traceback(broker)
