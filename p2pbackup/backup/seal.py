@@ -190,26 +190,43 @@ class SegmentSealer:
             pending, self.pending, self.pending_bytes = self.pending, {}, 0
             sink = self.sink
             self._new_period()
+        seq = self.state.seq + 1
         try:
             await asyncio.to_thread(sink.flush)  # chunks durable before a segment names them
             epoch = self.repo.keys.epoch
             parts = tuple(SegmentPart(scope, epoch, self.logstore.seal_changes(
                 scope, epoch, ChangeList(tuple(ch)))) for scope, ch in sorted(pending.items()))
-            seg = Segment(self.identity.device_id, self.state.seq + 1, self.state.prev,
-                          time.time_ns(), parts)
-            head = await self.logstore.append(self.identity, seg)
+            write = asyncio.ensure_future(self._write(
+                Segment(self.identity.device_id, seq, self.state.prev, time.time_ns(), parts)))
+            try:
+                head = await asyncio.shield(write)
+            except asyncio.CancelledError:
+                # Cancelled (the daemon stopping) while the segment is written: the write
+                # ends first, so a segment that reached the store is known to be there.
+                await asyncio.wait([write])
+                raise
         except BaseException:
-            # Their chunks may not be stored: capture those paths again from the disk.
-            for scope, changes in pending.items():
-                root = next(os.fsencode(s.path) for s in self.sources if s.name == scope)
-                for c in changes:
-                    await self.capture(os.path.join(root, c.path), new=False)
+            if self.state.seq < seq:
+                # Their chunks may not be stored: capture those paths again from the disk.
+                # (Never once the segment is stored: sealing them again under its seq would
+                # replace it, with later stamps, behind the head that names it.)
+                for scope, changes in pending.items():
+                    root = next(os.fsencode(s.path) for s in self.sources if s.name == scope)
+                    for c in changes:
+                        await self.capture(os.path.join(root, c.path), new=False)
             raise
-        self.state.seq, self.state.prev, self.state.head = head.seq, head.segment, head
         self.state.sealed_at = time.time()
         log.info("sealed segment %d: %d changes", head.seq,
                  sum(len(v) for v in pending.values()))
         return head
+
+    async def _write(self, seg: Segment) -> Head:
+        digest = await self.logstore.store_segment(self.identity, seg)
+        # The segment is in the store: the chain goes on from it whatever becomes of the head
+        # (LogStore.recover_tail does the same at the next start).
+        self.state.seq, self.state.prev = seg.seq, digest
+        self.state.head = await self.logstore.move_head(self.identity, seg.seq, digest)
+        return self.state.head
 
     def refresh_known(self) -> None:
         """After a snapshot, a prune or a command changed the index: what is stored is what

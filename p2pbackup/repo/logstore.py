@@ -54,10 +54,20 @@ class LogStore:
     async def append(self, identity: DeviceIdentity, segment: Segment,
                      snapshot: str | None = None) -> Head:
         """Store a segment (durably) and then move the head to it."""
+        digest = await self.store_segment(identity, segment)
+        return await self.move_head(identity, segment.seq, digest, snapshot)
+
+    async def store_segment(self, identity: DeviceIdentity, segment: Segment) -> bytes:
+        """Store a segment (durably); return its hash."""
         sealed = self._seal_signed(identity, Kind.SEGMENT, SEGMENT_SIG, segment.encode())
         await self.repo.store.put(segment_name(identity.device_id, segment.seq), sealed)
+        return segment_hash(sealed)
+
+    async def move_head(self, identity: DeviceIdentity, seq: int, digest: bytes,
+                        snapshot: str | None = None) -> Head:
+        """Move the head to the stored segment `seq` whose hash is `digest`."""
         current = await self.read_head(identity.device_id)
-        head = Head(identity.device_id, segment.seq, segment_hash(sealed),
+        head = Head(identity.device_id, seq, digest,
                     snapshot if snapshot is not None else (current.snapshot if current else None),
                     time.time_ns())
         await self._put_head(identity, head, current)

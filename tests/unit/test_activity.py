@@ -129,12 +129,12 @@ async def test_the_daemons_seal_is_listed_while_it_writes_the_segment(tmp_path: 
     sealer = SegmentSealer(repo, repo.identity, (Source("src", str(src)),),
                            str(tmp_path / "t"), SealState(0, GENESIS))
     seen: list = []
-    append = sealer.logstore.append
+    store_segment = sealer.logstore.store_segment
 
     async def watched(identity, segment):
         seen.extend(v["kind"] for v in ACTIVITIES.view())
-        return await append(identity, segment)
-    sealer.logstore.append = watched  # type: ignore[method-assign]
+        return await store_segment(identity, segment)
+    sealer.logstore.store_segment = watched  # type: ignore[method-assign]
     try:
         await sealer.capture(os.fsencode(src / "a.txt"))
         assert await sealer.seal() is not None
