@@ -86,14 +86,11 @@ def chain(cli: Cli):
     return asyncio.run(go())
 
 
-def wait_for_seq(cli: Cli, seq: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for_seq(cli: Cli, seq: int, timeout: float = 30) -> None:
+    def sealed() -> bool:
         head = chain(cli)[2]
-        if head is not None and head.seq >= seq:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"segment {seq} was not sealed within {timeout} s")
+        return head is not None and head.seq >= seq
+    eventually_sync(sealed, timeout=timeout, interval=0.2)
 
 
 def wait_for_first_snapshot(cli: Cli) -> None:
