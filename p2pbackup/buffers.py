@@ -7,8 +7,15 @@ import mmap
 from collections.abc import Iterable
 
 _HUGE = 4 << 20
-_M_MMAP_THRESHOLD = -3   # mallopt's parameter number (glibc's malloc.h)
-MMAP_THRESHOLD = 4 << 20
+_M_TRIM_THRESHOLD = -1   # mallopt's parameter numbers (glibc's malloc.h)
+_M_MMAP_THRESHOLD = -3
+# Above a restore's S3 window (4 MiB and the bytes object's header), below a pack (16 MiB).
+MMAP_THRESHOLD = 8 << 20
+# Free room a heap keeps at its top instead of giving it back. Fixing the mmap threshold fixes
+# this one too, at glibc's 128 KiB: each decoded chunk or S3 window freed at the top of a
+# heap went back to the kernel and the next one took the pages again, each a fault and a
+# zeroed page (150,000-170,000 faults for a 300 MiB restore from weed, a sixth of its CPU).
+TRIM_THRESHOLD = 32 << 20
 
 
 def aligned_buffer(size: int) -> mmap.mmap | bytearray:
@@ -42,7 +49,8 @@ def fill(view: memoryview, parts: Iterable[bytes | bytearray | memoryview]) -> N
 
 def fix_mmap_threshold() -> None:
     """Have glibc's malloc map every block of MMAP_THRESHOLD bytes or more anew and unmap it
-    when freed, for the whole process (its entry points call this).
+    when freed, and keep up to TRIM_THRESHOLD bytes freed at a heap's top for the next
+    blocks, for the whole process (its entry points call this).
 
     By default glibc raises that threshold to the size of each mapped block freed, up to
     32 MiB: after the first 16 MiB pack read for an upload and freed, the next ones come
@@ -50,6 +58,8 @@ def fix_mmap_threshold() -> None:
     `store push` peaked at 230 MiB (1 GiB tree, 4 uploads at once) and `snapshot --push` at
     341 MiB; with the threshold fixed, 133 and 212 MiB, no slower (bench/bench_s3.py)."""
     try:
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError):   # not glibc (musl, macOS): its own allocator's way
         pass
