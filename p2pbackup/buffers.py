@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 _HUGE = 4 << 20
 _M_TRIM_THRESHOLD = -1   # mallopt's parameter numbers (glibc's malloc.h)
@@ -45,6 +45,14 @@ def fill(view: memoryview, parts: Iterable[bytes | bytearray | memoryview]) -> N
         at += n
     if at != len(view):
         raise ValueError(f"parts hold {at} bytes, not {len(view)}")
+
+
+def views_of(data: bytes | bytearray | memoryview, start: int,
+             spans: Sequence[tuple[int, int]]) -> list[memoryview]:
+    """Views of `data`, the bytes of an object from `start` on, at each (offset, length) of
+    `spans` (a span past the end of `data` is cut short)."""
+    view = memoryview(data)
+    return [view[offset - start:offset - start + length] for offset, length in spans]
 
 
 def fix_mmap_threshold() -> None:

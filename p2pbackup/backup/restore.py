@@ -637,16 +637,14 @@ class Restorer:
                     break
                 end += loc.length
                 j += 1
+            run = [(cid, repo.locate(cid)) for cid in ids[i:j]]
             try:
-                data = repo.read_range_blocking(f"packs/{first.pack}", first.offset,
-                                                end - first.offset)
+                sealed = repo.read_spans_blocking(f"packs/{first.pack}",
+                                                  [(loc.offset, loc.length) for _, loc in run])
             except NotFound:
                 raise IntegrityError(f"pack {first.pack[:12]} is missing from the store") from None
-            view = memoryview(data)
-            for cid in ids[i:j]:
-                loc = repo.locate(cid)
-                rel = loc.offset - first.offset
-                yield repo.decode_blob(cid, loc, view[rel:rel + loc.length], scope)
+            for (cid, loc), blob in zip(run, sealed):
+                yield repo.decode_blob(cid, loc, blob, scope)
             i = j
 
     def _salvaged(self, scope: str, entry: TreeEntry, damage: list[list]

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..buffers import views_of
 from ..crypto.identity import DeviceIdentity
 from ..errors import ConfigError, DiskFull, StorageError
 from ..ids import object_kind
@@ -122,6 +123,14 @@ class BlobStore(abc.ABC):
     @abc.abstractmethod
     async def get_range(self, name: str, offset: int, length: int) -> bytes:
         """Return `length` bytes from `offset`; a negative offset counts from the end."""
+
+    async def get_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> list[Buffer]:
+        """The (offset >= 0, length) `spans` of `name`, in order and close together (a run
+        of a pack's blobs), each cut short at the end of the blob; a store may return views
+        of a buffer it keeps (read-only; let go of them soon). The default: one `get_range`
+        of what covers them, and views of it. NotFound if there is no blob."""
+        start, end = spans[0][0], max(o + n for o, n in spans)
+        return views_of(await self.get_range(name, start, end - start), start, spans)
 
     @abc.abstractmethod
     async def has(self, name: str) -> bool:

@@ -6,7 +6,7 @@ thing it enforces. Replacing a blob counts only the difference; deleting frees s
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from ..errors import StorageError
@@ -69,6 +69,9 @@ class QuotaStore(BlobStore):
 
     async def get_range(self, name: str, offset: int, length: int) -> bytes:
         return await self.inner.get_range(name, offset, length)
+
+    async def get_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> list[Buffer]:
+        return await self.inner.get_spans(name, spans)
 
     async def has(self, name: str) -> bool:
         return await self.inner.has(name)

@@ -45,7 +45,7 @@ import os
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -387,6 +387,14 @@ class S3Store(BlobStore):
         if is_mutable_name(name):
             return await self._read_exact(name, start, length)
         return await self._windows.read(name, start, length, total)
+
+    async def get_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> list[Buffer]:
+        if is_mutable_name(name):
+            return await super().get_spans(name, spans)
+        total = self._sizes.get(name)
+        if total is None:
+            total = await self.size(name)
+        return await self._windows.spans(name, spans, total)   # type: ignore[return-value]
 
     async def has(self, name: str) -> bool:
         try:

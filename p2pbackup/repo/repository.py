@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from .. import ids
 from ..blobs.base import BlobStore, Buffer
+from ..buffers import views_of
 from ..chunking.chunker import DEFAULT_AVG
 from ..crypto.identity import DeviceIdentity, device_id_for, verify_signature
 from ..crypto.keys import AccountKeys, MissingKey, ScopeKeys
@@ -416,11 +417,13 @@ class Repository:
         """Run a coroutine on the repository's loop from a worker thread and wait for it."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()  # type: ignore[arg-type]
 
-    def read_range_blocking(self, name: str, offset: int, length: int) -> bytes:
-        """Read part of a stored blob from a worker thread (directly for a local store)."""
+    def read_spans_blocking(self, name: str, spans: Sequence[tuple[int, int]]) -> list[Buffer]:
+        """The (offset, length) `spans` of a stored blob, close together, from a worker thread
+        (BlobStore.get_spans: views, not copies, where the store keeps the bytes)."""
         if self.store.capabilities.blocking:
-            return self.store.get_range_sync(name, offset, length)
-        return self.run_blocking(self.store.get_range(name, offset, length))
+            start, end = spans[0][0], max(o + n for o, n in spans)
+            return views_of(self.store.get_range_sync(name, start, end - start), start, spans)
+        return self.run_blocking(self.store.get_spans(name, spans))
 
     def read_blocking(self, name: str) -> bytes:
         """Read a whole stored blob from a worker thread."""
@@ -492,7 +495,7 @@ class Repository:
         if scope is not None:
             self.check_scope(blob_id, loc, scope)
         try:
-            sealed = self.read_range_blocking(f"packs/{loc.pack}", loc.offset, loc.length)
+            sealed, = self.read_spans_blocking(f"packs/{loc.pack}", [(loc.offset, loc.length)])
         except NotFound:
             raise IntegrityError(f"pack {loc.pack[:12]} is missing from the store") from None
         return self.decode_blob(blob_id, loc, sealed)

@@ -64,6 +64,17 @@ class BlobStoreConformance:
         assert await store.get_range(name, -16, 16) == data[-16:]
         assert await store.get_range(name, len(data) - 4, 100) == data[-4:]
 
+    async def test_spans_of_a_blob(self, store: BlobStore) -> None:
+        data = os.urandom(3000)
+        name = addressed("packs", data)
+        await store.put(name, data)
+        spans = [(100, 50), (150, 1000), (1150, 1), (2990, 20)]   # the last past the end
+        got = await store.get_spans(name, spans)
+        assert [bytes(g) for g in got] == [data[100:150], data[150:1150], data[1150:1151],
+                                           data[2990:]]
+        with pytest.raises(NotFound):
+            await store.get_spans(MISSING, [(0, 1)])
+
     async def test_list_by_prefix(self, store: BlobStore) -> None:
         await store.put("config", b"c")
         await store.put(addressed("snapshots", b"1"), b"1")

@@ -145,3 +145,36 @@ async def test_six_packs_read_at_once_fetch_each_window_once() -> None:
             assert await windows.read(f"p{p}", start, length, size) == \
                 DATA[start:start + length]
     assert len(fetches) == len(set(fetches)) == packs * size // 100
+
+
+class Kept(Fetches):
+    """Fetches that keep what they returned (to tell a view of it from a copy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.returned: list[bytes] = []
+
+    async def __call__(self, name: str, start: int, length: int) -> bytes:
+        data = await super().__call__(name, start, length)
+        self.returned.append(data)
+        return data
+
+
+async def test_spans_within_a_window_are_views_of_it_not_copies() -> None:
+    """A restore's run of neighbouring blobs: each is a view of the window that holds it
+    (the event loop copied each read, a new 4 MiB bytes, holding the GIL); only a blob that
+    crosses into the next window is put together."""
+    fetches = Kept()
+    windows = RangeWindows(fetches, window=100, ahead=0)
+    spans = [(120, 30), (150, 40), (190, 20), (210, 50)]   # (190, 20) crosses into window 2
+    got = await windows.spans("p", spans, len(DATA))
+    assert [bytes(g) for g in got] == [DATA[o:o + n] for o, n in spans]
+    window1, window2 = fetches.returned
+    assert [isinstance(g, memoryview) and g.obj for g in got] == \
+        [window1, window1, False, window2]
+
+
+async def test_spans_past_the_end_are_cut_short() -> None:
+    windows = RangeWindows(Fetches(), window=300)
+    got = await windows.spans("p", [(950, 30), (980, 40), (1000, 10)], len(DATA))
+    assert [bytes(g) for g in got] == [DATA[950:980], DATA[980:], b""]
