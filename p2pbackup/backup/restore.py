@@ -628,16 +628,19 @@ class Restorer:
         read in one go."""
         repo = self.repo
         i = 0
+        later = None   # the located chunk that ended the last run
         while i < len(ids):
-            first = repo.locate(ids[i])
+            first = later or repo.locate(ids[i])
+            run, later = [(ids[i], first)], None
             j, end = i + 1, first.offset + first.length
             while j < len(ids) and end - first.offset < READ_BATCH:
                 loc = repo.locate(ids[j])
                 if loc.pack != first.pack or loc.offset != end:
+                    later = loc
                     break
+                run.append((ids[j], loc))
                 end += loc.length
                 j += 1
-            run = [(cid, repo.locate(cid)) for cid in ids[i:j]]
             try:
                 sealed = repo.read_spans_blocking(f"packs/{first.pack}",
                                                   [(loc.offset, loc.length) for _, loc in run])
