@@ -23,6 +23,7 @@ import gc
 import json
 import multiprocessing as mp
 import os
+import random
 import re
 import resource
 import statistics
@@ -64,7 +65,7 @@ async def _worker(accounts: list[tuple[str, list[tuple[bytes, str]]]],
 
     from p2pbackup.broker.pauses import GcPauses
     from p2pbackup.crypto.identity import DeviceIdentity
-    from p2pbackup.protocol.broker_wire import socket_auth_message
+    from p2pbackup.protocol.broker_wire import DEVICE_PING, ping_period, socket_auth_message
 
     loop = asyncio.get_running_loop()
     pauses = GcPauses().install()     # this client's own pauses delay what it measures
@@ -94,7 +95,9 @@ async def _worker(accounts: list[tuple[str, list[tuple[bytes, str]]]],
         ident = DeviceIdentity(seed)
         async with gate:
             try:
-                ws = await http.ws_connect(f"{url}/v1/account/{account}/ws", autoping=True)
+                # pinging as a daemon's BrokerClient does (its period drawn from the range)
+                ws = await http.ws_connect(f"{url}/v1/account/{account}/ws", autoping=True,
+                                           heartbeat=ping_period(DEVICE_PING, random.random()))
                 nonce = (await ws.receive_json(timeout=60))["nonce"]
                 sig = ident.sign(socket_auth_message(account, ident.device_id, nonce))
                 await ws.send_json({"t": "auth", "device": ident.device_id,

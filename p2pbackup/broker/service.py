@@ -47,6 +47,7 @@ import binascii
 import contextlib
 import json
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -59,7 +60,8 @@ from ..crypto.identity import device_id_for, verify_signature
 from ..errors import IntegrityError, StorageError
 from ..format.roster import Roster, check_next, check_signed, read_roster, roster_hash
 from ..ids import is_account, is_device
-from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
+from ..protocol.broker_wire import (BROKER_PING, REQUEST_DOMAIN, ping_period,
+                                    socket_auth_message)
 from ..server.refusals import Refused, SignedRequests, one_line_errors
 from .ice import IceSettings, ice_servers
 from .pauses import GcFreezer, GcPauses
@@ -527,7 +529,8 @@ class Broker:
         Messages of unknown types are skipped (a newer client); malformed or oversized ones,
         and a flood beyond RATE/BURST, close the socket with one log line."""
         account = self._account_id(request)
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE, heartbeat=30.0)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE,
+                                   heartbeat=ping_period(BROKER_PING, random.random()))
         await ws.prepare(request)
         where = f"{request.remote}"
         conn: Connection | None = None

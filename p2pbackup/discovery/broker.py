@@ -29,7 +29,7 @@ from .. import control
 from ..errors import (ConfigError, LocalProtocolError, P2PError, PeerUnreachable,
                       RemoteProtocolError)
 from ..protocol import store_requests as req
-from ..protocol.broker_wire import REQUEST_DOMAIN, socket_auth_message
+from ..protocol.broker_wire import DEVICE_PING, REQUEST_DOMAIN, ping_period, socket_auth_message
 from ..session import OfferAnswerer, answer_or_refusal, hand_over, refusal
 from ..transport.datachannel import IceConfig, IceServer, PeerLink
 
@@ -264,7 +264,8 @@ class BrokerClient:
         if self.before_connect is not None:
             await self.before_connect()
         url = f"{self.base}/{self._path('ws')}"
-        async with self._http().ws_connect(url, heartbeat=30.0, max_msg_size=128 * 1024,
+        async with self._http().ws_connect(url, heartbeat=ping_period(DEVICE_PING, self.rand()),
+                                           max_msg_size=128 * 1024,
                                            timeout=aiohttp.ClientWSTimeout(ws_close=5.0)
                                            ) as ws:
             first = await ws.receive_json(timeout=REQUEST_TIMEOUT)

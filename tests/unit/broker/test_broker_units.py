@@ -141,3 +141,15 @@ async def test_an_invitation_printed_before_the_state_held_them_registers_once(
             await admission.admit(request)
     finally:
         await state.close()
+
+
+def test_sockets_opened_together_ping_apart_and_the_broker_never_pings_a_live_device():
+    """Keepalive periods: each socket draws its own (10,000 sockets opened in a burst pinged
+    in one burst every 30 s, the relay's p99 went past 50 ms), and the broker's shortest
+    period is longer than any device's, so a live device's pings keep the broker from
+    pinging it."""
+    from p2pbackup.protocol.broker_wire import BROKER_PING, DEVICE_PING, ping_period
+
+    devices = [ping_period(DEVICE_PING, i / 100) for i in range(100)]
+    assert max(devices) - min(devices) >= 15 and len(set(devices)) == 100
+    assert ping_period(BROKER_PING, 0.0) > ping_period(DEVICE_PING, 0.999999)
