@@ -232,10 +232,15 @@ class DeviceDaemon:
 
     async def seal(self) -> None:
         async with self.writing:
+            stored = self.sealer.state.seq
             try:
                 head = await self._seal_now()
             except P2PError as exc:
-                log.error("sealing failed: %s (the changes stay pending)", exc)
+                if self.sealer.state.seq > stored:   # the segment went, its head did not
+                    log.error("sealing: segment %d is stored, but its head could not be "
+                              "moved: %s (the next seal moves it)", self.sealer.state.seq, exc)
+                else:
+                    log.error("sealing failed: %s (the changes stay pending)", exc)
                 return
         if head is not None:
             await self.announce()
