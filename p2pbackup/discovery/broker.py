@@ -93,7 +93,8 @@ class BrokerClient:
         self._session: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[bytes]] = {}
+        # our offers' ids -> (the device asked, its answer): only that device answers it
+        self._waiting: dict[int, tuple[str, asyncio.Future[bytes]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
 
@@ -250,7 +251,7 @@ class BrokerClient:
                     attempt = 0
                 self.connected.clear()
                 self._ws = None
-                for fut in self._waiting.values():
+                for _, fut in self._waiting.values():
                     if not fut.done():
                         fut.set_exception(PeerUnreachable("the broker connection was lost"))
                 self._waiting.clear()
@@ -302,7 +303,7 @@ class BrokerClient:
         elif kind == "signal":
             self._on_signal(doc)
         elif kind == "undeliverable":
-            fut = self._waiting.pop(doc.get("id"), None)   # type: ignore[arg-type]
+            _, fut = self._waiting.pop(doc.get("id"), (None, None))  # type: ignore[arg-type]
             if fut is not None and not fut.done():
                 fut.set_exception(PeerUnreachable(
                     f"device {str(doc.get('to'))[:12]} is not connected to the broker"))
@@ -327,8 +328,15 @@ class BrokerClient:
         except ValueError:
             return
         if "re" in doc:    # an answer to one of our offers
-            fut = self._waiting.pop(doc["re"], None)
-            if fut is not None and not fut.done():
+            # Offer ids are a count: another device of the account (a storage partner
+            # among them) could answer for the one asked, ending the session we wanted.
+            n = doc["re"]
+            asked, fut = self._waiting.get(n, (None, None)) if isinstance(n, int) else \
+                (None, None)
+            if fut is None or doc.get("from") != asked:
+                return
+            del self._waiting[n]
+            if not fut.done():
                 fut.set_result(data)
             return
         self._spawn(self._answer(str(doc.get("from")), doc.get("id"), data))
@@ -374,7 +382,7 @@ class BrokerClient:
         """Send `data` (a signed offer) to device `peer` through the broker; its reply."""
         n = next(self._ids)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._waiting[n] = fut
+        self._waiting[n] = (peer, fut)
         try:
             if not await self._send({"t": "signal", "to": peer, "id": n,
                                      "data": base64.b64encode(data).decode()}):

@@ -8,8 +8,10 @@ loopback.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,7 +22,8 @@ from p2pbackup.discovery.broker import BrokerSignaling
 from p2pbackup.errors import PeerUnreachable, RemoteProtocolError
 from p2pbackup.format.membership import PARTNER, Member, Membership
 from p2pbackup.protocol.broker_wire import socket_auth_message
-from tests.brokers import LOOPBACK, closed_with, device, echoed, membership, online
+from tests.brokers import (LOOPBACK, closed_with, device, echoed, membership, online,
+                           raw_socket)
 from tests.eventually import eventually
 from tests.servers import StorageAccount, broker_server
 
@@ -147,3 +150,39 @@ async def test_a_removed_member_and_another_partner_cannot_signal_a_partner(
         assert not any(sender == gone.device_id for sender, _ in partner.links)
         for d in (owner, member, partner, other):
             await d.client.close()
+
+
+async def test_a_partner_cannot_answer_an_offer_made_to_another_device(tmp_path: Path) -> None:
+    """A hostile partner of the account answers an owner's offer to a member (offer ids are
+    counted from 1: easy to guess) before the member does: the owner must wait for the
+    member's answer, not take the partner's bytes (which would end the session it asked
+    for, to any device, whenever the partner likes)."""
+    p = DeviceIdentity.generate()
+    x = StorageAccount(members=[DeviceIdentity.generate()], partners=[p])
+    held = [with_partners(x)]
+    with broker_server(tmp_path) as broker:
+        owner = device(broker.url, x, x.owner, held)
+        await owner.client.publish_rosters([x.roster()[1]])
+        await online(owner)
+        async with aiohttp.ClientSession() as http:
+            member = await raw_socket(http, broker.url, x, x.members[0])
+            partner = await raw_socket(http, broker.url, x, p)
+            asked = asyncio.create_task(owner.client.relay(x.members[0].device_id, b"offer"))
+            offer = await member.receive_json(timeout=30)
+            assert offer["t"] == "signal" and offer["from"] == x.owner.device_id
+
+            def answer(ws: aiohttp.ClientWebSocketResponse, data: bytes) -> Any:
+                return ws.send_json({"t": "signal", "to": x.owner.device_id, "id": 1,
+                                     "re": offer["id"],
+                                     "data": base64.b64encode(data).decode()})
+            await answer(partner, b"the partner's forged answer")
+            # the owner reads its socket in order: once the partner's next push reached it,
+            # so did the forged answer
+            await partner.send_json({"t": "push", "data": ""})
+            await eventually(lambda: owner.pushes)
+            assert not asked.done(), "the owner took the partner's answer as the member's"
+            await answer(member, b"the member's answer")
+            assert await asyncio.wait_for(asked, 30) == b"the member's answer"
+            await member.close()
+            await partner.close()
+        await owner.client.close()
