@@ -122,6 +122,7 @@ class PeerManager:
         self.port = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self._dialing: set[str] = set()
+        self._pushed_meanwhile: set[str] = set()   # pushed since its dialer's last attempt
         self._lan_dials: dict[str, bool] = {}   # device -> whether we dial it on the LAN
         self._stack = contextlib.AsyncExitStack()
         interfaces = list(config.peers.interfaces) or None
@@ -315,6 +316,8 @@ class PeerManager:
         log.info("storage partner %s is on the broker" if sender in self._partners() else
                  "peer %s has new data (broker push)", sender[:12])
         if self._broker_dials(sender):
+            if sender in self._dialing:
+                self._pushed_meanwhile.add(sender)
             self._start_dial(sender)
 
     async def push_new(self) -> None:
@@ -410,6 +413,7 @@ class PeerManager:
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
                 opened = False
+                self._pushed_meanwhile.discard(device)
                 for route in routes:
                     try:
                         link = await session.connect(
@@ -424,7 +428,14 @@ class PeerManager:
                     await self._run(device, link, signaled=route.via)
                     break
                 if not opened and not st.on_lan and not self._static_routes(device):
-                    return   # through the broker: its loop, or a push, dials again
+                    # Through the broker: its loop, or a push, dials again, but not at once:
+                    # a device that pushes and refuses every offer would have each of its
+                    # pushes (20 a second) cost us a whole offer. Pushes meanwhile are one
+                    # dial after the wait.
+                    await asyncio.sleep(RETRY_SECONDS)
+                    if device not in self._pushed_meanwhile:
+                        return
+                    continue
                 await asyncio.sleep(RETRY_SECONDS)
         finally:
             self._dialing.discard(device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from p2pbackup import session
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.discovery.broker import BrokerSignaling
-from p2pbackup.errors import PeerUnreachable, RemoteProtocolError
+from p2pbackup.errors import PeerNotPaired, PeerUnreachable, RemoteProtocolError
 from p2pbackup.format.membership import PARTNER, Member, Membership
 from p2pbackup.protocol.broker_wire import socket_auth_message
 from tests.brokers import (LOOPBACK, closed_with, device, echoed, membership, online,
@@ -186,3 +187,43 @@ async def test_a_partner_cannot_answer_an_offer_made_to_another_device(tmp_path:
             await member.close()
             await partner.close()
         await owner.client.close()
+
+
+async def test_a_partner_pushing_through_the_broker_makes_one_dial_per_retry_period(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile partner pushes (a few bytes, 20 a second the broker allows) and refuses every
+    offer: each push made the member dial it at once, a whole WebRTC offer for each (an
+    amplification onto every member's CPU). Pushes while a dial through the broker failed
+    less than RETRY_SECONDS ago dial nothing."""
+    from p2pbackup.daemon import peers as peers_module
+    from p2pbackup.daemon.peers import PeerManager
+    from p2pbackup.device import init_device, open_device
+    from p2pbackup.discovery.broker import BrokerClient
+    from tests.adversary.test_partner_roster import join
+
+    monkeypatch.setattr(peers_module, "RETRY_SECONDS", 600.0)
+    dialed: list[str] = []
+
+    async def connect(me, device, membership, signaling, **kw):
+        dialed.append(device)
+        raise PeerNotPaired("the partner refuses (a hostile one, on purpose)")
+
+    monkeypatch.setattr(peers_module.session, "connect", connect)
+    await init_device(tmp_path / "a", [])
+    async with open_device(tmp_path / "a", write=True) as a:
+        p = (await join(a, tmp_path / "p", PARTNER)).device_id
+        pm = PeerManager(a.config, a)
+        await pm.refresh()
+        pm.broker = BrokerClient("http://127.0.0.1:9", pm.dev.identity, a.keys.fingerprint())
+        pm.broker.connected.set()
+        try:
+            for _ in range(20):
+                await pm._pushed(p, b"")
+                await eventually(lambda: p not in pm._dialing or pm.peers[p].error, timeout=10)
+                await asyncio.sleep(0)
+            assert dialed == [p]
+        finally:
+            for t in pm._tasks:
+                t.cancel()
+                with contextlib.suppress(BaseException):
+                    await t

@@ -122,3 +122,36 @@ async def test_a_push_through_the_broker_is_dialed_only_by_the_smaller_id(manage
         t.cancel()
         with contextlib.suppress(BaseException):
             await t
+
+
+async def test_a_push_while_a_failed_broker_dial_waits_is_dialed_after_the_wait(manager,
+                                                                               monkeypatch):
+    """A dial through the broker that failed waits RETRY_SECONDS before another (see
+    tests/adversary/test_broker_partners.py): a push meanwhile (the device's socket came up
+    just after our offer found none) is dialed then, not dropped."""
+    from p2pbackup.discovery.broker import BrokerClient
+
+    pm, b = manager
+    pm.config = dataclasses.replace(pm.config, peers=dataclasses.replace(
+        pm.config.peers, addresses=()))
+    monkeypatch.setattr(PeerManager, "me", property(lambda self: ""))
+    monkeypatch.setattr(peers_module, "RETRY_SECONDS", 0.2)
+    pm.broker = BrokerClient("http://127.0.0.1:9", pm.dev.identity, pm.dev.keys.fingerprint())
+    pm.broker.connected.set()
+    dialed: list[str] = []
+
+    async def connect(me, device, membership, signaling, **kw):
+        dialed.append(device)
+        raise PeerUnreachable(f"device {device[:12]} is not connected to the broker")
+
+    monkeypatch.setattr(peers_module.session, "connect", connect)
+    await pm._pushed(b, b"")
+    await eventually(lambda: dialed, timeout=10)
+    await pm._pushed(b, b"")            # while the failed dial waits
+    await eventually(lambda: len(dialed) == 2, timeout=10)
+    await eventually(lambda: b not in pm._dialing, timeout=10)
+    assert dialed == [b, b]             # no push meanwhile: no third dial
+    for t in pm._tasks:
+        t.cancel()
+        with contextlib.suppress(BaseException):
+            await t
