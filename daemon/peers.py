@@ -28,7 +28,7 @@ from p2pbackup.config import Config, PeerSettings
 from p2pbackup.discovery.broker import BrokerClient, BrokerIce, BrokerSignaling
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, member_tag_keys, which_device
 from p2pbackup.device import Device
-from p2pbackup.errors import ConfigError, P2PError
+from p2pbackup.errors import ConfigError, P2PError, PeerUnreachable
 from p2pbackup.format.membership import Membership
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
@@ -412,7 +412,7 @@ class PeerManager:
                     # (the link dropped, the device left the LAN), whoever opened it.
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
-                opened = False
+                opened = answered = False   # answered: a failure the peer's answer made
                 self._pushed_meanwhile.discard(device)
                 for route in routes:
                     try:
@@ -420,6 +420,7 @@ class PeerManager:
                             self.dev.identity, device, self._current(), route.signaling,
                             ice=await self.ice_now())
                     except P2PError as exc:
+                        answered = answered or not isinstance(exc, PeerUnreachable)
                         st.error = str(exc)
                         log.warning("peer %s at %s (%s): %s", device[:12], route.where,
                                     route.via, exc)
@@ -428,10 +429,11 @@ class PeerManager:
                     await self._run(device, link, signaled=route.via)
                     break
                 if not opened and not st.on_lan and not self._static_routes(device):
-                    # Through the broker: its loop, or a push, dials again, but not at once:
-                    # a device that pushes and refuses every offer would have each of its
-                    # pushes (20 a second) cost us a whole offer. Pushes meanwhile are one
-                    # dial after the wait.
+                    if not answered:
+                        return   # through the broker: its loop, or a push, dials again
+                    # It answered, refusing: not at once again. A device that pushes and
+                    # refuses every offer would have each of its pushes (20 a second) cost us
+                    # a whole offer. Pushes meanwhile are one dial after the wait.
                     await asyncio.sleep(RETRY_SECONDS)
                     if device not in self._pushed_meanwhile:
                         return

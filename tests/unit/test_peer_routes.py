@@ -15,7 +15,7 @@ from p2pbackup.config import StaticAddress
 from p2pbackup.daemon import peers as peers_module
 from p2pbackup.daemon.peers import PeerManager, PeerState
 from p2pbackup.device import init_device, open_device
-from p2pbackup.errors import PeerUnreachable
+from p2pbackup.errors import PeerNotPaired, PeerUnreachable
 from p2pbackup.format.membership import OWNER
 from tests.adversary.test_partner_roster import join
 from tests.eventually import eventually
@@ -124,11 +124,11 @@ async def test_a_push_through_the_broker_is_dialed_only_by_the_smaller_id(manage
             await t
 
 
-async def test_a_push_while_a_failed_broker_dial_waits_is_dialed_after_the_wait(manager,
-                                                                               monkeypatch):
-    """A dial through the broker that failed waits RETRY_SECONDS before another (see
-    tests/adversary/test_broker_partners.py): a push meanwhile (the device's socket came up
-    just after our offer found none) is dialed then, not dropped."""
+async def test_a_push_while_a_refused_broker_dial_waits_is_dialed_after_the_wait(manager,
+                                                                                monkeypatch):
+    """A dial through the broker that the peer refused waits RETRY_SECONDS before another
+    (see tests/adversary/test_broker_partners.py): a push meanwhile is dialed then, not
+    dropped; a dial that found the peer away from the broker waits for nothing."""
     from p2pbackup.discovery.broker import BrokerClient
 
     pm, b = manager
@@ -142,15 +142,33 @@ async def test_a_push_while_a_failed_broker_dial_waits_is_dialed_after_the_wait(
 
     async def connect(me, device, membership, signaling, **kw):
         dialed.append(device)
-        raise PeerUnreachable(f"device {device[:12]} is not connected to the broker")
+        raise PeerNotPaired(f"device {device[:12]} refused the session")
 
     monkeypatch.setattr(peers_module.session, "connect", connect)
     await pm._pushed(b, b"")
     await eventually(lambda: dialed, timeout=10)
-    await pm._pushed(b, b"")            # while the failed dial waits
+    await pm._pushed(b, b"")            # while the refused dial waits
     await eventually(lambda: len(dialed) == 2, timeout=10)
     await eventually(lambda: b not in pm._dialing, timeout=10)
     assert dialed == [b, b]             # no push meanwhile: no third dial
+    for t in pm._tasks:
+        t.cancel()
+        with contextlib.suppress(BaseException):
+            await t
+    # The peer was not on the broker (our offer was undeliverable): its push when it comes
+    # (it says it is there) is dialed at once.
+    dialed.clear()
+
+    async def away(me, device, membership, signaling, **kw):
+        dialed.append(device)
+        raise PeerUnreachable(f"device {device[:12]} is not connected to the broker")
+
+    monkeypatch.setattr(peers_module, "RETRY_SECONDS", 600.0)
+    monkeypatch.setattr(peers_module.session, "connect", away)
+    await pm._pushed(b, b"")
+    await eventually(lambda: dialed and b not in pm._dialing, timeout=10)
+    await pm._pushed(b, b"")
+    await eventually(lambda: len(dialed) == 2, timeout=10)
     for t in pm._tasks:
         t.cancel()
         with contextlib.suppress(BaseException):
