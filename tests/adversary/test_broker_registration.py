@@ -120,6 +120,24 @@ async def test_a_roster_beyond_the_devices_an_account_may_list_is_refused(
                        token=issuer.token("dave"))
 
 
+async def test_a_roster_naming_partners_beyond_the_devices_an_account_may_list_is_refused(
+        broker: RunningBroker, issuer: LocalIssuer) -> None:
+    """Storage partners count against the account's limit as its devices do (each may hold
+    a socket there), at registration and in a later version."""
+    many = [DeviceIdentity.generate() for _ in range(3)]
+    await refused_once(broker, StorageAccount(partners=many),
+                       "403 the roster lists 4 devices, more than the 3",
+                       token=issuer.token("frank"))
+    acct = StorageAccount()
+    await register(broker.url, acct, token=issuer.token("frank"))
+    acct.partners = many
+    acct.roster()   # the next version, naming them
+    with pytest.raises(Exception, match="403 the roster lists 4 devices, more than the 3"):
+        await register(broker.url, acct)
+    (line,) = [x for x in broker.log_text().splitlines() if f"{acct.fingerprint}/roster" in x]
+    assert "403 the roster lists 4 devices" in line      # refused with one log line
+
+
 @pytest.fixture(scope="module")
 def invite_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningBroker]:
     with broker_server(tmp_path_factory.mktemp("broker"), "--invites") as b:
