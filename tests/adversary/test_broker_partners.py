@@ -227,3 +227,27 @@ async def test_a_partner_pushing_through_the_broker_makes_one_dial_per_retry_per
                 t.cancel()
                 with contextlib.suppress(BaseException):
                     await t
+
+
+async def test_a_partner_cannot_use_the_accounts_device_api(tmp_path: Path) -> None:
+    """A storage partner's signature is good for its socket and ICE servers only: it cannot
+    register a device record, push over REST, queue or read commands, nor move the roster,
+    and a member cannot queue a command for it."""
+    p = DeviceIdentity.generate()
+    x = StorageAccount(members=[DeviceIdentity.generate()], partners=[p])
+    held = [with_partners(x)]
+    with broker_server(tmp_path) as broker:
+        owner = device(broker.url, x, x.owner, held)
+        partner = device(broker.url, x, p, held)
+        await owner.client.publish_rosters([x.roster()[1]])
+        for call in (partner.client.register_device(b"i am a laptop"),
+                     partner.client.notify(b"new data"),
+                     partner.client.invoke_command(x.owner.device_id, "wipe", b""),
+                     partner.client.commands(),
+                     partner.client.publish_rosters([x.roster()[1]])):
+            with pytest.raises(RemoteProtocolError, match="403"):
+                await call
+        with pytest.raises(RemoteProtocolError, match="400 `target` is not a device"):
+            await owner.client.invoke_command(p.device_id, "sync", b"")
+        for d in (owner, partner):
+            await d.client.close()
