@@ -255,6 +255,7 @@ async def apply_welcome(home: Path, identity: DeviceIdentity, name: str,
     host_name = str(doc["host"].get("name", ""))
     if role == PARTNER:
         grant = _partner_grant(doc)   # checked whole before anything is written
+        _may_replace(home, grant)
         if not (home / "config.toml").exists():
             init_home(home, [], identity=identity, keyless=True, device_name=name)
         if tag_key and grants.tag_key(home) is None:
@@ -319,6 +320,30 @@ def _partner_grant(doc: dict) -> grants.GrantFile:
                             f"({exc})") from None
     return grants.GrantFile(account, quota, got, [(d, k) for d, k in owners], time.time_ns(),
                             host["id"])
+
+
+def _may_replace(home: Path, grant: grants.GrantFile) -> None:
+    """PairingFailed unless `grant` may replace the one this partner holds for its account (if
+    any): its roster signed by an owner of the held roster (or the recovery signer it names),
+    and not older. An account's fingerprint is no secret: a stranger's welcome naming an
+    account stored here would otherwise hand that account's data to the stranger's roster (who
+    reads it, who removes it) and refuse its own devices."""
+    held = next((g for g in grants.read_grants(home) if g.account == grant.account), None)
+    if held is None or not held.roster:
+        return    # nothing held, or a grant from before rosters: pairing again is its remedy
+    try:
+        current = read_roster(held.roster, device_id_for)[0]
+    except IntegrityError:
+        return    # a damaged grant (load_grants skips it): pairing again is its remedy
+    try:
+        new = check_signed(grant.roster, current.next_signer_key(device_id_for),
+                           verify_signature, device_id_for)
+    except IntegrityError:
+        new = None
+    if new is None or new.seq < current.seq:
+        raise PairingFailed(f"pairing failed: this device stores for account {grant.account} "
+                            "already, and the other device is none of its owners (an owner "
+                            "this device knows pairs it again)")
 
 
 # ---- revocation ------------------------------------------------------------------------------
