@@ -313,8 +313,12 @@ class PeerManager:
         are the side that dials; otherwise the sender dials us after its push (push_new)."""
         if not self.allowed(sender) or sender == self.me:
             return
-        log.info("storage partner %s is on the broker" if sender in self._partners() else
-                 "peer %s has new data (broker push)", sender[:12])
+        if sender not in self._partners():
+            log.info("peer %s has new data (broker push)", sender[:12])
+        elif sender not in self._dialing and not self.peers.get(sender, PeerState("")).connected:
+            # A partner pushes only to say its socket is up: said once, not for each push
+            # (a hostile one may push 20 a second, into a log nothing rotates)
+            log.info("storage partner %s is on the broker", sender[:12])
         if self._broker_dials(sender):
             if sender in self._dialing:
                 self._pushed_meanwhile.add(sender)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -189,12 +190,14 @@ async def test_a_partner_cannot_answer_an_offer_made_to_another_device(tmp_path:
         await owner.client.close()
 
 
-async def test_a_partner_pushing_through_the_broker_makes_one_dial_per_retry_period(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_partner_pushing_through_the_broker_makes_one_dial_and_log_line_per_retry_period(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A hostile partner pushes (a few bytes, 20 a second the broker allows) and refuses every
     offer: each push made the member dial it at once, a whole WebRTC offer for each (an
-    amplification onto every member's CPU). Pushes while a dial through the broker failed
-    less than RETRY_SECONDS ago dial nothing."""
+    amplification onto every member's CPU), and write a log line (its disk: the daemon's log
+    is not rotated). Pushes while a dial through the broker it refused waits RETRY_SECONDS
+    dial nothing and say nothing."""
     from p2pbackup.daemon import peers as peers_module
     from p2pbackup.daemon.peers import PeerManager
     from p2pbackup.device import init_device, open_device
@@ -202,6 +205,7 @@ async def test_a_partner_pushing_through_the_broker_makes_one_dial_per_retry_per
     from tests.adversary.test_partner_roster import join
 
     monkeypatch.setattr(peers_module, "RETRY_SECONDS", 600.0)
+    caplog.set_level(logging.INFO, logger="p2pbackupd")
     dialed: list[str] = []
 
     async def connect(me, device, membership, signaling, **kw):
@@ -222,6 +226,8 @@ async def test_a_partner_pushing_through_the_broker_makes_one_dial_per_retry_per
                 await eventually(lambda: p not in pm._dialing or pm.peers[p].error, timeout=10)
                 await asyncio.sleep(0)
             assert dialed == [p]
+            said = [r for r in caplog.records if "is on the broker" in r.getMessage()]
+            assert len(said) == 1, len(said)
         finally:
             for t in pm._tasks:
                 t.cancel()
