@@ -9,6 +9,8 @@ import asyncio
 import base64
 import contextlib
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -159,3 +161,10 @@ async def registered(url: str, members: int = 1) -> StorageAccount:
     await owner.publish_rosters([acct.roster()[1]])
     await owner.close()
     return acct
+
+
+def invitation(database: str) -> str:
+    """An operator's invitation (`p2pbackup-broker invite`) for the brokers on `database`."""
+    return subprocess.run([sys.executable, "-m", "p2pbackup.broker.main", "invite",
+                           "--database", database], check=True, capture_output=True,
+                          text=True).stdout.strip()

@@ -6,14 +6,14 @@ claimers or registrations arrive at once, on both processes, not only one after 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.adversary.test_broker_registration import register
-from tests.servers import Postgres, StorageAccount, broker_server
+from tests.brokers import invitation
+from tests.integration.test_broker_fleet import fleet
+from tests.servers import Postgres, StorageAccount
 from tests.unit.broker.test_mailbox_server import close, connect
 
 pytestmark = pytest.mark.timeout(240)
@@ -22,9 +22,7 @@ RACERS = 6    # half on each process
 
 async def test_joiners_racing_for_one_code_on_two_broker_processes_get_one_claim(
         tmp_path: Path, postgres: Postgres) -> None:
-    dsn = postgres.new_database()
-    with broker_server(tmp_path / "one", "--database", dsn) as one, \
-            broker_server(tmp_path / "two", "--database", dsn) as two:
+    with fleet(tmp_path, postgres) as (one, two, _):
         urls = [b.url.replace("http://", "ws://") + "/v1/mailbox" for b in (one, two)]
         host = await connect(urls[0], "host")
         await host.send(type="allocate")
@@ -41,12 +39,8 @@ async def test_joiners_racing_for_one_code_on_two_broker_processes_get_one_claim
 
 async def test_an_invitation_raced_on_two_broker_processes_registers_one_account(
         tmp_path: Path, postgres: Postgres) -> None:
-    dsn = postgres.new_database()
-    with broker_server(tmp_path / "one", "--database", dsn, "--invites") as one, \
-            broker_server(tmp_path / "two", "--database", dsn, "--invites") as two:
-        token = subprocess.run([sys.executable, "-m", "p2pbackup.broker.main", "invite",
-                                "--database", dsn], check=True, capture_output=True,
-                               text=True).stdout.strip()
+    with fleet(tmp_path, postgres, "--invites") as (one, two, dsn):
+        token = invitation(dsn)
         results = await asyncio.gather(*(
             register((one, two)[i % 2].url, StorageAccount(), invite=token)
             for i in range(RACERS)), return_exceptions=True)

@@ -24,8 +24,8 @@ from p2pbackup.discovery.broker import BrokerSignaling
 from p2pbackup.errors import PeerNotPaired, PeerUnreachable, RemoteProtocolError
 from p2pbackup.format.membership import PARTNER, Member, Membership
 from p2pbackup.protocol.broker_wire import socket_auth_message
-from tests.brokers import (LOOPBACK, closed_with, device, echoed, membership, online,
-                           raw_socket)
+from tests.brokers import (LOOPBACK, Device, closed_with, device, echoed, membership,
+                           online, raw_socket)
 from tests.eventually import eventually
 from tests.servers import StorageAccount, broker_server
 
@@ -39,6 +39,18 @@ def with_partners(acct: StorageAccount, removed: tuple[DeviceIdentity, ...] = ()
     return Membership(1, b"", 0, m.members + tuple(
         Member(p.device_id, p.public_key, "friends-nas", PARTNER) for p in acct.partners
         if p.device_id not in gone), m.removed)
+
+
+async def account_naming_a_partner(url: str) -> tuple[StorageAccount, DeviceIdentity,
+                                                     list[Membership], Device, Device]:
+    """Account X (an owner, a member) naming partner P, its roster on the broker at `url`:
+    (X, P, what X's devices hold, the owner's and P's clients, not started)."""
+    p = DeviceIdentity.generate()
+    x = StorageAccount(members=[DeviceIdentity.generate()], partners=[p])
+    held = [with_partners(x)]
+    owner, partner = device(url, x, x.owner, held), device(url, x, p, held)
+    await owner.client.publish_rosters([x.roster()[1]])
+    return x, p, held, owner, partner
 
 
 async def socket_refusal(url: str, acct: StorageAccount, who: DeviceIdentity) -> str:
@@ -105,13 +117,8 @@ async def test_only_the_account_naming_a_partner_reaches_it_and_strangers_are_re
 
 
 async def test_an_account_that_removed_its_partner_no_longer_reaches_it(tmp_path: Path) -> None:
-    p = DeviceIdentity.generate()
-    x = StorageAccount(members=[DeviceIdentity.generate()], partners=[p])
-    held = [with_partners(x)]
     with broker_server(tmp_path) as broker:
-        owner = device(broker.url, x, x.owner, held)
-        partner = device(broker.url, x, p, held)
-        await owner.client.publish_rosters([x.roster()[1]])
+        x, p, held, owner, partner = await account_naming_a_partner(broker.url)
         await online(owner, partner)
         assert await echoed(owner, partner, held[0], b"ping") == b"ping"
 
@@ -239,13 +246,8 @@ async def test_a_partner_cannot_use_the_accounts_device_api(tmp_path: Path) -> N
     """A storage partner's signature is good for its socket and ICE servers only: it cannot
     register a device record, push over REST, queue or read commands, nor move the roster,
     and a member cannot queue a command for it."""
-    p = DeviceIdentity.generate()
-    x = StorageAccount(members=[DeviceIdentity.generate()], partners=[p])
-    held = [with_partners(x)]
     with broker_server(tmp_path) as broker:
-        owner = device(broker.url, x, x.owner, held)
-        partner = device(broker.url, x, p, held)
-        await owner.client.publish_rosters([x.roster()[1]])
+        x, p, held, owner, partner = await account_naming_a_partner(broker.url)
         for call in (partner.client.register_device(b"i am a laptop"),
                      partner.client.notify(b"new data"),
                      partner.client.invoke_command(x.owner.device_id, "wipe", b""),

@@ -8,8 +8,6 @@ import asyncio
 import base64
 import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +19,8 @@ from p2pbackup import session
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.format.membership import Membership
 from p2pbackup.discovery.broker import BrokerClient, BrokerSignaling
-from tests.brokers import (LOOPBACK, Device, closed_with, device, echoed, front, membership,
-                           online, raw_socket, registered)
+from tests.brokers import (LOOPBACK, Device, closed_with, device, echoed, front, invitation,
+                           membership, online, raw_socket, registered)
 from tests.eventually import eventually
 from tests.servers import Postgres, RunningBroker, StorageAccount, broker_server
 
@@ -30,11 +28,12 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @contextlib.contextmanager
-def fleet(tmp: Path, postgres: Postgres) -> Iterator[tuple[RunningBroker, RunningBroker, str]]:
-    """Two broker processes sharing a fresh database (its DSN third)."""
+def fleet(tmp: Path, postgres: Postgres, *args: str
+          ) -> Iterator[tuple[RunningBroker, RunningBroker, str]]:
+    """Two broker processes (with `args`) sharing a fresh database (its DSN third)."""
     dsn = postgres.new_database()
-    with broker_server(tmp / "one", "--database", dsn) as one, \
-            broker_server(tmp / "two", "--database", dsn) as two:
+    with broker_server(tmp / "one", "--database", dsn, *args) as one, \
+            broker_server(tmp / "two", "--database", dsn, *args) as two:
         yield one, two, dsn
 
 
@@ -208,12 +207,8 @@ async def test_an_invitation_for_the_fleet_works_on_any_process_once(
         tmp_path: Path, postgres: Postgres) -> None:
     from tests.adversary.test_broker_registration import register
 
-    dsn = postgres.new_database()
-    with broker_server(tmp_path / "one", "--database", dsn, "--invites") as one, \
-            broker_server(tmp_path / "two", "--database", dsn, "--invites") as two:
-        token = subprocess.run([sys.executable, "-m", "p2pbackup.broker.main", "invite",
-                                "--database", dsn], check=True, capture_output=True,
-                               text=True).stdout.strip()
+    with fleet(tmp_path, postgres, "--invites") as (one, two, dsn):
+        token = invitation(dsn)
         await register(two.url, StorageAccount(), invite=token)
         with pytest.raises(Exception, match="403 this invitation is not valid"):
             await register(one.url, StorageAccount(), invite=token)
