@@ -259,3 +259,23 @@ async def test_a_partner_cannot_use_the_accounts_device_api(tmp_path: Path) -> N
             await owner.client.invoke_command(p.device_id, "sync", b"")
         for d in (owner, partner):
             await d.client.close()
+
+
+async def test_a_roster_naming_a_member_also_as_a_partner_is_refused(tmp_path: Path) -> None:
+    """One id as a device of the account and as its storage partner (a partner's key may
+    never stand for a member, nor a member escape the rule between partners): refused at
+    registration and as a later version, by the broker as by every reader of the roster."""
+    m = DeviceIdentity.generate()
+    with broker_server(tmp_path) as broker:
+        twice = StorageAccount(members=[m], partners=[m])
+        first = device(broker.url, twice, twice.owner, []).client
+        with pytest.raises(RemoteProtocolError, match="422 .*lists a device twice"):
+            await first.publish_rosters([twice.roster()[1]])
+        await first.close()
+        x = StorageAccount(members=[m])
+        owner = device(broker.url, x, x.owner, [])
+        await owner.client.publish_rosters([x.roster()[1]])
+        x.partners = [m]
+        with pytest.raises(RemoteProtocolError, match="409 .*lists a device twice"):
+            await owner.client.publish_rosters([x.roster()[1]])
+        await owner.client.close()
