@@ -26,6 +26,7 @@ from .format.membership import Membership
 from .format.records import Signed
 from .format.signaling import (ANSWER, OFFER, ReplayGuard, SessionDescription,
                                check_description, sign_description)
+from .transport import CONNECTING
 from .transport.datachannel import IceConfig, PeerLink
 from .transport.pending import ConnectionLimits, PendingConnections
 
@@ -33,6 +34,8 @@ log = logging.getLogger("p2pbackup.session")
 _LEN = struct.Struct(">I")
 MAX_SIGNAL = 64 * 1024       # an SDP is a few KiB
 CONNECT_TIMEOUT = 30.0
+MAX_UNCONNECTED = 4   # links answered to one device that have not connected yet (a newer
+                      # offer closes the oldest): its retries, a CLI beside its daemon
 
 
 class Signaling(Protocol):
@@ -189,6 +192,10 @@ class OfferAnswerer:
         self.ice_source = ice_source
         self.recovery = recovery or (lambda: recovery_signer_of(self.membership()))
         self.guard = ReplayGuard()
+        # Each signed, fresh offer costs a link (sockets, ICE gathering, a TURN allocation)
+        # until it connects or CONNECT_TIMEOUT: a device (a storage partner through the
+        # broker, from anywhere) that offers and never connects must not hold hundreds.
+        self._unconnected: dict[str, list[PeerLink]] = {}
 
     def check(self, raw: bytes) -> SessionDescription:
         """The offer, if a member (or the recovery signer) made it for us, fresh and once;
@@ -209,6 +216,11 @@ class OfferAnswerer:
         answer = sign_description(SessionDescription(ANSWER, self.me.device_id, offer.sender,
                                                      sdp, _now(), os.urandom(16), offer.nonce),
                                   self.me.sign)
+        waiting = [x for x in self._unconnected.get(offer.sender, []) if x.state == CONNECTING]
+        while len(waiting) >= MAX_UNCONNECTED:
+            with contextlib.suppress(Exception):
+                await waiting.pop(0).close()
+        self._unconnected[offer.sender] = waiting + [link]
         return link, answer
 
 

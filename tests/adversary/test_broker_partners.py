@@ -279,3 +279,39 @@ async def test_a_roster_naming_a_member_also_as_a_partner_is_refused(tmp_path: P
         with pytest.raises(RemoteProtocolError, match="409 .*lists a device twice"):
             await owner.client.publish_rosters([x.roster()[1]])
         await owner.client.close()
+
+
+async def test_a_partner_flooding_a_member_with_signed_offers_leaves_a_few_links_unconnected(
+        ) -> None:
+    """A storage partner may offer members sessions (as on the LAN), and through the broker
+    it reaches them from anywhere, 20 offers a second: each is signed and fresh, so each was
+    answered with a new link (sockets, an ICE gathering, a TURN allocation) left waiting up to
+    CONNECT_TIMEOUT for a connection the partner never makes: ~600 at once. A member keeps
+    a few answered links per device that have not connected; a newer offer closes the
+    oldest."""
+    import os
+    import time
+
+    from p2pbackup.format.signaling import OFFER, SessionDescription, sign_description
+    from p2pbackup.transport import CONNECTING
+    from p2pbackup.transport.datachannel import PeerLink
+
+    me, p = DeviceIdentity.generate(), DeviceIdentity.generate()
+    held = Membership(1, b"", 0, (Member(me.device_id, me.public_key, "laptop", "owner"),
+                                  Member(p.device_id, p.public_key, "nas", PARTNER)), ())
+    answerer = session.OfferAnswerer(me, lambda: held, ice=LOOPBACK)
+    offering: list[PeerLink] = []
+    answered: list[PeerLink] = []
+    try:
+        for _ in range(20):
+            offering.append(PeerLink(LOOPBACK))
+            sdp = await offering[-1].create_offer()
+            raw = sign_description(SessionDescription(OFFER, p.device_id, me.device_id, sdp,
+                                                      time.time_ns(), os.urandom(16)), p.sign)
+            answered.append((await answerer.accept(answerer.check(raw)))[0])
+        waiting = [link for link in answered if link.state == CONNECTING]
+        assert len(waiting) <= session.MAX_UNCONNECTED, len(waiting)
+        assert answered[-1] in waiting     # the newest is served
+    finally:
+        for link in offering + answered:
+            await link.close()
