@@ -27,7 +27,7 @@ from p2pbackup.protocol.broker_wire import socket_auth_message
 from tests.brokers import (LOOPBACK, Device, closed_with, device, echoed, membership,
                            online, raw_socket)
 from tests.eventually import eventually
-from tests.servers import StorageAccount, broker_server
+from tests.servers import Postgres, StorageAccount, broker_server
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -315,3 +315,22 @@ async def test_a_partner_flooding_a_member_with_signed_offers_leaves_a_few_links
     finally:
         for link in offering + answered:
             await link.close()
+
+
+async def test_a_partner_removed_on_one_broker_process_loses_its_socket_on_the_other(
+        tmp_path: Path, postgres: Postgres) -> None:
+    """A fleet: the owner removes its partner through one process while the partner's socket
+    is held by the other: that socket is closed too, and the partner cannot open another."""
+    from tests.integration.test_broker_fleet import fleet
+
+    with fleet(tmp_path, postgres) as (one, two, _):
+        x, p, held, owner, _ = await account_naming_a_partner(one.url)
+        partner = device(two.url, x, p, held)
+        await online(owner, partner)
+        assert await echoed(owner, partner, held[0], b"ping") == b"ping"
+        await owner.client.publish_rosters([x.roster(removed=(p.device_id,))[1]])
+        await eventually(lambda: f"device {p.device_id[:12]} is no longer listed" in
+                         two.log_text())
+        assert "is not a device of account" in await socket_refusal(two.url, x, p)
+        for d in (owner, partner):
+            await d.client.close()
