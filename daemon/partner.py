@@ -27,6 +27,7 @@ from p2pbackup.config import Config
 from p2pbackup.crypto.identity import DeviceIdentity
 from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag
 from p2pbackup.discovery.broker import BrokerClient, BrokerIce
+from p2pbackup.logthrottle import ThrottledLog
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.replication.partner import StoragePartner
 from p2pbackup.repo.partner_store import Grant, load_grants
@@ -51,6 +52,7 @@ class PartnerService(StoragePartner):
         self._stack = contextlib.AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []
         self.brokers: dict[str, BrokerClient] = {}   # account -> its socket, as its partner
+        self.refusals = ThrottledLog(log)   # offers refused: one line a minute per kind
         self._serving = False
 
     def advert_txt(self, now: float) -> dict[str, str]:
@@ -111,7 +113,7 @@ class PartnerService(StoragePartner):
         """Answer the devices' signed offers on `host` (`start` advertises the port)."""
         self._signaling = session.SignalingServer(
             self.identity, lambda: self.membership, self.answer,
-            ice=ice_for(self.config.peers, host), on_refused=lambda why: log.warning("%s", why),
+            ice=ice_for(self.config.peers, host), on_refused=self.refusals.warning,
             limits=connection_limits(self.config.peers), recovery=self.recovery_signers)
         self.port = await self._signaling.start(host, port)
         return self.port
@@ -133,7 +135,7 @@ class PartnerService(StoragePartner):
                                          recovery=self.recovery_signers, ice_source=ice_now)
         client = BrokerClient(self.config.broker.url, self.identity, account,
                               answerer=answerer, on_link=self.answer, on_ready=here,
-                              on_refused=lambda why: log.warning("%s", why))
+                              on_refused=self.refusals.warning)
         broker_ice = BrokerIce(client, ice)
         self.brokers[account] = client
         client.start()

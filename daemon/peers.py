@@ -30,6 +30,7 @@ from p2pbackup.crypto.tags import TAG_PERIOD, discovery_tag, member_tag_keys, wh
 from p2pbackup.device import Device
 from p2pbackup.errors import ConfigError, P2PError, PeerUnreachable
 from p2pbackup.format.membership import Membership
+from p2pbackup.logthrottle import ThrottledLog
 from p2pbackup.repo import membership as store_membership
 from p2pbackup.peer_fetch import PEER_SERVICE, ice_for
 from p2pbackup.replication import reads_store
@@ -113,6 +114,9 @@ class PeerManager:
                  on_session: SessionHandler | None = None,
                  on_fetch: FetchHandler | None = None) -> None:
         self.config, self.dev = config, dev
+        # Refused offers and links that did not connect: a hostile member or partner can
+        # cause them twenty times a second (one line a minute per kind of refusal).
+        self.refusals = ThrottledLog(log)
         self.on_session = on_session or _hold
         self.on_fetch = on_fetch
         # Told who may still connect after every membership change (it closes the rest).
@@ -203,7 +207,7 @@ class PeerManager:
             return
         self._signaling = session.SignalingServer(
             self.dev.identity, lambda: self._current(), self._incoming, ice=self._ice,
-            ice_source=self.ice_now, on_refused=lambda why: log.warning("%s", why),
+            ice_source=self.ice_now, on_refused=self.refusals.warning,
             limits=connection_limits(self.config.peers))
         self.port = await self._signaling.start(self.bind_address, self.config.peers.port)
         try:
@@ -252,7 +256,7 @@ class PeerManager:
         self.broker = BrokerClient(self.config.broker.url, self.dev.identity,
                                    self.dev.keys.fingerprint(), answerer=answerer,
                                    on_link=self._incoming_through_broker, on_push=self._pushed,
-                                   on_refused=lambda why: log.warning("%s", why),
+                                   on_refused=self.refusals.warning,
                                    before_connect=self._publish_roster,
                                    on_ready=self._broker_ready)
         self._broker_ice = BrokerIce(self.broker, self._ice)
@@ -426,8 +430,8 @@ class PeerManager:
                     except P2PError as exc:
                         answered = answered or not isinstance(exc, PeerUnreachable)
                         st.error = str(exc)
-                        log.warning("peer %s at %s (%s): %s", device[:12], route.where,
-                                    route.via, exc)
+                        self.refusals.warning(f"peer {device[:12]} at {route.where} "
+                                              f"({route.via}): {exc}")
                         continue
                     opened = True
                     await self._run(device, link, signaled=route.via)

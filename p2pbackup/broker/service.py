@@ -60,6 +60,7 @@ from ..crypto.identity import device_id_for, verify_signature
 from ..errors import IntegrityError, StorageError
 from ..format.roster import Roster, check_next, check_signed, read_roster, roster_hash
 from ..ids import is_account, is_device
+from ..logthrottle import ThrottledLog
 from ..protocol.broker_wire import (BROKER_PING, REQUEST_DOMAIN, ping_period,
                                     socket_auth_message)
 from ..server.refusals import Refused, SignedRequests, one_line_errors
@@ -128,24 +129,15 @@ class Connection:
             return False
 
 
-@dataclass(slots=True)
 class OutageLog:
     """The database failing under the socket path as one log line a minute (with how many
     more failures it hid), not a line for each of a thousand messages a second."""
 
-    now: Callable[[], float]
-    every: float = 60.0
-    last: float = float("-inf")
-    hidden: int = 0
+    def __init__(self, now: Callable[[], float]) -> None:
+        self._log = ThrottledLog(log, now=now, hidden="more failures")
 
     def failed(self, what: str, exc: StorageError) -> None:
-        t = self.now()
-        if t - self.last < self.every:
-            self.hidden += 1
-            return
-        log.warning("%s: %s%s", what, exc,
-                    f" ({self.hidden} more failures in the last minute)" if self.hidden else "")
-        self.last, self.hidden = t, 0
+        self._log.warning(f"{what}: {exc}", kind="")   # one outage: one line, whatever failed
 
 
 @dataclass(slots=True)
