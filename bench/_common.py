@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: their sections of RESULTS.md, and one lock for all of them.
+"""What the benchmark scripts share: their sections of RESULTS.md, one lock for all of them,
+and a process's CPU seconds.
 
 bench/RESULTS.md holds bench_restic.py's report (its title and several "## " sections) and
 one section per other script, each from its heading to the next "## " heading. Each script
@@ -8,6 +9,7 @@ rewrites only its own part, so a run of one keeps the others' results.
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -77,3 +79,9 @@ def bench_lock() -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import bench_lock, write_section  # noqa: E402
+from _common import bench_lock, cpu_s, write_section  # noqa: E402
 
 HEADING = "## Broker"
 SLOW = 0.05           # seconds: the p99 target; slower messages are placed in time
@@ -176,12 +176,6 @@ def _offsets(sizes: list[int]) -> list[int]:
 
 
 # -- the broker processes ----------------------------------------------------------------------
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 PAUSE = re.compile(r"a full garbage collection paused the broker for (\d+) ms "
                    r"\((\d+) full collections, ([\d.]+) s in all\)")

@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from _common import S3_HEADING, bench_lock, write_section  # noqa: E402
+from _common import S3_HEADING, bench_lock, cpu_s, write_section  # noqa: E402
 
 from tests import servers  # noqa: E402
 
@@ -88,6 +88,23 @@ RESTORE_TARGETS = ("restic-restore-{i}", "p2pbackup-restore-{i}")
 
 Run = tuple[float, int, float]   # seconds, peak RSS in KiB, CPU seconds (user + system)
 
+# The S3 server's process (`weed mini` is one), once started: each command's line says the
+# CPU seconds the server spent meanwhile (weed and we share 2 cores; a client that makes the
+# server work harder per byte shows there, not in its own CPU).
+SERVER_PID: int | None = None
+
+
+def server_pid(marker: str) -> int | None:
+    """The process whose command line holds `marker` (a server's directory)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    return int(pid)
+        except OSError:
+            continue   # (gone meanwhile)
+    return None
+
 
 def timed_rss(argv: list[str], env: dict[str, str]) -> Run:
     """Seconds, peak RSS (KiB) and CPU seconds of one command (output to /dev/null); a
@@ -95,6 +112,8 @@ def timed_rss(argv: list[str], env: dict[str, str]) -> Run:
     directly would count this process's own RSS in its ru_maxrss (the vfork before exec
     shares its memory). The CPU seconds tell a slow step from a busy machine."""
     subprocess.run(["sync"], check=True)
+    server = SERVER_PID
+    server_before = cpu_s(server) if server is not None else 0.0
     with tempfile.NamedTemporaryFile("r") as rss:
         t = time.perf_counter()
         proc = subprocess.run(["/usr/bin/time", "-f", "%M %U %S", "-o", rss.name, *argv],
@@ -106,7 +125,10 @@ def timed_rss(argv: list[str], env: dict[str, str]) -> Run:
         kib, user, system = rss.read().split()[-3:]
     cpu = float(user) + float(system)
     shown = ' '.join(Path(a).name if a.startswith('/') else a for a in argv)
-    print(f"  {dt:7.2f} s {cpu:7.2f} cpu-s {int(kib) / 1024:6.0f} MiB  {shown}", flush=True)
+    served = f" {cpu_s(server) - server_before:6.2f} server-cpu-s" if server is not None \
+        else ""
+    print(f"  {dt:7.2f} s {cpu:7.2f} cpu-s{served} {int(kib) / 1024:6.0f} MiB  {shown}",
+          flush=True)
     return dt, int(kib), cpu
 
 
@@ -286,6 +308,8 @@ def main() -> None:
                                   text=True).stdout.split()[1]
         gen = servers.weed_mini(tmp / "weed")
         srv = next(gen)
+        global SERVER_PID
+        SERVER_PID = server_pid(str(tmp / "weed"))
         try:
             base = dict(os.environ, AWS_ACCESS_KEY_ID=srv.access_key,
                         AWS_SECRET_ACCESS_KEY=srv.secret_key, AWS_ENDPOINT_URL=srv.endpoint,

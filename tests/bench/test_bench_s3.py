@@ -1,10 +1,16 @@
-"""bench_s3.py's restore step: no restore goes where files were just deleted."""
+"""bench_s3.py: no restore goes where files were just deleted; the server's CPU is counted."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
-from bench_s3 import Step, restore_step
+from _common import cpu_s
+from bench_s3 import Step, restore_step, server_pid
+
+from tests.eventually import eventually_sync
 
 
 def test_each_restore_goes_to_a_new_directory_and_none_is_deleted_before_the_step_ends(
@@ -29,3 +35,17 @@ def test_each_restore_goes_to_a_new_directory_and_none_is_deleted_before_the_ste
     assert len(made) == 6 and len(step.restic) == len(step.ours) == 3
     assert not any(p.exists() for p in made)   # all gone once the step is over
     assert "| restore | 1.00 | 1.00 | **1.00**" in step.row()
+
+
+def test_the_server_is_found_by_its_directory_and_its_cpu_seconds_counted() -> None:
+    """The S3 server's CPU seconds during each command: what a client costs the server."""
+    marker = f"/tmp/bench-server-{uuid.uuid4().hex}"
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n" \
+        "time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", busy, marker], )
+    try:
+        eventually_sync(lambda: server_pid(marker) == proc.pid, timeout=30)
+        eventually_sync(lambda: cpu_s(proc.pid) >= 0.3, timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
