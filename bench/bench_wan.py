@@ -24,7 +24,9 @@ object of the sender present in the receiver's store). Targets (issue 18 §4): (
 connected within 2 s hole punched and 3 s through TURN.
 
     sudo .venv/bin/python bench/bench_wan.py [--mb 48] [--rtt 40] [--seconds 8] [--json]
-                                             [--broker-only]
+                                             [--broker-only | --relay-only]
+
+`--relay-only` runs (a) and (b) alone (about a third of the time): the ratio and nothing else.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _common import bench_lock  # noqa: E402
 from bench_replication import (BenchError, cli, control, log, missing, pair_homes,  # noqa: E402
-                               peer_entry, set_config, start_daemon, store_objects, wait_for)
+                               peer_entry, proc_cpu, set_config, start_daemon, store_objects,
+                               wait_for)
 
 WORK = REPO / "bench" / "work" / "wan"
 PORT = 7890
@@ -102,6 +105,7 @@ def replicate(homes, devices, a_tpl: Path, b_tpl: Path, a_id: str, b_id: str, ic
                 e = peer_entry(status, a_id)
                 if e and e.get("connected"):
                     connected, path = now, e.get("ice_path")
+                    cpu0 = proc_cpu(da.real_pid()), proc_cpu(db.real_pid())
             n = len(left)
             left = missing(b / "store", left)
             if first is None and len(left) < n:
@@ -112,6 +116,7 @@ def replicate(homes, devices, a_tpl: Path, b_tpl: Path, a_id: str, b_id: str, ic
         if left or connected is None:
             raise BenchError(f"[{tag}] replication did not finish: {len(left)} objects left")
         done = time.monotonic()
+        cpu = proc_cpu(da.real_pid()) - cpu0[0], proc_cpu(db.real_pid()) - cpu0[1]
     finally:
         for d in (db, da):
             if d is not None:
@@ -120,7 +125,8 @@ def replicate(homes, devices, a_tpl: Path, b_tpl: Path, a_id: str, b_id: str, ic
     return {"path": path, "receiver_up_s": up - t0, "setup_s": connected - up,
             "connected_s": connected - t0, "first_object_s": (first or done) - t0,
             "transfer_s": done - connected, "bytes": nbytes,
-            "mb_per_s": nbytes / (done - connected) / 1e6}
+            "mb_per_s": nbytes / (done - connected) / 1e6,
+            "cpu_s": {"sender": cpu[0], "receiver": cpu[1]}}
 
 
 def main() -> int:
@@ -130,7 +136,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0, help="sending time of (a)")
     ap.add_argument("--keep", action="store_true", help="keep bench/work/wan")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--broker-only", action="store_true", help="only (d) and (e)")
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--broker-only", action="store_true", help="only (d) and (e)")
+    only.add_argument("--relay-only", action="store_true", help="only (a) and (b)")
     args = ap.parse_args()
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("turnserver"):
         raise SystemExit("needs root, iproute2 and coturn (turnserver)")
@@ -175,18 +183,21 @@ def main() -> int:
             relay = replicate(sym, (devs["s1"], devs["s2"]), a_tpl, b_tpl, a_id, b_id,
                               {"servers": servers}, logs, "relay")
             log(f"(b) {relay}")
+        if not (args.broker_only or args.relay_only):
             log("(c) replication hole punched (STUN only)")
             punched = replicate(cone, (devs["c1"], devs["c2"]), a_tpl, b_tpl, a_id, b_id,
                                 {"servers": servers[:1]}, logs, "punched")
             log(f"(c) {punched}")
-        log("(d) replication through the broker, TURN relay")
-        b_relay = replicate(sym, (devs["s1"], devs["s2"]), a_tpl, b_tpl, a_id, b_id, {}, logs,
-                            "broker-relay", broker.url)
-        log(f"(d) {b_relay}")
-        log("(e) replication through the broker, hole punched")
-        b_punched = replicate(cone, (devs["c1"], devs["c2"]), a_tpl, b_tpl, a_id, b_id, {},
-                              logs, "broker-punched", broker.url)
-        log(f"(e) {b_punched}")
+        b_relay = b_punched = None
+        if not args.relay_only:
+            log("(d) replication through the broker, TURN relay")
+            b_relay = replicate(sym, (devs["s1"], devs["s2"]), a_tpl, b_tpl, a_id, b_id, {},
+                                logs, "broker-relay", broker.url)
+            log(f"(d) {b_relay}")
+            log("(e) replication through the broker, hole punched")
+            b_punched = replicate(cone, (devs["c1"], devs["c2"]), a_tpl, b_tpl, a_id, b_id, {},
+                                  logs, "broker-punched", broker.url)
+            log(f"(e) {b_punched}")
         if not args.keep:
             stack.callback(shutil.rmtree, WORK, True)
     result = {"load_before": load, "rtt_ms": rtt, "raw": raw, "relay": relay,
@@ -210,7 +221,8 @@ def main() -> int:
             continue
         target = SETUP_TARGETS.get(r["path"] or "", 2.0)
         print(f"{name}: {r['mb_per_s']:.2f} MB/s ({r['bytes'] / 1e6:.0f} MB in "
-              f"{r['transfer_s']:.1f} s, path {r['path']}); both online -> connected "
+              f"{r['transfer_s']:.1f} s, path {r['path']}; CPU s sender "
+              f"{r['cpu_s']['sender']:.1f}, receiver {r['cpu_s']['receiver']:.1f}); both online -> connected "
               f"{r['setup_s']:.2f} s (target {target:g} s: {ok(r['setup_s'] <= target)}; the "
               f"receiver's daemon answered {r['receiver_up_s']:.2f} s after its start, "
               f"connected at {r['connected_s']:.2f} s, first object at "

@@ -43,12 +43,21 @@ class PeerStatus(Protocol):
     device: str
     addresses: list[str]             # where its direct lane may be dialled
     path: str | None                 # "data channel" or "direct lane"
+    ice_path: str | None             # the data channel's route: "host", "reflexive", "relay"
     last_sync: float | None
     objects_behind: int | None
     bytes_behind: int | None
     held_objects: int | None         # what the peer holds of ours (a partner's share)
     held_bytes: int | None
     error: str | None
+
+
+def lane_may_reach(st: PeerStatus) -> bool:
+    """Whether a direct lane with `st`'s device may come up. It dials the addresses the peer
+    has on our network, which a data channel relayed or hole punched across NATs says it does
+    not have: both sides waited LANE_WAIT for it there, 2 s of every WAN session. (An unknown
+    route, e.g. a test's link, may still be the LAN.)"""
+    return st.ice_path in (None, "host")
 
 
 class WriteGate(Protocol):
@@ -295,7 +304,7 @@ class Replicator:
         self._packs_in[device] = set()
         self.sessions[device] = drv
         self._states[device] = st
-        if self.lane_server is not None:
+        if self.lane_server is not None and lane_may_reach(st):
             s.offer_lane(self.lane_server.fingerprint, self.lane_port)
         watch = asyncio.get_running_loop().create_task(self._watch(drv, device))
         try:
@@ -420,7 +429,7 @@ class Replicator:
             if ev.code == MISMATCH and name != ev.name and name not in self._refused_ok:
                 self.check_pack_soon(name, refused=True)
         elif isinstance(ev, LaneOffered):
-            if self.lane_server is not None:
+            if self.lane_server is not None and lane_may_reach(st):
                 self._lane_peers[_normalize(ev.fingerprint)] = st.device
                 self.lane_server.expect(ev.fingerprint)
                 # Both sides offered: objects wait (briefly) for the lane rather

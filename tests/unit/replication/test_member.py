@@ -31,10 +31,14 @@ async def until(cond, timeout: float = 10) -> None:
         await asyncio.sleep(0.05)
 
 
-async def two_repositories(tmp_path: Path):
-    """A repository with one snapshot of `src`, and an empty replica of it."""
+async def two_repositories(tmp_path: Path, *, a_dials: bool | None = None):
+    """A repository with one snapshot of `src`, and an empty replica of it (`a_dials`: the
+    identities are drawn so that a's device id sorts first, the side that dials lanes, or
+    last)."""
     keys, a_id, b_id = AccountKeys(os.urandom(32)), DeviceIdentity.generate(), \
         DeviceIdentity.generate()
+    if a_dials is not None and (a_id.device_id < b_id.device_id) != a_dials:
+        a_id, b_id = b_id, a_id
     src = tmp_path / "src"
     src.mkdir()
     (src / "one").write_bytes(os.urandom(300_000))
@@ -48,13 +52,18 @@ async def two_repositories(tmp_path: Path):
 
 @contextlib.asynccontextmanager
 async def running(ra, rb, a_id, b_id, *, keep_open: bool = False,
-                  a_view: PeerState | None = None, **b_options):
+                  a_view: PeerState | None = None, b_view: PeerState | None = None,
+                  a_options: dict | None = None, **b_options):
     """A Replicator on each repository, in session over the in-memory link; yields a's
     Replicator, b's view of a (PeerState) and b's Replicator (`a_view`: a's view of b).
-    Everything is closed at the end (the repositories too, unless `keep_open`)."""
+    Direct-lane servers listen on loopback before the sessions start. Everything is closed
+    at the end (the repositories too, unless `keep_open`)."""
     la, lb = memory_pair()
-    pa, pb = Replicator(ra, a_id.device_id), Replicator(rb, b_id.device_id, **b_options)
-    sb = PeerState(a_id.device_id)
+    pa = Replicator(ra, a_id.device_id, **(a_options or {}))
+    pb = Replicator(rb, b_id.device_id, **b_options)
+    for p in (pa, pb):
+        await p.start_lane("127.0.0.1")
+    sb = b_view or PeerState(a_id.device_id)
     tasks = [asyncio.create_task(pa.run(b_id.device_id, la,
                                         a_view or PeerState(b_id.device_id))),
              asyncio.create_task(pb.run(a_id.device_id, lb, sb))]
@@ -294,3 +303,24 @@ async def test_a_session_takes_a_bulk_lane_from_whoever_opens_one(tmp_path: Path
         await pa.announce_new()
         await eventually(b_has_all)
         assert lane_a.bytes_sent == sent and len((await rb.list_snapshots())[0]) == 3
+
+
+async def test_a_session_through_a_relay_does_not_wait_for_a_direct_lane(tmp_path: Path,
+                                                                         monkeypatch):
+    """The direct lane dials the peer's LAN addresses: across NATs (the data channel relayed
+    or hole punched) it cannot come, so neither side offers it and objects do not wait for it
+    (they waited LANE_WAIT, 2 s of every WAN session; here that wait is made an hour)."""
+    from p2pbackup.replication import member
+
+    from tests.eventually import eventually
+
+    monkeypatch.setattr(member, "LANE_WAIT", 3600.0)
+    # The sender is the side that waits for the peer to dial.
+    src, a_id, b_id, ra, rb = await two_repositories(tmp_path, a_dials=False)
+    sb = PeerState(a_id.device_id, ice_path="relay")
+    async with running(ra, rb, a_id, b_id, a_view=PeerState(b_id.device_id, ice_path="relay"),
+                       b_view=sb, direct_lane=True, a_options={"direct_lane": True}):
+        async def b_has_snapshot() -> bool:
+            return len((await rb.list_snapshots())[0]) == 1
+        await eventually(b_has_snapshot, timeout=30)
+        assert sb.path != "direct lane"
