@@ -48,6 +48,7 @@ NAME_MAX = 255
 READ_BATCH = 4 * 1024 * 1024  # neighbouring chunks read with one pread
 WRITE_BATCH = 1024 * 1024  # decoded chunks written with one writev
 BATCH_FILES = 64
+PLAN_BATCH = 4096  # chunk reads announced to the store at once (_plan)
 BATCH_BYTES = 4 * 1024 * 1024
 # Restores at least this big write files from forked worker processes (local stores only).
 # Threads of one process spend a third of their CPU handing the GIL to each other between the
@@ -964,6 +965,66 @@ class Restorer:
         os.fchmod(fd, statmod.S_IMODE(e.mode))
         os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
 
+    def _plan(self, resolved: list[_Resolved]) -> None:
+        """Tell the store every chunk the restore will read, before it reads any: a store
+        that reads packs in windows keeps each until the last chunk read from it (files are
+        written in tree order, and their chunks come from all over the packs)."""
+        spans: dict[str, list[tuple[int, int]]] = {}
+        count = 0
+        links: set[tuple[str, int]] = set()
+        for res in resolved:
+            for scope, e in self._files(res, links):
+                ids = e.chunks[:1] if e.offset is not None else e.chunks
+                for cid in ids:
+                    try:
+                        loc = self.repo.locate(cid)
+                    except IntegrityError:
+                        continue   # the restore names it
+                    spans.setdefault(f"packs/{loc.pack}", []).append((loc.offset, loc.length))
+                    count += 1
+                if count >= PLAN_BATCH:
+                    self.repo.expect_spans_blocking(spans)
+                    spans, count = {}, 0
+        if spans:
+            self.repo.expect_spans_blocking(spans)
+
+    def _files(self, res: _Resolved, links: set[tuple[str, int]]
+               ) -> Iterator[tuple[str, TreeEntry]]:
+        """The files of a selection whose chunks the restore reads, in its order: a file
+        bundled with the one before it (its bundle is read once) and a hard link after the
+        first are left out. Folders whose listing is damaged are left out too."""
+        stack: list[tuple[Parts, Iterator[TreeEntry]]] = []
+        if res.entry is not None and res.entry.type == FILE:
+            stack.append((res.parts[:-1], iter((res.entry,))))
+        elif res.entry is None or res.entry.type == DIR:
+            listing = res.tree.entries if res.tree is not None else ()
+            stack.append((res.parts, iter(listing)))
+        bundle = None
+        while stack:
+            parts, entries = stack[-1]
+            try:
+                e = next(entries, None)
+            except IntegrityError:
+                e = None
+            if e is None:
+                stack.pop()
+                continue
+            if e.type == DIR:
+                stack.append((parts + (e.name,),
+                              self.entries(res.scope, parts + (e.name,), e.subtree)))
+                continue
+            if e.type != FILE:
+                continue
+            if e.nlink > 1:
+                if (res.scope, e.inode) in links:
+                    continue
+                links.add((res.scope, e.inode))
+            if e.offset is not None:
+                if e.chunks[:1] == bundle:
+                    continue
+                bundle = e.chunks[:1]
+            yield res.scope, e
+
     def _run_jobs(self, resolved: list[_Resolved]) -> None:
         pending = _InFlight()
         dir_meta: list[tuple[Parts, TreeEntry]] = []
@@ -1012,6 +1073,8 @@ class Restorer:
             more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
             raise RestoreConflict(f"{conflicts[0]} already exists and differs from the "
                                   f"snapshot{more}; pass --overwrite to replace")
+        if self.repo.store.capabilities.planned_reads:
+            self._plan(resolved)
         self._pool = self._start_pool()
         try:
             self._run_jobs(resolved)

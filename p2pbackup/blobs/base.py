@@ -55,6 +55,8 @@ class StoreCapabilities:
     overwrite: bool = False       # overwrite() puts other bytes under any name in one
                                   # atomic step (the old bytes or the new, never none), to
                                   # heal a damaged copy: never delete-then-put
+    planned_reads: bool = False   # expect_spans() keeps what it reads until the spans
+                                  # announced are read (a restore's plan); False: a no-op
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +133,11 @@ class BlobStore(abc.ABC):
         of what covers them, and views of it. NotFound if there is no blob."""
         start, end = spans[0][0], max(o + n for o, n in spans)
         return views_of(await self.get_range(name, start, end - start), start, spans)
+
+    async def expect_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> None:
+        """The (offset, length) `spans` of `name` will be read with get_spans, each once per
+        time announced (with capabilities.planned_reads, a store that reads more than asked
+        and keeps it keeps what holds them until then). The default: nothing."""
 
     @abc.abstractmethod
     async def has(self, name: str) -> bool:

@@ -73,6 +73,9 @@ class QuotaStore(BlobStore):
     async def get_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> list[Buffer]:
         return await self.inner.get_spans(name, spans)
 
+    async def expect_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> None:
+        await self.inner.expect_spans(name, spans)
+
     async def has(self, name: str) -> bool:
         return await self.inner.has(name)
 

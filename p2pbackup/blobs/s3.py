@@ -186,7 +186,8 @@ class S3Store(BlobStore):
         # overwrite: a PUT without a condition replaces an object atomically (S3's model).
         return StoreCapabilities(create_only=self._conditional is True, ranged_reads=True,
                                  cheap_listing=False, blocking=False, local_disk=False,
-                                 conditional_replace=True, overwrite=True)
+                                 conditional_replace=True, overwrite=True,
+                                 planned_reads=True)
 
     # ---- errors and retries ------------------------------------------------------------
 
@@ -395,6 +396,10 @@ class S3Store(BlobStore):
         if total is None:
             total = await self.size(name)
         return await self._windows.spans(name, spans, total)   # type: ignore[return-value]
+
+    async def expect_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> None:
+        if not is_mutable_name(name):
+            self._windows.expect(name, spans)
 
     async def has(self, name: str) -> bool:
         try:

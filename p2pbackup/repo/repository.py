@@ -425,6 +425,14 @@ class Repository:
             return views_of(self.store.get_range_sync(name, start, end - start), start, spans)
         return self.run_blocking(self.store.get_spans(name, spans))
 
+    def expect_spans_blocking(self, spans: dict[str, list[tuple[int, int]]]) -> None:
+        """Announce reads of the (offset, length) spans of stored blobs, by name, coming from
+        worker threads (BlobStore.expect_spans)."""
+        async def announce() -> None:
+            for name, of_name in spans.items():
+                await self.store.expect_spans(name, of_name)
+        self.run_blocking(announce())
+
     def read_blocking(self, name: str) -> bytes:
         """Read a whole stored blob from a worker thread."""
         if self.store.capabilities.blocking:

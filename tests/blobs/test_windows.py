@@ -178,3 +178,38 @@ async def test_spans_past_the_end_are_cut_short() -> None:
     windows = RangeWindows(Fetches(), window=300)
     got = await windows.spans("p", [(950, 30), (980, 40), (1000, 10)], len(DATA))
     assert [bytes(g) for g in got] == [DATA[950:980], DATA[980:], b""]
+
+
+
+async def test_a_window_still_to_be_read_outlives_windows_read_through() -> None:
+    # A restore comes back to a pack's window after reading other packs: least recently
+    # used alone dropped the window for them, and it was fetched a second time.
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100, keep=2, ahead=0)
+    windows.expect("packs/a", [(0, 50), (50, 50)])
+    for name in ("packs/b", "packs/c", "packs/d"):
+        windows.expect(name, [(0, 100)])
+    assert await windows.read("packs/a", 0, 50, len(DATA)) == DATA[:50]
+    for name in ("packs/b", "packs/c", "packs/d"):
+        assert await windows.read(name, 0, 100, len(DATA)) == DATA[:100]
+    assert await windows.read("packs/a", 50, 50, len(DATA)) == DATA[50:100]
+    assert fetches.count(("packs/a", 0, 100)) == 1 and len(fetches) == 4
+
+
+async def test_a_window_read_as_often_as_announced_leaves_first() -> None:
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100, keep=2, ahead=0)
+    windows.expect("packs/a", [(0, 10), (0, 10)])   # a chunk two files share
+    windows.expect("packs/b", [(0, 10)])
+    windows.expect("packs/c", [(0, 10)])
+    for name in ("packs/a", "packs/b", "packs/c", "packs/a"):
+        assert await windows.read(name, 0, 10, len(DATA)) == DATA[:10]
+    assert len(fetches) == 3
+
+
+async def test_no_window_ahead_that_no_read_to_come_needs() -> None:
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100, ahead=1)
+    windows.expect("packs/a", [(0, 100), (200, 10)])
+    assert await windows.read("packs/a", 0, 100, len(DATA)) == DATA[:100]
+    assert fetches == [("packs/a", 0, 100)]
