@@ -973,8 +973,9 @@ class Restorer:
         count = 0
         links: set[tuple[str, int]] = set()
         for res in resolved:
-            for scope, e in self._files(res, links):
-                ids = e.chunks[:1] if e.offset is not None else e.chunks
+            for scope, e in self._reads(res, links):
+                ids = (e.subtree,) if e.type == DIR else \
+                    e.chunks[:1] if e.offset is not None else e.chunks
                 for cid in ids:
                     try:
                         loc = self.repo.locate(cid)
@@ -988,30 +989,35 @@ class Restorer:
         if spans:
             self.repo.expect_spans_blocking(spans)
 
-    def _files(self, res: _Resolved, links: set[tuple[str, int]]
+    def _reads(self, res: _Resolved, links: set[tuple[str, int]]
                ) -> Iterator[tuple[str, TreeEntry]]:
-        """The files of a selection whose chunks the restore reads, in its order: a file
-        bundled with the one before it (its bundle is read once) and a hard link after the
-        first are left out. Folders whose listing is damaged are left out too."""
-        stack: list[tuple[Parts, Iterator[TreeEntry]]] = []
+        """The entries of a selection whose blobs the restore reads: files, and folders
+        below the selection whose stored listing it reads (each after its listing was read
+        here: the restore reads it once more). A file bundled with the one before it (its
+        bundle is read once) and a hard link after the first are left out; so are folders
+        whose listing is damaged."""
+        stack: list[tuple[Parts, Iterator[TreeEntry], TreeEntry | None]] = []
         if res.entry is not None and res.entry.type == FILE:
-            stack.append((res.parts[:-1], iter((res.entry,))))
+            stack.append((res.parts[:-1], iter((res.entry,)), None))
         elif res.entry is None or res.entry.type == DIR:
             listing = res.tree.entries if res.tree is not None else ()
-            stack.append((res.parts, iter(listing)))
+            stack.append((res.parts, iter(listing), None))
         bundle = None
         while stack:
-            parts, entries = stack[-1]
+            parts, entries, folder = stack[-1]
             try:
                 e = next(entries, None)
             except IntegrityError:
-                e = None
+                e, folder = None, None
             if e is None:
                 stack.pop()
+                if folder is not None and folder.subtree \
+                        and not self._replayed(res.scope, parts, folder.subtree):
+                    yield res.scope, folder
                 continue
             if e.type == DIR:
                 stack.append((parts + (e.name,),
-                              self.entries(res.scope, parts + (e.name,), e.subtree)))
+                              self.entries(res.scope, parts + (e.name,), e.subtree), e))
                 continue
             if e.type != FILE:
                 continue
