@@ -1079,7 +1079,8 @@ class Restorer:
             more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
             raise RestoreConflict(f"{conflicts[0]} already exists and differs from the "
                                   f"snapshot{more}; pass --overwrite to replace")
-        if self.repo.store.capabilities.planned_reads:
+        planned = self.repo.store.capabilities.planned_reads
+        if planned:
             self._plan(resolved)
         self._pool = self._start_pool()
         try:
@@ -1099,6 +1100,8 @@ class Restorer:
         finally:
             if _forked is self:
                 _forked = None
+            if planned:   # what a failed restore did not read, or a file skipped
+                self.repo.forget_expected_blocking()
         self._pool.shutdown(wait=True)
 
 

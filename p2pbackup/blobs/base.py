@@ -139,6 +139,10 @@ class BlobStore(abc.ABC):
         time announced (with capabilities.planned_reads, a store that reads more than asked
         and keeps it keeps what holds them until then). The default: nothing."""
 
+    async def forget_expected(self) -> None:
+        """The reads announced with expect_spans and not done will not be (a restore ended).
+        The default: nothing."""
+
     @abc.abstractmethod
     async def has(self, name: str) -> bool:
         """True when `name` exists."""

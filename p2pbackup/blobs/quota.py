@@ -76,6 +76,9 @@ class QuotaStore(BlobStore):
     async def expect_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> None:
         await self.inner.expect_spans(name, spans)
 
+    async def forget_expected(self) -> None:
+        await self.inner.forget_expected()
+
     async def has(self, name: str) -> bool:
         return await self.inner.has(name)
 

@@ -401,6 +401,9 @@ class S3Store(BlobStore):
         if not is_mutable_name(name):
             self._windows.expect(name, spans)
 
+    async def forget_expected(self) -> None:
+        self._windows.forget_expected()
+
     async def has(self, name: str) -> bool:
         try:
             await self._call("stat", name, lambda: self._op.stat(name))

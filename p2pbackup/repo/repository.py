@@ -433,6 +433,10 @@ class Repository:
                 await self.store.expect_spans(name, of_name)
         self.run_blocking(announce())
 
+    def forget_expected_blocking(self) -> None:
+        """The reads announced and not done will not be (BlobStore.forget_expected)."""
+        self.run_blocking(self.store.forget_expected())
+
     def read_blocking(self, name: str) -> bytes:
         """Read a whole stored blob from a worker thread."""
         if self.store.capabilities.blocking:

@@ -213,3 +213,14 @@ async def test_no_window_ahead_that_no_read_to_come_needs() -> None:
     windows.expect("packs/a", [(0, 100), (200, 10)])
     assert await windows.read("packs/a", 0, 100, len(DATA)) == DATA[:100]
     assert fetches == [("packs/a", 0, 100)]
+
+
+async def test_reads_announced_and_forgotten_keep_no_window() -> None:
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100, keep=2, ahead=0)
+    windows.expect("packs/a", [(0, 10), (0, 10)])
+    assert await windows.read("packs/a", 0, 10, len(DATA)) == DATA[:10]
+    windows.forget_expected()   # the restore ended before its second read
+    for name in ("packs/b", "packs/c", "packs/b"):
+        assert await windows.read(name, 0, 10, len(DATA)) == DATA[:10]
+    assert len(fetches) == 3
