@@ -7,6 +7,8 @@ until cleared):
 
     status   answer `status` (500, 503, 507, ...) with an S3-style error `code`
     reset    cut the connection halfway through the request body (PUT) or the response body
+    hangup   send half the response body under the whole one's Content-Length, then close
+             the connection cleanly (FIN, not reset: what a busy rclone `serve s3` did)
     delay    wait `seconds` before answering
     truncate send half the response body, with a Content-Length that says that is all
     swap     answer with the bytes of another object (one that went through the proxy)
@@ -27,7 +29,7 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "cont
 
 @dataclass
 class Fault:
-    kind: str                     # status | reset | delay | truncate | swap
+    kind: str                     # status | reset | hangup | delay | truncate | swap
     times: int | None = None      # how many matching requests it hits; None: all
     method: str | None = None     # only requests with this method (GET, PUT, HEAD, ...)
     match: str = ""               # only paths containing this
@@ -141,12 +143,15 @@ class FaultProxy:
             answer = _ranged(other, request.headers.get("Range"))
         elif kind == "truncate":
             answer = answer[:len(answer) // 2]
-        elif kind == "reset":
+        elif kind in ("reset", "hangup"):
             resp = web.StreamResponse(status=status, headers=out)
             resp.content_length = len(answer)
             await resp.prepare(request)
             await resp.write(answer[:len(answer) // 2])
-            request.transport.abort()   # type: ignore[union-attr]
+            if kind == "reset":
+                request.transport.abort()   # type: ignore[union-attr]
+            else:
+                request.transport.close()   # type: ignore[union-attr]
             return resp
         return web.Response(status=status, headers=out, body=answer)
 

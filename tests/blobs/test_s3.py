@@ -3,6 +3,7 @@ serve s3 (which ignores If-None-Match: the store must still never replace an obj
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -28,10 +29,18 @@ async def _no_wait(_seconds: float) -> None:
     return None
 
 
+async def _short_wait(seconds: float) -> None:
+    # rclone `serve s3` once served a body cut short (under the whole Content-Length) to a
+    # read right after 40 concurrent puts, five reads in a row: its files lag its answers.
+    # The store's backoff absorbs that in use; here it is a tenth as long, not skipped.
+    await asyncio.sleep(seconds / 10)
+
+
 def _store(server: servers.S3Server, prefix: str = "repo", **options: object) -> S3Store:
     store = open_store(f"s3://{server.new_bucket()}/{prefix}", options=server.options(**options))
     assert isinstance(store, S3Store)
-    store._sleep = _no_wait   # tests never wait out a backoff
+    # tests never wait out a whole backoff
+    store._sleep = _short_wait if server.name == "rclone" else _no_wait
     return store
 
 

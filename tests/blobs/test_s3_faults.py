@@ -100,6 +100,23 @@ async def test_a_connection_reset_mid_download_is_retried(
     assert await store.get_range("packs/" + "cd" * 32, 1000, 5000) == data[1000:6000]
 
 
+async def test_a_body_ended_by_a_clean_close_is_read_again(
+        store: S3Store, proxy: FaultProxy) -> None:
+    """Half the body under the whole one's Content-Length, then FIN (rclone `serve s3` once
+    did this right after concurrent puts): read again, and one line if it never passes."""
+    data = os.urandom(1 << 20)
+    name = "packs/" + "c7" * 32
+    await store.put(name, data)
+    proxy.fault = Fault("hangup", times=2, method="GET")
+    assert await store.get(name) == data
+    assert proxy.fault.hits == 2
+    proxy.fault = Fault("hangup", method="GET")
+    with pytest.raises(StorageError) as got:
+        await store.get(name)
+    assert "end of file before message length reached" in one_line(got.value, store)
+    assert proxy.fault.hits == 5   # every attempt (ATTEMPTS), then the line
+
+
 async def test_a_connection_reset_every_time_is_one_line(
         store: S3Store, proxy: FaultProxy) -> None:
     await store.put("snapshots/" + "ef" * 32, b"x" * 10000)
