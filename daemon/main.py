@@ -18,7 +18,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -177,10 +177,11 @@ class DeviceDaemon:
         self.progress: UploadProgress | None = None
         self.uploads: dict[str, tuple[StoreUploader, asyncio.Task[None]]] = {}
 
-    def objects_stored(self) -> None:
-        """New objects are in the store (sealed here, or from a peer): upload them."""
+    def objects_stored(self, names: Sequence[str] = ()) -> None:
+        """New objects are in the store (sealed here, or from a peer; `names` where the
+        writer knows them): upload them."""
         for u, _ in self.uploads.values():
-            u.notify()
+            u.notify(names)
 
     async def start_uploads(self, progress: UploadProgress) -> None:
         """One uploader per `[[stores]]` table, each in its own task (a store that fails

@@ -215,7 +215,7 @@ class BlobSink:
                 self.repo.put_blocking(f"packs/{name}", data, durable=False)
                 # (before it is durable and indexed: a copy elsewhere of a pack lost here
                 # in a crash is unnamed and harmless, and waiting would serialise the upload)
-                self.repo.note_objects_written()
+                self.repo.note_objects_written(f"packs/{name}")
                 size = len(data)
                 data.release()
                 with self._lock:

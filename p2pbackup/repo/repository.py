@@ -108,7 +108,8 @@ class Repository:
         self.damage_seen: Callable[[str], None] | None = None
         # Called on the loop when a writer stored objects while it goes on (a snapshot's or
         # a seal's packs as they land): the configured stores take them meanwhile, not after.
-        self.objects_written: Callable[[], None] | None = None
+        # told the names of objects stored (those a writer knows), on the loop's thread
+        self.objects_written: Callable[[Sequence[str]], None] | None = None
 
     @property
     def damaged_packs(self) -> dict[str, str]:
@@ -450,12 +451,13 @@ class Repository:
         else:
             self.run_blocking(self.store.put(name, data))
 
-    def note_objects_written(self) -> None:
-        """Say (from any thread) that objects were stored: `objects_written` runs soon."""
+    def note_objects_written(self, *names: str) -> None:
+        """Say (from any thread) that objects were stored: `objects_written(names)` runs
+        soon."""
         hook = self.objects_written
         if hook is not None:
             with contextlib.suppress(RuntimeError):   # the loop closed: nobody to tell
-                self.loop.call_soon_threadsafe(hook)
+                self.loop.call_soon_threadsafe(hook, names)
 
     def sync_store_blocking(self) -> None:
         """Make every blob written so far durable (after puts with durable=False)."""

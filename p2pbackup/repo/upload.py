@@ -19,7 +19,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -276,9 +276,9 @@ async def upload_alongside(repo: Repository, uploaders: list["StoreUploader"],
     tasks = [asyncio.ensure_future(u.run()) for u in uploaders]
     before = repo.objects_written
 
-    def written() -> None:
+    def written(names: Sequence[str] = ()) -> None:
         for u in uploaders:
-            u.notify()
+            u.notify(names)
 
     repo.objects_written = written
     try:
@@ -328,11 +328,18 @@ class StoreUploader:
         self._healed: set[str] = set()           # packs damaged there, dealt with
         self._wake = asyncio.Event()
         self._wake.set()                         # a first pass at start
+        self._arrived: list[str] = []            # named by `notify` since the pass planned
+        self._arrival = asyncio.Event()          # set: `_arrived` grew
         self._finishing = asyncio.Event()        # `finish` was called: one last pass
         activity.ACTIVITIES.follow(self, lambda u: activity.upload(u.status))
 
-    def notify(self) -> None:
-        """New objects may be in the local store: upload them soon."""
+    def notify(self, names: Iterable[str] = ()) -> None:
+        """New objects may be in the local store: upload them soon. `names`, where the
+        writer knows them, join the pass under way (see `_put_all`)."""
+        before = len(self._arrived)
+        self._arrived.extend(names)
+        if len(self._arrived) > before:
+            self._arrival.set()
         self._wake.set()
 
     def finish(self) -> None:
@@ -436,11 +443,14 @@ class StoreUploader:
                     n for n in names if (k := ids.object_kind(n)) and k[0] not in MUTABLE))
             self._done = self.progress.uploaded(self.location)
             self._digests = self.progress.digests(self.location)
-        phases, mutable = await self._plan(self._done, self._digests,
-                                           await self._ours_to_write(remote))
+        self._arrived.clear()   # (the plan sees them; what comes after is named again)
+        self._arrival.clear()
+        ours = await self._ours_to_write(remote)
+        phases, mutable, sizes = await self._plan(self._done, self._digests, ours)
         self.status.reachable = True
         for phase in sorted(phases):
-            await self._put_all(remote, sorted(phases[phase]), mutable)
+            await self._put_all(remote, phases[phase], mutable, sizes,
+                                lambda: self._joining(phase, ours, sizes))
         await self._heal(remote)
         if self._now() - self._swept >= STALE_SWEEP_INTERVAL:
             await self._sweep(remote)
@@ -496,12 +506,12 @@ class StoreUploader:
 
     async def _plan(self, done: set[str], digests: dict[str, bytes],
                     ours: Callable[[str], bool]
-                    ) -> tuple[dict[int, list[str]], dict[str, bytes]]:
+                    ) -> tuple[dict[int, list[str]], dict[str, bytes], dict[str, int]]:
         """What the store lacks of the local store, given the immutable names it holds
         (`done`), the digests of its mutable ones and which names this device may write
-        there (`ours`): the names by phase, and the bytes of the mutable ones to put. Sets
-        `status`'s objects and bytes behind. Reads only the local store and the progress
-        noted: no request to the remote."""
+        there (`ours`): the names by phase, the bytes of the mutable ones to put and the
+        size of each. Sets `status`'s objects and bytes behind. Reads only the local store
+        and the progress noted: no request to the remote."""
         # Heads are read before the listing: a head names segments and a snapshot stored
         # before it, so those are in the listing and go up first.
         mutable: dict[str, bytes] = {}
@@ -526,15 +536,34 @@ class StoreUploader:
         heads = sorted(n for n in mutable if upload_phase(n) == LAST)
         if heads:
             phases[LAST] = heads
-        behind = 0
+        sizes: dict[str, int] = {}
         for names in phases.values():
             for name in names:
                 with contextlib.suppress(NotFound):
-                    behind += len(mutable[name]) if name in mutable \
+                    sizes[name] = len(mutable[name]) if name in mutable \
                         else await self.repo.store.size(name)
         self.status.objects_behind = sum(len(p) for p in phases.values())
-        self.status.bytes_behind = behind
-        return phases, mutable
+        self.status.bytes_behind = sum(sizes.values())
+        return phases, mutable, sizes
+
+    async def _joining(self, phase: int, ours: Callable[[str], bool],
+                       sizes: dict[str, int]) -> list[str]:
+        """The objects `notify` named since the pass planned that may join its `phase`
+        now (the pass planned what they depend on: they were stored after it); the rest
+        wait for the next pass, which `notify` asked for."""
+        self._arrival.clear()
+        done = self._done or set()
+        taken = [n for n in self._arrived
+                 if upload_phase(n) == phase and ours(n) and n not in done]
+        self._arrived = [n for n in self._arrived if upload_phase(n) != phase]
+        joining = []
+        for name in taken:
+            with contextlib.suppress(NotFound):
+                sizes[name] = await self.repo.store.size(name)
+                joining.append(name)
+                self.status.objects_behind += 1
+                self.status.bytes_behind += sizes[name]
+        return joining
 
     async def count_behind(self) -> None:
         """Set `status`'s objects and bytes behind without a pass (the store unreachable,
@@ -606,26 +635,43 @@ class StoreUploader:
         into[name] = data
         return True
 
-    async def _put_all(self, remote: BlobStore, names: list[str],
-                       mutable: dict[str, bytes]) -> None:
-        """`names` with up to `parallel` puts at once; the first failure stops the rest."""
-        queue = list(reversed(names))
+    async def _put_all(self, remote: BlobStore, names: list[str], mutable: dict[str, bytes],
+                       sizes: dict[str, int],
+                       joining: Callable[[], Awaitable[list[str]]]) -> None:
+        """`names` with up to `parallel` puts at once, the largest first; the first failure
+        stops the rest. Objects stored meanwhile (`joining`: a snapshot's packs as its
+        sink writes them) are put in the same run as slots free up: ending the run at its
+        slowest put with the other slots idle, then planning anew, left a 16 MiB pack's
+        upload time unused per pass."""
+        def largest_last(batch: list[str]) -> list[str]:
+            return sorted(batch, key=lambda n: (sizes.get(n, 0), n))
 
-        async def worker() -> None:
-            while queue:
-                await self._put_one(remote, queue.pop(), mutable)
-
-        workers = [asyncio.ensure_future(worker())
-                   for _ in range(min(self.settings.parallel, len(names)))]
+        queue = largest_last(names)
+        seen = set(names)
+        running: set[asyncio.Future[None]] = set()
         try:
-            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
-            for w in done:
-                if w.exception() is not None:
-                    raise w.exception()  # type: ignore[misc]
+            while True:
+                if not queue and self._arrival.is_set():
+                    queue = largest_last([n for n in await joining() if n not in seen])
+                    seen.update(queue)
+                while queue and len(running) < self.settings.parallel:
+                    running.add(asyncio.ensure_future(
+                        self._put_one(remote, queue.pop(), mutable)))
+                if not running:
+                    return
+                arrival = asyncio.ensure_future(self._arrival.wait()) if not queue else None
+                done, _ = await asyncio.wait(running | ({arrival} if arrival else set()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if arrival is not None:
+                    arrival.cancel()
+                for task in done - {arrival}:
+                    running.discard(task)   # type: ignore[arg-type]
+                    if task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
         finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
 
     async def _put_one(self, remote: BlobStore, name: str, mutable: dict[str, bytes]) -> None:
         at = None

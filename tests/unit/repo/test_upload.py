@@ -1059,3 +1059,62 @@ def test_a_failed_upload_ends_with_the_failures_exit_code_and_names_the_store_on
     assert error.exit_code == code, line
     assert line.count("s3://b/p") == 1 and "\n" not in line, line
     assert line.endswith("; the snapshot is saved here") and ".;" not in line, line
+
+
+class Gated(WatchedStore):
+    """Puts of the names in `held` wait for `release`; `started` records every put begun."""
+
+    def __init__(self, root: Path, held: set[str]) -> None:
+        super().__init__(root)
+        self.held, self.release = held, asyncio.Event()
+        self.started: list[str] = []
+
+    async def put(self, name, data):
+        self.started.append(name)
+        if name in self.held:
+            await self.release.wait()
+        await super().put(name, data)
+
+
+async def _stored_pack(repo: Repository, size: int) -> str:
+    from p2pbackup.format.pack import pack_name
+
+    data = os.urandom(size)
+    name = f"packs/{pack_name(data)}"
+    await repo.store.put(name, data)
+    return name
+
+
+async def test_a_pack_stored_during_a_pass_goes_up_beside_its_slowest_put_not_after(
+        pair, tmp_path, progress):
+    """A pass used to end at its slowest put, the other slots idle, before a new pass took
+    what the snapshot stored meanwhile: packs named by `notify` join the pass under way."""
+    a, _, _ = pair
+    slow = await _stored_pack(a, 50_000)
+    remote = Gated(tmp_path / "remote", {slow})
+    up = uploader(a, remote, progress, parallel=2)
+    run = asyncio.ensure_future(up.run())
+    await eventually(lambda: slow in remote.started, timeout=30)
+    late = await _stored_pack(a, 60_000)
+    up.notify([late])
+    await eventually(lambda: late in remote.puts, timeout=30)
+    assert slow not in remote.puts   # still held: `late` did not wait for the pass to end
+    remote.release.set()
+    up.finish()
+    await asyncio.wait_for(run, timeout=30)
+    assert set(remote.puts) == await offered_names(a)
+    assert len(remote.puts) == len(set(remote.puts))
+
+
+async def test_a_pass_puts_the_largest_objects_of_a_phase_first(pair, tmp_path, progress):
+    """The pass ends with its last put: small ones last fill the slots the large ones
+    leave, instead of a 16 MiB pack started last holding the pass alone."""
+    a, _, _ = pair
+    up0 = uploader(a, WatchedStore(tmp_path / "first"), progress)
+    assert await up0.upload_once()
+    sizes = {await _stored_pack(a, n): n for n in (3_000, 90_000, 20_000, 150_000, 7_000)}
+    remote = WatchedStore(tmp_path / "first")
+    up = uploader(a, remote, progress, parallel=1)
+    assert await up.upload_once()
+    packs = [n for n in remote.puts if n in sizes]
+    assert [sizes[n] for n in packs] == [150_000, 90_000, 20_000, 7_000, 3_000], packs
