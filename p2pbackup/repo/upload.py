@@ -337,7 +337,9 @@ class StoreUploader:
         """New objects may be in the local store: upload them soon. `names`, where the
         writer knows them, join the pass under way (see `_put_all`)."""
         before = len(self._arrived)
-        self._arrived.extend(names)
+        # Only packs join a pass: other kinds have rules only the plan applies (a head is
+        # replaced, never put; an older roster is skipped).
+        self._arrived.extend(n for n in names if n.startswith("packs/"))
         if len(self._arrived) > before:
             self._arrival.set()
         self._wake.set()
@@ -548,9 +550,9 @@ class StoreUploader:
 
     async def _joining(self, phase: int, ours: Callable[[str], bool],
                        sizes: dict[str, int]) -> list[str]:
-        """The objects `notify` named since the pass planned that may join its `phase`
-        now (the pass planned what they depend on: they were stored after it); the rest
-        wait for the next pass, which `notify` asked for."""
+        """The packs `notify` named since the pass planned, if `phase` is theirs: a pack
+        names nothing, and what names it (index, snapshot) is stored after it, so it goes
+        up in a later phase or pass. The rest wait for the next pass `notify` asked for."""
         self._arrival.clear()
         done = self._done or set()
         taken = [n for n in self._arrived
