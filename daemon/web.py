@@ -81,12 +81,16 @@ class WebService:
                                self.dev.identity.device_id)
 
     def _pair_start(self, start: Handler) -> Handler:
-        """A page pairs a device as an owner, announced on the LAN if the LAN is on (else
-        the joiner is given this device's port)."""
+        """A page pairs an owner, a member (its sources) or a storage partner (its quota),
+        announced on the LAN if the LAN is on (else the joiner is given this device's port).
+        Only those three come from the page: where the code is offered is this daemon's
+        configuration, not the page's to choose."""
         lan = self.config.peers.lan
 
         async def pair_start(args: dict[str, Any]) -> dict[str, Any]:
-            started = await start({"role": "owner", "expires": 600.0, "mdns": lan})
+            started = await start({"role": args.get("role", "owner"),
+                                   "sources": args.get("sources"), "quota": args.get("quota"),
+                                   "expires": 600.0, "mdns": lan})
             return {**started, "lan": lan}
         return pair_start
 

@@ -129,9 +129,20 @@ def _decode(payload: bytes, what: str, fields: dict[str, type]) -> dict:
 
 def invitation(dev: Device, role: str, sources: tuple[str, ...] | None,
                quota: int | None) -> Invitation:
-    """Check what `pair` was asked to offer against this device's keys and sources."""
+    """Check what `pair` (or the console's Devices page) was asked to offer against this
+    device's keys and sources: the one place that says which role takes sources or a quota."""
     if role not in (OWNER, MEMBER, PARTNER):
-        raise ConfigError(f"unknown pairing role {role!r}")
+        raise ConfigError(f"unknown pairing role {role!r} (owner, member or partner)")
+    if role == PARTNER and sources:
+        raise ConfigError("a storage partner gets no keys, so it is granted no sources")
+    if role == OWNER and sources:
+        raise ConfigError("an owner holds every source; pair a member to grant only some")
+    if role == MEMBER and not sources:
+        raise ConfigError("a member is granted chosen sources: name at least one")
+    if quota is not None and role != PARTNER:
+        raise ConfigError("a quota applies to a storage partner only")
+    if quota is not None and quota <= 0:
+        raise ConfigError("a storage partner's quota must be more than zero")
     if not dev.keys.full:  # an owner holds every root; only an owner signs the next version
         raise WrongKey("only an owner device of the account can pair a new device (this one "
                        "was paired with --sources and holds only those); run `p2pbackup pair` "

@@ -31,11 +31,12 @@ from ..backup.repair import RepairReport
 from ..backup.restore import Restorer, RestoreProgress, restore
 from ..backup.verify import VerifyProgress, verify
 from ..config import Source
-from ..errors import IntegrityError, NotFound, P2PError
+from ..errors import ConfigError, IntegrityError, NotFound, P2PError
 from ..format.records import DIR, FILE, SYMLINK
 from ..repo.logstore import LogStore
 from ..repo.repository import Repository
 from ..repo.snapshots import StoredSnapshot
+from ..sizes import parse_size
 from ..timeparse import TimeFormatError, parse_time
 from ..views import iso_time, moment_after, repair_lines, snapshot_json, verify_lines
 from . import pages
@@ -604,18 +605,15 @@ class Console:
         return self._page(request, "Devices",
                           pages.devices(doc, can_change="devices_remove" in self.backend.account))
 
-    def account_call(self, name: str, **fixed: Any
-                     ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    def account_call(self, name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         """A POST that hands its JSON object to the daemon's control handler `name`."""
         async def call(request: web.Request) -> web.Response:
-            return await self._account(request, name, lambda handler, args: handler(args),
-                                       **fixed)
+            return await self._account(request, name, lambda handler, args: handler(args))
         return call
 
     async def _account(self, request: web.Request, name: str,
                        call: Callable[[AccountHandler, dict[str, Any]],
-                                      Awaitable[dict[str, Any]]],
-                       **fixed: Any) -> web.Response:
+                                      Awaitable[dict[str, Any]]]) -> web.Response:
         """What `call` makes of control handler `name` and the request's JSON object."""
         handler = self.backend.account.get(name)
         if handler is None:
@@ -628,7 +626,7 @@ class Console:
             return _json({"error": "the request is not a JSON object", "exit": 20},
                          status=400)
         try:
-            return _json(await call(handler, {**args, **fixed}))
+            return _json(await call(handler, args))
         except P2PError as exc:
             return _error(exc)
 
@@ -657,8 +655,9 @@ class Console:
         return await self._account(request, "pair_wait", held)
 
     async def api_pair_start(self, request: web.Request) -> web.Response:
-        """A pairing code for a new device of this account, and its QR code (an SVG made
-        here: nothing is fetched from elsewhere)."""
+        """A pairing code for a new device of this account: an owner (the default), a member
+        with the sources it is granted, or a storage partner with its quota; and the code's
+        QR code (an SVG made here: nothing is fetched from elsewhere)."""
         import base64
 
         import qrcode
@@ -666,14 +665,14 @@ class Console:
 
         from ..crypto.pairing import qr_text
 
-        response = await self.account_call("pair_start", role="owner")(request)
-        if response.status != 200 or response.text is None:
-            return response
-        started = json.loads(response.text)
-        svg = qrcode.make(qr_text(started["code"]),
-                          image_factory=qrcode.image.svg.SvgPathImage).to_string()
-        started["qr"] = "data:image/svg+xml;base64," + base64.b64encode(svg).decode()
-        return _json(started)
+        async def start(handler: AccountHandler, args: dict[str, Any]) -> dict[str, Any]:
+            asked = _pairing_asked(args)
+            started = await handler(asked)
+            svg = qrcode.make(qr_text(started["code"]),
+                              image_factory=qrcode.image.svg.SvgPathImage).to_string()
+            return {**started, "role": asked["role"],
+                    "qr": "data:image/svg+xml;base64," + base64.b64encode(svg).decode()}
+        return await self._account(request, "pair_start", start)
 
     async def api_jobs(self, request: web.Request) -> web.Response:
         return _json(self.jobs.view())
@@ -768,6 +767,28 @@ class Console:
             return self._page(request, "Timeline", pages.problem(str(exc)))
         return self._page(request, "Timeline",
                           pages.timeline(doc, [s.name for s in self.backend.sources]))
+
+
+def _pairing_asked(args: dict[str, Any]) -> dict[str, Any]:
+    """The role, sources and quota a page asks to pair with, in the shapes pair_start takes.
+    Which role takes sources or a quota, and which sources this account has, the daemon's
+    pairing decides (account.invitation), for the page as for `p2pbackup pair`."""
+    role = args.get("role", "owner")
+    if not isinstance(role, str):
+        raise ConfigError("the role is owner, member or partner")
+    sources = args.get("sources")
+    if sources is not None and not (isinstance(sources, list)
+                                    and all(isinstance(s, str) for s in sources)):
+        raise ConfigError("the sources are a list of this account's source names")
+    quota = args.get("quota")
+    if quota is not None and not isinstance(quota, str):
+        raise ConfigError("give the quota as a size such as 50G or 500 MiB")
+    quota = parse_size(quota, "quota") if quota and quota.strip() else None
+    if role == "partner" and quota is None:
+        # (`pair --partner` may leave it unset; on the page the partner's space is asked)
+        raise ConfigError("a storage partner needs a quota, such as 50G: the space it gives "
+                          "this account")
+    return {"role": role, "sources": sources, "quota": quota}
 
 
 def _without_ticking(obj: Any) -> Any:

@@ -598,3 +598,111 @@ async def test_a_big_folder_streams_as_tar_and_is_searched_without_being_decoded
     assert len(snapshot) == 1 + 3000 + 2 and snapshot["big/f02999"] == b""
     assert snapshot["big/sub/inner"] == b"inner\n"
     assert len(now) == len(snapshot) and now["big/sub/inner"] == b"changed after the snapshot\n"
+
+
+async def test_the_page_pairs_a_member_with_its_sources_and_a_partner_with_its_quota(
+        tmp_path: Path):
+    """POST /api/pair/start with a role: the daemon's pair_start (through the daemon's web
+    wiring) gets the member's sources and the partner's quota in bytes; without a role it
+    pairs an owner as before."""
+    from p2pbackup.device import open_device
+    from p2pbackup.daemon.web import WebService
+    from tests.adversary.accounts import make_owner
+
+    for name in ("docs", "photos"):
+        (tmp_path / name).mkdir()
+    await make_owner(tmp_path / "home", [tmp_path / "docs", tmp_path / "photos"])
+    started: list[dict] = []
+
+    async def pair_start(args: dict) -> dict:
+        started.append(args)
+        return {"code": "7-orbit-velvet", "port": 4000, "expires_in": 600.0}
+
+    async with open_device(tmp_path / "home") as dev:
+        web = WebService(dev.config, dev, _status, contextlib.nullcontext,
+                         {"pair_start": pair_start})
+        assert web.console is not None
+        port = await web.console.start("127.0.0.1", 0)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+                cookie, csrf = await _login(web.console, base, http)
+                headers = {"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": base}
+                answers = []
+                for body in ({"role": "member", "sources": ["docs"]},
+                             {"role": "partner", "quota": "500 MiB"}, {}):
+                    async with http.post(f"{base}/api/pair/start", json=body,
+                                         headers=headers) as r:
+                        answers.append((r.status, await r.json()))
+        finally:
+            await web.close()
+    lan = dev.config.peers.lan
+    assert [a for a, _ in answers] == [200, 200, 200], answers
+    assert started == [
+        {"role": "member", "sources": ["docs"], "quota": None, "expires": 600.0, "mdns": lan},
+        {"role": "partner", "sources": None, "quota": 500 << 20, "expires": 600.0,
+         "mdns": lan},
+        {"role": "owner", "sources": None, "quota": None, "expires": 600.0, "mdns": lan}]
+    assert [a["role"] for _, a in answers] == ["member", "partner", "owner"]
+    assert all(a["code"] == "7-orbit-velvet" and a["qr"].startswith("data:image/svg+xml")
+               for _, a in answers)
+
+
+def test_a_pairing_the_page_asks_for_wrongly_is_one_line_and_400(cli: Cli, tmp_path: Path):
+    """Against the real daemon: an unknown role, a member without sources or with a source
+    this account does not have, a partner without a (positive, readable) quota or with
+    sources, a quota on an owner: 400, one line, exit 10, and no code is offered. A right
+    one (an owner as before, a member with one source) starts the daemon's pairing."""
+    import asyncio
+
+    from tests.integration.test_daemon import Daemon
+
+    for name in ("docs", "photos"):
+        (tmp_path / name).mkdir()
+    cli("init", "--source", str(tmp_path / "docs"), "--source", str(tmp_path / "photos"))
+    wrong = [{"role": "admin"}, {"role": "member"}, {"role": "member", "sources": []},
+             {"role": "member", "sources": ["music"]}, {"role": "member", "sources": "docs"},
+             {"role": "member", "sources": [7]}, {"role": "partner"},
+             {"role": "partner", "quota": "0"}, {"role": "partner", "quota": "lots"},
+             {"role": "partner", "quota": 5}, {"role": "partner", "quota": "1G",
+                                               "sources": ["docs"]},
+             {"role": "owner", "quota": "1G"}, {"role": "owner", "sources": ["docs"]},
+             {"role": 3}]
+
+    async def ask(url: str) -> tuple[list, list]:
+        base = url.split("/login", 1)[0]
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+            async with http.get(url) as r:   # signs in, then the status page
+                page = await r.text()
+            csrf = page.split('name="csrf-token" content="', 1)[1].split('"', 1)[0]
+            headers = {"X-CSRF-Token": csrf, "Origin": base}
+            refused = []
+            for body in wrong:
+                async with http.post(f"{base}/api/pair/start", json=body,
+                                     headers=headers) as r:
+                    refused.append((body, r.status, await r.json()))
+            offered = []
+            for body in ({}, {"role": "member", "sources": ["photos"]}):
+                async with http.post(f"{base}/api/pair/start", json=body,
+                                     headers=headers) as r:
+                    got = await r.json()
+                    offered.append((r.status, got.get("role")))
+                async with http.post(f"{base}/api/pair/cancel", json={"code": got["code"]},
+                                     headers=headers) as r:
+                    assert r.status == 200 and (await r.json())["withdrawn"] is True
+            return refused, offered
+
+    d = Daemon(cli, tmp_path)
+    try:
+        d.wait_for("READY=1")
+        refused, offered = asyncio.run(ask(cli("web", "--no-open").stdout.strip()))
+    finally:
+        assert d.stop() == 0
+    for body, status, answer in refused:
+        assert status == 400 and answer["exit"] == 10, (body, status, answer)
+        assert "\n" not in answer["error"] and "Traceback" not in answer["error"], body
+    assert "no source named 'music'" in refused[3][2]["error"]
+    assert offered == [(200, "owner"), (200, "member")]
+    log = (tmp_path / "daemon.log").read_text()
+    assert "(owner, 600 s)" in log and "(member, 600 s)" in log
+    assert log.count("pairing code offered") == 2   # the wrong ones offered none
