@@ -35,6 +35,7 @@ from .format.roster import check_signed, read_roster
 from .repo import membership as store_membership
 from .repo import roster
 from .repo.repository import Repository
+from .sizes import format_size
 
 if TYPE_CHECKING:  # the pairing stack (spake2) and WebRTC load only when used
     from .pairing_link import MailboxPipe, PairingHost, Rendezvous
@@ -642,7 +643,9 @@ def pairing_host(dev: Device, invite: Invitation, code: str, *, rendezvous: "Ren
         async with guard:
             await commit_join(dev, pending[-1])
         m = pending[-1].member
-        return f"{m.name or 'a device'} ({m.device_id[:12]}) joined as {m.role}"
+        granted = (f" of sources {', '.join(m.scopes)}" if m.scopes is not None else "") + \
+            (f" with a quota of {format_size(m.quota)}" if m.quota is not None else "")
+        return f"{m.name or 'a device'} ({m.device_id[:12]}) joined as {m.role}{granted}"
 
     return PairingHost(code, on_request, on_complete, confirm=ask, rendezvous=rendezvous,
                        lifetime=lifetime, port=port, mailbox=mailbox)

@@ -603,7 +603,8 @@ class Console:
         except P2PError as exc:
             return self._page(request, "Devices", pages.problem(str(exc)))
         return self._page(request, "Devices",
-                          pages.devices(doc, can_change="devices_remove" in self.backend.account))
+                          pages.devices(doc, can_change="devices_remove" in self.backend.account,
+                                        sources=[s.name for s in self.backend.sources]))
 
     def account_call(self, name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         """A POST that hands its JSON object to the daemon's control handler `name`."""

@@ -188,8 +188,9 @@ def timeline(doc: dict[str, Any], sources: list[str]) -> str:
             "segments are marked), so any moment can be browsed</p>" + "".join(lanes))
 
 
-def devices(doc: dict[str, Any], can_change: bool) -> str:
-    """The account's devices and partners with their state; remove one; pair a new one."""
+def devices(doc: dict[str, Any], can_change: bool, sources: Sequence[str] = ()) -> str:
+    """The account's devices and partners with their state; remove one; pair a new one (an
+    owner, a member granted some of `sources`, or a storage partner with a quota)."""
     rows = []
     for d in doc["devices"]:
         peer = d.get("peer")
@@ -225,7 +226,8 @@ def devices(doc: dict[str, Any], can_change: bool) -> str:
                     f'<small>{escape(d["id"][:12])}</small></td><td>{escape(d["role"])}</td>'
                     f'<td class="{cls} state">{escape(state)}</td>'
                     f'<td>{escape("; ".join(extra))}</td><td>{remove}</td></tr>')
-    pair = ('<h2>Add a device</h2><p><button id="pair-start">Show a pairing code</button></p>'
+    pair = ('<h2>Add a device</h2>' + _pair_form(sources) +
+            '<p><button id="pair-start" type="button">Show a pairing code</button></p>'
             '<section id="pair" hidden><p>On the new device run '
             '<code>p2pbackup pair <span id="pair-code"></span></code>, or scan:</p>'
             '<img id="pair-qr" alt="QR code of the pairing code" width="180" height="180">'
@@ -241,6 +243,28 @@ def devices(doc: dict[str, Any], can_change: bool) -> str:
             '<table class="list" id="devices"><thead><tr><th>Device</th><th>Role</th>'
             f'<th>State</th><th></th><th></th></tr></thead><tbody>{"".join(rows)}</tbody>'
             f'</table>{removed}<p id="remove-state" role="status"></p>{pair}')
+
+
+def _pair_form(sources: Sequence[str]) -> str:
+    """Who the new device is: the role decides what it gets (p2pbackup pair's --sources and
+    --partner --quota)."""
+    ticks = "".join(f'<label><input type="checkbox" name="pair-source" value="{escape(s)}"> '
+                    f"{escape(s)}</label>" for s in sources)
+    return ('<fieldset id="pair-role"><legend>The new device is</legend>'
+            '<label><input type="radio" name="pair-role" value="owner" checked> '
+            "<strong>a device of mine</strong>: it gets every source and the keys, and can add "
+            "and remove devices too</label>"
+            '<label><input type="radio" name="pair-role" value="member"> '
+            "<strong>a household member's device</strong>: it gets the keys of the sources "
+            "ticked below only, backs up and restores those, and cannot read the others' "
+            "files</label>"
+            f'<div id="pair-sources" hidden><p class="muted">Sources it gets:</p>{ticks}</div>'
+            '<label><input type="radio" name="pair-role" value="partner"> '
+            "<strong>a storage partner</strong> (a friend's machine, a NAS): it keeps our data "
+            "encrypted, within the space it gives us, and can read none of it</label>"
+            '<label id="pair-quota-box" hidden>Space it gives us (e.g. 50G or 500 MiB) '
+            '<input id="pair-quota" name="pair-quota" inputmode="text" autocomplete="off" '
+            'placeholder="50G"></label></fieldset>')
 
 
 def _broker(broker: dict[str, Any] | None) -> str:

@@ -48,14 +48,20 @@ def browser(playwright, tmp_path_factory):
     context.close()
 
 
-@pytest.fixture
-def device(tmp_path: Path):
+@contextlib.contextmanager
+def _running_device(tmp_path: Path, *more_sources: str):
+    """A home with the source `src` (and empty sources named `more_sources`), its daemon
+    running and its first snapshot taken."""
     cli = Cli(tmp_path / "home")
     src = tmp_path / "src"
     (src / "docs").mkdir(parents=True)
     (src / "docs" / "letter.txt").write_text("version 1\n")
     (src / "photo.bin").write_bytes(os.urandom(300_000))
-    cli("init", "--source", str(src))
+    sources = [src]
+    for name in more_sources:
+        (tmp_path / name).mkdir()
+        sources.append(tmp_path / name)
+    cli("init", *(a for s in sources for a in ("--source", str(s))))
     with open(cli.home / "config.toml", "a") as f:
         f.write("\n[daemon]\nseal_interval = 1\n")
     d = Daemon(cli, tmp_path)
@@ -65,6 +71,12 @@ def device(tmp_path: Path):
         yield cli, src, d
     finally:
         assert d.stop() == 0
+
+
+@pytest.fixture
+def device(tmp_path: Path):
+    with _running_device(tmp_path) as running:
+        yield running
 
 
 def _sign_in(browser, cli: Cli):
@@ -206,18 +218,16 @@ def test_a_moment_picked_in_the_timeline_shows_that_version(browser, device, tmp
     page.close()
 
 
-def test_pair_a_device_from_the_page_then_remove_it(browser, device, tmp_path: Path):
-    cli, _, _ = device
-    page = _sign_in(browser, cli)
-    page.click("nav >> text=Devices")
-    assert "this device" in page.inner_text("#devices")
+def _pair_from_the_page(page, joiner: Cli, name: str) -> str:
+    """Show a code on the Devices page (as its form is filled in), join it with `p2pbackup
+    pair CODE` in `joiner`'s home, and say yes to the verification number; returns what
+    the joiner printed."""
     page.click("#pair-start")
     page.wait_for_selector("#pair-qr[src^='data:']")  # (the page's CSP forbids eval)
     shown = page.inner_text("#pair-code")  # CODE --peer 127.0.0.1:PORT (the LAN is off here)
     assert page.get_attribute("#pair-qr", "src").startswith("data:image/svg+xml;base64,")
     code, _, peer = shown.split()
-    phone = Cli(tmp_path / "home-phone")
-    joining = phone.popen("pair", code, "--peer", peer, "--name", "phone")
+    joining = joiner.popen("pair", code, "--peer", peer, "--name", name)
     try:
         page.wait_for_selector("#pair-question:not([hidden])", timeout=60_000)
         verifier = page.inner_text("#pair-verifier")
@@ -230,6 +240,16 @@ def test_pair_a_device_from_the_page_then_remove_it(browser, device, tmp_path: P
             joining.wait()
     assert joining.returncode == 0, err
     assert f"Verification: {verifier}" in out
+    return out
+
+
+def test_pair_a_device_from_the_page_then_remove_it(browser, device, tmp_path: Path):
+    cli, _, _ = device
+    page = _sign_in(browser, cli)
+    page.click("nav >> text=Devices")
+    assert "this device" in page.inner_text("#devices")
+    _pair_from_the_page(page, Cli(tmp_path / "home-phone"), "phone")
+    assert "joined as owner" in page.inner_text("#pair-state")
     page.reload()
     row = page.locator("#devices tr:has-text('phone')")
     assert "offline" in row.inner_text()  # paired, its daemon not running
@@ -241,6 +261,36 @@ def test_pair_a_device_from_the_page_then_remove_it(browser, device, tmp_path: P
     after = json.loads(cli("devices", "--json").stdout)
     assert [d["this_device"] for d in after["devices"]] == [True] and len(after["removed"]) == 1
     page.close()
+
+
+def test_pair_a_member_scoped_to_one_source_and_a_partner_with_a_quota_from_the_page(
+        browser, tmp_path: Path):
+    """The Devices page's form: a household member's device granted only the source music
+    (not src), then a storage partner giving 500 MiB; each joins with `p2pbackup pair CODE`
+    in its own home, and both sides' membership says what it was granted."""
+    with _running_device(tmp_path, "music") as (cli, _, _):
+        page = _sign_in(browser, cli)
+        page.click("nav >> text=Devices")
+        assert page.is_hidden("#pair-sources") and page.is_hidden("#pair-quota-box")
+        page.check("input[name='pair-role'][value='member']")
+        page.check("input[name='pair-source'][value='music']")
+        tablet = Cli(tmp_path / "home-tablet")
+        out = _pair_from_the_page(page, tablet, "tablet")
+        assert "as member (sources music)" in out
+        assert "joined as member of sources music" in page.inner_text("#pair-state")
+        page.check("input[name='pair-role'][value='partner']")
+        assert page.is_hidden("#pair-sources") and page.is_visible("#pair-quota-box")
+        page.fill("#pair-quota", "500 MiB")
+        out = _pair_from_the_page(page, Cli(tmp_path / "home-nas"), "nas")
+        assert "Paired as a storage partner" in out and "500.0 MiB" in out
+        assert "joined as partner with a quota of 500.0 MiB" in page.inner_text("#pair-state")
+        page.close()
+        here = {d["name"]: d for d in json.loads(cli("devices", "--json").stdout)["devices"]}
+        there = {d["name"]: d for d in json.loads(tablet("devices", "--json").stdout)["devices"]}
+    assert (here["tablet"]["role"], here["tablet"]["sources"]) == ("member", ["music"])
+    assert (there["tablet"]["role"], there["tablet"]["sources"]) == ("member", ["music"])
+    assert there["tablet"]["this_device"] is True
+    assert (here["nas"]["role"], here["nas"]["quota"]) == ("partner", 500 << 20)
 
 
 def test_a_code_shown_in_the_page_is_withdrawn_by_cancel_and_by_closing_the_page(

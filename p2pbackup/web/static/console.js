@@ -258,22 +258,43 @@ function setupDevices() {
   };
   window.addEventListener("pagehide", withdraw);
   cancel.addEventListener("click", withdraw);
+  const roles = document.querySelectorAll('input[name="pair-role"]');
+  const chosenRole = () => document.querySelector('input[name="pair-role"]:checked').value;
+  const showRoleFields = () => {
+    document.getElementById("pair-sources").hidden = chosenRole() !== "member";
+    document.getElementById("pair-quota-box").hidden = chosenRole() !== "partner";
+  };
+  for (const r of roles) r.addEventListener("change", showRoleFields);
+  showRoleFields();  // (a reload keeps the choice)
+  const asked = () => {
+    const role = chosenRole();
+    if (role === "member") {
+      return {role, sources: Array.from(
+        document.querySelectorAll('input[name="pair-source"]:checked'), (c) => c.value)};
+    }
+    if (role === "partner") return {role, quota: document.getElementById("pair-quota").value};
+    return {role};
+  };
   start.addEventListener("click", async () => {
     const box = document.getElementById("pair");
     const state = document.getElementById("pair-state");
     const question = document.getElementById("pair-question");
     box.hidden = false;
     start.disabled = true;
+    for (const r of roles) r.disabled = true;
     state.className = "";
+    state.textContent = "";
+    document.getElementById("pair-code").textContent = "";
+    document.getElementById("pair-qr").removeAttribute("src");
     try {
-      const p = await post("/api/pair/start", {});
+      const p = await post("/api/pair/start", asked());
       shown = p.code;
       cancel.hidden = false;
       document.getElementById("pair-code").textContent = p.code +
         (p.lan === false ? ` --peer 127.0.0.1:${p.port}` : "");
       document.getElementById("pair-qr").src = p.qr;
-      state.textContent = `waiting for the new device (the code works once, for ` +
-        `${Math.round(p.expires_in / 60)} minutes)…`;
+      state.textContent = `waiting for the new device, to join as ${p.role} (the code ` +
+        `works once, for ${Math.round(p.expires_in / 60)} minutes)…`;
       let got = await post("/api/pair/wait", {code: p.code, questions: true});
       if (got.state === "question") {
         // Held open while the question is asked: closing the page withdraws the code.
@@ -298,6 +319,7 @@ function setupDevices() {
       shown = null;
       cancel.hidden = true;
       start.disabled = false;
+      for (const r of roles) r.disabled = false;
     }
   });
 }
