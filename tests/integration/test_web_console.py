@@ -604,7 +604,8 @@ async def test_the_page_pairs_a_member_with_its_sources_and_a_partner_with_its_q
         tmp_path: Path):
     """POST /api/pair/start with a role: the daemon's pair_start (through the daemon's web
     wiring) gets the member's sources and the partner's quota in bytes; without a role it
-    pairs an owner as before."""
+    pairs an owner as before. Where and how long the code is offered stays the daemon's
+    choice, whatever else the request names."""
     from p2pbackup.device import open_device
     from p2pbackup.daemon.web import WebService
     from tests.adversary.accounts import make_owner
@@ -629,7 +630,9 @@ async def test_the_page_pairs_a_member_with_its_sources_and_a_partner_with_its_q
                 cookie, csrf = await _login(web.console, base, http)
                 headers = {"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": base}
                 answers = []
-                for body in ({"role": "member", "sources": ["docs"]},
+                for body in ({"role": "member", "sources": ["docs"], "port": 22,
+                              "mailbox": "wss://elsewhere.example/v1/mailbox",
+                              "expires": 86400, "mdns": not dev.config.peers.lan},
                              {"role": "partner", "quota": "500 MiB"}, {}):
                     async with http.post(f"{base}/api/pair/start", json=body,
                                          headers=headers) as r:
