@@ -31,7 +31,7 @@ from ..backup.repair import RepairReport
 from ..backup.restore import Restorer, RestoreProgress, restore
 from ..backup.verify import VerifyProgress, verify
 from ..config import Source
-from ..errors import ConfigError, IntegrityError, NotFound, P2PError
+from ..errors import ConfigError, IntegrityError, NotFound, P2PError, WrongKey
 from ..format.records import DIR, FILE, SYMLINK
 from ..repo.logstore import LogStore
 from ..repo.repository import Repository
@@ -838,7 +838,7 @@ def _json(obj: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-_HTTP_STATUS = {NotFound.exit_code: 404, 2: 400, 10: 400, 18: 409}
+_HTTP_STATUS = {NotFound.exit_code: 404, 2: 400, 10: 400, WrongKey.exit_code: 403, 18: 409}
 
 
 def _error(exc: P2PError) -> web.Response:

@@ -709,3 +709,35 @@ def test_a_pairing_the_page_asks_for_wrongly_is_one_line_and_400(cli: Cli, tmp_p
     log = (tmp_path / "daemon.log").read_text()
     assert "(owner, 600 s)" in log and "(member, 600 s)" in log
     assert log.count("pairing code offered") == 2   # the wrong ones offered none
+
+
+async def test_a_pairing_a_device_may_not_offer_is_403_in_one_line(tmp_path: Path):
+    """A member's console asked to pair: the daemon's refusal (WrongKey, exit 15) reaches
+    the page as 403 with its line, not as a 500 that reads like a bug."""
+    from p2pbackup.device import open_device
+    from p2pbackup.daemon.web import WebService
+    from p2pbackup.errors import WrongKey
+    from tests.adversary.accounts import make_owner
+
+    await make_owner(tmp_path / "home", [tmp_path])
+    line = "only an owner device of the account can pair a new device"
+
+    async def pair_start(args: dict) -> dict:
+        raise WrongKey(line)
+
+    async with open_device(tmp_path / "home") as dev:
+        web = WebService(dev.config, dev, _status, contextlib.nullcontext,
+                         {"pair_start": pair_start})
+        assert web.console is not None
+        port = await web.console.start("127.0.0.1", 0)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+                cookie, csrf = await _login(web.console, base, http)
+                async with http.post(f"{base}/api/pair/start", json={},
+                                     headers={"Cookie": cookie, "X-CSRF-Token": csrf,
+                                              "Origin": base}) as r:
+                    got = (r.status, await r.json())
+        finally:
+            await web.close()
+    assert got == (403, {"error": line, "exit": 15})
