@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from .main import DeviceDaemon
 
 log = logging.getLogger("p2pbackupd")
+# Seconds a withdrawal waits for the hosting task to end (it closes a listener and an mDNS
+# announcement): past it the answer still says withdrawn, and a new code may be refused.
+CANCEL_WAIT = 10.0
 
 
 @dataclass(slots=True)
@@ -173,7 +176,13 @@ class AccountOps:
     async def pair_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         """Withdraw the code (the page that showed it was cancelled or closed): no joiner is
         let in with it, and the next pairing can start at once."""
-        return {"withdrawn": _withdraw(self._hosted(args), "cancelled where it was shown")}
+        hosted = self._hosted(args)
+        withdrawn = _withdraw(hosted, "cancelled where it was shown")
+        if withdrawn and hosted.task is not None:
+            # cancel() only asks: until the host's task has ended, a new pair_start is
+            # refused as "already waiting" (the page starts one at once)
+            await asyncio.wait({hosted.task}, timeout=CANCEL_WAIT)
+        return {"withdrawn": withdrawn}
 
     async def pair_answer(self, args: dict[str, Any]) -> dict[str, Any]:
         """The user's answer to the question: does the other device show the same number?"""
