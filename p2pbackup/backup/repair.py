@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from ..blobs.base import BlobStore
 from ..crypto.keys import MissingKey
 from ..errors import NotFound, P2PError
-from ..format.pack import PackBuilder, parse_trailer, trailer_length
-from ..repo.repository import PackExam, Repository, open_blob
+from ..format.pack import PackBuilder
+from ..repo.repository import PackExam, Repository, open_blob, read_trailer
 from .verify import Damage, Findings, VerifyProgress, check_references
 
 log = logging.getLogger("p2pbackup.repair")
-TAIL = 64 * 1024   # bytes read from the end of a pack in the hope that its trailer fits
 
 
 @dataclass(slots=True)
@@ -213,12 +212,7 @@ async def _copy_blobs(repo: Repository, sources: Sequence[BlobStore], wanted: se
 async def _copy_from_pack(repo: Repository, source: BlobStore, name: str, wanted: set[bytes],
                           builders: dict[tuple[str, int], PackBuilder]) -> int:
     what = f"pack {name[:12]} of {source.location}"
-    size = await source.size(f"packs/{name}")
-    tail = await source.get_range(f"packs/{name}", max(0, size - TAIL), min(size, TAIL))
-    need = trailer_length(tail, what)
-    if need > len(tail) and need <= size:
-        tail = await source.get_range(f"packs/{name}", size - need, need)
-    trailer = parse_trailer(tail, size, repo.keys.record_keys_newest_first(), what)
+    _, trailer = await read_trailer(source, name, repo.keys.record_keys_newest_first())
     try:
         keys = repo.keys.scope(trailer.scope, trailer.epoch)
     except MissingKey:

@@ -25,12 +25,13 @@ from ..errors import (BlobDamaged, DiskFull, IntegrityError, NotFound, P2PError,
 from ..format.header import HEADER_SIZE, Kind, ObjectHeader
 from ..format.membership import Kept, SignerRefused, Signers
 from ..format.objects import open_object, open_with_any, seal_object
-from ..format.pack import check_pack_header, object_candidates, pack_name, parse_trailer
+from ..format.pack import (PackTrailer, check_pack_header, object_candidates, pack_name,
+                           parse_trailer, trailer_length)
 from ..format.records import (DEVICE_SIG, SNAPSHOT_SIG, BlobRef, DeviceRecord, RepoConfig,
                               Signed, Snapshot, Tree)
 from . import membership as store_membership
-from .index import (INDEX_FILE_SUFFIXES, BlobLocation, IndexCorrupt, IndexOutdated, PackDamage,
-                    PackIndex)
+from .index import (INDEX_FILE_SUFFIXES, BlobLocation, BlobTuple, IndexCorrupt, IndexOutdated,
+                    PackDamage, PackIndex)
 from .snapshots import SourceLike, StoredSnapshot, choose_latest, source_asked
 
 log = logging.getLogger("p2pbackup.repo")
@@ -38,6 +39,12 @@ T = TypeVar("T")
 
 PACK_SIZE = 16 * 1024 * 1024
 CONFIG_NAME = "config"
+# Indexing a remote store: bytes read from a pack's end in the hope that its trailer fits
+# (one request per pack; a 16 MiB pack of small files' blobs has a trailer of ~40 KiB),
+# trailers read at once (each is a round trip, a few KiB of work), packs per index commit.
+TRAILER_TAIL = 64 * 1024
+TRAILER_READS = 8
+INDEX_BATCH = 256
 
 
 @dataclass(slots=True)
@@ -243,8 +250,13 @@ class Repository:
             await self.index.remove_pack(name)
             dropped += 1
         await self.index.forget_damage([n for n in self.index.damaged if n not in stored])
+        new = sorted(stored - set(self.index.packs))
+        caps = self.store.capabilities
+        if new and caps.ranged_reads and not caps.local_disk:
+            indexed, new = await self._index_trailers(new, progress)
+            added += indexed
         later = []
-        for name in sorted(stored - set(self.index.packs)):
+        for name in new:
             try:
                 exam = await asyncio.to_thread(self.examine_pack_blocking, name, scan=False)
             except NotFound:
@@ -264,6 +276,53 @@ class Repository:
             if progress:
                 progress(name)
         return added, dropped
+
+    async def _index_trailers(self, names: list[str],
+                              progress: Callable[[str], None] | None
+                              ) -> tuple[int, list[str]]:
+        """Index packs of a remote store (an S3 bucket, a WebDAV folder, a peer) from their
+        trailers alone, TRAILER_READS at a time: reading each whole to check it against its
+        name downloaded the whole repository before a restore could start (a first `restore
+        --from s3://` of 1 GiB read it twice). The trailer authenticates (sealed with the
+        account's record key) and every blob authenticates when read, so a store that
+        changed a pack's body is caught then, by `verify --read-data` or the restore.
+        Returns how many were indexed, and the packs whose trailer could not be read: those
+        are examined whole (scanned for their blobs) as before."""
+        keys = self.keys.record_keys_newest_first()
+        queue = list(reversed(names))
+        read: list[tuple[str, str, int, int, list[BlobTuple]]] = []
+        whole: list[str] = []
+
+        async def reader() -> None:
+            while queue:
+                name = queue.pop()
+                try:
+                    size, trailer = await read_trailer(self.store, name, keys)
+                except NotFound:
+                    continue   # deleted since the listing
+                except IntegrityError:
+                    whole.append(name)
+                    continue
+                read.append((name, trailer.scope, trailer.epoch, size,
+                             [(b.id, b.kind, b.offset, b.length, b.raw_length)
+                              for b in trailer.blobs]))
+
+        workers = [asyncio.ensure_future(reader())
+                   for _ in range(min(TRAILER_READS, len(names)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+        # Who wrote them is unknown here: treated as arrived (see _index_examined).
+        read.sort(key=lambda r: r[0])
+        for start in range(0, len(read), INDEX_BATCH):
+            batch = read[start:start + INDEX_BATCH]
+            await self.index.add_packs(batch, arrived=True)
+            for name, *_ in batch:
+                if progress:
+                    progress(name)
+        return len(read), sorted(whole)
 
     async def _index_examined(self, exam: PackExam) -> int:
         damage = exam.damage
@@ -710,6 +769,21 @@ def _blob_problem(keys: ScopeKeys, ref: BlobRef, pack: memoryview, what: str) ->
     except IntegrityError as exc:
         return str(exc).removeprefix(label + " ")
     return None
+
+
+async def read_trailer(store: BlobStore, name: str, keys: Sequence[tuple[int, bytes]]
+                       ) -> tuple[int, PackTrailer]:
+    """The size and the trailer of pack `name` in `store`, in ranged reads of its end (one,
+    unless the trailer is longer than TRAILER_TAIL). IntegrityError if there is no trailer
+    these keys open; NotFound if the store lacks the pack."""
+    what = f"pack {name[:12]} of {store.location}"
+    size = await store.size(f"packs/{name}")
+    tail = await store.get_range(f"packs/{name}", max(0, size - TRAILER_TAIL),
+                                 min(size, TRAILER_TAIL))
+    need = trailer_length(tail, what)
+    if len(tail) < need <= size:
+        tail = await store.get_range(f"packs/{name}", size - need, need)
+    return size, parse_trailer(tail, size, keys, what)
 
 
 def store_index_path(cache_dir: str, repo_id: str, location: str) -> str:

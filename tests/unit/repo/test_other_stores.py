@@ -29,6 +29,8 @@ class ElsewhereStore(BlobStore):
         self._dir = LocalDirStore(root)
         self.location = f"elsewhere://{root}"
         self.calls = 0
+        self.whole: list[str] = []          # names read whole with get
+        self.ranged: dict[str, int] = {}    # bytes read with get_range, per name
 
     async def put(self, name, data):
         self.calls += 1
@@ -36,11 +38,14 @@ class ElsewhereStore(BlobStore):
 
     async def get(self, name):
         self.calls += 1
+        self.whole.append(name)
         return await self._dir.get(name)
 
     async def get_range(self, name, offset, length):
         self.calls += 1
-        return await self._dir.get_range(name, offset, length)
+        got = await self._dir.get_range(name, offset, length)
+        self.ranged[name] = self.ranged.get(name, 0) + len(got)
+        return got
 
     async def has(self, name):
         return await self._dir.has(name)
@@ -121,3 +126,53 @@ async def test_a_store_named_with_from_is_never_written(account_store):
     with pytest.raises(ConfigError, match="read here, never written"):
         async with device.open_device(home, write=True, store=location):
             pass
+
+
+async def test_opening_a_store_elsewhere_reads_each_packs_trailer_not_the_whole_pack(
+        account_store):
+    """A first `--from` of a remote store indexes its packs from their trailers (a ranged
+    read of each pack's end): it used to download every pack whole to check it against its
+    name, the whole repository before a restore could start. The index is the one reading
+    every pack whole builds, and a changed byte in a pack's body is still caught where the
+    blob is read (`verify --read-data`)."""
+    home, _, _, location = account_store
+    async with device.open_device(home) as dev:
+        local = {n: (v, sorted(await dev.repo.index.pack_blobs(n)))
+                 for n, v in dev.repo.index.packs.items()}
+        sizes = {n: v[2] for n, v in dev.repo.index.packs.items()}
+    assert len(local) >= 2
+    async with device.open_device(home, store=location) as dev:
+        store = OPENED[-1]
+        assert not [n for n in store.whole if n.startswith("packs/")], store.whole
+        for name in local:
+            assert store.ranged[f"packs/{name}"] <= min(sizes[name], 64 << 10)
+        assert {n: (v, sorted(await dev.repo.index.pack_blobs(n)))
+                for n, v in dev.repo.index.packs.items()} == local
+    big = max(sizes, key=lambda n: sizes[n])
+    path = next((home / "store").glob(f"packs/*/{big}"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 1
+    path.write_bytes(bytes(data))
+    async with device.open_device(home, store=location) as dev:
+        await dev.repo.rebuild_index()
+        assert big not in dev.repo.index.damaged   # (its trailer is intact)
+        report = await verify(dev.repo, read_data=True)
+        assert [d.pack for d in report.damage] == [big]
+
+
+async def test_a_pack_whose_trailer_is_unreadable_is_read_whole_and_scanned(
+        account_store):
+    """Where the trailer does not open (cut short, another key), the pack is examined
+    whole as before: its blobs are found by scanning and it is noted as damaged."""
+    home, _, _, location = account_store
+    async with device.open_device(home) as dev:
+        sizes = {n: v[2] for n, v in dev.repo.index.packs.items()}
+    big = max(sizes, key=lambda n: sizes[n])
+    path = next((home / "store").glob(f"packs/*/{big}"))
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))   # the trailer's length byte
+    async with device.open_device(home, store=location) as dev:
+        await dev.repo.rebuild_index()
+        assert f"packs/{big}" in OPENED[-1].whole
+        assert big in dev.repo.index.damaged
+        assert dev.repo.index.packs[big][0] is not None   # (scanning found its blobs)

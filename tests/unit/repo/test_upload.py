@@ -803,11 +803,15 @@ async def _verify_store(a: Repository, remote: BlobStore):
 
 
 async def _noted_damaged_in(a: Repository, remote: BlobStore) -> set[str]:
-    """Read `remote` as `verify --from` it does (its own index in this device's cache): the
-    packs noted as damaged there."""
+    """Read `remote` as `verify --read-data --from` it does (its own index in this device's
+    cache, which verify notes the damage it finds in): the packs noted as damaged there.
+    (Opening a remote store indexes its packs from their trailers: it finds no rot.)"""
+    from p2pbackup.backup.verify import verify
+
     cache = str(Path(a.index.path).parent.parent)
     seen = await Repository.open(remote, KEYS, None, cache, read_only=True)
     try:
+        await verify(seen, read_data=True)
         return set(seen.index.damaged)
     finally:
         await seen.close()
