@@ -53,6 +53,7 @@ class FaultProxy:
         self.fault: Fault | None = None
         self.bodies: dict[str, bytes] = {}   # path -> bytes of each PUT that went through
         self.requests: list[tuple[str, str]] = []
+        self.sent: list[tuple[str, int]] = []   # (path, body bytes) of each GET answered
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="faultproxy")
@@ -128,6 +129,8 @@ class FaultProxy:
             status, length = r.status, r.headers.get("Content-Length")
         if request.method == "PUT" and status == 200:
             self.bodies[path] = body
+        if request.method == "GET":
+            self.sent.append((path, len(answer)))
         if request.method == "HEAD":
             resp = web.StreamResponse(status=status, headers=out)
             if length is not None:

@@ -385,7 +385,9 @@ class S3Store(BlobStore):
         length = min(length, total - start)
         if length <= 0:
             return b""
-        if is_mutable_name(name):
+        if is_mutable_name(name) or offset < 0:
+            # (a read from the end is a pack's trailer, read on its own: a window would
+            # fetch 4 MiB of the pack for it)
             return await self._read_exact(name, start, length)
         return await self._windows.read(name, start, length, total)
 
@@ -415,15 +417,20 @@ class S3Store(BlobStore):
         # Listed from the prefix's directory: opendal lists directories, not name prefixes.
         folder = prefix[:prefix.rfind("/") + 1] or "/"
 
-        async def listing() -> list[str]:
-            return [e.path async for e in await self._op.list(folder, recursive=True)]
+        async def listing() -> list[tuple[str, int | None]]:
+            return [(e.path, e.metadata.content_length)
+                    async for e in await self._op.list(folder, recursive=True)]
 
         try:
-            names = await self._call("list", folder, listing)
+            entries = await self._call("list", folder, listing)
         except self._errors.NotFound:
             return
-        for path in names:
+        for path, size in entries:
             if not path.endswith("/") and path.startswith(prefix):
+                if size and not is_mutable_name(path):
+                    # (a listing says each object's size: no HEAD before its first read,
+                    # one request per pack less when a restore or an index starts)
+                    self._sizes[path] = size
                 yield path
 
     async def delete(self, name: str) -> None:

@@ -778,7 +778,8 @@ async def read_trailer(store: BlobStore, name: str, keys: Sequence[tuple[int, by
     these keys open; NotFound if the store lacks the pack."""
     what = f"pack {name[:12]} of {store.location}"
     size = await store.size(f"packs/{name}")
-    tail = await store.get_range(f"packs/{name}", max(0, size - TRAILER_TAIL),
+    # (from the end: a store that reads ahead in windows reads a suffix alone)
+    tail = await store.get_range(f"packs/{name}", -min(size, TRAILER_TAIL),
                                  min(size, TRAILER_TAIL))
     need = trailer_length(tail, what)
     if len(tail) < need <= size:

@@ -300,3 +300,30 @@ def test_wrong_credentials_are_one_line_from_the_cli(cli, s3_repo,
     assert got.stderr == (f"p2pbackup: error: store {location}: the server refused the credentials "
                           "(SignatureDoesNotMatch): check access_key_id and secret_access_key "
                           "(or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)\n")
+
+
+async def test_a_listed_object_is_read_without_asking_its_size_first(
+        weed: servers.S3Server, store: S3Store, proxy: FaultProxy, sleeps: Sleeps) -> None:
+    """The listing says each object's size: reading a listed pack (an index built from
+    trailers, a restore) sends no HEAD before its GET."""
+    data = os.urandom(300_000)
+    name = "packs/" + "5d" * 32
+    await store.put(name, data)
+    fresh = S3Store(store.location, weed.options(endpoint=proxy.url), sleep=sleeps)
+    assert [n async for n in fresh.list("packs/")] == [name]
+    proxy.requests.clear()
+    assert await fresh.get_range(name, 1000, 1000) == data[1000:2000]
+    assert await fresh.get(name) == data
+    assert [m for m, _ in proxy.requests] == ["GET", "GET"], proxy.requests
+
+
+async def test_a_read_from_the_end_fetches_only_that_range(
+        store: S3Store, proxy: FaultProxy) -> None:
+    """A pack's trailer is read from its end, on its own: not through a 4 MiB window."""
+    data = os.urandom(9 << 20)
+    name = "packs/" + "6e" * 32
+    await store.put(name, data)
+    await store.size(name)
+    proxy.sent.clear()
+    assert await store.get_range(name, -5000, 5000) == data[-5000:]
+    assert [n for _, n in proxy.sent] == [5000], proxy.sent
