@@ -606,8 +606,6 @@ async def test_the_page_pairs_a_member_with_its_sources_and_a_partner_with_its_q
     wiring) gets the member's sources and the partner's quota in bytes; without a role it
     pairs an owner as before. Where and how long the code is offered stays the daemon's
     choice, whatever else the request names."""
-    from p2pbackup.device import open_device
-    from p2pbackup.daemon.web import WebService
     from tests.adversary.accounts import make_owner
 
     for name in ("docs", "photos"):
@@ -619,26 +617,15 @@ async def test_the_page_pairs_a_member_with_its_sources_and_a_partner_with_its_q
         started.append(args)
         return {"code": "7-orbit-velvet", "port": 4000, "expires_in": 600.0}
 
-    async with open_device(tmp_path / "home") as dev:
-        web = WebService(dev.config, dev, _status, contextlib.nullcontext,
-                         {"pair_start": pair_start})
-        assert web.console is not None
-        port = await web.console.start("127.0.0.1", 0)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
-                cookie, csrf = await _login(web.console, base, http)
-                headers = {"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": base}
-                answers = []
-                for body in ({"role": "member", "sources": ["docs"], "port": 22,
-                              "mailbox": "wss://elsewhere.example/v1/mailbox",
-                              "expires": 86400, "mdns": not dev.config.peers.lan},
-                             {"role": "partner", "quota": "500 MiB"}, {}):
-                    async with http.post(f"{base}/api/pair/start", json=body,
-                                         headers=headers) as r:
-                        answers.append((r.status, await r.json()))
-        finally:
-            await web.close()
+    async with _daemon_console(tmp_path / "home", {"pair_start": pair_start}) as (
+            dev, http, base, headers):
+        answers = []
+        for body in ({"role": "member", "sources": ["docs"], "port": 22,
+                      "mailbox": "wss://elsewhere.example/v1/mailbox",
+                      "expires": 86400, "mdns": not dev.config.peers.lan},
+                     {"role": "partner", "quota": "500 MiB"}, {}):
+            async with http.post(f"{base}/api/pair/start", json=body, headers=headers) as r:
+                answers.append((r.status, await r.json()))
     lan = dev.config.peers.lan
     assert [a for a, _ in answers] == [200, 200, 200], answers
     assert started == [
@@ -714,8 +701,6 @@ def test_a_pairing_the_page_asks_for_wrongly_is_one_line_and_400(cli: Cli, tmp_p
 async def test_a_pairing_a_device_may_not_offer_is_403_in_one_line(tmp_path: Path):
     """A member's console asked to pair: the daemon's refusal (WrongKey, exit 15) reaches
     the page as 403 with its line, not as a 500 that reads like a bug."""
-    from p2pbackup.device import open_device
-    from p2pbackup.daemon.web import WebService
     from p2pbackup.errors import WrongKey
     from tests.adversary.accounts import make_owner
 
@@ -725,19 +710,30 @@ async def test_a_pairing_a_device_may_not_offer_is_403_in_one_line(tmp_path: Pat
     async def pair_start(args: dict) -> dict:
         raise WrongKey(line)
 
-    async with open_device(tmp_path / "home") as dev:
-        web = WebService(dev.config, dev, _status, contextlib.nullcontext,
-                         {"pair_start": pair_start})
+    async with _daemon_console(tmp_path / "home", {"pair_start": pair_start}) as (
+            _, http, base, headers):
+        async with http.post(f"{base}/api/pair/start", json={}, headers=headers) as r:
+            got = (r.status, await r.json())
+    assert got == (403, {"error": line, "exit": 15})
+
+
+@contextlib.asynccontextmanager
+async def _daemon_console(home: Path, handlers: dict):
+    """The console as the daemon wires it (daemon/web.py WebService) for the device at
+    `home`, with the daemon's control `handlers`; the device, a client signed in, the
+    console's address and the headers a change needs."""
+    from p2pbackup.daemon.web import WebService
+    from p2pbackup.device import open_device
+
+    async with open_device(home) as dev:
+        web = WebService(dev.config, dev, _status, contextlib.nullcontext, handlers)
         assert web.console is not None
         port = await web.console.start("127.0.0.1", 0)
         base = f"http://127.0.0.1:{port}"
         try:
             async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
                 cookie, csrf = await _login(web.console, base, http)
-                async with http.post(f"{base}/api/pair/start", json={},
-                                     headers={"Cookie": cookie, "X-CSRF-Token": csrf,
-                                              "Origin": base}) as r:
-                    got = (r.status, await r.json())
+                yield dev, http, base, {"Cookie": cookie, "X-CSRF-Token": csrf,
+                                        "Origin": base}
         finally:
             await web.close()
-    assert got == (403, {"error": line, "exit": 15})
