@@ -37,7 +37,7 @@ def _film(src: Path) -> None:
     """A big file: written again before the Status screenshot, so that a snapshot is
     reading it (with a bar) when it is taken."""
     with open(src / "videos" / "holiday.mp4", "wb") as f:
-        for _ in range(160):
+        for _ in range(640):   # (160 MiB was snapshotted before the page drew its bar)
             f.write(os.urandom(1 << 20))
 
 
@@ -93,6 +93,8 @@ def main() -> None:
             page.goto(base + "/timeline")
             page.screenshot(path=str(out / "timeline.png"))
             page.goto(base + "/devices")
+            page.check("input[name='pair-role'][value='member']")
+            page.check("input[name='pair-source']")
             page.click("#pair-start")
             page.wait_for_selector("#pair-qr[src^='data:']")
             page.screenshot(path=str(out / "devices.png"))
