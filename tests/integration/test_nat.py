@@ -114,17 +114,23 @@ def _broker_connected(cli: Cli) -> bool:
                                          .get("connected"))
 
 
+WORDS = {"reflexive": "hole punched", "relay": "TURN relay"}   # status's words for a path
+
+
 def _replicate_and_check(world, tmp_path: Path, where: tuple[str, str], ice: str,
-                         path: str, words: str, homes=None) -> None:
+                         path: str | tuple[str, ...], homes=None) -> None:
+    """a and b in homes `where` replicate, then restore; the data channel took `path` (or
+    one of them), and status says which in words."""
     a, b, src, a_id, ha, hb = homes or _homes_in(world, tmp_path, where, ice)
     procs = [start_daemon(ha, a, tmp_path, "a"), start_daemon(hb, b, tmp_path, "b")]
     try:
         eventually_sync(lambda: _peer(b, a_id).get("connected"), timeout=90, interval=0.3)
         wait_replicated(a, b, 90)
-        assert _peer(b, a_id)["ice_path"] == path
+        took = _peer(b, a_id)["ice_path"]
+        assert took in ((path,) if isinstance(path, str) else path), took
         b_id = json.loads(b("devices", "--json").stdout)["devices"][1]["id"]
-        assert _peer(a, b_id)["ice_path"] == path
-        assert f"connected over the data channel ({words})" in b("status").stdout
+        assert _peer(a, b_id)["ice_path"] == took
+        assert f"connected over the data channel ({WORDS[took]})" in b("status").stdout
     finally:
         stop_all(procs)
     for cli in (a, b):
@@ -136,19 +142,18 @@ def _replicate_and_check(world, tmp_path: Path, where: tuple[str, str], ice: str
 def test_cone_nat_homes_replicate_hole_punched_with_stun_only(world, tmp_path: Path):
     turn = world[1]
     _replicate_and_check(world, tmp_path, ("c1", "c2"), turn.toml(stun_only=True),
-                         "reflexive", "hole punched")
+                         "reflexive")
 
 
 def test_symmetric_nat_homes_replicate_through_the_turn_relay(world, tmp_path: Path):
     turn = world[1]
-    _replicate_and_check(world, tmp_path, ("s1", "s2"), turn.toml(), "relay", "TURN relay")
+    _replicate_and_check(world, tmp_path, ("s1", "s2"), turn.toml(), "relay")
 
 
 def test_relay_only_sends_even_hole_punchable_homes_through_turn(world, tmp_path: Path):
     # (so neither device learns the other's addresses)
     turn = world[1]
-    _replicate_and_check(world, tmp_path, ("c1", "c2"), turn.toml(relay_only=True), "relay",
-                         "TURN relay")
+    _replicate_and_check(world, tmp_path, ("c1", "c2"), turn.toml(relay_only=True), "relay")
 
 
 def test_without_ice_servers_nated_homes_do_not_connect_and_status_says_why(world,
@@ -200,18 +205,22 @@ def test_a_new_device_in_a_third_home_recovers_through_turn_from_a_peer_behind_n
 
 # -- through the broker --------------------------------------------------------------------
 
-def test_cone_nat_homes_replicate_hole_punched_through_the_broker(world, trusting,
-                                                                   tmp_path: Path):
+def test_cone_nat_homes_replicate_through_the_broker_hole_punched_or_relayed(
+        world, trusting, tmp_path: Path):
+    """With the broker's STUN and TURN, ICE may nominate the relay pair: aioice nominates
+    the first pair whose check succeeds (aggressive nomination), and a hole is punched
+    only once both sides have sent, so under load the relay pair sometimes answers first
+    (a clean-clone run got relay once). Hole punching itself is checked with STUN alone
+    (test_cone_nat_homes_replicate_hole_punched_with_stun_only)."""
     homes = _homes_via_broker(world, trusting, tmp_path, ("c1", "c2"))
-    _replicate_and_check(world, tmp_path, ("c1", "c2"), "", "reflexive", "hole punched",
+    _replicate_and_check(world, tmp_path, ("c1", "c2"), "", ("reflexive", "relay"),
                          homes=homes)
 
 
 def test_symmetric_nat_homes_replicate_through_the_brokers_turn_relay(world, trusting,
                                                                       tmp_path: Path):
     homes = _homes_via_broker(world, trusting, tmp_path, ("s1", "s2"))
-    _replicate_and_check(world, tmp_path, ("s1", "s2"), "", "relay", "TURN relay",
-                         homes=homes)
+    _replicate_and_check(world, tmp_path, ("s1", "s2"), "", "relay", homes=homes)
 
 
 def test_the_broker_killed_mid_transfer_loses_nothing_and_daemons_reconnect(world, trusting,
