@@ -114,8 +114,8 @@ class Repository:
         # authenticate: the daemon checks that pack and fetches an intact copy from a peer.
         self.damage_seen: Callable[[str], None] | None = None
         # Called on the loop when a writer stored objects while it goes on (a snapshot's or
-        # a seal's packs as they land): the configured stores take them meanwhile, not after.
-        # told the names of objects stored (those a writer knows), on the loop's thread
+        # a seal's packs as they land), with their names: the configured stores take them
+        # meanwhile, not after.
         self.objects_written: Callable[[Sequence[str]], None] | None = None
 
     @property
@@ -314,7 +314,8 @@ class Repository:
         finally:
             for w in workers:
                 w.cancel()
-        # Who wrote them is unknown here: treated as arrived (see _index_examined).
+        # In name order, as the whole-pack path adds them. Who wrote them is unknown here:
+        # treated as arrived (see _index_examined).
         read.sort(key=lambda r: r[0])
         for start in range(0, len(read), INDEX_BATCH):
             batch = read[start:start + INDEX_BATCH]
@@ -783,7 +784,7 @@ async def read_trailer(store: BlobStore, name: str, keys: Sequence[tuple[int, by
                                  min(size, TRAILER_TAIL))
     need = trailer_length(tail, what)
     if len(tail) < need <= size:
-        tail = await store.get_range(f"packs/{name}", size - need, need)
+        tail = await store.get_range(f"packs/{name}", -need, need)
     return size, parse_trailer(tail, size, keys, what)
 
 

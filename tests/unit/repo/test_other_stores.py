@@ -176,3 +176,19 @@ async def test_a_pack_whose_trailer_is_unreadable_is_read_whole_and_scanned(
         assert f"packs/{big}" in OPENED[-1].whole
         assert big in dev.repo.index.damaged
         assert dev.repo.index.packs[big][0] is not None   # (scanning found its blobs)
+
+
+async def test_a_trailer_longer_than_the_first_read_is_read_again_whole(account_store,
+                                                                       monkeypatch):
+    """A pack of many small blobs has a trailer longer than the bytes first read from its
+    end: a second read from the end takes all of it, and the pack is indexed, not scanned."""
+    from p2pbackup.repo import repository
+
+    home, _, _, location = account_store
+    async with device.open_device(home) as dev:
+        local = {n: v for n, v in dev.repo.index.packs.items()}
+    monkeypatch.setattr(repository, "TRAILER_TAIL", 64)
+    async with device.open_device(home, store=location) as dev:
+        assert dict(dev.repo.index.packs) == local
+        assert not dev.repo.index.damaged
+        assert not [n for n in OPENED[-1].whole if n.startswith("packs/")]
