@@ -449,7 +449,10 @@ class StoreUploader:
         self._arrival.clear()
         ours = await self._ours_to_write(remote)
         phases, mutable, sizes = await self._plan(self._done, self._digests, ours)
-        self.status.reachable = True
+        if not self.failures:
+            # (a pass after a failed one has yet to hear from the store: it stays
+            # unreachable until a put goes through, not for the moments before one fails)
+            self.status.reachable = True
         for phase in sorted(phases):
             await self._put_all(remote, phases[phase], mutable, sizes,
                                 lambda: self._joining(phase, ours, sizes))
@@ -779,6 +782,7 @@ class StoreUploader:
 
     def _sent(self, size: int) -> float:
         at = self._now()
+        self.status.reachable = True
         self.status.last_upload, self.status.uploaded = at, self.status.uploaded + 1
         self.status.uploaded_bytes += size
         return at

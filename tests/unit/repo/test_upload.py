@@ -1122,3 +1122,24 @@ async def test_a_pass_puts_the_largest_objects_of_a_phase_first(pair, tmp_path, 
     assert await up.upload_once()
     packs = [n for n in remote.puts if n in sizes]
     assert [sizes[n] for n in packs] == [150_000, 90_000, 20_000, 7_000, 3_000], packs
+
+
+async def test_a_pass_after_a_failed_one_shows_the_store_unreachable_until_a_put_goes_through(
+        pair, tmp_path, progress):
+    """Status read while a retry pass runs said 'reachable' before its first put failed
+    again (a full store flickered between the two; a daemon test read it so)."""
+    a, _, _ = pair
+    remote = Gated(tmp_path / "remote", set())
+    up = uploader(a, remote, progress)
+    assert await up.upload_once()
+    held = await _stored_pack(a, 40_000)
+    remote.held.add(held)
+    remote.fail = StorageError("the server is full")
+    assert not await up.upload_once()
+    remote.fail = None
+    retry = asyncio.ensure_future(up.upload_once())
+    await eventually(lambda: held in remote.started, timeout=30)
+    assert up.status.reachable is False   # the retry has not heard from the store yet
+    remote.release.set()
+    assert await retry
+    assert up.status.reachable is True
