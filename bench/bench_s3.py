@@ -66,6 +66,10 @@ P2PBACKUP = REPO / ".venv" / "bin" / "p2pbackup"
 RESTIC_PASSWORD = "p2pbackup-bench"
 PACK = 16 << 20
 IN_FLIGHT = 8
+# weed's volumes, MB each: the tests' 64 (and weed mini's own default, 128) make writes wait a
+# second or more each time the volumes fill (tests/servers.py), a stall of the server that
+# would be measured instead of the clients; a SeaweedFS deployment's default is 30,000.
+VOLUME_MB = 1024
 
 # The issue's targets: p2pbackup's time / restic's (median), and the client's peak RSS.
 TARGETS = {"initial backup": 0.6, "no-change backup": 0.5, "restore": 0.8,
@@ -228,7 +232,7 @@ def opened(tmp: Path, kind: str) -> Iterator[Callable[[], Awaitable[Any]]]:
     from p2pbackup.blobs import open_store
 
     if kind == "S3 (weed mini)":
-        gen = servers.weed_mini(tmp / "weed-tp")
+        gen = servers.weed_mini(tmp / "weed-tp", VOLUME_MB)
         srv = next(gen)
         try:
             bucket = srv.new_bucket()
@@ -306,7 +310,7 @@ def main() -> None:
         size = sum(p.stat().st_size for p in files)
         restic_v = subprocess.run(["restic", "version"], capture_output=True,
                                   text=True).stdout.split()[1]
-        gen = servers.weed_mini(tmp / "weed")
+        gen = servers.weed_mini(tmp / "weed", VOLUME_MB)
         srv = next(gen)
         global SERVER_PID
         SERVER_PID = server_pid(str(tmp / "weed"))
