@@ -50,7 +50,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +86,32 @@ STEP_KEYS = {"initial": "initial backup", "no-change": "no-change backup", "rest
 # the previous repetition's 20k files made both tools spend most of their time there (perf:
 # 65% of the restore's CPU in recently_deleted() and the buffer lookups under it; system
 # time 0.5 s on a fresh directory, 2.3 to 4.4 s after the delete, at scale 0.3) and made
-# the ratio swing by whichever tool met more of them (0.72 to 1.51 in one run).
+# the ratio swing by whichever tool met more of them (0.72 to 1.51 in one run). Deletes by
+# anything else on the machine in those minutes do the same (after other runs had deleted
+# restores, restic took 5.4-7.5 s and we 4.7-5.2 s for what took 4.0-4.5 and 3.3-3.9 s on a
+# fresh disk), so as root the restores go to a fresh ext4 with a journal (mkfs.ext4's
+# defaults, as a user's disk: the scan is only done without one) on a loop device.
 RESTORE_TARGETS = ("restic-restore-{i}", "p2pbackup-restore-{i}")
+
+
+@contextmanager
+def restore_disk(tmp: Path, size: int) -> Iterator[tuple[Path, str]]:
+    """Where the restores go, and how the results say it: a fresh journaled ext4 of `size`
+    bytes (sparse) on a loop device when run as root, else `tmp`."""
+    if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
+        yield tmp, "this machine's temporary directory"
+        return
+    image, disk = tmp / "restore.img", tmp / "restore-disk"
+    disk.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(disk)], check=True)
+    try:
+        yield disk, "a fresh ext4 with a journal on a loop device"
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)   # (-o loop: the device goes too)
+        image.unlink(missing_ok=True)
 
 
 Run = tuple[float, int, float]   # seconds, peak RSS in KiB, CPU seconds (user + system)
@@ -299,7 +323,9 @@ def main() -> None:
     selected = {STEP_KEYS[k] for k in chosen}
     if shutil.which("restic") is None:
         raise SystemExit("restic is not installed (apt-get install -y restic)")
-    with bench_lock(), tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp_name:
+    restored_to = ""
+    with bench_lock(), tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp_name, \
+            ExitStack() as stack:
         load_before = os.getloadavg()[1]
         tmp = Path(tmp_name)
         data = tmp / "data"
@@ -369,7 +395,9 @@ def main() -> None:
             if no_change.name in selected:
                 compare(args.repeat, no_change, restic_backup, our_backup)
             if restore.name in selected:
-                restore_step(args.repeat, restore, tmp,
+                disk, restored_to = stack.enter_context(
+                    restore_disk(tmp, 2 * args.repeat * size * 13 // 10 + (2 << 30)))
+                restore_step(args.repeat, restore, disk,
                              lambda to: timed_rss(["/usr/bin/restic", "-r",  # type: ignore
                                                    state["repo"], "restore", "latest",
                                                    "--target", to], state["env"]),  # type: ignore
@@ -401,6 +429,7 @@ def main() -> None:
         f"medians in seconds (each repetition's ratio in brackets); cpu is the ratio of the "
         f"median CPU seconds (user + system of the command, not the server's); RSS is the peak "
         f"in MiB. "
+        f"{f'Restores go to {restored_to}. ' if restored_to else ''}"
         f"Load average (5 min) {load_before:.1f} at the start, {load_after:.1f} at the end "
         f"(other work on the machine: 2.0 is both cores busy).",
         "",
