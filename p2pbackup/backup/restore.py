@@ -49,6 +49,9 @@ READ_BATCH = 4 * 1024 * 1024  # neighbouring chunks read with one pread
 WRITE_BATCH = 1024 * 1024  # decoded chunks written with one writev
 BATCH_FILES = 64
 PLAN_BATCH = 4096  # chunk reads announced to the store at once (_plan)
+# Folder listings the plan reads, kept for the restore's walk (the first ones, up to this many
+# bytes): it read each again, a request through the event loop each (816 of a 1 GiB tree).
+PLANNED_TREE_BYTES = 16 * 1024 * 1024
 BATCH_BYTES = 4 * 1024 * 1024
 # Restores at least this big write files from forked worker processes (local stores only).
 # Threads of one process spend a third of their CPU handing the GIL to each other between the
@@ -287,6 +290,9 @@ class Restorer:
         self._slots = threading.BoundedSemaphore(self.workers * 4)
         self._links: dict[tuple[str, int], tuple[Parts, cf.Future]] = {}
         self._pool: cf.Executor | None = None
+        # (scope, tree id) -> a listing the plan read, until the walk takes it
+        self._planned_trees: dict[tuple[str, bytes], bytes] = {}
+        self._planned_tree_bytes = 0
         self._processes = processes
         self._root_fd = -1
         self._local = threading.local()  # each writer's _DirChain
@@ -355,7 +361,11 @@ class Restorer:
 
     def _tree(self, scope: str, parts: Parts, tree_id: bytes | None) -> Tree:
         """The directory tree to restore at `parts`: the snapshot's, with the replayed log on top."""
-        base = self.repo.load_tree_blocking(tree_id, scope) if tree_id else None  # b"": the log
+        data = self._planned_trees.pop((scope, tree_id), None) if tree_id else None
+        if data is not None:
+            base: Tree | None = Tree.decode(data, f"tree {tree_id.hex()[:12]}")
+        else:
+            base = self.repo.load_tree_blocking(tree_id, scope) if tree_id else None  # b"": log
         overlay = self.overlays.get(scope)
         if overlay is None:
             return base or Tree(())
@@ -445,16 +455,21 @@ class Restorer:
             raise IntegrityError(f"{self._shown(found.parts)}/: {exc}") from None
         return found, total, tree
 
-    def entries(self, scope: str, parts: Parts, folder: bytes | None, batch: int = 1000
-                ) -> Iterator[TreeEntry]:
+    def entries(self, scope: str, parts: Parts, folder: bytes | None, batch: int = 1000,
+                keep: bool = False) -> Iterator[TreeEntry]:
         """The entries of the folder whose tree is `folder` at `parts`, decoded `batch` at a
         time (Tree.page), so a folder of any size is walked in the memory of its stored
-        bytes, its names and one batch; whole if the replayed log changes it. Blocking."""
+        bytes, its names and one batch; whole if the replayed log changes it. With `keep`,
+        the stored listing is kept for the restore's walk (_tree), room permitting.
+        Blocking."""
         if self._replayed(scope, parts, folder):
             yield from self._tree(scope, parts, folder).entries
             return
         assert folder is not None
         data = self.repo.read_blob_blocking(folder, scope)
+        if keep and self._planned_tree_bytes + len(data) <= PLANNED_TREE_BYTES:
+            self._planned_trees[scope, folder] = data
+            self._planned_tree_bytes += len(data)
         what = f"tree {folder.hex()[:12]}"
         seen: set[bytes] = set()   # a name twice across batches is damage, as in one
         offset, total = 0, 1
@@ -993,7 +1008,8 @@ class Restorer:
                ) -> Iterator[tuple[str, TreeEntry]]:
         """The entries of a selection whose blobs the restore reads: files, and folders
         below the selection whose stored listing it reads (each after its listing was read
-        here: the restore reads it once more). A file bundled with the one before it (its
+        here: the restore reads it once more, unless it is kept for it: entries(keep)). A
+        file bundled with the one before it (its
         bundle is read once) and a hard link after the first are left out; so are folders
         whose listing is damaged."""
         stack: list[tuple[Parts, Iterator[TreeEntry], TreeEntry | None]] = []
@@ -1012,12 +1028,14 @@ class Restorer:
             if e is None:
                 stack.pop()
                 if folder is not None and folder.subtree \
-                        and not self._replayed(res.scope, parts, folder.subtree):
-                    yield res.scope, folder
+                        and not self._replayed(res.scope, parts, folder.subtree) \
+                        and (res.scope, folder.subtree) not in self._planned_trees:
+                    yield res.scope, folder   # (the walk reads it again)
                 continue
             if e.type == DIR:
                 stack.append((parts + (e.name,),
-                              self.entries(res.scope, parts + (e.name,), e.subtree), e))
+                              self.entries(res.scope, parts + (e.name,), e.subtree,
+                                           keep=True), e))
                 continue
             if e.type != FILE:
                 continue

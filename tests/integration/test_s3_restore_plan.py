@@ -61,3 +61,35 @@ async def test_a_restore_fetches_no_window_twice(weed: servers.S3Server, tmp_pat
     assert tree_state(tmp_path / "out" / "src") == tree_state(src)
     packs = {k: n for k, n in fetched.items() if k[0].startswith("packs/")}
     assert packs and max(packs.values()) == 1, sorted(packs.items())
+
+
+async def test_each_folder_listing_is_read_once(weed: servers.S3Server, tmp_path: Path
+                                                ) -> None:
+    # The plan reads every listing before the restore starts; its walk read each again
+    # (through the event loop, one request each), unless the plan kept it.
+    src = tmp_path / "src"
+    for a in range(3):
+        for b in range(3):
+            folder = src / f"d{a}" / f"e{b}"
+            folder.mkdir(parents=True)
+            (folder / "f").write_bytes(os.urandom(1000 + a * 10 + b))
+    store = S3Store(f"s3://{weed.new_bucket()}/repo", weed.options())
+    repo = await Repository.create(store, AccountKeys(os.urandom(32)),
+                                   DeviceIdentity.generate(), str(tmp_path / "cache"), "test")
+    reads: Counter[bytes] = Counter()
+    read_blob = repo.read_blob_blocking
+
+    def counted(blob_id: bytes, scope: str | None = None) -> bytes:
+        reads[blob_id] += 1
+        return read_blob(blob_id, scope)
+
+    try:
+        stored = (await take_snapshot(repo, (Source("src", str(src)),),
+                                      temp_dir=str(tmp_path / "t"))).stored
+        repo.read_blob_blocking = counted   # type: ignore[method-assign]
+        await restore(repo, stored, str(tmp_path / "out"), workers=1, processes=False)
+    finally:
+        await repo.close()
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+    # the 13 listings (src, d0-d2 and their e0-e2), each read once (the files are chunks)
+    assert len(reads) >= 13 and max(reads.values()) == 1, sorted(reads.values())
