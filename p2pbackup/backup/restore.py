@@ -1008,10 +1008,9 @@ class Restorer:
                ) -> Iterator[tuple[str, TreeEntry]]:
         """The entries of a selection whose blobs the restore reads: files, and folders
         below the selection whose stored listing it reads (each after its listing was read
-        here: the restore reads it once more, unless it is kept for it: entries(keep)). A
-        file bundled with the one before it (its
-        bundle is read once) and a hard link after the first are left out; so are folders
-        whose listing is damaged."""
+        here: the restore reads it once more, unless it was kept for it, entries(keep)). A
+        file bundled with the one before it (its bundle is read once) and a hard link after
+        the first are left out; so are folders whose listing is damaged."""
         stack: list[tuple[Parts, Iterator[TreeEntry], TreeEntry | None]] = []
         if res.entry is not None and res.entry.type == FILE:
             stack.append((res.parts[:-1], iter((res.entry,)), None))
