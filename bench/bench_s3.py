@@ -68,7 +68,7 @@ PACK = 16 << 20
 IN_FLIGHT = 8
 # weed's volumes, MB each: the tests' 64 (and weed mini's own default, 128) make writes wait a
 # second or more each time the volumes fill (tests/servers.py), a stall of the server that
-# would be measured instead of the clients; a SeaweedFS deployment's default is 30,000.
+# would be measured instead of the clients; `weed master`'s default is 30,720.
 VOLUME_MB = 1024
 
 # The issue's targets: p2pbackup's time / restic's (median), and the client's peak RSS.
