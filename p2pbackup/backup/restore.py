@@ -363,7 +363,7 @@ class Restorer:
         """The directory tree to restore at `parts`: the snapshot's, with the replayed log on top."""
         data = self._planned_trees.pop((scope, tree_id), None) if tree_id else None
         if data is not None:
-            base: Tree | None = Tree.decode(data, f"tree {tree_id.hex()[:12]}")
+            base: Tree | None = self.repo.decode_tree(tree_id, data)
         else:
             base = self.repo.load_tree_blocking(tree_id, scope) if tree_id else None  # b"": log
         overlay = self.overlays.get(scope)

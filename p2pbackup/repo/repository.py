@@ -575,7 +575,12 @@ class Repository:
         return self.decode_blob(blob_id, loc, sealed)
 
     def load_tree_blocking(self, tree_id: bytes, scope: str | None = None) -> Tree:
-        return Tree.decode(self.read_blob_blocking(tree_id, scope), f"tree {tree_id.hex()[:12]}")
+        return self.decode_tree(tree_id, self.read_blob_blocking(tree_id, scope))
+
+    @staticmethod
+    def decode_tree(tree_id: bytes, plain: bytes) -> Tree:
+        """The tree `tree_id` from its opened (authenticated) blob."""
+        return Tree.decode(plain, f"tree {tree_id.hex()[:12]}")
 
     async def load_tree(self, tree_id: bytes) -> Tree:
         return await asyncio.to_thread(self.load_tree_blocking, tree_id)
