@@ -79,8 +79,8 @@ RSS_TARGET_MIB = 250
 STEP_KEYS = {"initial": "initial backup", "no-change": "no-change backup", "restore": "restore",
              "read-data": "read-data check"}
 
-# Restores go to a new directory in each repetition, deleted after the step, never just
-# before a restore: on ext4 without a journal (this machine's /tmp) creating an inode skips,
+# Restores go to a new directory in each repetition, never one just deleted on a disk without
+# a journal: on ext4 without a journal (this machine's /tmp) creating an inode skips,
 # one by one, each inode of its group freed in the last minute (five if its table block is
 # not yet written back; fs/ext4/ialloc.c recently_deleted()). Restoring right after deleting
 # the previous repetition's 20k files made both tools spend most of their time there (perf:
@@ -90,7 +90,12 @@ STEP_KEYS = {"initial": "initial backup", "no-change": "no-change backup", "rest
 # anything else on the machine in those minutes do the same (after other runs had deleted
 # restores, restic took 5.4-7.5 s and we 4.7-5.2 s for what took 4.0-4.5 and 3.3-3.9 s on a
 # fresh disk), so as root the restores go to a fresh ext4 with a journal (mkfs.ext4's
-# defaults, as a user's disk: the scan is only done without one) on a loop device.
+# defaults, as a user's disk: the scan is only done without one) on a loop device. Each
+# restore is deleted once it is timed, and the loop device writes its image with direct I/O:
+# ten restores kept, each cached twice (the disk's pages and its image file's), filled this
+# machine's 24 GiB of memory by the third repetition, and the later ones ran while the kernel
+# reclaimed pages (free memory 19 GiB -> 0.2 GiB, 4.8 GiB reclaimed meanwhile; restic took
+# 4.1-5.6 s and we 3.3-5.2 s for what took 4.0-4.4 and 3.1-3.2 s one at a time).
 RESTORE_TARGETS = ("restic-restore-{i}", "p2pbackup-restore-{i}")
 
 
@@ -109,11 +114,16 @@ def restore_disk(tmp: Path, size: int) -> Iterator[tuple[Path, str]]:
     # written while the restores are timed)
     subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
                     str(image)], check=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(disk)], check=True)
+    device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(image)],
+                            check=True, capture_output=True, text=True).stdout.strip()
     try:
-        yield disk, "a fresh ext4 with a journal on a loop device"
+        subprocess.run(["mount", device, str(disk)], check=True)
+        try:
+            yield disk, "a fresh ext4 with a journal on a loop device (direct I/O)"
+        finally:
+            subprocess.run(["umount", str(disk)], check=False)
     finally:
-        subprocess.run(["umount", str(disk)], check=False)   # (-o loop: the device goes too)
+        subprocess.run(["losetup", "--detach", device], check=False)
         image.unlink(missing_ok=True)
 
 
@@ -202,13 +212,17 @@ def compare(reps: int, step: Step, restic: Callable[[int], Run], ours: Callable[
 
 def restore_step(reps: int, step: Step, tmp: Path, restic: Callable[[str], Run],
                  ours: Callable[[str], Run]) -> None:
-    """`compare` for restores, each into a new directory (RESTORE_TARGETS); all of them are
-    deleted after the step."""
-    targets = [[str(tmp / t.format(i=i)) for t in RESTORE_TARGETS] for i in range(reps)]
-    compare(reps, step, lambda i: restic(targets[i][0]), lambda i: ours(targets[i][1]))
-    for pair in targets:
-        for target in pair:
+    """`compare` for restores, each into a new directory (RESTORE_TARGETS), deleted once it
+    is timed."""
+    def into(run: Callable[[str], Run], target: str) -> Run:
+        try:
+            return run(target)
+        finally:
             shutil.rmtree(target, ignore_errors=True)
+
+    targets = [[str(tmp / t.format(i=i)) for t in RESTORE_TARGETS] for i in range(reps)]
+    compare(reps, step, lambda i: into(restic, targets[i][0]),
+            lambda i: into(ours, targets[i][1]))
 
 
 def both(a: Run, b: Run) -> Run:
@@ -399,7 +413,7 @@ def main() -> None:
                 compare(args.repeat, no_change, restic_backup, our_backup)
             if restore.name in selected:
                 disk, restored_to = stack.enter_context(
-                    restore_disk(tmp, 2 * args.repeat * size * 13 // 10 + (2 << 30)))
+                    restore_disk(tmp, size * 13 // 10 + (2 << 30)))
                 restore_step(args.repeat, restore, disk,
                              lambda to: timed_rss(["/usr/bin/restic", "-r",  # type: ignore
                                                    state["repo"], "restore", "latest",
