@@ -134,6 +134,13 @@ class BlobStore(abc.ABC):
         start, end = spans[0][0], max(o + n for o, n in spans)
         return views_of(await self.get_range(name, start, end - start), start, spans)
 
+    def get_spans_held(self, name: str, spans: Sequence[tuple[int, int]]
+                       ) -> list[Buffer] | None:
+        """`get_spans`, from any thread and without waiting, if the store holds what they
+        need already (read before, and kept); else None, and the caller awaits `get_spans`.
+        The default: None."""
+        return None
+
     async def expect_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> None:
         """The (offset, length) `spans` of `name` will be read with get_spans, each once per
         time announced (with capabilities.planned_reads, a store that reads more than asked

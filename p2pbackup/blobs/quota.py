@@ -73,6 +73,10 @@ class QuotaStore(BlobStore):
     async def get_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> list[Buffer]:
         return await self.inner.get_spans(name, spans)
 
+    def get_spans_held(self, name: str, spans: Sequence[tuple[int, int]]
+                       ) -> list[Buffer] | None:
+        return self.inner.get_spans_held(name, spans)
+
     async def expect_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> None:
         await self.inner.expect_spans(name, spans)
 

@@ -399,6 +399,13 @@ class S3Store(BlobStore):
             total = await self.size(name)
         return await self._windows.spans(name, spans, total)   # type: ignore[return-value]
 
+    def get_spans_held(self, name: str, spans: Sequence[tuple[int, int]]
+                       ) -> list[Buffer] | None:
+        total = self._sizes.get(name)
+        if total is None or is_mutable_name(name):
+            return None
+        return self._windows.held_spans(name, spans, total)   # type: ignore[return-value]
+
     async def expect_spans(self, name: str, spans: Sequence[tuple[int, int]]) -> None:
         if not is_mutable_name(name):
             self._windows.expect(name, spans)

@@ -484,6 +484,9 @@ class Repository:
         if self.store.capabilities.blocking:
             start, end = spans[0][0], max(o + n for o, n in spans)
             return views_of(self.store.get_range_sync(name, start, end - start), start, spans)
+        held = self.store.get_spans_held(name, spans)
+        if held is not None:   # (no hand-over to the loop and back)
+            return held
         return self.run_blocking(self.store.get_spans(name, spans))
 
     def expect_spans_blocking(self, spans: dict[str, list[tuple[int, int]]]) -> None:

@@ -224,3 +224,54 @@ async def test_reads_announced_and_forgotten_keep_no_window() -> None:
     for name in ("packs/b", "packs/c", "packs/b"):
         assert await windows.read(name, 0, 10, len(DATA)) == DATA[:10]
     assert len(fetches) == 3
+
+
+async def _held_from_a_thread(windows: RangeWindows, name: str, offset: int, length: int
+                              ) -> bytes | None:
+    """held_spans as a restore's writer calls it: from another thread."""
+    got = await asyncio.to_thread(windows.held_spans, name, [(offset, length)], len(DATA))
+    return None if got is None else bytes(got[0])
+
+
+async def test_a_read_of_held_windows_is_served_on_the_callers_thread() -> None:
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100, ahead=1)
+    assert await _held_from_a_thread(windows, "p", 10, 20) is None   # not fetched yet
+    assert await windows.read("p", 0, 10, len(DATA)) == DATA[:10]    # (and 100-199 ahead)
+    await asyncio.sleep(0)
+    assert await _held_from_a_thread(windows, "p", 10, 20) == DATA[10:30]
+    assert await _held_from_a_thread(windows, "p", 150, 100) is None  # 200-299: not fetched
+    assert fetches == [("p", 0, 100), ("p", 100, 100)]
+
+
+async def test_a_held_read_leaves_the_window_ahead_to_the_loop() -> None:
+    # a read that would fetch the window after it (a sequential reader) goes to the loop,
+    # which fetches that window ahead, as it does for any read
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100, ahead=1)
+    await windows.read("p", 250, 10, len(DATA))     # 200-299, and 300-399 ahead
+    await asyncio.sleep(0)
+    assert await _held_from_a_thread(windows, "p", 350, 10) is None   # 400-499 is not held
+    assert await _held_from_a_thread(windows, "p", 260, 10) == DATA[260:270]
+
+
+async def test_a_held_read_counts_as_a_read_announced() -> None:
+    fetches = Fetches()
+    windows = RangeWindows(fetches, window=100, keep=2, ahead=0)
+    windows.expect("packs/a", [(0, 10), (0, 10)])
+    windows.expect("packs/b", [(0, 10)])
+    assert await windows.read("packs/a", 0, 10, len(DATA)) == DATA[:10]
+    assert await _held_from_a_thread(windows, "packs/a", 0, 10) == DATA[:10]   # its last
+    await windows.read("packs/b", 0, 10, len(DATA))
+    await windows.read("packs/c", 0, 10, len(DATA))   # packs/a leaves, not packs/b
+    assert await _held_from_a_thread(windows, "packs/b", 0, 10) == DATA[:10]
+    assert await _held_from_a_thread(windows, "packs/a", 0, 10) is None
+
+
+async def test_a_window_that_failed_is_not_held() -> None:
+    fetches = Fetches(fail_at=100)
+    windows = RangeWindows(fetches, window=100, ahead=1)
+    await windows.read("p", 0, 10, len(DATA))   # 100-199 fetched ahead, and failed
+    await asyncio.sleep(0.01)
+    assert await _held_from_a_thread(windows, "p", 150, 10) is None
+    assert await windows.read("p", 150, 10, len(DATA)) == DATA[150:160]

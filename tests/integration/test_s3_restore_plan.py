@@ -1,5 +1,6 @@
 """A restore from S3 (weed mini) reads each window of a pack once, however far apart in the
-tree the files whose chunks it holds are."""
+tree the files whose chunks it holds are, and its writers take what is held without the
+event loop."""
 
 from __future__ import annotations
 
@@ -93,3 +94,40 @@ async def test_each_folder_listing_is_read_once(weed: servers.S3Server, tmp_path
     assert tree_state(tmp_path / "out" / "src") == tree_state(src)
     # the 13 listings (src, d0-d2 and their e0-e2), each read once (the files are chunks)
     assert len(reads) >= 13 and max(reads.values()) == 1, sorted(reads.values())
+
+
+async def test_reads_of_windows_held_do_not_go_through_the_event_loop(
+        weed: servers.S3Server, tmp_path: Path) -> None:
+    # Folders of small files, as a home holds: each window holds many files' chunks.
+    src = tmp_path / "src"
+    for a in range(4):
+        (src / f"d{a}").mkdir(parents=True)
+        for i in range(40):
+            (src / f"d{a}" / f"f{i}").write_bytes(os.urandom(20_000 + i))
+    store = S3Store(f"s3://{weed.new_bucket()}/repo", weed.options())
+    repo = await Repository.create(store, AccountKeys(os.urandom(32)),
+                                   DeviceIdentity.generate(), str(tmp_path / "cache"), "test")
+    ways: Counter[str] = Counter()
+    held, on_loop = store.get_spans_held, repo.run_blocking
+
+    def counted_held(name: str, spans: list[tuple[int, int]]) -> list | None:
+        got = held(name, spans)
+        ways["held" if got is not None else "missed"] += 1
+        return got
+
+    def counted_loop(coro):   # type: ignore[no-untyped-def]
+        ways["loop"] += 1
+        return on_loop(coro)
+
+    try:
+        stored = (await take_snapshot(repo, (Source("src", str(src)),),
+                                      temp_dir=str(tmp_path / "t"))).stored
+        store.get_spans_held = counted_held   # type: ignore[method-assign]
+        repo.run_blocking = counted_loop   # type: ignore[method-assign]
+        await restore(repo, stored, str(tmp_path / "out"), workers=2, processes=False)
+    finally:
+        await repo.close()
+    assert tree_state(tmp_path / "out" / "src") == tree_state(src)
+    # every read asks for what is held first; only those it lacks go to the loop
+    assert ways["held"] > 0 and ways["loop"] < ways["held"] + ways["missed"], ways
+    assert ways["held"] >= 4 * ways["missed"], ways   # (162 and 3 here, measured)
