@@ -126,8 +126,8 @@ class RangeWindows:
     def _slices(self, held: list[memoryview], first: int, spans: Sequence[tuple[int, int]]
                 ) -> list[bytes | memoryview]:
         out: list[bytes | memoryview] = []
-        # Slices of the windows, not copies: this runs on the event loop, holding the GIL, and
-        # copying a restore's reads here (a new 4 MiB bytes each) took most of the loop's time.
+        # Slices of the windows, not copies: copying a restore's reads on the event loop (a new
+        # 4 MiB bytes each, holding the GIL) took most of the loop's time.
         for offset, length in spans:
             if length == 0:
                 out.append(b"")
