@@ -95,7 +95,7 @@ STEP_KEYS = {"initial": "initial backup", "no-change": "no-change backup", "rest
 # ten restores kept, each cached twice (the disk's pages and its image file's), filled this
 # machine's 24 GiB of memory by the third repetition, and the later ones ran while the kernel
 # reclaimed pages (free memory 19 GiB -> 0.2 GiB, 4.8 GiB reclaimed meanwhile; restic took
-# 4.1-5.6 s and we 3.3-5.2 s for what took 4.0-4.4 and 3.1-3.2 s one at a time).
+# 4.1-5.6 s and we 3.3-5.2 s for what took 4.2-4.5 and 3.3-3.6 s one at a time).
 RESTORE_TARGETS = ("restic-restore-{i}", "p2pbackup-restore-{i}")
 
 

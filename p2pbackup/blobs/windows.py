@@ -193,7 +193,7 @@ class RangeWindows:
 
     def _leaving(self, name: str, reading: range) -> tuple[str, int]:
         """The window to drop, but for the windows `reading` of `name`: the least recently
-        used of those no read to come needs, else the least recently used."""
+        used of those no read to come needs, else the least recently used (the lock held)."""
         planned = self._planned
         others = [key for key in self._windows if key[0] != name or key[1] not in reading]
         if not others:   # fewer kept than one read takes
