@@ -76,8 +76,7 @@ class RangeWindows:
         """The (offset, length) `spans` of the object `name`, `total` bytes long, in order:
         each a read-only view of the window holding it, copied only when it crosses into the
         next window. The views keep their windows alive: let go of them soon."""
-        spans = [(o, max(0, min(n, total - o))) for o, n in spans]   # cut short at the end
-        start, end = spans[0][0], max(o + n for o, n in spans)
+        spans, start, end = self._extent(spans, total)
         if end <= start:
             return [b""] * len(spans)
         first, last = start // self.window, (end - 1) // self.window
@@ -87,9 +86,8 @@ class RangeWindows:
         reading = range(first, last + 1)
         for i in reading:
             self._held(name, i, total, reading)   # all on their way before one is awaited
-        for i in range(last + 1, min(last + self.ahead, (total - 1) // self.window) + 1):
-            if not self._planned or (name, i) in self._planned:
-                self._held(name, i, total, reading)
+        for i in self._ahead(name, last, total):
+            self._held(name, i, total, reading)
         held = [memoryview(await self._window(name, i, total)) for i in reading]
         self._count(name, spans, -1)   # not before: the windows being read are not to leave
         return self._slices(held, first, spans)
@@ -100,8 +98,7 @@ class RangeWindows:
         fetched and the window after them is on its way (or not wanted): else None, and
         `spans` (on the loop) fetches. A restore's reads mostly find their windows held:
         through the loop, each was a hand-over to it and back (two thread wake-ups)."""
-        spans = [(o, max(0, min(n, total - o))) for o, n in spans]
-        start, end = spans[0][0], max(o + n for o, n in spans)
+        spans, start, end = self._extent(spans, total)
         if end <= start:
             return None
         first, last = start // self.window, (end - 1) // self.window
@@ -114,14 +111,25 @@ class RangeWindows:
                 if fut is None or not fut.done() or fut.cancelled() or fut.exception():
                     return None
                 held.append(fut)
-            for i in range(last + 1, min(last + self.ahead, (total - 1) // self.window) + 1):
-                if (name, i) not in self._windows and \
-                        (not self._planned or (name, i) in self._planned):
-                    return None   # (to be fetched ahead: on the loop)
+            if any((name, i) not in self._windows for i in self._ahead(name, last, total)):
+                return None   # (to be fetched ahead: on the loop)
             for i in range(first, last + 1):
                 self._windows.move_to_end((name, i))
             self._count_locked(name, spans, -1)
         return self._slices([memoryview(f.result()) for f in held], first, spans)
+
+    @staticmethod
+    def _extent(spans: Sequence[tuple[int, int]], total: int
+                ) -> tuple[list[tuple[int, int]], int, int]:
+        """`spans` cut short at the end of the object, and where they start and end."""
+        spans = [(o, max(0, min(n, total - o))) for o, n in spans]
+        return spans, spans[0][0], max(o + n for o, n in spans)
+
+    def _ahead(self, name: str, last: int, total: int) -> list[int]:
+        """The windows after `last` to fetch ahead: those a read to come needs (with no
+        reads announced, all of them)."""
+        return [i for i in range(last + 1, min(last + self.ahead, (total - 1) // self.window) + 1)
+                if not self._planned or (name, i) in self._planned]
 
     def _slices(self, held: list[memoryview], first: int, spans: Sequence[tuple[int, int]]
                 ) -> list[bytes | memoryview]:

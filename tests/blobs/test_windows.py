@@ -8,6 +8,7 @@ import os
 import pytest
 
 from p2pbackup.blobs.windows import RangeWindows
+from tests.eventually import eventually
 
 DATA = os.urandom(1000)
 
@@ -272,6 +273,6 @@ async def test_a_window_that_failed_is_not_held() -> None:
     fetches = Fetches(fail_at=100)
     windows = RangeWindows(fetches, window=100, ahead=1)
     await windows.read("p", 0, 10, len(DATA))   # 100-199 fetched ahead, and failed
-    await asyncio.sleep(0.01)
+    await eventually(lambda: ("p", 100) not in windows._windows)   # (dropped on failing)
     assert await _held_from_a_thread(windows, "p", 150, 10) is None
     assert await windows.read("p", 150, 10, len(DATA)) == DATA[150:160]
